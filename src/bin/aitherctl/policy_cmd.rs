@@ -1,0 +1,129 @@
+//! `aitherctl policy ls|show|check`.
+
+use std::path::PathBuf;
+
+use aither::policy::{LoadedPolicy, Policy};
+use aither::sandbox::landlock;
+use aither::sandbox::seccomp;
+use aither::units::Size;
+use clap::Subcommand;
+use serde_json::json;
+
+/// List, show and check policies.
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// List the policies `--policy NAME` can use (installed, then built-in).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the effective rules of a policy.
+    Show {
+        /// Policy name or file.
+        policy: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a policy file; errors name file:line:column and the field. Exit 0 when valid, 1 when not.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+}
+
+pub fn run(cmd: PolicyCmd) -> i32 {
+    match cmd {
+        PolicyCmd::Ls { json } => ls(json),
+        PolicyCmd::Show { policy, json } => match Policy::load(&policy) {
+            Ok(p) => show(&p, json),
+            Err(e) => {
+                crate::print_error(&e.into());
+                1
+            }
+        },
+        PolicyCmd::Check { file } => match Policy::load_file(&file) {
+            Ok(p) => {
+                println!("{}: ok (policy {:?})", file.display(), p.policy.name);
+                0
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+    }
+}
+
+fn ls(as_json: bool) -> i32 {
+    let all = Policy::list();
+    if as_json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(name, r)| match r {
+                Ok(p) => json!({"name": name, "source": p.source, "description": p.policy.description, "valid": true}),
+                Err(e) => json!({"name": name, "valid": false, "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    println!("{:<12} {:<34} DESCRIPTION", "NAME", "SOURCE");
+    for (name, r) in &all {
+        match r {
+            Ok(p) => println!("{:<12} {:<34} {}", name, p.source, p.policy.description),
+            Err(e) => println!("{:<12} {:<34} INVALID: {e}", name, "-"),
+        }
+    }
+    0
+}
+
+fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
+    let p = &lp.policy;
+    let abi = landlock::kernel_abi();
+    let seccomp_rules = (p.seccomp.profile != "none").then(|| seccomp::profile_names(&p.seccomp.profile).map(|(a, _)| a.len()).unwrap_or(0));
+    if as_json {
+        let v = json!({
+            "source": lp.source,
+            "policy": p,
+            "effective": {
+                "seccomp_allowed_syscalls": seccomp_rules,
+                "kernel_landlock_abi": abi,
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    let yn = |b: bool| if b { "new" } else { "host" };
+    println!("policy        {} ({})", p.name, lp.source);
+    println!("description   {}", p.description);
+    if let Some(w) = &p.warning {
+        println!("WARNING       {w}");
+    }
+    println!("namespaces    user new, pid new, mount new, net {}, ipc {}, uts {}, cgroup {}", yn(p.namespaces.net), yn(p.namespaces.ipc), yn(p.namespaces.uts), yn(p.namespaces.cgroup));
+    println!("identity      uid {} gid {} inside, an unprivileged host uid per sandbox; no capabilities; no_new_privs", p.process.uid, p.process.gid);
+    println!("read-only     {}", p.filesystem.read_only.join(" "));
+    println!("/etc          {}", if p.filesystem.etc.is_empty() { "-".to_string() } else { p.filesystem.etc.join(" ") });
+    println!("workspace     {:?}, exec {}", p.filesystem.workspace, p.filesystem.exec_workspace);
+    println!("tmp           /tmp {} tmpfs, /dev/shm {}", p.filesystem.tmp_size, p.filesystem.dev_shm_size);
+    println!("network       {:?}", p.network.mode);
+    println!("landlock      {} (kernel ABI {abi})", if p.landlock.enabled { "on: files, TCP, device ioctls, abstract sockets and signals as the ABI allows" } else { "OFF" });
+    match seccomp_rules {
+        Some(n) => println!("seccomp       profile {:?}: {n} syscalls allowed, everything else EPERM", p.seccomp.profile),
+        None => println!("seccomp       OFF"),
+    }
+    println!(
+        "resources     memory {} (swap {}), {} CPUs, {} pids",
+        p.resources.memory,
+        p.resources.swap.map(|s: Size| s.to_string()).unwrap_or_else(|| "host default".into()),
+        p.resources.cpus,
+        p.resources.pids
+    );
+    println!("rlimits       nofile {}, core {}", p.rlimits.nofile, p.rlimits.core);
+    if let Some(t) = p.process.timeout {
+        println!("timeout       {t}");
+    }
+    println!("best-effort   {}", if p.best_effort.is_empty() { "none (every protection required)".to_string() } else { format!("{:?}", p.best_effort) });
+    0
+}

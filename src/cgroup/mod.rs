@@ -1,0 +1,332 @@
+//! cgroups: one interface, a v1 backend (also used on hybrid hosts, plus membership in the
+//! unified hierarchy) and a v2 backend. Roots are parameters so that a temporary directory can
+//! stand in for /sys/fs/cgroup (see the shared test table in `tests.rs`).
+//!
+//! Aither only ever creates cgroups below `<root>/aither/` (v2) or `<root>/<controller>/aither/`
+//! (v1); it never touches another cgroup. See docs/cgroups.md for why this is a small
+//! cgroupfs layer rather than the cgroups-rs crate.
+
+mod v1;
+mod v2;
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::policy::Protection;
+
+pub use v1::V1;
+pub use v2::V2;
+
+/// The default cgroupfs mount.
+pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup";
+/// The directory (below each hierarchy) that holds every Aither cgroup.
+pub const SUBTREE: &str = "aither";
+
+/// Errors of the cgroup layer. Each names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot detect the cgroup mode of {root}: {source}")]
+    Detect {
+        root: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup controller `{controller}` is not available ({detail}); the policy requires it (allow it to be missing with best_effort = [\"{protection}\"])")]
+    ControllerMissing { controller: &'static str, detail: String, protection: Protection },
+    #[error("failed to create cgroup {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to write {value:?} to {path}: {source}{hint}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to remove cgroup {path}: {source} (processes still inside)")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Which cgroup layout the host has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Only v1 hierarchies.
+    V1,
+    /// v1 controllers plus a controller-less cgroup2 at `<root>/unified`.
+    Hybrid,
+    /// One unified cgroup2 hierarchy.
+    V2,
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+
+fn fs_magic(p: &Path) -> io::Result<i64> {
+    let c = crate::sys::cstr(p)?;
+    // SAFETY: zeroed statfs is a valid out-parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-parameter.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Detects the cgroup mode by the filesystem magic of `root` (and `root/unified`).
+/// `AITHER_CGROUP_MODE=v1|hybrid|v2` overrides detection (for fake roots in tests).
+pub fn detect(root: &Path) -> Result<CgroupMode, CgroupError> {
+    if let Ok(m) = std::env::var("AITHER_CGROUP_MODE") {
+        match m.as_str() {
+            "v1" => return Ok(CgroupMode::V1),
+            "hybrid" => return Ok(CgroupMode::Hybrid),
+            "v2" => return Ok(CgroupMode::V2),
+            _ => {}
+        }
+    }
+    let err = |source| CgroupError::Detect { root: root.to_path_buf(), source };
+    match fs_magic(root).map_err(err)? {
+        CGROUP2_SUPER_MAGIC => Ok(CgroupMode::V2),
+        TMPFS_MAGIC | CGROUP_SUPER_MAGIC => {
+            if fs_magic(&root.join("unified")).ok() == Some(CGROUP2_SUPER_MAGIC) {
+                Ok(CgroupMode::Hybrid)
+            } else {
+                Ok(CgroupMode::V1)
+            }
+        }
+        other => Err(err(io::Error::other(format!("not a cgroup filesystem (magic {other:#x})")))),
+    }
+}
+
+/// The cgroup root in use: `AITHER_CGROUP_ROOT` or /sys/fs/cgroup.
+pub fn root() -> PathBuf {
+    std::env::var_os("AITHER_CGROUP_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
+}
+
+/// Limits, with one meaning on both versions. `None` means "not limited".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Bytes of memory (RAM + page cache).
+    pub memory: Option<u64>,
+    /// Bytes of swap on top of memory; `Some(0)` = no swap.
+    pub swap: Option<u64>,
+    /// CPU bandwidth: quota microseconds per period microseconds.
+    pub cpu: Option<CpuQuota>,
+    /// Maximum number of tasks; never 0 (0 is refused, not "unlimited").
+    pub pids: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CpuQuota {
+    pub quota_us: u64,
+    pub period_us: u64,
+}
+
+impl CpuQuota {
+    /// A quota of `cpus` CPUs over a 100 ms period.
+    pub fn from_cpus(cpus: f64) -> CpuQuota {
+        let period_us = 100_000;
+        CpuQuota { quota_us: ((cpus * period_us as f64).round() as u64).max(1000), period_us }
+    }
+}
+
+/// A backend: creates cgroups for sandboxes.
+pub trait CgroupManager {
+    fn mode(&self) -> CgroupMode;
+    /// Creates `aither/<id>` in every hierarchy used and applies the limits. A limit whose
+    /// controller is missing fails unless its protection is in `best_effort` (then it is
+    /// skipped and named in `Cgroup::skipped`).
+    fn create(&self, id: &str, limits: &Limits, best_effort: &[Protection]) -> Result<Cgroup, CgroupError>;
+    /// Reads the limits back from the kernel's files.
+    fn read_limits(&self, cg: &Cgroup) -> Result<Limits, CgroupError>;
+    /// Number of OOM kills in the cgroup so far.
+    fn oom_kills(&self, cg: &Cgroup) -> u64;
+    /// Kills every process in the cgroup.
+    fn kill_all(&self, cg: &Cgroup);
+}
+
+/// What the launcher hands the new process so that it joins its cgroup.
+#[derive(Debug)]
+pub struct JoinHandles {
+    /// Files the child writes "0" to (v1 `tasks`).
+    pub write_zero: Vec<OwnedFd>,
+    /// A cgroup2 directory for clone3(CLONE_INTO_CGROUP).
+    pub into: Option<OwnedFd>,
+}
+
+/// One sandbox's cgroup: a directory per hierarchy.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub id: String,
+    /// (controller or "unified", directory).
+    pub dirs: Vec<(&'static str, PathBuf)>,
+    /// Protections that were skipped as best-effort.
+    pub skipped: Vec<Protection>,
+}
+
+impl Cgroup {
+    /// How a new process gets into this cgroup without stalling (DESIGN.md §10): a cgroup2
+    /// directory is entered at birth with clone3(CLONE_INTO_CGROUP); each v1 hierarchy by the
+    /// child writing "0" to `tasks`, which moves only the calling thread and so skips the
+    /// global threadgroup lock that a `cgroup.procs` write takes (an RCU grace period, 8 ms
+    /// and more when launches are spaced out). The files are opened here, by the launcher: the
+    /// kernel checks the opener's credentials (since 5.16), not the writer's.
+    pub fn join_handles(&self) -> Result<JoinHandles, CgroupError> {
+        let mut h = JoinHandles { write_zero: Vec::new(), into: None };
+        for (ctrl, d) in &self.dirs {
+            let real_v2 = *ctrl == "unified" && fs_magic(d).ok() == Some(CGROUP2_SUPER_MAGIC);
+            if real_v2 {
+                let fd = crate::sys::open(d, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| CgroupError::Read { path: d.clone(), source })?;
+                h.into = Some(fd);
+                continue;
+            }
+            // v1 `tasks`; a fake (plain-directory) v2 root gets `cgroup.procs`.
+            let file = if *ctrl == "unified" { "cgroup.procs" } else { "tasks" };
+            let p = d.join(file);
+            let fd = crate::sys::open(&p, libc::O_WRONLY | libc::O_CREAT).map_err(|source| CgroupError::Read { path: p, source })?;
+            h.write_zero.push(fd);
+        }
+        Ok(h)
+    }
+
+    /// Pids currently in the cgroup (from the first hierarchy).
+    pub fn pids(&self) -> Vec<i32> {
+        let Some((_, d)) = self.dirs.first() else { return vec![] };
+        fs::read_to_string(d.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes every directory, retrying while the kernel still tears processes down (EBUSY).
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        let mut last = Ok(());
+        for (_, d) in &self.dirs {
+            last = remove_dir_retry(d);
+        }
+        last
+    }
+}
+
+pub(crate) fn remove_dir_retry(d: &Path) -> Result<(), CgroupError> {
+    let mut delay = Duration::from_micros(200);
+    for _ in 0..40 {
+        match fs::remove_dir(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(50));
+            }
+            // A fake (plain-directory) root holds the files we wrote: clear them and retry.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                if fs::remove_dir_all(d).is_ok() {
+                    return Ok(());
+                }
+                return Err(CgroupError::Remove { path: d.to_path_buf(), source: e });
+            }
+            Err(e) => return Err(CgroupError::Remove { path: d.to_path_buf(), source: e }),
+        }
+    }
+    Err(CgroupError::Remove { path: d.to_path_buf(), source: io::Error::from_raw_os_error(libc::EBUSY) })
+}
+
+/// Writes a control file in one write(2); creates it only under a fake root.
+pub(crate) fn write_ctl(dir: &Path, file: &str, value: &str, hint: &'static str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    let r = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|f| {
+            use std::os::fd::AsFd;
+            crate::sys::write_all_once(f.as_fd(), value.as_bytes())
+        });
+    r.map_err(|source| CgroupError::Write { path, value: value.to_string(), hint, source })
+}
+
+pub(crate) fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
+    let path = dir.join(file);
+    fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(|source| CgroupError::Read { path, source })
+}
+
+/// Reads "key N" from a flat-keyed file such as memory.events.
+pub(crate) fn keyed(dir: &Path, file: &str, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(dir.join(file)).ok()?;
+    s.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+pub(crate) fn mkdir_p(p: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = p.parent() {
+                mkdir_p(parent)?;
+            }
+            fs::create_dir(p).or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(|source| CgroupError::Create { path: p.to_path_buf(), source })
+        }
+        Err(source) => Err(CgroupError::Create { path: p.to_path_buf(), source }),
+    }
+}
+
+/// The manager for this host (or for `AITHER_CGROUP_ROOT` / `AITHER_CGROUP_MODE`).
+pub fn manager() -> Result<Box<dyn CgroupManager>, CgroupError> {
+    manager_at(&root())
+}
+
+pub fn manager_at(root: &Path) -> Result<Box<dyn CgroupManager>, CgroupError> {
+    Ok(match detect(root)? {
+        CgroupMode::V1 => Box::new(V1::new(root.to_path_buf(), false)),
+        CgroupMode::Hybrid => Box::new(V1::new(root.to_path_buf(), true)),
+        CgroupMode::V2 => Box::new(V2::new(root.to_path_buf())),
+    })
+}
+
+/// Removes leftovers of runs whose launcher died without cleaning up (e.g. SIGKILL): cgroups
+/// named `*-<pid>` whose pid no longer exists and that hold no process. Only our subtree.
+pub fn collect_garbage(cg_dirs: &[PathBuf]) {
+    for base in cg_dirs {
+        let Ok(rd) = fs::read_dir(base) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            // SAFETY: kill with signal 0 only checks for existence.
+            let alive = unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if alive || !e.path().is_dir() {
+                continue;
+            }
+            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                let _ = remove_dir_retry(&e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,96 @@
+//! One table of limits, applied through both backends against fake cgroupfs roots: a value must
+//! mean the same on v1 and v2 (STYLE.md practice 4).
+
+use super::*;
+
+fn fake_v1() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for c in ["memory", "cpu", "pids"] {
+        fs::create_dir_all(d.path().join(c)).unwrap();
+        fs::write(d.path().join(c).join("cgroup.procs"), "").unwrap();
+    }
+    d
+}
+
+fn fake_v2(controllers: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("cgroup.controllers"), controllers).unwrap();
+    fs::write(d.path().join("cgroup.subtree_control"), "").unwrap();
+    d
+}
+
+fn table() -> Vec<Limits> {
+    vec![
+        Limits { memory: Some(512 << 20), swap: Some(0), cpu: Some(CpuQuota::from_cpus(1.0)), pids: Some(128) },
+        Limits { memory: Some(64 << 20), swap: None, cpu: Some(CpuQuota::from_cpus(0.5)), pids: Some(2) },
+        Limits { memory: None, swap: None, cpu: Some(CpuQuota::from_cpus(2.0)), pids: None },
+        Limits { memory: Some(1 << 30), swap: None, cpu: None, pids: Some(4096) },
+    ]
+}
+
+#[test]
+fn the_same_limits_read_back_the_same_on_v1_and_v2() {
+    for (i, limits) in table().into_iter().enumerate() {
+        let r1 = fake_v1();
+        let m1 = V1::new(r1.path().to_path_buf(), false);
+        let cg1 = m1.create(&format!("t{i}-1"), &limits, &[]).unwrap();
+        let r2 = fake_v2("cpu memory pids io");
+        let m2 = V2::new(r2.path().to_path_buf());
+        let cg2 = m2.create(&format!("t{i}-1"), &limits, &[]).unwrap();
+        let mut back1 = m1.read_limits(&cg1).unwrap();
+        let back2 = m2.read_limits(&cg2).unwrap();
+        // v1 without memsw reports "no swap" through swappiness only when swap was requested 0.
+        if limits.swap.is_none() {
+            back1.swap = None;
+        }
+        assert_eq!(back1, limits, "v1 row {i}");
+        assert_eq!(back2, limits, "v2 row {i}");
+        cg1.remove().unwrap();
+        cg2.remove().unwrap();
+        assert!(!r1.path().join("memory/aither").join(format!("t{i}-1")).exists());
+    }
+}
+
+#[test]
+fn v2_writes_the_kernel_files_and_enables_controllers_in_parents() {
+    let r = fake_v2("cpuset cpu io memory pids");
+    let m = V2::new(r.path().to_path_buf());
+    let cg = m.create("x-1", &table()[0], &[]).unwrap();
+    let d = r.path().join("aither/x-1");
+    assert_eq!(fs::read_to_string(d.join("memory.max")).unwrap(), "536870912");
+    assert_eq!(fs::read_to_string(d.join("memory.swap.max")).unwrap(), "0");
+    assert_eq!(fs::read_to_string(d.join("cpu.max")).unwrap(), "100000 100000");
+    assert_eq!(fs::read_to_string(d.join("pids.max")).unwrap(), "128");
+    let sub = fs::read_to_string(r.path().join("aither/cgroup.subtree_control")).unwrap();
+    assert_eq!(sub, "+memory +cpu +pids");
+    assert_eq!(cg.dirs, vec![("unified", d)]);
+}
+
+#[test]
+fn a_missing_controller_fails_closed_and_names_it() {
+    let r = fake_v2("cpu pids");
+    let m = V2::new(r.path().to_path_buf());
+    let e = m.create("x-2", &table()[0], &[]).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("`memory`") && msg.contains("cgroup-memory"), "{msg}");
+    // ...unless the policy allows it to be missing, and then it is reported.
+    let cg = m.create("x-3", &table()[0], &[Protection::CgroupMemory]).unwrap();
+    assert_eq!(cg.skipped, vec![Protection::CgroupMemory]);
+    assert!(!r.path().join("aither/x-3/memory.max").exists());
+
+    let r1 = tempfile::tempdir().unwrap();
+    let e = V1::new(r1.path().to_path_buf(), false).create("x-4", &table()[0], &[]).unwrap_err();
+    assert!(e.to_string().contains("`memory`"), "{e}");
+}
+
+#[test]
+fn garbage_collection_only_takes_dead_owners() {
+    let r = tempfile::tempdir().unwrap();
+    let dead = r.path().join("run-999999999");
+    let live = r.path().join(format!("run-{}", std::process::id()));
+    fs::create_dir_all(&dead).unwrap();
+    fs::create_dir_all(&live).unwrap();
+    collect_garbage(&[r.path().to_path_buf()]);
+    assert!(!dead.exists());
+    assert!(live.exists());
+}

@@ -1,0 +1,131 @@
+//! cgroup v2: one directory, controllers enabled in the parent's cgroup.subtree_control.
+
+use std::path::PathBuf;
+
+use super::{keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota, Limits, SUBTREE};
+use crate::policy::Protection;
+
+pub struct V2 {
+    root: PathBuf,
+}
+
+impl V2 {
+    pub fn new(root: PathBuf) -> V2 {
+        V2 { root }
+    }
+
+    fn dir(cg: &Cgroup) -> PathBuf {
+        cg.dirs[0].1.clone()
+    }
+}
+
+impl CgroupManager for V2 {
+    fn mode(&self) -> CgroupMode {
+        CgroupMode::V2
+    }
+
+    fn create(&self, id: &str, limits: &Limits, best_effort: &[Protection]) -> Result<Cgroup, CgroupError> {
+        let available = read_ctl(&self.root, "cgroup.controllers").unwrap_or_default();
+        let has = |c: &str| available.split_whitespace().any(|x| x == c);
+        let mut skipped = Vec::new();
+        let mut enable = Vec::new();
+        for (needed, controller, protection) in [
+            (limits.memory.is_some() || limits.swap.is_some(), "memory", Protection::CgroupMemory),
+            (limits.cpu.is_some(), "cpu", Protection::CgroupCpu),
+            (limits.pids.is_some(), "pids", Protection::CgroupPids),
+        ] {
+            if !needed {
+                continue;
+            }
+            if has(controller) {
+                enable.push(controller);
+            } else if best_effort.contains(&protection) {
+                skipped.push(protection);
+            } else {
+                return Err(CgroupError::ControllerMissing {
+                    controller,
+                    detail: format!("not listed in {}/cgroup.controllers ({available:?})", self.root.display()),
+                    protection,
+                });
+            }
+        }
+        // Controllers are enabled in the parents' subtree_control only: a cgroup with
+        // processes cannot enable them for children (the no-internal-process rule, EBUSY).
+        let parent = self.root.join(SUBTREE);
+        mkdir_p(&parent)?;
+        let plus: String = enable.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+        if !plus.is_empty() {
+            let hint = " (controllers must be enabled in the parent and the parent must hold no processes)";
+            let current = read_ctl(&self.root, "cgroup.subtree_control").unwrap_or_default();
+            if !enable.iter().all(|c| current.split_whitespace().any(|x| x == *c)) {
+                write_ctl(&self.root, "cgroup.subtree_control", &plus, hint)?;
+            }
+            let current = read_ctl(&parent, "cgroup.subtree_control").unwrap_or_default();
+            if !enable.iter().all(|c| current.split_whitespace().any(|x| x == *c)) {
+                write_ctl(&parent, "cgroup.subtree_control", &plus, hint)?;
+            }
+        }
+        let d = parent.join(id);
+        mkdir_p(&d)?;
+        let cg = Cgroup { id: id.to_string(), dirs: vec![("unified", d.clone())], skipped };
+        let apply = || -> Result<(), CgroupError> {
+            if enable.contains(&"memory") {
+                if let Some(mem) = limits.memory {
+                    write_ctl(&d, "memory.max", &mem.to_string(), "")?;
+                }
+                if let Some(swap) = limits.swap {
+                    write_ctl(&d, "memory.swap.max", &swap.to_string(), "")?;
+                }
+            }
+            if let (true, Some(cpu)) = (enable.contains(&"cpu"), limits.cpu) {
+                write_ctl(&d, "cpu.max", &format!("{} {}", cpu.quota_us, cpu.period_us), "")?;
+            }
+            if let (true, Some(pids)) = (enable.contains(&"pids"), limits.pids) {
+                write_ctl(&d, "pids.max", &pids.to_string(), "")?;
+            }
+            Ok(())
+        };
+        if let Err(e) = apply() {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn read_limits(&self, cg: &Cgroup) -> Result<Limits, CgroupError> {
+        let d = Self::dir(cg);
+        let num = |file: &str| -> Result<Option<u64>, CgroupError> {
+            match read_ctl(&d, file) {
+                Ok(v) if v == "max" => Ok(None),
+                Ok(v) => Ok(v.parse().ok()),
+                Err(e) if d.join(file).exists() => Err(e),
+                Err(_) => Ok(None),
+            }
+        };
+        let cpu = match read_ctl(&d, "cpu.max") {
+            Ok(v) => {
+                let mut it = v.split_whitespace();
+                match (it.next().and_then(|q| q.parse().ok()), it.next().and_then(|p| p.parse().ok())) {
+                    (Some(quota_us), Some(period_us)) => Some(CpuQuota { quota_us, period_us }),
+                    _ => None,
+                }
+            }
+            Err(_) => None,
+        };
+        Ok(Limits { memory: num("memory.max")?, swap: num("memory.swap.max")?, cpu, pids: num("pids.max")? })
+    }
+
+    fn oom_kills(&self, cg: &Cgroup) -> u64 {
+        keyed(&Self::dir(cg), "memory.events", "oom_kill").unwrap_or(0)
+    }
+
+    fn kill_all(&self, cg: &Cgroup) {
+        // cgroup.kill (5.14+) kills every process, including ones forking right now.
+        if write_ctl(&Self::dir(cg), "cgroup.kill", "1", "").is_err() {
+            for p in cg.pids() {
+                // SAFETY: plain kill of a pid listed in our own cgroup.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+    }
+}

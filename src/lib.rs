@@ -1,0 +1,21 @@
+//! Aither: an operating-system layer for AI agents.
+//!
+//! The library holds every mechanism; the binaries in `src/bin/` and `runtime/` are thin edges.
+//! Modules depend downwards only:
+//!
+//! ```text
+//! policy ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
+//!                                   │
+//!                                   └──► cgroup::{v1, v2}
+//! ```
+
+pub mod cgroup;
+pub mod policy;
+pub mod sandbox;
+pub mod sys;
+pub mod units;
+
+/// Where installed policies live unless `AITHER_POLICY_DIR` says otherwise.
+pub const DEFAULT_POLICY_DIR: &str = "/etc/aither/policies";
+/// Aither's persistent state (tokens, caches, databases).
+pub const STATE_DIR: &str = "/var/lib/aither";

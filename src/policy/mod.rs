@@ -1,0 +1,389 @@
+//! Policies: TOML templates of what an agent may touch (`policies/*.toml`).
+//!
+//! A policy is parsed and validated with no side effects. Every error names the file, the line,
+//! the column and the field. See docs/policies.md for the format.
+
+mod builtin;
+mod locate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{HumanDuration, Size};
+
+pub use builtin::BUILTIN_POLICIES;
+
+/// Errors of loading or validating a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy {name:?} not found (looked in: {searched}); `aitherctl policy ls` lists the installed ones")]
+    NotFound { name: String, searched: String },
+    #[error("cannot read policy file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// Which filesystem access the agent gets to its workspace.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkspaceAccess {
+    /// No workspace is mounted at all.
+    None,
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Network exposure, from least to most.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// Own network namespace with loopback up; Landlock denies every TCP bind and connect.
+    None,
+    /// Own network namespace; TCP on its private loopback is allowed.
+    Loopback,
+    /// The host's network namespace (permissive only).
+    Host,
+}
+
+/// A protection that a policy may mark as best-effort: missing on this host, it is skipped
+/// (and reported) instead of refusing to start.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    /// Landlock filesystem rules.
+    Landlock,
+    /// Landlock TCP bind/connect rules (ABI >= 4).
+    LandlockNet,
+    /// Landlock abstract-socket and signal scoping (ABI >= 6).
+    LandlockScope,
+    /// Landlock ioctl control on device files (ABI >= 5).
+    LandlockIoctl,
+    CgroupMemory,
+    CgroupCpu,
+    CgroupPids,
+    /// "No swap": needs memory.swap.max (v2) or memory.memsw.* (v1) when the host has swap.
+    CgroupSwap,
+}
+
+impl fmt::Display for Protection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Namespaces {
+    #[serde(default = "yes")]
+    pub net: bool,
+    #[serde(default = "yes")]
+    pub ipc: bool,
+    #[serde(default = "yes")]
+    pub uts: bool,
+    #[serde(default = "yes")]
+    pub cgroup: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Namespaces { net: true, ipc: true, uts: true, cgroup: true }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Filesystem {
+    /// Host paths bound read-only at the same place (symbolic links are recreated as links).
+    #[serde(default)]
+    pub read_only: Vec<String>,
+    /// Entries of the host's /etc copied into the sandbox's curated /etc.
+    #[serde(default)]
+    pub etc: Vec<String>,
+    pub workspace: WorkspaceAccess,
+    /// Whether programs in the workspace and /tmp may be executed (compilers, test binaries).
+    #[serde(default = "yes")]
+    pub exec_workspace: bool,
+    pub tmp_size: Size,
+    pub dev_shm_size: Size,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub mode: NetworkMode,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LandlockPolicy {
+    pub enabled: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SeccompPolicy {
+    /// A built-in profile ("agent") or "none" (permissive only).
+    pub profile: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub memory: Size,
+    #[serde(default)]
+    pub swap: Option<Size>,
+    pub cpus: f64,
+    pub pids: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimits {
+    pub nofile: u64,
+    #[serde(default)]
+    pub core: u64,
+    #[serde(default)]
+    pub nproc: Option<u64>,
+    #[serde(default)]
+    pub fsize: Option<Size>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// The agent's uid and gid inside the sandbox (never 0: the agent is not root inside).
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    /// Wall-clock limit; the agent is stopped after it.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// The agent's environment starts empty: these, then `pass_env`, then `--env`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Variables copied from the caller's environment when set (e.g. TERM).
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+}
+
+/// A parsed, validated policy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    pub description: String,
+    /// Printed on stderr at every use (e.g. permissive).
+    #[serde(default)]
+    pub warning: Option<String>,
+    #[serde(default)]
+    pub best_effort: Vec<Protection>,
+    #[serde(default)]
+    pub namespaces: Namespaces,
+    pub filesystem: Filesystem,
+    pub network: Network,
+    pub landlock: LandlockPolicy,
+    pub seccomp: SeccompPolicy,
+    pub resources: Resources,
+    pub rlimits: Rlimits,
+    pub process: Process,
+}
+
+/// A policy together with where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedPolicy {
+    pub policy: Policy,
+    /// A file path, or "built-in".
+    pub source: String,
+}
+
+/// Known seccomp profiles.
+pub const SECCOMP_PROFILES: &[&str] = &["agent", "none"];
+
+impl Policy {
+    /// Parses and validates policy text. `origin` names the file in errors.
+    pub fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let policy: Policy = toml::from_str(src).map_err(|e| {
+            let (line, column, field) = locate::from_toml_error(src, &e);
+            PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                field,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        policy.validate(src, origin)?;
+        Ok(policy)
+    }
+
+    /// Semantic checks that serde cannot make; errors point at the offending key.
+    fn validate(&self, src: &str, origin: &str) -> Result<(), PolicyError> {
+        let fail = |table: &str, key: &str, message: String| {
+            let (line, column) = locate::key(src, table, key);
+            let field = if table.is_empty() { key.to_string() } else { format!("{table}.{key}") };
+            Err(PolicyError::Invalid { path: origin.to_string(), line, column, field, message })
+        };
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return fail("", "name", "must be non-empty and use only letters, digits, '-' and '_'".into());
+        }
+        for p in &self.filesystem.read_only {
+            if !p.starts_with('/') || p.contains("..") || p == "/" && self.network.mode != NetworkMode::Host {
+                return fail(
+                    "filesystem",
+                    "read_only",
+                    format!("{p:?}: paths must be absolute without '..' (and \"/\" only in a host-network debugging policy)"),
+                );
+            }
+        }
+        for e in &self.filesystem.etc {
+            if e.is_empty() || e.starts_with('/') || e.split('/').any(|c| c == ".." || c.is_empty()) {
+                return fail("filesystem", "etc", format!("{e:?}: entries are relative names under /etc, e.g. \"ssl/certs\""));
+            }
+            if matches!(e.as_str(), "shadow" | "gshadow" | "shadow-" | "gshadow-" | "ssh" | "sudoers" | "sudoers.d" | "aither") {
+                return fail("filesystem", "etc", format!("{e:?} holds host secrets and is never exposed"));
+            }
+        }
+        if self.filesystem.tmp_size.0 < (1 << 20) {
+            return fail("filesystem", "tmp_size", "must be at least 1M".into());
+        }
+        if self.filesystem.dev_shm_size.0 < (64 << 10) {
+            return fail("filesystem", "dev_shm_size", "must be at least 64K".into());
+        }
+        if self.network.mode == NetworkMode::Host && self.namespaces.net {
+            return fail("network", "mode", "\"host\" needs namespaces.net = false".into());
+        }
+        if self.network.mode != NetworkMode::Host && !self.namespaces.net {
+            return fail("namespaces", "net", "false is only allowed with network.mode = \"host\"".into());
+        }
+        if !SECCOMP_PROFILES.contains(&self.seccomp.profile.as_str()) {
+            return fail("seccomp", "profile", format!("unknown profile {:?}; known: {}", self.seccomp.profile, SECCOMP_PROFILES.join(", ")));
+        }
+        if (self.seccomp.profile == "none" || !self.landlock.enabled) && self.warning.is_none() {
+            return fail(
+                "",
+                "warning",
+                "a policy that turns seccomp or Landlock off must carry a `warning` shown at every use".into(),
+            );
+        }
+        if self.resources.memory.0 < (8 << 20) {
+            return fail("resources", "memory", "must be at least 8M".into());
+        }
+        if !(self.resources.cpus.is_finite() && self.resources.cpus >= 0.01 && self.resources.cpus <= 1024.0) {
+            return fail("resources", "cpus", "must be between 0.01 and 1024".into());
+        }
+        if self.resources.pids < 2 {
+            return fail("resources", "pids", "must be at least 2 (the reaper and the agent)".into());
+        }
+        if self.rlimits.nofile < 16 {
+            return fail("rlimits", "nofile", "must be at least 16".into());
+        }
+        if self.process.uid == 0 || self.process.gid == 0 {
+            let key = if self.process.uid == 0 { "uid" } else { "gid" };
+            return fail("process", key, "the agent never runs as root inside the sandbox; pick a non-zero id".into());
+        }
+        if self.process.uid > 65535 || self.process.gid > 65535 {
+            let key = if self.process.uid > 65535 { "uid" } else { "gid" };
+            return fail("process", key, "must be at most 65535".into());
+        }
+        if self.process.hostname.is_empty() || self.process.hostname.len() > 64 {
+            return fail("process", "hostname", "must be 1 to 64 characters".into());
+        }
+        for k in self.process.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return fail("process.env", k, "invalid variable name".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a policy by name (installed, then built-in) or by path (anything with a '/' or
+    /// ending in ".toml").
+    pub fn load(name_or_path: &str) -> Result<LoadedPolicy, PolicyError> {
+        if name_or_path.contains('/') || name_or_path.ends_with(".toml") {
+            return Self::load_file(Path::new(name_or_path));
+        }
+        let mut searched = Vec::new();
+        for dir in policy_dirs() {
+            let p = dir.join(format!("{name_or_path}.toml"));
+            searched.push(p.display().to_string());
+            if p.is_file() {
+                return Self::load_file(&p);
+            }
+        }
+        if let Some((_, src)) = BUILTIN_POLICIES.iter().find(|(n, _)| *n == name_or_path) {
+            let origin = format!("built-in:{name_or_path}.toml");
+            return Ok(LoadedPolicy { policy: Self::parse(src, &origin)?, source: "built-in".into() });
+        }
+        searched.push("built-in".into());
+        Err(PolicyError::NotFound { name: name_or_path.to_string(), searched: searched.join(", ") })
+    }
+
+    pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyError> {
+        let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Io { path: path.to_path_buf(), source })?;
+        let policy = Self::parse(&src, &path.display().to_string())?;
+        Ok(LoadedPolicy { policy, source: path.display().to_string() })
+    }
+
+    /// Every policy that `load` could find by name: installed first, then built-in ones not
+    /// shadowed. Broken files are listed with their error.
+    pub fn list() -> Vec<(String, Result<LoadedPolicy, PolicyError>)> {
+        let mut out: Vec<(String, Result<LoadedPolicy, PolicyError>)> = Vec::new();
+        for dir in policy_dirs() {
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            names.sort();
+            for p in names {
+                if p.extension().and_then(|e| e.to_str()) != Some("toml") {
+                    continue;
+                }
+                let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                if out.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+                out.push((name, Self::load_file(&p)));
+            }
+        }
+        for (name, _) in BUILTIN_POLICIES {
+            if !out.iter().any(|(n, _)| n == name) {
+                out.push((name.to_string(), Self::load(name)));
+            }
+        }
+        out
+    }
+}
+
+/// Directories searched for policies by name: `AITHER_POLICY_DIR` (colon-separated), then
+/// /etc/aither/policies.
+pub fn policy_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(v) = std::env::var("AITHER_POLICY_DIR") {
+        dirs.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
+    }
+    dirs.push(PathBuf::from(crate::DEFAULT_POLICY_DIR));
+    dirs
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+use super::*;
+
+fn strict_src() -> &'static str {
+    BUILTIN_POLICIES.iter().find(|(n, _)| *n == "strict").unwrap().1
+}
+
+#[test]
+fn every_shipped_policy_parses() {
+    for (name, src) in BUILTIN_POLICIES {
+        let p = Policy::parse(src, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(&p.name, name);
+    }
+}
+
+#[test]
+fn strict_is_what_the_design_says() {
+    let p = Policy::parse(strict_src(), "strict.toml").unwrap();
+    assert_eq!(p.network.mode, NetworkMode::None);
+    assert!(p.namespaces.net && p.namespaces.ipc && p.namespaces.uts && p.namespaces.cgroup);
+    assert_eq!(p.resources.memory, Size(512 << 20));
+    assert_eq!(p.resources.swap, Some(Size(0)));
+    assert_eq!(p.resources.cpus, 1.0);
+    assert_eq!(p.resources.pids, 128);
+    assert_eq!(p.rlimits.nofile, 1024);
+    assert_eq!(p.rlimits.core, 0);
+    assert!(p.landlock.enabled);
+    assert_eq!(p.seccomp.profile, "agent");
+    assert!(p.best_effort.is_empty(), "strict never degrades silently");
+    assert_ne!(p.process.uid, 0);
+    assert!(!p.filesystem.etc.iter().any(|e| e.contains("shadow")));
+}
+
+fn bad(src: &str) -> (usize, usize, String, String) {
+    match Policy::parse(src, "bad.toml") {
+        Err(PolicyError::Invalid { path, line, column, field, message }) => {
+            assert_eq!(path, "bad.toml");
+            (line, column, field, message)
+        }
+        other => panic!("expected an Invalid error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_bad_value_names_file_line_column_and_field() {
+    let src = strict_src().replace("memory = \"512M\"", "memory = \"12 parsecs\"");
+    let line = src.lines().position(|l| l.starts_with("memory =")).unwrap() + 1;
+    let (l, c, field, msg) = bad(&src);
+    assert_eq!((l, field.as_str()), (line, "resources.memory"));
+    assert!(c > 1, "column points at the value, got {c}");
+    assert!(msg.contains("12 parsecs"), "{msg}");
+}
+
+#[test]
+fn an_unknown_field_is_refused_by_name() {
+    let src = strict_src().replace("[resources]\n", "[resources]\nmemroy = \"1G\"\n");
+    let line = src.lines().position(|l| l.starts_with("memroy")).unwrap() + 1;
+    let (l, c, field, msg) = bad(&src);
+    assert_eq!((l, c), (line, 1));
+    assert_eq!(field, "resources.memroy");
+    assert!(msg.contains("unknown field"), "{msg}");
+}
+
+#[test]
+fn a_missing_field_is_named() {
+    let src = strict_src().replace("pids = 128\n", "");
+    let (_, _, field, msg) = bad(&src);
+    assert_eq!(field, "resources.pids");
+    assert!(msg.contains("missing field"), "{msg}");
+}
+
+#[test]
+fn a_syntax_error_has_a_position() {
+    let src = strict_src().replace("[network]\nmode = \"none\"", "[network]\nmode = none\"");
+    let line = src.lines().position(|l| l.starts_with("mode = none")).unwrap() + 1;
+    let (l, _, field, _) = bad(&src);
+    assert_eq!(l, line);
+    assert_eq!(field, "network.mode");
+}
+
+#[test]
+fn semantic_errors_point_at_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("uid = 1000", "uid = 0", "process.uid"),
+        ("cpus = 1.0", "cpus = 0.0", "resources.cpus"),
+        ("pids = 128", "pids = 1", "resources.pids"),
+        ("profile = \"agent\"", "profile = \"lenient\"", "seccomp.profile"),
+        ("\"alternatives\",", "\"shadow\",", "filesystem.etc"),
+        ("mode = \"none\"", "mode = \"host\"", "network.mode"),
+        ("enabled = true", "enabled = false", "warning"),
+    ];
+    for (from, to, field) in cases {
+        let src = strict_src().replace(from, to);
+        assert_ne!(src, strict_src(), "{from} not found");
+        let (line, _, f, msg) = bad(&src);
+        assert_eq!(&f, field, "{to}: {msg}");
+        if *field != "warning" {
+            let key = field.rsplit('.').next().unwrap();
+            let text = src.lines().nth(line - 1).unwrap();
+            assert!(text.contains(key) || text.contains("shadow"), "line {line} = {text:?} for {field}");
+        }
+    }
+}
+
+#[test]
+fn load_by_name_prefers_installed_files_and_reports_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("strict.toml"), strict_src().replace("pids = 128", "pids = 64")).unwrap();
+    // SAFETY-free: env var manipulation is confined to this test's policy lookup.
+    let p = Policy::load(&dir.path().join("strict.toml").display().to_string()).unwrap();
+    assert_eq!(p.policy.resources.pids, 64);
+    let e = Policy::load("no-such-policy").unwrap_err();
+    assert!(e.to_string().contains("/etc/aither/policies/no-such-policy.toml"), "{e}");
+}

@@ -1,0 +1,339 @@
+//! The sandbox's pid 1 (aither-init's role): finishes the setup inside the new namespaces in a
+//! fixed order, forks the agent, then reaps and forwards signals until the agent ends.
+//!
+//! This runs in a fork of the single-threaded launcher, so it may allocate; it never returns
+//! (it `_exit`s), so no destructor of the launcher's state runs twice.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use super::channel::{self, now_ns, Msg, Stage};
+use super::landlock::{self, Plan};
+use super::seccomp::{self, Filter};
+use super::spec::SandboxSpec;
+use super::{caps, mounts, rlimits};
+use crate::policy::NetworkMode;
+use crate::sys::{self, ExitStatus};
+
+/// What the launcher hands to the sandbox's pid 1.
+pub(crate) struct ChildContext<'a> {
+    pub spec: &'a SandboxSpec,
+    pub sock: OwnedFd,
+    pub cgroup_procs: Vec<OwnedFd>,
+    pub workspace: Option<OwnedFd>,
+    pub filter: Option<Filter>,
+    pub landlock: Plan,
+}
+
+struct Failure {
+    stage: Stage,
+    errno: i32,
+    detail: String,
+}
+
+enum Resolved {
+    Program(PathBuf),
+    NotFound,
+}
+
+trait At<T> {
+    fn at(self, stage: Stage) -> Result<T, Failure>;
+}
+
+impl<T> At<T> for io::Result<T> {
+    fn at(self, stage: Stage) -> Result<T, Failure> {
+        self.map_err(|e| Failure { stage, errno: sys::errno_of(&e), detail: e.to_string() })
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Entry point in the forked child. Never returns.
+pub(crate) fn run(ctx: ChildContext<'_>) -> ! {
+    let sock = ctx.sock.as_raw_fd();
+    let code = match setup_and_reap(ctx) {
+        Ok(code) => code,
+        Err(f) => {
+            // SAFETY: `sock` stays open until _exit (close_range spared it).
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+            let msg = if f.stage == Stage::WaitForParent {
+                None
+            } else {
+                Some(Msg::Failed { stage: f.stage, errno: f.errno, detail: f.detail })
+            };
+            if let Some(m) = msg {
+                let _ = channel::send(fd, &m);
+            }
+            125
+        }
+    };
+    // SAFETY: _exit ends the process without running the launcher's destructors.
+    unsafe { libc::_exit(code) }
+}
+
+fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
+    let spec = ctx.spec;
+    let sock = ctx.sock.as_fd();
+    let mut stamps: Vec<(Stage, u64)> = Vec::with_capacity(24);
+    let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
+
+    // Join the sandbox's v1 cgroups first, before anything allocates, so that every page and
+    // task from here on is charged to its limits (a cgroup2 one was entered at clone3). We
+    // are single-threaded, so moving this thread (`tasks`) moves the whole process.
+    for fd in &ctx.cgroup_procs {
+        sys::write_all_once(fd.as_fd(), b"0").at(Stage::JoinCgroup)?;
+    }
+    drop(ctx.cgroup_procs);
+    done(Stage::JoinCgroup, &mut stamps);
+    // The cgroup namespace is created after joining, so its root is the sandbox's own cgroup
+    // (/proc/self/cgroup reads "/" and the host's hierarchy is hidden).
+    if spec.new_cgroup_ns {
+        // SAFETY: plain unshare of the cgroup namespace.
+        check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).at(Stage::UnshareCgroupNs)?;
+    }
+    // Nothing privileged can happen until the launcher has written our uid/gid maps.
+    match channel::recv(sock).at(Stage::WaitForParent)? {
+        Some(Msg::Go) => {}
+        _ => return Err(Failure { stage: Stage::WaitForParent, errno: libc::EPIPE, detail: "launcher went away".into() }),
+    }
+    done(Stage::WaitForParent, &mut stamps);
+    // Become uid/gid 0 of the namespace (a non-root host id): files created on the root tmpfs
+    // need an owner the namespace maps.
+    // SAFETY: plain id switches inside our own user namespace.
+    check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+
+    mounts::build(spec, ctx.workspace.as_ref()).map_err(|e| Failure { stage: Stage::Mounts, errno: sys::errno_of(&e.source), detail: e.to_string() })?;
+    drop(ctx.workspace);
+    done(Stage::Mounts, &mut stamps);
+
+    if spec.new_net_ns && spec.network != NetworkMode::Host {
+        loopback_up().at(Stage::Loopback)?;
+    }
+    if spec.new_uts_ns {
+        // SAFETY: valid buffer and length.
+        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) }).at(Stage::Hostname)?;
+    }
+    // rlimits while still privileged in the namespace: hard limits can only be lowered later.
+    rlimits::apply(spec).at(Stage::Rlimits)?;
+    // A new session without a controlling terminal: TIOCSTI on the caller's terminal needs it
+    // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
+    // SAFETY: setsid has no preconditions.
+    check(unsafe { libc::setsid() }).at(Stage::NewSession)?;
+    // No inherited descriptor but the channel may survive: a leaked host fd (a directory, a
+    // cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
+    let keep = sock.as_raw_fd() as u32;
+    sys::close_range(3, keep.saturating_sub(1), 0).at(Stage::CloseFds)?;
+    sys::close_range(keep + 1, u32::MAX, 0).at(Stage::CloseFds)?;
+    // Non-dumpable: no one can ptrace or open /proc/1/mem of our setup process
+    // (runc CVE-2019-5736). The agent, after execve, is dumpable as usual.
+    sys::prctl(libc::PR_SET_DUMPABLE, 0).at(Stage::NotDumpable)?;
+    // Named so that `ps` on the host tells sandboxes apart from aitherctl itself.
+    let _ = sys::prctl(libc::PR_SET_NAME, c"aither-init".as_ptr() as libc::c_ulong);
+    done(Stage::NotDumpable, &mut stamps);
+    // The bounding set needs CAP_SETPCAP, so it goes before the uid switch.
+    caps::drop_bounding().at(Stage::DropBoundingCaps)?;
+    caps::clear_ambient().at(Stage::DropBoundingCaps)?;
+    // Leaving uid 0 empties the permitted and effective sets (no KEEPCAPS).
+    // SAFETY: plain id switches to ids our namespace maps.
+    check(unsafe { libc::setresgid(spec.gid, spec.gid, spec.gid) }).at(Stage::SetAgentIds)?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(spec.uid, spec.uid, spec.uid) }).at(Stage::SetAgentIds)?;
+    caps::clear_all().at(Stage::ClearCaps)?;
+    // After the credential change (which clears it): die with the launcher, never orphaned.
+    sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).at(Stage::ParentDeathSignal)?;
+    if launcher_gone(sock) {
+        return Err(Failure { stage: Stage::ParentDeathSignal, errno: libc::EPIPE, detail: "launcher went away".into() });
+    }
+    done(Stage::ClearCaps, &mut stamps);
+    // no_new_privs before Landlock and seccomp: both require it without CAP_SYS_ADMIN, and it
+    // makes setuid binaries inert.
+    sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).at(Stage::NoNewPrivs)?;
+    // Landlock after the mount view is final (its rules name paths of that view) and before
+    // seccomp (whose allowlist would not let us build a ruleset with every call we need).
+    let ll = landlock::enforce(spec, &ctx.landlock).map_err(|e| Failure { stage: Stage::Landlock, errno: libc::EPERM, detail: e.to_string() })?;
+    done(Stage::Landlock, &mut stamps);
+
+    let resolved = resolve(spec).at(Stage::ResolveCommand)?;
+    let program = match resolved {
+        Resolved::Program(p) => p,
+        Resolved::NotFound => {
+            let _ = channel::send(sock, &Msg::NotFound { program: spec.argv[0].clone() });
+            return Ok(127);
+        }
+    };
+    let argv = cstrings(spec.argv.iter().map(String::as_str)).at(Stage::ResolveCommand)?;
+    let envp = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str)).at(Stage::ResolveCommand)?;
+    let path_c = sys::cstr(&program).at(Stage::ResolveCommand)?;
+
+    // Seccomp last: from here on only the allowlist is available, and what remains is
+    // fork, exec, wait and signal forwarding.
+    if let Some(f) = &ctx.filter {
+        seccomp::install(f).map_err(|e| Failure { stage: Stage::Seccomp, errno: libc::EPERM, detail: e.to_string() })?;
+    }
+    done(Stage::Seccomp, &mut stamps);
+    reap(sock, &path_c, &argv, &envp, &program, stamps, format!("{ll:?}"))
+}
+
+fn launcher_gone(sock: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+fn cstrings<'a>(it: impl Iterator<Item = &'a str>) -> io::Result<Vec<CString>> {
+    it.map(|s| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte"))).collect()
+}
+
+/// Finds the program as execvp would, in the sandbox's own view and PATH.
+fn resolve(spec: &SandboxSpec) -> io::Result<Resolved> {
+    let name = &spec.argv[0];
+    if name.contains('/') {
+        let p = spec.cwd.join(name);
+        return Ok(if p.exists() { Resolved::Program(p) } else { Resolved::NotFound });
+    }
+    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let p = Path::new(dir).join(name);
+        if let Ok(m) = std::fs::metadata(&p) {
+            if !m.is_dir() {
+                return Ok(Resolved::Program(p));
+            }
+        }
+    }
+    Ok(Resolved::NotFound)
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Brings up `lo` in the new network namespace (it starts down).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket creation.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `s` is a new descriptor we own.
+    let s = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
+    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq of the right size.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    req.flags |= libc::IFF_UP as libc::c_short;
+    // SAFETY: as above.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
+}
+
+/// Forks the agent and stays as its reaper. Returns pid 1's own exit code.
+fn reap(
+    sock: std::os::fd::BorrowedFd<'_>,
+    path: &CString,
+    argv: &[CString],
+    envp: &[CString],
+    program: &Path,
+    mut stamps: Vec<(Stage, u64)>,
+    landlock: String,
+) -> Result<i32, Failure> {
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let (exec_r, exec_w) = sys::pipe().at(Stage::ForkAgent)?;
+
+    // Block every signal before fork, so none is lost between fork and the wait loop.
+    // SAFETY: zeroed sigset_t then sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointers.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+    // SAFETY: pid 1 is single-threaded; the child only resets signals and execs.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error()).at(Stage::ForkAgent);
+    }
+    if pid == 0 {
+        // The agent: default dispositions and an empty mask (the launcher ignored SIGPIPE and
+        // blocked signals; both would survive execve).
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // SAFETY: resetting a disposition to default.
+                unsafe { libc::signal(sig, libc::SIG_DFL) };
+            }
+        }
+        // SAFETY: valid empty sigset.
+        unsafe {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::execve(path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+        }
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let _ = sys::write_all_once(exec_w.as_fd(), &errno.to_le_bytes());
+        // SAFETY: leave without running anything else.
+        unsafe { libc::_exit(127) };
+    }
+    drop(exec_w);
+    // EOF on the close-on-exec pipe means execve succeeded; four bytes are its errno.
+    let mut buf = [0u8; 4];
+    // SAFETY: reading into a 4-byte buffer.
+    let n = unsafe { libc::read(exec_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+    drop(exec_r);
+    if n == 4 {
+        let errno = i32::from_le_bytes(buf);
+        let mut st = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        let _ = channel::send(sock, &Msg::NotExecutable { program: program.display().to_string(), errno });
+        return Ok(126);
+    }
+    stamps.push((Stage::ForkAgent, now_ns()));
+    let _ = channel::send(sock, &Msg::Started { agent_pid: pid, stages: stamps, landlock });
+
+    loop {
+        // SAFETY: zeroed siginfo is a valid out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for any blocked signal.
+        let sig = unsafe { libc::sigwaitinfo(&all, &mut info) };
+        if sig < 0 {
+            continue;
+        }
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut st = 0;
+                // SAFETY: reaps any child: the agent, or orphans re-parented to pid 1.
+                let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+                if r <= 0 {
+                    break;
+                }
+                if r == pid {
+                    let status = ExitStatus::from_wait_status(st);
+                    let _ = channel::send(sock, &Msg::Exited(status));
+                    // Leaving pid 1 ends the namespace: the kernel kills whatever the agent
+                    // left behind.
+                    return Ok(status.code());
+                }
+            }
+        } else {
+            // Forward to the agent (it has handlers; pid 1 does not act on signals itself).
+            // SAFETY: plain kill of our own child.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Landlock: filesystem rules over the sandbox's own view, TCP bind/connect (ABI ≥ 4), device
+//! ioctls (ABI ≥ 5), abstract unix sockets and signals scoped to the sandbox (ABI ≥ 6).
+//!
+//! What the policy requires is checked against the kernel's ABI before anything is created
+//! (`plan`); a missing feature refuses to start unless the policy lists it as best-effort.
+//! The ruleset is then built with `CompatLevel::HardRequirement` so the crate can never
+//! silently enforce less than the plan says.
+
+use std::path::PathBuf;
+
+use landlock::{
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+};
+use serde::{Deserialize, Serialize};
+
+use super::spec::SandboxSpec;
+use crate::policy::{NetworkMode, Protection, WorkspaceAccess};
+
+/// Errors of Landlock planning and enforcement.
+#[derive(Debug, thiserror::Error)]
+pub enum LandlockError {
+    #[error("policy {policy:?} requires {what}, which needs Landlock ABI {needed}, but this kernel {has}; upgrade the kernel (or boot with lsm=...,landlock), or allow it with best_effort = [\"{protection}\"]")]
+    Unsupported { policy: String, what: &'static str, needed: u8, has: String, protection: Protection },
+    #[error("Landlock rule for {path}: {detail}")]
+    Rule { path: PathBuf, detail: String },
+    #[error("Landlock ruleset: {0}")]
+    Ruleset(String),
+    #[error("Landlock was not fully enforced ({0:?})")]
+    NotEnforced(String),
+}
+
+/// The Landlock ABI of the running kernel (0 = unavailable).
+pub fn kernel_abi() -> u8 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes a null attribute pointer and size 0.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION) };
+    if r < 0 {
+        0
+    } else {
+        r.min(255) as u8
+    }
+}
+
+/// What will be enforced, decided before launch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    /// The ABI the ruleset is built for (0 = no Landlock).
+    pub abi: u8,
+    pub fs: bool,
+    pub tcp: bool,
+    pub ioctl_dev: bool,
+    pub scopes: bool,
+    /// Protections skipped as best-effort.
+    pub skipped: Vec<Protection>,
+}
+
+fn to_abi(v: u8) -> ABI {
+    match v {
+        0 => ABI::Unsupported,
+        1 => ABI::V1,
+        2 => ABI::V2,
+        3 => ABI::V3,
+        4 => ABI::V4,
+        5 => ABI::V5,
+        _ => ABI::V6,
+    }
+}
+
+/// Decides what Landlock will enforce for `spec` on a kernel with ABI `kernel`.
+pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
+    if !spec.landlock {
+        return Ok(Plan::default());
+    }
+    let has = if kernel == 0 { "has no Landlock".to_string() } else { format!("has ABI {kernel}") };
+    let mut p = Plan { abi: kernel.min(6), ..Plan::default() };
+    let need = |what: &'static str, needed: u8, protection: Protection, p: &mut Plan| -> Result<bool, LandlockError> {
+        if kernel >= needed {
+            return Ok(true);
+        }
+        if spec.best_effort.contains(&protection) {
+            p.skipped.push(protection);
+            return Ok(false);
+        }
+        Err(LandlockError::Unsupported { policy: spec.policy.clone(), what, needed, has: has.clone(), protection })
+    };
+    // ABI 3 brings truncate control; below it a read-only file could still be truncated.
+    p.fs = need("filesystem rules", 3, Protection::Landlock, &mut p)?;
+    p.tcp = spec.network == NetworkMode::None && need("TCP bind/connect rules", 4, Protection::LandlockNet, &mut p)?;
+    p.ioctl_dev = p.fs && need("device ioctl rules", 5, Protection::LandlockIoctl, &mut p)?;
+    p.scopes = need("abstract-socket and signal scoping", 6, Protection::LandlockScope, &mut p)?;
+    if !(p.fs || p.tcp || p.scopes) {
+        p.abi = 0;
+    }
+    Ok(p)
+}
+
+/// Builds and enforces the ruleset on the calling thread. Runs in the sandbox's pid 1 after the
+/// mount view is final (rules name paths of that view) and after no_new_privs.
+pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, LandlockError> {
+    if plan.abi == 0 {
+        return Ok(RulesetStatus::NotEnforced);
+    }
+    let abi = to_abi(plan.abi);
+    let rs_err = |e: landlock::RulesetError| LandlockError::Ruleset(e.to_string());
+    let mut handled_fs = AccessFs::from_all(abi);
+    if !plan.ioctl_dev {
+        handled_fs.remove(AccessFs::IoctlDev);
+    }
+    let mut rs = Ruleset::default().set_compatibility(CompatLevel::HardRequirement);
+    if plan.fs {
+        rs = rs.handle_access(handled_fs).map_err(rs_err)?;
+    }
+    if plan.tcp {
+        // Handled with no rule: every TCP bind and connect is denied.
+        rs = rs.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp).map_err(rs_err)?;
+    }
+    if plan.scopes {
+        rs = rs.scope(Scope::AbstractUnixSocket | Scope::Signal).map_err(rs_err)?;
+    }
+    let mut created = rs.create().map_err(rs_err)?;
+    if plan.fs {
+        let read = AccessFs::from_read(abi) & handled_fs;
+        let read_noexec = read & !AccessFs::Execute;
+        let all = handled_fs;
+        let write_exec = if spec.mounts.exec_workspace { all } else { all & !AccessFs::Execute };
+        let dev = (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::ReadDir | AccessFs::IoctlDev) & handled_fs;
+        let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = Vec::new();
+        // Listing directories of the view is harmless (it is all curated); reading files,
+        // writing and executing are granted per subtree below.
+        rules.push(("/".into(), handled_fs & AccessFs::ReadDir));
+        for p in &spec.mounts.read_only {
+            rules.push((p.clone(), read));
+        }
+        rules.push(("/etc".into(), read_noexec));
+        rules.push(("/proc".into(), read_noexec | (handled_fs & AccessFs::WriteFile)));
+        rules.push(("/dev".into(), dev));
+        rules.push(("/dev/shm".into(), all & !AccessFs::Execute));
+        rules.push(("/tmp".into(), write_exec));
+        if let Some(ws) = &spec.workspace {
+            let access = if ws.access == WorkspaceAccess::ReadWrite { write_exec } else if spec.mounts.exec_workspace { read } else { read_noexec };
+            rules.push((ws.path.clone(), access));
+        }
+        for (path, access) in rules {
+            let fd = match PathFd::new(&path) {
+                Ok(fd) => fd,
+                // A read-only entry absent on this host (e.g. /lib32) is simply not in the view.
+                Err(_) if !path.exists() => continue,
+                Err(e) => return Err(LandlockError::Rule { path, detail: e.to_string() }),
+            };
+            created = created.add_rule(PathBeneath::new(fd, access)).map_err(|e| LandlockError::Rule { path: path.clone(), detail: e.to_string() })?;
+        }
+    }
+    let status = created.restrict_self().map_err(rs_err)?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(LandlockError::NotEnforced(format!("{:?}", status.ruleset)));
+    }
+    Ok(status.ruleset)
+}

@@ -1,0 +1,350 @@
+//! The launcher (host side): validates, prepares, clones the sandbox's pid 1, writes its id
+//! maps, supervises it, and cleans up. It must run single-threaded (aitherctl run, aither-init):
+//! the sandbox is a fork of this process.
+//!
+//! Order, and why:
+//! 1. Preflight without side effects: the Landlock plan against the kernel's ABI and the
+//!    compiled seccomp filter; a protection the kernel cannot give refuses here (fail closed).
+//! 2. The cgroup, with its limits, before the child exists (limits apply from its first page).
+//! 3. The id-mapped workspace mount (only host root can create it).
+//! 4. clone() with the new user, pid, mount, net, ipc and uts namespaces; pid 1 joins the
+//!    cgroup itself, then waits.
+//! 5. uid_map/gid_map (setgroups denied), then "Go".
+//! 6. Supervise: forward signals, enforce the timeout, collect the exit status.
+//! 7. Kill anything left in the cgroup and remove it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::channel::{self, now_ns, Msg, Stage};
+use super::init::{self, ChildContext};
+use super::landlock::{self, LandlockError};
+use super::seccomp::{self, SeccompError};
+use super::spec::SandboxSpec;
+use super::userns::{self, HostIds};
+use super::mounts;
+use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
+use crate::sys::{self, ExitStatus, Forked};
+
+/// Errors that stop a launch. Every one is reported before or instead of running the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Landlock(#[from] LandlockError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("preparing the workspace mount: {0}")]
+    Workspace(#[source] io::Error),
+    #[error("creating the sandbox's namespaces (clone): {0}{hint}", hint = clone_hint(.0))]
+    Clone(#[source] io::Error),
+    #[error("writing the sandbox's uid/gid maps: {0}")]
+    IdMaps(#[source] io::Error),
+    #[error("talking to the sandbox: {0}")]
+    Channel(#[source] io::Error),
+    #[error("sandbox setup failed while {stage} ({errname}): {detail}", errname = sys::errno_name(*.errno))]
+    Setup { stage: Stage, errno: i32, detail: String },
+    #[error("{program}: command not found in the sandbox")]
+    NotFound { program: String },
+    #[error("{program}: cannot execute in the sandbox ({errname}: {msg})", errname = sys::errno_name(*.errno), msg = io::Error::from_raw_os_error(*.errno))]
+    NotExecutable { program: String, errno: i32 },
+    #[error("the sandbox's pid 1 died during setup ({0:?})")]
+    Died(ExitStatus),
+    #[error("aitherctl must run as root to create sandboxes (it maps each agent to an unprivileged host uid)")]
+    NotRoot,
+}
+
+fn clone_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::ENOSPC) => " (user namespaces may be disabled: check user.max_user_namespaces, kernel.unprivileged_userns_clone, or the container's seccomp/AppArmor profile)",
+        _ => "",
+    }
+}
+
+impl LaunchError {
+    /// The exit status aitherctl reports (Docker's convention).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::NotFound { .. } => 127,
+            LaunchError::NotExecutable { .. } => 126,
+            _ => 125,
+        }
+    }
+}
+
+/// How a sandboxed run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    /// The kernel's OOM killer acted in the sandbox's cgroup.
+    pub oom_killed: bool,
+    /// The wall-clock limit was reached and the agent stopped.
+    pub timed_out: bool,
+    /// Protections skipped as best-effort (empty for strict).
+    pub skipped: Vec<String>,
+}
+
+/// Time an agent gets between SIGTERM and SIGKILL at a timeout.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+struct CgroupGuard {
+    mgr: Box<dyn CgroupManager>,
+    cg: Option<Cgroup>,
+}
+
+impl CgroupGuard {
+    fn cg(&self) -> &Cgroup {
+        self.cg.as_ref().expect("cgroup present until drop")
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cg.take() {
+            self.mgr.kill_all(&cg);
+            let _ = cg.remove();
+        }
+    }
+}
+
+/// Signals the launcher forwards to the sandbox.
+const FORWARDED: &[libc::c_int] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
+
+struct SignalGuard {
+    old: libc::sigset_t,
+    fd: OwnedFd,
+}
+
+impl SignalGuard {
+    fn new() -> io::Result<SignalGuard> {
+        // SAFETY: zeroed sigset_t initialised by sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid sigset pointers.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for s in FORWARDED {
+                libc::sigaddset(&mut set, *s);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        }
+        // SAFETY: valid sigset; returns a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: new descriptor we own.
+        Ok(SignalGuard { old, fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn read(&self) -> Option<libc::c_int> {
+        // SAFETY: zeroed signalfd_siginfo is valid.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading one record into `info`.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), sz) };
+        (n as usize == sz).then_some(info.ssi_signo as libc::c_int)
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved at construction.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+fn trace_enabled() -> bool {
+    std::env::var_os("AITHER_TRACE_LAUNCH").is_some_and(|v| v == "1")
+}
+
+/// Runs `spec` in a new sandbox and waits for it.
+pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LaunchError::NotRoot);
+    }
+    let t0 = now_ns();
+    let mut marks: Vec<(&str, u64)> = Vec::with_capacity(12);
+
+    // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
+    let plan = landlock::plan(spec, landlock::kernel_abi())?;
+    let filter = spec.seccomp_profile.as_deref().map(seccomp::load).transpose()?;
+    marks.push(("preflight", now_ns()));
+
+    // 2. The cgroup, limits applied before the sandbox exists.
+    let mgr = cgroup::manager()?;
+    let slot = std::process::id();
+    let id = format!("{}-{slot}", spec.name);
+    let cg = mgr.create(&id, &spec.limits, &spec.best_effort)?;
+    let guard = CgroupGuard { mgr, cg: Some(cg) };
+    let join = guard.cg().join_handles()?;
+    marks.push(("cgroup", now_ns()));
+
+    // 3. Host ids and the id-mapped workspace mount.
+    let ids = HostIds::for_slot(slot);
+    let workspace = mounts::prepare_workspace(spec, ids.agent).map_err(LaunchError::Workspace)?;
+    marks.push(("workspace", now_ns()));
+
+    // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
+    // keeps them, DESIGN.md §10), so drop them before cloning.
+    // SAFETY: setgroups with an empty list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
+        return Err(LaunchError::Clone(io::Error::last_os_error()));
+    }
+    let (parent_sock, child_sock) = sys::seqpacket_pair().map_err(LaunchError::Channel)?;
+    let signals = SignalGuard::new().map_err(LaunchError::Channel)?;
+
+    // 4. The sandbox's pid 1, in new namespaces. The cgroup namespace comes later (after it
+    // has joined its cgroup).
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+    if spec.new_net_ns {
+        flags |= libc::CLONE_NEWNET;
+    }
+    if spec.new_ipc_ns {
+        flags |= libc::CLONE_NEWIPC;
+    }
+    if spec.new_uts_ns {
+        flags |= libc::CLONE_NEWUTS;
+    }
+    // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
+    // before this point), so the forked child may run ordinary Rust code.
+    let forked = unsafe { sys::clone3_fork(flags, join.into.as_ref().map(|f| f.as_fd())) }.map_err(LaunchError::Clone)?;
+    let (pid, pidfd) = match forked {
+        Forked::Child => {
+            drop(parent_sock);
+            drop(join.into);
+            init::run(ChildContext { spec, sock: child_sock, cgroup_procs: join.write_zero, workspace, filter, landlock: plan })
+        }
+        Forked::Parent { pid, pidfd } => (pid, pidfd),
+    };
+    drop(child_sock);
+    drop(join);
+    drop(workspace);
+    marks.push(("clone", now_ns()));
+
+    // 5. Maps, then Go. If this fails the child sees EOF and exits.
+    if let Err(e) = userns::write_maps(pid, spec.uid, spec.gid, ids) {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = sys::wait_pidfd(pidfd.as_fd());
+        return Err(LaunchError::IdMaps(e));
+    }
+    channel::send(parent_sock.as_fd(), &Msg::Go).map_err(LaunchError::Channel)?;
+    marks.push(("maps", now_ns()));
+
+    // 6. Wait for the agent to start.
+    let started = channel::recv(parent_sock.as_fd());
+    let early = |e: LaunchError| -> Result<Outcome, LaunchError> {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = sys::wait_pidfd(pidfd.as_fd());
+        Err(e)
+    };
+    let (stages, landlock_status) = match started {
+        Ok(Some(Msg::Started { stages, landlock, .. })) => (stages, landlock),
+        Ok(Some(Msg::Failed { stage, errno, detail })) => return early(LaunchError::Setup { stage, errno, detail }),
+        Ok(Some(Msg::NotFound { program })) => return early(LaunchError::NotFound { program }),
+        Ok(Some(Msg::NotExecutable { program, errno })) => return early(LaunchError::NotExecutable { program, errno }),
+        Ok(_) => {
+            let st = sys::wait_pidfd(pidfd.as_fd()).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+            return Err(LaunchError::Died(st));
+        }
+        Err(e) => return early(LaunchError::Channel(e)),
+    };
+    let started_at = now_ns();
+    if trace_enabled() {
+        print_trace(t0, &marks, &stages, started_at, &landlock_status);
+    }
+
+    // 7. Supervise.
+    let (status, timed_out) = supervise(spec, pidfd.as_fd(), parent_sock.as_fd(), &signals);
+    drop(signals);
+    let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
+    let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
+    skipped.extend(landlock::plan(spec, landlock::kernel_abi()).map(|p| p.skipped).unwrap_or_default().iter().map(|p| p.to_string()));
+    drop(guard);
+    Ok(Outcome { status, oom_killed, timed_out, skipped })
+}
+
+fn print_trace(t0: u64, marks: &[(&str, u64)], stages: &[(Stage, u64)], started: u64, landlock: &str) {
+    let us = |t: u64| (t.saturating_sub(t0)) as f64 / 1000.0;
+    let mut prev = t0;
+    eprintln!("aither-trace: stage                         µs(total)  µs(step)");
+    for (name, t) in marks {
+        eprintln!("aither-trace: launcher {name:<22} {:>9.0} {:>9.0}", us(*t), (t - prev) as f64 / 1000.0);
+        prev = *t;
+    }
+    for (stage, t) in stages {
+        eprintln!("aither-trace: sandbox  {:<22} {:>9.0} {:>9.0}", format!("{stage:?}"), us(*t), t.saturating_sub(prev) as f64 / 1000.0);
+        prev = *t;
+    }
+    eprintln!("aither-trace: launcher started-seen           {:>9.0}   landlock={landlock}", us(started));
+}
+
+/// Waits for the sandbox, forwarding signals and enforcing the timeout. Returns the agent's
+/// status (or pid 1's, if pid 1 was killed) and whether the timeout fired.
+fn supervise(spec: &SandboxSpec, pidfd: BorrowedFd<'_>, sock: BorrowedFd<'_>, signals: &SignalGuard) -> (ExitStatus, bool) {
+    let start = Instant::now();
+    let mut agent_status: Option<ExitStatus> = None;
+    let mut timed_out = false;
+    let mut kill_at: Option<Instant> = None;
+    let mut sock_open = true;
+    loop {
+        let now = Instant::now();
+        let deadline = match (spec.timeout, kill_at) {
+            (_, Some(k)) => Some(k),
+            (Some(t), None) if !timed_out => Some(start + t),
+            _ => None,
+        };
+        let timeout_ms = deadline.map(|d| d.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
+        let mut fds = [
+            libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: if sock_open { sock.as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: three valid pollfd entries.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
+        if n < 0 {
+            continue;
+        }
+        if fds[2].revents != 0 {
+            match channel::recv(sock) {
+                Ok(Some(Msg::Exited(st))) => agent_status = Some(st),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => sock_open = false,
+            }
+        }
+        if fds[1].revents != 0 {
+            while let Some(sig) = signals.read() {
+                // pid 1 forwards it to the agent.
+                let _ = sys::pidfd_send_signal(pidfd, sig);
+            }
+        }
+        if fds[0].revents != 0 {
+            let st = sys::wait_pidfd(pidfd).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+            // Drain a final Exited message that raced with pid 1's exit.
+            if agent_status.is_none() && sock_open {
+                if let Ok(Some(Msg::Exited(s))) = channel::recv(sock) {
+                    agent_status = Some(s);
+                }
+            }
+            return (agent_status.unwrap_or(st), timed_out);
+        }
+        let now = Instant::now();
+        if let Some(k) = kill_at {
+            if now >= k {
+                // The grace period is over: SIGKILL to pid 1 ends the whole pid namespace.
+                let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+                kill_at = None;
+            }
+        } else if let Some(t) = spec.timeout {
+            if !timed_out && now >= start + t {
+                timed_out = true;
+                let _ = sys::pidfd_send_signal(pidfd, libc::SIGTERM);
+                kill_at = Some(now + KILL_GRACE);
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The sandbox: a policy resolved into a `SandboxSpec` (spec.rs), launched by a single-threaded
+//! launcher (launch.rs) whose forked pid 1 finishes the setup in a fixed order (init.rs):
+//! mounts, rlimits, capabilities, no_new_privs, Landlock, then seccomp last.
+
+pub mod caps;
+pub mod channel;
+mod init;
+pub mod landlock;
+pub mod launch;
+pub mod mounts;
+pub mod rlimits;
+pub mod seccomp;
+pub mod spec;
+pub mod userns;
+
+pub use launch::{run, LaunchError, Outcome};
+pub use spec::{RunOptions, SandboxSpec, SpecError};

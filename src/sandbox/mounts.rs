@@ -1,0 +1,251 @@
+//! The sandbox's filesystem view, built inside its own mount namespace by its pid 1:
+//! a tmpfs root, read-only binds of the system directories, a curated /etc, the workspace
+//! (id-mapped, read-write) at its host path, a private /tmp, a new /proc and a minimal /dev.
+//! Nothing here can reach the host's mount table: propagation is made private first.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::spec::SandboxSpec;
+use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+
+/// Where the new root is assembled before pivot_root (any directory of the host; the tmpfs
+/// covers it only inside this mount namespace).
+const STAGING: &str = "/tmp";
+const OLD_ROOT: &str = "/.oldroot";
+
+/// Device nodes bound from the host's /dev (as bubblewrap's --dev).
+const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Which mount step failed, on what.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} {path}: {source}")]
+pub struct MountError {
+    pub step: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+fn err(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> MountError {
+    let path = path.into();
+    move |source| MountError { step, path, source }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn mkdir_p(p: &Path, mode: u32) -> Result<(), MountError> {
+    fs::DirBuilder::new().recursive(true).mode(mode).create(p).map_err(err("mkdir", p))
+}
+
+fn touch(p: &Path) -> Result<(), MountError> {
+    fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(p).map(drop).map_err(err("create", p))
+}
+
+fn tmpfs(target: &Path, opts: &str, flags: libc::c_ulong) -> Result<(), MountError> {
+    let o = c(opts);
+    sys::mount(Some(c"tmpfs"), target, Some(c"tmpfs"), flags, Some(&o)).map_err(err("mount tmpfs on", target))
+}
+
+/// Binds `src` (a host path under the old root) at `dst`, recursively, then makes the whole
+/// subtree read-only, nosuid, nodev with mount_setattr (which leaves the locked atime flags of
+/// the host's mounts alone, unlike a remount).
+fn bind_ro(src: &Path, dst: &Path) -> Result<(), MountError> {
+    let s = sys::cstr(src).map_err(err("bind", src))?;
+    sys::mount(Some(&s), dst, None, libc::MS_BIND | libc::MS_REC, None).map_err(err("bind", dst))?;
+    sys::mount_setattr(libc::AT_FDCWD, dst, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, None).map_err(err("make read-only", dst))
+}
+
+/// Places host path `host` (under the old root) at `inside`: symlinks are recreated, files and
+/// directories bound read-only. Absent paths are skipped (e.g. /lib32 on most hosts).
+fn place_read_only(old: &Path, inside: &Path) -> Result<(), MountError> {
+    let host = old.join(inside.strip_prefix("/").unwrap_or(inside));
+    let Ok(meta) = fs::symlink_metadata(&host) else { return Ok(()) };
+    if let Some(parent) = inside.parent() {
+        mkdir_p(parent, 0o755)?;
+    }
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(&host).map_err(err("readlink", &host))?;
+        return symlink(&target, inside).map_err(err("symlink", inside));
+    }
+    if meta.is_dir() {
+        mkdir_p(inside, 0o755)?;
+    } else {
+        touch(inside)?;
+    }
+    bind_ro(&host, inside)
+}
+
+/// The curated /etc: listed host entries (small files copied, directories bound read-only,
+/// symlinks recreated) and generated identity files. Never shadow, gshadow, ssh host keys.
+fn build_etc(spec: &SandboxSpec, old: &Path) -> Result<(), MountError> {
+    let etc = Path::new("/etc");
+    mkdir_p(etc, 0o755)?;
+    for e in &spec.mounts.etc {
+        let host = old.join("etc").join(e);
+        let inside = etc.join(e);
+        let Ok(meta) = fs::symlink_metadata(&host) else { continue };
+        if let Some(parent) = inside.parent() {
+            mkdir_p(parent, 0o755)?;
+        }
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&host).map_err(err("readlink", &host))?;
+            symlink(&target, &inside).map_err(err("symlink", &inside))?;
+        } else if meta.is_dir() {
+            mkdir_p(&inside, 0o755)?;
+            bind_ro(&host, &inside)?;
+        } else if meta.len() <= 256 * 1024 {
+            fs::copy(&host, &inside).map_err(err("copy", &inside))?;
+        } else {
+            touch(&inside)?;
+            bind_ro(&host, &inside)?;
+        }
+    }
+    let (u, g, h) = (spec.uid, spec.gid, &spec.hostname);
+    let files = [
+        ("passwd", format!("root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:{u}:{g}:Aither agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")),
+        ("group", format!("root:x:0:\nagent:x:{g}:\nnogroup:x:65534:\n")),
+        ("hostname", format!("{h}\n")),
+        ("hosts", format!("127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback\n")),
+    ];
+    for (name, text) in files {
+        fs::write(etc.join(name), text).map_err(err("write", etc.join(name)))?;
+    }
+    Ok(())
+}
+
+fn build_dev(spec: &SandboxSpec, old: &Path) -> Result<(), MountError> {
+    let dev = Path::new("/dev");
+    mkdir_p(dev, 0o755)?;
+    tmpfs(dev, "size=64k,mode=0755,nr_inodes=64", libc::MS_NOSUID | libc::MS_NOEXEC)?;
+    for n in DEV_NODES {
+        let host = old.join("dev").join(n);
+        if !host.exists() {
+            continue;
+        }
+        let inside = dev.join(n);
+        touch(&inside)?;
+        let s = sys::cstr(&host).map_err(err("bind", &host))?;
+        // Device nodes cannot be created inside a user namespace; bind the host's.
+        sys::mount(Some(&s), &inside, None, libc::MS_BIND, None).map_err(err("bind", &inside))?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts, 0o755)?;
+    // A private devpts instance: the agent sees only its own ptys.
+    sys::mount(Some(c"devpts"), &pts, Some(c"devpts"), libc::MS_NOSUID | libc::MS_NOEXEC, Some(c"newinstance,ptmxmode=0666,mode=0620"))
+        .map_err(err("mount devpts on", &pts))?;
+    symlink("pts/ptmx", dev.join("ptmx")).map_err(err("symlink", dev.join("ptmx")))?;
+    let shm = dev.join("shm");
+    mkdir_p(&shm, 0o755)?;
+    tmpfs(&shm, &format!("size={},mode=1777", spec.mounts.dev_shm_size), libc::MS_NOSUID | libc::MS_NODEV)?;
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore")] {
+        if name == "core" {
+            continue;
+        }
+        symlink(target, dev.join(name)).map_err(err("symlink", dev.join(name)))?;
+    }
+    Ok(())
+}
+
+fn build_proc() -> Result<(), MountError> {
+    let proc = Path::new("/proc");
+    mkdir_p(proc, 0o555)?;
+    // A new proc for the new pid namespace: host processes are invisible.
+    sys::mount(Some(c"proc"), proc, Some(c"proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None).map_err(err("mount proc on", proc))?;
+    // Kernel tunables stay read-only even where a file's mode would allow a write.
+    for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
+        let p = Path::new(p);
+        if p.exists() {
+            let s = sys::cstr(p).map_err(err("bind", p))?;
+            sys::mount(Some(&s), p, None, libc::MS_BIND | libc::MS_REC, None).map_err(err("bind", p))?;
+            sys::mount_setattr(libc::AT_FDCWD, p, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, None).map_err(err("make read-only", p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the whole view and pivots into it. `workspace` is the detached, id-mapped mount the
+/// launcher prepared (None when the policy mounts no workspace).
+pub fn build(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), MountError> {
+    // Private propagation first: without it every mount below would propagate to the host's
+    // shared mounts (the host's mount table must stay as it was).
+    sys::mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(err("make private", "/"))?;
+    let staging = Path::new(STAGING);
+    tmpfs(staging, "size=4m,mode=0755,nr_inodes=4096", libc::MS_NOSUID | libc::MS_NODEV)?;
+    std::env::set_current_dir(staging).map_err(err("chdir", staging))?;
+    let old_rel = &OLD_ROOT[1..];
+    mkdir_p(Path::new(old_rel), 0o700)?;
+    // pivot_root rather than chroot: the old root must be detachable, and chroot can be
+    // escaped by a process holding CAP_SYS_CHROOT in its namespace.
+    sys::pivot_root(Path::new("."), Path::new(old_rel)).map_err(err("pivot_root into", staging))?;
+    std::env::set_current_dir("/").map_err(err("chdir", "/"))?;
+    let old = Path::new(OLD_ROOT);
+
+    for p in &spec.mounts.read_only {
+        if p == Path::new("/") {
+            // The whole host, read-only (permissive): every top-level entry but the pseudo
+            // filesystems and /tmp, which get fresh instances below.
+            let entries = fs::read_dir(old).map_err(err("list", old))?;
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if matches!(name.to_str(), Some("proc" | "dev" | "tmp" | ".oldroot")) {
+                    continue;
+                }
+                place_read_only(old, &Path::new("/").join(&name))?;
+            }
+        } else {
+            place_read_only(old, p)?;
+        }
+    }
+    if !spec.mounts.etc.is_empty() || !spec.mounts.read_only.iter().any(|p| p == Path::new("/")) {
+        build_etc(spec, old)?;
+    }
+    let tmp = Path::new("/tmp");
+    mkdir_p(tmp, 0o1777)?;
+    let exec = if spec.mounts.exec_workspace { 0 } else { libc::MS_NOEXEC };
+    tmpfs(tmp, &format!("size={},mode=1777", spec.mounts.tmp_size), libc::MS_NOSUID | libc::MS_NODEV | exec)?;
+    build_proc()?;
+    build_dev(spec, old)?;
+    // The workspace goes last so that no later mount (e.g. /tmp for a workspace under /tmp)
+    // can cover it.
+    if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
+        mkdir_p(&ws.path, 0o755)?;
+        sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
+    }
+    // Detach the host's root: from here on nothing of the host is reachable by path.
+    sys::umount2(old, libc::MNT_DETACH).map_err(err("detach old root", old))?;
+    fs::remove_dir(old).map_err(err("rmdir", old))?;
+    // The root tmpfs itself becomes read-only: the agent writes only where it was given room.
+    sys::mount_setattr(libc::AT_FDCWD, Path::new("/"), false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, None)
+        .map_err(err("make read-only", "/"))?;
+    std::env::set_current_dir(&spec.cwd).map_err(err("chdir", &spec.cwd))
+}
+
+/// Prepares the detached workspace mount in the launcher (host root): a recursive bind of the
+/// workspace, id-mapped so that the agent's host id acts as the directory's owner, nosuid,
+/// nodev, and read-only or noexec as the policy says. Only host root can id-map a mount of a
+/// host filesystem, so this cannot happen inside the sandbox.
+pub fn prepare_workspace(spec: &SandboxSpec, agent_host_id: u32) -> io::Result<Option<OwnedFd>> {
+    let Some(ws) = &spec.workspace else { return Ok(None) };
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(&ws.path)?;
+    let userns = super::userns::idmap_userns(meta.uid(), meta.gid(), agent_host_id)?;
+    let fd = sys::open_tree_clone(&ws.path, true)?;
+    let mut set = sys::MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if ws.access == crate::policy::WorkspaceAccess::ReadOnly {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    if !spec.mounts.exec_workspace {
+        set |= sys::MOUNT_ATTR_NOEXEC;
+    }
+    sys::mount_setattr(std::os::fd::AsRawFd::as_raw_fd(&fd), Path::new(""), true, set, 0, Some(userns.as_fd())).map_err(|e| {
+        io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3)"))
+    })?;
+    Ok(Some(fd))
+}

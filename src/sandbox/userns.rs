@@ -1,0 +1,106 @@
+//! User namespaces: which host ids a sandbox gets, the maps, and the throwaway namespace that
+//! id-maps the workspace mount.
+//!
+//! Each sandbox gets two host ids of its own, `UID_BASE + 2·slot` (the ids of its pid 1 while
+//! it sets up, "root" inside but no one on the host) and `UID_BASE + 2·slot + 1` (the agent).
+//! The slot is the launcher's pid, unique while the sandbox lives. No host id below
+//! `UID_BASE` (and never 0) is ever mapped. The range 0x70000000–0x707FFFFF is outside the
+//! ranges systemd, subuid(5) defaults and distributions hand out.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use crate::sys;
+
+/// First host id handed to sandboxes.
+pub const UID_BASE: u32 = 0x7000_0000;
+
+/// Host ids of one sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostIds {
+    /// The setup identity (uid 0 inside).
+    pub root: u32,
+    /// The agent (the policy's uid and gid inside).
+    pub agent: u32,
+}
+
+impl HostIds {
+    pub fn for_slot(slot: u32) -> HostIds {
+        let root = UID_BASE + 2 * slot;
+        HostIds { root, agent: root + 1 }
+    }
+}
+
+/// The uid_map/gid_map text: inside 0 → ids.root, inside `agent_id` → ids.agent.
+pub fn map_text(agent_id: u32, ids: HostIds) -> String {
+    format!("0 {} 1\n{} {} 1\n", ids.root, agent_id, ids.agent)
+}
+
+/// Writes the child's maps. `setgroups` is denied first, as the kernel requires before an
+/// unprivileged gid_map and so that the agent can never drop a group to gain access.
+pub fn write_maps(pid: libc::pid_t, uid: u32, gid: u32, ids: HostIds) -> io::Result<()> {
+    let proc = Path::new("/proc").join(pid.to_string());
+    sys::write_file(&proc.join("uid_map"), &map_text(uid, ids))?;
+    sys::write_file(&proc.join("setgroups"), "deny")?;
+    sys::write_file(&proc.join("gid_map"), &map_text(gid, ids))
+}
+
+extern "C" fn park(_: *mut libc::c_void) -> libc::c_int {
+    loop {
+        // SAFETY: pause has no preconditions; this child only waits to be killed.
+        unsafe { libc::pause() };
+    }
+}
+
+/// A user namespace that maps the workspace owner (`owner_uid`/`owner_gid` on disk) to the
+/// agent's host id, for MOUNT_ATTR_IDMAP: files the agent creates land on disk as the owner's,
+/// and the owner's files look like the agent's inside. Costs one CLONE_VM child (no copy of
+/// the address space), killed as soon as its namespace is open.
+pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::Result<OwnedFd> {
+    let mut stack = vec![0u8; 16 * 1024];
+    // SAFETY: the stack grows down from its end; it outlives the child, which we kill and reap
+    // below before `stack` is dropped.
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as *mut libc::c_void;
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: the child runs only `park` (a pause loop) on its own stack, sharing our memory
+    // without touching it; CLONE_PIDFD writes into `pidfd`.
+    let pid = unsafe {
+        libc::clone(park, top, libc::CLONE_VM | libc::CLONE_NEWUSER | libc::CLONE_PIDFD | libc::SIGCHLD, std::ptr::null_mut(), &mut pidfd as *mut libc::c_int)
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CLONE_PIDFD returned a new descriptor we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let result = (|| {
+        let proc = Path::new("/proc").join(pid.to_string());
+        sys::write_file(&proc.join("uid_map"), &format!("{owner_uid} {agent_host_id} 1\n"))?;
+        sys::write_file(&proc.join("setgroups"), "deny")?;
+        sys::write_file(&proc.join("gid_map"), &format!("{owner_gid} {agent_host_id} 1\n"))?;
+        sys::open(&proc.join("ns/user"), libc::O_RDONLY)
+    })();
+    let _ = sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGKILL);
+    let mut st = 0;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+    drop(stack);
+    let _ = pidfd.as_raw_fd();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_per_slot_and_never_host_root() {
+        let a = HostIds::for_slot(1);
+        let b = HostIds::for_slot(2);
+        assert_ne!(a.agent, b.agent);
+        assert_ne!(a.root, b.agent);
+        assert!(a.root >= UID_BASE && a.agent > a.root);
+        assert_eq!(HostIds::for_slot(4_194_304).agent, UID_BASE + 2 * 4_194_304 + 1);
+        assert_eq!(map_text(1000, a), format!("0 {} 1\n1000 {} 1\n", a.root, a.agent));
+    }
+}

@@ -1,0 +1,372 @@
+//! Thin, documented wrappers over the Linux system calls that libc exposes only raw. Each
+//! returns `io::Result` and owns every descriptor it creates (`OwnedFd`).
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// Converts a path to a C string (paths with NUL bytes are refused).
+pub fn cstr(p: impl AsRef<Path>) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(p.as_ref().as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn check_int(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Takes ownership of a descriptor returned by a successful system call.
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: `fd` was just returned by the kernel as a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+}
+
+/// The result of a fork-like clone.
+pub enum Forked {
+    Child,
+    Parent { pid: libc::pid_t, pidfd: OwnedFd },
+}
+
+/// `clone(flags | CLONE_PIDFD | SIGCHLD)` with fork semantics (no new stack): the child
+/// continues from here with a copy of the address space.
+///
+/// # Safety
+/// The caller must be single-threaded: after a fork-like clone only the calling thread exists
+/// in the child, and locks held by other threads would never be released.
+pub unsafe fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: raw clone with a null stack behaves like fork; CLONE_PIDFD writes the new pidfd
+    // into `pidfd`, which outlives the call. The caller guarantees single-threadedness.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
+            std::ptr::null_mut::<libc::c_void>(),
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    match check(r)? {
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent { pid: pid as libc::pid_t, pidfd: owned(pidfd as libc::c_long) }),
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// clone3 with fork semantics, a pidfd and, when `cgroup` is given, CLONE_INTO_CGROUP: the
+/// child starts life inside that cgroup2 directory (no migration, no global lock).
+///
+/// # Safety
+/// As `clone_fork`: the caller must be single-threaded.
+pub unsafe fn clone3_fork(flags: libc::c_int, cgroup: Option<BorrowedFd<'_>>) -> io::Result<Forked> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: (flags as u32 as u64) | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if let Some(cg) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cg.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 with a zero stack behaves like fork; `args` and `pidfd` outlive the call.
+    // The caller guarantees single-threadedness.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    match check(r)? {
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent { pid: pid as libc::pid_t, pidfd: owned(pidfd as libc::c_long) }),
+    }
+}
+
+/// Sends a signal through a pidfd (no pid-reuse race).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid pidfd with a null siginfo.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    check(r).map(drop)
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Exited(c) => c,
+            ExitStatus::Signaled(s) => 128 + s,
+        }
+    }
+
+    pub fn from_wait_status(st: libc::c_int) -> ExitStatus {
+        if libc::WIFSIGNALED(st) {
+            ExitStatus::Signaled(libc::WTERMSIG(st))
+        } else {
+            ExitStatus::Exited(libc::WEXITSTATUS(st))
+        }
+    }
+}
+
+/// Waits for (and reaps) the process behind a pidfd.
+pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid(P_PIDFD) on a pidfd we own, writing into `info`.
+        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: after a successful WEXITED wait, si_status and si_code are set.
+        let (code, status) = unsafe { (info.si_code, info.si_status()) };
+        return Ok(if code == libc::CLD_EXITED { ExitStatus::Exited(status) } else { ExitStatus::Signaled(status) });
+    }
+}
+
+/// A connected pair of SOCK_SEQPACKET sockets (message boundaries kept), close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`.
+    check_int(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
+    Ok((owned(fds[0] as libc::c_long), owned(fds[1] as libc::c_long)))
+}
+
+/// A close-on-exec pipe (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    check_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((owned(fds[0] as libc::c_long), owned(fds[1] as libc::c_long)))
+}
+
+/// Opens a path with flags (always O_CLOEXEC).
+pub fn open(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    // SAFETY: valid C string; the result is checked.
+    let fd = check_int(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o644) })?;
+    Ok(owned(fd as libc::c_long))
+}
+
+/// write(2) of the whole buffer in one call (cgroup and /proc files need single writes).
+pub fn write_all_once(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    // SAFETY: writing from a valid buffer to a valid descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+    }
+    Ok(())
+}
+
+/// Writes a small file in one write(2), as kernel interfaces want.
+pub fn write_file(path: &Path, data: &str) -> io::Result<()> {
+    let fd = open(path, libc::O_WRONLY)?;
+    write_all_once(fd.as_fd_ref(), data.as_bytes())
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> BorrowedFd<'_>;
+}
+impl AsFdRef for OwnedFd {
+    fn as_fd_ref(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+/// mount(2).
+pub fn mount(
+    source: Option<&CStr>,
+    target: &Path,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let t = cstr(target)?;
+    let p = |o: Option<&CStr>| o.map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either null or a valid C string that outlives the call.
+    check_int(unsafe { libc::mount(p(source), t.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
+}
+
+/// umount2(2).
+pub fn umount2(target: &Path, flags: libc::c_int) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: valid C string.
+    check_int(unsafe { libc::umount2(t.as_ptr(), flags) }).map(drop)
+}
+
+/// pivot_root(2).
+pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
+    let (a, b) = (cstr(new_root)?, cstr(put_old)?);
+    // SAFETY: valid C strings.
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, a.as_ptr(), b.as_ptr()) }).map(drop)
+}
+
+pub const OPEN_TREE_CLONE: libc::c_uint = 1;
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// open_tree(OPEN_TREE_CLONE [| AT_RECURSIVE]): a detached copy of the mount at `path`.
+pub fn open_tree_clone(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    // SAFETY: valid C string; returns a new descriptor.
+    let fd = check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })?;
+    Ok(owned(fd))
+}
+
+/// mount_setattr(2) on a mount fd (or a path when `fd` is AT_FDCWD-relative).
+pub fn mount_setattr(
+    dirfd: RawFd,
+    path: &Path,
+    recursive: bool,
+    set: u64,
+    clear: u64,
+    userns: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let c = cstr(path)?;
+    let mut flags = if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    if path.as_os_str().is_empty() {
+        flags |= libc::AT_EMPTY_PATH as libc::c_uint;
+    }
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |f| f.as_raw_fd() as u64),
+    };
+    // SAFETY: `attr` is a correctly laid out struct mount_attr that outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_mount_setattr, dirfd, c.as_ptr(), flags, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+    };
+    check(r).map(drop)
+}
+
+/// move_mount(2) of a detached mount fd onto a path.
+pub fn move_mount_fd(from: BorrowedFd<'_>, to: &Path) -> io::Result<()> {
+    let t = cstr(to)?;
+    let empty = c"";
+    // SAFETY: valid descriptor and C strings.
+    let r = unsafe {
+        libc::syscall(libc::SYS_move_mount, from.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, t.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH)
+    };
+    check(r).map(drop)
+}
+
+/// close_range(2) over [first, last].
+pub fn close_range(first: u32, last: u32, flags: u32) -> io::Result<()> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: closes descriptors in the range; callers only pass ranges they own.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
+}
+
+/// prctl with integer arguments.
+pub fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: prctl options used here take integer arguments only.
+    check_int(unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) }).map(drop)
+}
+
+/// The errno of an io::Error (EIO when it carries none).
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The symbolic name of an errno value (e.g. "EPERM").
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ESRCH => "ESRCH",
+        libc::EINTR => "EINTR",
+        libc::EIO => "EIO",
+        libc::E2BIG => "E2BIG",
+        libc::ENOEXEC => "ENOEXEC",
+        libc::EBADF => "EBADF",
+        libc::ECHILD => "ECHILD",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENODEV => "ENODEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::ENFILE => "ENFILE",
+        libc::EMFILE => "EMFILE",
+        libc::ENOTTY => "ENOTTY",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ELOOP => "ELOOP",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::EOVERFLOW => "EOVERFLOW",
+        libc::ETXTBSY => "ETXTBSY",
+        _ => "E?",
+    }
+}
