@@ -63,7 +63,10 @@ pub unsafe fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
     };
     match check(r)? {
         0 => Ok(Forked::Child),
-        pid => Ok(Forked::Parent { pid: pid as libc::pid_t, pidfd: owned(pidfd as libc::c_long) }),
+        pid => Ok(Forked::Parent {
+            pid: pid as libc::pid_t,
+            pidfd: owned(pidfd as libc::c_long),
+        }),
     }
 }
 
@@ -90,7 +93,10 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 ///
 /// # Safety
 /// As `clone_fork`: the caller must be single-threaded.
-pub unsafe fn clone3_fork(flags: libc::c_int, cgroup: Option<BorrowedFd<'_>>) -> io::Result<Forked> {
+pub unsafe fn clone3_fork(
+    flags: libc::c_int,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> io::Result<Forked> {
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: (flags as u32 as u64) | libc::CLONE_PIDFD as u64,
@@ -104,10 +110,19 @@ pub unsafe fn clone3_fork(flags: libc::c_int, cgroup: Option<BorrowedFd<'_>>) ->
     }
     // SAFETY: clone3 with a zero stack behaves like fork; `args` and `pidfd` outlive the call.
     // The caller guarantees single-threadedness.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     match check(r)? {
         0 => Ok(Forked::Child),
-        pid => Ok(Forked::Parent { pid: pid as libc::pid_t, pidfd: owned(pidfd as libc::c_long) }),
+        pid => Ok(Forked::Parent {
+            pid: pid as libc::pid_t,
+            pidfd: owned(pidfd as libc::c_long),
+        }),
     }
 }
 
@@ -115,7 +130,13 @@ pub unsafe fn clone3_fork(flags: libc::c_int, cgroup: Option<BorrowedFd<'_>>) ->
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: plain syscall on a valid pidfd with a null siginfo.
     let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
     };
     check(r).map(drop)
 }
@@ -151,7 +172,14 @@ pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
         // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid(P_PIDFD) on a pidfd we own, writing into `info`.
-        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
@@ -161,7 +189,11 @@ pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
         }
         // SAFETY: after a successful WEXITED wait, si_status and si_code are set.
         let (code, status) = unsafe { (info.si_code, info.si_status()) };
-        return Ok(if code == libc::CLD_EXITED { ExitStatus::Exited(status) } else { ExitStatus::Signaled(status) });
+        return Ok(if code == libc::CLD_EXITED {
+            ExitStatus::Exited(status)
+        } else {
+            ExitStatus::Signaled(status)
+        });
     }
 }
 
@@ -169,7 +201,14 @@ pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: socketpair writes two descriptors into `fds`.
-    check_int(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
+    check_int(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
     Ok((owned(fds[0] as libc::c_long), owned(fds[1] as libc::c_long)))
 }
 
@@ -228,7 +267,8 @@ pub fn mount(
     let t = cstr(target)?;
     let p = |o: Option<&CStr>| o.map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is either null or a valid C string that outlives the call.
-    check_int(unsafe { libc::mount(p(source), t.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
+    check_int(unsafe { libc::mount(p(source), t.as_ptr(), p(fstype), flags, p(data).cast()) })
+        .map(drop)
 }
 
 /// umount2(2).
@@ -264,9 +304,16 @@ struct MountAttr {
 /// open_tree(OPEN_TREE_CLONE [| AT_RECURSIVE]): a detached copy of the mount at `path`.
 pub fn open_tree_clone(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
     let c = cstr(path)?;
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | if recursive {
+            libc::AT_RECURSIVE as libc::c_uint
+        } else {
+            0
+        };
     // SAFETY: valid C string; returns a new descriptor.
-    let fd = check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })?;
+    let fd =
+        check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })?;
     Ok(owned(fd))
 }
 
@@ -280,7 +327,11 @@ pub fn mount_setattr(
     userns: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     let c = cstr(path)?;
-    let mut flags = if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    let mut flags = if recursive {
+        libc::AT_RECURSIVE as libc::c_uint
+    } else {
+        0
+    };
     if path.as_os_str().is_empty() {
         flags |= libc::AT_EMPTY_PATH as libc::c_uint;
     }
@@ -292,7 +343,14 @@ pub fn mount_setattr(
     };
     // SAFETY: `attr` is a correctly laid out struct mount_attr that outlives the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, dirfd, c.as_ptr(), flags, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            c.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
     };
     check(r).map(drop)
 }
@@ -303,7 +361,14 @@ pub fn move_mount_fd(from: BorrowedFd<'_>, to: &Path) -> io::Result<()> {
     let empty = c"";
     // SAFETY: valid descriptor and C strings.
     let r = unsafe {
-        libc::syscall(libc::SYS_move_mount, from.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, t.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH)
+        libc::syscall(
+            libc::SYS_move_mount,
+            from.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
     };
     check(r).map(drop)
 }
@@ -320,7 +385,16 @@ pub fn close_range(first: u32, last: u32, flags: u32) -> io::Result<()> {
 /// prctl with integer arguments.
 pub fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<()> {
     // SAFETY: prctl options used here take integer arguments only.
-    check_int(unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) }).map(drop)
+    check_int(unsafe {
+        libc::prctl(
+            option,
+            arg2,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+    .map(drop)
 }
 
 /// The errno of an io::Error (EIO when it carries none).

@@ -29,7 +29,9 @@ impl Size {
 pub fn parse_size(s: &str) -> Result<Size, UnitError> {
     let t = s.trim();
     let err = || UnitError::Size(s.to_string());
-    let digits_end = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let digits_end = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() {
         return Err(err());
@@ -85,7 +87,9 @@ impl<'de> Deserialize<'de> for Size {
                 Ok(Size(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v).map(Size).map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
                 parse_size(v).map_err(E::custom)
@@ -118,7 +122,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
         }
         let n: u64 = rest[..n_end].parse().map_err(|_| err())?;
         rest = &rest[n_end..];
-        let u_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let u_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..u_end];
         rest = &rest[u_end..];
         let d = match unit {
@@ -165,7 +171,9 @@ impl Serialize for HumanDuration {
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(de::Error::custom)
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(de::Error::custom)
     }
 }
 

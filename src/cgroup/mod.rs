@@ -37,7 +37,11 @@ pub enum CgroupError {
         source: io::Error,
     },
     #[error("cgroup controller `{controller}` is not available ({detail}); the policy requires it (allow it to be missing with best_effort = [\"{protection}\"])")]
-    ControllerMissing { controller: &'static str, detail: String, protection: Protection },
+    ControllerMissing {
+        controller: &'static str,
+        detail: String,
+        protection: Protection,
+    },
     #[error("failed to create cgroup {path}: {source}")]
     Create {
         path: PathBuf,
@@ -104,7 +108,10 @@ pub fn detect(root: &Path) -> Result<CgroupMode, CgroupError> {
             _ => {}
         }
     }
-    let err = |source| CgroupError::Detect { root: root.to_path_buf(), source };
+    let err = |source| CgroupError::Detect {
+        root: root.to_path_buf(),
+        source,
+    };
     match fs_magic(root).map_err(err)? {
         CGROUP2_SUPER_MAGIC => Ok(CgroupMode::V2),
         TMPFS_MAGIC | CGROUP_SUPER_MAGIC => {
@@ -114,13 +121,17 @@ pub fn detect(root: &Path) -> Result<CgroupMode, CgroupError> {
                 Ok(CgroupMode::V1)
             }
         }
-        other => Err(err(io::Error::other(format!("not a cgroup filesystem (magic {other:#x})")))),
+        other => Err(err(io::Error::other(format!(
+            "not a cgroup filesystem (magic {other:#x})"
+        )))),
     }
 }
 
 /// The cgroup root in use: `AITHER_CGROUP_ROOT` or /sys/fs/cgroup.
 pub fn root() -> PathBuf {
-    std::env::var_os("AITHER_CGROUP_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
+    std::env::var_os("AITHER_CGROUP_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
 }
 
 /// Limits, with one meaning on both versions. `None` means "not limited".
@@ -146,7 +157,10 @@ impl CpuQuota {
     /// A quota of `cpus` CPUs over a 100 ms period.
     pub fn from_cpus(cpus: f64) -> CpuQuota {
         let period_us = 100_000;
-        CpuQuota { quota_us: ((cpus * period_us as f64).round() as u64).max(1000), period_us }
+        CpuQuota {
+            quota_us: ((cpus * period_us as f64).round() as u64).max(1000),
+            period_us,
+        }
     }
 }
 
@@ -156,7 +170,12 @@ pub trait CgroupManager {
     /// Creates `aither/<id>` in every hierarchy used and applies the limits. A limit whose
     /// controller is missing fails unless its protection is in `best_effort` (then it is
     /// skipped and named in `Cgroup::skipped`).
-    fn create(&self, id: &str, limits: &Limits, best_effort: &[Protection]) -> Result<Cgroup, CgroupError>;
+    fn create(
+        &self,
+        id: &str,
+        limits: &Limits,
+        best_effort: &[Protection],
+    ) -> Result<Cgroup, CgroupError>;
     /// Reads the limits back from the kernel's files.
     fn read_limits(&self, cg: &Cgroup) -> Result<Limits, CgroupError>;
     /// Number of OOM kills in the cgroup so far.
@@ -192,18 +211,32 @@ impl Cgroup {
     /// and more when launches are spaced out). The files are opened here, by the launcher: the
     /// kernel checks the opener's credentials (since 5.16), not the writer's.
     pub fn join_handles(&self) -> Result<JoinHandles, CgroupError> {
-        let mut h = JoinHandles { write_zero: Vec::new(), into: None };
+        let mut h = JoinHandles {
+            write_zero: Vec::new(),
+            into: None,
+        };
         for (ctrl, d) in &self.dirs {
             let real_v2 = *ctrl == "unified" && fs_magic(d).ok() == Some(CGROUP2_SUPER_MAGIC);
             if real_v2 {
-                let fd = crate::sys::open(d, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| CgroupError::Read { path: d.clone(), source })?;
+                let fd =
+                    crate::sys::open(d, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| {
+                        CgroupError::Read {
+                            path: d.clone(),
+                            source,
+                        }
+                    })?;
                 h.into = Some(fd);
                 continue;
             }
             // v1 `tasks`; a fake (plain-directory) v2 root gets `cgroup.procs`.
-            let file = if *ctrl == "unified" { "cgroup.procs" } else { "tasks" };
+            let file = if *ctrl == "unified" {
+                "cgroup.procs"
+            } else {
+                "tasks"
+            };
             let p = d.join(file);
-            let fd = crate::sys::open(&p, libc::O_WRONLY | libc::O_CREAT).map_err(|source| CgroupError::Read { path: p, source })?;
+            let fd = crate::sys::open(&p, libc::O_WRONLY | libc::O_CREAT)
+                .map_err(|source| CgroupError::Read { path: p, source })?;
             h.write_zero.push(fd);
         }
         Ok(h)
@@ -211,7 +244,9 @@ impl Cgroup {
 
     /// Pids currently in the cgroup (from the first hierarchy).
     pub fn pids(&self) -> Vec<i32> {
-        let Some((_, d)) = self.dirs.first() else { return vec![] };
+        let Some((_, d)) = self.dirs.first() else {
+            return vec![];
+        };
         fs::read_to_string(d.join("cgroup.procs"))
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
@@ -242,16 +277,32 @@ pub(crate) fn remove_dir_retry(d: &Path) -> Result<(), CgroupError> {
                 if fs::remove_dir_all(d).is_ok() {
                     return Ok(());
                 }
-                return Err(CgroupError::Remove { path: d.to_path_buf(), source: e });
+                return Err(CgroupError::Remove {
+                    path: d.to_path_buf(),
+                    source: e,
+                });
             }
-            Err(e) => return Err(CgroupError::Remove { path: d.to_path_buf(), source: e }),
+            Err(e) => {
+                return Err(CgroupError::Remove {
+                    path: d.to_path_buf(),
+                    source: e,
+                })
+            }
         }
     }
-    Err(CgroupError::Remove { path: d.to_path_buf(), source: io::Error::from_raw_os_error(libc::EBUSY) })
+    Err(CgroupError::Remove {
+        path: d.to_path_buf(),
+        source: io::Error::from_raw_os_error(libc::EBUSY),
+    })
 }
 
 /// Writes a control file in one write(2); creates it only under a fake root.
-pub(crate) fn write_ctl(dir: &Path, file: &str, value: &str, hint: &'static str) -> Result<(), CgroupError> {
+pub(crate) fn write_ctl(
+    dir: &Path,
+    file: &str,
+    value: &str,
+    hint: &'static str,
+) -> Result<(), CgroupError> {
     let path = dir.join(file);
     let r = fs::OpenOptions::new()
         .write(true)
@@ -262,12 +313,19 @@ pub(crate) fn write_ctl(dir: &Path, file: &str, value: &str, hint: &'static str)
             use std::os::fd::AsFd;
             crate::sys::write_all_once(f.as_fd(), value.as_bytes())
         });
-    r.map_err(|source| CgroupError::Write { path, value: value.to_string(), hint, source })
+    r.map_err(|source| CgroupError::Write {
+        path,
+        value: value.to_string(),
+        hint,
+        source,
+    })
 }
 
 pub(crate) fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
     let path = dir.join(file);
-    fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(|source| CgroupError::Read { path, source })
+    fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| CgroupError::Read { path, source })
 }
 
 /// Reads "key N" from a flat-keyed file such as memory.events.
@@ -287,9 +345,23 @@ pub(crate) fn mkdir_p(p: &Path) -> Result<(), CgroupError> {
             if let Some(parent) = p.parent() {
                 mkdir_p(parent)?;
             }
-            fs::create_dir(p).or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(|source| CgroupError::Create { path: p.to_path_buf(), source })
+            fs::create_dir(p)
+                .or_else(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|source| CgroupError::Create {
+                    path: p.to_path_buf(),
+                    source,
+                })
         }
-        Err(source) => Err(CgroupError::Create { path: p.to_path_buf(), source }),
+        Err(source) => Err(CgroupError::Create {
+            path: p.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -314,9 +386,12 @@ pub fn collect_garbage(cg_dirs: &[PathBuf]) {
         for e in rd.flatten() {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
             // SAFETY: kill with signal 0 only checks for existence.
-            let alive = unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
             if alive || !e.path().is_dir() {
                 continue;
             }

@@ -21,10 +21,30 @@ fn fake_v2(controllers: &str) -> tempfile::TempDir {
 
 fn table() -> Vec<Limits> {
     vec![
-        Limits { memory: Some(512 << 20), swap: Some(0), cpu: Some(CpuQuota::from_cpus(1.0)), pids: Some(128) },
-        Limits { memory: Some(64 << 20), swap: None, cpu: Some(CpuQuota::from_cpus(0.5)), pids: Some(2) },
-        Limits { memory: None, swap: None, cpu: Some(CpuQuota::from_cpus(2.0)), pids: None },
-        Limits { memory: Some(1 << 30), swap: None, cpu: None, pids: Some(4096) },
+        Limits {
+            memory: Some(512 << 20),
+            swap: Some(0),
+            cpu: Some(CpuQuota::from_cpus(1.0)),
+            pids: Some(128),
+        },
+        Limits {
+            memory: Some(64 << 20),
+            swap: None,
+            cpu: Some(CpuQuota::from_cpus(0.5)),
+            pids: Some(2),
+        },
+        Limits {
+            memory: None,
+            swap: None,
+            cpu: Some(CpuQuota::from_cpus(2.0)),
+            pids: None,
+        },
+        Limits {
+            memory: Some(1 << 30),
+            swap: None,
+            cpu: None,
+            pids: Some(4096),
+        },
     ]
 }
 
@@ -47,7 +67,11 @@ fn the_same_limits_read_back_the_same_on_v1_and_v2() {
         assert_eq!(back2, limits, "v2 row {i}");
         cg1.remove().unwrap();
         cg2.remove().unwrap();
-        assert!(!r1.path().join("memory/aither").join(format!("t{i}-1")).exists());
+        assert!(!r1
+            .path()
+            .join("memory/aither")
+            .join(format!("t{i}-1"))
+            .exists());
     }
 }
 
@@ -57,9 +81,15 @@ fn v2_writes_the_kernel_files_and_enables_controllers_in_parents() {
     let m = V2::new(r.path().to_path_buf());
     let cg = m.create("x-1", &table()[0], &[]).unwrap();
     let d = r.path().join("aither/x-1");
-    assert_eq!(fs::read_to_string(d.join("memory.max")).unwrap(), "536870912");
+    assert_eq!(
+        fs::read_to_string(d.join("memory.max")).unwrap(),
+        "536870912"
+    );
     assert_eq!(fs::read_to_string(d.join("memory.swap.max")).unwrap(), "0");
-    assert_eq!(fs::read_to_string(d.join("cpu.max")).unwrap(), "100000 100000");
+    assert_eq!(
+        fs::read_to_string(d.join("cpu.max")).unwrap(),
+        "100000 100000"
+    );
     assert_eq!(fs::read_to_string(d.join("pids.max")).unwrap(), "128");
     let sub = fs::read_to_string(r.path().join("aither/cgroup.subtree_control")).unwrap();
     assert_eq!(sub, "+memory +cpu +pids");
@@ -72,14 +102,21 @@ fn a_missing_controller_fails_closed_and_names_it() {
     let m = V2::new(r.path().to_path_buf());
     let e = m.create("x-2", &table()[0], &[]).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("`memory`") && msg.contains("cgroup-memory"), "{msg}");
+    assert!(
+        msg.contains("`memory`") && msg.contains("cgroup-memory"),
+        "{msg}"
+    );
     // ...unless the policy allows it to be missing, and then it is reported.
-    let cg = m.create("x-3", &table()[0], &[Protection::CgroupMemory]).unwrap();
+    let cg = m
+        .create("x-3", &table()[0], &[Protection::CgroupMemory])
+        .unwrap();
     assert_eq!(cg.skipped, vec![Protection::CgroupMemory]);
     assert!(!r.path().join("aither/x-3/memory.max").exists());
 
     let r1 = tempfile::tempdir().unwrap();
-    let e = V1::new(r1.path().to_path_buf(), false).create("x-4", &table()[0], &[]).unwrap_err();
+    let e = V1::new(r1.path().to_path_buf(), false)
+        .create("x-4", &table()[0], &[])
+        .unwrap_err();
     assert!(e.to_string().contains("`memory`"), "{e}");
 }
 

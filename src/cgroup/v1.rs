@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota, Limits, SUBTREE};
+use super::{
+    keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota,
+    Limits, SUBTREE,
+};
 use crate::policy::Protection;
 
 /// v1 cgroups under `root/<controller>/aither/<id>`; on hybrid hosts also `root/unified/aither/<id>`
@@ -25,10 +28,19 @@ impl V1 {
     }
 
     fn dir(cg: &Cgroup, controller: &str) -> Option<PathBuf> {
-        cg.dirs.iter().find(|(c, _)| *c == controller).map(|(_, d)| d.clone())
+        cg.dirs
+            .iter()
+            .find(|(c, _)| *c == controller)
+            .map(|(_, d)| d.clone())
     }
 
-    fn require(&self, controller: &'static str, protection: Protection, best_effort: &[Protection], skipped: &mut Vec<Protection>) -> Result<Option<PathBuf>, CgroupError> {
+    fn require(
+        &self,
+        controller: &'static str,
+        protection: Protection,
+        best_effort: &[Protection],
+        skipped: &mut Vec<Protection>,
+    ) -> Result<Option<PathBuf>, CgroupError> {
         let h = self.hierarchy(controller);
         if h.join("cgroup.procs").exists() {
             return Ok(Some(h));
@@ -54,8 +66,17 @@ impl CgroupManager for V1 {
         }
     }
 
-    fn create(&self, id: &str, limits: &Limits, best_effort: &[Protection]) -> Result<Cgroup, CgroupError> {
-        let mut cg = Cgroup { id: id.to_string(), dirs: Vec::new(), skipped: Vec::new() };
+    fn create(
+        &self,
+        id: &str,
+        limits: &Limits,
+        best_effort: &[Protection],
+    ) -> Result<Cgroup, CgroupError> {
+        let mut cg = Cgroup {
+            id: id.to_string(),
+            dirs: Vec::new(),
+            skipped: Vec::new(),
+        };
         let mut want: Vec<(&'static str, Protection)> = Vec::new();
         if limits.memory.is_some() {
             want.push(("memory", Protection::CgroupMemory));
@@ -68,7 +89,10 @@ impl CgroupManager for V1 {
         }
         let mut result = Ok(());
         for (controller, protection) in want {
-            let Some(h) = self.require(controller, protection, best_effort, &mut cg.skipped)? else { continue };
+            let Some(h) = self.require(controller, protection, best_effort, &mut cg.skipped)?
+            else {
+                continue;
+            };
             let d = h.join(SUBTREE).join(id);
             if let Err(e) = mkdir_p(&d) {
                 result = Err(e);
@@ -90,7 +114,9 @@ impl CgroupManager for V1 {
     fn read_limits(&self, cg: &Cgroup) -> Result<Limits, CgroupError> {
         let mut l = Limits::default();
         if let Some(d) = Self::dir(cg, "memory") {
-            let mem: u64 = read_ctl(&d, "memory.limit_in_bytes")?.parse().unwrap_or(u64::MAX);
+            let mem: u64 = read_ctl(&d, "memory.limit_in_bytes")?
+                .parse()
+                .unwrap_or(u64::MAX);
             l.memory = (mem < V1_UNLIMITED).then_some(mem);
             if let Ok(sw) = read_ctl(&d, "memory.memsw.limit_in_bytes") {
                 let sw: u64 = sw.parse().unwrap_or(u64::MAX);
@@ -101,8 +127,13 @@ impl CgroupManager for V1 {
         }
         if let Some(d) = Self::dir(cg, "cpu") {
             let q: i64 = read_ctl(&d, "cpu.cfs_quota_us")?.parse().unwrap_or(-1);
-            let p: u64 = read_ctl(&d, "cpu.cfs_period_us")?.parse().unwrap_or(100_000);
-            l.cpu = (q > 0).then_some(CpuQuota { quota_us: q as u64, period_us: p });
+            let p: u64 = read_ctl(&d, "cpu.cfs_period_us")?
+                .parse()
+                .unwrap_or(100_000);
+            l.cpu = (q > 0).then_some(CpuQuota {
+                quota_us: q as u64,
+                period_us: p,
+            });
         }
         if let Some(d) = Self::dir(cg, "pids") {
             l.pids = read_ctl(&d, "pids.max")?.parse().ok();
@@ -111,7 +142,9 @@ impl CgroupManager for V1 {
     }
 
     fn oom_kills(&self, cg: &Cgroup) -> u64 {
-        Self::dir(cg, "memory").and_then(|d| keyed(&d, "memory.oom_control", "oom_kill")).unwrap_or(0)
+        Self::dir(cg, "memory")
+            .and_then(|d| keyed(&d, "memory.oom_control", "oom_kill"))
+            .unwrap_or(0)
     }
 
     fn kill_all(&self, cg: &Cgroup) {
@@ -130,7 +163,12 @@ impl CgroupManager for V1 {
 }
 
 impl V1 {
-    fn apply(&self, cg: &mut Cgroup, limits: &Limits, best_effort: &[Protection]) -> Result<(), CgroupError> {
+    fn apply(
+        &self,
+        cg: &mut Cgroup,
+        limits: &Limits,
+        best_effort: &[Protection],
+    ) -> Result<(), CgroupError> {
         if let (Some(mem), Some(d)) = (limits.memory, Self::dir(cg, "memory")) {
             write_ctl(&d, "memory.limit_in_bytes", &mem.to_string(), "")?;
             self.apply_swap(cg, &d, mem, limits.swap, best_effort)?;
@@ -145,11 +183,23 @@ impl V1 {
         Ok(())
     }
 
-    fn apply_swap(&self, cg: &mut Cgroup, d: &Path, mem: u64, swap: Option<u64>, best_effort: &[Protection]) -> Result<(), CgroupError> {
+    fn apply_swap(
+        &self,
+        cg: &mut Cgroup,
+        d: &Path,
+        mem: u64,
+        swap: Option<u64>,
+        best_effort: &[Protection],
+    ) -> Result<(), CgroupError> {
         let Some(swap) = swap else { return Ok(()) };
         // memsw = memory + swap; it exists only with swap accounting (swapaccount=1).
         if d.join("memory.memsw.limit_in_bytes").exists() {
-            return write_ctl(d, "memory.memsw.limit_in_bytes", &mem.saturating_add(swap).to_string(), " (memsw must be >= limit_in_bytes)");
+            return write_ctl(
+                d,
+                "memory.memsw.limit_in_bytes",
+                &mem.saturating_add(swap).to_string(),
+                " (memsw must be >= limit_in_bytes)",
+            );
         }
         if swap == 0 {
             // Without memsw, swappiness 0 keeps anonymous memory out of swap; on a host without

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use super::{keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota, Limits, SUBTREE};
+use super::{
+    keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota,
+    Limits, SUBTREE,
+};
 use crate::policy::Protection;
 
 pub struct V2 {
@@ -24,13 +27,22 @@ impl CgroupManager for V2 {
         CgroupMode::V2
     }
 
-    fn create(&self, id: &str, limits: &Limits, best_effort: &[Protection]) -> Result<Cgroup, CgroupError> {
+    fn create(
+        &self,
+        id: &str,
+        limits: &Limits,
+        best_effort: &[Protection],
+    ) -> Result<Cgroup, CgroupError> {
         let available = read_ctl(&self.root, "cgroup.controllers").unwrap_or_default();
         let has = |c: &str| available.split_whitespace().any(|x| x == c);
         let mut skipped = Vec::new();
         let mut enable = Vec::new();
         for (needed, controller, protection) in [
-            (limits.memory.is_some() || limits.swap.is_some(), "memory", Protection::CgroupMemory),
+            (
+                limits.memory.is_some() || limits.swap.is_some(),
+                "memory",
+                Protection::CgroupMemory,
+            ),
             (limits.cpu.is_some(), "cpu", Protection::CgroupCpu),
             (limits.pids.is_some(), "pids", Protection::CgroupPids),
         ] {
@@ -44,7 +56,10 @@ impl CgroupManager for V2 {
             } else {
                 return Err(CgroupError::ControllerMissing {
                     controller,
-                    detail: format!("not listed in {}/cgroup.controllers ({available:?})", self.root.display()),
+                    detail: format!(
+                        "not listed in {}/cgroup.controllers ({available:?})",
+                        self.root.display()
+                    ),
                     protection,
                 });
             }
@@ -53,21 +68,35 @@ impl CgroupManager for V2 {
         // processes cannot enable them for children (the no-internal-process rule, EBUSY).
         let parent = self.root.join(SUBTREE);
         mkdir_p(&parent)?;
-        let plus: String = enable.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+        let plus: String = enable
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         if !plus.is_empty() {
             let hint = " (controllers must be enabled in the parent and the parent must hold no processes)";
             let current = read_ctl(&self.root, "cgroup.subtree_control").unwrap_or_default();
-            if !enable.iter().all(|c| current.split_whitespace().any(|x| x == *c)) {
+            if !enable
+                .iter()
+                .all(|c| current.split_whitespace().any(|x| x == *c))
+            {
                 write_ctl(&self.root, "cgroup.subtree_control", &plus, hint)?;
             }
             let current = read_ctl(&parent, "cgroup.subtree_control").unwrap_or_default();
-            if !enable.iter().all(|c| current.split_whitespace().any(|x| x == *c)) {
+            if !enable
+                .iter()
+                .all(|c| current.split_whitespace().any(|x| x == *c))
+            {
                 write_ctl(&parent, "cgroup.subtree_control", &plus, hint)?;
             }
         }
         let d = parent.join(id);
         mkdir_p(&d)?;
-        let cg = Cgroup { id: id.to_string(), dirs: vec![("unified", d.clone())], skipped };
+        let cg = Cgroup {
+            id: id.to_string(),
+            dirs: vec![("unified", d.clone())],
+            skipped,
+        };
         let apply = || -> Result<(), CgroupError> {
             if enable.contains(&"memory") {
                 if let Some(mem) = limits.memory {
@@ -78,7 +107,12 @@ impl CgroupManager for V2 {
                 }
             }
             if let (true, Some(cpu)) = (enable.contains(&"cpu"), limits.cpu) {
-                write_ctl(&d, "cpu.max", &format!("{} {}", cpu.quota_us, cpu.period_us), "")?;
+                write_ctl(
+                    &d,
+                    "cpu.max",
+                    &format!("{} {}", cpu.quota_us, cpu.period_us),
+                    "",
+                )?;
             }
             if let (true, Some(pids)) = (enable.contains(&"pids"), limits.pids) {
                 write_ctl(&d, "pids.max", &pids.to_string(), "")?;
@@ -105,14 +139,25 @@ impl CgroupManager for V2 {
         let cpu = match read_ctl(&d, "cpu.max") {
             Ok(v) => {
                 let mut it = v.split_whitespace();
-                match (it.next().and_then(|q| q.parse().ok()), it.next().and_then(|p| p.parse().ok())) {
-                    (Some(quota_us), Some(period_us)) => Some(CpuQuota { quota_us, period_us }),
+                match (
+                    it.next().and_then(|q| q.parse().ok()),
+                    it.next().and_then(|p| p.parse().ok()),
+                ) {
+                    (Some(quota_us), Some(period_us)) => Some(CpuQuota {
+                        quota_us,
+                        period_us,
+                    }),
                     _ => None,
                 }
             }
             Err(_) => None,
         };
-        Ok(Limits { memory: num("memory.max")?, swap: num("memory.swap.max")?, cpu, pids: num("pids.max")? })
+        Ok(Limits {
+            memory: num("memory.max")?,
+            swap: num("memory.swap.max")?,
+            cpu,
+            pids: num("pids.max")?,
+        })
     }
 
     fn oom_kills(&self, cg: &Cgroup) -> u64 {

@@ -108,7 +108,12 @@ fn yes() -> bool {
 
 impl Default for Namespaces {
     fn default() -> Self {
-        Namespaces { net: true, ipc: true, uts: true, cgroup: true }
+        Namespaces {
+            net: true,
+            ipc: true,
+            uts: true,
+            cgroup: true,
+        }
     }
 }
 
@@ -242,14 +247,36 @@ impl Policy {
     fn validate(&self, src: &str, origin: &str) -> Result<(), PolicyError> {
         let fail = |table: &str, key: &str, message: String| {
             let (line, column) = locate::key(src, table, key);
-            let field = if table.is_empty() { key.to_string() } else { format!("{table}.{key}") };
-            Err(PolicyError::Invalid { path: origin.to_string(), line, column, field, message })
+            let field = if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            };
+            Err(PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                field,
+                message,
+            })
         };
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return fail("", "name", "must be non-empty and use only letters, digits, '-' and '_'".into());
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return fail(
+                "",
+                "name",
+                "must be non-empty and use only letters, digits, '-' and '_'".into(),
+            );
         }
         for p in &self.filesystem.read_only {
-            if !p.starts_with('/') || p.contains("..") || p == "/" && self.network.mode != NetworkMode::Host {
+            if !p.starts_with('/')
+                || p.contains("..")
+                || p == "/" && self.network.mode != NetworkMode::Host
+            {
                 return fail(
                     "filesystem",
                     "read_only",
@@ -258,11 +285,30 @@ impl Policy {
             }
         }
         for e in &self.filesystem.etc {
-            if e.is_empty() || e.starts_with('/') || e.split('/').any(|c| c == ".." || c.is_empty()) {
-                return fail("filesystem", "etc", format!("{e:?}: entries are relative names under /etc, e.g. \"ssl/certs\""));
+            if e.is_empty() || e.starts_with('/') || e.split('/').any(|c| c == ".." || c.is_empty())
+            {
+                return fail(
+                    "filesystem",
+                    "etc",
+                    format!("{e:?}: entries are relative names under /etc, e.g. \"ssl/certs\""),
+                );
             }
-            if matches!(e.as_str(), "shadow" | "gshadow" | "shadow-" | "gshadow-" | "ssh" | "sudoers" | "sudoers.d" | "aither") {
-                return fail("filesystem", "etc", format!("{e:?} holds host secrets and is never exposed"));
+            if matches!(
+                e.as_str(),
+                "shadow"
+                    | "gshadow"
+                    | "shadow-"
+                    | "gshadow-"
+                    | "ssh"
+                    | "sudoers"
+                    | "sudoers.d"
+                    | "aither"
+            ) {
+                return fail(
+                    "filesystem",
+                    "etc",
+                    format!("{e:?} holds host secrets and is never exposed"),
+                );
             }
         }
         if self.filesystem.tmp_size.0 < (1 << 20) {
@@ -272,13 +318,29 @@ impl Policy {
             return fail("filesystem", "dev_shm_size", "must be at least 64K".into());
         }
         if self.network.mode == NetworkMode::Host && self.namespaces.net {
-            return fail("network", "mode", "\"host\" needs namespaces.net = false".into());
+            return fail(
+                "network",
+                "mode",
+                "\"host\" needs namespaces.net = false".into(),
+            );
         }
         if self.network.mode != NetworkMode::Host && !self.namespaces.net {
-            return fail("namespaces", "net", "false is only allowed with network.mode = \"host\"".into());
+            return fail(
+                "namespaces",
+                "net",
+                "false is only allowed with network.mode = \"host\"".into(),
+            );
         }
         if !SECCOMP_PROFILES.contains(&self.seccomp.profile.as_str()) {
-            return fail("seccomp", "profile", format!("unknown profile {:?}; known: {}", self.seccomp.profile, SECCOMP_PROFILES.join(", ")));
+            return fail(
+                "seccomp",
+                "profile",
+                format!(
+                    "unknown profile {:?}; known: {}",
+                    self.seccomp.profile,
+                    SECCOMP_PROFILES.join(", ")
+                ),
+            );
         }
         if (self.seccomp.profile == "none" || !self.landlock.enabled) && self.warning.is_none() {
             return fail(
@@ -290,21 +352,36 @@ impl Policy {
         if self.resources.memory.0 < (8 << 20) {
             return fail("resources", "memory", "must be at least 8M".into());
         }
-        if !(self.resources.cpus.is_finite() && self.resources.cpus >= 0.01 && self.resources.cpus <= 1024.0) {
+        if !(self.resources.cpus.is_finite()
+            && self.resources.cpus >= 0.01
+            && self.resources.cpus <= 1024.0)
+        {
             return fail("resources", "cpus", "must be between 0.01 and 1024".into());
         }
         if self.resources.pids < 2 {
-            return fail("resources", "pids", "must be at least 2 (the reaper and the agent)".into());
+            return fail(
+                "resources",
+                "pids",
+                "must be at least 2 (the reaper and the agent)".into(),
+            );
         }
         if self.rlimits.nofile < 16 {
             return fail("rlimits", "nofile", "must be at least 16".into());
         }
         if self.process.uid == 0 || self.process.gid == 0 {
             let key = if self.process.uid == 0 { "uid" } else { "gid" };
-            return fail("process", key, "the agent never runs as root inside the sandbox; pick a non-zero id".into());
+            return fail(
+                "process",
+                key,
+                "the agent never runs as root inside the sandbox; pick a non-zero id".into(),
+            );
         }
         if self.process.uid > 65535 || self.process.gid > 65535 {
-            let key = if self.process.uid > 65535 { "uid" } else { "gid" };
+            let key = if self.process.uid > 65535 {
+                "uid"
+            } else {
+                "gid"
+            };
             return fail("process", key, "must be at most 65535".into());
         }
         if self.process.hostname.is_empty() || self.process.hostname.len() > 64 {
@@ -334,16 +411,28 @@ impl Policy {
         }
         if let Some((_, src)) = BUILTIN_POLICIES.iter().find(|(n, _)| *n == name_or_path) {
             let origin = format!("built-in:{name_or_path}.toml");
-            return Ok(LoadedPolicy { policy: Self::parse(src, &origin)?, source: "built-in".into() });
+            return Ok(LoadedPolicy {
+                policy: Self::parse(src, &origin)?,
+                source: "built-in".into(),
+            });
         }
         searched.push("built-in".into());
-        Err(PolicyError::NotFound { name: name_or_path.to_string(), searched: searched.join(", ") })
+        Err(PolicyError::NotFound {
+            name: name_or_path.to_string(),
+            searched: searched.join(", "),
+        })
     }
 
     pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyError> {
-        let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Io { path: path.to_path_buf(), source })?;
+        let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let policy = Self::parse(&src, &path.display().to_string())?;
-        Ok(LoadedPolicy { policy, source: path.display().to_string() })
+        Ok(LoadedPolicy {
+            policy,
+            source: path.display().to_string(),
+        })
     }
 
     /// Every policy that `load` could find by name: installed first, then built-in ones not
@@ -351,14 +440,20 @@ impl Policy {
     pub fn list() -> Vec<(String, Result<LoadedPolicy, PolicyError>)> {
         let mut out: Vec<(String, Result<LoadedPolicy, PolicyError>)> = Vec::new();
         for dir in policy_dirs() {
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
             names.sort();
             for p in names {
                 if p.extension().and_then(|e| e.to_str()) != Some("toml") {
                     continue;
                 }
-                let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                let name = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 if out.iter().any(|(n, _)| *n == name) {
                     continue;
                 }

@@ -1,7 +1,11 @@
 use super::*;
 
 fn strict_src() -> &'static str {
-    BUILTIN_POLICIES.iter().find(|(n, _)| *n == "strict").unwrap().1
+    BUILTIN_POLICIES
+        .iter()
+        .find(|(n, _)| *n == "strict")
+        .unwrap()
+        .1
 }
 
 #[test]
@@ -32,7 +36,13 @@ fn strict_is_what_the_design_says() {
 
 fn bad(src: &str) -> (usize, usize, String, String) {
     match Policy::parse(src, "bad.toml") {
-        Err(PolicyError::Invalid { path, line, column, field, message }) => {
+        Err(PolicyError::Invalid {
+            path,
+            line,
+            column,
+            field,
+            message,
+        }) => {
             assert_eq!(path, "bad.toml");
             (line, column, field, message)
         }
@@ -71,7 +81,11 @@ fn a_missing_field_is_named() {
 #[test]
 fn a_syntax_error_has_a_position() {
     let src = strict_src().replace("[network]\nmode = \"none\"", "[network]\nmode = none\"");
-    let line = src.lines().position(|l| l.starts_with("mode = none")).unwrap() + 1;
+    let line = src
+        .lines()
+        .position(|l| l.starts_with("mode = none"))
+        .unwrap()
+        + 1;
     let (l, _, field, _) = bad(&src);
     assert_eq!(l, line);
     assert_eq!(field, "network.mode");
@@ -83,7 +97,11 @@ fn semantic_errors_point_at_the_key() {
         ("uid = 1000", "uid = 0", "process.uid"),
         ("cpus = 1.0", "cpus = 0.0", "resources.cpus"),
         ("pids = 128", "pids = 1", "resources.pids"),
-        ("profile = \"agent\"", "profile = \"lenient\"", "seccomp.profile"),
+        (
+            "profile = \"agent\"",
+            "profile = \"lenient\"",
+            "seccomp.profile",
+        ),
         ("\"alternatives\",", "\"shadow\",", "filesystem.etc"),
         ("mode = \"none\"", "mode = \"host\"", "network.mode"),
         ("enabled = true", "enabled = false", "warning"),
@@ -96,7 +114,10 @@ fn semantic_errors_point_at_the_key() {
         if *field != "warning" {
             let key = field.rsplit('.').next().unwrap();
             let text = src.lines().nth(line - 1).unwrap();
-            assert!(text.contains(key) || text.contains("shadow"), "line {line} = {text:?} for {field}");
+            assert!(
+                text.contains(key) || text.contains("shadow"),
+                "line {line} = {text:?} for {field}"
+            );
         }
     }
 }
@@ -104,10 +125,18 @@ fn semantic_errors_point_at_the_key() {
 #[test]
 fn load_by_name_prefers_installed_files_and_reports_where_it_looked() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("strict.toml"), strict_src().replace("pids = 128", "pids = 64")).unwrap();
+    std::fs::write(
+        dir.path().join("strict.toml"),
+        strict_src().replace("pids = 128", "pids = 64"),
+    )
+    .unwrap();
     // SAFETY-free: env var manipulation is confined to this test's policy lookup.
     let p = Policy::load(&dir.path().join("strict.toml").display().to_string()).unwrap();
     assert_eq!(p.policy.resources.pids, 64);
     let e = Policy::load("no-such-policy").unwrap_err();
-    assert!(e.to_string().contains("/etc/aither/policies/no-such-policy.toml"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("/etc/aither/policies/no-such-policy.toml"),
+        "{e}"
+    );
 }

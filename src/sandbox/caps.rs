@@ -21,7 +21,15 @@ pub fn drop_bounding() -> io::Result<()> {
 /// Clears the ambient set (it would survive execve otherwise).
 pub fn clear_ambient() -> io::Result<()> {
     // SAFETY: integer-only prctl.
-    let r = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -45,7 +53,10 @@ struct CapData {
 
 /// Empties the effective, permitted and inheritable sets.
 pub fn clear_all() -> io::Result<()> {
-    let hdr = CapHeader { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
+    let hdr = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    }; // _LINUX_CAPABILITY_VERSION_3
     let data = [CapData::default(); 2];
     // SAFETY: header and two data words as capset(2) version 3 expects.
     let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };

@@ -68,9 +68,17 @@ pub enum Msg {
     /// Launcher → pid 1: the id maps are written, go on.
     Go,
     /// pid 1 → launcher: the agent was exec'ed. Stage timestamps are CLOCK_MONOTONIC ns.
-    Started { agent_pid: i32, stages: Vec<(Stage, u64)>, landlock: String },
+    Started {
+        agent_pid: i32,
+        stages: Vec<(Stage, u64)>,
+        landlock: String,
+    },
     /// pid 1 → launcher: a stage failed; nothing was run.
-    Failed { stage: Stage, errno: i32, detail: String },
+    Failed {
+        stage: Stage,
+        errno: i32,
+        detail: String,
+    },
     /// The command does not exist in the sandbox's view (exit 127).
     NotFound { program: String },
     /// The command exists but could not be executed (exit 126).
@@ -85,7 +93,14 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub fn send(fd: BorrowedFd<'_>, msg: &Msg) -> io::Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
     // SAFETY: sending from a valid buffer on a valid socket; MSG_NOSIGNAL avoids SIGPIPE.
-    let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -108,7 +123,9 @@ pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<Msg>> {
         if n == 0 {
             return Ok(None);
         }
-        return serde_json::from_slice(&buf[..n as usize]).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        return serde_json::from_slice(&buf[..n as usize])
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
     }
 }
 
@@ -131,7 +148,11 @@ mod tests {
         let (a, b) = crate::sys::seqpacket_pair().unwrap();
         let msgs = [
             Msg::Go,
-            Msg::Failed { stage: Stage::Landlock, errno: libc::EPERM, detail: "x".into() },
+            Msg::Failed {
+                stage: Stage::Landlock,
+                errno: libc::EPERM,
+                detail: "x".into(),
+            },
             Msg::Exited(ExitStatus::Signaled(9)),
         ];
         for m in &msgs {

@@ -23,6 +23,7 @@ pub(crate) struct ChildContext<'a> {
     pub sock: OwnedFd,
     pub cgroup_procs: Vec<OwnedFd>,
     pub workspace: Option<OwnedFd>,
+    pub etc_skeleton: Option<PathBuf>,
     pub filter: Option<Filter>,
     pub landlock: Plan,
 }
@@ -44,7 +45,11 @@ trait At<T> {
 
 impl<T> At<T> for io::Result<T> {
     fn at(self, stage: Stage) -> Result<T, Failure> {
-        self.map_err(|e| Failure { stage, errno: sys::errno_of(&e), detail: e.to_string() })
+        self.map_err(|e| Failure {
+            stage,
+            errno: sys::errno_of(&e),
+            detail: e.to_string(),
+        })
     }
 }
 
@@ -67,7 +72,11 @@ pub(crate) fn run(ctx: ChildContext<'_>) -> ! {
             let msg = if f.stage == Stage::WaitForParent {
                 None
             } else {
-                Some(Msg::Failed { stage: f.stage, errno: f.errno, detail: f.detail })
+                Some(Msg::Failed {
+                    stage: f.stage,
+                    errno: f.errno,
+                    detail: f.detail,
+                })
             };
             if let Some(m) = msg {
                 let _ = channel::send(fd, &m);
@@ -102,7 +111,13 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
     // Nothing privileged can happen until the launcher has written our uid/gid maps.
     match channel::recv(sock).at(Stage::WaitForParent)? {
         Some(Msg::Go) => {}
-        _ => return Err(Failure { stage: Stage::WaitForParent, errno: libc::EPIPE, detail: "launcher went away".into() }),
+        _ => {
+            return Err(Failure {
+                stage: Stage::WaitForParent,
+                errno: libc::EPIPE,
+                detail: "launcher went away".into(),
+            })
+        }
     }
     done(Stage::WaitForParent, &mut stamps);
     // Become uid/gid 0 of the namespace (a non-root host id): files created on the root tmpfs
@@ -112,7 +127,13 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
     // SAFETY: as above.
     check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
 
-    mounts::build(spec, ctx.workspace.as_ref()).map_err(|e| Failure { stage: Stage::Mounts, errno: sys::errno_of(&e.source), detail: e.to_string() })?;
+    mounts::build(spec, ctx.workspace.as_ref(), ctx.etc_skeleton.as_deref()).map_err(|e| {
+        Failure {
+            stage: Stage::Mounts,
+            errno: sys::errno_of(&e.source),
+            detail: e.to_string(),
+        }
+    })?;
     drop(ctx.workspace);
     done(Stage::Mounts, &mut stamps);
 
@@ -121,7 +142,8 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
     }
     if spec.new_uts_ns {
         // SAFETY: valid buffer and length.
-        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) }).at(Stage::Hostname)?;
+        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
+            .at(Stage::Hostname)?;
     }
     // rlimits while still privileged in the namespace: hard limits can only be lowered later.
     rlimits::apply(spec).at(Stage::Rlimits)?;
@@ -150,9 +172,14 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
     check(unsafe { libc::setresuid(spec.uid, spec.uid, spec.uid) }).at(Stage::SetAgentIds)?;
     caps::clear_all().at(Stage::ClearCaps)?;
     // After the credential change (which clears it): die with the launcher, never orphaned.
-    sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).at(Stage::ParentDeathSignal)?;
+    sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
+        .at(Stage::ParentDeathSignal)?;
     if launcher_gone(sock) {
-        return Err(Failure { stage: Stage::ParentDeathSignal, errno: libc::EPIPE, detail: "launcher went away".into() });
+        return Err(Failure {
+            stage: Stage::ParentDeathSignal,
+            errno: libc::EPIPE,
+            detail: "launcher went away".into(),
+        });
     }
     done(Stage::ClearCaps, &mut stamps);
     // no_new_privs before Landlock and seccomp: both require it without CAP_SYS_ADMIN, and it
@@ -160,39 +187,77 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).at(Stage::NoNewPrivs)?;
     // Landlock after the mount view is final (its rules name paths of that view) and before
     // seccomp (whose allowlist would not let us build a ruleset with every call we need).
-    let ll = landlock::enforce(spec, &ctx.landlock).map_err(|e| Failure { stage: Stage::Landlock, errno: libc::EPERM, detail: e.to_string() })?;
+    let ll = landlock::enforce(spec, &ctx.landlock).map_err(|e| Failure {
+        stage: Stage::Landlock,
+        errno: libc::EPERM,
+        detail: e.to_string(),
+    })?;
     done(Stage::Landlock, &mut stamps);
 
     let resolved = resolve(spec).at(Stage::ResolveCommand)?;
     let program = match resolved {
         Resolved::Program(p) => p,
         Resolved::NotFound => {
-            let _ = channel::send(sock, &Msg::NotFound { program: spec.argv[0].clone() });
+            let _ = channel::send(
+                sock,
+                &Msg::NotFound {
+                    program: spec.argv[0].clone(),
+                },
+            );
             return Ok(127);
         }
     };
     let argv = cstrings(spec.argv.iter().map(String::as_str)).at(Stage::ResolveCommand)?;
-    let envp = cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str)).at(Stage::ResolveCommand)?;
+    let envp = cstrings(
+        spec.env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str),
+    )
+    .at(Stage::ResolveCommand)?;
     let path_c = sys::cstr(&program).at(Stage::ResolveCommand)?;
 
     // Seccomp last: from here on only the allowlist is available, and what remains is
     // fork, exec, wait and signal forwarding.
     if let Some(f) = &ctx.filter {
-        seccomp::install(f).map_err(|e| Failure { stage: Stage::Seccomp, errno: libc::EPERM, detail: e.to_string() })?;
+        seccomp::install(f).map_err(|e| Failure {
+            stage: Stage::Seccomp,
+            errno: libc::EPERM,
+            detail: e.to_string(),
+        })?;
     }
     done(Stage::Seccomp, &mut stamps);
-    reap(sock, &path_c, &argv, &envp, &program, stamps, format!("{ll:?}"))
+    reap(
+        sock,
+        &path_c,
+        &argv,
+        &envp,
+        &program,
+        stamps,
+        format!("{ll:?}"),
+    )
 }
 
 fn launcher_gone(sock: std::os::fd::BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
     n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 fn cstrings<'a>(it: impl Iterator<Item = &'a str>) -> io::Result<Vec<CString>> {
-    it.map(|s| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte"))).collect()
+    it.map(|s| {
+        CString::new(s).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte")
+        })
+    })
+    .collect()
 }
 
 /// Finds the program as execvp would, in the sandbox's own view and PATH.
@@ -200,9 +265,18 @@ fn resolve(spec: &SandboxSpec) -> io::Result<Resolved> {
     let name = &spec.argv[0];
     if name.contains('/') {
         let p = spec.cwd.join(name);
-        return Ok(if p.exists() { Resolved::Program(p) } else { Resolved::NotFound });
+        return Ok(if p.exists() {
+            Resolved::Program(p)
+        } else {
+            Resolved::NotFound
+        });
     }
-    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
+    let path = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/bin:/bin");
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join(name);
         if let Ok(m) = std::fs::metadata(&p) {
@@ -230,13 +304,51 @@ fn loopback_up() -> io::Result<()> {
     }
     // SAFETY: `s` is a new descriptor we own.
     let s = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
-    let mut req = IfReq { name: [0; 16], flags: 0, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq of the right size.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     req.flags |= libc::IFF_UP as libc::c_short;
     // SAFETY: as above.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
+}
+
+struct ExecRequest {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    errfd: libc::c_int,
+}
+
+/// The agent's first instructions (in a CLONE_VM child: async-signal-safe calls only).
+extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ExecRequest that the suspended parent keeps alive.
+    let req = unsafe { &*(arg as *const ExecRequest) };
+    // The agent gets default dispositions and an empty mask: the launcher ignored SIGPIPE and
+    // pid 1 blocks everything, and both would survive execve.
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: resetting a disposition is async-signal-safe.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: an empty set on our stack; sigprocmask and execve are async-signal-safe.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(req.path, req.argv, req.envp);
+    }
+    // SAFETY: errno location of this task; write and _exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        libc::write(req.errfd, (&errno as *const libc::c_int).cast(), 4);
+        libc::_exit(127)
+    }
 }
 
 /// Forks the agent and stays as its reaper. Returns pid 1's own exit code.
@@ -263,31 +375,31 @@ fn reap(
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
-    // SAFETY: pid 1 is single-threaded; the child only resets signals and execs.
-    let pid = unsafe { libc::fork() };
+    // vfork-style (CLONE_VM | CLONE_VFORK, as posix_spawn does): no copy of the address
+    // space, and pid 1 sleeps until the agent has exec'ed or failed.
+    let mut req = ExecRequest {
+        path: path.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+        errfd: exec_w.as_raw_fd(),
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the stack grows down from its end and outlives the child's use of it (CLONE_VFORK
+    // suspends us until the child execs or exits).
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as *mut libc::c_void;
+    // SAFETY: `exec_child` only makes async-signal-safe calls on data that stays valid while we
+    // are suspended.
+    let pid = unsafe {
+        libc::clone(
+            exec_child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut req as *mut ExecRequest as *mut libc::c_void,
+        )
+    };
+    drop(stack);
     if pid < 0 {
         return Err(io::Error::last_os_error()).at(Stage::ForkAgent);
-    }
-    if pid == 0 {
-        // The agent: default dispositions and an empty mask (the launcher ignored SIGPIPE and
-        // blocked signals; both would survive execve).
-        for sig in 1..=64 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                // SAFETY: resetting a disposition to default.
-                unsafe { libc::signal(sig, libc::SIG_DFL) };
-            }
-        }
-        // SAFETY: valid empty sigset.
-        unsafe {
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            libc::execve(path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
-        }
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-        let _ = sys::write_all_once(exec_w.as_fd(), &errno.to_le_bytes());
-        // SAFETY: leave without running anything else.
-        unsafe { libc::_exit(127) };
     }
     drop(exec_w);
     // EOF on the close-on-exec pipe means execve succeeded; four bytes are its errno.
@@ -300,11 +412,24 @@ fn reap(
         let mut st = 0;
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        let _ = channel::send(sock, &Msg::NotExecutable { program: program.display().to_string(), errno });
+        let _ = channel::send(
+            sock,
+            &Msg::NotExecutable {
+                program: program.display().to_string(),
+                errno,
+            },
+        );
         return Ok(126);
     }
     stamps.push((Stage::ForkAgent, now_ns()));
-    let _ = channel::send(sock, &Msg::Started { agent_pid: pid, stages: stamps, landlock });
+    let _ = channel::send(
+        sock,
+        &Msg::Started {
+            agent_pid: pid,
+            stages: stamps,
+            landlock,
+        },
+    );
 
     loop {
         // SAFETY: zeroed siginfo is a valid out-parameter.

@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +21,13 @@ use crate::policy::{NetworkMode, Protection, WorkspaceAccess};
 #[derive(Debug, thiserror::Error)]
 pub enum LandlockError {
     #[error("policy {policy:?} requires {what}, which needs Landlock ABI {needed}, but this kernel {has}; upgrade the kernel (or boot with lsm=...,landlock), or allow it with best_effort = [\"{protection}\"]")]
-    Unsupported { policy: String, what: &'static str, needed: u8, has: String, protection: Protection },
+    Unsupported {
+        policy: String,
+        what: &'static str,
+        needed: u8,
+        has: String,
+        protection: Protection,
+    },
     #[error("Landlock rule for {path}: {detail}")]
     Rule { path: PathBuf, detail: String },
     #[error("Landlock ruleset: {0}")]
@@ -33,7 +40,14 @@ pub enum LandlockError {
 pub fn kernel_abi() -> u8 {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
     // SAFETY: the version query takes a null attribute pointer and size 0.
-    let r = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
     if r < 0 {
         0
     } else {
@@ -71,9 +85,20 @@ pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
     if !spec.landlock {
         return Ok(Plan::default());
     }
-    let has = if kernel == 0 { "has no Landlock".to_string() } else { format!("has ABI {kernel}") };
-    let mut p = Plan { abi: kernel.min(6), ..Plan::default() };
-    let need = |what: &'static str, needed: u8, protection: Protection, p: &mut Plan| -> Result<bool, LandlockError> {
+    let has = if kernel == 0 {
+        "has no Landlock".to_string()
+    } else {
+        format!("has ABI {kernel}")
+    };
+    let mut p = Plan {
+        abi: kernel.min(6),
+        ..Plan::default()
+    };
+    let need = |what: &'static str,
+                needed: u8,
+                protection: Protection,
+                p: &mut Plan|
+     -> Result<bool, LandlockError> {
         if kernel >= needed {
             return Ok(true);
         }
@@ -81,13 +106,25 @@ pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
             p.skipped.push(protection);
             return Ok(false);
         }
-        Err(LandlockError::Unsupported { policy: spec.policy.clone(), what, needed, has: has.clone(), protection })
+        Err(LandlockError::Unsupported {
+            policy: spec.policy.clone(),
+            what,
+            needed,
+            has: has.clone(),
+            protection,
+        })
     };
     // ABI 3 brings truncate control; below it a read-only file could still be truncated.
     p.fs = need("filesystem rules", 3, Protection::Landlock, &mut p)?;
-    p.tcp = spec.network == NetworkMode::None && need("TCP bind/connect rules", 4, Protection::LandlockNet, &mut p)?;
+    p.tcp = spec.network == NetworkMode::None
+        && need("TCP bind/connect rules", 4, Protection::LandlockNet, &mut p)?;
     p.ioctl_dev = p.fs && need("device ioctl rules", 5, Protection::LandlockIoctl, &mut p)?;
-    p.scopes = need("abstract-socket and signal scoping", 6, Protection::LandlockScope, &mut p)?;
+    p.scopes = need(
+        "abstract-socket and signal scoping",
+        6,
+        Protection::LandlockScope,
+        &mut p,
+    )?;
     if !(p.fs || p.tcp || p.scopes) {
         p.abi = 0;
     }
@@ -112,18 +149,28 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
     }
     if plan.tcp {
         // Handled with no rule: every TCP bind and connect is denied.
-        rs = rs.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp).map_err(rs_err)?;
+        rs = rs
+            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
+            .map_err(rs_err)?;
     }
     if plan.scopes {
-        rs = rs.scope(Scope::AbstractUnixSocket | Scope::Signal).map_err(rs_err)?;
+        rs = rs
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .map_err(rs_err)?;
     }
     let mut created = rs.create().map_err(rs_err)?;
     if plan.fs {
         let read = AccessFs::from_read(abi) & handled_fs;
         let read_noexec = read & !AccessFs::Execute;
         let all = handled_fs;
-        let write_exec = if spec.mounts.exec_workspace { all } else { all & !AccessFs::Execute };
-        let dev = (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::ReadDir | AccessFs::IoctlDev) & handled_fs;
+        let write_exec = if spec.mounts.exec_workspace {
+            all
+        } else {
+            all & !AccessFs::Execute
+        };
+        let dev =
+            (AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::ReadDir | AccessFs::IoctlDev)
+                & handled_fs;
         let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = Vec::new();
         // Listing directories of the view is harmless (it is all curated); reading files,
         // writing and executing are granted per subtree below.
@@ -132,12 +179,21 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
             rules.push((p.clone(), read));
         }
         rules.push(("/etc".into(), read_noexec));
-        rules.push(("/proc".into(), read_noexec | (handled_fs & AccessFs::WriteFile)));
+        rules.push((
+            "/proc".into(),
+            read_noexec | (handled_fs & AccessFs::WriteFile),
+        ));
         rules.push(("/dev".into(), dev));
         rules.push(("/dev/shm".into(), all & !AccessFs::Execute));
         rules.push(("/tmp".into(), write_exec));
         if let Some(ws) = &spec.workspace {
-            let access = if ws.access == WorkspaceAccess::ReadWrite { write_exec } else if spec.mounts.exec_workspace { read } else { read_noexec };
+            let access = if ws.access == WorkspaceAccess::ReadWrite {
+                write_exec
+            } else if spec.mounts.exec_workspace {
+                read
+            } else {
+                read_noexec
+            };
             rules.push((ws.path.clone(), access));
         }
         for (path, access) in rules {
@@ -145,9 +201,19 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
                 Ok(fd) => fd,
                 // A read-only entry absent on this host (e.g. /lib32) is simply not in the view.
                 Err(_) if !path.exists() => continue,
-                Err(e) => return Err(LandlockError::Rule { path, detail: e.to_string() }),
+                Err(e) => {
+                    return Err(LandlockError::Rule {
+                        path,
+                        detail: e.to_string(),
+                    })
+                }
             };
-            created = created.add_rule(PathBeneath::new(fd, access)).map_err(|e| LandlockError::Rule { path: path.clone(), detail: e.to_string() })?;
+            created = created
+                .add_rule(PathBeneath::new(fd, access))
+                .map_err(|e| LandlockError::Rule {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
         }
     }
     let status = created.restrict_self().map_err(rs_err)?;

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use super::channel::{self, now_ns, Msg, Stage};
 use super::init::{self, ChildContext};
 use super::landlock::{self, LandlockError};
+use super::mounts;
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
 use super::userns::{self, HostIds};
-use super::mounts;
 use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
 use crate::sys::{self, ExitStatus, Forked};
 
@@ -45,7 +45,11 @@ pub enum LaunchError {
     #[error("talking to the sandbox: {0}")]
     Channel(#[source] io::Error),
     #[error("sandbox setup failed while {stage} ({errname}): {detail}", errname = sys::errno_name(*.errno))]
-    Setup { stage: Stage, errno: i32, detail: String },
+    Setup {
+        stage: Stage,
+        errno: i32,
+        detail: String,
+    },
     #[error("{program}: command not found in the sandbox")]
     NotFound { program: String },
     #[error("{program}: cannot execute in the sandbox ({errname}: {msg})", errname = sys::errno_name(*.errno), msg = io::Error::from_raw_os_error(*.errno))]
@@ -110,7 +114,15 @@ impl Drop for CgroupGuard {
 }
 
 /// Signals the launcher forwards to the sandbox.
-const FORWARDED: &[libc::c_int] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
+const FORWARDED: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
 
 struct SignalGuard {
     old: libc::sigset_t,
@@ -136,8 +148,9 @@ impl SignalGuard {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: new descriptor we own.
-        Ok(SignalGuard { old, fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalGuard { old, fd })
     }
 
     fn read(&self) -> Option<libc::c_int> {
@@ -145,7 +158,13 @@ impl SignalGuard {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let sz = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading one record into `info`.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), sz) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                sz,
+            )
+        };
         (n as usize == sz).then_some(info.ssi_signo as libc::c_int)
     }
 }
@@ -172,7 +191,11 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
 
     // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
     let plan = landlock::plan(spec, landlock::kernel_abi())?;
-    let filter = spec.seccomp_profile.as_deref().map(seccomp::load).transpose()?;
+    let filter = spec
+        .seccomp_profile
+        .as_deref()
+        .map(seccomp::load)
+        .transpose()?;
     marks.push(("preflight", now_ns()));
 
     // 2. The cgroup, limits applied before the sandbox exists.
@@ -187,7 +210,8 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     // 3. Host ids and the id-mapped workspace mount.
     let ids = HostIds::for_slot(slot);
     let workspace = mounts::prepare_workspace(spec, ids.agent).map_err(LaunchError::Workspace)?;
-    marks.push(("workspace", now_ns()));
+    let etc_skeleton = mounts::prepare_etc(spec);
+    marks.push(("workspace+etc", now_ns()));
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
     // keeps them, DESIGN.md §10), so drop them before cloning.
@@ -212,12 +236,21 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     }
     // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
     // before this point), so the forked child may run ordinary Rust code.
-    let forked = unsafe { sys::clone3_fork(flags, join.into.as_ref().map(|f| f.as_fd())) }.map_err(LaunchError::Clone)?;
+    let forked = unsafe { sys::clone3_fork(flags, join.into.as_ref().map(|f| f.as_fd())) }
+        .map_err(LaunchError::Clone)?;
     let (pid, pidfd) = match forked {
         Forked::Child => {
             drop(parent_sock);
             drop(join.into);
-            init::run(ChildContext { spec, sock: child_sock, cgroup_procs: join.write_zero, workspace, filter, landlock: plan })
+            init::run(ChildContext {
+                spec,
+                sock: child_sock,
+                cgroup_procs: join.write_zero,
+                workspace,
+                etc_skeleton,
+                filter,
+                landlock: plan,
+            })
         }
         Forked::Parent { pid, pidfd } => (pid, pidfd),
     };
@@ -243,10 +276,24 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
         Err(e)
     };
     let (stages, landlock_status) = match started {
-        Ok(Some(Msg::Started { stages, landlock, .. })) => (stages, landlock),
-        Ok(Some(Msg::Failed { stage, errno, detail })) => return early(LaunchError::Setup { stage, errno, detail }),
+        Ok(Some(Msg::Started {
+            stages, landlock, ..
+        })) => (stages, landlock),
+        Ok(Some(Msg::Failed {
+            stage,
+            errno,
+            detail,
+        })) => {
+            return early(LaunchError::Setup {
+                stage,
+                errno,
+                detail,
+            })
+        }
         Ok(Some(Msg::NotFound { program })) => return early(LaunchError::NotFound { program }),
-        Ok(Some(Msg::NotExecutable { program, errno })) => return early(LaunchError::NotExecutable { program, errno }),
+        Ok(Some(Msg::NotExecutable { program, errno })) => {
+            return early(LaunchError::NotExecutable { program, errno })
+        }
         Ok(_) => {
             let st = sys::wait_pidfd(pidfd.as_fd()).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
             return Err(LaunchError::Died(st));
@@ -263,29 +310,63 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     drop(signals);
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
-    skipped.extend(landlock::plan(spec, landlock::kernel_abi()).map(|p| p.skipped).unwrap_or_default().iter().map(|p| p.to_string()));
+    skipped.extend(
+        landlock::plan(spec, landlock::kernel_abi())
+            .map(|p| p.skipped)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.to_string()),
+    );
     drop(guard);
-    Ok(Outcome { status, oom_killed, timed_out, skipped })
+    Ok(Outcome {
+        status,
+        oom_killed,
+        timed_out,
+        skipped,
+    })
 }
 
-fn print_trace(t0: u64, marks: &[(&str, u64)], stages: &[(Stage, u64)], started: u64, landlock: &str) {
+fn print_trace(
+    t0: u64,
+    marks: &[(&str, u64)],
+    stages: &[(Stage, u64)],
+    started: u64,
+    landlock: &str,
+) {
     let us = |t: u64| (t.saturating_sub(t0)) as f64 / 1000.0;
     let mut prev = t0;
     eprintln!("aither-trace: stage                         µs(total)  µs(step)");
     for (name, t) in marks {
-        eprintln!("aither-trace: launcher {name:<22} {:>9.0} {:>9.0}", us(*t), (t - prev) as f64 / 1000.0);
+        eprintln!(
+            "aither-trace: launcher {name:<22} {:>9.0} {:>9.0}",
+            us(*t),
+            (t - prev) as f64 / 1000.0
+        );
         prev = *t;
     }
     for (stage, t) in stages {
-        eprintln!("aither-trace: sandbox  {:<22} {:>9.0} {:>9.0}", format!("{stage:?}"), us(*t), t.saturating_sub(prev) as f64 / 1000.0);
+        eprintln!(
+            "aither-trace: sandbox  {:<22} {:>9.0} {:>9.0}",
+            format!("{stage:?}"),
+            us(*t),
+            t.saturating_sub(prev) as f64 / 1000.0
+        );
         prev = *t;
     }
-    eprintln!("aither-trace: launcher started-seen           {:>9.0}   landlock={landlock}", us(started));
+    eprintln!(
+        "aither-trace: launcher started-seen           {:>9.0}   landlock={landlock}",
+        us(started)
+    );
 }
 
 /// Waits for the sandbox, forwarding signals and enforcing the timeout. Returns the agent's
 /// status (or pid 1's, if pid 1 was killed) and whether the timeout fired.
-fn supervise(spec: &SandboxSpec, pidfd: BorrowedFd<'_>, sock: BorrowedFd<'_>, signals: &SignalGuard) -> (ExitStatus, bool) {
+fn supervise(
+    spec: &SandboxSpec,
+    pidfd: BorrowedFd<'_>,
+    sock: BorrowedFd<'_>,
+    signals: &SignalGuard,
+) -> (ExitStatus, bool) {
     let start = Instant::now();
     let mut agent_status: Option<ExitStatus> = None;
     let mut timed_out = false;
@@ -298,11 +379,29 @@ fn supervise(spec: &SandboxSpec, pidfd: BorrowedFd<'_>, sock: BorrowedFd<'_>, si
             (Some(t), None) if !timed_out => Some(start + t),
             _ => None,
         };
-        let timeout_ms = deadline.map(|d| d.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
+        let timeout_ms = deadline
+            .map(|d| {
+                d.saturating_duration_since(now)
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32
+            })
+            .unwrap_or(-1);
         let mut fds = [
-            libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: signals.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: if sock_open { sock.as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if sock_open { sock.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: three valid pollfd entries.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };

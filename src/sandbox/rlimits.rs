@@ -6,7 +6,10 @@ use std::io;
 use super::spec::SandboxSpec;
 
 fn set(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
-    let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
     // SAFETY: setrlimit reads a valid rlimit struct.
     if unsafe { libc::setrlimit(resource, &lim) } < 0 {
         Err(io::Error::last_os_error())

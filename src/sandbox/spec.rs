@@ -14,7 +14,12 @@ use crate::units::{format_duration, Size};
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SpecError {
     #[error("--{flag} {asked} exceeds what policy {policy:?} grants ({granted}): flags may only narrow a policy")]
-    Widening { flag: &'static str, asked: String, granted: String, policy: String },
+    Widening {
+        flag: &'static str,
+        asked: String,
+        granted: String,
+        policy: String,
+    },
     #[error("--{flag}: {reason}")]
     BadValue { flag: &'static str, reason: String },
     #[error("workspace {path}: {reason}")]
@@ -86,9 +91,19 @@ pub struct SandboxSpec {
     pub best_effort: Vec<Protection>,
 }
 
-fn narrow<T: PartialOrd + Copy + ToString>(flag: &'static str, asked: Option<T>, granted: T, policy: &str) -> Result<T, SpecError> {
+fn narrow<T: PartialOrd + Copy + ToString>(
+    flag: &'static str,
+    asked: Option<T>,
+    granted: T,
+    policy: &str,
+) -> Result<T, SpecError> {
     match asked {
-        Some(a) if a > granted => Err(SpecError::Widening { flag, asked: a.to_string(), granted: granted.to_string(), policy: policy.into() }),
+        Some(a) if a > granted => Err(SpecError::Widening {
+            flag,
+            asked: a.to_string(),
+            granted: granted.to_string(),
+            policy: policy.into(),
+        }),
         Some(a) => Ok(a),
         None => Ok(granted),
     }
@@ -96,7 +111,17 @@ fn narrow<T: PartialOrd + Copy + ToString>(flag: &'static str, asked: Option<T>,
 
 /// Makes a name safe for cgroup directories and hostnames.
 pub fn sanitize_name(n: &str) -> String {
-    let s: String = n.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).take(48).collect();
+    let s: String = n
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
     if s.is_empty() {
         "agent".into()
     } else {
@@ -106,28 +131,52 @@ pub fn sanitize_name(n: &str) -> String {
 
 impl SandboxSpec {
     /// Derives the spec. `caller_env` supplies `pass_env` values; `cwd` is the default workspace.
-    pub fn derive(policy: &Policy, opts: &RunOptions, caller_env: &dyn Fn(&str) -> Option<String>, cwd: &Path) -> Result<SandboxSpec, SpecError> {
+    pub fn derive(
+        policy: &Policy,
+        opts: &RunOptions,
+        caller_env: &dyn Fn(&str) -> Option<String>,
+        cwd: &Path,
+    ) -> Result<SandboxSpec, SpecError> {
         if opts.argv.is_empty() {
             return Err(SpecError::NoCommand);
         }
         let pname = policy.name.as_str();
         let memory = narrow("memory", opts.memory, policy.resources.memory, pname)?;
         if memory.0 < (4 << 20) {
-            return Err(SpecError::BadValue { flag: "memory", reason: "must be at least 4M".into() });
+            return Err(SpecError::BadValue {
+                flag: "memory",
+                reason: "must be at least 4M".into(),
+            });
         }
         let cpus = narrow("cpus", opts.cpus, policy.resources.cpus, pname)?;
         if !(cpus.is_finite() && cpus >= 0.01) {
-            return Err(SpecError::BadValue { flag: "cpus", reason: "must be at least 0.01".into() });
+            return Err(SpecError::BadValue {
+                flag: "cpus",
+                reason: "must be at least 0.01".into(),
+            });
         }
         let pids = narrow("pids", opts.pids, policy.resources.pids, pname)?;
         if pids < 2 {
-            return Err(SpecError::BadValue { flag: "pids", reason: "must be at least 2 (the reaper and the agent)".into() });
+            return Err(SpecError::BadValue {
+                flag: "pids",
+                reason: "must be at least 2 (the reaper and the agent)".into(),
+            });
         }
         let timeout = match (opts.timeout, policy.process.timeout.map(|t| t.0)) {
             (Some(a), Some(g)) if a > g => {
-                return Err(SpecError::Widening { flag: "timeout", asked: format_duration(a), granted: format_duration(g), policy: pname.into() })
+                return Err(SpecError::Widening {
+                    flag: "timeout",
+                    asked: format_duration(a),
+                    granted: format_duration(g),
+                    policy: pname.into(),
+                })
             }
-            (Some(d), _) if d.is_zero() => return Err(SpecError::BadValue { flag: "timeout", reason: "must be more than 0".into() }),
+            (Some(d), _) if d.is_zero() => {
+                return Err(SpecError::BadValue {
+                    flag: "timeout",
+                    reason: "must be more than 0".into(),
+                })
+            }
             (a, g) => a.or(g),
         };
 
@@ -135,14 +184,25 @@ impl SandboxSpec {
             WorkspaceAccess::None => None,
             access => {
                 let raw = opts.workspace.clone().unwrap_or_else(|| cwd.to_path_buf());
-                let path = std::fs::canonicalize(&raw).map_err(|e| SpecError::Workspace { path: raw.clone(), reason: e.to_string() })?;
+                let path = std::fs::canonicalize(&raw).map_err(|e| SpecError::Workspace {
+                    path: raw.clone(),
+                    reason: e.to_string(),
+                })?;
                 check_workspace(&path)?;
                 Some(Workspace { path, access })
             }
         };
-        let cwd = workspace.as_ref().map(|w| w.path.clone()).unwrap_or_else(|| PathBuf::from("/tmp"));
+        let cwd = workspace
+            .as_ref()
+            .map(|w| w.path.clone())
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
 
-        let mut env: Vec<(String, String)> = policy.process.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = policy
+            .process
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let set = |k: &str, v: String, env: &mut Vec<(String, String)>| {
             env.retain(|(ek, _)| ek != k);
             env.push((k.to_string(), v));
@@ -153,7 +213,9 @@ impl SandboxSpec {
             }
         }
         for kv in &opts.env {
-            let (k, v) = kv.split_once('=').ok_or_else(|| SpecError::BadEnv(kv.clone()))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| SpecError::BadEnv(kv.clone()))?;
             if k.is_empty() || k.contains('\0') || v.contains('\0') {
                 return Err(SpecError::BadEnv(kv.clone()));
             }
@@ -173,7 +235,12 @@ impl SandboxSpec {
             cwd,
             workspace,
             mounts: MountPlan {
-                read_only: policy.filesystem.read_only.iter().map(PathBuf::from).collect(),
+                read_only: policy
+                    .filesystem
+                    .read_only
+                    .iter()
+                    .map(PathBuf::from)
+                    .collect(),
                 etc: policy.filesystem.etc.clone(),
                 tmp_size: policy.filesystem.tmp_size.0,
                 dev_shm_size: policy.filesystem.dev_shm_size.0,
@@ -187,13 +254,19 @@ impl SandboxSpec {
             hostname: policy.process.hostname.clone(),
             uid: policy.process.uid,
             gid: policy.process.gid,
-            limits: Limits { memory: Some(memory.0), swap, cpu: Some(CpuQuota::from_cpus(cpus)), pids: Some(pids) },
+            limits: Limits {
+                memory: Some(memory.0),
+                swap,
+                cpu: Some(CpuQuota::from_cpus(cpus)),
+                pids: Some(pids),
+            },
             rlimit_nofile: policy.rlimits.nofile,
             rlimit_core: policy.rlimits.core,
             rlimit_nproc: policy.rlimits.nproc,
             rlimit_fsize: policy.rlimits.fsize.map(|s| s.0),
             landlock: policy.landlock.enabled,
-            seccomp_profile: (policy.seccomp.profile != "none").then(|| policy.seccomp.profile.clone()),
+            seccomp_profile: (policy.seccomp.profile != "none")
+                .then(|| policy.seccomp.profile.clone()),
             timeout,
             best_effort: policy.best_effort.clone(),
         })
@@ -203,16 +276,36 @@ impl SandboxSpec {
 /// Refuses workspaces that would expose the host: "/", the kernel's pseudo filesystems, and
 /// the directories the sandbox view is made of.
 fn check_workspace(path: &Path) -> Result<(), SpecError> {
-    let bad = |reason: &str| Err(SpecError::Workspace { path: path.to_path_buf(), reason: reason.into() });
+    let bad = |reason: &str| {
+        Err(SpecError::Workspace {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        })
+    };
     if !path.is_dir() {
         return bad("not a directory");
     }
     if path == Path::new("/") {
         return bad("the whole host cannot be a workspace; pick a project directory");
     }
-    for sys in ["/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/run", "/var/lib/aither"] {
+    for sys in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/boot",
+        "/etc",
+        "/usr",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib64",
+        "/run",
+        "/var/lib/aither",
+    ] {
         if path.starts_with(sys) {
-            return bad(&format!("{sys} is a system directory and cannot be a workspace"));
+            return bad(&format!(
+                "{sys} is a system directory and cannot be a workspace"
+            ));
         }
     }
     Ok(())
@@ -228,7 +321,10 @@ mod tests {
     }
 
     fn opts() -> RunOptions {
-        RunOptions { argv: vec!["/bin/true".into()], ..Default::default() }
+        RunOptions {
+            argv: vec!["/bin/true".into()],
+            ..Default::default()
+        }
     }
 
     fn derive(o: &RunOptions) -> Result<SandboxSpec, SpecError> {
@@ -242,7 +338,13 @@ mod tests {
         let s = derive(&opts()).unwrap();
         assert_eq!(s.limits.memory, Some(512 << 20));
         assert_eq!(s.limits.swap, Some(0));
-        assert_eq!(s.limits.cpu, Some(CpuQuota { quota_us: 100_000, period_us: 100_000 }));
+        assert_eq!(
+            s.limits.cpu,
+            Some(CpuQuota {
+                quota_us: 100_000,
+                period_us: 100_000
+            })
+        );
         assert_eq!(s.limits.pids, Some(128));
         assert!(s.landlock && s.new_net_ns && s.seccomp_profile.as_deref() == Some("agent"));
         assert_eq!(s.network, NetworkMode::None);
@@ -253,7 +355,13 @@ mod tests {
 
     #[test]
     fn flags_narrow() {
-        let s = derive(&RunOptions { memory: Some(Size(64 << 20)), cpus: Some(0.5), pids: Some(16), ..opts() }).unwrap();
+        let s = derive(&RunOptions {
+            memory: Some(Size(64 << 20)),
+            cpus: Some(0.5),
+            pids: Some(16),
+            ..opts()
+        })
+        .unwrap();
         assert_eq!(s.limits.memory, Some(64 << 20));
         assert_eq!(s.limits.cpu.unwrap().quota_us, 50_000);
         assert_eq!(s.limits.pids, Some(16));
@@ -262,18 +370,49 @@ mod tests {
     #[test]
     fn widening_flags_are_refused_by_name() {
         for (o, flag) in [
-            (RunOptions { memory: Some(Size(1 << 30)), ..opts() }, "memory"),
-            (RunOptions { cpus: Some(2.0), ..opts() }, "cpus"),
-            (RunOptions { pids: Some(1000), ..opts() }, "pids"),
+            (
+                RunOptions {
+                    memory: Some(Size(1 << 30)),
+                    ..opts()
+                },
+                "memory",
+            ),
+            (
+                RunOptions {
+                    cpus: Some(2.0),
+                    ..opts()
+                },
+                "cpus",
+            ),
+            (
+                RunOptions {
+                    pids: Some(1000),
+                    ..opts()
+                },
+                "pids",
+            ),
         ] {
             match derive(&o) {
                 Err(SpecError::Widening { flag: f, .. }) => assert_eq!(f, flag),
                 other => panic!("{flag}: {other:?}"),
             }
         }
-        let ci = Policy::parse(BUILTIN_POLICIES.iter().find(|p| p.0 == "ci").unwrap().1, "ci").unwrap();
+        let ci = Policy::parse(
+            BUILTIN_POLICIES.iter().find(|p| p.0 == "ci").unwrap().1,
+            "ci",
+        )
+        .unwrap();
         let ws = tempfile::tempdir().unwrap();
-        let e = SandboxSpec::derive(&ci, &RunOptions { timeout: Some(Duration::from_secs(7200)), ..opts() }, &|_| None, ws.path()).unwrap_err();
+        let e = SandboxSpec::derive(
+            &ci,
+            &RunOptions {
+                timeout: Some(Duration::from_secs(7200)),
+                ..opts()
+            },
+            &|_| None,
+            ws.path(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("--timeout 2h exceeds"), "{e}");
         let s = SandboxSpec::derive(&ci, &opts(), &|_| None, ws.path()).unwrap();
         assert_eq!(s.timeout, Some(Duration::from_secs(1800)));
@@ -282,18 +421,33 @@ mod tests {
     #[test]
     fn dangerous_workspaces_are_refused() {
         for p in ["/", "/etc", "/proc/self", "/usr/lib"] {
-            let e = derive(&RunOptions { workspace: Some(p.into()), ..opts() }).unwrap_err();
+            let e = derive(&RunOptions {
+                workspace: Some(p.into()),
+                ..opts()
+            })
+            .unwrap_err();
             assert!(matches!(e, SpecError::Workspace { .. }), "{p}: {e:?}");
         }
     }
 
     #[test]
     fn env_is_built_from_nothing() {
-        let s = derive(&RunOptions { env: vec!["A=1".into(), "PATH=/x".into()], ..opts() }).unwrap();
+        let s = derive(&RunOptions {
+            env: vec!["A=1".into(), "PATH=/x".into()],
+            ..opts()
+        })
+        .unwrap();
         assert!(s.env.contains(&("A".into(), "1".into())));
         assert_eq!(s.env.iter().filter(|(k, _)| k == "PATH").count(), 1);
         assert!(s.env.contains(&("PATH".into(), "/x".into())));
         assert!(!s.env.iter().any(|(k, _)| k == "HOSTNAME" || k == "USER"));
-        assert_eq!(derive(&RunOptions { env: vec!["novalue".into()], ..opts() }).unwrap_err(), SpecError::BadEnv("novalue".into()));
+        assert_eq!(
+            derive(&RunOptions {
+                env: vec!["novalue".into()],
+                ..opts()
+            })
+            .unwrap_err(),
+            SpecError::BadEnv("novalue".into())
+        );
     }
 }

@@ -28,7 +28,10 @@ pub struct HostIds {
 impl HostIds {
     pub fn for_slot(slot: u32) -> HostIds {
         let root = UID_BASE + 2 * slot;
-        HostIds { root, agent: root + 1 }
+        HostIds {
+            root,
+            agent: root + 1,
+        }
     }
 }
 
@@ -66,7 +69,13 @@ pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::R
     // SAFETY: the child runs only `park` (a pause loop) on its own stack, sharing our memory
     // without touching it; CLONE_PIDFD writes into `pidfd`.
     let pid = unsafe {
-        libc::clone(park, top, libc::CLONE_VM | libc::CLONE_NEWUSER | libc::CLONE_PIDFD | libc::SIGCHLD, std::ptr::null_mut(), &mut pidfd as *mut libc::c_int)
+        libc::clone(
+            park,
+            top,
+            libc::CLONE_VM | libc::CLONE_NEWUSER | libc::CLONE_PIDFD | libc::SIGCHLD,
+            std::ptr::null_mut(),
+            &mut pidfd as *mut libc::c_int,
+        )
     };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -75,9 +84,15 @@ pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::R
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let result = (|| {
         let proc = Path::new("/proc").join(pid.to_string());
-        sys::write_file(&proc.join("uid_map"), &format!("{owner_uid} {agent_host_id} 1\n"))?;
+        sys::write_file(
+            &proc.join("uid_map"),
+            &format!("{owner_uid} {agent_host_id} 1\n"),
+        )?;
         sys::write_file(&proc.join("setgroups"), "deny")?;
-        sys::write_file(&proc.join("gid_map"), &format!("{owner_gid} {agent_host_id} 1\n"))?;
+        sys::write_file(
+            &proc.join("gid_map"),
+            &format!("{owner_gid} {agent_host_id} 1\n"),
+        )?;
         sys::open(&proc.join("ns/user"), libc::O_RDONLY)
     })();
     let _ = sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGKILL);
@@ -100,7 +115,13 @@ mod tests {
         assert_ne!(a.agent, b.agent);
         assert_ne!(a.root, b.agent);
         assert!(a.root >= UID_BASE && a.agent > a.root);
-        assert_eq!(HostIds::for_slot(4_194_304).agent, UID_BASE + 2 * 4_194_304 + 1);
-        assert_eq!(map_text(1000, a), format!("0 {} 1\n1000 {} 1\n", a.root, a.agent));
+        assert_eq!(
+            HostIds::for_slot(4_194_304).agent,
+            UID_BASE + 2 * 4_194_304 + 1
+        );
+        assert_eq!(
+            map_text(1000, a),
+            format!("0 {} 1\n1000 {} 1\n", a.root, a.agent)
+        );
     }
 }

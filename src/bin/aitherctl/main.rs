@@ -18,7 +18,12 @@ use clap::{Parser, Subcommand};
 /// 125 when Aither itself failed (nothing ran); 126 when the command cannot be executed;
 /// 127 when it is not found in the sandbox.
 #[derive(Parser)]
-#[command(name = "aitherctl", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "aitherctl",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -82,7 +82,11 @@ fn ls(as_json: bool) -> i32 {
 fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
     let p = &lp.policy;
     let abi = landlock::kernel_abi();
-    let seccomp_rules = (p.seccomp.profile != "none").then(|| seccomp::profile_names(&p.seccomp.profile).map(|(a, _)| a.len()).unwrap_or(0));
+    let seccomp_rules = (p.seccomp.profile != "none").then(|| {
+        seccomp::profile_names(&p.seccomp.profile)
+            .map(|(a, _)| a.len())
+            .unwrap_or(0)
+    });
     if as_json {
         let v = json!({
             "source": lp.source,
@@ -101,29 +105,71 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
     if let Some(w) = &p.warning {
         println!("WARNING       {w}");
     }
-    println!("namespaces    user new, pid new, mount new, net {}, ipc {}, uts {}, cgroup {}", yn(p.namespaces.net), yn(p.namespaces.ipc), yn(p.namespaces.uts), yn(p.namespaces.cgroup));
+    println!(
+        "namespaces    user new, pid new, mount new, net {}, ipc {}, uts {}, cgroup {}",
+        yn(p.namespaces.net),
+        yn(p.namespaces.ipc),
+        yn(p.namespaces.uts),
+        yn(p.namespaces.cgroup)
+    );
     println!("identity      uid {} gid {} inside, an unprivileged host uid per sandbox; no capabilities; no_new_privs", p.process.uid, p.process.gid);
     println!("read-only     {}", p.filesystem.read_only.join(" "));
-    println!("/etc          {}", if p.filesystem.etc.is_empty() { "-".to_string() } else { p.filesystem.etc.join(" ") });
-    println!("workspace     {:?}, exec {}", p.filesystem.workspace, p.filesystem.exec_workspace);
-    println!("tmp           /tmp {} tmpfs, /dev/shm {}", p.filesystem.tmp_size, p.filesystem.dev_shm_size);
+    println!(
+        "/etc          {}",
+        if p.filesystem.etc.is_empty() {
+            "-".to_string()
+        } else {
+            p.filesystem.etc.join(" ")
+        }
+    );
+    println!(
+        "workspace     {:?}, exec {}",
+        p.filesystem.workspace, p.filesystem.exec_workspace
+    );
+    println!(
+        "tmp           /tmp {} tmpfs, /dev/shm {}",
+        p.filesystem.tmp_size, p.filesystem.dev_shm_size
+    );
     println!("network       {:?}", p.network.mode);
-    println!("landlock      {} (kernel ABI {abi})", if p.landlock.enabled { "on: files, TCP, device ioctls, abstract sockets and signals as the ABI allows" } else { "OFF" });
+    println!(
+        "landlock      {} (kernel ABI {abi})",
+        if p.landlock.enabled {
+            "on: files, TCP, device ioctls, abstract sockets and signals as the ABI allows"
+        } else {
+            "OFF"
+        }
+    );
     match seccomp_rules {
-        Some(n) => println!("seccomp       profile {:?}: {n} syscalls allowed, everything else EPERM", p.seccomp.profile),
+        Some(n) => println!(
+            "seccomp       profile {:?}: {n} syscalls allowed, everything else EPERM",
+            p.seccomp.profile
+        ),
         None => println!("seccomp       OFF"),
     }
     println!(
         "resources     memory {} (swap {}), {} CPUs, {} pids",
         p.resources.memory,
-        p.resources.swap.map(|s: Size| s.to_string()).unwrap_or_else(|| "host default".into()),
+        p.resources
+            .swap
+            .map(|s: Size| s.to_string())
+            .unwrap_or_else(|| "host default".into()),
         p.resources.cpus,
         p.resources.pids
     );
-    println!("rlimits       nofile {}, core {}", p.rlimits.nofile, p.rlimits.core);
+    println!(
+        "rlimits       nofile {}, core {}",
+        p.rlimits.nofile, p.rlimits.core
+    );
     if let Some(t) = p.process.timeout {
         println!("timeout       {t}");
     }
-    println!("best-effort   {}", if p.best_effort.is_empty() { "none (every protection required)".to_string() } else { format!("{:?}", p.best_effort) });
+    println!(
+        "best-effort   {}",
+        if p.best_effort.is_empty() {
+            "none (every protection required)".to_string()
+        } else {
+            format!("{:?}", p.best_effort)
+        }
+    );
     0
 }

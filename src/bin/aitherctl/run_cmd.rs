@@ -81,7 +81,11 @@ pub fn run(a: RunArgs) -> i32 {
                 return 124;
             }
             if out.oom_killed {
-                let m = spec.limits.memory.map(|m| Size(m).to_string()).unwrap_or_default();
+                let m = spec
+                    .limits
+                    .memory
+                    .map(|m| Size(m).to_string())
+                    .unwrap_or_default();
                 eprintln!("aither: the agent was killed by the OOM killer (memory limit {m})");
             }
             out.status.code()
@@ -89,7 +93,9 @@ pub fn run(a: RunArgs) -> i32 {
         Err(e) => {
             let code = e.exit_code();
             match &e {
-                LaunchError::NotFound { .. } | LaunchError::NotExecutable { .. } => eprintln!("aither: {e}"),
+                LaunchError::NotFound { .. } | LaunchError::NotExecutable { .. } => {
+                    eprintln!("aither: {e}")
+                }
                 _ => crate::print_error(&anyhow::Error::new(e)),
             }
             code
@@ -110,5 +116,10 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
         argv: a.command.clone(),
     };
     let cwd = std::env::current_dir()?;
-    Ok(SandboxSpec::derive(&loaded.policy, &opts, &|k| std::env::var(k).ok(), &cwd)?)
+    Ok(SandboxSpec::derive(
+        &loaded.policy,
+        &opts,
+        &|k| std::env::var(k).ok(),
+        &cwd,
+    )?)
 }

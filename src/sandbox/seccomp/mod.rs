@@ -139,19 +139,32 @@ fn ins(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 }
 
 fn parse(profile: &str) -> Result<ProfileFile, SeccompError> {
-    toml::from_str(profile_source(profile)?).map_err(|source| SeccompError::Profile { profile: profile.into(), source })
+    toml::from_str(profile_source(profile)?).map_err(|source| SeccompError::Profile {
+        profile: profile.into(),
+        source,
+    })
 }
 
 fn nr(profile: &str, name: &str) -> Result<u32, SeccompError> {
     Sysno::from_str(name)
         .map(|s| s.id() as u32)
-        .map_err(|_| SeccompError::Compile { profile: profile.into(), detail: format!("unknown syscall name {name:?} for {}", std::env::consts::ARCH) })
+        .map_err(|_| SeccompError::Compile {
+            profile: profile.into(),
+            detail: format!(
+                "unknown syscall name {name:?} for {}",
+                std::env::consts::ARCH
+            ),
+        })
 }
 
 /// Names the profile allows, and the names it promises never to allow.
 pub fn profile_names(profile: &str) -> Result<(BTreeSet<String>, BTreeSet<String>), SeccompError> {
     let p = parse(profile)?;
-    let allowed = p.allow.iter().flat_map(|g| g.names.iter().cloned()).collect();
+    let allowed = p
+        .allow
+        .iter()
+        .flat_map(|g| g.names.iter().cloned())
+        .collect();
     Ok((allowed, p.never.names.into_iter().collect()))
 }
 
@@ -186,7 +199,9 @@ fn arg_offset(index: u8) -> u32 {
 fn arg_block(conds: &[Cond], any: bool, out: &mut Vec<libc::sock_filter>) -> Result<(), String> {
     let deny = RET_ERRNO | libc::EPERM as u32;
     for c in conds {
-        if c.ty == ArgType::Qword && (c.val >> 32 != 0 || matches!(c.op, Op::MaskedEq(m) if m >> 32 != 0)) {
+        if c.ty == ArgType::Qword
+            && (c.val >> 32 != 0 || matches!(c.op, Op::MaskedEq(m) if m >> 32 != 0))
+        {
             return Err("qword conditions on the high word are not supported".into());
         }
     }
@@ -227,20 +242,35 @@ fn arg_block(conds: &[Cond], any: bool, out: &mut Vec<libc::sock_filter>) -> Res
     Ok(())
 }
 
-fn compile(profile: &str) -> Result<(Vec<libc::sock_filter>, Vec<libc::sock_filter>, usize), SeccompError> {
+fn compile(
+    profile: &str,
+) -> Result<(Vec<libc::sock_filter>, Vec<libc::sock_filter>, usize), SeccompError> {
     let p = parse(profile)?;
-    let err = |detail: String| SeccompError::Compile { profile: profile.into(), detail };
-    let never: BTreeSet<u32> = p.never.names.iter().map(|n| nr(profile, n)).collect::<Result<_, _>>()?;
+    let err = |detail: String| SeccompError::Compile {
+        profile: profile.into(),
+        detail,
+    };
+    let never: BTreeSet<u32> = p
+        .never
+        .names
+        .iter()
+        .map(|n| nr(profile, n))
+        .collect::<Result<_, _>>()?;
     let mut allowed = BTreeSet::new();
     let mut conditional: BTreeMap<u32, (Vec<Cond>, bool)> = BTreeMap::new();
     for g in &p.allow {
         if !g.any_of.is_empty() && !g.all_of.is_empty() {
-            return Err(err(format!("group {:?}: any_of and all_of cannot be combined", g.names)));
+            return Err(err(format!(
+                "group {:?}: any_of and all_of cannot be combined",
+                g.names
+            )));
         }
         for n in &g.names {
             let x = nr(profile, n)?;
             if never.contains(&x) {
-                return Err(err(format!("{n:?} is both allowed and listed as never allowed")));
+                return Err(err(format!(
+                    "{n:?} is both allowed and listed as never allowed"
+                )));
             }
             allowed.insert(x);
             if !g.any_of.is_empty() {
@@ -286,14 +316,19 @@ fn compile(profile: &str) -> Result<(Vec<libc::sock_filter>, Vec<libc::sock_filt
         arg_block(conds, *any, &mut b).map_err(err)?;
     }
     if a.len() > 4096 || b.len() > 4096 {
-        return Err(err("program longer than the kernel's 4096 instructions".into()));
+        return Err(err(
+            "program longer than the kernel's 4096 instructions".into()
+        ));
     }
     Ok((a, b, nrs.len()))
 }
 
 /// Where compiled filters are cached.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("AITHER_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/aither")).join("seccomp")
+    std::env::var_os("AITHER_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/aither"))
+        .join("seccomp")
 }
 
 fn to_bytes(p: &[libc::sock_filter]) -> Vec<u8> {
@@ -311,7 +346,18 @@ fn from_bytes(b: &[u8]) -> Option<Vec<libc::sock_filter>> {
     if b.len() % 8 != 0 || b.is_empty() {
         return None;
     }
-    Some(b.chunks_exact(8).map(|c| ins(u16::from_le_bytes([c[0], c[1]]), c[2], c[3], u32::from_le_bytes([c[4], c[5], c[6], c[7]]))).collect())
+    Some(
+        b.chunks_exact(8)
+            .map(|c| {
+                ins(
+                    u16::from_le_bytes([c[0], c[1]]),
+                    c[2],
+                    c[3],
+                    u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Loads the compiled filter for a profile from the cache, compiling and caching it on a miss.
@@ -335,8 +381,16 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
         if bytes.len() > 40 && Sha256::digest(&bytes[40..]).as_slice() == &bytes[8..40] {
             let rules = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
             let n1 = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize * 8;
-            if let (Some(allowlist), Some(args)) = (from_bytes(bytes.get(40..40 + n1).unwrap_or(&[])), from_bytes(bytes.get(40 + n1..).unwrap_or(&[]))) {
-                return Ok(Filter { allowlist, args, digest, rules });
+            if let (Some(allowlist), Some(args)) = (
+                from_bytes(bytes.get(40..40 + n1).unwrap_or(&[])),
+                from_bytes(bytes.get(40 + n1..).unwrap_or(&[])),
+            ) {
+                return Ok(Filter {
+                    allowlist,
+                    args,
+                    digest,
+                    rules,
+                });
             }
         }
     }
@@ -348,19 +402,38 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
     bytes.extend_from_slice(&Sha256::digest(&progs));
     bytes.extend(progs);
     if std::fs::create_dir_all(dir).is_ok() {
-        let tmp = dir.join(format!(".{profile}-{}.{}", &digest[..16], std::process::id()));
+        let tmp = dir.join(format!(
+            ".{profile}-{}.{}",
+            &digest[..16],
+            std::process::id()
+        ));
         if std::fs::write(&tmp, &bytes).is_ok() && std::fs::rename(&tmp, &file).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(Filter { allowlist, args, digest, rules })
+    Ok(Filter {
+        allowlist,
+        args,
+        digest,
+        rules,
+    })
 }
 
 fn install_one(prog: &[libc::sock_filter]) -> io::Result<()> {
-    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
     // SAFETY: `fprog` points at a valid BPF program that lives for the duration of the call;
     // the kernel copies it.
-    let r = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog as *const libc::sock_fprog) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -15,7 +15,9 @@ fn run(prog: &[libc::sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
         let f = prog[pc];
         pc += 1;
         match f.code {
-            LD_W_ABS => acc = u32::from_le_bytes(data[f.k as usize..f.k as usize + 4].try_into().unwrap()),
+            LD_W_ABS => {
+                acc = u32::from_le_bytes(data[f.k as usize..f.k as usize + 4].try_into().unwrap())
+            }
             AND_K => acc &= f.k,
             JA => pc += f.k as usize,
             JEQ_K => pc += if acc == f.k { f.jt } else { f.jf } as usize,
@@ -73,7 +75,11 @@ fn every_syscall_number_gets_exactly_the_profiles_answer() {
         assert_eq!(decide(&f, name, args), want, "{name}");
     }
     for n in &never {
-        assert_ne!(decide(&f, n, [0; 6]), RET_ALLOW, "{n} must never be allowed");
+        assert_ne!(
+            decide(&f, n, [0; 6]),
+            RET_ALLOW,
+            "{n} must never be allowed"
+        );
     }
 }
 
@@ -81,9 +87,29 @@ fn every_syscall_number_gets_exactly_the_profiles_answer() {
 fn argument_checks() {
     let f = agent();
     // clone: plain fork/thread flags pass, any namespace flag is refused.
-    assert_eq!(decide(&f, "clone", [0x0001_1200 | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]), RET_ALLOW);
-    for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNS, libc::CLONE_NEWNET, libc::CLONE_NEWPID, libc::CLONE_NEWCGROUP, libc::CLONE_NEWIPC, libc::CLONE_NEWUTS, 0x80] {
-        assert_eq!(decide(&f, "clone", [ns as u32 as u64 | 0x11, 0, 0, 0, 0, 0]), EPERM, "{ns:#x}");
+    assert_eq!(
+        decide(
+            &f,
+            "clone",
+            [0x0001_1200 | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]
+        ),
+        RET_ALLOW
+    );
+    for ns in [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWCGROUP,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        0x80,
+    ] {
+        assert_eq!(
+            decide(&f, "clone", [ns as u32 as u64 | 0x11, 0, 0, 0, 0, 0]),
+            EPERM,
+            "{ns:#x}"
+        );
     }
     // TIOCSTI and TIOCLINUX, also with garbage in the high word, are refused; TCGETS passes.
     assert_eq!(decide(&f, "ioctl", [0, 0x5401, 0, 0, 0, 0]), RET_ALLOW);
@@ -92,19 +118,36 @@ fn argument_checks() {
     assert_eq!(decide(&f, "ioctl", [0, 0x541C, 0, 0, 0, 0]), EPERM);
     // socket: unix, inet, inet6, netlink only; never vsock or packet.
     for fam in [1u64, 2, 10, 16] {
-        assert_eq!(decide(&f, "socket", [fam, 1, 0, 0, 0, 0]), RET_ALLOW, "family {fam}");
+        assert_eq!(
+            decide(&f, "socket", [fam, 1, 0, 0, 0, 0]),
+            RET_ALLOW,
+            "family {fam}"
+        );
     }
     for fam in [40u64, 17, 0x1_0000_0002 & 0xffff, 5] {
         if fam == 2 {
             continue;
         }
-        assert_eq!(decide(&f, "socket", [fam, 1, 0, 0, 0, 0]), EPERM, "family {fam}");
+        assert_eq!(
+            decide(&f, "socket", [fam, 1, 0, 0, 0, 0]),
+            EPERM,
+            "family {fam}"
+        );
     }
-    assert_eq!(decide(&f, "personality", [0x0040_0000, 0, 0, 0, 0, 0]), EPERM); // READ_IMPLIES_EXEC
-    // Another ABI is killed; newer-than-known numbers get ENOSYS so libc falls back.
+    assert_eq!(
+        decide(&f, "personality", [0x0040_0000, 0, 0, 0, 0, 0]),
+        EPERM
+    ); // READ_IMPLIES_EXEC
+       // Another ABI is killed; newer-than-known numbers get ENOSYS so libc falls back.
     assert_eq!(run(&f.allowlist, 0, 0x4000_0003, [0; 6]), RET_KILL_PROCESS);
-    assert_eq!(run(&f.args, Sysno::last().id() as u32 + 1, AUDIT_ARCH, [0; 6]), ENOSYS);
-    assert_eq!(run(&f.allowlist, X32_SYSCALL_BIT | 1, AUDIT_ARCH, [0; 6]), EPERM);
+    assert_eq!(
+        run(&f.args, Sysno::last().id() as u32 + 1, AUDIT_ARCH, [0; 6]),
+        ENOSYS
+    );
+    assert_eq!(
+        run(&f.allowlist, X32_SYSCALL_BIT | 1, AUDIT_ARCH, [0; 6]),
+        EPERM
+    );
 }
 
 #[test]
@@ -114,7 +157,12 @@ fn the_cache_round_trips_and_survives_corruption() {
     let b = load_from("agent", dir.path()).unwrap();
     assert_eq!(to_bytes(&a.allowlist), to_bytes(&b.allowlist));
     assert_eq!(to_bytes(&a.args), to_bytes(&b.args));
-    let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&file).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0xff; // an edited jump offset
@@ -125,6 +173,9 @@ fn the_cache_round_trips_and_survives_corruption() {
 
 #[test]
 fn unknown_profiles_and_names_are_refused() {
-    assert!(matches!(load("lenient"), Err(SeccompError::UnknownProfile(_))));
+    assert!(matches!(
+        load("lenient"),
+        Err(SeccompError::UnknownProfile(_))
+    ));
     assert!(nr("agent", "not_a_syscall").is_err());
 }
