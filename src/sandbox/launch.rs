@@ -191,6 +191,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
 
     // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
     let plan = landlock::plan(spec, landlock::kernel_abi())?;
+    let landlock_skipped = plan.skipped.clone();
     let filter = spec
         .seccomp_profile
         .as_deref()
@@ -310,13 +311,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     drop(signals);
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
-    skipped.extend(
-        landlock::plan(spec, landlock::kernel_abi())
-            .map(|p| p.skipped)
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.to_string()),
-    );
+    skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
     drop(guard);
     Ok(Outcome {
         status,

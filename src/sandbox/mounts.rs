@@ -315,11 +315,7 @@ fn build_dev(spec: &SandboxSpec, old: &Path) -> Result<(), MountError> {
         ("stdin", "/proc/self/fd/0"),
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
-        ("core", "/proc/kcore"),
     ] {
-        if name == "core" {
-            continue;
-        }
         symlink(target, dev.join(name)).map_err(err("symlink", dev.join(name)))?;
     }
     Ok(())
