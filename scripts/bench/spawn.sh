@@ -15,7 +15,8 @@
 #
 # Usage (as root, from anywhere):  RUNS=100 scripts/bench/spawn.sh
 #   RUNS       launches per tool per mode (default 100, at least 50)
-#   AITHERCTL  aitherctl binary (default: <repo>/target/release/aitherctl; build it first with
+#   AITHERCTL  aitherctl binary (default: <repo>/target/release/aitherctl, copied to the temp dir
+#              at start so a concurrent rebuild cannot change it mid-run; build it first with
 #              cargo build --release)
 #
 # On a cgroup v1/v2 hybrid host (cgroup2 at /sys/fs/cgroup/unified) crun refuses to run
@@ -176,6 +177,11 @@ int main(int argc, char **argv) {
 EOF
 gcc -O2 -Wall -o "$TMP/spawnbench" "$TMP/spawnbench.c"
 
+# Measure a private copy: target/release/aitherctl may be rebuilt while the benchmark runs.
+cp "$AITHERCTL" "$TMP/aitherctl"
+AITHERCTL_SRC="$AITHERCTL"
+AITHERCTL="$TMP/aitherctl"
+
 # --- workspace for aitherctl (its workspace defaults to the cwd) -------------------------------
 mkdir "$TMP/workspace"
 
@@ -252,7 +258,7 @@ build_cmds check
 
 echo "spawn.sh: RUNS=$RUNS per tool per mode, $WARMUP warm-up rounds; host $(uname -r), $(nproc) CPUs, cgroup $( ((HYBRID)) && echo 'v1/v2 hybrid' || stat -f -c %T /sys/fs/cgroup)" >&2
 echo "spawn.sh: timing helper: inline C, fork+execvp+waitpid, CLOCK_MONOTONIC" >&2
-echo "spawn.sh: aitherctl = $AITHERCTL" >&2
+echo "spawn.sh: aitherctl = $AITHERCTL_SRC (copied; sha256 $(sha256sum "$AITHERCTL" | cut -c1-12), built $(date -u -r "$AITHERCTL_SRC" +%FT%TZ))" >&2
 
 for mode in back-to-back spaced; do
     gap=0; [[ "$mode" == spaced ]] && gap=$GAP_US
