@@ -7,9 +7,9 @@ use std::process::Command;
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "this test launches sandboxes and must run as root (CI runs it as root)"
     );
 }

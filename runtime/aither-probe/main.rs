@@ -204,6 +204,26 @@ const CHECKS: &[Check] = &[
         run: mknod_dev,
     },
     Check {
+        name: "chmod-suid",
+        args: "PATH",
+        run: chmod_suid,
+    },
+    Check {
+        name: "create-suid",
+        args: "PATH",
+        run: create_suid,
+    },
+    Check {
+        name: "tiocsti-highbits",
+        args: "",
+        run: tiocsti_highbits,
+    },
+    Check {
+        name: "vsock-highbits",
+        args: "",
+        run: vsock_highbits,
+    },
+    Check {
         name: "status",
         args: "",
         run: status,
@@ -379,10 +399,47 @@ fn mknod_dev(a: &[String]) -> Outcome {
     let p = cstr(&a[0]);
     // A character device with the numbers of /dev/mem (1, 1).
     // SAFETY: p is a valid NUL-terminated path.
-    check(
-        unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 1)) }
-            as libc::c_long,
-    )?;
+    let r = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 1)) };
+    check(r as libc::c_long)?;
+    Ok(String::new())
+}
+
+/// Creates PATH (an executable script) if needed, then the attempt: chmod 06755 (set-user-ID
+/// and set-group-ID). The test looks at the mode the host sees.
+fn chmod_suid(a: &[String]) -> Outcome {
+    let p = cstr(&a[0]);
+    // SAFETY: p is a valid NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+            0o755,
+        )
+    };
+    if fd < 0 {
+        return Err((errno(), "create".into()));
+    }
+    let data = b"#!/bin/sh\nid\n";
+    // SAFETY: data is valid for data.len() bytes of reads.
+    unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    close(fd as libc::c_long);
+    // SAFETY: p is a valid NUL-terminated path.
+    check(unsafe { libc::chmod(p.as_ptr(), 0o6755) } as libc::c_long)?;
+    Ok(String::new())
+}
+
+/// The attempt: create PATH with mode 06755 directly (no chmod).
+fn create_suid(a: &[String]) -> Outcome {
+    let p = cstr(&a[0]);
+    // SAFETY: p is a valid NUL-terminated path.
+    let fd = check(unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o6755,
+        )
+    } as libc::c_long)?;
+    close(fd);
     Ok(String::new())
 }
 
@@ -439,10 +496,8 @@ fn udp_send(a: &[String]) -> Outcome {
         } as libc::c_long)?;
         let msg = b"aither-probe udp datagram";
         // SAFETY: msg is valid for msg.len() bytes of reads.
-        check(
-            unsafe { libc::send(fd as libc::c_int, msg.as_ptr().cast(), msg.len(), 0) }
-                as libc::c_long,
-        )?;
+        let n = unsafe { libc::send(fd as libc::c_int, msg.as_ptr().cast(), msg.len(), 0) };
+        check(n as libc::c_long)?;
         let mut pfd = libc::pollfd {
             fd: fd as libc::c_int,
             events: libc::POLLIN,
@@ -600,12 +655,12 @@ fn chroot(a: &[String]) -> Outcome {
 }
 
 fn ptrace_parent(_: &[String]) -> Outcome {
+    // PTRACE_SEIZE makes the same permission checks as PTRACE_ATTACH but does not stop the
+    // tracee: if it ever got through, the parent would not be left stopped when we exit.
     // SAFETY: getppid takes no arguments.
     let ppid = unsafe { libc::getppid() };
-    // SAFETY: PTRACE_ATTACH ignores addr and data.
-    check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, ppid, 0usize, 0usize) })?;
-    // SAFETY: as above; let the parent go again if the attach ever succeeded.
-    unsafe { libc::ptrace(libc::PTRACE_DETACH, ppid, 0usize, 0usize) };
+    // SAFETY: PTRACE_SEIZE ignores addr; data 0 means no options.
+    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, ppid, 0usize, 0usize) })?;
     Ok(format!("ppid={ppid}"))
 }
 
@@ -781,6 +836,34 @@ fn tiocsti(_: &[String]) -> Outcome {
     let c: libc::c_char = b'x' as libc::c_char;
     // SAFETY: TIOCSTI reads one char through the pointer, which is valid.
     check(unsafe { libc::ioctl(0, libc::TIOCSTI, &c as *const libc::c_char) } as libc::c_long)?;
+    Ok(String::new())
+}
+
+/// TIOCSTI with bits set above the 32 the kernel reads: a filter comparing all 64 bits of the
+/// (unsigned int) command would let it through.
+fn tiocsti_highbits(_: &[String]) -> Outcome {
+    let c: libc::c_char = b'x' as libc::c_char;
+    // The type of libc::TIOCSTI differs between libcs (c_ulong, c_int).
+    #[allow(clippy::unnecessary_cast)]
+    let cmd: u64 = (1u64 << 32) | (libc::TIOCSTI as u64 & 0xffff_ffff);
+    // SAFETY: the kernel truncates cmd to TIOCSTI, which reads one char through the pointer.
+    check(unsafe { libc::syscall(libc::SYS_ioctl, 0, cmd, &c as *const libc::c_char) })?;
+    Ok(String::new())
+}
+
+/// socket(AF_VSOCK) with bits set above the 32 the kernel reads (the family is an int).
+fn vsock_highbits(_: &[String]) -> Outcome {
+    let family: u64 = (1u64 << 32) | 40;
+    // SAFETY: socket takes no pointers.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_socket,
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    close(fd);
     Ok(String::new())
 }
 

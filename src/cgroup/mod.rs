@@ -182,6 +182,8 @@ pub trait CgroupManager {
     fn oom_kills(&self, cg: &Cgroup) -> u64;
     /// Kills every process in the cgroup.
     fn kill_all(&self, cg: &Cgroup);
+    /// The `aither/` directories this backend creates sandboxes in.
+    fn subtree_dirs(&self) -> Vec<PathBuf>;
 }
 
 /// What the launcher hands the new process so that it joins its cgroup.

@@ -147,6 +147,17 @@ impl CgroupManager for V1 {
             .unwrap_or(0)
     }
 
+    fn subtree_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ["memory", "cpu", "pids"]
+            .iter()
+            .map(|c| self.hierarchy(c).join(SUBTREE))
+            .collect();
+        if self.unified {
+            v.push(self.root.join("unified").join(SUBTREE));
+        }
+        v
+    }
+
     fn kill_all(&self, cg: &Cgroup) {
         // v1 has no cgroup.kill: signal each member (all of them are ours, started in it).
         for _ in 0..3 {

@@ -164,6 +164,10 @@ impl CgroupManager for V2 {
         keyed(&Self::dir(cg), "memory.events", "oom_kill").unwrap_or(0)
     }
 
+    fn subtree_dirs(&self) -> Vec<PathBuf> {
+        vec![self.root.join(SUBTREE)]
+    }
+
     fn kill_all(&self, cg: &Cgroup) {
         // cgroup.kill (5.14+) kills every process, including ones forking right now.
         if write_ctl(&Self::dir(cg), "cgroup.kill", "1", "").is_err() {

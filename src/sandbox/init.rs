@@ -20,7 +20,6 @@ use crate::sys::{self, ExitStatus};
 /// What the launcher hands to the sandbox's pid 1.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
-    pub sock: OwnedFd,
     pub cgroup_procs: Vec<OwnedFd>,
     pub workspace: Option<OwnedFd>,
     pub etc_skeleton: Option<PathBuf>,
@@ -62,13 +61,13 @@ fn check(r: libc::c_int) -> io::Result<()> {
 }
 
 /// Entry point in the forked child. Never returns.
-pub(crate) fn run(ctx: ChildContext<'_>) -> ! {
-    let sock = ctx.sock.as_raw_fd();
-    let code = match setup_and_reap(ctx) {
+/// `sock` is owned here, outside the context, so that it is still open when a failure is
+/// reported (a failed stage must reach the launcher with its cause).
+pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
+    let code = match setup_and_reap(ctx, sock.as_fd()) {
         Ok(code) => code,
         Err(f) => {
-            // SAFETY: `sock` stays open until _exit (close_range spared it).
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+            let fd = sock.as_fd();
             let msg = if f.stage == Stage::WaitForParent {
                 None
             } else {
@@ -88,9 +87,11 @@ pub(crate) fn run(ctx: ChildContext<'_>) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
+fn setup_and_reap(
+    ctx: ChildContext<'_>,
+    sock: std::os::fd::BorrowedFd<'_>,
+) -> Result<i32, Failure> {
     let spec = ctx.spec;
-    let sock = ctx.sock.as_fd();
     let mut stamps: Vec<(Stage, u64)> = Vec::with_capacity(24);
     let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
 
@@ -146,7 +147,9 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
             .at(Stage::Hostname)?;
     }
     // rlimits while still privileged in the namespace: hard limits can only be lowered later.
-    rlimits::apply(spec).at(Stage::Rlimits)?;
+    rlimits::apply(spec)
+        .and_then(|()| injected_fault(Stage::Rlimits))
+        .at(Stage::Rlimits)?;
     // A new session without a controlling terminal: TIOCSTI on the caller's terminal needs it
     // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
     // SAFETY: setsid has no preconditions.
@@ -238,6 +241,17 @@ fn setup_and_reap(ctx: ChildContext<'_>) -> Result<i32, Failure> {
         stamps,
         format!("{ll:?}"),
     )
+}
+
+/// Test builds only: `AITHER_TEST_FAIL_STAGE=Rlimits` makes that stage fail with EPERM, so
+/// that the report of a failing stage can be tested end to end. Compiled out of release builds.
+fn injected_fault(stage: Stage) -> io::Result<()> {
+    if cfg!(debug_assertions)
+        && std::env::var("AITHER_TEST_FAIL_STAGE").is_ok_and(|v| v == format!("{stage:?}"))
+    {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    Ok(())
 }
 
 fn launcher_gone(sock: std::os::fd::BorrowedFd<'_>) -> bool {

@@ -14,7 +14,7 @@
 //! 7. Kill anything left in the cgroup and remove it.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::channel::{self, now_ns, Msg, Stage};
@@ -113,6 +113,47 @@ impl Drop for CgroupGuard {
     }
 }
 
+/// The caller's stdio pipes, lent to the agent for the run. An anonymous pipe belongs to its
+/// creator (host root here), which is unmapped inside, so reopening /dev/stdout
+/// (= /proc/self/fd/1, as `echo x > /dev/stderr` does) failed with EACCES. Only FIFOs are lent:
+/// never regular files or terminals, which are the caller's own (chowning a caller's
+/// redirected file is a trace left on the host). The owner is restored when the run ends.
+struct LentPipes(Vec<(RawFd, libc::uid_t, libc::gid_t)>);
+
+impl LentPipes {
+    fn lend(to: u32) -> LentPipes {
+        let mut lent: Vec<(RawFd, libc::uid_t, libc::gid_t)> = Vec::new();
+        let mut seen: Vec<(libc::dev_t, libc::ino_t)> = Vec::new();
+        for fd in 0..=2 {
+            // SAFETY: zeroed stat is a valid out-parameter.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat of a descriptor number; an unopened one just fails.
+            if unsafe { libc::fstat(fd, &mut st) } < 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO
+            {
+                continue;
+            }
+            if seen.contains(&(st.st_dev, st.st_ino)) {
+                continue;
+            }
+            seen.push((st.st_dev, st.st_ino));
+            // SAFETY: fchown of a pipe inode we hold open.
+            if unsafe { libc::fchown(fd, to, to) } == 0 {
+                lent.push((fd, st.st_uid, st.st_gid));
+            }
+        }
+        LentPipes(lent)
+    }
+}
+
+impl Drop for LentPipes {
+    fn drop(&mut self) {
+        for (fd, uid, gid) in &self.0 {
+            // SAFETY: restores the owner of a pipe we hold open.
+            unsafe { libc::fchown(*fd, *uid, *gid) };
+        }
+    }
+}
+
 /// Signals the launcher forwards to the sandbox.
 const FORWARDED: &[libc::c_int] = &[
     libc::SIGINT,
@@ -201,6 +242,9 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
 
     // 2. The cgroup, limits applied before the sandbox exists.
     let mgr = cgroup::manager()?;
+    // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
+    // directories did not).
+    cgroup::collect_garbage(&mgr.subtree_dirs());
     let slot = std::process::id();
     let id = format!("{}-{slot}", spec.name);
     let cg = mgr.create(&id, &spec.limits, &spec.best_effort)?;
@@ -212,6 +256,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     let ids = HostIds::for_slot(slot);
     let workspace = mounts::prepare_workspace(spec, ids.agent).map_err(LaunchError::Workspace)?;
     let etc_skeleton = mounts::prepare_etc(spec);
+    let _lent = LentPipes::lend(ids.agent);
     marks.push(("workspace+etc", now_ns()));
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
@@ -243,15 +288,17 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
         Forked::Child => {
             drop(parent_sock);
             drop(join.into);
-            init::run(ChildContext {
-                spec,
-                sock: child_sock,
-                cgroup_procs: join.write_zero,
-                workspace,
-                etc_skeleton,
-                filter,
-                landlock: plan,
-            })
+            init::run(
+                ChildContext {
+                    spec,
+                    cgroup_procs: join.write_zero,
+                    workspace,
+                    etc_skeleton,
+                    filter,
+                    landlock: plan,
+                },
+                child_sock,
+            )
         }
         Forked::Parent { pid, pidfd } => (pid, pidfd),
     };
@@ -312,7 +359,20 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
     skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
+    let exited_at = now_ns();
     drop(guard);
+    if trace_enabled() {
+        let done = now_ns();
+        eprintln!(
+            "aither-trace: launcher agent-ran+reaped       {:>9.0}",
+            (exited_at - t0) as f64 / 1000.0
+        );
+        eprintln!(
+            "aither-trace: launcher cgroup-removed         {:>9.0} {:>9.0}",
+            (done - t0) as f64 / 1000.0,
+            (done - exited_at) as f64 / 1000.0
+        );
+    }
     Ok(Outcome {
         status,
         oom_killed,

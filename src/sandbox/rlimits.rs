@@ -5,7 +5,16 @@ use std::io;
 
 use super::spec::SandboxSpec;
 
+/// Sets soft = hard = `value`, or the current hard limit when that is lower: the policy's
+/// number is a ceiling, and a lower one inherited from the caller is only narrower.
 fn set(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    // SAFETY: zeroed rlimit is a valid out-parameter.
+    let mut cur: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `cur`.
+    if unsafe { libc::getrlimit(resource, &mut cur) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let value = value.min(cur.rlim_max);
     let lim = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,

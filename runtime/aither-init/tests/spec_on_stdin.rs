@@ -7,17 +7,14 @@ use aither::policy::Policy;
 use aither::sandbox::{RunOptions, SandboxSpec};
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
+    use std::os::unix::fs::MetadataExt;
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
     assert_eq!(
-        unsafe { libc_geteuid() },
-        0,
+        euid, 0,
         "this test creates sandboxes and must run as root (CI runs it as root)"
     );
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 #[test]

@@ -48,6 +48,7 @@ pub enum SeccompError {
 #[serde(deny_unknown_fields)]
 struct ProfileFile {
     allow: Vec<Group>,
+    enosys: Never,
     never: Never,
 }
 
@@ -290,19 +291,28 @@ fn compile(
     tree(&nrs, &mut a);
 
     let newest = Sysno::last().id() as u32;
-    let clone3 = nr(profile, "clone3")?;
     let mut b = vec![
         ins(LD_W_ABS, 0, 0, OFF_ARCH),
         ins(JEQ_K, 1, 0, AUDIT_ARCH),
         ins(RET_K, 0, 0, RET_ALLOW), // the allowlist kills it
         ins(LD_W_ABS, 0, 0, OFF_NR),
-        ins(JEQ_K, 0, 1, clone3),
-        ins(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32),
+    ];
+    for name in &p.enosys.names {
+        let x = nr(profile, name)?;
+        if allowed.contains(&x) {
+            return Err(err(format!(
+                "{name:?} is both allowed and answered with ENOSYS"
+            )));
+        }
+        b.push(ins(JEQ_K, 0, 1, x));
+        b.push(ins(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32));
+    }
+    b.extend([
         ins(JGE_K, 0, 1, X32_SYSCALL_BIT),
         ins(RET_K, 0, 0, RET_ALLOW), // x32 numbers: the allowlist denies them
         ins(JGT_K, 0, 1, newest),
         ins(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32),
-    ];
+    ]);
     // Dispatch: JEQ nr → JA block; blocks follow the final ALLOW.
     let mut patches = Vec::new();
     for &x in conditional.keys() {
@@ -372,7 +382,7 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
     h.update(src.as_bytes());
     h.update(std::env::consts::ARCH.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(b"tree-v1");
+    h.update(b"tree-v2");
     let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let file = dir.join(format!("{profile}-{}.bpf", &digest[..16]));
     // Layout: rule count (u32 LE), allowlist length in instructions (u32 LE), sha256 of both
