@@ -222,3 +222,66 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
     }
     Ok(status.ruleset)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Policy, BUILTIN_POLICIES};
+    use crate::sandbox::spec::RunOptions;
+
+    fn spec(name: &str, best_effort: &[Protection]) -> SandboxSpec {
+        let src = BUILTIN_POLICIES.iter().find(|(n, _)| *n == name).unwrap().1;
+        let mut p = Policy::parse(src, name).unwrap();
+        p.best_effort = best_effort.to_vec();
+        let ws = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        SandboxSpec::derive(&p, &opts, &|_| None, ws.path()).unwrap()
+    }
+
+    #[test]
+    fn strict_on_a_full_kernel_enforces_everything() {
+        let p = plan(&spec("strict", &[]), 7).unwrap();
+        assert_eq!(
+            (p.abi, p.fs, p.tcp, p.ioctl_dev, p.scopes),
+            (6, true, true, true, true)
+        );
+        assert!(p.skipped.is_empty());
+    }
+
+    #[test]
+    fn a_missing_feature_refuses_and_names_it() {
+        for (kernel, protection, needed) in [
+            (0, "\"landlock\"", 3),
+            (3, "\"landlock-net\"", 4),
+            (4, "\"landlock-ioctl\"", 5),
+            (5, "\"landlock-scope\"", 6),
+        ] {
+            let e = plan(&spec("strict", &[]), kernel).unwrap_err().to_string();
+            assert!(
+                e.contains(protection) && e.contains(&format!("ABI {needed}")),
+                "kernel {kernel}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn best_effort_skips_only_what_it_names_and_reports_it() {
+        let p = plan(&spec("strict", &[Protection::LandlockScope]), 5).unwrap();
+        assert!(p.fs && p.tcp && !p.scopes);
+        assert_eq!(p.skipped, vec![Protection::LandlockScope]);
+        assert!(
+            plan(&spec("strict", &[Protection::LandlockScope]), 3).is_err(),
+            "TCP is still required"
+        );
+    }
+
+    #[test]
+    fn standard_does_not_handle_tcp_and_permissive_has_no_landlock() {
+        let p = plan(&spec("standard", &[]), 6).unwrap();
+        assert!(p.fs && !p.tcp && p.scopes);
+        assert_eq!(plan(&spec("permissive", &[]), 0).unwrap(), Plan::default());
+    }
+}
