@@ -124,7 +124,9 @@ def main():
         captured.append(data)
         return b""  # keep our stdout for the result lines only
 
-    status = pty.spawn(["/bin/sh", "-c", "test -t 0 && test -t 1 && echo spawned-on-a-tty"], master_read)
+    # master_read ends the copy loop after the first chunk, which closes the master; the child
+    # ignores the resulting SIGHUP so that its exit status does not race with that close.
+    status = pty.spawn(["/bin/sh", "-c", "trap '' HUP; test -t 0 && test -t 1 && echo spawned-on-a-tty"], master_read)
     print("pty.spawn", os.waitstatus_to_exitcode(status), b"".join(captured).decode().strip())
 
     # A fork with a new session on a pty (what terminals and `script` do).
