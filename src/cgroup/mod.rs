@@ -184,6 +184,10 @@ pub trait CgroupManager {
     fn kill_all(&self, cg: &Cgroup);
     /// The `aither/` directories this backend creates sandboxes in.
     fn subtree_dirs(&self) -> Vec<PathBuf>;
+    /// The cgroup2 directory of `id` (pure v2, or the unified hierarchy of a hybrid host),
+    /// created now so that the sandbox can be born in it (clone3 CLONE_INTO_CGROUP); `create`
+    /// later completes it. `None` on pure v1.
+    fn birth_dir(&self, id: &str) -> Result<Option<PathBuf>, CgroupError>;
 }
 
 /// What the launcher hands the new process so that it joins its cgroup.
@@ -212,6 +216,20 @@ impl Cgroup {
     /// global threadgroup lock that a `cgroup.procs` write takes (an RCU grace period, 8 ms
     /// and more when launches are spaced out). The files are opened here, by the launcher: the
     /// kernel checks the opener's credentials (since 5.16), not the writer's.
+    /// An O_DIRECTORY descriptor of `dir` when it is a real cgroup2 directory (for
+    /// CLONE_INTO_CGROUP); None for a fake root.
+    pub fn open_cgroup2(dir: &Path) -> Result<Option<OwnedFd>, CgroupError> {
+        if fs_magic(dir).ok() != Some(CGROUP2_SUPER_MAGIC) {
+            return Ok(None);
+        }
+        crate::sys::open(dir, libc::O_RDONLY | libc::O_DIRECTORY)
+            .map(Some)
+            .map_err(|source| CgroupError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })
+    }
+
     pub fn join_handles(&self) -> Result<JoinHandles, CgroupError> {
         let mut h = JoinHandles {
             write_zero: Vec::new(),

@@ -147,6 +147,15 @@ impl CgroupManager for V1 {
             .unwrap_or(0)
     }
 
+    fn birth_dir(&self, id: &str) -> Result<Option<PathBuf>, CgroupError> {
+        if !self.unified {
+            return Ok(None);
+        }
+        let d = self.root.join("unified").join(SUBTREE).join(id);
+        mkdir_p(&d)?;
+        Ok(Some(d))
+    }
+
     fn subtree_dirs(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = ["memory", "cpu", "pids"]
             .iter()

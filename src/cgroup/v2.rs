@@ -164,6 +164,12 @@ impl CgroupManager for V2 {
         keyed(&Self::dir(cg), "memory.events", "oom_kill").unwrap_or(0)
     }
 
+    fn birth_dir(&self, id: &str) -> Result<Option<PathBuf>, CgroupError> {
+        let d = self.root.join(SUBTREE).join(id);
+        mkdir_p(&d)?;
+        Ok(Some(d))
+    }
+
     fn subtree_dirs(&self) -> Vec<PathBuf> {
         vec![self.root.join(SUBTREE)]
     }

@@ -67,6 +67,13 @@ impl std::fmt::Display for Stage {
 pub enum Msg {
     /// Launcher → pid 1: the id maps are written, go on.
     Go,
+    /// Launcher → pid 1, with descriptors: the cgroup files to write "0" to (the first
+    /// `cgroup_files`), then the id-mapped workspace mount when `workspace`. Prepared while
+    /// pid 1 builds its mount view.
+    Resources {
+        cgroup_files: usize,
+        workspace: bool,
+    },
     /// pid 1 → launcher: the agent was exec'ed. Stage timestamps are CLOCK_MONOTONIC ns.
     Started {
         agent_pid: i32,
@@ -88,7 +95,7 @@ pub enum Msg {
 }
 
 /// Largest frame accepted.
-pub const MAX_FRAME: usize = 64 * 1024;
+pub const MAX_FRAME: usize = 8 * 1024;
 
 pub fn send(fd: BorrowedFd<'_>, msg: &Msg) -> io::Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
@@ -109,7 +116,8 @@ pub fn send(fd: BorrowedFd<'_>, msg: &Msg) -> io::Result<()> {
 
 /// Receives one message; `None` when the peer closed its end.
 pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<Msg>> {
-    let mut buf = vec![0u8; MAX_FRAME];
+    // On the stack: a heap buffer would be fresh pages to fault in, on every launch.
+    let mut buf = [0u8; MAX_FRAME];
     loop {
         // SAFETY: receiving into a buffer of the stated length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -126,6 +134,112 @@ pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<Msg>> {
         return serde_json::from_slice(&buf[..n as usize])
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+}
+
+/// Most descriptors one message carries.
+pub const MAX_FDS: usize = 16;
+
+/// Sends a message with descriptors attached (SCM_RIGHTS).
+pub fn send_with_fds(fd: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.is_empty() {
+        return send(fd, msg);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors",
+        ));
+    }
+    let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: zeroed msghdr, then every pointer set to buffers that outlive sendmsg.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cbuf.as_mut_ptr().cast();
+    mh.msg_controllen = space as _;
+    // SAFETY: the control buffer has room for one header with `raw` as data (CMSG_SPACE).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&mh);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
+        std::ptr::copy_nonoverlapping(
+            raw.as_ptr(),
+            libc::CMSG_DATA(c).cast::<libc::c_int>(),
+            raw.len(),
+        );
+    }
+    // SAFETY: `mh` describes valid buffers.
+    if unsafe { libc::sendmsg(fd.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message and the descriptors attached to it (close-on-exec).
+pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::FromRawFd;
+    // On the stack: a heap buffer would be fresh pages to fault in, on every launch.
+    let mut buf = [0u8; MAX_FRAME];
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: zeroed msghdr, then pointers to buffers that outlive recvmsg.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr().cast();
+        mh.msg_controllen = space as _;
+        // SAFETY: `mh` describes valid buffers.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut fds = Vec::new();
+        // SAFETY: walking the control messages the kernel filled in; each SCM_RIGHTS entry
+        // holds new descriptors that we now own.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&mh);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / std::mem::size_of::<libc::c_int>();
+                    let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                    for i in 0..count {
+                        fds.push(std::os::fd::OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+                            data.add(i),
+                        )));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&mh, c);
+            }
+        }
+        if n == 0 {
+            return Ok((None, fds));
+        }
+        let msg = serde_json::from_slice(&buf[..n as usize])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        return Ok((Some(msg), fds));
     }
 }
 
@@ -161,6 +275,36 @@ mod tests {
         for m in &msgs {
             assert_eq!(recv(b.as_fd()).unwrap().as_ref(), Some(m));
         }
+        let (r, w) = crate::sys::pipe().unwrap();
+        send_with_fds(
+            a.as_fd(),
+            &Msg::Resources {
+                cgroup_files: 1,
+                workspace: false,
+            },
+            &[w.as_fd()],
+        )
+        .unwrap();
+        drop(w);
+        let (m, fds) = recv_with_fds(b.as_fd()).unwrap();
+        assert_eq!(
+            m,
+            Some(Msg::Resources {
+                cgroup_files: 1,
+                workspace: false
+            })
+        );
+        assert_eq!(fds.len(), 1);
+        crate::sys::write_all_once(fds[0].as_fd(), b"x").unwrap();
+        drop(fds);
+        let mut byte = [0u8; 2];
+        // SAFETY: reading into a 2-byte buffer.
+        let n = unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 2) };
+        assert_eq!(
+            (n, byte[0]),
+            (1, b'x'),
+            "the passed descriptor is the pipe's write end"
+        );
         drop(a);
         assert_eq!(recv(b.as_fd()).unwrap(), None);
     }

@@ -20,8 +20,6 @@ use crate::sys::{self, ExitStatus};
 /// What the launcher hands to the sandbox's pid 1.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
-    pub cgroup_procs: Vec<OwnedFd>,
-    pub workspace: Option<OwnedFd>,
     pub etc_skeleton: Option<PathBuf>,
     pub filter: Option<Filter>,
     pub landlock: Plan,
@@ -95,30 +93,10 @@ fn setup_and_reap(
     let mut stamps: Vec<(Stage, u64)> = Vec::with_capacity(24);
     let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
 
-    // Join the sandbox's v1 cgroups first, before anything allocates, so that every page and
-    // task from here on is charged to its limits (a cgroup2 one was entered at clone3). We
-    // are single-threaded, so moving this thread (`tasks`) moves the whole process.
-    for fd in &ctx.cgroup_procs {
-        sys::write_all_once(fd.as_fd(), b"0").at(Stage::JoinCgroup)?;
-    }
-    drop(ctx.cgroup_procs);
-    done(Stage::JoinCgroup, &mut stamps);
-    // The cgroup namespace is created after joining, so its root is the sandbox's own cgroup
-    // (/proc/self/cgroup reads "/" and the host's hierarchy is hidden).
-    if spec.new_cgroup_ns {
-        // SAFETY: plain unshare of the cgroup namespace.
-        check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).at(Stage::UnshareCgroupNs)?;
-    }
     // Nothing privileged can happen until the launcher has written our uid/gid maps.
     match channel::recv(sock).at(Stage::WaitForParent)? {
         Some(Msg::Go) => {}
-        _ => {
-            return Err(Failure {
-                stage: Stage::WaitForParent,
-                errno: libc::EPIPE,
-                detail: "launcher went away".into(),
-            })
-        }
+        _ => return Err(launcher_went_away(Stage::WaitForParent)),
     }
     done(Stage::WaitForParent, &mut stamps);
     // Become uid/gid 0 of the namespace (a non-root host id): files created on the root tmpfs
@@ -128,15 +106,50 @@ fn setup_and_reap(
     // SAFETY: as above.
     check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
 
-    mounts::build(spec, ctx.workspace.as_ref(), ctx.etc_skeleton.as_deref()).map_err(|e| {
-        Failure {
-            stage: Stage::Mounts,
-            errno: sys::errno_of(&e.source),
-            detail: e.to_string(),
-        }
-    })?;
-    drop(ctx.workspace);
+    // The view is built while the launcher creates the cgroup and id-maps the workspace (both
+    // cost ≈0.5 ms here): they arrive afterwards as descriptors.
+    let mount_failure = |e: mounts::MountError| Failure {
+        stage: Stage::Mounts,
+        errno: sys::errno_of(&e.source),
+        detail: e.to_string(),
+    };
+    mounts::build_view(spec, ctx.etc_skeleton.as_deref()).map_err(mount_failure)?;
     done(Stage::Mounts, &mut stamps);
+    let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
+    let Some(Msg::Resources {
+        cgroup_files,
+        workspace,
+    }) = msg
+    else {
+        return Err(launcher_went_away(Stage::JoinCgroup));
+    };
+    if fds.len() != cgroup_files + usize::from(workspace) {
+        return Err(Failure {
+            stage: Stage::JoinCgroup,
+            errno: libc::EPROTO,
+            detail: format!(
+                "expected {} descriptors, got {}",
+                cgroup_files + usize::from(workspace),
+                fds.len()
+            ),
+        });
+    }
+    let ws_mount = if workspace { fds.pop() } else { None };
+    // Join the v1 cgroups (a cgroup2 one was entered at clone3) before anything the agent
+    // does. We are single-threaded, so moving this thread (`tasks`) moves the whole process.
+    for fd in &fds {
+        sys::write_all_once(fd.as_fd(), b"0").at(Stage::JoinCgroup)?;
+    }
+    drop(fds);
+    done(Stage::JoinCgroup, &mut stamps);
+    // The cgroup namespace is created after joining, so its root is the sandbox's own cgroup
+    // (/proc/self/cgroup reads "/" and the host's hierarchy is hidden).
+    if spec.new_cgroup_ns {
+        // SAFETY: plain unshare of the cgroup namespace.
+        check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).at(Stage::UnshareCgroupNs)?;
+    }
+    mounts::finish(spec, ws_mount.as_ref()).map_err(mount_failure)?;
+    drop(ws_mount);
 
     if spec.new_net_ns && spec.network != NetworkMode::Host {
         loopback_up().at(Stage::Loopback)?;
@@ -252,6 +265,14 @@ fn injected_fault(stage: Stage) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
     Ok(())
+}
+
+fn launcher_went_away(stage: Stage) -> Failure {
+    Failure {
+        stage,
+        errno: libc::EPIPE,
+        detail: "launcher went away".into(),
+    }
 }
 
 fn launcher_gone(sock: std::os::fd::BorrowedFd<'_>) -> bool {
@@ -397,10 +418,11 @@ fn reap(
         envp: envp_p.as_ptr(),
         errfd: exec_w.as_raw_fd(),
     };
-    let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the stack grows down from its end and outlives the child's use of it (CLONE_VFORK
-    // suspends us until the child execs or exits).
-    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as *mut libc::c_void;
+    // Uninitialised capacity: only the pages the child actually uses get faulted in.
+    let mut stack: Vec<u8> = Vec::with_capacity(32 * 1024);
+    // SAFETY: the stack grows down from the end of the allocation and outlives the child's use
+    // of it (CLONE_VFORK suspends us until the child execs or exits).
+    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) } as *mut libc::c_void;
     // SAFETY: `exec_child` only makes async-signal-safe calls on data that stays valid while we
     // are suspended.
     let pid = unsafe {

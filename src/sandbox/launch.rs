@@ -240,24 +240,33 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
         .transpose()?;
     marks.push(("preflight", now_ns()));
 
-    // 2. The cgroup, limits applied before the sandbox exists.
+    // 2. The cgroup: its cgroup2 directory now (the sandbox is born in it, no migration);
+    // the rest while pid 1 builds its mount view (step 6).
     let mgr = cgroup::manager()?;
     // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
     // directories did not).
     cgroup::collect_garbage(&mgr.subtree_dirs());
     let slot = std::process::id();
     let id = format!("{}-{slot}", spec.name);
-    let cg = mgr.create(&id, &spec.limits, &spec.best_effort)?;
-    let guard = CgroupGuard { mgr, cg: Some(cg) };
-    let join = guard.cg().join_handles()?;
-    marks.push(("cgroup", now_ns()));
+    let birth = mgr.birth_dir(&id)?;
+    let mut guard = CgroupGuard {
+        mgr,
+        cg: birth.as_ref().map(|d| Cgroup {
+            id: id.clone(),
+            dirs: vec![("unified", d.clone())],
+            skipped: Vec::new(),
+        }),
+    };
+    let into = match &birth {
+        Some(d) => Cgroup::open_cgroup2(d)?,
+        None => None,
+    };
+    marks.push(("cgroup2 dir", now_ns()));
 
-    // 3. Host ids and the id-mapped workspace mount.
+    // 3. Host ids, the /etc skeleton (cached), the caller's stdio pipes lent.
     let ids = HostIds::for_slot(slot);
-    let workspace = mounts::prepare_workspace(spec, ids.agent).map_err(LaunchError::Workspace)?;
     let etc_skeleton = mounts::prepare_etc(spec);
     let _lent = LentPipes::lend(ids.agent);
-    marks.push(("workspace+etc", now_ns()));
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
     // keeps them, DESIGN.md §10), so drop them before cloning.
@@ -267,9 +276,10 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     }
     let (parent_sock, child_sock) = sys::seqpacket_pair().map_err(LaunchError::Channel)?;
     let signals = SignalGuard::new().map_err(LaunchError::Channel)?;
+    marks.push(("etc+channel", now_ns()));
 
     // 4. The sandbox's pid 1, in new namespaces. The cgroup namespace comes later (after it
-    // has joined its cgroup).
+    // has joined its cgroups).
     let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS;
     if spec.new_net_ns {
         flags |= libc::CLONE_NEWNET;
@@ -282,17 +292,15 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     }
     // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
     // before this point), so the forked child may run ordinary Rust code.
-    let forked = unsafe { sys::clone3_fork(flags, join.into.as_ref().map(|f| f.as_fd())) }
+    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) }
         .map_err(LaunchError::Clone)?;
     let (pid, pidfd) = match forked {
         Forked::Child => {
             drop(parent_sock);
-            drop(join.into);
+            drop(into);
             init::run(
                 ChildContext {
                     spec,
-                    cgroup_procs: join.write_zero,
-                    workspace,
                     etc_skeleton,
                     filter,
                     landlock: plan,
@@ -303,20 +311,46 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
         Forked::Parent { pid, pidfd } => (pid, pidfd),
     };
     drop(child_sock);
-    drop(join);
-    drop(workspace);
+    drop(into);
     marks.push(("clone", now_ns()));
+    let abort = |e: LaunchError| -> LaunchError {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = sys::wait_pidfd(pidfd.as_fd());
+        e
+    };
 
     // 5. Maps, then Go. If this fails the child sees EOF and exits.
     if let Err(e) = userns::write_maps(pid, spec.uid, spec.gid, ids) {
-        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-        let _ = sys::wait_pidfd(pidfd.as_fd());
-        return Err(LaunchError::IdMaps(e));
+        return Err(abort(LaunchError::IdMaps(e)));
     }
-    channel::send(parent_sock.as_fd(), &Msg::Go).map_err(LaunchError::Channel)?;
+    channel::send(parent_sock.as_fd(), &Msg::Go).map_err(|e| abort(LaunchError::Channel(e)))?;
     marks.push(("maps", now_ns()));
 
-    // 6. Wait for the agent to start.
+    // 6. While pid 1 builds its view: the cgroup's limits (in place before the agent exists,
+    // which is what matters), and the id-mapped workspace mount; both travel as descriptors.
+    let cg = guard
+        .mgr
+        .create(&id, &spec.limits, &spec.best_effort)
+        .map_err(|e| abort(e.into()))?;
+    guard.cg = Some(cg);
+    let join = guard.cg().join_handles().map_err(|e| abort(e.into()))?;
+    marks.push(("cgroup", now_ns()));
+    let workspace =
+        mounts::prepare_workspace(spec, ids.agent).map_err(|e| abort(LaunchError::Workspace(e)))?;
+    let mut fds: Vec<BorrowedFd<'_>> = join.write_zero.iter().map(|f| f.as_fd()).collect();
+    fds.extend(workspace.as_ref().map(|f| f.as_fd()));
+    let resources = Msg::Resources {
+        cgroup_files: join.write_zero.len(),
+        workspace: workspace.is_some(),
+    };
+    // A send error means pid 1 already failed: its Failed message is read below.
+    let _ = channel::send_with_fds(parent_sock.as_fd(), &resources, &fds);
+    drop(fds);
+    drop(join);
+    drop(workspace);
+    marks.push(("workspace", now_ns()));
+
+    // 7. Wait for the agent to start.
     let started = channel::recv(parent_sock.as_fd());
     let early = |e: LaunchError| -> Result<Outcome, LaunchError> {
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -353,7 +387,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
         print_trace(t0, &marks, &stages, started_at, &landlock_status);
     }
 
-    // 7. Supervise.
+    // 8. Supervise.
     let (status, timed_out) = supervise(spec, pidfd.as_fd(), parent_sock.as_fd(), &signals);
     drop(signals);
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;

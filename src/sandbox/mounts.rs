@@ -354,13 +354,9 @@ fn build_proc() -> Result<(), MountError> {
     Ok(())
 }
 
-/// Builds the whole view and pivots into it. `workspace` is the detached, id-mapped mount the
-/// launcher prepared (None when the policy mounts no workspace).
-pub fn build(
-    spec: &SandboxSpec,
-    workspace: Option<&OwnedFd>,
-    etc_skeleton: Option<&Path>,
-) -> Result<(), MountError> {
+/// Builds the view and pivots into it, all but the workspace (see `finish`): this runs while
+/// the launcher is still preparing the cgroup and the workspace mount.
+pub fn build_view(spec: &SandboxSpec, etc_skeleton: Option<&Path>) -> Result<(), MountError> {
     // Private propagation first: without it every mount below would propagate to the host's
     // shared mounts (the host's mount table must stay as it was).
     sys::mount(
@@ -423,10 +419,19 @@ pub fn build(
     )?;
     build_proc()?;
     build_dev(spec, old)?;
+    if let Some(ws) = &spec.workspace {
+        mkdir_p(&ws.path, 0o755)?;
+    }
+    Ok(())
+}
+
+/// Attaches the workspace (`workspace`: the detached, id-mapped mount the launcher prepared),
+/// detaches the host's root and makes the root read-only.
+pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), MountError> {
+    let old = Path::new(OLD_ROOT);
     // The workspace goes last so that no later mount (e.g. /tmp for a workspace under /tmp)
     // can cover it.
     if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
-        mkdir_p(&ws.path, 0o755)?;
         sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
     }
     // Detach the host's root: from here on nothing of the host is reachable by path.

@@ -61,10 +61,10 @@ extern "C" fn park(_: *mut libc::c_void) -> libc::c_int {
 /// and the owner's files look like the agent's inside. Costs one CLONE_VM child (no copy of
 /// the address space), killed as soon as its namespace is open.
 pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::Result<OwnedFd> {
-    let mut stack = vec![0u8; 16 * 1024];
-    // SAFETY: the stack grows down from its end; it outlives the child, which we kill and reap
-    // below before `stack` is dropped.
-    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as *mut libc::c_void;
+    let mut stack: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // SAFETY: the stack grows down from the end of the allocation; it outlives the child, which
+    // we kill and reap below before `stack` is dropped.
+    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) } as *mut libc::c_void;
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the child runs only `park` (a pause loop) on its own stack, sharing our memory
     // without touching it; CLONE_PIDFD writes into `pidfd`.

@@ -169,27 +169,52 @@ pub fn profile_names(profile: &str) -> Result<(BTreeSet<String>, BTreeSet<String
     Ok((allowed, p.never.names.into_iter().collect()))
 }
 
-/// The allowlist as a binary search tree: internal nodes are `JGE pivot` + `JA right`, leaves
-/// test up to 8 numbers then return EPERM or ALLOW (all jumps stay within 8-bit offsets).
-fn tree(nrs: &[u32], out: &mut Vec<libc::sock_filter>) {
-    const LEAF: usize = 8;
-    if nrs.len() <= LEAF {
-        let n = nrs.len();
-        for (i, &x) in nrs.iter().enumerate() {
-            // Jump to the ALLOW after the EPERM that follows the last test.
-            out.push(ins(JEQ_K, (n - i) as u8, 0, x));
+/// Consecutive allowed numbers as inclusive ranges (330 calls make ~60 ranges).
+fn ranges(nrs: &[u32]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &x in nrs {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == x => *hi = x,
+            _ => out.push((x, x)),
+        }
+    }
+    out
+}
+
+/// The allowlist as a binary search tree over ranges: internal nodes are `JGE pivot` +
+/// `JA right`, leaves test up to 4 ranges then return EPERM or ALLOW (all conditional jumps
+/// stay within 8-bit offsets). Fewer instructions make the kernel's per-load work (checking,
+/// converting and JIT-compiling the program) cheaper.
+fn tree(runs: &[(u32, u32)], out: &mut Vec<libc::sock_filter>) {
+    const LEAF: usize = 4;
+    if runs.len() <= LEAF {
+        let size: usize = runs
+            .iter()
+            .map(|(lo, hi)| if lo == hi { 1 } else { 2 })
+            .sum();
+        let allow_at = out.len() + size + 1; // after the tests and the EPERM
+        for &(lo, hi) in runs {
+            if lo == hi {
+                let here = out.len();
+                out.push(ins(JEQ_K, (allow_at - here - 1) as u8, 0, lo));
+            } else {
+                // nr < lo: skip to the next range; lo <= nr <= hi: allow.
+                out.push(ins(JGE_K, 0, 1, lo));
+                let here = out.len();
+                out.push(ins(JGT_K, 0, (allow_at - here - 1) as u8, hi));
+            }
         }
         out.push(ins(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32));
         out.push(ins(RET_K, 0, 0, RET_ALLOW));
         return;
     }
-    let mid = nrs.len() / 2;
-    out.push(ins(JGE_K, 0, 1, nrs[mid]));
+    let mid = runs.len() / 2;
+    out.push(ins(JGE_K, 0, 1, runs[mid].0));
     let ja = out.len();
     out.push(ins(JA, 0, 0, 0));
-    tree(&nrs[..mid], out);
+    tree(&runs[..mid], out);
     out[ja].k = (out.len() - ja - 1) as u32;
-    tree(&nrs[mid..], out);
+    tree(&runs[mid..], out);
 }
 
 fn arg_offset(index: u8) -> u32 {
@@ -288,7 +313,7 @@ fn compile(
         ins(RET_K, 0, 0, RET_KILL_PROCESS), // another ABI (e.g. int 0x80 on x86_64)
         ins(LD_W_ABS, 0, 0, OFF_NR),
     ];
-    tree(&nrs, &mut a);
+    tree(&ranges(&nrs), &mut a);
 
     let newest = Sysno::last().id() as u32;
     let mut b = vec![
@@ -382,7 +407,7 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
     h.update(src.as_bytes());
     h.update(std::env::consts::ARCH.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(b"tree-v2");
+    h.update(b"ranges-v1");
     let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let file = dir.join(format!("{profile}-{}.bpf", &digest[..16]));
     // Layout: rule count (u32 LE), allowlist length in instructions (u32 LE), sha256 of both
