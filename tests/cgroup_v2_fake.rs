@@ -48,6 +48,14 @@ fn strict_writes_its_limits_through_the_v2_backend() {
         .env("AITHER_CGROUP_MODE", "v2")
         .spawn()
         .unwrap();
+    // Ends the sandboxed loop even when an assertion below fails first.
+    struct StopOnDrop(std::path::PathBuf);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, "");
+        }
+    }
+    let _stop = StopOnDrop(ws.path().join("stop"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !ws.path().join("started").exists() {
         assert!(

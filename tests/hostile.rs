@@ -476,6 +476,7 @@ fn cgroup_has_the_limits_while_running_and_is_removed_after() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn aitherctl");
+    let _stop_guard = common::StopOnDrop(stop.clone());
     assert!(
         poll_until(Duration::from_secs(30), || std::path::Path::new(&ready)
             .exists()),
@@ -726,4 +727,232 @@ fn agent_cannot_plant_setuid_root_files_on_the_host() {
         }
     }
     ws.assert_writable(STRICT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One test per layer that only that layer stops (so that removing any one protection from the
+// code fails a test: checked by mutation testing, see docs/testing.md).
+
+/// Landlock's file rules: /dev/shm is writable and not mounted noexec, so only Landlock (no
+/// Execute right there) stops running a binary copied into it.
+#[test]
+fn landlock_forbids_executing_from_dev_shm() {
+    let ws = Workspace::new();
+    let r = ws.run(
+        STRICT,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cp /bin/true /dev/shm/t && /dev/shm/t && echo ran",
+        ],
+    );
+    assert_eq!(r.code(), 126, "{}", r.describe());
+    assert!(r.stderr.contains("Permission denied"), "{}", r.describe());
+    assert!(!r.stdout.contains("ran"));
+}
+
+/// Landlock's scoping: with the host's network namespace (so the namespace cannot be what
+/// stops it), an abstract unix socket of the host is still out of reach.
+#[test]
+fn landlock_scopes_abstract_sockets_even_on_the_host_network() {
+    let ws = Workspace::new();
+    let strict =
+        std::fs::read_to_string(common::policy_dir().join("strict.toml")).expect("strict.toml");
+    let hostnet = strict
+        .replace("name = \"strict\"", "name = \"strict-hostnet\"")
+        .replace("net = true", "net = false")
+        .replace("mode = \"none\"", "mode = \"host\"");
+    let policy = ws.path().join("strict-hostnet.toml");
+    std::fs::write(&policy, hostnet).expect("write the test policy");
+    let policy = policy.to_string_lossy().into_owned();
+    let name = format!("aither-e2e-{}", unique("scope"));
+    let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
+    let _l = UnixListener::bind_addr(&addr).expect("bind a host abstract socket");
+    ws.expect(&policy, &[], &["abstract-connect", &name], "err EPERM");
+    assert_eq!(
+        probe_on_host(&["abstract-connect", &name]),
+        "RESULT abstract-connect ok"
+    );
+}
+
+/// The IPC namespace: a System V segment of the host is invisible inside.
+#[test]
+fn host_sysv_ipc_is_invisible() {
+    let ws = Workspace::new();
+    // SAFETY: creates a private 4 KiB segment, removed below.
+    let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o666) };
+    assert!(id >= 0, "shmget on the host");
+    let host = std::fs::read_to_string("/proc/sysvipc/shm").expect("host /proc/sysvipc/shm");
+    let r = ws.run(STRICT, &[], &["cat", "/proc/sysvipc/shm"]);
+    // SAFETY: removes the segment created above.
+    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    assert!(host.lines().count() >= 2, "the host sees its segment");
+    assert_eq!(
+        r.ok().lines().count(),
+        1,
+        "only the header inside: {}",
+        r.describe()
+    );
+}
+
+/// The UTS namespace: the policy's hostname.
+#[test]
+fn hostname_is_the_policys() {
+    let ws = Workspace::new();
+    assert_eq!(ws.run(STRICT, &[], &["uname", "-n"]).ok().trim(), "aither");
+}
+
+/// The cgroup namespace: the sandbox sees itself at the root of every hierarchy.
+#[test]
+fn cgroup_namespace_hides_the_host_hierarchy() {
+    let ws = Workspace::new();
+    let r = ws.run(STRICT, &[], &["cat", "/proc/self/cgroup"]);
+    let out = r.ok();
+    assert!(out.lines().count() >= 3, "{}", r.describe());
+    for l in out.lines() {
+        assert!(l.ends_with(":/"), "{l:?} in\n{}", r.describe());
+    }
+}
+
+/// no_new_privs is set by the launcher itself, not only as a side effect of seccomp or
+/// Landlock: permissive has neither and still shows it.
+#[test]
+fn no_new_privs_without_seccomp_or_landlock() {
+    let ws = Workspace::new();
+    ws.expect(
+        "permissive",
+        &[],
+        &["status"],
+        "ok CapInh=0000000000000000 CapPrm=0000000000000000 CapEff=0000000000000000 \
+         CapBnd=0000000000000000 CapAmb=0000000000000000 NoNewPrivs=1 Seccomp=0",
+    );
+}
+
+/// The host's root is detached, not merely hidden.
+#[test]
+fn the_old_root_is_detached() {
+    let ws = Workspace::new();
+    ws.expect(
+        STRICT,
+        &[],
+        &["read-file", "/.oldroot/etc/hostname"],
+        "err ENOENT",
+    );
+    let r = ws.run(
+        STRICT,
+        &[],
+        &["sh", "-c", "grep -c oldroot /proc/self/mountinfo; true"],
+    );
+    assert_eq!(r.ok().trim(), "0", "{}", r.describe());
+}
+
+/// Kernel tunables are read-only mounts inside, not only unwritable by permissions.
+#[test]
+fn proc_sys_is_mounted_read_only() {
+    let ws = Workspace::new();
+    let r = ws.run(STRICT, &[], &["cat", "/proc/self/mountinfo"]);
+    let out = r.ok();
+    for p in ["/proc/sys", "/proc/irq", "/proc/bus"] {
+        let line = out.lines().find(|l| l.split_whitespace().nth(4) == Some(p));
+        let Some(line) = line else {
+            assert!(
+                !std::path::Path::new(p).exists(),
+                "{p} exists on the host but is not mounted inside"
+            );
+            continue;
+        };
+        let opts = line.split_whitespace().nth(5).unwrap_or_default();
+        assert!(opts.starts_with("ro,") || opts == "ro", "{p}: {line}");
+    }
+}
+
+/// Descriptors the caller leaks (not close-on-exec) never reach the agent (runc
+/// CVE-2024-21626: a leaked directory fd is a way out of the mount namespace).
+#[test]
+fn inherited_descriptors_are_closed() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ws = Workspace::new();
+    let etc = std::fs::File::open("/etc").expect("open /etc");
+    let raw = etc.as_raw_fd();
+    let mut cmd = ws.command(
+        STRICT,
+        &[],
+        &["./aither-probe", "read-file", "/proc/self/fd/7/shadow"],
+        &unique("fd"),
+    );
+    // SAFETY: dup2 in the child between fork and exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run aitherctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "RESULT read-file err ENOENT",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new session: the agent has no controlling terminal of the caller (TIOCSTI, /dev/tty).
+#[test]
+fn the_agent_runs_in_a_new_session() {
+    let ws = Workspace::new();
+    let r = ws.run(STRICT, &[], &["sh", "-c", "cut -d' ' -f6 /proc/self/stat"]);
+    assert_eq!(
+        r.ok().trim(),
+        "1",
+        "session of sandbox pid 1: {}",
+        r.describe()
+    );
+}
+
+/// rlimits: the policy's (or the caller's lower hard limit), soft = hard, no core dumps.
+#[test]
+fn rlimits_are_the_policys() {
+    let ws = Workspace::new();
+    let mut host = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `host`.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut host) };
+    assert_eq!(rc, 0);
+    let n = host.rlim_max.min(1024);
+    let r = ws.run(
+        STRICT,
+        &[],
+        &["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Hc"],
+    );
+    assert_eq!(r.ok().trim(), format!("{n}\n{n}\n0"), "{}", r.describe());
+}
+
+/// coreutils' chmod uses fchmodat (mode in argument 2): no set-user-ID through it either.
+#[test]
+fn chmod_cannot_set_setuid_or_setgid_bits() {
+    let ws = Workspace::new();
+    let r = ws.run(
+        STRICT,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "touch f; chmod 6755 f; chmod 755 f && echo plain-ok",
+        ],
+    );
+    assert!(
+        r.stderr.contains("Operation not permitted"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.stdout.trim(), "plain-ok", "{}", r.describe());
+    let mode = std::fs::metadata(ws.at("f")).expect("f on the host").mode();
+    assert_eq!(mode & 0o6000, 0, "mode {mode:o}");
 }

@@ -172,9 +172,6 @@ fn setup_and_reap(
     let keep = sock.as_raw_fd() as u32;
     sys::close_range(3, keep.saturating_sub(1), 0).at(Stage::CloseFds)?;
     sys::close_range(keep + 1, u32::MAX, 0).at(Stage::CloseFds)?;
-    // Non-dumpable: no one can ptrace or open /proc/1/mem of our setup process
-    // (runc CVE-2019-5736). The agent, after execve, is dumpable as usual.
-    sys::prctl(libc::PR_SET_DUMPABLE, 0).at(Stage::NotDumpable)?;
     // Named so that `ps` on the host tells sandboxes apart from aitherctl itself.
     let _ = sys::prctl(libc::PR_SET_NAME, c"aither-init".as_ptr() as libc::c_ulong);
     done(Stage::NotDumpable, &mut stamps);
@@ -187,6 +184,10 @@ fn setup_and_reap(
     // SAFETY: as above.
     check(unsafe { libc::setresuid(spec.uid, spec.uid, spec.uid) }).at(Stage::SetAgentIds)?;
     caps::clear_all().at(Stage::ClearCaps)?;
+    // Non-dumpable: the agent can neither ptrace us nor open /proc/1/mem or /proc/1/environ
+    // (runc CVE-2019-5736). After the credential change, which resets dumpable to
+    // fs.suid_dumpable (1 on some hosts). The agent, after execve, is dumpable as usual.
+    sys::prctl(libc::PR_SET_DUMPABLE, 0).at(Stage::NotDumpable)?;
     // After the credential change (which clears it): die with the launcher, never orphaned.
     sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
         .at(Stage::ParentDeathSignal)?;

@@ -355,3 +355,13 @@ pub fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
     }
     pids
 }
+
+/// Writes a stop file when dropped, so that a sandboxed loop waiting for it ends even when an
+/// assertion fails first (no sandbox is left running by a failed test).
+pub struct StopOnDrop(pub String);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "");
+    }
+}
