@@ -4,7 +4,7 @@
 //! Modules depend downwards only:
 //!
 //! ```text
-//! policy ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
+//! policy ──► token ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
 //!                                   │
 //!                                   └──► cgroup::{v1, v2}
 //! ```
@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;
+pub mod token;
 pub mod units;
 
 /// Where installed policies live unless `AITHER_POLICY_DIR` says otherwise.

@@ -3,6 +3,7 @@
 
 mod policy_cmd;
 mod run_cmd;
+mod token_cmd;
 
 use std::process::ExitCode;
 
@@ -12,7 +13,8 @@ use clap::{Parser, Subcommand};
 ///
 /// Every agent gets its own user, pid, mount, network, IPC, UTS and cgroup namespaces, a
 /// cgroup with memory/CPU/pids limits, a seccomp allowlist, Landlock rules and no capabilities,
-/// all derived from a policy (see `aitherctl policy ls`).
+/// all derived from the verified claims of a capability token (`aitherctl token`), minted from a
+/// policy (see `aitherctl policy ls`).
 ///
 /// Exit status of `run`: the agent's own; 128+N when killed by signal N; 124 on timeout;
 /// 125 when Aither itself failed (nothing ran); 126 when the command cannot be executed;
@@ -34,6 +36,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
+    #[command(subcommand)]
+    Token(token_cmd::TokenCmd),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(a) => run_cmd::run(a),
         Command::Policy(p) => policy_cmd::run(p),
+        Command::Token(t) => token_cmd::run(t),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -1,34 +1,46 @@
 //! `aitherctl run`: one command in one sandbox, in the foreground, no daemon.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aither::policy::Policy;
+use aither::sandbox::spec::sanitize_name;
 use aither::sandbox::{self, LaunchError, RunOptions, SandboxSpec};
+use aither::token::{self, Claims, HostKey, NoRevocations, RevocationStore, TokenError};
 use aither::units::{self, format_duration, Size};
 use clap::Args;
 
-/// Run a command in a sandbox built from a policy, in the foreground.
+/// Run a command in a sandbox built from a capability token or a policy, in the foreground.
+///
+/// The sandbox is derived from the verified claims of a token only. `--token` takes one
+/// (minted with `aitherctl token mint`, perhaps attenuated); `--policy NAME` is a shorthand
+/// that mints a 60-second token from the policy with the host key and verifies it the same
+/// way. With neither, the policy is `strict`. A revoked, expired or forged token is refused
+/// before anything starts (exit 125).
 ///
 /// The workspace (default: the current directory) is mounted read-write at the same path and
-/// is the working directory; everything else follows the policy. Flags may only narrow what
-/// the policy grants. stdin, stdout and stderr pass through; SIGINT, SIGTERM, SIGHUP and SIGQUIT
+/// is the working directory; everything else follows the claims. Flags may only narrow what
+/// the claims grant. stdin, stdout and stderr pass through; SIGINT, SIGTERM, SIGHUP and SIGQUIT
 /// are forwarded; if aitherctl dies, the sandbox dies with it.
 ///
 /// Examples:
 ///   aitherctl run --policy strict -- python3 agent.py
 ///   aitherctl run --policy ci --timeout 10m --memory 256M -- make test
+///   aitherctl run --token agent.tok -- python3 agent.py
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// Policy name (installed or built-in) or path to a policy file.
-    #[arg(long, short = 'p', value_name = "NAME|PATH", default_value = "strict")]
-    policy: String,
+    /// Policy name (installed or built-in) or path to a policy file [default: strict].
+    #[arg(long, short = 'p', value_name = "NAME|PATH", conflicts_with = "token")]
+    policy: Option<String>,
+    /// Capability token: its text, a file holding it, or - for stdin.
+    #[arg(long, value_name = "TOKEN|FILE|-")]
+    token: Option<String>,
     /// Directory mounted read-write at the same path (default: current directory).
     #[arg(long, short = 'w', value_name = "DIR")]
     workspace: Option<PathBuf>,
-    /// Name of the agent (cgroup name, AITHER_AGENT).
-    #[arg(long, value_name = "NAME")]
+    /// Name of the agent (cgroup name, AITHER_AGENT); with --token, the token's subject.
+    #[arg(long, value_name = "NAME", conflicts_with = "token")]
     name: Option<String>,
     /// Set an environment variable inside (repeatable). The environment otherwise starts empty
     /// but for the policy's variables.
@@ -63,7 +75,10 @@ pub fn run(a: RunArgs) -> i32 {
     let spec = match build_spec(&a) {
         Ok(s) => s,
         Err(e) => {
-            crate::print_error(&e);
+            match e.downcast_ref::<TokenError>() {
+                Some(t) if t.is_refusal() => eprintln!("aither: token refused: {t}"),
+                _ => crate::print_error(&e),
+            }
             return 125;
         }
     };
@@ -103,10 +118,49 @@ pub fn run(a: RunArgs) -> i32 {
     }
 }
 
+/// Verifies the token (or mints and verifies one from the policy), then derives the spec from
+/// the effective claims: the one path from arguments to a sandbox.
 fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
-    let loaded = Policy::load(&a.policy)?;
+    let mut trace = Trace::new();
+    let state = token::state_dir();
+    let now = token::now_unix();
+    let verified = match &a.token {
+        Some(arg) => {
+            let t = crate::token_cmd::read_token_arg(arg)?;
+            trace.step("read+decode");
+            let key = HostKey::load(&state)?;
+            let revocations = RevocationStore::open_existing(&state)?;
+            trace.step("host key+revocations");
+            let v = token::verify(&t, &key.public(), now, &revocations)?;
+            trace.step("verify");
+            v
+        }
+        None => {
+            let loaded = Policy::load(a.policy.as_deref().unwrap_or("strict"))?;
+            trace.step("policy");
+            // A one-launch root key: the token never leaves this process, so it needs no host
+            // key (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a
+            // first `run`); it is minted and verified exactly as any other token.
+            let key = token::fresh_key()?;
+            trace.step("launch key");
+            let subject = sanitize_name(a.name.as_deref().unwrap_or("run"));
+            let claims = Claims::from_policy(
+                &loaded.policy,
+                &subject,
+                Duration::from_secs(token::RUN_TOKEN_TTL_SECS),
+            )?;
+            let t = token::mint(&key, &claims)?;
+            trace.step("mint");
+            // The same verification as for --token; the id was drawn from the kernel's random
+            // source a moment ago, so no revocation list can hold it.
+            let v = token::verify(&t, &key.verifying_key(), now, &NoRevocations)?;
+            trace.step("verify");
+            v
+        }
+    };
+    let claims = verified.effective();
     let opts = RunOptions {
-        name: a.name.clone(),
+        name: Some(claims.subject.clone()),
         workspace: a.workspace.clone(),
         env: a.env.clone(),
         timeout: a.timeout,
@@ -116,10 +170,41 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
         argv: a.command.clone(),
     };
     let cwd = std::env::current_dir()?;
-    Ok(SandboxSpec::derive(
-        &loaded.policy,
-        &opts,
-        &|k| std::env::var(k).ok(),
-        &cwd,
-    )?)
+    let spec = SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
+    if let Some(w) = &spec.workspace {
+        verified.check_workspace(&w.path)?;
+    }
+    trace.step("derive spec");
+    Ok(spec)
+}
+
+/// `AITHER_TRACE_LAUNCH=1`: microseconds of each step before the launch, in the launcher's
+/// trace format.
+struct Trace {
+    on: bool,
+    start: Instant,
+    last: Instant,
+}
+
+impl Trace {
+    fn new() -> Trace {
+        let now = Instant::now();
+        Trace {
+            on: std::env::var_os("AITHER_TRACE_LAUNCH").is_some_and(|v| v == "1"),
+            start: now,
+            last: now,
+        }
+    }
+
+    fn step(&mut self, name: &str) {
+        if self.on {
+            let now = Instant::now();
+            eprintln!(
+                "aither-trace: token    {name:<22} {:>9.0} {:>9.0}",
+                (now - self.start).as_secs_f64() * 1e6,
+                (now - self.last).as_secs_f64() * 1e6
+            );
+            self.last = now;
+        }
+    }
 }

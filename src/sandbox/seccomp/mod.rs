@@ -378,7 +378,7 @@ fn to_bytes(p: &[libc::sock_filter]) -> Vec<u8> {
 }
 
 fn from_bytes(b: &[u8]) -> Option<Vec<libc::sock_filter>> {
-    if b.len() % 8 != 0 || b.is_empty() {
+    if !b.len().is_multiple_of(8) || b.is_empty() {
         return None;
     }
     Some(

@@ -1,0 +1,115 @@
+//! A holder's request to narrow a token ("64M of memory, 16 pids, only /usr") turned into the
+//! claims of a new block. Whether the result really narrows is decided by
+//! [`narrows`](super::narrows) when the block is appended, and again at every verification.
+
+use std::time::Duration;
+
+use super::claims::{clean_absolute, Claims};
+use super::{new_id, TokenError};
+use crate::policy::NetworkMode;
+use crate::units::{HumanDuration, Size};
+
+/// What to narrow; `None` / empty keeps the parent's value.
+#[derive(Clone, Debug, Default)]
+pub struct Attenuation {
+    pub memory: Option<Size>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub net: Option<NetworkMode>,
+    /// Replaces the read-only paths; each must lie under one of the parent's.
+    pub read: Vec<String>,
+    /// The workspace must be this directory or below it (`workspace_root`).
+    pub write: Option<String>,
+    /// The new block expires this long after `now` (at most the parent's expiry).
+    pub ttl: Option<Duration>,
+    /// Wall-clock limit of the agent.
+    pub timeout: Option<Duration>,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> TokenError {
+    TokenError::BadRequest {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Attenuation {
+    /// The child claims: the parent's, with a new id, issued at `now`, and the requested
+    /// values. Values that no sandbox could run with are refused here; values wider than the
+    /// parent's are refused by the narrowing check when the block is appended.
+    pub fn apply(&self, parent: &Claims, now: u64) -> Result<Claims, TokenError> {
+        let mut c = parent.clone();
+        c.id = new_id()?;
+        c.iat = now;
+        let r = &mut c.rules;
+        if let Some(m) = self.memory {
+            if m.0 < (8 << 20) {
+                return Err(bad("memory", "must be at least 8M"));
+            }
+            r.resources.memory = m;
+        }
+        if let Some(n) = self.cpus {
+            if !(n.is_finite() && n >= 0.01) {
+                return Err(bad("cpus", "must be at least 0.01"));
+            }
+            r.resources.cpus = n;
+        }
+        if let Some(n) = self.pids {
+            if n < 2 {
+                return Err(bad("pids", "must be at least 2 (the reaper and the agent)"));
+            }
+            r.resources.pids = n;
+        }
+        if let Some(mode) = self.net {
+            r.network.mode = mode;
+            if mode != NetworkMode::Host {
+                // Anything but the host network needs its own network namespace.
+                r.namespaces.net = true;
+            }
+        }
+        if !self.read.is_empty() {
+            let mut paths: Vec<String> = Vec::new();
+            for p in &self.read {
+                if clean_absolute(p).is_none() || p.len() > 4096 {
+                    return Err(bad(
+                        "read",
+                        format!("{p:?}: paths must be absolute, without '.' or '..'"),
+                    ));
+                }
+                let p = p.trim_end_matches('/');
+                let p = if p.is_empty() { "/" } else { p };
+                if !paths.iter().any(|q| q == p) {
+                    paths.push(p.to_string());
+                }
+            }
+            r.filesystem.read_only = paths;
+        }
+        if let Some(w) = &self.write {
+            if clean_absolute(w).is_none() || w.len() > 4096 {
+                return Err(bad(
+                    "write",
+                    format!("{w:?}: the workspace root must be absolute, without '.' or '..'"),
+                ));
+            }
+            c.workspace_root = Some(w.trim_end_matches('/').to_string()).filter(|s| !s.is_empty());
+            if c.workspace_root.is_none() {
+                c.workspace_root = Some("/".into());
+            }
+        }
+        if let Some(t) = self.timeout {
+            if t.is_zero() {
+                return Err(bad("timeout", "must be more than 0"));
+            }
+            c.rules.process.timeout = Some(HumanDuration(t));
+        }
+        if let Some(t) = self.ttl {
+            if t.as_secs() == 0 {
+                return Err(bad("ttl", "must be at least 1s"));
+            }
+            c.exp = now
+                .checked_add(t.as_secs())
+                .ok_or_else(|| bad("ttl", "too long"))?;
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,833 @@
+//! Unit tests of the token module: format, chain, narrowing, time, revocation, host key.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+use super::claims::{changes, read_paths_resolve_within};
+use super::*;
+use crate::policy::{NetworkMode, Policy, BUILTIN_POLICIES};
+use crate::units::{HumanDuration, Size};
+
+const NOW: u64 = 1_800_000_000;
+
+fn policy(name: &str) -> Policy {
+    let src = BUILTIN_POLICIES
+        .iter()
+        .find(|p| p.0 == name)
+        .unwrap_or_else(|| panic!("no built-in policy {name}"))
+        .1;
+    Policy::parse(src, name).expect("built-in policy parses")
+}
+
+fn root_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn claims(p: &str) -> Claims {
+    Claims::from_policy_at(
+        &policy(p),
+        "agent-1",
+        "aither@test",
+        NOW,
+        Duration::from_secs(3600),
+    )
+    .expect("claims")
+}
+
+fn minted(p: &str) -> (Token, Claims) {
+    let c = claims(p);
+    (mint(&root_key(), &c).expect("mint"), c)
+}
+
+fn check(t: &Token) -> Result<Verified, TokenError> {
+    verify(t, &root_key().verifying_key(), NOW + 1, &NoRevocations)
+}
+
+fn widening_field(r: Result<impl std::fmt::Debug, TokenError>) -> String {
+    match r {
+        Err(TokenError::Widening { field, .. }) => field,
+        other => panic!("expected a widening error, got {other:?}"),
+    }
+}
+
+#[test]
+fn mint_encode_decode_verify_round_trip() {
+    let (t, c) = minted("strict");
+    let text = t.encode();
+    assert!(text.starts_with("aither1."), "{text}");
+    assert!(text[8..]
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    let back = Token::decode(&format!("  {text}\n")).expect("decode");
+    assert_eq!(back, t);
+    let v = check(&back).expect("verify");
+    assert_eq!(v.blocks.len(), 1);
+    assert_eq!(v.effective(), &c);
+    assert_eq!(v.id(), c.id);
+    assert_eq!(v.effective().to_policy(), policy("strict"));
+    assert!(is_valid_id(&c.id));
+}
+
+#[test]
+fn claims_payload_is_strict_json() {
+    let c = claims("strict");
+    let mut v: serde_json::Value = serde_json::from_slice(&c.to_payload()).unwrap();
+    v["extra"] = serde_json::json!(1);
+    assert!(Claims::from_payload(v.to_string().as_bytes()).is_err());
+    let mut v: serde_json::Value = serde_json::from_slice(&c.to_payload()).unwrap();
+    v.as_object_mut().unwrap().remove("workspace_root");
+    assert!(
+        Claims::from_payload(v.to_string().as_bytes()).is_err(),
+        "a missing field must not default"
+    );
+}
+
+#[test]
+fn attenuation_narrows_and_verifies() {
+    let (t, c0) = minted("strict");
+    let req = Attenuation {
+        memory: Some(Size(64 << 20)),
+        pids: Some(16),
+        cpus: Some(0.5),
+        timeout: Some(Duration::from_secs(30)),
+        write: Some("/var/tmp/".into()),
+        ..Default::default()
+    };
+    let c1 = req.apply(&c0, NOW).unwrap();
+    let t1 = t.append(&c1).unwrap();
+    let v = check(&t1).unwrap();
+    let e = v.effective();
+    assert_eq!(e.rules.resources.memory, Size(64 << 20));
+    assert_eq!(e.rules.resources.pids, 16);
+    assert_eq!(e.rules.resources.cpus, 0.5);
+    assert_eq!(
+        e.rules.process.timeout,
+        Some(HumanDuration(Duration::from_secs(30)))
+    );
+    assert_eq!(e.workspace_root.as_deref(), Some("/var/tmp"));
+    assert_eq!(v.id(), c0.id, "the token id is block 0's");
+    assert_ne!(e.id, c0.id);
+    let ch: Vec<String> = changes(&c0, e).into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        ch,
+        [
+            "rules.process.timeout",
+            "rules.resources.cpus",
+            "rules.resources.memory",
+            "rules.resources.pids",
+            "workspace_root"
+        ]
+    );
+    // A second attenuation narrows further; the chain verifies.
+    let c2 = Attenuation {
+        memory: Some(Size(32 << 20)),
+        ..Default::default()
+    }
+    .apply(e, NOW)
+    .unwrap();
+    let t2 = t1.append(&c2).unwrap();
+    assert_eq!(
+        check(&t2).unwrap().effective().rules.resources.memory,
+        Size(32 << 20)
+    );
+}
+
+#[test]
+fn widening_requests_are_refused_naming_the_field() {
+    let (t, c0) = minted("strict");
+    let cases: Vec<(Attenuation, &str)> = vec![
+        (
+            Attenuation {
+                memory: Some(Size(1 << 30)),
+                ..Default::default()
+            },
+            "rules.resources.memory",
+        ),
+        (
+            Attenuation {
+                cpus: Some(2.0),
+                ..Default::default()
+            },
+            "rules.resources.cpus",
+        ),
+        (
+            Attenuation {
+                pids: Some(129),
+                ..Default::default()
+            },
+            "rules.resources.pids",
+        ),
+        (
+            Attenuation {
+                net: Some(NetworkMode::Loopback),
+                ..Default::default()
+            },
+            "rules.network.mode",
+        ),
+        (
+            Attenuation {
+                read: vec!["/etc".into()],
+                ..Default::default()
+            },
+            "rules.filesystem.read_only",
+        ),
+        (
+            Attenuation {
+                ttl: Some(Duration::from_secs(7200)),
+                ..Default::default()
+            },
+            "exp",
+        ),
+    ];
+    for (req, field) in cases {
+        let child = req.apply(&c0, NOW).unwrap();
+        match t.append(&child) {
+            Err(TokenError::Widening {
+                block, field: f, ..
+            }) => {
+                assert_eq!(block, 1);
+                assert_eq!(f, field);
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // ci has a timeout: an agent cannot lengthen it, nor drop it (unlimited).
+    let (tc, cc) = minted("ci");
+    let longer = Attenuation {
+        timeout: Some(Duration::from_secs(7200)),
+        ..Default::default()
+    }
+    .apply(&cc, NOW)
+    .unwrap();
+    assert_eq!(widening_field(tc.append(&longer)), "rules.process.timeout");
+    let mut unlimited = cc.clone();
+    unlimited.rules.process.timeout = None;
+    assert_eq!(
+        widening_field(tc.append(&unlimited)),
+        "rules.process.timeout"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let c0 = claims("strict");
+    for (req, field) in [
+        (
+            Attenuation {
+                memory: Some(Size(1 << 20)),
+                ..Default::default()
+            },
+            "memory",
+        ),
+        (
+            Attenuation {
+                cpus: Some(f64::NAN),
+                ..Default::default()
+            },
+            "cpus",
+        ),
+        (
+            Attenuation {
+                pids: Some(1),
+                ..Default::default()
+            },
+            "pids",
+        ),
+        (
+            Attenuation {
+                read: vec!["usr".into()],
+                ..Default::default()
+            },
+            "read",
+        ),
+        (
+            Attenuation {
+                read: vec!["/usr/../etc".into()],
+                ..Default::default()
+            },
+            "read",
+        ),
+        (
+            Attenuation {
+                write: Some("/tmp/./x".into()),
+                ..Default::default()
+            },
+            "write",
+        ),
+        (
+            Attenuation {
+                timeout: Some(Duration::ZERO),
+                ..Default::default()
+            },
+            "timeout",
+        ),
+    ] {
+        match req.apply(&c0, NOW) {
+            Err(TokenError::BadRequest { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}
+
+/// Every field of the claims, widened by hand, is refused by `narrows` with its own name.
+#[test]
+fn narrows_checks_every_field() {
+    let mut parent = claims("strict");
+    parent.workspace_root = Some("/srv/work".into());
+    parent.gpu = GpuClaim {
+        count: 1,
+        vram_mb: 1000,
+        priority: 5,
+    };
+    parent.bus = BusClaim {
+        publish: vec!["agent.x.>".into()],
+        subscribe: vec!["aither.>".into()],
+    };
+    parent.memory_tiers = BTreeMap::from([(
+        "knowledge".to_string(),
+        TierClaim {
+            read: true,
+            write: false,
+            quota_bytes: 1 << 20,
+        },
+    )]);
+    parent.rules.filesystem.exec_workspace = false;
+    parent.rules.rlimits.nproc = Some(100);
+    parent.rules.rlimits.fsize = Some(Size(1 << 30));
+    parent.rules.process.timeout = Some(HumanDuration(Duration::from_secs(60)));
+    narrows(&parent, &parent).expect("a block narrows itself");
+
+    type Edit = Box<dyn Fn(&mut Claims)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("subject", Box::new(|c| c.subject = "other".into())),
+        ("issuer", Box::new(|c| c.issuer = "aither@elsewhere".into())),
+        ("policy", Box::new(|c| c.policy = "permissive".into())),
+        ("exp", Box::new(|c| c.exp += 1)),
+        ("rules.name", Box::new(|c| c.rules.name = "x".into())),
+        (
+            "rules.description",
+            Box::new(|c| c.rules.description = "x".into()),
+        ),
+        (
+            "rules.warning",
+            Box::new(|c| c.rules.warning = Some("x".into())),
+        ),
+        (
+            "rules.best_effort",
+            Box::new(|c| {
+                c.rules
+                    .best_effort
+                    .push(crate::policy::Protection::Landlock)
+            }),
+        ),
+        (
+            "rules.namespaces.net",
+            Box::new(|c| c.rules.namespaces.net = false),
+        ),
+        (
+            "rules.namespaces.ipc",
+            Box::new(|c| c.rules.namespaces.ipc = false),
+        ),
+        (
+            "rules.namespaces.uts",
+            Box::new(|c| c.rules.namespaces.uts = false),
+        ),
+        (
+            "rules.namespaces.cgroup",
+            Box::new(|c| c.rules.namespaces.cgroup = false),
+        ),
+        (
+            "rules.filesystem.read_only",
+            Box::new(|c| c.rules.filesystem.read_only.push("/home".into())),
+        ),
+        (
+            "rules.filesystem.read_only",
+            Box::new(|c| c.rules.filesystem.read_only = vec!["/usr/../etc".into()]),
+        ),
+        (
+            "rules.filesystem.read_only",
+            Box::new(|c| c.rules.filesystem.read_only = vec!["/usrx".into()]),
+        ),
+        (
+            "rules.filesystem.etc",
+            Box::new(|c| c.rules.filesystem.etc.push("shadow".into())),
+        ),
+        (
+            "rules.filesystem.exec_workspace",
+            Box::new(|c| c.rules.filesystem.exec_workspace = true),
+        ),
+        (
+            "rules.filesystem.tmp_size",
+            Box::new(|c| c.rules.filesystem.tmp_size = Size(1 << 40)),
+        ),
+        (
+            "rules.filesystem.dev_shm_size",
+            Box::new(|c| c.rules.filesystem.dev_shm_size = Size(1 << 40)),
+        ),
+        (
+            "rules.network.mode",
+            Box::new(|c| c.rules.network.mode = NetworkMode::Host),
+        ),
+        (
+            "rules.landlock.enabled",
+            Box::new(|c| c.rules.landlock.enabled = false),
+        ),
+        (
+            "rules.seccomp.profile",
+            Box::new(|c| c.rules.seccomp.profile = "none".into()),
+        ),
+        (
+            "rules.resources.memory",
+            Box::new(|c| c.rules.resources.memory = Size(1 << 40)),
+        ),
+        (
+            "rules.resources.swap",
+            Box::new(|c| c.rules.resources.swap = None),
+        ),
+        (
+            "rules.resources.swap",
+            Box::new(|c| c.rules.resources.swap = Some(Size(1))),
+        ),
+        (
+            "rules.resources.cpus",
+            Box::new(|c| c.rules.resources.cpus = 1.5),
+        ),
+        (
+            "rules.resources.cpus",
+            Box::new(|c| c.rules.resources.cpus = f64::NAN),
+        ),
+        (
+            "rules.resources.pids",
+            Box::new(|c| c.rules.resources.pids += 1),
+        ),
+        (
+            "rules.rlimits.nofile",
+            Box::new(|c| c.rules.rlimits.nofile += 1),
+        ),
+        ("rules.rlimits.core", Box::new(|c| c.rules.rlimits.core = 1)),
+        (
+            "rules.rlimits.nproc",
+            Box::new(|c| c.rules.rlimits.nproc = None),
+        ),
+        (
+            "rules.rlimits.fsize",
+            Box::new(|c| c.rules.rlimits.fsize = Some(Size(1 << 31))),
+        ),
+        ("rules.process.uid", Box::new(|c| c.rules.process.uid = 0)),
+        ("rules.process.gid", Box::new(|c| c.rules.process.gid = 0)),
+        (
+            "rules.process.hostname",
+            Box::new(|c| c.rules.process.hostname = "x".into()),
+        ),
+        (
+            "rules.process.timeout",
+            Box::new(|c| c.rules.process.timeout = None),
+        ),
+        (
+            "rules.process.env",
+            Box::new(|c| {
+                c.rules
+                    .process
+                    .env
+                    .insert("LD_PRELOAD".into(), "/x.so".into());
+            }),
+        ),
+        (
+            "rules.process.pass_env",
+            Box::new(|c| c.rules.process.pass_env.push("SSH_AUTH_SOCK".into())),
+        ),
+        ("workspace_root", Box::new(|c| c.workspace_root = None)),
+        (
+            "workspace_root",
+            Box::new(|c| c.workspace_root = Some("/srv".into())),
+        ),
+        (
+            "workspace_root",
+            Box::new(|c| c.workspace_root = Some("/srv/work/../x".into())),
+        ),
+        ("gpu.count", Box::new(|c| c.gpu.count = 2)),
+        ("gpu.vram_mb", Box::new(|c| c.gpu.vram_mb = 1001)),
+        ("gpu.priority", Box::new(|c| c.gpu.priority = 6)),
+        ("bus.publish", Box::new(|c| c.bus.publish.push(">".into()))),
+        (
+            "bus.subscribe",
+            Box::new(|c| c.bus.subscribe.push(">".into())),
+        ),
+        (
+            "memory_tiers.spirit",
+            Box::new(|c| {
+                c.memory_tiers.insert("spirit".into(), TierClaim::default());
+            }),
+        ),
+        (
+            "memory_tiers.knowledge.write",
+            Box::new(|c| c.memory_tiers.get_mut("knowledge").unwrap().write = true),
+        ),
+        (
+            "memory_tiers.knowledge.quota_bytes",
+            Box::new(|c| c.memory_tiers.get_mut("knowledge").unwrap().quota_bytes += 1),
+        ),
+        ("may_spawn", Box::new(|c| c.may_spawn = true)),
+    ];
+    for (field, edit) in cases {
+        let mut child = parent.clone();
+        edit(&mut child);
+        match narrows(&child, &parent) {
+            Err(TokenError::Widening { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected a widening error, got {other:?}"),
+        }
+    }
+    // Workspace access is ordered none < read-only < read-write.
+    let mut ro = parent.clone();
+    ro.rules.filesystem.workspace = crate::policy::WorkspaceAccess::ReadOnly;
+    narrows(&ro, &parent).unwrap();
+    assert_eq!(
+        widening_field(narrows(&parent, &ro)),
+        "rules.filesystem.workspace"
+    );
+    // And the narrowing direction passes for each kind of field.
+    let mut n = parent.clone();
+    n.rules.filesystem.read_only = vec!["/usr/lib".into(), "/lib".into()];
+    n.rules.filesystem.etc.truncate(2);
+    n.rules.resources.swap = Some(Size(0));
+    n.rules.process.timeout = Some(HumanDuration(Duration::from_secs(1)));
+    n.workspace_root = Some("/srv/work/a".into());
+    n.gpu.count = 0;
+    n.bus.publish.clear();
+    n.memory_tiers.get_mut("knowledge").unwrap().read = false;
+    n.exp -= 1;
+    narrows(&n, &parent).unwrap();
+}
+
+#[test]
+fn seccomp_none_may_narrow_to_agent_only() {
+    let parent = claims("permissive");
+    let mut child = parent.clone();
+    child.rules.seccomp.profile = "agent".into();
+    child.rules.landlock.enabled = true;
+    child.rules.network.mode = NetworkMode::None;
+    child.rules.namespaces.net = true;
+    narrows(&child, &parent).unwrap();
+    assert_eq!(
+        widening_field(narrows(&parent, &child)),
+        "rules.namespaces.net"
+    );
+}
+
+/// A block whose claims widen cannot be produced by `append`, but a holder can sign anything
+/// with the proof key: verification must refuse it by itself.
+#[test]
+fn a_forged_widening_block_is_refused_at_verification() {
+    let (t, c0) = minted("strict");
+    let mut wide = c0.clone();
+    wide.rules.resources.memory = Size(4 << 30);
+    let forged = t.append_unchecked(wide.to_payload()).unwrap();
+    match check(&forged) {
+        Err(TokenError::Widening { block, field, .. }) => {
+            assert_eq!(block, 1);
+            assert_eq!(field, "rules.resources.memory");
+        }
+        other => panic!("{other:?}"),
+    }
+    let garbage = t
+        .append_unchecked(b"{\"not\":\"claims\"}".to_vec())
+        .unwrap();
+    assert!(matches!(
+        check(&garbage),
+        Err(TokenError::InvalidClaims { block: 1, .. })
+    ));
+}
+
+#[test]
+fn removing_the_last_block_is_detected() {
+    let (t, c0) = minted("strict");
+    let c1 = Attenuation {
+        memory: Some(Size(64 << 20)),
+        ..Default::default()
+    }
+    .apply(&c0, NOW)
+    .unwrap();
+    let t1 = t.append(&c1).unwrap();
+    let mut cut = t1.clone();
+    cut.blocks.pop();
+    assert!(matches!(check(&cut), Err(TokenError::BadProof)));
+    // Splicing: block 1 of one token after block 0 of another.
+    let (other, _) = minted("strict");
+    let mut spliced = other.clone();
+    spliced.blocks.push(t1.blocks[1].clone());
+    spliced.proof = t1.proof;
+    assert!(matches!(
+        check(&spliced),
+        Err(TokenError::BadSignature { block: 1 })
+    ));
+}
+
+#[test]
+fn distinct_errors_for_each_refusal() {
+    let (t, c0) = minted("strict");
+    let pk = root_key().verifying_key();
+    // Expired: now == exp is already expired.
+    let e = verify(&t, &pk, c0.exp, &NoRevocations).unwrap_err();
+    assert!(matches!(e, TokenError::Expired { .. }), "{e:?}");
+    assert!(e.to_string().contains("expired at"), "{e}");
+    // Not yet valid: beyond the skew.
+    let e = verify(&t, &pk, NOW - CLOCK_SKEW_SECS - 1, &NoRevocations).unwrap_err();
+    assert!(matches!(e, TokenError::NotYetValid { .. }), "{e:?}");
+    assert!(e.to_string().contains("not yet valid"), "{e}");
+    verify(&t, &pk, NOW - CLOCK_SKEW_SECS, &NoRevocations).expect("within the skew");
+    // Wrong key.
+    let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
+    let e = verify(&t, &other, NOW, &NoRevocations).unwrap_err();
+    assert!(matches!(e, TokenError::WrongKey { .. }), "{e:?}");
+    assert!(e.to_string().starts_with("wrong key"), "{e}");
+    // A token re-labelled with the other key's id: the signature fails instead.
+    let mut relabelled = t.clone();
+    relabelled.root_key_id = chain::key_id(&other);
+    let e = verify(&relabelled, &other, NOW, &NoRevocations).unwrap_err();
+    assert!(matches!(e, TokenError::BadSignature { block: 0 }), "{e:?}");
+    // Unknown version, in the bytes and in the text prefix.
+    let mut b = t.to_bytes();
+    b[0] = 2;
+    assert!(matches!(
+        Token::from_bytes(&b),
+        Err(TokenError::UnknownVersion(2))
+    ));
+    let text = t.encode().replacen("aither1.", "aither7.", 1);
+    let e = Token::decode(&text).unwrap_err();
+    assert!(matches!(e, TokenError::UnknownVersion(7)), "{e:?}");
+    assert!(e.to_string().contains("unknown token version 7"), "{e}");
+    // Malformed.
+    for bad in ["", "aither1.", "aither1.!!!", "hello", "aither1.AQ"] {
+        assert!(
+            matches!(Token::decode(bad), Err(TokenError::Malformed(_))),
+            "{bad:?}"
+        );
+    }
+    let mut long = t.to_bytes();
+    long.push(0);
+    assert!(matches!(
+        Token::from_bytes(&long),
+        Err(TokenError::Malformed(_))
+    ));
+    // Every message is different.
+    let msgs = [
+        TokenError::Malformed("x".into()).to_string(),
+        TokenError::UnknownVersion(2).to_string(),
+        TokenError::BadSignature { block: 0 }.to_string(),
+        TokenError::BadProof.to_string(),
+        verify(&t, &other, NOW, &NoRevocations)
+            .unwrap_err()
+            .to_string(),
+        verify(&t, &pk, c0.exp, &NoRevocations)
+            .unwrap_err()
+            .to_string(),
+        verify(&t, &pk, 0, &NoRevocations).unwrap_err().to_string(),
+    ];
+    for (i, a) in msgs.iter().enumerate() {
+        for b in &msgs[i + 1..] {
+            assert_ne!(a.split(':').next(), b.split(':').next(), "{a} / {b}");
+        }
+    }
+}
+
+#[test]
+fn an_expired_parent_expires_the_child() {
+    let (t, c0) = minted("strict");
+    let mut c1 = Attenuation::default().apply(&c0, NOW).unwrap();
+    c1.exp = c0.exp - 100;
+    let t1 = t.append(&c1).unwrap();
+    let e = verify(
+        &t1,
+        &root_key().verifying_key(),
+        c0.exp - 50,
+        &NoRevocations,
+    )
+    .unwrap_err();
+    assert!(matches!(e, TokenError::Expired { block: 1, .. }), "{e:?}");
+}
+
+#[test]
+fn revocation_by_token_id_and_by_block_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RevocationStore::open(dir.path()).unwrap();
+    let (t, c0) = minted("strict");
+    let c1 = Attenuation {
+        pids: Some(8),
+        ..Default::default()
+    }
+    .apply(&c0, NOW)
+    .unwrap();
+    let t1 = t.append(&c1).unwrap();
+    let pk = root_key().verifying_key();
+    verify(&t1, &pk, NOW, &store).expect("nothing revoked yet");
+
+    // Revoking the attenuation's block id refuses the attenuated token only.
+    store.revoke(&c1.id, "leaked", NOW).unwrap();
+    verify(&t, &pk, NOW, &store).expect("the root token is still valid");
+    match verify(&t1, &pk, NOW, &store) {
+        Err(TokenError::Revoked { id, reason, .. }) => {
+            assert_eq!(id, c1.id);
+            assert_eq!(reason, "leaked");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Revoking the token id refuses both.
+    let r = store.revoke(&c0.id, "", NOW + 5).unwrap();
+    assert_eq!(r.at, NOW + 5);
+    let again = store.revoke(&c0.id, "later", NOW + 9).unwrap();
+    assert_eq!(again, r, "a second revocation keeps the first record");
+    for tok in [&t, &t1] {
+        let e = verify(tok, &pk, NOW, &store).unwrap_err();
+        assert!(matches!(e, TokenError::Revoked { .. }), "{e:?}");
+        assert!(e.to_string().contains("was revoked at"), "{e}");
+    }
+    let list = store.list().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(matches!(
+        store.revoke("not-an-id", "", NOW),
+        Err(TokenError::BadRequest { field: "id", .. })
+    ));
+    // Persisted, and seen by a second connection.
+    drop(store);
+    let reopened = RevocationStore::open_existing(dir.path()).unwrap().unwrap();
+    assert_eq!(reopened.list().unwrap(), list);
+    let mode = std::fs::metadata(dir.path().join("state.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let empty = tempfile::tempdir().unwrap();
+    assert!(RevocationStore::open_existing(empty.path())
+        .unwrap()
+        .is_none());
+    assert!(
+        !empty.path().join("state.db").exists(),
+        "verification creates no database"
+    );
+}
+
+#[test]
+fn host_key_is_created_once_private_and_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    assert!(matches!(
+        HostKey::load(&state),
+        Err(TokenError::HostKeyMissing { .. })
+    ));
+    // Created by racing threads: all agree on one key.
+    let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| HostKey::load_or_create(&state).unwrap().public().to_bytes()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(keys.windows(2).all(|w| w[0] == w[1]));
+    let k = HostKey::load(&state).unwrap();
+    assert_eq!(k.public().to_bytes(), keys[0]);
+    let kd = state.join("keys");
+    let file = kd.join("host.ed25519");
+    assert_eq!(std::fs::metadata(&kd).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o7777, 0o600);
+    let leftovers: Vec<_> = std::fs::read_dir(&kd).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
+
+    // A key readable by others is refused, not used.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = HostKey::load(&state).unwrap_err();
+    assert!(e.to_string().contains("must be 0600"), "{e}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&kd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = HostKey::load_or_create(&state).unwrap_err();
+    assert!(e.to_string().contains("must be 0700"), "{e}");
+}
+
+#[test]
+fn public_keys_parse_in_every_form() {
+    let pk = root_key().verifying_key();
+    let b64 = keys::encode_public_key(&pk);
+    assert_eq!(b64.len(), 43);
+    assert_eq!(parse_public_key(&b64).unwrap(), pk);
+    assert_eq!(parse_public_key(&hex(pk.as_bytes())).unwrap(), pk);
+    assert_eq!(parse_public_key(&format!("ed25519:{b64}\n")).unwrap(), pk);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("host.pub");
+    std::fs::write(&f, format!("{b64}\n")).unwrap();
+    assert_eq!(parse_public_key(f.to_str().unwrap()).unwrap(), pk);
+    for bad in ["", "abc", &hex(&[0u8; 31]), "zz"] {
+        assert!(
+            matches!(parse_public_key(bad), Err(TokenError::BadPublicKey { .. })),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn read_paths_are_resolved_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir_all(root.join("granted/sub")).unwrap();
+    std::fs::create_dir_all(root.join("secret")).unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("granted/escape")).unwrap();
+    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
+    let mut parent = policy("strict");
+    parent.filesystem.read_only = vec![s("granted")];
+    let mut child = parent.clone();
+    child.filesystem.read_only = vec![s("granted/sub")];
+    read_paths_resolve_within(&child, &parent).unwrap();
+    // Lexically under the parent, but the bind would land in "secret".
+    child.filesystem.read_only = vec![s("granted/escape/x")];
+    let e = read_paths_resolve_within(&child, &parent).unwrap_err();
+    assert!(e.to_string().contains("resolves on this host"), "{e}");
+    // The link itself is fine: the sandbox recreates it as a link.
+    child.filesystem.read_only = vec![s("granted/escape")];
+    read_paths_resolve_within(&child, &parent).unwrap();
+}
+
+#[test]
+fn workspace_must_lie_under_every_blocks_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir_all(root.join("a/b")).unwrap();
+    std::fs::create_dir_all(root.join("c")).unwrap();
+    let (t, c0) = minted("strict");
+    let c1 = Attenuation {
+        write: Some(root.join("a").to_str().unwrap().into()),
+        ..Default::default()
+    }
+    .apply(&c0, NOW)
+    .unwrap();
+    let v = check(&t.append(&c1).unwrap()).unwrap();
+    v.check_workspace(&root.join("a")).unwrap();
+    v.check_workspace(&root.join("a/b")).unwrap();
+    assert!(matches!(
+        v.check_workspace(&root.join("c")),
+        Err(TokenError::WorkspaceOutsideRoot { .. })
+    ));
+    check(&t).unwrap().check_workspace(&root.join("c")).unwrap();
+}
+
+#[test]
+fn times_format_as_rfc3339() {
+    assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+    assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
+    assert_eq!(format_time(1_800_000_000), "2027-01-15T08:00:00Z");
+    assert_eq!(format_time(4_102_444_799), "2099-12-31T23:59:59Z");
+}
+
+#[test]
+fn subjects_and_ttls_are_checked() {
+    for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+        assert!(
+            Claims::from_policy(&policy("strict"), bad, Duration::from_secs(60)).is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(Claims::from_policy(&policy("strict"), "ok", Duration::ZERO).is_err());
+    let c =
+        Claims::from_policy(&policy("strict"), "agent@x_1.2-3", Duration::from_secs(60)).unwrap();
+    assert_eq!(c.exp - c.iat, 60);
+    assert!(c.issuer.starts_with("aither@"));
+}
