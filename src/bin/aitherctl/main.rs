@@ -50,6 +50,16 @@ fn main() -> ExitCode {
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
+/// clap value parser for durations ("30s", "10m").
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    aither::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// clap value parser for sizes ("512M").
+pub fn parse_size(s: &str) -> Result<aither::units::Size, String> {
+    aither::units::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Prints an error the one way aitherctl prints errors, with its causes.
 pub fn print_error(e: &anyhow::Error) {
     let mut msg = format!("aither: error: {e}");

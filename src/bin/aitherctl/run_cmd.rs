@@ -7,7 +7,7 @@ use aither::policy::Policy;
 use aither::sandbox::spec::sanitize_name;
 use aither::sandbox::{self, LaunchError, RunOptions, SandboxSpec};
 use aither::token::{self, Claims, HostKey, NoRevocations, RevocationStore, TokenError};
-use aither::units::{self, format_duration, Size};
+use aither::units::{format_duration, Size};
 use clap::Args;
 
 /// Run a command in a sandbox built from a capability token or a policy, in the foreground.
@@ -47,10 +47,10 @@ pub struct RunArgs {
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
     /// Wall-clock limit (e.g. 30s, 10m): SIGTERM, then SIGKILL 2s later; exit status 124.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     timeout: Option<Duration>,
     /// Memory limit (e.g. 256M), at most the policy's.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
     memory: Option<Size>,
     /// CPU limit in CPUs (e.g. 0.5), at most the policy's.
     #[arg(long, value_name = "N")]
@@ -61,14 +61,6 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    units::parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn parse_size(s: &str) -> Result<Size, String> {
-    units::parse_size(s).map_err(|e| e.to_string())
 }
 
 pub fn run(a: RunArgs) -> i32 {

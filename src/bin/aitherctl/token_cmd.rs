@@ -10,7 +10,7 @@ use aither::token::{
     self, chain::key_id, claims, format::MAX_TEXT, keys::encode_public_key, Attenuation, Claims,
     HostKey, NoRevocations, RevocationCheck, RevocationStore, Token, TokenError, Verified,
 };
-use aither::units::{self, Size};
+use aither::units::Size;
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -33,7 +33,7 @@ pub enum TokenCmd {
         #[arg(long, value_name = "NAME")]
         subject: String,
         /// Lifetime (e.g. 30m, 1h, 7d).
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::parse_duration)]
         ttl: Duration,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
@@ -74,7 +74,7 @@ pub enum TokenCmd {
         #[arg(value_name = "TOKEN|FILE|-")]
         token: String,
         /// Memory limit (e.g. 64M).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
         memory: Option<Size>,
         /// CPU limit in CPUs (e.g. 0.5).
         #[arg(long, value_name = "N")]
@@ -93,10 +93,10 @@ pub enum TokenCmd {
         #[arg(long = "write", value_name = "PATH")]
         write: Option<String>,
         /// The new block expires this long from now (at most the token's own expiry).
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
         ttl: Option<Duration>,
         /// Wall-clock limit of the agent.
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
         timeout: Option<Duration>,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
@@ -138,14 +138,6 @@ pub enum TokenCmd {
 pub enum NetArg {
     None,
     Loopback,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    units::parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn parse_size(s: &str) -> Result<Size, String> {
-    units::parse_size(s).map_err(|e| e.to_string())
 }
 
 pub fn run(cmd: TokenCmd) -> i32 {
