@@ -879,3 +879,24 @@ fn run_policy_mints_and_verifies_internally() {
         "a run without revocations creates no database"
     );
 }
+
+/// A base64url public key can begin with '-' (1 key in 64): `--pubkey -xyz…` must be taken as
+/// a value, not rejected as a missing one (found as a flaky CLI test).
+#[test]
+fn a_public_key_beginning_with_a_dash_is_a_value() {
+    let st = State::new();
+    let o = st.run(&[
+        "token",
+        "verify",
+        "aither1.AAAA",
+        "--pubkey",
+        "-hidboYTCtOYe8x66h1OGMcvogc3jLruJ6OraiEIvi",
+    ]);
+    let err = stderr(&o);
+    assert!(!err.contains("a value is required"), "{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an invalid key or token, not a usage error: {err}"
+    );
+}

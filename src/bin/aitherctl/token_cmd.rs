@@ -51,7 +51,7 @@ pub enum TokenCmd {
         #[arg(long)]
         json: bool,
         /// Public key to verify with (file, hex or base64url; default: this host's key).
-        #[arg(long, value_name = "FILE|KEY")]
+        #[arg(long, value_name = "FILE|KEY", allow_hyphen_values = true)]
         pubkey: Option<String>,
     },
     /// Verify a token: exit 0 when valid, 1 with the reason on stderr when not.
@@ -60,7 +60,7 @@ pub enum TokenCmd {
         #[arg(value_name = "TOKEN|FILE|-")]
         token: String,
         /// Public key to verify with (file, hex or base64url; default: this host's key).
-        #[arg(long, value_name = "FILE|KEY")]
+        #[arg(long, value_name = "FILE|KEY", allow_hyphen_values = true)]
         pubkey: Option<String>,
     },
     /// Append a block that narrows the token; a widening request is refused naming the field
@@ -102,7 +102,7 @@ pub enum TokenCmd {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// Public key to verify the token with before attenuating it.
-        #[arg(long, value_name = "FILE|KEY")]
+        #[arg(long, value_name = "FILE|KEY", allow_hyphen_values = true)]
         pubkey: Option<String>,
     },
     /// Revoke a token id (every attenuation of it too) or a block id.
