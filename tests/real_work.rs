@@ -369,3 +369,20 @@ fn writing_to_dev_stdout_and_dev_stderr() {
     assert_eq!(r.ok().trim(), "to-stdout", "{}", r.describe());
     assert_eq!(r.stderr.trim(), "to-stderr", "{}", r.describe());
 }
+
+/// Naming a thread through /proc (what pthread_setname_np does for another thread) opens the
+/// comm file with O_TRUNC: Landlock must grant Truncate there, not only WriteFile.
+#[test]
+fn a_process_can_rename_itself_through_proc() {
+    let ws = Workspace::new();
+    let r = ws.run(
+        STRICT,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo renamed > /proc/$$/comm && cat /proc/$$/comm",
+        ],
+    );
+    assert_eq!(r.ok().trim(), "renamed", "{}", r.describe());
+}

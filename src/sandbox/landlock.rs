@@ -179,9 +179,12 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
             rules.push((p.clone(), read));
         }
         rules.push(("/etc".into(), read_noexec));
+        // WriteFile and Truncate on /proc: `echo x > /proc/self/comm` (what pthread_setname_np
+        // does for another thread) opens with O_TRUNC; what a file there accepts is the
+        // kernel's business (tunables are read-only mounts, owned by an unmapped root).
         rules.push((
             "/proc".into(),
-            read_noexec | (handled_fs & AccessFs::WriteFile),
+            read_noexec | (handled_fs & (AccessFs::WriteFile | AccessFs::Truncate)),
         ));
         rules.push(("/dev".into(), dev));
         rules.push(("/dev/shm".into(), all & !AccessFs::Execute));
