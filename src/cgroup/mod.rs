@@ -147,6 +147,24 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+impl Limits {
+    /// The controllers these limits need, each with the protection that names it in a
+    /// policy's `best_effort`. One list for both backends, so a limit means the same on each.
+    pub fn controllers(&self) -> Vec<(&'static str, Protection)> {
+        let mut v = Vec::with_capacity(3);
+        if self.memory.is_some() || self.swap.is_some() {
+            v.push(("memory", Protection::CgroupMemory));
+        }
+        if self.cpu.is_some() {
+            v.push(("cpu", Protection::CgroupCpu));
+        }
+        if self.pids.is_some() {
+            v.push(("pids", Protection::CgroupPids));
+        }
+        v
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CpuQuota {
     pub quota_us: u64,

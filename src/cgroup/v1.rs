@@ -77,18 +77,8 @@ impl CgroupManager for V1 {
             dirs: Vec::new(),
             skipped: Vec::new(),
         };
-        let mut want: Vec<(&'static str, Protection)> = Vec::new();
-        if limits.memory.is_some() {
-            want.push(("memory", Protection::CgroupMemory));
-        }
-        if limits.cpu.is_some() {
-            want.push(("cpu", Protection::CgroupCpu));
-        }
-        if limits.pids.is_some() {
-            want.push(("pids", Protection::CgroupPids));
-        }
         let mut result = Ok(());
-        for (controller, protection) in want {
+        for (controller, protection) in limits.controllers() {
             let Some(h) = self.require(controller, protection, best_effort, &mut cg.skipped)?
             else {
                 continue;

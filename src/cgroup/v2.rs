@@ -37,18 +37,7 @@ impl CgroupManager for V2 {
         let has = |c: &str| available.split_whitespace().any(|x| x == c);
         let mut skipped = Vec::new();
         let mut enable = Vec::new();
-        for (needed, controller, protection) in [
-            (
-                limits.memory.is_some() || limits.swap.is_some(),
-                "memory",
-                Protection::CgroupMemory,
-            ),
-            (limits.cpu.is_some(), "cpu", Protection::CgroupCpu),
-            (limits.pids.is_some(), "pids", Protection::CgroupPids),
-        ] {
-            if !needed {
-                continue;
-            }
+        for (controller, protection) in limits.controllers() {
             if has(controller) {
                 enable.push(controller);
             } else if best_effort.contains(&protection) {
