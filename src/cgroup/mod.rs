@@ -208,15 +208,6 @@ pub trait CgroupManager {
     fn birth_dir(&self, id: &str) -> Result<Option<PathBuf>, CgroupError>;
 }
 
-/// What the launcher hands the new process so that it joins its cgroup.
-#[derive(Debug)]
-pub struct JoinHandles {
-    /// Files the child writes "0" to (v1 `tasks`).
-    pub write_zero: Vec<OwnedFd>,
-    /// A cgroup2 directory for clone3(CLONE_INTO_CGROUP).
-    pub into: Option<OwnedFd>,
-}
-
 /// One sandbox's cgroup: a directory per hierarchy.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -228,12 +219,6 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// How a new process gets into this cgroup without stalling (DESIGN.md §10): a cgroup2
-    /// directory is entered at birth with clone3(CLONE_INTO_CGROUP); each v1 hierarchy by the
-    /// child writing "0" to `tasks`, which moves only the calling thread and so skips the
-    /// global threadgroup lock that a `cgroup.procs` write takes (an RCU grace period, 8 ms
-    /// and more when launches are spaced out). The files are opened here, by the launcher: the
-    /// kernel checks the opener's credentials (since 5.16), not the writer's.
     /// An O_DIRECTORY descriptor of `dir` when it is a real cgroup2 directory (for
     /// CLONE_INTO_CGROUP); None for a fake root.
     pub fn open_cgroup2(dir: &Path) -> Result<Option<OwnedFd>, CgroupError> {
@@ -248,22 +233,17 @@ impl Cgroup {
             })
     }
 
-    pub fn join_handles(&self) -> Result<JoinHandles, CgroupError> {
-        let mut h = JoinHandles {
-            write_zero: Vec::new(),
-            into: None,
-        };
+    /// How a new process gets into this cgroup without stalling (DESIGN.md §10): a cgroup2
+    /// directory is entered at birth with clone3(CLONE_INTO_CGROUP); each v1 hierarchy by the
+    /// child writing "0" to `tasks`, which moves only the calling thread and so skips the
+    /// global threadgroup lock that a `cgroup.procs` write takes (an RCU grace period, 8 ms
+    /// and more when launches are spaced out). The files are opened here, by the launcher: the
+    /// kernel checks the opener's credentials (since 5.16), not the writer's.
+    pub fn join_handles(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        let mut files = Vec::new();
         for (ctrl, d) in &self.dirs {
-            let real_v2 = *ctrl == "unified" && fs_magic(d).ok() == Some(CGROUP2_SUPER_MAGIC);
-            if real_v2 {
-                let fd =
-                    crate::sys::open(d, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| {
-                        CgroupError::Read {
-                            path: d.clone(),
-                            source,
-                        }
-                    })?;
-                h.into = Some(fd);
+            if *ctrl == "unified" && fs_magic(d).ok() == Some(CGROUP2_SUPER_MAGIC) {
+                // Entered at birth (clone3 CLONE_INTO_CGROUP, see `open_cgroup2`).
                 continue;
             }
             // v1 `tasks`; a fake (plain-directory) v2 root gets `cgroup.procs`.
@@ -275,9 +255,9 @@ impl Cgroup {
             let p = d.join(file);
             let fd = crate::sys::open(&p, libc::O_WRONLY | libc::O_CREAT)
                 .map_err(|source| CgroupError::Read { path: p, source })?;
-            h.write_zero.push(fd);
+            files.push(fd);
         }
-        Ok(h)
+        Ok(files)
     }
 
     /// Pids currently in the cgroup (from the first hierarchy).

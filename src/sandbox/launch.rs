@@ -337,10 +337,10 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     marks.push(("cgroup", now_ns()));
     let workspace =
         mounts::prepare_workspace(spec, ids.agent).map_err(|e| abort(LaunchError::Workspace(e)))?;
-    let mut fds: Vec<BorrowedFd<'_>> = join.write_zero.iter().map(|f| f.as_fd()).collect();
+    let mut fds: Vec<BorrowedFd<'_>> = join.iter().map(|f| f.as_fd()).collect();
     fds.extend(workspace.as_ref().map(|f| f.as_fd()));
     let resources = Msg::Resources {
-        cgroup_files: join.write_zero.len(),
+        cgroup_files: join.len(),
         workspace: workspace.is_some(),
     };
     // A send error means pid 1 already failed: its Failed message is read below.
