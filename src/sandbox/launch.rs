@@ -352,11 +352,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
 
     // 7. Wait for the agent to start.
     let started = channel::recv(parent_sock.as_fd());
-    let early = |e: LaunchError| -> Result<Outcome, LaunchError> {
-        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-        let _ = sys::wait_pidfd(pidfd.as_fd());
-        Err(e)
-    };
+    let early = |e: LaunchError| -> Result<Outcome, LaunchError> { Err(abort(e)) };
     let (stages, landlock_status) = match started {
         Ok(Some(Msg::Started {
             stages, landlock, ..
