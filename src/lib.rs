@@ -10,6 +10,7 @@
 //! ```
 
 pub mod cgroup;
+pub mod daemon;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;

@@ -6,6 +6,7 @@
 //! (v1); it never touches another cgroup. See docs/cgroups.md for why this is a small
 //! cgroupfs layer rather than the cgroups-rs crate.
 
+pub mod stats;
 mod v1;
 mod v2;
 
@@ -183,7 +184,7 @@ impl CpuQuota {
 }
 
 /// A backend: creates cgroups for sandboxes.
-pub trait CgroupManager {
+pub trait CgroupManager: Send + Sync {
     fn mode(&self) -> CgroupMode;
     /// Creates `aither/<id>` in every hierarchy used and applies the limits. A limit whose
     /// controller is missing fails unless its protection is in `best_effort` (then it is

@@ -4,7 +4,7 @@
 //! the column and the field. See docs/policies.md for the format.
 
 mod builtin;
-mod locate;
+pub(crate) mod locate;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -213,6 +213,53 @@ pub struct Policy {
     pub resources: Resources,
     pub rlimits: Rlimits,
     pub process: Process,
+    /// What the supervisor (aitherd) does on each pain signal.
+    #[serde(default)]
+    pub pain: PainPolicy,
+}
+
+/// What the supervisor does when a pain signal arrives (DESIGN.md §7).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PainAction {
+    /// Record the event only.
+    #[default]
+    Log,
+    /// Halve the agent's CPU quota (down to 0.05 CPU).
+    Throttle,
+    /// Restart the agent (counted against the restart burst limit).
+    Restart,
+    /// Stop the agent.
+    Stop,
+}
+
+/// Pain signal → action. Kernel-sourced: `oom` (an OOM kill in the agent's cgroup that left the
+/// agent running; one that kills the agent ends the run and the restart policy applies),
+/// `memory_pressure`, `cpu_throttling`; agent-reported, by severity.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PainPolicy {
+    pub oom: PainAction,
+    pub memory_pressure: PainAction,
+    pub cpu_throttling: PainAction,
+    pub info: PainAction,
+    pub warning: PainAction,
+    pub error: PainAction,
+    pub critical: PainAction,
+}
+
+impl Default for PainPolicy {
+    fn default() -> PainPolicy {
+        PainPolicy {
+            oom: PainAction::Log,
+            memory_pressure: PainAction::Log,
+            cpu_throttling: PainAction::Log,
+            info: PainAction::Log,
+            warning: PainAction::Log,
+            error: PainAction::Log,
+            critical: PainAction::Restart,
+        }
+    }
 }
 
 /// A policy together with where it came from.

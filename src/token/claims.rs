@@ -387,8 +387,11 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         resources,
         rlimits,
         process,
+        pain,
     } = child;
     same("rules.name", name, &parent.name)?;
+    // What the supervisor does on pain is the host's choice, not the holder's.
+    same("rules.pain", pain, &parent.pain)?;
     same("rules.description", description, &parent.description)?;
     same("rules.warning", warning, &parent.warning)?;
     subset("rules.best_effort", best_effort, &parent.best_effort)?;

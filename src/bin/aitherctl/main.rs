@@ -1,6 +1,7 @@
 //! aitherctl: the command-line front door of Aither. Thin: argument parsing, output and exit
 //! codes here; every mechanism lives in the `aither` library.
 
+mod daemon_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod token_cmd;
@@ -16,9 +17,13 @@ use clap::{Parser, Subcommand};
 /// all derived from the verified claims of a capability token (`aitherctl token`), minted from a
 /// policy (see `aitherctl policy ls`).
 ///
+/// `run` needs no daemon; `spawn`, `ps`, `logs` and the other agent commands talk to aitherd
+/// (socket $AITHER_SOCKET or /run/aither/aitherd.sock).
+///
 /// Exit status of `run`: the agent's own; 128+N when killed by signal N; 124 on timeout;
 /// 125 when Aither itself failed (nothing ran); 126 when the command cannot be executed;
-/// 127 when it is not found in the sandbox.
+/// 127 when it is not found in the sandbox. Of the daemon commands: 0 done; 1 refused or
+/// failed (not found, conflict, launch failed); 2 bad usage; 3 aitherd not reachable.
 #[derive(Parser)]
 #[command(
     name = "aitherctl",
@@ -34,6 +39,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(run_cmd::RunArgs),
+    Spawn(daemon_cmd::SpawnArgs),
+    Ps(daemon_cmd::PsArgs),
+    Inspect(daemon_cmd::InspectArgs),
+    Logs(daemon_cmd::LogsArgs),
+    Stop(daemon_cmd::StopArgs),
+    Kill(daemon_cmd::KillArgs),
+    Restart(daemon_cmd::RestartArgs),
+    Rm(daemon_cmd::RmArgs),
+    Events(daemon_cmd::EventsArgs),
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
@@ -44,6 +58,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(a) => run_cmd::run(a),
+        Command::Spawn(a) => daemon_cmd::spawn(a),
+        Command::Ps(a) => daemon_cmd::ps(a),
+        Command::Inspect(a) => daemon_cmd::inspect(a),
+        Command::Logs(a) => daemon_cmd::logs(a),
+        Command::Stop(a) => daemon_cmd::stop(a),
+        Command::Kill(a) => daemon_cmd::kill(a),
+        Command::Restart(a) => daemon_cmd::restart(a),
+        Command::Rm(a) => daemon_cmd::rm(a),
+        Command::Events(a) => daemon_cmd::events(a),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
     };

@@ -1,0 +1,645 @@
+//! The commands that talk to aitherd: spawn, ps, inspect, logs, stop, kill, restart, rm, events.
+//!
+//! Exit status: 0 done; 1 aitherd refused or failed the request (not found, conflict, launch
+//! failed); 2 bad usage; 3 aitherd is not running or not reachable.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aither::daemon::agent::Info;
+use aither::daemon::agentfile::AgentFile;
+use aither::daemon::client::{Client, ClientError};
+use aither::daemon::proto::{Reply, Request, SpawnRequest};
+use aither::daemon::store::Event;
+use aither::daemon::supervise::{to_ms, RestartPolicy, Supervision};
+use aither::daemon::{self, check_name};
+use aither::units::Size;
+use clap::Args;
+
+pub const EXIT_REFUSED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_UNREACHABLE: i32 = 3;
+
+fn connect() -> Result<Client, i32> {
+    Client::connect(&daemon::socket_path()).map_err(|e| {
+        eprintln!("aither: {e}");
+        EXIT_UNREACHABLE
+    })
+}
+
+fn call(req: &Request) -> Result<serde_json::Value, i32> {
+    let mut c = connect()?;
+    let r = c.call(req).map_err(client_err)?;
+    reply_data(r)
+}
+
+fn client_err(e: ClientError) -> i32 {
+    eprintln!("aither: {e}");
+    EXIT_UNREACHABLE
+}
+
+fn reply_data(r: Reply) -> Result<serde_json::Value, i32> {
+    if r.ok {
+        Ok(r.data.unwrap_or_default())
+    } else {
+        let e = r.error.unwrap_or(aither::daemon::proto::ErrorBody {
+            code: "internal".into(),
+            message: "no reason given".into(),
+        });
+        eprintln!("aither: error: {} ({})", e.message, e.code);
+        Err(EXIT_REFUSED)
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+/// Start a supervised agent under aitherd.
+///
+/// The sandbox is built exactly as for `aitherctl run`, from a capability token: `--token`, or
+/// one minted by aitherd from `--policy` (default strict) for the agent's name. The agent's
+/// stdout and stderr go to size-rotated log files (`aitherctl logs`). It gets a channel to
+/// aitherd on fd 3 (AITHER_FD=3) for READY, heartbeats and pain signals (docs/protocol.md;
+/// `aither-notify` from a shell).
+///
+/// Without a command, the agent file agents/NAME.toml (or -f FILE) gives the command, policy
+/// and supervision settings; flags override the file.
+///
+/// Restart policy (DESIGN.md §7): on a failure (exit code other than 0, a signal we did not
+/// send, OOM kill, watchdog miss, no READY within the startup timeout, failed health checks)
+/// the agent restarts after min(backoff·2^(n-1), 5m) ±10 %; more than 5 restarts in 10 minutes
+/// and it is marked failed. 10 minutes healthy resets the backoff.
+///
+/// Examples:
+///   aitherctl spawn --policy strict my-agent -- python3 agent.py
+///   aitherctl spawn my-agent                     # from agents/my-agent.toml
+///   aitherctl spawn --restart always --watchdog 30s bot -- ./bot.sh
+///   aitherctl spawn --health-cmd 'test -f /tmp/ok' --health-interval 5s web -- ./serve
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct SpawnArgs {
+    /// The agent's name (default: the agent file's name or file stem).
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// Policy name or path [default: strict, or the agent file's].
+    #[arg(long, short = 'p', value_name = "NAME|PATH", conflicts_with = "token")]
+    policy: Option<String>,
+    /// Capability token (its text, a file, or - for stdin); its subject must be NAME.
+    #[arg(long, value_name = "TOKEN|FILE|-")]
+    token: Option<String>,
+    /// Agent file [default: agents/NAME.toml when no command is given].
+    #[arg(long = "file", short = 'f', value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Directory mounted read-write at the same path (default: the current directory).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// Set an environment variable inside (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// never | on-failure | always [default: on-failure].
+    #[arg(long, value_name = "POLICY")]
+    restart: Option<RestartPolicy>,
+    /// First restart delay; doubles per consecutive failure (0 restarts at once) [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    backoff: Option<Duration>,
+    /// Time between SIGTERM and killing the whole sandbox on stop [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    stop_timeout: Option<Duration>,
+    /// The agent reports readiness (READY on its channel); until then it is "starting".
+    #[arg(long)]
+    wait_ready: bool,
+    /// READY (or a passing health check) must come within this, or it is a failure.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    startup_timeout: Option<Duration>,
+    /// Heartbeats must arrive at least this often, or the agent is restarted.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    watchdog: Option<Duration>,
+    /// Health check run inside the agent's sandbox with sh -c; exit 0 = healthy.
+    #[arg(long, value_name = "CMD")]
+    health_cmd: Option<String>,
+    /// Time between health checks [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    health_interval: Option<Duration>,
+    /// Time a health check may take [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    health_timeout: Option<Duration>,
+    /// Consecutive failed checks that restart the agent [default: 3].
+    #[arg(long, value_name = "N")]
+    health_threshold: Option<u32>,
+    /// Replace an agent of the same name that is not running.
+    #[arg(long)]
+    replace: bool,
+    /// Print the agent as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
+    let cwd = std::env::current_dir()?;
+    let file = match (&a.file, a.command.is_empty(), &a.name) {
+        (Some(f), _, _) => Some(AgentFile::load(f)?),
+        (None, true, Some(n)) => {
+            let p = Path::new("agents").join(format!("{n}.toml"));
+            if !p.exists() {
+                anyhow::bail!(
+                    "no command given and no agent file {} (give `-- CMD ...` or -f FILE)",
+                    p.display()
+                );
+            }
+            Some(AgentFile::load(&p)?)
+        }
+        (None, true, None) => {
+            anyhow::bail!("give a NAME and a command (`-- CMD ...`), or an agent file (-f FILE)")
+        }
+        (None, false, None) => anyhow::bail!("give the agent a NAME"),
+        (None, false, Some(_)) => None,
+    };
+    let name = a
+        .name
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.name.clone()))
+        .or_else(|| {
+            a.file
+                .as_ref()
+                .and_then(|p| p.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    check_name(&name).map_err(anyhow::Error::msg)?;
+    let mut sup = Supervision::default();
+    if let Some(f) = &file {
+        sup = f.supervision(sup);
+    }
+    if let Some(r) = a.restart {
+        sup.restart = r;
+    }
+    if let Some(b) = a.backoff {
+        sup.backoff_ms = to_ms(b);
+    }
+    if let Some(t) = a.stop_timeout {
+        sup.stop_timeout_ms = to_ms(t);
+    }
+    sup.wait_ready |= a.wait_ready;
+    if let Some(t) = a.startup_timeout {
+        sup.startup_timeout_ms = Some(to_ms(t));
+    }
+    if let Some(w) = a.watchdog {
+        sup.watchdog_ms = Some(to_ms(w));
+    }
+    if let Some(h) = &a.health_cmd {
+        sup.health_cmd = Some(vec!["/bin/sh".into(), "-c".into(), h.clone()]);
+    }
+    if let Some(i) = a.health_interval {
+        sup.health_interval_ms = to_ms(i);
+    }
+    if let Some(t) = a.health_timeout {
+        sup.health_timeout_ms = to_ms(t);
+    }
+    if let Some(n) = a.health_threshold {
+        sup.health_threshold = n;
+    }
+    sup.validate().map_err(anyhow::Error::msg)?;
+    let argv = if a.command.is_empty() {
+        file.as_ref().map(|f| f.command.argv()).unwrap_or_default()
+    } else {
+        a.command.clone()
+    };
+    let token = match (&a.token, file.as_ref().and_then(|f| f.token_file.clone())) {
+        (Some(t), _) => Some(crate::token_cmd::read_token_arg(t)?.encode()),
+        (None, Some(p)) => {
+            let p = file.as_ref().map(|f| f.resolve(&p)).unwrap_or(p);
+            Some(crate::token_cmd::read_token_arg(&p.display().to_string())?.encode())
+        }
+        _ => None,
+    };
+    let policy = a
+        .policy
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.policy.clone()))
+        .map(|p| {
+            // A path is resolved here: aitherd's working directory is not ours.
+            if p.contains('/') || p.ends_with(".toml") {
+                std::fs::canonicalize(&p)
+                    .map(|c| c.display().to_string())
+                    .unwrap_or(p)
+            } else {
+                p
+            }
+        });
+    let workspace = match (
+        &a.workspace,
+        file.as_ref().and_then(|f| f.workspace.clone()),
+    ) {
+        (Some(w), _) => Some(w.clone()),
+        (None, Some(w)) => file.as_ref().map(|f| f.resolve(&w)),
+        _ => None,
+    }
+    .map(|w| std::fs::canonicalize(&w).unwrap_or(w));
+    let mut env: Vec<String> = file
+        .as_ref()
+        .map(|f| f.env.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    env.extend(a.env.iter().cloned());
+    Ok(SpawnRequest {
+        name,
+        policy,
+        token,
+        argv,
+        workspace,
+        cwd,
+        env,
+        pass_env: std::env::vars().collect(),
+        supervision: sup,
+        replace: a.replace,
+    })
+}
+
+pub fn spawn(a: SpawnArgs) -> i32 {
+    let req = match build_spawn(&a) {
+        Ok(r) => r,
+        Err(e) => {
+            crate::print_error(&e);
+            return EXIT_USAGE;
+        }
+    };
+    match call(&Request::Spawn(Box::new(req))) {
+        Ok(v) => {
+            if a.json {
+                print_json(&v);
+            } else if let Ok(i) = serde_json::from_value::<Info>(v) {
+                println!(
+                    "{}: {} (pid {}, policy {}, logs: aitherctl logs {})",
+                    i.name,
+                    i.state,
+                    i.pid1.map(|p| p.to_string()).unwrap_or("-".into()),
+                    i.policy,
+                    i.name
+                );
+            }
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+/// List agents: name, state, pid, uptime, restarts, CPU, memory, GPU.
+#[derive(Args)]
+pub struct PsArgs {
+    /// Print JSON (every field of every agent).
+    #[arg(long)]
+    json: bool,
+}
+
+fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+pub fn ps(a: PsArgs) -> i32 {
+    let v = match call(&Request::Ps) {
+        Ok(v) => v,
+        Err(c) => return c,
+    };
+    if a.json {
+        print_json(&v);
+        return 0;
+    }
+    let list: Vec<Info> = serde_json::from_value(v).unwrap_or_default();
+    let now = aither::daemon::store::now_ms();
+    let rows: Vec<[String; 8]> = list
+        .iter()
+        .map(|i| {
+            let live = i.state.is_live();
+            [
+                i.name.clone(),
+                i.state.to_string(),
+                i.pid1
+                    .filter(|_| live)
+                    .map(|p| p.to_string())
+                    .unwrap_or("-".into()),
+                i.started_ms
+                    .filter(|_| live)
+                    .map(|s| human_age(now.saturating_sub(s)))
+                    .unwrap_or("-".into()),
+                i.restarts.to_string(),
+                i.cpu_percent
+                    .filter(|_| live)
+                    .map(|c| format!("{c:.1}%"))
+                    .unwrap_or("-".into()),
+                i.memory_bytes
+                    .filter(|_| live)
+                    .map(|m| Size(m).to_string())
+                    .unwrap_or("-".into()),
+                "-".into(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for r in &rows {
+        let _ = writeln!(out, "{}", line(r.iter().map(|s| s.as_str()).collect()));
+    }
+    0
+}
+
+/// Show everything aitherd knows about an agent (JSON).
+#[derive(Args)]
+pub struct InspectArgs {
+    name: String,
+    /// Accepted for symmetry: the output is always JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn inspect(a: InspectArgs) -> i32 {
+    let _ = a.json;
+    match call(&Request::Inspect { name: a.name }) {
+        Ok(v) => {
+            print_json(&v);
+            0
+        }
+        Err(c) => c,
+    }
+}
+
+/// Print an agent's output (stdout and stderr, in order, across restarts).
+#[derive(Args)]
+pub struct LogsArgs {
+    name: String,
+    /// Keep printing new output until interrupted.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Number of lines from the end [default: 100].
+    #[arg(long, short = 'n', value_name = "N")]
+    tail: Option<usize>,
+    /// Print JSON chunks ({"text": ...}) instead of raw text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn logs(a: LogsArgs) -> i32 {
+    let req = Request::Logs {
+        name: a.name.clone(),
+        follow: a.follow,
+        tail: a.tail,
+    };
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut status = 0;
+    let res = c.stream(&req, |r| {
+        if !r.ok {
+            let _ = reply_data(r.clone());
+            status = EXIT_REFUSED;
+            return false;
+        }
+        let data = r.data.clone().unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        if a.json {
+            let _ = writeln!(out, "{data}");
+        } else if let Some(t) = data.get("text").and_then(|t| t.as_str()) {
+            let _ = out.write_all(t.as_bytes());
+        }
+        out.flush().is_ok()
+    });
+    if let Err(e) = res {
+        return client_err(e);
+    }
+    status
+}
+
+/// Stop an agent: SIGTERM, then after the timeout every process of its sandbox is killed. It
+/// stays stopped (no restart) until `aitherctl restart`.
+#[derive(Args)]
+pub struct StopArgs {
+    name: String,
+    /// Time between SIGTERM and the kill [default: the agent's stop timeout, 10s].
+    #[arg(long, short = 't', value_name = "DURATION", value_parser = crate::parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Send a signal to an agent's main process. SIGKILL kills the whole sandbox; a signal sent
+/// this way never counts as a failure.
+#[derive(Args)]
+pub struct KillArgs {
+    name: String,
+    /// Signal name or number [default: SIGKILL].
+    #[arg(long, short = 's', value_name = "SIGNAL", default_value = "KILL")]
+    signal: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Restart an agent: stop it (SIGTERM, grace, kill) and start it again; a failed or stopped
+/// agent starts again with a fresh restart budget.
+#[derive(Args)]
+pub struct RestartArgs {
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Remove an agent that is not running (--force stops it first), with its logs.
+#[derive(Args)]
+pub struct RmArgs {
+    name: String,
+    /// Stop it first if it runs.
+    #[arg(long, short = 'f')]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn act(req: Request, json: bool, what: &str) -> i32 {
+    match call(&req) {
+        Ok(v) => {
+            if json {
+                print_json(&v);
+            } else {
+                let state = v
+                    .get("state")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or(if what == "removed" { "removed" } else { "" });
+                println!(
+                    "{}: {what}{}",
+                    v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+                    if state.is_empty() || state == what {
+                        String::new()
+                    } else {
+                        format!(" (now {state})")
+                    }
+                );
+            }
+            0
+        }
+        Err(c) => c,
+    }
+}
+
+pub fn stop(a: StopArgs) -> i32 {
+    act(
+        Request::Stop {
+            name: a.name,
+            timeout_ms: a.timeout.map(to_ms),
+        },
+        a.json,
+        "stopped",
+    )
+}
+
+pub fn kill(a: KillArgs) -> i32 {
+    let signal = match daemon::parse_signal(&a.signal) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aither: error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    act(
+        Request::Kill {
+            name: a.name,
+            signal,
+        },
+        a.json,
+        "signalled",
+    )
+}
+
+pub fn restart(a: RestartArgs) -> i32 {
+    act(Request::Restart { name: a.name }, a.json, "restarting")
+}
+
+pub fn rm(a: RmArgs) -> i32 {
+    act(
+        Request::Rm {
+            name: a.name,
+            force: a.force,
+        },
+        a.json,
+        "removed",
+    )
+}
+
+/// Print aitherd's events: state changes, exits, restarts, health results, pain signals.
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Keep printing new events until interrupted.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only events since this long ago (e.g. 10m) [default: all kept; with -f: none].
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// Only this agent's events.
+    #[arg(long, value_name = "NAME")]
+    agent: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_event(e: &Event, json: bool) -> bool {
+    let mut out = std::io::stdout().lock();
+    let r = if json {
+        writeln!(out, "{}", serde_json::to_string(e).unwrap_or_default())
+    } else {
+        let ts = aither::token::format_time(e.ts_ms / 1000);
+        writeln!(
+            out,
+            "{ts}.{:03}  {:<16}  {:<14}  {}",
+            e.ts_ms % 1000,
+            e.name.as_deref().unwrap_or("-"),
+            e.kind,
+            e.data
+        )
+    };
+    r.is_ok() && out.flush().is_ok()
+}
+
+pub fn events(a: EventsArgs) -> i32 {
+    let since_ms = a
+        .since
+        .map(|d| aither::daemon::store::now_ms().saturating_sub(to_ms(d)));
+    let req = Request::Events {
+        follow: a.follow,
+        since_ms: if a.follow {
+            since_ms
+        } else {
+            since_ms.or(Some(0))
+        },
+        name: a.agent.clone(),
+    };
+    if !a.follow {
+        return match call(&req) {
+            Ok(v) => {
+                let list: Vec<Event> = serde_json::from_value(v).unwrap_or_default();
+                for e in &list {
+                    if !print_event(e, a.json) {
+                        break;
+                    }
+                }
+                0
+            }
+            Err(c) => c,
+        };
+    }
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut status = 0;
+    let res = c.stream(&req, |r| {
+        if !r.ok {
+            let _ = reply_data(r.clone());
+            status = EXIT_REFUSED;
+            return false;
+        }
+        match r
+            .data
+            .clone()
+            .and_then(|d| serde_json::from_value::<Event>(d).ok())
+        {
+            Some(e) => print_event(&e, a.json),
+            None => true,
+        }
+    });
+    if let Err(e) = res {
+        return client_err(e);
+    }
+    status
+}

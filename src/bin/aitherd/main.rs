@@ -1,0 +1,164 @@
+//! aitherd: the root-level manager that supervises agents. Thin: flags, logging, the
+//! single-instance lock, signals; the mechanisms live in `aither::daemon`.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use aither::daemon::{self, recover, server, Daemon, DaemonError};
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// The Aither daemon: supervises agents spawned with `aitherctl spawn`.
+///
+/// Runs in the foreground with logs on stderr (RUST_LOG=debug for more). Listens on
+/// /run/aither/aitherd.sock (0660 root:aither when the group exists, else 0600), keeps its state
+/// in /var/lib/aither/state.db. Each agent runs in its own sandbox under a small launcher
+/// process (aither-init shim) that outlives a daemon crash: when aitherd starts again it
+/// re-adopts every running agent through its cgroup, and restarts per policy the ones that
+/// ended meanwhile. SIGTERM or SIGINT stop the daemon cleanly and leave the agents running.
+///
+/// Environment: AITHER_SOCKET (socket path), AITHER_STATE_DIR (state directory),
+/// AITHER_INIT (path of aither-init), AITHER_POLICY_DIR (policies).
+#[derive(Parser)]
+#[command(name = "aitherd", version, max_term_width = 100, verbatim_doc_comment)]
+struct Args {
+    /// Control socket path [default: $AITHER_SOCKET or /run/aither/aitherd.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// State directory [default: $AITHER_STATE_DIR or /var/lib/aither].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Write the daemon's pid here (removed at a clean exit).
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    // Two worker threads: the work is I/O and short SQLite writes (on the store's own thread).
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aitherd: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aitherd: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Holds an exclusive flock on `<socket>.lock` for the daemon's life: one daemon per socket.
+fn lock(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = socket.with_extension("lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        let pid = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(DaemonError::AlreadyRunning {
+            pid: pid.trim().to_string(),
+            path,
+        }
+        .into());
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("aitherd must run as root (it creates sandboxes and cgroups)");
+    }
+    if let Some(dir) = &args.state_dir {
+        std::env::set_var("AITHER_STATE_DIR", dir);
+    }
+    let socket = args.socket.clone().unwrap_or_else(daemon::socket_path);
+    let _lock = lock(&socket)?;
+    let state_dir = aither::token::state_dir();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    raise_nofile();
+    let init = daemon::find_init()?;
+    let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
+    let rec = recover::recover(&d)?;
+    tracing::info!(
+        adopted = rec.adopted,
+        restarted = rec.restarted,
+        resting = rec.resting,
+        killed_strays = rec.killed_strays,
+        "recovered"
+    );
+    daemon::started_event(&d, rec.adopted, rec.restarted);
+    let group = server::aither_gid();
+    let listener =
+        server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
+    let access = Arc::new(server::Access { group });
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = server::serve(d.clone(), listener, access) => {}
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down; agents keep running"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down; agents keep running"),
+    }
+    d.emit_daemon(
+        "daemon_stopped",
+        serde_json::json!({"pid": std::process::id()}),
+    );
+    let _ = d.store.flush().await;
+    let _ = std::fs::remove_file(&socket);
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// Each agent holds a few descriptors in the daemon (its channel, its pidfd): lift the soft
+/// limit to the hard one.
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: valid rlimit pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    }
+}

@@ -1,0 +1,1018 @@
+//! One supervised agent: a tokio task that launches its sandbox through a shim, watches it
+//! (exit, READY, heartbeats, health checks, the kernel's pain signals), and applies the restart
+//! policy. Users talk to it through `Cmd`s; `ps` and `inspect` read its `Info`.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::proto::{self, aio, FrameError, SpawnRequest};
+use super::shim::{self, ExitRecord, Live, Probe, ShimError};
+use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
+use super::Daemon;
+use crate::cgroup::{self, stats, CpuQuota};
+use crate::policy::{PainAction, PainPolicy};
+use crate::sandbox::SandboxSpec;
+
+/// What the daemon keeps about an agent across its own restarts (agents.record).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub request: SpawnRequest,
+    pub spec: SandboxSpec,
+    pub token: String,
+    pub token_id: String,
+    pub pain: PainPolicy,
+    pub created_ms: u64,
+}
+
+/// What `ps` and `inspect` show.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub state: State,
+    pub policy: String,
+    pub argv: Vec<String>,
+    pub workspace: Option<PathBuf>,
+    pub token_id: String,
+    pub pid1: Option<i32>,
+    pub agent_pid: Option<i32>,
+    pub shim_pid: Option<i32>,
+    pub cgroup: Option<String>,
+    pub started_ms: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub last_reason: Option<EndReason>,
+    pub next_start_ms: Option<u64>,
+    pub ready: bool,
+    pub health_failures: u32,
+    pub last_health: Option<String>,
+    pub last_heartbeat_ms: Option<u64>,
+    pub status_text: Option<String>,
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit: Option<u64>,
+    pub oom_kills: u64,
+    pub supervision: Supervision,
+    pub log_dir: PathBuf,
+}
+
+/// Requests to an agent's task.
+pub enum Cmd {
+    Stop {
+        timeout: Option<Duration>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Kill {
+        signal: i32,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Restart {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Remove {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The handle the daemon keeps per agent.
+pub struct Handle {
+    pub info: Arc<Mutex<Info>>,
+    pub cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+/// How a first launch went, for the `spawn` reply.
+pub type Launched = oneshot::Sender<Result<(), String>>;
+
+enum ChannelItem {
+    Frame(serde_json::Value),
+    Error(FrameError),
+}
+
+struct Agent {
+    d: Arc<Daemon>,
+    name: String,
+    rec: Record,
+    info: Arc<Mutex<Info>>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    tracker: RestartTracker,
+}
+
+/// How a watched run ended, plus anything a user asked for meanwhile.
+struct RunEnd {
+    reason: EndReason,
+    healthy_since: Option<Instant>,
+    then: After,
+}
+
+enum After {
+    /// Apply the restart policy.
+    Policy,
+    /// Stay stopped (a user's stop).
+    Stop(Vec<oneshot::Sender<Result<(), String>>>),
+    /// Start again now, whatever the policy (a user's restart).
+    Restart(oneshot::Sender<Result<(), String>>),
+    /// Remove the agent.
+    Remove(oneshot::Sender<Result<(), String>>),
+}
+
+/// Starts the task of a new or recovered agent. `adopted`: its sandbox is already running.
+/// `initial`: the state to rest in without launching (a recovered stopped/exited/failed agent).
+pub fn start(
+    d: Arc<Daemon>,
+    rec: Record,
+    adopted: Option<Live>,
+    initial: Option<State>,
+    launched: Option<Launched>,
+) -> Handle {
+    let name = rec.request.name.clone();
+    let info = Arc::new(Mutex::new(Info {
+        name: name.clone(),
+        state: initial.unwrap_or(State::Created),
+        policy: rec.spec.policy.clone(),
+        argv: rec.spec.argv.clone(),
+        workspace: rec.spec.workspace.as_ref().map(|w| w.path.clone()),
+        token_id: rec.token_id.clone(),
+        pid1: None,
+        agent_pid: None,
+        shim_pid: None,
+        cgroup: None,
+        started_ms: None,
+        restarts: 0,
+        last_exit: None,
+        last_reason: None,
+        next_start_ms: None,
+        ready: false,
+        health_failures: 0,
+        last_health: None,
+        last_heartbeat_ms: None,
+        status_text: None,
+        cpu_percent: None,
+        memory_bytes: None,
+        memory_limit: None,
+        oom_kills: 0,
+        supervision: rec.request.supervision.clone(),
+        log_dir: d.log_dir(&name),
+    }));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
+    let agent = Agent {
+        d,
+        name,
+        rec,
+        info: info.clone(),
+        cmds: rx,
+        tracker: RestartTracker::new(seed ^ info_hash(&info)),
+    };
+    tokio::spawn(agent.main(adopted, initial, launched));
+    Handle { info, cmd: tx }
+}
+
+fn info_hash(info: &Arc<Mutex<Info>>) -> u64 {
+    Arc::as_ptr(info) as u64
+}
+
+impl Agent {
+    fn set<F: FnOnce(&mut Info)>(&self, f: F) {
+        let mut i = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut i);
+    }
+
+    fn state(&self, s: State) {
+        let prev = {
+            let mut i = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut i.state, s)
+        };
+        if prev != s {
+            self.d.store.set_state(&self.name, &s.to_string());
+            self.d
+                .emit(Some(&self.name), "state", json!({"from": prev, "to": s}));
+        }
+    }
+
+    fn sup(&self) -> &Supervision {
+        &self.rec.request.supervision
+    }
+
+    async fn main(
+        mut self,
+        mut adopted: Option<Live>,
+        initial: Option<State>,
+        mut launched: Option<Launched>,
+    ) {
+        let mut idle = initial;
+        loop {
+            if let Some(s) = idle.take() {
+                // Resting (stopped, exited, failed): only a user can move it.
+                self.state(s);
+                match self.rest().await {
+                    Some(After::Restart(reply)) => {
+                        self.tracker.reset();
+                        let _ = reply.send(Ok(()));
+                    }
+                    Some(After::Remove(reply)) => {
+                        self.remove(reply).await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+            // Re-check the token at every start: a revoked or expired one never launches.
+            if let Err(e) = self.d.check_token(&self.rec.token) {
+                let reason = EndReason::TokenInvalid {
+                    error: e.to_string(),
+                };
+                self.ended(&reason);
+                if let Some(l) = launched.take() {
+                    let _ = l.send(Err(reason.describe()));
+                }
+                idle = Some(State::Failed);
+                continue;
+            }
+            let live = match adopted.take() {
+                Some(l) => Ok(l),
+                None => self.launch().await,
+            };
+            let end = match live {
+                Ok(live) => {
+                    if let Some(l) = launched.take() {
+                        let _ = l.send(Ok(()));
+                    }
+                    self.watch(live).await
+                }
+                Err(e) => {
+                    let (code, error) = match &e {
+                        ShimError::Launch { code, error } => (*code, error.clone()),
+                        other => (125, other.to_string()),
+                    };
+                    if let Some(l) = launched.take() {
+                        let _ = l.send(Err(error.clone()));
+                    }
+                    let reason = EndReason::LaunchFailed { code, error };
+                    self.ended(&reason);
+                    // A sandbox that cannot be built will not build on retry (a missing
+                    // command, a protection the kernel lacks): no restart loop.
+                    idle = Some(State::Failed);
+                    continue;
+                }
+            };
+            self.ended(&end.reason);
+            let now = self.d.mono_ms();
+            if let Some(h) = end.healthy_since {
+                let healthy = now.saturating_sub(self.d.to_mono_ms(h));
+                let sup = self.sup().clone();
+                self.tracker.note_run(&sup, 0, Some(0), healthy);
+            }
+            match end.then {
+                After::Remove(reply) => {
+                    self.remove(reply).await;
+                    return;
+                }
+                After::Stop(replies) => {
+                    for r in replies {
+                        let _ = r.send(Ok(()));
+                    }
+                    idle = Some(State::Stopped);
+                    continue;
+                }
+                After::Restart(reply) => {
+                    self.tracker.reset();
+                    self.tracker.total += 1;
+                    self.set(|i| i.restarts = self.tracker.total);
+                    let _ = reply.send(Ok(()));
+                    continue;
+                }
+                After::Policy => {}
+            }
+            let sup = self.sup().clone();
+            let decision = self.tracker.decide(&sup, &end.reason, now);
+            self.set(|i| i.restarts = self.tracker.total);
+            match decision {
+                Decision::Done => {
+                    idle = Some(match end.reason {
+                        EndReason::TokenInvalid { .. } => State::Failed,
+                        _ => State::Exited,
+                    })
+                }
+                Decision::GiveUp => {
+                    self.d.emit(
+                        Some(&self.name),
+                        "failed",
+                        json!({"reason": format!("more than {} restarts in {} s", sup.burst_limit, sup.burst_window_ms / 1000)}),
+                    );
+                    idle = Some(State::Failed);
+                }
+                Decision::Restart(delay) => {
+                    self.state(State::Backoff);
+                    let at = super::store::now_ms() + delay.as_millis() as u64;
+                    self.set(|i| i.next_start_ms = Some(at));
+                    self.d.emit(
+                        Some(&self.name),
+                        "backoff",
+                        json!({"delay_ms": delay.as_millis() as u64, "restarts": self.tracker.total}),
+                    );
+                    match self.backoff(delay).await {
+                        None => {}
+                        Some(After::Stop(replies)) => {
+                            for r in replies {
+                                let _ = r.send(Ok(()));
+                            }
+                            self.set(|i| i.next_start_ms = None);
+                            idle = Some(State::Stopped);
+                        }
+                        Some(After::Remove(reply)) => {
+                            self.remove(reply).await;
+                            return;
+                        }
+                        Some(After::Restart(reply)) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Some(After::Policy) => {}
+                    }
+                    self.set(|i| i.next_start_ms = None);
+                }
+            }
+        }
+    }
+
+    /// Records the end of a run.
+    fn ended(&self, reason: &EndReason) {
+        let text = reason.describe();
+        self.d.store.run_ended(&self.name, &text);
+        self.set(|i| {
+            i.last_exit = Some(text.clone());
+            i.last_reason = Some(reason.clone());
+            i.pid1 = None;
+            i.agent_pid = None;
+            i.shim_pid = None;
+            i.cgroup = None;
+            i.ready = false;
+            i.cpu_percent = None;
+        });
+        self.d.emit(
+            Some(&self.name),
+            "exited",
+            json!({"reason": reason, "description": text}),
+        );
+    }
+
+    async fn remove(&self, reply: oneshot::Sender<Result<(), String>>) {
+        self.d.store.delete_agent(&self.name);
+        self.d.emit(Some(&self.name), "removed", json!({}));
+        self.d.forget(&self.name);
+        let _ = reply.send(Ok(()));
+    }
+
+    /// Waits in a resting state for a user's command.
+    async fn rest(&mut self) -> Option<After> {
+        while let Some(cmd) = self.cmds.recv().await {
+            match cmd {
+                Cmd::Stop { reply, .. } => {
+                    let _ = reply.send(Ok(()));
+                }
+                Cmd::Kill { reply, .. } => {
+                    let _ = reply.send(Err(format!("{} is not running", self.name)));
+                }
+                Cmd::Restart { reply } => return Some(After::Restart(reply)),
+                Cmd::Remove { reply } => return Some(After::Remove(reply)),
+            }
+        }
+        None
+    }
+
+    /// Sleeps out a backoff; a user's command cuts it short.
+    async fn backoff(&mut self, delay: Duration) -> Option<After> {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return None,
+                cmd = self.cmds.recv() => match cmd? {
+                    Cmd::Stop { reply, .. } => return Some(After::Stop(vec![reply])),
+                    Cmd::Kill { reply, .. } => {
+                        let _ = reply.send(Err(format!("{} is in backoff, not running", self.name)));
+                    }
+                    Cmd::Restart { reply } => return Some(After::Restart(reply)),
+                    Cmd::Remove { reply } => return Some(After::Remove(reply)),
+                },
+            }
+        }
+    }
+
+    async fn launch(&mut self) -> Result<Live, ShimError> {
+        self.state(State::Starting);
+        let live = shim::launch(
+            &self.d.init,
+            &self.rec.spec,
+            &self.d.log_dir(&self.name),
+            Duration::from_secs(60),
+        )
+        .await?;
+        self.d
+            .store
+            .run_started(&self.name, live.shim_pid, live.pid1, &live.cgroup_id);
+        Ok(live)
+    }
+
+    /// Watches one run until it ends.
+    async fn watch(&mut self, mut live: Live) -> RunEnd {
+        let sup = self.sup().clone();
+        let started = Instant::now();
+        self.set(|i| {
+            i.pid1 = live.pid1;
+            i.agent_pid = live.agent_pid;
+            i.shim_pid = Some(live.shim_pid);
+            i.cgroup = Some(live.cgroup_id.clone());
+            i.started_ms = Some(super::store::now_ms());
+            i.health_failures = 0;
+            i.oom_kills = 0;
+        });
+        self.d.emit(
+            Some(&self.name),
+            "started",
+            json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
+        );
+        let mut ready = !sup.needs_readiness() || live.was_ready;
+        let mut healthy_since = if ready { Some(started) } else { None };
+        self.state(if ready {
+            State::Running
+        } else {
+            State::Starting
+        });
+
+        // The agent channel: a reader task turns frames into items; replies are written here,
+        // in order.
+        let (frames_tx, mut frames_rx) = mpsc::channel::<ChannelItem>(16);
+        let mut writer: Option<OwnedWriteHalf> = None;
+        let mut reader_task = None;
+        if let Some(fd) = live.channel.take() {
+            match channel_stream(fd) {
+                Ok(stream) => {
+                    let (mut r, w) = stream.into_split();
+                    writer = Some(w);
+                    reader_task = Some(tokio::spawn(async move {
+                        loop {
+                            match aio::read_frame(&mut r).await {
+                                Ok(Some(body)) => {
+                                    let item = match serde_json::from_slice(&body) {
+                                        Ok(v) => ChannelItem::Frame(v),
+                                        Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
+                                    };
+                                    if frames_tx.send(item).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => return,
+                                Err(e) => {
+                                    let _ = frames_tx.send(ChannelItem::Error(e)).await;
+                                    return;
+                                }
+                            }
+                        }
+                    }));
+                }
+                Err(e) => tracing::warn!(agent = %self.name, error = %e, "agent channel unusable"),
+            }
+        }
+
+        let cg = {
+            let mgr = &*self.d.cgroups;
+            stats::open_existing(mgr, &live.cgroup_id)
+        };
+        let mut startup_deadline = match (ready, sup.startup_timeout_ms) {
+            (false, Some(ms)) => Some(started + Duration::from_millis(ms)),
+            _ => None,
+        };
+        // The watchdog runs from the start (systemd: from READY or start, whichever is first
+        // seen; here from start so that a hung startup is caught too when no timeout is set).
+        let watchdog = sup.watchdog_ms.map(Duration::from_millis);
+        let mut watchdog_deadline = watchdog.map(|w| started + w);
+        let health_every = Duration::from_millis(sup.health_interval_ms);
+        let mut next_health = sup
+            .health_cmd
+            .as_ref()
+            .map(|_| started + Duration::from_millis(sup.health_interval_ms.min(1000)));
+        let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
+        let mut health_running = false;
+        let mut failures = 0u32;
+        let stats_every = self.d.stats_interval;
+        let mut next_stats = started + stats_every.min(Duration::from_millis(500));
+        let mut last_cpu: Option<(u64, Instant)> = None;
+        let mut last_oom = 0u64;
+        let mut last_throttled: Option<u64> = None;
+        let mut pressure_since_event: Option<Instant> = None;
+        let mut token_check = 0u32;
+
+        // Why we ended it, if we did; and what users asked for.
+        let mut pending: Option<EndReason> = None;
+        let mut then = After::Policy;
+        let mut stop_replies = Vec::new();
+        let mut kill_at: Option<Instant> = None;
+
+        let pid1 = live.pid1;
+        let shim_sig = match live.signaller() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(agent = %self.name, error = %e, "cannot hold the shim's pidfd");
+                return RunEnd {
+                    reason: EndReason::Lost,
+                    healthy_since: None,
+                    then: After::Policy,
+                };
+            }
+        };
+        let exit = live.wait();
+        tokio::pin!(exit);
+        let record: Option<ExitRecord> = loop {
+            let mut next = next_stats;
+            for t in [startup_deadline, watchdog_deadline, kill_at, next_health]
+                .into_iter()
+                .flatten()
+            {
+                next = next.min(t);
+            }
+            tokio::select! {
+                rec = &mut exit => break rec,
+                item = frames_rx.recv(), if writer.is_some() => {
+                    let Some(item) = item else {
+                        // The agent closed its channel: nothing more to read.
+                        writer = None;
+                        continue;
+                    };
+                    let reply = match item {
+                        ChannelItem::Frame(v) => {
+                            let (reply, effect) = self.on_request(&v, &mut ready);
+                            match effect {
+                                Effect::None => {}
+                                Effect::Ready => {
+                                    startup_deadline = None;
+                                    healthy_since.get_or_insert(Instant::now());
+                                }
+                                Effect::Heartbeat => {
+                                    if let Some(w) = watchdog {
+                                        watchdog_deadline = Some(Instant::now() + w);
+                                    }
+                                }
+                                Effect::Pain(action, what) => {
+                                    if let Some(p) = self.pain_action(action, &what, cg.as_ref()) {
+                                        pending.get_or_insert(p);
+                                        kill_at.get_or_insert(Instant::now());
+                                    }
+                                }
+                            }
+                            reply
+                        }
+                        ChannelItem::Error(e) => {
+                            let r = proto::Reply::err(e.code(), e.to_string());
+                            if !e.recoverable() {
+                                if let Some(w) = writer.as_mut() {
+                                    let _ = aio::write_frame(w, &r).await;
+                                    let _ = w.shutdown().await;
+                                }
+                                writer = None;
+                                continue;
+                            }
+                            r
+                        }
+                    };
+                    if let Some(w) = writer.as_mut() {
+                        if aio::write_frame(w, &reply).await.is_err() {
+                            writer = None;
+                        }
+                    }
+                }
+                probe = health_rx.recv() => {
+                    health_running = false;
+                    let Some(p) = probe else { continue };
+                    let now = Instant::now();
+                    next_health = Some(now + health_every);
+                    self.set(|i| i.last_health = Some(if p.ok { "ok".into() } else { p.output.clone() }));
+                    if p.ok {
+                        if failures > 0 {
+                            self.d.emit(Some(&self.name), "health", json!({"ok": true, "after_failures": failures}));
+                        }
+                        failures = 0;
+                        self.set(|i| i.health_failures = 0);
+                        if !ready {
+                            ready = true;
+                            startup_deadline = None;
+                            self.set(|i| i.ready = true);
+                            self.d.emit(Some(&self.name), "ready", json!({"by": "health_cmd"}));
+                        }
+                        healthy_since.get_or_insert(now);
+                        self.state(State::Ready);
+                    } else {
+                        failures += 1;
+                        self.set(|i| i.health_failures = failures);
+                        self.d.emit(Some(&self.name), "health", json!({"ok": false, "failures": failures, "code": p.code, "output": p.output}));
+                        // Before readiness a failing check is just "not ready yet" (the startup
+                        // timeout bounds it); after, it counts toward the threshold.
+                        if ready {
+                            healthy_since = None;
+                            self.state(State::Unhealthy);
+                            if failures >= sup.health_threshold && pending.is_none() {
+                                pending = Some(EndReason::HealthFailed { failures });
+                                kill_at = Some(now);
+                            }
+                        }
+                    }
+                }
+                cmd = self.cmds.recv() => {
+                    let Some(cmd) = cmd else { continue };
+                    match cmd {
+                        Cmd::Stop { timeout, reply } => {
+                            if pending.is_none() {
+                                pending = Some(EndReason::StoppedByUs);
+                            }
+                            stop_replies.push(reply);
+                            if !matches!(then, After::Remove(_) | After::Restart(_)) {
+                                then = After::Stop(Vec::new());
+                            }
+                            let _ = shim_sig.signal(libc::SIGTERM);
+                            let grace = timeout.unwrap_or(sup.stop_timeout());
+                            let k = Instant::now() + grace;
+                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
+                        }
+                        Cmd::Kill { signal, reply } => {
+                            // The signal goes to the agent through the shim and pid 1; a kill
+                            // the user asked for is not a failure.
+                            let r = shim_sig.signal(signal).map_err(|e| e.to_string());
+                            if r.is_ok() && signal == libc::SIGKILL {
+                                pending.get_or_insert(EndReason::StoppedByUs);
+                                if let Some(c) = cg.as_ref() { self.d.cgroups.kill_all(c); }
+                            }
+                            let _ = reply.send(r);
+                        }
+                        Cmd::Restart { reply } => {
+                            pending = Some(EndReason::StoppedByUs);
+                            then = After::Restart(reply);
+                            let _ = shim_sig.signal(libc::SIGTERM);
+                            let k = Instant::now() + sup.stop_timeout();
+                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
+                        }
+                        Cmd::Remove { reply } => {
+                            pending = Some(EndReason::StoppedByUs);
+                            then = After::Remove(reply);
+                            let _ = shim_sig.signal(libc::SIGTERM);
+                            let k = Instant::now() + sup.stop_timeout();
+                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    if kill_at.is_some_and(|k| now >= k) {
+                        // The grace is over: every process of the sandbox, at once (v1: each
+                        // member; v2: cgroup.kill). pid 1 dies, the shim records the end.
+                        kill_at = None;
+                        if let Some(c) = cg.as_ref() {
+                            self.d.cgroups.kill_all(c);
+                        } else {
+                            let _ = shim_sig.signal(libc::SIGKILL);
+                        }
+                        continue;
+                    }
+                    if startup_deadline.is_some_and(|t| now >= t) {
+                        startup_deadline = None;
+                        if pending.is_none() {
+                            self.d.emit(Some(&self.name), "startup_timeout", json!({"timeout_ms": sup.startup_timeout_ms}));
+                            pending = Some(EndReason::StartupTimeout);
+                            kill_at = Some(now);
+                        }
+                        continue;
+                    }
+                    if watchdog_deadline.is_some_and(|t| now >= t) {
+                        watchdog_deadline = None;
+                        if pending.is_none() {
+                            self.d.emit(Some(&self.name), "watchdog_miss", json!({"watchdog_ms": sup.watchdog_ms}));
+                            pending = Some(EndReason::WatchdogMiss);
+                            kill_at = Some(now);
+                        }
+                        continue;
+                    }
+                    if next_health.is_some_and(|t| now >= t) {
+                        next_health = None;
+                        if !health_running && pending.is_none() {
+                            if let (Some(argv), Some(pid1)) = (sup.health_cmd.clone(), pid1) {
+                                health_running = true;
+                                let tx = health_tx.clone();
+                                let init = self.d.init.clone();
+                                let spec = self.rec.spec.clone();
+                                let timeout = Duration::from_millis(sup.health_timeout_ms);
+                                tokio::spawn(async move {
+                                    let p = shim::exec_in(&init, &spec, pid1, &argv, timeout).await;
+                                    let _ = tx.send(p).await;
+                                });
+                            }
+                        }
+                    }
+                    if now >= next_stats {
+                        next_stats = now + stats_every;
+                        token_check += 1;
+                        if token_check % 10 == 0 && pending.is_none() {
+                            if let Err(e) = self.d.check_token(&self.rec.token) {
+                                self.d.emit(Some(&self.name), "token_invalid", json!({"error": e.to_string()}));
+                                pending = Some(EndReason::TokenInvalid { error: e.to_string() });
+                                kill_at = Some(now);
+                                continue;
+                            }
+                        }
+                        let Some(c) = cg.as_ref() else { continue };
+                        let s = stats::read(&*self.d.cgroups, c);
+                        let cpu = match (s.cpu_usec, last_cpu) {
+                            (Some(u), Some((pu, pt))) => {
+                                let dt = now.duration_since(pt).as_micros().max(1) as f64;
+                                Some(((u.saturating_sub(pu)) as f64 / dt * 100.0 * 10.0).round() / 10.0)
+                            }
+                            _ => None,
+                        };
+                        if let Some(u) = s.cpu_usec { last_cpu = Some((u, now)); }
+                        self.set(|i| {
+                            i.cpu_percent = cpu.or(i.cpu_percent);
+                            i.memory_bytes = s.memory_bytes;
+                            i.memory_limit = s.memory_limit;
+                            i.oom_kills = s.oom_kills;
+                        });
+                        // Kernel-sourced pain.
+                        let mut signals: Vec<(&str, serde_json::Value)> = Vec::new();
+                        if s.oom_kills > last_oom {
+                            signals.push(("oom", json!({"oom_kills": s.oom_kills, "new": s.oom_kills - last_oom})));
+                            last_oom = s.oom_kills;
+                        }
+                        if let (Some(t), Some(prev)) = (s.nr_throttled, last_throttled) {
+                            if t > prev {
+                                signals.push(("cpu_throttling", json!({"nr_throttled": t, "new": t - prev})));
+                            }
+                        }
+                        last_throttled = s.nr_throttled;
+                        if s.memory_pressure() && pressure_since_event.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
+                            pressure_since_event = Some(now);
+                            signals.push(("memory_pressure", json!({"memory_bytes": s.memory_bytes, "memory_limit": s.memory_limit, "psi_some_avg10": s.memory_pressure_avg10})));
+                        }
+                        for (kind, data) in signals {
+                            let action = kernel_action(&self.rec.pain, kind);
+                            let what = PainWhat { source: "kernel", signal: kind.to_string(), severity: None, reason: None, data };
+                            if let Some(p) = self.pain_action(action, &what, Some(c)) {
+                                if pending.is_none() {
+                                    pending = Some(p);
+                                    kill_at = Some(now);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(t) = reader_task {
+            t.abort();
+        }
+        // The end as the shim saw it; our own reason (a kill we made) takes precedence.
+        let reason = match (pending, record) {
+            (Some(p), _) => p,
+            (None, None) => EndReason::Lost,
+            (None, Some(r)) => {
+                if let Some(e) = r.launch_error {
+                    EndReason::LaunchFailed {
+                        code: r.code.unwrap_or(125),
+                        error: e,
+                    }
+                } else if r.oom_killed && (r.signal == Some(libc::SIGKILL) || r.code == Some(137)) {
+                    let what = PainWhat {
+                        source: "kernel",
+                        signal: "oom".into(),
+                        severity: None,
+                        reason: Some("the agent was killed by the OOM killer".into()),
+                        data: json!({"memory_limit": self.rec.spec.limits.memory}),
+                    };
+                    self.record_pain(&what, PainAction::Log);
+                    EndReason::OomKilled
+                } else if let Some(s) = r.signal {
+                    EndReason::Signaled { signal: s }
+                } else {
+                    EndReason::Exited {
+                        code: r.code.unwrap_or(0),
+                    }
+                }
+            }
+        };
+        // Whatever is left in the cgroup goes (the shim removes the directories).
+        if let Some(c) = cg.as_ref() {
+            self.d.cgroups.kill_all(c);
+        }
+        if let After::Stop(_) = then {
+            then = After::Stop(stop_replies);
+        } else {
+            for r in stop_replies {
+                let _ = r.send(Ok(()));
+            }
+        }
+        RunEnd {
+            reason,
+            healthy_since,
+            then,
+        }
+    }
+
+    /// Handles one request on the agent channel. Every request is checked against the
+    /// agent's token; acting on another agent needs a claim this token cannot carry yet.
+    fn on_request(&self, v: &serde_json::Value, ready: &mut bool) -> (proto::Reply, Effect) {
+        let id = v.get("id").cloned();
+        let with_id = |mut r: proto::Reply| {
+            if let Some(id) = &id {
+                let mut obj = serde_json::to_value(&r).unwrap_or_default();
+                obj["id"] = id.clone();
+                r = serde_json::from_value(obj).unwrap_or(r);
+            }
+            r
+        };
+        let reply = |r: proto::Reply, e: Effect| (with_id(r), e);
+        let Some(op) = v.get("op").and_then(|o| o.as_str()) else {
+            return reply(proto::Reply::err("invalid", "missing \"op\""), Effect::None);
+        };
+        if let Err(e) = self.d.check_token(&self.rec.token) {
+            return reply(
+                proto::Reply::err("denied", format!("token no longer valid: {e}")),
+                Effect::None,
+            );
+        }
+        if let Some(target) = v.get("agent").and_then(|a| a.as_str()) {
+            if target != self.name {
+                return reply(
+                    proto::Reply::err(
+                        "denied",
+                        format!(
+                            "the token of {:?} grants nothing over agent {target:?}",
+                            self.name
+                        ),
+                    ),
+                    Effect::None,
+                );
+            }
+        }
+        let text = |k: &str| -> Result<Option<String>, proto::Reply> {
+            match v.get(k) {
+                None => Ok(None),
+                Some(serde_json::Value::String(s)) if s.len() <= 1024 => Ok(Some(s.clone())),
+                Some(_) => Err(proto::Reply::err(
+                    "invalid",
+                    format!("\"{k}\" must be a string of at most 1024 bytes"),
+                )),
+            }
+        };
+        match op {
+            "ready" => {
+                if !*ready {
+                    *ready = true;
+                    self.set(|i| i.ready = true);
+                    self.d
+                        .emit(Some(&self.name), "ready", json!({"by": "agent"}));
+                }
+                self.state(State::Ready);
+                reply(proto::Reply::ok(json!({})), Effect::Ready)
+            }
+            "heartbeat" => {
+                self.set(|i| i.last_heartbeat_ms = Some(super::store::now_ms()));
+                reply(proto::Reply::ok(json!({})), Effect::Heartbeat)
+            }
+            "status" => match text("text") {
+                Ok(t) => {
+                    self.set(|i| i.status_text = t.clone());
+                    self.d.emit(Some(&self.name), "status", json!({"text": t}));
+                    reply(proto::Reply::ok(json!({})), Effect::None)
+                }
+                Err(e) => reply(e, Effect::None),
+            },
+            "pain" => {
+                let sev = v.get("severity").and_then(|s| s.as_str()).unwrap_or("");
+                let action = match sev {
+                    "info" => self.rec.pain.info,
+                    "warning" => self.rec.pain.warning,
+                    "error" => self.rec.pain.error,
+                    "critical" => self.rec.pain.critical,
+                    _ => {
+                        return reply(
+                            proto::Reply::err(
+                                "invalid",
+                                "\"severity\" must be info, warning, error or critical",
+                            ),
+                            Effect::None,
+                        )
+                    }
+                };
+                let reason = match text("reason") {
+                    Ok(r) => r,
+                    Err(e) => return reply(e, Effect::None),
+                };
+                let what = PainWhat {
+                    source: "agent",
+                    signal: "agent".into(),
+                    severity: Some(sev.to_string()),
+                    reason,
+                    data: json!({}),
+                };
+                reply(
+                    proto::Reply::ok(json!({"action": action})),
+                    Effect::Pain(action, what),
+                )
+            }
+            other => reply(
+                proto::Reply::err("unknown_op", format!("unknown op {other:?}")),
+                Effect::None,
+            ),
+        }
+    }
+
+    fn record_pain(&self, what: &PainWhat, action: PainAction) {
+        self.d.emit(
+            Some(&self.name),
+            "pain",
+            json!({
+                "source": what.source,
+                "signal": what.signal,
+                "severity": what.severity,
+                "reason": what.reason,
+                "action": action,
+                "data": what.data,
+            }),
+        );
+    }
+
+    /// Applies a pain action. Returns the end reason when the run must end.
+    fn pain_action(
+        &self,
+        action: PainAction,
+        what: &PainWhat,
+        cg: Option<&cgroup::Cgroup>,
+    ) -> Option<EndReason> {
+        self.record_pain(what, action);
+        match action {
+            PainAction::Log => None,
+            PainAction::Throttle => {
+                if let Some(c) = cg {
+                    let cur = self
+                        .d
+                        .cgroups
+                        .read_limits(c)
+                        .ok()
+                        .and_then(|l| l.cpu)
+                        .unwrap_or(CpuQuota::from_cpus(1.0));
+                    let q = CpuQuota {
+                        quota_us: (cur.quota_us / 2).max(cur.period_us / 20),
+                        period_us: cur.period_us,
+                    };
+                    match stats::set_cpu_quota(&*self.d.cgroups, c, q) {
+                        Ok(()) => self.d.emit(
+                            Some(&self.name),
+                            "throttled",
+                            json!({"cpus": q.quota_us as f64 / q.period_us as f64}),
+                        ),
+                        Err(e) => tracing::warn!(agent = %self.name, error = %e, "throttle failed"),
+                    }
+                }
+                None
+            }
+            // A failure, so that backoff and the burst limit apply.
+            PainAction::Restart => Some(EndReason::Pain {
+                signal: what.signal.clone(),
+                reason: what.reason.clone().unwrap_or_default(),
+            }),
+            PainAction::Stop => Some(EndReason::StoppedByUs),
+        }
+    }
+}
+
+fn kernel_action(p: &PainPolicy, kind: &str) -> PainAction {
+    match kind {
+        "oom" => p.oom,
+        "memory_pressure" => p.memory_pressure,
+        "cpu_throttling" => p.cpu_throttling,
+        _ => PainAction::Log,
+    }
+}
+
+struct PainWhat {
+    source: &'static str,
+    signal: String,
+    severity: Option<String>,
+    reason: Option<String>,
+    data: serde_json::Value,
+}
+
+enum Effect {
+    None,
+    Ready,
+    Heartbeat,
+    Pain(PainAction, PainWhat),
+}
+
+fn channel_stream(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}

@@ -1,0 +1,265 @@
+//! aitherd: the root-level manager that supervises agents (DESIGN.md §1, §2, §7).
+//!
+//! - `server`: the control socket (/run/aither/aitherd.sock), one request per frame.
+//! - `agent`: one tokio task per agent: launch through a shim, watch, restart.
+//! - `shim`: the daemon's side of `aither-init shim`, the single-threaded per-run launcher.
+//! - `supervise`: the lifecycle states and the restart policy, free of I/O.
+//! - `store`: SQLite (WAL) with one writer thread: agents, runs, events.
+//! - `recover`: re-adopting running sandboxes after a daemon restart.
+//! - `proto`: frames and the control protocol; `client`: the blocking client aitherctl uses.
+
+pub mod agent;
+pub mod agentfile;
+pub mod client;
+pub mod proto;
+pub mod recover;
+pub mod server;
+pub mod shim;
+pub mod store;
+pub mod supervise;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::cgroup::CgroupManager;
+use crate::token::{self, HostKey, RevocationStore, TokenError};
+use store::{Event, Store};
+
+/// The control socket unless `AITHER_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/aither/aitherd.sock";
+/// The group whose members may use the control socket.
+pub const GROUP: &str = "aither";
+
+/// Where the control socket is (`AITHER_SOCKET`, else /run/aither/aitherd.sock).
+pub fn socket_path() -> PathBuf {
+    std::env::var_os("AITHER_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Errors of starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another aitherd is running (pid {pid}, lock {path})")]
+    AlreadyRunning { pid: String, path: PathBuf },
+    #[error("the launcher aither-init was not found (looked at {0}); set AITHER_INIT or install it beside aitherd")]
+    NoInit(String),
+}
+
+/// Everything the daemon's tasks share.
+pub struct Daemon {
+    pub store: Store,
+    pub events: broadcast::Sender<Event>,
+    pub init: PathBuf,
+    pub state_dir: PathBuf,
+    pub cgroups: Box<dyn CgroupManager>,
+    pub key: HostKey,
+    revocations: Mutex<RevocationStore>,
+    pub agents: Mutex<HashMap<String, agent::Handle>>,
+    pub stats_interval: Duration,
+    epoch: Instant,
+}
+
+impl Daemon {
+    pub fn new(state_dir: &Path, init: PathBuf) -> Result<Daemon, DaemonError> {
+        let store = Store::open(&state_dir.join("state.db"))?;
+        let key = HostKey::load_or_create(state_dir)?;
+        let revocations = RevocationStore::open(state_dir)?;
+        let (events, _) = broadcast::channel(4096);
+        let stats_interval = std::env::var("AITHER_STATS_INTERVAL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(2));
+        Ok(Daemon {
+            store,
+            events,
+            init,
+            state_dir: state_dir.to_path_buf(),
+            cgroups: crate::cgroup::manager()?,
+            key,
+            revocations: Mutex::new(revocations),
+            agents: Mutex::new(HashMap::new()),
+            stats_interval,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// An agent's log directory.
+    pub fn log_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("agents").join(name)
+    }
+
+    /// Milliseconds on the daemon's monotonic clock.
+    pub fn mono_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn to_mono_ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Records an event and hands it to `events -f` followers.
+    pub fn emit(&self, name: Option<&str>, kind: &str, data: serde_json::Value) {
+        let e = Event {
+            ts_ms: store::now_ms(),
+            name: name.map(str::to_string),
+            kind: kind.to_string(),
+            data,
+        };
+        tracing::info!(agent = name.unwrap_or("-"), kind, data = %e.data, "event");
+        self.store.event(e.clone());
+        let _ = self.events.send(e);
+    }
+
+    /// Verifies a token against the host key and the revocation list, now.
+    pub fn check_token(&self, text: &str) -> Result<token::Verified, TokenError> {
+        let t = token::Token::decode(text)?;
+        let rev = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
+        token::verify(&t, &self.key.public(), token::now_unix(), &*rev)
+    }
+
+    /// Drops an agent from the table (after `rm`).
+    pub fn forget(&self, name: &str) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let _ = std::fs::remove_dir_all(self.log_dir(name));
+    }
+
+    pub fn emit_daemon(&self, kind: &str, data: serde_json::Value) {
+        self.emit(None, kind, data);
+    }
+
+    pub fn info_of(&self, name: &str) -> Option<agent::Info> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .get(name)
+            .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Finds `aither-init`: `AITHER_INIT`, else beside the running binary (or one directory up,
+/// for cargo's test layout), else on PATH.
+pub fn find_init() -> Result<PathBuf, DaemonError> {
+    if let Some(p) = std::env::var_os("AITHER_INIT") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut looked = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let c = dir.join("aither-init");
+            if c.is_file() {
+                return Ok(c);
+            }
+            looked.push(c.display().to_string());
+        }
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let c = Path::new(dir).join("aither-init");
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    looked.push("$PATH".into());
+    Err(DaemonError::NoInit(looked.join(", ")))
+}
+
+/// An agent name: what cgroups, log directories and the CLI accept.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid agent name {name:?}: 1-48 letters, digits, '-' or '_', not starting with '-'"
+        ))
+    }
+}
+
+/// A signal's name ("SIGKILL").
+pub fn signal_name(sig: i32) -> String {
+    let names = [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGCHLD, "SIGCHLD"),
+        (libc::SIGCONT, "SIGCONT"),
+        (libc::SIGSTOP, "SIGSTOP"),
+        (libc::SIGTSTP, "SIGTSTP"),
+        (libc::SIGSYS, "SIGSYS"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGXCPU, "SIGXCPU"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+    ];
+    names
+        .iter()
+        .find(|(n, _)| *n == sig)
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_else(|| format!("signal {sig}"))
+}
+
+/// Parses "TERM", "SIGTERM" or "15".
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let up = s.to_ascii_uppercase();
+    let full = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    (1..=31)
+        .find(|n| signal_name(*n) == full)
+        .ok_or_else(|| format!("unknown signal {s:?}"))
+}
+
+/// The daemon's start event.
+pub fn started_event(d: &Daemon, adopted: usize, restarted: usize) {
+    d.emit_daemon(
+        "daemon_started",
+        json!({"pid": std::process::id(), "adopted": adopted, "restarted": restarted}),
+    );
+}
+
+/// Shared handle.
+pub type Shared = Arc<Daemon>;

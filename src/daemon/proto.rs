@@ -1,0 +1,307 @@
+//! The control protocol between `aitherctl` and `aitherd` on /run/aither/aitherd.sock, and the
+//! frame format it shares with the agent channel (docs/protocol.md).
+//!
+//! A frame is a 4-byte big-endian length N (1..=MAX_FRAME), then N bytes of one JSON object.
+//! Each request gets one reply; the follow forms of `logs` and `events` get a stream of replies
+//! with `more: true` until the last one.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::supervise::Supervision;
+
+/// Largest frame accepted in either direction. A request is a few KiB at most (a spawn with
+/// its environment); anything larger is refused before it is buffered.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Errors of reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("truncated frame (the peer closed mid-frame)")]
+    Truncated,
+    #[error("frame is not valid JSON: {0}")]
+    BadJson(#[source] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl FrameError {
+    /// The error code sent back to the peer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge(_) => "too_large",
+            FrameError::Empty | FrameError::Truncated => "bad_frame",
+            FrameError::BadJson(_) => "bad_json",
+            FrameError::Io(_) => "io",
+        }
+    }
+
+    /// Whether the stream can go on after this error (only a well-framed but invalid body).
+    pub fn recoverable(&self) -> bool {
+        matches!(self, FrameError::BadJson(_))
+    }
+}
+
+/// Encodes one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg).map_err(FrameError::BadJson)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Checks a frame header; returns the body length.
+pub fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let n = u32::from_be_bytes(header) as usize;
+    if n == 0 {
+        return Err(FrameError::Empty);
+    }
+    if n > MAX_FRAME {
+        return Err(FrameError::TooLarge(n));
+    }
+    Ok(n)
+}
+
+/// Reads one frame's body (blocking). `Ok(None)` at a clean end of stream.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let n = check_len(header)?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(Some(body))
+}
+
+/// Writes one frame (blocking).
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    Ok(())
+}
+
+/// Async framing for the daemon.
+pub mod aio {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    use super::{check_len, encode, FrameError};
+
+    /// Reads one frame's body. `Ok(None)` at a clean end of stream.
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Option<Vec<u8>>, FrameError> {
+        let mut header = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match r.read(&mut header[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => got += n,
+            }
+        }
+        let n = check_len(header)?;
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                FrameError::Truncated
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(Some(body))
+    }
+
+    /// Writes one frame.
+    pub async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
+        w: &mut W,
+        msg: &T,
+    ) -> Result<(), FrameError> {
+        w.write_all(&encode(msg)?).await?;
+        Ok(())
+    }
+}
+
+/// What `aitherctl spawn` asks for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub name: String,
+    /// Policy name or absolute path (the client resolves relative paths).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// A capability token's text; its subject must be `name`.
+    #[serde(default)]
+    pub token: Option<String>,
+    pub argv: Vec<String>,
+    /// Absolute path of the workspace (default: the client's working directory).
+    #[serde(default)]
+    pub workspace: Option<PathBuf>,
+    /// The client's working directory (the default workspace).
+    pub cwd: PathBuf,
+    /// `--env KEY=VALUE`, in order.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The client's environment, for the policy's `pass_env` (only the variables the policy
+    /// names reach the spec; the rest is never stored).
+    #[serde(default)]
+    pub pass_env: Vec<(String, String)>,
+    #[serde(default)]
+    pub supervision: Supervision,
+    /// Replace an agent of the same name that is not running.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// A request on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Ping,
+    Spawn(Box<SpawnRequest>),
+    Ps,
+    Inspect {
+        name: String,
+    },
+    Logs {
+        name: String,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        tail: Option<usize>,
+    },
+    Stop {
+        name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Kill {
+        name: String,
+        signal: i32,
+    },
+    Restart {
+        name: String,
+    },
+    Rm {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+/// An error in a reply.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Machine-readable: bad_frame, too_large, bad_json, bad_request, not_found, exists,
+    /// conflict, denied, invalid, internal.
+    pub code: String,
+    pub message: String,
+}
+
+/// One reply frame.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// More frames follow (the follow forms of logs and events).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+impl Reply {
+    pub fn ok(data: serde_json::Value) -> Reply {
+        Reply {
+            ok: true,
+            data: Some(data),
+            error: None,
+            more: false,
+        }
+    }
+
+    pub fn chunk(data: serde_json::Value) -> Reply {
+        Reply {
+            more: true,
+            ..Reply::ok(data)
+        }
+    }
+
+    pub fn err(code: &str, message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            data: None,
+            error: Some(ErrorBody {
+                code: code.into(),
+                message: message.into(),
+            }),
+            more: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_limits_hold() {
+        let req = Request::Stop {
+            name: "a".into(),
+            timeout_ms: Some(5),
+        };
+        let bytes = encode(&req).unwrap();
+        let body = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        assert_eq!(serde_json::from_slice::<Request>(&body).unwrap(), req);
+        // Oversized header refused before any body is read.
+        let big = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &big[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0u8, 0, 0, 0][..]),
+            Err(FrameError::Empty)
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0u8, 0, 0, 9, b'{'][..]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0u8, 0][..]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(read_frame(&mut &[][..]).unwrap().is_none());
+    }
+}

@@ -1,0 +1,450 @@
+//! The daemon's side of the per-agent launcher (`aither-init shim`, DESIGN.md §2): aitherd is
+//! multithreaded, so it never forks a sandbox itself; it starts one single-threaded shim per
+//! run, which builds the sandbox with the same library code as `aitherctl run`, captures the
+//! agent's output into size-rotated files, and records how the run ended in `exit.json`. The
+//! shim outlives a daemon crash, so agents keep running and logging while aitherd is down.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::sandbox::SandboxSpec;
+
+/// The descriptor numbers the shim inherits: the agent's end of the channel (it becomes the
+/// agent's fd 3) and the daemon's own end, kept by the shim so that a restarted daemon can
+/// take it back with pidfd_getfd.
+pub const SHIM_CHANNEL_FD: RawFd = 3;
+pub const SHIM_KEEP_FD: RawFd = 4;
+
+/// Log rotation: agent.log grows to this, then rotates; this many files are kept.
+pub const LOG_MAX_BYTES: u64 = 1 << 20;
+pub const LOG_KEEP: u32 = 3;
+
+/// Errors of starting or reaching a shim.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("starting the launcher {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the agent channel: {0}")]
+    Channel(#[source] io::Error),
+    #[error("preparing {path}: {source}")]
+    LogDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the launcher said nothing before exiting ({0})")]
+    Silent(String),
+    #[error("the launcher's report is not understood: {0}")]
+    BadReport(String),
+    #[error("the sandbox did not start within {0:?}")]
+    Timeout(Duration),
+    /// The sandbox could not be built (the launcher's exit code: 125, 126, 127).
+    #[error("{error}")]
+    Launch { code: i32, error: String },
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Report {
+    Started {
+        pid1: i32,
+        #[serde(default)]
+        agent_pid: Option<i32>,
+        cgroup: String,
+    },
+    Failed {
+        code: i32,
+        error: String,
+    },
+}
+
+/// What the shim wrote when the run ended (log_dir/exit.json).
+#[derive(Clone, Debug, Deserialize, Default)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub launch_error: Option<String>,
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+}
+
+/// A running shim: started by us, or adopted after a daemon restart.
+pub struct Live {
+    pub shim_pid: i32,
+    pub pidfd: AsyncFd<OwnedFd>,
+    pub pid1: Option<i32>,
+    pub agent_pid: Option<i32>,
+    pub cgroup_id: String,
+    /// The daemon's end of the agent channel.
+    pub channel: Option<OwnedFd>,
+    /// Our child when we started it (reaped on exit).
+    child: Option<Child>,
+    pub log_dir: PathBuf,
+    /// Adopted from a previous daemon that had seen it ready.
+    pub was_ready: bool,
+}
+
+impl Live {
+    /// Waits for the shim to end; then its exit record (None: it vanished without one).
+    pub async fn wait(&mut self) -> Option<ExitRecord> {
+        match self.child.as_mut() {
+            Some(c) => {
+                let _ = c.wait().await;
+            }
+            None => {
+                // A pidfd turns readable when its process exits (Linux ≥ 5.3), child or not.
+                if let Ok(mut g) = self.pidfd.readable().await {
+                    g.retain_ready();
+                }
+            }
+        }
+        read_exit(&self.log_dir)
+    }
+
+    /// A handle that signals the shim while `wait` is pending.
+    pub fn signaller(&self) -> io::Result<Signaller> {
+        Ok(Signaller(self.pidfd.get_ref().try_clone()?))
+    }
+}
+
+/// Signals a shim through its pidfd (it forwards SIGTERM and friends to the agent).
+pub struct Signaller(OwnedFd);
+
+impl Signaller {
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        crate::sys::pidfd_send_signal(self.0.as_fd(), sig)
+    }
+}
+
+pub fn read_exit(log_dir: &Path) -> Option<ExitRecord> {
+    let text = std::fs::read_to_string(log_dir.join("exit.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn watch_pidfd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd stays open, on the same description, for as long as the AsyncFd
+    // that owns it.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd duplicates `target` of the process into a new descriptor here
+    // (close-on-exec set by the kernel).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: valid out-array of two ints.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two new descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Creates the agent's log directory, root-only.
+pub fn prepare_log_dir(dir: &Path) -> Result<(), ShimError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let e = |source| ShimError::LogDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(e)?;
+    match std::fs::remove_file(dir.join("exit.json")) {
+        Err(x) if x.kind() != io::ErrorKind::NotFound => return Err(e(x)),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Starts a shim for `spec` and waits until the sandbox runs (or failed to start).
+pub async fn launch(
+    init: &Path,
+    spec: &SandboxSpec,
+    log_dir: &Path,
+    start_timeout: Duration,
+) -> Result<Live, ShimError> {
+    prepare_log_dir(log_dir)?;
+    let (ours, theirs) = socketpair().map_err(ShimError::Channel)?;
+    let config = serde_json::json!({
+        "spec": spec,
+        "log_dir": log_dir,
+        "log_max_bytes": LOG_MAX_BYTES,
+        "log_keep": LOG_KEEP,
+        "channel_fd": SHIM_CHANNEL_FD,
+        "keep_fd": SHIM_KEEP_FD,
+    });
+    let shim_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join("shim.log"))
+        .map_err(|source| ShimError::LogDir {
+            path: log_dir.join("shim.log"),
+            source,
+        })?;
+    let mut cmd = Command::new(init);
+    cmd.arg("shim")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(shim_log))
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .kill_on_drop(false);
+    let (a, d) = (theirs.as_raw_fd(), ours.as_raw_fd());
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2, close) on
+    // descriptors that stay open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Moved up first so that dup2 onto 3 and 4 cannot clobber either source.
+            let a2 = libc::fcntl(a, libc::F_DUPFD_CLOEXEC, 10);
+            let d2 = libc::fcntl(d, libc::F_DUPFD_CLOEXEC, 10);
+            if a2 < 0 || d2 < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // dup2 clears close-on-exec on the copies the shim inherits.
+            if libc::dup2(a2, SHIM_CHANNEL_FD) < 0 || libc::dup2(d2, SHIM_KEEP_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+        path: init.to_path_buf(),
+        source,
+    })?;
+    drop(theirs);
+    let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pidfd = pidfd_open(shim_pid).map_err(|source| ShimError::Spawn {
+        path: init.to_path_buf(),
+        source,
+    })?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let body = serde_json::to_vec(&config).expect("config serialises");
+    let report = async {
+        // A write error means the shim died: its report (or silence) tells why.
+        let _ = stdin.write_all(&body).await;
+        drop(stdin);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .await
+            .map(|_| line)
+    };
+    let line = match tokio::time::timeout(start_timeout, report).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return Err(ShimError::Silent(e.to_string())),
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(ShimError::Timeout(start_timeout));
+        }
+    };
+    if line.trim().is_empty() {
+        let st = child.wait().await;
+        let tail = std::fs::read_to_string(log_dir.join("shim.log"))
+            .ok()
+            .and_then(|t| t.lines().last().map(str::to_string))
+            .unwrap_or_default();
+        return Err(ShimError::Silent(format!(
+            "{}{}",
+            st.map(|s| s.to_string()).unwrap_or_default(),
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            }
+        )));
+    }
+    match serde_json::from_str::<Report>(line.trim()) {
+        Ok(Report::Started {
+            pid1,
+            agent_pid,
+            cgroup,
+        }) => Ok(Live {
+            shim_pid,
+            pidfd: watch_pidfd(pidfd).map_err(ShimError::Channel)?,
+            pid1: Some(pid1),
+            agent_pid,
+            cgroup_id: cgroup,
+            channel: Some(ours),
+            child: Some(child),
+            log_dir: log_dir.to_path_buf(),
+            was_ready: false,
+        }),
+        Ok(Report::Failed { code, error }) => {
+            let _ = child.wait().await;
+            Err(ShimError::Launch { code, error })
+        }
+        Err(e) => {
+            let _ = child.wait().await;
+            Err(ShimError::BadReport(format!("{e}: {line:?}")))
+        }
+    }
+}
+
+/// A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid, it
+/// names one process for good (pids are reused).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is a shim (`aither-init shim`).
+pub fn is_shim(pid: i32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmd.split(|b| *b == 0);
+    let prog = args.next().unwrap_or_default();
+    prog.ends_with(b"aither-init") && args.next() == Some(b"shim".as_slice())
+}
+
+/// The first child of `pid` (the sandbox's pid 1 for a shim).
+fn first_child(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Takes over a shim that a previous daemon started: its pidfd, its sandbox's pid 1, and our
+/// end of the agent channel (from the shim's fd 4).
+pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live> {
+    if !is_shim(shim_pid) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("pid {shim_pid} is not an aither-init shim"),
+        ));
+    }
+    let pidfd = pidfd_open(shim_pid)?;
+    let channel = pidfd_getfd(&pidfd, SHIM_KEEP_FD).ok();
+    let pid1 = first_child(shim_pid);
+    Ok(Live {
+        shim_pid,
+        pidfd: watch_pidfd(pidfd)?,
+        pid1,
+        agent_pid: pid1.and_then(first_child),
+        cgroup_id: cgroup_id.to_string(),
+        channel,
+        child: None,
+        log_dir: log_dir.to_path_buf(),
+        was_ready: false,
+    })
+}
+
+/// The outcome of one health check.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub output: String,
+}
+
+/// Runs `argv` inside the running sandbox (`aither-init exec`: its namespaces, cgroup, uid,
+/// Landlock and seccomp), with a timeout.
+pub async fn exec_in(
+    init: &Path,
+    spec: &SandboxSpec,
+    pid1: i32,
+    argv: &[String],
+    timeout: Duration,
+) -> Probe {
+    let req = serde_json::json!({
+        "spec": spec,
+        "pid1": pid1,
+        "argv": argv,
+        "timeout_ms": timeout.as_millis() as u64,
+    });
+    let mut cmd = Command::new(init);
+    cmd.arg("exec")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = cmd.spawn()?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let _ = stdin.write_all(req.to_string().as_bytes()).await;
+        drop(stdin);
+        child.wait_with_output().await
+    };
+    match tokio::time::timeout(timeout + Duration::from_secs(1), run).await {
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let text: String = text
+                .chars()
+                .rev()
+                .take(512)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Probe {
+                ok: out.status.success(),
+                code: out.status.code(),
+                output: text.trim().to_string(),
+            }
+        }
+        Ok(Err(e)) => Probe {
+            ok: false,
+            code: None,
+            output: format!("cannot run the health check: {e}"),
+        },
+        Err(_) => Probe {
+            ok: false,
+            code: None,
+            output: format!("timed out after {timeout:?}"),
+        },
+    }
+}

@@ -1,0 +1,460 @@
+//! Supervision rules, free of I/O: the lifecycle states, the restart policy with backoff and a
+//! burst limit (DESIGN.md §7, after systemd's Restart=/StartLimitBurst= and Kubernetes'
+//! CrashLoopBackOff), and what counts as a failure.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where an agent is in its life.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Accepted, not launched yet.
+    Created,
+    /// Launched; waiting for READY (or the first passing health check) when readiness is asked.
+    Starting,
+    /// Running; no readiness was asked for.
+    Running,
+    /// Running and ready (READY received, or the health check passed).
+    Ready,
+    /// Running, but health checks are failing (below the threshold).
+    Unhealthy,
+    /// Ended and will not be restarted (restart=never, or a success under on-failure).
+    Exited,
+    /// Ended; waiting out the backoff before the next start.
+    Backoff,
+    /// Gave up: the burst limit was hit, or it cannot be launched at all.
+    Failed,
+    /// Stopped by a user.
+    Stopped,
+}
+
+impl State {
+    /// A sandbox exists for it.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            State::Starting | State::Running | State::Ready | State::Unhealthy
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        write!(f, "{}", s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// restart = never | on-failure | always.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Never,
+    #[default]
+    OnFailure,
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RestartPolicy, String> {
+        match s {
+            "never" | "no" => Ok(RestartPolicy::Never),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "always" => Ok(RestartPolicy::Always),
+            _ => Err(format!("{s:?}: expected never, on-failure or always")),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// How one agent is supervised. Durations in milliseconds on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Supervision {
+    pub restart: RestartPolicy,
+    /// First backoff delay; doubles per consecutive failure up to `backoff_max_ms`.
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    /// More than this many restarts within `burst_window_ms` → Failed.
+    pub burst_limit: u32,
+    pub burst_window_ms: u64,
+    /// Healthy this long → the backoff starts again from `backoff_ms`.
+    pub reset_after_ms: u64,
+    /// Exit codes that count as success.
+    pub success_codes: Vec<i32>,
+    /// The agent sends READY on its channel; until then it is Starting.
+    pub wait_ready: bool,
+    /// READY (or the first passing health check) must come within this, or it is a failure.
+    pub startup_timeout_ms: Option<u64>,
+    /// Heartbeats must come at least this often once ready, or it is a failure.
+    pub watchdog_ms: Option<u64>,
+    /// A command run inside the agent's sandbox; exit 0 = healthy.
+    pub health_cmd: Option<Vec<String>>,
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    /// Consecutive failed checks that make it a failure.
+    pub health_threshold: u32,
+    /// SIGTERM, then this long before the whole cgroup is killed.
+    pub stop_timeout_ms: u64,
+}
+
+impl Default for Supervision {
+    fn default() -> Supervision {
+        Supervision {
+            restart: RestartPolicy::OnFailure,
+            backoff_ms: 1000,
+            backoff_max_ms: 300_000,
+            burst_limit: 5,
+            burst_window_ms: 600_000,
+            reset_after_ms: 600_000,
+            success_codes: vec![0],
+            wait_ready: false,
+            startup_timeout_ms: None,
+            watchdog_ms: None,
+            health_cmd: None,
+            health_interval_ms: 10_000,
+            health_timeout_ms: 5_000,
+            health_threshold: 3,
+            stop_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Supervision {
+    /// Whether the agent has a readiness stage (READY or a health check).
+    pub fn needs_readiness(&self) -> bool {
+        self.wait_ready || self.health_cmd.is_some()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.health_interval_ms < 100 {
+            return Err("health interval must be at least 100ms".into());
+        }
+        if self.health_threshold == 0 {
+            return Err("health threshold must be at least 1".into());
+        }
+        if let Some(w) = self.watchdog_ms {
+            if w < 50 {
+                return Err("watchdog must be at least 50ms".into());
+            }
+        }
+        if self.backoff_max_ms < self.backoff_ms {
+            return Err("the maximum backoff is below the first backoff".into());
+        }
+        if matches!(&self.health_cmd, Some(c) if c.is_empty()) {
+            return Err("the health command is empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.stop_timeout_ms)
+    }
+}
+
+/// Why a run ended, as far as the restart policy cares.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EndReason {
+    /// The agent exited with a code.
+    Exited {
+        code: i32,
+    },
+    /// Killed by a signal we did not send.
+    Signaled {
+        signal: i32,
+    },
+    OomKilled,
+    WatchdogMiss,
+    StartupTimeout,
+    HealthFailed {
+        failures: u32,
+    },
+    /// Stopped on purpose (stop, restart, a pain action): never a failure.
+    StoppedByUs,
+    /// The sandbox could not be launched.
+    LaunchFailed {
+        code: i32,
+        error: String,
+    },
+    /// The shim vanished without recording how the run ended (killed with the sandbox).
+    Lost,
+    /// The token was revoked or expired.
+    TokenInvalid {
+        error: String,
+    },
+    /// A pain signal whose policy action is `restart`.
+    Pain {
+        signal: String,
+        reason: String,
+    },
+}
+
+impl EndReason {
+    pub fn is_failure(&self, sup: &Supervision) -> bool {
+        match self {
+            EndReason::Exited { code } => !sup.success_codes.contains(code),
+            EndReason::StoppedByUs => false,
+            _ => true,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            EndReason::Exited { code } => format!("exited with code {code}"),
+            EndReason::Signaled { signal } => {
+                format!("killed by {}", super::signal_name(*signal))
+            }
+            EndReason::OomKilled => "killed by the OOM killer".into(),
+            EndReason::WatchdogMiss => "watchdog: no heartbeat in time".into(),
+            EndReason::StartupTimeout => "not ready within the startup timeout".into(),
+            EndReason::HealthFailed { failures } => {
+                format!("health check failed {failures} times in a row")
+            }
+            EndReason::StoppedByUs => "stopped".into(),
+            EndReason::LaunchFailed { error, .. } => format!("launch failed: {error}"),
+            EndReason::Lost => "its launcher vanished".into(),
+            EndReason::TokenInvalid { error } => format!("token no longer valid: {error}"),
+            EndReason::Pain { signal, reason } => {
+                format!(
+                    "restarted on pain ({signal}{}{reason})",
+                    if reason.is_empty() { "" } else { ": " }
+                )
+            }
+        }
+    }
+}
+
+/// What to do after a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Start again after this delay.
+    Restart(Duration),
+    /// Leave it ended (Exited).
+    Done,
+    /// The burst limit was hit (Failed).
+    GiveUp,
+}
+
+/// Restart bookkeeping for one agent. Times are milliseconds on a monotonic clock.
+#[derive(Clone, Debug, Default)]
+pub struct RestartTracker {
+    /// Start times of recent restarts (within the burst window).
+    recent: VecDeque<u64>,
+    /// Consecutive failures since the last reset (drives the backoff exponent).
+    pub consecutive: u32,
+    /// Total restarts (shown by ps).
+    pub total: u32,
+    seed: u64,
+}
+
+impl RestartTracker {
+    pub fn new(seed: u64) -> RestartTracker {
+        RestartTracker {
+            seed: seed | 1,
+            ..RestartTracker::default()
+        }
+    }
+
+    /// The run that started at `started` and ended at `now` was healthy long enough: forget
+    /// the backoff.
+    pub fn note_run(
+        &mut self,
+        sup: &Supervision,
+        started: u64,
+        healthy_since: Option<u64>,
+        now: u64,
+    ) {
+        let _ = started;
+        if let Some(h) = healthy_since {
+            if now.saturating_sub(h) >= sup.reset_after_ms {
+                self.consecutive = 0;
+            }
+        }
+    }
+
+    /// Decides after a run ended for `reason` at `now`.
+    pub fn decide(&mut self, sup: &Supervision, reason: &EndReason, now: u64) -> Decision {
+        let failed = reason.is_failure(sup);
+        if matches!(
+            reason,
+            EndReason::StoppedByUs | EndReason::TokenInvalid { .. }
+        ) {
+            return Decision::Done;
+        }
+        // A `restart` pain action restarts whatever the policy (within the burst limit).
+        let restart = matches!(reason, EndReason::Pain { .. })
+            || match sup.restart {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => failed,
+                RestartPolicy::Always => true,
+            };
+        if !restart {
+            return Decision::Done;
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) > sup.burst_window_ms)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() as u32 >= sup.burst_limit {
+            return Decision::GiveUp;
+        }
+        self.recent.push_back(now);
+        self.total += 1;
+        if failed {
+            self.consecutive += 1;
+        } else {
+            self.consecutive = 1;
+        }
+        Decision::Restart(self.backoff(sup))
+    }
+
+    /// min(base·2^(n-1), max) with ±10 % jitter (so that agents that crashed together do not
+    /// restart in lockstep).
+    fn backoff(&mut self, sup: &Supervision) -> Duration {
+        let n = self.consecutive.max(1) - 1;
+        let base = sup
+            .backoff_ms
+            .saturating_mul(1u64 << n.min(40))
+            .min(sup.backoff_max_ms);
+        if base == 0 {
+            return Duration::ZERO;
+        }
+        // xorshift64*: no cryptographic need, just spread.
+        self.seed ^= self.seed >> 12;
+        self.seed ^= self.seed << 25;
+        self.seed ^= self.seed >> 27;
+        let r = self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let unit = (r >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        let factor = 0.9 + 0.2 * unit;
+        Duration::from_millis((base as f64 * factor).round() as u64)
+    }
+
+    /// Clears the burst history (a user's `restart` of a Failed agent).
+    pub fn reset(&mut self) {
+        self.recent.clear();
+        self.consecutive = 0;
+    }
+}
+
+/// Milliseconds of a duration, for the wire.
+pub fn to_ms(d: Duration) -> u64 {
+    ms(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sup() -> Supervision {
+        Supervision::default()
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let s = sup();
+        let mut t = RestartTracker::new(42);
+        let mut now = 0;
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            match t.decide(&s, &EndReason::Exited { code: 1 }, now) {
+                Decision::Restart(d) => delays.push(d.as_millis() as u64),
+                d => panic!("{d:?}"),
+            }
+            now += 700_000; // outside the burst window each time
+        }
+        for (i, d) in delays.iter().enumerate() {
+            let base = 1000u64 << i;
+            assert!(
+                *d >= base * 9 / 10 && *d <= base * 11 / 10,
+                "delay {i}: {d} vs {base}"
+            );
+        }
+        let mut capped = RestartTracker::new(1);
+        capped.consecutive = 30;
+        assert!(capped.backoff(&s) <= Duration::from_millis(330_000));
+        assert!(capped.backoff(&s) >= Duration::from_millis(270_000));
+    }
+
+    #[test]
+    fn burst_limit_gives_up_and_reset_clears_it() {
+        let s = sup();
+        let mut t = RestartTracker::new(7);
+        for i in 0..5 {
+            assert!(matches!(
+                t.decide(&s, &EndReason::Signaled { signal: 9 }, i * 1000),
+                Decision::Restart(_)
+            ));
+        }
+        assert_eq!(
+            t.decide(&s, &EndReason::Exited { code: 3 }, 6000),
+            Decision::GiveUp
+        );
+        // Outside the window the history has aged out.
+        assert!(matches!(
+            t.decide(&s, &EndReason::Exited { code: 3 }, 6000 + 700_000),
+            Decision::Restart(_)
+        ));
+        t.reset();
+        assert_eq!(t.consecutive, 0);
+    }
+
+    #[test]
+    fn policies_decide_as_documented() {
+        let mut s = sup();
+        let mut t = RestartTracker::new(3);
+        assert_eq!(
+            t.decide(&s, &EndReason::Exited { code: 0 }, 0),
+            Decision::Done
+        );
+        assert_eq!(t.decide(&s, &EndReason::StoppedByUs, 0), Decision::Done);
+        assert!(matches!(
+            t.decide(&s, &EndReason::OomKilled, 0),
+            Decision::Restart(_)
+        ));
+        s.restart = RestartPolicy::Never;
+        assert_eq!(t.decide(&s, &EndReason::OomKilled, 0), Decision::Done);
+        s.restart = RestartPolicy::Always;
+        assert!(matches!(
+            t.decide(&s, &EndReason::Exited { code: 0 }, 0),
+            Decision::Restart(_)
+        ));
+        s.success_codes = vec![0, 3];
+        assert!(!EndReason::Exited { code: 3 }.is_failure(&s));
+    }
+
+    #[test]
+    fn a_long_healthy_run_resets_the_backoff() {
+        let s = sup();
+        let mut t = RestartTracker::new(9);
+        t.consecutive = 4;
+        t.note_run(&s, 0, Some(0), 599_999);
+        assert_eq!(t.consecutive, 4);
+        t.note_run(&s, 0, Some(0), 600_000);
+        assert_eq!(t.consecutive, 0);
+    }
+
+    #[test]
+    fn zero_backoff_is_immediate() {
+        let s = Supervision {
+            backoff_ms: 0,
+            ..sup()
+        };
+        let mut t = RestartTracker::new(5);
+        assert_eq!(
+            t.decide(&s, &EndReason::Exited { code: 1 }, 0),
+            Decision::Restart(Duration::ZERO)
+        );
+    }
+}
