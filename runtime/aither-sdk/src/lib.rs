@@ -1,0 +1,464 @@
+//! The agent side of the aitherd channel.
+//!
+//! aitherd starts every agent with a connected `SOCK_STREAM` unix socket as fd 3 and
+//! `AITHER_FD=3` in its environment. Over it the agent sends requests (readiness, watchdog
+//! heartbeats, pain signals, status lines, and later ops) and gets exactly one reply per
+//! request, in order. The wire format is in `docs/protocol.md`; the framing is in [`frame`].
+//!
+//! ```no_run
+//! use aither_sdk::{Channel, Severity};
+//!
+//! let channel = Channel::from_env()?;
+//! channel.ready()?;
+//! channel.status("indexing 3/10")?;
+//! channel.pain(Severity::Warning, "rate-limited by the upstream API")?;
+//! # Ok::<(), aither_sdk::SdkError>(())
+//! ```
+//!
+//! One process should own the channel. Processes that share fd 3 (a shell agent calling
+//! `aither-notify`) each write whole frames, but each sees every reply: the SDK matches replies
+//! to its requests by `id` and discards the others, which can make the other process wait for
+//! a reply it will never see. Within a process, [`Channel`] is `Sync`: requests from several
+//! threads are serialised.
+
+pub mod frame;
+
+use std::fmt;
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use frame::{FrameError, MAX_FRAME};
+
+/// The environment variable that names the channel's file descriptor.
+pub const ENV_FD: &str = "AITHER_FD";
+
+/// The longest `reason` of a pain signal and `text` of a status line, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+/// Ids are `pid << ID_PID_SHIFT | counter`: unique among the live processes of one agent that
+/// share the channel, and below 2^53 so that any JSON implementation keeps them exact.
+const ID_PID_SHIFT: u32 = 20;
+const ID_COUNTER_MASK: u64 = (1 << ID_PID_SHIFT) - 1;
+
+/// Error codes after which the daemon closes the channel; such a reply cannot carry an id.
+const FATAL_CODES: [&str; 2] = ["bad_frame", "too_large"];
+
+/// Set once `Channel::from_env` has taken ownership of the inherited descriptor.
+static ENV_FD_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Everything the SDK can report.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    #[error("not running under aitherd ({ENV_FD} is not set)")]
+    NotUnderAitherd,
+    #[error("{ENV_FD}={0:?} is not a file descriptor number")]
+    BadFdVar(String),
+    #[error("{ENV_FD}={0} is not an open file descriptor")]
+    FdNotOpen(RawFd),
+    #[error("{ENV_FD}={fd} is not a socket (it is {target})")]
+    NotASocket { fd: RawFd, target: String },
+    #[error(
+        "the aitherd channel was already taken by this process (Channel::from_env called twice)"
+    )]
+    AlreadyTaken,
+    #[error("{field} is {len} bytes; the limit is {MAX_TEXT}")]
+    TooLong { field: &'static str, len: usize },
+    #[error("request field {0:?} is set by the SDK, not by the caller")]
+    ReservedField(String),
+    #[error("unknown severity {0:?} (expected info, warning, error or critical)")]
+    BadSeverity(String),
+    #[error("encoding the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("aitherd sent a malformed reply: {0}")]
+    BadReply(String),
+    #[error("aitherd closed the channel")]
+    Closed,
+    #[error("the channel is unusable after an earlier failure (closed, I/O error or timeout)")]
+    Broken,
+    /// The daemon answered `ok: false`.
+    #[error("{code}: {message}")]
+    Remote { code: String, message: String },
+    #[error("starting the heartbeat thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+impl SdkError {
+    /// The daemon's error code, for [`SdkError::Remote`].
+    pub fn remote_code(&self) -> Option<&str> {
+        match self {
+            SdkError::Remote { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// How bad an agent-reported pain signal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Severity {
+    pub const ALL: [Severity; 4] = [
+        Severity::Info,
+        Severity::Warning,
+        Severity::Error,
+        Severity::Critical,
+    ];
+
+    /// The wire name: `info`, `warning`, `error` or `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Severity {
+    type Err = SdkError;
+
+    fn from_str(s: &str) -> Result<Self, SdkError> {
+        Severity::ALL
+            .into_iter()
+            .find(|sev| sev.as_str() == s)
+            .ok_or_else(|| SdkError::BadSeverity(s.to_owned()))
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
+}
+
+struct Inner {
+    stream: UnixStream,
+    next: u64,
+    broken: bool,
+}
+
+impl Inner {
+    fn next_id(&mut self) -> u64 {
+        self.next = self.next.wrapping_add(1);
+        (u64::from(std::process::id()) << ID_PID_SHIFT) | (self.next & ID_COUNTER_MASK)
+    }
+
+    fn fail(&mut self, err: impl Into<SdkError>) -> SdkError {
+        self.broken = true;
+        err.into()
+    }
+}
+
+/// The agent's end of the aitherd channel. Requests block until their reply arrives; `Channel`
+/// is `Send + Sync`, and requests from several threads are serialised.
+pub struct Channel {
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Channel")
+            .field("stream", &inner.stream)
+            .field("broken", &inner.broken)
+            .finish()
+    }
+}
+
+impl Channel {
+    /// The channel aitherd passed to this process: the descriptor named by `AITHER_FD`.
+    ///
+    /// Takes ownership of that descriptor (it is closed when the `Channel` drops), so it
+    /// succeeds once per process; nothing else in the process may use the descriptor.
+    pub fn from_env() -> Result<Channel, SdkError> {
+        let value = std::env::var_os(ENV_FD).ok_or(SdkError::NotUnderAitherd)?;
+        let text = value.to_string_lossy();
+        let fd: RawFd = text
+            .trim()
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= 0)
+            .ok_or_else(|| SdkError::BadFdVar(text.clone().into_owned()))?;
+        // Where /proc is readable, refuse a descriptor that is closed or not a socket rather
+        // than take ownership of something else's number. Without /proc, trust the variable.
+        match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+            Ok(target) if !target.to_string_lossy().starts_with("socket:") => {
+                return Err(SdkError::NotASocket {
+                    fd,
+                    target: target.to_string_lossy().into_owned(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SdkError::FdNotOpen(fd)),
+            _ => {}
+        }
+        if ENV_FD_TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(SdkError::AlreadyTaken);
+        }
+        // SAFETY: `fd` is the descriptor aitherd handed this process for the channel (the
+        // AITHER_FD contract), checked above to be open; ENV_FD_TAKEN makes this the only
+        // OwnedFd created from it by the SDK in this process, and the documented contract is
+        // that nothing else in the process uses that descriptor.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Channel::from_fd(owned))
+    }
+
+    /// A channel over an already-open connected stream socket (tests, or a process that got
+    /// the descriptor some other way).
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel {
+            inner: Mutex::new(Inner {
+                stream: UnixStream::from(fd),
+                next: 0,
+                broken: false,
+            }),
+        }
+    }
+
+    /// Bounds how long one read or write may block (`None`: forever, the default). A request
+    /// that times out leaves the channel unusable ([`SdkError::Broken`] afterwards): the
+    /// stream may be in the middle of a frame.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), SdkError> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .stream
+            .set_read_timeout(timeout)
+            .map_err(FrameError::Io)?;
+        inner
+            .stream
+            .set_write_timeout(timeout)
+            .map_err(FrameError::Io)?;
+        Ok(())
+    }
+
+    /// Tells aitherd the agent is ready (like `sd_notify("READY=1")`).
+    pub fn ready(&self) -> Result<(), SdkError> {
+        self.request("ready", Map::new()).map(drop)
+    }
+
+    /// Keeps the watchdog from restarting the agent (like `sd_notify("WATCHDOG=1")`).
+    pub fn heartbeat(&self) -> Result<(), SdkError> {
+        self.request("heartbeat", Map::new()).map(drop)
+    }
+
+    /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes.
+    pub fn pain(&self, severity: Severity, reason: &str) -> Result<(), SdkError> {
+        check_text("reason", reason)?;
+        let mut fields = Map::new();
+        fields.insert("severity".into(), severity.as_str().into());
+        fields.insert("reason".into(), reason.into());
+        self.request("pain", fields).map(drop)
+    }
+
+    /// Sets the agent's free-form status line; `text` is at most [`MAX_TEXT`] bytes.
+    pub fn status(&self, text: &str) -> Result<(), SdkError> {
+        check_text("text", text)?;
+        let mut fields = Map::new();
+        fields.insert("text".into(), text.into());
+        self.request("status", fields).map(drop)
+    }
+
+    /// Sends `{"id": <fresh>, "op": op, ...fields}` and returns the whole reply object (with
+    /// `"ok": true`) for ops that carry data back. An `"ok": false` reply is
+    /// [`SdkError::Remote`]. A request that would exceed [`MAX_FRAME`] is refused here, before
+    /// anything is written; the channel stays usable.
+    pub fn request(&self, op: &str, fields: Map<String, Value>) -> Result<Value, SdkError> {
+        if let Some(key) = ["id", "op"].into_iter().find(|k| fields.contains_key(*k)) {
+            return Err(SdkError::ReservedField(key.to_owned()));
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.broken {
+            return Err(SdkError::Broken);
+        }
+        let id = inner.next_id();
+        let mut body = Map::with_capacity(fields.len() + 2);
+        body.insert("id".into(), id.into());
+        body.insert("op".into(), op.into());
+        body.extend(fields);
+        let payload = serde_json::to_vec(&Value::Object(body)).map_err(SdkError::Encode)?;
+        let wire = frame::encode(&payload)?;
+        // One write per request: processes sharing the socket never interleave frames.
+        if let Err(e) = inner.stream.write_all(&wire) {
+            return Err(inner.fail(FrameError::Io(e)));
+        }
+        loop {
+            let raw = match frame::read_frame_sync(&mut inner.stream) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Err(inner.fail(SdkError::Closed)),
+                Err(e) => return Err(inner.fail(e)),
+            };
+            let reply: Value = serde_json::from_slice(&raw)
+                .map_err(|e| SdkError::BadReply(format!("invalid JSON: {e}")))?;
+            match reply.get("id") {
+                Some(v) if v.as_u64() == Some(id) => return interpret(reply),
+                // An id-less reply that ends the channel ends it for every user.
+                None | Some(Value::Null) => match interpret(reply) {
+                    Err(e) if e.remote_code().is_some_and(|c| FATAL_CODES.contains(&c)) => {
+                        return Err(inner.fail(e));
+                    }
+                    _ => continue,
+                },
+                // Another process's reply on a shared descriptor.
+                Some(_) => continue,
+            }
+        }
+    }
+}
+
+fn check_text(field: &'static str, text: &str) -> Result<(), SdkError> {
+    if text.len() > MAX_TEXT {
+        return Err(SdkError::TooLong {
+            field,
+            len: text.len(),
+        });
+    }
+    Ok(())
+}
+
+fn interpret(reply: Value) -> Result<Value, SdkError> {
+    match reply.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(reply),
+        Some(false) => {
+            let body = reply
+                .get("error")
+                .cloned()
+                .ok_or_else(|| SdkError::BadReply("\"ok\": false without \"error\"".into()))?;
+            let ErrorBody { code, message } = serde_json::from_value(body)
+                .map_err(|e| SdkError::BadReply(format!("bad \"error\" object: {e}")))?;
+            Err(SdkError::Remote { code, message })
+        }
+        None => Err(SdkError::BadReply("no boolean \"ok\"".into())),
+    }
+}
+
+/// A thread that sends a heartbeat at once and then every `interval`, until stopped (or
+/// dropped) or a heartbeat fails.
+#[derive(Debug)]
+pub struct Heartbeat {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), SdkError>>>,
+}
+
+impl Heartbeat {
+    pub fn spawn(channel: Arc<Channel>, interval: Duration) -> Result<Heartbeat, SdkError> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("aither-heartbeat".into())
+            .spawn(move || -> Result<(), SdkError> {
+                loop {
+                    channel.heartbeat()?;
+                    match stopped.recv_timeout(interval) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
+                }
+            })
+            .map_err(SdkError::Thread)?;
+        Ok(Heartbeat {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// False once the thread has ended (a heartbeat failed); [`Heartbeat::stop`] says why.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the thread and returns the error that ended it early, if any.
+    pub fn stop(mut self) -> Result<(), SdkError> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<(), SdkError> {
+        drop(self.stop.take());
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = self.shut_down();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn severity_names_round_trip() {
+        for sev in Severity::ALL {
+            assert_eq!(sev.as_str().parse::<Severity>().unwrap(), sev);
+            assert_eq!(serde_json::to_value(sev).unwrap(), sev.as_str());
+        }
+        assert!(
+            matches!("fatal".parse::<Severity>(), Err(SdkError::BadSeverity(s)) if s == "fatal")
+        );
+    }
+
+    #[test]
+    fn ids_stay_exact_in_json_doubles() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut inner = Inner {
+            stream: a,
+            next: u64::MAX - 1,
+            broken: false,
+        };
+        for _ in 0..4 {
+            let id = inner.next_id();
+            assert!(id < 1 << 53);
+            assert_eq!(id >> ID_PID_SHIFT, u64::from(std::process::id()));
+        }
+    }
+
+    #[test]
+    fn interpret_maps_replies() {
+        let ok = interpret(serde_json::json!({"id": 1, "ok": true, "value": 5})).unwrap();
+        assert_eq!(ok["value"], 5);
+        let err = interpret(
+            serde_json::json!({"ok": false, "error": {"code": "denied", "message": "no"}}),
+        );
+        assert!(
+            matches!(err, Err(SdkError::Remote { code, message }) if code == "denied" && message == "no")
+        );
+        assert!(matches!(
+            interpret(serde_json::json!({"id": 1})),
+            Err(SdkError::BadReply(_))
+        ));
+        assert!(matches!(
+            interpret(serde_json::json!({"ok": false})),
+            Err(SdkError::BadReply(_))
+        ));
+    }
+}

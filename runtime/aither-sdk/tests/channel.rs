@@ -1,0 +1,319 @@
+//! The SDK against a fake daemon on a socketpair.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aither_sdk::{Channel, FrameError, Heartbeat, SdkError, Severity, MAX_FRAME, MAX_TEXT};
+use serde_json::{json, Map, Value};
+
+fn pair() -> (Channel, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    (Channel::from_fd(ours.into()), theirs)
+}
+
+fn fields(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("not an object"),
+    }
+}
+
+#[test]
+fn every_op_round_trips() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| {
+        let mut reply = common::ok(req);
+        if req["op"] == "memory.get" {
+            reply["value"] = json!("remembered");
+        }
+        common::send(s, &reply);
+    });
+    channel.ready().unwrap();
+    channel.heartbeat().unwrap();
+    channel.pain(Severity::Warning, "disk almost full").unwrap();
+    channel.status("indexing 3/10").unwrap();
+    let reply = channel
+        .request("memory.get", fields(json!({"key": "k"})))
+        .unwrap();
+    assert_eq!(reply["ok"], true);
+    assert_eq!(reply["value"], "remembered");
+    drop(channel);
+
+    let seen = daemon.join().unwrap();
+    let strip_id = |v: &Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().remove("id");
+        v
+    };
+    let stripped: Vec<Value> = seen.iter().map(strip_id).collect();
+    assert_eq!(
+        stripped,
+        vec![
+            json!({"op": "ready"}),
+            json!({"op": "heartbeat"}),
+            json!({"op": "pain", "severity": "warning", "reason": "disk almost full"}),
+            json!({"op": "status", "text": "indexing 3/10"}),
+            json!({"op": "memory.get", "key": "k"}),
+        ]
+    );
+    let ids: Vec<u64> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids are fresh: {ids:?}"
+    );
+    assert!(ids.iter().all(|id| *id < 1 << 53));
+}
+
+#[test]
+fn frames_are_big_endian_length_then_json() {
+    let (channel, mut daemon_end) = pair();
+    let t = std::thread::spawn(move || channel.ready());
+    let mut header = [0u8; 4];
+    std::io::Read::read_exact(&mut daemon_end, &mut header).unwrap();
+    let len = u32::from_be_bytes(header) as usize;
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(&mut daemon_end, &mut body).unwrap();
+    let req: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(req["op"], "ready");
+    // The reply written by hand, byte for byte.
+    let reply = format!(r#"{{"id":{},"ok":true}}"#, req["id"]);
+    let mut wire = (reply.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(reply.as_bytes());
+    daemon_end.write_all(&wire).unwrap();
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn replies_for_other_ids_are_skipped() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| {
+        // Another process sharing the descriptor, then a reply with no id that does not end
+        // the channel, then ours.
+        common::send(
+            s,
+            &json!({"id": 1, "ok": false, "error": {"code": "denied", "message": "not yours"}}),
+        );
+        common::send(
+            s,
+            &json!({"ok": false, "error": {"code": "bad_json", "message": "someone else's"}}),
+        );
+        common::send(s, &common::ok(req));
+    });
+    channel.heartbeat().unwrap();
+    channel.status("still fine").unwrap();
+    drop(channel);
+    assert_eq!(daemon.join().unwrap().len(), 2);
+}
+
+#[test]
+fn error_replies_map_to_remote() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| {
+        let reply = match req["op"].as_str().unwrap() {
+            "pain" => common::err(req, "denied", "the token does not grant pain"),
+            "bus.publish" => common::err(req, "unknown_op", "unknown op \"bus.publish\""),
+            _ => common::ok(req),
+        };
+        common::send(s, &reply);
+    });
+    let e = channel
+        .pain(Severity::Critical, "out of memory")
+        .unwrap_err();
+    assert!(
+        matches!(&e, SdkError::Remote { code, message } if code == "denied" && message == "the token does not grant pain"),
+        "{e:?}"
+    );
+    assert_eq!(e.remote_code(), Some("denied"));
+    assert_eq!(e.to_string(), "denied: the token does not grant pain");
+    let e = channel.request("bus.publish", Map::new()).unwrap_err();
+    assert_eq!(e.remote_code(), Some("unknown_op"));
+    // An error reply leaves the channel usable.
+    channel.ready().unwrap();
+    drop(channel);
+    daemon.join().unwrap();
+}
+
+#[test]
+fn oversize_requests_are_refused_before_writing() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn_ok(daemon_end);
+    let blob = "x".repeat(MAX_FRAME);
+    let e = channel
+        .request("memory.put", fields(json!({"key": "k", "value": blob})))
+        .unwrap_err();
+    assert!(
+        matches!(e, SdkError::Frame(FrameError::TooLarge(n)) if n > MAX_FRAME as u64),
+        "{e:?}"
+    );
+
+    let long = "é".repeat(MAX_TEXT / 2 + 1);
+    let e = channel.pain(Severity::Info, &long).unwrap_err();
+    assert!(
+        matches!(e, SdkError::TooLong { field: "reason", len } if len == MAX_TEXT + 2),
+        "{e:?}"
+    );
+    let e = channel.status(&"s".repeat(MAX_TEXT + 1)).unwrap_err();
+    assert!(
+        matches!(e, SdkError::TooLong { field: "text", .. }),
+        "{e:?}"
+    );
+    channel.status(&"s".repeat(MAX_TEXT)).unwrap();
+
+    // Nothing reached the daemon but the one valid request; the channel still works.
+    channel.ready().unwrap();
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    let ops: Vec<&str> = seen.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["status", "ready"]);
+}
+
+#[test]
+fn reserved_fields_are_refused() {
+    let (channel, _daemon_end) = pair();
+    for key in ["id", "op"] {
+        let e = channel.request("x", fields(json!({key: 1}))).unwrap_err();
+        assert!(matches!(e, SdkError::ReservedField(k) if k == key));
+    }
+}
+
+#[test]
+fn eof_before_the_reply_is_closed_then_broken() {
+    let (channel, mut daemon_end) = pair();
+    let daemon = std::thread::spawn(move || {
+        let req = common::read_raw(&mut daemon_end).unwrap();
+        drop(daemon_end);
+        req
+    });
+    assert!(matches!(channel.ready(), Err(SdkError::Closed)));
+    assert!(matches!(channel.heartbeat(), Err(SdkError::Broken)));
+    daemon.join().unwrap();
+}
+
+#[test]
+fn eof_inside_a_reply_is_truncated() {
+    let (channel, mut daemon_end) = pair();
+    let daemon = std::thread::spawn(move || {
+        common::read_raw(&mut daemon_end).unwrap();
+        daemon_end.write_all(b"\0\0\0\x20{\"id\"").unwrap();
+    });
+    let e = channel.ready().unwrap_err();
+    assert!(matches!(e, SdkError::Frame(FrameError::Truncated)), "{e:?}");
+    assert!(matches!(channel.ready(), Err(SdkError::Broken)));
+    daemon.join().unwrap();
+}
+
+#[test]
+fn fatal_id_less_error_ends_the_channel() {
+    let (channel, mut daemon_end) = pair();
+    let daemon = std::thread::spawn(move || {
+        common::read_raw(&mut daemon_end).unwrap();
+        common::send(
+            &mut daemon_end,
+            &json!({"ok": false, "error": {"code": "too_large", "message": "frame of 70000 bytes"}}),
+        );
+    });
+    let e = channel.ready().unwrap_err();
+    assert_eq!(e.remote_code(), Some("too_large"));
+    assert!(matches!(channel.ready(), Err(SdkError::Broken)));
+    daemon.join().unwrap();
+}
+
+#[test]
+fn malformed_replies_are_reported() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| match req["op"].as_str().unwrap() {
+        "a" => common::send_raw(s, b"not json"),
+        "b" => common::send(s, &json!({"id": req["id"]})),
+        "c" => common::send(s, &json!({"id": req["id"], "ok": false, "error": "denied"})),
+        _ => common::send(s, &common::ok(req)),
+    });
+    for op in ["a", "b", "c"] {
+        let e = channel.request(op, Map::new()).unwrap_err();
+        assert!(matches!(e, SdkError::BadReply(_)), "{op}: {e:?}");
+    }
+    // The framing held, so the channel is still usable.
+    channel.ready().unwrap();
+    drop(channel);
+    daemon.join().unwrap();
+}
+
+#[test]
+fn a_read_timeout_breaks_the_channel() {
+    let (channel, daemon_end) = pair();
+    channel
+        .set_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let e = channel.ready().unwrap_err();
+    assert!(matches!(e, SdkError::Frame(FrameError::Io(_))), "{e:?}");
+    assert!(matches!(channel.ready(), Err(SdkError::Broken)));
+    drop(daemon_end);
+}
+
+#[test]
+fn threads_share_one_channel() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn_ok(daemon_end);
+    let channel = Arc::new(channel);
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let channel = Arc::clone(&channel);
+            std::thread::spawn(move || {
+                for j in 0..50 {
+                    channel.status(&format!("thread {i} step {j}")).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    assert_eq!(seen.len(), 200);
+    let mut ids: Vec<u64> = seen.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "every request had its own id");
+}
+
+#[test]
+fn heartbeat_thread_beats_until_stopped() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn_ok(daemon_end);
+    let channel = Arc::new(channel);
+    let beat = Heartbeat::spawn(Arc::clone(&channel), Duration::from_millis(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(beat.is_running());
+    beat.stop().unwrap();
+    channel.status("done").unwrap();
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    let beats = seen.iter().filter(|r| r["op"] == "heartbeat").count();
+    assert!(beats >= 3, "{beats} heartbeats in 150 ms at 10 ms");
+    assert_eq!(
+        seen.last().unwrap()["op"],
+        "status",
+        "no heartbeat after stop"
+    );
+}
+
+#[test]
+fn heartbeat_thread_reports_what_stopped_it() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| {
+        common::send(s, &common::err(req, "denied", "no watchdog in this token"))
+    });
+    let channel = Arc::new(channel);
+    let beat = Heartbeat::spawn(Arc::clone(&channel), Duration::from_millis(10)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while beat.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(beat.stop().unwrap_err().remote_code(), Some("denied"));
+    drop(channel);
+    assert_eq!(daemon.join().unwrap().len(), 1);
+}
