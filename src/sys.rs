@@ -382,6 +382,28 @@ pub fn close_range(first: u32, last: u32, flags: u32) -> io::Result<()> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
 }
 
+/// A close-on-exec duplicate of `fd` at the lowest free number ≥ `min`.
+pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one that nothing else owns.
+    let r = check_int(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    Ok(owned(r as libc::c_long))
+}
+
+/// Moves `fd` to the number `target`, not close-on-exec (so that an exec'd program inherits
+/// it), replacing whatever `target` held. Returns the descriptor at `target`.
+pub fn place_fd(fd: OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() == target {
+        // dup3 refuses equal numbers: clear close-on-exec in place instead.
+        // SAFETY: F_SETFD on a descriptor we own.
+        check_int(unsafe { libc::fcntl(target, libc::F_SETFD, 0) })?;
+        return Ok(fd);
+    }
+    // SAFETY: dup3 onto `target`; any descriptor there is closed atomically, and the caller
+    // owns that number from now on through the returned OwnedFd.
+    check_int(unsafe { libc::dup3(fd.as_raw_fd(), target, 0) })?;
+    Ok(owned(target as libc::c_long))
+}
+
 /// prctl with integer arguments.
 pub fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<()> {
     // SAFETY: prctl options used here take integer arguments only.

@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use super::channel::{self, now_ns, Msg, Stage};
@@ -23,12 +23,30 @@ pub(crate) struct ChildContext<'a> {
     pub etc_skeleton: Option<PathBuf>,
     pub filter: Option<Filter>,
     pub landlock: Plan,
+    /// The agent's stdin, stdout and stderr (supervised mode); `None` keeps the launcher's.
+    pub stdio: Option<[OwnedFd; 3]>,
+    /// A socket handed to the agent as fd 3 (supervised mode), with `AITHER_FD=3`.
+    pub agent_fd: Option<OwnedFd>,
 }
 
-struct Failure {
-    stage: Stage,
-    errno: i32,
-    detail: String,
+/// The descriptor number the agent finds its supervisor's socket at.
+pub(crate) const AGENT_FD: RawFd = 3;
+
+pub(crate) struct Failure {
+    pub stage: Stage,
+    pub errno: i32,
+    pub detail: String,
+}
+
+impl Failure {
+    /// The message pid 1 (or an exec'd command's setup) reports to its parent.
+    pub(crate) fn into_msg(self) -> Msg {
+        Msg::Failed {
+            stage: self.stage,
+            errno: self.errno,
+            detail: self.detail,
+        }
+    }
 }
 
 enum Resolved {
@@ -36,7 +54,7 @@ enum Resolved {
     NotFound,
 }
 
-trait At<T> {
+pub(crate) trait At<T> {
     fn at(self, stage: Stage) -> Result<T, Failure>;
 }
 
@@ -50,7 +68,7 @@ impl<T> At<T> for io::Result<T> {
     }
 }
 
-fn check(r: libc::c_int) -> io::Result<()> {
+pub(crate) fn check(r: libc::c_int) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -62,6 +80,17 @@ fn check(r: libc::c_int) -> io::Result<()> {
 /// `sock` is owned here, outside the context, so that it is still open when a failure is
 /// reported (a failed stage must reach the launcher with its cause).
 pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
+    // A supervised agent gets fds 0–3 replaced later (`place_agent_fds`): the channel moves
+    // above them now, before anything could need to report through it.
+    let sock = if (ctx.stdio.is_some() || ctx.agent_fd.is_some()) && sock.as_raw_fd() <= AGENT_FD {
+        match sys::dup_above(sock.as_fd(), AGENT_FD + 1) {
+            Ok(moved) => moved,
+            // SAFETY: _exit without the launcher's destructors; the launcher sees EOF.
+            Err(_) => unsafe { libc::_exit(125) },
+        }
+    } else {
+        sock
+    };
     let code = match setup_and_reap(ctx, sock.as_fd()) {
         Ok(code) => code,
         Err(f) => {
@@ -69,11 +98,7 @@ pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
             let msg = if f.stage == Stage::WaitForParent {
                 None
             } else {
-                Some(Msg::Failed {
-                    stage: f.stage,
-                    errno: f.errno,
-                    detail: f.detail,
-                })
+                Some(f.into_msg())
             };
             if let Some(m) = msg {
                 let _ = channel::send(fd, &m);
@@ -159,6 +184,91 @@ fn setup_and_reap(
         check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
             .at(Stage::Hostname)?;
     }
+    // The supervised agent's stdio and socket take their numbers now, before the descriptor
+    // sweep (which keeps exactly them), and after the view is final (nothing left needs fds).
+    let agent_fd = place_agent_fds(ctx.stdio, ctx.agent_fd).at(Stage::CloseFds)?;
+    // Named so that `ps` on the host tells sandboxes apart from aitherctl itself.
+    let _ = sys::prctl(libc::PR_SET_NAME, c"aither-init".as_ptr() as libc::c_ulong);
+    let fd_env = AGENT_FD.to_string();
+    let (keep, extra_env): (&[RawFd], Vec<(&str, &str)>) = if agent_fd.is_some() {
+        (&[AGENT_FD], vec![("AITHER_FD", fd_env.as_str())])
+    } else {
+        (&[], Vec::new())
+    };
+    let confinement = Confinement {
+        spec,
+        landlock: &ctx.landlock,
+        filter: ctx.filter.as_ref(),
+    };
+    let Some(prepared) = confine(
+        &confinement,
+        sock,
+        keep,
+        &spec.argv,
+        &extra_env,
+        &mut stamps,
+    )?
+    else {
+        let _ = channel::send(
+            sock,
+            &Msg::NotFound {
+                program: spec.argv[0].clone(),
+            },
+        );
+        return Ok(127);
+    };
+    reap(sock, &prepared, agent_fd, stamps)
+}
+
+/// Puts the supervised agent's stdio on 0–2 and its socket on fd 3 (not close-on-exec), in
+/// pid 1, whose children (the agent) inherit them. Returns pid 1's handle on fd 3, closed once
+/// the agent has it. The channel to the launcher was moved above fd 3 first (`run`).
+fn place_agent_fds(
+    stdio: Option<[OwnedFd; 3]>,
+    agent_fd: Option<OwnedFd>,
+) -> io::Result<Option<OwnedFd>> {
+    if let Some(stdio) = stdio {
+        for (target, fd) in stdio.into_iter().enumerate() {
+            // From here on fds 0–2 are pid 1's standard streams for the rest of its life.
+            let _ = sys::place_fd(fd, target as RawFd)?.into_raw_fd();
+        }
+    }
+    agent_fd.map(|fd| sys::place_fd(fd, AGENT_FD)).transpose()
+}
+
+/// What an agent is confined by. The agent (through pid 1) and a command `exec`'d into a
+/// running sandbox (exec.rs) go through the same `confine`, so both get exactly the same
+/// restrictions in the same order.
+pub(crate) struct Confinement<'a> {
+    pub spec: &'a SandboxSpec,
+    pub landlock: &'a Plan,
+    pub filter: Option<&'a Filter>,
+}
+
+/// A program ready for execve.
+pub(crate) struct Prepared {
+    pub path: CString,
+    pub program: PathBuf,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// The Landlock status, for the trace.
+    pub landlock: String,
+}
+
+/// Confines the calling process as the agent, from rlimits to seccomp, inside the sandbox's
+/// namespaces and with the namespace's root identity. `sock` is the channel to the parent
+/// (kept open, as are 0–2 and `keep`; every other descriptor is closed). Returns `None` when
+/// the command does not exist (then seccomp is not installed and the caller reports it).
+pub(crate) fn confine(
+    c: &Confinement<'_>,
+    sock: BorrowedFd<'_>,
+    keep: &[RawFd],
+    argv: &[String],
+    extra_env: &[(&str, &str)],
+    stamps: &mut Vec<(Stage, u64)>,
+) -> Result<Option<Prepared>, Failure> {
+    let spec = c.spec;
+    let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
     // rlimits while still privileged in the namespace: hard limits can only be lowered later.
     rlimits::apply(spec)
         .and_then(|()| injected_fault(Stage::Rlimits))
@@ -167,14 +277,12 @@ fn setup_and_reap(
     // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
     // SAFETY: setsid has no preconditions.
     check(unsafe { libc::setsid() }).at(Stage::NewSession)?;
-    // No inherited descriptor but the channel may survive: a leaked host fd (a directory, a
-    // cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
-    let keep = sock.as_raw_fd() as u32;
-    sys::close_range(3, keep.saturating_sub(1), 0).at(Stage::CloseFds)?;
-    sys::close_range(keep + 1, u32::MAX, 0).at(Stage::CloseFds)?;
-    // Named so that `ps` on the host tells sandboxes apart from aitherctl itself.
-    let _ = sys::prctl(libc::PR_SET_NAME, c"aither-init".as_ptr() as libc::c_ulong);
-    done(Stage::NotDumpable, &mut stamps);
+    // No inherited descriptor but the channel (and the agent's own) may survive: a leaked host
+    // fd (a directory, a cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
+    let mut kept: Vec<RawFd> = keep.to_vec();
+    kept.push(sock.as_raw_fd());
+    close_fds_except(&kept).at(Stage::CloseFds)?;
+    done(Stage::NotDumpable, stamps);
     // The bounding set needs CAP_SETPCAP, so it goes before the uid switch.
     caps::drop_bounding().at(Stage::DropBoundingCaps)?;
     caps::clear_ambient().at(Stage::DropBoundingCaps)?;
@@ -198,63 +306,69 @@ fn setup_and_reap(
             detail: "launcher went away".into(),
         });
     }
-    done(Stage::ClearCaps, &mut stamps);
+    done(Stage::ClearCaps, stamps);
     // no_new_privs before Landlock and seccomp: both require it without CAP_SYS_ADMIN, and it
     // makes setuid binaries inert.
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).at(Stage::NoNewPrivs)?;
     // Landlock after the mount view is final (its rules name paths of that view) and before
     // seccomp (whose allowlist would not let us build a ruleset with every call we need).
-    let ll = landlock::enforce(spec, &ctx.landlock).map_err(|e| Failure {
+    let ll = landlock::enforce(spec, c.landlock).map_err(|e| Failure {
         stage: Stage::Landlock,
         errno: libc::EPERM,
         detail: e.to_string(),
     })?;
-    done(Stage::Landlock, &mut stamps);
+    done(Stage::Landlock, stamps);
 
-    let resolved = resolve(spec).at(Stage::ResolveCommand)?;
-    let program = match resolved {
+    // Resolved under Landlock, as the agent: what it cannot see cannot be run.
+    let program = match resolve(&argv[0], &spec.env, &spec.cwd).at(Stage::ResolveCommand)? {
         Resolved::Program(p) => p,
-        Resolved::NotFound => {
-            let _ = channel::send(
-                sock,
-                &Msg::NotFound {
-                    program: spec.argv[0].clone(),
-                },
-            );
-            return Ok(127);
-        }
+        Resolved::NotFound => return Ok(None),
     };
-    let argv = cstrings(spec.argv.iter().map(String::as_str)).at(Stage::ResolveCommand)?;
-    let envp = cstrings(
-        spec.env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str),
-    )
-    .at(Stage::ResolveCommand)?;
-    let path_c = sys::cstr(&program).at(Stage::ResolveCommand)?;
+    let argv = cstrings(argv.iter().map(String::as_str)).at(Stage::ResolveCommand)?;
+    let env: Vec<String> = spec
+        .env
+        .iter()
+        .filter(|(k, _)| !extra_env.iter().any(|(x, _)| x == k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(extra_env.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect();
+    let envp = cstrings(env.iter().map(String::as_str)).at(Stage::ResolveCommand)?;
+    let path = sys::cstr(&program).at(Stage::ResolveCommand)?;
 
     // Seccomp last: from here on only the allowlist is available, and what remains is
     // fork, exec, wait and signal forwarding.
-    if let Some(f) = &ctx.filter {
+    if let Some(f) = c.filter {
         seccomp::install(f).map_err(|e| Failure {
             stage: Stage::Seccomp,
             errno: libc::EPERM,
             detail: e.to_string(),
         })?;
     }
-    done(Stage::Seccomp, &mut stamps);
-    reap(
-        sock,
-        &path_c,
-        &argv,
-        &envp,
-        &program,
-        stamps,
-        format!("{ll:?}"),
-    )
+    done(Stage::Seccomp, stamps);
+    Ok(Some(Prepared {
+        path,
+        program,
+        argv,
+        envp,
+        landlock: format!("{ll:?}"),
+    }))
+}
+
+/// Closes every descriptor from 3 up except those in `keep`.
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&fd| fd >= 3)
+        .map(|&fd| fd as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first = 3u32;
+    for k in keep {
+        sys::close_range(first, k.saturating_sub(1), 0)?;
+        first = k + 1;
+    }
+    sys::close_range(first, u32::MAX, 0)
 }
 
 /// Test builds only: `AITHER_TEST_FAIL_STAGE=Rlimits` makes that stage fail with EPERM, so
@@ -297,18 +411,16 @@ fn cstrings<'a>(it: impl Iterator<Item = &'a str>) -> io::Result<Vec<CString>> {
 }
 
 /// Finds the program as execvp would, in the sandbox's own view and PATH.
-fn resolve(spec: &SandboxSpec) -> io::Result<Resolved> {
-    let name = &spec.argv[0];
+fn resolve(name: &str, env: &[(String, String)], cwd: &Path) -> io::Result<Resolved> {
     if name.contains('/') {
-        let p = spec.cwd.join(name);
+        let p = cwd.join(name);
         return Ok(if p.exists() {
             Resolved::Program(p)
         } else {
             Resolved::NotFound
         });
     }
-    let path = spec
-        .env
+    let path = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
@@ -366,19 +478,9 @@ extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
     let req = unsafe { &*(arg as *const ExecRequest) };
     // The agent gets default dispositions and an empty mask: the launcher ignored SIGPIPE and
     // pid 1 blocks everything, and both would survive execve.
-    for sig in 1..=64 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            // SAFETY: resetting a disposition is async-signal-safe.
-            unsafe { libc::signal(sig, libc::SIG_DFL) };
-        }
-    }
-    // SAFETY: an empty set on our stack; sigprocmask and execve are async-signal-safe.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        libc::execve(req.path, req.argv, req.envp);
-    }
+    reset_signals();
+    // SAFETY: execve is async-signal-safe; the pointers stay valid while the parent waits.
+    unsafe { libc::execve(req.path, req.argv, req.envp) };
     // SAFETY: errno location of this task; write and _exit are async-signal-safe.
     unsafe {
         let errno = *libc::__errno_location();
@@ -387,16 +489,37 @@ extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// Default dispositions for every signal and an empty mask (both survive execve).
+/// Async-signal-safe: used in the CLONE_VM child that becomes the agent.
+pub(crate) fn reset_signals() {
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: resetting a disposition is async-signal-safe.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: an empty set on our stack; sigprocmask is async-signal-safe.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
 /// Forks the agent and stays as its reaper. Returns pid 1's own exit code.
 fn reap(
-    sock: std::os::fd::BorrowedFd<'_>,
-    path: &CString,
-    argv: &[CString],
-    envp: &[CString],
-    program: &Path,
+    sock: BorrowedFd<'_>,
+    prepared: &Prepared,
+    agent_fd: Option<OwnedFd>,
     mut stamps: Vec<(Stage, u64)>,
-    landlock: String,
 ) -> Result<i32, Failure> {
+    let Prepared {
+        path,
+        program,
+        argv,
+        envp,
+        landlock,
+    } = prepared;
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
@@ -458,13 +581,16 @@ fn reap(
         );
         return Ok(126);
     }
+    // The agent has its copy of the supervisor's socket now; pid 1's would keep the
+    // connection open after the agent (and everything it started) is gone.
+    drop(agent_fd);
     stamps.push((Stage::ForkAgent, now_ns()));
     let _ = channel::send(
         sock,
         &Msg::Started {
             agent_pid: pid,
             stages: stamps,
-            landlock,
+            landlock: landlock.clone(),
         },
     );
 

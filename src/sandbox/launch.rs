@@ -56,6 +56,8 @@ pub enum LaunchError {
     NotExecutable { program: String, errno: i32 },
     #[error("the sandbox's pid 1 died during setup ({0:?})")]
     Died(ExitStatus),
+    #[error("preparing the agent's stdio pipes: {0}")]
+    Stdio(#[source] io::Error),
     #[error("aitherctl must run as root to create sandboxes (it maps each agent to an unprivileged host uid)")]
     NotRoot,
 }
@@ -88,6 +90,146 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Protections skipped as best-effort (empty for strict).
     pub skipped: Vec<String>,
+}
+
+/// What a supervising caller (`aither-init shim`) adds to a launch. `LaunchIo::default()` is
+/// `aitherctl run`: the agent shares the caller's stdio and gets no extra descriptor.
+#[derive(Default)]
+pub struct LaunchIo<'a> {
+    /// Given to the agent as fd 3 (not close-on-exec), with `AITHER_FD=3` in its environment.
+    /// Nothing else the launcher holds enters the sandbox. The launcher's copy is closed as soon
+    /// as pid 1 has its own (right after the clone).
+    pub agent_channel: Option<OwnedFd>,
+    /// Captures the agent's output: its stdin becomes /dev/null, its stdout and stderr pipes
+    /// whose bytes, in arrival order, go to this sink (write errors are ignored: logging never
+    /// stops supervision). Everything left in the pipes is drained before `run_with` returns.
+    pub log: Option<&'a mut dyn io::Write>,
+    /// Called once, when the agent has been exec'ed.
+    pub on_started: Option<OnStarted<'a>>,
+}
+
+/// `LaunchIo::on_started`.
+pub type OnStarted<'a> = Box<dyn FnOnce(&Started) + 'a>;
+
+/// The running sandbox, as `LaunchIo::on_started` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    /// Host pid of the sandbox's pid 1.
+    pub pid1: i32,
+    /// Host pid of the agent, when it could be found (it may already have exited).
+    pub agent_pid: Option<i32>,
+    /// The cgroup id, `<name>-<launcher pid>` (the directory name in each hierarchy).
+    pub cgroup: String,
+}
+
+/// The agent's end of the captured stdio, and the launcher's read ends.
+struct Capture {
+    agent: [OwnedFd; 3],
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+impl Capture {
+    /// /dev/null and two pipes whose inode belongs to the agent's host uid (as LentPipes does
+    /// for the caller's pipes), so that the agent can reopen /dev/stdout. Only the read ends
+    /// stay with the launcher (non-blocking, for the supervise loop).
+    fn new(agent_uid: u32) -> io::Result<Capture> {
+        let null = sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
+        let (out_r, out_w) = sys::pipe()?;
+        let (err_r, err_w) = sys::pipe()?;
+        for w in [&out_w, &err_w] {
+            // SAFETY: fchown of a pipe we just created and hold open.
+            if unsafe { libc::fchown(w.as_raw_fd(), agent_uid, agent_uid) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for r in [&out_r, &err_r] {
+            // SAFETY: F_SETFL on a descriptor we own.
+            if unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Capture {
+            agent: [null, out_w, err_w],
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+}
+
+/// The launcher's side of a capture during supervision.
+struct LogPipes<'a> {
+    fds: [Option<OwnedFd>; 2],
+    sink: &'a mut dyn io::Write,
+}
+
+impl LogPipes<'_> {
+    /// Copies what is in pipe `i` to the sink; closes it at EOF.
+    fn pump(&mut self, i: usize) {
+        let Some(fd) = &self.fds[i] else { return };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            // SAFETY: reading into a buffer of the stated length.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                let _ = self.sink.write_all(&buf[..n as usize]);
+                continue;
+            }
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if n == 0 {
+                self.fds[i] = None;
+            }
+            // EAGAIN: empty for now.
+            return;
+        }
+    }
+
+    fn raw(&self, i: usize) -> RawFd {
+        self.fds[i].as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// After the sandbox ended: everything still buffered. Every writer died with the pid
+    /// namespace, so EOF comes at once; the bound only guards against a writer we do not know.
+    fn drain(&mut self) {
+        let until = Instant::now() + Duration::from_secs(2);
+        while self.fds.iter().any(Option::is_some) && Instant::now() < until {
+            let mut p = [0, 1].map(|i| libc::pollfd {
+                fd: self.raw(i),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: two valid pollfd entries (a negative fd is skipped).
+            if unsafe { libc::poll(p.as_mut_ptr(), 2, 100) } <= 0 {
+                break;
+            }
+            for (i, pf) in p.iter().enumerate() {
+                if pf.revents != 0 {
+                    self.pump(i);
+                }
+            }
+        }
+        let _ = self.sink.flush();
+    }
+}
+
+/// Host pid of pid 1's child whose pid in the sandbox is `ns_pid` (the agent).
+fn agent_host_pid(pid1: i32, ns_pid: i32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid1}/task/{pid1}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .ok()
+                .and_then(|st| {
+                    st.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|l| l.split_whitespace().last()?.parse::<i32>().ok())
+                })
+                == Some(ns_pid)
+        })
 }
 
 /// Time an agent gets between SIGTERM and SIGKILL at a timeout.
@@ -223,6 +365,11 @@ fn trace_enabled() -> bool {
 
 /// Runs `spec` in a new sandbox and waits for it.
 pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
+    run_with(spec, LaunchIo::default())
+}
+
+/// `run`, with what a supervisor adds (see `LaunchIo`).
+pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, LaunchError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(LaunchError::NotRoot);
@@ -266,7 +413,15 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     // 3. Host ids, the /etc skeleton (cached), the caller's stdio pipes lent.
     let ids = HostIds::for_slot(slot);
     let etc_skeleton = mounts::prepare_etc(spec);
-    let _lent = LentPipes::lend(ids.agent);
+    // A captured agent gets its own stdio, so the caller's pipes (a supervisor's) are not lent.
+    let mut capture = match io.log {
+        Some(_) => Some(Capture::new(ids.agent).map_err(LaunchError::Stdio)?),
+        None => None,
+    };
+    let _lent = match capture {
+        Some(_) => LentPipes(Vec::new()),
+        None => LentPipes::lend(ids.agent),
+    };
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
     // keeps them, DESIGN.md §10), so drop them before cloning.
@@ -304,6 +459,8 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
                     etc_skeleton,
                     filter,
                     landlock: plan,
+                    stdio: capture.take().map(|c| c.agent),
+                    agent_fd: io.agent_channel.take(),
                 },
                 child_sock,
             )
@@ -312,6 +469,19 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     };
     drop(child_sock);
     drop(into);
+    // pid 1 has its own copies now: the agent's socket must not stay open here (its peer would
+    // never see EOF), and the write ends must close here for the log to see EOF at the end.
+    drop(io.agent_channel.take());
+    let mut log = match (capture, io.log.take()) {
+        (Some(c), Some(sink)) => {
+            drop(c.agent);
+            Some(LogPipes {
+                fds: [Some(c.stdout), Some(c.stderr)],
+                sink,
+            })
+        }
+        _ => None,
+    };
     marks.push(("clone", now_ns()));
     let abort = |e: LaunchError| -> LaunchError {
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -353,10 +523,12 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     // 7. Wait for the agent to start.
     let started = channel::recv(parent_sock.as_fd());
     let early = |e: LaunchError| -> Result<Outcome, LaunchError> { Err(abort(e)) };
-    let (stages, landlock_status) = match started {
+    let (agent_pid, stages, landlock_status) = match started {
         Ok(Some(Msg::Started {
-            stages, landlock, ..
-        })) => (stages, landlock),
+            agent_pid,
+            stages,
+            landlock,
+        })) => (agent_pid, stages, landlock),
         Ok(Some(Msg::Failed {
             stage,
             errno,
@@ -382,9 +554,24 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     if trace_enabled() {
         print_trace(t0, &marks, &stages, started_at, &landlock_status);
     }
+    // The supervisor hears of the start before supervision begins, so it knows the pids and
+    // the cgroup for as long as the sandbox can run.
+    if let Some(cb) = io.on_started.take() {
+        cb(&Started {
+            pid1: pid,
+            agent_pid: agent_host_pid(pid, agent_pid),
+            cgroup: id.clone(),
+        });
+    }
 
     // 8. Supervise.
-    let (status, timed_out) = supervise(spec, pidfd.as_fd(), parent_sock.as_fd(), &signals);
+    let (status, timed_out) = supervise(
+        spec,
+        pidfd.as_fd(),
+        parent_sock.as_fd(),
+        &signals,
+        log.as_mut(),
+    );
     drop(signals);
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
@@ -451,6 +638,7 @@ fn supervise(
     pidfd: BorrowedFd<'_>,
     sock: BorrowedFd<'_>,
     signals: &SignalGuard,
+    mut log: Option<&mut LogPipes<'_>>,
 ) -> (ExitStatus, bool) {
     let start = Instant::now();
     let mut agent_status: Option<ExitStatus> = None;
@@ -487,11 +675,28 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: log.as_ref().map_or(-1, |l| l.raw(0)),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: log.as_ref().map_or(-1, |l| l.raw(1)),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: three valid pollfd entries.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
+        // SAFETY: five valid pollfd entries (a negative fd is skipped).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {
             continue;
+        }
+        if let Some(l) = log.as_deref_mut() {
+            for i in 0..2 {
+                if fds[3 + i].revents != 0 {
+                    l.pump(i);
+                }
+            }
         }
         if fds[2].revents != 0 {
             match channel::recv(sock) {
@@ -513,6 +718,10 @@ fn supervise(
                 if let Ok(Some(Msg::Exited(s))) = channel::recv(sock) {
                     agent_status = Some(s);
                 }
+            }
+            // The agent's last words are logged before the caller reports its end.
+            if let Some(l) = log {
+                l.drain();
             }
             return (agent_status.unwrap_or(st), timed_out);
         }

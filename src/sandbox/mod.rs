@@ -10,8 +10,10 @@ pub mod launch;
 pub mod mounts;
 pub mod rlimits;
 pub mod seccomp;
+pub mod shim;
 pub mod spec;
 pub mod userns;
 
-pub use launch::{run, LaunchError, Outcome};
+pub use launch::{run, run_with, LaunchError, LaunchIo, Outcome, Started};
+pub use shim::{ShimConfig, ShimError};
 pub use spec::{RunOptions, SandboxSpec, SpecError};

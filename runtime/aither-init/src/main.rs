@@ -1,38 +1,72 @@
 //! aither-init: the single-threaded launcher used by aitherd (a multithreaded tokio process
-//! must not fork and then set up a sandbox). It reads one `SandboxSpec` as JSON on stdin,
-//! builds the sandbox exactly as `aitherctl run` does (the same library code: its pid 1 is a
-//! fork of this process), waits for it and exits with the agent's status (125/126/127 for
-//! Aither's own errors, as `aitherctl run`).
+//! must not fork and then set up a sandbox). It builds the sandbox exactly as `aitherctl run`
+//! does (the same library code: its pid 1 is a fork of this process).
 //!
-//!     aither-init < spec.json
+//!     aither-init < spec.json       a SandboxSpec: run it, exit with the agent's status
+//!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
+//!     aither-init shim < shim.json  supervised mode, one shim per agent (src/sandbox/shim.rs)
+//!     aither-init exec < exec.json  a command inside a running sandbox (src/sandbox/exec.rs)
 
 use std::io::Read;
 use std::process::ExitCode;
 
+use aither::sandbox::shim::{self, ShimConfig, ShimEvent};
 use aither::sandbox::{self, SandboxSpec};
 
 fn main() -> ExitCode {
-    let code = match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("aither-init: error: {e:#}");
+    let mode = std::env::args().nth(1);
+    let code = match mode.as_deref() {
+        None => plain(),
+        Some("shim") => run_shim(),
+        Some(other) => {
+            eprintln!("aither-init: unknown mode {other:?} (expected none, `shim` or `exec`)");
             125
         }
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
-fn run() -> anyhow::Result<i32> {
+fn stdin_json<T: serde::de::DeserializeOwned>(what: &str) -> Result<T, String> {
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input)?;
-    let spec: SandboxSpec = serde_json::from_str(&input)
-        .map_err(|e| anyhow::anyhow!("stdin is not a SandboxSpec: {e}"))?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading stdin: {e}"))?;
+    serde_json::from_str(&input).map_err(|e| format!("stdin is not a {what}: {e}"))
+}
+
+fn plain() -> i32 {
+    let spec: SandboxSpec = match stdin_json("SandboxSpec") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aither-init: error: {e}");
+            return 125;
+        }
+    };
     match sandbox::run(&spec) {
-        Ok(out) if out.timed_out => Ok(124),
-        Ok(out) => Ok(out.status.code()),
+        Ok(out) if out.timed_out => 124,
+        Ok(out) => out.status.code(),
         Err(e) => {
             eprintln!("aither-init: {e}");
-            Ok(e.exit_code())
+            e.exit_code()
+        }
+    }
+}
+
+fn run_shim() -> i32 {
+    match stdin_json::<ShimConfig>("ShimConfig") {
+        Ok(cfg) => shim::run(cfg),
+        Err(e) => {
+            // No log_dir to write a record into: the event line is the only report.
+            println!(
+                "{}",
+                serde_json::to_string(&ShimEvent::Failed {
+                    code: 125,
+                    error: e.clone()
+                })
+                .unwrap_or_default()
+            );
+            eprintln!("aither-init shim: {e}");
+            125
         }
     }
 }

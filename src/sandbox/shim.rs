@@ -1,0 +1,452 @@
+//! Supervised mode (`aither-init shim`): one shim process per agent, spawned by aitherd (like
+//! conmon or containerd-shim). The shim is the sandbox's launcher and outlives daemon restarts:
+//! it owns the agent's log, its exit record and the daemon's end of the agent's socket.
+//!
+//! Contract with the daemon:
+//! - stdin: one `ShimConfig` (JSON).
+//! - stdout: exactly one JSON line (`ShimEvent`), then closed: `started` once the agent has
+//!   been exec'ed, or `failed` (and the shim exits with its code, 125/126/127).
+//! - `log_dir/agent.log`: the agent's stdout and stderr, raw, in arrival order, rotated at
+//!   `log_max_bytes` into `agent.log.1` … `agent.log.{log_keep-1}`.
+//! - `log_dir/exit.json` (`ExitRecord`, written atomically) when the sandbox has ended or the
+//!   launch failed; the shim then exits with the shell-convention status.
+//! - SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2, SIGWINCH are forwarded to the agent.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::launch::{self, LaunchError, LaunchIo, Outcome};
+use super::spec::SandboxSpec;
+use crate::sys::ExitStatus;
+
+/// Errors of the shim before or around the launch (launch errors have their own type).
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{what} {fd}: {reason}")]
+    BadFd {
+        what: &'static str,
+        fd: RawFd,
+        reason: String,
+    },
+    #[error("starting a new session (setsid): {0}")]
+    Session(#[source] io::Error),
+    #[error("opening the agent log in {path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    ExitRecord {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
+impl ShimError {
+    /// The exit status (and `failed` event code): 125, or the launch's 126/127.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ShimError::Launch(e) => e.exit_code(),
+            _ => 125,
+        }
+    }
+}
+
+/// What the daemon writes on the shim's stdin.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShimConfig {
+    pub spec: SandboxSpec,
+    /// Holds agent.log, its rotations and exit.json (created if missing).
+    pub log_dir: PathBuf,
+    /// agent.log never grows past this (0: no rotation).
+    pub log_max_bytes: u64,
+    /// Log files kept, agent.log included (agent.log.1 … agent.log.{log_keep-1}).
+    pub log_keep: u32,
+    /// An inherited socket given to the agent as fd 3 (`AITHER_FD=3`).
+    pub channel_fd: Option<RawFd>,
+    /// An inherited descriptor the shim holds, untouched, for its whole life (the daemon
+    /// recovers it with pidfd_getfd after a restart). Never enters the sandbox.
+    pub keep_fd: Option<RawFd>,
+}
+
+/// The single line the shim prints on stdout.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum ShimEvent {
+    Started {
+        pid1: i32,
+        agent_pid: Option<i32>,
+        cgroup: String,
+    },
+    Failed {
+        code: i32,
+        error: String,
+    },
+}
+
+/// `log_dir/exit.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExitRecord {
+    /// The exit code; for a failed launch, 125/126/127.
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub timed_out: bool,
+    pub launch_error: Option<String>,
+    pub finished_unix_ms: u64,
+}
+
+impl ExitRecord {
+    fn finished(out: &Outcome) -> ExitRecord {
+        let (code, signal) = match out.status {
+            ExitStatus::Exited(c) => (Some(c), None),
+            ExitStatus::Signaled(s) => (None, Some(s)),
+        };
+        ExitRecord {
+            code,
+            signal,
+            oom_killed: out.oom_killed,
+            timed_out: out.timed_out,
+            launch_error: None,
+            finished_unix_ms: unix_ms(),
+        }
+    }
+
+    fn failed(code: i32, error: String) -> ExitRecord {
+        ExitRecord {
+            code: Some(code),
+            signal: None,
+            oom_killed: false,
+            timed_out: false,
+            launch_error: Some(error),
+            finished_unix_ms: unix_ms(),
+        }
+    }
+
+    /// Writes `dir/exit.json` atomically (a temporary file renamed over it).
+    pub fn write(&self, dir: &Path) -> Result<(), ShimError> {
+        let path = dir.join("exit.json");
+        let tmp = dir.join(".exit.json.tmp");
+        let err = |source| ShimError::ExitRecord {
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec(self).map_err(|e| err(io::Error::other(e)))?;
+        let mut f = File::create(&tmp).map_err(err)?;
+        f.write_all(&body).map_err(err)?;
+        // On disk before it becomes visible: a reader never sees a torn record.
+        f.sync_all().map_err(err)?;
+        fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The agent's log: one file, rotated by size. `write` never lets agent.log grow past the
+/// limit (a larger chunk is split across files).
+pub struct RotatingLog {
+    dir: PathBuf,
+    max: u64,
+    keep: u32,
+    file: File,
+    size: u64,
+}
+
+impl RotatingLog {
+    pub fn open(dir: &Path, max: u64, keep: u32) -> io::Result<RotatingLog> {
+        fs::create_dir_all(dir)?;
+        let file = Self::open_file(&dir.join("agent.log"))?;
+        let size = file.metadata()?.len();
+        Ok(RotatingLog {
+            dir: dir.to_path_buf(),
+            max,
+            keep,
+            file,
+            size,
+        })
+    }
+
+    fn open_file(p: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(p)
+    }
+
+    fn path(&self, n: u32) -> PathBuf {
+        match n {
+            0 => self.dir.join("agent.log"),
+            n => self.dir.join(format!("agent.log.{n}")),
+        }
+    }
+
+    /// agent.log.{keep-1} deleted, agent.log.N → agent.log.N+1, agent.log → agent.log.1, and a
+    /// new agent.log. With `keep` ≤ 1 agent.log is simply started anew.
+    fn rotate(&mut self) -> io::Result<()> {
+        let gone = |r: io::Result<()>| match r {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        if self.keep <= 1 {
+            gone(fs::remove_file(self.path(0)))?;
+        } else {
+            gone(fs::remove_file(self.path(self.keep - 1)))?;
+            for n in (1..self.keep - 1).rev() {
+                gone(fs::rename(self.path(n), self.path(n + 1)))?;
+            }
+            gone(fs::rename(self.path(0), self.path(1)))?;
+        }
+        self.file = Self::open_file(&self.path(0))?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.max == 0 {
+            let n = self.file.write(buf)?;
+            self.size += n as u64;
+            return Ok(n);
+        }
+        if self.size > 0 && self.size + buf.len() as u64 > self.max {
+            self.rotate()?;
+        }
+        let room = self.max.saturating_sub(self.size).max(1) as usize;
+        let n = self.file.write(&buf[..buf.len().min(room)])?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Prints the one event line and closes stdout (the daemon reads to EOF). fd 1 then points at
+/// /dev/null, so that no later descriptor can take its number and receive stray output.
+fn emit(event: &ShimEvent) {
+    let mut line = serde_json::to_string(event).unwrap_or_default();
+    line.push('\n');
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 1, which std's stdout keeps using (now /dev/null).
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+/// Takes ownership of an inherited descriptor named in the config, after checking it is open
+/// (and, for the agent's channel, a socket).
+fn inherited(what: &'static str, fd: RawFd, socket: bool) -> Result<OwnedFd, ShimError> {
+    let bad = |reason: String| ShimError::BadFd { what, fd, reason };
+    if fd < 3 {
+        return Err(bad("must not be stdin, stdout or stderr".into()));
+    }
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of a descriptor number; an unopened one fails with EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    if socket && st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket".into()));
+    }
+    // SAFETY: the daemon handed this open descriptor to the shim (the contract), nothing else
+    // in this process owns it, and it is taken once (the two numbers are checked distinct).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Fds 0–2 open (on /dev/null if the daemon closed one), so that no descriptor opened later
+/// takes a standard number and gets written to by accident.
+fn ensure_stdio() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only queries a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+                // SAFETY: dup2 onto a free standard descriptor number; `null` is closed after.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
+    }
+}
+
+/// Runs the shim: launches `cfg.spec` supervised, returns the shim's exit status.
+pub fn run(cfg: ShimConfig) -> i32 {
+    match supervise(&cfg) {
+        Ok(out) => {
+            if let Err(e) = ExitRecord::finished(&out).write(&cfg.log_dir) {
+                eprintln!("aither-init shim: {e}");
+            }
+            out.status.code()
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            let msg = e.to_string();
+            emit(&ShimEvent::Failed {
+                code,
+                error: msg.clone(),
+            });
+            // A restarted daemon learns of the failure from the record, not from our stdout.
+            let _ = fs::create_dir_all(&cfg.log_dir);
+            if let Err(e) = ExitRecord::failed(code, msg).write(&cfg.log_dir) {
+                eprintln!("aither-init shim: {e}");
+            }
+            code
+        }
+    }
+}
+
+fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
+    // Our own session first: terminal signals meant for the daemon's session must not reach
+    // the shim (it outlives the daemon). Already a session leader is fine.
+    // SAFETY: setsid and getsid have no preconditions.
+    if unsafe { libc::setsid() } < 0 && unsafe { libc::getsid(0) } != std::process::id() as i32 {
+        return Err(ShimError::Session(io::Error::last_os_error()));
+    }
+    // A daemon that went away must not kill us through a write to its closed pipe.
+    // SAFETY: setting a disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Before any descriptor is opened, so that none takes a standard number.
+    ensure_stdio();
+    if cfg.channel_fd.is_some() && cfg.channel_fd == cfg.keep_fd {
+        return Err(ShimError::BadFd {
+            what: "channel_fd",
+            fd: cfg.channel_fd.unwrap_or(-1),
+            reason: "is also keep_fd".into(),
+        });
+    }
+    // Held until the shim exits; pid 1 closes its copy with every other inherited fd.
+    let _keep = cfg
+        .keep_fd
+        .map(|fd| inherited("keep_fd", fd, false))
+        .transpose()?;
+    let channel = cfg
+        .channel_fd
+        .map(|fd| inherited("channel_fd", fd, true))
+        .transpose()?;
+    let mut log =
+        RotatingLog::open(&cfg.log_dir, cfg.log_max_bytes, cfg.log_keep).map_err(|source| {
+            ShimError::Log {
+                path: cfg.log_dir.clone(),
+                source,
+            }
+        })?;
+    let out = launch::run_with(
+        &cfg.spec,
+        LaunchIo {
+            agent_channel: channel,
+            log: Some(&mut log),
+            on_started: Some(Box::new(|s| {
+                emit(&ShimEvent::Started {
+                    pid1: s.pid1,
+                    agent_pid: s.agent_pid,
+                    cgroup: s.cgroup.clone(),
+                })
+            })),
+        },
+    )?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read_to_string(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_log_rotates_at_the_limit_and_keeps_log_keep_files() {
+        let d = tempfile::tempdir().unwrap();
+        let mut log = RotatingLog::open(d.path(), 4, 3).unwrap();
+        for chunk in ["ab", "cd", "ef", "ghijkl", "m"] {
+            log.write_all(chunk.as_bytes()).unwrap();
+        }
+        assert_eq!(
+            files(d.path()),
+            vec![
+                ("agent.log".into(), "klm".into()),
+                ("agent.log.1".into(), "ghij".into()),
+                ("agent.log.2".into(), "ef".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn keep_one_restarts_the_log_and_zero_max_never_rotates() {
+        let d = tempfile::tempdir().unwrap();
+        let mut log = RotatingLog::open(d.path(), 3, 1).unwrap();
+        log.write_all(b"abc").unwrap();
+        log.write_all(b"de").unwrap();
+        assert_eq!(files(d.path()), vec![("agent.log".into(), "de".into())]);
+        let d = tempfile::tempdir().unwrap();
+        let mut log = RotatingLog::open(d.path(), 0, 3).unwrap();
+        log.write_all(&[b'x'; 10_000]).unwrap();
+        assert_eq!(files(d.path()).len(), 1);
+    }
+
+    #[test]
+    fn exit_record_and_events_have_the_documented_shape() {
+        let d = tempfile::tempdir().unwrap();
+        ExitRecord::failed(127, "nope".into())
+            .write(d.path())
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(d.path().join("exit.json")).unwrap()).unwrap();
+        assert_eq!(v["code"], 127);
+        assert_eq!(v["signal"], serde_json::Value::Null);
+        assert_eq!(v["oom_killed"], false);
+        assert_eq!(v["launch_error"], "nope");
+        assert!(v["finished_unix_ms"].as_u64().unwrap() > 0);
+        assert_eq!(
+            serde_json::to_string(&ShimEvent::Started {
+                pid1: 5,
+                agent_pid: None,
+                cgroup: "a-1".into()
+            })
+            .unwrap(),
+            r#"{"event":"started","pid1":5,"agent_pid":null,"cgroup":"a-1"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ShimEvent::Failed {
+                code: 125,
+                error: "x".into()
+            })
+            .unwrap(),
+            r#"{"event":"failed","code":125,"error":"x"}"#
+        );
+    }
+}
