@@ -170,6 +170,13 @@ pub struct SpawnRequest {
     pub pass_env: Vec<(String, String)>,
     #[serde(default)]
     pub supervision: Supervision,
+    /// Narrower limits than the token's (bytes, CPUs, processes).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub pids: Option<u64>,
     /// Replace an agent of the same name that is not running.
     #[serde(default)]
     pub replace: bool,

@@ -398,9 +398,9 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
         workspace: req.workspace.clone(),
         env: req.env.clone(),
         timeout: None,
-        memory: None,
-        cpus: None,
-        pids: None,
+        memory: req.memory.map(crate::units::Size),
+        cpus: req.cpus,
+        pids: req.pids,
         argv: req.argv.clone(),
     };
     let lookup = |k: &str| {

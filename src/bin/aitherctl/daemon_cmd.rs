@@ -101,6 +101,15 @@ pub struct SpawnArgs {
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Memory limit (e.g. 256M), at most the token's.
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
+    memory: Option<Size>,
+    /// CPU limit in CPUs (e.g. 0.5), at most the token's.
+    #[arg(long, value_name = "N")]
+    cpus: Option<f64>,
+    /// Maximum number of processes and threads, at most the token's.
+    #[arg(long, value_name = "N")]
+    pids: Option<u64>,
     /// never | on-failure | always [default: on-failure].
     #[arg(long, value_name = "POLICY")]
     restart: Option<RestartPolicy>,
@@ -258,6 +267,9 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         env,
         pass_env: std::env::vars().collect(),
         supervision: sup,
+        memory: a.memory.map(|m| m.0),
+        cpus: a.cpus,
+        pids: a.pids,
         replace: a.replace,
     })
 }
@@ -581,7 +593,8 @@ fn print_event(e: &Event, json: bool) -> bool {
         let ts = aither::token::format_time(e.ts_ms / 1000);
         writeln!(
             out,
-            "{ts}.{:03}  {:<16}  {:<14}  {}",
+            "{}.{:03}Z  {:<16}  {:<14}  {}",
+            ts.trim_end_matches('Z'),
             e.ts_ms % 1000,
             e.name.as_deref().unwrap_or("-"),
             e.kind,

@@ -1,0 +1,658 @@
+//! aitherd end to end, as root: a real daemon on a real unix socket, real sandboxes, real
+//! cgroups and SQLite. Each test starts its own daemon (own state directory and socket).
+//! Needs `aither-init` built beside aitherctl (`cargo test --workspace` builds it).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{poll_until, require_root, unique, Workspace, AITHERCTL};
+use serde_json::Value;
+
+const AITHERD: &str = env!("CARGO_BIN_EXE_aitherd");
+
+fn init_path() -> PathBuf {
+    let p = Path::new(AITHERCTL).with_file_name("aither-init");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace (`cargo test --workspace`, or `cargo build -p aither-init`)",
+        p.display()
+    );
+    p
+}
+
+struct Daemon {
+    state: tempfile::TempDir,
+    child: Option<Child>,
+    ws: Workspace,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        require_root();
+        let state = tempfile::Builder::new()
+            .prefix("aitherd-test-")
+            .tempdir_in("/var/tmp")
+            .expect("state dir");
+        let mut d = Daemon {
+            state,
+            child: None,
+            ws: Workspace::new(),
+        };
+        d.launch();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state.path().join("aitherd.sock")
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("AITHER_STATE_DIR", self.state.path().join("state"))
+            .env("AITHER_SOCKET", self.socket())
+            .env("AITHER_POLICY_DIR", common::policy_dir())
+            .env("AITHER_INIT", init_path())
+            .env("AITHER_STATS_INTERVAL_MS", "200");
+    }
+
+    fn launch(&mut self) {
+        let mut c = Command::new(AITHERD);
+        self.env(&mut c);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("aitherd.log"))
+            .unwrap();
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.child = Some(c.spawn().expect("start aitherd"));
+        let ok = poll_until(Duration::from_secs(20), || {
+            UnixStream::connect(self.socket()).is_ok()
+        });
+        assert!(ok, "aitherd did not come up: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("aitherd.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(AITHERCTL);
+        self.env(&mut c);
+        c.args(args)
+            .current_dir(self.ws.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aitherctl")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "aitherctl {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn inspect(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["inspect", name])).expect("inspect JSON")
+    }
+
+    fn state_of(&self, name: &str) -> String {
+        self.inspect(name)["state"].as_str().unwrap_or("").to_string()
+    }
+
+    fn wait_state(&self, name: &str, state: &str, timeout: Duration) {
+        let ok = poll_until(timeout, || self.state_of(name) == state);
+        assert!(
+            ok,
+            "{name} did not reach {state}: {}\n--- events ---\n{}",
+            self.inspect(name),
+            self.events_text(name)
+        );
+    }
+
+    fn events(&self, name: &str) -> Vec<Value> {
+        self.ok(&["events", "--json", "--agent", name])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    }
+
+    fn events_text(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.ctl(&["events", "--agent", name]).stdout).into_owned()
+    }
+
+    fn count(&self, name: &str, kind: &str) -> usize {
+        self.events(name).iter().filter(|e| e["kind"] == kind).count()
+    }
+
+    fn wait_events(&self, name: &str, kind: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        let ok = poll_until(timeout, || self.count(name, kind) >= n);
+        assert!(
+            ok,
+            "{name}: fewer than {n} {kind:?} events\n{}",
+            self.events_text(name)
+        );
+        self.events(name)
+    }
+
+    fn spawn(&self, name: &str, flags: &[&str], cmd: &[&str]) -> Value {
+        let mut args = vec!["spawn", "--json", "--policy", "strict", name];
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        serde_json::from_str(&self.ok(&args)).expect("spawn JSON")
+    }
+
+    /// Shim processes of an agent (its cgroups are named `<name>-<shim pid>`).
+    fn shims_of(&self, name: &str) -> Vec<i32> {
+        let base = Path::new("/sys/fs/cgroup/pids/aither");
+        let mut v: Vec<i32> = std::fs::read_dir(base)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        let (a, pid) = n.rsplit_once('-')?;
+                        let pid: i32 = pid.parse().ok()?;
+                        (a == name && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Ok(v) = serde_json::from_str::<Value>(
+                &String::from_utf8_lossy(&self.ctl(&["ps", "--json"]).stdout),
+            ) {
+                for a in v.as_array().into_iter().flatten() {
+                    if let Some(n) = a["name"].as_str() {
+                        let _ = self.ctl(&["rm", "--force", n]);
+                    }
+                }
+            }
+            if let Some(mut c) = self.child.take() {
+                // SAFETY: kill of our own child's pid.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn ts(e: &Value) -> u64 {
+    e["ts_ms"].as_u64().unwrap()
+}
+
+#[test]
+fn spawn_ps_logs_stop_rm_round_trip() {
+    let d = Daemon::start();
+    let name = unique("basic");
+    let sock = d.socket().display().to_string();
+    let script = format!(
+        "echo out-line; echo err-line >&2; test -e {sock} && echo SOCKET-VISIBLE; echo fd3=$(readlink /proc/self/fd/3 | cut -c1-7) AITHER_FD=$AITHER_FD; exec sleep 60"
+    );
+    let v = d.spawn(&name, &[], &["sh", "-c", &script]);
+    assert_eq!(v["state"], "running", "{v}");
+    let pid1 = v["pid1"].as_i64().unwrap();
+    assert!(Path::new(&format!("/proc/{pid1}")).exists());
+
+    let ps = d.ok(&["ps"]);
+    let header = ps.lines().next().unwrap();
+    for col in ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU"] {
+        assert!(header.contains(col), "{ps}");
+    }
+    let row = ps.lines().find(|l| l.starts_with(&name)).expect("row in ps");
+    assert!(row.contains("running") && row.contains(&pid1.to_string()), "{ps}");
+    let json: Value = serde_json::from_str(&d.ok(&["ps", "--json"])).unwrap();
+    assert!(json.as_array().unwrap().iter().any(|a| a["name"] == name.as_str()));
+
+    assert!(poll_until(Duration::from_secs(10), || d
+        .ok(&["logs", &name])
+        .contains("AITHER_FD")));
+    let logs = d.ok(&["logs", &name]);
+    assert!(logs.contains("out-line") && logs.contains("err-line"), "{logs}");
+    assert!(logs.contains("fd3=socket: AITHER_FD=3"), "{logs}");
+    assert!(!logs.contains("SOCKET-VISIBLE"), "the daemon's socket is visible inside: {logs}");
+    assert_eq!(d.ok(&["logs", "--tail", "1", &name]).lines().count(), 1);
+
+    // A second agent of the same name is refused while this one runs.
+    let o = d.ctl(&["spawn", "--policy", "strict", &name, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists"));
+
+    // rm of a running agent is refused without --force.
+    assert_eq!(d.ctl(&["rm", &name]).status.code(), Some(1));
+    let t0 = Instant::now();
+    d.ok(&["stop", &name]);
+    assert_eq!(d.state_of(&name), "stopped");
+    assert!(t0.elapsed() < Duration::from_secs(9), "sleep dies on SIGTERM at once");
+    assert!(!Path::new(&format!("/proc/{pid1}")).exists());
+    assert!(poll_until(Duration::from_secs(5), || d.shims_of(&name).is_empty()));
+    assert!(common::cgroup_dirs_of(&name).is_empty());
+    // Stopped stays stopped: no restart.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.state_of(&name), "stopped");
+
+    d.ok(&["rm", &name]);
+    let o = d.ctl(&["inspect", &name]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no agent named"));
+}
+
+#[test]
+fn restarts_on_failure_with_exponential_backoff() {
+    let d = Daemon::start();
+    let name = unique("backoff");
+    d.spawn(&name, &["--backoff", "200ms"], &["sh", "-c", "exit 3"]);
+    let ev = d.wait_events(&name, "started", 4, Duration::from_secs(20));
+    // Delay between an exit and the next start: 200, 400, 800 ms, each ±10 % (plus the launch).
+    let exits: Vec<u64> = ev.iter().filter(|e| e["kind"] == "exited").map(ts).collect();
+    let starts: Vec<u64> = ev.iter().filter(|e| e["kind"] == "started").map(ts).collect();
+    for (i, base) in [200u64, 400, 800].iter().enumerate() {
+        let gap = starts[i + 1] - exits[i];
+        assert!(
+            gap >= base * 9 / 10 && gap <= base * 11 / 10 + 150,
+            "restart {} came {gap} ms after the exit, expected {base} ms ±10 %",
+            i + 1
+        );
+    }
+    let backoffs: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["kind"] == "backoff")
+        .map(|e| e["data"]["delay_ms"].as_u64().unwrap())
+        .collect();
+    assert!(backoffs[1] > backoffs[0] && backoffs[2] > backoffs[1], "{backoffs:?}");
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["code"] == 3));
+    let info = d.inspect(&name);
+    assert!(info["restarts"].as_u64().unwrap() >= 3, "{info}");
+    // A success under on-failure is final.
+    let ok = unique("success");
+    d.spawn(&ok, &["--backoff", "50ms"], &["true"]);
+    d.wait_state(&ok, "exited", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.count(&ok, "started"), 1);
+}
+
+#[test]
+fn a_restart_burst_marks_the_agent_failed() {
+    let d = Daemon::start();
+    let name = unique("burst");
+    d.spawn(&name, &["--backoff", "20ms"], &["false"]);
+    d.wait_state(&name, "failed", Duration::from_secs(20));
+    // One start and five restarts, then it gave up.
+    assert_eq!(d.count(&name, "started"), 6, "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "failed"), 1);
+    assert_eq!(d.inspect(&name)["restarts"], 5);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.count(&name, "started"), 6);
+    // A user's restart gives it a fresh budget.
+    d.ok(&["restart", &name]);
+    d.wait_events(&name, "started", 7, Duration::from_secs(10));
+}
+
+#[test]
+fn an_oom_kill_is_a_pain_event_and_restarts_the_agent() {
+    let d = Daemon::start();
+    let name = unique("oom");
+    d.spawn(
+        &name,
+        &["--memory", "48M", "--backoff", "100ms"],
+        &["python3", "-c", "a = b'x' * (400 << 20)"],
+    );
+    let ev = d.wait_events(&name, "started", 2, Duration::from_secs(30));
+    let pain: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "pain").collect();
+    assert!(
+        pain.iter()
+            .any(|e| e["data"]["signal"] == "oom" && e["data"]["source"] == "kernel"),
+        "no OOM pain event: {}",
+        d.events_text(&name)
+    );
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "oom_killed"));
+    assert_eq!(
+        d.inspect(&name)["last_reason"]["kind"],
+        "oom_killed",
+        "{}",
+        d.inspect(&name)
+    );
+}
+
+#[test]
+fn a_missed_watchdog_restarts_the_agent_and_heartbeats_keep_it() {
+    let d = Daemon::start();
+    let silent = unique("wd-silent");
+    d.spawn(&silent, &["--watchdog", "300ms", "--backoff", "50ms"], &["sleep", "60"]);
+    let ev = d.wait_events(&silent, "started", 2, Duration::from_secs(10));
+    assert!(ev.iter().any(|e| e["kind"] == "watchdog_miss"));
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "watchdog_miss"));
+
+    // The same watchdog with heartbeats every 100 ms (Python SDK): never restarted.
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
+    std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
+    let beating = unique("wd-beat");
+    let script = "import aither, time\nc = aither.Channel.from_env()\nc.heartbeat_every(0.1)\ntime.sleep(60)\n";
+    std::fs::write(d.ws.path().join("beat.py"), script).unwrap();
+    d.spawn(&beating, &["--watchdog", "300ms"], &["python3", "beat.py"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.count(&beating, "watchdog_miss"), 0, "{}", d.events_text(&beating));
+    assert_eq!(d.count(&beating, "started"), 1);
+    assert!(d.inspect(&beating)["last_heartbeat_ms"].as_u64().is_some());
+}
+
+#[test]
+fn the_agent_channel_ready_status_pain_and_denial() {
+    let d = Daemon::start();
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
+    std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
+    let script = r#"
+import aither, sys, time
+c = aither.Channel.from_env()
+time.sleep(0.3)
+c.status("warming up")
+c.ready()
+c.pain("warning", "disk almost full")
+try:
+    c.request("status", agent="someone-else", text="x")
+    print("OTHER-AGENT-ALLOWED", flush=True)
+except aither.AitherError as e:
+    print("denied:", e.code, flush=True)
+try:
+    c.request("no-such-op")
+except aither.AitherError as e:
+    print("unknown:", e.code, flush=True)
+print("done", flush=True)
+if sys.argv[1] == "critical":
+    c.pain("critical", "cannot go on")
+time.sleep(60)
+"#;
+    std::fs::write(d.ws.path().join("agent.py"), script).unwrap();
+    let name = unique("chan");
+    let v = d.spawn(&name, &["--wait-ready"], &["python3", "agent.py", "calm"]);
+    assert_eq!(v["state"], "starting", "readiness asked: starting until READY");
+    d.wait_state(&name, "ready", Duration::from_secs(10));
+    assert!(poll_until(Duration::from_secs(5), || d
+        .ok(&["logs", &name])
+        .contains("done")));
+    let logs = d.ok(&["logs", &name]);
+    assert!(logs.contains("denied: denied"), "{logs}");
+    assert!(logs.contains("unknown: unknown_op"), "{logs}");
+    assert!(!logs.contains("OTHER-AGENT-ALLOWED"));
+    let info = d.inspect(&name);
+    assert_eq!(info["status_text"], "warming up");
+    let ev = d.events(&name);
+    assert!(ev.iter().any(|e| e["kind"] == "pain"
+        && e["data"]["source"] == "agent"
+        && e["data"]["severity"] == "warning"
+        && e["data"]["reason"] == "disk almost full"
+        && e["data"]["action"] == "log"));
+
+    // strict maps critical pain to restart.
+    let crit = unique("critical");
+    d.spawn(&crit, &["--backoff", "50ms"], &["python3", "agent.py", "critical"]);
+    let ev = d.wait_events(&crit, "started", 2, Duration::from_secs(15));
+    assert!(ev.iter().any(|e| e["kind"] == "pain"
+        && e["data"]["severity"] == "critical"
+        && e["data"]["action"] == "restart"));
+}
+
+#[test]
+fn a_shell_agent_reports_ready_with_aither_notify() {
+    let d = Daemon::start();
+    let notify = Path::new(AITHERCTL).with_file_name("aither-notify");
+    assert!(notify.is_file(), "build the workspace: aither-notify is missing");
+    std::fs::copy(&notify, d.ws.path().join("aither-notify")).unwrap();
+    let name = unique("notify");
+    d.spawn(
+        &name,
+        &["--wait-ready", "--startup-timeout", "20s"],
+        &["sh", "-c", "sleep 0.2; ./aither-notify --ready && echo notified; exec sleep 60"],
+    );
+    d.wait_state(&name, "ready", Duration::from_secs(10));
+    assert!(d.ok(&["logs", &name]).contains("notified"));
+    // Without READY in time: a startup-timeout failure, restarted.
+    let late = unique("late");
+    d.spawn(
+        &late,
+        &["--wait-ready", "--startup-timeout", "300ms", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
+    let ev = d.wait_events(&late, "started", 2, Duration::from_secs(10));
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "startup_timeout"));
+}
+
+#[test]
+fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
+    let mut d = Daemon::start();
+    let a = unique("keep-a");
+    let b = unique("keep-b");
+    let c = unique("ends");
+    let ticker = "while :; do echo tick; sleep 0.1; done";
+    let pa = d.spawn(&a, &[], &["sh", "-c", ticker])["pid1"].as_i64().unwrap();
+    let pb = d.spawn(&b, &[], &["sleep", "60"])["pid1"].as_i64().unwrap();
+    let pc = d.spawn(&c, &["--backoff", "0"], &["sh", "-c", "sleep 1; exit 7"])["pid1"]
+        .as_i64()
+        .unwrap();
+    d.kill9();
+    // Without the daemon: the agents run on, and keep logging.
+    let before = std::fs::metadata(d.state.path().join(format!("state/agents/{a}/agent.log")))
+        .unwrap()
+        .len();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = std::fs::metadata(d.state.path().join(format!("state/agents/{a}/agent.log")))
+        .unwrap()
+        .len();
+    assert!(after > before, "logging stopped while the daemon was down");
+    assert!(Path::new(&format!("/proc/{pa}")).exists());
+    assert!(!Path::new(&format!("/proc/{pc}")).exists(), "c should have exited by now");
+    let o = d.ctl(&["ps"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("aitherd is not running"));
+
+    d.launch();
+    let ia = d.inspect(&a);
+    let ib = d.inspect(&b);
+    assert_eq!(ia["pid1"].as_i64(), Some(pa), "a re-adopted: {ia}");
+    assert_eq!(ib["pid1"].as_i64(), Some(pb), "b re-adopted: {ib}");
+    assert_eq!(ia["state"], "running");
+    // c ended with 7 while the daemon was down: restarted per on-failure.
+    assert!(poll_until(Duration::from_secs(10), || d
+        .inspect(&c)["pid1"]
+        .as_i64()
+        .is_some_and(|p| p != pc)));
+    // None started twice: one shim each.
+    assert_eq!(d.shims_of(&a).len(), 1);
+    assert_eq!(d.shims_of(&b).len(), 1);
+    let log = d.events_text(&a);
+    assert!(log.contains("adopted"), "{log}");
+    // The re-adopted agents are under control: stop works, and a crash is seen.
+    d.ok(&["stop", &b]);
+    assert!(!Path::new(&format!("/proc/{pb}")).exists());
+    d.ok(&["kill", "--signal", "TERM", &a]);
+    d.wait_state(&a, "running", Duration::from_secs(10));
+    let ev = d.wait_events(&a, "exited", 1, Duration::from_secs(5));
+    assert!(ev.iter().any(|e| e["kind"] == "exited"));
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
+    let mut d = Daemon::start();
+    let name = unique("survive");
+    let pid1 = d.spawn(&name, &[], &["sleep", "60"])["pid1"].as_i64().unwrap();
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let st = d.child.as_mut().unwrap().wait().unwrap();
+    d.child = None;
+    assert!(st.success(), "aitherd exit status {st}");
+    assert!(!d.socket().exists(), "socket left behind");
+    assert!(Path::new(&format!("/proc/{pid1}")).exists());
+    d.launch();
+    assert_eq!(d.inspect(&name)["pid1"].as_i64(), Some(pid1));
+    assert!(d.events_text(&name).contains("adopted"));
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+fn reply(s: &mut UnixStream) -> Option<Value> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).ok()?;
+    let mut b = vec![0u8; u32::from_be_bytes(h) as usize];
+    s.read_exact(&mut b).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+#[test]
+fn socket_abuse_gets_error_replies_and_the_daemon_keeps_serving() {
+    let d = Daemon::start();
+    let connect = || {
+        let s = UnixStream::connect(d.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut s = connect();
+    // Not JSON, in a proper frame: an error, and the connection goes on.
+    s.write_all(&frame(b"\x00\xffgarbage")).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_json");
+    s.write_all(&frame(br#"{"op":"format_disk"}"#)).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_request");
+    s.write_all(&frame(br#"{"op":"spawn","name":"x"}"#)).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_request");
+    s.write_all(&frame(br#"{"op":"ping"}"#)).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["ok"], true);
+    // Oversized: refused before reading it, then closed.
+    let mut s = connect();
+    s.write_all(&(64u32 << 20).to_be_bytes()).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "too_large");
+    assert!(reply(&mut s).is_none(), "closed after an oversized frame");
+    // Empty frame.
+    let mut s = connect();
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_frame");
+    // Truncated: a header promising 100 bytes, 10 sent, then the writer closes.
+    let mut s = connect();
+    s.write_all(&100u32.to_be_bytes()).unwrap();
+    s.write_all(b"{\"op\":\"pi").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_frame");
+    // Many half-open connections do not stop others.
+    let idle: Vec<UnixStream> = (0..50).map(|_| connect()).collect();
+    let name = unique("after-abuse");
+    d.spawn(&name, &[], &["sleep", "30"]);
+    assert_eq!(d.state_of(&name), "running");
+    drop(idle);
+
+    // Only root and group aither: the socket is not world-accessible, and a plain user is
+    // turned away.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o007, 0, "socket mode {mode:o}");
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", AITHERCTL, "ps"]);
+    d.env(&mut c);
+    let o = c.output().expect("setpriv (util-linux)");
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission denied"), "{o:?}");
+}
+
+#[test]
+fn many_spawns_at_once() {
+    let d = Daemon::start();
+    let names: Vec<String> = (0..16).map(|i| unique(&format!("many{i}"))).collect();
+    std::thread::scope(|s| {
+        for n in &names {
+            let d = &d;
+            s.spawn(move || {
+                d.spawn(n, &[], &["sleep", "60"]);
+            });
+        }
+    });
+    let ps: Value = serde_json::from_str(&d.ok(&["ps", "--json"])).unwrap();
+    let mut pids: Vec<i64> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "running")
+        .map(|a| a["pid1"].as_i64().unwrap())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), names.len(), "{ps}");
+    for n in &names {
+        assert_eq!(d.shims_of(n).len(), 1, "{n}");
+    }
+}
+
+#[test]
+fn without_a_daemon_the_cli_says_how_to_start_one() {
+    let o = Command::new(AITHERCTL)
+        .args(["ps"])
+        .env("AITHER_SOCKET", "/nonexistent/aitherd.sock")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("aitherd is not running") && e.contains("Start it"), "{e}");
+}
+
+#[test]
+fn agent_files_give_command_and_supervision_with_errors_that_point_at_the_line() {
+    let d = Daemon::start();
+    let name = unique("file");
+    std::fs::create_dir_all(d.ws.path().join("agents")).unwrap();
+    std::fs::write(
+        d.ws.path().join(format!("agents/{name}.toml")),
+        "policy = \"strict\"\ncommand = \"echo from-file; exec sleep 60\"\nrestart = \"always\"\nwatchdog = \"1h\"\n",
+    )
+    .unwrap();
+    let o = d.ok(&["spawn", &name]);
+    assert!(o.contains("running"), "{o}");
+    let i = d.inspect(&name);
+    assert_eq!(i["supervision"]["restart"], "always");
+    assert_eq!(i["supervision"]["watchdog_ms"], 3_600_000);
+    std::fs::write(
+        d.ws.path().join("agents/bad.toml"),
+        "command = \"true\"\nrestart = \"sometimes\"\n",
+    )
+    .unwrap();
+    let o = d.ctl(&["spawn", "bad"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("agents/bad.toml:2:") && e.contains("restart"), "{e}");
+}
