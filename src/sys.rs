@@ -141,6 +141,19 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<
     check(r).map(drop)
 }
 
+/// pidfd_open(2): a descriptor that pins process `pid` (no pid-reuse race from here on).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; returns a new descriptor.
+    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    Ok(owned(r))
+}
+
+/// setns(2) with a pidfd: joins every namespace in `flags` of that process at once (≥ 5.8).
+pub fn setns(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns on a valid descriptor.
+    check_int(unsafe { libc::setns(fd.as_raw_fd(), flags) }).map(drop)
+}
+
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitStatus {

@@ -422,5 +422,61 @@ pub fn collect_garbage(cg_dirs: &[PathBuf]) {
     }
 }
 
+/// The directories of Aither cgroups (below `aither/` in a hierarchy under `root`) that
+/// process `pid` belongs to, read from /proc/<pid>/cgroup. Lines outside the subtree are not
+/// ours and are ignored.
+pub fn aither_dirs_of(root: &Path, pid: i32) -> Result<Vec<PathBuf>, CgroupError> {
+    let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&file).map_err(|source| CgroupError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    Ok(parse_membership(root, &text))
+}
+
+fn parse_membership(root: &Path, text: &str) -> Vec<PathBuf> {
+    let prefix = format!("/{SUBTREE}/");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if !path.starts_with(&prefix) || path.split('/').any(|c| c == "..") {
+            continue;
+        }
+        let rel = path.trim_start_matches('/');
+        // cgroup2 (`0::`) is `root/unified` on a hybrid host and `root` itself on pure v2; a
+        // v1 hierarchy is mounted under its controller list ("cpu,cpuacct") or, through a
+        // symlink or on its own, under one of its controllers.
+        let candidates: Vec<PathBuf> = if ctrls.is_empty() {
+            vec![root.join("unified").join(rel), root.join(rel)]
+        } else {
+            std::iter::once(ctrls)
+                .chain(ctrls.split(','))
+                .map(|c| root.join(c.trim_start_matches("name=")).join(rel))
+                .collect()
+        };
+        if let Some(d) = candidates
+            .into_iter()
+            .find(|d| d.join("cgroup.procs").exists())
+        {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs
+}
+
+/// Moves the calling process into each of `dirs` (its `cgroup.procs`).
+pub fn join(dirs: &[PathBuf]) -> Result<(), CgroupError> {
+    let me = std::process::id().to_string();
+    for d in dirs {
+        write_ctl(d, "cgroup.procs", &me, "")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -131,3 +131,28 @@ fn garbage_collection_only_takes_dead_owners() {
     assert!(!dead.exists());
     assert!(live.exists());
 }
+
+#[test]
+fn membership_maps_proc_cgroup_lines_to_aither_directories_only() {
+    let root = tempfile::tempdir().unwrap();
+    for d in [
+        "memory/aither/a-1",
+        "cpu,cpuacct/aither/a-1",
+        "unified/aither/a-1",
+        "blkio/user",
+    ] {
+        fs::create_dir_all(root.path().join(d)).unwrap();
+        fs::write(root.path().join(d).join("cgroup.procs"), "").unwrap();
+    }
+    let text = "9:blkio:/user\n4:memory:/aither/a-1\n3:cpu,cpuacct:/aither/a-1\n\
+                2:pids:/aither/../escape\n1:name=systemd:/aither/missing\n0::/aither/a-1\n";
+    let got = super::parse_membership(root.path(), text);
+    assert_eq!(
+        got,
+        vec![
+            root.path().join("memory/aither/a-1"),
+            root.path().join("cpu,cpuacct/aither/a-1"),
+            root.path().join("unified/aither/a-1"),
+        ]
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod caps;
 pub mod channel;
+pub mod exec;
 mod init;
 pub mod landlock;
 pub mod launch;
@@ -14,6 +15,7 @@ pub mod shim;
 pub mod spec;
 pub mod userns;
 
+pub use exec::{exec_in, ExecConfig, ExecError};
 pub use launch::{run, run_with, LaunchError, LaunchIo, Outcome, Started};
 pub use shim::{ShimConfig, ShimError};
 pub use spec::{RunOptions, SandboxSpec, SpecError};

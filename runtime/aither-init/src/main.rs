@@ -11,6 +11,7 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use aither::sandbox::shim::{self, ShimConfig, ShimEvent};
+use aither::sandbox::ExecConfig;
 use aither::sandbox::{self, SandboxSpec};
 
 fn main() -> ExitCode {
@@ -18,6 +19,7 @@ fn main() -> ExitCode {
     let code = match mode.as_deref() {
         None => plain(),
         Some("shim") => run_shim(),
+        Some("exec") => run_exec(),
         Some(other) => {
             eprintln!("aither-init: unknown mode {other:?} (expected none, `shim` or `exec`)");
             125
@@ -67,6 +69,24 @@ fn run_shim() -> i32 {
             );
             eprintln!("aither-init shim: {e}");
             125
+        }
+    }
+}
+
+fn run_exec() -> i32 {
+    let cfg: ExecConfig = match stdin_json("ExecConfig") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aither-init exec: error: {e}");
+            return 125;
+        }
+    };
+    let timeout = cfg.timeout_ms.map(std::time::Duration::from_millis);
+    match sandbox::exec_in(&cfg.spec, cfg.pid1, &cfg.argv, timeout) {
+        Ok(st) => st.code(),
+        Err(e) => {
+            eprintln!("aither-init exec: {e}");
+            e.exit_code()
         }
     }
 }

@@ -1,0 +1,317 @@
+//! `aither-init exec`: runs a command inside a running sandbox (like `runc exec` or
+//! `nsenter`), for health checks. The command joins the agent's cgroups and namespaces and is
+//! confined exactly as the agent is, by the same code (`init::confine`).
+//!
+//! Order, and why:
+//! 1. Preflight on the host: the Landlock plan and the seccomp filter (its cache is a host
+//!    file, invisible once in the sandbox's mount namespace).
+//! 2. pidfd_open(pid 1): from here the sandbox cannot be swapped for another process.
+//! 3. The agent's cgroups, before the namespaces (the cgroup namespace hides the host's
+//!    hierarchy), so that the command counts against the agent's limits from its birth.
+//! 4. setgroups(0), then one setns(pidfd, every namespace): atomic, so there is never a
+//!    half-joined state.
+//! 5. fork (a pid namespace applies to children only). The child becomes the namespace's root,
+//!    goes to the working directory, is confined (`init::confine`) and execs; the parent waits,
+//!    killing it at the timeout.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::channel::{self, Msg, Stage};
+use super::init::{self, At, Confinement, Failure};
+use super::landlock::{self, LandlockError};
+use super::seccomp::{self, SeccompError};
+use super::spec::SandboxSpec;
+use crate::cgroup::{self, CgroupError};
+use crate::sys::{self, ExitStatus, Forked};
+
+/// Errors of `exec_in`. The command's own failures are its exit status, not these.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("aither-init exec must run as root (it joins the sandbox's namespaces)")]
+    NotRoot,
+    #[error("no command given")]
+    NoCommand,
+    #[error(transparent)]
+    Landlock(#[from] LandlockError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("the sandbox's pid 1 ({pid}) is not running: {source}")]
+    NoSandbox {
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("process {pid} is in no Aither cgroup: not a sandbox's pid 1")]
+    NotASandbox { pid: i32 },
+    #[error("joining the agent's cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("joining the sandbox's namespaces (setns): {0}")]
+    Setns(#[source] io::Error),
+    #[error("starting the command in the sandbox: {0}")]
+    Fork(#[source] io::Error),
+    #[error("talking to the command's setup: {0}")]
+    Channel(#[source] io::Error),
+    #[error("setup of the command failed while {stage} ({errname}): {detail}", errname = sys::errno_name(*.errno))]
+    Setup {
+        stage: Stage,
+        errno: i32,
+        detail: String,
+    },
+    #[error("{program}: command not found in the sandbox")]
+    NotFound { program: String },
+    #[error("{program}: cannot execute in the sandbox ({errname})", errname = sys::errno_name(*.errno))]
+    NotExecutable { program: String, errno: i32 },
+    #[error("the command did not finish within {0:?} and was killed")]
+    TimedOut(Duration),
+}
+
+impl ExecError {
+    /// The exit status of `aither-init exec`: 124 at the timeout (as timeout(1)), 126/127 as
+    /// a shell, 125 for Aither's own errors.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExecError::TimedOut(_) => 124,
+            ExecError::NotFound { .. } => 127,
+            ExecError::NotExecutable { .. } => 126,
+            _ => 125,
+        }
+    }
+}
+
+/// What the daemon writes on `aither-init exec`'s stdin.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExecConfig {
+    /// The running agent's spec (as given to its shim).
+    pub spec: SandboxSpec,
+    /// Host pid of the sandbox's pid 1 (the shim's `started` event).
+    pub pid1: i32,
+    pub argv: Vec<String>,
+    /// Killed (SIGKILL) after this long; `None` waits for ever.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Runs `argv` inside the running sandbox of `spec` whose pid 1 is host pid `pid1`, confined
+/// as its agent, with this process's stdio. Returns the command's status.
+///
+/// The calling process must be single-threaded (setns into a user namespace and the fork
+/// require it), and it stays in the sandbox's namespaces afterwards: call it from a process
+/// that exits next, as `aither-init exec` does.
+pub fn exec_in(
+    spec: &SandboxSpec,
+    pid1: i32,
+    argv: &[String],
+    timeout: Option<Duration>,
+) -> Result<ExitStatus, ExecError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ExecError::NotRoot);
+    }
+    if argv.is_empty() {
+        return Err(ExecError::NoCommand);
+    }
+    // 1. Preflight, on the host: the filter's cache is a host file.
+    let plan = landlock::plan(spec, landlock::kernel_abi())?;
+    let filter = spec
+        .seccomp_profile
+        .as_deref()
+        .map(seccomp::load)
+        .transpose()?;
+
+    // 2. Pin pid 1, then read its cgroups; it must still be alive after the read, or the
+    // file may have described a recycled pid.
+    let sandbox =
+        sys::pidfd_open(pid1).map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
+    let dirs = cgroup::aither_dirs_of(&cgroup::root(), pid1)?;
+    sys::pidfd_send_signal(sandbox.as_fd(), 0)
+        .map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
+    if dirs.is_empty() {
+        return Err(ExecError::NotASandbox { pid: pid1 });
+    }
+    // 3. The cgroups before the namespaces: the cgroup namespace would hide the hierarchy.
+    cgroup::join(&dirs)?;
+
+    // 4. Our supplementary groups would survive into the sandbox (its `setgroups deny` forbids
+    // dropping them inside), so they go first.
+    // SAFETY: setgroups with an empty list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
+        return Err(ExecError::Setns(io::Error::last_os_error()));
+    }
+    // This process gains capabilities in the sandbox's user namespace: non-dumpable before
+    // that, so nothing in there can ptrace it or read its memory.
+    sys::prctl(libc::PR_SET_DUMPABLE, 0).map_err(ExecError::Setns)?;
+    sys::setns(sandbox.as_fd(), namespaces(spec)).map_err(ExecError::Setns)?;
+
+    // 5. Fork into the pid namespace; the channel reports a failed setup with its stage.
+    let (parent_sock, child_sock) = sys::seqpacket_pair().map_err(ExecError::Channel)?;
+    // SAFETY: aither-init is single-threaded (documented requirement of exec_in).
+    let forked = unsafe { sys::clone3_fork(0, None) }.map_err(ExecError::Fork)?;
+    let child = match forked {
+        Forked::Child => {
+            drop(parent_sock);
+            drop(sandbox);
+            let conf = Confinement {
+                spec,
+                landlock: &plan,
+                filter: filter.as_ref(),
+            };
+            child(&conf, argv, child_sock)
+        }
+        Forked::Parent { pidfd, .. } => pidfd,
+    };
+    drop(child_sock);
+    wait(child.as_fd(), parent_sock.as_fd(), timeout)
+}
+
+/// The namespaces the launcher created for `spec` (the cgroup one by pid 1 itself).
+fn namespaces(spec: &SandboxSpec) -> libc::c_int {
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    for (on, f) in [
+        (spec.new_net_ns, libc::CLONE_NEWNET),
+        (spec.new_ipc_ns, libc::CLONE_NEWIPC),
+        (spec.new_uts_ns, libc::CLONE_NEWUTS),
+        (spec.new_cgroup_ns, libc::CLONE_NEWCGROUP),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    flags
+}
+
+/// The forked command: confined like the agent, then exec'd. Never returns.
+fn child(conf: &Confinement<'_>, argv: &[String], sock: OwnedFd) -> ! {
+    let code = match prepare_and_exec(conf, argv, sock.as_fd()) {
+        Ok(msg) => {
+            let code = match &msg {
+                Msg::NotFound { .. } => 127,
+                _ => 126,
+            };
+            let _ = channel::send(sock.as_fd(), &msg);
+            code
+        }
+        Err(f) => {
+            let _ = channel::send(sock.as_fd(), &f.into_msg());
+            125
+        }
+    };
+    // SAFETY: _exit without running the parent's destructors in this copy of it.
+    unsafe { libc::_exit(code) }
+}
+
+/// Returns only on failure: the message to report (NotFound or NotExecutable) or the stage.
+fn prepare_and_exec(
+    conf: &Confinement<'_>,
+    argv: &[String],
+    sock: BorrowedFd<'_>,
+) -> Result<Msg, Failure> {
+    let spec = conf.spec;
+    // The namespace's root identity first, as pid 1 had while it set up the agent.
+    // SAFETY: plain id switches inside the sandbox's user namespace.
+    init::check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+    // SAFETY: as above.
+    init::check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+    // The agent's working directory, entered with the setup identity as pid 1 entered it.
+    std::env::set_current_dir(&spec.cwd).at(Stage::Mounts)?;
+    let mut stamps = Vec::new();
+    let Some(p) = init::confine(conf, sock, &[], argv, &[], &mut stamps)? else {
+        return Ok(Msg::NotFound {
+            program: argv[0].clone(),
+        });
+    };
+    let mut argv_p: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = p.envp.iter().map(|a| a.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    // Default dispositions and an empty mask, as the agent gets (Rust ignores SIGPIPE).
+    init::reset_signals();
+    // SAFETY: NUL-terminated arrays of C strings that live until execve returns.
+    unsafe { libc::execve(p.path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    Ok(Msg::NotExecutable {
+        program: p.program.display().to_string(),
+        errno: sys::errno_of(&io::Error::last_os_error()),
+    })
+}
+
+/// Waits for the command; SIGKILL at the timeout. A setup failure reported on `sock` wins
+/// over the exit status it caused.
+fn wait(
+    child: BorrowedFd<'_>,
+    sock: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> Result<ExitStatus, ExecError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut failure: Option<ExecError> = None;
+    let mut sock_open = true;
+    loop {
+        let ms = deadline.map_or(-1, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        let mut fds = [
+            libc::pollfd {
+                fd: child.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if sock_open { sock.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd entries (a negative fd is skipped).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            match channel::recv(sock) {
+                Ok(Some(m)) => failure = Some(to_error(m)),
+                Ok(None) | Err(_) => sock_open = false,
+            }
+        }
+        if fds[0].revents != 0 {
+            let st = sys::wait_pidfd(child).map_err(ExecError::Fork)?;
+            if failure.is_none() && sock_open {
+                if let Ok(Some(m)) = channel::recv(sock) {
+                    failure = Some(to_error(m));
+                }
+            }
+            return failure.map_or(Ok(st), Err);
+        }
+        if let (Some(t), Some(d)) = (timeout, deadline) {
+            if Instant::now() >= d {
+                // SIGKILL to the command only: what it started is reparented to the sandbox's
+                // pid 1 and counted in the agent's cgroup, like the agent's own children.
+                let _ = sys::pidfd_send_signal(child, libc::SIGKILL);
+                let _ = sys::wait_pidfd(child);
+                return Err(ExecError::TimedOut(t));
+            }
+        }
+    }
+}
+
+fn to_error(m: Msg) -> ExecError {
+    match m {
+        Msg::Failed {
+            stage,
+            errno,
+            detail,
+        } => ExecError::Setup {
+            stage,
+            errno,
+            detail,
+        },
+        Msg::NotFound { program } => ExecError::NotFound { program },
+        Msg::NotExecutable { program, errno } => ExecError::NotExecutable { program, errno },
+        other => ExecError::Channel(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected message {other:?}"),
+        )),
+    }
+}
