@@ -119,7 +119,10 @@ impl Daemon {
     }
 
     fn state_of(&self, name: &str) -> String {
-        self.inspect(name)["state"].as_str().unwrap_or("").to_string()
+        self.inspect(name)["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     fn wait_state(&self, name: &str, state: &str, timeout: Duration) {
@@ -144,7 +147,10 @@ impl Daemon {
     }
 
     fn count(&self, name: &str, kind: &str) -> usize {
-        self.events(name).iter().filter(|e| e["kind"] == kind).count()
+        self.events(name)
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .count()
     }
 
     fn wait_events(&self, name: &str, kind: &str, n: usize, timeout: Duration) -> Vec<Value> {
@@ -188,9 +194,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
-            if let Ok(v) = serde_json::from_str::<Value>(
-                &String::from_utf8_lossy(&self.ctl(&["ps", "--json"]).stdout),
-            ) {
+            if let Ok(v) = serde_json::from_str::<Value>(&String::from_utf8_lossy(
+                &self.ctl(&["ps", "--json"]).stdout,
+            )) {
                 for a in v.as_array().into_iter().flatten() {
                     if let Some(n) = a["name"].as_str() {
                         let _ = self.ctl(&["rm", "--force", n]);
@@ -225,21 +231,39 @@ fn spawn_ps_logs_stop_rm_round_trip() {
 
     let ps = d.ok(&["ps"]);
     let header = ps.lines().next().unwrap();
-    for col in ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU"] {
+    for col in [
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
+    ] {
         assert!(header.contains(col), "{ps}");
     }
-    let row = ps.lines().find(|l| l.starts_with(&name)).expect("row in ps");
-    assert!(row.contains("running") && row.contains(&pid1.to_string()), "{ps}");
+    let row = ps
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .expect("row in ps");
+    assert!(
+        row.contains("running") && row.contains(&pid1.to_string()),
+        "{ps}"
+    );
     let json: Value = serde_json::from_str(&d.ok(&["ps", "--json"])).unwrap();
-    assert!(json.as_array().unwrap().iter().any(|a| a["name"] == name.as_str()));
+    assert!(json
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["name"] == name.as_str()));
 
     assert!(poll_until(Duration::from_secs(10), || d
         .ok(&["logs", &name])
         .contains("AITHER_FD")));
     let logs = d.ok(&["logs", &name]);
-    assert!(logs.contains("out-line") && logs.contains("err-line"), "{logs}");
+    assert!(
+        logs.contains("out-line") && logs.contains("err-line"),
+        "{logs}"
+    );
     assert!(logs.contains("fd3=socket: AITHER_FD=3"), "{logs}");
-    assert!(!logs.contains("SOCKET-VISIBLE"), "the daemon's socket is visible inside: {logs}");
+    assert!(
+        !logs.contains("SOCKET-VISIBLE"),
+        "the daemon's socket is visible inside: {logs}"
+    );
     assert_eq!(d.ok(&["logs", "--tail", "1", &name]).lines().count(), 1);
 
     // A second agent of the same name is refused while this one runs.
@@ -252,9 +276,14 @@ fn spawn_ps_logs_stop_rm_round_trip() {
     let t0 = Instant::now();
     d.ok(&["stop", &name]);
     assert_eq!(d.state_of(&name), "stopped");
-    assert!(t0.elapsed() < Duration::from_secs(9), "sleep dies on SIGTERM at once");
+    assert!(
+        t0.elapsed() < Duration::from_secs(9),
+        "sleep dies on SIGTERM at once"
+    );
     assert!(!Path::new(&format!("/proc/{pid1}")).exists());
-    assert!(poll_until(Duration::from_secs(5), || d.shims_of(&name).is_empty()));
+    assert!(poll_until(Duration::from_secs(5), || d
+        .shims_of(&name)
+        .is_empty()));
     assert!(common::cgroup_dirs_of(&name).is_empty());
     // Stopped stays stopped: no restart.
     std::thread::sleep(Duration::from_millis(500));
@@ -273,8 +302,16 @@ fn restarts_on_failure_with_exponential_backoff() {
     d.spawn(&name, &["--backoff", "200ms"], &["sh", "-c", "exit 3"]);
     let ev = d.wait_events(&name, "started", 4, Duration::from_secs(20));
     // Delay between an exit and the next start: 200, 400, 800 ms, each ±10 % (plus the launch).
-    let exits: Vec<u64> = ev.iter().filter(|e| e["kind"] == "exited").map(ts).collect();
-    let starts: Vec<u64> = ev.iter().filter(|e| e["kind"] == "started").map(ts).collect();
+    let exits: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["kind"] == "exited")
+        .map(ts)
+        .collect();
+    let starts: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["kind"] == "started")
+        .map(ts)
+        .collect();
     for (i, base) in [200u64, 400, 800].iter().enumerate() {
         let gap = starts[i + 1] - exits[i];
         assert!(
@@ -288,7 +325,10 @@ fn restarts_on_failure_with_exponential_backoff() {
         .filter(|e| e["kind"] == "backoff")
         .map(|e| e["data"]["delay_ms"].as_u64().unwrap())
         .collect();
-    assert!(backoffs[1] > backoffs[0] && backoffs[2] > backoffs[1], "{backoffs:?}");
+    assert!(
+        backoffs[1] > backoffs[0] && backoffs[2] > backoffs[1],
+        "{backoffs:?}"
+    );
     assert!(ev
         .iter()
         .any(|e| e["kind"] == "exited" && e["data"]["reason"]["code"] == 3));
@@ -351,7 +391,11 @@ fn an_oom_kill_is_a_pain_event_and_restarts_the_agent() {
 fn a_missed_watchdog_restarts_the_agent_and_heartbeats_keep_it() {
     let d = Daemon::start();
     let silent = unique("wd-silent");
-    d.spawn(&silent, &["--watchdog", "300ms", "--backoff", "50ms"], &["sleep", "60"]);
+    d.spawn(
+        &silent,
+        &["--watchdog", "300ms", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
     let ev = d.wait_events(&silent, "started", 2, Duration::from_secs(10));
     assert!(ev.iter().any(|e| e["kind"] == "watchdog_miss"));
     assert!(ev
@@ -364,9 +408,14 @@ fn a_missed_watchdog_restarts_the_agent_and_heartbeats_keep_it() {
     let beating = unique("wd-beat");
     let script = "import aither, time\nc = aither.Channel.from_env()\nc.heartbeat_every(0.1)\ntime.sleep(60)\n";
     std::fs::write(d.ws.path().join("beat.py"), script).unwrap();
-    d.spawn(&beating, &["--watchdog", "300ms"], &["python3", "beat.py"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(d.count(&beating, "watchdog_miss"), 0, "{}", d.events_text(&beating));
+    d.spawn(&beating, &["--watchdog", "1s"], &["python3", "beat.py"]);
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(
+        d.count(&beating, "watchdog_miss"),
+        0,
+        "{}",
+        d.events_text(&beating)
+    );
     assert_eq!(d.count(&beating, "started"), 1);
     assert!(d.inspect(&beating)["last_heartbeat_ms"].as_u64().is_some());
 }
@@ -400,7 +449,10 @@ time.sleep(60)
     std::fs::write(d.ws.path().join("agent.py"), script).unwrap();
     let name = unique("chan");
     let v = d.spawn(&name, &["--wait-ready"], &["python3", "agent.py", "calm"]);
-    assert_eq!(v["state"], "starting", "readiness asked: starting until READY");
+    assert_eq!(
+        v["state"], "starting",
+        "readiness asked: starting until READY"
+    );
     d.wait_state(&name, "ready", Duration::from_secs(10));
     assert!(poll_until(Duration::from_secs(5), || d
         .ok(&["logs", &name])
@@ -420,7 +472,11 @@ time.sleep(60)
 
     // strict maps critical pain to restart.
     let crit = unique("critical");
-    d.spawn(&crit, &["--backoff", "50ms"], &["python3", "agent.py", "critical"]);
+    d.spawn(
+        &crit,
+        &["--backoff", "50ms"],
+        &["python3", "agent.py", "critical"],
+    );
     let ev = d.wait_events(&crit, "started", 2, Duration::from_secs(15));
     assert!(ev.iter().any(|e| e["kind"] == "pain"
         && e["data"]["severity"] == "critical"
@@ -431,13 +487,20 @@ time.sleep(60)
 fn a_shell_agent_reports_ready_with_aither_notify() {
     let d = Daemon::start();
     let notify = Path::new(AITHERCTL).with_file_name("aither-notify");
-    assert!(notify.is_file(), "build the workspace: aither-notify is missing");
+    assert!(
+        notify.is_file(),
+        "build the workspace: aither-notify is missing"
+    );
     std::fs::copy(&notify, d.ws.path().join("aither-notify")).unwrap();
     let name = unique("notify");
     d.spawn(
         &name,
         &["--wait-ready", "--startup-timeout", "20s"],
-        &["sh", "-c", "sleep 0.2; ./aither-notify --ready && echo notified; exec sleep 60"],
+        &[
+            "sh",
+            "-c",
+            "sleep 0.2; ./aither-notify --ready && echo notified; exec sleep 60",
+        ],
     );
     d.wait_state(&name, "ready", Duration::from_secs(10));
     assert!(d.ok(&["logs", &name]).contains("notified"));
@@ -445,7 +508,13 @@ fn a_shell_agent_reports_ready_with_aither_notify() {
     let late = unique("late");
     d.spawn(
         &late,
-        &["--wait-ready", "--startup-timeout", "300ms", "--backoff", "50ms"],
+        &[
+            "--wait-ready",
+            "--startup-timeout",
+            "300ms",
+            "--backoff",
+            "50ms",
+        ],
         &["sleep", "60"],
     );
     let ev = d.wait_events(&late, "started", 2, Duration::from_secs(10));
@@ -461,7 +530,9 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
     let b = unique("keep-b");
     let c = unique("ends");
     let ticker = "while :; do echo tick; sleep 0.1; done";
-    let pa = d.spawn(&a, &[], &["sh", "-c", ticker])["pid1"].as_i64().unwrap();
+    let pa = d.spawn(&a, &[], &["sh", "-c", ticker])["pid1"]
+        .as_i64()
+        .unwrap();
     let pb = d.spawn(&b, &[], &["sleep", "60"])["pid1"].as_i64().unwrap();
     let pc = d.spawn(&c, &["--backoff", "0"], &["sh", "-c", "sleep 1; exit 7"])["pid1"]
         .as_i64()
@@ -477,7 +548,10 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
         .len();
     assert!(after > before, "logging stopped while the daemon was down");
     assert!(Path::new(&format!("/proc/{pa}")).exists());
-    assert!(!Path::new(&format!("/proc/{pc}")).exists(), "c should have exited by now");
+    assert!(
+        !Path::new(&format!("/proc/{pc}")).exists(),
+        "c should have exited by now"
+    );
     let o = d.ctl(&["ps"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stderr).contains("aitherd is not running"));
@@ -489,8 +563,8 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
     assert_eq!(ib["pid1"].as_i64(), Some(pb), "b re-adopted: {ib}");
     assert_eq!(ia["state"], "running");
     // c ended with 7 while the daemon was down: restarted per on-failure.
-    assert!(poll_until(Duration::from_secs(10), || d
-        .inspect(&c)["pid1"]
+    assert!(poll_until(Duration::from_secs(10), || d.inspect(&c)
+        ["pid1"]
         .as_i64()
         .is_some_and(|p| p != pc)));
     // None started twice: one shim each.
@@ -511,7 +585,9 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
 fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
     let mut d = Daemon::start();
     let name = unique("survive");
-    let pid1 = d.spawn(&name, &[], &["sleep", "60"])["pid1"].as_i64().unwrap();
+    let pid1 = d.spawn(&name, &[], &["sleep", "60"])["pid1"]
+        .as_i64()
+        .unwrap();
     // SAFETY: kill of our own child.
     unsafe { libc::kill(d.pid(), libc::SIGTERM) };
     let st = d.child.as_mut().unwrap().wait().unwrap();
@@ -552,7 +628,8 @@ fn socket_abuse_gets_error_replies_and_the_daemon_keeps_serving() {
     assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_json");
     s.write_all(&frame(br#"{"op":"format_disk"}"#)).unwrap();
     assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_request");
-    s.write_all(&frame(br#"{"op":"spawn","name":"x"}"#)).unwrap();
+    s.write_all(&frame(br#"{"op":"spawn","name":"x"}"#))
+        .unwrap();
     assert_eq!(reply(&mut s).unwrap()["error"]["code"], "bad_request");
     s.write_all(&frame(br#"{"op":"ping"}"#)).unwrap();
     assert_eq!(reply(&mut s).unwrap()["ok"], true);
@@ -584,11 +661,20 @@ fn socket_abuse_gets_error_replies_and_the_daemon_keeps_serving() {
     let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode & 0o007, 0, "socket mode {mode:o}");
     let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", AITHERCTL, "ps"]);
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        AITHERCTL,
+        "ps",
+    ]);
     d.env(&mut c);
     let o = c.output().expect("setpriv (util-linux)");
     assert_eq!(o.status.code(), Some(3), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("permission denied"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("permission denied"),
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -628,7 +714,10 @@ fn without_a_daemon_the_cli_says_how_to_start_one() {
         .unwrap();
     assert_eq!(o.status.code(), Some(3));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("aitherd is not running") && e.contains("Start it"), "{e}");
+    assert!(
+        e.contains("aitherd is not running") && e.contains("Start it"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -654,5 +743,45 @@ fn agent_files_give_command_and_supervision_with_errors_that_point_at_the_line()
     let o = d.ctl(&["spawn", "bad"]);
     assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("agents/bad.toml:2:") && e.contains("restart"), "{e}");
+    assert!(
+        e.contains("agents/bad.toml:2:") && e.contains("restart"),
+        "{e}"
+    );
+}
+
+#[test]
+fn health_checks_run_inside_the_sandbox_and_failures_restart_the_agent() {
+    let d = Daemon::start();
+    let name = unique("health");
+    // /tmp is the sandbox's own tmpfs: the check can only see the file from inside.
+    let v = d.spawn(
+        &name,
+        &[
+            "--health-cmd",
+            "test -f /tmp/healthy",
+            "--health-interval",
+            "200ms",
+            "--health-threshold",
+            "2",
+            "--backoff",
+            "50ms",
+        ],
+        &[
+            "sh",
+            "-c",
+            "touch /tmp/healthy; sleep 2; rm /tmp/healthy; exec sleep 60",
+        ],
+    );
+    assert_eq!(v["state"], "starting", "a health check gates readiness");
+    d.wait_state(&name, "ready", Duration::from_secs(10));
+    let ev = d.wait_events(&name, "started", 2, Duration::from_secs(20));
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "health_failed"),
+        "{}",
+        d.events_text(&name)
+    );
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "health" && e["data"]["ok"] == false));
 }

@@ -824,11 +824,7 @@ impl Agent {
     fn on_request(&self, v: &serde_json::Value, ready: &mut bool) -> (proto::Reply, Effect) {
         let id = v.get("id").cloned();
         let with_id = |mut r: proto::Reply| {
-            if let Some(id) = &id {
-                let mut obj = serde_json::to_value(&r).unwrap_or_default();
-                obj["id"] = id.clone();
-                r = serde_json::from_value(obj).unwrap_or(r);
-            }
+            r.id = id.clone();
             r
         };
         let reply = |r: proto::Reply, e: Effect| (with_id(r), e);

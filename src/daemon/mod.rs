@@ -81,6 +81,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(state_dir: &Path, init: PathBuf) -> Result<Daemon, DaemonError> {
+        // Canonical: shims are recognised by their working directory under it.
+        let state_dir = &std::fs::canonicalize(state_dir).map_err(|source| DaemonError::Io {
+            what: "resolving the state directory",
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
         let store = Store::open(&state_dir.join("state.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;

@@ -238,6 +238,9 @@ pub struct ErrorBody {
 /// One reply frame.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Reply {
+    /// The request's `id`, echoed (agent channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
@@ -251,6 +254,7 @@ pub struct Reply {
 impl Reply {
     pub fn ok(data: serde_json::Value) -> Reply {
         Reply {
+            id: None,
             ok: true,
             data: Some(data),
             error: None,
@@ -267,6 +271,7 @@ impl Reply {
 
     pub fn err(code: &str, message: impl Into<String>) -> Reply {
         Reply {
+            id: None,
             ok: false,
             data: None,
             error: Some(ErrorBody {

@@ -58,7 +58,9 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
         let Ok(pid) = pid.parse::<i32>() else {
             continue;
         };
-        if shim::is_shim(pid) {
+        // Only shims of this daemon (working in our state directory): another daemon's, or
+        // `aitherctl run` sandboxes, are not ours to adopt or kill.
+        if shim::is_shim(pid) && shim::shim_dir(pid).as_deref() == Some(d.log_dir(name).as_path()) {
             shims.entry(name.to_string()).or_default().push(pid);
         }
     }

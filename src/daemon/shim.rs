@@ -229,7 +229,10 @@ pub async fn launch(
             source,
         })?;
     let mut cmd = Command::new(init);
+    // The shim's working directory is its agent's log directory: that is how a restarted
+    // daemon tells its own shims from those of another daemon (another state directory).
     cmd.arg("shim")
+        .current_dir(log_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(shim_log))
@@ -348,6 +351,11 @@ pub fn is_shim(pid: i32) -> bool {
     let mut args = cmd.split(|b| *b == 0);
     let prog = args.next().unwrap_or_default();
     prog.ends_with(b"aither-init") && args.next() == Some(b"shim".as_slice())
+}
+
+/// The log directory a shim works in (its cwd), naming the daemon and agent it serves.
+pub fn shim_dir(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
 /// The first child of `pid` (the sandbox's pid 1 for a shim).
