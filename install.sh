@@ -7,8 +7,11 @@
 #
 # Installs: the system packages the build and the test suite need, a Rust toolchain when none
 # is present (rustup from the distribution is not used: Debian 12's rustc is too old), static
-# release binaries `aitherctl` and `aither-init` (static: ≈0.4 ms less per launch), the
-# policies, and the state and cache directories.
+# release binaries `aitherctl`, `aitherd`, `aither-init` (static: ≈0.4 ms less per launch) and
+# `aither-notify`, the Python SDK (aither.py), the policies, the state and cache directories,
+# the group `aither` (members may use aitherd's socket), and starts aitherd: as a systemd
+# service where systemd runs, otherwise in the background with a pidfile
+# (/run/aither/aitherd.pid, log in /var/log/aither/aitherd.log).
 set -euo pipefail
 
 PREFIX="${PREFIX:-/usr/local}"
@@ -60,12 +63,22 @@ say "building release binaries for $TRIPLE"
 (cd "$HERE" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
   cargo build --release --locked --target "$TRIPLE" --workspace --bins 2>&1 | tail -n 3) >&2
 OUT="$HERE/target/$TRIPLE/release"
-[ -x "$OUT/aitherctl" ] && [ -x "$OUT/aither-init" ] || die "build produced no binaries in $OUT"
+for b in aitherctl aitherd aither-init aither-notify; do
+  [ -x "$OUT/$b" ] || die "build produced no $b in $OUT"
+done
 
 # 5. Install.
 install -d -m 0755 "$PREFIX/bin" "$POLICY_DIR" "$POLICY_DIR/seccomp"
-install -m 0755 "$OUT/aitherctl" "$PREFIX/bin/aitherctl"
-install -m 0755 "$OUT/aither-init" "$PREFIX/bin/aither-init"
+for b in aitherctl aitherd aither-init aither-notify; do
+  # Replaced by rename, so that running copies (a daemon, shims) keep their old inode.
+  install -m 0755 "$OUT/$b" "$PREFIX/bin/.$b.new" && mv -f "$PREFIX/bin/.$b.new" "$PREFIX/bin/$b"
+done
+# The Python SDK where the system python3 finds it (inside sandboxes too: /usr is mounted).
+PYSITE="$(python3 -c 'import site; print(next((p for p in site.getsitepackages() if p.startswith("/usr/local")), ""))' 2>/dev/null || true)"
+if [ -n "$PYSITE" ]; then
+  install -d -m 0755 "$PYSITE" && install -m 0644 "$HERE/runtime/python/aither.py" "$PYSITE/aither.py"
+fi
+getent group aither >/dev/null || groupadd --system aither
 for f in "$HERE"/policies/*.toml; do install -m 0644 "$f" "$POLICY_DIR/"; done
 install -m 0644 "$HERE"/policies/seccomp/*.toml "$POLICY_DIR/seccomp/"
 install -d -m 0700 "$STATE_DIR"
@@ -73,6 +86,34 @@ install -d -m 0755 "$CACHE_DIR"
 # Compiled seccomp filters and /etc views are per-version caches: start clean.
 rm -rf "${CACHE_DIR:?}/seccomp" "${CACHE_DIR:?}/etc"
 
-say "installed $PREFIX/bin/aitherctl and $PREFIX/bin/aither-init, policies in $POLICY_DIR"
+say "installed aitherctl, aitherd, aither-init, aither-notify in $PREFIX/bin, policies in $POLICY_DIR"
 "$PREFIX/bin/aitherctl" --version >&2
+
+# 6. Start (or restart, onto the new binary) aitherd. Running agents survive a daemon restart.
+RUN_DIR=/run/aither
+PIDFILE="$RUN_DIR/aitherd.pid"
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+  sed "s#/usr/local/bin/aitherd#$PREFIX/bin/aitherd#" "$HERE/scripts/aitherd.service" > /etc/systemd/system/aitherd.service
+  systemctl daemon-reload
+  systemctl enable aitherd >/dev/null 2>&1 || true
+  systemctl restart aitherd
+else
+  install -d -m 0755 "$RUN_DIR" /var/log/aither
+  if [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    old="$(cat "$PIDFILE")"
+    say "stopping the running aitherd ($old)"
+    kill -TERM "$old"
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+  fi
+  say "starting aitherd in the background (no systemd here); log: /var/log/aither/aitherd.log"
+  setsid "$PREFIX/bin/aitherd" --pidfile "$PIDFILE" </dev/null >>/var/log/aither/aitherd.log 2>&1 &
+fi
+for _ in $(seq 100); do
+  AITHER_SOCKET="$RUN_DIR/aitherd.sock" "$PREFIX/bin/aitherctl" ps >/dev/null 2>&1 && break
+  sleep 0.1
+done
+AITHER_SOCKET="$RUN_DIR/aitherd.sock" "$PREFIX/bin/aitherctl" ps >/dev/null 2>&1 \
+  || die "aitherd did not start; see /var/log/aither/aitherd.log (or journalctl -u aitherd)"
+say "aitherd is running (socket $RUN_DIR/aitherd.sock)"
 say "try: aitherctl run --policy strict -- sh -c 'id; ls /'"
+say " or: aitherctl spawn --policy strict hello -- sh -c 'while :; do date; sleep 5; done'; aitherctl logs -f hello"

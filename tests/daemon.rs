@@ -785,3 +785,22 @@ fn health_checks_run_inside_the_sandbox_and_failures_restart_the_agent() {
         .iter()
         .any(|e| e["kind"] == "health" && e["data"]["ok"] == false));
 }
+
+#[test]
+fn revoking_its_token_stops_a_running_agent_and_it_is_not_restarted() {
+    let d = Daemon::start();
+    let name = unique("revoke");
+    let v = d.spawn(&name, &["--restart", "always", "--backoff", "50ms"], &["sleep", "60"]);
+    let pid1 = v["pid1"].as_i64().unwrap();
+    let id = v["token_id"].as_str().unwrap().to_string();
+    d.ok(&["token", "revoke", "--reason", "test", &id]);
+    d.wait_state(&name, "failed", Duration::from_secs(15));
+    assert!(!Path::new(&format!("/proc/{pid1}")).exists());
+    assert_eq!(d.count(&name, "token_invalid"), 1, "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "started"), 1);
+    // A user's restart re-checks the token: still refused.
+    d.ok(&["restart", &name]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.state_of(&name), "failed");
+    assert_eq!(d.count(&name, "started"), 1);
+}

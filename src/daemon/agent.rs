@@ -715,7 +715,7 @@ impl Agent {
                     if now >= next_stats {
                         next_stats = now + stats_every;
                         token_check += 1;
-                        if token_check % 10 == 0 && pending.is_none() {
+                        if token_check.is_multiple_of(10) && pending.is_none() {
                             if let Err(e) = self.d.check_token(&self.rec.token) {
                                 self.d.emit(Some(&self.name), "token_invalid", json!({"error": e.to_string()}));
                                 pending = Some(EndReason::TokenInvalid { error: e.to_string() });
