@@ -74,7 +74,9 @@ for b in aitherctl aitherd aither-init aither-notify; do
   install -m 0755 "$OUT/$b" "$PREFIX/bin/.$b.new" && mv -f "$PREFIX/bin/.$b.new" "$PREFIX/bin/$b"
 done
 # The Python SDK where the system python3 finds it (inside sandboxes too: /usr is mounted).
-PYSITE="$(python3 -c 'import site; print(next((p for p in site.getsitepackages() if p.startswith("/usr/local")), ""))' 2>/dev/null || true)"
+# (The distribution's python3: it is the one agents see in their sandboxes.)
+PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
+PYSITE="$("$PY" -c 'import site; print(next((p for p in site.getsitepackages() if p.startswith("/usr/local")), ""))' 2>/dev/null || true)"
 if [ -n "$PYSITE" ]; then
   install -d -m 0755 "$PYSITE" && install -m 0644 "$HERE/runtime/python/aither.py" "$PYSITE/aither.py"
 fi

@@ -790,17 +790,76 @@ fn health_checks_run_inside_the_sandbox_and_failures_restart_the_agent() {
 fn revoking_its_token_stops_a_running_agent_and_it_is_not_restarted() {
     let d = Daemon::start();
     let name = unique("revoke");
-    let v = d.spawn(&name, &["--restart", "always", "--backoff", "50ms"], &["sleep", "60"]);
+    let v = d.spawn(
+        &name,
+        &["--restart", "always", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
     let pid1 = v["pid1"].as_i64().unwrap();
     let id = v["token_id"].as_str().unwrap().to_string();
     d.ok(&["token", "revoke", "--reason", "test", &id]);
     d.wait_state(&name, "failed", Duration::from_secs(15));
     assert!(!Path::new(&format!("/proc/{pid1}")).exists());
-    assert_eq!(d.count(&name, "token_invalid"), 1, "{}", d.events_text(&name));
+    assert_eq!(
+        d.count(&name, "token_invalid"),
+        1,
+        "{}",
+        d.events_text(&name)
+    );
     assert_eq!(d.count(&name, "started"), 1);
     // A user's restart re-checks the token: still refused.
     d.ok(&["restart", &name]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(d.state_of(&name), "failed");
     assert_eq!(d.count(&name, "started"), 1);
+}
+
+#[test]
+fn kernel_cpu_throttling_is_pain_and_the_policy_can_map_it_to_throttle() {
+    let d = Daemon::start();
+    // strict, with CPU throttling mapped to the `throttle` action.
+    let strict = std::fs::read_to_string(common::policy_dir().join("strict.toml")).unwrap();
+    let policy = d.ws.path().join("throttling.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}\n[pain]\ncpu_throttling = \"throttle\"\n",
+            strict.replace("name = \"strict\"", "name = \"throttling\"")
+        ),
+    )
+    .unwrap();
+    let name = unique("throttle");
+    let v: Value = serde_json::from_str(&d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--cpus",
+        "0.2",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]))
+    .unwrap();
+    let cg = format!(
+        "/sys/fs/cgroup/cpu/aither/{}/cpu.cfs_quota_us",
+        v["cgroup"].as_str().unwrap()
+    );
+    let quota = || {
+        std::fs::read_to_string(&cg)
+            .unwrap_or_default()
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
+    assert_eq!(quota(), 20_000);
+    let ev = d.wait_events(&name, "throttled", 1, Duration::from_secs(15));
+    assert!(ev.iter().any(|e| e["kind"] == "pain"
+        && e["data"]["source"] == "kernel"
+        && e["data"]["signal"] == "cpu_throttling"
+        && e["data"]["action"] == "throttle"));
+    assert!(quota() < 20_000, "quota still {}", quota());
+    assert_eq!(d.state_of(&name), "running");
 }
