@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::proto::{self, aio, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
-use super::Daemon;
+use super::{Daemon, Service};
 use crate::cgroup::{self, stats, CpuQuota};
 use crate::policy::{PainAction, PainPolicy};
 use crate::sandbox::SandboxSpec;
@@ -831,12 +831,15 @@ impl Agent {
         let Some(op) = v.get("op").and_then(|o| o.as_str()) else {
             return reply(proto::Reply::err("invalid", "missing \"op\""), Effect::None);
         };
-        if let Err(e) = self.d.check_token(&self.rec.token) {
-            return reply(
-                proto::Reply::err("denied", format!("token no longer valid: {e}")),
-                Effect::None,
-            );
-        }
+        let verified = match self.d.check_token(&self.rec.token) {
+            Ok(v) => v,
+            Err(e) => {
+                return reply(
+                    proto::Reply::err("denied", format!("token no longer valid: {e}")),
+                    Effect::None,
+                )
+            }
+        };
         if let Some(target) = v.get("agent").and_then(|a| a.as_str()) {
             if target != self.name {
                 return reply(
@@ -917,6 +920,18 @@ impl Agent {
                     Effect::Pain(action, what),
                 )
             }
+            // Services reached through the channel (memory tiers, the bus): each checks the
+            // request against the agent's verified claims.
+            op if op.starts_with("mem.") => reply(
+                self.d
+                    .service_request(Service::Memory, &self.name, verified.effective(), v),
+                Effect::None,
+            ),
+            op if op.starts_with("bus.") => reply(
+                self.d
+                    .service_request(Service::Bus, &self.name, verified.effective(), v),
+                Effect::None,
+            ),
             other => reply(
                 proto::Reply::err("unknown_op", format!("unknown op {other:?}")),
                 Effect::None,

@@ -153,6 +153,24 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(self.log_dir(name));
     }
 
+    /// A channel request for one of the daemon's services (ops `mem.*`, `bus.*`), on behalf
+    /// of agent `name` holding `claims`.
+    pub fn service_request(
+        &self,
+        service: Service,
+        name: &str,
+        claims: &token::Claims,
+        req: &serde_json::Value,
+    ) -> proto::Reply {
+        let _ = (name, claims);
+        let op = req.get("op").and_then(|o| o.as_str()).unwrap_or("");
+        match service {
+            Service::Memory | Service::Bus => {
+                proto::Reply::err("unknown_op", format!("unknown op {op:?}"))
+            }
+        }
+    }
+
     pub fn emit_daemon(&self, kind: &str, data: serde_json::Value) {
         self.emit(None, kind, data);
     }
@@ -265,6 +283,13 @@ pub fn started_event(d: &Daemon, adopted: usize, restarted: usize) {
         "daemon_started",
         json!({"pid": std::process::id(), "adopted": adopted, "restarted": restarted}),
     );
+}
+
+/// The services agents reach through their channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Memory,
+    Bus,
 }
 
 /// Shared handle.
