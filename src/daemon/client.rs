@@ -55,7 +55,8 @@ impl Client {
     }
 
     fn read_reply(&mut self) -> Result<Reply, ClientError> {
-        let body = proto::read_frame(&mut self.stream)?.ok_or(ClientError::NoReply)?;
+        let body = proto::read_frame_limit(&mut self.stream, proto::MAX_REPLY)?
+            .ok_or(ClientError::NoReply)?;
         serde_json::from_slice(&body).map_err(ClientError::BadReply)
     }
 

@@ -12,9 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use super::supervise::Supervision;
 
-/// Largest frame accepted in either direction. A request is a few KiB at most (a spawn with
-/// its environment); anything larger is refused before it is buffered.
+/// Largest request frame (and any frame on an agent channel). A request is a few KiB at most
+/// (a spawn with its environment); anything larger is refused before it is buffered.
 pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Largest reply aitherd sends to aitherctl (`ps --json` of hundreds of agents, a page of
+/// events). The client trusts its daemon; the bound only stops a runaway.
+pub const MAX_REPLY: usize = 32 << 20;
 
 /// Errors of reading or writing frames.
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +52,15 @@ impl FrameError {
     }
 }
 
-/// Encodes one frame.
+/// Encodes one frame (at most MAX_FRAME).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    encode_limit(msg, MAX_FRAME)
+}
+
+/// Encodes one frame of at most `limit` bytes.
+pub fn encode_limit<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg).map_err(FrameError::BadJson)?;
-    if body.len() > MAX_FRAME {
+    if body.len() > limit {
         return Err(FrameError::TooLarge(body.len()));
     }
     let mut out = Vec::with_capacity(4 + body.len());
@@ -62,11 +71,15 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Checks a frame header; returns the body length.
 pub fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    check_len_limit(header, MAX_FRAME)
+}
+
+fn check_len_limit(header: [u8; 4], limit: usize) -> Result<usize, FrameError> {
     let n = u32::from_be_bytes(header) as usize;
     if n == 0 {
         return Err(FrameError::Empty);
     }
-    if n > MAX_FRAME {
+    if n > limit {
         return Err(FrameError::TooLarge(n));
     }
     Ok(n)
@@ -74,6 +87,11 @@ pub fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
 
 /// Reads one frame's body (blocking). `Ok(None)` at a clean end of stream.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
+    read_frame_limit(r, MAX_FRAME)
+}
+
+/// Reads one frame of at most `limit` bytes (blocking).
+pub fn read_frame_limit(r: &mut impl Read, limit: usize) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -85,7 +103,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let n = check_len(header)?;
+    let n = check_len_limit(header, limit)?;
     let mut body = vec![0u8; n];
     r.read_exact(&mut body).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -107,7 +125,7 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
 pub mod aio {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    use super::{check_len, encode, FrameError};
+    use super::{check_len, encode, encode_limit, FrameError, Reply, MAX_REPLY};
 
     /// Reads one frame's body. `Ok(None)` at a clean end of stream.
     pub async fn read_frame<R: AsyncRead + Unpin>(
@@ -132,6 +150,24 @@ pub mod aio {
             }
         })?;
         Ok(Some(body))
+    }
+
+    /// Writes a reply to aitherctl (up to MAX_REPLY); a reply that is still too large becomes
+    /// a `too_large` error reply, so the client always hears why.
+    pub async fn write_reply<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        msg: &Reply,
+    ) -> Result<(), FrameError> {
+        let bytes = match encode_limit(msg, MAX_REPLY) {
+            Ok(b) => b,
+            Err(FrameError::TooLarge(n)) => encode(&Reply::err(
+                "too_large",
+                format!("the reply ({n} bytes) exceeds {MAX_REPLY} bytes"),
+            ))?,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&bytes).await?;
+        Ok(())
     }
 
     /// Writes one frame.
@@ -315,5 +351,21 @@ mod tests {
             Err(FrameError::Truncated)
         ));
         assert!(read_frame(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn replies_may_exceed_the_request_limit() {
+        // `ps --json` of a few hundred agents is larger than any request may be.
+        let big = Reply::ok(serde_json::json!({"rows": "x".repeat(MAX_FRAME * 3)}));
+        assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
+        let bytes = encode_limit(&big, MAX_REPLY).unwrap();
+        assert!(matches!(
+            read_frame(&mut &bytes[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        let body = read_frame_limit(&mut &bytes[..], MAX_REPLY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(serde_json::from_slice::<Reply>(&body).unwrap(), big);
     }
 }

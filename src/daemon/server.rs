@@ -100,7 +100,7 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let mut s = stream;
-            let _ = aio::write_frame(&mut s, &Reply::err("busy", "too many connections")).await;
+            let _ = aio::write_reply(&mut s, &Reply::err("busy", "too many connections")).await;
             continue;
         };
         let d = d.clone();
@@ -124,7 +124,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             "access_denied",
             json!({"uid": cred.map(|c| c.uid()), "pid": cred.and_then(|c| c.pid())}),
         );
-        let _ = aio::write_frame(
+        let _ = aio::write_reply(
             &mut w,
             &Reply::err(
                 "denied",
@@ -140,7 +140,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 Err(_) | Ok(Ok(None)) => return,
                 Ok(Ok(Some(b))) => b,
                 Ok(Err(e)) => {
-                    let _ = aio::write_frame(&mut w, &Reply::err(e.code(), e.to_string())).await;
+                    let _ = aio::write_reply(&mut w, &Reply::err(e.code(), e.to_string())).await;
                     if e.recoverable() {
                         continue;
                     }
@@ -156,7 +156,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 } else {
                     "bad_json"
                 };
-                if aio::write_frame(&mut w, &Reply::err(code, e.to_string()))
+                if aio::write_reply(&mut w, &Reply::err(code, e.to_string()))
                     .await
                     .is_err()
                 {
@@ -184,7 +184,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             }
             req => {
                 let reply = handle(&d, req).await;
-                if aio::write_frame(&mut w, &reply).await.is_err() {
+                if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
             }
@@ -470,12 +470,12 @@ async fn follow_logs(
     w: &mut OwnedWriteHalf,
 ) {
     if d.info_of(name).is_none() {
-        let _ = aio::write_frame(w, &not_found(name)).await;
+        let _ = aio::write_reply(w, &not_found(name)).await;
         return;
     }
     let dir = d.log_dir(name);
     let first = read_tail(&dir, tail).await;
-    if aio::write_frame(w, &Reply::chunk(json!({"text": first})))
+    if aio::write_reply(w, &Reply::chunk(json!({"text": first})))
         .await
         .is_err()
     {
@@ -493,7 +493,7 @@ async fn follow_logs(
             _ = tokio::time::sleep(Duration::from_millis(150)) => {}
         }
         if d.info_of(name).is_none() {
-            let _ = aio::write_frame(w, &Reply::ok(json!({"text": "", "removed": true}))).await;
+            let _ = aio::write_reply(w, &Reply::ok(json!({"text": "", "removed": true}))).await;
             return;
         }
         let Ok(meta) = tokio::fs::metadata(&path).await else {
@@ -520,7 +520,7 @@ async fn follow_logs(
         };
         pos += n as u64;
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if aio::write_frame(w, &Reply::chunk(json!({"text": text})))
+        if aio::write_reply(w, &Reply::chunk(json!({"text": text})))
             .await
             .is_err()
         {
@@ -550,7 +550,7 @@ async fn follow_events(
         if let Ok(Ok(events)) = hist {
             for e in events {
                 last_ts = e.ts_ms;
-                if aio::write_frame(
+                if aio::write_reply(
                     w,
                     &Reply::chunk(serde_json::to_value(&e).unwrap_or_default()),
                 )
@@ -572,7 +572,7 @@ async fn follow_events(
         let e = match e {
             Ok(e) => e,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                let _ = aio::write_frame(
+                let _ = aio::write_reply(
                     w,
                     &Reply::chunk(
                         json!({"ts_ms": now_ms(), "kind": "lagged", "data": {"missed": n}}),
@@ -590,7 +590,7 @@ async fn follow_events(
         {
             continue;
         }
-        if aio::write_frame(
+        if aio::write_reply(
             w,
             &Reply::chunk(serde_json::to_value(&e).unwrap_or_default()),
         )
