@@ -9,6 +9,7 @@
 //!                                   └──► cgroup::{v1, v2}
 //! ```
 
+pub mod audit;
 pub mod cgroup;
 pub mod daemon;
 pub mod policy;

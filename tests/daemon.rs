@@ -47,6 +47,19 @@ impl Daemon {
         d
     }
 
+    fn audit_log(&self) -> PathBuf {
+        self.state.path().join("audit.jsonl")
+    }
+
+    /// The audit records (as JSON) of this test's daemon and aitherctl calls.
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     fn socket(&self) -> PathBuf {
         self.state.path().join("aitherd.sock")
     }
@@ -56,7 +69,8 @@ impl Daemon {
             .env("AITHER_SOCKET", self.socket())
             .env("AITHER_POLICY_DIR", common::policy_dir())
             .env("AITHER_INIT", init_path())
-            .env("AITHER_STATS_INTERVAL_MS", "200");
+            .env("AITHER_STATS_INTERVAL_MS", "200")
+            .env("AITHER_AUDIT_LOG", self.audit_log());
     }
 
     fn launch(&mut self) {
@@ -862,4 +876,97 @@ fn kernel_cpu_throttling_is_pain_and_the_policy_can_map_it_to_throttle() {
         && e["data"]["action"] == "throttle"));
     assert!(quota() < 20_000, "quota still {}", quota());
     assert_eq!(d.state_of(&name), "running");
+}
+
+#[test]
+fn every_decision_lands_in_one_verifiable_audit_stream() {
+    let d = Daemon::start();
+    let name = unique("audited");
+    // Allowed: a spawn (with the token minted for it), an operator's stop.
+    d.spawn(&name, &[], &["sleep", "60"]);
+    // Denied: a spawn whose policy does not exist; a channel request naming another agent.
+    assert_eq!(
+        d.ctl(&[
+            "spawn",
+            "--policy",
+            "no-such-policy",
+            &unique("x"),
+            "--",
+            "true"
+        ])
+        .status
+        .code(),
+        Some(1)
+    );
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
+    std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
+    std::fs::write(
+        d.ws.path().join("nosy.py"),
+        "import aither, time\nc = aither.Channel.from_env()\ntry:\n    c.request('status', agent='someone-else', text='x')\nexcept aither.AitherError as e:\n    print('denied', flush=True)\ntime.sleep(60)\n",
+    )
+    .unwrap();
+    let nosy = unique("nosy");
+    d.spawn(&nosy, &[], &["python3", "nosy.py"]);
+    assert!(poll_until(Duration::from_secs(10), || d
+        .ok(&["logs", &nosy])
+        .contains("denied")));
+    d.ok(&["stop", &name]);
+    // aitherctl's own decisions: a token minted, then revoked.
+    let out = d.ok(&[
+        "token",
+        "mint",
+        "--policy",
+        "strict",
+        "--subject",
+        "someone",
+    ]);
+    assert!(!out.is_empty());
+    // The restart policy's decision on a run that ended.
+    let ends = unique("ends");
+    d.spawn(&ends, &["--restart", "never"], &["sh", "-c", "exit 3"]);
+
+    let ok = poll_until(Duration::from_secs(5), || {
+        let a = d.audit();
+        a.iter().any(|r| r["kind"] == "restart_decision")
+            && a.iter().any(|r| r["kind"] == "channel")
+            && a.iter().any(|r| r["kind"] == "stop")
+    });
+    let a = d.audit();
+    assert!(ok, "{a:#?}");
+    let has = |kind: &str, decision: &str, agent: Option<&str>| {
+        a.iter().any(|r| {
+            r["kind"] == kind
+                && r["decision"] == decision
+                && agent.is_none_or(|n| r["agent"] == n)
+                && !r["rule"].as_str().unwrap_or("").is_empty()
+        })
+    };
+    assert!(has("token_mint", "allow", Some(&name)), "{a:#?}");
+    assert!(has("spawn", "allow", Some(&name)));
+    assert!(has("spawn", "deny", None));
+    assert!(has("channel", "deny", Some(&nosy)));
+    assert!(has("stop", "allow", Some(&name)));
+    assert!(has("restart_decision", "info", Some(&ends)));
+    assert!(has("token_mint", "allow", Some("someone")));
+    let denied = a.iter().find(|r| r["kind"] == "channel").unwrap();
+    assert!(
+        denied["rule"].as_str().unwrap().contains("someone-else"),
+        "{denied}"
+    );
+
+    // The chain verifies; one edited byte breaks it.
+    let o = d.ctl(&["audit", "verify"]);
+    assert!(o.status.success(), "{o:?}");
+    let listed = d.ok(&["audit", "--agent", &name]);
+    assert!(
+        listed.contains("spawn") && listed.contains("stop"),
+        "{listed}"
+    );
+    let text = std::fs::read_to_string(d.audit_log()).unwrap();
+    let edited = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allo\"", 1);
+    assert_ne!(text, edited);
+    std::fs::write(d.audit_log(), edited).unwrap();
+    let o = d.ctl(&["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("BROKEN"));
 }

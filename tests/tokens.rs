@@ -74,6 +74,7 @@ impl State {
         let mut c = Command::new(AITHERCTL);
         c.env("AITHER_STATE_DIR", self.path())
             .env("AITHER_POLICY_DIR", policy_dir())
+            .env("AITHER_AUDIT_LOG", self.path().join("audit.jsonl"))
             .args(args)
             .stdin(Stdio::null());
         c

@@ -18,6 +18,7 @@ use super::proto::{self, aio, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
 use super::{Daemon, Service};
+use crate::audit::{Decision as Verdict, Entry};
 use crate::cgroup::{self, stats, CpuQuota};
 use crate::policy::{PainAction, PainPolicy};
 use crate::sandbox::SandboxSpec;
@@ -226,6 +227,7 @@ impl Agent {
             }
             // Re-check the token at every start: a revoked or expired one never launches.
             if let Err(e) = self.d.check_token(&self.rec.token) {
+                self.audit(Entry::new("launch", Verdict::Deny, format!("token: {e}")));
                 let reason = EndReason::TokenInvalid {
                     error: e.to_string(),
                 };
@@ -293,6 +295,23 @@ impl Agent {
             }
             let sup = self.sup().clone();
             let decision = self.tracker.decide(&sup, &end.reason, now);
+            self.audit(
+                Entry::new(
+                    "restart_decision",
+                    Verdict::Info,
+                    format!(
+                        "restart={} burst_limit={} in {}s: {}",
+                        serde_json::to_value(sup.restart)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        sup.burst_limit,
+                        sup.burst_window_ms / 1000,
+                        end.reason.describe()
+                    ),
+                )
+                .data(json!({"decision": format!("{decision:?}"), "reason": end.reason})),
+            );
             self.set(|i| i.restarts = self.tracker.total);
             match decision {
                 Decision::Done => {
@@ -548,6 +567,13 @@ impl Agent {
                     let reply = match item {
                         ChannelItem::Frame(v) => {
                             let (reply, effect) = self.on_request(&v, &mut ready);
+                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
+                                self.audit(
+                                    Entry::new("channel", Verdict::Deny, err.message.clone())
+                                        .actor(format!("agent {}", self.name))
+                                        .data(json!({"op": v.get("op")})),
+                                );
+                            }
                             match effect {
                                 Effect::None => {}
                                 Effect::Ready => {
@@ -718,6 +744,7 @@ impl Agent {
                         if token_check.is_multiple_of(10) && pending.is_none() {
                             if let Err(e) = self.d.check_token(&self.rec.token) {
                                 self.d.emit(Some(&self.name), "token_invalid", json!({"error": e.to_string()}));
+                                self.audit(Entry::new("token_verify", Verdict::Deny, e.to_string()).data(json!({"token_id": self.rec.token_id, "action": "stop"})));
                                 pending = Some(EndReason::TokenInvalid { error: e.to_string() });
                                 kill_at = Some(now);
                                 continue;
@@ -939,7 +966,31 @@ impl Agent {
         }
     }
 
+    fn audit(&self, e: Entry) {
+        self.d.audit.record(e.agent(&self.name));
+    }
+
     fn record_pain(&self, what: &PainWhat, action: PainAction) {
+        self.audit(
+            Entry::new(
+                "pain",
+                Verdict::Info,
+                format!(
+                    "policy pain.{} = {}",
+                    what.severity.as_deref().unwrap_or(&what.signal),
+                    serde_json::to_value(action)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            )
+            .actor(if what.source == "agent" {
+                format!("agent {}", self.name)
+            } else {
+                "kernel".into()
+            })
+            .data(json!({"signal": what.signal, "reason": what.reason})),
+        );
         self.d.emit(
             Some(&self.name),
             "pain",

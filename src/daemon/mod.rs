@@ -68,6 +68,8 @@ pub enum DaemonError {
 /// Everything the daemon's tasks share.
 pub struct Daemon {
     pub store: Store,
+    /// The audit stream (docs/audit.md): every decision with the rule that made it.
+    pub audit: crate::audit::Sink,
     pub events: broadcast::Sender<Event>,
     pub init: PathBuf,
     pub state_dir: PathBuf,
@@ -98,6 +100,7 @@ impl Daemon {
             .unwrap_or(Duration::from_secs(2));
         Ok(Daemon {
             store,
+            audit: crate::audit::Sink::start(crate::audit::log_path()),
             events,
             init,
             state_dir: state_dir.to_path_buf(),

@@ -17,6 +17,7 @@ use super::proto::{aio, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
 use super::{check_name, Shared};
+use crate::audit::{Decision, Entry};
 use crate::policy::Policy;
 use crate::sandbox::{RunOptions, SandboxSpec};
 use crate::token::{self, Claims};
@@ -117,12 +118,22 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     let allowed = cred
         .map(|c| access.allows(c.uid(), c.gid(), c.pid()))
         .unwrap_or(false);
+    let actor = actor_of(cred.as_ref());
     let (mut r, mut w) = stream.into_split();
     if !allowed {
         tracing::warn!(uid = cred.map(|c| c.uid()), "control socket: access denied");
         d.emit_daemon(
             "access_denied",
             json!({"uid": cred.map(|c| c.uid()), "pid": cred.and_then(|c| c.pid())}),
+        );
+        d.audit.record(
+            Entry::new(
+                "control_connect",
+                Decision::Deny,
+                "control socket: root, aitherd's uid or group aither only",
+            )
+            .actor(actor.clone())
+            .data(json!({"pid": cred.and_then(|c| c.pid())})),
         );
         let _ = aio::write_reply(
             &mut w,
@@ -183,7 +194,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 return;
             }
             req => {
-                let reply = handle(&d, req).await;
+                let reply = handle(&d, req, &actor).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
@@ -192,12 +203,55 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     }
 }
 
-async fn handle(d: &Shared, req: Request) -> Reply {
+fn actor_of(cred: Option<&tokio::net::unix::UCred>) -> String {
+    match cred {
+        Some(c) => format!("uid {}", c.uid()),
+        None => "unknown peer".into(),
+    }
+}
+
+/// Audits an operator's request and its outcome.
+fn audit_op(
+    d: &Shared,
+    kind: &str,
+    name: &str,
+    actor: &str,
+    reply: &Reply,
+    data: serde_json::Value,
+) {
+    let (decision, rule) = match &reply.error {
+        None => (Decision::Allow, "control socket: operator".to_string()),
+        Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
+    };
+    d.audit.record(
+        Entry::new(kind, decision, rule)
+            .agent(name)
+            .actor(actor)
+            .data(data),
+    );
+}
+
+async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
+    let audited = match &req {
+        Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
+        Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
+        Request::Restart { name } => Some(("restart", name.clone(), json!({}))),
+        Request::Rm { name, force } => Some(("rm", name.clone(), json!({"force": force}))),
+        _ => None,
+    };
+    let reply = handle_inner(d, req, actor).await;
+    if let Some((kind, name, data)) = audited {
+        audit_op(d, kind, &name, actor, &reply, data);
+    }
+    reply
+}
+
+async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
     match req {
         Request::Ping => {
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
-        Request::Spawn(s) => spawn(d, *s).await,
+        Request::Spawn(s) => spawn(d, *s, actor).await,
         Request::Ps => {
             let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<agent::Info> = agents
@@ -299,7 +353,34 @@ where
 
 /// Builds the agent's spec from a verified token (the same path as `aitherctl run`), then
 /// starts its supervisor and waits for the first launch.
-async fn spawn(d: &Shared, req: SpawnRequest) -> Reply {
+async fn spawn(d: &Shared, req: SpawnRequest, actor: &str) -> Reply {
+    let name = req.name.clone();
+    let argv = req.argv.clone();
+    let reply = spawn_inner(d, req).await;
+    let (decision, rule) = match &reply.error {
+        None => {
+            let info = d.info_of(&name);
+            (
+                Decision::Allow,
+                format!(
+                    "token {} (policy {})",
+                    info.as_ref().map(|i| i.token_id.as_str()).unwrap_or("?"),
+                    info.as_ref().map(|i| i.policy.as_str()).unwrap_or("?")
+                ),
+            )
+        }
+        Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
+    };
+    d.audit.record(
+        Entry::new("spawn", decision, rule)
+            .agent(&name)
+            .actor(actor)
+            .data(json!({"argv": argv})),
+    );
+    reply
+}
+
+async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
     if let Err(e) = check_name(&req.name) {
         return Reply::err("invalid", e);
     }
@@ -369,6 +450,16 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             let v = d
                 .check_token(t)
                 .map_err(|e| ("denied", format!("token refused: {e}")))?;
+            d.audit.record(
+                Entry::new(
+                    "token_verify",
+                    Decision::Allow,
+                    "host key; not revoked; not expired",
+                )
+                .agent(&req.name)
+                .actor("aitherd")
+                .data(json!({"token_id": v.id()})),
+            );
             if v.effective().subject != req.name {
                 return Err((
                     "denied",
@@ -386,6 +477,16 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             let claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
                 .map_err(|e| bad(&e))?;
             let t = token::mint(d.key.signing_key(), &claims).map_err(|e| bad(&e))?;
+            d.audit.record(
+                Entry::new(
+                    "token_mint",
+                    Decision::Allow,
+                    format!("policy {}", loaded.policy.name),
+                )
+                .agent(&req.name)
+                .actor("aitherd")
+                .data(json!({"token_id": claims.id, "exp": claims.exp, "source": loaded.source})),
+            );
             let text = t.encode();
             let v = d.check_token(&text).map_err(|e| bad(&e))?;
             (text, v)

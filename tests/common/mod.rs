@@ -53,6 +53,14 @@ pub fn unique(tag: &str) -> String {
     format!("t{}-{}-{}", std::process::id(), next_id(), tag)
 }
 
+/// The audit log the suites' aitherctl runs write (outside every workspace).
+pub fn test_audit_log() -> PathBuf {
+    PathBuf::from(format!(
+        "/var/tmp/aither-test-audit-{}.jsonl",
+        std::process::id()
+    ))
+}
+
 /// A number unique within this test process.
 pub fn next_id() -> usize {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -228,6 +236,8 @@ impl Workspace {
     /// repository's policies, stdin from /dev/null.
     pub fn command(&self, policy: &str, flags: &[&str], cmd: &[&str], name: &str) -> Command {
         let mut c = Command::new(AITHERCTL);
+        // The suites' runs are audited in a log of their own, not the host's.
+        c.env("AITHER_AUDIT_LOG", test_audit_log());
         c.env("AITHER_POLICY_DIR", policy_dir())
             .arg("run")
             .arg("--policy")

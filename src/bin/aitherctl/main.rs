@@ -1,6 +1,7 @@
 //! aitherctl: the command-line front door of Aither. Thin: argument parsing, output and exit
 //! codes here; every mechanism lives in the `aither` library.
 
+mod audit_cmd;
 mod daemon_cmd;
 mod policy_cmd;
 mod run_cmd;
@@ -48,6 +49,7 @@ enum Command {
     Restart(daemon_cmd::RestartArgs),
     Rm(daemon_cmd::RmArgs),
     Events(daemon_cmd::EventsArgs),
+    Audit(audit_cmd::AuditArgs),
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Restart(a) => daemon_cmd::restart(a),
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Events(a) => daemon_cmd::events(a),
+        Command::Audit(a) => audit_cmd::run(a),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
     };

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use aither::audit::{Decision, Entry};
 use aither::policy::Policy;
 use aither::sandbox::spec::sanitize_name;
 use aither::sandbox::{self, LaunchError, RunOptions, SandboxSpec};
@@ -67,6 +68,12 @@ pub fn run(a: RunArgs) -> i32 {
     let spec = match build_spec(&a) {
         Ok(s) => s,
         Err(e) => {
+            aither::audit::record_unsynced(
+                Entry::new("run", Decision::Deny, format!("{e:#}"))
+                    .agent(a.name.as_deref().unwrap_or("run"))
+                    .actor(crate::token_cmd::actor())
+                    .data(serde_json::json!({"argv": a.command})),
+            );
             match e.downcast_ref::<TokenError>() {
                 Some(t) if t.is_refusal() => eprintln!("aither: token refused: {t}"),
                 _ => crate::print_error(&e),
@@ -77,6 +84,17 @@ pub fn run(a: RunArgs) -> i32 {
     if let Some(w) = &spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
+    // Recorded before the launch: a run that never returns (killed aitherctl) is in the log.
+    aither::audit::record_unsynced(
+        Entry::new(
+            "run",
+            Decision::Allow,
+            format!("policy {} via a verified token", spec.policy),
+        )
+        .agent(&spec.name)
+        .actor(crate::token_cmd::actor())
+        .data(serde_json::json!({"argv": spec.argv})),
+    );
     match sandbox::run(&spec) {
         Ok(out) => {
             for s in &out.skipped {

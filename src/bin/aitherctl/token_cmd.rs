@@ -5,6 +5,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use aither::audit::{Decision, Entry};
 use aither::policy::{NetworkMode, Policy};
 use aither::token::{
     self, chain::key_id, claims, format::MAX_TEXT, keys::encode_public_key, Attenuation, Claims,
@@ -265,6 +266,16 @@ fn mint(policy: &str, subject: &str, ttl: Duration, out: Option<&Path>) -> anyho
     let key = HostKey::load_or_create(&token::state_dir())?;
     let c = Claims::from_policy(&loaded.policy, subject, ttl)?;
     let t = token::mint(key.signing_key(), &c)?;
+    aither::audit::record(
+        Entry::new(
+            "token_mint",
+            Decision::Allow,
+            format!("policy {}", c.policy),
+        )
+        .agent(subject)
+        .actor(actor())
+        .data(serde_json::json!({"token_id": c.id, "exp": c.exp, "source": loaded.source})),
+    );
     emit(
         &t,
         out,
@@ -296,6 +307,9 @@ fn verify_cmd(arg: &str, pubkey: Option<&str>) -> anyhow::Result<i32> {
             Ok(0)
         }
         Err(e) => {
+            aither::audit::record(
+                Entry::new("token_verify", Decision::Deny, e.to_string()).actor(actor()),
+            );
             eprintln!("aither: token invalid: {e}");
             Ok(1)
         }
@@ -326,8 +340,28 @@ fn attenuate(
             })?
         }
     };
-    let child = req.apply(&parent, token::now_unix())?;
+    let child = match req.apply(&parent, token::now_unix()) {
+        Ok(c) => c,
+        Err(e) => {
+            aither::audit::record(
+                Entry::new("token_attenuate", Decision::Deny, e.to_string())
+                    .agent(&parent.subject)
+                    .actor(actor()),
+            );
+            return Err(e.into());
+        }
+    };
     let t2 = t.append(&child)?;
+    aither::audit::record(
+        Entry::new(
+            "token_attenuate",
+            Decision::Allow,
+            "narrows the parent block",
+        )
+        .agent(&child.subject)
+        .actor(actor())
+        .data(serde_json::json!({"blocks": t2.blocks.len(), "block_id": child.id})),
+    );
     let changed: Vec<String> = claims::changes(&parent, &child)
         .into_iter()
         .map(|(f, a, b)| format!("{f} {a} -> {b}"))
@@ -349,6 +383,11 @@ fn attenuate(
 fn revoke(id: &str, reason: &str) -> anyhow::Result<i32> {
     let store = RevocationStore::open(&token::state_dir())?;
     let r = store.revoke(id, reason, token::now_unix())?;
+    aither::audit::record(
+        Entry::new("token_revoke", Decision::Allow, "operator")
+            .actor(actor())
+            .data(serde_json::json!({"id": r.id, "reason": r.reason})),
+    );
     println!(
         "revoked {} at {}{}",
         r.id,
@@ -660,4 +699,10 @@ fn bench_verify(n: u32) -> anyhow::Result<i32> {
         "",
     );
     Ok(0)
+}
+
+/// Who is acting, for the audit stream.
+pub fn actor() -> String {
+    // SAFETY: getuid has no preconditions.
+    format!("uid {} (aitherctl)", unsafe { libc::getuid() })
 }
