@@ -29,10 +29,15 @@ struct Daemon {
     state: tempfile::TempDir,
     child: Option<Child>,
     ws: Workspace,
+    args: Vec<String>,
 }
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_args(&[])
+    }
+
+    fn start_args(args: &[&str]) -> Daemon {
         require_root();
         let state = tempfile::Builder::new()
             .prefix("aitherd-test-")
@@ -42,6 +47,7 @@ impl Daemon {
             state,
             child: None,
             ws: Workspace::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
         };
         d.launch();
         d
@@ -76,6 +82,7 @@ impl Daemon {
     fn launch(&mut self) {
         let mut c = Command::new(AITHERD);
         self.env(&mut c);
+        c.args(&self.args);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -969,4 +976,43 @@ fn every_decision_lands_in_one_verifiable_audit_stream() {
     let o = d.ctl(&["audit", "verify"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("BROKEN"));
+}
+
+#[test]
+fn prometheus_metrics_count_agents_restarts_and_pain() {
+    // A free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_args(&["--metrics", &addr]);
+    let up = unique("m-up");
+    d.spawn(&up, &[], &["sleep", "60"]);
+    let crash = unique("m-crash");
+    d.spawn(&crash, &["--backoff", "50ms"], &["sh", "-c", "exit 2"]);
+    d.wait_events(&crash, "started", 3, Duration::from_secs(10));
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let m = get("/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(m.contains("aither_agents{state=\"running\"}"), "{m}");
+    let restarts: u64 = m
+        .lines()
+        .find(|l| l.starts_with("aither_restarts_total "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(restarts >= 2, "{m}");
+    assert!(
+        m.contains(&format!("aither_agent_restarts{{agent=\"{crash}\"}}")),
+        "{m}"
+    );
+    assert!(m.contains("aither_exits_total{reason=\"exited\"}"), "{m}");
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
 }

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod agentfile;
 pub mod client;
+pub mod metrics;
 pub mod proto;
 pub mod recover;
 pub mod server;
@@ -70,6 +71,8 @@ pub struct Daemon {
     pub store: Store,
     /// The audit stream (docs/audit.md): every decision with the rule that made it.
     pub audit: crate::audit::Sink,
+    /// Event counters for `--metrics`.
+    pub counters: metrics::Counters,
     pub events: broadcast::Sender<Event>,
     pub init: PathBuf,
     pub state_dir: PathBuf,
@@ -101,6 +104,7 @@ impl Daemon {
         Ok(Daemon {
             store,
             audit: crate::audit::Sink::start(crate::audit::log_path()),
+            counters: metrics::Counters::default(),
             events,
             init,
             state_dir: state_dir.to_path_buf(),
@@ -136,6 +140,7 @@ impl Daemon {
             data,
         };
         tracing::info!(agent = name.unwrap_or("-"), kind, data = %e.data, "event");
+        self.counters.count(kind, &e.data);
         self.store.event(e.clone());
         let _ = self.events.send(e);
     }

@@ -35,6 +35,10 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), GET /metrics. No
+    /// authentication: bind to loopback or a private network (docs/observability.md).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +134,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
     let access = Arc::new(server::Access { group });
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        tokio::spawn(daemon::metrics::serve(d.clone(), l));
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

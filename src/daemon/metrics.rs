@@ -1,0 +1,235 @@
+//! Prometheus metrics (`aitherd --metrics ADDR`): a tiny HTTP/1.1 responder for `GET /metrics`
+//! in the text exposition format. Off unless asked for; bind it to loopback or a private
+//! address (it has no authentication). docs/observability.md lists the series.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::supervise::State;
+use super::Shared;
+
+/// Counters fed by the daemon's events.
+#[derive(Default)]
+pub struct Counters {
+    inner: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl Counters {
+    /// Counts one event of `kind` (with a label value where it has one).
+    pub fn count(&self, kind: &str, data: &serde_json::Value) {
+        let key = match kind {
+            "started" => ("aither_starts_total", String::new()),
+            "backoff" => ("aither_restarts_total", String::new()),
+            "failed" => ("aither_failures_total", String::new()),
+            "exited" => (
+                "aither_exits_total",
+                data["reason"]["kind"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string(),
+            ),
+            "pain" => (
+                "aither_pain_events_total",
+                data["signal"].as_str().unwrap_or("unknown").to_string(),
+            ),
+            "watchdog_miss" => ("aither_watchdog_misses_total", String::new()),
+            "health" if data["ok"] == false => ("aither_health_failures_total", String::new()),
+            "access_denied" => ("aither_control_denied_total", String::new()),
+            _ => return,
+        };
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((key.0.to_string(), key.1)).or_default() += 1;
+    }
+
+    fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "aither_starts_total",
+        "counter",
+        "Sandboxes started (first starts and restarts).",
+    ),
+    (
+        "aither_restarts_total",
+        "counter",
+        "Restarts scheduled by the restart policy.",
+    ),
+    (
+        "aither_failures_total",
+        "counter",
+        "Agents marked failed by the burst limit.",
+    ),
+    ("aither_exits_total", "counter", "Runs ended, by reason."),
+    (
+        "aither_pain_events_total",
+        "counter",
+        "Pain signals, by signal (agent, oom, memory_pressure, cpu_throttling).",
+    ),
+    (
+        "aither_watchdog_misses_total",
+        "counter",
+        "Watchdog deadlines missed.",
+    ),
+    (
+        "aither_health_failures_total",
+        "counter",
+        "Failed health checks.",
+    ),
+    (
+        "aither_control_denied_total",
+        "counter",
+        "Control-socket connections refused.",
+    ),
+];
+
+fn label_name(metric: &str) -> &'static str {
+    match metric {
+        "aither_exits_total" => "reason",
+        _ => "signal",
+    }
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The exposition text.
+pub fn render(d: &Shared) -> String {
+    let mut out = String::new();
+    let infos: Vec<super::agent::Info> = {
+        let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .values()
+            .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    };
+    let _ = writeln!(
+        out,
+        "# HELP aither_agents Agents by lifecycle state.\n# TYPE aither_agents gauge"
+    );
+    for s in [
+        State::Created,
+        State::Starting,
+        State::Running,
+        State::Ready,
+        State::Unhealthy,
+        State::Exited,
+        State::Backoff,
+        State::Failed,
+        State::Stopped,
+    ] {
+        let n = infos.iter().filter(|i| i.state == s).count();
+        let _ = writeln!(out, "aither_agents{{state=\"{s}\"}} {n}");
+    }
+    let per_agent: [(&str, &str, &str); 4] = [
+        (
+            "aither_agent_restarts",
+            "gauge",
+            "Restarts of the agent since aitherd started.",
+        ),
+        (
+            "aither_agent_memory_bytes",
+            "gauge",
+            "Memory in use by the agent's cgroup.",
+        ),
+        (
+            "aither_agent_cpu_percent",
+            "gauge",
+            "CPU use of the agent's cgroup, percent of one CPU.",
+        ),
+        (
+            "aither_agent_oom_kills",
+            "gauge",
+            "OOM kills in the agent's current run.",
+        ),
+    ];
+    for (name, ty, help) in per_agent {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+        for i in &infos {
+            let v = match name {
+                "aither_agent_restarts" => Some(i.restarts as f64),
+                "aither_agent_memory_bytes" => i
+                    .memory_bytes
+                    .filter(|_| i.state.is_live())
+                    .map(|m| m as f64),
+                "aither_agent_cpu_percent" => i.cpu_percent.filter(|_| i.state.is_live()),
+                _ => Some(i.oom_kills as f64),
+            };
+            if let Some(v) = v {
+                let _ = writeln!(out, "{name}{{agent=\"{}\"}} {v}", esc(&i.name));
+            }
+        }
+    }
+    let snap = d.counters.snapshot();
+    for (name, ty, help) in HELP {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+        let mut any = false;
+        for ((m, label), v) in &snap {
+            if m != name {
+                continue;
+            }
+            any = true;
+            if label.is_empty() {
+                let _ = writeln!(out, "{name} {v}");
+            } else {
+                let _ = writeln!(out, "{name}{{{}=\"{}\"}} {v}", label_name(name), esc(label));
+            }
+        }
+        if !any && !matches!(*name, "aither_exits_total" | "aither_pain_events_total") {
+            let _ = writeln!(out, "{name} 0");
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the daemon stops.
+pub async fn serve(d: Shared, listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let d = d.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while n < buf.len() {
+                    let got = s.read(&mut buf[n..]).await.ok()?;
+                    if got == 0 {
+                        return None;
+                    }
+                    n += got;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                None
+            })
+            .await;
+            if !matches!(head, Ok(Some(()))) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let first = line.lines().next().unwrap_or("");
+            let (status, body) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+                ("200 OK", render(&d))
+            } else {
+                ("404 Not Found", "not found: try GET /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
