@@ -265,6 +265,11 @@ fn spawn_ps_logs_stop_rm_round_trip() {
         row.contains("running") && row.contains(&pid1.to_string()),
         "{ps}"
     );
+    // The enforcement report of the supervised run.
+    let rep = &d.inspect(&name)["report"];
+    assert_eq!(rep["landlock"]["status"], "FullyEnforced", "{rep}");
+    assert_eq!(rep["inside"]["status"]["NoNewPrivs"], "1");
+    assert_eq!(rep["inside"]["status"]["CapEff"], "0000000000000000");
     let json: Value = serde_json::from_str(&d.ok(&["ps", "--json"])).unwrap();
     assert!(json
         .as_array()

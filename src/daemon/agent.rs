@@ -61,6 +61,8 @@ pub struct Info {
     pub memory_bytes: Option<u64>,
     pub memory_limit: Option<u64>,
     pub oom_kills: u64,
+    /// What the current run's sandbox enforces, read back after the start (docs/audit.md).
+    pub report: Option<serde_json::Value>,
     pub supervision: Supervision,
     pub log_dir: PathBuf,
 }
@@ -159,6 +161,7 @@ pub fn start(
         memory_bytes: None,
         memory_limit: None,
         oom_kills: 0,
+        report: None,
         supervision: rec.request.supervision.clone(),
         log_dir: d.log_dir(&name),
     }));
@@ -451,7 +454,13 @@ impl Agent {
             i.started_ms = Some(super::store::now_ms());
             i.health_failures = 0;
             i.oom_kills = 0;
+            if live.report.is_some() {
+                i.report = live.report.clone();
+            }
         });
+        if let Some(r) = &live.report {
+            let _ = std::fs::write(live.log_dir.join("report.json"), r.to_string());
+        }
         self.d.emit(
             Some(&self.name),
             "started",

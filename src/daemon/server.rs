@@ -510,7 +510,9 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.clone())
     };
-    let spec = SandboxSpec::derive(&policy, &opts, &lookup, &req.cwd).map_err(|e| bad(&e))?;
+    let mut spec = SandboxSpec::derive(&policy, &opts, &lookup, &req.cwd).map_err(|e| bad(&e))?;
+    // Every supervised run proves what it enforces (`aitherctl inspect`).
+    spec.report = true;
     if let Some(w) = &spec.workspace {
         verified
             .check_workspace(&w.path)

@@ -63,6 +63,8 @@ enum Report {
         #[serde(default)]
         agent_pid: Option<i32>,
         cgroup: String,
+        #[serde(default)]
+        report: Option<serde_json::Value>,
     },
     Failed {
         code: i32,
@@ -99,6 +101,8 @@ pub struct Live {
     pub log_dir: PathBuf,
     /// Adopted from a previous daemon that had seen it ready.
     pub was_ready: bool,
+    /// The enforcement report of this run (not known for an adopted run).
+    pub report: Option<serde_json::Value>,
 }
 
 impl Live {
@@ -313,7 +317,9 @@ pub async fn launch(
             pid1,
             agent_pid,
             cgroup,
+            report,
         }) => Ok(Live {
+            report,
             shim_pid,
             pidfd: watch_pidfd(pidfd).map_err(ShimError::Channel)?,
             pid1: Some(pid1),
@@ -386,6 +392,10 @@ pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live>
         child: None,
         log_dir: log_dir.to_path_buf(),
         was_ready: false,
+        // Kept beside the logs by the daemon that saw the start.
+        report: std::fs::read(log_dir.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
     })
 }
 

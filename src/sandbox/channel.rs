@@ -79,6 +79,9 @@ pub enum Msg {
         agent_pid: i32,
         stages: Vec<(Stage, u64)>,
         landlock: String,
+        /// What pid 1 read from /proc after confinement (when the spec asks for a report).
+        #[serde(default)]
+        inside: Option<super::report::Inside>,
     },
     /// pid 1 → launcher: a stage failed; nothing was run.
     Failed {

@@ -217,7 +217,7 @@ fn setup_and_reap(
         );
         return Ok(127);
     };
-    reap(sock, &prepared, agent_fd, stamps)
+    reap(sock, &prepared, agent_fd, stamps, ctx.spec.report)
 }
 
 /// Puts the supervised agent's stdio on 0–2 and its socket on fd 3 (not close-on-exec), in
@@ -512,6 +512,7 @@ fn reap(
     prepared: &Prepared,
     agent_fd: Option<OwnedFd>,
     mut stamps: Vec<(Stage, u64)>,
+    report: bool,
 ) -> Result<i32, Failure> {
     let Prepared {
         path,
@@ -591,6 +592,8 @@ fn reap(
             agent_pid: pid,
             stages: stamps,
             landlock: landlock.clone(),
+            // Read now, confined exactly as the agent it just started.
+            inside: report.then(super::report::read_inside),
         },
     );
 

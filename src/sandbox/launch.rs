@@ -21,6 +21,7 @@ use super::channel::{self, now_ns, Msg, Stage};
 use super::init::{self, ChildContext};
 use super::landlock::{self, LandlockError};
 use super::mounts;
+use super::report::{CgroupReport, LandlockReport, Report, SeccompReport};
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
 use super::userns::{self, HostIds};
@@ -90,6 +91,8 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Protections skipped as best-effort (empty for strict).
     pub skipped: Vec<String>,
+    /// The enforcement report, when the spec asked for one.
+    pub report: Option<Report>,
 }
 
 /// What a supervising caller (`aither-init shim`) adds to a launch. `LaunchIo::default()` is
@@ -120,6 +123,8 @@ pub struct Started {
     pub agent_pid: Option<i32>,
     /// The cgroup id, `<name>-<launcher pid>` (the directory name in each hierarchy).
     pub cgroup: String,
+    /// The enforcement report, when the spec asked for one.
+    pub report: Option<Report>,
 }
 
 /// The agent's end of the captured stdio, and the launcher's read ends.
@@ -385,6 +390,20 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         .as_deref()
         .map(seccomp::load)
         .transpose()?;
+    // For the enforcement report (both move into the child at the clone).
+    let landlock_rights = LandlockReport {
+        status: String::new(),
+        abi: plan.abi,
+        filesystem: plan.fs,
+        tcp: plan.tcp,
+        ioctl_dev: plan.ioctl_dev,
+        scopes: plan.scopes,
+    };
+    let seccomp_report = filter.as_ref().map(|f| SeccompReport {
+        profile: spec.seccomp_profile.clone().unwrap_or_default(),
+        digest: f.digest.clone(),
+        rules: f.rules,
+    });
     marks.push(("preflight", now_ns()));
 
     // 2. The cgroup: its cgroup2 directory now (the sandbox is born in it, no migration);
@@ -523,12 +542,13 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // 7. Wait for the agent to start.
     let started = channel::recv(parent_sock.as_fd());
     let early = |e: LaunchError| -> Result<Outcome, LaunchError> { Err(abort(e)) };
-    let (agent_pid, stages, landlock_status) = match started {
+    let (agent_pid, stages, landlock_status, inside) = match started {
         Ok(Some(Msg::Started {
             agent_pid,
             stages,
             landlock,
-        })) => (agent_pid, stages, landlock),
+            inside,
+        })) => (agent_pid, stages, landlock, inside),
         Ok(Some(Msg::Failed {
             stage,
             errno,
@@ -554,6 +574,56 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     if trace_enabled() {
         print_trace(t0, &marks, &stages, started_at, &landlock_status);
     }
+    let report = spec.report.then(|| {
+        let cg = guard.cg();
+        let limits = guard.mgr.read_limits(cg).ok().unwrap_or_default();
+        let mut namespaces: Vec<String> = vec!["user".into(), "pid".into(), "mnt".into()];
+        for (on, ns) in [
+            (spec.new_net_ns, "net"),
+            (spec.new_ipc_ns, "ipc"),
+            (spec.new_uts_ns, "uts"),
+            (spec.new_cgroup_ns, "cgroup"),
+        ] {
+            if on {
+                namespaces.push(ns.into());
+            }
+        }
+        let mut skipped: Vec<String> = cg.skipped.iter().map(|p| p.to_string()).collect();
+        skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
+        Report {
+            name: spec.name.clone(),
+            policy: spec.policy.clone(),
+            namespaces,
+            uid: spec.uid,
+            gid: spec.gid,
+            host_uid: ids.agent,
+            host_gid: ids.agent,
+            cgroup: CgroupReport {
+                id: id.clone(),
+                dirs: cg
+                    .dirs
+                    .iter()
+                    .map(|(_, d)| d.display().to_string())
+                    .collect(),
+                memory_bytes: limits.memory,
+                swap_bytes: limits.swap,
+                cpu_quota_us: limits.cpu.map(|c| c.quota_us),
+                cpu_period_us: limits.cpu.map(|c| c.period_us),
+                pids: limits.pids,
+            },
+            landlock: LandlockReport {
+                status: if spec.landlock {
+                    landlock_status.clone()
+                } else {
+                    "disabled by the policy".into()
+                },
+                ..landlock_rights.clone()
+            },
+            seccomp: seccomp_report.clone(),
+            best_effort_skipped: skipped,
+            inside: inside.clone(),
+        }
+    });
     // The supervisor hears of the start before supervision begins, so it knows the pids and
     // the cgroup for as long as the sandbox can run.
     if let Some(cb) = io.on_started.take() {
@@ -561,6 +631,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             pid1: pid,
             agent_pid: agent_host_pid(pid, agent_pid),
             cgroup: id.clone(),
+            report: report.clone(),
         });
     }
 
@@ -595,6 +666,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         oom_killed,
         timed_out,
         skipped,
+        report,
     })
 }
 

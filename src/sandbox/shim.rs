@@ -87,6 +87,9 @@ pub enum ShimEvent {
         pid1: i32,
         agent_pid: Option<i32>,
         cgroup: String,
+        /// The enforcement report (when the spec asks for one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<Box<super::report::Report>>,
     },
     Failed {
         code: i32,
@@ -362,6 +365,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
                     pid1: s.pid1,
                     agent_pid: s.agent_pid,
                     cgroup: s.cgroup.clone(),
+                    report: s.report.clone().map(Box::new),
                 })
             })),
         },
@@ -435,7 +439,8 @@ mod tests {
             serde_json::to_string(&ShimEvent::Started {
                 pid1: 5,
                 agent_pid: None,
-                cgroup: "a-1".into()
+                cgroup: "a-1".into(),
+                report: None,
             })
             .unwrap(),
             r#"{"event":"started","pid1":5,"agent_pid":null,"cgroup":"a-1"}"#

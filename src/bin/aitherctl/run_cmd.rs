@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Maximum number of processes and threads, at most the policy's.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
+    /// Write the enforcement report (JSON) to FILE once the agent has started: namespaces,
+    /// id maps, cgroup limits read back from the kernel, Landlock status and rights, the
+    /// seccomp filter's digest, and capabilities, no_new_privs, rlimits and mounts as read from
+    /// /proc inside the sandbox (docs/audit.md).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -95,7 +101,25 @@ pub fn run(a: RunArgs) -> i32 {
         .actor(crate::token_cmd::actor())
         .data(serde_json::json!({"argv": spec.argv})),
     );
-    match sandbox::run(&spec) {
+    let report_to = a.report.clone();
+    let mut report_err: Option<String> = None;
+    let io = sandbox::LaunchIo {
+        on_started: report_to.as_ref().map(|path| {
+            let err = &mut report_err;
+            Box::new(move |s: &sandbox::Started| {
+                let text = serde_json::to_string_pretty(&s.report).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, text + "\n") {
+                    *err = Some(format!("writing the report {}: {e}", path.display()));
+                }
+            }) as sandbox::launch::OnStarted<'_>
+        }),
+        ..Default::default()
+    };
+    let outcome = sandbox::run_with(&spec, io);
+    if let Some(e) = report_err {
+        eprintln!("aither: warning: {e}");
+    }
+    match outcome {
         Ok(out) => {
             for s in &out.skipped {
                 eprintln!("aither: best-effort: {s} was not enforced on this host (policy {:?} allows it)", spec.policy);
@@ -180,7 +204,9 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
         argv: a.command.clone(),
     };
     let cwd = std::env::current_dir()?;
-    let spec = SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
+    let mut spec =
+        SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
+    spec.report = a.report.is_some();
     if let Some(w) = &spec.workspace {
         verified.check_workspace(&w.path)?;
     }
