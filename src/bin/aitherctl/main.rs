@@ -2,6 +2,7 @@
 //! codes here; every mechanism lives in the `aither` library.
 
 mod daemon_cmd;
+mod doctor_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod token_cmd;
@@ -52,6 +53,7 @@ enum Command {
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
+    Doctor(doctor_cmd::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Events(a) => daemon_cmd::events(a),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
+        Command::Doctor(a) => doctor_cmd::run(a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
