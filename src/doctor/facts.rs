@@ -193,11 +193,7 @@ fn access_w(p: &Path) -> Result<(), String> {
         Ok(())
     } else {
         let e = std::io::Error::last_os_error();
-        Err(format!(
-            "{}: {} ({e})",
-            p.display(),
-            crate::sys::errno_name(crate::sys::errno_of(&e))
-        ))
+        Err(format!("{}: {}", p.display(), probe::errno_text(&e)))
     }
 }
 

@@ -8,8 +8,11 @@ use std::path::Path;
 use super::Probe;
 use crate::sys;
 
-fn errno_text(e: &io::Error) -> String {
-    format!("{} ({e})", sys::errno_name(sys::errno_of(e)))
+/// "EACCES: Permission denied".
+pub(super) fn errno_text(e: &io::Error) -> String {
+    let msg = e.to_string();
+    let msg = msg.split(" (os error").next().unwrap_or_default();
+    format!("{}: {msg}", sys::errno_name(sys::errno_of(e)))
 }
 
 /// The kernel release from uname(2).
