@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod cgroup;
 pub mod daemon;
+pub mod doctor;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;

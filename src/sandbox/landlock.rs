@@ -82,7 +82,24 @@ fn to_abi(v: u8) -> ABI {
 
 /// Decides what Landlock will enforce for `spec` on a kernel with ABI `kernel`.
 pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
-    if !spec.landlock {
+    plan_for(
+        &spec.policy,
+        spec.landlock,
+        spec.network,
+        &spec.best_effort,
+        kernel,
+    )
+}
+
+/// `plan` from the policy's fields alone (what `aitherctl doctor` checks without a spec).
+pub fn plan_for(
+    policy: &str,
+    landlock: bool,
+    network: NetworkMode,
+    best_effort: &[Protection],
+    kernel: u8,
+) -> Result<Plan, LandlockError> {
+    if !landlock {
         return Ok(Plan::default());
     }
     let has = if kernel == 0 {
@@ -102,12 +119,12 @@ pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
         if kernel >= needed {
             return Ok(true);
         }
-        if spec.best_effort.contains(&protection) {
+        if best_effort.contains(&protection) {
             p.skipped.push(protection);
             return Ok(false);
         }
         Err(LandlockError::Unsupported {
-            policy: spec.policy.clone(),
+            policy: policy.to_string(),
             what,
             needed,
             has: has.clone(),
@@ -116,7 +133,7 @@ pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
     };
     // ABI 3 brings truncate control; below it a read-only file could still be truncated.
     p.fs = need("filesystem rules", 3, Protection::Landlock, &mut p)?;
-    p.tcp = spec.network == NetworkMode::None
+    p.tcp = network == NetworkMode::None
         && need("TCP bind/connect rules", 4, Protection::LandlockNet, &mut p)?;
     p.ioctl_dev = p.fs && need("device ioctl rules", 5, Protection::LandlockIoctl, &mut p)?;
     p.scopes = need(

@@ -3,6 +3,7 @@
 
 mod audit_cmd;
 mod daemon_cmd;
+mod doctor_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod token_cmd;
@@ -54,6 +55,7 @@ enum Command {
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
+    Doctor(doctor_cmd::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => audit_cmd::run(a),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
+        Command::Doctor(a) => doctor_cmd::run(a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
