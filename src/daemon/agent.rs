@@ -62,7 +62,10 @@ pub struct Info {
     pub memory_limit: Option<u64>,
     pub oom_kills: u64,
     /// What the current run's sandbox enforces, read back after the start (docs/audit.md).
-    pub report: Option<serde_json::Value>,
+    /// Kept as the JSON text it arrived as (compact: 200 agents' reports as parsed values
+    /// would cost megabytes). `ps` leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Box<serde_json::value::RawValue>>,
     pub supervision: Supervision,
     pub log_dir: PathBuf,
 }
@@ -459,7 +462,7 @@ impl Agent {
             }
         });
         if let Some(r) = &live.report {
-            let _ = std::fs::write(live.log_dir.join("report.json"), r.to_string());
+            let _ = std::fs::write(live.log_dir.join("report.json"), r.get());
         }
         self.d.emit(
             Some(&self.name),

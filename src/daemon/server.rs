@@ -256,7 +256,12 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<agent::Info> = agents
                 .values()
-                .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .map(|h| {
+                    let mut i = h.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    // `inspect` shows the enforcement report; the list stays small.
+                    i.report = None;
+                    i
+                })
                 .collect();
             list.sort_by(|a, b| a.name.cmp(&b.name));
             Reply::ok(serde_json::to_value(list).unwrap_or_default())

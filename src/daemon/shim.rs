@@ -64,7 +64,7 @@ enum Report {
         agent_pid: Option<i32>,
         cgroup: String,
         #[serde(default)]
-        report: Option<serde_json::Value>,
+        report: Option<Box<serde_json::value::RawValue>>,
     },
     Failed {
         code: i32,
@@ -102,7 +102,7 @@ pub struct Live {
     /// Adopted from a previous daemon that had seen it ready.
     pub was_ready: bool,
     /// The enforcement report of this run (not known for an adopted run).
-    pub report: Option<serde_json::Value>,
+    pub report: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Live {
