@@ -63,8 +63,10 @@ enum Report {
         #[serde(default)]
         agent_pid: Option<i32>,
         cgroup: String,
+        // A parsed value here (an internally tagged enum cannot hold a RawValue), kept as
+        // text afterwards.
         #[serde(default)]
-        report: Option<Box<serde_json::value::RawValue>>,
+        report: Option<serde_json::Value>,
     },
     Failed {
         code: i32,
@@ -319,7 +321,7 @@ pub async fn launch(
             cgroup,
             report,
         }) => Ok(Live {
-            report,
+            report: report.and_then(|r| serde_json::value::to_raw_value(&r).ok()),
             shim_pid,
             pidfd: watch_pidfd(pidfd).map_err(ShimError::Channel)?,
             pid1: Some(pid1),
