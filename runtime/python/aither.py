@@ -88,20 +88,38 @@ class Channel:
         """One request and its reply; the lock is held. Pushes read meanwhile are queued."""
         if self._broken:
             raise AitherError("the channel is unusable after an earlier failure")
-        self._next += 1
-        rid = (os.getpid() << 20) | (self._next & 0xFFFFF)
-        body = json.dumps({"id": rid, "op": op, **fields}).encode()
-        if len(body) > MAX_FRAME:
-            raise AitherError(f"request of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
-        try:
+        size = len(json.dumps({"id": 1 << 52, "op": op, **fields}).encode())
+        if size > MAX_FRAME:
+            raise AitherError(f"request of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+
+        def send():
+            self._next += 1
+            rid = (os.getpid() << 20) | (self._next & 0xFFFFF)
+            body = json.dumps({"id": rid, "op": op, **fields}).encode()
             self._sock.sendall(struct.pack(">I", len(body)) + body)
+            return rid
+
+        try:
+            rids = {send()}
+            reset_at = None
             while True:
+                if reset_at is not None:
+                    # aitherd restarted while this request was in flight. A request it had not
+                    # read yet is answered right after the reset; one the old daemon had read
+                    # is lost: send it again (ops are idempotent or at-least-once).
+                    left = reset_at + 2.0 - time.monotonic()
+                    if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                        rids.add(send())
+                        reset_at = None
+                        continue
                 reply = self._read_frame()
                 err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
-                if reply.get("id") == rid:
+                if reply.get("id") in rids:
                     break
                 if reply.get("id") is None and "push" in reply:
                     self._pushes.append(reply)
+                    if reply.get("push") == "bus.reset":
+                        reset_at = time.monotonic()
                     continue
                 if reply.get("id") is None and err.get("code") in _FATAL:
                     self._broken = True  # the daemon closes the channel after these

@@ -470,14 +470,15 @@ impl Bus {
     }
 
     /// Acks `seq` for a durable consumer, named directly or by one of the connection's
-    /// subscriptions. Cursors only move forward.
+    /// subscriptions. Cursors only move forward. Returns the consumer's name and a receiver
+    /// that hears when the ack is committed.
     pub fn ack(
         &self,
         outbox: &Outbox,
         sub: Option<u64>,
         durable: Option<&str>,
         seq: u64,
-    ) -> Result<String, BusError> {
+    ) -> Result<(String, oneshot::Receiver<Result<u64, String>>), BusError> {
         let name = match (sub, durable) {
             (_, Some(n)) => {
                 check_consumer(n)?;
@@ -508,8 +509,10 @@ impl Bus {
                 reason: format!("{seq}: not a sequence number of the log (1..={last})"),
             });
         }
-        self.log.ack(outbox.principal.name(), &name, seq)?;
-        Ok(name)
+        let (tx, rx) = oneshot::channel();
+        self.log
+            .ack(outbox.principal.name(), &name, seq, Some(tx))?;
+        Ok((name, rx))
     }
 
     /// The log's statistics and every live subscription.

@@ -69,6 +69,7 @@ enum Op {
         agent: String,
         name: String,
         seq: u64,
+        done: Option<Done>,
     },
     Flush(smpsc::Sender<()>),
 }
@@ -179,12 +180,20 @@ impl Log {
         self.send(Op::Append(msg, done))
     }
 
-    /// Records that consumer `name` of `agent` has processed everything up to `seq`.
-    pub fn ack(&self, agent: &str, name: &str, seq: u64) -> Result<(), BusError> {
+    /// Records that consumer `name` of `agent` has processed everything up to `seq`; `done`
+    /// hears when that is committed.
+    pub fn ack(
+        &self,
+        agent: &str,
+        name: &str,
+        seq: u64,
+        done: Option<Done>,
+    ) -> Result<(), BusError> {
         self.send(Op::Ack {
             agent: agent.into(),
             name: name.into(),
             seq,
+            done,
         })
     }
 
@@ -353,8 +362,16 @@ fn writer(
                                 done.push((d, seq));
                             }
                         }
-                        Op::Ack { agent, name, seq } => {
+                        Op::Ack {
+                            agent,
+                            name,
+                            seq,
+                            done: d,
+                        } => {
                             ack.execute(params![agent, name, seq as i64, now_ms() as i64])?;
+                            if let Some(d) = d {
+                                done.push((d, seq));
+                            }
                         }
                         Op::Flush(f) => flushes.push(f),
                     }
@@ -460,8 +477,8 @@ mod tests {
             for s in 1..=10 {
                 log.append(msg(s, "a.b", now_ms()), None).unwrap();
             }
-            log.ack("w1", "c", 4).unwrap();
-            log.ack("w1", "c", 3).unwrap(); // never goes back
+            log.ack("w1", "c", 4, None).unwrap();
+            log.ack("w1", "c", 3, None).unwrap(); // never goes back
             log.flush();
             assert_eq!(log.committed(), 10);
             let r = log.read_from(5, 3).unwrap();

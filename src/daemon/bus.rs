@@ -188,7 +188,8 @@ fn channel_op_inner(
     match op {
         "bus.publish" => {
             let subject = str_field(req, "subject")?;
-            let data = field(req, "data").ok_or_else(|| bad("data", "missing"))?;
+            // `null` is a payload like any other.
+            let data = req.get("data").ok_or_else(|| bad("data", "missing"))?;
             let durable = bool_field(req, "durable")?;
             let p = d
                 .bus
@@ -223,8 +224,8 @@ fn channel_op_inner(
                 None => None,
                 Some(_) => Some(str_field(req, "durable")?),
             };
-            let name = d.bus.ack(outbox, sub, durable, seq)?;
-            Ok(Outcome::Now(Reply::ok(json!({"durable": name, "seq": seq}))))
+            let (name, rx) = d.bus.ack(outbox, sub, durable, seq)?;
+            Ok(committed(rx, json!({"durable": name, "seq": seq})))
         }
         other => Ok(Outcome::Now(Reply::err(
             "unknown_op",
@@ -235,19 +236,25 @@ fn channel_op_inner(
 
 fn published(p: crate::bus::broker::Published) -> Outcome {
     match (p.seq, p.committed) {
-        (Some(seq), Some(rx)) => {
-            let (tx, out) = oneshot::channel();
-            tokio::spawn(async move {
-                let r = match rx.await {
-                    Ok(Ok(_)) => Reply::ok(json!({"seq": seq})),
-                    Ok(Err(e)) => Reply::err("internal", e),
-                    Err(_) => Reply::err("internal", "the bus log stopped"),
-                };
-                let _ = tx.send(r);
-            });
-            Outcome::Later(out)
-        }
+        (Some(seq), Some(rx)) => committed(rx, json!({"seq": seq})),
         (seq, _) => Outcome::Now(Reply::ok(json!({"seq": seq}))),
+    }
+}
+
+/// A reply sent once the log has committed.
+fn committed(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Outcome {
+    let (tx, out) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(commit_reply(rx, data).await);
+    });
+    Outcome::Later(out)
+}
+
+async fn commit_reply(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Reply {
+    match rx.await {
+        Ok(Ok(_)) => Reply::ok(data),
+        Ok(Err(e)) => Reply::err("internal", e),
+        Err(_) => Reply::err("internal", "the bus log stopped"),
     }
 }
 
@@ -428,10 +435,10 @@ pub fn event_subject(name: Option<&str>, kind: &str) -> String {
 }
 
 /// `bus_ack` from the control socket: an operator's durable consumer (agent `operator`).
-pub fn operator_ack(d: &Daemon, durable: &str, seq: u64) -> Reply {
+pub async fn operator_ack(d: &Daemon, durable: &str, seq: u64) -> Reply {
     let ob = d.bus.outbox(crate::bus::Principal::Operator);
     match d.bus.ack(&ob, None, Some(durable), seq) {
-        Ok(name) => Reply::ok(json!({"durable": name, "seq": seq})),
+        Ok((name, rx)) => commit_reply(rx, json!({"durable": name, "seq": seq})).await,
         Err(e) => err_reply(&e),
     }
 }

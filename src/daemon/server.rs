@@ -271,7 +271,7 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                 .await
                 .unwrap_or_else(|e| Reply::err("internal", e.to_string()))
         }
-        Request::BusAck { durable, seq } => super::bus::operator_ack(d, &durable, seq),
+        Request::BusAck { durable, seq } => super::bus::operator_ack(d, &durable, seq).await,
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
             "bad_request",
             "bus_pub and bus_sub take over their connection",

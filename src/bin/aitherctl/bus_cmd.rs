@@ -63,6 +63,10 @@ pub struct SubArgs {
     /// With --durable: ack every message after printing it.
     #[arg(long, requires = "durable")]
     ack: bool,
+    /// Queue capacity in messages (16..=65536; default 1024). A live subscriber that falls
+    /// further behind loses the oldest messages (the output says how many).
+    #[arg(long, value_name = "N")]
+    queue: Option<usize>,
     /// Exit after this many messages.
     #[arg(long, short = 'n', value_name = "N")]
     count: Option<u64>,
@@ -172,7 +176,7 @@ fn subscribe(a: SubArgs) -> i32 {
         durable: a.durable.clone(),
         from_seq: a.from,
         since_ms: a.since.map(|d| now_ms().saturating_sub(to_ms(d))),
-        queue: None,
+        queue: a.queue,
     };
     let mut status = 0;
     let mut seen = 0u64;
