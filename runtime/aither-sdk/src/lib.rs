@@ -694,6 +694,9 @@ mod tests {
             stream: a,
             next: u64::MAX - 1,
             broken: false,
+            pushes: Default::default(),
+            subs: Vec::new(),
+            timeout: None,
         };
         for _ in 0..4 {
             let id = inner.next_id();
