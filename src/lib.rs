@@ -10,6 +10,7 @@
 //! ```
 
 pub mod audit;
+pub mod bus;
 pub mod cgroup;
 pub mod daemon;
 pub mod doctor;

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::bus::{Outcome, Slot};
 use super::proto::{self, aio, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
@@ -109,6 +108,8 @@ struct Agent {
     info: Arc<Mutex<Info>>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
     tracker: RestartTracker,
+    /// The current run's bus subscriptions and their queues.
+    outbox: Option<Arc<crate::bus::Outbox>>,
 }
 
 /// How a watched run ended, plus anything a user asked for meanwhile.
@@ -177,6 +178,7 @@ pub fn start(
         info: info.clone(),
         cmds: rx,
         tracker: RestartTracker::new(seed ^ info_hash(&info)),
+        outbox: None,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
     Handle { info, cmd: tx }
@@ -244,6 +246,7 @@ impl Agent {
                 idle = Some(State::Failed);
                 continue;
             }
+            let was_adopted = adopted.is_some();
             let live = match adopted.take() {
                 Some(l) => Ok(l),
                 None => self.launch().await,
@@ -253,7 +256,7 @@ impl Agent {
                     if let Some(l) = launched.take() {
                         let _ = l.send(Ok(()));
                     }
-                    self.watch(live).await
+                    self.watch(live, was_adopted).await
                 }
                 Err(e) => {
                     let (code, error) = match &e {
@@ -446,7 +449,7 @@ impl Agent {
     }
 
     /// Watches one run until it ends.
-    async fn watch(&mut self, mut live: Live) -> RunEnd {
+    async fn watch(&mut self, mut live: Live, adopted: bool) -> RunEnd {
         let sup = self.sup().clone();
         let started = Instant::now();
         self.set(|i| {
@@ -477,16 +480,39 @@ impl Agent {
             State::Starting
         });
 
-        // The agent channel: a reader task turns frames into items; replies are written here,
-        // in order.
+        // The agent channel: a reader task turns frames into items; a writer task puts the
+        // replies (in order) and the bus's pushes on it.
         let (frames_tx, mut frames_rx) = mpsc::channel::<ChannelItem>(16);
-        let mut writer: Option<OwnedWriteHalf> = None;
+        let mut writer: Option<mpsc::Sender<Slot>> = None;
         let mut reader_task = None;
+        let mut writer_task = None;
+        let bus_claim = self
+            .d
+            .check_token(&self.rec.token)
+            .map(|v| v.effective().bus.clone())
+            .unwrap_or_default();
+        let outbox = self
+            .d
+            .bus
+            .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
+        self.outbox = Some(outbox.clone());
         if let Some(fd) = live.channel.take() {
             match channel_stream(fd) {
                 Ok(stream) => {
                     let (mut r, w) = stream.into_split();
-                    writer = Some(w);
+                    let (slots_tx, slots_rx) = mpsc::channel::<Slot>(256);
+                    if adopted {
+                        // The daemon restarted: the agent's subscriptions are gone.
+                        let _ = slots_tx.try_send(Slot::Raw(
+                            json!({"push": "bus.reset", "reason": "aitherd restarted; subscribe again"}).to_string(),
+                        ));
+                    }
+                    writer_task = Some(tokio::spawn(super::bus::channel_writer(
+                        w,
+                        slots_rx,
+                        outbox.clone(),
+                    )));
+                    writer = Some(slots_tx);
                     reader_task = Some(tokio::spawn(async move {
                         loop {
                             match aio::read_frame(&mut r).await {
@@ -570,7 +596,7 @@ impl Agent {
             }
             tokio::select! {
                 rec = &mut exit => break rec,
-                item = frames_rx.recv(), if writer.is_some() => {
+                item = frames_rx.recv(), if writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
                     let Some(item) = item else {
                         // The agent closed its channel: nothing more to read.
                         writer = None;
@@ -586,8 +612,12 @@ impl Agent {
                                         .data(json!({"op": v.get("op")})),
                                 );
                             }
+                            let mut reply = Slot::Now(reply);
                             match effect {
                                 Effect::None => {}
+                                Effect::Later(rx) => {
+                                    reply = Slot::Later(v.get("id").cloned(), rx);
+                                }
                                 Effect::Ready => {
                                     startup_deadline = None;
                                     healthy_since.get_or_insert(Instant::now());
@@ -609,18 +639,16 @@ impl Agent {
                         ChannelItem::Error(e) => {
                             let r = proto::Reply::err(e.code(), e.to_string());
                             if !e.recoverable() {
-                                if let Some(w) = writer.as_mut() {
-                                    let _ = aio::write_frame(w, &r).await;
-                                    let _ = w.shutdown().await;
+                                if let Some(w) = writer.take() {
+                                    let _ = w.try_send(Slot::Close(r));
                                 }
-                                writer = None;
                                 continue;
                             }
-                            r
+                            Slot::Now(r)
                         }
                     };
-                    if let Some(w) = writer.as_mut() {
-                        if aio::write_frame(w, &reply).await.is_err() {
+                    if let Some(w) = writer.as_ref() {
+                        if w.try_send(reply).is_err() {
                             writer = None;
                         }
                     }
@@ -811,6 +839,12 @@ impl Agent {
         if let Some(t) = reader_task {
             t.abort();
         }
+        self.d.bus.close(&outbox);
+        self.outbox = None;
+        drop(writer);
+        if let Some(t) = writer_task {
+            t.abort();
+        }
         // The end as the shim saw it; our own reason (a kill we made) takes precedence.
         let reason = match (pending, record) {
             (Some(p), _) => p,
@@ -966,11 +1000,17 @@ impl Agent {
                     .service_request(Service::Memory, &self.name, verified.effective(), v),
                 Effect::None,
             ),
-            op if op.starts_with("bus.") => reply(
-                self.d
-                    .service_request(Service::Bus, &self.name, verified.effective(), v),
-                Effect::None,
-            ),
+            // The bus (docs/bus.md): the run's outbox carries the token's bus claim.
+            op if op.starts_with("bus.") => match self.outbox.as_ref() {
+                Some(ob) => match super::bus::channel_op(&self.d, ob, &self.name, v) {
+                    Outcome::Now(r) => reply(r, Effect::None),
+                    Outcome::Later(rx) => reply(proto::Reply::ok(json!({})), Effect::Later(rx)),
+                },
+                None => reply(
+                    proto::Reply::err("internal", "the bus is not attached to this run"),
+                    Effect::None,
+                ),
+            },
             other => reply(
                 proto::Reply::err("unknown_op", format!("unknown op {other:?}")),
                 Effect::None,
@@ -1080,6 +1120,8 @@ struct PainWhat {
 
 enum Effect {
     None,
+    /// The reply comes later (a durable publish, after its commit).
+    Later(tokio::sync::oneshot::Receiver<proto::Reply>),
     Ready,
     Heartbeat,
     Pain(PainAction, PainWhat),

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod agentfile;
+pub mod bus;
 pub mod client;
 pub mod metrics;
 pub mod proto;
@@ -53,6 +54,8 @@ pub enum DaemonError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -74,6 +77,8 @@ pub struct Daemon {
     /// Event counters for `--metrics`.
     pub counters: metrics::Counters,
     pub events: broadcast::Sender<Event>,
+    /// AitherFlux, the event bus (docs/bus.md): broker and durable log (`bus.db`).
+    pub bus: Arc<crate::bus::Bus>,
     pub init: PathBuf,
     pub state_dir: PathBuf,
     pub cgroups: Box<dyn CgroupManager>,
@@ -96,6 +101,10 @@ impl Daemon {
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
         let (events, _) = broadcast::channel(4096);
+        let bus = Arc::new(crate::bus::Bus::open(
+            &state_dir.join("bus.db"),
+            crate::bus::log::Retention::from_env(),
+        )?);
         let stats_interval = std::env::var("AITHER_STATS_INTERVAL_MS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -106,6 +115,7 @@ impl Daemon {
             audit: crate::audit::Sink::start(crate::audit::log_path()),
             counters: metrics::Counters::default(),
             events,
+            bus,
             init,
             state_dir: state_dir.to_path_buf(),
             cgroups: crate::cgroup::manager()?,
@@ -142,6 +152,11 @@ impl Daemon {
         tracing::info!(agent = name.unwrap_or("-"), kind, data = %e.data, "event");
         self.counters.count(kind, &e.data);
         self.store.event(e.clone());
+        // System events on the bus: aither.agent.<name>.<kind>, aither.daemon.<kind>.
+        self.bus.publish_system(
+            &bus::event_subject(name, kind),
+            &serde_json::to_value(&e).unwrap_or_default(),
+        );
         let _ = self.events.send(e);
     }
 

@@ -260,6 +260,32 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Publish on the bus as an operator (docs/bus.md). Requests may be pipelined.
+    BusPub {
+        subject: String,
+        data: serde_json::Value,
+        #[serde(default)]
+        durable: bool,
+    },
+    /// Subscribe as an operator: a stream of `more: true` replies.
+    BusSub {
+        pattern: String,
+        #[serde(default)]
+        durable: Option<String>,
+        #[serde(default)]
+        from_seq: Option<u64>,
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        queue: Option<usize>,
+    },
+    /// The durable log's statistics and the live subscriptions.
+    BusStreams,
+    /// Moves an operator's durable consumer's cursor (agent `operator`) to `seq`.
+    BusAck {
+        durable: String,
+        seq: u64,
+    },
 }
 
 /// An error in a reply.

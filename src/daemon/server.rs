@@ -193,6 +193,10 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 follow_events(&d, since_ms, name, &mut r, &mut w).await;
                 return;
             }
+            req @ (Request::BusPub { .. } | Request::BusSub { .. }) => {
+                super::bus::serve(d.clone(), req, actor.clone(), r, w).await;
+                return;
+            }
             req => {
                 let reply = handle(&d, req, &actor).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
@@ -266,6 +270,17 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             list.sort_by(|a, b| a.name.cmp(&b.name));
             Reply::ok(serde_json::to_value(list).unwrap_or_default())
         }
+        Request::BusStreams => {
+            let d2 = d.clone();
+            tokio::task::spawn_blocking(move || super::bus::streams(&d2))
+                .await
+                .unwrap_or_else(|e| Reply::err("internal", e.to_string()))
+        }
+        Request::BusAck { durable, seq } => super::bus::operator_ack(d, &durable, seq).await,
+        Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
+            "bad_request",
+            "bus_pub and bus_sub take over their connection",
+        ),
         Request::Inspect { name } => match d.info_of(&name) {
             Some(i) => Reply::ok(serde_json::to_value(i).unwrap_or_default()),
             None => not_found(&name),

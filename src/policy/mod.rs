@@ -216,6 +216,18 @@ pub struct Policy {
     /// What the supervisor (aitherd) does on each pain signal.
     #[serde(default)]
     pub pain: PainPolicy,
+    /// Event-bus permissions granted to agents minted from this policy (docs/bus.md).
+    #[serde(default)]
+    pub bus: BusPolicy,
+}
+
+/// `[bus]`: subject patterns (NATS `*`/`>`) an agent may publish to and subscribe to.
+/// `$self` (a whole token) becomes the agent's name when its token is minted. Missing: nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusPolicy {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
 }
 
 /// What the supervisor does when a pain signal arrives (DESIGN.md §7).
@@ -318,6 +330,16 @@ impl Policy {
                 "name",
                 "must be non-empty and use only letters, digits, '-' and '_'".into(),
             );
+        }
+        for (key, list) in [
+            ("publish", &self.bus.publish),
+            ("subscribe", &self.bus.subscribe),
+        ] {
+            for p in list {
+                if let Err(e) = crate::bus::subject::check_policy_pattern("bus", p) {
+                    return fail("bus", key, e.to_string());
+                }
+            }
         }
         for p in &self.filesystem.read_only {
             if !p.starts_with('/')

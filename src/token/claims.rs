@@ -114,7 +114,10 @@ impl Claims {
             rules: policy.clone(),
             workspace_root: None,
             gpu: GpuClaim::default(),
-            bus: BusClaim::default(),
+            bus: BusClaim {
+                publish: expand_bus("bus.publish", &policy.bus.publish, subject)?,
+                subscribe: expand_bus("bus.subscribe", &policy.bus.subscribe, subject)?,
+            },
             memory_tiers: BTreeMap::new(),
             may_spawn: false,
         })
@@ -135,6 +138,27 @@ impl Claims {
     pub fn from_payload(payload: &[u8]) -> Result<Claims, String> {
         serde_json::from_slice(payload).map_err(|e| e.to_string())
     }
+}
+
+/// A policy's bus patterns with `$self` replaced by the agent's name. A name that is not one
+/// subject token (token subjects may contain '.') cannot stand for `$self`: those patterns
+/// grant nothing for it (never a wider or another agent's subject).
+fn expand_bus(field: &'static str, v: &[String], subject: &str) -> Result<Vec<String>, TokenError> {
+    use crate::bus::subject::{expand_self, SELF_TOKEN};
+    let mut out = Vec::new();
+    for p in v {
+        match expand_self(field, p, subject) {
+            Ok(x) => out.push(x),
+            Err(_) if p.split('.').any(|t| t == SELF_TOKEN) => {}
+            Err(e) => {
+                return Err(TokenError::BadRequest {
+                    field,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// "aither@<hostname>".
@@ -250,6 +274,26 @@ fn subset<T: PartialEq + std::fmt::Debug>(
     }
 }
 
+/// Every child bus pattern must be valid and lie inside one of the parent's patterns (every
+/// subject it matches is matched by the parent's pattern).
+fn patterns_within(field: &str, child: &[String], parent: &[String]) -> Result<(), TokenError> {
+    use crate::bus::Pattern;
+    let parents: Vec<Pattern> = parent
+        .iter()
+        .filter_map(|p| Pattern::parse("pattern", p).ok())
+        .collect();
+    for c in child {
+        let cp = Pattern::parse("pattern", c).map_err(|e| widen(field, e.to_string()))?;
+        if !parents.iter().any(|p| p.contains(&cp)) {
+            return Err(widen(
+                field,
+                format!("{c:?} is not inside any of the parent's patterns {parent:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An absolute path without '..' or '.' components and without NUL, as a `Path`.
 pub fn clean_absolute(p: &str) -> Option<&Path> {
     let path = Path::new(p);
@@ -347,8 +391,8 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
     at_most("gpu.vram_mb", *vram_mb, parent.gpu.vram_mb)?;
     at_most("gpu.priority", *priority, parent.gpu.priority)?;
     let BusClaim { publish, subscribe } = bus;
-    subset("bus.publish", publish, &parent.bus.publish)?;
-    subset("bus.subscribe", subscribe, &parent.bus.subscribe)?;
+    patterns_within("bus.publish", publish, &parent.bus.publish)?;
+    patterns_within("bus.subscribe", subscribe, &parent.bus.subscribe)?;
     for (tier, c) in memory_tiers {
         let Some(p) = parent.memory_tiers.get(tier) else {
             return Err(widen(
@@ -388,10 +432,13 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         rlimits,
         process,
         pain,
+        bus,
     } = child;
     same("rules.name", name, &parent.name)?;
     // What the supervisor does on pain is the host's choice, not the holder's.
     same("rules.pain", pain, &parent.pain)?;
+    // The policy's bus template; what the token grants is `bus` (narrowed above).
+    same("rules.bus", bus, &parent.bus)?;
     same("rules.description", description, &parent.description)?;
     same("rules.warning", warning, &parent.warning)?;
     subset("rules.best_effort", best_effort, &parent.best_effort)?;

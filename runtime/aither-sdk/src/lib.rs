@@ -160,7 +160,53 @@ struct Inner {
     stream: UnixStream,
     next: u64,
     broken: bool,
+    /// Server pushes (bus messages) read while waiting for a reply, in order.
+    pushes: std::collections::VecDeque<Value>,
+    /// Bus subscriptions: (the caller's id, options, the daemon's current id, last seq seen).
+    subs: Vec<Sub>,
+    timeout: Option<Duration>,
 }
+
+struct Sub {
+    id: u64,
+    opts: Map<String, Value>,
+    server: u64,
+    last_seq: Option<u64>,
+}
+
+/// A bus message (docs/bus.md).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct Message {
+    /// The subscription (as [`Channel::subscribe`] returned it).
+    pub sub: u64,
+    /// Its sequence number in the durable log; None for a live-only message.
+    pub seq: Option<u64>,
+    pub subject: String,
+    pub data: Value,
+    pub ts_ms: u64,
+    /// The publishing agent, "operator" or "aitherd".
+    #[serde(default)]
+    pub publisher: String,
+    /// Messages of this subscription dropped (queue overflow) just before this one.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Options of [`Channel::subscribe_with`].
+#[derive(Clone, Debug, Default)]
+pub struct SubscribeOptions {
+    /// A durable consumer's name: aitherd keeps its acked cursor and resumes after it.
+    pub durable: Option<String>,
+    /// Replay the log from this sequence number first.
+    pub from_seq: Option<u64>,
+    /// Replay the log from this time (ms since the epoch) first.
+    pub since_ms: Option<u64>,
+    /// Queue capacity in messages (16..=65536).
+    pub queue: Option<usize>,
+}
+
+/// The largest bus payload (`data` as JSON), in bytes.
+pub const MAX_DATA: usize = 32 * 1024;
 
 impl Inner {
     fn next_id(&mut self) -> u64 {
@@ -235,6 +281,9 @@ impl Channel {
                 stream: UnixStream::from(fd),
                 next: 0,
                 broken: false,
+                pushes: Default::default(),
+                subs: Vec::new(),
+                timeout: None,
             }),
         }
     }
@@ -243,7 +292,8 @@ impl Channel {
     /// that times out leaves the channel unusable ([`SdkError::Broken`] afterwards): the
     /// stream may be in the middle of a frame.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), SdkError> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.timeout = timeout;
         inner
             .stream
             .set_read_timeout(timeout)
@@ -291,6 +341,212 @@ impl Channel {
             return Err(SdkError::ReservedField(key.to_owned()));
         }
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = call(&mut inner, op, fields)?;
+        after_reset(&mut inner)?;
+        Ok(r)
+    }
+
+    /// Publishes `data` on `subject` (live only). Refused: `denied` (the token's
+    /// `bus.publish`), `invalid` (a malformed subject), `msg_too_large` (over [`MAX_DATA`]).
+    pub fn publish(&self, subject: &str, data: &Value) -> Result<(), SdkError> {
+        self.publish_inner(subject, data, false).map(drop)
+    }
+
+    /// Publishes to the durable log; returns the message's sequence number once committed.
+    pub fn publish_durable(&self, subject: &str, data: &Value) -> Result<u64, SdkError> {
+        self.publish_inner(subject, data, true)?
+            .ok_or_else(|| SdkError::BadReply("no \"seq\" in a durable publish's reply".into()))
+    }
+
+    fn publish_inner(
+        &self,
+        subject: &str,
+        data: &Value,
+        durable: bool,
+    ) -> Result<Option<u64>, SdkError> {
+        let len = serde_json::to_vec(data).map_err(SdkError::Encode)?.len();
+        if len > MAX_DATA {
+            return Err(SdkError::TooLong { field: "data", len });
+        }
+        let mut f = Map::new();
+        f.insert("subject".into(), subject.into());
+        f.insert("data".into(), data.clone());
+        if durable {
+            f.insert("durable".into(), true.into());
+        }
+        let r = self.request("bus.publish", f)?;
+        Ok(r.pointer("/data/seq").and_then(Value::as_u64))
+    }
+
+    /// Subscribes to a pattern (`*`: one token, `>`: the rest); messages come from
+    /// [`Channel::next_message`]. Returns the subscription's id.
+    pub fn subscribe(&self, pattern: &str) -> Result<u64, SdkError> {
+        self.subscribe_with(pattern, &SubscribeOptions::default())
+    }
+
+    /// Subscribes with replay or as a durable consumer.
+    pub fn subscribe_with(&self, pattern: &str, o: &SubscribeOptions) -> Result<u64, SdkError> {
+        let mut opts = Map::new();
+        opts.insert("pattern".into(), pattern.into());
+        if let Some(d) = &o.durable {
+            opts.insert("durable".into(), d.clone().into());
+        }
+        if let Some(v) = o.from_seq {
+            opts.insert("from_seq".into(), v.into());
+        }
+        if let Some(v) = o.since_ms {
+            opts.insert("since_ms".into(), v.into());
+        }
+        if let Some(v) = o.queue {
+            opts.insert("queue".into(), v.into());
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = call(&mut inner, "bus.subscribe", opts.clone())?;
+        let id = r
+            .pointer("/data/sub")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| SdkError::BadReply("no \"sub\" in a subscribe reply".into()))?;
+        inner.subs.push(Sub {
+            id,
+            opts,
+            server: id,
+            last_seq: None,
+        });
+        after_reset(&mut inner)?;
+        Ok(id)
+    }
+
+    /// Acks everything up to `seq` for the durable consumer `durable`.
+    pub fn ack(&self, durable: &str, seq: u64) -> Result<(), SdkError> {
+        let mut f = Map::new();
+        f.insert("durable".into(), durable.into());
+        f.insert("seq".into(), seq.into());
+        self.request("bus.ack", f).map(drop)
+    }
+
+    /// The next bus message, or None after `timeout` (None: wait for ever).
+    pub fn next_message(&self, timeout: Option<Duration>) -> Result<Option<Message>, SdkError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            while let Some(p) = inner.pushes.pop_front() {
+                if let Some(m) = take(&mut inner, p)? {
+                    return Ok(Some(m));
+                }
+            }
+            if inner.broken {
+                return Err(SdkError::Broken);
+            }
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return Ok(None),
+                },
+            };
+            // Wait for the first byte of a frame with the timeout; the rest is read under the
+            // channel's own timeout, so a timeout never splits a frame.
+            inner
+                .stream
+                .set_read_timeout(left)
+                .map_err(FrameError::Io)?;
+            let mut header = [0u8; 4];
+            let first = io::Read::read(&mut inner.stream, &mut header[..1]);
+            let t = inner.timeout;
+            inner.stream.set_read_timeout(t).map_err(FrameError::Io)?;
+            match first {
+                Ok(0) => return Err(inner.fail(SdkError::Closed)),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(inner.fail(FrameError::Io(e))),
+            }
+            let rest = (|| -> Result<Vec<u8>, FrameError> {
+                io::Read::read_exact(&mut inner.stream, &mut header[1..])?;
+                let n = frame::parse_header(header)?;
+                let mut body = vec![0u8; n];
+                io::Read::read_exact(&mut inner.stream, &mut body)?;
+                Ok(body)
+            })();
+            let raw = match rest {
+                Ok(b) => b,
+                Err(e) => return Err(inner.fail(e)),
+            };
+            let v: Value = serde_json::from_slice(&raw)
+                .map_err(|e| SdkError::BadReply(format!("invalid JSON: {e}")))?;
+            if v.get("push").is_some() {
+                inner.pushes.push_back(v);
+            }
+        }
+    }
+}
+
+/// A queued push as the caller's message; resubscribes after a `bus.reset`.
+fn take(inner: &mut Inner, p: Value) -> Result<Option<Message>, SdkError> {
+    match p.get("push").and_then(Value::as_str) {
+        Some("bus.reset") => {
+            resubscribe(inner)?;
+            Ok(None)
+        }
+        Some("bus.msg") => {
+            let Ok(mut m) = serde_json::from_value::<Message>(p) else {
+                return Ok(None);
+            };
+            let Some(s) = inner.subs.iter_mut().find(|s| s.server == m.sub) else {
+                return Ok(None);
+            };
+            m.sub = s.id;
+            if m.seq.is_some() {
+                s.last_seq = m.seq;
+            }
+            Ok(Some(m))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn after_reset(inner: &mut Inner) -> Result<(), SdkError> {
+    let before = inner.pushes.len();
+    inner
+        .pushes
+        .retain(|p| p.get("push").and_then(Value::as_str) != Some("bus.reset"));
+    if inner.pushes.len() != before {
+        resubscribe(inner)?;
+    }
+    Ok(())
+}
+
+/// aitherd restarted and forgot the subscriptions: durable consumers resume after their last
+/// ack, replays after the last message seen.
+fn resubscribe(inner: &mut Inner) -> Result<(), SdkError> {
+    let subs = std::mem::take(&mut inner.subs);
+    for mut s in subs {
+        let mut opts = s.opts.clone();
+        if opts.contains_key("durable") {
+            opts.remove("from_seq");
+            opts.remove("since_ms");
+        } else if let Some(l) = s.last_seq {
+            if opts.remove("since_ms").is_some() | opts.remove("from_seq").is_some() {
+                opts.insert("from_seq".into(), (l + 1).into());
+            }
+        }
+        let r = call(inner, "bus.subscribe", opts)?;
+        s.server = r.pointer("/data/sub").and_then(Value::as_u64).unwrap_or(0);
+        inner.subs.push(s);
+    }
+    Ok(())
+}
+
+/// One request and its reply, the lock held; pushes read meanwhile are queued.
+fn call(inner: &mut Inner, op: &str, fields: Map<String, Value>) -> Result<Value, SdkError> {
+    {
         if inner.broken {
             return Err(SdkError::Broken);
         }
@@ -315,6 +571,10 @@ impl Channel {
                 .map_err(|e| SdkError::BadReply(format!("invalid JSON: {e}")))?;
             match reply.get("id") {
                 Some(v) if v.as_u64() == Some(id) => return interpret(reply),
+                None | Some(Value::Null) if reply.get("push").is_some() => {
+                    inner.pushes.push_back(reply);
+                    continue;
+                }
                 // An id-less reply that ends the channel ends it for every user.
                 None | Some(Value::Null) => match interpret(reply) {
                     Err(e) if e.remote_code().is_some_and(|c| FATAL_CODES.contains(&c)) => {
@@ -434,6 +694,9 @@ mod tests {
             stream: a,
             next: u64::MAX - 1,
             broken: false,
+            pushes: Default::default(),
+            subs: Vec::new(),
+            timeout: None,
         };
         for _ in 0..4 {
             let id = inner.next_id();

@@ -317,3 +317,65 @@ fn heartbeat_thread_reports_what_stopped_it() {
     drop(channel);
     assert_eq!(daemon.join().unwrap().len(), 1);
 }
+
+#[test]
+fn bus_pushes_are_queued_apart_from_replies_and_resets_resubscribe() {
+    let (channel, daemon_end) = pair();
+    let mut subs = 0u64;
+    let daemon = common::spawn(daemon_end, move |req, s| {
+        match req["op"].as_str().unwrap() {
+            "bus.subscribe" => {
+                subs += 1;
+                // A push may come before the reply of the request in flight.
+                if subs == 1 {
+                    common::send(
+                        s,
+                        &json!({"push": "bus.msg", "sub": 1, "seq": 7, "subject": "a.b", "data": {"n": 1}, "ts_ms": 5}),
+                    );
+                }
+                common::send(
+                    s,
+                    &json!({"id": req["id"], "ok": true, "data": {"sub": subs}}),
+                );
+            }
+            "heartbeat" => {
+                // The daemon restarted: the SDK subscribes again (as sub 2 now).
+                common::send(s, &json!({"push": "bus.reset"}));
+                common::send(s, &common::ok(req));
+            }
+            "status" => {
+                common::send(
+                    s,
+                    &json!({"push": "bus.msg", "sub": 2, "seq": 8, "subject": "a.c", "data": null, "ts_ms": 6, "dropped": 3}),
+                );
+                common::send(s, &common::ok(req));
+            }
+            _ => common::send(s, &common::ok(req)),
+        }
+    });
+    let id = channel.subscribe("a.>").unwrap();
+    let m = channel
+        .next_message(Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.sub, m.seq, m.subject.as_str()), (id, Some(7), "a.b"));
+    assert_eq!(m.data, json!({"n": 1}));
+    assert!(channel
+        .next_message(Some(Duration::from_millis(50)))
+        .unwrap()
+        .is_none());
+    channel.heartbeat().unwrap();
+    channel.status("x").unwrap();
+    let m = channel
+        .next_message(Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    // Reported under the id the caller knows, with the overflow count.
+    assert_eq!((m.sub, m.seq, m.dropped), (id, Some(8), 3));
+    drop(channel);
+    let reqs = daemon.join().unwrap();
+    assert_eq!(
+        reqs.iter().filter(|r| r["op"] == "bus.subscribe").count(),
+        2
+    );
+}

@@ -2,6 +2,7 @@
 //! codes here; every mechanism lives in the `aither` library.
 
 mod audit_cmd;
+mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
 mod policy_cmd;
@@ -52,6 +53,8 @@ enum Command {
     Events(daemon_cmd::EventsArgs),
     Audit(audit_cmd::AuditArgs),
     #[command(subcommand)]
+    Bus(bus_cmd::BusCmd),
+    #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
+        Command::Bus(b) => bus_cmd::run(b),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
         Command::Doctor(a) => doctor_cmd::run(a),

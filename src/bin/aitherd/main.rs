@@ -153,6 +153,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         serde_json::json!({"pid": std::process::id()}),
     );
     let _ = d.store.flush().await;
+    let bus = d.bus.clone();
+    let _ = tokio::task::spawn_blocking(move || bus.log.close()).await;
     let _ = std::fs::remove_file(&socket);
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

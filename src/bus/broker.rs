@@ -1,0 +1,769 @@
+//! Live delivery. Every connection that subscribes (an agent's channel, an operator's control
+//! connection) owns an [`Outbox`]: one bounded queue per subscription, drained by the
+//! connection's writer. Publishing assigns the sequence number (durable messages), queues the
+//! message for the log and offers it to every matching subscription, all under one lock, so
+//! that every subscriber sees one order.
+//!
+//! Overflow: a live subscription's queue drops its oldest message and counts it (the next
+//! delivery carries `dropped`); a replaying or durable subscription never drops: when its
+//! queue is full it stops taking live messages and a pump task reads them back from the log
+//! as the queue drains (flow control), then switches to live again once caught up.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+
+use super::log::{Log, Retention, Stats};
+use super::subject::{check_subject, Pattern};
+use super::{check_data, now_ms, BusError, Msg, Principal, DEFAULT_QUEUE};
+
+/// Messages read from the log per step of a replay.
+const REPLAY_BATCH: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a subscribe asks for.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubOptions {
+    pub pattern: String,
+    /// A durable consumer's name: its acked cursor is kept in the log (per agent and name),
+    /// and a subscribe without `from_seq`/`since_ms` resumes after it.
+    #[serde(default)]
+    pub durable: Option<String>,
+    /// Replay the log from this sequence number, then go on live.
+    #[serde(default)]
+    pub from_seq: Option<u64>,
+    /// Replay the log from this time (ms since the epoch), then go on live.
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+    /// Queue capacity in messages (16..=65536; default 1024).
+    #[serde(default)]
+    pub queue: Option<usize>,
+}
+
+/// One message handed to a connection's writer.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub sub: u64,
+    pub msg: Arc<Msg>,
+    /// Messages of this subscription dropped (queue overflow) since the previous delivery.
+    pub dropped: u64,
+}
+
+impl Delivery {
+    /// The message as a JSON object: `{"sub","seq","subject","ts_ms","publisher","dropped","data"}`
+    /// (`data` is copied as it was published, without re-encoding).
+    pub fn to_json(&self) -> String {
+        let m = &self.msg;
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        let seq = m.seq.map_or("null".to_string(), |s| s.to_string());
+        format!(
+            "{{\"sub\":{},\"seq\":{},\"subject\":{},\"ts_ms\":{},\"publisher\":{},\"dropped\":{},\"data\":{}}}",
+            self.sub,
+            seq,
+            q(&m.subject),
+            m.ts_ms,
+            q(&m.publisher),
+            self.dropped,
+            m.data
+        )
+    }
+
+    /// The push frame's body on an agent channel: `{"push":"bus.msg", ...to_json()}`.
+    pub fn push_json(&self) -> String {
+        let j = self.to_json();
+        format!("{{\"push\":\"bus.msg\",{}", &j[1..])
+    }
+}
+
+struct Replay {
+    durable: Option<String>,
+    next_seq: u64,
+    catching_up: bool,
+    wake: Arc<Notify>,
+}
+
+struct SubQ {
+    pattern: Pattern,
+    queue: VecDeque<Arc<Msg>>,
+    cap: usize,
+    dropped_pending: u64,
+    dropped: u64,
+    delivered: u64,
+    replay: Option<Replay>,
+}
+
+struct OutState {
+    subs: BTreeMap<u64, SubQ>,
+    next_sub: u64,
+    closed: bool,
+}
+
+/// A connection's subscriptions and their queues.
+pub struct Outbox {
+    id: u64,
+    principal: Arc<Principal>,
+    state: Mutex<OutState>,
+    notify: Notify,
+}
+
+/// A subscription's state, for `bus streams`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubStat {
+    pub owner: String,
+    pub sub: u64,
+    pub pattern: String,
+    pub durable: Option<String>,
+    pub queued: usize,
+    pub capacity: usize,
+    pub delivered: u64,
+    pub dropped: u64,
+    /// Replaying from the log (flow control) rather than live.
+    pub catching_up: bool,
+    pub next_seq: Option<u64>,
+}
+
+impl Outbox {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Waits until there may be something to drain.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+
+    /// Takes up to `max` queued deliveries, oldest first per subscription.
+    pub fn drain(&self, max: usize) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let mut more = false;
+        let mut st = lock(&self.state);
+        for (id, q) in st.subs.iter_mut() {
+            while out.len() < max {
+                let Some(m) = q.queue.pop_front() else { break };
+                out.push(Delivery {
+                    sub: *id,
+                    msg: m,
+                    dropped: std::mem::take(&mut q.dropped_pending),
+                });
+                q.delivered += 1;
+            }
+            more |= !q.queue.is_empty();
+            if let Some(r) = &q.replay {
+                if r.catching_up && q.queue.len() <= q.cap / 2 {
+                    r.wake.notify_one();
+                }
+            }
+        }
+        drop(st);
+        if more {
+            self.notify.notify_one();
+        }
+        out
+    }
+
+    fn offer(&self, sub: u64, msg: &Arc<Msg>) {
+        let mut st = lock(&self.state);
+        let Some(q) = st.subs.get_mut(&sub) else {
+            return;
+        };
+        match &mut q.replay {
+            Some(r) => {
+                let Some(seq) = msg.seq else { return };
+                if r.catching_up || seq < r.next_seq {
+                    return;
+                }
+                if q.queue.len() >= q.cap {
+                    // Flow control: stop taking live messages; the pump reads this one and
+                    // the rest back from the log as the subscriber drains its queue.
+                    r.catching_up = true;
+                    return;
+                }
+                r.next_seq = seq + 1;
+                q.queue.push_back(msg.clone());
+            }
+            None => {
+                if q.queue.len() >= q.cap {
+                    q.queue.pop_front();
+                    q.dropped_pending += 1;
+                    q.dropped += 1;
+                }
+                q.queue.push_back(msg.clone());
+            }
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    fn stats(&self, out: &mut Vec<SubStat>) {
+        let st = lock(&self.state);
+        for (id, q) in &st.subs {
+            out.push(SubStat {
+                owner: self.principal.name().to_string(),
+                sub: *id,
+                pattern: q.pattern.as_str().to_string(),
+                durable: q.replay.as_ref().and_then(|r| r.durable.clone()),
+                queued: q.queue.len(),
+                capacity: q.cap,
+                delivered: q.delivered,
+                dropped: q.dropped,
+                catching_up: q.replay.as_ref().is_some_and(|r| r.catching_up),
+                next_seq: q.replay.as_ref().map(|r| r.next_seq),
+            });
+        }
+    }
+}
+
+struct SubRef {
+    outbox: Arc<Outbox>,
+    id: u64,
+    pattern: Pattern,
+}
+
+struct Inner {
+    subs: Vec<SubRef>,
+    last_seq: u64,
+}
+
+/// What a publish returns.
+pub struct Published {
+    pub seq: Option<u64>,
+    /// For a durable publish: hears when the message is committed to the log.
+    pub committed: Option<oneshot::Receiver<Result<u64, String>>>,
+}
+
+/// What a subscribe returns.
+#[derive(Clone, Debug, Serialize)]
+pub struct Subscribed {
+    pub sub: u64,
+    /// Where a replay starts (replaying and durable subscriptions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_seq: Option<u64>,
+}
+
+/// The broker and its log.
+pub struct Bus {
+    inner: Mutex<Inner>,
+    pub log: Log,
+    next_outbox: AtomicU64,
+}
+
+impl Bus {
+    /// Opens the log at `path` and starts an empty broker.
+    pub fn open(path: &std::path::Path, retention: Retention) -> Result<Bus, BusError> {
+        let log = Log::open(path, retention)?;
+        Ok(Bus {
+            inner: Mutex::new(Inner {
+                subs: Vec::new(),
+                last_seq: log.last_seq_at_open(),
+            }),
+            log,
+            next_outbox: AtomicU64::new(1),
+        })
+    }
+
+    /// A new connection's outbox.
+    pub fn outbox(&self, principal: Principal) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            id: self.next_outbox.fetch_add(1, Ordering::Relaxed),
+            principal: Arc::new(principal),
+            state: Mutex::new(OutState {
+                subs: BTreeMap::new(),
+                next_sub: 1,
+                closed: false,
+            }),
+            notify: Notify::new(),
+        })
+    }
+
+    /// Publishes `data` (JSON text) on `subject` as `who`, after the checks: a valid subject,
+    /// the size limit, the publisher's ACL.
+    pub fn publish(
+        &self,
+        who: &Principal,
+        subject: &str,
+        data: String,
+        durable: bool,
+    ) -> Result<Published, BusError> {
+        check_subject("subject", subject)?;
+        check_data(&data)?;
+        who.check_publish(subject)?;
+        Ok(self.deliver(who.name(), subject, data, durable, true))
+    }
+
+    /// A system event from the daemon (durable; subject built by the daemon).
+    pub fn publish_system(&self, subject: &str, data: &serde_json::Value) {
+        if check_subject("subject", subject).is_err() {
+            return;
+        }
+        let text = data.to_string();
+        if check_data(&text).is_err() {
+            return;
+        }
+        self.deliver("aitherd", subject, text, true, false);
+    }
+
+    fn deliver(
+        &self,
+        publisher: &str,
+        subject: &str,
+        data: String,
+        durable: bool,
+        want_commit: bool,
+    ) -> Published {
+        let mut inner = lock(&self.inner);
+        let seq = if durable {
+            inner.last_seq += 1;
+            Some(inner.last_seq)
+        } else {
+            None
+        };
+        let msg = Arc::new(Msg {
+            seq,
+            subject: subject.to_string(),
+            data,
+            ts_ms: now_ms(),
+            publisher: publisher.to_string(),
+        });
+        let mut committed = None;
+        if durable {
+            let (tx, rx) = oneshot::channel();
+            let done = if want_commit {
+                committed = Some(rx);
+                Some(tx)
+            } else {
+                None
+            };
+            if let Err(e) = self.log.append(msg.clone(), done) {
+                tracing::warn!(error = %e, "bus: durable message not logged");
+            }
+        }
+        for s in &inner.subs {
+            // The ACL is checked again at delivery: a subscription never carries a message its
+            // owner may not read.
+            if s.pattern.matches(subject) && s.outbox.principal.may_read(subject) {
+                s.outbox.offer(s.id, &msg);
+            }
+        }
+        Published { seq, committed }
+    }
+
+    /// Subscribes `outbox` to a pattern (ACL-checked). Replaying and durable subscriptions get
+    /// a pump task that reads the log; call from within the tokio runtime.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        opts: &SubOptions,
+    ) -> Result<Subscribed, BusError> {
+        let pattern = Pattern::parse("pattern", &opts.pattern)?;
+        outbox.principal.check_subscribe(&pattern)?;
+        if let Some(n) = &opts.durable {
+            check_consumer(n)?;
+        }
+        if opts.from_seq.is_some() && opts.since_ms.is_some() {
+            return Err(BusError::Invalid {
+                field: "from_seq",
+                reason: "give from_seq or since_ms, not both".into(),
+            });
+        }
+        let cap = match opts.queue {
+            None => DEFAULT_QUEUE,
+            Some(n) if (16..=65536).contains(&n) => n,
+            Some(n) => {
+                return Err(BusError::Invalid {
+                    field: "queue",
+                    reason: format!("{n}: must be between 16 and 65536"),
+                })
+            }
+        };
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| BusError::LogGone)?;
+        // Where a replay starts, read before the lock (SQLite).
+        let mut start = match (opts.from_seq, opts.since_ms, &opts.durable) {
+            (Some(s), _, _) => Some(s.max(1)),
+            (None, Some(t), _) => Some(self.log.seq_at(t)?),
+            (None, None, Some(n)) => self
+                .log
+                .cursor(outbox.principal.name(), n)?
+                .map(|a| a + 1)
+                .or(Some(0)),
+            (None, None, None) => None,
+        };
+        let mut inner = lock(&self.inner);
+        if start == Some(0) {
+            // A new durable consumer starts with the next message.
+            start = Some(inner.last_seq + 1);
+        }
+        let mut st = lock(&outbox.state);
+        if st.closed {
+            return Err(BusError::LogGone);
+        }
+        let id = st.next_sub;
+        st.next_sub += 1;
+        let wake = Arc::new(Notify::new());
+        st.subs.insert(
+            id,
+            SubQ {
+                pattern: pattern.clone(),
+                queue: VecDeque::new(),
+                cap,
+                dropped_pending: 0,
+                dropped: 0,
+                delivered: 0,
+                replay: start.map(|s| Replay {
+                    durable: opts.durable.clone(),
+                    next_seq: s,
+                    catching_up: true,
+                    wake: wake.clone(),
+                }),
+            },
+        );
+        drop(st);
+        inner.subs.push(SubRef {
+            outbox: outbox.clone(),
+            id,
+            pattern,
+        });
+        drop(inner);
+        if start.is_some() {
+            rt.spawn(pump(self.clone(), outbox.clone(), id, wake));
+        }
+        Ok(Subscribed {
+            sub: id,
+            start_seq: start,
+        })
+    }
+
+    /// Ends one subscription.
+    pub fn unsubscribe(&self, outbox: &Outbox, sub: u64) -> Result<(), BusError> {
+        let mut inner = lock(&self.inner);
+        let removed = lock(&outbox.state).subs.remove(&sub);
+        let Some(q) = removed else {
+            return Err(BusError::NoSuchSub(sub));
+        };
+        inner
+            .subs
+            .retain(|s| !(s.outbox.id == outbox.id && s.id == sub));
+        if let Some(r) = q.replay {
+            r.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Ends every subscription of a connection (it closed, or the agent's run ended).
+    pub fn close(&self, outbox: &Outbox) {
+        let mut inner = lock(&self.inner);
+        inner.subs.retain(|s| s.outbox.id != outbox.id);
+        let mut st = lock(&outbox.state);
+        st.closed = true;
+        for q in std::mem::take(&mut st.subs).into_values() {
+            if let Some(r) = q.replay {
+                r.wake.notify_one();
+            }
+        }
+    }
+
+    /// Acks `seq` for a durable consumer, named directly or by one of the connection's
+    /// subscriptions. Cursors only move forward. Returns the consumer's name and a receiver
+    /// that hears when the ack is committed.
+    pub fn ack(
+        &self,
+        outbox: &Outbox,
+        sub: Option<u64>,
+        durable: Option<&str>,
+        seq: u64,
+    ) -> Result<(String, oneshot::Receiver<Result<u64, String>>), BusError> {
+        let name = match (sub, durable) {
+            (_, Some(n)) => {
+                check_consumer(n)?;
+                n.to_string()
+            }
+            (Some(id), None) => {
+                let st = lock(&outbox.state);
+                let q = st.subs.get(&id).ok_or(BusError::NoSuchSub(id))?;
+                q.replay
+                    .as_ref()
+                    .and_then(|r| r.durable.clone())
+                    .ok_or_else(|| BusError::Invalid {
+                        field: "sub",
+                        reason: format!("subscription {id} is not a durable consumer"),
+                    })?
+            }
+            (None, None) => {
+                return Err(BusError::Invalid {
+                    field: "durable",
+                    reason: "name the consumer (`durable`) or its subscription (`sub`)".into(),
+                })
+            }
+        };
+        let last = lock(&self.inner).last_seq;
+        if seq == 0 || seq > last {
+            return Err(BusError::Invalid {
+                field: "seq",
+                reason: format!("{seq}: not a sequence number of the log (1..={last})"),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.log
+            .ack(outbox.principal.name(), &name, seq, Some(tx))?;
+        Ok((name, rx))
+    }
+
+    /// The log's statistics and every live subscription.
+    pub fn stats(&self) -> Result<(Stats, Vec<SubStat>), BusError> {
+        let stats = self.log.stats()?;
+        let outboxes: Vec<Arc<Outbox>> = {
+            let inner = lock(&self.inner);
+            let mut v: Vec<Arc<Outbox>> = Vec::new();
+            for s in &inner.subs {
+                if !v.iter().any(|o| o.id == s.outbox.id) {
+                    v.push(s.outbox.clone());
+                }
+            }
+            v
+        };
+        let mut subs = Vec::new();
+        for o in outboxes {
+            o.stats(&mut subs);
+        }
+        Ok((stats, subs))
+    }
+
+    /// The last sequence number assigned.
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.inner).last_seq
+    }
+}
+
+/// Durable consumer names: 1-64 letters, digits, '-', '_'.
+fn check_consumer(n: &str) -> Result<(), BusError> {
+    if !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(())
+    } else {
+        Err(BusError::Invalid {
+            field: "durable",
+            reason: format!("{n:?}: use 1-64 letters, digits, '-' or '_'"),
+        })
+    }
+}
+
+/// Feeds a replaying subscription from the log while it is behind, with at most about its
+/// queue's capacity in memory; switches it to live once it has read every assigned sequence.
+async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let st = lock(&outbox.state);
+            if st.closed {
+                return;
+            }
+            let Some(q) = st.subs.get(&sub) else { return };
+            let Some(r) = &q.replay else { return };
+            let room = q.cap.saturating_sub(q.queue.len());
+            if !r.catching_up || q.queue.len() > q.cap / 2 {
+                None
+            } else {
+                Some((r.next_seq, room.clamp(1, REPLAY_BATCH)))
+            }
+        };
+        let Some((from, n)) = next else {
+            wake.notified().await;
+            continue;
+        };
+        let b = bus.clone();
+        let rows = match tokio::task::spawn_blocking(move || b.log.read_from(from, n)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "bus: replay read failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let full = rows.len() == n;
+        let still_behind = {
+            let inner = lock(&bus.inner);
+            let mut st = lock(&outbox.state);
+            let Some(q) = st.subs.get_mut(&sub) else {
+                return;
+            };
+            let pattern = q.pattern.clone();
+            let Some(r) = q.replay.as_mut() else { return };
+            if r.next_seq != from {
+                continue;
+            }
+            for m in rows {
+                let seq = m.seq.unwrap_or(0);
+                r.next_seq = seq + 1;
+                if pattern.matches(&m.subject) && outbox.principal.may_read(&m.subject) {
+                    q.queue.push_back(Arc::new(m));
+                }
+            }
+            if !full && r.next_seq > inner.last_seq {
+                r.catching_up = false;
+            }
+            r.catching_up
+        };
+        outbox.notify.notify_one();
+        if still_behind && !full {
+            // Assigned but not yet committed: the writer commits within a few ms.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::BusClaim;
+
+    fn bus() -> (tempfile::TempDir, Arc<Bus>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ret = Retention {
+            max_bytes: 1 << 30,
+            max_age_ms: 1 << 40,
+            every: Duration::from_secs(60),
+        };
+        let b = Arc::new(Bus::open(&dir.path().join("bus.db"), ret).unwrap());
+        (dir, b)
+    }
+
+    fn agent(name: &str, publish: &[&str], subscribe: &[&str]) -> Principal {
+        Principal::agent(
+            name,
+            &BusClaim {
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+    }
+
+    fn sub(pattern: &str) -> SubOptions {
+        SubOptions {
+            pattern: pattern.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn acl_on_publish_subscribe_and_delivery() {
+        let (_d, b) = bus();
+        let a = agent("a", &["agent.a.>"], &["agent.*.out", "agent.a.>"]);
+        let oa = b.outbox(a.clone());
+        assert!(b.publish(&a, "agent.b.out", "1".into(), false).is_err());
+        assert!(b
+            .publish(&a, "aither.agent.a.x", "1".into(), false)
+            .is_err());
+        assert_eq!(
+            b.publish(&a, "agent.a.out", "1".into(), false)
+                .err()
+                .map(|e| e.code()),
+            None
+        );
+        let e = b.subscribe(&oa, &sub(">")).unwrap_err();
+        assert_eq!(e.code(), "denied");
+        let e = b.subscribe(&oa, &sub("agent.b.>")).unwrap_err();
+        assert_eq!(e.code(), "denied");
+        b.subscribe(&oa, &sub("agent.*.out")).unwrap();
+        let op = Principal::Operator;
+        b.publish(&op, "agent.b.out", "2".into(), false).unwrap();
+        b.publish(&op, "agent.b.secret", "3".into(), false).unwrap();
+        let got = oa.drain(10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].msg.data, "2");
+        assert!(matches!(
+            b.publish(&op, "a", "x".repeat(40_000), false),
+            Err(BusError::TooLarge { .. })
+        ));
+        assert_eq!(
+            b.publish(&op, "a..b", "1".into(), false)
+                .err()
+                .unwrap()
+                .code(),
+            "invalid"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_queue_drops_oldest_and_counts() {
+        let (_d, b) = bus();
+        let o = b.outbox(Principal::Operator);
+        let s = b
+            .subscribe(
+                &o,
+                &SubOptions {
+                    queue: Some(16),
+                    ..sub("x")
+                },
+            )
+            .unwrap();
+        for i in 0..100 {
+            b.publish(&Principal::Operator, "x", i.to_string(), false)
+                .unwrap();
+        }
+        let got = o.drain(1000);
+        assert_eq!(got.len(), 16);
+        assert_eq!(got[0].msg.data, "84");
+        assert_eq!(got[0].dropped, 84);
+        assert_eq!(got[0].sub, s.sub);
+        assert_eq!(got[1].dropped, 0);
+    }
+
+    #[tokio::test]
+    async fn durable_consumers_never_drop_and_resume_after_their_ack() {
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let o = b.outbox(op.clone());
+        let opts = SubOptions {
+            durable: Some("c".into()),
+            queue: Some(16),
+            ..sub("d.>")
+        };
+        b.subscribe(&o, &opts).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for i in 1..=500u64 {
+            b.publish(&op, "d.x", i.to_string(), true).unwrap();
+            b.publish(&op, "other", "0".into(), true).unwrap();
+        }
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < 500 && tokio::time::Instant::now() < deadline {
+            let d = o.drain(7);
+            if d.is_empty() {
+                tokio::time::timeout(Duration::from_millis(50), o.ready())
+                    .await
+                    .ok();
+            }
+            got.extend(d);
+        }
+        let data: Vec<u64> = got.iter().map(|d| d.msg.data.parse().unwrap()).collect();
+        assert_eq!(data, (1..=500).collect::<Vec<_>>());
+        let seq250 = got[249].msg.seq.unwrap();
+        b.ack(&o, Some(1), None, seq250).unwrap();
+        b.close(&o);
+        b.log.flush();
+        // A new connection resumes after the ack.
+        let o2 = b.outbox(op.clone());
+        let s = b.subscribe(&o2, &opts).unwrap();
+        assert_eq!(s.start_seq, Some(seq250 + 1));
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < 250 && tokio::time::Instant::now() < deadline {
+            tokio::time::timeout(Duration::from_millis(50), o2.ready())
+                .await
+                .ok();
+            got.extend(o2.drain(100));
+        }
+        assert_eq!(got.len(), 250);
+        assert_eq!(got[0].msg.data, "251");
+    }
+}

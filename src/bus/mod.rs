@@ -1,0 +1,180 @@
+//! AitherFlux: the capability-gated event bus (DESIGN.md §9, docs/bus.md).
+//!
+//! - `subject`: subjects and NATS-style patterns (`*`, `>`), matching and containment;
+//! - `log`: the durable log in `$STATE_DIR/bus.db` (SQLite, one writer thread, batched
+//!   commits): sequence numbers, replay by sequence or time, acked cursors, retention;
+//! - `broker`: live subscriptions with bounded per-subscriber queues (drop-oldest for live
+//!   subscribers, flow control through the log for replaying/durable ones).
+//!
+//! The ACL is the token's `bus` claim: a publish needs a `publish` pattern matching the
+//! subject; a subscribe needs the requested pattern to lie inside one `subscribe` pattern, and
+//! every delivery re-checks the subject against the subscriber's `subscribe` patterns.
+
+pub mod broker;
+pub mod log;
+pub mod subject;
+
+pub use broker::{Bus, Delivery, Outbox, SubOptions};
+pub use subject::{check_subject, Pattern};
+
+/// Largest message payload (`data`, as JSON text), in bytes.
+pub const MAX_DATA: usize = 32 * 1024;
+/// Default capacity of one subscriber's queue, in messages.
+pub const DEFAULT_QUEUE: usize = 1024;
+/// Subjects under this prefix are the daemon's own (system events); agents cannot publish them.
+pub const SYSTEM_PREFIX: &str = "aither.";
+
+/// Errors of the bus; `code()` is the wire error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("field `data`: message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("{0}")]
+    Denied(String),
+    #[error("no subscription {0} on this channel")]
+    NoSuchSub(u64),
+    #[error("bus log {path}: {source}")]
+    Db {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the bus log is not running")]
+    LogGone,
+}
+
+impl BusError {
+    /// The error code of a reply.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BusError::Invalid { .. } => "invalid",
+            BusError::TooLarge { .. } => "msg_too_large",
+            BusError::Denied(_) => "denied",
+            BusError::NoSuchSub(_) => "not_found",
+            BusError::Db { .. } | BusError::LogGone => "internal",
+        }
+    }
+}
+
+/// One message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Msg {
+    /// Sequence number in the durable log; None for a live-only message.
+    pub seq: Option<u64>,
+    pub subject: String,
+    /// The payload as JSON text.
+    pub data: String,
+    pub ts_ms: u64,
+    /// Who published it: an agent's name, "operator" or "aitherd".
+    pub publisher: String,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Who is asking: an agent with its token's bus claim, or an operator (anything allowed).
+#[derive(Clone, Debug)]
+pub enum Principal {
+    Operator,
+    Agent {
+        name: String,
+        publish: Vec<Pattern>,
+        subscribe: Vec<Pattern>,
+    },
+}
+
+impl Principal {
+    /// An agent's principal from its claim; patterns that do not parse grant nothing.
+    pub fn agent(name: &str, claim: &crate::token::BusClaim) -> Principal {
+        let parse = |v: &[String], f| v.iter().filter_map(|s| Pattern::parse(f, s).ok()).collect();
+        Principal::Agent {
+            name: name.to_string(),
+            publish: parse(&claim.publish, "bus.publish"),
+            subscribe: parse(&claim.subscribe, "bus.subscribe"),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::Operator => "operator",
+            Principal::Agent { name, .. } => name,
+        }
+    }
+
+    /// May this principal publish on `subject` (valid)?
+    pub fn check_publish(&self, subject: &str) -> Result<(), BusError> {
+        match self {
+            Principal::Operator => Ok(()),
+            Principal::Agent { name, publish, .. } => {
+                if subject.starts_with(SYSTEM_PREFIX) {
+                    return Err(BusError::Denied(format!(
+                        "subjects under \"aither.>\" are the daemon's system events; agent {name:?} cannot publish {subject:?}"
+                    )));
+                }
+                if publish.iter().any(|p| p.matches(subject)) {
+                    Ok(())
+                } else {
+                    Err(BusError::Denied(format!(
+                        "the token of {name:?} does not grant publish on {subject:?} (bus.publish: {})",
+                        list(publish)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// May this principal subscribe to `pattern`?
+    pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BusError> {
+        match self {
+            Principal::Operator => Ok(()),
+            Principal::Agent {
+                name, subscribe, ..
+            } => {
+                if subscribe.iter().any(|p| p.contains(pattern)) {
+                    Ok(())
+                } else {
+                    Err(BusError::Denied(format!(
+                        "the token of {name:?} does not grant subscribe on {:?} (bus.subscribe: {}; the pattern must lie inside one of them)",
+                        pattern.as_str(),
+                        list(subscribe)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// May this principal read a message on `subject`? (Checked at every delivery.)
+    pub fn may_read(&self, subject: &str) -> bool {
+        match self {
+            Principal::Operator => true,
+            Principal::Agent { subscribe, .. } => subscribe.iter().any(|p| p.matches(subject)),
+        }
+    }
+}
+
+fn list(v: &[Pattern]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Checks a payload's size.
+pub fn check_data(data: &str) -> Result<(), BusError> {
+    if data.len() > MAX_DATA {
+        Err(BusError::TooLarge {
+            size: data.len(),
+            limit: MAX_DATA,
+        })
+    } else {
+        Ok(())
+    }
+}

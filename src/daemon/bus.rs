@@ -1,0 +1,444 @@
+//! The daemon's side of AitherFlux (docs/bus.md): agents' `bus.*` ops on their channel, with
+//! server-pushed messages; the control socket's `bus_pub`, `bus_sub` and `bus_streams`; the
+//! writer tasks that put replies and pushes on a connection in order.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::proto::{self, aio, Reply, Request};
+use super::Daemon;
+use crate::audit::{Decision, Entry};
+use crate::bus::{BusError, Outbox, SubOptions};
+
+/// Deliveries taken from an outbox per write.
+const DRAIN: usize = 256;
+
+/// What the writer of a connection puts on it, in order.
+pub enum Slot {
+    /// A reply, ready.
+    Now(Reply),
+    /// A reply that comes later (a durable publish, after its commit), with the request's id.
+    Later(Option<Value>, oneshot::Receiver<Reply>),
+    /// A last reply; then the channel is shut.
+    Close(Reply),
+    /// A frame body written as is (a push).
+    Raw(String),
+}
+
+/// A channel op's reply, now or after the log commits.
+pub enum Outcome {
+    Now(Reply),
+    Later(oneshot::Receiver<Reply>),
+}
+
+fn push_frame(buf: &mut Vec<u8>, body: &str) {
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(body.as_bytes());
+}
+
+fn put_reply(buf: &mut Vec<u8>, r: &Reply, limit: usize) {
+    match proto::encode_limit(r, limit) {
+        Ok(b) => buf.extend_from_slice(&b),
+        Err(e) => {
+            if let Ok(b) = proto::encode(&Reply::err("internal", e.to_string())) {
+                buf.extend_from_slice(&b);
+            }
+        }
+    }
+}
+
+async fn put_slot(buf: &mut Vec<u8>, s: Slot, limit: usize) -> bool {
+    match s {
+        Slot::Now(r) => put_reply(buf, &r, limit),
+        Slot::Later(id, rx) => {
+            let mut r = rx
+                .await
+                .unwrap_or_else(|_| Reply::err("internal", "the daemon dropped the reply"));
+            r.id = id;
+            put_reply(buf, &r, limit);
+        }
+        Slot::Raw(body) => push_frame(buf, &body),
+        Slot::Close(r) => {
+            put_reply(buf, &r, limit);
+            return false;
+        }
+    }
+    true
+}
+
+/// Writes an agent channel: replies in request order, and the outbox's messages as push frames
+/// (`{"push":"bus.msg",...}`, no `id`). Ends when the senders are gone or a write fails.
+pub async fn channel_writer(
+    mut w: OwnedWriteHalf,
+    mut slots: mpsc::Receiver<Slot>,
+    outbox: Arc<Outbox>,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let mut open = true;
+        tokio::select! {
+            biased;
+            s = slots.recv() => match s {
+                None => return,
+                Some(s) => {
+                    open = put_slot(&mut buf, s, proto::MAX_FRAME).await;
+                    while open && buf.len() < 256 * 1024 {
+                        match slots.try_recv() {
+                            Ok(s) => open = put_slot(&mut buf, s, proto::MAX_FRAME).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            },
+            _ = outbox.ready() => {}
+        }
+        if open {
+            for d in outbox.drain(DRAIN) {
+                push_frame(&mut buf, &d.push_json());
+            }
+        }
+        if !buf.is_empty() {
+            if w.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+        if !open {
+            let _ = w.shutdown().await;
+            return;
+        }
+    }
+}
+
+fn field<'a>(req: &'a Value, k: &str) -> Option<&'a Value> {
+    req.get(k).filter(|v| !v.is_null())
+}
+
+fn bad(field: &'static str, reason: &str) -> BusError {
+    BusError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn str_field<'a>(req: &'a Value, k: &'static str) -> Result<&'a str, BusError> {
+    match field(req, k) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(bad(k, "must be a string")),
+        None => Err(bad(k, "missing")),
+    }
+}
+
+fn u64_field(req: &Value, k: &'static str) -> Result<Option<u64>, BusError> {
+    match field(req, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad(k, "must be an unsigned integer")),
+    }
+}
+
+fn bool_field(req: &Value, k: &'static str) -> Result<bool, BusError> {
+    match field(req, k) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad(k, "must be true or false")),
+    }
+}
+
+fn err_reply(e: &BusError) -> Reply {
+    Reply::err(e.code(), e.to_string())
+}
+
+/// One `bus.*` op on agent `name`'s channel (the outbox carries its verified bus claim).
+pub fn channel_op(d: &Daemon, outbox: &Arc<Outbox>, name: &str, req: &Value) -> Outcome {
+    let op = req.get("op").and_then(|o| o.as_str()).unwrap_or("");
+    let res = channel_op_inner(d, outbox, op, req);
+    match res {
+        Ok(o) => o,
+        Err(e) => {
+            if let BusError::Denied(msg) = &e {
+                d.audit.record(
+                    Entry::new("bus", Decision::Deny, msg.clone())
+                        .agent(name)
+                        .actor(format!("agent {name}"))
+                        .data(json!({
+                            "op": op,
+                            "subject": req.get("subject"),
+                            "pattern": req.get("pattern"),
+                        })),
+                );
+            }
+            Outcome::Now(err_reply(&e))
+        }
+    }
+}
+
+fn channel_op_inner(
+    d: &Daemon,
+    outbox: &Arc<Outbox>,
+    op: &str,
+    req: &Value,
+) -> Result<Outcome, BusError> {
+    match op {
+        "bus.publish" => {
+            let subject = str_field(req, "subject")?;
+            // `null` is a payload like any other.
+            let data = req.get("data").ok_or_else(|| bad("data", "missing"))?;
+            let durable = bool_field(req, "durable")?;
+            let p = d
+                .bus
+                .publish(outbox.principal(), subject, data.to_string(), durable)?;
+            Ok(published(p))
+        }
+        "bus.subscribe" => {
+            let opts = SubOptions {
+                pattern: str_field(req, "pattern")?.to_string(),
+                durable: match field(req, "durable") {
+                    None => None,
+                    Some(_) => Some(str_field(req, "durable")?.to_string()),
+                },
+                from_seq: u64_field(req, "from_seq")?,
+                since_ms: u64_field(req, "since_ms")?,
+                queue: u64_field(req, "queue")?.map(|q| q as usize),
+            };
+            let s = d.bus.subscribe(outbox, &opts)?;
+            Ok(Outcome::Now(Reply::ok(
+                serde_json::to_value(s).unwrap_or_default(),
+            )))
+        }
+        "bus.unsubscribe" => {
+            let sub = u64_field(req, "sub")?.ok_or_else(|| bad("sub", "missing"))?;
+            d.bus.unsubscribe(outbox, sub)?;
+            Ok(Outcome::Now(Reply::ok(json!({}))))
+        }
+        "bus.ack" => {
+            let seq = u64_field(req, "seq")?.ok_or_else(|| bad("seq", "missing"))?;
+            let sub = u64_field(req, "sub")?;
+            let durable = match field(req, "durable") {
+                None => None,
+                Some(_) => Some(str_field(req, "durable")?),
+            };
+            let (name, rx) = d.bus.ack(outbox, sub, durable, seq)?;
+            Ok(committed(rx, json!({"durable": name, "seq": seq})))
+        }
+        other => Ok(Outcome::Now(Reply::err(
+            "unknown_op",
+            format!("unknown op {other:?} (bus ops: bus.publish, bus.subscribe, bus.unsubscribe, bus.ack)"),
+        ))),
+    }
+}
+
+fn published(p: crate::bus::broker::Published) -> Outcome {
+    match (p.seq, p.committed) {
+        (Some(seq), Some(rx)) => committed(rx, json!({"seq": seq})),
+        (seq, _) => Outcome::Now(Reply::ok(json!({"seq": seq}))),
+    }
+}
+
+/// A reply sent once the log has committed.
+fn committed(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Outcome {
+    let (tx, out) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(commit_reply(rx, data).await);
+    });
+    Outcome::Later(out)
+}
+
+async fn commit_reply(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Reply {
+    match rx.await {
+        Ok(Ok(_)) => Reply::ok(data),
+        Ok(Err(e)) => Reply::err("internal", e),
+        Err(_) => Reply::err("internal", "the bus log stopped"),
+    }
+}
+
+/// `bus_streams`: the log and every live subscription.
+pub fn streams(d: &Daemon) -> Reply {
+    match d.bus.stats() {
+        Ok((log, subs)) => Reply::ok(json!({
+            "streams": [{
+                "name": "default",
+                "path": d.bus.log.path(),
+                "log": log,
+            }],
+            "subscriptions": subs,
+        })),
+        Err(e) => err_reply(&e),
+    }
+}
+
+/// A control-socket connection whose first request is `bus_pub` or `bus_sub`: an operator's
+/// publisher (requests may be pipelined; replies come in order, a durable publish's after its
+/// commit) or subscriber (a stream of `more: true` replies until the client closes).
+pub async fn serve(
+    d: Arc<Daemon>,
+    first: Request,
+    actor: String,
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+) {
+    let outbox = d.bus.outbox(crate::bus::Principal::Operator);
+    if let Request::BusSub {
+        pattern,
+        durable,
+        from_seq,
+        since_ms,
+        queue,
+    } = first
+    {
+        let opts = SubOptions {
+            pattern,
+            durable,
+            from_seq,
+            since_ms,
+            queue,
+        };
+        let first = match d.bus.subscribe(&outbox, &opts) {
+            Ok(s) => Reply::chunk(json!({"subscribed": s})),
+            Err(e) => {
+                let _ = aio::write_reply(&mut w, &err_reply(&e)).await;
+                return;
+            }
+        };
+        tracing::debug!(%actor, pattern = %opts.pattern, "bus: operator subscribed");
+        if aio::write_reply(&mut w, &first).await.is_ok() {
+            subscriber(&outbox, &mut r, &mut w).await;
+        }
+        d.bus.close(&outbox);
+        return;
+    }
+    // Publisher: a reader task turns requests into slots; this task writes them in order.
+    let (tx, rx) = mpsc::channel::<Slot>(4096);
+    let d2 = d.clone();
+    let ob = outbox.clone();
+    let reader = tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            let req = match next.take() {
+                Some(r) => r,
+                None => match aio::read_frame(&mut r).await {
+                    Ok(None) => return,
+                    Ok(Some(body)) => match serde_json::from_slice::<Request>(&body) {
+                        Ok(req) => req,
+                        Err(e) => {
+                            if tx
+                                .send(Slot::Now(Reply::err("bad_request", e.to_string())))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        let _ = tx
+                            .send(Slot::Close(Reply::err(e.code(), e.to_string())))
+                            .await;
+                        return;
+                    }
+                },
+            };
+            let slot = match req {
+                Request::BusPub {
+                    subject,
+                    data,
+                    durable,
+                } => match d2
+                    .bus
+                    .publish(ob.principal(), &subject, data.to_string(), durable)
+                {
+                    Ok(p) => match published(p) {
+                        Outcome::Now(r) => Slot::Now(r),
+                        Outcome::Later(rx) => Slot::Later(None, rx),
+                    },
+                    Err(e) => Slot::Now(err_reply(&e)),
+                },
+                Request::BusStreams => Slot::Now(streams(&d2)),
+                Request::Ping => Slot::Now(Reply::ok(json!({"pong": true}))),
+                _ => Slot::Now(Reply::err(
+                    "bad_request",
+                    "a publishing connection takes bus_pub, bus_streams and ping only",
+                )),
+            };
+            if tx.send(slot).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut rx = rx;
+    'outer: while let Some(s) = rx.recv().await {
+        let mut open = put_slot(&mut buf, s, proto::MAX_REPLY).await;
+        while open && buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(s) => open = put_slot(&mut buf, s, proto::MAX_REPLY).await,
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            break 'outer;
+        }
+        buf.clear();
+        if !open {
+            break;
+        }
+    }
+    reader.abort();
+    d.bus.close(&outbox);
+}
+
+async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWriteHalf) {
+    let gone = async {
+        let mut b = [0u8; 64];
+        loop {
+            match tokio::io::AsyncReadExt::read(r, &mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::pin!(gone);
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        tokio::select! {
+            _ = &mut gone => return,
+            _ = outbox.ready() => {}
+        }
+        for d in outbox.drain(DRAIN) {
+            push_frame(
+                &mut buf,
+                &format!("{{\"ok\":true,\"more\":true,\"data\":{}}}", d.to_json()),
+            );
+        }
+        if !buf.is_empty() {
+            if w.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    }
+}
+
+/// The subject of a daemon event: `aither.agent.<name>.<kind>`, or `aither.daemon.<kind>`.
+pub fn event_subject(name: Option<&str>, kind: &str) -> String {
+    match name {
+        Some(n) => format!("aither.agent.{n}.{kind}"),
+        None => format!("aither.daemon.{kind}"),
+    }
+}
+
+/// `bus_ack` from the control socket: an operator's durable consumer (agent `operator`).
+pub async fn operator_ack(d: &Daemon, durable: &str, seq: u64) -> Reply {
+    let ob = d.bus.outbox(crate::bus::Principal::Operator);
+    match d.bus.ack(&ob, None, Some(durable), seq) {
+        Ok((name, rx)) => commit_reply(rx, json!({"durable": name, "seq": seq})).await,
+        Err(e) => err_reply(&e),
+    }
+}

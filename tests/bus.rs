@@ -1,0 +1,648 @@
+//! AitherFlux end to end, as root: a private aitherd, sandboxed Python agents using
+//! runtime/python/aither.py, and `aitherctl bus` as the operator.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{poll_until, require_root, unique, Workspace, AITHERCTL};
+use serde_json::Value;
+
+const AITHERD: &str = env!("CARGO_BIN_EXE_aitherd");
+
+struct Daemon {
+    state: tempfile::TempDir,
+    child: Option<Child>,
+    ws: Workspace,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        require_root();
+        let state = tempfile::Builder::new()
+            .prefix("aitherd-bus-")
+            .tempdir_in("/var/tmp")
+            .expect("state dir");
+        let mut d = Daemon {
+            state,
+            child: None,
+            ws: Workspace::new(),
+        };
+        d.launch();
+        let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
+        std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state.path().join("aitherd.sock")
+    }
+
+    fn env(&self, c: &mut Command) {
+        let init = Path::new(AITHERCTL).with_file_name("aither-init");
+        c.env("AITHER_STATE_DIR", self.state.path().join("state"))
+            .env("AITHER_SOCKET", self.socket())
+            .env("AITHER_POLICY_DIR", common::policy_dir())
+            .env("AITHER_INIT", init)
+            .env("AITHER_STATS_INTERVAL_MS", "200")
+            .env("AITHER_AUDIT_LOG", self.state.path().join("audit.jsonl"));
+    }
+
+    fn launch(&mut self) {
+        let mut c = Command::new(AITHERD);
+        self.env(&mut c);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("aitherd.log"))
+            .unwrap();
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.child = Some(c.spawn().expect("start aitherd"));
+        let ok = poll_until(Duration::from_secs(20), || {
+            UnixStream::connect(self.socket()).is_ok()
+        });
+        assert!(ok, "aitherd did not come up: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("aitherd.log")).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn sigterm(&mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(AITHERCTL);
+        self.env(&mut c);
+        c.args(args).current_dir(self.ws.path());
+        c
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aitherctl")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "aitherctl {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// A policy file: strict, with this `[bus]` section.
+    fn policy(&self, tag: &str, publish: &[&str], subscribe: &[&str]) -> String {
+        let strict = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/strict.toml"),
+        )
+        .unwrap();
+        let body = strict.split("\n[bus]").next().unwrap();
+        let q = |v: &[&str]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let text = format!(
+            "{}\n[bus]\npublish = [{}]\nsubscribe = [{}]\n",
+            body.replace("name = \"strict\"", &format!("name = \"bus-{tag}\"")),
+            q(publish),
+            q(subscribe)
+        );
+        let p = self.state.path().join(format!("policy-{tag}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    fn spawn_py(&self, name: &str, policy: &str, script: &str) {
+        let file = format!("{name}.py");
+        std::fs::write(self.ws.path().join(&file), script).unwrap();
+        self.ok(&[
+            "spawn", "--json", "--policy", policy, name, "--", "python3", "-u", &file,
+        ]);
+    }
+
+    fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.ws.path().join(name)).unwrap_or_default()
+    }
+
+    fn logs(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.ctl(&["logs", name]).stdout).into_owned()
+    }
+
+    fn streams(&self) -> Value {
+        serde_json::from_str(&self.ok(&["bus", "streams", "--json"])).unwrap()
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("audit.jsonl")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let names: Vec<String> = serde_json::from_str::<Value>(&String::from_utf8_lossy(
+                &self.ctl(&["ps", "--json"]).stdout,
+            ))
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a["name"].as_str().map(str::to_string))
+            .collect();
+            for n in names {
+                let _ = self.ctl(&["rm", "--force", &n]);
+            }
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+#[test]
+fn two_sandboxed_agents_exchange_messages_only_on_subjects_their_tokens_allow() {
+    let d = Daemon::start();
+    let alice = unique("alice");
+    let bob = unique("bob");
+    // alice: her own subjects and shared.>; reads bob's replies.
+    let pa = d.policy(
+        "a",
+        &["agent.$self.>", "shared.>"],
+        &["agent.*.reply", "shared.>"],
+    );
+    // bob: reads alice's public subjects and shared.>, never her private ones.
+    let pb = d.policy(
+        "b",
+        &["agent.$self.>"],
+        &[&format!("agent.{alice}.public.>"), "shared.>"],
+    );
+    let bob_py = format!(
+        r#"
+import aither, json
+c = aither.Channel.from_env()
+out = open("bob.out", "w")
+def note(*a):
+    out.write(" ".join(str(x) for x in a) + "\n"); out.flush()
+for pat in [">", "agent.{alice}.>", "agent.*.public.>", "aither.>"]:
+    try:
+        c.subscribe(pat); note("SUBSCRIBED", pat)
+    except aither.AitherError as e:
+        note("deny-sub", pat, e.code)
+c.subscribe("agent.{alice}.public.>")
+c.subscribe("shared.>")
+note("ready")
+got = []
+while True:
+    m = c.next_message(timeout=30)
+    if m is None: break
+    note("got", m["subject"], json.dumps(m["data"]), m["publisher"])
+    if m["subject"] == "shared.end":
+        c.publish("agent.{bob}.reply", {{"count": len(got)}})
+        break
+    got.append(m)
+note("done")
+import time; time.sleep(60)
+"#
+    );
+    d.spawn_py(&bob, &pb, &bob_py);
+    assert!(
+        poll_until(Duration::from_secs(15), || d
+            .file("bob.out")
+            .contains("ready")),
+        "bob: {}\n{}",
+        d.file("bob.out"),
+        d.logs(&bob)
+    );
+    let alice_py = format!(
+        r#"
+import aither
+c = aither.Channel.from_env()
+out = open("alice.out", "w")
+def note(*a):
+    out.write(" ".join(str(x) for x in a) + "\n"); out.flush()
+c.subscribe("agent.*.reply")
+for subj in ["agent.{bob}.reply", "aither.agent.{alice}.started", "agent.{alice}", "other.x"]:
+    try:
+        c.publish(subj, "forged"); note("PUBLISHED", subj)
+    except aither.AitherError as e:
+        note("deny-pub", subj, e.code)
+c.publish("agent.{alice}.public.hello", {{"n": 1}})
+c.publish("agent.{alice}.private.secret", "do not read")
+c.publish("shared.news", [1, 2, 3])
+c.publish("shared.end", None)
+m = c.next_message(timeout=20)
+note("REPLY", m and m["subject"], m and m["data"])
+import time; time.sleep(60)
+"#
+    );
+    d.spawn_py(&alice, &pa, &alice_py);
+    assert!(
+        poll_until(Duration::from_secs(20), || d
+            .file("alice.out")
+            .contains("REPLY")),
+        "alice: {}\n{}\nbob: {}",
+        d.file("alice.out"),
+        d.logs(&alice),
+        d.file("bob.out")
+    );
+    // An operator's publish on alice's private subject does not reach bob either.
+    d.ok(&["bus", "pub", &format!("agent.{alice}.private.op"), "x"]);
+    let a = d.file("alice.out");
+    let b = d.file("bob.out");
+    for pat in [
+        ">",
+        &format!("agent.{alice}.>"),
+        "agent.*.public.>",
+        "aither.>",
+    ] {
+        assert!(b.contains(&format!("deny-sub {pat} denied")), "{pat}: {b}");
+    }
+    assert!(!b.contains("SUBSCRIBED"), "{b}");
+    for s in [
+        format!("agent.{bob}.reply"),
+        format!("aither.agent.{alice}.started"),
+        format!("agent.{alice}"),
+        "other.x".to_string(),
+    ] {
+        assert!(a.contains(&format!("deny-pub {s} denied")), "{s}: {a}");
+    }
+    assert!(!a.contains("PUBLISHED"), "{a}");
+    assert!(
+        b.contains(&format!(
+            "got agent.{alice}.public.hello {{\"n\": 1}} {alice}"
+        )),
+        "{b}"
+    );
+    assert!(b.contains("got shared.news [1, 2, 3]"), "{b}");
+    assert!(!b.contains("secret") && !b.contains("private"), "{b}");
+    assert!(
+        a.contains(&format!("REPLY agent.{bob}.reply {{'count': 2}}")),
+        "{a}"
+    );
+    // The denials are in the audit stream.
+    let audit = d.audit();
+    assert!(
+        audit.contains("\"bus\"") && audit.contains("does not grant subscribe"),
+        "{audit}"
+    );
+    assert!(audit.contains("does not grant publish"), "{audit}");
+}
+
+#[test]
+fn a_durable_consumer_replays_what_it_missed_across_daemon_restarts() {
+    let mut d = Daemon::start();
+    let name = unique("consumer");
+    let pol = d.policy("c", &[], &["jobs.>"]);
+    let py = r#"
+import aither
+c = aither.Channel.from_env()
+c.subscribe("jobs.>", durable="worker")
+c.ready()
+while True:
+    m = c.next_message(timeout=120)
+    if m is None: continue
+    with open("consumer.out", "a") as f:
+        f.write(f'{m["seq"]} {m["data"]}\n')
+    c.ack(m)
+"#;
+    d.spawn_py(&name, &pol, py);
+    let publish = |d: &Daemon, from: u32, to: u32| {
+        for i in from..=to {
+            d.ok(&["bus", "pub", "--durable", "jobs.work", &format!("job-{i}")]);
+        }
+    };
+    let jobs = |d: &Daemon| -> Vec<String> {
+        d.file("consumer.out")
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+            .collect()
+    };
+    let want = |n: u32| (1..=n).map(|i| format!("job-{i}")).collect::<Vec<_>>();
+    // Give the subscription a moment (the agent reports ready after subscribing).
+    assert!(poll_until(Duration::from_secs(10), || d
+        .logs(&name)
+        .is_empty()
+        && d.streams()["subscriptions"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())));
+    publish(&d, 1, 3);
+    assert!(
+        poll_until(Duration::from_secs(10), || jobs(&d) == want(3)),
+        "{:?}\n{}",
+        jobs(&d),
+        d.logs(&name)
+    );
+
+    // kill -9 the daemon with the consumer running: adopted, told to resubscribe, it goes on.
+    d.kill9();
+    d.launch();
+    publish(&d, 4, 5);
+    assert!(
+        poll_until(Duration::from_secs(15), || jobs(&d) == want(5)),
+        "{:?}\n{}\n{}",
+        jobs(&d),
+        d.logs(&name),
+        d.log()
+    );
+
+    // The consumer stops; messages arrive meanwhile; the daemon is killed and restarted.
+    d.ok(&["stop", &name]);
+    publish(&d, 6, 8);
+    d.kill9();
+    d.launch();
+    publish(&d, 9, 9);
+    d.ok(&["restart", &name]);
+    assert!(
+        poll_until(Duration::from_secs(15), || jobs(&d) == want(9)),
+        "missed messages not replayed exactly once after the ack: {:?}\n{}",
+        jobs(&d),
+        d.logs(&name)
+    );
+
+    // A clean stop (SIGTERM) and start: the same.
+    d.ok(&["stop", &name]);
+    publish(&d, 10, 11);
+    d.sigterm();
+    d.launch();
+    d.ok(&["restart", &name]);
+    assert!(
+        poll_until(Duration::from_secs(15), || jobs(&d) == want(11)),
+        "{:?}",
+        jobs(&d)
+    );
+    // The operator's replay from the log.
+    let out = d.ok(&["bus", "sub", "jobs.>", "--from", "1", "-n", "11", "--json"]);
+    let data: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["data"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(data, want(11));
+    // The consumer's cursor is at job-11's sequence number.
+    let last = serde_json::from_str::<Value>(out.lines().last().unwrap()).unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        poll_until(Duration::from_secs(5), || {
+            d.streams()["streams"][0]["log"]["consumers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| {
+                    c["agent"] == name.as_str()
+                        && c["name"] == "worker"
+                        && c["acked_seq"].as_u64() == Some(last)
+                })
+        }),
+        "{}",
+        d.streams()
+    );
+}
+
+#[test]
+fn a_slow_consumer_stays_bounded_and_does_not_slow_the_others() {
+    let d = Daemon::start();
+    let slow = unique("slow");
+    let pol = d.policy("s", &[], &["load.>"]);
+    // Subscribes with a small queue, then never reads its channel again.
+    d.spawn_py(
+        &slow,
+        &pol,
+        r#"
+import aither, time
+c = aither.Channel.from_env()
+c.subscribe("load.>", queue=64)
+open("slow.ready", "w").close()
+time.sleep(600)
+"#,
+    );
+    assert!(poll_until(Duration::from_secs(10), || d
+        .ws
+        .path()
+        .join("slow.ready")
+        .exists()));
+    let n = 3000;
+    let mut fast = d
+        .cmd(&[
+            "bus",
+            "sub",
+            "load.>",
+            "--json",
+            "--queue",
+            "65536",
+            "-n",
+            &n.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read as it comes: the fast subscriber really is fast.
+    let fast_out = fast.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(fast_out).lines().count()
+    });
+    assert!(poll_until(Duration::from_secs(10), || d.streams()
+        ["subscriptions"]
+        .as_array()
+        .is_some_and(|s| s.len() == 2)));
+    let pid = d.child.as_ref().unwrap().id();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let payload = format!("\"{}\"", "x".repeat(8000));
+    let lines: String = (0..n / 2).map(|_| format!("{payload}\n")).collect();
+    let publish = || {
+        let mut p = d
+            .cmd(&["bus", "pub", "load.data", "-", "--lines"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        p.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+        assert!(p.wait().unwrap().success());
+    };
+    let t0 = Instant::now();
+    // The first half warms the allocator up; the second must not grow the daemon.
+    publish();
+    let rss0 = rss();
+    publish();
+    let got = reader.join().unwrap();
+    let _ = fast.wait();
+    let elapsed = t0.elapsed();
+    assert_eq!(got, n, "the fast subscriber lost messages");
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "the fast subscriber took {elapsed:?}"
+    );
+    let st = d.streams();
+    let s = st["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["owner"] == slow.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{st}"));
+    assert!(s["queued"].as_u64().unwrap() <= 64, "{s}");
+    assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
+    // 1500 × 8 KB more went through; the daemon kept at most the slow queue's worth.
+    let grown = rss().saturating_sub(rss0);
+    assert!(grown < 16 * 1024, "aitherd grew by {grown} KiB");
+}
+
+#[test]
+fn oversized_and_malformed_messages_are_refused_with_clear_codes() {
+    let d = Daemon::start();
+    let name = unique("bad");
+    let pol = d.policy("m", &["t.>"], &["t.>"]);
+    d.spawn_py(
+        &name,
+        &pol,
+        r#"
+import aither
+c = aither.Channel.from_env()
+out = open("bad.out", "w")
+def try_(label, op, **f):
+    try:
+        c.request(op, **f); out.write(f"{label} ACCEPTED\n")
+    except aither.AitherError as e:
+        out.write(f"{label} {e.code} {e.message}\n")
+    out.flush()
+try_("big", "bus.publish", subject="t.x", data="x" * 40000)
+try_("subject", "bus.publish", subject="t..x", data=1)
+try_("wild", "bus.publish", subject="t.*", data=1)
+try_("nodata", "bus.publish", subject="t.x")
+try_("nosubject", "bus.publish", data=1)
+try_("typed", "bus.publish", subject=7, data=1)
+try_("pattern", "bus.subscribe", pattern="t.>.x")
+try_("from", "bus.subscribe", pattern="t.>", from_seq="x")
+try_("queue", "bus.subscribe", pattern="t.>", queue=1)
+try_("ack", "bus.ack", seq=1)
+try_("unsub", "bus.unsubscribe", sub=99)
+try_("op", "bus.frobnicate")
+try:
+    c.publish("t.x", "y" * 40000)
+except aither.AitherError as e:
+    out.write(f"sdk {e.code}\n")
+c.publish("t.x", "still fine")
+out.write("end\n"); out.flush()
+import time; time.sleep(60)
+"#,
+    );
+    assert!(
+        poll_until(Duration::from_secs(15), || d
+            .file("bad.out")
+            .contains("end")),
+        "{}\n{}",
+        d.file("bad.out"),
+        d.logs(&name)
+    );
+    let out = d.file("bad.out");
+    for (label, code, field) in [
+        ("big", "msg_too_large", "data"),
+        ("subject", "invalid", "subject"),
+        ("wild", "invalid", "subject"),
+        ("nodata", "invalid", "data"),
+        ("nosubject", "invalid", "subject"),
+        ("typed", "invalid", "subject"),
+        ("pattern", "invalid", "pattern"),
+        ("from", "invalid", "from_seq"),
+        ("queue", "invalid", "queue"),
+        ("ack", "invalid", "durable"),
+        ("unsub", "not_found", ""),
+        ("op", "unknown_op", ""),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{label} ")))
+            .unwrap_or_else(|| panic!("{label}: {out}"));
+        assert!(line.starts_with(&format!("{label} {code}")), "{line}");
+        assert!(
+            line.contains(&format!("`{field}`")) || field.is_empty(),
+            "{line}"
+        );
+    }
+    assert!(out.contains("sdk msg_too_large"), "{out}");
+    // The CLI refuses the same.
+    let o = d.ctl(&["bus", "pub", "a b", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(invalid)"));
+    let o = d.ctl(&["bus", "sub", "a.>.b"]);
+    assert_eq!(o.status.code(), Some(1));
+    let big = "x".repeat(40_000);
+    let o = d.ctl(&["bus", "pub", "--text", "a.b", &big]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("msg_too_large"));
+}
+
+#[test]
+fn system_events_are_published_under_aither() {
+    let d = Daemon::start();
+    let name = unique("sys");
+    let sub = d
+        .cmd(&[
+            "bus",
+            "sub",
+            &format!("aither.agent.{name}.>"),
+            "--json",
+            "-n",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.ok(&["spawn", "--policy", "strict", &name, "--", "sleep", "60"]);
+    let out = sub.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let subjects: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["subject"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        subjects[0],
+        format!("aither.agent.{name}.created"),
+        "{text}"
+    );
+}
