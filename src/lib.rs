@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod daemon;
+pub mod memory;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;
