@@ -28,6 +28,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::cgroup::CgroupManager;
+use crate::memory::{self, MemoryStore, Tier};
 use crate::token::{self, HostKey, RevocationStore, TokenError};
 use store::{Event, Store};
 
@@ -52,6 +53,8 @@ pub enum DaemonError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -68,6 +71,8 @@ pub enum DaemonError {
 /// Everything the daemon's tasks share.
 pub struct Daemon {
     pub store: Store,
+    /// Agent memory (`memory.db`, docs/memory.md).
+    pub memory: MemoryStore,
     pub events: broadcast::Sender<Event>,
     pub init: PathBuf,
     pub state_dir: PathBuf,
@@ -88,6 +93,7 @@ impl Daemon {
             source,
         })?;
         let store = Store::open(&state_dir.join("state.db"))?;
+        let memory = MemoryStore::open(&state_dir.join("memory.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
         let (events, _) = broadcast::channel(4096);
@@ -98,6 +104,7 @@ impl Daemon {
             .unwrap_or(Duration::from_secs(2));
         Ok(Daemon {
             store,
+            memory,
             events,
             init,
             state_dir: state_dir.to_path_buf(),
@@ -162,11 +169,30 @@ impl Daemon {
         claims: &token::Claims,
         req: &serde_json::Value,
     ) -> proto::Reply {
-        let _ = (name, claims);
         let op = req.get("op").and_then(|o| o.as_str()).unwrap_or("");
         match service {
-            Service::Memory | Service::Bus => {
-                proto::Reply::err("unknown_op", format!("unknown op {op:?}"))
+            Service::Memory => {
+                let actor = memory::Actor::Agent { name, claims };
+                // SQLite work (and the wait for a commit) off the async worker.
+                match memory::store::wait(|| {
+                    memory::service::handle(&self.memory, actor, name, req)
+                }) {
+                    Ok(data) => proto::Reply::ok(data),
+                    Err(e) => proto::Reply::err(e.code(), e.to_string()),
+                }
+            }
+            Service::Bus => proto::Reply::err("unknown_op", format!("unknown op {op:?}")),
+        }
+    }
+
+    /// A run of `name` has ended: its working memory goes (DESIGN.md §8). Waits for the
+    /// commit, so that the next run cannot see the last one's scratch.
+    pub fn clear_working_memory(&self, name: &str) {
+        match self.memory.clear(name, Some(Tier::Working)) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(agent = name, entries = n, "working memory cleared"),
+            Err(e) => {
+                tracing::error!(agent = name, error = %e, "cannot clear the working memory")
             }
         }
     }

@@ -2,6 +2,7 @@
 //! codes here; every mechanism lives in the `aither` library.
 
 mod daemon_cmd;
+mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod token_cmd;
@@ -49,6 +50,8 @@ enum Command {
     Rm(daemon_cmd::RmArgs),
     Events(daemon_cmd::EventsArgs),
     #[command(subcommand)]
+    Mem(mem_cmd::MemCmd),
+    #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Restart(a) => daemon_cmd::restart(a),
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Events(a) => daemon_cmd::events(a),
+        Command::Mem(m) => mem_cmd::run(m),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
     };
