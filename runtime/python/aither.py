@@ -113,15 +113,18 @@ class Channel:
     def mem_usage(self):
         return self.mem("mem.usage")
 
-    def graph_add_node(self, id, kind, props=None):
-        return self.mem("mem.graph.add_node", id=id, kind=kind, props=props or {})
+    def graph_add_node(self, node, kind, props=None):
+        return self.mem("mem.graph.add_node", node=node, kind=kind, props=props or {})
 
     def graph_add_edge(self, frm, to, kind, props=None):
         return self.mem("mem.graph.add_edge", **{"from": frm, "to": to, "kind": kind, "props": props or {}})
 
-    def graph_neighbors(self, id, depth=1, kind=None, owner=None):
+    def graph_neighbors(self, node, depth=1, kind=None, owner=None):
         """{"nodes": [{id, kind, props, depth}], "edges": [{from, to, kind, props}], ...}"""
-        return self.mem("mem.graph.neighbors", id=id, depth=depth, kind=kind, owner=owner)
+        return self.mem("mem.graph.neighbors", node=node, depth=depth, kind=kind, owner=owner)
+
+    def graph_remove_node(self, node):
+        return self.mem("mem.graph.remove_node", node=node)["deleted"]
 
     def request(self, op, **fields):
         """Sends {"id", "op", **fields}; returns the reply dict, raises AitherError if not ok."""

@@ -270,11 +270,11 @@ pub fn handle(
         "mem.graph.add_node" => {
             let o = owner(req, agent)?;
             let quota = actor.may_write(o, Tier::Codegraph)?;
-            let id = need(req, "id", MAX_KEY)?;
+            let id = need(req, "node", MAX_KEY)?;
             let k = kind(req, "kind")?;
             let p = props_json(req)?;
             store.add_node(o, id, &k, p, quota)?;
-            Ok(json!({"id": id, "kind": k}))
+            Ok(json!({"node": id, "kind": k}))
         }
         "mem.graph.add_edge" => {
             let o = owner(req, agent)?;
@@ -289,13 +289,13 @@ pub fn handle(
         "mem.graph.remove_node" => {
             let o = owner(req, agent)?;
             actor.may_delete(o, Tier::Codegraph)?;
-            let id = need(req, "id", MAX_KEY)?;
+            let id = need(req, "node", MAX_KEY)?;
             Ok(json!({"deleted": store.remove_node(o, id)?}))
         }
         "mem.graph.neighbors" | "mem.graph.neighbours" => {
             let o = owner(req, agent)?;
             actor.may_read(o, Tier::Codegraph)?;
-            let id = need(req, "id", MAX_KEY)?;
+            let id = need(req, "node", MAX_KEY)?;
             let depth = number(req, "depth", 1, MAX_DEPTH as u64)? as u32;
             let k = match field(req, "kind") {
                 None => None,
@@ -305,7 +305,7 @@ pub fn handle(
             let (nodes, t1) = within_budget(n.nodes);
             let (edges, t2) = within_budget(n.edges);
             Ok(json!({
-                "id": id,
+                "node": id,
                 "depth": depth,
                 "nodes": nodes,
                 "edges": edges,

@@ -457,7 +457,7 @@ fn codegraph_neighbourhoods_by_depth_and_kind() {
         call(
             &s,
             &c,
-            json!({"op": "mem.graph.add_node", "id": id, "kind": kind, "props": {"line": 1}}),
+            json!({"op": "mem.graph.add_node", "node": id, "kind": kind, "props": {"line": 1}}),
         )
         .unwrap();
     }
@@ -487,28 +487,28 @@ fn codegraph_neighbourhoods_by_depth_and_kind() {
     let n1 = call(
         &s,
         &c,
-        json!({"op": "mem.graph.neighbors", "id": "parse", "depth": 1}),
+        json!({"op": "mem.graph.neighbors", "node": "parse", "depth": 1}),
     )
     .unwrap();
     assert_eq!(ids(&n1), ["lex", "main", "parse"]);
     let n2 = call(
         &s,
         &c,
-        json!({"op": "mem.graph.neighbors", "id": "main", "depth": 2}),
+        json!({"op": "mem.graph.neighbors", "node": "main", "depth": 2}),
     )
     .unwrap();
     assert_eq!(ids(&n2), ["lex", "main", "parse"]);
     let n3 = call(
         &s,
         &c,
-        json!({"op": "mem.graph.neighbors", "id": "main", "depth": 3}),
+        json!({"op": "mem.graph.neighbors", "node": "main", "depth": 3}),
     )
     .unwrap();
     assert_eq!(ids(&n3), ["lex", "main", "parse", "util.rs", "x"]);
     let calls = call(
         &s,
         &c,
-        json!({"op": "mem.graph.neighbors", "id": "main", "depth": 5, "kind": "calls"}),
+        json!({"op": "mem.graph.neighbors", "node": "main", "depth": 5, "kind": "calls"}),
     )
     .unwrap();
     assert_eq!(ids(&calls), ["lex", "main", "parse", "x"]);
@@ -528,27 +528,32 @@ fn codegraph_neighbourhoods_by_depth_and_kind() {
     .unwrap_err();
     assert_eq!(e.code(), "not_found");
     assert_eq!(
-        call(&s, &c, json!({"op": "mem.graph.neighbors", "id": "nope"}))
+        call(&s, &c, json!({"op": "mem.graph.neighbors", "node": "nope"}))
             .unwrap_err()
             .code(),
         "not_found"
     );
     // Removing a node removes its edges; usage follows.
     assert_eq!(s.usage("a").unwrap()[&Tier::Codegraph].entries, 9);
-    call(&s, &c, json!({"op": "mem.graph.remove_node", "id": "lex"})).unwrap();
+    call(
+        &s,
+        &c,
+        json!({"op": "mem.graph.remove_node", "node": "lex"}),
+    )
+    .unwrap();
     assert_eq!(s.usage("a").unwrap()[&Tier::Codegraph].entries, 5);
     // Codegraph quota counts nodes and edges.
     let q = claims("q", &[("codegraph", true, true, 1 << 20, 2)]);
     call(
         &s,
         &q,
-        json!({"op": "mem.graph.add_node", "id": "1", "kind": "fn"}),
+        json!({"op": "mem.graph.add_node", "node": "1", "kind": "fn"}),
     )
     .unwrap();
     call(
         &s,
         &q,
-        json!({"op": "mem.graph.add_node", "id": "2", "kind": "fn"}),
+        json!({"op": "mem.graph.add_node", "node": "2", "kind": "fn"}),
     )
     .unwrap();
     let e = call(
@@ -573,13 +578,13 @@ fn clear_export_import_round_trip() {
     call(
         &s,
         &c,
-        json!({"op": "mem.graph.add_node", "id": "n1", "kind": "fn"}),
+        json!({"op": "mem.graph.add_node", "node": "n1", "kind": "fn"}),
     )
     .unwrap();
     call(
         &s,
         &c,
-        json!({"op": "mem.graph.add_node", "id": "n2", "kind": "fn"}),
+        json!({"op": "mem.graph.add_node", "node": "n2", "kind": "fn"}),
     )
     .unwrap();
     call(
@@ -718,11 +723,11 @@ fn bad_requests_name_the_field() {
             "limit",
         ),
         (
-            json!({"op": "mem.graph.add_node", "id": "n", "kind": "has space"}),
+            json!({"op": "mem.graph.add_node", "node": "n", "kind": "has space"}),
             "kind",
         ),
         (
-            json!({"op": "mem.graph.neighbors", "id": "n", "depth": 99}),
+            json!({"op": "mem.graph.neighbors", "node": "n", "depth": 99}),
             "depth",
         ),
         (json!({"op": "mem.frobnicate"}), "op"),

@@ -146,7 +146,7 @@ impl Channel {
     pub fn graph_add_node(&self, id: &str, kind: &str, props: Value) -> Result<(), SdkError> {
         self.mem(
             "mem.graph.add_node",
-            json!({"id": id, "kind": kind, "props": props}),
+            json!({"node": id, "kind": kind, "props": props}),
         )
         .map(drop)
     }
@@ -176,7 +176,7 @@ impl Channel {
     ) -> Result<Value, SdkError> {
         self.mem(
             "mem.graph.neighbors",
-            json!({"id": id, "depth": depth, "kind": kind}),
+            json!({"node": id, "depth": depth, "kind": kind}),
         )
     }
 }

@@ -446,7 +446,7 @@ fn graph(agent: &str, cmd: GraphCmd) -> Result<i32, i32> {
         } => {
             let v = mem(
                 agent,
-                json!({"op": "mem.graph.add_node", "id": id, "kind": kind, "props": props(p)?}),
+                json!({"op": "mem.graph.add_node", "node": id, "kind": kind, "props": props(p)?}),
             )?;
             Ok(done(v, json, |_| format!("node {id} ({kind})")))
         }
@@ -471,7 +471,7 @@ fn graph(agent: &str, cmd: GraphCmd) -> Result<i32, i32> {
         } => {
             let v = mem(
                 agent,
-                json!({"op": "mem.graph.neighbors", "id": id, "depth": depth, "kind": kind}),
+                json!({"op": "mem.graph.neighbors", "node": id, "depth": depth, "kind": kind}),
             )?;
             if json {
                 print_json(&v);
@@ -496,7 +496,7 @@ fn graph(agent: &str, cmd: GraphCmd) -> Result<i32, i32> {
             Ok(0)
         }
         GraphCmd::RmNode { id, json } => {
-            let v = mem(agent, json!({"op": "mem.graph.remove_node", "id": id}))?;
+            let v = mem(agent, json!({"op": "mem.graph.remove_node", "node": id}))?;
             if v["deleted"] != true && !json {
                 eprintln!(
                     "aither: error: no node {id:?} in the codegraph of {agent:?} (not_found)"
