@@ -25,6 +25,9 @@ use serde_json::Value;
 
 use super::{now_ms, MemoryError, Quota, Tier, MAX_NODES};
 
+// Queries whose best index SQLite cannot tell without statistics (no ANALYZE) name it with
+// INDEXED BY: the in-edges of a node and an owner's expired entries.
+
 /// Most commands committed in one transaction.
 pub const MAX_BATCH: usize = 512;
 /// Read connections kept open between requests.
@@ -46,6 +49,7 @@ CREATE TABLE IF NOT EXISTS kv (
     UNIQUE (owner, tier, key)
 );
 CREATE INDEX IF NOT EXISTS kv_expiry ON kv(expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS kv_owner_expiry ON kv(owner, expires_ms) WHERE expires_ms IS NOT NULL;
 CREATE VIRTUAL TABLE IF NOT EXISTS kv_fts USING fts5(
     owner, key, value, content='kv', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
 );
@@ -68,7 +72,7 @@ CREATE TABLE IF NOT EXISTS edges (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (owner, src, kind, dst)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS edges_dst ON edges(owner, dst, kind, src);
+CREATE INDEX IF NOT EXISTS edges_by_dst ON edges(owner, dst, kind, src);
 CREATE TABLE IF NOT EXISTS usage (
     owner   TEXT NOT NULL,
     tier    TEXT NOT NULL,
@@ -638,7 +642,7 @@ impl MemoryStore {
                  WHERE owner = ?1 AND src = ?2 AND (?3 IS NULL OR kind = ?3)",
             )?;
             let mut in_st = c.prepare_cached(
-                "SELECT src, kind, props FROM edges
+                "SELECT src, kind, props FROM edges INDEXED BY edges_by_dst
                  WHERE owner = ?1 AND dst = ?2 AND (?3 IS NULL OR kind = ?3)",
             )?;
             let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
@@ -1027,7 +1031,8 @@ fn check_quota(
 
 fn purge_owner_expired(conn: &Connection, owner: &str, now: i64) -> rusqlite::Result<usize> {
     conn.prepare_cached(
-        "DELETE FROM kv WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND owner = ?2",
+        "DELETE FROM kv INDEXED BY kv_owner_expiry
+         WHERE owner = ?2 AND expires_ms IS NOT NULL AND expires_ms <= ?1",
     )?
     .execute(params![now, owner])
 }
