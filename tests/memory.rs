@@ -520,21 +520,19 @@ import time; time.sleep(600)
         d.agent_log(&name)
     );
     d.kill9();
-    // The agent now waits for a reply that never comes (or sees the channel close): its
-    // output stops growing.
-    let mut last = String::new();
-    assert!(poll_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = d.agent_log(&name);
-        std::mem::replace(&mut last, now) == last
-    }));
+    let acked_while_up = d.agent_log(&name).matches("ACK ").count();
+    d.launch();
+    // The new daemon re-adopts the agent and recovers its channel: the burst may go on.
+    // Stop it, then compare everything it was told with what is stored.
+    std::thread::sleep(Duration::from_millis(500));
+    d.ok(&["stop", &name]);
     let acked: BTreeSet<String> = d
         .agent_log(&name)
         .lines()
         .filter_map(|l| l.strip_prefix("ACK "))
         .map(str::to_string)
         .collect();
-    d.launch();
+    assert!(acked.len() >= acked_while_up);
     // Every acknowledged key is there, whole; at most the one in flight beyond them.
     let export = d.ok(&["mem", "export", &name]);
     let mut stored = BTreeSet::new();
@@ -556,8 +554,10 @@ import time; time.sleep(600)
         "{} acknowledged writes lost: {lost:?}",
         lost.len()
     );
+    // At most the writes in flight when the daemon was killed and when the agent was
+    // stopped are stored without an acknowledgement.
     assert!(
-        stored.len() <= acked.len() + 1,
+        stored.len() <= acked.len() + 2,
         "{} stored, {} acked",
         stored.len(),
         acked.len()
