@@ -4,6 +4,9 @@
     ch = aither.Channel.from_env()      # the socket aitherd passed as fd 3 (AITHER_FD)
     ch.ready()
     ch.pain("warning", "rate-limited")  # raises aither.AitherError on a refusal
+    ch.mem_put("active", "step", 3)     # memory tiers (docs/memory.md)
+    ch.mem_get("active", "step")        # 3, or None when absent
+    ch.mem_search("ownership borrowing", limit=5)
 
     # The event bus (docs/bus.md): subjects allowed by the agent's token.
     sub = ch.subscribe("agent.me.>")
@@ -74,6 +77,68 @@ class Channel:
 
     def status(self, text):
         self.request("status", text=_text("text", text))
+
+    # Memory tiers (docs/memory.md): working, active, spirit, codegraph, knowledge. Refusals
+    # raise AitherError with code denied (no claim), quota (nothing written), invalid.
+
+    def mem(self, op, **fields):
+        """Runs a mem.* op; returns the reply's data."""
+        return self.request(op, **{k: v for k, v in fields.items() if v is not None}).get("data")
+
+    def mem_put(self, tier, key, value, ttl_s=None):
+        """Writes key (value: any JSON value); ttl_s only for the active tier (default 24h)."""
+        return self.mem("mem.put", tier=tier, key=key, value=value, ttl_s=ttl_s)
+
+    def mem_put_many(self, tier, items, ttl_s=None):
+        """Writes a dict (or (key, value) pairs) at once, all or nothing."""
+        pairs = items.items() if isinstance(items, dict) else items
+        return self.mem("mem.put_many", tier=tier, ttl_s=ttl_s,
+                        items=[{"key": k, "value": v} for k, v in pairs])["written"]
+
+    def mem_get(self, tier, key, owner=None, default=None):
+        """The value of key, or `default` when absent or expired. `owner`: another agent's
+        memory (needs a grant in this agent's token)."""
+        try:
+            return self.mem("mem.get", tier=tier, key=key, owner=owner)["value"]
+        except AitherError as e:
+            if e.code == "not_found":
+                return default
+            raise
+
+    def mem_delete(self, tier, key):
+        return self.mem("mem.delete", tier=tier, key=key)["deleted"]
+
+    def mem_list(self, tier, prefix=None, limit=None, owner=None):
+        """Entries (key, size, times; no values) in key order, every page unless `limit`."""
+        out, after = [], None
+        while limit is None or len(out) < limit:
+            page = 1000 if limit is None else min(1000, limit - len(out))
+            d = self.mem("mem.list", tier=tier, prefix=prefix, after=after, limit=page, owner=owner)
+            out.extend(d["entries"])
+            if not d.get("more") or not d.get("next"):
+                break
+            after = d["next"]
+        return out
+
+    def mem_search(self, query, limit=10, owner=None, any=False):
+        """bm25 search of the knowledge tier: hits (key, score, snippet, value), best first."""
+        return self.mem("mem.search", query=query, limit=limit, owner=owner, any=any or None)["hits"]
+
+    def mem_usage(self):
+        return self.mem("mem.usage")
+
+    def graph_add_node(self, node, kind, props=None):
+        return self.mem("mem.graph.add_node", node=node, kind=kind, props=props or {})
+
+    def graph_add_edge(self, frm, to, kind, props=None):
+        return self.mem("mem.graph.add_edge", **{"from": frm, "to": to, "kind": kind, "props": props or {}})
+
+    def graph_neighbors(self, node, depth=1, kind=None, owner=None):
+        """{"nodes": [{id, kind, props, depth}], "edges": [{from, to, kind, props}], ...}"""
+        return self.mem("mem.graph.neighbors", node=node, depth=depth, kind=kind, owner=owner)
+
+    def graph_remove_node(self, node):
+        return self.mem("mem.graph.remove_node", node=node)["deleted"]
 
     def request(self, op, **fields):
         """Sends {"id", "op", **fields}; returns the reply dict, raises AitherError if not ok."""

@@ -374,6 +374,7 @@ impl Agent {
     fn ended(&self, reason: &EndReason) {
         let text = reason.describe();
         self.d.store.run_ended(&self.name, &text);
+        self.d.clear_working_memory(&self.name);
         self.set(|i| {
             i.last_exit = Some(text.clone());
             i.last_reason = Some(reason.clone());

@@ -30,6 +30,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::cgroup::CgroupManager;
+use crate::memory::{self, MemoryStore, Tier};
 use crate::token::{self, HostKey, RevocationStore, TokenError};
 use store::{Event, Store};
 
@@ -56,6 +57,8 @@ pub enum DaemonError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -76,6 +79,8 @@ pub struct Daemon {
     pub audit: crate::audit::Sink,
     /// Event counters for `--metrics`.
     pub counters: metrics::Counters,
+    /// Agent memory (`memory.db`, docs/memory.md).
+    pub memory: MemoryStore,
     pub events: broadcast::Sender<Event>,
     /// AitherFlux, the event bus (docs/bus.md): broker and durable log (`bus.db`).
     pub bus: Arc<crate::bus::Bus>,
@@ -98,6 +103,7 @@ impl Daemon {
             source,
         })?;
         let store = Store::open(&state_dir.join("state.db"))?;
+        let memory = MemoryStore::open(&state_dir.join("memory.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
         let (events, _) = broadcast::channel(4096);
@@ -114,6 +120,7 @@ impl Daemon {
             store,
             audit: crate::audit::Sink::start(crate::audit::log_path()),
             counters: metrics::Counters::default(),
+            memory,
             events,
             bus,
             init,
@@ -185,11 +192,30 @@ impl Daemon {
         claims: &token::Claims,
         req: &serde_json::Value,
     ) -> proto::Reply {
-        let _ = (name, claims);
         let op = req.get("op").and_then(|o| o.as_str()).unwrap_or("");
         match service {
-            Service::Memory | Service::Bus => {
-                proto::Reply::err("unknown_op", format!("unknown op {op:?}"))
+            Service::Memory => {
+                let actor = memory::Actor::Agent { name, claims };
+                // SQLite work (and the wait for a commit) off the async worker.
+                match memory::store::wait(|| {
+                    memory::service::handle(&self.memory, actor, name, req)
+                }) {
+                    Ok(data) => proto::Reply::ok(data),
+                    Err(e) => proto::Reply::err(e.code(), e.to_string()),
+                }
+            }
+            Service::Bus => proto::Reply::err("unknown_op", format!("unknown op {op:?}")),
+        }
+    }
+
+    /// A run of `name` has ended: its working memory goes (DESIGN.md §8). Waits for the
+    /// commit, so that the next run cannot see the last one's scratch.
+    pub fn clear_working_memory(&self, name: &str) {
+        match self.memory.clear(name, Some(Tier::Working)) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(agent = name, entries = n, "working memory cleared"),
+            Err(e) => {
+                tracing::error!(agent = name, error = %e, "cannot clear the working memory")
             }
         }
     }

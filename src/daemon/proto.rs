@@ -251,6 +251,16 @@ pub enum Request {
         name: String,
         #[serde(default)]
         force: bool,
+        /// Also delete every tier of the agent's memory (kept by default).
+        #[serde(default)]
+        purge_memory: bool,
+    },
+    /// A memory operation on `agent`'s memory, as an operator: `request` is a `mem.*` request
+    /// as on the agent channel (docs/memory.md), plus the operator-only `mem.export`,
+    /// `mem.import` and `mem.clear`.
+    Mem {
+        agent: String,
+        request: serde_json::Value,
     },
     Events {
         #[serde(default)]

@@ -116,6 +116,7 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
                 None => "no exit record".into(),
             };
             d.emit(Some(&row.name), "ended_while_down", json!({"exit": reason}));
+            d.clear_working_memory(&row.name);
             if should_restart(&rec, exit.as_ref()) {
                 out.restarted += 1;
                 agent::start(d.clone(), rec, None, None, None)

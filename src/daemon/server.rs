@@ -240,7 +240,15 @@ async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
         Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
         Request::Restart { name } => Some(("restart", name.clone(), json!({}))),
-        Request::Rm { name, force } => Some(("rm", name.clone(), json!({"force": force}))),
+        Request::Rm {
+            name,
+            force,
+            purge_memory,
+        } => Some((
+            "rm",
+            name.clone(),
+            json!({"force": force, "purge_memory": purge_memory}),
+        )),
         _ => None,
     };
     let reply = handle_inner(d, req, actor).await;
@@ -306,7 +314,12 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             command(d, &name, |reply| Cmd::Kill { signal, reply }).await
         }
         Request::Restart { name } => command(d, &name, |reply| Cmd::Restart { reply }).await,
-        Request::Rm { name, force } => {
+        Request::Mem { agent, request } => mem(d, agent, request).await,
+        Request::Rm {
+            name,
+            force,
+            purge_memory,
+        } => {
             let Some(info) = d.info_of(&name) else {
                 return not_found(&name);
             };
@@ -316,7 +329,18 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                     format!("{name} is {}: stop it first, or use rm --force", info.state),
                 );
             }
-            command(d, &name, |reply| Cmd::Remove { reply }).await
+            let reply = command(d, &name, |reply| Cmd::Remove { reply }).await;
+            if reply.ok && purge_memory {
+                let d2 = d.clone();
+                let n2 = name.clone();
+                let purged = tokio::task::spawn_blocking(move || d2.memory.clear(&n2, None)).await;
+                match purged {
+                    Ok(Ok(n)) => d.emit(Some(&name), "memory_purged", json!({"entries": n})),
+                    Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
+                    Err(e) => return Reply::err("internal", e.to_string()),
+                }
+            }
+            reply
         }
         Request::Events { since_ms, name, .. } => {
             let d2 = d.clone();
@@ -337,6 +361,27 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                 Err(e) => Reply::err("internal", e.to_string()),
             }
         }
+    }
+}
+
+/// An operator's memory request (any agent's memory, no quota: docs/memory.md).
+async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
+    if let Err(e) = super::check_name(&agent) {
+        return Reply::err("invalid", e);
+    }
+    let op = request.get("op").and_then(|o| o.as_str()).unwrap_or("");
+    if !op.starts_with("mem.") {
+        return Reply::err("invalid", format!("{op:?} is not a memory op (mem.*)"));
+    }
+    let d2 = d.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        crate::memory::service::handle(&d2.memory, crate::memory::Actor::Operator, &agent, &request)
+    })
+    .await;
+    match res {
+        Ok(Ok(data)) => Reply::ok(data),
+        Ok(Err(e)) => Reply::err(e.code(), e.to_string()),
+        Err(e) => Reply::err("internal", e.to_string()),
     }
 }
 

@@ -219,6 +219,11 @@ pub struct Policy {
     /// Event-bus permissions granted to agents minted from this policy (docs/bus.md).
     #[serde(default)]
     pub bus: BusPolicy,
+    /// Memory tier name → access and quotas, copied into a token's `memory_tiers` when it is
+    /// minted from this policy (docs/memory.md). Absent: no tier at all (the narrowest value,
+    /// so that policies and tokens written before the memory service still decode).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub memory: BTreeMap<String, MemoryTierPolicy>,
 }
 
 /// `[bus]`: subject patterns (NATS `*`/`>`) an agent may publish to and subscribe to.
@@ -228,6 +233,23 @@ pub struct Policy {
 pub struct BusPolicy {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+}
+
+/// The memory tiers (DESIGN.md §8, docs/memory.md).
+pub const MEMORY_TIERS: &[&str] = &["working", "active", "spirit", "codegraph", "knowledge"];
+
+/// One memory tier in a policy's `[memory.<tier>]` table.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryTierPolicy {
+    #[serde(default)]
+    pub read: bool,
+    #[serde(default)]
+    pub write: bool,
+    /// Bytes of keys and values the agent may hold in the tier.
+    pub quota_bytes: Size,
+    /// Entries (keys; nodes and edges for codegraph) the agent may hold in the tier.
+    pub quota_entries: u64,
 }
 
 /// What the supervisor does when a pain signal arrives (DESIGN.md §7).
@@ -417,6 +439,18 @@ impl Policy {
                 "warning",
                 "a policy that turns seccomp or Landlock off must carry a `warning` shown at every use".into(),
             );
+        }
+        for tier in self.memory.keys() {
+            if !MEMORY_TIERS.contains(&tier.as_str()) {
+                return fail(
+                    "memory",
+                    tier,
+                    format!(
+                        "unknown memory tier {tier:?}; known: {}",
+                        MEMORY_TIERS.join(", ")
+                    ),
+                );
+            }
         }
         if self.resources.memory.0 < (8 << 20) {
             return fail("resources", "memory", "must be at least 8M".into());

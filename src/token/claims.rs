@@ -38,13 +38,29 @@ pub struct BusClaim {
     pub subscribe: Vec<String>,
 }
 
-/// Access to one memory tier.
+/// Access to one memory tier of the agent's own memory.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TierClaim {
     pub read: bool,
     pub write: bool,
     pub quota_bytes: u64,
+    /// Entries the agent may hold in the tier. Added with the memory service: a claim written
+    /// before it has none, and 0 (no entry at all) is the narrowest value, so the default
+    /// cannot widen an old token.
+    #[serde(default)]
+    pub quota_entries: u64,
+}
+
+/// Read access to a tier of another agent's memory (`mem.get`/`mem.search` with `owner`).
+/// A grant never gives write access to another agent's memory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryGrant {
+    /// The agent whose memory may be read.
+    pub owner: String,
+    /// The tier (working, active, spirit, codegraph, knowledge).
+    pub tier: String,
 }
 
 /// The claims of one block. Every field is required in the signed payload: a block cannot
@@ -74,6 +90,12 @@ pub struct Claims {
     pub bus: BusClaim,
     /// Memory tier name (working, active, spirit, codegraph, knowledge) → access.
     pub memory_tiers: BTreeMap<String, TierClaim>,
+    /// Read access to other agents' memory tiers. The one field that may be missing from a
+    /// payload (tokens minted before the memory service lack it): its default, no grant at
+    /// all, is the narrowest value, so a block cannot widen itself by leaving it out. Left out
+    /// of the payload when empty, so tokens without grants serialise exactly as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_grants: Vec<MemoryGrant>,
     /// Whether the agent may ask for agents of its own (with narrower tokens).
     pub may_spawn: bool,
 }
@@ -118,7 +140,22 @@ impl Claims {
                 publish: expand_bus("bus.publish", &policy.bus.publish, subject)?,
                 subscribe: expand_bus("bus.subscribe", &policy.bus.subscribe, subject)?,
             },
-            memory_tiers: BTreeMap::new(),
+            memory_tiers: policy
+                .memory
+                .iter()
+                .map(|(tier, t)| {
+                    (
+                        tier.clone(),
+                        TierClaim {
+                            read: t.read,
+                            write: t.write,
+                            quota_bytes: t.quota_bytes.0,
+                            quota_entries: t.quota_entries,
+                        },
+                    )
+                })
+                .collect(),
+            memory_grants: Vec::new(),
             may_spawn: false,
         })
     }
@@ -350,6 +387,7 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         gpu,
         bus,
         memory_tiers,
+        memory_grants,
         may_spawn,
     } = child;
     same("subject", subject, &parent.subject)?;
@@ -404,6 +442,7 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
             read,
             write,
             quota_bytes,
+            quota_entries,
         } = c;
         only_if(&format!("memory_tiers.{tier}.read"), *read, p.read)?;
         only_if(&format!("memory_tiers.{tier}.write"), *write, p.write)?;
@@ -412,7 +451,13 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
             *quota_bytes,
             p.quota_bytes,
         )?;
+        at_most(
+            &format!("memory_tiers.{tier}.quota_entries"),
+            *quota_entries,
+            p.quota_entries,
+        )?;
     }
+    subset("memory_grants", memory_grants, &parent.memory_grants)?;
     only_if("may_spawn", *may_spawn, parent.may_spawn)
 }
 
@@ -433,12 +478,16 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         process,
         pain,
         bus,
+        memory,
     } = child;
     same("rules.name", name, &parent.name)?;
     // What the supervisor does on pain is the host's choice, not the holder's.
     same("rules.pain", pain, &parent.pain)?;
     // The policy's bus template; what the token grants is `bus` (narrowed above).
     same("rules.bus", bus, &parent.bus)?;
+    // The policy's memory defaults are a record of what was minted; access is `memory_tiers`,
+    // which narrows on its own.
+    same("rules.memory", memory, &parent.memory)?;
     same("rules.description", description, &parent.description)?;
     same("rules.warning", warning, &parent.warning)?;
     subset("rules.best_effort", best_effort, &parent.best_effort)?;

@@ -30,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use attenuate::Attenuation;
 pub use chain::{fresh_key, mint, verify, Verified};
-pub use claims::{narrows, BusClaim, Claims, GpuClaim, TierClaim};
+pub use claims::{narrows, BusClaim, Claims, GpuClaim, MemoryGrant, TierClaim};
 pub use format::{SignedBlock, Token, TEXT_PREFIX, VERSION};
 pub use keys::{parse_public_key, HostKey};
 pub use revocation::{NoRevocations, RevocationCheck, RevocationStore, Revoked};

@@ -86,6 +86,34 @@ fn claims_payload_is_strict_json() {
 }
 
 #[test]
+fn a_payload_from_before_the_memory_service_decodes_to_the_narrowest_values() {
+    // Tokens minted before issue 6 have no memory_grants, no quota_entries and no
+    // rules.memory: each defaults to granting nothing.
+    let mut c = claims("strict");
+    c.memory_grants.clear();
+    let mut v: serde_json::Value = serde_json::from_slice(&c.to_payload()).unwrap();
+    assert!(
+        v.get("memory_grants").is_none(),
+        "empty grants are left out"
+    );
+    v["rules"].as_object_mut().unwrap().remove("memory");
+    for t in v["memory_tiers"].as_object_mut().unwrap().values_mut() {
+        t.as_object_mut().unwrap().remove("quota_entries");
+    }
+    let old = Claims::from_payload(v.to_string().as_bytes()).unwrap();
+    assert!(old.memory_grants.is_empty());
+    assert!(old.rules.memory.is_empty());
+    assert!(old.memory_tiers.values().all(|t| t.quota_entries == 0));
+    // A grant, once there, is part of the signed payload.
+    c.memory_grants.push(MemoryGrant {
+        owner: "b".into(),
+        tier: "knowledge".into(),
+    });
+    let back = Claims::from_payload(&c.to_payload()).unwrap();
+    assert_eq!(back.memory_grants, c.memory_grants);
+}
+
+#[test]
 fn attenuation_narrows_and_verifies() {
     let (t, c0) = minted("strict");
     let req = Attenuation {
@@ -292,8 +320,13 @@ fn narrows_checks_every_field() {
             read: true,
             write: false,
             quota_bytes: 1 << 20,
+            quota_entries: 1000,
         },
     )]);
+    parent.memory_grants = vec![MemoryGrant {
+        owner: "agent-b".into(),
+        tier: "knowledge".into(),
+    }];
     parent.rules.filesystem.exec_workspace = false;
     parent.rules.rlimits.nproc = Some(100);
     parent.rules.rlimits.fsize = Some(Size(1 << 30));
@@ -470,6 +503,29 @@ fn narrows_checks_every_field() {
             "memory_tiers.knowledge.quota_bytes",
             Box::new(|c| c.memory_tiers.get_mut("knowledge").unwrap().quota_bytes += 1),
         ),
+        (
+            "memory_tiers.knowledge.quota_entries",
+            Box::new(|c| c.memory_tiers.get_mut("knowledge").unwrap().quota_entries += 1),
+        ),
+        (
+            "memory_grants",
+            Box::new(|c| {
+                c.memory_grants.push(MemoryGrant {
+                    owner: "agent-c".into(),
+                    tier: "knowledge".into(),
+                })
+            }),
+        ),
+        (
+            "memory_grants",
+            Box::new(|c| c.memory_grants[0].tier = "spirit".into()),
+        ),
+        (
+            "rules.memory",
+            Box::new(|c| {
+                c.rules.memory.remove("working");
+            }),
+        ),
         ("may_spawn", Box::new(|c| c.may_spawn = true)),
     ];
     for (field, edit) in cases {
@@ -498,6 +554,8 @@ fn narrows_checks_every_field() {
     n.gpu.count = 0;
     n.bus.publish.clear();
     n.memory_tiers.get_mut("knowledge").unwrap().read = false;
+    n.memory_tiers.get_mut("knowledge").unwrap().quota_entries = 10;
+    n.memory_grants.clear();
     n.exp -= 1;
     narrows(&n, &parent).unwrap();
 }

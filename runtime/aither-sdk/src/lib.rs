@@ -22,6 +22,7 @@
 //! threads are serialised.
 
 pub mod frame;
+mod memory;
 
 use std::fmt;
 use std::io::{self, Write};
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use frame::{FrameError, MAX_FRAME};
+pub use memory::Tier;
 
 /// The environment variable that names the channel's file descriptor.
 pub const ENV_FD: &str = "AITHER_FD";

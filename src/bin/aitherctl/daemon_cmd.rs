@@ -28,7 +28,7 @@ fn connect() -> Result<Client, i32> {
     })
 }
 
-fn call(req: &Request) -> Result<serde_json::Value, i32> {
+pub fn call(req: &Request) -> Result<serde_json::Value, i32> {
     let mut c = connect()?;
     let r = c.call(req).map_err(client_err)?;
     reply_data(r)
@@ -52,7 +52,7 @@ fn reply_data(r: Reply) -> Result<serde_json::Value, i32> {
     }
 }
 
-fn print_json(v: &serde_json::Value) {
+pub fn print_json(v: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
@@ -494,6 +494,10 @@ pub struct RmArgs {
     /// Stop it first if it runs.
     #[arg(long, short = 'f')]
     force: bool,
+    /// Also delete the agent's memory, every tier (kept by default, for an agent of the same
+    /// name spawned later).
+    #[arg(long)]
+    purge_memory: bool,
     #[arg(long)]
     json: bool,
 }
@@ -562,6 +566,7 @@ pub fn rm(a: RmArgs) -> i32 {
         Request::Rm {
             name: a.name,
             force: a.force,
+            purge_memory: a.purge_memory,
         },
         a.json,
         "removed",

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
+mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod token_cmd;
@@ -55,6 +56,8 @@ enum Command {
     #[command(subcommand)]
     Bus(bus_cmd::BusCmd),
     #[command(subcommand)]
+    Mem(mem_cmd::MemCmd),
+    #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
         Command::Bus(b) => bus_cmd::run(b),
+        Command::Mem(m) => mem_cmd::run(m),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
         Command::Doctor(a) => doctor_cmd::run(a),

@@ -36,6 +36,10 @@ pub enum TokenCmd {
         /// Lifetime (e.g. 30m, 1h, 7d).
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::parse_duration)]
         ttl: Duration,
+        /// Grant read access to another agent's memory tier (repeatable), e.g.
+        /// `--memory-grant agent-b:knowledge` (docs/memory.md).
+        #[arg(long = "memory-grant", value_name = "OWNER:TIER")]
+        memory_grants: Vec<String>,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -147,8 +151,9 @@ pub fn run(cmd: TokenCmd) -> i32 {
             policy,
             subject,
             ttl,
+            memory_grants,
             out,
-        } => mint(&policy, &subject, ttl, out.as_deref()),
+        } => mint(&policy, &subject, ttl, &memory_grants, out.as_deref()),
         TokenCmd::Inspect {
             token,
             json,
@@ -261,10 +266,30 @@ fn emit(t: &Token, out: Option<&Path>, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mint(policy: &str, subject: &str, ttl: Duration, out: Option<&Path>) -> anyhow::Result<i32> {
+fn mint(
+    policy: &str,
+    subject: &str,
+    ttl: Duration,
+    grants: &[String],
+    out: Option<&Path>,
+) -> anyhow::Result<i32> {
     let loaded = Policy::load(policy)?;
     let key = HostKey::load_or_create(&token::state_dir())?;
-    let c = Claims::from_policy(&loaded.policy, subject, ttl)?;
+    let mut c = Claims::from_policy(&loaded.policy, subject, ttl)?;
+    for g in grants {
+        let (owner, tier) = g.split_once(':').unwrap_or((g.as_str(), ""));
+        if claims::check_subject(owner).is_err() || tier.parse::<aither::memory::Tier>().is_err() {
+            bail!("--memory-grant {g:?}: expected OWNER:TIER, e.g. agent-b:knowledge (tiers: working, active, spirit, codegraph, knowledge)");
+        }
+        let grant = token::MemoryGrant {
+            owner: owner.to_string(),
+            tier: tier.to_string(),
+        };
+        if !c.memory_grants.contains(&grant) {
+            c.memory_grants.push(grant);
+        }
+    }
+    c.memory_grants.sort();
     let t = token::mint(key.signing_key(), &c)?;
     aither::audit::record(
         Entry::new(
@@ -598,16 +623,27 @@ fn print_effective(c: &Claims) {
                 .iter()
                 .map(|(k, t)| {
                     format!(
-                        "{k} ({}{}, quota {})",
+                        "{k} ({}{}, quota {} / {} entries)",
                         if t.read { "r" } else { "-" },
                         if t.write { "w" } else { "-" },
-                        Size(t.quota_bytes)
+                        Size(t.quota_bytes),
+                        t.quota_entries
                     )
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
         }
     );
+    if !c.memory_grants.is_empty() {
+        println!(
+            "  grants      read {}",
+            c.memory_grants
+                .iter()
+                .map(|g| format!("{}:{}", g.owner, g.tier))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!("  may_spawn   {}", c.may_spawn);
 }
 

@@ -1,0 +1,182 @@
+//! Memory tiers through the channel (docs/memory.md): typed wrappers over the `mem.*` ops.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), aither_sdk::SdkError> {
+//! use aither_sdk::{Channel, Tier};
+//! use serde_json::json;
+//! let ch = Channel::from_env()?;
+//! ch.mem_put(Tier::Active, "step", &json!(3), None)?;
+//! let step = ch.mem_get(Tier::Active, "step")?;      // Some(3)
+//! let hits = ch.mem_search("ownership borrowing", 5)?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+
+use serde_json::{json, Map, Value};
+
+use crate::{Channel, SdkError};
+
+/// A memory tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Scratch of the current run: cleared when the run ends.
+    Working,
+    /// Session state with a TTL; survives restarts.
+    Active,
+    /// Identity and instructions; writing needs a claim (operators write it).
+    Spirit,
+    /// Nodes and edges: use the `graph_*` calls.
+    Codegraph,
+    /// Long-term facts with full-text search.
+    Knowledge,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Working => "working",
+            Tier::Active => "active",
+            Tier::Spirit => "spirit",
+            Tier::Codegraph => "codegraph",
+            Tier::Knowledge => "knowledge",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn fields(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn data(reply: Value) -> Value {
+    match reply {
+        Value::Object(mut m) => m.remove("data").unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+impl Channel {
+    /// Runs a `mem.*` op; returns the reply's `data`.
+    pub fn mem(&self, op: &str, args: Value) -> Result<Value, SdkError> {
+        self.request(op, fields(args)).map(data)
+    }
+
+    /// Writes `key` in a tier (`ttl_s` only for [`Tier::Active`]; default 24 h). A value over
+    /// the tier's quota is refused (`quota`) and nothing is written.
+    pub fn mem_put(
+        &self,
+        tier: Tier,
+        key: &str,
+        value: &Value,
+        ttl_s: Option<u64>,
+    ) -> Result<(), SdkError> {
+        let mut a = json!({"tier": tier.as_str(), "key": key, "value": value});
+        if let Some(t) = ttl_s {
+            a["ttl_s"] = t.into();
+        }
+        self.mem("mem.put", a).map(drop)
+    }
+
+    /// Writes many entries at once, all or nothing.
+    pub fn mem_put_many(&self, tier: Tier, items: &[(&str, Value)]) -> Result<u64, SdkError> {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect();
+        let d = self.mem(
+            "mem.put_many",
+            json!({"tier": tier.as_str(), "items": items}),
+        )?;
+        Ok(d["written"].as_u64().unwrap_or(0))
+    }
+
+    /// The value of `key`, None when absent (or expired).
+    pub fn mem_get(&self, tier: Tier, key: &str) -> Result<Option<Value>, SdkError> {
+        self.mem_get_of(None, tier, key)
+    }
+
+    /// The value of `key` in another agent's tier (needs a grant in the token).
+    pub fn mem_get_of(
+        &self,
+        owner: Option<&str>,
+        tier: Tier,
+        key: &str,
+    ) -> Result<Option<Value>, SdkError> {
+        match self.mem(
+            "mem.get",
+            json!({"tier": tier.as_str(), "key": key, "owner": owner}),
+        ) {
+            Ok(mut d) => Ok(Some(d["value"].take())),
+            Err(e) if e.remote_code() == Some("not_found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `key`; whether it was there.
+    pub fn mem_delete(&self, tier: Tier, key: &str) -> Result<bool, SdkError> {
+        let d = self.mem("mem.delete", json!({"tier": tier.as_str(), "key": key}))?;
+        Ok(d["deleted"] == true)
+    }
+
+    /// Keys of a tier with `prefix`, in order, at most `limit` (entries without values).
+    pub fn mem_list(&self, tier: Tier, prefix: &str, limit: u64) -> Result<Vec<Value>, SdkError> {
+        let d = self.mem(
+            "mem.list",
+            json!({"tier": tier.as_str(), "prefix": prefix, "limit": limit}),
+        )?;
+        Ok(d["entries"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Full-text search of the knowledge tier, best first (`key`, `score`, `snippet`, `value`).
+    pub fn mem_search(&self, query: &str, limit: u64) -> Result<Vec<Value>, SdkError> {
+        let d = self.mem("mem.search", json!({"query": query, "limit": limit}))?;
+        Ok(d["hits"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Adds (or replaces) a code-graph node.
+    pub fn graph_add_node(&self, id: &str, kind: &str, props: Value) -> Result<(), SdkError> {
+        self.mem(
+            "mem.graph.add_node",
+            json!({"node": id, "kind": kind, "props": props}),
+        )
+        .map(drop)
+    }
+
+    /// Adds (or replaces) a typed edge; both nodes must exist.
+    pub fn graph_add_edge(
+        &self,
+        from: &str,
+        to: &str,
+        kind: &str,
+        props: Value,
+    ) -> Result<(), SdkError> {
+        self.mem(
+            "mem.graph.add_edge",
+            json!({"from": from, "to": to, "kind": kind, "props": props}),
+        )
+        .map(drop)
+    }
+
+    /// The nodes within `depth` hops of `id` and the edges between them
+    /// (`{"nodes": [...], "edges": [...], "truncated": bool}`).
+    pub fn graph_neighbors(
+        &self,
+        id: &str,
+        depth: u32,
+        kind: Option<&str>,
+    ) -> Result<Value, SdkError> {
+        self.mem(
+            "mem.graph.neighbors",
+            json!({"node": id, "depth": depth, "kind": kind}),
+        )
+    }
+}

@@ -1,0 +1,155 @@
+//! Agent memory in five tiers (DESIGN.md §8, docs/memory.md).
+//!
+//! - `working`: scratch of the current run; aitherd clears it when a run ends.
+//! - `active`: session state with a TTL; survives restarts, expired entries are invisible and
+//!   purged.
+//! - `spirit`: identity and instructions; durable; writing needs `write` in the spirit claim.
+//! - `codegraph`: nodes and typed edges, queried by neighbourhood (depth N).
+//! - `knowledge`: long-term facts, FTS5 (bm25) search; readable by other agents whose token
+//!   holds a grant.
+//!
+//! `store` owns SQLite (one writer thread, group commit, read connections beside it);
+//! `access` turns a token's claims into what a request may do; `service` parses the JSON ops
+//! that arrive on an agent's channel or the control socket and runs them.
+
+pub mod access;
+pub mod service;
+pub mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use access::{Actor, Quota};
+pub use store::MemoryStore;
+
+/// Longest key, in bytes.
+pub const MAX_KEY: usize = 512;
+/// Largest value (its JSON text), in bytes: a put must fit in one 64 KiB frame.
+pub const MAX_VALUE: usize = 48 * 1024;
+/// Default lifetime of an `active` entry when the put names none (24 h).
+pub const DEFAULT_ACTIVE_TTL_S: u64 = 86_400;
+/// Longest lifetime of an `active` entry (30 days).
+pub const MAX_ACTIVE_TTL_S: u64 = 30 * 86_400;
+/// Deepest neighbourhood query.
+pub const MAX_DEPTH: u32 = 8;
+/// Most nodes one neighbourhood query returns.
+pub const MAX_NODES: usize = 1000;
+
+/// Errors of the memory service. `code()` is what goes back to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{0}")]
+    Denied(String),
+    #[error("quota exceeded: {which} of tier {tier} of {owner:?} would be {would} (limit {limit}, {claim}); nothing was written")]
+    Quota {
+        owner: String,
+        tier: Tier,
+        /// "bytes" or "entries".
+        which: &'static str,
+        would: u64,
+        limit: u64,
+        /// The claim that sets the limit.
+        claim: String,
+    },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("memory database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the memory writer has stopped")]
+    WriterGone,
+}
+
+impl MemoryError {
+    /// The error code sent back (docs/protocol.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            MemoryError::Denied(_) => "denied",
+            MemoryError::Quota { .. } => "quota",
+            MemoryError::Invalid { .. } => "invalid",
+            MemoryError::NotFound(_) => "not_found",
+            MemoryError::Sql { .. } | MemoryError::WriterGone => "internal",
+        }
+    }
+
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> MemoryError {
+        MemoryError::Invalid {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A memory tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    Working,
+    Active,
+    Spirit,
+    Codegraph,
+    Knowledge,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 5] = [
+        Tier::Working,
+        Tier::Active,
+        Tier::Spirit,
+        Tier::Codegraph,
+        Tier::Knowledge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Working => "working",
+            Tier::Active => "active",
+            Tier::Spirit => "spirit",
+            Tier::Codegraph => "codegraph",
+            Tier::Knowledge => "knowledge",
+        }
+    }
+
+    /// Whether the tier holds keys and values (codegraph holds nodes and edges).
+    pub fn is_kv(self) -> bool {
+        self != Tier::Codegraph
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tier {
+    type Err = MemoryError;
+
+    fn from_str(s: &str) -> Result<Tier, MemoryError> {
+        Tier::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                MemoryError::invalid(
+                    "tier",
+                    format!("{s:?} is not a tier (working, active, spirit, codegraph, knowledge)"),
+                )
+            })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
