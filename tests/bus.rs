@@ -3,116 +3,30 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{poll_until, require_root, unique, Workspace, AITHERCTL};
+use common::{poll_until, unique};
 use serde_json::Value;
 
-const AITHERD: &str = env!("CARGO_BIN_EXE_aitherd");
+use common::daemon::TestDaemon as Daemon;
 
-struct Daemon {
-    state: tempfile::TempDir,
-    child: Option<Child>,
-    ws: Workspace,
+fn daemon() -> Daemon {
+    Daemon::start("aitherd-bus-", &[]).with_python_sdk()
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let state = tempfile::Builder::new()
-            .prefix("aitherd-bus-")
-            .tempdir_in("/var/tmp")
-            .expect("state dir");
-        let mut d = Daemon {
-            state,
-            child: None,
-            ws: Workspace::new(),
-        };
-        d.launch();
-        let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
-        std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
-        d
-    }
+/// What this suite asks of its daemon beyond the shared fixture (tests/common/daemon.rs).
+trait BusExt {
+    fn policy(&self, tag: &str, publish: &[&str], subscribe: &[&str]) -> String;
+    fn spawn_py(&self, name: &str, policy: &str, script: &str);
+    fn file(&self, name: &str) -> String;
+    fn logs(&self, name: &str) -> String;
+    fn streams(&self) -> Value;
+    fn audit(&self) -> String;
+}
 
-    fn socket(&self) -> PathBuf {
-        self.state.path().join("aitherd.sock")
-    }
-
-    fn env(&self, c: &mut Command) {
-        let init = Path::new(AITHERCTL).with_file_name("aither-init");
-        c.env("AITHER_STATE_DIR", self.state.path().join("state"))
-            .env("AITHER_SOCKET", self.socket())
-            .env("AITHER_POLICY_DIR", common::policy_dir())
-            .env("AITHER_INIT", init)
-            .env("AITHER_STATS_INTERVAL_MS", "200")
-            .env("AITHER_AUDIT_LOG", self.state.path().join("audit.jsonl"));
-    }
-
-    fn launch(&mut self) {
-        let mut c = Command::new(AITHERD);
-        self.env(&mut c);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state.path().join("aitherd.log"))
-            .unwrap();
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        self.child = Some(c.spawn().expect("start aitherd"));
-        let ok = poll_until(Duration::from_secs(20), || {
-            UnixStream::connect(self.socket()).is_ok()
-        });
-        assert!(ok, "aitherd did not come up: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.path().join("aitherd.log")).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn sigterm(&mut self) {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap();
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(AITHERCTL);
-        self.env(&mut c);
-        c.args(args).current_dir(self.ws.path());
-        c
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        self.cmd(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run aitherctl")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "aitherctl {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
+impl BusExt for Daemon {
     /// A policy file: strict, with this `[bus]` section.
     fn policy(&self, tag: &str, publish: &[&str], subscribe: &[&str]) -> String {
         let strict = std::fs::read_to_string(
@@ -162,32 +76,9 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let names: Vec<String> = serde_json::from_str::<Value>(&String::from_utf8_lossy(
-                &self.ctl(&["ps", "--json"]).stdout,
-            ))
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|a| a["name"].as_str().map(str::to_string))
-            .collect();
-            for n in names {
-                let _ = self.ctl(&["rm", "--force", &n]);
-            }
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-}
-
 #[test]
 fn two_sandboxed_agents_exchange_messages_only_on_subjects_their_tokens_allow() {
-    let d = Daemon::start();
+    let d = daemon();
     let alice = unique("alice");
     let bob = unique("bob");
     // alice: her own subjects and shared.>; reads bob's replies.
@@ -316,7 +207,7 @@ import time; time.sleep(60)
 
 #[test]
 fn a_durable_consumer_replays_what_it_missed_across_daemon_restarts() {
-    let mut d = Daemon::start();
+    let mut d = daemon();
     let name = unique("consumer");
     let pol = d.policy("c", &[], &["jobs.>"]);
     let py = r#"
@@ -431,7 +322,7 @@ while True:
 
 #[test]
 fn a_slow_consumer_stays_bounded_and_does_not_slow_the_others() {
-    let d = Daemon::start();
+    let d = daemon();
     let slow = unique("slow");
     let pol = d.policy("s", &[], &["load.>"]);
     // Subscribes with a small queue, then never reads its channel again.
@@ -529,7 +420,7 @@ time.sleep(600)
 
 #[test]
 fn oversized_and_malformed_messages_are_refused_with_clear_codes() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("bad");
     let pol = d.policy("m", &["t.>"], &["t.>"]);
     d.spawn_py(
@@ -613,7 +504,7 @@ import time; time.sleep(60)
 
 #[test]
 fn system_events_are_published_under_aither() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("sys");
     let sub = d
         .cmd(&[

@@ -6,57 +6,37 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{poll_until, require_root, unique, Workspace, AITHERCTL};
+use common::daemon::TestDaemon as Daemon;
+use common::{poll_until, unique, AITHERCTL};
 use serde_json::Value;
 
-const AITHERD: &str = env!("CARGO_BIN_EXE_aitherd");
-
-fn init_path() -> PathBuf {
-    let p = Path::new(AITHERCTL).with_file_name("aither-init");
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace (`cargo test --workspace`, or `cargo build -p aither-init`)",
-        p.display()
-    );
-    p
+fn daemon() -> Daemon {
+    Daemon::start("aitherd-test-", &[])
 }
 
-struct Daemon {
-    state: tempfile::TempDir,
-    child: Option<Child>,
-    ws: Workspace,
-    args: Vec<String>,
+fn daemon_with(args: &[&str]) -> Daemon {
+    Daemon::start("aitherd-test-", args)
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::start_args(&[])
-    }
+/// What the daemon suite asks of its daemon beyond the shared fixture.
+trait DaemonExt {
+    fn audit(&self) -> Vec<Value>;
+    fn inspect(&self, name: &str) -> Value;
+    fn state_of(&self, name: &str) -> String;
+    fn wait_state(&self, name: &str, state: &str, timeout: Duration);
+    fn events(&self, name: &str) -> Vec<Value>;
+    fn events_text(&self, name: &str) -> String;
+    fn count(&self, name: &str, kind: &str) -> usize;
+    fn wait_events(&self, name: &str, kind: &str, n: usize, timeout: Duration) -> Vec<Value>;
+    fn spawn(&self, name: &str, flags: &[&str], cmd: &[&str]) -> Value;
+    fn shims_of(&self, name: &str) -> Vec<i32>;
+}
 
-    fn start_args(args: &[&str]) -> Daemon {
-        require_root();
-        let state = tempfile::Builder::new()
-            .prefix("aitherd-test-")
-            .tempdir_in("/var/tmp")
-            .expect("state dir");
-        let mut d = Daemon {
-            state,
-            child: None,
-            ws: Workspace::new(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        d.launch();
-        d
-    }
-
-    fn audit_log(&self) -> PathBuf {
-        self.state.path().join("audit.jsonl")
-    }
-
+impl DaemonExt for Daemon {
     /// The audit records (as JSON) of this test's daemon and aitherctl calls.
     fn audit(&self) -> Vec<Value> {
         std::fs::read_to_string(self.audit_log())
@@ -64,75 +44,6 @@ impl Daemon {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.state.path().join("aitherd.sock")
-    }
-
-    fn env(&self, c: &mut Command) {
-        c.env("AITHER_STATE_DIR", self.state.path().join("state"))
-            .env("AITHER_SOCKET", self.socket())
-            .env("AITHER_POLICY_DIR", common::policy_dir())
-            .env("AITHER_INIT", init_path())
-            .env("AITHER_STATS_INTERVAL_MS", "200")
-            .env("AITHER_AUDIT_LOG", self.audit_log());
-    }
-
-    fn launch(&mut self) {
-        let mut c = Command::new(AITHERD);
-        self.env(&mut c);
-        c.args(&self.args);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state.path().join("aitherd.log"))
-            .unwrap();
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        self.child = Some(c.spawn().expect("start aitherd"));
-        let ok = poll_until(Duration::from_secs(20), || {
-            UnixStream::connect(self.socket()).is_ok()
-        });
-        assert!(ok, "aitherd did not come up: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.path().join("aitherd.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(AITHERCTL);
-        self.env(&mut c);
-        c.args(args)
-            .current_dir(self.ws.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run aitherctl")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "aitherctl {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     fn inspect(&self, name: &str) -> Value {
@@ -212,34 +123,13 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Ok(v) = serde_json::from_str::<Value>(&String::from_utf8_lossy(
-                &self.ctl(&["ps", "--json"]).stdout,
-            )) {
-                for a in v.as_array().into_iter().flatten() {
-                    if let Some(n) = a["name"].as_str() {
-                        let _ = self.ctl(&["rm", "--force", n]);
-                    }
-                }
-            }
-            if let Some(mut c) = self.child.take() {
-                // SAFETY: kill of our own child's pid.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let _ = c.wait();
-            }
-        }
-    }
-}
-
 fn ts(e: &Value) -> u64 {
     e["ts_ms"].as_u64().unwrap()
 }
 
 #[test]
 fn spawn_ps_logs_stop_rm_round_trip() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("basic");
     let sock = d.socket().display().to_string();
     let script = format!(
@@ -323,7 +213,7 @@ fn spawn_ps_logs_stop_rm_round_trip() {
 
 #[test]
 fn restarts_on_failure_with_exponential_backoff() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("backoff");
     d.spawn(&name, &["--backoff", "200ms"], &["sh", "-c", "exit 3"]);
     let ev = d.wait_events(&name, "started", 4, Duration::from_secs(20));
@@ -370,7 +260,7 @@ fn restarts_on_failure_with_exponential_backoff() {
 
 #[test]
 fn a_restart_burst_marks_the_agent_failed() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("burst");
     d.spawn(&name, &["--backoff", "20ms"], &["false"]);
     d.wait_state(&name, "failed", Duration::from_secs(20));
@@ -387,7 +277,7 @@ fn a_restart_burst_marks_the_agent_failed() {
 
 #[test]
 fn an_oom_kill_is_a_pain_event_and_restarts_the_agent() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("oom");
     d.spawn(
         &name,
@@ -415,7 +305,7 @@ fn an_oom_kill_is_a_pain_event_and_restarts_the_agent() {
 
 #[test]
 fn a_missed_watchdog_restarts_the_agent_and_heartbeats_keep_it() {
-    let d = Daemon::start();
+    let d = daemon();
     let silent = unique("wd-silent");
     d.spawn(
         &silent,
@@ -448,7 +338,7 @@ fn a_missed_watchdog_restarts_the_agent_and_heartbeats_keep_it() {
 
 #[test]
 fn the_agent_channel_ready_status_pain_and_denial() {
-    let d = Daemon::start();
+    let d = daemon();
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
     std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
     let script = r#"
@@ -511,7 +401,7 @@ time.sleep(60)
 
 #[test]
 fn a_shell_agent_reports_ready_with_aither_notify() {
-    let d = Daemon::start();
+    let d = daemon();
     let notify = Path::new(AITHERCTL).with_file_name("aither-notify");
     assert!(
         notify.is_file(),
@@ -551,7 +441,7 @@ fn a_shell_agent_reports_ready_with_aither_notify() {
 
 #[test]
 fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
-    let mut d = Daemon::start();
+    let mut d = daemon();
     let a = unique("keep-a");
     let b = unique("keep-b");
     let c = unique("ends");
@@ -609,7 +499,7 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
 
 #[test]
 fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
-    let mut d = Daemon::start();
+    let mut d = daemon();
     let name = unique("survive");
     let pid1 = d.spawn(&name, &[], &["sleep", "60"])["pid1"]
         .as_i64()
@@ -642,7 +532,7 @@ fn reply(s: &mut UnixStream) -> Option<Value> {
 
 #[test]
 fn socket_abuse_gets_error_replies_and_the_daemon_keeps_serving() {
-    let d = Daemon::start();
+    let d = daemon();
     let connect = || {
         let s = UnixStream::connect(d.socket()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -705,7 +595,7 @@ fn socket_abuse_gets_error_replies_and_the_daemon_keeps_serving() {
 
 #[test]
 fn many_spawns_at_once() {
-    let d = Daemon::start();
+    let d = daemon();
     let names: Vec<String> = (0..16).map(|i| unique(&format!("many{i}"))).collect();
     std::thread::scope(|s| {
         for n in &names {
@@ -748,7 +638,7 @@ fn without_a_daemon_the_cli_says_how_to_start_one() {
 
 #[test]
 fn agent_files_give_command_and_supervision_with_errors_that_point_at_the_line() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("file");
     std::fs::create_dir_all(d.ws.path().join("agents")).unwrap();
     std::fs::write(
@@ -777,7 +667,7 @@ fn agent_files_give_command_and_supervision_with_errors_that_point_at_the_line()
 
 #[test]
 fn health_checks_run_inside_the_sandbox_and_failures_restart_the_agent() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("health");
     // /tmp is the sandbox's own tmpfs: the check can only see the file from inside.
     let v = d.spawn(
@@ -814,7 +704,7 @@ fn health_checks_run_inside_the_sandbox_and_failures_restart_the_agent() {
 
 #[test]
 fn revoking_its_token_stops_a_running_agent_and_it_is_not_restarted() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("revoke");
     let v = d.spawn(
         &name,
@@ -842,7 +732,7 @@ fn revoking_its_token_stops_a_running_agent_and_it_is_not_restarted() {
 
 #[test]
 fn kernel_cpu_throttling_is_pain_and_the_policy_can_map_it_to_throttle() {
-    let d = Daemon::start();
+    let d = daemon();
     // strict, with CPU throttling mapped to the `throttle` action.
     let strict = std::fs::read_to_string(common::policy_dir().join("strict.toml")).unwrap();
     let policy = d.ws.path().join("throttling.toml");
@@ -892,7 +782,7 @@ fn kernel_cpu_throttling_is_pain_and_the_policy_can_map_it_to_throttle() {
 
 #[test]
 fn every_decision_lands_in_one_verifiable_audit_stream() {
-    let d = Daemon::start();
+    let d = daemon();
     let name = unique("audited");
     // Allowed: a spawn (with the token minted for it), an operator's stop.
     d.spawn(&name, &[], &["sleep", "60"]);
@@ -992,7 +882,7 @@ fn prometheus_metrics_count_agents_restarts_and_pain() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start_args(&["--metrics", &addr]);
+    let d = daemon_with(&["--metrics", &addr]);
     let up = unique("m-up");
     d.spawn(&up, &[], &["sleep", "60"]);
     let crash = unique("m-crash");

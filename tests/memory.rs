@@ -7,113 +7,25 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{poll_until, require_root, unique, Workspace, AITHERCTL};
+use common::{poll_until, unique};
 use serde_json::Value;
 
-const AITHERD: &str = env!("CARGO_BIN_EXE_aitherd");
+use common::daemon::TestDaemon as Daemon;
 
-struct Daemon {
-    state: tempfile::TempDir,
-    child: Option<Child>,
-    ws: Workspace,
+fn daemon() -> Daemon {
+    Daemon::start("aitherd-mem-", &[]).with_python_sdk()
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let state = tempfile::Builder::new()
-            .prefix("aitherd-mem-")
-            .tempdir_in("/var/tmp")
-            .expect("state dir");
-        let mut d = Daemon {
-            state,
-            child: None,
-            ws: Workspace::new(),
-        };
-        let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python/aither.py");
-        std::fs::copy(&sdk, d.ws.path().join("aither.py")).unwrap();
-        d.launch();
-        d
-    }
+/// What this suite asks of its daemon beyond the shared fixture (tests/common/daemon.rs).
+trait MemoryExt {
+    fn agent_log(&self, name: &str) -> String;
+    fn wait_log(&self, name: &str, needle: &str, timeout: Duration) -> String;
+    fn spawn(&self, name: &str, flags: &[&str], script: &str, args: &[&str]);
+}
 
-    fn socket(&self) -> PathBuf {
-        self.state.path().join("aitherd.sock")
-    }
-
-    fn env(&self, c: &mut Command) {
-        let init = Path::new(AITHERCTL).with_file_name("aither-init");
-        assert!(
-            init.is_file(),
-            "{} is missing: build the workspace",
-            init.display()
-        );
-        c.env("AITHER_STATE_DIR", self.state.path().join("state"))
-            .env("AITHER_SOCKET", self.socket())
-            .env("AITHER_POLICY_DIR", common::policy_dir())
-            .env("AITHER_INIT", init)
-            .env("AITHER_STATS_INTERVAL_MS", "200");
-    }
-
-    fn launch(&mut self) {
-        let mut c = Command::new(AITHERD);
-        self.env(&mut c);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state.path().join("aitherd.log"))
-            .unwrap();
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        self.child = Some(c.spawn().expect("start aitherd"));
-        let ok = poll_until(Duration::from_secs(20), || {
-            UnixStream::connect(self.socket()).is_ok()
-        });
-        assert!(ok, "aitherd did not come up: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.path().join("aitherd.log")).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(AITHERCTL);
-        self.env(&mut c);
-        c.args(args)
-            .current_dir(self.ws.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run aitherctl")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "aitherctl {args:?} failed ({}): {}{}\n--- daemon log ---\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("JSON output")
-    }
-
+impl MemoryExt for Daemon {
     /// The agent's output so far (read from its log file: it survives the daemon).
     fn agent_log(&self, name: &str) -> String {
         std::fs::read_to_string(
@@ -147,27 +59,6 @@ impl Daemon {
         argv.extend(["--", "python3", &file]);
         argv.extend_from_slice(args);
         self.ok(&argv);
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Ok(v) = serde_json::from_str::<Value>(&String::from_utf8_lossy(
-                &self.ctl(&["ps", "--json"]).stdout,
-            )) {
-                for a in v.as_array().into_iter().flatten() {
-                    if let Some(n) = a["name"].as_str() {
-                        let _ = self.ctl(&["rm", "--force", n]);
-                    }
-                }
-            }
-            if let Some(mut c) = self.child.take() {
-                // SAFETY: kill of our own child's pid.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let _ = c.wait();
-            }
-        }
     }
 }
 
@@ -224,7 +115,7 @@ fn checks(log: &str) -> Vec<Value> {
 
 #[test]
 fn each_tier_keeps_what_it_promises_across_a_crash_a_kill_and_a_daemon_restart() {
-    let mut d = Daemon::start();
+    let mut d = daemon();
     let name = unique("tiers");
     // Spirit is the operator's to write; the strict policy lets the agent read it.
     d.ok(&[
@@ -338,7 +229,7 @@ fn each_tier_keeps_what_it_promises_across_a_crash_a_kill_and_a_daemon_restart()
 
 #[test]
 fn quotas_refuse_with_a_clear_error_and_write_nothing() {
-    let d = Daemon::start();
+    let d = daemon();
     // strict, with small quotas on working and knowledge.
     let strict = std::fs::read_to_string(common::policy_dir().join("strict.toml")).unwrap();
     let mut policy = strict.replace("name = \"strict\"", "name = \"tiny\"");
@@ -408,7 +299,7 @@ import time; time.sleep(600)
 
 #[test]
 fn an_agent_reads_another_agents_memory_only_with_a_grant_and_never_writes_it() {
-    let d = Daemon::start();
+    let d = daemon();
     let owner = unique("owner");
     d.ok(&[
         "mem",
@@ -494,7 +385,7 @@ import time; time.sleep(600)
 
 #[test]
 fn every_acknowledged_write_survives_kill_9_of_the_daemon_during_a_burst() {
-    let mut d = Daemon::start();
+    let mut d = daemon();
     let script = r#"
 import aither, sys
 c = aither.Channel.from_env()
