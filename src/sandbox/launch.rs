@@ -109,6 +109,9 @@ pub struct LaunchIo<'a> {
     pub log: Option<&'a mut dyn io::Write>,
     /// Called once, when the agent has been exec'ed.
     pub on_started: Option<OnStarted<'a>>,
+    /// Run by the launcher while pid 1 builds the sandbox (the launcher would only wait):
+    /// host-side bookkeeping that must not lengthen the launch, e.g. the audit record.
+    pub during_setup: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 /// `LaunchIo::on_started`.
@@ -538,6 +541,13 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     drop(join);
     drop(workspace);
     marks.push(("workspace", now_ns()));
+
+    // While pid 1 mounts, confines itself and execs: the caller's bookkeeping, off the
+    // critical path.
+    if let Some(f) = io.during_setup.take() {
+        f();
+    }
+    marks.push(("during-setup", now_ns()));
 
     // 7. Wait for the agent to start.
     let started = channel::recv(parent_sock.as_fd());

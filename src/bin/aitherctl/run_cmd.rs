@@ -90,20 +90,22 @@ pub fn run(a: RunArgs) -> i32 {
     if let Some(w) = &spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
-    // Recorded before the launch: a run that never returns (killed aitherctl) is in the log.
-    aither::audit::record_unsynced(
-        Entry::new(
-            "run",
-            Decision::Allow,
-            format!("policy {} via a verified token", spec.policy),
-        )
-        .agent(&spec.name)
-        .actor(crate::token_cmd::actor())
-        .data(serde_json::json!({"argv": spec.argv})),
-    );
     let report_to = a.report.clone();
     let mut report_err: Option<String> = None;
+    // Recorded while the sandbox is being built (before the launcher waits for the agent): a
+    // run that never returns (killed aitherctl) is in the log, and the launch is no longer.
+    let audit_entry = Entry::new(
+        "run",
+        Decision::Allow,
+        format!("policy {} via a verified token", spec.policy),
+    )
+    .agent(&spec.name)
+    .actor(crate::token_cmd::actor())
+    .data(serde_json::json!({"argv": spec.argv}));
     let io = sandbox::LaunchIo {
+        during_setup: Some(Box::new(move || {
+            aither::audit::record_unsynced(audit_entry)
+        })),
         on_started: report_to.as_ref().map(|path| {
             let err = &mut report_err;
             Box::new(move |s: &sandbox::Started| {
