@@ -504,6 +504,17 @@ fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
     let pid1 = d.spawn(&name, &[], &["sleep", "60"])["pid1"]
         .as_i64()
         .unwrap();
+    // An agent that has been restarted: its count survives the daemon's restart.
+    let flaky = unique("flaky");
+    d.spawn(
+        &flaky,
+        &["--backoff", "20ms", "--restart", "always"],
+        &["sh", "-c", "sleep 0.3"],
+    );
+    d.wait_events(&flaky, "started", 3, Duration::from_secs(10));
+    d.ok(&["stop", &flaky]);
+    let restarts = d.inspect(&flaky)["restarts"].as_u64().unwrap();
+    assert!(restarts >= 2, "{restarts}");
     // SAFETY: kill of our own child.
     unsafe { libc::kill(d.pid(), libc::SIGTERM) };
     let st = d.child.as_mut().unwrap().wait().unwrap();
@@ -514,6 +525,8 @@ fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
     d.launch();
     assert_eq!(d.inspect(&name)["pid1"].as_i64(), Some(pid1));
     assert!(d.events_text(&name).contains("adopted"));
+    assert_eq!(d.inspect(&flaky)["restarts"].as_u64(), Some(restarts));
+    assert_eq!(d.state_of(&flaky), "stopped");
 }
 
 fn frame(body: &[u8]) -> Vec<u8> {

@@ -138,6 +138,7 @@ pub fn start(
     adopted: Option<Live>,
     initial: Option<State>,
     launched: Option<Launched>,
+    restarts: u32,
 ) -> Handle {
     let name = rec.request.name.clone();
     let info = Arc::new(Mutex::new(Info {
@@ -152,7 +153,7 @@ pub fn start(
         shim_pid: None,
         cgroup: None,
         started_ms: None,
-        restarts: 0,
+        restarts,
         last_exit: None,
         last_reason: None,
         next_start_ms: None,
@@ -177,7 +178,11 @@ pub fn start(
         rec,
         info: info.clone(),
         cmds: rx,
-        tracker: RestartTracker::new(seed ^ info_hash(&info)),
+        tracker: {
+            let mut t = RestartTracker::new(seed ^ info_hash(&info));
+            t.total = restarts;
+            t
+        },
         outbox: None,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
@@ -297,6 +302,7 @@ impl Agent {
                     self.tracker.reset();
                     self.tracker.total += 1;
                     self.set(|i| i.restarts = self.tracker.total);
+                    self.d.store.set_restarts(&self.name, self.tracker.total);
                     let _ = reply.send(Ok(()));
                     continue;
                 }
@@ -322,6 +328,7 @@ impl Agent {
                 .data(json!({"decision": format!("{decision:?}"), "reason": end.reason})),
             );
             self.set(|i| i.restarts = self.tracker.total);
+            self.d.store.set_restarts(&self.name, self.tracker.total);
             match decision {
                 Decision::Done => {
                     idle = Some(match end.reason {

@@ -104,10 +104,10 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
                 json!({"shim_pid": l.shim_pid, "pid1": l.pid1, "cgroup": l.cgroup_id}),
             );
             out.adopted += 1;
-            agent::start(d.clone(), rec, Some(l), None, None)
+            agent::start(d.clone(), rec, Some(l), None, None, row.restarts)
         } else if matches!(state, State::Stopped | State::Exited | State::Failed) {
             out.resting += 1;
-            agent::start(d.clone(), rec, None, Some(state), None)
+            agent::start(d.clone(), rec, None, Some(state), None, row.restarts)
         } else {
             // It was running (or about to) and its sandbox is gone.
             let exit = shim::read_exit(&log_dir);
@@ -119,10 +119,17 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
             d.clear_working_memory(&row.name);
             if should_restart(&rec, exit.as_ref()) {
                 out.restarted += 1;
-                agent::start(d.clone(), rec, None, None, None)
+                agent::start(d.clone(), rec, None, None, None, row.restarts)
             } else {
                 out.resting += 1;
-                agent::start(d.clone(), rec, None, Some(State::Exited), None)
+                agent::start(
+                    d.clone(),
+                    rec,
+                    None,
+                    Some(State::Exited),
+                    None,
+                    row.restarts,
+                )
             }
         };
         agents.insert(row.name.clone(), handle);

@@ -496,7 +496,7 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
             "created",
             json!({"policy": rec.spec.policy, "argv": rec.spec.argv, "token_id": rec.token_id}),
         );
-        let h = agent::start(d.clone(), rec, None, None, Some(tx));
+        let h = agent::start(d.clone(), rec, None, None, Some(tx), 0);
         agents.insert(req.name.clone(), h);
     }
     match rx.await {

@@ -74,6 +74,8 @@ pub struct AgentRow {
     pub name: String,
     pub record: serde_json::Value,
     pub state: String,
+    /// Restarts so far (kept across daemon restarts, shown by `ps`).
+    pub restarts: u32,
 }
 
 enum Op {
@@ -87,6 +89,10 @@ enum Op {
         name: String,
         state: String,
         now: u64,
+    },
+    SetRestarts {
+        name: String,
+        restarts: u32,
     },
     DeleteAgent(String),
     RunStarted {
@@ -125,6 +131,15 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     c.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
     c.execute_batch(SCHEMA).map_err(sql)?;
+    // Added after the first release of the schema: a database from then gains the column.
+    if let Err(e) = c.execute(
+        "ALTER TABLE agents ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
+        [],
+    ) {
+        if !e.to_string().contains("duplicate column") {
+            return Err(sql(e));
+        }
+    }
     Ok(c)
 }
 
@@ -165,6 +180,13 @@ impl Store {
             name: name.into(),
             state: state.into(),
             now: now_ms(),
+        });
+    }
+
+    pub fn set_restarts(&self, name: &str, restarts: u32) {
+        self.send(Op::SetRestarts {
+            name: name.into(),
+            restarts,
         });
     }
 
@@ -229,7 +251,7 @@ pub fn load_agents(c: &Connection, path: &Path) -> Result<Vec<AgentRow>, StoreEr
         source,
     };
     let mut st = c
-        .prepare("SELECT name, record, state FROM agents ORDER BY created_ms")
+        .prepare("SELECT name, record, state, restarts FROM agents ORDER BY created_ms")
         .map_err(sql)?;
     let rows = st
         .query_map([], |r| {
@@ -237,12 +259,13 @@ pub fn load_agents(c: &Connection, path: &Path) -> Result<Vec<AgentRow>, StoreEr
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
             ))
         })
         .map_err(sql)?;
     let mut out = Vec::new();
     for row in rows {
-        let (name, record, state) = row.map_err(sql)?;
+        let (name, record, state, restarts) = row.map_err(sql)?;
         let record = serde_json::from_str(&record).map_err(|e| StoreError::Corrupt {
             name: name.clone(),
             detail: e.to_string(),
@@ -251,6 +274,7 @@ pub fn load_agents(c: &Connection, path: &Path) -> Result<Vec<AgentRow>, StoreEr
             name,
             record,
             state,
+            restarts: restarts.clamp(0, u32::MAX as i64) as u32,
         });
     }
     Ok(out)
@@ -310,6 +334,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             tx.execute(
                 "UPDATE agents SET state = ?2, updated_ms = ?3 WHERE name = ?1",
                 params![name, state, *now as i64],
+            )?;
+        }
+        Op::SetRestarts { name, restarts } => {
+            tx.execute(
+                "UPDATE agents SET restarts = ?2 WHERE name = ?1",
+                params![name, restarts],
             )?;
         }
         Op::DeleteAgent(name) => {
