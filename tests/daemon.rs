@@ -922,5 +922,46 @@ fn prometheus_metrics_count_agents_restarts_and_pain() {
         "{m}"
     );
     assert!(m.contains("aither_exits_total{reason=\"exited\"}"), "{m}");
+    // The daemon publishes its events on the bus: the log is not empty.
+    let last_seq: f64 = m
+        .lines()
+        .find(|l| l.starts_with("aither_bus_last_seq "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(last_seq > 0.0, "{m}");
     assert!(get("/other").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn the_audit_stream_survives_kill_9_of_the_daemon_in_a_burst() {
+    let mut d = daemon();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (d, stop) = (&d, &stop);
+            s.spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Each refused spawn is an audited decision.
+                    let n = format!("burst{t}-{i}");
+                    let _ = d.ctl(&["spawn", "--policy", "no-such-policy", &n, "--", "true"]);
+                    i += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        // SAFETY: SIGKILL to our own child, in the middle of the burst.
+        unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    d.kill9(); // reaps it
+    let before = d.audit().len();
+    assert!(before > 0, "no decision recorded before the kill");
+    let o = d.ctl(&["audit", "verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // The next daemon appends to the same chain.
+    d.launch();
+    let _ = d.ctl(&["spawn", "--policy", "no-such-policy", "after", "--", "true"]);
+    assert!(poll_until(Duration::from_secs(5), || d.audit().len() > before));
+    assert!(d.ctl(&["audit", "verify"]).status.success());
 }

@@ -169,6 +169,44 @@ pub fn render(d: &Shared) -> String {
             }
         }
     }
+    // The bus (AitherFlux): the durable log and the live subscriptions.
+    if let Ok((log, subs)) = d.bus.stats() {
+        let gauges: [(&str, &str, f64); 6] = [
+            (
+                "aither_bus_last_seq",
+                "Sequence number of the newest message published.",
+                log.last_seq as f64,
+            ),
+            (
+                "aither_bus_log_messages",
+                "Messages kept in the durable log.",
+                log.messages as f64,
+            ),
+            (
+                "aither_bus_log_bytes",
+                "Bytes kept in the durable log.",
+                log.bytes as f64,
+            ),
+            (
+                "aither_bus_subscriptions",
+                "Live subscriptions.",
+                subs.len() as f64,
+            ),
+            (
+                "aither_bus_delivered",
+                "Messages delivered to the live subscriptions.",
+                subs.iter().map(|s| s.delivered).sum::<u64>() as f64,
+            ),
+            (
+                "aither_bus_dropped",
+                "Messages dropped by full live queues (drop-oldest).",
+                subs.iter().map(|s| s.dropped).sum::<u64>() as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+    }
     let snap = d.counters.snapshot();
     for (name, ty, help) in HELP {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
