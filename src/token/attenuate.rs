@@ -24,6 +24,36 @@ pub struct Attenuation {
     pub ttl: Option<Duration>,
     /// Wall-clock limit of the agent.
     pub timeout: Option<Duration>,
+    /// Memory tiers to take away entirely.
+    pub mem_drop: Vec<String>,
+    /// Memory tiers made read-only.
+    pub mem_read_only: Vec<String>,
+    /// Lower quotas of a tier: (tier, bytes, entries); `None` keeps the parent's.
+    pub mem_quota: Vec<(String, Option<Size>, Option<u64>)>,
+    /// Take away every grant to read other agents' memory.
+    pub no_memory_grants: bool,
+}
+
+/// Parses `TIER=SIZE[,ENTRIES]` (`--mem-quota knowledge=8M,1000`; either side may be empty).
+pub fn parse_mem_quota(s: &str) -> Result<(String, Option<Size>, Option<u64>), String> {
+    let (tier, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected TIER=SIZE[,ENTRIES], e.g. knowledge=8M,1000"))?;
+    let (size, entries) = rest.split_once(',').unwrap_or((rest, ""));
+    let size = (!size.is_empty())
+        .then(|| crate::units::parse_size(size).map_err(|e| e.to_string()))
+        .transpose()?;
+    let entries = (!entries.is_empty())
+        .then(|| {
+            entries
+                .parse::<u64>()
+                .map_err(|e| format!("{entries:?}: {e}"))
+        })
+        .transpose()?;
+    if size.is_none() && entries.is_none() {
+        return Err(format!("{s:?}: give a size, a number of entries or both"));
+    }
+    Ok((tier.to_string(), size, entries))
 }
 
 fn bad(field: &'static str, reason: impl Into<String>) -> TokenError {
@@ -101,6 +131,38 @@ impl Attenuation {
                 return Err(bad("timeout", "must be more than 0"));
             }
             c.rules.process.timeout = Some(HumanDuration(t));
+        }
+        for tier in &self.mem_drop {
+            if c.memory_tiers.remove(tier).is_none() {
+                return Err(bad(
+                    "mem_drop",
+                    format!("the token grants no tier {tier:?}"),
+                ));
+            }
+        }
+        for tier in &self.mem_read_only {
+            let t = c.memory_tiers.get_mut(tier).ok_or_else(|| {
+                bad(
+                    "mem_read_only",
+                    format!("the token grants no tier {tier:?}"),
+                )
+            })?;
+            t.write = false;
+        }
+        for (tier, bytes, entries) in &self.mem_quota {
+            let t = c
+                .memory_tiers
+                .get_mut(tier)
+                .ok_or_else(|| bad("mem_quota", format!("the token grants no tier {tier:?}")))?;
+            if let Some(b) = bytes {
+                t.quota_bytes = b.0;
+            }
+            if let Some(n) = entries {
+                t.quota_entries = *n;
+            }
+        }
+        if self.no_memory_grants {
+            c.memory_grants.clear();
         }
         if let Some(t) = self.ttl {
             if t.as_secs() == 0 {

@@ -889,3 +889,46 @@ fn subjects_and_ttls_are_checked() {
     assert_eq!(c.exp - c.iat, 60);
     assert!(c.issuer.starts_with("aither@"));
 }
+
+#[test]
+fn memory_tiers_grants_and_quotas_only_narrow() {
+    let (t, c0) = minted("strict");
+    assert!(
+        c0.memory_tiers.contains_key("knowledge"),
+        "strict grants memory tiers"
+    );
+    let req = Attenuation {
+        mem_drop: vec!["knowledge".into()],
+        mem_read_only: vec!["active".into()],
+        mem_quota: vec![attenuate::parse_mem_quota("codegraph=1M,10").unwrap()],
+        no_memory_grants: true,
+        ..Default::default()
+    };
+    let c1 = req.apply(&c0, NOW).unwrap();
+    let t1 = t.append(&c1).unwrap();
+    let e = check(&t1).unwrap().effective().clone();
+    assert!(!e.memory_tiers.contains_key("knowledge"));
+    assert!(!e.memory_tiers["active"].write);
+    assert_eq!(e.memory_tiers["codegraph"].quota_bytes, 1 << 20);
+    assert_eq!(e.memory_tiers["codegraph"].quota_entries, 10);
+    // Back up again: refused, naming the field.
+    let wider = Attenuation {
+        mem_quota: vec![attenuate::parse_mem_quota("codegraph=2M").unwrap()],
+        ..Default::default()
+    }
+    .apply(&e, NOW)
+    .unwrap();
+    assert_eq!(
+        widening_field(t1.append(&wider)),
+        "memory_tiers.codegraph.quota_bytes"
+    );
+    // A tier the token does not grant cannot be named.
+    let none = Attenuation {
+        mem_read_only: vec!["knowledge".into()],
+        ..Default::default()
+    }
+    .apply(&e, NOW);
+    assert!(none.unwrap_err().to_string().contains("knowledge"));
+    assert!(attenuate::parse_mem_quota("codegraph").is_err());
+    assert!(attenuate::parse_mem_quota("codegraph=").is_err());
+}

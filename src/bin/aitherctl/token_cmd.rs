@@ -103,6 +103,18 @@ pub enum TokenCmd {
         /// Wall-clock limit of the agent.
         #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
         timeout: Option<Duration>,
+        /// Take a memory tier away entirely (repeatable).
+        #[arg(long = "mem-drop", value_name = "TIER")]
+        mem_drop: Vec<String>,
+        /// Make a memory tier read-only (repeatable).
+        #[arg(long = "mem-read-only", value_name = "TIER")]
+        mem_read_only: Vec<String>,
+        /// Lower a memory tier's quotas: TIER=SIZE[,ENTRIES] (repeatable), e.g. knowledge=8M,1000.
+        #[arg(long = "mem-quota", value_name = "TIER=SIZE[,N]", value_parser = aither::token::attenuate::parse_mem_quota)]
+        mem_quota: Vec<(String, Option<Size>, Option<u64>)>,
+        /// Take away every grant to read other agents' memory.
+        #[arg(long)]
+        no_memory_grants: bool,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -170,10 +182,18 @@ pub fn run(cmd: TokenCmd) -> i32 {
             write,
             ttl,
             timeout,
+            mem_drop,
+            mem_read_only,
+            mem_quota,
+            no_memory_grants,
             out,
             pubkey,
         } => {
             let req = Attenuation {
+                mem_drop,
+                mem_read_only,
+                mem_quota,
+                no_memory_grants,
                 memory,
                 cpus,
                 pids,
