@@ -633,6 +633,11 @@ proptest! {
                 write: r.write.map(|i| PATHS[i].to_string()),
                 ttl: r.ttl.map(Duration::from_secs),
                 timeout: r.timeout.map(Duration::from_secs),
+                // Memory narrowing has its own test (token::tests::memory_tiers_…).
+                mem_drop: Vec::new(),
+                mem_read_only: Vec::new(),
+                mem_quota: Vec::new(),
+                no_memory_grants: false,
             };
             let child = att.apply(&cur, now).expect("in-range values are well-formed requests");
             let wider = asks_wider(r, &cur, now);
