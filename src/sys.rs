@@ -148,6 +148,14 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(owned(r))
 }
 
+/// pidfd_getfd(2): a close-on-exec copy of descriptor `target` of the process (≥ 5.6; needs
+/// ptrace access to it).
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; returns a new descriptor.
+    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) })?;
+    Ok(owned(r))
+}
+
 /// setns(2) with a pidfd: joins every namespace in `flags` of that process at once (≥ 5.8).
 pub fn setns(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: setns on a valid descriptor.
@@ -212,12 +220,21 @@ pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
 
 /// A connected pair of SOCK_SEQPACKET sockets (message boundaries kept), close-on-exec.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    unix_pair(libc::SOCK_SEQPACKET)
+}
+
+/// A connected, close-on-exec unix stream socket pair (the agent channel).
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    unix_pair(libc::SOCK_STREAM)
+}
+
+fn unix_pair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: socketpair writes two descriptors into `fds`.
     check_int(unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )

@@ -5,7 +5,7 @@
 //! shim outlives a daemon crash, so agents keep running and logging while aitherd is down.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -135,7 +135,6 @@ pub struct Signaller(OwnedFd);
 
 impl Signaller {
     pub fn signal(&self, sig: i32) -> io::Result<()> {
-        use std::os::fd::AsFd;
         crate::sys::pidfd_send_signal(self.0.as_fd(), sig)
     }
 }
@@ -145,49 +144,10 @@ pub fn read_exit(log_dir: &Path) -> Option<ExitRecord> {
     serde_json::from_str(&text).ok()
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
 fn watch_pidfd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd stays open, on the same description, for as long as the AsyncFd
     // that owns it.
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
-}
-
-fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd duplicates `target` of the process into a new descriptor here
-    // (close-on-exec set by the kernel).
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: valid out-array of two ints.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: two new descriptors we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Creates the agent's log directory, root-only.
@@ -217,7 +177,7 @@ pub async fn launch(
     start_timeout: Duration,
 ) -> Result<Live, ShimError> {
     prepare_log_dir(log_dir)?;
-    let (ours, theirs) = socketpair().map_err(ShimError::Channel)?;
+    let (ours, theirs) = crate::sys::stream_pair().map_err(ShimError::Channel)?;
     let config = serde_json::json!({
         "spec": spec,
         "log_dir": log_dir,
@@ -272,7 +232,7 @@ pub async fn launch(
     })?;
     drop(theirs);
     let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
-    let pidfd = pidfd_open(shim_pid).map_err(|source| ShimError::Spawn {
+    let pidfd = crate::sys::pidfd_open(shim_pid).map_err(|source| ShimError::Spawn {
         path: init.to_path_buf(),
         source,
     })?;
@@ -381,8 +341,8 @@ pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live>
             format!("pid {shim_pid} is not an aither-init shim"),
         ));
     }
-    let pidfd = pidfd_open(shim_pid)?;
-    let channel = pidfd_getfd(&pidfd, SHIM_KEEP_FD).ok();
+    let pidfd = crate::sys::pidfd_open(shim_pid)?;
+    let channel = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_KEEP_FD).ok();
     let pid1 = first_child(shim_pid);
     Ok(Live {
         shim_pid,
