@@ -16,7 +16,7 @@ use super::bus::{Outcome, Slot};
 use super::proto::{self, aio, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
-use super::{Daemon, Service};
+use super::Daemon;
 use crate::audit::{Decision as Verdict, Entry};
 use crate::cgroup::{self, stats, CpuQuota};
 use crate::policy::{PainAction, PainPolicy};
@@ -284,7 +284,7 @@ impl Agent {
             if let Some(h) = end.healthy_since {
                 let healthy = now.saturating_sub(self.d.to_mono_ms(h));
                 let sup = self.sup().clone();
-                self.tracker.note_run(&sup, 0, Some(0), healthy);
+                self.tracker.note_healthy(&sup, healthy);
             }
             match end.then {
                 After::Remove(reply) => {
@@ -1001,11 +1001,9 @@ impl Agent {
                     Effect::Pain(action, what),
                 )
             }
-            // Services reached through the channel (memory tiers, the bus): each checks the
-            // request against the agent's verified claims.
+            // The memory tiers (docs/memory.md), checked against the agent's verified claims.
             op if op.starts_with("mem.") => reply(
-                self.d
-                    .service_request(Service::Memory, &self.name, verified.effective(), v),
+                self.d.memory_request(&self.name, verified.effective(), v),
                 Effect::None,
             ),
             // The bus (docs/bus.md): the run's outbox carries the token's bus claim.

@@ -183,28 +183,19 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(self.log_dir(name));
     }
 
-    /// A channel request for one of the daemon's services (ops `mem.*`, `bus.*`), on behalf
-    /// of agent `name` holding `claims`.
-    pub fn service_request(
+    /// A channel request for the memory tiers (ops `mem.*`), on behalf of agent `name`
+    /// holding `claims`. (Bus ops go to `bus::channel_op`, which needs the run's outbox.)
+    pub fn memory_request(
         &self,
-        service: Service,
         name: &str,
         claims: &token::Claims,
         req: &serde_json::Value,
     ) -> proto::Reply {
-        let op = req.get("op").and_then(|o| o.as_str()).unwrap_or("");
-        match service {
-            Service::Memory => {
-                let actor = memory::Actor::Agent { name, claims };
-                // SQLite work (and the wait for a commit) off the async worker.
-                match memory::store::wait(|| {
-                    memory::service::handle(&self.memory, actor, name, req)
-                }) {
-                    Ok(data) => proto::Reply::ok(data),
-                    Err(e) => proto::Reply::err(e.code(), e.to_string()),
-                }
-            }
-            Service::Bus => proto::Reply::err("unknown_op", format!("unknown op {op:?}")),
+        let actor = memory::Actor::Agent { name, claims };
+        // SQLite work (and the wait for a commit) off the async worker.
+        match memory::store::wait(|| memory::service::handle(&self.memory, actor, name, req)) {
+            Ok(data) => proto::Reply::ok(data),
+            Err(e) => proto::Reply::err(e.code(), e.to_string()),
         }
     }
 
@@ -332,13 +323,6 @@ pub fn started_event(d: &Daemon, adopted: usize, restarted: usize) {
         "daemon_started",
         json!({"pid": std::process::id(), "adopted": adopted, "restarted": restarted}),
     );
-}
-
-/// The services agents reach through their channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Service {
-    Memory,
-    Bus,
 }
 
 /// Shared handle.

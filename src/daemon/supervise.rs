@@ -71,10 +71,6 @@ impl std::str::FromStr for RestartPolicy {
     }
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
-}
-
 /// How one agent is supervised. Durations in milliseconds on the wire.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -264,20 +260,11 @@ impl RestartTracker {
         }
     }
 
-    /// The run that started at `started` and ended at `now` was healthy long enough: forget
-    /// the backoff.
-    pub fn note_run(
-        &mut self,
-        sup: &Supervision,
-        started: u64,
-        healthy_since: Option<u64>,
-        now: u64,
-    ) {
-        let _ = started;
-        if let Some(h) = healthy_since {
-            if now.saturating_sub(h) >= sup.reset_after_ms {
-                self.consecutive = 0;
-            }
+    /// The run that just ended was healthy for `healthy_ms`: long enough, and the backoff
+    /// starts over.
+    pub fn note_healthy(&mut self, sup: &Supervision, healthy_ms: u64) {
+        if healthy_ms >= sup.reset_after_ms {
+            self.consecutive = 0;
         }
     }
 
@@ -350,7 +337,7 @@ impl RestartTracker {
 
 /// Milliseconds of a duration, for the wire.
 pub fn to_ms(d: Duration) -> u64 {
-    ms(d)
+    d.as_millis().min(u64::MAX as u128) as u64
 }
 
 #[cfg(test)]
@@ -439,9 +426,9 @@ mod tests {
         let s = sup();
         let mut t = RestartTracker::new(9);
         t.consecutive = 4;
-        t.note_run(&s, 0, Some(0), 599_999);
+        t.note_healthy(&s, 599_999);
         assert_eq!(t.consecutive, 4);
-        t.note_run(&s, 0, Some(0), 600_000);
+        t.note_healthy(&s, 600_000);
         assert_eq!(t.consecutive, 0);
     }
 
