@@ -1,0 +1,136 @@
+//! GPUs: where they come from ([`backend`]), who gets them ([`scheduler`]) and how access is
+//! enforced ([`devices`]). The daemon's side (queue, leases, persistence, preemption, eviction)
+//! is src/daemon/gpu.rs.
+//!
+//! Configuration: `AITHER_GPUS=path` or /etc/aither/gpus.toml; without a file, NVML (no driver:
+//! no GPUs, never a crash). docs/gpu.md.
+
+pub mod backend;
+pub mod devices;
+pub mod scheduler;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use backend::{GpuBackend, GpuDevice, NoGpus, ProcessUsage};
+pub use devices::DeviceRule;
+pub use scheduler::{Config as SchedulerConfig, Decision, Lease, Request, Scheduler};
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/aither/gpus.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("GPU device node {path}: {source}")]
+    Node {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("GPU backend: {0}")]
+    Backend(String),
+}
+
+/// Which backend gpus.toml asks for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    #[default]
+    Nvml,
+    Simulated,
+    None,
+}
+
+/// gpus.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    #[serde(default)]
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    /// Simulated devices (`[[device]]`).
+    #[serde(default)]
+    pub device: Vec<backend::SimDevice>,
+    /// Simulated control nodes every GPU sandbox gets (stand-ins for nvidiactl, nvidia-uvm).
+    #[serde(default)]
+    pub control_nodes: Vec<PathBuf>,
+    /// Simulated per-agent or per-pid use (`[[usage]]`), re-read at every poll.
+    #[serde(default)]
+    pub usage: Vec<backend::SimUsage>,
+    /// Host directories with driver libraries and tools, bound read-only into GPU sandboxes
+    /// (those that exist; /usr is already in every policy's read-only view).
+    #[serde(default)]
+    pub driver_paths: Vec<PathBuf>,
+}
+
+impl GpuConfig {
+    /// The file named by `AITHER_GPUS`, else /etc/aither/gpus.toml if present.
+    pub fn path() -> Option<PathBuf> {
+        match std::env::var_os("AITHER_GPUS") {
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => {
+                let p = PathBuf::from(DEFAULT_CONFIG);
+                p.exists().then_some(p)
+            }
+        }
+    }
+
+    pub fn parse_file(path: &Path) -> Result<GpuConfig, GpuError> {
+        let text = std::fs::read_to_string(path).map_err(|e| GpuError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses, with errors naming line, column and field.
+    pub fn parse(path: &Path, text: &str) -> Result<GpuConfig, GpuError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let (line, col) = e
+                .span()
+                .map(|s| crate::policy::locate::line_col(text, s.start))
+                .unwrap_or((0, 0));
+            GpuError::Config {
+                path: path.to_path_buf(),
+                msg: format!("line {line}, column {col}: {}", e.message()),
+            }
+        })
+    }
+}
+
+/// The backend and scheduler configuration of this host. A broken configuration file is an
+/// error (the daemon refuses to start rather than run without the GPUs the operator declared);
+/// NVML without a driver is "no GPUs" with the reason.
+pub fn load() -> Result<(Box<dyn GpuBackend>, GpuConfig, Option<String>), GpuError> {
+    let Some(path) = GpuConfig::path() else {
+        return Ok(nvml_or_none(GpuConfig::default()));
+    };
+    let cfg = GpuConfig::parse_file(&path)?;
+    match cfg.backend {
+        BackendKind::Simulated => {
+            let b = backend::Simulated::new(&path, &cfg.device, &cfg.control_nodes)?;
+            Ok((Box::new(b), cfg, None))
+        }
+        BackendKind::None => Ok((Box::new(NoGpus), cfg, Some("backend = \"none\"".into()))),
+        BackendKind::Nvml => {
+            if !cfg.device.is_empty() {
+                return Err(GpuError::Config {
+                    path,
+                    msg: "[[device]] entries need backend = \"simulated\"".into(),
+                });
+            }
+            Ok(nvml_or_none(cfg))
+        }
+    }
+}
+
+fn nvml_or_none(cfg: GpuConfig) -> (Box<dyn GpuBackend>, GpuConfig, Option<String>) {
+    match backend::open_nvml() {
+        Ok(n) => (Box::new(n), cfg, None),
+        Err(why) => (Box::new(NoGpus), cfg, Some(why)),
+    }
+}
