@@ -63,6 +63,12 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot attach the device program to {path}: {source}; the policy requires it (allow it to be missing with best_effort = [\"cgroup-devices\"])")]
+    DeviceProgram {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("failed to remove cgroup {path}: {source} (processes still inside)")]
     Remove {
         path: PathBuf,
@@ -146,6 +152,12 @@ pub struct Limits {
     pub cpu: Option<CpuQuota>,
     /// Maximum number of tasks; never 0 (0 is refused, not "unlimited").
     pub pids: Option<u64>,
+    /// Devices the sandbox may open (everything else: EPERM); None: no device rules (the
+    /// sandbox's /dev holds only the harmless base set and a user namespace cannot mknod).
+    /// Set for GPU leases: enforced by the v1 devices controller and by a BPF device program
+    /// on cgroup2 (both on a hybrid host).
+    #[serde(default)]
+    pub devices: Option<Vec<crate::gpu::DeviceRule>>,
 }
 
 impl Limits {
@@ -279,6 +291,63 @@ impl Cgroup {
         }
         last
     }
+}
+
+/// Puts the device rules on a cgroup2 directory as a BPF device program. A fake root (a plain
+/// directory, in tests) has no hook: the rules are written to `aither.devices` there instead,
+/// as a record of what a real host would attach.
+pub(crate) fn attach_device_rules(
+    dir: &Path,
+    rules: &[crate::gpu::DeviceRule],
+    best_effort: &[Protection],
+    skipped: &mut Vec<Protection>,
+) -> Result<(), CgroupError> {
+    if fs_magic(dir).ok() != Some(CGROUP2_SUPER_MAGIC) {
+        let text: String = rules.iter().map(|r| r.v1_line() + "\n").collect();
+        return fs::write(dir.join("aither.devices"), text).map_err(|source| {
+            CgroupError::Write {
+                path: dir.join("aither.devices"),
+                value: "device rules".into(),
+                hint: "",
+                source,
+            }
+        });
+    }
+    let fd = crate::sys::open(dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| {
+        CgroupError::Read {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })?;
+    match crate::gpu::devices::attach(&fd, rules) {
+        Ok(()) => Ok(()),
+        Err(_) if best_effort.contains(&Protection::CgroupDevices) => {
+            skipped.push(Protection::CgroupDevices);
+            Ok(())
+        }
+        Err(source) => Err(CgroupError::DeviceProgram {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Parses a v1 `devices.list` back into rules.
+pub(crate) fn parse_devices_list(text: &str) -> Vec<crate::gpu::DeviceRule> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let ty = it.next()?;
+            let (ma, mi) = it.next()?.split_once(':')?;
+            let access = it.next()?.to_string();
+            Some(crate::gpu::DeviceRule {
+                block: ty == "b",
+                major: if ma == "*" { u32::MAX } else { ma.parse().ok()? },
+                minor: if mi == "*" { None } else { mi.parse().ok() },
+                access,
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn remove_dir_retry(d: &Path) -> Result<(), CgroupError> {

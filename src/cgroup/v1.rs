@@ -90,6 +90,21 @@ impl CgroupManager for V1 {
             }
             cg.dirs.push((controller, d));
         }
+        if result.is_ok() && limits.devices.is_some() {
+            match self.require(
+                "devices",
+                Protection::CgroupDevices,
+                best_effort,
+                &mut cg.skipped,
+            ) {
+                Ok(Some(h)) => {
+                    let d = h.join(SUBTREE).join(id);
+                    result = mkdir_p(&d).map(|()| cg.dirs.push(("devices", d)));
+                }
+                Ok(None) => {}
+                Err(e) => result = Err(e),
+            }
+        }
         if result.is_ok() && self.unified {
             let d = self.root.join("unified").join(SUBTREE).join(id);
             result = mkdir_p(&d).map(|()| cg.dirs.push(("unified", d)));
@@ -128,6 +143,9 @@ impl CgroupManager for V1 {
         if let Some(d) = Self::dir(cg, "pids") {
             l.pids = read_ctl(&d, "pids.max")?.parse().ok();
         }
+        if let Some(d) = Self::dir(cg, "devices") {
+            l.devices = Some(super::parse_devices_list(&read_ctl(&d, "devices.list")?));
+        }
         Ok(l)
     }
 
@@ -147,7 +165,7 @@ impl CgroupManager for V1 {
     }
 
     fn subtree_dirs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ["memory", "cpu", "pids"]
+        let mut v: Vec<PathBuf> = ["memory", "cpu", "pids", "devices"]
             .iter()
             .map(|c| self.hierarchy(c).join(SUBTREE))
             .collect();
@@ -189,6 +207,20 @@ impl V1 {
         }
         if let (Some(pids), Some(d)) = (limits.pids, Self::dir(cg, "pids")) {
             write_ctl(&d, "pids.max", &pids.to_string(), "")?;
+        }
+        if let Some(rules) = &limits.devices {
+            // Deny everything first, then allow the list: a new v1 devices cgroup inherits
+            // its parent's (here: everything) and rules only narrow from there.
+            if let Some(d) = Self::dir(cg, "devices") {
+                write_ctl(&d, "devices.deny", "a", "")?;
+                for r in rules {
+                    write_ctl(&d, "devices.allow", &r.v1_line(), "")?;
+                }
+            }
+            // On a hybrid host the cgroup2 side is enforced too (DESIGN.md §5): both layers.
+            if let Some(d) = Self::dir(cg, "unified") {
+                super::attach_device_rules(&d, rules, best_effort, &mut cg.skipped)?;
+            }
         }
         Ok(())
     }

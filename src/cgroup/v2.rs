@@ -81,11 +81,20 @@ impl CgroupManager for V2 {
         }
         let d = parent.join(id);
         mkdir_p(&d)?;
-        let cg = Cgroup {
+        let mut cg = Cgroup {
             id: id.to_string(),
             dirs: vec![("unified", d.clone())],
             skipped,
         };
+        if let Some(rules) = &limits.devices {
+            // Attached before any process enters (the sandbox is born into the cgroup).
+            if let Err(e) =
+                super::attach_device_rules(&d, rules, best_effort, &mut cg.skipped)
+            {
+                let _ = cg.remove();
+                return Err(e);
+            }
+        }
         let apply = || -> Result<(), CgroupError> {
             if enable.contains(&"memory") {
                 if let Some(mem) = limits.memory {
@@ -146,6 +155,11 @@ impl CgroupManager for V2 {
             swap: num("memory.swap.max")?,
             cpu,
             pids: num("pids.max")?,
+            // A real cgroup2 directory's BPF program cannot be read back as rules; a fake
+            // root's record can.
+            devices: std::fs::read_to_string(d.join("aither.devices"))
+                .ok()
+                .map(|t| super::parse_devices_list(&t)),
         })
     }
 

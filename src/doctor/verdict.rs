@@ -373,6 +373,7 @@ fn cgroup_needs(policy: &Policy, facts: &HostFacts, acc: &mut Acc<'_>) {
         swap: policy.resources.swap.map(|s| s.0),
         cpu: Some(CpuQuota::from_cpus(policy.resources.cpus)),
         pids: Some(policy.resources.pids),
+        devices: None,
     };
     let mut memory_ok = false;
     for (ctrl, protection) in limits.controllers() {

@@ -182,25 +182,37 @@ pub fn program(rules: &[DeviceRule]) -> Vec<Insn> {
 /// (BPF_F_ALLOW_MULTI: an ancestor's program still runs too; the kernel allows an access only
 /// if every attached program does). The program stays attached for the cgroup's life.
 pub fn attach(cgroup: &OwnedFd, rules: &[DeviceRule]) -> io::Result<()> {
-    let prog = program(rules);
+    let prog_fd = match load(&program(rules), 0) {
+        Ok(fd) => fd,
+        // Load again with the verifier's log only to explain a failure.
+        Err(_) => load(&program(rules), 1)?,
+    };
+    attach_prog(cgroup, &prog_fd)
+}
+
+fn put32(a: &mut [u8; 128], off: usize, v: u32) {
+    a[off..off + 4].copy_from_slice(&v.to_ne_bytes())
+}
+
+fn put64(a: &mut [u8; 128], off: usize, v: u64) {
+    a[off..off + 8].copy_from_slice(&v.to_ne_bytes())
+}
+
+fn load(prog: &[Insn], log_level: u32) -> io::Result<OwnedFd> {
     let license = c"GPL";
-    let mut log = vec![0u8; 4096];
+    let mut log = vec![0u8; if log_level > 0 { 1 << 20 } else { 0 }];
     let mut attr = [0u8; 128];
-    let put32 = |a: &mut [u8; 128], off: usize, v: u32| {
-        a[off..off + 4].copy_from_slice(&v.to_ne_bytes())
-    };
-    let put64 = |a: &mut [u8; 128], off: usize, v: u64| {
-        a[off..off + 8].copy_from_slice(&v.to_ne_bytes())
-    };
     // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level,
     // log_size, log_buf, ..., prog_name at 48.
     put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_DEVICE);
     put32(&mut attr, 4, prog.len() as u32);
     put64(&mut attr, 8, prog.as_ptr() as u64);
     put64(&mut attr, 16, license.as_ptr() as u64);
-    put32(&mut attr, 24, 1);
-    put32(&mut attr, 28, log.len() as u32);
-    put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    if log_level > 0 {
+        put32(&mut attr, 24, log_level);
+        put32(&mut attr, 28, log.len() as u32);
+        put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    }
     attr[48..48 + 12].copy_from_slice(b"aither_devcg");
     // SAFETY: attr is a zeroed bpf_attr with valid pointers to prog, license and log, which
     // outlive the call.
@@ -222,7 +234,10 @@ pub fn attach(cgroup: &OwnedFd, rules: &[DeviceRule]) -> io::Result<()> {
         ));
     }
     // SAFETY: the kernel just returned this new descriptor; we own it.
-    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn attach_prog(cgroup: &OwnedFd, prog_fd: &OwnedFd) -> io::Result<()> {
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, cgroup.as_raw_fd() as u32);
     put32(&mut attr, 4, prog_fd.as_raw_fd() as u32);

@@ -77,6 +77,9 @@ pub enum Protection {
     CgroupPids,
     /// "No swap": needs memory.swap.max (v2) or memory.memsw.* (v1) when the host has swap.
     CgroupSwap,
+    /// Device access rules for GPU leases: the v1 devices controller and, where a cgroup2
+    /// hierarchy exists, a BPF device program.
+    CgroupDevices,
 }
 
 impl fmt::Display for Protection {

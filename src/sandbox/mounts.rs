@@ -291,6 +291,18 @@ fn build_dev(spec: &SandboxSpec, old: &Path) -> Result<(), MountError> {
         // Device nodes cannot be created inside a user namespace; bind the host's.
         sys::mount(Some(&s), &inside, None, libc::MS_BIND, None).map_err(err("bind", &inside))?;
     }
+    // Leased GPU nodes: bound like the base nodes; the cgroup's device rules (set before the
+    // sandbox was born in it) are what allow opening them.
+    for d in &spec.devices {
+        let host = old.join(d.host.strip_prefix("/").unwrap_or(&d.host));
+        let inside = dev.join(&d.name);
+        if let Some(parent) = inside.parent() {
+            mkdir_p(parent, 0o755)?;
+        }
+        touch(&inside)?;
+        let s = sys::cstr(&host).map_err(err("bind", &host))?;
+        sys::mount(Some(&s), &inside, None, libc::MS_BIND, None).map_err(err("bind", &inside))?;
+    }
     let pts = dev.join("pts");
     mkdir_p(&pts, 0o755)?;
     // A private devpts instance: the agent sees only its own ptys.

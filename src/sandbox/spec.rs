@@ -55,6 +55,15 @@ pub struct MountPlan {
     pub exec_workspace: bool,
 }
 
+/// A host device node placed in the sandbox's /dev (a GPU of a lease, or a GPU control node).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeviceNode {
+    /// The node on the host.
+    pub host: PathBuf,
+    /// Its name under the sandbox's /dev (e.g. `nvidia0`, `nvidia-caps/nvidia-cap1`).
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Workspace {
     pub path: PathBuf,
@@ -92,6 +101,10 @@ pub struct SandboxSpec {
     /// Collect the enforcement report (pid 1 reads its /proc after confinement: ≈ 0.1 ms).
     #[serde(default)]
     pub report: bool,
+    /// Extra device nodes (GPU leases). Non-empty means device rules in the cgroup
+    /// (`limits.devices`) allow exactly the base /dev set and these.
+    #[serde(default)]
+    pub devices: Vec<DeviceNode>,
 }
 
 fn narrow<T: PartialOrd + Copy + ToString>(
@@ -262,6 +275,7 @@ impl SandboxSpec {
                 swap,
                 cpu: Some(CpuQuota::from_cpus(cpus)),
                 pids: Some(pids),
+                devices: None,
             },
             rlimit_nofile: policy.rlimits.nofile,
             rlimit_core: policy.rlimits.core,
@@ -273,7 +287,52 @@ impl SandboxSpec {
             timeout,
             best_effort: policy.best_effort.clone(),
             report: false,
+            devices: Vec::new(),
         })
+    }
+
+    /// Grants device nodes (a GPU lease): binds them into /dev and sets the cgroup's device
+    /// rules to the base set plus these nodes, read and write (no mknod). `visible` is the
+    /// value of NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES (UUIDs of the leased GPUs; a
+    /// convenience for CUDA, never a boundary: the device rules are).
+    pub fn grant_devices(
+        &mut self,
+        nodes: &[PathBuf],
+        visible: &str,
+    ) -> Result<(), crate::gpu::GpuError> {
+        let mut rules = crate::gpu::devices::base_rules();
+        for n in nodes {
+            let (block, major, minor) =
+                crate::gpu::devices::node_numbers(n).map_err(|source| {
+                    crate::gpu::GpuError::Node {
+                        path: n.clone(),
+                        source,
+                    }
+                })?;
+            rules.push(crate::gpu::DeviceRule {
+                block,
+                major,
+                minor: Some(minor),
+                access: "rw".into(),
+            });
+            let name = n
+                .strip_prefix("/dev")
+                .ok()
+                .filter(|p| p.components().count() > 0)
+                .map(|p| p.to_string_lossy().into_owned())
+                .or_else(|| n.file_name().map(|f| f.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "gpu".into());
+            self.devices.push(DeviceNode {
+                host: n.clone(),
+                name,
+            });
+        }
+        self.limits.devices = Some(rules);
+        for k in ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"] {
+            self.env.retain(|(ek, _)| ek != k);
+            self.env.push((k.into(), visible.into()));
+        }
+        Ok(())
     }
 }
 

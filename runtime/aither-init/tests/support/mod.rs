@@ -118,6 +118,18 @@ pub fn start_shim(
     log_keep: u32,
     fds: Option<ShimFds>,
 ) -> Shim {
+    start_shim_env(spec, log_dir, log_max_bytes, log_keep, fds, &[])
+}
+
+/// `start_shim` with extra environment for the shim (e.g. AITHER_CGROUP_MODE).
+pub fn start_shim_env(
+    spec: &SandboxSpec,
+    log_dir: &Path,
+    log_max_bytes: u64,
+    log_keep: u32,
+    fds: Option<ShimFds>,
+    env: &[(&str, &str)],
+) -> Shim {
     let cfg = ShimConfig {
         spec: spec.clone(),
         log_dir: log_dir.to_path_buf(),
@@ -128,6 +140,7 @@ pub fn start_shim(
     };
     let mut cmd = Command::new(AITHER_INIT);
     cmd.arg("shim")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
