@@ -31,6 +31,10 @@ pub struct Record {
     pub token_id: String,
     pub pain: PainPolicy,
     pub created_ms: u64,
+    /// What it asks the MicroScheduler for (the token's `gpu` claim, narrowed by spawn
+    /// flags); None: no GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::policy::GpuGrant>,
 }
 
 /// What `ps` and `inspect` show.
@@ -67,6 +71,9 @@ pub struct Info {
     pub report: Option<Box<serde_json::value::RawValue>>,
     pub supervision: Supervision,
     pub log_dir: PathBuf,
+    /// The `ps` GPU column: devices and VRAM of the lease (`0:8G`), or `queued#N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
 }
 
 /// Requests to an agent's task.
@@ -85,6 +92,8 @@ pub enum Cmd {
     Remove {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The MicroScheduler takes the GPUs back (preemption, overuse).
+    Evict(super::gpu::Eviction),
 }
 
 /// The handle the daemon keeps per agent.
@@ -110,6 +119,18 @@ struct Agent {
     tracker: RestartTracker,
     /// The current run's bus subscriptions and their queues.
     outbox: Option<Arc<crate::bus::Outbox>>,
+    /// The queue position (enqueue time, sequence) a preempted agent goes back to.
+    gpu_origin: Option<(u64, u64)>,
+}
+
+/// How waiting for GPUs ended.
+enum Acquired {
+    /// Launch this spec (with the lease applied, if any).
+    Spec(Box<SandboxSpec>),
+    /// Never: the request cannot be admitted.
+    Refused(String),
+    /// A user's command came first.
+    Interrupted(After),
 }
 
 /// How a watched run ended, plus anything a user asked for meanwhile.
@@ -169,6 +190,7 @@ pub fn start(
         report: None,
         supervision: rec.request.supervision.clone(),
         log_dir: d.log_dir(&name),
+        gpu: None,
     }));
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
@@ -184,6 +206,7 @@ pub fn start(
             t
         },
         outbox: None,
+        gpu_origin: None,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
     Handle { info, cmd: tx }
@@ -254,7 +277,33 @@ impl Agent {
             let was_adopted = adopted.is_some();
             let live = match adopted.take() {
                 Some(l) => Ok(l),
-                None => self.launch().await,
+                None => match self.acquire_gpu(&mut launched).await {
+                    Acquired::Spec(spec) => self.launch(&spec).await,
+                    Acquired::Refused(error) => {
+                        if let Some(l) = launched.take() {
+                            let _ = l.send(Err(error.clone()));
+                        }
+                        self.ended(&EndReason::LaunchFailed { code: 125, error });
+                        idle = Some(State::Failed);
+                        continue;
+                    }
+                    Acquired::Interrupted(After::Stop(replies)) => {
+                        for r in replies {
+                            let _ = r.send(Ok(()));
+                        }
+                        idle = Some(State::Stopped);
+                        continue;
+                    }
+                    Acquired::Interrupted(After::Remove(reply)) => {
+                        self.remove(reply).await;
+                        return;
+                    }
+                    Acquired::Interrupted(After::Restart(reply)) => {
+                        let _ = reply.send(Ok(()));
+                        continue;
+                    }
+                    Acquired::Interrupted(After::Policy) => return,
+                },
             };
             let end = match live {
                 Ok(live) => {
@@ -280,6 +329,13 @@ impl Agent {
                 }
             };
             self.ended(&end.reason);
+            if matches!(end.reason, EndReason::GpuPreempted { .. })
+                && matches!(end.then, After::Policy)
+            {
+                // Back into the queue at its original time; not a restart, not a failure.
+                continue;
+            }
+            self.gpu_origin = None;
             let now = self.d.mono_ms();
             if let Some(h) = end.healthy_since {
                 let healthy = now.saturating_sub(self.d.to_mono_ms(h));
@@ -379,6 +435,8 @@ impl Agent {
 
     /// Records the end of a run.
     fn ended(&self, reason: &EndReason) {
+        // Its GPUs go back to the queue first: the next agent may start while we record.
+        self.d.gpu.release(&self.d, &self.name);
         let text = reason.describe();
         self.d.store.run_ended(&self.name, &text);
         self.d.clear_working_memory(&self.name);
@@ -418,6 +476,7 @@ impl Agent {
                 }
                 Cmd::Restart { reply } => return Some(After::Restart(reply)),
                 Cmd::Remove { reply } => return Some(After::Remove(reply)),
+                Cmd::Evict(_) => {}
             }
         }
         None
@@ -436,16 +495,84 @@ impl Agent {
                     }
                     Cmd::Restart { reply } => return Some(After::Restart(reply)),
                     Cmd::Remove { reply } => return Some(After::Remove(reply)),
+                    Cmd::Evict(_) => {}
                 },
             }
         }
     }
 
-    async fn launch(&mut self) -> Result<Live, ShimError> {
+    /// Waits for the agent's GPUs (if it asks for any) and applies the lease to its spec.
+    /// While queued it answers `spawn` (state `queued`) and users' commands.
+    async fn acquire_gpu(&mut self, launched: &mut Option<Launched>) -> Acquired {
+        let mut spec = Box::new(self.rec.spec.clone());
+        let Some(ask) = self.rec.gpu.clone().filter(|g| g.count > 0) else {
+            return Acquired::Spec(spec);
+        };
+        let mut rx = match self
+            .d
+            .gpu
+            .request(&self.d, &self.name, &ask, self.gpu_origin.take())
+        {
+            Ok(rx) => rx,
+            Err(e) => return Acquired::Refused(format!("GPU request refused: {e}")),
+        };
+        let granted = match rx.try_recv() {
+            Ok(g) => g,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Acquired::Refused("the GPU scheduler dropped the request".into())
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {
+                self.state(State::Queued);
+                if let Some(l) = launched.take() {
+                    let _ = l.send(Ok(()));
+                }
+                loop {
+                    tokio::select! {
+                        g = &mut rx => match g {
+                            Ok(g) => break g,
+                            Err(_) => return Acquired::Refused("the GPU scheduler dropped the request".into()),
+                        },
+                        cmd = self.cmds.recv() => match cmd {
+                            None => {
+                                self.d.gpu.cancel(&self.d, &self.name);
+                                return Acquired::Interrupted(After::Policy);
+                            }
+                            Some(Cmd::Stop { reply, .. }) => {
+                                self.d.gpu.cancel(&self.d, &self.name);
+                                return Acquired::Interrupted(After::Stop(vec![reply]));
+                            }
+                            Some(Cmd::Remove { reply }) => {
+                                self.d.gpu.cancel(&self.d, &self.name);
+                                return Acquired::Interrupted(After::Remove(reply));
+                            }
+                            Some(Cmd::Restart { reply }) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                            Some(Cmd::Kill { reply, .. }) => {
+                                let _ = reply.send(Err(format!("{} is queued for a GPU, not running", self.name)));
+                            }
+                            Some(Cmd::Evict(_)) => {}
+                        },
+                    }
+                }
+            }
+        };
+        let devices = match granted {
+            Ok(d) => d,
+            Err(e) => return Acquired::Refused(e),
+        };
+        if let Err(e) = self.d.gpu.apply(&mut spec, &devices) {
+            self.d.gpu.release(&self.d, &self.name);
+            return Acquired::Refused(e.to_string());
+        }
+        Acquired::Spec(spec)
+    }
+
+    async fn launch(&mut self, spec: &SandboxSpec) -> Result<Live, ShimError> {
         self.state(State::Starting);
         let live = shim::launch(
             &self.d.init,
-            &self.rec.spec,
+            spec,
             &self.d.log_dir(&self.name),
             Duration::from_secs(60),
         )
@@ -737,6 +864,22 @@ impl Agent {
                             let k = Instant::now() + sup.stop_timeout();
                             kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
                         }
+                        Cmd::Evict(why) => {
+                            if pending.is_none() {
+                                pending = Some(match why {
+                                    super::gpu::Eviction::Preempted { by } => {
+                                        self.gpu_origin = self.d.gpu.origin(&self.name);
+                                        EndReason::GpuPreempted { by }
+                                    }
+                                    super::gpu::Eviction::Overuse { device, used_mb, reserved_mb } => {
+                                        EndReason::GpuEvicted { device, used_mb, reserved_mb }
+                                    }
+                                });
+                                let _ = shim_sig.signal(libc::SIGTERM);
+                                let k = Instant::now() + Duration::from_millis(self.d.gpu.grace_ms());
+                                kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
+                            }
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {
@@ -960,6 +1103,10 @@ impl Agent {
                 self.set(|i| i.last_heartbeat_ms = Some(super::store::now_ms()));
                 reply(proto::Reply::ok(json!({})), Effect::Heartbeat)
             }
+            "gpu.lease" => reply(
+                proto::Reply::ok(self.d.gpu.lease_info(&self.name)),
+                Effect::None,
+            ),
             "status" => match text("text") {
                 Ok(t) => {
                     self.set(|i| i.status_text = t.clone());

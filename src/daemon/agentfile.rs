@@ -104,9 +104,26 @@ pub struct AgentFile {
     pub watchdog: Option<HumanDuration>,
     #[serde(default)]
     pub health: Option<Health>,
+    /// `[gpu]`: what to ask the MicroScheduler for, within the token's `gpu` claim.
+    #[serde(default)]
+    pub gpu: Option<GpuAsk>,
     /// The directory the file is in (relative paths resolve against it).
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+/// `[gpu]` of an agent file (docs/gpu.md); each field narrows the token's claim.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuAsk {
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default)]
+    pub vram: Option<crate::units::Size>,
+    #[serde(default)]
+    pub priority: Option<u32>,
+    #[serde(default)]
+    pub exclusive: Option<bool>,
 }
 
 impl AgentFile {

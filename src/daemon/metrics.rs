@@ -118,6 +118,7 @@ pub fn render(d: &Shared) -> String {
     );
     for s in [
         State::Created,
+        State::Queued,
         State::Starting,
         State::Running,
         State::Ready,

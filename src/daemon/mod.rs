@@ -12,6 +12,7 @@ pub mod agent;
 pub mod agentfile;
 pub mod bus;
 pub mod client;
+pub mod gpu;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
@@ -59,6 +60,8 @@ pub enum DaemonError {
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -87,6 +90,8 @@ pub struct Daemon {
     pub init: PathBuf,
     pub state_dir: PathBuf,
     pub cgroups: Box<dyn CgroupManager>,
+    /// The MicroScheduler and the GPU backend (docs/gpu.md).
+    pub gpu: gpu::GpuService,
     pub key: HostKey,
     revocations: Mutex<RevocationStore>,
     pub agents: Mutex<HashMap<String, agent::Handle>>,
@@ -126,6 +131,7 @@ impl Daemon {
             init,
             state_dir: state_dir.to_path_buf(),
             cgroups: crate::cgroup::manager()?,
+            gpu: gpu::GpuService::load()?,
             key,
             revocations: Mutex::new(revocations),
             agents: Mutex::new(HashMap::new()),
@@ -172,6 +178,14 @@ impl Daemon {
         let t = token::Token::decode(text)?;
         let rev = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
         token::verify(&t, &self.key.public(), token::now_unix(), &*rev)
+    }
+
+    /// Tells a running agent that the MicroScheduler takes its GPUs back.
+    pub fn evict(&self, name: &str, why: gpu::Eviction) {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = agents.get(name) {
+            let _ = h.cmd.send(agent::Cmd::Evict(why));
+        }
     }
 
     /// Drops an agent from the table (after `rm`).

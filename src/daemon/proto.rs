@@ -216,6 +216,16 @@ pub struct SpawnRequest {
     /// Replace an agent of the same name that is not running.
     #[serde(default)]
     pub replace: bool,
+    /// Narrower GPU asks than the token's `gpu` claim (`--gpus`, `--gpu-vram`,
+    /// `--gpu-priority`, `--gpu-exclusive`/`--gpu-shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_priority: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_exclusive: Option<bool>,
 }
 
 /// A request on the control socket.
@@ -225,6 +235,10 @@ pub enum Request {
     Ping,
     Spawn(Box<SpawnRequest>),
     Ps,
+    /// GPUs, their VRAM and leases (`aitherctl gpu ls`).
+    GpuLs,
+    /// The MicroScheduler's queue in order (`aitherctl gpu queue`).
+    GpuQueue,
     Inspect {
         name: String,
     },

@@ -64,6 +64,14 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
             shims.entry(name.to_string()).or_default().push(pid);
         }
     }
+    // The GPU queue and leases before any agent asks again: a lease whose sandbox still runs
+    // is held again; a queued request keeps its place.
+    {
+        let c = d.store.reader()?;
+        let gpu_rows = store::load_gpu(&c, d.store.path())?;
+        let running: Vec<String> = shims.keys().cloned().collect();
+        d.gpu.restore(d, gpu_rows, &running);
+    }
     let mut agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
     for row in rows {
         let rec: Record = match serde_json::from_value(row.record.clone()) {
@@ -105,6 +113,10 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
             );
             out.adopted += 1;
             agent::start(d.clone(), rec, Some(l), None, None, row.restarts)
+        } else if state == State::Queued {
+            // Waiting for a GPU when the daemon stopped: back in the queue at its place.
+            out.restarted += 1;
+            agent::start(d.clone(), rec, None, None, None, row.restarts)
         } else if matches!(state, State::Stopped | State::Exited | State::Failed) {
             out.resting += 1;
             agent::start(d.clone(), rec, None, Some(state), None, row.restarts)

@@ -264,6 +264,8 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
         Request::Spawn(s) => spawn(d, *s, actor).await,
+        Request::GpuLs => Reply::ok(d.gpu.ls()),
+        Request::GpuQueue => Reply::ok(json!({"queue": d.gpu.queue()})),
         Request::Ps => {
             let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<agent::Info> = agents
@@ -272,6 +274,7 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                     let mut i = h.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     // `inspect` shows the enforcement report; the list stays small.
                     i.report = None;
+                    i.gpu = d.gpu.column(&i.name);
                     i
                 })
                 .collect();
@@ -290,7 +293,12 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             "bus_pub and bus_sub take over their connection",
         ),
         Request::Inspect { name } => match d.info_of(&name) {
-            Some(i) => Reply::ok(serde_json::to_value(i).unwrap_or_default()),
+            Some(mut i) => {
+                i.gpu = d.gpu.column(&name);
+                let mut v = serde_json::to_value(i).unwrap_or_default();
+                v["gpu_lease"] = d.gpu.lease_info(&name);
+                Reply::ok(v)
+            }
             None => not_found(&name),
         },
         Request::Logs { name, tail, .. } => {
@@ -583,6 +591,7 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             .check_workspace(&w.path)
             .map_err(|e| ("denied", e.to_string()))?;
     }
+    let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
     request.pass_env.clear();
@@ -593,7 +602,48 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
         token: text,
         pain: policy.pain,
         created_ms: now_ms(),
+        gpu,
     })
+}
+
+/// The GPU ask: the token's claim, narrowed by the spawn flags (which may never widen it).
+fn gpu_ask(
+    claim: &crate::policy::GpuGrant,
+    req: &SpawnRequest,
+) -> Result<Option<crate::policy::GpuGrant>, String> {
+    let over = |flag: &str, asked: u64, granted: u64| {
+        if asked > granted {
+            Err(format!(
+                "--{flag} {asked} exceeds the token's gpu claim ({granted}): flags may only narrow it"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let mut ask = claim.clone();
+    if let Some(n) = req.gpus {
+        over("gpus", n as u64, claim.count as u64)?;
+        ask.count = n;
+    }
+    if let Some(v) = req.gpu_vram_mb {
+        over("gpu-vram (MiB)", v, claim.vram_mb)?;
+        ask.vram_mb = v;
+    }
+    if let Some(p) = req.gpu_priority {
+        over("gpu-priority", p as u64, claim.priority as u64)?;
+        ask.priority = p;
+    }
+    match req.gpu_exclusive {
+        Some(true) if !claim.exclusive => {
+            return Err("--gpu-exclusive: the token's gpu claim grants shared devices only".into())
+        }
+        Some(x) => ask.exclusive = x,
+        None => {}
+    }
+    if ask.count > 0 && ask.vram_mb == 0 {
+        return Err("a GPU request needs VRAM (--gpu-vram)".into());
+    }
+    Ok((ask.count > 0).then_some(ask))
 }
 
 /// The last `tail` lines (default 100) of the agent's log, across one rotation.

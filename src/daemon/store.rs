@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS events (
     data  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts_ms);
+CREATE TABLE IF NOT EXISTS gpu (
+    name  TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    data  TEXT NOT NULL
+);
 ";
 
 /// One event: a state change, a pain signal, a health result.
@@ -108,6 +113,13 @@ enum Op {
         now: u64,
     },
     Event(Event),
+    /// A GPU request ("queued", data: the request) or lease ("granted", data: the lease).
+    PutGpu {
+        name: String,
+        state: &'static str,
+        data: String,
+    },
+    DeleteGpu(String),
     Flush(oneshot::Sender<()>),
 }
 
@@ -212,6 +224,19 @@ impl Store {
         });
     }
 
+    /// Persists an agent's GPU request or lease (the queue and leases survive a restart).
+    pub fn put_gpu(&self, name: &str, state: &'static str, data: &serde_json::Value) {
+        self.send(Op::PutGpu {
+            name: name.into(),
+            state,
+            data: data.to_string(),
+        });
+    }
+
+    pub fn delete_gpu(&self, name: &str) {
+        self.send(Op::DeleteGpu(name.into()));
+    }
+
     pub fn event(&self, e: Event) {
         self.send(Op::Event(e));
     }
@@ -280,6 +305,39 @@ pub fn load_agents(c: &Connection, path: &Path) -> Result<Vec<AgentRow>, StoreEr
     Ok(out)
 }
 
+/// Every persisted GPU row: (agent, "queued" | "granted", data).
+pub fn load_gpu(
+    c: &Connection,
+    path: &Path,
+) -> Result<Vec<(String, String, serde_json::Value)>, StoreError> {
+    let sql = |source| StoreError::Sql {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut st = c
+        .prepare("SELECT name, state, data FROM gpu")
+        .map_err(sql)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, state, data) = row.map_err(sql)?;
+        let data = serde_json::from_str(&data).map_err(|e| StoreError::Corrupt {
+            name: name.clone(),
+            detail: format!("gpu row: {e}"),
+        })?;
+        out.push((name, state, data));
+    }
+    Ok(out)
+}
+
 /// Events since `since_ms` (oldest first), optionally of one agent, at most `limit`.
 pub fn load_events(
     c: &Connection,
@@ -342,8 +400,19 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 params![name, restarts],
             )?;
         }
+        Op::PutGpu { name, state, data } => {
+            tx.execute(
+                "INSERT INTO gpu(name, state, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET state = ?2, data = ?3",
+                params![name, state, data],
+            )?;
+        }
+        Op::DeleteGpu(name) => {
+            tx.execute("DELETE FROM gpu WHERE name = ?1", params![name])?;
+        }
         Op::DeleteAgent(name) => {
             tx.execute("DELETE FROM agents WHERE name = ?1", params![name])?;
+            tx.execute("DELETE FROM gpu WHERE name = ?1", params![name])?;
             tx.execute("DELETE FROM runs WHERE name = ?1", params![name])?;
         }
         Op::RunStarted {

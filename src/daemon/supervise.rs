@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum State {
     /// Accepted, not launched yet.
     Created,
+    /// Waiting in the MicroScheduler's queue for its GPUs (`aitherctl gpu queue`).
+    Queued,
     /// Launched; waiting for READY (or the first passing health check) when readiness is asked.
     Starting,
     /// Running; no readiness was asked for.
@@ -192,13 +194,22 @@ pub enum EndReason {
         signal: String,
         reason: String,
     },
+    /// Stopped for a strictly higher GPU priority class; requeued at its original time
+    /// (never counted as a failure or a restart).
+    GpuPreempted { by: String },
+    /// Used more VRAM than its lease reserved.
+    GpuEvicted {
+        device: u32,
+        used_mb: u64,
+        reserved_mb: u64,
+    },
 }
 
 impl EndReason {
     pub fn is_failure(&self, sup: &Supervision) -> bool {
         match self {
             EndReason::Exited { code } => !sup.success_codes.contains(code),
-            EndReason::StoppedByUs => false,
+            EndReason::StoppedByUs | EndReason::GpuPreempted { .. } => false,
             _ => true,
         }
     }
@@ -225,6 +236,16 @@ impl EndReason {
                     if reason.is_empty() { "" } else { ": " }
                 )
             }
+            EndReason::GpuPreempted { by } => {
+                format!("preempted for {by} (higher GPU priority class); requeued")
+            }
+            EndReason::GpuEvicted {
+                device,
+                used_mb,
+                reserved_mb,
+            } => format!(
+                "evicted: used {used_mb} MiB of VRAM on GPU {device}, {reserved_mb} MiB reserved"
+            ),
         }
     }
 }

@@ -6,4 +6,5 @@ pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("standard", include_str!("../../policies/standard.toml")),
     ("ci", include_str!("../../policies/ci.toml")),
     ("permissive", include_str!("../../policies/permissive.toml")),
+    ("gpu", include_str!("../../policies/gpu.toml")),
 ];

@@ -227,6 +227,31 @@ pub struct Policy {
     /// so that policies and tokens written before the memory service still decode).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory: BTreeMap<String, MemoryTierPolicy>,
+    /// `[gpu]`: what agents minted from this policy may ask the MicroScheduler for (copied
+    /// into a token's `gpu` claim; docs/gpu.md). Absent: no GPU.
+    #[serde(default, skip_serializing_if = "GpuGrant::is_none")]
+    pub gpu: GpuGrant,
+}
+
+/// GPU access: how many devices, VRAM reserved on each, the priority class, and whether the
+/// devices are whole (exclusive) or shared. The same value is a token's `gpu` claim.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuGrant {
+    pub count: u32,
+    pub vram_mb: u64,
+    /// Priority class: higher is scheduled first and may preempt strictly lower classes.
+    pub priority: u32,
+    /// Whole devices. Left out of a token when false, so tokens minted before it still
+    /// verify byte for byte; false (shared) is the narrower value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive: bool,
+}
+
+impl GpuGrant {
+    pub fn is_none(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// `[bus]`: subject patterns (NATS `*`/`>`) an agent may publish to and subscribe to.

@@ -21,14 +21,8 @@ use crate::policy::{
 /// Longest lifetime a token may be minted with (ten years).
 pub const MAX_TTL_SECS: u64 = 10 * 365 * 86_400;
 
-/// GPU access: how many devices, how much memory on each, and the scheduling class.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GpuClaim {
-    pub count: u32,
-    pub vram_mb: u64,
-    pub priority: u32,
-}
+/// GPU access: how many devices, how much memory on each, the scheduling class, exclusive.
+pub type GpuClaim = crate::policy::GpuGrant;
 
 /// Event-bus topics the agent may publish to and subscribe to (NATS-style patterns).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -135,7 +129,7 @@ impl Claims {
             policy: policy.name.clone(),
             rules: policy.clone(),
             workspace_root: None,
-            gpu: GpuClaim::default(),
+            gpu: policy.gpu.clone(),
             bus: BusClaim {
                 publish: expand_bus("bus.publish", &policy.bus.publish, subject)?,
                 subscribe: expand_bus("bus.subscribe", &policy.bus.subscribe, subject)?,
@@ -424,7 +418,14 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         count,
         vram_mb,
         priority,
+        exclusive,
     } = gpu;
+    if *exclusive && !parent.gpu.exclusive {
+        return Err(widen(
+            "gpu.exclusive",
+            "whole devices where the parent grants shared ones",
+        ));
+    }
     at_most("gpu.count", *count, parent.gpu.count)?;
     at_most("gpu.vram_mb", *vram_mb, parent.gpu.vram_mb)?;
     at_most("gpu.priority", *priority, parent.gpu.priority)?;
@@ -479,8 +480,11 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         pain,
         bus,
         memory,
+        gpu,
     } = child;
     same("rules.name", name, &parent.name)?;
+    // The policy's GPU grant as minted; what the token grants is `gpu` (narrowed above).
+    same("rules.gpu", gpu, &parent.gpu)?;
     // What the supervisor does on pain is the host's choice, not the holder's.
     same("rules.pain", pain, &parent.pain)?;
     // The policy's bus template; what the token grants is `bus` (narrowed above).

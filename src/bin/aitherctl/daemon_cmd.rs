@@ -110,6 +110,23 @@ pub struct SpawnArgs {
     /// Maximum number of processes and threads, at most the token's.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
+    /// GPUs to lease through the MicroScheduler (at most the token's gpu claim; 0: none).
+    /// The agent waits in `aitherctl gpu queue` (state `queued`) until they are free.
+    #[arg(long, value_name = "N")]
+    gpus: Option<u32>,
+    /// VRAM reserved on each leased GPU, e.g. 8G (at most the claim's).
+    #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
+    gpu_vram: Option<Size>,
+    /// GPU priority class (at most the claim's): higher goes first and may preempt
+    /// strictly lower classes.
+    #[arg(long, value_name = "N")]
+    gpu_priority: Option<u32>,
+    /// Whole GPUs, shared with no other agent (the claim must allow it).
+    #[arg(long, conflicts_with = "gpu_shared")]
+    gpu_exclusive: bool,
+    /// Shared GPUs even where the claim allows exclusive ones.
+    #[arg(long)]
+    gpu_shared: bool,
     /// never | on-failure | always [default: on-failure].
     #[arg(long, value_name = "POLICY")]
     restart: Option<RestartPolicy>,
@@ -271,6 +288,23 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         cpus: a.cpus,
         pids: a.pids,
         replace: a.replace,
+        gpus: a
+            .gpus
+            .or_else(|| file.as_ref().and_then(|f| f.gpu.as_ref()?.count)),
+        gpu_vram_mb: a
+            .gpu_vram
+            .or_else(|| file.as_ref().and_then(|f| f.gpu.as_ref()?.vram))
+            .map(|s| s.0 >> 20),
+        gpu_priority: a
+            .gpu_priority
+            .or_else(|| file.as_ref().and_then(|f| f.gpu.as_ref()?.priority)),
+        gpu_exclusive: if a.gpu_exclusive {
+            Some(true)
+        } else if a.gpu_shared {
+            Some(false)
+        } else {
+            file.as_ref().and_then(|f| f.gpu.as_ref()?.exclusive)
+        },
     })
 }
 
@@ -355,7 +389,7 @@ pub fn ps(a: PsArgs) -> i32 {
                     .filter(|_| live)
                     .map(|m| Size(m).to_string())
                     .unwrap_or("-".into()),
-                "-".into(),
+                i.gpu.clone().unwrap_or("-".into()),
             ]
         })
         .collect();

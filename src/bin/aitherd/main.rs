@@ -125,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "recovered"
     );
     daemon::started_event(&d, rec.adopted, rec.restarted);
+    tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
     let group = server::aither_gid();
     let listener =
         server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
