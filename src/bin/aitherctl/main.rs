@@ -5,6 +5,7 @@ mod audit_cmd;
 mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
+mod gpu_cmd;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
@@ -58,6 +59,8 @@ enum Command {
     #[command(subcommand)]
     Mem(mem_cmd::MemCmd),
     #[command(subcommand)]
+    Gpu(gpu_cmd::GpuCmd),
+    #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => audit_cmd::run(a),
         Command::Bus(b) => bus_cmd::run(b),
         Command::Mem(m) => mem_cmd::run(m),
+        Command::Gpu(g) => gpu_cmd::run(g),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
         Command::Doctor(a) => doctor_cmd::run(a),
