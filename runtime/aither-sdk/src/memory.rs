@@ -17,6 +17,17 @@ use serde_json::{json, Map, Value};
 
 use crate::{Channel, SdkError};
 
+/// Options of [`Channel::mem_search_with`].
+#[derive(Clone, Debug, Default)]
+pub struct SearchOptions {
+    /// At most this many hits (default 10, at most 100).
+    pub limit: Option<u64>,
+    /// Search another agent's knowledge tier (needs a `memory_grants` entry in the token).
+    pub owner: Option<String>,
+    /// Any word may match (default: every word must).
+    pub any: bool,
+}
+
 /// A memory tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
@@ -142,6 +153,26 @@ impl Channel {
         Ok(d["hits"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Full-text search with options: another agent's knowledge (`owner`, needs a grant),
+    /// any word instead of every word (`any`).
+    pub fn mem_search_with(&self, query: &str, o: &SearchOptions) -> Result<Vec<Value>, SdkError> {
+        let mut a = json!({"query": query, "limit": o.limit.unwrap_or(10)});
+        if let Some(owner) = &o.owner {
+            a["owner"] = owner.as_str().into();
+        }
+        if o.any {
+            a["any"] = true.into();
+        }
+        let d = self.mem("mem.search", a)?;
+        Ok(d["hits"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Usage and quotas per tier: `{tier: {bytes, entries, read, write, quota_bytes,
+    /// quota_entries}}`.
+    pub fn mem_usage(&self) -> Result<Value, SdkError> {
+        self.mem("mem.usage", json!({}))
+    }
+
     /// Adds (or replaces) a code-graph node.
     pub fn graph_add_node(&self, id: &str, kind: &str, props: Value) -> Result<(), SdkError> {
         self.mem(
@@ -164,6 +195,12 @@ impl Channel {
             json!({"from": from, "to": to, "kind": kind, "props": props}),
         )
         .map(drop)
+    }
+
+    /// Removes a node and its edges; whether it was there.
+    pub fn graph_remove_node(&self, id: &str) -> Result<bool, SdkError> {
+        let d = self.mem("mem.graph.remove_node", json!({"node": id}))?;
+        Ok(d["deleted"] == true)
     }
 
     /// The nodes within `depth` hops of `id` and the edges between them
