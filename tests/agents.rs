@@ -394,3 +394,57 @@ fn agent_files_parse_and_the_pair_policy_is_strict_but_for_the_bus() {
     pair.bus = strict.bus.clone();
     assert_eq!(pair, strict);
 }
+
+/// An example of runtime/aither-sdk/examples, built by `cargo test --workspace` (or `cargo
+/// build -p aither-sdk --examples`), copied into `dir` of the workspace.
+fn rust_example(d: &Daemon, name: &str, dir: &str) {
+    let bin = Path::new(common::AITHERCTL)
+        .with_file_name("examples")
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the SDK's examples (`cargo test --workspace`, or `cargo build -p aither-sdk --examples`)",
+        bin.display()
+    );
+    let dest = d.ws.path().join(dir).join(name);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::copy(&bin, &dest).unwrap();
+}
+
+#[test]
+fn rust_sdk_examples_remember_across_a_restart_and_answer_a_python_agent_under_strict() {
+    let d = daemon();
+    rust_example(&d, "remember", "rust");
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "strict",
+        "--workspace",
+        "rust",
+        "--wait-ready",
+        "rust-remember",
+        "--",
+        "./remember",
+    ]);
+    d.wait_log("rust-remember", "\"run\":1");
+    d.ok(&["restart", "rust-remember"]);
+    let log = d.wait_log("rust-remember", "\"run\":2");
+    assert_eq!(
+        tagged(&log, "REMEMBERED "),
+        [
+            serde_json::json!({"run": 1, "earlier_facts": [], "chain": ["run-1"], "scratch_left": null}),
+            serde_json::json!({"run": 2, "earlier_facts": ["run-1"], "chain": ["run-1", "run-2"], "scratch_left": null}),
+        ],
+        "{log}"
+    );
+    assert_eq!(d.inspect("rust-remember")["state"], "ready");
+
+    // The Rust echo agent in pong's place: the Python ping gets its answers.
+    rust_example(&d, "bus_echo", "agents/bus-pair");
+    d.spawn_file("pong.toml", &["--", "./bus_echo"]);
+    d.spawn_file("ping.toml", &[]);
+    let log = d.wait_log("ping", "ping: 5 of 5 answered");
+    assert!(log.contains("ping: 3 -> 'HELLO 3' from pong"), "{log}");
+    assert!(d.logs("pong").contains("pong: answered 5"));
+}
