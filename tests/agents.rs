@@ -448,3 +448,61 @@ fn rust_sdk_examples_remember_across_a_restart_and_answer_a_python_agent_under_s
     assert!(log.contains("ping: 3 -> 'HELLO 3' from pong"), "{log}");
     assert!(d.logs("pong").contains("pong: answered 5"));
 }
+
+/// docs/agents.md's walk-through agent, as a new user types it: the files match the page,
+/// `aitherctl spawn hello` runs it, it answers the operator over the bus, and remembers its
+/// run count across `aitherctl restart`.
+#[test]
+fn the_walkthrough_agent_of_docs_agents_md_is_ready_answers_and_remembers() {
+    let doc = std::fs::read_to_string(repo("docs/agents.md")).unwrap();
+    for (file, lang) in [
+        ("agents/hello/agent.py", "python"),
+        ("agents/hello.toml", "toml"),
+    ] {
+        let text = std::fs::read_to_string(repo(file)).unwrap();
+        assert!(
+            doc.contains(&format!("```{lang}\n{text}```")),
+            "{file} differs from its copy in docs/agents.md"
+        );
+    }
+    let d = daemon();
+    d.ok(&["spawn", "hello"]);
+    d.wait_log("hello", "hello: run 1");
+    let ok = poll_until(WAIT, || d.inspect("hello")["state"] == "ready");
+    assert!(ok, "{}", d.diagnose("hello"));
+
+    let ask = |text: &str| -> Value {
+        let mut sub = d
+            .cmd(&["bus", "sub", "agent.hello.outbox", "-n", "1", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Live delivery: publish until the subscription (once it exists) has its answer.
+        let ok = poll_until(WAIT, || {
+            d.ok(&["bus", "pub", "agent.hello.inbox", text]);
+            std::thread::sleep(Duration::from_millis(200));
+            sub.try_wait().unwrap().is_some()
+        });
+        if !ok {
+            let _ = sub.kill();
+        }
+        let out = sub.wait_with_output().unwrap();
+        assert!(ok, "no answer from hello\n{}", d.diagnose("hello"));
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(line.trim()).expect("bus sub --json");
+        v["data"].clone()
+    };
+    assert_eq!(ask("\"hi\""), serde_json::json!({"echo": "hi", "run": 1}));
+    assert_eq!(d.inspect("hello")["status_text"], "got 'hi'");
+
+    d.ok(&["restart", "hello"]);
+    d.wait_log("hello", "hello: run 2");
+    assert_eq!(
+        ask("\"again\""),
+        serde_json::json!({"echo": "again", "run": 2})
+    );
+    let i = d.inspect("hello");
+    assert_eq!(i["supervision"]["watchdog_ms"], 5000, "{i}");
+    assert!(!kinds(&d.events("hello")).contains(&"watchdog_miss"));
+}
