@@ -506,3 +506,44 @@ fn the_walkthrough_agent_of_docs_agents_md_is_ready_answers_and_remembers() {
     assert_eq!(i["supervision"]["watchdog_ms"], 5000, "{i}");
     assert!(!kinds(&d.events("hello")).contains(&"watchdog_miss"));
 }
+
+/// The GPU worker's script without a GPU claim (plain strict): it says why it has no GPU,
+/// reports pain and exits 3, whether or not this aitherd has the GPU service yet. (With the
+/// service and agents/gpu-worker.toml's `[gpu]` claim, the lead's GPU suite checks the lease.)
+#[test]
+fn gpu_worker_without_a_gpu_claim_reports_pain_and_exits() {
+    let d = daemon();
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "strict",
+        "--restart",
+        "never",
+        "--workspace",
+        "agents/gpu-worker",
+        "gpu-check",
+        "--",
+        "python3",
+        "-u",
+        "agent.py",
+    ]);
+    let ev = d.wait_event("gpu-check", "exited", 1);
+    let log = d.logs("gpu-check");
+    assert!(
+        log.contains("gpu-worker: GPU service not available in this aitherd")
+            || log.contains("gpu-worker: no GPU granted (state none)"),
+        "{log}"
+    );
+    assert!(!log.contains("GPU-LEASE"), "{log}");
+    let pain = ev
+        .iter()
+        .find(|e| e["kind"] == "pain")
+        .expect("a pain event");
+    assert_eq!(pain["data"]["severity"], "error", "{pain}");
+    let exited = ev.iter().find(|e| e["kind"] == "exited").unwrap();
+    assert_eq!(
+        exited["data"]["reason"],
+        serde_json::json!({"kind": "exited", "code": 3})
+    );
+}

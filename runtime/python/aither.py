@@ -48,6 +48,8 @@ import struct
 import threading
 import time
 
+__version__ = "0.1.0"
+
 __all__ = [
     "Channel", "Subscription", "Heartbeat", "GpuLease", "GpuDevice",
     "AitherError", "NotUnderAitherd", "ChannelError", "Denied", "QuotaExceeded", "NotFound",
