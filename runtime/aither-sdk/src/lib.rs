@@ -410,13 +410,18 @@ impl Channel {
         self.request("heartbeat", Map::new()).map(drop)
     }
 
-    /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes.
-    pub fn pain(&self, severity: Severity, reason: &str) -> Result<(), SdkError> {
+    /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes. Returns the action the
+    /// policy chose (`log`, `throttle`, `restart`, `stop`) when the daemon names it.
+    pub fn pain(&self, severity: Severity, reason: &str) -> Result<Option<String>, SdkError> {
         check_text("reason", reason)?;
         let mut fields = Map::new();
         fields.insert("severity".into(), severity.as_str().into());
         fields.insert("reason".into(), reason.into());
-        self.request("pain", fields).map(drop)
+        let reply = self.request("pain", fields)?;
+        Ok(reply
+            .pointer("/data/action")
+            .and_then(Value::as_str)
+            .map(str::to_owned))
     }
 
     /// Sets the agent's free-form status line; `text` is at most [`MAX_TEXT`] bytes.
