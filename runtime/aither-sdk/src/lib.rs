@@ -15,6 +15,20 @@
 //! # Ok::<(), aither_sdk::SdkError>(())
 //! ```
 //!
+//! The whole surface, each documented where it is defined:
+//!
+//! - lifecycle: [`Channel::ready`], [`Channel::heartbeat`] and the [`Heartbeat`] thread,
+//!   [`Channel::pain`], [`Channel::status`];
+//! - memory tiers ([`Tier`]): [`Channel::mem_put`], [`Channel::mem_get`],
+//!   [`Channel::mem_search`], [`Channel::mem_usage`], the `graph_*` calls, and
+//!   [`Channel::mem`] for any `mem.*` op;
+//! - the bus: [`Channel::publish`], [`Channel::subscribe`], [`Channel::next_message`],
+//!   [`Channel::messages`] (an iterator), [`Channel::ack`], [`Channel::unsubscribe`];
+//! - the GPU lease: [`Channel::gpu_lease`];
+//! - errors: [`SdkError`], with [`SdkError::code`] for the daemon's refusals ([`ErrorCode`]).
+//!
+//! Runnable example agents are in `runtime/aither-sdk/examples/` (docs/agents.md).
+//!
 //! One process should own the channel. Processes that share fd 3 (a shell agent calling
 //! `aither-notify`) each write whole frames, but each sees every reply: the SDK matches replies
 //! to its requests by `id` and discards the others, which can make the other process wait for
@@ -22,6 +36,7 @@
 //! threads are serialised.
 
 pub mod frame;
+mod gpu;
 mod memory;
 
 use std::fmt;
@@ -29,9 +44,9 @@ use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -39,7 +54,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use frame::{FrameError, MAX_FRAME};
-pub use memory::Tier;
+pub use gpu::{GpuDevice, GpuLease, GpuState};
+pub use memory::{SearchOptions, Tier};
 
 /// The environment variable that names the channel's file descriptor.
 pub const ENV_FD: &str = "AITHER_FD";
@@ -94,6 +110,51 @@ pub enum SdkError {
     Remote { code: String, message: String },
     #[error("starting the heartbeat thread: {0}")]
     Thread(#[source] io::Error),
+    /// This aitherd has no GPU service (it answered `gpu.lease` with `unknown_op`).
+    #[error("GPU service not available in this aitherd ({0})")]
+    GpuUnavailable(String),
+    #[error("no bus subscription {0} on this channel")]
+    NoSubscription(u64),
+    #[error("heartbeat interval must be more than zero")]
+    ZeroInterval,
+}
+
+/// The daemon's error codes (docs/protocol.md), as [`SdkError::code`] gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The token does not allow it.
+    Denied,
+    /// A memory write would pass a quota; nothing was written.
+    Quota,
+    /// No such memory key, graph node or subscription.
+    NotFound,
+    /// A field is missing, malformed or too long (also a payload that is not JSON).
+    Invalid,
+    /// A bus payload over [`MAX_DATA`].
+    MsgTooLarge,
+    /// The daemon does not know the op (an older aitherd).
+    UnknownOp,
+    /// A bad frame length: the daemon closed the channel.
+    BadFrame,
+    /// Any other code (`internal`, ...).
+    Other,
+}
+
+impl ErrorCode {
+    /// The code of a wire error code string.
+    pub fn parse(code: &str) -> ErrorCode {
+        match code {
+            "denied" => ErrorCode::Denied,
+            "quota" => ErrorCode::Quota,
+            "not_found" => ErrorCode::NotFound,
+            "invalid" | "bad_json" => ErrorCode::Invalid,
+            "msg_too_large" => ErrorCode::MsgTooLarge,
+            "unknown_op" => ErrorCode::UnknownOp,
+            "bad_frame" | "too_large" => ErrorCode::BadFrame,
+            _ => ErrorCode::Other,
+        }
+    }
 }
 
 impl SdkError {
@@ -101,6 +162,23 @@ impl SdkError {
     pub fn remote_code(&self) -> Option<&str> {
         match self {
             SdkError::Remote { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// What kind of refusal this is: the daemon's code for [`SdkError::Remote`], and the code
+    /// the daemon would have given for requests refused here before sending (a text or payload
+    /// too long, a bad severity, a missing subscription). None for channel failures.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            SdkError::Remote { code, .. } => Some(ErrorCode::parse(code)),
+            SdkError::TooLong { field: "data", .. } => Some(ErrorCode::MsgTooLarge),
+            SdkError::TooLong { .. }
+            | SdkError::ReservedField(_)
+            | SdkError::BadSeverity(_)
+            | SdkError::ZeroInterval => Some(ErrorCode::Invalid),
+            SdkError::GpuUnavailable(_) => Some(ErrorCode::UnknownOp),
+            SdkError::NoSubscription(_) => Some(ErrorCode::NotFound),
             _ => None,
         }
     }
@@ -166,6 +244,8 @@ struct Inner {
     pushes: std::collections::VecDeque<Value>,
     /// Bus subscriptions: (the caller's id, options, the daemon's current id, last seq seen).
     subs: Vec<Sub>,
+    /// Messages taken from `pushes` that wait for a reader of their own subscription.
+    ready: std::collections::VecDeque<Message>,
     timeout: Option<Duration>,
 }
 
@@ -226,6 +306,9 @@ impl Inner {
 /// is `Send + Sync`, and requests from several threads are serialised.
 pub struct Channel {
     inner: Mutex<Inner>,
+    /// Threads waiting for `inner` to send a request: a reader waiting for bus messages
+    /// steps aside for them between short reads, so a heartbeat thread is never starved.
+    waiters: AtomicUsize,
 }
 
 impl fmt::Debug for Channel {
@@ -285,16 +368,26 @@ impl Channel {
                 broken: false,
                 pushes: Default::default(),
                 subs: Vec::new(),
+                ready: Default::default(),
                 timeout: None,
             }),
+            waiters: AtomicUsize::new(0),
         }
+    }
+
+    /// The channel's state, for a request: counted in `waiters` while waiting.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        guard
     }
 
     /// Bounds how long one read or write may block (`None`: forever, the default). A request
     /// that times out leaves the channel unusable ([`SdkError::Broken`] afterwards): the
     /// stream may be in the middle of a frame.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), SdkError> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         inner.timeout = timeout;
         inner
             .stream
@@ -317,13 +410,18 @@ impl Channel {
         self.request("heartbeat", Map::new()).map(drop)
     }
 
-    /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes.
-    pub fn pain(&self, severity: Severity, reason: &str) -> Result<(), SdkError> {
+    /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes. Returns the action the
+    /// policy chose (`log`, `throttle`, `restart`, `stop`) when the daemon names it.
+    pub fn pain(&self, severity: Severity, reason: &str) -> Result<Option<String>, SdkError> {
         check_text("reason", reason)?;
         let mut fields = Map::new();
         fields.insert("severity".into(), severity.as_str().into());
         fields.insert("reason".into(), reason.into());
-        self.request("pain", fields).map(drop)
+        let reply = self.request("pain", fields)?;
+        Ok(reply
+            .pointer("/data/action")
+            .and_then(Value::as_str)
+            .map(str::to_owned))
     }
 
     /// Sets the agent's free-form status line; `text` is at most [`MAX_TEXT`] bytes.
@@ -342,7 +440,7 @@ impl Channel {
         if let Some(key) = ["id", "op"].into_iter().find(|k| fields.contains_key(*k)) {
             return Err(SdkError::ReservedField(key.to_owned()));
         }
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         let r = call(&mut inner, op, fields)?;
         after_reset(&mut inner)?;
         Ok(r)
@@ -402,7 +500,7 @@ impl Channel {
         if let Some(v) = o.queue {
             opts.insert("queue".into(), v.into());
         }
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         let r = call(&mut inner, "bus.subscribe", opts.clone())?;
         let id = r
             .pointer("/data/sub")
@@ -418,7 +516,8 @@ impl Channel {
         Ok(id)
     }
 
-    /// Acks everything up to `seq` for the durable consumer `durable`.
+    /// Acks everything up to `seq` for the durable consumer `durable`: aitherd resumes that
+    /// consumer after it (at-least-once delivery).
     pub fn ack(&self, durable: &str, seq: u64) -> Result<(), SdkError> {
         let mut f = Map::new();
         f.insert("durable".into(), durable.into());
@@ -426,31 +525,98 @@ impl Channel {
         self.request("bus.ack", f).map(drop)
     }
 
+    /// Ends a subscription (the id [`Channel::subscribe`] returned); its queued messages are
+    /// dropped. An id this channel does not know is [`SdkError::NoSubscription`].
+    pub fn unsubscribe(&self, sub: u64) -> Result<(), SdkError> {
+        let mut inner = self.lock();
+        let Some(pos) = inner.subs.iter().position(|s| s.id == sub) else {
+            return Err(SdkError::NoSubscription(sub));
+        };
+        let s = inner.subs.remove(pos);
+        inner.ready.retain(|m| m.sub != sub);
+        let mut f = Map::new();
+        f.insert("sub".into(), s.server.into());
+        call(&mut inner, "bus.unsubscribe", f)?;
+        after_reset(&mut inner)
+    }
+
     /// The next bus message, or None after `timeout` (None: wait for ever).
+    ///
+    /// Other threads' requests (a [`Heartbeat`]) go through while this waits.
     pub fn next_message(&self, timeout: Option<Duration>) -> Result<Option<Message>, SdkError> {
+        self.next_message_inner(None, timeout)
+    }
+
+    /// The next message of subscription `sub`, or None after `timeout`; messages of other
+    /// subscriptions stay queued for their readers.
+    pub fn next_message_for(
+        &self,
+        sub: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Message>, SdkError> {
+        self.next_message_inner(Some(sub), timeout)
+    }
+
+    /// An iterator over bus messages as they come (of `sub` only, when given); it ends after
+    /// `idle` without a message (None: never) or at the first error, which it yields.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), aither_sdk::SdkError> {
+    /// use std::time::Duration;
+    /// let ch = aither_sdk::Channel::from_env()?;
+    /// let jobs = ch.subscribe("agent.me.jobs")?;
+    /// for msg in ch.messages(Some(jobs), Some(Duration::from_secs(30))) {
+    ///     println!("{}", msg?.data);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn messages(&self, sub: Option<u64>, idle: Option<Duration>) -> Messages<'_> {
+        Messages {
+            channel: self,
+            sub,
+            idle,
+            done: false,
+        }
+    }
+
+    fn next_message_inner(
+        &self,
+        want: Option<u64>,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Message>, SdkError> {
+        // How long one read may hold the channel before it lets a waiting request through.
+        const SLICE: Duration = Duration::from_millis(20);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            while let Some(p) = inner.pushes.pop_front() {
-                if let Some(m) = take(&mut inner, p)? {
-                    return Ok(Some(m));
-                }
+            if let Some(m) = pop_ready(&mut inner, want)? {
+                return Ok(Some(m));
             }
             if inner.broken {
                 return Err(SdkError::Broken);
             }
+            if self.waiters.load(Ordering::SeqCst) > 0 {
+                // A request (a heartbeat) is waiting: let it go first. Its reply may carry
+                // pushes, which the next round finds queued.
+                drop(inner);
+                while self.waiters.load(Ordering::SeqCst) > 0 {
+                    std::thread::yield_now();
+                }
+                inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
             let left = match deadline {
-                None => None,
+                None => SLICE,
                 Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
+                    Some(l) if !l.is_zero() => l.min(SLICE),
                     _ => return Ok(None),
                 },
             };
-            // Wait for the first byte of a frame with the timeout; the rest is read under the
-            // channel's own timeout, so a timeout never splits a frame.
+            // Wait for the first byte of a frame for at most a slice; the rest is read under
+            // the channel's own timeout, so a timeout never splits a frame.
             inner
                 .stream
-                .set_read_timeout(left)
+                .set_read_timeout(Some(left))
                 .map_err(FrameError::Io)?;
             let mut header = [0u8; 4];
             let first = io::Read::read(&mut inner.stream, &mut header[..1]);
@@ -462,12 +628,13 @@ impl Channel {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    return Ok(None)
+                    continue
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(inner.fail(FrameError::Io(e))),
             }
             let rest = (|| -> Result<Vec<u8>, FrameError> {
@@ -488,6 +655,71 @@ impl Channel {
             }
         }
     }
+
+    /// The agent's GPU lease (`gpu.lease`): [`GpuState::None`] without a GPU claim in the
+    /// token, `Queued` while the scheduler holds it back, `Granted` with the devices.
+    /// [`SdkError::GpuUnavailable`] when this aitherd has no GPU service.
+    pub fn gpu_lease(&self) -> Result<GpuLease, SdkError> {
+        match self.request("gpu.lease", Map::new()) {
+            Ok(reply) => GpuLease::from_reply(reply),
+            Err(SdkError::Remote { code, message }) if code == "unknown_op" => {
+                Err(SdkError::GpuUnavailable(message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Bus messages as they come: see [`Channel::messages`].
+#[derive(Debug)]
+pub struct Messages<'a> {
+    channel: &'a Channel,
+    sub: Option<u64>,
+    idle: Option<Duration>,
+    done: bool,
+}
+
+impl Iterator for Messages<'_> {
+    type Item = Result<Message, SdkError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.channel.next_message_inner(self.sub, self.idle);
+        match r {
+            Ok(Some(m)) => Some(Ok(m)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The first message for `want` (None: any): from those set aside, then from the pushes in
+/// order, setting aside the others'.
+fn pop_ready(inner: &mut Inner, want: Option<u64>) -> Result<Option<Message>, SdkError> {
+    if let Some(i) = inner
+        .ready
+        .iter()
+        .position(|m| want.is_none_or(|w| m.sub == w))
+    {
+        return Ok(inner.ready.remove(i));
+    }
+    while let Some(p) = inner.pushes.pop_front() {
+        if let Some(m) = take(inner, p)? {
+            if want.is_none_or(|w| m.sub == w) {
+                return Ok(Some(m));
+            }
+            inner.ready.push_back(m);
+        }
+    }
+    Ok(None)
 }
 
 /// A queued push as the caller's message; resubscribes after a `bus.reset`.
@@ -515,6 +747,18 @@ fn take(inner: &mut Inner, p: Value) -> Result<Option<Message>, SdkError> {
 }
 
 fn after_reset(inner: &mut Inner) -> Result<(), SdkError> {
+    let is_reset = |p: &Value| p.get("push").and_then(Value::as_str) == Some("bus.reset");
+    if !inner.pushes.iter().any(is_reset) {
+        return Ok(());
+    }
+    // Messages before the reset belong to the old subscriptions' ids: take them first.
+    while inner.pushes.front().is_some_and(|p| !is_reset(p)) {
+        if let Some(p) = inner.pushes.pop_front() {
+            if let Some(m) = take(inner, p)? {
+                inner.ready.push_back(m);
+            }
+        }
+    }
     let before = inner.pushes.len();
     inner
         .pushes
@@ -626,7 +870,12 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// Starts the thread; `interval` must be more than zero ([`SdkError::ZeroInterval`]).
+    /// Send heartbeats more often than the agent's watchdog (a third of it is a good choice).
     pub fn spawn(channel: Arc<Channel>, interval: Duration) -> Result<Heartbeat, SdkError> {
+        if interval.is_zero() {
+            return Err(SdkError::ZeroInterval);
+        }
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("aither-heartbeat".into())
@@ -698,6 +947,7 @@ mod tests {
             broken: false,
             pushes: Default::default(),
             subs: Vec::new(),
+            ready: Default::default(),
             timeout: None,
         };
         for _ in 0..4 {

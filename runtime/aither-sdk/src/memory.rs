@@ -17,6 +17,17 @@ use serde_json::{json, Map, Value};
 
 use crate::{Channel, SdkError};
 
+/// Options of [`Channel::mem_search_with`].
+#[derive(Clone, Debug, Default)]
+pub struct SearchOptions {
+    /// At most this many hits (default 10, at most 100).
+    pub limit: Option<u64>,
+    /// Search another agent's knowledge tier (needs a `memory_grants` entry in the token).
+    pub owner: Option<String>,
+    /// Any word may match (default: every word must).
+    pub any: bool,
+}
+
 /// A memory tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
@@ -136,10 +147,65 @@ impl Channel {
         Ok(d["entries"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Every entry of a tier (of `owner`'s memory with a grant, or the agent's own) with
+    /// `prefix`, in key order, following the pages up to `limit` entries (None: all).
+    pub fn mem_list_of(
+        &self,
+        owner: Option<&str>,
+        tier: Tier,
+        prefix: &str,
+        limit: Option<u64>,
+    ) -> Result<Vec<Value>, SdkError> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let left = limit.map_or(1000, |l| l.saturating_sub(out.len() as u64).min(1000));
+            if left == 0 {
+                break;
+            }
+            let mut a = json!({"tier": tier.as_str(), "prefix": prefix, "limit": left});
+            if let Some(o) = owner {
+                a["owner"] = o.into();
+            }
+            if let Some(k) = &after {
+                a["after"] = k.as_str().into();
+            }
+            let mut d = self.mem("mem.list", a)?;
+            if let Some(entries) = d["entries"].as_array_mut() {
+                out.append(entries);
+            }
+            match d["next"].as_str() {
+                Some(next) if d["more"] == true => after = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Full-text search of the knowledge tier, best first (`key`, `score`, `snippet`, `value`).
     pub fn mem_search(&self, query: &str, limit: u64) -> Result<Vec<Value>, SdkError> {
         let d = self.mem("mem.search", json!({"query": query, "limit": limit}))?;
         Ok(d["hits"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Full-text search with options: another agent's knowledge (`owner`, needs a grant),
+    /// any word instead of every word (`any`).
+    pub fn mem_search_with(&self, query: &str, o: &SearchOptions) -> Result<Vec<Value>, SdkError> {
+        let mut a = json!({"query": query, "limit": o.limit.unwrap_or(10)});
+        if let Some(owner) = &o.owner {
+            a["owner"] = owner.as_str().into();
+        }
+        if o.any {
+            a["any"] = true.into();
+        }
+        let d = self.mem("mem.search", a)?;
+        Ok(d["hits"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Usage and quotas per tier: `{tier: {bytes, entries, read, write, quota_bytes,
+    /// quota_entries}}`.
+    pub fn mem_usage(&self) -> Result<Value, SdkError> {
+        self.mem("mem.usage", json!({}))
     }
 
     /// Adds (or replaces) a code-graph node.
@@ -164,6 +230,26 @@ impl Channel {
             json!({"from": from, "to": to, "kind": kind, "props": props}),
         )
         .map(drop)
+    }
+
+    /// [`Channel::graph_neighbors`] in another agent's codegraph (needs a grant).
+    pub fn graph_neighbors_of(
+        &self,
+        owner: &str,
+        id: &str,
+        depth: u32,
+        kind: Option<&str>,
+    ) -> Result<Value, SdkError> {
+        self.mem(
+            "mem.graph.neighbors",
+            json!({"node": id, "depth": depth, "kind": kind, "owner": owner}),
+        )
+    }
+
+    /// Removes a node and its edges; whether it was there.
+    pub fn graph_remove_node(&self, id: &str) -> Result<bool, SdkError> {
+        let d = self.mem("mem.graph.remove_node", json!({"node": id}))?;
+        Ok(d["deleted"] == true)
     }
 
     /// The nodes within `depth` hops of `id` and the edges between them

@@ -379,3 +379,172 @@ fn bus_pushes_are_queued_apart_from_replies_and_resets_resubscribe() {
         2
     );
 }
+
+#[test]
+fn gpu_lease_parses_each_state_and_an_old_daemon_is_gpu_unavailable() {
+    use aither_sdk::{ErrorCode, GpuDevice, GpuState};
+    let (channel, daemon_end) = pair();
+    let mut n = 0;
+    let daemon = common::spawn(daemon_end, move |req, s| {
+        n += 1;
+        let data = match n {
+            1 => {
+                return common::send(
+                    s,
+                    &common::err(req, "unknown_op", "unknown op \"gpu.lease\""),
+                )
+            }
+            2 => json!({"granted": false, "state": "none", "devices": []}),
+            3 => json!({"granted": false, "state": "queued", "devices": []}),
+            _ => json!({"granted": true, "state": "granted", "visible_devices": "1",
+                        "devices": [{"index": 1, "uuid": "GPU-sim-1", "name": "Simulated",
+                                     "vram_mb": 2048, "total_mb": 8192, "node": "/dev/nvidia1",
+                                     "later": "ignored"}]}),
+        };
+        common::send(s, &json!({"id": req["id"], "ok": true, "data": data}));
+    });
+    let e = channel.gpu_lease().unwrap_err();
+    assert!(matches!(e, SdkError::GpuUnavailable(_)), "{e}");
+    assert_eq!(e.code(), Some(ErrorCode::UnknownOp));
+    assert!(
+        e.to_string().starts_with("GPU service not available"),
+        "{e}"
+    );
+    let none = channel.gpu_lease().unwrap();
+    assert_eq!(
+        (none.granted, none.state, none.devices.len()),
+        (false, GpuState::None, 0)
+    );
+    assert_eq!(channel.gpu_lease().unwrap().state, GpuState::Queued);
+    let lease = channel.gpu_lease().unwrap();
+    assert!(lease.granted);
+    assert_eq!(lease.state, GpuState::Granted);
+    assert_eq!(lease.visible_devices, "1");
+    assert_eq!(
+        lease.devices,
+        [GpuDevice {
+            index: 1,
+            uuid: "GPU-sim-1".into(),
+            name: "Simulated".into(),
+            vram_mb: 2048,
+            total_mb: 8192,
+            node: "/dev/nvidia1".into(),
+        }]
+    );
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    assert!(seen.iter().all(|r| r["op"] == "gpu.lease"));
+}
+
+#[test]
+fn refusals_have_typed_codes() {
+    use aither_sdk::{ErrorCode, Tier};
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn(daemon_end, |req, s| {
+        let (code, msg) = match req["op"].as_str().unwrap() {
+            "mem.put" => ("quota", "quota_bytes"),
+            "bus.publish" => ("denied", "no"),
+            "mem.get" => ("not_found", "absent"),
+            "bus.subscribe" => ("invalid", "invalid pattern"),
+            _ => ("internal", "boom"),
+        };
+        common::send(s, &common::err(req, code, msg));
+    });
+    let code = |r: Result<(), SdkError>| r.unwrap_err().code();
+    assert_eq!(
+        code(channel.mem_put(Tier::Active, "k", &json!(1), None)),
+        Some(ErrorCode::Quota)
+    );
+    assert_eq!(
+        code(channel.publish("a.b", &json!(1))),
+        Some(ErrorCode::Denied)
+    );
+    assert_eq!(channel.mem_get(Tier::Active, "k").unwrap(), None);
+    assert_eq!(
+        code(channel.subscribe("a..b").map(drop)),
+        Some(ErrorCode::Invalid)
+    );
+    assert_eq!(code(channel.ready()), Some(ErrorCode::Other));
+    // Refused before sending, with the code the daemon would have given.
+    let big = json!("x".repeat(aither_sdk::MAX_DATA));
+    assert_eq!(
+        code(channel.publish("a.b", &big)),
+        Some(ErrorCode::MsgTooLarge)
+    );
+    assert_eq!(
+        code(channel.status(&"x".repeat(MAX_TEXT + 1))),
+        Some(ErrorCode::Invalid)
+    );
+    assert_eq!(code(channel.unsubscribe(42)), Some(ErrorCode::NotFound));
+    let e = Heartbeat::spawn(Arc::new(pair().0), Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Invalid));
+    drop(channel);
+    assert_eq!(daemon.join().unwrap().len(), 5);
+}
+
+#[test]
+fn messages_are_read_per_subscription_iterated_and_unsubscribed() {
+    let (channel, daemon_end) = pair();
+    let msg = |sub: u64, data: &str| json!({"push": "bus.msg", "sub": sub, "seq": null, "subject": "x.y", "ts_ms": 1, "data": data});
+    let daemon = common::spawn(daemon_end, move |req, s| {
+        match (req["op"].as_str().unwrap(), req["pattern"].as_str()) {
+            ("bus.subscribe", Some("a.>")) => {
+                common::send(s, &json!({"id": req["id"], "ok": true, "data": {"sub": 7}}))
+            }
+            ("bus.subscribe", _) => {
+                // Pushes before the reply are queued, not lost.
+                common::send(s, &msg(7, "a1"));
+                common::send(s, &msg(8, "b1"));
+                common::send(s, &json!({"id": req["id"], "ok": true, "data": {"sub": 8}}));
+                common::send(s, &msg(7, "a2"));
+                common::send(s, &msg(8, "b2"));
+            }
+            _ => common::send(s, &common::ok(req)),
+        }
+    });
+    let a = channel.subscribe("a.>").unwrap();
+    let b = channel.subscribe("b.>").unwrap();
+    let t = Some(Duration::from_secs(5));
+    let first_b = channel.next_message_for(b, t).unwrap().unwrap();
+    assert_eq!((first_b.sub, first_b.data.clone()), (8, json!("b1")));
+    let of_a: Vec<Value> = channel
+        .messages(Some(a), Some(Duration::from_millis(200)))
+        .map(|m| m.unwrap().data)
+        .collect();
+    assert_eq!(of_a, [json!("a1"), json!("a2")]);
+    channel.unsubscribe(b).unwrap();
+    // b2 went with its subscription.
+    assert!(channel
+        .next_message(Some(Duration::from_millis(100)))
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        channel.unsubscribe(b),
+        Err(SdkError::NoSubscription(8))
+    ));
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    assert_eq!(seen.last().unwrap()["op"], "bus.unsubscribe");
+    assert_eq!(seen.last().unwrap()["sub"], 8);
+}
+
+#[test]
+fn a_heartbeat_thread_beats_while_another_thread_waits_for_messages() {
+    let (channel, daemon_end) = pair();
+    let daemon = common::spawn_ok(daemon_end);
+    let channel = Arc::new(channel);
+    channel.status("start").unwrap();
+    let beat = Heartbeat::spawn(Arc::clone(&channel), Duration::from_millis(20)).unwrap();
+    // 600 ms of waiting for a message that never comes, holding the channel only in slices.
+    assert!(channel
+        .next_message(Some(Duration::from_millis(600)))
+        .unwrap()
+        .is_none());
+    beat.stop().unwrap();
+    channel.status("end").unwrap();
+    drop(channel);
+    let seen = daemon.join().unwrap();
+    let beats = seen.iter().filter(|r| r["op"] == "heartbeat").count();
+    // Every 20 ms for 600 ms is about 30; a reader holding the channel throughout lets one in.
+    assert!(beats >= 10, "{beats} heartbeats while next_message waited");
+}

@@ -80,3 +80,62 @@ fn memory_calls_send_the_documented_fields_and_map_not_found_to_none() {
         json!({"op": "mem.graph.neighbors", "node": "main", "depth": 2, "kind": null})
     );
 }
+
+#[test]
+fn listing_follows_pages_and_the_other_calls_send_their_fields() {
+    use aither_sdk::SearchOptions;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let channel = Channel::from_fd(ours.into());
+    let daemon = common::spawn(theirs, |req, s| {
+        let data = match req["op"].as_str().unwrap() {
+            // Two pages: a, b (more, next b), then c.
+            "mem.list" if req.get("after").is_none() => json!({
+                "entries": [{"key": "a"}, {"key": "b"}], "more": true, "next": "b"}),
+            "mem.list" => json!({"entries": [{"key": "c"}], "more": false, "next": null}),
+            "mem.usage" => json!({"active": {"bytes": 3, "entries": 1}}),
+            "mem.search" => json!({"hits": []}),
+            "mem.graph.remove_node" => json!({"deleted": false}),
+            _ => json!({}),
+        };
+        common::send(s, &json!({"id": req["id"], "ok": true, "data": data}));
+    });
+    let keys: Vec<Value> = channel
+        .mem_list_of(Some("writer"), Tier::Knowledge, "", None)
+        .unwrap()
+        .into_iter()
+        .map(|e| e["key"].clone())
+        .collect();
+    assert_eq!(keys, [json!("a"), json!("b"), json!("c")]);
+    assert_eq!(channel.mem_usage().unwrap()["active"]["entries"], json!(1));
+    let o = SearchOptions {
+        limit: Some(3),
+        owner: Some("writer".into()),
+        any: true,
+    };
+    assert!(channel.mem_search_with("a b", &o).unwrap().is_empty());
+    assert!(!channel.graph_remove_node("gone").unwrap());
+    channel
+        .graph_neighbors_of("writer", "main", 1, Some("calls"))
+        .unwrap();
+    drop(channel);
+    let seen: Vec<Value> = daemon
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|mut v| {
+            v.as_object_mut().unwrap().remove("id");
+            v
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            json!({"op": "mem.list", "tier": "knowledge", "prefix": "", "limit": 1000, "owner": "writer"}),
+            json!({"op": "mem.list", "tier": "knowledge", "prefix": "", "limit": 1000, "owner": "writer", "after": "b"}),
+            json!({"op": "mem.usage"}),
+            json!({"op": "mem.search", "query": "a b", "limit": 3, "owner": "writer", "any": true}),
+            json!({"op": "mem.graph.remove_node", "node": "gone"}),
+            json!({"op": "mem.graph.neighbors", "node": "main", "depth": 1, "kind": "calls", "owner": "writer"}),
+        ]
+    );
+}

@@ -11,15 +11,53 @@ use serde_json::{json, Value};
 fn python_module_against_fake_daemon() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../python/test_aither.py");
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let daemon = common::spawn(ours, |req, s| {
+    let mut gpu_calls = 0;
+    let mut refuse_heartbeats = false;
+    let daemon = common::spawn(ours, move |req, s| {
+        let msg = |sub: u64, seq: Value, data: &str| {
+            json!({"push": "bus.msg", "sub": sub, "seq": seq, "subject": "x.y", "ts_ms": 1,
+                   "publisher": "op", "dropped": 0, "data": data})
+        };
         let reply = match req["op"].as_str().unwrap_or_default() {
             "memory.get" => json!({"id": req["id"], "ok": true, "value": "v"}),
+            "pain" => json!({"id": req["id"], "ok": true, "data": {"action": "log"}}),
             "bus.publish" => common::err(req, "denied", "token does not grant bus.publish"),
             "no.such.op" => common::err(req, "unknown_op", "unknown op \"no.such.op\""),
+            "mem.put" => common::err(req, "quota", "quota_bytes would be 17M, limit 16M"),
+            "mem.get" => common::err(req, "not_found", "no key"),
             "noisy" => {
                 common::send(s, &json!({"id": 12345, "ok": true}));
                 common::ok(req)
             }
+            "gpu.lease" => {
+                gpu_calls += 1;
+                match gpu_calls {
+                    1 => common::err(req, "unknown_op", "unknown op \"gpu.lease\""),
+                    2 => json!({"id": req["id"], "ok": true, "data": {
+                        "granted": true, "state": "granted", "visible_devices": "0",
+                        "devices": [{"index": 0, "uuid": "GPU-sim-0", "name": "Simulated GPU",
+                                     "vram_mb": 1024, "total_mb": 16384, "node": "/dev/nvidia0",
+                                     "future_field": 1}]}}),
+                    _ => json!({"id": req["id"], "ok": true, "data": {
+                        "granted": false, "state": "none", "devices": []}}),
+                }
+            }
+            "bus.subscribe" if req["pattern"] == "a.>" => {
+                json!({"id": req["id"], "ok": true, "data": {"sub": 7}})
+            }
+            "bus.subscribe" => {
+                // Pushes before the reply: the client must queue them, not lose them.
+                common::send(s, &msg(7, json!(40), "a1"));
+                common::send(s, &msg(8, Value::Null, "b1"));
+                common::send(s, &json!({"id": req["id"], "ok": true, "data": {"sub": 8}}));
+                common::send(s, &msg(7, json!(41), "a2"));
+                msg(8, Value::Null, "b2")
+            }
+            "refuse-heartbeats" => {
+                refuse_heartbeats = true;
+                common::ok(req)
+            }
+            "heartbeat" if refuse_heartbeats => common::err(req, "denied", "no more"),
             _ => common::ok(req),
         };
         common::send(s, &reply);
@@ -52,15 +90,26 @@ fn python_module_against_fake_daemon() {
         req.as_object_mut().unwrap().remove("id");
         req
     };
-    let (beats, rest): (Vec<Value>, Vec<Value>) = seen
+    let seen: Vec<Value> = seen.iter().map(strip).collect();
+    // Heartbeats between the two marks: the thread kept beating while the main thread waited
+    // 0.6 s for a bus message (every 20 ms: about 30; a channel held by the waiting reader
+    // would let through one or two).
+    let marks: Vec<usize> = (0..seen.len())
+        .filter(|&i| seen[i] == json!({"op": "mark"}))
+        .collect();
+    assert_eq!(marks.len(), 2, "{seen:?}");
+    let beats_while_waiting = seen[marks[0]..marks[1]]
         .iter()
-        .map(strip)
-        .partition(|r| *r == json!({"op": "heartbeat"}));
+        .filter(|r| **r == json!({"op": "heartbeat"}))
+        .count();
     assert!(
-        beats.len() >= 4,
-        "one heartbeat, then the thread's: {}",
-        beats.len()
+        beats_while_waiting >= 10,
+        "{beats_while_waiting} heartbeats while next_message waited"
     );
+    let rest: Vec<Value> = seen
+        .into_iter()
+        .filter(|r| *r != json!({"op": "heartbeat"}) && *r != json!({"op": "mark"}))
+        .collect();
     assert_eq!(
         rest,
         [
@@ -70,7 +119,17 @@ fn python_module_against_fake_daemon() {
             json!({"op": "memory.get", "key": "k"}),
             json!({"op": "bus.publish", "topic": "t"}),
             json!({"op": "no.such.op"}),
+            json!({"op": "mem.put", "tier": "active", "key": "big", "value": "x"}),
+            json!({"op": "mem.get", "tier": "active", "key": "absent"}),
             json!({"op": "noisy"}),
+            json!({"op": "gpu.lease"}),
+            json!({"op": "gpu.lease"}),
+            json!({"op": "gpu.lease"}),
+            json!({"op": "bus.subscribe", "pattern": "a.>", "durable": "worker"}),
+            json!({"op": "bus.subscribe", "pattern": "b.>"}),
+            json!({"op": "bus.ack", "durable": "worker", "seq": 41}),
+            json!({"op": "bus.unsubscribe", "sub": 8}),
+            json!({"op": "refuse-heartbeats"}),
             json!({"op": "status", "text": "python done"}),
         ]
     );

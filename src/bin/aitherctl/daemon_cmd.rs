@@ -246,20 +246,29 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         }
         _ => None,
     };
-    let policy = a
-        .policy
-        .clone()
-        .or_else(|| file.as_ref().and_then(|f| f.policy.clone()))
-        .map(|p| {
-            // A path is resolved here: aitherd's working directory is not ours.
+    // A policy path in the agent file is relative to the file's directory, like its
+    // workspace and token_file; one given as a flag is relative to the current directory.
+    let policy = match (&a.policy, file.as_ref()) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => f.policy.clone().map(|p| {
             if p.contains('/') || p.ends_with(".toml") {
-                std::fs::canonicalize(&p)
-                    .map(|c| c.display().to_string())
-                    .unwrap_or(p)
+                f.resolve(Path::new(&p)).display().to_string()
             } else {
                 p
             }
-        });
+        }),
+        (None, None) => None,
+    }
+    .map(|p| {
+        // A path is resolved here: aitherd's working directory is not ours.
+        if p.contains('/') || p.ends_with(".toml") {
+            std::fs::canonicalize(&p)
+                .map(|c| c.display().to_string())
+                .unwrap_or(p)
+        } else {
+            p
+        }
+    });
     let workspace = match (
         &a.workspace,
         file.as_ref().and_then(|f| f.workspace.clone()),

@@ -73,7 +73,7 @@ fn send(command: Command) -> Result<(), SdkError> {
         Command::Help => Ok(()),
         Command::Ready => channel.ready(),
         Command::Heartbeat => channel.heartbeat(),
-        Command::Pain(severity, reason) => channel.pain(severity, &reason),
+        Command::Pain(severity, reason) => channel.pain(severity, &reason).map(drop),
         Command::Status(text) => channel.status(&text),
     }
 }
