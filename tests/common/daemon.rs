@@ -29,6 +29,8 @@ pub struct TestDaemon {
     pub child: Option<Child>,
     pub ws: Workspace,
     pub args: Vec<String>,
+    /// Extra environment for aitherd and aitherctl (e.g. AITHER_GPUS).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
@@ -44,6 +46,28 @@ impl TestDaemon {
             child: None,
             ws: Workspace::new(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
+        };
+        d.launch();
+        d
+    }
+
+    /// `start` with extra environment for the daemon (and the CLI).
+    pub fn start_env(prefix: &str, args: &[&str], env: &[(&str, &str)]) -> TestDaemon {
+        require_root();
+        let state = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/var/tmp")
+            .expect("state dir");
+        let mut d = TestDaemon {
+            state,
+            child: None,
+            ws: Workspace::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.launch();
         d
@@ -71,6 +95,7 @@ impl TestDaemon {
             .env("AITHER_INIT", init_path())
             .env("AITHER_STATS_INTERVAL_MS", "200")
             .env("AITHER_AUDIT_LOG", self.audit_log());
+        c.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
     }
 
     /// Starts aitherd (again) and waits for its socket.
