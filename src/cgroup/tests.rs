@@ -26,24 +26,28 @@ fn table() -> Vec<Limits> {
             swap: Some(0),
             cpu: Some(CpuQuota::from_cpus(1.0)),
             pids: Some(128),
+            devices: None,
         },
         Limits {
             memory: Some(64 << 20),
             swap: None,
             cpu: Some(CpuQuota::from_cpus(0.5)),
             pids: Some(2),
+            devices: None,
         },
         Limits {
             memory: None,
             swap: None,
             cpu: Some(CpuQuota::from_cpus(2.0)),
             pids: None,
+            devices: None,
         },
         Limits {
             memory: Some(1 << 30),
             swap: None,
             cpu: None,
             pids: Some(4096),
+            devices: None,
         },
     ]
 }

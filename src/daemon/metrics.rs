@@ -39,6 +39,10 @@ impl Counters {
             "watchdog_miss" => ("aither_watchdog_misses_total", String::new()),
             "health" if data["ok"] == false => ("aither_health_failures_total", String::new()),
             "access_denied" => ("aither_control_denied_total", String::new()),
+            "gpu.granted" | "gpu.queued" | "gpu.preempted" | "gpu.evicted" => (
+                "aither_gpu_decisions_total",
+                kind.trim_start_matches("gpu.").to_string(),
+            ),
             _ => return,
         };
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -51,6 +55,11 @@ impl Counters {
 }
 
 const HELP: &[(&str, &str, &str)] = &[
+    (
+        "aither_gpu_decisions_total",
+        "counter",
+        "MicroScheduler decisions, by kind (granted, queued, preempted, evicted).",
+    ),
     (
         "aither_starts_total",
         "counter",
@@ -92,6 +101,7 @@ const HELP: &[(&str, &str, &str)] = &[
 fn label_name(metric: &str) -> &'static str {
     match metric {
         "aither_exits_total" => "reason",
+        "aither_gpu_decisions_total" => "decision",
         _ => "signal",
     }
 }
@@ -208,6 +218,29 @@ pub fn render(d: &Shared) -> String {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
     }
+    // The MicroScheduler: leases, the queue, VRAM per device.
+    let (leases, queued) = d.gpu.counts();
+    let _ = writeln!(
+        out,
+        "# HELP aither_gpu_leases GPU leases held.\n# TYPE aither_gpu_leases gauge\naither_gpu_leases {leases}\n# HELP aither_gpu_queue_depth Requests waiting for a GPU.\n# TYPE aither_gpu_queue_depth gauge\naither_gpu_queue_depth {queued}"
+    );
+    let ls = d.gpu.ls();
+    for (name, key, help) in [
+        ("aither_gpu_vram_total_mb", "total_mb", "VRAM of the device, MiB."),
+        ("aither_gpu_vram_reserved_mb", "reserved_mb", "VRAM reserved by leases, MiB."),
+        ("aither_gpu_vram_used_mb", "used_mb", "VRAM in use as the backend reads it, MiB."),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for dev in ls["devices"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{name}{{gpu=\"{}\",uuid=\"{}\"}} {}",
+                dev["index"],
+                esc(dev["uuid"].as_str().unwrap_or("")),
+                dev[key].as_u64().unwrap_or(0)
+            );
+        }
+    }
     let snap = d.counters.snapshot();
     for (name, ty, help) in HELP {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
@@ -223,7 +256,12 @@ pub fn render(d: &Shared) -> String {
                 let _ = writeln!(out, "{name}{{{}=\"{}\"}} {v}", label_name(name), esc(label));
             }
         }
-        if !any && !matches!(*name, "aither_exits_total" | "aither_pain_events_total") {
+        if !any
+            && !matches!(
+                *name,
+                "aither_exits_total" | "aither_pain_events_total" | "aither_gpu_decisions_total"
+            )
+        {
             let _ = writeln!(out, "{name} 0");
         }
     }

@@ -149,6 +149,10 @@ pub struct GpuFacts {
     pub devices: Vec<String>,
     /// libnvidia-ml.so.1 found in a usual library directory.
     pub nvml_library: Option<String>,
+    /// Simulated GPUs declared in gpus.toml (`AITHER_GPUS`, else <root>/etc/aither/gpus.toml
+    /// with backend = "simulated"): how many, and the file.
+    #[serde(default)]
+    pub simulated: Option<(usize, String)>,
 }
 
 /// Whether we run inside a container, and on what evidence.

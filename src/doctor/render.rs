@@ -193,6 +193,10 @@ impl Report {
         row(
             "gpus",
             match &h.gpu.nvidia_driver {
+                _ if h.gpu.simulated.is_some() => {
+                    let (n, f) = h.gpu.simulated.clone().unwrap_or_default();
+                    format!("{n} simulated (declared in {f}; docs/gpu.md)")
+                }
                 None if h.gpu.devices.is_empty() => "none (no NVIDIA driver)".into(),
                 d => format!(
                     "NVIDIA driver {}; devices: {}; NVML: {}",

@@ -33,7 +33,12 @@ fn full_host() -> HostFacts {
         cgroup: CgroupFacts {
             root: PathBuf::from("/sys/fs/cgroup"),
             mode: Some(CgroupMode::Hybrid),
-            controllers: vec!["cpu".into(), "memory".into(), "pids".into()],
+            controllers: vec![
+                "cpu".into(),
+                "devices".into(),
+                "memory".into(),
+                "pids".into(),
+            ],
             subtree: vec![],
             writable: Probe::yes("probed"),
             delegated: Probe::yes("v1"),
@@ -42,8 +47,34 @@ fn full_host() -> HostFacts {
         clone3: Probe::yes("probed"),
         pidfd_open: Probe::yes("probed"),
         bpf_cgroup_device: Probe::yes("probed"),
+        gpu: GpuFacts {
+            nvidia_driver: Some("NVRM version: 570.86".into()),
+            devices: vec!["/dev/nvidia0".into()],
+            nvml_library: Some("/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1".into()),
+            simulated: None,
+        },
         ..HostFacts::default()
     }
+}
+
+#[test]
+fn the_gpu_policy_needs_gpus_and_device_control() {
+    let mut h = full_host();
+    h.gpu = GpuFacts::default();
+    let v = verdict(&builtin("gpu"), &h);
+    assert!(!v.runnable);
+    assert!(v.missing[0].what.contains("found 0, no NVIDIA driver"), "{v:?}");
+    h.gpu.simulated = Some((2, "/etc/aither/gpus.toml".into()));
+    assert!(verdict(&builtin("gpu"), &h).runnable);
+    h.cgroup.controllers.retain(|c| c != "devices");
+    let v = verdict(&builtin("gpu"), &h);
+    assert_eq!(v.missing[0].protection, Some(Protection::CgroupDevices), "{v:?}");
+    h.cgroup.mode = Some(CgroupMode::V2);
+    h.bpf_cgroup_device = Probe::no("BPF_PROG_LOAD: EPERM");
+    let v = verdict(&builtin("gpu"), &h);
+    assert!(v.missing[0].what.contains("BPF device program"), "{v:?}");
+    // Policies without [gpu] need neither.
+    assert!(verdict(&builtin("strict"), &h).runnable);
 }
 
 #[test]

@@ -287,6 +287,7 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
     }
 
     cgroup_needs(policy, facts, &mut acc);
+    gpu_needs(policy, facts, &mut acc);
 
     // Id-mapped workspace mount (mount_setattr MOUNT_ATTR_IDMAP, 5.12).
     if policy.filesystem.workspace != WorkspaceAccess::None {
@@ -311,6 +312,63 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
         runnable: missing.is_empty(),
         missing,
         best_effort_skipped: acc.skipped,
+    }
+}
+
+/// A policy with a `[gpu]` grant needs that many GPUs (real or simulated) and a way to
+/// enforce device access: the v1 devices controller, and on cgroup2 a BPF device program.
+fn gpu_needs(policy: &Policy, facts: &HostFacts, acc: &mut Acc<'_>) {
+    if policy.gpu.count == 0 {
+        return;
+    }
+    let g = &facts.gpu;
+    let have = match &g.simulated {
+        Some((n, _)) => *n,
+        None => g.devices.len(),
+    };
+    if have < policy.gpu.count as usize {
+        acc.lack(
+            format!(
+                "{} GPU(s) (found {have}{})",
+                policy.gpu.count,
+                match (&g.simulated, &g.nvidia_driver) {
+                    (Some((_, f)), _) => format!(", simulated in {f}"),
+                    (None, None) => ", no NVIDIA driver".into(),
+                    (None, Some(v)) => format!(", driver {v}"),
+                }
+            ),
+            None,
+            "install the NVIDIA driver, or declare simulated GPUs in /etc/aither/gpus.toml \
+             (docs/gpu.md)"
+                .into(),
+        );
+    }
+    let protection = Protection::CgroupDevices;
+    let mode = facts.cgroup.mode;
+    if matches!(mode, Some(CgroupMode::V1 | CgroupMode::Hybrid))
+        && !facts.cgroup.controllers.iter().any(|c| c == "devices")
+    {
+        acc.lack(
+            "the v1 devices controller (GPU device rules)".into(),
+            Some(protection),
+            format!("mount the devices hierarchy at /sys/fs/cgroup/devices; or allow it to be missing with best_effort = [\"{protection}\"]"),
+        );
+    }
+    if matches!(mode, Some(CgroupMode::V2 | CgroupMode::Hybrid))
+        && facts.bpf_cgroup_device.ok != Some(true)
+    {
+        acc.lack(
+            format!(
+                "a BPF device program on cgroup2 ({})",
+                facts
+                    .bpf_cgroup_device
+                    .detail
+                    .as_deref()
+                    .unwrap_or("unknown")
+            ),
+            Some(protection),
+            format!("a kernel with CONFIG_CGROUP_BPF and root (CAP_BPF, CAP_SYS_ADMIN); or allow it to be missing with best_effort = [\"{protection}\"]"),
+        );
     }
 }
 

@@ -309,6 +309,7 @@ fn narrows_checks_every_field() {
         count: 1,
         vram_mb: 1000,
         priority: 5,
+        exclusive: false,
     };
     parent.bus = BusClaim {
         publish: vec!["agent.x.>".into()],
@@ -484,6 +485,8 @@ fn narrows_checks_every_field() {
         ("gpu.count", Box::new(|c| c.gpu.count = 2)),
         ("gpu.vram_mb", Box::new(|c| c.gpu.vram_mb = 1001)),
         ("gpu.priority", Box::new(|c| c.gpu.priority = 6)),
+        ("gpu.exclusive", Box::new(|c| c.gpu.exclusive = true)),
+        ("rules.gpu", Box::new(|c| c.rules.gpu.count = 1)),
         ("bus.publish", Box::new(|c| c.bus.publish.push(">".into()))),
         (
             "bus.subscribe",
