@@ -163,12 +163,7 @@ impl GpuService {
             g.waiters.insert(agent.to_string(), tx);
             let decisions = g.sched.schedule(now);
             if g.sched.is_queued(agent) {
-                let pos = g
-                    .sched
-                    .queue_view(now)
-                    .iter()
-                    .find(|q| q.request.agent == agent)
-                    .map(|q| (q.position, q.request.clone()));
+                let pos = g.sched.position(agent, now).zip(g.sched.queued(agent).cloned());
                 if let Some((position, r)) = pos {
                     d.store
                         .put_gpu(agent, "queued", &serde_json::to_value(&r).unwrap_or_default());
@@ -403,10 +398,7 @@ impl GpuService {
         if g.sched.is_queued(agent) {
             let pos = g
                 .sched
-                .queue_view(super::store::now_ms())
-                .iter()
-                .position(|q| q.request.agent == agent)
-                .map(|p| p + 1)
+                .position(agent, super::store::now_ms())
                 .unwrap_or(0);
             return Some(format!("queued#{pos}"));
         }

@@ -159,7 +159,7 @@ pub struct Scheduler {
     config: Config,
     devices: BTreeMap<u32, DevState>,
     /// class → (enqueued_ms, seq) → request.
-    queue: BTreeMap<u32, BTreeMap<(u64, u64), Request>>,
+    queue: BTreeMap<u32, ClassQueue>,
     queued_agents: HashMap<String, (u32, (u64, u64))>,
     leases: HashMap<String, Lease>,
     /// The blocked head and the devices held for it.
@@ -292,6 +292,11 @@ impl Scheduler {
         self.leases.values()
     }
 
+    pub fn queued(&self, agent: &str) -> Option<&Request> {
+        let (class, key) = self.queued_agents.get(agent)?;
+        self.queue.get(class)?.get(key)
+    }
+
     pub fn is_queued(&self, agent: &str) -> bool {
         self.queued_agents.contains_key(agent)
     }
@@ -331,6 +336,20 @@ impl Scheduler {
         let mut all: Vec<&Request> = self.queue.values().flat_map(|q| q.values()).collect();
         all.sort_by_key(|r| self.rank(r, now_ms));
         all
+    }
+
+    /// 1-based place of `agent` in the queue (no sort: counts those ranked ahead).
+    pub fn position(&self, agent: &str, now_ms: u64) -> Option<usize> {
+        let &(class, key) = self.queued_agents.get(agent)?;
+        let me = self.rank(&self.queue[&class][&key], now_ms);
+        Some(
+            1 + self
+                .queue
+                .values()
+                .flat_map(|q| q.values())
+                .filter(|r| self.rank(r, now_ms) < me)
+                .count(),
+        )
     }
 
     pub fn queue_view(&self, now_ms: u64) -> Vec<Queued> {
@@ -511,7 +530,7 @@ impl Scheduler {
     /// periodically (aging changes the order).
     pub fn schedule(&mut self, now_ms: u64) -> Vec<Decision> {
         let mut out = Vec::new();
-        self.head_reservation = None;
+        let previous = self.head_reservation.take();
         // 1. In order while the head fits.
         let head = loop {
             let Some(head) = self.head(now_ms) else {
@@ -535,54 +554,77 @@ impl Scheduler {
             }
         };
         // 2. The head is blocked by VRAM, exclusivity or the per-GPU cap: hold its devices.
-        let reserved = self.reservation_for(&head);
+        // The same head keeps the devices it holds: moving the hold to a device that a
+        // backfilled lease now occupies would delay the head after all.
+        let reserved = match previous {
+            Some((agent, devs)) if agent == head.agent => devs,
+            _ => self.reservation_for(&head),
+        };
         self.head_reservation = Some((head.agent.clone(), reserved.clone()));
         if let Some(d) = self.preempt_for(&head) {
             out.push(d);
         }
-        // 3. Backfill: later requests, in order, on the other devices only.
-        if self.devices.len() > reserved.len() {
-            let mut free_others = self
-                .devices
-                .iter()
-                .filter(|(i, _)| !reserved.contains(i))
-                .any(|(_, d)| !d.exclusive);
-            let candidates: Vec<(String, u32, u64)> = if free_others {
-                self.ordered(now_ms)
-                    .into_iter()
-                    .filter(|r| r.agent != head.agent)
-                    .map(|r| (r.agent.clone(), r.count, r.vram_mb))
-                    .collect()
-            } else {
-                vec![]
-            };
-            for (agent, count, _) in candidates {
-                if self.global_full() || !free_others {
-                    break;
+        // 3. Backfill: later requests, in order, on the other devices only. The queue is
+        // walked lazily (a merge of the class queues) and only while some device outside
+        // the reservation has room; a grant only shrinks the room, so the walk resumes where
+        // it stopped instead of starting over.
+        let mut cursors: HashMap<u32, (u64, u64)> = HashMap::new();
+        loop {
+            if self.global_full() {
+                break;
+            }
+            let room = self.room(&reserved);
+            if room.devices == 0 {
+                break;
+            }
+            let mut found = None;
+            {
+                let mut merge = Merge::new(&self.queue, &cursors);
+                while let Some((class, r)) = merge.next(self, now_ms) {
+                    cursors.insert(class, (r.enqueued_ms, r.seq));
+                    if r.agent == head.agent
+                        || r.count > room.devices
+                        || (r.exclusive && r.count > room.empty)
+                        || (!r.exclusive && r.vram_mb > room.max_free)
+                    {
+                        continue;
+                    }
+                    if let Some(devs) = self.place(r, &reserved) {
+                        found = Some((r.agent.clone(), devs));
+                        break;
+                    }
                 }
-                if count as usize > self.devices.len() - reserved.len() {
-                    continue;
-                }
-                let Some(&(class, key)) = self.queued_agents.get(&agent) else {
-                    continue;
-                };
-                let r = &self.queue[&class][&key];
-                if let Some(devs) = self.place(r, &reserved) {
-                    out.push(self.grant(&agent, devs, now_ms));
-                    free_others = self
-                        .devices
-                        .iter()
-                        .filter(|(i, _)| !reserved.contains(i))
-                        .any(|(_, d)| {
-                            !d.exclusive
-                                && d.reserved_mb < d.total_mb
-                                && (self.config.max_per_gpu == 0
-                                    || d.leases < self.config.max_per_gpu)
-                        });
-                }
+            }
+            match found {
+                Some((agent, devs)) => out.push(self.grant(&agent, devs, now_ms)),
+                None => break,
             }
         }
         out
+    }
+
+    /// What is free outside `blocked`: devices with room for one more lease, the largest free
+    /// VRAM among them, and how many are empty.
+    fn room(&self, blocked: &[u32]) -> Room {
+        let mut r = Room::default();
+        for (i, d) in &self.devices {
+            if blocked.contains(i)
+                || d.exclusive
+                || (self.config.max_per_gpu > 0 && d.leases >= self.config.max_per_gpu)
+            {
+                continue;
+            }
+            let free = d.total_mb.saturating_sub(d.reserved_mb);
+            if free == 0 {
+                continue;
+            }
+            r.devices += 1;
+            r.max_free = r.max_free.max(free);
+            if d.leases == 0 {
+                r.empty += 1;
+            }
+        }
+        r
     }
 
     /// Marks victims for `head` when preemption is on and it would help.
@@ -642,6 +684,55 @@ impl Scheduler {
         out.sort();
         out.dedup_by(|a, b| a.0 == b.0);
         out
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    devices: u32,
+    max_free: u64,
+    empty: u32,
+}
+
+type ClassQueue = BTreeMap<(u64, u64), Request>;
+
+/// A lazy walk of the queue in rank order: the class queues are each in rank order already
+/// (same class, older first), so the next request is the best of the class heads.
+struct Merge<'a> {
+    heads: Vec<(
+        u32,
+        std::iter::Peekable<std::collections::btree_map::Range<'a, (u64, u64), Request>>,
+    )>,
+}
+
+impl<'a> Merge<'a> {
+    /// Starts each class after its cursor (the last request already looked at).
+    fn new(queue: &'a BTreeMap<u32, ClassQueue>, cursors: &HashMap<u32, (u64, u64)>) -> Self {
+        use std::ops::Bound::{Excluded, Unbounded};
+        Merge {
+            heads: queue
+                .iter()
+                .map(|(c, q)| {
+                    let it = match cursors.get(c) {
+                        Some(k) => q.range((Excluded(*k), Unbounded)),
+                        None => q.range(..),
+                    };
+                    (*c, it.peekable())
+                })
+                .collect(),
+        }
+    }
+
+    fn next(&mut self, s: &Scheduler, now_ms: u64) -> Option<(u32, &'a Request)> {
+        let best = self
+            .heads
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, (_, it))| it.peek().map(|(_, r)| (s.rank(r, now_ms), i)))
+            .min()?
+            .1;
+        let (class, it) = &mut self.heads[best];
+        it.next().map(|(_, r)| (*class, r))
     }
 }
 

@@ -304,3 +304,23 @@ fn duplicate_requests_and_restored_leases() {
     t.release("a");
     assert_eq!(granted(&t.schedule(4)), ["b@0"]);
 }
+
+#[test]
+fn the_blocked_heads_hold_does_not_move_to_where_backfill_ran() {
+    let mut s = Scheduler::new(&devs(&[16_000, 16_000]), no_preempt());
+    s.submit(req("a", 1, 12_000, 0, 0)).unwrap();
+    s.submit(req("b", 1, 8000, 0, 1)).unwrap();
+    s.submit(req("c", 1, 8000, 0, 2)).unwrap();
+    assert_eq!(granted(&s.schedule(2)), ["a@0", "b@1", "c@1"]);
+    s.submit(req("head", 1, 16_000, 5, 3)).unwrap();
+    s.submit(req("filler", 1, 6000, 0, 4)).unwrap();
+    assert!(s.schedule(4).is_empty());
+    assert_eq!(s.queue_view(4)[0].reserved_devices, vec![0]);
+    // Device 1 now has more room than device 0, but the hold stays on 0 and the filler
+    // backfills on 1; when a leaves, the head starts at once on 0.
+    s.release("c");
+    assert_eq!(granted(&s.schedule(5)), ["filler@1"]);
+    assert_eq!(s.queue_view(5)[0].reserved_devices, vec![0]);
+    s.release("a");
+    assert_eq!(granted(&s.schedule(6)), ["head@0"]);
+}
