@@ -67,13 +67,24 @@ OUT="$HERE/target/$TRIPLE/release"
 for b in aitherctl aitherd aither-init aither-notify; do
   [ -x "$OUT/$b" ] || die "build produced no $b in $OUT"
 done
+# With an NVIDIA driver, aitherd must load libnvidia-ml at run time, which a static binary
+# cannot (dlopen would bring a second libc): that host gets a dynamic aitherd (docs/gpu.md).
+AITHERD="$OUT/aitherd"
+if [ -e /proc/driver/nvidia/version ] || ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+  say "NVIDIA driver found: building a dynamically linked aitherd for NVML"
+  (cd "$HERE" && cargo build --release --locked --bin aitherd 2>&1 | tail -n 3) >&2
+  AITHERD="$HERE/target/release/aitherd"
+fi
 
 # 5. Install.
 install -d -m 0755 "$PREFIX/bin" "$POLICY_DIR" "$POLICY_DIR/seccomp"
 for b in aitherctl aitherd aither-init aither-notify; do
+  src="$OUT/$b"; [ "$b" = aitherd ] && src="$AITHERD"
   # Replaced by rename, so that running copies (a daemon, shims) keep their old inode.
-  install -m 0755 "$OUT/$b" "$PREFIX/bin/.$b.new" && mv -f "$PREFIX/bin/.$b.new" "$PREFIX/bin/$b"
+  install -m 0755 "$src" "$PREFIX/bin/.$b.new" && mv -f "$PREFIX/bin/.$b.new" "$PREFIX/bin/$b"
 done
+# GPUs: NVML by default; an example of simulated devices beside it (docs/gpu.md).
+install -m 0644 "$HERE/scripts/gpus.toml.example" "$(dirname "$POLICY_DIR")/gpus.toml.example"
 # The Python SDK where the system python3 finds it (inside sandboxes too: /usr is mounted).
 # (The distribution's python3: it is the one agents see in their sandboxes.)
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
