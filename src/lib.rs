@@ -14,6 +14,7 @@ pub mod bus;
 pub mod cgroup;
 pub mod daemon;
 pub mod doctor;
+pub mod export;
 pub mod memory;
 pub mod policy;
 pub mod sandbox;
