@@ -105,6 +105,17 @@ fn describe(o: &std::process::Output) -> String {
 impl Bundle {
     /// `aitherctl export oci --policy P` into a fresh temporary directory.
     fn export(policy: &str) -> Bundle {
+        Bundle::make(policy, false)
+    }
+
+    /// As `export`, with `--rootfs` an image root filesystem made of the probe, the shared
+    /// libraries it needs (as `ldd` lists them), a two-line /etc and the usual mountpoints:
+    /// none of the host's system directories.
+    fn export_with_image(policy: &str) -> Bundle {
+        Bundle::make(policy, true)
+    }
+
+    fn make(policy: &str, image: bool) -> Bundle {
         require_root();
         let tmp = tempfile::Builder::new()
             .prefix("aither-export-")
@@ -122,21 +133,26 @@ impl Bundle {
         std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dir = tmp.path().join("bundle");
         let name = unique("oci");
-        let o = aitherctl(&[
-            "export",
-            "oci",
-            "--policy",
-            policy,
-            "--name",
-            &name,
-            "--workspace",
-            ws.to_str().unwrap(),
-            "--out",
-            dir.to_str().unwrap(),
-            "--",
-            probe.to_str().unwrap(),
-            "status",
-        ]);
+        let image_dir = tmp.path().join("image");
+        let mut args = vec![
+            "export".to_string(),
+            "oci".into(),
+            "--policy".into(),
+            policy.into(),
+            "--name".into(),
+            name.clone(),
+            "--workspace".into(),
+            ws.to_str().unwrap().into(),
+            "--out".into(),
+            dir.to_str().unwrap().into(),
+        ];
+        if image {
+            build_image(&image_dir);
+            args.extend(["--rootfs".into(), image_dir.to_str().unwrap().into()]);
+        }
+        args.extend(["--".into(), probe.to_str().unwrap().into(), "status".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = aitherctl(&args);
         assert!(o.status.success(), "export oci\n{}", describe(&o));
         let config: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
@@ -269,6 +285,34 @@ impl Bundle {
             .find(|l| l.starts_with(&format!("RESULT {} ", check[0])))
             .unwrap_or_else(|| panic!("{rt:?} {check:?}: no RESULT line\n{out}\n{err}"))
             .to_string()
+    }
+}
+
+/// A minimal image: the probe's shared libraries at their host paths, /etc with passwd and
+/// group only, mountpoints (/tmp 1777, as images have it).
+fn build_image(root: &Path) {
+    let ldd = Command::new("ldd").arg(PROBE).output().expect("run ldd");
+    let text = String::from_utf8_lossy(&ldd.stdout);
+    for lib in text
+        .split_whitespace()
+        .filter(|w| w.starts_with('/') && !w.starts_with("(0x"))
+    {
+        let at = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &at).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
+    }
+    for d in ["etc", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "agent:x:1000:1000::/tmp:/nonexistent\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "agent:x:1000:\n").unwrap();
+    for p in [root.to_path_buf(), root.join("etc")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
 
@@ -519,6 +563,65 @@ fn limits_are_in_force_under_crun() {
 #[test]
 fn limits_are_in_force_under_runc() {
     limits_are_in_force(Runtime::Runc);
+}
+
+/// With `--rootfs`, an image replaces the host view: none of the host's system directories
+/// is bound (the host's /usr and its shadow file are absent), and every protection holds.
+fn image_rootfs(rt: Runtime) {
+    let b = Bundle::export_with_image("strict");
+    assert_eq!(
+        b.config["root"]["path"],
+        b.dir.parent().unwrap().join("image").to_str().unwrap()
+    );
+    assert!(!b.dir.join("rootfs").exists(), "no rootfs of our own");
+    for m in b.config["mounts"].as_array().unwrap() {
+        if m["type"] == "bind" {
+            assert_eq!(
+                m["source"],
+                b.ws.to_str().unwrap(),
+                "only the workspace is bound"
+            );
+        }
+    }
+    let u = unique("img");
+    for (check, want) in [
+        (vec!["read-file", "/usr/bin/cat"], "err ENOENT"),
+        (vec!["read-file", "/etc/shadow"], "err ENOENT"),
+        (vec!["read-file", "/etc/passwd"], "ok"),
+        (vec!["write-file", "/etc/passwd"], "err EROFS"),
+        (vec!["mount-tmpfs"], "err EPERM"),
+        (vec!["unshare-user"], "err EPERM"),
+        (vec!["ptrace-parent"], "err EPERM"),
+        (vec!["clone3"], "err ENOSYS"),
+    ] {
+        assert_eq!(
+            b.probe(rt, &check),
+            format!("RESULT {} {want}", check[0]),
+            "{rt:?}"
+        );
+    }
+    let target = format!("/tmp/aither-{u}");
+    assert_eq!(
+        b.probe(rt, &["write-file", &target]),
+        "RESULT write-file ok"
+    );
+    assert!(!Path::new(&target).exists());
+    assert_eq!(
+        b.probe(rt, &["status"]),
+        "RESULT status ok CapInh=0000000000000000 CapPrm=0000000000000000 \
+         CapEff=0000000000000000 CapBnd=0000000000000000 CapAmb=0000000000000000 NoNewPrivs=1 \
+         Seccomp=2"
+    );
+}
+
+#[test]
+fn an_image_rootfs_replaces_the_host_view_under_crun() {
+    image_rootfs(Runtime::Crun);
+}
+
+#[test]
+fn an_image_rootfs_replaces_the_host_view_under_runc() {
+    image_rootfs(Runtime::Runc);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 //! Without `--rootfs` the bundle's `rootfs/` is built like the sandbox's tmpfs root: stub
 //! directories, the host's symbolic links (/lib → usr/lib) and a curated /etc; the host paths
 //! of the policy's `read_only` list are bound over it by the runtime. With `--rootfs` an image
-//! provides the system and /etc, and only the runtime mounts and the workspace are added.
+//! provides the system and /etc, and only the runtime mounts and the workspace are added
+//! (missing mountpoints are created in the image, see `mountpoints`).
 
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -378,6 +379,26 @@ fn build_rootfs(spec: &SandboxSpec, root: &Path) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// Creates the mountpoints an image lacks (the workspace's host path, most often). The
+/// runtime would try, but as the container's root, an unprivileged host id that cannot write
+/// into an image owned by host root; mounts inside /dev live on its tmpfs and need none.
+fn mountpoints(config: &Value, image: &Path) -> Result<(), ExportError> {
+    let empty = Vec::new();
+    for m in config["mounts"].as_array().unwrap_or(&empty) {
+        let Some(dst) = m["destination"].as_str() else {
+            continue;
+        };
+        if dst.starts_with("/dev/") {
+            continue;
+        }
+        let at = image.join(dst.trim_start_matches('/'));
+        if fs::symlink_metadata(&at).is_err() {
+            fs::create_dir_all(&at).map_err(io_err("create the mountpoint", &at))?;
+        }
+    }
+    Ok(())
+}
+
 /// A bundle written to disk.
 #[derive(Clone, Debug)]
 pub struct Bundle {
@@ -424,10 +445,13 @@ pub fn write_bundle(
     // The container's root (an unprivileged host id) must traverse the bundle and its rootfs.
     let open = fs::Permissions::from_mode(0o755);
     fs::set_permissions(dir, open.clone()).map_err(io_err("chmod", dir))?;
-    if opts.rootfs.is_none() {
-        let root = dir.join("rootfs");
-        build_rootfs(spec, &root)?;
-        fs::set_permissions(&root, open).map_err(io_err("chmod", &root))?;
+    match &opts.rootfs {
+        None => {
+            let root = dir.join("rootfs");
+            build_rootfs(spec, &root)?;
+            fs::set_permissions(&root, open).map_err(io_err("chmod", &root))?;
+        }
+        Some(image) => mountpoints(&config, image)?,
     }
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
     let path = dir.join("config.json");

@@ -63,7 +63,9 @@ struct Source {
 /// Without --rootfs, rootfs/ is built like the sandbox's own root: stubs for the policy's
 /// read-only host directories (bound by the runtime), the host's symbolic links, a curated
 /// /etc (no shadow, generated passwd/group/hosts). With --rootfs DIR, an image's root
-/// filesystem is used instead and only the runtime mounts and the workspace are added.
+/// filesystem is used instead and only the runtime mounts and the workspace are added (the
+/// mountpoints the image lacks, such as the workspace's path, are created in it: the
+/// container's root, an unprivileged host id, could not).
 /// The workspace (default: the current directory) is bound read-write at its host path,
 /// id-mapped to the agent (crun; runc before 1.2 binds it without id-mapping).
 ///
