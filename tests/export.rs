@@ -811,6 +811,26 @@ fn export_from_a_token_follows_its_attenuation_and_refuses_a_revoked_one() {
     assert_eq!(cfg["linux"]["resources"]["memory"]["limit"], 256u64 << 20);
     assert_eq!(cfg["linux"]["resources"]["pids"]["limit"], 64);
     assert_eq!(cfg["linux"]["cgroupsPath"], "/aither/tok-agent");
+    // Another host verifies it with the minting host's public key (and refuses it without).
+    let other = State::new();
+    let pubkey = st.ok(&["token", "pubkey"]);
+    let args = [
+        "export",
+        "k8s",
+        "--token",
+        nt.to_str().unwrap(),
+        "--name",
+        "tok-agent",
+        "--image",
+        "x/y:1",
+        "--",
+        "true",
+    ];
+    let o = other.cmd(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
+    let mut with_key = args.to_vec();
+    with_key.splice(4..4, ["--pubkey", pubkey.as_str()]);
+    other.ok(&with_key);
     // Widening past the token is refused, as for `run`.
     let o = st.cmd(&[
         "export",

@@ -44,6 +44,11 @@ struct Source {
     /// host's key and revocation list, as `aitherctl run --token` does.
     #[arg(long, value_name = "TOKEN|FILE|-")]
     token: Option<String>,
+    /// Verify --token with this public key (a file, or the key as hex or base64url) instead
+    /// of this host's: exporting, on a build host, a token minted by another (docs/scaling.md).
+    /// This host's revocation list still applies.
+    #[arg(long, value_name = "FILE|KEY", requires = "token")]
+    pubkey: Option<String>,
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -163,9 +168,12 @@ fn verified(src: &Source, name: Option<&str>) -> anyhow::Result<Verified> {
         Some(arg) => {
             let t = crate::token_cmd::read_token_arg(arg)?;
             let state = token::state_dir();
-            let key = HostKey::load(&state)?;
+            let key = match &src.pubkey {
+                Some(k) => token::parse_public_key(k)?,
+                None => HostKey::load(&state)?.public(),
+            };
             let revocations = RevocationStore::open_existing(&state)?;
-            Ok(token::verify(&t, &key.public(), now, &revocations)?)
+            Ok(token::verify(&t, &key, now, &revocations)?)
         }
         None => {
             let loaded = Policy::load(src.policy.as_deref().unwrap_or("strict"))?;
