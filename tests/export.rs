@@ -430,6 +430,48 @@ fn the_local_sandbox_gives_the_same_answers() {
     }
 }
 
+/// The network namespace keeps the host's listeners out of reach. What Landlock adds in the
+/// local sandbox (no TCP even on the sandbox's own loopback under strict) has no OCI form:
+/// binding its loopback succeeds in the bundle, the documented gap (docs/scaling.md).
+fn host_network_is_unreachable(rt: Runtime) {
+    use std::net::TcpListener;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+    let b = Bundle::export("strict");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a host listener");
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let name = format!("aither-export-{}", unique("abs"));
+    let ul = UnixListener::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap())
+        .expect("bind a host abstract socket");
+    ul.set_nonblocking(true).unwrap();
+    for (check, want) in [
+        (vec!["tcp-connect", addr.as_str()], "err ECONNREFUSED"),
+        (vec!["tcp-connect", "10.0.0.1:80"], "err ENETUNREACH"),
+        (vec!["udp-send", addr.as_str()], "err ECONNREFUSED"),
+        (vec!["abstract-connect", name.as_str()], "err ECONNREFUSED"),
+        (vec!["tcp-bind-loopback"], "ok"),
+    ] {
+        assert_eq!(
+            b.probe(rt, &check),
+            format!("RESULT {} {want}", check[0]),
+            "{rt:?}"
+        );
+    }
+    assert!(l.accept().is_err(), "nothing reached the host listener");
+    assert!(ul.accept().is_err(), "nothing reached the host socket");
+}
+
+#[test]
+fn host_network_is_unreachable_under_crun() {
+    host_network_is_unreachable(Runtime::Crun);
+}
+
+#[test]
+fn host_network_is_unreachable_under_runc() {
+    host_network_is_unreachable(Runtime::Runc);
+}
+
 /// Host pids are invisible and unkillable, the pid namespace holds only the container, and
 /// neither map names host root or an ordinary host account.
 fn processes_and_ids(rt: Runtime) {

@@ -198,7 +198,8 @@ pub fn manifest(
         "containers": [container],
         "volumes": volumes,
     });
-    if spec.new_uts_ns {
+    // The policy's hostname when Kubernetes accepts it (a DNS-1123 label), else the Pod name.
+    if spec.new_uts_ns && check_label("hostname", &spec.hostname).is_ok() {
         pod_spec["hostname"] = json!(spec.hostname);
     }
     if let Some(t) = spec.timeout {

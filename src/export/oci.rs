@@ -103,7 +103,8 @@ fn id_maps(host_id: u32, agent: u32) -> Value {
 }
 
 /// The host paths the sandbox binds read-only: the policy's list, or every top-level entry
-/// of the host but the pseudo filesystems and /tmp when it asks for "/" (permissive).
+/// of the host but /proc, /dev and /tmp (fresh instances) when it asks for "/" (permissive),
+/// as the sandbox does.
 fn read_only_paths(spec: &SandboxSpec) -> Result<Vec<PathBuf>, ExportError> {
     let mut out = Vec::new();
     for p in &spec.mounts.read_only {
@@ -111,12 +112,7 @@ fn read_only_paths(spec: &SandboxSpec) -> Result<Vec<PathBuf>, ExportError> {
             let rd = fs::read_dir("/").map_err(io_err("list", "/"))?;
             let mut names: Vec<PathBuf> = rd
                 .flatten()
-                .filter(|e| {
-                    !matches!(
-                        e.file_name().to_str(),
-                        Some("proc" | "dev" | "tmp" | "sys" | "run")
-                    )
-                })
+                .filter(|e| !matches!(e.file_name().to_str(), Some("proc" | "dev" | "tmp")))
                 .map(|e| Path::new("/").join(e.file_name()))
                 .collect();
             names.sort();
@@ -197,16 +193,35 @@ fn mounts(
     Ok(m)
 }
 
+/// The hard limit of `resource` in this process (None: unlimited or unreadable).
+fn current_hard(resource: libc::__rlimit_resource_t) -> Option<u64> {
+    // SAFETY: zeroed rlimit is a valid out-parameter.
+    let mut cur: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `cur`.
+    let ok = unsafe { libc::getrlimit(resource, &mut cur) } == 0;
+    (ok && cur.rlim_max != libc::RLIM_INFINITY).then_some(cur.rlim_max)
+}
+
+/// soft = hard = the policy's value, or this process's hard limit when that is lower, as the
+/// sandbox does (`sandbox::rlimits`): the policy's number is a ceiling, and runtimes set
+/// rlimits inside the user namespace, where raising a hard limit fails.
 fn rlimits(spec: &SandboxSpec) -> Vec<Value> {
-    let mut r = vec![
-        ("RLIMIT_NOFILE", Some(spec.rlimit_nofile)),
-        ("RLIMIT_CORE", Some(spec.rlimit_core)),
-        ("RLIMIT_NPROC", spec.rlimit_nproc),
-        ("RLIMIT_FSIZE", spec.rlimit_fsize),
+    let r = [
+        (
+            "RLIMIT_NOFILE",
+            libc::RLIMIT_NOFILE,
+            Some(spec.rlimit_nofile),
+        ),
+        ("RLIMIT_CORE", libc::RLIMIT_CORE, Some(spec.rlimit_core)),
+        ("RLIMIT_NPROC", libc::RLIMIT_NPROC, spec.rlimit_nproc),
+        ("RLIMIT_FSIZE", libc::RLIMIT_FSIZE, spec.rlimit_fsize),
     ];
-    r.retain(|(_, v)| v.is_some());
     r.into_iter()
-        .map(|(t, v)| json!({"type": t, "hard": v, "soft": v}))
+        .filter_map(|(name, res, v)| {
+            let v = v?;
+            let v = current_hard(res).map_or(v, |h| v.min(h));
+            Some(json!({"type": name, "hard": v, "soft": v}))
+        })
         .collect()
 }
 
