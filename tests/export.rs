@@ -924,6 +924,31 @@ fn export_from_a_token_follows_its_attenuation_and_refuses_a_revoked_one() {
         describe(&o)
     );
     assert!(!dir2.exists(), "nothing is written for a refused token");
+    // Both decisions are in the audit stream.
+    let audit = std::fs::read_to_string(st.0.path().join("audit.jsonl")).unwrap();
+    let kinds: Vec<(String, String)> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("export_")))
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["decision"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("export_oci".into(), "allow".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("export_oci".into(), "deny".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("export_k8s".into(), "allow".into())),
+        "{kinds:?}"
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aither::audit::{Decision, Entry};
 use aither::export::k8s::{self, K8sOptions};
 use aither::export::oci::{self, OciOptions};
 use aither::policy::Policy;
@@ -144,13 +145,28 @@ pub struct K8sArgs {
 }
 
 pub fn run(c: ExportCmd) -> i32 {
-    let r = match c {
-        ExportCmd::Oci(a) => export_oci(a),
-        ExportCmd::K8s(a) => export_k8s(a),
+    let (kind, r) = match c {
+        ExportCmd::Oci(a) => ("export_oci", export_oci(a)),
+        ExportCmd::K8s(a) => ("export_k8s", export_k8s(a)),
     };
     match r {
-        Ok(()) => 0,
+        Ok(done) => {
+            aither::audit::record_unsynced(
+                Entry::new(
+                    kind,
+                    Decision::Allow,
+                    format!("policy {} via a verified token", done.policy),
+                )
+                .agent(&done.agent)
+                .actor(crate::token_cmd::actor())
+                .data(done.data),
+            );
+            0
+        }
         Err(e) => {
+            aither::audit::record_unsynced(
+                Entry::new(kind, Decision::Deny, format!("{e:#}")).actor(crate::token_cmd::actor()),
+            );
             match e.downcast_ref::<TokenError>() {
                 Some(t) if t.is_refusal() => eprintln!("aither: token refused: {t}"),
                 _ => crate::print_error(&e),
@@ -158,6 +174,13 @@ pub fn run(c: ExportCmd) -> i32 {
             1
         }
     }
+}
+
+/// What an export wrote, for the audit record.
+struct Done {
+    policy: String,
+    agent: String,
+    data: serde_json::Value,
 }
 
 /// Verifies `--token`, or mints a short-lived token from `--policy` and verifies it: the
@@ -195,10 +218,13 @@ fn verified(src: &Source, name: Option<&str>) -> anyhow::Result<Verified> {
     }
 }
 
+/// The spec from the verified claims, as `run` derives it; `workspace` is checked against the
+/// token's `workspace_root` when `check_root` (a bundle binds it; a Pod's is an emptyDir).
 fn derive(
     src: &Source,
     v: &Verified,
     workspace: Option<PathBuf>,
+    check_root: bool,
     argv: &[String],
 ) -> anyhow::Result<SandboxSpec> {
     let claims = v.effective();
@@ -215,7 +241,7 @@ fn derive(
     let cwd = std::env::current_dir()?;
     // Only `pass_env` of the policy reads the caller's environment, as for `run`.
     let spec = SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
-    if let Some(w) = &spec.workspace {
+    if let (true, Some(w)) = (check_root, &spec.workspace) {
         v.check_workspace(&w.path)?;
     }
     if let Some(w) = &spec.warning {
@@ -224,9 +250,9 @@ fn derive(
     Ok(spec)
 }
 
-fn export_oci(a: OciArgs) -> anyhow::Result<()> {
+fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
     let v = verified(&a.source, a.name.as_deref())?;
-    let spec = derive(&a.source, &v, a.workspace.clone(), &a.command)?;
+    let spec = derive(&a.source, &v, a.workspace.clone(), true, &a.command)?;
     let opts = OciOptions {
         rootfs: a
             .rootfs
@@ -249,36 +275,18 @@ fn export_oci(a: OciArgs) -> anyhow::Result<()> {
         b.dir.display(),
         spec.name
     );
-    Ok(())
+    Ok(Done {
+        policy: spec.policy.clone(),
+        agent: spec.name.clone(),
+        data: serde_json::json!({"argv": spec.argv, "out": b.dir, "token_id": a.source.token.is_some().then(|| v.id())}),
+    })
 }
 
-fn export_k8s(a: K8sArgs) -> anyhow::Result<()> {
+fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
     let v = verified(&a.source, Some(&a.name))?;
     // The Pod's workspace is an emptyDir: no host directory is involved, so the spec is derived
-    // with a throwaway one (the token's workspace_root does not apply to a Pod).
-    let scratch = std::env::temp_dir();
-    let spec = {
-        let claims = v.effective();
-        let opts = RunOptions {
-            name: Some(claims.subject.clone()),
-            workspace: Some(scratch.clone()),
-            env: a.source.env.clone(),
-            timeout: None,
-            memory: a.source.memory,
-            cpus: a.source.cpus,
-            pids: a.source.pids,
-            argv: a.command.clone(),
-        };
-        SandboxSpec::derive(
-            &claims.to_policy(),
-            &opts,
-            &|k| std::env::var(k).ok(),
-            &scratch,
-        )?
-    };
-    if let Some(w) = &spec.warning {
-        eprintln!("aither: WARNING: {w}");
-    }
+    // with a scratch one, and the token's workspace_root does not apply.
+    let spec = derive(&a.source, &v, Some(std::env::temp_dir()), false, &a.command)?;
     let opts = K8sOptions {
         name: a.name.clone(),
         image: a.image.clone(),
@@ -312,5 +320,9 @@ fn export_k8s(a: K8sArgs) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Done {
+        policy: spec.policy.clone(),
+        agent: a.name.clone(),
+        data: serde_json::json!({"argv": spec.argv, "image": a.image, "token_id": a.source.token.is_some().then(|| v.id())}),
+    })
 }
