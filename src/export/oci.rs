@@ -43,7 +43,7 @@ pub struct OciOptions {
     pub rootfs: Option<PathBuf>,
     /// Container root maps to this host id, the agent to the next one.
     pub host_id: u32,
-    /// cgroupsPath, relative to each hierarchy ("/aither/<name>" keeps it in our subtree).
+    /// cgroupsPath, relative to each hierarchy (`/aither/<name>` keeps it in our subtree).
     pub cgroups_path: String,
     /// The token the spec came from (an annotation only).
     pub token_id: Option<String>,

@@ -113,7 +113,7 @@ pub struct OciArgs {
 /// false, every capability dropped, a read-only root filesystem and the seccomp profile as a
 /// Localhost profile; requests = limits (memory, cpu, and nvidia.com/gpu from the token's GPU
 /// claim); an emptyDir workspace at /workspace and memory emptyDirs for /tmp and /dev/shm.
-/// The profile must be on every node at /var/lib/kubelet/seccomp/<localhostProfile>: --out
+/// The profile must be on every node at /var/lib/kubelet/seccomp/LOCALHOST_PROFILE: --out
 /// DIR writes it there, relative to DIR, beside manifest.json (see docs/scaling.md).
 ///
 /// Examples:
@@ -136,7 +136,7 @@ pub struct K8sArgs {
     /// RuntimeClass the Pod asks for.
     #[arg(long, value_name = "CLASS")]
     runtime_class: Option<String>,
-    /// Write DIR/manifest.json and DIR/seccomp/<profile> instead of printing the manifest.
+    /// Write DIR/manifest.json and DIR/seccomp/LOCALHOST_PROFILE instead of printing the manifest.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// The command and its arguments.
