@@ -267,6 +267,14 @@ fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
         token_id: a.source.token.is_some().then(|| v.id().to_string()),
     };
     let b = oci::write_bundle(&a.out, &spec, &opts)?;
+    let gpu = &v.effective().gpu;
+    if gpu.count > 0 {
+        eprintln!(
+            "aither: note: the token grants {} GPU(s); a bundle gets none (its device rules deny \
+             every GPU node: which GPU is aitherd's decision on the node)",
+            gpu.count
+        );
+    }
     eprintln!(
         "aither: wrote OCI bundle {} (policy {}, agent host id {}); run it with `crun run --bundle {} {}`",
         b.dir.display(),
