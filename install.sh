@@ -28,7 +28,8 @@ die() { say "error: $*"; exit 1; }
 
 # 1. System packages. Build: a C toolchain and pkg-config. Tests and real agent work under
 #    strict: python3, git, make, sqlite3. Benchmarks compare against bubblewrap, crun, runc,
-#    and the bus against redis-server (scripts/bench/bus.sh).
+#    and the bus against redis-server (scripts/bench/bus.sh); tests/export.rs runs exported OCI
+#    bundles under crun and runc.
 PKGS=(build-essential pkg-config ca-certificates curl python3 git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server)
 missing=()
 for p in "${PKGS[@]}"; do

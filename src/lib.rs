@@ -6,7 +6,9 @@
 //! ```text
 //! policy ──► token ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
 //!                                   │
-//!                                   └──► cgroup::{v1, v2}
+//!                                   ├──► cgroup::{v1, v2}
+//!                                   │
+//!                                   └──► export::{oci, k8s} (the same spec for crun, runc, Kubernetes)
 //! ```
 
 pub mod audit;
@@ -14,6 +16,7 @@ pub mod bus;
 pub mod cgroup;
 pub mod daemon;
 pub mod doctor;
+pub mod export;
 pub mod gpu;
 pub mod memory;
 pub mod policy;

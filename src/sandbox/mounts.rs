@@ -105,8 +105,8 @@ fn place_read_only(old: &Path, inside: &Path) -> Result<(), MountError> {
     bind_ro(&host, inside)
 }
 
-/// The generated identity files of the curated /etc.
-fn generated_etc(spec: &SandboxSpec) -> [(&'static str, String); 4] {
+/// The generated identity files of the curated /etc (also written into exported OCI bundles).
+pub fn generated_etc(spec: &SandboxSpec) -> [(&'static str, String); 4] {
     let (u, g, h) = (spec.uid, spec.gid, &spec.hostname);
     [
         ("passwd", format!("root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:{u}:{g}:Aither agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")),

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
+mod export_cmd;
 mod gpu_cmd;
 mod mem_cmd;
 mod policy_cmd;
@@ -65,6 +66,8 @@ enum Command {
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
     Doctor(doctor_cmd::DoctorArgs),
+    #[command(subcommand)]
+    Export(export_cmd::ExportCmd),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
         Command::Doctor(a) => doctor_cmd::run(a),
+        Command::Export(e) => export_cmd::run(e),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

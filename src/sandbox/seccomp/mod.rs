@@ -52,29 +52,33 @@ struct ProfileFile {
     never: Never,
 }
 
+/// How much of an argument a condition compares: the low 32 bits (`dword`, what the kernel
+/// truncates an `int` argument to) or all 64.
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "lowercase")]
-enum ArgType {
+pub enum ArgType {
     Dword,
     Qword,
 }
 
+/// A comparison of one argument with `Cond::val`.
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
-enum Op {
+pub enum Op {
     Eq,
     Ne,
     MaskedEq(u64),
 }
 
-#[derive(Deserialize, Clone, Copy, Debug)]
+/// One argument condition of the profile.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct Cond {
-    index: u8,
+pub struct Cond {
+    pub index: u8,
     #[serde(rename = "type")]
-    ty: ArgType,
-    op: Op,
-    val: u64,
+    pub ty: ArgType,
+    pub op: Op,
+    pub val: u64,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +99,51 @@ struct Group {
 #[serde(deny_unknown_fields)]
 struct Never {
     names: Vec<String>,
+}
+
+/// One allow group of a profile, as data for other filter formats (the OCI export).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub names: Vec<String>,
+    /// Conditions on the arguments; empty: allowed whatever the arguments.
+    pub conds: Vec<Cond>,
+    /// true: allowed when any condition holds; false: when all hold.
+    pub any: bool,
+}
+
+/// A profile's rules, checked exactly as `load` checks them before compiling (every name
+/// known, nothing both allowed and never allowed): the one syscall set for every format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rules {
+    pub allow: Vec<Rule>,
+    /// Answered with ENOSYS so that libc falls back (clone3, openat2).
+    pub enosys: Vec<String>,
+    /// Names the profile promises never to allow.
+    pub never: Vec<String>,
+}
+
+/// The parsed rules of a built-in profile (see [`Rules`]).
+pub fn rules(profile: &str) -> Result<Rules, SeccompError> {
+    // The same checks as the BPF compiler: a profile that would not compile is no profile.
+    compile(profile)?;
+    let p = parse(profile)?;
+    Ok(Rules {
+        allow: p
+            .allow
+            .into_iter()
+            .map(|g| Rule {
+                names: g.names,
+                any: !g.any_of.is_empty(),
+                conds: if g.any_of.is_empty() {
+                    g.all_of
+                } else {
+                    g.any_of
+                },
+            })
+            .collect(),
+        enosys: p.enosys.names,
+        never: p.never.names,
+    })
 }
 
 /// The source text of a built-in profile.
@@ -480,6 +529,18 @@ fn install_one(prog: &[libc::sock_filter]) -> io::Result<()> {
 pub fn install(f: &Filter) -> Result<(), SeccompError> {
     install_one(&f.allowlist).map_err(SeccompError::Install)?;
     install_one(&f.args).map_err(SeccompError::Install)
+}
+
+/// The pair's answer for one call, as the kernel would give it: 0 (allowed), an errno, or -1
+/// (killed). For the export's tests, which compare the OCI rules with this filter.
+#[cfg(test)]
+pub(crate) fn tests_decide(f: &Filter, name: &str, args: [u64; 6]) -> i64 {
+    let r = tests::decide(f, name, args);
+    match r & 0xffff_0000 {
+        RET_ALLOW => 0,
+        RET_ERRNO => i64::from(r & 0xffff),
+        _ => -1,
+    }
 }
 
 #[cfg(test)]

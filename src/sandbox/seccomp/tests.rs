@@ -30,7 +30,7 @@ fn run(prog: &[libc::sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
 }
 
 /// Both programs, most restrictive wins; for equal actions the later (args) program's value.
-fn decide(f: &Filter, name: &str, args: [u64; 6]) -> u32 {
+pub(super) fn decide(f: &Filter, name: &str, args: [u64; 6]) -> u32 {
     let x = Sysno::from_str(name).unwrap().id() as u32;
     let a = run(&f.allowlist, x, AUDIT_ARCH, args);
     let b = run(&f.args, x, AUDIT_ARCH, args);
