@@ -44,11 +44,8 @@ impl Sim {
                 )
             };
             assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
-            std::fs::set_permissions(
-                &node,
-                std::os::unix::fs::PermissionsExt::from_mode(0o666),
-            )
-            .unwrap();
+            std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .unwrap();
             toml.push_str(&format!(
                 "[[device]]\nuuid = \"GPU-sim-{i}\"\ntotal_mb = 16384\nnode = \"{}\"\n",
                 node.display()
@@ -240,7 +237,10 @@ fn agents_that_do_not_fit_together_queue_and_run_in_priority_order_on_their_own_
     assert_eq!(ls["devices"][0]["leases"][0]["agent"], "holder-a", "{ls}");
     assert_eq!(ls["queued"], 2);
     let text = d.ok(&["gpu", "ls"]);
-    assert!(text.contains("GPU-sim-1") && text.contains("holder-b"), "{text}");
+    assert!(
+        text.contains("GPU-sim-1") && text.contains("holder-b"),
+        "{text}"
+    );
 
     // One GPU frees: the higher class gets it, the lower keeps waiting.
     release(&d, "holder-b");
@@ -284,9 +284,9 @@ fn a_higher_class_preempts_and_the_victim_is_requeued_at_its_place() {
         "{v}"
     );
     assert_eq!(v["restarts"], first["restarts"]);
-    assert!(events(&d)
-        .iter()
-        .any(|e| e["kind"] == "gpu.preempted" && e["name"] == "victim" && e["data"]["by"] == "boss"));
+    assert!(events(&d).iter().any(|e| e["kind"] == "gpu.preempted"
+        && e["name"] == "victim"
+        && e["data"]["by"] == "boss"));
     release(&d, "boss");
     wait_state(&d, "victim", &["ready"]);
     release(&d, "victim");
@@ -304,9 +304,15 @@ fn vram_overuse_evicts_the_agent() {
     sim.use_vram("greedy", 0, 2000); // 6000 MiB in all on device 0 > 4096 reserved
     wait_state(&d, "greedy", &["exited", "failed"]);
     let v = d.json(&["inspect", "--json", "greedy"]);
-    assert!(v["last_exit"].as_str().unwrap_or("").contains("evicted"), "{v}");
+    assert!(
+        v["last_exit"].as_str().unwrap_or("").contains("evicted"),
+        "{v}"
+    );
     let ls = d.json(&["gpu", "ls", "--json"]);
-    assert_eq!(ls["devices"][0]["reserved_mb"], 0, "the lease is released: {ls}");
+    assert_eq!(
+        ls["devices"][0]["reserved_mb"], 0,
+        "the lease is released: {ls}"
+    );
 }
 
 #[test]
@@ -314,25 +320,44 @@ fn requests_no_gpu_could_hold_are_refused_and_flags_cannot_widen_the_claim() {
     let sim = Sim::new(1, "");
     let d = daemon(&sim);
     let o = d.ctl(&[
-        "spawn", "--policy", &policy(&d), "--gpus", "2", "two", "--", "true",
+        "spawn",
+        "--policy",
+        &policy(&d),
+        "--gpus",
+        "2",
+        "two",
+        "--",
+        "true",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--gpus 2 exceeds"), "{err}");
     // The built-in gpu policy grants 8 GiB; 12 GiB is more than the claim.
     let o = d.ctl(&[
-        "spawn", "--policy", "gpu", "--gpu-vram", "12G", "big", "--", "true",
+        "spawn",
+        "--policy",
+        "gpu",
+        "--gpu-vram",
+        "12G",
+        "big",
+        "--",
+        "true",
     ]);
     assert!(!o.status.success());
     // A claim of 16 GiB on a 16 GiB GPU fits; 2 devices of a 1-GPU host never do.
     let mut t = std::fs::read_to_string(policy(&d)).unwrap();
-    t = t.replace("count = 1", "count = 2").replace("name = \"gpu5\"", "name = \"gpu5x2\"");
+    t = t
+        .replace("count = 1", "count = 2")
+        .replace("name = \"gpu5\"", "name = \"gpu5x2\"");
     std::fs::write(d.ws.path().join("gpu5x2.toml"), t).unwrap();
     let p2 = d.ws.path().join("gpu5x2.toml").display().to_string();
     let o = d.ctl(&["spawn", "--policy", &p2, "pair", "--", "true"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("GPU request refused") && err.contains("asks for 2 GPUs"), "{err}");
+    assert!(
+        err.contains("GPU request refused") && err.contains("asks for 2 GPUs"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -352,7 +377,10 @@ fn the_queue_survives_a_daemon_crash() {
         "{before} / {after}"
     );
     let ls = d.json(&["gpu", "ls", "--json"]);
-    assert_eq!(ls["devices"][0]["leases"][0]["agent"], "runner", "the running lease is held: {ls}");
+    assert_eq!(
+        ls["devices"][0]["leases"][0]["agent"], "runner",
+        "the running lease is held: {ls}"
+    );
     release(&d, "runner");
     wait_state(&d, "waiter", &["ready"]);
     release(&d, "waiter");

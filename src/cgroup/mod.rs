@@ -304,13 +304,11 @@ pub(crate) fn attach_device_rules(
 ) -> Result<(), CgroupError> {
     if fs_magic(dir).ok() != Some(CGROUP2_SUPER_MAGIC) {
         let text: String = rules.iter().map(|r| r.v1_line() + "\n").collect();
-        return fs::write(dir.join("aither.devices"), text).map_err(|source| {
-            CgroupError::Write {
-                path: dir.join("aither.devices"),
-                value: "device rules".into(),
-                hint: "",
-                source,
-            }
+        return fs::write(dir.join("aither.devices"), text).map_err(|source| CgroupError::Write {
+            path: dir.join("aither.devices"),
+            value: "device rules".into(),
+            hint: "",
+            source,
         });
     }
     let fd = crate::sys::open(dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|source| {
@@ -342,7 +340,11 @@ pub(crate) fn parse_devices_list(text: &str) -> Vec<crate::gpu::DeviceRule> {
             let access = it.next()?.to_string();
             Some(crate::gpu::DeviceRule {
                 block: ty == "b",
-                major: if ma == "*" { u32::MAX } else { ma.parse().ok()? },
+                major: if ma == "*" {
+                    u32::MAX
+                } else {
+                    ma.parse().ok()?
+                },
                 minor: if mi == "*" { None } else { mi.parse().ok() },
                 access,
             })

@@ -88,9 +88,7 @@ impl CgroupManager for V2 {
         };
         if let Some(rules) = &limits.devices {
             // Attached before any process enters (the sandbox is born into the cgroup).
-            if let Err(e) =
-                super::attach_device_rules(&d, rules, best_effort, &mut cg.skipped)
-            {
+            if let Err(e) = super::attach_device_rules(&d, rules, best_effort, &mut cg.skipped) {
                 let _ = cg.remove();
                 return Err(e);
             }

@@ -26,7 +26,11 @@ pub enum Eviction {
     /// A strictly higher class needs its devices; it is requeued at its original time.
     Preempted { by: String },
     /// It used more VRAM than it reserved.
-    Overuse { device: u32, used_mb: u64, reserved_mb: u64 },
+    Overuse {
+        device: u32,
+        used_mb: u64,
+        reserved_mb: u64,
+    },
 }
 
 /// A GPU lease as the agent sees it (`gpu.lease` on the agent channel).
@@ -111,7 +115,12 @@ impl GpuService {
     /// Puts back the persisted queue and leases (at daemon start, before agents start).
     /// `running`: agents whose sandbox is still alive; other leases were released by their
     /// end while the daemon was down.
-    pub fn restore(&self, d: &Daemon, rows: Vec<(String, String, serde_json::Value)>, running: &[String]) {
+    pub fn restore(
+        &self,
+        d: &Daemon,
+        rows: Vec<(String, String, serde_json::Value)>,
+        running: &[String],
+    ) {
         let mut g = self.lock();
         for (name, state, data) in rows {
             match state.as_str() {
@@ -163,10 +172,16 @@ impl GpuService {
             g.waiters.insert(agent.to_string(), tx);
             let decisions = g.sched.schedule(now);
             if g.sched.is_queued(agent) {
-                let pos = g.sched.position(agent, now).zip(g.sched.queued(agent).cloned());
+                let pos = g
+                    .sched
+                    .position(agent, now)
+                    .zip(g.sched.queued(agent).cloned());
                 if let Some((position, r)) = pos {
-                    d.store
-                        .put_gpu(agent, "queued", &serde_json::to_value(&r).unwrap_or_default());
+                    d.store.put_gpu(
+                        agent,
+                        "queued",
+                        &serde_json::to_value(&r).unwrap_or_default(),
+                    );
                     d.emit(
                         Some(agent),
                         "gpu.queued",
@@ -294,7 +309,9 @@ impl GpuService {
                             Entry::new(
                                 "gpu_preempt",
                                 Verdict::Deny,
-                                format!("a strictly higher priority class ({for_agent}) needs its GPU"),
+                                format!(
+                                    "a strictly higher priority class ({for_agent}) needs its GPU"
+                                ),
                             )
                             .agent(v)
                             .actor("microscheduler"),
@@ -396,10 +413,7 @@ impl GpuService {
             ));
         }
         if g.sched.is_queued(agent) {
-            let pos = g
-                .sched
-                .position(agent, super::store::now_ms())
-                .unwrap_or(0);
+            let pos = g.sched.position(agent, super::store::now_ms()).unwrap_or(0);
             return Some(format!("queued#{pos}"));
         }
         None

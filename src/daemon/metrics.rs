@@ -226,9 +226,21 @@ pub fn render(d: &Shared) -> String {
     );
     let ls = d.gpu.ls();
     for (name, key, help) in [
-        ("aither_gpu_vram_total_mb", "total_mb", "VRAM of the device, MiB."),
-        ("aither_gpu_vram_reserved_mb", "reserved_mb", "VRAM reserved by leases, MiB."),
-        ("aither_gpu_vram_used_mb", "used_mb", "VRAM in use as the backend reads it, MiB."),
+        (
+            "aither_gpu_vram_total_mb",
+            "total_mb",
+            "VRAM of the device, MiB.",
+        ),
+        (
+            "aither_gpu_vram_reserved_mb",
+            "reserved_mb",
+            "VRAM reserved by leases, MiB.",
+        ),
+        (
+            "aither_gpu_vram_used_mb",
+            "used_mb",
+            "VRAM in use as the backend reads it, MiB.",
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for dev in ls["devices"].as_array().into_iter().flatten() {

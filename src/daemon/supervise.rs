@@ -196,7 +196,9 @@ pub enum EndReason {
     },
     /// Stopped for a strictly higher GPU priority class; requeued at its original time
     /// (never counted as a failure or a restart).
-    GpuPreempted { by: String },
+    GpuPreempted {
+        by: String,
+    },
     /// Used more VRAM than its lease reserved.
     GpuEvicted {
         device: u32,

@@ -63,12 +63,19 @@ fn the_gpu_policy_needs_gpus_and_device_control() {
     h.gpu = GpuFacts::default();
     let v = verdict(&builtin("gpu"), &h);
     assert!(!v.runnable);
-    assert!(v.missing[0].what.contains("found 0, no NVIDIA driver"), "{v:?}");
+    assert!(
+        v.missing[0].what.contains("found 0, no NVIDIA driver"),
+        "{v:?}"
+    );
     h.gpu.simulated = Some((2, "/etc/aither/gpus.toml".into()));
     assert!(verdict(&builtin("gpu"), &h).runnable);
     h.cgroup.controllers.retain(|c| c != "devices");
     let v = verdict(&builtin("gpu"), &h);
-    assert_eq!(v.missing[0].protection, Some(Protection::CgroupDevices), "{v:?}");
+    assert_eq!(
+        v.missing[0].protection,
+        Some(Protection::CgroupDevices),
+        "{v:?}"
+    );
     h.cgroup.mode = Some(CgroupMode::V2);
     h.bpf_cgroup_device = Probe::no("BPF_PROG_LOAD: EPERM");
     let v = verdict(&builtin("gpu"), &h);

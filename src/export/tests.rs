@@ -334,6 +334,7 @@ fn pod_is_locked_down() {
         count: 2,
         vram_mb: 8000,
         priority: 0,
+        exclusive: false,
     };
     let m = manifest(&s, &gpu, &k8s_opts()).unwrap();
     let items = m.list["items"].as_array().unwrap();

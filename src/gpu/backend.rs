@@ -101,11 +101,10 @@ impl Simulated {
     ) -> Result<Simulated, GpuError> {
         let mut devices = Vec::new();
         for (i, d) in declared.iter().enumerate() {
-            let (block, major, minor) =
-                node_numbers(&d.node).map_err(|source| GpuError::Node {
-                    path: d.node.clone(),
-                    source,
-                })?;
+            let (block, major, minor) = node_numbers(&d.node).map_err(|source| GpuError::Node {
+                path: d.node.clone(),
+                source,
+            })?;
             if block {
                 return Err(GpuError::Config {
                     path: path.to_path_buf(),
@@ -175,9 +174,11 @@ pub struct Nvml {
 pub fn open_nvml() -> Result<Nvml, String> {
     if cfg!(target_feature = "crt-static") {
         // dlopen from a static glibc binary would load a second libc beside ours.
-        return Err("this aitherd is statically linked and cannot load libnvidia-ml; \
+        return Err(
+            "this aitherd is statically linked and cannot load libnvidia-ml; \
                     install.sh builds a dynamic aitherd when it finds an NVIDIA driver"
-            .into());
+                .into(),
+        );
     }
     let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}"))?;
     let n = nvml.device_count().map_err(|e| format!("NVML: {e}"))?;
@@ -186,7 +187,9 @@ pub fn open_nvml() -> Result<Nvml, String> {
         let d = nvml
             .device_by_index(i)
             .map_err(|e| format!("NVML device {i}: {e}"))?;
-        let minor = d.minor_number().map_err(|e| format!("NVML device {i}: {e}"))?;
+        let minor = d
+            .minor_number()
+            .map_err(|e| format!("NVML device {i}: {e}"))?;
         let total = d
             .memory_info()
             .map_err(|e| format!("NVML device {i}: {e}"))?

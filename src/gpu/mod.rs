@@ -105,7 +105,7 @@ impl GpuConfig {
 /// The backend and scheduler configuration of this host. A broken configuration file is an
 /// error (the daemon refuses to start rather than run without the GPUs the operator declared);
 /// NVML without a driver is "no GPUs" with the reason.
-pub fn load() -> Result<(Box<dyn GpuBackend>, GpuConfig, Option<String>), GpuError> {
+pub fn load() -> Result<Loaded, GpuError> {
     let Some(path) = GpuConfig::path() else {
         return Ok(nvml_or_none(GpuConfig::default()));
     };
@@ -128,7 +128,10 @@ pub fn load() -> Result<(Box<dyn GpuBackend>, GpuConfig, Option<String>), GpuErr
     }
 }
 
-fn nvml_or_none(cfg: GpuConfig) -> (Box<dyn GpuBackend>, GpuConfig, Option<String>) {
+/// The backend, the configuration, and why there are no GPUs (when there are none).
+pub type Loaded = (Box<dyn GpuBackend>, GpuConfig, Option<String>);
+
+fn nvml_or_none(cfg: GpuConfig) -> Loaded {
     match backend::open_nvml() {
         Ok(n) => (Box::new(n), cfg, None),
         Err(why) => (Box::new(NoGpus), cfg, Some(why)),

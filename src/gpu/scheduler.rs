@@ -116,7 +116,11 @@ pub enum Rejected {
     #[error("asks for {asked} GPUs but this host has {have}")]
     TooMany { asked: u32, have: usize },
     #[error("asks for {asked} MiB of VRAM per GPU but no {count} devices hold that much (largest: {largest} MiB)")]
-    TooLarge { asked: u64, count: u32, largest: u64 },
+    TooLarge {
+        asked: u64,
+        count: u32,
+        largest: u64,
+    },
     #[error("already has a GPU request or lease")]
     Duplicate,
 }
@@ -402,7 +406,11 @@ impl Scheduler {
             Placement::Binpack => ok.sort_unstable(),
             Placement::Spread => ok.sort_unstable_by_key(|&(free, i)| (Reverse(free), i)),
         }
-        let mut v: Vec<u32> = ok.into_iter().take(r.count as usize).map(|(_, i)| i).collect();
+        let mut v: Vec<u32> = ok
+            .into_iter()
+            .take(r.count as usize)
+            .map(|(_, i)| i)
+            .collect();
         v.sort_unstable();
         Some(v)
     }
@@ -447,7 +455,11 @@ impl Scheduler {
             .map(|(i, d)| (d.total_mb.saturating_sub(d.reserved_mb), *i))
             .collect();
         cand.sort_unstable_by_key(|&(free, i)| (Reverse(free), i));
-        let mut v: Vec<u32> = cand.into_iter().take(r.count as usize).map(|(_, i)| i).collect();
+        let mut v: Vec<u32> = cand
+            .into_iter()
+            .take(r.count as usize)
+            .map(|(_, i)| i)
+            .collect();
         v.sort_unstable();
         v
     }
@@ -699,11 +711,11 @@ type ClassQueue = BTreeMap<(u64, u64), Request>;
 /// A lazy walk of the queue in rank order: the class queues are each in rank order already
 /// (same class, older first), so the next request is the best of the class heads.
 struct Merge<'a> {
-    heads: Vec<(
-        u32,
-        std::iter::Peekable<std::collections::btree_map::Range<'a, (u64, u64), Request>>,
-    )>,
+    heads: Vec<(u32, ClassWalk<'a>)>,
 }
+
+type ClassWalk<'a> =
+    std::iter::Peekable<std::collections::btree_map::Range<'a, (u64, u64), Request>>;
 
 impl<'a> Merge<'a> {
     /// Starts each class after its cursor (the last request already looked at).

@@ -52,15 +52,9 @@ fn admission_refuses_what_no_device_can_hold() {
     let s = Scheduler::new(&devs(&[16_000, 24_000]), Config::default());
     assert_eq!(s.admit(0, 1), Err(Rejected::Empty));
     assert!(matches!(s.admit(3, 1), Err(Rejected::TooMany { .. })));
-    assert!(matches!(
-        s.admit(1, 30_000),
-        Err(Rejected::TooLarge { .. })
-    ));
+    assert!(matches!(s.admit(1, 30_000), Err(Rejected::TooLarge { .. })));
     // Two GPUs of 20 GB: only one device holds that much.
-    assert!(matches!(
-        s.admit(2, 20_000),
-        Err(Rejected::TooLarge { .. })
-    ));
+    assert!(matches!(s.admit(2, 20_000), Err(Rejected::TooLarge { .. })));
     assert_eq!(s.admit(2, 16_000), Ok(()));
     assert_eq!(s.admit(1, 24_000), Ok(()));
 }
@@ -146,10 +140,7 @@ fn binpack_fills_one_device_before_the_next_and_spread_does_not() {
     let mut s = Scheduler::new(&devs(&[16_000, 16_000]), no_preempt());
     s.submit(req("a", 1, 4000, 0, 1)).unwrap();
     s.submit(req("b", 1, 4000, 0, 2)).unwrap();
-    assert_eq!(
-        granted(&s.schedule(3)),
-        ["a@0", "b@0"]
-    );
+    assert_eq!(granted(&s.schedule(3)), ["a@0", "b@0"]);
     let mut s = Scheduler::new(
         &devs(&[16_000, 16_000]),
         Config {
@@ -159,10 +150,7 @@ fn binpack_fills_one_device_before_the_next_and_spread_does_not() {
     );
     s.submit(req("a", 1, 4000, 0, 1)).unwrap();
     s.submit(req("b", 1, 4000, 0, 2)).unwrap();
-    assert_eq!(
-        granted(&s.schedule(3)),
-        ["a@0", "b@1"]
-    );
+    assert_eq!(granted(&s.schedule(3)), ["a@0", "b@1"]);
 }
 
 #[test]
@@ -188,10 +176,7 @@ fn exclusive_takes_a_whole_device() {
     s.submit(req("shared2", 1, 1000, 0, 2)).unwrap();
     let g = granted(&s.schedule(3));
     // shared binpacks on 0, ex needs an empty device (1), shared2 cannot join ex on 1.
-    assert_eq!(
-        g,
-        ["shared@0", "ex@1", "shared2@0"]
-    );
+    assert_eq!(g, ["shared@0", "ex@1", "shared2@0"]);
 }
 
 #[test]
@@ -240,7 +225,7 @@ fn preemption_only_by_a_strictly_higher_class_with_fewest_victims() {
     s.submit(req("low-c", 1, 12_000, 1, 2)).unwrap();
     let g = granted(&s.schedule(3));
     assert_eq!(g.len(), 3); // a+b on 0, c on 1
-    // Same class: no preemption, it waits.
+                            // Same class: no preemption, it waits.
     s.submit(req("same", 1, 16_000, 1, 4)).unwrap();
     let ds = s.schedule(5);
     assert!(ds.is_empty(), "{ds:?}");
@@ -300,7 +285,10 @@ fn duplicate_requests_and_restored_leases() {
     let mut t = Scheduler::new(&devs(&[16_000]), no_preempt());
     t.restore_lease(lease);
     t.submit(req("b", 1, 12_000, 0, 2)).unwrap();
-    assert!(t.schedule(3).is_empty(), "the restored lease holds its VRAM");
+    assert!(
+        t.schedule(3).is_empty(),
+        "the restored lease holds its VRAM"
+    );
     t.release("a");
     assert_eq!(granted(&t.schedule(4)), ["b@0"]);
 }

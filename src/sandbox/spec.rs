@@ -302,13 +302,12 @@ impl SandboxSpec {
     ) -> Result<(), crate::gpu::GpuError> {
         let mut rules = crate::gpu::devices::base_rules();
         for n in nodes {
-            let (block, major, minor) =
-                crate::gpu::devices::node_numbers(n).map_err(|source| {
-                    crate::gpu::GpuError::Node {
-                        path: n.clone(),
-                        source,
-                    }
-                })?;
+            let (block, major, minor) = crate::gpu::devices::node_numbers(n).map_err(|source| {
+                crate::gpu::GpuError::Node {
+                    path: n.clone(),
+                    source,
+                }
+            })?;
             rules.push(crate::gpu::DeviceRule {
                 block,
                 major,

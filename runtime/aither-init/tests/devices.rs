@@ -26,8 +26,11 @@ impl Nodes {
             .prefix("aither-gpu-nodes")
             .tempdir_in("/var/tmp")
             .unwrap();
-        for (name, major, minor) in [("nvidia0", 195, 0), ("nvidia1", 195, 1), ("gpufuse", 10, 229)]
-        {
+        for (name, major, minor) in [
+            ("nvidia0", 195, 0),
+            ("nvidia1", 195, 1),
+            ("gpufuse", 10, 229),
+        ] {
             let p = std::ffi::CString::new(dir.path().join(name).to_str().unwrap()).unwrap();
             // SAFETY: mknod of a new node in our own temporary directory.
             let rc = unsafe {
@@ -128,7 +131,10 @@ fn hybrid_both_layers_allow_only_the_leased_node() {
     // A lease of the stand-in with a driver: it really opens.
     let out = run(&gpu_spec(ws.path(), &nodes, "dev-open", &["gpufuse"]), &[]);
     assert!(out.contains("gpufuse=0"), "the leased node opens: {out}");
-    assert!(out.contains("nvidia0=1") && out.contains("nvidia1=1"), "{out}");
+    assert!(
+        out.contains("nvidia0=1") && out.contains("nvidia1=1"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -189,10 +195,15 @@ fn leased_sandbox_sees_its_visible_devices() {
     let mut s = spec(
         ws.path(),
         "dev-env",
-        &["/bin/sh", "-c", "echo $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES; ls /dev"],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES; ls /dev",
+        ],
         None,
     );
-    s.grant_devices(&[nodes.path("nvidia1")], "GPU-abc").unwrap();
+    s.grant_devices(&[nodes.path("nvidia1")], "GPU-abc")
+        .unwrap();
     let out = run(&s, &[]);
     assert!(out.contains("GPU-abc GPU-abc"), "{out}");
     assert!(out.contains("nvidia1") && !out.contains("nvidia0"), "{out}");
