@@ -369,8 +369,6 @@ fn agent_files_parse_and_the_pair_policy_is_strict_but_for_the_bus() {
                 assert!(ws.is_dir(), "{name}: workspace {}", ws.display());
                 parsed.push(name);
             }
-            // The lead's GPU scheduler adds the [gpu] table to agent files.
-            Err(e) if name == "gpu-worker" && e.to_string().contains("gpu") => {}
             Err(e) => panic!("{e}"),
         }
     }

@@ -385,3 +385,50 @@ fn the_queue_survives_a_daemon_crash() {
     wait_state(&d, "waiter", &["ready"]);
     release(&d, "waiter");
 }
+
+/// agents/gpu-worker (docs/agents.md) under the built-in `gpu` policy: it gets its lease,
+/// sees its node and CUDA_VISIBLE_DEVICES, and opens the node.
+#[test]
+fn the_example_gpu_worker_gets_and_uses_its_lease() {
+    let sim = Sim::new(1, "");
+    let d = daemon(&sim);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = d.ws.path().join("agents/gpu-worker");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        repo.join("agents/gpu-worker.toml"),
+        d.ws.path().join("agents/gpu-worker.toml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo.join("agents/gpu-worker/agent.py"),
+        dir.join("agent.py"),
+    )
+    .unwrap();
+    std::fs::copy(repo.join("runtime/python/aither.py"), dir.join("aither.py")).unwrap();
+    d.ok(&["spawn", "--json", "-f", "agents/gpu-worker.toml"]);
+    wait_state(&d, "gpu-worker", &["ready"]);
+    let mut line = None;
+    let ok = poll_until(WAIT, || {
+        line = d
+            .ok(&["logs", "gpu-worker"])
+            .lines()
+            .find_map(|l| l.strip_prefix("GPU-LEASE ").map(str::to_string));
+        line.is_some()
+    });
+    assert!(ok, "{}", d.ok(&["logs", "gpu-worker"]));
+    let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(v["lease"]["granted"], true, "{v}");
+    assert_eq!(v["lease"]["devices"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["lease"]["devices"][0]["vram_mb"], 1024, "{v}");
+    assert_eq!(
+        v["cuda_visible_devices"], v["lease"]["visible_devices"],
+        "{v}"
+    );
+    assert_eq!(
+        v["nodes"]["/dev/nvidia0"],
+        serde_json::json!({"exists": true, "opens": true}),
+        "{v}"
+    );
+    d.ok(&["rm", "--force", "gpu-worker"]);
+}
