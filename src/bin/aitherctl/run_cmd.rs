@@ -195,6 +195,14 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
         }
     };
     let claims = verified.effective();
+    if claims.gpu.count > 0 {
+        // GPUs are leased by aitherd's scheduler; a one-shot run never opens one.
+        eprintln!(
+            "aither: note: the token claims {} GPU(s), but GPUs are leased through aitherd \
+             (`aitherctl spawn`, docs/gpu.md); this run gets none",
+            claims.gpu.count
+        );
+    }
     let opts = RunOptions {
         name: Some(claims.subject.clone()),
         workspace: a.workspace.clone(),
