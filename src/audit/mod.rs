@@ -14,6 +14,8 @@
 //!   ends it with a newline and appends a `torn_tail` record naming its offset and length, and
 //!   `verify` reports it: never silently dropped.
 
+pub mod kernel;
+
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;

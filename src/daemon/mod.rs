@@ -13,6 +13,7 @@ pub mod agentfile;
 pub mod bus;
 pub mod client;
 pub mod gpu;
+pub mod kernel_audit;
 pub mod metrics;
 pub mod proto;
 pub mod recover;

@@ -145,6 +145,16 @@ pub(super) fn gather(root: &Path) -> Result<HostFacts, DoctorError> {
         bpf_cgroup_device: syscall_fact(ov.bpf_cgroup_device, &|| {
             probe::bpf_cgroup_device(bpf_root.as_deref())
         }),
+        kernel_audit: syscall_fact(None, &|| match crate::audit::kernel::enabled() {
+            Ok(true) => Probe::yes(
+                "audit is on: Landlock (ABI 7) and seccomp-kill denials reach `aitherctl audit`",
+            ),
+            Ok(false) => Probe::no(
+                "audit is off: the kernel records no denials (turn it on with `auditctl -e 1` \
+                 or boot with audit=1; docs/audit.md)",
+            ),
+            Err(e) => Probe::unknown(format!("AUDIT_GET: {e}")),
+        }),
         gpu: gpu_facts(root),
         container: container_facts(root, &env),
         swap_total_kb,

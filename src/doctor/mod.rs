@@ -185,6 +185,8 @@ pub struct HostFacts {
     pub pidfd_open: Probe,
     /// A BPF_PROG_TYPE_CGROUP_DEVICE program can be loaded (device control on cgroup2).
     pub bpf_cgroup_device: Probe,
+    /// Whether the kernel's audit is on (kernel denials in the audit stream).
+    pub kernel_audit: Probe,
     pub gpu: GpuFacts,
     pub container: ContainerFacts,
     /// SwapTotal of /proc/meminfo, in KiB.

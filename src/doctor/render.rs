@@ -190,6 +190,7 @@ impl Report {
         row("clone3", probe(&h.clone3));
         row("pidfd_open", probe(&h.pidfd_open));
         row("bpf devices", probe(&h.bpf_cgroup_device));
+        row("kernel audit", probe(&h.kernel_audit));
         row(
             "gpus",
             match &h.gpu.nvidia_driver {

@@ -236,6 +236,13 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
                 })?;
         }
     }
+    // Denials of the agent (a new executable after pid 1's execve) reach the kernel's audit
+    // log when the kernel has it (ABI 7) and audit is on: aitherd joins them to the agent
+    // (docs/audit.md). Logging is no protection: best effort, whatever the policy says.
+    let created = created
+        .set_compatibility(CompatLevel::BestEffort)
+        .log_new_exec(true)
+        .map_err(rs_err)?;
     let status = created.restrict_self().map_err(rs_err)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(LandlockError::NotEnforced(format!("{:?}", status.ruleset)));

@@ -126,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     daemon::started_event(&d, rec.adopted, rec.restarted);
     tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
+    daemon::kernel_audit::start(d.clone());
     let group = server::aither_gid();
     let listener =
         server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
