@@ -36,20 +36,7 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon whose state directory is named `<prefix>XXXXXX` under /var/tmp.
     pub fn start(prefix: &str, args: &[&str]) -> TestDaemon {
-        require_root();
-        let state = tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in("/var/tmp")
-            .expect("state dir");
-        let mut d = TestDaemon {
-            state,
-            child: None,
-            ws: Workspace::new(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            extra_env: Vec::new(),
-        };
-        d.launch();
-        d
+        Self::start_env(prefix, args, &[])
     }
 
     /// `start` with extra environment for the daemon (and the CLI).

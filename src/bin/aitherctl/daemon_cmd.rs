@@ -402,11 +402,20 @@ pub fn ps(a: PsArgs) -> i32 {
             ]
         })
         .collect();
-    let header = [
-        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
-    ];
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    print_table(
+        &[
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
+        ],
+        &rows,
+    );
+    0
+}
+
+/// Prints a table: columns padded to their widest cell, two spaces apart, the last one as is.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
             *w = (*w).max(c.len());
         }
@@ -424,10 +433,9 @@ pub fn ps(a: PsArgs) -> i32 {
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", line(header.to_vec()));
-    for r in &rows {
+    for r in rows {
         let _ = writeln!(out, "{}", line(r.iter().map(|s| s.as_str()).collect()));
     }
-    0
 }
 
 /// Show everything aitherd knows about an agent (JSON).

@@ -4,7 +4,7 @@ use aither::daemon::proto::Request;
 use aither::units::Size;
 use clap::{Args, Subcommand};
 
-use crate::daemon_cmd::{call, print_json};
+use crate::daemon_cmd::{call, print_json, print_table};
 
 /// GPUs and the MicroScheduler: devices, VRAM, leases, the queue.
 #[derive(Subcommand)]
@@ -42,30 +42,6 @@ fn mib(v: &serde_json::Value) -> String {
     v.as_u64()
         .map(|m| Size(m << 20).to_string())
         .unwrap_or_else(|| "-".into())
-}
-
-fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
 }
 
 fn ls(a: LsArgs) -> i32 {
@@ -125,7 +101,7 @@ fn ls(a: LsArgs) -> i32 {
             ]
         })
         .collect();
-    table(
+    print_table(
         &["GPU", "UUID", "TOTAL", "RESERVED", "USED", "LEASES"],
         &rows,
     );
@@ -175,7 +151,7 @@ fn queue(a: QueueArgs) -> i32 {
             ]
         })
         .collect();
-    table(
+    print_table(
         &["POS", "AGENT", "GPUS", "VRAM", "PRIORITY", "WAITED", "HELD"],
         &rows,
     );
