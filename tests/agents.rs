@@ -185,7 +185,7 @@ fn bus_pair_talks_over_the_bus_and_neither_can_speak_for_the_other() {
     let d = daemon();
     // ping first: its requests are lost until pong subscribes, and it sends them again.
     let ping = d.spawn_file("ping.toml", &[]);
-    assert_eq!(ping["policy"], "strict-pair");
+    assert_eq!(ping["policy"], "strict");
     d.spawn_file("pong.toml", &[]);
 
     let log = d.wait_log("ping", "ping: 5 of 5 answered");
@@ -350,12 +350,11 @@ import time; time.sleep(600)
     assert!(!kinds(&d.events("sdk-check")).contains(&"watchdog_miss"));
 }
 
-/// Every agent file in agents/ parses (the GPU worker's once aitherd knows `[gpu]`), and the
-/// pair's policy is strict in everything but its bus subjects.
+/// Every agent file in agents/ parses, and the pair runs under plain strict with its bus
+/// subjects granted by its agent files.
 #[test]
-fn agent_files_parse_and_the_pair_policy_is_strict_but_for_the_bus() {
+fn agent_files_parse_and_the_pair_is_strict_with_bus_grants() {
     use aither::daemon::agentfile::AgentFile;
-    use aither::policy::Policy;
     let mut parsed = Vec::new();
     for e in std::fs::read_dir(repo("agents")).unwrap() {
         let p = e.unwrap().path();
@@ -380,17 +379,13 @@ fn agent_files_parse_and_the_pair_policy_is_strict_but_for_the_bus() {
         );
     }
 
-    let strict = Policy::load_file(&repo("policies/strict.toml"))
-        .unwrap()
-        .policy;
-    let mut pair = Policy::load_file(&repo("agents/policies/strict-pair.toml"))
-        .unwrap()
-        .policy;
-    assert_eq!(pair.bus.publish, ["pair.$self.>"]);
-    pair.name = strict.name.clone();
-    pair.description = strict.description.clone();
-    pair.bus = strict.bus.clone();
-    assert_eq!(pair, strict);
+    for f in ["ping", "pong"] {
+        let file = AgentFile::load(&repo(&format!("agents/{f}.toml"))).unwrap();
+        assert_eq!(file.policy.as_deref(), Some("strict"), "{f}");
+        let bus = file.bus.expect("a [bus] grant");
+        assert_eq!(bus.publish, ["pair.$self.>"], "{f}");
+        assert_eq!(bus.subscribe, ["pair.>"], "{f}");
+    }
 }
 
 /// An example of runtime/aither-sdk/examples, built by `cargo test --workspace` (or `cargo
@@ -544,4 +539,76 @@ fn gpu_worker_without_a_gpu_claim_reports_pain_and_exits() {
         exited["data"]["reason"],
         serde_json::json!({"kind": "exited", "code": 3})
     );
+}
+
+/// Bus grants at spawn: they widen only a token aitherd mints (the operator's grant), are
+/// refused beside a given token, and a bad pattern names the field.
+#[test]
+fn bus_grants_at_spawn_apply_to_minted_tokens_only() {
+    let d = daemon();
+    let v = d.json(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "strict",
+        "--restart",
+        "never",
+        "--bus-publish",
+        "team.$self.>",
+        "--bus-subscribe",
+        "team.>",
+        "granted",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    assert_eq!(v["state"], "running", "{v}");
+    let audit = std::fs::read_to_string(d.audit_log()).unwrap();
+    let mint = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["kind"] == "token_mint" && e["agent"] == "granted")
+        .expect("a token_mint record");
+    assert_eq!(mint["data"]["bus_publish"][0], "team.$self.>", "{mint}");
+    let tok = d.ws.path().join("t.tok");
+    let o = d.ctl(&[
+        "token",
+        "mint",
+        "--policy",
+        "strict",
+        "--subject",
+        "other",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = d.ctl(&[
+        "spawn",
+        "--token",
+        tok.to_str().unwrap(),
+        "--bus-publish",
+        "x.>",
+        "other",
+        "--",
+        "true",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a given token already says"));
+    let o = d.ctl(&[
+        "spawn",
+        "--policy",
+        "strict",
+        "--bus-publish",
+        "a..b",
+        "bad",
+        "--",
+        "true",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bus.publish"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    d.ok(&["rm", "--force", "granted"]);
 }

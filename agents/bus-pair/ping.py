@@ -1,6 +1,6 @@
 """Sends COUNT requests to its peer over the bus and waits for each answer (docs/agents.md).
 
-Its token (policy strict-pair) lets it publish only under pair.<its own name>.>: it cannot
+Its token (strict, plus the [bus] grant of ping.toml) lets it publish only under pair.<its own name>.>: it cannot
 answer in the peer's name, which it shows at the end.
 """
 

@@ -107,9 +107,23 @@ pub struct AgentFile {
     /// `[gpu]`: what to ask the MicroScheduler for, within the token's `gpu` claim.
     #[serde(default)]
     pub gpu: Option<GpuAsk>,
+    /// `[bus]`: subjects granted on top of the policy's (`$self` is the agent's name).
+    #[serde(default)]
+    pub bus: Option<BusAsk>,
     /// The directory the file is in (relative paths resolve against it).
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+/// `[bus]` of an agent file: `publish` and `subscribe` patterns added to the token aitherd
+/// mints (as `aitherctl spawn --bus-publish/--bus-subscribe`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BusAsk {
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 /// `[gpu]` of an agent file (docs/gpu.md); each field narrows the token's claim.

@@ -226,6 +226,12 @@ pub struct SpawnRequest {
     pub gpu_priority: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_exclusive: Option<bool>,
+    /// Bus subjects granted on top of the policy's (`--bus-publish`, `--bus-subscribe`, an
+    /// agent file's `[bus]`): only when aitherd mints the token from a policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bus_publish: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bus_subscribe: Vec<String>,
 }
 
 /// A request on the control socket.

@@ -519,6 +519,14 @@ type BuildError = (&'static str, String);
 fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
     let bad = |e: &dyn std::fmt::Display| ("invalid", e.to_string());
     let (text, verified) = match (&req.token, &req.policy) {
+        (Some(_), _) if !req.bus_publish.is_empty() || !req.bus_subscribe.is_empty() => {
+            return Err((
+                "invalid",
+                "--bus-publish/--bus-subscribe add to a token aitherd mints from a policy; \
+                 a given token already says what it grants (mint it with those subjects)"
+                    .into(),
+            ))
+        }
         (Some(t), _) => {
             let v = d
                 .check_token(t)
@@ -547,7 +555,10 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
         }
         (None, p) => {
             let loaded = Policy::load(p.as_deref().unwrap_or("strict")).map_err(|e| bad(&e))?;
-            let claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
+            let mut claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
+                .map_err(|e| bad(&e))?;
+            claims
+                .grant_bus(&req.bus_publish, &req.bus_subscribe)
                 .map_err(|e| bad(&e))?;
             let t = token::mint(d.key.signing_key(), &claims).map_err(|e| bad(&e))?;
             d.audit.record(
@@ -558,7 +569,10 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
                 )
                 .agent(&req.name)
                 .actor("aitherd")
-                .data(json!({"token_id": claims.id, "exp": claims.exp, "source": loaded.source})),
+                .data(
+                    json!({"token_id": claims.id, "exp": claims.exp, "source": loaded.source,
+                             "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe}),
+                ),
             );
             let text = t.encode();
             let v = d.check_token(&text).map_err(|e| bad(&e))?;

@@ -192,6 +192,29 @@ fn expand_bus(field: &'static str, v: &[String], subject: &str) -> Result<Vec<St
     Ok(out)
 }
 
+impl Claims {
+    /// Adds bus subjects to a root token being minted (an operator's grant on top of the
+    /// policy's template, `aitherctl spawn --bus-publish/--bus-subscribe`): `$self` is the
+    /// subject, every pattern is checked, duplicates are dropped.
+    pub fn grant_bus(
+        &mut self,
+        publish: &[String],
+        subscribe: &[String],
+    ) -> Result<(), TokenError> {
+        for (field, extra, into) in [
+            ("bus.publish", publish, &mut self.bus.publish),
+            ("bus.subscribe", subscribe, &mut self.bus.subscribe),
+        ] {
+            for p in expand_bus(field, extra, &self.subject)? {
+                if !into.contains(&p) {
+                    into.push(p);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// "aither@<hostname>".
 pub fn default_issuer() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

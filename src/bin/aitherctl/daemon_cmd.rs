@@ -127,6 +127,13 @@ pub struct SpawnArgs {
     /// Shared GPUs even where the claim allows exclusive ones.
     #[arg(long)]
     gpu_shared: bool,
+    /// Also let the agent publish on PATTERN (NATS-style, `$self` = its name), on top of the
+    /// policy's [bus]; repeatable. Only with --policy (a --token says what it grants).
+    #[arg(long = "bus-publish", value_name = "PATTERN")]
+    bus_publish: Vec<String>,
+    /// Also let the agent subscribe to PATTERN; repeatable (see --bus-publish).
+    #[arg(long = "bus-subscribe", value_name = "PATTERN")]
+    bus_subscribe: Vec<String>,
     /// never | on-failure | always [default: on-failure].
     #[arg(long, value_name = "POLICY")]
     restart: Option<RestartPolicy>,
@@ -314,6 +321,22 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         } else {
             file.as_ref().and_then(|f| f.gpu.as_ref()?.exclusive)
         },
+        bus_publish: file
+            .as_ref()
+            .and_then(|f| f.bus.as_ref())
+            .map(|b| b.publish.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(a.bus_publish.iter().cloned())
+            .collect(),
+        bus_subscribe: file
+            .as_ref()
+            .and_then(|f| f.bus.as_ref())
+            .map(|b| b.subscribe.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(a.bus_subscribe.iter().cloned())
+            .collect(),
     })
 }
 
