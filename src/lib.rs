@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod doctor;
 pub mod memory;
+pub mod net;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;

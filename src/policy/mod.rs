@@ -224,6 +224,10 @@ pub struct Policy {
     /// so that policies and tokens written before the memory service still decode).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory: BTreeMap<String, MemoryTierPolicy>,
+    /// `[net]`: egress rules, host services, credential routes and quotas, copied into a
+    /// token's `net` claim when it is minted (docs/network.md). Absent: no egress at all.
+    #[serde(default, skip_serializing_if = "crate::net::NetGrants::is_default")]
+    pub net: crate::net::NetGrants,
 }
 
 /// `[bus]`: subject patterns (NATS `*`/`>`) an agent may publish to and subscribe to.
@@ -451,6 +455,21 @@ impl Policy {
                     ),
                 );
             }
+        }
+        if let Err(e) = self.net.validate() {
+            let (field, message) = match e {
+                crate::net::RuleError::Invalid { field, reason } => (field, reason),
+                crate::net::RuleError::Widening { field, detail } => (field, detail),
+            };
+            let key = field.split(['[', '.']).next().unwrap_or("net").to_string();
+            let (line, column) = locate::key(src, "net", &key);
+            return Err(PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                field: format!("net.{field}"),
+                message,
+            });
         }
         if self.resources.memory.0 < (8 << 20) {
             return fail("resources", "memory", "must be at least 8M".into());

@@ -361,6 +361,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
             agent_channel: channel,
             log: Some(&mut log),
             during_setup: None,
+            on_egress: None,
             on_started: Some(Box::new(|s| {
                 emit(&ShimEvent::Started {
                     pid1: s.pid1,

@@ -92,6 +92,11 @@ pub struct SandboxSpec {
     /// Collect the enforcement report (pid 1 reads its /proc after confinement: ≈ 0.1 ms).
     #[serde(default)]
     pub report: bool,
+    /// The egress gateway's port on the sandbox's loopback (`net::attach`): the launcher binds
+    /// it inside the sandbox's network namespace and hands the socket to the gateway; Landlock
+    /// lets the agent connect to it. None: no egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_port: Option<u16>,
 }
 
 fn narrow<T: PartialOrd + Copy + ToString>(
@@ -273,6 +278,7 @@ impl SandboxSpec {
             timeout,
             best_effort: policy.best_effort.clone(),
             report: false,
+            egress_port: None,
         })
     }
 }

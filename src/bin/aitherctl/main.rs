@@ -8,6 +8,7 @@ mod doctor_cmd;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
+mod secret_cmd;
 mod token_cmd;
 
 use std::process::ExitCode;
@@ -61,6 +62,8 @@ enum Command {
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCmd),
     Doctor(doctor_cmd::DoctorArgs),
 }
 
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Mem(m) => mem_cmd::run(m),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
+        Command::Secret(s) => secret_cmd::run(s),
         Command::Doctor(a) => doctor_cmd::run(a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)

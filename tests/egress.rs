@@ -1,0 +1,627 @@
+//! Egress through the gateway (docs/network.md), end to end: real sandboxes (`aitherctl run`),
+//! real upstreams on the host's loopback (plain HTTP and TLS on 127.0.0.2), and a fixed
+//! resolver table (`AITHER_EGRESS_HOSTS`) that maps test names to them, since there is no
+//! DNS or internet here. Every agent-side check runs inside the sandbox (curl, and
+//! tests/egress/probe.py for raw sockets) and is asserted on what the agent saw, what the
+//! upstream saw, and what the audit log recorded. Needs root; fails loudly without it.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::{Workspace, AITHERCTL};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The host side of a test: upstreams, the resolver table, a CA, an audit log and a state
+/// directory (secrets), all private to the test.
+struct Host {
+    http_port: u16,
+    tls_port: u16,
+    /// Request heads the upstreams received (lower-cased header names).
+    seen: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+const SECRET: &str = "sk-aither-test-SECRET-7f3a9c";
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::Builder::new()
+            .prefix("aither-egress-host-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        // A CA and a certificate for both test names (the SNI test needs the upstream to be
+        // able to serve either: only the gateway may refuse).
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![
+            "api.example.test".to_string(),
+            "other.example.test".to_string(),
+        ])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("hosts"),
+            "127.0.0.2 api.example.test other.example.test # external\n\
+             10.0.0.1 private.example.test\n\
+             127.0.0.1 loop.example.test\n\
+             169.254.169.254 metadata.example.test\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+
+        let http = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
+            .unwrap();
+        let http_port = http.local_addr().unwrap().port();
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = http.accept().await {
+                let s = s.clone();
+                tokio::spawn(serve_http(c, s, "upstream-ok".to_string()));
+            }
+        });
+
+        let tls = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
+            .unwrap();
+        let tls_port = tls.local_addr().unwrap().port();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = tls.accept().await {
+                let (s, acceptor) = (s.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(t) = acceptor.accept(c).await {
+                        let sni = t.get_ref().1.server_name().unwrap_or("-").to_string();
+                        serve_http(t, s, format!("tls-ok sni={sni}")).await;
+                    }
+                });
+            }
+        });
+        Host {
+            http_port,
+            tls_port,
+            seen,
+            dir,
+            _rt: rt,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// A policy file: `base` (a repository policy) plus `net` TOML, in the host's directory.
+    fn policy(&self, base: &str, net: &str) -> String {
+        let src = std::fs::read_to_string(common::policy_dir().join(format!("{base}.toml")))
+            .unwrap()
+            .replace(
+                &format!("name = \"{base}\""),
+                &format!("name = \"{base}-egress\""),
+            );
+        let p = self.path(&format!("{base}-{}.toml", common::next_id()));
+        let net = net
+            .replace("HTTP", &self.http_port.to_string())
+            .replace("TLS", &self.tls_port.to_string());
+        std::fs::write(&p, format!("{src}\n{net}\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    /// `aitherctl run` with the test's resolver table, CA, state and audit log.
+    fn run(&self, ws: &Workspace, policy: &str, cmd: &[&str]) -> Output {
+        let name = common::unique("egress");
+        let mut c = ws.command(policy, &[], cmd, &name);
+        let out = self.env(&mut c).output().expect("run aitherctl");
+        assert!(
+            common::cgroup_dirs_of(&name).is_empty(),
+            "the run left its cgroup behind"
+        );
+        out
+    }
+
+    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.env("AITHER_EGRESS_HOSTS", self.path("hosts"))
+            .env("AITHER_EGRESS_CA", self.path("ca.pem"))
+            .env("AITHER_STATE_DIR", self.path("state"))
+            .env("AITHER_AUDIT_LOG", self.path("audit.jsonl"))
+    }
+
+    /// The `net` records of the audit log.
+    fn net_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "net")
+            .collect()
+    }
+
+    fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.path("audit.jsonl")).unwrap_or_default()
+    }
+}
+
+/// A minimal keep-alive HTTP/1.1 upstream: records each request head, answers
+/// `<tag> <path>` (test code; the gateway under test uses hyper).
+async fn serve_http<S>(c: S, seen: Arc<Mutex<Vec<String>>>, tag: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut r = BufReader::new(c);
+    loop {
+        let mut head = String::new();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0u8; len];
+        if tokio::io::AsyncReadExt::read_exact(&mut r, &mut body)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+        seen.lock().unwrap().push(head);
+        let text = format!("{tag} {path}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if r.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The probe's answer for one check.
+fn probe_line(out: &str, check: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{check}: ")))
+        .unwrap_or_else(|| panic!("no result for {check} in\n{out}"))
+        .to_string()
+}
+
+fn workspace_with_probe() -> Workspace {
+    let ws = Workspace::new();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/egress/probe.py"),
+        ws.path().join("probe.py"),
+    )
+    .unwrap();
+    ws
+}
+
+const ONE_RULE: &str = r#"
+[[net.egress]]
+hosts = ["api.example.test"]
+ports = [HTTP, TLS]
+"#;
+
+#[test]
+fn an_allowed_host_is_reached_over_plain_http_connect_and_socks5() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy("standard", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{h}/plain; echo; \
+         curl -sSk -m 10 https://api.example.test:{t}/connect; echo; \
+         curl -sSk -m 10 -x socks5h://127.0.0.1:3128 https://api.example.test:{t}/socks; echo",
+        h = host.http_port,
+        t = host.tls_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    assert_eq!(
+        stdout(&out),
+        "upstream-ok /plain\ntls-ok sni=api.example.test /connect\ntls-ok sni=api.example.test /socks\n",
+        "{}",
+        describe(&out)
+    );
+    let vias: Vec<(String, String)> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["decision"] == "allow")
+        .map(|v| {
+            (
+                v["data"]["via"].as_str().unwrap().to_string(),
+                v["rule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for via in ["http", "connect", "socks5"] {
+        assert!(
+            vias.contains(&(via.to_string(), "egress[0]".to_string())),
+            "no allowed {via} event by egress[0] in {vias:?}"
+        );
+    }
+}
+
+#[test]
+fn a_host_without_a_rule_is_refused_with_a_clear_error() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy("standard", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://other.example.test:{h}/; echo \"plain=$?\"; \
+         curl -sSk -m 10 https://other.example.test:{t}/; echo \"connect=$?\"; \
+         curl -sSk -m 10 https://api.example.test:443/; echo \"port=$?\"",
+        h = host.http_port,
+        t = host.tls_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "aither egress denied (default-deny): no net.egress rule allows GET http://other.example.test:{}",
+            host.http_port
+        )),
+        "{}",
+        describe(&out)
+    );
+    // curl: 56 = the proxy refused the CONNECT (403).
+    assert!(text.contains("connect=56"), "{}", describe(&out));
+    assert!(text.contains("port=56"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+    let denied: Vec<String> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["decision"] == "deny" && v["rule"] == "default-deny")
+        .map(|v| v["data"]["host"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        denied.iter().filter(|h| *h == "other.example.test").count() == 2
+            && denied.contains(&"api.example.test".to_string()),
+        "{denied:?}"
+    );
+}
+
+#[test]
+fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let upstream = format!("tcp=127.0.0.2,{}", host.http_port);
+    let checks = [
+        upstream.as_str(),
+        "tcp=93.184.216.34,80",
+        "tcp=10.0.0.1,80",
+        "tcp=169.254.169.254,80",
+        "tcp6=2606:4700::1111,443",
+        "tcp6=::1,3128",
+        "udp=8.8.8.8,53",
+        "udp=10.0.0.1,53",
+        "resolve=api.example.test",
+    ];
+    let mut cmd = vec!["python3", "probe.py"];
+    cmd.extend_from_slice(&checks);
+    let out = host.run(&ws, &policy, &cmd);
+    let text = stdout(&out);
+    // The host's upstream address is the sandbox's own (empty) loopback.
+    assert_eq!(
+        probe_line(&text, &upstream),
+        "err ECONNREFUSED",
+        "{}",
+        describe(&out)
+    );
+    for c in [
+        "tcp=93.184.216.34,80",
+        "tcp=10.0.0.1,80",
+        "tcp=169.254.169.254,80",
+        "tcp6=2606:4700::1111,443",
+        "udp=8.8.8.8,53",
+        "udp=10.0.0.1,53",
+    ] {
+        assert_eq!(
+            probe_line(&text, c),
+            "err ENETUNREACH",
+            "{c}\n{}",
+            describe(&out)
+        );
+    }
+    // The gateway listens on 127.0.0.1 only.
+    assert_eq!(probe_line(&text, "tcp6=::1,3128"), "err ECONNREFUSED");
+    assert!(probe_line(&text, "resolve=api.example.test").starts_with("err "));
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+}
+
+#[test]
+fn names_resolving_inside_and_ip_literals_are_refused() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.egress]]
+hosts = ["private.example.test", "loop.example.test", "metadata.example.test", "api.example.test"]
+ports = [HTTP, 80]
+"#,
+    );
+    let h = host.http_port;
+    let script = format!(
+        "curl -sS -m 10 http://private.example.test:{h}/; \
+         curl -sS -m 10 http://loop.example.test:{h}/; \
+         curl -sS -m 10 http://metadata.example.test/latest/meta-data/; \
+         curl -sS -m 10 http://127.0.0.2:{h}/; \
+         curl -sS -m 10 -x socks5://127.0.0.1:3128 http://127.0.0.2:{h}/; echo \"socks-ip=$?\""
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    for want in [
+        "private.example.test resolves to 10.0.0.1 (private (RFC 1918))",
+        "loop.example.test resolves to 127.0.0.1 (loopback)",
+        "metadata.example.test resolves to 169.254.169.254 (link-local / cloud metadata",
+        "(ip-literal): 127.0.0.2 is an IP address",
+        // curl 97: the SOCKS5 proxy refused (0x02, not allowed by ruleset).
+        "socks-ip=97",
+    ] {
+        assert!(text.contains(want), "missing {want:?}\n{}", describe(&out));
+    }
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+}
+
+#[test]
+fn a_tls_hello_for_another_name_and_a_relayed_connect_are_cut() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let t = host.tls_port;
+    let good = format!("sni=api.example.test,{t},api.example.test");
+    let bad = format!("sni=api.example.test,{t},other.example.test");
+    let relay = format!("relayed=api.example.test,{t},other.example.test:{t}");
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &good, &bad, &relay]);
+    let text = stdout(&out);
+    assert_eq!(
+        probe_line(&text, &good),
+        "tls ok tls-ok sni=api.example.test /",
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        probe_line(&text, &bad).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        probe_line(&text, &relay).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    let reasons: Vec<String> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["rule"] == "tunnel-inspection")
+        .map(|v| v["data"]["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains(
+            "TLS SNI \"other.example.test\" does not match the tunnel's host \"api.example.test\""
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("relayed proxying")),
+        "{reasons:?}"
+    );
+    // Only the honest handshake reached the upstream.
+    assert_eq!(host.seen().len(), 1, "{:?}", host.seen());
+}
+
+#[test]
+fn oversized_heads_slow_clients_and_a_thousand_connections_leave_the_gateway_serving() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let flood = format!("flood=api.example.test,{},1000", host.http_port);
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &flood]);
+    assert_eq!(
+        probe_line(&stdout(&out), &flood),
+        "1000 open; oversized: HTTP/1.1 431 Request Header Fields Too Large; then: HTTP/1.1 200 OK",
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_route_adds_the_secret_on_the_way_out_and_the_agent_never_sees_it() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let mut set = Command::new(AITHERCTL);
+    host.env(&mut set)
+        .args(["secret", "set", "openai"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.routes]]
+name = "openai"
+upstream = "https://api.example.test:TLS/v1"
+secret = "openai"
+"#,
+    );
+    // The agent calls its route with a placeholder key, as an SDK would, then looks for the
+    // secret everywhere it can read: its environment, pid 1's, /tmp, the workspace, /etc.
+    let script = format!(
+        "curl -sS -m 10 -H 'Authorization: Bearer placeholder' \"$AITHER_ROUTE_OPENAI/chat/completions\"; echo; \
+         echo \"route=$AITHER_ROUTE_OPENAI\"; \
+         cat /proc/self/environ /proc/1/environ 2>/dev/null | tr '\\0' '\\n' > /tmp/env.txt; \
+         if grep -rqs 'SECRET-7f3a9c' /tmp /etc {ws} /proc/self/environ; then echo LEAK; else echo clean; fi",
+        ws = ws.path().display()
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("tls-ok sni=api.example.test /v1/chat/completions\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("route=http://127.0.0.1:3128/openai\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(text.ends_with("clean\n"), "{}", describe(&out));
+    assert!(!describe(&out).contains(SECRET));
+    // The upstream got the real key, and never the placeholder.
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].contains(&format!("authorization: Bearer {SECRET}"))
+            || seen[0].contains(&format!("Authorization: Bearer {SECRET}")),
+        "{seen:?}"
+    );
+    assert!(!seen[0].contains("placeholder"), "{seen:?}");
+    // Nor is it in the gateway's log (the audit records of every decision).
+    let audit = host.audit_text();
+    assert!(audit.contains("route:openai"), "{audit}");
+    assert!(!audit.contains(SECRET));
+}
+
+#[test]
+fn the_request_quota_stops_the_agent_at_its_limit_and_not_before() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        &format!("{ONE_RULE}\n[net.quota]\nrequests_per_minute = 5\n"),
+    );
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{{http_code}} ' http://api.example.test:{}/; done; echo; \
+         curl -s http://api.example.test:{}/",
+        host.http_port, host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("200 200 200 200 200 429 429 \n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("aither egress denied (quota): request quota reached: 5 per minute"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host.seen().len(), 5);
+}
+
+#[test]
+fn strict_grants_no_egress_at_all() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let out = host.run(
+        &ws,
+        "strict",
+        &[
+            "sh",
+            "-c",
+            "env | grep -ci proxy; python3 probe.py tcp=127.0.0.1,3128",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(text.starts_with("0\n"), "{}", describe(&out));
+    // Landlock: a `none` network denies every TCP connect.
+    assert_eq!(probe_line(&text, "tcp=127.0.0.1,3128"), "err EACCES");
+}
+
+#[test]
+fn under_a_none_network_the_agent_may_connect_to_the_gateway_only() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("strict", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{}/strict; echo; python3 probe.py tcp=127.0.0.1,8080",
+        host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("upstream-ok /strict\n"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(probe_line(&text, "tcp=127.0.0.1,8080"), "err EACCES");
+}
