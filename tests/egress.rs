@@ -19,6 +19,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 /// directory (secrets), all private to the test.
 struct Host {
     http_port: u16,
+    /// A "model server" on the host's own loopback (127.0.0.1): internal, reachable only as a
+    /// granted service.
+    llm_port: u16,
     tls_port: u16,
     /// Request heads the upstreams received (lower-cased header names).
     seen: Arc<Mutex<Vec<String>>>,
@@ -77,6 +80,27 @@ impl Host {
             }
         });
 
+        let llm = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let llm_port = llm.local_addr().unwrap().port();
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = llm.accept().await {
+                tokio::spawn(serve_http(c, s.clone(), "llm-ok".to_string()));
+            }
+        });
+        let unix = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(dir.path().join("llm.sock")).unwrap()
+        };
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = unix.accept().await {
+                tokio::spawn(serve_http(c, s.clone(), "unix-llm-ok".to_string()));
+            }
+        });
+
         let tls = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
             .unwrap();
@@ -107,6 +131,7 @@ impl Host {
         });
         Host {
             http_port,
+            llm_port,
             tls_port,
             seen,
             dir,
@@ -133,6 +158,8 @@ impl Host {
         let p = self.path(&format!("{base}-{}.toml", common::next_id()));
         let net = net
             .replace("HTTP", &self.http_port.to_string())
+            .replace("LLM", &self.llm_port.to_string())
+            .replace("SOCK", self.path("llm.sock").to_str().unwrap())
             .replace("TLS", &self.tls_port.to_string());
         std::fs::write(&p, format!("{src}\n{net}\n")).unwrap();
         p.to_str().unwrap().to_string()
@@ -624,4 +651,107 @@ fn under_a_none_network_the_agent_may_connect_to_the_gateway_only() {
         describe(&out)
     );
     assert_eq!(probe_line(&text, "tcp=127.0.0.1,8080"), "err EACCES");
+}
+
+#[test]
+fn granted_host_services_appear_by_name_and_keep_their_quota() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.services]]
+name = "llm"
+target = "127.0.0.1:LLM"
+requests_per_minute = 3
+
+[[net.services]]
+name = "vec"
+target = "unix:SOCK"
+"#,
+    );
+    let script = format!(
+        "for i in 1 2 3 4; do curl -sS -m 10 http://llm.aither.internal/v1/models; echo; done; \
+         curl -sS -m 10 http://vec.aither.internal:8000/query; echo; \
+         curl -sS -m 10 http://other.aither.internal/; echo; \
+         python3 probe.py tcp=127.0.0.1,{llm}",
+        llm = host.llm_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        &lines[..4],
+        &[
+            "llm-ok /v1/models",
+            "llm-ok /v1/models",
+            "llm-ok /v1/models",
+            "aither egress denied (quota): request quota reached: 3 per minute (net.services.llm.requests_per_minute); retry later",
+        ],
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(lines[4], "unix-llm-ok /query", "{}", describe(&out));
+    assert_eq!(
+        lines[5],
+        "aither egress denied (default-deny): no net.services grant for \"other\"",
+        "{}",
+        describe(&out)
+    );
+    // The service's host address is not reachable directly.
+    assert_eq!(
+        probe_line(&text, &format!("tcp=127.0.0.1,{}", host.llm_port)),
+        "err ECONNREFUSED"
+    );
+}
+
+#[test]
+fn old_tokens_mean_no_egress_and_attenuation_only_removes_rules() {
+    use aither::net::NetGrants;
+    use aither::policy::Policy;
+    let host = Host::new();
+    let p = Policy::load_file(Path::new(&host.policy(
+        "standard",
+        r#"
+[[net.egress]]
+hosts = ["*.example.test"]
+ports = [443]
+
+[[net.services]]
+name = "llm"
+target = "127.0.0.1:11434"
+"#,
+    )))
+    .unwrap()
+    .policy;
+    let claims =
+        aither::token::Claims::from_policy(&p, "a", std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!(claims.net, p.net);
+    // A payload without `net` (a token minted before egress) decodes to no egress at all.
+    let mut v: serde_json::Value = serde_json::from_slice(&claims.to_payload()).unwrap();
+    v.as_object_mut().unwrap().remove("net");
+    let old = aither::token::Claims::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert!(old.net.is_empty() && old.net == NetGrants::default());
+    // Narrower: one exact host below the wildcard, no service.
+    let mut child = claims.clone();
+    child.net.egress[0].hosts = vec!["api.example.test".into()];
+    child.net.services.clear();
+    aither::token::claims::narrows(&child, &claims).unwrap();
+    // Wider: another port, or a service the parent lacks.
+    let mut wide = claims.clone();
+    wide.net.egress[0].ports.push(80);
+    let e = aither::token::claims::narrows(&wide, &claims)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("net.egress[0]"), "{e}");
+    let mut wide = claims.clone();
+    wide.net.services.push(aither::net::ServiceGrant {
+        name: "db".into(),
+        target: Some("127.0.0.1:5432".into()),
+        requests_per_minute: None,
+    });
+    let e = aither::token::claims::narrows(&wide, &claims)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("net.services.db"), "{e}");
 }
