@@ -755,3 +755,47 @@ target = "127.0.0.1:11434"
         .to_string();
     assert!(e.contains("net.services.db"), "{e}");
 }
+
+#[test]
+fn aitherd_agents_egress_through_the_daemons_gateway_with_events_and_counters() {
+    use common::daemon::TestDaemon;
+    let host = Host::new();
+    // aitherd inherits the resolver table from this process (the only test here that starts a
+    // daemon, so no other test depends on the variable).
+    std::env::set_var("AITHER_EGRESS_HOSTS", host.path("hosts"));
+    let d = TestDaemon::start("aither-egress-d-", &[]);
+    let policy = host.policy("standard", ONE_RULE);
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{h}/daemon > out.tmp; echo >> out.tmp; \
+         curl -sS -m 10 http://other.example.test:{h}/ >> out.tmp; mv out.tmp out.txt; sleep 60",
+        h = host.http_port
+    );
+    d.ok(&[
+        "spawn", "--json", "--policy", &policy, "-w", &ws, "egress-d", "--", "sh", "-c", &script,
+    ]);
+    let out = d.ws.path().join("out.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || out.exists());
+    assert!(done, "the agent wrote nothing: {}", d.log());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.starts_with("upstream-ok /daemon\n"), "{text}");
+    assert!(
+        text.contains("aither egress denied (default-deny)"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&d.ok(&["inspect", "egress-d"])).unwrap();
+    let rules = &v["net"]["rules"];
+    assert_eq!(rules["egress[0]"]["requests"], 1, "{v}");
+    assert_eq!(rules["default-deny"]["denials"], 1, "{v}");
+    assert!(rules["egress[0]"]["bytes_in"].as_u64().unwrap() > 0, "{v}");
+    let events = d.ok(&["events", "--json", "--agent", "egress-d"]);
+    assert!(events.contains("\"net.allowed\""), "{events}");
+    assert!(events.contains("\"net.denied\""), "{events}");
+    let audit = std::fs::read_to_string(d.audit_log()).unwrap_or_default();
+    assert!(
+        audit.contains("\"kind\":\"net\"") && audit.contains("other.example.test"),
+        "{audit}"
+    );
+    d.ok(&["stop", "egress-d"]);
+    d.ok(&["rm", "egress-d"]);
+}

@@ -475,6 +475,15 @@ impl Agent {
         if let Some(r) = &live.report {
             let _ = std::fs::write(live.log_dir.join("report.json"), r.get());
         }
+        // Egress for this run, until `watch` returns (docs/network.md).
+        let _egress = live.egress.take().map(|fd| {
+            let grants = self
+                .d
+                .check_token(&self.rec.token)
+                .map(|v| v.effective().net.clone())
+                .unwrap_or_default();
+            super::egress::serve(&self.d, &self.name, grants, fd)
+        });
         self.d.emit(
             Some(&self.name),
             "started",
