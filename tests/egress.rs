@@ -798,4 +798,45 @@ fn aitherd_agents_egress_through_the_daemons_gateway_with_events_and_counters() 
     );
     d.ok(&["stop", "egress-d"]);
     d.ok(&["rm", "egress-d"]);
+
+    // An agent's port published as a service: a "model server" in one sandbox serves another
+    // sandbox whose token grants the service (and only that one).
+    std::fs::write(d.ws.path().join("model.txt"), "weights\n").unwrap();
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "standard",
+        "-w",
+        &ws,
+        "--publish",
+        "llm=8000",
+        "model",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let consumer = host.policy("standard", "[[net.services]]\nname = \"llm\"\n");
+    let script = "for i in $(seq 50); do curl -sf -m 5 http://llm.aither.internal/model.txt > got.tmp && break; sleep 0.2; done; \
+                  curl -sS -m 5 http://nope.aither.internal/ >> got.tmp; mv got.tmp got.txt; sleep 60";
+    d.ok(&[
+        "spawn", "--json", "--policy", &consumer, "-w", &ws, "consumer", "--", "sh", "-c", script,
+    ]);
+    let got = d.ws.path().join("got.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || got.exists());
+    assert!(done, "the consumer wrote nothing: {}", d.log());
+    let text = std::fs::read_to_string(&got).unwrap();
+    assert!(text.starts_with("weights\n"), "{text}");
+    assert!(
+        text.contains("no net.services grant for \"nope\""),
+        "{text}"
+    );
+    for a in ["consumer", "model"] {
+        d.ok(&["stop", a]);
+        d.ok(&["rm", a]);
+    }
 }

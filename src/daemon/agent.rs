@@ -484,6 +484,9 @@ impl Agent {
                 .unwrap_or_default();
             super::egress::serve(&self.d, &self.name, grants, fd)
         });
+        // Its published ports, as services for other agents, while this run lives.
+        let _published =
+            super::egress::publish(&self.d, &self.name, &self.rec.request.publish, live.pid1);
         self.d.emit(
             Some(&self.name),
             "started",

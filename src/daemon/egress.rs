@@ -82,6 +82,60 @@ impl Daemon {
     }
 }
 
+/// Withdraws an agent's published services when its run ends.
+pub struct PublishedBy {
+    agent: String,
+    names: Vec<String>,
+    d: Shared,
+}
+
+impl Drop for PublishedBy {
+    fn drop(&mut self) {
+        for n in &self.names {
+            self.d.gateway().unpublish(n);
+            self.d
+                .emit(Some(&self.agent), "net.unpublished", json!({"service": n}));
+        }
+    }
+}
+
+/// Publishes `ports` of the running sandbox whose pid 1 is `pid1` as named services.
+pub fn publish(
+    d: &Shared,
+    name: &str,
+    ports: &[(String, u16)],
+    pid1: Option<i32>,
+) -> Option<PublishedBy> {
+    if ports.is_empty() {
+        return None;
+    }
+    let pid1 = pid1?;
+    let ns = match crate::sys::open(
+        std::path::Path::new(&format!("/proc/{pid1}/ns/net")),
+        libc::O_RDONLY,
+    ) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => {
+            tracing::error!(agent = name, error = %e, "cannot publish services: the sandbox's network namespace is gone");
+            return None;
+        }
+    };
+    let gw = d.gateway();
+    for (service, port) in ports {
+        gw.publish(service, net::gateway::Published::Netns(ns.clone(), *port));
+        d.emit(
+            Some(name),
+            "net.published",
+            json!({"service": service, "port": port}),
+        );
+    }
+    Some(PublishedBy {
+        agent: name.to_string(),
+        names: ports.iter().map(|(n, _)| n.clone()).collect(),
+        d: d.clone(),
+    })
+}
+
 /// Serves `listener` (the run's gateway socket) for agent `name` with `grants` until the
 /// returned value is dropped.
 pub fn serve(d: &Shared, name: &str, grants: NetGrants, listener: OwnedFd) -> Serving {

@@ -216,6 +216,10 @@ pub struct SpawnRequest {
     /// Replace an agent of the same name that is not running.
     #[serde(default)]
     pub replace: bool,
+    /// Ports of the agent's sandbox published as named services (`--publish NAME=PORT`,
+    /// docs/network.md), reachable by agents whose token grants NAME.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<(String, u16)>,
 }
 
 /// A request on the control socket.

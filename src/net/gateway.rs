@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -120,7 +121,7 @@ struct Shared {
     resolver: Box<dyn Resolve>,
     events: EventSink,
     secrets: Option<Arc<dyn SecretSource>>,
-    published: RwLock<HashMap<String, ServiceTarget>>,
+    published: RwLock<HashMap<String, Published>>,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -222,6 +223,18 @@ fn denied(rule: impl Into<String>, reason: impl Into<String>) -> Denied {
 enum Dest {
     Tcp(Vec<SocketAddr>),
     Unix(PathBuf),
+    /// A port on the loopback of another sandbox (a published service).
+    Netns(Arc<OwnedFd>, u16),
+}
+
+/// A service published at run time (aitherd, `spawn --publish`).
+#[derive(Clone, Debug)]
+pub enum Published {
+    /// A host address or unix socket.
+    Host(ServiceTarget),
+    /// 127.0.0.1:PORT in the network namespace held by the descriptor (the publishing
+    /// agent's sandbox).
+    Netns(Arc<OwnedFd>, u16),
 }
 
 struct Allowed {
@@ -265,7 +278,7 @@ impl Gateway {
     }
 
     /// Makes `name` reachable (to agents granted it) at `target`: a service an agent published.
-    pub fn publish(&self, name: &str, target: ServiceTarget) {
+    pub fn publish(&self, name: &str, target: Published) {
         if let Ok(mut p) = self.shared.published.write() {
             p.insert(name.to_string(), target);
         }
@@ -375,7 +388,7 @@ impl Gateway {
                 ));
             };
             let target = match &g.target {
-                Some(t) => ServiceTarget::parse(t).map_err(|e| denied(&rule, e))?,
+                Some(t) => Published::Host(ServiceTarget::parse(t).map_err(|e| denied(&rule, e))?),
                 None => self
                     .shared
                     .published
@@ -392,8 +405,9 @@ impl Gateway {
             return Ok(Allowed {
                 rule,
                 dest: match target {
-                    ServiceTarget::Tcp(a) => Dest::Tcp(vec![a]),
-                    ServiceTarget::Unix(p) => Dest::Unix(p),
+                    Published::Host(ServiceTarget::Tcp(a)) => Dest::Tcp(vec![a]),
+                    Published::Host(ServiceTarget::Unix(p)) => Dest::Unix(p),
+                    Published::Netns(ns, port) => Dest::Netns(ns, port),
                 },
                 service: Some((name.to_string(), g.requests_per_minute)),
             });
@@ -959,6 +973,16 @@ enum Stream {
 /// Connects to the checked addresses in order (never looking the name up again).
 async fn open(dest: &Dest) -> io::Result<Stream> {
     match dest {
+        Dest::Netns(ns, port) => {
+            let fd = socket_in_netns(ns.clone()).await?;
+            let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+            let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), *port);
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
         Dest::Unix(p) => Ok(Stream::Unix(
             tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(p))
                 .await
@@ -979,6 +1003,20 @@ async fn open(dest: &Dest) -> io::Result<Stream> {
             Err(last)
         }
     }
+}
+
+/// A TCP socket created in the network namespace `ns` (it stays there; connecting it later
+/// reaches that namespace's loopback). Made on a short-lived thread of its own: `setns` changes
+/// the calling thread, and no pooled thread may ever be left in an agent's namespace.
+async fn socket_in_netns(ns: Arc<OwnedFd>) -> io::Result<OwnedFd> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("aither-netns".into())
+        .spawn(move || {
+            let _ = tx.send(crate::sandbox::netns::socket_in(&ns));
+        })?;
+    rx.await
+        .map_err(|_| io::Error::other("the namespace thread died"))?
 }
 
 /// An upstream connection that counts bytes per rule and enforces the byte quota.

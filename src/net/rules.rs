@@ -364,7 +364,8 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_name(n: &str) -> Result<(), String> {
+/// A service, route or secret name: 1 to 32 of lower-case letters, digits, '-' and '_'.
+pub fn check_name(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 32
         && n.bytes()

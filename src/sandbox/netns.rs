@@ -38,9 +38,18 @@ pub fn listen_in(pid: i32, port: u16) -> io::Result<OwnedFd> {
     made
 }
 
-fn bind_listen(port: u16) -> io::Result<OwnedFd> {
-    // lo starts down in a new namespace; pid 1 brings it up too, later (idempotent).
-    super::init::loopback_up()?;
+/// A non-blocking TCP socket (unbound, unconnected) created in the network namespace `ns`,
+/// for the gateway to connect to a port published on that namespace's loopback. The calling
+/// thread must be one that ends right after (its namespace may be left changed on error).
+pub fn socket_in(ns: &OwnedFd) -> io::Result<OwnedFd> {
+    let own = sys::open(Path::new("/proc/thread-self/ns/net"), libc::O_RDONLY)?;
+    setns(ns)?;
+    let made = tcp_socket();
+    setns(&own)?;
+    made
+}
+
+fn tcp_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket creation.
     let fd = unsafe {
         libc::socket(
@@ -53,7 +62,13 @@ fn bind_listen(port: u16) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind_listen(port: u16) -> io::Result<OwnedFd> {
+    // lo starts down in a new namespace; pid 1 brings it up too, later (idempotent).
+    super::init::loopback_up()?;
+    let fd = tcp_socket()?;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
