@@ -361,12 +361,15 @@ impl Gateway {
     }
 
     /// Decides a destination by name, resolves it on the host and checks every address.
+    /// `Lookup::Skip`: the rules only (a request on a pooled upstream connection, made to an
+    /// address that was checked when the connection was opened).
     async fn decide(
         &self,
         agent: &AgentNet,
         host: &str,
         port: u16,
         method: Option<&str>,
+        lookup: Lookup,
     ) -> Result<Allowed, Denied> {
         let h = host.trim_end_matches('.').to_ascii_lowercase();
         let h = h.trim_start_matches('[').trim_end_matches(']');
@@ -423,6 +426,13 @@ impl Gateway {
             ));
         };
         let rule = format!("egress[{i}]");
+        if lookup == Lookup::Skip {
+            return Ok(Allowed {
+                rule,
+                dest: Dest::Tcp(Vec::new()),
+                service: None,
+            });
+        }
         let ips = self
             .shared
             .resolver
@@ -463,6 +473,7 @@ impl Gateway {
         host: &str,
         port: u16,
         method: Option<&str>,
+        lookup: Lookup,
     ) -> Result<Allowed, Denied> {
         let ev = |allowed: bool, rule: &str, reason: Option<&str>| NetEvent {
             agent: agent.name.clone(),
@@ -475,7 +486,13 @@ impl Gateway {
             reason: reason.map(str::to_string),
         };
         let decided = self
-            .decide(agent, host, port, if via == "http" { method } else { None })
+            .decide(
+                agent,
+                host,
+                port,
+                if via == "http" { method } else { None },
+                lookup,
+            )
             .await
             .and_then(|a| {
                 agent
@@ -520,7 +537,10 @@ impl Gateway {
                 "aither egress: CONNECT needs host:port",
             );
         };
-        let allowed = match self.authorize(agent, "connect", &host, port, None).await {
+        let allowed = match self
+            .authorize(agent, "connect", &host, port, None, Lookup::Resolve)
+            .await
+        {
             Ok(a) => a,
             Err(d) => return deny_response(&d),
         };
@@ -602,16 +622,19 @@ impl Gateway {
         };
         let port = uri.port_u16().unwrap_or(80);
         let method = req.method().as_str().to_string();
+        let key = (host.to_ascii_lowercase(), port);
+        let mut slot = cache.lock().await;
+        let reuse = matches!(&*slot, Some(p) if p.key == key && !p.sender.is_closed());
+        // Every request is decided by the rules; the name is looked up (and the addresses
+        // checked) only for a new upstream connection.
+        let lookup = if reuse { Lookup::Skip } else { Lookup::Resolve };
         let allowed = match self
-            .authorize(agent, "http", &host, port, Some(&method))
+            .authorize(agent, "http", &host, port, Some(&method), lookup)
             .await
         {
             Ok(a) => a,
             Err(d) => return deny_response(&d),
         };
-        let key = (host.to_ascii_lowercase(), port);
-        let mut slot = cache.lock().await;
-        let reuse = matches!(&*slot, Some(p) if p.key == key && !p.sender.is_closed());
         if !reuse {
             let stream = match open(&allowed.dest).await {
                 Ok(s) => s,
@@ -866,7 +889,10 @@ impl Gateway {
             }
             _ => return,
         };
-        let allowed = match self.authorize(agent, "socks5", &host, port, None).await {
+        let allowed = match self
+            .authorize(agent, "socks5", &host, port, None, Lookup::Resolve)
+            .await
+        {
             Ok(a) => a,
             Err(_) => {
                 // 0x02: connection not allowed by ruleset.
@@ -887,6 +913,12 @@ impl Gateway {
         self.tunnel(s, upstream, agent, &host, port, allowed, "socks5")
             .await;
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    Resolve,
+    Skip,
 }
 
 struct Pooled {
