@@ -495,7 +495,13 @@ mod tests {
             },
             ..Default::default()
         };
-        assert!(NetGrants::default().narrows(&parent).is_ok());
+        // Dropping every rule narrows; dropping the quota (unlimited) does not.
+        let none = NetGrants {
+            quota: parent.quota.clone(),
+            ..Default::default()
+        };
+        assert!(none.narrows(&parent).is_ok());
+        assert!(NetGrants::default().narrows(&parent).is_err());
         let mut c = parent.clone();
         c.egress = vec![rule(&["api.example.com"], &[443], &["GET"])];
         assert!(c.narrows(&parent).is_ok());
