@@ -754,21 +754,39 @@ target = "127.0.0.1:11434"
         .unwrap_err()
         .to_string();
     assert!(e.contains("net.services.db"), "{e}");
+    // `token attenuate --net-drop`: the result narrows and lacks what was dropped.
+    let now = aither::token::now_unix();
+    let dropped = aither::token::attenuate::Attenuation {
+        net_drop: vec!["service:llm".into(), "egress[0]".into()],
+        ..Default::default()
+    }
+    .apply(&claims, now)
+    .unwrap();
+    assert!(dropped.net.egress.is_empty() && dropped.net.services.is_empty());
+    aither::token::claims::narrows(&dropped, &claims).unwrap();
+    let bad = aither::token::attenuate::Attenuation {
+        net_drop: vec!["egress[7]".into()],
+        ..Default::default()
+    }
+    .apply(&claims, now);
+    assert!(bad.is_err());
 }
 
 #[test]
-fn aitherd_agents_egress_through_the_daemons_gateway_with_events_and_counters() {
+fn aitherd_agents_egress_through_the_daemons_gateway_across_a_restart_and_publish_services() {
     use common::daemon::TestDaemon;
     let host = Host::new();
     // aitherd inherits the resolver table from this process (the only test here that starts a
     // daemon, so no other test depends on the variable).
     std::env::set_var("AITHER_EGRESS_HOSTS", host.path("hosts"));
-    let d = TestDaemon::start("aither-egress-d-", &[]);
+    let mut d = TestDaemon::start("aither-egress-d-", &[]);
     let policy = host.policy("standard", ONE_RULE);
     let ws = d.ws.path().to_str().unwrap().to_string();
+    // Then, each time `go` appears, one more request (after the daemon's restart below).
     let script = format!(
         "curl -sS -m 10 http://api.example.test:{h}/daemon > out.tmp; echo >> out.tmp; \
-         curl -sS -m 10 http://other.example.test:{h}/ >> out.tmp; mv out.tmp out.txt; sleep 60",
+         curl -sS -m 10 http://other.example.test:{h}/ >> out.tmp; mv out.tmp out.txt; \
+         while true; do if [ -f go ]; then rm go; curl -sS -m 10 http://api.example.test:{h}/again > again.tmp; mv again.tmp again.txt; fi; sleep 0.1; done",
         h = host.http_port
     );
     d.ok(&[
@@ -795,6 +813,18 @@ fn aitherd_agents_egress_through_the_daemons_gateway_with_events_and_counters() 
     assert!(
         audit.contains("\"kind\":\"net\"") && audit.contains("other.example.test"),
         "{audit}"
+    );
+    // aitherd killed and restarted: it adopts the shim and takes the run's gateway socket
+    // back from it (fd 100, pidfd_getfd); the agent's egress works again.
+    d.kill9();
+    d.launch();
+    std::fs::write(d.ws.path().join("go"), "").unwrap();
+    let again = d.ws.path().join("again.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || again.exists());
+    assert!(done, "no egress after the daemon's restart: {}", d.log());
+    assert_eq!(
+        std::fs::read_to_string(&again).unwrap(),
+        "upstream-ok /again"
     );
     d.ok(&["stop", "egress-d"]);
     d.ok(&["rm", "egress-d"]);
