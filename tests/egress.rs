@@ -288,6 +288,7 @@ fn an_allowed_host_is_reached_over_plain_http_connect_and_socks5() {
     let policy = host.policy("standard", ONE_RULE);
     let script = format!(
         "curl -sS -m 10 http://api.example.test:{h}/plain; echo; \
+         curl -sS -m 10 -o /dev/null -H 'Host: fronted.example' http://api.example.test:{h}/fronted; \
          curl -sSk -m 10 https://api.example.test:{t}/connect; echo; \
          curl -sSk -m 10 -x socks5h://127.0.0.1:3128 https://api.example.test:{t}/socks; echo",
         h = host.http_port,
@@ -299,6 +300,19 @@ fn an_allowed_host_is_reached_over_plain_http_connect_and_socks5() {
         "upstream-ok /plain\ntls-ok sni=api.example.test /connect\ntls-ok sni=api.example.test /socks\n",
         "{}",
         describe(&out)
+    );
+    // The agent's own Host header never reaches the upstream (no domain fronting).
+    let fronted = host
+        .seen()
+        .into_iter()
+        .find(|h| h.starts_with("GET /fronted"))
+        .unwrap();
+    assert!(
+        fronted
+            .to_ascii_lowercase()
+            .contains(&format!("host: api.example.test:{}", host.http_port))
+            && !fronted.contains("fronted.example"),
+        "{fronted}"
     );
     let vias: Vec<(String, String)> = host
         .net_audit()
@@ -869,4 +883,21 @@ fn aitherd_agents_egress_through_the_daemons_gateway_across_a_restart_and_publis
         d.ok(&["stop", a]);
         d.ok(&["rm", a]);
     }
+}
+
+#[test]
+fn a_bad_net_rule_in_a_policy_names_the_file_line_and_field() {
+    let base = std::fs::read_to_string(common::policy_dir().join("standard.toml")).unwrap();
+    let src = format!("{base}\n[[net.egress]]\nhosts = [\"10.0.0.1\"]\nports = [443]\n");
+    let e = aither::policy::Policy::parse(&src, "bad.toml")
+        .unwrap_err()
+        .to_string();
+    // base, an empty line, the table header, then `hosts`.
+    let line = base.lines().count() + 3;
+    assert!(
+        e.starts_with(&format!("bad.toml:{line}:"))
+            && e.contains("field `net.egress[0].hosts`")
+            && e.contains("an IP address"),
+        "{e}"
+    );
 }

@@ -668,10 +668,10 @@ impl Gateway {
             .unwrap_or_else(|| "/".into());
         *req.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
-        if !req.headers().contains_key(HOST) {
-            if let Ok(v) = HeaderValue::from_str(&authority(&host, port, 80)) {
-                req.headers_mut().insert(HOST, v);
-            }
+        // Host is always the name that was decided: an agent's own Host header could make a
+        // virtual-hosting upstream (a CDN) serve another site (domain fronting).
+        if let Ok(v) = HeaderValue::from_str(&authority(&host, port, 80)) {
+            req.headers_mut().insert(HOST, v);
         }
         if pooled.sender.ready().await.is_err() {
             *slot = None;
