@@ -901,3 +901,31 @@ fn a_bad_net_rule_in_a_policy_names_the_file_line_and_field() {
         "{e}"
     );
 }
+
+#[test]
+fn the_byte_quota_stops_the_agent_once_spent() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        &format!("{ONE_RULE}\n[net.quota]\nbytes = 1000\n"),
+    );
+    // Each request and its answer are well under 250 bytes: at least 4 fit in 1000.
+    let script = format!(
+        "for i in $(seq 20); do curl -s -o /dev/null -w '%{{http_code}} ' http://api.example.test:{h}/; done; echo; \
+         curl -s http://api.example.test:{h}/",
+        h = host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let codes: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    let ok = codes.iter().take_while(|c| **c == "200").count();
+    assert!(ok >= 4, "{}", describe(&out));
+    assert_eq!(codes.last(), Some(&"429"), "{}", describe(&out));
+    assert!(
+        text.contains("aither egress denied (quota): byte quota reached:")
+            && text.contains("of 1000 bytes used"),
+        "{}",
+        describe(&out)
+    );
+}
