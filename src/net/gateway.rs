@@ -842,13 +842,23 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&authority(&up.host, up.port, 443)) {
             headers.insert(HOST, v);
         }
-        if let (Ok(n), Ok(mut v)) = (
+        match (
             HeaderName::from_bytes(route.header.as_bytes()),
             HeaderValue::from_str(&format!("{}{}", route.prefix, secret)),
         ) {
-            v.set_sensitive(true);
-            // The agent's own value (a placeholder) is replaced, never forwarded.
-            headers.insert(n, v);
+            (Ok(n), Ok(mut v)) => {
+                v.set_sensitive(true);
+                // The agent's own value (a placeholder) is replaced, never forwarded.
+                headers.insert(n, v);
+            }
+            // Never send the request without its credential (nor say what the secret holds).
+            _ => return text(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "aither egress: secret {:?} cannot be sent in header {:?} (visible ASCII only)",
+                    route.secret, route.header
+                ),
+            ),
         }
         match sender.send_request(req).await {
             Ok(mut resp) => {
