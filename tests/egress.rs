@@ -290,14 +290,15 @@ fn an_allowed_host_is_reached_over_plain_http_connect_and_socks5() {
         "curl -sS -m 10 http://api.example.test:{h}/plain; echo; \
          curl -sS -m 10 -o /dev/null -H 'Host: fronted.example' http://api.example.test:{h}/fronted; \
          curl -sSk -m 10 https://api.example.test:{t}/connect; echo; \
-         curl -sSk -m 10 -x socks5h://127.0.0.1:3128 https://api.example.test:{t}/socks; echo",
+         curl -sSk -m 10 -x socks5h://127.0.0.1:3128 https://api.example.test:{t}/socks; echo; \
+         curl -sS -m 10 -x socks5h://127.0.0.1:3128 http://api.example.test:{h}/socks-plain; echo",
         h = host.http_port,
         t = host.tls_port
     );
     let out = host.run(&ws, &policy, &["sh", "-c", &script]);
     assert_eq!(
         stdout(&out),
-        "upstream-ok /plain\ntls-ok sni=api.example.test /connect\ntls-ok sni=api.example.test /socks\n",
+        "upstream-ok /plain\ntls-ok sni=api.example.test /connect\ntls-ok sni=api.example.test /socks\nupstream-ok /socks-plain\n",
         "{}",
         describe(&out)
     );

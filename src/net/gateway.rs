@@ -573,7 +573,7 @@ impl Gateway {
 
     /// Carries a tunnel once its first flight passed the checks.
     #[allow(clippy::too_many_arguments)]
-    async fn tunnel<C: AsyncRead + AsyncWrite + Unpin>(
+    async fn tunnel<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut client: C,
         upstream: Stream,
@@ -583,8 +583,18 @@ impl Gateway {
         allowed: Allowed,
         via: &'static str,
     ) {
-        let first = match first_flight(&mut client, host, allowed.service.is_some()).await {
-            Ok(b) => b,
+        let plain_ok = via == "socks5";
+        let first = match first_flight(&mut client, host, allowed.service.is_some(), plain_ok).await
+        {
+            Ok((b, Flight::Relay)) => b,
+            Ok((b, Flight::PlainHttp)) => {
+                // The connection opened for a tunnel is not used: requests go through the
+                // plain-HTTP path (rules, methods, Host, pooling), one decision each.
+                drop(upstream);
+                self.plain_in_tunnel(Rewind::new(b, client), agent, host, port)
+                    .await;
+                return;
+            }
             Err(reason) => {
                 self.emit(
                     agent,
@@ -607,6 +617,52 @@ impl Gateway {
             return;
         }
         let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, COPY_BUF, COPY_BUF)
+            .await;
+    }
+
+    /// Serves plain HTTP that arrived through a SOCKS5 tunnel to `host:port`: each request is
+    /// treated as `GET http://host:port/path` through HTTP_PROXY would be.
+    async fn plain_in_tunnel<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        client: C,
+        agent: &Arc<AgentNet>,
+        host: &str,
+        port: u16,
+    ) {
+        let cache: Arc<tokio::sync::Mutex<Option<Pooled>>> = Arc::default();
+        let (gw, ag) = (self.clone(), agent.clone());
+        let base = format!("http://{}", authority(host, port, 80));
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let (gw, ag, cache) = (gw.clone(), ag.clone(), cache.clone());
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            let abs: Option<Uri> = format!("{base}{pq}").parse().ok();
+            async move {
+                if req.method() == Method::CONNECT {
+                    let d = denied(
+                        "tunnel-inspection",
+                        "a CONNECT request inside a tunnel (relayed proxying) is refused",
+                    );
+                    return Ok::<_, Infallible>(deny_response(&d));
+                }
+                let Some(abs) = abs else {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        "aither egress: bad request path",
+                    ));
+                };
+                *req.uri_mut() = abs;
+                Ok(gw.forward(req, &ag, &cache).await)
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(client), svc)
             .await;
     }
 
@@ -852,13 +908,15 @@ impl Gateway {
                 headers.insert(n, v);
             }
             // Never send the request without its credential (nor say what the secret holds).
-            _ => return text(
-                StatusCode::BAD_GATEWAY,
-                &format!(
+            _ => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
                     "aither egress: secret {:?} cannot be sent in header {:?} (visible ASCII only)",
                     route.secret, route.header
                 ),
-            ),
+                )
+            }
         }
         match sender.send_request(req).await {
             Ok(mut resp) => {
@@ -1004,6 +1062,58 @@ fn deny_response(d: &Denied) -> Response<Body> {
         r.headers_mut().insert("x-aither-rule", v);
     }
     r
+}
+
+/// A client stream whose first bytes (already read for inspection) are read again.
+struct Rewind<C> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: C,
+}
+
+impl<C> Rewind<C> {
+    fn new(prefix: Vec<u8>, inner: C) -> Rewind<C> {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Rewind<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Rewind<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A connection to an upstream.
@@ -1169,6 +1279,8 @@ pub enum FirstFlight {
     Tls(Option<String>),
     /// An HTTP CONNECT request: proxying relayed through the tunnel.
     RelayedConnect,
+    /// An HTTP request (not CONNECT).
+    PlainHttp,
     /// Something else (plain text, another protocol).
     Other,
     /// A TLS record that is not a valid ClientHello.
@@ -1207,7 +1319,24 @@ pub fn classify_first_flight(buf: &[u8]) -> FirstFlight {
             FirstFlight::NeedMore
         };
     }
+    // An HTTP request line: METHOD SP (upper-case letters, then a space).
+    let token = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if token > 0 && buf.get(token) == Some(&b' ') {
+        return FirstFlight::PlainHttp;
+    }
+    if token == buf.len() && token < 8 {
+        return FirstFlight::NeedMore;
+    }
     FirstFlight::Other
+}
+
+/// What the first flight of a tunnel allows.
+#[derive(Debug, PartialEq, Eq)]
+enum Flight {
+    /// Relay the bytes as they are (TLS with the right SNI; anything, to a service).
+    Relay,
+    /// Plain HTTP in a SOCKS5 tunnel: served as HTTP, each request decided on its own.
+    PlainHttp,
 }
 
 /// Reads the tunnel's first flight and checks it: a ClientHello whose SNI is `host`
@@ -1216,7 +1345,8 @@ async fn first_flight<C: AsyncRead + Unpin>(
     client: &mut C,
     host: &str,
     any_protocol: bool,
-) -> Result<Vec<u8>, String> {
+    plain_http: bool,
+) -> Result<(Vec<u8>, Flight), String> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
@@ -1224,21 +1354,26 @@ async fn first_flight<C: AsyncRead + Unpin>(
     loop {
         match classify_first_flight(&buf) {
             FirstFlight::NeedMore => {}
-            FirstFlight::Tls(Some(sni)) if sni.eq_ignore_ascii_case(want) => return Ok(buf),
+            FirstFlight::Tls(Some(sni)) if sni.eq_ignore_ascii_case(want) => {
+                return Ok((buf, Flight::Relay))
+            }
             FirstFlight::Tls(Some(sni)) => {
                 return Err(format!(
                     "TLS SNI {sni:?} does not match the tunnel's host {want:?}"
                 ))
             }
-            FirstFlight::Tls(None) if any_protocol => return Ok(buf),
+            FirstFlight::Tls(None) if any_protocol => return Ok((buf, Flight::Relay)),
             FirstFlight::Tls(None) => {
                 return Err(format!("TLS ClientHello without SNI in a tunnel to {want:?}"))
             }
             FirstFlight::RelayedConnect => {
                 return Err("a CONNECT request inside a tunnel (relayed proxying) is refused".into())
             }
-            FirstFlight::Other if any_protocol => return Ok(buf),
-            FirstFlight::Other => {
+            FirstFlight::Other | FirstFlight::PlainHttp if any_protocol => {
+                return Ok((buf, Flight::Relay))
+            }
+            FirstFlight::PlainHttp if plain_http => return Ok((buf, Flight::PlainHttp)),
+            FirstFlight::Other | FirstFlight::PlainHttp => {
                 return Err(format!(
                     "the tunnel to {want:?} does not start with a TLS ClientHello (tunnels carry TLS; plain HTTP goes through HTTP_PROXY)"
                 ))
@@ -1345,8 +1480,10 @@ mod tests {
         );
         assert_eq!(
             classify_first_flight(b"GET / HTTP/1.1\r\n"),
-            FirstFlight::Other
+            FirstFlight::PlainHttp
         );
+        assert_eq!(classify_first_flight(b"GE"), FirstFlight::NeedMore);
+        assert_eq!(classify_first_flight(b"SSH-2.0-x\r\n"), FirstFlight::Other);
         assert!(matches!(
             classify_first_flight(&[0x16, 3, 1, 0, 5, 9, 9, 9, 9, 9]),
             FirstFlight::BadTls(_)
