@@ -11,9 +11,11 @@
 pub mod addr;
 pub mod gateway;
 pub mod inprocess;
+pub mod inspect;
 pub mod resolve;
 pub mod rules;
 pub mod secrets;
+mod socks;
 
 pub use gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, RuleStats};
 pub use inprocess::InProcessGateway;
