@@ -28,9 +28,10 @@ die() { say "error: $*"; exit 1; }
 
 # 1. System packages. Build: a C toolchain and pkg-config. Tests and real agent work under
 #    strict: python3, git, make, sqlite3. Benchmarks compare against bubblewrap, crun, runc,
-#    and the bus against redis-server (scripts/bench/bus.sh); tests/export.rs runs exported OCI
-#    bundles under crun and runc.
-PKGS=(build-essential pkg-config ca-certificates curl python3 git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server)
+#    the bus against redis-server (scripts/bench/bus.sh), the egress gateway against tinyproxy
+#    (scripts/bench/egress.sh, which runs its own instance; the packaged service is not needed);
+#    tests/export.rs runs exported OCI bundles under crun and runc.
+PKGS=(build-essential pkg-config ca-certificates curl python3 git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server tinyproxy)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,6 +19,7 @@ pub mod doctor;
 pub mod export;
 pub mod gpu;
 pub mod memory;
+pub mod net;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;

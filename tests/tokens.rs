@@ -638,6 +638,7 @@ proptest! {
                 mem_read_only: Vec::new(),
                 mem_quota: Vec::new(),
                 no_memory_grants: false,
+                net_drop: Vec::new(),
             };
             let child = att.apply(&cur, now).expect("in-range values are well-formed requests");
             let wider = asks_wider(r, &cur, now);

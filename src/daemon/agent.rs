@@ -602,6 +602,18 @@ impl Agent {
         if let Some(r) = &live.report {
             let _ = std::fs::write(live.log_dir.join("report.json"), r.get());
         }
+        // Egress for this run, until `watch` returns (docs/network.md).
+        let _egress = live.egress.take().map(|fd| {
+            let grants = self
+                .d
+                .check_token(&self.rec.token)
+                .map(|v| v.effective().net.clone())
+                .unwrap_or_default();
+            super::egress::serve(&self.d, &self.name, grants, fd)
+        });
+        // Its published ports, as services for other agents, while this run lives.
+        let _published =
+            super::egress::publish(&self.d, &self.name, &self.rec.request.publish, live.pid1);
         self.d.emit(
             Some(&self.name),
             "started",

@@ -14,6 +14,7 @@ pub mod bus;
 pub mod client;
 pub mod gpu;
 pub mod kernel_audit;
+pub mod egress;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
@@ -98,6 +99,10 @@ pub struct Daemon {
     pub agents: Mutex<HashMap<String, agent::Handle>>,
     pub stats_interval: Duration,
     epoch: Instant,
+    /// The egress gateway (daemon/egress.rs), built on first use.
+    pub net: std::sync::OnceLock<crate::net::Gateway>,
+    /// Agents whose runs the gateway serves now, with their counters.
+    pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
 }
 
 impl Daemon {
@@ -138,6 +143,8 @@ impl Daemon {
             agents: Mutex::new(HashMap::new()),
             stats_interval,
             epoch: Instant::now(),
+            net: std::sync::OnceLock::new(),
+            net_agents: Mutex::new(HashMap::new()),
         })
     }
 

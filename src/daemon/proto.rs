@@ -232,6 +232,10 @@ pub struct SpawnRequest {
     pub bus_publish: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bus_subscribe: Vec<String>,
+    /// Ports of the agent's sandbox published as named services (`--publish NAME=PORT`,
+    /// docs/network.md), reachable by agents whose token grants NAME.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<(String, u16)>,
 }
 
 /// A request on the control socket.

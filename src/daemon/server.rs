@@ -297,6 +297,10 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                 i.gpu = d.gpu.column(&name);
                 let mut v = serde_json::to_value(i).unwrap_or_default();
                 v["gpu_lease"] = d.gpu.lease_info(&name);
+                // Egress counters per rule (docs/network.md), while a run is served.
+                if let (Some(o), Some(n)) = (v.as_object_mut(), d.net_stats(&name)) {
+                    o.insert("net".into(), n);
+                }
                 Reply::ok(v)
             }
             None => not_found(&name),
@@ -600,6 +604,8 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
     let mut spec = SandboxSpec::derive(&policy, &opts, &lookup, &req.cwd).map_err(|e| bad(&e))?;
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
+    // Egress through the daemon's gateway (docs/network.md).
+    crate::net::attach(&mut spec, &claims.net);
     if let Some(w) = &spec.workspace {
         verified
             .check_workspace(&w.path)

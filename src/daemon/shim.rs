@@ -22,6 +22,8 @@ use crate::sandbox::SandboxSpec;
 /// take it back with pidfd_getfd.
 pub const SHIM_CHANNEL_FD: RawFd = 3;
 pub const SHIM_KEEP_FD: RawFd = 4;
+/// Where the shim keeps the egress gateway's socket (docs/network.md).
+pub use crate::sandbox::shim::SHIM_EGRESS_FD;
 
 /// Log rotation: agent.log grows to this, then rotates; this many files are kept.
 pub const LOG_MAX_BYTES: u64 = 1 << 20;
@@ -105,6 +107,9 @@ pub struct Live {
     pub was_ready: bool,
     /// The enforcement report of this run (not known for an adopted run).
     pub report: Option<Box<serde_json::value::RawValue>>,
+    /// The egress gateway's listening socket (inside the sandbox's network namespace), taken
+    /// from the shim.
+    pub egress: Option<OwnedFd>,
 }
 
 impl Live {
@@ -281,6 +286,9 @@ pub async fn launch(
             cgroup,
             report,
         }) => Ok(Live {
+            egress: spec
+                .egress_port
+                .and_then(|_| crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_EGRESS_FD).ok()),
             report: report.and_then(|r| serde_json::value::to_raw_value(&r).ok()),
             shim_pid,
             pidfd: watch_pidfd(pidfd).map_err(ShimError::Channel)?,
@@ -343,8 +351,11 @@ pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live>
     }
     let pidfd = crate::sys::pidfd_open(shim_pid)?;
     let channel = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_KEEP_FD).ok();
+    // Absent when the run has no egress.
+    let egress = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_EGRESS_FD).ok();
     let pid1 = first_child(shim_pid);
     Ok(Live {
+        egress,
         shim_pid,
         pidfd: watch_pidfd(pidfd)?,
         pid1,

@@ -227,6 +227,10 @@ pub struct Policy {
     /// so that policies and tokens written before the memory service still decode).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory: BTreeMap<String, MemoryTierPolicy>,
+    /// `[net]`: egress rules, host services, credential routes and quotas, copied into a
+    /// token's `net` claim when it is minted (docs/network.md). Absent: no egress at all.
+    #[serde(default, skip_serializing_if = "crate::net::NetGrants::is_default")]
+    pub net: crate::net::NetGrants,
     /// `[gpu]`: what agents minted from this policy may ask the MicroScheduler for (copied
     /// into a token's `gpu` claim; docs/gpu.md). Absent: no GPU.
     #[serde(default, skip_serializing_if = "GpuGrant::is_none")]
@@ -480,6 +484,20 @@ impl Policy {
                 );
             }
         }
+        if let Err(e) = self.net.validate() {
+            let (field, message) = match e {
+                crate::net::RuleError::Invalid { field, reason } => (field, reason),
+                crate::net::RuleError::Widening { field, detail } => (field, detail),
+            };
+            let (line, column) = locate_net(src, &field);
+            return Err(PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                field: format!("net.{field}"),
+                message,
+            });
+        }
         if self.resources.memory.0 < (8 << 20) {
             return fail("resources", "memory", "must be at least 8M".into());
         }
@@ -598,6 +616,42 @@ impl Policy {
         }
         out
     }
+}
+
+/// Line and column of a `net` field (`egress[1].hosts`, `quota.bytes`): the key inside the
+/// N-th `[[net.egress]]` table (or `[net.quota]`), else the table header, else 1:1.
+fn locate_net(src: &str, field: &str) -> (usize, usize) {
+    let (table, rest) = field.split_once(['[', '.']).unwrap_or((field, ""));
+    let (index, key) = match field.find('[') {
+        Some(_) => {
+            let (n, k) = rest.split_once(']').unwrap_or((rest, ""));
+            (n.parse::<usize>().unwrap_or(0), k.trim_start_matches('.'))
+        }
+        None => (0, rest),
+    };
+    let headers = [format!("[[net.{table}]]"), format!("[net.{table}]")];
+    let mut seen = 0;
+    let mut found: Option<(usize, usize)> = None;
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim();
+        if found.is_some() && t.starts_with('[') {
+            break;
+        }
+        if headers.iter().any(|h| t == h) {
+            if seen == index {
+                found = Some((i + 1, line.len() - line.trim_start().len() + 1));
+            }
+            seen += 1;
+            continue;
+        }
+        if found.is_some() {
+            let k = t.split('=').next().unwrap_or("").trim();
+            if !key.is_empty() && k == key {
+                return (i + 1, line.len() - line.trim_start().len() + 1);
+            }
+        }
+    }
+    found.unwrap_or((1, 1))
 }
 
 /// Directories searched for policies by name: `AITHER_POLICY_DIR` (colon-separated), then

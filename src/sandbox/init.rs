@@ -444,7 +444,7 @@ struct IfReq {
 }
 
 /// Brings up `lo` in the new network namespace (it starts down).
-fn loopback_up() -> io::Result<()> {
+pub(crate) fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation.
     let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if s < 0 {

@@ -176,6 +176,13 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
             .map_err(rs_err)?;
     }
     let mut created = rs.create().map_err(rs_err)?;
+    if let (true, Some(port)) = (plan.tcp, spec.egress_port) {
+        // The one TCP connect allowed under a `none` network: the egress gateway's socket on
+        // the sandbox's own loopback (docs/network.md). Binding stays denied.
+        created = created
+            .add_rule(landlock::NetPort::new(port, AccessNet::ConnectTcp))
+            .map_err(rs_err)?;
+    }
     if plan.fs {
         let read = AccessFs::from_read(abi) & handled_fs;
         let read_noexec = read & !AccessFs::Execute;

@@ -21,6 +21,7 @@ use super::channel::{self, now_ns, Msg, Stage};
 use super::init::{self, ChildContext};
 use super::landlock::{self, LandlockError};
 use super::mounts;
+use super::netns;
 use super::report::{CgroupReport, LandlockReport, Report, SeccompReport};
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
@@ -59,6 +60,8 @@ pub enum LaunchError {
     Died(ExitStatus),
     #[error("preparing the agent's stdio pipes: {0}")]
     Stdio(#[source] io::Error),
+    #[error("creating the egress gateway's socket in the sandbox's network namespace: {0}")]
+    Egress(#[source] io::Error),
     #[error("aitherctl must run as root to create sandboxes (it maps each agent to an unprivileged host uid)")]
     NotRoot,
 }
@@ -112,6 +115,10 @@ pub struct LaunchIo<'a> {
     /// Run by the launcher while pid 1 builds the sandbox (the launcher would only wait):
     /// host-side bookkeeping that must not lengthen the launch, e.g. the audit record.
     pub during_setup: Option<Box<dyn FnOnce() + 'a>>,
+    /// Receives the egress gateway's listening socket (bound inside the sandbox's network
+    /// namespace, `spec.egress_port`) before the agent exists. Called after the clone, so the
+    /// callee may start threads (the gateway) without touching the forked sandbox.
+    pub on_egress: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
 }
 
 /// `LaunchIo::on_started`.
@@ -514,6 +521,16 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // 5. Maps, then Go. If this fails the child sees EOF and exits.
     if let Err(e) = userns::write_maps(pid, spec.uid, spec.gid, ids) {
         return Err(abort(LaunchError::IdMaps(e)));
+    }
+    // The gateway's socket before Go: it is listening before the agent can exist, and the
+    // clone is behind us, so a gateway thread started by the callee is never forked.
+    if let Some(port) = spec.egress_port {
+        let fd = netns::listen_in(pid, port).map_err(|e| abort(LaunchError::Egress(e)))?;
+        match io.on_egress.take() {
+            Some(f) => f(fd),
+            None => drop(fd),
+        }
+        marks.push(("egress socket", now_ns()));
     }
     channel::send(parent_sock.as_fd(), &Msg::Go).map_err(|e| abort(LaunchError::Channel(e)))?;
     marks.push(("maps", now_ns()));

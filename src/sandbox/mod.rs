@@ -9,6 +9,7 @@ mod init;
 pub mod landlock;
 pub mod launch;
 pub mod mounts;
+pub mod netns;
 pub mod report;
 pub mod rlimits;
 pub mod seccomp;

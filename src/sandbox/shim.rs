@@ -355,12 +355,17 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
                 source,
             }
         })?;
+    // The egress gateway's socket, kept at SHIM_EGRESS_FD for the daemon to take (and take
+    // again after a restart) with pidfd_getfd.
+    let mut egress: Option<OwnedFd> = None;
+    let keep_egress = |fd: OwnedFd| egress = keep_at(fd, SHIM_EGRESS_FD);
     let out = launch::run_with(
         &cfg.spec,
         LaunchIo {
             agent_channel: channel,
             log: Some(&mut log),
             during_setup: None,
+            on_egress: Some(Box::new(keep_egress)),
             on_started: Some(Box::new(|s| {
                 emit(&ShimEvent::Started {
                     pid1: s.pid1,
@@ -371,7 +376,27 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
             })),
         },
     )?;
+    drop(egress);
     Ok(out)
+}
+
+/// Where the shim keeps the egress gateway's listening socket.
+pub const SHIM_EGRESS_FD: RawFd = 100;
+
+/// `fd` moved to descriptor number `at` (which must be free), close-on-exec.
+fn keep_at(fd: OwnedFd, at: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only queries a descriptor number.
+    if unsafe { libc::fcntl(at, libc::F_GETFD) } >= 0 {
+        eprintln!("aither-init shim: descriptor {at} is taken; the egress socket is not kept");
+        return None;
+    }
+    // SAFETY: dup3 onto a free descriptor number; the new descriptor is owned below.
+    let r = unsafe { libc::dup3(fd.as_raw_fd(), at, libc::O_CLOEXEC) };
+    if r < 0 {
+        return None;
+    }
+    // SAFETY: `r` is the new descriptor dup3 just created; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 #[cfg(test)]

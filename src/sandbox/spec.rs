@@ -105,6 +105,11 @@ pub struct SandboxSpec {
     /// (`limits.devices`) allow exactly the base /dev set and these.
     #[serde(default)]
     pub devices: Vec<DeviceNode>,
+    /// The egress gateway's port on the sandbox's loopback (`net::attach`): the launcher binds
+    /// it inside the sandbox's network namespace and hands the socket to the gateway; Landlock
+    /// lets the agent connect to it. None: no egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_port: Option<u16>,
 }
 
 fn narrow<T: PartialOrd + Copy + ToString>(
@@ -288,6 +293,7 @@ impl SandboxSpec {
             best_effort: policy.best_effort.clone(),
             report: false,
             devices: Vec::new(),
+            egress_port: None,
         })
     }
 

@@ -32,6 +32,9 @@ pub struct Attenuation {
     pub mem_quota: Vec<(String, Option<Size>, Option<u64>)>,
     /// Take away every grant to read other agents' memory.
     pub no_memory_grants: bool,
+    /// Egress grants to take away (docs/network.md): `egress[N]` (the parent's rule N),
+    /// `service:NAME`, `route:NAME`, or `all`.
+    pub net_drop: Vec<String>,
 }
 
 /// Parses `TIER=SIZE[,ENTRIES]` (`--mem-quota knowledge=8M,1000`; either side may be empty).
@@ -163,6 +166,42 @@ impl Attenuation {
         }
         if self.no_memory_grants {
             c.memory_grants.clear();
+        }
+        let mut drop_rules: Vec<usize> = Vec::new();
+        for d in &self.net_drop {
+            let n = &mut c.net;
+            if d == "all" {
+                n.egress.clear();
+                n.services.clear();
+                n.routes.clear();
+            } else if let Some(name) = d.strip_prefix("service:") {
+                n.services.retain(|s| s.name != name);
+            } else if let Some(name) = d.strip_prefix("route:") {
+                n.routes.retain(|r| r.name != name);
+            } else if let Some(i) = d
+                .strip_prefix("egress[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|i| *i < parent.net.egress.len())
+            {
+                drop_rules.push(i);
+            } else {
+                return Err(bad(
+                    "net_drop",
+                    format!(
+                        "{d:?}: expected egress[N] (N < {}), service:NAME, route:NAME or all",
+                        parent.net.egress.len()
+                    ),
+                ));
+            }
+        }
+        // Indices name the parent's rules: removed from the highest down.
+        drop_rules.sort_unstable();
+        drop_rules.dedup();
+        for i in drop_rules.into_iter().rev() {
+            if i < c.net.egress.len() {
+                c.net.egress.remove(i);
+            }
         }
         if let Some(t) = self.ttl {
             if t.as_secs() == 0 {

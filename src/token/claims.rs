@@ -90,6 +90,11 @@ pub struct Claims {
     /// of the payload when empty, so tokens without grants serialise exactly as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub memory_grants: Vec<MemoryGrant>,
+    /// Network egress (docs/network.md). May be missing from a payload (tokens minted before
+    /// egress): its default grants nothing, the narrowest value; left out when empty, so
+    /// tokens without egress serialise exactly as before.
+    #[serde(default, skip_serializing_if = "crate::net::NetGrants::is_default")]
+    pub net: crate::net::NetGrants,
     /// Whether the agent may ask for agents of its own (with narrower tokens).
     pub may_spawn: bool,
 }
@@ -150,6 +155,7 @@ impl Claims {
                 })
                 .collect(),
             memory_grants: Vec::new(),
+            net: policy.net.clone(),
             may_spawn: false,
         })
     }
@@ -405,6 +411,7 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         bus,
         memory_tiers,
         memory_grants,
+        net,
         may_spawn,
     } = child;
     same("subject", subject, &parent.subject)?;
@@ -482,6 +489,13 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         )?;
     }
     subset("memory_grants", memory_grants, &parent.memory_grants)?;
+    net.narrows(&parent.net).map_err(|e| match e {
+        crate::net::RuleError::Widening { field, detail }
+        | crate::net::RuleError::Invalid {
+            field,
+            reason: detail,
+        } => widen(field, detail),
+    })?;
     only_if("may_spawn", *may_spawn, parent.may_spawn)
 }
 
@@ -504,6 +518,7 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         bus,
         memory,
         gpu,
+        net: net_template,
     } = child;
     same("rules.name", name, &parent.name)?;
     // The policy's GPU grant as minted; what the token grants is `gpu` (narrowed above).
@@ -515,6 +530,8 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
     // The policy's memory defaults are a record of what was minted; access is `memory_tiers`,
     // which narrows on its own.
     same("rules.memory", memory, &parent.memory)?;
+    // The policy's egress template; what the token grants is `net` (narrowed above).
+    same("rules.net", net_template, &parent.net)?;
     same("rules.description", description, &parent.description)?;
     same("rules.warning", warning, &parent.warning)?;
     subset("rules.best_effort", best_effort, &parent.best_effort)?;

@@ -107,6 +107,11 @@ pub struct SpawnArgs {
     /// CPU limit in CPUs (e.g. 0.5), at most the token's.
     #[arg(long, value_name = "N")]
     cpus: Option<f64>,
+    /// Publish port PORT of the agent's own loopback as service NAME (repeatable): agents whose
+    /// token grants `net.services` NAME reach it as http://NAME.aither.internal
+    /// (docs/network.md).
+    #[arg(long = "publish", value_name = "NAME=PORT", value_parser = parse_publish)]
+    publish: Vec<(String, u16)>,
     /// Maximum number of processes and threads, at most the token's.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
@@ -337,7 +342,21 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
             .into_iter()
             .chain(a.bus_subscribe.iter().cloned())
             .collect(),
+        publish: a.publish.clone(),
     })
+}
+
+fn parse_publish(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=PORT"))?;
+    aither::net::rules::check_name(name)?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: PORT must be 1 to 65535"))?;
+    Ok((name.to_string(), port))
 }
 
 pub fn spawn(a: SpawnArgs) -> i32 {

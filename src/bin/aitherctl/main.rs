@@ -10,6 +10,7 @@ mod gpu_cmd;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
+mod secret_cmd;
 mod token_cmd;
 
 use std::process::ExitCode;
@@ -65,6 +66,8 @@ enum Command {
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCmd),
     Doctor(doctor_cmd::DoctorArgs),
     #[command(subcommand)]
     Export(export_cmd::ExportCmd),
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Gpu(g) => gpu_cmd::run(g),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
+        Command::Secret(s) => secret_cmd::run(s),
         Command::Doctor(a) => doctor_cmd::run(a),
         Command::Export(e) => export_cmd::run(e),
     };

@@ -71,7 +71,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> i32 {
-    let spec = match build_spec(&a) {
+    let (mut spec, grants) = match build_spec(&a) {
         Ok(s) => s,
         Err(e) => {
             aither::audit::record_unsynced(
@@ -90,6 +90,21 @@ pub fn run(a: RunArgs) -> i32 {
     if let Some(w) = &spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
+    // Egress: the gateway's settings are checked now (a bad resolver table or CA file refuses
+    // the run); the gateway itself starts once the sandbox is cloned (the launcher must stay
+    // single-threaded until then).
+    let egress = if aither::net::attach(&mut spec, &grants) {
+        match aither::net::InProcessGateway::prepare(&spec.name, grants) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                crate::print_error(&anyhow::Error::new(e));
+                return 125;
+            }
+        }
+    } else {
+        None
+    };
+    let mut egress_running: Option<aither::net::inprocess::Running> = None;
     let report_to = a.report.clone();
     let mut report_err: Option<String> = None;
     // Recorded while the sandbox is being built (before the launcher waits for the agent): a
@@ -115,9 +130,18 @@ pub fn run(a: RunArgs) -> i32 {
                 }
             }) as sandbox::launch::OnStarted<'_>
         }),
+        on_egress: egress.map(|g| {
+            let slot = &mut egress_running;
+            Box::new(move |fd: std::os::fd::OwnedFd| *slot = Some(g.start(fd)))
+                as Box<dyn FnOnce(std::os::fd::OwnedFd) + '_>
+        }),
         ..Default::default()
     };
     let outcome = sandbox::run_with(&spec, io);
+    // Every egress decision of the run is in the audit log before aitherctl exits.
+    if let Some(g) = egress_running.take() {
+        g.finish();
+    }
     if let Some(e) = report_err {
         eprintln!("aither: warning: {e}");
     }
@@ -156,7 +180,7 @@ pub fn run(a: RunArgs) -> i32 {
 
 /// Verifies the token (or mints and verifies one from the policy), then derives the spec from
 /// the effective claims: the one path from arguments to a sandbox.
-fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
+fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrants)> {
     let mut trace = Trace::new();
     let state = token::state_dir();
     let now = token::now_unix();
@@ -221,7 +245,7 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<SandboxSpec> {
         verified.check_workspace(&w.path)?;
     }
     trace.step("derive spec");
-    Ok(spec)
+    Ok((spec, claims.net.clone()))
 }
 
 /// `AITHER_TRACE_LAUNCH=1`: microseconds of each step before the launch, in the launcher's

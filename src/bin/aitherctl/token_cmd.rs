@@ -115,6 +115,10 @@ pub enum TokenCmd {
         /// Take away every grant to read other agents' memory.
         #[arg(long)]
         no_memory_grants: bool,
+        /// Take away an egress grant (repeatable): egress[N] (the token's rule N), service:NAME,
+        /// route:NAME, or all (docs/network.md).
+        #[arg(long = "net-drop", value_name = "GRANT")]
+        net_drop: Vec<String>,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -186,6 +190,7 @@ pub fn run(cmd: TokenCmd) -> i32 {
             mem_read_only,
             mem_quota,
             no_memory_grants,
+            net_drop,
             out,
             pubkey,
         } => {
@@ -194,6 +199,7 @@ pub fn run(cmd: TokenCmd) -> i32 {
                 mem_read_only,
                 mem_quota,
                 no_memory_grants,
+                net_drop,
                 memory,
                 cpus,
                 pids,

@@ -1,0 +1,156 @@
+//! The daemon's egress gateway (docs/network.md): one `net::Gateway` shared by every agent,
+//! serving each run's listening socket (bound by its shim inside the sandbox's network
+//! namespace, taken from the shim with pidfd_getfd). Every decision is an audit record and an
+//! event (`net.allowed` / `net.denied` on the agent, and `aither.net.allowed|denied` on the
+//! bus); the counters per rule are in `aitherctl inspect` under `net`.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{Daemon, Shared};
+use crate::net::{self, AgentNet, Gateway, GatewayConfig, NetEvent, NetGrants};
+
+/// Stops serving an agent's socket when its run ends.
+pub struct Serving {
+    task: tokio::task::JoinHandle<()>,
+    name: String,
+    d: Shared,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.d
+            .net_agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
+}
+
+impl Daemon {
+    /// The shared gateway, built on first use.
+    pub fn gateway(self: &Arc<Self>) -> &Gateway {
+        self.net.get_or_init(|| {
+            let resolver: Box<dyn net::Resolve> = match net::resolve::from_env() {
+                Ok(r) => r,
+                Err(e) => {
+                    // Fail closed: a broken table resolves nothing (every egress is refused).
+                    tracing::error!(error = %e, "egress resolver table unusable; egress refused");
+                    Box::new(net::StaticResolver::default())
+                }
+            };
+            let extra_roots = net::extra_roots_from_env().unwrap_or_else(|e| {
+                tracing::error!(error = %e, "egress trust anchors ignored");
+                Vec::new()
+            });
+            let weak = Arc::downgrade(self);
+            Gateway::new(GatewayConfig {
+                resolver,
+                events: Arc::new(move |ev: &NetEvent| {
+                    if let Some(d) = weak.upgrade() {
+                        d.net_event(ev);
+                    }
+                }),
+                secrets: Some(Arc::new(net::secrets::SecretStore::new(
+                    self.state_dir.join("secrets"),
+                ))),
+                extra_roots,
+            })
+        })
+    }
+
+    fn net_event(&self, ev: &NetEvent) {
+        self.audit.record(net::inprocess::audit_entry(ev));
+        let data = serde_json::to_value(ev).unwrap_or_default();
+        self.bus.publish_system(ev.subject(), &data);
+        let kind = if ev.allowed {
+            "net.allowed"
+        } else {
+            "net.denied"
+        };
+        self.emit(Some(&ev.agent), kind, data);
+    }
+
+    /// An agent's egress counters per rule, for `inspect`.
+    pub fn net_stats(&self, name: &str) -> Option<serde_json::Value> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        let a = agents.get(name)?;
+        Some(json!({"grants": a.grants, "rules": a.stats()}))
+    }
+}
+
+/// Withdraws an agent's published services when its run ends.
+pub struct PublishedBy {
+    agent: String,
+    names: Vec<String>,
+    d: Shared,
+}
+
+impl Drop for PublishedBy {
+    fn drop(&mut self) {
+        for n in &self.names {
+            self.d.gateway().unpublish(n);
+            self.d
+                .emit(Some(&self.agent), "net.unpublished", json!({"service": n}));
+        }
+    }
+}
+
+/// Publishes `ports` of the running sandbox whose pid 1 is `pid1` as named services.
+pub fn publish(
+    d: &Shared,
+    name: &str,
+    ports: &[(String, u16)],
+    pid1: Option<i32>,
+) -> Option<PublishedBy> {
+    if ports.is_empty() {
+        return None;
+    }
+    let pid1 = pid1?;
+    let ns = match crate::sys::open(
+        std::path::Path::new(&format!("/proc/{pid1}/ns/net")),
+        libc::O_RDONLY,
+    ) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => {
+            tracing::error!(agent = name, error = %e, "cannot publish services: the sandbox's network namespace is gone");
+            return None;
+        }
+    };
+    let gw = d.gateway();
+    for (service, port) in ports {
+        gw.publish(service, net::gateway::Published::Netns(ns.clone(), *port));
+        d.emit(
+            Some(name),
+            "net.published",
+            json!({"service": service, "port": port}),
+        );
+    }
+    Some(PublishedBy {
+        agent: name.to_string(),
+        names: ports.iter().map(|(n, _)| n.clone()).collect(),
+        d: d.clone(),
+    })
+}
+
+/// Serves `listener` (the run's gateway socket) for agent `name` with `grants` until the
+/// returned value is dropped.
+pub fn serve(d: &Shared, name: &str, grants: NetGrants, listener: OwnedFd) -> Serving {
+    let agent = AgentNet::new(name, grants);
+    d.net_agents
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), agent.clone());
+    let gw = d.gateway().clone();
+    let task = tokio::spawn(async move {
+        gw.serve(std::net::TcpListener::from(listener), agent).await;
+    });
+    Serving {
+        task,
+        name: name.to_string(),
+        d: d.clone(),
+    }
+}

@@ -1,0 +1,577 @@
+//! The `net` claims: what an agent may reach outside its sandbox (docs/network.md).
+//!
+//! The same value is a policy's `[net]` table (the template) and a token's `net` claim (the
+//! grant). Default deny: an empty value grants nothing, and a token without the field (minted
+//! before egress existed) decodes to the empty value.
+
+use serde::{Deserialize, Serialize};
+
+/// Suffix of the names under which granted services appear inside the sandbox.
+pub const SERVICE_DOMAIN: &str = "aither.internal";
+
+/// Errors of a `net` value (policy validation and token narrowing both use them).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("field `{field}`: {detail}")]
+    Widening { field: String, detail: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RuleError {
+    RuleError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn widening(field: impl Into<String>, detail: impl Into<String>) -> RuleError {
+    RuleError::Widening {
+        field: field.into(),
+        detail: detail.into(),
+    }
+}
+
+/// One egress rule: host-name patterns, ports and (optionally) HTTP methods.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRule {
+    /// `api.example.com` (exactly that name) or `*.example.com` (any name below it, not the
+    /// name itself). Lower case; never an IP address.
+    pub hosts: Vec<String>,
+    /// TCP ports (at least one).
+    pub ports: Vec<u16>,
+    /// HTTP methods allowed in plain-HTTP requests (`GET`, `POST`, …); empty: any. A rule
+    /// with methods allows no tunnel (CONNECT, SOCKS5): inside TLS the gateway cannot see them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+/// A named host service the agent may reach as `NAME.aither.internal`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceGrant {
+    /// 1 to 32 of lower-case letters, digits and '-'.
+    pub name: String,
+    /// Where it is on the host: `127.0.0.1:11434`, `[::1]:8080` or `unix:/run/llm.sock`.
+    /// None: a service an agent publishes through aitherd (`aitherctl spawn --publish`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Requests (or connections, for tunnels) per minute this agent may make to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+}
+
+/// A credential route: plain HTTP to `http://127.0.0.1:PORT/NAME/…` inside the sandbox goes to
+/// `upstream` + `…` over TLS, with the secret added as a header on the way out.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteGrant {
+    /// The first path segment inside (`openai` → `/openai/`).
+    pub name: String,
+    /// `https://api.openai.com/v1` (https only).
+    pub upstream: String,
+    /// The secret's name in the host's secret store (`aitherctl secret set NAME`).
+    pub secret: String,
+    /// The header that carries it [default: Authorization].
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Put before the secret in the header [default: "Bearer "].
+    #[serde(default = "default_scheme")]
+    pub prefix: String,
+}
+
+fn default_header() -> String {
+    "Authorization".into()
+}
+
+fn default_scheme() -> String {
+    "Bearer ".into()
+}
+
+/// Per-agent quotas over all of its egress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetQuota {
+    /// Requests (plain HTTP) and connections (tunnels) per minute, sliding window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Bytes in both directions over the agent's run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl NetQuota {
+    fn is_empty(&self) -> bool {
+        self.requests_per_minute.is_none() && self.bytes.is_none()
+    }
+}
+
+/// The `net` claim (and a policy's `[net]` table).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetGrants {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceGrant>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteGrant>,
+    #[serde(default, skip_serializing_if = "NetQuota::is_empty")]
+    pub quota: NetQuota,
+}
+
+impl NetGrants {
+    /// Grants nothing (no gateway is set up for the agent).
+    pub fn is_empty(&self) -> bool {
+        self.egress.is_empty() && self.services.is_empty() && self.routes.is_empty()
+    }
+
+    /// Checks every field; errors name the field (`egress[0].hosts`).
+    pub fn validate(&self) -> Result<(), RuleError> {
+        for (i, r) in self.egress.iter().enumerate() {
+            if r.hosts.is_empty() {
+                return Err(invalid(format!("egress[{i}].hosts"), "at least one host"));
+            }
+            for h in &r.hosts {
+                check_pattern(h).map_err(|e| invalid(format!("egress[{i}].hosts"), e))?;
+            }
+            if r.ports.is_empty() || r.ports.contains(&0) {
+                return Err(invalid(
+                    format!("egress[{i}].ports"),
+                    "at least one port, each 1 to 65535",
+                ));
+            }
+            for m in &r.methods {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) || m == "CONNECT" {
+                    return Err(invalid(
+                        format!("egress[{i}].methods"),
+                        format!("{m:?}: an upper-case HTTP method other than CONNECT"),
+                    ));
+                }
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            check_name(&s.name).map_err(|e| invalid(format!("services[{i}].name"), e))?;
+            if let Some(t) = &s.target {
+                ServiceTarget::parse(t).map_err(|e| invalid(format!("services[{i}].target"), e))?;
+            }
+            if self.services[..i].iter().any(|o| o.name == s.name) {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!("{:?} is granted twice", s.name),
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e))?;
+            check_name(&r.secret).map_err(|e| invalid(format!("routes[{i}].secret"), e))?;
+            Upstream::parse(&r.upstream)
+                .map_err(|e| invalid(format!("routes[{i}].upstream"), e))?;
+            if r.header.is_empty()
+                || !r
+                    .header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(invalid(
+                    format!("routes[{i}].header"),
+                    "a header name (letters, digits, '-')",
+                ));
+            }
+            if r.prefix.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(
+                    format!("routes[{i}].prefix"),
+                    "no control characters",
+                ));
+            }
+            if self.routes[..i].iter().any(|o| o.name == r.name) {
+                return Err(invalid(
+                    format!("routes[{i}].name"),
+                    format!("{:?} is granted twice", r.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `self` (a child block) grants nothing `parent` does not: every rule is covered by one of
+    /// the parent's rules, every service and route is one of the parent's (a service's quota
+    /// at most the parent's), and the quotas are at most the parent's.
+    pub fn narrows(&self, parent: &NetGrants) -> Result<(), RuleError> {
+        self.validate()
+            .map_err(|e| widening("net", format!("invalid: {e}")))?;
+        for (i, r) in self.egress.iter().enumerate() {
+            if !parent.egress.iter().any(|p| rule_within(r, p)) {
+                return Err(widening(
+                    format!("net.egress[{i}]"),
+                    format!(
+                        "hosts {:?} ports {:?} methods {:?} is not inside any of the parent's rules",
+                        r.hosts, r.ports, r.methods
+                    ),
+                ));
+            }
+        }
+        for s in &self.services {
+            let Some(p) = parent.services.iter().find(|p| p.name == s.name) else {
+                return Err(widening(
+                    format!("net.services.{}", s.name),
+                    "service not granted by the parent",
+                ));
+            };
+            if s.target != p.target {
+                return Err(widening(
+                    format!("net.services.{}.target", s.name),
+                    format!("{:?} differs from the parent's {:?}", s.target, p.target),
+                ));
+            }
+            at_most_opt(
+                &format!("net.services.{}.requests_per_minute", s.name),
+                s.requests_per_minute,
+                p.requests_per_minute,
+            )?;
+        }
+        for r in &self.routes {
+            if !parent.routes.contains(r) {
+                return Err(widening(
+                    format!("net.routes.{}", r.name),
+                    "route not granted by the parent (routes can only be removed)",
+                ));
+            }
+        }
+        at_most_opt(
+            "net.quota.requests_per_minute",
+            self.quota.requests_per_minute,
+            parent.quota.requests_per_minute,
+        )?;
+        at_most_opt("net.quota.bytes", self.quota.bytes, parent.quota.bytes)
+    }
+
+    /// The first egress rule that allows `host:port` (with `method` for plain HTTP, None for a
+    /// tunnel), as its index.
+    pub fn find_rule(&self, host: &str, port: u16, method: Option<&str>) -> Option<usize> {
+        self.egress.iter().position(|r| {
+            r.ports.contains(&port)
+                && r.hosts.iter().any(|p| host_matches(p, host))
+                && match method {
+                    None => r.methods.is_empty(),
+                    Some(m) => r.methods.is_empty() || r.methods.iter().any(|x| x == m),
+                }
+        })
+    }
+}
+
+/// None is unlimited (the widest).
+fn at_most_opt(field: &str, child: Option<u64>, parent: Option<u64>) -> Result<(), RuleError> {
+    match (child, parent) {
+        (_, None) => Ok(()),
+        (None, Some(p)) => Err(widening(
+            field,
+            format!("unlimited exceeds the parent's {p}"),
+        )),
+        (Some(c), Some(p)) if c > p => {
+            Err(widening(field, format!("{c} exceeds the parent's {p}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn rule_within(c: &EgressRule, p: &EgressRule) -> bool {
+    c.hosts
+        .iter()
+        .all(|h| p.hosts.iter().any(|ph| pattern_within(h, ph)))
+        && c.ports.iter().all(|x| p.ports.contains(x))
+        && (p.methods.is_empty()
+            || (!c.methods.is_empty() && c.methods.iter().all(|m| p.methods.contains(m))))
+}
+
+/// Every name `child` matches is matched by `parent`.
+pub fn pattern_within(child: &str, parent: &str) -> bool {
+    match (child.strip_prefix("*."), parent.strip_prefix("*.")) {
+        (None, None) => child == parent,
+        (None, Some(ps)) => is_below(child, ps),
+        (Some(_), None) => false,
+        (Some(cs), Some(ps)) => cs == ps || is_below(cs, ps),
+    }
+}
+
+/// `name` lies strictly below `suffix` (`a.b.c` below `b.c`).
+fn is_below(name: &str, suffix: &str) -> bool {
+    name.len() > suffix.len() + 1
+        && name.ends_with(suffix)
+        && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+}
+
+/// Whether `host` (a name as the agent asked for it) matches `pattern`; case-insensitive, a
+/// trailing dot ignored.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => is_below(&host, suffix),
+        None => host == pattern,
+    }
+}
+
+/// A host pattern: a lower-case DNS name, or `*.` and one (with at least two labels, so that
+/// `*.com` cannot be written).
+fn check_pattern(p: &str) -> Result<(), String> {
+    let name = p.strip_prefix("*.").unwrap_or(p);
+    check_dns_name(name).map_err(|e| format!("{p:?}: {e}"))?;
+    if p.starts_with("*.") && !name.contains('.') {
+        return Err(format!(
+            "{p:?}: a wildcard needs at least two labels after it"
+        ));
+    }
+    if name.ends_with(SERVICE_DOMAIN) {
+        return Err(format!(
+            "{p:?}: names under {SERVICE_DOMAIN} are services (`services`), not egress"
+        ));
+    }
+    Ok(())
+}
+
+/// A lower-case DNS name that is not an IP address.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(
+            "an IP address; rules name hosts (addresses are checked after resolution)".into(),
+        );
+    }
+    if name.is_empty() || name.len() > 253 {
+        return Err("a host name of 1 to 253 characters".into());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "label {label:?}: lower-case letters, digits and '-' (not at either end)"
+            ));
+        }
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("the last label is all digits (an address, not a name)".into());
+    }
+    Ok(())
+}
+
+/// A service, route or secret name: 1 to 32 of lower-case letters, digits, '-' and '_'.
+pub fn check_name(n: &str) -> Result<(), String> {
+    let ok = !n.is_empty()
+        && n.len() <= 32
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !n.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{n:?}: 1 to 32 of lower-case letters, digits, '-' and '_'"
+        ))
+    }
+}
+
+/// Where a service is on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceTarget {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl ServiceTarget {
+    pub fn parse(s: &str) -> Result<ServiceTarget, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if !p.starts_with('/') {
+                return Err(format!("{s:?}: unix:/absolute/path"));
+            }
+            return Ok(ServiceTarget::Unix(p.into()));
+        }
+        s.parse::<std::net::SocketAddr>()
+            .map(ServiceTarget::Tcp)
+            .map_err(|_| format!("{s:?}: ADDRESS:PORT (127.0.0.1:11434, [::1]:8080) or unix:/path"))
+    }
+}
+
+/// A credential route's upstream: `https://HOST[:PORT][/PATH]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    /// Without a trailing '/' ("" for none).
+    pub path: String,
+}
+
+impl Upstream {
+    pub fn parse(s: &str) -> Result<Upstream, String> {
+        let rest = s.strip_prefix("https://").ok_or_else(|| {
+            format!("{s:?}: must start with https:// (the secret travels over TLS only)")
+        })?;
+        let (auth, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = match auth.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{s:?}: bad port {p:?}"))?,
+            ),
+            None => (auth, 443),
+        };
+        check_dns_name(host).map_err(|e| format!("{s:?}: {e}"))?;
+        if path.contains(['?', '#', ' ']) {
+            return Err(format!("{s:?}: no query or fragment"));
+        }
+        Ok(Upstream {
+            host: host.to_string(),
+            port,
+            path: path.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(hosts: &[&str], ports: &[u16], methods: &[&str]) -> EgressRule {
+        EgressRule {
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            ports: ports.to_vec(),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn patterns_match_exact_names_and_strict_subdomains() {
+        assert!(host_matches("api.example.com", "API.example.com."));
+        assert!(!host_matches("api.example.com", "xapi.example.com"));
+        assert!(host_matches("*.example.com", "a.b.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "badexample.com"));
+        assert!(!host_matches("*.example.com", "example.com.evil.net"));
+    }
+
+    #[test]
+    fn rules_are_found_by_host_port_and_method() {
+        let g = NetGrants {
+            egress: vec![
+                rule(&["api.example.com"], &[443], &[]),
+                rule(&["*.docs.org"], &[80], &["GET"]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(g.find_rule("api.example.com", 443, None), Some(0));
+        assert_eq!(g.find_rule("api.example.com", 80, None), None);
+        assert_eq!(g.find_rule("x.docs.org", 80, Some("GET")), Some(1));
+        assert_eq!(g.find_rule("x.docs.org", 80, Some("POST")), None);
+        // A tunnel hides the method: a rule that limits methods allows none.
+        assert_eq!(g.find_rule("x.docs.org", 80, None), None);
+    }
+
+    #[test]
+    fn narrowing_only_removes_or_shrinks_rules() {
+        let parent = NetGrants {
+            egress: vec![rule(&["*.example.com"], &[443, 80], &[])],
+            services: vec![ServiceGrant {
+                name: "llm".into(),
+                target: Some("127.0.0.1:11434".into()),
+                requests_per_minute: Some(60),
+            }],
+            quota: NetQuota {
+                requests_per_minute: Some(100),
+                bytes: None,
+            },
+            ..Default::default()
+        };
+        // Dropping every rule narrows; dropping the quota (unlimited) does not.
+        let none = NetGrants {
+            quota: parent.quota.clone(),
+            ..Default::default()
+        };
+        assert!(none.narrows(&parent).is_ok());
+        assert!(NetGrants::default().narrows(&parent).is_err());
+        let mut c = parent.clone();
+        c.egress = vec![rule(&["api.example.com"], &[443], &["GET"])];
+        assert!(c.narrows(&parent).is_ok());
+        for bad in [
+            rule(&["example.com"], &[443], &[]),
+            rule(&["*.example.com"], &[8443], &[]),
+            rule(&["api.other.com"], &[443], &[]),
+        ] {
+            let mut c = parent.clone();
+            c.egress.push(bad.clone());
+            assert!(c.narrows(&parent).is_err(), "{bad:?}");
+        }
+        let mut c = parent.clone();
+        c.services[0].requests_per_minute = None;
+        assert!(c.narrows(&parent).is_err());
+        let mut c = parent.clone();
+        c.services[0].target = Some("127.0.0.1:22".into());
+        assert!(c.narrows(&parent).is_err());
+        let mut c = parent.clone();
+        c.quota.requests_per_minute = Some(101);
+        assert!(c.narrows(&parent).is_err());
+        // A method-limited parent rule cannot become an any-method child rule.
+        let p2 = NetGrants {
+            egress: vec![rule(&["a.example.com"], &[80], &["GET"])],
+            ..Default::default()
+        };
+        let c2 = NetGrants {
+            egress: vec![rule(&["a.example.com"], &[80], &[])],
+            ..Default::default()
+        };
+        assert!(c2.narrows(&p2).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let g = NetGrants {
+            egress: vec![rule(&["10.0.0.1"], &[443], &[])],
+            ..Default::default()
+        };
+        let e = g.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("egress[0].hosts") && e.contains("IP address"),
+            "{e}"
+        );
+        let g = NetGrants {
+            egress: vec![rule(&["*.com"], &[443], &[])],
+            ..Default::default()
+        };
+        assert!(g.validate().is_err());
+        let g = NetGrants {
+            routes: vec![RouteGrant {
+                name: "openai".into(),
+                upstream: "http://api.openai.com".into(),
+                secret: "openai".into(),
+                header: default_header(),
+                prefix: default_scheme(),
+            }],
+            ..Default::default()
+        };
+        assert!(g.validate().unwrap_err().to_string().contains("https://"));
+    }
+
+    #[test]
+    fn upstreams_parse() {
+        let u = Upstream::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("api.openai.com", 443, "/v1")
+        );
+        let u = Upstream::parse("https://x.example.com:8443").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (8443, ""));
+    }
+}

@@ -1,0 +1,932 @@
+//! Egress through the gateway (docs/network.md), end to end: real sandboxes (`aitherctl run`),
+//! real upstreams on the host's loopback (plain HTTP and TLS on 127.0.0.2), and a fixed
+//! resolver table (`AITHER_EGRESS_HOSTS`) that maps test names to them, since there is no
+//! DNS or internet here. Every agent-side check runs inside the sandbox (curl, and
+//! tests/egress/probe.py for raw sockets) and is asserted on what the agent saw, what the
+//! upstream saw, and what the audit log recorded. Needs root; fails loudly without it.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::{Workspace, AITHERCTL};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The host side of a test: upstreams, the resolver table, a CA, an audit log and a state
+/// directory (secrets), all private to the test.
+struct Host {
+    http_port: u16,
+    /// A "model server" on the host's own loopback (127.0.0.1): internal, reachable only as a
+    /// granted service.
+    llm_port: u16,
+    tls_port: u16,
+    /// Request heads the upstreams received (lower-cased header names).
+    seen: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+const SECRET: &str = "sk-aither-test-SECRET-7f3a9c";
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::Builder::new()
+            .prefix("aither-egress-host-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        // A CA and a certificate for both test names (the SNI test needs the upstream to be
+        // able to serve either: only the gateway may refuse).
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![
+            "api.example.test".to_string(),
+            "other.example.test".to_string(),
+        ])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("hosts"),
+            "127.0.0.2 api.example.test other.example.test # external\n\
+             10.0.0.1 private.example.test\n\
+             127.0.0.1 loop.example.test\n\
+             169.254.169.254 metadata.example.test\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+
+        let http = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
+            .unwrap();
+        let http_port = http.local_addr().unwrap().port();
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = http.accept().await {
+                let s = s.clone();
+                tokio::spawn(serve_http(c, s, "upstream-ok".to_string()));
+            }
+        });
+
+        let llm = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let llm_port = llm.local_addr().unwrap().port();
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = llm.accept().await {
+                tokio::spawn(serve_http(c, s.clone(), "llm-ok".to_string()));
+            }
+        });
+        let unix = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(dir.path().join("llm.sock")).unwrap()
+        };
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = unix.accept().await {
+                tokio::spawn(serve_http(c, s.clone(), "unix-llm-ok".to_string()));
+            }
+        });
+
+        let tls = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
+            .unwrap();
+        let tls_port = tls.local_addr().unwrap().port();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let s = seen.clone();
+        rt.spawn(async move {
+            while let Ok((c, _)) = tls.accept().await {
+                let (s, acceptor) = (s.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(t) = acceptor.accept(c).await {
+                        let sni = t.get_ref().1.server_name().unwrap_or("-").to_string();
+                        serve_http(t, s, format!("tls-ok sni={sni}")).await;
+                    }
+                });
+            }
+        });
+        Host {
+            http_port,
+            llm_port,
+            tls_port,
+            seen,
+            dir,
+            _rt: rt,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// A policy file: `base` (a repository policy) plus `net` TOML, in the host's directory.
+    fn policy(&self, base: &str, net: &str) -> String {
+        let src = std::fs::read_to_string(common::policy_dir().join(format!("{base}.toml")))
+            .unwrap()
+            .replace(
+                &format!("name = \"{base}\""),
+                &format!("name = \"{base}-egress\""),
+            );
+        let p = self.path(&format!("{base}-{}.toml", common::next_id()));
+        let net = net
+            .replace("HTTP", &self.http_port.to_string())
+            .replace("LLM", &self.llm_port.to_string())
+            .replace("SOCK", self.path("llm.sock").to_str().unwrap())
+            .replace("TLS", &self.tls_port.to_string());
+        std::fs::write(&p, format!("{src}\n{net}\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    /// `aitherctl run` with the test's resolver table, CA, state and audit log.
+    fn run(&self, ws: &Workspace, policy: &str, cmd: &[&str]) -> Output {
+        let name = common::unique("egress");
+        let mut c = ws.command(policy, &[], cmd, &name);
+        let out = self.env(&mut c).output().expect("run aitherctl");
+        assert!(
+            common::cgroup_dirs_of(&name).is_empty(),
+            "the run left its cgroup behind"
+        );
+        out
+    }
+
+    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.env("AITHER_EGRESS_HOSTS", self.path("hosts"))
+            .env("AITHER_EGRESS_CA", self.path("ca.pem"))
+            .env("AITHER_STATE_DIR", self.path("state"))
+            .env("AITHER_AUDIT_LOG", self.path("audit.jsonl"))
+    }
+
+    /// The `net` records of the audit log.
+    fn net_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "net")
+            .collect()
+    }
+
+    fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.path("audit.jsonl")).unwrap_or_default()
+    }
+}
+
+/// A minimal keep-alive HTTP/1.1 upstream: records each request head, answers
+/// `<tag> <path>` (test code; the gateway under test uses hyper).
+async fn serve_http<S>(c: S, seen: Arc<Mutex<Vec<String>>>, tag: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut r = BufReader::new(c);
+    loop {
+        let mut head = String::new();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0u8; len];
+        if tokio::io::AsyncReadExt::read_exact(&mut r, &mut body)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+        seen.lock().unwrap().push(head);
+        let text = format!("{tag} {path}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if r.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The probe's answer for one check.
+fn probe_line(out: &str, check: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{check}: ")))
+        .unwrap_or_else(|| panic!("no result for {check} in\n{out}"))
+        .to_string()
+}
+
+fn workspace_with_probe() -> Workspace {
+    let ws = Workspace::new();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/egress/probe.py"),
+        ws.path().join("probe.py"),
+    )
+    .unwrap();
+    ws
+}
+
+const ONE_RULE: &str = r#"
+[[net.egress]]
+hosts = ["api.example.test"]
+ports = [HTTP, TLS]
+"#;
+
+#[test]
+fn an_allowed_host_is_reached_over_plain_http_connect_and_socks5() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy("standard", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{h}/plain; echo; \
+         curl -sS -m 10 -o /dev/null -H 'Host: fronted.example' http://api.example.test:{h}/fronted; \
+         curl -sSk -m 10 https://api.example.test:{t}/connect; echo; \
+         curl -sSk -m 10 -x socks5h://127.0.0.1:3128 https://api.example.test:{t}/socks; echo; \
+         curl -sS -m 10 -x socks5h://127.0.0.1:3128 http://api.example.test:{h}/socks-plain; echo",
+        h = host.http_port,
+        t = host.tls_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    assert_eq!(
+        stdout(&out),
+        "upstream-ok /plain\ntls-ok sni=api.example.test /connect\ntls-ok sni=api.example.test /socks\nupstream-ok /socks-plain\n",
+        "{}",
+        describe(&out)
+    );
+    // The agent's own Host header never reaches the upstream (no domain fronting).
+    let fronted = host
+        .seen()
+        .into_iter()
+        .find(|h| h.starts_with("GET /fronted"))
+        .unwrap();
+    assert!(
+        fronted
+            .to_ascii_lowercase()
+            .contains(&format!("host: api.example.test:{}", host.http_port))
+            && !fronted.contains("fronted.example"),
+        "{fronted}"
+    );
+    let vias: Vec<(String, String)> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["decision"] == "allow")
+        .map(|v| {
+            (
+                v["data"]["via"].as_str().unwrap().to_string(),
+                v["rule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for via in ["http", "connect", "socks5"] {
+        assert!(
+            vias.contains(&(via.to_string(), "egress[0]".to_string())),
+            "no allowed {via} event by egress[0] in {vias:?}"
+        );
+    }
+}
+
+#[test]
+fn a_host_without_a_rule_is_refused_with_a_clear_error() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy("standard", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://other.example.test:{h}/; echo \"plain=$?\"; \
+         curl -sSk -m 10 https://other.example.test:{t}/; echo \"connect=$?\"; \
+         curl -sSk -m 10 https://api.example.test:443/; echo \"port=$?\"",
+        h = host.http_port,
+        t = host.tls_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "aither egress denied (default-deny): no net.egress rule allows GET http://other.example.test:{}",
+            host.http_port
+        )),
+        "{}",
+        describe(&out)
+    );
+    // curl: 56 = the proxy refused the CONNECT (403).
+    assert!(text.contains("connect=56"), "{}", describe(&out));
+    assert!(text.contains("port=56"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+    let denied: Vec<String> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["decision"] == "deny" && v["rule"] == "default-deny")
+        .map(|v| v["data"]["host"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        denied.iter().filter(|h| *h == "other.example.test").count() == 2
+            && denied.contains(&"api.example.test".to_string()),
+        "{denied:?}"
+    );
+}
+
+#[test]
+fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let upstream = format!("tcp=127.0.0.2,{}", host.http_port);
+    let checks = [
+        upstream.as_str(),
+        "tcp=93.184.216.34,80",
+        "tcp=10.0.0.1,80",
+        "tcp=169.254.169.254,80",
+        "tcp6=2606:4700::1111,443",
+        "tcp6=::1,3128",
+        "udp=8.8.8.8,53",
+        "udp=10.0.0.1,53",
+        "resolve=api.example.test",
+    ];
+    let mut cmd = vec!["python3", "probe.py"];
+    cmd.extend_from_slice(&checks);
+    let out = host.run(&ws, &policy, &cmd);
+    let text = stdout(&out);
+    // The host's upstream address is the sandbox's own (empty) loopback.
+    assert_eq!(
+        probe_line(&text, &upstream),
+        "err ECONNREFUSED",
+        "{}",
+        describe(&out)
+    );
+    for c in [
+        "tcp=93.184.216.34,80",
+        "tcp=10.0.0.1,80",
+        "tcp=169.254.169.254,80",
+        "tcp6=2606:4700::1111,443",
+        "udp=8.8.8.8,53",
+        "udp=10.0.0.1,53",
+    ] {
+        assert_eq!(
+            probe_line(&text, c),
+            "err ENETUNREACH",
+            "{c}\n{}",
+            describe(&out)
+        );
+    }
+    // The gateway listens on 127.0.0.1 only.
+    assert_eq!(probe_line(&text, "tcp6=::1,3128"), "err ECONNREFUSED");
+    assert!(probe_line(&text, "resolve=api.example.test").starts_with("err "));
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+}
+
+#[test]
+fn names_resolving_inside_and_ip_literals_are_refused() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.egress]]
+hosts = ["private.example.test", "loop.example.test", "metadata.example.test", "api.example.test"]
+ports = [HTTP, 80]
+"#,
+    );
+    let h = host.http_port;
+    let script = format!(
+        "curl -sS -m 10 http://private.example.test:{h}/; \
+         curl -sS -m 10 http://loop.example.test:{h}/; \
+         curl -sS -m 10 http://metadata.example.test/latest/meta-data/; \
+         curl -sS -m 10 http://127.0.0.2:{h}/; \
+         curl -sS -m 10 -x socks5://127.0.0.1:3128 http://127.0.0.2:{h}/; echo \"socks-ip=$?\""
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    for want in [
+        "private.example.test resolves to 10.0.0.1 (private (RFC 1918))",
+        "loop.example.test resolves to 127.0.0.1 (loopback)",
+        "metadata.example.test resolves to 169.254.169.254 (link-local / cloud metadata",
+        "(ip-literal): 127.0.0.2 is an IP address",
+        // curl 97: the SOCKS5 proxy refused (0x02, not allowed by ruleset).
+        "socks-ip=97",
+    ] {
+        assert!(text.contains(want), "missing {want:?}\n{}", describe(&out));
+    }
+    assert!(
+        host.seen().is_empty(),
+        "the upstream was reached: {:?}",
+        host.seen()
+    );
+}
+
+#[test]
+fn a_tls_hello_for_another_name_and_a_relayed_connect_are_cut() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let t = host.tls_port;
+    let good = format!("sni=api.example.test,{t},api.example.test");
+    let bad = format!("sni=api.example.test,{t},other.example.test");
+    let relay = format!("relayed=api.example.test,{t},other.example.test:{t}");
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &good, &bad, &relay]);
+    let text = stdout(&out);
+    assert_eq!(
+        probe_line(&text, &good),
+        "tls ok tls-ok sni=api.example.test /",
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        probe_line(&text, &bad).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        probe_line(&text, &relay).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    let reasons: Vec<String> = host
+        .net_audit()
+        .iter()
+        .filter(|v| v["rule"] == "tunnel-inspection")
+        .map(|v| v["data"]["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains(
+            "TLS SNI \"other.example.test\" does not match the tunnel's host \"api.example.test\""
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("relayed proxying")),
+        "{reasons:?}"
+    );
+    // Only the honest handshake reached the upstream.
+    assert_eq!(host.seen().len(), 1, "{:?}", host.seen());
+}
+
+#[test]
+fn oversized_heads_slow_clients_and_a_thousand_connections_leave_the_gateway_serving() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let flood = format!("flood=api.example.test,{},1000", host.http_port);
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &flood]);
+    assert_eq!(
+        probe_line(&stdout(&out), &flood),
+        "1000 open; oversized: HTTP/1.1 431 Request Header Fields Too Large; then: HTTP/1.1 200 OK",
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_route_adds_the_secret_on_the_way_out_and_the_agent_never_sees_it() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let mut set = Command::new(AITHERCTL);
+    host.env(&mut set)
+        .args(["secret", "set", "openai"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.routes]]
+name = "openai"
+upstream = "https://api.example.test:TLS/v1"
+secret = "openai"
+"#,
+    );
+    // The agent calls its route with a placeholder key, as an SDK would, then looks for the
+    // secret everywhere it can read: its environment, pid 1's, /tmp, the workspace, /etc.
+    let script = format!(
+        "curl -sS -m 10 -H 'Authorization: Bearer placeholder' \"$AITHER_ROUTE_OPENAI/chat/completions\"; echo; \
+         echo \"route=$AITHER_ROUTE_OPENAI\"; \
+         cat /proc/self/environ /proc/1/environ 2>/dev/null | tr '\\0' '\\n' > /tmp/env.txt; \
+         if grep -rqs 'SECRET-7f3a9c' /tmp /etc {ws} /proc/self/environ; then echo LEAK; else echo clean; fi",
+        ws = ws.path().display()
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("tls-ok sni=api.example.test /v1/chat/completions\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("route=http://127.0.0.1:3128/openai\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(text.ends_with("clean\n"), "{}", describe(&out));
+    assert!(!describe(&out).contains(SECRET));
+    // The upstream got the real key, and never the placeholder.
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].contains(&format!("authorization: Bearer {SECRET}"))
+            || seen[0].contains(&format!("Authorization: Bearer {SECRET}")),
+        "{seen:?}"
+    );
+    assert!(!seen[0].contains("placeholder"), "{seen:?}");
+    // Nor is it in the gateway's log (the audit records of every decision).
+    let audit = host.audit_text();
+    assert!(audit.contains("route:openai"), "{audit}");
+    assert!(!audit.contains(SECRET));
+}
+
+#[test]
+fn the_request_quota_stops_the_agent_at_its_limit_and_not_before() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        &format!("{ONE_RULE}\n[net.quota]\nrequests_per_minute = 5\n"),
+    );
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{{http_code}} ' http://api.example.test:{}/; done; echo; \
+         curl -s http://api.example.test:{}/",
+        host.http_port, host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("200 200 200 200 200 429 429 \n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("aither egress denied (quota): request quota reached: 5 per minute"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host.seen().len(), 5);
+}
+
+#[test]
+fn strict_grants_no_egress_at_all() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let out = host.run(
+        &ws,
+        "strict",
+        &[
+            "sh",
+            "-c",
+            "env | grep -ci proxy; python3 probe.py tcp=127.0.0.1,3128",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(text.starts_with("0\n"), "{}", describe(&out));
+    // Landlock: a `none` network denies every TCP connect.
+    assert_eq!(probe_line(&text, "tcp=127.0.0.1,3128"), "err EACCES");
+}
+
+#[test]
+fn under_a_none_network_the_agent_may_connect_to_the_gateway_only() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("strict", ONE_RULE);
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{}/strict; echo; python3 probe.py tcp=127.0.0.1,8080",
+        host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("upstream-ok /strict\n"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(probe_line(&text, "tcp=127.0.0.1,8080"), "err EACCES");
+}
+
+#[test]
+fn granted_host_services_appear_by_name_and_keep_their_quota() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.services]]
+name = "llm"
+target = "127.0.0.1:LLM"
+requests_per_minute = 3
+
+[[net.services]]
+name = "vec"
+target = "unix:SOCK"
+"#,
+    );
+    let script = format!(
+        "for i in 1 2 3 4; do curl -sS -m 10 http://llm.aither.internal/v1/models; echo; done; \
+         curl -sS -m 10 http://vec.aither.internal:8000/query; echo; \
+         curl -sS -m 10 http://other.aither.internal/; echo; \
+         python3 probe.py tcp=127.0.0.1,{llm}",
+        llm = host.llm_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        &lines[..4],
+        &[
+            "llm-ok /v1/models",
+            "llm-ok /v1/models",
+            "llm-ok /v1/models",
+            "aither egress denied (quota): request quota reached: 3 per minute (net.services.llm.requests_per_minute); retry later",
+        ],
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(lines[4], "unix-llm-ok /query", "{}", describe(&out));
+    assert_eq!(
+        lines[5],
+        "aither egress denied (default-deny): no net.services grant for \"other\"",
+        "{}",
+        describe(&out)
+    );
+    // The service's host address is not reachable directly.
+    assert_eq!(
+        probe_line(&text, &format!("tcp=127.0.0.1,{}", host.llm_port)),
+        "err ECONNREFUSED"
+    );
+}
+
+#[test]
+fn old_tokens_mean_no_egress_and_attenuation_only_removes_rules() {
+    use aither::net::NetGrants;
+    use aither::policy::Policy;
+    let host = Host::new();
+    let p = Policy::load_file(Path::new(&host.policy(
+        "standard",
+        r#"
+[[net.egress]]
+hosts = ["*.example.test"]
+ports = [443]
+
+[[net.services]]
+name = "llm"
+target = "127.0.0.1:11434"
+"#,
+    )))
+    .unwrap()
+    .policy;
+    let claims =
+        aither::token::Claims::from_policy(&p, "a", std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!(claims.net, p.net);
+    // A payload without `net` (a token minted before egress) decodes to no egress at all.
+    let mut v: serde_json::Value = serde_json::from_slice(&claims.to_payload()).unwrap();
+    v.as_object_mut().unwrap().remove("net");
+    let old = aither::token::Claims::from_payload(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert!(old.net.is_empty() && old.net == NetGrants::default());
+    // Narrower: one exact host below the wildcard, no service.
+    let mut child = claims.clone();
+    child.net.egress[0].hosts = vec!["api.example.test".into()];
+    child.net.services.clear();
+    aither::token::claims::narrows(&child, &claims).unwrap();
+    // Wider: another port, or a service the parent lacks.
+    let mut wide = claims.clone();
+    wide.net.egress[0].ports.push(80);
+    let e = aither::token::claims::narrows(&wide, &claims)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("net.egress[0]"), "{e}");
+    let mut wide = claims.clone();
+    wide.net.services.push(aither::net::ServiceGrant {
+        name: "db".into(),
+        target: Some("127.0.0.1:5432".into()),
+        requests_per_minute: None,
+    });
+    let e = aither::token::claims::narrows(&wide, &claims)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("net.services.db"), "{e}");
+    // `token attenuate --net-drop`: the result narrows and lacks what was dropped.
+    let now = aither::token::now_unix();
+    let dropped = aither::token::attenuate::Attenuation {
+        net_drop: vec!["service:llm".into(), "egress[0]".into()],
+        ..Default::default()
+    }
+    .apply(&claims, now)
+    .unwrap();
+    assert!(dropped.net.egress.is_empty() && dropped.net.services.is_empty());
+    aither::token::claims::narrows(&dropped, &claims).unwrap();
+    let bad = aither::token::attenuate::Attenuation {
+        net_drop: vec!["egress[7]".into()],
+        ..Default::default()
+    }
+    .apply(&claims, now);
+    assert!(bad.is_err());
+}
+
+#[test]
+fn aitherd_agents_egress_through_the_daemons_gateway_across_a_restart_and_publish_services() {
+    use common::daemon::TestDaemon;
+    let host = Host::new();
+    // aitherd inherits the resolver table from this process (the only test here that starts a
+    // daemon, so no other test depends on the variable).
+    std::env::set_var("AITHER_EGRESS_HOSTS", host.path("hosts"));
+    let mut d = TestDaemon::start("aither-egress-d-", &[]);
+    let policy = host.policy("standard", ONE_RULE);
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    // Then, each time `go` appears, one more request (after the daemon's restart below).
+    let script = format!(
+        "curl -sS -m 10 http://api.example.test:{h}/daemon > out.tmp; echo >> out.tmp; \
+         curl -sS -m 10 http://other.example.test:{h}/ >> out.tmp; mv out.tmp out.txt; \
+         while true; do if [ -f go ]; then rm go; curl -sS -m 10 http://api.example.test:{h}/again > again.tmp; mv again.tmp again.txt; fi; sleep 0.1; done",
+        h = host.http_port
+    );
+    d.ok(&[
+        "spawn", "--json", "--policy", &policy, "-w", &ws, "egress-d", "--", "sh", "-c", &script,
+    ]);
+    let out = d.ws.path().join("out.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || out.exists());
+    assert!(done, "the agent wrote nothing: {}", d.log());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.starts_with("upstream-ok /daemon\n"), "{text}");
+    assert!(
+        text.contains("aither egress denied (default-deny)"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&d.ok(&["inspect", "egress-d"])).unwrap();
+    let rules = &v["net"]["rules"];
+    assert_eq!(rules["egress[0]"]["requests"], 1, "{v}");
+    assert_eq!(rules["default-deny"]["denials"], 1, "{v}");
+    assert!(rules["egress[0]"]["bytes_in"].as_u64().unwrap() > 0, "{v}");
+    let events = d.ok(&["events", "--json", "--agent", "egress-d"]);
+    assert!(events.contains("\"net.allowed\""), "{events}");
+    assert!(events.contains("\"net.denied\""), "{events}");
+    let audit = std::fs::read_to_string(d.audit_log()).unwrap_or_default();
+    assert!(
+        audit.contains("\"kind\":\"net\"") && audit.contains("other.example.test"),
+        "{audit}"
+    );
+    // aitherd killed and restarted: it adopts the shim and takes the run's gateway socket
+    // back from it (fd 100, pidfd_getfd); the agent's egress works again.
+    d.kill9();
+    d.launch();
+    std::fs::write(d.ws.path().join("go"), "").unwrap();
+    let again = d.ws.path().join("again.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || again.exists());
+    assert!(done, "no egress after the daemon's restart: {}", d.log());
+    assert_eq!(
+        std::fs::read_to_string(&again).unwrap(),
+        "upstream-ok /again"
+    );
+    d.ok(&["stop", "egress-d"]);
+    d.ok(&["rm", "egress-d"]);
+
+    // An agent's port published as a service: a "model server" in one sandbox serves another
+    // sandbox whose token grants the service (and only that one).
+    std::fs::write(d.ws.path().join("model.txt"), "weights\n").unwrap();
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "standard",
+        "-w",
+        &ws,
+        "--publish",
+        "llm=8000",
+        "model",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "8000",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let consumer = host.policy("standard", "[[net.services]]\nname = \"llm\"\n");
+    let script = "for i in $(seq 50); do curl -sf -m 5 http://llm.aither.internal/model.txt > got.tmp && break; sleep 0.2; done; \
+                  curl -sS -m 5 http://nope.aither.internal/ >> got.tmp; mv got.tmp got.txt; sleep 60";
+    d.ok(&[
+        "spawn", "--json", "--policy", &consumer, "-w", &ws, "consumer", "--", "sh", "-c", script,
+    ]);
+    let got = d.ws.path().join("got.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || got.exists());
+    assert!(done, "the consumer wrote nothing: {}", d.log());
+    let text = std::fs::read_to_string(&got).unwrap();
+    assert!(text.starts_with("weights\n"), "{text}");
+    assert!(
+        text.contains("no net.services grant for \"nope\""),
+        "{text}"
+    );
+    for a in ["consumer", "model"] {
+        d.ok(&["stop", a]);
+        d.ok(&["rm", a]);
+    }
+}
+
+#[test]
+fn a_bad_net_rule_in_a_policy_names_the_file_line_and_field() {
+    let base = std::fs::read_to_string(common::policy_dir().join("standard.toml")).unwrap();
+    let src = format!("{base}\n[[net.egress]]\nhosts = [\"10.0.0.1\"]\nports = [443]\n");
+    let e = aither::policy::Policy::parse(&src, "bad.toml")
+        .unwrap_err()
+        .to_string();
+    // base, an empty line, the table header, then `hosts`.
+    let line = base.lines().count() + 3;
+    assert!(
+        e.starts_with(&format!("bad.toml:{line}:"))
+            && e.contains("field `net.egress[0].hosts`")
+            && e.contains("an IP address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_byte_quota_stops_the_agent_once_spent() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        &format!("{ONE_RULE}\n[net.quota]\nbytes = 1000\n"),
+    );
+    // Each request and its answer are well under 250 bytes: at least 4 fit in 1000.
+    let script = format!(
+        "for i in $(seq 20); do curl -s -o /dev/null -w '%{{http_code}} ' http://api.example.test:{h}/; done; echo; \
+         curl -s http://api.example.test:{h}/",
+        h = host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let codes: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    let ok = codes.iter().take_while(|c| **c == "200").count();
+    assert!(ok >= 4, "{}", describe(&out));
+    assert_eq!(codes.last(), Some(&"429"), "{}", describe(&out));
+    assert!(
+        text.contains("aither egress denied (quota): byte quota reached:")
+            && text.contains("of 1000 bytes used"),
+        "{}",
+        describe(&out)
+    );
+}
