@@ -20,7 +20,7 @@ use crate::sys::{self, ExitStatus};
 /// What the launcher hands to the sandbox's pid 1.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
-    pub etc_skeleton: Option<PathBuf>,
+    pub etc_skeleton: Option<mounts::EtcSkeleton>,
     pub filter: Option<Filter>,
     pub landlock: Plan,
     /// The agent's stdin, stdout and stderr (supervised mode); `None` keeps the launcher's.
@@ -131,14 +131,14 @@ fn setup_and_reap(
     // SAFETY: as above.
     check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
 
-    // The view is built while the launcher creates the cgroup and id-maps the workspace (both
-    // cost ≈0.5 ms here): they arrive afterwards as descriptors.
+    // The view is built (and the host's root detached) while the launcher creates the cgroup
+    // and id-maps the workspace (≈0.5 ms here): they arrive afterwards as descriptors.
     let mount_failure = |e: mounts::MountError| Failure {
         stage: Stage::Mounts,
         errno: sys::errno_of(&e.source),
         detail: e.to_string(),
     };
-    mounts::build_view(spec, ctx.etc_skeleton.as_deref()).map_err(mount_failure)?;
+    mounts::build_view(spec, ctx.etc_skeleton.as_ref()).map_err(mount_failure)?;
     done(Stage::Mounts, &mut stamps);
     let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
     let Some(Msg::Resources {
