@@ -138,7 +138,7 @@ fn setup_and_reap(
         errno: sys::errno_of(&e.source),
         detail: e.to_string(),
     };
-    mounts::build_view(spec, ctx.etc_skeleton.as_ref()).map_err(mount_failure)?;
+    let old_root = mounts::build_view(spec, ctx.etc_skeleton.as_ref()).map_err(mount_failure)?;
     done(Stage::Mounts, &mut stamps);
     let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
     let Some(Msg::Resources {
@@ -160,6 +160,9 @@ fn setup_and_reap(
         });
     }
     let ws_mount = if workspace { fds.pop() } else { None };
+    // The host's root is gone before the cgroup join: that moves only the calling thread, so
+    // the detaching one must have ended.
+    old_root.release().map_err(mount_failure)?;
     // Join the v1 cgroups (a cgroup2 one was entered at clone3) before anything the agent
     // does. We are single-threaded, so moving this thread (`tasks`) moves the whole process.
     for fd in &fds {

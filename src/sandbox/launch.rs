@@ -532,9 +532,6 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         let mgr = &guard.mgr;
         let id = &id;
         let create = move || {
-            // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
-            // directories did not): off the critical path here.
-            cgroup::collect_garbage(&mgr.subtree_dirs());
             let cg = mgr.create(id, &spec.limits, &spec.best_effort)?;
             let join = cg.join_handles();
             Ok::<_, CgroupError>((cg, join))
@@ -583,6 +580,9 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     if let Some(f) = io.during_setup.take() {
         f();
     }
+    // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
+    // directories did not): here, where the launcher would only wait.
+    cgroup::collect_garbage(&guard.mgr.subtree_dirs());
     // Long dead by now (killed before the workspace was sent); reaped while pid 1 works.
     drop(idmap_helper);
     marks.push(("during-setup", now_ns()));

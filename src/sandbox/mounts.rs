@@ -386,14 +386,13 @@ fn build_proc() -> Result<(), MountError> {
     Ok(())
 }
 
-/// Builds the view and pivots into it, all but the workspace (see `finish`), then detaches
-/// the host's root and makes the root read-only: this runs while the launcher is still
-/// preparing the cgroup and the workspace mount, so the detach (an RCU grace period in the
-/// kernel's namespace_unlock) costs no wall time there.
+/// Builds the view and pivots into it, all but the workspace (see `finish`), and starts
+/// detaching the host's root (see `OldRoot`): this runs while the launcher is still preparing
+/// the cgroup and the workspace mount.
 pub fn build_view(
     spec: &SandboxSpec,
     etc_skeleton: Option<&EtcSkeleton>,
-) -> Result<(), MountError> {
+) -> Result<OldRoot, MountError> {
     // Private propagation first: without it every mount below would propagate to the host's
     // shared mounts (the host's mount table must stay as it was).
     sys::mount(
@@ -460,22 +459,57 @@ pub fn build_view(
     if let Some(ws) = &spec.workspace {
         mkdir_p(&ws.path, 0o755)?;
     }
-    // Detach the host's root once nothing more is bound from it (the workspace arrives as a
-    // detached mount, not by path): from here on nothing of the host is reachable by path.
-    sys::umount2(old, libc::MNT_DETACH).map_err(err("detach old root", old))?;
-    fs::remove_dir(old).map_err(err("rmdir", old))?;
-    // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
-    // recursive: /tmp, /dev, /dev/shm stay as mounted): the agent writes only where it was
-    // given room.
-    sys::mount_setattr(
-        libc::AT_FDCWD,
-        Path::new("/"),
-        false,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-        None,
-    )
-    .map_err(err("make read-only", "/"))
+    // Nothing more is bound from the host's root (the workspace arrives as a detached mount,
+    // not by path): detach it, in a helper thread (see `OldRoot`).
+    Ok(OldRoot::detach())
+}
+
+/// The host's root at /.oldroot, being detached. umount2(MNT_DETACH) unhooks the mounts at
+/// once but then waits for an RCU grace period before it returns (namespace_unlock: ≈0.6 ms
+/// here), so a helper thread makes the call while pid 1 waits for the launcher's descriptors
+/// anyway; `release` joins it before anything of the agent is set up.
+pub struct OldRoot {
+    detaching: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl OldRoot {
+    fn detach() -> OldRoot {
+        let detach = || sys::umount2(Path::new(OLD_ROOT), libc::MNT_DETACH);
+        let detaching = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(detach)
+            .ok();
+        OldRoot { detaching }
+    }
+
+    /// Waits for the detach (joining the helper: pid 1 is single-threaded again, as moving
+    /// it into its v1 cgroups through `tasks` and the per-thread Landlock and seccomp need),
+    /// removes the mountpoint and makes the root read-only. From here on nothing of the host
+    /// is reachable by path.
+    pub fn release(self) -> Result<(), MountError> {
+        let old = Path::new(OLD_ROOT);
+        let detached = match self.detaching {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the detaching thread panicked"))),
+            // No thread to be had: detach here.
+            None => sys::umount2(old, libc::MNT_DETACH),
+        };
+        detached.map_err(err("detach old root", old))?;
+        fs::remove_dir(old).map_err(err("rmdir", old))?;
+        // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
+        // recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent
+        // writes only where it was given room.
+        sys::mount_setattr(
+            libc::AT_FDCWD,
+            Path::new("/"),
+            false,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            0,
+            None,
+        )
+        .map_err(err("make read-only", "/"))
+    }
 }
 
 /// Attaches the workspace (`workspace`: the detached, id-mapped mount the launcher prepared)
