@@ -140,6 +140,17 @@ fn setup_and_reap(
     };
     let old_root = mounts::build_view(spec, ctx.etc_skeleton.as_ref()).map_err(mount_failure)?;
     done(Stage::Mounts, &mut stamps);
+    // Loopback and hostname while the old root is being detached and the launcher prepares
+    // the cgroup: they configure pid 1's own new namespaces, which nothing of the agent can use
+    // before the cgroup join below.
+    if spec.new_net_ns && spec.network != NetworkMode::Host {
+        loopback_up().at(Stage::Loopback)?;
+    }
+    if spec.new_uts_ns {
+        // SAFETY: valid buffer and length.
+        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
+            .at(Stage::Hostname)?;
+    }
     let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
     let Some(Msg::Resources {
         cgroup_files,
@@ -179,14 +190,6 @@ fn setup_and_reap(
     mounts::finish(spec, ws_mount.as_ref()).map_err(mount_failure)?;
     drop(ws_mount);
 
-    if spec.new_net_ns && spec.network != NetworkMode::Host {
-        loopback_up().at(Stage::Loopback)?;
-    }
-    if spec.new_uts_ns {
-        // SAFETY: valid buffer and length.
-        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
-            .at(Stage::Hostname)?;
-    }
     // The supervised agent's stdio and socket take their numbers now, before the descriptor
     // sweep (which keeps exactly them), and after the view is final (nothing left needs fds).
     let agent_fd = place_agent_fds(ctx.stdio, ctx.agent_fd).at(Stage::CloseFds)?;
