@@ -283,6 +283,25 @@ impl Cgroup {
             .unwrap_or_default()
     }
 
+    /// One rmdir per directory, no retry: true when every directory is gone. For a cgroup
+    /// that should be empty already (its sandbox's pid namespace has ended); when one is still
+    /// busy (a process that joined from outside, e.g. `aitherctl exec`), kill and `remove`.
+    pub fn remove_now(&self) -> bool {
+        let mut all = true;
+        for (_, d) in &self.dirs {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // A fake (plain-directory) root holds the files we wrote.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    all &= fs::remove_dir_all(d).is_ok();
+                }
+                Err(_) => all = false,
+            }
+        }
+        all
+    }
+
     /// Removes every directory, retrying while the kernel still tears processes down (EBUSY).
     pub fn remove(&self) -> Result<(), CgroupError> {
         let mut last = Ok(());

@@ -20,7 +20,7 @@ use crate::sys::{self, ExitStatus};
 /// What the launcher hands to the sandbox's pid 1.
 pub(crate) struct ChildContext<'a> {
     pub spec: &'a SandboxSpec,
-    pub etc_skeleton: Option<PathBuf>,
+    pub etc_skeleton: Option<mounts::EtcSkeleton>,
     pub filter: Option<Filter>,
     pub landlock: Plan,
     /// The agent's stdin, stdout and stderr (supervised mode); `None` keeps the launcher's.
@@ -131,15 +131,26 @@ fn setup_and_reap(
     // SAFETY: as above.
     check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
 
-    // The view is built while the launcher creates the cgroup and id-maps the workspace (both
-    // cost ≈0.5 ms here): they arrive afterwards as descriptors.
+    // The view is built (and the host's root detached) while the launcher creates the cgroup
+    // and id-maps the workspace (≈0.5 ms here): they arrive afterwards as descriptors.
     let mount_failure = |e: mounts::MountError| Failure {
         stage: Stage::Mounts,
         errno: sys::errno_of(&e.source),
         detail: e.to_string(),
     };
-    mounts::build_view(spec, ctx.etc_skeleton.as_deref()).map_err(mount_failure)?;
+    let old_root = mounts::build_view(spec, ctx.etc_skeleton.as_ref()).map_err(mount_failure)?;
     done(Stage::Mounts, &mut stamps);
+    // Loopback and hostname while the old root is being detached and the launcher prepares
+    // the cgroup: they configure pid 1's own new namespaces, which nothing of the agent can use
+    // before the cgroup join below.
+    if spec.new_net_ns && spec.network != NetworkMode::Host {
+        loopback_up().at(Stage::Loopback)?;
+    }
+    if spec.new_uts_ns {
+        // SAFETY: valid buffer and length.
+        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
+            .at(Stage::Hostname)?;
+    }
     let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
     let Some(Msg::Resources {
         cgroup_files,
@@ -160,6 +171,9 @@ fn setup_and_reap(
         });
     }
     let ws_mount = if workspace { fds.pop() } else { None };
+    // The host's root is gone before the cgroup join: that moves only the calling thread, so
+    // the detaching one must have ended.
+    old_root.release().map_err(mount_failure)?;
     // Join the v1 cgroups (a cgroup2 one was entered at clone3) before anything the agent
     // does. We are single-threaded, so moving this thread (`tasks`) moves the whole process.
     for fd in &fds {
@@ -176,14 +190,6 @@ fn setup_and_reap(
     mounts::finish(spec, ws_mount.as_ref()).map_err(mount_failure)?;
     drop(ws_mount);
 
-    if spec.new_net_ns && spec.network != NetworkMode::Host {
-        loopback_up().at(Stage::Loopback)?;
-    }
-    if spec.new_uts_ns {
-        // SAFETY: valid buffer and length.
-        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
-            .at(Stage::Hostname)?;
-    }
     // The supervised agent's stdio and socket take their numbers now, before the descriptor
     // sweep (which keeps exactly them), and after the view is final (nothing left needs fds).
     let agent_fd = place_agent_fds(ctx.stdio, ctx.agent_fd).at(Stage::CloseFds)?;

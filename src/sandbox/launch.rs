@@ -5,13 +5,14 @@
 //! Order, and why:
 //! 1. Preflight without side effects: the Landlock plan against the kernel's ABI and the
 //!    compiled seccomp filter; a protection the kernel cannot give refuses here (fail closed).
-//! 2. The cgroup, with its limits, before the child exists (limits apply from its first page).
-//! 3. The id-mapped workspace mount (only host root can create it).
-//! 4. clone() with the new user, pid, mount, net, ipc and uts namespaces; pid 1 joins the
-//!    cgroup itself, then waits.
-//! 5. uid_map/gid_map (setgroups denied), then "Go".
+//! 2. The cgroup2 directory the sandbox is born in (CLONE_INTO_CGROUP needs it at the clone).
+//! 3. clone() with the new user, pid, mount, net, ipc and uts namespaces.
+//! 4. uid_map/gid_map (setgroups denied), then "Go": pid 1 builds its mount view.
+//! 5. Meanwhile, in parallel: the cgroup's limits (a thread) and the id-mapped workspace mount
+//!    (only host root can create it); both go to pid 1 as descriptors, and pid 1 joins the
+//!    cgroup before anything of the agent runs (limits apply from its first page).
 //! 6. Supervise: forward signals, enforce the timeout, collect the exit status.
-//! 7. Kill anything left in the cgroup and remove it.
+//! 7. Remove the cgroup (killing anything still inside first, when it is not empty).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -253,6 +254,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 struct CgroupGuard {
     mgr: Box<dyn CgroupManager>,
     cg: Option<Cgroup>,
+    /// pid 1 was reaped: its pid namespace, and with it every process born in the cgroup, is
+    /// gone, so the cgroup is normally empty and is removed without reading it first.
+    reaped: bool,
 }
 
 impl CgroupGuard {
@@ -264,8 +268,12 @@ impl CgroupGuard {
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         if let Some(cg) = self.cg.take() {
-            self.mgr.kill_all(&cg);
-            let _ = cg.remove();
+            // Still busy after the sandbox ended: a process that joined from outside the pid
+            // namespace (`aitherctl exec`); kill it, then remove with retries.
+            if !(self.reaped && cg.remove_now()) {
+                self.mgr.kill_all(&cg);
+                let _ = cg.remove();
+            }
         }
     }
 }
@@ -419,9 +427,6 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // 2. The cgroup: its cgroup2 directory now (the sandbox is born in it, no migration);
     // the rest while pid 1 builds its mount view (step 6).
     let mgr = cgroup::manager()?;
-    // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
-    // directories did not).
-    cgroup::collect_garbage(&mgr.subtree_dirs());
     let slot = std::process::id();
     let id = format!("{}-{slot}", spec.name);
     let birth = mgr.birth_dir(&id)?;
@@ -432,6 +437,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             dirs: vec![("unified", d.clone())],
             skipped: Vec::new(),
         }),
+        reaped: false,
     };
     let into = match &birth {
         Some(d) => Cgroup::open_cgroup2(d)?,
@@ -535,17 +541,44 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     channel::send(parent_sock.as_fd(), &Msg::Go).map_err(|e| abort(LaunchError::Channel(e)))?;
     marks.push(("maps", now_ns()));
 
-    // 6. While pid 1 builds its view: the cgroup's limits (in place before the agent exists,
-    // which is what matters), and the id-mapped workspace mount; both travel as descriptors.
-    let cg = guard
-        .mgr
-        .create(&id, &spec.limits, &spec.best_effort)
-        .map_err(|e| abort(e.into()))?;
+    // 6. While pid 1 builds its view, in parallel with each other: the cgroup's limits (a
+    // thread: the launcher is free to have one now that pid 1 is forked) and the id-mapped
+    // workspace mount. Both are in place before the agent exists, which is what matters, and
+    // both travel as descriptors.
+    let (created, workspace) = std::thread::scope(|s| {
+        let mgr = &guard.mgr;
+        let id = &id;
+        let create = move || {
+            let cg = mgr.create(id, &spec.limits, &spec.best_effort)?;
+            let join = cg.join_handles();
+            Ok::<_, CgroupError>((cg, join))
+        };
+        let thread = std::thread::Builder::new()
+            .name("aither-cgroup".into())
+            .stack_size(256 * 1024)
+            .spawn_scoped(s, create);
+        let workspace = mounts::prepare_workspace(spec, ids.agent);
+        let created = match thread {
+            Ok(t) => t.join().unwrap_or_else(|_| {
+                Err(CgroupError::Create {
+                    path: id.into(),
+                    source: io::Error::other("the cgroup thread panicked"),
+                })
+            }),
+            // No thread to be had: one after the other.
+            Err(_) => create(),
+        };
+        (created, workspace)
+    });
+    let (cg, join) = created.map_err(|e| abort(e.into()))?;
     guard.cg = Some(cg);
-    let join = guard.cg().join_handles().map_err(|e| abort(e.into()))?;
-    marks.push(("cgroup", now_ns()));
-    let workspace =
-        mounts::prepare_workspace(spec, ids.agent).map_err(|e| abort(LaunchError::Workspace(e)))?;
+    let join = join.map_err(|e| abort(e.into()))?;
+    marks.push(("cgroup+workspace", now_ns()));
+    let (workspace, idmap_helper) = match workspace {
+        Ok(Some((fd, helper))) => (Some(fd), Some(helper)),
+        Ok(None) => (None, None),
+        Err(e) => return Err(abort(LaunchError::Workspace(e))),
+    };
     let mut fds: Vec<BorrowedFd<'_>> = join.iter().map(|f| f.as_fd()).collect();
     fds.extend(workspace.as_ref().map(|f| f.as_fd()));
     let resources = Msg::Resources {
@@ -557,13 +590,18 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     drop(fds);
     drop(join);
     drop(workspace);
-    marks.push(("workspace", now_ns()));
+    marks.push(("resources sent", now_ns()));
 
     // While pid 1 mounts, confines itself and execs: the caller's bookkeeping, off the
     // critical path.
     if let Some(f) = io.during_setup.take() {
         f();
     }
+    // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
+    // directories did not): here, where the launcher would only wait.
+    cgroup::collect_garbage(&guard.mgr.subtree_dirs());
+    // Long dead by now (killed before the workspace was sent); reaped while pid 1 works.
+    drop(idmap_helper);
     marks.push(("during-setup", now_ns()));
 
     // 7. Wait for the agent to start.
@@ -671,6 +709,8 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         log.as_mut(),
     );
     drop(signals);
+    // supervise() returns once pid 1 is reaped.
+    guard.reaped = true;
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
     skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));

@@ -116,6 +116,15 @@ pub fn generated_etc(spec: &SandboxSpec) -> [(&'static str, String); 4] {
     ]
 }
 
+/// A prepared /etc view (see `prepare_etc`).
+#[derive(Clone, Debug)]
+pub struct EtcSkeleton {
+    /// The cached skeleton directory on the host.
+    pub path: PathBuf,
+    /// Its entries that are directories on the host, bound live over their mountpoints.
+    pub dirs: Vec<String>,
+}
+
 /// Directory of prepared /etc views.
 pub fn etc_cache_dir() -> PathBuf {
     std::env::var_os("AITHER_CACHE_DIR")
@@ -130,7 +139,7 @@ pub fn etc_cache_dir() -> PathBuf {
 /// entry's inode, size, mtime and ctime, so an edited host file yields a new skeleton. Binding
 /// one skeleton costs one mount instead of ~20 copies (≈1.4 ms per launch, measured here).
 /// Returns None when the cache cannot be written: then /etc is assembled per launch.
-pub fn prepare_etc(spec: &SandboxSpec) -> Option<PathBuf> {
+pub fn prepare_etc(spec: &SandboxSpec) -> Option<EtcSkeleton> {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::MetadataExt;
     if spec.mounts.etc.is_empty() && spec.mounts.read_only.iter().any(|p| p == Path::new("/")) {
@@ -141,9 +150,15 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<PathBuf> {
         h.update(name.as_bytes());
         h.update(text.as_bytes());
     }
+    // The entries that stay live binds, from the same lstat as the digest (so pid 1 needs no
+    // lookup of its own: the skeleton with this digest has a mountpoint for each).
+    let mut dirs = Vec::new();
     for e in &spec.mounts.etc {
         h.update(e.as_bytes());
         if let Ok(m) = fs::symlink_metadata(Path::new("/etc").join(e)) {
+            if m.is_dir() {
+                dirs.push(e.clone());
+            }
             for v in [
                 m.ino(),
                 m.size(),
@@ -165,8 +180,9 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<PathBuf> {
         .collect();
     let dir = etc_cache_dir();
     let target = dir.join(&key);
+    let found = |path: PathBuf| Some(EtcSkeleton { path, dirs });
     if target.is_dir() {
-        return Some(target);
+        return found(target);
     }
     let tmp = dir.join(format!(".{key}.{}", std::process::id()));
     let build = || -> io::Result<()> {
@@ -194,10 +210,10 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<PathBuf> {
         fs::rename(&tmp, &target)
     };
     match build() {
-        Ok(()) => Some(target),
+        Ok(()) => found(target),
         Err(_) if target.is_dir() => {
             let _ = fs::remove_dir_all(&tmp);
-            Some(target)
+            found(target)
         }
         Err(_) => {
             let _ = fs::remove_dir_all(&tmp);
@@ -208,23 +224,22 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<PathBuf> {
 
 /// Binds a prepared skeleton at /etc, then its directory entries live from the host, then
 /// makes the whole /etc read-only in one recursive mount_setattr.
-fn bind_etc_skeleton(spec: &SandboxSpec, old: &Path, skeleton: &Path) -> Result<(), MountError> {
+fn bind_etc_skeleton(old: &Path, skeleton: &EtcSkeleton) -> Result<(), MountError> {
     let etc = Path::new("/etc");
     mkdir_p(etc, 0o755)?;
-    let src = old.join(skeleton.strip_prefix("/").unwrap_or(skeleton));
+    let skel = &skeleton.path;
+    let src = old.join(skel.strip_prefix("/").unwrap_or(skel));
     let s = sys::cstr(&src).map_err(err("bind", &src))?;
     sys::mount(Some(&s), etc, None, libc::MS_BIND, None).map_err(err("bind", etc))?;
-    for e in &spec.mounts.etc {
+    // The launcher found these to be directories (and the skeleton holds a mountpoint for
+    // each); one that vanished since is skipped, as a missing entry is at preparation.
+    for e in &skeleton.dirs {
         let host = old.join("etc").join(e);
         let inside = etc.join(e);
-        if fs::symlink_metadata(&inside)
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-            && host.is_dir()
-        {
-            let hs = sys::cstr(&host).map_err(err("bind", &host))?;
-            sys::mount(Some(&hs), &inside, None, libc::MS_BIND | libc::MS_REC, None)
-                .map_err(err("bind", &inside))?;
+        let hs = sys::cstr(&host).map_err(err("bind", &host))?;
+        match sys::mount(Some(&hs), &inside, None, libc::MS_BIND | libc::MS_REC, None) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r.map_err(err("bind", &inside))?,
         }
     }
     sys::mount_setattr(
@@ -282,14 +297,17 @@ fn build_dev(spec: &SandboxSpec, old: &Path) -> Result<(), MountError> {
     )?;
     for n in DEV_NODES {
         let host = old.join("dev").join(n);
-        if !host.exists() {
-            continue;
-        }
         let inside = dev.join(n);
         touch(&inside)?;
         let s = sys::cstr(&host).map_err(err("bind", &host))?;
-        // Device nodes cannot be created inside a user namespace; bind the host's.
-        sys::mount(Some(&s), &inside, None, libc::MS_BIND, None).map_err(err("bind", &inside))?;
+        // Device nodes cannot be created inside a user namespace; bind the host's. A node the
+        // host lacks (ENOENT from the bind; no lookup beforehand) is left out.
+        match sys::mount(Some(&s), &inside, None, libc::MS_BIND, None) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                fs::remove_file(&inside).map_err(err("remove", &inside))?;
+            }
+            r => r.map_err(err("bind", &inside))?,
+        }
     }
     // Leased GPU nodes: bound like the base nodes; the cgroup's device rules (set before the
     // sandbox was born in it) are what allow opening them.
@@ -346,29 +364,35 @@ fn build_proc() -> Result<(), MountError> {
     )
     .map_err(err("mount proc on", proc))?;
     // Kernel tunables stay read-only even where a file's mode would allow a write.
+    // Each is bound onto itself, then made read-only; one the kernel lacks (ENOENT from the
+    // bind, no lookup beforehand) is left alone.
     for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
         let p = Path::new(p);
-        if p.exists() {
-            let s = sys::cstr(p).map_err(err("bind", p))?;
-            sys::mount(Some(&s), p, None, libc::MS_BIND | libc::MS_REC, None)
-                .map_err(err("bind", p))?;
-            sys::mount_setattr(
-                libc::AT_FDCWD,
-                p,
-                true,
-                MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-                0,
-                None,
-            )
-            .map_err(err("make read-only", p))?;
+        let s = sys::cstr(p).map_err(err("bind", p))?;
+        match sys::mount(Some(&s), p, None, libc::MS_BIND | libc::MS_REC, None) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            r => r.map_err(err("bind", p))?,
         }
+        sys::mount_setattr(
+            libc::AT_FDCWD,
+            p,
+            true,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            0,
+            None,
+        )
+        .map_err(err("make read-only", p))?;
     }
     Ok(())
 }
 
-/// Builds the view and pivots into it, all but the workspace (see `finish`): this runs while
-/// the launcher is still preparing the cgroup and the workspace mount.
-pub fn build_view(spec: &SandboxSpec, etc_skeleton: Option<&Path>) -> Result<(), MountError> {
+/// Builds the view and pivots into it, all but the workspace (see `finish`), and starts
+/// detaching the host's root (see `OldRoot`): this runs while the launcher is still preparing
+/// the cgroup and the workspace mount.
+pub fn build_view(
+    spec: &SandboxSpec,
+    etc_skeleton: Option<&EtcSkeleton>,
+) -> Result<OldRoot, MountError> {
     // Private propagation first: without it every mount below would propagate to the host's
     // shared mounts (the host's mount table must stay as it was).
     sys::mount(
@@ -411,7 +435,7 @@ pub fn build_view(spec: &SandboxSpec, etc_skeleton: Option<&Path>) -> Result<(),
         }
     }
     if let Some(skel) = etc_skeleton {
-        bind_etc_skeleton(spec, old, skel)?;
+        bind_etc_skeleton(old, skel)?;
     } else if !spec.mounts.etc.is_empty()
         || !spec.mounts.read_only.iter().any(|p| p == Path::new("/"))
     {
@@ -431,48 +455,89 @@ pub fn build_view(spec: &SandboxSpec, etc_skeleton: Option<&Path>) -> Result<(),
     )?;
     build_proc()?;
     build_dev(spec, old)?;
+    // The stubs leading to the workspace, while the root is still writable.
     if let Some(ws) = &spec.workspace {
         mkdir_p(&ws.path, 0o755)?;
     }
-    Ok(())
+    // Nothing more is bound from the host's root (the workspace arrives as a detached mount,
+    // not by path): detach it, in a helper thread (see `OldRoot`).
+    Ok(OldRoot::detach())
 }
 
-/// Attaches the workspace (`workspace`: the detached, id-mapped mount the launcher prepared),
-/// detaches the host's root and makes the root read-only.
+/// The host's root at /.oldroot, being detached. umount2(MNT_DETACH) unhooks the mounts at
+/// once but then waits for an RCU grace period before it returns (namespace_unlock: ≈0.6 ms
+/// here), so a helper thread makes the call while pid 1 waits for the launcher's descriptors
+/// anyway; `release` joins it before anything of the agent is set up.
+pub struct OldRoot {
+    detaching: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl OldRoot {
+    fn detach() -> OldRoot {
+        let detach = || sys::umount2(Path::new(OLD_ROOT), libc::MNT_DETACH);
+        let detaching = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(detach)
+            .ok();
+        OldRoot { detaching }
+    }
+
+    /// Waits for the detach (joining the helper: pid 1 is single-threaded again, as moving
+    /// it into its v1 cgroups through `tasks` and the per-thread Landlock and seccomp need),
+    /// removes the mountpoint and makes the root read-only. From here on nothing of the host
+    /// is reachable by path.
+    pub fn release(self) -> Result<(), MountError> {
+        let old = Path::new(OLD_ROOT);
+        let detached = match self.detaching {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the detaching thread panicked"))),
+            // No thread to be had: detach here.
+            None => sys::umount2(old, libc::MNT_DETACH),
+        };
+        detached.map_err(err("detach old root", old))?;
+        fs::remove_dir(old).map_err(err("rmdir", old))?;
+        // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
+        // recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent
+        // writes only where it was given room.
+        sys::mount_setattr(
+            libc::AT_FDCWD,
+            Path::new("/"),
+            false,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            0,
+            None,
+        )
+        .map_err(err("make read-only", "/"))
+    }
+}
+
+/// Attaches the workspace (`workspace`: the detached, id-mapped mount the launcher prepared)
+/// and enters the working directory.
 pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), MountError> {
-    let old = Path::new(OLD_ROOT);
-    // The workspace goes last so that no later mount (e.g. /tmp for a workspace under /tmp)
+    // The workspace goes last so that no earlier mount (e.g. /tmp for a workspace under /tmp)
     // can cover it.
     if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
         sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
     }
-    // Detach the host's root: from here on nothing of the host is reachable by path.
-    sys::umount2(old, libc::MNT_DETACH).map_err(err("detach old root", old))?;
-    fs::remove_dir(old).map_err(err("rmdir", old))?;
-    // The root tmpfs itself becomes read-only: the agent writes only where it was given room.
-    sys::mount_setattr(
-        libc::AT_FDCWD,
-        Path::new("/"),
-        false,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-        None,
-    )
-    .map_err(err("make read-only", "/"))?;
     std::env::set_current_dir(&spec.cwd).map_err(err("chdir", &spec.cwd))
 }
 
 /// Prepares the detached workspace mount in the launcher (host root): a recursive bind of the
 /// workspace, id-mapped so that the agent's host id acts as the directory's owner, nosuid,
 /// nodev, and read-only or noexec as the policy says. Only host root can id-map a mount of a
-/// host filesystem, so this cannot happen inside the sandbox.
-pub fn prepare_workspace(spec: &SandboxSpec, agent_host_id: u32) -> io::Result<Option<OwnedFd>> {
+/// host filesystem, so this cannot happen inside the sandbox. The helper that made the id-map
+/// namespace comes back with it, to be reaped once the launch no longer waits.
+pub fn prepare_workspace(
+    spec: &SandboxSpec,
+    agent_host_id: u32,
+) -> io::Result<Option<(OwnedFd, super::userns::IdmapHelper)>> {
     let Some(ws) = &spec.workspace else {
         return Ok(None);
     };
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(&ws.path)?;
-    let userns = super::userns::idmap_userns(meta.uid(), meta.gid(), agent_host_id)?;
+    let (userns, helper) = super::userns::idmap_userns(meta.uid(), meta.gid(), agent_host_id)?;
     let fd = sys::open_tree_clone(&ws.path, true)?;
     let mut set = sys::MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
     if ws.access == crate::policy::WorkspaceAccess::ReadOnly {
@@ -484,5 +549,5 @@ pub fn prepare_workspace(spec: &SandboxSpec, agent_host_id: u32) -> io::Result<O
     sys::mount_setattr(std::os::fd::AsRawFd::as_raw_fd(&fd), Path::new(""), true, set, 0, Some(userns.as_fd())).map_err(|e| {
         io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3)"))
     })?;
-    Ok(Some(fd))
+    Ok(Some((fd, helper)))
 }

@@ -8,7 +8,7 @@
 //! ranges systemd, subuid(5) defaults and distributions hand out.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
 use crate::sys;
@@ -56,14 +56,37 @@ extern "C" fn park(_: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// The helper process of `idmap_userns`, already sent SIGKILL; reaped on drop. Its exit is
+/// left to the kernel while the launch goes on (waiting for it cost 0.1–6 ms here, most of it
+/// waiting for a CPU to run the dying child when the host is busy).
+pub struct IdmapHelper {
+    pid: libc::pid_t,
+    _pidfd: OwnedFd,
+    /// The child's stack: kept until it is reaped, since it shares our memory.
+    _stack: Vec<u8>,
+}
+
+impl Drop for IdmapHelper {
+    fn drop(&mut self) {
+        let mut st = 0;
+        // SAFETY: reaping our own child (killed when this was made).
+        unsafe { libc::waitpid(self.pid, &mut st, libc::__WALL) };
+    }
+}
+
 /// A user namespace that maps the workspace owner (`owner_uid`/`owner_gid` on disk) to the
 /// agent's host id, for MOUNT_ATTR_IDMAP: files the agent creates land on disk as the owner's,
 /// and the owner's files look like the agent's inside. Costs one CLONE_VM child (no copy of
-/// the address space), killed as soon as its namespace is open.
-pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::Result<OwnedFd> {
+/// the address space), killed as soon as its namespace is open and reaped when the returned
+/// `IdmapHelper` is dropped.
+pub fn idmap_userns(
+    owner_uid: u32,
+    owner_gid: u32,
+    agent_host_id: u32,
+) -> io::Result<(OwnedFd, IdmapHelper)> {
     let mut stack: Vec<u8> = Vec::with_capacity(16 * 1024);
-    // SAFETY: the stack grows down from the end of the allocation; it outlives the child, which
-    // we kill and reap below before `stack` is dropped.
+    // SAFETY: the stack grows down from the end of the allocation; it outlives the child: it
+    // moves into the IdmapHelper, which reaps the child before dropping it.
     let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) } as *mut libc::c_void;
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the child runs only `park` (a pause loop) on its own stack, sharing our memory
@@ -95,13 +118,15 @@ pub fn idmap_userns(owner_uid: u32, owner_gid: u32, agent_host_id: u32) -> io::R
         )?;
         sys::open(&proc.join("ns/user"), libc::O_RDONLY)
     })();
+    // The namespace lives on through the descriptor; the child is no longer needed.
     let _ = sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGKILL);
-    let mut st = 0;
-    // SAFETY: reaping our own child.
-    unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
-    drop(stack);
-    let _ = pidfd.as_raw_fd();
-    result
+    let helper = IdmapHelper {
+        pid,
+        _pidfd: pidfd,
+        _stack: stack,
+    };
+    // On failure the helper is reaped here (dropped with the error).
+    result.map(|ns| (ns, helper))
 }
 
 #[cfg(test)]
