@@ -39,6 +39,14 @@ impl Counters {
             "watchdog_miss" => ("aither_watchdog_misses_total", String::new()),
             "health" if data["ok"] == false => ("aither_health_failures_total", String::new()),
             "access_denied" => ("aither_control_denied_total", String::new()),
+            "net.allowed" | "net.denied" => (
+                "aither_egress_decisions_total",
+                kind.trim_start_matches("net.").to_string(),
+            ),
+            "kernel_denial" => (
+                "aither_kernel_denials_total",
+                data["layer"].as_str().unwrap_or("unknown").to_string(),
+            ),
             "gpu.granted" | "gpu.queued" | "gpu.preempted" | "gpu.evicted" => (
                 "aither_gpu_decisions_total",
                 kind.trim_start_matches("gpu.").to_string(),
@@ -55,6 +63,16 @@ impl Counters {
 }
 
 const HELP: &[(&str, &str, &str)] = &[
+    (
+        "aither_egress_decisions_total",
+        "counter",
+        "Egress gateway decisions, by decision (allowed, denied).",
+    ),
+    (
+        "aither_kernel_denials_total",
+        "counter",
+        "Kernel-reported denials of agents (audit records), by layer (landlock, seccomp).",
+    ),
     (
         "aither_gpu_decisions_total",
         "counter",
@@ -101,7 +119,8 @@ const HELP: &[(&str, &str, &str)] = &[
 fn label_name(metric: &str) -> &'static str {
     match metric {
         "aither_exits_total" => "reason",
-        "aither_gpu_decisions_total" => "decision",
+        "aither_gpu_decisions_total" | "aither_egress_decisions_total" => "decision",
+        "aither_kernel_denials_total" => "layer",
         _ => "signal",
     }
 }
@@ -271,7 +290,11 @@ pub fn render(d: &Shared) -> String {
         if !any
             && !matches!(
                 *name,
-                "aither_exits_total" | "aither_pain_events_total" | "aither_gpu_decisions_total"
+                "aither_exits_total"
+                    | "aither_pain_events_total"
+                    | "aither_gpu_decisions_total"
+                    | "aither_egress_decisions_total"
+                    | "aither_kernel_denials_total"
             )
         {
             let _ = writeln!(out, "{name} 0");
