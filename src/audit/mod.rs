@@ -536,9 +536,15 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(path: PathBuf) -> Sink {
+        Self::spawn(path, "aither-audit").0
+    }
+
+    /// The writer thread, named `name`, and its handle: it drains the queue and ends once every
+    /// clone of the returned `Sink` is dropped (join it to know every entry was written).
+    pub fn spawn(path: PathBuf, name: &str) -> (Sink, Option<std::thread::JoinHandle<()>>) {
         let (tx, rx) = std::sync::mpsc::channel::<Entry>();
         let spawned = std::thread::Builder::new()
-            .name("aither-audit".into())
+            .name(name.into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
@@ -552,13 +558,14 @@ impl Sink {
                         // A full disk must not stop the daemon; the gap shows in `verify` as
                         // missing decisions, and the daemon's log says why.
                         tracing::error!(error = %e, dropped = batch.len(), "audit write failed");
+                        eprintln!("aither: {} audit records not written: {e}", batch.len());
                     }
                 }
             });
-        if let Err(e) = spawned {
+        if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the audit writer");
         }
-        Sink { tx }
+        (Sink { tx }, spawned.ok())
     }
 
     pub fn record(&self, e: Entry) {

@@ -62,25 +62,8 @@ impl InProcessGateway {
     /// thread that writes its decisions to the audit log; `Running::finish` stops both once the
     /// sandbox has ended, with every decision written.
     pub fn start(self, listener: OwnedFd) -> Running {
-        let (tx, rx) = std::sync::mpsc::channel::<Entry>();
-        let path = crate::audit::log_path();
-        let writer = std::thread::Builder::new()
-            .name("aither-egress-audit".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while let Ok(e) = rx.try_recv() {
-                        batch.push(e);
-                        if batch.len() >= 1024 {
-                            break;
-                        }
-                    }
-                    if let Err(e) = crate::audit::append(&path, &batch) {
-                        eprintln!("aither: egress decisions not audited: {e}");
-                    }
-                }
-            })
-            .ok();
+        let (tx, writer) =
+            crate::audit::Sink::spawn(crate::audit::log_path(), "aither-egress-audit");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let gateway = std::thread::Builder::new()
             .name("aither-egress".into())
@@ -90,7 +73,7 @@ impl InProcessGateway {
                     resolver: self.resolver,
                     events: Arc::new(move |ev: &NetEvent| {
                         if let Ok(tx) = tx.lock() {
-                            let _ = tx.send(audit_entry(ev));
+                            tx.record(audit_entry(ev));
                         }
                     }),
                     secrets: Some(self.secrets),
