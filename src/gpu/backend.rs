@@ -172,6 +172,10 @@ pub struct Nvml {
 
 /// NVML's devices, or why there are none.
 pub fn open_nvml() -> Result<Nvml, String> {
+    let driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
+    if !driver && !std::path::Path::new("/dev/nvidia0").exists() {
+        return Err("no NVIDIA driver (/proc/driver/nvidia/version absent)".into());
+    }
     if cfg!(target_feature = "crt-static") {
         // dlopen from a static glibc binary would load a second libc beside ours.
         return Err(
