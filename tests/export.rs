@@ -34,7 +34,12 @@ const HIERARCHIES: &[&str] = &[
 ];
 
 /// A container being run.
+/// One container at a time: a run's check that the host's mount table is as it found it
+/// must not see another test's runtime (runc, crun) mid-run.
+static HOST_MOUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Running {
+    _serial: std::sync::MutexGuard<'static, ()>,
     child: std::process::Child,
     rt: Runtime,
     id: String,
@@ -197,6 +202,7 @@ impl Bundle {
             },
             bin = rt.bin(),
         );
+        let serial = HOST_MOUNTS.lock().unwrap_or_else(|e| e.into_inner());
         let mounts_before = host_mount_count();
         let mut cmd = if rt == Runtime::Crun {
             // A private mount namespace: the unmount is invisible to the host.
@@ -216,6 +222,7 @@ impl Bundle {
             .spawn()
             .expect("spawn the runtime");
         Running {
+            _serial: serial,
             child,
             rt,
             id,
@@ -227,6 +234,7 @@ impl Bundle {
     /// left no cgroup, no runtime state and no host mount behind.
     fn finish(&self, r: Running) -> (i32, String, String) {
         let Running {
+            _serial,
             child,
             rt,
             id,
