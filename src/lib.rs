@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod export;
 pub mod gpu;
+pub mod hostpath;
 pub mod memory;
 pub mod net;
 pub mod policy;
