@@ -486,24 +486,34 @@ pub fn private_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
         what: "names no directory",
     })?;
     let pdir = open_dir_nofollow(parent)?;
-    match rfs::mkdirat(&pdir, name, Mode::from_raw_mode(0o700)) {
+    private_dir_at(pdir.as_fd(), name, path)
+}
+
+/// [`private_dir`] for the entry `name` of the directory `dir` (`shown` names it in errors).
+pub fn private_dir_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+) -> Result<OwnedFd, HostPathError> {
+    plain_name(name)?;
+    match rfs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(HostPathError::io(path, "creating", e)),
+        Err(e) => return Err(HostPathError::io(shown, "creating", e)),
     }
     let fd = open_beneath_with(
         Resolver::Openat2,
-        pdir.as_fd(),
+        dir,
         Path::new(name),
         OFlags::DIRECTORY | OFlags::RDONLY,
         Mode::empty(),
-        path,
+        shown,
     )?;
-    let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(path, "fstat", e))?;
-    m.expect_kind(path, Kind::Dir)?
-        .expect_owner(path, rustix::process::geteuid().as_raw())?;
+    let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(shown, "fstat", e))?;
+    m.expect_kind(shown, Kind::Dir)?
+        .expect_owner(shown, rustix::process::geteuid().as_raw())?;
     if m.mode & 0o077 != 0 {
         rfs::fchmod(&fd, Mode::from_raw_mode(0o700))
-            .map_err(|e| HostPathError::io(path, "fchmod 0700", e))?;
+            .map_err(|e| HostPathError::io(shown, "fchmod 0700", e))?;
     }
     Ok(fd)
 }

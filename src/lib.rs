@@ -24,6 +24,7 @@ pub mod net;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;
+pub mod testhooks;
 pub mod token;
 pub mod units;
 

@@ -105,9 +105,10 @@ fn fs_magic(p: &Path) -> io::Result<i64> {
 }
 
 /// Detects the cgroup mode by the filesystem magic of `root` (and `root/unified`).
-/// `AITHER_CGROUP_MODE=v1|hybrid|v2` overrides detection (for fake roots in tests).
+/// `AITHER_CGROUP_MODE=v1|hybrid|v2` overrides detection (for fake roots in tests; a test
+/// switch, compiled out of release builds: src/testhooks.rs).
 pub fn detect(root: &Path) -> Result<CgroupMode, CgroupError> {
-    if let Ok(m) = std::env::var("AITHER_CGROUP_MODE") {
+    if let Some(m) = crate::testhooks::var("AITHER_CGROUP_MODE") {
         match m.as_str() {
             "v1" => return Ok(CgroupMode::V1),
             "hybrid" => return Ok(CgroupMode::Hybrid),
@@ -136,7 +137,7 @@ pub fn detect(root: &Path) -> Result<CgroupMode, CgroupError> {
 
 /// The cgroup root in use: `AITHER_CGROUP_ROOT` or /sys/fs/cgroup.
 pub fn root() -> PathBuf {
-    std::env::var_os("AITHER_CGROUP_ROOT")
+    crate::testhooks::var_os("AITHER_CGROUP_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
 }

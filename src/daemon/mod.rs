@@ -14,6 +14,7 @@ pub mod bus;
 pub mod client;
 pub mod egress;
 pub mod gpu;
+pub mod harden;
 pub mod kernel_audit;
 pub mod metrics;
 pub mod proto;
@@ -73,7 +74,7 @@ pub enum DaemonError {
     },
     #[error("another aitherd is running (pid {pid}, lock {path})")]
     AlreadyRunning { pid: String, path: PathBuf },
-    #[error("the launcher aither-init was not found (looked at {0}); set AITHER_INIT or install it beside aitherd")]
+    #[error("the launcher aither-init was not found (looked at {0}); install it beside aitherd (AITHER_INIT in debug builds)")]
     NoInit(String),
 }
 
@@ -248,7 +249,7 @@ impl Daemon {
 /// Finds `aither-init`: `AITHER_INIT`, else beside the running binary (or one directory up,
 /// for cargo's test layout), else on PATH.
 pub fn find_init() -> Result<PathBuf, DaemonError> {
-    if let Some(p) = std::env::var_os("AITHER_INIT") {
+    if let Some(p) = crate::testhooks::var_os("AITHER_INIT") {
         return Ok(PathBuf::from(p));
     }
     let mut looked = Vec::new();

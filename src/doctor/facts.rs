@@ -416,8 +416,7 @@ fn gpu_facts(root: &Path) -> GpuFacts {
     .map(|d| root.join(d).join("libnvidia-ml.so.1"))
     .find(|p| p.exists())
     .map(|p| p.display().to_string());
-    let config = std::env::var_os("AITHER_GPUS")
-        .filter(|v| !v.is_empty())
+    let config = crate::testhooks::var_os("AITHER_GPUS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("etc/aither/gpus.toml"));
     let simulated = crate::gpu::GpuConfig::parse_file(&config)

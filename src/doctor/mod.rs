@@ -216,8 +216,7 @@ pub struct Overrides {
 impl HostFacts {
     /// Gathers the facts of the root named by `AITHER_HOST_ROOT` (default `/`).
     pub fn gather_default() -> Result<HostFacts, DoctorError> {
-        let root = std::env::var_os(HOST_ROOT_ENV)
-            .filter(|v| !v.is_empty())
+        let root = crate::testhooks::var_os(HOST_ROOT_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/"));
         HostFacts::gather(&root)

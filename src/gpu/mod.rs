@@ -70,8 +70,8 @@ pub struct GpuConfig {
 impl GpuConfig {
     /// The file named by `AITHER_GPUS`, else /etc/aither/gpus.toml if present.
     pub fn path() -> Option<PathBuf> {
-        match std::env::var_os("AITHER_GPUS") {
-            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        match crate::testhooks::var_os("AITHER_GPUS") {
+            Some(p) => Some(PathBuf::from(p)),
             _ => {
                 let p = PathBuf::from(DEFAULT_CONFIG);
                 p.exists().then_some(p)
@@ -111,6 +111,12 @@ pub fn load() -> Result<Loaded, GpuError> {
     };
     let cfg = GpuConfig::parse_file(&path)?;
     match cfg.backend {
+        BackendKind::Simulated if !crate::testhooks::ENABLED => Err(GpuError::Config {
+            path,
+            msg: "backend = \"simulated\" is a test backend (its device and control nodes are \
+                  plain host paths), compiled out of release builds"
+                .into(),
+        }),
         BackendKind::Simulated => {
             let b = backend::Simulated::new(&path, &cfg.device, &cfg.control_nodes)?;
             Ok((Box::new(b), cfg, None))

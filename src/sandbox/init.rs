@@ -380,9 +380,7 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
 /// Test builds only: `AITHER_TEST_FAIL_STAGE=Rlimits` makes that stage fail with EPERM, so
 /// that the report of a failing stage can be tested end to end. Compiled out of release builds.
 fn injected_fault(stage: Stage) -> io::Result<()> {
-    if cfg!(debug_assertions)
-        && std::env::var("AITHER_TEST_FAIL_STAGE").is_ok_and(|v| v == format!("{stage:?}"))
-    {
+    if crate::testhooks::var("AITHER_TEST_FAIL_STAGE").is_some_and(|v| v == format!("{stage:?}")) {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
     Ok(())

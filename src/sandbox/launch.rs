@@ -420,6 +420,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     let seccomp_report = filter.as_ref().map(|f| SeccompReport {
         profile: spec.seccomp_profile.clone().unwrap_or_default(),
         digest: f.digest.clone(),
+        program_digest: f.program_digest(),
         rules: f.rules,
     });
     marks.push(("preflight", now_ns()));
@@ -686,6 +687,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             },
             seccomp: seccomp_report.clone(),
             best_effort_skipped: skipped,
+            overrides: crate::testhooks::in_force(),
             inside: inside.clone(),
         }
     });

@@ -127,7 +127,7 @@ pub struct EtcSkeleton {
 
 /// Directory of prepared /etc views.
 pub fn etc_cache_dir() -> PathBuf {
-    std::env::var_os("AITHER_CACHE_DIR")
+    crate::testhooks::var_os("AITHER_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/aither"))
         .join("etc")

@@ -139,6 +139,10 @@ pub struct SeccompReport {
     pub profile: String,
     /// sha256 of the profile, architecture and compiler version (the cache key).
     pub digest: String,
+    /// sha256 of the programs handed to the kernel, computed from the loaded bytes
+    /// (`seccomp::Filter::program_digest`), whether they were compiled or read from the cache.
+    #[serde(default)]
+    pub program_digest: String,
     /// Syscalls the allowlist names.
     pub rules: usize,
 }
@@ -160,5 +164,9 @@ pub struct Report {
     pub seccomp: Option<SeccompReport>,
     /// Protections the policy allowed to be missing and that were missing.
     pub best_effort_skipped: Vec<String>,
+    /// Test switches in force (`NAME=value`, debug builds only: src/testhooks.rs); empty in
+    /// a release build, which ignores them.
+    #[serde(default)]
+    pub overrides: Vec<String>,
     pub inside: Option<Inside>,
 }

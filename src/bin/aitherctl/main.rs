@@ -75,6 +75,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    for n in aither::testhooks::ignored() {
+        eprintln!("aither: warning: {n} is a test switch and is ignored by a release build");
+    }
     let code = match cli.command {
         Command::Run(a) => run_cmd::run(a),
         Command::Spawn(a) => daemon_cmd::spawn(a),

@@ -105,7 +105,17 @@ pub fn run(a: RunArgs) -> i32 {
         None
     };
     let mut egress_running: Option<aither::net::inprocess::Running> = None;
-    let report_to = a.report.clone();
+    // The report file is opened now, before the agent exists, without following a link
+    // anywhere in its path, and written through this fd only (docs/security-model.md, "The
+    // host side"): a link the agent plants or races in at that name is never followed.
+    let report_to = match a.report.as_deref().map(aither::hostpath::open_output_file) {
+        None => None,
+        Some(Ok(f)) => Some((f, a.report.clone().unwrap_or_default())),
+        Some(Err(e)) => {
+            eprintln!("aither: the report file: {e}");
+            return 125;
+        }
+    };
     let mut report_err: Option<String> = None;
     // Recorded while the sandbox is being built (before the launcher waits for the agent): a
     // run that never returns (killed aitherctl) is in the log, and the launch is no longer.
@@ -116,16 +126,17 @@ pub fn run(a: RunArgs) -> i32 {
     )
     .agent(&spec.name)
     .actor(crate::token_cmd::actor())
-    .data(serde_json::json!({"argv": spec.argv}));
+    .data(serde_json::json!({"argv": spec.argv, "overrides": aither::testhooks::in_force()}));
     let io = sandbox::LaunchIo {
         during_setup: Some(Box::new(move || {
             aither::audit::record_unsynced(audit_entry)
         })),
-        on_started: report_to.as_ref().map(|path| {
+        on_started: report_to.map(|(mut file, path)| {
             let err = &mut report_err;
             Box::new(move |s: &sandbox::Started| {
+                use std::io::Write;
                 let text = serde_json::to_string_pretty(&s.report).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, text + "\n") {
+                if let Err(e) = file.write_all((text + "\n").as_bytes()) {
                     *err = Some(format!("writing the report {}: {e}", path.display()));
                 }
             }) as sandbox::launch::OnStarted<'_>

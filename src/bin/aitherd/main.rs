@@ -42,6 +42,15 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before anything else and before any thread: non-dumpable, no core, no LD_* (the
+    // environment may only be edited while single-threaded).
+    let hardened = match daemon::harden::harden_process() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("aitherd: error: hardening the daemon process: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,6 +61,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    if !hardened.scrubbed.is_empty() {
+        tracing::warn!(removed = ?hardened.scrubbed, "loader variables removed from the environment");
+    }
+    for n in aither::testhooks::ignored() {
+        tracing::warn!("{n} is a test switch and is ignored by a release build");
+    }
     // Two worker threads: the work is I/O and short SQLite writes (on the store's own thread).
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -125,6 +140,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "recovered"
     );
     daemon::started_event(&d, rec.adopted, rec.restarted);
+    // Test switches in force (debug builds only) are on the record, once per daemon start.
+    let overrides = aither::testhooks::in_force();
+    if !overrides.is_empty() {
+        aither::audit::record(
+            aither::audit::Entry::new(
+                "test-overrides",
+                aither::audit::Decision::Info,
+                "aitherd runs with test switches in force (a debug build)",
+            )
+            .agent("aitherd")
+            .data(serde_json::json!({ "overrides": overrides })),
+        );
+    }
     tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
     daemon::kernel_audit::start(d.clone());
     let group = server::aither_gid();

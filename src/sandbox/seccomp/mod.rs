@@ -163,6 +163,8 @@ pub struct Filter {
     pub digest: String,
     /// Number of syscalls the allowlist names.
     pub rules: usize,
+    /// Whether the programs were read from the (root-only) cache rather than compiled now.
+    pub from_cache: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -407,12 +409,74 @@ fn compile(
     Ok((a, b, nrs.len()))
 }
 
-/// Where compiled filters are cached.
+/// Where compiled filters are cached: root-only (0700, owner checked through the fd at every
+/// open, docs/security-model.md "The host side").
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("AITHER_CACHE_DIR")
+    crate::testhooks::var_os("AITHER_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/aither"))
         .join("seccomp")
+}
+
+/// The build id a cache entry is keyed by: a digest of what decides the compiled program
+/// other than the profile: this compiler's source, the syscall table it was built with, the
+/// architecture and the version. Computed by this binary at each load (≈ 0.1 ms), so a filter
+/// cached by another build is never taken for this one's.
+fn build_id() -> &'static [u8; 32] {
+    static ID: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut h = Sha256::new();
+        h.update(include_str!("mod.rs").as_bytes());
+        for s in Sysno::iter() {
+            h.update(s.name().as_bytes());
+            h.update(s.id().to_le_bytes());
+        }
+        h.update(std::env::consts::ARCH.as_bytes());
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.finalize().into()
+    })
+}
+
+/// The cache directory, opened and checked (root-only), or why it is not used.
+fn open_cache(dir: &Path) -> Result<std::os::fd::OwnedFd, crate::hostpath::HostPathError> {
+    // Its parent (/var/cache/aither) is created root-only if absent and otherwise left as it
+    // is: the entry itself is what is checked (a directory swapped in by someone who can write
+    // the parent fails the owner check).
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let pfd = match crate::hostpath::open_dir_nofollow(parent) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => crate::hostpath::private_dir(parent)?,
+        r => r?,
+    };
+    let name = dir.file_name().unwrap_or(std::ffi::OsStr::new("seccomp"));
+    crate::hostpath::private_dir_at(std::os::fd::AsFd::as_fd(&pfd), name, dir)
+}
+
+/// Reads a cache entry through `dir`: a regular file with one link, owned by us, mode 0600 at
+/// most; anything else is not read.
+fn read_entry(dir: std::os::fd::BorrowedFd<'_>, name: &str) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let p = Path::new(name);
+    let fd = crate::hostpath::open_at_nofollow(
+        dir,
+        p,
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    let m = crate::hostpath::check_fd(std::os::fd::AsFd::as_fd(&fd)).ok()?;
+    m.expect_kind(p, crate::hostpath::Kind::File)
+        .and_then(|m| m.expect_owner(p, rustix::process::geteuid().as_raw()))
+        .and_then(|m| m.expect_mode_within(p, 0o600))
+        .ok()?;
+    if m.nlink != 1 {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(1 << 20)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
 }
 
 fn to_bytes(p: &[libc::sock_filter]) -> Vec<u8> {
@@ -458,10 +522,24 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(b"ranges-v1");
     let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let file = dir.join(format!("{profile}-{}.bpf", &digest[..16]));
+    // The entry's name: the profile digest and this build's id.
+    let mut k = Sha256::new();
+    k.update(digest.as_bytes());
+    k.update(build_id());
+    let key: String = k.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = format!("{profile}-{key}.bpf");
+    // A cache directory that is not root-only (or cannot be made so) is not used at all: the
+    // filter is compiled for this run and not written.
+    let cache = open_cache(dir).ok();
     // Layout: rule count (u32 LE), allowlist length in instructions (u32 LE), sha256 of both
     // programs, the allowlist, the argument program.
-    if let Ok(bytes) = std::fs::read(&file) {
+    if let Some(bytes) = cache
+        .as_ref()
+        .and_then(|d| read_entry(std::os::fd::AsFd::as_fd(d), &name))
+    {
         if bytes.len() > 40 && Sha256::digest(&bytes[40..]).as_slice() == &bytes[8..40] {
             let rules = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
             let n1 = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize * 8;
@@ -474,6 +552,7 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
                     args,
                     digest,
                     rules,
+                    from_cache: true,
                 });
             }
         }
@@ -485,22 +564,35 @@ pub fn load_from(profile: &str, dir: &Path) -> Result<Filter, SeccompError> {
     bytes.extend_from_slice(&(allowlist.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&Sha256::digest(&progs));
     bytes.extend(progs);
-    if std::fs::create_dir_all(dir).is_ok() {
-        let tmp = dir.join(format!(
-            ".{profile}-{}.{}",
-            &digest[..16],
-            std::process::id()
-        ));
-        if std::fs::write(&tmp, &bytes).is_ok() && std::fs::rename(&tmp, &file).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+    if let Some(d) = &cache {
+        // Written beside and renamed over the name inside the checked directory; a failed
+        // write only costs the next run a compile.
+        let _ = crate::hostpath::replace_file_at(
+            std::os::fd::AsFd::as_fd(d),
+            std::ffi::OsStr::new(&name),
+            &bytes,
+            0o600,
+        );
     }
     Ok(Filter {
         allowlist,
         args,
         digest,
         rules,
+        from_cache: false,
     })
+}
+
+impl Filter {
+    /// sha256 of the two programs exactly as [`install`] hands them to the kernel (each
+    /// instruction as 8 little-endian bytes, the allowlist then the argument program). The
+    /// enforcement report states this, whatever the cache held.
+    pub fn program_digest(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(to_bytes(&self.allowlist));
+        h.update(to_bytes(&self.args));
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 fn install_one(prog: &[libc::sock_filter]) -> io::Result<()> {
