@@ -230,8 +230,31 @@ fn root_fd(path: &Path) -> Result<OwnedFd, HostPathError> {
 }
 
 /// Opens `rel` (relative, no `..`) beneath `dir` with `flags`, following no link in any
-/// component, the last included.
+/// component, the last included. With `O_PATH`, where the kernel hands out an fd of a link
+/// itself, a link is refused after the open.
 fn open_beneath_with(
+    how: Resolver,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    flags: OFlags,
+    mode: Mode,
+    shown: &Path,
+) -> Result<OwnedFd, HostPathError> {
+    let fd = open_beneath_inner(how, dir, rel, flags, mode, shown)?;
+    if flags.contains(OFlags::PATH)
+        && check_fd(fd.as_fd())
+            .map_err(|e| HostPathError::io(shown, "fstat", e))?
+            .kind
+            == Kind::Symlink
+    {
+        return Err(HostPathError::Symlink {
+            path: shown.to_owned(),
+        });
+    }
+    Ok(fd)
+}
+
+fn open_beneath_inner(
     how: Resolver,
     dir: BorrowedFd<'_>,
     rel: &Path,

@@ -16,10 +16,14 @@ use std::io;
 /// Environment variables removed at start (prefixes).
 const SCRUBBED_PREFIXES: &[&str] = &["LD_", "MALLOC_", "GLIBC_TUNABLES"];
 
-/// What [`harden_process`] did (logged at start).
+/// What [`harden_process`] did (logged at start), read back from the kernel.
 #[derive(Debug, Default)]
 pub struct Hardened {
     pub scrubbed: Vec<String>,
+    /// PR_GET_DUMPABLE after the change (0 expected).
+    pub dumpable: i32,
+    /// RLIMIT_CORE (soft, hard) after the change.
+    pub core: (Option<u64>, Option<u64>),
 }
 
 /// Makes this process non-dumpable, sets RLIMIT_CORE to 0 and scrubs the environment.
@@ -43,5 +47,11 @@ pub fn harden_process() -> io::Result<Hardened> {
         // Single-threaded here (documented precondition): no concurrent reader of environ.
         std::env::remove_var(k);
     }
-    Ok(Hardened { scrubbed })
+    let dumpable = rustix::process::dumpable_behavior()? as i32;
+    let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+    Ok(Hardened {
+        scrubbed,
+        dumpable,
+        core: (core.current, core.maximum),
+    })
 }

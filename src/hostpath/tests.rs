@@ -38,6 +38,8 @@ fn a_link_in_the_middle_or_at_the_end_is_refused_by_either_walk() {
             ("dirlink/f", OFlags::RDONLY),
             ("dirlink", dir_flags()),
             ("filelink", OFlags::RDONLY),
+            ("filelink", OFlags::PATH),
+            ("dirlink", OFlags::PATH),
             ("filelink", OFlags::WRONLY | OFlags::CREATE),
             ("dangling", OFlags::WRONLY | OFlags::CREATE),
         ] {

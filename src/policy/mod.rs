@@ -47,6 +47,20 @@ pub enum WorkspaceAccess {
     ReadWrite,
 }
 
+/// What the agent may do to the git files of its workspace that name commands the host runs
+/// (`.git/config`, `.git/hooks`, …; docs/security-model.md, "The host side").
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkspaceGit {
+    /// `.git` is pinned (cannot be renamed or removed) and its config, hooks, info, modules,
+    /// commondir and config.worktree are read-only binds; objects, refs and the index stay
+    /// writable, so `git commit` works. The default: a policy that says nothing gets this.
+    #[default]
+    ReadOnly,
+    /// `.git` is like any other workspace directory.
+    Writable,
+}
+
 /// Network exposure, from least to most.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
@@ -133,6 +147,9 @@ pub struct Filesystem {
     /// Whether programs in the workspace and /tmp may be executed (compilers, test binaries).
     #[serde(default = "yes")]
     pub exec_workspace: bool,
+    /// The workspace's git files that name host commands: read-only (default) or writable.
+    #[serde(default)]
+    pub workspace_git: WorkspaceGit,
     pub tmp_size: Size,
     pub dev_shm_size: Size,
 }

@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod channel;
 pub mod exec;
+pub mod gitguard;
 mod init;
 pub mod landlock;
 pub mod launch;

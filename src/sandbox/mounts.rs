@@ -519,6 +519,13 @@ pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), Mou
     // can cover it.
     if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
         sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
+        // Before anything of the agent runs: the git files the host runs are read-only.
+        if ws.access == crate::policy::WorkspaceAccess::ReadWrite
+            && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
+        {
+            super::gitguard::protect(&ws.path)
+                .map_err(|e| err("protect the git files of", &ws.path)(io::Error::other(e)))?;
+        }
     }
     std::env::set_current_dir(&spec.cwd).map_err(err("chdir", &spec.cwd))
 }
@@ -536,6 +543,11 @@ pub fn prepare_workspace(
         return Ok(None);
     };
     use std::os::unix::fs::MetadataExt;
+    if ws.access == crate::policy::WorkspaceAccess::ReadWrite
+        && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
+    {
+        super::gitguard::prepare_on_host(&ws.path).map_err(io::Error::other)?;
+    }
     let meta = fs::metadata(&ws.path)?;
     let (userns, helper) = super::userns::idmap_userns(meta.uid(), meta.gid(), agent_host_id)?;
     let fd = sys::open_tree_clone(&ws.path, true)?;

@@ -53,6 +53,9 @@ pub struct MountPlan {
     pub tmp_size: u64,
     pub dev_shm_size: u64,
     pub exec_workspace: bool,
+    /// Whether the workspace's command-naming git files are read-only (src/sandbox/gitguard.rs).
+    #[serde(default)]
+    pub workspace_git: crate::policy::WorkspaceGit,
 }
 
 /// A host device node placed in the sandbox's /dev (a GPU of a lease, or a GPU control node).
@@ -266,6 +269,7 @@ impl SandboxSpec {
                 tmp_size: policy.filesystem.tmp_size.0,
                 dev_shm_size: policy.filesystem.dev_shm_size.0,
                 exec_workspace: policy.filesystem.exec_workspace,
+                workspace_git: policy.filesystem.workspace_git,
             },
             network: policy.network.mode,
             new_net_ns: policy.namespaces.net,

@@ -553,6 +553,7 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         etc,
         workspace,
         exec_workspace,
+        workspace_git,
         tmp_size,
         dev_shm_size,
     } = filesystem;
@@ -574,6 +575,16 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         *exec_workspace,
         pf.exec_workspace,
     )?;
+    if workspace_git > &pf.workspace_git {
+        return Err(widen(
+            "rules.filesystem.workspace_git",
+            format!(
+                "{} exceeds the parent's {}",
+                kebab(workspace_git),
+                kebab(&pf.workspace_git)
+            ),
+        ));
+    }
     at_most("rules.filesystem.tmp_size", *tmp_size, pf.tmp_size)?;
     at_most(
         "rules.filesystem.dev_shm_size",

@@ -61,6 +61,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    tracing::info!(
+        dumpable = hardened.dumpable,
+        core = ?hardened.core,
+        "hardened: not dumpable, no core dumps"
+    );
     if !hardened.scrubbed.is_empty() {
         tracing::warn!(removed = ?hardened.scrubbed, "loader variables removed from the environment");
     }

@@ -1,0 +1,223 @@
+//! The workspace's git files that name commands the host later runs (`workspace_git =
+//! "read-only"`, the default; docs/security-model.md, "The host side"). An agent that can write
+//! `.git/config` can set `core.fsmonitor`, `core.hooksPath`, `core.sshCommand`, a diff or
+//! filter driver…, and one that can write `.git/hooks` can add `post-checkout`: the owner's next
+//! `git status` or `git checkout` on the host runs it as the owner. Landlock cannot deny a
+//! subtree of an allowed one, so read-only binds in the mount view are the enforcement:
+//!
+//! 1. `.git` is bound onto itself: a mountpoint cannot be renamed or removed (EBUSY), so the
+//!    agent cannot move it aside and put a `.git` of its own in its place;
+//! 2. `config`, `hooks`, `info`, `modules` (submodules' configs and hooks), and `commondir` and
+//!    `config.worktree` where present, are bound read-only over themselves (EROFS on write,
+//!    EBUSY on rename or unlink); a missing `hooks` is created empty first (as `git init`
+//!    does), so that no hook can be added;
+//! 3. a `.git` that is a file (a linked worktree's or submodule's `gitdir:` pointer) is bound
+//!    read-only over itself.
+//!
+//! Objects, refs, logs, HEAD and the index stay writable: `git add` and `git commit` work.
+//! Every entry is opened without following links (src/hostpath.rs) and bound through its fd;
+//! an entry that is a symbolic link refuses the launch (a link there would point the host's
+//! git at a file the agent can write).
+//!
+//! Runs in pid 1 after the workspace is attached, before anything of the agent runs.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+
+use crate::hostpath::{self, HostPathError, Kind};
+use crate::sys;
+
+/// The entries of `.git` made read-only (when present; `hooks` is created if absent).
+pub const READ_ONLY_ENTRIES: &[&str] = &[
+    "config",
+    "hooks",
+    "info",
+    "modules",
+    "commondir",
+    "config.worktree",
+];
+
+/// Why the git files could not be protected.
+#[derive(Debug, thiserror::Error)]
+pub enum GitGuardError {
+    #[error(
+        "{0}: a symbolic link; with workspace_git = \"read-only\" the git files that name \
+         commands must be plain files or directories (remove the link, or use a policy with \
+         workspace_git = \"writable\")"
+    )]
+    Link(PathBuf),
+    #[error("{path}: {source}")]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: HostPathError,
+    },
+    #[error("{step} {path}: {source}")]
+    Mount {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn opened(
+    path: &Path,
+    r: Result<OwnedFd, HostPathError>,
+) -> Result<Option<OwnedFd>, GitGuardError> {
+    match r {
+        Ok(fd) => Ok(Some(fd)),
+        Err(HostPathError::Symlink { .. }) => Err(GitGuardError::Link(path.to_owned())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(source) => Err(GitGuardError::Path {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Binds the object `fd` refers to over itself, read-only if `read_only` (not recursive:
+/// nothing is mounted below these entries).
+fn bind_over(fd: BorrowedFd<'_>, read_only: bool, path: &Path) -> Result<(), GitGuardError> {
+    let merr = |step| {
+        let path = path.to_owned();
+        move |e: std::io::Error| GitGuardError::Mount {
+            step,
+            path,
+            source: e,
+        }
+    };
+    let tree = rustix::mount::open_tree(
+        fd,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| merr("open_tree")(e.into()))?;
+    if read_only {
+        sys::mount_setattr(
+            tree.as_raw_fd(),
+            Path::new(""),
+            false,
+            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+            0,
+            None,
+        )
+        .map_err(merr("mount_setattr read-only"))?;
+    }
+    rustix::mount::move_mount(
+        tree.as_fd(),
+        "",
+        fd,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(|e| merr("move_mount")(e.into()))
+}
+
+/// In the launcher (host root), before the sandbox exists: a `.git` directory without
+/// `hooks` gets an empty one (as `git init` makes), owned as `.git` is, so that the agent
+/// cannot create one. Acts through fds opened without following links.
+pub fn prepare_on_host(ws: &Path) -> Result<(), GitGuardError> {
+    let perr = |path: &Path| {
+        let path = path.to_owned();
+        move |source| GitGuardError::Path { path, source }
+    };
+    let wsfd = hostpath::open_dir_nofollow(ws).map_err(perr(ws))?;
+    let gpath = ws.join(".git");
+    let g =
+        hostpath::open_at_nofollow(wsfd.as_fd(), Path::new(".git"), OFlags::PATH, Mode::empty());
+    let Some(g) = opened(&gpath, g)? else {
+        return Ok(());
+    };
+    let m = hostpath::check_fd(g.as_fd()).map_err(|e| GitGuardError::Mount {
+        step: "fstat",
+        path: gpath.clone(),
+        source: e,
+    })?;
+    if m.kind != Kind::Dir {
+        return Ok(());
+    }
+    let hooks = gpath.join("hooks");
+    match rustix::fs::mkdirat(&g, "hooks", Mode::from_raw_mode(0o755)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => return Ok(()),
+        Err(e) => {
+            return Err(GitGuardError::Mount {
+                step: "mkdir",
+                path: hooks,
+                source: e.into(),
+            })
+        }
+    }
+    let h = hostpath::open_at_nofollow(
+        g.as_fd(),
+        Path::new("hooks"),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(perr(&hooks))?;
+    rustix::fs::fchown(
+        &h,
+        Some(rustix::fs::Uid::from_raw(m.uid)),
+        Some(rustix::fs::Gid::from_raw(m.gid)),
+    )
+    .map_err(|e| GitGuardError::Mount {
+        step: "fchown",
+        path: hooks,
+        source: e.into(),
+    })
+}
+
+/// Protects the git files of the workspace at `ws` (a path of the sandbox's view, where the
+/// workspace has just been attached). No `.git`: nothing to do.
+pub fn protect(ws: &Path) -> Result<(), GitGuardError> {
+    let wsfd = hostpath::open_dir_nofollow(ws).map_err(|source| GitGuardError::Path {
+        path: ws.to_owned(),
+        source,
+    })?;
+    let gpath = ws.join(".git");
+    let git =
+        |flags| hostpath::open_at_nofollow(wsfd.as_fd(), Path::new(".git"), flags, Mode::empty());
+    let Some(g) = opened(&gpath, git(OFlags::PATH))? else {
+        return Ok(());
+    };
+    let kind = hostpath::check_fd(g.as_fd())
+        .map_err(|e| GitGuardError::Mount {
+            step: "fstat",
+            path: gpath.clone(),
+            source: e,
+        })?
+        .kind;
+    match kind {
+        Kind::File => return bind_over(g.as_fd(), true, &gpath),
+        Kind::Dir => {}
+        // Anything else is no repository git would use.
+        _ => return Ok(()),
+    }
+    // 1. Pin .git first (a later non-recursive bind of .git would hide the binds below).
+    bind_over(g.as_fd(), false, &gpath)?;
+    drop(g);
+    // Reopened: the name now resolves to the pinned mount, where the binds below must go.
+    let g = opened(&gpath, git(OFlags::PATH | OFlags::DIRECTORY))?.ok_or_else(|| {
+        GitGuardError::Mount {
+            step: "reopen",
+            path: gpath.clone(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        }
+    })?;
+    // 2. (A missing hooks directory was created by `prepare_on_host`.)
+    for name in READ_ONLY_ENTRIES {
+        let p = gpath.join(name);
+        let fd =
+            hostpath::open_at_nofollow(g.as_fd(), Path::new(name), OFlags::PATH, Mode::empty());
+        if let Some(fd) = opened(&p, fd)? {
+            bind_over(fd.as_fd(), true, &p)?;
+        }
+    }
+    Ok(())
+}
