@@ -29,14 +29,19 @@ pub const ENABLED: bool = cfg!(debug_assertions);
 /// The value of the test switch `name` (non-empty), or `None`: always `None` in a release
 /// build.
 pub fn var_os(name: &str) -> Option<OsString> {
+    gated(ENABLED, name, |n| std::env::var_os(n))
+}
+
+/// [`var_os`] for a build that does (`enabled`) or does not honour switches.
+fn gated(enabled: bool, name: &str, env: impl Fn(&str) -> Option<OsString>) -> Option<OsString> {
     assert!(
         SWITCHES.contains(&name),
         "{name} is not a listed test switch"
     );
-    if !ENABLED {
+    if !enabled {
         return None;
     }
-    std::env::var_os(name).filter(|v| !v.is_empty())
+    env(name).filter(|v| !v.is_empty())
 }
 
 /// [`var_os`] as UTF-8 (a non-UTF-8 value counts as unset).
@@ -77,13 +82,15 @@ mod tests {
     }
 
     #[test]
-    fn a_debug_build_honours_and_reports_switches() {
-        // Unit tests are built with debug assertions (the dev and test profiles); a release
-        // build compiles `ENABLED` to false, which the hostside suite checks on the binary.
-        assert!(ENABLED);
-        std::env::set_var("AITHER_TEST_FAIL_STAGE", "Nothing");
-        assert_eq!(var("AITHER_TEST_FAIL_STAGE").as_deref(), Some("Nothing"));
-        assert!(in_force().contains(&"AITHER_TEST_FAIL_STAGE=Nothing".to_string()));
-        std::env::remove_var("AITHER_TEST_FAIL_STAGE");
+    fn a_build_without_switches_ignores_the_environment() {
+        let env = |n: &str| (n == "AITHER_HOST_ROOT").then(|| OsString::from("/fake"));
+        // What a release build does (`ENABLED` is `cfg!(debug_assertions)`).
+        assert_eq!(gated(false, "AITHER_HOST_ROOT", env), None);
+        // What a debug build does.
+        assert_eq!(
+            gated(true, "AITHER_HOST_ROOT", env),
+            Some(OsString::from("/fake"))
+        );
+        assert_eq!(gated(true, "AITHER_GPUS", env), None);
     }
 }
