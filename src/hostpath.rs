@@ -441,6 +441,8 @@ pub fn replace_file_at(
     let res = f
         .write_all(bytes)
         .and_then(|()| rfs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(io::Error::from))
+        // On disk before the name shows it: a reader never sees a torn file.
+        .and_then(|()| f.sync_all())
         .map_err(|e| HostPathError::io(shown, "writing", e))
         .and_then(|()| {
             rfs::renameat(dir, &tmp, dir, name).map_err(|e| HostPathError::io(shown, "renaming", e))

@@ -15,7 +15,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -136,20 +135,24 @@ impl ExitRecord {
         }
     }
 
-    /// Writes `dir/exit.json` atomically (a temporary file renamed over it).
+    /// Writes `dir/exit.json` atomically: a new file (O_EXCL, synced: a reader never sees a
+    /// torn record) renamed over the name inside `dir`, opened without following links
+    /// (src/hostpath.rs): a link at either name is replaced, never followed.
     pub fn write(&self, dir: &Path) -> Result<(), ShimError> {
         let path = dir.join("exit.json");
-        let tmp = dir.join(".exit.json.tmp");
         let err = |source| ShimError::ExitRecord {
             path: path.clone(),
             source,
         };
         let body = serde_json::to_vec(self).map_err(|e| err(io::Error::other(e)))?;
-        let mut f = File::create(&tmp).map_err(err)?;
-        f.write_all(&body).map_err(err)?;
-        // On disk before it becomes visible: a reader never sees a torn record.
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &path).map_err(err)
+        let d = crate::hostpath::open_dir_nofollow(dir).map_err(|e| err(io::Error::other(e)))?;
+        crate::hostpath::replace_file_at(
+            std::os::fd::AsFd::as_fd(&d),
+            std::ffi::OsStr::new("exit.json"),
+            &body,
+            0o640,
+        )
+        .map_err(|e| err(io::Error::other(e)))
     }
 }
 
@@ -162,7 +165,8 @@ fn unix_ms() -> u64 {
 /// The agent's log: one file, rotated by size. `write` never lets agent.log grow past the
 /// limit (a larger chunk is split across files).
 pub struct RotatingLog {
-    dir: PathBuf,
+    /// The directory, opened without following links; every name below is used through it.
+    dir: std::os::fd::OwnedFd,
     max: u64,
     keep: u32,
     file: File,
@@ -172,10 +176,11 @@ pub struct RotatingLog {
 impl RotatingLog {
     pub fn open(dir: &Path, max: u64, keep: u32) -> io::Result<RotatingLog> {
         fs::create_dir_all(dir)?;
-        let file = Self::open_file(&dir.join("agent.log"))?;
+        let dir = crate::hostpath::open_dir_nofollow(dir).map_err(io::Error::other)?;
+        let file = Self::open_file(&dir, "agent.log")?;
         let size = file.metadata()?.len();
         Ok(RotatingLog {
-            dir: dir.to_path_buf(),
+            dir,
             max,
             keep,
             file,
@@ -183,19 +188,29 @@ impl RotatingLog {
         })
     }
 
-    fn open_file(p: &Path) -> io::Result<File> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(p)
+    /// agent.log in `dir`, appended to; never through a link, only a regular file.
+    fn open_file(dir: &std::os::fd::OwnedFd, name: &str) -> io::Result<File> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = crate::hostpath::open_at_nofollow(
+            std::os::fd::AsFd::as_fd(dir),
+            Path::new(name),
+            OFlags::CREATE | OFlags::APPEND | OFlags::WRONLY,
+            Mode::from_raw_mode(0o640),
+        )
+        .map_err(io::Error::other)?;
+        let kind = crate::hostpath::check_fd(std::os::fd::AsFd::as_fd(&fd))?.kind;
+        if kind != crate::hostpath::Kind::File {
+            return Err(io::Error::other(format!(
+                "{name} is {kind}, not a regular file"
+            )));
+        }
+        Ok(File::from(fd))
     }
 
-    fn path(&self, n: u32) -> PathBuf {
+    fn path(&self, n: u32) -> String {
         match n {
-            0 => self.dir.join("agent.log"),
-            n => self.dir.join(format!("agent.log.{n}")),
+            0 => "agent.log".into(),
+            n => format!("agent.log.{n}"),
         }
     }
 
@@ -206,16 +221,20 @@ impl RotatingLog {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         };
+        // Names inside the directory fd: unlinkat and renameat act on the names themselves.
+        let d = &self.dir;
+        let rm = |n: String| rustix::fs::unlinkat(d, n, rustix::fs::AtFlags::empty());
+        let mv = |a: String, b: String| rustix::fs::renameat(d, a, d, b);
         if self.keep <= 1 {
-            gone(fs::remove_file(self.path(0)))?;
+            gone(rm(self.path(0)).map_err(io::Error::from))?;
         } else {
-            gone(fs::remove_file(self.path(self.keep - 1)))?;
+            gone(rm(self.path(self.keep - 1)).map_err(io::Error::from))?;
             for n in (1..self.keep - 1).rev() {
-                gone(fs::rename(self.path(n), self.path(n + 1)))?;
+                gone(mv(self.path(n), self.path(n + 1)).map_err(io::Error::from))?;
             }
-            gone(fs::rename(self.path(0), self.path(1)))?;
+            gone(mv(self.path(0), self.path(1)).map_err(io::Error::from))?;
         }
-        self.file = Self::open_file(&self.path(0))?;
+        self.file = Self::open_file(&self.dir, "agent.log")?;
         self.size = 0;
         Ok(())
     }
