@@ -453,6 +453,90 @@ pub fn replace_file_at(
     res
 }
 
+/// Creates (as needed, `mode` less the umask) and opens the directory `rel` beneath `dir`, one
+/// component at a time: `mkdirat`, then an open that follows no link. A link on the way is
+/// refused, never followed. `rel` empty: `dir` itself (duplicated).
+pub fn mkdirs_at(dir: BorrowedFd<'_>, rel: &Path, mode: u32) -> Result<OwnedFd, HostPathError> {
+    let mut cur = rfs::openat(
+        dir,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| HostPathError::io(rel, "opening", e))?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            if c == Component::CurDir {
+                continue;
+            }
+            return Err(HostPathError::BadName {
+                path: rel.to_owned(),
+                what: "must be a relative path without '..'",
+            });
+        };
+        match rfs::mkdirat(&cur, name, Mode::from_raw_mode(mode)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(HostPathError::io(rel, "creating", e)),
+        }
+        cur = open_beneath_with(
+            Resolver::Openat2,
+            cur.as_fd(),
+            Path::new(name),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+            rel,
+        )?;
+    }
+    Ok(cur)
+}
+
+/// A directory to fill from scratch (an export bundle): created (mode 0700 until the caller
+/// widens it through the fd) or, if it exists, an empty directory owned by the caller, opened
+/// without following a link anywhere in `path`.
+pub fn empty_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
+    let abs = normalise(path)?;
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    let name = abs.file_name().ok_or(HostPathError::BadName {
+        path: path.to_owned(),
+        what: "names no directory",
+    })?;
+    let pdir = open_dir_nofollow(parent).map_err(|e| match e {
+        HostPathError::Symlink { .. } => HostPathError::Symlink {
+            path: path.to_owned(),
+        },
+        e => e,
+    })?;
+    let created = match rfs::mkdirat(&pdir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(Errno::EXIST) => false,
+        Err(e) => return Err(HostPathError::io(path, "creating", e)),
+    };
+    let fd = open_beneath_with(
+        Resolver::Openat2,
+        pdir.as_fd(),
+        Path::new(name),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+        path,
+    )?;
+    if !created {
+        let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(path, "fstat", e))?;
+        m.expect_owner(path, rustix::process::geteuid().as_raw())?;
+        let mut d = rfs::Dir::read_from(&fd).map_err(|e| HostPathError::io(path, "listing", e))?;
+        while let Some(e) = d.next() {
+            let e = e.map_err(|e| HostPathError::io(path, "listing", e))?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                return Err(HostPathError::BadName {
+                    path: path.to_owned(),
+                    what: "is not empty",
+                });
+            }
+        }
+    }
+    Ok(fd)
+}
+
 /// Opens `path` for writing a report, a bundle file or a log the caller asked for: no link on
 /// the way, the file created if absent (mode 0644 less the umask) or, if present, a regular
 /// file with one link owned by the caller or by the directory's owner; truncated through the

@@ -559,3 +559,80 @@ fn a_test_switch_in_force_is_in_the_audit_stream() {
         "{entry}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 1: export bundles are written through fds; item 5 carried into the bundle.
+
+fn export_oci(ws: &Workspace, out: &Path) -> std::process::Output {
+    Command::new(common::AITHERCTL)
+        .env("AITHER_POLICY_DIR", common::policy_dir())
+        .env("AITHER_AUDIT_LOG", test_audit_log())
+        .args([
+            "export",
+            "oci",
+            "--policy",
+            "strict",
+            "--name",
+            &unique("exp"),
+        ])
+        .args(["--workspace", ws.path().to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_export_out_dir_that_is_a_planted_link_is_refused_and_its_target_untouched() {
+    let ws = Workspace::new();
+    // The target: an empty root-only host directory (an empty one, so that "never overwrite a
+    // non-empty bundle" is not what stops the export).
+    let victim = tempfile::Builder::new()
+        .prefix("aither-victim-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(victim.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    symlink(victim.path(), ws.path().join("bundle")).unwrap();
+    for out in ["bundle", "bundle/sub"] {
+        let o = export_oci(&ws, &ws.path().join(out));
+        assert!(!o.status.success(), "{out}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("symbolic link"),
+            "{out}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Neither written into nor chmodded through the link.
+        let md = std::fs::metadata(victim.path()).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o700, "{out}");
+        assert_eq!(
+            std::fs::read_dir(victim.path()).unwrap().count(),
+            0,
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn an_exported_bundle_keeps_the_git_files_read_only() {
+    let (ws, _) = git_workspace();
+    let out = ws.path().join("out-bundle");
+    let o = export_oci(&ws, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let mounts = cfg["mounts"].as_array().unwrap();
+    let pos = |dst: &Path| {
+        mounts
+            .iter()
+            .position(|m| m["destination"] == dst.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no mount at {}: {mounts:?}", dst.display()))
+    };
+    let opts = |i: usize| mounts[i]["options"].to_string();
+    let (w, g) = (pos(ws.path()), pos(&ws.path().join(".git")));
+    assert!(w < g && opts(g).contains("\"rw\""), "{mounts:?}");
+    for e in ["config", "hooks", "info"] {
+        let i = pos(&ws.path().join(".git").join(e));
+        assert!(i > g && opts(i).contains("\"ro\""), "{e}: {}", opts(i));
+        assert_eq!(mounts[i]["uidMappings"], mounts[w]["uidMappings"], "{e}");
+    }
+}

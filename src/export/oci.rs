@@ -11,13 +11,17 @@
 //! provides the system and /etc, and only the runtime mounts and the workspace are added
 //! (missing mountpoints are created in the image, see `mountpoints`).
 
+use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::{io_err, not_expressed, ExportError, Target};
+use crate::hostpath::{self, HostPathError};
 use crate::sandbox::mounts::generated_etc;
 use crate::sandbox::SandboxSpec;
 
@@ -188,7 +192,45 @@ fn mounts(
             w["uidMappings"] = map(ouid);
             w["gidMappings"] = map(ogid);
         }
-        m.push(w);
+        // The git files the host runs, as the sandbox protects them (src/sandbox/gitguard.rs):
+        // .git bound onto itself (not renamable), then its command-naming entries read-only,
+        // with the workspace's id maps.
+        let git = ws.path.join(".git");
+        let protect = rw && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly;
+        let git_meta = fs::symlink_metadata(&git).ok().filter(|_| protect);
+        m.push(w.clone());
+        let with_maps = |mut b: Value| {
+            for k in ["uidMappings", "gidMappings"] {
+                if !w[k].is_null() {
+                    b[k] = w[k].clone();
+                }
+            }
+            b
+        };
+        let refuse_link = |p: &Path| ExportError::Invalid {
+            what: "workspace",
+            reason: format!(
+                "{} is a symbolic link; with workspace_git = \"read-only\" the git files that \
+                 name commands must be plain files or directories",
+                p.display()
+            ),
+        };
+        match git_meta {
+            Some(md) if md.file_type().is_symlink() => return Err(refuse_link(&git)),
+            Some(md) if md.is_file() => m.push(with_maps(bind(&git, &git, false, noexec))),
+            Some(md) if md.is_dir() => {
+                m.push(with_maps(bind(&git, &git, true, noexec)));
+                for name in crate::sandbox::gitguard::READ_ONLY_ENTRIES {
+                    let p = git.join(name);
+                    match fs::symlink_metadata(&p) {
+                        Ok(md) if md.file_type().is_symlink() => return Err(refuse_link(&p)),
+                        Ok(_) => m.push(with_maps(bind(&p, &p, false, noexec))),
+                        Err(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
     }
     Ok(m)
 }
@@ -329,67 +371,113 @@ pub fn config(
     Ok(cfg)
 }
 
+/// The bundle's directories and files, created through the bundle directory's fd: every
+/// parent is opened without following links and every file is new (O_EXCL | O_NOFOLLOW), so a
+/// link raced into the bundle (or planted in an image) is refused, never followed
+/// (src/hostpath.rs).
+struct At<'a> {
+    fd: BorrowedFd<'a>,
+    /// Shown in errors.
+    shown: &'a Path,
+}
+
+impl At<'_> {
+    fn herr(&self, step: &'static str, rel: &Path) -> impl FnOnce(HostPathError) -> ExportError {
+        io_err(step, self.shown.join(rel)).compose()
+    }
+    fn mkdir(&self, rel: &Path) -> Result<OwnedFd, ExportError> {
+        hostpath::mkdirs_at(self.fd, rel, 0o755).map_err(self.herr("mkdir", rel))
+    }
+    /// The parent directory of `rel` (created) and its last name.
+    fn parent<'r>(&self, rel: &'r Path) -> Result<(OwnedFd, &'r OsStr), ExportError> {
+        let name = rel.file_name().ok_or_else(|| {
+            io_err("create", self.shown.join(rel))(io::Error::from_raw_os_error(libc::EINVAL))
+        })?;
+        let parent = self.mkdir(rel.parent().unwrap_or(Path::new("")))?;
+        Ok((parent, name))
+    }
+    fn symlink(&self, rel: &Path, target: &Path) -> Result<(), ExportError> {
+        let (dir, name) = self.parent(rel)?;
+        rustix::fs::symlinkat(target, &dir, name)
+            .map_err(|e| io_err("symlink", self.shown.join(rel))(e.into()))
+    }
+    fn write(&self, rel: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+        let (dir, name) = self.parent(rel)?;
+        let fd = hostpath::create_file_excl_at(dir.as_fd(), name, 0o644)
+            .map_err(self.herr("create", rel))?;
+        fs::File::from(fd)
+            .write_all(bytes)
+            .map_err(io_err("write", self.shown.join(rel)))
+    }
+}
+
+/// `io_err` for a [`HostPathError`] (its message kept as the source).
+trait Compose {
+    fn compose(self) -> impl FnOnce(HostPathError) -> ExportError;
+}
+
+impl<F: FnOnce(io::Error) -> ExportError> Compose for F {
+    fn compose(self) -> impl FnOnce(HostPathError) -> ExportError {
+        move |e| self(io::Error::other(e))
+    }
+}
+
 /// Builds `rootfs/` like the sandbox's root: stubs for the read-only host paths (bound by the
 /// runtime), the host's symbolic links recreated, the curated /etc (small files copied,
 /// directories and large files bound by the runtime, identity files generated), and the
 /// mountpoints of /proc, /dev, /tmp and the workspace.
-fn build_rootfs(spec: &SandboxSpec, root: &Path) -> Result<(), ExportError> {
-    let mkdir = |p: &Path| fs::create_dir_all(p).map_err(io_err("mkdir", p));
-    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    mkdir(root)?;
+fn build_rootfs(spec: &SandboxSpec, root: &At<'_>) -> Result<(), ExportError> {
+    let inside = |p: &Path| p.strip_prefix("/").unwrap_or(p).to_path_buf();
     for p in read_only_paths(spec)? {
         let Ok(meta) = fs::symlink_metadata(&p) else {
             continue;
         };
         let at = inside(&p);
-        if let Some(parent) = at.parent() {
-            mkdir(parent)?;
-        }
         if meta.file_type().is_symlink() {
             let target = fs::read_link(&p).map_err(io_err("readlink", &p))?;
-            symlink(&target, &at).map_err(io_err("symlink", &at))?;
+            root.symlink(&at, &target)?;
         } else if meta.is_dir() {
-            mkdir(&at)?;
+            root.mkdir(&at)?;
         } else {
-            fs::write(&at, b"").map_err(io_err("create", &at))?;
+            root.write(&at, b"")?;
         }
     }
-    let etc = root.join("etc");
-    if !etc.exists() {
-        mkdir(&etc)?;
-        for e in &spec.mounts.etc {
-            let host = Path::new("/etc").join(e);
-            let Ok(meta) = fs::symlink_metadata(&host) else {
-                continue;
-            };
-            let at = etc.join(e);
-            if let Some(parent) = at.parent() {
-                mkdir(parent)?;
-            }
-            if meta.file_type().is_symlink() {
-                let target = fs::read_link(&host).map_err(io_err("readlink", &host))?;
-                symlink(&target, &at).map_err(io_err("symlink", &at))?;
-            } else if meta.is_dir() {
-                mkdir(&at)?;
-            } else if meta.len() <= ETC_COPY_MAX {
-                fs::copy(&host, &at).map_err(io_err("copy", &at))?;
-            } else {
-                fs::write(&at, b"").map_err(io_err("create", &at))?;
-            }
-        }
-        for (name, text) in generated_etc(spec) {
-            let at = etc.join(name);
-            fs::write(&at, text).map_err(io_err("write", &at))?;
+    let etc = Path::new("etc");
+    let etc_fd = root.mkdir(etc)?;
+    let etc_at = At {
+        fd: etc_fd.as_fd(),
+        shown: &root.shown.join(etc),
+    };
+    for e in &spec.mounts.etc {
+        let host = Path::new("/etc").join(e);
+        let Ok(meta) = fs::symlink_metadata(&host) else {
+            continue;
+        };
+        let at = Path::new(e);
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&host).map_err(io_err("readlink", &host))?;
+            etc_at.symlink(at, &target)?;
+        } else if meta.is_dir() {
+            etc_at.mkdir(at)?;
+        } else if meta.len() <= ETC_COPY_MAX {
+            let bytes = fs::read(&host).map_err(io_err("read", &host))?;
+            etc_at.write(at, &bytes)?;
+        } else {
+            etc_at.write(at, b"")?;
         }
     }
-    for d in ["proc", "dev", "tmp"] {
-        mkdir(&root.join(d))?;
+    for (name, text) in generated_etc(spec) {
+        etc_at.write(Path::new(name), text.as_bytes())?;
+    }
+    for d in ["proc", "dev"] {
+        root.mkdir(Path::new(d))?;
     }
     // runc gives a tmpfs the mode of the directory it covers: /tmp must be 1777 here too.
-    let tmp = root.join("tmp");
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(io_err("chmod", &tmp))?;
+    let tmp = root.mkdir(Path::new("tmp"))?;
+    rustix::fs::fchmod(&tmp, rustix::fs::Mode::from_raw_mode(0o1777))
+        .map_err(|e| io_err("chmod", root.shown.join("tmp"))(e.into()))?;
     if let Some(ws) = &spec.workspace {
-        mkdir(&inside(&ws.path))?;
+        root.mkdir(&inside(&ws.path))?;
     }
     Ok(())
 }
@@ -398,6 +486,11 @@ fn build_rootfs(spec: &SandboxSpec, root: &Path) -> Result<(), ExportError> {
 /// runtime would try, but as the container's root, an unprivileged host id that cannot write
 /// into an image owned by host root; mounts inside /dev live on its tmpfs and need none.
 fn mountpoints(config: &Value, image: &Path) -> Result<(), ExportError> {
+    let fd = hostpath::open_dir_nofollow(image).map_err(io_err("open", image).compose())?;
+    let at = At {
+        fd: fd.as_fd(),
+        shown: image,
+    };
     let empty = Vec::new();
     for m in config["mounts"].as_array().unwrap_or(&empty) {
         let Some(dst) = m["destination"].as_str() else {
@@ -406,10 +499,7 @@ fn mountpoints(config: &Value, image: &Path) -> Result<(), ExportError> {
         if dst.starts_with("/dev/") {
             continue;
         }
-        let at = image.join(dst.trim_start_matches('/'));
-        if fs::symlink_metadata(&at).is_err() {
-            fs::create_dir_all(&at).map_err(io_err("create the mountpoint", &at))?;
-        }
+        at.mkdir(Path::new(dst.trim_start_matches('/')))?;
     }
     Ok(())
 }
@@ -450,27 +540,48 @@ pub fn write_bundle(
     }
     let owner = match &spec.workspace {
         Some(ws) => {
+            // A .git without hooks gets an empty one, so that the read-only bind has a place.
+            if ws.access == crate::policy::WorkspaceAccess::ReadWrite
+                && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
+            {
+                crate::sandbox::gitguard::prepare_on_host(&ws.path).map_err(|e| {
+                    io_err("prepare the git files of", &ws.path)(io::Error::other(e))
+                })?;
+            }
             let m = fs::metadata(&ws.path).map_err(io_err("stat", &ws.path))?;
             Some((m.uid(), m.gid()))
         }
         None => None,
     };
     let config = config(spec, opts, owner)?;
-    fs::create_dir_all(dir).map_err(io_err("mkdir", dir))?;
+    // New, or empty and ours; no link on the way (a planted `out -> /root` is refused, and
+    // nothing is chmodded through it).
+    let dfd = hostpath::empty_dir(dir).map_err(io_err("create", dir).compose())?;
     // The container's root (an unprivileged host id) must traverse the bundle and its rootfs.
-    let open = fs::Permissions::from_mode(0o755);
-    fs::set_permissions(dir, open.clone()).map_err(io_err("chmod", dir))?;
+    let open = rustix::fs::Mode::from_raw_mode(0o755);
+    rustix::fs::fchmod(&dfd, open).map_err(|e| io_err("chmod", dir)(e.into()))?;
+    let bundle = At {
+        fd: dfd.as_fd(),
+        shown: dir,
+    };
     match &opts.rootfs {
         None => {
-            let root = dir.join("rootfs");
-            build_rootfs(spec, &root)?;
-            fs::set_permissions(&root, open).map_err(io_err("chmod", &root))?;
+            let root = bundle.mkdir(Path::new("rootfs"))?;
+            rustix::fs::fchmod(&root, open)
+                .map_err(|e| io_err("chmod", dir.join("rootfs"))(e.into()))?;
+            let shown = dir.join("rootfs");
+            build_rootfs(
+                spec,
+                &At {
+                    fd: root.as_fd(),
+                    shown: &shown,
+                },
+            )?;
         }
         Some(image) => mountpoints(&config, image)?,
     }
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-    let path = dir.join("config.json");
-    fs::write(&path, text).map_err(io_err("write", &path))?;
+    bundle.write(Path::new("config.json"), text.as_bytes())?;
     Ok(Bundle {
         dir: dir.to_path_buf(),
         config,

@@ -307,16 +307,23 @@ fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
     match &a.out {
         None => print!("{text}"),
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            // Through fds, never following a link (src/hostpath.rs): the directory made or
+            // opened component by component, each file replaced by rename inside it.
+            use aither::hostpath;
+            use std::os::fd::AsFd;
+            let abs = hostpath::normalise(dir)?;
+            let root = hostpath::open_dir_nofollow(std::path::Path::new("/"))?;
+            let d = hostpath::mkdirs_at(root.as_fd(), abs.strip_prefix("/")?, 0o755)?;
             let path = dir.join("manifest.json");
-            std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
+            hostpath::replace_file_at(d.as_fd(), "manifest.json".as_ref(), text.as_bytes(), 0o644)
+                .with_context(|| format!("write {}", path.display()))?;
             if let Some((rel, profile)) = &m.seccomp {
                 let p = dir.join("seccomp").join(rel);
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("create {}", parent.display()))?;
-                }
-                std::fs::write(&p, serde_json::to_string_pretty(profile)? + "\n")
+                let at = std::path::Path::new("seccomp").join(rel);
+                let name = at.file_name().context("empty seccomp profile name")?;
+                let sd = hostpath::mkdirs_at(d.as_fd(), at.parent().unwrap_or(&at), 0o755)?;
+                let body = serde_json::to_string_pretty(profile)? + "\n";
+                hostpath::replace_file_at(sd.as_fd(), name, body.as_bytes(), 0o644)
                     .with_context(|| format!("write {}", p.display()))?;
                 eprintln!(
                     "aither: wrote {} and {} (copy it to /var/lib/kubelet/seccomp/{rel} on every node)",
