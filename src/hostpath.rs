@@ -542,6 +542,12 @@ pub fn empty_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
 /// file with one link owned by the caller or by the directory's owner; truncated through the
 /// fd. Open it before an agent exists; write to the returned file, never to the name.
 pub fn open_output_file(path: &Path) -> Result<File, HostPathError> {
+    open_output_file_mode(path, 0o644)
+}
+
+/// [`open_output_file`] with the mode a new file gets (less the umask); an existing file is
+/// narrowed to it through the fd (a token written with 0600 never stays world-readable).
+pub fn open_output_file_mode(path: &Path, mode: u32) -> Result<File, HostPathError> {
     let abs = normalise(path)?;
     let parent = abs.parent().unwrap_or(Path::new("/"));
     let name = abs.file_name().ok_or(HostPathError::BadName {
@@ -560,7 +566,7 @@ pub fn open_output_file(path: &Path) -> Result<File, HostPathError> {
         dir.as_fd(),
         Path::new(name),
         OFlags::CREATE | OFlags::WRONLY,
-        Mode::from_raw_mode(0o644),
+        Mode::from_raw_mode(mode),
         path,
     )?;
     let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(path, "fstat", e))?;
@@ -578,6 +584,10 @@ pub fn open_output_file(path: &Path) -> Result<File, HostPathError> {
             uid: m.uid,
             expected: me,
         });
+    }
+    if m.mode & !mode != 0 {
+        rfs::fchmod(&fd, Mode::from_raw_mode(m.mode & mode))
+            .map_err(|e| HostPathError::io(path, "fchmod", e))?;
     }
     rfs::ftruncate(&fd, 0).map_err(|e| HostPathError::io(path, "truncating", e))?;
     Ok(File::from(fd))

@@ -600,7 +600,15 @@ impl Agent {
             }
         });
         if let Some(r) = &live.report {
-            let _ = std::fs::write(live.log_dir.join("report.json"), r.get());
+            // Replaced through the log directory's fd (no link followed).
+            if let Ok(d) = crate::hostpath::open_dir_nofollow(&live.log_dir) {
+                let _ = crate::hostpath::replace_file_at(
+                    std::os::fd::AsFd::as_fd(&d),
+                    std::ffi::OsStr::new("report.json"),
+                    r.get().as_bytes(),
+                    0o640,
+                );
+            }
         }
         // Egress for this run, until `watch` returns (docs/network.md).
         let _egress = live.egress.take().map(|fd| {

@@ -193,9 +193,11 @@ pub async fn launch(
         "channel_fd": SHIM_CHANNEL_FD,
         "keep_fd": SHIM_KEEP_FD,
     });
+    use std::os::unix::fs::OpenOptionsExt;
     let shim_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(log_dir.join("shim.log"))
         .map_err(|source| ShimError::LogDir {
             path: log_dir.join("shim.log"),

@@ -1,7 +1,6 @@
 //! `aitherctl token mint|inspect|verify|attenuate|revoke|revoked|pubkey`.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -275,13 +274,8 @@ fn emit(t: &Token, out: Option<&Path>, what: &str) -> anyhow::Result<()> {
     let text = t.encode();
     match out {
         Some(p) => {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)
+            // No link followed anywhere in the path (src/hostpath.rs); 0600.
+            let mut f = aither::hostpath::open_output_file_mode(p, 0o600)
                 .with_context(|| format!("create {}", p.display()))?;
             f.write_all(format!("{text}\n").as_bytes())
                 .with_context(|| format!("write {}", p.display()))?;
