@@ -608,6 +608,24 @@ pub fn private_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
     private_dir_at(pdir.as_fd(), name, path)
 }
 
+/// A cache directory that steers enforcement (`/var/cache/aither/seccomp`, `…/etc`): the
+/// leaf is a [`private_dir`]; its parent is created root-only if absent and otherwise left as
+/// it is (a directory swapped in by whoever can write the parent fails the leaf's owner
+/// check).
+pub fn private_cache_dir(dir: &Path) -> Result<OwnedFd, HostPathError> {
+    let abs = normalise(dir)?;
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    let name = abs.file_name().ok_or(HostPathError::BadName {
+        path: dir.to_owned(),
+        what: "names no directory",
+    })?;
+    let pfd = match open_dir_nofollow(parent) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => private_dir(parent)?,
+        r => r?,
+    };
+    private_dir_at(pfd.as_fd(), name, dir)
+}
+
 /// [`private_dir`] for the entry `name` of the directory `dir` (`shown` names it in errors).
 pub fn private_dir_at(
     dir: BorrowedFd<'_>,

@@ -179,6 +179,9 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<EtcSkeleton> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let dir = etc_cache_dir();
+    // Its skeletons become every sandbox's /etc: only a root-only cache is used (checked
+    // through its fd, src/hostpath.rs); otherwise /etc is assembled per launch.
+    crate::hostpath::private_cache_dir(&dir).ok()?;
     let target = dir.join(&key);
     let found = |path: PathBuf| Some(EtcSkeleton { path, dirs });
     if target.is_dir() {

@@ -439,16 +439,7 @@ fn build_id() -> &'static [u8; 32] {
 
 /// The cache directory, opened and checked (root-only), or why it is not used.
 fn open_cache(dir: &Path) -> Result<std::os::fd::OwnedFd, crate::hostpath::HostPathError> {
-    // Its parent (/var/cache/aither) is created root-only if absent and otherwise left as it
-    // is: the entry itself is what is checked (a directory swapped in by someone who can write
-    // the parent fails the owner check).
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    let pfd = match crate::hostpath::open_dir_nofollow(parent) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => crate::hostpath::private_dir(parent)?,
-        r => r?,
-    };
-    let name = dir.file_name().unwrap_or(std::ffi::OsStr::new("seccomp"));
-    crate::hostpath::private_dir_at(std::os::fd::AsFd::as_fd(&pfd), name, dir)
+    crate::hostpath::private_cache_dir(dir)
 }
 
 /// Reads a cache entry through `dir`: a regular file with one link, owned by us, mode 0600 at
