@@ -98,8 +98,7 @@ getent group aither >/dev/null || groupadd --system aither
 for f in "$HERE"/policies/*.toml; do install -m 0644 "$f" "$POLICY_DIR/"; done
 install -m 0644 "$HERE"/policies/seccomp/*.toml "$POLICY_DIR/seccomp/"
 install -d -m 0700 "$STATE_DIR"
-install -d -m 0700 "$CACHE_DIR"  # root-only: its caches steer enforcement (docs/security-model.md)
-chmod 0700 "$CACHE_DIR"
+install -d -m 0755 "$CACHE_DIR"
 # Compiled seccomp filters and /etc views are per-version caches: start clean.
 rm -rf "${CACHE_DIR:?}/seccomp" "${CACHE_DIR:?}/etc"
 

@@ -609,10 +609,12 @@ pub fn private_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
 }
 
 /// A cache directory that steers enforcement (`/var/cache/aither/seccomp`, `…/etc`): the
-/// leaf is a [`private_dir`]; its parent is created root-only if absent and otherwise left as
-/// it is (a directory swapped in by whoever can write the parent fails the leaf's owner
-/// check).
-pub fn private_cache_dir(dir: &Path) -> Result<OwnedFd, HostPathError> {
+/// leaf is owned by us with no permission bits outside `allowed` (0o700 for what only root
+/// reads; 0o755 for what sandboxes must traverse: never writable by group or others),
+/// created so and narrowed through its fd if ours and wider; its parent is created 0755 if
+/// absent and otherwise left as it is (a directory swapped in by whoever can write the parent
+/// fails the leaf's owner check).
+pub fn owned_cache_dir(dir: &Path, allowed: u32) -> Result<OwnedFd, HostPathError> {
     let abs = normalise(dir)?;
     let parent = abs.parent().unwrap_or(Path::new("/"));
     let name = abs.file_name().ok_or(HostPathError::BadName {
@@ -620,10 +622,14 @@ pub fn private_cache_dir(dir: &Path) -> Result<OwnedFd, HostPathError> {
         what: "names no directory",
     })?;
     let pfd = match open_dir_nofollow(parent) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => private_dir(parent)?,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            let gp = parent.parent().unwrap_or(Path::new("/"));
+            let pname = parent.file_name().unwrap_or(OsStr::new("."));
+            owned_dir_at(open_dir_nofollow(gp)?.as_fd(), pname, parent, 0o755)?
+        }
         r => r?,
     };
-    private_dir_at(pfd.as_fd(), name, dir)
+    owned_dir_at(pfd.as_fd(), name, dir, allowed)
 }
 
 /// [`private_dir`] for the entry `name` of the directory `dir` (`shown` names it in errors).
@@ -632,8 +638,19 @@ pub fn private_dir_at(
     name: &OsStr,
     shown: &Path,
 ) -> Result<OwnedFd, HostPathError> {
+    owned_dir_at(dir, name, shown, 0o700)
+}
+
+/// The directory `name` in `dir`, created with mode `allowed` if absent: ours, and narrowed
+/// to `allowed` through its fd if wider.
+pub fn owned_dir_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    allowed: u32,
+) -> Result<OwnedFd, HostPathError> {
     plain_name(name)?;
-    match rfs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+    match rfs::mkdirat(dir, name, Mode::from_raw_mode(allowed)) {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(HostPathError::io(shown, "creating", e)),
     }
@@ -648,9 +665,9 @@ pub fn private_dir_at(
     let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(shown, "fstat", e))?;
     m.expect_kind(shown, Kind::Dir)?
         .expect_owner(shown, rustix::process::geteuid().as_raw())?;
-    if m.mode & 0o077 != 0 {
-        rfs::fchmod(&fd, Mode::from_raw_mode(0o700))
-            .map_err(|e| HostPathError::io(shown, "fchmod 0700", e))?;
+    if m.mode & !allowed != 0 {
+        rfs::fchmod(&fd, Mode::from_raw_mode(m.mode & allowed))
+            .map_err(|e| HostPathError::io(shown, "fchmod", e))?;
     }
     Ok(fd)
 }

@@ -636,3 +636,43 @@ fn an_exported_bundle_keeps_the_git_files_read_only() {
         assert_eq!(mounts[i]["uidMappings"], mounts[w]["uidMappings"], "{e}");
     }
 }
+
+#[test]
+fn an_etc_skeleton_cache_someone_else_can_write_is_not_bound() {
+    let ws = Workspace::new();
+    let cache = tempfile::Builder::new()
+        .prefix("aither-cache-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env = [("AITHER_CACHE_DIR", cache.path().to_str().unwrap())];
+    let passwd = ["cat", "/etc/passwd"];
+    // A first run prepares the skeleton: root's, 0755 (pid 1 must traverse it).
+    let first = run_with_env(&ws, "strict", &[], &passwd, &env);
+    assert!(first.ok().contains("agent"), "{}", first.describe());
+    let etc = cache.path().join("etc");
+    let md = std::fs::metadata(&etc).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o755));
+    let skeletons: Vec<PathBuf> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!skeletons.is_empty());
+    // Taken over: the directory is another uid's and a skeleton's passwd is edited.
+    for s in &skeletons {
+        let p = s.join("passwd");
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("pwned:x:0:0::/:/bin/sh\n");
+        std::fs::write(&p, text).unwrap();
+    }
+    std::os::unix::fs::chown(&etc, Some(4242), Some(4242)).unwrap();
+    let second = run_with_env(&ws, "strict", &[], &passwd, &env);
+    assert!(second.ok().contains("agent"), "{}", second.describe());
+    assert!(!second.stdout.contains("pwned"), "{}", second.describe());
+    // A group- or other-writable one of root's is narrowed, then used.
+    std::os::unix::fs::chown(&etc, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let third = run_with_env(&ws, "strict", &[], &["true"], &env);
+    third.ok();
+    assert_eq!(std::fs::metadata(&etc).unwrap().mode() & 0o7777, 0o755);
+}

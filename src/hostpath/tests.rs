@@ -196,3 +196,34 @@ fn a_private_dir_is_created_0700_narrowed_if_ours_and_refused_if_not() {
     std::fs::write(t.path().join("file"), b"").unwrap();
     assert!(private_dir(&t.path().join("file")).is_err());
 }
+
+#[test]
+fn a_cache_dir_that_sandboxes_traverse_stays_0755_and_is_never_writable_by_others() {
+    let t = tempfile::tempdir().unwrap();
+    // The parent is created 0755 when absent (sandboxes traverse it), the leaf as asked.
+    let leaf = t.path().join("cache/etc");
+    owned_cache_dir(&leaf, 0o755).unwrap();
+    for p in [t.path().join("cache"), leaf.clone()] {
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+    }
+    std::fs::set_permissions(&leaf, std::fs::Permissions::from_mode(0o777)).unwrap();
+    owned_cache_dir(&leaf, 0o755).unwrap();
+    assert_eq!(
+        std::fs::metadata(&leaf).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    let private = t.path().join("cache/seccomp");
+    owned_cache_dir(&private, 0o700).unwrap();
+    assert_eq!(
+        std::fs::metadata(&private).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    std::os::unix::fs::chown(&leaf, Some(4242), None).unwrap();
+    assert!(matches!(
+        owned_cache_dir(&leaf, 0o755),
+        Err(HostPathError::Owner { uid: 4242, .. })
+    ));
+}

@@ -179,9 +179,10 @@ pub fn prepare_etc(spec: &SandboxSpec) -> Option<EtcSkeleton> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let dir = etc_cache_dir();
-    // Its skeletons become every sandbox's /etc: only a root-only cache is used (checked
+    // Its skeletons become every sandbox's /etc: only a cache of root's that nobody else can
+    // write is used (0755 at most: pid 1, an unprivileged host uid, binds from it; checked
     // through its fd, src/hostpath.rs); otherwise /etc is assembled per launch.
-    crate::hostpath::private_cache_dir(&dir).ok()?;
+    crate::hostpath::owned_cache_dir(&dir, 0o755).ok()?;
     let target = dir.join(&key);
     let found = |path: PathBuf| Some(EtcSkeleton { path, dirs });
     if target.is_dir() {

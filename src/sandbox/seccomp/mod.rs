@@ -439,7 +439,8 @@ fn build_id() -> &'static [u8; 32] {
 
 /// The cache directory, opened and checked (root-only), or why it is not used.
 fn open_cache(dir: &Path) -> Result<std::os::fd::OwnedFd, crate::hostpath::HostPathError> {
-    crate::hostpath::private_cache_dir(dir)
+    // Only the launcher (root) reads it: 0700.
+    crate::hostpath::owned_cache_dir(dir, 0o700)
 }
 
 /// Reads a cache entry through `dir`: a regular file with one link, owned by us, mode 0600 at
