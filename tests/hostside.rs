@@ -335,6 +335,9 @@ fn sh(ws: &Workspace, policy: &str, script: &str) -> common::RunResult {
 #[test]
 fn the_agent_cannot_write_git_config_or_add_a_hook_but_git_commit_works() {
     let (ws, config) = git_workspace();
+    // A linked worktree's pointer back to the repository (what `git worktree add` makes).
+    std::fs::create_dir_all(ws.path().join(".git/worktrees/wt")).unwrap();
+    std::fs::write(ws.path().join(".git/worktrees/wt/commondir"), b"../..\n").unwrap();
     let hooks_before: Vec<_> = std::fs::read_dir(ws.path().join(".git/hooks"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -349,6 +352,7 @@ fn the_agent_cannot_write_git_config_or_add_a_hook_but_git_commit_works() {
          rm -rf .git/hooks && echo HOOKS-REMOVED; \
          mv .git .git-old && echo GIT-MOVED; \
          mkdir .git/info/x 2>/dev/null && echo INFO-WRITTEN; \
+         echo /tmp/evil > .git/worktrees/wt/commondir && echo WORKTREE-WRITTEN; \
          echo b > b.txt && git add b.txt && git -c user.name=a -c user.email=a@a commit -qm second && echo COMMITTED",
     );
     assert_eq!(r.code(), 0, "{}", r.describe());
@@ -359,6 +363,7 @@ fn the_agent_cannot_write_git_config_or_add_a_hook_but_git_commit_works() {
         "HOOKS-REMOVED",
         "GIT-MOVED",
         "INFO-WRITTEN",
+        "WORKTREE-WRITTEN",
     ] {
         assert!(!r.stdout.contains(bad), "{bad}\n{}", r.describe());
     }
@@ -384,6 +389,10 @@ fn the_agent_cannot_write_git_config_or_add_a_hook_but_git_commit_works() {
     assert_eq!(hooks_before, hooks_after);
     assert!(git(ws.path(), &["log", "--format=%s"]).starts_with("second\n"));
     assert!(!ws.path().join(".git-old").exists());
+    assert_eq!(
+        std::fs::read(ws.path().join(".git/worktrees/wt/commondir")).unwrap(),
+        b"../..\n"
+    );
 }
 
 #[test]

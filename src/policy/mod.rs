@@ -53,7 +53,7 @@ pub enum WorkspaceAccess {
 #[serde(rename_all = "kebab-case")]
 pub enum WorkspaceGit {
     /// `.git` is pinned (cannot be renamed or removed) and its config, hooks, info, modules,
-    /// commondir and config.worktree are read-only binds; objects, refs and the index stay
+    /// worktrees, commondir and config.worktree are read-only binds; objects, refs and the index stay
     /// writable, so `git commit` works. The default: a policy that says nothing gets this.
     #[default]
     ReadOnly,

@@ -7,7 +7,8 @@
 //!
 //! 1. `.git` is bound onto itself: a mountpoint cannot be renamed or removed (EBUSY), so the
 //!    agent cannot move it aside and put a `.git` of its own in its place;
-//! 2. `config`, `hooks`, `info`, `modules` (submodules' configs and hooks), and `commondir` and
+//! 2. `config`, `hooks`, `info`, `modules` (submodules' configs and hooks), `worktrees`
+//!    (linked worktrees' `commondir` and `config.worktree`), and `commondir` and
 //!    `config.worktree` where present, are bound read-only over themselves (EROFS on write,
 //!    EBUSY on rename or unlink); a missing `hooks` is created empty first (as `git init`
 //!    does), so that no hook can be added;
@@ -36,6 +37,7 @@ pub const READ_ONLY_ENTRIES: &[&str] = &[
     "hooks",
     "info",
     "modules",
+    "worktrees",
     "commondir",
     "config.worktree",
 ];
