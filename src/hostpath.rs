@@ -522,8 +522,8 @@ pub fn empty_dir(path: &Path) -> Result<OwnedFd, HostPathError> {
     if !created {
         let m = check_fd(fd.as_fd()).map_err(|e| HostPathError::io(path, "fstat", e))?;
         m.expect_owner(path, rustix::process::geteuid().as_raw())?;
-        let mut d = rfs::Dir::read_from(&fd).map_err(|e| HostPathError::io(path, "listing", e))?;
-        while let Some(e) = d.next() {
+        let d = rfs::Dir::read_from(&fd).map_err(|e| HostPathError::io(path, "listing", e))?;
+        for e in d {
             let e = e.map_err(|e| HostPathError::io(path, "listing", e))?;
             let n = e.file_name().to_bytes();
             if n != b"." && n != b".." {
