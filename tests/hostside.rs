@@ -685,3 +685,25 @@ fn an_etc_skeleton_cache_someone_else_can_write_is_not_bound() {
     third.ok();
     assert_eq!(std::fs::metadata(&etc).unwrap().mode() & 0o7777, 0o755);
 }
+
+#[test]
+fn a_git_config_or_hook_hard_linked_into_the_workspace_refuses_the_launch() {
+    // A hard link made earlier (e.g. by an agent under a writable policy): through its other
+    // name the file would stay writable under the read-only bind.
+    for victim in [".git/config", ".git/hooks/pre-commit"] {
+        let (ws, _) = git_workspace();
+        let p = ws.path().join(victim);
+        if !p.exists() {
+            std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        }
+        std::fs::hard_link(&p, ws.path().join("other-name")).unwrap();
+        let r = sh(&ws, "strict", "echo RAN");
+        assert_ne!(r.code(), 0, "{victim}: {}", r.describe());
+        assert!(!r.stdout.contains("RAN"), "{victim}: {}", r.describe());
+        assert!(
+            r.stderr.contains("hard links"),
+            "{victim}: {}",
+            r.describe()
+        );
+    }
+}

@@ -23,6 +23,7 @@
 //! Runs in pid 1 after the workspace is attached, before anything of the agent runs.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
@@ -218,7 +219,62 @@ pub fn protect(ws: &Path) -> Result<(), GitGuardError> {
         let fd =
             hostpath::open_at_nofollow(g.as_fd(), Path::new(name), OFlags::PATH, Mode::empty());
         if let Some(fd) = opened(&p, fd)? {
+            single_links(fd.as_fd(), &p)?;
             bind_over(fd.as_fd(), true, &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a regular file with more than one link: its other name (in the workspace) would
+/// stay writable through the read-only bind. For a directory, its regular files directly in it
+/// (the hooks themselves, `info/attributes`).
+fn single_links(fd: BorrowedFd<'_>, path: &Path) -> Result<(), GitGuardError> {
+    let fstat_err = |e: std::io::Error| GitGuardError::Mount {
+        step: "fstat",
+        path: path.to_owned(),
+        source: e,
+    };
+    let m = hostpath::check_fd(fd).map_err(fstat_err)?;
+    let many = |p: &Path, n: u64| {
+        Err(GitGuardError::Path {
+            path: p.to_owned(),
+            source: HostPathError::Links {
+                path: p.to_owned(),
+                nlink: n,
+            },
+        })
+    };
+    match m.kind {
+        Kind::File if m.nlink > 1 => return many(path, m.nlink),
+        Kind::Dir => {}
+        _ => return Ok(()),
+    }
+    // An O_PATH fd cannot be listed: a real one of the same directory.
+    let d = hostpath::open_at_nofollow(
+        fd,
+        Path::new(""),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|source| GitGuardError::Path {
+        path: path.to_owned(),
+        source,
+    })?;
+    let list = rustix::fs::Dir::read_from(&d).map_err(|e| fstat_err(e.into()))?;
+    for e in list {
+        let e = e.map_err(|e| fstat_err(e.into()))?;
+        if matches!(e.file_name().to_bytes(), b"." | b"..") {
+            continue;
+        }
+        // lstat, not the d_type (which some filesystems leave unknown).
+        let st = rustix::fs::statat(&d, e.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| fstat_err(e.into()))?;
+        let regular =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+        if regular && st.st_nlink > 1 {
+            let name = std::ffi::OsStr::from_bytes(e.file_name().to_bytes());
+            return many(&path.join(name), st.st_nlink as u64);
         }
     }
     Ok(())
