@@ -74,6 +74,12 @@ pub struct Entry {
     /// Who asked: "uid 0", "aitherd", "agent NAME".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The uid that asked (SO_PEERCRED on the control socket), issue 18.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_uid: Option<u32>,
+    /// The uid that owns what was acted on (the agent's owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
@@ -86,6 +92,8 @@ impl Entry {
             rule: rule.into(),
             agent: None,
             actor: None,
+            caller_uid: None,
+            owner_uid: None,
             data: serde_json::Value::Null,
         }
     }
@@ -97,6 +105,18 @@ impl Entry {
 
     pub fn actor(mut self, a: impl Into<String>) -> Entry {
         self.actor = Some(a.into());
+        self
+    }
+
+    /// The uid that asked.
+    pub fn caller(mut self, uid: u32) -> Entry {
+        self.caller_uid = Some(uid);
+        self
+    }
+
+    /// The uid that owns what was acted on.
+    pub fn owner(mut self, uid: u32) -> Entry {
+        self.owner_uid = Some(uid);
         self
     }
 

@@ -35,12 +35,19 @@ pub struct Record {
     /// flags); None: no GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<crate::policy::GpuGrant>,
+    /// The uid that spawned it (SO_PEERCRED), issue 18. Records stored before owners read as
+    /// 0: root's, visible to root and admins only.
+    #[serde(default)]
+    pub owner: u32,
 }
 
 /// What `ps` and `inspect` show.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Info {
     pub name: String,
+    /// The uid that spawned it (admins see an OWNER column).
+    #[serde(default)]
+    pub owner: u32,
     pub state: State,
     pub policy: String,
     pub argv: Vec<String>,
@@ -164,6 +171,7 @@ pub fn start(
     let name = rec.request.name.clone();
     let info = Arc::new(Mutex::new(Info {
         name: name.clone(),
+        owner: rec.owner,
         state: initial.unwrap_or(State::Created),
         policy: rec.spec.policy.clone(),
         argv: rec.spec.argv.clone(),

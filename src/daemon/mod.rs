@@ -14,6 +14,7 @@ pub mod bus;
 pub mod client;
 pub mod egress;
 pub mod gpu;
+pub mod identity;
 pub mod kernel_audit;
 pub mod metrics;
 pub mod proto;
@@ -242,6 +243,14 @@ impl Daemon {
         agents
             .get(name)
             .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The uid that owns agent `name`, if there is such an agent.
+    pub fn owner_of(&self, name: &str) -> Option<u32> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .get(name)
+            .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).owner)
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use super::agent::{self, Cmd, Record};
+use super::identity::Caller;
 use super::proto::{aio, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
@@ -25,41 +26,16 @@ use crate::token::{self, Claims};
 /// Token lifetime of an agent spawned from a policy: a year (revocation ends it sooner).
 pub const SPAWN_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Who may use the socket: root, the daemon's own uid, or a member of group `aither`
-/// (checked with SO_PEERCRED beside the socket file's mode, 0660 root:aither).
+/// Who may use the socket and who is an admin (daemon/identity.rs): root, the daemon's own
+/// uid, members of group `aither` (beside the socket file's mode, 0660 root:aither), and
+/// members of `aither-admin`, who act on every user's agents.
 pub struct Access {
-    pub group: Option<u32>,
-}
-
-impl Access {
-    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if uid == 0 || uid == unsafe { libc::geteuid() } {
-            return true;
-        }
-        let Some(g) = self.group else { return false };
-        if gid == g {
-            return true;
-        }
-        let Some(pid) = pid else { return false };
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Groups:"))
-                    .map(|l| l.split_whitespace().skip(1).any(|x| x == g.to_string()))
-            })
-            .unwrap_or(false)
-    }
+    pub groups: super::identity::Groups,
 }
 
 /// The gid of group `aither`, if it exists.
 pub fn aither_gid() -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next() == Some(super::GROUP)).then(|| f.nth(1)?.parse().ok())?
-    })
+    super::identity::group_gid(super::GROUP)
 }
 
 /// Binds the socket: 0660 root:aither when the group exists, else 0600.
@@ -114,37 +90,43 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
 }
 
 async fn connection(d: Shared, stream: UnixStream, access: &Access) {
-    let cred = stream.peer_cred().ok();
-    let allowed = cred
-        .map(|c| access.allows(c.uid(), c.gid(), c.pid()))
-        .unwrap_or(false);
-    let actor = actor_of(cred.as_ref());
+    use std::os::fd::AsFd;
+    // The kernel's word on the peer, read once at accept: no field of any request changes it.
+    let caller = Caller::of_socket(stream.as_fd(), &access.groups).ok();
+    let actor = caller
+        .as_ref()
+        .map(Caller::actor)
+        .unwrap_or_else(|| "unknown peer".into());
     let (mut r, mut w) = stream.into_split();
-    if !allowed {
-        tracing::warn!(uid = cred.map(|c| c.uid()), "control socket: access denied");
-        d.emit_daemon(
-            "access_denied",
-            json!({"uid": cred.map(|c| c.uid()), "pid": cred.and_then(|c| c.pid())}),
-        );
-        d.audit.record(
-            Entry::new(
+    let caller = match caller {
+        Some(c) if c.allowed => c,
+        other => {
+            let uid = other.as_ref().map(|c| c.uid);
+            let pid = other.as_ref().and_then(|c| c.pid);
+            tracing::warn!(uid, "control socket: access denied");
+            d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
+            let mut e = Entry::new(
                 "control_connect",
                 Decision::Deny,
                 "control socket: root, aitherd's uid or group aither only",
             )
             .actor(actor.clone())
-            .data(json!({"pid": cred.and_then(|c| c.pid())})),
-        );
-        let _ = aio::write_reply(
-            &mut w,
-            &Reply::err(
-                "denied",
-                "only root and members of group aither may use aitherd",
-            ),
-        )
-        .await;
-        return;
-    }
+            .data(json!({"pid": pid}));
+            if let Some(u) = uid {
+                e = e.caller(u);
+            }
+            d.audit.record(e);
+            let _ = aio::write_reply(
+                &mut w,
+                &Reply::err(
+                    "denied",
+                    "only root and members of group aither may use aitherd",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
     loop {
         let body =
             match tokio::time::timeout(Duration::from_secs(600), aio::read_frame(&mut r)).await {
@@ -182,6 +164,10 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 follow: true,
                 tail,
             } => {
+                if let Err(reply) = authorize(&d, &caller, "logs", &name) {
+                    let _ = aio::write_reply(&mut w, &reply).await;
+                    return;
+                }
                 follow_logs(&d, &name, tail, &mut r, &mut w).await;
                 return;
             }
@@ -190,15 +176,19 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 since_ms,
                 name,
             } => {
-                follow_events(&d, since_ms, name, &mut r, &mut w).await;
+                follow_events(&d, &caller, since_ms, name, &mut r, &mut w).await;
                 return;
             }
             req @ (Request::BusPub { .. } | Request::BusSub { .. }) => {
+                if let Err(reply) = admin_only(&d, &caller, "bus") {
+                    let _ = aio::write_reply(&mut w, &reply).await;
+                    return;
+                }
                 super::bus::serve(d.clone(), req, actor.clone(), r, w).await;
                 return;
             }
             req => {
-                let reply = handle(&d, req, &actor).await;
+                let reply = handle(&d, req, &caller).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
@@ -207,11 +197,48 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     }
 }
 
-fn actor_of(cred: Option<&tokio::net::unix::UCred>) -> String {
-    match cred {
-        Some(c) => format!("uid {}", c.uid()),
-        None => "unknown peer".into(),
+/// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
+/// is answered as if it did not exist, and the attempt is recorded as a denial.
+fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Option<u32>, Reply> {
+    let Some(owner) = d.owner_of(name) else {
+        return Ok(None);
+    };
+    if caller.may_act_on(owner) {
+        return Ok(Some(owner));
     }
+    d.audit.record(
+        Entry::new(
+            kind,
+            Decision::Deny,
+            "owner: only the agent's owner, root or aither-admin",
+        )
+        .agent(name)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .owner(owner)
+        .data(json!({"cross_user": true})),
+    );
+    Err(not_found(name))
+}
+
+/// Operations that span every user's data (the operator bus): root and admins only.
+fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
+    if caller.admin {
+        return Ok(());
+    }
+    d.audit.record(
+        Entry::new(
+            kind,
+            Decision::Deny,
+            "admin: the operator bus is for root and aither-admin",
+        )
+        .actor(caller.actor())
+        .caller(caller.uid),
+    );
+    Err(Reply::err(
+        "denied",
+        "the operator bus (bus pub/sub/streams/ack) is for root and members of aither-admin",
+    ))
 }
 
 /// Audits an operator's request and its outcome.
@@ -219,7 +246,8 @@ fn audit_op(
     d: &Shared,
     kind: &str,
     name: &str,
-    actor: &str,
+    caller: &Caller,
+    owner: Option<u32>,
     reply: &Reply,
     data: serde_json::Value,
 ) {
@@ -227,15 +255,18 @@ fn audit_op(
         None => (Decision::Allow, "control socket: operator".to_string()),
         Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
     };
-    d.audit.record(
-        Entry::new(kind, decision, rule)
-            .agent(name)
-            .actor(actor)
-            .data(data),
-    );
+    let mut e = Entry::new(kind, decision, rule)
+        .agent(name)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .data(data);
+    if let Some(o) = owner {
+        e = e.owner(o);
+    }
+    d.audit.record(e);
 }
 
-async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
+async fn handle(d: &Shared, req: Request, caller: &Caller) -> Reply {
     let audited = match &req {
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
         Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
@@ -251,25 +282,75 @@ async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
         )),
         _ => None,
     };
-    let reply = handle_inner(d, req, actor).await;
+    // Every request that names an agent: only its owner (or an admin) gets past here.
+    let target = match &req {
+        Request::Stop { name, .. }
+        | Request::Kill { name, .. }
+        | Request::Restart { name }
+        | Request::Rm { name, .. }
+        | Request::Inspect { name }
+        | Request::Logs { name, .. } => Some(("control", name.clone())),
+        Request::Mem { agent, .. } => Some(("mem", agent.clone())),
+        Request::Events {
+            name: Some(name), ..
+        } => Some(("events", name.clone())),
+        _ => None,
+    };
+    let mut owner = None;
+    if let Some((kind, name)) = &target {
+        let kind = audited.as_ref().map(|a| a.0).unwrap_or(kind);
+        match authorize(d, caller, kind, name) {
+            Ok(o) => owner = o,
+            Err(reply) => return reply,
+        }
+        // Memory outlives its agent; without a live owner only admins reach it.
+        if owner.is_none() && !caller.admin && matches!(req, Request::Mem { .. }) {
+            return not_found(name);
+        }
+    }
+    let reply = handle_inner(d, req, caller).await;
     if let Some((kind, name, data)) = audited {
-        audit_op(d, kind, &name, actor, &reply, data);
+        audit_op(d, kind, &name, caller, owner, &reply, data);
     }
     reply
 }
 
-async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
+/// Keeps what the caller may see: every agent for admins, their own for anyone else.
+fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
+    caller.admin || d.owner_of(name).is_some_and(|o| o == caller.uid)
+}
+
+async fn handle_inner(d: &Shared, req: Request, caller: &Caller) -> Reply {
     match req {
         Request::Ping => {
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
-        Request::Spawn(s) => spawn(d, *s, actor).await,
-        Request::GpuLs => Reply::ok(d.gpu.ls()),
-        Request::GpuQueue => Reply::ok(json!({"queue": d.gpu.queue()})),
+        Request::Spawn(s) => spawn(d, *s, caller).await,
+        Request::GpuLs => {
+            let mut v = d.gpu.ls();
+            if !caller.admin {
+                // Devices are the host's; the leases on them are their owners'.
+                for dev in v["devices"].as_array_mut().into_iter().flatten() {
+                    if let Some(l) = dev["leases"].as_array_mut() {
+                        l.retain(|x| x["agent"].as_str().is_some_and(|n| visible(d, caller, n)));
+                    }
+                }
+            }
+            Reply::ok(v)
+        }
+        Request::GpuQueue => {
+            let mut q = d.gpu.queue();
+            q.retain(|e| visible(d, caller, &e.request.agent));
+            Reply::ok(json!({"queue": q}))
+        }
         Request::Ps => {
             let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<agent::Info> = agents
                 .values()
+                .filter(|h| {
+                    caller.admin
+                        || h.info.lock().unwrap_or_else(|e| e.into_inner()).owner == caller.uid
+                })
                 .map(|h| {
                     let mut i = h.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     // `inspect` shows the enforcement report; the list stays small.
@@ -282,12 +363,20 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             Reply::ok(serde_json::to_value(list).unwrap_or_default())
         }
         Request::BusStreams => {
+            if let Err(r) = admin_only(d, caller, "bus") {
+                return r;
+            }
             let d2 = d.clone();
             tokio::task::spawn_blocking(move || super::bus::streams(&d2))
                 .await
                 .unwrap_or_else(|e| Reply::err("internal", e.to_string()))
         }
-        Request::BusAck { durable, seq } => super::bus::operator_ack(d, &durable, seq).await,
+        Request::BusAck { durable, seq } => {
+            if let Err(r) = admin_only(d, caller, "bus") {
+                return r;
+            }
+            super::bus::operator_ack(d, &durable, seq).await
+        }
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
             "bad_request",
             "bus_pub and bus_sub take over their connection",
@@ -368,7 +457,12 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             })
             .await;
             match res {
-                Ok(Ok(ev)) => Reply::ok(serde_json::to_value(ev).unwrap_or_default()),
+                Ok(Ok(mut ev)) => {
+                    if !caller.admin {
+                        ev.retain(|e| e.name.as_deref().is_some_and(|n| visible(d, caller, n)));
+                    }
+                    Reply::ok(serde_json::to_value(ev).unwrap_or_default())
+                }
                 Ok(Err(e)) => Reply::err("internal", e.to_string()),
                 Err(e) => Reply::err("internal", e.to_string()),
             }
@@ -430,10 +524,10 @@ where
 
 /// Builds the agent's spec from a verified token (the same path as `aitherctl run`), then
 /// starts its supervisor and waits for the first launch.
-async fn spawn(d: &Shared, req: SpawnRequest, actor: &str) -> Reply {
+async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
-    let reply = spawn_inner(d, req).await;
+    let reply = spawn_inner(d, req, caller).await;
     let (decision, rule) = match &reply.error {
         None => {
             let info = d.info_of(&name);
@@ -451,13 +545,15 @@ async fn spawn(d: &Shared, req: SpawnRequest, actor: &str) -> Reply {
     d.audit.record(
         Entry::new("spawn", decision, rule)
             .agent(&name)
-            .actor(actor)
+            .actor(caller.actor())
+            .caller(caller.uid)
+            .owner(caller.uid)
             .data(json!({"argv": argv})),
     );
     reply
 }
 
-async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
+async fn spawn_inner(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
     if let Err(e) = check_name(&req.name) {
         return Reply::err("invalid", e);
     }
@@ -469,7 +565,8 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
     }
     let d2 = d.clone();
     let req2 = req.clone();
-    let built = tokio::task::spawn_blocking(move || build(&d2, &req2)).await;
+    let caller2 = caller.clone();
+    let built = tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2)).await;
     let rec = match built {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Reply::err(e.0, e.1),
@@ -479,7 +576,17 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
     {
         let mut agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = agents.get(&req.name) {
-            let st = h.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+            let (st, owner) = {
+                let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+                (i.state, i.owner)
+            };
+            if !caller.may_act_on(owner) {
+                // Names are one namespace on the host: say it is taken, nothing more.
+                return Reply::err(
+                    "exists",
+                    format!("the name {:?} is taken; pick another", req.name),
+                );
+            }
             if !req.replace || st.is_live() || st == State::Backoff {
                 return Reply::err(
                     "exists",
@@ -520,8 +627,21 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
 
 type BuildError = (&'static str, String);
 
-fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
+fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, BuildError> {
     let bad = |e: &dyn std::fmt::Display| ("invalid", e.to_string());
+    // A non-admin brings no policy text of their own: a policy decides what aitherd (root)
+    // sets up, so only root-installed ones (by name) are theirs to pick.
+    if !caller.admin
+        && req.token.is_none()
+        && req.policy.as_deref().is_some_and(|p| p.contains('/'))
+    {
+        return Err((
+            "denied",
+            "only root and aither-admin may spawn from a policy file; name an installed policy \
+             (`aitherctl policy ls`)"
+                .into(),
+        ));
+    }
     let (text, verified) = match (&req.token, &req.policy) {
         (Some(_), _) if !req.bus_publish.is_empty() || !req.bus_subscribe.is_empty() => {
             return Err((
@@ -545,6 +665,17 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
                 .actor("aitherd")
                 .data(json!({"token_id": v.id()})),
             );
+            // A token is the authority of whoever it was minted for (block 0's owner).
+            if !caller.admin && v.root().owner != Some(caller.uid) {
+                return Err((
+                    "denied",
+                    format!(
+                        "token {} was not minted for uid {} (root mints with `aitherctl token mint --for-user`)",
+                        v.id(),
+                        caller.uid
+                    ),
+                ));
+            }
             if v.effective().subject != req.name {
                 return Err((
                     "denied",
@@ -561,6 +692,7 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             let loaded = Policy::load(p.as_deref().unwrap_or("strict")).map_err(|e| bad(&e))?;
             let mut claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
                 .map_err(|e| bad(&e))?;
+            claims.owner = Some(caller.uid);
             claims
                 .grant_bus(&req.bus_publish, &req.bus_subscribe)
                 .map_err(|e| bad(&e))?;
@@ -606,10 +738,20 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
     spec.report = true;
     // Egress through the daemon's gateway (docs/network.md).
     crate::net::attach(&mut spec, &claims.net);
-    if let Some(w) = &spec.workspace {
+    if let Some(w) = &mut spec.workspace {
         verified
             .check_workspace(&w.path)
             .map_err(|e| ("denied", e.to_string()))?;
+        if !caller.admin {
+            // Nowhere they could not write themselves: their own directory, and the agent's
+            // files land as them (the launcher checks the descriptor again before mounting).
+            crate::sandbox::workspace::open_checked(&w.path, Some(caller.uid))
+                .map_err(|e| ("denied", e.to_string()))?;
+            w.owner = Some(crate::sandbox::spec::WorkspaceOwner {
+                uid: caller.uid,
+                gid: caller.gid,
+            });
+        }
     }
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
     let mut request = req.clone();
@@ -623,6 +765,7 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
         pain: policy.pain,
         created_ms: now_ms(),
         gpu,
+        owner: caller.uid,
     })
 }
 
@@ -769,11 +912,21 @@ async fn follow_logs(
 
 async fn follow_events(
     d: &Shared,
+    caller: &Caller,
     since_ms: Option<u64>,
     name: Option<String>,
     r: &mut OwnedReadHalf,
     w: &mut OwnedWriteHalf,
 ) {
+    if let Some(n) = &name {
+        if let Err(reply) = authorize(d, caller, "events", n) {
+            let _ = aio::write_reply(w, &reply).await;
+            return;
+        }
+    }
+    // Another user's events (and the daemon's own) are not shown to a non-admin.
+    let shown =
+        |e: &store::Event| caller.admin || e.name.as_deref().is_some_and(|n| visible(d, caller, n));
     // Subscribed before the history is read, so nothing falls between the two.
     let mut rx = d.events.subscribe();
     let mut last_ts = 0;
@@ -788,6 +941,9 @@ async fn follow_events(
         if let Ok(Ok(events)) = hist {
             for e in events {
                 last_ts = e.ts_ms;
+                if !shown(&e) {
+                    continue;
+                }
                 if aio::write_reply(
                     w,
                     &Reply::chunk(serde_json::to_value(&e).unwrap_or_default()),
@@ -822,6 +978,7 @@ async fn follow_events(
             Err(_) => return,
         };
         if e.ts_ms < last_ts
+            || !shown(&e)
             || name
                 .as_deref()
                 .is_some_and(|n| e.name.as_deref() != Some(n))

@@ -39,6 +39,12 @@ struct Args {
     /// authentication: bind to loopback or a private network (docs/observability.md).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// The group whose members may use the socket (each acts on their own agents only).
+    #[arg(long, value_name = "NAME", default_value = daemon::identity::MEMBER_GROUP)]
+    group: String,
+    /// The group whose members act on every user's agents, as root does.
+    #[arg(long, value_name = "NAME", default_value = daemon::identity::ADMIN_GROUP)]
+    admin_group: String,
 }
 
 fn main() -> ExitCode {
@@ -127,7 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     daemon::started_event(&d, rec.adopted, rec.restarted);
     tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
     daemon::kernel_audit::start(d.clone());
-    let group = server::aither_gid();
+    let group = daemon::identity::group_gid(&args.group);
     let listener =
         server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
     if let Some(p) = &args.pidfile {
@@ -135,7 +141,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
-    let access = Arc::new(server::Access { group });
+    let access = Arc::new(server::Access {
+        groups: daemon::identity::Groups {
+            member: group,
+            admin: daemon::identity::group_gid(&args.admin_group),
+        },
+    });
     if let Some(addr) = args.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await
