@@ -633,7 +633,10 @@ fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, Buil
     // sets up, so only root-installed ones (by name) are theirs to pick.
     if !caller.admin
         && req.token.is_none()
-        && req.policy.as_deref().is_some_and(|p| p.contains('/'))
+        && req.policy.as_deref().is_some_and(|p| {
+            !p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
     {
         return Err((
             "denied",

@@ -123,7 +123,9 @@ pub fn open_no_follow(dirfd: Option<BorrowedFd<'_>>, path: &Path) -> io::Result<
     let c = crate::sys::cstr(path)?;
     // SAFETY: open_how is plain data; all-zero is its "nothing asked" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    // No O_NOFOLLOW: RESOLVE_NO_SYMLINKS already refuses a link in any component, the last
+    // one included (ELOOP), where O_NOFOLLOW|O_PATH would open the link itself.
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     let dfd = dirfd.map(|f| f.as_raw_fd()).unwrap_or(libc::AT_FDCWD);
     // SAFETY: valid C string and a live open_how of the size passed; returns a new fd or -1.
