@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod memory;
 pub mod net;
 pub mod policy;
+pub mod prepare;
 pub mod sandbox;
 pub mod sys;
 pub mod token;

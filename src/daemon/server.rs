@@ -19,8 +19,7 @@ use super::store::{self, now_ms};
 use super::supervise::State;
 use super::{check_name, Shared};
 use crate::audit::{Decision, Entry};
-use crate::policy::Policy;
-use crate::sandbox::{RunOptions, SandboxSpec};
+use crate::sandbox::RunOptions;
 use crate::token::{self, Claims};
 
 /// Token lifetime of an agent spawned from a policy: a year (revocation ends it sooner).
@@ -627,108 +626,25 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
 
 type BuildError = (&'static str, String);
 
-fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, BuildError> {
-    let bad = |e: &dyn std::fmt::Display| ("invalid", e.to_string());
-    // A non-admin brings no policy text of their own: a policy decides what aitherd (root)
-    // sets up, so only root-installed ones (by name) are theirs to pick.
-    if !caller.admin
-        && req.token.is_none()
-        && req.policy.as_deref().is_some_and(|p| {
-            !p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-    {
-        return Err((
-            "denied",
-            "only root and aither-admin may spawn from a policy file; name an installed policy \
-             (`aitherctl policy ls`)"
-                .into(),
-        ));
+/// aitherd's signing key and its revocation list, for `prepare`.
+struct DaemonAuthority<'a>(&'a Shared);
+
+impl crate::prepare::Authority for DaemonAuthority<'_> {
+    fn verify(&self, text: &str) -> Result<token::Verified, token::TokenError> {
+        self.0.check_token(text)
     }
-    let (text, verified) = match (&req.token, &req.policy) {
-        (Some(_), _) if !req.bus_publish.is_empty() || !req.bus_subscribe.is_empty() => {
-            return Err((
-                "invalid",
-                "--bus-publish/--bus-subscribe add to a token aitherd mints from a policy; \
-                 a given token already says what it grants (mint it with those subjects)"
-                    .into(),
-            ))
-        }
-        (Some(t), _) => {
-            let v = d
-                .check_token(t)
-                .map_err(|e| ("denied", format!("token refused: {e}")))?;
-            d.audit.record(
-                Entry::new(
-                    "token_verify",
-                    Decision::Allow,
-                    "host key; not revoked; not expired",
-                )
-                .agent(&req.name)
-                .actor("aitherd")
-                .data(json!({"token_id": v.id()})),
-            );
-            // A token is the authority of whoever it was minted for (block 0's owner).
-            if !caller.admin && v.root().owner != Some(caller.uid) {
-                return Err((
-                    "denied",
-                    format!(
-                        "token {} was not minted for uid {} (root mints with `aitherctl token mint --for-user`)",
-                        v.id(),
-                        caller.uid
-                    ),
-                ));
-            }
-            if v.effective().subject != req.name {
-                return Err((
-                    "denied",
-                    format!(
-                        "the token is for {:?}, not {:?}",
-                        v.effective().subject,
-                        req.name
-                    ),
-                ));
-            }
-            (t.clone(), v)
-        }
-        (None, p) => {
-            let loaded = Policy::load(p.as_deref().unwrap_or("strict")).map_err(|e| bad(&e))?;
-            let mut claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
-                .map_err(|e| bad(&e))?;
-            claims.owner = Some(caller.uid);
-            claims
-                .grant_bus(&req.bus_publish, &req.bus_subscribe)
-                .map_err(|e| bad(&e))?;
-            let t = token::mint(d.key.signing_key(), &claims).map_err(|e| bad(&e))?;
-            d.audit.record(
-                Entry::new(
-                    "token_mint",
-                    Decision::Allow,
-                    format!("policy {}", loaded.policy.name),
-                )
-                .agent(&req.name)
-                .actor("aitherd")
-                .data(
-                    json!({"token_id": claims.id, "exp": claims.exp, "source": loaded.source,
-                             "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe}),
-                ),
-            );
-            let text = t.encode();
-            let v = d.check_token(&text).map_err(|e| bad(&e))?;
-            (text, v)
-        }
-    };
-    let claims = verified.effective();
-    let policy = claims.to_policy();
-    let opts = RunOptions {
-        name: Some(req.name.clone()),
-        workspace: req.workspace.clone(),
-        env: req.env.clone(),
-        timeout: None,
-        memory: req.memory.map(crate::units::Size),
-        cpus: req.cpus,
-        pids: req.pids,
-        argv: req.argv.clone(),
+
+    fn sign(&self, claims: &Claims) -> Result<String, token::TokenError> {
+        Ok(token::mint(self.0.key.signing_key(), claims)?.encode())
+    }
+}
+
+/// The spawn's record, from the one launch path shared with `run` and `export`
+/// (`prepare::prepare`), plus what only a supervised agent has: the report always on (for
+/// `inspect`) and the GPU ask.
+fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, BuildError> {
+    use crate::prepare::{
+        self, Egress, LaunchRequest, PrepareError, Principal, Source, WorkspaceKind,
     };
     let lookup = |k: &str| {
         req.pass_env
@@ -736,26 +652,63 @@ fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, Buil
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.clone())
     };
-    let mut spec = SandboxSpec::derive(&policy, &opts, &lookup, &req.cwd).map_err(|e| bad(&e))?;
+    let source = match (&req.token, &req.policy) {
+        (Some(t), _) => Source::Token(t),
+        (None, p) => Source::Policy(p.as_deref().unwrap_or("strict")),
+    };
+    let launch = LaunchRequest {
+        name: Some(&req.name),
+        source,
+        ttl: SPAWN_TOKEN_TTL,
+        bus_publish: &req.bus_publish,
+        bus_subscribe: &req.bus_subscribe,
+        opts: RunOptions {
+            name: None,
+            workspace: req.workspace.clone(),
+            env: req.env.clone(),
+            timeout: None,
+            memory: req.memory.map(crate::units::Size),
+            cpus: req.cpus,
+            pids: req.pids,
+            argv: req.argv.clone(),
+        },
+        cwd: &req.cwd,
+        env: &lookup,
+        workspace: WorkspaceKind::Host,
+        egress: Egress::Gateway,
+    };
+    let principal = Principal {
+        uid: caller.uid,
+        gid: caller.gid,
+        admin: caller.admin,
+    };
+    let p = prepare::prepare(&launch, &principal, &DaemonAuthority(d)).map_err(|e| {
+        let text = match (&e, source) {
+            (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
+            _ => e.to_string(),
+        };
+        (e.code(), text)
+    })?;
+    let (kind, rule) = match &p.minted {
+        Some((policy, _)) => ("token_mint", format!("policy {policy}")),
+        None => ("token_verify", "host key; not revoked; not expired".into()),
+    };
+    let root = p.verified.root();
+    d.audit.record(
+        Entry::new(kind, Decision::Allow, rule)
+            .agent(&req.name)
+            .actor("aitherd")
+            .caller(caller.uid)
+            .owner(root.owner.unwrap_or(caller.uid))
+            .data(json!({"token_id": p.verified.id(), "exp": root.exp,
+                         "source": p.minted.as_ref().map(|m| m.1.clone()),
+                         "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe})),
+    );
+    let claims = p.verified.effective();
+    let policy = claims.to_policy();
+    let mut spec = p.spec;
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
-    // Egress through the daemon's gateway (docs/network.md).
-    crate::net::attach(&mut spec, &claims.net);
-    if let Some(w) = &mut spec.workspace {
-        verified
-            .check_workspace(&w.path)
-            .map_err(|e| ("denied", e.to_string()))?;
-        if !caller.admin {
-            // Nowhere they could not write themselves: their own directory, and the agent's
-            // files land as them (the launcher checks the descriptor again before mounting).
-            crate::sandbox::workspace::open_checked(&w.path, Some(caller.uid))
-                .map_err(|e| ("denied", e.to_string()))?;
-            w.owner = Some(crate::sandbox::spec::WorkspaceOwner {
-                uid: caller.uid,
-                gid: caller.gid,
-            });
-        }
-    }
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
@@ -763,8 +716,8 @@ fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, Buil
     Ok(Record {
         request,
         spec,
-        token_id: verified.id().to_string(),
-        token: text,
+        token_id: p.verified.id().to_string(),
+        token: p.token,
         pain: policy.pain,
         created_ms: now_ms(),
         gpu,

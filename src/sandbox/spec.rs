@@ -219,15 +219,16 @@ impl SandboxSpec {
             WorkspaceAccess::None => None,
             access => {
                 let raw = opts.workspace.clone().unwrap_or_else(|| cwd.to_path_buf());
-                // Relative to the caller's directory, lexically: the path must already be the
-                // real one (no symlink, no '..'), which the launcher opens once, without
-                // following links, and checks as a descriptor (sandbox::workspace).
+                // Relative to the caller's directory, lexically (no side effects here): the
+                // path must be written as the real one (no '.', '..'); `prepare` and the
+                // launcher open it without following links and check the descriptor
+                // (sandbox::workspace).
                 let path = if raw.is_absolute() {
                     raw
                 } else {
                     cwd.join(raw)
                 };
-                super::workspace::open_checked(&path, None)
+                super::workspace::check_lexical(&path)
                     .map_err(|e| SpecError::WorkspaceRefused(e.to_string()))?;
                 Some(Workspace {
                     path,
@@ -472,7 +473,7 @@ mod tests {
     }
 
     #[test]
-    fn dangerous_workspaces_are_refused() {
+    fn workspaces_not_written_as_their_real_path_are_refused() {
         for p in [
             "/",
             "/etc",
