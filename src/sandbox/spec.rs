@@ -474,16 +474,7 @@ mod tests {
 
     #[test]
     fn workspaces_not_written_as_their_real_path_are_refused() {
-        for p in [
-            "/",
-            "/etc",
-            "/proc/self",
-            "/usr/lib",
-            "/root",
-            "/home",
-            "/tmp",
-            "/var",
-        ] {
+        for p in ["relative/../x", "/var/./tmp", "/a//b"] {
             let e = derive(&RunOptions {
                 workspace: Some(p.into()),
                 ..opts()
