@@ -405,23 +405,35 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     );
 
     // Every cross-user attempt is a denial carrying both uids.
-    let denied = audit(&d)
-        .into_iter()
-        .filter(|r| {
-            r["decision"] == "deny" && r["caller_uid"] == u2.uid && r["owner_uid"] == u1.uid
-        })
-        .count();
-    assert!(denied >= 9, "cross-user denials in the audit: {denied}");
+    // (aitherd's audit writer batches: wait for the records rather than read once.)
+    let denied = || {
+        audit(&d)
+            .into_iter()
+            .filter(|r| {
+                r["decision"] == "deny" && r["caller_uid"] == u2.uid && r["owner_uid"] == u1.uid
+            })
+            .count()
+    };
+    assert!(
+        poll_until(WAIT, || denied() >= 10),
+        "cross-user denials in the audit: {}",
+        denied()
+    );
 
     // The admin may act on it.
     us.ok(&d, 2, &["rm", "--force", &name]);
-    let allowed = audit(&d).into_iter().any(|r| {
-        r["kind"] == "rm"
-            && r["decision"] == "allow"
-            && r["caller_uid"] == us.users[2].uid
-            && r["owner_uid"] == u1.uid
-    });
-    assert!(allowed, "the admin's rm is recorded with both uids");
+    let allowed = || {
+        audit(&d).into_iter().any(|r| {
+            r["kind"] == "rm"
+                && r["decision"] == "allow"
+                && r["caller_uid"] == us.users[2].uid
+                && r["owner_uid"] == u1.uid
+        })
+    };
+    assert!(
+        poll_until(WAIT, allowed),
+        "the admin's rm is recorded with both uids"
+    );
 }
 
 #[test]
