@@ -144,9 +144,13 @@ impl Authority for HostAuthority {
 
 /// Whether the workspace is a host directory (checked and mounted) or a placeholder (a
 /// Kubernetes Pod's emptyDir, where no host directory is involved).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WorkspaceKind {
+#[derive(Clone, Copy, Debug)]
+pub enum WorkspaceKind<'a> {
+    /// A host directory named by path, for a caller who may name any (root, admins).
     Host,
+    /// A host directory the caller opened with their own rights and passed (SCM_RIGHTS):
+    /// required of non-admins, so aitherd never reaches a directory the caller could not.
+    Presented(std::os::fd::BorrowedFd<'a>),
     Placeholder,
 }
 
@@ -174,7 +178,7 @@ pub struct LaunchRequest<'a> {
     pub cwd: &'a Path,
     /// The caller's environment, for the policy's `pass_env`.
     pub env: &'a dyn Fn(&str) -> Option<String>,
-    pub workspace: WorkspaceKind,
+    pub workspace: WorkspaceKind<'a>,
     pub egress: Egress,
 }
 
@@ -305,18 +309,37 @@ pub fn prepare(
         ..req.opts.clone()
     };
     let mut spec = SandboxSpec::derive(&claims.to_policy(), &opts, req.env, req.cwd)?;
-    if let (WorkspaceKind::Host, Some(w)) = (req.workspace, &mut spec.workspace) {
-        verified.check_workspace(&w.path)?;
-        // An early, clear refusal; the launcher opens the path again without following links
-        // and checks that descriptor, which is the one it mounts.
-        let owner = (!caller.admin).then_some(caller.uid);
-        workspace::open_checked(&w.path, owner)?;
-        if !caller.admin {
-            // Nowhere they could not write themselves, and the files land as them.
-            w.owner = Some(WorkspaceOwner {
-                uid: caller.uid,
-                gid: caller.gid,
-            });
+    if let Some(w) = &mut spec.workspace {
+        let presented = match req.workspace {
+            WorkspaceKind::Placeholder => None,
+            WorkspaceKind::Host => Some(None),
+            WorkspaceKind::Presented(fd) => Some(Some(fd)),
+        };
+        if let Some(presented) = presented {
+            verified.check_workspace(&w.path)?;
+            // An early, clear refusal; the launcher opens the path again without following
+            // links and checks that descriptor (the one it mounts) against the identity
+            // pinned here.
+            let owner = (!caller.admin).then_some(caller.uid);
+            let opened = workspace::open_checked(&w.path, owner)?;
+            match presented {
+                Some(fd) => workspace::check_presented(&opened, fd)?,
+                None if !caller.admin => {
+                    return Err(WorkspaceError::NotPresented {
+                        path: w.path.clone(),
+                    }
+                    .into())
+                }
+                None => {}
+            }
+            w.pinned = Some(opened.id.identity());
+            if !caller.admin {
+                // Nowhere they could not write themselves, and the files land as them.
+                w.owner = Some(WorkspaceOwner {
+                    uid: caller.uid,
+                    gid: caller.gid,
+                });
+            }
         }
     }
     // Egress through a gateway (aitherd's, or the one `run` starts in-process).

@@ -197,13 +197,26 @@ impl Users {
     /// Sends one raw frame as user `i` and returns the reply (python3 as the client, so the
     /// request can carry fields aitherctl would never send).
     fn raw(&self, d: &TestDaemon, i: usize, frame: &Value) -> Value {
+        self.raw_fd(d, i, frame, "")
+    }
+
+    /// `raw` with a directory the user opens (O_RDONLY, or O_PATH when `path` starts with
+    /// "path:") sent along (SCM_RIGHTS); "" sends none.
+    fn raw_fd(&self, d: &TestDaemon, i: usize, frame: &Value, path: &str) -> Value {
         let u = &self.users[i];
         let script = r#"
-import json, socket, struct, sys
+import os, socket, struct, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
 body = sys.argv[2].encode()
-s.sendall(struct.pack(">I", len(body)) + body)
+msg = struct.pack(">I", len(body)) + body
+p = sys.argv[3]
+if p:
+    flags = os.O_DIRECTORY | (os.O_PATH if p.startswith("path:") else os.O_RDONLY)
+    fd = os.open(p.removeprefix("path:"), flags)
+    socket.send_fds(s, [msg], [fd])
+else:
+    s.sendall(msg)
 n = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
 print(s.recv(n, socket.MSG_WAITALL).decode())
 "#;
@@ -221,6 +234,7 @@ print(s.recv(n, socket.MSG_WAITALL).decode())
                 script,
                 &d.socket().display().to_string(),
                 &frame.to_string(),
+                path,
             ])
             .output()
             .expect("python3");
@@ -665,4 +679,91 @@ fn a_planted_link_or_a_rename_race_never_redirects_the_workspace() {
         "rename race: {swaps} exchanges, {ran} runs on the real directory, {refused} refused"
     );
     assert!(swaps > 30, "the race did not run");
+}
+
+#[test]
+fn aitherd_reaches_a_members_workspace_only_through_their_own_descriptor() {
+    let us = Users::create();
+    let d = us.daemon();
+    let u2 = &us.users[1];
+    let own = us.dir(u2);
+    let sub = own.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(u2.uid), Some(u2.gid)).unwrap();
+    let frame = |ws: &Path| {
+        serde_json::json!({"op": "spawn", "name": unique("mu-fd"), "policy": "strict",
+                           "argv": ["true"], "cwd": own, "workspace": ws})
+    };
+    // No descriptor: a member's spawn is refused (aitherd does not open it on their behalf).
+    let r = us.raw(&d, 1, &frame(&own));
+    assert_eq!(r["error"]["code"], "denied", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opened themselves"),
+        "{r}"
+    );
+    // A descriptor of another directory than the path named, or an O_PATH one (which needs
+    // no permission on the directory itself): refused.
+    let r = us.raw_fd(&d, 1, &frame(&sub), own.to_str().unwrap());
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the one at this path"),
+        "{r}"
+    );
+    let r = us.raw_fd(&d, 1, &frame(&own), &format!("path:{}", own.display()));
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the one at this path"),
+        "{r}"
+    );
+    // Their own directory, passed as they opened it: accepted.
+    let r = us.raw_fd(&d, 1, &frame(&own), own.to_str().unwrap());
+    assert_eq!(r["ok"], true, "{r}");
+
+    // The directory is pinned: replaced at the same path after the spawn, a restart refuses
+    // it rather than mount the new one.
+    let name = unique("mu-pin");
+    us.ok(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "strict",
+            "-w",
+            sub.to_str().unwrap(),
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo run >> runs.txt; exec sleep 60",
+        ],
+    );
+    let runs = sub.join("runs.txt");
+    assert!(poll_until(WAIT, || runs.exists()), "{}", d.log());
+    std::fs::rename(&sub, own.join("moved")).unwrap();
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(u2.uid), Some(u2.gid)).unwrap();
+    // The restart is answered once asked; its launch fails, and says why.
+    let _ = us.ctl(&d, 1, &["restart", &name]);
+    let why = || {
+        let v: Value = serde_json::from_str(&us.ok(&d, 1, &["inspect", &name])).unwrap();
+        v["last_exit"].as_str().unwrap_or("").to_string()
+    };
+    assert!(
+        poll_until(WAIT, || why().contains("no longer the one checked")),
+        "{}",
+        us.ok(&d, 1, &["inspect", &name])
+    );
+    assert!(!runs.exists(), "the agent ran in the replacement directory");
+    assert_eq!(
+        std::fs::read_to_string(own.join("moved/runs.txt")).unwrap(),
+        "run\n"
+    );
 }

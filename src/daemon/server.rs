@@ -2,6 +2,7 @@
 //! does. A malformed, truncated or oversized frame gets an error reply; the daemon goes on.
 
 use std::io::SeekFrom;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,6 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
 }
 
 async fn connection(d: Shared, stream: UnixStream, access: &Access) {
-    use std::os::fd::AsFd;
     // The kernel's word on the peer, read once at accept: no field of any request changes it.
     let caller = Caller::of_socket(stream.as_fd(), &access.groups).ok();
     let actor = caller
@@ -127,8 +127,11 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
         }
     };
     loop {
-        let body =
-            match tokio::time::timeout(Duration::from_secs(600), aio::read_frame(&mut r)).await {
+        // recvmsg: a spawn's frame carries the workspace the caller opened (SCM_RIGHTS).
+        let (body, fds) =
+            match tokio::time::timeout(Duration::from_secs(600), aio::read_frame_fds(r.as_ref()))
+                .await
+            {
                 Err(_) | Ok(Ok(None)) => return,
                 Ok(Ok(Some(b))) => b,
                 Ok(Err(e)) => {
@@ -187,7 +190,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 return;
             }
             req => {
-                let reply = handle(&d, req, &caller).await;
+                let reply = handle(&d, req, &caller, fds).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
@@ -265,7 +268,7 @@ fn audit_op(
     d.audit.record(e);
 }
 
-async fn handle(d: &Shared, req: Request, caller: &Caller) -> Reply {
+async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let audited = match &req {
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
         Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
@@ -307,7 +310,7 @@ async fn handle(d: &Shared, req: Request, caller: &Caller) -> Reply {
             return not_found(name);
         }
     }
-    let reply = handle_inner(d, req, caller).await;
+    let reply = handle_inner(d, req, caller, fds).await;
     if let Some((kind, name, data)) = audited {
         audit_op(d, kind, &name, caller, owner, &reply, data);
     }
@@ -319,12 +322,12 @@ fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
     caller.admin || d.owner_of(name).is_some_and(|o| o == caller.uid)
 }
 
-async fn handle_inner(d: &Shared, req: Request, caller: &Caller) -> Reply {
+async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     match req {
         Request::Ping => {
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
-        Request::Spawn(s) => spawn(d, *s, caller).await,
+        Request::Spawn(s) => spawn(d, *s, caller, fds).await,
         Request::GpuLs => {
             let mut v = d.gpu.ls();
             if !caller.admin {
@@ -523,10 +526,10 @@ where
 
 /// Builds the agent's spec from a verified token (the same path as `aitherctl run`), then
 /// starts its supervisor and waits for the first launch.
-async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
+async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
-    let reply = spawn_inner(d, req, caller).await;
+    let reply = spawn_inner(d, req, caller, fds).await;
     let (decision, rule) = match &reply.error {
         None => {
             let info = d.info_of(&name);
@@ -552,7 +555,12 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
     reply
 }
 
-async fn spawn_inner(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
+async fn spawn_inner(
+    d: &Shared,
+    req: SpawnRequest,
+    caller: &Caller,
+    mut fds: Vec<OwnedFd>,
+) -> Reply {
     if let Err(e) = check_name(&req.name) {
         return Reply::err("invalid", e);
     }
@@ -565,7 +573,11 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest, caller: &Caller) -> Reply {
     let d2 = d.clone();
     let req2 = req.clone();
     let caller2 = caller.clone();
-    let built = tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2)).await;
+    // The first descriptor, if any, is the workspace as the caller opened it.
+    let presented = (!fds.is_empty()).then(|| fds.swap_remove(0));
+    drop(fds);
+    let built =
+        tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2, presented.as_ref())).await;
     let rec = match built {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Reply::err(e.0, e.1),
@@ -642,7 +654,12 @@ impl crate::prepare::Authority for DaemonAuthority<'_> {
 /// The spawn's record, from the one launch path shared with `run` and `export`
 /// (`prepare::prepare`), plus what only a supervised agent has: the report always on (for
 /// `inspect`) and the GPU ask.
-fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, BuildError> {
+fn build(
+    d: &Shared,
+    req: &SpawnRequest,
+    caller: &Caller,
+    presented: Option<&OwnedFd>,
+) -> Result<Record, BuildError> {
     use crate::prepare::{
         self, Egress, LaunchRequest, PrepareError, Principal, Source, WorkspaceKind,
     };
@@ -674,7 +691,10 @@ fn build(d: &Shared, req: &SpawnRequest, caller: &Caller) -> Result<Record, Buil
         },
         cwd: &req.cwd,
         env: &lookup,
-        workspace: WorkspaceKind::Host,
+        workspace: match presented {
+            Some(fd) => WorkspaceKind::Presented(fd.as_fd()),
+            None => WorkspaceKind::Host,
+        },
         egress: Egress::Gateway,
     };
     let principal = Principal {

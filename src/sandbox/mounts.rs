@@ -539,6 +539,15 @@ pub fn prepare_workspace(
     // (a link or rename planted by an earlier agent cannot redirect it).
     let opened = super::workspace::open_checked(&ws.path, ws.owner.map(|o| o.uid))
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    if ws.pinned.is_some_and(|p| p != opened.id.identity()) {
+        let e = super::workspace::WorkspaceError::Replaced {
+            path: ws.path.clone(),
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            e.to_string(),
+        ));
+    }
     // The agent's files land as the caller (checked above to own the directory), or, for
     // root and admins, as the directory's owner.
     let (uid, gid) = match ws.owner {

@@ -74,6 +74,17 @@ pub struct Workspace {
     /// directory's owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<WorkspaceOwner>,
+    /// The directory checked at launch preparation, by identity: the launcher refuses a
+    /// different one at the path (a rename or replacement since; a restart after one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<DirIdentity>,
+}
+
+/// A directory's identity: (st_dev, st_ino).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirIdentity {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// The host identity an agent's workspace files land as (issue 18: never a directory owner
@@ -234,6 +245,7 @@ impl SandboxSpec {
                     path,
                     access,
                     owner: None,
+                    pinned: None,
                 })
             }
         };

@@ -66,6 +66,12 @@ pub enum WorkspaceError {
         owner: u32,
         caller: u32,
     },
+    #[error("workspace {path}: a member's workspace must come as a directory they opened themselves (aitherctl passes it); none was passed")]
+    NotPresented { path: PathBuf },
+    #[error("workspace {path}: the directory passed is not the one at this path (or was opened without read access: O_PATH)")]
+    PresentedMismatch { path: PathBuf },
+    #[error("workspace {path}: the directory at this path is no longer the one checked at spawn (replaced or renamed); spawn again")]
+    Replaced { path: PathBuf },
     #[error("workspace {path}: cloning the mount: {source}")]
     Clone {
         path: PathBuf,
@@ -81,6 +87,35 @@ pub struct DirId {
     pub ino: u64,
     pub uid: u32,
     pub gid: u32,
+}
+
+impl DirId {
+    /// What pins a directory across opens: (st_dev, st_ino).
+    pub fn identity(&self) -> crate::sandbox::spec::DirIdentity {
+        crate::sandbox::spec::DirIdentity {
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+}
+
+/// Checks a descriptor the caller opened themselves (SCM_RIGHTS) against the directory
+/// opened here: the same (dev, ino), and a real open (not O_PATH, which needs no read or
+/// search permission on the directory itself), so the caller proved they can reach it.
+pub fn check_presented(opened: &OpenedWorkspace, fd: BorrowedFd<'_>) -> Result<(), WorkspaceError> {
+    let mismatch = || WorkspaceError::PresentedMismatch {
+        path: opened.path.clone(),
+    };
+    // SAFETY: F_GETFL on a live descriptor has no other preconditions.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 || fl & libc::O_PATH != 0 {
+        return Err(mismatch());
+    }
+    let st = fstat(fd).map_err(|_| mismatch())?;
+    if (st.st_dev, st.st_ino) != (opened.id.dev, opened.id.ino) {
+        return Err(mismatch());
+    }
+    Ok(())
 }
 
 /// A workspace directory opened without following links and checked.

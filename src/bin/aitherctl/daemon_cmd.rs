@@ -361,6 +361,24 @@ fn parse_publish(s: &str) -> Result<(String, u16), String> {
     Ok((name.to_string(), port))
 }
 
+/// Opens the workspace with the caller's own rights (aitherd checks this descriptor, so it
+/// never reaches a directory the caller could not). An explicit `-w` that cannot be opened is
+/// an error here; the default (the current directory) is sent when it can be opened, and
+/// aitherd decides whether the policy needs one.
+fn open_workspace(req: &SpawnRequest, explicit: bool) -> anyhow::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = req.workspace.as_ref().unwrap_or(&req.cwd);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if explicit => Err(anyhow::anyhow!("workspace {}: {e}", path.display())),
+        Err(_) => Ok(None),
+    }
+}
+
 pub fn spawn(a: SpawnArgs) -> i32 {
     let req = match build_spawn(&a) {
         Ok(r) => r,
@@ -369,7 +387,20 @@ pub fn spawn(a: SpawnArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match call(&Request::Spawn(Box::new(req))) {
+    let ws = match open_workspace(&req, req.workspace.is_some()) {
+        Ok(f) => f,
+        Err(e) => {
+            crate::print_error(&e);
+            return EXIT_REFUSED;
+        }
+    };
+    let fds: Vec<std::os::fd::BorrowedFd<'_>> = ws.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let reply = connect().and_then(|mut c| {
+        c.call_with_fds(&Request::Spawn(Box::new(req)), &fds)
+            .map_err(client_err)
+            .and_then(reply_data)
+    });
+    match reply {
         Ok(v) => {
             if a.json {
                 print_json(&v);
