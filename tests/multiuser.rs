@@ -127,15 +127,18 @@ impl Users {
     /// The private daemon, with the test's groups as member and admin groups, its socket
     /// reachable by them (0660 root:<member group> in a 0711 directory).
     fn daemon(&self) -> TestDaemon {
-        let d = TestDaemon::start(
-            "aitherd-mu-",
-            &[
-                "--group",
-                &self.member_group,
-                "--admin-group",
-                &self.admin_group,
-            ],
-        );
+        self.daemon_with(&[])
+    }
+
+    fn daemon_with(&self, extra: &[&str]) -> TestDaemon {
+        let mut args = vec![
+            "--group",
+            &self.member_group,
+            "--admin-group",
+            &self.admin_group,
+        ];
+        args.extend_from_slice(extra);
+        let d = TestDaemon::start("aitherd-mu-", &args);
         std::fs::set_permissions(d.state.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         // aitherd answers as soon as it listens; the socket's group follows right after.
         let sock = d.socket();
@@ -766,4 +769,46 @@ fn aitherd_reaches_a_members_workspace_only_through_their_own_descriptor() {
         std::fs::read_to_string(own.join("moved/runs.txt")).unwrap(),
         "run\n"
     );
+}
+
+#[test]
+fn per_user_limits_from_the_configuration_bind_members_not_admins() {
+    let us = Users::create();
+    let conf = us.base.path().join("aitherd.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[egress]\n# another part's table: left alone\n\n[users.default]\nagents = 2\nmemory = \"600M\"\n\n[users.user.{}]\nagents = 3\n",
+            us.users[1].name
+        ),
+    )
+    .unwrap();
+    let d = us.daemon_with(&["--config", conf.to_str().unwrap()]);
+    let spawn = |i: usize, extra: &[&str]| {
+        let name = unique("mu-lim");
+        let mut args = vec!["spawn", "--policy", "strict"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&name, "--", "sleep", "60"]);
+        us.ctl(&d, i, &args)
+    };
+    // User 1 (the default: 2 agents, 600M in all): strict's 512M, then 128M more is over
+    // the memory cap, 64M is not, and a third agent is over the count.
+    let ok = |o: Output| assert!(o.status.success(), "{o:?}\n{}", d.log());
+    let refused = |o: Output, why: &str| {
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && err.contains(why), "{why}: {err}");
+    };
+    ok(spawn(0, &[]));
+    refused(spawn(0, &["--memory", "128M"]), "memory would be");
+    ok(spawn(0, &["--memory", "64M"]));
+    refused(spawn(0, &["--memory", "8M"]), "you hold 2 agents");
+    // User 2 has an entry of their own (3 agents, no memory cap).
+    for _ in 0..3 {
+        ok(spawn(1, &[]));
+    }
+    refused(spawn(1, &[]), "you hold 3 agents");
+    // The admin is not limited.
+    for _ in 0..3 {
+        ok(spawn(2, &[]));
+    }
 }

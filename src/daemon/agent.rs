@@ -48,6 +48,10 @@ pub struct Info {
     /// The uid that spawned it (admins see an OWNER column).
     #[serde(default)]
     pub owner: u32,
+    /// What it counts against its owner's per-user limits (daemon/users.rs): its memory
+    /// limit in bytes and CPU quota in CPUs.
+    #[serde(skip)]
+    pub charged: (Option<u64>, Option<f64>),
     pub state: State,
     pub policy: String,
     pub argv: Vec<String>,
@@ -172,6 +176,13 @@ pub fn start(
     let info = Arc::new(Mutex::new(Info {
         name: name.clone(),
         owner: rec.owner,
+        charged: (
+            rec.spec.limits.memory,
+            rec.spec
+                .limits
+                .cpu
+                .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
+        ),
         state: initial.unwrap_or(State::Created),
         policy: rec.spec.policy.clone(),
         argv: rec.spec.argv.clone(),

@@ -23,6 +23,7 @@ pub mod server;
 pub mod shim;
 pub mod store;
 pub mod supervise;
+pub mod users;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,8 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Per-user limits (`[users]` of aitherd.toml), set once at start.
+    pub users: std::sync::OnceLock<users::UsersConfig>,
 }
 
 impl Daemon {
@@ -146,6 +149,7 @@ impl Daemon {
             epoch: Instant::now(),
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
+            users: std::sync::OnceLock::new(),
         })
     }
 
@@ -243,6 +247,21 @@ impl Daemon {
         agents
             .get(name)
             .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// What `uid`'s agents hold now, against the per-user limits.
+    pub fn usage_of(&self, uid: u32) -> users::Usage {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let mut u = users::Usage::default();
+        for h in agents.values() {
+            let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+            if i.owner == uid {
+                u.agents += 1;
+                u.memory += i.charged.0.unwrap_or(0);
+                u.cpus += i.charged.1.unwrap_or(0.0);
+            }
+        }
+        u
     }
 
     /// The uid that owns agent `name`, if there is such an agent.

@@ -730,6 +730,27 @@ fn build(
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
+    if !caller.admin {
+        // Per-user limits (aitherd.toml [users]); a replaced agent's share is freed with it.
+        let cfg = d.users.get().cloned().unwrap_or_default();
+        let mut held = d.usage_of(caller.uid);
+        if let Some(old) = d.info_of(&req.name).filter(|i| i.owner == caller.uid) {
+            held.agents = held.agents.saturating_sub(1);
+            held.memory = held.memory.saturating_sub(old.charged.0.unwrap_or(0));
+            held.cpus = (held.cpus - old.charged.1.unwrap_or(0.0)).max(0.0);
+        }
+        let name = super::users::user_name(caller.uid);
+        super::users::check(
+            cfg.limits_of(name.as_deref()),
+            held,
+            spec.limits.memory,
+            spec.limits
+                .cpu
+                .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
+            gpu.as_ref().map(|g| g.priority),
+        )
+        .map_err(|e| ("denied", e))?;
+    }
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
     request.pass_env.clear();

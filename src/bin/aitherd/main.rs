@@ -35,6 +35,10 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
+    /// Configuration file (TOML; its `[users]` table: per-user limits, docs/daemon.md)
+    /// [default: /etc/aither/aitherd.toml, if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), GET /metrics. No
     /// authentication: bind to loopback or a private network (docs/observability.md).
     #[arg(long, value_name = "ADDR")]
@@ -121,7 +125,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", state_dir.display()))?;
     raise_nofile();
     let init = daemon::find_init()?;
+    // Read before anything is served: a bad file stops the start.
+    let users = match &args.config {
+        Some(p) => daemon::users::UsersConfig::load(p, true),
+        None => daemon::users::UsersConfig::load(
+            std::path::Path::new(daemon::users::DEFAULT_CONFIG),
+            false,
+        ),
+    }
+    .context("reading the configuration")?;
     let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
+    let _ = d.users.set(users);
     let rec = recover::recover(&d)?;
     tracing::info!(
         adopted = rec.adopted,
