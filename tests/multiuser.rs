@@ -342,13 +342,18 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     }
     let ev = us.ok(&d, 1, &["events", "--json"]);
     assert!(!ev.contains(&name), "user 2's events show it: {ev}");
-    // The operator bus spans every user's streams: admins only.
-    let o = us.ctl(&d, 1, &["bus", "streams"]);
+    // The operator bus spans every user's streams: publishing and subscribing are for
+    // admins; `bus streams` shows a member their own agents' subscriptions only.
+    let o = us.ctl(&d, 1, &["bus", "pub", "x.y", "1"]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("aither-admin"),
         "{o:?}"
     );
+    let streams = us.ok(&d, 1, &["bus", "streams", "--json"]);
+    let v: Value = serde_json::from_str(&streams).unwrap();
+    assert_eq!(v["streams"], serde_json::json!([]), "{v}");
+    assert!(!streams.contains(&name), "{v}");
     // Nor can they take the name over.
     let o = us.ctl(
         &d,

@@ -239,7 +239,7 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
     );
     Err(Reply::err(
         "denied",
-        "the operator bus (bus pub/sub/streams/ack) is for root and members of aither-admin",
+        "the operator bus (bus pub/sub/ack) is for root and members of aither-admin",
     ))
 }
 
@@ -365,13 +365,25 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             Reply::ok(serde_json::to_value(list).unwrap_or_default())
         }
         Request::BusStreams => {
-            if let Err(r) = admin_only(d, caller, "bus") {
-                return r;
-            }
             let d2 = d.clone();
-            tokio::task::spawn_blocking(move || super::bus::streams(&d2))
+            let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
                 .await
-                .unwrap_or_else(|e| Reply::err("internal", e.to_string()))
+                .unwrap_or_else(|e| Reply::err("internal", e.to_string()));
+            if !caller.admin {
+                // A member sees the subscriptions of their own agents; the shared log's
+                // statistics and the operators' subscriptions are not theirs.
+                if let Some(v) = reply.data.as_mut() {
+                    v["streams"] = json!([]);
+                    if let Some(subs) = v["subscriptions"].as_array_mut() {
+                        subs.retain(|x| {
+                            x["owner"]
+                                .as_str()
+                                .is_some_and(|n| d.owner_of(n) == Some(caller.uid))
+                        });
+                    }
+                }
+            }
+            reply
         }
         Request::BusAck { durable, seq } => {
             if let Err(r) = admin_only(d, caller, "bus") {
