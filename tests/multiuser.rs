@@ -442,6 +442,16 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
         denied()
     );
 
+    // Every record about the agent names its owner.
+    let unowned: Vec<Value> = audit(&d)
+        .into_iter()
+        .filter(|r| r["agent"] == name.as_str() && r["owner_uid"] != u1.uid)
+        .collect();
+    assert!(
+        unowned.is_empty(),
+        "records of {name} without its owner: {unowned:?}"
+    );
+
     // The admin may act on it.
     us.ok(&d, 2, &["rm", "--force", &name]);
     let allowed = || {

@@ -552,7 +552,13 @@ mod tests {
 #[derive(Clone)]
 pub struct Sink {
     tx: std::sync::mpsc::Sender<Entry>,
+    /// Fills `owner_uid` of a record about an agent that does not name one (aitherd: the
+    /// agent's owner, issue 18).
+    owners: Option<std::sync::Arc<OwnerLookup>>,
 }
+
+/// An agent name's owner uid.
+pub type OwnerLookup = dyn Fn(&str) -> Option<u32> + Send + Sync;
 
 impl Sink {
     pub fn start(path: PathBuf) -> Sink {
@@ -585,10 +591,20 @@ impl Sink {
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the audit writer");
         }
-        (Sink { tx }, spawned.ok())
+        (Sink { tx, owners: None }, spawned.ok())
     }
 
-    pub fn record(&self, e: Entry) {
+    /// Every record about an agent carries its owner's uid, looked up here when not given.
+    /// The lookup must not take a lock that a caller of `record` may hold.
+    pub fn with_owners(mut self, f: std::sync::Arc<OwnerLookup>) -> Sink {
+        self.owners = Some(f);
+        self
+    }
+
+    pub fn record(&self, mut e: Entry) {
+        if let (None, Some(agent), Some(f)) = (e.owner_uid, &e.agent, &self.owners) {
+            e.owner_uid = f(agent);
+        }
         let _ = self.tx.send(e);
     }
 }

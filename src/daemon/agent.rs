@@ -173,6 +173,10 @@ pub fn start(
     restarts: u32,
 ) -> Handle {
     let name = rec.request.name.clone();
+    d.owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), rec.owner);
     let info = Arc::new(Mutex::new(Info {
         name: name.clone(),
         owner: rec.owner,

@@ -105,6 +105,9 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Every agent's owner by name, for the audit stream (its own lock: never held while
+    /// recording). Kept after removal, so late records of an agent still name its owner.
+    pub owners: Arc<Mutex<HashMap<String, u32>>>,
     /// Per-user limits (`[users]` of aitherd.toml), set once at start.
     pub users: std::sync::OnceLock<users::UsersConfig>,
 }
@@ -121,6 +124,7 @@ impl Daemon {
         let memory = MemoryStore::open(&state_dir.join("memory.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
+        let owners: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let (events, _) = broadcast::channel(4096);
         let bus = Arc::new(crate::bus::Bus::open(
             &state_dir.join("bus.db"),
@@ -133,7 +137,16 @@ impl Daemon {
             .unwrap_or(Duration::from_secs(2));
         Ok(Daemon {
             store,
-            audit: crate::audit::Sink::start(crate::audit::log_path()),
+            audit: crate::audit::Sink::start(crate::audit::log_path()).with_owners({
+                let o = owners.clone();
+                Arc::new(move |name: &str| {
+                    o.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(name)
+                        .copied()
+                })
+            }),
+            owners,
             counters: metrics::Counters::default(),
             memory,
             events,

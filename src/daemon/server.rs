@@ -561,7 +561,8 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
             .agent(&name)
             .actor(caller.actor())
             .caller(caller.uid)
-            .owner(caller.uid)
+            // The agent's owner: the caller's new agent, or whoever holds the name.
+            .owner(d.owner_of(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv})),
     );
     reply
@@ -581,6 +582,13 @@ async fn spawn_inner(
     }
     if req.argv.is_empty() {
         return Reply::err("invalid", "no command to run");
+    }
+    // Another user's name is refused before anything is minted for it.
+    if d.owner_of(&req.name).is_some_and(|o| !caller.may_act_on(o)) {
+        return Reply::err(
+            "exists",
+            format!("the name {:?} is taken; pick another", req.name),
+        );
     }
     let d2 = d.clone();
     let req2 = req.clone();
