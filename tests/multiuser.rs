@@ -452,6 +452,30 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
         "records of {name} without its owner: {unowned:?}"
     );
 
+    // `aitherctl audit` as a member (the log is root's 0640): through aitherd, only the
+    // records they asked for or about their own agents.
+    let seen = |i: usize| -> Vec<Value> {
+        us.ok(&d, i, &["audit", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit JSON"))
+            .collect()
+    };
+    let mine = seen(0);
+    assert!(
+        mine.iter().any(|r| r["kind"] == "spawn"
+            && r["decision"] == "allow"
+            && r["agent"] == name.as_str()),
+        "{mine:?}"
+    );
+    let theirs = seen(1);
+    assert!(!theirs.is_empty());
+    for r in &theirs {
+        assert!(
+            r["caller_uid"] == u2.uid || r["owner_uid"] == u2.uid,
+            "user 2 sees a record not theirs: {r}"
+        );
+    }
+
     // The admin may act on it.
     us.ok(&d, 2, &["rm", "--force", &name]);
     let allowed = || {

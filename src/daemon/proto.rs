@@ -471,6 +471,15 @@ pub enum Request {
         durable: String,
         seq: u64,
     },
+    /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
+    /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
+    /// their agents. The reply is `{"lines": [...]}`, each a stored record's text.
+    Audit {
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        agent: Option<String>,
+    },
 }
 
 /// An error in a reply.

@@ -457,6 +457,15 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             }
             reply
         }
+        Request::Audit { since_ms, agent } => {
+            let c = caller.clone();
+            let res = tokio::task::spawn_blocking(move || audit_for(&c, since_ms, agent)).await;
+            match res {
+                Ok(Ok(lines)) => Reply::ok(json!({ "lines": lines })),
+                Ok(Err(e)) => Reply::err("internal", e.to_string()),
+                Err(e) => Reply::err("internal", e.to_string()),
+            }
+        }
         Request::Events { since_ms, name, .. } => {
             let d2 = d.clone();
             let res = tokio::task::spawn_blocking(move || {
@@ -482,6 +491,36 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             }
         }
     }
+}
+
+/// The newest records of the audit log (at most 10,000, 16 MiB) the caller may see.
+fn audit_for(
+    caller: &Caller,
+    since_ms: Option<u64>,
+    agent: Option<String>,
+) -> Result<Vec<String>, crate::audit::AuditError> {
+    let lines = crate::audit::read_lines(&crate::audit::log_path())?;
+    let mut out: Vec<String> = Vec::new();
+    let mut bytes = 0usize;
+    for l in lines.iter().rev() {
+        let Some(r) = &l.record else { continue };
+        let e = &r.entry;
+        let theirs =
+            caller.admin || e.caller_uid == Some(caller.uid) || e.owner_uid == Some(caller.uid);
+        if !theirs
+            || r.ts_ms < since_ms.unwrap_or(0)
+            || agent.as_ref().is_some_and(|a| e.agent.as_ref() != Some(a))
+        {
+            continue;
+        }
+        bytes += l.bytes.len();
+        if out.len() >= 10_000 || bytes > 16 << 20 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&l.bytes).into_owned());
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// An operator's memory request (any agent's memory, no quota: docs/memory.md).
