@@ -490,6 +490,13 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
         poll_until(WAIT, allowed),
         "the admin's rm is recorded with both uids"
     );
+    // Removed, its memory is kept under the name: still user 1's, not user 2's to take.
+    us.ok(&d, 0, &["mem", "ls", &name, "--tier", "working"]);
+    let o = us.ctl(&d, 1, &["mem", "ls", &name, "--tier", "working"]);
+    assert!(!o.status.success(), "{o:?}");
+    let o = us.ctl(&d, 1, &["spawn", "--policy", "strict", &name, "--", "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("taken"), "{err}");
 }
 
 #[test]

@@ -124,7 +124,11 @@ impl Daemon {
         let memory = MemoryStore::open(&state_dir.join("memory.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
-        let owners: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        // Names' owners, kept across removals and restarts (store.rs `owners`).
+        let owners: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(store::load_owners(
+            &store.reader()?,
+            store.path(),
+        )?));
         let (events, _) = broadcast::channel(4096);
         let bus = Arc::new(crate::bus::Bus::open(
             &state_dir.join("bus.db"),
@@ -275,6 +279,17 @@ impl Daemon {
             }
         }
         u
+    }
+
+    /// The uid that owns the name (a live agent's, or a removed one's whose memory is kept).
+    pub fn name_owner(&self, name: &str) -> Option<u32> {
+        self.owner_of(name).or_else(|| {
+            self.owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .copied()
+        })
     }
 
     /// The uid that owns agent `name`, if there is such an agent.

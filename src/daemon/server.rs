@@ -202,7 +202,8 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
 /// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
 /// is answered as if it did not exist, and the attempt is recorded as a denial.
 fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Option<u32>, Reply> {
-    let Some(owner) = d.owner_of(name) else {
+    // A removed agent's name stays its owner's (its memory is kept under it).
+    let Some(owner) = d.name_owner(name) else {
         return Ok(None);
     };
     if caller.may_act_on(owner) {
@@ -305,7 +306,7 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
             Ok(o) => owner = o,
             Err(reply) => return reply,
         }
-        // Memory outlives its agent; without a live owner only admins reach it.
+        // Memory outlives its agent; a name nobody owns is the admins'.
         if owner.is_none() && !caller.admin && matches!(req, Request::Mem { .. }) {
             return not_found(name);
         }
@@ -450,7 +451,15 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
                 let n2 = name.clone();
                 let purged = tokio::task::spawn_blocking(move || d2.memory.clear(&n2, None)).await;
                 match purged {
-                    Ok(Ok(n)) => d.emit(Some(&name), "memory_purged", json!({"entries": n})),
+                    Ok(Ok(n)) => {
+                        d.emit(Some(&name), "memory_purged", json!({"entries": n}));
+                        // Nothing is kept under the name any more: it is free.
+                        d.store.delete_owner(&name);
+                        d.owners
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&name);
+                    }
                     Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
                     Err(e) => return Reply::err("internal", e.to_string()),
                 }
@@ -601,7 +610,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
             .actor(caller.actor())
             .caller(caller.uid)
             // The agent's owner: the caller's new agent, or whoever holds the name.
-            .owner(d.owner_of(&name).unwrap_or(caller.uid))
+            .owner(d.name_owner(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv})),
     );
     reply
@@ -622,8 +631,11 @@ async fn spawn_inner(
     if req.argv.is_empty() {
         return Reply::err("invalid", "no command to run");
     }
-    // Another user's name is refused before anything is minted for it.
-    if d.owner_of(&req.name).is_some_and(|o| !caller.may_act_on(o)) {
+    // Another user's name (a live agent's, or one whose memory is kept) is refused before
+    // anything is minted for it.
+    if d.name_owner(&req.name)
+        .is_some_and(|o| !caller.may_act_on(o))
+    {
         return Reply::err(
             "exists",
             format!("the name {:?} is taken; pick another", req.name),
@@ -675,6 +687,7 @@ async fn spawn_inner(
             // Its supervisor is resting; dropping the handle ends it.
             agents.remove(&req.name);
         }
+        d.store.put_owner(&req.name, caller.uid);
         d.store.put_agent(
             &req.name,
             &serde_json::to_value(&rec).unwrap_or_default(),
