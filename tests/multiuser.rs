@@ -857,4 +857,20 @@ fn per_user_limits_from_the_configuration_bind_members_not_admins() {
     for _ in 0..3 {
         ok(spawn(2, &[]));
     }
+    // Concurrent spawns cannot both take the last place: user 1 empties their agents, then
+    // asks for six at once under a cap of two.
+    for n in names(&us.ok(&d, 0, &["ps", "--json"])) {
+        us.ok(&d, 0, &["rm", "--force", &n]);
+    }
+    let won = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| spawn(0, &["--memory", "8M"]).status.success()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(won, 2, "concurrent spawns under a cap of 2");
 }

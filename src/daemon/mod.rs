@@ -268,17 +268,7 @@ impl Daemon {
 
     /// What `uid`'s agents hold now, against the per-user limits.
     pub fn usage_of(&self, uid: u32) -> users::Usage {
-        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
-        let mut u = users::Usage::default();
-        for h in agents.values() {
-            let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
-            if i.owner == uid {
-                u.agents += 1;
-                u.memory += i.charged.0.unwrap_or(0);
-                u.cpus += i.charged.1.unwrap_or(0.0);
-            }
-        }
-        u
+        usage_in(&self.agents.lock().unwrap_or_else(|e| e.into_inner()), uid)
     }
 
     /// The uid that owns the name (a live agent's, or a removed one's whose memory is kept).
@@ -299,6 +289,20 @@ impl Daemon {
             .get(name)
             .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).owner)
     }
+}
+
+/// What `uid`'s agents in `agents` hold, against the per-user limits.
+pub fn usage_in(agents: &HashMap<String, agent::Handle>, uid: u32) -> users::Usage {
+    let mut u = users::Usage::default();
+    for h in agents.values() {
+        let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+        if i.owner == uid {
+            u.agents += 1;
+            u.memory += i.charged.0.unwrap_or(0);
+            u.cpus += i.charged.1.unwrap_or(0.0);
+        }
+    }
+    u
 }
 
 /// Finds `aither-init`: `AITHER_INIT`, else beside the running binary (or one directory up,

@@ -320,7 +320,7 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
 
 /// Keeps what the caller may see: every agent for admins, their own for anyone else.
 fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
-    caller.admin || d.owner_of(name).is_some_and(|o| o == caller.uid)
+    caller.admin || d.name_owner(name).is_some_and(|o| o == caller.uid)
 }
 
 async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
@@ -657,6 +657,14 @@ async fn spawn_inner(
     let (tx, rx) = oneshot::channel();
     {
         let mut agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+        // Per-user limits (aitherd.toml [users]), under the same lock as the insertion, so
+        // concurrent spawns cannot both take the last place; an agent this spawn replaces
+        // does not count.
+        if !caller.admin {
+            if let Err(e) = over_limits(d, &agents, caller, &rec) {
+                return Reply::err("denied", e);
+            }
+        }
         if let Some(h) = agents.get(&req.name) {
             let (st, owner) = {
                 let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -709,6 +717,36 @@ async fn spawn_inner(
 }
 
 type BuildError = (&'static str, String);
+
+/// Refuses a member's new agent over their per-user limits.
+fn over_limits(
+    d: &Shared,
+    agents: &std::collections::HashMap<String, agent::Handle>,
+    caller: &Caller,
+    rec: &Record,
+) -> Result<(), String> {
+    let cfg = d.users.get().cloned().unwrap_or_default();
+    let mut held = super::usage_in(agents, caller.uid);
+    if let Some(h) = agents.get(&rec.request.name) {
+        let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+        if i.owner == caller.uid {
+            held.agents = held.agents.saturating_sub(1);
+            held.memory = held.memory.saturating_sub(i.charged.0.unwrap_or(0));
+            held.cpus = (held.cpus - i.charged.1.unwrap_or(0.0)).max(0.0);
+        }
+    }
+    let name = super::users::user_name(caller.uid);
+    let limits = &rec.spec.limits;
+    super::users::check(
+        cfg.limits_of(name.as_deref()),
+        held,
+        limits.memory,
+        limits
+            .cpu
+            .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
+        rec.gpu.as_ref().map(|g| g.priority),
+    )
+}
 
 /// aitherd's signing key and its revocation list, for `prepare`.
 struct DaemonAuthority<'a>(&'a Shared);
@@ -802,27 +840,6 @@ fn build(
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
-    if !caller.admin {
-        // Per-user limits (aitherd.toml [users]); a replaced agent's share is freed with it.
-        let cfg = d.users.get().cloned().unwrap_or_default();
-        let mut held = d.usage_of(caller.uid);
-        if let Some(old) = d.info_of(&req.name).filter(|i| i.owner == caller.uid) {
-            held.agents = held.agents.saturating_sub(1);
-            held.memory = held.memory.saturating_sub(old.charged.0.unwrap_or(0));
-            held.cpus = (held.cpus - old.charged.1.unwrap_or(0.0)).max(0.0);
-        }
-        let name = super::users::user_name(caller.uid);
-        super::users::check(
-            cfg.limits_of(name.as_deref()),
-            held,
-            spec.limits.memory,
-            spec.limits
-                .cpu
-                .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
-            gpu.as_ref().map(|g| g.priority),
-        )
-        .map_err(|e| ("denied", e))?;
-    }
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
     request.pass_env.clear();
