@@ -58,18 +58,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// A caller inside the daemon itself (recovery, supervisors): an admin.
-    pub fn daemon() -> Caller {
-        Caller {
-            uid: 0,
-            gid: 0,
-            groups: Vec::new(),
-            pid: None,
-            allowed: true,
-            admin: true,
-        }
-    }
-
     /// Decides from credentials.
     pub fn classify(uid: u32, gid: u32, groups: Vec<u32>, pid: Option<i32>, g: &Groups) -> Caller {
         // SAFETY: geteuid has no preconditions.

@@ -266,11 +266,6 @@ impl Daemon {
             .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
-    /// What `uid`'s agents hold now, against the per-user limits.
-    pub fn usage_of(&self, uid: u32) -> users::Usage {
-        usage_in(&self.agents.lock().unwrap_or_else(|e| e.into_inner()), uid)
-    }
-
     /// The uid that owns the name (a live agent's, or a removed one's whose memory is kept).
     pub fn name_owner(&self, name: &str) -> Option<u32> {
         self.owner_of(name).or_else(|| {

@@ -33,11 +33,6 @@ pub struct Access {
     pub groups: super::identity::Groups,
 }
 
-/// The gid of group `aither`, if it exists.
-pub fn aither_gid() -> Option<u32> {
-    super::identity::group_gid(super::GROUP)
-}
-
 /// Binds the socket: 0660 root:aither when the group exists, else 0600.
 pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
