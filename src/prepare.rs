@@ -462,19 +462,34 @@ mod tests {
         std::os::unix::fs::chown(ws.path(), Some(4242), Some(4242)).unwrap();
         let env = |_: &str| None;
         let auth = OneLaunch::new().unwrap();
-        let p = prepare(
+        // Named only: aitherd does not open a member's directory on their behalf.
+        let e = prepare(
             &req(Some("mine"), Source::Policy("strict"), ws.path(), &env),
             &MEMBER,
             &auth,
         )
-        .unwrap();
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PrepareError::Workspace(WorkspaceError::NotPresented { .. })
+            ),
+            "{e}"
+        );
+        // Presented as they opened it.
+        let dir = std::fs::File::open(ws.path()).unwrap();
+        let mut r = req(Some("mine"), Source::Policy("strict"), ws.path(), &env);
+        r.workspace = WorkspaceKind::Presented(std::os::fd::AsFd::as_fd(&dir));
+        let p = prepare(&r, &MEMBER, &auth).unwrap();
+        let w = p.spec.workspace.unwrap();
         assert_eq!(
-            p.spec.workspace.unwrap().owner,
+            w.owner,
             Some(WorkspaceOwner {
                 uid: 4242,
                 gid: 4242
             })
         );
+        assert!(w.pinned.is_some());
         assert_eq!(p.verified.root().owner, Some(4242));
     }
 }
