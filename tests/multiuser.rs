@@ -539,6 +539,23 @@ fn members_work_only_in_directories_they_own() {
         assert!(err.contains("workspace"), "{ws}: {err}");
         assert!(!Path::new(ws).join("planted").exists(), "{ws}");
     }
+    // Out of the member group, the same user is not served at all (the socket's mode keeps
+    // them out; SO_PEERCRED/SO_PEERGROUPS would too), whatever they send.
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &u2.uid.to_string(),
+        "--regid",
+        &u2.gid.to_string(),
+        "--clear-groups",
+        "--",
+        AITHERCTL,
+        "ps",
+    ]);
+    d.env(&mut c);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert!(!o.status.success(), "{o:?}");
+
     // A policy file of their own is not theirs to load; nor a token minted for someone else.
     let pol = us.dir(u2).join("mine.toml");
     std::fs::copy(common::policy_dir().join("permissive.toml"), &pol).unwrap();
