@@ -95,6 +95,8 @@ if [ -n "$PYSITE" ]; then
   install -d -m 0755 "$PYSITE" && install -m 0644 "$HERE/runtime/python/aither.py" "$PYSITE/aither.py"
 fi
 getent group aither >/dev/null || groupadd --system aither
+# Members act on every user's agents, as root does (docs/security-model.md, who may do what).
+getent group aither-admin >/dev/null || groupadd --system aither-admin
 for f in "$HERE"/policies/*.toml; do install -m 0644 "$f" "$POLICY_DIR/"; done
 install -m 0644 "$HERE"/policies/seccomp/*.toml "$POLICY_DIR/seccomp/"
 install -d -m 0700 "$STATE_DIR"

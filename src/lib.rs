@@ -4,7 +4,7 @@
 //! Modules depend downwards only:
 //!
 //! ```text
-//! policy ──► token ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
+//! policy ──► token ──► prepare (run, spawn, export: one path) ──► sandbox::spec ──► sandbox::launch ──► sandbox::{init, mounts, seccomp, landlock, caps, rlimits, userns}
 //!                                   │
 //!                                   ├──► cgroup::{v1, v2}
 //!                                   │
@@ -22,6 +22,7 @@ pub mod hostpath;
 pub mod memory;
 pub mod net;
 pub mod policy;
+pub mod prepare;
 pub mod sandbox;
 pub mod sys;
 pub mod testhooks;

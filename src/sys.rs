@@ -331,22 +331,6 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// open_tree(OPEN_TREE_CLONE [| AT_RECURSIVE]): a detached copy of the mount at `path`.
-pub fn open_tree_clone(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
-    let c = cstr(path)?;
-    let flags = OPEN_TREE_CLONE
-        | libc::O_CLOEXEC as libc::c_uint
-        | if recursive {
-            libc::AT_RECURSIVE as libc::c_uint
-        } else {
-            0
-        };
-    // SAFETY: valid C string; returns a new descriptor.
-    let fd =
-        check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })?;
-    Ok(owned(fd))
-}
-
 /// mount_setattr(2) on a mount fd (or a path when `fd` is AT_FDCWD-relative).
 pub fn mount_setattr(
     dirfd: RawFd,

@@ -74,6 +74,12 @@ pub struct Entry {
     /// Who asked: "uid 0", "aitherd", "agent NAME".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The uid that asked (SO_PEERCRED on the control socket), issue 18.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_uid: Option<u32>,
+    /// The uid that owns what was acted on (the agent's owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
@@ -86,6 +92,8 @@ impl Entry {
             rule: rule.into(),
             agent: None,
             actor: None,
+            caller_uid: None,
+            owner_uid: None,
             data: serde_json::Value::Null,
         }
     }
@@ -97,6 +105,18 @@ impl Entry {
 
     pub fn actor(mut self, a: impl Into<String>) -> Entry {
         self.actor = Some(a.into());
+        self
+    }
+
+    /// The uid that asked.
+    pub fn caller(mut self, uid: u32) -> Entry {
+        self.caller_uid = Some(uid);
+        self
+    }
+
+    /// The uid that owns what was acted on.
+    pub fn owner(mut self, uid: u32) -> Entry {
+        self.owner_uid = Some(uid);
         self
     }
 
@@ -532,7 +552,13 @@ mod tests {
 #[derive(Clone)]
 pub struct Sink {
     tx: std::sync::mpsc::Sender<Entry>,
+    /// Fills `owner_uid` of a record about an agent that does not name one (aitherd: the
+    /// agent's owner, issue 18).
+    owners: Option<std::sync::Arc<OwnerLookup>>,
 }
+
+/// An agent name's owner uid.
+pub type OwnerLookup = dyn Fn(&str) -> Option<u32> + Send + Sync;
 
 impl Sink {
     pub fn start(path: PathBuf) -> Sink {
@@ -565,10 +591,20 @@ impl Sink {
         if let Err(e) = &spawned {
             tracing::error!(error = %e, "cannot start the audit writer");
         }
-        (Sink { tx }, spawned.ok())
+        (Sink { tx, owners: None }, spawned.ok())
     }
 
-    pub fn record(&self, e: Entry) {
+    /// Every record about an agent carries its owner's uid, looked up here when not given.
+    /// The lookup must not take a lock that a caller of `record` may hold.
+    pub fn with_owners(mut self, f: std::sync::Arc<OwnerLookup>) -> Sink {
+        self.owners = Some(f);
+        self
+    }
+
+    pub fn record(&self, mut e: Entry) {
+        if let (None, Some(agent), Some(f)) = (e.owner_uid, &e.agent, &self.owners) {
+            e.owner_uid = f(agent);
+        }
         let _ = self.tx.send(e);
     }
 }

@@ -35,12 +35,23 @@ pub struct Record {
     /// flags); None: no GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<crate::policy::GpuGrant>,
+    /// The uid that spawned it (SO_PEERCRED), issue 18. Records stored before owners read as
+    /// 0: root's, visible to root and admins only.
+    #[serde(default)]
+    pub owner: u32,
 }
 
 /// What `ps` and `inspect` show.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Info {
     pub name: String,
+    /// The uid that spawned it (admins see an OWNER column).
+    #[serde(default)]
+    pub owner: u32,
+    /// What it counts against its owner's per-user limits (daemon/users.rs): its memory
+    /// limit in bytes and CPU quota in CPUs.
+    #[serde(skip)]
+    pub charged: (Option<u64>, Option<f64>),
     pub state: State,
     pub policy: String,
     pub argv: Vec<String>,
@@ -162,8 +173,20 @@ pub fn start(
     restarts: u32,
 ) -> Handle {
     let name = rec.request.name.clone();
+    d.owners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), rec.owner);
     let info = Arc::new(Mutex::new(Info {
         name: name.clone(),
+        owner: rec.owner,
+        charged: (
+            rec.spec.limits.memory,
+            rec.spec
+                .limits
+                .cpu
+                .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
+        ),
         state: initial.unwrap_or(State::Created),
         policy: rec.spec.policy.clone(),
         argv: rec.spec.argv.clone(),

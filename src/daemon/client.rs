@@ -66,6 +66,16 @@ impl Client {
         self.read_reply()
     }
 
+    /// One request with descriptors attached (SCM_RIGHTS), one reply.
+    pub fn call_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<Reply, ClientError> {
+        proto::write_frame_fds(&self.stream, req, fds)?;
+        self.read_reply()
+    }
+
     /// A request with a streamed answer: `each` gets every reply until one without `more`
     /// (or until it returns false).
     pub fn stream(

@@ -15,6 +15,7 @@ pub mod client;
 pub mod egress;
 pub mod gpu;
 pub mod harden;
+pub mod identity;
 pub mod kernel_audit;
 pub mod metrics;
 pub mod proto;
@@ -23,6 +24,7 @@ pub mod server;
 pub mod shim;
 pub mod store;
 pub mod supervise;
+pub mod users;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +106,11 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Every agent's owner by name, for the audit stream (its own lock: never held while
+    /// recording). Kept after removal, so late records of an agent still name its owner.
+    pub owners: Arc<Mutex<HashMap<String, u32>>>,
+    /// Per-user limits (`[users]` of aitherd.toml), set once at start.
+    pub users: std::sync::OnceLock<users::UsersConfig>,
 }
 
 impl Daemon {
@@ -118,6 +125,11 @@ impl Daemon {
         let memory = MemoryStore::open(&state_dir.join("memory.db"))?;
         let key = HostKey::load_or_create(state_dir)?;
         let revocations = RevocationStore::open(state_dir)?;
+        // Names' owners, kept across removals and restarts (store.rs `owners`).
+        let owners: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(store::load_owners(
+            &store.reader()?,
+            store.path(),
+        )?));
         let (events, _) = broadcast::channel(4096);
         let bus = Arc::new(crate::bus::Bus::open(
             &state_dir.join("bus.db"),
@@ -130,7 +142,16 @@ impl Daemon {
             .unwrap_or(Duration::from_secs(2));
         Ok(Daemon {
             store,
-            audit: crate::audit::Sink::start(crate::audit::log_path()),
+            audit: crate::audit::Sink::start(crate::audit::log_path()).with_owners({
+                let o = owners.clone();
+                Arc::new(move |name: &str| {
+                    o.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(name)
+                        .copied()
+                })
+            }),
+            owners,
             counters: metrics::Counters::default(),
             memory,
             events,
@@ -146,6 +167,7 @@ impl Daemon {
             epoch: Instant::now(),
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
+            users: std::sync::OnceLock::new(),
         })
     }
 
@@ -244,6 +266,39 @@ impl Daemon {
             .get(name)
             .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
+
+    /// The uid that owns the name (a live agent's, or a removed one's whose memory is kept).
+    pub fn name_owner(&self, name: &str) -> Option<u32> {
+        self.owner_of(name).or_else(|| {
+            self.owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .copied()
+        })
+    }
+
+    /// The uid that owns agent `name`, if there is such an agent.
+    pub fn owner_of(&self, name: &str) -> Option<u32> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .get(name)
+            .map(|h| h.info.lock().unwrap_or_else(|e| e.into_inner()).owner)
+    }
+}
+
+/// What `uid`'s agents in `agents` hold, against the per-user limits.
+pub fn usage_in(agents: &HashMap<String, agent::Handle>, uid: u32) -> users::Usage {
+    let mut u = users::Usage::default();
+    for h in agents.values() {
+        let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+        if i.owner == uid {
+            u.agents += 1;
+            u.memory += i.charged.0.unwrap_or(0);
+            u.cpus += i.charged.1.unwrap_or(0.0);
+        }
+    }
+    u
 }
 
 /// Finds `aither-init`: `AITHER_INIT`, else beside the running binary (or one directory up,

@@ -121,6 +121,112 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Fram
     Ok(())
 }
 
+/// Most descriptors one frame may carry (SCM_RIGHTS); more are closed by the kernel.
+pub const MAX_FDS: usize = 4;
+
+/// Writes one frame with descriptors attached to its first byte (SCM_RIGHTS): a spawn's
+/// workspace, opened by the caller with the caller's own rights (issue 18).
+pub fn write_frame_fds<T: Serialize>(
+    sock: &std::os::unix::net::UnixStream,
+    msg: &T,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(), FrameError> {
+    use std::os::fd::AsRawFd;
+    let bytes = encode(msg)?;
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        let mut s = sock;
+        s.write_all(&bytes)?;
+        return Ok(());
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; zero is "nothing set".
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, enough for one header and `raw`.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(payload) as _;
+        std::ptr::copy_nonoverlapping(
+            raw.as_ptr(),
+            libc::CMSG_DATA(c) as *mut libc::c_int,
+            raw.len(),
+        );
+    }
+    // SAFETY: a live socket and a msghdr whose buffers outlive the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // The descriptors went with the first byte; the rest is plain bytes.
+    let mut s = sock;
+    s.write_all(&bytes[n as usize..])?;
+    Ok(())
+}
+
+/// One recvmsg(2): bytes into `buf`, SCM_RIGHTS descriptors (close-on-exec) into `fds`.
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let payload = (MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zero is "nothing set".
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: a live socket and buffers that outlive the call.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    // Each is a new descriptor of ours (closed on drop if unused).
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(n as usize)
+}
+
 /// Async framing for the daemon.
 pub mod aio {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -150,6 +256,51 @@ pub mod aio {
             }
         })?;
         Ok(Some(body))
+    }
+
+    /// Reads one frame's body and the descriptors sent with it (SCM_RIGHTS). `Ok(None)` at a
+    /// clean end of stream.
+    pub async fn read_frame_fds(
+        sock: &tokio::net::UnixStream,
+    ) -> Result<Option<(Vec<u8>, Vec<std::os::fd::OwnedFd>)>, FrameError> {
+        let mut fds = Vec::new();
+        let mut header = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match fill(sock, &mut header[got..], &mut fds).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => got += n,
+            }
+        }
+        let n = check_len(header)?;
+        let mut body = vec![0u8; n];
+        let mut have = 0;
+        while have < n {
+            match fill(sock, &mut body[have..], &mut fds).await? {
+                0 => return Err(FrameError::Truncated),
+                k => have += k,
+            }
+        }
+        Ok(Some((body, fds)))
+    }
+
+    /// One recvmsg once the socket is readable.
+    async fn fill(
+        sock: &tokio::net::UnixStream,
+        buf: &mut [u8],
+        fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> std::io::Result<usize> {
+        use std::os::fd::AsFd;
+        loop {
+            sock.readable().await?;
+            match sock.try_io(tokio::io::Interest::READABLE, || {
+                super::recv_with_fds(sock.as_fd(), buf, fds)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
     }
 
     /// Writes a reply to aitherctl (up to MAX_REPLY); a reply that is still too large becomes
@@ -319,6 +470,15 @@ pub enum Request {
     BusAck {
         durable: String,
         seq: u64,
+    },
+    /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
+    /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
+    /// their agents. The reply is `{"lines": [...]}`, each a stored record's text.
+    Audit {
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        agent: Option<String>,
     },
 }
 

@@ -2,6 +2,7 @@
 //! does. A malformed, truncated or oversized frame gets an error reply; the daemon goes on.
 
 use std::io::SeekFrom;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,53 +14,23 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use super::agent::{self, Cmd, Record};
+use super::identity::Caller;
 use super::proto::{aio, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
 use super::{check_name, Shared};
 use crate::audit::{Decision, Entry};
-use crate::policy::Policy;
-use crate::sandbox::{RunOptions, SandboxSpec};
+use crate::sandbox::RunOptions;
 use crate::token::{self, Claims};
 
 /// Token lifetime of an agent spawned from a policy: a year (revocation ends it sooner).
 pub const SPAWN_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Who may use the socket: root, the daemon's own uid, or a member of group `aither`
-/// (checked with SO_PEERCRED beside the socket file's mode, 0660 root:aither).
+/// Who may use the socket and who is an admin (daemon/identity.rs): root, the daemon's own
+/// uid, members of group `aither` (beside the socket file's mode, 0660 root:aither), and
+/// members of `aither-admin`, who act on every user's agents.
 pub struct Access {
-    pub group: Option<u32>,
-}
-
-impl Access {
-    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if uid == 0 || uid == unsafe { libc::geteuid() } {
-            return true;
-        }
-        let Some(g) = self.group else { return false };
-        if gid == g {
-            return true;
-        }
-        let Some(pid) = pid else { return false };
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Groups:"))
-                    .map(|l| l.split_whitespace().skip(1).any(|x| x == g.to_string()))
-            })
-            .unwrap_or(false)
-    }
-}
-
-/// The gid of group `aither`, if it exists.
-pub fn aither_gid() -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next() == Some(super::GROUP)).then(|| f.nth(1)?.parse().ok())?
-    })
+    pub groups: super::identity::Groups,
 }
 
 /// Binds the socket: 0660 root:aither when the group exists, else 0600.
@@ -114,40 +85,48 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
 }
 
 async fn connection(d: Shared, stream: UnixStream, access: &Access) {
-    let cred = stream.peer_cred().ok();
-    let allowed = cred
-        .map(|c| access.allows(c.uid(), c.gid(), c.pid()))
-        .unwrap_or(false);
-    let actor = actor_of(cred.as_ref());
+    // The kernel's word on the peer, read once at accept: no field of any request changes it.
+    let caller = Caller::of_socket(stream.as_fd(), &access.groups).ok();
+    let actor = caller
+        .as_ref()
+        .map(Caller::actor)
+        .unwrap_or_else(|| "unknown peer".into());
     let (mut r, mut w) = stream.into_split();
-    if !allowed {
-        tracing::warn!(uid = cred.map(|c| c.uid()), "control socket: access denied");
-        d.emit_daemon(
-            "access_denied",
-            json!({"uid": cred.map(|c| c.uid()), "pid": cred.and_then(|c| c.pid())}),
-        );
-        d.audit.record(
-            Entry::new(
+    let caller = match caller {
+        Some(c) if c.allowed => c,
+        other => {
+            let uid = other.as_ref().map(|c| c.uid);
+            let pid = other.as_ref().and_then(|c| c.pid);
+            tracing::warn!(uid, "control socket: access denied");
+            d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
+            let mut e = Entry::new(
                 "control_connect",
                 Decision::Deny,
                 "control socket: root, aitherd's uid or group aither only",
             )
             .actor(actor.clone())
-            .data(json!({"pid": cred.and_then(|c| c.pid())})),
-        );
-        let _ = aio::write_reply(
-            &mut w,
-            &Reply::err(
-                "denied",
-                "only root and members of group aither may use aitherd",
-            ),
-        )
-        .await;
-        return;
-    }
+            .data(json!({"pid": pid}));
+            if let Some(u) = uid {
+                e = e.caller(u);
+            }
+            d.audit.record(e);
+            let _ = aio::write_reply(
+                &mut w,
+                &Reply::err(
+                    "denied",
+                    "only root and members of group aither may use aitherd",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
     loop {
-        let body =
-            match tokio::time::timeout(Duration::from_secs(600), aio::read_frame(&mut r)).await {
+        // recvmsg: a spawn's frame carries the workspace the caller opened (SCM_RIGHTS).
+        let (body, fds) =
+            match tokio::time::timeout(Duration::from_secs(600), aio::read_frame_fds(r.as_ref()))
+                .await
+            {
                 Err(_) | Ok(Ok(None)) => return,
                 Ok(Ok(Some(b))) => b,
                 Ok(Err(e)) => {
@@ -182,6 +161,10 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 follow: true,
                 tail,
             } => {
+                if let Err(reply) = authorize(&d, &caller, "logs", &name) {
+                    let _ = aio::write_reply(&mut w, &reply).await;
+                    return;
+                }
                 follow_logs(&d, &name, tail, &mut r, &mut w).await;
                 return;
             }
@@ -190,15 +173,19 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 since_ms,
                 name,
             } => {
-                follow_events(&d, since_ms, name, &mut r, &mut w).await;
+                follow_events(&d, &caller, since_ms, name, &mut r, &mut w).await;
                 return;
             }
             req @ (Request::BusPub { .. } | Request::BusSub { .. }) => {
+                if let Err(reply) = admin_only(&d, &caller, "bus") {
+                    let _ = aio::write_reply(&mut w, &reply).await;
+                    return;
+                }
                 super::bus::serve(d.clone(), req, actor.clone(), r, w).await;
                 return;
             }
             req => {
-                let reply = handle(&d, req, &actor).await;
+                let reply = handle(&d, req, &caller, fds).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
@@ -207,11 +194,49 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     }
 }
 
-fn actor_of(cred: Option<&tokio::net::unix::UCred>) -> String {
-    match cred {
-        Some(c) => format!("uid {}", c.uid()),
-        None => "unknown peer".into(),
+/// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
+/// is answered as if it did not exist, and the attempt is recorded as a denial.
+fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Option<u32>, Reply> {
+    // A removed agent's name stays its owner's (its memory is kept under it).
+    let Some(owner) = d.name_owner(name) else {
+        return Ok(None);
+    };
+    if caller.may_act_on(owner) {
+        return Ok(Some(owner));
     }
+    d.audit.record(
+        Entry::new(
+            kind,
+            Decision::Deny,
+            "owner: only the agent's owner, root or aither-admin",
+        )
+        .agent(name)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .owner(owner)
+        .data(json!({"cross_user": true})),
+    );
+    Err(not_found(name))
+}
+
+/// Operations that span every user's data (the operator bus): root and admins only.
+fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
+    if caller.admin {
+        return Ok(());
+    }
+    d.audit.record(
+        Entry::new(
+            kind,
+            Decision::Deny,
+            "admin: the operator bus is for root and aither-admin",
+        )
+        .actor(caller.actor())
+        .caller(caller.uid),
+    );
+    Err(Reply::err(
+        "denied",
+        "the operator bus (bus pub/sub/ack) is for root and members of aither-admin",
+    ))
 }
 
 /// Audits an operator's request and its outcome.
@@ -219,7 +244,8 @@ fn audit_op(
     d: &Shared,
     kind: &str,
     name: &str,
-    actor: &str,
+    caller: &Caller,
+    owner: Option<u32>,
     reply: &Reply,
     data: serde_json::Value,
 ) {
@@ -227,15 +253,18 @@ fn audit_op(
         None => (Decision::Allow, "control socket: operator".to_string()),
         Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
     };
-    d.audit.record(
-        Entry::new(kind, decision, rule)
-            .agent(name)
-            .actor(actor)
-            .data(data),
-    );
+    let mut e = Entry::new(kind, decision, rule)
+        .agent(name)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .data(data);
+    if let Some(o) = owner {
+        e = e.owner(o);
+    }
+    d.audit.record(e);
 }
 
-async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
+async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let audited = match &req {
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
         Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
@@ -251,25 +280,75 @@ async fn handle(d: &Shared, req: Request, actor: &str) -> Reply {
         )),
         _ => None,
     };
-    let reply = handle_inner(d, req, actor).await;
+    // Every request that names an agent: only its owner (or an admin) gets past here.
+    let target = match &req {
+        Request::Stop { name, .. }
+        | Request::Kill { name, .. }
+        | Request::Restart { name }
+        | Request::Rm { name, .. }
+        | Request::Inspect { name }
+        | Request::Logs { name, .. } => Some(("control", name.clone())),
+        Request::Mem { agent, .. } => Some(("mem", agent.clone())),
+        Request::Events {
+            name: Some(name), ..
+        } => Some(("events", name.clone())),
+        _ => None,
+    };
+    let mut owner = None;
+    if let Some((kind, name)) = &target {
+        let kind = audited.as_ref().map(|a| a.0).unwrap_or(kind);
+        match authorize(d, caller, kind, name) {
+            Ok(o) => owner = o,
+            Err(reply) => return reply,
+        }
+        // Memory outlives its agent; a name nobody owns is the admins'.
+        if owner.is_none() && !caller.admin && matches!(req, Request::Mem { .. }) {
+            return not_found(name);
+        }
+    }
+    let reply = handle_inner(d, req, caller, fds).await;
     if let Some((kind, name, data)) = audited {
-        audit_op(d, kind, &name, actor, &reply, data);
+        audit_op(d, kind, &name, caller, owner, &reply, data);
     }
     reply
 }
 
-async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
+/// Keeps what the caller may see: every agent for admins, their own for anyone else.
+fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
+    caller.admin || d.name_owner(name).is_some_and(|o| o == caller.uid)
+}
+
+async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     match req {
         Request::Ping => {
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
-        Request::Spawn(s) => spawn(d, *s, actor).await,
-        Request::GpuLs => Reply::ok(d.gpu.ls()),
-        Request::GpuQueue => Reply::ok(json!({"queue": d.gpu.queue()})),
+        Request::Spawn(s) => spawn(d, *s, caller, fds).await,
+        Request::GpuLs => {
+            let mut v = d.gpu.ls();
+            if !caller.admin {
+                // Devices are the host's; the leases on them are their owners'.
+                for dev in v["devices"].as_array_mut().into_iter().flatten() {
+                    if let Some(l) = dev["leases"].as_array_mut() {
+                        l.retain(|x| x["agent"].as_str().is_some_and(|n| visible(d, caller, n)));
+                    }
+                }
+            }
+            Reply::ok(v)
+        }
+        Request::GpuQueue => {
+            let mut q = d.gpu.queue();
+            q.retain(|e| visible(d, caller, &e.request.agent));
+            Reply::ok(json!({"queue": q}))
+        }
         Request::Ps => {
             let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
             let mut list: Vec<agent::Info> = agents
                 .values()
+                .filter(|h| {
+                    caller.admin
+                        || h.info.lock().unwrap_or_else(|e| e.into_inner()).owner == caller.uid
+                })
                 .map(|h| {
                     let mut i = h.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     // `inspect` shows the enforcement report; the list stays small.
@@ -283,11 +362,31 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
         }
         Request::BusStreams => {
             let d2 = d.clone();
-            tokio::task::spawn_blocking(move || super::bus::streams(&d2))
+            let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
                 .await
-                .unwrap_or_else(|e| Reply::err("internal", e.to_string()))
+                .unwrap_or_else(|e| Reply::err("internal", e.to_string()));
+            if !caller.admin {
+                // A member sees the subscriptions of their own agents; the shared log's
+                // statistics and the operators' subscriptions are not theirs.
+                if let Some(v) = reply.data.as_mut() {
+                    v["streams"] = json!([]);
+                    if let Some(subs) = v["subscriptions"].as_array_mut() {
+                        subs.retain(|x| {
+                            x["owner"]
+                                .as_str()
+                                .is_some_and(|n| d.owner_of(n) == Some(caller.uid))
+                        });
+                    }
+                }
+            }
+            reply
         }
-        Request::BusAck { durable, seq } => super::bus::operator_ack(d, &durable, seq).await,
+        Request::BusAck { durable, seq } => {
+            if let Err(r) = admin_only(d, caller, "bus") {
+                return r;
+            }
+            super::bus::operator_ack(d, &durable, seq).await
+        }
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
             "bad_request",
             "bus_pub and bus_sub take over their connection",
@@ -347,12 +446,29 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
                 let n2 = name.clone();
                 let purged = tokio::task::spawn_blocking(move || d2.memory.clear(&n2, None)).await;
                 match purged {
-                    Ok(Ok(n)) => d.emit(Some(&name), "memory_purged", json!({"entries": n})),
+                    Ok(Ok(n)) => {
+                        d.emit(Some(&name), "memory_purged", json!({"entries": n}));
+                        // Nothing is kept under the name any more: it is free.
+                        d.store.delete_owner(&name);
+                        d.owners
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&name);
+                    }
                     Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
                     Err(e) => return Reply::err("internal", e.to_string()),
                 }
             }
             reply
+        }
+        Request::Audit { since_ms, agent } => {
+            let c = caller.clone();
+            let res = tokio::task::spawn_blocking(move || audit_for(&c, since_ms, agent)).await;
+            match res {
+                Ok(Ok(lines)) => Reply::ok(json!({ "lines": lines })),
+                Ok(Err(e)) => Reply::err("internal", e.to_string()),
+                Err(e) => Reply::err("internal", e.to_string()),
+            }
         }
         Request::Events { since_ms, name, .. } => {
             let d2 = d.clone();
@@ -368,12 +484,47 @@ async fn handle_inner(d: &Shared, req: Request, actor: &str) -> Reply {
             })
             .await;
             match res {
-                Ok(Ok(ev)) => Reply::ok(serde_json::to_value(ev).unwrap_or_default()),
+                Ok(Ok(mut ev)) => {
+                    if !caller.admin {
+                        ev.retain(|e| e.name.as_deref().is_some_and(|n| visible(d, caller, n)));
+                    }
+                    Reply::ok(serde_json::to_value(ev).unwrap_or_default())
+                }
                 Ok(Err(e)) => Reply::err("internal", e.to_string()),
                 Err(e) => Reply::err("internal", e.to_string()),
             }
         }
     }
+}
+
+/// The newest records of the audit log (at most 10,000, 16 MiB) the caller may see.
+fn audit_for(
+    caller: &Caller,
+    since_ms: Option<u64>,
+    agent: Option<String>,
+) -> Result<Vec<String>, crate::audit::AuditError> {
+    let lines = crate::audit::read_lines(&crate::audit::log_path())?;
+    let mut out: Vec<String> = Vec::new();
+    let mut bytes = 0usize;
+    for l in lines.iter().rev() {
+        let Some(r) = &l.record else { continue };
+        let e = &r.entry;
+        let theirs =
+            caller.admin || e.caller_uid == Some(caller.uid) || e.owner_uid == Some(caller.uid);
+        if !theirs
+            || r.ts_ms < since_ms.unwrap_or(0)
+            || agent.as_ref().is_some_and(|a| e.agent.as_ref() != Some(a))
+        {
+            continue;
+        }
+        bytes += l.bytes.len();
+        if out.len() >= 10_000 || bytes > 16 << 20 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&l.bytes).into_owned());
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// An operator's memory request (any agent's memory, no quota: docs/memory.md).
@@ -430,10 +581,10 @@ where
 
 /// Builds the agent's spec from a verified token (the same path as `aitherctl run`), then
 /// starts its supervisor and waits for the first launch.
-async fn spawn(d: &Shared, req: SpawnRequest, actor: &str) -> Reply {
+async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
-    let reply = spawn_inner(d, req).await;
+    let reply = spawn_inner(d, req, caller, fds).await;
     let (decision, rule) = match &reply.error {
         None => {
             let info = d.info_of(&name);
@@ -451,13 +602,21 @@ async fn spawn(d: &Shared, req: SpawnRequest, actor: &str) -> Reply {
     d.audit.record(
         Entry::new("spawn", decision, rule)
             .agent(&name)
-            .actor(actor)
+            .actor(caller.actor())
+            .caller(caller.uid)
+            // The agent's owner: the caller's new agent, or whoever holds the name.
+            .owner(d.name_owner(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv})),
     );
     reply
 }
 
-async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
+async fn spawn_inner(
+    d: &Shared,
+    req: SpawnRequest,
+    caller: &Caller,
+    mut fds: Vec<OwnedFd>,
+) -> Reply {
     if let Err(e) = check_name(&req.name) {
         return Reply::err("invalid", e);
     }
@@ -467,9 +626,24 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
     if req.argv.is_empty() {
         return Reply::err("invalid", "no command to run");
     }
+    // Another user's name (a live agent's, or one whose memory is kept) is refused before
+    // anything is minted for it.
+    if d.name_owner(&req.name)
+        .is_some_and(|o| !caller.may_act_on(o))
+    {
+        return Reply::err(
+            "exists",
+            format!("the name {:?} is taken; pick another", req.name),
+        );
+    }
     let d2 = d.clone();
     let req2 = req.clone();
-    let built = tokio::task::spawn_blocking(move || build(&d2, &req2)).await;
+    let caller2 = caller.clone();
+    // The first descriptor, if any, is the workspace as the caller opened it.
+    let presented = (!fds.is_empty()).then(|| fds.swap_remove(0));
+    drop(fds);
+    let built =
+        tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2, presented.as_ref())).await;
     let rec = match built {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Reply::err(e.0, e.1),
@@ -478,8 +652,26 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
     let (tx, rx) = oneshot::channel();
     {
         let mut agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+        // Per-user limits (aitherd.toml [users]), under the same lock as the insertion, so
+        // concurrent spawns cannot both take the last place; an agent this spawn replaces
+        // does not count.
+        if !caller.admin {
+            if let Err(e) = over_limits(d, &agents, caller, &rec) {
+                return Reply::err("denied", e);
+            }
+        }
         if let Some(h) = agents.get(&req.name) {
-            let st = h.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+            let (st, owner) = {
+                let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+                (i.state, i.owner)
+            };
+            if !caller.may_act_on(owner) {
+                // Names are one namespace on the host: say it is taken, nothing more.
+                return Reply::err(
+                    "exists",
+                    format!("the name {:?} is taken; pick another", req.name),
+                );
+            }
             if !req.replace || st.is_live() || st == State::Backoff {
                 return Reply::err(
                     "exists",
@@ -498,6 +690,7 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
             // Its supervisor is resting; dropping the handle ends it.
             agents.remove(&req.name);
         }
+        d.store.put_owner(&req.name, caller.uid);
         d.store.put_agent(
             &req.name,
             &serde_json::to_value(&rec).unwrap_or_default(),
@@ -520,80 +713,60 @@ async fn spawn_inner(d: &Shared, req: SpawnRequest) -> Reply {
 
 type BuildError = (&'static str, String);
 
-fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
-    let bad = |e: &dyn std::fmt::Display| ("invalid", e.to_string());
-    let (text, verified) = match (&req.token, &req.policy) {
-        (Some(_), _) if !req.bus_publish.is_empty() || !req.bus_subscribe.is_empty() => {
-            return Err((
-                "invalid",
-                "--bus-publish/--bus-subscribe add to a token aitherd mints from a policy; \
-                 a given token already says what it grants (mint it with those subjects)"
-                    .into(),
-            ))
+/// Refuses a member's new agent over their per-user limits.
+fn over_limits(
+    d: &Shared,
+    agents: &std::collections::HashMap<String, agent::Handle>,
+    caller: &Caller,
+    rec: &Record,
+) -> Result<(), String> {
+    let cfg = d.users.get().cloned().unwrap_or_default();
+    let mut held = super::usage_in(agents, caller.uid);
+    if let Some(h) = agents.get(&rec.request.name) {
+        let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+        if i.owner == caller.uid {
+            held.agents = held.agents.saturating_sub(1);
+            held.memory = held.memory.saturating_sub(i.charged.0.unwrap_or(0));
+            held.cpus = (held.cpus - i.charged.1.unwrap_or(0.0)).max(0.0);
         }
-        (Some(t), _) => {
-            let v = d
-                .check_token(t)
-                .map_err(|e| ("denied", format!("token refused: {e}")))?;
-            d.audit.record(
-                Entry::new(
-                    "token_verify",
-                    Decision::Allow,
-                    "host key; not revoked; not expired",
-                )
-                .agent(&req.name)
-                .actor("aitherd")
-                .data(json!({"token_id": v.id()})),
-            );
-            if v.effective().subject != req.name {
-                return Err((
-                    "denied",
-                    format!(
-                        "the token is for {:?}, not {:?}",
-                        v.effective().subject,
-                        req.name
-                    ),
-                ));
-            }
-            (t.clone(), v)
-        }
-        (None, p) => {
-            let loaded = Policy::load(p.as_deref().unwrap_or("strict")).map_err(|e| bad(&e))?;
-            let mut claims = Claims::from_policy(&loaded.policy, &req.name, SPAWN_TOKEN_TTL)
-                .map_err(|e| bad(&e))?;
-            claims
-                .grant_bus(&req.bus_publish, &req.bus_subscribe)
-                .map_err(|e| bad(&e))?;
-            let t = token::mint(d.key.signing_key(), &claims).map_err(|e| bad(&e))?;
-            d.audit.record(
-                Entry::new(
-                    "token_mint",
-                    Decision::Allow,
-                    format!("policy {}", loaded.policy.name),
-                )
-                .agent(&req.name)
-                .actor("aitherd")
-                .data(
-                    json!({"token_id": claims.id, "exp": claims.exp, "source": loaded.source,
-                             "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe}),
-                ),
-            );
-            let text = t.encode();
-            let v = d.check_token(&text).map_err(|e| bad(&e))?;
-            (text, v)
-        }
-    };
-    let claims = verified.effective();
-    let policy = claims.to_policy();
-    let opts = RunOptions {
-        name: Some(req.name.clone()),
-        workspace: req.workspace.clone(),
-        env: req.env.clone(),
-        timeout: None,
-        memory: req.memory.map(crate::units::Size),
-        cpus: req.cpus,
-        pids: req.pids,
-        argv: req.argv.clone(),
+    }
+    let name = super::users::user_name(caller.uid);
+    let limits = &rec.spec.limits;
+    super::users::check(
+        cfg.limits_of(name.as_deref()),
+        held,
+        limits.memory,
+        limits
+            .cpu
+            .map(|c| c.quota_us as f64 / c.period_us.max(1) as f64),
+        rec.gpu.as_ref().map(|g| g.priority),
+    )
+}
+
+/// aitherd's signing key and its revocation list, for `prepare`.
+struct DaemonAuthority<'a>(&'a Shared);
+
+impl crate::prepare::Authority for DaemonAuthority<'_> {
+    fn verify(&self, text: &str) -> Result<token::Verified, token::TokenError> {
+        self.0.check_token(text)
+    }
+
+    fn sign(&self, claims: &Claims) -> Result<String, token::TokenError> {
+        Ok(token::mint(self.0.key.signing_key(), claims)?.encode())
+    }
+}
+
+/// The spawn's record, from the one launch path shared with `run` and `export`
+/// (`prepare::prepare`), plus what only a supervised agent has: the report always on (for
+/// `inspect`) and the GPU ask.
+fn build(
+    d: &Shared,
+    req: &SpawnRequest,
+    caller: &Caller,
+    presented: Option<&OwnedFd>,
+) -> Result<Record, BuildError> {
+    use crate::prepare::{
+        self, Egress, LaunchRequest, PrepareError, Principal, Source, WorkspaceKind,
     };
     let lookup = |k: &str| {
         req.pass_env
@@ -601,16 +774,66 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.clone())
     };
-    let mut spec = SandboxSpec::derive(&policy, &opts, &lookup, &req.cwd).map_err(|e| bad(&e))?;
+    let source = match (&req.token, &req.policy) {
+        (Some(t), _) => Source::Token(t),
+        (None, p) => Source::Policy(p.as_deref().unwrap_or("strict")),
+    };
+    let launch = LaunchRequest {
+        name: Some(&req.name),
+        source,
+        ttl: SPAWN_TOKEN_TTL,
+        bus_publish: &req.bus_publish,
+        bus_subscribe: &req.bus_subscribe,
+        opts: RunOptions {
+            name: None,
+            workspace: req.workspace.clone(),
+            env: req.env.clone(),
+            timeout: None,
+            memory: req.memory.map(crate::units::Size),
+            cpus: req.cpus,
+            pids: req.pids,
+            argv: req.argv.clone(),
+        },
+        cwd: &req.cwd,
+        env: &lookup,
+        workspace: match presented {
+            Some(fd) => WorkspaceKind::Presented(fd.as_fd()),
+            None => WorkspaceKind::Host,
+        },
+        egress: Egress::Gateway,
+    };
+    let principal = Principal {
+        uid: caller.uid,
+        gid: caller.gid,
+        admin: caller.admin,
+    };
+    let p = prepare::prepare(&launch, &principal, &DaemonAuthority(d)).map_err(|e| {
+        let text = match (&e, source) {
+            (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
+            _ => e.to_string(),
+        };
+        (e.code(), text)
+    })?;
+    let (kind, rule) = match &p.minted {
+        Some((policy, _)) => ("token_mint", format!("policy {policy}")),
+        None => ("token_verify", "host key; not revoked; not expired".into()),
+    };
+    let root = p.verified.root();
+    d.audit.record(
+        Entry::new(kind, Decision::Allow, rule)
+            .agent(&req.name)
+            .actor("aitherd")
+            .caller(caller.uid)
+            .owner(root.owner.unwrap_or(caller.uid))
+            .data(json!({"token_id": p.verified.id(), "exp": root.exp,
+                         "source": p.minted.as_ref().map(|m| m.1.clone()),
+                         "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe})),
+    );
+    let claims = p.verified.effective();
+    let policy = claims.to_policy();
+    let mut spec = p.spec;
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
-    // Egress through the daemon's gateway (docs/network.md).
-    crate::net::attach(&mut spec, &claims.net);
-    if let Some(w) = &spec.workspace {
-        verified
-            .check_workspace(&w.path)
-            .map_err(|e| ("denied", e.to_string()))?;
-    }
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
@@ -618,11 +841,12 @@ fn build(d: &Shared, req: &SpawnRequest) -> Result<Record, BuildError> {
     Ok(Record {
         request,
         spec,
-        token_id: verified.id().to_string(),
-        token: text,
+        token_id: p.verified.id().to_string(),
+        token: p.token,
         pain: policy.pain,
         created_ms: now_ms(),
         gpu,
+        owner: caller.uid,
     })
 }
 
@@ -769,11 +993,21 @@ async fn follow_logs(
 
 async fn follow_events(
     d: &Shared,
+    caller: &Caller,
     since_ms: Option<u64>,
     name: Option<String>,
     r: &mut OwnedReadHalf,
     w: &mut OwnedWriteHalf,
 ) {
+    if let Some(n) = &name {
+        if let Err(reply) = authorize(d, caller, "events", n) {
+            let _ = aio::write_reply(w, &reply).await;
+            return;
+        }
+    }
+    // Another user's events (and the daemon's own) are not shown to a non-admin.
+    let shown =
+        |e: &store::Event| caller.admin || e.name.as_deref().is_some_and(|n| visible(d, caller, n));
     // Subscribed before the history is read, so nothing falls between the two.
     let mut rx = d.events.subscribe();
     let mut last_ts = 0;
@@ -788,6 +1022,9 @@ async fn follow_events(
         if let Ok(Ok(events)) = hist {
             for e in events {
                 last_ts = e.ts_ms;
+                if !shown(&e) {
+                    continue;
+                }
                 if aio::write_reply(
                     w,
                     &Reply::chunk(serde_json::to_value(&e).unwrap_or_default()),
@@ -822,6 +1059,7 @@ async fn follow_events(
             Err(_) => return,
         };
         if e.ts_ms < last_ts
+            || !shown(&e)
             || name
                 .as_deref()
                 .is_some_and(|n| e.name.as_deref() != Some(n))

@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS events (
     data  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts_ms);
+-- Who owns a name (issue 18): its agent, and the memory and bus streams kept under it after
+-- the agent is removed. Kept until an admin's `rm --purge-memory`. A database from before
+-- owners has no rows: its agents' records read as owner 0 (root's, admins only).
+CREATE TABLE IF NOT EXISTS owners (
+    name TEXT PRIMARY KEY,
+    uid  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS gpu (
     name  TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -100,6 +107,11 @@ enum Op {
         restarts: u32,
     },
     DeleteAgent(String),
+    PutOwner {
+        name: String,
+        uid: u32,
+    },
+    DeleteOwner(String),
     RunStarted {
         name: String,
         shim_pid: i32,
@@ -206,6 +218,19 @@ impl Store {
         self.send(Op::DeleteAgent(name.into()));
     }
 
+    /// Records who owns `name` (and what is kept under it).
+    pub fn put_owner(&self, name: &str, uid: u32) {
+        self.send(Op::PutOwner {
+            name: name.into(),
+            uid,
+        });
+    }
+
+    /// Forgets the owner of `name` (its memory was purged).
+    pub fn delete_owner(&self, name: &str) {
+        self.send(Op::DeleteOwner(name.into()));
+    }
+
     pub fn run_started(&self, name: &str, shim_pid: i32, pid1: Option<i32>, cgroup: &str) {
         self.send(Op::RunStarted {
             name: name.into(),
@@ -267,6 +292,24 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Every name's owner (at daemon start).
+pub fn load_owners(
+    c: &Connection,
+    path: &Path,
+) -> Result<std::collections::HashMap<String, u32>, StoreError> {
+    let sql = |source| StoreError::Sql {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut st = c.prepare("SELECT name, uid FROM owners").map_err(sql)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u32))
+        })
+        .map_err(sql)?;
+    rows.collect::<Result<_, _>>().map_err(sql)
 }
 
 /// Every agent row (at daemon start).
@@ -414,6 +457,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             tx.execute("DELETE FROM agents WHERE name = ?1", params![name])?;
             tx.execute("DELETE FROM gpu WHERE name = ?1", params![name])?;
             tx.execute("DELETE FROM runs WHERE name = ?1", params![name])?;
+        }
+        Op::PutOwner { name, uid } => {
+            tx.execute(
+                "INSERT INTO owners(name, uid) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET uid = ?2",
+                params![name, *uid as i64],
+            )?;
+        }
+        Op::DeleteOwner(name) => {
+            tx.execute("DELETE FROM owners WHERE name = ?1", params![name])?;
         }
         Op::RunStarted {
             name,

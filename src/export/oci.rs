@@ -540,16 +540,23 @@ pub fn write_bundle(
     }
     let owner = match &spec.workspace {
         Some(ws) => {
+            // Opened once without following links and checked as the launcher does (not a
+            // system directory; a member's own); the owner and the git files are read
+            // through that descriptor.
+            let opened = crate::sandbox::workspace::open_checked(&ws.path, ws.owner.map(|o| o.uid))
+                .map_err(|e| io_err("open the workspace", &ws.path)(io::Error::other(e)))?;
             // A .git without hooks gets an empty one, so that the read-only bind has a place.
             if ws.access == crate::policy::WorkspaceAccess::ReadWrite
                 && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
             {
-                crate::sandbox::gitguard::prepare_on_host(&ws.path).map_err(|e| {
-                    io_err("prepare the git files of", &ws.path)(io::Error::other(e))
-                })?;
+                crate::sandbox::gitguard::prepare_on_host(opened.fd.as_fd(), &ws.path).map_err(
+                    |e| io_err("prepare the git files of", &ws.path)(io::Error::other(e)),
+                )?;
             }
-            let m = fs::metadata(&ws.path).map_err(io_err("stat", &ws.path))?;
-            Some((m.uid(), m.gid()))
+            Some(match ws.owner {
+                Some(o) => (o.uid, o.gid),
+                None => (opened.id.uid, opened.id.gid),
+            })
         }
         None => None,
     };

@@ -124,13 +124,13 @@ fn bind_over(fd: BorrowedFd<'_>, read_only: bool, path: &Path) -> Result<(), Git
 
 /// In the launcher (host root), before the sandbox exists: a `.git` directory without
 /// `hooks` gets an empty one (as `git init` makes), owned as `.git` is, so that the agent
-/// cannot create one. Acts through fds opened without following links.
-pub fn prepare_on_host(ws: &Path) -> Result<(), GitGuardError> {
+/// cannot create one. Acts through the workspace's descriptor (`wsfd`, already opened and
+/// checked; `ws` names it in errors) and fds opened from it without following links.
+pub fn prepare_on_host(wsfd: BorrowedFd<'_>, ws: &Path) -> Result<(), GitGuardError> {
     let perr = |path: &Path| {
         let path = path.to_owned();
         move |source| GitGuardError::Path { path, source }
     };
-    let wsfd = hostpath::open_dir_nofollow(ws).map_err(perr(ws))?;
     let gpath = ws.join(".git");
     let g =
         hostpath::open_at_nofollow(wsfd.as_fd(), Path::new(".git"), OFlags::PATH, Mode::empty());

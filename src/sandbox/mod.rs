@@ -17,6 +17,7 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod userns;
+pub mod workspace;
 
 pub use exec::{exec_in, ExecConfig, ExecError};
 pub use launch::{run, run_with, LaunchError, LaunchIo, Outcome, Started};

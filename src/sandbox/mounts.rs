@@ -546,15 +546,32 @@ pub fn prepare_workspace(
     let Some(ws) = &spec.workspace else {
         return Ok(None);
     };
-    use std::os::unix::fs::MetadataExt;
+    // Resolved once, without following links; checked and cloned from the same descriptor
+    // (a link or rename planted by an earlier agent cannot redirect it).
+    let opened = super::workspace::open_checked(&ws.path, ws.owner.map(|o| o.uid))
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    if ws.pinned.is_some_and(|p| p != opened.id.identity()) {
+        let e = super::workspace::WorkspaceError::Replaced {
+            path: ws.path.clone(),
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            e.to_string(),
+        ));
+    }
     if ws.access == crate::policy::WorkspaceAccess::ReadWrite
         && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
     {
-        super::gitguard::prepare_on_host(&ws.path).map_err(io::Error::other)?;
+        super::gitguard::prepare_on_host(opened.fd.as_fd(), &ws.path).map_err(io::Error::other)?;
     }
-    let meta = fs::metadata(&ws.path)?;
-    let (userns, helper) = super::userns::idmap_userns(meta.uid(), meta.gid(), agent_host_id)?;
-    let fd = sys::open_tree_clone(&ws.path, true)?;
+    // The agent's files land as the caller (checked above to own the directory), or, for
+    // root and admins, as the directory's owner.
+    let (uid, gid) = match ws.owner {
+        Some(o) => (o.uid, o.gid),
+        None => (opened.id.uid, opened.id.gid),
+    };
+    let (userns, helper) = super::userns::idmap_userns(uid, gid, agent_host_id)?;
+    let fd = super::workspace::clone_tree(&opened).map_err(|e| io::Error::other(e.to_string()))?;
     let mut set = sys::MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
     if ws.access == crate::policy::WorkspaceAccess::ReadOnly {
         set |= MOUNT_ATTR_RDONLY;

@@ -22,8 +22,9 @@ pub enum SpecError {
     },
     #[error("--{flag}: {reason}")]
     BadValue { flag: &'static str, reason: String },
-    #[error("workspace {path}: {reason}")]
-    Workspace { path: PathBuf, reason: String },
+    /// The workspace check (sandbox::workspace) refused it; its message names the path.
+    #[error("{0}")]
+    WorkspaceRefused(String),
     #[error("no command given: usage is `aitherctl run --policy NAME -- CMD [ARGS...]`")]
     NoCommand,
     #[error("--env {0:?}: expected KEY=VALUE")]
@@ -71,6 +72,30 @@ pub struct DeviceNode {
 pub struct Workspace {
     pub path: PathBuf,
     pub access: WorkspaceAccess,
+    /// The caller the workspace is mounted for (a non-admin `spawn`): the directory must be
+    /// theirs, and the agent's files land as this uid:gid. None (root or an admin): as the
+    /// directory's owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<WorkspaceOwner>,
+    /// The directory checked at launch preparation, by identity: the launcher refuses a
+    /// different one at the path (a rename or replacement since; a restart after one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<DirIdentity>,
+}
+
+/// A directory's identity: (st_dev, st_ino).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirIdentity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The host identity an agent's workspace files land as (issue 18: never a directory owner
+/// the caller is not).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Everything the launcher needs, and nothing it must look up elsewhere.
@@ -208,12 +233,23 @@ impl SandboxSpec {
             WorkspaceAccess::None => None,
             access => {
                 let raw = opts.workspace.clone().unwrap_or_else(|| cwd.to_path_buf());
-                let path = std::fs::canonicalize(&raw).map_err(|e| SpecError::Workspace {
-                    path: raw.clone(),
-                    reason: e.to_string(),
-                })?;
-                check_workspace(&path)?;
-                Some(Workspace { path, access })
+                // Relative to the caller's directory, lexically (no side effects here): the
+                // path must be written as the real one (no '.', '..'); `prepare` and the
+                // launcher open it without following links and check the descriptor
+                // (sandbox::workspace).
+                let path = if raw.is_absolute() {
+                    raw
+                } else {
+                    cwd.join(raw)
+                };
+                super::workspace::check_lexical(&path)
+                    .map_err(|e| SpecError::WorkspaceRefused(e.to_string()))?;
+                Some(Workspace {
+                    path,
+                    access,
+                    owner: None,
+                    pinned: None,
+                })
             }
         };
         let cwd = workspace
@@ -345,44 +381,6 @@ impl SandboxSpec {
     }
 }
 
-/// Refuses workspaces that would expose the host: "/", the kernel's pseudo filesystems, and
-/// the directories the sandbox view is made of.
-fn check_workspace(path: &Path) -> Result<(), SpecError> {
-    let bad = |reason: &str| {
-        Err(SpecError::Workspace {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        })
-    };
-    if !path.is_dir() {
-        return bad("not a directory");
-    }
-    if path == Path::new("/") {
-        return bad("the whole host cannot be a workspace; pick a project directory");
-    }
-    for sys in [
-        "/proc",
-        "/sys",
-        "/dev",
-        "/boot",
-        "/etc",
-        "/usr",
-        "/bin",
-        "/sbin",
-        "/lib",
-        "/lib64",
-        "/run",
-        "/var/lib/aither",
-    ] {
-        if path.starts_with(sys) {
-            return bad(&format!(
-                "{sys} is a system directory and cannot be a workspace"
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,14 +489,14 @@ mod tests {
     }
 
     #[test]
-    fn dangerous_workspaces_are_refused() {
-        for p in ["/", "/etc", "/proc/self", "/usr/lib"] {
+    fn workspaces_not_written_as_their_real_path_are_refused() {
+        for p in ["relative/../x", "/var/./tmp", "/a//b"] {
             let e = derive(&RunOptions {
                 workspace: Some(p.into()),
                 ..opts()
             })
             .unwrap_err();
-            assert!(matches!(e, SpecError::Workspace { .. }), "{p}: {e:?}");
+            assert!(matches!(e, SpecError::WorkspaceRefused(_)), "{p}: {e:?}");
         }
     }
 

@@ -97,6 +97,12 @@ pub struct Claims {
     pub net: crate::net::NetGrants,
     /// Whether the agent may ask for agents of its own (with narrower tokens).
     pub may_spawn: bool,
+    /// The host uid the token was minted for (issue 18): a non-admin may spawn with a token
+    /// only when block 0 names them. May be missing (tokens minted before owners, and tokens
+    /// for root and admins only): None is usable by root and admins alone, the narrowest
+    /// reading. Left out of the payload when None, so such tokens serialise as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 impl Claims {
@@ -157,6 +163,7 @@ impl Claims {
             memory_grants: Vec::new(),
             net: policy.net.clone(),
             may_spawn: false,
+            owner: None,
         })
     }
 
@@ -413,7 +420,9 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         memory_grants,
         net,
         may_spawn,
+        owner,
     } = child;
+    same("owner", owner, &parent.owner)?;
     same("subject", subject, &parent.subject)?;
     same("issuer", issuer, &parent.issuer)?;
     same("policy", policy, &parent.policy)?;

@@ -289,7 +289,9 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         (None, Some(w)) => file.as_ref().map(|f| f.resolve(&w)),
         _ => None,
     }
-    .map(|w| std::fs::canonicalize(&w).unwrap_or(w));
+    // Absolute, lexically only: aitherd opens it without following links and refuses a path
+    // that is not the real one (a link planted in a workspace must not redirect a mount).
+    .map(|w| if w.is_absolute() { w } else { cwd.join(w) });
     let mut env: Vec<String> = file
         .as_ref()
         .map(|f| f.env.iter().map(|(k, v)| format!("{k}={v}")).collect())
@@ -359,6 +361,24 @@ fn parse_publish(s: &str) -> Result<(String, u16), String> {
     Ok((name.to_string(), port))
 }
 
+/// Opens the workspace with the caller's own rights (aitherd checks this descriptor, so it
+/// never reaches a directory the caller could not). An explicit `-w` that cannot be opened is
+/// an error here; the default (the current directory) is sent when it can be opened, and
+/// aitherd decides whether the policy needs one.
+fn open_workspace(req: &SpawnRequest, explicit: bool) -> anyhow::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = req.workspace.as_ref().unwrap_or(&req.cwd);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if explicit => Err(anyhow::anyhow!("workspace {}: {e}", path.display())),
+        Err(_) => Ok(None),
+    }
+}
+
 pub fn spawn(a: SpawnArgs) -> i32 {
     let req = match build_spawn(&a) {
         Ok(r) => r,
@@ -367,7 +387,20 @@ pub fn spawn(a: SpawnArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match call(&Request::Spawn(Box::new(req))) {
+    let ws = match open_workspace(&req, req.workspace.is_some()) {
+        Ok(f) => f,
+        Err(e) => {
+            crate::print_error(&e);
+            return EXIT_REFUSED;
+        }
+    };
+    let fds: Vec<std::os::fd::BorrowedFd<'_>> = ws.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let reply = connect().and_then(|mut c| {
+        c.call_with_fds(&Request::Spawn(Box::new(req)), &fds)
+            .map_err(client_err)
+            .and_then(reply_data)
+    });
+    match reply {
         Ok(v) => {
             if a.json {
                 print_json(&v);
@@ -444,14 +477,34 @@ pub fn ps(a: PsArgs) -> i32 {
             ]
         })
         .collect();
-    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
-    print_table(
-        &[
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
-        ],
-        &rows,
-    );
+    let mut rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    let mut header = vec![
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
+    ];
+    // Only root and admins see agents that are not theirs: then say whose each one is.
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    if me == 0 || list.iter().any(|i| i.owner != me) {
+        header.insert(1, "OWNER");
+        for (r, i) in rows.iter_mut().zip(&list) {
+            r.insert(1, user_name(i.owner));
+        }
+    }
+    print_table(&header, &rows);
     0
+}
+
+/// A uid as its user name from /etc/passwd, else the number.
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+            })
+        })
+        .unwrap_or_else(|| uid.to_string())
 }
 
 /// Prints a table: columns padded to their widest cell, two spaces apart, the last one as is.

@@ -7,10 +7,12 @@ use std::time::Duration;
 use aither::audit::{Decision, Entry};
 use aither::export::k8s::{self, K8sOptions};
 use aither::export::oci::{self, OciOptions};
-use aither::policy::Policy;
-use aither::sandbox::spec::sanitize_name;
-use aither::sandbox::{RunOptions, SandboxSpec};
-use aither::token::{self, Claims, HostKey, NoRevocations, RevocationStore, TokenError, Verified};
+use aither::prepare::{
+    prepare, Authority, Egress, HostAuthority, LaunchRequest, OneLaunch, PrepareError,
+    PreparedLaunch, Principal, Source as PSource, WorkspaceKind,
+};
+use aither::sandbox::RunOptions;
+use aither::token::{self, TokenError};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
@@ -183,76 +185,78 @@ struct Done {
     data: serde_json::Value,
 }
 
-/// Verifies `--token`, or mints a short-lived token from `--policy` and verifies it: the
-/// same path as `aitherctl run`, so an export never holds more than a run would.
-fn verified(src: &Source, name: Option<&str>) -> anyhow::Result<Verified> {
-    let now = token::now_unix();
-    match &src.token {
-        Some(arg) => {
-            let t = crate::token_cmd::read_token_arg(arg)?;
-            let state = token::state_dir();
-            let key = match &src.pubkey {
-                Some(k) => token::parse_public_key(k)?,
-                None => HostKey::load(&state)?.public(),
-            };
-            let revocations = RevocationStore::open_existing(&state)?;
-            Ok(token::verify(&t, &key, now, &revocations)?)
-        }
-        None => {
-            let loaded = Policy::load(src.policy.as_deref().unwrap_or("strict"))?;
-            let key = token::fresh_key()?;
-            let subject = sanitize_name(name.unwrap_or("agent"));
-            let claims = Claims::from_policy(
-                &loaded.policy,
-                &subject,
-                Duration::from_secs(token::RUN_TOKEN_TTL_SECS),
-            )?;
-            let t = token::mint(&key, &claims)?;
-            Ok(token::verify(
-                &t,
-                &key.verifying_key(),
-                now,
-                &NoRevocations,
-            )?)
-        }
-    }
-}
-
-/// The spec from the verified claims, as `run` derives it; `workspace` is checked against the
-/// token's `workspace_root` when `check_root` (a bundle binds it; a Pod's is an emptyDir).
-fn derive(
+/// Verifies `--token`, or mints a short-lived token from `--policy` and verifies it, and
+/// derives the spec: the one launch path of `run` and `spawn` (`aither::prepare`), so an
+/// export never holds more than a run would. `workspace` is a host directory (a bundle binds
+/// it: checked, and inside the token's `workspace_root`) or a placeholder (a Pod's emptyDir).
+fn prepared(
     src: &Source,
-    v: &Verified,
+    name: Option<&str>,
     workspace: Option<PathBuf>,
-    check_root: bool,
+    kind: WorkspaceKind,
     argv: &[String],
-) -> anyhow::Result<SandboxSpec> {
-    let claims = v.effective();
-    let opts = RunOptions {
-        name: Some(claims.subject.clone()),
-        workspace,
-        env: src.env.clone(),
-        timeout: None,
-        memory: src.memory,
-        cpus: src.cpus,
-        pids: src.pids,
-        argv: argv.to_vec(),
+) -> anyhow::Result<PreparedLaunch> {
+    let state = token::state_dir();
+    let text;
+    let (source, auth): (PSource<'_>, Box<dyn Authority>) = match &src.token {
+        Some(arg) => {
+            text = crate::token_cmd::read_token_arg(arg)?.encode();
+            let auth = match &src.pubkey {
+                Some(k) => HostAuthority::verify_only(token::parse_public_key(k)?, &state)?,
+                None => HostAuthority::load(&state)?,
+            };
+            (PSource::Token(&text), Box::new(auth))
+        }
+        None => (
+            PSource::Policy(src.policy.as_deref().unwrap_or("strict")),
+            Box::new(OneLaunch::new()?),
+        ),
     };
     let cwd = std::env::current_dir()?;
-    // Only `pass_env` of the policy reads the caller's environment, as for `run`.
-    let spec = SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
-    if let (true, Some(w)) = (check_root, &spec.workspace) {
-        v.check_workspace(&w.path)?;
-    }
-    if let Some(w) = &spec.warning {
+    let env = |k: &str| std::env::var(k).ok();
+    let req = LaunchRequest {
+        name: match &src.token {
+            Some(_) => None,
+            None => Some(name.unwrap_or("agent")),
+        },
+        source,
+        ttl: Duration::from_secs(token::RUN_TOKEN_TTL_SECS),
+        bus_publish: &[],
+        bus_subscribe: &[],
+        opts: RunOptions {
+            name: None,
+            workspace,
+            env: src.env.clone(),
+            timeout: None,
+            memory: src.memory,
+            cpus: src.cpus,
+            pids: src.pids,
+            argv: argv.to_vec(),
+        },
+        cwd: &cwd,
+        env: &env,
+        workspace: kind,
+        egress: Egress::NoGateway,
+    };
+    let p = prepare(&req, &Principal::current(), auth.as_ref()).map_err(|e| match e {
+        PrepareError::Token(t) => anyhow::Error::new(t),
+        e => anyhow::Error::new(e),
+    })?;
+    if let Some(w) = &p.spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
-    Ok(spec)
+    Ok(p)
 }
 
 fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
-    let v = verified(&a.source, a.name.as_deref())?;
-    let spec = derive(&a.source, &v, a.workspace.clone(), true, &a.command)?;
+    let p = prepared(
+        &a.source,
+        a.name.as_deref(),
+        a.workspace.clone(),
+        WorkspaceKind::Host,
+        &a.command,
+    )?;
+    let (spec, v) = (p.spec, p.verified);
     let opts = OciOptions {
         rootfs: a
             .rootfs
@@ -291,10 +295,16 @@ fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
 }
 
 fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
-    let v = verified(&a.source, Some(&a.name))?;
     // The Pod's workspace is an emptyDir: no host directory is involved, so the spec is derived
-    // with a scratch one, and the token's workspace_root does not apply.
-    let spec = derive(&a.source, &v, Some(std::env::temp_dir()), false, &a.command)?;
+    // with a placeholder, and the token's workspace_root does not apply.
+    let p = prepared(
+        &a.source,
+        Some(&a.name),
+        Some(std::env::temp_dir()),
+        WorkspaceKind::Placeholder,
+        &a.command,
+    )?;
+    let (spec, v) = (p.spec, p.verified);
     let opts = K8sOptions {
         name: a.name.clone(),
         image: a.image.clone(),

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aither::audit::{Decision, Entry};
-use aither::policy::Policy;
-use aither::sandbox::spec::sanitize_name;
+use aither::prepare::{
+    prepare, Authority, Egress, HostAuthority, LaunchRequest, OneLaunch, PrepareError, Principal,
+    Source, WorkspaceKind,
+};
 use aither::sandbox::{self, LaunchError, RunOptions, SandboxSpec};
-use aither::token::{self, Claims, HostKey, NoRevocations, RevocationStore, TokenError};
+use aither::token::{self, TokenError};
 use aither::units::{format_duration, Size};
 use clap::Args;
 
@@ -71,7 +73,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> i32 {
-    let (mut spec, grants) = match build_spec(&a) {
+    let (spec, grants, egress_needed) = match build_spec(&a) {
         Ok(s) => s,
         Err(e) => {
             aither::audit::record_unsynced(
@@ -93,7 +95,8 @@ pub fn run(a: RunArgs) -> i32 {
     // Egress: the gateway's settings are checked now (a bad resolver table or CA file refuses
     // the run); the gateway itself starts once the sandbox is cloned (the launcher must stay
     // single-threaded until then).
-    let egress = if aither::net::attach(&mut spec, &grants) {
+    // Attached to the spec by `prepare`, as for spawn.
+    let egress = if egress_needed {
         match aither::net::InProcessGateway::prepare(&spec.name, grants) {
             Ok(g) => Some(g),
             Err(e) => {
@@ -189,47 +192,60 @@ pub fn run(a: RunArgs) -> i32 {
     }
 }
 
-/// Verifies the token (or mints and verifies one from the policy), then derives the spec from
-/// the effective claims: the one path from arguments to a sandbox.
-fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrants)> {
+/// The spec through the one launch path shared with `spawn` and `export`
+/// (`aither::prepare`): the token verified (or minted from the policy with a one-launch key
+/// and verified the same way), the subject, the spec, the workspace checked as a descriptor.
+fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrants, bool)> {
     let mut trace = Trace::new();
-    let state = token::state_dir();
-    let now = token::now_unix();
-    let verified = match &a.token {
+    let text;
+    let (source, auth): (Source<'_>, Box<dyn Authority>) = match &a.token {
         Some(arg) => {
-            let t = crate::token_cmd::read_token_arg(arg)?;
+            text = crate::token_cmd::read_token_arg(arg)?.encode();
             trace.step("read+decode");
-            let key = HostKey::load(&state)?;
-            let revocations = RevocationStore::open_existing(&state)?;
+            let auth = HostAuthority::load(&token::state_dir())?;
             trace.step("host key+revocations");
-            let v = token::verify(&t, &key.public(), now, &revocations)?;
-            trace.step("verify");
-            v
+            (Source::Token(&text), Box::new(auth))
         }
-        None => {
-            let loaded = Policy::load(a.policy.as_deref().unwrap_or("strict"))?;
-            trace.step("policy");
-            // A one-launch root key: the token never leaves this process, so it needs no host
-            // key (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a
-            // first `run`); it is minted and verified exactly as any other token.
-            let key = token::fresh_key()?;
-            trace.step("launch key");
-            let subject = sanitize_name(a.name.as_deref().unwrap_or("run"));
-            let claims = Claims::from_policy(
-                &loaded.policy,
-                &subject,
-                Duration::from_secs(token::RUN_TOKEN_TTL_SECS),
-            )?;
-            let t = token::mint(&key, &claims)?;
-            trace.step("mint");
-            // The same verification as for --token; the id was drawn from the kernel's random
-            // source a moment ago, so no revocation list can hold it.
-            let v = token::verify(&t, &key.verifying_key(), now, &NoRevocations)?;
-            trace.step("verify");
-            v
-        }
+        // A one-launch root key: the token never leaves this process, so it needs no host
+        // key (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a
+        // first `run`); it is minted and verified exactly as any other token.
+        None => (
+            Source::Policy(a.policy.as_deref().unwrap_or("strict")),
+            Box::new(OneLaunch::new()?),
+        ),
     };
-    let claims = verified.effective();
+    let cwd = std::env::current_dir()?;
+    let env = |k: &str| std::env::var(k).ok();
+    let req = LaunchRequest {
+        name: match &a.token {
+            Some(_) => None,
+            None => Some(a.name.as_deref().unwrap_or("run")),
+        },
+        source,
+        ttl: Duration::from_secs(token::RUN_TOKEN_TTL_SECS),
+        bus_publish: &[],
+        bus_subscribe: &[],
+        opts: RunOptions {
+            name: None,
+            workspace: a.workspace.clone(),
+            env: a.env.clone(),
+            timeout: a.timeout,
+            memory: a.memory,
+            cpus: a.cpus,
+            pids: a.pids,
+            argv: a.command.clone(),
+        },
+        cwd: &cwd,
+        env: &env,
+        workspace: WorkspaceKind::Host,
+        egress: Egress::Gateway,
+    };
+    let p = prepare(&req, &Principal::current(), auth.as_ref()).map_err(|e| match e {
+        PrepareError::Token(t) => anyhow::Error::new(t),
+        e => anyhow::Error::new(e),
+    })?;
+    trace.step("prepare");
+    let claims = p.verified.effective();
     if claims.gpu.count > 0 {
         // GPUs are leased by aitherd's scheduler; a one-shot run never opens one.
         eprintln!(
@@ -238,25 +254,9 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
             claims.gpu.count
         );
     }
-    let opts = RunOptions {
-        name: Some(claims.subject.clone()),
-        workspace: a.workspace.clone(),
-        env: a.env.clone(),
-        timeout: a.timeout,
-        memory: a.memory,
-        cpus: a.cpus,
-        pids: a.pids,
-        argv: a.command.clone(),
-    };
-    let cwd = std::env::current_dir()?;
-    let mut spec =
-        SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
+    let mut spec = p.spec;
     spec.report = a.report.is_some();
-    if let Some(w) = &spec.workspace {
-        verified.check_workspace(&w.path)?;
-    }
-    trace.step("derive spec");
-    Ok((spec, claims.net.clone()))
+    Ok((spec, p.net, p.egress))
 }
 
 /// `AITHER_TRACE_LAUNCH=1`: microseconds of each step before the launch, in the launcher's

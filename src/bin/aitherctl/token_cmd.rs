@@ -39,6 +39,11 @@ pub enum TokenCmd {
         /// `--memory-grant agent-b:knowledge` (docs/memory.md).
         #[arg(long = "memory-grant", value_name = "OWNER:TIER")]
         memory_grants: Vec<String>,
+        /// The host user the token is for (a name or uid): a member of group `aither` who is
+        /// not an admin may spawn only with tokens minted for them. Without it, only root and
+        /// members of aither-admin may use the token.
+        #[arg(long = "for-user", value_name = "USER|UID")]
+        for_user: Option<String>,
         /// Write the token to FILE (mode 0600) instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -167,8 +172,16 @@ pub fn run(cmd: TokenCmd) -> i32 {
             subject,
             ttl,
             memory_grants,
+            for_user,
             out,
-        } => mint(&policy, &subject, ttl, &memory_grants, out.as_deref()),
+        } => mint(
+            &policy,
+            &subject,
+            ttl,
+            &memory_grants,
+            for_user.as_deref(),
+            out.as_deref(),
+        ),
         TokenCmd::Inspect {
             token,
             json,
@@ -291,11 +304,19 @@ fn mint(
     subject: &str,
     ttl: Duration,
     grants: &[String],
+    for_user: Option<&str>,
     out: Option<&Path>,
 ) -> anyhow::Result<i32> {
     let loaded = Policy::load(policy)?;
     let key = HostKey::load_or_create(&token::state_dir())?;
     let mut c = Claims::from_policy(&loaded.policy, subject, ttl)?;
+    c.owner = match for_user {
+        None => None,
+        Some(u) => Some(match u.parse::<u32>() {
+            Ok(uid) => uid,
+            Err(_) => user_uid(u).with_context(|| format!("--for-user {u:?}: no such user"))?,
+        }),
+    };
     for g in grants {
         let (owner, tier) = g.split_once(':').unwrap_or((g.as_str(), ""));
         if claims::check_subject(owner).is_err() || tier.parse::<aither::memory::Tier>().is_err() {
@@ -319,7 +340,7 @@ fn mint(
         )
         .agent(subject)
         .actor(actor())
-        .data(serde_json::json!({"token_id": c.id, "exp": c.exp, "source": loaded.source})),
+        .data(serde_json::json!({"token_id": c.id, "exp": c.exp, "source": loaded.source, "owner": c.owner})),
     );
     emit(
         &t,
@@ -332,6 +353,15 @@ fn mint(
         ),
     )?;
     Ok(0)
+}
+
+/// The uid of a user name in /etc/passwd.
+fn user_uid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 fn verify_cmd(arg: &str, pubkey: Option<&str>) -> anyhow::Result<i32> {

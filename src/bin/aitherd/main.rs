@@ -35,10 +35,20 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
+    /// Configuration file (TOML; its `[users]` table: per-user limits, docs/daemon.md)
+    /// [default: /etc/aither/aitherd.toml, if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), GET /metrics. No
     /// authentication: bind to loopback or a private network (docs/observability.md).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// The group whose members may use the socket (each acts on their own agents only).
+    #[arg(long, value_name = "NAME", default_value = daemon::identity::MEMBER_GROUP)]
+    group: String,
+    /// The group whose members act on every user's agents, as root does.
+    #[arg(long, value_name = "NAME", default_value = daemon::identity::ADMIN_GROUP)]
+    admin_group: String,
 }
 
 fn main() -> ExitCode {
@@ -135,7 +145,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", state_dir.display()))?;
     raise_nofile();
     let init = daemon::find_init()?;
+    // Read before anything is served: a bad file stops the start.
+    let users = match &args.config {
+        Some(p) => daemon::users::UsersConfig::load(p, true),
+        None => daemon::users::UsersConfig::load(
+            std::path::Path::new(daemon::users::DEFAULT_CONFIG),
+            false,
+        ),
+    }
+    .context("reading the configuration")?;
     let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
+    let _ = d.users.set(users);
     let rec = recover::recover(&d)?;
     tracing::info!(
         adopted = rec.adopted,
@@ -160,7 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
     daemon::kernel_audit::start(d.clone());
-    let group = server::aither_gid();
+    let group = daemon::identity::group_gid(&args.group);
     let listener =
         server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
     if let Some(p) = &args.pidfile {
@@ -168,7 +188,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
-    let access = Arc::new(server::Access { group });
+    let access = Arc::new(server::Access {
+        groups: daemon::identity::Groups {
+            member: group,
+            admin: daemon::identity::group_gid(&args.admin_group),
+        },
+    });
     if let Some(addr) = args.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await

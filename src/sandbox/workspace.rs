@@ -1,0 +1,413 @@
+//! The workspace, the one host directory a sandbox may write: resolved once without following
+//! symlinks, checked as an open descriptor (type, owner, not a system or Aither directory and
+//! not an ancestor of one), and mounted from that same descriptor (`open_tree` with
+//! AT_EMPTY_PATH). Nothing is looked up by name twice, so a link or a `renameat2` exchange
+//! planted by an earlier agent cannot redirect the mount (docs/security-model.md, "the host
+//! side").
+//!
+//! Hand-written over libc (openat2, open_tree, fstat): the project has no `nix` dependency and
+//! these are three calls, each behind its own SAFETY note.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Directories that are never a workspace, nor is anything below them.
+const DENY_SUBTREE: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/run",
+    "/root",
+    "/var/lib/aither",
+    "/var/cache/aither",
+    "/var/log/aither",
+];
+
+/// Directories that are never a workspace themselves (their subdirectories may be): shared
+/// parents whose other entries belong to other users or to the system.
+const DENY_EXACT: &[&str] = &[
+    "/", "/home", "/tmp", "/var", "/var/tmp", "/srv", "/opt", "/mnt", "/media",
+];
+
+/// Why a workspace was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    #[error("workspace {path}: must be an absolute path")]
+    NotAbsolute { path: PathBuf },
+    #[error("workspace {path}: not its canonical path ({reason}); give the real path{}", real.as_ref().map(|r| format!(" ({})", r.display())).unwrap_or_default())]
+    NotCanonical {
+        path: PathBuf,
+        reason: &'static str,
+        real: Option<PathBuf>,
+    },
+    #[error("workspace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("workspace {path}: not a directory")]
+    NotDirectory { path: PathBuf },
+    #[error("workspace {path}: {what} cannot be a workspace; pick a project directory")]
+    Denied { path: PathBuf, what: String },
+    #[error("workspace {path}: owned by uid {owner}, not by the caller (uid {caller}); a workspace must be the caller's own directory")]
+    NotOwner {
+        path: PathBuf,
+        owner: u32,
+        caller: u32,
+    },
+    #[error("workspace {path}: a member's workspace must come as a directory they opened themselves (aitherctl passes it); none was passed")]
+    NotPresented { path: PathBuf },
+    #[error("workspace {path}: the directory passed is not the one at this path (or was opened without read access: O_PATH)")]
+    PresentedMismatch { path: PathBuf },
+    #[error("workspace {path}: the directory at this path is no longer the one checked at spawn (replaced or renamed); spawn again")]
+    Replaced { path: PathBuf },
+    #[error("workspace {path}: cloning the mount: {source}")]
+    Clone {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the checked descriptor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirId {
+    pub dev: u64,
+    pub ino: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl DirId {
+    /// What pins a directory across opens: (st_dev, st_ino).
+    pub fn identity(&self) -> crate::sandbox::spec::DirIdentity {
+        crate::sandbox::spec::DirIdentity {
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+}
+
+/// Checks a descriptor the caller opened themselves (SCM_RIGHTS) against the directory
+/// opened here: the same (dev, ino), and a real open (not O_PATH, which needs no read or
+/// search permission on the directory itself), so the caller proved they can reach it.
+pub fn check_presented(opened: &OpenedWorkspace, fd: BorrowedFd<'_>) -> Result<(), WorkspaceError> {
+    let mismatch = || WorkspaceError::PresentedMismatch {
+        path: opened.path.clone(),
+    };
+    // SAFETY: F_GETFL on a live descriptor has no other preconditions.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 || fl & libc::O_PATH != 0 {
+        return Err(mismatch());
+    }
+    let st = fstat(fd).map_err(|_| mismatch())?;
+    if (st.st_dev, st.st_ino) != (opened.id.dev, opened.id.ino) {
+        return Err(mismatch());
+    }
+    Ok(())
+}
+
+/// A workspace directory opened without following links and checked.
+#[derive(Debug)]
+pub struct OpenedWorkspace {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+    pub id: DirId,
+}
+
+/// Refuses a path that is not written as its canonical form: relative, or with `.`, `..`
+/// or empty components. Symlinks are refused at open (RESOLVE_NO_SYMLINKS).
+pub fn check_lexical(path: &Path) -> Result<(), WorkspaceError> {
+    if !path.is_absolute() {
+        return Err(WorkspaceError::NotAbsolute { path: path.into() });
+    }
+    let mut text = path.as_os_str().as_encoded_bytes();
+    if text.len() > 1 && text.ends_with(b"/") {
+        text = &text[..text.len() - 1];
+    }
+    if text.windows(2).any(|w| w == b"//") {
+        return Err(not_canonical(path, "an empty component"));
+    }
+    if text.split(|b| *b == b'/').any(|c| c == b"." || c == b"..") {
+        return Err(not_canonical(path, "a '.' or '..' component"));
+    }
+    Ok(())
+}
+
+fn not_canonical(path: &Path, reason: &'static str) -> WorkspaceError {
+    WorkspaceError::NotCanonical {
+        path: path.into(),
+        reason,
+        real: std::fs::canonicalize(path).ok().filter(|r| r != path),
+    }
+}
+
+/// openat2(2) with RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, O_PATH | O_DIRECTORY.
+pub fn open_no_follow(dirfd: Option<BorrowedFd<'_>>, path: &Path) -> io::Result<OwnedFd> {
+    let c = crate::sys::cstr(path)?;
+    // SAFETY: open_how is plain data; all-zero is its "nothing asked" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    // No O_NOFOLLOW: RESOLVE_NO_SYMLINKS already refuses a link in any component, the last
+    // one included (ELOOP), where O_NOFOLLOW|O_PATH would open the link itself.
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    let dfd = dirfd.map(|f| f.as_raw_fd()).unwrap_or(libc::AT_FDCWD);
+    // SAFETY: valid C string and a live open_how of the size passed; returns a new fd or -1.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dfd,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// fstat(2) of a descriptor.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live fd and a valid out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn id_of(st: &libc::stat) -> DirId {
+    DirId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        uid: st.st_uid,
+        gid: st.st_gid,
+    }
+}
+
+/// (dev, ino) of a directory and of each of its ancestors up to "/", walking `..` from the
+/// descriptor (mount crossings included), never by name.
+fn chain(fd: BorrowedFd<'_>) -> io::Result<Vec<(u64, u64)>> {
+    let st = fstat(fd)?;
+    let mut out = vec![(st.st_dev, st.st_ino)];
+    let mut cur = open_no_follow(Some(fd), Path::new("."))?;
+    // Bounded: PATH_MAX / 2 levels at most.
+    for _ in 0..2048 {
+        let up = open_no_follow(Some(cur.as_fd()), Path::new(".."))?;
+        let s = fstat(up.as_fd())?;
+        let id = (s.st_dev, s.st_ino);
+        if Some(&id) == out.last() {
+            return Ok(out);
+        }
+        out.push(id);
+        cur = up;
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// The deny lists, with the Aither state directory in force (AITHER_STATE_DIR) added.
+fn deny_subtree() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = DENY_SUBTREE.iter().map(PathBuf::from).collect();
+    v.push(crate::token::state_dir());
+    v
+}
+
+/// Checks an opened directory against the deny lists by identity: it is none of them, no
+/// ancestor of a protected directory, and not below one.
+pub fn check_fd(path: &Path, fd: BorrowedFd<'_>) -> Result<DirId, WorkspaceError> {
+    let open_err = |e| WorkspaceError::Open {
+        path: path.into(),
+        source: e,
+    };
+    let st = fstat(fd).map_err(open_err)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(WorkspaceError::NotDirectory { path: path.into() });
+    }
+    let me = (st.st_dev, st.st_ino);
+    let mine = chain(fd).map_err(open_err)?;
+    let denied = |what: String| WorkspaceError::Denied {
+        path: path.into(),
+        what,
+    };
+    let ident = |p: &Path| {
+        std::fs::metadata(p).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+    };
+    for p in DENY_EXACT {
+        if ident(Path::new(p)) == Some(me) {
+            return Err(denied(if *p == "/" {
+                "the whole host".into()
+            } else {
+                format!("{p} (a shared directory)")
+            }));
+        }
+    }
+    for p in deny_subtree() {
+        let Ok(f) = std::fs::File::open(&p) else {
+            continue;
+        };
+        let Ok(theirs) = chain(f.as_fd()) else {
+            continue;
+        };
+        if mine.contains(&theirs[0]) {
+            return Err(denied(format!(
+                "{} or anything below it (a system or Aither directory)",
+                p.display()
+            )));
+        }
+        if theirs.contains(&me) {
+            return Err(denied(format!(
+                "an ancestor of {} (a system or Aither directory)",
+                p.display()
+            )));
+        }
+    }
+    Ok(id_of(&st))
+}
+
+/// Opens `path` (which must be canonical: no symlink anywhere on it), checks the descriptor,
+/// and, when `owner` is given, that the directory belongs to that uid.
+pub fn open_checked(path: &Path, owner: Option<u32>) -> Result<OpenedWorkspace, WorkspaceError> {
+    check_lexical(path)?;
+    let fd = open_no_follow(None, path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => not_canonical(path, "a symbolic link on the way"),
+        Some(libc::ENOTDIR) => WorkspaceError::NotDirectory { path: path.into() },
+        _ => WorkspaceError::Open {
+            path: path.into(),
+            source: e,
+        },
+    })?;
+    let id = check_fd(path, fd.as_fd())?;
+    if let Some(caller) = owner {
+        if id.uid != caller {
+            return Err(WorkspaceError::NotOwner {
+                path: path.into(),
+                owner: id.uid,
+                caller,
+            });
+        }
+    }
+    Ok(OpenedWorkspace {
+        path: path.into(),
+        fd,
+        id,
+    })
+}
+
+/// A detached recursive copy of the mount at the descriptor: open_tree(fd, "",
+/// AT_EMPTY_PATH | OPEN_TREE_CLONE | AT_RECURSIVE).
+pub fn clone_tree(ws: &OpenedWorkspace) -> Result<OwnedFd, WorkspaceError> {
+    let flags = crate::sys::OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | libc::AT_RECURSIVE as libc::c_uint
+        | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: a live descriptor and an empty C string; returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, ws.fd.as_raw_fd(), c"".as_ptr(), flags) };
+    if r < 0 {
+        return Err(WorkspaceError::Clone {
+            path: ws.path.clone(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_are_not_canonical_are_refused() {
+        for p in [
+            "rel/dir",
+            "/var/./tmp",
+            "/var/tmp/../etc",
+            "/var//tmp",
+            "/a/b/..",
+        ] {
+            assert!(check_lexical(Path::new(p)).is_err(), "{p} passed");
+        }
+        for p in ["/var/tmp/x", "/home/u/proj", "/var/tmp/x/"] {
+            check_lexical(Path::new(p)).unwrap();
+        }
+    }
+
+    #[test]
+    fn system_directories_and_their_ancestors_are_refused() {
+        for p in [
+            "/",
+            "/etc",
+            "/etc/cron.d",
+            "/root",
+            "/home",
+            "/tmp",
+            "/var",
+            "/usr/lib",
+            "/srv",
+            "/var/tmp",
+            "/dev/shm",
+            "/proc/self/cwd",
+        ] {
+            let p = Path::new(p);
+            if !p.exists() {
+                continue;
+            }
+            assert!(
+                open_checked(p, None).is_err(),
+                "{} was accepted",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_on_the_way_is_refused_and_names_the_real_path() {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("out")).unwrap();
+        let e = open_checked(&d.path().join("link"), None).unwrap_err();
+        assert!(matches!(e, WorkspaceError::NotCanonical { .. }), "{e}");
+        assert!(e.to_string().contains(&real.display().to_string()), "{e}");
+        let e = open_checked(&d.path().join("out"), None).unwrap_err();
+        assert!(matches!(e, WorkspaceError::NotCanonical { .. }), "{e}");
+        let ok = open_checked(&real, None).unwrap();
+        assert_eq!(ok.path, real);
+    }
+
+    #[test]
+    fn another_users_directory_is_refused_when_an_owner_is_required() {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let e = open_checked(d.path(), Some(4242)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WorkspaceError::NotOwner {
+                    owner: _,
+                    caller: 4242,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

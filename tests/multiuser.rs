@@ -1,0 +1,893 @@
+//! Many users on one host (issue 18) and the workspace opened once (issue 17, finding 2):
+//! the real CLI, run as unprivileged users made for the test (`useradd`, then `setpriv`),
+//! against a real private aitherd. A member of the member group sees and touches only their
+//! own agents, in directories they own, whose files land as them; an admin sees and acts on
+//! everything; identity fields in a request are ignored; a planted link or a rename race
+//! never gives a sandbox another directory.
+//!
+//! Needs root (to create the users and the daemon). The users and groups are named
+//! `aither-t-<pid>-…` and deleted at the end, also when a test fails.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::daemon::TestDaemon;
+use common::{poll_until, require_root, unique, AITHERCTL};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// Test users and groups, removed on drop.
+struct Users {
+    member_group: String,
+    admin_group: String,
+    member_gid: u32,
+    admin_gid: u32,
+    users: Vec<User>,
+    /// A root-owned 0711 directory holding each user's own 0700 directory.
+    base: tempfile::TempDir,
+}
+
+fn sh(cmd: &str, args: &[&str]) {
+    let o = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn id_of(flag: &str, name: &str) -> u32 {
+    let o = Command::new("id").args([flag, name]).output().expect("id");
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("id {flag} {name}: {o:?}"))
+}
+
+fn gid_of_group(name: &str) -> u32 {
+    let o = Command::new("getent")
+        .args(["group", name])
+        .output()
+        .expect("getent");
+    String::from_utf8_lossy(&o.stdout)
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no group {name}"))
+}
+
+impl Users {
+    /// Two members (0, 1) and an admin (2).
+    fn create() -> Users {
+        require_root();
+        // Tests run in parallel: one set of names per call.
+        let tag = format!("aither-t-{}-{}", std::process::id(), common::next_id());
+        let member_group = format!("{tag}-m");
+        let admin_group = format!("{tag}-a");
+        let base = tempfile::Builder::new()
+            .prefix("aither-mu-")
+            .tempdir_in("/var/tmp")
+            .expect("base dir");
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let mut u = Users {
+            member_group: member_group.clone(),
+            admin_group: admin_group.clone(),
+            member_gid: 0,
+            admin_gid: 0,
+            users: Vec::new(),
+            base,
+        };
+        sh("groupadd", &[&member_group]);
+        sh("groupadd", &[&admin_group]);
+        u.member_gid = gid_of_group(&member_group);
+        u.admin_gid = gid_of_group(&admin_group);
+        for i in 1..=3 {
+            let name = format!("{tag}-{i}");
+            let groups = if i == 3 {
+                format!("{member_group},{admin_group}")
+            } else {
+                member_group.clone()
+            };
+            sh(
+                "useradd",
+                &["-M", "-U", "-s", "/usr/sbin/nologin", "-G", &groups, &name],
+            );
+            let user = User {
+                uid: id_of("-u", &name),
+                gid: id_of("-g", &name),
+                name,
+            };
+            let dir = u.dir(&user);
+            std::fs::create_dir(&dir).unwrap();
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            u.users.push(user);
+        }
+        u
+    }
+
+    /// The user's own directory (0700, theirs).
+    fn dir(&self, user: &User) -> PathBuf {
+        self.base.path().join(&user.name)
+    }
+
+    /// The private daemon, with the test's groups as member and admin groups, its socket
+    /// reachable by them (0660 root:<member group> in a 0711 directory).
+    fn daemon(&self) -> TestDaemon {
+        self.daemon_with(&[])
+    }
+
+    fn daemon_with(&self, extra: &[&str]) -> TestDaemon {
+        let mut args = vec![
+            "--group",
+            &self.member_group,
+            "--admin-group",
+            &self.admin_group,
+        ];
+        args.extend_from_slice(extra);
+        let d = TestDaemon::start("aitherd-mu-", &args);
+        std::fs::set_permissions(d.state.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // aitherd answers as soon as it listens; the socket's group follows right after.
+        let sock = d.socket();
+        assert!(
+            poll_until(WAIT, || std::fs::metadata(&sock)
+                .is_ok_and(|m| m.gid() == self.member_gid)),
+            "the socket never got group {}",
+            self.member_group
+        );
+        let sock = std::fs::metadata(&sock).unwrap();
+        assert_eq!(sock.mode() & 0o777, 0o660, "socket mode");
+        d
+    }
+
+    /// `aitherctl ARGS` as user `i` (0, 1: members; 2: admin) in their own directory.
+    fn ctl(&self, d: &TestDaemon, i: usize, args: &[&str]) -> Output {
+        self.ctl_in(d, i, &self.dir(&self.users[i]), args)
+    }
+
+    fn ctl_in(&self, d: &TestDaemon, i: usize, cwd: &Path, args: &[&str]) -> Output {
+        let u = &self.users[i];
+        let groups = if i == 2 {
+            format!("{},{}", self.member_gid, self.admin_gid)
+        } else {
+            self.member_gid.to_string()
+        };
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &u.uid.to_string(),
+            "--regid",
+            &u.gid.to_string(),
+            "--groups",
+            &groups,
+            "--",
+            AITHERCTL,
+        ])
+        .args(args);
+        d.env(&mut c);
+        c.current_dir(cwd)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv aitherctl")
+    }
+
+    fn ok(&self, d: &TestDaemon, i: usize, args: &[&str]) -> String {
+        let o = self.ctl(d, i, args);
+        assert!(
+            o.status.success(),
+            "{} aitherctl {args:?}: {}{}\n--- daemon ---\n{}",
+            self.users[i].name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            d.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Sends one raw frame as user `i` and returns the reply (python3 as the client, so the
+    /// request can carry fields aitherctl would never send).
+    fn raw(&self, d: &TestDaemon, i: usize, frame: &Value) -> Value {
+        self.raw_fd(d, i, frame, "")
+    }
+
+    /// `raw` with a directory the user opens (O_RDONLY, or O_PATH when `path` starts with
+    /// "path:") sent along (SCM_RIGHTS); "" sends none.
+    fn raw_fd(&self, d: &TestDaemon, i: usize, frame: &Value, path: &str) -> Value {
+        let u = &self.users[i];
+        let script = r#"
+import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+body = sys.argv[2].encode()
+msg = struct.pack(">I", len(body)) + body
+p = sys.argv[3]
+if p:
+    flags = os.O_DIRECTORY | (os.O_PATH if p.startswith("path:") else os.O_RDONLY)
+    fd = os.open(p.removeprefix("path:"), flags)
+    socket.send_fds(s, [msg], [fd])
+else:
+    s.sendall(msg)
+n = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
+print(s.recv(n, socket.MSG_WAITALL).decode())
+"#;
+        let o = Command::new("setpriv")
+            .args([
+                "--reuid",
+                &u.uid.to_string(),
+                "--regid",
+                &u.gid.to_string(),
+                "--groups",
+                &self.member_gid.to_string(),
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                script,
+                &d.socket().display().to_string(),
+                &frame.to_string(),
+                path,
+            ])
+            .output()
+            .expect("python3");
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+            panic!(
+                "raw reply: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        for u in &self.users {
+            let _ = Command::new("userdel").arg(&u.name).output();
+            // -U made a group of the same name; userdel removes it when empty.
+            let _ = Command::new("groupdel").arg(&u.name).output();
+        }
+        let _ = Command::new("groupdel").arg(&self.member_group).output();
+        let _ = Command::new("groupdel").arg(&self.admin_group).output();
+    }
+}
+
+fn names(ps: &str) -> Vec<String> {
+    serde_json::from_str::<Value>(ps)
+        .expect("ps --json")
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["name"].as_str().map(String::from))
+        .collect()
+}
+
+fn audit(d: &TestDaemon) -> Vec<Value> {
+    std::fs::read_to_string(d.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
+    let us = Users::create();
+    let d = us.daemon();
+    let (u1, u2) = (&us.users[0], &us.users[1]);
+    let name = unique("mu-own");
+    let dir1 = us.dir(u1);
+    // Spawned by user 1 in their own directory (the default workspace: where they are).
+    us.ok(
+        &d,
+        0,
+        &[
+            "spawn",
+            "--json",
+            "--policy",
+            "strict",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo made > made.txt; echo agent-line; exec sleep 60",
+        ],
+    );
+    let made = dir1.join("made.txt");
+    assert!(
+        poll_until(WAIT, || made.exists()),
+        "the agent never wrote {}: {}",
+        made.display(),
+        d.log()
+    );
+    // The agent's files land as the caller.
+    let m = std::fs::metadata(&made).unwrap();
+    assert_eq!((m.uid(), m.gid()), (u1.uid, u1.gid), "owner of made.txt");
+
+    let own = us.ok(&d, 0, &["ps", "--json"]);
+    assert!(names(&own).contains(&name), "{own}");
+    let v: Value = serde_json::from_str(&us.ok(&d, 0, &["inspect", &name])).unwrap();
+    assert_eq!(v["owner"], u1.uid, "{v}");
+
+    // User 2 sees nothing of it and can do nothing to it.
+    let theirs = us.ok(&d, 1, &["ps", "--json"]);
+    assert!(!names(&theirs).contains(&name), "{theirs}");
+    for args in [
+        vec!["inspect", &name],
+        vec!["logs", &name],
+        vec!["logs", "-f", &name],
+        vec!["stop", &name],
+        vec!["kill", &name],
+        vec!["restart", &name],
+        vec!["rm", "--force", &name],
+        vec!["mem", "ls", &name, "--tier", "working"],
+        vec!["mem", "put", &name, "--tier", "working", "k", "v"],
+        vec!["events", "--agent", &name],
+    ] {
+        let o = us.ctl(&d, 1, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "user 2 {args:?} succeeded: {err}");
+        assert!(err.contains("no agent named"), "user 2 {args:?}: {err}");
+    }
+    let ev = us.ok(&d, 1, &["events", "--json"]);
+    assert!(!ev.contains(&name), "user 2's events show it: {ev}");
+    // The operator bus spans every user's streams: publishing and subscribing are for
+    // admins; `bus streams` shows a member their own agents' subscriptions only.
+    let o = us.ctl(&d, 1, &["bus", "pub", "x.y", "1"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("aither-admin"),
+        "{o:?}"
+    );
+    let streams = us.ok(&d, 1, &["bus", "streams", "--json"]);
+    let v: Value = serde_json::from_str(&streams).unwrap();
+    assert_eq!(v["streams"], serde_json::json!([]), "{v}");
+    assert!(!streams.contains(&name), "{v}");
+    // Nor can they take the name over.
+    let o = us.ctl(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "strict",
+            "--replace",
+            &name,
+            "--",
+            "true",
+        ],
+    );
+    assert!(!o.status.success(), "{o:?}");
+
+    // Still running, untouched.
+    let v: Value = serde_json::from_str(&us.ok(&d, 0, &["inspect", &name])).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+
+    // Forged identity fields: the caller is what SO_PEERCRED says. The protocol has no such
+    // field, so a request naming an agent with one is refused outright; `ps` (a bare
+    // operation) ignores it and still shows only the caller's own agents.
+    let r = us.raw(
+        &d,
+        1,
+        &serde_json::json!({"op": "ps", "uid": 0, "owner": u1.uid}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        !r["data"].to_string().contains(&name),
+        "forged uid showed {name}: {r}"
+    );
+    for frame in [
+        serde_json::json!({"op": "inspect", "name": name, "caller_uid": u1.uid}),
+        serde_json::json!({"op": "stop", "name": name, "uid": u1.uid}),
+        serde_json::json!({"op": "rm", "name": name, "force": true, "owner": u2.uid}),
+    ] {
+        let r = us.raw(&d, 1, &frame);
+        assert_eq!(r["ok"], false, "{frame}: {r}");
+        assert_eq!(r["error"]["code"], "bad_request", "{frame}: {r}");
+    }
+    let r = us.raw(&d, 1, &serde_json::json!({"op": "inspect", "name": name}));
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+
+    // The admin sees it, with its owner, and can read its logs.
+    let all = us.ok(&d, 2, &["ps", "--json"]);
+    let row = serde_json::from_str::<Value>(&all).unwrap();
+    let row = row
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("admin ps lacks {name}: {all}"))
+        .clone();
+    assert_eq!(row["owner"], u1.uid);
+    assert!(
+        poll_until(WAIT, || us
+            .ok(&d, 2, &["logs", &name])
+            .contains("agent-line")),
+        "admin logs"
+    );
+    // Root's table names the owner.
+    let table = d.ok(&["ps"]);
+    assert!(table.lines().next().unwrap().contains("OWNER"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains(&u1.name)),
+        "{table}"
+    );
+
+    // Every cross-user attempt is a denial carrying both uids.
+    // (aitherd's audit writer batches: wait for the records rather than read once.)
+    let denied = || {
+        audit(&d)
+            .into_iter()
+            .filter(|r| {
+                r["decision"] == "deny" && r["caller_uid"] == u2.uid && r["owner_uid"] == u1.uid
+            })
+            .count()
+    };
+    assert!(
+        poll_until(WAIT, || denied() >= 10),
+        "cross-user denials in the audit: {}",
+        denied()
+    );
+
+    // Every record about the agent names its owner.
+    let unowned: Vec<Value> = audit(&d)
+        .into_iter()
+        .filter(|r| r["agent"] == name.as_str() && r["owner_uid"] != u1.uid)
+        .collect();
+    assert!(
+        unowned.is_empty(),
+        "records of {name} without its owner: {unowned:?}"
+    );
+
+    // `aitherctl audit` as a member (the log is root's 0640): through aitherd, only the
+    // records they asked for or about their own agents.
+    let seen = |i: usize| -> Vec<Value> {
+        us.ok(&d, i, &["audit", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit JSON"))
+            .collect()
+    };
+    let mine = seen(0);
+    assert!(
+        mine.iter().any(|r| r["kind"] == "spawn"
+            && r["decision"] == "allow"
+            && r["agent"] == name.as_str()),
+        "{mine:?}"
+    );
+    let theirs = seen(1);
+    assert!(!theirs.is_empty());
+    for r in &theirs {
+        assert!(
+            r["caller_uid"] == u2.uid || r["owner_uid"] == u2.uid,
+            "user 2 sees a record not theirs: {r}"
+        );
+    }
+
+    // The admin may act on it.
+    us.ok(&d, 2, &["rm", "--force", &name]);
+    let allowed = || {
+        audit(&d).into_iter().any(|r| {
+            r["kind"] == "rm"
+                && r["decision"] == "allow"
+                && r["caller_uid"] == us.users[2].uid
+                && r["owner_uid"] == u1.uid
+        })
+    };
+    assert!(
+        poll_until(WAIT, allowed),
+        "the admin's rm is recorded with both uids"
+    );
+    // Removed, its memory is kept under the name: still user 1's, not user 2's to take.
+    us.ok(&d, 0, &["mem", "ls", &name, "--tier", "working"]);
+    let o = us.ctl(&d, 1, &["mem", "ls", &name, "--tier", "working"]);
+    assert!(!o.status.success(), "{o:?}");
+    let o = us.ctl(&d, 1, &["spawn", "--policy", "strict", &name, "--", "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("taken"), "{err}");
+}
+
+#[test]
+fn members_work_only_in_directories_they_own() {
+    let us = Users::create();
+    let d = us.daemon();
+    let u2 = &us.users[1];
+    // A directory anyone may write, owned by root; another user's directory; system ones.
+    let shared = us.base.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let other = us.dir(&us.users[0]);
+    for ws in [
+        other.to_str().unwrap(),
+        shared.to_str().unwrap(),
+        "/etc/cron.d",
+        "/root",
+        "/home",
+        "/tmp",
+    ] {
+        let name = unique("mu-ws");
+        let o = us.ctl(
+            &d,
+            1,
+            &[
+                "spawn",
+                "--policy",
+                "strict",
+                "-w",
+                ws,
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "echo x > planted",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "user 2 got workspace {ws}");
+        assert!(err.contains("workspace"), "{ws}: {err}");
+        assert!(!Path::new(ws).join("planted").exists(), "{ws}");
+    }
+    // Out of the member group, the same user is not served at all (the socket's mode keeps
+    // them out; SO_PEERCRED/SO_PEERGROUPS would too), whatever they send.
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        &u2.uid.to_string(),
+        "--regid",
+        &u2.gid.to_string(),
+        "--clear-groups",
+        "--",
+        AITHERCTL,
+        "ps",
+    ]);
+    d.env(&mut c);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert!(!o.status.success(), "{o:?}");
+
+    // A policy file of their own is not theirs to load; nor a token minted for someone else.
+    let pol = us.dir(u2).join("mine.toml");
+    std::fs::copy(common::policy_dir().join("permissive.toml"), &pol).unwrap();
+    let o = us.ctl(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            pol.to_str().unwrap(),
+            &unique("mu-pol"),
+            "--",
+            "true",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("installed policy"),
+        "{o:?}"
+    );
+    let name = unique("mu-tok");
+    let tok = us.dir(u2).join("t");
+    d.ok(&[
+        "token",
+        "mint",
+        "--policy",
+        "strict",
+        "--subject",
+        &name,
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    std::os::unix::fs::chown(&tok, Some(u2.uid), None).unwrap();
+    let o = us.ctl(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--token",
+            tok.to_str().unwrap(),
+            &name,
+            "--",
+            "true",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not minted for uid"),
+        "{o:?}"
+    );
+    d.ok(&[
+        "token",
+        "mint",
+        "--policy",
+        "strict",
+        "--subject",
+        &name,
+        "--for-user",
+        &u2.name,
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    std::os::unix::fs::chown(&tok, Some(u2.uid), None).unwrap();
+    us.ok(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--token",
+            tok.to_str().unwrap(),
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo ok > tok.txt",
+        ],
+    );
+    let f = us.dir(u2).join("tok.txt");
+    assert!(poll_until(WAIT, || f.exists()), "{}", d.log());
+    assert_eq!(std::fs::metadata(&f).unwrap().uid(), u2.uid);
+}
+
+/// `renameat2(RENAME_EXCHANGE)`: swaps two names atomically.
+fn exchange(a: &Path, b: &Path) {
+    let ca = std::ffi::CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
+    let cb = std::ffi::CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: two valid C strings; renameat2 has no other preconditions.
+    unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+}
+
+#[test]
+fn a_planted_link_or_a_rename_race_never_redirects_the_workspace() {
+    require_root();
+    let base = tempfile::tempdir_in("/var/tmp").unwrap();
+    let real = base.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("mine.txt"), "x").unwrap();
+    let out = base.path().join("out");
+    std::os::unix::fs::symlink("/root", &out).unwrap();
+    let run = |ws: &Path| {
+        Command::new(AITHERCTL)
+            .env("AITHER_POLICY_DIR", common::policy_dir())
+            .env("AITHER_AUDIT_LOG", common::test_audit_log())
+            .args(["run", "--policy", "strict", "--workspace"])
+            .arg(ws)
+            .args(["--", "ls", "-a"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("aitherctl run")
+    };
+    // `out -> /root`, planted by an earlier agent: refused, naming the rule.
+    let o = run(&out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("not its canonical path"), "{err}");
+    // Through aitherd too (root's spawn).
+    let d = TestDaemon::start("aitherd-mu-link-", &[]);
+    let o = d.ctl(&[
+        "spawn",
+        "--policy",
+        "strict",
+        "-w",
+        out.to_str().unwrap(),
+        &unique("mu-link"),
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not its canonical path"),
+        "{err}"
+    );
+    drop(d);
+
+    // A concurrent exchange of `dir` with `flip -> /etc`: each run either is refused or
+    // sees the real directory; never /etc.
+    let dir = base.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("mine.txt"), "x").unwrap();
+    let flip = base.path().join("flip");
+    std::os::unix::fs::symlink("/etc", &flip).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, dir, flip) = (stop.clone(), dir.clone(), flip.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                exchange(&dir, &flip);
+                n += 1;
+            }
+            n
+        })
+    };
+    let (mut refused, mut ran) = (0, 0);
+    for _ in 0..30 {
+        let o = run(&dir);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            !stdout.contains("passwd") && !stdout.contains("hostname"),
+            "a sandbox got /etc as its workspace: {stdout}"
+        );
+        if o.status.success() {
+            assert!(stdout.contains("mine.txt"), "{stdout}");
+            ran += 1;
+        } else {
+            assert_eq!(
+                o.status.code(),
+                Some(125),
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            refused += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    eprintln!(
+        "rename race: {swaps} exchanges, {ran} runs on the real directory, {refused} refused"
+    );
+    assert!(swaps > 30, "the race did not run");
+}
+
+#[test]
+fn aitherd_reaches_a_members_workspace_only_through_their_own_descriptor() {
+    let us = Users::create();
+    let d = us.daemon();
+    let u2 = &us.users[1];
+    let own = us.dir(u2);
+    let sub = own.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(u2.uid), Some(u2.gid)).unwrap();
+    let frame = |ws: &Path| {
+        serde_json::json!({"op": "spawn", "name": unique("mu-fd"), "policy": "strict",
+                           "argv": ["true"], "cwd": own, "workspace": ws})
+    };
+    // No descriptor: a member's spawn is refused (aitherd does not open it on their behalf).
+    let r = us.raw(&d, 1, &frame(&own));
+    assert_eq!(r["error"]["code"], "denied", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opened themselves"),
+        "{r}"
+    );
+    // A descriptor of another directory than the path named, or an O_PATH one (which needs
+    // no permission on the directory itself): refused.
+    let r = us.raw_fd(&d, 1, &frame(&sub), own.to_str().unwrap());
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the one at this path"),
+        "{r}"
+    );
+    let r = us.raw_fd(&d, 1, &frame(&own), &format!("path:{}", own.display()));
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the one at this path"),
+        "{r}"
+    );
+    // Their own directory, passed as they opened it: accepted.
+    let r = us.raw_fd(&d, 1, &frame(&own), own.to_str().unwrap());
+    assert_eq!(r["ok"], true, "{r}");
+
+    // The directory is pinned: replaced at the same path after the spawn, a restart refuses
+    // it rather than mount the new one.
+    let name = unique("mu-pin");
+    us.ok(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "strict",
+            "-w",
+            sub.to_str().unwrap(),
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo run >> runs.txt; exec sleep 60",
+        ],
+    );
+    let runs = sub.join("runs.txt");
+    assert!(poll_until(WAIT, || runs.exists()), "{}", d.log());
+    std::fs::rename(&sub, own.join("moved")).unwrap();
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(u2.uid), Some(u2.gid)).unwrap();
+    // The restart is answered once asked; its launch fails, and says why.
+    let _ = us.ctl(&d, 1, &["restart", &name]);
+    let why = || {
+        let v: Value = serde_json::from_str(&us.ok(&d, 1, &["inspect", &name])).unwrap();
+        v["last_exit"].as_str().unwrap_or("").to_string()
+    };
+    assert!(
+        poll_until(WAIT, || why().contains("no longer the one checked")),
+        "{}",
+        us.ok(&d, 1, &["inspect", &name])
+    );
+    assert!(!runs.exists(), "the agent ran in the replacement directory");
+    assert_eq!(
+        std::fs::read_to_string(own.join("moved/runs.txt")).unwrap(),
+        "run\n"
+    );
+}
+
+#[test]
+fn per_user_limits_from_the_configuration_bind_members_not_admins() {
+    let us = Users::create();
+    let conf = us.base.path().join("aitherd.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[egress]\n# another part's table: left alone\n\n[users.default]\nagents = 2\nmemory = \"600M\"\n\n[users.user.{}]\nagents = 3\n",
+            us.users[1].name
+        ),
+    )
+    .unwrap();
+    let d = us.daemon_with(&["--config", conf.to_str().unwrap()]);
+    let spawn = |i: usize, extra: &[&str]| {
+        let name = unique("mu-lim");
+        let mut args = vec!["spawn", "--policy", "strict"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&name, "--", "sleep", "60"]);
+        us.ctl(&d, i, &args)
+    };
+    // User 1 (the default: 2 agents, 600M in all): strict's 512M, then 128M more is over
+    // the memory cap, 64M is not, and a third agent is over the count.
+    let ok = |o: Output| assert!(o.status.success(), "{o:?}\n{}", d.log());
+    let refused = |o: Output, why: &str| {
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && err.contains(why), "{why}: {err}");
+    };
+    ok(spawn(0, &[]));
+    refused(spawn(0, &["--memory", "128M"]), "memory would be");
+    ok(spawn(0, &["--memory", "64M"]));
+    refused(spawn(0, &["--memory", "8M"]), "you hold 2 agents");
+    // User 2 has an entry of their own (3 agents, no memory cap).
+    for _ in 0..3 {
+        ok(spawn(1, &[]));
+    }
+    refused(spawn(1, &[]), "you hold 3 agents");
+    // The admin is not limited.
+    for _ in 0..3 {
+        ok(spawn(2, &[]));
+    }
+    // Concurrent spawns cannot both take the last place: user 1 empties their agents, then
+    // asks for six at once under a cap of two.
+    for n in names(&us.ok(&d, 0, &["ps", "--json"])) {
+        us.ok(&d, 0, &["rm", "--force", &n]);
+    }
+    let won = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| spawn(0, &["--memory", "8M"]).status.success()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(won, 2, "concurrent spawns under a cap of 2");
+}
