@@ -480,10 +480,21 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     if spec.new_uts_ns {
         flags |= libc::CLONE_NEWUTS;
     }
+    // The namespace's owner is the creator's euid, and the kernel charges the per-user
+    // counters of everything inside to the owner: so the clone runs as the sandbox's own setup
+    // id, never as host root (userns::AsOwner). Just around the clone: the maps, the cgroup and
+    // the workspace need root again right after it.
+    let as_owner = userns::AsOwner::switch_to(ids.root).map_err(LaunchError::Clone)?;
     // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
     // before this point), so the forked child may run ordinary Rust code.
-    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) }
-        .map_err(LaunchError::Clone)?;
+    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) };
+    let forked = match forked {
+        Ok(Forked::Child) => Forked::Child,
+        other => {
+            drop(as_owner);
+            other.map_err(LaunchError::Clone)?
+        }
+    };
     let (pid, pidfd) = match forked {
         Forked::Child => {
             drop(parent_sock);
