@@ -11,8 +11,8 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use common::daemon::TestDaemon;
 use common::*;
@@ -101,20 +101,26 @@ impl Pty {
     }
 
     /// Runs `cmd` with the slave as stdin/stdout/stderr and controlling terminal, in a session
-    /// of its own (as a login shell's job would be). Returns its exit code and everything the
-    /// terminal received.
-    fn run(&self, mut cmd: Command, input: &[u8]) -> (i32, String) {
+    /// of its own (as a login shell's job would be), types `input`, and returns its exit code
+    /// and everything the terminal received.
+    fn run(&self, cmd: Command, input: &[u8]) -> (i32, String) {
+        let r = self.spawn(cmd);
+        if !input.is_empty() {
+            r.type_in(input);
+        }
+        r.finish()
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Running {
         let slave = self.slave.as_raw_fd();
-        for (i, dup) in [0, 1, 2].iter().enumerate() {
+        for i in 0..3 {
             // SAFETY: dup of our slave: a new descriptor handed to the child.
-            let fd = unsafe { libc::dup(slave) };
-            cvt(fd, "dup");
+            let fd = cvt(unsafe { libc::dup(slave) }, "dup");
             // SAFETY: fd is new and ours.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let s = Stdio::from(fd);
-            match (i, dup) {
-                (0, _) => cmd.stdin(s),
-                (1, _) => cmd.stdout(s),
+            let s = Stdio::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            match i {
+                0 => cmd.stdin(s),
+                1 => cmd.stdout(s),
                 _ => cmd.stderr(s),
             };
         }
@@ -127,55 +133,299 @@ impl Pty {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().expect("spawn on the pty");
+        let child = cmd.spawn().expect("spawn on the pty");
         drop(cmd);
-        // The reader: the master sees EIO once every slave descriptor of the child is closed
-        // (the test keeps its own slave, so read until the child is gone instead).
         // SAFETY: dup of our master for the reader thread.
-        let m = unsafe { libc::dup(self.master.as_raw_fd()) };
-        cvt(m, "dup master");
+        let m = cvt(unsafe { libc::dup(self.master.as_raw_fd()) }, "dup master");
         // SAFETY: m is new and ours.
-        let mut master = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(m) });
-        if !input.is_empty() {
-            use std::io::Write;
-            master.write_all(input).expect("type into the terminal");
-        }
-        // SAFETY: F_SETFL on our own (dup'ed, but separate open file description? no: shared)
-        // master: non-blocking reads so the reader can stop when the child is gone.
-        unsafe { libc::fcntl(m, libc::F_SETFL, libc::O_NONBLOCK) };
-        let (tx, rx) = mpsc::channel::<()>();
-        let reader = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match master.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => out.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if rx.try_recv().is_ok() {
-                            // The child is gone: what is left is in the buffer now.
-                            match master.read(&mut buf) {
-                                Ok(n) if n > 0 => {
-                                    out.extend_from_slice(&buf[..n]);
-                                    continue;
-                                }
-                                _ => break,
-                            }
+        let master = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(m) });
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (out, stop) = (out.clone(), stop.clone());
+            let fd = master.as_raw_fd();
+            std::thread::spawn(move || {
+                let _keep = master;
+                let mut buf = [0u8; 4096];
+                loop {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let n = unsafe { libc::poll(&mut p, 1, 20) };
+                    if n == 0 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
                         }
-                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
-                    Err(_) => break,
+                    // SAFETY: reading into a buffer of the stated length.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    if n <= 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n as usize]);
                 }
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        });
-        let status = wait_with_deadline(&mut child, "aitherctl on a pty", RUN_DEADLINE);
-        let _ = tx.send(());
-        let out = reader.join().expect("reader");
-        // SAFETY: back to blocking on the shared master description.
-        unsafe { libc::fcntl(self.master.as_raw_fd(), libc::F_SETFL, 0) };
-        (status.code().unwrap_or(128), out)
+            })
+        };
+        Running {
+            child,
+            out,
+            stop,
+            reader: Some(reader),
+            master: self.master.as_raw_fd(),
+        }
     }
+}
+
+/// aitherctl running on a `Pty`.
+struct Running {
+    child: std::process::Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    master: libc::c_int,
+}
+
+impl Running {
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (bounded) until the terminal has shown `what`.
+    fn wait_for(&self, what: &str) {
+        assert!(
+            poll_until(RUN_DEADLINE, || self.output().contains(what)),
+            "the terminal never showed {what:?}: {:?}",
+            self.output()
+        );
+    }
+
+    fn type_in(&self, input: &[u8]) {
+        // SAFETY: writing from a live buffer to our master.
+        let n = unsafe { libc::write(self.master, input.as_ptr().cast(), input.len()) };
+        assert_eq!(n, input.len() as isize, "typing into the terminal");
+    }
+
+    fn finish(mut self) -> (i32, String) {
+        let status = wait_with_deadline(&mut self.child, "aitherctl on a pty", RUN_DEADLINE);
+        // What the relay wrote before exiting is in the master's buffer now.
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.reader.take().unwrap().join();
+        let code = status.code().unwrap_or_else(|| {
+            128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+        });
+        (code, self.output())
+    }
+}
+
+fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
+    a.c_iflag == b.c_iflag
+        && a.c_oflag == b.c_oflag
+        && a.c_cflag == b.c_cflag
+        && a.c_lflag == b.c_lflag
+        && a.c_cc == b.c_cc
+}
+
+fn excl(pty: &Pty) -> libc::c_int {
+    let mut v: libc::c_int = -1;
+    // SAFETY: TIOCGEXCL writes one int.
+    cvt(
+        unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGEXCL, &mut v) },
+        "TIOCGEXCL",
+    );
+    v
+}
+
+/// The agent gets a pty of its own with the caller's window size; what it does to it
+/// (exclusive mode, line discipline N_NULL, raw mode, a tiny window, TIOCSTI) leaves the
+/// caller's terminal exactly as it was.
+#[test]
+fn the_agent_gets_its_own_pty_and_cannot_change_the_callers() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let before = pty.termios();
+    assert_eq!(pty.line_discipline(), 0, "N_TTY before");
+    let (code, out) = pty.run(
+        ws.command(
+            "strict",
+            &[],
+            &["./aither-probe", "tty-attack"],
+            &unique("tty"),
+        ),
+        b"",
+    );
+    // The agent's pty discards its output once N_NULL is set: the result is in a file.
+    let got = std::fs::read_to_string(ws.path().join("tty-attack.out")).unwrap_or_default();
+    assert_eq!(code, 0, "{out:?} {got:?}");
+    // Each ioctl worked on the agent's own pty (TIOCSTI is refused by seccomp regardless).
+    assert_eq!(
+        got, "size=33x101 excl=ok tcsets=ok winsz=ok sti=EPERM setd=ok",
+        "{out:?}"
+    );
+    assert_eq!(pty.line_discipline(), 0, "the caller's line discipline");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the caller's terminal settings are restored"
+    );
+    assert_eq!(pty.winsize(), (33, 101), "the caller's window size");
+    assert_eq!(excl(&pty), 0, "the caller's terminal is not exclusive");
+}
+
+/// During the run the caller's terminal is raw (keys go to the agent's pty unprocessed, ^C
+/// included: the agent's line discipline turns it into SIGINT for the agent); after it, the
+/// settings are back, also when the run ends by a timeout or the command does not exist.
+#[test]
+fn raw_mode_during_the_run_and_the_callers_settings_restored_on_every_end() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let before = pty.termios();
+
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "echo started; exec sleep 600"],
+        &unique("ctrlc"),
+    ));
+    r.wait_for("started");
+    let during = pty.termios();
+    assert_eq!(
+        during.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw"
+    );
+    r.type_in(b"\x03");
+    let (code, out) = r.finish();
+    assert_eq!(
+        code,
+        128 + libc::SIGINT,
+        "^C ends the agent with SIGINT: {out:?}"
+    );
+    assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+
+    let (code, out) = pty.run(
+        ws.command(
+            "strict",
+            &["--timeout", "1s"],
+            &["sleep", "600"],
+            &unique("tmo"),
+        ),
+        b"",
+    );
+    assert_ne!(code, 0, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after a timeout"
+    );
+
+    let (code, out) = pty.run(
+        ws.command("strict", &[], &["no-such-command"], &unique("nf")),
+        b"",
+    );
+    assert_eq!(code, 127, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after a failed start"
+    );
+}
+
+/// A new window size reaches the agent (SIGWINCH on its own pty).
+#[test]
+fn the_window_size_follows_the_callers() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'stty size; exit 0' WINCH; stty size; i=0; \
+             while [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch",
+        ],
+        &unique("winch"),
+    ));
+    r.wait_for("33 101");
+    let ws2 = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize; the kernel signals aitherctl's process group.
+    cvt(
+        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
+        "TIOCSWINSZ",
+    );
+    r.wait_for("40 120");
+    let (code, out) = r.finish();
+    assert_eq!(code, 0, "{out:?}");
+}
+
+/// Pipes and FIFOs pass through a relay: nothing of the caller's is chowned or chmodded, and
+/// the agent can still reopen /dev/stdout.
+#[test]
+fn a_root_fifo_stays_root_0600_and_pipes_stay_roots() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = Workspace::new();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let fifo = dir.path().join("out.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    cvt(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let mut cmd = ws.command(
+        "strict",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo one; echo two > /dev/stdout; chmod 0777 /dev/stdout 2>/dev/null; \
+             chmod 0777 /proc/self/fd/1 2>/dev/null; echo three",
+        ],
+        &unique("fifo"),
+    );
+    cmd.stdout(w);
+    let status = cmd.status().expect("run");
+    // The Command holds our write end until dropped: the reader's EOF waits for it.
+    drop(cmd);
+    let got = reader.join().unwrap();
+    assert!(status.success(), "{got:?}");
+    assert_eq!(got, "one\ntwo\nthree\n");
+    let m = std::fs::metadata(&fifo).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (0, 0, 0o600),
+        "the FIFO as it was"
+    );
+
+    // An anonymous pipe: its inode (seen through our end) is still root's and 0600.
+    let (r, w) = aither::sys::pipe().unwrap();
+    let mut cmd = ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "chmod 0666 /dev/stdout 2>/dev/null; echo piped"],
+        &unique("pipe"),
+    );
+    let st_before = std::fs::File::from(r.try_clone().unwrap())
+        .metadata()
+        .unwrap();
+    cmd.stdout(w);
+    let status = cmd.status().expect("run");
+    drop(cmd);
+    assert!(status.success());
+    let st_after = std::fs::File::from(r).metadata().unwrap();
+    assert_eq!(
+        (st_after.uid(), st_after.mode()),
+        (st_before.uid(), st_before.mode()),
+        "the caller's pipe is unchanged"
+    );
 }
 
 /// pid 1 is a fork of aitherctl: its command line and environment were aitherctl's.

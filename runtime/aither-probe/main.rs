@@ -228,6 +228,14 @@ const CHECKS: &[Check] = &[
         args: "",
         run: status,
     },
+    // On fd 0 (tests/host_terminal.rs): the window size seen, then TIOCEXCL, TCSETS (raw),
+    // TIOCSWINSZ (5x7), TIOCSTI, TIOCSETD to N_NULL, each one's result (also written to
+    // ./tty-attack.out, since the terminal discards output afterwards).
+    Check {
+        name: "tty-attack",
+        args: "",
+        run: tty_attack,
+    },
     // The hogs (tests/host_counters.rs): each takes one kernel per-user counter until the
     // kernel refuses or MAX is reached, prints the line, and then holds what it took for
     // SECONDS. Detail: `n=<how many>`.
@@ -1043,6 +1051,55 @@ fn status(_: &[String]) -> Outcome {
         parts.push(format!("{k}={v}"));
     }
     Ok(parts.join(" "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Terminal
+
+fn tty_attack(_: &[String]) -> Outcome {
+    let res = |r: libc::c_int| -> String {
+        if r < 0 {
+            errno_name(errno())
+        } else {
+            "ok".into()
+        }
+    };
+    // SAFETY: zeroed winsize is a valid out-parameter.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    let r = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    if r < 0 {
+        return fail();
+    }
+    let size = format!("size={}x{}", ws.ws_row, ws.ws_col);
+    // SAFETY: TIOCEXCL takes no argument.
+    let excl = res(unsafe { libc::ioctl(0, libc::TIOCEXCL) });
+    // SAFETY: zeroed termios, filled by tcgetattr, made raw, written back.
+    let tcsets = res(unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(0, &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(0, libc::TCSANOW, &t)
+    });
+    let small = libc::winsize {
+        ws_row: 5,
+        ws_col: 7,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    let winsz = res(unsafe { libc::ioctl(0, libc::TIOCSWINSZ, &small) });
+    let c: libc::c_char = b'x' as libc::c_char;
+    // SAFETY: TIOCSTI reads one char.
+    let sti = res(unsafe { libc::ioctl(0, libc::TIOCSTI, &c as *const libc::c_char) });
+    let n_null: libc::c_int = 27;
+    // SAFETY: TIOCSETD reads one int.
+    let setd = res(unsafe { libc::ioctl(0, libc::TIOCSETD, &n_null) });
+    let detail = format!("{size} excl={excl} tcsets={tcsets} winsz={winsz} sti={sti} setd={setd}");
+    // The terminal now discards output (N_NULL): the result also goes to a file in the
+    // working directory.
+    let _ = std::fs::write("tty-attack.out", &detail);
+    Ok(detail)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ pub(crate) struct ChildContext<'a> {
     pub stdio: Option<[OwnedFd; 3]>,
     /// A socket handed to the agent as fd 3 (supervised mode), with `AITHER_FD=3`.
     pub agent_fd: Option<OwnedFd>,
+    /// Which of the agent's fds 0–2 is its pty (stdio.rs): made the controlling terminal of
+    /// the sandbox's session.
+    pub ctty: Option<RawFd>,
 }
 
 /// The descriptor number the agent finds its supervisor's socket at.
@@ -209,6 +212,7 @@ fn setup_and_reap(
         spec,
         landlock: &ctx.landlock,
         filter: ctx.filter.as_ref(),
+        ctty: ctx.ctty,
     };
     let Some(prepared) = confine(
         &confinement,
@@ -253,6 +257,9 @@ pub(crate) struct Confinement<'a> {
     pub spec: &'a SandboxSpec,
     pub landlock: &'a Plan,
     pub filter: Option<&'a Filter>,
+    /// The descriptor (0–2) to make the new session's controlling terminal: the sandbox's own
+    /// pty, never the caller's terminal (which the agent never gets, stdio.rs).
+    pub ctty: Option<RawFd>,
 }
 
 /// A program ready for execve.
@@ -287,6 +294,13 @@ pub(crate) fn confine(
     // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
     // SAFETY: setsid has no preconditions.
     check(unsafe { libc::setsid() }).at(Stage::NewSession)?;
+    // The sandbox's pty as its controlling terminal, so that ^C and the window size reach the
+    // agent through its own line discipline. Right after setsid (a session leader without a
+    // terminal is what TIOCSCTTY needs).
+    if let Some(fd) = c.ctty {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
+        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) }).at(Stage::NewSession)?;
+    }
     // No inherited descriptor but the channel (and the agent's own) may survive: a leaked host
     // fd (a directory, a cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
     let mut kept: Vec<RawFd> = keep.to_vec();

@@ -15,6 +15,7 @@ pub mod rlimits;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+mod stdio;
 pub mod userns;
 
 pub use exec::{exec_in, ExecConfig, ExecError};
