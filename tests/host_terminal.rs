@@ -523,3 +523,43 @@ fn agent_text_is_escaped_on_a_terminal_and_raw_on_a_pipe() {
         "{shown:?}"
     );
 }
+
+/// The documented decision on inotify over the read-only system binds (security-model.md):
+/// an agent sees that a system file was opened on the host (the bind is the host's inode).
+/// If this ever fails, the channel is closed and the documentation must say so.
+#[test]
+fn inotify_on_a_system_bind_sees_host_opens_as_documented() {
+    let ws = Workspace::new();
+    let target = "/usr/bin/env";
+    let mut child = ws
+        .command(
+            "strict",
+            &[],
+            &["./aither-probe", "watch-open", target, "120"],
+            &unique("watch"),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let done = done.clone();
+        // Bounded: opens the file on the host until the agent has answered (or 120 s).
+        std::thread::spawn(move || {
+            for _ in 0..2400 {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let _ = std::fs::File::open(target);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    let mut s = String::new();
+    let _ = out.read_to_string(&mut s);
+    done.store(true, Ordering::SeqCst);
+    let _ = opener.join();
+    wait_with_deadline(&mut child, "watch-open", RUN_DEADLINE);
+    assert_eq!(s.trim(), "RESULT watch-open ok IN_OPEN");
+}

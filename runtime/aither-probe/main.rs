@@ -236,6 +236,12 @@ const CHECKS: &[Check] = &[
         args: "",
         run: tty_attack,
     },
+    // inotify IN_OPEN on PATH for up to SECONDS: `ok` when an open of it is seen.
+    Check {
+        name: "watch-open",
+        args: "PATH SECONDS",
+        run: watch_open,
+    },
     // The hogs (tests/host_counters.rs): each takes one kernel per-user counter until the
     // kernel refuses or MAX is reached, prints the line, and then holds what it took for
     // SECONDS. Detail: `n=<how many>`.
@@ -1100,6 +1106,27 @@ fn tty_attack(_: &[String]) -> Outcome {
     // working directory.
     let _ = std::fs::write("tty-attack.out", &detail);
     Ok(detail)
+}
+
+fn watch_open(a: &[String]) -> Outcome {
+    let p = cstr(&a[0]);
+    let secs: i32 = parse(&a[1], "SECONDS");
+    // SAFETY: inotify_init1 takes no pointers.
+    let fd = check(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as libc::c_long)? as i32;
+    // SAFETY: a valid NUL-terminated path.
+    check(unsafe { libc::inotify_add_watch(fd, p.as_ptr(), libc::IN_OPEN) } as libc::c_long)?;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, secs.saturating_mul(1000)) };
+    match n {
+        1 => Ok("IN_OPEN".into()),
+        0 => Err((libc::ETIMEDOUT, String::new())),
+        _ => fail(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
