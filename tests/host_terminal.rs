@@ -276,7 +276,8 @@ fn the_agent_gets_its_own_pty_and_cannot_change_the_callers() {
 
 /// During the run the caller's terminal is raw (keys go to the agent's pty unprocessed, ^C
 /// included: the agent's line discipline turns it into SIGINT for the agent); after it, the
-/// settings are back, also when the run ends by a timeout or the command does not exist.
+/// settings are back, also when the run ends by SIGTERM to aitherctl, a timeout, or a command
+/// that does not exist.
 #[test]
 fn raw_mode_during_the_run_and_the_callers_settings_restored_on_every_end() {
     let ws = Workspace::new();
@@ -304,6 +305,24 @@ fn raw_mode_during_the_run_and_the_callers_settings_restored_on_every_end() {
         "^C ends the agent with SIGINT: {out:?}"
     );
     assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+
+    // SIGTERM to aitherctl (forwarded to the agent): restored too.
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "echo started; exec sleep 600"],
+        &unique("term"),
+    ));
+    r.wait_for("started");
+    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after SIGTERM"
+    );
 
     let (code, out) = pty.run(
         ws.command(
