@@ -13,7 +13,12 @@
 //!   same pipe share one relay pipe, so their order is kept.
 //! - anything else (/dev/null, a regular file, a socket): the caller's descriptor as is. It is
 //!   never chowned, so reopening it through /dev/stdout inside fails (EACCES): write to the
-//!   descriptor instead.
+//!   descriptor instead. A descriptor the caller closed stays closed when nothing is relayed,
+//!   and is /dev/null otherwise.
+//!
+//! Like `docker run -i`, the relay reads a caller's stdin pipe ahead of the agent (up to the
+//! relay pipe's capacity plus one 16 KiB chunk): what the agent did not read is not left in the
+//! caller's pipe for the next reader.
 //!
 //! The relay runs in the launcher's supervise loop. Writes to the caller's descriptors (which
 //! stay blocking: their flags are shared with the caller's shell) happen only after POLLOUT and
@@ -56,9 +61,15 @@ enum Kind {
     Terminal,
     Pipe(libc::dev_t, libc::ino_t),
     Other,
+    /// Not open in the caller: /dev/null for the agent (when anything is relayed at all).
+    Closed,
 }
 
 fn kind(fd: RawFd) -> Kind {
+    // SAFETY: F_GETFD only queries the descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Kind::Closed;
+    }
     // SAFETY: isatty only queries the descriptor.
     if unsafe { libc::isatty(fd) } == 1 {
         return Kind::Terminal;
@@ -216,7 +227,10 @@ impl Relay {
     /// three pass through unchanged (nothing to relay).
     pub(crate) fn new(agent_uid: u32) -> io::Result<Option<Relay>> {
         let kinds = [kind(0), kind(1), kind(2)];
-        if kinds.iter().all(|k| *k == Kind::Other) {
+        if kinds
+            .iter()
+            .all(|k| matches!(k, Kind::Other | Kind::Closed))
+        {
             return Ok(None);
         }
         let mut relay = Relay {
@@ -262,6 +276,10 @@ impl Relay {
             let mine = match k {
                 Kind::Terminal => dup_high(slave.as_ref().expect("pty opened").as_raw_fd())?,
                 Kind::Other => dup_high(fd)?,
+                Kind::Closed => {
+                    let null = crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
+                    dup_high(null.as_raw_fd())?
+                }
                 Kind::Pipe(..) if fd == 0 => {
                     let (r, w) = crate::sys::pipe()?;
                     fchown_to(r.as_raw_fd(), agent_uid)?;
