@@ -582,3 +582,44 @@ fn inotify_on_a_system_bind_sees_host_opens_as_documented() {
     wait_with_deadline(&mut child, "watch-open", RUN_DEADLINE);
     assert_eq!(s.trim(), "RESULT watch-open ok IN_OPEN");
 }
+
+/// `logs` is raw to a pipe (the agent's bytes, for the next program) and escaped on a
+/// terminal: an agent printing OSC 52 and a fake prompt does not reach the operator's terminal.
+#[test]
+fn agent_logs_are_escaped_on_a_terminal_and_raw_on_a_pipe() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("logs");
+    let spawn = d.ok(&[
+        "spawn",
+        "--policy",
+        "strict",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "printf 'osc\\033]52;c;cHduZWQ=\\007 fake\\r\\033[2Kaither$ \\n'; echo logged-end; exec sleep 60",
+    ]);
+    assert!(
+        poll_until(RUN_DEADLINE, || d
+            .ok(&["logs", &name])
+            .contains("logged-end")),
+        "{spawn}"
+    );
+    let piped = d.ok(&["logs", &name]);
+    assert!(
+        piped.contains("osc\x1b]52;c;cHduZWQ=\x07 fake\r\x1b[2Kaither$ \n"),
+        "raw to a pipe: {piped:?}"
+    );
+    let pty = Pty::open();
+    let (code, shown) = pty.run(d.cmd(&["logs", &name]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("osc\\e]52;c;cHduZWQ=\\x07 fake\\r\\e[2Kaither$ "),
+        "{shown:?}"
+    );
+    d.ok(&["rm", "-f", &name]);
+}
