@@ -228,6 +228,43 @@ const CHECKS: &[Check] = &[
         args: "",
         run: status,
     },
+    // On fd 0 (tests/host_terminal.rs): the window size seen, then TIOCEXCL, TCSETS (raw),
+    // TIOCSWINSZ (5x7), TIOCSTI, TIOCSETD to N_NULL, each one's result (also written to
+    // ./tty-attack.out, since the terminal discards output afterwards).
+    Check {
+        name: "tty-attack",
+        args: "",
+        run: tty_attack,
+    },
+    // inotify IN_OPEN on PATH for up to SECONDS: `ok` when an open of it is seen.
+    Check {
+        name: "watch-open",
+        args: "PATH SECONDS",
+        run: watch_open,
+    },
+    // The hogs (tests/host_counters.rs): each takes one kernel per-user counter until the
+    // kernel refuses or MAX is reached, prints the line, and then holds what it took for
+    // SECONDS. Detail: `n=<how many>`.
+    Check {
+        name: "hog-inotify",
+        args: "MAX SECONDS",
+        run: hog_inotify,
+    },
+    Check {
+        name: "hog-inotify-watches",
+        args: "MAX SECONDS",
+        run: hog_inotify_watches,
+    },
+    Check {
+        name: "hog-timers",
+        args: "MAX SECONDS",
+        run: hog_timers,
+    },
+    Check {
+        name: "hog-mqueue",
+        args: "MAX SECONDS",
+        run: hog_mqueue,
+    },
 ];
 
 fn main() {
@@ -259,6 +296,11 @@ fn main() {
     // Nothing useful can be done if stdout is gone; the missing line is the signal.
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+    drop(out);
+    if name.starts_with("hog-") {
+        // Hold what was taken (nothing is released before exit).
+        std::thread::sleep(Duration::from_secs(parse(&args[1], "SECONDS")));
+    }
 }
 
 fn usage_and_exit(name: &str, msg: &str) -> ! {
@@ -1015,6 +1057,166 @@ fn status(_: &[String]) -> Outcome {
         parts.push(format!("{k}={v}"));
     }
     Ok(parts.join(" "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Terminal
+
+fn tty_attack(_: &[String]) -> Outcome {
+    let res = |r: libc::c_int| -> String {
+        if r < 0 {
+            errno_name(errno())
+        } else {
+            "ok".into()
+        }
+    };
+    // SAFETY: zeroed winsize is a valid out-parameter.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    let r = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    if r < 0 {
+        return fail();
+    }
+    let size = format!("size={}x{}", ws.ws_row, ws.ws_col);
+    // SAFETY: TIOCEXCL takes no argument.
+    let excl = res(unsafe { libc::ioctl(0, libc::TIOCEXCL) });
+    // SAFETY: zeroed termios, filled by tcgetattr, made raw, written back.
+    let tcsets = res(unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(0, &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(0, libc::TCSANOW, &t)
+    });
+    let small = libc::winsize {
+        ws_row: 5,
+        ws_col: 7,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    let winsz = res(unsafe { libc::ioctl(0, libc::TIOCSWINSZ, &small) });
+    let c: libc::c_char = b'x' as libc::c_char;
+    // SAFETY: TIOCSTI reads one char.
+    let sti = res(unsafe { libc::ioctl(0, libc::TIOCSTI, &c as *const libc::c_char) });
+    let n_null: libc::c_int = 27;
+    // SAFETY: TIOCSETD reads one int.
+    let setd = res(unsafe { libc::ioctl(0, libc::TIOCSETD, &n_null) });
+    let detail = format!("{size} excl={excl} tcsets={tcsets} winsz={winsz} sti={sti} setd={setd}");
+    // The terminal now discards output (N_NULL): the result also goes to a file in the
+    // working directory.
+    let _ = std::fs::write("tty-attack.out", &detail);
+    Ok(detail)
+}
+
+fn watch_open(a: &[String]) -> Outcome {
+    let p = cstr(&a[0]);
+    let secs: i32 = parse(&a[1], "SECONDS");
+    // SAFETY: inotify_init1 takes no pointers.
+    let fd = check(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as libc::c_long)? as i32;
+    // SAFETY: a valid NUL-terminated path.
+    check(unsafe { libc::inotify_add_watch(fd, p.as_ptr(), libc::IN_OPEN) } as libc::c_long)?;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, secs.saturating_mul(1000)) };
+    match n {
+        1 => Ok("IN_OPEN".into()),
+        0 => Err((libc::ETIMEDOUT, String::new())),
+        _ => fail(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hogs
+
+/// Calls `take` until it fails or `max` succeeded: `ok n=max` or `err ERRNO n=<succeeded>`.
+fn hog(max: u64, mut take: impl FnMut() -> libc::c_long) -> Outcome {
+    let mut n = 0u64;
+    while n < max {
+        if take() < 0 {
+            return Err((errno(), format!("n={n}")));
+        }
+        n += 1;
+    }
+    Ok(format!("n={n}"))
+}
+
+fn hog_inotify(a: &[String]) -> Outcome {
+    // SAFETY: inotify_init1 takes no pointers; the descriptors are kept until exit.
+    hog(parse(&a[0], "MAX"), || unsafe {
+        libc::inotify_init1(libc::IN_CLOEXEC) as libc::c_long
+    })
+}
+
+/// Watches need distinct (instance, inode) pairs: up to 64 instances, each watching the same
+/// files in a fresh directory of /tmp, as many as needed.
+fn hog_inotify_watches(a: &[String]) -> Outcome {
+    let max: u64 = parse(&a[0], "MAX");
+    const INSTANCES: u64 = 64;
+    let files = max.div_ceil(INSTANCES).max(1);
+    let dir = format!("/tmp/hog-watches-{}", std::process::id());
+    std::fs::create_dir(&dir)
+        .map_err(|e| (e.raw_os_error().unwrap_or(libc::EIO), "mkdir".into()))?;
+    let mut paths = Vec::new();
+    for i in 0..files {
+        let p = format!("{dir}/{i}");
+        std::fs::write(&p, b"")
+            .map_err(|e| (e.raw_os_error().unwrap_or(libc::EIO), "create".into()))?;
+        paths.push(cstr(&p));
+    }
+    let mut fd: libc::c_int = -1;
+    let mut next = 0usize;
+    hog(max, || {
+        if fd < 0 || next == paths.len() {
+            // SAFETY: as in hog_inotify.
+            fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+            next = 0;
+            if fd < 0 {
+                return -1;
+            }
+        }
+        // SAFETY: a valid NUL-terminated path.
+        let r = unsafe { libc::inotify_add_watch(fd, paths[next].as_ptr(), libc::IN_MODIFY) };
+        next += 1;
+        r as libc::c_long
+    })
+}
+
+fn hog_timers(a: &[String]) -> Outcome {
+    hog(parse(&a[0], "MAX"), || {
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: a null sigevent (SIGALRM on expiry; the timers are never armed) and a valid
+        // out-pointer.
+        let r = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, std::ptr::null_mut(), &mut id) };
+        r as libc::c_long
+    })
+}
+
+fn hog_mqueue(a: &[String]) -> Outcome {
+    let mut i = 0u64;
+    let pid = std::process::id();
+    hog(parse(&a[0], "MAX"), || {
+        i += 1;
+        let name = cstr(&format!("hog-{pid}-{i}"));
+        // SAFETY: mq_attr is plain old data; all-zero is valid before the fields are set.
+        let mut attr: libc::mq_attr = unsafe { std::mem::zeroed() };
+        attr.mq_maxmsg = 10;
+        attr.mq_msgsize = 8192;
+        // SAFETY: a valid NUL-terminated name (the syscall takes it without the leading /)
+        // and a valid attribute block.
+        unsafe {
+            libc::syscall(
+                libc::SYS_mq_open,
+                name.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+                &attr as *const libc::mq_attr,
+            )
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -66,3 +66,34 @@ pub fn clear_all() -> io::Result<()> {
         Ok(())
     }
 }
+
+/// Copies the permitted set into the effective set (after an effective-uid switch away from
+/// 0 emptied it: the real and saved uids stay 0, so the permitted set is intact).
+pub fn raise_effective() -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and two data words as capget(2) version 3 expects.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut hdr as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for d in &mut data {
+        d.effective = d.permitted;
+    }
+    // SAFETY: as above, for capset(2).
+    let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

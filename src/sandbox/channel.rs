@@ -32,6 +32,7 @@ pub enum Stage {
     ResolveCommand,
     Seccomp,
     ForkAgent,
+    HideLauncherArgs,
 }
 
 impl std::fmt::Display for Stage {
@@ -41,6 +42,7 @@ impl std::fmt::Display for Stage {
             Stage::UnshareCgroupNs => "creating the cgroup namespace",
             Stage::WaitForParent => "waiting for the launcher",
             Stage::BecomeNsRoot => "switching to the namespace's setup identity",
+            Stage::HideLauncherArgs => "hiding the launcher's arguments and environment",
             Stage::Mounts => "building the filesystem view",
             Stage::Loopback => "bringing up loopback",
             Stage::Hostname => "setting the hostname",

@@ -157,6 +157,7 @@ pub fn exec_in(
                 spec,
                 landlock: &plan,
                 filter: filter.as_ref(),
+                ctty: None,
             };
             child(&conf, argv, child_sock)
         }

@@ -27,6 +27,9 @@ pub(crate) struct ChildContext<'a> {
     pub stdio: Option<[OwnedFd; 3]>,
     /// A socket handed to the agent as fd 3 (supervised mode), with `AITHER_FD=3`.
     pub agent_fd: Option<OwnedFd>,
+    /// Which of the agent's fds 0–2 is its pty (stdio.rs): made the controlling terminal of
+    /// the sandbox's session.
+    pub ctty: Option<RawFd>,
 }
 
 /// The descriptor number the agent finds its supervisor's socket at.
@@ -118,6 +121,10 @@ fn setup_and_reap(
     let mut stamps: Vec<(Stage, u64)> = Vec::with_capacity(24);
     let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
 
+    // While the launcher writes the maps (this needs nothing of them): this process is a fork
+    // of aitherctl, and its argv and environment would be /proc/1/cmdline and /proc/1/environ
+    // for everything in the sandbox.
+    hide_launcher_args().at(Stage::HideLauncherArgs)?;
     // Nothing privileged can happen until the launcher has written our uid/gid maps.
     match channel::recv(sock).at(Stage::WaitForParent)? {
         Some(Msg::Go) => {}
@@ -205,6 +212,7 @@ fn setup_and_reap(
         spec,
         landlock: &ctx.landlock,
         filter: ctx.filter.as_ref(),
+        ctty: ctx.ctty,
     };
     let Some(prepared) = confine(
         &confinement,
@@ -249,6 +257,9 @@ pub(crate) struct Confinement<'a> {
     pub spec: &'a SandboxSpec,
     pub landlock: &'a Plan,
     pub filter: Option<&'a Filter>,
+    /// The descriptor (0–2) to make the new session's controlling terminal: the sandbox's own
+    /// pty, never the caller's terminal (which the agent never gets, stdio.rs).
+    pub ctty: Option<RawFd>,
 }
 
 /// A program ready for execve.
@@ -283,6 +294,13 @@ pub(crate) fn confine(
     // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
     // SAFETY: setsid has no preconditions.
     check(unsafe { libc::setsid() }).at(Stage::NewSession)?;
+    // The sandbox's pty as its controlling terminal, so that ^C and the window size reach the
+    // agent through its own line discipline. Right after setsid (a session leader without a
+    // terminal is what TIOCSCTTY needs).
+    if let Some(fd) = c.ctty {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
+        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) }).at(Stage::NewSession)?;
+    }
     // No inherited descriptor but the channel (and the agent's own) may survive: a leaked host
     // fd (a directory, a cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
     let mut kept: Vec<RawFd> = keep.to_vec();
@@ -375,6 +393,62 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
         first = k + 1;
     }
     sys::close_range(first, u32::MAX, 0)
+}
+
+/// The name /proc/1/cmdline shows.
+const PID1_NAME: &[u8] = b"aither-init\0";
+
+/// Overwrites the launcher's argv and environment strings in this process's memory (the
+/// kernel reads /proc/PID/cmdline and /proc/PID/environ from there: `--token` text, `--env`
+/// values, the caller's environment), leaving `aither-init` as the command line and an
+/// environment of NUL bytes. The environment this process itself still reads (test knobs) is
+/// copied out first. Costs one read of /proc/self/stat and two memsets (≈20 µs), while the
+/// launcher writes the id maps.
+fn hide_launcher_args() -> io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may contain anything, so after the last ')'):
+    // field 3 (state) is the first; arg_start..env_end are fields 48–51 (proc(5)).
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| io::Error::other("/proc/self/stat: no ')'"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> io::Result<usize> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("/proc/self/stat: field {n} missing")))
+    };
+    let (arg_start, arg_end) = (field(48)?, field(49)?);
+    let (env_start, env_end) = (field(50)?, field(51)?);
+    if arg_end < arg_start || env_end < env_start {
+        return Err(io::Error::other("/proc/self/stat: bad argv/environ bounds"));
+    }
+    // The environment moves to memory of its own (setenv copies) before its strings go.
+    let env: Vec<_> = std::env::vars_os().collect();
+    // SAFETY: single-threaded (a fork of the single-threaded launcher); clearenv only resets
+    // libc's `environ`, which nothing holds a reference into across this call.
+    unsafe { libc::clearenv() };
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    // SAFETY: [env_start, env_end) and [arg_start, arg_end) are this process's own argv and
+    // environment strings, mapped and writable (the kernel put them on the initial stack).
+    // Nothing reads them any more: the environment was copied out above, and std's argv
+    // pointers (std::env::args) are never used by pid 1.
+    unsafe {
+        std::ptr::write_bytes(env_start as *mut u8, 0, env_end - env_start);
+        let len = arg_end - arg_start;
+        std::ptr::write_bytes(arg_start as *mut u8, 0, len);
+        let n = PID1_NAME.len().min(len);
+        std::ptr::copy_nonoverlapping(PID1_NAME.as_ptr(), arg_start as *mut u8, n);
+        // A non-NUL last byte makes the kernel read the command line as a title (up to its
+        // first NUL, setproctitle(3) semantics) instead of the whole area of NULs.
+        if len > PID1_NAME.len() {
+            *((arg_end - 1) as *mut u8) = b' ';
+        }
+    }
+    Ok(())
 }
 
 /// Test builds only: `AITHER_TEST_FAIL_STAGE=Rlimits` makes that stage fail with EPERM, so

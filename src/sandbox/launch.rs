@@ -26,6 +26,7 @@ use super::netns;
 use super::report::{CgroupReport, LandlockReport, Report, SeccompReport};
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
+use super::stdio::Relay;
 use super::userns::{self, HostIds};
 use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
 use crate::sys::{self, ExitStatus, Forked};
@@ -278,47 +279,6 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// The caller's stdio pipes, lent to the agent for the run. An anonymous pipe belongs to its
-/// creator (host root here), which is unmapped inside, so reopening /dev/stdout
-/// (= /proc/self/fd/1, as `echo x > /dev/stderr` does) failed with EACCES. Only FIFOs are lent:
-/// never regular files or terminals, which are the caller's own (chowning a caller's
-/// redirected file is a trace left on the host). The owner is restored when the run ends.
-struct LentPipes(Vec<(RawFd, libc::uid_t, libc::gid_t)>);
-
-impl LentPipes {
-    fn lend(to: u32) -> LentPipes {
-        let mut lent: Vec<(RawFd, libc::uid_t, libc::gid_t)> = Vec::new();
-        let mut seen: Vec<(libc::dev_t, libc::ino_t)> = Vec::new();
-        for fd in 0..=2 {
-            // SAFETY: zeroed stat is a valid out-parameter.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: fstat of a descriptor number; an unopened one just fails.
-            if unsafe { libc::fstat(fd, &mut st) } < 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO
-            {
-                continue;
-            }
-            if seen.contains(&(st.st_dev, st.st_ino)) {
-                continue;
-            }
-            seen.push((st.st_dev, st.st_ino));
-            // SAFETY: fchown of a pipe inode we hold open.
-            if unsafe { libc::fchown(fd, to, to) } == 0 {
-                lent.push((fd, st.st_uid, st.st_gid));
-            }
-        }
-        LentPipes(lent)
-    }
-}
-
-impl Drop for LentPipes {
-    fn drop(&mut self) {
-        for (fd, uid, gid) in &self.0 {
-            // SAFETY: restores the owner of a pipe we hold open.
-            unsafe { libc::fchown(*fd, *uid, *gid) };
-        }
-    }
-}
-
 /// Signals the launcher forwards to the sandbox.
 const FORWARDED: &[libc::c_int] = &[
     libc::SIGINT,
@@ -454,9 +414,10 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         Some(_) => Some(Capture::new(ids.agent).map_err(LaunchError::Stdio)?),
         None => None,
     };
-    let _lent = match capture {
-        Some(_) => LentPipes(Vec::new()),
-        None => LentPipes::lend(ids.agent),
+    // Otherwise the caller's terminal and pipes are relayed, never handed over (stdio.rs).
+    let mut relay = match capture {
+        Some(_) => None,
+        None => Relay::new(ids.agent).map_err(LaunchError::Stdio)?,
     };
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
@@ -481,10 +442,21 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     if spec.new_uts_ns {
         flags |= libc::CLONE_NEWUTS;
     }
+    // The namespace's owner is the creator's euid, and the kernel charges the per-user
+    // counters of everything inside to the owner: so the clone runs as the sandbox's own setup
+    // id, never as host root (userns::AsOwner). Just around the clone: the maps, the cgroup and
+    // the workspace need root again right after it.
+    let as_owner = userns::AsOwner::switch_to(ids.root).map_err(LaunchError::Clone)?;
     // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
     // before this point), so the forked child may run ordinary Rust code.
-    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) }
-        .map_err(LaunchError::Clone)?;
+    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) };
+    let forked = match forked {
+        Ok(Forked::Child) => Forked::Child,
+        other => {
+            drop(as_owner);
+            other.map_err(LaunchError::Clone)?
+        }
+    };
     let (pid, pidfd) = match forked {
         Forked::Child => {
             drop(parent_sock);
@@ -495,7 +467,11 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
                     etc_skeleton,
                     filter,
                     landlock: plan,
-                    stdio: capture.take().map(|c| c.agent),
+                    ctty: relay.as_ref().and_then(Relay::ctty),
+                    stdio: capture
+                        .take()
+                        .map(|c| c.agent)
+                        .or_else(|| relay.as_mut().and_then(Relay::take_agent)),
                     agent_fd: io.agent_channel.take(),
                 },
                 child_sock,
@@ -518,6 +494,15 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         }
         _ => None,
     };
+    // The agent's ends of the relay close here; the caller's terminal goes raw only now that
+    // the pty has its settings (restored when `relay` drops, on every return path).
+    if let Some(r) = relay.as_mut() {
+        if let Err(e) = r.started() {
+            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ = sys::wait_pidfd(pidfd.as_fd());
+            return Err(LaunchError::Stdio(e));
+        }
+    }
     marks.push(("clone", now_ns()));
     let abort = |e: LaunchError| -> LaunchError {
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -709,6 +694,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         parent_sock.as_fd(),
         &signals,
         log.as_mut(),
+        relay.as_mut(),
     );
     drop(signals);
     // supervise() returns once pid 1 is reaped.
@@ -780,6 +766,7 @@ fn supervise(
     sock: BorrowedFd<'_>,
     signals: &SignalGuard,
     mut log: Option<&mut LogPipes<'_>>,
+    mut relay: Option<&mut Relay>,
 ) -> (ExitStatus, bool) {
     let start = Instant::now();
     let mut agent_status: Option<ExitStatus> = None;
@@ -800,7 +787,7 @@ fn supervise(
                     .min(i32::MAX as u128) as i32
             })
             .unwrap_or(-1);
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd {
                 fd: pidfd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -827,10 +814,15 @@ fn supervise(
                 revents: 0,
             },
         ];
-        // SAFETY: five valid pollfd entries (a negative fd is skipped).
+        // The relay's entries after the five fixed ones.
+        fds.extend(relay.as_ref().map(|r| r.pollfds()).unwrap_or_default());
+        // SAFETY: valid pollfd entries (a negative fd is skipped).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {
             continue;
+        }
+        if let Some(r) = relay.as_deref_mut() {
+            r.step(&fds[5..]);
         }
         if let Some(l) = log.as_deref_mut() {
             for i in 0..2 {
@@ -848,6 +840,11 @@ fn supervise(
         }
         if fds[1].revents != 0 {
             while let Some(sig) = signals.read() {
+                // With a pty, the new size reaches the agent through it (the kernel signals
+                // the pty's foreground group); otherwise pid 1 forwards the signal.
+                if sig == libc::SIGWINCH && relay.as_ref().is_some_and(|r| r.winch()) {
+                    continue;
+                }
                 // pid 1 forwards it to the agent.
                 let _ = sys::pidfd_send_signal(pidfd, sig);
             }
@@ -863,6 +860,9 @@ fn supervise(
             // The agent's last words are logged before the caller reports its end.
             if let Some(l) = log {
                 l.drain();
+            }
+            if let Some(r) = relay {
+                r.drain();
             }
             return (agent_status.unwrap_or(st), timed_out);
         }

@@ -16,6 +16,7 @@ pub mod rlimits;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+mod stdio;
 pub mod userns;
 pub mod workspace;
 

@@ -49,6 +49,62 @@ pub fn write_maps(pid: libc::pid_t, uid: u32, gid: u32, ids: HostIds) -> io::Res
     sys::write_file(&proc.join("gid_map"), &map_text(gid, ids))
 }
 
+/// The launcher acting as the sandbox's setup id while it creates the user namespace: the
+/// kernel makes a namespace's owner its creator's effective uid, and charges every per-user
+/// counter of the processes inside (inotify instances and watches, pending signals, POSIX
+/// message queue bytes, locked memory, processes, namespaces) to that owner at the host level.
+/// Created by host root, one agent could exhaust root's (and so every other sandbox's) share;
+/// owned by `HostIds::root`, each sandbox spends only its own.
+///
+/// Only the effective ids change (real and saved stay 0, so the switch back needs no
+/// privilege) and the effective capabilities are raised again from the permitted set: the
+/// clone still needs CAP_DAC_OVERRIDE for CLONE_INTO_CGROUP and the right to create a user
+/// namespace where the host restricts it. The child inherits this identity; it is a user
+/// namespace's first process, which switches to the namespace's own ids after the maps.
+/// Dropping the guard restores euid/egid 0 (and with it the effective set).
+pub struct AsOwner {
+    _private: (),
+}
+
+impl AsOwner {
+    /// Must be called by a single-threaded process (the ids are per thread in the kernel).
+    pub fn switch_to(id: u32) -> io::Result<AsOwner> {
+        // The group first: changing the egid needs no capability, and it must happen while
+        // CAP_SETGID is still effective.
+        // SAFETY: id switch of the calling (only) thread; -1 keeps the real and saved ids.
+        if unsafe { libc::setresgid(u32::MAX, id, u32::MAX) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let guard = AsOwner { _private: () };
+        // SAFETY: as above. Empties the effective capability set (euid 0 -> non-zero).
+        if unsafe { libc::setresuid(u32::MAX, id, u32::MAX) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        super::caps::raise_effective()?;
+        Ok(guard)
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        // SAFETY: back to euid 0 (the saved uid), which restores the effective set from the
+        // permitted set; then the group, with CAP_SETGID effective again.
+        let ok = unsafe {
+            libc::setresuid(u32::MAX, 0, u32::MAX) == 0
+                && libc::setresgid(u32::MAX, 0, u32::MAX) == 0
+        };
+        if !ok {
+            // Cannot happen (the saved ids are 0); a launcher that could not get its ids back
+            // must not go on to create cgroups and mounts as someone else.
+            eprintln!(
+                "aither: cannot restore the launcher's ids: {}",
+                io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
+    }
+}
+
 extern "C" fn park(_: *mut libc::c_void) -> libc::c_int {
     loop {
         // SAFETY: pause has no preconditions; this child only waits to be killed.

@@ -211,8 +211,8 @@ fn subscribe(a: SubArgs) -> i32 {
                 aither::token::format_time(ts / 1000).trim_end_matches('Z'),
                 ts % 1000,
                 seq,
-                d.get("subject").and_then(|s| s.as_str()).unwrap_or(""),
-                d.get("data").map(|v| v.to_string()).unwrap_or_default()
+                crate::escape::field(d.get("subject").and_then(|s| s.as_str()).unwrap_or("")),
+                crate::escape::field(&d.get("data").map(|v| v.to_string()).unwrap_or_default())
             )
         };
         if ok.is_err() || out.flush().is_err() {
@@ -293,8 +293,8 @@ fn streams(a: StreamsArgs) -> i32 {
             for c in cons {
                 println!(
                     "  {:<20} {:<20} {:>10}",
-                    c["agent"].as_str().unwrap_or(""),
-                    c["name"].as_str().unwrap_or(""),
+                    crate::escape::field(c["agent"].as_str().unwrap_or("")),
+                    crate::escape::field(c["name"].as_str().unwrap_or("")),
                     n(&c["acked_seq"])
                 );
             }
@@ -314,9 +314,9 @@ fn streams(a: StreamsArgs) -> i32 {
         };
         println!(
             "{:<20} {:>4}  {:<28} {:>7}/{:<7} {:>10} {:>8}  {}",
-            s["owner"].as_str().unwrap_or(""),
+            crate::escape::field(s["owner"].as_str().unwrap_or("")),
             n(&s["sub"]),
-            s["pattern"].as_str().unwrap_or(""),
+            crate::escape::field(s["pattern"].as_str().unwrap_or("")),
             n(&s["queued"]),
             n(&s["capacity"]),
             n(&s["delivered"]),

@@ -509,6 +509,16 @@ fn user_name(uid: u32) -> String {
 
 /// Prints a table: columns padded to their widest cell, two spaces apart, the last one as is.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    // Cells may hold text an agent chose (names, states, reasons): never raw on a terminal.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| crate::escape::field(c).into_owned())
+                .collect()
+        })
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
@@ -590,7 +600,8 @@ pub fn logs(a: LogsArgs) -> i32 {
         if a.json {
             let _ = writeln!(out, "{data}");
         } else if let Some(t) = data.get("text").and_then(|t| t.as_str()) {
-            let _ = out.write_all(t.as_bytes());
+            // Raw to a pipe; escaped on a terminal (crate::escape).
+            let _ = out.write_all(crate::escape::for_stdout(t).as_bytes());
         }
         out.flush().is_ok()
     });

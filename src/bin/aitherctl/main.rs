@@ -5,6 +5,7 @@ mod audit_cmd;
 mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
+mod escape;
 mod export_cmd;
 mod gpu_cmd;
 mod mem_cmd;

@@ -282,7 +282,8 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
             } else {
                 match &v["value"] {
                     Value::String(s) => {
-                        print!("{s}");
+                        // Raw to a pipe; escaped on a terminal (crate::escape).
+                        print!("{}", crate::escape::for_stdout(s));
                         if !s.ends_with('\n') {
                             println!();
                         }
@@ -356,7 +357,7 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                                 t,
                                 e["size"].as_u64().unwrap_or(0),
                                 exp,
-                                e["key"].as_str().unwrap_or("")
+                                crate::escape::field(e["key"].as_str().unwrap_or(""))
                             )
                         };
                         if r.is_err() {
@@ -408,8 +409,8 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                     println!(
                         "{:>8.3}  {}  {}",
                         h["score"].as_f64().unwrap_or(0.0),
-                        h["key"].as_str().unwrap_or(""),
-                        h["snippet"].as_str().unwrap_or("")
+                        crate::escape::field(h["key"].as_str().unwrap_or("")),
+                        crate::escape::field(h["snippet"].as_str().unwrap_or(""))
                     );
                 }
             }
@@ -480,16 +481,16 @@ fn graph(agent: &str, cmd: GraphCmd) -> Result<i32, i32> {
                     println!(
                         "{}  {}  ({})",
                         n["depth"],
-                        n["id"].as_str().unwrap_or(""),
-                        n["kind"].as_str().unwrap_or("")
+                        crate::escape::field(n["id"].as_str().unwrap_or("")),
+                        crate::escape::field(n["kind"].as_str().unwrap_or(""))
                     );
                 }
                 for e in v["edges"].as_array().into_iter().flatten() {
                     println!(
                         "   {} -[{}]-> {}",
-                        e["from"].as_str().unwrap_or(""),
-                        e["kind"].as_str().unwrap_or(""),
-                        e["to"].as_str().unwrap_or("")
+                        crate::escape::field(e["from"].as_str().unwrap_or("")),
+                        crate::escape::field(e["kind"].as_str().unwrap_or("")),
+                        crate::escape::field(e["to"].as_str().unwrap_or(""))
                     );
                 }
             }

@@ -1,0 +1,625 @@
+//! The caller's terminal and what the host shows of itself (docs/security-model.md, "The
+//! caller's terminal" and "Nothing of the host leaks in").
+//!
+//! Terminal tests run aitherctl on the slave of a real pty pair opened here (as a shell's
+//! terminal would be), with that pty as its controlling terminal, and inspect the slave's
+//! state from outside afterwards.
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use common::daemon::TestDaemon;
+use common::*;
+
+/// A pty pair: the test holds the master (the "terminal emulator"), aitherctl gets the slave.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+fn cvt(r: libc::c_int, what: &str) -> libc::c_int {
+    assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
+    r
+}
+
+impl Pty {
+    fn open() -> Pty {
+        // SAFETY: posix_openpt takes no pointers; the result is a new descriptor we own.
+        let m = cvt(
+            unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) },
+            "posix_openpt",
+        );
+        // SAFETY: m was just returned by posix_openpt.
+        let master = unsafe { OwnedFd::from_raw_fd(m) };
+        // SAFETY: grantpt/unlockpt on our master.
+        cvt(unsafe { libc::grantpt(m) }, "grantpt");
+        // SAFETY: as above.
+        cvt(unsafe { libc::unlockpt(m) }, "unlockpt");
+        // SAFETY: TIOCGPTPEER opens the peer (slave) of our master; returns a new descriptor.
+        let s = cvt(
+            unsafe {
+                libc::ioctl(
+                    m,
+                    libc::TIOCGPTPEER as _,
+                    libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+                )
+            },
+            "TIOCGPTPEER",
+        );
+        // SAFETY: s is a new descriptor we own.
+        let slave = unsafe { OwnedFd::from_raw_fd(s) };
+        let ws = libc::winsize {
+            ws_row: 33,
+            ws_col: 101,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize.
+        cvt(
+            unsafe { libc::ioctl(m, libc::TIOCSWINSZ, &ws as *const libc::winsize) },
+            "TIOCSWINSZ",
+        );
+        Pty { master, slave }
+    }
+
+    fn termios(&self) -> libc::termios {
+        // SAFETY: zeroed termios is a valid out-parameter.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr on our slave.
+        cvt(
+            unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
+            "tcgetattr",
+        );
+        t
+    }
+
+    fn line_discipline(&self) -> libc::c_int {
+        let mut ld: libc::c_int = -1;
+        // SAFETY: TIOCGETD writes one int.
+        cvt(
+            unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TIOCGETD, &mut ld) },
+            "TIOCGETD",
+        );
+        ld
+    }
+
+    fn winsize(&self) -> (u16, u16) {
+        // SAFETY: zeroed winsize is a valid out-parameter.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes one winsize.
+        cvt(
+            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
+            "TIOCGWINSZ",
+        );
+        (ws.ws_row, ws.ws_col)
+    }
+
+    /// Runs `cmd` with the slave as stdin/stdout/stderr and controlling terminal, in a session
+    /// of its own (as a login shell's job would be), types `input`, and returns its exit code
+    /// and everything the terminal received.
+    fn run(&self, cmd: Command, input: &[u8]) -> (i32, String) {
+        let r = self.spawn(cmd);
+        if !input.is_empty() {
+            r.type_in(input);
+        }
+        r.finish()
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Running {
+        let slave = self.slave.as_raw_fd();
+        for i in 0..3 {
+            // SAFETY: dup of our slave: a new descriptor handed to the child.
+            let fd = cvt(unsafe { libc::dup(slave) }, "dup");
+            // SAFETY: fd is new and ours.
+            let s = Stdio::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            match i {
+                0 => cmd.stdin(s),
+                1 => cmd.stdout(s),
+                _ => cmd.stderr(s),
+            };
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn on the pty");
+        drop(cmd);
+        // SAFETY: dup of our master for the reader thread.
+        let m = cvt(unsafe { libc::dup(self.master.as_raw_fd()) }, "dup master");
+        // SAFETY: m is new and ours.
+        let master = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(m) });
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (out, stop) = (out.clone(), stop.clone());
+            let fd = master.as_raw_fd();
+            std::thread::spawn(move || {
+                let _keep = master;
+                let mut buf = [0u8; 4096];
+                loop {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let n = unsafe { libc::poll(&mut p, 1, 20) };
+                    if n == 0 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        continue;
+                    }
+                    // SAFETY: reading into a buffer of the stated length.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    if n <= 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n as usize]);
+                }
+            })
+        };
+        Running {
+            child,
+            out,
+            stop,
+            reader: Some(reader),
+            master: self.master.as_raw_fd(),
+        }
+    }
+}
+
+/// aitherctl running on a `Pty`.
+struct Running {
+    child: std::process::Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    master: libc::c_int,
+}
+
+impl Running {
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (bounded) until the terminal has shown `what`.
+    fn wait_for(&self, what: &str) {
+        assert!(
+            poll_until(RUN_DEADLINE, || self.output().contains(what)),
+            "the terminal never showed {what:?}: {:?}",
+            self.output()
+        );
+    }
+
+    fn type_in(&self, input: &[u8]) {
+        // SAFETY: writing from a live buffer to our master.
+        let n = unsafe { libc::write(self.master, input.as_ptr().cast(), input.len()) };
+        assert_eq!(n, input.len() as isize, "typing into the terminal");
+    }
+
+    fn finish(mut self) -> (i32, String) {
+        let status = wait_with_deadline(&mut self.child, "aitherctl on a pty", RUN_DEADLINE);
+        // What the relay wrote before exiting is in the master's buffer now.
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.reader.take().unwrap().join();
+        let code = status.code().unwrap_or_else(|| {
+            128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+        });
+        (code, self.output())
+    }
+}
+
+fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
+    a.c_iflag == b.c_iflag
+        && a.c_oflag == b.c_oflag
+        && a.c_cflag == b.c_cflag
+        && a.c_lflag == b.c_lflag
+        && a.c_cc == b.c_cc
+}
+
+fn excl(pty: &Pty) -> libc::c_int {
+    let mut v: libc::c_int = -1;
+    // SAFETY: TIOCGEXCL writes one int.
+    cvt(
+        unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGEXCL, &mut v) },
+        "TIOCGEXCL",
+    );
+    v
+}
+
+/// The agent gets a pty of its own with the caller's window size; what it does to it
+/// (exclusive mode, line discipline N_NULL, raw mode, a tiny window, TIOCSTI) leaves the
+/// caller's terminal exactly as it was.
+#[test]
+fn the_agent_gets_its_own_pty_and_cannot_change_the_callers() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let before = pty.termios();
+    assert_eq!(pty.line_discipline(), 0, "N_TTY before");
+    let (code, out) = pty.run(
+        ws.command(
+            "strict",
+            &[],
+            &["./aither-probe", "tty-attack"],
+            &unique("tty"),
+        ),
+        b"",
+    );
+    // The agent's pty discards its output once N_NULL is set: the result is in a file.
+    let got = std::fs::read_to_string(ws.path().join("tty-attack.out")).unwrap_or_default();
+    assert_eq!(code, 0, "{out:?} {got:?}");
+    // Each ioctl worked on the agent's own pty (TIOCSTI is refused by seccomp regardless).
+    assert_eq!(
+        got, "size=33x101 excl=ok tcsets=ok winsz=ok sti=EPERM setd=ok",
+        "{out:?}"
+    );
+    assert_eq!(pty.line_discipline(), 0, "the caller's line discipline");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the caller's terminal settings are restored"
+    );
+    assert_eq!(pty.winsize(), (33, 101), "the caller's window size");
+    assert_eq!(excl(&pty), 0, "the caller's terminal is not exclusive");
+}
+
+/// During the run the caller's terminal is raw (keys go to the agent's pty unprocessed, ^C
+/// included: the agent's line discipline turns it into SIGINT for the agent); after it, the
+/// settings are back, also when the run ends by SIGTERM to aitherctl, a timeout, or a command
+/// that does not exist.
+#[test]
+fn raw_mode_during_the_run_and_the_callers_settings_restored_on_every_end() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let before = pty.termios();
+
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "echo started; exec sleep 600"],
+        &unique("ctrlc"),
+    ));
+    r.wait_for("started");
+    let during = pty.termios();
+    assert_eq!(
+        during.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw"
+    );
+    r.type_in(b"\x03");
+    let (code, out) = r.finish();
+    assert_eq!(
+        code,
+        128 + libc::SIGINT,
+        "^C ends the agent with SIGINT: {out:?}"
+    );
+    assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+
+    // SIGTERM to aitherctl (forwarded to the agent): restored too.
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "echo started; exec sleep 600"],
+        &unique("term"),
+    ));
+    r.wait_for("started");
+    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after SIGTERM"
+    );
+
+    let (code, out) = pty.run(
+        ws.command(
+            "strict",
+            &["--timeout", "1s"],
+            &["sleep", "600"],
+            &unique("tmo"),
+        ),
+        b"",
+    );
+    assert_ne!(code, 0, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after a timeout"
+    );
+
+    let (code, out) = pty.run(
+        ws.command("strict", &[], &["no-such-command"], &unique("nf")),
+        b"",
+    );
+    assert_eq!(code, 127, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after a failed start"
+    );
+}
+
+/// A new window size reaches the agent (SIGWINCH on its own pty).
+#[test]
+fn the_window_size_follows_the_callers() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let r = pty.spawn(ws.command(
+        "strict",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'stty size; exit 0' WINCH; stty size; i=0; \
+             while [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch",
+        ],
+        &unique("winch"),
+    ));
+    r.wait_for("33 101");
+    let ws2 = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize; the kernel signals aitherctl's process group.
+    cvt(
+        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
+        "TIOCSWINSZ",
+    );
+    r.wait_for("40 120");
+    let (code, out) = r.finish();
+    assert_eq!(code, 0, "{out:?}");
+}
+
+/// Pipes and FIFOs pass through a relay: nothing of the caller's is chowned or chmodded, and
+/// the agent can still reopen /dev/stdout.
+#[test]
+fn a_root_fifo_stays_root_0600_and_pipes_stay_roots() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = Workspace::new();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let fifo = dir.path().join("out.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    cvt(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let mut cmd = ws.command(
+        "strict",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo one; echo two > /dev/stdout; chmod 0777 /dev/stdout 2>/dev/null; \
+             chmod 0777 /proc/self/fd/1 2>/dev/null; echo three",
+        ],
+        &unique("fifo"),
+    );
+    cmd.stdout(w);
+    let status = cmd.status().expect("run");
+    // The Command holds our write end until dropped: the reader's EOF waits for it.
+    drop(cmd);
+    let got = reader.join().unwrap();
+    assert!(status.success(), "{got:?}");
+    assert_eq!(got, "one\ntwo\nthree\n");
+    let m = std::fs::metadata(&fifo).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (0, 0, 0o600),
+        "the FIFO as it was"
+    );
+
+    // An anonymous pipe: its inode (seen through our end) is still root's and 0600.
+    let (r, w) = aither::sys::pipe().unwrap();
+    let mut cmd = ws.command(
+        "strict",
+        &[],
+        &["sh", "-c", "chmod 0666 /dev/stdout 2>/dev/null; echo piped"],
+        &unique("pipe"),
+    );
+    let st_before = std::fs::File::from(r.try_clone().unwrap())
+        .metadata()
+        .unwrap();
+    cmd.stdout(w);
+    let status = cmd.status().expect("run");
+    drop(cmd);
+    assert!(status.success());
+    let st_after = std::fs::File::from(r).metadata().unwrap();
+    assert_eq!(
+        (st_after.uid(), st_after.mode()),
+        (st_before.uid(), st_before.mode()),
+        "the caller's pipe is unchanged"
+    );
+}
+
+/// pid 1 is a fork of aitherctl: its command line and environment were aitherctl's.
+#[test]
+fn pid1_shows_a_fixed_name_and_nothing_of_aitherctl() {
+    let ws = Workspace::new();
+    let name = unique("pid1");
+    let mut c = ws.command(
+        "strict",
+        &["--env", "AGENT_VALUE=s3cr3t-env-value"],
+        &[
+            "sh",
+            "-c",
+            "cat /proc/1/comm; od -An -c /proc/1/cmdline; \
+             cat /proc/1/environ >/dev/null 2>&1 || echo environ-refused; \
+             echo ready; exec sleep 600",
+        ],
+        &name,
+    );
+    c.env("HOST_VALUE", "h0st-env-value");
+    let mut child = c.stderr(Stdio::null()).spawn().expect("spawn aitherctl");
+    let launcher = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if s.contains("ready\n") {
+                let _ = tx.send(s.clone());
+            }
+        }
+    });
+    let inside = rx.recv_timeout(RUN_DEADLINE).expect("the agent's report");
+    // Seen from the host (as root, who may read everything of it).
+    let kids = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .expect("children");
+    let pid1: i32 = kids.split_whitespace().next().unwrap().parse().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid1}/cmdline")).expect("cmdline");
+    let environ = std::fs::read(format!("/proc/{pid1}/environ")).expect("environ");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(launcher as i32, libc::SIGTERM) };
+    wait_with_deadline(&mut child, "aitherctl", RUN_DEADLINE);
+
+    assert_eq!(
+        cmdline, b"aither-init\0",
+        "pid 1's command line from the host"
+    );
+    assert!(
+        environ.iter().all(|&b| b == 0),
+        "pid 1's environment holds nothing: {:?}",
+        String::from_utf8_lossy(&environ)
+    );
+    let lines: Vec<&str> = inside.lines().map(str::trim).collect();
+    assert_eq!(lines[0], "aither-init", "comm inside: {inside}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["a", "i", "t", "h", "e", "r", "-", "i", "n", "i", "t", "\\0"],
+        "cmdline inside: {inside}"
+    );
+    assert_eq!(lines[2], "environ-refused", "{inside}");
+    assert!(!inside.contains("s3cr3t") && !inside.contains("h0st"));
+}
+
+/// `mem ls` (a listing) always escapes; `mem get` escapes on a terminal and is raw on a pipe.
+#[test]
+fn agent_text_is_escaped_on_a_terminal_and_raw_on_a_pipe() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let agent = unique("esc");
+    // OSC 52 (set the clipboard) in a key; a carriage return and a fake prompt in a value.
+    let key = "k\x1b]52;c;cHduZWQ=\x07";
+    let value = "line one\r\x1b[2Kaither$ fake\n";
+    d.ok(&["mem", "put", &agent, "--tier", "spirit", key, value]);
+
+    let ls = d.ok(&["mem", "ls", &agent, "--tier", "spirit"]);
+    assert!(!ls.contains('\x1b') && !ls.contains('\x07'), "{ls:?}");
+    assert!(ls.contains("k\\e]52;c;cHduZWQ=\\x07"), "{ls:?}");
+
+    let piped = d.ok(&["mem", "get", &agent, "--tier", "spirit", key]);
+    assert_eq!(piped, value, "raw to a pipe");
+
+    let pty = Pty::open();
+    let (code, shown) = pty.run(d.cmd(&["mem", "get", &agent, "--tier", "spirit", key]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    assert!(!shown.contains('\x1b'), "{shown:?}");
+    assert!(shown.contains("line one\\r\\e[2Kaither$ fake"), "{shown:?}");
+    let (code, shown) = pty.run(d.cmd(&["mem", "ls", &agent, "--tier", "spirit"]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+}
+
+/// The documented decision on inotify over the read-only system binds (security-model.md):
+/// an agent sees that a system file was opened on the host (the bind is the host's inode).
+/// If this ever fails, the channel is closed and the documentation must say so.
+#[test]
+fn inotify_on_a_system_bind_sees_host_opens_as_documented() {
+    let ws = Workspace::new();
+    let target = "/usr/bin/env";
+    let mut child = ws
+        .command(
+            "strict",
+            &[],
+            &["./aither-probe", "watch-open", target, "120"],
+            &unique("watch"),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let done = done.clone();
+        // Bounded: opens the file on the host until the agent has answered (or 120 s).
+        std::thread::spawn(move || {
+            for _ in 0..2400 {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let _ = std::fs::File::open(target);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    let mut s = String::new();
+    let _ = out.read_to_string(&mut s);
+    done.store(true, Ordering::SeqCst);
+    let _ = opener.join();
+    wait_with_deadline(&mut child, "watch-open", RUN_DEADLINE);
+    assert_eq!(s.trim(), "RESULT watch-open ok IN_OPEN");
+}
+
+/// `logs` is raw to a pipe (the agent's bytes, for the next program) and escaped on a
+/// terminal: an agent printing OSC 52 and a fake prompt does not reach the operator's terminal.
+#[test]
+fn agent_logs_are_escaped_on_a_terminal_and_raw_on_a_pipe() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("logs");
+    let spawn = d.ok(&[
+        "spawn",
+        "--policy",
+        "strict",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "printf 'osc\\033]52;c;cHduZWQ=\\007 fake\\r\\033[2Kaither$ \\n'; echo logged-end; exec sleep 60",
+    ]);
+    assert!(
+        poll_until(RUN_DEADLINE, || d
+            .ok(&["logs", &name])
+            .contains("logged-end")),
+        "{spawn}"
+    );
+    let piped = d.ok(&["logs", &name]);
+    assert!(
+        piped.contains("osc\x1b]52;c;cHduZWQ=\x07 fake\r\x1b[2Kaither$ \n"),
+        "raw to a pipe: {piped:?}"
+    );
+    let pty = Pty::open();
+    let (code, shown) = pty.run(d.cmd(&["logs", &name]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("osc\\e]52;c;cHduZWQ=\\x07 fake\\r\\e[2Kaither$ "),
+        "{shown:?}"
+    );
+    d.ok(&["rm", "-f", &name]);
+}
