@@ -106,7 +106,8 @@ pub struct Handle {
 pub type Launched = oneshot::Sender<Result<(), String>>;
 
 enum ChannelItem {
-    Frame(serde_json::Value),
+    /// A request and its frame's size in bytes.
+    Frame(serde_json::Value, usize),
     Error(FrameError),
 }
 
@@ -121,6 +122,10 @@ struct Agent {
     outbox: Option<Arc<crate::bus::Outbox>>,
     /// The queue position (enqueue time, sequence) a preempted agent goes back to.
     gpu_origin: Option<(u64, u64)>,
+    /// Its request budget on the channel, kept across runs (daemon/budget.rs).
+    budget: super::budget::Budget,
+    /// What aitherd spends for it.
+    usage: Arc<super::budget::Usage>,
 }
 
 /// How waiting for GPUs ended.
@@ -194,6 +199,7 @@ pub fn start(
     }));
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
+    let usage = d.usage_of(&name);
     let agent = Agent {
         d,
         name,
@@ -207,6 +213,8 @@ pub fn start(
         },
         outbox: None,
         gpu_origin: None,
+        budget: super::budget::Budget::new(std::time::Instant::now()),
+        usage,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
     Handle { info, cmd: tx }
@@ -643,6 +651,8 @@ impl Agent {
             .bus
             .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
         self.outbox = Some(outbox.clone());
+        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::downgrade(&outbox));
         if let Some(fd) = live.channel.take() {
             match channel_stream(fd) {
                 Ok(stream) => {
@@ -658,6 +668,7 @@ impl Agent {
                         w,
                         slots_rx,
                         outbox.clone(),
+                        self.usage.clone(),
                     )));
                     writer = Some(slots_tx);
                     reader_task = Some(tokio::spawn(async move {
@@ -665,7 +676,7 @@ impl Agent {
                             match aio::read_frame(&mut r).await {
                                 Ok(Some(body)) => {
                                     let item = match serde_json::from_slice(&body) {
-                                        Ok(v) => ChannelItem::Frame(v),
+                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4),
                                         Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
                                     };
                                     if frames_tx.send(item).await.is_err() {
@@ -750,15 +761,46 @@ impl Agent {
                         continue;
                     };
                     let reply = match item {
-                        ChannelItem::Frame(v) => {
-                            let (reply, effect) = self.on_request(&v, &mut ready);
-                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
-                                self.audit(
-                                    Entry::new("channel", Verdict::Deny, err.message.clone())
+                        ChannelItem::Frame(v, size) => {
+                            let cpu0 = super::budget::thread_cpu_ns();
+                            self.usage.add(&self.usage.bytes_in, size as u64);
+                            self.usage.add(&self.usage.requests, 1);
+                            // Charged before anything is done: over budget, nothing is.
+                            if let Err(r) = self.budget.charge(std::time::Instant::now(), &v) {
+                                self.usage.add(&self.usage.rate_limited, 1);
+                                self.d.audit_summarised(
+                                    Entry::new("rate_limit", Verdict::Deny, format!("budget {}", r.limit.as_str()))
+                                        .agent(&self.name)
                                         .actor(format!("agent {}", self.name))
-                                        .data(json!({"op": v.get("op")})),
+                                        .data(json!({"op": v.get("op"), "limit": r.limit})),
+                                    r.limit.as_str(),
                                 );
+                                let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
+                                reply.id = v.get("id").cloned();
+                                self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
+                                if let Some(w) = writer.as_ref() {
+                                    if w.try_send(Slot::Now(reply)).is_err() {
+                                        writer = None;
+                                    }
+                                }
+                                continue;
                             }
+                            let (reply, effect) = self.on_request(&v, &mut ready);
+                            let op = v.get("op").and_then(|o| o.as_str()).unwrap_or("");
+                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
+                                self.usage.add(&self.usage.denied, 1);
+                                // Bus denials are recorded by the bus with their subject.
+                                if !op.starts_with("bus.") {
+                                    self.d.audit_summarised(
+                                        Entry::new("channel", Verdict::Deny, err.message.clone())
+                                            .agent(&self.name)
+                                            .actor(format!("agent {}", self.name))
+                                            .data(json!({"op": v.get("op")})),
+                                        "channel",
+                                    );
+                                }
+                            }
+                            self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
                             let mut reply = Slot::Now(reply);
                             match effect {
                                 Effect::None => {}

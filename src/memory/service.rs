@@ -260,6 +260,16 @@ pub fn handle(
                 }
             }
             let q = need(req, "query", 1024)?;
+            let n = super::store::search_words(q).count();
+            if n > super::MAX_TERMS {
+                return Err(MemoryError::invalid(
+                    "query",
+                    format!(
+                        "{n} search terms; the limit is {} (each term is an index lookup)",
+                        super::MAX_TERMS
+                    ),
+                ));
+            }
             let o = owner(req, agent)?;
             actor.may_read(o, Tier::Knowledge)?;
             let limit = number(req, "limit", 10, 100)? as usize;

@@ -23,7 +23,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{now_ms, MemoryError, Quota, Tier, MAX_NODES};
+use super::{
+    now_ms, MemoryError, Quota, Tier, MAX_NODES, MAX_QUERY_TIME, MAX_STEPS, MAX_WALK_EDGES,
+    STEP_UNIT,
+};
 
 // Queries whose best index SQLite cannot tell without statistics (no ANALYZE) name it with
 // INDEXED BY: the in-edges of a node and an owner's expired entries.
@@ -390,7 +393,37 @@ impl MemoryStore {
             Some(c) => c,
             None => open_reader(&self.path)?,
         };
-        let out = f(&conn).map_err(sql(&self.path));
+        // The cost bound of every read: a step and a time budget, through SQLite's progress
+        // handler (called every STEP_UNIT virtual-machine steps; true interrupts the query).
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stopped.clone();
+        let start = std::time::Instant::now();
+        let mut units = 0u64;
+        conn.progress_handler(
+            STEP_UNIT,
+            Some(move || {
+                units += 1;
+                let over = units * STEP_UNIT as u64 > MAX_STEPS || start.elapsed() > MAX_QUERY_TIME;
+                if over {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                over
+            }),
+        );
+        let out = f(&conn);
+        conn.progress_handler(STEP_UNIT, None::<fn() -> bool>);
+        let out = match out {
+            Err(_) if stopped.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(MemoryError::TooCostly {
+                    what: "the query's cost budget".into(),
+                    limit: format!(
+                        "{MAX_STEPS} SQLite steps or {} ms",
+                        MAX_QUERY_TIME.as_millis()
+                    ),
+                })
+            }
+            o => o.map_err(sql(&self.path)),
+        };
         let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < KEEP_READERS {
             pool.push(conn);
@@ -657,6 +690,7 @@ impl MemoryStore {
             let mut edges = Vec::new();
             let mut queue = VecDeque::from([(id.to_string(), 0u32)]);
             let mut truncated = false;
+            let mut walked = 0usize;
             'walk: while let Some((at, d)) = queue.pop_front() {
                 if d >= depth {
                     continue;
@@ -668,6 +702,12 @@ impl MemoryStore {
                             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                         })?
                         .collect::<rusqlite::Result<_>>()?;
+                    walked += found.len();
+                    if walked > MAX_WALK_EDGES {
+                        // The walk's cost bound: what was found so far, marked truncated.
+                        truncated = true;
+                        break 'walk;
+                    }
                     for (other, k, props) in found {
                         let (from, to) = if outgoing {
                             (at.clone(), other.clone())
@@ -883,14 +923,19 @@ pub fn wait<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The words of a search (what `mem.search` counts against [`super::MAX_TERMS`]).
+pub fn search_words(query: &str) -> impl Iterator<Item = &str> {
+    query
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty())
+}
+
 /// The FTS5 expression: the owner's rows (a phrase of the owner's name in the `owner` column,
 /// an index lookup; the exact owner is checked again in SQL), and the user's words, each
 /// quoted so that no FTS5 syntax gets through.
 fn fts_query(owner: &str, query: &str, any: bool) -> Option<String> {
-    let words: Vec<String> = query
-        .split(|c: char| !c.is_alphanumeric() && c != '_')
-        .filter(|w| !w.is_empty())
-        .take(32)
+    let words: Vec<String> = search_words(query)
+        .take(super::MAX_TERMS)
         .map(|w| format!("\"{w}\""))
         .collect();
     if words.is_empty() {
