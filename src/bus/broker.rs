@@ -995,4 +995,105 @@ mod tests {
         assert_eq!(got.len(), 250);
         assert_eq!(got[0].msg.data, "251");
     }
+
+    #[tokio::test]
+    async fn a_connection_holds_at_most_max_subs_and_its_queues_are_bounded_in_bytes() {
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let o = b.outbox(op.clone());
+        for i in 0..MAX_SUBS {
+            b.subscribe(
+                &o,
+                &SubOptions {
+                    queue: Some(65536),
+                    ..sub(&format!("s.{i}"))
+                },
+            )
+            .unwrap();
+        }
+        let e = b.subscribe(&o, &sub("s.x")).unwrap_err();
+        assert_eq!(e.code(), "limit");
+        assert_eq!(
+            e.to_string(),
+            format!("subscriptions on this connection: {MAX_SUBS} of {MAX_SUBS} in use (docs/bus.md, \"Bounds\")")
+        );
+        // 30 KiB messages to a live queue of 65536 messages: its bytes stay bounded, the
+        // oldest go and are counted.
+        let big = format!("\"{}\"", "x".repeat(30_000));
+        for _ in 0..200 {
+            b.publish(&op, "s.0", big.clone(), false).unwrap();
+        }
+        let u = o.usage();
+        assert!(u.queued_bytes as usize <= SUB_QUEUE_BYTES, "{u:?}");
+        let per = SUB_QUEUE_BYTES / (big.len() + 3 + 8 + 96);
+        let got = o.drain(100_000, usize::MAX);
+        assert_eq!(got.len(), per);
+        assert_eq!(got[0].dropped, 200 - per as u64);
+        // The connection's total: every subscription near full stays under the outbox cap.
+        for i in 0..MAX_SUBS {
+            for _ in 0..40 {
+                b.publish(&op, &format!("s.{i}"), big.clone(), false)
+                    .unwrap();
+            }
+        }
+        assert!(o.usage().queued_bytes as usize <= OUTBOX_QUEUE_BYTES);
+        b.close(&o);
+        assert_eq!(o.usage().queued_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn ninety_replays_share_page_reads_and_stay_within_their_bytes() {
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let big = format!("\"{}\"", "y".repeat(8_000));
+        let n = 4 * PAGE as usize;
+        for _ in 0..n {
+            b.publish(&op, "log.x", big.clone(), true).unwrap();
+        }
+        b.log.flush();
+        let outs: Vec<Arc<Outbox>> = (0..90).map(|_| b.outbox(op.clone())).collect();
+        for o in &outs {
+            b.subscribe(
+                o,
+                &SubOptions {
+                    from_seq: Some(1),
+                    queue: Some(65536),
+                    ..sub("log.>")
+                },
+            )
+            .unwrap();
+        }
+        // Every replay reads until its queue is full in bytes (none drains).
+        let full = |o: &Outbox| o.usage().queued_bytes as usize + 8_200 > SUB_QUEUE_BYTES;
+        let mut waited = 0;
+        while !outs.iter().all(|o| full(o)) && waited < 1000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        for o in &outs {
+            assert!(full(o) && o.usage().queued_bytes as usize <= SUB_QUEUE_BYTES);
+        }
+        // One read per page for all 90 (the first pages), not one per subscription.
+        let reads = b.page_reads.load(Ordering::Relaxed);
+        assert!(reads <= 4, "{reads} page reads");
+        // Drained, they go on to the end, in order, each message once.
+        let mut seen = 0u64;
+        let o = &outs[0];
+        let mut waited = 0;
+        while seen < n as u64 && waited < 2000 {
+            let d = o.drain(1000, usize::MAX);
+            if d.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                waited += 1;
+            }
+            for m in d {
+                seen += 1;
+                assert_eq!(m.msg.seq, Some(seen));
+            }
+        }
+        assert_eq!(seen, n as u64);
+        for o in &outs {
+            b.close(o);
+        }
+    }
 }

@@ -203,7 +203,7 @@ pub struct Edge {
 pub struct Neighbourhood {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
-    /// Whether the walk stopped at [`MAX_NODES`].
+    /// Whether the walk stopped at [`MAX_NODES`] or [`MAX_WALK_EDGES`].
     pub truncated: bool,
 }
 
@@ -290,6 +290,8 @@ pub struct MemoryStore {
     tx: Mutex<mpsc::Sender<Job>>,
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
+    /// The step budget of one read ([`MAX_STEPS`]; lowered by tests to reach it cheaply).
+    max_steps: std::sync::atomic::AtomicU64,
 }
 
 fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> MemoryError + '_ {
@@ -366,7 +368,15 @@ impl MemoryStore {
             tx: Mutex::new(tx),
             path: path.to_path_buf(),
             readers: Mutex::new(Vec::new()),
+            max_steps: std::sync::atomic::AtomicU64::new(MAX_STEPS),
         })
+    }
+
+    /// Sets the step budget of a read (tests reach it with a small database).
+    #[cfg(test)]
+    pub(crate) fn set_max_steps(&self, steps: u64) {
+        self.max_steps
+            .store(steps, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn path(&self) -> &Path {
@@ -399,11 +409,12 @@ impl MemoryStore {
         let flag = stopped.clone();
         let start = std::time::Instant::now();
         let mut units = 0u64;
+        let max_steps = self.max_steps.load(std::sync::atomic::Ordering::Relaxed);
         conn.progress_handler(
             STEP_UNIT,
             Some(move || {
                 units += 1;
-                let over = units * STEP_UNIT as u64 > MAX_STEPS || start.elapsed() > MAX_QUERY_TIME;
+                let over = units * STEP_UNIT as u64 > max_steps || start.elapsed() > MAX_QUERY_TIME;
                 if over {
                     flag.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -417,7 +428,7 @@ impl MemoryStore {
                 Err(MemoryError::TooCostly {
                     what: "the query's cost budget".into(),
                     limit: format!(
-                        "{MAX_STEPS} SQLite steps or {} ms",
+                        "{max_steps} SQLite steps or {} ms",
                         MAX_QUERY_TIME.as_millis()
                     ),
                 })
@@ -678,11 +689,11 @@ impl MemoryStore {
             };
             let mut out_st = c.prepare_cached(
                 "SELECT dst, kind, props FROM edges
-                 WHERE owner = ?1 AND src = ?2 AND (?3 IS NULL OR kind = ?3)",
+                 WHERE owner = ?1 AND src = ?2 AND (?3 IS NULL OR kind = ?3) LIMIT ?4",
             )?;
             let mut in_st = c.prepare_cached(
                 "SELECT src, kind, props FROM edges INDEXED BY edges_by_dst
-                 WHERE owner = ?1 AND dst = ?2 AND (?3 IS NULL OR kind = ?3)",
+                 WHERE owner = ?1 AND dst = ?2 AND (?3 IS NULL OR kind = ?3) LIMIT ?4",
             )?;
             let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
             let mut edge_seen: HashSet<(String, String, String)> = HashSet::new();
@@ -697,17 +708,16 @@ impl MemoryStore {
                 }
                 for outgoing in [true, false] {
                     let st = if outgoing { &mut out_st } else { &mut in_st };
-                    let found: Vec<(String, String, String)> = st
-                        .query_map(params![owner, at, kind], |r| {
+                    // At most the edges left in the walk's budget, and one more to know.
+                    let left = MAX_WALK_EDGES - walked;
+                    let mut found: Vec<(String, String, String)> = st
+                        .query_map(params![owner, at, kind, left as i64 + 1], |r| {
                             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                         })?
                         .collect::<rusqlite::Result<_>>()?;
+                    let cut = found.len() > left;
+                    found.truncate(left);
                     walked += found.len();
-                    if walked > MAX_WALK_EDGES {
-                        // The walk's cost bound: what was found so far, marked truncated.
-                        truncated = true;
-                        break 'walk;
-                    }
                     for (other, k, props) in found {
                         let (from, to) = if outgoing {
                             (at.clone(), other.clone())
@@ -734,6 +744,11 @@ impl MemoryStore {
                             nodes.push(n);
                         }
                         queue.push_back((other, d + 1));
+                    }
+                    if cut {
+                        // The walk's cost bound: what was found so far, marked truncated.
+                        truncated = true;
+                        break 'walk;
                     }
                 }
             }
