@@ -800,7 +800,9 @@ impl Agent {
                                     );
                                 }
                             }
-                            self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
+                            let spent = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                            self.usage.add(&self.usage.cpu_ns, spent);
+                            self.budget.charge_cpu(std::time::Instant::now(), spent);
                             let mut reply = Slot::Now(reply);
                             match effect {
                                 Effect::None => {}

@@ -1,8 +1,9 @@
 //! What aitherd spends for each agent, and the budget that bounds it (docs/daemon.md,
 //! "Bounds"): a token bucket per agent over its fd-3 requests (every request counts: pain,
 //! denied requests and memory queries included), a tighter one for requests that write a
-//! durable event (`pain`, `status`), one over the bytes of durable bus publishes, and the
-//! counters `aitherctl inspect` and the metrics show (requests, bytes, aitherd CPU time).
+//! durable event (`pain`, `status`), one over the bytes of durable bus publishes, one over
+//! aitherd's CPU time spent on the agent's requests (measured, so that a query that costs
+//! more is charged more), and the counters `aitherctl inspect` and the metrics show (requests, bytes, aitherd CPU time).
 //!
 //! Over budget, a request is answered `rate_limited` and not done: no event, no bus message,
 //! no audit record of its own (the refusals are summarised, see [`super::summary`]).
@@ -20,6 +21,11 @@ pub const REQUEST_BURST: f64 = 400.0;
 /// What a memory query (search, graph walk, list, export page) costs in requests: each does
 /// SQLite work that a `heartbeat` does not.
 pub const QUERY_COST: f64 = 10.0;
+/// aitherd CPU seconds an agent's requests may use per second, sustained (a tenth of a CPU),
+/// and in a burst. Measured around each request (CLOCK_THREAD_CPUTIME_ID) and charged after
+/// it: a request is refused while the agent is in debt.
+pub const CPU_RATE: f64 = 0.1;
+pub const CPU_BURST: f64 = 1.0;
 /// Event-writing requests (`pain`, `status`) per second, sustained; each becomes an event in
 /// state.db, a durable bus message and (pain) an audit record, all shared with other agents.
 pub const EVENT_RATE: f64 = 2.0;
@@ -73,6 +79,12 @@ impl Bucket {
         }
     }
 
+    /// Takes `cost` tokens even if that leaves the bucket in debt (a cost known only after).
+    pub fn spend(&mut self, now: Instant, cost: f64) {
+        self.refill(now);
+        self.tokens -= cost;
+    }
+
     /// Milliseconds until `cost` tokens are there (0: now).
     pub fn wait_ms(&self, cost: f64) -> u64 {
         if self.tokens >= cost {
@@ -90,6 +102,7 @@ pub enum Limit {
     Requests,
     Events,
     DurableBytes,
+    Cpu,
 }
 
 impl Limit {
@@ -98,6 +111,7 @@ impl Limit {
             Limit::Requests => "requests",
             Limit::Events => "events",
             Limit::DurableBytes => "durable_bytes",
+            Limit::Cpu => "cpu",
         }
     }
 }
@@ -122,6 +136,7 @@ impl Refused {
                 DURABLE_RATE as u64 / 1024,
                 DURABLE_BURST as u64 >> 20
             ),
+            Limit::Cpu => format!("aitherd CPU time: {CPU_RATE} s/s, burst {CPU_BURST} s"),
         };
         format!(
             "rate limited: agent {agent:?} is over its {} budget ({terms}); nothing was done; retry in {} ms",
@@ -137,6 +152,7 @@ pub struct Budget {
     requests: Bucket,
     events: Bucket,
     durable: Bucket,
+    cpu: Bucket,
 }
 
 /// What one request costs, by its op (and for a durable publish, its payload).
@@ -170,7 +186,13 @@ impl Budget {
             requests: Bucket::new(REQUEST_RATE, REQUEST_BURST, now),
             events: Bucket::new(EVENT_RATE, EVENT_BURST, now),
             durable: Bucket::new(DURABLE_RATE, DURABLE_BURST, now),
+            cpu: Bucket::new(CPU_RATE, CPU_BURST, now),
         }
+    }
+
+    /// Charges aitherd's CPU time for a request, measured after it was handled.
+    pub fn charge_cpu(&mut self, now: Instant, ns: u64) {
+        self.cpu.spend(now, ns as f64 / 1e9);
     }
 
     /// Charges one request; Err when a budget it needs is spent (then nothing is taken from
@@ -182,6 +204,14 @@ impl Budget {
             return Err(Refused {
                 limit: Limit::Requests,
                 retry_ms: self.requests.wait_ms(cost),
+            });
+        }
+        // In CPU debt: nothing more until the rate has paid it back.
+        if !self.cpu.has(now, 0.0) {
+            self.requests.take(now, 1.0);
+            return Err(Refused {
+                limit: Limit::Cpu,
+                retry_ms: self.cpu.wait_ms(0.0),
             });
         }
         if event && !self.events.has(now, 1.0) {
@@ -316,6 +346,20 @@ mod tests {
         let q = json!({"op": "mem.search", "query": "a"});
         let ok = (0..100).filter(|_| b.charge(t0, &q).is_ok()).count();
         assert_eq!(ok, (REQUEST_BURST / QUERY_COST) as usize);
+    }
+
+    #[test]
+    fn cpu_debt_refuses_until_the_rate_has_paid_it_back() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        let q = json!({"op": "mem.graph.neighbors", "node": "hub"});
+        assert!(b.charge(t0, &q).is_ok());
+        // The query took 1.5 s of aitherd's CPU: 0.5 s in debt.
+        b.charge_cpu(t0, 1_500_000_000);
+        let e = b.charge(t0, &q).unwrap_err();
+        assert_eq!(e.limit, Limit::Cpu);
+        assert_eq!(e.retry_ms, 5000);
+        assert!(b.charge(t0 + Duration::from_secs(5), &q).is_ok());
     }
 
     #[test]
