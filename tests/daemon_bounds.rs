@@ -301,7 +301,7 @@ time.sleep(600)
         summary["rule"]
             .as_str()
             .unwrap()
-            .contains("similar denials in"),
+            .contains("similar denials of bus:bus.publish in"),
         "{summary}"
     );
     // The subject of the first denial is in the summary; the flood's are not each written.

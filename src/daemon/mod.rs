@@ -108,7 +108,7 @@ pub struct Daemon {
     /// What aitherd spends per agent (docs/daemon.md "Bounds"), kept until `rm`.
     usage: Mutex<HashMap<String, Arc<budget::Usage>>>,
     /// Repeated audit records of agents' requests, summarised.
-    pub summary: summary::Summariser,
+    pub summary: summary::Denials,
 }
 
 impl Daemon {
@@ -152,7 +152,7 @@ impl Daemon {
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
-            summary: summary::Summariser::new(summary::WINDOW),
+            summary: summary::Denials::new(summary::WINDOW),
         })
     }
 
@@ -211,13 +211,7 @@ impl Daemon {
     /// same decision within its window are counted into one summary record.
     /// `class` says which records are "similar" (fixed by the daemon, never agent text).
     pub fn audit_summarised(&self, e: crate::audit::Entry, class: &str) {
-        let mut out = Vec::new();
-        let admit = self
-            .summary
-            .admit(&e, class, std::time::Instant::now(), &mut out);
-        for s in out {
-            self.audit.record(s);
-        }
+        let admit = self.summary.admit(&e, class, std::time::Instant::now());
         if admit == summary::Admit::Write {
             self.audit.record(e);
         }
@@ -225,9 +219,7 @@ impl Daemon {
 
     /// Writes the summaries of windows that have closed (`all`: every open one).
     pub fn flush_summaries(&self, all: bool) {
-        let mut out = Vec::new();
-        self.summary.flush(std::time::Instant::now(), all, &mut out);
-        for s in out {
+        for s in self.summary.flush(std::time::Instant::now(), all) {
             self.audit.record(s);
         }
     }

@@ -1,41 +1,29 @@
-//! Repeated audit records summarised (docs/audit.md, docs/daemon.md "Bounds"): the first
-//! record of a class (agent, kind, decision and a class the caller names, never text the
-//! agent chose: a subject that changes at every publish is still the same class) in a window
-//! is written as is; the ones
-//! that follow within the window are only counted, and when the window closes one record
-//! says `"N similar denials in T s"` (`kind` the same, `data.summary` with the count, the
-//! window and the first and last times). A flood of N denials writes 2 records a window,
-//! not N.
+//! Repeated audit records of agents' requests, summarised (docs/audit.md, docs/daemon.md
+//! "Bounds"), with the shared summariser of `audit::summary`: per (agent, key) the first
+//! record of a window is written as is; the rest of the window is counted, and when the
+//! window has ended one record says "N similar denials of KEY in T s" (`data.summary` with
+//! the counts). The key is `kind:class`, where the class is named by the daemon, never text
+//! the agent chose: a publish denied on a new subject each time is still the same key.
+//! A flood of N denials writes about 2 records a window, not N.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::audit::summary::{Summariser, Summary, Verdict};
 use crate::audit::{Decision, Entry};
 
 /// How long one summary window lasts.
 pub const WINDOW: Duration = Duration::from_secs(10);
-/// Most keys followed at once; past it, the oldest window is closed early.
-const MAX_KEYS: usize = 4096;
+/// Records of a key written one by one per window.
+const PASS: u64 = 1;
+/// Keys followed per agent (more fold into one, `audit::summary::OTHER_KEY`).
+const MAX_KEYS: usize = 16;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Key {
-    agent: Option<String>,
-    kind: String,
-    decision: String,
-    class: String,
-}
-
-struct Window {
-    opened: Instant,
-    opened_ms: u64,
-    last_ms: u64,
-    /// Records counted, not written, since the window opened.
-    suppressed: u64,
-    /// The first record, for the summary's actor and data.
-    first: Entry,
+/// The daemon's summariser of agents' denials (shared by its tasks).
+pub struct Denials {
+    inner: Mutex<Summariser>,
 }
 
 /// What to do with a record.
@@ -47,124 +35,51 @@ pub enum Admit {
     Counted,
 }
 
-/// The summariser: shared by the daemon's tasks.
-pub struct Summariser {
-    window: Duration,
-    open: Mutex<HashMap<Key, Window>>,
-}
-
-fn key_of(e: &Entry, class: &str) -> Key {
-    Key {
-        agent: e.agent.clone(),
-        kind: e.kind.clone(),
-        decision: format!("{:?}", e.decision),
-        class: class.to_string(),
-    }
-}
-
-fn now_ms() -> u64 {
-    super::store::now_ms()
-}
-
-fn summary(k: &Key, w: &Window, closed: Instant) -> Entry {
-    let secs = closed.saturating_duration_since(w.opened).as_secs_f64();
-    let what = if w.first.decision == Decision::Deny {
-        "denials"
-    } else {
-        "records"
-    };
-    let mut e = Entry::new(
-        &k.kind,
-        w.first.decision,
-        format!(
-            "{} similar {what} in {secs:.0} s (not written one by one): {}",
-            w.suppressed, k.class
-        ),
-    )
-    .data(json!({
-        "summary": {
-            "count": w.suppressed,
-            "window_s": secs,
-            "first_ms": w.opened_ms,
-            "last_ms": w.last_ms,
-        },
-        "first": {"rule": w.first.rule, "data": w.first.data},
-    }));
-    e.agent = k.agent.clone();
-    e.actor = w.first.actor.clone();
-    e
-}
-
-impl Summariser {
-    pub fn new(window: Duration) -> Summariser {
-        Summariser {
-            window,
-            open: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Decides about `e` of `class` at `now`; summaries of windows that closed meanwhile are
-    /// pushed to `out` (to be written before `e`).
-    pub fn admit(&self, e: &Entry, class: &str, now: Instant, out: &mut Vec<Entry>) -> Admit {
-        let k = key_of(e, class);
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = open.get_mut(&k) {
-            if now.saturating_duration_since(w.opened) < self.window {
-                w.suppressed += 1;
-                w.last_ms = now_ms();
-                return Admit::Counted;
+fn to_entry(s: &Summary) -> Entry {
+    let kind = s.key.split(':').next().unwrap_or("summary");
+    Entry::new(kind, Decision::Deny, s.message("denials"))
+        .agent(&s.agent)
+        .actor(format!("agent {}", s.agent))
+        .data(json!({
+            "summary": {
+                "key": s.key,
+                "count": s.suppressed,
+                "passed": s.passed,
+                "window_s": s.span.as_secs_f64(),
             }
-            if w.suppressed > 0 {
-                out.push(summary(&k, w, now));
-            }
-            open.remove(&k);
-        }
-        if open.len() >= MAX_KEYS {
-            self.close_where(&mut open, now, out, |_| true);
-        }
-        let t = now_ms();
-        open.insert(
-            k,
-            Window {
-                opened: now,
-                opened_ms: t,
-                last_ms: t,
-                suppressed: 0,
-                first: e.clone(),
-            },
-        );
-        Admit::Write
-    }
+        }))
+}
 
-    fn close_where(
-        &self,
-        open: &mut HashMap<Key, Window>,
-        now: Instant,
-        out: &mut Vec<Entry>,
-        pick: impl Fn(&Window) -> bool,
-    ) {
-        let done: Vec<Key> = open
-            .iter()
-            .filter(|(_, w)| pick(w))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in done {
-            if let Some(w) = open.remove(&k) {
-                if w.suppressed > 0 {
-                    out.push(summary(&k, &w, now));
-                }
-            }
+impl Denials {
+    pub fn new(window: Duration) -> Denials {
+        Denials {
+            inner: Mutex::new(Summariser::new(PASS, window, MAX_KEYS)),
         }
     }
 
-    /// Closes the windows older than the window length (every one with `all`); their
-    /// summaries go to `out`.
-    pub fn flush(&self, now: Instant, all: bool, out: &mut Vec<Entry>) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let len = self.window;
-        self.close_where(&mut open, now, out, |w| {
-            all || now.saturating_duration_since(w.opened) >= len
-        });
+    fn lock(&self) -> std::sync::MutexGuard<'_, Summariser> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides about `e` (an agent's record; records without an agent are always written).
+    pub fn admit(&self, e: &Entry, class: &str, now: Instant) -> Admit {
+        let Some(agent) = e.agent.as_deref() else {
+            return Admit::Write;
+        };
+        match self
+            .lock()
+            .offer(agent, &format!("{}:{class}", e.kind), now)
+        {
+            Verdict::Pass => Admit::Write,
+            Verdict::Suppress => Admit::Counted,
+        }
+    }
+
+    /// The summary records of windows that have ended (`all`: of every open one).
+    pub fn flush(&self, now: Instant, all: bool) -> Vec<Entry> {
+        let mut s = self.lock();
+        let out = if all { s.flush_all(now) } else { s.flush(now) };
+        out.iter().map(to_entry).collect()
     }
 }
 
@@ -178,40 +93,32 @@ mod tests {
 
     #[test]
     fn a_flood_is_one_record_and_one_summary_per_window() {
-        let s = Summariser::new(Duration::from_secs(10));
+        let s = Denials::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        let mut out = Vec::new();
         let written = (0..5000)
             .filter(|i| {
-                s.admit(
-                    &deny(&format!("no publish on s{i}")),
-                    "bus.publish",
-                    t0,
-                    &mut out,
-                ) == Admit::Write
+                s.admit(&deny(&format!("no publish on s{i}")), "bus.publish", t0) == Admit::Write
             })
             .count();
         assert_eq!(written, 1);
-        // Another rule is another key.
-        assert_eq!(
-            s.admit(&deny("other"), "bus.subscribe", t0, &mut out),
-            Admit::Write
-        );
-        assert!(out.is_empty());
-        s.flush(t0 + Duration::from_secs(11), false, &mut out);
+        // Another class is another key.
+        assert_eq!(s.admit(&deny("other"), "bus.subscribe", t0), Admit::Write);
+        assert!(s.flush(t0 + Duration::from_secs(9), false).is_empty());
+        let out = s.flush(t0 + Duration::from_secs(11), false);
         assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].kind, "bus");
         assert_eq!(out[0].data["summary"]["count"], 4999);
-        assert!(out[0].rule.starts_with("4999 similar denials in 11 s"));
-        assert_eq!(out[0].data["first"]["rule"], "no publish on s0");
+        assert!(
+            out[0]
+                .rule
+                .starts_with("5000 similar denials of bus:bus.publish in 11.0 s"),
+            "{}",
+            out[0].rule
+        );
         assert_eq!(out[0].agent.as_deref(), Some("a"));
         // After the window: written again.
         assert_eq!(
-            s.admit(
-                &deny("no publish"),
-                "bus.publish",
-                t0 + Duration::from_secs(12),
-                &mut out
-            ),
+            s.admit(&deny("no"), "bus.publish", t0 + Duration::from_secs(12)),
             Admit::Write
         );
     }
