@@ -744,17 +744,30 @@ impl Agent {
         };
         let exit = live.wait();
         tokio::pin!(exit);
+        // Over its request or CPU budget, the agent's channel is not read until the budget
+        // has refilled (at most 1 s): its flood waits in its own socket buffer instead of
+        // costing aitherd a refusal per frame.
+        let mut paused_until: Option<Instant> = None;
         let record: Option<ExitRecord> = loop {
             let mut next = next_stats;
-            for t in [startup_deadline, watchdog_deadline, kill_at, next_health]
-                .into_iter()
-                .flatten()
+            for t in [
+                startup_deadline,
+                watchdog_deadline,
+                kill_at,
+                next_health,
+                paused_until,
+            ]
+            .into_iter()
+            .flatten()
             {
                 next = next.min(t);
             }
+            if paused_until.is_some_and(|t| Instant::now() >= t) {
+                paused_until = None;
+            }
             tokio::select! {
                 rec = &mut exit => break rec,
-                item = frames_rx.recv(), if writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
+                item = frames_rx.recv(), if paused_until.is_none() && writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
                     let Some(item) = item else {
                         // The agent closed its channel: nothing more to read.
                         writer = None;
@@ -775,6 +788,9 @@ impl Agent {
                                         .data(json!({"op": v.get("op"), "limit": r.limit})),
                                     r.limit.as_str(),
                                 );
+                                if matches!(r.limit, super::budget::Limit::Requests | super::budget::Limit::Cpu) {
+                                    paused_until = Some(Instant::now() + Duration::from_millis(r.retry_ms.clamp(1, 1000)));
+                                }
                                 let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
                                 reply.id = v.get("id").cloned();
                                 self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
