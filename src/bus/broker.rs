@@ -375,6 +375,10 @@ pub struct Bus {
     pages: Mutex<PageCache>,
     /// Pages read from the log for replays (for tests and metrics: shared reads stay few).
     pub page_reads: AtomicU64,
+    /// One replay read at a time: reads are serialised by the page cache anyway, and one
+    /// blocking thread (not one per replaying subscription, each with its own malloc arena)
+    /// keeps aitherd's RSS near what it holds.
+    replay_reads: tokio::sync::Semaphore,
 }
 
 impl Bus {
@@ -390,6 +394,7 @@ impl Bus {
             next_outbox: AtomicU64::new(1),
             pages: Mutex::new(PageCache::default()),
             page_reads: AtomicU64::new(0),
+            replay_reads: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -779,6 +784,9 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             tokio::time::sleep(w).await;
             continue;
         }
+        let Ok(turn) = bus.replay_reads.acquire().await else {
+            return;
+        };
         let b = bus.clone();
         let read = move || {
             let cpu0 = crate::sys::thread_cpu_ns();
@@ -797,6 +805,7 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             }
             Err(_) => return,
         };
+        drop(turn);
         let mut full = rows.len() == n;
         let still_behind = {
             let inner = lock(&bus.inner);
