@@ -375,11 +375,20 @@ pub struct Bus {
     pages: Mutex<PageCache>,
     /// Pages read from the log for replays (for tests and metrics: shared reads stay few).
     pub page_reads: AtomicU64,
-    /// One replay read at a time: reads are serialised by the page cache anyway, and one
-    /// blocking thread (not one per replaying subscription, each with its own malloc arena)
-    /// keeps aitherd's RSS near what it holds.
-    replay_reads: tokio::sync::Semaphore,
+    /// The replay reader: one thread for every replay's reads (started on the first). Reads
+    /// are serialised by the page cache anyway, and one thread, not one blocking-pool thread
+    /// per replaying subscription each with its own malloc arena, keeps aitherd's RSS near
+    /// what it holds.
+    replayer: std::sync::OnceLock<std::sync::mpsc::Sender<ReplayJob>>,
 }
+
+/// A replay read for the replay thread: from, how many, where the rows (and the thread's CPU
+/// time reading them, ns) go.
+type ReplayJob = (
+    u64,
+    usize,
+    oneshot::Sender<(Result<Vec<Arc<Msg>>, BusError>, u64)>,
+);
 
 impl Bus {
     /// Opens the log at `path` and starts an empty broker.
@@ -394,7 +403,7 @@ impl Bus {
             next_outbox: AtomicU64::new(1),
             pages: Mutex::new(PageCache::default()),
             page_reads: AtomicU64::new(0),
-            replay_reads: tokio::sync::Semaphore::new(1),
+            replayer: std::sync::OnceLock::new(),
         })
     }
 
@@ -690,6 +699,42 @@ impl Bus {
         lock(&self.inner).last_seq
     }
 
+    /// `replay_read` on the replay thread (started on first use; it ends with the bus).
+    async fn read_on_replayer(
+        self: &Arc<Self>,
+        from: u64,
+        n: usize,
+    ) -> Result<(Result<Vec<Arc<Msg>>, BusError>, u64), oneshot::error::RecvError> {
+        let tx = self.replayer.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<ReplayJob>();
+            let bus = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("aither-bus-replay".into())
+                .spawn(move || {
+                    while let Ok((from, n, done)) = rx.recv() {
+                        let Some(b) = bus.upgrade() else { return };
+                        let cpu0 = crate::sys::thread_cpu_ns();
+                        let r = b.replay_read(from, n);
+                        let ns = crate::sys::thread_cpu_ns().saturating_sub(cpu0);
+                        drop(b);
+                        let _ = done.send((r, ns));
+                    }
+                });
+            if let Err(e) = spawned {
+                // Every replay then fails its reads (logged by the pump) instead of the daemon.
+                tracing::error!(error = %e, "bus: cannot start the replay thread");
+            }
+            tx
+        });
+        let (done, rx) = oneshot::channel();
+        if tx.send((from, n, done)).is_err() {
+            let (fail, rx) = oneshot::channel();
+            let _ = fail.send((Err(BusError::LogGone), 0));
+            return rx.await;
+        }
+        rx.await
+    }
+
     /// Up to `n` committed messages from `from` on, through the shared page cache. Fewer
     /// than `n`: the replay has reached the last committed message.
     fn replay_read(&self, from: u64, n: usize) -> Result<Vec<Arc<Msg>>, BusError> {
@@ -784,16 +829,7 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             tokio::time::sleep(w).await;
             continue;
         }
-        let Ok(turn) = bus.replay_reads.acquire().await else {
-            return;
-        };
-        let b = bus.clone();
-        let read = move || {
-            let cpu0 = crate::sys::thread_cpu_ns();
-            let r = b.replay_read(from, n);
-            (r, crate::sys::thread_cpu_ns().saturating_sub(cpu0))
-        };
-        let rows = match tokio::task::spawn_blocking(read).await {
+        let rows = match bus.read_on_replayer(from, n).await {
             Ok((Ok(r), ns)) => {
                 outbox.replay_cpu_ns.fetch_add(ns, Ordering::Relaxed);
                 r
@@ -805,7 +841,6 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             }
             Err(_) => return,
         };
-        drop(turn);
         let mut full = rows.len() == n;
         let still_behind = {
             let inner = lock(&bus.inner);

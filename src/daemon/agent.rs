@@ -779,20 +779,8 @@ impl Agent {
                             self.usage.add(&self.usage.bytes_in, size as u64);
                             self.usage.add(&self.usage.requests, 1);
                             // Charged before anything is done: over budget, nothing is.
-                            if let Err(r) = self.budget.charge(std::time::Instant::now(), &v) {
-                                self.usage.add(&self.usage.rate_limited, 1);
-                                self.d.audit_summarised(
-                                    Entry::new("rate_limit", Verdict::Deny, format!("budget {}", r.limit.as_str()))
-                                        .agent(&self.name)
-                                        .actor(format!("agent {}", self.name))
-                                        .data(json!({"op": v.get("op"), "limit": r.limit})),
-                                    r.limit.as_str(),
-                                );
-                                if matches!(r.limit, super::budget::Limit::Requests | super::budget::Limit::Cpu) {
-                                    paused_until = Some(Instant::now() + Duration::from_millis(r.retry_ms.clamp(1, 1000)));
-                                }
-                                let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
-                                reply.id = v.get("id").cloned();
+                            if let Some((reply, pause)) = self.over_budget(&v) {
+                                paused_until = pause.map(|p| Instant::now() + p);
                                 self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
                                 if let Some(w) = writer.as_ref() {
                                     if w.try_send(Slot::Now(reply)).is_err() {
@@ -1245,6 +1233,36 @@ impl Agent {
 
     fn audit(&self, e: Entry) {
         self.d.audit.record(e.agent(&self.name));
+    }
+
+    /// Charges one channel request to the agent's budget (daemon/budget.rs). Over it (Some): the
+    /// `rate_limited` reply (the request is not done; the refusal is audited, summarised) and,
+    /// over the request or CPU budget, how long not to read the channel (until it refills,
+    /// at most 1 s).
+    fn over_budget(&mut self, v: &serde_json::Value) -> Option<(proto::Reply, Option<Duration>)> {
+        let Err(r) = self.budget.charge(std::time::Instant::now(), v) else {
+            return None;
+        };
+        self.usage.add(&self.usage.rate_limited, 1);
+        self.d.audit_summarised(
+            Entry::new(
+                "rate_limit",
+                Verdict::Deny,
+                format!("budget {}", r.limit.as_str()),
+            )
+            .agent(&self.name)
+            .actor(format!("agent {}", self.name))
+            .data(json!({"op": v.get("op"), "limit": r.limit})),
+            r.limit.as_str(),
+        );
+        let pause = matches!(
+            r.limit,
+            super::budget::Limit::Requests | super::budget::Limit::Cpu
+        )
+        .then(|| Duration::from_millis(r.retry_ms.clamp(1, 1000)));
+        let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
+        reply.id = v.get("id").cloned();
+        Some((reply, pause))
     }
 
     fn record_pain(&self, what: &PainWhat, action: PainAction) {
