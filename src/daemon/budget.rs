@@ -37,7 +37,9 @@ pub const DURABLE_RATE: f64 = 256.0 * 1024.0;
 /// Bytes of durable publishes in a burst.
 pub const DURABLE_BURST: f64 = 2.0 * 1024.0 * 1024.0;
 
-/// A token bucket: `rate` tokens a second up to `burst`.
+/// A token bucket: `rate` tokens a second up to `burst`. Its own rather than
+/// `audit::summary::TokenBucket` (one whole token per take): costs here are weighted (a query
+/// counts 10, a publish its bytes) and the CPU budget is charged after the fact, into debt.
 #[derive(Debug)]
 pub struct Bucket {
     rate: f64,
