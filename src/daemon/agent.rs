@@ -106,8 +106,8 @@ pub struct Handle {
 pub type Launched = oneshot::Sender<Result<(), String>>;
 
 enum ChannelItem {
-    /// A request and its frame's size in bytes.
-    Frame(serde_json::Value, usize),
+    /// A request, its frame's size in bytes, and the CPU time its parsing took (ns).
+    Frame(serde_json::Value, usize, u64),
     Error(FrameError),
 }
 
@@ -675,8 +675,12 @@ impl Agent {
                         loop {
                             match aio::read_frame(&mut r).await {
                                 Ok(Some(body)) => {
-                                    let item = match serde_json::from_slice(&body) {
-                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4),
+                                    // Parsing is work for the agent too: measured, charged.
+                                    let cpu0 = super::budget::thread_cpu_ns();
+                                    let parsed = serde_json::from_slice(&body);
+                                    let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                                    let item = match parsed {
+                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
                                         Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
                                     };
                                     if frames_tx.send(item).await.is_err() {
@@ -774,14 +778,14 @@ impl Agent {
                         continue;
                     };
                     let reply = match item {
-                        ChannelItem::Frame(v, size) => {
+                        ChannelItem::Frame(v, size, parse_ns) => {
                             let cpu0 = super::budget::thread_cpu_ns();
                             self.usage.add(&self.usage.bytes_in, size as u64);
                             self.usage.add(&self.usage.requests, 1);
                             // Charged before anything is done: over budget, nothing is.
                             if let Some((reply, pause)) = self.over_budget(&v) {
                                 paused_until = pause.map(|p| Instant::now() + p);
-                                self.usage.add(&self.usage.cpu_ns, super::budget::thread_cpu_ns().saturating_sub(cpu0));
+                                self.usage.add(&self.usage.cpu_ns, parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0));
                                 if let Some(w) = writer.as_ref() {
                                     if w.try_send(Slot::Now(reply)).is_err() {
                                         writer = None;
@@ -804,7 +808,7 @@ impl Agent {
                                     );
                                 }
                             }
-                            let spent = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                            let spent = parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0);
                             self.usage.add(&self.usage.cpu_ns, spent);
                             self.budget.charge_cpu(std::time::Instant::now(), spent);
                             let mut reply = Slot::Now(reply);

@@ -100,9 +100,13 @@ pub async fn channel_writer(
             _ = outbox.ready() => {}
         }
         if open {
+            // Encoding the agent's bus messages is work for it: measured, counted.
+            let cpu0 = super::budget::thread_cpu_ns();
             for d in outbox.drain(DRAIN, DRAIN_BYTES) {
                 push_frame(&mut buf, &d.push_json());
             }
+            let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+            usage.add(&usage.cpu_ns, ns);
         }
         if !buf.is_empty() {
             usage.add(&usage.bytes_out, buf.len() as u64);
