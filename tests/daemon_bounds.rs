@@ -456,3 +456,51 @@ time.sleep(600)
     assert_eq!(u["rate_limited"], limited, "{u}");
     assert!(u["cpu_ms"].as_f64().unwrap() > 0.0, "{u}");
 }
+
+/// Durable publishes are charged by their bytes (burst 2 MiB, 256 KiB/s), so that one agent
+/// cannot fill the shared log and rotate the others' messages away: a flood of 30 KB durable
+/// publishes gets the burst's worth logged, the rest is `rate_limited` and not logged.
+#[test]
+fn durable_publishes_are_charged_by_their_bytes() {
+    let d = daemon("durable");
+    let pol = d.policy("durable", &["agent.$self.>"], &[]);
+    let name = unique("durable");
+    let log_bytes = |d: &Daemon| {
+        d.json(&["bus", "streams", "--json"])["streams"][0]["log"]["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = log_bytes(&d);
+    d.spawn_raw(
+        &name,
+        &pol,
+        &format!(
+            r#"
+codes = flood({{"op": "bus.publish", "subject": "agent.{name}.x", "durable": True, "data": "y" * 30000}}, 200, batch=50)
+done("durable.json", codes)
+time.sleep(600)
+"#
+        ),
+    );
+    let codes = d.result("durable.json");
+    eprintln!("durable publishes: {codes}");
+    let ok = codes["ok"].as_u64().unwrap_or(0);
+    let limited = codes["rate_limited"].as_u64().unwrap_or(0);
+    assert_eq!(ok + limited, 200, "{codes}");
+    // The burst: 2 MiB / 30 KB = 69 publishes, and some refill while the flood ran.
+    assert!(ok >= 69 && limited > 0, "{codes}");
+    // What was logged is what was accepted, no more: refused publishes left nothing (the
+    // daemon's own events of the agent, a few hundred bytes, come on top).
+    let size = 30_002 + format!("agent.{name}.x").len() as u64;
+    let logged = log_bytes(&d) - before;
+    assert!(
+        logged >= ok * size && logged < (ok + 1) * size,
+        "{logged} bytes logged for {ok} accepted publishes of {size} bytes; {codes}"
+    );
+    let a = d.audit_of(&name);
+    assert!(
+        a.iter()
+            .any(|r| r["kind"] == "rate_limit" && r["data"]["limit"] == "durable_bytes"),
+        "{a:#?}"
+    );
+}
