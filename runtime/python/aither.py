@@ -115,6 +115,16 @@ class MessageTooLarge(AitherError):
     """A bus payload over ``MAX_DATA`` bytes (code ``msg_too_large``)."""
 
 
+class RateLimited(AitherError):
+    """Over the agent's budget on its channel (code ``rate_limited``): nothing was done. The
+    message says which budget and in how many ms to try again (docs/daemon.md, "Bounds")."""
+
+
+class LimitReached(AitherError):
+    """A bound of aitherd was reached (code ``limit``: e.g. 64 bus subscriptions on one
+    channel; ``too_costly``: a memory query stopped at its cost budget)."""
+
+
 class UnknownOp(AitherError):
     """This aitherd does not know the op (code ``unknown_op``): an older daemon."""
 
@@ -131,6 +141,9 @@ _BY_CODE = {
     "bad_json": InvalidRequest,
     "msg_too_large": MessageTooLarge,
     "unknown_op": UnknownOp,
+    "rate_limited": RateLimited,
+    "limit": LimitReached,
+    "too_costly": LimitReached,
     "bad_frame": ChannelError,
     "too_large": ChannelError,
     "bad_reply": ChannelError,

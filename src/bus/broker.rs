@@ -4,10 +4,19 @@
 //! message for the log and offers it to every matching subscription, all under one lock, so
 //! that every subscriber sees one order.
 //!
+//! Bounds (docs/bus.md "Bounds"): a connection holds at most [`MAX_SUBS`] subscriptions; a
+//! queue is full at its capacity in messages or at [`SUB_QUEUE_BYTES`], and a connection's
+//! queues together at [`OUTBOX_QUEUE_BYTES`].
+//!
 //! Overflow: a live subscription's queue drops its oldest message and counts it (the next
 //! delivery carries `dropped`); a replaying or durable subscription never drops: when its
 //! queue is full it stops taking live messages and a pump task reads them back from the log
 //! as the queue drains (flow control), then switches to live again once caught up.
+//!
+//! Replays read the log in pages of [`PAGE`] sequence numbers through one cache shared by
+//! every subscription ([`PAGE_CACHE_BYTES`]): ninety subscriptions replaying the same range
+//! read it once and queue the same messages (`Arc`s), not ninety copies. A connection's
+//! replays read at most [`REPLAY_RATE`] bytes a second (burst [`REPLAY_BURST`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +28,15 @@ use tokio::sync::{oneshot, Notify};
 
 use super::log::{Log, Retention, Stats};
 use super::subject::{check_subject, Pattern};
-use super::{check_data, now_ms, BusError, Msg, Principal, DEFAULT_QUEUE};
+use super::{
+    check_data, now_ms, BusError, Msg, Principal, DEFAULT_QUEUE, MAX_SUBS, OUTBOX_QUEUE_BYTES,
+    PAGE_CACHE_BYTES, REPLAY_BURST, REPLAY_RATE, SUB_QUEUE_BYTES,
+};
 
 /// Messages read from the log per step of a replay.
 const REPLAY_BATCH: usize = 256;
+/// Sequence numbers per page of the shared replay cache.
+pub const PAGE: u64 = 256;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -93,6 +107,8 @@ struct Replay {
 struct SubQ {
     pattern: Pattern,
     queue: VecDeque<Arc<Msg>>,
+    /// Bytes queued (`Msg::cost`).
+    bytes: usize,
     cap: usize,
     dropped_pending: u64,
     dropped: u64,
@@ -104,6 +120,11 @@ struct OutState {
     subs: BTreeMap<u64, SubQ>,
     next_sub: u64,
     closed: bool,
+    /// Bytes queued in all its subscriptions.
+    queued_bytes: usize,
+    /// The replay budget: bytes that may be read now, and when it was last refilled.
+    replay_tokens: f64,
+    replay_at: std::time::Instant,
 }
 
 /// A connection's subscriptions and their queues.
@@ -112,6 +133,18 @@ pub struct Outbox {
     principal: Arc<Principal>,
     state: Mutex<OutState>,
     notify: Notify,
+    /// Bytes its replays have taken from the log, and aitherd's CPU time reading them (ns).
+    replay_bytes: AtomicU64,
+    replay_cpu_ns: AtomicU64,
+}
+
+/// What a connection costs aitherd now (`aitherctl inspect`, metrics).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct OutboxUsage {
+    pub subscriptions: usize,
+    pub queued_bytes: u64,
+    pub replay_bytes: u64,
+    pub replay_cpu_ns: u64,
 }
 
 /// A subscription's state, for `bus streams`.
@@ -140,14 +173,34 @@ impl Outbox {
         self.notify.notified().await
     }
 
-    /// Takes up to `max` queued deliveries, oldest first per subscription.
-    pub fn drain(&self, max: usize) -> Vec<Delivery> {
+    /// What this connection costs now.
+    pub fn usage(&self) -> OutboxUsage {
+        let st = lock(&self.state);
+        OutboxUsage {
+            subscriptions: st.subs.len(),
+            queued_bytes: st.queued_bytes as u64,
+            replay_bytes: self.replay_bytes.load(Ordering::Relaxed),
+            replay_cpu_ns: self.replay_cpu_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes up to `max` queued deliveries and about `max_bytes` (at least one), oldest
+    /// first per subscription.
+    pub fn drain(&self, max: usize, max_bytes: usize) -> Vec<Delivery> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         let mut more = false;
         let mut st = lock(&self.state);
-        for (id, q) in st.subs.iter_mut() {
-            while out.len() < max {
+        let OutState {
+            subs, queued_bytes, ..
+        } = &mut *st;
+        for (id, q) in subs.iter_mut() {
+            while out.len() < max && (out.is_empty() || bytes < max_bytes) {
                 let Some(m) = q.queue.pop_front() else { break };
+                let c = m.cost();
+                q.bytes -= c;
+                *queued_bytes -= c;
+                bytes += c;
                 out.push(Delivery {
                     sub: *id,
                     msg: m,
@@ -156,8 +209,12 @@ impl Outbox {
                 q.delivered += 1;
             }
             more |= !q.queue.is_empty();
+        }
+        // Pumps are woken after all the taking, against the connection's final total.
+        let total = *queued_bytes;
+        for q in subs.values() {
             if let Some(r) = &q.replay {
-                if r.catching_up && q.queue.len() <= q.cap / 2 {
+                if r.catching_up && has_room(q, total) {
                     r.wake.notify_one();
                 }
             }
@@ -171,8 +228,17 @@ impl Outbox {
 
     fn offer(&self, sub: u64, msg: &Arc<Msg>) {
         let mut st = lock(&self.state);
-        let Some(q) = st.subs.get_mut(&sub) else {
+        let OutState {
+            subs, queued_bytes, ..
+        } = &mut *st;
+        let Some(q) = subs.get_mut(&sub) else {
             return;
+        };
+        let c = msg.cost();
+        let full = |q: &SubQ, total: usize| {
+            q.queue.len() >= q.cap
+                || q.bytes + c > SUB_QUEUE_BYTES
+                || total + c > OUTBOX_QUEUE_BYTES
         };
         match &mut q.replay {
             Some(r) => {
@@ -180,24 +246,36 @@ impl Outbox {
                 if r.catching_up || seq < r.next_seq {
                     return;
                 }
-                if q.queue.len() >= q.cap {
+                if q.queue.len() >= q.cap
+                    || q.bytes + c > SUB_QUEUE_BYTES
+                    || *queued_bytes + c > OUTBOX_QUEUE_BYTES
+                {
                     // Flow control: stop taking live messages; the pump reads this one and
                     // the rest back from the log as the subscriber drains its queue.
                     r.catching_up = true;
                     return;
                 }
                 r.next_seq = seq + 1;
-                q.queue.push_back(msg.clone());
             }
             None => {
-                if q.queue.len() >= q.cap {
-                    q.queue.pop_front();
+                // Drop-oldest until it fits; when the connection's other queues hold the
+                // bytes, the new message is the one dropped.
+                while full(q, *queued_bytes) {
+                    let Some(old) = q.queue.pop_front() else {
+                        q.dropped_pending += 1;
+                        q.dropped += 1;
+                        return;
+                    };
+                    q.bytes -= old.cost();
+                    *queued_bytes -= old.cost();
                     q.dropped_pending += 1;
                     q.dropped += 1;
                 }
-                q.queue.push_back(msg.clone());
             }
         }
+        q.bytes += c;
+        *queued_bytes += c;
+        q.queue.push_back(msg.clone());
         drop(st);
         self.notify.notify_one();
     }
@@ -232,6 +310,45 @@ struct Inner {
     last_seq: u64,
 }
 
+/// Whether a catching-up subscription's pump may read more: its queue at most half full (in
+/// messages and bytes) and its connection's queues at most half full.
+fn has_room(q: &SubQ, total: usize) -> bool {
+    q.queue.len() <= q.cap / 2 && q.bytes <= SUB_QUEUE_BYTES / 2 && total <= OUTBOX_QUEUE_BYTES / 2
+}
+
+/// Pages of the log read for replays, newest use last; shared by every subscription.
+#[derive(Default)]
+struct PageCache {
+    pages: std::collections::HashMap<u64, Arc<Vec<Arc<Msg>>>>,
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl PageCache {
+    fn get(&mut self, no: u64) -> Option<Arc<Vec<Arc<Msg>>>> {
+        let p = self.pages.get(&no)?.clone();
+        if let Some(i) = self.order.iter().position(|n| *n == no) {
+            self.order.remove(i);
+        }
+        self.order.push_back(no);
+        Some(p)
+    }
+
+    fn put(&mut self, no: u64, page: Arc<Vec<Arc<Msg>>>) {
+        self.bytes += page.iter().map(|m| m.cost()).sum::<usize>();
+        self.pages.insert(no, page);
+        self.order.push_back(no);
+        while self.bytes > PAGE_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(p) = self.pages.remove(&old) {
+                self.bytes -= p.iter().map(|m| m.cost()).sum::<usize>();
+            }
+        }
+    }
+}
+
 /// What a publish returns.
 pub struct Published {
     pub seq: Option<u64>,
@@ -253,7 +370,25 @@ pub struct Bus {
     inner: Mutex<Inner>,
     pub log: Log,
     next_outbox: AtomicU64,
+    /// Log pages read for replays (held while a page is read, so that concurrent replays
+    /// of the same range wait for one read instead of making their own).
+    pages: Mutex<PageCache>,
+    /// Pages read from the log for replays (for tests and metrics: shared reads stay few).
+    pub page_reads: AtomicU64,
+    /// The replay reader: one thread for every replay's reads (started on the first). Reads
+    /// are serialised by the page cache anyway, and one thread, not one blocking-pool thread
+    /// per replaying subscription each with its own malloc arena, keeps aitherd's RSS near
+    /// what it holds.
+    replayer: std::sync::OnceLock<std::sync::mpsc::Sender<ReplayJob>>,
 }
+
+/// A replay read for the replay thread: from, how many, where the rows (and the thread's CPU
+/// time reading them, ns) go.
+type ReplayJob = (
+    u64,
+    usize,
+    oneshot::Sender<(Result<Vec<Arc<Msg>>, BusError>, u64)>,
+);
 
 impl Bus {
     /// Opens the log at `path` and starts an empty broker.
@@ -266,6 +401,9 @@ impl Bus {
             }),
             log,
             next_outbox: AtomicU64::new(1),
+            pages: Mutex::new(PageCache::default()),
+            page_reads: AtomicU64::new(0),
+            replayer: std::sync::OnceLock::new(),
         })
     }
 
@@ -278,8 +416,13 @@ impl Bus {
                 subs: BTreeMap::new(),
                 next_sub: 1,
                 closed: false,
+                queued_bytes: 0,
+                replay_tokens: REPLAY_BURST,
+                replay_at: std::time::Instant::now(),
             }),
             notify: Notify::new(),
+            replay_bytes: AtomicU64::new(0),
+            replay_cpu_ns: AtomicU64::new(0),
         })
     }
 
@@ -404,6 +547,13 @@ impl Bus {
         if st.closed {
             return Err(BusError::LogGone);
         }
+        if st.subs.len() >= MAX_SUBS {
+            return Err(BusError::Limit {
+                what: "subscriptions on this connection",
+                have: st.subs.len(),
+                limit: MAX_SUBS,
+            });
+        }
         let id = st.next_sub;
         st.next_sub += 1;
         let wake = Arc::new(Notify::new());
@@ -412,6 +562,7 @@ impl Bus {
             SubQ {
                 pattern: pattern.clone(),
                 queue: VecDeque::new(),
+                bytes: 0,
                 cap,
                 dropped_pending: 0,
                 dropped: 0,
@@ -443,7 +594,14 @@ impl Bus {
     /// Ends one subscription.
     pub fn unsubscribe(&self, outbox: &Outbox, sub: u64) -> Result<(), BusError> {
         let mut inner = lock(&self.inner);
-        let removed = lock(&outbox.state).subs.remove(&sub);
+        let removed = {
+            let mut st = lock(&outbox.state);
+            let q = st.subs.remove(&sub);
+            if let Some(q) = &q {
+                st.queued_bytes -= q.bytes;
+            }
+            q
+        };
         let Some(q) = removed else {
             return Err(BusError::NoSuchSub(sub));
         };
@@ -462,6 +620,7 @@ impl Bus {
         inner.subs.retain(|s| s.outbox.id != outbox.id);
         let mut st = lock(&outbox.state);
         st.closed = true;
+        st.queued_bytes = 0;
         for q in std::mem::take(&mut st.subs).into_values() {
             if let Some(r) = q.replay {
                 r.wake.notify_one();
@@ -539,6 +698,83 @@ impl Bus {
     pub fn last_seq(&self) -> u64 {
         lock(&self.inner).last_seq
     }
+
+    /// `replay_read` on the replay thread (started on first use; it ends with the bus).
+    async fn read_on_replayer(
+        self: &Arc<Self>,
+        from: u64,
+        n: usize,
+    ) -> Result<(Result<Vec<Arc<Msg>>, BusError>, u64), oneshot::error::RecvError> {
+        let tx = self.replayer.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<ReplayJob>();
+            let bus = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("aither-bus-replay".into())
+                .spawn(move || {
+                    while let Ok((from, n, done)) = rx.recv() {
+                        let Some(b) = bus.upgrade() else { return };
+                        let cpu0 = crate::sys::thread_cpu_ns();
+                        let r = b.replay_read(from, n);
+                        let ns = crate::sys::thread_cpu_ns().saturating_sub(cpu0);
+                        drop(b);
+                        let _ = done.send((r, ns));
+                    }
+                });
+            if let Err(e) = spawned {
+                // Every replay then fails its reads (logged by the pump) instead of the daemon.
+                tracing::error!(error = %e, "bus: cannot start the replay thread");
+            }
+            tx
+        });
+        let (done, rx) = oneshot::channel();
+        if tx.send((from, n, done)).is_err() {
+            let (fail, rx) = oneshot::channel();
+            let _ = fail.send((Err(BusError::LogGone), 0));
+            return rx.await;
+        }
+        rx.await
+    }
+
+    /// Up to `n` committed messages from `from` on, through the shared page cache. Fewer
+    /// than `n`: the replay has reached the last committed message.
+    fn replay_read(&self, from: u64, n: usize) -> Result<Vec<Arc<Msg>>, BusError> {
+        let committed = self.log.committed();
+        let mut out = Vec::new();
+        let mut at = from;
+        while out.len() < n && at <= committed {
+            let no = at / PAGE;
+            let end = (no + 1) * PAGE;
+            if end - 1 > committed {
+                // The newest page is still being written: read it, not cached.
+                let left = n - out.len();
+                out.extend(self.log.read_from(at, left)?.into_iter().map(Arc::new));
+                break;
+            }
+            let page = {
+                let mut cache = lock(&self.pages);
+                match cache.get(no) {
+                    Some(p) => p,
+                    None => {
+                        let rows = self.log.read_range(no * PAGE, end)?;
+                        self.page_reads.fetch_add(1, Ordering::Relaxed);
+                        let p = Arc::new(rows.into_iter().map(Arc::new).collect::<Vec<_>>());
+                        cache.put(no, p.clone());
+                        p
+                    }
+                }
+            };
+            for m in page.iter() {
+                if out.len() >= n {
+                    break;
+                }
+                if m.seq.unwrap_or(0) >= at {
+                    out.push(m.clone());
+                }
+            }
+            at = end;
+        }
+        Ok(out)
+    }
 }
 
 /// Durable consumer names: 1-64 letters, digits, '-', '_'.
@@ -569,7 +805,7 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             let Some(q) = st.subs.get(&sub) else { return };
             let Some(r) = &q.replay else { return };
             let room = q.cap.saturating_sub(q.queue.len());
-            if !r.catching_up || q.queue.len() > q.cap / 2 {
+            if !r.catching_up || !has_room(q, st.queued_bytes) {
                 None
             } else {
                 Some((r.next_seq, room.clamp(1, REPLAY_BATCH)))
@@ -579,21 +815,43 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             wake.notified().await;
             continue;
         };
-        let b = bus.clone();
-        let rows = match tokio::task::spawn_blocking(move || b.log.read_from(from, n)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        // The connection's replay budget: wait until it is positive again.
+        let wait = {
+            let mut st = lock(&outbox.state);
+            let now = std::time::Instant::now();
+            let dt = now.saturating_duration_since(st.replay_at).as_secs_f64();
+            st.replay_tokens = (st.replay_tokens + dt * REPLAY_RATE).min(REPLAY_BURST);
+            st.replay_at = now;
+            (st.replay_tokens < 0.0)
+                .then(|| Duration::from_secs_f64(-st.replay_tokens / REPLAY_RATE))
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
+            continue;
+        }
+        let rows = match bus.read_on_replayer(from, n).await {
+            Ok((Ok(r), ns)) => {
+                outbox.replay_cpu_ns.fetch_add(ns, Ordering::Relaxed);
+                r
+            }
+            Ok((Err(e), _)) => {
                 tracing::warn!(error = %e, "bus: replay read failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
             Err(_) => return,
         };
-        let full = rows.len() == n;
+        let mut full = rows.len() == n;
         let still_behind = {
             let inner = lock(&bus.inner);
             let mut st = lock(&outbox.state);
-            let Some(q) = st.subs.get_mut(&sub) else {
+            let OutState {
+                subs,
+                queued_bytes,
+                replay_tokens,
+                ..
+            } = &mut *st;
+            let Some(q) = subs.get_mut(&sub) else {
                 return;
             };
             let pattern = q.pattern.clone();
@@ -601,13 +859,28 @@ async fn pump(bus: Arc<Bus>, outbox: Arc<Outbox>, sub: u64, wake: Arc<Notify>) {
             if r.next_seq != from {
                 continue;
             }
+            // Charged: every message read past, matching or not (reading is the work).
+            let mut taken = 0usize;
             for m in rows {
                 let seq = m.seq.unwrap_or(0);
-                r.next_seq = seq + 1;
+                let c = m.cost();
                 if pattern.matches(&m.subject) && outbox.principal.may_read(&m.subject) {
-                    q.queue.push_back(Arc::new(m));
+                    if q.bytes + c > SUB_QUEUE_BYTES || *queued_bytes + c > OUTBOX_QUEUE_BYTES {
+                        // Full in bytes: the rest is read again once the queue drains.
+                        full = true;
+                        break;
+                    }
+                    q.bytes += c;
+                    *queued_bytes += c;
+                    q.queue.push_back(m);
                 }
+                taken += c;
+                r.next_seq = seq + 1;
             }
+            *replay_tokens -= taken as f64;
+            outbox
+                .replay_bytes
+                .fetch_add(taken as u64, Ordering::Relaxed);
             if !full && r.next_seq > inner.last_seq {
                 r.catching_up = false;
             }
@@ -677,7 +950,7 @@ mod tests {
         let op = Principal::Operator;
         b.publish(&op, "agent.b.out", "2".into(), false).unwrap();
         b.publish(&op, "agent.b.secret", "3".into(), false).unwrap();
-        let got = oa.drain(10);
+        let got = oa.drain(10, usize::MAX);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].msg.data, "2");
         assert!(matches!(
@@ -710,7 +983,7 @@ mod tests {
             b.publish(&Principal::Operator, "x", i.to_string(), false)
                 .unwrap();
         }
-        let got = o.drain(1000);
+        let got = o.drain(1000, usize::MAX);
         assert_eq!(got.len(), 16);
         assert_eq!(got[0].msg.data, "84");
         assert_eq!(got[0].dropped, 84);
@@ -737,7 +1010,7 @@ mod tests {
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while got.len() < 500 && tokio::time::Instant::now() < deadline {
-            let d = o.drain(7);
+            let d = o.drain(7, usize::MAX);
             if d.is_empty() {
                 tokio::time::timeout(Duration::from_millis(50), o.ready())
                     .await
@@ -761,9 +1034,110 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(50), o2.ready())
                 .await
                 .ok();
-            got.extend(o2.drain(100));
+            got.extend(o2.drain(100, usize::MAX));
         }
         assert_eq!(got.len(), 250);
         assert_eq!(got[0].msg.data, "251");
+    }
+
+    #[tokio::test]
+    async fn a_connection_holds_at_most_max_subs_and_its_queues_are_bounded_in_bytes() {
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let o = b.outbox(op.clone());
+        for i in 0..MAX_SUBS {
+            b.subscribe(
+                &o,
+                &SubOptions {
+                    queue: Some(65536),
+                    ..sub(&format!("s.{i}"))
+                },
+            )
+            .unwrap();
+        }
+        let e = b.subscribe(&o, &sub("s.x")).unwrap_err();
+        assert_eq!(e.code(), "limit");
+        assert_eq!(
+            e.to_string(),
+            format!("subscriptions on this connection: {MAX_SUBS} of {MAX_SUBS} in use (docs/bus.md, \"Bounds\")")
+        );
+        // 30 KiB messages to a live queue of 65536 messages: its bytes stay bounded, the
+        // oldest go and are counted.
+        let big = format!("\"{}\"", "x".repeat(30_000));
+        for _ in 0..200 {
+            b.publish(&op, "s.0", big.clone(), false).unwrap();
+        }
+        let u = o.usage();
+        assert!(u.queued_bytes as usize <= SUB_QUEUE_BYTES, "{u:?}");
+        let per = SUB_QUEUE_BYTES / (big.len() + 3 + 8 + 96);
+        let got = o.drain(100_000, usize::MAX);
+        assert_eq!(got.len(), per);
+        assert_eq!(got[0].dropped, 200 - per as u64);
+        // The connection's total: every subscription near full stays under the outbox cap.
+        for i in 0..MAX_SUBS {
+            for _ in 0..40 {
+                b.publish(&op, &format!("s.{i}"), big.clone(), false)
+                    .unwrap();
+            }
+        }
+        assert!(o.usage().queued_bytes as usize <= OUTBOX_QUEUE_BYTES);
+        b.close(&o);
+        assert_eq!(o.usage().queued_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn ninety_replays_share_page_reads_and_stay_within_their_bytes() {
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let big = format!("\"{}\"", "y".repeat(8_000));
+        let n = 4 * PAGE as usize;
+        for _ in 0..n {
+            b.publish(&op, "log.x", big.clone(), true).unwrap();
+        }
+        b.log.flush();
+        let outs: Vec<Arc<Outbox>> = (0..90).map(|_| b.outbox(op.clone())).collect();
+        for o in &outs {
+            b.subscribe(
+                o,
+                &SubOptions {
+                    from_seq: Some(1),
+                    queue: Some(65536),
+                    ..sub("log.>")
+                },
+            )
+            .unwrap();
+        }
+        // Every replay reads until its queue is full in bytes (none drains).
+        let full = |o: &Outbox| o.usage().queued_bytes as usize + 8_200 > SUB_QUEUE_BYTES;
+        let mut waited = 0;
+        while !outs.iter().all(|o| full(o)) && waited < 1000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+        for o in &outs {
+            assert!(full(o) && o.usage().queued_bytes as usize <= SUB_QUEUE_BYTES);
+        }
+        // One read per page for all 90 (the first pages), not one per subscription.
+        let reads = b.page_reads.load(Ordering::Relaxed);
+        assert!(reads <= 4, "{reads} page reads");
+        // Drained, they go on to the end, in order, each message once.
+        let mut seen = 0u64;
+        let o = &outs[0];
+        let mut waited = 0;
+        while seen < n as u64 && waited < 2000 {
+            let d = o.drain(1000, usize::MAX);
+            if d.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                waited += 1;
+            }
+            for m in d {
+                seen += 1;
+                assert_eq!(m.msg.seq, Some(seen));
+            }
+        }
+        assert_eq!(seen, n as u64);
+        for o in &outs {
+            b.close(o);
+        }
     }
 }

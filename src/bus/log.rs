@@ -239,6 +239,28 @@ impl Log {
         rows.collect::<Result<Vec<_>, _>>().map_err(db(&self.path))
     }
 
+    /// The committed messages with `from <= seq < to`, in order (one page of a replay).
+    pub fn read_range(&self, from: u64, to: u64) -> Result<Vec<Msg>, BusError> {
+        let c = self.reader();
+        let mut st = c
+            .prepare_cached(
+                "SELECT seq, ts_ms, subject, data, publisher FROM msgs WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
+            )
+            .map_err(db(&self.path))?;
+        let rows = st
+            .query_map(params![from as i64, to as i64], |r| {
+                Ok(Msg {
+                    seq: Some(r.get::<_, i64>(0)? as u64),
+                    ts_ms: r.get::<_, i64>(1)? as u64,
+                    subject: r.get(2)?,
+                    data: r.get(3)?,
+                    publisher: r.get(4)?,
+                })
+            })
+            .map_err(db(&self.path))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db(&self.path))
+    }
+
     /// The first sequence number at or after time `ts_ms` (or the next one to be written).
     pub fn seq_at(&self, ts_ms: u64) -> Result<u64, BusError> {
         let c = self.reader();

@@ -21,6 +21,18 @@ pub use subject::{check_subject, Pattern};
 pub const MAX_DATA: usize = 32 * 1024;
 /// Default capacity of one subscriber's queue, in messages.
 pub const DEFAULT_QUEUE: usize = 1024;
+/// Most subscriptions one connection (an agent's channel) holds at once.
+pub const MAX_SUBS: usize = 64;
+/// Most bytes queued for one subscription (messages counted by subject, publisher and data).
+pub const SUB_QUEUE_BYTES: usize = 1 << 20;
+/// Most bytes queued for one connection, all its subscriptions together.
+pub const OUTBOX_QUEUE_BYTES: usize = 8 << 20;
+/// Bytes a connection's replays may read from the log per second, sustained, and in a burst
+/// (aitherd's work for a replay is charged to the connection that asked).
+pub const REPLAY_RATE: f64 = 8.0 * 1024.0 * 1024.0;
+pub const REPLAY_BURST: f64 = 32.0 * 1024.0 * 1024.0;
+/// Bytes of log pages kept for replays, shared by every replaying subscription.
+pub const PAGE_CACHE_BYTES: usize = 16 << 20;
 /// Subjects under this prefix are the daemon's own (system events); agents cannot publish them.
 pub const SYSTEM_PREFIX: &str = "aither.";
 
@@ -35,6 +47,12 @@ pub enum BusError {
     Denied(String),
     #[error("no subscription {0} on this channel")]
     NoSuchSub(u64),
+    #[error("{what}: {have} of {limit} in use (docs/bus.md, \"Bounds\")")]
+    Limit {
+        what: &'static str,
+        have: usize,
+        limit: usize,
+    },
     #[error("bus log {path}: {source}")]
     Db {
         path: String,
@@ -53,6 +71,7 @@ impl BusError {
             BusError::TooLarge { .. } => "msg_too_large",
             BusError::Denied(_) => "denied",
             BusError::NoSuchSub(_) => "not_found",
+            BusError::Limit { .. } => "limit",
             BusError::Db { .. } | BusError::LogGone => "internal",
         }
     }
@@ -69,6 +88,13 @@ pub struct Msg {
     pub ts_ms: u64,
     /// Who published it: an agent's name, "operator" or "aitherd".
     pub publisher: String,
+}
+
+impl Msg {
+    /// What the message costs a queue, in bytes (its strings and a fixed overhead).
+    pub fn cost(&self) -> usize {
+        self.subject.len() + self.data.len() + self.publisher.len() + 96
+    }
 }
 
 /// Milliseconds since the Unix epoch.

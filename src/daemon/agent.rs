@@ -117,7 +117,8 @@ pub struct Handle {
 pub type Launched = oneshot::Sender<Result<(), String>>;
 
 enum ChannelItem {
-    Frame(serde_json::Value),
+    /// A request, its frame's size in bytes, and the CPU time its parsing took (ns).
+    Frame(serde_json::Value, usize, u64),
     Error(FrameError),
 }
 
@@ -132,6 +133,10 @@ struct Agent {
     outbox: Option<Arc<crate::bus::Outbox>>,
     /// The queue position (enqueue time, sequence) a preempted agent goes back to.
     gpu_origin: Option<(u64, u64)>,
+    /// Its request budget on the channel, kept across runs (daemon/budget.rs).
+    budget: super::budget::Budget,
+    /// What aitherd spends for it.
+    usage: Arc<super::budget::Usage>,
 }
 
 /// How waiting for GPUs ended.
@@ -217,6 +222,7 @@ pub fn start(
     }));
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
+    let usage = d.usage_of(&name);
     let agent = Agent {
         d,
         name,
@@ -230,6 +236,8 @@ pub fn start(
         },
         outbox: None,
         gpu_origin: None,
+        budget: super::budget::Budget::new(std::time::Instant::now()),
+        usage,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
     Handle { info, cmd: tx }
@@ -674,6 +682,8 @@ impl Agent {
             .bus
             .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
         self.outbox = Some(outbox.clone());
+        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::downgrade(&outbox));
         if let Some(fd) = live.channel.take() {
             match channel_stream(fd) {
                 Ok(stream) => {
@@ -689,14 +699,19 @@ impl Agent {
                         w,
                         slots_rx,
                         outbox.clone(),
+                        self.usage.clone(),
                     )));
                     writer = Some(slots_tx);
                     reader_task = Some(tokio::spawn(async move {
                         loop {
                             match aio::read_frame(&mut r).await {
                                 Ok(Some(body)) => {
-                                    let item = match serde_json::from_slice(&body) {
-                                        Ok(v) => ChannelItem::Frame(v),
+                                    // Parsing is work for the agent too: measured, charged.
+                                    let cpu0 = super::budget::thread_cpu_ns();
+                                    let parsed = serde_json::from_slice(&body);
+                                    let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                                    let item = match parsed {
+                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
                                         Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
                                     };
                                     if frames_tx.send(item).await.is_err() {
@@ -764,32 +779,69 @@ impl Agent {
         };
         let exit = live.wait();
         tokio::pin!(exit);
+        // Over its request or CPU budget, the agent's channel is not read until the budget
+        // has refilled (at most 1 s): its flood waits in its own socket buffer instead of
+        // costing aitherd a refusal per frame.
+        let mut paused_until: Option<Instant> = None;
         let record: Option<ExitRecord> = loop {
             let mut next = next_stats;
-            for t in [startup_deadline, watchdog_deadline, kill_at, next_health]
-                .into_iter()
-                .flatten()
+            for t in [
+                startup_deadline,
+                watchdog_deadline,
+                kill_at,
+                next_health,
+                paused_until,
+            ]
+            .into_iter()
+            .flatten()
             {
                 next = next.min(t);
             }
+            if paused_until.is_some_and(|t| Instant::now() >= t) {
+                paused_until = None;
+            }
             tokio::select! {
                 rec = &mut exit => break rec,
-                item = frames_rx.recv(), if writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
+                item = frames_rx.recv(), if paused_until.is_none() && writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
                     let Some(item) = item else {
                         // The agent closed its channel: nothing more to read.
                         writer = None;
                         continue;
                     };
                     let reply = match item {
-                        ChannelItem::Frame(v) => {
-                            let (reply, effect) = self.on_request(&v, &mut ready);
-                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
-                                self.audit(
-                                    Entry::new("channel", Verdict::Deny, err.message.clone())
-                                        .actor(format!("agent {}", self.name))
-                                        .data(json!({"op": v.get("op")})),
-                                );
+                        ChannelItem::Frame(v, size, parse_ns) => {
+                            let cpu0 = super::budget::thread_cpu_ns();
+                            self.usage.add(&self.usage.bytes_in, size as u64);
+                            self.usage.add(&self.usage.requests, 1);
+                            // Charged before anything is done: over budget, nothing is.
+                            if let Some((reply, pause)) = self.over_budget(&v) {
+                                paused_until = pause.map(|p| Instant::now() + p);
+                                self.usage.add(&self.usage.cpu_ns, parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0));
+                                if let Some(w) = writer.as_ref() {
+                                    if w.try_send(Slot::Now(reply)).is_err() {
+                                        writer = None;
+                                    }
+                                }
+                                continue;
                             }
+                            let (reply, effect) = self.on_request(&v, &mut ready);
+                            let op = v.get("op").and_then(|o| o.as_str()).unwrap_or("");
+                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
+                                self.usage.add(&self.usage.denied, 1);
+                                // Bus denials are recorded by the bus with their subject.
+                                if !op.starts_with("bus.") {
+                                    self.d.audit_summarised(
+                                        Entry::new("channel", Verdict::Deny, err.message.clone())
+                                            .agent(&self.name)
+                                            .actor(format!("agent {}", self.name))
+                                            .data(json!({"op": v.get("op")})),
+                                        "channel",
+                                    );
+                                }
+                            }
+                            let spent = parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                            self.usage.add(&self.usage.cpu_ns, spent);
+                            self.budget.charge_cpu(std::time::Instant::now(), spent);
                             let mut reply = Slot::Now(reply);
                             match effect {
                                 Effect::None => {}
@@ -1216,6 +1268,36 @@ impl Agent {
 
     fn audit(&self, e: Entry) {
         self.d.audit.record(e.agent(&self.name));
+    }
+
+    /// Charges one channel request to the agent's budget (daemon/budget.rs). Over it (Some): the
+    /// `rate_limited` reply (the request is not done; the refusal is audited, summarised) and,
+    /// over the request or CPU budget, how long not to read the channel (until it refills,
+    /// at most 1 s).
+    fn over_budget(&mut self, v: &serde_json::Value) -> Option<(proto::Reply, Option<Duration>)> {
+        let Err(r) = self.budget.charge(std::time::Instant::now(), v) else {
+            return None;
+        };
+        self.usage.add(&self.usage.rate_limited, 1);
+        self.d.audit_summarised(
+            Entry::new(
+                "rate_limit",
+                Verdict::Deny,
+                format!("budget {}", r.limit.as_str()),
+            )
+            .agent(&self.name)
+            .actor(format!("agent {}", self.name))
+            .data(json!({"op": v.get("op"), "limit": r.limit})),
+            r.limit.as_str(),
+        );
+        let pause = matches!(
+            r.limit,
+            super::budget::Limit::Requests | super::budget::Limit::Cpu
+        )
+        .then(|| Duration::from_millis(r.retry_ms.clamp(1, 1000)));
+        let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
+        reply.id = v.get("id").cloned();
+        Some((reply, pause))
     }
 
     fn record_pain(&self, what: &PainWhat, action: PainAction) {

@@ -14,8 +14,10 @@ use super::Daemon;
 use crate::audit::{Decision, Entry};
 use crate::bus::{BusError, Outbox, SubOptions};
 
-/// Deliveries taken from an outbox per write.
+/// Deliveries taken from an outbox per write, and their most bytes (a writer holds at most
+/// about this much of a connection's messages beyond its queues).
 const DRAIN: usize = 256;
+const DRAIN_BYTES: usize = 256 * 1024;
 
 /// What the writer of a connection puts on it, in order.
 pub enum Slot {
@@ -76,6 +78,7 @@ pub async fn channel_writer(
     mut w: OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slot>,
     outbox: Arc<Outbox>,
+    usage: Arc<super::budget::Usage>,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
@@ -97,11 +100,16 @@ pub async fn channel_writer(
             _ = outbox.ready() => {}
         }
         if open {
-            for d in outbox.drain(DRAIN) {
+            // Encoding the agent's bus messages is work for it: measured, counted.
+            let cpu0 = super::budget::thread_cpu_ns();
+            for d in outbox.drain(DRAIN, DRAIN_BYTES) {
                 push_frame(&mut buf, &d.push_json());
             }
+            let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+            usage.add(&usage.cpu_ns, ns);
         }
         if !buf.is_empty() {
+            usage.add(&usage.bytes_out, buf.len() as u64);
             if w.write_all(&buf).await.is_err() {
                 return;
             }
@@ -163,7 +171,8 @@ pub fn channel_op(d: &Daemon, outbox: &Arc<Outbox>, name: &str, req: &Value) -> 
         Ok(o) => o,
         Err(e) => {
             if let BusError::Denied(msg) = &e {
-                d.audit.record(
+                // Summarised: a flood of denied publishes is one record and a count.
+                d.audit_summarised(
                     Entry::new("bus", Decision::Deny, msg.clone())
                         .agent(name)
                         .actor(format!("agent {name}"))
@@ -172,6 +181,11 @@ pub fn channel_op(d: &Daemon, outbox: &Arc<Outbox>, name: &str, req: &Value) -> 
                             "subject": req.get("subject"),
                             "pattern": req.get("pattern"),
                         })),
+                    if op == "bus.publish" {
+                        "bus.publish"
+                    } else {
+                        "bus.subscribe"
+                    },
                 );
             }
             Outcome::Now(err_reply(&e))
@@ -411,7 +425,7 @@ async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWr
             _ = &mut gone => return,
             _ = outbox.ready() => {}
         }
-        for d in outbox.drain(DRAIN) {
+        for d in outbox.drain(DRAIN, DRAIN_BYTES) {
             push_frame(
                 &mut buf,
                 &format!("{{\"ok\":true,\"more\":true,\"data\":{}}}", d.to_json()),

@@ -199,6 +199,66 @@ pub fn render(d: &Shared) -> String {
             }
         }
     }
+    // What aitherd spends per agent (docs/daemon.md "Bounds").
+    let usages: Vec<(String, super::budget::UsageView)> =
+        d.usages().into_iter().map(|(n, u)| (n, u.view())).collect();
+    type Pick = fn(&super::budget::UsageView) -> f64;
+    let spent: [(&str, &str, &str, Pick); 8] = [
+        (
+            "aither_agent_daemon_requests_total",
+            "counter",
+            "Requests the agent made on its channel.",
+            |u| u.requests as f64,
+        ),
+        (
+            "aither_agent_daemon_rate_limited_total",
+            "counter",
+            "Requests answered rate_limited (not done).",
+            |u| u.rate_limited as f64,
+        ),
+        (
+            "aither_agent_daemon_denied_total",
+            "counter",
+            "Requests denied by the agent's token.",
+            |u| u.denied as f64,
+        ),
+        (
+            "aither_agent_daemon_bytes_in_total",
+            "counter",
+            "Bytes of requests aitherd read from the agent's channel.",
+            |u| u.bytes_in as f64,
+        ),
+        (
+            "aither_agent_daemon_bytes_out_total",
+            "counter",
+            "Bytes aitherd wrote to the agent's channel (replies and bus messages).",
+            |u| u.bytes_out as f64,
+        ),
+        (
+            "aither_agent_daemon_cpu_seconds_total",
+            "counter",
+            "aitherd CPU time spent for the agent (request handling and bus replays).",
+            |u| u.cpu_ms / 1000.0,
+        ),
+        (
+            "aither_agent_bus_subscriptions",
+            "gauge",
+            "The agent's live bus subscriptions.",
+            |u| u.bus_subscriptions as f64,
+        ),
+        (
+            "aither_agent_bus_queued_bytes",
+            "gauge",
+            "Bytes queued in aitherd for the agent's subscriptions.",
+            |u| u.bus_queued_bytes as f64,
+        ),
+    ];
+    for (name, ty, help, pick) in spent {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+        for (n, u) in &usages {
+            let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", esc(n), pick(u));
+        }
+    }
     // The bus (AitherFlux): the durable log and the live subscriptions.
     if let Ok((log, subs)) = d.bus.stats() {
         let gauges: [(&str, &str, f64); 6] = [

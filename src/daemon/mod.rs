@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod agentfile;
+pub mod budget;
 pub mod bus;
 pub mod client;
 pub mod egress;
@@ -23,6 +24,7 @@ pub mod recover;
 pub mod server;
 pub mod shim;
 pub mod store;
+pub mod summary;
 pub mod supervise;
 pub mod users;
 
@@ -111,6 +113,10 @@ pub struct Daemon {
     pub owners: Arc<Mutex<HashMap<String, u32>>>,
     /// Per-user limits (`[users]` of aitherd.toml), set once at start.
     pub users: std::sync::OnceLock<users::UsersConfig>,
+    /// What aitherd spends per agent (docs/daemon.md "Bounds"), kept until `rm`.
+    usage: Mutex<HashMap<String, Arc<budget::Usage>>>,
+    /// Repeated audit records of agents' requests, summarised.
+    pub summary: summary::Denials,
 }
 
 impl Daemon {
@@ -168,6 +174,8 @@ impl Daemon {
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
             users: std::sync::OnceLock::new(),
+            usage: Mutex::new(HashMap::new()),
+            summary: summary::Denials::new(summary::WINDOW),
         })
     }
 
@@ -204,6 +212,51 @@ impl Daemon {
         let _ = self.events.send(e);
     }
 
+    /// An agent's usage counters (created on first use).
+    pub fn usage_of(&self, name: &str) -> Arc<budget::Usage> {
+        self.usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every agent's usage, by name.
+    pub fn usages(&self) -> Vec<(String, Arc<budget::Usage>)> {
+        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = u.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Writes an audit record of an agent's request through the summariser: repeats of the
+    /// same decision within its window are counted into one summary record.
+    /// `class` says which records are "similar" (fixed by the daemon, never agent text).
+    pub fn audit_summarised(&self, e: crate::audit::Entry, class: &str) {
+        let admit = self.summary.admit(&e, class, std::time::Instant::now());
+        if admit == summary::Admit::Write {
+            self.audit.record(e);
+        }
+    }
+
+    /// Writes the summaries of windows that have closed (`all`: every open one).
+    pub fn flush_summaries(&self, all: bool) {
+        for s in self.summary.flush(std::time::Instant::now(), all) {
+            self.audit.record(s);
+        }
+    }
+
+    /// Closes the summary windows every second, so that a flood's summary is written soon
+    /// after it ends.
+    pub async fn summary_ticker(d: Arc<Daemon>) {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            t.tick().await;
+            d.flush_summaries(false);
+        }
+    }
+
     /// Verifies a token against the host key and the revocation list, now.
     pub fn check_token(&self, text: &str) -> Result<token::Verified, TokenError> {
         let t = token::Token::decode(text)?;
@@ -222,6 +275,10 @@ impl Daemon {
     /// Drops an agent from the table (after `rm`).
     pub fn forget(&self, name: &str) {
         self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.usage
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);

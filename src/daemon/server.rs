@@ -396,6 +396,9 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
                 i.gpu = d.gpu.column(&name);
                 let mut v = serde_json::to_value(i).unwrap_or_default();
                 v["gpu_lease"] = d.gpu.lease_info(&name);
+                // What aitherd spends for it (docs/daemon.md "Bounds").
+                v["daemon_usage"] =
+                    serde_json::to_value(d.usage_of(&name).view()).unwrap_or_default();
                 // Egress counters per rule (docs/network.md), while a run is served.
                 if let (Some(o), Some(n)) = (v.as_object_mut(), d.net_stats(&name)) {
                     o.insert("net".into(), n);

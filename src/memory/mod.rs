@@ -38,6 +38,17 @@ pub const MAX_ACTIVE_TTL_S: u64 = 30 * 86_400;
 pub const MAX_DEPTH: u32 = 8;
 /// Most nodes one neighbourhood query returns.
 pub const MAX_NODES: usize = 1000;
+/// Most edges one neighbourhood query reads (a walk past it stops and says `truncated`):
+/// the cost of a walk grows with the fan-out to the power of the depth, this bounds it.
+pub const MAX_WALK_EDGES: usize = 5000;
+/// Most words in one search (more are refused, not cut: the caller learns why).
+pub const MAX_TERMS: usize = 8;
+/// Most SQLite virtual-machine steps one read may take (the progress handler counts them
+/// in units of [`STEP_UNIT`]); past it the query is stopped and refused `too_costly`.
+pub const MAX_STEPS: u64 = 20_000_000;
+pub const STEP_UNIT: i32 = 1000;
+/// Longest one read may run, whatever its steps (a backstop on a slow disk).
+pub const MAX_QUERY_TIME: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Errors of the memory service. `code()` is what goes back to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +78,8 @@ pub enum MemoryError {
     },
     #[error("the memory writer has stopped")]
     WriterGone,
+    #[error("{what}: stopped after {limit}; nothing was returned (narrow the query: fewer words, less depth, one edge kind)")]
+    TooCostly { what: String, limit: String },
 }
 
 impl MemoryError {
@@ -77,6 +90,7 @@ impl MemoryError {
             MemoryError::Quota { .. } => "quota",
             MemoryError::Invalid { .. } => "invalid",
             MemoryError::NotFound(_) => "not_found",
+            MemoryError::TooCostly { .. } => "too_costly",
             MemoryError::Sql { .. } | MemoryError::WriterGone => "internal",
         }
     }

@@ -145,17 +145,24 @@ fn owner<'a>(req: &'a Value, agent: &'a str) -> Result<&'a str, MemoryError> {
 
 /// Serialised items up to the reply budget; whether some were left out.
 fn within_budget<T: serde::Serialize>(items: Vec<T>) -> (Vec<Value>, bool) {
+    let (out, cut, _) = within(items, REPLY_BUDGET);
+    (out, cut)
+}
+
+/// Serialised items up to `budget` bytes; whether some were left out; the bytes used.
+fn within<T: serde::Serialize>(items: Vec<T>, budget: usize) -> (Vec<Value>, bool, usize) {
     let mut used = 0;
     let mut out = Vec::with_capacity(items.len());
     for i in items {
         let v = serde_json::to_value(i).unwrap_or(Value::Null);
-        used += v.to_string().len();
-        if used > REPLY_BUDGET {
-            return (out, true);
+        let len = v.to_string().len();
+        if used + len > budget {
+            return (out, true, used);
         }
+        used += len;
         out.push(v);
     }
-    (out, false)
+    (out, false, used)
 }
 
 /// Handles one `mem.*` request of `actor` about `agent`'s memory (the agent itself on its
@@ -260,6 +267,16 @@ pub fn handle(
                 }
             }
             let q = need(req, "query", 1024)?;
+            let n = super::store::search_words(q).count();
+            if n > super::MAX_TERMS {
+                return Err(MemoryError::invalid(
+                    "query",
+                    format!(
+                        "{n} search terms; the limit is {} (each term is an index lookup)",
+                        super::MAX_TERMS
+                    ),
+                ));
+            }
             let o = owner(req, agent)?;
             actor.may_read(o, Tier::Knowledge)?;
             let limit = number(req, "limit", 10, 100)? as usize;
@@ -302,8 +319,10 @@ pub fn handle(
                 Some(_) => Some(kind(req, "kind")?),
             };
             let n = store.neighbours(o, id, depth, k.as_deref())?;
-            let (nodes, t1) = within_budget(n.nodes);
-            let (edges, t2) = within_budget(n.edges);
+            // Nodes and edges share one reply budget (each alone could fill it: two full
+            // halves made a reply larger than a frame).
+            let (nodes, t1, used) = within(n.nodes, REPLY_BUDGET / 2);
+            let (edges, t2, _) = within(n.edges, REPLY_BUDGET - used);
             Ok(json!({
                 "node": id,
                 "depth": depth,

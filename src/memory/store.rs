@@ -23,7 +23,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{now_ms, MemoryError, Quota, Tier, MAX_NODES};
+use super::{
+    now_ms, MemoryError, Quota, Tier, MAX_NODES, MAX_QUERY_TIME, MAX_STEPS, MAX_WALK_EDGES,
+    STEP_UNIT,
+};
 
 // Queries whose best index SQLite cannot tell without statistics (no ANALYZE) name it with
 // INDEXED BY: the in-edges of a node and an owner's expired entries.
@@ -200,7 +203,7 @@ pub struct Edge {
 pub struct Neighbourhood {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
-    /// Whether the walk stopped at [`MAX_NODES`].
+    /// Whether the walk stopped at [`MAX_NODES`] or [`MAX_WALK_EDGES`].
     pub truncated: bool,
 }
 
@@ -287,6 +290,8 @@ pub struct MemoryStore {
     tx: Mutex<mpsc::Sender<Job>>,
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
+    /// The step budget of one read ([`MAX_STEPS`]; lowered by tests to reach it cheaply).
+    max_steps: std::sync::atomic::AtomicU64,
 }
 
 fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> MemoryError + '_ {
@@ -363,7 +368,15 @@ impl MemoryStore {
             tx: Mutex::new(tx),
             path: path.to_path_buf(),
             readers: Mutex::new(Vec::new()),
+            max_steps: std::sync::atomic::AtomicU64::new(MAX_STEPS),
         })
+    }
+
+    /// Sets the step budget of a read (tests reach it with a small database).
+    #[cfg(test)]
+    pub(crate) fn set_max_steps(&self, steps: u64) {
+        self.max_steps
+            .store(steps, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn path(&self) -> &Path {
@@ -390,7 +403,38 @@ impl MemoryStore {
             Some(c) => c,
             None => open_reader(&self.path)?,
         };
-        let out = f(&conn).map_err(sql(&self.path));
+        // The cost bound of every read: a step and a time budget, through SQLite's progress
+        // handler (called every STEP_UNIT virtual-machine steps; true interrupts the query).
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stopped.clone();
+        let start = std::time::Instant::now();
+        let mut units = 0u64;
+        let max_steps = self.max_steps.load(std::sync::atomic::Ordering::Relaxed);
+        conn.progress_handler(
+            STEP_UNIT,
+            Some(move || {
+                units += 1;
+                let over = units * STEP_UNIT as u64 > max_steps || start.elapsed() > MAX_QUERY_TIME;
+                if over {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                over
+            }),
+        );
+        let out = f(&conn);
+        conn.progress_handler(STEP_UNIT, None::<fn() -> bool>);
+        let out = match out {
+            Err(_) if stopped.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(MemoryError::TooCostly {
+                    what: "the query's cost budget".into(),
+                    limit: format!(
+                        "{max_steps} SQLite steps or {} ms",
+                        MAX_QUERY_TIME.as_millis()
+                    ),
+                })
+            }
+            o => o.map_err(sql(&self.path)),
+        };
         let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < KEEP_READERS {
             pool.push(conn);
@@ -645,11 +689,11 @@ impl MemoryStore {
             };
             let mut out_st = c.prepare_cached(
                 "SELECT dst, kind, props FROM edges
-                 WHERE owner = ?1 AND src = ?2 AND (?3 IS NULL OR kind = ?3)",
+                 WHERE owner = ?1 AND src = ?2 AND (?3 IS NULL OR kind = ?3) LIMIT ?4",
             )?;
             let mut in_st = c.prepare_cached(
                 "SELECT src, kind, props FROM edges INDEXED BY edges_by_dst
-                 WHERE owner = ?1 AND dst = ?2 AND (?3 IS NULL OR kind = ?3)",
+                 WHERE owner = ?1 AND dst = ?2 AND (?3 IS NULL OR kind = ?3) LIMIT ?4",
             )?;
             let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
             let mut edge_seen: HashSet<(String, String, String)> = HashSet::new();
@@ -657,17 +701,23 @@ impl MemoryStore {
             let mut edges = Vec::new();
             let mut queue = VecDeque::from([(id.to_string(), 0u32)]);
             let mut truncated = false;
+            let mut walked = 0usize;
             'walk: while let Some((at, d)) = queue.pop_front() {
                 if d >= depth {
                     continue;
                 }
                 for outgoing in [true, false] {
                     let st = if outgoing { &mut out_st } else { &mut in_st };
-                    let found: Vec<(String, String, String)> = st
-                        .query_map(params![owner, at, kind], |r| {
+                    // At most the edges left in the walk's budget, and one more to know.
+                    let left = MAX_WALK_EDGES - walked;
+                    let mut found: Vec<(String, String, String)> = st
+                        .query_map(params![owner, at, kind, left as i64 + 1], |r| {
                             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                         })?
                         .collect::<rusqlite::Result<_>>()?;
+                    let cut = found.len() > left;
+                    found.truncate(left);
+                    walked += found.len();
                     for (other, k, props) in found {
                         let (from, to) = if outgoing {
                             (at.clone(), other.clone())
@@ -694,6 +744,11 @@ impl MemoryStore {
                             nodes.push(n);
                         }
                         queue.push_back((other, d + 1));
+                    }
+                    if cut {
+                        // The walk's cost bound: what was found so far, marked truncated.
+                        truncated = true;
+                        break 'walk;
                     }
                 }
             }
@@ -883,14 +938,19 @@ pub fn wait<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The words of a search (what `mem.search` counts against [`super::MAX_TERMS`]).
+pub fn search_words(query: &str) -> impl Iterator<Item = &str> {
+    query
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty())
+}
+
 /// The FTS5 expression: the owner's rows (a phrase of the owner's name in the `owner` column,
 /// an index lookup; the exact owner is checked again in SQL), and the user's words, each
 /// quoted so that no FTS5 syntax gets through.
 fn fts_query(owner: &str, query: &str, any: bool) -> Option<String> {
-    let words: Vec<String> = query
-        .split(|c: char| !c.is_alphanumeric() && c != '_')
-        .filter(|w| !w.is_empty())
-        .take(32)
+    let words: Vec<String> = search_words(query)
+        .take(super::MAX_TERMS)
         .map(|w| format!("\"{w}\""))
         .collect();
     if words.is_empty() {

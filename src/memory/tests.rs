@@ -741,3 +741,83 @@ fn bad_requests_name_the_field() {
         );
     }
 }
+
+/// The cost bounds of queries (docs/memory.md "Bounds"): too many words are refused, a wide
+/// walk is cut and says so, a query past its step budget is stopped with `too_costly`.
+#[test]
+fn costly_queries_are_refused_or_cut() {
+    let (_d, s) = store();
+    let c = all_rw("a");
+    let words: Vec<String> = (0..9).map(|i| format!("w{i}")).collect();
+    let e = call(
+        &s,
+        &c,
+        json!({"op": "mem.search", "query": words.join(" ")}),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "invalid");
+    assert_eq!(
+        e.to_string(),
+        "invalid query: 9 search terms; the limit is 8 (each term is an index lookup)"
+    );
+    assert!(call(
+        &s,
+        &c,
+        json!({"op": "mem.search", "query": words[..8].join(" ")})
+    )
+    .is_ok());
+    // A hub with more edges than a walk may read (but fewer nodes than a reply may hold):
+    // cut, marked truncated.
+    call(
+        &s,
+        &c,
+        json!({"op": "mem.graph.add_node", "node": "hub", "kind": "fn"}),
+    )
+    .unwrap();
+    let n = 600;
+    let kinds = MAX_WALK_EDGES / n + 2;
+    let nodes =
+        (0..n).map(|i| json!({"type": "node", "id": format!("n{i}"), "kind": "fn", "props": {}}));
+    let edges = (0..n).flat_map(|i| {
+        (0..kinds).map(move |k| {
+            json!({"type": "edge", "from": "hub", "to": format!("n{i}"), "kind": format!("k{k}"), "props": {}})
+        })
+    });
+    let recs: Vec<super::store::Record> = nodes
+        .chain(edges)
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    s.import("a", recs).unwrap();
+    let walk = s.neighbours("a", "hub", 8, None).unwrap();
+    assert!(walk.truncated);
+    assert_eq!(walk.edges.len(), MAX_WALK_EDGES);
+    assert!(walk.nodes.len() < MAX_NODES);
+    let r = call(
+        &s,
+        &c,
+        json!({"op": "mem.graph.neighbors", "node": "hub", "depth": 8}),
+    )
+    .unwrap();
+    assert_eq!(r["truncated"], true, "{r}");
+    // A statement past the step budget (a search over many matching entries): stopped,
+    // refused with its own code, nothing returned.
+    let items: Vec<Value> = (0..900)
+        .map(
+            |i| json!({"key": format!("doc{i}"), "value": format!("common words in document {i}")}),
+        )
+        .collect();
+    call(
+        &s,
+        &c,
+        json!({"op": "mem.put_many", "tier": "knowledge", "items": items}),
+    )
+    .unwrap();
+    assert!(call(&s, &c, json!({"op": "mem.search", "query": "common"})).is_ok());
+    s.set_max_steps(5_000);
+    let e = call(&s, &c, json!({"op": "mem.search", "query": "common"})).unwrap_err();
+    assert_eq!(e.code(), "too_costly", "{e}");
+    assert!(e.to_string().contains("5000 SQLite steps"), "{e}");
+    // The connection is usable again after the interrupt.
+    s.set_max_steps(MAX_STEPS);
+    assert!(call(&s, &c, json!({"op": "mem.search", "query": "common"})).is_ok());
+}

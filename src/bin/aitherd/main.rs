@@ -179,6 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
+    tokio::spawn(daemon::Daemon::summary_ticker(d.clone()));
     daemon::kernel_audit::start(d.clone());
     let group = daemon::identity::group_gid(&args.group);
     let listener =
@@ -212,6 +213,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "daemon_stopped",
         serde_json::json!({"pid": std::process::id()}),
     );
+    // Open summary windows are written before the audit writer stops.
+    d.flush_summaries(true);
     let _ = d.store.flush().await;
     let bus = d.bus.clone();
     let _ = tokio::task::spawn_blocking(move || bus.log.close()).await;
