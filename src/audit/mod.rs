@@ -15,6 +15,7 @@
 //!   `verify` reports it: never silently dropped.
 
 pub mod kernel;
+pub mod summary;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
