@@ -31,34 +31,33 @@ impl Drop for Serving {
 }
 
 impl Daemon {
-    /// The shared gateway, built on first use.
+    /// The shared gateway, built on first use (with the default egress settings when aitherd
+    /// did not set its configuration first: `init_gateway`).
     pub fn gateway(self: &Arc<Self>) -> &Gateway {
-        self.net.get_or_init(|| {
-            let resolver: Box<dyn net::Resolve> = match net::resolve::from_env() {
-                Ok(r) => r,
-                Err(e) => {
-                    // Fail closed: a broken table resolves nothing (every egress is refused).
-                    tracing::error!(error = %e, "egress resolver table unusable; egress refused");
-                    Box::new(net::StaticResolver::default())
+        self.net
+            .get_or_init(|| self.build_gateway(net::config::Egress::default()))
+    }
+
+    /// Builds the gateway with the operator's egress settings (aitherd's `--config` file);
+    /// false if it was already built.
+    pub fn init_gateway(self: &Arc<Self>, egress: net::config::Egress) -> bool {
+        let gw = self.build_gateway(egress);
+        self.net.set(gw).is_ok()
+    }
+
+    fn build_gateway(self: &Arc<Self>, egress: net::config::Egress) -> Gateway {
+        let weak = Arc::downgrade(self);
+        Gateway::new(GatewayConfig {
+            resolver: Box::new(net::SystemResolver),
+            events: Arc::new(move |ev: &NetEvent| {
+                if let Some(d) = weak.upgrade() {
+                    d.net_event(ev);
                 }
-            };
-            let extra_roots = net::extra_roots_from_env().unwrap_or_else(|e| {
-                tracing::error!(error = %e, "egress trust anchors ignored");
-                Vec::new()
-            });
-            let weak = Arc::downgrade(self);
-            Gateway::new(GatewayConfig {
-                resolver,
-                events: Arc::new(move |ev: &NetEvent| {
-                    if let Some(d) = weak.upgrade() {
-                        d.net_event(ev);
-                    }
-                }),
-                secrets: Some(Arc::new(net::secrets::SecretStore::new(
-                    self.state_dir.join("secrets"),
-                ))),
-                extra_roots,
-            })
+            }),
+            secrets: Some(Arc::new(net::secrets::SecretStore::new(
+                self.state_dir.join("secrets"),
+            ))),
+            egress,
         })
     }
 

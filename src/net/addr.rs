@@ -1,7 +1,105 @@
 //! Which addresses are "inside": the gateway never connects to them on behalf of an egress
-//! rule (only a granted service may point there).
+//! rule (only a granted service may point there). Inside means an internal range
+//! ([`internal_reason`]) or an address of one of the host's own interfaces ([`HostAddrs`]): a
+//! service the host binds on 0.0.0.0 is reachable at its public address too.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+/// How old the host's address list may get before a decision reads it again.
+pub const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(1);
+
+/// The addresses of the host's interfaces (getifaddrs), read at start and again by a decision
+/// that finds the list older than [`HOST_ADDRS_REFRESH`] (an address added later is seen
+/// within that time). A failed read keeps the previous list and retries at the next decision;
+/// the first read failing leaves the list empty and [`HostAddrs::contains`] then treats every
+/// address as the host's own (fail closed).
+pub struct HostAddrs {
+    state: RwLock<(Option<Instant>, Option<HashSet<IpAddr>>)>,
+}
+
+impl Default for HostAddrs {
+    fn default() -> Self {
+        let h = HostAddrs {
+            state: RwLock::new((None, None)),
+        };
+        h.refresh(Instant::now());
+        h
+    }
+}
+
+impl HostAddrs {
+    fn refresh(&self, now: Instant) {
+        let read = interface_addrs();
+        if let Ok(mut st) = self.state.write() {
+            st.0 = Some(now);
+            match read {
+                Ok(set) => st.1 = Some(set),
+                Err(e) => tracing::error!(error = %e, "reading the host's interface addresses"),
+            }
+        }
+    }
+
+    /// Whether `ip` (an IPv4-mapped address as its IPv4 form) is one of the host's own.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let stale = self
+            .state
+            .read()
+            .map(|st| st.0.is_none_or(|t| now.duration_since(t) >= HOST_ADDRS_REFRESH))
+            .unwrap_or(true);
+        if stale {
+            self.refresh(now);
+        }
+        let ip = canonical(ip);
+        match self.state.read() {
+            Ok(st) => st.1.as_ref().is_none_or(|set| set.contains(&ip)),
+            Err(_) => true,
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Every address of every interface of the calling thread's network namespace. (libc's
+/// getifaddrs: nix is not a dependency of this crate.)
+pub fn interface_addrs() -> std::io::Result<HashSet<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head it allocated into `head`; freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = HashSet::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+            let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if fam == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            } else if fam == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.insert(canonical(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
 
 /// Why an address is internal, for the denial message; None for a public address.
 pub fn internal_reason(ip: IpAddr) -> Option<&'static str> {
@@ -63,8 +161,11 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
         Some("documentation (2001:db8::/32)")
     } else if s[0..6] == [0, 0, 0, 0, 0, 0] {
         Some("IPv4-compatible (::/96)")
-    } else if s[0] == 0xfd00 || (s[0] == 0xfec0) {
-        Some("site-local")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local (fec0::/10)")
+    } else if (s[0] & 0xe000) != 0x2000 {
+        // Everything outside global unicast is reserved or special-purpose.
+        Some("not global unicast (outside 2000::/3)")
     } else {
         None
     }
@@ -90,11 +191,26 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
+            "fec0::1",
+            "fed0::1",
+            "feff::1",
+            "fe00::1",
+            "4000::1",
         ] {
             assert!(internal_reason(a.parse().unwrap()).is_some(), "{a}");
         }
         for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
             assert!(internal_reason(a.parse().unwrap()).is_none(), "{a}");
         }
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_read() {
+        let own = interface_addrs().unwrap();
+        assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
+        let h = HostAddrs::default();
+        assert!(h.contains("127.0.0.1".parse().unwrap()));
+        assert!(h.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!h.contains("192.0.2.77".parse().unwrap()));
     }
 }

@@ -35,6 +35,10 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
+    /// Configuration file (TOML; its `[egress]` table: `ca_file`, `idle_timeout_s`, see
+    /// docs/network.md) [default: /etc/aither/aitherd.toml, if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), GET /metrics. No
     /// authentication: bind to loopback or a private network (docs/observability.md).
     #[arg(long, value_name = "ADDR")]
@@ -115,7 +119,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", state_dir.display()))?;
     raise_nofile();
     let init = daemon::find_init()?;
+    // The configuration is read before anything is served: a bad file stops the start.
+    let egress = match &args.config {
+        Some(p) => aither::net::config::Egress::load(p, true),
+        None => aither::net::config::Egress::load(
+            std::path::Path::new(aither::net::config::DEFAULT_CONFIG),
+            false,
+        ),
+    }
+    .context("reading the configuration")?;
     let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
+    d.init_gateway(egress);
     let rec = recover::recover(&d)?;
     tracing::info!(
         adopted = rec.adopted,
