@@ -1,42 +1,175 @@
-//! Egress through the gateway (docs/network.md), end to end: real sandboxes (`aitherctl run`),
-//! real upstreams on the host's loopback (plain HTTP and TLS on 127.0.0.2), and a fixed
-//! resolver table (`AITHER_EGRESS_HOSTS`) that maps test names to them, since there is no
-//! DNS or internet here. Every agent-side check runs inside the sandbox (curl, and
-//! tests/egress/probe.py for raw sockets) and is asserted on what the agent saw, what the
-//! upstream saw, and what the audit log recorded. Needs root; fails loudly without it.
+//! Egress through the gateway (docs/network.md), end to end: real sandboxes (`aitherctl run`
+//! and aitherd), the host's real resolver, and real upstreams on a network of their own. Each
+//! test moves its thread into a private network and mount namespace ("the host": what the
+//! gateway sees), where `/etc/hosts` (bind-mounted over, in that mount namespace only) names
+//! the test hosts, and connects it by a veth pair to a second network namespace ("the
+//! internet", [`INET_IP`]) where the upstreams listen; the host's own side of the link is
+//! [`HOST_IP`], a public-looking address of the host itself. There is no test-only resolver in
+//! the code. Every agent-side check runs inside the sandbox (curl, and tests/egress/probe.py
+//! for raw sockets) and is asserted on what the agent saw, what the upstream saw, and what the
+//! audit log recorded. Needs root; fails loudly without it.
 
 mod common;
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{Workspace, AITHERCTL};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// The host side of a test: upstreams, the resolver table, a CA, an audit log and a state
-/// directory (secrets), all private to the test.
+/// The upstreams' address, in "the internet" namespace.
+const INET_IP: &str = "11.1.0.2";
+/// The host's own address on the link to "the internet" (public-looking: internal only
+/// because it is the host's).
+const HOST_IP: &str = "11.1.0.1";
+
+fn sh(what: &str, cmd: &mut Command) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn ip(args: &[&str]) {
+    sh(&format!("ip {args:?}"), Command::new("ip").args(args));
+}
+
+/// Moves the calling thread into a new network and mount namespace (its children, aitherctl
+/// and aitherd, inherit them), makes the mount tree private, bind-mounts `hosts` over
+/// /etc/hosts and brings loopback up. Returns "the internet": a second network namespace
+/// joined by a veth pair, with `INET_IP`.
+fn private_network(hosts: &Path) -> OwnedFd {
+    common::require_root();
+    // SAFETY: unshare on the calling thread only (CLONE_NEWNS unshares its fs struct first).
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) };
+    assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+    let root = c"/";
+    // SAFETY: valid C strings; changes the propagation of this namespace's mounts only.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "private mounts: {}", std::io::Error::last_os_error());
+    let src = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
+    let dst = c"/etc/hosts";
+    // SAFETY: valid C strings; a bind mount in this thread's own mount namespace.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "bind /etc/hosts: {}", std::io::Error::last_os_error());
+    ip(&["link", "set", "lo", "up"]);
+    // "The internet": a thread of its own unshares a network namespace; its descriptor keeps
+    // the namespace once the thread has ended.
+    let inet = std::thread::spawn(|| {
+        // SAFETY: unshare on this short-lived thread only.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "unshare inet: {}", std::io::Error::last_os_error());
+        OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+    })
+    .join()
+    .unwrap();
+    let ns = format!("/proc/{}/fd/{}", std::process::id(), inet.as_raw_fd());
+    ip(&["link", "add", "aeh", "type", "veth", "peer", "name", "aei"]);
+    sh(
+        "move the peer",
+        Command::new("ip").args(["link", "set", "aei", "netns", &ns]),
+    );
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "aeh"]);
+    ip(&["link", "set", "aeh", "up"]);
+    let in_inet = |args: &[&str]| {
+        sh(
+            &format!("inet: ip {args:?}"),
+            Command::new("nsenter")
+                .arg(format!("--net={ns}"))
+                .arg("ip")
+                .args(args),
+        )
+    };
+    in_inet(&["link", "set", "lo", "up"]);
+    in_inet(&["addr", "add", &format!("{INET_IP}/24"), "dev", "aei"]);
+    in_inet(&["link", "set", "aei", "up"]);
+    inet
+}
+
+/// A listening socket on `addr` in the network namespace `ns` (made on a thread that joins
+/// it; the socket stays there).
+fn listen_in(ns: &OwnedFd, addr: &str) -> std::net::TcpListener {
+    let fd = ns.try_clone().unwrap();
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        // SAFETY: setns on this short-lived thread only, to a namespace descriptor we own.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    })
+    .join()
+    .unwrap()
+}
+
+/// The host side of a test: its network, upstreams, /etc/hosts, a CA and the configuration
+/// file naming it, an audit log and a state directory (secrets), all private to the test.
 struct Host {
     http_port: u16,
-    /// A "model server" on the host's own loopback (127.0.0.1): internal, reachable only as a
-    /// granted service.
+    /// A "model server" on the host, bound on 0.0.0.0: internal (loopback and the host's own
+    /// addresses), reachable only as a granted service.
     llm_port: u16,
     tls_port: u16,
     /// Request heads the upstreams received (lower-cased header names).
     seen: Arc<Mutex<Vec<String>>>,
+    /// TCP connections the TLS upstream accepted (handshake or not).
+    tls_accepts: Arc<AtomicUsize>,
     dir: tempfile::TempDir,
+    _inet: OwnedFd,
     _rt: tokio::runtime::Runtime,
 }
 
 const SECRET: &str = "sk-aither-test-SECRET-7f3a9c";
 
+/// /etc/hosts of the tests' host.
+const HOSTS: &str = "127.0.0.1 localhost
+11.1.0.2 api.example.test other.example.test
+10.0.0.1 private.example.test
+127.0.0.1 loop.example.test
+169.254.169.254 metadata.example.test
+11.1.0.1 self.example.test
+fed0::1 site6.example.test
+11.1.0.2 mixed.example.test
+10.0.0.1 mixed.example.test
+11.7.7.7 later.example.test
+";
+
 impl Host {
     fn new() -> Host {
+        Self::with_config("")
+    }
+
+    /// `config`: more of the `[egress]` table of the configuration file (the CA is set).
+    fn with_config(config: &str) -> Host {
         let dir = tempfile::Builder::new()
             .prefix("aither-egress-host-")
             .tempdir_in("/var/tmp")
             .unwrap();
+        std::fs::write(dir.path().join("hosts"), HOSTS).unwrap();
+        let inet = private_network(&dir.path().join("hosts"));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -59,18 +192,19 @@ impl Host {
         .unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(
-            dir.path().join("hosts"),
-            "127.0.0.2 api.example.test other.example.test # external\n\
-             10.0.0.1 private.example.test\n\
-             127.0.0.1 loop.example.test\n\
-             169.254.169.254 metadata.example.test\n",
+            dir.path().join("aitherd.toml"),
+            format!(
+                "[egress]\nca_file = \"{}\"\n{config}\n",
+                dir.path().join("ca.pem").display()
+            ),
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("state")).unwrap();
 
-        let http = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
-            .unwrap();
+        let http = {
+            let _g = rt.enter();
+            tokio::net::TcpListener::from_std(listen_in(&inet, &format!("{INET_IP}:0"))).unwrap()
+        };
         let http_port = http.local_addr().unwrap().port();
         let s = seen.clone();
         rt.spawn(async move {
@@ -81,7 +215,7 @@ impl Host {
         });
 
         let llm = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind("0.0.0.0:0"))
             .unwrap();
         let llm_port = llm.local_addr().unwrap().port();
         let s = seen.clone();
@@ -101,9 +235,10 @@ impl Host {
             }
         });
 
-        let tls = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
-            .unwrap();
+        let tls = {
+            let _g = rt.enter();
+            tokio::net::TcpListener::from_std(listen_in(&inet, &format!("{INET_IP}:0"))).unwrap()
+        };
         let tls_port = tls.local_addr().unwrap().port();
         let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -118,8 +253,11 @@ impl Host {
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let s = seen.clone();
+        let tls_accepts: Arc<AtomicUsize> = Arc::default();
+        let accepts = tls_accepts.clone();
         rt.spawn(async move {
             while let Ok((c, _)) = tls.accept().await {
+                accepts.fetch_add(1, Ordering::SeqCst);
                 let (s, acceptor) = (s.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     if let Ok(t) = acceptor.accept(c).await {
@@ -134,13 +272,19 @@ impl Host {
             llm_port,
             tls_port,
             seen,
+            tls_accepts,
             dir,
+            _inet: inet,
             _rt: rt,
         }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
+    }
+
+    fn config(&self) -> String {
+        self.path("aitherd.toml").to_str().unwrap().to_string()
     }
 
     fn seen(&self) -> Vec<String> {
@@ -165,10 +309,14 @@ impl Host {
         p.to_str().unwrap().to_string()
     }
 
-    /// `aitherctl run` with the test's resolver table, CA, state and audit log.
+    /// `aitherctl run --config <the test's>` with the test's state and audit log.
     fn run(&self, ws: &Workspace, policy: &str, cmd: &[&str]) -> Output {
+        self.run_with(ws, policy, &["--config", &self.config()], cmd)
+    }
+
+    fn run_with(&self, ws: &Workspace, policy: &str, flags: &[&str], cmd: &[&str]) -> Output {
         let name = common::unique("egress");
-        let mut c = ws.command(policy, &[], cmd, &name);
+        let mut c = ws.command(policy, flags, cmd, &name);
         let out = self.env(&mut c).output().expect("run aitherctl");
         assert!(
             common::cgroup_dirs_of(&name).is_empty(),
@@ -178,9 +326,7 @@ impl Host {
     }
 
     fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
-        c.env("AITHER_EGRESS_HOSTS", self.path("hosts"))
-            .env("AITHER_EGRESS_CA", self.path("ca.pem"))
-            .env("AITHER_STATE_DIR", self.path("state"))
+        c.env("AITHER_STATE_DIR", self.path("state"))
             .env("AITHER_AUDIT_LOG", self.path("audit.jsonl"))
     }
 
@@ -387,7 +533,7 @@ fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
     let host = Host::new();
     let ws = workspace_with_probe();
     let policy = host.policy("standard", ONE_RULE);
-    let upstream = format!("tcp=127.0.0.2,{}", host.http_port);
+    let upstream = format!("tcp={INET_IP},{}", host.http_port);
     let checks = [
         upstream.as_str(),
         "tcp=93.184.216.34,80",
@@ -397,20 +543,13 @@ fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
         "tcp6=::1,3128",
         "udp=8.8.8.8,53",
         "udp=10.0.0.1,53",
-        "resolve=api.example.test",
     ];
     let mut cmd = vec!["python3", "probe.py"];
     cmd.extend_from_slice(&checks);
     let out = host.run(&ws, &policy, &cmd);
     let text = stdout(&out);
-    // The host's upstream address is the sandbox's own (empty) loopback.
-    assert_eq!(
-        probe_line(&text, &upstream),
-        "err ECONNREFUSED",
-        "{}",
-        describe(&out)
-    );
     for c in [
+        upstream.as_str(),
         "tcp=93.184.216.34,80",
         "tcp=10.0.0.1,80",
         "tcp=169.254.169.254,80",
@@ -427,7 +566,6 @@ fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
     }
     // The gateway listens on 127.0.0.1 only.
     assert_eq!(probe_line(&text, "tcp6=::1,3128"), "err ECONNREFUSED");
-    assert!(probe_line(&text, "resolve=api.example.test").starts_with("err "));
     assert!(
         host.seen().is_empty(),
         "the upstream was reached: {:?}",
@@ -436,42 +574,104 @@ fn direct_ip_ipv6_udp_and_dns_from_inside_get_nowhere() {
 }
 
 #[test]
-fn names_resolving_inside_and_ip_literals_are_refused() {
+fn names_resolving_inside_or_to_the_hosts_own_addresses_and_ip_literals_are_refused() {
     let host = Host::new();
     let ws = Workspace::new();
     let policy = host.policy(
         "standard",
         r#"
 [[net.egress]]
-hosts = ["private.example.test", "loop.example.test", "metadata.example.test", "api.example.test"]
-ports = [HTTP, 80]
+hosts = ["*.example.test"]
+ports = [HTTP, 80, LLM]
 "#,
     );
-    let h = host.http_port;
+    let (h, l) = (host.http_port, host.llm_port);
+    // self.example.test is the host's own public-looking address, where the "model server"
+    // listens (0.0.0.0); mixed.example.test has an external and an internal address.
     let script = format!(
         "curl -sS -m 10 http://private.example.test:{h}/; \
          curl -sS -m 10 http://loop.example.test:{h}/; \
          curl -sS -m 10 http://metadata.example.test/latest/meta-data/; \
-         curl -sS -m 10 http://127.0.0.2:{h}/; \
-         curl -sS -m 10 -x socks5://127.0.0.1:3128 http://127.0.0.2:{h}/; echo \"socks-ip=$?\""
+         curl -sS -m 10 http://self.example.test:{l}/; \
+         curl -sS -m 10 http://site6.example.test:{h}/; \
+         curl -sS -m 10 http://mixed.example.test:{h}/; \
+         curl -sS -m 10 http://{INET_IP}:{h}/; \
+         curl -sS -m 10 -x socks5://127.0.0.1:3128 http://{INET_IP}:{h}/; echo \"socks-ip=$?\""
     );
     let out = host.run(&ws, &policy, &["sh", "-c", &script]);
     let text = stdout(&out);
+    for name in [
+        "private", "loop", "metadata", "self", "site6", "mixed",
+    ] {
+        let want = format!(
+            "aither egress denied (egress[0]): {name}.example.test resolves to an internal address or one of this host's own: reachable only as a granted service"
+        );
+        assert!(text.contains(&want), "missing {want:?}\n{}", describe(&out));
+    }
     for want in [
-        "private.example.test resolves to 10.0.0.1 (private (RFC 1918))",
-        "loop.example.test resolves to 127.0.0.1 (loopback)",
-        "metadata.example.test resolves to 169.254.169.254 (link-local / cloud metadata",
-        "(ip-literal): 127.0.0.2 is an IP address",
+        &format!("(ip-literal): {INET_IP} is an IP address"),
         // curl 97: the SOCKS5 proxy refused (0x02, not allowed by ruleset).
         "socks-ip=97",
     ] {
         assert!(text.contains(want), "missing {want:?}\n{}", describe(&out));
     }
+    // No denial tells the agent what a name resolved to.
+    for addr in ["10.0.0.1", "127.0.0.1", "169.254", HOST_IP, "fed0"] {
+        assert!(!text.contains(addr), "{addr} told\n{}", describe(&out));
+    }
     assert!(
         host.seen().is_empty(),
-        "the upstream was reached: {:?}",
+        "an upstream was reached: {:?}",
         host.seen()
     );
+}
+
+#[test]
+fn an_address_the_host_gains_while_the_gateway_runs_becomes_internal() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        "[[net.egress]]\nhosts = [\"later.example.test\"]\nports = [LLM]\n",
+    );
+    let l = host.llm_port;
+    // Before: 11.7.7.7 is nobody's (no route: the upstream does not answer). Then the host
+    // gains it (on loopback, where the model server listens on 0.0.0.0): refused within the
+    // refresh interval; the agent retries a bounded number of times.
+    let script = format!(
+        "curl -sS -m 10 http://later.example.test:{l}/ > before.txt; \
+         while [ ! -f go ]; do sleep 0.1; done; \
+         for i in $(seq 100); do curl -sS -m 10 http://later.example.test:{l}/ > after.txt; \
+           grep -q \"this host's own\" after.txt && break; sleep 0.1; done; cat before.txt after.txt"
+    );
+    let name = common::unique("egress");
+    let mut c = ws.command(
+        &policy,
+        &["--config", &host.config()],
+        &["sh", "-c", &script],
+        &name,
+    );
+    let child = host.env(&mut c).spawn().unwrap();
+    let before = ws.path().join("before.txt");
+    assert!(common::poll_until(
+        std::time::Duration::from_secs(60),
+        || std::fs::metadata(&before).is_ok_and(|m| m.len() > 0)
+    ));
+    ip(&["addr", "add", "11.7.7.7/32", "dev", "lo"]);
+    std::fs::write(ws.path().join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("aither egress (egress[0]): the upstream did not answer\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.ends_with("aither egress denied (egress[0]): later.example.test resolves to an internal address or one of this host's own: reachable only as a granted service\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(host.seen().is_empty(), "{:?}", host.seen());
 }
 
 #[test]
@@ -791,10 +991,7 @@ target = "127.0.0.1:11434"
 fn aitherd_agents_egress_through_the_daemons_gateway_across_a_restart_and_publish_services() {
     use common::daemon::TestDaemon;
     let host = Host::new();
-    // aitherd inherits the resolver table from this process (the only test here that starts a
-    // daemon, so no other test depends on the variable).
-    std::env::set_var("AITHER_EGRESS_HOSTS", host.path("hosts"));
-    let mut d = TestDaemon::start("aither-egress-d-", &[]);
+    let mut d = TestDaemon::start("aither-egress-d-", &["--config", &host.config()]);
     let policy = host.policy("standard", ONE_RULE);
     let ws = d.ws.path().to_str().unwrap().to_string();
     // Then, each time `go` appears, one more request (after the daemon's restart below).

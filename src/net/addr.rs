@@ -5,60 +5,128 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::RwLock;
-use std::time::{Duration, Instant};
 
-/// How old the host's address list may get before a decision reads it again.
-pub const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(1);
-
-/// The addresses of the host's interfaces (getifaddrs), read at start and again by a decision
-/// that finds the list older than [`HOST_ADDRS_REFRESH`] (an address added later is seen
-/// within that time). A failed read keeps the previous list and retries at the next decision;
-/// the first read failing leaves the list empty and [`HostAddrs::contains`] then treats every
-/// address as the host's own (fail closed).
+/// The addresses of the host's interfaces (getifaddrs), read at start and again whenever the
+/// kernel reports an address change: a netlink socket subscribed to the IPv4 and IPv6 address
+/// groups is drained (without blocking) at every check, and any message, or an overflow,
+/// makes the check read the list again first. Without that socket every check reads the list.
+/// A failed read keeps the previous list; with no list at all every address counts as the
+/// host's own (fail closed).
 pub struct HostAddrs {
-    state: RwLock<(Option<Instant>, Option<HashSet<IpAddr>>)>,
+    addrs: RwLock<Option<HashSet<IpAddr>>>,
+    watch: Option<OwnedFd>,
 }
 
 impl Default for HostAddrs {
     fn default() -> Self {
-        let h = HostAddrs {
-            state: RwLock::new((None, None)),
+        // The watch first: a change between the read and the subscription would be missed.
+        let watch = match address_watch() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "no netlink address watch: the host's addresses are read at every decision");
+                None
+            }
         };
-        h.refresh(Instant::now());
+        let h = HostAddrs {
+            addrs: RwLock::new(None),
+            watch,
+        };
+        h.refresh();
         h
     }
 }
 
 impl HostAddrs {
-    fn refresh(&self, now: Instant) {
-        let read = interface_addrs();
-        if let Ok(mut st) = self.state.write() {
-            st.0 = Some(now);
-            match read {
-                Ok(set) => st.1 = Some(set),
-                Err(e) => tracing::error!(error = %e, "reading the host's interface addresses"),
+    fn refresh(&self) {
+        match interface_addrs() {
+            Ok(set) => {
+                if let Ok(mut a) = self.addrs.write() {
+                    *a = Some(set);
+                }
             }
+            Err(e) => tracing::error!(error = %e, "reading the host's interface addresses"),
+        }
+    }
+
+    /// Whether the kernel reported an address change since the last call (drains them).
+    fn changed(&self) -> bool {
+        let Some(fd) = &self.watch else {
+            return true;
+        };
+        let mut buf = [0u8; 8192];
+        let mut changed = false;
+        loop {
+            // SAFETY: recv into a buffer we own, on a descriptor we own; never blocks.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                changed = true;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if n < 0 && e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // EAGAIN: drained. ENOBUFS (messages lost) or anything else: read the list again.
+            if n < 0 && e.raw_os_error() != Some(libc::EAGAIN) {
+                changed = true;
+            }
+            return changed;
         }
     }
 
     /// Whether `ip` (an IPv4-mapped address as its IPv4 form) is one of the host's own.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let stale = self
-            .state
-            .read()
-            .map(|st| st.0.is_none_or(|t| now.duration_since(t) >= HOST_ADDRS_REFRESH))
-            .unwrap_or(true);
-        if stale {
-            self.refresh(now);
+        if self.changed() {
+            self.refresh();
         }
         let ip = canonical(ip);
-        match self.state.read() {
-            Ok(st) => st.1.as_ref().is_none_or(|set| set.contains(&ip)),
+        match self.addrs.read() {
+            Ok(a) => a.as_ref().is_none_or(|set| set.contains(&ip)),
             Err(_) => true,
         }
     }
+}
+
+/// A netlink socket subscribed to address changes (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+fn address_watch() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket() with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor socket() just returned, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    // SAFETY: bind with a pointer to a sockaddr_nl and its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {

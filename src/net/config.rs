@@ -6,6 +6,7 @@
 //! [egress]
 //! ca_file = "/etc/aither/internal-ca.pem"   # extra trust anchors for route upstreams (PEM)
 //! idle_timeout_s = 300                       # a tunnel or connection idle this long is closed
+//! max_descriptors = 4096                     # the gateway's descriptors, all agents together
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ pub enum ConfigError {
     },
     #[error("{path}: field `egress.idle_timeout_s`: must be at least 1")]
     Idle { path: PathBuf },
+    #[error("{path}: field `egress.max_descriptors`: must be at least 32")]
+    Descriptors { path: PathBuf },
 }
 
 /// aitherd's configuration file; only `[egress]` is read by the egress code, other tables
@@ -68,6 +71,10 @@ pub struct EgressConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub idle_timeout_s: Option<u64>,
+    /// Descriptors the gateway may hold, all agents together [default: half the process's
+    /// soft RLIMIT_NOFILE]; one agent gets an eighth of it.
+    #[serde(default)]
+    pub max_descriptors: Option<usize>,
 }
 
 /// The egress settings, checked: everything the gateway needs from the operator.
@@ -75,6 +82,8 @@ pub struct EgressConfig {
 pub struct Egress {
     pub roots: Vec<CertificateDer<'static>>,
     pub idle_timeout: Duration,
+    /// None: half of RLIMIT_NOFILE.
+    pub max_descriptors: Option<usize>,
 }
 
 impl Egress {
@@ -112,9 +121,15 @@ impl Egress {
             Some(s) => Duration::from_secs(s),
             None => DEFAULT_IDLE_TIMEOUT,
         };
+        if cfg.egress.max_descriptors.is_some_and(|n| n < 32) {
+            return Err(ConfigError::Descriptors {
+                path: path.to_path_buf(),
+            });
+        }
         Ok(Egress {
             roots,
             idle_timeout,
+            max_descriptors: cfg.egress.max_descriptors,
         })
     }
 }
@@ -124,6 +139,7 @@ impl Default for Egress {
         Egress {
             roots: system_roots(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_descriptors: None,
         }
     }
 }

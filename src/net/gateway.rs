@@ -188,8 +188,13 @@ impl FdBudget {
         FdBudget::for_limit(limit)
     }
 
+    /// For a process whose descriptor limit is `limit`.
     pub fn for_limit(limit: usize) -> FdBudget {
-        let total = (limit / 2).max(32);
+        Self::for_total((limit / 2).max(32))
+    }
+
+    /// For a gateway that may hold `total` descriptors.
+    pub fn for_total(total: usize) -> FdBudget {
         FdBudget {
             total,
             per_agent: (total / 8).clamp(16, 2 * MAX_CONNECTIONS),
@@ -622,7 +627,10 @@ impl Gateway {
                 host_addrs: HostAddrs::default(),
                 summary: Mutex::new(Summariser::new(SUMMARY_PASS, SUMMARY_INTERVAL, 32)),
                 fds: AtomicUsize::new(0),
-                budget: FdBudget::from_rlimit(),
+                budget: match cfg.egress.max_descriptors {
+                    Some(n) => FdBudget::for_total(n),
+                    None => FdBudget::from_rlimit(),
+                },
                 idle: cfg.egress.idle_timeout,
             }),
         }
