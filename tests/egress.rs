@@ -600,9 +600,7 @@ ports = [HTTP, 80, LLM]
     );
     let out = host.run(&ws, &policy, &["sh", "-c", &script]);
     let text = stdout(&out);
-    for name in [
-        "private", "loop", "metadata", "self", "site6", "mixed",
-    ] {
+    for name in ["private", "loop", "metadata", "self", "site6", "mixed"] {
         let want = format!(
             "aither egress denied (egress[0]): {name}.example.test resolves to an internal address or one of this host's own: reachable only as a granted service"
         );
@@ -730,10 +728,227 @@ fn oversized_heads_slow_clients_and_a_thousand_connections_leave_the_gateway_ser
     let out = host.run(&ws, &policy, &["python3", "probe.py", &flood]);
     assert_eq!(
         probe_line(&stdout(&out), &flood),
-        "1000 open; oversized: HTTP/1.1 431 Request Header Fields Too Large; then: HTTP/1.1 200 OK",
+        "1000 open, 64 kept waiting; first: HTTP/1.1 200 OK; oversized: HTTP/1.1 431 Request Header Fields Too Large; then: HTTP/1.1 200 OK",
         "{}",
         describe(&out)
     );
+    // The closed ones are one summarised record, not 936.
+    let bounds: Vec<serde_json::Value> = host
+        .net_audit()
+        .into_iter()
+        .filter(|v| v["rule"] == "bounds")
+        .collect();
+    let one_by_one = bounds
+        .iter()
+        .filter(|v| v["data"]["via"] == "accept")
+        .count();
+    let summarised: u64 = bounds
+        .iter()
+        .filter_map(|v| v["data"]["suppressed"].as_u64())
+        .sum();
+    assert_eq!(one_by_one, 20, "{bounds:?}");
+    assert_eq!(one_by_one as u64 + summarised, 936, "{bounds:?}");
+}
+
+#[test]
+fn request_heads_are_limited_to_64_kib_exactly() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let h = host.http_port.to_string();
+    let sizes = [4096, 57344, 65537, 100_000, 131_072];
+    let checks: Vec<String> = sizes
+        .iter()
+        .map(|n| format!("head=api.example.test,{h},{n}"))
+        .collect();
+    let mut cmd = vec!["python3", "probe.py"];
+    cmd.extend(checks.iter().map(String::as_str));
+    let out = host.run(&ws, &policy, &cmd);
+    let text = stdout(&out);
+    let got: Vec<String> = checks.iter().map(|c| probe_line(&text, c)).collect();
+    let too_large = "HTTP/1.1 431 Request Header Fields Too Large";
+    assert_eq!(
+        got,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            too_large,
+            too_large,
+            too_large
+        ],
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host.seen().len(), 2, "{:?}", host.seen());
+}
+
+#[test]
+fn a_flood_of_denials_is_answered_429_and_recorded_as_summaries() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let flood = format!("denyflood=other.example.test,{},2000", host.http_port);
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &flood]);
+    let got = probe_line(&stdout(&out), &flood);
+    let count = |code: &str| -> u64 {
+        got.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{code}=")))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    let (forbidden, limited) = (count("403"), count("429"));
+    assert_eq!(forbidden + limited, 2000, "{got}\n{}", describe(&out));
+    // The budget: 200 at once, then 20 a second.
+    assert!((200..1000).contains(&forbidden), "{got}");
+    assert!(limited > 0, "{got}");
+    // Every denial is accounted for, but at most 20 per rule one by one.
+    let audit = host.net_audit();
+    let mut total = 0u64;
+    for rule in ["default-deny", "denial-budget"] {
+        let recs: Vec<&serde_json::Value> = audit.iter().filter(|v| v["rule"] == rule).collect();
+        let single = recs
+            .iter()
+            .filter(|v| v["data"]["via"] != "summary")
+            .count() as u64;
+        let summarised: u64 = recs
+            .iter()
+            .filter_map(|v| v["data"]["suppressed"].as_u64())
+            .sum();
+        assert!(single <= 20 * 2, "{rule}: {single} single records");
+        total += single + summarised;
+    }
+    assert_eq!(total, 2000);
+    let summary = audit
+        .iter()
+        .find(|v| v["data"]["via"] == "summary" && v["rule"] == "default-deny")
+        .expect("a summary record");
+    assert!(
+        summary["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("similar denials of default-deny in"),
+        "{summary}"
+    );
+    assert!(host.seen().is_empty());
+}
+
+#[test]
+fn an_idle_tunnel_is_closed_after_the_configured_timeout() {
+    let host = Host::with_config("idle_timeout_s = 2");
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let idle = format!("idle=api.example.test,{},60", host.tls_port);
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &idle]);
+    assert_eq!(
+        probe_line(&stdout(&out), &idle),
+        "closed",
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn method_override_and_forwarding_headers_never_reach_the_upstream() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    let policy = host.policy(
+        "standard",
+        "[[net.egress]]\nhosts = [\"api.example.test\"]\nports = [HTTP]\nmethods = [\"GET\"]\n",
+    );
+    let script = format!(
+        "curl -sS -m 10 -X GET --data 'x=1' -H 'X-HTTP-Method-Override: DELETE' -H 'X-HTTP-Method: DELETE' \
+           -H 'X-Method-Override: DELETE' -H 'X-Forwarded-Host: evil.example' -H 'Forwarded: host=evil.example' \
+           -H 'X-Forwarded-For: 10.0.0.1' http://api.example.test:{h}/get; echo; \
+         curl -sS -m 10 -X DELETE http://api.example.test:{h}/del; echo",
+        h = host.http_port
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(text.starts_with("upstream-ok /get\n"), "{}", describe(&out));
+    assert!(
+        text.contains("aither egress denied (default-deny): no net.egress rule allows DELETE"),
+        "{}",
+        describe(&out)
+    );
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let head = seen[0].to_ascii_lowercase();
+    for h in ["override", "x-http-method", "forwarded", "evil.example"] {
+        assert!(!head.contains(h), "{h} reached the upstream: {head}");
+    }
+}
+
+#[test]
+fn a_tunnel_to_a_service_refuses_connect_anywhere_in_its_requests() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy(
+        "standard",
+        "[[net.services]]\nname = \"llm\"\ntarget = \"127.0.0.1:LLM\"\n",
+    );
+    let checks = [
+        "raw=llm.aither.internal:80,\\r\\nCONNECT api.example.test:443 HTTP/1.1\\r\\n\\r\\n",
+        "raw=llm.aither.internal:80, CONNECT api.example.test:443 HTTP/1.1\\r\\n\\r\\n",
+        "raw=llm.aither.internal:80,GET /first HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nCONNECT api.example.test:443 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n",
+    ];
+    let mut cmd = vec!["python3", "probe.py"];
+    cmd.extend_from_slice(&checks);
+    let out = host.run(&ws, &policy, &cmd);
+    let text = stdout(&out);
+    assert_eq!(probe_line(&text, checks[0]), "cut", "{}", describe(&out));
+    assert_eq!(probe_line(&text, checks[1]), "cut", "{}", describe(&out));
+    assert_eq!(
+        probe_line(&text, checks[2]),
+        "answers HTTP/1.1 200 OK | HTTP/1.1 403 Forbidden",
+        "{}",
+        describe(&out)
+    );
+    // The service saw the one plain request, never a CONNECT.
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("GET /first "), "{seen:?}");
+}
+
+#[test]
+fn connect_errors_tell_nothing_of_the_port_and_no_upstream_is_opened_before_the_first_flight() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy(
+        "standard",
+        "[[net.egress]]\nhosts = [\"api.example.test\"]\nports = [HTTP, TLS, 1]\n",
+    );
+    let t = host.tls_port;
+    // Port 1 is closed on the upstream's host: the agent sees what it sees for a tunnel
+    // refused after its first flight, and plain HTTP gets the rule's generic answer.
+    let closed = "sni=api.example.test,1,api.example.test".to_string();
+    let bad = format!("sni=api.example.test,{t},other.example.test");
+    let out = host.run(
+        &ws,
+        &policy,
+        &[
+            "sh",
+            "-c",
+            &format!("python3 probe.py {closed} {bad}; curl -sS -m 10 http://api.example.test:1/"),
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        probe_line(&text, &closed).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        probe_line(&text, &bad).starts_with("cut"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("aither egress (egress[0]): the upstream did not answer"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!text.to_ascii_lowercase().contains("refused"), "{text}");
+    // The refused first flight never cost an upstream connection.
+    assert_eq!(host.tls_accepts.load(Ordering::SeqCst), 0);
 }
 
 #[test]

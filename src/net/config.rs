@@ -163,7 +163,9 @@ pub fn system_roots() -> Vec<CertificateDer<'static>> {
             return c;
         }
     }
-    tracing::warn!("no system CA bundle found; route upstreams are checked against the bundled web roots");
+    tracing::warn!(
+        "no system CA bundle found; route upstreams are checked against the bundled web roots"
+    );
     Vec::new()
 }
 
@@ -177,7 +179,10 @@ mod tests {
         let p = d.path().join("aitherd.toml");
         std::fs::write(&p, "[egress]\nca_file = \"/nonexistent.pem\"\n").unwrap();
         let e = Egress::load(&p, true).unwrap_err().to_string();
-        assert!(e.contains("egress.ca_file") && e.contains("aitherd.toml"), "{e}");
+        assert!(
+            e.contains("egress.ca_file") && e.contains("aitherd.toml"),
+            "{e}"
+        );
         std::fs::write(&p, "[egress]\nca_flie = \"x\"\n").unwrap();
         let e = Egress::load(&p, true).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("ca_flie"), "{e}");

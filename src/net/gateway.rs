@@ -44,11 +44,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use super::addr::{internal_reason, HostAddrs};
-use crate::audit::summary::{Summariser, Summary, TokenBucket, Verdict};
 use super::inspect::{first_flight, Flight};
 use super::resolve::Resolve;
 use super::rules::{NetGrants, ServiceTarget, Upstream, SERVICE_DOMAIN};
 use super::socks::{socks5_request, socks_reply, SocksAsk};
+use crate::audit::summary::{Summariser, Summary, TokenBucket, Verdict};
 
 /// Longest an agent may take to send a request head, a SOCKS5 handshake or a tunnel's first
 /// TLS flight (slow clients are cut after it; the gateway serves others meanwhile).
@@ -315,7 +315,11 @@ impl AgentNet {
             grants,
             stats: Mutex::new(BTreeMap::new()),
             quota,
-            denials: Mutex::new(TokenBucket::new(DENIAL_BURST, DENIAL_REFILL, Instant::now())),
+            denials: Mutex::new(TokenBucket::new(
+                DENIAL_BURST,
+                DENIAL_REFILL,
+                Instant::now(),
+            )),
             open: AtomicUsize::new(0),
             fds: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
@@ -374,7 +378,11 @@ impl AgentNet {
             Ok(())
         };
         // Both windows are checked before either is charged: a refused request costs nothing.
-        let mut global = self.quota.window.lock().map_err(|_| "quota state poisoned")?;
+        let mut global = self
+            .quota
+            .window
+            .lock()
+            .map_err(|_| "quota state poisoned")?;
         if let Some(l) = self.grants.quota.requests_per_minute {
             slide(&mut global, l, "net.quota.requests_per_minute")?;
         }
@@ -600,7 +608,11 @@ impl Gateway {
         }
         let (added, ignored) = roots.add_parsable_certificates(cfg.egress.roots);
         if ignored > 0 {
-            tracing::warn!(added, ignored, "trust anchors that rustls cannot use were left out");
+            tracing::warn!(
+                added,
+                ignored,
+                "trust anchors that rustls cannot use were left out"
+            );
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -1000,11 +1012,11 @@ impl Gateway {
             }
         }
         .and_then(|a| {
-                agent
-                    .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
-                    .map(|_| a)
-                    .map_err(|r| denied("quota", r))
-            });
+            agent
+                .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
+                .map(|_| a)
+                .map_err(|r| denied("quota", r))
+        });
         match &decided {
             Ok(a) => self.emit(agent, ev(true, &a.rule, None)),
             Err(d) => self.emit(agent, ev(false, &d.rule, Some(&d.reason))),
@@ -1175,8 +1187,10 @@ impl Gateway {
         let _ = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .max_buf_size(HEAD_ALWAYS_ACCEPTED)
             .serve_connection(TokioIo::new(client), svc)
+            // A CONNECT in the stream is answered 403 (an upgrade refused), not dropped.
+            .with_upgrades()
             .await;
     }
 
@@ -1257,7 +1271,10 @@ impl Gateway {
     /// A request refused by a per-agent bound: 503, and a (summarised) record.
     fn bounds_response(&self, agent: &AgentNet, what: &str) -> Response<Body> {
         self.bound_refused(agent, what);
-        let d = denied("bounds", format!("the agent's {what} is spent; retry later"));
+        let d = denied(
+            "bounds",
+            format!("the agent's {what} is spent; retry later"),
+        );
         let mut r = deny_response(&d);
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         r
@@ -1274,8 +1291,8 @@ impl Gateway {
             .next()
             .unwrap_or_default()
             .to_string();
-        let ev = |allowed: bool, rule: &str, host: &str, port: u16, reason: Option<String>| {
-            NetEvent {
+        let ev =
+            |allowed: bool, rule: &str, host: &str, port: u16, reason: Option<String>| NetEvent {
                 agent: agent.name.clone(),
                 allowed,
                 rule: rule.to_string(),
@@ -1285,17 +1302,22 @@ impl Gateway {
                 method: Some(method.clone()),
                 reason,
                 suppressed: None,
-            }
-        };
+            };
         if let Some(d) = self.denial_budget(agent) {
-            self.emit(agent, ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())));
+            self.emit(
+                agent,
+                ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())),
+            );
             return deny_response(&d);
         }
         // The path is checked before anything is matched on it: a route's prefix holds only
         // for a normalised path (no `//`, `.` or `..` segments, no encoded separators).
         if let Err(why) = normalised_path(&path) {
             let d = denied("route-path", why);
-            self.emit(agent, ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())));
+            self.emit(
+                agent,
+                ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())),
+            );
             let mut r = deny_response(&d);
             *r.status_mut() = StatusCode::BAD_REQUEST;
             return r;
@@ -1340,7 +1362,10 @@ impl Gateway {
             // Belt and braces: the credential goes only to a target under the route's prefix.
             let under = format!("{}/", up.path);
             if !target.starts_with(&under) {
-                return Err(denied(&rule, "the request's target leaves the route's prefix"));
+                return Err(denied(
+                    &rule,
+                    "the request's target leaves the route's prefix",
+                ));
             }
             agent.admit(None).map_err(|r| denied("quota", r))?;
             let ips = self.resolve_external(&up.host, &rule).await?;

@@ -5,8 +5,8 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use super::gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, SecretSource};
 use super::config::Egress;
+use super::gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, SecretSource};
 use super::resolve::{Resolve, SystemResolver};
 use super::rules::NetGrants;
 use super::secrets::SecretStore;
