@@ -951,10 +951,8 @@ fn connect_errors_tell_nothing_of_the_port_and_no_upstream_is_opened_before_the_
     assert_eq!(host.tls_accepts.load(Ordering::SeqCst), 0);
 }
 
-#[test]
-fn a_route_adds_the_secret_on_the_way_out_and_the_agent_never_sees_it() {
-    let host = Host::new();
-    let ws = Workspace::new();
+/// `aitherctl secret set openai` with [`SECRET`], in the test's state directory.
+fn set_secret(host: &Host) {
     let mut set = Command::new(AITHERCTL);
     host.env(&mut set)
         .args(["secret", "set", "openai"])
@@ -970,6 +968,82 @@ fn a_route_adds_the_secret_on_the_way_out_and_the_agent_never_sees_it() {
         .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", describe(&o));
+}
+
+#[test]
+fn a_route_forwards_no_trace_and_nothing_outside_its_prefix_and_trusts_only_configured_anchors() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    set_secret(&host);
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.routes]]
+name = "api"
+upstream = "https://api.example.test:TLS/v1"
+secret = "openai"
+"#,
+    );
+    let r = "http://127.0.0.1:3128";
+    let script = format!(
+        "for m in TRACE TRACK OPTIONS CONNECT; do curl -s -o /dev/null -w \"$m=%{{http_code}} \" -X $m {r}/api/x; done; echo; \
+         for p in //api/x ///api /api//x /api/../x /api/./x /api/%2e%2e/x /api/%2F/x /api/..; do \
+           curl -s --path-as-is -o /dev/null -w \"$p=%{{http_code}} \" {r}$p; done; echo; \
+         curl -sS -m 10 -H 'X-Forwarded-Host: evil.example' -H 'X-HTTP-Method-Override: TRACE' {r}/api/ok?q=1; echo"
+    );
+    let out = host.run(&ws, &policy, &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].trim(),
+        "TRACE=405 TRACK=405 OPTIONS=405 CONNECT=400",
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        lines[1].trim(),
+        "//api/x=400 ///api=400 /api//x=400 /api/../x=400 /api/./x=400 /api/%2e%2e/x=400 /api/%2F/x=400 /api/..=400",
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(lines[2], "tls-ok sni=api.example.test /v1/ok?q=1", "{}", describe(&out));
+    // The upstream saw the one normalised request, with the secret and no forwarding header.
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let head = seen[0].to_ascii_lowercase();
+    assert!(head.contains(&SECRET.to_ascii_lowercase()), "{head}");
+    assert!(!head.contains("evil.example") && !head.contains("override"), "{head}");
+
+    // Without the configuration file naming the CA, the upstream's certificate is not
+    // trusted (the system store does not hold the test CA): the secret never leaves.
+    let empty = host.path("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = host.run_with(
+        &ws,
+        &policy,
+        &["--config", empty.to_str().unwrap()],
+        &["sh", "-c", &format!("curl -sS -m 10 {r}/api/ok")],
+    );
+    assert!(
+        stdout(&out).contains("aither egress (route:api): the upstream's TLS certificate is not trusted"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host.seen().len(), 1);
+    // A configuration file with a bad CA file stops the run, naming the file and field.
+    let bad = host.path("bad.toml");
+    std::fs::write(&bad, "[egress]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap();
+    let out = host.run_with(&ws, &policy, &["--config", bad.to_str().unwrap()], &["true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("egress.ca_file"), "{err}");
+}
+
+#[test]
+fn a_route_adds_the_secret_on_the_way_out_and_the_agent_never_sees_it() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    set_secret(&host);
     let policy = host.policy(
         "standard",
         r#"
