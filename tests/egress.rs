@@ -1416,3 +1416,129 @@ fn the_byte_quota_stops_the_agent_once_spent() {
         describe(&out)
     );
 }
+
+#[test]
+fn aitherd_quotas_hold_across_the_agents_restarts_and_the_daemons() {
+    use common::daemon::TestDaemon;
+    let host = Host::new();
+    let mut d = TestDaemon::start("aither-egress-q-", &["--config", &host.config()]);
+    let policy = host.policy(
+        "standard",
+        &format!("{ONE_RULE}\n[net.quota]\nrequests_per_minute = 5\n"),
+    );
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    // Each run: 3 requests, then `exit 1` (restart on failure, at once). The third run waits
+    // for `go`, so that the daemon can be killed and restarted first.
+    let script = format!(
+        "n=$(cat n 2>/dev/null || echo 0); n=$((n+1)); echo $n > n; \
+         if [ $n -ge 3 ]; then while [ ! -f go ]; do sleep 0.1; done; fi; \
+         for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' http://api.example.test:{}/; done >> codes.tmp; \
+         echo >> codes.tmp; cp codes.tmp codes.txt; exit 1",
+        host.http_port
+    );
+    d.ok(&[
+        "spawn", "--json", "--policy", &policy, "-w", &ws, "--restart", "on-failure",
+        "--backoff", "0", "quota-q", "--", "sh", "-c", &script,
+    ]);
+    let codes = d.ws.path().join("codes.txt");
+    let lines = |n: usize| {
+        common::poll_until(std::time::Duration::from_secs(60), || {
+            std::fs::read_to_string(&codes).is_ok_and(|t| t.lines().count() >= n)
+        })
+    };
+    assert!(lines(2), "two runs did not finish: {}", d.log());
+    // The state the second run left is in the daemon's database before the daemon dies.
+    let db = d.state.path().join("state/state.db");
+    let stored = common::poll_until(std::time::Duration::from_secs(30), || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT state FROM net_quota WHERE name = 'quota-q'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+            })
+            .is_ok_and(|s| {
+                serde_json::from_str::<serde_json::Value>(&s).unwrap()["requests_ms"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 5)
+            })
+    });
+    assert!(stored, "the quota state was not stored");
+    d.kill9();
+    d.launch();
+    std::fs::write(d.ws.path().join("go"), "").unwrap();
+    assert!(lines(4), "no runs after the daemon's restart: {}", d.log());
+    let text = std::fs::read_to_string(&codes).unwrap();
+    let got: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(
+        got[..4],
+        ["200 200 200", "200 200 429", "429 429 429", "429 429 429"],
+        "{text}"
+    );
+    assert_eq!(host.seen().len(), 5, "{:?}", host.seen());
+    d.ok(&["stop", "quota-q"]);
+    d.ok(&["rm", "quota-q"]);
+}
+
+#[test]
+fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator_sees() {
+    use common::daemon::TestDaemon;
+    // 200 descriptors for the gateway: 25 per agent.
+    let host = Host::with_config("max_descriptors = 200");
+    let d = TestDaemon::start("aither-egress-h-", &["--config", &host.config()]);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/egress/probe.py"),
+        d.ws.path().join("probe.py"),
+    )
+    .unwrap();
+    let policy = host.policy("standard", ONE_RULE);
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    let (h, t) = (host.http_port, host.tls_port);
+    // The hostile agent: 3000 denials as fast as it can, then 40 tunnels held open.
+    let hostile = format!(
+        "python3 probe.py denyflood=other.example.test,{h},3000 tunnels=api.example.test,{t},40,300 > hostile.txt"
+    );
+    d.ok(&[
+        "spawn", "--json", "--policy", &policy, "-w", &ws, "--restart", "never", "hostile",
+        "--", "sh", "-c", &hostile,
+    ]);
+    let out = d.ws.path().join("hostile.txt");
+    let held = common::poll_until(std::time::Duration::from_secs(120), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.contains("tunnels-established"))
+    });
+    assert!(held, "the hostile agent did not get to its tunnels: {}", d.log());
+    let text = std::fs::read_to_string(&out).unwrap();
+    // Tunnels count until they close: 12 tunnels are 24 of its 25 descriptors.
+    assert!(text.contains("tunnels-established: 12\n"), "{text}");
+    let settled = common::poll_until(std::time::Duration::from_secs(30), || {
+        let v: serde_json::Value = serde_json::from_str(&d.ok(&["inspect", "hostile"])).unwrap();
+        v["net"]["descriptors"] == 24 && v["net"]["connections"] == 12
+    });
+    assert!(settled, "{}", d.ok(&["inspect", "hostile"]));
+    // Another agent is served meanwhile, and the operator's commands answer.
+    let victim = format!(
+        "curl -sS -m 10 http://api.example.test:{h}/victim > victim.tmp; mv victim.tmp victim.txt; sleep 300"
+    );
+    d.ok(&[
+        "spawn", "--json", "--policy", &policy, "-w", &ws, "victim", "--", "sh", "-c", &victim,
+    ]);
+    let got = d.ws.path().join("victim.txt");
+    assert!(
+        common::poll_until(std::time::Duration::from_secs(30), || got.exists()),
+        "{}",
+        d.log()
+    );
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "upstream-ok /victim");
+    assert!(d.ok(&["ps"]).contains("victim"));
+    // The flood is a few records: at most 20 per rule one by one, the rest summarised.
+    let events = d.ok(&["events", "--json", "--agent", "hostile"]);
+    let denied = events.matches("\"net.denied\"").count();
+    assert!((20..=60).contains(&denied), "{denied} denial events");
+    let victim_events = d.ok(&["events", "--json", "--agent", "victim"]);
+    assert!(victim_events.contains("\"net.allowed\""), "{victim_events}");
+    for a in ["hostile", "victim"] {
+        d.ok(&["stop", a]);
+        d.ok(&["rm", a]);
+    }
+}

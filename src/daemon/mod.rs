@@ -103,6 +103,8 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Egress quota state per (agent name, token id), kept across the agent's runs.
+    pub net_quotas: Mutex<HashMap<(String, String), Arc<crate::net::gateway::QuotaState>>>,
 }
 
 impl Daemon {
@@ -145,6 +147,7 @@ impl Daemon {
             epoch: Instant::now(),
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
+            net_quotas: Mutex::new(HashMap::new()),
         })
     }
 
