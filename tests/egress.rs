@@ -1495,9 +1495,11 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
     let policy = host.policy("standard", ONE_RULE);
     let ws = d.ws.path().to_str().unwrap().to_string();
     let (h, t) = (host.http_port, host.tls_port);
-    // The hostile agent: 3000 denials as fast as it can, then 40 tunnels held open.
+    // The hostile agent: 40 tunnels held open, then 3000 denials as fast as it can.
     let hostile = format!(
-        "python3 probe.py denyflood=other.example.test,{h},3000 tunnels=api.example.test,{t},40,300 > hostile.txt"
+        "python3 probe.py tunnels=api.example.test,{t},40,300 > hostile.txt & \
+         while ! grep -q established hostile.txt; do sleep 0.1; done; \
+         python3 probe.py denyflood=other.example.test,{h},3000 > flood.txt; wait"
     );
     d.ok(&[
         "spawn", "--json", "--policy", &policy, "-w", &ws, "--restart", "never", "hostile",
@@ -1511,6 +1513,14 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
     let text = std::fs::read_to_string(&out).unwrap();
     // Tunnels count until they close: 12 tunnels are 24 of its 25 descriptors.
     assert!(text.contains("tunnels-established: 12\n"), "{text}");
+    let flood = d.ws.path().join("flood.txt");
+    assert!(
+        common::poll_until(std::time::Duration::from_secs(120), || {
+            std::fs::read_to_string(&flood).is_ok_and(|t| t.contains("429="))
+        }),
+        "{}",
+        d.log()
+    );
     let settled = common::poll_until(std::time::Duration::from_secs(30), || {
         let v: serde_json::Value = serde_json::from_str(&d.ok(&["inspect", "hostile"])).unwrap();
         v["net"]["descriptors"] == 24 && v["net"]["connections"] == 12
