@@ -1006,13 +1006,21 @@ secret = "openai"
         "{}",
         describe(&out)
     );
-    assert_eq!(lines[2], "tls-ok sni=api.example.test /v1/ok?q=1", "{}", describe(&out));
+    assert_eq!(
+        lines[2],
+        "tls-ok sni=api.example.test /v1/ok?q=1",
+        "{}",
+        describe(&out)
+    );
     // The upstream saw the one normalised request, with the secret and no forwarding header.
     let seen = host.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     let head = seen[0].to_ascii_lowercase();
     assert!(head.contains(&SECRET.to_ascii_lowercase()), "{head}");
-    assert!(!head.contains("evil.example") && !head.contains("override"), "{head}");
+    assert!(
+        !head.contains("evil.example") && !head.contains("override"),
+        "{head}"
+    );
 
     // Without the configuration file naming the CA, the upstream's certificate is not
     // trusted (the system store does not hold the test CA): the secret never leaves.
@@ -1025,7 +1033,8 @@ secret = "openai"
         &["sh", "-c", &format!("curl -sS -m 10 {r}/api/ok")],
     );
     assert!(
-        stdout(&out).contains("aither egress (route:api): the upstream's TLS certificate is not trusted"),
+        stdout(&out)
+            .contains("aither egress (route:api): the upstream's TLS certificate is not trusted"),
         "{}",
         describe(&out)
     );
@@ -1033,10 +1042,18 @@ secret = "openai"
     // A configuration file with a bad CA file stops the run, naming the file and field.
     let bad = host.path("bad.toml");
     std::fs::write(&bad, "[egress]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap();
-    let out = host.run_with(&ws, &policy, &["--config", bad.to_str().unwrap()], &["true"]);
+    let out = host.run_with(
+        &ws,
+        &policy,
+        &["--config", bad.to_str().unwrap()],
+        &["true"],
+    );
     assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml") && err.contains("egress.ca_file"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("egress.ca_file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1437,8 +1454,21 @@ fn aitherd_quotas_hold_across_the_agents_restarts_and_the_daemons() {
         host.http_port
     );
     d.ok(&[
-        "spawn", "--json", "--policy", &policy, "-w", &ws, "--restart", "on-failure",
-        "--backoff", "0", "quota-q", "--", "sh", "-c", &script,
+        "spawn",
+        "--json",
+        "--policy",
+        &policy,
+        "-w",
+        &ws,
+        "--restart",
+        "on-failure",
+        "--backoff",
+        "0",
+        "quota-q",
+        "--",
+        "sh",
+        "-c",
+        &script,
     ]);
     let codes = d.ws.path().join("codes.txt");
     let lines = |n: usize| {
@@ -1502,14 +1532,29 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
          python3 probe.py denyflood=other.example.test,{h},3000 > flood.txt; wait"
     );
     d.ok(&[
-        "spawn", "--json", "--policy", &policy, "-w", &ws, "--restart", "never", "hostile",
-        "--", "sh", "-c", &hostile,
+        "spawn",
+        "--json",
+        "--policy",
+        &policy,
+        "-w",
+        &ws,
+        "--restart",
+        "never",
+        "hostile",
+        "--",
+        "sh",
+        "-c",
+        &hostile,
     ]);
     let out = d.ws.path().join("hostile.txt");
     let held = common::poll_until(std::time::Duration::from_secs(120), || {
         std::fs::read_to_string(&out).is_ok_and(|t| t.contains("tunnels-established"))
     });
-    assert!(held, "the hostile agent did not get to its tunnels: {}", d.log());
+    assert!(
+        held,
+        "the hostile agent did not get to its tunnels: {}",
+        d.log()
+    );
     let text = std::fs::read_to_string(&out).unwrap();
     // Tunnels count until they close: 12 tunnels are 24 of its 25 descriptors.
     assert!(text.contains("tunnels-established: 12\n"), "{text}");
@@ -1539,7 +1584,10 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
         "{}",
         d.log()
     );
-    assert_eq!(std::fs::read_to_string(&got).unwrap(), "upstream-ok /victim");
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        "upstream-ok /victim"
+    );
     assert!(d.ok(&["ps"]).contains("victim"));
     // The flood is a few records: at most 20 per rule one by one, the rest summarised.
     let events = d.ok(&["events", "--json", "--agent", "hostile"]);

@@ -47,6 +47,7 @@ async def main():
 asyncio.run(main())
 PY
 SPID=$!
+for _ in $(seq 200); do (exec 3<>"/dev/tcp/11.1.0.2/$PORT") 2>/dev/null && break; sleep 0.1; done
 printf '[egress]\n%s\n' "${EGRESS_CONFIG_EXTRA:-}" >"$HT/aitherd.toml"
 "$BIN/aitherd" --config "$HT/aitherd.toml" 2>"$HT/aitherd.log" &
 DPID=$!

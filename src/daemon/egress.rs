@@ -57,9 +57,10 @@ fn quota_for(d: &Shared, name: &str, token: &str) -> Arc<QuotaState> {
     if let Some(q) = map.get(&key) {
         return q.clone();
     }
-    let stored = d.store.reader().and_then(|c| {
-        crate::daemon::store::load_net_quota(&c, d.store.path(), name, token)
-    });
+    let stored = d
+        .store
+        .reader()
+        .and_then(|c| crate::daemon::store::load_net_quota(&c, d.store.path(), name, token));
     let q = match stored {
         Ok(Some(v)) => match serde_json::from_value::<QuotaSnapshot>(v) {
             Ok(s) => Arc::new(QuotaState::restore(&s)),
@@ -192,13 +193,7 @@ pub fn publish(
 /// Serves `listener` (the run's gateway socket) for agent `name` with `grants` under the
 /// token whose id is `token` until the returned value is dropped. The quotas charge the
 /// state kept for (name, token) across runs and daemon restarts.
-pub fn serve(
-    d: &Shared,
-    name: &str,
-    token: &str,
-    grants: NetGrants,
-    listener: OwnedFd,
-) -> Serving {
+pub fn serve(d: &Shared, name: &str, token: &str, grants: NetGrants, listener: OwnedFd) -> Serving {
     let quota = quota_for(d, name, token);
     let agent = AgentNet::with_quota(name, grants, quota.clone());
     d.net_agents
@@ -206,7 +201,12 @@ pub fn serve(
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.to_string(), agent.clone());
     let gw = d.gateway().clone();
-    let (dd, n, t, q) = (d.clone(), name.to_string(), token.to_string(), quota.clone());
+    let (dd, n, t, q) = (
+        d.clone(),
+        name.to_string(),
+        token.to_string(),
+        quota.clone(),
+    );
     let task = tokio::spawn(async move {
         let persist = async {
             let mut tick = tokio::time::interval(QUOTA_PERSIST);
