@@ -1516,7 +1516,16 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
     use common::daemon::TestDaemon;
     // 200 descriptors for the gateway: 25 per agent.
     let host = Host::with_config("max_descriptors = 200");
-    let d = TestDaemon::start("aither-egress-h-", &["--config", &host.config()]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let d = TestDaemon::start(
+        "aither-egress-h-",
+        &["--config", &host.config(), "--metrics", &metrics],
+    );
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/egress/probe.py"),
         d.ws.path().join("probe.py"),
@@ -1597,6 +1606,26 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
     assert!(victim_events.contains("\"net.allowed\""), "{victim_events}");
     for a in ["hostile", "victim"] {
         d.ok(&["stop", a]);
+    }
+    // Once the run has ended its summaries are out: the metric counts every denial, the
+    // summarised ones included (3000 of the flood, and the connections its bounds closed).
+    let denied = common::poll_until(std::time::Duration::from_secs(10), || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("aither_egress_decisions_total{decision=\"denied\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 3000)
+    });
+    assert!(
+        denied,
+        "the denial metric does not count the summarised denials"
+    );
+    for a in ["hostile", "victim"] {
         d.ok(&["rm", a]);
     }
 }
