@@ -987,7 +987,7 @@ secret = "openai"
     let r = "http://127.0.0.1:3128";
     let script = format!(
         "for m in TRACE TRACK OPTIONS CONNECT; do curl -s -o /dev/null -w \"$m=%{{http_code}} \" -X $m {r}/api/x; done; echo; \
-         for p in //api/x ///api /api//x /api/../x /api/./x /api/%2e%2e/x /api/%2F/x /api/..; do \
+         for p in //api/x ///api /api//x /api/../x /api/./x /api/%2e%2e/x /api/%2F/x /api/.. '/api/..;/x'; do \
            curl -s --path-as-is -o /dev/null -w \"$p=%{{http_code}} \" {r}$p; done; echo; \
          curl -sS -m 10 -H 'X-Forwarded-Host: evil.example' -H 'X-HTTP-Method-Override: TRACE' {r}/api/ok?q=1; echo"
     );
@@ -1002,7 +1002,7 @@ secret = "openai"
     );
     assert_eq!(
         lines[1].trim(),
-        "//api/x=400 ///api=400 /api//x=400 /api/../x=400 /api/./x=400 /api/%2e%2e/x=400 /api/%2F/x=400 /api/..=400",
+        "//api/x=400 ///api=400 /api//x=400 /api/../x=400 /api/./x=400 /api/%2e%2e/x=400 /api/%2F/x=400 /api/..=400 /api/..;/x=400",
         "{}",
         describe(&out)
     );

@@ -145,7 +145,8 @@ sleep 2
 python3 - "$HT/samples.txt" "$(cat "$HT/ws/polite.txt" 2>/dev/null || echo '? ?')" "$PS_FAIL" \
   "$("$BIN/aitherctl" logs hostile 2>/dev/null | tail -n1 || true)" \
   "$(grep -c '"kind":"net"' "$AITHER_AUDIT_LOG" || true)" \
-  "$({ tr '\n' ';' <"$HT/ws/polite-failures.txt"; } 2>/dev/null || true)" <<'PYS'
+  "$({ tr '\n' ';' <"$HT/ws/polite-failures.txt"; } 2>/dev/null || true)" \
+  "$(for f in bus.db state.db; do printf '%s (with its WAL) %s KiB; ' "$f" "$(cat "$HT/state/$f"* | wc -c | awk '{print int($1/1024)}')"; done; printf 'audit.jsonl %s KiB' "$(($(wc -c <"$AITHER_AUDIT_LOG") / 1024))")" <<'PYS'
 import statistics, sys
 rows = [list(map(int, l.split())) for l in open(sys.argv[1]).read().split("\n")[1:] if l.strip()]
 fds, rss, cpu = ([r[i] for r in rows] for i in (1, 2, 3))
@@ -156,5 +157,6 @@ print(f"| VmRSS MiB | {min(rss)/1024:.1f} | {statistics.median(rss)/1024:.1f} | 
 print(f"| CPU % of one core | {min(cpu)} | {statistics.median(cpu):.0f} | {max(cpu)} |")
 ok, bad = sys.argv[2].split()
 print(f"\npolite agent: {ok} requests answered, {bad} failed ({sys.argv[6] or 'none'}); aitherctl ps failures: {sys.argv[3]}; "
-      f"hostile agent's last report: {sys.argv[4] or '?'}; net audit records: {sys.argv[5]}")
+      f"hostile agent's last report: {sys.argv[4] or '?'}; net audit records: {sys.argv[5]}; "
+      f"sizes at the end: {sys.argv[7]}")
 PYS

@@ -1593,7 +1593,7 @@ fn strip_override_headers(h: &mut hyper::HeaderMap) {
 }
 
 /// A route's request path is normalised: it starts with '/', has no empty, `.` or `..`
-/// segment, no backslash and no percent-encoded '/', '\\', '.' or NUL (an upstream may
+/// segment (also before a `;` parameter), no backslash and no percent-encoded '/', '\\', '.' or NUL (an upstream may
 /// decode them into separators after the prefix was checked).
 pub fn normalised_path(path: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("the route path is not normalised ({why})"));
@@ -1615,7 +1615,9 @@ pub fn normalised_path(path: &str) -> Result<(), String> {
         if seg.is_empty() && i + 1 < segs.len() {
             return bad("an empty segment, `//`");
         }
-        if *seg == "." || *seg == ".." {
+        // `..;x` is `..` to servers that take `;` as a path parameter (Tomcat, Jetty).
+        let bare = seg.split(';').next().unwrap_or_default();
+        if bare == "." || bare == ".." {
             return bad("a `.` or `..` segment");
         }
     }
@@ -1899,6 +1901,8 @@ mod tests {
             "/api/%2e%2e/x",
             "/api/%2F/x",
             "/api\\x",
+            "/api/..;/x",
+            "/api/.;x/y",
             "/",
             "api",
         ] {
