@@ -49,7 +49,12 @@ PY
 SPID=$!
 for _ in $(seq 200); do (exec 3<>"/dev/tcp/11.1.0.2/$PORT") 2>/dev/null && break; sleep 0.1; done
 printf '[egress]\n%s\n' "${EGRESS_CONFIG_EXTRA:-}" >"$HT/aitherd.toml"
-"$BIN/aitherd" --config "$HT/aitherd.toml" 2>"$HT/aitherd.log" &
+# HOSTILE_NO_CONFIG=1: no --config (an aitherd from before the flag, for a comparison).
+if [ -n "${HOSTILE_NO_CONFIG:-}" ]; then
+  "$BIN/aitherd" 2>"$HT/aitherd.log" &
+else
+  "$BIN/aitherd" --config "$HT/aitherd.toml" 2>"$HT/aitherd.log" &
+fi
 DPID=$!
 for _ in $(seq 200); do [ -S "$AITHER_SOCKET" ] && break; sleep 0.1; done
 mkdir "$HT/ws"
