@@ -832,6 +832,38 @@ fn a_flood_of_denials_is_answered_429_and_recorded_as_summaries() {
 }
 
 #[test]
+fn a_flood_of_allowed_requests_is_recorded_as_summaries_too() {
+    let host = Host::new();
+    let ws = workspace_with_probe();
+    let policy = host.policy("standard", ONE_RULE);
+    let flood = format!("denyflood=api.example.test,{},300", host.http_port);
+    let out = host.run(&ws, &policy, &["python3", "probe.py", &flood]);
+    assert_eq!(
+        probe_line(&stdout(&out), &flood),
+        "200=300",
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(host.seen().len(), 300);
+    let allowed: Vec<serde_json::Value> = host
+        .net_audit()
+        .into_iter()
+        .filter(|v| v["decision"] == "allow")
+        .collect();
+    let single = allowed
+        .iter()
+        .filter(|v| v["data"]["via"] != "summary")
+        .count() as u64;
+    let summarised: u64 = allowed
+        .iter()
+        .filter_map(|v| v["data"]["suppressed"].as_u64())
+        .sum();
+    // 20 per 10 s one by one (the run may straddle an interval's end), the rest summarised.
+    assert!((20..=60).contains(&single), "{single}");
+    assert_eq!(single + summarised, 300);
+}
+
+#[test]
 fn an_idle_tunnel_is_closed_after_the_configured_timeout() {
     let host = Host::with_config("idle_timeout_s = 2");
     let ws = workspace_with_probe();
@@ -1598,10 +1630,11 @@ fn one_hostile_agent_under_aitherd_changes_nothing_another_agent_or_the_operator
         "upstream-ok /victim"
     );
     assert!(d.ok(&["ps"]).contains("victim"));
-    // The flood is a few records: at most 20 per rule one by one, the rest summarised.
+    // The flood is a few records: at most 20 per rule and 10 s one by one (default-deny,
+    // denial-budget, bounds; the flood may straddle an interval's end), the rest summarised.
     let events = d.ok(&["events", "--json", "--agent", "hostile"]);
     let denied = events.matches("\"net.denied\"").count();
-    assert!((20..=60).contains(&denied), "{denied} denial events");
+    assert!((20..=130).contains(&denied), "{denied} denial events");
     let victim_events = d.ok(&["events", "--json", "--agent", "victim"]);
     assert!(victim_events.contains("\"net.allowed\""), "{victim_events}");
     for a in ["hostile", "victim"] {

@@ -53,9 +53,9 @@ impl Counters {
             ),
             _ => return,
         };
-        // A summary of denials (docs/network.md, Bounds) stands for `suppressed` of them.
+        // A summary of decisions (docs/network.md, Bounds) stands for `suppressed` of them.
         let n = match (kind, data["suppressed"].as_u64()) {
-            ("net.denied", Some(n)) => n,
+            ("net.denied" | "net.allowed", Some(n)) => n,
             _ => 1,
         };
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -71,7 +71,8 @@ pub const MAX_PENDING_HEADS: usize = 64;
 pub const DENIAL_BURST: u32 = 200;
 pub const DENIAL_REFILL: u32 = 20;
 /// Per (agent, rule), the first [`SUMMARY_PASS`] denials of each [`SUMMARY_INTERVAL`] are
-/// recorded (audit, events, bus); the rest become one summary record when it ends.
+/// recorded (audit, events, bus); the rest become one summary record when it ends. Allowed
+/// decisions likewise, counted apart.
 pub const SUMMARY_PASS: u64 = 20;
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,6 +157,7 @@ struct Shared {
     /// The host's own addresses (internal unless granted as a service).
     host_addrs: HostAddrs,
     summary: Mutex<Summariser>,
+    summary_allowed: Mutex<Summariser>,
     /// Descriptors the gateway holds now (client connections and upstreams), all agents.
     fds: AtomicUsize,
     budget: FdBudget,
@@ -638,6 +640,7 @@ impl Gateway {
                 tls: Arc::new(tls),
                 host_addrs: HostAddrs::default(),
                 summary: Mutex::new(Summariser::new(SUMMARY_PASS, SUMMARY_INTERVAL, 32)),
+                summary_allowed: Mutex::new(Summariser::new(SUMMARY_PASS, SUMMARY_INTERVAL, 32)),
                 fds: AtomicUsize::new(0),
                 budget: match cfg.egress.max_descriptors {
                     Some(n) => FdBudget::for_total(n),
@@ -661,37 +664,48 @@ impl Gateway {
     /// Records the summaries of every summarising interval that has ended (a ticker calls
     /// it; `serve` does once a second).
     pub fn flush_summaries(&self) {
-        let due = match self.shared.summary.lock() {
-            Ok(mut s) => s.flush(Instant::now()),
-            Err(_) => return,
-        };
+        let now = Instant::now();
+        self.flush_with(|s| s.flush(now));
+    }
+
+    fn flush_with(&self, f: impl Fn(&mut Summariser) -> Vec<Summary>) {
+        let mut due: Vec<(bool, Summary)> = Vec::new();
+        for (allowed, m) in [
+            (true, &self.shared.summary_allowed),
+            (false, &self.shared.summary),
+        ] {
+            if let Ok(mut s) = m.lock() {
+                due.extend(f(&mut s).into_iter().map(|x| (allowed, x)));
+            }
+        }
         self.record_summaries(due);
     }
 
     /// Records `agent`'s open summaries now (its run ended), or everyone's (None: the
     /// gateway stops).
     pub fn flush_summaries_now(&self, agent: Option<&str>) {
-        let due = match self.shared.summary.lock() {
-            Ok(mut s) => match agent {
-                Some(a) => s.flush_agent(a, Instant::now()),
-                None => s.flush_all(Instant::now()),
-            },
-            Err(_) => return,
-        };
-        self.record_summaries(due);
+        let now = Instant::now();
+        self.flush_with(|s| match agent {
+            Some(a) => s.flush_agent(a, now),
+            None => s.flush_all(now),
+        });
     }
 
-    fn record_summaries(&self, due: Vec<Summary>) {
-        for s in due {
+    fn record_summaries(&self, due: Vec<(bool, Summary)>) {
+        for (allowed, s) in due {
             let ev = NetEvent {
                 agent: s.agent.clone(),
-                allowed: false,
+                allowed,
                 rule: s.key.clone(),
                 via: "summary",
                 host: String::new(),
                 port: 0,
                 method: None,
-                reason: Some(s.message("denials")),
+                reason: Some(s.message(if allowed {
+                    "allowed requests"
+                } else {
+                    "denials"
+                })),
                 suppressed: Some(s.suppressed),
             };
             (self.shared.events)(&ev);
@@ -801,13 +815,27 @@ impl Gateway {
                     s.connections += 1
                 }
             });
+            // Allowed requests are summarised the same way: a flood of them (within the
+            // quotas) cannot rotate the audit trail away either.
+            let verdict = self
+                .shared
+                .summary_allowed
+                .lock()
+                .map(|mut s| s.offer(&agent.name, &ev.rule, Instant::now()))
+                .unwrap_or(Verdict::Suppress);
+            if verdict == Verdict::Suppress {
+                return;
+            }
         } else {
             agent.count(&ev.rule, |s| s.denials += 1);
             let now = Instant::now();
-            // Every denial is charged to the agent's denial budget; its record goes out only
-            // while the (agent, rule) is within its per-interval allowance.
-            if let Ok(mut b) = agent.denials.lock() {
-                b.take(now);
+            // Every denied request is charged to the agent's denial budget (a connection closed
+            // by a bound is not: closing it cost nothing more); its record goes out only while
+            // the (agent, rule) is within its per-interval allowance.
+            if ev.rule != "bounds" {
+                if let Ok(mut b) = agent.denials.lock() {
+                    b.take(now);
+                }
             }
             let verdict = self
                 .shared
