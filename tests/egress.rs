@@ -953,26 +953,27 @@ fn connect_errors_tell_nothing_of_the_port_and_no_upstream_is_opened_before_the_
     // refused after its first flight, and plain HTTP gets the rule's generic answer.
     let closed = "sni=api.example.test,1,api.example.test".to_string();
     let bad = format!("sni=api.example.test,{t},other.example.test");
+    let socks_closed = "socks_sni=api.example.test,1,api.example.test".to_string();
+    let socks_bad = format!("socks_sni=api.example.test,{t},other.example.test");
     let out = host.run(
         &ws,
         &policy,
         &[
             "sh",
             "-c",
-            &format!("python3 probe.py {closed} {bad}; curl -sS -m 10 http://api.example.test:1/"),
+            &format!(
+                "python3 probe.py {closed} {bad} {socks_closed} {socks_bad}; curl -sS -m 10 http://api.example.test:1/"
+            ),
         ],
     );
     let text = stdout(&out);
-    assert!(
-        probe_line(&text, &closed).starts_with("cut"),
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        probe_line(&text, &bad).starts_with("cut"),
-        "{}",
-        describe(&out)
-    );
+    for c in [&closed, &bad, &socks_closed, &socks_bad] {
+        assert!(
+            probe_line(&text, c).starts_with("cut"),
+            "{c}\n{}",
+            describe(&out)
+        );
+    }
     assert!(
         text.contains("aither egress (egress[0]): the upstream did not answer"),
         "{}",

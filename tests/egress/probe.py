@@ -79,6 +79,29 @@ def tls_sni(host, port, sni):
         return "cut " + type(e).__name__
 
 
+def socks_sni(host, port, sni):
+    """SOCKS5 (by name) to host:port, then a TLS handshake naming `sni`."""
+    s = socket.create_connection(GW, timeout=5)
+    s.sendall(b"\x05\x01\x00")
+    if s.recv(2) != b"\x05\x00":
+        return "refused greeting"
+    name = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
+    rep = s.recv(10)
+    if len(rep) < 2 or rep[1] != 0:
+        return "refused " + (str(rep[1]) if len(rep) > 1 else "-")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        t = ctx.wrap_socket(s, server_hostname=sni)
+        t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = t.recv(4096)
+        return "tls ok " + data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+    except Exception as e:  # noqa: BLE001
+        return "cut " + type(e).__name__
+
+
 def relayed(host, port, inner):
     s, status = connect_tunnel(host, port)
     if " 200" not in status:
@@ -262,6 +285,7 @@ def main():
             "udp": lambda: udp(a[0], a[1]),
             "resolve": lambda: resolve(a[0]),
             "sni": lambda: tls_sni(a[0], a[1], a[2]),
+            "socks_sni": lambda: socks_sni(a[0], a[1], a[2]),
             "relayed": lambda: relayed(a[0], a[1], a[2]),
             "get": lambda: get(a[0], a[1]),
             "flood": lambda: flood(a[0], a[1], a[2]),
