@@ -1,4 +1,4 @@
-//! Keeping a flood of similar records from drowning the rest (docs/audit.md).
+//! Keeping a flood of similar records from drowning the rest (docs/network.md, "Bounds").
 //!
 //! Two small pieces, used by the egress gateway for its denials and meant for any other source
 //! of per-agent denials (the daemon's fd-3 channel):
