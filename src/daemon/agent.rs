@@ -643,12 +643,12 @@ impl Agent {
         }
         // Egress for this run, until `watch` returns (docs/network.md).
         let _egress = live.egress.take().map(|fd| {
-            let grants = self
+            let (token, grants) = self
                 .d
                 .check_token(&self.rec.token)
-                .map(|v| v.effective().net.clone())
+                .map(|v| (v.effective().id.clone(), v.effective().net.clone()))
                 .unwrap_or_default();
-            super::egress::serve(&self.d, &self.name, grants, fd)
+            super::egress::serve(&self.d, &self.name, &token, grants, fd)
         });
         // Its published ports, as services for other agents, while this run lives.
         let _published =

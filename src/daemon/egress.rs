@@ -10,18 +10,25 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::{Daemon, Shared};
+use crate::net::gateway::{QuotaSnapshot, QuotaState};
 use crate::net::{self, AgentNet, Gateway, GatewayConfig, NetEvent, NetGrants};
 
 /// Stops serving an agent's socket when its run ends.
 pub struct Serving {
     task: tokio::task::JoinHandle<()>,
     name: String,
+    token: String,
+    quota: Arc<QuotaState>,
     d: Shared,
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
         self.task.abort();
+        // The quota state as the run leaves it (the next run, or the next daemon, goes on
+        // from there), and the run's denials still being summarised.
+        persist_quota(&self.d, &self.name, &self.token, &self.quota);
+        self.d.gateway().flush_summaries_now(Some(&self.name));
         self.d
             .net_agents
             .lock()
@@ -30,35 +37,77 @@ impl Drop for Serving {
     }
 }
 
+fn persist_quota(d: &Shared, name: &str, token: &str, q: &QuotaState) {
+    q.take_dirty();
+    d.store.put_net_quota(
+        name,
+        token,
+        &serde_json::to_value(q.snapshot()).unwrap_or_default(),
+    );
+}
+
+/// How often a serving run's quota state is written while it changes.
+const QUOTA_PERSIST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The quota state of agent `name` under token `token`: the one its previous runs charged
+/// (in memory), else the stored one (a previous daemon's), else a fresh one.
+fn quota_for(d: &Shared, name: &str, token: &str) -> Arc<QuotaState> {
+    let key = (name.to_string(), token.to_string());
+    let mut map = d.net_quotas.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(q) = map.get(&key) {
+        return q.clone();
+    }
+    let stored = d
+        .store
+        .reader()
+        .and_then(|c| crate::daemon::store::load_net_quota(&c, d.store.path(), name, token));
+    let q = match stored {
+        Ok(Some(v)) => match serde_json::from_value::<QuotaSnapshot>(v) {
+            Ok(s) => Arc::new(QuotaState::restore(&s)),
+            Err(e) => {
+                // Fail closed would block the agent for good; a fresh state is logged loudly.
+                tracing::error!(agent = name, error = %e, "stored egress quota state unreadable; starting afresh");
+                Arc::default()
+            }
+        },
+        Ok(None) => Arc::default(),
+        Err(e) => {
+            tracing::error!(agent = name, error = %e, "cannot read the stored egress quota state");
+            Arc::default()
+        }
+    };
+    map.insert(key, q.clone());
+    q
+}
+
 impl Daemon {
-    /// The shared gateway, built on first use.
+    /// The shared gateway, built on first use (with the default egress settings when aitherd
+    /// did not set its configuration first: `init_gateway`).
     pub fn gateway(self: &Arc<Self>) -> &Gateway {
-        self.net.get_or_init(|| {
-            let resolver: Box<dyn net::Resolve> = match net::resolve::from_env() {
-                Ok(r) => r,
-                Err(e) => {
-                    // Fail closed: a broken table resolves nothing (every egress is refused).
-                    tracing::error!(error = %e, "egress resolver table unusable; egress refused");
-                    Box::new(net::StaticResolver::default())
+        self.net
+            .get_or_init(|| self.build_gateway(net::config::Egress::default()))
+    }
+
+    /// Builds the gateway with the operator's egress settings (aitherd's `--config` file);
+    /// false if it was already built.
+    pub fn init_gateway(self: &Arc<Self>, egress: net::config::Egress) -> bool {
+        let gw = self.build_gateway(egress);
+        self.net.set(gw).is_ok()
+    }
+
+    fn build_gateway(self: &Arc<Self>, egress: net::config::Egress) -> Gateway {
+        let weak = Arc::downgrade(self);
+        Gateway::new(GatewayConfig {
+            resolver: Box::new(net::SystemResolver),
+            events: Arc::new(move |ev: &NetEvent| {
+                if let Some(d) = weak.upgrade() {
+                    d.net_event(ev);
                 }
-            };
-            let extra_roots = net::extra_roots_from_env().unwrap_or_else(|e| {
-                tracing::error!(error = %e, "egress trust anchors ignored");
-                Vec::new()
-            });
-            let weak = Arc::downgrade(self);
-            Gateway::new(GatewayConfig {
-                resolver,
-                events: Arc::new(move |ev: &NetEvent| {
-                    if let Some(d) = weak.upgrade() {
-                        d.net_event(ev);
-                    }
-                }),
-                secrets: Some(Arc::new(net::secrets::SecretStore::new(
-                    self.state_dir.join("secrets"),
-                ))),
-                extra_roots,
-            })
+            }),
+            secrets: Some(Arc::new(net::secrets::SecretStore::new(
+                self.state_dir.join("secrets"),
+            ))),
+            egress,
         })
     }
 
@@ -78,7 +127,12 @@ impl Daemon {
     pub fn net_stats(&self, name: &str) -> Option<serde_json::Value> {
         let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
         let a = agents.get(name)?;
-        Some(json!({"grants": a.grants, "rules": a.stats()}))
+        Some(json!({
+            "grants": a.grants,
+            "rules": a.stats(),
+            "connections": a.open_connections(),
+            "descriptors": a.descriptors(),
+        }))
     }
 }
 
@@ -136,21 +190,43 @@ pub fn publish(
     })
 }
 
-/// Serves `listener` (the run's gateway socket) for agent `name` with `grants` until the
-/// returned value is dropped.
-pub fn serve(d: &Shared, name: &str, grants: NetGrants, listener: OwnedFd) -> Serving {
-    let agent = AgentNet::new(name, grants);
+/// Serves `listener` (the run's gateway socket) for agent `name` with `grants` under the
+/// token whose id is `token` until the returned value is dropped. The quotas charge the
+/// state kept for (name, token) across runs and daemon restarts.
+pub fn serve(d: &Shared, name: &str, token: &str, grants: NetGrants, listener: OwnedFd) -> Serving {
+    let quota = quota_for(d, name, token);
+    let agent = AgentNet::with_quota(name, grants, quota.clone());
     d.net_agents
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.to_string(), agent.clone());
     let gw = d.gateway().clone();
+    let (dd, n, t, q) = (
+        d.clone(),
+        name.to_string(),
+        token.to_string(),
+        quota.clone(),
+    );
     let task = tokio::spawn(async move {
-        gw.serve(std::net::TcpListener::from(listener), agent).await;
+        let persist = async {
+            let mut tick = tokio::time::interval(QUOTA_PERSIST);
+            loop {
+                tick.tick().await;
+                if q.take_dirty() {
+                    persist_quota(&dd, &n, &t, &q);
+                }
+            }
+        };
+        tokio::select! {
+            _ = gw.serve(std::net::TcpListener::from(listener), agent) => {}
+            _ = persist => {}
+        }
     });
     Serving {
         task,
         name: name.to_string(),
+        token: token.to_string(),
+        quota,
         d: d.clone(),
     }
 }

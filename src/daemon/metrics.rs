@@ -53,8 +53,13 @@ impl Counters {
             ),
             _ => return,
         };
+        // A summary of decisions (docs/network.md, Bounds) stands for `suppressed` of them.
+        let n = match (kind, data["suppressed"].as_u64()) {
+            ("net.denied" | "net.allowed", Some(n)) => n,
+            _ => 1,
+        };
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((key.0.to_string(), key.1)).or_default() += 1;
+        *m.entry((key.0.to_string(), key.1)).or_default() += n;
     }
 
     fn snapshot(&self) -> BTreeMap<(String, String), u64> {

@@ -117,6 +117,8 @@ pub struct Daemon {
     usage: Mutex<HashMap<String, Arc<budget::Usage>>>,
     /// Repeated audit records of agents' requests, summarised.
     pub summary: summary::Denials,
+    /// Egress quota state per (agent name, token id), kept across the agent's runs.
+    pub net_quotas: Mutex<HashMap<(String, String), Arc<crate::net::gateway::QuotaState>>>,
 }
 
 impl Daemon {
@@ -176,6 +178,7 @@ impl Daemon {
             users: std::sync::OnceLock::new(),
             usage: Mutex::new(HashMap::new()),
             summary: summary::Denials::new(summary::WINDOW),
+            net_quotas: Mutex::new(HashMap::new()),
         })
     }
 

@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS gpu (
     state TEXT NOT NULL,
     data  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS net_quota (
+    name       TEXT NOT NULL,
+    token      TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (name, token)
+);
 ";
 
 /// One event: a state change, a pain signal, a health result.
@@ -132,6 +139,13 @@ enum Op {
         data: String,
     },
     DeleteGpu(String),
+    /// An agent's egress quota state (per agent name and token id; docs/network.md).
+    PutNetQuota {
+        name: String,
+        token: String,
+        state: String,
+        now: u64,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -264,6 +278,16 @@ impl Store {
 
     pub fn event(&self, e: Event) {
         self.send(Op::Event(e));
+    }
+
+    /// Persists the egress quota state of agent `name` under token `token` (JSON).
+    pub fn put_net_quota(&self, name: &str, token: &str, state: &serde_json::Value) {
+        self.send(Op::PutNetQuota {
+            name: name.into(),
+            token: token.into(),
+            state: state.to_string(),
+            now: now_ms(),
+        });
     }
 
     /// Waits until everything sent so far is committed (or failed).
@@ -455,6 +479,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::DeleteAgent(name) => {
             tx.execute("DELETE FROM agents WHERE name = ?1", params![name])?;
+            tx.execute("DELETE FROM net_quota WHERE name = ?1", params![name])?;
             tx.execute("DELETE FROM gpu WHERE name = ?1", params![name])?;
             tx.execute("DELETE FROM runs WHERE name = ?1", params![name])?;
         }
@@ -499,9 +524,49 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 params![e.ts_ms as i64, e.name, e.kind, e.data.to_string()],
             )?;
         }
+        Op::PutNetQuota {
+            name,
+            token,
+            state,
+            now,
+        } => {
+            tx.execute(
+                "INSERT INTO net_quota(name, token, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name, token) DO UPDATE SET state = ?3, updated_ms = ?4",
+                params![name, token, state, *now as i64],
+            )?;
+        }
         Op::Flush(_) => {}
     }
     Ok(())
+}
+
+/// The stored egress quota state of agent `name` under token `token`, if any.
+pub fn load_net_quota(
+    c: &Connection,
+    path: &Path,
+    name: &str,
+    token: &str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    use rusqlite::OptionalExtension;
+    let text: Option<String> = c
+        .query_row(
+            "SELECT state FROM net_quota WHERE name = ?1 AND token = ?2",
+            params![name, token],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|source| StoreError::Sql {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| StoreError::Corrupt {
+            name: name.to_string(),
+            detail: format!("net_quota: {e}"),
+        })
+    })
+    .transpose()
 }
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: PathBuf) {

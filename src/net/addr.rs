@@ -1,7 +1,177 @@
 //! Which addresses are "inside": the gateway never connects to them on behalf of an egress
-//! rule (only a granted service may point there).
+//! rule (only a granted service may point there). Inside means an internal range
+//! ([`internal_reason`]) or an address of one of the host's own interfaces ([`HostAddrs`]): a
+//! service the host binds on 0.0.0.0 is reachable at its public address too.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::RwLock;
+
+/// The addresses of the host's interfaces (getifaddrs), read at start and again whenever the
+/// kernel reports an address change: a netlink socket subscribed to the IPv4 and IPv6 address
+/// groups is drained (without blocking) at every check, and any message, or an overflow,
+/// makes the check read the list again first. Without that socket every check reads the list.
+/// A failed read keeps the previous list; with no list at all every address counts as the
+/// host's own (fail closed).
+pub struct HostAddrs {
+    addrs: RwLock<Option<HashSet<IpAddr>>>,
+    watch: Option<OwnedFd>,
+}
+
+impl Default for HostAddrs {
+    fn default() -> Self {
+        // The watch first: a change between the read and the subscription would be missed.
+        let watch = match address_watch() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "no netlink address watch: the host's addresses are read at every decision");
+                None
+            }
+        };
+        let h = HostAddrs {
+            addrs: RwLock::new(None),
+            watch,
+        };
+        h.refresh();
+        h
+    }
+}
+
+impl HostAddrs {
+    fn refresh(&self) {
+        match interface_addrs() {
+            Ok(set) => {
+                if let Ok(mut a) = self.addrs.write() {
+                    *a = Some(set);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the host's interface addresses"),
+        }
+    }
+
+    /// Whether the kernel reported an address change since the last call (drains them).
+    fn changed(&self) -> bool {
+        let Some(fd) = &self.watch else {
+            return true;
+        };
+        let mut buf = [0u8; 8192];
+        let mut changed = false;
+        loop {
+            // SAFETY: recv into a buffer we own, on a descriptor we own; never blocks.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                changed = true;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if n < 0 && e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // EAGAIN: drained. ENOBUFS (messages lost) or anything else: read the list again.
+            if n < 0 && e.raw_os_error() != Some(libc::EAGAIN) {
+                changed = true;
+            }
+            return changed;
+        }
+    }
+
+    /// Whether `ip` (an IPv4-mapped address as its IPv4 form) is one of the host's own.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        if self.changed() {
+            self.refresh();
+        }
+        let ip = canonical(ip);
+        match self.addrs.read() {
+            Ok(a) => a.as_ref().is_none_or(|set| set.contains(&ip)),
+            Err(_) => true,
+        }
+    }
+}
+
+/// A netlink socket subscribed to address changes (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+fn address_watch() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket() with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor socket() just returned, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    // SAFETY: bind with a pointer to a sockaddr_nl and its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Every address of every interface of the calling thread's network namespace. (libc's
+/// getifaddrs: nix is not a dependency of this crate.)
+pub fn interface_addrs() -> std::io::Result<HashSet<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head it allocated into `head`; freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = HashSet::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+            let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if fam == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if fam == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.insert(canonical(IpAddr::V6(Ipv6Addr::from(
+                    sin6.sin6_addr.s6_addr,
+                ))));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
 
 /// Why an address is internal, for the denial message; None for a public address.
 pub fn internal_reason(ip: IpAddr) -> Option<&'static str> {
@@ -63,8 +233,11 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
         Some("documentation (2001:db8::/32)")
     } else if s[0..6] == [0, 0, 0, 0, 0, 0] {
         Some("IPv4-compatible (::/96)")
-    } else if s[0] == 0xfd00 || (s[0] == 0xfec0) {
-        Some("site-local")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("site-local (fec0::/10)")
+    } else if (s[0] & 0xe000) != 0x2000 {
+        // Everything outside global unicast is reserved or special-purpose.
+        Some("not global unicast (outside 2000::/3)")
     } else {
         None
     }
@@ -90,11 +263,26 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
+            "fec0::1",
+            "fed0::1",
+            "feff::1",
+            "fe00::1",
+            "4000::1",
         ] {
             assert!(internal_reason(a.parse().unwrap()).is_some(), "{a}");
         }
         for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
             assert!(internal_reason(a.parse().unwrap()).is_none(), "{a}");
         }
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_read() {
+        let own = interface_addrs().unwrap();
+        assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
+        let h = HostAddrs::default();
+        assert!(h.contains("127.0.0.1".parse().unwrap()));
+        assert!(h.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!h.contains("192.0.2.77".parse().unwrap()));
     }
 }

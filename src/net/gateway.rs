@@ -11,7 +11,14 @@
 //! the host, refused when any address is internal (unless it is a granted service), and
 //! connected to at exactly the address that was checked (no second lookup, so no rebinding).
 //! A tunnel must begin with a TLS ClientHello whose SNI is the tunnel's host (a service may
-//! carry any protocol); a CONNECT request inside a tunnel is refused in every case.
+//! carry any protocol, and plain HTTP to a service is served request by request); a CONNECT
+//! request inside a tunnel is refused in every case. The upstream connection is opened only
+//! once the first flight passed.
+//!
+//! Bounds per agent (docs/network.md, "Bounds"): descriptors (a client connection and its
+//! upstream each count, tunnels until they close) within a share of the process's limit that
+//! leaves the manager a reserve; pending request heads; an idle timeout on every connection
+//! and tunnel; a denial budget (429 once spent) and summarised denial records.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -20,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -36,19 +43,38 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
-use super::addr::internal_reason;
+use super::addr::{internal_reason, HostAddrs};
 use super::inspect::{first_flight, Flight};
 use super::resolve::Resolve;
 use super::rules::{NetGrants, ServiceTarget, Upstream, SERVICE_DOMAIN};
 use super::socks::{socks5_request, socks_reply, SocksAsk};
+use crate::audit::summary::{Summariser, Summary, TokenBucket, Verdict};
 
 /// Longest an agent may take to send a request head, a SOCKS5 handshake or a tunnel's first
 /// TLS flight (slow clients are cut after it; the gateway serves others meanwhile).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head accepted (hyper answers 431 above it).
+/// Largest request head accepted: every larger head is answered 431. Heads up to
+/// [`HEAD_ALWAYS_ACCEPTED`] always pass (the agent's bytes are read at most
+/// [`CLIENT_READ_CHUNK`] at a time, and hyper stops at `HEAD_ALWAYS_ACCEPTED` buffered).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Connections one agent may hold open at once (more are accepted and closed at once).
+/// The agent's bytes are read at most this many at a time.
+pub const CLIENT_READ_CHUNK: usize = 8 * 1024;
+/// hyper's read-buffer limit: heads up to this size are always accepted.
+pub const HEAD_ALWAYS_ACCEPTED: usize = MAX_HEAD_BYTES - CLIENT_READ_CHUNK;
+/// Connections one agent may hold open at once, whatever the descriptor budget.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections of one agent that may be waiting for their first request head, SOCKS5
+/// handshake or tunnel first flight at once (each may buffer up to 64 KiB in the manager).
+pub const MAX_PENDING_HEADS: usize = 64;
+/// The denial budget: this many denials at once, refilled at [`DENIAL_REFILL`] a second.
+/// Once spent, every request of the agent is answered 429 (rule `denial-budget`).
+pub const DENIAL_BURST: u32 = 200;
+pub const DENIAL_REFILL: u32 = 20;
+/// Per (agent, rule), the first [`SUMMARY_PASS`] denials of each [`SUMMARY_INTERVAL`] are
+/// recorded (audit, events, bus); the rest become one summary record when it ends. Allowed
+/// decisions likewise, counted apart.
+pub const SUMMARY_PASS: u64 = 20;
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tunnel copy buffer per direction.
 const COPY_BUF: usize = 64 * 1024;
@@ -71,6 +97,10 @@ pub struct NetEvent {
     /// For a denial: why, as the agent was told.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A summary record (`via` "summary"): how many denials it stands for that were not
+    /// recorded one by one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 impl NetEvent {
@@ -107,8 +137,9 @@ pub struct GatewayConfig {
     pub resolver: Box<dyn Resolve>,
     pub events: EventSink,
     pub secrets: Option<Arc<dyn SecretSource>>,
-    /// Extra trust anchors for route upstreams (PEM file; tests use a local CA).
-    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The operator's settings: trust anchors for route upstreams (the system store plus the
+    /// configured CA file), the idle timeout.
+    pub egress: super::config::Egress,
 }
 
 /// The gateway: shared by every agent of a manager.
@@ -123,6 +154,140 @@ struct Shared {
     secrets: Option<Arc<dyn SecretSource>>,
     published: RwLock<HashMap<String, Published>>,
     tls: Arc<rustls::ClientConfig>,
+    /// The host's own addresses (internal unless granted as a service).
+    host_addrs: HostAddrs,
+    summary: Mutex<Summariser>,
+    summary_allowed: Mutex<Summariser>,
+    /// Descriptors the gateway holds now (client connections and upstreams), all agents.
+    fds: AtomicUsize,
+    budget: FdBudget,
+    idle: Duration,
+}
+
+/// The gateway's share of the process's descriptor limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    /// All agents together: half the soft RLIMIT_NOFILE (the other half is the manager's
+    /// reserve: its control socket, state database, logs and shims).
+    pub total: usize,
+    /// One agent: an eighth of `total` (at least 16, at most two per [`MAX_CONNECTIONS`]).
+    pub per_agent: usize,
+}
+
+impl FdBudget {
+    /// From the process's soft RLIMIT_NOFILE, read now.
+    pub fn from_rlimit() -> FdBudget {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass.
+        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+            usize::try_from(r.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        FdBudget::for_limit(limit)
+    }
+
+    /// For a process whose descriptor limit is `limit`.
+    pub fn for_limit(limit: usize) -> FdBudget {
+        Self::for_total((limit / 2).max(32))
+    }
+
+    /// For a gateway that may hold `total` descriptors.
+    pub fn for_total(total: usize) -> FdBudget {
+        FdBudget {
+            total,
+            per_agent: (total / 8).clamp(16, 2 * MAX_CONNECTIONS),
+        }
+    }
+}
+
+/// An agent's request windows and byte count: what its quotas charge. Kept by the manager
+/// per (agent name, token id) across the agent's runs (aitherd persists it, docs/network.md).
+#[derive(Debug, Default)]
+pub struct QuotaState {
+    window: Mutex<VecDeque<Instant>>,
+    service_windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    bytes: AtomicU64,
+    dirty: AtomicBool,
+}
+
+/// A [`QuotaState`] as stored: times as Unix milliseconds.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QuotaSnapshot {
+    pub bytes: u64,
+    pub requests_ms: Vec<u64>,
+    #[serde(default)]
+    pub services_ms: BTreeMap<String, Vec<u64>>,
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl QuotaState {
+    /// The state as stored (requests older than the one-minute window are left out).
+    pub fn snapshot(&self) -> QuotaSnapshot {
+        let (now, now_ms) = (Instant::now(), unix_ms_now());
+        let to_ms = |w: &VecDeque<Instant>| -> Vec<u64> {
+            w.iter()
+                .filter(|t| now.duration_since(**t) < Duration::from_secs(60))
+                .map(|t| now_ms.saturating_sub(now.duration_since(*t).as_millis() as u64))
+                .collect()
+        };
+        QuotaSnapshot {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            requests_ms: self.window.lock().map(|w| to_ms(&w)).unwrap_or_default(),
+            services_ms: self
+                .service_windows
+                .lock()
+                .map(|m| m.iter().map(|(k, w)| (k.clone(), to_ms(w))).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The state a snapshot describes (times in the future are taken as now).
+    pub fn restore(s: &QuotaSnapshot) -> QuotaState {
+        let (now, now_ms) = (Instant::now(), unix_ms_now());
+        let to_instants = |v: &[u64]| -> VecDeque<Instant> {
+            let mut w: VecDeque<Instant> = v
+                .iter()
+                .filter_map(|ms| {
+                    let age = Duration::from_millis(now_ms.saturating_sub(*ms));
+                    (age < Duration::from_secs(60)).then(|| now.checked_sub(age).unwrap_or(now))
+                })
+                .collect();
+            w.make_contiguous().sort();
+            w
+        };
+        QuotaState {
+            window: Mutex::new(to_instants(&s.requests_ms)),
+            service_windows: Mutex::new(
+                s.services_ms
+                    .iter()
+                    .map(|(k, v)| (k.clone(), to_instants(v)))
+                    .collect(),
+            ),
+            bytes: AtomicU64::new(s.bytes),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether anything was charged since the last call (and clears the mark).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    fn add_bytes(&self, n: u64) {
+        if n > 0 {
+            self.bytes.fetch_add(n, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One agent as the gateway sees it: its grants and its accounting.
@@ -130,23 +295,52 @@ pub struct AgentNet {
     pub name: String,
     pub grants: NetGrants,
     stats: Mutex<BTreeMap<String, RuleStats>>,
-    window: Mutex<VecDeque<Instant>>,
-    service_windows: Mutex<HashMap<String, VecDeque<Instant>>>,
-    bytes: AtomicU64,
+    quota: Arc<QuotaState>,
+    denials: Mutex<TokenBucket>,
+    /// Client connections open now (tunnels included, until they close).
     open: AtomicUsize,
+    /// Descriptors the gateway holds for this agent now.
+    fds: AtomicUsize,
+    /// Connections waiting for a first head, handshake or first flight.
+    pending: AtomicUsize,
 }
 
 impl AgentNet {
     pub fn new(name: &str, grants: NetGrants) -> Arc<AgentNet> {
+        Self::with_quota(name, grants, Arc::default())
+    }
+
+    /// An agent whose quotas charge `quota` (kept across its runs by the manager).
+    pub fn with_quota(name: &str, grants: NetGrants, quota: Arc<QuotaState>) -> Arc<AgentNet> {
         Arc::new(AgentNet {
             name: name.to_string(),
             grants,
             stats: Mutex::new(BTreeMap::new()),
-            window: Mutex::new(VecDeque::new()),
-            service_windows: Mutex::new(HashMap::new()),
-            bytes: AtomicU64::new(0),
+            quota,
+            denials: Mutex::new(TokenBucket::new(
+                DENIAL_BURST,
+                DENIAL_REFILL,
+                Instant::now(),
+            )),
             open: AtomicUsize::new(0),
+            fds: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
         })
+    }
+
+    /// The quota state this agent charges.
+    pub fn quota(&self) -> Arc<QuotaState> {
+        self.quota.clone()
+    }
+
+    /// Client connections open now (tunnels count until they close).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Descriptors the gateway holds for this agent now.
+    pub fn descriptors(&self) -> usize {
+        self.fds.load(Ordering::Relaxed)
     }
 
     /// Counters per rule (`default-deny` and `quota` count denials that no rule made).
@@ -163,7 +357,7 @@ impl AgentNet {
     /// Admits one request or connection against the quotas, or says which one it hits.
     fn admit(&self, service: Option<(&str, Option<u64>)>) -> Result<(), String> {
         if let Some(limit) = self.grants.quota.bytes {
-            let used = self.bytes.load(Ordering::Relaxed);
+            let used = self.quota.bytes.load(Ordering::Relaxed);
             if used >= limit {
                 return Err(format!(
                     "byte quota reached: {used} of {limit} bytes used (net.quota.bytes)"
@@ -186,23 +380,186 @@ impl AgentNet {
             Ok(())
         };
         // Both windows are checked before either is charged: a refused request costs nothing.
-        let mut global = self.window.lock().map_err(|_| "quota state poisoned")?;
+        let mut global = self
+            .quota
+            .window
+            .lock()
+            .map_err(|_| "quota state poisoned")?;
         if let Some(l) = self.grants.quota.requests_per_minute {
             slide(&mut global, l, "net.quota.requests_per_minute")?;
         }
         if let Some((name, Some(l))) = service {
             let mut sw = self
+                .quota
                 .service_windows
                 .lock()
                 .map_err(|_| "quota state poisoned")?;
             let w = sw.entry(name.to_string()).or_default();
             slide(w, l, &format!("net.services.{name}.requests_per_minute"))?;
             w.push_back(now);
+            self.quota.dirty.store(true, Ordering::Relaxed);
         }
         if self.grants.quota.requests_per_minute.is_some() {
             global.push_back(now);
+            self.quota.dirty.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Whether the denial budget has a token left (takes none).
+    fn denial_budget_left(&self) -> bool {
+        self.denials
+            .lock()
+            .map(|mut b| b.has(Instant::now()))
+            .unwrap_or(false)
+    }
+}
+
+/// Descriptors charged to an agent and to the gateway, given back on drop.
+struct Charge {
+    agent: Arc<AgentNet>,
+    shared: Arc<Shared>,
+    n: usize,
+}
+
+impl Charge {
+    /// `n` descriptors for `agent`, or None when its budget or the gateway's is spent.
+    fn take(shared: &Arc<Shared>, agent: &Arc<AgentNet>, n: usize) -> Option<Charge> {
+        let b = shared.budget;
+        if agent.fds.fetch_add(n, Ordering::Relaxed) + n > b.per_agent {
+            agent.fds.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        if shared.fds.fetch_add(n, Ordering::Relaxed) + n > b.total {
+            shared.fds.fetch_sub(n, Ordering::Relaxed);
+            agent.fds.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Charge {
+            agent: agent.clone(),
+            shared: shared.clone(),
+            n,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.agent.fds.fetch_sub(self.n, Ordering::Relaxed);
+        self.shared.fds.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// One connection waiting for its first head, handshake or first flight.
+struct PendingHead(Arc<AgentNet>);
+
+impl PendingHead {
+    fn take(agent: &Arc<AgentNet>) -> Option<PendingHead> {
+        if agent.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_HEADS {
+            agent.pending.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(PendingHead(agent.clone()))
+    }
+}
+
+impl Drop for PendingHead {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the first call (the clock of [`Activity`]).
+fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// One client connection: its descriptor charge, the time of its last byte either way, and
+/// (until the first request head arrives) its pending-head slot. Shared by the connection's
+/// task and any tunnel it became, so the charge lasts until both have ended.
+struct Conn {
+    _charge: Charge,
+    agent: Arc<AgentNet>,
+    last: AtomicU64,
+    pending: Mutex<Option<PendingHead>>,
+}
+
+impl Conn {
+    fn touch(&self) {
+        self.last.store(mono_ms(), Ordering::Relaxed);
+    }
+
+    fn head_arrived(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.take();
+        }
+    }
+
+    /// Returns once the connection has seen no byte for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let since = mono_ms().saturating_sub(self.last.load(Ordering::Relaxed));
+            let since = Duration::from_millis(since);
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.agent.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The agent's side of a connection: reads at most [`CLIENT_READ_CHUNK`] at a time (so the
+/// head limit is exact to that much) and marks activity for the idle timeout.
+struct ClientIo<S> {
+    inner: S,
+    conn: Arc<Conn>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let cap = buf.remaining().min(CLIENT_READ_CHUNK);
+        let dst = buf.initialize_unfilled_to(cap);
+        let mut sub = ReadBuf::new(dst);
+        let r = Pin::new(&mut self.inner).poll_read(cx, &mut sub);
+        let n = sub.filled().len();
+        if n > 0 {
+            buf.advance(n);
+            self.conn.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.conn.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -247,9 +604,17 @@ struct Allowed {
 impl Gateway {
     pub fn new(cfg: GatewayConfig) -> Gateway {
         let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for c in cfg.extra_roots {
-            let _ = roots.add(c);
+        if cfg.egress.roots.is_empty() {
+            // No system store on this host: the bundled web roots (config::system_roots).
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        let (added, ignored) = roots.add_parsable_certificates(cfg.egress.roots);
+        if ignored > 0 {
+            tracing::warn!(
+                added,
+                ignored,
+                "trust anchors that rustls cannot use were left out"
+            );
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -273,7 +638,77 @@ impl Gateway {
                 secrets: cfg.secrets,
                 published: RwLock::new(HashMap::new()),
                 tls: Arc::new(tls),
+                host_addrs: HostAddrs::default(),
+                summary: Mutex::new(Summariser::new(SUMMARY_PASS, SUMMARY_INTERVAL, 32)),
+                summary_allowed: Mutex::new(Summariser::new(SUMMARY_PASS, SUMMARY_INTERVAL, 32)),
+                fds: AtomicUsize::new(0),
+                budget: match cfg.egress.max_descriptors {
+                    Some(n) => FdBudget::for_total(n),
+                    None => FdBudget::from_rlimit(),
+                },
+                idle: cfg.egress.idle_timeout,
             }),
+        }
+    }
+
+    /// The gateway's descriptor budget (from RLIMIT_NOFILE when it was built).
+    pub fn fd_budget(&self) -> FdBudget {
+        self.shared.budget
+    }
+
+    /// Descriptors the gateway holds now, all agents.
+    pub fn descriptors(&self) -> usize {
+        self.shared.fds.load(Ordering::Relaxed)
+    }
+
+    /// Records the summaries of every summarising interval that has ended (a ticker calls
+    /// it; `serve` does once a second).
+    pub fn flush_summaries(&self) {
+        let now = Instant::now();
+        self.flush_with(|s| s.flush(now));
+    }
+
+    fn flush_with(&self, f: impl Fn(&mut Summariser) -> Vec<Summary>) {
+        let mut due: Vec<(bool, Summary)> = Vec::new();
+        for (allowed, m) in [
+            (true, &self.shared.summary_allowed),
+            (false, &self.shared.summary),
+        ] {
+            if let Ok(mut s) = m.lock() {
+                due.extend(f(&mut s).into_iter().map(|x| (allowed, x)));
+            }
+        }
+        self.record_summaries(due);
+    }
+
+    /// Records `agent`'s open summaries now (its run ended), or everyone's (None: the
+    /// gateway stops).
+    pub fn flush_summaries_now(&self, agent: Option<&str>) {
+        let now = Instant::now();
+        self.flush_with(|s| match agent {
+            Some(a) => s.flush_agent(a, now),
+            None => s.flush_all(now),
+        });
+    }
+
+    fn record_summaries(&self, due: Vec<(bool, Summary)>) {
+        for (allowed, s) in due {
+            let ev = NetEvent {
+                agent: s.agent.clone(),
+                allowed,
+                rule: s.key.clone(),
+                via: "summary",
+                host: String::new(),
+                port: 0,
+                method: None,
+                reason: Some(s.message(if allowed {
+                    "allowed requests"
+                } else {
+                    "denials"
+                })),
+                suppressed: Some(s.suppressed),
+            };
+            (self.shared.events)(&ev);
         }
     }
 
@@ -297,26 +732,78 @@ impl Gateway {
         let Ok(listener) = TcpListener::from_std(listener) else {
             return;
         };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                // EMFILE and friends: back off instead of spinning; the agent retries.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    // EMFILE and friends: back off instead of spinning; the agent retries.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = tick.tick() => {
+                    self.flush_summaries();
                     continue;
                 }
             };
-            if agent.open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                drop(stream);
-                continue;
-            }
+            // Accepted, then closed at once when over a bound: leaving it in the backlog would
+            // let the agent fill the listen queue and wait; the refusal is summarised.
+            let bound = if agent.open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                Err("connections (MAX_CONNECTIONS)")
+            } else {
+                match Charge::take(&self.shared, &agent, 1) {
+                    None => Err("descriptor budget"),
+                    Some(c) => match PendingHead::take(&agent) {
+                        None => Err("pending request heads"),
+                        Some(p) => Ok((c, p)),
+                    },
+                }
+            };
+            let (charge, pending) = match bound {
+                Ok(x) => x,
+                Err(what) => {
+                    drop(stream);
+                    self.bound_refused(&agent, what);
+                    continue;
+                }
+            };
             agent.open.fetch_add(1, Ordering::Relaxed);
+            let conn = Arc::new(Conn {
+                _charge: charge,
+                agent: agent.clone(),
+                last: AtomicU64::new(mono_ms()),
+                pending: Mutex::new(Some(pending)),
+            });
             let (gw, agent) = (self.clone(), agent.clone());
             tokio::spawn(async move {
-                gw.connection(stream, &agent).await;
-                agent.open.fetch_sub(1, Ordering::Relaxed);
+                let idle = gw.shared.idle;
+                tokio::select! {
+                    _ = gw.connection(stream, &agent, conn.clone()) => {}
+                    _ = conn.idle(idle) => {}
+                }
             });
         }
+    }
+
+    /// A connection closed by a per-agent bound.
+    fn bound_refused(&self, agent: &AgentNet, what: &str) {
+        self.emit(
+            agent,
+            NetEvent {
+                agent: agent.name.clone(),
+                allowed: false,
+                rule: "bounds".into(),
+                via: "accept",
+                host: String::new(),
+                port: 0,
+                method: None,
+                reason: Some(format!("connection closed: the agent's {what} is spent")),
+                suppressed: None,
+            },
+        );
     }
 
     fn emit(&self, agent: &AgentNet, ev: NetEvent) {
@@ -328,34 +815,80 @@ impl Gateway {
                     s.connections += 1
                 }
             });
+            // Allowed requests are summarised the same way: a flood of them (within the
+            // quotas) cannot rotate the audit trail away either.
+            let verdict = self
+                .shared
+                .summary_allowed
+                .lock()
+                .map(|mut s| s.offer(&agent.name, &ev.rule, Instant::now()))
+                .unwrap_or(Verdict::Suppress);
+            if verdict == Verdict::Suppress {
+                return;
+            }
         } else {
             agent.count(&ev.rule, |s| s.denials += 1);
+            let now = Instant::now();
+            // Every denied request is charged to the agent's denial budget (a connection closed
+            // by a bound is not: closing it cost nothing more); its record goes out only while
+            // the (agent, rule) is within its per-interval allowance.
+            if ev.rule != "bounds" {
+                if let Ok(mut b) = agent.denials.lock() {
+                    b.take(now);
+                }
+            }
+            let verdict = self
+                .shared
+                .summary
+                .lock()
+                .map(|mut s| s.offer(&agent.name, &ev.rule, now))
+                .unwrap_or(Verdict::Suppress);
+            if verdict == Verdict::Suppress {
+                return;
+            }
         }
         (self.shared.events)(&ev);
     }
 
-    async fn connection(&self, stream: TcpStream, agent: &Arc<AgentNet>) {
+    /// The denial once the agent's denial budget is spent (no lookup, no upstream).
+    fn denial_budget(&self, agent: &AgentNet) -> Option<Denied> {
+        (!agent.denial_budget_left()).then(|| {
+            denied(
+                "denial-budget",
+                format!(
+                    "too many denied requests (budget {DENIAL_BURST}, {DENIAL_REFILL} a second); retry later"
+                ),
+            )
+        })
+    }
+
+    async fn connection(&self, stream: TcpStream, agent: &Arc<AgentNet>, conn: Arc<Conn>) {
         let _ = stream.set_nodelay(true);
         let mut first = [0u8; 1];
         match tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
             _ => return,
         }
+        let client = ClientIo {
+            inner: stream,
+            conn: conn.clone(),
+        };
         if first[0] == 0x05 {
-            self.socks5(stream, agent).await;
+            self.socks5(client, agent, conn).await;
             return;
         }
         let cache: Arc<tokio::sync::Mutex<Option<Pooled>>> = Arc::default();
-        let (gw, ag) = (self.clone(), agent.clone());
+        let (gw, ag, c) = (self.clone(), agent.clone(), conn.clone());
         let svc = hyper::service::service_fn(move |req| {
-            let (gw, ag, cache) = (gw.clone(), ag.clone(), cache.clone());
-            async move { Ok::<_, Infallible>(gw.http(req, &ag, &cache).await) }
+            let (gw, ag, cache, c) = (gw.clone(), ag.clone(), cache.clone(), c.clone());
+            c.head_arrived();
+            async move { Ok::<_, Infallible>(gw.http(req, &ag, &cache, c).await) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(stream), svc)
+            .max_buf_size(HEAD_ALWAYS_ACCEPTED)
+            .serve_connection(TokioIo::new(client), svc)
             .with_upgrades()
             .await;
     }
@@ -433,27 +966,7 @@ impl Gateway {
                 service: None,
             });
         }
-        let ips = self
-            .shared
-            .resolver
-            .resolve(h)
-            .await
-            .map_err(|e| denied(&rule, format!("cannot resolve {h}: {e}")))?;
-        if ips.is_empty() {
-            return Err(denied(&rule, format!("{h} has no address")));
-        }
-        for ip in &ips {
-            if let Some(why) = internal_reason(*ip) {
-                if !self.shared.resolver.treat_as_external(*ip) {
-                    return Err(denied(
-                        &rule,
-                        format!(
-                            "{h} resolves to {ip} ({why}): internal addresses are reachable only as granted services"
-                        ),
-                    ));
-                }
-            }
-        }
+        let ips = self.resolve_external(h, &rule).await?;
         Ok(Allowed {
             rule,
             dest: Dest::Tcp(
@@ -463,6 +976,33 @@ impl Gateway {
             ),
             service: None,
         })
+    }
+
+    /// Resolves `h` on the host and checks every address it has: none may be internal or one
+    /// of the host's own. The denial names the rule, never an address (an agent must not
+    /// learn what names resolve to, nor use the gateway as a lookup tool).
+    async fn resolve_external(&self, h: &str, rule: &str) -> Result<Vec<IpAddr>, Denied> {
+        let ips = self
+            .shared
+            .resolver
+            .resolve(h)
+            .await
+            .map_err(|_| denied(rule, format!("cannot resolve {h}")))?;
+        if ips.is_empty() {
+            return Err(denied(rule, format!("cannot resolve {h}")));
+        }
+        if ips
+            .iter()
+            .any(|ip| internal_reason(*ip).is_some() || self.shared.host_addrs.contains(*ip))
+        {
+            return Err(denied(
+                rule,
+                format!(
+                    "{h} resolves to an internal address or one of this host's own: reachable only as a granted service"
+                ),
+            ));
+        }
+        Ok(ips)
     }
 
     /// Decision, quota and event in one: Ok when the request may go on.
@@ -484,22 +1024,27 @@ impl Gateway {
             port,
             method: method.map(str::to_string),
             reason: reason.map(str::to_string),
+            suppressed: None,
         };
-        let decided = self
-            .decide(
-                agent,
-                host,
-                port,
-                if via == "http" { method } else { None },
-                lookup,
-            )
-            .await
-            .and_then(|a| {
-                agent
-                    .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
-                    .map(|_| a)
-                    .map_err(|r| denied("quota", r))
-            });
+        let decided = match self.denial_budget(agent) {
+            Some(d) => Err(d),
+            None => {
+                self.decide(
+                    agent,
+                    host,
+                    port,
+                    if via == "http" { method } else { None },
+                    lookup,
+                )
+                .await
+            }
+        }
+        .and_then(|a| {
+            agent
+                .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
+                .map(|_| a)
+                .map_err(|r| denied("quota", r))
+        });
         match &decided {
             Ok(a) => self.emit(agent, ev(true, &a.rule, None)),
             Err(d) => self.emit(agent, ev(false, &d.rule, Some(&d.reason))),
@@ -512,9 +1057,10 @@ impl Gateway {
         req: Request<Incoming>,
         agent: &Arc<AgentNet>,
         cache: &tokio::sync::Mutex<Option<Pooled>>,
+        conn: Arc<Conn>,
     ) -> Response<Body> {
         if req.method() == Method::CONNECT {
-            return self.connect(req, agent).await;
+            return self.connect(req, agent, conn).await;
         }
         match req.uri().scheme_str() {
             Some("http") => self.forward(req, agent, cache).await,
@@ -526,7 +1072,12 @@ impl Gateway {
         }
     }
 
-    async fn connect(&self, req: Request<Incoming>, agent: &Arc<AgentNet>) -> Response<Body> {
+    async fn connect(
+        &self,
+        req: Request<Incoming>,
+        agent: &Arc<AgentNet>,
+        conn: Arc<Conn>,
+    ) -> Response<Body> {
         let Some((host, port)) = req
             .uri()
             .authority()
@@ -544,28 +1095,18 @@ impl Gateway {
             Ok(a) => a,
             Err(d) => return deny_response(&d),
         };
-        let upstream = match open(&allowed.dest).await {
-            Ok(s) => s,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("aither egress: cannot reach {host}:{port}: {e}"),
-                )
-            }
-        };
+        // The upstream is opened only once the first flight passed (tunnel): a refused
+        // tunnel costs no upstream connection, and the answer says nothing of its port.
         let (gw, agent) = (self.clone(), agent.clone());
         tokio::spawn(async move {
             if let Ok(up) = hyper::upgrade::on(req).await {
-                gw.tunnel(
-                    TokioIo::new(up),
-                    upstream,
-                    &agent,
-                    &host,
-                    port,
-                    allowed,
-                    "connect",
-                )
-                .await;
+                // The tunnel holds the connection's descriptor charge until it ends, and
+                // ends after the idle timeout without a byte either way.
+                let idle = gw.shared.idle;
+                tokio::select! {
+                    _ = gw.tunnel(TokioIo::new(up), &agent, &host, port, allowed, "connect") => {}
+                    _ = conn.idle(idle) => {}
+                }
             }
         });
         Response::new(empty())
@@ -576,21 +1117,25 @@ impl Gateway {
     async fn tunnel<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut client: C,
-        upstream: Stream,
         agent: &Arc<AgentNet>,
         host: &str,
         port: u16,
         allowed: Allowed,
         via: &'static str,
     ) {
-        let plain_ok = via == "socks5";
-        let first = match first_flight(&mut client, host, allowed.service.is_some(), plain_ok).await
-        {
+        // Plain HTTP is served request by request (each decided, CONNECT refused anywhere in
+        // the stream) when it comes through SOCKS5 or goes to a service (which may itself be
+        // a proxy); anything else to a service is relayed.
+        let plain_ok = via == "socks5" || allowed.service.is_some();
+        let Some(pending) = PendingHead::take(agent) else {
+            self.bound_refused(agent, "pending request heads");
+            return;
+        };
+        let flight = first_flight(&mut client, host, allowed.service.is_some(), plain_ok).await;
+        drop(pending);
+        let first = match flight {
             Ok((b, Flight::Relay)) => b,
             Ok((b, Flight::PlainHttp)) => {
-                // The connection opened for a tunnel is not used: requests go through the
-                // plain-HTTP path (rules, methods, Host, pooling), one decision each.
-                drop(upstream);
                 self.plain_in_tunnel(Rewind::new(b, client), agent, host, port)
                     .await;
                 return;
@@ -607,12 +1152,21 @@ impl Gateway {
                         port,
                         method: None,
                         reason: Some(reason),
+                        suppressed: None,
                     },
                 );
                 return;
             }
         };
-        let mut up = Metered::new(upstream, agent.clone(), allowed.rule.clone());
+        let Some(charge) = Charge::take(&self.shared, agent, 1) else {
+            self.bound_refused(agent, "descriptor budget");
+            return;
+        };
+        // A failed connect closes the tunnel, as a refused first flight does.
+        let Ok(upstream) = open(&allowed.dest).await else {
+            return;
+        };
+        let mut up = Metered::new(upstream, agent.clone(), allowed.rule.clone(), Some(charge));
         if up.write_all(&first).await.is_err() {
             return;
         }
@@ -661,8 +1215,10 @@ impl Gateway {
         let _ = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .max_buf_size(HEAD_ALWAYS_ACCEPTED)
             .serve_connection(TokioIo::new(client), svc)
+            // A CONNECT in the stream is answered 403 (an upgrade refused), not dropped.
+            .with_upgrades()
             .await;
     }
 
@@ -692,27 +1248,21 @@ impl Gateway {
             Err(d) => return deny_response(&d),
         };
         if !reuse {
-            let stream = match open(&allowed.dest).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("aither egress: cannot reach {host}:{port}: {e}"),
-                    )
-                }
+            // The previous upstream (another host) is let go before a new one is charged.
+            *slot = None;
+            let Some(charge) = Charge::take(&self.shared, agent, 1) else {
+                return self.bounds_response(agent, "descriptor budget");
             };
-            let io = Metered::new(stream, agent.clone(), allowed.rule.clone());
+            let Ok(stream) = open(&allowed.dest).await else {
+                return unreachable(&allowed.rule);
+            };
+            let io = Metered::new(stream, agent.clone(), allowed.rule.clone(), Some(charge));
             match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
                 Ok((sender, conn)) => {
                     tokio::spawn(conn);
                     *slot = Some(Pooled { key, sender });
                 }
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("aither egress: {host}:{port}: {e}"),
-                    )
-                }
+                Err(_) => return unreachable(&allowed.rule),
             }
         }
         let Some(pooled) = slot.as_mut() else {
@@ -724,6 +1274,7 @@ impl Gateway {
             .unwrap_or_else(|| "/".into());
         *req.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
+        strip_override_headers(req.headers_mut());
         // Host is always the name that was decided: an agent's own Host header could make a
         // virtual-hosting upstream (a CDN) serve another site (domain fronting).
         if let Ok(v) = HeaderValue::from_str(&authority(&host, port, 80)) {
@@ -731,52 +1282,84 @@ impl Gateway {
         }
         if pooled.sender.ready().await.is_err() {
             *slot = None;
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "aither egress: the upstream closed the connection",
-            );
+            return unreachable(&allowed.rule);
         }
         match pooled.sender.send_request(req).await {
             Ok(mut resp) => {
                 strip_hop_headers(resp.headers_mut());
                 resp.map(|b| b.boxed())
             }
-            Err(e) => {
+            Err(_) => {
                 *slot = None;
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("aither egress: {host}:{port}: {e}"),
-                )
+                unreachable(&allowed.rule)
             }
         }
     }
 
+    /// A request refused by a per-agent bound: 503, and a (summarised) record.
+    fn bounds_response(&self, agent: &AgentNet, what: &str) -> Response<Body> {
+        self.bound_refused(agent, what);
+        let d = denied(
+            "bounds",
+            format!("the agent's {what} is spent; retry later"),
+        );
+        let mut r = deny_response(&d);
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    }
+
     /// `GET /NAME/rest` on the gateway itself: the credential route NAME.
     async fn route(&self, mut req: Request<Incoming>, agent: &Arc<AgentNet>) -> Response<Body> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
         let name = path
             .trim_start_matches('/')
-            .split(['/', '?'])
+            .split('/')
             .next()
             .unwrap_or_default()
             .to_string();
+        let ev =
+            |allowed: bool, rule: &str, host: &str, port: u16, reason: Option<String>| NetEvent {
+                agent: agent.name.clone(),
+                allowed,
+                rule: rule.to_string(),
+                via: "route",
+                host: host.to_string(),
+                port,
+                method: Some(method.clone()),
+                reason,
+                suppressed: None,
+            };
+        if let Some(d) = self.denial_budget(agent) {
+            self.emit(
+                agent,
+                ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())),
+            );
+            return deny_response(&d);
+        }
+        // The path is checked before anything is matched on it: a route's prefix holds only
+        // for a normalised path (no `//`, `.` or `..` segments, no encoded separators).
+        if let Err(why) = normalised_path(&path) {
+            let d = denied("route-path", why);
+            self.emit(
+                agent,
+                ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())),
+            );
+            let mut r = deny_response(&d);
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
+        }
         let Some(route) = agent.grants.routes.iter().find(|r| r.name == name).cloned() else {
             self.emit(
                 agent,
-                NetEvent {
-                    agent: agent.name.clone(),
-                    allowed: false,
-                    rule: "default-deny".into(),
-                    via: "route",
-                    host: "gateway".into(),
-                    port: 0,
-                    method: Some(req.method().to_string()),
-                    reason: Some(format!("no net.routes grant {name:?}")),
-                },
+                ev(
+                    false,
+                    "default-deny",
+                    "gateway",
+                    0,
+                    Some(format!("no net.routes grant {name:?}")),
+                ),
             );
             return text(
                 StatusCode::NOT_FOUND,
@@ -785,40 +1368,35 @@ impl Gateway {
                 ),
             );
         };
-        let rest = &path[1 + name.len()..];
+        let rule = format!("route:{name}");
         let Ok(up) = Upstream::parse(&route.upstream) else {
             return text(StatusCode::BAD_GATEWAY, "aither egress: bad route upstream");
         };
-        let rule = format!("route:{name}");
-        let method = req.method().to_string();
-        let ev = |allowed: bool, reason: Option<String>| NetEvent {
-            agent: agent.name.clone(),
-            allowed,
-            rule: rule.clone(),
-            via: "route",
-            host: up.host.clone(),
-            port: up.port,
-            method: Some(method.clone()),
-            reason,
-        };
+        // `rest` is "" or starts with '/': the path was normalised and begins with /NAME.
+        let rest = &path[1 + name.len()..];
+        let target = format!(
+            "{}{}{}",
+            up.path,
+            if rest.is_empty() { "/" } else { rest },
+            query.map(|q| format!("?{q}")).unwrap_or_default()
+        );
         let checked = async {
-            agent.admit(None).map_err(|r| denied("quota", r))?;
-            let ips = self
-                .shared
-                .resolver
-                .resolve(&up.host)
-                .await
-                .map_err(|e| denied(&rule, format!("cannot resolve {}: {e}", up.host)))?;
-            for ip in &ips {
-                if let Some(why) = internal_reason(*ip) {
-                    if !self.shared.resolver.treat_as_external(*ip) {
-                        return Err(denied(
-                            &rule,
-                            format!("{} resolves to {ip} ({why})", up.host),
-                        ));
-                    }
-                }
+            if !route.allows_method(&method) {
+                return Err(denied(
+                    &rule,
+                    format!("method {method} is not forwarded by this route (net.routes.methods)"),
+                ));
             }
+            // Belt and braces: the credential goes only to a target under the route's prefix.
+            let under = format!("{}/", up.path);
+            if !target.starts_with(&under) {
+                return Err(denied(
+                    &rule,
+                    "the request's target leaves the route's prefix",
+                ));
+            }
+            agent.admit(None).map_err(|r| denied("quota", r))?;
+            let ips = self.resolve_external(&up.host, &rule).await?;
             let secret = self
                 .shared
                 .secrets
@@ -838,62 +1416,54 @@ impl Gateway {
         .await;
         let (ips, secret) = match checked {
             Ok(x) => {
-                self.emit(agent, ev(true, None));
+                self.emit(agent, ev(true, &rule, &up.host, up.port, None));
                 x
             }
             Err(d) => {
-                let mut e = ev(false, Some(d.reason.clone()));
-                e.rule = d.rule.clone();
-                self.emit(agent, e);
-                return deny_response(&d);
+                self.emit(
+                    agent,
+                    ev(false, &d.rule, &up.host, up.port, Some(d.reason.clone())),
+                );
+                let mut r = deny_response(&d);
+                if d.rule == rule && d.reason.starts_with("method ") {
+                    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                }
+                return r;
             }
         };
         let addrs: Vec<SocketAddr> = ips
             .into_iter()
             .map(|ip| SocketAddr::new(ip, up.port))
             .collect();
-        let tcp = match open(&Dest::Tcp(addrs)).await {
-            Ok(Stream::Tcp(t)) => t,
-            Ok(_) => return text(StatusCode::BAD_GATEWAY, "aither egress: bad upstream"),
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("aither egress: cannot reach {}: {e}", up.host),
-                )
-            }
+        let Some(charge) = Charge::take(&self.shared, agent, 1) else {
+            return self.bounds_response(agent, "descriptor budget");
+        };
+        let Ok(Stream::Tcp(tcp)) = open(&Dest::Tcp(addrs)).await else {
+            return unreachable(&rule);
         };
         let Ok(server_name) = rustls::pki_types::ServerName::try_from(up.host.clone()) else {
             return text(StatusCode::BAD_GATEWAY, "aither egress: bad upstream name");
         };
-        let tls = match tokio_rustls::TlsConnector::from(self.shared.tls.clone())
+        let Ok(tls) = tokio_rustls::TlsConnector::from(self.shared.tls.clone())
             .connect(
                 server_name,
-                Metered::new(Stream::Tcp(tcp), agent.clone(), rule.clone()),
+                Metered::new(Stream::Tcp(tcp), agent.clone(), rule.clone(), Some(charge)),
             )
             .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("aither egress: TLS to {}: {e}", up.host),
-                )
-            }
+        else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                &format!("aither egress ({rule}): the upstream's TLS certificate is not trusted or the handshake failed"),
+            );
         };
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("aither egress: {}: {e}", up.host),
-                    )
-                }
-            };
+        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+        else {
+            return unreachable(&rule);
+        };
         tokio::spawn(conn);
-        let target = format!("{}{}", up.path, if rest.is_empty() { "/" } else { rest });
         *req.uri_mut() = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
+        strip_override_headers(req.headers_mut());
         let headers = req.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&authority(&up.host, up.port, 443)) {
             headers.insert(HOST, v);
@@ -923,15 +1493,18 @@ impl Gateway {
                 strip_hop_headers(resp.headers_mut());
                 resp.map(|b| b.boxed())
             }
-            Err(e) => text(
-                StatusCode::BAD_GATEWAY,
-                &format!("aither egress: {}: {e}", up.host),
-            ),
+            Err(_) => unreachable(&rule),
         }
     }
 
-    async fn socks5(&self, mut s: TcpStream, agent: &Arc<AgentNet>) {
+    async fn socks5<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        mut s: C,
+        agent: &Arc<AgentNet>,
+        conn: Arc<Conn>,
+    ) {
         let head = tokio::time::timeout(HEAD_TIMEOUT, socks5_request(&mut s)).await;
+        conn.head_arrived();
         let (host, port) = match head {
             Ok(Ok(SocksAsk::Name(h, p))) => (h, p),
             Ok(Ok(SocksAsk::Address(a))) => {
@@ -946,6 +1519,7 @@ impl Gateway {
                         port: a.port(),
                         method: None,
                         reason: Some("SOCKS5 by address: use host names (socks5h://)".into()),
+                        suppressed: None,
                     },
                 );
                 let _ = s.write_all(&socks_reply(0x02)).await;
@@ -968,18 +1542,12 @@ impl Gateway {
                 return;
             }
         };
-        let upstream = match open(&allowed.dest).await {
-            Ok(u) => u,
-            Err(_) => {
-                let _ = s.write_all(&socks_reply(0x05)).await;
-                return;
-            }
-        };
+        // Success before the upstream is opened: it is opened once the first flight passed
+        // (a failed connect then closes the tunnel; the port's state is not told).
         if s.write_all(&socks_reply(0x00)).await.is_err() {
             return;
         }
-        self.tunnel(s, upstream, agent, &host, port, allowed, "socks5")
-            .await;
+        self.tunnel(s, agent, &host, port, allowed, "socks5").await;
     }
 }
 
@@ -1028,6 +1596,74 @@ fn strip_hop_headers(h: &mut hyper::HeaderMap) {
     }
 }
 
+/// Headers that would let the agent change what a rule decided (the method) or what the
+/// upstream believes about the request's origin: removed from every forwarded request.
+pub const STRIPPED_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-real-ip",
+];
+
+fn strip_override_headers(h: &mut hyper::HeaderMap) {
+    for n in STRIPPED_HEADERS {
+        h.remove(*n);
+    }
+}
+
+/// A route's request path is normalised: it starts with '/', has no empty, `.` or `..`
+/// segment (also before a `;` parameter), no backslash and no percent-encoded '/', '\\', '.' or NUL (an upstream may
+/// decode them into separators after the prefix was checked).
+pub fn normalised_path(path: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("the route path is not normalised ({why})"));
+    let Some(rest) = path.strip_prefix('/') else {
+        return bad("it must start with '/'");
+    };
+    if path.contains('\\') {
+        return bad("a backslash");
+    }
+    let lower = path.to_ascii_lowercase();
+    for enc in ["%2f", "%5c", "%2e", "%00"] {
+        if lower.contains(enc) {
+            return bad("an encoded separator or dot");
+        }
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    for (i, seg) in segs.iter().enumerate() {
+        // A trailing '/' (an empty last segment) is allowed; an empty one elsewhere is `//`.
+        if seg.is_empty() && i + 1 < segs.len() {
+            return bad("an empty segment, `//`");
+        }
+        // `..;x` is `..` to servers that take `;` as a path parameter (Tomcat, Jetty).
+        let bare = seg.split(';').next().unwrap_or_default();
+        if bare == "." || bare == ".." {
+            return bad("a `.` or `..` segment");
+        }
+    }
+    if segs[0].is_empty() {
+        return bad("no route name");
+    }
+    Ok(())
+}
+
+/// The answer when an upstream cannot be reached or fails: names the rule only (not the
+/// address, nor whether the port refused or timed out).
+fn unreachable(rule: &str) -> Response<Body> {
+    text(
+        StatusCode::BAD_GATEWAY,
+        &format!("aither egress ({rule}): the upstream did not answer"),
+    )
+}
+
 fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never: Infallible| match never {})
@@ -1049,7 +1685,7 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 fn deny_response(d: &Denied) -> Response<Body> {
-    let status = if d.rule == "quota" {
+    let status = if d.rule == "quota" || d.rule == "denial-budget" {
         StatusCode::TOO_MANY_REQUESTS
     } else {
         StatusCode::FORBIDDEN
@@ -1178,16 +1814,19 @@ struct Metered {
     rule: String,
     out: u64,
     inn: u64,
+    /// The upstream's descriptor, charged to the agent while it is open.
+    _charge: Option<Charge>,
 }
 
 impl Metered {
-    fn new(inner: Stream, agent: Arc<AgentNet>, rule: String) -> Metered {
+    fn new(inner: Stream, agent: Arc<AgentNet>, rule: String, charge: Option<Charge>) -> Metered {
         Metered {
             inner,
             agent,
             rule,
             out: 0,
             inn: 0,
+            _charge: charge,
         }
     }
 
@@ -1196,7 +1835,7 @@ impl Metered {
             .grants
             .quota
             .bytes
-            .is_some_and(|l| self.agent.bytes.load(Ordering::Relaxed) > l)
+            .is_some_and(|l| self.agent.quota.bytes.load(Ordering::Relaxed) > l)
     }
 }
 
@@ -1230,7 +1869,7 @@ impl AsyncRead for Metered {
         };
         let n = (buf.filled().len() - before) as u64;
         self.inn += n;
-        self.agent.bytes.fetch_add(n, Ordering::Relaxed);
+        self.agent.quota.add_bytes(n);
         r
     }
 }
@@ -1250,7 +1889,7 @@ impl AsyncWrite for Metered {
         };
         if let Poll::Ready(Ok(n)) = &r {
             self.out += *n as u64;
-            self.agent.bytes.fetch_add(*n as u64, Ordering::Relaxed);
+            self.agent.quota.add_bytes(*n as u64);
         }
         r
     }
@@ -1273,6 +1912,65 @@ impl AsyncWrite for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_paths_must_be_normalised() {
+        for ok in ["/api", "/api/", "/api/x", "/api/x/y?z", "/api/a%20b"] {
+            let p = ok.split('?').next().unwrap();
+            assert!(normalised_path(p).is_ok(), "{ok}");
+        }
+        for bad in [
+            "//api/x",
+            "///api",
+            "/api//x",
+            "/api/../x",
+            "/api/./x",
+            "/api/..",
+            "/api/%2e%2e/x",
+            "/api/%2F/x",
+            "/api\\x",
+            "/api/..;/x",
+            "/api/.;x/y",
+            "/",
+            "api",
+        ] {
+            assert!(normalised_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_forward_no_reflecting_method() {
+        let r = super::super::rules::RouteGrant::default();
+        for m in ["GET", "POST", "DELETE"] {
+            assert!(r.allows_method(m), "{m}");
+        }
+        for m in ["TRACE", "TRACK", "CONNECT", "OPTIONS", "PROPFIND"] {
+            assert!(!r.allows_method(m), "{m}");
+        }
+        let only_get = super::super::rules::RouteGrant {
+            methods: vec!["GET".into()],
+            ..Default::default()
+        };
+        assert!(only_get.allows_method("GET") && !only_get.allows_method("POST"));
+    }
+
+    #[test]
+    fn budgets_leave_the_manager_a_reserve() {
+        let b = FdBudget::for_limit(1024);
+        assert_eq!((b.total, b.per_agent), (512, 64));
+        let b = FdBudget::for_limit(1 << 20);
+        assert_eq!(b.per_agent, 2 * MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn quotas_survive_a_snapshot() {
+        let q = QuotaState::default();
+        q.add_bytes(500);
+        q.window.lock().unwrap().push_back(Instant::now());
+        let r = QuotaState::restore(&q.snapshot());
+        assert_eq!(r.bytes.load(Ordering::Relaxed), 500);
+        assert_eq!(r.window.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn quotas_admit_exactly_the_limit() {

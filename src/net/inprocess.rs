@@ -5,8 +5,9 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
+use super::config::Egress;
 use super::gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, SecretSource};
-use super::resolve::{self, Resolve};
+use super::resolve::{Resolve, SystemResolver};
 use super::rules::NetGrants;
 use super::secrets::SecretStore;
 use crate::audit::{Decision, Entry};
@@ -14,17 +15,15 @@ use crate::audit::{Decision, Entry};
 /// Errors of preparing the in-process gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum InProcessError {
-    #[error("egress resolver table (AITHER_EGRESS_HOSTS): {0}")]
-    Resolver(String),
-    #[error("egress trust anchors: {0}")]
-    Roots(String),
+    #[error("egress configuration: {0}")]
+    Config(#[from] super::config::ConfigError),
 }
 
 /// Everything checked before the launch; `start` only spawns.
 pub struct InProcessGateway {
     agent: Arc<AgentNet>,
     resolver: Box<dyn Resolve>,
-    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    egress: Egress,
     secrets: Arc<dyn SecretSource>,
 }
 
@@ -44,11 +43,18 @@ pub fn audit_entry(ev: &NetEvent) -> Entry {
 }
 
 impl InProcessGateway {
-    pub fn prepare(name: &str, grants: NetGrants) -> Result<InProcessGateway, InProcessError> {
+    /// `config`: the configuration file (`aitherctl run --config`; `explicit` when given on
+    /// the command line, else the default path, which may be absent).
+    pub fn prepare(
+        name: &str,
+        grants: NetGrants,
+        config: &std::path::Path,
+        explicit: bool,
+    ) -> Result<InProcessGateway, InProcessError> {
         Ok(InProcessGateway {
             agent: AgentNet::new(name, grants),
-            resolver: resolve::from_env().map_err(InProcessError::Resolver)?,
-            roots: super::extra_roots_from_env().map_err(InProcessError::Roots)?,
+            resolver: Box::new(SystemResolver),
+            egress: Egress::load(config, explicit)?,
             secrets: Arc::new(SecretStore::default_location()),
         })
     }
@@ -77,7 +83,7 @@ impl InProcessGateway {
                         }
                     }),
                     secrets: Some(self.secrets),
-                    extra_roots: self.roots,
+                    egress: self.egress,
                 });
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -95,6 +101,8 @@ impl InProcessGateway {
                         _ = stopped => {}
                     }
                 });
+                // Denials still being summarised are recorded before the writer drains.
+                gw.flush_summaries_now(None);
                 // Dropping the runtime ends every connection task, and with the gateway the
                 // last sender of decisions: the writer then drains and ends.
                 drop(rt);

@@ -47,6 +47,16 @@ pub fn classify_first_flight(buf: &[u8]) -> FirstFlight {
             Err((e, _)) => FirstFlight::BadTls(e.to_string()),
         };
     }
+    // Leading blank lines and spaces are skipped (an HTTP parser may skip them too), so they
+    // cannot hide what follows.
+    let lead = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+        .count();
+    if lead == buf.len() {
+        return FirstFlight::NeedMore;
+    }
+    let buf = &buf[lead..];
     const CONNECT: &[u8] = b"CONNECT ";
     let n = buf.len().min(CONNECT.len());
     if buf[..n].eq_ignore_ascii_case(&CONNECT[..n]) {
@@ -106,10 +116,17 @@ pub(super) async fn first_flight<C: AsyncRead + Unpin>(
             FirstFlight::RelayedConnect => {
                 return Err("a CONNECT request inside a tunnel (relayed proxying) is refused".into())
             }
-            FirstFlight::Other | FirstFlight::PlainHttp if any_protocol => {
-                return Ok((buf, Flight::Relay))
-            }
+            // Plain HTTP is parsed request by request when it may be served (a CONNECT
+            // anywhere in the stream is then refused by the HTTP path).
             FirstFlight::PlainHttp if plain_http => return Ok((buf, Flight::PlainHttp)),
+            FirstFlight::Other | FirstFlight::PlainHttp if any_protocol => {
+                if contains_connect(&buf) {
+                    return Err(
+                        "a CONNECT request inside a tunnel (relayed proxying) is refused".into(),
+                    );
+                }
+                return Ok((buf, Flight::Relay));
+            }
             FirstFlight::Other | FirstFlight::PlainHttp => {
                 return Err(format!(
                     "the tunnel to {want:?} does not start with a TLS ClientHello (tunnels carry TLS; plain HTTP goes through HTTP_PROXY)"
@@ -129,6 +146,12 @@ pub(super) async fn first_flight<C: AsyncRead + Unpin>(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Whether `buf` holds "CONNECT " anywhere (any case): a relayed first flight to a service
+/// that is not HTTP from its first byte is refused when it carries one.
+fn contains_connect(buf: &[u8]) -> bool {
+    buf.windows(8).any(|w| w.eq_ignore_ascii_case(b"CONNECT "))
 }
 
 #[cfg(test)]
@@ -152,6 +175,17 @@ mod tests {
             FirstFlight::PlainHttp
         );
         assert_eq!(classify_first_flight(b"GE"), FirstFlight::NeedMore);
+        // Leading CRLF or spaces hide nothing.
+        assert_eq!(
+            classify_first_flight(b"\r\n CONNECT evil:443 HTTP/1.1\r\n"),
+            FirstFlight::RelayedConnect
+        );
+        assert_eq!(classify_first_flight(b"\r\n\r\n"), FirstFlight::NeedMore);
+        assert_eq!(
+            classify_first_flight(b"\r\nGET / HTTP/1.1\r\n"),
+            FirstFlight::PlainHttp
+        );
+        assert!(contains_connect(b"X\r\nconnect evil:443 HTTP/1.1"));
         assert_eq!(classify_first_flight(b"SSH-2.0-x\r\n"), FirstFlight::Other);
         assert!(matches!(
             classify_first_flight(&[0x16, 3, 1, 0, 5, 9, 9, 9, 9, 9]),

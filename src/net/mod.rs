@@ -9,6 +9,7 @@
 //! points HTTP_PROXY, HTTPS_PROXY and ALL_PROXY at that address.
 
 pub mod addr;
+pub mod config;
 pub mod gateway;
 pub mod inprocess;
 pub mod inspect;
@@ -19,7 +20,7 @@ mod socks;
 
 pub use gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, RuleStats};
 pub use inprocess::InProcessGateway;
-pub use resolve::{Resolve, StaticResolver, SystemResolver};
+pub use resolve::{Resolve, SystemResolver};
 pub use rules::{EgressRule, NetGrants, NetQuota, RouteGrant, RuleError, ServiceGrant};
 
 use crate::sandbox::SandboxSpec;
@@ -81,20 +82,4 @@ fn env_name(n: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Extra trust anchors for route upstreams: `AITHER_EGRESS_CA=FILE` (PEM certificates).
-pub fn extra_roots_from_env() -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let Some(p) = std::env::var_os("AITHER_EGRESS_CA").filter(|v| !v.is_empty()) else {
-        return Ok(Vec::new());
-    };
-    rustls::pki_types::CertificateDer::pem_file_iter(&p)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "AITHER_EGRESS_CA {}: {e}",
-                std::path::Path::new(&p).display()
-            )
-        })
 }

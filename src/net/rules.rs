@@ -79,6 +79,29 @@ pub struct RouteGrant {
     /// Put before the secret in the header [default: "Bearer "].
     #[serde(default = "default_scheme")]
     pub prefix: String,
+    /// HTTP methods the route forwards; empty: [`ROUTE_DEFAULT_METHODS`]. TRACE, TRACK and
+    /// CONNECT are never allowed (an upstream that echoes the request hands the secret back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+/// The methods a route forwards when it lists none.
+pub const ROUTE_DEFAULT_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
+/// Methods no route forwards: they reflect the request (and its credential) or open tunnels.
+pub const ROUTE_FORBIDDEN_METHODS: &[&str] = &["TRACE", "TRACK", "CONNECT", "DEBUG"];
+
+impl RouteGrant {
+    /// Whether the route forwards `method`.
+    pub fn allows_method(&self, method: &str) -> bool {
+        if ROUTE_FORBIDDEN_METHODS.contains(&method) {
+            return false;
+        }
+        if self.methods.is_empty() {
+            ROUTE_DEFAULT_METHODS.contains(&method)
+        } else {
+            self.methods.iter().any(|m| m == method)
+        }
+    }
 }
 
 fn default_header() -> String {
@@ -184,6 +207,20 @@ impl NetGrants {
                     format!("routes[{i}].prefix"),
                     "no control characters",
                 ));
+            }
+            for m in &r.methods {
+                if m.is_empty()
+                    || !m.bytes().all(|b| b.is_ascii_uppercase())
+                    || ROUTE_FORBIDDEN_METHODS.contains(&m.as_str())
+                {
+                    return Err(invalid(
+                        format!("routes[{i}].methods"),
+                        format!(
+                            "{m:?}: an upper-case HTTP method other than {}",
+                            ROUTE_FORBIDDEN_METHODS.join(", ")
+                        ),
+                    ));
+                }
             }
             if self.routes[..i].iter().any(|o| o.name == r.name) {
                 return Err(invalid(
@@ -558,6 +595,7 @@ mod tests {
                 secret: "openai".into(),
                 header: default_header(),
                 prefix: default_scheme(),
+                methods: Vec::new(),
             }],
             ..Default::default()
         };

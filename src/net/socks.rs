@@ -3,8 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub(super) enum SocksAsk {
     Name(String, u16),
@@ -17,7 +16,9 @@ pub(super) fn socks_reply(code: u8) -> [u8; 10] {
 }
 
 /// The SOCKS5 greeting (no authentication) and request (RFC 1928).
-pub(super) async fn socks5_request(s: &mut TcpStream) -> io::Result<SocksAsk> {
+pub(super) async fn socks5_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> io::Result<SocksAsk> {
     let mut hdr = [0u8; 2];
     s.read_exact(&mut hdr).await?;
     let mut methods = vec![0u8; hdr[1] as usize];

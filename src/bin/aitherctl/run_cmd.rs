@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// Directory mounted read-write at the same path (default: current directory).
     #[arg(long, short = 'w', value_name = "DIR")]
     workspace: Option<PathBuf>,
+    /// Host configuration file: its `[egress]` table (trust anchors for route upstreams,
+    /// idle timeout) configures the run's egress gateway, as for aitherd
+    /// [default: /etc/aither/aitherd.toml, if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Name of the agent (cgroup name, AITHER_AGENT); with --token, the token's subject.
     #[arg(long, value_name = "NAME", conflicts_with = "token")]
     name: Option<String>,
@@ -97,7 +102,11 @@ pub fn run(a: RunArgs) -> i32 {
     // single-threaded until then).
     // Attached to the spec by `prepare`, as for spawn.
     let egress = if egress_needed {
-        match aither::net::InProcessGateway::prepare(&spec.name, grants) {
+        let (config, explicit) = match &a.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(aither::net::config::DEFAULT_CONFIG), false),
+        };
+        match aither::net::InProcessGateway::prepare(&spec.name, grants, &config, explicit) {
             Ok(g) => Some(g),
             Err(e) => {
                 crate::print_error(&anyhow::Error::new(e));

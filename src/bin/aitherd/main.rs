@@ -35,7 +35,8 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
-    /// Configuration file (TOML; its `[users]` table: per-user limits, docs/daemon.md)
+    /// Configuration file (TOML): `[users]`, per-user limits (docs/daemon.md); `[egress]`,
+    /// `ca_file`, `idle_timeout_s`, `max_descriptors` (docs/network.md)
     /// [default: /etc/aither/aitherd.toml, if present].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -145,17 +146,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", state_dir.display()))?;
     raise_nofile();
     let init = daemon::find_init()?;
-    // Read before anything is served: a bad file stops the start.
-    let users = match &args.config {
-        Some(p) => daemon::users::UsersConfig::load(p, true),
-        None => daemon::users::UsersConfig::load(
-            std::path::Path::new(daemon::users::DEFAULT_CONFIG),
-            false,
-        ),
-    }
-    .context("reading the configuration")?;
+    // The configuration is read before anything is served: a bad file stops the start.
+    let (config, explicit) = match &args.config {
+        Some(p) => (p.as_path(), true),
+        None => (std::path::Path::new(daemon::users::DEFAULT_CONFIG), false),
+    };
+    let users =
+        daemon::users::UsersConfig::load(config, explicit).context("reading the configuration")?;
+    let egress =
+        aither::net::config::Egress::load(config, explicit).context("reading the configuration")?;
     let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
     let _ = d.users.set(users);
+    d.init_gateway(egress);
     let rec = recover::recover(&d)?;
     tracing::info!(
         adopted = rec.adopted,
