@@ -66,6 +66,10 @@ pub struct Plan {
     pub scopes: bool,
     /// Protections skipped as best-effort.
     pub skipped: Vec<Protection>,
+    /// Ask the kernel to log the agent's denials (ABI ≥ 7). Logging is no protection: it is
+    /// requested only where the kernel has it, so it can never change what is enforced.
+    #[serde(default)]
+    pub log: bool,
 }
 
 fn to_abi(v: u8) -> ABI {
@@ -145,6 +149,9 @@ pub fn plan_for(
     if !(p.fs || p.tcp || p.scopes) {
         p.abi = 0;
     }
+    // Decided from the kernel's ABI alone, never from the policy: a kernel without the log
+    // flags (every one before 6.15) must enforce exactly what one with them does.
+    p.log = p.abi > 0 && kernel >= 7;
     Ok(p)
 }
 
@@ -245,11 +252,13 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
     }
     // Denials of the agent (a new executable after pid 1's execve) reach the kernel's audit
     // log when the kernel has it (ABI 7) and audit is on: aitherd joins them to the agent
-    // (docs/audit.md). Logging is no protection: best effort, whatever the policy says.
-    let created = created
-        .set_compatibility(CompatLevel::BestEffort)
-        .log_new_exec(true)
-        .map_err(rs_err)?;
+    // (docs/audit.md). Logging is no protection, so it must not decide enforcement: the flag
+    // is only requested where the plan saw ABI ≥ 7. Requesting it best-effort on an older
+    // kernel turned the whole ruleset's status into PartiallyEnforced (issue 27), so every
+    // policy refused on 6.12 and below.
+    if plan.log {
+        created = created.log_new_exec(true).map_err(rs_err)?;
+    }
     let status = created.restrict_self().map_err(rs_err)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(LandlockError::NotEnforced(format!("{:?}", status.ruleset)));
@@ -283,6 +292,20 @@ mod tests {
             (6, true, true, true, true)
         );
         assert!(p.skipped.is_empty());
+        assert!(p.log);
+    }
+
+    #[test]
+    fn logging_is_asked_for_only_where_the_kernel_has_it() {
+        // ABI 6 (Debian 13's 6.12): everything strict needs is there, and no log flag is
+        // requested, so the ruleset can report FullyEnforced.
+        let p = plan(&spec("strict", &[]), 6).unwrap();
+        assert_eq!(
+            (p.abi, p.fs, p.tcp, p.ioctl_dev, p.scopes, p.log),
+            (6, true, true, true, true, false)
+        );
+        assert!(plan(&spec("strict", &[]), 7).unwrap().log);
+        assert!(!plan(&spec("permissive", &[]), 7).unwrap().log);
     }
 
     #[test]
