@@ -403,6 +403,8 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
     let plan = landlock::plan(spec, landlock::kernel_abi())?;
     let landlock_skipped = plan.skipped.clone();
+    let landlock_compensated: Vec<String> =
+        plan.compensated.iter().map(ToString::to_string).collect();
     let filter = spec
         .seccomp_profile
         .as_deref()
@@ -686,6 +688,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             },
             seccomp: seccomp_report.clone(),
             best_effort_skipped: skipped,
+            compensated: landlock_compensated.clone(),
             inside: inside.clone(),
         }
     });

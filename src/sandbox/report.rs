@@ -160,5 +160,9 @@ pub struct Report {
     pub seccomp: Option<SeccompReport>,
     /// Protections the policy allowed to be missing and that were missing.
     pub best_effort_skipped: Vec<String>,
+    /// Protections this kernel lacks, each with the layers that stood in for it (the policy's
+    /// `[compensated]`, docs/security-model.md).
+    #[serde(default)]
+    pub compensated: Vec<String>,
     pub inside: Option<Inside>,
 }
