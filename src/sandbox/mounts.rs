@@ -519,6 +519,34 @@ pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), Mou
     // can cover it.
     if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
         sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
+        if ws.plain {
+            // Not id-mapped (the --workspace-as-owner fallback): mount_setattr may not exist
+            // (before 5.12), so the flags come from a bind remount, made here before the
+            // agent exists. Only adding flags: nothing can be cleared from inside.
+            let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+            if ws.access == crate::policy::WorkspaceAccess::ReadOnly {
+                flags |= libc::MS_RDONLY;
+            }
+            if !spec.mounts.exec_workspace {
+                flags |= libc::MS_NOEXEC;
+            }
+            let target = c(&ws.path.to_string_lossy());
+            // SAFETY: valid C string; a remount takes no source, type or data.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                )
+            };
+            if r < 0 {
+                return Err(err("set the workspace's mount flags on", &ws.path)(
+                    io::Error::last_os_error(),
+                ));
+            }
+        }
     }
     std::env::set_current_dir(&spec.cwd).map_err(err("chdir", &spec.cwd))
 }
@@ -547,7 +575,89 @@ pub fn prepare_workspace(
         set |= sys::MOUNT_ATTR_NOEXEC;
     }
     sys::mount_setattr(std::os::fd::AsRawFd::as_raw_fd(&fd), Path::new(""), true, set, 0, Some(userns.as_fd())).map_err(|e| {
-        io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3)"))
+        io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3, kernel ≥ 5.12), or run with --workspace-as-owner to run the agent as the workspace's (non-root) owner instead (docs/kernels.md)"))
     })?;
     Ok(Some((fd, helper)))
+}
+
+/// The workspace prepared before the clone, when `--workspace-as-owner` asked for the fallback
+/// (it changes the agent's host ids, which are written right after the clone).
+pub enum EarlyWorkspace {
+    /// The filesystem takes id-mapped mounts after all: the usual mount, only made earlier.
+    IdMapped(OwnedFd, super::userns::IdmapHelper),
+    /// It does not: a plain bind of the workspace alone, and the agent runs as its owner.
+    AsOwner { fd: OwnedFd, uid: u32, gid: u32 },
+}
+
+/// The fallback for a workspace without id-mapped mounts (docs/kernels.md): the agent runs as
+/// the directory's owner instead of its own host uid, so that it can write its workspace with
+/// nothing chowned. Only when asked for (`Workspace::as_owner`), and never as root or a system
+/// account: a workspace owned by a uid or gid below 1000, or by a sandbox's id, is refused. The id-mapped mount is tried
+/// first; only "this filesystem or kernel cannot id-map" (EINVAL, ENOSYS, EOPNOTSUPP) falls
+/// back. The directory is opened once without following links; what is checked is what is
+/// mounted. Submounts under it are not carried in (nothing could make them nosuid before
+/// 5.12).
+pub fn prepare_workspace_early(
+    spec: &SandboxSpec,
+    agent_host_id: u32,
+) -> io::Result<Option<EarlyWorkspace>> {
+    let Some(ws) = spec.workspace.as_ref().filter(|w| w.as_owner) else {
+        return Ok(None);
+    };
+    match prepare_workspace(spec, agent_host_id) {
+        Ok(Some((fd, helper))) => return Ok(Some(EarlyWorkspace::IdMapped(fd, helper))),
+        Ok(None) => return Ok(None),
+        Err(e)
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            return Err(e)
+        }
+        Err(_) => {}
+    }
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&ws.path)?;
+    use std::os::unix::fs::MetadataExt;
+    let meta = dir.metadata()?;
+    let (uid, gid) = (meta.uid(), meta.gid());
+    let base = super::userns::UID_BASE;
+    // Below 1000 (login.defs' UID_MIN/GID_MIN): root and the system accounts and groups
+    // (disk, docker, adm…), whose rights no agent may borrow.
+    if uid < 1000 || gid < 1000 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("workspace {}: its filesystem has no id-mapped mounts, and it is owned by uid {uid} gid {gid}: running the agent as its owner would give it {} rights, which Aither never does; chown it to an unprivileged user (uid and gid ≥ 1000), or use a filesystem with id-mapped mounts (docs/kernels.md)", ws.path.display(), if uid == 0 || gid == 0 { "host root's" } else { "a system account's" }),
+        ));
+    }
+    if uid >= base || gid >= base {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "workspace {}: owned by uid {uid} gid {gid}, ids Aither gives sandboxes; refused",
+                ws.path.display()
+            ),
+        ));
+    }
+    // SAFETY: open_tree on a valid O_PATH fd with an empty path (AT_EMPTY_PATH); returns a new
+    // descriptor of a detached copy of that mount (not recursive: only the workspace itself).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            c"".as_ptr(),
+            (sys::OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as std::os::fd::RawFd) };
+    Ok(Some(EarlyWorkspace::AsOwner { fd, uid, gid }))
 }

@@ -69,6 +69,13 @@ pub struct DeviceNode {
 pub struct Workspace {
     pub path: PathBuf,
     pub access: WorkspaceAccess,
+    /// Where the filesystem has no id-mapped mounts, run the agent as the workspace's owner
+    /// (never root) instead of refusing (`--workspace-as-owner`, docs/kernels.md).
+    #[serde(default)]
+    pub as_owner: bool,
+    /// Set by the launcher when that fallback was taken: a plain bind, its flags set inside.
+    #[serde(default)]
+    pub plain: bool,
 }
 
 /// Everything the launcher needs, and nothing it must look up elsewhere.
@@ -215,7 +222,12 @@ impl SandboxSpec {
                     reason: e.to_string(),
                 })?;
                 check_workspace(&path)?;
-                Some(Workspace { path, access })
+                Some(Workspace {
+                    path,
+                    access,
+                    as_owner: false,
+                    plain: false,
+                })
             }
         };
         let cwd = workspace

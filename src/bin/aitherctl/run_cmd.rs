@@ -40,6 +40,11 @@ pub struct RunArgs {
     /// Directory mounted read-write at the same path (default: current directory).
     #[arg(long, short = 'w', value_name = "DIR")]
     workspace: Option<PathBuf>,
+    /// Where the workspace's filesystem has no id-mapped mounts (kernel < 5.12, 9p, NFS…), run
+    /// the agent as the workspace's owner instead of refusing; never root or a system account
+    /// (docs/kernels.md).
+    #[arg(long)]
+    workspace_as_owner: bool,
     /// Name of the agent (cgroup name, AITHER_AGENT); with --token, the token's subject.
     #[arg(long, value_name = "NAME", conflicts_with = "token")]
     name: Option<String>,
@@ -241,6 +246,9 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
     let mut spec =
         SandboxSpec::derive(&claims.to_policy(), &opts, &|k| std::env::var(k).ok(), &cwd)?;
     spec.report = a.report.is_some();
+    if let Some(w) = spec.workspace.as_mut() {
+        w.as_owner = a.workspace_as_owner;
+    }
     if let Some(w) = &spec.workspace {
         verified.check_workspace(&w.path)?;
     }
