@@ -312,7 +312,7 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
             Some((maj, min)) => acc.lack(
                 format!("id-mapped mounts for the workspace (kernel {maj}.{min} < 5.12)"),
                 None,
-                "a kernel ≥ 5.12 (≥ 6.3 for a workspace on tmpfs)".into(),
+                "a kernel ≥ 5.12 (≥ 6.3 for a workspace on tmpfs); or run with --workspace-as-owner: the agent then runs as the workspace's owner, never root or a uid/gid below 1000 (docs/kernels.md)".into(),
             ),
             None => acc.lack(
                 "the kernel version (id-mapped mounts need ≥ 5.12)".into(),

@@ -72,15 +72,121 @@ fn bind_ro(src: &Path, dst: &Path) -> Result<(), MountError> {
     let s = sys::cstr(src).map_err(err("bind", src))?;
     sys::mount(Some(&s), dst, None, libc::MS_BIND | libc::MS_REC, None)
         .map_err(err("bind", dst))?;
-    sys::mount_setattr(
+    set_read_only(dst, true).map_err(err("make read-only", dst))
+}
+
+/// Makes the mount at `path` (and, when `recursive`, every mount under it) read-only, nosuid
+/// and nodev: mount_setattr where the kernel has it (5.12), which leaves the locked atime flags
+/// of the host's mounts alone; before 5.12 (Debian 11's 5.10) one bind remount per mount, as
+/// bubblewrap does, each keeping the flags the mount already has (statvfs), since a remount
+/// in a user namespace may not clear a flag the kernel locked.
+fn set_read_only(path: &Path, recursive: bool) -> io::Result<()> {
+    match sys::mount_setattr(
         libc::AT_FDCWD,
-        dst,
-        true,
+        path,
+        recursive,
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         0,
         None,
-    )
-    .map_err(err("make read-only", dst))
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => remount_read_only(path, recursive),
+        r => r,
+    }
+}
+
+/// The pre-5.12 path of `set_read_only`: `path` itself, then each mount below it in
+/// /proc/self/mountinfo order (parents before children).
+fn remount_read_only(path: &Path, recursive: bool) -> io::Result<()> {
+    let mut targets = vec![path.to_path_buf()];
+    if recursive {
+        let info = fs::read_to_string("/proc/self/mountinfo")?;
+        for mp in mountinfo_points(&info) {
+            if mp != path && mp.starts_with(path) && !targets.contains(&mp) {
+                targets.push(mp);
+            }
+        }
+    }
+    for t in targets {
+        let keep = statvfs_flags(&t)?;
+        let flags = libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | keep;
+        let c = sys::cstr(&t)?;
+        // SAFETY: valid C string; a bind remount takes no source, type or data.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "bind remount of {} read-only (no mount_setattr before 5.12): {e}",
+                    t.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The mount flags a mount already has, as MS_* bits (kept across a bind remount).
+fn statvfs_flags(p: &Path) -> io::Result<libc::c_ulong> {
+    let c = sys::cstr(p)?;
+    // SAFETY: an all-zero statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let f = st.f_flag;
+    let mut ms = 0;
+    for (st_bit, ms_bit) in [
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
+    ] {
+        if f & st_bit != 0 {
+            ms |= ms_bit;
+        }
+    }
+    Ok(ms)
+}
+
+/// Mount points (field 5) of /proc/self/mountinfo text, octal escapes (`\040`) decoded.
+fn mountinfo_points(info: &str) -> Vec<PathBuf> {
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|raw| {
+            let b = raw.as_bytes();
+            let mut out = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'\\'
+                    && i + 3 < b.len()
+                    && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+                {
+                    out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+                    i += 4;
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+        })
+        .collect()
 }
 
 /// Places host path `host` (under the old root) at `inside`: symlinks are recreated, files and
@@ -242,15 +348,7 @@ fn bind_etc_skeleton(old: &Path, skeleton: &EtcSkeleton) -> Result<(), MountErro
             r => r.map_err(err("bind", &inside))?,
         }
     }
-    sys::mount_setattr(
-        libc::AT_FDCWD,
-        etc,
-        true,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-        None,
-    )
-    .map_err(err("make read-only", etc))
+    set_read_only(etc, true).map_err(err("make read-only", etc))
 }
 
 /// The curated /etc assembled per launch (when no skeleton could be cached): listed host
@@ -373,15 +471,7 @@ fn build_proc() -> Result<(), MountError> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             r => r.map_err(err("bind", p))?,
         }
-        sys::mount_setattr(
-            libc::AT_FDCWD,
-            p,
-            true,
-            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            0,
-            None,
-        )
-        .map_err(err("make read-only", p))?;
+        set_read_only(p, true).map_err(err("make read-only", p))?;
     }
     Ok(())
 }
@@ -500,15 +590,7 @@ impl OldRoot {
         // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
         // recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent
         // writes only where it was given room.
-        sys::mount_setattr(
-            libc::AT_FDCWD,
-            Path::new("/"),
-            false,
-            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            0,
-            None,
-        )
-        .map_err(err("make read-only", "/"))
+        set_read_only(Path::new("/"), false).map_err(err("make read-only", "/"))
     }
 }
 
@@ -660,4 +742,24 @@ pub fn prepare_workspace_early(
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as std::os::fd::RawFd) };
     Ok(Some(EarlyWorkspace::AsOwner { fd, uid, gid }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_points_decode_escapes_and_keep_order() {
+        let info = "22 1 0:21 / / rw - tmpfs tmpfs rw\n\
+                    23 22 8:1 /usr /usr ro,nosuid - ext4 /dev/sda1 rw\n\
+                    24 23 0:30 / /usr/my\\040dir rw - tmpfs t rw\n";
+        assert_eq!(
+            mountinfo_points(info),
+            vec![
+                PathBuf::from("/"),
+                PathBuf::from("/usr"),
+                PathBuf::from("/usr/my dir")
+            ]
+        );
+    }
 }
