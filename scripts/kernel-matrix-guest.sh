@@ -37,6 +37,9 @@ if [ "$mode" = v1 ]; then
     mkdir -p "/sys/fs/cgroup/$c"
     mount -t cgroup -o "$c" cgroup "/sys/fs/cgroup/$c"
   done
+  # systemd's layout: the co-mounted hierarchy is also reachable by each controller's name.
+  ln -s cpu,cpuacct /sys/fs/cgroup/cpu
+  ln -s cpu,cpuacct /sys/fs/cgroup/cpuacct
   # aither's v1 backend copies cpuset.cpus/mems from the parent; memsw needs swapaccount.
 fi
 mount | grep cgroup >"$out/cgroup-mounts"
@@ -180,11 +183,12 @@ cpu() {
 check cpu-quota cpu
 
 # 8. The stand-ins each kernel needed, for the support table.
-python3 - "$out/report-strict.json" >"$out/stand-ins" <<'EOF' || true
+python3 - "$out/report-strict.json" "$out/doctor.json" >"$out/stand-ins" <<'EOF' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
+kernel_abi = json.load(open(sys.argv[2]))["host"]["landlock"]["abi"]
 ll = r["landlock"]
-print("landlock abi=%s fs=%s tcp=%s ioctl=%s scopes=%s" % (ll["abi"], ll["filesystem"], ll["tcp"], ll["ioctl_dev"], ll["scopes"]))
+print("landlock kernel=%s enforced-abi=%s fs=%s tcp=%s ioctl=%s scopes=%s" % (kernel_abi, ll["abi"], ll["filesystem"], ll["tcp"], ll["ioctl_dev"], ll["scopes"]))
 print("host_uid=%s" % r["host_uid"])
 for c in r.get("compensated", []):
     print("stand-in: " + c)

@@ -111,7 +111,7 @@ boot() { # suite mode
   local secs=$(($(date +%s) - t)) abi stand pass fail
   pass="$(grep -c '^CHECK .* pass' "$out/checks" 2>/dev/null || true)"
   fail="$(grep -c '^CHECK .* FAIL' "$out/checks" 2>/dev/null || true)"
-  abi="$(sed -n 's/^landlock abi=\([0-9]*\).*/\1/p' "$out/stand-ins" 2>/dev/null || true)"
+  abi="$(sed -n 's/^landlock kernel=\([0-9]*\).*/\1/p' "$out/stand-ins" 2>/dev/null || true)"
   stand="$(sed -n 's/^stand-in: \([a-z-]*\) .*stood in for by \(.*\)/\1 → \2/p' "$out/stand-ins" 2>/dev/null | paste -sd ';' - || true)"
   say "$suite/$mode: ${pass:-0} passed, ${fail:-0} failed, ${secs}s (vng exit $rc)"
   grep '^CHECK .* FAIL' "$out/checks" >&2 || true
