@@ -202,7 +202,7 @@ fn strict_full_is_strict_without_stand_ins() {
         .unwrap()
         .1;
     let full = Policy::parse(full, "strict-full").unwrap();
-    let mut strict = Policy::parse(&strict_src(), "strict").unwrap();
+    let mut strict = Policy::parse(strict_src(), "strict").unwrap();
     assert_eq!(strict.compensated.len(), 4);
     assert!(full.compensated.is_empty());
     strict.compensated.clear();

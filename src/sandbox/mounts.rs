@@ -99,7 +99,14 @@ fn set_read_only(path: &Path, recursive: bool) -> io::Result<()> {
 fn remount_read_only(path: &Path, recursive: bool) -> io::Result<()> {
     let mut targets = vec![path.to_path_buf()];
     if recursive {
-        let info = fs::read_to_string("/proc/self/mountinfo")?;
+        // The view's own /proc is mounted after the read-only binds: until then the host's,
+        // under the old root, shows this process's mount table all the same.
+        let info = match fs::read_to_string("/proc/self/mountinfo") {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::read_to_string(format!("{OLD_ROOT}/proc/self/mountinfo"))?
+            }
+            r => r?,
+        };
         for mp in mountinfo_points(&info) {
             if mp != path && mp.starts_with(path) && !targets.contains(&mp) {
                 targets.push(mp);
