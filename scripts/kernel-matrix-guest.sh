@@ -182,6 +182,41 @@ cpu() {
 }
 check cpu-quota cpu
 
+# 7b. The live cgroup while a sandbox runs: the limits as written, PSI readable (pure v2),
+# and the directory gone after the run.
+live_cgroup() {
+  local name="cgcheck-$$" d= i out
+  run -p strict --name "$name" --memory 64M --pids 32 --cpus 0.5 -- sh -c 'sleep 6' &
+  local pid=$!
+  for i in $(seq 100); do
+    d="$(ls -d /sys/fs/cgroup/aither/"$name"-* /sys/fs/cgroup/memory/aither/"$name"-* 2>/dev/null | head -n1)"
+    [ -n "$d" ] && break
+    sleep 0.1
+  done
+  [ -n "$d" ] || { echo "no cgroup directory for $name"; wait "$pid"; return 1; }
+  if [ "$mode" = v2 ]; then
+    out="memory.max=$(cat "$d/memory.max") pids.max=$(cat "$d/pids.max") cpu.max=$(cat "$d/cpu.max") swap.max=$(cat "$d/memory.swap.max" 2>/dev/null || echo none)"
+    grep -q '^some avg10=' "$d/memory.pressure" || { echo "no PSI in $d/memory.pressure"; wait "$pid"; return 1; }
+    out="$out psi=yes"
+    [ "$out" = "${out/memory.max=67108864 pids.max=32 cpu.max=50000 100000/}" ] && {
+      echo "limits differ: $out"
+      wait "$pid"
+      return 1
+    }
+  else
+    out="memory.limit=$(cat "$d/memory.limit_in_bytes") pids.max=$(cat /sys/fs/cgroup/pids/aither/"$name"-*/pids.max) cfs_quota=$(cat /sys/fs/cgroup/cpu/aither/"$name"-*/cpu.cfs_quota_us)"
+    [ "$out" = "memory.limit=67108864 pids.max=32 cfs_quota=50000" ] || {
+      echo "limits differ: $out"
+      wait "$pid"
+      return 1
+    }
+  fi
+  wait "$pid" || { echo "the run failed"; return 1; }
+  [ ! -e "$d" ] || { echo "$d left behind"; return 1; }
+  echo "$out; removed after the run"
+}
+check live-cgroup live_cgroup
+
 # 8. The stand-ins each kernel needed, for the support table.
 python3 - "$out/report-strict.json" "$out/doctor.json" >"$out/stand-ins" <<'EOF' || true
 import json, sys
