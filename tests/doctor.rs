@@ -249,11 +249,11 @@ fn assert_all_runnable(v: &Value) {
     assert_eq!(v["default_runnable"], true);
 }
 
-/// strict, with every Landlock protection best-effort.
+/// strict, with every Landlock protection best-effort (strict-full: no stand-ins).
 fn lenient_policy() -> String {
-    let strict = fs::read_to_string(repo_policies().join("strict.toml")).unwrap();
+    let strict = fs::read_to_string(repo_policies().join("strict-full.toml")).unwrap();
     strict
-        .replace("name = \"strict\"", "name = \"lenient\"")
+        .replace("name = \"strict-full\"", "name = \"lenient\"")
         .replace(
         "best_effort = []",
         "best_effort = [\"landlock\", \"landlock-net\", \"landlock-ioctl\", \"landlock-scope\"]",
@@ -383,7 +383,7 @@ fn no_user_namespaces_refuses_strict_with_the_sysctl_fix() {
 }
 
 #[test]
-fn no_landlock_refuses_strict_but_a_best_effort_policy_runs() {
+fn no_landlock_refuses_strict_full_but_strict_runs_with_named_stand_ins() {
     let h = FakeHost::new(Mode::Hybrid);
     h.write(
         "sys/kernel/security/lsm",
@@ -392,18 +392,43 @@ fn no_landlock_refuses_strict_but_a_best_effort_policy_runs() {
     h.fact("landlock_abi", "0");
     h.policy("lenient", &lenient_policy());
     let (v, code) = h.json();
-    assert_eq!(code, 1, "{v:#}");
-    let strict = missing(&v, "strict");
-    let prots: Vec<&str> = strict
+    // The default policy, strict, runs: another layer stands in for each missing feature.
+    assert_eq!(code, 0, "{v:#}");
+    let strict = policy(&v, "strict");
+    assert_eq!(strict["runnable"], true, "{strict:#}");
+    let stand_ins: Vec<&str> = strict["compensated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(stand_ins.len(), 4, "{strict:#}");
+    assert!(
+        stand_ins[0].starts_with(
+            "landlock (Landlock filesystem rules, ABI ≥ 3): stood in for by read-only-view"
+        ),
+        "{stand_ins:?}"
+    );
+    assert!(
+        stand_ins[1].contains("stood in for by net-namespace"),
+        "{stand_ins:?}"
+    );
+    assert!(
+        stand_ins[3].contains("stood in for by net-namespace + pid-namespace"),
+        "{stand_ins:?}"
+    );
+    // strict-full insists on every layer.
+    let full = missing(&v, "strict-full");
+    let prots: Vec<&str> = full
         .iter()
         .map(|m| m["protection"].as_str().unwrap())
         .collect();
     assert_eq!(
         prots,
         ["landlock", "landlock-net", "landlock-scope"],
-        "{strict:#?}"
+        "{full:#?}"
     );
-    let fs_rules = missing_item(&v, "strict", "Landlock filesystem rules");
+    let fs_rules = missing_item(&v, "strict-full", "Landlock filesystem rules");
     let fix = fs_rules["fix"].as_str().unwrap();
     assert!(
         fix.contains("boot with lsm=lockdown,capability,yama,apparmor,landlock"),
@@ -424,6 +449,14 @@ fn no_landlock_refuses_strict_but_a_best_effort_policy_runs() {
         text.contains("skipped (best-effort): Landlock filesystem rules"),
         "{text}"
     );
+    assert!(
+        text.contains("strict       OK, with stand-in layers for what this kernel lacks (default)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stand-in: landlock-scope (Landlock abstract-socket and signal scoping, ABI ≥ 6): stood in for by net-namespace + pid-namespace"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -431,19 +464,28 @@ fn old_landlock_names_the_kernel_that_has_it() {
     let h = FakeHost::new(Mode::V2);
     h.fact("landlock_abi", "3");
     let (v, code) = h.json();
-    assert_eq!(code, 1);
-    let tcp = missing_item(&v, "strict", "TCP");
+    assert_eq!(code, 0, "strict runs with stand-ins: {v:#}");
+    let tcp = missing_item(&v, "strict-full", "TCP");
     assert!(
         tcp["fix"].as_str().unwrap().contains("kernel ≥ 6.7"),
         "{tcp:#}"
     );
-    // standard (loopback network) needs no TCP rules, but still scoping (ABI 6).
-    assert!(!missing(&v, "standard")
-        .iter()
-        .any(|m| m["protection"] == "landlock-net"));
-    assert!(missing(&v, "standard")
-        .iter()
-        .any(|m| m["protection"] == "landlock-scope"));
+    // standard (loopback network) needs no TCP rules; scoping (ABI 6) is stood in for.
+    let standard = policy(&v, "standard");
+    assert!(missing(&v, "standard").is_empty(), "{standard:#}");
+    let stand_ins = standard["compensated"].as_array().unwrap();
+    assert!(
+        !stand_ins
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("landlock-net")),
+        "{standard:#}"
+    );
+    assert!(
+        stand_ins
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("landlock-scope")),
+        "{standard:#}"
+    );
 }
 
 #[test]

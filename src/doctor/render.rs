@@ -224,8 +224,19 @@ impl Report {
             };
             let src = p.source.as_deref().unwrap_or("-");
             match (&p.verdict, &p.error) {
-                (Some(v), _) if v.runnable && v.best_effort_skipped.is_empty() => {
+                (Some(v), _)
+                    if v.runnable
+                        && v.best_effort_skipped.is_empty()
+                        && v.compensated.is_empty() =>
+                {
                     let _ = writeln!(o, "  {:<12} OK{default}  [{src}]", p.name);
+                }
+                (Some(v), _) if v.runnable && v.best_effort_skipped.is_empty() => {
+                    let _ = writeln!(
+                        o,
+                        "  {:<12} OK, with stand-in layers for what this kernel lacks{default}  [{src}]",
+                        p.name
+                    );
                 }
                 (Some(v), _) if v.runnable => {
                     let _ = writeln!(
@@ -252,6 +263,9 @@ impl Report {
                     if !m.fix.is_empty() {
                         let _ = writeln!(o, "          fix: {}", m.fix);
                     }
+                }
+                for c in &v.compensated {
+                    let _ = writeln!(o, "      stand-in: {c}");
                 }
                 for m in &v.best_effort_skipped {
                     let _ = writeln!(o, "      skipped (best-effort): {}", m.what);

@@ -169,7 +169,18 @@ fn every_builtin_policy_runs_on_a_full_host() {
 fn landlock_abi_5_misses_only_scoping_and_names_the_kernel() {
     let mut h = full_host();
     h.landlock.abi = Some(5);
+    // strict lets the network and pid namespaces stand in, and says so.
     let v = verdict(&builtin("strict"), &h);
+    assert!(v.runnable, "{v:?}");
+    assert_eq!(v.compensated.len(), 1, "{v:?}");
+    assert!(
+        v.compensated[0].starts_with("landlock-scope")
+            && v.compensated[0].contains("net-namespace + pid-namespace")
+            && v.compensated[0].contains("ABI 5"),
+        "{v:?}"
+    );
+    // strict-full insists on every layer.
+    let v = verdict(&builtin("strict-full"), &h);
     assert!(!v.runnable);
     assert_eq!(v.missing.len(), 1, "{v:?}");
     assert_eq!(v.missing[0].protection, Some(Protection::LandlockScope));
@@ -178,7 +189,7 @@ fn landlock_abi_5_misses_only_scoping_and_names_the_kernel() {
         "{}",
         v.missing[0].fix
     );
-    let mut p = builtin("strict");
+    let mut p = builtin("strict-full");
     p.best_effort = vec![Protection::LandlockScope];
     let v = verdict(&p, &h);
     assert!(v.runnable, "{v:?}");
@@ -195,7 +206,30 @@ fn no_landlock_names_every_feature_once() {
         abi: Some(0),
         lsm: Some("capability,yama,apparmor".into()),
     };
+    // strict: a named stand-in for each of the four features, and it runs.
     let v = verdict(&builtin("strict"), &h);
+    assert!(v.runnable && v.missing.is_empty(), "{v:?}");
+    let stand_ins: Vec<&str> = v
+        .compensated
+        .iter()
+        .map(|c| c.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        stand_ins,
+        [
+            "landlock",
+            "landlock-net",
+            "landlock-ioctl",
+            "landlock-scope"
+        ],
+        "{v:?}"
+    );
+    assert!(v.compensated[0].contains("read-only-view"), "{v:?}");
+    assert!(
+        v.compensated[2].contains("minimal-dev + own-pty + seccomp-ioctl"),
+        "{v:?}"
+    );
+    let v = verdict(&builtin("strict-full"), &h);
     let prots: Vec<_> = v.missing.iter().filter_map(|m| m.protection).collect();
     assert_eq!(
         prots,
@@ -210,7 +244,9 @@ fn no_landlock_names_every_feature_once() {
         .fix
         .contains("lsm=capability,yama,apparmor,landlock"));
     // standard has loopback networking: no TCP rules are needed.
-    let v = verdict(&builtin("standard"), &h);
+    let mut p = builtin("standard");
+    p.compensated.clear();
+    let v = verdict(&p, &h);
     assert!(!v
         .missing
         .iter()

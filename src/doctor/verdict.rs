@@ -28,6 +28,9 @@ pub struct PolicyVerdict {
     pub missing: Vec<Missing>,
     /// Missing, but listed in the policy's `best_effort`: skipped, and reported at each run.
     pub best_effort_skipped: Vec<Missing>,
+    /// Missing, and stood in for by the layers the policy's `[compensated]` names; each line
+    /// says which layer stands in for which protection (also in every run's report).
+    pub compensated: Vec<String>,
 }
 
 /// Which container runtime's options a fix should name.
@@ -245,12 +248,25 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
 
     // Landlock: the launcher's own plan, asked again with each missing protection allowed, so
     // that every missing feature is named (not only the first).
+    let mut compensated = Vec::new();
     if policy.landlock.enabled {
         let abi = facts.landlock.abi.unwrap_or(0);
         let mut allowed = policy.best_effort.clone();
         loop {
-            match landlock::plan_for(&policy.name, true, policy.network.mode, &allowed, abi) {
+            match landlock::plan_for(
+                &policy.name,
+                true,
+                policy.network.mode,
+                &allowed,
+                &policy.compensated,
+                abi,
+            ) {
                 Ok(plan) => {
+                    compensated = plan
+                        .compensated
+                        .iter()
+                        .map(|c| format!("{c} ({})", abi_text(facts)))
+                        .collect();
                     for p in plan
                         .skipped
                         .iter()
@@ -296,7 +312,7 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
             Some((maj, min)) => acc.lack(
                 format!("id-mapped mounts for the workspace (kernel {maj}.{min} < 5.12)"),
                 None,
-                "a kernel ≥ 5.12 (≥ 6.3 for a workspace on tmpfs)".into(),
+                "a kernel ≥ 5.12 (≥ 6.3 for a workspace on tmpfs); or run with --workspace-as-owner: the agent then runs as the workspace's owner, never root or a uid/gid below 1000 (docs/kernels.md)".into(),
             ),
             None => acc.lack(
                 "the kernel version (id-mapped mounts need ≥ 5.12)".into(),
@@ -312,6 +328,7 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
         runnable: missing.is_empty(),
         missing,
         best_effort_skipped: acc.skipped,
+        compensated,
     }
 }
 

@@ -3,6 +3,10 @@
 
 pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("strict", include_str!("../../policies/strict.toml")),
+    (
+        "strict-full",
+        include_str!("../../policies/strict-full.toml"),
+    ),
     ("standard", include_str!("../../policies/standard.toml")),
     ("ci", include_str!("../../policies/ci.toml")),
     ("permissive", include_str!("../../policies/permissive.toml")),

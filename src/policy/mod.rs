@@ -96,6 +96,63 @@ pub enum Protection {
     CgroupDevices,
 }
 
+impl Protection {
+    /// The defence map (docs/security-model.md): the layers that stop the threats this
+    /// protection stops, and may stand in for it on a kernel without it. Empty: never
+    /// compensated (cgroup limits, like namespaces, seccomp, capabilities and no_new_privs,
+    /// which are not `Protection`s at all because nothing may replace them).
+    pub fn stand_ins(self) -> &'static [Layer] {
+        match self {
+            // Below ABI 3: every path outside the view is absent, and everything in it but the
+            // workspace, /tmp and /dev/shm is a read-only, nosuid bind on a tmpfs root.
+            Protection::Landlock => &[Layer::ReadOnlyView],
+            // Below ABI 4: the private network namespace has only loopback, so no TCP
+            // connection leaves the sandbox; its own loopback stays usable.
+            Protection::LandlockNet => &[Layer::NetNamespace],
+            // Below ABI 6: abstract unix sockets are per network namespace; signals reach only
+            // processes the pid namespace shows.
+            Protection::LandlockScope => &[Layer::NetNamespace, Layer::PidNamespace],
+            // Below ABI 5: the view's /dev holds only null, zero, full, random, urandom, tty and
+            // the sandbox's own devpts; the agent's terminal is its own pty; seccomp refuses
+            // TIOCSTI and TIOCLINUX.
+            Protection::LandlockIoctl => &[Layer::MinimalDev, Layer::OwnPty, Layer::SeccompIoctl],
+            Protection::CgroupMemory
+            | Protection::CgroupCpu
+            | Protection::CgroupPids
+            | Protection::CgroupSwap
+            | Protection::CgroupDevices => &[],
+        }
+    }
+}
+
+/// An always-enforced layer that can stand in for a [`Protection`] the kernel lacks.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    /// The mount view: tmpfs root, host paths absent unless listed, read-only nosuid binds.
+    ReadOnlyView,
+    /// The sandbox's own network namespace with loopback only.
+    NetNamespace,
+    /// The sandbox's own pid namespace.
+    PidNamespace,
+    /// The curated /dev (no host device but the harmless character devices).
+    MinimalDev,
+    /// The agent's own pty (the caller's terminal never crosses in).
+    OwnPty,
+    /// The seccomp allowlist's ioctl argument filters (TIOCSTI, TIOCLINUX).
+    SeccompIoctl,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
 impl fmt::Display for Protection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = serde_json::to_value(self)
@@ -224,6 +281,11 @@ pub struct Policy {
     pub warning: Option<String>,
     #[serde(default)]
     pub best_effort: Vec<Protection>,
+    /// Protections that, missing from the kernel, are stood in for by the named layers (each
+    /// one exactly its `Protection::stand_ins`). Absent from here and from `best_effort`: the
+    /// protection is required, and its absence refuses the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compensated: BTreeMap<Protection, Vec<Layer>>,
     #[serde(default)]
     pub namespaces: Namespaces,
     pub filesystem: Filesystem,
@@ -556,6 +618,59 @@ impl Policy {
         for k in self.process.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return fail("process.env", k, "invalid variable name".into());
+            }
+        }
+        // Last: a stand-in depends on the namespaces, network and seccomp checked above.
+        for (protection, layers) in &self.compensated {
+            let key = protection.to_string();
+            let want = protection.stand_ins();
+            if want.is_empty() {
+                return fail(
+                    "compensated",
+                    &key,
+                    format!("{protection} is never compensated: nothing stands in for it"),
+                );
+            }
+            let mut got = layers.clone();
+            got.sort();
+            got.dedup();
+            let mut expected = want.to_vec();
+            expected.sort();
+            if got != expected {
+                let list: Vec<String> = want.iter().map(|l| format!("\"{l}\"")).collect();
+                return fail(
+                    "compensated",
+                    &key,
+                    format!("{protection} can only be stood in for by all of [{}] together (docs/security-model.md, the defence map)", list.join(", ")),
+                );
+            }
+            if self.best_effort.contains(protection) {
+                return fail(
+                    "compensated",
+                    &key,
+                    format!("{protection} is also in best_effort: name it in one of them"),
+                );
+            }
+            for layer in layers {
+                let in_effect = match layer {
+                    Layer::NetNamespace => {
+                        self.namespaces.net && self.network.mode != NetworkMode::Host
+                    }
+                    Layer::SeccompIoctl => self.seccomp.profile != "none",
+                    Layer::ReadOnlyView
+                    | Layer::PidNamespace
+                    | Layer::MinimalDev
+                    | Layer::OwnPty => true,
+                };
+                if !in_effect {
+                    return fail(
+                        "compensated",
+                        &key,
+                        format!(
+                            "{layer} cannot stand in for {protection}: this policy turns it off"
+                        ),
+                    );
+                }
             }
         }
         Ok(())

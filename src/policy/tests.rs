@@ -140,3 +140,76 @@ fn load_by_name_prefers_installed_files_and_reports_where_it_looked() {
         "{e}"
     );
 }
+
+#[test]
+fn stand_ins_are_exactly_the_defence_map_and_never_for_cgroup_limits() {
+    let base = strict_src();
+    let cases: &[(&str, &str, &str)] = &[
+        // A stand-in that covers only part of the threat.
+        (
+            "landlock-scope = [\"net-namespace\", \"pid-namespace\"]",
+            "landlock-scope = [\"net-namespace\"]",
+            "all of [\"net-namespace\", \"pid-namespace\"]",
+        ),
+        // A layer that stops something else.
+        (
+            "landlock = [\"read-only-view\"]",
+            "landlock = [\"net-namespace\"]",
+            "all of [\"read-only-view\"]",
+        ),
+        // cgroup limits are never compensated.
+        (
+            "landlock = [\"read-only-view\"]",
+            "landlock = [\"read-only-view\"]\ncgroup-memory = [\"pid-namespace\"]",
+            "never compensated",
+        ),
+        // A stand-in the policy itself turns off.
+        (
+            "profile = \"agent\"\n",
+            "profile = \"none\"\n",
+            "seccomp-ioctl cannot stand in",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let mut src = base.replace(from, to);
+        if to.contains("\"none\"") {
+            src = src.replace(
+                "best_effort = []",
+                "warning = \"no seccomp\"\nbest_effort = []",
+            );
+        }
+        assert_ne!(src, base, "{from} not found");
+        let (line, _, field, msg) = bad(&src);
+        assert!(field.starts_with("compensated."), "{to}: {field}: {msg}");
+        assert!(msg.contains(want), "{to}: {msg}");
+        let key = field.trim_start_matches("compensated.");
+        assert!(
+            src.lines().nth(line - 1).unwrap().contains(key),
+            "line {line} for {field}"
+        );
+    }
+    // A layer may not both stand in and be skipped.
+    let src = base.replace("best_effort = []", "best_effort = [\"landlock-net\"]");
+    let (_, _, field, msg) = bad(&src);
+    assert_eq!(field, "compensated.landlock-net", "{msg}");
+}
+
+#[test]
+fn strict_full_is_strict_without_stand_ins() {
+    let full = crate::policy::BUILTIN_POLICIES
+        .iter()
+        .find(|(n, _)| *n == "strict-full")
+        .unwrap()
+        .1;
+    let full = Policy::parse(full, "strict-full").unwrap();
+    let mut strict = Policy::parse(strict_src(), "strict").unwrap();
+    assert_eq!(strict.compensated.len(), 4);
+    assert!(full.compensated.is_empty());
+    strict.compensated.clear();
+    strict.name = full.name.clone();
+    strict.description = full.description.clone();
+    assert_eq!(
+        strict, full,
+        "strict-full must differ from strict only in its stand-ins"
+    );
+}

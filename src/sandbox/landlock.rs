@@ -6,6 +6,7 @@
 //! The ruleset is then built with `CompatLevel::HardRequirement` so the crate can never
 //! silently enforce less than the plan says.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use landlock::{
@@ -15,12 +16,12 @@ use landlock::{
 use serde::{Deserialize, Serialize};
 
 use super::spec::SandboxSpec;
-use crate::policy::{NetworkMode, Protection, WorkspaceAccess};
+use crate::policy::{Layer, NetworkMode, Protection, WorkspaceAccess};
 
 /// Errors of Landlock planning and enforcement.
 #[derive(Debug, thiserror::Error)]
 pub enum LandlockError {
-    #[error("policy {policy:?} requires {what}, which needs Landlock ABI {needed}, but this kernel {has}; upgrade the kernel (or boot with lsm=...,landlock), or allow it with best_effort = [\"{protection}\"]")]
+    #[error("policy {policy:?} requires {what}, which needs Landlock ABI {needed}, but this kernel {has}; upgrade the kernel (or boot with lsm=...,landlock), or let other layers stand in for it with [compensated] {protection} = [...] (docs/security-model.md), or allow it with best_effort = [\"{protection}\"]")]
     Unsupported {
         policy: String,
         what: &'static str,
@@ -66,6 +67,38 @@ pub struct Plan {
     pub scopes: bool,
     /// Protections skipped as best-effort.
     pub skipped: Vec<Protection>,
+    /// Protections the kernel lacks and the policy lets other layers stand in for.
+    #[serde(default)]
+    pub compensated: Vec<Compensation>,
+    /// Ask the kernel to log the agent's denials (ABI ≥ 7). Logging is no protection: it is
+    /// requested only where the kernel has it, so it can never change what is enforced.
+    #[serde(default)]
+    pub log: bool,
+}
+
+/// A Landlock feature this kernel lacks, and the layers standing in for it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Compensation {
+    pub protection: Protection,
+    /// What the feature is ("TCP bind/connect rules").
+    pub what: String,
+    /// The Landlock ABI it needs.
+    pub needed: u8,
+    pub layers: Vec<Layer>,
+}
+
+impl std::fmt::Display for Compensation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layers: Vec<String> = self.layers.iter().map(|l| l.to_string()).collect();
+        write!(
+            f,
+            "{} (Landlock {}, ABI ≥ {}): stood in for by {}",
+            self.protection,
+            self.what,
+            self.needed,
+            layers.join(" + ")
+        )
+    }
 }
 
 fn to_abi(v: u8) -> ABI {
@@ -87,6 +120,7 @@ pub fn plan(spec: &SandboxSpec, kernel: u8) -> Result<Plan, LandlockError> {
         spec.landlock,
         spec.network,
         &spec.best_effort,
+        &spec.compensated,
         kernel,
     )
 }
@@ -97,6 +131,7 @@ pub fn plan_for(
     landlock: bool,
     network: NetworkMode,
     best_effort: &[Protection],
+    compensated: &BTreeMap<Protection, Vec<Layer>>,
     kernel: u8,
 ) -> Result<Plan, LandlockError> {
     if !landlock {
@@ -123,6 +158,17 @@ pub fn plan_for(
             p.skipped.push(protection);
             return Ok(false);
         }
+        // The policy's validation made sure the layers are exactly the defence map's and are
+        // on in this policy; they are enforced whatever the kernel (never compensated).
+        if let Some(layers) = compensated.get(&protection) {
+            p.compensated.push(Compensation {
+                protection,
+                what: what.to_string(),
+                needed,
+                layers: layers.clone(),
+            });
+            return Ok(false);
+        }
         Err(LandlockError::Unsupported {
             policy: policy.to_string(),
             what,
@@ -135,7 +181,15 @@ pub fn plan_for(
     p.fs = need("filesystem rules", 3, Protection::Landlock, &mut p)?;
     p.tcp = network == NetworkMode::None
         && need("TCP bind/connect rules", 4, Protection::LandlockNet, &mut p)?;
-    p.ioctl_dev = p.fs && need("device ioctl rules", 5, Protection::LandlockIoctl, &mut p)?;
+    // Device ioctl rules are part of the filesystem ruleset: when a stand-in replaces that
+    // (below ABI 3) they are missing too, and need their own; when the policy skipped the
+    // filesystem rules as best-effort, it skipped these with them.
+    let fs_covered = p.fs
+        || p.compensated
+            .iter()
+            .any(|c| c.protection == Protection::Landlock);
+    p.ioctl_dev =
+        fs_covered && need("device ioctl rules", 5, Protection::LandlockIoctl, &mut p)? && p.fs;
     p.scopes = need(
         "abstract-socket and signal scoping",
         6,
@@ -145,6 +199,9 @@ pub fn plan_for(
     if !(p.fs || p.tcp || p.scopes) {
         p.abi = 0;
     }
+    // Decided from the kernel's ABI alone, never from the policy: a kernel without the log
+    // flags (every one before 6.15) must enforce exactly what one with them does.
+    p.log = p.abi > 0 && kernel >= 7;
     Ok(p)
 }
 
@@ -245,11 +302,13 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
     }
     // Denials of the agent (a new executable after pid 1's execve) reach the kernel's audit
     // log when the kernel has it (ABI 7) and audit is on: aitherd joins them to the agent
-    // (docs/audit.md). Logging is no protection: best effort, whatever the policy says.
-    let created = created
-        .set_compatibility(CompatLevel::BestEffort)
-        .log_new_exec(true)
-        .map_err(rs_err)?;
+    // (docs/audit.md). Logging is no protection, so it must not decide enforcement: the flag
+    // is only requested where the plan saw ABI ≥ 7. Requesting it best-effort on an older
+    // kernel turned the whole ruleset's status into PartiallyEnforced (issue 27), so every
+    // policy refused on 6.12 and below.
+    if plan.log {
+        created = created.log_new_exec(true).map_err(rs_err)?;
+    }
     let status = created.restrict_self().map_err(rs_err)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(LandlockError::NotEnforced(format!("{:?}", status.ruleset)));
@@ -283,6 +342,69 @@ mod tests {
             (6, true, true, true, true)
         );
         assert!(p.skipped.is_empty());
+        assert!(p.log);
+    }
+
+    #[test]
+    fn logging_is_asked_for_only_where_the_kernel_has_it() {
+        // ABI 6 (Debian 13's 6.12): everything strict needs is there, and no log flag is
+        // requested, so the ruleset can report FullyEnforced.
+        let p = plan(&spec("strict", &[]), 6).unwrap();
+        assert_eq!(
+            (p.abi, p.fs, p.tcp, p.ioctl_dev, p.scopes, p.log),
+            (6, true, true, true, true, false)
+        );
+        assert!(plan(&spec("strict", &[]), 7).unwrap().log);
+        assert!(!plan(&spec("permissive", &[]), 7).unwrap().log);
+    }
+
+    #[test]
+    fn strict_lets_the_named_layers_stand_in_and_says_which() {
+        use crate::policy::Layer;
+        // Debian 12's 6.1 (ABI 2): no Landlock at all, four stand-ins.
+        let p = plan(&spec("strict", &[]), 2).unwrap();
+        assert_eq!(
+            (p.abi, p.fs, p.tcp, p.ioctl_dev, p.scopes),
+            (0, false, false, false, false)
+        );
+        let got: Vec<(Protection, Vec<Layer>)> = p
+            .compensated
+            .iter()
+            .map(|c| (c.protection, c.layers.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Protection::Landlock, vec![Layer::ReadOnlyView]),
+                (Protection::LandlockNet, vec![Layer::NetNamespace]),
+                (
+                    Protection::LandlockIoctl,
+                    vec![Layer::MinimalDev, Layer::OwnPty, Layer::SeccompIoctl]
+                ),
+                (
+                    Protection::LandlockScope,
+                    vec![Layer::NetNamespace, Layer::PidNamespace]
+                ),
+            ]
+        );
+        assert!(p.skipped.is_empty());
+        assert_eq!(
+            p.compensated[1].to_string(),
+            "landlock-net (Landlock TCP bind/connect rules, ABI ≥ 4): stood in for by net-namespace"
+        );
+        // ABI 5: only scoping is stood in for; everything the kernel has is enforced.
+        let p = plan(&spec("strict", &[]), 5).unwrap();
+        assert_eq!(
+            (p.abi, p.fs, p.tcp, p.ioctl_dev, p.scopes),
+            (5, true, true, true, false)
+        );
+        assert_eq!(p.compensated.len(), 1);
+        assert_eq!(p.compensated[0].protection, Protection::LandlockScope);
+        // ABI 6: nothing to stand in for.
+        assert!(plan(&spec("strict", &[]), 6)
+            .unwrap()
+            .compensated
+            .is_empty());
     }
 
     #[test]
@@ -293,7 +415,9 @@ mod tests {
             (4, "\"landlock-ioctl\"", 5),
             (5, "\"landlock-scope\"", 6),
         ] {
-            let e = plan(&spec("strict", &[]), kernel).unwrap_err().to_string();
+            let e = plan(&spec("strict-full", &[]), kernel)
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains(protection) && e.contains(&format!("ABI {needed}")),
                 "kernel {kernel}: {e}"
@@ -303,11 +427,11 @@ mod tests {
 
     #[test]
     fn best_effort_skips_only_what_it_names_and_reports_it() {
-        let p = plan(&spec("strict", &[Protection::LandlockScope]), 5).unwrap();
+        let p = plan(&spec("strict-full", &[Protection::LandlockScope]), 5).unwrap();
         assert!(p.fs && p.tcp && !p.scopes);
         assert_eq!(p.skipped, vec![Protection::LandlockScope]);
         assert!(
-            plan(&spec("strict", &[Protection::LandlockScope]), 3).is_err(),
+            plan(&spec("strict-full", &[Protection::LandlockScope]), 3).is_err(),
             "TCP is still required"
         );
     }

@@ -363,6 +363,8 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
     let plan = landlock::plan(spec, landlock::kernel_abi())?;
     let landlock_skipped = plan.skipped.clone();
+    let landlock_compensated: Vec<String> =
+        plan.compensated.iter().map(ToString::to_string).collect();
     let filter = spec
         .seccomp_profile
         .as_deref()
@@ -407,7 +409,31 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     marks.push(("cgroup2 dir", now_ns()));
 
     // 3. Host ids, the /etc skeleton (cached), the caller's stdio pipes lent.
-    let ids = HostIds::for_slot(slot);
+    let mut ids = HostIds::for_slot(slot);
+    // The --workspace-as-owner fallback is decided here, before the clone, because it changes
+    // the agent's host ids (written right after the clone); without it the workspace is
+    // prepared in step 6, in parallel with the cgroup.
+    let mut early_ws = None;
+    let plain_spec;
+    let spec =
+        match mounts::prepare_workspace_early(spec, ids.agent).map_err(LaunchError::Workspace)? {
+            None => spec,
+            Some(mounts::EarlyWorkspace::IdMapped(fd, helper)) => {
+                early_ws = Some((fd, Some(helper)));
+                spec
+            }
+            Some(mounts::EarlyWorkspace::AsOwner { fd, uid, gid }) => {
+                ids.agent = uid;
+                ids.agent_gid = gid;
+                early_ws = Some((fd, None));
+                let mut s = spec.clone();
+                if let Some(w) = s.workspace.as_mut() {
+                    w.plain = true;
+                }
+                plain_spec = s;
+                &plain_spec
+            }
+        };
     let etc_skeleton = mounts::prepare_etc(spec);
     // A captured agent gets its own stdio, so the caller's pipes (a supervisor's) are not lent.
     let mut capture = match io.log {
@@ -543,7 +569,11 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             .name("aither-cgroup".into())
             .stack_size(256 * 1024)
             .spawn_scoped(s, create);
-        let workspace = mounts::prepare_workspace(spec, ids.agent);
+        let workspace = match early_ws.take() {
+            Some(early) => Ok(Some(early)),
+            None => mounts::prepare_workspace(spec, ids.agent)
+                .map(|w| w.map(|(fd, helper)| (fd, Some(helper)))),
+        };
         let created = match thread {
             Ok(t) => t.join().unwrap_or_else(|_| {
                 Err(CgroupError::Create {
@@ -561,7 +591,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     let join = join.map_err(|e| abort(e.into()))?;
     marks.push(("cgroup+workspace", now_ns()));
     let (workspace, idmap_helper) = match workspace {
-        Ok(Some((fd, helper))) => (Some(fd), Some(helper)),
+        Ok(Some((fd, helper))) => (Some(fd), helper),
         Ok(None) => (None, None),
         Err(e) => return Err(abort(LaunchError::Workspace(e))),
     };
@@ -648,7 +678,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             uid: spec.uid,
             gid: spec.gid,
             host_uid: ids.agent,
-            host_gid: ids.agent,
+            host_gid: ids.agent_gid,
             cgroup: CgroupReport {
                 id: id.clone(),
                 dirs: cg
@@ -673,6 +703,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
             seccomp: seccomp_report.clone(),
             best_effort_skipped: skipped,
             overrides: crate::testhooks::in_force(),
+            compensated: landlock_compensated.clone(),
             inside: inside.clone(),
         }
     });

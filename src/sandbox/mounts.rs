@@ -72,15 +72,128 @@ fn bind_ro(src: &Path, dst: &Path) -> Result<(), MountError> {
     let s = sys::cstr(src).map_err(err("bind", src))?;
     sys::mount(Some(&s), dst, None, libc::MS_BIND | libc::MS_REC, None)
         .map_err(err("bind", dst))?;
-    sys::mount_setattr(
+    set_read_only(dst, true).map_err(err("make read-only", dst))
+}
+
+/// Makes the mount at `path` (and, when `recursive`, every mount under it) read-only, nosuid
+/// and nodev: mount_setattr where the kernel has it (5.12), which leaves the locked atime flags
+/// of the host's mounts alone; before 5.12 (Debian 11's 5.10) one bind remount per mount, as
+/// bubblewrap does, each keeping the flags the mount already has (statvfs), since a remount
+/// in a user namespace may not clear a flag the kernel locked.
+fn set_read_only(path: &Path, recursive: bool) -> io::Result<()> {
+    match sys::mount_setattr(
         libc::AT_FDCWD,
-        dst,
-        true,
+        path,
+        recursive,
         MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         0,
         None,
-    )
-    .map_err(err("make read-only", dst))
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => remount_read_only(path, recursive),
+        r => r,
+    }
+}
+
+/// The pre-5.12 path of `set_read_only`: `path` itself, then each mount below it in
+/// /proc/self/mountinfo order (parents before children).
+fn remount_read_only(path: &Path, recursive: bool) -> io::Result<()> {
+    let mut targets = vec![path.to_path_buf()];
+    if recursive {
+        // The view's own /proc is mounted after the read-only binds: until then the host's,
+        // under the old root, shows this process's mount table all the same.
+        let info = match fs::read_to_string("/proc/self/mountinfo") {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::read_to_string(format!("{OLD_ROOT}/proc/self/mountinfo"))?
+            }
+            r => r?,
+        };
+        for mp in mountinfo_points(&info) {
+            if mp != path && mp.starts_with(path) && !targets.contains(&mp) {
+                targets.push(mp);
+            }
+        }
+    }
+    for t in targets {
+        let keep = statvfs_flags(&t)?;
+        let flags = libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | keep;
+        let c = sys::cstr(&t)?;
+        // SAFETY: valid C string; a bind remount takes no source, type or data.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "bind remount of {} read-only (no mount_setattr before 5.12): {e}",
+                    t.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The mount flags a mount already has, as MS_* bits (kept across a bind remount).
+fn statvfs_flags(p: &Path) -> io::Result<libc::c_ulong> {
+    let c = sys::cstr(p)?;
+    // SAFETY: an all-zero statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let f = st.f_flag;
+    let mut ms = 0;
+    for (st_bit, ms_bit) in [
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
+    ] {
+        if f & st_bit != 0 {
+            ms |= ms_bit;
+        }
+    }
+    Ok(ms)
+}
+
+/// Mount points (field 5) of /proc/self/mountinfo text, octal escapes (`\040`) decoded.
+fn mountinfo_points(info: &str) -> Vec<PathBuf> {
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|raw| {
+            let b = raw.as_bytes();
+            let mut out = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'\\'
+                    && i + 3 < b.len()
+                    && b[i + 1..i + 4].iter().all(|d| (b'0'..=b'7').contains(d))
+                {
+                    out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+                    i += 4;
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+        })
+        .collect()
 }
 
 /// Places host path `host` (under the old root) at `inside`: symlinks are recreated, files and
@@ -246,15 +359,7 @@ fn bind_etc_skeleton(old: &Path, skeleton: &EtcSkeleton) -> Result<(), MountErro
             r => r.map_err(err("bind", &inside))?,
         }
     }
-    sys::mount_setattr(
-        libc::AT_FDCWD,
-        etc,
-        true,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        0,
-        None,
-    )
-    .map_err(err("make read-only", etc))
+    set_read_only(etc, true).map_err(err("make read-only", etc))
 }
 
 /// The curated /etc assembled per launch (when no skeleton could be cached): listed host
@@ -377,15 +482,7 @@ fn build_proc() -> Result<(), MountError> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             r => r.map_err(err("bind", p))?,
         }
-        sys::mount_setattr(
-            libc::AT_FDCWD,
-            p,
-            true,
-            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            0,
-            None,
-        )
-        .map_err(err("make read-only", p))?;
+        set_read_only(p, true).map_err(err("make read-only", p))?;
     }
     Ok(())
 }
@@ -504,15 +601,7 @@ impl OldRoot {
         // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
         // recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent
         // writes only where it was given room.
-        sys::mount_setattr(
-            libc::AT_FDCWD,
-            Path::new("/"),
-            false,
-            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            0,
-            None,
-        )
-        .map_err(err("make read-only", "/"))
+        set_read_only(Path::new("/"), false).map_err(err("make read-only", "/"))
     }
 }
 
@@ -523,6 +612,34 @@ pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), Mou
     // can cover it.
     if let (Some(ws), Some(fd)) = (&spec.workspace, workspace) {
         sys::move_mount_fd(fd.as_fd(), &ws.path).map_err(err("attach workspace at", &ws.path))?;
+        if ws.plain {
+            // Not id-mapped (the --workspace-as-owner fallback): mount_setattr may not exist
+            // (before 5.12), so the flags come from a bind remount, made here before the
+            // agent exists. Only adding flags: nothing can be cleared from inside.
+            let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+            if ws.access == crate::policy::WorkspaceAccess::ReadOnly {
+                flags |= libc::MS_RDONLY;
+            }
+            if !spec.mounts.exec_workspace {
+                flags |= libc::MS_NOEXEC;
+            }
+            let target = c(&ws.path.to_string_lossy());
+            // SAFETY: valid C string; a remount takes no source, type or data.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                )
+            };
+            if r < 0 {
+                return Err(err("set the workspace's mount flags on", &ws.path)(
+                    io::Error::last_os_error(),
+                ));
+            }
+        }
         // Before anything of the agent runs: the git files the host runs are read-only.
         if ws.access == crate::policy::WorkspaceAccess::ReadWrite
             && spec.mounts.workspace_git == crate::policy::WorkspaceGit::ReadOnly
@@ -580,7 +697,109 @@ pub fn prepare_workspace(
         set |= sys::MOUNT_ATTR_NOEXEC;
     }
     sys::mount_setattr(std::os::fd::AsRawFd::as_raw_fd(&fd), Path::new(""), true, set, 0, Some(userns.as_fd())).map_err(|e| {
-        io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3)"))
+        io::Error::new(e.kind(), format!("id-mapping the workspace mount failed ({e}); the filesystem must support id-mapped mounts (ext4, xfs, btrfs, tmpfs ≥ 6.3, kernel ≥ 5.12), or run with --workspace-as-owner to run the agent as the workspace's (non-root) owner instead (docs/kernels.md)"))
     })?;
     Ok(Some((fd, helper)))
+}
+
+/// The workspace prepared before the clone, when `--workspace-as-owner` asked for the fallback
+/// (it changes the agent's host ids, which are written right after the clone).
+pub enum EarlyWorkspace {
+    /// The filesystem takes id-mapped mounts after all: the usual mount, only made earlier.
+    IdMapped(OwnedFd, super::userns::IdmapHelper),
+    /// It does not: a plain bind of the workspace alone, and the agent runs as its owner.
+    AsOwner { fd: OwnedFd, uid: u32, gid: u32 },
+}
+
+/// The fallback for a workspace without id-mapped mounts (docs/kernels.md): the agent runs as
+/// the directory's owner instead of its own host uid, so that it can write its workspace with
+/// nothing chowned. Only when asked for (`Workspace::as_owner`), and never as root or a system
+/// account: a workspace owned by a uid or gid below 1000, or by a sandbox's id, is refused. The id-mapped mount is tried
+/// first; only "this filesystem or kernel cannot id-map" (EINVAL, ENOSYS, EOPNOTSUPP) falls
+/// back. The directory is opened once without following links; what is checked is what is
+/// mounted. Submounts under it are not carried in (nothing could make them nosuid before
+/// 5.12).
+pub fn prepare_workspace_early(
+    spec: &SandboxSpec,
+    agent_host_id: u32,
+) -> io::Result<Option<EarlyWorkspace>> {
+    let Some(ws) = spec.workspace.as_ref().filter(|w| w.as_owner) else {
+        return Ok(None);
+    };
+    match prepare_workspace(spec, agent_host_id) {
+        Ok(Some((fd, helper))) => return Ok(Some(EarlyWorkspace::IdMapped(fd, helper))),
+        Ok(None) => return Ok(None),
+        Err(e)
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            return Err(e)
+        }
+        Err(_) => {}
+    }
+    // The same rule as the id-mapped path: opened once without following a link in any
+    // component, checked as that descriptor (not a system directory; a member's own), and
+    // that descriptor is what gets mounted.
+    let opened = super::workspace::open_checked(&ws.path, ws.owner.map(|o| o.uid))
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    let dir = opened.fd;
+    let (uid, gid) = (opened.id.uid, opened.id.gid);
+    let base = super::userns::UID_BASE;
+    // Below 1000 (login.defs' UID_MIN/GID_MIN): root and the system accounts and groups
+    // (disk, docker, adm…), whose rights no agent may borrow.
+    if uid < 1000 || gid < 1000 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("workspace {}: its filesystem has no id-mapped mounts, and it is owned by uid {uid} gid {gid}: running the agent as its owner would give it {} rights, which Aither never does; chown it to an unprivileged user (uid and gid ≥ 1000), or use a filesystem with id-mapped mounts (docs/kernels.md)", ws.path.display(), if uid == 0 || gid == 0 { "host root's" } else { "a system account's" }),
+        ));
+    }
+    if uid >= base || gid >= base {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "workspace {}: owned by uid {uid} gid {gid}, ids Aither gives sandboxes; refused",
+                ws.path.display()
+            ),
+        ));
+    }
+    // SAFETY: open_tree on a valid O_PATH fd with an empty path (AT_EMPTY_PATH); returns a new
+    // descriptor of a detached copy of that mount (not recursive: only the workspace itself).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            c"".as_ptr(),
+            (sys::OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as std::os::fd::RawFd) };
+    Ok(Some(EarlyWorkspace::AsOwner { fd, uid, gid }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_points_decode_escapes_and_keep_order() {
+        let info = "22 1 0:21 / / rw - tmpfs tmpfs rw\n\
+                    23 22 8:1 /usr /usr ro,nosuid - ext4 /dev/sda1 rw\n\
+                    24 23 0:30 / /usr/my\\040dir rw - tmpfs t rw\n";
+        assert_eq!(
+            mountinfo_points(info),
+            vec![
+                PathBuf::from("/"),
+                PathBuf::from("/usr"),
+                PathBuf::from("/usr/my dir")
+            ]
+        );
+    }
 }

@@ -168,5 +168,9 @@ pub struct Report {
     /// a release build, which ignores them.
     #[serde(default)]
     pub overrides: Vec<String>,
+    /// Protections this kernel lacks, each with the layers that stood in for it (the policy's
+    /// `[compensated]`, docs/security-model.md).
+    #[serde(default)]
+    pub compensated: Vec<String>,
     pub inside: Option<Inside>,
 }

@@ -1,13 +1,14 @@
 //! The resolved sandbox: one `SandboxSpec` derived, with no side effects, from a policy and the
 //! command line. Command-line flags may only narrow what the policy grants.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{CpuQuota, Limits};
-use crate::policy::{NetworkMode, Policy, Protection, WorkspaceAccess};
+use crate::policy::{Layer, NetworkMode, Policy, Protection, WorkspaceAccess};
 use crate::units::{format_duration, Size};
 
 /// Errors of spec derivation: a widening flag, a bad workspace, a bad command.
@@ -81,6 +82,13 @@ pub struct Workspace {
     /// different one at the path (a rename or replacement since; a restart after one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<DirIdentity>,
+    /// Where the filesystem has no id-mapped mounts, run the agent as the workspace's owner
+    /// (never root) instead of refusing (`--workspace-as-owner`, docs/kernels.md).
+    #[serde(default)]
+    pub as_owner: bool,
+    /// Set by the launcher when that fallback was taken: a plain bind, its flags set inside.
+    #[serde(default)]
+    pub plain: bool,
 }
 
 /// A directory's identity: (st_dev, st_ino).
@@ -126,6 +134,10 @@ pub struct SandboxSpec {
     pub seccomp_profile: Option<String>,
     pub timeout: Option<Duration>,
     pub best_effort: Vec<Protection>,
+    /// Protections that other layers stand in for when the kernel lacks them (the policy's
+    /// `[compensated]`).
+    #[serde(default)]
+    pub compensated: BTreeMap<Protection, Vec<Layer>>,
     /// Collect the enforcement report (pid 1 reads its /proc after confinement: ≈ 0.1 ms).
     #[serde(default)]
     pub report: bool,
@@ -249,6 +261,8 @@ impl SandboxSpec {
                     access,
                     owner: None,
                     pinned: None,
+                    as_owner: false,
+                    plain: false,
                 })
             }
         };
@@ -331,6 +345,7 @@ impl SandboxSpec {
                 .then(|| policy.seccomp.profile.clone()),
             timeout,
             best_effort: policy.best_effort.clone(),
+            compensated: policy.compensated.clone(),
             report: false,
             devices: Vec::new(),
             egress_port: None,

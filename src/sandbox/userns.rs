@@ -21,8 +21,11 @@ pub const UID_BASE: u32 = 0x7000_0000;
 pub struct HostIds {
     /// The setup identity (uid 0 inside).
     pub root: u32,
-    /// The agent (the policy's uid and gid inside).
+    /// The agent (the policy's uid inside).
     pub agent: u32,
+    /// The agent's gid (the policy's gid inside): `agent` but for the --workspace-as-owner
+    /// fallback, where both are the workspace owner's.
+    pub agent_gid: u32,
 }
 
 impl HostIds {
@@ -31,22 +34,26 @@ impl HostIds {
         HostIds {
             root,
             agent: root + 1,
+            agent_gid: root + 1,
         }
     }
 }
 
-/// The uid_map/gid_map text: inside 0 → ids.root, inside `agent_id` → ids.agent.
-pub fn map_text(agent_id: u32, ids: HostIds) -> String {
-    format!("0 {} 1\n{} {} 1\n", ids.root, agent_id, ids.agent)
+/// The uid_map/gid_map text: inside 0 → ids.root, inside `agent_id` → `agent_host`.
+pub fn map_text(agent_id: u32, root: u32, agent_host: u32) -> String {
+    format!("0 {root} 1\n{agent_id} {agent_host} 1\n")
 }
 
 /// Writes the child's maps. `setgroups` is denied first, as the kernel requires before an
 /// unprivileged gid_map and so that the agent can never drop a group to gain access.
 pub fn write_maps(pid: libc::pid_t, uid: u32, gid: u32, ids: HostIds) -> io::Result<()> {
     let proc = Path::new("/proc").join(pid.to_string());
-    sys::write_file(&proc.join("uid_map"), &map_text(uid, ids))?;
+    sys::write_file(&proc.join("uid_map"), &map_text(uid, ids.root, ids.agent))?;
     sys::write_file(&proc.join("setgroups"), "deny")?;
-    sys::write_file(&proc.join("gid_map"), &map_text(gid, ids))
+    sys::write_file(
+        &proc.join("gid_map"),
+        &map_text(gid, ids.root, ids.agent_gid),
+    )
 }
 
 /// The launcher acting as the sandbox's setup id while it creates the user namespace: the
@@ -201,7 +208,7 @@ mod tests {
             UID_BASE + 2 * 4_194_304 + 1
         );
         assert_eq!(
-            map_text(1000, a),
+            map_text(1000, a.root, a.agent),
             format!("0 {} 1\n1000 {} 1\n", a.root, a.agent)
         );
     }

@@ -515,6 +515,7 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         description,
         warning,
         best_effort,
+        compensated,
         namespaces,
         filesystem,
         network,
@@ -544,6 +545,10 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
     same("rules.description", description, &parent.description)?;
     same("rules.warning", warning, &parent.warning)?;
     subset("rules.best_effort", best_effort, &parent.best_effort)?;
+    // A stand-in accepts less than the protection itself: a child may drop one, never add one.
+    let child_comp: Vec<_> = compensated.iter().collect();
+    let parent_comp: Vec<_> = parent.compensated.iter().collect();
+    subset("rules.compensated", &child_comp, &parent_comp)?;
 
     let Namespaces {
         net,

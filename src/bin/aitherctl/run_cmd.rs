@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// [default: /etc/aither/aitherd.toml, if present].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Where the workspace's filesystem has no id-mapped mounts (kernel < 5.12, 9p, NFS…), run
+    /// the agent as the workspace's owner instead of refusing; never root or a system account
+    /// (docs/kernels.md).
+    #[arg(long)]
+    workspace_as_owner: bool,
     /// Name of the agent (cgroup name, AITHER_AGENT); with --token, the token's subject.
     #[arg(long, value_name = "NAME", conflicts_with = "token")]
     name: Option<String>,
@@ -265,6 +270,9 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
     }
     let mut spec = p.spec;
     spec.report = a.report.is_some();
+    if let Some(w) = spec.workspace.as_mut() {
+        w.as_owner = a.workspace_as_owner;
+    }
     Ok((spec, p.net, p.egress))
 }
 
