@@ -217,7 +217,9 @@ fn restarts_on_failure_with_exponential_backoff() {
     let name = unique("backoff");
     d.spawn(&name, &["--backoff", "200ms"], &["sh", "-c", "exit 3"]);
     let ev = d.wait_events(&name, "started", 4, Duration::from_secs(20));
-    // Delay between an exit and the next start: 200, 400, 800 ms, each ±10 % (plus the launch).
+    // The delays the daemon chose: 200, 400, 800 ms, each ±10 % (jitter); and no restart
+    // came before its delay had passed. (How much later it came depends on the machine's load,
+    // so that is not asserted.)
     let exits: Vec<u64> = ev
         .iter()
         .filter(|e| e["kind"] == "exited")
@@ -228,23 +230,25 @@ fn restarts_on_failure_with_exponential_backoff() {
         .filter(|e| e["kind"] == "started")
         .map(ts)
         .collect();
-    for (i, base) in [200u64, 400, 800].iter().enumerate() {
-        let gap = starts[i + 1] - exits[i];
-        assert!(
-            gap >= base * 9 / 10 && gap <= base * 11 / 10 + 150,
-            "restart {} came {gap} ms after the exit, expected {base} ms ±10 %",
-            i + 1
-        );
-    }
     let backoffs: Vec<u64> = ev
         .iter()
         .filter(|e| e["kind"] == "backoff")
         .map(|e| e["data"]["delay_ms"].as_u64().unwrap())
         .collect();
-    assert!(
-        backoffs[1] > backoffs[0] && backoffs[2] > backoffs[1],
-        "{backoffs:?}"
-    );
+    for (i, base) in [200u64, 400, 800].iter().enumerate() {
+        let delay = backoffs[i];
+        assert!(
+            delay >= base * 9 / 10 && delay <= base * 11 / 10,
+            "restart {}: a delay of {delay} ms, expected {base} ms ±10 %: {backoffs:?}",
+            i + 1
+        );
+        let gap = starts[i + 1] - exits[i];
+        assert!(
+            gap + 1 >= delay, // timestamps are whole milliseconds
+            "restart {} came {gap} ms after the exit, before its {delay} ms delay",
+            i + 1
+        );
+    }
     assert!(ev
         .iter()
         .any(|e| e["kind"] == "exited" && e["data"]["reason"]["code"] == 3));

@@ -342,14 +342,61 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     }
     let ev = us.ok(&d, 1, &["events", "--json"]);
     assert!(!ev.contains(&name), "user 2's events show it: {ev}");
-    // The operator bus spans every user's streams: publishing and subscribing are for
-    // admins; `bus streams` shows a member their own agents' subscriptions only.
-    let o = us.ctl(&d, 1, &["bus", "pub", "x.y", "1"]);
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("aither-admin"),
-        "{o:?}"
+    // The bus: a member publishes and subscribes on their own agents' subjects only; another
+    // user's agent, a wildcard in the agent's place, anything outside agent.<own>.… and a
+    // durable consumer are refused; `bus streams` shows a member their own agents'
+    // subscriptions only.
+    let own_subject = format!("agent.{name}.jobs");
+    let theirs_subject = format!("agent.{name}.jobs");
+    let o = us.ctl(
+        &d,
+        0,
+        &["bus", "pub", "--durable", &own_subject, r#"{"job":1}"#],
     );
+    assert!(
+        o.status.success(),
+        "the owner could not publish on {own_subject}: {o:?}"
+    );
+    let o = us.ctl(
+        &d,
+        0,
+        &[
+            "bus",
+            "sub",
+            "--from",
+            "1",
+            "-n",
+            "1",
+            "--json",
+            &own_subject,
+        ],
+    );
+    let got = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && got.contains(r#""job":1"#),
+        "the owner could not replay {own_subject}: {o:?}"
+    );
+    for args in [
+        vec!["bus", "pub", "x.y", "1"],
+        vec!["bus", "pub", &theirs_subject, "1"],
+        vec!["bus", "pub", "agent.*.jobs", "1"],
+        vec!["bus", "sub", "-n", "1", &theirs_subject],
+        vec!["bus", "sub", "-n", "1", "agent.>"],
+        vec!["bus", "sub", "-n", "1", "aither.>"],
+    ] {
+        let o = us.ctl(&d, 1, &args);
+        assert!(!o.status.success(), "user 2 {args:?} succeeded: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("aither-admin"),
+            "user 2 {args:?}: {o:?}"
+        );
+    }
+    let o = us.ctl(
+        &d,
+        0,
+        &["bus", "sub", "--durable", "mine", "-n", "1", &own_subject],
+    );
+    assert!(!o.status.success(), "a member's durable consumer: {o:?}");
     let streams = us.ok(&d, 1, &["bus", "streams", "--json"]);
     let v: Value = serde_json::from_str(&streams).unwrap();
     assert_eq!(v["streams"], serde_json::json!([]), "{v}");

@@ -290,10 +290,55 @@ pub fn streams(d: &Daemon) -> Reply {
 /// A control-socket connection whose first request is `bus_pub` or `bus_sub`: an operator's
 /// publisher (requests may be pipelined; replies come in order, a durable publish's after its
 /// commit) or subscriber (a stream of `more: true` replies until the client closes).
+/// What a control-socket caller may do on the bus (docs/security-model.md, "Who may do
+/// what").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusScope {
+    /// Root and admins: every subject, durable consumers, `bus_streams`.
+    Operator,
+    /// A member (this uid): publish on `agent.<own agent>[.…]`, subscribe live or with a replay
+    /// to that and `aither.agent.<own agent>[.…]`; no durable consumers (their names are the
+    /// operators' shared namespace) and no `bus_streams` on a publishing connection.
+    Member(u32),
+}
+
+impl BusScope {
+    /// Whether `subject` (a publish) or `pattern` (`subscribe`: the system events too) names
+    /// only agents this scope owns: the agent token must be a literal name, never `*` or `>`.
+    pub fn allows(self, d: &Daemon, subject: &str, subscribe: bool) -> bool {
+        let uid = match self {
+            BusScope::Operator => return true,
+            BusScope::Member(uid) => uid,
+        };
+        let mut t = subject.split('.');
+        let name = match (t.next(), t.next()) {
+            (Some("agent"), Some(name)) => name,
+            (Some("aither"), Some("agent")) if subscribe => match t.next() {
+                Some(name) => name,
+                None => return false,
+            },
+            _ => return false,
+        };
+        !name.contains(['*', '>']) && d.name_owner(name) == Some(uid)
+    }
+
+    fn refusal(what: &str) -> Reply {
+        Reply::err(
+            "denied",
+            format!(
+                "{what}: a member of aither may publish on agent.<own agent>.… and subscribe to \
+                 that and aither.agent.<own agent>.… (no wildcard for the agent, no durable \
+                 consumer); the whole bus is for root and aither-admin"
+            ),
+        )
+    }
+}
+
 pub async fn serve(
     d: Arc<Daemon>,
     first: Request,
     actor: String,
+    scope: BusScope,
     mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
 ) {
@@ -306,6 +351,10 @@ pub async fn serve(
         queue,
     } = first
     {
+        if !scope.allows(&d, &pattern, true) || (durable.is_some() && scope != BusScope::Operator) {
+            let _ = aio::write_reply(&mut w, &BusScope::refusal(&pattern)).await;
+            return;
+        }
         let opts = SubOptions {
             pattern,
             durable,
@@ -360,6 +409,12 @@ pub async fn serve(
                 },
             };
             let slot = match req {
+                Request::BusPub { subject, .. } if !scope.allows(&d2, &subject, false) => {
+                    Slot::Now(BusScope::refusal(&subject))
+                }
+                Request::BusStreams if scope != BusScope::Operator => {
+                    Slot::Now(BusScope::refusal("bus_streams"))
+                }
                 Request::BusPub {
                     subject,
                     data,

@@ -177,11 +177,36 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 return;
             }
             req @ (Request::BusPub { .. } | Request::BusSub { .. }) => {
-                if let Err(reply) = admin_only(&d, &caller, "bus") {
-                    let _ = aio::write_reply(&mut w, &reply).await;
-                    return;
+                // Root and admins: the whole bus; a member: their own agents' subjects, each
+                // publish and the subscription checked in bus::serve (refusals audited here
+                // for the first request).
+                let scope = if caller.admin {
+                    super::bus::BusScope::Operator
+                } else {
+                    super::bus::BusScope::Member(caller.uid)
+                };
+                let (subject, subscribe, durable) = match &req {
+                    Request::BusPub { subject, .. } => (subject.as_str(), false, false),
+                    Request::BusSub {
+                        pattern, durable, ..
+                    } => (pattern.as_str(), true, durable.is_some()),
+                    _ => unreachable!("matched above"),
+                };
+                if !scope.allows(&d, subject, subscribe)
+                    || (durable && scope != super::bus::BusScope::Operator)
+                {
+                    d.audit.record(
+                        Entry::new(
+                            "bus",
+                            Decision::Deny,
+                            "owner: a member's bus is their own agents' subjects",
+                        )
+                        .actor(caller.actor())
+                        .caller(caller.uid)
+                        .data(json!({"subject": subject, "cross_user": true})),
+                    );
                 }
-                super::bus::serve(d.clone(), req, actor.clone(), r, w).await;
+                super::bus::serve(d.clone(), req, actor.clone(), scope, r, w).await;
                 return;
             }
             req => {

@@ -27,16 +27,17 @@ const DENY_SUBTREE: &[&str] = &[
     "/lib64",
     "/libx32",
     "/run",
-    "/root",
     "/var/lib/aither",
     "/var/cache/aither",
     "/var/log/aither",
 ];
 
 /// Directories that are never a workspace themselves (their subdirectories may be): shared
-/// parents whose other entries belong to other users or to the system.
+/// parents whose other entries belong to other users or to the system, and home directories
+/// (root's too: `/root/project` is where root clones a project, and only root or an admin can
+/// name it, since a member's workspace must be their own).
 const DENY_EXACT: &[&str] = &[
-    "/", "/home", "/tmp", "/var", "/var/tmp", "/srv", "/opt", "/mnt", "/media",
+    "/", "/home", "/root", "/tmp", "/var", "/var/tmp", "/srv", "/opt", "/mnt", "/media",
 ];
 
 /// Why a workspace was refused.
@@ -348,6 +349,18 @@ mod tests {
         for p in ["/var/tmp/x", "/home/u/proj", "/var/tmp/x/"] {
             check_lexical(Path::new(p)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_project_in_roots_home_is_a_workspace_but_the_home_itself_is_not() {
+        // Where root clones a project (the README's first command runs in it).
+        let dir = Path::new("/root").join(format!("aither-ws-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).expect("the unit tests run as root");
+        let sub = open_checked(&dir, None);
+        let home = open_checked(Path::new("/root"), None);
+        std::fs::remove_dir(&dir).unwrap();
+        sub.expect("a directory below /root is a workspace for root");
+        assert!(home.is_err(), "/root itself was accepted");
     }
 
     #[test]
