@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Runs inside one guest of the kernel matrix (scripts/kernel-matrix.sh boots it): the host's
 # root is shared read-only, /tmp and /var are the guest's own overlays, OUT is a directory
-# shared read-write with the host. Usage: kernel-matrix-guest.sh v2|v1 BIN_DIR OUT
+# shared read-write with the host. Usage: kernel-matrix-guest.sh v2|v1 BIN_DIR OUT KERNEL_DIR
+# (KERNEL_DIR: the unpacked kernel package, whose lib/modules the guest loads loop and ext4
+# from: the shared root has no modules of these kernels).
 #
 # Each check writes one line `CHECK <name> pass|FAIL <detail>` to OUT/checks; the host script
 # fails the tier on any FAIL or on a missing `DONE` line (a guest that crashed or hung).
 set -uo pipefail
-mode="$1" bin="$2" out="$3"
+mode="$1" bin="$2" out="$3" kdir="${4:-}"
 exec >"$out/log" 2>&1
 export PATH="$bin:/usr/sbin:/usr/bin:/sbin:/bin"
-export AITHER_STATE_DIR=/var/lib/aither AITHER_CACHE_DIR=/var/cache/aither
+export AITHER_STATE_DIR=/var/lib/aither
 export AITHER_AUDIT_LOG=/var/log/aither-audit.jsonl
 mkdir -p /var/lib/aither /var/cache/aither
 uname -r >"$out/kernel"
@@ -45,8 +47,9 @@ fi
 mount | grep cgroup >"$out/cgroup-mounts"
 
 # 2. The workspace on an ext4 image (9p, the shared root, has no id-mapped mounts).
-modprobe loop
-modprobe ext4
+for m in loop ext4; do
+  modprobe ${kdir:+-d "$kdir"} "$m" || modprobe "$m"
+done
 mkdir -p /tmp/ws
 truncate -s 256M /var/ws.img
 mkfs.ext4 -q -F /var/ws.img
@@ -185,14 +188,19 @@ check cpu-quota cpu
 # 7b. The live cgroup while a sandbox runs: the limits as written, PSI readable (pure v2),
 # and the directory gone after the run.
 live_cgroup() {
-  local name="cgcheck-$$" d= i out
-  run -p strict --name "$name" --memory 64M --pids 32 --cpus 0.5 -- sh -c 'sleep 6' &
+  local name="cgcheck-$$" d= i out mark="$ws/cgcheck-started"
+  rm -f "$mark"
+  # The agent marks its start in the workspace: the limits are read once it runs (they are
+  # written before the agent is let go), not while the launcher is still creating the cgroup.
+  run -p strict --name "$name" --memory 64M --pids 32 --cpus 0.5 -- sh -c ': > cgcheck-started; sleep 6' &
   local pid=$!
-  for i in $(seq 100); do
-    d="$(ls -d /sys/fs/cgroup/aither/"$name"-* /sys/fs/cgroup/memory/aither/"$name"-* 2>/dev/null | head -n1)"
-    [ -n "$d" ] && break
+  for i in $(seq 200); do
+    [ -e "$mark" ] && break
     sleep 0.1
   done
+  [ -e "$mark" ] || { echo "the agent never started"; wait "$pid"; return 1; }
+  rm -f "$mark"
+  d="$(ls -d /sys/fs/cgroup/aither/"$name"-* /sys/fs/cgroup/memory/aither/"$name"-* 2>/dev/null | head -n1)"
   [ -n "$d" ] || { echo "no cgroup directory for $name"; wait "$pid"; return 1; }
   if [ "$mode" = v2 ]; then
     out="memory.max=$(cat "$d/memory.max") pids.max=$(cat "$d/pids.max") cpu.max=$(cat "$d/cpu.max") swap.max=$(cat "$d/memory.swap.max" 2>/dev/null || echo none)"
