@@ -423,7 +423,15 @@ fn a_shell_agent_reports_ready_with_aither_notify() {
         ],
     );
     d.wait_state(&name, "ready", Duration::from_secs(10));
-    assert!(d.ok(&["logs", &name]).contains("notified"));
+    // The echo runs after aither-notify has returned, so its line may reach the log a little
+    // after the state changed.
+    assert!(
+        poll_until(Duration::from_secs(10), || d
+            .ok(&["logs", &name])
+            .contains("notified")),
+        "{}",
+        d.ok(&["logs", &name])
+    );
     // Without READY in time: a startup-timeout failure, restarted.
     let late = unique("late");
     d.spawn(
