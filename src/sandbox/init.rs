@@ -306,7 +306,8 @@ pub(crate) fn confine(
     let mut kept: Vec<RawFd> = keep.to_vec();
     kept.push(sock.as_raw_fd());
     close_fds_except(&kept).at(Stage::CloseFds)?;
-    done(Stage::NotDumpable, stamps);
+    // Each stamp names the last step it closes (the trace prints the time since the previous).
+    done(Stage::CloseFds, stamps);
     // The bounding set needs CAP_SETPCAP, so it goes before the uid switch.
     caps::drop_bounding().at(Stage::DropBoundingCaps)?;
     caps::clear_ambient().at(Stage::DropBoundingCaps)?;
@@ -330,7 +331,7 @@ pub(crate) fn confine(
             detail: "launcher went away".into(),
         });
     }
-    done(Stage::ClearCaps, stamps);
+    done(Stage::ParentDeathSignal, stamps);
     // no_new_privs before Landlock and seccomp: both require it without CAP_SYS_ADMIN, and it
     // makes setuid binaries inert.
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).at(Stage::NoNewPrivs)?;
