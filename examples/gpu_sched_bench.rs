@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use aither::gpu::scheduler::{Config, Decision, DeviceSlot, Request, Scheduler};
+use aither::gpu::scheduler::{Config, DeviceSlot, Request, Scheduler, SchedulerAction};
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -107,9 +107,9 @@ fn main() {
         s.submit(r).unwrap();
         let d = s.schedule(now + i as u64);
         t_submit.push(t.elapsed().as_nanos() as u64);
-        assert!(d.iter().all(|d| matches!(d, Decision::Grant { .. })));
+        assert!(d.iter().all(|d| matches!(d, SchedulerAction::Grant { .. })));
         for d in d {
-            if let Decision::Grant { agent, .. } = d {
+            if let SchedulerAction::Grant { agent, .. } = d {
                 s.release(&agent);
             }
         }
@@ -128,7 +128,7 @@ fn main() {
         granted_total += d.len();
         // Undo: the granted go back to the queue at their places, the lease returns.
         for dec in d {
-            if let Decision::Grant { agent, .. } = dec {
+            if let SchedulerAction::Grant { agent, .. } = dec {
                 let l = s.release(&agent).unwrap();
                 s.submit(l.request).unwrap();
             }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory tiers (issue 6) at N entries (default 100,000), on a scratch database (the daemon's
-# memory.db is not touched), through the same store aitherd uses:
+# memory.db is not touched), through the same store aitherd uses (examples/mem_bench.rs):
 #   - batched put: put_many of 1000 entries per transaction into the knowledge tier (FTS5
 #     indexed), entries/s; target >= 20,000/s
 #   - single acknowledged puts from 16 writer threads (group commit) and one writer's latency,
@@ -13,7 +13,7 @@
 #   N          entries (default 100000)
 #   DIR        where the scratch database goes (default /var/tmp)
 #   STRICT=1   exit 1 when a target is missed (default: report only)
-#   AITHERCTL  aitherctl binary (default: build the release binary)
+#   MEM_BENCH  the mem_bench example binary (default: build it in release mode)
 set -euo pipefail
 
 N="${N:-100000}"
@@ -23,16 +23,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 die() { echo "memory.sh: $*" >&2; exit 1; }
 [[ "$N" =~ ^[0-9]+$ ]] && (( N >= 1000 )) || die "N must be an integer >= 1000 (got '$N')"
 
-if [ -z "${AITHERCTL:-}" ]; then
-  (cd "$HERE" && cargo build --release --quiet --bin aitherctl) >&2
-  AITHERCTL="${CARGO_TARGET_DIR:-$HERE/target}/release/aitherctl"
+if [ -z "${MEM_BENCH:-}" ]; then
+  (cd "$HERE" && cargo build --release --quiet --example mem_bench) >&2
+  MEM_BENCH="${CARGO_TARGET_DIR:-$HERE/target}/release/examples/mem_bench"
 fi
-[ -x "$AITHERCTL" ] || die "no aitherctl at $AITHERCTL"
+[ -x "$MEM_BENCH" ] || die "no mem_bench at $MEM_BENCH"
 
 echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1) x $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "disk: $(df -h --output=source,fstype "$DIR" | tail -n1)"
 tmp="$(mktemp)"; trap 'rm -f "$tmp"' EXIT
-"$AITHERCTL" mem bench --n "$N" --dir "$DIR" | tee "$tmp"
+"$MEM_BENCH" --n "$N" --dir "$DIR" | tee "$tmp"
 out="$(cat "$tmp")"
 
 json="$(sed -n 's/^JSON //p' <<<"$out")"

@@ -133,7 +133,7 @@ pub fn set_enabled(on: bool) -> io::Result<()> {
 
 /// One audit record.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Record {
+pub struct KernelRecord {
     pub ty: u16,
     pub serial: u64,
     pub text: String,
@@ -157,7 +157,7 @@ impl Reader {
     }
 
     /// The next datagram's records (blocks).
-    pub fn read(&mut self) -> io::Result<Vec<Record>> {
+    pub fn read(&mut self) -> io::Result<Vec<KernelRecord>> {
         // SAFETY: receiving into our own buffer.
         let n = unsafe {
             libc::recv(
@@ -175,7 +175,7 @@ impl Reader {
 }
 
 /// Netlink messages of one datagram → records (`audit(SECONDS.MILLIS:SERIAL): TEXT`).
-pub fn parse_datagram(mut b: &[u8]) -> Vec<Record> {
+pub fn parse_datagram(mut b: &[u8]) -> Vec<KernelRecord> {
     let mut out = Vec::new();
     while b.len() >= 16 {
         let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
@@ -197,11 +197,11 @@ pub fn parse_datagram(mut b: &[u8]) -> Vec<Record> {
     out
 }
 
-fn parse_record(ty: u16, text: &str) -> Option<Record> {
+fn parse_record(ty: u16, text: &str) -> Option<KernelRecord> {
     let rest = text.strip_prefix("audit(")?;
     let (stamp, body) = rest.split_once("): ")?;
     let serial = stamp.split_once(':')?.1.parse().ok()?;
-    Some(Record {
+    Some(KernelRecord {
         ty,
         serial,
         text: body.to_string(),
@@ -252,12 +252,12 @@ pub struct Denial {
 #[derive(Default)]
 pub struct Joiner {
     serial: Option<u64>,
-    records: Vec<Record>,
+    records: Vec<KernelRecord>,
 }
 
 impl Joiner {
     /// Feeds one record; returns the denials of an event it completes.
-    pub fn push(&mut self, r: Record) -> Vec<Denial> {
+    pub fn push(&mut self, r: KernelRecord) -> Vec<Denial> {
         let mut out = Vec::new();
         if self.serial.is_some_and(|s| s != r.serial) {
             out = self.flush();
@@ -325,7 +325,7 @@ impl Joiner {
 mod tests {
     use super::*;
 
-    fn rec(ty: u16, text: &str) -> Record {
+    fn rec(ty: u16, text: &str) -> KernelRecord {
         parse_record(ty, text).unwrap()
     }
 

@@ -4,7 +4,7 @@
 //!
 //! - File: `/var/log/aither/audit.jsonl` (`AITHER_AUDIT_LOG` overrides), mode 0640. Rotated at
 //!   16 MiB to `audit.jsonl.1` … `.5`; the chain runs on across files.
-//! - Record: one JSON object per line: `seq`, `ts_ms`, `prev` (hex SHA-256 of the previous
+//! - Record (`ChainedRecord`): one JSON object per line: `seq`, `ts_ms`, `prev` (hex SHA-256 of the previous
 //!   line's bytes, 64 zeros for the first), `kind`, `decision` (`allow`, `deny`, `info`),
 //!   `rule` (what decided), `agent`, `actor`, `data`.
 //! - Writers: aitherd and aitherctl append under an exclusive `flock` of the file, so records of
@@ -57,7 +57,7 @@ pub fn log_path() -> PathBuf {
 /// What a record says was decided.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Decision {
+pub enum Verdict {
     Allow,
     Deny,
     Info,
@@ -67,7 +67,7 @@ pub enum Decision {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
     pub kind: String,
-    pub decision: Decision,
+    pub decision: Verdict,
     /// The rule, claim or policy field that decided.
     pub rule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,7 +86,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(kind: &str, decision: Decision, rule: impl Into<String>) -> Entry {
+    pub fn new(kind: &str, decision: Verdict, rule: impl Into<String>) -> Entry {
         Entry {
             kind: kind.into(),
             decision,
@@ -129,7 +129,7 @@ impl Entry {
 
 /// A chained record as stored.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Record {
+pub struct ChainedRecord {
     pub seq: u64,
     pub ts_ms: u64,
     pub prev: String,
@@ -216,18 +216,22 @@ fn last_of_previous(path: &Path) -> Option<(String, u64)> {
     let mut f = File::open(rotated(path, 1)).ok()?;
     let (line, _) = tail(&mut f).ok()?;
     let line = line?;
-    let r: Record = serde_json::from_slice(&line).ok()?;
+    let r: ChainedRecord = serde_json::from_slice(&line).ok()?;
     Some((line_hash(&line), r.seq))
 }
 
 /// Appends entries to the log (one lock, one sync). Returns the records written.
-pub fn append(path: &Path, entries: &[Entry]) -> Result<Vec<Record>, AuditError> {
+pub fn append(path: &Path, entries: &[Entry]) -> Result<Vec<ChainedRecord>, AuditError> {
     append_with(path, entries, true)
 }
 
 /// Appends entries; `sync`: fdatasync before returning (a power cut cannot lose them; a
 /// process crash never can, synced or not).
-pub fn append_with(path: &Path, entries: &[Entry], sync: bool) -> Result<Vec<Record>, AuditError> {
+pub fn append_with(
+    path: &Path,
+    entries: &[Entry],
+    sync: bool,
+) -> Result<Vec<ChainedRecord>, AuditError> {
     if entries.is_empty() {
         return Ok(Vec::new());
     }
@@ -248,10 +252,11 @@ pub fn append_with(path: &Path, entries: &[Entry], sync: bool) -> Result<Vec<Rec
     let (last, torn) = tail(&mut f).map_err(&e)?;
     let (mut prev, mut seq) = match &last {
         Some(l) => {
-            let r: Record = serde_json::from_slice(l).map_err(|x| AuditError::Unreadable {
-                path: path.to_path_buf(),
-                detail: x.to_string(),
-            })?;
+            let r: ChainedRecord =
+                serde_json::from_slice(l).map_err(|x| AuditError::Unreadable {
+                    path: path.to_path_buf(),
+                    detail: x.to_string(),
+                })?;
             (line_hash(l), r.seq)
         }
         None => last_of_previous(path).unwrap_or((GENESIS.to_string(), 0)),
@@ -264,7 +269,7 @@ pub fn append_with(path: &Path, entries: &[Entry], sync: bool) -> Result<Vec<Rec
         buf.push(b'\n');
         let offset = f.metadata().map_err(&e)?.len() - torn.len() as u64;
         pending.push(
-            Entry::new("torn_tail", Decision::Info, "audit: a writer died mid-record").data(
+            Entry::new("torn_tail", Verdict::Info, "audit: a writer died mid-record").data(
                 serde_json::json!({"offset": offset, "length": torn.len(), "sha256": line_hash(&torn)}),
             ),
         );
@@ -273,7 +278,7 @@ pub fn append_with(path: &Path, entries: &[Entry], sync: bool) -> Result<Vec<Rec
     let ts = now_ms();
     for entry in pending {
         seq += 1;
-        let r = Record {
+        let r = ChainedRecord {
             seq,
             ts_ms: ts,
             prev: prev.clone(),
@@ -334,7 +339,7 @@ pub struct Line {
     pub file: PathBuf,
     pub line_no: usize,
     pub bytes: Vec<u8>,
-    pub record: Option<Record>,
+    pub record: Option<ChainedRecord>,
     /// Ended by a newline (a torn write by a crash never is, until the next writer ends it).
     pub complete: bool,
 }
@@ -461,7 +466,7 @@ mod tests {
     use super::*;
 
     fn e(kind: &str) -> Entry {
-        Entry::new(kind, Decision::Allow, "test").agent("a")
+        Entry::new(kind, Verdict::Allow, "test").agent("a")
     }
 
     #[test]

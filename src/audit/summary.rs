@@ -23,7 +23,7 @@ pub const OTHER_KEY: &str = "*";
 
 /// What to do with one record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Offered {
     /// Record it as usual.
     Pass,
     /// Do not record it: it is counted in the (agent, key)'s next summary.
@@ -86,7 +86,7 @@ impl Summariser {
 
     /// Decides one record of `agent` under `key` at `now`. An interval starts at the first
     /// record after the previous one was flushed (or ended).
-    pub fn offer(&mut self, agent: &str, key: &str, now: Instant) -> Verdict {
+    pub fn offer(&mut self, agent: &str, key: &str, now: Instant) -> Offered {
         let keys = match self.slots.get_mut(agent) {
             Some(k) => k,
             None => self.slots.entry(agent.to_string()).or_default(),
@@ -114,10 +114,10 @@ impl Summariser {
         }
         if slot.passed < self.pass {
             slot.passed += 1;
-            Verdict::Pass
+            Offered::Pass
         } else {
             slot.suppressed += 1;
-            Verdict::Suppress
+            Offered::Suppress
         }
     }
 
@@ -228,12 +228,12 @@ mod tests {
     fn the_first_records_pass_and_the_rest_are_one_summary_per_interval() {
         let t0 = Instant::now();
         let mut s = Summariser::new(3, Duration::from_secs(10), 8);
-        let v: Vec<Verdict> = (0..1000).map(|_| s.offer("a", "deny", t0)).collect();
-        assert_eq!(v.iter().filter(|v| **v == Verdict::Pass).count(), 3);
-        assert_eq!(v[..3], [Verdict::Pass; 3]);
+        let v: Vec<Offered> = (0..1000).map(|_| s.offer("a", "deny", t0)).collect();
+        assert_eq!(v.iter().filter(|v| **v == Offered::Pass).count(), 3);
+        assert_eq!(v[..3], [Offered::Pass; 3]);
         // Another agent and another key have their own allowance.
-        assert_eq!(s.offer("b", "deny", t0), Verdict::Pass);
-        assert_eq!(s.offer("a", "quota", t0), Verdict::Pass);
+        assert_eq!(s.offer("b", "deny", t0), Offered::Pass);
+        assert_eq!(s.offer("a", "quota", t0), Offered::Pass);
         // Nothing is due before the interval ends.
         assert!(s.flush(t0 + Duration::from_secs(9)).is_empty());
         let out = s.flush(t0 + Duration::from_secs(10));
@@ -253,7 +253,7 @@ mod tests {
         // A new interval: records pass again.
         assert_eq!(
             s.offer("a", "deny", t0 + Duration::from_secs(11)),
-            Verdict::Pass
+            Offered::Pass
         );
     }
 

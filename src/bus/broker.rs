@@ -29,8 +29,8 @@ use tokio::sync::{oneshot, Notify};
 use super::log::{Log, Retention, Stats};
 use super::subject::{check_subject, Pattern};
 use super::{
-    check_data, now_ms, BusError, Msg, Principal, DEFAULT_QUEUE, MAX_SUBS, OUTBOX_QUEUE_BYTES,
-    PAGE_CACHE_BYTES, REPLAY_BURST, REPLAY_RATE, SUB_QUEUE_BYTES,
+    check_data, now_ms, BusError, Committed, Msg, Principal, DEFAULT_QUEUE, MAX_SUBS,
+    OUTBOX_QUEUE_BYTES, PAGE_CACHE_BYTES, REPLAY_BURST, REPLAY_RATE, SUB_QUEUE_BYTES,
 };
 
 /// Messages read from the log per step of a replay.
@@ -353,7 +353,7 @@ impl PageCache {
 pub struct Published {
     pub seq: Option<u64>,
     /// For a durable publish: hears when the message is committed to the log.
-    pub committed: Option<oneshot::Receiver<Result<u64, String>>>,
+    pub committed: Option<Committed>,
 }
 
 /// What a subscribe returns.
@@ -637,7 +637,7 @@ impl Bus {
         sub: Option<u64>,
         durable: Option<&str>,
         seq: u64,
-    ) -> Result<(String, oneshot::Receiver<Result<u64, String>>), BusError> {
+    ) -> Result<(String, Committed), BusError> {
         let name = match (sub, durable) {
             (_, Some(n)) => {
                 check_consumer(n)?;

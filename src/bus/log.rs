@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::{now_ms, BusError, Msg};
+use super::{now_ms, BusError, CommitError, Msg};
 
 /// Most operations committed in one transaction.
 const BATCH: usize = 1024;
@@ -61,7 +61,7 @@ pub struct Consumer {
     pub updated_ms: u64,
 }
 
-type Done = tokio::sync::oneshot::Sender<Result<u64, String>>;
+type Done = tokio::sync::oneshot::Sender<Result<u64, CommitError>>;
 
 enum Op {
     Append(Arc<Msg>, Option<Done>),
@@ -418,8 +418,11 @@ fn writer(
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "bus log: commit failed");
+                let err = CommitError {
+                    source: Arc::new(e),
+                };
                 for (d, _) in done {
-                    let _ = d.send(Err(format!("the bus log could not commit: {e}")));
+                    let _ = d.send(Err(err.clone()));
                 }
             }
         }

@@ -36,6 +36,18 @@ pub const PAGE_CACHE_BYTES: usize = 16 << 20;
 /// Subjects under this prefix are the daemon's own (system events); agents cannot publish them.
 pub const SYSTEM_PREFIX: &str = "aither.";
 
+/// A batch of the durable log that could not be committed; every publish or ack waiting on
+/// that batch hears it (hence shared, not owned, source).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("the bus log could not commit: {source}")]
+pub struct CommitError {
+    #[source]
+    pub source: std::sync::Arc<rusqlite::Error>,
+}
+
+/// Hears when a durable publish or an ack is committed to the log: its sequence number.
+pub type Committed = tokio::sync::oneshot::Receiver<Result<u64, CommitError>>;
+
 /// Errors of the bus; `code()` is the wire error code.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

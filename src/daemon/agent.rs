@@ -17,7 +17,7 @@ use super::proto::{self, aio, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
 use super::Daemon;
-use crate::audit::{Decision as Verdict, Entry};
+use crate::audit::{Entry, Verdict};
 use crate::cgroup::{self, stats, CpuQuota};
 use crate::policy::{PainAction, PainPolicy};
 use crate::sandbox::SandboxSpec;

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::proto::{self, aio, Reply, Request};
 use super::Daemon;
-use crate::audit::{Decision, Entry};
-use crate::bus::{BusError, Outbox, SubOptions};
+use crate::audit::{Entry, Verdict};
+use crate::bus::{BusError, Committed, Outbox, SubOptions};
 
 /// Deliveries taken from an outbox per write, and their most bytes (a writer holds at most
 /// about this much of a connection's messages beyond its queues).
@@ -173,7 +173,7 @@ pub fn channel_op(d: &Daemon, outbox: &Arc<Outbox>, name: &str, req: &Value) -> 
             if let BusError::Denied(msg) = &e {
                 // Summarised: a flood of denied publishes is one record and a count.
                 d.audit_summarised(
-                    Entry::new("bus", Decision::Deny, msg.clone())
+                    Entry::new("bus", Verdict::Deny, msg.clone())
                         .agent(name)
                         .actor(format!("agent {name}"))
                         .data(json!({
@@ -256,7 +256,7 @@ fn published(p: crate::bus::broker::Published) -> Outcome {
 }
 
 /// A reply sent once the log has committed.
-fn committed(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Outcome {
+fn committed(rx: Committed, data: Value) -> Outcome {
     let (tx, out) = oneshot::channel();
     tokio::spawn(async move {
         let _ = tx.send(commit_reply(rx, data).await);
@@ -264,10 +264,10 @@ fn committed(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Outcome
     Outcome::Later(out)
 }
 
-async fn commit_reply(rx: oneshot::Receiver<Result<u64, String>>, data: Value) -> Reply {
+async fn commit_reply(rx: Committed, data: Value) -> Reply {
     match rx.await {
         Ok(Ok(_)) => Reply::ok(data),
-        Ok(Err(e)) => Reply::err("internal", e),
+        Ok(Err(e)) => Reply::err("internal", e.to_string()),
         Err(_) => Reply::err("internal", "the bus log stopped"),
     }
 }

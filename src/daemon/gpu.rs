@@ -11,9 +11,9 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::Daemon;
-use crate::audit::{Decision as Verdict, Entry};
+use crate::audit::{Entry, Verdict};
 use crate::gpu::scheduler::{DeviceSlot, Queued, Rejected};
-use crate::gpu::{self, Decision, GpuBackend, GpuDevice, Lease, Request, Scheduler};
+use crate::gpu::{self, GpuBackend, GpuDevice, Lease, Request, Scheduler, SchedulerAction};
 use crate::policy::GpuGrant;
 use crate::sandbox::SandboxSpec;
 
@@ -244,10 +244,10 @@ impl GpuService {
         self.carry_out(d, decisions);
     }
 
-    fn carry_out(&self, d: &Daemon, decisions: Vec<Decision>) {
+    fn carry_out(&self, d: &Daemon, decisions: Vec<SchedulerAction>) {
         for dec in decisions {
             match dec {
-                Decision::Grant { agent, devices } => {
+                SchedulerAction::Grant { agent, devices } => {
                     let (lease, waiter) = {
                         let mut g = self.lock();
                         (g.sched.lease(&agent).cloned(), g.waiters.remove(&agent))
@@ -298,7 +298,7 @@ impl GpuService {
                         None => self.release(d, &agent),
                     }
                 }
-                Decision::Preempt { for_agent, victims } => {
+                SchedulerAction::Preempt { for_agent, victims } => {
                     for v in &victims {
                         d.emit(
                             Some(v),

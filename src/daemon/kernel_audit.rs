@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::Daemon;
 use crate::audit::kernel::{Denial, Joiner, Reader};
-use crate::audit::{Decision, Entry};
+use crate::audit::{Entry, Verdict};
 
 /// Starts the reader thread (nothing happens while the host's audit is off).
 pub fn start(d: Arc<Daemon>) {
@@ -87,7 +87,7 @@ fn record(d: &Daemon, agent: &str, den: &Denial) {
     d.audit.record(
         Entry::new(
             "kernel_denial",
-            Decision::Deny,
+            Verdict::Deny,
             format!("{}: {} {}", den.layer, den.rule, den.detail),
         )
         .agent(agent)

@@ -19,7 +19,7 @@ use super::proto::{aio, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
 use super::{check_name, Shared};
-use crate::audit::{Decision, Entry};
+use crate::audit::{Entry, Verdict};
 use crate::sandbox::RunOptions;
 use crate::token::{self, Claims};
 
@@ -101,7 +101,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
             let mut e = Entry::new(
                 "control_connect",
-                Decision::Deny,
+                Verdict::Deny,
                 "control socket: root, aitherd's uid or group aither only",
             )
             .actor(actor.clone())
@@ -198,7 +198,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                     d.audit.record(
                         Entry::new(
                             "bus",
-                            Decision::Deny,
+                            Verdict::Deny,
                             "owner: a member's bus is their own agents' subjects",
                         )
                         .actor(caller.actor())
@@ -232,7 +232,7 @@ fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Opti
     d.audit.record(
         Entry::new(
             kind,
-            Decision::Deny,
+            Verdict::Deny,
             "owner: only the agent's owner, root or aither-admin",
         )
         .agent(name)
@@ -252,7 +252,7 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
     d.audit.record(
         Entry::new(
             kind,
-            Decision::Deny,
+            Verdict::Deny,
             "admin: the operator bus is for root and aither-admin",
         )
         .actor(caller.actor())
@@ -275,8 +275,8 @@ fn audit_op(
     data: serde_json::Value,
 ) {
     let (decision, rule) = match &reply.error {
-        None => (Decision::Allow, "control socket: operator".to_string()),
-        Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
+        None => (Verdict::Allow, "control socket: operator".to_string()),
+        Some(e) => (Verdict::Deny, format!("{}: {}", e.code, e.message)),
     };
     let mut e = Entry::new(kind, decision, rule)
         .agent(name)
@@ -617,7 +617,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
         None => {
             let info = d.info_of(&name);
             (
-                Decision::Allow,
+                Verdict::Allow,
                 format!(
                     "token {} (policy {})",
                     info.as_ref().map(|i| i.token_id.as_str()).unwrap_or("?"),
@@ -625,7 +625,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
                 ),
             )
         }
-        Some(e) => (Decision::Deny, format!("{}: {}", e.code, e.message)),
+        Some(e) => (Verdict::Deny, format!("{}: {}", e.code, e.message)),
     };
     d.audit.record(
         Entry::new("spawn", decision, rule)
@@ -848,7 +848,7 @@ fn build(
     };
     let root = p.verified.root();
     d.audit.record(
-        Entry::new(kind, Decision::Allow, rule)
+        Entry::new(kind, Verdict::Allow, rule)
             .agent(&req.name)
             .actor("aitherd")
             .caller(caller.uid)

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::audit::summary::{Summariser, Summary, Verdict};
-use crate::audit::{Decision, Entry};
+use crate::audit::summary::{Offered, Summariser, Summary};
+use crate::audit::{Entry, Verdict};
 
 /// How long one summary window lasts.
 pub const WINDOW: Duration = Duration::from_secs(10);
@@ -37,7 +37,7 @@ pub enum Admit {
 
 fn to_entry(s: &Summary) -> Entry {
     let kind = s.key.split(':').next().unwrap_or("summary");
-    Entry::new(kind, Decision::Deny, s.message("denials"))
+    Entry::new(kind, Verdict::Deny, s.message("denials"))
         .agent(&s.agent)
         .actor(format!("agent {}", s.agent))
         .data(json!({
@@ -70,8 +70,8 @@ impl Denials {
             .lock()
             .offer(agent, &format!("{}:{class}", e.kind), now)
         {
-            Verdict::Pass => Admit::Write,
-            Verdict::Suppress => Admit::Counted,
+            Offered::Pass => Admit::Write,
+            Offered::Suppress => Admit::Counted,
         }
     }
 
@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     fn deny(rule: &str) -> Entry {
-        Entry::new("bus", Decision::Deny, rule).agent("a")
+        Entry::new("bus", Verdict::Deny, rule).agent("a")
     }
 
     #[test]

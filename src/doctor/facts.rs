@@ -196,14 +196,26 @@ fn parse_mode(s: &str) -> Option<CgroupMode> {
     }
 }
 
-fn access_w(p: &Path) -> Result<(), String> {
-    let c = crate::sys::cstr(p).map_err(|e| e.to_string())?;
+/// A directory access(2) does not let us write to, with its errno.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}", path.display(), probe::errno_text(source))]
+struct NotWritable {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+fn access_w(p: &Path) -> Result<(), NotWritable> {
+    let not_writable = |source| NotWritable {
+        path: p.to_path_buf(),
+        source,
+    };
+    let c = crate::sys::cstr(p).map_err(not_writable)?;
     // SAFETY: access(2) with a valid C string.
     if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
         Ok(())
     } else {
-        let e = std::io::Error::last_os_error();
-        Err(format!("{}: {}", p.display(), probe::errno_text(&e)))
+        Err(not_writable(std::io::Error::last_os_error()))
     }
 }
 
@@ -287,7 +299,7 @@ fn cgroup_facts(
                 };
                 checked += 1;
                 if let Err(e) = access_w(&target) {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             if !errors.is_empty() {

@@ -170,37 +170,55 @@ pub struct Nvml {
     devices: Vec<GpuDevice>,
 }
 
+/// Why NVML offers no GPUs (the reason `gpu ls` and the daemon's log show).
+#[derive(Debug, thiserror::Error)]
+pub enum NvmlUnavailable {
+    #[error("no NVIDIA driver (/proc/driver/nvidia/version absent)")]
+    NoDriver,
+    #[error(
+        "this aitherd is statically linked and cannot load libnvidia-ml; \
+         install.sh builds a dynamic aitherd when it finds an NVIDIA driver"
+    )]
+    StaticBinary,
+    #[error("NVML: {0}")]
+    Nvml(#[source] nvml_wrapper::error::NvmlError),
+    #[error("NVML device {index}: {source}")]
+    Device {
+        index: u32,
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+    #[error("{}: {source}", node.display())]
+    Node {
+        node: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// NVML's devices, or why there are none.
-pub fn open_nvml() -> Result<Nvml, String> {
+pub fn open_nvml() -> Result<Nvml, NvmlUnavailable> {
     let driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
     if !driver && !std::path::Path::new("/dev/nvidia0").exists() {
-        return Err("no NVIDIA driver (/proc/driver/nvidia/version absent)".into());
+        return Err(NvmlUnavailable::NoDriver);
     }
     if cfg!(target_feature = "crt-static") {
         // dlopen from a static glibc binary would load a second libc beside ours.
-        return Err(
-            "this aitherd is statically linked and cannot load libnvidia-ml; \
-                    install.sh builds a dynamic aitherd when it finds an NVIDIA driver"
-                .into(),
-        );
+        return Err(NvmlUnavailable::StaticBinary);
     }
-    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}"))?;
-    let n = nvml.device_count().map_err(|e| format!("NVML: {e}"))?;
+    let nvml = nvml_wrapper::Nvml::init().map_err(NvmlUnavailable::Nvml)?;
+    let n = nvml.device_count().map_err(NvmlUnavailable::Nvml)?;
     let mut devices = Vec::new();
     for i in 0..n {
-        let d = nvml
-            .device_by_index(i)
-            .map_err(|e| format!("NVML device {i}: {e}"))?;
-        let minor = d
-            .minor_number()
-            .map_err(|e| format!("NVML device {i}: {e}"))?;
-        let total = d
-            .memory_info()
-            .map_err(|e| format!("NVML device {i}: {e}"))?
-            .total;
+        let device = |source| NvmlUnavailable::Device { index: i, source };
+        let d = nvml.device_by_index(i).map_err(device)?;
+        let minor = d.minor_number().map_err(device)?;
+        let total = d.memory_info().map_err(device)?.total;
         let node = PathBuf::from(format!("/dev/nvidia{minor}"));
-        let (_, major, minor) =
-            node_numbers(&node).map_err(|e| format!("{}: {e}", node.display()))?;
+        let (_, major, minor) = node_numbers(&node).map_err(|source| NvmlUnavailable::Node {
+            node: node.clone(),
+            source,
+        })?;
         devices.push(GpuDevice {
             index: i,
             uuid: d.uuid().unwrap_or_default(),

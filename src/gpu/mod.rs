@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 pub use backend::{GpuBackend, GpuDevice, NoGpus, ProcessUsage};
 pub use devices::DeviceRule;
-pub use scheduler::{Config as SchedulerConfig, Decision, Lease, Request, Scheduler};
+pub use scheduler::{Config as SchedulerConfig, Lease, Request, Scheduler, SchedulerAction};
 
 /// The default configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/aither/gpus.toml";
@@ -140,6 +140,6 @@ pub type Loaded = (Box<dyn GpuBackend>, GpuConfig, Option<String>);
 fn nvml_or_none(cfg: GpuConfig) -> Loaded {
     match backend::open_nvml() {
         Ok(n) => (Box::new(n), cfg, None),
-        Err(why) => (Box::new(NoGpus), cfg, Some(why)),
+        Err(why) => (Box::new(NoGpus), cfg, Some(why.to_string())),
     }
 }

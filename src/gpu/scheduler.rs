@@ -127,7 +127,7 @@ pub enum Rejected {
 
 /// What the daemon must do after a scheduling pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum SchedulerAction {
     /// Start `agent` on `devices`.
     Grant { agent: String, devices: Vec<u32> },
     /// Stop `victims` so that `for_agent` can run.
@@ -427,7 +427,7 @@ impl Scheduler {
         }
     }
 
-    fn grant(&mut self, agent: &str, devices: Vec<u32>, now_ms: u64) -> Decision {
+    fn grant(&mut self, agent: &str, devices: Vec<u32>, now_ms: u64) -> SchedulerAction {
         let req = self.cancel(agent).expect("granted request is queued");
         self.take(&req, &devices);
         self.leases.insert(
@@ -439,7 +439,7 @@ impl Scheduler {
                 preempting: false,
             },
         );
-        Decision::Grant {
+        SchedulerAction::Grant {
             agent: agent.to_string(),
             devices,
         }
@@ -540,7 +540,7 @@ impl Scheduler {
     /// One scheduling pass: grants in order while the head fits, then backfills around a
     /// blocked head, then (if enabled) preempts for it. Call after every submit, release and
     /// periodically (aging changes the order).
-    pub fn schedule(&mut self, now_ms: u64) -> Vec<Decision> {
+    pub fn schedule(&mut self, now_ms: u64) -> Vec<SchedulerAction> {
         let mut out = Vec::new();
         let previous = self.head_reservation.take();
         // 1. In order while the head fits.
@@ -640,7 +640,7 @@ impl Scheduler {
     }
 
     /// Marks victims for `head` when preemption is on and it would help.
-    fn preempt_for(&mut self, head: &Request) -> Option<Decision> {
+    fn preempt_for(&mut self, head: &Request) -> Option<SchedulerAction> {
         if !self.config.preemption {
             return None;
         }
@@ -673,7 +673,7 @@ impl Scheduler {
                 l.preempting = true;
             }
         }
-        Some(Decision::Preempt {
+        Some(SchedulerAction::Preempt {
             for_agent: head.agent.clone(),
             victims,
         })

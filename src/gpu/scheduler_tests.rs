@@ -31,10 +31,10 @@ fn no_preempt() -> Config {
 }
 
 /// The grants of a pass as "agent@dev,dev".
-fn granted(ds: &[Decision]) -> Vec<String> {
+fn granted(ds: &[SchedulerAction]) -> Vec<String> {
     ds.iter()
         .filter_map(|d| match d {
-            Decision::Grant { agent, devices } => Some(format!(
+            SchedulerAction::Grant { agent, devices } => Some(format!(
                 "{agent}@{}",
                 devices
                     .iter()
@@ -235,7 +235,7 @@ fn preemption_only_by_a_strictly_higher_class_with_fewest_victims() {
     let ds = s.schedule(7);
     assert_eq!(
         ds,
-        vec![Decision::Preempt {
+        vec![SchedulerAction::Preempt {
             for_agent: "high".into(),
             victims: vec!["low-c".into()]
         }]

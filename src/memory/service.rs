@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::store::{Entry, Record};
+use super::store::{Entry, ExportLine};
 use super::{
     now_ms, Actor, MemoryError, MemoryStore, Tier, DEFAULT_ACTIVE_TTL_S, MAX_ACTIVE_TTL_S,
     MAX_DEPTH, MAX_KEY, MAX_VALUE,
@@ -372,7 +372,7 @@ pub fn handle(
             }
             let mut records = Vec::with_capacity(items.len());
             for (i, it) in items.iter().enumerate() {
-                let r: Record = serde_json::from_value(it.clone())
+                let r: ExportLine = serde_json::from_value(it.clone())
                     .map_err(|e| MemoryError::invalid(&format!("records[{i}]"), e.to_string()))?;
                 check_record(&r).map_err(|e| at_item(i, e))?;
                 records.push(r);
@@ -406,9 +406,9 @@ fn at_item(i: usize, e: MemoryError) -> MemoryError {
     }
 }
 
-fn check_record(r: &Record) -> Result<(), MemoryError> {
+fn check_record(r: &ExportLine) -> Result<(), MemoryError> {
     match r {
-        Record::Kv {
+        ExportLine::Kv {
             tier, key, value, ..
         } => {
             let t: Tier = tier.parse()?;
@@ -423,14 +423,14 @@ fn check_record(r: &Record) -> Result<(), MemoryError> {
             }
             value_json("value", Some(value)).map(|_| ())
         }
-        Record::Node { id, kind: k, props } => {
+        ExportLine::Node { id, kind: k, props } => {
             kind(&json!({"kind": k}), "kind")?;
             if id.is_empty() || id.len() > MAX_KEY {
                 return Err(MemoryError::invalid("id", format!("1 to {MAX_KEY} bytes")));
             }
             value_json("props", Some(props)).map(|_| ())
         }
-        Record::Edge {
+        ExportLine::Edge {
             from,
             to,
             kind: k,

@@ -136,7 +136,7 @@ END;
 
 /// How the writer syncs a commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sync {
+pub enum SyncMode {
     /// WAL + synchronous=NORMAL: durable against a killed process; a power cut may lose the
     /// last commits.
     Normal,
@@ -144,12 +144,12 @@ pub enum Sync {
     Full,
 }
 
-impl Sync {
+impl SyncMode {
     /// `AITHER_MEMORY_SYNC=full`, else normal.
-    pub fn from_env() -> Sync {
+    pub fn from_env() -> SyncMode {
         match std::env::var("AITHER_MEMORY_SYNC").as_deref() {
-            Ok("full") | Ok("FULL") => Sync::Full,
-            _ => Sync::Normal,
+            Ok("full") | Ok("FULL") => SyncMode::Full,
+            _ => SyncMode::Normal,
         }
     }
 }
@@ -210,7 +210,7 @@ pub struct Neighbourhood {
 /// One line of `mem export` / `mem import`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Record {
+pub enum ExportLine {
     Kv {
         tier: String,
         key: String,
@@ -278,7 +278,7 @@ enum Write {
     },
     Import {
         owner: String,
-        records: Vec<Record>,
+        records: Vec<ExportLine>,
     },
     PurgeExpired,
 }
@@ -301,7 +301,7 @@ fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> MemoryError + '_ {
     }
 }
 
-fn open_writer(path: &Path, sync: Sync) -> Result<Connection, MemoryError> {
+fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, MemoryError> {
     let c = Connection::open(path).map_err(sql(path))?;
     c.busy_timeout(Duration::from_secs(5)).map_err(sql(path))?;
     c.pragma_update(None, "journal_mode", "WAL")
@@ -310,8 +310,8 @@ fn open_writer(path: &Path, sync: Sync) -> Result<Connection, MemoryError> {
         None,
         "synchronous",
         match sync {
-            Sync::Normal => "NORMAL",
-            Sync::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
         },
     )
     .map_err(sql(path))?;
@@ -347,10 +347,10 @@ fn to_json(text: &str) -> Value {
 impl MemoryStore {
     /// Opens (creating) the database and starts the writer thread.
     pub fn open(path: &Path) -> Result<MemoryStore, MemoryError> {
-        Self::open_with(path, Sync::from_env())
+        Self::open_with(path, SyncMode::from_env())
     }
 
-    pub fn open_with(path: &Path, sync: Sync) -> Result<MemoryStore, MemoryError> {
+    pub fn open_with(path: &Path, sync: SyncMode) -> Result<MemoryStore, MemoryError> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -543,7 +543,7 @@ impl MemoryStore {
     }
 
     /// Imports records for `owner` in one all-or-nothing step; how many were written.
-    pub fn import(&self, owner: &str, records: Vec<Record>) -> Result<u64, MemoryError> {
+    pub fn import(&self, owner: &str, records: Vec<ExportLine>) -> Result<u64, MemoryError> {
         self.write(Write::Import {
             owner: owner.to_string(),
             records,
@@ -808,7 +808,7 @@ impl MemoryStore {
         owner: &str,
         after: Option<&str>,
         max_bytes: usize,
-    ) -> Result<(Vec<Record>, Option<String>), MemoryError> {
+    ) -> Result<(Vec<ExportLine>, Option<String>), MemoryError> {
         // The cursor is "<section>:<position>": kv:<rowid>, node:<id>, edge:<src>\0<kind>\0<dst>.
         let (section, pos) = match after {
             None => ("kv", ""),
@@ -841,7 +841,7 @@ impl MemoryStore {
                 for (id, tier, key, value, expires_ms) in rows {
                     used += key.len() + value.len() + 64;
                     last = id;
-                    out.push(Record::Kv {
+                    out.push(ExportLine::Kv {
                         tier,
                         key,
                         value: to_json(&value),
@@ -872,7 +872,7 @@ impl MemoryStore {
                 for (id, kind, props) in rows {
                     used += id.len() + kind.len() + props.len() + 64;
                     last = id.clone();
-                    out.push(Record::Node {
+                    out.push(ExportLine::Node {
                         id,
                         kind,
                         props: to_json(&props),
@@ -908,7 +908,7 @@ impl MemoryStore {
                 for (src, kind, dst, props) in rows {
                     used += src.len() + kind.len() + dst.len() + props.len() + 64;
                     last = format!("{src}\0{kind}\0{dst}");
-                    out.push(Record::Edge {
+                    out.push(ExportLine::Edge {
                         from: src,
                         to: dst,
                         kind,
@@ -1288,14 +1288,14 @@ fn apply(conn: &Connection, path: &Path, w: &Write, now: i64) -> Result<u64, Mem
             let mut n = 0u64;
             // Nodes first, so that edges find their ends whatever the file's order.
             for r in records {
-                if let Record::Node { id, kind, props } = r {
+                if let ExportLine::Node { id, kind, props } = r {
                     upsert_node(conn, owner, id, kind, &props.to_string(), now).map_err(&e)?;
                     n += 1;
                 }
             }
             for r in records {
                 match r {
-                    Record::Kv {
+                    ExportLine::Kv {
                         tier,
                         key,
                         value,
@@ -1308,7 +1308,7 @@ fn apply(conn: &Connection, path: &Path, w: &Write, now: i64) -> Result<u64, Mem
                             .map_err(&e)?;
                         n += 1;
                     }
-                    Record::Edge {
+                    ExportLine::Edge {
                         from,
                         to,
                         kind,
@@ -1326,7 +1326,7 @@ fn apply(conn: &Connection, path: &Path, w: &Write, now: i64) -> Result<u64, Mem
                             .map_err(&e)?;
                         n += 1;
                     }
-                    Record::Node { .. } => {}
+                    ExportLine::Node { .. } => {}
                 }
             }
             Ok(n)

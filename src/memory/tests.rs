@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::store::Sync;
+use super::store::SyncMode;
 use super::*;
 use crate::token::{Claims, MemoryGrant, TierClaim};
 
 fn store() -> (tempfile::TempDir, MemoryStore) {
     let dir = tempfile::tempdir().unwrap();
-    let s = MemoryStore::open_with(&dir.path().join("memory.db"), Sync::Normal).unwrap();
+    let s = MemoryStore::open_with(&dir.path().join("memory.db"), SyncMode::Normal).unwrap();
     (dir, s)
 }
 
@@ -646,7 +646,7 @@ fn acknowledged_writes_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("memory.db");
     {
-        let s = MemoryStore::open_with(&path, Sync::Normal).unwrap();
+        let s = MemoryStore::open_with(&path, SyncMode::Normal).unwrap();
         let c = all_rw("a");
         for i in 0..100 {
             call(
@@ -657,7 +657,7 @@ fn acknowledged_writes_survive_reopening() {
             .unwrap();
         }
     }
-    let s = MemoryStore::open_with(&path, Sync::Normal).unwrap();
+    let s = MemoryStore::open_with(&path, SyncMode::Normal).unwrap();
     assert_eq!(s.usage("a").unwrap()[&Tier::Knowledge].entries, 100);
     assert_eq!(
         s.get("a", Tier::Knowledge, "k99").unwrap().unwrap().value,
@@ -783,7 +783,7 @@ fn costly_queries_are_refused_or_cut() {
             json!({"type": "edge", "from": "hub", "to": format!("n{i}"), "kind": format!("k{k}"), "props": {}})
         })
     });
-    let recs: Vec<super::store::Record> = nodes
+    let recs: Vec<super::store::ExportLine> = nodes
         .chain(edges)
         .map(|v| serde_json::from_value(v).unwrap())
         .collect();

@@ -43,16 +43,26 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
-    #[error("{path}: field `egress.ca_file` ({ca}): {detail}")]
+    #[error("{path}: field `egress.ca_file` ({ca}): {source}")]
     CaFile {
         path: PathBuf,
         ca: PathBuf,
-        detail: String,
+        #[source]
+        source: PemError,
     },
     #[error("{path}: field `egress.idle_timeout_s`: must be at least 1")]
     Idle { path: PathBuf },
     #[error("{path}: field `egress.max_descriptors`: must be at least 32")]
     Descriptors { path: PathBuf },
+}
+
+/// Why a PEM bundle gives no certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    #[error("{0}")]
+    Pem(#[source] rustls::pki_types::pem::Error),
+    #[error("no PEM certificate in the file")]
+    Empty,
 }
 
 /// aitherd's configuration file; only `[egress]` is read by the egress code, other tables
@@ -105,10 +115,10 @@ impl Egress {
         };
         let mut roots = system_roots();
         if let Some(ca) = &cfg.egress.ca_file {
-            let extra = pem_certs(ca).map_err(|detail| ConfigError::CaFile {
+            let extra = pem_certs(ca).map_err(|source| ConfigError::CaFile {
                 path: path.to_path_buf(),
                 ca: ca.clone(),
-                detail,
+                source,
             })?;
             roots.extend(extra);
         }
@@ -144,13 +154,13 @@ impl Default for Egress {
     }
 }
 
-fn pem_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn pem_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     use rustls::pki_types::pem::PemObject;
     let certs = CertificateDer::pem_file_iter(p)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| e.to_string())?;
+        .map_err(PemError::Pem)?;
     if certs.is_empty() {
-        return Err("no PEM certificate in the file".into());
+        return Err(PemError::Empty);
     }
     Ok(certs)
 }

@@ -48,7 +48,7 @@ use super::inspect::{first_flight, Flight};
 use super::resolve::Resolve;
 use super::rules::{NetGrants, ServiceTarget, Upstream, SERVICE_DOMAIN};
 use super::socks::{socks5_request, socks_reply, SocksAsk};
-use crate::audit::summary::{Summariser, Summary, TokenBucket, Verdict};
+use crate::audit::summary::{Offered, Summariser, Summary, TokenBucket};
 
 /// Longest an agent may take to send a request head, a SOCKS5 handshake or a tunnel's first
 /// TLS flight (slow clients are cut after it; the gateway serves others meanwhile).
@@ -355,17 +355,15 @@ impl AgentNet {
     }
 
     /// Admits one request or connection against the quotas, or says which one it hits.
-    fn admit(&self, service: Option<(&str, Option<u64>)>) -> Result<(), String> {
+    fn admit(&self, service: Option<(&str, Option<u64>)>) -> Result<(), QuotaError> {
         if let Some(limit) = self.grants.quota.bytes {
             let used = self.quota.bytes.load(Ordering::Relaxed);
             if used >= limit {
-                return Err(format!(
-                    "byte quota reached: {used} of {limit} bytes used (net.quota.bytes)"
-                ));
+                return Err(QuotaError::Bytes { used, limit });
             }
         }
         let now = Instant::now();
-        let slide = |w: &mut VecDeque<Instant>, limit: u64, what: &str| -> Result<(), String> {
+        let slide = |w: &mut VecDeque<Instant>, limit: u64, what: &str| -> Result<(), QuotaError> {
             while w
                 .front()
                 .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
@@ -373,18 +371,15 @@ impl AgentNet {
                 w.pop_front();
             }
             if w.len() as u64 >= limit {
-                return Err(format!(
-                    "request quota reached: {limit} per minute ({what}); retry later"
-                ));
+                return Err(QuotaError::Requests {
+                    limit,
+                    field: what.to_string(),
+                });
             }
             Ok(())
         };
         // Both windows are checked before either is charged: a refused request costs nothing.
-        let mut global = self
-            .quota
-            .window
-            .lock()
-            .map_err(|_| "quota state poisoned")?;
+        let mut global = self.quota.window.lock().map_err(|_| QuotaError::Poisoned)?;
         if let Some(l) = self.grants.quota.requests_per_minute {
             slide(&mut global, l, "net.quota.requests_per_minute")?;
         }
@@ -393,7 +388,7 @@ impl AgentNet {
                 .quota
                 .service_windows
                 .lock()
-                .map_err(|_| "quota state poisoned")?;
+                .map_err(|_| QuotaError::Poisoned)?;
             let w = sw.entry(name.to_string()).or_default();
             slide(w, l, &format!("net.services.{name}.requests_per_minute"))?;
             w.push_back(now);
@@ -413,6 +408,18 @@ impl AgentNet {
             .map(|mut b| b.has(Instant::now()))
             .unwrap_or(false)
     }
+}
+
+/// The quota a request or connection hits (the reason its denial carries).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuotaError {
+    #[error("byte quota reached: {used} of {limit} bytes used (net.quota.bytes)")]
+    Bytes { used: u64, limit: u64 },
+    /// `field` is the claim that sets the limit (`net.quota.requests_per_minute`, …).
+    #[error("request quota reached: {limit} per minute ({field}); retry later")]
+    Requests { limit: u64, field: String },
+    #[error("quota state poisoned")]
+    Poisoned,
 }
 
 /// Descriptors charged to an agent and to the gateway, given back on drop.
@@ -822,8 +829,8 @@ impl Gateway {
                 .summary_allowed
                 .lock()
                 .map(|mut s| s.offer(&agent.name, &ev.rule, Instant::now()))
-                .unwrap_or(Verdict::Suppress);
-            if verdict == Verdict::Suppress {
+                .unwrap_or(Offered::Suppress);
+            if verdict == Offered::Suppress {
                 return;
             }
         } else {
@@ -842,8 +849,8 @@ impl Gateway {
                 .summary
                 .lock()
                 .map(|mut s| s.offer(&agent.name, &ev.rule, now))
-                .unwrap_or(Verdict::Suppress);
-            if verdict == Verdict::Suppress {
+                .unwrap_or(Offered::Suppress);
+            if verdict == Offered::Suppress {
                 return;
             }
         }
@@ -924,7 +931,9 @@ impl Gateway {
                 ));
             };
             let target = match &g.target {
-                Some(t) => Published::Host(ServiceTarget::parse(t).map_err(|e| denied(&rule, e))?),
+                Some(t) => Published::Host(
+                    ServiceTarget::parse(t).map_err(|e| denied(&rule, e.to_string()))?,
+                ),
                 None => self
                     .shared
                     .published
@@ -1043,7 +1052,7 @@ impl Gateway {
             agent
                 .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
                 .map(|_| a)
-                .map_err(|r| denied("quota", r))
+                .map_err(|r| denied("quota", r.to_string()))
         });
         match &decided {
             Ok(a) => self.emit(agent, ev(true, &a.rule, None)),
@@ -1151,7 +1160,7 @@ impl Gateway {
                         host: host.to_string(),
                         port,
                         method: None,
-                        reason: Some(reason),
+                        reason: Some(reason.to_string()),
                         suppressed: None,
                     },
                 );
@@ -1341,7 +1350,7 @@ impl Gateway {
         // The path is checked before anything is matched on it: a route's prefix holds only
         // for a normalised path (no `//`, `.` or `..` segments, no encoded separators).
         if let Err(why) = normalised_path(&path) {
-            let d = denied("route-path", why);
+            let d = denied("route-path", why.to_string());
             self.emit(
                 agent,
                 ev(false, &d.rule, "gateway", 0, Some(d.reason.clone())),
@@ -1395,7 +1404,9 @@ impl Gateway {
                     "the request's target leaves the route's prefix",
                 ));
             }
-            agent.admit(None).map_err(|r| denied("quota", r))?;
+            agent
+                .admit(None)
+                .map_err(|r| denied("quota", r.to_string()))?;
             let ips = self.resolve_external(&up.host, &rule).await?;
             let secret = self
                 .shared
@@ -1620,11 +1631,16 @@ fn strip_override_headers(h: &mut hyper::HeaderMap) {
     }
 }
 
+/// A route's request path that [`normalised_path`] refuses, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the route path is not normalised ({0})")]
+pub struct NotNormalised(pub &'static str);
+
 /// A route's request path is normalised: it starts with '/', has no empty, `.` or `..`
 /// segment (also before a `;` parameter), no backslash and no percent-encoded '/', '\\', '.' or NUL (an upstream may
 /// decode them into separators after the prefix was checked).
-pub fn normalised_path(path: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("the route path is not normalised ({why})"));
+pub fn normalised_path(path: &str) -> Result<(), NotNormalised> {
+    let bad = |why: &'static str| Err(NotNormalised(why));
     let Some(rest) = path.strip_prefix('/') else {
         return bad("it must start with '/'");
     };
@@ -1988,6 +2004,13 @@ mod tests {
             a.admit(None).unwrap();
         }
         let e = a.admit(None).unwrap_err();
-        assert!(e.contains("3 per minute"), "{e}");
+        assert_eq!(
+            e,
+            QuotaError::Requests {
+                limit: 3,
+                field: "net.quota.requests_per_minute".into()
+            }
+        );
+        assert!(e.to_string().contains("3 per minute"), "{e}");
     }
 }

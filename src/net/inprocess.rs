@@ -10,7 +10,7 @@ use super::gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, SecretSource};
 use super::resolve::{Resolve, SystemResolver};
 use super::rules::NetGrants;
 use super::secrets::SecretStore;
-use crate::audit::{Decision, Entry};
+use crate::audit::{Entry, Verdict};
 
 /// Errors of preparing the in-process gateway.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +32,9 @@ pub fn audit_entry(ev: &NetEvent) -> Entry {
     Entry::new(
         "net",
         if ev.allowed {
-            Decision::Allow
+            Verdict::Allow
         } else {
-            Decision::Deny
+            Verdict::Deny
         },
         ev.rule.clone(),
     )

@@ -86,6 +86,29 @@ pub(super) enum Flight {
     PlainHttp,
 }
 
+/// Why a tunnel's first flight is refused (the reason of its `tunnel-inspection` event).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FlightError {
+    #[error("TLS SNI {sni:?} does not match the tunnel's host {host:?}")]
+    SniMismatch { sni: String, host: String },
+    #[error("TLS ClientHello without SNI in a tunnel to {0:?}")]
+    NoSni(String),
+    #[error("a CONNECT request inside a tunnel (relayed proxying) is refused")]
+    RelayedConnect,
+    #[error("the tunnel to {0:?} does not start with a TLS ClientHello (tunnels carry TLS; plain HTTP goes through HTTP_PROXY)")]
+    NotTls(String),
+    #[error("malformed TLS ClientHello: {0}")]
+    BadTls(String),
+    #[error("the TLS ClientHello is too large")]
+    TooLarge,
+    #[error("no TLS ClientHello within the time limit")]
+    Timeout,
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    #[error("closed before the first flight")]
+    Closed,
+}
+
 /// Reads the tunnel's first flight and checks it: a ClientHello whose SNI is `host`
 /// (`any_protocol`: a granted service may also carry something else). Returns the bytes read.
 pub(super) async fn first_flight<C: AsyncRead + Unpin>(
@@ -93,7 +116,7 @@ pub(super) async fn first_flight<C: AsyncRead + Unpin>(
     host: &str,
     any_protocol: bool,
     plain_http: bool,
-) -> Result<(Vec<u8>, Flight), String> {
+) -> Result<(Vec<u8>, Flight), FlightError> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
@@ -105,44 +128,37 @@ pub(super) async fn first_flight<C: AsyncRead + Unpin>(
                 return Ok((buf, Flight::Relay))
             }
             FirstFlight::Tls(Some(sni)) => {
-                return Err(format!(
-                    "TLS SNI {sni:?} does not match the tunnel's host {want:?}"
-                ))
+                return Err(FlightError::SniMismatch {
+                    sni,
+                    host: want.to_string(),
+                })
             }
             FirstFlight::Tls(None) if any_protocol => return Ok((buf, Flight::Relay)),
-            FirstFlight::Tls(None) => {
-                return Err(format!("TLS ClientHello without SNI in a tunnel to {want:?}"))
-            }
-            FirstFlight::RelayedConnect => {
-                return Err("a CONNECT request inside a tunnel (relayed proxying) is refused".into())
-            }
+            FirstFlight::Tls(None) => return Err(FlightError::NoSni(want.to_string())),
+            FirstFlight::RelayedConnect => return Err(FlightError::RelayedConnect),
             // Plain HTTP is parsed request by request when it may be served (a CONNECT
             // anywhere in the stream is then refused by the HTTP path).
             FirstFlight::PlainHttp if plain_http => return Ok((buf, Flight::PlainHttp)),
             FirstFlight::Other | FirstFlight::PlainHttp if any_protocol => {
                 if contains_connect(&buf) {
-                    return Err(
-                        "a CONNECT request inside a tunnel (relayed proxying) is refused".into(),
-                    );
+                    return Err(FlightError::RelayedConnect);
                 }
                 return Ok((buf, Flight::Relay));
             }
             FirstFlight::Other | FirstFlight::PlainHttp => {
-                return Err(format!(
-                    "the tunnel to {want:?} does not start with a TLS ClientHello (tunnels carry TLS; plain HTTP goes through HTTP_PROXY)"
-                ))
+                return Err(FlightError::NotTls(want.to_string()))
             }
-            FirstFlight::BadTls(e) => return Err(format!("malformed TLS ClientHello: {e}")),
+            FirstFlight::BadTls(e) => return Err(FlightError::BadTls(e)),
         }
         if buf.len() >= MAX_HELLO_BYTES {
-            return Err("the TLS ClientHello is too large".into());
+            return Err(FlightError::TooLarge);
         }
         let n = tokio::time::timeout_at(deadline, client.read(&mut chunk))
             .await
-            .map_err(|_| "no TLS ClientHello within the time limit".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| FlightError::Timeout)?
+            .map_err(FlightError::Read)?;
         if n == 0 {
-            return Err("closed before the first flight".into());
+            return Err(FlightError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
     }

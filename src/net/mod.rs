@@ -21,7 +21,7 @@ mod socks;
 pub use gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, RuleStats};
 pub use inprocess::InProcessGateway;
 pub use resolve::{Resolve, SystemResolver};
-pub use rules::{EgressRule, NetGrants, NetQuota, RouteGrant, RuleError, ServiceGrant};
+pub use rules::{EgressRule, NameError, NetGrants, NetQuota, RouteGrant, RuleError, ServiceGrant};
 
 use crate::sandbox::SandboxSpec;
 

@@ -18,6 +18,39 @@ pub enum RuleError {
     Widening { field: String, detail: String },
 }
 
+/// Why a host pattern, host name, service/route/secret name, service target or upstream is
+/// not accepted (the text follows the field's name in a [`RuleError`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("an IP address; rules name hosts (addresses are checked after resolution)")]
+    IpAddress,
+    #[error("a host name of 1 to 253 characters")]
+    HostLength,
+    #[error("label {0:?}: lower-case letters, digits and '-' (not at either end)")]
+    Label(String),
+    #[error("the last label is all digits (an address, not a name)")]
+    NumericLastLabel,
+    /// A host pattern or upstream whose host name is not one.
+    #[error("{0:?}: {1}")]
+    Host(String, #[source] Box<NameError>),
+    #[error("{0:?}: a wildcard needs at least two labels after it")]
+    ShortWildcard(String),
+    #[error("{0:?}: names under {SERVICE_DOMAIN} are services (`services`), not egress")]
+    ServiceDomain(String),
+    #[error("{0:?}: 1 to 32 of lower-case letters, digits, '-' and '_'")]
+    Name(String),
+    #[error("{0:?}: unix:/absolute/path")]
+    RelativeUnixPath(String),
+    #[error("{0:?}: ADDRESS:PORT (127.0.0.1:11434, [::1]:8080) or unix:/path")]
+    Target(String, #[source] std::net::AddrParseError),
+    #[error("{0:?}: must start with https:// (the secret travels over TLS only)")]
+    NotHttps(String),
+    #[error("{0:?}: bad port {1:?}")]
+    Port(String, String),
+    #[error("{0:?}: no query or fragment")]
+    QueryOrFragment(String),
+}
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RuleError {
     RuleError::Invalid {
         field: field.into(),
@@ -157,7 +190,8 @@ impl NetGrants {
                 return Err(invalid(format!("egress[{i}].hosts"), "at least one host"));
             }
             for h in &r.hosts {
-                check_pattern(h).map_err(|e| invalid(format!("egress[{i}].hosts"), e))?;
+                check_pattern(h)
+                    .map_err(|e| invalid(format!("egress[{i}].hosts"), e.to_string()))?;
             }
             if r.ports.is_empty() || r.ports.contains(&0) {
                 return Err(invalid(
@@ -175,9 +209,11 @@ impl NetGrants {
             }
         }
         for (i, s) in self.services.iter().enumerate() {
-            check_name(&s.name).map_err(|e| invalid(format!("services[{i}].name"), e))?;
+            check_name(&s.name)
+                .map_err(|e| invalid(format!("services[{i}].name"), e.to_string()))?;
             if let Some(t) = &s.target {
-                ServiceTarget::parse(t).map_err(|e| invalid(format!("services[{i}].target"), e))?;
+                ServiceTarget::parse(t)
+                    .map_err(|e| invalid(format!("services[{i}].target"), e.to_string()))?;
             }
             if self.services[..i].iter().any(|o| o.name == s.name) {
                 return Err(invalid(
@@ -187,10 +223,11 @@ impl NetGrants {
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
-            check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e))?;
-            check_name(&r.secret).map_err(|e| invalid(format!("routes[{i}].secret"), e))?;
+            check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e.to_string()))?;
+            check_name(&r.secret)
+                .map_err(|e| invalid(format!("routes[{i}].secret"), e.to_string()))?;
             Upstream::parse(&r.upstream)
-                .map_err(|e| invalid(format!("routes[{i}].upstream"), e))?;
+                .map_err(|e| invalid(format!("routes[{i}].upstream"), e.to_string()))?;
             if r.header.is_empty()
                 || !r
                     .header
@@ -351,31 +388,25 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// A host pattern: a lower-case DNS name, or `*.` and one (with at least two labels, so that
 /// `*.com` cannot be written).
-fn check_pattern(p: &str) -> Result<(), String> {
+fn check_pattern(p: &str) -> Result<(), NameError> {
     let name = p.strip_prefix("*.").unwrap_or(p);
-    check_dns_name(name).map_err(|e| format!("{p:?}: {e}"))?;
+    check_dns_name(name).map_err(|e| NameError::Host(p.to_string(), Box::new(e)))?;
     if p.starts_with("*.") && !name.contains('.') {
-        return Err(format!(
-            "{p:?}: a wildcard needs at least two labels after it"
-        ));
+        return Err(NameError::ShortWildcard(p.to_string()));
     }
     if name.ends_with(SERVICE_DOMAIN) {
-        return Err(format!(
-            "{p:?}: names under {SERVICE_DOMAIN} are services (`services`), not egress"
-        ));
+        return Err(NameError::ServiceDomain(p.to_string()));
     }
     Ok(())
 }
 
 /// A lower-case DNS name that is not an IP address.
-pub fn check_dns_name(name: &str) -> Result<(), String> {
+pub fn check_dns_name(name: &str) -> Result<(), NameError> {
     if name.parse::<std::net::IpAddr>().is_ok() {
-        return Err(
-            "an IP address; rules name hosts (addresses are checked after resolution)".into(),
-        );
+        return Err(NameError::IpAddress);
     }
     if name.is_empty() || name.len() > 253 {
-        return Err("a host name of 1 to 253 characters".into());
+        return Err(NameError::HostLength);
     }
     for label in name.split('.') {
         let ok = !label.is_empty()
@@ -386,9 +417,7 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
-            return Err(format!(
-                "label {label:?}: lower-case letters, digits and '-' (not at either end)"
-            ));
+            return Err(NameError::Label(label.to_string()));
         }
     }
     if name
@@ -396,13 +425,13 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
         .next()
         .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
     {
-        return Err("the last label is all digits (an address, not a name)".into());
+        return Err(NameError::NumericLastLabel);
     }
     Ok(())
 }
 
 /// A service, route or secret name: 1 to 32 of lower-case letters, digits, '-' and '_'.
-pub fn check_name(n: &str) -> Result<(), String> {
+pub fn check_name(n: &str) -> Result<(), NameError> {
     let ok = !n.is_empty()
         && n.len() <= 32
         && n.bytes()
@@ -411,9 +440,7 @@ pub fn check_name(n: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{n:?}: 1 to 32 of lower-case letters, digits, '-' and '_'"
-        ))
+        Err(NameError::Name(n.to_string()))
     }
 }
 
@@ -425,16 +452,16 @@ pub enum ServiceTarget {
 }
 
 impl ServiceTarget {
-    pub fn parse(s: &str) -> Result<ServiceTarget, String> {
+    pub fn parse(s: &str) -> Result<ServiceTarget, NameError> {
         if let Some(p) = s.strip_prefix("unix:") {
             if !p.starts_with('/') {
-                return Err(format!("{s:?}: unix:/absolute/path"));
+                return Err(NameError::RelativeUnixPath(s.to_string()));
             }
             return Ok(ServiceTarget::Unix(p.into()));
         }
         s.parse::<std::net::SocketAddr>()
             .map(ServiceTarget::Tcp)
-            .map_err(|_| format!("{s:?}: ADDRESS:PORT (127.0.0.1:11434, [::1]:8080) or unix:/path"))
+            .map_err(|e| NameError::Target(s.to_string(), e))
     }
 }
 
@@ -448,10 +475,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn parse(s: &str) -> Result<Upstream, String> {
-        let rest = s.strip_prefix("https://").ok_or_else(|| {
-            format!("{s:?}: must start with https:// (the secret travels over TLS only)")
-        })?;
+    pub fn parse(s: &str) -> Result<Upstream, NameError> {
+        let rest = s
+            .strip_prefix("https://")
+            .ok_or_else(|| NameError::NotHttps(s.to_string()))?;
         let (auth, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -462,13 +489,13 @@ impl Upstream {
                 p.parse::<u16>()
                     .ok()
                     .filter(|p| *p != 0)
-                    .ok_or_else(|| format!("{s:?}: bad port {p:?}"))?,
+                    .ok_or_else(|| NameError::Port(s.to_string(), p.to_string()))?,
             ),
             None => (auth, 443),
         };
-        check_dns_name(host).map_err(|e| format!("{s:?}: {e}"))?;
+        check_dns_name(host).map_err(|e| NameError::Host(s.to_string(), Box::new(e)))?;
         if path.contains(['?', '#', ' ']) {
-            return Err(format!("{s:?}: no query or fragment"));
+            return Err(NameError::QueryOrFragment(s.to_string()));
         }
         Ok(Upstream {
             host: host.to_string(),

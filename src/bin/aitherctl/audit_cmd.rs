@@ -4,7 +4,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use aither::audit::{self, Record};
+use aither::audit::{self, ChainedRecord};
 use clap::{Args, Subcommand};
 
 /// Read the audit stream: every decision (allow, deny) with the rule or claim that made it.
@@ -56,7 +56,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn show(&self, line: &[u8], r: &Record) -> bool {
+    fn show(&self, line: &[u8], r: &ChainedRecord) -> bool {
         if r.ts_ms < self.since_ms {
             return true;
         }
@@ -155,7 +155,7 @@ fn through_daemon(f: &Filter, follow: bool) -> i32 {
     };
     for l in v["lines"].as_array().into_iter().flatten() {
         let Some(text) = l.as_str() else { continue };
-        if let Ok(r) = serde_json::from_str::<Record>(text) {
+        if let Ok(r) = serde_json::from_str::<ChainedRecord>(text) {
             if !f.show(text.as_bytes(), &r) {
                 return 0;
             }
@@ -241,7 +241,7 @@ fn follow(path: &Path, f: &Filter) {
         while let Some(i) = partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = partial.drain(..=i).collect();
             let line = &line[..line.len() - 1];
-            if let Ok(r) = serde_json::from_slice::<Record>(line) {
+            if let Ok(r) = serde_json::from_slice::<ChainedRecord>(line) {
                 if !f.show(line, &r) {
                     return;
                 }

@@ -352,7 +352,7 @@ fn parse_publish(s: &str) -> Result<(String, u16), String> {
     let (name, port) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=PORT"))?;
-    aither::net::rules::check_name(name)?;
+    aither::net::rules::check_name(name).map_err(|e| e.to_string())?;
     let port: u16 = port
         .parse()
         .ok()

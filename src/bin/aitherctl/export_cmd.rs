@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aither::audit::{Decision, Entry};
+use aither::audit::{Entry, Verdict};
 use aither::export::k8s::{self, K8sOptions};
 use aither::export::oci::{self, OciOptions};
 use aither::prepare::{
@@ -156,7 +156,7 @@ pub fn run(c: ExportCmd) -> i32 {
             aither::audit::record_unsynced(
                 Entry::new(
                     kind,
-                    Decision::Allow,
+                    Verdict::Allow,
                     format!("policy {} via a verified token", done.policy),
                 )
                 .agent(&done.agent)
@@ -167,7 +167,7 @@ pub fn run(c: ExportCmd) -> i32 {
         }
         Err(e) => {
             aither::audit::record_unsynced(
-                Entry::new(kind, Decision::Deny, format!("{e:#}")).actor(crate::token_cmd::actor()),
+                Entry::new(kind, Verdict::Deny, format!("{e:#}")).actor(crate::token_cmd::actor()),
             );
             match e.downcast_ref::<TokenError>() {
                 Some(t) if t.is_refusal() => eprintln!("aither: token refused: {t}"),

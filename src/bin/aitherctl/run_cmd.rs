@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aither::audit::{Decision, Entry};
+use aither::audit::{Entry, Verdict};
 use aither::prepare::{
     prepare, Authority, Egress, HostAuthority, LaunchRequest, OneLaunch, PrepareError, Principal,
     Source, WorkspaceKind,
@@ -87,7 +87,7 @@ pub fn run(a: RunArgs) -> i32 {
         Ok(s) => s,
         Err(e) => {
             aither::audit::record_unsynced(
-                Entry::new("run", Decision::Deny, format!("{e:#}"))
+                Entry::new("run", Verdict::Deny, format!("{e:#}"))
                     .agent(a.name.as_deref().unwrap_or("run"))
                     .actor(crate::token_cmd::actor())
                     .data(serde_json::json!({"argv": a.command})),
@@ -138,7 +138,7 @@ pub fn run(a: RunArgs) -> i32 {
     // run that never returns (killed aitherctl) is in the log, and the launch is no longer.
     let audit_entry = Entry::new(
         "run",
-        Decision::Allow,
+        Verdict::Allow,
         format!("policy {} via a verified token", spec.policy),
     )
     .agent(&spec.name)

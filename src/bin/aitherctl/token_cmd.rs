@@ -2,18 +2,18 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aither::audit::{Decision, Entry};
+use aither::audit::{Entry, Verdict};
 use aither::policy::{NetworkMode, Policy};
 use aither::token::{
-    self, chain::key_id, claims, format::MAX_TEXT, keys::encode_public_key, Attenuation, Claims,
-    HostKey, NoRevocations, RevocationCheck, RevocationStore, Token, TokenError, Verified,
+    self, claims, format::MAX_TEXT, keys::encode_public_key, Attenuation, Claims, HostKey,
+    RevocationStore, Token, TokenError, Verified,
 };
 use aither::units::Size;
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use serde_json::json;
 
 /// Mint, inspect, verify, attenuate and revoke capability tokens (see docs/tokens.md).
@@ -150,13 +150,6 @@ pub enum TokenCmd {
         #[arg(long)]
         hex: bool,
     },
-    /// Measure verification throughput on one thread (used by scripts/bench/tokens.sh).
-    #[command(hide = true)]
-    BenchVerify {
-        /// Verifications per measurement.
-        #[arg(default_value_t = 20_000)]
-        n: u32,
-    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -229,7 +222,6 @@ pub fn run(cmd: TokenCmd) -> i32 {
         TokenCmd::Revoke { id, reason } => revoke(&id, &reason),
         TokenCmd::Revoked { json } => revoked(json),
         TokenCmd::Pubkey { hex } => pubkey(hex),
-        TokenCmd::BenchVerify { n } => bench_verify(n),
     };
     match r {
         Ok(code) => code,
@@ -335,7 +327,7 @@ fn mint(
     aither::audit::record(
         Entry::new(
             "token_mint",
-            Decision::Allow,
+            Verdict::Allow,
             format!("policy {}", c.policy),
         )
         .agent(subject)
@@ -383,7 +375,7 @@ fn verify_cmd(arg: &str, pubkey: Option<&str>) -> anyhow::Result<i32> {
         }
         Err(e) => {
             aither::audit::record(
-                Entry::new("token_verify", Decision::Deny, e.to_string()).actor(actor()),
+                Entry::new("token_verify", Verdict::Deny, e.to_string()).actor(actor()),
             );
             eprintln!("aither: token invalid: {e}");
             Ok(1)
@@ -419,7 +411,7 @@ fn attenuate(
         Ok(c) => c,
         Err(e) => {
             aither::audit::record(
-                Entry::new("token_attenuate", Decision::Deny, e.to_string())
+                Entry::new("token_attenuate", Verdict::Deny, e.to_string())
                     .agent(&parent.subject)
                     .actor(actor()),
             );
@@ -430,7 +422,7 @@ fn attenuate(
     aither::audit::record(
         Entry::new(
             "token_attenuate",
-            Decision::Allow,
+            Verdict::Allow,
             "narrows the parent block",
         )
         .agent(&child.subject)
@@ -459,7 +451,7 @@ fn revoke(id: &str, reason: &str) -> anyhow::Result<i32> {
     let store = RevocationStore::open(&token::state_dir())?;
     let r = store.revoke(id, reason, token::now_unix())?;
     aither::audit::record(
-        Entry::new("token_revoke", Decision::Allow, "operator")
+        Entry::new("token_revoke", Verdict::Allow, "operator")
             .actor(actor())
             .data(serde_json::json!({"id": r.id, "reason": r.reason})),
     );
@@ -695,96 +687,6 @@ fn print_effective(c: &Claims) {
         );
     }
     println!("  may_spawn   {}", c.may_spawn);
-}
-
-/// Tokens per second of decode + verify on this thread, for a root token and a 3-block
-/// attenuated one, with an ephemeral key (the host key is not touched).
-fn bench_verify(n: u32) -> anyhow::Result<i32> {
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
-    let root = SigningKey::from_bytes(&[0x42; 32]);
-    let pk = root.verifying_key();
-    let policy = Policy::load("strict")?.policy;
-    let now = token::now_unix();
-    let c0 = Claims::from_policy_at(
-        &policy,
-        "bench",
-        "aither@bench",
-        now,
-        Duration::from_secs(3600),
-    )?;
-    let t1 = token::mint(&root, &c0)?;
-    let a = Attenuation {
-        memory: Some(Size(256 << 20)),
-        pids: Some(64),
-        ..Default::default()
-    };
-    let c1 = a.apply(&c0, now)?;
-    let t2 = t1.append(&c1)?;
-    let b = Attenuation {
-        read: vec!["/usr".into(), "/bin".into(), "/lib".into(), "/lib64".into()],
-        ttl: Some(Duration::from_secs(600)),
-        ..Default::default()
-    };
-    let t3 = t2.append(&b.apply(&c1, now)?)?;
-    println!(
-        "token verification (decode + every check but the revocation lookup), one thread, {n} per case (key {}):",
-        token::hex(&key_id(&pk))
-    );
-    let rate = |label: &str, secs: f64, extra: &str| {
-        println!(
-            "  {label:<28} {:>8.0} /s  ({:.1} µs each{extra})",
-            f64::from(n) / secs,
-            secs * 1e6 / f64::from(n)
-        );
-    };
-    for (label, t) in [
-        ("root token (1 block)", &t1),
-        ("attenuated (3 blocks)", &t3),
-    ] {
-        let text = t.encode();
-        let once = |check: &dyn RevocationCheck| -> anyhow::Result<()> {
-            let d = Token::decode(&text)?;
-            let v = token::verify(&d, &pk, now, check)?;
-            std::hint::black_box(v);
-            Ok(())
-        };
-        for _ in 0..n.min(1000) {
-            once(&NoRevocations)?;
-        }
-        let start = Instant::now();
-        for _ in 0..n {
-            once(&NoRevocations)?;
-        }
-        let extra = format!(", {} characters", text.len());
-        rate(label, start.elapsed().as_secs_f64(), &extra);
-    }
-    // The floor: the cryptography a root token needs, alone (one signature check, one public
-    // key derived from the proof), so numbers from different machines can be compared.
-    let msg = t1.blocks[0].payload.clone();
-    let sig = root.sign(&msg);
-    let start = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(pk.verify_strict(std::hint::black_box(&msg), &sig))?;
-    }
-    rate(
-        "  of which: ed25519 verify",
-        start.elapsed().as_secs_f64(),
-        "",
-    );
-    let start = Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(
-            SigningKey::from_bytes(std::hint::black_box(&t1.proof)).verifying_key(),
-        );
-    }
-    rate(
-        "  of which: proof key check",
-        start.elapsed().as_secs_f64(),
-        "",
-    );
-    Ok(0)
 }
 
 /// Who is acting, for the audit stream.

@@ -173,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         aither::audit::record(
             aither::audit::Entry::new(
                 "test-overrides",
-                aither::audit::Decision::Info,
+                aither::audit::Verdict::Info,
                 "aitherd runs with test switches in force (a debug build)",
             )
             .agent("aitherd")
