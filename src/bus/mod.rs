@@ -1,4 +1,4 @@
-//! AitherFlux: the capability-gated event bus (DESIGN.md §9, docs/bus.md).
+//! AitherFlux: the capability-gated event bus (docs/bus.md; NATS subjects are the model).
 //!
 //! - `subject`: subjects and NATS-style patterns (`*`, `>`), matching and containment;
 //! - `log`: the durable log in `$STATE_DIR/bus.db` (SQLite, one writer thread, batched

@@ -3,8 +3,8 @@
 //! stand in for /sys/fs/cgroup (see the shared test table in `tests.rs`).
 //!
 //! Aither only ever creates cgroups below `<root>/aither/` (v2) or `<root>/<controller>/aither/`
-//! (v1); it never touches another cgroup. See docs/cgroups.md for why this is a small
-//! cgroupfs layer rather than the cgroups-rs crate.
+//! (v1); it never touches another cgroup. docs/cgroups.md says what is written where, and why
+//! this is a small cgroupfs layer rather than the cgroups-rs crate.
 
 pub mod stats;
 mod v1;
@@ -247,7 +247,7 @@ impl Cgroup {
             })
     }
 
-    /// How a new process gets into this cgroup without stalling (DESIGN.md §10): a cgroup2
+    /// How a new process gets into this cgroup without stalling (docs/cgroups.md): a cgroup2
     /// directory is entered at birth with clone3(CLONE_INTO_CGROUP); each v1 hierarchy by the
     /// child writing "0" to `tasks`, which moves only the calling thread and so skips the
     /// global threadgroup lock that a `cgroup.procs` write takes (an RCU grace period, 8 ms

@@ -217,7 +217,7 @@ impl V1 {
                     write_ctl(&d, "devices.allow", &r.v1_line(), "")?;
                 }
             }
-            // On a hybrid host the cgroup2 side is enforced too (DESIGN.md §5): both layers.
+            // On a hybrid host the cgroup2 side is enforced too (docs/cgroups.md): both layers.
             if let Some(d) = Self::dir(cg, "unified") {
                 super::attach_device_rules(&d, rules, best_effort, &mut cg.skipped)?;
             }

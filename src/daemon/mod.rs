@@ -1,4 +1,5 @@
-//! aitherd: the root-level manager that supervises agents (DESIGN.md §1, §2, §7).
+//! aitherd: the root-level manager that supervises agents (docs/daemon.md; the reasons are in
+//! docs/architecture.md, "Design reasons": components, process model, supervision).
 //!
 //! - `server`: the control socket (/run/aither/aitherd.sock), one request per frame.
 //! - `agent`: one tokio task per agent: launch through a shim, watch, restart.
@@ -304,7 +305,7 @@ impl Daemon {
         }
     }
 
-    /// A run of `name` has ended: its working memory goes (DESIGN.md §8). Waits for the
+    /// A run of `name` has ended: its working memory goes (docs/memory.md). Waits for the
     /// commit, so that the next run cannot see the last one's scratch.
     pub fn clear_working_memory(&self, name: &str) {
         match self.memory.clear(name, Some(Tier::Working)) {

@@ -1,8 +1,9 @@
-//! The daemon's side of the per-agent launcher (`aither-init shim`, DESIGN.md §2): aitherd is
-//! multithreaded, so it never forks a sandbox itself; it starts one single-threaded shim per
-//! run, which builds the sandbox with the same library code as `aitherctl run`, captures the
-//! agent's output into size-rotated files, and records how the run ended in `exit.json`. The
-//! shim outlives a daemon crash, so agents keep running and logging while aitherd is down.
+//! The daemon's side of the per-agent launcher (`aither-init shim`, docs/architecture.md
+//! "Process model"): aitherd is multithreaded, so it never forks a sandbox itself; it starts
+//! one single-threaded shim per run, which builds the sandbox with the same library code as
+//! `aitherctl run`, captures the agent's output into size-rotated files, and records how the
+//! run ended in `exit.json`. The shim outlives a daemon crash, so agents keep running and
+//! logging while aitherd is down.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};

@@ -1,6 +1,6 @@
 //! Supervision rules, free of I/O: the lifecycle states, the restart policy with backoff and a
-//! burst limit (DESIGN.md §7, after systemd's Restart=/StartLimitBurst= and Kubernetes'
-//! CrashLoopBackOff), and what counts as a failure.
+//! burst limit (docs/daemon.md; after systemd's Restart=/StartLimitBurst= and Kubernetes'
+//! CrashLoopBackOff, docs/architecture.md "Supervision"), and what counts as a failure.
 
 use std::collections::VecDeque;
 use std::fmt;

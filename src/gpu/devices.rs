@@ -1,5 +1,6 @@
 //! Device access rules for a sandbox's cgroup: the v1 devices controller's allow list and the
-//! same list as a BPF_PROG_TYPE_CGROUP_DEVICE program for cgroup2 (DESIGN.md §5).
+//! same list as a BPF_PROG_TYPE_CGROUP_DEVICE program for cgroup2 (docs/cgroups.md, "Device
+//! rules").
 //!
 //! The program is assembled here (a rule is eight instructions) rather than with aya or
 //! libbpf-rs: no toolchain, no object file, nothing to verify but these bytes, and the kernel's

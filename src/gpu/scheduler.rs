@@ -1,4 +1,4 @@
-//! The MicroScheduler's decisions (DESIGN.md §6), with no I/O: the daemon feeds it requests,
+//! The MicroScheduler's decisions (docs/gpu.md), with no I/O: the daemon feeds it requests,
 //! releases and the clock, and carries out what it answers (start an agent on its devices, stop
 //! a preempted one).
 //!

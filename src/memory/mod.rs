@@ -1,4 +1,4 @@
-//! Agent memory in five tiers (DESIGN.md §8, docs/memory.md).
+//! Agent memory in five tiers (docs/memory.md).
 //!
 //! - `working`: scratch of the current run; aitherd clears it when a run ends.
 //! - `active`: session state with a TTL; survives restarts, expired entries are invisible and

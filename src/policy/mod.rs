@@ -346,7 +346,7 @@ pub struct BusPolicy {
     pub subscribe: Vec<String>,
 }
 
-/// The memory tiers (DESIGN.md §8, docs/memory.md).
+/// The memory tiers (docs/memory.md).
 pub const MEMORY_TIERS: &[&str] = &["working", "active", "spirit", "codegraph", "knowledge"];
 
 /// One memory tier in a policy's `[memory.<tier>]` table.
@@ -363,7 +363,7 @@ pub struct MemoryTierPolicy {
     pub quota_entries: u64,
 }
 
-/// What the supervisor does when a pain signal arrives (DESIGN.md §7).
+/// What the supervisor does when a pain signal arrives (docs/daemon.md, "Pain").
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum PainAction {

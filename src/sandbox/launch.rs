@@ -447,7 +447,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     };
 
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
-    // keeps them, DESIGN.md §10), so drop them before cloning.
+    // keeps them, docs/architecture.md launcher step 4), so drop them before cloning.
     // SAFETY: setgroups with an empty list.
     if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
         return Err(LaunchError::Clone(io::Error::last_os_error()));

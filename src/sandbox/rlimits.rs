@@ -1,5 +1,5 @@
 //! Resource limits, set while the sandbox's pid 1 still holds its capabilities: raising a hard
-//! limit inside a user namespace fails later (DESIGN.md §11).
+//! limit inside a user namespace fails later (docs/architecture.md, "Pitfalls others hit").
 
 use std::io;
 

@@ -70,7 +70,7 @@ pub fn print_json(v: &serde_json::Value) {
 /// Without a command, the agent file agents/NAME.toml (or -f FILE) gives the command, policy
 /// and supervision settings; flags override the file.
 ///
-/// Restart policy (DESIGN.md §7): on a failure (exit code other than 0, a signal we did not
+/// Restart policy (docs/daemon.md): on a failure (exit code other than 0, a signal we did not
 /// send, OOM kill, watchdog miss, no READY within the startup timeout, failed health checks)
 /// the agent restarts after min(backoff·2^(n-1), 5m) ±10 %; more than 5 restarts in 10 minutes
 /// and it is marked failed. 10 minutes healthy resets the backoff.
