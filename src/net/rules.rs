@@ -639,4 +639,40 @@ mod tests {
         let u = Upstream::parse("https://x.example.com:8443").unwrap();
         assert_eq!((u.port, u.path.as_str()), (8443, ""));
     }
+
+    #[test]
+    fn name_errors_are_typed_and_keep_their_text() {
+        assert_eq!(
+            check_pattern("*.com"),
+            Err(NameError::ShortWildcard("*.com".into()))
+        );
+        let e = check_pattern("Bad.example.com").unwrap_err();
+        assert_eq!(
+            e,
+            NameError::Host(
+                "Bad.example.com".into(),
+                Box::new(NameError::Label("Bad".into()))
+            )
+        );
+        assert_eq!(
+            e.to_string(),
+            "\"Bad.example.com\": label \"Bad\": lower-case letters, digits and '-' (not at either end)"
+        );
+        let src = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(
+            src.as_deref(),
+            Some("label \"Bad\": lower-case letters, digits and '-' (not at either end)")
+        );
+        assert!(matches!(
+            ServiceTarget::parse("localhost:80"),
+            Err(NameError::Target(t, _)) if t == "localhost:80"
+        ));
+        assert_eq!(
+            Upstream::parse("https://a.example.com:0"),
+            Err(NameError::Port(
+                "https://a.example.com:0".into(),
+                "0".into()
+            ))
+        );
+    }
 }
