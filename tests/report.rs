@@ -111,3 +111,36 @@ fn the_report_of_a_strict_run_matches_the_policy_field_by_field() {
     // layer stands in for another. Older kernels: scripts/kernel-matrix.sh.
     assert_eq!(rep["compensated"], serde_json::json!([]), "{rep:#}");
 }
+
+/// `AITHER_TRACE_LAUNCH=1` names pid 1's stages in the order docs/performance.md's launch
+/// budget lists them, each stamp after the step it is named for.
+#[test]
+fn the_launch_trace_names_pid1s_stages_in_order() {
+    let ws = Workspace::new();
+    let out = ws
+        .command("strict", &[], &["true"], &common::unique("trace"))
+        .env("AITHER_TRACE_LAUNCH", "1")
+        .output()
+        .expect("run aitherctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stages: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("aither-trace: sandbox "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "WaitForParent",
+            "Mounts",
+            "JoinCgroup",
+            "CloseFds",
+            "ParentDeathSignal",
+            "Landlock",
+            "Seccomp",
+            "ForkAgent"
+        ],
+        "{stderr}"
+    );
+}
