@@ -10,9 +10,9 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use aither::sandbox::shim::{self, ShimConfig, ShimEvent};
-use aither::sandbox::ExecConfig;
-use aither::sandbox::{self, SandboxSpec};
+use aither_core::sandbox::shim::{self, ShimConfig, ShimEvent};
+use aither_core::sandbox::ExecConfig;
+use aither_core::sandbox::{self, SandboxSpec};
 
 fn main() -> ExitCode {
     let mode = std::env::args().nth(1);

@@ -5,7 +5,7 @@
 
 mod builtin;
 pub mod bus_subject;
-pub(crate) mod locate;
+pub mod locate;
 pub mod net_rules;
 
 use std::collections::BTreeMap;

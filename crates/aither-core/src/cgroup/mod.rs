@@ -432,7 +432,7 @@ pub(crate) fn write_ctl(
     })
 }
 
-pub(crate) fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
+pub fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
     let path = dir.join(file);
     fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
