@@ -95,9 +95,7 @@ impl Graph {
         let mut todo = vec![start.clone()];
         while let Some(id) = todo.pop() {
             for (dep, kinds) in self.deps.get(&id).map(Vec::as_slice).unwrap_or_default() {
-                let follow = kinds
-                    .iter()
-                    .any(|k| k != "dev" || (id == start && k == "dev"));
+                let follow = kinds.iter().any(|k| k != "dev" || id == start);
                 if follow && seen.insert(dep.clone()) {
                     todo.push(dep.clone());
                 }

@@ -4,8 +4,8 @@
 //!
 //!     aither-init < spec.json       a SandboxSpec: run it, exit with the agent's status
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
-//!     aither-init shim < shim.json  supervised mode, one shim per agent (src/sandbox/shim.rs)
-//!     aither-init exec < exec.json  a command inside a running sandbox (src/sandbox/exec.rs)
+//!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
+//!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
 
 use std::io::Read;
 use std::process::ExitCode;
