@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use aither::token::{self, narrows, Claims, NoRevocations};
+use aither_core::token::{self, narrows, Claims, NoRevocations};
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
 

@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use aither::token::{self, NoRevocations, Token};
+use aither_core::token::{self, NoRevocations, Token};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use libfuzzer_sys::fuzz_target;
 

@@ -12,7 +12,7 @@
 
 pub mod broker;
 pub mod log;
-pub mod subject;
+pub use crate::policy::bus_subject as subject;
 
 pub use broker::{Bus, Delivery, Outbox, SubOptions};
 pub use subject::{check_subject, Pattern};
@@ -73,6 +73,14 @@ pub enum BusError {
     },
     #[error("the bus log is not running")]
     LogGone,
+}
+
+impl From<subject::SubjectError> for BusError {
+    fn from(e: subject::SubjectError) -> BusError {
+        match e {
+            subject::SubjectError::Invalid { field, reason } => BusError::Invalid { field, reason },
+        }
+    }
 }
 
 impl BusError {

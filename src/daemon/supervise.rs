@@ -358,10 +358,7 @@ impl RestartTracker {
     }
 }
 
-/// Milliseconds of a duration, for the wire.
-pub fn to_ms(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
-}
+pub use crate::units::to_ms;
 
 #[cfg(test)]
 mod tests {

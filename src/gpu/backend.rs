@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::devices::node_numbers;
 use super::GpuError;
+use crate::cgroup::devices::node_numbers;
 
 /// One GPU.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! no GPUs, never a crash). docs/gpu.md.
 
 pub mod backend;
-pub mod devices;
+pub use crate::cgroup::devices;
 pub mod scheduler;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +32,15 @@ pub enum GpuError {
     },
     #[error("GPU backend: {0}")]
     Backend(String),
+}
+
+impl From<devices::NodeError> for GpuError {
+    fn from(e: devices::NodeError) -> GpuError {
+        GpuError::Node {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Which backend gpus.toml asks for.

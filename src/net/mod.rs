@@ -14,7 +14,7 @@ pub mod gateway;
 pub mod inprocess;
 pub mod inspect;
 pub mod resolve;
-pub mod rules;
+pub use crate::policy::net_rules as rules;
 pub mod secrets;
 mod socks;
 
@@ -28,13 +28,6 @@ use crate::sandbox::SandboxSpec;
 /// The gateway's port on the sandbox's own loopback (its netns is private: no clash with the
 /// host or another sandbox).
 pub const GATEWAY_PORT: u16 = 3128;
-
-impl NetGrants {
-    /// Equal to the default (grants and quotas all absent): left out of tokens and policies.
-    pub fn is_default(&self) -> bool {
-        *self == NetGrants::default()
-    }
-}
 
 /// Prepares `spec` for egress through the gateway when `grants` grants anything and the sandbox
 /// has its own network namespace: the listening port the launcher creates inside, the proxy

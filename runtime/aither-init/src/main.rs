@@ -4,15 +4,15 @@
 //!
 //!     aither-init < spec.json       a SandboxSpec: run it, exit with the agent's status
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
-//!     aither-init shim < shim.json  supervised mode, one shim per agent (src/sandbox/shim.rs)
-//!     aither-init exec < exec.json  a command inside a running sandbox (src/sandbox/exec.rs)
+//!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
+//!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
 
 use std::io::Read;
 use std::process::ExitCode;
 
-use aither::sandbox::shim::{self, ShimConfig, ShimEvent};
-use aither::sandbox::ExecConfig;
-use aither::sandbox::{self, SandboxSpec};
+use aither_core::sandbox::shim::{self, ShimConfig, ShimEvent};
+use aither_core::sandbox::ExecConfig;
+use aither_core::sandbox::{self, SandboxSpec};
 
 fn main() -> ExitCode {
     let mode = std::env::args().nth(1);

@@ -11,8 +11,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use aither::policy::Protection;
-use aither::sandbox::spec::{DeviceNode, SandboxSpec};
+use aither_core::policy::Protection;
+use aither_core::sandbox::spec::{DeviceNode, SandboxSpec};
 use support::{read_exit, require_root, spec, start_shim_env};
 
 /// Device nodes made for one test, removed when dropped.

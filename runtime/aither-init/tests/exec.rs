@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aither::sandbox::{ExecConfig, SandboxSpec};
+use aither_core::sandbox::{ExecConfig, SandboxSpec};
 use support::{require_root, spec, start_shim, Shim};
 
 /// A sandboxed `sleep 30` under a shim, stopped (SIGTERM to the shim) when dropped.

@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use aither::policy::Policy;
-use aither::sandbox::{RunOptions, SandboxSpec};
+use aither_core::policy::Policy;
+use aither_core::sandbox::{RunOptions, SandboxSpec};
 
 fn require_root() {
     use std::os::unix::fs::MetadataExt;

@@ -109,7 +109,7 @@ pub fn run(a: AuditArgs) -> i32 {
         agent: a.agent,
         since_ms: a
             .since
-            .map(|d| aither::daemon::store::now_ms().saturating_sub(d.as_millis() as u64))
+            .map(|d| aither::units::now_ms().saturating_sub(d.as_millis() as u64))
             .unwrap_or(0),
         decision: a.decision,
         json: a.json,

@@ -4,9 +4,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use aither::daemon;
 use aither::daemon::client::{Client, ClientError};
 use aither::daemon::proto::{Reply, Request};
-use aither::daemon::{self, store::now_ms, supervise::to_ms};
+use aither::units::{now_ms, to_ms};
 use clap::{Args, Subcommand};
 
 const EXIT_REFUSED: i32 = 1;

@@ -12,8 +12,9 @@ use aither::daemon::agentfile::AgentFile;
 use aither::daemon::client::{Client, ClientError};
 use aither::daemon::proto::{Reply, Request, SpawnRequest};
 use aither::daemon::store::Event;
-use aither::daemon::supervise::{to_ms, RestartPolicy, Supervision};
+use aither::daemon::supervise::{RestartPolicy, Supervision};
 use aither::daemon::{self, check_name};
+use aither::units::to_ms;
 use aither::units::Size;
 use clap::Args;
 
@@ -448,7 +449,7 @@ pub fn ps(a: PsArgs) -> i32 {
         return 0;
     }
     let list: Vec<Info> = serde_json::from_value(v).unwrap_or_default();
-    let now = aither::daemon::store::now_ms();
+    let now = aither::units::now_ms();
     let rows: Vec<[String; 8]> = list
         .iter()
         .map(|i| {
@@ -769,7 +770,7 @@ fn print_event(e: &Event, json: bool) -> bool {
 pub fn events(a: EventsArgs) -> i32 {
     let since_ms = a
         .since
-        .map(|d| aither::daemon::store::now_ms().saturating_sub(to_ms(d)));
+        .map(|d| aither::units::now_ms().saturating_sub(to_ms(d)));
     let req = Request::Events {
         follow: a.follow,
         since_ms: if a.follow {

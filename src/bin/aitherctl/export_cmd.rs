@@ -317,7 +317,7 @@ fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
     match &a.out {
         None => print!("{text}"),
         Some(dir) => {
-            // Through fds, never following a link (src/hostpath.rs): the directory made or
+            // Through fds, never following a link (crates/aither-core/src/hostpath.rs): the directory made or
             // opened component by component, each file replaced by rename inside it.
             use aither::hostpath;
             use std::os::fd::AsFd;

@@ -279,7 +279,7 @@ fn emit(t: &Token, out: Option<&Path>, what: &str) -> anyhow::Result<()> {
     let text = t.encode();
     match out {
         Some(p) => {
-            // No link followed anywhere in the path (src/hostpath.rs); 0600.
+            // No link followed anywhere in the path (crates/aither-core/src/hostpath.rs); 0600.
             let mut f = aither::hostpath::open_output_file_mode(p, 0o600)
                 .with_context(|| format!("create {}", p.display()))?;
             f.write_all(format!("{text}\n").as_bytes())

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use aither::policy::Policy;
-use aither::sandbox::{RunOptions, SandboxSpec, ShimConfig};
-use aither::units::Size;
+use aither_core::policy::Policy;
+use aither_core::sandbox::{RunOptions, SandboxSpec, ShimConfig};
+use aither_core::units::Size;
 
 pub const AITHER_INIT: &str = env!("CARGO_BIN_EXE_aither-init");
 /// No shim in these suites should run longer.

@@ -14,7 +14,7 @@
 //! - [`chain`]: mint, attenuate (append a block) and verify;
 //! - [`attenuate`]: a holder's request ("64M of memory, 16 pids") turned into child claims;
 //! - [`keys`]: the host key under `$AITHER_STATE_DIR/keys` and public-key parsing;
-//! - [`revocation`]: revoked ids in `$AITHER_STATE_DIR/state.db`.
+//! - [`revocation`]: the question "is this id revoked?" (the list is `aither::revocations`).
 //!
 //! The format and every rule are documented in docs/tokens.md.
 
@@ -33,7 +33,7 @@ pub use chain::{fresh_key, mint, verify, Verified};
 pub use claims::{narrows, BusClaim, Claims, GpuClaim, MemoryGrant, TierClaim};
 pub use format::{SignedBlock, Token, TEXT_PREFIX, VERSION};
 pub use keys::{parse_public_key, HostKey};
-pub use revocation::{NoRevocations, RevocationCheck, RevocationStore, Revoked};
+pub use revocation::{NoRevocations, RevocationCheck, Revoked};
 
 /// Clock skew tolerated on `iat`: a block issued up to this many seconds in the future is
 /// accepted (hosts and holders need not have exactly synchronised clocks).
@@ -95,11 +95,12 @@ pub enum TokenError {
         #[source]
         source: std::io::Error,
     },
+    /// The revocation list's database (SQLite, in crate `aither`: the core links none).
     #[error("state database {path}: {source}")]
     Database {
         path: PathBuf,
         #[source]
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("cannot get random bytes from the kernel: {0}")]
     Random(String),
@@ -128,7 +129,7 @@ impl TokenError {
         )
     }
 
-    pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TokenError {
+    pub fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TokenError {
         let path = path.to_path_buf();
         move |source| TokenError::Io { op, path, source }
     }

@@ -1,7 +1,12 @@
 //! Subjects and patterns (NATS semantics): dot-separated tokens; in patterns `*` stands for
 //! exactly one token and `>` (last token only) for one or more.
 
-use super::BusError;
+/// A subject or pattern that is not one (the bus answers it as its `invalid` error).
+#[derive(Debug, thiserror::Error)]
+pub enum SubjectError {
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
 
 /// Longest subject or pattern, in bytes.
 pub const MAX_SUBJECT: usize = 256;
@@ -12,8 +17,8 @@ fn token_char(c: char) -> bool {
     c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>')
 }
 
-fn split<'a>(field: &'static str, s: &'a str) -> Result<Vec<&'a str>, BusError> {
-    let bad = |reason: String| BusError::Invalid {
+fn split<'a>(field: &'static str, s: &'a str) -> Result<Vec<&'a str>, SubjectError> {
+    let bad = |reason: String| SubjectError::Invalid {
         field,
         reason: format!("{s:?}: {reason}"),
     };
@@ -34,10 +39,10 @@ fn split<'a>(field: &'static str, s: &'a str) -> Result<Vec<&'a str>, BusError> 
 }
 
 /// Checks a subject a message is published on: tokens of printable ASCII, no wildcards.
-pub fn check_subject(field: &'static str, s: &str) -> Result<(), BusError> {
+pub fn check_subject(field: &'static str, s: &str) -> Result<(), SubjectError> {
     for t in split(field, s)? {
         if !t.chars().all(token_char) {
-            return Err(BusError::Invalid {
+            return Err(SubjectError::Invalid {
                 field,
                 reason: format!(
                     "{s:?}: token {t:?} may use only printable ASCII other than '.', '*' and '>' (wildcards are for patterns)"
@@ -57,7 +62,7 @@ pub struct Pattern {
 
 impl Pattern {
     /// Parses a pattern: literal tokens, `*`, and `>` as the last token only.
-    pub fn parse(field: &'static str, s: &str) -> Result<Pattern, BusError> {
+    pub fn parse(field: &'static str, s: &str) -> Result<Pattern, SubjectError> {
         let toks = split(field, s)?;
         let n = toks.len();
         for (i, t) in toks.iter().enumerate() {
@@ -67,7 +72,7 @@ impl Pattern {
                 lit => lit.chars().all(token_char),
             };
             if !ok {
-                return Err(BusError::Invalid {
+                return Err(SubjectError::Invalid {
                     field,
                     reason: if *t == ">" {
                         format!("{s:?}: '>' may only be the last token")
@@ -138,12 +143,12 @@ impl std::fmt::Display for Pattern {
 pub const SELF_TOKEN: &str = "$self";
 
 /// Checks a policy pattern (which may use `$self` as a whole token).
-pub fn check_policy_pattern(field: &'static str, s: &str) -> Result<(), BusError> {
+pub fn check_policy_pattern(field: &'static str, s: &str) -> Result<(), SubjectError> {
     Pattern::parse(field, &s.replace(SELF_TOKEN, "x")).map(|_| ())?;
     if s.split('.')
         .any(|t| t.contains(SELF_TOKEN) && t != SELF_TOKEN)
     {
-        return Err(BusError::Invalid {
+        return Err(SubjectError::Invalid {
             field,
             reason: format!("{s:?}: {SELF_TOKEN} must be a whole token"),
         });
@@ -152,13 +157,13 @@ pub fn check_policy_pattern(field: &'static str, s: &str) -> Result<(), BusError
 }
 
 /// Replaces `$self` tokens with the agent's name, which must itself be one valid token.
-pub fn expand_self(field: &'static str, s: &str, name: &str) -> Result<String, BusError> {
+pub fn expand_self(field: &'static str, s: &str, name: &str) -> Result<String, SubjectError> {
     if !s.split('.').any(|t| t == SELF_TOKEN) {
         Pattern::parse(field, s)?;
         return Ok(s.to_string());
     }
     if name.is_empty() || !name.chars().all(token_char) {
-        return Err(BusError::Invalid {
+        return Err(SubjectError::Invalid {
             field,
             reason: format!("the name {name:?} cannot stand for {SELF_TOKEN} in {s:?} (it must be one subject token: no '.', '*', '>' or spaces)"),
         });

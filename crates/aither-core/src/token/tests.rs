@@ -1,4 +1,5 @@
-//! Unit tests of the token module: format, chain, narrowing, time, revocation, host key.
+//! Unit tests of the token module: format, chain, narrowing, time, host key (the revocation
+//! store's are in aither's src/revocations.rs).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -708,66 +709,6 @@ fn an_expired_parent_expires_the_child() {
     )
     .unwrap_err();
     assert!(matches!(e, TokenError::Expired { block: 1, .. }), "{e:?}");
-}
-
-#[test]
-fn revocation_by_token_id_and_by_block_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RevocationStore::open(dir.path()).unwrap();
-    let (t, c0) = minted("strict");
-    let c1 = Attenuation {
-        pids: Some(8),
-        ..Default::default()
-    }
-    .apply(&c0, NOW)
-    .unwrap();
-    let t1 = t.append(&c1).unwrap();
-    let pk = root_key().verifying_key();
-    verify(&t1, &pk, NOW, &store).expect("nothing revoked yet");
-
-    // Revoking the attenuation's block id refuses the attenuated token only.
-    store.revoke(&c1.id, "leaked", NOW).unwrap();
-    verify(&t, &pk, NOW, &store).expect("the root token is still valid");
-    match verify(&t1, &pk, NOW, &store) {
-        Err(TokenError::Revoked { id, reason, .. }) => {
-            assert_eq!(id, c1.id);
-            assert_eq!(reason, "leaked");
-        }
-        other => panic!("{other:?}"),
-    }
-    // Revoking the token id refuses both.
-    let r = store.revoke(&c0.id, "", NOW + 5).unwrap();
-    assert_eq!(r.at, NOW + 5);
-    let again = store.revoke(&c0.id, "later", NOW + 9).unwrap();
-    assert_eq!(again, r, "a second revocation keeps the first record");
-    for tok in [&t, &t1] {
-        let e = verify(tok, &pk, NOW, &store).unwrap_err();
-        assert!(matches!(e, TokenError::Revoked { .. }), "{e:?}");
-        assert!(e.to_string().contains("was revoked at"), "{e}");
-    }
-    let list = store.list().unwrap();
-    assert_eq!(list.len(), 2);
-    assert!(matches!(
-        store.revoke("not-an-id", "", NOW),
-        Err(TokenError::BadRequest { field: "id", .. })
-    ));
-    // Persisted, and seen by a second connection.
-    drop(store);
-    let reopened = RevocationStore::open_existing(dir.path()).unwrap().unwrap();
-    assert_eq!(reopened.list().unwrap(), list);
-    let mode = std::fs::metadata(dir.path().join("state.db"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
-    let empty = tempfile::tempdir().unwrap();
-    assert!(RevocationStore::open_existing(empty.path())
-        .unwrap()
-        .is_none());
-    assert!(
-        !empty.path().join("state.db").exists(),
-        "verification creates no database"
-    );
 }
 
 #[test]

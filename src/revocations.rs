@@ -2,7 +2,9 @@
 //! (SQLite, WAL, busy_timeout), table `token_revocations`.
 //!
 //! Revoking a token's id (block 0's) refuses the token and every attenuation of it; revoking
-//! a later block's id refuses that block and every block appended after it.
+//! a later block's id refuses that block and every block appended after it. Verification
+//! (aither-core's `token::verify`) asks through [`RevocationCheck`]; this is the SQLite side,
+//! outside the core so that the launcher links no SQLite.
 
 use std::fs::DirBuilder;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -10,40 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
 
-use super::{is_valid_id, TokenError};
+use crate::token::{is_valid_id, RevocationCheck, Revoked, TokenError};
 
 /// File name of the state database under the state directory.
 pub const STATE_DB: &str = "state.db";
 
 /// How long a writer waits for another one before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One revocation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Revoked {
-    pub id: String,
-    /// Unix seconds.
-    pub at: u64,
-    pub reason: String,
-}
-
-/// Answers whether an id is revoked.
-pub trait RevocationCheck {
-    fn revoked(&self, id: &str) -> Result<Option<Revoked>, TokenError>;
-}
-
-/// Nothing is revoked: for tokens minted a moment ago in this process (`run --policy`), whose
-/// random ids cannot be on any list, and for tools that verify signatures offline.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoRevocations;
-
-impl RevocationCheck for NoRevocations {
-    fn revoked(&self, _id: &str) -> Result<Option<Revoked>, TokenError> {
-        Ok(None)
-    }
-}
 
 /// The revocation list in the state database.
 pub struct RevocationStore {
@@ -87,9 +63,9 @@ impl RevocationStore {
     }
 
     fn open_path(path: &Path) -> Result<RevocationStore, TokenError> {
-        let db = |source| TokenError::Database {
+        let db = |source: rusqlite::Error| TokenError::Database {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         };
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
@@ -115,7 +91,7 @@ impl RevocationStore {
     fn db(&self) -> impl Fn(rusqlite::Error) -> TokenError + '_ {
         move |source| TokenError::Database {
             path: self.path.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -137,7 +113,7 @@ impl RevocationStore {
             .map_err(self.db())?;
         self.revoked(id)?.ok_or_else(|| TokenError::Database {
             path: self.path.clone(),
-            source: rusqlite::Error::QueryReturnedNoRows,
+            source: Box::new(rusqlite::Error::QueryReturnedNoRows),
         })
     }
 
@@ -178,11 +154,98 @@ impl RevocationCheck for RevocationStore {
     }
 }
 
-impl RevocationCheck for Option<RevocationStore> {
-    fn revoked(&self, id: &str) -> Result<Option<Revoked>, TokenError> {
-        match self {
-            Some(s) => s.revoked(id),
-            None => Ok(None),
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::policy::{Policy, BUILTIN_POLICIES};
+    use crate::token::{mint, verify, Attenuation, Claims, Token};
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn root_key() -> SigningKey {
+        SigningKey::from_bytes(&[7; 32])
+    }
+
+    fn minted(p: &str) -> (Token, Claims) {
+        let src = BUILTIN_POLICIES
+            .iter()
+            .find(|b| b.0 == p)
+            .expect("built-in")
+            .1;
+        let policy = Policy::parse(src, p).expect("built-in policy parses");
+        let c = Claims::from_policy_at(
+            &policy,
+            "agent-1",
+            "aither@test",
+            NOW,
+            Duration::from_secs(3600),
+        )
+        .expect("claims");
+        (mint(&root_key(), &c).expect("mint"), c)
+    }
+
+    #[test]
+    fn revocation_by_token_id_and_by_block_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RevocationStore::open(dir.path()).unwrap();
+        let (t, c0) = minted("strict");
+        let c1 = Attenuation {
+            pids: Some(8),
+            ..Default::default()
         }
+        .apply(&c0, NOW)
+        .unwrap();
+        let t1 = t.append(&c1).unwrap();
+        let pk = root_key().verifying_key();
+        verify(&t1, &pk, NOW, &store).expect("nothing revoked yet");
+
+        // Revoking the attenuation's block id refuses the attenuated token only.
+        store.revoke(&c1.id, "leaked", NOW).unwrap();
+        verify(&t, &pk, NOW, &store).expect("the root token is still valid");
+        match verify(&t1, &pk, NOW, &store) {
+            Err(TokenError::Revoked { id, reason, .. }) => {
+                assert_eq!(id, c1.id);
+                assert_eq!(reason, "leaked");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Revoking the token id refuses both.
+        let r = store.revoke(&c0.id, "", NOW + 5).unwrap();
+        assert_eq!(r.at, NOW + 5);
+        let again = store.revoke(&c0.id, "later", NOW + 9).unwrap();
+        assert_eq!(again, r, "a second revocation keeps the first record");
+        for tok in [&t, &t1] {
+            let e = verify(tok, &pk, NOW, &store).unwrap_err();
+            assert!(matches!(e, TokenError::Revoked { .. }), "{e:?}");
+            assert!(e.to_string().contains("was revoked at"), "{e}");
+        }
+        let list = store.list().unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(matches!(
+            store.revoke("not-an-id", "", NOW),
+            Err(TokenError::BadRequest { field: "id", .. })
+        ));
+        // Persisted, and seen by a second connection.
+        drop(store);
+        let reopened = RevocationStore::open_existing(dir.path()).unwrap().unwrap();
+        assert_eq!(reopened.list().unwrap(), list);
+        let mode = std::fs::metadata(dir.path().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(RevocationStore::open_existing(empty.path())
+            .unwrap()
+            .is_none());
+        assert!(
+            !empty.path().join("state.db").exists(),
+            "verification creates no database"
+        );
     }
 }

@@ -360,16 +360,17 @@ impl SandboxSpec {
         &mut self,
         nodes: &[PathBuf],
         visible: &str,
-    ) -> Result<(), crate::gpu::GpuError> {
-        let mut rules = crate::gpu::devices::base_rules();
+    ) -> Result<(), crate::cgroup::devices::NodeError> {
+        let mut rules = crate::cgroup::devices::base_rules();
         for n in nodes {
-            let (block, major, minor) = crate::gpu::devices::node_numbers(n).map_err(|source| {
-                crate::gpu::GpuError::Node {
-                    path: n.clone(),
-                    source,
-                }
-            })?;
-            rules.push(crate::gpu::DeviceRule {
+            let (block, major, minor) =
+                crate::cgroup::devices::node_numbers(n).map_err(|source| {
+                    crate::cgroup::devices::NodeError {
+                        path: n.clone(),
+                        source,
+                    }
+                })?;
+            rules.push(crate::cgroup::devices::DeviceRule {
                 block,
                 major,
                 minor: Some(minor),

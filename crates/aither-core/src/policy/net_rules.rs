@@ -505,6 +505,13 @@ impl Upstream {
     }
 }
 
+impl NetGrants {
+    /// Equal to the default (grants and quotas all absent): left out of tokens and policies.
+    pub fn is_default(&self) -> bool {
+        *self == NetGrants::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,9 @@
 //! the column and the field. See docs/policies.md for the format.
 
 mod builtin;
-pub(crate) mod locate;
+pub mod bus_subject;
+pub mod locate;
+pub mod net_rules;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -308,8 +310,8 @@ pub struct Policy {
     pub memory: BTreeMap<String, MemoryTierPolicy>,
     /// `[net]`: egress rules, host services, credential routes and quotas, copied into a
     /// token's `net` claim when it is minted (docs/network.md). Absent: no egress at all.
-    #[serde(default, skip_serializing_if = "crate::net::NetGrants::is_default")]
-    pub net: crate::net::NetGrants,
+    #[serde(default, skip_serializing_if = "net_rules::NetGrants::is_default")]
+    pub net: net_rules::NetGrants,
     /// `[gpu]`: what agents minted from this policy may ask the MicroScheduler for (copied
     /// into a token's `gpu` claim; docs/gpu.md). Absent: no GPU.
     #[serde(default, skip_serializing_if = "GpuGrant::is_none")]
@@ -469,7 +471,7 @@ impl Policy {
             ("subscribe", &self.bus.subscribe),
         ] {
             for p in list {
-                if let Err(e) = crate::bus::subject::check_policy_pattern("bus", p) {
+                if let Err(e) = bus_subject::check_policy_pattern("bus", p) {
                     return fail("bus", key, e.to_string());
                 }
             }
@@ -565,8 +567,8 @@ impl Policy {
         }
         if let Err(e) = self.net.validate() {
             let (field, message) = match e {
-                crate::net::RuleError::Invalid { field, reason } => (field, reason),
-                crate::net::RuleError::Widening { field, detail } => (field, detail),
+                net_rules::RuleError::Invalid { field, reason } => (field, reason),
+                net_rules::RuleError::Widening { field, detail } => (field, detail),
             };
             let (line, column) = locate_net(src, &field);
             return Err(PolicyError::Invalid {

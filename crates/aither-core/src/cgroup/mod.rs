@@ -6,6 +6,7 @@
 //! (v1); it never touches another cgroup. docs/cgroups.md says what is written where, and why
 //! this is a small cgroupfs layer rather than the cgroups-rs crate.
 
+pub mod devices;
 pub mod stats;
 mod v1;
 mod v2;
@@ -158,7 +159,7 @@ pub struct Limits {
     /// Set for GPU leases: enforced by the v1 devices controller and by a BPF device program
     /// on cgroup2 (both on a hybrid host).
     #[serde(default)]
-    pub devices: Option<Vec<crate::gpu::DeviceRule>>,
+    pub devices: Option<Vec<devices::DeviceRule>>,
 }
 
 impl Limits {
@@ -318,7 +319,7 @@ impl Cgroup {
 /// as a record of what a real host would attach.
 pub(crate) fn attach_device_rules(
     dir: &Path,
-    rules: &[crate::gpu::DeviceRule],
+    rules: &[devices::DeviceRule],
     best_effort: &[Protection],
     skipped: &mut Vec<Protection>,
 ) -> Result<(), CgroupError> {
@@ -337,7 +338,7 @@ pub(crate) fn attach_device_rules(
             source,
         }
     })?;
-    match crate::gpu::devices::attach(&fd, rules) {
+    match devices::attach(&fd, rules) {
         Ok(()) => Ok(()),
         Err(_) if best_effort.contains(&Protection::CgroupDevices) => {
             skipped.push(Protection::CgroupDevices);
@@ -351,14 +352,14 @@ pub(crate) fn attach_device_rules(
 }
 
 /// Parses a v1 `devices.list` back into rules.
-pub(crate) fn parse_devices_list(text: &str) -> Vec<crate::gpu::DeviceRule> {
+pub(crate) fn parse_devices_list(text: &str) -> Vec<devices::DeviceRule> {
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let ty = it.next()?;
             let (ma, mi) = it.next()?.split_once(':')?;
             let access = it.next()?.to_string();
-            Some(crate::gpu::DeviceRule {
+            Some(devices::DeviceRule {
                 block: ty == "b",
                 major: if ma == "*" {
                     u32::MAX
@@ -431,7 +432,7 @@ pub(crate) fn write_ctl(
     })
 }
 
-pub(crate) fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
+pub fn read_ctl(dir: &Path, file: &str) -> Result<String, CgroupError> {
     let path = dir.join(file);
     fs::read_to_string(&path)
         .map(|s| s.trim().to_string())

@@ -93,8 +93,11 @@ pub struct Claims {
     /// Network egress (docs/network.md). May be missing from a payload (tokens minted before
     /// egress): its default grants nothing, the narrowest value; left out when empty, so
     /// tokens without egress serialise exactly as before.
-    #[serde(default, skip_serializing_if = "crate::net::NetGrants::is_default")]
-    pub net: crate::net::NetGrants,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::policy::net_rules::NetGrants::is_default"
+    )]
+    pub net: crate::policy::net_rules::NetGrants,
     /// Whether the agent may ask for agents of its own (with narrower tokens).
     pub may_spawn: bool,
     /// The host uid the token was minted for (issue 18): a non-admin may spawn with a token
@@ -188,7 +191,7 @@ impl Claims {
 /// subject token (token subjects may contain '.') cannot stand for `$self`: those patterns
 /// grant nothing for it (never a wider or another agent's subject).
 fn expand_bus(field: &'static str, v: &[String], subject: &str) -> Result<Vec<String>, TokenError> {
-    use crate::bus::subject::{expand_self, SELF_TOKEN};
+    use crate::policy::bus_subject::{expand_self, SELF_TOKEN};
     let mut out = Vec::new();
     for p in v {
         match expand_self(field, p, subject) {
@@ -344,7 +347,7 @@ fn subset<T: PartialEq + std::fmt::Debug>(
 /// Every child bus pattern must be valid and lie inside one of the parent's patterns (every
 /// subject it matches is matched by the parent's pattern).
 fn patterns_within(field: &str, child: &[String], parent: &[String]) -> Result<(), TokenError> {
-    use crate::bus::Pattern;
+    use crate::policy::bus_subject::Pattern;
     let parents: Vec<Pattern> = parent
         .iter()
         .filter_map(|p| Pattern::parse("pattern", p).ok())
@@ -499,8 +502,8 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
     }
     subset("memory_grants", memory_grants, &parent.memory_grants)?;
     net.narrows(&parent.net).map_err(|e| match e {
-        crate::net::RuleError::Widening { field, detail }
-        | crate::net::RuleError::Invalid {
+        crate::policy::net_rules::RuleError::Widening { field, detail }
+        | crate::policy::net_rules::RuleError::Invalid {
             field,
             reason: detail,
         } => widen(field, detail),

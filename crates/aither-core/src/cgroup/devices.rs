@@ -80,6 +80,15 @@ pub fn base_rules() -> Vec<DeviceRule> {
     v
 }
 
+/// A device node granted to a sandbox that is not one (or cannot be read).
+#[derive(Debug, thiserror::Error)]
+#[error("GPU device node {path}: {source}")]
+pub struct NodeError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
 /// The (major, minor) of a device node.
 pub fn node_numbers(path: &std::path::Path) -> io::Result<(bool, u32, u32)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -149,7 +149,7 @@ pub fn rules(profile: &str) -> Result<Rules, SeccompError> {
 /// The source text of a built-in profile.
 pub fn profile_source(name: &str) -> Result<&'static str, SeccompError> {
     match name {
-        "agent" => Ok(include_str!("../../../policies/seccomp/agent.toml")),
+        "agent" => Ok(include_str!("../../../../../policies/seccomp/agent.toml")),
         _ => Err(SeccompError::UnknownProfile(name.to_string())),
     }
 }
