@@ -1,0 +1,317 @@
+//! The control socket (`/run/aither/aitherd.sock`): what `aitherctl` (or any client) asks
+//! aitherd, and its replies. Each request gets one reply; the follow forms of `logs`, `events`
+//! and `bus_sub` get a stream of replies with `more: true` until the last one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorBody, ErrorCode};
+
+/// What `aitherctl spawn` asks for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub name: String,
+    /// Policy name or absolute path (the client resolves relative paths).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// A capability token's text; its subject must be `name`.
+    #[serde(default)]
+    pub token: Option<String>,
+    pub argv: Vec<String>,
+    /// Absolute path of the workspace (default: the client's working directory).
+    #[serde(default)]
+    pub workspace: Option<PathBuf>,
+    /// The client's working directory (the default workspace).
+    pub cwd: PathBuf,
+    /// `--env KEY=VALUE`, in order.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The client's environment, for the policy's `pass_env` (only the variables the policy
+    /// names reach the spec; the rest is never stored).
+    #[serde(default)]
+    pub pass_env: Vec<(String, String)>,
+    #[serde(default)]
+    pub supervision: Supervision,
+    /// Narrower limits than the token's (bytes, CPUs, processes).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// Replace an agent of the same name that is not running.
+    #[serde(default)]
+    pub replace: bool,
+    /// Narrower GPU asks than the token's `gpu` claim (`--gpus`, `--gpu-vram`,
+    /// `--gpu-priority`, `--gpu-exclusive`/`--gpu-shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_vram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_priority: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_exclusive: Option<bool>,
+    /// Bus subjects granted on top of the policy's (`--bus-publish`, `--bus-subscribe`, an
+    /// agent file's `[bus]`): only when aitherd mints the token from a policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bus_publish: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bus_subscribe: Vec<String>,
+    /// Ports of the agent's sandbox published as named services (`--publish NAME=PORT`,
+    /// docs/network.md), reachable by agents whose token grants NAME.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<(String, u16)>,
+}
+
+/// A request on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Ping,
+    Spawn(Box<SpawnRequest>),
+    Ps,
+    /// GPUs, their VRAM and leases (`aitherctl gpu ls`).
+    GpuLs,
+    /// The MicroScheduler's queue in order (`aitherctl gpu queue`).
+    GpuQueue,
+    Inspect {
+        name: String,
+    },
+    Logs {
+        name: String,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        tail: Option<usize>,
+    },
+    Stop {
+        name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Kill {
+        name: String,
+        signal: i32,
+    },
+    Restart {
+        name: String,
+    },
+    Rm {
+        name: String,
+        #[serde(default)]
+        force: bool,
+        /// Also delete every tier of the agent's memory (kept by default).
+        #[serde(default)]
+        purge_memory: bool,
+    },
+    /// A memory operation on `agent`'s memory, as an operator: `request` is a `mem.*` request
+    /// as on the agent channel (docs/memory.md), plus the operator-only `mem.export`,
+    /// `mem.import` and `mem.clear`.
+    Mem {
+        agent: String,
+        request: serde_json::Value,
+    },
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Publish on the bus as an operator (docs/bus.md). Requests may be pipelined.
+    BusPub {
+        subject: String,
+        data: serde_json::Value,
+        #[serde(default)]
+        durable: bool,
+    },
+    /// Subscribe as an operator: a stream of `more: true` replies.
+    BusSub {
+        pattern: String,
+        #[serde(default)]
+        durable: Option<String>,
+        #[serde(default)]
+        from_seq: Option<u64>,
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        queue: Option<usize>,
+    },
+    /// The durable log's statistics and the live subscriptions.
+    BusStreams,
+    /// Moves an operator's durable consumer's cursor (agent `operator`) to `seq`.
+    BusAck {
+        durable: String,
+        seq: u64,
+    },
+    /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
+    /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
+    /// their agents. The reply is `{"lines": [...]}`, each a stored record's text.
+    Audit {
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        agent: Option<String>,
+    },
+}
+
+/// One reply frame (the control socket and the agent channel).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// The request's `id`, echoed (agent channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// More frames follow (the follow forms of logs and events).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+impl Reply {
+    pub fn ok(data: serde_json::Value) -> Reply {
+        Reply {
+            id: None,
+            ok: true,
+            data: Some(data),
+            error: None,
+            more: false,
+        }
+    }
+
+    pub fn chunk(data: serde_json::Value) -> Reply {
+        Reply {
+            more: true,
+            ..Reply::ok(data)
+        }
+    }
+
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply {
+            id: None,
+            ok: false,
+            data: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+            more: false,
+        }
+    }
+}
+
+/// restart = never | on-failure | always.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Never,
+    #[default]
+    OnFailure,
+    Always,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RestartPolicy, String> {
+        match s {
+            "never" | "no" => Ok(RestartPolicy::Never),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "always" => Ok(RestartPolicy::Always),
+            _ => Err(format!("{s:?}: expected never, on-failure or always")),
+        }
+    }
+}
+
+/// How one agent is supervised. Durations in milliseconds on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Supervision {
+    pub restart: RestartPolicy,
+    /// First backoff delay; doubles per consecutive failure up to `backoff_max_ms`.
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    /// More than this many restarts within `burst_window_ms` → Failed.
+    pub burst_limit: u32,
+    pub burst_window_ms: u64,
+    /// Healthy this long → the backoff starts again from `backoff_ms`.
+    pub reset_after_ms: u64,
+    /// Exit codes that count as success.
+    pub success_codes: Vec<i32>,
+    /// The agent sends READY on its channel; until then it is Starting.
+    pub wait_ready: bool,
+    /// READY (or the first passing health check) must come within this, or it is a failure.
+    pub startup_timeout_ms: Option<u64>,
+    /// Heartbeats must come at least this often once ready, or it is a failure.
+    pub watchdog_ms: Option<u64>,
+    /// A command run inside the agent's sandbox; exit 0 = healthy.
+    pub health_cmd: Option<Vec<String>>,
+    pub health_interval_ms: u64,
+    pub health_timeout_ms: u64,
+    /// Consecutive failed checks that make it a failure.
+    pub health_threshold: u32,
+    /// SIGTERM, then this long before the whole cgroup is killed.
+    pub stop_timeout_ms: u64,
+}
+
+impl Default for Supervision {
+    fn default() -> Supervision {
+        Supervision {
+            restart: RestartPolicy::OnFailure,
+            backoff_ms: 1000,
+            backoff_max_ms: 300_000,
+            burst_limit: 5,
+            burst_window_ms: 600_000,
+            reset_after_ms: 600_000,
+            success_codes: vec![0],
+            wait_ready: false,
+            startup_timeout_ms: None,
+            watchdog_ms: None,
+            health_cmd: None,
+            health_interval_ms: 10_000,
+            health_timeout_ms: 5_000,
+            health_threshold: 3,
+            stop_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Supervision {
+    /// Whether the agent has a readiness stage (READY or a health check).
+    pub fn needs_readiness(&self) -> bool {
+        self.wait_ready || self.health_cmd.is_some()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.health_interval_ms < 100 {
+            return Err("health interval must be at least 100ms".into());
+        }
+        if self.health_threshold == 0 {
+            return Err("health threshold must be at least 1".into());
+        }
+        if let Some(w) = self.watchdog_ms {
+            if w < 50 {
+                return Err("watchdog must be at least 50ms".into());
+            }
+        }
+        if self.backoff_max_ms < self.backoff_ms {
+            return Err("the maximum backoff is below the first backoff".into());
+        }
+        if matches!(&self.health_cmd, Some(c) if c.is_empty()) {
+            return Err("the health command is empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.stop_timeout_ms)
+    }
+}
+
