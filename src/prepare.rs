@@ -221,14 +221,15 @@ pub enum PrepareError {
 
 impl PrepareError {
     /// The control protocol's error code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> aither_proto::ErrorCode {
+        use aither_proto::ErrorCode;
         match self {
             PrepareError::PolicyFile(_)
             | PrepareError::NotOwner { .. }
             | PrepareError::Subject { .. }
-            | PrepareError::Workspace(_) => "denied",
-            PrepareError::Token(t) if t.is_refusal() => "denied",
-            _ => "invalid",
+            | PrepareError::Workspace(_) => ErrorCode::Denied,
+            PrepareError::Token(t) if t.is_refusal() => ErrorCode::Denied,
+            _ => ErrorCode::Invalid,
         }
     }
 }

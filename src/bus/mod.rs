@@ -85,14 +85,15 @@ impl From<subject::SubjectError> for BusError {
 
 impl BusError {
     /// The error code of a reply.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> aither_proto::ErrorCode {
+        use aither_proto::ErrorCode;
         match self {
-            BusError::Invalid { .. } => "invalid",
-            BusError::TooLarge { .. } => "msg_too_large",
-            BusError::Denied(_) => "denied",
-            BusError::NoSuchSub(_) => "not_found",
-            BusError::Limit { .. } => "limit",
-            BusError::Db { .. } | BusError::LogGone => "internal",
+            BusError::Invalid { .. } => ErrorCode::Invalid,
+            BusError::TooLarge { .. } => ErrorCode::MsgTooLarge,
+            BusError::Denied(_) => ErrorCode::Denied,
+            BusError::NoSuchSub(_) => ErrorCode::NotFound,
+            BusError::Limit { .. } => ErrorCode::Limit,
+            BusError::Db { .. } | BusError::LogGone => ErrorCode::Internal,
         }
     }
 }

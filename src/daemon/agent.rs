@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::bus::{Outcome, Slot};
-use super::proto::{self, aio, FrameError, SpawnRequest};
+use super::proto::{self, aio, ErrorCode, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
 use super::Daemon;
@@ -826,7 +826,7 @@ impl Agent {
                             }
                             let (reply, effect) = self.on_request(&v, &mut ready);
                             let op = v.get("op").and_then(|o| o.as_str()).unwrap_or("");
-                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == "denied") {
+                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == ErrorCode::Denied) {
                                 self.usage.add(&self.usage.denied, 1);
                                 // Bus denials are recorded by the bus with their subject.
                                 if !op.starts_with("bus.") {
@@ -1148,13 +1148,13 @@ impl Agent {
         };
         let reply = |r: proto::Reply, e: Effect| (with_id(r), e);
         let Some(op) = v.get("op").and_then(|o| o.as_str()) else {
-            return reply(proto::Reply::err("invalid", "missing \"op\""), Effect::None);
+            return reply(proto::Reply::err(ErrorCode::Invalid, "missing \"op\""), Effect::None);
         };
         let verified = match self.d.check_token(&self.rec.token) {
             Ok(v) => v,
             Err(e) => {
                 return reply(
-                    proto::Reply::err("denied", format!("token no longer valid: {e}")),
+                    proto::Reply::err(ErrorCode::Denied, format!("token no longer valid: {e}")),
                     Effect::None,
                 )
             }
@@ -1163,7 +1163,7 @@ impl Agent {
             if target != self.name {
                 return reply(
                     proto::Reply::err(
-                        "denied",
+                        ErrorCode::Denied,
                         format!(
                             "the token of {:?} grants nothing over agent {target:?}",
                             self.name
@@ -1178,7 +1178,7 @@ impl Agent {
                 None => Ok(None),
                 Some(serde_json::Value::String(s)) if s.len() <= 1024 => Ok(Some(s.clone())),
                 Some(_) => Err(proto::Reply::err(
-                    "invalid",
+                    ErrorCode::Invalid,
                     format!("\"{k}\" must be a string of at most 1024 bytes"),
                 )),
             }
@@ -1220,7 +1220,7 @@ impl Agent {
                     _ => {
                         return reply(
                             proto::Reply::err(
-                                "invalid",
+                                ErrorCode::Invalid,
                                 "\"severity\" must be info, warning, error or critical",
                             ),
                             Effect::None,
@@ -1255,12 +1255,12 @@ impl Agent {
                     Outcome::Later(rx) => reply(proto::Reply::ok(json!({})), Effect::Later(rx)),
                 },
                 None => reply(
-                    proto::Reply::err("internal", "the bus is not attached to this run"),
+                    proto::Reply::err(ErrorCode::Internal, "the bus is not attached to this run"),
                     Effect::None,
                 ),
             },
             other => reply(
-                proto::Reply::err("unknown_op", format!("unknown op {other:?}")),
+                proto::Reply::err(ErrorCode::UnknownOp, format!("unknown op {other:?}")),
                 Effect::None,
             ),
         }
@@ -1295,7 +1295,7 @@ impl Agent {
             super::budget::Limit::Requests | super::budget::Limit::Cpu
         )
         .then(|| Duration::from_millis(r.retry_ms.clamp(1, 1000)));
-        let mut reply = proto::Reply::err("rate_limited", r.message(&self.name));
+        let mut reply = proto::Reply::err(ErrorCode::RateLimited, r.message(&self.name));
         reply.id = v.get("id").cloned();
         Some((reply, pause))
     }

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::proto::{self, aio, Reply, Request};
+use super::proto::{self, aio, ErrorCode, Reply, Request};
 use super::Daemon;
 use crate::audit::{Entry, Verdict};
 use crate::bus::{BusError, Committed, Outbox, SubOptions};
@@ -46,7 +46,7 @@ fn put_reply(buf: &mut Vec<u8>, r: &Reply, limit: usize) {
     match proto::encode_limit(r, limit) {
         Ok(b) => buf.extend_from_slice(&b),
         Err(e) => {
-            if let Ok(b) = proto::encode(&Reply::err("internal", e.to_string())) {
+            if let Ok(b) = proto::encode(&Reply::err(ErrorCode::Internal, e.to_string())) {
                 buf.extend_from_slice(&b);
             }
         }
@@ -59,7 +59,7 @@ async fn put_slot(buf: &mut Vec<u8>, s: Slot, limit: usize) -> bool {
         Slot::Later(id, rx) => {
             let mut r = rx
                 .await
-                .unwrap_or_else(|_| Reply::err("internal", "the daemon dropped the reply"));
+                .unwrap_or_else(|_| Reply::err(ErrorCode::Internal, "the daemon dropped the reply"));
             r.id = id;
             put_reply(buf, &r, limit);
         }
@@ -242,7 +242,7 @@ fn channel_op_inner(
             Ok(committed(rx, json!({"durable": name, "seq": seq})))
         }
         other => Ok(Outcome::Now(Reply::err(
-            "unknown_op",
+            ErrorCode::UnknownOp,
             format!("unknown op {other:?} (bus ops: bus.publish, bus.subscribe, bus.unsubscribe, bus.ack)"),
         ))),
     }
@@ -267,8 +267,8 @@ fn committed(rx: Committed, data: Value) -> Outcome {
 async fn commit_reply(rx: Committed, data: Value) -> Reply {
     match rx.await {
         Ok(Ok(_)) => Reply::ok(data),
-        Ok(Err(e)) => Reply::err("internal", e.to_string()),
-        Err(_) => Reply::err("internal", "the bus log stopped"),
+        Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+        Err(_) => Reply::err(ErrorCode::Internal, "the bus log stopped"),
     }
 }
 
@@ -324,7 +324,7 @@ impl BusScope {
 
     fn refusal(what: &str) -> Reply {
         Reply::err(
-            "denied",
+            ErrorCode::Denied,
             format!(
                 "{what}: a member of aither may publish on agent.<own agent>.… and subscribe to \
                  that and aither.agent.<own agent>.… (no wildcard for the agent, no durable \
@@ -391,7 +391,7 @@ pub async fn serve(
                         Ok(req) => req,
                         Err(e) => {
                             if tx
-                                .send(Slot::Now(Reply::err("bad_request", e.to_string())))
+                                .send(Slot::Now(Reply::err(ErrorCode::BadRequest, e.to_string())))
                                 .await
                                 .is_err()
                             {
@@ -432,7 +432,7 @@ pub async fn serve(
                 Request::BusStreams => Slot::Now(streams(&d2)),
                 Request::Ping => Slot::Now(Reply::ok(json!({"pong": true}))),
                 _ => Slot::Now(Reply::err(
-                    "bad_request",
+                    ErrorCode::BadRequest,
                     "a publishing connection takes bus_pub, bus_streams and ping only",
                 )),
             };

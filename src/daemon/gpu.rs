@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -33,17 +32,8 @@ pub enum Eviction {
     },
 }
 
-/// A GPU lease as the agent sees it (`gpu.lease` on the agent channel).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LeasedDevice {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    pub vram_mb: u64,
-    pub total_mb: u64,
-    /// The node inside the sandbox.
-    pub node: String,
-}
+/// A GPU lease as the agent sees it (`gpu.lease` on the agent channel): a wire type.
+pub use aither_proto::LeasedDevice;
 
 struct Inner {
     sched: Scheduler,

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use super::agent::{self, Cmd, Record};
 use super::identity::Caller;
-use super::proto::{aio, Reply, Request, SpawnRequest};
+use super::proto::{aio, ErrorCode, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
 use super::{check_name, Shared};
@@ -72,7 +72,7 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let mut s = stream;
-            let _ = aio::write_reply(&mut s, &Reply::err("busy", "too many connections")).await;
+            let _ = aio::write_reply(&mut s, &Reply::err(ErrorCode::Busy, "too many connections")).await;
             continue;
         };
         let d = d.clone();
@@ -113,7 +113,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             let _ = aio::write_reply(
                 &mut w,
                 &Reply::err(
-                    "denied",
+                    ErrorCode::Denied,
                     "only root and members of group aither may use aitherd",
                 ),
             )
@@ -142,9 +142,9 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             Ok(r) => r,
             Err(e) => {
                 let code = if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
-                    "bad_request"
+                    ErrorCode::BadRequest
                 } else {
-                    "bad_json"
+                    ErrorCode::BadJson
                 };
                 if aio::write_reply(&mut w, &Reply::err(code, e.to_string()))
                     .await
@@ -259,7 +259,7 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
         .caller(caller.uid),
     );
     Err(Reply::err(
-        "denied",
+        ErrorCode::Denied,
         "the operator bus (bus pub/sub/ack) is for root and members of aither-admin",
     ))
 }
@@ -389,7 +389,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             let d2 = d.clone();
             let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
                 .await
-                .unwrap_or_else(|e| Reply::err("internal", e.to_string()));
+                .unwrap_or_else(|e| Reply::err(ErrorCode::Internal, e.to_string()));
             if !caller.admin {
                 // A member sees the subscriptions of their own agents; the shared log's
                 // statistics and the operators' subscriptions are not theirs.
@@ -413,7 +413,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             super::bus::operator_ack(d, &durable, seq).await
         }
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
-            "bad_request",
+            ErrorCode::BadRequest,
             "bus_pub and bus_sub take over their connection",
         ),
         Request::Inspect { name } => match d.info_of(&name) {
@@ -448,7 +448,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         }
         Request::Kill { name, signal } => {
             if !(1..=64).contains(&signal) {
-                return Reply::err("invalid", format!("no such signal: {signal}"));
+                return Reply::err(ErrorCode::Invalid, format!("no such signal: {signal}"));
             }
             command(d, &name, |reply| Cmd::Kill { signal, reply }).await
         }
@@ -464,7 +464,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             };
             if !force && (info.state.is_live() || info.state == State::Backoff) {
                 return Reply::err(
-                    "conflict",
+                    ErrorCode::Conflict,
                     format!("{name} is {}: stop it first, or use rm --force", info.state),
                 );
             }
@@ -484,7 +484,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
                             .remove(&name);
                     }
                     Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
-                    Err(e) => return Reply::err("internal", e.to_string()),
+                    Err(e) => return Reply::err(ErrorCode::Internal, e.to_string()),
                 }
             }
             reply
@@ -494,8 +494,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             let res = tokio::task::spawn_blocking(move || audit_for(&c, since_ms, agent)).await;
             match res {
                 Ok(Ok(lines)) => Reply::ok(json!({ "lines": lines })),
-                Ok(Err(e)) => Reply::err("internal", e.to_string()),
-                Err(e) => Reply::err("internal", e.to_string()),
+                Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
             }
         }
         Request::Events { since_ms, name, .. } => {
@@ -518,8 +518,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
                     }
                     Reply::ok(serde_json::to_value(ev).unwrap_or_default())
                 }
-                Ok(Err(e)) => Reply::err("internal", e.to_string()),
-                Err(e) => Reply::err("internal", e.to_string()),
+                Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
             }
         }
     }
@@ -558,11 +558,11 @@ fn audit_for(
 /// An operator's memory request (any agent's memory, no quota: docs/memory.md).
 async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
     if let Err(e) = super::check_name(&agent) {
-        return Reply::err("invalid", e);
+        return Reply::err(ErrorCode::Invalid, e);
     }
     let op = request.get("op").and_then(|o| o.as_str()).unwrap_or("");
     if !op.starts_with("mem.") {
-        return Reply::err("invalid", format!("{op:?} is not a memory op (mem.*)"));
+        return Reply::err(ErrorCode::Invalid, format!("{op:?} is not a memory op (mem.*)"));
     }
     let d2 = d.clone();
     let res = tokio::task::spawn_blocking(move || {
@@ -572,13 +572,13 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
     match res {
         Ok(Ok(data)) => Reply::ok(data),
         Ok(Err(e)) => Reply::err(e.code(), e.to_string()),
-        Err(e) => Reply::err("internal", e.to_string()),
+        Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
     }
 }
 
 fn not_found(name: &str) -> Reply {
     Reply::err(
-        "not_found",
+        ErrorCode::NotFound,
         format!("no agent named {name:?} (`aitherctl ps` lists them)"),
     )
 }
@@ -594,7 +594,7 @@ where
             return not_found(name);
         };
         if h.cmd.send(make(tx)).is_err() {
-            return Reply::err("internal", format!("{name}: its supervisor has ended"));
+            return Reply::err(ErrorCode::Internal, format!("{name}: its supervisor has ended"));
         }
     }
     match rx.await {
@@ -602,8 +602,8 @@ where
             Some(i) => Reply::ok(serde_json::to_value(i).unwrap_or_default()),
             None => Reply::ok(json!({"name": name, "removed": true})),
         },
-        Ok(Err(e)) => Reply::err("conflict", e),
-        Err(_) => Reply::err("internal", format!("{name}: no answer from its supervisor")),
+        Ok(Err(e)) => Reply::err(ErrorCode::Conflict, e),
+        Err(_) => Reply::err(ErrorCode::Internal, format!("{name}: no answer from its supervisor")),
     }
 }
 
@@ -646,13 +646,13 @@ async fn spawn_inner(
     mut fds: Vec<OwnedFd>,
 ) -> Reply {
     if let Err(e) = check_name(&req.name) {
-        return Reply::err("invalid", e);
+        return Reply::err(ErrorCode::Invalid, e);
     }
     if let Err(e) = req.supervision.validate() {
-        return Reply::err("invalid", e);
+        return Reply::err(ErrorCode::Invalid, e);
     }
     if req.argv.is_empty() {
-        return Reply::err("invalid", "no command to run");
+        return Reply::err(ErrorCode::Invalid, "no command to run");
     }
     // Another user's name (a live agent's, or one whose memory is kept) is refused before
     // anything is minted for it.
@@ -660,7 +660,7 @@ async fn spawn_inner(
         .is_some_and(|o| !caller.may_act_on(o))
     {
         return Reply::err(
-            "exists",
+            ErrorCode::Exists,
             format!("the name {:?} is taken; pick another", req.name),
         );
     }
@@ -675,7 +675,7 @@ async fn spawn_inner(
     let rec = match built {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Reply::err(e.0, e.1),
-        Err(e) => return Reply::err("internal", e.to_string()),
+        Err(e) => return Reply::err(ErrorCode::Internal, e.to_string()),
     };
     let (tx, rx) = oneshot::channel();
     {
@@ -685,7 +685,7 @@ async fn spawn_inner(
         // does not count.
         if !caller.admin {
             if let Err(e) = over_limits(d, &agents, caller, &rec) {
-                return Reply::err("denied", e);
+                return Reply::err(ErrorCode::Denied, e);
             }
         }
         if let Some(h) = agents.get(&req.name) {
@@ -696,13 +696,13 @@ async fn spawn_inner(
             if !caller.may_act_on(owner) {
                 // Names are one namespace on the host: say it is taken, nothing more.
                 return Reply::err(
-                    "exists",
+                    ErrorCode::Exists,
                     format!("the name {:?} is taken; pick another", req.name),
                 );
             }
             if !req.replace || st.is_live() || st == State::Backoff {
                 return Reply::err(
-                    "exists",
+                    ErrorCode::Exists,
                     format!(
                         "an agent named {:?} exists ({st}); `aitherctl rm {}` it first{}",
                         req.name,
@@ -734,12 +734,12 @@ async fn spawn_inner(
     }
     match rx.await {
         Ok(Ok(())) => Reply::ok(serde_json::to_value(d.info_of(&req.name)).unwrap_or_default()),
-        Ok(Err(e)) => Reply::err("launch_failed", e),
-        Err(_) => Reply::err("internal", "the agent's supervisor ended before starting"),
+        Ok(Err(e)) => Reply::err(ErrorCode::LaunchFailed, e),
+        Err(_) => Reply::err(ErrorCode::Internal, "the agent's supervisor ended before starting"),
     }
 }
 
-type BuildError = (&'static str, String);
+type BuildError = (ErrorCode, String);
 
 /// Refuses a member's new agent over their per-user limits.
 fn over_limits(
@@ -862,7 +862,7 @@ fn build(
     let mut spec = p.spec;
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
-    let gpu = gpu_ask(&claims.gpu, req).map_err(|e| ("denied", e))?;
+    let gpu = gpu_ask(&claims.gpu, req).map_err(|e| (ErrorCode::Denied, e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.
     request.pass_env.clear();

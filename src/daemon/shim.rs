@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -58,39 +57,12 @@ pub enum ShimError {
     Launch { code: i32, error: String },
 }
 
-#[derive(Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-enum Report {
-    Started {
-        pid1: i32,
-        #[serde(default)]
-        agent_pid: Option<i32>,
-        cgroup: String,
-        // A parsed value here (an internally tagged enum cannot hold a RawValue), kept as
-        // text afterwards.
-        #[serde(default)]
-        report: Option<serde_json::Value>,
-    },
-    Failed {
-        code: i32,
-        error: String,
-    },
-}
+/// The shim's one line: the report is parsed as JSON (an internally tagged enum cannot hold
+/// a RawValue) and kept as text afterwards.
+type Report = aither_proto::ShimEvent<serde_json::Value>;
 
 /// What the shim wrote when the run ended (log_dir/exit.json).
-#[derive(Clone, Debug, Deserialize, Default)]
-pub struct ExitRecord {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    #[serde(default)]
-    pub oom_killed: bool,
-    #[serde(default)]
-    pub timed_out: bool,
-    #[serde(default)]
-    pub launch_error: Option<String>,
-    #[serde(default)]
-    pub finished_unix_ms: u64,
-}
+pub use aither_proto::ExitRecord;
 
 /// A running shim: started by us, or adopted after a daemon restart.
 pub struct Live {
@@ -186,14 +158,14 @@ pub async fn launch(
 ) -> Result<Live, ShimError> {
     prepare_log_dir(log_dir)?;
     let (ours, theirs) = crate::sys::stream_pair().map_err(ShimError::Channel)?;
-    let config = serde_json::json!({
-        "spec": spec,
-        "log_dir": log_dir,
-        "log_max_bytes": LOG_MAX_BYTES,
-        "log_keep": LOG_KEEP,
-        "channel_fd": SHIM_CHANNEL_FD,
-        "keep_fd": SHIM_KEEP_FD,
-    });
+    let config = crate::sandbox::shim::ShimConfig {
+        spec: spec.clone(),
+        log_dir: log_dir.to_path_buf(),
+        log_max_bytes: LOG_MAX_BYTES,
+        log_keep: LOG_KEEP,
+        channel_fd: Some(SHIM_CHANNEL_FD),
+        keep_fd: Some(SHIM_KEEP_FD),
+    };
     use std::os::unix::fs::OpenOptionsExt;
     let shim_log = std::fs::OpenOptions::new()
         .create(true)
@@ -394,12 +366,12 @@ pub async fn exec_in(
     argv: &[String],
     timeout: Duration,
 ) -> Probe {
-    let req = serde_json::json!({
-        "spec": spec,
-        "pid1": pid1,
-        "argv": argv,
-        "timeout_ms": timeout.as_millis() as u64,
-    });
+    let req = crate::sandbox::ExecConfig {
+        spec: spec.clone(),
+        pid1,
+        argv: argv.to_vec(),
+        timeout_ms: Some(timeout.as_millis() as u64),
+    };
     let mut cmd = Command::new(init);
     cmd.arg("exec")
         .stdin(Stdio::piped())
@@ -410,7 +382,8 @@ pub async fn exec_in(
     let run = async {
         let mut child = cmd.spawn()?;
         let mut stdin = child.stdin.take().expect("piped");
-        let _ = stdin.write_all(req.to_string().as_bytes()).await;
+        let body = serde_json::to_vec(&req).expect("config serialises");
+        let _ = stdin.write_all(&body).await;
         drop(stdin);
         child.wait_with_output().await
     };

@@ -19,9 +19,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 pub use access::{Actor, Quota};
 pub use store::MemoryStore;
@@ -84,14 +82,15 @@ pub enum MemoryError {
 
 impl MemoryError {
     /// The error code sent back (docs/protocol.md).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> aither_proto::ErrorCode {
+        use aither_proto::ErrorCode;
         match self {
-            MemoryError::Denied(_) => "denied",
-            MemoryError::Quota { .. } => "quota",
-            MemoryError::Invalid { .. } => "invalid",
-            MemoryError::NotFound(_) => "not_found",
-            MemoryError::TooCostly { .. } => "too_costly",
-            MemoryError::Sql { .. } | MemoryError::WriterGone => "internal",
+            MemoryError::Denied(_) => ErrorCode::Denied,
+            MemoryError::Quota { .. } => ErrorCode::Quota,
+            MemoryError::Invalid { .. } => ErrorCode::Invalid,
+            MemoryError::NotFound(_) => ErrorCode::NotFound,
+            MemoryError::TooCostly { .. } => ErrorCode::TooCostly,
+            MemoryError::Sql { .. } | MemoryError::WriterGone => ErrorCode::Internal,
         }
     }
 
@@ -103,60 +102,12 @@ impl MemoryError {
     }
 }
 
-/// A memory tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tier {
-    Working,
-    Active,
-    Spirit,
-    Codegraph,
-    Knowledge,
-}
+/// A memory tier: a wire type, defined in the protocol crate.
+pub use aither_proto::Tier;
 
-impl Tier {
-    pub const ALL: [Tier; 5] = [
-        Tier::Working,
-        Tier::Active,
-        Tier::Spirit,
-        Tier::Codegraph,
-        Tier::Knowledge,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Working => "working",
-            Tier::Active => "active",
-            Tier::Spirit => "spirit",
-            Tier::Codegraph => "codegraph",
-            Tier::Knowledge => "knowledge",
-        }
-    }
-
-    /// Whether the tier holds keys and values (codegraph holds nodes and edges).
-    pub fn is_kv(self) -> bool {
-        self != Tier::Codegraph
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Tier {
-    type Err = MemoryError;
-
-    fn from_str(s: &str) -> Result<Tier, MemoryError> {
-        Tier::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| {
-                MemoryError::invalid(
-                    "tier",
-                    format!("{s:?} is not a tier (working, active, spirit, codegraph, knowledge)"),
-                )
-            })
+impl From<aither_proto::UnknownTier> for MemoryError {
+    fn from(e: aither_proto::UnknownTier) -> MemoryError {
+        MemoryError::invalid("tier", e.to_string())
     }
 }
 

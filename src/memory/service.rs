@@ -62,7 +62,7 @@ fn flag(req: &Value, name: &str) -> Result<bool, MemoryError> {
 }
 
 fn tier(req: &Value) -> Result<Tier, MemoryError> {
-    need(req, "tier", 16)?.parse()
+    Ok(need(req, "tier", 16)?.parse()?)
 }
 
 fn kv_tier(req: &Value) -> Result<Tier, MemoryError> {

@@ -78,82 +78,59 @@ pub struct ShimConfig {
     pub keep_fd: Option<RawFd>,
 }
 
-/// The single line the shim prints on stdout.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "event", rename_all = "lowercase")]
-pub enum ShimEvent {
-    Started {
-        pid1: i32,
-        agent_pid: Option<i32>,
-        cgroup: String,
-        /// The enforcement report (when the spec asks for one).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        report: Option<Box<super::report::Report>>,
-    },
-    Failed {
-        code: i32,
-        error: String,
-    },
+/// The single line the shim prints on stdout (a wire type of aither-proto), with the typed
+/// enforcement report.
+pub type ShimEvent = aither_proto::ShimEvent<Box<super::report::Report>>;
+
+/// `log_dir/exit.json` (a wire type of aither-proto).
+pub use aither_proto::ExitRecord;
+
+/// The record of a run that ended.
+fn finished_record(out: &Outcome) -> ExitRecord {
+    let (code, signal) = match out.status {
+        ExitStatus::Exited(c) => (Some(c), None),
+        ExitStatus::Signaled(s) => (None, Some(s)),
+    };
+    ExitRecord {
+        code,
+        signal,
+        oom_killed: out.oom_killed,
+        timed_out: out.timed_out,
+        launch_error: None,
+        finished_unix_ms: unix_ms(),
+    }
 }
 
-/// `log_dir/exit.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ExitRecord {
-    /// The exit code; for a failed launch, 125/126/127.
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub oom_killed: bool,
-    pub timed_out: bool,
-    pub launch_error: Option<String>,
-    pub finished_unix_ms: u64,
+/// The record of a launch that failed.
+fn failed_record(code: i32, error: String) -> ExitRecord {
+    ExitRecord {
+        code: Some(code),
+        signal: None,
+        oom_killed: false,
+        timed_out: false,
+        launch_error: Some(error),
+        finished_unix_ms: unix_ms(),
+    }
 }
 
-impl ExitRecord {
-    fn finished(out: &Outcome) -> ExitRecord {
-        let (code, signal) = match out.status {
-            ExitStatus::Exited(c) => (Some(c), None),
-            ExitStatus::Signaled(s) => (None, Some(s)),
-        };
-        ExitRecord {
-            code,
-            signal,
-            oom_killed: out.oom_killed,
-            timed_out: out.timed_out,
-            launch_error: None,
-            finished_unix_ms: unix_ms(),
-        }
-    }
-
-    fn failed(code: i32, error: String) -> ExitRecord {
-        ExitRecord {
-            code: Some(code),
-            signal: None,
-            oom_killed: false,
-            timed_out: false,
-            launch_error: Some(error),
-            finished_unix_ms: unix_ms(),
-        }
-    }
-
-    /// Writes `dir/exit.json` atomically: a new file (O_EXCL, synced: a reader never sees a
-    /// torn record) renamed over the name inside `dir`, opened without following links
-    /// (src/hostpath.rs): a link at either name is replaced, never followed.
-    pub fn write(&self, dir: &Path) -> Result<(), ShimError> {
-        let path = dir.join("exit.json");
-        let err = |source| ShimError::ExitRecord {
-            path: path.clone(),
-            source,
-        };
-        let body = serde_json::to_vec(self).map_err(|e| err(io::Error::other(e)))?;
-        let d = crate::hostpath::open_dir_nofollow(dir).map_err(|e| err(io::Error::other(e)))?;
-        crate::hostpath::replace_file_at(
-            std::os::fd::AsFd::as_fd(&d),
-            std::ffi::OsStr::new("exit.json"),
-            &body,
-            0o640,
-        )
-        .map_err(|e| err(io::Error::other(e)))
-    }
+/// Writes `dir/exit.json` atomically: a new file (O_EXCL, synced: a reader never sees a
+/// torn record) renamed over the name inside `dir`, opened without following links
+/// (src/hostpath.rs): a link at either name is replaced, never followed.
+pub fn write_exit_record(rec: &ExitRecord, dir: &Path) -> Result<(), ShimError> {
+    let path = dir.join("exit.json");
+    let err = |source| ShimError::ExitRecord {
+        path: path.clone(),
+        source,
+    };
+    let body = serde_json::to_vec(rec).map_err(|e| err(io::Error::other(e)))?;
+    let d = crate::hostpath::open_dir_nofollow(dir).map_err(|e| err(io::Error::other(e)))?;
+    crate::hostpath::replace_file_at(
+        std::os::fd::AsFd::as_fd(&d),
+        std::ffi::OsStr::new("exit.json"),
+        &body,
+        0o640,
+    )
+    .map_err(|e| err(io::Error::other(e)))
 }
 
 fn unix_ms() -> u64 {
@@ -317,7 +294,7 @@ fn ensure_stdio() {
 pub fn run(cfg: ShimConfig) -> i32 {
     match supervise(&cfg) {
         Ok(out) => {
-            if let Err(e) = ExitRecord::finished(&out).write(&cfg.log_dir) {
+            if let Err(e) = write_exit_record(&finished_record(&out), &cfg.log_dir) {
                 eprintln!("aither-init shim: {e}");
             }
             out.status.code()
@@ -331,7 +308,7 @@ pub fn run(cfg: ShimConfig) -> i32 {
             });
             // A restarted daemon learns of the failure from the record, not from our stdout.
             let _ = fs::create_dir_all(&cfg.log_dir);
-            if let Err(e) = ExitRecord::failed(code, msg).write(&cfg.log_dir) {
+            if let Err(e) = write_exit_record(&failed_record(code, msg), &cfg.log_dir) {
                 eprintln!("aither-init shim: {e}");
             }
             code
@@ -470,9 +447,7 @@ mod tests {
     #[test]
     fn exit_record_and_events_have_the_documented_shape() {
         let d = tempfile::tempdir().unwrap();
-        ExitRecord::failed(127, "nope".into())
-            .write(d.path())
-            .unwrap();
+        write_exit_record(&failed_record(127, "nope".into()), d.path()).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(d.path().join("exit.json")).unwrap()).unwrap();
         assert_eq!(v["code"], 127);
