@@ -45,7 +45,7 @@ fn reply_data(r: Reply) -> Result<serde_json::Value, i32> {
         Ok(r.data.unwrap_or_default())
     } else {
         let e = r.error.unwrap_or(aither::daemon::proto::ErrorBody {
-            code: "internal".into(),
+            code: aither::daemon::proto::ErrorCode::Internal,
             message: "no reason given".into(),
         });
         eprintln!("aither: error: {} ({})", e.message, e.code);
