@@ -17,59 +17,17 @@
 //! # Ok(()) }
 //! ```
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use aither_proto::gpu::{GpuLease, GpuState, LeasedDevice as GpuDevice};
 
 use crate::SdkError;
 
-/// Where the agent's GPU request stands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuState {
-    /// The token has no GPU claim.
-    #[default]
-    None,
-    /// Waiting for the scheduler.
-    Queued,
-    /// Devices are leased.
-    Granted,
-}
-
-/// One leased GPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GpuDevice {
-    /// The device's index on the host.
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    /// VRAM reserved for this agent, MiB.
-    pub vram_mb: u64,
-    /// The device's total VRAM, MiB.
-    pub total_mb: u64,
-    /// Its device node in the sandbox (`/dev/nvidia0`).
-    pub node: String,
-}
-
-/// The `data` of a `gpu.lease` reply. Unknown fields are ignored.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GpuLease {
-    pub granted: bool,
-    pub state: GpuState,
-    pub devices: Vec<GpuDevice>,
-    /// The value for `CUDA_VISIBLE_DEVICES`: a convenience, not a boundary (the sandbox has
-    /// only the leased device nodes).
-    pub visible_devices: String,
-}
-
-impl GpuLease {
-    pub(crate) fn from_reply(mut reply: Value) -> Result<GpuLease, SdkError> {
-        let data = reply
-            .get_mut("data")
-            .map(Value::take)
-            .ok_or_else(|| SdkError::BadReply("gpu.lease replied without data".into()))?;
-        serde_json::from_value(data)
-            .map_err(|e| SdkError::BadReply(format!("gpu.lease reply: {e}")))
-    }
+/// The `data` of a `gpu.lease` reply.
+pub(crate) fn lease_from_reply(mut reply: Value) -> Result<GpuLease, SdkError> {
+    let data = reply
+        .get_mut("data")
+        .map(Value::take)
+        .ok_or_else(|| SdkError::BadReply("gpu.lease replied without data".into()))?;
+    serde_json::from_value(data).map_err(|e| SdkError::BadReply(format!("gpu.lease reply: {e}")))
 }

@@ -43,19 +43,21 @@ use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use aither_proto::agent::{BusMessage as Message, Severity, UnknownSeverity};
+pub use aither_proto::ErrorCode as WireCode;
 pub use frame::{FrameError, MAX_FRAME};
 pub use gpu::{GpuDevice, GpuLease, GpuState};
 pub use memory::{SearchOptions, Tier};
+
+use aither_proto::AgentRequest;
 
 /// The environment variable that names the channel's file descriptor.
 pub const ENV_FD: &str = "AITHER_FD";
@@ -69,7 +71,7 @@ const ID_PID_SHIFT: u32 = 20;
 const ID_COUNTER_MASK: u64 = (1 << ID_PID_SHIFT) - 1;
 
 /// Error codes after which the daemon closes the channel; such a reply cannot carry an id.
-const FATAL_CODES: [&str; 2] = ["bad_frame", "too_large"];
+const FATAL_CODES: [WireCode; 2] = [WireCode::BadFrame, WireCode::TooLarge];
 
 /// Set once `Channel::from_env` has taken ownership of the inherited descriptor.
 static ENV_FD_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -119,7 +121,8 @@ pub enum SdkError {
     ZeroInterval,
 }
 
-/// The daemon's error codes (docs/protocol.md), as [`SdkError::code`] gives them.
+/// What kind of refusal an error is, as [`SdkError::code`] gives it: a coarser view of the
+/// daemon's error codes ([`WireCode`], docs/protocol.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -142,16 +145,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    /// The code of a wire error code string.
+    /// The kind of a wire error code string.
     pub fn parse(code: &str) -> ErrorCode {
+        ErrorCode::of(&WireCode::parse(code))
+    }
+
+    /// The kind of a wire error code.
+    pub fn of(code: &WireCode) -> ErrorCode {
         match code {
-            "denied" => ErrorCode::Denied,
-            "quota" => ErrorCode::Quota,
-            "not_found" => ErrorCode::NotFound,
-            "invalid" | "bad_json" => ErrorCode::Invalid,
-            "msg_too_large" => ErrorCode::MsgTooLarge,
-            "unknown_op" => ErrorCode::UnknownOp,
-            "bad_frame" | "too_large" => ErrorCode::BadFrame,
+            WireCode::Denied => ErrorCode::Denied,
+            WireCode::Quota => ErrorCode::Quota,
+            WireCode::NotFound => ErrorCode::NotFound,
+            WireCode::Invalid | WireCode::BadJson => ErrorCode::Invalid,
+            WireCode::MsgTooLarge => ErrorCode::MsgTooLarge,
+            WireCode::UnknownOp => ErrorCode::UnknownOp,
+            WireCode::BadFrame | WireCode::TooLarge => ErrorCode::BadFrame,
             _ => ErrorCode::Other,
         }
     }
@@ -184,56 +192,10 @@ impl SdkError {
     }
 }
 
-/// How bad an agent-reported pain signal is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Warning,
-    Error,
-    Critical,
-}
-
-impl Severity {
-    pub const ALL: [Severity; 4] = [
-        Severity::Info,
-        Severity::Warning,
-        Severity::Error,
-        Severity::Critical,
-    ];
-
-    /// The wire name: `info`, `warning`, `error` or `critical`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Error => "error",
-            Severity::Critical => "critical",
-        }
+impl From<UnknownSeverity> for SdkError {
+    fn from(e: UnknownSeverity) -> SdkError {
+        SdkError::BadSeverity(e.0)
     }
-}
-
-impl fmt::Display for Severity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Severity {
-    type Err = SdkError;
-
-    fn from_str(s: &str) -> Result<Self, SdkError> {
-        Severity::ALL
-            .into_iter()
-            .find(|sev| sev.as_str() == s)
-            .ok_or_else(|| SdkError::BadSeverity(s.to_owned()))
-    }
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    code: String,
-    message: String,
 }
 
 struct Inner {
@@ -254,24 +216,6 @@ struct Sub {
     opts: Map<String, Value>,
     server: u64,
     last_seq: Option<u64>,
-}
-
-/// A bus message (docs/bus.md).
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-pub struct Message {
-    /// The subscription (as [`Channel::subscribe`] returned it).
-    pub sub: u64,
-    /// Its sequence number in the durable log; None for a live-only message.
-    pub seq: Option<u64>,
-    pub subject: String,
-    pub data: Value,
-    pub ts_ms: u64,
-    /// The publishing agent, "operator" or "aitherd".
-    #[serde(default)]
-    pub publisher: String,
-    /// Messages of this subscription dropped (queue overflow) just before this one.
-    #[serde(default)]
-    pub dropped: u64,
 }
 
 /// Options of [`Channel::subscribe_with`].
@@ -402,22 +346,22 @@ impl Channel {
 
     /// Tells aitherd the agent is ready (like `sd_notify("READY=1")`).
     pub fn ready(&self) -> Result<(), SdkError> {
-        self.request("ready", Map::new()).map(drop)
+        self.typed(&AgentRequest::Ready).map(drop)
     }
 
     /// Keeps the watchdog from restarting the agent (like `sd_notify("WATCHDOG=1")`).
     pub fn heartbeat(&self) -> Result<(), SdkError> {
-        self.request("heartbeat", Map::new()).map(drop)
+        self.typed(&AgentRequest::Heartbeat).map(drop)
     }
 
     /// Reports a pain signal; `reason` is at most [`MAX_TEXT`] bytes. Returns the action the
     /// policy chose (`log`, `throttle`, `restart`, `stop`) when the daemon names it.
     pub fn pain(&self, severity: Severity, reason: &str) -> Result<Option<String>, SdkError> {
         check_text("reason", reason)?;
-        let mut fields = Map::new();
-        fields.insert("severity".into(), severity.as_str().into());
-        fields.insert("reason".into(), reason.into());
-        let reply = self.request("pain", fields)?;
+        let reply = self.typed(&AgentRequest::Pain {
+            severity,
+            reason: Some(reason.to_owned()),
+        })?;
         Ok(reply
             .pointer("/data/action")
             .and_then(Value::as_str)
@@ -427,9 +371,19 @@ impl Channel {
     /// Sets the agent's free-form status line; `text` is at most [`MAX_TEXT`] bytes.
     pub fn status(&self, text: &str) -> Result<(), SdkError> {
         check_text("text", text)?;
-        let mut fields = Map::new();
-        fields.insert("text".into(), text.into());
-        self.request("status", fields).map(drop)
+        self.typed(&AgentRequest::Status {
+            text: text.to_owned(),
+        })
+        .map(drop)
+    }
+
+    /// Sends one typed request (aither-proto's [`AgentRequest`]) and returns the whole reply.
+    fn typed(&self, req: &AgentRequest) -> Result<Value, SdkError> {
+        let fields = request_fields(req)?;
+        let mut inner = self.lock();
+        let r = call(&mut inner, req.op(), fields)?;
+        after_reset(&mut inner)?;
+        Ok(r)
     }
 
     /// Sends `{"id": <fresh>, "op": op, ...fields}` and returns the whole reply object (with
@@ -468,13 +422,11 @@ impl Channel {
         if len > MAX_DATA {
             return Err(SdkError::TooLong { field: "data", len });
         }
-        let mut f = Map::new();
-        f.insert("subject".into(), subject.into());
-        f.insert("data".into(), data.clone());
-        if durable {
-            f.insert("durable".into(), true.into());
-        }
-        let r = self.request("bus.publish", f)?;
+        let r = self.typed(&AgentRequest::BusPublish {
+            subject: subject.to_owned(),
+            data: data.clone(),
+            durable,
+        })?;
         Ok(r.pointer("/data/seq").and_then(Value::as_u64))
     }
 
@@ -486,20 +438,13 @@ impl Channel {
 
     /// Subscribes with replay or as a durable consumer.
     pub fn subscribe_with(&self, pattern: &str, o: &SubscribeOptions) -> Result<u64, SdkError> {
-        let mut opts = Map::new();
-        opts.insert("pattern".into(), pattern.into());
-        if let Some(d) = &o.durable {
-            opts.insert("durable".into(), d.clone().into());
-        }
-        if let Some(v) = o.from_seq {
-            opts.insert("from_seq".into(), v.into());
-        }
-        if let Some(v) = o.since_ms {
-            opts.insert("since_ms".into(), v.into());
-        }
-        if let Some(v) = o.queue {
-            opts.insert("queue".into(), v.into());
-        }
+        let opts = request_fields(&AgentRequest::BusSubscribe {
+            pattern: pattern.to_owned(),
+            durable: o.durable.clone(),
+            from_seq: o.from_seq,
+            since_ms: o.since_ms,
+            queue: o.queue.map(|q| q as u64),
+        })?;
         let mut inner = self.lock();
         let r = call(&mut inner, "bus.subscribe", opts.clone())?;
         let id = r
@@ -519,10 +464,12 @@ impl Channel {
     /// Acks everything up to `seq` for the durable consumer `durable`: aitherd resumes that
     /// consumer after it (at-least-once delivery).
     pub fn ack(&self, durable: &str, seq: u64) -> Result<(), SdkError> {
-        let mut f = Map::new();
-        f.insert("durable".into(), durable.into());
-        f.insert("seq".into(), seq.into());
-        self.request("bus.ack", f).map(drop)
+        self.typed(&AgentRequest::BusAck {
+            durable: Some(durable.to_owned()),
+            sub: None,
+            seq,
+        })
+        .map(drop)
     }
 
     /// Ends a subscription (the id [`Channel::subscribe`] returned); its queued messages are
@@ -534,8 +481,7 @@ impl Channel {
         };
         let s = inner.subs.remove(pos);
         inner.ready.retain(|m| m.sub != sub);
-        let mut f = Map::new();
-        f.insert("sub".into(), s.server.into());
+        let f = request_fields(&AgentRequest::BusUnsubscribe { sub: s.server })?;
         call(&mut inner, "bus.unsubscribe", f)?;
         after_reset(&mut inner)
     }
@@ -660,8 +606,8 @@ impl Channel {
     /// token, `Queued` while the scheduler holds it back, `Granted` with the devices.
     /// [`SdkError::GpuUnavailable`] when this aitherd has no GPU service.
     pub fn gpu_lease(&self) -> Result<GpuLease, SdkError> {
-        match self.request("gpu.lease", Map::new()) {
-            Ok(reply) => GpuLease::from_reply(reply),
+        match self.typed(&AgentRequest::GpuLease) {
+            Ok(reply) => gpu::lease_from_reply(reply),
             Err(SdkError::Remote { code, message }) if code == "unknown_op" => {
                 Err(SdkError::GpuUnavailable(message))
             }
@@ -730,7 +676,7 @@ fn take(inner: &mut Inner, p: Value) -> Result<Option<Message>, SdkError> {
             Ok(None)
         }
         Some("bus.msg") => {
-            let Ok(mut m) = serde_json::from_value::<Message>(p) else {
+            let Ok(aither_proto::agent::Push::BusMsg(mut m)) = serde_json::from_value(p) else {
                 return Ok(None);
             };
             let Some(s) = inner.subs.iter_mut().find(|s| s.server == m.sub) else {
@@ -823,7 +769,10 @@ fn call(inner: &mut Inner, op: &str, fields: Map<String, Value>) -> Result<Value
                 }
                 // An id-less reply that ends the channel ends it for every user.
                 None | Some(Value::Null) => match interpret(reply) {
-                    Err(e) if e.remote_code().is_some_and(|c| FATAL_CODES.contains(&c)) => {
+                    Err(e)
+                        if e.remote_code()
+                            .is_some_and(|c| FATAL_CODES.contains(&WireCode::parse(c))) =>
+                    {
                         return Err(inner.fail(e));
                     }
                     _ => continue,
@@ -832,6 +781,17 @@ fn call(inner: &mut Inner, op: &str, fields: Map<String, Value>) -> Result<Value
                 Some(_) => continue,
             }
         }
+    }
+}
+
+/// A typed request's fields without its `op` (the caller's `call` adds `id` and `op`).
+fn request_fields(req: &AgentRequest) -> Result<Map<String, Value>, SdkError> {
+    match serde_json::to_value(req).map_err(SdkError::Encode)? {
+        Value::Object(mut m) => {
+            m.remove("op");
+            Ok(m)
+        }
+        _ => Ok(Map::new()),
     }
 }
 
@@ -853,9 +813,12 @@ fn interpret(reply: Value) -> Result<Value, SdkError> {
                 .get("error")
                 .cloned()
                 .ok_or_else(|| SdkError::BadReply("\"ok\": false without \"error\"".into()))?;
-            let ErrorBody { code, message } = serde_json::from_value(body)
+            let aither_proto::ErrorBody { code, message } = serde_json::from_value(body)
                 .map_err(|e| SdkError::BadReply(format!("bad \"error\" object: {e}")))?;
-            Err(SdkError::Remote { code, message })
+            Err(SdkError::Remote {
+                code: code.as_str().to_owned(),
+                message,
+            })
         }
         None => Err(SdkError::BadReply("no boolean \"ok\"".into())),
     }
@@ -933,9 +896,8 @@ mod tests {
             assert_eq!(sev.as_str().parse::<Severity>().unwrap(), sev);
             assert_eq!(serde_json::to_value(sev).unwrap(), sev.as_str());
         }
-        assert!(
-            matches!("fatal".parse::<Severity>(), Err(SdkError::BadSeverity(s)) if s == "fatal")
-        );
+        let e = SdkError::from("fatal".parse::<Severity>().unwrap_err());
+        assert!(matches!(e, SdkError::BadSeverity(s) if s == "fatal"));
     }
 
     #[test]

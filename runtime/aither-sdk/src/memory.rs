@@ -11,8 +11,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::fmt;
-
 use serde_json::{json, Map, Value};
 
 use crate::{Channel, SdkError};
@@ -28,38 +26,7 @@ pub struct SearchOptions {
     pub any: bool,
 }
 
-/// A memory tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tier {
-    /// Scratch of the current run: cleared when the run ends.
-    Working,
-    /// Session state with a TTL; survives restarts.
-    Active,
-    /// Identity and instructions; writing needs a claim (operators write it).
-    Spirit,
-    /// Nodes and edges: use the `graph_*` calls.
-    Codegraph,
-    /// Long-term facts with full-text search.
-    Knowledge,
-}
-
-impl Tier {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Working => "working",
-            Tier::Active => "active",
-            Tier::Spirit => "spirit",
-            Tier::Codegraph => "codegraph",
-            Tier::Knowledge => "knowledge",
-        }
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use aither_proto::Tier;
 
 fn fields(v: Value) -> Map<String, Value> {
     match v {

@@ -146,7 +146,7 @@ fn oversize_requests_are_refused_before_writing() {
         .request("memory.put", fields(json!({"key": "k", "value": blob})))
         .unwrap_err();
     assert!(
-        matches!(e, SdkError::Frame(FrameError::TooLarge(n)) if n > MAX_FRAME as u64),
+        matches!(e, SdkError::Frame(FrameError::TooLarge { len: n, .. }) if n > MAX_FRAME as u64),
         "{e:?}"
     );
 
