@@ -692,7 +692,10 @@ impl Agent {
                     if adopted {
                         // The daemon restarted: the agent's subscriptions are gone.
                         let _ = slots_tx.try_send(Slot::Raw(
-                            json!({"push": "bus.reset", "reason": "aitherd restarted; subscribe again"}).to_string(),
+                            serde_json::to_string(&aither_proto::Push::BusReset {
+                                reason: "aitherd restarted; subscribe again".into(),
+                            })
+                            .unwrap_or_default(),
                         ));
                     }
                     writer_task = Some(tokio::spawn(super::bus::channel_writer(

@@ -32,8 +32,13 @@ pub enum Eviction {
     },
 }
 
-/// A GPU lease as the agent sees it (`gpu.lease` on the agent channel): a wire type.
-pub use aither_proto::LeasedDevice;
+/// A GPU lease as the agent sees it (`gpu.lease` on the agent channel): wire types.
+pub use aither_proto::{GpuLease, GpuState, LeasedDevice};
+
+/// A `gpu.lease` reply's data.
+fn lease_value(lease: GpuLease) -> serde_json::Value {
+    serde_json::to_value(lease).unwrap_or_default()
+}
 
 struct Inner {
     sched: Scheduler,
@@ -379,16 +384,24 @@ impl GpuService {
                 })
                 .collect();
             let visible: Vec<String> = devs.iter().map(|d| d.uuid.clone()).collect();
-            return json!({"granted": true, "state": "granted", "devices": devs,
-                          "visible_devices": visible.join(","), "priority": l.request.priority,
-                          "exclusive": l.request.exclusive});
+            return lease_value(GpuLease {
+                granted: true,
+                state: GpuState::Granted,
+                devices: devs,
+                visible_devices: visible.join(","),
+                priority: Some(l.request.priority),
+                exclusive: Some(l.request.exclusive),
+            });
         }
         let state = if g.sched.is_queued(agent) {
-            "queued"
+            GpuState::Queued
         } else {
-            "none"
+            GpuState::None
         };
-        json!({"granted": false, "state": state, "devices": [], "visible_devices": ""})
+        lease_value(GpuLease {
+            state,
+            ..GpuLease::default()
+        })
     }
 
     /// The `ps` column: `0,1:8G`, `queued#3`, or None.

@@ -41,4 +41,10 @@ pub struct GpuLease {
     /// The value for `CUDA_VISIBLE_DEVICES`: a convenience, not a boundary (the sandbox has
     /// only the leased device nodes).
     pub visible_devices: String,
+    /// The lease's priority class (granted leases only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    /// Whether the devices are the agent's alone (granted leases only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<bool>,
 }
