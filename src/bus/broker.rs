@@ -899,6 +899,29 @@ mod tests {
     use super::*;
     use crate::token::BusClaim;
 
+    /// The push is framed by hand (no re-encoding of `data`): it is the protocol fixture, byte
+    /// for byte, and decodes as aither-proto's `Push`.
+    #[test]
+    fn push_json_is_the_protocol_fixture() {
+        let fixture = include_str!("../../crates/aither-proto/fixtures/agent.push.bus_msg.json");
+        let d = Delivery {
+            sub: 7,
+            msg: Arc::new(Msg {
+                seq: Some(42),
+                subject: "agent.indexer.jobs".into(),
+                data: r#"{"job":"a"}"#.into(),
+                ts_ms: 1_700_000_000_000,
+                publisher: "operator".into(),
+            }),
+            dropped: 0,
+        };
+        assert_eq!(d.push_json(), fixture);
+        assert!(matches!(
+            serde_json::from_str::<aither_proto::agent::Push>(&d.push_json()).unwrap(),
+            aither_proto::agent::Push::BusMsg(m) if m.seq == Some(42) && m.sub == 7
+        ));
+    }
+
     fn bus() -> (tempfile::TempDir, Arc<Bus>) {
         let dir = tempfile::tempdir().unwrap();
         let ret = Retention {

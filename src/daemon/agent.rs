@@ -1151,7 +1151,10 @@ impl Agent {
         };
         let reply = |r: proto::Reply, e: Effect| (with_id(r), e);
         let Some(op) = v.get("op").and_then(|o| o.as_str()) else {
-            return reply(proto::Reply::err(ErrorCode::Invalid, "missing \"op\""), Effect::None);
+            return reply(
+                proto::Reply::err(ErrorCode::Invalid, "missing \"op\""),
+                Effect::None,
+            );
         };
         let verified = match self.d.check_token(&self.rec.token) {
             Ok(v) => v,

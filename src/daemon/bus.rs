@@ -57,9 +57,9 @@ async fn put_slot(buf: &mut Vec<u8>, s: Slot, limit: usize) -> bool {
     match s {
         Slot::Now(r) => put_reply(buf, &r, limit),
         Slot::Later(id, rx) => {
-            let mut r = rx
-                .await
-                .unwrap_or_else(|_| Reply::err(ErrorCode::Internal, "the daemon dropped the reply"));
+            let mut r = rx.await.unwrap_or_else(|_| {
+                Reply::err(ErrorCode::Internal, "the daemon dropped the reply")
+            });
             r.id = id;
             put_reply(buf, &r, limit);
         }

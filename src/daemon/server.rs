@@ -72,7 +72,8 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let mut s = stream;
-            let _ = aio::write_reply(&mut s, &Reply::err(ErrorCode::Busy, "too many connections")).await;
+            let _ = aio::write_reply(&mut s, &Reply::err(ErrorCode::Busy, "too many connections"))
+                .await;
             continue;
         };
         let d = d.clone();
@@ -562,7 +563,10 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
     }
     let op = request.get("op").and_then(|o| o.as_str()).unwrap_or("");
     if !op.starts_with("mem.") {
-        return Reply::err(ErrorCode::Invalid, format!("{op:?} is not a memory op (mem.*)"));
+        return Reply::err(
+            ErrorCode::Invalid,
+            format!("{op:?} is not a memory op (mem.*)"),
+        );
     }
     let d2 = d.clone();
     let res = tokio::task::spawn_blocking(move || {
@@ -594,7 +598,10 @@ where
             return not_found(name);
         };
         if h.cmd.send(make(tx)).is_err() {
-            return Reply::err(ErrorCode::Internal, format!("{name}: its supervisor has ended"));
+            return Reply::err(
+                ErrorCode::Internal,
+                format!("{name}: its supervisor has ended"),
+            );
         }
     }
     match rx.await {
@@ -603,7 +610,10 @@ where
             None => Reply::ok(json!({"name": name, "removed": true})),
         },
         Ok(Err(e)) => Reply::err(ErrorCode::Conflict, e),
-        Err(_) => Reply::err(ErrorCode::Internal, format!("{name}: no answer from its supervisor")),
+        Err(_) => Reply::err(
+            ErrorCode::Internal,
+            format!("{name}: no answer from its supervisor"),
+        ),
     }
 }
 
@@ -735,7 +745,10 @@ async fn spawn_inner(
     match rx.await {
         Ok(Ok(())) => Reply::ok(serde_json::to_value(d.info_of(&req.name)).unwrap_or_default()),
         Ok(Err(e)) => Reply::err(ErrorCode::LaunchFailed, e),
-        Err(_) => Reply::err(ErrorCode::Internal, "the agent's supervisor ended before starting"),
+        Err(_) => Reply::err(
+            ErrorCode::Internal,
+            "the agent's supervisor ended before starting",
+        ),
     }
 }
 

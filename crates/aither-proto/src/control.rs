@@ -314,4 +314,3 @@ impl Supervision {
         Duration::from_millis(self.stop_timeout_ms)
     }
 }
-

@@ -254,7 +254,13 @@ mod tests {
         // A 4 GiB announcement must not allocate or read anything.
         let mut r = &b"\xff\xff\xff\xffrest"[..];
         let err = read_frame(&mut r).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 0xffff_ffff, .. }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 0xffff_ffff,
+                ..
+            }
+        ));
         assert_eq!(r, b"rest");
 
         let just_over = ((MAX_FRAME + 1) as u32).to_be_bytes();

@@ -51,7 +51,10 @@ fn every_fixture_round_trips_byte_for_byte() {
         assert_eq!(&framed[..4], &(bytes.len() as u32).to_be_bytes());
         assert_eq!(read_frame(&mut &framed[..]).unwrap().unwrap(), bytes);
         let kind = name.rsplit_once('.').unwrap().0;
-        match kind.split_once('.').map(|(a, b)| (a, b.split('.').next().unwrap())) {
+        match kind
+            .split_once('.')
+            .map(|(a, b)| (a, b.split('.').next().unwrap()))
+        {
             Some(("control", "request")) => {
                 let r: Request = round_trip(path, &bytes);
                 let op = serde_json::to_value(&r).unwrap()["op"].clone();
@@ -154,8 +157,5 @@ fn the_control_socket_refuses_unknown_ops_and_fields() {
     // The agent channel ignores fields it does not know (a newer SDK).
     let f: AgentFrame =
         serde_json::from_str(r#"{"id":1,"op":"status","text":"x","later":true}"#).unwrap();
-    assert_eq!(
-        f.request,
-        AgentRequest::Status { text: "x".into() }
-    );
+    assert_eq!(f.request, AgentRequest::Status { text: "x".into() });
 }
