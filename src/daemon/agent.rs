@@ -1218,12 +1218,13 @@ impl Agent {
             },
             "pain" => {
                 let sev = v.get("severity").and_then(|s| s.as_str()).unwrap_or("");
-                let action = match sev {
-                    "info" => self.rec.pain.info,
-                    "warning" => self.rec.pain.warning,
-                    "error" => self.rec.pain.error,
-                    "critical" => self.rec.pain.critical,
-                    _ => {
+                use aither_proto::Severity;
+                let action = match sev.parse::<Severity>() {
+                    Ok(Severity::Info) => self.rec.pain.info,
+                    Ok(Severity::Warning) => self.rec.pain.warning,
+                    Ok(Severity::Error) => self.rec.pain.error,
+                    Ok(Severity::Critical) => self.rec.pain.critical,
+                    Err(_) => {
                         return reply(
                             proto::Reply::err(
                                 ErrorCode::Invalid,
