@@ -146,7 +146,49 @@ fn launcher_depends_on_the_core_not_on_the_daemon_crate() {
     for upper in ["aither", "aither-init", "aither-sdk"] {
         assert!(
             !core.contains(upper),
-            "aither-core depends on {upper}: the core depends on no other workspace crate"
+            "aither-core depends on {upper}: the core depends on no workspace crate but aither-proto"
         );
+    }
+}
+
+/// The wire contract (docs/protocol.md) is one crate that agents, the launcher, the CLI and the
+/// daemon all link: it depends on serde, serde_json and thiserror only, and it is the only
+/// workspace crate an agent's SDK carries.
+#[test]
+fn the_protocol_crate_links_serde_only_and_is_all_the_sdk_takes_from_the_workspace() {
+    let g = graph();
+    let id = g.id("aither-proto");
+    let direct: BTreeSet<String> = g.deps[&id]
+        .iter()
+        .filter(|(_, kinds)| kinds.iter().any(|k| k != "dev"))
+        .map(|(d, _)| g.names[d].clone())
+        .collect();
+    assert_eq!(
+        direct,
+        BTreeSet::from(["serde".into(), "serde_json".into(), "thiserror".into()]),
+        "aither-proto's dependencies"
+    );
+    let workspace = [
+        "aither",
+        "aither-core",
+        "aither-init",
+        "aither-sdk",
+        "aither-proto",
+    ];
+    let proto = g.reach("aither-proto");
+    assert!(forbidden_in(&proto).is_empty(), "{proto:?}");
+    for w in &workspace[..4] {
+        assert!(!proto.contains(*w), "aither-proto depends on {w}");
+    }
+    let sdk = g.reach("aither-sdk");
+    let taken: Vec<&&str> = workspace[..3]
+        .iter()
+        .filter(|w| sdk.contains(**w))
+        .collect();
+    assert!(taken.is_empty(), "aither-sdk depends on {taken:?}");
+    assert!(sdk.contains("aither-proto"), "{sdk:?}");
+    // Those who speak the protocol use its one definition.
+    for user in ["aither", "aither-core", "aither-init", "aither-sdk"] {
+        assert!(g.reach(user).contains("aither-proto"), "{user}");
     }
 }
