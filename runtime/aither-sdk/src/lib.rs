@@ -608,7 +608,9 @@ impl Channel {
     pub fn gpu_lease(&self) -> Result<GpuLease, SdkError> {
         match self.typed(&AgentRequest::GpuLease) {
             Ok(reply) => gpu::lease_from_reply(reply),
-            Err(SdkError::Remote { code, message }) if code == "unknown_op" => {
+            Err(SdkError::Remote { code, message })
+                if WireCode::parse(&code) == WireCode::UnknownOp =>
+            {
                 Err(SdkError::GpuUnavailable(message))
             }
             Err(e) => Err(e),

@@ -94,7 +94,12 @@ impl Channel {
             json!({"tier": tier.as_str(), "key": key, "owner": owner}),
         ) {
             Ok(mut d) => Ok(Some(d["value"].take())),
-            Err(e) if e.remote_code() == Some("not_found") => Ok(None),
+            Err(e)
+                if e.remote_code().map(crate::WireCode::parse)
+                    == Some(crate::WireCode::NotFound) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
