@@ -401,6 +401,24 @@ time.sleep(60)
     assert!(ev.iter().any(|e| e["kind"] == "pain"
         && e["data"]["severity"] == "critical"
         && e["data"]["action"] == "restart"));
+
+    // Issue 20: under `--restart never` the same pain ends the run, and that is all.
+    let once = unique("critical-never");
+    d.spawn(
+        &once,
+        &["--backoff", "0", "--restart", "never"],
+        &["python3", "agent.py", "critical"],
+    );
+    d.wait_state(&once, "exited", Duration::from_secs(15));
+    let info = d.inspect(&once);
+    assert_eq!(info["restarts"], 0, "{info}");
+    assert_eq!(info["last_reason"]["kind"], "pain", "{info}");
+    let ev = d.events(&once);
+    assert_eq!(
+        ev.iter().filter(|e| e["kind"] == "started").count(),
+        1,
+        "restarted under --restart never: {ev:?}"
+    );
 }
 
 #[test]

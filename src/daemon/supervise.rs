@@ -300,13 +300,13 @@ impl RestartTracker {
         ) {
             return Decision::Done;
         }
-        // A `restart` pain action restarts whatever the policy (within the burst limit).
-        let restart = matches!(reason, EndReason::Pain { .. })
-            || match sup.restart {
-                RestartPolicy::Never => false,
-                RestartPolicy::OnFailure => failed,
-                RestartPolicy::Always => true,
-            };
+        // A `restart` pain action is a failure like any other: the restart policy decides
+        // (issue 20: `--restart never` means never, whatever the pain table says).
+        let restart = match sup.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Always => true,
+        };
         if !restart {
             return Decision::Done;
         }
@@ -442,6 +442,27 @@ mod tests {
         ));
         s.success_codes = vec![0, 3];
         assert!(!EndReason::Exited { code: 3 }.is_failure(&s));
+    }
+
+    #[test]
+    fn pain_restarts_only_where_the_restart_policy_restarts() {
+        let pain = EndReason::Pain {
+            signal: "agent".into(),
+            reason: "critical".into(),
+        };
+        let mut t = RestartTracker::new(11);
+        let never = Supervision {
+            restart: RestartPolicy::Never,
+            ..sup()
+        };
+        assert_eq!(t.decide(&never, &pain, 0), Decision::Done);
+        assert_eq!(t.total, 0, "no restart counted under never");
+        assert!(matches!(t.decide(&sup(), &pain, 0), Decision::Restart(_)));
+        let always = Supervision {
+            restart: RestartPolicy::Always,
+            ..sup()
+        };
+        assert!(matches!(t.decide(&always, &pain, 0), Decision::Restart(_)));
     }
 
     #[test]
