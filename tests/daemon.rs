@@ -522,9 +522,45 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
     d.ok(&["stop", &b]);
     assert!(!Path::new(&format!("/proc/{pb}")).exists());
     d.ok(&["kill", "--signal", "TERM", &a]);
-    d.wait_state(&a, "running", Duration::from_secs(10));
+    // An operator's signal is seen, and is not a crash (issue 20): exited, not restarted.
+    d.wait_state(&a, "exited", Duration::from_secs(10));
     let ev = d.wait_events(&a, "exited", 1, Duration::from_secs(5));
-    assert!(ev.iter().any(|e| e["kind"] == "exited"));
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "killed_by_operator"));
+}
+
+#[test]
+fn an_operators_term_is_not_a_crash_and_kill_says_what_it_sent() {
+    let d = daemon();
+    let name = unique("termed");
+    d.spawn(
+        &name,
+        &[
+            "--restart",
+            "always",
+            "--backoff",
+            "0",
+            "--health-cmd",
+            "true",
+            "--health-interval",
+            "100ms",
+        ],
+        &["sleep", "60"],
+    );
+    d.wait_state(&name, "ready", Duration::from_secs(10));
+    let out = d.ok(&["kill", "-s", "TERM", &name]);
+    assert_eq!(out, format!("{name}: sent SIGTERM\n"));
+    d.wait_state(&name, "exited", Duration::from_secs(10));
+    let info = d.inspect(&name);
+    assert_eq!(info["restarts"], 0, "{info}");
+    assert_eq!(
+        info["last_reason"],
+        serde_json::json!({"kind": "killed_by_operator", "signal": libc::SIGTERM}),
+        "{info}"
+    );
+    assert_eq!(d.count(&name, "started"), 1, "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "backoff"), 0, "{}", d.events_text(&name));
 }
 
 #[test]

@@ -764,6 +764,8 @@ impl Agent {
         let mut then = After::Policy;
         let mut stop_replies = Vec::new();
         let mut kill_at: Option<Instant> = None;
+        // Signals an operator sent this run (bit n: signal n); dying of one is not a crash.
+        let mut operator_signals = 0u128;
 
         let pid1 = live.pid1;
         let shim_sig = match live.signaller() {
@@ -939,6 +941,9 @@ impl Agent {
                             // The signal goes to the agent through the shim and pid 1; a kill
                             // the user asked for is not a failure.
                             let r = shim_sig.signal(signal).map_err(|e| e.to_string());
+                            if r.is_ok() {
+                                operator_signals |= 1u128 << signal;
+                            }
                             if r.is_ok() && signal == libc::SIGKILL {
                                 pending.get_or_insert(EndReason::StoppedByUs);
                                 if let Some(c) = cg.as_ref() { self.d.cgroups.kill_all(c); }
@@ -1111,6 +1116,8 @@ impl Agent {
                     };
                     self.record_pain(&what, PainAction::Log);
                     EndReason::OomKilled
+                } else if let Some(s) = operator_end(&r, operator_signals) {
+                    EndReason::KilledByOperator { signal: s }
                 } else if let Some(s) = r.signal {
                     EndReason::Signaled { signal: s }
                 } else {
@@ -1376,6 +1383,17 @@ impl Agent {
             }),
             PainAction::Stop => Some(EndReason::StoppedByUs),
         }
+    }
+}
+
+/// The operator's signal (one of `sent`, bit n: signal n) that ended a run: killed by it, or
+/// exited with 128+n as a shell reports it.
+fn operator_end(r: &ExitRecord, sent: u128) -> Option<i32> {
+    let was_sent = |s: i32| (1..128).contains(&s) && sent & (1u128 << s) != 0;
+    match (r.signal, r.code) {
+        (Some(s), _) if was_sent(s) => Some(s),
+        (None, Some(c)) if was_sent(c - 128) => Some(c - 128),
+        _ => None,
     }
 }
 

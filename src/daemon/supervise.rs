@@ -178,6 +178,11 @@ pub enum EndReason {
     },
     /// Stopped on purpose (stop, restart, a pain action): never a failure.
     StoppedByUs,
+    /// Ended by a signal an operator sent (`aitherctl kill -s SIG`): killed by it, or exited
+    /// with 128+SIG as a shell reports it. Never a failure, never restarted.
+    KilledByOperator {
+        signal: i32,
+    },
     /// The sandbox could not be launched.
     LaunchFailed {
         code: i32,
@@ -211,7 +216,9 @@ impl EndReason {
     pub fn is_failure(&self, sup: &Supervision) -> bool {
         match self {
             EndReason::Exited { code } => !sup.success_codes.contains(code),
-            EndReason::StoppedByUs | EndReason::GpuPreempted { .. } => false,
+            EndReason::StoppedByUs
+            | EndReason::KilledByOperator { .. }
+            | EndReason::GpuPreempted { .. } => false,
             _ => true,
         }
     }
@@ -229,6 +236,9 @@ impl EndReason {
                 format!("health check failed {failures} times in a row")
             }
             EndReason::StoppedByUs => "stopped".into(),
+            EndReason::KilledByOperator { signal } => {
+                format!("ended by {} from aitherctl kill", super::signal_name(*signal))
+            }
             EndReason::LaunchFailed { error, .. } => format!("launch failed: {error}"),
             EndReason::Lost => "its launcher vanished".into(),
             EndReason::TokenInvalid { error } => format!("token no longer valid: {error}"),
@@ -296,7 +306,9 @@ impl RestartTracker {
         let failed = reason.is_failure(sup);
         if matches!(
             reason,
-            EndReason::StoppedByUs | EndReason::TokenInvalid { .. }
+            EndReason::StoppedByUs
+                | EndReason::KilledByOperator { .. }
+                | EndReason::TokenInvalid { .. }
         ) {
             return Decision::Done;
         }
@@ -429,6 +441,20 @@ mod tests {
             Decision::Done
         );
         assert_eq!(t.decide(&s, &EndReason::StoppedByUs, 0), Decision::Done);
+        // An operator's signal is never a failure, under any policy (issue 20).
+        let op = EndReason::KilledByOperator {
+            signal: libc::SIGTERM,
+        };
+        assert!(!op.is_failure(&s));
+        for restart in [
+            RestartPolicy::Never,
+            RestartPolicy::OnFailure,
+            RestartPolicy::Always,
+        ] {
+            let s = Supervision { restart, ..sup() };
+            assert_eq!(t.decide(&s, &op, 0), Decision::Done, "{restart:?}");
+        }
+        assert_eq!(t.total, 0);
         assert!(matches!(
             t.decide(&s, &EndReason::OomKilled, 0),
             Decision::Restart(_)

@@ -704,14 +704,26 @@ pub fn kill(a: KillArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    act(
-        Request::Kill {
-            name: a.name,
-            signal,
-        },
-        a.json,
-        "signalled",
-    )
+    // The state right after the signal is not news (the agent has not reacted yet): the
+    // reply's state is left out of the line (issue 20: "signalled (now ready)").
+    match call(&Request::Kill {
+        name: a.name,
+        signal,
+    }) {
+        Ok(v) if a.json => {
+            print_json(&v);
+            0
+        }
+        Ok(v) => {
+            println!(
+                "{}: sent {}",
+                v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+                daemon::signal_name(signal)
+            );
+            0
+        }
+        Err(c) => c,
+    }
 }
 
 pub fn restart(a: RestartArgs) -> i32 {
