@@ -11,6 +11,7 @@
 //!                                   └──► export::{oci, k8s} (the same spec for crun, runc, Kubernetes)
 //! ```
 
+pub mod agent_name;
 pub mod audit;
 pub mod bus;
 pub mod cgroup;

@@ -1031,3 +1031,19 @@ fn the_audit_stream_survives_kill_9_of_the_daemon_in_a_burst() {
     assert!(poll_until(Duration::from_secs(5), || d.audit().len() > before));
     assert!(d.ctl(&["audit", "verify"]).status.success());
 }
+
+#[test]
+fn a_bad_agent_name_is_refused_naming_the_field_and_the_rule() {
+    let d = daemon();
+    for bad in ["../x", "a/b", "a.b", &"a".repeat(49)] {
+        let o = d.ctl(&["spawn", "--policy", "strict", bad, "--", "true"]);
+        assert_ne!(o.status.code(), Some(0), "{bad:?} accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!(
+                "invalid agent name {bad:?} in name: 1-48 letters, digits, '-' or '_', not starting with '-'"
+            )),
+            "{bad:?}: {err}"
+        );
+    }
+}

@@ -237,7 +237,10 @@ impl EndReason {
             }
             EndReason::StoppedByUs => "stopped".into(),
             EndReason::KilledByOperator { signal } => {
-                format!("ended by {} from aitherctl kill", super::signal_name(*signal))
+                format!(
+                    "ended by {} from aitherctl kill",
+                    super::signal_name(*signal)
+                )
             }
             EndReason::LaunchFailed { error, .. } => format!("launch failed: {error}"),
             EndReason::Lost => "its launcher vanished".into(),

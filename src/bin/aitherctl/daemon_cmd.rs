@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aither::agent_name::AgentName;
+use aither::daemon;
 use aither::daemon::agent::Info;
 use aither::daemon::agentfile::AgentFile;
 use aither::daemon::client::{Client, ClientError};
 use aither::daemon::proto::{Reply, Request, SpawnRequest};
 use aither::daemon::store::Event;
 use aither::daemon::supervise::{to_ms, RestartPolicy, Supervision};
-use aither::daemon::{self, check_name};
 use aither::units::Size;
 use clap::Args;
 
@@ -211,7 +212,7 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
                 .map(|s| s.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
-    check_name(&name).map_err(anyhow::Error::msg)?;
+    AgentName::parse("name", &name)?;
     let mut sup = Supervision::default();
     if let Some(f) = &file {
         sup = f.supervision(sup);
