@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod harden;
 pub mod identity;
 pub mod kernel_audit;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
