@@ -400,23 +400,7 @@ impl Agent {
             }
             let sup = self.sup().clone();
             let decision = self.tracker.decide(&sup, &end.reason, now);
-            self.audit(
-                Entry::new(
-                    "restart_decision",
-                    Verdict::Info,
-                    format!(
-                        "restart={} burst_limit={} in {}s: {}",
-                        serde_json::to_value(sup.restart)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
-                        sup.burst_limit,
-                        sup.burst_window_ms / 1000,
-                        end.reason.describe()
-                    ),
-                )
-                .data(json!({"decision": format!("{decision:?}"), "reason": end.reason})),
-            );
+            self.audit_decision(&sup, &end.reason, decision);
             self.set(|i| i.restarts = self.tracker.total);
             self.d.store.set_restarts(&self.name, self.tracker.total);
             let Decision::Restart(delay) = decision else {
@@ -430,34 +414,64 @@ impl Agent {
                 idle = resting_state(decision, &end.reason);
                 continue;
             };
-            self.state(State::Backoff);
-            let at = super::store::now_ms() + delay.as_millis() as u64;
-            self.set(|i| i.next_start_ms = Some(at));
-            self.d.emit(
-                Some(&self.name),
-                "backoff",
-                json!({"delay_ms": delay.as_millis() as u64, "restarts": self.tracker.total}),
-            );
-            match self.backoff(delay).await {
-                None => {}
-                Some(After::Stop(replies)) => {
-                    for r in replies {
-                        let _ = r.send(Ok(()));
-                    }
-                    self.set(|i| i.next_start_ms = None);
-                    idle = Some(State::Stopped);
-                }
-                Some(After::Remove(reply)) => {
-                    self.remove(reply).await;
-                    return;
-                }
-                Some(After::Restart(reply)) => {
-                    let _ = reply.send(Ok(()));
-                }
-                Some(After::Policy) => {}
+            match self.back_off(delay).await {
+                Some(rest) => idle = rest,
+                None => return,
             }
-            self.set(|i| i.next_start_ms = None);
         }
+    }
+
+    /// The restart policy's decision, in the audit stream.
+    fn audit_decision(&self, sup: &Supervision, reason: &EndReason, decision: Decision) {
+        self.audit(
+            Entry::new(
+                "restart_decision",
+                Verdict::Info,
+                format!(
+                    "restart={} burst_limit={} in {}s: {}",
+                    serde_json::to_value(sup.restart)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    sup.burst_limit,
+                    sup.burst_window_ms / 1000,
+                    reason.describe()
+                ),
+            )
+            .data(json!({"decision": format!("{decision:?}"), "reason": reason})),
+        );
+    }
+
+    /// State `backoff` for `delay`, then the next start. Some(Some(state)): a user's stop
+    /// came first (rest in it); Some(None): start now; None: a user removed the agent.
+    async fn back_off(&mut self, delay: Duration) -> Option<Option<State>> {
+        self.state(State::Backoff);
+        let at = super::store::now_ms() + delay.as_millis() as u64;
+        self.set(|i| i.next_start_ms = Some(at));
+        self.d.emit(
+            Some(&self.name),
+            "backoff",
+            json!({"delay_ms": delay.as_millis() as u64, "restarts": self.tracker.total}),
+        );
+        let mut rest = None;
+        match self.backoff(delay).await {
+            None | Some(After::Policy) => {}
+            Some(After::Stop(replies)) => {
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+                rest = Some(State::Stopped);
+            }
+            Some(After::Remove(reply)) => {
+                self.remove(reply).await;
+                return None;
+            }
+            Some(After::Restart(reply)) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        self.set(|i| i.next_start_ms = None);
+        Some(rest)
     }
 
     /// Records the end of a run.
@@ -631,29 +645,7 @@ impl Agent {
     async fn watch(&mut self, mut live: Live, adopted: bool) -> RunEnd {
         let sup = self.sup().clone();
         let started = Instant::now();
-        self.set(|i| {
-            i.pid1 = live.pid1;
-            i.agent_pid = live.agent_pid;
-            i.shim_pid = Some(live.shim_pid);
-            i.cgroup = Some(live.cgroup_id.clone());
-            i.started_ms = Some(super::store::now_ms());
-            i.health_failures = 0;
-            i.oom_kills = 0;
-            if live.report.is_some() {
-                i.report = live.report.clone();
-            }
-        });
-        if let Some(r) = &live.report {
-            // Replaced through the log directory's fd (no link followed).
-            if let Ok(d) = crate::hostpath::open_dir_nofollow(&live.log_dir) {
-                let _ = crate::hostpath::replace_file_at(
-                    std::os::fd::AsFd::as_fd(&d),
-                    std::ffi::OsStr::new("report.json"),
-                    r.get().as_bytes(),
-                    0o640,
-                );
-            }
-        }
+        self.note_start(&live);
         // Egress for this run, until `watch` returns (docs/network.md).
         let _egress = live.egress.take().map(|fd| {
             let (token, grants) = self
@@ -674,70 +666,13 @@ impl Agent {
         let mut run = Run::new(&sup, started, live.was_ready);
         self.state(run.initial_state());
 
-        // The agent channel: a reader task turns frames into items; a writer task puts the
-        // replies (in order) and the bus's pushes on it.
-        let (frames_tx, mut frames_rx) = mpsc::channel::<ChannelItem>(16);
-        let mut writer: Option<mpsc::Sender<Slot>> = None;
-        let mut reader_task = None;
-        let mut writer_task = None;
-        let bus_claim = self
-            .d
-            .check_token(&self.rec.token)
-            .map(|v| v.effective().bus.clone())
-            .unwrap_or_default();
-        let outbox = self
-            .d
-            .bus
-            .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
-        self.outbox = Some(outbox.clone());
-        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::downgrade(&outbox));
-        if let Some(fd) = live.channel.take() {
-            match channel_stream(fd) {
-                Ok(stream) => {
-                    let (mut r, w) = stream.into_split();
-                    let (slots_tx, slots_rx) = mpsc::channel::<Slot>(256);
-                    if adopted {
-                        // The daemon restarted: the agent's subscriptions are gone.
-                        let _ = slots_tx.try_send(Slot::Raw(
-                            json!({"push": "bus.reset", "reason": "aitherd restarted; subscribe again"}).to_string(),
-                        ));
-                    }
-                    writer_task = Some(tokio::spawn(super::bus::channel_writer(
-                        w,
-                        slots_rx,
-                        outbox.clone(),
-                        self.usage.clone(),
-                    )));
-                    writer = Some(slots_tx);
-                    reader_task = Some(tokio::spawn(async move {
-                        loop {
-                            match aio::read_frame(&mut r).await {
-                                Ok(Some(body)) => {
-                                    // Parsing is work for the agent too: measured, charged.
-                                    let cpu0 = super::budget::thread_cpu_ns();
-                                    let parsed = serde_json::from_slice(&body);
-                                    let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
-                                    let item = match parsed {
-                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
-                                        Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
-                                    };
-                                    if frames_tx.send(item).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => return,
-                                Err(e) => {
-                                    let _ = frames_tx.send(ChannelItem::Error(e)).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }));
-                }
-                Err(e) => tracing::warn!(agent = %self.name, error = %e, "agent channel unusable"),
-            }
-        }
+        let Channel {
+            mut frames_rx,
+            mut writer,
+            reader_task,
+            writer_task,
+            outbox,
+        } = self.attach_channel(live.channel.take(), adopted);
 
         let cg = {
             let mgr = &*self.d.cgroups;
@@ -829,14 +764,7 @@ impl Agent {
         }
         let (reason, healthy_since, then) = run.finish(record.as_ref());
         if reason == EndReason::OomKilled {
-            let what = PainWhat {
-                source: "kernel",
-                signal: "oom".into(),
-                severity: None,
-                reason: Some("the agent was killed by the OOM killer".into()),
-                data: json!({"memory_limit": self.rec.spec.limits.memory}),
-            };
-            self.record_pain(&what, PainAction::Log);
+            self.record_oom_end();
         }
         // Whatever is left in the cgroup goes (the shim removes the directories).
         if let Some(c) = cg.as_ref() {
@@ -856,6 +784,97 @@ impl Agent {
             healthy_since,
             then,
         }
+    }
+
+    /// The agent channel for a run: a reader task turns frames into items; a writer task
+    /// puts the replies (in order) and the bus's pushes on it. `adopted`: the daemon
+    /// restarted, and the agent is told its subscriptions are gone.
+    fn attach_channel(&mut self, fd: Option<OwnedFd>, adopted: bool) -> Channel {
+        let (frames_tx, frames_rx) = mpsc::channel::<ChannelItem>(16);
+        let mut writer: Option<mpsc::Sender<Slot>> = None;
+        let mut reader_task = None;
+        let mut writer_task = None;
+        let bus_claim = self
+            .d
+            .check_token(&self.rec.token)
+            .map(|v| v.effective().bus.clone())
+            .unwrap_or_default();
+        let outbox = self
+            .d
+            .bus
+            .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
+        self.outbox = Some(outbox.clone());
+        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::downgrade(&outbox));
+        if let Some(fd) = fd {
+            match channel_stream(fd) {
+                Ok(stream) => {
+                    let (r, w) = stream.into_split();
+                    let (slots_tx, slots_rx) = mpsc::channel::<Slot>(256);
+                    if adopted {
+                        // The daemon restarted: the agent's subscriptions are gone.
+                        let _ = slots_tx.try_send(Slot::Raw(
+                                json!({"push": "bus.reset", "reason": "aitherd restarted; subscribe again"}).to_string(),
+                            ));
+                    }
+                    writer_task = Some(tokio::spawn(super::bus::channel_writer(
+                        w,
+                        slots_rx,
+                        outbox.clone(),
+                        self.usage.clone(),
+                    )));
+                    writer = Some(slots_tx);
+                    reader_task = Some(tokio::spawn(read_frames(r, frames_tx)));
+                }
+                Err(e) => tracing::warn!(agent = %self.name, error = %e, "agent channel unusable"),
+            }
+        }
+        Channel {
+            frames_rx,
+            writer,
+            reader_task,
+            writer_task,
+            outbox,
+        }
+    }
+
+    /// What `inspect` shows of a new run, and its enforcement report beside its log.
+    fn note_start(&self, live: &Live) {
+        self.set(|i| {
+            i.pid1 = live.pid1;
+            i.agent_pid = live.agent_pid;
+            i.shim_pid = Some(live.shim_pid);
+            i.cgroup = Some(live.cgroup_id.clone());
+            i.started_ms = Some(super::store::now_ms());
+            i.health_failures = 0;
+            i.oom_kills = 0;
+            if live.report.is_some() {
+                i.report = live.report.clone();
+            }
+        });
+        if let Some(r) = &live.report {
+            // Replaced through the log directory's fd (no link followed).
+            if let Ok(d) = crate::hostpath::open_dir_nofollow(&live.log_dir) {
+                let _ = crate::hostpath::replace_file_at(
+                    std::os::fd::AsFd::as_fd(&d),
+                    std::ffi::OsStr::new("report.json"),
+                    r.get().as_bytes(),
+                    0o640,
+                );
+            }
+        }
+    }
+
+    /// An OOM kill that ended the run is a pain event too.
+    fn record_oom_end(&self) {
+        let what = PainWhat {
+            source: "kernel",
+            signal: "oom".into(),
+            severity: None,
+            reason: Some("the agent was killed by the OOM killer".into()),
+            data: json!({"memory_limit": self.rec.spec.limits.memory}),
+        };
+        self.record_pain(&what, PainAction::Log);
     }
 
     /// Performs one of the lifecycle's actions.
@@ -1363,6 +1382,15 @@ fn kernel_action(p: &PainPolicy, kind: &str) -> PainAction {
     }
 }
 
+/// One run's agent channel (`Agent::attach_channel`).
+struct Channel {
+    frames_rx: mpsc::Receiver<ChannelItem>,
+    writer: Option<mpsc::Sender<Slot>>,
+    reader_task: Option<tokio::task::JoinHandle<()>>,
+    writer_task: Option<tokio::task::JoinHandle<()>>,
+    outbox: Arc<crate::bus::Outbox>,
+}
+
 /// The reply channels of the commands that wait for the run's end.
 #[derive(Default)]
 struct Replies {
@@ -1397,6 +1425,32 @@ enum Effect {
     Ready,
     Heartbeat,
     Pain(PainAction, PainWhat),
+}
+
+/// The agent channel's reader: frames in, items out, until EOF or a fatal frame error.
+async fn read_frames(mut r: tokio::net::unix::OwnedReadHalf, frames_tx: mpsc::Sender<ChannelItem>) {
+    loop {
+        match aio::read_frame(&mut r).await {
+            Ok(Some(body)) => {
+                // Parsing is work for the agent too: measured, charged.
+                let cpu0 = super::budget::thread_cpu_ns();
+                let parsed = serde_json::from_slice(&body);
+                let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                let item = match parsed {
+                    Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
+                    Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
+                };
+                if frames_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = frames_tx.send(ChannelItem::Error(e)).await;
+                return;
+            }
+        }
+    }
 }
 
 fn channel_stream(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
