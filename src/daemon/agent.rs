@@ -752,6 +752,9 @@ impl Agent {
             for a in actions {
                 self.perform(a, &shim_sig, cg.as_ref(), pid1, &health_tx);
             }
+            if let Some((tx, r)) = replies.now.take() {
+                let _ = tx.send(r);
+            }
         };
         if let Some(t) = reader_task {
             t.abort();
@@ -942,7 +945,8 @@ impl Agent {
                 // The signal goes to the agent through the shim and pid 1.
                 let r = shim_sig.signal(signal).map_err(|e| e.to_string());
                 let delivered = r.is_ok();
-                let _ = reply.send(r);
+                // Answered once its actions are done (SIGKILL: the whole sandbox killed).
+                replies.now = Some((reply, r));
                 Command::Kill { signal, delivered }
             }
             // A later restart or remove replaces an earlier one (its caller sees the channel
@@ -1398,7 +1402,12 @@ struct Replies {
     stop: Vec<oneshot::Sender<Result<(), String>>>,
     /// The restart or remove that comes after the run.
     then: Option<oneshot::Sender<Result<(), String>>>,
+    /// A kill's answer, sent after the actions it caused.
+    now: Option<(Answer, Result<(), String>)>,
 }
+
+/// Where a user's command is answered.
+type Answer = oneshot::Sender<Result<(), String>>;
 
 /// The kernel counters of the previous sample, to report what grew.
 #[derive(Default)]
