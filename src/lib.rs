@@ -10,6 +10,7 @@ pub use aither_core::{
     cgroup, export, hostpath, policy, sandbox, sys, testhooks, units, DEFAULT_POLICY_DIR, STATE_DIR,
 };
 
+pub mod agent_name;
 pub mod audit;
 pub mod bus;
 pub mod daemon;

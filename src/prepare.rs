@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::agent_name::AgentName;
 use crate::net::NetGrants;
 use crate::policy::{Policy, PolicyError};
 use crate::sandbox::spec::WorkspaceOwner;
@@ -199,8 +200,8 @@ pub struct PreparedLaunch {
 /// Why a launch was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("invalid agent name {0:?}: 1-48 letters, digits, '-' or '_', not starting with '-'")]
-    Name(String),
+    #[error(transparent)]
+    Name(#[from] crate::agent_name::NameError),
     #[error("--bus-publish/--bus-subscribe add to a token minted from a policy; a given token already says what it grants (mint it with those subjects)")]
     BusWithToken,
     #[error("only root and aither-admin may launch from a policy file ({0}); name an installed policy (`aitherctl policy ls`)")]
@@ -234,22 +235,6 @@ impl PrepareError {
     }
 }
 
-/// An agent name: 1-48 of letters, digits, '-' and '_', not starting with '-' (it names a
-/// cgroup, a log directory and bus subjects).
-pub fn check_name(name: &str) -> Result<(), PrepareError> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(PrepareError::Name(name.into()))
-    }
-}
-
 /// A policy named, not given as a file: what a non-admin may use (root installed it).
 fn is_installed_name(p: &str) -> bool {
     !p.is_empty()
@@ -264,7 +249,7 @@ pub fn prepare(
     auth: &dyn Authority,
 ) -> Result<PreparedLaunch, PrepareError> {
     if let Some(n) = req.name {
-        check_name(n)?;
+        AgentName::parse("name", n)?;
     }
     let (text, verified, minted) = match req.source {
         Source::Token(t) => {
@@ -304,7 +289,7 @@ pub fn prepare(
             name: name.into(),
         });
     }
-    check_name(name)?;
+    AgentName::parse("name", name)?;
     let opts = RunOptions {
         name: Some(name.into()),
         ..req.opts.clone()

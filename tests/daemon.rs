@@ -401,6 +401,24 @@ time.sleep(60)
     assert!(ev.iter().any(|e| e["kind"] == "pain"
         && e["data"]["severity"] == "critical"
         && e["data"]["action"] == "restart"));
+
+    // Issue 20: under `--restart never` the same pain ends the run, and that is all.
+    let once = unique("critical-never");
+    d.spawn(
+        &once,
+        &["--backoff", "0", "--restart", "never"],
+        &["python3", "agent.py", "critical"],
+    );
+    d.wait_state(&once, "exited", Duration::from_secs(15));
+    let info = d.inspect(&once);
+    assert_eq!(info["restarts"], 0, "{info}");
+    assert_eq!(info["last_reason"]["kind"], "pain", "{info}");
+    let ev = d.events(&once);
+    assert_eq!(
+        ev.iter().filter(|e| e["kind"] == "started").count(),
+        1,
+        "restarted under --restart never: {ev:?}"
+    );
 }
 
 #[test]
@@ -504,9 +522,45 @@ fn after_kill_9_the_daemon_readopts_running_agents_and_restarts_ended_ones() {
     d.ok(&["stop", &b]);
     assert!(!Path::new(&format!("/proc/{pb}")).exists());
     d.ok(&["kill", "--signal", "TERM", &a]);
-    d.wait_state(&a, "running", Duration::from_secs(10));
+    // An operator's signal is seen, and is not a crash (issue 20): exited, not restarted.
+    d.wait_state(&a, "exited", Duration::from_secs(10));
     let ev = d.wait_events(&a, "exited", 1, Duration::from_secs(5));
-    assert!(ev.iter().any(|e| e["kind"] == "exited"));
+    assert!(ev
+        .iter()
+        .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "killed_by_operator"));
+}
+
+#[test]
+fn an_operators_term_is_not_a_crash_and_kill_says_what_it_sent() {
+    let d = daemon();
+    let name = unique("termed");
+    d.spawn(
+        &name,
+        &[
+            "--restart",
+            "always",
+            "--backoff",
+            "0",
+            "--health-cmd",
+            "true",
+            "--health-interval",
+            "100ms",
+        ],
+        &["sleep", "60"],
+    );
+    d.wait_state(&name, "ready", Duration::from_secs(10));
+    let out = d.ok(&["kill", "-s", "TERM", &name]);
+    assert_eq!(out, format!("{name}: sent SIGTERM\n"));
+    d.wait_state(&name, "exited", Duration::from_secs(10));
+    let info = d.inspect(&name);
+    assert_eq!(info["restarts"], 0, "{info}");
+    assert_eq!(
+        info["last_reason"],
+        serde_json::json!({"kind": "killed_by_operator", "signal": libc::SIGTERM}),
+        "{info}"
+    );
+    assert_eq!(d.count(&name, "started"), 1, "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "backoff"), 0, "{}", d.events_text(&name));
 }
 
 #[test]
@@ -976,4 +1030,20 @@ fn the_audit_stream_survives_kill_9_of_the_daemon_in_a_burst() {
     let _ = d.ctl(&["spawn", "--policy", "no-such-policy", "after", "--", "true"]);
     assert!(poll_until(Duration::from_secs(5), || d.audit().len() > before));
     assert!(d.ctl(&["audit", "verify"]).status.success());
+}
+
+#[test]
+fn a_bad_agent_name_is_refused_naming_the_field_and_the_rule() {
+    let d = daemon();
+    for bad in ["../x", "a/b", "a.b", &"a".repeat(49)] {
+        let o = d.ctl(&["spawn", "--policy", "strict", bad, "--", "true"]);
+        assert_ne!(o.status.code(), Some(0), "{bad:?} accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!(
+                "invalid agent name {bad:?} in name: 1-48 letters, digits, '-' or '_', not starting with '-'"
+            )),
+            "{bad:?}: {err}"
+        );
+    }
 }

@@ -13,6 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::bus::{Outcome, Slot};
+use super::lifecycle::{
+    idle_command, resting_state, Action, Command, Frame, Idle, IdleReply, Run, Then,
+};
 use super::proto::{self, aio, ErrorCode, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
@@ -397,71 +400,78 @@ impl Agent {
             }
             let sup = self.sup().clone();
             let decision = self.tracker.decide(&sup, &end.reason, now);
-            self.audit(
-                Entry::new(
-                    "restart_decision",
-                    Verdict::Info,
-                    format!(
-                        "restart={} burst_limit={} in {}s: {}",
-                        serde_json::to_value(sup.restart)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
-                        sup.burst_limit,
-                        sup.burst_window_ms / 1000,
-                        end.reason.describe()
-                    ),
-                )
-                .data(json!({"decision": format!("{decision:?}"), "reason": end.reason})),
-            );
+            self.audit_decision(&sup, &end.reason, decision);
             self.set(|i| i.restarts = self.tracker.total);
             self.d.store.set_restarts(&self.name, self.tracker.total);
-            match decision {
-                Decision::Done => {
-                    idle = Some(match end.reason {
-                        EndReason::TokenInvalid { .. } => State::Failed,
-                        _ => State::Exited,
-                    })
-                }
-                Decision::GiveUp => {
+            let Decision::Restart(delay) = decision else {
+                if decision == Decision::GiveUp {
                     self.d.emit(
                         Some(&self.name),
                         "failed",
                         json!({"reason": format!("more than {} restarts in {} s", sup.burst_limit, sup.burst_window_ms / 1000)}),
                     );
-                    idle = Some(State::Failed);
                 }
-                Decision::Restart(delay) => {
-                    self.state(State::Backoff);
-                    let at = super::store::now_ms() + delay.as_millis() as u64;
-                    self.set(|i| i.next_start_ms = Some(at));
-                    self.d.emit(
-                        Some(&self.name),
-                        "backoff",
-                        json!({"delay_ms": delay.as_millis() as u64, "restarts": self.tracker.total}),
-                    );
-                    match self.backoff(delay).await {
-                        None => {}
-                        Some(After::Stop(replies)) => {
-                            for r in replies {
-                                let _ = r.send(Ok(()));
-                            }
-                            self.set(|i| i.next_start_ms = None);
-                            idle = Some(State::Stopped);
-                        }
-                        Some(After::Remove(reply)) => {
-                            self.remove(reply).await;
-                            return;
-                        }
-                        Some(After::Restart(reply)) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Some(After::Policy) => {}
-                    }
-                    self.set(|i| i.next_start_ms = None);
-                }
+                idle = resting_state(decision, &end.reason);
+                continue;
+            };
+            match self.back_off(delay).await {
+                Some(rest) => idle = rest,
+                None => return,
             }
         }
+    }
+
+    /// The restart policy's decision, in the audit stream.
+    fn audit_decision(&self, sup: &Supervision, reason: &EndReason, decision: Decision) {
+        self.audit(
+            Entry::new(
+                "restart_decision",
+                Verdict::Info,
+                format!(
+                    "restart={} burst_limit={} in {}s: {}",
+                    serde_json::to_value(sup.restart)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    sup.burst_limit,
+                    sup.burst_window_ms / 1000,
+                    reason.describe()
+                ),
+            )
+            .data(json!({"decision": format!("{decision:?}"), "reason": reason})),
+        );
+    }
+
+    /// State `backoff` for `delay`, then the next start. Some(Some(state)): a user's stop
+    /// came first (rest in it); Some(None): start now; None: a user removed the agent.
+    async fn back_off(&mut self, delay: Duration) -> Option<Option<State>> {
+        self.state(State::Backoff);
+        let at = super::store::now_ms() + delay.as_millis() as u64;
+        self.set(|i| i.next_start_ms = Some(at));
+        self.d.emit(
+            Some(&self.name),
+            "backoff",
+            json!({"delay_ms": delay.as_millis() as u64, "restarts": self.tracker.total}),
+        );
+        let mut rest = None;
+        match self.backoff(delay).await {
+            None | Some(After::Policy) => {}
+            Some(After::Stop(replies)) => {
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+                rest = Some(State::Stopped);
+            }
+            Some(After::Remove(reply)) => {
+                self.remove(reply).await;
+                return None;
+            }
+            Some(After::Restart(reply)) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        self.set(|i| i.next_start_ms = None);
+        Some(rest)
     }
 
     /// Records the end of a run.
@@ -498,19 +508,49 @@ impl Agent {
     /// Waits in a resting state for a user's command.
     async fn rest(&mut self) -> Option<After> {
         while let Some(cmd) = self.cmds.recv().await {
-            match cmd {
-                Cmd::Stop { reply, .. } => {
-                    let _ = reply.send(Ok(()));
-                }
-                Cmd::Kill { reply, .. } => {
-                    let _ = reply.send(Err(format!("{} is not running", self.name)));
-                }
-                Cmd::Restart { reply } => return Some(After::Restart(reply)),
-                Cmd::Remove { reply } => return Some(After::Remove(reply)),
-                Cmd::Evict(_) => {}
+            if let Some(after) = self.idle(Idle::Resting, cmd) {
+                return Some(after);
             }
         }
         None
+    }
+
+    /// A user's command between runs, answered as the lifecycle says
+    /// (`lifecycle::idle_command`); Some: leave the wait.
+    fn idle(&self, at: Idle, cmd: Cmd) -> Option<After> {
+        let (c, reply) = match cmd {
+            Cmd::Stop { timeout, reply } => (
+                Command::Stop {
+                    grace: timeout.unwrap_or_default(),
+                },
+                reply,
+            ),
+            Cmd::Kill { signal, reply } => (
+                Command::Kill {
+                    signal,
+                    delivered: false,
+                },
+                reply,
+            ),
+            Cmd::Restart { reply } => (Command::Restart, reply),
+            Cmd::Remove { reply } => (Command::Remove, reply),
+            Cmd::Evict(_) => return None,
+        };
+        match idle_command(at, &self.name, &c) {
+            IdleReply::Ok => {
+                let _ = reply.send(Ok(()));
+                None
+            }
+            IdleReply::Refuse(m) => {
+                let _ = reply.send(Err(m));
+                None
+            }
+            IdleReply::Ignore => None,
+            IdleReply::Leave(Then::Stop) => Some(After::Stop(vec![reply])),
+            IdleReply::Leave(Then::Restart) => Some(After::Restart(reply)),
+            IdleReply::Leave(Then::Remove) => Some(After::Remove(reply)),
+            IdleReply::Leave(Then::Policy) => Some(After::Policy),
+        }
     }
 
     /// Sleeps out a backoff; a user's command cuts it short.
@@ -519,15 +559,11 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return None,
-                cmd = self.cmds.recv() => match cmd? {
-                    Cmd::Stop { reply, .. } => return Some(After::Stop(vec![reply])),
-                    Cmd::Kill { reply, .. } => {
-                        let _ = reply.send(Err(format!("{} is in backoff, not running", self.name)));
+                cmd = self.cmds.recv() => {
+                    if let Some(after) = self.idle(Idle::Backoff, cmd?) {
+                        return Some(after);
                     }
-                    Cmd::Restart { reply } => return Some(After::Restart(reply)),
-                    Cmd::Remove { reply } => return Some(After::Remove(reply)),
-                    Cmd::Evict(_) => {}
-                },
+                }
             }
         }
     }
@@ -568,21 +604,12 @@ impl Agent {
                                 self.d.gpu.cancel(&self.d, &self.name);
                                 return Acquired::Interrupted(After::Policy);
                             }
-                            Some(Cmd::Stop { reply, .. }) => {
-                                self.d.gpu.cancel(&self.d, &self.name);
-                                return Acquired::Interrupted(After::Stop(vec![reply]));
+                            Some(cmd) => {
+                                if let Some(after) = self.idle(Idle::Queued, cmd) {
+                                    self.d.gpu.cancel(&self.d, &self.name);
+                                    return Acquired::Interrupted(after);
+                                }
                             }
-                            Some(Cmd::Remove { reply }) => {
-                                self.d.gpu.cancel(&self.d, &self.name);
-                                return Acquired::Interrupted(After::Remove(reply));
-                            }
-                            Some(Cmd::Restart { reply }) => {
-                                let _ = reply.send(Ok(()));
-                            }
-                            Some(Cmd::Kill { reply, .. }) => {
-                                let _ = reply.send(Err(format!("{} is queued for a GPU, not running", self.name)));
-                            }
-                            Some(Cmd::Evict(_)) => {}
                         },
                     }
                 }
@@ -618,6 +645,207 @@ impl Agent {
     async fn watch(&mut self, mut live: Live, adopted: bool) -> RunEnd {
         let sup = self.sup().clone();
         let started = Instant::now();
+        self.note_start(&live);
+        // Egress for this run, until `watch` returns (docs/network.md).
+        let _egress = live.egress.take().map(|fd| {
+            let (token, grants) = self
+                .d
+                .check_token(&self.rec.token)
+                .map(|v| (v.effective().id.clone(), v.effective().net.clone()))
+                .unwrap_or_default();
+            super::egress::serve(&self.d, &self.name, &token, grants, fd)
+        });
+        // Its published ports, as services for other agents, while this run lives.
+        let _published =
+            super::egress::publish(&self.d, &self.name, &self.rec.request.publish, live.pid1);
+        self.d.emit(
+            Some(&self.name),
+            "started",
+            json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
+        );
+        let mut run = Run::new(&sup, started, live.was_ready);
+        self.state(run.initial_state());
+
+        let Channel {
+            mut frames_rx,
+            mut writer,
+            reader_task,
+            writer_task,
+            outbox,
+        } = self.attach_channel(live.channel.take(), adopted);
+
+        let cg = {
+            let mgr = &*self.d.cgroups;
+            stats::open_existing(mgr, &live.cgroup_id)
+        };
+        let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
+        let mut kernel = KernelSampler::default();
+        let stats_every = self.d.stats_interval;
+        let mut next_stats = started + stats_every.min(Duration::from_millis(500));
+        let mut replies = Replies::default();
+
+        let pid1 = live.pid1;
+        let shim_sig = match live.signaller() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(agent = %self.name, error = %e, "cannot hold the shim's pidfd");
+                return RunEnd {
+                    reason: EndReason::Lost,
+                    healthy_since: None,
+                    then: After::Policy,
+                };
+            }
+        };
+        let exit = live.wait();
+        tokio::pin!(exit);
+        // Over its request or CPU budget, the agent's channel is not read until the budget
+        // has refilled (at most 1 s): its flood waits in its own socket buffer instead of
+        // costing aitherd a refusal per frame.
+        let mut paused_until: Option<Instant> = None;
+        let record: Option<ExitRecord> = loop {
+            let next = [run.next_deadline(), paused_until]
+                .into_iter()
+                .flatten()
+                .fold(next_stats, Instant::min);
+            if paused_until.is_some_and(|t| Instant::now() >= t) {
+                paused_until = None;
+            }
+            let actions = tokio::select! {
+                rec = &mut exit => break rec,
+                item = frames_rx.recv(), if paused_until.is_none() && writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
+                    let Some(item) = item else {
+                        // The agent closed its channel: nothing more to read.
+                        writer = None;
+                        continue;
+                    };
+                    let (actions, reply) = self.on_channel_item(item, &mut run, &mut writer, &mut paused_until, cg.as_ref());
+                    // The lifecycle's part first (READY: state, event), then the reply: an
+                    // agent that has its answer sees itself ready in `ps`.
+                    for a in actions {
+                        self.perform(a, &shim_sig, cg.as_ref(), pid1, &health_tx);
+                    }
+                    if let (Some(w), Some(r)) = (writer.as_ref(), reply) {
+                        if w.try_send(r).is_err() {
+                            writer = None;
+                        }
+                    }
+                    Vec::new()
+                }
+                probe = health_rx.recv() => match probe {
+                    Some(p) => run.on_probe(p.ok, p.code, &p.output, Instant::now()),
+                    None => Vec::new(),
+                },
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd, &mut run, &shim_sig, &mut replies),
+                    None => Vec::new(),
+                },
+                _ = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    let actions = run.on_tick(now);
+                    if actions.is_empty() && now >= next_stats {
+                        next_stats = now + stats_every;
+                        self.sample(&mut run, &mut kernel, cg.as_ref(), now);
+                    }
+                    actions
+                }
+            };
+            for a in actions {
+                self.perform(a, &shim_sig, cg.as_ref(), pid1, &health_tx);
+            }
+            if let Some((tx, r)) = replies.now.take() {
+                let _ = tx.send(r);
+            }
+        };
+        if let Some(t) = reader_task {
+            t.abort();
+        }
+        self.d.bus.close(&outbox);
+        self.outbox = None;
+        drop(writer);
+        if let Some(t) = writer_task {
+            t.abort();
+        }
+        let (reason, healthy_since, then) = run.finish(record.as_ref());
+        if reason == EndReason::OomKilled {
+            self.record_oom_end();
+        }
+        // Whatever is left in the cgroup goes (the shim removes the directories).
+        if let Some(c) = cg.as_ref() {
+            self.d.cgroups.kill_all(c);
+        }
+        let then = match (then, replies.then.take()) {
+            (Then::Stop, _) => After::Stop(std::mem::take(&mut replies.stop)),
+            (Then::Restart, Some(r)) => After::Restart(r),
+            (Then::Remove, Some(r)) => After::Remove(r),
+            _ => After::Policy,
+        };
+        for r in replies.stop {
+            let _ = r.send(Ok(()));
+        }
+        RunEnd {
+            reason,
+            healthy_since,
+            then,
+        }
+    }
+
+    /// The agent channel for a run: a reader task turns frames into items; a writer task
+    /// puts the replies (in order) and the bus's pushes on it. `adopted`: the daemon
+    /// restarted, and the agent is told its subscriptions are gone.
+    fn attach_channel(&mut self, fd: Option<OwnedFd>, adopted: bool) -> Channel {
+        let (frames_tx, frames_rx) = mpsc::channel::<ChannelItem>(16);
+        let mut writer: Option<mpsc::Sender<Slot>> = None;
+        let mut reader_task = None;
+        let mut writer_task = None;
+        let bus_claim = self
+            .d
+            .check_token(&self.rec.token)
+            .map(|v| v.effective().bus.clone())
+            .unwrap_or_default();
+        let outbox = self
+            .d
+            .bus
+            .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
+        self.outbox = Some(outbox.clone());
+        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::downgrade(&outbox));
+        if let Some(fd) = fd {
+            match channel_stream(fd) {
+                Ok(stream) => {
+                    let (r, w) = stream.into_split();
+                    let (slots_tx, slots_rx) = mpsc::channel::<Slot>(256);
+                    if adopted {
+                        // The daemon restarted: the agent's subscriptions are gone.
+                        let _ = slots_tx.try_send(Slot::Raw(
+                                serde_json::to_string(&aither_proto::Push::BusReset {
+                                    reason: "aitherd restarted; subscribe again".into(),
+                                })
+                                .unwrap_or_default(),
+                            ));
+                    }
+                    writer_task = Some(tokio::spawn(super::bus::channel_writer(
+                        w,
+                        slots_rx,
+                        outbox.clone(),
+                        self.usage.clone(),
+                    )));
+                    writer = Some(slots_tx);
+                    reader_task = Some(tokio::spawn(read_frames(r, frames_tx)));
+                }
+                Err(e) => tracing::warn!(agent = %self.name, error = %e, "agent channel unusable"),
+            }
+        }
+        Channel {
+            frames_rx,
+            writer,
+            reader_task,
+            writer_task,
+            outbox,
+        }
+    }
+
+    /// What `inspect` shows of a new run, and its enforcement report beside its log.
+    fn note_start(&self, live: &Live) {
         self.set(|i| {
             i.pid1 = live.pid1;
             i.agent_pid = live.agent_pid;
@@ -641,509 +869,287 @@ impl Agent {
                 );
             }
         }
-        // Egress for this run, until `watch` returns (docs/network.md).
-        let _egress = live.egress.take().map(|fd| {
-            let (token, grants) = self
-                .d
-                .check_token(&self.rec.token)
-                .map(|v| (v.effective().id.clone(), v.effective().net.clone()))
-                .unwrap_or_default();
-            super::egress::serve(&self.d, &self.name, &token, grants, fd)
-        });
-        // Its published ports, as services for other agents, while this run lives.
-        let _published =
-            super::egress::publish(&self.d, &self.name, &self.rec.request.publish, live.pid1);
-        self.d.emit(
-            Some(&self.name),
-            "started",
-            json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
-        );
-        let mut ready = !sup.needs_readiness() || live.was_ready;
-        let mut healthy_since = if ready { Some(started) } else { None };
-        self.state(if ready {
-            State::Running
-        } else {
-            State::Starting
-        });
+    }
 
-        // The agent channel: a reader task turns frames into items; a writer task puts the
-        // replies (in order) and the bus's pushes on it.
-        let (frames_tx, mut frames_rx) = mpsc::channel::<ChannelItem>(16);
-        let mut writer: Option<mpsc::Sender<Slot>> = None;
-        let mut reader_task = None;
-        let mut writer_task = None;
-        let bus_claim = self
-            .d
-            .check_token(&self.rec.token)
-            .map(|v| v.effective().bus.clone())
-            .unwrap_or_default();
-        let outbox = self
-            .d
-            .bus
-            .outbox(crate::bus::Principal::agent(&self.name, &bus_claim));
-        self.outbox = Some(outbox.clone());
-        *self.usage.outbox.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::downgrade(&outbox));
-        if let Some(fd) = live.channel.take() {
-            match channel_stream(fd) {
-                Ok(stream) => {
-                    let (mut r, w) = stream.into_split();
-                    let (slots_tx, slots_rx) = mpsc::channel::<Slot>(256);
-                    if adopted {
-                        // The daemon restarted: the agent's subscriptions are gone.
-                        let _ = slots_tx.try_send(Slot::Raw(
-                            serde_json::to_string(&aither_proto::Push::BusReset {
-                                reason: "aitherd restarted; subscribe again".into(),
-                            })
-                            .unwrap_or_default(),
-                        ));
-                    }
-                    writer_task = Some(tokio::spawn(super::bus::channel_writer(
-                        w,
-                        slots_rx,
-                        outbox.clone(),
-                        self.usage.clone(),
-                    )));
-                    writer = Some(slots_tx);
-                    reader_task = Some(tokio::spawn(async move {
-                        loop {
-                            match aio::read_frame(&mut r).await {
-                                Ok(Some(body)) => {
-                                    // Parsing is work for the agent too: measured, charged.
-                                    let cpu0 = super::budget::thread_cpu_ns();
-                                    let parsed = serde_json::from_slice(&body);
-                                    let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
-                                    let item = match parsed {
-                                        Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
-                                        Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
-                                    };
-                                    if frames_tx.send(item).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => return,
-                                Err(e) => {
-                                    let _ = frames_tx.send(ChannelItem::Error(e)).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }));
+    /// An OOM kill that ended the run is a pain event too.
+    fn record_oom_end(&self) {
+        let what = PainWhat {
+            source: "kernel",
+            signal: "oom".into(),
+            severity: None,
+            reason: Some("the agent was killed by the OOM killer".into()),
+            data: json!({"memory_limit": self.rec.spec.limits.memory}),
+        };
+        self.record_pain(&what, PainAction::Log);
+    }
+
+    /// Performs one of the lifecycle's actions.
+    fn perform(
+        &mut self,
+        a: Action,
+        shim_sig: &shim::Signaller,
+        cg: Option<&cgroup::Cgroup>,
+        pid1: Option<i32>,
+        health_tx: &mpsc::Sender<Probe>,
+    ) {
+        match a {
+            Action::Signal(s) => {
+                let _ = shim_sig.signal(s);
+            }
+            Action::KillAll => match cg {
+                Some(c) => self.d.cgroups.kill_all(c),
+                None => {
+                    let _ = shim_sig.signal(libc::SIGKILL);
                 }
-                Err(e) => tracing::warn!(agent = %self.name, error = %e, "agent channel unusable"),
+            },
+            Action::State(s) => self.state(s),
+            Action::Emit(kind, data) => self.d.emit(Some(&self.name), kind, data),
+            Action::MarkReady => self.set(|i| i.ready = true),
+            Action::Health { failures, last } => self.set(|i| {
+                i.health_failures = failures;
+                i.last_health = Some(last);
+            }),
+            Action::KeepGpuPlace => self.gpu_origin = self.d.gpu.origin(&self.name),
+            Action::StartProbe => {
+                // Without a known pid 1 there is nothing to run it in: no more probes.
+                let (Some(argv), Some(pid1)) = (self.sup().health_cmd.clone(), pid1) else {
+                    return;
+                };
+                let tx = health_tx.clone();
+                let init = self.d.init.clone();
+                let spec = self.rec.spec.clone();
+                let timeout = Duration::from_millis(self.sup().health_timeout_ms);
+                tokio::spawn(async move {
+                    let p = shim::exec_in(&init, &spec, pid1, &argv, timeout).await;
+                    let _ = tx.send(p).await;
+                });
             }
         }
+    }
 
-        let cg = {
-            let mgr = &*self.d.cgroups;
-            stats::open_existing(mgr, &live.cgroup_id)
+    /// A user's command (or the GPU scheduler's eviction) while the agent runs.
+    fn on_command(
+        &mut self,
+        cmd: Cmd,
+        run: &mut Run,
+        shim_sig: &shim::Signaller,
+        replies: &mut Replies,
+    ) -> Vec<Action> {
+        let now = Instant::now();
+        let sup = self.sup().clone();
+        let c = match cmd {
+            Cmd::Stop { timeout, reply } => {
+                replies.stop.push(reply);
+                Command::Stop {
+                    grace: timeout.unwrap_or(sup.stop_timeout()),
+                }
+            }
+            Cmd::Kill { signal, reply } => {
+                // The signal goes to the agent through the shim and pid 1.
+                let r = shim_sig.signal(signal).map_err(|e| e.to_string());
+                let delivered = r.is_ok();
+                // Answered once its actions are done (SIGKILL: the whole sandbox killed).
+                replies.now = Some((reply, r));
+                Command::Kill { signal, delivered }
+            }
+            // A later restart or remove replaces an earlier one (its caller sees the channel
+            // closed, as before).
+            Cmd::Restart { reply } => {
+                replies.then = Some(reply);
+                Command::Restart
+            }
+            Cmd::Remove { reply } => {
+                replies.then = Some(reply);
+                Command::Remove
+            }
+            Cmd::Evict(why) => Command::Evict {
+                reason: match why {
+                    super::gpu::Eviction::Preempted { by } => EndReason::GpuPreempted { by },
+                    super::gpu::Eviction::Overuse {
+                        device,
+                        used_mb,
+                        reserved_mb,
+                    } => EndReason::GpuEvicted {
+                        device,
+                        used_mb,
+                        reserved_mb,
+                    },
+                },
+                grace: Duration::from_millis(self.d.gpu.grace_ms()),
+            },
         };
-        let mut startup_deadline = match (ready, sup.startup_timeout_ms) {
-            (false, Some(ms)) => Some(started + Duration::from_millis(ms)),
+        run.on_command(c, now)
+    }
+
+    /// The periodic sample: the token re-checked every tenth time, the cgroup's statistics
+    /// for `ps`, and the kernel's pain signals.
+    fn sample(
+        &self,
+        run: &mut Run,
+        k: &mut KernelSampler,
+        cg: Option<&cgroup::Cgroup>,
+        now: Instant,
+    ) {
+        k.samples += 1;
+        if k.samples.is_multiple_of(10) && !run.ending() {
+            if let Err(e) = self.d.check_token(&self.rec.token) {
+                self.d.emit(
+                    Some(&self.name),
+                    "token_invalid",
+                    json!({"error": e.to_string()}),
+                );
+                self.audit(
+                    Entry::new("token_verify", Verdict::Deny, e.to_string())
+                        .data(json!({"token_id": self.rec.token_id, "action": "stop"})),
+                );
+                run.end(
+                    EndReason::TokenInvalid {
+                        error: e.to_string(),
+                    },
+                    now,
+                );
+                return;
+            }
+        }
+        let Some(c) = cg else { return };
+        let s = stats::read(&*self.d.cgroups, c);
+        let cpu = match (s.cpu_usec, k.last_cpu) {
+            (Some(u), Some((pu, pt))) => {
+                let dt = now.duration_since(pt).as_micros().max(1) as f64;
+                Some(((u.saturating_sub(pu)) as f64 / dt * 100.0 * 10.0).round() / 10.0)
+            }
             _ => None,
         };
-        // The watchdog runs from the start (systemd: from READY or start, whichever is first
-        // seen; here from start so that a hung startup is caught too when no timeout is set).
-        let watchdog = sup.watchdog_ms.map(Duration::from_millis);
-        let mut watchdog_deadline = watchdog.map(|w| started + w);
-        let health_every = Duration::from_millis(sup.health_interval_ms);
-        let mut next_health = sup
-            .health_cmd
-            .as_ref()
-            .map(|_| started + Duration::from_millis(sup.health_interval_ms.min(1000)));
-        let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
-        let mut health_running = false;
-        let mut failures = 0u32;
-        let stats_every = self.d.stats_interval;
-        let mut next_stats = started + stats_every.min(Duration::from_millis(500));
-        let mut last_cpu: Option<(u64, Instant)> = None;
-        let mut last_oom = 0u64;
-        let mut last_throttled: Option<u64> = None;
-        let mut pressure_since_event: Option<Instant> = None;
-        let mut token_check = 0u32;
+        if let Some(u) = s.cpu_usec {
+            k.last_cpu = Some((u, now));
+        }
+        self.set(|i| {
+            i.cpu_percent = cpu.or(i.cpu_percent);
+            i.memory_bytes = s.memory_bytes;
+            i.memory_limit = s.memory_limit;
+            i.oom_kills = s.oom_kills;
+        });
+        // Kernel-sourced pain.
+        let mut signals: Vec<(&str, serde_json::Value)> = Vec::new();
+        if s.oom_kills > k.last_oom {
+            signals.push((
+                "oom",
+                json!({"oom_kills": s.oom_kills, "new": s.oom_kills - k.last_oom}),
+            ));
+            k.last_oom = s.oom_kills;
+        }
+        if let (Some(t), Some(prev)) = (s.nr_throttled, k.last_throttled) {
+            if t > prev {
+                signals.push((
+                    "cpu_throttling",
+                    json!({"nr_throttled": t, "new": t - prev}),
+                ));
+            }
+        }
+        k.last_throttled = s.nr_throttled;
+        if s.memory_pressure()
+            && k.pressure_event
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30))
+        {
+            k.pressure_event = Some(now);
+            signals.push((
+                "memory_pressure",
+                json!({"memory_bytes": s.memory_bytes, "memory_limit": s.memory_limit, "psi_some_avg10": s.memory_pressure_avg10}),
+            ));
+        }
+        for (kind, data) in signals {
+            let action = kernel_action(&self.rec.pain, kind);
+            let what = PainWhat {
+                source: "kernel",
+                signal: kind.to_string(),
+                severity: None,
+                reason: None,
+                data,
+            };
+            if let Some(p) = self.pain_action(action, &what, Some(c)) {
+                run.end(p, now);
+            }
+        }
+    }
 
-        // Why we ended it, if we did; and what users asked for.
-        let mut pending: Option<EndReason> = None;
-        let mut then = After::Policy;
-        let mut stop_replies = Vec::new();
-        let mut kill_at: Option<Instant> = None;
-
-        let pid1 = live.pid1;
-        let shim_sig = match live.signaller() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(agent = %self.name, error = %e, "cannot hold the shim's pidfd");
-                return RunEnd {
-                    reason: EndReason::Lost,
-                    healthy_since: None,
-                    then: After::Policy,
-                };
+    /// One item from the agent channel's reader: a request is charged, handled and answered
+    /// (in order, through the writer); a bad frame is answered, and a fatal one closes the
+    /// channel.
+    fn on_channel_item(
+        &mut self,
+        item: ChannelItem,
+        run: &mut Run,
+        writer: &mut Option<mpsc::Sender<Slot>>,
+        paused_until: &mut Option<Instant>,
+        cg: Option<&cgroup::Cgroup>,
+    ) -> (Vec<Action>, Option<Slot>) {
+        let mut actions = Vec::new();
+        let reply = match item {
+            ChannelItem::Frame(v, size, parse_ns) => {
+                let cpu0 = super::budget::thread_cpu_ns();
+                self.usage.add(&self.usage.bytes_in, size as u64);
+                self.usage.add(&self.usage.requests, 1);
+                // Charged before anything is done: over budget, nothing is.
+                if let Some((reply, pause)) = self.over_budget(&v) {
+                    *paused_until = pause.map(|p| Instant::now() + p);
+                    self.usage.add(
+                        &self.usage.cpu_ns,
+                        parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0),
+                    );
+                    return (actions, Some(Slot::Now(reply)));
+                }
+                let (reply, effect) = self.on_request(&v);
+                let op = v.get("op").and_then(|o| o.as_str()).unwrap_or("");
+                if let Some(err) = reply.error.as_ref().filter(|e| e.code == ErrorCode::Denied) {
+                    self.usage.add(&self.usage.denied, 1);
+                    // Bus denials are recorded by the bus with their subject.
+                    if !op.starts_with("bus.") {
+                        self.d.audit_summarised(
+                            Entry::new("channel", Verdict::Deny, err.message.clone())
+                                .agent(&self.name)
+                                .actor(format!("agent {}", self.name))
+                                .data(json!({"op": v.get("op")})),
+                            "channel",
+                        );
+                    }
+                }
+                let spent = parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                self.usage.add(&self.usage.cpu_ns, spent);
+                self.budget.charge_cpu(std::time::Instant::now(), spent);
+                let mut reply = Slot::Now(reply);
+                let now = Instant::now();
+                match effect {
+                    Effect::None => {}
+                    Effect::Later(rx) => {
+                        reply = Slot::Later(v.get("id").cloned(), rx);
+                    }
+                    Effect::Ready => actions = run.on_frame(Frame::Ready, now),
+                    Effect::Heartbeat => actions = run.on_frame(Frame::Heartbeat, now),
+                    Effect::Pain(action, what) => {
+                        if let Some(p) = self.pain_action(action, &what, cg) {
+                            run.end(p, now);
+                        }
+                    }
+                }
+                reply
+            }
+            ChannelItem::Error(e) => {
+                let r = proto::Reply::err(e.code(), e.to_string());
+                if !e.recoverable() {
+                    if let Some(w) = writer.take() {
+                        let _ = w.try_send(Slot::Close(r));
+                    }
+                    return (actions, None);
+                }
+                Slot::Now(r)
             }
         };
-        let exit = live.wait();
-        tokio::pin!(exit);
-        // Over its request or CPU budget, the agent's channel is not read until the budget
-        // has refilled (at most 1 s): its flood waits in its own socket buffer instead of
-        // costing aitherd a refusal per frame.
-        let mut paused_until: Option<Instant> = None;
-        let record: Option<ExitRecord> = loop {
-            let mut next = next_stats;
-            for t in [
-                startup_deadline,
-                watchdog_deadline,
-                kill_at,
-                next_health,
-                paused_until,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                next = next.min(t);
-            }
-            if paused_until.is_some_and(|t| Instant::now() >= t) {
-                paused_until = None;
-            }
-            tokio::select! {
-                rec = &mut exit => break rec,
-                item = frames_rx.recv(), if paused_until.is_none() && writer.as_ref().is_some_and(|w| w.capacity() > 0) => {
-                    let Some(item) = item else {
-                        // The agent closed its channel: nothing more to read.
-                        writer = None;
-                        continue;
-                    };
-                    let reply = match item {
-                        ChannelItem::Frame(v, size, parse_ns) => {
-                            let cpu0 = super::budget::thread_cpu_ns();
-                            self.usage.add(&self.usage.bytes_in, size as u64);
-                            self.usage.add(&self.usage.requests, 1);
-                            // Charged before anything is done: over budget, nothing is.
-                            if let Some((reply, pause)) = self.over_budget(&v) {
-                                paused_until = pause.map(|p| Instant::now() + p);
-                                self.usage.add(&self.usage.cpu_ns, parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0));
-                                if let Some(w) = writer.as_ref() {
-                                    if w.try_send(Slot::Now(reply)).is_err() {
-                                        writer = None;
-                                    }
-                                }
-                                continue;
-                            }
-                            let (reply, effect) = self.on_request(&v, &mut ready);
-                            let op = v.get("op").and_then(|o| o.as_str()).unwrap_or("");
-                            if let Some(err) = reply.error.as_ref().filter(|e| e.code == ErrorCode::Denied) {
-                                self.usage.add(&self.usage.denied, 1);
-                                // Bus denials are recorded by the bus with their subject.
-                                if !op.starts_with("bus.") {
-                                    self.d.audit_summarised(
-                                        Entry::new("channel", Verdict::Deny, err.message.clone())
-                                            .agent(&self.name)
-                                            .actor(format!("agent {}", self.name))
-                                            .data(json!({"op": v.get("op")})),
-                                        "channel",
-                                    );
-                                }
-                            }
-                            let spent = parse_ns + super::budget::thread_cpu_ns().saturating_sub(cpu0);
-                            self.usage.add(&self.usage.cpu_ns, spent);
-                            self.budget.charge_cpu(std::time::Instant::now(), spent);
-                            let mut reply = Slot::Now(reply);
-                            match effect {
-                                Effect::None => {}
-                                Effect::Later(rx) => {
-                                    reply = Slot::Later(v.get("id").cloned(), rx);
-                                }
-                                Effect::Ready => {
-                                    startup_deadline = None;
-                                    healthy_since.get_or_insert(Instant::now());
-                                }
-                                Effect::Heartbeat => {
-                                    if let Some(w) = watchdog {
-                                        watchdog_deadline = Some(Instant::now() + w);
-                                    }
-                                }
-                                Effect::Pain(action, what) => {
-                                    if let Some(p) = self.pain_action(action, &what, cg.as_ref()) {
-                                        pending.get_or_insert(p);
-                                        kill_at.get_or_insert(Instant::now());
-                                    }
-                                }
-                            }
-                            reply
-                        }
-                        ChannelItem::Error(e) => {
-                            let r = proto::Reply::err(e.code(), e.to_string());
-                            if !e.recoverable() {
-                                if let Some(w) = writer.take() {
-                                    let _ = w.try_send(Slot::Close(r));
-                                }
-                                continue;
-                            }
-                            Slot::Now(r)
-                        }
-                    };
-                    if let Some(w) = writer.as_ref() {
-                        if w.try_send(reply).is_err() {
-                            writer = None;
-                        }
-                    }
-                }
-                probe = health_rx.recv() => {
-                    health_running = false;
-                    let Some(p) = probe else { continue };
-                    let now = Instant::now();
-                    next_health = Some(now + health_every);
-                    self.set(|i| i.last_health = Some(if p.ok { "ok".into() } else { p.output.clone() }));
-                    if p.ok {
-                        if failures > 0 {
-                            self.d.emit(Some(&self.name), "health", json!({"ok": true, "after_failures": failures}));
-                        }
-                        failures = 0;
-                        self.set(|i| i.health_failures = 0);
-                        if !ready {
-                            ready = true;
-                            startup_deadline = None;
-                            self.set(|i| i.ready = true);
-                            self.d.emit(Some(&self.name), "ready", json!({"by": "health_cmd"}));
-                        }
-                        healthy_since.get_or_insert(now);
-                        self.state(State::Ready);
-                    } else {
-                        failures += 1;
-                        self.set(|i| i.health_failures = failures);
-                        self.d.emit(Some(&self.name), "health", json!({"ok": false, "failures": failures, "code": p.code, "output": p.output}));
-                        // Before readiness a failing check is just "not ready yet" (the startup
-                        // timeout bounds it); after, it counts toward the threshold.
-                        if ready {
-                            healthy_since = None;
-                            self.state(State::Unhealthy);
-                            if failures >= sup.health_threshold && pending.is_none() {
-                                pending = Some(EndReason::HealthFailed { failures });
-                                kill_at = Some(now);
-                            }
-                        }
-                    }
-                }
-                cmd = self.cmds.recv() => {
-                    let Some(cmd) = cmd else { continue };
-                    match cmd {
-                        Cmd::Stop { timeout, reply } => {
-                            if pending.is_none() {
-                                pending = Some(EndReason::StoppedByUs);
-                            }
-                            stop_replies.push(reply);
-                            if !matches!(then, After::Remove(_) | After::Restart(_)) {
-                                then = After::Stop(Vec::new());
-                            }
-                            let _ = shim_sig.signal(libc::SIGTERM);
-                            let grace = timeout.unwrap_or(sup.stop_timeout());
-                            let k = Instant::now() + grace;
-                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
-                        }
-                        Cmd::Kill { signal, reply } => {
-                            // The signal goes to the agent through the shim and pid 1; a kill
-                            // the user asked for is not a failure.
-                            let r = shim_sig.signal(signal).map_err(|e| e.to_string());
-                            if r.is_ok() && signal == libc::SIGKILL {
-                                pending.get_or_insert(EndReason::StoppedByUs);
-                                if let Some(c) = cg.as_ref() { self.d.cgroups.kill_all(c); }
-                            }
-                            let _ = reply.send(r);
-                        }
-                        Cmd::Restart { reply } => {
-                            pending = Some(EndReason::StoppedByUs);
-                            then = After::Restart(reply);
-                            let _ = shim_sig.signal(libc::SIGTERM);
-                            let k = Instant::now() + sup.stop_timeout();
-                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
-                        }
-                        Cmd::Remove { reply } => {
-                            pending = Some(EndReason::StoppedByUs);
-                            then = After::Remove(reply);
-                            let _ = shim_sig.signal(libc::SIGTERM);
-                            let k = Instant::now() + sup.stop_timeout();
-                            kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
-                        }
-                        Cmd::Evict(why) => {
-                            if pending.is_none() {
-                                pending = Some(match why {
-                                    super::gpu::Eviction::Preempted { by } => {
-                                        self.gpu_origin = self.d.gpu.origin(&self.name);
-                                        EndReason::GpuPreempted { by }
-                                    }
-                                    super::gpu::Eviction::Overuse { device, used_mb, reserved_mb } => {
-                                        EndReason::GpuEvicted { device, used_mb, reserved_mb }
-                                    }
-                                });
-                                let _ = shim_sig.signal(libc::SIGTERM);
-                                let k = Instant::now() + Duration::from_millis(self.d.gpu.grace_ms());
-                                kill_at = Some(kill_at.map_or(k, |x| x.min(k)));
-                            }
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(next) => {
-                    let now = Instant::now();
-                    if kill_at.is_some_and(|k| now >= k) {
-                        // The grace is over: every process of the sandbox, at once (v1: each
-                        // member; v2: cgroup.kill). pid 1 dies, the shim records the end.
-                        kill_at = None;
-                        if let Some(c) = cg.as_ref() {
-                            self.d.cgroups.kill_all(c);
-                        } else {
-                            let _ = shim_sig.signal(libc::SIGKILL);
-                        }
-                        continue;
-                    }
-                    if startup_deadline.is_some_and(|t| now >= t) {
-                        startup_deadline = None;
-                        if pending.is_none() {
-                            self.d.emit(Some(&self.name), "startup_timeout", json!({"timeout_ms": sup.startup_timeout_ms}));
-                            pending = Some(EndReason::StartupTimeout);
-                            kill_at = Some(now);
-                        }
-                        continue;
-                    }
-                    if watchdog_deadline.is_some_and(|t| now >= t) {
-                        watchdog_deadline = None;
-                        if pending.is_none() {
-                            self.d.emit(Some(&self.name), "watchdog_miss", json!({"watchdog_ms": sup.watchdog_ms}));
-                            pending = Some(EndReason::WatchdogMiss);
-                            kill_at = Some(now);
-                        }
-                        continue;
-                    }
-                    if next_health.is_some_and(|t| now >= t) {
-                        next_health = None;
-                        if !health_running && pending.is_none() {
-                            if let (Some(argv), Some(pid1)) = (sup.health_cmd.clone(), pid1) {
-                                health_running = true;
-                                let tx = health_tx.clone();
-                                let init = self.d.init.clone();
-                                let spec = self.rec.spec.clone();
-                                let timeout = Duration::from_millis(sup.health_timeout_ms);
-                                tokio::spawn(async move {
-                                    let p = shim::exec_in(&init, &spec, pid1, &argv, timeout).await;
-                                    let _ = tx.send(p).await;
-                                });
-                            }
-                        }
-                    }
-                    if now >= next_stats {
-                        next_stats = now + stats_every;
-                        token_check += 1;
-                        if token_check.is_multiple_of(10) && pending.is_none() {
-                            if let Err(e) = self.d.check_token(&self.rec.token) {
-                                self.d.emit(Some(&self.name), "token_invalid", json!({"error": e.to_string()}));
-                                self.audit(Entry::new("token_verify", Verdict::Deny, e.to_string()).data(json!({"token_id": self.rec.token_id, "action": "stop"})));
-                                pending = Some(EndReason::TokenInvalid { error: e.to_string() });
-                                kill_at = Some(now);
-                                continue;
-                            }
-                        }
-                        let Some(c) = cg.as_ref() else { continue };
-                        let s = stats::read(&*self.d.cgroups, c);
-                        let cpu = match (s.cpu_usec, last_cpu) {
-                            (Some(u), Some((pu, pt))) => {
-                                let dt = now.duration_since(pt).as_micros().max(1) as f64;
-                                Some(((u.saturating_sub(pu)) as f64 / dt * 100.0 * 10.0).round() / 10.0)
-                            }
-                            _ => None,
-                        };
-                        if let Some(u) = s.cpu_usec { last_cpu = Some((u, now)); }
-                        self.set(|i| {
-                            i.cpu_percent = cpu.or(i.cpu_percent);
-                            i.memory_bytes = s.memory_bytes;
-                            i.memory_limit = s.memory_limit;
-                            i.oom_kills = s.oom_kills;
-                        });
-                        // Kernel-sourced pain.
-                        let mut signals: Vec<(&str, serde_json::Value)> = Vec::new();
-                        if s.oom_kills > last_oom {
-                            signals.push(("oom", json!({"oom_kills": s.oom_kills, "new": s.oom_kills - last_oom})));
-                            last_oom = s.oom_kills;
-                        }
-                        if let (Some(t), Some(prev)) = (s.nr_throttled, last_throttled) {
-                            if t > prev {
-                                signals.push(("cpu_throttling", json!({"nr_throttled": t, "new": t - prev})));
-                            }
-                        }
-                        last_throttled = s.nr_throttled;
-                        if s.memory_pressure() && pressure_since_event.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
-                            pressure_since_event = Some(now);
-                            signals.push(("memory_pressure", json!({"memory_bytes": s.memory_bytes, "memory_limit": s.memory_limit, "psi_some_avg10": s.memory_pressure_avg10})));
-                        }
-                        for (kind, data) in signals {
-                            let action = kernel_action(&self.rec.pain, kind);
-                            let what = PainWhat { source: "kernel", signal: kind.to_string(), severity: None, reason: None, data };
-                            if let Some(p) = self.pain_action(action, &what, Some(c)) {
-                                if pending.is_none() {
-                                    pending = Some(p);
-                                    kill_at = Some(now);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        if let Some(t) = reader_task {
-            t.abort();
-        }
-        self.d.bus.close(&outbox);
-        self.outbox = None;
-        drop(writer);
-        if let Some(t) = writer_task {
-            t.abort();
-        }
-        // The end as the shim saw it; our own reason (a kill we made) takes precedence.
-        let reason = match (pending, record) {
-            (Some(p), _) => p,
-            (None, None) => EndReason::Lost,
-            (None, Some(r)) => {
-                if let Some(e) = r.launch_error {
-                    EndReason::LaunchFailed {
-                        code: r.code.unwrap_or(125),
-                        error: e,
-                    }
-                } else if r.oom_killed && (r.signal == Some(libc::SIGKILL) || r.code == Some(137)) {
-                    let what = PainWhat {
-                        source: "kernel",
-                        signal: "oom".into(),
-                        severity: None,
-                        reason: Some("the agent was killed by the OOM killer".into()),
-                        data: json!({"memory_limit": self.rec.spec.limits.memory}),
-                    };
-                    self.record_pain(&what, PainAction::Log);
-                    EndReason::OomKilled
-                } else if let Some(s) = r.signal {
-                    EndReason::Signaled { signal: s }
-                } else {
-                    EndReason::Exited {
-                        code: r.code.unwrap_or(0),
-                    }
-                }
-            }
-        };
-        // Whatever is left in the cgroup goes (the shim removes the directories).
-        if let Some(c) = cg.as_ref() {
-            self.d.cgroups.kill_all(c);
-        }
-        if let After::Stop(_) = then {
-            then = After::Stop(stop_replies);
-        } else {
-            for r in stop_replies {
-                let _ = r.send(Ok(()));
-            }
-        }
-        RunEnd {
-            reason,
-            healthy_since,
-            then,
-        }
+        (actions, Some(reply))
     }
 
     /// Handles one request on the agent channel. Every request is checked against the
     /// agent's token; acting on another agent needs a claim this token cannot carry yet.
-    fn on_request(&self, v: &serde_json::Value, ready: &mut bool) -> (proto::Reply, Effect) {
+    fn on_request(&self, v: &serde_json::Value) -> (proto::Reply, Effect) {
         let id = v.get("id").cloned();
         let with_id = |mut r: proto::Reply| {
             r.id = id.clone();
@@ -1190,16 +1196,8 @@ impl Agent {
             }
         };
         match op {
-            "ready" => {
-                if !*ready {
-                    *ready = true;
-                    self.set(|i| i.ready = true);
-                    self.d
-                        .emit(Some(&self.name), "ready", json!({"by": "agent"}));
-                }
-                self.state(State::Ready);
-                reply(proto::Reply::ok(json!({})), Effect::Ready)
-            }
+            // The lifecycle marks it ready (daemon/lifecycle.rs), before the reply goes.
+            "ready" => reply(proto::Reply::ok(json!({})), Effect::Ready),
             "heartbeat" => {
                 self.set(|i| i.last_heartbeat_ms = Some(super::store::now_ms()));
                 reply(proto::Reply::ok(json!({})), Effect::Heartbeat)
@@ -1395,6 +1393,39 @@ fn kernel_action(p: &PainPolicy, kind: &str) -> PainAction {
     }
 }
 
+/// One run's agent channel (`Agent::attach_channel`).
+struct Channel {
+    frames_rx: mpsc::Receiver<ChannelItem>,
+    writer: Option<mpsc::Sender<Slot>>,
+    reader_task: Option<tokio::task::JoinHandle<()>>,
+    writer_task: Option<tokio::task::JoinHandle<()>>,
+    outbox: Arc<crate::bus::Outbox>,
+}
+
+/// The reply channels of the commands that wait for the run's end.
+#[derive(Default)]
+struct Replies {
+    /// Stops: answered once stopped (or at once when a restart or remove came first).
+    stop: Vec<oneshot::Sender<Result<(), String>>>,
+    /// The restart or remove that comes after the run.
+    then: Option<oneshot::Sender<Result<(), String>>>,
+    /// A kill's answer, sent after the actions it caused.
+    now: Option<(Answer, Result<(), String>)>,
+}
+
+/// Where a user's command is answered.
+type Answer = oneshot::Sender<Result<(), String>>;
+
+/// The kernel counters of the previous sample, to report what grew.
+#[derive(Default)]
+struct KernelSampler {
+    samples: u32,
+    last_cpu: Option<(u64, Instant)>,
+    last_oom: u64,
+    last_throttled: Option<u64>,
+    pressure_event: Option<Instant>,
+}
+
 struct PainWhat {
     source: &'static str,
     signal: String,
@@ -1410,6 +1441,32 @@ enum Effect {
     Ready,
     Heartbeat,
     Pain(PainAction, PainWhat),
+}
+
+/// The agent channel's reader: frames in, items out, until EOF or a fatal frame error.
+async fn read_frames(mut r: tokio::net::unix::OwnedReadHalf, frames_tx: mpsc::Sender<ChannelItem>) {
+    loop {
+        match aio::read_frame(&mut r).await {
+            Ok(Some(body)) => {
+                // Parsing is work for the agent too: measured, charged.
+                let cpu0 = super::budget::thread_cpu_ns();
+                let parsed = serde_json::from_slice(&body);
+                let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
+                let item = match parsed {
+                    Ok(v) => ChannelItem::Frame(v, body.len() + 4, ns),
+                    Err(e) => ChannelItem::Error(FrameError::BadJson(e)),
+                };
+                if frames_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = frames_tx.send(ChannelItem::Error(e)).await;
+                return;
+            }
+        }
+    }
 }
 
 fn channel_stream(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {

@@ -178,8 +178,8 @@ impl AgentFile {
             return fail("token_file", "give either policy or token_file, not both");
         }
         if let Some(n) = &f.name {
-            if let Err(e) = super::check_name(n) {
-                return fail("name", &e);
+            if let Err(e) = crate::agent_name::AgentName::parse("name", n) {
+                return fail("name", &e.to_string());
             }
         }
         f.dir = path

@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod harden;
 pub mod identity;
 pub mod kernel_audit;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
@@ -386,23 +387,6 @@ pub fn find_init() -> Result<PathBuf, DaemonError> {
     }
     looked.push("$PATH".into());
     Err(DaemonError::NoInit(looked.join(", ")))
-}
-
-/// An agent name: what cgroups, log directories and the CLI accept.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid agent name {name:?}: 1-48 letters, digits, '-' or '_', not starting with '-'"
-        ))
-    }
 }
 
 /// A signal's name ("SIGKILL").

@@ -18,7 +18,8 @@ use super::identity::Caller;
 use super::proto::{aio, ErrorCode, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
-use super::{check_name, Shared};
+use super::Shared;
+use crate::agent_name::AgentName;
 use crate::audit::{Entry, Verdict};
 use crate::sandbox::RunOptions;
 use crate::token::{self, Claims};
@@ -558,8 +559,8 @@ fn audit_for(
 
 /// An operator's memory request (any agent's memory, no quota: docs/memory.md).
 async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
-    if let Err(e) = super::check_name(&agent) {
-        return Reply::err(ErrorCode::Invalid, e);
+    if let Err(e) = AgentName::parse("agent", &agent) {
+        return Reply::err(ErrorCode::Invalid, e.to_string());
     }
     let op = request.get("op").and_then(|o| o.as_str()).unwrap_or("");
     if !op.starts_with("mem.") {
@@ -655,8 +656,8 @@ async fn spawn_inner(
     caller: &Caller,
     mut fds: Vec<OwnedFd>,
 ) -> Reply {
-    if let Err(e) = check_name(&req.name) {
-        return Reply::err(ErrorCode::Invalid, e);
+    if let Err(e) = AgentName::parse("name", &req.name) {
+        return Reply::err(ErrorCode::Invalid, e.to_string());
     }
     if let Err(e) = req.supervision.validate() {
         return Reply::err(ErrorCode::Invalid, e);

@@ -75,6 +75,11 @@ pub enum EndReason {
     },
     /// Stopped on purpose (stop, restart, a pain action): never a failure.
     StoppedByUs,
+    /// Ended by a signal an operator sent (`aitherctl kill -s SIG`): killed by it, or exited
+    /// with 128+SIG as a shell reports it. Never a failure, never restarted.
+    KilledByOperator {
+        signal: i32,
+    },
     /// The sandbox could not be launched.
     LaunchFailed {
         code: i32,
@@ -108,7 +113,9 @@ impl EndReason {
     pub fn is_failure(&self, sup: &Supervision) -> bool {
         match self {
             EndReason::Exited { code } => !sup.success_codes.contains(code),
-            EndReason::StoppedByUs | EndReason::GpuPreempted { .. } => false,
+            EndReason::StoppedByUs
+            | EndReason::KilledByOperator { .. }
+            | EndReason::GpuPreempted { .. } => false,
             _ => true,
         }
     }
@@ -126,6 +133,12 @@ impl EndReason {
                 format!("health check failed {failures} times in a row")
             }
             EndReason::StoppedByUs => "stopped".into(),
+            EndReason::KilledByOperator { signal } => {
+                format!(
+                    "ended by {} from aitherctl kill",
+                    super::signal_name(*signal)
+                )
+            }
             EndReason::LaunchFailed { error, .. } => format!("launch failed: {error}"),
             EndReason::Lost => "its launcher vanished".into(),
             EndReason::TokenInvalid { error } => format!("token no longer valid: {error}"),
@@ -193,17 +206,19 @@ impl RestartTracker {
         let failed = reason.is_failure(sup);
         if matches!(
             reason,
-            EndReason::StoppedByUs | EndReason::TokenInvalid { .. }
+            EndReason::StoppedByUs
+                | EndReason::KilledByOperator { .. }
+                | EndReason::TokenInvalid { .. }
         ) {
             return Decision::Done;
         }
-        // A `restart` pain action restarts whatever the policy (within the burst limit).
-        let restart = matches!(reason, EndReason::Pain { .. })
-            || match sup.restart {
-                RestartPolicy::Never => false,
-                RestartPolicy::OnFailure => failed,
-                RestartPolicy::Always => true,
-            };
+        // A `restart` pain action is a failure like any other: the restart policy decides
+        // (issue 20: `--restart never` means never, whatever the pain table says).
+        let restart = match sup.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Always => true,
+        };
         if !restart {
             return Decision::Done;
         }
@@ -323,6 +338,20 @@ mod tests {
             Decision::Done
         );
         assert_eq!(t.decide(&s, &EndReason::StoppedByUs, 0), Decision::Done);
+        // An operator's signal is never a failure, under any policy (issue 20).
+        let op = EndReason::KilledByOperator {
+            signal: libc::SIGTERM,
+        };
+        assert!(!op.is_failure(&s));
+        for restart in [
+            RestartPolicy::Never,
+            RestartPolicy::OnFailure,
+            RestartPolicy::Always,
+        ] {
+            let s = Supervision { restart, ..sup() };
+            assert_eq!(t.decide(&s, &op, 0), Decision::Done, "{restart:?}");
+        }
+        assert_eq!(t.total, 0);
         assert!(matches!(
             t.decide(&s, &EndReason::OomKilled, 0),
             Decision::Restart(_)
@@ -336,6 +365,27 @@ mod tests {
         ));
         s.success_codes = vec![0, 3];
         assert!(!EndReason::Exited { code: 3 }.is_failure(&s));
+    }
+
+    #[test]
+    fn pain_restarts_only_where_the_restart_policy_restarts() {
+        let pain = EndReason::Pain {
+            signal: "agent".into(),
+            reason: "critical".into(),
+        };
+        let mut t = RestartTracker::new(11);
+        let never = Supervision {
+            restart: RestartPolicy::Never,
+            ..sup()
+        };
+        assert_eq!(t.decide(&never, &pain, 0), Decision::Done);
+        assert_eq!(t.total, 0, "no restart counted under never");
+        assert!(matches!(t.decide(&sup(), &pain, 0), Decision::Restart(_)));
+        let always = Supervision {
+            restart: RestartPolicy::Always,
+            ..sup()
+        };
+        assert!(matches!(t.decide(&always, &pain, 0), Decision::Restart(_)));
     }
 
     #[test]

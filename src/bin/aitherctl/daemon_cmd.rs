@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aither::agent_name::AgentName;
+use aither::daemon;
 use aither::daemon::agent::Info;
 use aither::daemon::agentfile::AgentFile;
 use aither::daemon::client::{Client, ClientError};
 use aither::daemon::proto::{Reply, Request, SpawnRequest};
 use aither::daemon::store::Event;
 use aither::daemon::supervise::{RestartPolicy, Supervision};
-use aither::daemon::{self, check_name};
 use aither::units::to_ms;
 use aither::units::Size;
 use clap::Args;
@@ -212,7 +213,7 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
                 .map(|s| s.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
-    check_name(&name).map_err(anyhow::Error::msg)?;
+    AgentName::parse("name", &name)?;
     let mut sup = Supervision::default();
     if let Some(f) = &file {
         sup = f.supervision(sup);
@@ -705,14 +706,26 @@ pub fn kill(a: KillArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    act(
-        Request::Kill {
-            name: a.name,
-            signal,
-        },
-        a.json,
-        "signalled",
-    )
+    // The state right after the signal is not news (the agent has not reacted yet): the
+    // reply's state is left out of the line (issue 20: "signalled (now ready)").
+    match call(&Request::Kill {
+        name: a.name,
+        signal,
+    }) {
+        Ok(v) if a.json => {
+            print_json(&v);
+            0
+        }
+        Ok(v) => {
+            println!(
+                "{}: sent {}",
+                v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+                daemon::signal_name(signal)
+            );
+            0
+        }
+        Err(c) => c,
+    }
 }
 
 pub fn restart(a: RestartArgs) -> i32 {
