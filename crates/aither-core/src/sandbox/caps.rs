@@ -2,8 +2,8 @@
 
 use std::io;
 
-use ::caps::CapSet;
 use ::caps::errors::CapsError;
+use ::caps::CapSet;
 
 use crate::sys;
 
