@@ -28,8 +28,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// A raw call's result, the errno on -1 (raw: fcntl, fchown and the pty calls on descriptors
-/// this module holds as RawFd, shared with the caller's shell).
+/// A raw call's result, the errno on -1. Raw: fcntl, fchown, tcsetattr and the pty calls here
+/// act on RawFds shared with the caller's shell; nix would need an unsafe `borrow_raw` each.
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     Ok(nix::errno::Errno::result(r)?)
 }
