@@ -1,11 +1,23 @@
-//! Capabilities: all five sets emptied.
+//! Capabilities: all five sets emptied, through the `caps` crate where it serves.
 
 use std::io;
 
+use ::caps::errors::CapsError;
+use ::caps::CapSet;
+
 use crate::sys;
+
+/// `caps` reports failures as text only; keep its message as the error's source.
+fn io_err(e: CapsError) -> io::Error {
+    io::Error::other(e)
+}
 
 /// Drops every capability from the bounding set. Needs CAP_SETPCAP, so it runs before the
 /// switch to the agent's uid (which empties the permitted and effective sets).
+///
+/// Raw prctl, not `caps::clear(None, CapSet::Bounding)`: that walks only the capabilities the
+/// crate knows (up to CAP_CHECKPOINT_RESTORE, 40), so a newer kernel's capability would stay
+/// in the bounding set; this loop drops up to the kernel's own last one (EINVAL past it).
 pub fn drop_bounding() -> io::Result<()> {
     for cap in 0..=63 {
         match sys::prctl(libc::PR_CAPBSET_DROP, cap) {
@@ -20,80 +32,20 @@ pub fn drop_bounding() -> io::Result<()> {
 
 /// Clears the ambient set (it would survive execve otherwise).
 pub fn clear_ambient() -> io::Result<()> {
-    // SAFETY: integer-only prctl.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    ::caps::clear(None, CapSet::Ambient).map_err(io_err)
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// Empties the effective, permitted and inheritable sets.
+/// Empties the effective, permitted and inheritable sets. `caps::clear` zeroes whole 32-bit
+/// words, so capabilities newer than the crate are cleared too.
 pub fn clear_all() -> io::Result<()> {
-    let hdr = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    }; // _LINUX_CAPABILITY_VERSION_3
-    let data = [CapData::default(); 2];
-    // SAFETY: header and two data words as capset(2) version 3 expects.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // Clearing the permitted set clears the effective set with it.
+    ::caps::clear(None, CapSet::Permitted).map_err(io_err)?;
+    ::caps::clear(None, CapSet::Inheritable).map_err(io_err)
 }
 
 /// Copies the permitted set into the effective set (after an effective-uid switch away from
 /// 0 emptied it: the real and saved uids stay 0, so the permitted set is intact).
 pub fn raise_effective() -> io::Result<()> {
-    let mut hdr = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: header and two data words as capget(2) version 3 expects.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut hdr as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    for d in &mut data {
-        d.effective = d.permitted;
-    }
-    // SAFETY: as above, for capset(2).
-    let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    let permitted = ::caps::read(None, CapSet::Permitted).map_err(io_err)?;
+    ::caps::set(None, CapSet::Effective, &permitted).map_err(io_err)
 }

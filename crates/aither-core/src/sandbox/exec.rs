@@ -136,10 +136,7 @@ pub fn exec_in(
 
     // 4. Our supplementary groups would survive into the sandbox (its `setgroups deny` forbids
     // dropping them inside), so they go first.
-    // SAFETY: setgroups with an empty list.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
-        return Err(ExecError::Setns(io::Error::last_os_error()));
-    }
+    nix::unistd::setgroups(&[]).map_err(|e| ExecError::Setns(e.into()))?;
     // This process gains capabilities in the sandbox's user namespace: non-dumpable before
     // that, so nothing in there can ptrace it or read its memory.
     sys::prctl(libc::PR_SET_DUMPABLE, 0).map_err(ExecError::Setns)?;

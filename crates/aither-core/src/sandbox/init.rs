@@ -72,11 +72,8 @@ impl<T> At<T> for io::Result<T> {
 }
 
 pub(crate) fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    nix::errno::Errno::result(r)?;
+    Ok(())
 }
 
 /// Entry point in the forked child. Never returns.
@@ -524,13 +521,13 @@ struct IfReq {
 
 /// Brings up `lo` in the new network namespace (it starts down).
 pub(crate) fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket creation.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `s` is a new descriptor we own.
-    let s = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    let s = nix::sys::socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut req = IfReq {
         name: [0; 16],
         flags: 0,
@@ -627,6 +624,8 @@ fn reap(
     // SAFETY: the stack grows down from the end of the allocation and outlives the child's use
     // of it (CLONE_VFORK suspends us until the child execs or exits).
     let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) } as *mut libc::c_void;
+    // Raw: nix's clone takes a boxed closure and allocates; this child runs on a vfork'd
+    // stack and may only make async-signal-safe calls.
     // SAFETY: `exec_child` only makes async-signal-safe calls on data that stays valid while we
     // are suspended.
     let pid = unsafe {

@@ -121,19 +121,8 @@ fn remount_read_only(path: &Path, recursive: bool) -> io::Result<()> {
             | libc::MS_NOSUID
             | libc::MS_NODEV
             | keep;
-        let c = sys::cstr(&t)?;
-        // SAFETY: valid C string; a bind remount takes no source, type or data.
-        let r = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                c.as_ptr(),
-                std::ptr::null(),
-                flags,
-                std::ptr::null(),
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        // A bind remount takes no source, type or data.
+        if let Err(e) = sys::mount(None, &t, None, flags, None) {
             return Err(io::Error::new(
                 e.kind(),
                 format!(
@@ -149,13 +138,7 @@ fn remount_read_only(path: &Path, recursive: bool) -> io::Result<()> {
 /// The mount flags a mount already has, as MS_* bits (kept across a bind remount).
 fn statvfs_flags(p: &Path) -> io::Result<libc::c_ulong> {
     let c = sys::cstr(p)?;
-    // SAFETY: an all-zero statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let f = st.f_flag;
+    let f = nix::sys::statvfs::statvfs(c.as_c_str())?.flags().bits();
     let mut ms = 0;
     for (st_bit, ms_bit) in [
         (libc::ST_NOEXEC, libc::MS_NOEXEC),
@@ -623,22 +606,9 @@ pub fn finish(spec: &SandboxSpec, workspace: Option<&OwnedFd>) -> Result<(), Mou
             if !spec.mounts.exec_workspace {
                 flags |= libc::MS_NOEXEC;
             }
-            let target = c(&ws.path.to_string_lossy());
-            // SAFETY: valid C string; a remount takes no source, type or data.
-            let r = unsafe {
-                libc::mount(
-                    std::ptr::null(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    flags,
-                    std::ptr::null(),
-                )
-            };
-            if r < 0 {
-                return Err(err("set the workspace's mount flags on", &ws.path)(
-                    io::Error::last_os_error(),
-                ));
-            }
+            // A remount takes no source, type or data.
+            sys::mount(None, &ws.path, None, flags, None)
+                .map_err(err("set the workspace's mount flags on", &ws.path))?;
         }
         // Before anything of the agent runs: the git files the host runs are read-only.
         if ws.access == crate::policy::WorkspaceAccess::ReadWrite
@@ -764,6 +734,7 @@ pub fn prepare_workspace_early(
             ),
         ));
     }
+    // Raw: nix 0.30 has no open_tree.
     // SAFETY: open_tree on a valid O_PATH fd with an empty path (AT_EMPTY_PATH); returns a new
     // descriptor of a detached copy of that mount (not recursive: only the workspace itself).
     let r = unsafe {
@@ -776,9 +747,7 @@ pub fn prepare_workspace_early(
                 | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_ulong,
         )
     };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let r = nix::errno::Errno::result(r)?;
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as std::os::fd::RawFd) };
     Ok(Some(EarlyWorkspace::AsOwner { fd, uid, gid }))

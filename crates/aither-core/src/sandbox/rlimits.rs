@@ -3,39 +3,27 @@
 
 use std::io;
 
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
 use super::spec::SandboxSpec;
 
 /// Sets soft = hard = `value`, or the current hard limit when that is lower: the policy's
 /// number is a ceiling, and a lower one inherited from the caller is only narrower.
-fn set(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
-    // SAFETY: zeroed rlimit is a valid out-parameter.
-    let mut cur: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: getrlimit writes into `cur`.
-    if unsafe { libc::getrlimit(resource, &mut cur) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let value = value.min(cur.rlim_max);
-    let lim = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
-    // SAFETY: setrlimit reads a valid rlimit struct.
-    if unsafe { libc::setrlimit(resource, &lim) } < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+fn set(resource: Resource, value: u64) -> io::Result<()> {
+    let (_, hard) = getrlimit(resource)?;
+    let value = value.min(hard);
+    Ok(setrlimit(resource, value, value)?)
 }
 
 /// Applies the spec's limits (soft = hard).
 pub fn apply(spec: &SandboxSpec) -> io::Result<()> {
-    set(libc::RLIMIT_NOFILE, spec.rlimit_nofile)?;
-    set(libc::RLIMIT_CORE, spec.rlimit_core)?;
+    set(Resource::RLIMIT_NOFILE, spec.rlimit_nofile)?;
+    set(Resource::RLIMIT_CORE, spec.rlimit_core)?;
     if let Some(n) = spec.rlimit_nproc {
-        set(libc::RLIMIT_NPROC, n)?;
+        set(Resource::RLIMIT_NPROC, n)?;
     }
     if let Some(n) = spec.rlimit_fsize {
-        set(libc::RLIMIT_FSIZE, n)?;
+        set(Resource::RLIMIT_FSIZE, n)?;
     }
     Ok(())
 }

@@ -28,12 +28,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+/// A raw call's result, the errno on -1. Raw: fcntl, fchown, tcsetattr and the pty calls here
+/// act on RawFds shared with the caller's shell; nix would need an unsafe `borrow_raw` each.
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    Ok(nix::errno::Errno::result(r)?)
 }
 
 /// A copy of `fd` at a number ≥ 3, close-on-exec (the child places it at 0–2).

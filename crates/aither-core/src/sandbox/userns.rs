@@ -78,15 +78,13 @@ impl AsOwner {
     pub fn switch_to(id: u32) -> io::Result<AsOwner> {
         // The group first: changing the egid needs no capability, and it must happen while
         // CAP_SETGID is still effective.
-        // SAFETY: id switch of the calling (only) thread; -1 keeps the real and saved ids.
-        if unsafe { libc::setresgid(u32::MAX, id, u32::MAX) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // -1 (u32::MAX) keeps the real and saved ids.
+        use nix::unistd::{Gid, Uid};
+        let keep = u32::MAX;
+        nix::unistd::setresgid(Gid::from_raw(keep), Gid::from_raw(id), Gid::from_raw(keep))?;
         let guard = AsOwner { _private: () };
-        // SAFETY: as above. Empties the effective capability set (euid 0 -> non-zero).
-        if unsafe { libc::setresuid(u32::MAX, id, u32::MAX) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Empties the effective capability set (euid 0 -> non-zero).
+        nix::unistd::setresuid(Uid::from_raw(keep), Uid::from_raw(id), Uid::from_raw(keep))?;
         super::caps::raise_effective()?;
         Ok(guard)
     }
@@ -152,6 +150,7 @@ pub fn idmap_userns(
     // moves into the IdmapHelper, which reaps the child before dropping it.
     let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) } as *mut libc::c_void;
     let mut pidfd: libc::c_int = -1;
+    // Raw: nix's clone returns no pidfd (CLONE_PIDFD's out-parameter).
     // SAFETY: the child runs only `park` (a pause loop) on its own stack, sharing our memory
     // without touching it; CLONE_PIDFD writes into `pidfd`.
     let pid = unsafe {

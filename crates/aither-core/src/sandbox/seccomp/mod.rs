@@ -592,6 +592,7 @@ fn install_one(prog: &[libc::sock_filter]) -> io::Result<()> {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
+    // Raw: nix has no seccomp(2).
     // SAFETY: `fprog` points at a valid BPF program that lives for the duration of the call;
     // the kernel copies it.
     let r = unsafe {
@@ -602,11 +603,8 @@ fn install_one(prog: &[libc::sock_filter]) -> io::Result<()> {
             &fprog as *const libc::sock_fprog,
         )
     };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    nix::errno::Errno::result(r)?;
+    Ok(())
 }
 
 /// Installs the filter pair. Requires no_new_privs (set before) since we hold no CAP_SYS_ADMIN.
