@@ -907,3 +907,71 @@ fn a_public_key_beginning_with_a_dash_is_a_value() {
         "an invalid key or token, not a usage error: {err}"
     );
 }
+
+/// `token attenuate A > B` (the README's form) and `token mint > B`: a bearer token printed to
+/// stdout that is a regular file the caller owns ends up at 0600 (it was 0644, the umask's); a
+/// readable file someone else owns is refused with nothing written (issue 20).
+#[test]
+fn a_token_redirected_to_a_file_is_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    let st = State::new();
+    let tok = st.mint_file("strict", "agent-redirect");
+    let run_to = |args: &[&str], file: &Path| -> Output {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(file)
+            .unwrap();
+        st.cmd(args)
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for args in [
+        vec!["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"],
+        vec![
+            "token",
+            "mint",
+            "--policy",
+            "strict",
+            "--subject",
+            "agent-m",
+        ],
+    ] {
+        let out = st.path().join("redirected.tok");
+        std::fs::write(&out, "").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let o = run_to(&args, &out);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert_eq!(mode(&out), 0o600, "{args:?}: the token file's mode");
+        let written = std::fs::read_to_string(&out).unwrap();
+        assert!(written.starts_with("aither1."), "{written}");
+        assert_success(
+            &st.run(&["token", "verify", out.to_str().unwrap()]),
+            "the redirected token verifies",
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+
+    // Someone else's 0644 file: refused, empty, its mode untouched.
+    let foreign = st.path().join("foreign.tok");
+    std::fs::write(&foreign, "").unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let o = run_to(
+        &["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"],
+        &foreign,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(stderr(&o).contains("--out FILE"), "{}", text(&o));
+    let md = std::fs::metadata(&foreign).unwrap();
+    assert_eq!((md.len(), md.mode() & 0o7777, md.uid()), (0, 0o644, 65534));
+
+    // A pipe is left alone: the token still comes out.
+    let o = st.run(&["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"]);
+    assert_success(&o, "attenuate to a pipe");
+    assert!(stdout(&o).starts_with("aither1."), "{}", text(&o));
+}
