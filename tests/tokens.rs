@@ -975,3 +975,57 @@ fn a_token_redirected_to_a_file_is_private() {
     assert_success(&o, "attenuate to a pipe");
     assert!(stdout(&o).starts_with("aither1."), "{}", text(&o));
 }
+
+/// Issue 20: `policy check` takes a name (installed or built-in) as well as a path, and reports
+/// every error in one pass; `policy show` lists a policy's `[net]` grants (it printed
+/// `network None` for a policy with services, egress rules and routes).
+#[test]
+fn policy_check_takes_a_name_and_show_lists_net_grants() {
+    let st = State::new();
+    let o = st.run(&["policy", "check", "strict"]);
+    assert_success(&o, "policy check strict");
+    assert!(
+        stdout(&o).contains("ok (policy \"strict\")"),
+        "{}",
+        text(&o)
+    );
+
+    let strict = std::fs::read_to_string(policy_dir().join("strict.toml")).unwrap();
+    let bad = st.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        strict
+            .replace("memory = \"512M\"", "memory = \"1M\"")
+            .replace("pids = 128", "pids = 1"),
+    )
+    .unwrap();
+    let o = st.run(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    assert!(err.contains("field `resources.memory`"), "{err}");
+    assert!(err.contains("field `resources.pids`"), "{err}");
+
+    let net = st.path().join("withnet.toml");
+    std::fs::write(
+        &net,
+        strict.replace("name = \"strict\"", "name = \"withnet\"")
+            + "\n[[net.egress]]\nhosts = [\"api.openai.com\"]\nports = [443]\n\n\
+               [[net.services]]\nname = \"llm\"\ntarget = \"127.0.0.1:11434\"\n\n\
+               [[net.routes]]\nname = \"openai\"\nupstream = \"https://api.openai.com/v1\"\n\
+               secret = \"openai\"\n",
+    )
+    .unwrap();
+    let o = st.run(&["policy", "show", net.to_str().unwrap()]);
+    assert_success(&o, "policy show");
+    let out = stdout(&o);
+    assert!(!out.contains("network       None"), "{out}");
+    for line in [
+        "network       none, plus through the egress gateway: 1 egress rule(s), 1 service(s), 1 route(s)",
+        "  egress      api.openai.com port 443",
+        "  service     llm.aither.internal -> 127.0.0.1:11434",
+        "  route       /openai/ -> https://api.openai.com/v1 (secret \"openai\" in Authorization)",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}\n{out}");
+    }
+}

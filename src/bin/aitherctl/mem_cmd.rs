@@ -324,9 +324,8 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                     .collect(),
             };
             let mut out = std::io::stdout().lock();
-            if !json {
-                let _ = writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
-            }
+            // After the first answer: an unknown name prints its error and no table.
+            let mut header = !json;
             for t in tiers {
                 let mut after: Option<String> = None;
                 let mut n = 0usize;
@@ -339,6 +338,10 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                         &agent,
                         json!({"op": "mem.list", "tier": t, "prefix": prefix, "after": after, "limit": page}),
                     )?;
+                    if std::mem::take(&mut header) {
+                        let _ =
+                            writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
+                    }
                     for e in v["entries"].as_array().into_iter().flatten() {
                         n += 1;
                         let r = if json {
