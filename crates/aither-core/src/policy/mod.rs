@@ -643,9 +643,10 @@ impl Policy {
                 fail("process.env", k, "invalid variable name".into());
             }
         }
-        // Last: a stand-in depends on the namespaces, network and seccomp checked above (each
-        // protection reports its first problem only: the later checks assume the earlier held).
-        for (protection, layers) in &self.compensated {
+        // Last, and only when everything above held: a stand-in depends on the namespaces,
+        // network and seccomp checked above (each protection reports its first problem only).
+        let held = errors.borrow().is_empty();
+        for (protection, layers) in self.compensated.iter().filter(|_| held) {
             let key = protection.to_string();
             let want = protection.stand_ins();
             if want.is_empty() {
