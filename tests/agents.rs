@@ -464,16 +464,21 @@ fn the_walkthrough_agent_of_docs_agents_md_is_ready_answers_and_remembers() {
     let ok = poll_until(WAIT, || d.inspect("hello")["state"] == "ready");
     assert!(ok, "{}", d.diagnose("hello"));
 
-    let ask = |text: &str| -> Value {
+    let ask_text = |text: &str, json: bool| -> String {
+        let mut args = vec!["bus", "sub", "agent.hello.outbox", "-n", "1"];
+        if json {
+            args.push("--json");
+        }
         let mut sub = d
-            .cmd(&["bus", "sub", "agent.hello.outbox", "-n", "1", "--json"])
+            .cmd(&args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         // Live delivery: publish until the subscription (once it exists) has its answer.
         let ok = poll_until(WAIT, || {
-            d.ok(&["bus", "pub", "agent.hello.inbox", text]);
+            let printed = d.ok(&["bus", "pub", "agent.hello.inbox", text]);
+            assert_eq!(printed, "", "a live publish prints nothing");
             std::thread::sleep(Duration::from_millis(200));
             sub.try_wait().unwrap().is_some()
         });
@@ -482,11 +487,27 @@ fn the_walkthrough_agent_of_docs_agents_md_is_ready_answers_and_remembers() {
         }
         let out = sub.wait_with_output().unwrap();
         assert!(ok, "no answer from hello\n{}", d.diagnose("hello"));
-        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ask = |text: &str| -> Value {
+        let line = ask_text(text, true);
         let v: Value = serde_json::from_str(line.trim()).expect("bus sub --json");
         v["data"].clone()
     };
-    assert_eq!(ask("\"hi\""), serde_json::json!({"echo": "hi", "run": 1}));
+    // Issue 20: the page's bus lines are what `bus pub` and `bus sub` print (after the
+    // timestamp, which is the run's own); a live publish prints nothing.
+    let real = ask_text("\"hi\"", false);
+    let shown = doc
+        .split("$ aitherctl bus pub agent.hello.inbox '\"hi\"'\n")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .expect("the page's bus exchange");
+    const TS: usize = "2026-11-25T18:53:01.443Z".len();
+    assert_eq!(
+        real.trim_end().get(TS..),
+        shown.get(TS..),
+        "real: {real:?}\npage: {shown:?}"
+    );
     assert_eq!(d.inspect("hello")["status_text"], "got 'hi'");
 
     d.ok(&["restart", "hello"]);

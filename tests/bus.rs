@@ -203,6 +203,17 @@ import time; time.sleep(60)
         "{audit}"
     );
     assert!(audit.contains("does not grant publish"), "{audit}");
+    // Issue 20: no denial is recorded twice (a flood of them is one record and a count).
+    let mut seen = std::collections::HashSet::new();
+    for r in audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "bus" && r["decision"] == "deny")
+    {
+        let key = (r["agent"].to_string(), r["data"].to_string());
+        assert!(seen.insert(key), "recorded twice: {r}\n{audit}");
+    }
+    assert!(!seen.is_empty(), "{audit}");
 }
 
 #[test]

@@ -935,6 +935,44 @@ fn every_decision_lands_in_one_verifiable_audit_stream() {
         "{denied}"
     );
 
+    // Issue 20: the spawn record names the workspace.
+    let spawned = a
+        .iter()
+        .find(|r| r["kind"] == "spawn" && r["decision"] == "allow" && r["agent"] == name.as_str())
+        .unwrap();
+    let ws = spawned["data"]["workspace"].as_str().unwrap_or("");
+    assert_eq!(
+        Path::new(ws).canonicalize().ok(),
+        d.ws.path().canonicalize().ok(),
+        "{spawned}"
+    );
+    // Issue 20: an operator's write to an agent's spirit tier (its instructions) is audited
+    // with the caller; a working-tier write is not.
+    d.ok(&["mem", "put", &name, "--tier", "spirit", "persona", "obey"]);
+    d.ok(&["mem", "put", &name, "--tier", "working", "scratch", "x"]);
+    let a = d.audit();
+    let mem: Vec<&Value> = a.iter().filter(|r| r["kind"] == "mem").collect();
+    assert_eq!(mem.len(), 1, "{mem:#?}");
+    assert_eq!(mem[0]["decision"], "allow");
+    assert_eq!(mem[0]["agent"], name.as_str());
+    assert_eq!(mem[0]["caller_uid"], 0);
+    assert_eq!(
+        mem[0]["data"],
+        serde_json::json!({"op": "mem.put", "tier": "spirit", "key": "persona"})
+    );
+    // Issue 20: `audit -n N` prints the last N records, as tail.
+    let last2 = d.ok(&["audit", "-n", "2", "--json"]);
+    let file = std::fs::read_to_string(d.audit_log()).unwrap();
+    let file_lines: Vec<&str> = file.lines().collect();
+    let got: Vec<&str> = last2.lines().collect();
+    assert_eq!(got.len(), 2, "{last2}");
+    let at = file_lines
+        .iter()
+        .position(|l| *l == got[0])
+        .expect("a record of the log");
+    assert_eq!(file_lines.get(at + 1), Some(&got[1]), "consecutive records");
+    assert_eq!(d.ok(&["audit", "-n", "0"]), "");
+
     // The chain verifies; one edited byte breaks it.
     let o = d.ctl(&["audit", "verify"]);
     assert!(o.status.success(), "{o:?}");

@@ -989,3 +989,74 @@ fn export_never_overwrites_a_bundle() {
         "{}"
     );
 }
+
+/// Issue 20: a policy's `[net]` grants are listed among what a bundle cannot express (they
+/// were dropped silently), and the `run it with` hint printed by `export oci` works on this
+/// host as printed (on a hybrid cgroup host plain `crun run` fails to place the container).
+#[test]
+fn net_grants_are_listed_and_the_printed_hint_runs_the_bundle() {
+    require_root();
+    let tmp = tempfile::Builder::new()
+        .prefix("aither-export-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = tmp.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::set_permissions(&ws, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let strict = std::fs::read_to_string(policy_dir().join("strict.toml")).unwrap();
+    let pol = tmp.path().join("withnet.toml");
+    std::fs::write(
+        &pol,
+        strict.replace("name = \"strict\"", "name = \"withnet\"")
+            + "\n[[net.egress]]\nhosts = [\"api.openai.com\"]\nports = [443]\n\n\
+               [[net.services]]\nname = \"llm\"\ntarget = \"127.0.0.1:11434\"\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("bundle");
+    let name = unique("hint");
+    let o = aitherctl(&[
+        "export",
+        "oci",
+        "--policy",
+        pol.to_str().unwrap(),
+        "--name",
+        &name,
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert!(o.status.success(), "export oci\n{}", describe(&o));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let gaps = config["annotations"]["org.aither.not-expressed"]
+        .as_str()
+        .unwrap();
+    assert!(
+        gaps.contains("net: ")
+            && gaps.contains("egress api.openai.com")
+            && gaps.contains("service llm"),
+        "{gaps}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let hint = err
+        .split("run it with `")
+        .nth(1)
+        .and_then(|h| h.split('`').next())
+        .unwrap_or_else(|| panic!("no hint: {err}"))
+        .to_string();
+    let _serial = HOST_MOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    let run = Command::new("sh")
+        .args(["-c", &hint])
+        .current_dir(&ws)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new(CRUN).args(["delete", "-f", &name]).output();
+    assert_eq!(run.status.code(), Some(7), "{hint}\n{}", describe(&run));
+}

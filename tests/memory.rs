@@ -455,3 +455,49 @@ import time; time.sleep(600)
     );
     assert!(acked.len() >= 300);
 }
+
+/// Issue 20: `mem search` prints a relevance that is never "-0.000", says "no matches" with
+/// grep's status 1 when nothing matches; a read of a name that is no agent and holds no memory
+/// is an error naming it (it was an empty table with status 0).
+#[test]
+fn search_and_ls_say_what_they_found() {
+    let d = daemon();
+    let owner = unique("kb");
+    d.ok(&[
+        "mem",
+        "put",
+        &owner,
+        "--tier",
+        "knowledge",
+        "fact",
+        "Rust ownership and borrowing rules",
+    ]);
+    let hit = d.ok(&["mem", "search", &owner, "ownership"]);
+    assert!(!hit.contains("-0.000"), "{hit}");
+    let row = hit.lines().find(|l| l.contains("fact")).expect(&hit);
+    let rel: f64 = row.split_whitespace().next().unwrap().parse().expect(row);
+    assert!(rel > 0.0, "relevance, higher is better: {hit}");
+
+    let o = d.ctl(&["mem", "search", &owner, "nothing-like-this"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(o.stdout.is_empty(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no matches"),
+        "{o:?}"
+    );
+
+    let ghost = unique("ghost");
+    for args in [
+        vec!["mem", "ls", ghost.as_str()],
+        vec!["mem", "search", ghost.as_str(), "x"],
+    ] {
+        let o = d.ctl(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}: {o:?}");
+        assert!(o.stdout.is_empty(), "{args:?}: {o:?}");
+        assert!(err.contains(&ghost) && err.contains("not_found"), "{err}");
+    }
+    // A name with memory but no agent (memory outlives its agent) still lists.
+    let ls = d.ok(&["mem", "ls", &owner, "--tier", "knowledge"]);
+    assert!(ls.contains("fact"), "{ls}");
+}

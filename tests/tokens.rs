@@ -907,3 +907,125 @@ fn a_public_key_beginning_with_a_dash_is_a_value() {
         "an invalid key or token, not a usage error: {err}"
     );
 }
+
+/// `token attenuate A > B` (the README's form) and `token mint > B`: a bearer token printed to
+/// stdout that is a regular file the caller owns ends up at 0600 (it was 0644, the umask's); a
+/// readable file someone else owns is refused with nothing written (issue 20).
+#[test]
+fn a_token_redirected_to_a_file_is_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    let st = State::new();
+    let tok = st.mint_file("strict", "agent-redirect");
+    let run_to = |args: &[&str], file: &Path| -> Output {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(file)
+            .unwrap();
+        st.cmd(args)
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for args in [
+        vec!["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"],
+        vec![
+            "token",
+            "mint",
+            "--policy",
+            "strict",
+            "--subject",
+            "agent-m",
+        ],
+    ] {
+        let out = st.path().join("redirected.tok");
+        std::fs::write(&out, "").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let o = run_to(&args, &out);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert_eq!(mode(&out), 0o600, "{args:?}: the token file's mode");
+        let written = std::fs::read_to_string(&out).unwrap();
+        assert!(written.starts_with("aither1."), "{written}");
+        assert_success(
+            &st.run(&["token", "verify", out.to_str().unwrap()]),
+            "the redirected token verifies",
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+
+    // Someone else's 0644 file: refused, empty, its mode untouched.
+    let foreign = st.path().join("foreign.tok");
+    std::fs::write(&foreign, "").unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let o = run_to(
+        &["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"],
+        &foreign,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(stderr(&o).contains("--out FILE"), "{}", text(&o));
+    let md = std::fs::metadata(&foreign).unwrap();
+    assert_eq!((md.len(), md.mode() & 0o7777, md.uid()), (0, 0o644, 65534));
+
+    // A pipe is left alone: the token still comes out.
+    let o = st.run(&["token", "attenuate", tok.to_str().unwrap(), "--pids", "8"]);
+    assert_success(&o, "attenuate to a pipe");
+    assert!(stdout(&o).starts_with("aither1."), "{}", text(&o));
+}
+
+/// Issue 20: `policy check` takes a name (installed or built-in) as well as a path, and reports
+/// every error in one pass; `policy show` lists a policy's `[net]` grants (it printed
+/// `network None` for a policy with services, egress rules and routes).
+#[test]
+fn policy_check_takes_a_name_and_show_lists_net_grants() {
+    let st = State::new();
+    let o = st.run(&["policy", "check", "strict"]);
+    assert_success(&o, "policy check strict");
+    assert!(
+        stdout(&o).contains("ok (policy \"strict\")"),
+        "{}",
+        text(&o)
+    );
+
+    let strict = std::fs::read_to_string(policy_dir().join("strict.toml")).unwrap();
+    let bad = st.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        strict
+            .replace("memory = \"512M\"", "memory = \"1M\"")
+            .replace("pids = 128", "pids = 1"),
+    )
+    .unwrap();
+    let o = st.run(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    assert!(err.contains("field `resources.memory`"), "{err}");
+    assert!(err.contains("field `resources.pids`"), "{err}");
+
+    let net = st.path().join("withnet.toml");
+    std::fs::write(
+        &net,
+        strict.replace("name = \"strict\"", "name = \"withnet\"")
+            + "\n[[net.egress]]\nhosts = [\"api.openai.com\"]\nports = [443]\n\n\
+               [[net.services]]\nname = \"llm\"\ntarget = \"127.0.0.1:11434\"\n\n\
+               [[net.routes]]\nname = \"openai\"\nupstream = \"https://api.openai.com/v1\"\n\
+               secret = \"openai\"\n",
+    )
+    .unwrap();
+    let o = st.run(&["policy", "show", net.to_str().unwrap()]);
+    assert_success(&o, "policy show");
+    let out = stdout(&o);
+    assert!(!out.contains("network       None"), "{out}");
+    for line in [
+        "network       none, plus through the egress gateway: 1 egress rule(s), 1 service(s), 1 route(s)",
+        "  egress      api.openai.com port 443",
+        "  service     llm.aither.internal -> 127.0.0.1:11434",
+        "  route       /openai/ -> https://api.openai.com/v1 (secret \"openai\" in Authorization)",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}\n{out}");
+    }
+}

@@ -291,6 +291,27 @@ fn audit_op(
     d.audit.record(e);
 }
 
+/// An operator's memory write that can change an agent's spirit tier (its instructions, read at
+/// every start) is audited with the caller: put, put_many and delete in `spirit`, a clear of
+/// `spirit` or of every tier, any import. Returns the record's data.
+fn spirit_write(request: &serde_json::Value) -> Option<serde_json::Value> {
+    let op = request.get("op")?.as_str()?;
+    let tier = request.get("tier").and_then(|t| t.as_str());
+    let touches = match op {
+        "mem.put" | "mem.put_many" | "mem.delete" => tier == Some("spirit"),
+        "mem.clear" => tier.is_none() || tier == Some("spirit"),
+        "mem.import" => true,
+        _ => false,
+    };
+    touches.then(|| {
+        let mut data = json!({"op": op, "tier": tier.unwrap_or("all")});
+        if let Some(k) = request.get("key").and_then(|k| k.as_str()) {
+            data["key"] = json!(k);
+        }
+        data
+    })
+}
+
 async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let audited = match &req {
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
@@ -305,6 +326,9 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
             name.clone(),
             json!({"force": force, "purge_memory": purge_memory}),
         )),
+        Request::Mem { agent, request } => {
+            spirit_write(request).map(|data| ("mem", agent.clone(), data))
+        }
         _ => None,
     };
     // Every request that names an agent: only its owner (or an admin) gets past here.
@@ -559,6 +583,7 @@ fn audit_for(
 
 /// An operator's memory request (any agent's memory, no quota: docs/memory.md).
 async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
+    let name = agent.clone();
     if let Err(e) = AgentName::parse("agent", &agent) {
         return Reply::err(ErrorCode::Invalid, e.to_string());
     }
@@ -569,13 +594,37 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
             format!("{op:?} is not a memory op (mem.*)"),
         );
     }
+    // A read of a name that is no agent and holds no memory is an error naming it, not an
+    // empty answer (memory outlives its agent: a removed agent's memory is still listed).
+    let read = matches!(
+        op,
+        "mem.get"
+            | "mem.list"
+            | "mem.search"
+            | "mem.usage"
+            | "mem.export"
+            | "mem.graph.neighbors"
+            | "mem.graph.neighbours"
+    );
+    let known = d.info_of(&agent).is_some();
     let d2 = d.clone();
     let res = tokio::task::spawn_blocking(move || {
+        if read && !known {
+            let usage = d2.memory.usage(&agent)?;
+            if usage.values().all(|u| u.entries == 0) {
+                return Ok(None);
+            }
+        }
         crate::memory::service::handle(&d2.memory, crate::memory::Actor::Operator, &agent, &request)
+            .map(Some)
     })
     .await;
     match res {
-        Ok(Ok(data)) => Reply::ok(data),
+        Ok(Ok(None)) => Reply::err(
+            ErrorCode::NotFound,
+            format!("no agent named {name:?} and no memory held for that name (`aitherctl ps` lists agents)"),
+        ),
+        Ok(Ok(Some(data))) => Reply::ok(data),
         Ok(Err(e)) => Reply::err(e.code(), e.to_string()),
         Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
     }
@@ -623,10 +672,15 @@ where
 async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
+    // The workspace asked for (the client's directory by default); the one in use on success.
+    let mut workspace = req.workspace.clone().unwrap_or_else(|| req.cwd.clone());
     let reply = spawn_inner(d, req, caller, fds).await;
     let (decision, rule) = match &reply.error {
         None => {
             let info = d.info_of(&name);
+            if let Some(w) = info.as_ref().and_then(|i| i.workspace.clone()) {
+                workspace = w;
+            }
             (
                 Verdict::Allow,
                 format!(
@@ -645,7 +699,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
             .caller(caller.uid)
             // The agent's owner: the caller's new agent, or whoever holds the name.
             .owner(d.name_owner(&name).unwrap_or(caller.uid))
-            .data(json!({"argv": argv})),
+            .data(json!({"argv": argv, "workspace": workspace})),
     );
     reply
 }

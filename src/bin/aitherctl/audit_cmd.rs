@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 ///
 /// Examples:
 ///   aitherctl audit --since 1h --agent my-agent
+///   aitherctl audit -n 20
 ///   aitherctl audit -f --json | jq 'select(.decision == "deny")'
 ///   aitherctl audit verify
 #[derive(Args)]
@@ -34,6 +35,9 @@ pub struct AuditArgs {
     /// Only `allow`, `deny` or `info` records.
     #[arg(long, value_name = "DECISION")]
     decision: Option<String>,
+    /// Only the last N matching records (as `tail -n`), then new ones with -f.
+    #[arg(long = "lines", short = 'n', value_name = "N")]
+    lines: Option<usize>,
     /// One JSON record per line, as stored.
     #[arg(long)]
     json: bool,
@@ -56,20 +60,29 @@ struct Filter {
 }
 
 impl Filter {
-    fn show(&self, line: &[u8], r: &ChainedRecord) -> bool {
+    /// Whether a record passes --since, --agent and --decision.
+    fn wants(&self, r: &ChainedRecord) -> bool {
         if r.ts_ms < self.since_ms {
-            return true;
+            return false;
         }
         if self.agent.is_some() && r.entry.agent != self.agent {
-            return true;
+            return false;
         }
         if let Some(d) = &self.decision {
             let rd = serde_json::to_value(r.entry.decision)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string));
             if rd.as_deref() != Some(d.as_str()) {
-                return true;
+                return false;
             }
+        }
+        true
+    }
+
+    /// Prints a wanted record; false when stdout is gone.
+    fn show(&self, line: &[u8], r: &ChainedRecord) -> bool {
+        if !self.wants(r) {
+            return true;
         }
         let mut out = std::io::stdout().lock();
         let res = if self.json {
@@ -117,7 +130,7 @@ pub fn run(a: AuditArgs) -> i32 {
     // The log is root's (0600): anyone else reads their own records through aitherd.
     if let Err(e) = std::fs::File::open(&path) {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
-            return through_daemon(&f, a.follow);
+            return through_daemon(&f, a.follow, a.lines);
         }
     }
     let lines = match audit::read_lines(&path) {
@@ -127,11 +140,14 @@ pub fn run(a: AuditArgs) -> i32 {
             return 1;
         }
     };
-    for l in &lines {
-        if let Some(r) = &l.record {
-            if !f.show(&l.bytes, r) {
-                return 0;
-            }
+    let wanted: Vec<(&[u8], &ChainedRecord)> = lines
+        .iter()
+        .filter_map(|l| l.record.as_ref().map(|r| (&l.bytes[..], r)))
+        .filter(|(_, r)| f.wants(r))
+        .collect();
+    for (bytes, r) in last(&wanted, a.lines) {
+        if !f.show(bytes, r) {
+            return 0;
         }
     }
     if a.follow {
@@ -141,7 +157,7 @@ pub fn run(a: AuditArgs) -> i32 {
 }
 
 /// The records aitherd lets this user see: those they asked for, or about their agents.
-fn through_daemon(f: &Filter, follow: bool) -> i32 {
+fn through_daemon(f: &Filter, follow: bool, n: Option<usize>) -> i32 {
     if follow {
         eprintln!("aither: error: --follow needs read access to the audit log (root); aitherd gives a user their own records without it");
         return 2;
@@ -153,15 +169,27 @@ fn through_daemon(f: &Filter, follow: bool) -> i32 {
         Ok(v) => v,
         Err(code) => return code,
     };
-    for l in v["lines"].as_array().into_iter().flatten() {
-        let Some(text) = l.as_str() else { continue };
-        if let Ok(r) = serde_json::from_str::<ChainedRecord>(text) {
-            if !f.show(text.as_bytes(), &r) {
-                return 0;
-            }
+    let parsed: Vec<(&str, ChainedRecord)> = v["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str())
+        .filter_map(|t| Some((t, serde_json::from_str::<ChainedRecord>(t).ok()?)))
+        .filter(|(_, r)| f.wants(r))
+        .collect();
+    let wanted: Vec<(&[u8], &ChainedRecord)> =
+        parsed.iter().map(|(t, r)| (t.as_bytes(), r)).collect();
+    for (bytes, r) in last(&wanted, n) {
+        if !f.show(bytes, r) {
+            return 0;
         }
     }
     0
+}
+
+/// The last `n` of `all` (all of them without -n).
+fn last<T>(all: &[T], n: Option<usize>) -> &[T] {
+    &all[all.len() - n.unwrap_or(all.len()).min(all.len())..]
 }
 
 fn verify(path: &Path, json: bool) -> i32 {

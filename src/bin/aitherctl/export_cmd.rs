@@ -269,6 +269,7 @@ fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
             .unwrap_or_else(|| oci::default_host_id(&spec.name)),
         cgroups_path: format!("/aither/{}", spec.name),
         token_id: a.source.token.is_some().then(|| v.id().to_string()),
+        net: v.effective().net.clone(),
     };
     let b = oci::write_bundle(&a.out, &spec, &opts)?;
     let gpu = &v.effective().gpu;
@@ -279,19 +280,43 @@ fn export_oci(a: OciArgs) -> anyhow::Result<Done> {
             gpu.count
         );
     }
+    if !opts.net.egress.is_empty() || !opts.net.services.is_empty() || !opts.net.routes.is_empty() {
+        eprintln!(
+            "aither: note: the token's [net] grants (egress, services, routes) are not in the \
+             bundle: it has no egress gateway (listed in the org.aither.not-expressed annotation)"
+        );
+    }
     eprintln!(
-        "aither: wrote OCI bundle {} (policy {}, agent host id {}); run it with `crun run --bundle {} {}`",
+        "aither: wrote OCI bundle {} (policy {}, agent host id {}); run it with {}",
         b.dir.display(),
         spec.policy,
         opts.host_id + 1,
-        b.dir.display(),
-        spec.name
+        run_hint(&b.dir, &spec.name)
     );
     Ok(Done {
         policy: spec.policy.clone(),
         agent: spec.name.clone(),
         data: serde_json::json!({"argv": spec.argv, "out": b.dir, "token_id": a.source.token.is_some().then(|| v.id())}),
     })
+}
+
+/// The command that runs the bundle on this host. On a hybrid cgroup host (v1 controllers and
+/// a cgroup2 at /sys/fs/cgroup/unified) crun 1.8 takes the mounted cgroup2 for a unified host
+/// and fails to place the container, so the hint unmounts it in a private mount namespace
+/// (invisible to the host) first; runc works as is there.
+fn run_hint(dir: &std::path::Path, name: &str) -> String {
+    let dir = dir.display();
+    let hybrid = aither::cgroup::detect(std::path::Path::new("/sys/fs/cgroup")).ok()
+        == Some(aither::cgroup::CgroupMode::Hybrid);
+    if hybrid {
+        format!(
+            "`unshare --mount --propagation private sh -c 'umount /sys/fs/cgroup/unified && \
+             crun run --bundle {dir} {name}'` (a hybrid cgroup host: crun fails while the \
+             cgroup2 at /sys/fs/cgroup/unified is mounted), or `runc run --bundle {dir} {name}`"
+        )
+    } else {
+        format!("`crun run --bundle {dir} {name}`")
+    }
 }
 
 fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
@@ -311,6 +336,7 @@ fn export_k8s(a: K8sArgs) -> anyhow::Result<Done> {
         namespace: a.namespace.clone(),
         runtime_class: a.runtime_class.clone(),
         token_id: a.source.token.is_some().then(|| v.id().to_string()),
+        net: v.effective().net.clone(),
     };
     let m = k8s::manifest(&spec, &v.effective().gpu, &opts)?;
     let text = serde_json::to_string_pretty(&m.list)? + "\n";

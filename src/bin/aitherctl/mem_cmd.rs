@@ -183,6 +183,20 @@ fn mem(agent: &str, request: Value) -> Result<Value, i32> {
     })
 }
 
+/// A bm25 score (SQLite's sign: lower is better) as a relevance, higher is better and never
+/// "-0.000": FTS5 scores in a small tier are tiny (its idf floor is 1e-6), so those get
+/// scientific notation rather than rounding to zero.
+fn relevance(bm25: f64) -> String {
+    let r = -bm25;
+    if r == 0.0 {
+        "0".into()
+    } else if r.abs() >= 0.001 {
+        format!("{r:.3}")
+    } else {
+        format!("{r:.2e}")
+    }
+}
+
 fn usage_err(msg: impl std::fmt::Display) -> i32 {
     eprintln!("aither: error: {msg}");
     EXIT_USAGE
@@ -310,9 +324,8 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                     .collect(),
             };
             let mut out = std::io::stdout().lock();
-            if !json {
-                let _ = writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
-            }
+            // After the first answer: an unknown name prints its error and no table.
+            let mut header = !json;
             for t in tiers {
                 let mut after: Option<String> = None;
                 let mut n = 0usize;
@@ -325,6 +338,10 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                         &agent,
                         json!({"op": "mem.list", "tier": t, "prefix": prefix, "after": after, "limit": page}),
                     )?;
+                    if std::mem::take(&mut header) {
+                        let _ =
+                            writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
+                    }
                     for e in v["entries"].as_array().into_iter().flatten() {
                         n += 1;
                         let r = if json {
@@ -387,19 +404,24 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
                 &agent,
                 json!({"op": "mem.search", "tier": tier, "query": query, "limit": limit, "any": any}),
             )?;
+            let hits = v["hits"].as_array().map(Vec::len).unwrap_or(0);
             if json {
                 print_json(&v);
+            } else if hits == 0 {
+                eprintln!("aither: no matches");
             } else {
+                println!("{:>9}  KEY  SNIPPET", "RELEVANCE");
                 for h in v["hits"].as_array().into_iter().flatten() {
                     println!(
-                        "{:>8.3}  {}  {}",
-                        h["score"].as_f64().unwrap_or(0.0),
+                        "{:>9}  {}  {}",
+                        relevance(h["score"].as_f64().unwrap_or(0.0)),
                         crate::escape::field(h["key"].as_str().unwrap_or("")),
                         crate::escape::field(h["snippet"].as_str().unwrap_or(""))
                     );
                 }
             }
-            Ok(0)
+            // As grep: 1 when nothing matched.
+            Ok(if hits == 0 { 1 } else { 0 })
         }
         MemCmd::Graph(GraphArgs { agent, cmd }) => graph(&agent, cmd),
         MemCmd::Export { agent } => export(&agent),

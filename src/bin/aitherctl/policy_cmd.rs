@@ -1,8 +1,6 @@
 //! `aitherctl policy ls|show|check`.
 
-use std::path::PathBuf;
-
-use aither::policy::{LoadedPolicy, Policy};
+use aither::policy::{LoadedPolicy, NetworkMode, Policy};
 use aither::sandbox::landlock;
 use aither::sandbox::seccomp;
 use aither::units::Size;
@@ -26,10 +24,11 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check a policy file; errors name file:line:column and the field. Exit 0 when valid, 1 when not.
+    /// Check a policy (an installed or built-in name, or a file); every error is reported, each
+    /// with file:line:column and the field. Exit 0 when valid, 1 when not.
     Check {
-        /// The policy file.
-        file: PathBuf,
+        /// Policy name or file.
+        policy: String,
     },
 }
 
@@ -43,9 +42,9 @@ pub fn run(cmd: PolicyCmd) -> i32 {
                 1
             }
         },
-        PolicyCmd::Check { file } => match Policy::load_file(&file) {
+        PolicyCmd::Check { policy } => match Policy::load(&policy) {
             Ok(p) => {
-                println!("{}: ok (policy {:?})", file.display(), p.policy.name);
+                println!("{}: ok (policy {:?})", p.source, p.policy.name);
                 0
             }
             Err(e) => {
@@ -130,7 +129,7 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
         "tmp           /tmp {} tmpfs, /dev/shm {}",
         p.filesystem.tmp_size, p.filesystem.dev_shm_size
     );
-    println!("network       {:?}", p.network.mode);
+    print_network(p);
     println!(
         "landlock      {} (kernel ABI {abi})",
         if p.landlock.enabled {
@@ -172,4 +171,61 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
         }
     );
     0
+}
+
+/// The network mode and, when the policy grants any, its `[net]` egress rules, services,
+/// credential routes and quota (docs/network.md).
+fn print_network(p: &Policy) {
+    let mode = match p.network.mode {
+        NetworkMode::None => "none",
+        NetworkMode::Loopback => "loopback",
+        NetworkMode::Host => "host",
+    };
+    let n = &p.net;
+    if n.egress.is_empty() && n.services.is_empty() && n.routes.is_empty() {
+        println!("network       {mode}");
+        return;
+    }
+    println!(
+        "network       {mode}, plus through the egress gateway: {} egress rule(s), {} service(s), {} route(s)",
+        n.egress.len(),
+        n.services.len(),
+        n.routes.len()
+    );
+    for r in &n.egress {
+        let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+        let methods = if r.methods.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", r.methods.join(","))
+        };
+        println!(
+            "  egress      {} port {}{methods}",
+            r.hosts.join(" "),
+            ports.join(",")
+        );
+    }
+    for s in &n.services {
+        let rate = s
+            .requests_per_minute
+            .map(|r| format!(", {r}/min"))
+            .unwrap_or_default();
+        println!(
+            "  service     {}.aither.internal -> {}{rate}",
+            s.name,
+            s.target.as_deref().unwrap_or("published by an agent")
+        );
+    }
+    for r in &n.routes {
+        println!(
+            "  route       /{}/ -> {} (secret {:?} in {})",
+            r.name, r.upstream, r.secret, r.header
+        );
+    }
+    if let Some(rpm) = n.quota.requests_per_minute {
+        println!("  quota       {rpm} requests/min");
+    }
+    if let Some(b) = n.quota.bytes {
+        println!("  quota       {} bytes", Size(b));
+    }
 }

@@ -286,8 +286,42 @@ fn emit(t: &Token, out: Option<&Path>, what: &str) -> anyhow::Result<()> {
                 .with_context(|| format!("write {}", p.display()))?;
             eprintln!("aither: wrote {what} to {}", p.display());
         }
-        None => println!("{text}"),
+        None => {
+            guard_stdout_secret(what)?;
+            println!("{text}");
+        }
     }
+    Ok(())
+}
+
+/// A bearer token printed to stdout that is a regular file (`token attenuate A > B`, the
+/// README's form) would otherwise keep the shell's umask mode (0644). As `ssh-keygen` leaves a
+/// private key at 0600, the file is set to 0600 on the fd itself (no path is resolved again)
+/// when the caller owns it; a file someone else owns that others could read is refused before a
+/// byte is written (fail closed: the caller cannot tighten it). Pipes and terminals are left as
+/// they are.
+fn guard_stdout_secret(what: &str) -> anyhow::Result<()> {
+    use rustix::fs::{FileType, Mode};
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    let st = rustix::fs::fstat(out.as_fd()).context("fstat stdout")?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(());
+    }
+    let perm = st.st_mode & 0o7777;
+    if perm & 0o077 == 0 {
+        return Ok(());
+    }
+    if st.st_uid != rustix::process::geteuid().as_raw() {
+        anyhow::bail!(
+            "stdout is a file owned by uid {} with mode {perm:04o}: the {what} (a bearer token) \
+             would be readable by others and this caller cannot make the file private; write it \
+             with --out FILE (mode 0600) or to a file you own",
+            st.st_uid
+        );
+    }
+    rustix::fs::fchmod(out.as_fd(), Mode::from_raw_mode(0o600)).context("fchmod stdout 0600")?;
+    eprintln!("aither: stdout is a file: set its mode to 0600 (it holds a bearer token)");
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 use serde_json::{json, Value};
 
 use super::{not_expressed, ExportError, Target};
+use crate::policy::net_rules::NetGrants;
 use crate::policy::{NetworkMode, WorkspaceAccess};
 use crate::sandbox::SandboxSpec;
 use crate::token::GpuClaim;
@@ -31,6 +32,8 @@ pub struct K8sOptions {
     pub runtime_class: Option<String>,
     /// The token the spec came from (an annotation only).
     pub token_id: Option<String>,
+    /// The token's `net` grants (a Pod has no egress gateway: listed as not expressed).
+    pub net: NetGrants,
 }
 
 /// A manifest and the seccomp profile it refers to.
@@ -120,7 +123,7 @@ pub fn manifest(
         "aither.dev/policy": spec.policy,
     });
     let mut annotations = json!({
-        "aither.dev/not-expressed": not_expressed(spec, Target::Kubernetes).join("; "),
+        "aither.dev/not-expressed": not_expressed(spec, &opts.net, Target::Kubernetes).join("; "),
     });
     if let Some(t) = &opts.token_id {
         annotations["aither.dev/token-id"] = json!(t);

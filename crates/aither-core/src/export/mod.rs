@@ -14,6 +14,7 @@ pub mod seccomp;
 use std::io;
 use std::path::PathBuf;
 
+use crate::policy::net_rules::NetGrants;
 use crate::sandbox::seccomp::SeccompError;
 use crate::sandbox::SandboxSpec;
 
@@ -54,8 +55,25 @@ pub enum Target {
 
 /// Protections of the spec that the target format cannot express, each with why. Written
 /// into the output's annotations so that nobody mistakes the export for the whole sandbox.
-pub fn not_expressed(spec: &SandboxSpec, target: Target) -> Vec<String> {
+pub fn not_expressed(spec: &SandboxSpec, net: &NetGrants, target: Target) -> Vec<String> {
     let mut v = Vec::new();
+    if !(net.egress.is_empty() && net.services.is_empty() && net.routes.is_empty()) {
+        let mut what: Vec<String> = Vec::new();
+        for r in &net.egress {
+            what.push(format!("egress {}", r.hosts.join(",")));
+        }
+        for s in &net.services {
+            what.push(format!("service {}", s.name));
+        }
+        for r in &net.routes {
+            what.push(format!("route {}", r.name));
+        }
+        v.push(format!(
+            "net: the egress gateway's grants ({}) need aitherd; the export has no gateway, so \
+             the agent reaches none of them",
+            what.join(", ")
+        ));
+    }
     if spec.landlock {
         v.push(
             "landlock: neither the OCI runtime spec nor Kubernetes has Landlock rules; the \

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use super::{io_err, not_expressed, ExportError, Target};
 use crate::hostpath::{self, HostPathError};
+use crate::policy::net_rules::NetGrants;
 use crate::sandbox::mounts::generated_etc;
 use crate::sandbox::SandboxSpec;
 
@@ -50,6 +51,9 @@ pub struct OciOptions {
     pub cgroups_path: String,
     /// The token the spec came from (an annotation only).
     pub token_id: Option<String>,
+    /// The token's `net` grants: a bundle has no egress gateway, so they are listed among
+    /// what it cannot express.
+    pub net: NetGrants,
 }
 
 /// Entries of the host /etc larger than this are bound rather than copied (as the sandbox).
@@ -336,7 +340,7 @@ pub fn config(
     let mut annotations = json!({
         "org.aither.policy": spec.policy,
         "org.aither.agent": spec.name,
-        "org.aither.not-expressed": not_expressed(spec, Target::Oci).join("; "),
+        "org.aither.not-expressed": not_expressed(spec, &opts.net, Target::Oci).join("; "),
     });
     if let Some(t) = &opts.token_id {
         annotations["org.aither.token-id"] = json!(t);

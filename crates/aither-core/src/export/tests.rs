@@ -41,6 +41,7 @@ fn oci_opts() -> OciOptions {
         host_id: EXPORT_ID_BASE,
         cgroups_path: "/aither/agent-1".into(),
         token_id: Some("abc".into()),
+        net: Default::default(),
     }
 }
 
@@ -322,6 +323,7 @@ fn k8s_opts() -> K8sOptions {
         namespace: Some("agents".into()),
         runtime_class: Some("aither-crun".into()),
         token_id: None,
+        net: Default::default(),
     }
 }
 

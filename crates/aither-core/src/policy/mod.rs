@@ -37,6 +37,25 @@ pub enum PolicyError {
         field: String,
         message: String,
     },
+    /// More than one error in one policy: each `Invalid` on its own line, in file order.
+    #[error("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several { errors: Vec<PolicyError> },
+}
+
+impl PolicyError {
+    /// `Ok` for none, the error itself for one, `Several` (sorted by line and column) for more.
+    fn from_list(mut errors: Vec<PolicyError>) -> Result<(), PolicyError> {
+        let pos = |e: &PolicyError| match e {
+            PolicyError::Invalid { line, column, .. } => (*line, *column),
+            _ => (0, 0),
+        };
+        errors.sort_by_key(pos);
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(PolicyError::Several { errors }),
+        }
+    }
 }
 
 /// Which filesystem access the agent gets to its workspace.
@@ -438,7 +457,9 @@ impl Policy {
     }
 
     /// Semantic checks that serde cannot make; errors point at the offending key.
+    /// Every check runs: all errors are reported in one pass, in file order.
     fn validate(&self, src: &str, origin: &str) -> Result<(), PolicyError> {
+        let errors = std::cell::RefCell::new(Vec::new());
         let fail = |table: &str, key: &str, message: String| {
             let (line, column) = locate::key(src, table, key);
             let field = if table.is_empty() {
@@ -446,13 +467,13 @@ impl Policy {
             } else {
                 format!("{table}.{key}")
             };
-            Err(PolicyError::Invalid {
+            errors.borrow_mut().push(PolicyError::Invalid {
                 path: origin.to_string(),
                 line,
                 column,
                 field,
                 message,
-            })
+            });
         };
         if self.name.is_empty()
             || !self
@@ -460,7 +481,7 @@ impl Policy {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return fail(
+            fail(
                 "",
                 "name",
                 "must be non-empty and use only letters, digits, '-' and '_'".into(),
@@ -472,7 +493,7 @@ impl Policy {
         ] {
             for p in list {
                 if let Err(e) = bus_subject::check_policy_pattern("bus", p) {
-                    return fail("bus", key, e.to_string());
+                    fail("bus", key, e.to_string());
                 }
             }
         }
@@ -481,7 +502,7 @@ impl Policy {
                 || p.contains("..")
                 || p == "/" && self.network.mode != NetworkMode::Host
             {
-                return fail(
+                fail(
                     "filesystem",
                     "read_only",
                     format!("{p:?}: paths must be absolute without '..' (and \"/\" only in a host-network debugging policy)"),
@@ -491,7 +512,7 @@ impl Policy {
         for e in &self.filesystem.etc {
             if e.is_empty() || e.starts_with('/') || e.split('/').any(|c| c == ".." || c.is_empty())
             {
-                return fail(
+                fail(
                     "filesystem",
                     "etc",
                     format!("{e:?}: entries are relative names under /etc, e.g. \"ssl/certs\""),
@@ -508,7 +529,7 @@ impl Policy {
                     | "sudoers.d"
                     | "aither"
             ) {
-                return fail(
+                fail(
                     "filesystem",
                     "etc",
                     format!("{e:?} holds host secrets and is never exposed"),
@@ -516,27 +537,27 @@ impl Policy {
             }
         }
         if self.filesystem.tmp_size.0 < (1 << 20) {
-            return fail("filesystem", "tmp_size", "must be at least 1M".into());
+            fail("filesystem", "tmp_size", "must be at least 1M".into());
         }
         if self.filesystem.dev_shm_size.0 < (64 << 10) {
-            return fail("filesystem", "dev_shm_size", "must be at least 64K".into());
+            fail("filesystem", "dev_shm_size", "must be at least 64K".into());
         }
         if self.network.mode == NetworkMode::Host && self.namespaces.net {
-            return fail(
+            fail(
                 "network",
                 "mode",
                 "\"host\" needs namespaces.net = false".into(),
             );
         }
         if self.network.mode != NetworkMode::Host && !self.namespaces.net {
-            return fail(
+            fail(
                 "namespaces",
                 "net",
                 "false is only allowed with network.mode = \"host\"".into(),
             );
         }
         if !SECCOMP_PROFILES.contains(&self.seccomp.profile.as_str()) {
-            return fail(
+            fail(
                 "seccomp",
                 "profile",
                 format!(
@@ -547,7 +568,7 @@ impl Policy {
             );
         }
         if (self.seccomp.profile == "none" || !self.landlock.enabled) && self.warning.is_none() {
-            return fail(
+            fail(
                 "",
                 "warning",
                 "a policy that turns seccomp or Landlock off must carry a `warning` shown at every use".into(),
@@ -555,7 +576,7 @@ impl Policy {
         }
         for tier in self.memory.keys() {
             if !MEMORY_TIERS.contains(&tier.as_str()) {
-                return fail(
+                fail(
                     "memory",
                     tier,
                     format!(
@@ -571,7 +592,7 @@ impl Policy {
                 net_rules::RuleError::Widening { field, detail } => (field, detail),
             };
             let (line, column) = locate_net(src, &field);
-            return Err(PolicyError::Invalid {
+            errors.borrow_mut().push(PolicyError::Invalid {
                 path: origin.to_string(),
                 line,
                 column,
@@ -580,27 +601,27 @@ impl Policy {
             });
         }
         if self.resources.memory.0 < (8 << 20) {
-            return fail("resources", "memory", "must be at least 8M".into());
+            fail("resources", "memory", "must be at least 8M".into());
         }
         if !(self.resources.cpus.is_finite()
             && self.resources.cpus >= 0.01
             && self.resources.cpus <= 1024.0)
         {
-            return fail("resources", "cpus", "must be between 0.01 and 1024".into());
+            fail("resources", "cpus", "must be between 0.01 and 1024".into());
         }
         if self.resources.pids < 2 {
-            return fail(
+            fail(
                 "resources",
                 "pids",
                 "must be at least 2 (the reaper and the agent)".into(),
             );
         }
         if self.rlimits.nofile < 16 {
-            return fail("rlimits", "nofile", "must be at least 16".into());
+            fail("rlimits", "nofile", "must be at least 16".into());
         }
         if self.process.uid == 0 || self.process.gid == 0 {
             let key = if self.process.uid == 0 { "uid" } else { "gid" };
-            return fail(
+            fail(
                 "process",
                 key,
                 "the agent never runs as root inside the sandbox; pick a non-zero id".into(),
@@ -612,26 +633,29 @@ impl Policy {
             } else {
                 "gid"
             };
-            return fail("process", key, "must be at most 65535".into());
+            fail("process", key, "must be at most 65535".into());
         }
         if self.process.hostname.is_empty() || self.process.hostname.len() > 64 {
-            return fail("process", "hostname", "must be 1 to 64 characters".into());
+            fail("process", "hostname", "must be 1 to 64 characters".into());
         }
         for k in self.process.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return fail("process.env", k, "invalid variable name".into());
+                fail("process.env", k, "invalid variable name".into());
             }
         }
-        // Last: a stand-in depends on the namespaces, network and seccomp checked above.
-        for (protection, layers) in &self.compensated {
+        // Last, and only when everything above held: a stand-in depends on the namespaces,
+        // network and seccomp checked above (each protection reports its first problem only).
+        let held = errors.borrow().is_empty();
+        for (protection, layers) in self.compensated.iter().filter(|_| held) {
             let key = protection.to_string();
             let want = protection.stand_ins();
             if want.is_empty() {
-                return fail(
+                fail(
                     "compensated",
                     &key,
                     format!("{protection} is never compensated: nothing stands in for it"),
                 );
+                continue;
             }
             let mut got = layers.clone();
             got.sort();
@@ -640,18 +664,20 @@ impl Policy {
             expected.sort();
             if got != expected {
                 let list: Vec<String> = want.iter().map(|l| format!("\"{l}\"")).collect();
-                return fail(
+                fail(
                     "compensated",
                     &key,
                     format!("{protection} can only be stood in for by all of [{}] together (docs/security-model.md, the defence map)", list.join(", ")),
                 );
+                continue;
             }
             if self.best_effort.contains(protection) {
-                return fail(
+                fail(
                     "compensated",
                     &key,
                     format!("{protection} is also in best_effort: name it in one of them"),
                 );
+                continue;
             }
             for layer in layers {
                 let in_effect = match layer {
@@ -665,7 +691,7 @@ impl Policy {
                     | Layer::OwnPty => true,
                 };
                 if !in_effect {
-                    return fail(
+                    fail(
                         "compensated",
                         &key,
                         format!(
@@ -675,7 +701,7 @@ impl Policy {
                 }
             }
         }
-        Ok(())
+        PolicyError::from_list(errors.into_inner())
     }
 
     /// Loads a policy by name (installed, then built-in) or by path (anything with a '/' or

@@ -213,3 +213,53 @@ fn strict_full_is_strict_without_stand_ins() {
         "strict-full must differ from strict only in its stand-ins"
     );
 }
+
+/// Issue 20: every validation error is reported in one pass, in file order, each with its own
+/// file:line:column and field (only the first was).
+#[test]
+fn every_validation_error_is_reported_in_one_pass() {
+    let src = strict_src()
+        .replace("memory = \"512M\"", "memory = \"1M\"")
+        .replace("pids = 128", "pids = 1");
+    let line_of = |prefix: &str| src.lines().position(|l| l.starts_with(prefix)).unwrap() + 1;
+    let errors = match Policy::parse(&src, "bad.toml") {
+        Err(PolicyError::Several { errors }) => errors,
+        other => panic!("expected several errors, got {other:?}"),
+    };
+    let got: Vec<(usize, String)> = errors
+        .iter()
+        .map(|e| match e {
+            PolicyError::Invalid {
+                path, line, field, ..
+            } => {
+                assert_eq!(path, "bad.toml");
+                (*line, field.clone())
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (line_of("memory ="), "resources.memory".to_string()),
+            (line_of("pids ="), "resources.pids".to_string()),
+        ]
+    );
+    let text = Policy::parse(&src, "bad.toml").unwrap_err().to_string();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.lines().all(|l| l.starts_with("bad.toml:")), "{text}");
+}
+
+/// A field missing from a table points at that table's header, not at 1:1.
+#[test]
+fn a_missing_field_points_at_its_table() {
+    let src: String = strict_src()
+        .lines()
+        .filter(|l| !l.starts_with("profile"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let header = src.lines().position(|l| l == "[seccomp]").unwrap() + 1;
+    let (l, c, field, msg) = bad(&src);
+    assert_eq!((l, c, field.as_str()), (header, 1, "seccomp.profile"));
+    assert!(msg.contains("missing field `profile`"), "{msg}");
+}
