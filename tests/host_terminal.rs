@@ -623,3 +623,87 @@ fn agent_logs_are_escaped_on_a_terminal_and_raw_on_a_pipe() {
     );
     d.ok(&["rm", "-f", &name]);
 }
+
+/// The state letter of process `pid` (`T`: stopped), from /proc/PID/stat.
+fn proc_state(pid: u32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The name is in parentheses and may contain spaces: the state follows the last ')'.
+    s.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .unwrap_or('?')
+}
+
+/// Issue 17, finding 5: `aitherctl run … &` from an interactive shell with job control (bash
+/// on the pty, its session leader; the job in a background process group, the shell's in the
+/// foreground) is stopped by the kernel when it touches the terminal, never reads what is typed
+/// for the foreground, and works once brought to the foreground with `fg`.
+#[test]
+fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
+    let ws = Workspace::new();
+    let pty = Pty::open();
+    let before = pty.termios();
+    let mut shell = Command::new("bash");
+    // No line editing: the shell reads lines in canonical mode, so the terminal goes raw only
+    // when aitherctl makes it so.
+    shell
+        .args(["--norc", "--noprofile", "--noediting", "-i"])
+        .env("PS1", "$ ")
+        .env("TERM", "dumb");
+    let r = pty.spawn(shell);
+    // The agent answers with a computed marker, so the shell's echo of the command line
+    // never matches what only a run prints.
+    r.type_in(
+        format!(
+            "AITHER_AUDIT_LOG={} AITHER_POLICY_DIR={} {AITHERCTL} run --policy strict \
+             --workspace {} --name {} -- sh -c 'read x; echo \"GOT-$((2*3)):[$x]\"' & \
+             echo \"PID-$((1+1)):$!.\"\n",
+            test_audit_log().display(),
+            policy_dir().display(),
+            ws.path().display(),
+            unique("bg"),
+        )
+        .as_bytes(),
+    );
+    r.wait_for("PID-2:");
+    let out = r.output();
+    let pid: u32 = out
+        .split("PID-2:")
+        .nth(1)
+        .and_then(|s| s.split('.').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    // The kernel stops the background job when it touches the terminal (SIGTTOU for raw
+    // mode, SIGTTIN for a read).
+    assert!(
+        poll_until(RUN_DEADLINE, || proc_state(pid) == 'T'),
+        "the background aitherctl was never stopped (state {}): {:?}",
+        proc_state(pid),
+        r.output()
+    );
+    r.type_in(b"jobs -l\n");
+    r.wait_for("Stopped");
+    // What is typed for the foreground reaches the foreground.
+    r.type_in(b"read line; echo \"FG-$((3*3)):[$line]\"\n");
+    r.type_in(b"secret\n");
+    r.wait_for("FG-9:[secret]");
+    assert!(!r.output().contains("GOT-6"), "{:?}", r.output());
+    assert_eq!(proc_state(pid), 'T', "{:?}", r.output());
+    // The shell's terminal settings are its own while the job waits.
+    assert!(same_termios(&pty.termios(), &before));
+    // In the foreground the run gets the terminal (raw, relayed) and the agent reads.
+    r.type_in(b"fg\n");
+    assert!(
+        poll_until(RUN_DEADLINE, || pty.termios().c_lflag
+            & (libc::ICANON | libc::ECHO | libc::ISIG)
+            == 0),
+        "never raw after fg: {:?}",
+        r.output()
+    );
+    r.type_in(b"later\r");
+    r.wait_for("GOT-6:[later]");
+    assert!(!r.output().contains("GOT-6:[secret]"), "{:?}", r.output());
+    r.type_in(b"exit\n");
+    let (code, out) = r.finish();
+    assert_eq!(code, 0, "{out:?}");
+    assert!(same_termios(&pty.termios(), &before), "{out:?}");
+}

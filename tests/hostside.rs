@@ -415,6 +415,132 @@ fn a_missing_hooks_directory_cannot_be_created_by_the_agent() {
     );
 }
 
+/// A directory on the host, outside the workspace, where the agent's command would leave its
+/// marker if the host's git ran it.
+fn marker_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("aither-gitmarker-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+/// The agent's attack on a repository's missing names: a directory of its own with a config
+/// whose `core.fsmonitor` leaves `marker`, named by `.git/commondir`; the same setting in
+/// `.git/config.worktree` (read when the user's config enables it). Each step prints what it
+/// did.
+fn commondir_attack(marker: &Path) -> String {
+    let cfg = format!(
+        "[core]\\n\\trepositoryformatversion = 0\\n\\tfsmonitor = touch {}\\n",
+        marker.display()
+    );
+    format!(
+        "mkdir evil && cp -r .git/. evil/ && printf '{cfg}' > evil/config && echo EVIL-READY; \
+         printf '../evil\\n' > .git/commondir && echo COMMONDIR-WRITTEN; \
+         printf '{cfg}' > .git/config.worktree && echo WORKTREE-CONFIG-WRITTEN; "
+    )
+}
+
+#[test]
+fn the_agent_cannot_create_commondir_or_config_worktree_and_the_hosts_git_runs_nothing_of_its() {
+    let (ws, config) = git_workspace();
+    // The user's repository reads config.worktree (the variation that needs it).
+    git(ws.path(), &["config", "extensions.worktreeConfig", "true"]);
+    let config_after_user = std::fs::read(ws.path().join(".git/config")).unwrap();
+    assert_ne!(config, config_after_user);
+    let marks = marker_dir();
+    let marker = marks.path().join("ran");
+    let script = format!(
+        "rm -f .git/commondir && echo COMMONDIR-REMOVED; \
+         mv .git/commondir .git/cd && echo COMMONDIR-MOVED; \
+         rm -f .git/config.worktree && echo WORKTREE-CONFIG-REMOVED; \
+         {} \
+         echo b > b.txt && git add b.txt && git -c user.name=a -c user.email=a@a commit -qm second \
+           && echo COMMITTED; \
+         git worktree list && echo WORKTREES-LISTED",
+        commondir_attack(&marker)
+    );
+    let r = sh(&ws, "strict", &script);
+    assert_eq!(r.code(), 0, "{}", r.describe());
+    assert!(r.stdout.contains("EVIL-READY"), "{}", r.describe());
+    for bad in [
+        "COMMONDIR-WRITTEN",
+        "COMMONDIR-REMOVED",
+        "COMMONDIR-MOVED",
+        "WORKTREE-CONFIG-WRITTEN",
+        "WORKTREE-CONFIG-REMOVED",
+    ] {
+        assert!(!r.stdout.contains(bad), "{bad}\n{}", r.describe());
+    }
+    assert!(
+        r.stdout.contains("COMMITTED") && r.stdout.contains("WORKTREES-LISTED"),
+        "git commit and git worktree must work inside\n{}",
+        r.describe()
+    );
+    // On the host: the placeholders are git's own meaning (commondir names .git itself) and
+    // belong to .git's owner; the owner's git status, log and worktree run nothing of the
+    // agent's.
+    let g = ws.path().join(".git");
+    assert_eq!(std::fs::read(g.join("commondir")).unwrap(), b".\n");
+    assert_eq!(std::fs::read(g.join("config.worktree")).unwrap(), b"");
+    let owner = std::fs::metadata(&g).unwrap();
+    for name in ["commondir", "config.worktree"] {
+        let md = std::fs::symlink_metadata(g.join(name)).unwrap();
+        assert!(md.file_type().is_file(), "{name}");
+        assert_eq!((md.uid(), md.gid()), (owner.uid(), owner.gid()), "{name}");
+        assert_eq!(md.mode() & 0o7777, 0o644, "{name}");
+    }
+    assert_eq!(std::fs::read(g.join("config")).unwrap(), config_after_user);
+    git(ws.path(), &["status"]);
+    assert!(git(ws.path(), &["log", "--format=%s"]).starts_with("second\n"));
+    let wt = marks.path().join("wt");
+    git(ws.path(), &["worktree", "add", "-q", wt.to_str().unwrap()]);
+    git(&wt, &["status"]);
+    assert!(git(ws.path(), &["worktree", "list"]).contains(wt.to_str().unwrap()));
+    git(ws.path(), &["worktree", "remove", wt.to_str().unwrap()]);
+    assert!(
+        !marker.exists(),
+        "the host's git ran the agent's fsmonitor\n{}",
+        r.describe()
+    );
+}
+
+#[test]
+fn the_same_attack_with_writable_git_files_runs_the_agents_command_on_the_host() {
+    // The attack is real with this git: where the policy grants the git files (standard says
+    // workspace_git = "writable"), the host's next git status runs the agent's command.
+    let (ws, _) = git_workspace();
+    let marks = marker_dir();
+    let marker = marks.path().join("ran");
+    let r = sh(&ws, "standard", &commondir_attack(&marker));
+    assert_eq!(r.code(), 0, "{}", r.describe());
+    assert!(r.stdout.contains("COMMONDIR-WRITTEN"), "{}", r.describe());
+    git(ws.path(), &["status"]);
+    assert!(marker.exists(), "{}", r.describe());
+}
+
+#[test]
+fn a_repository_without_a_config_gets_an_empty_read_only_one() {
+    // git works without .git/config and reads one that appears.
+    let (ws, _) = git_workspace();
+    std::fs::remove_file(ws.path().join(".git/config")).unwrap();
+    let marks = marker_dir();
+    let marker = marks.path().join("ran");
+    let r = sh(
+        &ws,
+        "strict",
+        &format!(
+            "printf '[core]\\n\\tfsmonitor = touch {}\\n' > .git/config \
+             && echo CONFIG-WRITTEN; true",
+            marker.display()
+        ),
+    );
+    assert_eq!(r.code(), 0, "{}", r.describe());
+    assert!(!r.stdout.contains("CONFIG-WRITTEN"), "{}", r.describe());
+    assert_eq!(std::fs::read(ws.path().join(".git/config")).unwrap(), b"");
+    git(ws.path(), &["status"]);
+    assert!(!marker.exists());
+}
+
 #[test]
 fn a_symlinked_git_config_refuses_the_launch() {
     let (ws, _) = git_workspace();
@@ -639,7 +765,7 @@ fn an_exported_bundle_keeps_the_git_files_read_only() {
     let opts = |i: usize| mounts[i]["options"].to_string();
     let (w, g) = (pos(ws.path()), pos(&ws.path().join(".git")));
     assert!(w < g && opts(g).contains("\"rw\""), "{mounts:?}");
-    for e in ["config", "hooks", "info"] {
+    for e in ["config", "hooks", "info", "commondir", "config.worktree"] {
         let i = pos(&ws.path().join(".git").join(e));
         assert!(i > g && opts(i).contains("\"ro\""), "{e}: {}", opts(i));
         assert_eq!(mounts[i]["uidMappings"], mounts[w]["uidMappings"], "{e}");

@@ -9,9 +9,11 @@
 //!    agent cannot move it aside and put a `.git` of its own in its place;
 //! 2. `config`, `hooks`, `info`, `modules` (submodules' configs and hooks), `worktrees`
 //!    (linked worktrees' `commondir` and `config.worktree`), and `commondir` and
-//!    `config.worktree` where present, are bound read-only over themselves (EROFS on write,
-//!    EBUSY on rename or unlink); a missing `hooks` is created empty first (as `git init`
-//!    does), so that no hook can be added;
+//!    `config.worktree` are bound read-only over themselves (EROFS on write, EBUSY on rename
+//!    or unlink); the launcher first creates those of [`PLACEHOLDERS`] that are missing
+//!    (`hooks` empty, as `git init` does; `commondir` naming `.git` itself), so that the agent
+//!    cannot create one (a `commondir` of its own would point the host's git at a config it
+//!    wrote);
 //! 3. a `.git` that is a file (a linked worktree's or submodule's `gitdir:` pointer) is bound
 //!    read-only over itself.
 //!
@@ -122,15 +124,39 @@ fn bind_over(fd: BorrowedFd<'_>, read_only: bool, path: &Path) -> Result<(), Git
     .map_err(|e| merr("move_mount")(e.into()))
 }
 
-/// In the launcher (host root), before the sandbox exists: a `.git` directory without
-/// `hooks` gets an empty one (as `git init` makes), owned as `.git` is, so that the agent
-/// cannot create one. Acts through the workspace's descriptor (`wsfd`, already opened and
-/// checked; `ws` names it in errors) and fds opened from it without following links.
+/// What the launcher puts at a name of [`READ_ONLY_ENTRIES`] that git would read if the agent
+/// created it (the read-only bind needs something to cover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placeholder {
+    /// An empty directory (`hooks`, as `git init` makes it).
+    Dir,
+    /// A file with these bytes.
+    File(&'static [u8]),
+}
+
+/// The names of `.git` that git reads when present and that an agent could otherwise create
+/// (checked with git 2.47): `hooks` (a hook runs), `config` (a repository without one works,
+/// and git reads one that appears), `commondir` (git then reads the config and hooks of the
+/// directory it names; `.` names the git directory itself, so git behaves as without it) and
+/// `config.worktree` (read when the config has `extensions.worktreeConfig`; empty is no
+/// setting). Not here: `modules` and `worktrees` (git never reuses a linked worktree's
+/// directory it did not make; an agent's submodule is covered in docs/security-model.md),
+/// `info` (attributes name drivers only the read-only config defines), `gitdir` (read only
+/// in a linked worktree's own directory, never in a repository's).
+pub const PLACEHOLDERS: &[(&str, Placeholder)] = &[
+    ("hooks", Placeholder::Dir),
+    ("config", Placeholder::File(b"")),
+    ("commondir", Placeholder::File(b".\n")),
+    ("config.worktree", Placeholder::File(b"")),
+];
+
+/// In the launcher (host root), before the sandbox exists: each of [`PLACEHOLDERS`] a `.git`
+/// directory lacks is created (`O_EXCL`, never through a link), owned as `.git` is, so that
+/// the agent cannot create it and the read-only bind of [`protect`] covers it. They stay after
+/// the run (harmless to git; a crash would leave them anyway). Acts through the workspace's
+/// descriptor (`wsfd`, already opened and checked; `ws` names it in errors) and fds opened
+/// from it without following links.
 pub fn prepare_on_host(wsfd: BorrowedFd<'_>, ws: &Path) -> Result<(), GitGuardError> {
-    let perr = |path: &Path| {
-        let path = path.to_owned();
-        move |source| GitGuardError::Path { path, source }
-    };
     let gpath = ws.join(".git");
     let g =
         hostpath::open_at_nofollow(wsfd.as_fd(), Path::new(".git"), OFlags::PATH, Mode::empty());
@@ -145,35 +171,69 @@ pub fn prepare_on_host(wsfd: BorrowedFd<'_>, ws: &Path) -> Result<(), GitGuardEr
     if m.kind != Kind::Dir {
         return Ok(());
     }
-    let hooks = gpath.join("hooks");
-    match rustix::fs::mkdirat(&g, "hooks", Mode::from_raw_mode(0o755)) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::EXIST) => return Ok(()),
-        Err(e) => {
-            return Err(GitGuardError::Mount {
-                step: "mkdir",
-                path: hooks,
-                source: e.into(),
-            })
-        }
+    for &(name, what) in PLACEHOLDERS {
+        create_placeholder(g.as_fd(), &gpath.join(name), name, what, (m.uid, m.gid))?;
     }
-    let h = hostpath::open_at_nofollow(
-        g.as_fd(),
-        Path::new("hooks"),
-        OFlags::DIRECTORY | OFlags::RDONLY,
-        Mode::empty(),
-    )
-    .map_err(perr(&hooks))?;
+    Ok(())
+}
+
+/// Creates `name` in the `.git` at `gdir` as `what`, owned by `owner`; an existing entry (of
+/// any kind: [`protect`] checks it) is left as it is.
+fn create_placeholder(
+    gdir: BorrowedFd<'_>,
+    path: &Path,
+    name: &str,
+    what: Placeholder,
+    owner: (u32, u32),
+) -> Result<(), GitGuardError> {
+    let merr = |step: &'static str| {
+        let path = path.to_owned();
+        move |e: std::io::Error| GitGuardError::Mount {
+            step,
+            path,
+            source: e,
+        }
+    };
+    let fd = match what {
+        Placeholder::Dir => {
+            match rustix::fs::mkdirat(gdir, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => return Ok(()),
+                Err(e) => return Err(merr("mkdir")(e.into())),
+            }
+            hostpath::open_at_nofollow(
+                gdir,
+                Path::new(name),
+                OFlags::DIRECTORY | OFlags::RDONLY,
+                Mode::empty(),
+            )
+            .map_err(|source| GitGuardError::Path {
+                path: path.to_owned(),
+                source,
+            })?
+        }
+        Placeholder::File(bytes) => {
+            let fd = match hostpath::create_file_excl_at(gdir, name.as_ref(), 0o644) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(()),
+                Err(source) => {
+                    return Err(GitGuardError::Path {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            };
+            let mut f = std::fs::File::from(fd);
+            std::io::Write::write_all(&mut f, bytes).map_err(merr("write"))?;
+            OwnedFd::from(f)
+        }
+    };
     rustix::fs::fchown(
-        &h,
-        Some(rustix::fs::Uid::from_raw(m.uid)),
-        Some(rustix::fs::Gid::from_raw(m.gid)),
+        &fd,
+        Some(rustix::fs::Uid::from_raw(owner.0)),
+        Some(rustix::fs::Gid::from_raw(owner.1)),
     )
-    .map_err(|e| GitGuardError::Mount {
-        step: "fchown",
-        path: hooks,
-        source: e.into(),
-    })
+    .map_err(|e| merr("fchown")(e.into()))
 }
 
 /// Protects the git files of the workspace at `ws` (a path of the sandbox's view, where the
@@ -213,7 +273,7 @@ pub fn protect(ws: &Path) -> Result<(), GitGuardError> {
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
         }
     })?;
-    // 2. (A missing hooks directory was created by `prepare_on_host`.)
+    // 2. (The missing placeholders were created by `prepare_on_host`.)
     for name in READ_ONLY_ENTRIES {
         let p = gpath.join(name);
         let fd =

@@ -423,4 +423,55 @@ mod tests {
             "{e}"
         );
     }
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("aither-ws-unit-")
+            .tempdir_in("/var/tmp")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_presented_descriptor_must_be_a_real_open_of_the_same_directory() {
+        let (a, b) = (scratch(), scratch());
+        let opened = open_checked(a.path(), None).unwrap();
+        let open = |p: &Path, flags| {
+            rustix::fs::open(
+                p,
+                flags | rustix::fs::OFlags::DIRECTORY,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap()
+        };
+        check_presented(&opened, open(a.path(), rustix::fs::OFlags::RDONLY).as_fd()).unwrap();
+        for (what, fd) in [
+            (
+                "an O_PATH descriptor",
+                open(a.path(), rustix::fs::OFlags::PATH),
+            ),
+            (
+                "another directory",
+                open(b.path(), rustix::fs::OFlags::RDONLY),
+            ),
+        ] {
+            assert!(
+                matches!(
+                    check_presented(&opened, fd.as_fd()),
+                    Err(WorkspaceError::PresentedMismatch { .. })
+                ),
+                "{what} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_is_refused_as_not_a_directory() {
+        let d = scratch();
+        let f = d.path().join("file");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(matches!(
+            open_checked(&f, None),
+            Err(WorkspaceError::NotDirectory { .. })
+        ));
+    }
 }
