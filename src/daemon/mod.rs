@@ -21,6 +21,7 @@ pub mod kernel_audit;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
+pub mod secret_ops;
 pub mod server;
 pub mod shim;
 pub mod store;

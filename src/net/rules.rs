@@ -71,7 +71,8 @@ pub struct RouteGrant {
     pub name: String,
     /// `https://api.openai.com/v1` (https only).
     pub upstream: String,
-    /// The secret's name in the host's secret store (`aitherctl secret set NAME`).
+    /// The secret's name in the host's secret store (`aitherctl secret set NAME`): the agent
+    /// owner's secret NAME, or root's with `root:NAME`.
     pub secret: String,
     /// The header that carries it [default: Authorization].
     #[serde(default = "default_header")]
@@ -188,7 +189,12 @@ impl NetGrants {
         }
         for (i, r) in self.routes.iter().enumerate() {
             check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e))?;
-            check_name(&r.secret).map_err(|e| invalid(format!("routes[{i}].secret"), e))?;
+            // NAME: the agent owner's secret; root:NAME: root's (net::secrets::SecretRef).
+            let secret = r
+                .secret
+                .strip_prefix(super::secrets::ROOT_PREFIX)
+                .unwrap_or(&r.secret);
+            check_name(secret).map_err(|e| invalid(format!("routes[{i}].secret"), e))?;
             Upstream::parse(&r.upstream)
                 .map_err(|e| invalid(format!("routes[{i}].upstream"), e))?;
             if r.header.is_empty()
