@@ -1008,18 +1008,21 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     let store = d.state.path().join("state/secrets");
     let file = store.join(format!(".users/{}/apikey", u1.uid));
     let m = std::fs::metadata(&file).unwrap();
-    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600), "{}", file.display());
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (0, 0o600),
+        "{}",
+        file.display()
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), ROTATED);
     assert_eq!(std::fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
-    let mine: Value =
-        serde_json::from_str(&us.ok(&d, 0, &["secret", "ls", "--json"])).unwrap();
+    let mine: Value = serde_json::from_str(&us.ok(&d, 0, &["secret", "ls", "--json"])).unwrap();
     assert_eq!(mine.as_array().map(Vec::len), Some(1), "{mine}");
     assert_eq!(mine[0]["owner"], u1.uid, "{mine}");
     assert_eq!(mine[0]["name"], "apikey", "{mine}");
 
     // User 2 sees none of it and can touch none of it.
-    let theirs: Value =
-        serde_json::from_str(&us.ok(&d, 1, &["secret", "ls", "--json"])).unwrap();
+    let theirs: Value = serde_json::from_str(&us.ok(&d, 1, &["secret", "ls", "--json"])).unwrap();
     assert_eq!(theirs, serde_json::json!([]), "{theirs}");
     let uid1 = u1.uid.to_string();
     for args in [
@@ -1028,7 +1031,10 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     ] {
         let o = us.ctl(&d, 1, &args);
         assert!(!o.status.success(), "user 2 {args:?}: {o:?}");
-        assert!(stderr(&o).contains("no secret named"), "user 2 {args:?}: {o:?}");
+        assert!(
+            stderr(&o).contains("no secret named"),
+            "user 2 {args:?}: {o:?}"
+        );
     }
     let o = us.ctl_input(&d, 1, &["secret", "set", "apikey", "--owner", &uid1], "x");
     assert!(
@@ -1043,24 +1049,48 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     us.ok(
         &d,
         0,
-        &["spawn", "--policy", "mu-own-route", &a1, "--", "sleep", "60"],
+        &[
+            "spawn",
+            "--policy",
+            "mu-own-route",
+            &a1,
+            "--",
+            "sleep",
+            "60",
+        ],
     );
     let a2 = unique("mu-sec-b");
     let o = us.ctl(
         &d,
         1,
-        &["spawn", "--policy", "mu-own-route", &a2, "--", "sleep", "60"],
+        &[
+            "spawn",
+            "--policy",
+            "mu-own-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
     );
-    assert!(!o.status.success(), "user 2's agent used user 1's secret: {o:?}");
     assert!(
-        stderr(&o).contains("no secret named \"apikey\""),
-        "{o:?}"
+        !o.status.success(),
+        "user 2's agent used user 1's secret: {o:?}"
     );
+    assert!(stderr(&o).contains("no secret named \"apikey\""), "{o:?}");
     // root:NAME is root's secret, shared through a policy root installed.
     let o = us.ctl(
         &d,
         1,
-        &["spawn", "--policy", "mu-root-route", &a2, "--", "sleep", "60"],
+        &[
+            "spawn",
+            "--policy",
+            "mu-root-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
     );
     assert!(
         !o.status.success() && stderr(&o).contains("of root's"),
@@ -1077,11 +1107,22 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"root-shared-value").unwrap();
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "root's secret set without aitherd's help: {o:?}");
+    assert!(
+        o.status.success(),
+        "root's secret set without aitherd's help: {o:?}"
+    );
     us.ok(
         &d,
         1,
-        &["spawn", "--policy", "mu-root-route", &a2, "--", "sleep", "60"],
+        &[
+            "spawn",
+            "--policy",
+            "mu-root-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
     );
 
     // The admin sees everyone's with owners; root's table has an OWNER column.
@@ -1090,10 +1131,18 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["owner"].as_u64().unwrap(), s["name"].as_str().unwrap().into()))
+        .map(|s| {
+            (
+                s["owner"].as_u64().unwrap(),
+                s["name"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert!(pairs.contains(&(0, "shared".into())), "{all}");
-    assert!(pairs.contains(&(u64::from(u1.uid), "apikey".into())), "{all}");
+    assert!(
+        pairs.contains(&(u64::from(u1.uid), "apikey".into())),
+        "{all}"
+    );
     let table = d.ok(&["secret", "ls"]);
     assert!(table.lines().next().unwrap().contains("OWNER"), "{table}");
     assert!(table.contains(&uid1), "{table}");
@@ -1107,7 +1156,17 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     // Durable consumers: user 1's, on their own agent's subject, survives a reconnect.
     let subject = format!("agent.{a1}.jobs");
     let publish = |n: u32| -> u64 {
-        let out = us.ok(&d, 0, &["bus", "pub", "--durable", &subject, &format!("{{\"n\":{n}}}")]);
+        let out = us.ok(
+            &d,
+            0,
+            &[
+                "bus",
+                "pub",
+                "--durable",
+                &subject,
+                &format!("{{\"n\":{n}}}"),
+            ],
+        );
         out.split(|c: char| !c.is_ascii_digit())
             .filter_map(|t| t.parse().ok())
             .next_back()
@@ -1120,23 +1179,44 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     let got = us.ok(
         &d,
         0,
-        &["bus", "sub", "--durable", "c1", "--ack", "-n", "1", "--json", &subject],
+        &[
+            "bus",
+            "sub",
+            "--durable",
+            "c1",
+            "--ack",
+            "-n",
+            "1",
+            "--json",
+            &subject,
+        ],
     );
     assert!(got.contains(r#""n":2"#), "first read after the ack: {got}");
     let got = us.ok(
         &d,
         0,
-        &["bus", "sub", "--durable", "c1", "-n", "1", "--json", &subject],
+        &[
+            "bus",
+            "sub",
+            "--durable",
+            "c1",
+            "-n",
+            "1",
+            "--json",
+            &subject,
+        ],
     );
     assert!(got.contains(r#""n":3"#), "after reconnecting: {got}");
     let consumers = |i: usize| -> Value {
-        let v: Value =
-            serde_json::from_str(&us.ok(&d, i, &["bus", "streams", "--json"])).unwrap();
+        let v: Value = serde_json::from_str(&us.ok(&d, i, &["bus", "streams", "--json"])).unwrap();
         v["consumers"].clone()
     };
     let own = consumers(0);
     assert!(
-        own.as_array().unwrap().iter().any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
+        own.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
         "{own}"
     );
     // Invisible and untouchable for user 2.
@@ -1152,16 +1232,27 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
             "user 2 {args:?}: {o:?}"
         );
     }
-    let o = us.ctl(&d, 1, &["bus", "sub", "--durable", "c1", "-n", "1", &subject]);
+    let o = us.ctl(
+        &d,
+        1,
+        &["bus", "sub", "--durable", "c1", "-n", "1", &subject],
+    );
     assert!(!o.status.success(), "user 2 read user 1's subject: {o:?}");
     // The admin sees it with its owner and may delete it.
     let seen = consumers(2);
     assert!(
-        seen.as_array().unwrap().iter().any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
         "{seen}"
     );
     us.ok(&d, 2, &["bus", "consumer-rm", "c1", "--owner", &uid1]);
-    assert!(!consumers(0).to_string().contains("\"c1\""), "{}", consumers(0));
+    assert!(
+        !consumers(0).to_string().contains("\"c1\""),
+        "{}",
+        consumers(0)
+    );
 
     // Every cross-user attempt is a denial with both uids; no record holds a value.
     let denied = |kind: &str| {
@@ -1173,18 +1264,25 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
         })
     };
     for kind in ["secret_rm", "secret_set", "bus"] {
-        assert!(poll_until(WAIT, || denied(kind)), "no audited {kind} denial");
+        assert!(
+            poll_until(WAIT, || denied(kind)),
+            "no audited {kind} denial"
+        );
     }
     assert!(
-        poll_until(WAIT, || audit(&d).into_iter().any(|r| r["kind"] == "secret_use"
-            && r["caller_uid"] == u2.uid
-            && r["data"]["cross_user"] == true)),
+        poll_until(WAIT, || audit(&d)
+            .into_iter()
+            .any(|r| r["kind"] == "secret_use"
+                && r["caller_uid"] == u2.uid
+                && r["data"]["cross_user"] == true)),
         "user 2's agent naming user 1's secret is not an audited cross-user denial"
     );
     assert!(
-        poll_until(WAIT, || audit(&d).into_iter().any(|r| r["kind"] == "secret_set"
-            && r["decision"] == "allow"
-            && r["caller_uid"] == u1.uid)),
+        poll_until(WAIT, || audit(&d)
+            .into_iter()
+            .any(|r| r["kind"] == "secret_set"
+                && r["decision"] == "allow"
+                && r["caller_uid"] == u1.uid)),
         "user 1's set is not recorded"
     );
     let log = std::fs::read_to_string(d.audit_log()).unwrap_or_default();

@@ -52,7 +52,10 @@ fn reply_err(e: &SecretError) -> Reply {
         SecretError::Io { .. } => {
             // The path and cause go to aitherd's log; the caller learns that it failed.
             tracing::error!(error = %e, "secret store");
-            Reply::err("internal", "the secret store failed (aitherd's log says why)")
+            Reply::err(
+                "internal",
+                "the secret store failed (aitherd's log says why)",
+            )
         }
     }
 }
@@ -82,7 +85,10 @@ pub fn handle(d: &Daemon, caller: &Caller, op: Op<'_>, owner: Option<u32>) -> Re
         );
         return match op.name() {
             Some(n) => not_found(n),
-            None => Reply::err("denied", "only root and aither-admin list another user's secrets"),
+            None => Reply::err(
+                "denied",
+                "only root and aither-admin list another user's secrets",
+            ),
         };
     }
     let result = match &op {

@@ -202,8 +202,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
-                super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w)
-                    .await;
+                super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
             }
             req => {
@@ -454,12 +453,9 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             owner,
         ),
         Request::SecretLs => super::secret_ops::handle(d, caller, super::secret_ops::Op::Ls, None),
-        Request::SecretRm { name, owner } => super::secret_ops::handle(
-            d,
-            caller,
-            super::secret_ops::Op::Rm { name: &name },
-            owner,
-        ),
+        Request::SecretRm { name, owner } => {
+            super::secret_ops::handle(d, caller, super::secret_ops::Op::Rm { name: &name }, owner)
+        }
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
             "bad_request",
             "bus_pub and bus_sub take over their connection",

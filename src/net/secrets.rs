@@ -335,7 +335,8 @@ impl SecretStore {
                 continue;
             };
             let shown = self.owner_dir(o);
-            let mut names = entries(dir.as_fd()).map_err(|e| self.io(o, io_err(&shown, "reading", e)))?;
+            let mut names =
+                entries(dir.as_fd()).map_err(|e| self.io(o, io_err(&shown, "reading", e)))?;
             names.sort();
             for name in names {
                 if check_name(&name).is_err() {
@@ -415,7 +416,10 @@ mod tests {
         assert_eq!(s.get(0, "openai").unwrap(), "sk-test-123");
         let ls = serde_json::to_string(&s.list(None).unwrap()).unwrap();
         assert!(ls.contains("openai") && !ls.contains("sk-test"), "{ls}");
-        assert!(matches!(s.set(0, "../x", "v"), Err(SecretError::BadName(_))));
+        assert!(matches!(
+            s.set(0, "../x", "v"),
+            Err(SecretError::BadName(_))
+        ));
         assert!(matches!(s.set(0, "x", "a\nb"), Err(SecretError::BadValue)));
         // A rotation says so.
         assert!(s.set(0, "openai", "sk-test-456").unwrap());
@@ -433,8 +437,14 @@ mod tests {
         s.set(1001, "only-a", "a2").unwrap();
         assert_eq!(s.get(1001, "k").unwrap(), "a-value");
         assert!(matches!(s.get(1002, "k"), Err(SecretError::NotFound(_))));
-        assert!(matches!(s.get(1002, "only-a"), Err(SecretError::NotFound(_))));
-        assert!(matches!(s.remove(1002, "only-a"), Err(SecretError::NotFound(_))));
+        assert!(matches!(
+            s.get(1002, "only-a"),
+            Err(SecretError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.remove(1002, "only-a"),
+            Err(SecretError::NotFound(_))
+        ));
         // Routes: NAME is the agent owner's, root:NAME root's.
         assert_eq!(s.resolve(1001, "k").unwrap(), "a-value");
         assert_eq!(s.resolve(1001, "root:k").unwrap(), "root-value");
