@@ -1269,14 +1269,29 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
             "no audited {kind} denial"
         );
     }
+    // The records user 2 may read say what they tried, never that user 1 holds the name.
     assert!(
-        poll_until(WAIT, || audit(&d)
-            .into_iter()
-            .any(|r| r["kind"] == "secret_use"
-                && r["caller_uid"] == u2.uid
-                && r["data"]["cross_user"] == true)),
-        "user 2's agent naming user 1's secret is not an audited cross-user denial"
+        poll_until(WAIT, || audit(&d).into_iter().any(|r| r["kind"]
+            == "secret_use"
+            && r["decision"] == "deny"
+            && r["caller_uid"] == u2.uid
+            && r["owner_uid"] == u2.uid
+            && r["data"]["secret"] == "apikey")),
+        "user 2's agent naming apikey is not an audited denial"
     );
+    for l in us.ok(&d, 1, &["audit", "--json"]).lines() {
+        let r: Value = serde_json::from_str(l).expect("audit JSON");
+        // (Their `--owner UID` attempts name user 1 themselves.)
+        if r["data"]["secret"] == "apikey"
+            && (r["kind"] == "secret_use" || (r["kind"] == "secret_rm" && r["owner_uid"] != u1.uid))
+        {
+            assert_eq!(
+                r["owner_uid"], u2.uid,
+                "user 2 learns whose apikey it is: {r}"
+            );
+            assert!(r["data"].get("cross_user").is_none(), "{r}");
+        }
+    }
     assert!(
         poll_until(WAIT, || audit(&d)
             .into_iter()

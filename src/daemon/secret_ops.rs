@@ -117,15 +117,9 @@ pub fn handle(d: &Daemon, caller: &Caller, op: Op<'_>, owner: Option<u32>) -> Re
             Reply::ok(v)
         }
         Err(e) => {
-            let mut rec = entry(Decision::Deny, &e.to_string());
-            if let (SecretError::NotFound(n), false) = (&e, caller.admin) {
-                // The name held by someone else: a cross-user attempt (never said to them).
-                let others = store.owners_of(n).unwrap_or_default();
-                if others.iter().any(|o| *o != target) {
-                    rec = rec.data(json!({"secret": n, "cross_user": true}));
-                }
-            }
-            d.audit.record(rec);
+            // Not marked with whether another user holds the name: the caller reads their own
+            // records (`aitherctl audit`), which must not tell them who has which secret.
+            d.audit.record(entry(Decision::Deny, &e.to_string()));
             reply_err(&e)
         }
     }
@@ -134,7 +128,8 @@ pub fn handle(d: &Daemon, caller: &Caller, op: Op<'_>, owner: Option<u32>) -> Re
 /// A member's launch: every route must name a secret the agent's owner has (`NAME`) or root's
 /// (`root:NAME`, which only root can have written: routes come from the token's first block,
 /// signed with the host key from an installed policy or by root's `token mint`). The refusal
-/// names the route and the secret; a name another user holds is an audited cross-user denial.
+/// names the route and the secret and is an audited denial (which, like the reply, does not
+/// say whether another user has a secret of that name).
 pub fn check_routes(
     d: &Daemon,
     store: &SecretStore,
@@ -156,11 +151,6 @@ pub fn check_routes(
                 ));
             }
         }
-        let cross = store
-            .owners_of(s.name)
-            .unwrap_or_default()
-            .iter()
-            .any(|o| *o != owner);
         d.audit.record(
             Entry::new(
                 "secret_use",
@@ -171,7 +161,7 @@ pub fn check_routes(
             .actor(caller.actor())
             .caller(caller.uid)
             .owner(owner)
-            .data(json!({"route": r.name, "secret": r.secret, "cross_user": cross})),
+            .data(json!({"route": r.name, "secret": r.secret})),
         );
         return Err(format!(
             "route {:?} names secret {:?}: no secret named {:?}{} (aitherctl secret set {})",

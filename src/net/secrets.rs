@@ -287,16 +287,6 @@ impl SecretStore {
         }
     }
 
-    /// The uids that have a secret `name`, root first.
-    pub fn owners_of(&self, name: &str) -> Result<Vec<u32>, SecretError> {
-        Ok(self
-            .list(None)?
-            .into_iter()
-            .filter(|s| s.name == name)
-            .map(|s| s.owner)
-            .collect())
-    }
-
     /// `owner`'s secrets (`None`: everyone's), sorted by owner then name; never the values.
     pub fn list(&self, owner: Option<u32>) -> Result<Vec<SecretInfo>, SecretError> {
         let owners: Vec<u32> = match owner {
@@ -463,7 +453,6 @@ mod tests {
         let seen: Vec<(u32, &str)> = all.iter().map(|i| (i.owner, i.name.as_str())).collect();
         assert_eq!(seen, vec![(0, "k"), (1001, "k"), (1001, "only-a")]);
         assert_eq!(s.list(Some(1002)).unwrap(), vec![]);
-        assert_eq!(s.owners_of("k").unwrap(), vec![0, 1001]);
         // Root's listing of its own names never shows the users' directory.
         assert_eq!(s.list(Some(0)).unwrap().len(), 1);
         let users = d.path().join("secrets/.users/1001");
