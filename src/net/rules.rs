@@ -192,7 +192,7 @@ impl NetGrants {
             // NAME: the agent owner's secret; root:NAME: root's (net::secrets::SecretRef).
             let secret = r
                 .secret
-                .strip_prefix(super::secrets::ROOT_PREFIX)
+                .strip_prefix(ROOT_SECRET_PREFIX)
                 .unwrap_or(&r.secret);
             check_name(secret).map_err(|e| invalid(format!("routes[{i}].secret"), e))?;
             Upstream::parse(&r.upstream)
@@ -406,6 +406,10 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The prefix of a route's `secret` that names root's secret rather than the agent owner's
+/// (`root:NAME`; net::secrets::SecretRef).
+pub const ROOT_SECRET_PREFIX: &str = "root:";
 
 /// A service, route or secret name: 1 to 32 of lower-case letters, digits, '-' and '_'.
 pub fn check_name(n: &str) -> Result<(), String> {

@@ -52,7 +52,7 @@ pub struct SecretInfo {
 }
 
 /// The prefix of a route's `secret` that names root's secret rather than the agent owner's.
-pub const ROOT_PREFIX: &str = "root:";
+pub const ROOT_PREFIX: &str = super::rules::ROOT_SECRET_PREFIX;
 
 /// What a route's `secret` field names: `NAME` (the agent owner's secret NAME) or
 /// `root:NAME` (root's secret NAME, shared by root through a route root wrote).
