@@ -1141,6 +1141,63 @@ secret = "openai"
     assert!(!audit.contains(SECRET));
 }
 
+/// `secret = "root:NAME"` is root's secret whoever runs the agent, and another user's secret
+/// of the same name (set by root with `--owner`) is never the one sent.
+#[test]
+fn a_root_prefixed_route_sends_roots_secret_and_never_another_users() {
+    let host = Host::new();
+    let ws = Workspace::new();
+    set_secret(&host);
+    let mut set = Command::new(AITHERCTL);
+    host.env(&mut set)
+        .args(["secret", "set", "openai", "--owner", "4242"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"OTHER-USERS-KEY")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    let policy = host.policy(
+        "standard",
+        r#"
+[[net.routes]]
+name = "openai"
+upstream = "https://api.example.test:TLS/v1"
+secret = "root:openai"
+"#,
+    );
+    let out = host.run(
+        &ws,
+        &policy,
+        &[
+            "sh",
+            "-c",
+            "curl -sS -m 10 \"$AITHER_ROUTE_OPENAI/x\"; echo",
+        ],
+    );
+    assert!(
+        stdout(&out).starts_with("tls-ok sni=api.example.test /v1/x\n"),
+        "{}",
+        describe(&out)
+    );
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].to_ascii_lowercase().contains(&format!(
+            "authorization: bearer {}",
+            SECRET.to_ascii_lowercase()
+        )),
+        "{seen:?}"
+    );
+    assert!(!seen[0].contains("OTHER-USERS-KEY"), "{seen:?}");
+}
+
 #[test]
 fn the_request_quota_stops_the_agent_at_its_limit_and_not_before() {
     let host = Host::new();

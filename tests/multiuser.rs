@@ -131,6 +131,10 @@ impl Users {
     }
 
     fn daemon_with(&self, extra: &[&str]) -> TestDaemon {
+        self.daemon_env(extra, &[])
+    }
+
+    fn daemon_env(&self, extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         let mut args = vec![
             "--group",
             &self.member_group,
@@ -138,7 +142,7 @@ impl Users {
             &self.admin_group,
         ];
         args.extend_from_slice(extra);
-        let d = TestDaemon::start("aitherd-mu-", &args);
+        let d = TestDaemon::start_env("aitherd-mu-", &args, env);
         std::fs::set_permissions(d.state.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         // aitherd answers as soon as it listens; the socket's group follows right after.
         let sock = d.socket();
@@ -156,6 +160,38 @@ impl Users {
     /// `aitherctl ARGS` as user `i` (0, 1: members; 2: admin) in their own directory.
     fn ctl(&self, d: &TestDaemon, i: usize, args: &[&str]) -> Output {
         self.ctl_in(d, i, &self.dir(&self.users[i]), args)
+    }
+
+    /// `ctl` with `input` on stdin.
+    fn ctl_input(&self, d: &TestDaemon, i: usize, args: &[&str], input: &str) -> Output {
+        let u = &self.users[i];
+        let groups = if i == 2 {
+            format!("{},{}", self.member_gid, self.admin_gid)
+        } else {
+            self.member_gid.to_string()
+        };
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &u.uid.to_string(),
+            "--regid",
+            &u.gid.to_string(),
+            "--groups",
+            &groups,
+            "--",
+            AITHERCTL,
+        ])
+        .args(args);
+        d.env(&mut c);
+        let mut child = c
+            .current_dir(self.dir(u))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("setpriv aitherctl");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
     }
 
     fn ctl_in(&self, d: &TestDaemon, i: usize, cwd: &Path, args: &[&str]) -> Output {
@@ -391,12 +427,6 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
             "user 2 {args:?}: {o:?}"
         );
     }
-    let o = us.ctl(
-        &d,
-        0,
-        &["bus", "sub", "--durable", "mine", "-n", "1", &own_subject],
-    );
-    assert!(!o.status.success(), "a member's durable consumer: {o:?}");
     let streams = us.ok(&d, 1, &["bus", "streams", "--json"]);
     let v: Value = serde_json::from_str(&streams).unwrap();
     assert_eq!(v["streams"], serde_json::json!([]), "{v}");
@@ -937,4 +967,343 @@ fn per_user_limits_from_the_configuration_bind_members_not_admins() {
             .count()
     });
     assert_eq!(won, 2, "concurrent spawns under a cap of 2");
+}
+
+/// Installed policies (`standard` plus one credential route) in a directory of the test's.
+fn route_policies(dir: &Path) -> String {
+    let base = std::fs::read_to_string(common::policy_dir().join("standard.toml")).unwrap();
+    for (name, secret) in [("mu-own-route", "apikey"), ("mu-root-route", "root:shared")] {
+        let src = base.replace("name = \"standard\"", &format!("name = \"{name}\""));
+        std::fs::write(
+            dir.join(format!("{name}.toml")),
+            format!(
+                "{src}\n[[net.routes]]\nname = \"api\"\nupstream = \"https://api.example.test/v1\"\nsecret = \"{secret}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    format!("{}:{}", dir.display(), common::policy_dir().display())
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
+    let us = Users::create();
+    let pdir = tempfile::tempdir().unwrap();
+    let dirs = route_policies(pdir.path());
+    let d = us.daemon_env(&[], &[("AITHER_POLICY_DIR", &dirs)]);
+    let (u1, u2, admin) = (&us.users[0], &us.users[1], &us.users[2]);
+    const VALUE: &str = "a-secret-value-4711";
+    const ROTATED: &str = "a-rotated-value-4712";
+
+    // User 1 sets and rotates their own secret through aitherd (the store's files are root's
+    // 0700: the client could not read or write them).
+    let o = us.ctl_input(&d, 0, &["secret", "set", "apikey"], &format!("{VALUE}\n"));
+    assert!(o.status.success(), "{o:?}");
+    let o = us.ctl_input(&d, 0, &["secret", "set", "apikey"], ROTATED);
+    assert!(o.status.success(), "{o:?}");
+    let store = d.state.path().join("state/secrets");
+    let file = store.join(format!(".users/{}/apikey", u1.uid));
+    let m = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (0, 0o600),
+        "{}",
+        file.display()
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), ROTATED);
+    assert_eq!(std::fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
+    let mine: Value = serde_json::from_str(&us.ok(&d, 0, &["secret", "ls", "--json"])).unwrap();
+    assert_eq!(mine.as_array().map(Vec::len), Some(1), "{mine}");
+    assert_eq!(mine[0]["owner"], u1.uid, "{mine}");
+    assert_eq!(mine[0]["name"], "apikey", "{mine}");
+
+    // User 2 sees none of it and can touch none of it.
+    let theirs: Value = serde_json::from_str(&us.ok(&d, 1, &["secret", "ls", "--json"])).unwrap();
+    assert_eq!(theirs, serde_json::json!([]), "{theirs}");
+    let uid1 = u1.uid.to_string();
+    for args in [
+        vec!["secret", "rm", "apikey"],
+        vec!["secret", "rm", "apikey", "--owner", &uid1],
+    ] {
+        let o = us.ctl(&d, 1, &args);
+        assert!(!o.status.success(), "user 2 {args:?}: {o:?}");
+        assert!(
+            stderr(&o).contains("no secret named"),
+            "user 2 {args:?}: {o:?}"
+        );
+    }
+    let o = us.ctl_input(&d, 1, &["secret", "set", "apikey", "--owner", &uid1], "x");
+    assert!(
+        !o.status.success() && stderr(&o).contains("no secret named"),
+        "user 2 set user 1's: {o:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), ROTATED);
+
+    // A route names its agent owner's secret: user 1's agent launches with it, user 2's
+    // (same installed policy, no secret of that name of their own) is refused.
+    let a1 = unique("mu-sec-a");
+    us.ok(
+        &d,
+        0,
+        &[
+            "spawn",
+            "--policy",
+            "mu-own-route",
+            &a1,
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+    let a2 = unique("mu-sec-b");
+    let o = us.ctl(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "mu-own-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+    assert!(
+        !o.status.success(),
+        "user 2's agent used user 1's secret: {o:?}"
+    );
+    assert!(stderr(&o).contains("no secret named \"apikey\""), "{o:?}");
+    // root:NAME is root's secret, shared through a policy root installed.
+    let o = us.ctl(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "mu-root-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("of root's"),
+        "root's secret is not set yet: {o:?}"
+    );
+    let mut set = Command::new(AITHERCTL);
+    d.env(&mut set);
+    let mut child = set
+        .args(["secret", "set", "shared"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"root-shared-value").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "root's secret set without aitherd's help: {o:?}"
+    );
+    us.ok(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "mu-root-route",
+            &a2,
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+
+    // The admin sees everyone's with owners; root's table has an OWNER column.
+    let all: Value = serde_json::from_str(&us.ok(&d, 2, &["secret", "ls", "--json"])).unwrap();
+    let pairs: Vec<(u64, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["owner"].as_u64().unwrap(),
+                s["name"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(pairs.contains(&(0, "shared".into())), "{all}");
+    assert!(
+        pairs.contains(&(u64::from(u1.uid), "apikey".into())),
+        "{all}"
+    );
+    let table = d.ok(&["secret", "ls"]);
+    assert!(table.lines().next().unwrap().contains("OWNER"), "{table}");
+    assert!(table.contains(&uid1), "{table}");
+
+    // Values are never shown back: not in listings, the owner's inspect, or the audit log.
+    let inspect = us.ok(&d, 0, &["inspect", &a1]);
+    for text in [&inspect, &all.to_string(), &table, &mine.to_string()] {
+        assert!(!text.contains(VALUE) && !text.contains(ROTATED), "{text}");
+    }
+
+    // Durable consumers: user 1's, on their own agent's subject, survives a reconnect.
+    let subject = format!("agent.{a1}.jobs");
+    let publish = |n: u32| -> u64 {
+        let out = us.ok(
+            &d,
+            0,
+            &[
+                "bus",
+                "pub",
+                "--durable",
+                &subject,
+                &format!("{{\"n\":{n}}}"),
+            ],
+        );
+        out.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|t| t.parse().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("no sequence number in {out:?}"))
+    };
+    let s1 = publish(1);
+    us.ok(&d, 0, &["bus", "ack", "c1", &s1.to_string()]);
+    publish(2);
+    publish(3);
+    let got = us.ok(
+        &d,
+        0,
+        &[
+            "bus",
+            "sub",
+            "--durable",
+            "c1",
+            "--ack",
+            "-n",
+            "1",
+            "--json",
+            &subject,
+        ],
+    );
+    assert!(got.contains(r#""n":2"#), "first read after the ack: {got}");
+    let got = us.ok(
+        &d,
+        0,
+        &[
+            "bus",
+            "sub",
+            "--durable",
+            "c1",
+            "-n",
+            "1",
+            "--json",
+            &subject,
+        ],
+    );
+    assert!(got.contains(r#""n":3"#), "after reconnecting: {got}");
+    let consumers = |i: usize| -> Value {
+        let v: Value = serde_json::from_str(&us.ok(&d, i, &["bus", "streams", "--json"])).unwrap();
+        v["consumers"].clone()
+    };
+    let own = consumers(0);
+    assert!(
+        own.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
+        "{own}"
+    );
+    // Invisible and untouchable for user 2.
+    assert!(!consumers(1).to_string().contains("c1"), "{}", consumers(1));
+    for args in [
+        vec!["bus", "consumer-rm", "c1"],
+        vec!["bus", "consumer-rm", "c1", "--owner", &uid1],
+        vec!["bus", "ack", "c1", "1", "--owner", &uid1],
+    ] {
+        let o = us.ctl(&d, 1, &args);
+        assert!(
+            !o.status.success() && stderr(&o).contains("no durable consumer named"),
+            "user 2 {args:?}: {o:?}"
+        );
+    }
+    let o = us.ctl(
+        &d,
+        1,
+        &["bus", "sub", "--durable", "c1", "-n", "1", &subject],
+    );
+    assert!(!o.status.success(), "user 2 read user 1's subject: {o:?}");
+    // The admin sees it with its owner and may delete it.
+    let seen = consumers(2);
+    assert!(
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "c1" && c["owner"] == u1.uid),
+        "{seen}"
+    );
+    us.ok(&d, 2, &["bus", "consumer-rm", "c1", "--owner", &uid1]);
+    assert!(
+        !consumers(0).to_string().contains("\"c1\""),
+        "{}",
+        consumers(0)
+    );
+
+    // Every cross-user attempt is a denial with both uids; no record holds a value.
+    let denied = |kind: &str| {
+        audit(&d).into_iter().any(|r| {
+            r["kind"] == kind
+                && r["decision"] == "deny"
+                && r["caller_uid"] == u2.uid
+                && r["owner_uid"] == u1.uid
+        })
+    };
+    for kind in ["secret_rm", "secret_set", "bus"] {
+        assert!(
+            poll_until(WAIT, || denied(kind)),
+            "no audited {kind} denial"
+        );
+    }
+    // The records user 2 may read say what they tried, never that user 1 holds the name.
+    assert!(
+        poll_until(WAIT, || audit(&d).into_iter().any(|r| r["kind"]
+            == "secret_use"
+            && r["decision"] == "deny"
+            && r["caller_uid"] == u2.uid
+            && r["owner_uid"] == u2.uid
+            && r["data"]["secret"] == "apikey")),
+        "user 2's agent naming apikey is not an audited denial"
+    );
+    for l in us.ok(&d, 1, &["audit", "--json"]).lines() {
+        let r: Value = serde_json::from_str(l).expect("audit JSON");
+        // (Their `--owner UID` attempts name user 1 themselves.)
+        if r["data"]["secret"] == "apikey"
+            && (r["kind"] == "secret_use" || (r["kind"] == "secret_rm" && r["owner_uid"] != u1.uid))
+        {
+            assert_eq!(
+                r["owner_uid"], u2.uid,
+                "user 2 learns whose apikey it is: {r}"
+            );
+            assert!(r["data"].get("cross_user").is_none(), "{r}");
+        }
+    }
+    assert!(
+        poll_until(WAIT, || audit(&d)
+            .into_iter()
+            .any(|r| r["kind"] == "secret_set"
+                && r["decision"] == "allow"
+                && r["caller_uid"] == u1.uid)),
+        "user 1's set is not recorded"
+    );
+    let log = std::fs::read_to_string(d.audit_log()).unwrap_or_default();
+    assert!(
+        !log.contains(VALUE) && !log.contains(ROTATED) && !log.contains("root-shared-value"),
+        "a secret's value is in the audit log"
+    );
+    let _ = admin;
 }

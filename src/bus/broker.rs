@@ -131,6 +131,9 @@ struct OutState {
 pub struct Outbox {
     id: u64,
     principal: Arc<Principal>,
+    /// Whose durable consumers it names (log::Consumer::owner): the caller's uid on an
+    /// operator's connection, 0 for an agent's.
+    owner: u32,
     state: Mutex<OutState>,
     notify: Notify,
     /// Bytes its replays have taken from the log, and aitherd's CPU time reading them (ns).
@@ -166,6 +169,11 @@ pub struct SubStat {
 impl Outbox {
     pub fn principal(&self) -> &Principal {
         &self.principal
+    }
+
+    /// Whose durable consumers this connection names.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// Waits until there may be something to drain.
@@ -409,9 +417,16 @@ impl Bus {
 
     /// A new connection's outbox.
     pub fn outbox(&self, principal: Principal) -> Arc<Outbox> {
+        self.outbox_owned(principal, 0)
+    }
+
+    /// An outbox whose durable consumers are uid `owner`'s (an operator's connection: each
+    /// user has their own consumer names).
+    pub fn outbox_owned(&self, principal: Principal, owner: u32) -> Arc<Outbox> {
         Arc::new(Outbox {
             id: self.next_outbox.fetch_add(1, Ordering::Relaxed),
             principal: Arc::new(principal),
+            owner,
             state: Mutex::new(OutState {
                 subs: BTreeMap::new(),
                 next_sub: 1,
@@ -533,7 +548,7 @@ impl Bus {
             (None, Some(t), _) => Some(self.log.seq_at(t)?),
             (None, None, Some(n)) => self
                 .log
-                .cursor(outbox.principal.name(), n)?
+                .cursor(outbox.owner, outbox.principal.name(), n)?
                 .map(|a| a + 1)
                 .or(Some(0)),
             (None, None, None) => None,
@@ -670,8 +685,23 @@ impl Bus {
         }
         let (tx, rx) = oneshot::channel();
         self.log
-            .ack(outbox.principal.name(), &name, seq, Some(tx))?;
+            .ack(outbox.owner, outbox.principal.name(), &name, seq, Some(tx))?;
         Ok((name, rx))
+    }
+
+    /// Deletes the durable consumer `name` of the connection's owner (its cursor; a live
+    /// subscription under that name goes on from where it is). The receiver hears how many
+    /// cursors were deleted (0: none of that name).
+    pub fn forget(
+        &self,
+        outbox: &Outbox,
+        name: &str,
+    ) -> Result<super::Committed, BusError> {
+        check_consumer(name)?;
+        let (tx, rx) = oneshot::channel();
+        self.log
+            .forget(outbox.owner, outbox.principal.name(), name, tx)?;
+        Ok(rx)
     }
 
     /// The log's statistics and every live subscription.

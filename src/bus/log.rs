@@ -55,6 +55,10 @@ pub struct Stats {
 /// A durable consumer's cursor.
 #[derive(Clone, Debug, Serialize)]
 pub struct Consumer {
+    /// The uid whose consumer it is, for an operator's (`agent` "operator"): each user has
+    /// their own names. 0 for an agent's own consumers (the agent's name is their namespace)
+    /// and for every consumer stored before owners.
+    pub owner: u32,
     pub agent: String,
     pub name: String,
     pub acked_seq: u64,
@@ -66,10 +70,18 @@ type Done = tokio::sync::oneshot::Sender<Result<u64, CommitError>>;
 enum Op {
     Append(Arc<Msg>, Option<Done>),
     Ack {
+        owner: u32,
         agent: String,
         name: String,
         seq: u64,
         done: Option<Done>,
+    },
+    /// Deletes a cursor; `done` hears how many were deleted (0 or 1).
+    Forget {
+        owner: u32,
+        agent: String,
+        name: String,
+        done: Done,
     },
     Flush(smpsc::Sender<()>),
 }
@@ -100,12 +112,37 @@ fn open(path: &Path) -> Result<Connection, BusError> {
          CREATE TABLE IF NOT EXISTS msgs (seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL,
              subject TEXT NOT NULL, data TEXT NOT NULL, publisher TEXT NOT NULL, size INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS msgs_ts ON msgs(ts_ms);
-         CREATE TABLE IF NOT EXISTS cursors (agent TEXT NOT NULL, name TEXT NOT NULL,
-             acked INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (agent, name));
+         CREATE TABLE IF NOT EXISTS cursors (owner INTEGER NOT NULL DEFAULT 0,
+             agent TEXT NOT NULL, name TEXT NOT NULL, acked INTEGER NOT NULL,
+             updated_ms INTEGER NOT NULL, PRIMARY KEY (owner, agent, name));
          CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
     )
     .map_err(db(path))?;
+    migrate_cursor_owners(&c).map_err(db(path))?;
     Ok(c)
+}
+
+/// A log from before owners keyed cursors by (agent, name): the table is rebuilt with an
+/// `owner` column (0: root's, which is what every operator's consumer was) as the first key,
+/// in one transaction.
+fn migrate_cursor_owners(c: &Connection) -> rusqlite::Result<()> {
+    let has_owner: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('cursors') WHERE name = 'owner'")?
+        .exists([])?;
+    if has_owner {
+        return Ok(());
+    }
+    c.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE cursors_owned (owner INTEGER NOT NULL DEFAULT 0, agent TEXT NOT NULL,
+             name TEXT NOT NULL, acked INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+             PRIMARY KEY (owner, agent, name));
+         INSERT INTO cursors_owned (owner, agent, name, acked, updated_ms)
+             SELECT 0, agent, name, acked, updated_ms FROM cursors;
+         DROP TABLE cursors;
+         ALTER TABLE cursors_owned RENAME TO cursors;
+         COMMIT;",
+    )
 }
 
 impl Log {
@@ -180,19 +217,32 @@ impl Log {
         self.send(Op::Append(msg, done))
     }
 
-    /// Records that consumer `name` of `agent` has processed everything up to `seq`; `done`
-    /// hears when that is committed.
+    /// Records that consumer `name` of `agent` (of uid `owner`: see [`Consumer::owner`]) has
+    /// processed everything up to `seq`; `done` hears when that is committed.
     pub fn ack(
         &self,
+        owner: u32,
         agent: &str,
         name: &str,
         seq: u64,
         done: Option<Done>,
     ) -> Result<(), BusError> {
         self.send(Op::Ack {
+            owner,
             agent: agent.into(),
             name: name.into(),
             seq,
+            done,
+        })
+    }
+
+    /// Deletes consumer `name` of `agent` of uid `owner`; `done` hears how many cursors were
+    /// deleted (0: there was none) once committed.
+    pub fn forget(&self, owner: u32, agent: &str, name: &str, done: Done) -> Result<(), BusError> {
+        self.send(Op::Forget {
+            owner,
+            agent: agent.into(),
+            name: name.into(),
             done,
         })
     }
@@ -275,11 +325,11 @@ impl Log {
     }
 
     /// The acked sequence number of a durable consumer.
-    pub fn cursor(&self, agent: &str, name: &str) -> Result<Option<u64>, BusError> {
+    pub fn cursor(&self, owner: u32, agent: &str, name: &str) -> Result<Option<u64>, BusError> {
         let c = self.reader();
         c.query_row(
-            "SELECT acked FROM cursors WHERE agent = ?1 AND name = ?2",
-            params![agent, name],
+            "SELECT acked FROM cursors WHERE owner = ?1 AND agent = ?2 AND name = ?3",
+            params![owner, agent, name],
             |r| r.get::<_, i64>(0),
         )
         .optional()
@@ -297,15 +347,18 @@ impl Log {
             )
             .map_err(db(&self.path))?;
         let mut st = c
-            .prepare("SELECT agent, name, acked, updated_ms FROM cursors ORDER BY agent, name")
+            .prepare(
+                "SELECT owner, agent, name, acked, updated_ms FROM cursors ORDER BY agent, owner, name",
+            )
             .map_err(db(&self.path))?;
         let consumers = st
             .query_map([], |r| {
                 Ok(Consumer {
-                    agent: r.get(0)?,
-                    name: r.get(1)?,
-                    acked_seq: r.get::<_, i64>(2)? as u64,
-                    updated_ms: r.get::<_, i64>(3)? as u64,
+                    owner: r.get(0)?,
+                    agent: r.get(1)?,
+                    name: r.get(2)?,
+                    acked_seq: r.get::<_, i64>(3)? as u64,
+                    updated_ms: r.get::<_, i64>(4)? as u64,
                 })
             })
             .map_err(db(&self.path))?
@@ -362,8 +415,8 @@ fn writer(
                     "INSERT OR REPLACE INTO msgs (seq, ts_ms, subject, data, publisher, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 let mut ack = tx.prepare_cached(
-                    "INSERT INTO cursors (agent, name, acked, updated_ms) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(agent, name) DO UPDATE SET acked = max(acked, excluded.acked), updated_ms = excluded.updated_ms",
+                    "INSERT INTO cursors (owner, agent, name, acked, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(owner, agent, name) DO UPDATE SET acked = max(acked, excluded.acked), updated_ms = excluded.updated_ms",
                 )?;
                 for op in ops {
                     match op {
@@ -385,15 +438,28 @@ fn writer(
                             }
                         }
                         Op::Ack {
+                            owner,
                             agent,
                             name,
                             seq,
                             done: d,
                         } => {
-                            ack.execute(params![agent, name, seq as i64, now_ms() as i64])?;
+                            ack.execute(params![owner, agent, name, seq as i64, now_ms() as i64])?;
                             if let Some(d) = d {
                                 done.push((d, seq));
                             }
+                        }
+                        Op::Forget {
+                            owner,
+                            agent,
+                            name,
+                            done: d,
+                        } => {
+                            let n = tx.execute(
+                                "DELETE FROM cursors WHERE owner = ?1 AND agent = ?2 AND name = ?3",
+                                params![owner, agent, name],
+                            )?;
+                            done.push((d, n as u64));
                         }
                         Op::Flush(f) => flushes.push(f),
                     }
@@ -489,6 +555,52 @@ mod tests {
     }
 
     #[test]
+    fn cursors_from_before_owners_are_roots_and_each_owner_has_their_own_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bus.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE cursors (agent TEXT NOT NULL, name TEXT NOT NULL,
+                     acked INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (agent, name));
+                 INSERT INTO cursors VALUES ('operator', 'c', 7, 1), ('w1', 'c', 3, 1);",
+            )
+            .unwrap();
+        }
+        let ret = Retention {
+            max_bytes: 1 << 30,
+            max_age_ms: u64::MAX / 4,
+            every: Duration::from_secs(60),
+        };
+        let log = Log::open(&p, ret).unwrap();
+        assert_eq!(log.cursor(0, "operator", "c").unwrap(), Some(7));
+        assert_eq!(log.cursor(0, "w1", "c").unwrap(), Some(3));
+        assert_eq!(log.cursor(1001, "operator", "c").unwrap(), None);
+        log.ack(1001, "operator", "c", 2, None).unwrap();
+        log.flush();
+        assert_eq!(log.cursor(1001, "operator", "c").unwrap(), Some(2));
+        assert_eq!(log.cursor(0, "operator", "c").unwrap(), Some(7));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        log.forget(1001, "operator", "c", tx).unwrap();
+        log.flush();
+        assert_eq!(rx.blocking_recv().unwrap().ok(), Some(1));
+        assert_eq!(log.cursor(1001, "operator", "c").unwrap(), None);
+        assert_eq!(log.cursor(0, "operator", "c").unwrap(), Some(7));
+        let owners: Vec<(u32, String)> = log
+            .stats()
+            .unwrap()
+            .consumers
+            .into_iter()
+            .map(|c| (c.owner, c.agent))
+            .collect();
+        assert_eq!(owners, vec![(0, "operator".into()), (0, "w1".into())]);
+        drop(log);
+        // Opening again leaves the migrated table as it is.
+        let log = Log::open(&p, ret).unwrap();
+        assert_eq!(log.cursor(0, "operator", "c").unwrap(), Some(7));
+    }
+
+    #[test]
     fn append_replay_ack_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bus.db");
@@ -502,8 +614,8 @@ mod tests {
             for s in 1..=10 {
                 log.append(msg(s, "a.b", now_ms()), None).unwrap();
             }
-            log.ack("w1", "c", 4, None).unwrap();
-            log.ack("w1", "c", 3, None).unwrap(); // never goes back
+            log.ack(0, "w1", "c", 4, None).unwrap();
+            log.ack(0, "w1", "c", 3, None).unwrap(); // never goes back
             log.flush();
             assert_eq!(log.committed(), 10);
             let r = log.read_from(5, 3).unwrap();
@@ -515,7 +627,7 @@ mod tests {
         }
         let log = Log::open(&p, ret).unwrap();
         assert_eq!(log.last_seq_at_open(), 10);
-        assert_eq!(log.cursor("w1", "c").unwrap(), Some(4));
+        assert_eq!(log.cursor(0, "w1", "c").unwrap(), Some(4));
         let st = log.stats().unwrap();
         assert_eq!((st.first_seq, st.last_seq, st.messages), (Some(1), 10, 10));
     }

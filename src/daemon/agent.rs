@@ -653,7 +653,7 @@ impl Agent {
                 .check_token(&self.rec.token)
                 .map(|v| (v.effective().id.clone(), v.effective().net.clone()))
                 .unwrap_or_default();
-            super::egress::serve(&self.d, &self.name, &token, grants, fd)
+            super::egress::serve(&self.d, &self.name, self.rec.owner, &token, grants, fd)
         });
         // Its published ports, as services for other agents, while this run lives.
         let _published =

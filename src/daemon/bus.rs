@@ -294,11 +294,11 @@ pub fn streams(d: &Daemon) -> Reply {
 /// what").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BusScope {
-    /// Root and admins: every subject, durable consumers, `bus_streams`.
+    /// Root and admins: every subject, `bus_streams`, anyone's durable consumers.
     Operator,
-    /// A member (this uid): publish on `agent.<own agent>[.…]`, subscribe live or with a replay
-    /// to that and `aither.agent.<own agent>[.…]`; no durable consumers (their names are the
-    /// operators' shared namespace) and no `bus_streams` on a publishing connection.
+    /// A member (this uid): publish on `agent.<own agent>[.…]`, subscribe live, with a replay
+    /// or as a durable consumer of their own (consumer names are per user) to that and
+    /// `aither.agent.<own agent>[.…]`; no `bus_streams` on a publishing connection.
     Member(u32),
 }
 
@@ -327,22 +327,23 @@ impl BusScope {
             ErrorCode::Denied,
             format!(
                 "{what}: a member of aither may publish on agent.<own agent>.… and subscribe to \
-                 that and aither.agent.<own agent>.… (no wildcard for the agent, no durable \
-                 consumer); the whole bus is for root and aither-admin"
+                 that and aither.agent.<own agent>.… (no wildcard for the agent); the whole \
+                 bus is for root and aither-admin"
             ),
         )
     }
 }
 
+/// `uid`: the caller, whose durable consumers this connection names.
 pub async fn serve(
     d: Arc<Daemon>,
     first: Request,
     actor: String,
-    scope: BusScope,
+    (scope, uid): (BusScope, u32),
     mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
 ) {
-    let outbox = d.bus.outbox(crate::bus::Principal::Operator);
+    let outbox = d.bus.outbox_owned(crate::bus::Principal::Operator, uid);
     if let Request::BusSub {
         pattern,
         durable,
@@ -351,7 +352,7 @@ pub async fn serve(
         queue,
     } = first
     {
-        if !scope.allows(&d, &pattern, true) || (durable.is_some() && scope != BusScope::Operator) {
+        if !scope.allows(&d, &pattern, true) {
             let _ = aio::write_reply(&mut w, &BusScope::refusal(&pattern)).await;
             return;
         }
@@ -503,11 +504,50 @@ pub fn event_subject(name: Option<&str>, kind: &str) -> String {
     }
 }
 
-/// `bus_ack` from the control socket: an operator's durable consumer (agent `operator`).
-pub async fn operator_ack(d: &Daemon, durable: &str, seq: u64) -> Reply {
-    let ob = d.bus.outbox(crate::bus::Principal::Operator);
+/// `bus_ack` from the control socket: uid `owner`'s durable consumer (agent `operator`).
+pub async fn operator_ack(d: &Daemon, owner: u32, durable: &str, seq: u64) -> Reply {
+    let ob = d.bus.outbox_owned(crate::bus::Principal::Operator, owner);
     match d.bus.ack(&ob, None, Some(durable), seq) {
         Ok((name, rx)) => commit_reply(rx, json!({"durable": name, "seq": seq})).await,
         Err(e) => err_reply(&e),
     }
+}
+
+/// `bus_consumer_rm`: deletes uid `owner`'s durable consumer `durable`; one that does not
+/// exist is `not_found`.
+pub async fn operator_forget(d: &Daemon, owner: u32, durable: &str) -> Reply {
+    let ob = d.bus.outbox_owned(crate::bus::Principal::Operator, owner);
+    let rx = match d.bus.forget(&ob, durable) {
+        Ok(rx) => rx,
+        Err(e) => return err_reply(&e),
+    };
+    match rx.await {
+        Ok(Ok(0)) => Reply::err(
+            ErrorCode::NotFound,
+            format!("no durable consumer named {durable:?} (`aitherctl bus streams` lists them)"),
+        ),
+        Ok(Ok(_)) => Reply::ok(json!({"durable": durable, "removed": true})),
+        Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+        Err(_) => Reply::err(ErrorCode::Internal, "the bus log stopped"),
+    }
+}
+
+/// The durable consumers `caller` may see, each with its owner's uid: an operator's (agent
+/// `operator`) is its key's owner; an agent's belongs to the agent's owner. Admins: all.
+pub fn consumers_for(d: &Daemon, caller: &super::identity::Caller, v: &Value) -> Value {
+    let mut out = Vec::new();
+    let cons = v["streams"][0]["log"]["consumers"].as_array().cloned();
+    for mut c in cons.into_iter().flatten() {
+        let agent = c["agent"].as_str().unwrap_or("");
+        let owner = if agent == crate::bus::Principal::Operator.name() {
+            c["owner"].as_u64().and_then(|o| u32::try_from(o).ok())
+        } else {
+            d.name_owner(agent)
+        };
+        if caller.admin || owner == Some(caller.uid) {
+            c["owner"] = json!(owner);
+            out.push(c);
+        }
+    }
+    Value::Array(out)
 }

@@ -104,11 +104,14 @@ impl Daemon {
                     d.net_event(ev);
                 }
             }),
-            secrets: Some(Arc::new(net::secrets::SecretStore::new(
-                self.state_dir.join("secrets"),
-            ))),
+            secrets: Some(Arc::new(self.secrets())),
             egress,
         })
+    }
+
+    /// The secret store (`<state dir>/secrets`): everyone's, one namespace per owner.
+    pub fn secrets(&self) -> net::secrets::SecretStore {
+        net::secrets::SecretStore::new(self.state_dir.join("secrets"))
     }
 
     fn net_event(&self, ev: &NetEvent) {
@@ -190,12 +193,20 @@ pub fn publish(
     })
 }
 
-/// Serves `listener` (the run's gateway socket) for agent `name` with `grants` under the
-/// token whose id is `token` until the returned value is dropped. The quotas charge the
-/// state kept for (name, token) across runs and daemon restarts.
-pub fn serve(d: &Shared, name: &str, token: &str, grants: NetGrants, listener: OwnedFd) -> Serving {
+/// Serves `listener` (the run's gateway socket) for agent `name` of uid `owner` (whose
+/// secrets its routes use) with `grants` under the token whose id is `token` until the
+/// returned value is dropped. The quotas charge the state kept for (name, token) across runs
+/// and daemon restarts.
+pub fn serve(
+    d: &Shared,
+    name: &str,
+    owner: u32,
+    token: &str,
+    grants: NetGrants,
+    listener: OwnedFd,
+) -> Serving {
     let quota = quota_for(d, name, token);
-    let agent = AgentNet::with_quota(name, grants, quota.clone());
+    let agent = AgentNet::owned(name, owner, grants, quota.clone());
     d.net_agents
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
+pub mod secret_ops;
 pub mod server;
 pub mod shim;
 pub mod store;

@@ -187,16 +187,12 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 } else {
                     super::bus::BusScope::Member(caller.uid)
                 };
-                let (subject, subscribe, durable) = match &req {
-                    Request::BusPub { subject, .. } => (subject.as_str(), false, false),
-                    Request::BusSub {
-                        pattern, durable, ..
-                    } => (pattern.as_str(), true, durable.is_some()),
+                let (subject, subscribe) = match &req {
+                    Request::BusPub { subject, .. } => (subject.as_str(), false),
+                    Request::BusSub { pattern, .. } => (pattern.as_str(), true),
                     _ => unreachable!("matched above"),
                 };
-                if !scope.allows(&d, subject, subscribe)
-                    || (durable && scope != super::bus::BusScope::Operator)
-                {
+                if !scope.allows(&d, subject, subscribe) {
                     d.audit.record(
                         Entry::new(
                             "bus",
@@ -208,7 +204,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
-                super::bus::serve(d.clone(), req, actor.clone(), scope, r, w).await;
+                super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
             }
             req => {
@@ -246,23 +242,32 @@ fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Opti
     Err(not_found(name))
 }
 
-/// Operations that span every user's data (the operator bus): root and admins only.
-fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
-    if caller.admin {
-        return Ok(());
+/// Whose durable consumer a request names: the caller's own, or `owner`'s for an admin. A
+/// member naming anyone else gets "no durable consumer named …" and an audited denial.
+fn consumer_owner(
+    d: &Shared,
+    caller: &Caller,
+    durable: &str,
+    owner: Option<u32>,
+) -> Result<u32, Reply> {
+    let target = owner.unwrap_or(caller.uid);
+    if caller.may_act_on(target) {
+        return Ok(target);
     }
     d.audit.record(
         Entry::new(
-            kind,
+            "bus",
             Verdict::Deny,
-            "admin: the operator bus is for root and aither-admin",
+            "owner: only the consumer's owner, root or aither-admin",
         )
         .actor(caller.actor())
-        .caller(caller.uid),
+        .caller(caller.uid)
+        .owner(target)
+        .data(json!({"durable": durable, "cross_user": true})),
     );
     Err(Reply::err(
-        ErrorCode::Denied,
-        "the operator bus (bus pub/sub/ack) is for root and members of aither-admin",
+        ErrorCode::NotFound,
+        format!("no durable consumer named {durable:?} (`aitherctl bus streams` lists them)"),
     ))
 }
 
@@ -416,6 +421,11 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
                 .await
                 .unwrap_or_else(|e| Reply::err(ErrorCode::Internal, e.to_string()));
+            if let Some(v) = reply.data.as_mut() {
+                // Durable consumers with their owners: an admin's view, everyone's; anyone
+                // else's, their own and their agents'.
+                v["consumers"] = super::bus::consumers_for(d, caller, v);
+            }
             if !caller.admin {
                 // A member sees the subscriptions of their own agents; the shared log's
                 // statistics and the operators' subscriptions are not theirs.
@@ -432,11 +442,45 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             }
             reply
         }
-        Request::BusAck { durable, seq } => {
-            if let Err(r) = admin_only(d, caller, "bus") {
-                return r;
+        // Durable consumers are per user: the caller's own, or (admins) `owner`'s.
+        Request::BusAck {
+            durable,
+            seq,
+            owner,
+        } => match consumer_owner(d, caller, &durable, owner) {
+            Ok(o) => super::bus::operator_ack(d, o, &durable, seq).await,
+            Err(r) => r,
+        },
+        Request::BusConsumerRm { durable, owner } => {
+            match consumer_owner(d, caller, &durable, owner) {
+                Ok(o) => {
+                    let reply = super::bus::operator_forget(d, o, &durable).await;
+                    audit_op(
+                        d,
+                        "bus_consumer_rm",
+                        "operator",
+                        caller,
+                        Some(o),
+                        &reply,
+                        json!({"durable": durable}),
+                    );
+                    reply
+                }
+                Err(r) => r,
             }
-            super::bus::operator_ack(d, &durable, seq).await
+        }
+        Request::SecretSet { name, value, owner } => super::secret_ops::handle(
+            d,
+            caller,
+            super::secret_ops::Op::Set {
+                name: &name,
+                value: &value.0,
+            },
+            owner,
+        ),
+        Request::SecretLs => super::secret_ops::handle(d, caller, super::secret_ops::Op::Ls, None),
+        Request::SecretRm { name, owner } => {
+            super::secret_ops::handle(d, caller, super::secret_ops::Op::Rm { name: &name }, owner)
         }
         Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
             ErrorCode::BadRequest,
@@ -910,6 +954,11 @@ fn build(
         };
         (e.code(), text)
     })?;
+    if !caller.admin {
+        // A member's routes name their own secrets (or root's, as root:NAME).
+        super::secret_ops::check_routes(d, &d.secrets(), &req.name, caller, &p.net)
+            .map_err(|m| (ErrorCode::Denied, m))?;
+    }
     let (kind, rule) = match &p.minted {
         Some((policy, _)) => ("token_mint", format!("policy {policy}")),
         None => ("token_verify", "host key; not revoked; not expired".into()),

@@ -124,9 +124,11 @@ pub struct RuleStats {
     pub denials: u64,
 }
 
-/// Where secrets for credential routes come from (the host's secret store).
+/// Where secrets for credential routes come from (the host's secret store): the secret a
+/// route's `secret` field names for an agent owned by `agent_owner` (`NAME`: the owner's,
+/// `root:NAME`: root's; net::secrets::SecretRef).
 pub trait SecretSource: Send + Sync {
-    fn get(&self, name: &str) -> Option<String>;
+    fn get(&self, agent_owner: u32, reference: &str) -> Option<String>;
 }
 
 /// Receives every decision (audit log, daemon events). Must not block.
@@ -293,6 +295,9 @@ impl QuotaState {
 /// One agent as the gateway sees it: its grants and its accounting.
 pub struct AgentNet {
     pub name: String,
+    /// The uid the agent belongs to: its routes' secrets are this user's (or root's, named
+    /// `root:NAME`).
+    pub owner: u32,
     pub grants: NetGrants,
     stats: Mutex<BTreeMap<String, RuleStats>>,
     quota: Arc<QuotaState>,
@@ -312,8 +317,20 @@ impl AgentNet {
 
     /// An agent whose quotas charge `quota` (kept across its runs by the manager).
     pub fn with_quota(name: &str, grants: NetGrants, quota: Arc<QuotaState>) -> Arc<AgentNet> {
+        Self::owned(name, 0, grants, quota)
+    }
+
+    /// [`with_quota`](Self::with_quota) for an agent of uid `owner` (its routes use that
+    /// user's secrets).
+    pub fn owned(
+        name: &str,
+        owner: u32,
+        grants: NetGrants,
+        quota: Arc<QuotaState>,
+    ) -> Arc<AgentNet> {
         Arc::new(AgentNet {
             name: name.to_string(),
+            owner,
             grants,
             stats: Mutex::new(BTreeMap::new()),
             quota,
@@ -1412,12 +1429,12 @@ impl Gateway {
                 .shared
                 .secrets
                 .as_ref()
-                .and_then(|s| s.get(&route.secret))
+                .and_then(|s| s.get(agent.owner, &route.secret))
                 .ok_or_else(|| {
                     denied(
                         &rule,
                         format!(
-                            "secret {:?} is not set on the host (aitherctl secret set)",
+                            "no secret named {:?} of the agent's owner (aitherctl secret set)",
                             route.secret
                         ),
                     )

@@ -52,7 +52,13 @@ impl InProcessGateway {
         explicit: bool,
     ) -> Result<InProcessGateway, InProcessError> {
         Ok(InProcessGateway {
-            agent: AgentNet::new(name, grants),
+            // The caller's own secrets (root's for root); `root:NAME` names root's.
+            agent: AgentNet::owned(
+                name,
+                rustix::process::geteuid().as_raw(),
+                grants,
+                Arc::default(),
+            ),
             resolver: Box::new(SystemResolver),
             egress: Egress::load(config, explicit)?,
             secrets: Arc::new(SecretStore::default_location()),

@@ -144,10 +144,35 @@ pub enum Request {
     },
     /// The durable log's statistics and the live subscriptions.
     BusStreams,
-    /// Moves an operator's durable consumer's cursor (agent `operator`) to `seq`.
+    /// Moves the caller's durable consumer's cursor to `seq` (`owner`: an admin acts on that
+    /// uid's consumer; anyone else only on their own).
     BusAck {
         durable: String,
         seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
+    },
+    /// Deletes the caller's durable consumer (`owner`: as in `bus_ack`).
+    BusConsumerRm {
+        durable: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
+    },
+    /// Stores the caller's secret `name` (`owner`: an admin sets that uid's), replacing a value
+    /// it had (a rotation). The value is never logged or echoed.
+    SecretSet {
+        name: String,
+        value: SecretValue,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
+    },
+    /// The caller's secrets' names, sizes and times (an admin's: everyone's, with owners).
+    SecretLs,
+    /// Removes the caller's secret `name` (`owner`: as in `secret_set`).
+    SecretRm {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
     },
     /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
     /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
@@ -158,6 +183,18 @@ pub enum Request {
         #[serde(default)]
         agent: Option<String>,
     },
+}
+
+/// A secret's value in a request: shown as `<secret>` by `Debug`, so no log of a request can
+/// carry it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretValue(pub String);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 /// One reply frame (the control socket and the agent channel).

@@ -104,6 +104,7 @@ fn every_fixture_round_trips_byte_for_byte() {
     let mut want: Vec<&str> = vec![
         "audit",
         "bus_ack",
+        "bus_consumer_rm",
         "bus_pub",
         "bus_streams",
         "bus_sub",
@@ -118,6 +119,9 @@ fn every_fixture_round_trips_byte_for_byte() {
         "ps",
         "restart",
         "rm",
+        "secret_ls",
+        "secret_rm",
+        "secret_set",
         "spawn",
         "stop",
     ];

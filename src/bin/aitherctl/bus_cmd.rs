@@ -20,6 +20,31 @@ pub enum BusCmd {
     Pub(PubArgs),
     Sub(SubArgs),
     Streams(StreamsArgs),
+    Ack(AckArgs),
+    ConsumerRm(ConsumerRmArgs),
+}
+
+/// Move your durable consumer's cursor to SEQ (it resumes after SEQ). Consumer names are per
+/// user: yours are yours alone; root and aither-admin act on another user's with --owner.
+#[derive(Args)]
+pub struct AckArgs {
+    /// The durable consumer's name.
+    name: String,
+    /// The last sequence number processed.
+    seq: u64,
+    /// Root and aither-admin: the uid whose consumer it is.
+    #[arg(long, value_name = "UID")]
+    owner: Option<u32>,
+}
+
+/// Delete your durable consumer (its cursor). Exit 0 deleted, 1 no such consumer.
+#[derive(Args)]
+pub struct ConsumerRmArgs {
+    /// The durable consumer's name.
+    name: String,
+    /// Root and aither-admin: the uid whose consumer it is.
+    #[arg(long, value_name = "UID")]
+    owner: Option<u32>,
 }
 
 /// Publish one message (or one per input line with --lines).
@@ -89,6 +114,11 @@ pub fn run(c: BusCmd) -> i32 {
         BusCmd::Pub(a) => publish(a),
         BusCmd::Sub(a) => subscribe(a),
         BusCmd::Streams(a) => streams(a),
+        BusCmd::Ack(a) => ack(&a.name, a.seq, a.owner).unwrap_or(0),
+        BusCmd::ConsumerRm(a) => call_ok(&Request::BusConsumerRm {
+            durable: a.name,
+            owner: a.owner,
+        }),
     }
 }
 
@@ -232,14 +262,26 @@ fn subscribe(a: SubArgs) -> i32 {
     }
     if let (Some(name), Some(&last)) = (&a.durable, acks.iter().max()) {
         // Acks travel on their own connection; the consumer's cursor moves to the last one.
-        if let Some(code) = ack(name, last) {
+        if let Some(code) = ack(name, last, None) {
             return code;
         }
     }
     status
 }
 
-fn ack(name: &str, seq: u64) -> Option<i32> {
+fn call_ok(req: &Request) -> i32 {
+    let mut c = match connect() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.call(req) {
+        Ok(r) if r.ok => 0,
+        Ok(r) => refused(&r),
+        Err(e) => client_err(e),
+    }
+}
+
+fn ack(name: &str, seq: u64, owner: Option<u32>) -> Option<i32> {
     let mut c = match connect() {
         Ok(c) => c,
         Err(code) => return Some(code),
@@ -247,6 +289,7 @@ fn ack(name: &str, seq: u64) -> Option<i32> {
     match c.call(&Request::BusAck {
         durable: name.to_string(),
         seq,
+        owner,
     }) {
         Ok(r) if r.ok => None,
         Ok(r) => Some(refused(&r)),
@@ -288,17 +331,22 @@ fn streams(a: StreamsArgs) -> i32 {
             n(&l["max_age_s"]),
             s["path"].as_str().unwrap_or("")
         );
-        let cons = l["consumers"].as_array().cloned().unwrap_or_default();
-        if !cons.is_empty() {
-            println!("  {:<20} {:<20} {:>10}", "AGENT", "CONSUMER", "ACKED");
-            for c in cons {
-                println!(
-                    "  {:<20} {:<20} {:>10}",
-                    crate::escape::field(c["agent"].as_str().unwrap_or("")),
-                    crate::escape::field(c["name"].as_str().unwrap_or("")),
-                    n(&c["acked_seq"])
-                );
-            }
+    }
+    // Durable consumers with their owners (aitherd shows a member only theirs).
+    let cons = v["consumers"].as_array().cloned().unwrap_or_default();
+    if !cons.is_empty() {
+        println!(
+            "{:<8} {:<20} {:<20} {:>10}",
+            "OWNER", "AGENT", "CONSUMER", "ACKED"
+        );
+        for c in cons {
+            println!(
+                "{:<8} {:<20} {:<20} {:>10}",
+                n(&c["owner"]),
+                crate::escape::field(c["agent"].as_str().unwrap_or("")),
+                crate::escape::field(c["name"].as_str().unwrap_or("")),
+                n(&c["acked_seq"])
+            );
         }
     }
     let subs = v["subscriptions"].as_array().cloned().unwrap_or_default();

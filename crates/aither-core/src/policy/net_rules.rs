@@ -104,7 +104,8 @@ pub struct RouteGrant {
     pub name: String,
     /// `https://api.openai.com/v1` (https only).
     pub upstream: String,
-    /// The secret's name in the host's secret store (`aitherctl secret set NAME`).
+    /// The secret's name in the host's secret store (`aitherctl secret set NAME`): the agent
+    /// owner's secret NAME, or root's with `root:NAME`.
     pub secret: String,
     /// The header that carries it [default: Authorization].
     #[serde(default = "default_header")]
@@ -224,7 +225,12 @@ impl NetGrants {
         }
         for (i, r) in self.routes.iter().enumerate() {
             check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e.to_string()))?;
-            check_name(&r.secret)
+            // NAME: the agent owner's secret; root:NAME: root's (net::secrets::SecretRef).
+            let secret = r
+                .secret
+                .strip_prefix(ROOT_SECRET_PREFIX)
+                .unwrap_or(&r.secret);
+            check_name(secret)
                 .map_err(|e| invalid(format!("routes[{i}].secret"), e.to_string()))?;
             Upstream::parse(&r.upstream)
                 .map_err(|e| invalid(format!("routes[{i}].upstream"), e.to_string()))?;
@@ -429,6 +435,10 @@ pub fn check_dns_name(name: &str) -> Result<(), NameError> {
     }
     Ok(())
 }
+
+/// The prefix of a route's `secret` that names root's secret rather than the agent owner's
+/// (`root:NAME`; net::secrets::SecretRef).
+pub const ROOT_SECRET_PREFIX: &str = "root:";
 
 /// A service, route or secret name: 1 to 32 of lower-case letters, digits, '-' and '_'.
 pub fn check_name(n: &str) -> Result<(), NameError> {
