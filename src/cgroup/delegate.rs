@@ -67,14 +67,8 @@ pub fn marked_delegated(dir: &Path) -> bool {
         };
         let mut buf = [0u8; 8];
         // SAFETY: valid C strings; the buffer and its length match.
-        let r = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                n.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         r > 0 && &buf[..r as usize] == b"1"
     })
 }
@@ -168,7 +162,11 @@ pub fn placement(root: &Path, mode: CgroupMode) -> Placement {
     }
     let text = match read_self() {
         Ok(t) => t,
-        Err(e) => return Placement::TopLevel { reason: e.to_string() },
+        Err(e) => {
+            return Placement::TopLevel {
+                reason: e.to_string(),
+            }
+        }
     };
     let Some(rel) = own_path(&text) else {
         return Placement::TopLevel {
@@ -220,7 +218,8 @@ pub fn enter(root: &Path, mode: CgroupMode) -> Result<Placement, CgroupError> {
         match super::write_ctl(&leaf, "cgroup.procs", pid, hint) {
             Ok(()) => {}
             // Gone meanwhile.
-            Err(CgroupError::Write { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(CgroupError::Write { source, .. })
+                if source.raw_os_error() == Some(libc::ESRCH) => {}
             Err(e) => return Err(e),
         }
     }
@@ -245,10 +244,7 @@ pub fn systemd_booted() -> bool {
 /// transient scope of its own with `Delegate=yes` (`systemd-run --scope` registers its own pid
 /// as the scope and execs in place: same pid, stdio, terminal and signals). None otherwise
 /// (and in the re-executed process, which carries `SCOPE_ENV`).
-pub fn scope_command(
-    exe: &Path,
-    args: &[std::ffi::OsString],
-) -> Option<std::process::Command> {
+pub fn scope_command(exe: &Path, args: &[std::ffi::OsString]) -> Option<std::process::Command> {
     let root = super::root();
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -362,11 +358,17 @@ mod tests {
 
         let (root, _) = fake("cpu memory pids", false);
         let e = check(root.path(), rel).unwrap_err();
-        assert!(e.contains("is not delegated (no trusted.delegate mark"), "{e}");
+        assert!(
+            e.contains("is not delegated (no trusted.delegate mark"),
+            "{e}"
+        );
 
         let (root, _) = fake("cpu memory", true);
         let e = check(root.path(), rel).unwrap_err();
-        assert!(e.ends_with("lacks pids in cgroup.controllers (\"cpu memory\")"), "{e}");
+        assert!(
+            e.ends_with("lacks pids in cgroup.controllers (\"cpu memory\")"),
+            "{e}"
+        );
     }
 
     #[test]
