@@ -120,17 +120,21 @@ if [ "$mode" = v2 ]; then
   }
   start_aitherd
   head -c 48M /dev/urandom >"$ws/big.bin"
+  # Thrashing: 24 MiB of its own plus random reads of a mapped 48 MiB file in 64 MiB: the
+  # mapped pages are its working set, evicted and faulted back in (PSI counts those stalls).
   cat >"$ws/pressure.py" <<'EOF2'
-import time
-a = bytearray(44 << 20)
+import mmap, random, time
+a = bytearray(24 << 20)
 for i in range(0, len(a), 4096):
     a[i] = 1
+f = open("big.bin", "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+n = len(m) // 4096
 end = time.time() + 90
-with open("big.bin", "rb") as f:
-    while time.time() < end:
-        f.seek(0)
-        while f.read(1 << 20):
-            pass
+s = 0
+while time.time() < end:
+    for _ in range(1000):
+        s += m[random.randrange(n) * 4096]
 EOF2
   agent_dir() { # the host cgroup directory of an agent's pid 1
     local pid1 cg
@@ -176,11 +180,13 @@ EOF2
       local ev d i
       dctl spawn --policy strict km-pressure -w "$ws" --memory 64M -- python3 pressure.py >/dev/null || return 1
       d="$(agent_dir km-pressure)"
-      for i in $(seq 120); do
+      local t=$SECONDS psi=
+      while [ $((SECONDS - t)) -lt 80 ]; do # the agent thrashes for 90 s
         ev="$(dctl events --json --agent km-pressure | grep '"memory_pressure"')" && break
-        sleep 1
+        psi="$psi $((SECONDS - t))s:$(head -n1 "$d/memory.pressure" 2>&1 | cut -d' ' -f2)"
+        sleep 2
       done
-      [ -n "$ev" ] || { echo "no memory_pressure pain in 120 s; $(head -n1 "$d/memory.pressure" 2>&1)"; return 1; }
+      [ -n "$ev" ] || { echo "no memory_pressure pain in 80 s;$psi"; return 1; }
       python3 -c 'import json,sys; e=json.loads(sys.argv[1]); print("pain", e["data"]["signal"], "psi_some_avg10", e["data"]["data"]["psi_some_avg10"], "action", e["data"]["action"])' "$ev"
     }
     check daemon-psi-pain daemon_psi_pain
