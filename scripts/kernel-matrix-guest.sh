@@ -235,13 +235,15 @@ if [ "$mode" = v2 ]; then
     mkdir -p "$sd"
     echo "+memory +cpu +pids" >/sys/fs/cgroup/cgroup.subtree_control
     (echo "$BASHPID" >"$sd/cgroup.procs" && exec unshare --pid --fork --mount --cgroup --propagation private \
-      sh -c 'mount -t proc proc /proc && mount -t cgroup2 cgroup2 /sys/fs/cgroup && mount -t tmpfs tmpfs /run &&
+      sh -c 'mount -t proc proc /proc && umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup &&
+        mount -t tmpfs tmpfs /run &&
         exec env container=aither-km /lib/systemd/systemd --unit=sysinit.target --log-target=console' \
       ) >"$out/systemd.log" 2>&1 &
     local upid=$!
     for i in $(seq 600); do # systemd is the unshare's child: pid 1 of the new namespace
       sdpid="$(pgrep -P "$upid" | head -n1)"
       [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] && break
+      kill -0 "$upid" 2>/dev/null || break
       sleep 0.2
     done
     [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] || { echo "systemd did not start"; tail -n 20 "$out/systemd.log"; return 1; }
