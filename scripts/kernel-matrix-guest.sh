@@ -218,7 +218,7 @@ if [ "$mode" = v2 ]; then
     find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$sd/*" | sort |
       while read -r f; do echo "$f: $(cat "$f")"; done >"$out/cgroups-before-scope"
     rm -f "$ws/scope-started"
-    (cd "$ws" && nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" aitherctl run "${ws_flags[@]}" -w "$ws" \
+    (cd "$ws" && timeout 120 nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" aitherctl run "${ws_flags[@]}" -w "$ws" \
       -p strict --name km-scoped --memory 64M --pids 32 -- sh -c ': > scope-started; sleep 4') &
     local rpid=$!
     for i in $(seq 300); do
@@ -234,6 +234,7 @@ if [ "$mode" = v2 ]; then
     wait "$rpid"
     rc=$?
     find "$sd" -maxdepth 3 -type d >"$out/systemd-cgroups"
+    timeout 20 nsenter -t "$sdpid" -m -p -- systemctl list-jobs --no-pager >"$out/systemd-jobs" 2>&1
     kill -s SIGRTMIN+4 "$sdpid" 2>/dev/null # systemd's poweroff: ends its namespace
     for i in $(seq 100); do
       kill -0 "$upid" 2>/dev/null || break
