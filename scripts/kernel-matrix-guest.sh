@@ -129,10 +129,15 @@ if [ "$mode" = v2 ]; then
     own="$(cat "/proc/$dpid/cgroup")"
     [ "$own" = "0::/km.slice/aitherd.service/supervisor" ] || { echo "aitherd is in $own"; return 1; }
     if [ "${#ws_flags[@]}" -gt 0 ]; then
-      # Below 5.12 spawn refuses (no id-mapped workspace; spawn has no --workspace-as-owner).
-      dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 2>&1 | grep -q 'id-mapped' ||
-        { echo "spawn was not refused for the id-mapped workspace"; return 1; }
-      echo "aitherd in $own; spawn refused below 5.12 (id-mapped workspace)"
+      # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner).
+      local t=$SECONDS fail=
+      dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 >/dev/null || return 1
+      while [ $((SECONDS - t)) -lt 60 ]; do
+        fail="$(dctl events --json --agent km-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
+        sleep 1
+      done
+      [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; return 1; }
+      echo "aitherd in $own; below 5.12 the agent's launch fails: $fail"
     else
       dctl spawn --policy strict km-sleeper -w "$ws" --memory 64M --pids 32 --cpus 0.5 -- sleep 600 >/dev/null || return 1
       d="$(agent_dir km-sleeper)"
