@@ -212,9 +212,12 @@ if [ "$mode" = v2 ]; then
         mount -t tmpfs tmpfs /run &&
         exec env container=aither-km /lib/systemd/systemd --unit=sysinit.target --log-target=console' \
       ) >"$out/systemd.log" 2>&1 &
-    local upid=$!
+    local upid=$! moved=
     for i in $(seq 600); do # systemd is the unshare's child: pid 1 of the new namespace
       sdpid="$(pgrep -P "$upid" | head -n1)"
+      # Once it has forked, unshare leaves systemd's cgroup (back to the guest's root): a
+      # process there would keep systemd from enabling controllers for its units (EBUSY).
+      [ -n "$sdpid" ] && [ -z "$moved" ] && echo "$upid" >/sys/fs/cgroup/cgroup.procs && moved=1
       [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] && break
       kill -0 "$upid" 2>/dev/null || break
       sleep 0.2
