@@ -131,8 +131,9 @@ if [ "$mode" = v2 ]; then
     if [ "${#ws_flags[@]}" -gt 0 ]; then
       # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner).
       local t=$SECONDS fail=
-      dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 >/dev/null || return 1
-      while [ $((SECONDS - t)) -lt 60 ]; do
+      # Refused in the reply, or failed just after it (the launch races the reply).
+      fail="$(dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
+      while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
         fail="$(dctl events --json --agent km-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
         sleep 1
       done
@@ -227,7 +228,7 @@ if [ "$mode" = v2 ]; then
       while read -r f; do echo "$f: $(cat "$f")"; done >"$out/cgroups-before-scope"
     rm -f "$ws/scope-started"
     (cd "$ws" && timeout 120 nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" aitherctl run "${ws_flags[@]}" -w "$ws" \
-      -p strict --name km-scoped --memory 64M --pids 32 -- sh -c ': > scope-started; sleep 4') &
+      -p strict --name km-scoped --memory 64M --pids 32 -- sh -c ': > scope-started; sleep 8') &
     local rpid=$!
     for i in $(seq 300); do
       [ -e "$ws/scope-started" ] && break
