@@ -8,7 +8,7 @@
 # Each check writes one line `CHECK <name> pass|FAIL <detail>` to OUT/checks; the host script
 # fails the tier on any FAIL or on a missing `DONE` line (a guest that crashed or hung).
 set -uo pipefail
-mode="$1" bin="$2" out="$3" kdir="${4:-}"
+mode="$1" bin="$2" out="$3" kdir="${4:-}" devtest="${5:-}"
 exec >"$out/log" 2>&1
 export PATH="$bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export AITHER_STATE_DIR=/var/lib/aither
@@ -47,7 +47,7 @@ fi
 mount | grep cgroup >"$out/cgroup-mounts"
 
 # 2. The workspace on an ext4 image (9p, the shared root, has no id-mapped mounts).
-for m in loop ext4; do
+for m in loop ext4 fuse; do # fuse: /dev/fuse's c 10:229 is the device check's stand-in with a driver
   modprobe ${kdir:+-d "$kdir"} "$m" || modprobe "$m"
 done
 mkdir -p /tmp/ws
@@ -87,6 +87,180 @@ doctor_strict() { # strict runs; below 5.12 the one thing missing is the id-mapp
   fi
 }
 check doctor-strict doctor_strict
+
+# 3b. aitherd in a cgroup delegated to it (pure v2), made as systemd >= 254 makes one for
+# scripts/aitherd.service (Delegate=yes, DelegateSubgroup=supervisor): the unit's cgroup under
+# a slice, memory/cpu/pids enabled down to it, marked with trusted.delegate, aitherd started
+# in its `supervisor` leaf. Before any `run`, so that a top-level aither/ could only be
+# aitherd's. Agents (strict): a sleeper (its cgroup under aitherd's, its limits as
+# written, ps/inspect), a fork bomb (pids). Not here: PSI pain (docs/kernels.md says why).
+if [ "$mode" = v2 ]; then
+  unit=/sys/fs/cgroup/km.slice/aitherd.service
+  dsock=/tmp/aither-km/aitherd.sock dstate=/var/lib/aither-km
+  mkdir -p "$unit" /tmp/aither-km "$dstate"
+  echo "+memory +cpu +pids" >/sys/fs/cgroup/cgroup.subtree_control
+  echo "+memory +cpu +pids" >/sys/fs/cgroup/km.slice/cgroup.subtree_control
+  python3 -c 'import os, sys; os.setxattr(sys.argv[1], "trusted.delegate", b"1")' "$unit"
+  cg_outside() { # every cgroup outside the unit's, with what it enables for its children
+    find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$unit/*" | sort |
+      while read -r f; do echo "$f: $(cat "$f")"; done
+  }
+  cg_outside >"$out/cgroups-before"
+  mkdir -p "$unit/supervisor"
+  dctl() { (cd "$ws" && AITHER_SOCKET="$dsock" AITHER_STATE_DIR="$dstate" aitherctl "$@"); }
+  start_aitherd() { # as systemd starts the unit: in its leaf
+    (echo "$BASHPID" >"$unit/supervisor/cgroup.procs" && exec aitherd --socket "$dsock" --state-dir "$dstate" --pidfile /tmp/aither-km/aitherd.pid) \
+      >>"$out/aitherd.log" 2>&1 &
+    dpid=$!
+    for i in $(seq 300); do
+      dctl ps >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  }
+  start_aitherd
+  agent_dir() { # the host cgroup directory of an agent's pid 1
+    local pid1 cg
+    pid1="$(dctl inspect "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid1"])')"
+    cg="$(grep '^0::' "/proc/$pid1/cgroup")"
+    echo "/sys/fs/cgroup${cg#0::}"
+  }
+  daemon_delegated() {
+    local own d lim
+    own="$(cat "/proc/$dpid/cgroup")"
+    [ "$own" = "0::/km.slice/aitherd.service/supervisor" ] || { echo "aitherd is in $own"; return 1; }
+    if [ "${#ws_flags[@]}" -gt 0 ]; then
+      # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner).
+      local t=$SECONDS fail=
+      # Refused in the reply, or failed just after it (the launch races the reply).
+      fail="$(dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
+      while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
+        fail="$(dctl events --json --agent km-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
+        sleep 1
+      done
+      [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; return 1; }
+      echo "aitherd in $own; below 5.12 the agent's launch fails: $fail"
+    else
+      dctl spawn --policy strict km-sleeper -w "$ws" --memory 64M --pids 32 --cpus 0.5 -- sleep 600 >/dev/null || return 1
+      d="$(agent_dir km-sleeper)"
+      [[ "$d" =~ ^$unit/aither/km-sleeper-[0-9]+$ ]] || { echo "the agent's cgroup is $d"; return 1; }
+      lim="memory.max=$(cat "$d/memory.max") pids.max=$(cat "$d/pids.max") cpu.max=$(cat "$d/cpu.max")"
+      [ "$lim" = "memory.max=67108864 pids.max=32 cpu.max=50000 100000" ] || { echo "limits: $lim"; return 1; }
+      dctl ps | grep -q '^km-sleeper .*running' || { dctl ps; return 1; }
+      echo "aitherd in $own; agent in $d; $lim"
+    fi
+    [ ! -e /sys/fs/cgroup/aither ] || { echo "a top-level /sys/fs/cgroup/aither was created"; return 1; }
+    cg_outside | diff "$out/cgroups-before" - || { echo "cgroups outside the unit changed"; return 1; }
+  }
+  check daemon-delegated daemon_delegated
+  if [ "${#ws_flags[@]}" -eq 0 ]; then
+    daemon_pids() {
+      local line i
+      dctl spawn --policy strict km-forkbomb -w "$ws" --pids 32 -- ./aither-probe fork-bomb 200 >/dev/null || return 1
+      for i in $(seq 600); do
+        line="$(dctl logs km-forkbomb 2>/dev/null | grep '^RESULT')" && break
+        sleep 0.1
+      done
+      [[ "$line" =~ err\ EAGAIN\ ([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -lt 32 ] || { echo "got: $line"; return 1; }
+      echo "$line"
+    }
+    check daemon-pids-limit daemon_pids
+    daemon_restart() { # a restarted aitherd (back in the leaf) re-adopts the running agent
+      local d0 d1
+      d0="$(agent_dir km-sleeper)"
+      kill "$dpid" || return 1
+      for i in $(seq 100); do # not this subshell's child: polled
+        kill -0 "$dpid" 2>/dev/null || break
+        sleep 0.1
+      done
+      start_aitherd
+      dctl ps | grep -q '^km-sleeper .*running' || { dctl ps; return 1; }
+      d1="$(agent_dir km-sleeper)"
+      [ "$d0" = "$d1" ] || { echo "$d0 became $d1"; return 1; }
+      echo "aitherd $dpid re-adopted km-sleeper in $d1"
+    }
+    check daemon-restart daemon_restart
+    daemon_cleanup() {
+      local n
+      for n in km-sleeper km-forkbomb; do dctl rm --force "$n" >/dev/null || return 1; done
+      n="$(find "$unit/aither" -mindepth 1 -maxdepth 1 -type d | wc -l)"
+      [ "$n" -eq 0 ] || { echo "$n agent cgroups left in $unit/aither"; return 1; }
+      echo "agents removed, their cgroups gone"
+    }
+    check daemon-cleanup daemon_cleanup
+  fi
+  # The last aitherd (daemon-restart started another in its check's subshell): by its pidfile.
+  dpid="$(cat /tmp/aither-km/aitherd.pid 2>/dev/null || echo "$dpid")"
+  kill "$dpid"
+  for i in $(seq 100); do
+    kill -0 "$dpid" 2>/dev/null || break
+    sleep 0.1
+  done
+fi
+
+# 3c. `aitherctl run` where systemd is pid 1 (pure v2): systemd runs as pid 1 of its own pid,
+# mount and cgroup namespaces (as in a container: the guest's own pid 1 is virtme-ng's), in a
+# cgroup of its own with memory/cpu/pids; `run`, entered into those namespaces, must
+# re-execute itself in a transient scope with Delegate=yes and build the sandbox's cgroup
+# below it, writing nothing anywhere else.
+if [ "$mode" = v2 ]; then
+  run_systemd_scope() {
+    local sd=/sys/fs/cgroup/km-systemd sdpid i d scope rc
+    [ -x /lib/systemd/systemd ] || { echo "no /lib/systemd/systemd on the shared root"; return 1; }
+    mkdir -p "$sd"
+    echo "+memory +cpu +pids" >/sys/fs/cgroup/cgroup.subtree_control
+    (echo "$BASHPID" >"$sd/cgroup.procs" && exec unshare --pid --fork --mount --cgroup --propagation private \
+      sh -c 'mount -t proc proc /proc && umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup &&
+        mount -t tmpfs tmpfs /run &&
+        exec env container=aither-km /lib/systemd/systemd --unit=sysinit.target --log-target=console' \
+      ) >"$out/systemd.log" 2>&1 &
+    local upid=$! moved=
+    for i in $(seq 600); do # systemd is the unshare's child: pid 1 of the new namespace
+      sdpid="$(pgrep -P "$upid" | head -n1)"
+      # Once it has forked, unshare leaves systemd's cgroup (back to the guest's root): a
+      # process there would keep systemd from enabling controllers for its units (EBUSY).
+      [ -n "$sdpid" ] && [ -z "$moved" ] && echo "$upid" >/sys/fs/cgroup/cgroup.procs && moved=1
+      [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] && break
+      kill -0 "$upid" 2>/dev/null || break
+      sleep 0.2
+    done
+    [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] || { echo "systemd did not start"; tail -n 20 "$out/systemd.log"; return 1; }
+    find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$sd/*" | sort |
+      while read -r f; do echo "$f: $(cat "$f")"; done >"$out/cgroups-before-scope"
+    rm -f "$ws/scope-started"
+    (cd "$ws" && timeout 120 nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" aitherctl run "${ws_flags[@]}" -w "$ws" \
+      -p strict --name km-scoped --memory 64M --pids 32 -- sh -c ': > scope-started; sleep 8') &
+    local rpid=$!
+    for i in $(seq 300); do
+      [ -e "$ws/scope-started" ] && break
+      sleep 0.1
+    done
+    d="$(find "$sd" -maxdepth 5 -type d -path '*/aither-run-*.scope/aither/km-scoped-*' | head -n1)"
+    scope="${d%/aither/*}"
+    local mark lim procs
+    mark="$(python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "trusted.delegate").decode())' "$scope" 2>&1)"
+    lim="memory.max=$(cat "$d/memory.max" 2>&1) pids.max=$(cat "$d/pids.max" 2>&1)"
+    procs="$(find "$scope" -maxdepth 1 -mindepth 1 -type d -printf '%f ' 2>&1)"
+    wait "$rpid"
+    rc=$?
+    find "$sd" -maxdepth 3 -type d >"$out/systemd-cgroups"
+    timeout 20 nsenter -t "$sdpid" -m -p -- systemctl list-jobs --no-pager >"$out/systemd-jobs" 2>&1
+    kill -s SIGRTMIN+4 "$sdpid" 2>/dev/null # systemd's poweroff: ends its namespace
+    for i in $(seq 100); do
+      kill -0 "$upid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$upid" "$sdpid" 2>/dev/null
+    [ "$rc" -eq 0 ] || { echo "run exited $rc"; return 1; }
+    [ -n "$d" ] || { echo "no sandbox cgroup under an aither-run-*.scope in $sd"; return 1; }
+    [ "$lim" = "memory.max=67108864 pids.max=32" ] || { echo "limits: $lim"; return 1; }
+    [ ! -e /sys/fs/cgroup/aither ] || { echo "a top-level /sys/fs/cgroup/aither was created"; return 1; }
+    find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$sd/*" | sort |
+      while read -r f; do echo "$f: $(cat "$f")"; done | diff "$out/cgroups-before-scope" - ||
+      { echo "cgroups outside systemd's changed"; return 1; }
+    echo "sandbox cgroup ${d#"$sd"}; $lim; the scope holds: $procs; trusted.delegate=$mark"
+  }
+  check run-systemd-scope run_systemd_scope
+fi
 
 # 4. The report of a strict run names its stand-ins.
 check report run -p strict --report "$out/report.json" -- true
@@ -224,6 +398,27 @@ live_cgroup() {
   echo "$out; removed after the run"
 }
 check live-cgroup live_cgroup
+
+# 7c. The BPF device program on pure v2 (the only device layer there): a sandbox whose /dev
+# holds three stand-in nodes (c 195:0, c 195:1 with no driver, c 10:229 /dev/fuse's) with a
+# lease of one; the others answer EPERM, and without rules all pass. Through aither-init with
+# a spec (runtime/aither-init/tests/devices.rs): release builds refuse the simulated GPU
+# backend, and without a GPU nothing else leases a device. Its workspaces and nodes are under
+# /var/tmp, here on the ext4 image (the guest's /var cannot be id-mapped); from 5.12.
+if [ "$mode" = v2 ] && [ "${#ws_flags[@]}" -eq 0 ]; then
+  bpf_devices() {
+    local o
+    [ -x "$devtest" ] || { echo "no devices test binary ($devtest)"; return 1; }
+    mkdir -p /tmp/ws/vartmp && mount --bind /tmp/ws/vartmp /var/tmp || return 1
+    o="$("$devtest" --exact hybrid_both_layers_allow_only_the_leased_node \
+      without_device_rules_the_kernel_lets_every_bound_node_through --test-threads=1 2>&1)"
+    local rc=$?
+    umount /var/tmp
+    echo "$o" | grep -E '^test |test result'
+    [ "$rc" -eq 0 ] && grep -q 'test result: ok. 2 passed' <<<"$o"
+  }
+  check bpf-devices bpf_devices
+fi
 
 # 8. The stand-ins each kernel needed, for the support table.
 python3 - "$out/report-strict.json" "$out/doctor.json" >"$out/stand-ins" <<'EOF' || true

@@ -10,6 +10,7 @@
 #   AITHER_KM_CACHE: where kernels are kept (default /var/cache/aither-kernel-matrix).
 #   AITHER_KM_KERNELS: which suites to boot (default "bullseye bookworm trixie").
 #   AITHER_KM_V1: the suite booted a second time with cgroup v1 (default bookworm; "" = none).
+#   AITHER_KM_DEVICES_TEST: the devices test binary (default: built with cargo, debug).
 # Exits non-zero when a guest fails a check or does not finish. Results: $CACHE/results/.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -79,9 +80,22 @@ if [ -z "$BIN" ]; then
   BIN="$HERE/target/$TRIPLE/release"
 fi
 BIN="$(cd "$BIN" && pwd)"
-for b in aitherctl aither-init aither-probe; do
+for b in aitherctl aitherd aither-init aither-probe; do
   [ -x "$BIN/$b" ] || { say "$BIN/$b missing"; exit 1; }
 done
+# The BPF device program is tested through aither-init with a spec (no GPU, and release builds
+# refuse the simulated backend): runtime/aither-init/tests/devices.rs, a debug test binary
+# (built here if needed; .ci/run has built it already), run in each pure-v2 guest.
+DEVTEST="${AITHER_KM_DEVICES_TEST:-}"
+if [ -z "$DEVTEST" ]; then
+  DEVTEST="$(cd "$HERE" && cargo test --locked -p aither-init --test devices --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "devices":
+        print(m["executable"])' | tail -n1)"
+fi
+[ -x "$DEVTEST" ] || { say "the devices test binary was not built ($DEVTEST)"; exit 1; }
 
 # 4. Boot each kernel. KVM only when it answers (nested KVM has hung on some hosts: TCG is
 # the fallback, ~15-25 s a boot, and what CI gets on most cloud runners).
@@ -116,7 +130,7 @@ boot() { # suite mode
     # which the guest does not see through the shared root, and the host has no modules of
     # these kernels.
     timeout 900 vng --run "$kimg" "${kvm[@]}" --memory 2G --cpus 2 --rwdir "$out" --rodir "$dir" \
-      --exec "$HERE/scripts/kernel-matrix-guest.sh $mode $BIN $out $dir" >"$out/console" 2>&1 </dev/null || rc=$?
+      --exec "$HERE/scripts/kernel-matrix-guest.sh $mode $BIN $out $dir $DEVTEST" >"$out/console" 2>&1 </dev/null || rc=$?
     [ -e "$out/checks" ] && break
     say "$suite/$mode: the guest never ran its checks (boot $try, vng exit $rc): $(tail -n 3 "$out/console" | tr '\n' ' ')"
   done

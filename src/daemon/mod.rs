@@ -146,6 +146,10 @@ impl Daemon {
             &state_dir.join("bus.db"),
             crate::bus::log::Retention::from_env(),
         )?);
+        // Pure v2, started by systemd in the leaf of a cgroup it delegated: the sandboxes go
+        // below that cgroup (src/cgroup/delegate.rs); elsewhere the top-level subtree.
+        let (cgroups, placement) = crate::cgroup::manager_placed()?;
+        tracing::info!(?placement, "cgroup placement of the sandboxes");
         let stats_interval = std::env::var("AITHER_STATS_INTERVAL_MS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -169,7 +173,7 @@ impl Daemon {
             bus,
             init,
             state_dir: state_dir.to_path_buf(),
-            cgroups: crate::cgroup::manager()?,
+            cgroups,
             gpu: gpu::GpuService::load()?,
             key,
             revocations: Mutex::new(revocations),

@@ -247,6 +247,10 @@ fn cgroup_facts(
         mode,
         ..CgroupFacts::default()
     };
+    // Where this process's sandboxes go (src/cgroup/delegate.rs); aitherd logs its own.
+    if let (true, Some(m)) = (real, mode) {
+        f.placement = Some(cgroup::delegate::placement(cg_root, m));
+    }
     let Some(mode) = mode else {
         let why = format!("no cgroup filesystem found at {}", cg_root.display());
         f.writable = Probe::unknown(why.clone());
@@ -259,6 +263,9 @@ fn cgroup_facts(
             f.controllers =
                 words(&cgroup::read_ctl(cg_root, "cgroup.controllers").unwrap_or_default());
             f.subtree = vec![cg_root.join(SUBTREE)];
+            if let Some(cgroup::delegate::Placement::Delegated { base }) = &f.placement {
+                f.subtree = vec![base.join(SUBTREE)];
+            }
         }
         CgroupMode::V1 | CgroupMode::Hybrid => {
             let mut names: Vec<String> = fs::read_dir(cg_root)
@@ -313,7 +320,12 @@ fn cgroup_facts(
     };
 
     f.delegated = match mode {
-        CgroupMode::V2 => v2_delegation(cg_root, &f.controllers),
+        CgroupMode::V2 => match &f.placement {
+            Some(cgroup::delegate::Placement::Delegated { base }) => {
+                v2_delegation(base, &f.controllers)
+            }
+            _ => v2_delegation(cg_root, &f.controllers),
+        },
         _ => Probe::yes("not needed: the limits use v1 hierarchies"),
     };
 

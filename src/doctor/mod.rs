@@ -138,6 +138,9 @@ pub struct CgroupFacts {
     /// "No swap" can be enforced: v1 memory.memsw.*, v2 memory.swap.max (or the host has no
     /// swap, on v1).
     pub swap_control: Probe,
+    /// Where this process's sandboxes go: a cgroup systemd delegated, or the top-level
+    /// subtree and why (src/cgroup/delegate.rs). None for a fake root.
+    pub placement: Option<crate::cgroup::delegate::Placement>,
 }
 
 /// NVIDIA GPUs as the host shows them (no library is loaded).

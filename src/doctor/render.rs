@@ -187,6 +187,19 @@ impl Report {
         row("  writable", probe(&c.writable));
         row("  delegated", probe(&c.delegated));
         row("  no swap", probe(&c.swap_control));
+        if let Some(p) = &c.placement {
+            row(
+                "  placement",
+                match p {
+                    crate::cgroup::delegate::Placement::Delegated { base } => {
+                        format!("delegated: below {} (systemd Delegate=yes)", base.display())
+                    }
+                    crate::cgroup::delegate::Placement::TopLevel { reason } => {
+                        format!("top-level subtree ({reason}); aitherd started by its unit (Delegate=yes, systemd >= 251, pure v2) uses its own cgroup")
+                    }
+                },
+            );
+        }
         row("clone3", probe(&h.clone3));
         row("pidfd_open", probe(&h.pidfd_open));
         row("bpf devices", probe(&h.bpf_cgroup_device));

@@ -3,9 +3,11 @@
 //! stand in for /sys/fs/cgroup (see the shared test table in `tests.rs`).
 //!
 //! Aither only ever creates cgroups below `<root>/aither/` (v2) or `<root>/<controller>/aither/`
-//! (v1); it never touches another cgroup. docs/cgroups.md says what is written where, and why
-//! this is a small cgroupfs layer rather than the cgroups-rs crate.
+//! (v1), or, on pure v2 in a cgroup systemd delegated to it, below `<delegated>/aither/`
+//! (`delegate.rs`); it never touches another cgroup. docs/cgroups.md says what is written
+//! where, and why this is a small cgroupfs layer rather than the cgroups-rs crate.
 
+pub mod delegate;
 pub mod devices;
 pub mod stats;
 mod v1;
@@ -481,12 +483,25 @@ pub fn manager() -> Result<Box<dyn CgroupManager>, CgroupError> {
     manager_at(&root())
 }
 
+/// The manager for the hierarchy at `root`. On pure v2 its subtree is `<base>/aither` where
+/// this process already sits in a delegated cgroup's leaf (`delegate::placement`: aitherd's
+/// shims), else `<root>/aither`.
 pub fn manager_at(root: &Path) -> Result<Box<dyn CgroupManager>, CgroupError> {
     Ok(match detect(root)? {
         CgroupMode::V1 => Box::new(V1::new(root.to_path_buf(), false)),
         CgroupMode::Hybrid => Box::new(V1::new(root.to_path_buf(), true)),
-        CgroupMode::V2 => Box::new(V2::new(root.to_path_buf())),
+        CgroupMode::V2 => match delegate::placement(root, CgroupMode::V2) {
+            delegate::Placement::Delegated { base } => Box::new(V2::new(base)),
+            delegate::Placement::TopLevel { .. } => Box::new(V2::new(root.to_path_buf())),
+        },
     })
+}
+
+/// The manager, and where its sandboxes go (`delegate::placement`), for aitherd to log.
+pub fn manager_placed() -> Result<(Box<dyn CgroupManager>, delegate::Placement), CgroupError> {
+    let root = root();
+    let mode = detect(&root)?;
+    Ok((manager_at(&root)?, delegate::placement(&root, mode)))
 }
 
 /// Removes leftovers of runs whose launcher died without cleaning up (e.g. SIGKILL): cgroups
@@ -527,14 +542,19 @@ pub fn aither_dirs_of(root: &Path, pid: i32) -> Result<Vec<PathBuf>, CgroupError
 }
 
 fn parse_membership(root: &Path, text: &str) -> Vec<PathBuf> {
-    let prefix = format!("/{SUBTREE}/");
     let mut dirs: Vec<PathBuf> = Vec::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        if !path.starts_with(&prefix) || path.split('/').any(|c| c == "..") {
+        // `/aither/<id>`, or `<delegated>/aither/<id>` (delegate.rs): a sandbox's cgroup is
+        // always the child of an `aither` directory.
+        let comps: Vec<&str> = path.split('/').collect();
+        if comps.len() < 3
+            || comps[comps.len() - 2] != SUBTREE
+            || comps.iter().any(|c| *c == ".." || *c == ".")
+        {
             continue;
         }
         let rel = path.trim_start_matches('/');

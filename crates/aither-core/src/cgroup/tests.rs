@@ -160,3 +160,21 @@ fn membership_maps_proc_cgroup_lines_to_aither_directories_only() {
         ]
     );
 }
+
+#[test]
+fn membership_in_a_delegated_subtree_is_found_and_nothing_else_below_it() {
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("system.slice/aitherd.service/aither/a-1");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("cgroup.procs"), "").unwrap();
+    let sup = root.path().join("system.slice/aitherd.service/supervisor");
+    fs::create_dir_all(&sup).unwrap();
+    fs::write(sup.join("cgroup.procs"), "").unwrap();
+    let got = super::parse_membership(root.path(), "0::/system.slice/aitherd.service/aither/a-1\n");
+    assert_eq!(got, vec![d]);
+    // aitherd's own leaf is not a sandbox's cgroup.
+    assert!(
+        super::parse_membership(root.path(), "0::/system.slice/aitherd.service/supervisor\n")
+            .is_empty()
+    );
+}
