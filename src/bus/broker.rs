@@ -692,11 +692,7 @@ impl Bus {
     /// Deletes the durable consumer `name` of the connection's owner (its cursor; a live
     /// subscription under that name goes on from where it is). The receiver hears how many
     /// cursors were deleted (0: none of that name).
-    pub fn forget(
-        &self,
-        outbox: &Outbox,
-        name: &str,
-    ) -> Result<super::Committed, BusError> {
+    pub fn forget(&self, outbox: &Outbox, name: &str) -> Result<super::Committed, BusError> {
         check_consumer(name)?;
         let (tx, rx) = oneshot::channel();
         self.log

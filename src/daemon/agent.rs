@@ -817,11 +817,11 @@ impl Agent {
                     if adopted {
                         // The daemon restarted: the agent's subscriptions are gone.
                         let _ = slots_tx.try_send(Slot::Raw(
-                                serde_json::to_string(&aither_proto::Push::BusReset {
-                                    reason: "aitherd restarted; subscribe again".into(),
-                                })
-                                .unwrap_or_default(),
-                            ));
+                            serde_json::to_string(&aither_proto::Push::BusReset {
+                                reason: "aitherd restarted; subscribe again".into(),
+                            })
+                            .unwrap_or_default(),
+                        ));
                     }
                     writer_task = Some(tokio::spawn(super::bus::channel_writer(
                         w,

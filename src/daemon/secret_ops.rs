@@ -48,7 +48,9 @@ fn not_found(name: &str) -> Reply {
 fn reply_err(e: &SecretError) -> Reply {
     match e {
         SecretError::NotFound(n) => not_found(n),
-        SecretError::BadName(_) | SecretError::BadValue => Reply::err(ErrorCode::Invalid, e.to_string()),
+        SecretError::BadName(_) | SecretError::BadValue => {
+            Reply::err(ErrorCode::Invalid, e.to_string())
+        }
         SecretError::Io { .. } => {
             // The path and cause go to aitherd's log; the caller learns that it failed.
             tracing::error!(error = %e, "secret store");
