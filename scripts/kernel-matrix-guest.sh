@@ -10,6 +10,11 @@
 set -uo pipefail
 mode="$1" bin="$2" out="$3" kdir="${4:-}" devtest="${5:-}"
 exec >"$out/log" 2>&1
+# The checks run as CI's do, without a terminal: the guest's console is a tty, and a run with
+# a terminal on stdin takes it (raw mode, relay) and is stopped by SIGTTOU whenever the script
+# is not the console's foreground job. Terminal handling has its own tests on the host
+# (tests/host_terminal.rs).
+exec </dev/null
 export PATH="$bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export AITHER_STATE_DIR=/var/lib/aither
 export AITHER_AUDIT_LOG=/var/log/aither-audit.jsonl
@@ -17,16 +22,39 @@ mkdir -p /var/lib/aither /var/cache/aither
 uname -r >"$out/kernel"
 : >"$out/checks"
 
+# What every Aither process is doing (state, kernel wait channel, stack, descriptors): written
+# for a check that hangs, before it is killed.
+hang_dump() {
+  local p
+  for p in $(pgrep -f 'aitherctl|aitherd|aither-init|aither-probe'); do
+    echo "--- pid $p ($(cat "/proc/$p/comm" 2>/dev/null)) state $(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) ppid $(awk '{print $4}' "/proc/$p/stat" 2>/dev/null) wchan $(cat "/proc/$p/wchan" 2>/dev/null)"
+    cat "/proc/$p/stack" 2>/dev/null
+    ls -l "/proc/$p/fd" 2>/dev/null
+  done
+}
+
+CHECK_LIMIT="${CHECK_LIMIT:-240}"
 check() { # name, then the command; pass when it exits 0
   local name="$1"
   shift
-  local detail t=$SECONDS
+  local detail t=$SECONDS watchdog
   echo "== $name: $*"
+  # A hung check fails on its own, with what was running, instead of eating the guest's time.
+  (
+    sleep "$CHECK_LIMIT"
+    { echo "hung after ${CHECK_LIMIT}s: $*"; hang_dump; } >"$out/hung-$name" 2>&1
+    pkill -9 -f 'aitherctl|aither-init|aither-probe'
+  ) &
+  watchdog=$!
   if detail="$("$@" 2>&1)"; then
     echo "CHECK $name pass $((SECONDS - t))s ${detail//$'\n'/ | }" >>"$out/checks"
   else
+    [ ! -e "$out/hung-$name" ] || detail="hung (see hung-$name): $detail"
     echo "CHECK $name FAIL $((SECONDS - t))s ${detail//$'\n'/ | }" >>"$out/checks"
   fi
+  pkill -P "$watchdog" sleep 2>/dev/null
+  kill "$watchdog" 2>/dev/null
+  wait "$watchdog" 2>/dev/null
 }
 
 # 1. The cgroup mode under test. virtme-ng mounts cgroup2 at /sys/fs/cgroup (pure v2). For
