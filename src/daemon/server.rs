@@ -638,8 +638,8 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
             format!("{op:?} is not a memory op (mem.*)"),
         );
     }
-    // A read of a name that is no agent and holds no memory is an error naming it, not an
-    // empty answer (memory outlives its agent: a removed agent's memory is still listed).
+    // A read of a name that is no agent, was none (a removed agent's name stays its owner's,
+    // with its memory) and holds no memory is an error naming it, not an empty answer.
     let read = matches!(
         op,
         "mem.get"
@@ -650,7 +650,7 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
             | "mem.graph.neighbors"
             | "mem.graph.neighbours"
     );
-    let known = d.info_of(&agent).is_some();
+    let known = d.info_of(&agent).is_some() || d.name_owner(&agent).is_some();
     let d2 = d.clone();
     let res = tokio::task::spawn_blocking(move || {
         if read && !known {
