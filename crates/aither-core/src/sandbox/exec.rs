@@ -92,6 +92,30 @@ pub struct ExecConfig {
     pub argv: Vec<String>,
     /// Killed (SIGKILL) after this long; `None` waits for ever.
     pub timeout_ms: Option<u64>,
+    /// `KEY=VALUE` pairs on top of the agent's environment (`aitherctl exec --env`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The command's working directory (relative: to the agent's); `None`: the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<std::path::PathBuf>,
+    /// A new pty for the command, relayed to this process's terminal streams (`exec -t`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+}
+
+impl ExecConfig {
+    /// A command with the agent's environment and working directory.
+    pub fn new(spec: SandboxSpec, pid1: i32, argv: Vec<String>, timeout: Option<Duration>) -> Self {
+        ExecConfig {
+            spec,
+            pid1,
+            argv,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            env: Vec::new(),
+            cwd: None,
+            tty: false,
+        }
+    }
 }
 
 /// Runs `argv` inside the running sandbox of `spec` whose pid 1 is host pid `pid1`, confined
@@ -100,12 +124,9 @@ pub struct ExecConfig {
 /// The calling process must be single-threaded (setns into a user namespace and the fork
 /// require it), and it stays in the sandbox's namespaces afterwards: call it from a process
 /// that exits next, as `aither-init exec` does.
-pub fn exec_in(
-    spec: &SandboxSpec,
-    pid1: i32,
-    argv: &[String],
-    timeout: Option<Duration>,
-) -> Result<ExitStatus, ExecError> {
+pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
+    let (spec, pid1, argv) = (&cfg.spec, cfg.pid1, &cfg.argv);
+    let timeout = cfg.timeout_ms.map(Duration::from_millis);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ExecError::NotRoot);
@@ -156,7 +177,7 @@ pub fn exec_in(
                 filter: filter.as_ref(),
                 ctty: None,
             };
-            child(&conf, argv, child_sock)
+            child(&conf, cfg, child_sock)
         }
         Forked::Parent { pidfd, .. } => pidfd,
     };
@@ -181,8 +202,8 @@ fn namespaces(spec: &SandboxSpec) -> libc::c_int {
 }
 
 /// The forked command: confined like the agent, then exec'd. Never returns.
-fn child(conf: &Confinement<'_>, argv: &[String], sock: OwnedFd) -> ! {
-    let code = match prepare_and_exec(conf, argv, sock.as_fd()) {
+fn child(conf: &Confinement<'_>, cfg: &ExecConfig, sock: OwnedFd) -> ! {
+    let code = match prepare_and_exec(conf, cfg, sock.as_fd()) {
         Ok(msg) => {
             let code = match &msg {
                 Msg::NotFound { .. } => 127,
@@ -203,10 +224,10 @@ fn child(conf: &Confinement<'_>, argv: &[String], sock: OwnedFd) -> ! {
 /// Returns only on failure: the message to report (NotFound or NotExecutable) or the stage.
 fn prepare_and_exec(
     conf: &Confinement<'_>,
-    argv: &[String],
+    cfg: &ExecConfig,
     sock: BorrowedFd<'_>,
 ) -> Result<Msg, Failure> {
-    let spec = conf.spec;
+    let (spec, argv) = (conf.spec, &cfg.argv);
     // The namespace's root identity first, as pid 1 had while it set up the agent.
     // SAFETY: plain id switches inside the sandbox's user namespace.
     init::check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
@@ -214,12 +235,23 @@ fn prepare_and_exec(
     init::check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
     // The agent's working directory, entered with the setup identity as pid 1 entered it.
     std::env::set_current_dir(&spec.cwd).at(Stage::Mounts)?;
+    // `-w DIR`: entered now, so that a relative command resolves from it, and entered again
+    // below as the confined agent, so that the command is never in a directory the agent
+    // itself could not enter.
+    let cwd = cfg.cwd.as_ref().map(|c| spec.cwd.join(c));
+    if let Some(c) = &cwd {
+        std::env::set_current_dir(c).at(Stage::WorkingDir)?;
+    }
+    let extra: Vec<(&str, &str)> = cfg.env.iter().filter_map(|kv| kv.split_once('=')).collect();
     let mut stamps = Vec::new();
-    let Some(p) = init::confine(conf, sock, &[], argv, &[], &mut stamps)? else {
+    let Some(p) = init::confine(conf, sock, &[], argv, &extra, &mut stamps)? else {
         return Ok(Msg::NotFound {
             program: argv[0].clone(),
         });
     };
+    if let Some(c) = &cwd {
+        std::env::set_current_dir(c).at(Stage::WorkingDir)?;
+    }
     let mut argv_p: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = p.envp.iter().map(|a| a.as_ptr()).collect();

@@ -1,0 +1,417 @@
+//! `aitherctl exec` (docs/daemon.md "exec"): a command inside a running agent's sandbox,
+//! confined exactly as the agent is, with the caller's streams.
+//!
+//! The stages, in order:
+//! 1. Who: the agent's owner, root or an admin (server.rs `authorize`; anyone else is told
+//!    "no agent named …" and the attempt is audited).
+//! 2. What: a command, `KEY=VALUE` pairs, and three descriptors (stdin, stdout, stderr) sent
+//!    with the request (SCM_RIGHTS): each a pipe, a regular file or /dev/null. A terminal
+//!    only with `tty`, and then the command gets a new pty of its own (`aither-init exec`
+//!    relays it), never the caller's terminal (TIOCSTI, docs/security-model.md). A socket,
+//!    a directory or an O_PATH descriptor is refused: it could lead out of the sandbox's
+//!    network or mount namespace.
+//! 3. Where: the agent must have a sandbox (starting, running, ready or unhealthy), and fewer
+//!    than `MAX_EXECS_PER_AGENT` exec'd commands running.
+//! 4. Run: `aither-init exec --config-fd 3` (crates/aither-core/src/sandbox/exec.rs) joins the
+//!    agent's cgroups (its pids limit counts the command) and namespaces and confines the
+//!    command as the agent (uid, no capabilities, no_new_privs, Landlock, seccomp). aitherd
+//!    is multithreaded and never forks into a sandbox itself.
+//! 5. End: the reply `{"exit_code": N}` (the command's status, 128+N for a signal, 125/126/127
+//!    for Aither's own failures, as `aitherctl run`). A client that closes the connection
+//!    first gets its command killed: aither-init exec is killed, and the command with it (its
+//!    parent-death signal).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Command;
+
+use super::identity::Caller;
+use super::proto::{aio, ErrorCode, Reply, Request};
+use super::supervise::State;
+use super::Shared;
+use crate::audit::{Entry, Verdict};
+use crate::sandbox::{ExecConfig, SandboxSpec};
+
+/// At most this many exec'd commands run in one agent at a time.
+pub const MAX_EXECS_PER_AGENT: usize = 4;
+
+/// Where `aither-init exec` finds its config.
+const CONFIG_FD: RawFd = 3;
+
+/// An exec refused before anything ran.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecRefused {
+    #[error("no command given (aitherctl exec NAME -- CMD [ARG...])")]
+    NoCommand,
+    #[error("--env {0:?}: expected KEY=VALUE, KEY not empty and without '='")]
+    BadEnv(String),
+    #[error("{0}: contains a NUL byte")]
+    Nul(&'static str),
+    #[error("expected 3 descriptors with the request (stdin, stdout, stderr), got {0}")]
+    FdCount(usize),
+    #[error("{stream} is {what}: {fix}")]
+    BadStream {
+        stream: &'static str,
+        what: &'static str,
+        fix: &'static str,
+    },
+    #[error("reading the descriptor passed as {stream}: {source}")]
+    Stat {
+        stream: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "agent {name:?} is {state}: exec needs a running sandbox (`aitherctl restart {name}`)"
+    )]
+    NotRunning { name: String, state: State },
+    #[error("agent {name:?} already runs {max} commands from exec (the most at a time); wait for one to end")]
+    TooMany { name: String, max: usize },
+}
+
+impl ExecRefused {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ExecRefused::NotRunning { .. } => ErrorCode::Conflict,
+            ExecRefused::TooMany { .. } => ErrorCode::Limit,
+            ExecRefused::Stat { .. } => ErrorCode::Io,
+            _ => ErrorCode::Invalid,
+        }
+    }
+}
+
+/// Errors of running `aither-init exec` (after the exec was allowed).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecFailed {
+    #[error("creating the config pipe: {0}")]
+    Pipe(#[source] io::Error),
+    #[error("starting the launcher {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("waiting for the command: {0}")]
+    Wait(#[source] io::Error),
+    #[error("the client went away; the command was killed")]
+    Disconnected,
+}
+
+/// The exec'd commands running per agent.
+#[derive(Default)]
+pub struct Slots(Mutex<HashMap<String, usize>>);
+
+impl Slots {
+    /// A slot for one more command in `name`, freed when the guard drops.
+    fn take(self: &Arc<Self>, name: &str) -> Result<SlotGuard, ExecRefused> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(name.to_string()).or_default();
+        if *n >= MAX_EXECS_PER_AGENT {
+            return Err(ExecRefused::TooMany {
+                name: name.to_string(),
+                max: MAX_EXECS_PER_AGENT,
+            });
+        }
+        *n += 1;
+        Ok(SlotGuard {
+            slots: self.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+struct SlotGuard {
+    slots: Arc<Slots>,
+    name: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// What the request asks for, checked.
+struct Wanted {
+    name: String,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: Option<PathBuf>,
+    tty: bool,
+    stdio: [OwnedFd; 3],
+}
+
+/// Serves one `exec` request; the connection ends with its reply.
+pub async fn serve(
+    d: &Shared,
+    caller: &Caller,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+) {
+    let Request::Exec {
+        name,
+        argv,
+        env,
+        cwd,
+        tty,
+    } = req
+    else {
+        return;
+    };
+    let owner = match super::server::authorize(d, caller, "exec", &name) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            let _ = aio::write_reply(w, &super::server::not_found(&name)).await;
+            return;
+        }
+        Err(reply) => {
+            let _ = aio::write_reply(w, &reply).await;
+            return;
+        }
+    };
+    let audit = |verdict: Verdict, rule: String, extra: serde_json::Value| {
+        let mut data = json!({
+            "argv": argv,
+            // Values can be secrets: only the keys are recorded.
+            "env": env.iter().map(|kv| kv.split('=').next().unwrap_or("")).collect::<Vec<_>>(),
+            "cwd": cwd,
+            "tty": tty,
+        });
+        if let (Some(o), Some(x)) = (data.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+        d.audit.record(
+            Entry::new("exec", verdict, rule)
+                .agent(&name)
+                .actor(caller.actor())
+                .caller(caller.uid)
+                .owner(owner)
+                .data(data),
+        );
+    };
+    let checked = check(&argv, &env, cwd.as_deref(), tty, fds).and_then(|stdio| {
+        let (spec, pid1) = sandbox_of(d, &name)?;
+        let slot = d.execs.take(&name)?;
+        Ok((stdio, spec, pid1, slot))
+    });
+    let (stdio, spec, pid1, _slot) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            audit(Verdict::Deny, format!("{}: {e}", e.code()), json!({}));
+            let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
+            return;
+        }
+    };
+    audit(
+        Verdict::Allow,
+        "owner: the agent's owner, root or aither-admin".into(),
+        json!({"pid1": pid1}),
+    );
+    let want = Wanted {
+        name: name.clone(),
+        argv,
+        env,
+        cwd,
+        tty,
+        stdio,
+    };
+    let reply = match run(&d.init, (*spec).clone(), pid1, want, r).await {
+        Ok(code) => {
+            d.emit(
+                Some(&name),
+                "exec_exited",
+                json!({"exit_code": code, "caller": caller.uid}),
+            );
+            Reply::ok(json!({"exit_code": code}))
+        }
+        Err(ExecFailed::Disconnected) => {
+            tracing::info!(agent = %name, "exec: the client went away; command killed");
+            return;
+        }
+        Err(e) => Reply::err(ErrorCode::LaunchFailed, e.to_string()),
+    };
+    let _ = aio::write_reply(w, &reply).await;
+}
+
+/// The request's fields and descriptors, checked (stage 2).
+fn check(
+    argv: &[String],
+    env: &[String],
+    cwd: Option<&Path>,
+    tty: bool,
+    fds: Vec<OwnedFd>,
+) -> Result<[OwnedFd; 3], ExecRefused> {
+    if argv.is_empty() {
+        return Err(ExecRefused::NoCommand);
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(ExecRefused::Nul("the command"));
+    }
+    for kv in env {
+        match kv.split_once('=') {
+            Some((k, _)) if !k.is_empty() && !kv.contains('\0') => {}
+            _ => return Err(ExecRefused::BadEnv(kv.clone())),
+        }
+    }
+    if cwd.is_some_and(|c| c.as_os_str().as_encoded_bytes().contains(&0)) {
+        return Err(ExecRefused::Nul("the working directory"));
+    }
+    let stdio: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|v: Vec<OwnedFd>| ExecRefused::FdCount(v.len()))?;
+    for (fd, stream) in stdio.iter().zip(["stdin", "stdout", "stderr"]) {
+        check_stream(fd.as_fd(), stream, tty)?;
+    }
+    Ok(stdio)
+}
+
+/// One passed descriptor: what the command may get as it is.
+fn check_stream(fd: BorrowedFd<'_>, stream: &'static str, tty: bool) -> Result<(), ExecRefused> {
+    let e = |source: rustix::io::Errno| ExecRefused::Stat {
+        stream,
+        source: source.into(),
+    };
+    let bad = |what, fix| ExecRefused::BadStream { stream, what, fix };
+    let plain = "pass a pipe, a regular file or /dev/null";
+    if rustix::fs::fcntl_getfl(fd)
+        .map_err(e)?
+        .contains(rustix::fs::OFlags::PATH)
+    {
+        return Err(bad("an O_PATH descriptor", plain));
+    }
+    let st = rustix::fs::fstat(fd).map_err(e)?;
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::Fifo | rustix::fs::FileType::RegularFile => Ok(()),
+        rustix::fs::FileType::CharacterDevice => {
+            let rdev = st.st_rdev;
+            if (rustix::fs::major(rdev), rustix::fs::minor(rdev)) == (1, 3) {
+                return Ok(());
+            }
+            // SAFETY: isatty only queries the descriptor.
+            let is_tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
+            match (is_tty, tty) {
+                (true, true) => Ok(()),
+                (true, false) => Err(bad(
+                    "a terminal",
+                    "with -t the command gets a pty of its own; without, aitherctl relays it",
+                )),
+                (false, _) => Err(bad("a character device other than /dev/null", plain)),
+            }
+        }
+        rustix::fs::FileType::Socket => Err(bad(
+            "a socket (one of the host's could reach networks the sandbox cannot)",
+            plain,
+        )),
+        _ => Err(bad("a directory or device", plain)),
+    }
+}
+
+/// The agent's spec and its sandbox's pid 1 (stage 3).
+fn sandbox_of(d: &Shared, name: &str) -> Result<(Arc<SandboxSpec>, i32), ExecRefused> {
+    let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+    let h = agents.get(name).ok_or_else(|| ExecRefused::NotRunning {
+        name: name.to_string(),
+        state: State::Stopped,
+    })?;
+    let info = h.info.lock().unwrap_or_else(|e| e.into_inner());
+    match info.pid1 {
+        Some(pid1) if info.state.is_live() => Ok((h.spec.clone(), pid1)),
+        _ => Err(ExecRefused::NotRunning {
+            name: name.to_string(),
+            state: info.state,
+        }),
+    }
+}
+
+/// Runs the command through `aither-init exec` and waits for it, or for the client to go
+/// (stage 4 and 5). Returns the exit code to report.
+async fn run(
+    init: &Path,
+    spec: SandboxSpec,
+    pid1: i32,
+    want: Wanted,
+    r: &mut OwnedReadHalf,
+) -> Result<i32, ExecFailed> {
+    let mut cfg = ExecConfig::new(spec, pid1, want.argv, None);
+    cfg.env = want.env;
+    cfg.cwd = want.cwd;
+    cfg.tty = want.tty;
+    let (config_r, config_w) = crate::sys::pipe().map_err(ExecFailed::Pipe)?;
+    let [stdin, stdout, stderr] = want.stdio;
+    let mut cmd = Command::new(init);
+    cmd.arg("exec")
+        .arg("--config-fd")
+        .arg(CONFIG_FD.to_string())
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .env_clear()
+        .kill_on_drop(true);
+    let src = config_r.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) on a
+    // descriptor that stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Moved up first: dup2 onto its own number would keep close-on-exec.
+            let high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
+            if high < 0 || libc::dup2(high, CONFIG_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ExecFailed::Spawn {
+        path: init.to_path_buf(),
+        source,
+    })?;
+    // Our copies of the passed descriptors close now: the client sees EOF on its pipes
+    // when the command's copies close.
+    drop(cmd);
+    drop(config_r);
+    let body = serde_json::to_vec(&cfg).expect("config serialises");
+    // A write error means the launcher died: its exit status says why.
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let _ = std::fs::File::from(config_w).write_all(&body);
+    });
+    tracing::info!(agent = %want.name, pid1, "exec started");
+    let mut buf = [0u8; 256];
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st.map_err(ExecFailed::Wait)?,
+            n = r.read(&mut buf) => match n {
+                // Anything the client sends is ignored; its end of the connection is all that
+                // counts.
+                Ok(n) if n > 0 => continue,
+                _ => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    let _ = writer.await;
+                    return Err(ExecFailed::Disconnected);
+                }
+            },
+        }
+    };
+    let _ = writer.await;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(125))
+}
