@@ -707,3 +707,100 @@ fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
     assert_eq!(code, 0, "{out:?}");
     assert!(same_termios(&pty.termios(), &before), "{out:?}");
 }
+
+/// `aitherctl exec -t` (docs/daemon.md "exec"): the command gets a new pty of its own, with the
+/// caller's window size, never the caller's terminal; what it does to its pty (exclusive mode,
+/// N_NULL, raw mode, a tiny window, TIOCSTI) leaves the caller's terminal as it was. During
+/// the command the caller's terminal is raw, and ^C reaches the command as SIGINT.
+#[test]
+fn exec_t_gives_the_command_a_pty_of_its_own_and_restores_the_callers() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("exec-t");
+    d.ok(&[
+        "spawn",
+        "--policy",
+        "strict",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 300",
+    ]);
+    assert!(
+        poll_until(RUN_DEADLINE, || d.ok(&["logs", &name]).contains("up")),
+        "{} did not start",
+        name
+    );
+    let pty = Pty::open();
+    let before = pty.termios();
+    let caller_tty =
+        std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    let caller_tty = caller_tty.to_string_lossy().into_owned();
+    assert!(caller_tty.starts_with("/dev/pts/"), "{caller_tty}");
+
+    // A terminal, but not the caller's.
+    let (code, out) = pty.run(
+        d.cmd(&[
+            "exec",
+            "-it",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo is-a-tty; echo \"tty=$(readlink /proc/self/fd/0)\"",
+        ]),
+        b"",
+    );
+    assert_eq!(code, 0, "{out:?}");
+    assert!(out.contains("is-a-tty"), "{out:?}");
+    let theirs = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tty="))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(
+        !theirs.is_empty() && theirs != caller_tty,
+        "{theirs} vs {caller_tty}"
+    );
+    assert!(same_termios(&pty.termios(), &before), "restored");
+
+    // Its own pty takes every terminal ioctl; TIOCSTI is refused; the caller's is untouched.
+    let (code, out) = pty.run(
+        d.cmd(&["exec", "-it", &name, "--", "./aither-probe", "tty-attack"]),
+        b"",
+    );
+    let got = std::fs::read_to_string(d.ws.path().join("tty-attack.out")).unwrap_or_default();
+    assert_eq!(code, 0, "{out:?} {got:?}");
+    assert_eq!(
+        got, "size=33x101 excl=ok tcsets=ok winsz=ok sti=EPERM setd=ok",
+        "{out:?}"
+    );
+    assert_eq!(pty.line_discipline(), 0, "the caller's line discipline");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the caller's settings"
+    );
+    assert_eq!(pty.winsize(), (33, 101), "the caller's window size");
+    assert_eq!(excl(&pty), 0, "the caller's terminal is not exclusive");
+
+    // Raw while it runs; ^C is the command's SIGINT; the settings come back.
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+    ]));
+    r.wait_for("started");
+    assert_eq!(
+        pty.termios().c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw"
+    );
+    r.type_in(b"\x03");
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGINT, "^C ends the command: {out:?}");
+    assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+    d.ok(&["rm", "-f", &name]);
+}

@@ -1,6 +1,6 @@
 //! `aither-init exec`: runs a command inside a running sandbox (like `runc exec` or
-//! `nsenter`), for health checks. The command joins the agent's cgroups and namespaces and is
-//! confined exactly as the agent is, by the same code (`init::confine`).
+//! `nsenter`), for health checks and `aitherctl exec`. The command joins the agent's cgroups
+//! and namespaces and is confined exactly as the agent is, by the same code (`init::confine`).
 //!
 //! Order, and why:
 //! 1. Preflight on the host: the Landlock plan and the seccomp filter (its cache is a host
@@ -8,14 +8,17 @@
 //! 2. pidfd_open(pid 1): from here the sandbox cannot be swapped for another process.
 //! 3. The agent's cgroups, before the namespaces (the cgroup namespace hides the host's
 //!    hierarchy), so that the command counts against the agent's limits from its birth.
+//!    With `tty` (`exec -t`), a new pty owned by the agent's host uid is made here, on the host,
+//!    and relayed to this process's terminal streams (stdio.rs): the command never gets them.
 //! 4. setgroups(0), then one setns(pidfd, every namespace): atomic, so there is never a
 //!    half-joined state.
 //! 5. fork (a pid namespace applies to children only). The child becomes the namespace's root,
-//!    goes to the working directory, is confined (`init::confine`) and execs; the parent waits,
-//!    killing it at the timeout.
+//!    goes to the working directory, is confined (`init::confine`), enters `-w DIR` again as
+//!    the confined agent (never a directory the agent could not enter) and execs; the parent
+//!    waits (relaying the pty), killing it at the timeout.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,7 @@ use super::init::{self, At, Confinement, Failure};
 use super::landlock::{self, LandlockError};
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
+use super::stdio::Relay;
 use crate::cgroup::{self, CgroupError};
 use crate::sys::{self, ExitStatus, Forked};
 
@@ -67,6 +71,10 @@ pub enum ExecError {
     NotExecutable { program: String, errno: i32 },
     #[error("the command did not finish within {0:?} and was killed")]
     TimedOut(Duration),
+    #[error("reading the agent's host uid from /proc/{pid}/uid_map: {detail}")]
+    AgentUid { pid: i32, detail: String },
+    #[error("giving the command a terminal of its own: {0}")]
+    Stdio(#[source] io::Error),
 }
 
 impl ExecError {
@@ -155,6 +163,14 @@ pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
     // 3. The cgroups before the namespaces: the cgroup namespace would hide the hierarchy.
     cgroup::join(&dirs)?;
 
+    // 3b. `-t`: a new pty (and pipes) for the command, relayed to our streams, never handed
+    // over (stdio.rs, as for `aitherctl run`): made on the host, owned by the agent's host uid.
+    let mut relay = if cfg.tty {
+        Relay::new(agent_host_uid(pid1, spec.uid)?).map_err(ExecError::Stdio)?
+    } else {
+        None
+    };
+
     // 4. Our supplementary groups would survive into the sandbox (its `setgroups deny` forbids
     // dropping them inside), so they go first.
     nix::unistd::setgroups(&[]).map_err(|e| ExecError::Setns(e.into()))?;
@@ -175,14 +191,46 @@ pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
                 spec,
                 landlock: &plan,
                 filter: filter.as_ref(),
-                ctty: None,
+                ctty: relay.as_ref().and_then(Relay::ctty),
             };
-            child(&conf, cfg, child_sock)
+            let stdio = relay.as_mut().and_then(Relay::take_agent);
+            child(&conf, cfg, stdio, child_sock)
         }
         Forked::Parent { pidfd, .. } => pidfd,
     };
     drop(child_sock);
-    wait(child.as_fd(), parent_sock.as_fd(), timeout)
+    // The command's ends of the relay close here; our terminal goes raw now that the pty has
+    // its settings (restored when `relay` drops, on every return path).
+    if let Some(r) = relay.as_mut() {
+        if let Err(e) = r.started() {
+            let _ = sys::pidfd_send_signal(child.as_fd(), libc::SIGKILL);
+            let _ = sys::wait_pidfd(child.as_fd());
+            return Err(ExecError::Stdio(e));
+        }
+    }
+    wait(child.as_fd(), parent_sock.as_fd(), timeout, relay.as_mut())
+}
+
+/// The host uid that `inside` maps to in pid 1's user namespace (its uid_map).
+fn agent_host_uid(pid1: i32, inside: u32) -> Result<u32, ExecError> {
+    let err = |detail: String| ExecError::AgentUid { pid: pid1, detail };
+    let map =
+        std::fs::read_to_string(format!("/proc/{pid1}/uid_map")).map_err(|e| err(e.to_string()))?;
+    map.lines()
+        .filter_map(|l| {
+            let v: Vec<u32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            match v[..] {
+                [start, host, len] if (start..start.saturating_add(len)).contains(&inside) => {
+                    Some(host + (inside - start))
+                }
+                _ => None,
+            }
+        })
+        .next()
+        .ok_or_else(|| err(format!("uid {inside} is not mapped")))
 }
 
 /// The namespaces the launcher created for `spec` (the cgroup one by pid 1 itself).
@@ -202,8 +250,13 @@ fn namespaces(spec: &SandboxSpec) -> libc::c_int {
 }
 
 /// The forked command: confined like the agent, then exec'd. Never returns.
-fn child(conf: &Confinement<'_>, cfg: &ExecConfig, sock: OwnedFd) -> ! {
-    let code = match prepare_and_exec(conf, cfg, sock.as_fd()) {
+fn child(
+    conf: &Confinement<'_>,
+    cfg: &ExecConfig,
+    stdio: Option<[OwnedFd; 3]>,
+    sock: OwnedFd,
+) -> ! {
+    let code = match prepare_and_exec(conf, cfg, stdio, sock.as_fd()) {
         Ok(msg) => {
             let code = match &msg {
                 Msg::NotFound { .. } => 127,
@@ -225,9 +278,18 @@ fn child(conf: &Confinement<'_>, cfg: &ExecConfig, sock: OwnedFd) -> ! {
 fn prepare_and_exec(
     conf: &Confinement<'_>,
     cfg: &ExecConfig,
+    stdio: Option<[OwnedFd; 3]>,
     sock: BorrowedFd<'_>,
 ) -> Result<Msg, Failure> {
     let (spec, argv) = (conf.spec, &cfg.argv);
+    // `-t`: the relay's ends replace our 0–2 (the caller's streams, never the command's).
+    if let Some(stdio) = stdio {
+        for (target, fd) in stdio.into_iter().enumerate() {
+            let _ = sys::place_fd(fd, target as i32)
+                .at(Stage::CloseFds)?
+                .into_raw_fd();
+        }
+    }
     // The namespace's root identity first, as pid 1 had while it set up the agent.
     // SAFETY: plain id switches inside the sandbox's user namespace.
     init::check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
@@ -272,6 +334,7 @@ fn wait(
     child: BorrowedFd<'_>,
     sock: BorrowedFd<'_>,
     timeout: Option<Duration>,
+    mut relay: Option<&mut Relay>,
 ) -> Result<ExitStatus, ExecError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut failure: Option<ExecError> = None;
@@ -282,7 +345,7 @@ fn wait(
                 .as_millis()
                 .min(i32::MAX as u128) as i32
         });
-        let mut fds = [
+        let mut fds = vec![
             libc::pollfd {
                 fd: child.as_raw_fd(),
                 events: libc::POLLIN,
@@ -294,10 +357,15 @@ fn wait(
                 revents: 0,
             },
         ];
-        // SAFETY: two valid pollfd entries (a negative fd is skipped).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // The relay's entries after the two fixed ones.
+        fds.extend(relay.as_ref().map(|r| r.pollfds()).unwrap_or_default());
+        // SAFETY: valid pollfd entries (a negative fd is skipped).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 {
             continue;
+        }
+        if let Some(r) = relay.as_deref_mut() {
+            r.step(&fds[2..]);
         }
         if fds[1].revents != 0 {
             match channel::recv(sock) {
@@ -307,6 +375,10 @@ fn wait(
         }
         if fds[0].revents != 0 {
             let st = sys::wait_pidfd(child).map_err(ExecError::Fork)?;
+            // What the command wrote and the caller has not got yet.
+            if let Some(r) = relay.as_deref_mut() {
+                r.drain();
+            }
             if failure.is_none() && sock_open {
                 if let Ok(Some(m)) = channel::recv(sock) {
                     failure = Some(to_error(m));
