@@ -802,5 +802,32 @@ fn exec_t_gives_the_command_a_pty_of_its_own_and_restores_the_callers() {
     let (code, out) = r.finish();
     assert_eq!(code, 128 + libc::SIGINT, "^C ends the command: {out:?}");
     assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+
+    // The window size follows the caller's.
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "trap 'stty size; exit 0' WINCH; stty size; i=0; \
+         while [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch",
+    ]));
+    r.wait_for("33 101");
+    let ws2 = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    cvt(
+        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
+        "TIOCSWINSZ",
+    );
+    r.wait_for("40 120");
+    let (code, out) = r.finish();
+    assert_eq!(code, 0, "{out:?}");
     d.ok(&["rm", "-f", &name]);
 }

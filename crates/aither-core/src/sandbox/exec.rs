@@ -328,6 +328,9 @@ fn prepare_and_exec(
     })
 }
 
+/// How often an `exec -t` command's pty takes the caller's window size.
+const WINSIZE_POLL: Duration = Duration::from_millis(200);
+
 /// Waits for the command; SIGKILL at the timeout. A setup failure reported on `sock` wins
 /// over the exit status it caused.
 fn wait(
@@ -340,11 +343,19 @@ fn wait(
     let mut failure: Option<ExecError> = None;
     let mut sock_open = true;
     loop {
-        let ms = deadline.map_or(-1, |d| {
+        let mut ms = deadline.map_or(-1, |d| {
             d.saturating_duration_since(Instant::now())
                 .as_millis()
                 .min(i32::MAX as u128) as i32
         });
+        if let Some(r) = relay.as_deref() {
+            // The caller's SIGWINCH goes to aitherctl, not to us: the pty takes the caller's
+            // size every WINSIZE_POLL instead (the kernel signals the command only on a
+            // change).
+            r.winch();
+            let poll = WINSIZE_POLL.as_millis() as i32;
+            ms = if ms < 0 { poll } else { ms.min(poll) };
+        }
         let mut fds = vec![
             libc::pollfd {
                 fd: child.as_raw_fd(),
