@@ -829,5 +829,28 @@ fn exec_t_gives_the_command_a_pty_of_its_own_and_restores_the_callers() {
     r.wait_for("40 120");
     let (code, out) = r.finish();
     assert_eq!(code, 0, "{out:?}");
+
+    // A background `exec -it` is refused: aitherd's launcher, outside the shell's job
+    // control, would read keys typed for the shell.
+    let mut shell = Command::new("bash");
+    shell
+        .args(["--norc", "--noprofile", "--noediting", "-i"])
+        .env("PS1", "$ ")
+        .env("TERM", "dumb");
+    d.env(&mut shell);
+    let r = pty.spawn(shell);
+    r.type_in(
+        format!("{AITHERCTL} exec -it {name} -- true & wait $!; echo \"BG-$((2*3)):$?.\"\n")
+            .as_bytes(),
+    );
+    r.wait_for("BG-6:");
+    r.type_in(b"exit\n");
+    let (_, out) = r.finish();
+    assert!(out.contains("BG-6:125."), "{out:?}");
+    assert!(out.contains("in the foreground"), "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the shell's settings"
+    );
     d.ok(&["rm", "-f", &name]);
 }

@@ -132,7 +132,16 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         cwd: a.workdir,
         tty: a.tty,
     };
-    // Our terminal's settings, restored whatever happens to the launcher that sets it raw.
+    // With -t our terminal is read by aitherd's launcher, outside our shell's job control:
+    // only in the foreground, or it would take keys typed for the shell.
+    if a.tty && a.interactive && !foreground() {
+        anyhow::bail!(
+            "exec -it runs in the foreground of its terminal only (a background job would read \
+             keys meant for your shell); drop -t, or run it in the foreground"
+        );
+    }
+    // Our terminal's settings, restored whatever happens to the launcher that sets it raw
+    // (also when we are ended by SIGTERM, SIGHUP, SIGINT or SIGQUIT).
     let _restore = a.tty.then(Termios::save).flatten();
     let mut client = Client::connect(&daemon::socket_path())?;
     let fds: Vec<BorrowedFd<'_>> = streams.iter().map(Stream::fd).collect();
@@ -241,6 +250,26 @@ fn copy(mut from: File, mut to: File) {
     }
 }
 
+/// Whether we are in the foreground process group of the terminal on stdin.
+fn foreground() -> bool {
+    // SAFETY: tcgetpgrp and getpgrp only query.
+    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// The settings the signal handler puts back (set once, before the handler is installed).
+static SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+
+/// SIGTERM and friends: our terminal's settings back, then the conventional status. The
+/// connection closes with us, so aitherd kills the command.
+extern "C" fn restore_and_exit(sig: libc::c_int) {
+    if let Some(t) = SAVED.get() {
+        // SAFETY: tcsetattr is async-signal-safe; `t` was written before the handler existed.
+        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, t) };
+    }
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + sig) };
+}
+
 /// Our stdin terminal's settings, put back on drop.
 struct Termios {
     saved: libc::termios,
@@ -251,7 +280,15 @@ impl Termios {
         // SAFETY: zeroed termios is a valid out-parameter; tcgetattr of fd 0.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        (unsafe { libc::tcgetattr(0, &mut t) } == 0).then_some(Termios { saved: t })
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return None;
+        }
+        let _ = SAVED.set(t);
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+            // SAFETY: a handler that only calls async-signal-safe functions.
+            unsafe { libc::signal(sig, restore_and_exit as *const () as libc::sighandler_t) };
+        }
+        Some(Termios { saved: t })
     }
 }
 
