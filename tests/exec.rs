@@ -214,6 +214,16 @@ fn exec_into_a_missing_or_stopped_agent_is_aithers_error() {
         err.contains("stopped") && err.contains("running sandbox"),
         "{err}"
     );
+
+    // Removed: its name is kept (with its memory), the agent is gone.
+    d.ok(&["rm", &name]);
+    let o = exec(&d, &[&name, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", describe(&o));
+    assert!(
+        text(&o.stderr).contains("no agent named"),
+        "{}",
+        describe(&o)
+    );
 }
 
 /// Starts `aitherctl exec NAME -- sleep SECS` and waits for the sleep to run on the host.
@@ -319,6 +329,45 @@ fn aitherd_refuses_a_socket_or_a_terminal_as_a_commands_stream() {
     let e = r.error.expect("refused");
     assert!(e.message.contains("stdin is a directory"), "{}", e.message);
 
+    // A terminal without -t (here a new pty's slave): never the command's.
+    // SAFETY: posix_openpt takes no pointers; the result is a new descriptor we own.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(m >= 0);
+    // SAFETY: m is new and ours.
+    let master = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(m) };
+    // SAFETY: unlockpt on our master; TIOCGPTPEER returns a new descriptor we own.
+    let slave = unsafe {
+        libc::unlockpt(m);
+        libc::ioctl(
+            m,
+            libc::TIOCGPTPEER as _,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    assert!(slave >= 0);
+    // SAFETY: slave is new and ours.
+    let slave = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    let mut c = Client::connect(&d.socket()).unwrap();
+    let r = c
+        .call_with_fds(&req, &[null.as_fd(), slave.as_fd(), null.as_fd()])
+        .unwrap();
+    let e = r.error.expect("refused");
+    assert!(e.message.contains("stdout is a terminal"), "{}", e.message);
+    drop((slave, master));
+
+    // A file of /proc is a handle on a process, not data.
+    let status = std::fs::File::open("/proc/self/status").unwrap();
+    let mut c = Client::connect(&d.socket()).unwrap();
+    let r = c
+        .call_with_fds(&req, &[status.as_fd(), null.as_fd(), null.as_fd()])
+        .unwrap();
+    let e = r.error.expect("refused");
+    assert!(
+        e.message.contains("stdin is a file of procfs"),
+        "{}",
+        e.message
+    );
+
     // Too few descriptors.
     let mut c = Client::connect(&d.socket()).unwrap();
     let r = c.call_with_fds(&req, &[null.as_fd()]).unwrap();
@@ -346,4 +395,25 @@ fn aitherd_refuses_a_socket_or_a_terminal_as_a_commands_stream() {
     let mut got = String::new();
     let _ = std::io::Read::read_to_string(&mut &peer, &mut got);
     assert!(got.starts_with("via-relay\npipe:["), "{got:?}");
+
+    // ... and a /proc file on stdin.
+    let o = d
+        .cmd(&[
+            "exec",
+            "-i",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "head -c 6; readlink /proc/self/fd/0",
+        ])
+        .stdin(std::fs::File::open("/proc/self/status").unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(
+        text(&o.stdout).starts_with("Name:\tpipe:["),
+        "{}",
+        describe(&o)
+    );
 }

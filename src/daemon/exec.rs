@@ -63,12 +63,19 @@ pub enum ExecRefused {
         what: &'static str,
         fix: &'static str,
     },
+    #[error("{stream} is a file of {fs} (a handle on processes or kernel state, not data): pass a pipe, a regular file or /dev/null")]
+    PseudoFile {
+        stream: &'static str,
+        fs: &'static str,
+    },
     #[error("reading the descriptor passed as {stream}: {source}")]
     Stat {
         stream: &'static str,
         #[source]
         source: io::Error,
     },
+    #[error("no agent named {0:?} (`aitherctl ps` lists them)")]
+    NoAgent(String),
     #[error(
         "agent {name:?} is {state}: exec needs a running sandbox (`aitherctl restart {name}`)"
     )]
@@ -80,6 +87,7 @@ pub enum ExecRefused {
 impl ExecRefused {
     fn code(&self) -> ErrorCode {
         match self {
+            ExecRefused::NoAgent(_) => ErrorCode::NotFound,
             ExecRefused::NotRunning { .. } => ErrorCode::Conflict,
             ExecRefused::TooMany { .. } => ErrorCode::Limit,
             ExecRefused::Stat { .. } => ErrorCode::Io,
@@ -205,7 +213,12 @@ pub async fn serve(
                 .data(data),
         );
     };
-    let checked = check(&argv, &env, cwd.as_deref(), tty, fds).and_then(|stdio| {
+    let terminals = if tty {
+        Terminals::Relayed
+    } else {
+        Terminals::Refused
+    };
+    let checked = check(&argv, &env, cwd.as_deref(), terminals, fds).and_then(|stdio| {
         let (spec, pid1) = sandbox_of(d, &name)?;
         let slot = d.execs.take(&name)?;
         Ok((stdio, spec, pid1, slot))
@@ -254,7 +267,7 @@ fn check(
     argv: &[String],
     env: &[String],
     cwd: Option<&Path>,
-    tty: bool,
+    terminals: Terminals,
     fds: Vec<OwnedFd>,
 ) -> Result<[OwnedFd; 3], ExecRefused> {
     if argv.is_empty() {
@@ -276,13 +289,44 @@ fn check(
         .try_into()
         .map_err(|v: Vec<OwnedFd>| ExecRefused::FdCount(v.len()))?;
     for (fd, stream) in stdio.iter().zip(["stdin", "stdout", "stderr"]) {
-        check_stream(fd.as_fd(), stream, tty)?;
+        check_stream(fd.as_fd(), stream, terminals)?;
     }
     Ok(stdio)
 }
 
-/// One passed descriptor: what the command may get as it is.
-fn check_stream(fd: BorrowedFd<'_>, stream: &'static str, tty: bool) -> Result<(), ExecRefused> {
+/// Whether a terminal may be one of the command's streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Terminals {
+    /// Without `-t`: never (aitherctl relays its terminal through a pipe).
+    Refused,
+    /// With `-t`: `aither-init exec` gives the command a new pty and relays it to the
+    /// terminal, which the command never gets.
+    Relayed,
+}
+
+/// Files of the kernel's pseudo-filesystems are handles on processes, namespaces and kernel
+/// state, not data: never a command's stream, even as regular files.
+const PSEUDO_FS: &[(i64, &str)] = &[
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x0027_e0eb, "cgroupfs"),
+    (0x6367_7270, "cgroup2"),
+    (0x6e73_6673, "nsfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0xcafe_4a11, "bpffs"),
+    (0x5049_5045, "pidfs"),
+];
+
+/// One of the command's streams (`stream`: "stdin", "stdout" or "stderr"): Ok when it may be
+/// passed as it is (a pipe, a regular file of a real filesystem, /dev/null, or with
+/// `Terminals::Relayed` a terminal). aitherctl relays anything else through a pipe.
+pub fn check_stream(
+    fd: BorrowedFd<'_>,
+    stream: &'static str,
+    terminals: Terminals,
+) -> Result<(), ExecRefused> {
     let e = |source: rustix::io::Errno| ExecRefused::Stat {
         stream,
         source: source.into(),
@@ -297,7 +341,14 @@ fn check_stream(fd: BorrowedFd<'_>, stream: &'static str, tty: bool) -> Result<(
     }
     let st = rustix::fs::fstat(fd).map_err(e)?;
     match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-        rustix::fs::FileType::Fifo | rustix::fs::FileType::RegularFile => Ok(()),
+        rustix::fs::FileType::Fifo => Ok(()),
+        rustix::fs::FileType::RegularFile => {
+            let fs = rustix::fs::fstatfs(fd).map_err(e)?.f_type as i64;
+            match PSEUDO_FS.iter().find(|(magic, _)| *magic == fs) {
+                Some((_, name)) => Err(ExecRefused::PseudoFile { stream, fs: name }),
+                None => Ok(()),
+            }
+        }
         rustix::fs::FileType::CharacterDevice => {
             let rdev = st.st_rdev;
             if (rustix::fs::major(rdev), rustix::fs::minor(rdev)) == (1, 3) {
@@ -305,9 +356,9 @@ fn check_stream(fd: BorrowedFd<'_>, stream: &'static str, tty: bool) -> Result<(
             }
             // SAFETY: isatty only queries the descriptor.
             let is_tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
-            match (is_tty, tty) {
-                (true, true) => Ok(()),
-                (true, false) => Err(bad(
+            match (is_tty, terminals) {
+                (true, Terminals::Relayed) => Ok(()),
+                (true, Terminals::Refused) => Err(bad(
                     "a terminal",
                     "with -t the command gets a pty of its own; without, aitherctl relays it",
                 )),
@@ -325,10 +376,10 @@ fn check_stream(fd: BorrowedFd<'_>, stream: &'static str, tty: bool) -> Result<(
 /// The agent's spec and its sandbox's pid 1 (stage 3).
 fn sandbox_of(d: &Shared, name: &str) -> Result<(Arc<SandboxSpec>, i32), ExecRefused> {
     let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
-    let h = agents.get(name).ok_or_else(|| ExecRefused::NotRunning {
-        name: name.to_string(),
-        state: State::Stopped,
-    })?;
+    // A removed agent whose name (and memory) is kept.
+    let h = agents
+        .get(name)
+        .ok_or_else(|| ExecRefused::NoAgent(name.to_string()))?;
     let info = h.info.lock().unwrap_or_else(|e| e.into_inner());
     match info.pid1 {
         Some(pid1) if info.state.is_live() => Ok((h.spec.clone(), pid1)),

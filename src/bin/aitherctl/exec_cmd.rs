@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use aither::daemon;
 use aither::daemon::client::Client;
+use aither::daemon::exec::{check_stream, Terminals};
 use aither::daemon::proto::Request;
 use clap::Args;
 
@@ -48,7 +49,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// not running, refused, aitherd not reachable).
 ///
 /// Examples:
-///   aitherctl exec web -- ls -l /workspace
+///   aitherctl exec web -- ls -l
 ///   echo data | aitherctl exec -i web -- cat
 ///   aitherctl exec -it web -- sh
 ///   aitherctl exec --env DEBUG=1 -w src web -- make test
@@ -203,9 +204,12 @@ fn stream(n: i32, tty: bool) -> io::Result<Stream> {
             flags,
         )?));
     }
-    // SAFETY: isatty only queries the descriptor.
-    let is_tty = unsafe { libc::isatty(n) } == 1;
-    if (tty && is_tty) || passable(ours) {
+    let terminals = if tty {
+        Terminals::Relayed
+    } else {
+        Terminals::Refused
+    };
+    if check_stream(ours, "stdio", terminals).is_ok() {
         return Ok(Stream::Pass(ours.try_clone_to_owned()?));
     }
     let (r, w) = aither::sys::pipe()?;
@@ -217,20 +221,6 @@ fn stream(n: i32, tty: bool) -> io::Result<Stream> {
         let t = std::thread::spawn(move || copy(File::from(r), File::from(mine)));
         Stream::Relay(w, t)
     })
-}
-
-/// A pipe, a regular file or /dev/null: what aitherd accepts as it is.
-fn passable(fd: BorrowedFd<'_>) -> bool {
-    let Ok(st) = rustix::fs::fstat(fd) else {
-        return false;
-    };
-    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-        rustix::fs::FileType::Fifo | rustix::fs::FileType::RegularFile => true,
-        rustix::fs::FileType::CharacterDevice => {
-            (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)) == (1, 3)
-        }
-        _ => false,
-    }
 }
 
 /// Copies until EOF or an error on either side, flushing each chunk.
