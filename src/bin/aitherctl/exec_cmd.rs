@@ -33,7 +33,8 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// agent's filesystem view, workspace, processes and network), cgroup (the agent's memory and
 /// pids limits count it), Landlock rules, seccomp filter, no capabilities and no_new_privs. It
 /// gets the agent's environment plus --env, and starts in the agent's working directory (or
-/// -w DIR).
+/// -w DIR). It has a Landlock domain of its own: where the kernel scopes signals (Landlock
+/// ABI 6), it cannot signal the agent's processes (`aitherctl kill` does).
 ///
 /// Its stdout and stderr are yours. Its stdin is /dev/null unless -i. Without -t the command
 /// never gets your terminal: output to a terminal is relayed through a pipe. With -t it gets
@@ -44,9 +45,12 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// is audited with its command and caller. An agent runs at most 4 exec'd commands at a time.
 /// If aitherctl goes away (killed, or ^C without -t), the command is killed.
 ///
+/// -it runs in the foreground only: the relay is aitherd's, outside your shell's job
+/// control. The pty takes your window size as it changes.
+///
 /// Exit status: the command's own; 128+N when killed by signal N; 126 when it cannot be
 /// executed; 127 when it is not found in the sandbox; 125 when Aither failed (no such agent,
-/// not running, refused, aitherd not reachable).
+/// not running, refused, aitherd not reachable); 2 for bad usage.
 ///
 /// Examples:
 ///   aitherctl exec web -- ls -l
