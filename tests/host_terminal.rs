@@ -708,12 +708,13 @@ fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
     assert!(same_termios(&pty.termios(), &before), "{out:?}");
 }
 
-/// `aitherctl exec -t` (docs/daemon.md "exec"): the command gets a new pty of its own, with the
-/// caller's window size, never the caller's terminal; what it does to its pty (exclusive mode,
+/// `aitherctl exec` (docs/daemon.md "exec") on a terminal: without -t the command gets pipes
+/// relayed by aitherctl; with -t a new pty of its own, with the caller's window size, never
+/// the caller's terminal; what it does to its pty (exclusive mode,
 /// N_NULL, raw mode, a tiny window, TIOCSTI) leaves the caller's terminal as it was. During
 /// the command the caller's terminal is raw, and ^C reaches the command as SIGINT.
 #[test]
-fn exec_t_gives_the_command_a_pty_of_its_own_and_restores_the_callers() {
+fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal() {
     let d = TestDaemon::start("aither-term-", &[]);
     let name = unique("exec-t");
     d.ok(&[
@@ -737,6 +738,26 @@ fn exec_t_gives_the_command_a_pty_of_its_own_and_restores_the_callers() {
         std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
     let caller_tty = caller_tty.to_string_lossy().into_owned();
     assert!(caller_tty.starts_with("/dev/pts/"), "{caller_tty}");
+
+    // Without -t the command never gets the terminal: aitherctl relays it through pipes.
+    let (code, out) = pty.run(
+        d.cmd(&[
+            "exec",
+            "-i",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 || test -t 1 || echo no-tty; readlink /proc/self/fd/0 /proc/self/fd/1; cat",
+        ]),
+        b"typed\n\x04",
+    );
+    assert_eq!(code, 0, "{out:?}");
+    assert!(out.contains("no-tty"), "{out:?}");
+    assert_eq!(out.matches("pipe:[").count(), 2, "{out:?}");
+    // Echoed by the caller's terminal, then printed by cat.
+    assert_eq!(out.matches("typed").count(), 2, "{out:?}");
+    assert!(same_termios(&pty.termios(), &before), "untouched");
 
     // A terminal, but not the caller's.
     let (code, out) = pty.run(

@@ -34,7 +34,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 
 use super::identity::Caller;
-use super::proto::{aio, ErrorCode, Reply, Request};
+use super::proto::{aio, ErrorCode, Reply};
 use super::supervise::State;
 use super::Shared;
 use crate::audit::{Entry, Verdict};
@@ -163,25 +163,31 @@ struct Wanted {
     stdio: [OwnedFd; 3],
 }
 
+/// The fields of an `exec` request (`Request::Exec`).
+pub struct ExecRequest {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub tty: bool,
+}
+
 /// Serves one `exec` request; the connection ends with its reply.
 pub async fn serve(
     d: &Shared,
     caller: &Caller,
-    req: Request,
+    req: ExecRequest,
     fds: Vec<OwnedFd>,
     r: &mut OwnedReadHalf,
     w: &mut OwnedWriteHalf,
 ) {
-    let Request::Exec {
+    let ExecRequest {
         name,
         argv,
         env,
         cwd,
         tty,
-    } = req
-    else {
-        return;
-    };
+    } = req;
     let owner = match super::server::authorize(d, caller, "exec", &name) {
         Ok(Some(o)) => o,
         Ok(None) => {

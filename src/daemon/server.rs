@@ -207,8 +207,21 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
             }
-            req @ Request::Exec { .. } => {
+            Request::Exec {
+                name,
+                argv,
+                env,
+                cwd,
+                tty,
+            } => {
                 // The reply comes when the command ends; a closed connection kills it.
+                let req = super::exec::ExecRequest {
+                    name,
+                    argv,
+                    env,
+                    cwd,
+                    tty,
+                };
                 super::exec::serve(&d, &caller, req, fds, &mut r, &mut w).await;
                 return;
             }

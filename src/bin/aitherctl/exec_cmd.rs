@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use aither::daemon;
@@ -88,14 +88,15 @@ pub struct ExecArgs {
 enum Stream {
     /// Sent as it is.
     Pass(OwnedFd),
-    /// A pipe's end sent; a thread here copies between it and ours.
-    Relay(OwnedFd, JoinHandle<()>),
+    /// A pipe's end sent; a thread here copies between it and ours (and, for stdout and
+    /// stderr, says when it is done on the channel it was given).
+    Relay(OwnedFd),
 }
 
 impl Stream {
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Stream::Pass(f) | Stream::Relay(f, _) => f.as_fd(),
+            Stream::Pass(f) | Stream::Relay(f) => f.as_fd(),
         }
     }
 }
@@ -118,25 +119,6 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
             env.push(format!("TERM={term}"));
         }
     }
-    let streams = [
-        if a.interactive {
-            stream(0, a.tty)?
-        } else {
-            Stream::Pass(aither::sys::open(
-                std::path::Path::new("/dev/null"),
-                libc::O_RDONLY,
-            )?)
-        },
-        stream(1, a.tty)?,
-        stream(2, a.tty)?,
-    ];
-    let req = Request::Exec {
-        name: a.name,
-        argv: a.command,
-        env,
-        cwd: a.workdir,
-        tty: a.tty,
-    };
     // With -t our terminal is read by aitherd's launcher, outside our shell's job control:
     // only in the foreground, or it would take keys typed for the shell.
     if a.tty && a.interactive && !foreground() {
@@ -145,6 +127,26 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
              keys meant for your shell); drop -t, or run it in the foreground"
         );
     }
+    let (done_tx, done_rx) = mpsc::channel();
+    let streams = [
+        if a.interactive {
+            stream(0, a.tty, None)?
+        } else {
+            Stream::Pass(aither::sys::open(
+                std::path::Path::new("/dev/null"),
+                libc::O_RDONLY,
+            )?)
+        },
+        stream(1, a.tty, Some(done_tx.clone()))?,
+        stream(2, a.tty, Some(done_tx))?,
+    ];
+    let req = Request::Exec {
+        name: a.name,
+        argv: a.command,
+        env,
+        cwd: a.workdir,
+        tty: a.tty,
+    };
     // Our terminal's settings, restored whatever happens to the launcher that sets it raw
     // (also when we are ended by SIGTERM, SIGHUP, SIGINT or SIGQUIT).
     let _restore = a.tty.then(Termios::save).flatten();
@@ -153,15 +155,13 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let reply = client.call_with_fds(&req, &fds);
     drop(fds);
     // Our copies of the pipes' far ends close: a relay sees EOF when the command's do.
-    let relays: Vec<JoinHandle<()>> = streams
-        .into_iter()
-        .filter_map(|s| match s {
-            Stream::Relay(_, t) => Some(t),
-            Stream::Pass(_) => None,
-        })
-        .collect();
+    let outputs = streams[1..]
+        .iter()
+        .filter(|s| matches!(s, Stream::Relay(_)))
+        .count();
+    drop(streams);
     let reply = reply?;
-    wait_relays(relays);
+    wait_relays(&done_rx, outputs);
     match (reply.ok, reply.error) {
         (true, _) => {
             let code = reply
@@ -177,22 +177,23 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Waits for the output relays to copy what the command wrote, at most `DRAIN`; the stdin
+/// Waits for the `n` output relays to copy what the command wrote, at most `DRAIN`; a stdin
 /// relay is left blocked on its read (the process exits next).
-fn wait_relays(relays: Vec<JoinHandle<()>>) {
+fn wait_relays(done: &mpsc::Receiver<()>, n: usize) {
     let until = Instant::now() + DRAIN;
-    for t in relays {
-        while !t.is_finished() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if t.is_finished() {
-            let _ = t.join();
+    for _ in 0..n {
+        if done
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            return;
         }
     }
 }
 
-/// The command's stream for our fd `n` (0, 1 or 2).
-fn stream(n: i32, tty: bool) -> io::Result<Stream> {
+/// The command's stream for our fd `n` (0, 1 or 2); an output relay says on `done` when it
+/// has copied everything.
+fn stream(n: i32, tty: bool, done: Option<mpsc::Sender<()>>) -> io::Result<Stream> {
     // SAFETY: 0–2 stay open for the life of the process (checked next).
     let ours = unsafe { BorrowedFd::borrow_raw(n) };
     // SAFETY: F_GETFD only queries the number.
@@ -219,11 +220,16 @@ fn stream(n: i32, tty: bool) -> io::Result<Stream> {
     let (r, w) = aither::sys::pipe()?;
     let mine = ours.try_clone_to_owned()?;
     Ok(if n == 0 {
-        let t = std::thread::spawn(move || copy(File::from(mine), File::from(w)));
-        Stream::Relay(r, t)
+        std::thread::spawn(move || copy(File::from(mine), File::from(w)));
+        Stream::Relay(r)
     } else {
-        let t = std::thread::spawn(move || copy(File::from(r), File::from(mine)));
-        Stream::Relay(w, t)
+        std::thread::spawn(move || {
+            copy(File::from(r), File::from(mine));
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+        });
+        Stream::Relay(w)
     })
 }
 
