@@ -8,12 +8,14 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
+use aither::daemon::client::Client;
+use aither::daemon::proto::Request;
 use common::daemon::TestDaemon;
 use common::*;
 
@@ -739,7 +741,22 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
     let caller_tty = caller_tty.to_string_lossy().into_owned();
     assert!(caller_tty.starts_with("/dev/pts/"), "{caller_tty}");
 
-    // Without -t the command never gets the terminal: aitherctl relays it through pipes.
+    // Without -t the command never gets the terminal: aitherd refuses one ...
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let req = Request::Exec {
+        name: name.clone(),
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        tty: false,
+    };
+    let r = Client::connect(&d.socket())
+        .unwrap()
+        .call_with_fds(&req, &[null.as_fd(), pty.slave.as_fd(), null.as_fd()])
+        .unwrap();
+    let e = r.error.expect("a terminal without -t is refused");
+    assert!(e.message.contains("stdout is a terminal"), "{}", e.message);
+    // ... and aitherctl relays it through pipes.
     let (code, out) = pty.run(
         d.cmd(&[
             "exec",

@@ -219,16 +219,12 @@ pub async fn serve(
                 .data(data),
         );
     };
-    let terminals = if tty {
-        Terminals::Relayed
-    } else {
-        Terminals::Refused
-    };
-    let checked = check(&argv, &env, cwd.as_deref(), terminals, fds).and_then(|stdio| {
-        let (spec, pid1) = sandbox_of(d, &name)?;
-        let slot = d.execs.take(&name)?;
-        Ok((stdio, spec, pid1, slot))
-    });
+    let checked =
+        check(&argv, &env, cwd.as_deref(), Terminals::with_tty(tty), fds).and_then(|stdio| {
+            let (spec, pid1) = sandbox_of(d, &name)?;
+            let slot = d.execs.take(&name)?;
+            Ok((stdio, spec, pid1, slot))
+        });
     let (stdio, spec, pid1, _slot) = match checked {
         Ok(x) => x,
         Err(e) => {
@@ -308,6 +304,17 @@ pub enum Terminals {
     /// With `-t`: `aither-init exec` gives the command a new pty and relays it to the
     /// terminal, which the command never gets.
     Relayed,
+}
+
+impl Terminals {
+    /// What `exec`'s `tty` (`-t`) allows.
+    pub fn with_tty(tty: bool) -> Terminals {
+        if tty {
+            Terminals::Relayed
+        } else {
+            Terminals::Refused
+        }
+    }
 }
 
 /// Files of the kernel's pseudo-filesystems are handles on processes, namespaces and kernel

@@ -209,12 +209,7 @@ fn stream(n: i32, tty: bool, done: Option<mpsc::Sender<()>>) -> io::Result<Strea
             flags,
         )?));
     }
-    let terminals = if tty {
-        Terminals::Relayed
-    } else {
-        Terminals::Refused
-    };
-    if check_stream(ours, "stdio", terminals).is_ok() {
+    if check_stream(ours, "stdio", Terminals::with_tty(tty)).is_ok() {
         return Ok(Stream::Pass(ours.try_clone_to_owned()?));
     }
     let (r, w) = aither::sys::pipe()?;

@@ -155,6 +155,11 @@ pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
     let sandbox =
         sys::pidfd_open(pid1).map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
     let dirs = cgroup::aither_dirs_of(&cgroup::root(), pid1)?;
+    // `-t`: the pty's owner, read from pid 1's uid_map under the same liveness check.
+    let agent_uid = cfg
+        .tty
+        .then(|| agent_host_uid(pid1, spec.uid))
+        .transpose()?;
     sys::pidfd_send_signal(sandbox.as_fd(), 0)
         .map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
     if dirs.is_empty() {
@@ -165,10 +170,9 @@ pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
 
     // 3b. `-t`: a new pty (and pipes) for the command, relayed to our streams, never handed
     // over (stdio.rs, as for `aitherctl run`): made on the host, owned by the agent's host uid.
-    let mut relay = if cfg.tty {
-        Relay::new(agent_host_uid(pid1, spec.uid)?).map_err(ExecError::Stdio)?
-    } else {
-        None
+    let mut relay = match agent_uid {
+        Some(uid) => Relay::new(uid).map_err(ExecError::Stdio)?,
+        None => None,
     };
 
     // 4. Our supplementary groups would survive into the sandbox (its `setgroups deny` forbids
@@ -342,6 +346,7 @@ fn wait(
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut failure: Option<ExecError> = None;
     let mut sock_open = true;
+    let mut last_winch = Instant::now();
     loop {
         let mut ms = deadline.map_or(-1, |d| {
             d.saturating_duration_since(Instant::now())
@@ -352,7 +357,10 @@ fn wait(
             // The caller's SIGWINCH goes to aitherctl, not to us: the pty takes the caller's
             // size every WINSIZE_POLL instead (the kernel signals the command only on a
             // change).
-            r.winch();
+            if last_winch.elapsed() >= WINSIZE_POLL {
+                r.winch();
+                last_winch = Instant::now();
+            }
             let poll = WINSIZE_POLL.as_millis() as i32;
             ms = if ms < 0 { poll } else { ms.min(poll) };
         }
