@@ -391,3 +391,30 @@ fn aitherd_refuses_a_socket_a_directory_or_a_proc_file_as_a_commands_stream() {
         describe(&o)
     );
 }
+
+#[test]
+fn an_exec_ends_when_aitherd_stops_and_the_client_says_so() {
+    let mut d = daemon();
+    let name = unique("dstop");
+    spawn_agent(&d, &name);
+    let (child, pid) = exec_sleep(&d, &name, "4321");
+    d.sigterm();
+    // The agent keeps running (as always when aitherd stops); the exec'd command does not.
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        }),
+        "the command {pid} outlived aitherd"
+    );
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(125), "{}", describe(&o));
+    assert!(
+        text(&o.stderr).contains("without a reply"),
+        "{}",
+        describe(&o)
+    );
+    // Back, so that the fixture can remove the agent.
+    d.launch();
+}
