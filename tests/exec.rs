@@ -10,7 +10,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use aither::daemon::client::Client;
-use aither::daemon::proto::Request;
+use aither::daemon::proto::{ExecRequest, Request};
 use common::daemon::TestDaemon as Daemon;
 use common::{pids_with_cmdline, poll_until, unique};
 use serde_json::Value;
@@ -304,13 +304,13 @@ fn aitherd_refuses_a_socket_a_directory_or_a_proc_file_as_a_commands_stream() {
     spawn_agent(&d, &name);
     let null = std::fs::File::open("/dev/null").unwrap();
     let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let req = Request::Exec {
+    let req = Request::Exec(ExecRequest {
         name: name.clone(),
         argv: vec!["true".into()],
         env: vec![],
         cwd: None,
         tty: false,
-    };
+    });
     let mut c = Client::connect(&d.socket()).unwrap();
     let r = c
         .call_with_fds(&req, &[null.as_fd(), sock.as_fd(), null.as_fd()])

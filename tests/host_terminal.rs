@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use aither::daemon::client::Client;
-use aither::daemon::proto::Request;
+use aither::daemon::proto::{ExecRequest, Request};
 use common::daemon::TestDaemon;
 use common::*;
 
@@ -743,13 +743,13 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
 
     // Without -t the command never gets the terminal: aitherd refuses one ...
     let null = std::fs::File::open("/dev/null").unwrap();
-    let req = Request::Exec {
+    let req = Request::Exec(ExecRequest {
         name: name.clone(),
         argv: vec!["true".into()],
         env: vec![],
         cwd: None,
         tty: false,
-    };
+    });
     let r = Client::connect(&d.socket())
         .unwrap()
         .call_with_fds(&req, &[null.as_fd(), pty.slave.as_fd(), null.as_fd()])

@@ -34,7 +34,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 
 use super::identity::Caller;
-use super::proto::{aio, ErrorCode, Reply};
+use super::proto::{aio, ErrorCode, ExecRequest, Reply};
 use super::supervise::State;
 use super::Shared;
 use crate::audit::{Entry, Verdict};
@@ -161,15 +161,6 @@ struct Wanted {
     cwd: Option<PathBuf>,
     tty: bool,
     stdio: [OwnedFd; 3],
-}
-
-/// The fields of an `exec` request (`Request::Exec`).
-pub struct ExecRequest {
-    pub name: String,
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub cwd: Option<PathBuf>,
-    pub tty: bool,
 }
 
 /// Serves one `exec` request; the connection ends with its reply.

@@ -207,21 +207,8 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
             }
-            Request::Exec {
-                name,
-                argv,
-                env,
-                cwd,
-                tty,
-            } => {
+            Request::Exec(req) => {
                 // The reply comes when the command ends; a closed connection kills it.
-                let req = super::exec::ExecRequest {
-                    name,
-                    argv,
-                    env,
-                    cwd,
-                    tty,
-                };
                 super::exec::serve(&d, &caller, req, fds, &mut r, &mut w).await;
                 return;
             }
@@ -505,7 +492,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::SecretRm { name, owner } => {
             super::secret_ops::handle(d, caller, super::secret_ops::Op::Rm { name: &name }, owner)
         }
-        Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec { .. } => Reply::err(
+        Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) => Reply::err(
             ErrorCode::BadRequest,
             "bus_pub, bus_sub and exec take over their connection",
         ),

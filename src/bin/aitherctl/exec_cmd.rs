@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use aither::daemon;
 use aither::daemon::client::Client;
 use aither::daemon::exec::{check_stream, Terminals};
-use aither::daemon::proto::Request;
+use aither::daemon::proto::{ExecRequest, Request};
 use clap::Args;
 
 /// Aither's own failures (nothing ran, or the result is unknown), as `docker exec`.
@@ -140,13 +140,13 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         stream(1, a.tty, Some(done_tx.clone()))?,
         stream(2, a.tty, Some(done_tx))?,
     ];
-    let req = Request::Exec {
+    let req = Request::Exec(ExecRequest {
         name: a.name,
         argv: a.command,
         env,
         cwd: a.workdir,
         tty: a.tty,
-    };
+    });
     // Our terminal's settings, restored whatever happens to the launcher that sets it raw
     // (also when we are ended by SIGTERM, SIGHUP, SIGINT or SIGQUIT).
     let _restore = a.tty.then(Termios::save).flatten();
