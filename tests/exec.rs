@@ -418,3 +418,22 @@ fn an_exec_ends_when_aitherd_stops_and_the_client_says_so() {
     // Back, so that the fixture can remove the agent.
     d.launch();
 }
+
+#[test]
+fn exec_reaches_an_agent_that_a_restarted_aitherd_adopted() {
+    let mut d = daemon();
+    let name = unique("adopted");
+    let identity = spawn_agent(&d, &name);
+    d.kill9();
+    d.launch();
+    assert!(
+        poll_until(Duration::from_secs(20), || d.json(&["inspect", &name])
+            ["state"]
+            == "running"),
+        "{name} was not adopted\n{}",
+        d.log()
+    );
+    let o = exec(&d, &[&name, "--", "sh", "-c", IDENTITY]);
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(text(&o.stdout), identity);
+}
