@@ -437,3 +437,82 @@ fn exec_reaches_an_agent_that_a_restarted_aitherd_adopted() {
     assert!(o.status.success(), "{}", describe(&o));
     assert_eq!(text(&o.stdout), identity);
 }
+
+/// The agent and an exec'd command share a uid, but not a Landlock domain (whose ptrace
+/// restriction guards /proc/PID/environ, mem and the fd links): the agent cannot read the
+/// command's environment (a secret passed with --env), its memory or its descriptors.
+#[test]
+fn the_agent_cannot_read_an_execd_commands_environment_or_descriptors() {
+    let d = daemon();
+    let name = unique("snoop");
+    // The agent waits for /tmp/go (its sandbox's own /tmp), then looks for the command.
+    let script = r#"echo up
+while [ ! -e /tmp/go ]; do sleep 0.05; done
+for p in /proc/[0-9]*; do
+  if [ "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" = "sleep 4343 " ]; then
+    echo "found ${p#/proc/}"
+    cat $p/environ > /tmp/stolen 2>/dev/null; echo "environ=$?"
+    readlink $p/fd/1 > /dev/null 2>&1; echo "fdlink=$?"
+    (: < $p/fd/1) 2>/dev/null; echo "fdopen=$?"
+    head -c 1 $p/mem > /dev/null 2>&1; echo "mem=$?"
+  fi
+done
+echo snooped
+exec sleep 300"#;
+    d.ok(&[
+        "spawn", "--policy", "strict", &name, "--", "sh", "-c", script,
+    ]);
+    assert!(
+        poll_until(Duration::from_secs(20), || d
+            .ok(&["logs", &name])
+            .contains("up")),
+        "{name} did not start"
+    );
+    let mut secret = d
+        .cmd(&[
+            "exec",
+            "--env",
+            "API_TOKEN=s3cret-exec",
+            &name,
+            "--",
+            "sleep",
+            "4343",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(poll_until(Duration::from_secs(10), || !pids_with_cmdline(
+        &["sleep", "4343"]
+    )
+    .is_empty()));
+    let o = exec(&d, &[&name, "--", "touch", "/tmp/go"]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let mut log = String::new();
+    assert!(
+        poll_until(Duration::from_secs(20), || {
+            log = d.ok(&["logs", &name]);
+            log.contains("snooped")
+        }),
+        "{log}"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(secret.id() as i32, libc::SIGKILL) };
+    let _ = secret.wait();
+    assert!(
+        log.contains("found "),
+        "the agent never saw the command: {log}"
+    );
+    assert!(log.contains("environ=1"), "{log}");
+    // (It may list the descriptors' numbers, as for any process of its uid; not follow them.)
+    assert!(log.contains("fdlink=1"), "{log}");
+    assert!(!log.contains("fdopen=0"), "{log}");
+    assert!(log.contains("mem=1"), "{log}");
+    let stolen = exec(&d, &[&name, "--", "cat", "/tmp/stolen"]);
+    assert!(
+        !text(&stolen.stdout).contains("s3cret"),
+        "{}",
+        describe(&stolen)
+    );
+}
