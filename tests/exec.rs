@@ -181,7 +181,8 @@ fn exec_passes_stdin_only_with_i() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        c.stdin.take().unwrap().write_all(b"data\n").unwrap();
+        // Without -i nothing reads it: aitherctl may be gone already.
+        let _ = c.stdin.take().unwrap().write_all(b"data\n");
         c.wait_with_output().unwrap()
     };
     let o = run(&["-i", &name, "--", "cat"]);
