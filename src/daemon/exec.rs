@@ -470,3 +470,81 @@ async fn run(
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(125))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn null3() -> Vec<OwnedFd> {
+        (0..3)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn at_most_four_commands_per_agent_and_a_slot_frees_on_drop() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<SlotGuard> = (0..MAX_EXECS_PER_AGENT)
+            .map(|_| slots.take("a").unwrap())
+            .collect();
+        assert!(matches!(
+            slots.take("a"),
+            Err(ExecRefused::TooMany { max: 4, .. })
+        ));
+        // Another agent's are its own.
+        drop(slots.take("b").unwrap());
+        drop(held);
+        assert!(slots.0.lock().unwrap().is_empty(), "no entry left behind");
+        assert!(slots.take("a").is_ok());
+    }
+
+    #[test]
+    fn the_request_is_checked_before_anything_runs() {
+        let ok = |argv: &[&str], env: &[&str]| {
+            let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            let env: Vec<String> = env.iter().map(|s| s.to_string()).collect();
+            check(&argv, &env, None, Terminals::Refused, null3())
+        };
+        assert!(ok(&["true"], &["A=1", "B="]).is_ok());
+        assert!(matches!(ok(&[], &[]), Err(ExecRefused::NoCommand)));
+        assert!(matches!(ok(&["a\0b"], &[]), Err(ExecRefused::Nul(_))));
+        for bad in ["NOEQUALS", "=value", "A=\0"] {
+            assert!(
+                matches!(ok(&["true"], &[bad]), Err(ExecRefused::BadEnv(_))),
+                "{bad:?}"
+            );
+        }
+        let two: Vec<OwnedFd> = null3().into_iter().take(2).collect();
+        let argv = vec!["true".to_string()];
+        assert!(matches!(
+            check(&argv, &[], None, Terminals::Refused, two),
+            Err(ExecRefused::FdCount(2))
+        ));
+    }
+
+    #[test]
+    fn streams_are_pipes_files_or_dev_null_and_nothing_else() {
+        let kind = |fd: BorrowedFd<'_>| check_stream(fd, "stdin", Terminals::Refused);
+        let (r, w) = crate::sys::pipe().unwrap();
+        assert!(kind(r.as_fd()).is_ok() && kind(w.as_fd()).is_ok());
+        let file = tempfile::tempfile().unwrap();
+        assert!(kind(file.as_fd()).is_ok());
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(kind(null.as_fd()).is_ok());
+        let refused = |fd: BorrowedFd<'_>, what: &str| {
+            let e = kind(fd).expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        refused(sock.as_fd(), "a socket");
+        let dir = std::fs::File::open("/").unwrap();
+        refused(dir.as_fd(), "a directory");
+        let proc = std::fs::File::open("/proc/self/status").unwrap();
+        refused(proc.as_fd(), "procfs");
+        let path = crate::sys::open(Path::new("/etc/hostname"), libc::O_PATH).unwrap();
+        refused(path.as_fd(), "O_PATH");
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        refused(zero.as_fd(), "other than /dev/null");
+    }
+}

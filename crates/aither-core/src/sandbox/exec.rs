@@ -220,21 +220,23 @@ fn agent_host_uid(pid1: i32, inside: u32) -> Result<u32, ExecError> {
     let err = |detail: String| ExecError::AgentUid { pid: pid1, detail };
     let map =
         std::fs::read_to_string(format!("/proc/{pid1}/uid_map")).map_err(|e| err(e.to_string()))?;
-    map.lines()
-        .filter_map(|l| {
-            let v: Vec<u32> = l
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            match v[..] {
-                [start, host, len] if (start..start.saturating_add(len)).contains(&inside) => {
-                    Some(host + (inside - start))
-                }
-                _ => None,
+    host_id(&map, inside).ok_or_else(|| err(format!("uid {inside} is not mapped")))
+}
+
+/// The outside id of `inside` in an id map's text (`inside outside count` per line).
+fn host_id(map: &str, inside: u32) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let v: Vec<u32> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match v[..] {
+            [start, host, len] if (start..start.saturating_add(len)).contains(&inside) => {
+                host.checked_add(inside - start)
             }
-        })
-        .next()
-        .ok_or_else(|| err(format!("uid {inside} is not mapped")))
+            _ => None,
+        }
+    })
 }
 
 /// The namespaces the launcher created for `spec` (the cgroup one by pid 1 itself).
@@ -434,5 +436,21 @@ fn to_error(m: Msg) -> ExecError {
             io::ErrorKind::InvalidData,
             format!("unexpected message {other:?}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_id;
+
+    #[test]
+    fn the_agents_host_uid_comes_from_its_line_of_the_map() {
+        // As the launcher writes it (userns::map_text): the setup id, then the agent.
+        let map = "         0 1879048192          1\n      1000 1879048193          1\n";
+        assert_eq!(host_id(map, 1000), Some(1_879_048_193));
+        assert_eq!(host_id(map, 0), Some(1_879_048_192));
+        assert_eq!(host_id(map, 1001), None);
+        assert_eq!(host_id("0 100 65536\n", 1000), Some(1100));
+        assert_eq!(host_id("garbage\n", 0), None);
     }
 }
