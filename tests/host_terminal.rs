@@ -841,6 +841,33 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
     assert_eq!(code, 128 + libc::SIGINT, "^C ends the command: {out:?}");
     assert!(same_termios(&pty.termios(), &before), "restored after ^C");
 
+    // SIGTERM to aitherctl: it puts the settings back itself (aitherd kills the launcher that
+    // set them raw, and the command with it).
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 4444",
+    ]));
+    r.wait_for("started");
+    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after SIGTERM"
+    );
+    assert!(
+        poll_until(RUN_DEADLINE, || pids_with_cmdline(&["sleep", "4444"])
+            .is_empty()),
+        "the command outlived its client"
+    );
+
     // The window size follows the caller's.
     let r = pty.spawn(d.cmd(&[
         "exec",

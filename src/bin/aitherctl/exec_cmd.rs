@@ -228,7 +228,7 @@ fn stream(n: i32, tty: bool, done: Option<mpsc::Sender<()>>) -> io::Result<Strea
     })
 }
 
-/// Copies until EOF or an error on either side, flushing each chunk.
+/// Copies until EOF or an error on either side, each chunk as it comes.
 fn copy(mut from: File, mut to: File) {
     let mut buf = [0u8; 16 * 1024];
     loop {
