@@ -463,6 +463,15 @@ fn the_walkthrough_agent_of_docs_agents_md_is_ready_answers_and_remembers() {
     d.wait_log("hello", "hello: run 1");
     let ok = poll_until(WAIT, || d.inspect("hello")["state"] == "ready");
     assert!(ok, "{}", d.diagnose("hello"));
+    // The page's exec line: a command in the sandbox has the agent's (empty) capabilities.
+    let shown = doc
+        .split("$ aitherctl exec hello -- grep CapEff /proc/self/status")
+        .nth(1)
+        .and_then(|rest| rest.lines().nth(1))
+        .and_then(|l| l.split_whitespace().next().zip(l.split_whitespace().nth(1)))
+        .expect("the page's exec line");
+    let real = d.ok(&["exec", "hello", "--", "grep", "CapEff", "/proc/self/status"]);
+    assert_eq!(real, format!("{}\t{}\n", shown.0, shown.1));
 
     let ask_text = |text: &str, json: bool| -> String {
         let mut args = vec!["bus", "sub", "agent.hello.outbox", "-n", "1"];

@@ -8,12 +8,14 @@
 mod common;
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
+use aither::daemon::client::Client;
+use aither::daemon::proto::{ExecRequest, Request};
 use common::daemon::TestDaemon;
 use common::*;
 
@@ -706,4 +708,214 @@ fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
     let (code, out) = r.finish();
     assert_eq!(code, 0, "{out:?}");
     assert!(same_termios(&pty.termios(), &before), "{out:?}");
+}
+
+/// `aitherctl exec` (docs/daemon.md "exec") on a terminal: without -t the command gets pipes
+/// relayed by aitherctl; with -t a new pty of its own, with the caller's window size, never
+/// the caller's terminal; what it does to its pty (exclusive mode,
+/// N_NULL, raw mode, a tiny window, TIOCSTI) leaves the caller's terminal as it was. During
+/// the command the caller's terminal is raw, and ^C reaches the command as SIGINT.
+#[test]
+fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("exec-t");
+    d.ok(&[
+        "spawn",
+        "--policy",
+        "strict",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 300",
+    ]);
+    assert!(
+        poll_until(RUN_DEADLINE, || d.ok(&["logs", &name]).contains("up")),
+        "{} did not start",
+        name
+    );
+    let pty = Pty::open();
+    let before = pty.termios();
+    let caller_tty =
+        std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    let caller_tty = caller_tty.to_string_lossy().into_owned();
+    assert!(caller_tty.starts_with("/dev/pts/"), "{caller_tty}");
+
+    // Without -t the command never gets the terminal: aitherd refuses one ...
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let req = Request::Exec(ExecRequest {
+        name: name.clone(),
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        tty: false,
+    });
+    let r = Client::connect(&d.socket())
+        .unwrap()
+        .call_with_fds(&req, &[null.as_fd(), pty.slave.as_fd(), null.as_fd()])
+        .unwrap();
+    let e = r.error.expect("a terminal without -t is refused");
+    assert!(e.message.contains("stdout is a terminal"), "{}", e.message);
+    // ... and aitherctl relays it through pipes.
+    let (code, out) = pty.run(
+        d.cmd(&[
+            "exec",
+            "-i",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 || test -t 1 || echo no-tty; readlink /proc/self/fd/0 /proc/self/fd/1; cat",
+        ]),
+        b"typed\n\x04",
+    );
+    assert_eq!(code, 0, "{out:?}");
+    assert!(out.contains("no-tty"), "{out:?}");
+    assert_eq!(out.matches("pipe:[").count(), 2, "{out:?}");
+    // Echoed by the caller's terminal, then printed by cat.
+    assert_eq!(out.matches("typed").count(), 2, "{out:?}");
+    assert!(same_termios(&pty.termios(), &before), "untouched");
+
+    // A terminal, but not the caller's.
+    let (code, out) = pty.run(
+        d.cmd(&[
+            "exec",
+            "-it",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo is-a-tty; echo \"tty=$(readlink /proc/self/fd/0)\"",
+        ]),
+        b"",
+    );
+    assert_eq!(code, 0, "{out:?}");
+    assert!(out.contains("is-a-tty"), "{out:?}");
+    let theirs = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tty="))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(
+        !theirs.is_empty() && theirs != caller_tty,
+        "{theirs} vs {caller_tty}"
+    );
+    assert!(same_termios(&pty.termios(), &before), "restored");
+
+    // Its own pty takes every terminal ioctl; TIOCSTI is refused; the caller's is untouched.
+    let (code, out) = pty.run(
+        d.cmd(&["exec", "-it", &name, "--", "./aither-probe", "tty-attack"]),
+        b"",
+    );
+    let got = std::fs::read_to_string(d.ws.path().join("tty-attack.out")).unwrap_or_default();
+    assert_eq!(code, 0, "{out:?} {got:?}");
+    assert_eq!(
+        got, "size=33x101 excl=ok tcsets=ok winsz=ok sti=EPERM setd=ok",
+        "{out:?}"
+    );
+    assert_eq!(pty.line_discipline(), 0, "the caller's line discipline");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the caller's settings"
+    );
+    assert_eq!(pty.winsize(), (33, 101), "the caller's window size");
+    assert_eq!(excl(&pty), 0, "the caller's terminal is not exclusive");
+
+    // Raw while it runs; ^C is the command's SIGINT; the settings come back.
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 600",
+    ]));
+    r.wait_for("started");
+    assert_eq!(
+        pty.termios().c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG),
+        0,
+        "raw"
+    );
+    r.type_in(b"\x03");
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGINT, "^C ends the command: {out:?}");
+    assert!(same_termios(&pty.termios(), &before), "restored after ^C");
+
+    // SIGTERM to aitherctl: it puts the settings back itself (aitherd kills the launcher that
+    // set them raw, and the command with it).
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo started; exec sleep 4444",
+    ]));
+    r.wait_for("started");
+    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "restored after SIGTERM"
+    );
+    assert!(
+        poll_until(RUN_DEADLINE, || pids_with_cmdline(&["sleep", "4444"])
+            .is_empty()),
+        "the command outlived its client"
+    );
+
+    // The window size follows the caller's.
+    let r = pty.spawn(d.cmd(&[
+        "exec",
+        "-it",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "trap 'stty size; exit 0' WINCH; stty size; i=0; \
+         while [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch",
+    ]));
+    r.wait_for("33 101");
+    let ws2 = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    cvt(
+        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
+        "TIOCSWINSZ",
+    );
+    r.wait_for("40 120");
+    let (code, out) = r.finish();
+    assert_eq!(code, 0, "{out:?}");
+
+    // A background `exec -it` is refused: aitherd's launcher, outside the shell's job
+    // control, would read keys typed for the shell.
+    let mut shell = Command::new("bash");
+    shell
+        .args(["--norc", "--noprofile", "--noediting", "-i"])
+        .env("PS1", "$ ")
+        .env("TERM", "dumb");
+    d.env(&mut shell);
+    let r = pty.spawn(shell);
+    r.type_in(
+        format!("{AITHERCTL} exec -it {name} -- true & wait $!; echo \"BG-$((2*3)):$?.\"\n")
+            .as_bytes(),
+    );
+    r.wait_for("BG-6:");
+    r.type_in(b"exit\n");
+    let (_, out) = r.finish();
+    assert!(out.contains("BG-6:125."), "{out:?}");
+    assert!(out.contains("in the foreground"), "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), &before),
+        "the shell's settings"
+    );
+    d.ok(&["rm", "-f", &name]);
 }

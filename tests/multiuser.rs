@@ -1307,3 +1307,81 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     );
     let _ = admin;
 }
+
+#[test]
+fn exec_reaches_only_the_callers_own_agents_or_an_admins() {
+    let us = Users::create();
+    let d = us.daemon();
+    let (u1, u2) = (&us.users[0], &us.users[1]);
+    let name = unique("mu-exec");
+    us.ok(
+        &d,
+        0,
+        &[
+            "spawn",
+            "--json",
+            "--policy",
+            "strict",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo up > up.txt; exec sleep 60",
+        ],
+    );
+    let dir1 = us.dir(u1);
+    assert!(
+        poll_until(WAIT, || dir1.join("up.txt").exists()),
+        "the agent never started: {}",
+        d.log()
+    );
+    // The owner: the command writes in the workspace as the agent does, as the caller.
+    let o = us.ctl(
+        &d,
+        0,
+        &[
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo mine > by-exec.txt; cat up.txt",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "up\n");
+    let m = std::fs::metadata(dir1.join("by-exec.txt")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (u1.uid, u1.gid), "owner of by-exec.txt");
+
+    // Another member: as if the agent did not exist, and audited as a cross-user attempt.
+    let o = us.ctl(&d, 1, &["exec", &name, "--", "touch", "theirs.txt"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(err.contains("no agent named"), "{err}");
+    assert!(!dir1.join("theirs.txt").exists());
+    let denied = || {
+        audit(&d).into_iter().any(|r| {
+            r["kind"] == "exec"
+                && r["decision"] == "deny"
+                && r["caller_uid"] == u2.uid
+                && r["owner_uid"] == u1.uid
+                && r["data"]["cross_user"] == true
+        })
+    };
+    assert!(poll_until(WAIT, denied), "user 2's exec is not audited");
+
+    // The admin may.
+    let o = us.ctl(&d, 2, &["exec", &name, "--", "cat", "by-exec.txt"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "mine\n");
+    let allowed = || {
+        audit(&d).into_iter().any(|r| {
+            r["kind"] == "exec"
+                && r["decision"] == "allow"
+                && r["caller_uid"] == us.users[2].uid
+                && r["owner_uid"] == u1.uid
+                && r["data"]["argv"][0] == "cat"
+        })
+    };
+    assert!(poll_until(WAIT, allowed), "the admin's exec is not audited");
+}

@@ -114,6 +114,8 @@ pub enum Cmd {
 pub struct Handle {
     pub info: Arc<Mutex<Info>>,
     pub cmd: mpsc::UnboundedSender<Cmd>,
+    /// The agent's sandbox spec, for the commands `aitherctl exec` runs in it.
+    pub spec: Arc<SandboxSpec>,
 }
 
 /// How a first launch went, for the `spawn` reply.
@@ -181,6 +183,7 @@ pub fn start(
     restarts: u32,
 ) -> Handle {
     let name = rec.request.name.clone();
+    let spec = Arc::new(rec.spec.clone());
     d.owners
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -243,7 +246,11 @@ pub fn start(
         usage,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
-    Handle { info, cmd: tx }
+    Handle {
+        info,
+        cmd: tx,
+        spec,
+    }
 }
 
 fn info_hash(info: &Arc<Mutex<Info>>) -> u64 {

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod bus;
 pub mod client;
 pub mod egress;
+pub mod exec;
 pub mod gpu;
 pub mod harden;
 pub mod identity;
@@ -122,6 +123,8 @@ pub struct Daemon {
     pub summary: summary::Denials,
     /// Egress quota state per (agent name, token id), kept across the agent's runs.
     pub net_quotas: Mutex<HashMap<(String, String), Arc<crate::net::gateway::QuotaState>>>,
+    /// The commands `aitherctl exec` runs now, per agent (daemon/exec.rs).
+    pub execs: Arc<exec::Slots>,
 }
 
 impl Daemon {
@@ -186,6 +189,7 @@ impl Daemon {
             usage: Mutex::new(HashMap::new()),
             summary: summary::Denials::new(summary::WINDOW),
             net_quotas: Mutex::new(HashMap::new()),
+            execs: Arc::default(),
         })
     }
 

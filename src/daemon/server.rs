@@ -207,6 +207,11 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
             }
+            Request::Exec(req) => {
+                // The reply comes when the command ends; a closed connection kills it.
+                super::exec::serve(&d, &caller, req, fds, &mut r, &mut w).await;
+                return;
+            }
             req => {
                 let reply = handle(&d, req, &caller, fds).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
@@ -219,7 +224,12 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
 
 /// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
 /// is answered as if it did not exist, and the attempt is recorded as a denial.
-fn authorize(d: &Shared, caller: &Caller, kind: &str, name: &str) -> Result<Option<u32>, Reply> {
+pub(super) fn authorize(
+    d: &Shared,
+    caller: &Caller,
+    kind: &str,
+    name: &str,
+) -> Result<Option<u32>, Reply> {
     // A removed agent's name stays its owner's (its memory is kept under it).
     let Some(owner) = d.name_owner(name) else {
         return Ok(None);
@@ -482,9 +492,9 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::SecretRm { name, owner } => {
             super::secret_ops::handle(d, caller, super::secret_ops::Op::Rm { name: &name }, owner)
         }
-        Request::BusPub { .. } | Request::BusSub { .. } => Reply::err(
+        Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) => Reply::err(
             ErrorCode::BadRequest,
-            "bus_pub and bus_sub take over their connection",
+            "bus_pub, bus_sub and exec take over their connection",
         ),
         Request::Inspect { name } => match d.info_of(&name) {
             Some(mut i) => {
@@ -674,7 +684,7 @@ async fn mem(d: &Shared, agent: String, request: serde_json::Value) -> Reply {
     }
 }
 
-fn not_found(name: &str) -> Reply {
+pub(super) fn not_found(name: &str) -> Reply {
     Reply::err(
         ErrorCode::NotFound,
         format!("no agent named {name:?} (`aitherctl ps` lists them)"),

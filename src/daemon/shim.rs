@@ -366,12 +366,7 @@ pub async fn exec_in(
     argv: &[String],
     timeout: Duration,
 ) -> Probe {
-    let req = crate::sandbox::ExecConfig {
-        spec: spec.clone(),
-        pid1,
-        argv: argv.to_vec(),
-        timeout_ms: Some(timeout.as_millis() as u64),
-    };
+    let req = crate::sandbox::ExecConfig::new(spec.clone(), pid1, argv.to_vec(), Some(timeout));
     let mut cmd = Command::new(init);
     cmd.arg("exec")
         .stdin(Stdio::piped())

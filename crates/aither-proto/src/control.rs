@@ -67,6 +67,27 @@ pub struct SpawnRequest {
     pub publish: Vec<(String, u16)>,
 }
 
+/// What `aitherctl exec` asks for: run `argv` inside agent `name`'s running sandbox,
+/// confined as the agent (docs/daemon.md "exec"). The frame carries three descriptors
+/// (SCM_RIGHTS): the command's stdin, stdout and stderr. Without `tty` each must be a pipe, a
+/// regular file or /dev/null; with `tty` a terminal is allowed too, and the command gets a new
+/// pty relayed to it, never the caller's terminal. The reply comes when the command ends:
+/// `{"exit_code": N}`. Closing the connection kills the command.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub name: String,
+    pub argv: Vec<String>,
+    /// `--env KEY=VALUE`, in order, on top of the agent's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// `-w DIR`: the working directory inside the sandbox (relative: to the agent's).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub tty: bool,
+}
+
 /// A request on the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -174,6 +195,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<u32>,
     },
+    /// A command in a running agent's sandbox (`aitherctl exec`).
+    Exec(ExecRequest),
     /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
     /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
     /// their agents. The reply is `{"lines": [...]}`, each a stored record's text.

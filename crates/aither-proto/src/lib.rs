@@ -21,7 +21,9 @@ pub mod memory;
 pub mod shim;
 
 pub use agent::{AgentFrame, AgentRequest, BusMessage, Push, Severity, UnknownSeverity};
-pub use control::{Reply, Request, RestartPolicy, SecretValue, SpawnRequest, Supervision};
+pub use control::{
+    ExecRequest, Reply, Request, RestartPolicy, SecretValue, SpawnRequest, Supervision,
+};
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FrameError, MAX_FRAME, MAX_REPLY};
 pub use gpu::{GpuLease, GpuState, LeasedDevice};

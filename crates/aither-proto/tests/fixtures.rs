@@ -109,6 +109,7 @@ fn every_fixture_round_trips_byte_for_byte() {
         "bus_streams",
         "bus_sub",
         "events",
+        "exec",
         "gpu_ls",
         "gpu_queue",
         "inspect",

@@ -6,6 +6,9 @@
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
 //!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
 //!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
+//!     aither-init exec --config-fd N
+//!                                   the same, the config read from fd N: the command gets this
+//!                                   process's stdin, stdout and stderr (`aitherctl exec`)
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -73,16 +76,52 @@ fn run_shim() -> i32 {
     }
 }
 
+/// The config's descriptor of `exec --config-fd N`; `None` without the flag.
+fn config_fd() -> Result<Option<std::fs::File>, String> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    match args.as_slice() {
+        [] => Ok(None),
+        [flag, n] if flag == "--config-fd" => {
+            let n: i32 = n.parse().ok().filter(|n| *n > 2).ok_or_else(|| {
+                format!("--config-fd {n:?}: expected a descriptor number above 2")
+            })?;
+            // SAFETY: F_GETFD only queries the number; a closed one fails.
+            if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+                return Err(format!("--config-fd {n}: not open"));
+            }
+            // SAFETY: the daemon passed this descriptor for us alone; we own it from here.
+            Ok(Some(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(n)
+            }))
+        }
+        _ => Err(format!(
+            "unexpected arguments {args:?} (expected --config-fd N)"
+        )),
+    }
+}
+
+fn exec_config() -> Result<ExecConfig, String> {
+    match config_fd()? {
+        None => stdin_json("ExecConfig"),
+        Some(mut f) => {
+            let mut input = String::new();
+            f.read_to_string(&mut input)
+                .map_err(|e| format!("reading the config: {e}"))?;
+            serde_json::from_str(&input)
+                .map_err(|e| format!("the config is not an ExecConfig: {e}"))
+        }
+    }
+}
+
 fn run_exec() -> i32 {
-    let cfg: ExecConfig = match stdin_json("ExecConfig") {
+    let cfg: ExecConfig = match exec_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aither-init exec: error: {e}");
             return 125;
         }
     };
-    let timeout = cfg.timeout_ms.map(std::time::Duration::from_millis);
-    match sandbox::exec_in(&cfg.spec, cfg.pid1, &cfg.argv, timeout) {
+    match sandbox::exec_in(&cfg) {
         Ok(st) => st.code(),
         Err(e) => {
             eprintln!("aither-init exec: {e}");

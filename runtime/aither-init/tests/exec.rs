@@ -50,12 +50,13 @@ impl Running {
     }
 
     fn spawn_exec(&self, argv: &[&str], timeout_ms: Option<u64>) -> std::process::Child {
-        let cfg = ExecConfig {
-            spec: self.spec.clone(),
-            pid1: self.pid1,
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_ms,
-        };
+        let mut cfg = ExecConfig::new(
+            self.spec.clone(),
+            self.pid1,
+            argv.iter().map(|s| s.to_string()).collect(),
+            None,
+        );
+        cfg.timeout_ms = timeout_ms;
         let mut c = Command::new(support::AITHER_INIT)
             .arg("exec")
             .stdin(Stdio::piped())
@@ -205,12 +206,7 @@ fn exec_into_a_process_that_is_no_sandbox_is_refused() {
     require_root();
     let ws = support::workspace();
     let spec = spec(ws.path(), "exec-none", &["true"], None);
-    let cfg = ExecConfig {
-        spec,
-        pid1: std::process::id() as i32,
-        argv: vec!["true".into()],
-        timeout_ms: None,
-    };
+    let cfg = ExecConfig::new(spec, std::process::id() as i32, vec!["true".into()], None);
     let mut c = Command::new(support::AITHER_INIT)
         .arg("exec")
         .stdin(Stdio::piped())

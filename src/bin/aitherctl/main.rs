@@ -6,6 +6,7 @@ mod bus_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
 mod escape;
+mod exec_cmd;
 mod export_cmd;
 mod gpu_cmd;
 mod mem_cmd;
@@ -55,6 +56,7 @@ enum Command {
     Kill(daemon_cmd::KillArgs),
     Restart(daemon_cmd::RestartArgs),
     Rm(daemon_cmd::RmArgs),
+    Exec(exec_cmd::ExecArgs),
     Events(daemon_cmd::EventsArgs),
     Audit(audit_cmd::AuditArgs),
     #[command(subcommand)]
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Kill(a) => daemon_cmd::kill(a),
         Command::Restart(a) => daemon_cmd::restart(a),
         Command::Rm(a) => daemon_cmd::rm(a),
+        Command::Exec(a) => exec_cmd::run(a),
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
         Command::Bus(b) => bus_cmd::run(b),

@@ -33,6 +33,8 @@ pub enum Stage {
     Seccomp,
     ForkAgent,
     HideLauncherArgs,
+    /// `aitherctl exec -w DIR`: entering the command's working directory.
+    WorkingDir,
 }
 
 impl std::fmt::Display for Stage {
@@ -59,6 +61,7 @@ impl std::fmt::Display for Stage {
             Stage::ResolveCommand => "finding the command",
             Stage::Seccomp => "installing the seccomp filter",
             Stage::ForkAgent => "starting the agent",
+            Stage::WorkingDir => "entering the working directory",
         };
         f.write_str(s)
     }

@@ -1,6 +1,6 @@
 //! `aither-init exec`: runs a command inside a running sandbox (like `runc exec` or
-//! `nsenter`), for health checks. The command joins the agent's cgroups and namespaces and is
-//! confined exactly as the agent is, by the same code (`init::confine`).
+//! `nsenter`), for health checks and `aitherctl exec`. The command joins the agent's cgroups
+//! and namespaces and is confined exactly as the agent is, by the same code (`init::confine`).
 //!
 //! Order, and why:
 //! 1. Preflight on the host: the Landlock plan and the seccomp filter (its cache is a host
@@ -8,14 +8,17 @@
 //! 2. pidfd_open(pid 1): from here the sandbox cannot be swapped for another process.
 //! 3. The agent's cgroups, before the namespaces (the cgroup namespace hides the host's
 //!    hierarchy), so that the command counts against the agent's limits from its birth.
+//!    With `tty` (`exec -t`), a new pty owned by the agent's host uid is made here, on the host,
+//!    and relayed to this process's terminal streams (stdio.rs): the command never gets them.
 //! 4. setgroups(0), then one setns(pidfd, every namespace): atomic, so there is never a
 //!    half-joined state.
 //! 5. fork (a pid namespace applies to children only). The child becomes the namespace's root,
-//!    goes to the working directory, is confined (`init::confine`) and execs; the parent waits,
-//!    killing it at the timeout.
+//!    goes to the working directory, is confined (`init::confine`), enters `-w DIR` again as
+//!    the confined agent (never a directory the agent could not enter) and execs; the parent
+//!    waits (relaying the pty), killing it at the timeout.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,7 @@ use super::init::{self, At, Confinement, Failure};
 use super::landlock::{self, LandlockError};
 use super::seccomp::{self, SeccompError};
 use super::spec::SandboxSpec;
+use super::stdio::Relay;
 use crate::cgroup::{self, CgroupError};
 use crate::sys::{self, ExitStatus, Forked};
 
@@ -67,6 +71,10 @@ pub enum ExecError {
     NotExecutable { program: String, errno: i32 },
     #[error("the command did not finish within {0:?} and was killed")]
     TimedOut(Duration),
+    #[error("reading the agent's host uid from /proc/{pid}/uid_map: {detail}")]
+    AgentUid { pid: i32, detail: String },
+    #[error("giving the command a terminal of its own: {0}")]
+    Stdio(#[source] io::Error),
 }
 
 impl ExecError {
@@ -92,6 +100,30 @@ pub struct ExecConfig {
     pub argv: Vec<String>,
     /// Killed (SIGKILL) after this long; `None` waits for ever.
     pub timeout_ms: Option<u64>,
+    /// `KEY=VALUE` pairs on top of the agent's environment (`aitherctl exec --env`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The command's working directory (relative: to the agent's); `None`: the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<std::path::PathBuf>,
+    /// A new pty for the command, relayed to this process's terminal streams (`exec -t`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+}
+
+impl ExecConfig {
+    /// A command with the agent's environment and working directory.
+    pub fn new(spec: SandboxSpec, pid1: i32, argv: Vec<String>, timeout: Option<Duration>) -> Self {
+        ExecConfig {
+            spec,
+            pid1,
+            argv,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            env: Vec::new(),
+            cwd: None,
+            tty: false,
+        }
+    }
 }
 
 /// Runs `argv` inside the running sandbox of `spec` whose pid 1 is host pid `pid1`, confined
@@ -100,12 +132,9 @@ pub struct ExecConfig {
 /// The calling process must be single-threaded (setns into a user namespace and the fork
 /// require it), and it stays in the sandbox's namespaces afterwards: call it from a process
 /// that exits next, as `aither-init exec` does.
-pub fn exec_in(
-    spec: &SandboxSpec,
-    pid1: i32,
-    argv: &[String],
-    timeout: Option<Duration>,
-) -> Result<ExitStatus, ExecError> {
+pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
+    let (spec, pid1, argv) = (&cfg.spec, cfg.pid1, &cfg.argv);
+    let timeout = cfg.timeout_ms.map(Duration::from_millis);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ExecError::NotRoot);
@@ -126,6 +155,11 @@ pub fn exec_in(
     let sandbox =
         sys::pidfd_open(pid1).map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
     let dirs = cgroup::aither_dirs_of(&cgroup::root(), pid1)?;
+    // `-t`: the pty's owner, read from pid 1's uid_map under the same liveness check.
+    let agent_uid = cfg
+        .tty
+        .then(|| agent_host_uid(pid1, spec.uid))
+        .transpose()?;
     sys::pidfd_send_signal(sandbox.as_fd(), 0)
         .map_err(|source| ExecError::NoSandbox { pid: pid1, source })?;
     if dirs.is_empty() {
@@ -133,6 +167,13 @@ pub fn exec_in(
     }
     // 3. The cgroups before the namespaces: the cgroup namespace would hide the hierarchy.
     cgroup::join(&dirs)?;
+
+    // 3b. `-t`: a new pty (and pipes) for the command, relayed to our streams, never handed
+    // over (stdio.rs, as for `aitherctl run`): made on the host, owned by the agent's host uid.
+    let mut relay = match agent_uid {
+        Some(uid) => Relay::new(uid).map_err(ExecError::Stdio)?,
+        None => None,
+    };
 
     // 4. Our supplementary groups would survive into the sandbox (its `setgroups deny` forbids
     // dropping them inside), so they go first.
@@ -154,14 +195,48 @@ pub fn exec_in(
                 spec,
                 landlock: &plan,
                 filter: filter.as_ref(),
-                ctty: None,
+                ctty: relay.as_ref().and_then(Relay::ctty),
             };
-            child(&conf, argv, child_sock)
+            let stdio = relay.as_mut().and_then(Relay::take_agent);
+            child(&conf, cfg, stdio, child_sock)
         }
         Forked::Parent { pidfd, .. } => pidfd,
     };
     drop(child_sock);
-    wait(child.as_fd(), parent_sock.as_fd(), timeout)
+    // The command's ends of the relay close here; our terminal goes raw now that the pty has
+    // its settings (restored when `relay` drops, on every return path).
+    if let Some(r) = relay.as_mut() {
+        if let Err(e) = r.started() {
+            let _ = sys::pidfd_send_signal(child.as_fd(), libc::SIGKILL);
+            let _ = sys::wait_pidfd(child.as_fd());
+            return Err(ExecError::Stdio(e));
+        }
+    }
+    wait(child.as_fd(), parent_sock.as_fd(), timeout, relay.as_mut())
+}
+
+/// The host uid that `inside` maps to in pid 1's user namespace (its uid_map).
+fn agent_host_uid(pid1: i32, inside: u32) -> Result<u32, ExecError> {
+    let err = |detail: String| ExecError::AgentUid { pid: pid1, detail };
+    let map =
+        std::fs::read_to_string(format!("/proc/{pid1}/uid_map")).map_err(|e| err(e.to_string()))?;
+    host_id(&map, inside).ok_or_else(|| err(format!("uid {inside} is not mapped")))
+}
+
+/// The outside id of `inside` in an id map's text (`inside outside count` per line).
+fn host_id(map: &str, inside: u32) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let v: Vec<u32> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match v[..] {
+            [start, host, len] if (start..start.saturating_add(len)).contains(&inside) => {
+                host.checked_add(inside - start)
+            }
+            _ => None,
+        }
+    })
 }
 
 /// The namespaces the launcher created for `spec` (the cgroup one by pid 1 itself).
@@ -181,8 +256,13 @@ fn namespaces(spec: &SandboxSpec) -> libc::c_int {
 }
 
 /// The forked command: confined like the agent, then exec'd. Never returns.
-fn child(conf: &Confinement<'_>, argv: &[String], sock: OwnedFd) -> ! {
-    let code = match prepare_and_exec(conf, argv, sock.as_fd()) {
+fn child(
+    conf: &Confinement<'_>,
+    cfg: &ExecConfig,
+    stdio: Option<[OwnedFd; 3]>,
+    sock: OwnedFd,
+) -> ! {
+    let code = match prepare_and_exec(conf, cfg, stdio, sock.as_fd()) {
         Ok(msg) => {
             let code = match &msg {
                 Msg::NotFound { .. } => 127,
@@ -203,10 +283,19 @@ fn child(conf: &Confinement<'_>, argv: &[String], sock: OwnedFd) -> ! {
 /// Returns only on failure: the message to report (NotFound or NotExecutable) or the stage.
 fn prepare_and_exec(
     conf: &Confinement<'_>,
-    argv: &[String],
+    cfg: &ExecConfig,
+    stdio: Option<[OwnedFd; 3]>,
     sock: BorrowedFd<'_>,
 ) -> Result<Msg, Failure> {
-    let spec = conf.spec;
+    let (spec, argv) = (conf.spec, &cfg.argv);
+    // `-t`: the relay's ends replace our 0–2 (the caller's streams, never the command's).
+    if let Some(stdio) = stdio {
+        for (target, fd) in stdio.into_iter().enumerate() {
+            let _ = sys::place_fd(fd, target as i32)
+                .at(Stage::CloseFds)?
+                .into_raw_fd();
+        }
+    }
     // The namespace's root identity first, as pid 1 had while it set up the agent.
     // SAFETY: plain id switches inside the sandbox's user namespace.
     init::check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
@@ -214,12 +303,23 @@ fn prepare_and_exec(
     init::check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
     // The agent's working directory, entered with the setup identity as pid 1 entered it.
     std::env::set_current_dir(&spec.cwd).at(Stage::Mounts)?;
+    // `-w DIR`: entered now, so that a relative command resolves from it, and entered again
+    // below as the confined agent, so that the command is never in a directory the agent
+    // itself could not enter.
+    let cwd = cfg.cwd.as_ref().map(|c| spec.cwd.join(c));
+    if let Some(c) = &cwd {
+        std::env::set_current_dir(c).at(Stage::WorkingDir)?;
+    }
+    let extra: Vec<(&str, &str)> = cfg.env.iter().filter_map(|kv| kv.split_once('=')).collect();
     let mut stamps = Vec::new();
-    let Some(p) = init::confine(conf, sock, &[], argv, &[], &mut stamps)? else {
+    let Some(p) = init::confine(conf, sock, &[], argv, &extra, &mut stamps)? else {
         return Ok(Msg::NotFound {
             program: argv[0].clone(),
         });
     };
+    if let Some(c) = &cwd {
+        std::env::set_current_dir(c).at(Stage::WorkingDir)?;
+    }
     let mut argv_p: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = p.envp.iter().map(|a| a.as_ptr()).collect();
@@ -234,23 +334,39 @@ fn prepare_and_exec(
     })
 }
 
+/// How often an `exec -t` command's pty takes the caller's window size.
+const WINSIZE_POLL: Duration = Duration::from_millis(200);
+
 /// Waits for the command; SIGKILL at the timeout. A setup failure reported on `sock` wins
 /// over the exit status it caused.
 fn wait(
     child: BorrowedFd<'_>,
     sock: BorrowedFd<'_>,
     timeout: Option<Duration>,
+    mut relay: Option<&mut Relay>,
 ) -> Result<ExitStatus, ExecError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut failure: Option<ExecError> = None;
     let mut sock_open = true;
+    let mut last_winch = Instant::now();
     loop {
-        let ms = deadline.map_or(-1, |d| {
+        let mut ms = deadline.map_or(-1, |d| {
             d.saturating_duration_since(Instant::now())
                 .as_millis()
                 .min(i32::MAX as u128) as i32
         });
-        let mut fds = [
+        if let Some(r) = relay.as_deref() {
+            // The caller's SIGWINCH goes to aitherctl, not to us: the pty takes the caller's
+            // size every WINSIZE_POLL instead (the kernel signals the command only on a
+            // change).
+            if last_winch.elapsed() >= WINSIZE_POLL {
+                r.winch();
+                last_winch = Instant::now();
+            }
+            let poll = WINSIZE_POLL.as_millis() as i32;
+            ms = if ms < 0 { poll } else { ms.min(poll) };
+        }
+        let mut fds = vec![
             libc::pollfd {
                 fd: child.as_raw_fd(),
                 events: libc::POLLIN,
@@ -262,10 +378,15 @@ fn wait(
                 revents: 0,
             },
         ];
-        // SAFETY: two valid pollfd entries (a negative fd is skipped).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // The relay's entries after the two fixed ones.
+        fds.extend(relay.as_ref().map(|r| r.pollfds()).unwrap_or_default());
+        // SAFETY: valid pollfd entries (a negative fd is skipped).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 {
             continue;
+        }
+        if let Some(r) = relay.as_deref_mut() {
+            r.step(&fds[2..]);
         }
         if fds[1].revents != 0 {
             match channel::recv(sock) {
@@ -275,6 +396,10 @@ fn wait(
         }
         if fds[0].revents != 0 {
             let st = sys::wait_pidfd(child).map_err(ExecError::Fork)?;
+            // What the command wrote and the caller has not got yet.
+            if let Some(r) = relay.as_deref_mut() {
+                r.drain();
+            }
             if failure.is_none() && sock_open {
                 if let Ok(Some(m)) = channel::recv(sock) {
                     failure = Some(to_error(m));
@@ -311,5 +436,21 @@ fn to_error(m: Msg) -> ExecError {
             io::ErrorKind::InvalidData,
             format!("unexpected message {other:?}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_id;
+
+    #[test]
+    fn the_agents_host_uid_comes_from_its_line_of_the_map() {
+        // As the launcher writes it (userns::map_text): the setup id, then the agent.
+        let map = "         0 1879048192          1\n      1000 1879048193          1\n";
+        assert_eq!(host_id(map, 1000), Some(1_879_048_193));
+        assert_eq!(host_id(map, 0), Some(1_879_048_192));
+        assert_eq!(host_id(map, 1001), None);
+        assert_eq!(host_id("0 100 65536\n", 1000), Some(1100));
+        assert_eq!(host_id("garbage\n", 0), None);
     }
 }

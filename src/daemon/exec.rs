@@ -1,0 +1,550 @@
+//! `aitherctl exec` (docs/daemon.md "exec"): a command inside a running agent's sandbox,
+//! confined exactly as the agent is, with the caller's streams.
+//!
+//! The stages, in order:
+//! 1. Who: the agent's owner, root or an admin (server.rs `authorize`; anyone else is told
+//!    "no agent named …" and the attempt is audited).
+//! 2. What: a command, `KEY=VALUE` pairs, and three descriptors (stdin, stdout, stderr) sent
+//!    with the request (SCM_RIGHTS): each a pipe, a regular file or /dev/null. A terminal
+//!    only with `tty`, and then the command gets a new pty of its own (`aither-init exec`
+//!    relays it), never the caller's terminal (TIOCSTI, docs/security-model.md). A socket,
+//!    a directory or an O_PATH descriptor is refused: it could lead out of the sandbox's
+//!    network or mount namespace.
+//! 3. Where: the agent must have a sandbox (starting, running, ready or unhealthy), and fewer
+//!    than `MAX_EXECS_PER_AGENT` exec'd commands running.
+//! 4. Run: `aither-init exec --config-fd 3` (crates/aither-core/src/sandbox/exec.rs) joins the
+//!    agent's cgroups (its pids limit counts the command) and namespaces and confines the
+//!    command as the agent (uid, no capabilities, no_new_privs, Landlock, seccomp). aitherd
+//!    is multithreaded and never forks into a sandbox itself.
+//! 5. End: the reply `{"exit_code": N}` (the command's status, 128+N for a signal, 125/126/127
+//!    for Aither's own failures, as `aitherctl run`). A client that closes the connection
+//!    first gets its command killed: aither-init exec is killed, and the command with it (its
+//!    parent-death signal).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Command;
+
+use super::identity::Caller;
+use super::proto::{aio, ErrorCode, ExecRequest, Reply};
+use super::supervise::State;
+use super::Shared;
+use crate::audit::{Entry, Verdict};
+use crate::sandbox::{ExecConfig, SandboxSpec};
+
+/// At most this many exec'd commands run in one agent at a time.
+pub const MAX_EXECS_PER_AGENT: usize = 4;
+
+/// Where `aither-init exec` finds its config.
+const CONFIG_FD: RawFd = 3;
+
+/// An exec refused before anything ran.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecRefused {
+    #[error("no command given (aitherctl exec NAME -- CMD [ARG...])")]
+    NoCommand,
+    #[error("--env {0:?}: expected KEY=VALUE, KEY not empty and without '='")]
+    BadEnv(String),
+    #[error("{0}: contains a NUL byte")]
+    Nul(&'static str),
+    #[error("expected 3 descriptors with the request (stdin, stdout, stderr), got {0}")]
+    FdCount(usize),
+    #[error("{stream} is {what}: {fix}")]
+    BadStream {
+        stream: &'static str,
+        what: &'static str,
+        fix: &'static str,
+    },
+    #[error("{stream} is a file of {fs} (a handle on processes or kernel state, not data): pass a pipe, a regular file or /dev/null")]
+    PseudoFile {
+        stream: &'static str,
+        fs: &'static str,
+    },
+    #[error("reading the descriptor passed as {stream}: {source}")]
+    Stat {
+        stream: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no agent named {0:?} (`aitherctl ps` lists them)")]
+    NoAgent(String),
+    #[error(
+        "agent {name:?} is {state}: exec needs a running sandbox (`aitherctl restart {name}`)"
+    )]
+    NotRunning { name: String, state: State },
+    #[error("agent {name:?} already runs {max} commands from exec (the most at a time); wait for one to end")]
+    TooMany { name: String, max: usize },
+}
+
+impl ExecRefused {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ExecRefused::NoAgent(_) => ErrorCode::NotFound,
+            ExecRefused::NotRunning { .. } => ErrorCode::Conflict,
+            ExecRefused::TooMany { .. } => ErrorCode::Limit,
+            ExecRefused::Stat { .. } => ErrorCode::Io,
+            _ => ErrorCode::Invalid,
+        }
+    }
+}
+
+/// Errors of running `aither-init exec` (after the exec was allowed).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecFailed {
+    #[error("creating the config pipe: {0}")]
+    Pipe(#[source] io::Error),
+    #[error("starting the launcher {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("waiting for the command: {0}")]
+    Wait(#[source] io::Error),
+    #[error("the client went away; the command was killed")]
+    Disconnected,
+}
+
+/// The exec'd commands running per agent.
+#[derive(Default)]
+pub struct Slots(Mutex<HashMap<String, usize>>);
+
+impl Slots {
+    /// A slot for one more command in `name`, freed when the guard drops.
+    fn take(self: &Arc<Self>, name: &str) -> Result<SlotGuard, ExecRefused> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(name.to_string()).or_default();
+        if *n >= MAX_EXECS_PER_AGENT {
+            return Err(ExecRefused::TooMany {
+                name: name.to_string(),
+                max: MAX_EXECS_PER_AGENT,
+            });
+        }
+        *n += 1;
+        Ok(SlotGuard {
+            slots: self.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+struct SlotGuard {
+    slots: Arc<Slots>,
+    name: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// What the request asks for, checked.
+struct Wanted {
+    name: String,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: Option<PathBuf>,
+    tty: bool,
+    stdio: [OwnedFd; 3],
+}
+
+/// Serves one `exec` request; the connection ends with its reply.
+pub async fn serve(
+    d: &Shared,
+    caller: &Caller,
+    req: ExecRequest,
+    fds: Vec<OwnedFd>,
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+) {
+    let ExecRequest {
+        name,
+        argv,
+        env,
+        cwd,
+        tty,
+    } = req;
+    let owner = match super::server::authorize(d, caller, "exec", &name) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            let _ = aio::write_reply(w, &super::server::not_found(&name)).await;
+            return;
+        }
+        Err(reply) => {
+            let _ = aio::write_reply(w, &reply).await;
+            return;
+        }
+    };
+    let audit = |verdict: Verdict, rule: String, extra: serde_json::Value| {
+        let mut data = json!({
+            "argv": argv,
+            // Values can be secrets: only the keys are recorded.
+            "env": env.iter().map(|kv| kv.split('=').next().unwrap_or("")).collect::<Vec<_>>(),
+            "cwd": cwd,
+            "tty": tty,
+        });
+        if let (Some(o), Some(x)) = (data.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+        d.audit.record(
+            Entry::new("exec", verdict, rule)
+                .agent(&name)
+                .actor(caller.actor())
+                .caller(caller.uid)
+                .owner(owner)
+                .data(data),
+        );
+    };
+    let checked =
+        check(&argv, &env, cwd.as_deref(), Terminals::with_tty(tty), fds).and_then(|stdio| {
+            let (spec, pid1) = sandbox_of(d, &name)?;
+            let slot = d.execs.take(&name)?;
+            Ok((stdio, spec, pid1, slot))
+        });
+    let (stdio, spec, pid1, _slot) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            audit(Verdict::Deny, format!("{}: {e}", e.code()), json!({}));
+            let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
+            return;
+        }
+    };
+    audit(
+        Verdict::Allow,
+        "owner: the agent's owner, root or aither-admin".into(),
+        json!({"pid1": pid1}),
+    );
+    let want = Wanted {
+        name: name.clone(),
+        argv,
+        env,
+        cwd,
+        tty,
+        stdio,
+    };
+    let reply = match run(&d.init, (*spec).clone(), pid1, want, r).await {
+        Ok(code) => {
+            d.emit(
+                Some(&name),
+                "exec_exited",
+                json!({"exit_code": code, "caller": caller.uid}),
+            );
+            Reply::ok(json!({"exit_code": code}))
+        }
+        Err(ExecFailed::Disconnected) => {
+            tracing::info!(agent = %name, "exec: the client went away; command killed");
+            return;
+        }
+        Err(e) => Reply::err(ErrorCode::LaunchFailed, e.to_string()),
+    };
+    let _ = aio::write_reply(w, &reply).await;
+}
+
+/// The request's fields and descriptors, checked (stage 2).
+fn check(
+    argv: &[String],
+    env: &[String],
+    cwd: Option<&Path>,
+    terminals: Terminals,
+    fds: Vec<OwnedFd>,
+) -> Result<[OwnedFd; 3], ExecRefused> {
+    if argv.is_empty() {
+        return Err(ExecRefused::NoCommand);
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(ExecRefused::Nul("the command"));
+    }
+    for kv in env {
+        match kv.split_once('=') {
+            Some((k, _)) if !k.is_empty() && !kv.contains('\0') => {}
+            _ => return Err(ExecRefused::BadEnv(kv.clone())),
+        }
+    }
+    if cwd.is_some_and(|c| c.as_os_str().as_encoded_bytes().contains(&0)) {
+        return Err(ExecRefused::Nul("the working directory"));
+    }
+    let stdio: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|v: Vec<OwnedFd>| ExecRefused::FdCount(v.len()))?;
+    for (fd, stream) in stdio.iter().zip(["stdin", "stdout", "stderr"]) {
+        check_stream(fd.as_fd(), stream, terminals)?;
+    }
+    Ok(stdio)
+}
+
+/// Whether a terminal may be one of the command's streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Terminals {
+    /// Without `-t`: never (aitherctl relays its terminal through a pipe).
+    Refused,
+    /// With `-t`: `aither-init exec` gives the command a new pty and relays it to the
+    /// terminal, which the command never gets.
+    Relayed,
+}
+
+impl Terminals {
+    /// What `exec`'s `tty` (`-t`) allows.
+    pub fn with_tty(tty: bool) -> Terminals {
+        if tty {
+            Terminals::Relayed
+        } else {
+            Terminals::Refused
+        }
+    }
+}
+
+/// Files of the kernel's pseudo-filesystems are handles on processes, namespaces and kernel
+/// state, not data: never a command's stream, even as regular files.
+const PSEUDO_FS: &[(i64, &str)] = &[
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x0027_e0eb, "cgroupfs"),
+    (0x6367_7270, "cgroup2"),
+    (0x6e73_6673, "nsfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0xcafe_4a11, "bpffs"),
+    (0x5049_5045, "pidfs"),
+];
+
+/// One of the command's streams (`stream`: "stdin", "stdout" or "stderr"): Ok when it may be
+/// passed as it is (a pipe, a regular file of a real filesystem, /dev/null, or with
+/// `Terminals::Relayed` a terminal). aitherctl relays anything else through a pipe.
+pub fn check_stream(
+    fd: BorrowedFd<'_>,
+    stream: &'static str,
+    terminals: Terminals,
+) -> Result<(), ExecRefused> {
+    let e = |source: rustix::io::Errno| ExecRefused::Stat {
+        stream,
+        source: source.into(),
+    };
+    let bad = |what, fix| ExecRefused::BadStream { stream, what, fix };
+    let plain = "pass a pipe, a regular file or /dev/null";
+    if rustix::fs::fcntl_getfl(fd)
+        .map_err(e)?
+        .contains(rustix::fs::OFlags::PATH)
+    {
+        return Err(bad("an O_PATH descriptor", plain));
+    }
+    let st = rustix::fs::fstat(fd).map_err(e)?;
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::Fifo => Ok(()),
+        rustix::fs::FileType::RegularFile => {
+            let fs = rustix::fs::fstatfs(fd).map_err(e)?.f_type as i64;
+            match PSEUDO_FS.iter().find(|(magic, _)| *magic == fs) {
+                Some((_, name)) => Err(ExecRefused::PseudoFile { stream, fs: name }),
+                None => Ok(()),
+            }
+        }
+        rustix::fs::FileType::CharacterDevice => {
+            let rdev = st.st_rdev;
+            if (rustix::fs::major(rdev), rustix::fs::minor(rdev)) == (1, 3) {
+                return Ok(());
+            }
+            // SAFETY: isatty only queries the descriptor.
+            let is_tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
+            match (is_tty, terminals) {
+                (true, Terminals::Relayed) => Ok(()),
+                (true, Terminals::Refused) => Err(bad(
+                    "a terminal",
+                    "with -t the command gets a pty of its own; without, aitherctl relays it",
+                )),
+                (false, _) => Err(bad("a character device other than /dev/null", plain)),
+            }
+        }
+        rustix::fs::FileType::Socket => Err(bad(
+            "a socket (one of the host's could reach networks the sandbox cannot)",
+            plain,
+        )),
+        _ => Err(bad("a directory or device", plain)),
+    }
+}
+
+/// The agent's spec and its sandbox's pid 1 (stage 3).
+fn sandbox_of(d: &Shared, name: &str) -> Result<(Arc<SandboxSpec>, i32), ExecRefused> {
+    let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+    // A removed agent whose name (and memory) is kept.
+    let h = agents
+        .get(name)
+        .ok_or_else(|| ExecRefused::NoAgent(name.to_string()))?;
+    let info = h.info.lock().unwrap_or_else(|e| e.into_inner());
+    match info.pid1 {
+        Some(pid1) if info.state.is_live() => Ok((h.spec.clone(), pid1)),
+        _ => Err(ExecRefused::NotRunning {
+            name: name.to_string(),
+            state: info.state,
+        }),
+    }
+}
+
+/// Runs the command through `aither-init exec` and waits for it, or for the client to go
+/// (stage 4 and 5). Returns the exit code to report.
+async fn run(
+    init: &Path,
+    spec: SandboxSpec,
+    pid1: i32,
+    want: Wanted,
+    r: &mut OwnedReadHalf,
+) -> Result<i32, ExecFailed> {
+    let mut cfg = ExecConfig::new(spec, pid1, want.argv, None);
+    cfg.env = want.env;
+    cfg.cwd = want.cwd;
+    cfg.tty = want.tty;
+    let (config_r, config_w) = crate::sys::pipe().map_err(ExecFailed::Pipe)?;
+    let [stdin, stdout, stderr] = want.stdio;
+    let mut cmd = Command::new(init);
+    cmd.arg("exec")
+        .arg("--config-fd")
+        .arg(CONFIG_FD.to_string())
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .env_clear()
+        .kill_on_drop(true);
+    let src = config_r.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) on a
+    // descriptor that stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Moved up first: dup2 onto its own number would keep close-on-exec.
+            let high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
+            if high < 0 || libc::dup2(high, CONFIG_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ExecFailed::Spawn {
+        path: init.to_path_buf(),
+        source,
+    })?;
+    // Our copies of the passed descriptors close now: the client sees EOF on its pipes
+    // when the command's copies close.
+    drop(cmd);
+    drop(config_r);
+    let body = serde_json::to_vec(&cfg).expect("config serialises");
+    // A write error means the launcher died: its exit status says why.
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let _ = std::fs::File::from(config_w).write_all(&body);
+    });
+    tracing::info!(agent = %want.name, pid1, "exec started");
+    let mut buf = [0u8; 256];
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st.map_err(ExecFailed::Wait)?,
+            n = r.read(&mut buf) => match n {
+                // Anything the client sends is ignored; its end of the connection is all that
+                // counts.
+                Ok(n) if n > 0 => continue,
+                _ => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    let _ = writer.await;
+                    return Err(ExecFailed::Disconnected);
+                }
+            },
+        }
+    };
+    let _ = writer.await;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(125))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn null3() -> Vec<OwnedFd> {
+        (0..3)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn at_most_four_commands_per_agent_and_a_slot_frees_on_drop() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<SlotGuard> = (0..MAX_EXECS_PER_AGENT)
+            .map(|_| slots.take("a").unwrap())
+            .collect();
+        assert!(matches!(
+            slots.take("a"),
+            Err(ExecRefused::TooMany { max: 4, .. })
+        ));
+        // Another agent's are its own.
+        drop(slots.take("b").unwrap());
+        drop(held);
+        assert!(slots.0.lock().unwrap().is_empty(), "no entry left behind");
+        assert!(slots.take("a").is_ok());
+    }
+
+    #[test]
+    fn the_request_is_checked_before_anything_runs() {
+        let ok = |argv: &[&str], env: &[&str]| {
+            let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            let env: Vec<String> = env.iter().map(|s| s.to_string()).collect();
+            check(&argv, &env, None, Terminals::Refused, null3())
+        };
+        assert!(ok(&["true"], &["A=1", "B="]).is_ok());
+        assert!(matches!(ok(&[], &[]), Err(ExecRefused::NoCommand)));
+        assert!(matches!(ok(&["a\0b"], &[]), Err(ExecRefused::Nul(_))));
+        for bad in ["NOEQUALS", "=value", "A=\0"] {
+            assert!(
+                matches!(ok(&["true"], &[bad]), Err(ExecRefused::BadEnv(_))),
+                "{bad:?}"
+            );
+        }
+        let two: Vec<OwnedFd> = null3().into_iter().take(2).collect();
+        let argv = vec!["true".to_string()];
+        assert!(matches!(
+            check(&argv, &[], None, Terminals::Refused, two),
+            Err(ExecRefused::FdCount(2))
+        ));
+    }
+
+    #[test]
+    fn streams_are_pipes_files_or_dev_null_and_nothing_else() {
+        let kind = |fd: BorrowedFd<'_>| check_stream(fd, "stdin", Terminals::Refused);
+        let (r, w) = crate::sys::pipe().unwrap();
+        assert!(kind(r.as_fd()).is_ok() && kind(w.as_fd()).is_ok());
+        let file = tempfile::tempfile().unwrap();
+        assert!(kind(file.as_fd()).is_ok());
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(kind(null.as_fd()).is_ok());
+        let refused = |fd: BorrowedFd<'_>, what: &str| {
+            let e = kind(fd).expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        refused(sock.as_fd(), "a socket");
+        let dir = std::fs::File::open("/").unwrap();
+        refused(dir.as_fd(), "a directory");
+        let proc = std::fs::File::open("/proc/self/status").unwrap();
+        refused(proc.as_fd(), "procfs");
+        let path = crate::sys::open(Path::new("/etc/hostname"), libc::O_PATH).unwrap();
+        refused(path.as_fd(), "O_PATH");
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        refused(zero.as_fd(), "other than /dev/null");
+    }
+}
