@@ -14,9 +14,10 @@ use tokio::time::Instant;
 
 use super::bus::{Outcome, Slot};
 use super::lifecycle::{
-    idle_command, resting_state, Action, Command, Frame, Idle, IdleReply, Run, Then,
+    idle_command, idle_pause, resting_state, Action, Command, Frame, Idle, IdleReply, PauseRefusal,
+    Run, Then,
 };
-use super::proto::{self, aio, ErrorCode, FrameError, SpawnRequest};
+use super::proto::{self, aio, ErrorBody, ErrorCode, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
 use super::Daemon;
@@ -105,6 +106,14 @@ pub enum Cmd {
     },
     Remove {
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Freeze every process of the running sandbox (`aitherctl pause`).
+    Pause {
+        reply: oneshot::Sender<Result<(), ErrorBody>>,
+    },
+    /// Thaw it (`aitherctl resume`).
+    Resume {
+        reply: oneshot::Sender<Result<(), ErrorBody>>,
     },
     /// The MicroScheduler takes the GPUs back (preemption, overuse).
     Evict(super::gpu::Eviction),
@@ -534,6 +543,14 @@ impl Agent {
             ),
             Cmd::Restart { reply } => (Command::Restart, reply),
             Cmd::Remove { reply } => (Command::Remove, reply),
+            Cmd::Pause { reply } | Cmd::Resume { reply } => {
+                let state = self.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+                let _ = reply.send(Err(ErrorBody {
+                    code: ErrorCode::Conflict,
+                    message: idle_pause(at, &self.name, state),
+                }));
+                return None;
+            }
             Cmd::Evict(_) => return None,
         };
         match idle_command(at, &self.name, &c) {
@@ -678,6 +695,15 @@ impl Agent {
             let mgr = &*self.d.cgroups;
             stats::open_existing(mgr, &live.cgroup_id)
         };
+        // Adopted after a daemon restart with its cgroup frozen: it stays paused (a resume
+        // thaws it), and its watchdog does not count the frozen time.
+        if adopted && cg.as_ref().is_some_and(|c| self.d.cgroups.frozen(c)) {
+            for a in run.on_paused(run.initial_state(), started) {
+                if let Action::State(s) = a {
+                    self.state(s);
+                }
+            }
+        }
         let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
         let mut kernel = KernelSampler::default();
         let stats_every = self.d.stats_interval;
@@ -736,7 +762,7 @@ impl Agent {
                     None => Vec::new(),
                 },
                 cmd = self.cmds.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd, &mut run, &shim_sig, &mut replies),
+                    Some(cmd) => self.on_command(cmd, &mut run, &shim_sig, cg.as_ref(), &mut replies),
                     None => Vec::new(),
                 },
                 _ = tokio::time::sleep_until(next) => {
@@ -753,6 +779,9 @@ impl Agent {
                 self.perform(a, &shim_sig, cg.as_ref(), pid1, &health_tx);
             }
             if let Some((tx, r)) = replies.now.take() {
+                let _ = tx.send(r);
+            }
+            if let Some((tx, r)) = replies.coded.take() {
                 let _ = tx.send(r);
             }
         };
@@ -910,6 +939,13 @@ impl Agent {
                 i.last_health = Some(last);
             }),
             Action::KeepGpuPlace => self.gpu_origin = self.d.gpu.origin(&self.name),
+            Action::Thaw => {
+                if let Some(c) = cg {
+                    if let Err(e) = self.d.cgroups.thaw(c) {
+                        tracing::warn!(agent = %self.name, error = %e, "cannot thaw");
+                    }
+                }
+            }
             Action::StartProbe => {
                 // Without a known pid 1 there is nothing to run it in: no more probes.
                 let (Some(argv), Some(pid1)) = (self.sup().health_cmd.clone(), pid1) else {
@@ -933,11 +969,20 @@ impl Agent {
         cmd: Cmd,
         run: &mut Run,
         shim_sig: &shim::Signaller,
+        cg: Option<&cgroup::Cgroup>,
         replies: &mut Replies,
     ) -> Vec<Action> {
         let now = Instant::now();
         let sup = self.sup().clone();
         let c = match cmd {
+            Cmd::Pause { reply } => {
+                let r = self.pause(run, cg, now);
+                return answer_coded(replies, reply, r);
+            }
+            Cmd::Resume { reply } => {
+                let r = self.resume(run, cg, now);
+                return answer_coded(replies, reply, r);
+            }
             Cmd::Stop { timeout, reply } => {
                 replies.stop.push(reply);
                 Command::Stop {
@@ -979,6 +1024,52 @@ impl Agent {
             },
         };
         run.on_command(c, now)
+    }
+
+    /// Freezes the sandbox, then tells the lifecycle (its watchdog and health checks wait).
+    /// The freeze blocks this task for at most `freezer::FREEZE_TIMEOUT` (usually well under
+    /// a millisecond); the agent's task has nothing else to do until it is answered.
+    fn pause(
+        &self,
+        run: &mut Run,
+        cg: Option<&cgroup::Cgroup>,
+        now: Instant,
+    ) -> Result<Vec<Action>, ErrorBody> {
+        run.may_pause().map_err(|r| self.refusal(r))?;
+        let cg = cg.ok_or_else(|| self.no_cgroup())?;
+        self.d.cgroups.freeze(cg).map_err(freezer_error)?;
+        let was = self.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+        Ok(run.on_paused(was, now))
+    }
+
+    /// Thaws the sandbox, then re-arms the watchdog and health checks from now.
+    fn resume(
+        &self,
+        run: &mut Run,
+        cg: Option<&cgroup::Cgroup>,
+        now: Instant,
+    ) -> Result<Vec<Action>, ErrorBody> {
+        run.may_resume().map_err(|r| self.refusal(r))?;
+        let cg = cg.ok_or_else(|| self.no_cgroup())?;
+        self.d.cgroups.thaw(cg).map_err(freezer_error)?;
+        Ok(run.on_resumed(now))
+    }
+
+    fn refusal(&self, r: PauseRefusal) -> ErrorBody {
+        ErrorBody {
+            code: ErrorCode::Conflict,
+            message: format!("{}: {r}", self.name),
+        }
+    }
+
+    fn no_cgroup(&self) -> ErrorBody {
+        ErrorBody {
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "{}: its sandbox's cgroup was not found, so it cannot be frozen",
+                self.name
+            ),
+        }
     }
 
     /// The periodic sample: the token re-checked every tenth time, the cgroup's statistics
@@ -1411,6 +1502,41 @@ struct Replies {
     then: Option<oneshot::Sender<Result<(), String>>>,
     /// A kill's answer, sent after the actions it caused.
     now: Option<(Answer, Result<(), String>)>,
+    /// A pause's or resume's answer, sent after its state change (the reply shows it).
+    coded: Option<(CodedAnswer, Result<(), ErrorBody>)>,
+}
+
+/// Where a pause or resume is answered: its refusals carry their own code.
+type CodedAnswer = oneshot::Sender<Result<(), ErrorBody>>;
+
+/// Keeps a pause's or resume's answer for after its actions; the actions to perform.
+fn answer_coded(
+    replies: &mut Replies,
+    reply: CodedAnswer,
+    r: Result<Vec<Action>, ErrorBody>,
+) -> Vec<Action> {
+    match r {
+        Ok(actions) => {
+            replies.coded = Some((reply, Ok(())));
+            actions
+        }
+        Err(e) => {
+            replies.coded = Some((reply, Err(e)));
+            Vec::new()
+        }
+    }
+}
+
+/// A freezer's error as a reply: a host without one is `unsupported`, the rest `io`.
+fn freezer_error(e: cgroup::CgroupError) -> ErrorBody {
+    let code = match e {
+        cgroup::CgroupError::FreezerMissing { .. } => ErrorCode::Unsupported,
+        _ => ErrorCode::Io,
+    };
+    ErrorBody {
+        code,
+        message: e.to_string(),
+    }
 }
 
 /// Where a user's command is answered.

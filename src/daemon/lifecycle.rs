@@ -34,6 +34,8 @@ pub enum Action {
     Health { failures: u32, last: String },
     /// Preempted: keep the agent's place in the GPU queue for its next run.
     KeepGpuPlace,
+    /// Thaw the paused sandbox (before a stop's SIGTERM: the agent must run to act on it).
+    Thaw,
 }
 
 /// What a user (or the GPU scheduler) asks of a running agent.
@@ -92,6 +94,31 @@ pub struct Run {
     kill_at: Option<Instant>,
     /// Signals an operator sent this run (bit n: signal n): dying of one is not a crash.
     operator_signals: u128,
+    /// Frozen by a user: the state to go back to on resume.
+    paused: Option<Paused>,
+    /// A health check that was running when the agent was paused: its result is not the
+    /// agent's (it ran against a frozen sandbox) and is dropped.
+    stale_probe: bool,
+}
+
+/// What a pause keeps for the resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Paused {
+    /// The state before the pause (or what READY, arrived meanwhile, made it).
+    was: State,
+    /// The startup timeout was still running.
+    startup: bool,
+}
+
+/// Why a pause or resume is refused by the lifecycle (before any freezer is touched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PauseRefusal {
+    #[error("it is being stopped")]
+    Ending,
+    #[error("it is paused already")]
+    AlreadyPaused,
+    #[error("it is not paused")]
+    NotPaused,
 }
 
 impl Run {
@@ -119,6 +146,8 @@ impl Run {
             then: Then::Policy,
             kill_at: None,
             operator_signals: 0,
+            paused: None,
+            stale_probe: false,
             sup: sup.clone(),
         }
     }
@@ -154,7 +183,103 @@ impl Run {
         self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
     }
 
+    /// Whether the agent is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Whether a pause may start (asked before the freezer is touched).
+    pub fn may_pause(&self) -> Result<(), PauseRefusal> {
+        if self.pending.is_some() {
+            return Err(PauseRefusal::Ending);
+        }
+        if self.paused.is_some() {
+            return Err(PauseRefusal::AlreadyPaused);
+        }
+        Ok(())
+    }
+
+    /// The sandbox is frozen (`was`: the state it was in). Health checks, the watchdog and the
+    /// startup timeout are suspended: a frozen agent cannot answer, and that is no failure.
+    pub fn on_paused(&mut self, was: State, _now: Instant) -> Vec<Action> {
+        if self.paused.is_some() || self.pending.is_some() {
+            return Vec::new();
+        }
+        self.paused = Some(Paused {
+            was,
+            startup: self.startup_deadline.is_some(),
+        });
+        self.startup_deadline = None;
+        self.watchdog_deadline = None;
+        self.next_health = None;
+        self.stale_probe = self.probe_running;
+        vec![
+            Action::State(State::Paused),
+            Action::Emit("paused", json!({"was": was})),
+        ]
+    }
+
+    /// Whether a resume may start.
+    pub fn may_resume(&self) -> Result<(), PauseRefusal> {
+        match self.paused {
+            Some(_) => Ok(()),
+            None => Err(PauseRefusal::NotPaused),
+        }
+    }
+
+    /// The sandbox is thawed: back to the state before the pause, with the watchdog, the
+    /// health checks and the startup timeout armed again from `now` (the paused time is not
+    /// held against the agent).
+    pub fn on_resumed(&mut self, now: Instant) -> Vec<Action> {
+        let Some(p) = self.paused.take() else {
+            return Vec::new();
+        };
+        self.rearm(p, now);
+        vec![
+            Action::State(p.was),
+            Action::Emit("resumed", json!({"to": p.was})),
+        ]
+    }
+
+    fn rearm(&mut self, p: Paused, now: Instant) {
+        if self.pending.is_some() {
+            return;
+        }
+        if p.startup && !self.ready {
+            self.startup_deadline = self
+                .sup
+                .startup_timeout_ms
+                .map(|ms| now + Duration::from_millis(ms));
+        }
+        self.watchdog_deadline = self.sup.watchdog_ms.map(|w| now + Duration::from_millis(w));
+        if self.sup.health_cmd.is_some() && !self.probe_running {
+            self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
+        }
+    }
+
+    /// A stop, restart or remove of a paused agent thaws it first (the agent must run to act
+    /// on SIGTERM; on v1 a frozen task would hold even SIGKILL until thawed).
+    fn thaw_for_end(&mut self) -> Vec<Action> {
+        match self.paused.take() {
+            Some(p) => vec![Action::Thaw, Action::State(p.was)],
+            None => Vec::new(),
+        }
+    }
+
     pub fn on_command(&mut self, cmd: Command, now: Instant) -> Vec<Action> {
+        let mut a = match &cmd {
+            Command::Stop { .. } | Command::Restart | Command::Remove | Command::Evict { .. } => {
+                self.thaw_for_end()
+            }
+            // Another signal waits, pending, until the resume; SIGKILL kills it frozen
+            // (`kill_all` thaws on v1).
+            Command::Kill { .. } => Vec::new(),
+        };
+        a.extend(self.command(cmd, now));
+        a
+    }
+
+    fn command(&mut self, cmd: Command, now: Instant) -> Vec<Action> {
         match cmd {
             Command::Stop { grace } => {
                 self.pending.get_or_insert(EndReason::StoppedByUs);
@@ -262,6 +387,14 @@ impl Run {
         now: Instant,
     ) -> Vec<Action> {
         self.probe_running = false;
+        if self.paused.is_some() || std::mem::take(&mut self.stale_probe) {
+            // It ran against a frozen sandbox: not the agent's answer. Paused, the next one
+            // is armed by the resume; resumed since, it is armed now.
+            if self.paused.is_none() && self.pending.is_none() {
+                self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
+            }
+            return Vec::new();
+        }
         self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
         let mut a = Vec::new();
         if ok {
@@ -324,9 +457,19 @@ impl Run {
                 }
                 self.startup_deadline = None;
                 self.healthy_since.get_or_insert(now);
-                a.push(Action::State(State::Ready));
+                match self.paused.as_mut() {
+                    // Sent just before the freeze: ready once resumed.
+                    Some(p) => {
+                        p.was = State::Ready;
+                        p.startup = false;
+                    }
+                    None => a.push(Action::State(State::Ready)),
+                }
                 a
             }
+            // A heartbeat read after the freeze was sent before it: the watchdog stays off
+            // until the resume arms it.
+            Frame::Heartbeat if self.paused.is_some() => Vec::new(),
             Frame::Heartbeat => {
                 if let Some(w) = self.sup.watchdog_ms {
                     self.watchdog_deadline = Some(now + Duration::from_millis(w));
@@ -428,6 +571,15 @@ pub fn idle_command(at: Idle, name: &str, cmd: &Command) -> IdleReply {
         (Command::Restart, _) => IdleReply::Leave(Then::Restart),
         (Command::Remove, _) => IdleReply::Leave(Then::Remove),
         (Command::Evict { .. }, _) => IdleReply::Ignore,
+    }
+}
+
+/// A pause or resume between runs: refused, saying where the agent is.
+pub fn idle_pause(at: Idle, name: &str, state: State) -> String {
+    match at {
+        Idle::Resting => format!("{name} is not running ({state}): only a running agent can be paused or resumed"),
+        Idle::Backoff => format!("{name} is in backoff, not running: only a running agent can be paused or resumed"),
+        Idle::Queued => format!("{name} is queued for a GPU, not running: only a running agent can be paused or resumed"),
     }
 }
 
