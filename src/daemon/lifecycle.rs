@@ -951,4 +951,151 @@ mod tests {
             assert_eq!(t(at, &Command::Remove), IdleReply::Leave(Then::Remove));
         }
     }
+
+    #[test]
+    fn a_pause_suspends_the_watchdog_and_health_checks_and_the_resume_rearms_them_from_now() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            watchdog_ms: Some(100),
+            health_cmd: Some(vec!["true".into()]),
+            health_interval_ms: 200,
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, true);
+        assert_eq!(r.may_pause(), Ok(()));
+        let a = r.on_paused(State::Ready, t0 + 50 * MS);
+        assert_eq!(a[0], Action::State(State::Paused));
+        assert!(emitted(&a, "paused"), "{a:?}");
+        assert_eq!(
+            r.next_deadline(),
+            None,
+            "nothing runs against a frozen agent"
+        );
+        // Long past every deadline: no miss, no probe, no failure.
+        assert!(r.on_tick(t0 + 10_000 * MS).is_empty());
+        assert!(!r.ending());
+        // A heartbeat read after the freeze does not arm the watchdog.
+        assert!(r.on_frame(Frame::Heartbeat, t0 + 10_000 * MS).is_empty());
+        assert_eq!(r.next_deadline(), None);
+        assert_eq!(r.may_pause(), Err(PauseRefusal::AlreadyPaused));
+
+        let t1 = t0 + 20_000 * MS;
+        let a = r.on_resumed(t1);
+        assert_eq!(a[0], Action::State(State::Ready));
+        assert!(emitted(&a, "resumed"), "{a:?}");
+        assert_eq!(
+            r.next_deadline(),
+            Some(t1 + 100 * MS),
+            "the watchdog, from now"
+        );
+        assert!(r.on_tick(t1 + 99 * MS).is_empty());
+        assert_eq!(r.may_resume(), Err(PauseRefusal::NotPaused));
+        let a = r.on_tick(t1 + 100 * MS);
+        assert!(emitted(&a, "watchdog_miss"), "{a:?}");
+    }
+
+    #[test]
+    fn a_probe_running_at_the_pause_is_not_counted() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            health_cmd: Some(vec!["true".into()]),
+            health_interval_ms: 200,
+            health_threshold: 1,
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, true);
+        assert_eq!(r.on_tick(t0 + 200 * MS), vec![Action::StartProbe]);
+        r.on_paused(State::Running, t0 + 210 * MS);
+        // It timed out against the frozen sandbox: dropped, while paused...
+        assert!(r.on_probe(false, None, "timeout", t0 + 400 * MS).is_empty());
+        assert!(!r.ending());
+        // ...and also when it comes back after the resume.
+        let mut r2 = Run::new(&s, t0, true);
+        r2.on_tick(t0 + 200 * MS);
+        r2.on_paused(State::Running, t0 + 210 * MS);
+        r2.on_resumed(t0 + 300 * MS);
+        assert!(r2
+            .on_probe(false, None, "timeout", t0 + 400 * MS)
+            .is_empty());
+        assert!(!r2.ending());
+        assert_eq!(r2.next_deadline(), Some(t0 + 600 * MS));
+        // The next one counts.
+        r2.on_tick(t0 + 600 * MS);
+        r2.on_probe(false, Some(1), "down", t0 + 610 * MS);
+        assert!(r2.ending());
+    }
+
+    #[test]
+    fn stop_restart_and_remove_of_a_paused_agent_thaw_it_first() {
+        let t0 = Instant::now();
+        for cmd in [
+            Command::Stop { grace: 5 * MS },
+            Command::Restart,
+            Command::Remove,
+        ] {
+            let mut r = Run::new(&sup(), t0, false);
+            r.on_paused(State::Running, t0);
+            let a = r.on_command(cmd.clone(), t0);
+            assert_eq!(
+                a[..3],
+                [
+                    Action::Thaw,
+                    Action::State(State::Running),
+                    Action::Signal(libc::SIGTERM)
+                ],
+                "{cmd:?}"
+            );
+            assert!(!r.is_paused());
+            assert_eq!(r.may_pause(), Err(PauseRefusal::Ending));
+        }
+        // SIGKILL kills it frozen (kill_all thaws on v1); another signal waits for the resume.
+        let mut r = Run::new(&sup(), t0, false);
+        r.on_paused(State::Running, t0);
+        let term = Command::Kill {
+            signal: libc::SIGTERM,
+            delivered: true,
+        };
+        assert!(r.on_command(term, t0).is_empty());
+        assert!(r.is_paused());
+        let kill = Command::Kill {
+            signal: libc::SIGKILL,
+            delivered: true,
+        };
+        assert_eq!(r.on_command(kill, t0), vec![Action::KillAll]);
+    }
+
+    #[test]
+    fn ready_while_paused_is_kept_for_the_resume() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            wait_ready: true,
+            startup_timeout_ms: Some(100),
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, false);
+        r.on_paused(State::Starting, t0 + 10 * MS);
+        assert_eq!(r.next_deadline(), None, "the startup timeout waits too");
+        let a = r.on_frame(Frame::Ready, t0 + 20 * MS);
+        assert!(!a.iter().any(|x| matches!(x, Action::State(_))), "{a:?}");
+        assert_eq!(r.on_resumed(t0 + 30 * MS)[0], Action::State(State::Ready));
+        assert_eq!(r.next_deadline(), None, "ready: no startup timeout");
+        // Not ready yet at the resume: the startup timeout starts again from then.
+        let mut r = Run::new(&s, t0, false);
+        r.on_paused(State::Starting, t0 + 10 * MS);
+        assert_eq!(
+            r.on_resumed(t0 + 500 * MS)[0],
+            Action::State(State::Starting)
+        );
+        assert_eq!(r.next_deadline(), Some(t0 + 600 * MS));
+    }
+
+    #[test]
+    fn pause_between_runs_is_refused_saying_where_the_agent_is() {
+        assert_eq!(
+            idle_pause(Idle::Resting, "a", State::Stopped),
+            "a is not running (stopped): only a running agent can be paused or resumed"
+        );
+        assert!(idle_pause(Idle::Backoff, "a", State::Backoff).contains("backoff"));
+        assert!(idle_pause(Idle::Queued, "a", State::Queued).contains("queued for a GPU"));
+    }
 }
