@@ -693,8 +693,9 @@ pub struct RmArgs {
 /// A paused agent shows as `paused` in `ps` and `inspect`. Its health checks and heartbeat
 /// watchdog are suspended (a frozen agent cannot answer, and that is neither a failure nor a
 /// reason to restart it) and start again from the moment it is resumed. Its memory and pids
-/// stay charged to its limits. `stop`, `restart`, `rm --force` and `kill` work on a paused
-/// agent: it is thawed as it is stopped.
+/// stay charged to its limits. `stop`, `restart` and `rm --force` work on a paused agent: it
+/// is thawed, then stopped as usual. `kill -s KILL` kills it frozen; another signal waits,
+/// pending, until the resume.
 ///
 /// Each NAME in turn, its result on a line of its own. Pausing a paused agent is refused.
 ///
