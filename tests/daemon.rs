@@ -1334,3 +1334,61 @@ fn commands_take_several_names_and_any_failure_fails_the_command() {
     let o = d.ctl(&["kill", &a, &missing]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn a_paused_agent_is_adopted_paused_after_kill_9_of_the_daemon_and_sigkill_ends_it_frozen() {
+    let mut d = daemon();
+    let name = unique("pause-adopt");
+    let v = d.spawn(
+        &name,
+        &["--watchdog", "200ms", "--backoff", "50ms"],
+        &["sh", "-c", &counting("adopt.n")],
+    );
+    let pid1 = v["pid1"].as_i64().unwrap();
+    // A shell agent sends no heartbeats: only being paused keeps its watchdog off. Paused
+    // before the first deadline or restarted (and then paused): either way paused now.
+    let paused = poll_until(Duration::from_secs(10), || {
+        d.ctl(&["pause", &name]).status.success()
+    });
+    assert!(paused, "{}", d.events_text(&name));
+    let restarts = d.inspect(&name)["restarts"].as_u64().unwrap();
+    let pid1 = d.inspect(&name)["pid1"].as_i64().unwrap_or(pid1);
+    let fz = freezer_dir(pid1).expect("this host has the v1 freezer");
+
+    d.kill9();
+    d.launch();
+    // Adopted, still frozen, still paused; its watchdog does not count the frozen time: a
+    // second agent with the same watchdog started now misses it and is restarted first.
+    let i = d.inspect(&name);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["pid1"].as_i64(), Some(pid1), "{i}");
+    let silent = unique("pause-adopt-silent");
+    d.spawn(
+        &silent,
+        &["--watchdog", "200ms", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
+    d.wait_events(&silent, "started", 2, Duration::from_secs(20));
+    let i = d.inspect(&name);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["restarts"].as_u64(), Some(restarts), "{i}");
+    assert_eq!(
+        std::fs::read_to_string(fz.join("freezer.state"))
+            .unwrap()
+            .trim(),
+        "FROZEN"
+    );
+
+    // SIGKILL ends it frozen (v1: signalled, then thawed), as an operator's kill: no restart.
+    d.ok(&["kill", &name]);
+    assert!(
+        poll_until(Duration::from_secs(10), || !Path::new(&format!(
+            "/proc/{pid1}"
+        ))
+        .exists()),
+        "pid 1 of a paused agent survived SIGKILL"
+    );
+    d.wait_state(&name, "exited", Duration::from_secs(10));
+    assert_eq!(d.inspect(&name)["restarts"].as_u64(), Some(restarts));
+    d.ok(&["stop", &silent]);
+}
