@@ -1359,9 +1359,22 @@ fn a_paused_agent_is_adopted_paused_after_kill_9_of_the_daemon_and_sigkill_ends_
     d.launch();
     // Adopted, still frozen, still paused; its watchdog does not count the frozen time: a
     // second agent with the same watchdog started now misses it and is restarted first.
+    d.wait_state(&name, "paused", Duration::from_secs(10));
     let i = d.inspect(&name);
-    assert_eq!(i["state"], "paused", "{i}");
     assert_eq!(i["pid1"].as_i64(), Some(pid1), "{i}");
+    // Adopted straight into `paused`, not through `running`.
+    let ev = d.events(&name);
+    let adopted = ev
+        .iter()
+        .position(|e| e["kind"] == "adopted")
+        .expect("adopted event");
+    let states: Vec<&Value> = ev[adopted..]
+        .iter()
+        .filter(|e| e["kind"] == "state")
+        .map(|e| &e["data"]["to"])
+        .collect();
+    assert_eq!(states, [&Value::from("paused")], "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "paused"), 1, "{}", d.events_text(&name));
     let silent = unique("pause-adopt-silent");
     d.spawn(
         &silent,

@@ -680,8 +680,19 @@ impl Agent {
             "started",
             json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
         );
+        let cg = {
+            let mgr = &*self.d.cgroups;
+            stats::open_existing(mgr, &live.cgroup_id)
+        };
         let mut run = Run::new(&sup, started, live.was_ready);
-        self.state(run.initial_state());
+        // Adopted after a daemon restart with its cgroup frozen: it stays paused (a resume
+        // thaws it), its watchdog not counting the frozen time; no new `paused` event.
+        if adopted && cg.as_ref().is_some_and(|c| self.d.cgroups.frozen(c)) {
+            run.on_paused(run.initial_state(), started);
+            self.state(State::Paused);
+        } else {
+            self.state(run.initial_state());
+        }
 
         let Channel {
             mut frames_rx,
@@ -691,19 +702,6 @@ impl Agent {
             outbox,
         } = self.attach_channel(live.channel.take(), adopted);
 
-        let cg = {
-            let mgr = &*self.d.cgroups;
-            stats::open_existing(mgr, &live.cgroup_id)
-        };
-        // Adopted after a daemon restart with its cgroup frozen: it stays paused (a resume
-        // thaws it), and its watchdog does not count the frozen time.
-        if adopted && cg.as_ref().is_some_and(|c| self.d.cgroups.frozen(c)) {
-            for a in run.on_paused(run.initial_state(), started) {
-                if let Action::State(s) = a {
-                    self.state(s);
-                }
-            }
-        }
         let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
         let mut kernel = KernelSampler::default();
         let stats_every = self.d.stats_interval;
