@@ -1598,3 +1598,29 @@ fn channel_stream(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
     s.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_a_freezer_is_unsupported_and_a_freeze_that_never_came_is_io() {
+        let missing = freezer_error(cgroup::CgroupError::FreezerMissing {
+            detail: "no v1 freezer hierarchy mounted at /sys/fs/cgroup/freezer".into(),
+        });
+        assert_eq!(missing.code, ErrorCode::Unsupported);
+        assert!(
+            missing.message.contains("/sys/fs/cgroup/freezer")
+                && missing.message.contains("mount -t cgroup -o freezer"),
+            "{}",
+            missing.message
+        );
+        let timeout = freezer_error(cgroup::CgroupError::FreezeTimeout {
+            path: "/sys/fs/cgroup/freezer/aither/a-1/freezer.state".into(),
+            waited_ms: 2000,
+            last: "FREEZING".into(),
+        });
+        assert_eq!(timeout.code, ErrorCode::Io);
+        assert!(timeout.message.contains("FREEZING"), "{}", timeout.message);
+    }
+}
