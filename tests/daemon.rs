@@ -1405,3 +1405,84 @@ fn a_paused_agent_is_adopted_paused_after_kill_9_of_the_daemon_and_sigkill_ends_
     assert_eq!(d.inspect(&name)["restarts"].as_u64(), Some(restarts));
     d.ok(&["stop", &silent]);
 }
+
+#[test]
+fn health_checks_wait_while_an_agent_is_paused() {
+    let d = daemon();
+    let paused = unique("pause-health");
+    let control = unique("pause-health-ctl");
+    // Each check leaves a line in its agent's file, and fails once `fail` appears in the
+    // shared workspace; one failure ends the run.
+    let check = |file: &str| format!("echo . >> {}; test ! -e {}", d.ws.at(file), d.ws.at("fail"));
+    let probes = |file: &str| {
+        std::fs::read_to_string(d.ws.path().join(file))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // A check against a frozen sandbox would hang until aitherd gives up on it (the 200 ms
+    // timeout plus 1 s): a failure, were it run. The control agent needs 15 failures in a row
+    // (one per 100 ms), so its end comes after longer than that.
+    let spawn = |name: &str, file: &str, threshold: &str| {
+        let c = check(file);
+        d.spawn(
+            name,
+            &[
+                "--health-cmd",
+                &c,
+                "--health-interval",
+                "100ms",
+                "--health-timeout",
+                "200ms",
+                "--health-threshold",
+                threshold,
+                "--backoff",
+                "50ms",
+            ],
+            &["sleep", "600"],
+        );
+    };
+    spawn(&paused, "p.probes", "1");
+    d.wait_state(&paused, "ready", Duration::from_secs(10));
+    d.ok(&["pause", &paused]);
+    let before = probes("p.probes");
+    // The control agent, ready, then failing its check: time in which the paused agent would
+    // have been checked several times, and failed.
+    spawn(&control, "c.probes", "15");
+    d.wait_state(&control, "ready", Duration::from_secs(10));
+    std::fs::write(d.ws.path().join("fail"), "").unwrap();
+    let ev = d.wait_events(&control, "exited", 1, Duration::from_secs(20));
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "health_failed"),
+        "{}",
+        d.events_text(&control)
+    );
+    assert!(probes("c.probes") >= 16);
+    let i = d.inspect(&paused);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["health_failures"], 0, "{i}");
+    assert_eq!(i["restarts"], 0, "{i}");
+    assert_eq!(d.count(&paused, "exited"), 0, "{}", d.events_text(&paused));
+    assert!(
+        probes("p.probes") <= before + 1,
+        "checks ran while paused: {} then {}",
+        before,
+        probes("p.probes")
+    );
+
+    // Resumed with its check passing again: back to ready, checked again, still the first run.
+    std::fs::remove_file(d.ws.path().join("fail")).unwrap();
+    let n = probes("p.probes");
+    let out = d.ok(&["resume", &paused]);
+    assert_eq!(out.trim(), format!("{paused}: resumed (now ready)"));
+    assert!(
+        poll_until(Duration::from_secs(10), || probes("p.probes") >= n + 2),
+        "no checks after the resume"
+    );
+    let i = d.inspect(&paused);
+    assert_eq!(i["state"], "ready", "{i}");
+    assert_eq!(i["restarts"], 0, "{i}");
+    assert_eq!(i["health_failures"], 0, "{i}");
+    d.ok(&["stop", &paused, &control]);
+}
