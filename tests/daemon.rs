@@ -1085,3 +1085,412 @@ fn a_bad_agent_name_is_refused_naming_the_field_and_the_rule() {
         );
     }
 }
+
+/// The value of the counter an agent keeps in `file` of the workspace (0 before its first
+/// write). The agent replaces the file with `mv`, so a read never sees half a number.
+fn counter(d: &Daemon, file: &str) -> u64 {
+    std::fs::read_to_string(d.ws.path().join(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A shell agent that counts in `file`, about 50 steps a second.
+fn counting(file: &str) -> String {
+    format!("i=0; while :; do i=$((i+1)); echo $i > {file}.tmp && mv {file}.tmp {file}; sleep 0.02; done")
+}
+
+/// The v1 freezer directory of an agent's sandbox (from its pid 1's /proc/PID/cgroup), or
+/// None where the host freezes through cgroup2.
+fn freezer_dir(pid1: i64) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid1}/cgroup")).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("freezer"))?;
+    let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
+    Some(Path::new("/sys/fs/cgroup/freezer").join(rel))
+}
+
+/// `/proc/PID/stat` state letters of the processes in `dir`'s cgroup.
+fn task_states(dir: &Path) -> Vec<(i32, char)> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // The state follows the command name's closing parenthesis.
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some((p, state))
+        })
+        .collect()
+}
+
+#[test]
+fn pause_freezes_every_process_of_the_agent_and_resume_lets_it_go_on() {
+    let d = daemon();
+    let frozen = unique("pause-me");
+    let control = unique("pause-control");
+    let v = d.spawn(&frozen, &[], &["sh", "-c", &counting("frozen.n")]);
+    d.spawn(&control, &[], &["sh", "-c", &counting("control.n")]);
+    let pid1 = v["pid1"].as_i64().unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), || counter(&d, "frozen.n") > 2),
+        "the agent never counted: {}",
+        d.ok(&["logs", &frozen])
+    );
+
+    let out = d.ok(&["pause", &frozen]);
+    assert_eq!(out.trim(), format!("{frozen}: paused"));
+    assert_eq!(d.state_of(&frozen), "paused");
+    let row = d
+        .ok(&["ps"])
+        .lines()
+        .find(|l| l.starts_with(&frozen))
+        .map(str::to_owned)
+        .expect("row in ps");
+    assert!(row.contains("paused"), "{row}");
+
+    // The kernel's view: the freezer cgroup is FROZEN and every process in it sits in the
+    // refrigerator (state D on v1).
+    let fz = freezer_dir(pid1).expect("this host has the v1 freezer");
+    assert_eq!(
+        std::fs::read_to_string(fz.join("freezer.state"))
+            .unwrap()
+            .trim(),
+        "FROZEN"
+    );
+    let states = task_states(&fz);
+    assert!(states.len() >= 2, "sh and pid 1 at least: {states:?}");
+    assert!(states.iter().all(|(_, s)| *s == 'D'), "{states:?}");
+
+    // Stable while the unpaused control agent counts on: its 10 steps are time in which the
+    // paused agent would have counted too.
+    let before = counter(&d, "frozen.n");
+    let c0 = counter(&d, "control.n");
+    assert!(
+        poll_until(Duration::from_secs(20), || counter(&d, "control.n")
+            >= c0 + 10),
+        "the control agent stopped counting"
+    );
+    assert_eq!(counter(&d, "frozen.n"), before, "a paused agent counted");
+    // A second pause is refused; the agent stays paused.
+    let o = d.ctl(&["pause", &frozen]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("paused already"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A command would freeze with the agent: exec is refused, naming the way out.
+    let o = d.ctl(&["exec", &frozen, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is paused"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let out = d.ok(&["resume", &frozen]);
+    assert_eq!(out.trim(), format!("{frozen}: resumed (now running)"));
+    assert_eq!(d.state_of(&frozen), "running");
+    assert_eq!(
+        std::fs::read_to_string(fz.join("freezer.state"))
+            .unwrap()
+            .trim(),
+        "THAWED"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || counter(&d, "frozen.n") > before),
+        "the resumed agent does not count"
+    );
+    // A resume of a running agent is refused.
+    let o = d.ctl(&["resume", &frozen]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not paused"));
+    let ev = d.events(&frozen);
+    let kinds: Vec<&str> = ev.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let p = kinds
+        .iter()
+        .position(|k| *k == "paused")
+        .expect("paused event");
+    let r = kinds
+        .iter()
+        .position(|k| *k == "resumed")
+        .expect("resumed event");
+    assert!(p < r, "{kinds:?}");
+    // Audited as operator actions, with the caller.
+    let a = d.audit();
+    for kind in ["pause", "resume"] {
+        assert!(
+            a.iter().any(|r| r["kind"] == kind
+                && r["decision"] == "allow"
+                && r["agent"] == frozen.as_str()
+                && r["caller_uid"] == 0),
+            "{kind}: {a:#?}"
+        );
+    }
+    d.ok(&["stop", &frozen, &control]);
+}
+
+#[test]
+fn a_paused_agent_is_not_restarted_by_its_watchdog_and_stop_ends_it() {
+    let d = daemon().with_python_sdk();
+    let beating = unique("pause-wd");
+    let script = "import aither, time\nc = aither.Channel.from_env()\nc.heartbeat_every(0.1)\ntime.sleep(600)\n";
+    std::fs::write(d.ws.path().join("beat.py"), script).unwrap();
+    let v = d.spawn(
+        &beating,
+        &["--watchdog", "300ms", "--backoff", "50ms"],
+        &["python3", "beat.py"],
+    );
+    let pid1 = v["pid1"].as_i64().unwrap();
+    assert!(poll_until(Duration::from_secs(10), || d.inspect(&beating)
+        ["last_heartbeat_ms"]
+        .as_u64()
+        .is_some()));
+    d.ok(&["pause", &beating]);
+
+    // A silent agent with the same watchdog, started after the pause: once it has missed its
+    // heartbeat and been restarted, the paused one has gone as long without one.
+    let silent = unique("pause-silent");
+    d.spawn(
+        &silent,
+        &["--watchdog", "300ms", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
+    d.wait_events(&silent, "started", 2, Duration::from_secs(20));
+    let i = d.inspect(&beating);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["restarts"], 0, "{}", d.events_text(&beating));
+    assert_eq!(d.count(&beating, "watchdog_miss"), 0);
+    assert_eq!(d.count(&beating, "started"), 1);
+
+    // Resumed, its heartbeats keep it; the watchdog counts from the resume.
+    d.ok(&["resume", &beating]);
+    let hb = d.inspect(&beating)["last_heartbeat_ms"].as_u64().unwrap();
+    assert!(poll_until(Duration::from_secs(10), || d.inspect(&beating)
+        ["last_heartbeat_ms"]
+        .as_u64()
+        .is_some_and(|t| t > hb)));
+    assert_eq!(d.count(&beating, "watchdog_miss"), 0);
+
+    // Paused again, a stop ends it (thawed to act on SIGTERM), and it stays stopped.
+    d.ok(&["pause", &beating]);
+    d.ok(&["stop", &beating]);
+    assert_eq!(d.state_of(&beating), "stopped");
+    assert!(!Path::new(&format!("/proc/{pid1}")).exists());
+    assert_eq!(d.inspect(&beating)["restarts"], 0);
+    d.ok(&["stop", &silent]);
+}
+
+#[test]
+fn commands_take_several_names_and_any_failure_fails_the_command() {
+    let d = daemon();
+    let a = unique("multi-a");
+    let b = unique("multi-b");
+    let c = unique("multi-c");
+    for n in [&a, &b, &c] {
+        d.spawn(n, &[], &["sleep", "60"]);
+    }
+    let out = d.ok(&["pause", &a, &b]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [format!("{a}: paused"), format!("{b}: paused")]
+    );
+    assert_eq!(d.state_of(&a), "paused");
+    assert_eq!(d.state_of(&b), "paused");
+    d.ok(&["resume", &a, &b]);
+    assert_eq!(d.state_of(&b), "running");
+
+    // Both stopped, each on its line.
+    let out = d.ok(&["stop", &a, &b]);
+    assert!(
+        out.contains(&format!("{a}: stopped")) && out.contains(&format!("{b}: stopped")),
+        "{out}"
+    );
+    assert_eq!(d.state_of(&a), "stopped");
+    assert_eq!(d.state_of(&b), "stopped");
+
+    // A missing name fails the command and is named; the others are still done.
+    let missing = unique("missing");
+    let o = d.ctl(&["stop", &c, &missing]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&missing) && err.contains("not_found"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{c}: stopped")));
+    assert_eq!(d.state_of(&c), "stopped");
+
+    // Pausing an agent that does not run: refused, saying so, exit 1.
+    let o = d.ctl(&["pause", &a]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{a} is not running (stopped)")) && err.contains("(conflict)"),
+        "{err}"
+    );
+
+    // restart and rm take several names too; rm --force takes a paused agent.
+    d.ok(&["restart", &a, &b]);
+    d.wait_state(&a, "running", Duration::from_secs(10));
+    d.wait_state(&b, "running", Duration::from_secs(10));
+    d.ok(&["pause", &a]);
+    let pid1 = d.inspect(&a)["pid1"].as_i64().unwrap();
+    let out = d.ok(&["rm", "--force", &a, &b, &c]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(!Path::new(&format!("/proc/{pid1}")).exists());
+    let o = d.ctl(&["kill", &a, &missing]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn a_paused_agent_is_adopted_paused_after_kill_9_of_the_daemon_and_sigkill_ends_it_frozen() {
+    let mut d = daemon();
+    let name = unique("pause-adopt");
+    let v = d.spawn(
+        &name,
+        &["--watchdog", "200ms", "--backoff", "50ms"],
+        &["sh", "-c", &counting("adopt.n")],
+    );
+    let pid1 = v["pid1"].as_i64().unwrap();
+    // A shell agent sends no heartbeats: only being paused keeps its watchdog off. Paused
+    // before the first deadline or restarted (and then paused): either way paused now.
+    let paused = poll_until(Duration::from_secs(10), || {
+        d.ctl(&["pause", &name]).status.success()
+    });
+    assert!(paused, "{}", d.events_text(&name));
+    let restarts = d.inspect(&name)["restarts"].as_u64().unwrap();
+    let pid1 = d.inspect(&name)["pid1"].as_i64().unwrap_or(pid1);
+    let fz = freezer_dir(pid1).expect("this host has the v1 freezer");
+
+    d.kill9();
+    d.launch();
+    // Adopted, still frozen, still paused; its watchdog does not count the frozen time: a
+    // second agent with the same watchdog started now misses it and is restarted first.
+    d.wait_state(&name, "paused", Duration::from_secs(10));
+    let i = d.inspect(&name);
+    assert_eq!(i["pid1"].as_i64(), Some(pid1), "{i}");
+    // Adopted straight into `paused`, not through `running`.
+    let ev = d.events(&name);
+    let adopted = ev
+        .iter()
+        .position(|e| e["kind"] == "adopted")
+        .expect("adopted event");
+    let states: Vec<&Value> = ev[adopted..]
+        .iter()
+        .filter(|e| e["kind"] == "state")
+        .map(|e| &e["data"]["to"])
+        .collect();
+    assert_eq!(states, [&Value::from("paused")], "{}", d.events_text(&name));
+    assert_eq!(d.count(&name, "paused"), 1, "{}", d.events_text(&name));
+    let silent = unique("pause-adopt-silent");
+    d.spawn(
+        &silent,
+        &["--watchdog", "200ms", "--backoff", "50ms"],
+        &["sleep", "60"],
+    );
+    d.wait_events(&silent, "started", 2, Duration::from_secs(20));
+    let i = d.inspect(&name);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["restarts"].as_u64(), Some(restarts), "{i}");
+    assert_eq!(
+        std::fs::read_to_string(fz.join("freezer.state"))
+            .unwrap()
+            .trim(),
+        "FROZEN"
+    );
+
+    // SIGKILL ends it frozen (v1: signalled, then thawed), as an operator's kill: no restart.
+    d.ok(&["kill", &name]);
+    assert!(
+        poll_until(Duration::from_secs(10), || !Path::new(&format!(
+            "/proc/{pid1}"
+        ))
+        .exists()),
+        "pid 1 of a paused agent survived SIGKILL"
+    );
+    d.wait_state(&name, "exited", Duration::from_secs(10));
+    assert_eq!(d.inspect(&name)["restarts"].as_u64(), Some(restarts));
+    d.ok(&["stop", &silent]);
+}
+
+#[test]
+fn health_checks_wait_while_an_agent_is_paused() {
+    let d = daemon();
+    let paused = unique("pause-health");
+    let control = unique("pause-health-ctl");
+    // Each check leaves a line in its agent's file, and fails once `fail` appears in the
+    // shared workspace; one failure ends the run.
+    let check = |file: &str| format!("echo . >> {}; test ! -e {}", d.ws.at(file), d.ws.at("fail"));
+    let probes = |file: &str| {
+        std::fs::read_to_string(d.ws.path().join(file))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // A check against a frozen sandbox would hang until aitherd gives up on it (the 200 ms
+    // timeout plus 1 s): a failure, were it run. The control agent needs 15 failures in a row
+    // (one per 100 ms), so its end comes after longer than that.
+    let spawn = |name: &str, file: &str, threshold: &str| {
+        let c = check(file);
+        d.spawn(
+            name,
+            &[
+                "--health-cmd",
+                &c,
+                "--health-interval",
+                "100ms",
+                "--health-timeout",
+                "200ms",
+                "--health-threshold",
+                threshold,
+                "--backoff",
+                "50ms",
+            ],
+            &["sleep", "600"],
+        );
+    };
+    spawn(&paused, "p.probes", "1");
+    d.wait_state(&paused, "ready", Duration::from_secs(10));
+    d.ok(&["pause", &paused]);
+    let before = probes("p.probes");
+    // The control agent, ready, then failing its check: time in which the paused agent would
+    // have been checked several times, and failed.
+    spawn(&control, "c.probes", "15");
+    d.wait_state(&control, "ready", Duration::from_secs(10));
+    std::fs::write(d.ws.path().join("fail"), "").unwrap();
+    let ev = d.wait_events(&control, "exited", 1, Duration::from_secs(20));
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "exited" && e["data"]["reason"]["kind"] == "health_failed"),
+        "{}",
+        d.events_text(&control)
+    );
+    assert!(probes("c.probes") >= 16);
+    let i = d.inspect(&paused);
+    assert_eq!(i["state"], "paused", "{i}");
+    assert_eq!(i["health_failures"], 0, "{i}");
+    assert_eq!(i["restarts"], 0, "{i}");
+    assert_eq!(d.count(&paused, "exited"), 0, "{}", d.events_text(&paused));
+    assert!(
+        probes("p.probes") <= before + 1,
+        "checks ran while paused: {} then {}",
+        before,
+        probes("p.probes")
+    );
+
+    // Resumed with its check passing again: back to ready, checked again, still the first run.
+    std::fs::remove_file(d.ws.path().join("fail")).unwrap();
+    let n = probes("p.probes");
+    let out = d.ok(&["resume", &paused]);
+    assert_eq!(out.trim(), format!("{paused}: resumed (now ready)"));
+    assert!(
+        poll_until(Duration::from_secs(10), || probes("p.probes") >= n + 2),
+        "no checks after the resume"
+    );
+    let i = d.inspect(&paused);
+    assert_eq!(i["state"], "ready", "{i}");
+    assert_eq!(i["restarts"], 0, "{i}");
+    assert_eq!(i["health_failures"], 0, "{i}");
+    d.ok(&["stop", &paused, &control]);
+}

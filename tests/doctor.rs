@@ -193,6 +193,7 @@ fn check_shape(v: &Value) {
         "writable",
         "delegated",
         "swap_control",
+        "freezer",
     ] {
         assert!(host["cgroup"].get(k).is_some(), "no host.cgroup.{k}");
     }
@@ -313,6 +314,31 @@ fn pure_v1_host_runs_every_policy() {
         .to_string()
         .contains("unified"));
     assert_all_runnable(&v);
+}
+
+#[test]
+fn a_v1_host_without_the_freezer_runs_every_policy_and_names_the_missing_freezer() {
+    let h = FakeHost::new(Mode::V1);
+    let (v, _) = h.json();
+    assert_eq!(v["host"]["cgroup"]["freezer"]["ok"], true, "{v:#}");
+    fs::remove_dir_all(h.path().join("sys/fs/cgroup/freezer")).unwrap();
+    let (v, code) = h.json();
+    // Pause is a convenience, not a protection: every policy still runs.
+    assert_eq!(code, 0, "{v:#}");
+    assert_all_runnable(&v);
+    let fz = &v["host"]["cgroup"]["freezer"];
+    assert_eq!(fz["ok"], false, "{fz:#}");
+    let detail = fz["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("sys/fs/cgroup/freezer") && detail.contains("aitherctl pause is refused"),
+        "{detail}"
+    );
+    let (text, _) = h.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("freezer") && l.contains("pause is refused")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -366,6 +366,8 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
         vec!["stop", &name],
         vec!["kill", &name],
         vec!["restart", &name],
+        vec!["pause", &name],
+        vec!["resume", &name],
         vec!["rm", "--force", &name],
         vec!["mem", "ls", &name, "--tier", "working"],
         vec!["mem", "put", &name, "--tier", "working", "k", "v"],

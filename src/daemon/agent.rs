@@ -14,9 +14,10 @@ use tokio::time::Instant;
 
 use super::bus::{Outcome, Slot};
 use super::lifecycle::{
-    idle_command, resting_state, Action, Command, Frame, Idle, IdleReply, Run, Then,
+    idle_command, idle_pause, resting_state, Action, Command, Frame, Idle, IdleReply, PauseRefusal,
+    Run, Then,
 };
-use super::proto::{self, aio, ErrorCode, FrameError, SpawnRequest};
+use super::proto::{self, aio, ErrorBody, ErrorCode, FrameError, SpawnRequest};
 use super::shim::{self, ExitRecord, Live, Probe, ShimError};
 use super::supervise::{Decision, EndReason, RestartTracker, State, Supervision};
 use super::Daemon;
@@ -105,6 +106,14 @@ pub enum Cmd {
     },
     Remove {
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Freeze every process of the running sandbox (`aitherctl pause`).
+    Pause {
+        reply: oneshot::Sender<Result<(), ErrorBody>>,
+    },
+    /// Thaw it (`aitherctl resume`).
+    Resume {
+        reply: oneshot::Sender<Result<(), ErrorBody>>,
     },
     /// The MicroScheduler takes the GPUs back (preemption, overuse).
     Evict(super::gpu::Eviction),
@@ -541,6 +550,14 @@ impl Agent {
             ),
             Cmd::Restart { reply } => (Command::Restart, reply),
             Cmd::Remove { reply } => (Command::Remove, reply),
+            Cmd::Pause { reply } | Cmd::Resume { reply } => {
+                let state = self.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+                let _ = reply.send(Err(ErrorBody {
+                    code: ErrorCode::Conflict,
+                    message: idle_pause(at, &self.name, state),
+                }));
+                return None;
+            }
             Cmd::Evict(_) => return None,
         };
         match idle_command(at, &self.name, &c) {
@@ -670,8 +687,19 @@ impl Agent {
             "started",
             json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
         );
+        let cg = {
+            let mgr = &*self.d.cgroups;
+            stats::open_existing(mgr, &live.cgroup_id)
+        };
         let mut run = Run::new(&sup, started, live.was_ready);
-        self.state(run.initial_state());
+        // Adopted after a daemon restart with its cgroup frozen: it stays paused (a resume
+        // thaws it), its watchdog not counting the frozen time; no new `paused` event.
+        if adopted && cg.as_ref().is_some_and(|c| self.d.cgroups.frozen(c)) {
+            run.on_paused(run.initial_state(), started);
+            self.state(State::Paused);
+        } else {
+            self.state(run.initial_state());
+        }
 
         let Channel {
             mut frames_rx,
@@ -681,10 +709,6 @@ impl Agent {
             outbox,
         } = self.attach_channel(live.channel.take(), adopted);
 
-        let cg = {
-            let mgr = &*self.d.cgroups;
-            stats::open_existing(mgr, &live.cgroup_id)
-        };
         let (health_tx, mut health_rx) = mpsc::channel::<Probe>(1);
         let mut kernel = KernelSampler::default();
         let stats_every = self.d.stats_interval;
@@ -743,7 +767,7 @@ impl Agent {
                     None => Vec::new(),
                 },
                 cmd = self.cmds.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd, &mut run, &shim_sig, &mut replies),
+                    Some(cmd) => self.on_command(cmd, &mut run, &shim_sig, cg.as_ref(), &mut replies),
                     None => Vec::new(),
                 },
                 _ = tokio::time::sleep_until(next) => {
@@ -760,6 +784,9 @@ impl Agent {
                 self.perform(a, &shim_sig, cg.as_ref(), pid1, &health_tx);
             }
             if let Some((tx, r)) = replies.now.take() {
+                let _ = tx.send(r);
+            }
+            if let Some((tx, r)) = replies.coded.take() {
                 let _ = tx.send(r);
             }
         };
@@ -917,6 +944,13 @@ impl Agent {
                 i.last_health = Some(last);
             }),
             Action::KeepGpuPlace => self.gpu_origin = self.d.gpu.origin(&self.name),
+            Action::Thaw => {
+                if let Some(c) = cg {
+                    if let Err(e) = self.d.cgroups.thaw(c) {
+                        tracing::warn!(agent = %self.name, error = %e, "cannot thaw");
+                    }
+                }
+            }
             Action::StartProbe => {
                 // Without a known pid 1 there is nothing to run it in: no more probes.
                 let (Some(argv), Some(pid1)) = (self.sup().health_cmd.clone(), pid1) else {
@@ -940,11 +974,20 @@ impl Agent {
         cmd: Cmd,
         run: &mut Run,
         shim_sig: &shim::Signaller,
+        cg: Option<&cgroup::Cgroup>,
         replies: &mut Replies,
     ) -> Vec<Action> {
         let now = Instant::now();
         let sup = self.sup().clone();
         let c = match cmd {
+            Cmd::Pause { reply } => {
+                let r = self.pause(run, cg, now);
+                return answer_coded(replies, reply, r);
+            }
+            Cmd::Resume { reply } => {
+                let r = self.resume(run, cg, now);
+                return answer_coded(replies, reply, r);
+            }
             Cmd::Stop { timeout, reply } => {
                 replies.stop.push(reply);
                 Command::Stop {
@@ -986,6 +1029,52 @@ impl Agent {
             },
         };
         run.on_command(c, now)
+    }
+
+    /// Freezes the sandbox, then tells the lifecycle (its watchdog and health checks wait).
+    /// The freeze blocks this task for at most `freezer::FREEZE_TIMEOUT` (usually well under
+    /// a millisecond); the agent's task has nothing else to do until it is answered.
+    fn pause(
+        &self,
+        run: &mut Run,
+        cg: Option<&cgroup::Cgroup>,
+        now: Instant,
+    ) -> Result<Vec<Action>, ErrorBody> {
+        run.may_pause().map_err(|r| self.refusal(r))?;
+        let cg = cg.ok_or_else(|| self.no_cgroup())?;
+        self.d.cgroups.freeze(cg).map_err(freezer_error)?;
+        let was = self.info.lock().unwrap_or_else(|e| e.into_inner()).state;
+        Ok(run.on_paused(was, now))
+    }
+
+    /// Thaws the sandbox, then re-arms the watchdog and health checks from now.
+    fn resume(
+        &self,
+        run: &mut Run,
+        cg: Option<&cgroup::Cgroup>,
+        now: Instant,
+    ) -> Result<Vec<Action>, ErrorBody> {
+        run.may_resume().map_err(|r| self.refusal(r))?;
+        let cg = cg.ok_or_else(|| self.no_cgroup())?;
+        self.d.cgroups.thaw(cg).map_err(freezer_error)?;
+        Ok(run.on_resumed(now))
+    }
+
+    fn refusal(&self, r: PauseRefusal) -> ErrorBody {
+        ErrorBody {
+            code: ErrorCode::Conflict,
+            message: format!("{}: {r}", self.name),
+        }
+    }
+
+    fn no_cgroup(&self) -> ErrorBody {
+        ErrorBody {
+            code: ErrorCode::Unsupported,
+            message: format!(
+                "{}: its sandbox's cgroup was not found, so it cannot be frozen",
+                self.name
+            ),
+        }
     }
 
     /// The periodic sample: the token re-checked every tenth time, the cgroup's statistics
@@ -1418,6 +1507,41 @@ struct Replies {
     then: Option<oneshot::Sender<Result<(), String>>>,
     /// A kill's answer, sent after the actions it caused.
     now: Option<(Answer, Result<(), String>)>,
+    /// A pause's or resume's answer, sent after its state change (the reply shows it).
+    coded: Option<(CodedAnswer, Result<(), ErrorBody>)>,
+}
+
+/// Where a pause or resume is answered: its refusals carry their own code.
+type CodedAnswer = oneshot::Sender<Result<(), ErrorBody>>;
+
+/// Keeps a pause's or resume's answer for after its actions; the actions to perform.
+fn answer_coded(
+    replies: &mut Replies,
+    reply: CodedAnswer,
+    r: Result<Vec<Action>, ErrorBody>,
+) -> Vec<Action> {
+    match r {
+        Ok(actions) => {
+            replies.coded = Some((reply, Ok(())));
+            actions
+        }
+        Err(e) => {
+            replies.coded = Some((reply, Err(e)));
+            Vec::new()
+        }
+    }
+}
+
+/// A freezer's error as a reply: a host without one is `unsupported`, the rest `io`.
+fn freezer_error(e: cgroup::CgroupError) -> ErrorBody {
+    let code = match e {
+        cgroup::CgroupError::FreezerMissing { .. } => ErrorCode::Unsupported,
+        _ => ErrorCode::Io,
+    };
+    ErrorBody {
+        code,
+        message: e.to_string(),
+    }
 }
 
 /// Where a user's command is answered.
@@ -1480,4 +1604,30 @@ fn channel_stream(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
     let s = std::os::unix::net::UnixStream::from(fd);
     s.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_a_freezer_is_unsupported_and_a_freeze_that_never_came_is_io() {
+        let missing = freezer_error(cgroup::CgroupError::FreezerMissing {
+            detail: "no v1 freezer hierarchy mounted at /sys/fs/cgroup/freezer".into(),
+        });
+        assert_eq!(missing.code, ErrorCode::Unsupported);
+        assert!(
+            missing.message.contains("/sys/fs/cgroup/freezer")
+                && missing.message.contains("mount -t cgroup -o freezer"),
+            "{}",
+            missing.message
+        );
+        let timeout = freezer_error(cgroup::CgroupError::FreezeTimeout {
+            path: "/sys/fs/cgroup/freezer/aither/a-1/freezer.state".into(),
+            waited_ms: 2000,
+            last: "FREEZING".into(),
+        });
+        assert_eq!(timeout.code, ErrorCode::Io);
+        assert!(timeout.message.contains("FREEZING"), "{}", timeout.message);
+    }
 }

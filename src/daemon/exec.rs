@@ -80,6 +80,10 @@ pub enum ExecRefused {
         "agent {name:?} is {state}: exec needs a running sandbox (`aitherctl restart {name}`)"
     )]
     NotRunning { name: String, state: State },
+    /// A command joining a frozen cgroup would be frozen with it until `resume` (podman
+    /// refuses exec into a paused container too).
+    #[error("agent {name:?} is paused: its processes are frozen (`aitherctl resume {name}` first)")]
+    Paused { name: String },
     #[error("agent {name:?} already runs {max} commands from exec (the most at a time); wait for one to end")]
     TooMany { name: String, max: usize },
 }
@@ -88,7 +92,7 @@ impl ExecRefused {
     fn code(&self) -> ErrorCode {
         match self {
             ExecRefused::NoAgent(_) => ErrorCode::NotFound,
-            ExecRefused::NotRunning { .. } => ErrorCode::Conflict,
+            ExecRefused::NotRunning { .. } | ExecRefused::Paused { .. } => ErrorCode::Conflict,
             ExecRefused::TooMany { .. } => ErrorCode::Limit,
             ExecRefused::Stat { .. } => ErrorCode::Io,
             _ => ErrorCode::Invalid,
@@ -386,6 +390,9 @@ fn sandbox_of(d: &Shared, name: &str) -> Result<(Arc<SandboxSpec>, i32), ExecRef
         .ok_or_else(|| ExecRefused::NoAgent(name.to_string()))?;
     let info = h.info.lock().unwrap_or_else(|e| e.into_inner());
     match info.pid1 {
+        _ if info.state == State::Paused => Err(ExecRefused::Paused {
+            name: name.to_string(),
+        }),
         Some(pid1) if info.state.is_live() => Ok((h.spec.clone(), pid1)),
         _ => Err(ExecRefused::NotRunning {
             name: name.to_string(),

@@ -34,6 +34,8 @@ pub enum Action {
     Health { failures: u32, last: String },
     /// Preempted: keep the agent's place in the GPU queue for its next run.
     KeepGpuPlace,
+    /// Thaw the paused sandbox (before a stop's SIGTERM: the agent must run to act on it).
+    Thaw,
 }
 
 /// What a user (or the GPU scheduler) asks of a running agent.
@@ -92,6 +94,31 @@ pub struct Run {
     kill_at: Option<Instant>,
     /// Signals an operator sent this run (bit n: signal n): dying of one is not a crash.
     operator_signals: u128,
+    /// Frozen by a user: the state to go back to on resume.
+    paused: Option<Paused>,
+    /// A health check that was running when the agent was paused: its result is not the
+    /// agent's (it ran against a frozen sandbox) and is dropped.
+    stale_probe: bool,
+}
+
+/// What a pause keeps for the resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Paused {
+    /// The state before the pause (or what READY, arrived meanwhile, made it).
+    was: State,
+    /// The startup timeout was still running.
+    startup: bool,
+}
+
+/// Why a pause or resume is refused by the lifecycle (before any freezer is touched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PauseRefusal {
+    #[error("it is being stopped")]
+    Ending,
+    #[error("it is paused already")]
+    AlreadyPaused,
+    #[error("it is not paused")]
+    NotPaused,
 }
 
 impl Run {
@@ -119,6 +146,8 @@ impl Run {
             then: Then::Policy,
             kill_at: None,
             operator_signals: 0,
+            paused: None,
+            stale_probe: false,
             sup: sup.clone(),
         }
     }
@@ -154,7 +183,103 @@ impl Run {
         self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
     }
 
+    /// Whether the agent is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Whether a pause may start (asked before the freezer is touched).
+    pub fn may_pause(&self) -> Result<(), PauseRefusal> {
+        if self.pending.is_some() {
+            return Err(PauseRefusal::Ending);
+        }
+        if self.paused.is_some() {
+            return Err(PauseRefusal::AlreadyPaused);
+        }
+        Ok(())
+    }
+
+    /// The sandbox is frozen (`was`: the state it was in). Health checks, the watchdog and the
+    /// startup timeout are suspended: a frozen agent cannot answer, and that is no failure.
+    pub fn on_paused(&mut self, was: State, _now: Instant) -> Vec<Action> {
+        if self.paused.is_some() || self.pending.is_some() {
+            return Vec::new();
+        }
+        self.paused = Some(Paused {
+            was,
+            startup: self.startup_deadline.is_some(),
+        });
+        self.startup_deadline = None;
+        self.watchdog_deadline = None;
+        self.next_health = None;
+        self.stale_probe = self.probe_running;
+        vec![
+            Action::State(State::Paused),
+            Action::Emit("paused", json!({"was": was})),
+        ]
+    }
+
+    /// Whether a resume may start.
+    pub fn may_resume(&self) -> Result<(), PauseRefusal> {
+        match self.paused {
+            Some(_) => Ok(()),
+            None => Err(PauseRefusal::NotPaused),
+        }
+    }
+
+    /// The sandbox is thawed: back to the state before the pause, with the watchdog, the
+    /// health checks and the startup timeout armed again from `now` (the paused time is not
+    /// held against the agent).
+    pub fn on_resumed(&mut self, now: Instant) -> Vec<Action> {
+        let Some(p) = self.paused.take() else {
+            return Vec::new();
+        };
+        self.rearm(p, now);
+        vec![
+            Action::State(p.was),
+            Action::Emit("resumed", json!({"to": p.was})),
+        ]
+    }
+
+    fn rearm(&mut self, p: Paused, now: Instant) {
+        if self.pending.is_some() {
+            return;
+        }
+        if p.startup && !self.ready {
+            self.startup_deadline = self
+                .sup
+                .startup_timeout_ms
+                .map(|ms| now + Duration::from_millis(ms));
+        }
+        self.watchdog_deadline = self.sup.watchdog_ms.map(|w| now + Duration::from_millis(w));
+        if self.sup.health_cmd.is_some() && !self.probe_running {
+            self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
+        }
+    }
+
+    /// A stop, restart or remove of a paused agent thaws it first (the agent must run to act
+    /// on SIGTERM; on v1 a frozen task would hold even SIGKILL until thawed).
+    fn thaw_for_end(&mut self) -> Vec<Action> {
+        match self.paused.take() {
+            Some(p) => vec![Action::Thaw, Action::State(p.was)],
+            None => Vec::new(),
+        }
+    }
+
     pub fn on_command(&mut self, cmd: Command, now: Instant) -> Vec<Action> {
+        let mut a = match &cmd {
+            Command::Stop { .. } | Command::Restart | Command::Remove | Command::Evict { .. } => {
+                self.thaw_for_end()
+            }
+            // Another signal waits, pending, until the resume; SIGKILL kills it frozen
+            // (`kill_all` thaws on v1).
+            Command::Kill { .. } => Vec::new(),
+        };
+        a.extend(self.command(cmd, now));
+        a
+    }
+
+    fn command(&mut self, cmd: Command, now: Instant) -> Vec<Action> {
         match cmd {
             Command::Stop { grace } => {
                 self.pending.get_or_insert(EndReason::StoppedByUs);
@@ -262,6 +387,14 @@ impl Run {
         now: Instant,
     ) -> Vec<Action> {
         self.probe_running = false;
+        if self.paused.is_some() || std::mem::take(&mut self.stale_probe) {
+            // It ran against a frozen sandbox: not the agent's answer. Paused, the next one
+            // is armed by the resume; resumed since, it is armed now.
+            if self.paused.is_none() && self.pending.is_none() {
+                self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
+            }
+            return Vec::new();
+        }
         self.next_health = Some(now + Duration::from_millis(self.sup.health_interval_ms));
         let mut a = Vec::new();
         if ok {
@@ -324,9 +457,19 @@ impl Run {
                 }
                 self.startup_deadline = None;
                 self.healthy_since.get_or_insert(now);
-                a.push(Action::State(State::Ready));
+                match self.paused.as_mut() {
+                    // Sent just before the freeze: ready once resumed.
+                    Some(p) => {
+                        p.was = State::Ready;
+                        p.startup = false;
+                    }
+                    None => a.push(Action::State(State::Ready)),
+                }
                 a
             }
+            // A heartbeat read after the freeze was sent before it: the watchdog stays off
+            // until the resume arms it.
+            Frame::Heartbeat if self.paused.is_some() => Vec::new(),
             Frame::Heartbeat => {
                 if let Some(w) = self.sup.watchdog_ms {
                     self.watchdog_deadline = Some(now + Duration::from_millis(w));
@@ -428,6 +571,15 @@ pub fn idle_command(at: Idle, name: &str, cmd: &Command) -> IdleReply {
         (Command::Restart, _) => IdleReply::Leave(Then::Restart),
         (Command::Remove, _) => IdleReply::Leave(Then::Remove),
         (Command::Evict { .. }, _) => IdleReply::Ignore,
+    }
+}
+
+/// A pause or resume between runs: refused, saying where the agent is.
+pub fn idle_pause(at: Idle, name: &str, state: State) -> String {
+    match at {
+        Idle::Resting => format!("{name} is not running ({state}): only a running agent can be paused or resumed"),
+        Idle::Backoff => format!("{name} is in backoff, not running: only a running agent can be paused or resumed"),
+        Idle::Queued => format!("{name} is queued for a GPU, not running: only a running agent can be paused or resumed"),
     }
 }
 
@@ -798,5 +950,152 @@ mod tests {
         for at in [Idle::Resting, Idle::Backoff, Idle::Queued] {
             assert_eq!(t(at, &Command::Remove), IdleReply::Leave(Then::Remove));
         }
+    }
+
+    #[test]
+    fn a_pause_suspends_the_watchdog_and_health_checks_and_the_resume_rearms_them_from_now() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            watchdog_ms: Some(100),
+            health_cmd: Some(vec!["true".into()]),
+            health_interval_ms: 200,
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, true);
+        assert_eq!(r.may_pause(), Ok(()));
+        let a = r.on_paused(State::Ready, t0 + 50 * MS);
+        assert_eq!(a[0], Action::State(State::Paused));
+        assert!(emitted(&a, "paused"), "{a:?}");
+        assert_eq!(
+            r.next_deadline(),
+            None,
+            "nothing runs against a frozen agent"
+        );
+        // Long past every deadline: no miss, no probe, no failure.
+        assert!(r.on_tick(t0 + 10_000 * MS).is_empty());
+        assert!(!r.ending());
+        // A heartbeat read after the freeze does not arm the watchdog.
+        assert!(r.on_frame(Frame::Heartbeat, t0 + 10_000 * MS).is_empty());
+        assert_eq!(r.next_deadline(), None);
+        assert_eq!(r.may_pause(), Err(PauseRefusal::AlreadyPaused));
+
+        let t1 = t0 + 20_000 * MS;
+        let a = r.on_resumed(t1);
+        assert_eq!(a[0], Action::State(State::Ready));
+        assert!(emitted(&a, "resumed"), "{a:?}");
+        assert_eq!(
+            r.next_deadline(),
+            Some(t1 + 100 * MS),
+            "the watchdog, from now"
+        );
+        assert!(r.on_tick(t1 + 99 * MS).is_empty());
+        assert_eq!(r.may_resume(), Err(PauseRefusal::NotPaused));
+        let a = r.on_tick(t1 + 100 * MS);
+        assert!(emitted(&a, "watchdog_miss"), "{a:?}");
+    }
+
+    #[test]
+    fn a_probe_running_at_the_pause_is_not_counted() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            health_cmd: Some(vec!["true".into()]),
+            health_interval_ms: 200,
+            health_threshold: 1,
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, true);
+        assert_eq!(r.on_tick(t0 + 200 * MS), vec![Action::StartProbe]);
+        r.on_paused(State::Running, t0 + 210 * MS);
+        // It timed out against the frozen sandbox: dropped, while paused...
+        assert!(r.on_probe(false, None, "timeout", t0 + 400 * MS).is_empty());
+        assert!(!r.ending());
+        // ...and also when it comes back after the resume.
+        let mut r2 = Run::new(&s, t0, true);
+        r2.on_tick(t0 + 200 * MS);
+        r2.on_paused(State::Running, t0 + 210 * MS);
+        r2.on_resumed(t0 + 300 * MS);
+        assert!(r2
+            .on_probe(false, None, "timeout", t0 + 400 * MS)
+            .is_empty());
+        assert!(!r2.ending());
+        assert_eq!(r2.next_deadline(), Some(t0 + 600 * MS));
+        // The next one counts.
+        r2.on_tick(t0 + 600 * MS);
+        r2.on_probe(false, Some(1), "down", t0 + 610 * MS);
+        assert!(r2.ending());
+    }
+
+    #[test]
+    fn stop_restart_and_remove_of_a_paused_agent_thaw_it_first() {
+        let t0 = Instant::now();
+        for cmd in [
+            Command::Stop { grace: 5 * MS },
+            Command::Restart,
+            Command::Remove,
+        ] {
+            let mut r = Run::new(&sup(), t0, false);
+            r.on_paused(State::Running, t0);
+            let a = r.on_command(cmd.clone(), t0);
+            assert_eq!(
+                a[..3],
+                [
+                    Action::Thaw,
+                    Action::State(State::Running),
+                    Action::Signal(libc::SIGTERM)
+                ],
+                "{cmd:?}"
+            );
+            assert!(!r.is_paused());
+            assert_eq!(r.may_pause(), Err(PauseRefusal::Ending));
+        }
+        // SIGKILL kills it frozen (kill_all thaws on v1); another signal waits for the resume.
+        let mut r = Run::new(&sup(), t0, false);
+        r.on_paused(State::Running, t0);
+        let term = Command::Kill {
+            signal: libc::SIGTERM,
+            delivered: true,
+        };
+        assert!(r.on_command(term, t0).is_empty());
+        assert!(r.is_paused());
+        let kill = Command::Kill {
+            signal: libc::SIGKILL,
+            delivered: true,
+        };
+        assert_eq!(r.on_command(kill, t0), vec![Action::KillAll]);
+    }
+
+    #[test]
+    fn ready_while_paused_is_kept_for_the_resume() {
+        let t0 = Instant::now();
+        let s = Supervision {
+            wait_ready: true,
+            startup_timeout_ms: Some(100),
+            ..sup()
+        };
+        let mut r = Run::new(&s, t0, false);
+        r.on_paused(State::Starting, t0 + 10 * MS);
+        assert_eq!(r.next_deadline(), None, "the startup timeout waits too");
+        let a = r.on_frame(Frame::Ready, t0 + 20 * MS);
+        assert!(!a.iter().any(|x| matches!(x, Action::State(_))), "{a:?}");
+        assert_eq!(r.on_resumed(t0 + 30 * MS)[0], Action::State(State::Ready));
+        assert_eq!(r.next_deadline(), None, "ready: no startup timeout");
+        // Not ready yet at the resume: the startup timeout starts again from then.
+        let mut r = Run::new(&s, t0, false);
+        r.on_paused(State::Starting, t0 + 10 * MS);
+        assert_eq!(
+            r.on_resumed(t0 + 500 * MS)[0],
+            Action::State(State::Starting)
+        );
+        assert_eq!(r.next_deadline(), Some(t0 + 600 * MS));
+    }
+
+    #[test]
+    fn pause_between_runs_is_refused_saying_where_the_agent_is() {
+        assert_eq!(
+            idle_pause(Idle::Resting, "a", State::Stopped),
+            "a is not running (stopped): only a running agent can be paused or resumed"
+        );
+        assert!(idle_pause(Idle::Backoff, "a", State::Backoff).contains("backoff"));
+        assert!(idle_pause(Idle::Queued, "a", State::Queued).contains("queued for a GPU"));
     }
 }

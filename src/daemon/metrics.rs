@@ -157,6 +157,7 @@ pub fn render(d: &Shared) -> String {
         State::Running,
         State::Ready,
         State::Unhealthy,
+        State::Paused,
         State::Exited,
         State::Backoff,
         State::Failed,

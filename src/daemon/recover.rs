@@ -94,8 +94,10 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
             if adopted.is_none() {
                 match shim::adopt(pid, &id, &log_dir) {
                     Ok(mut l) => {
-                        l.was_ready =
-                            matches!(state, State::Ready | State::Running | State::Unhealthy);
+                        l.was_ready = matches!(
+                            state,
+                            State::Ready | State::Running | State::Unhealthy | State::Paused
+                        );
                         adopted = Some(l);
                         continue;
                     }

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use super::agent::{self, Cmd, Record};
 use super::identity::Caller;
-use super::proto::{aio, ErrorCode, Reply, Request, SpawnRequest};
+use super::proto::{aio, ErrorBody, ErrorCode, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
 use super::Shared;
@@ -332,6 +332,8 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
         Request::Stop { name, .. } => Some(("stop", name.clone(), json!({}))),
         Request::Kill { name, signal } => Some(("kill", name.clone(), json!({"signal": signal}))),
         Request::Restart { name } => Some(("restart", name.clone(), json!({}))),
+        Request::Pause { name } => Some(("pause", name.clone(), json!({}))),
+        Request::Resume { name } => Some(("resume", name.clone(), json!({}))),
         Request::Rm {
             name,
             force,
@@ -351,6 +353,8 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
         Request::Stop { name, .. }
         | Request::Kill { name, .. }
         | Request::Restart { name }
+        | Request::Pause { name }
+        | Request::Resume { name }
         | Request::Rm { name, .. }
         | Request::Inspect { name }
         | Request::Logs { name, .. } => Some(("control", name.clone())),
@@ -533,6 +537,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             command(d, &name, |reply| Cmd::Kill { signal, reply }).await
         }
         Request::Restart { name } => command(d, &name, |reply| Cmd::Restart { reply }).await,
+        Request::Pause { name } => command(d, &name, |reply| Cmd::Pause { reply }).await,
+        Request::Resume { name } => command(d, &name, |reply| Cmd::Resume { reply }).await,
         Request::Mem { agent, request } => mem(d, agent, request).await,
         Request::Rm {
             name,
@@ -691,9 +697,28 @@ pub(super) fn not_found(name: &str) -> Reply {
     )
 }
 
-async fn command<F>(d: &Shared, name: &str, make: F) -> Reply
+/// How an agent's refusal reads as a reply: a plain message is a `conflict` (the agent's
+/// state does not allow it); an `ErrorBody` carries its own code.
+trait Refusal {
+    fn into_reply(self) -> Reply;
+}
+
+impl Refusal for String {
+    fn into_reply(self) -> Reply {
+        Reply::err(ErrorCode::Conflict, self)
+    }
+}
+
+impl Refusal for ErrorBody {
+    fn into_reply(self) -> Reply {
+        Reply::err(self.code, self.message)
+    }
+}
+
+async fn command<F, E>(d: &Shared, name: &str, make: F) -> Reply
 where
-    F: FnOnce(oneshot::Sender<Result<(), String>>) -> Cmd,
+    F: FnOnce(oneshot::Sender<Result<(), E>>) -> Cmd,
+    E: Refusal,
 {
     let (tx, rx) = oneshot::channel();
     {
@@ -713,7 +738,7 @@ where
             Some(i) => Reply::ok(serde_json::to_value(i).unwrap_or_default()),
             None => Reply::ok(json!({"name": name, "removed": true})),
         },
-        Ok(Err(e)) => Reply::err(ErrorCode::Conflict, e),
+        Ok(Err(e)) => e.into_reply(),
         Err(_) => Reply::err(
             ErrorCode::Internal,
             format!("{name}: no answer from its supervisor"),

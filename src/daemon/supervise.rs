@@ -24,6 +24,9 @@ pub enum State {
     Ready,
     /// Running, but health checks are failing (below the threshold).
     Unhealthy,
+    /// Frozen by a user (`aitherctl pause`): every process stopped by the cgroup freezer;
+    /// health checks and the watchdog wait until `resume`.
+    Paused,
     /// Ended and will not be restarted (restart=never, or a success under on-failure).
     Exited,
     /// Ended; waiting out the backoff before the next start.
@@ -39,7 +42,7 @@ impl State {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            State::Starting | State::Running | State::Ready | State::Unhealthy
+            State::Starting | State::Running | State::Ready | State::Unhealthy | State::Paused
         )
     }
 }

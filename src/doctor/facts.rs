@@ -255,7 +255,8 @@ fn cgroup_facts(
         let why = format!("no cgroup filesystem found at {}", cg_root.display());
         f.writable = Probe::unknown(why.clone());
         f.delegated = Probe::unknown(why.clone());
-        f.swap_control = Probe::unknown(why);
+        f.swap_control = Probe::unknown(why.clone());
+        f.freezer = Probe::unknown(why);
         return Ok(f);
     };
     match mode {
@@ -329,6 +330,8 @@ fn cgroup_facts(
         _ => Probe::yes("not needed: the limits use v1 hierarchies"),
     };
 
+    f.freezer = freezer_fact(cg_root, mode);
+
     f.swap_control = match mode {
         CgroupMode::V2 => v2_swap(root, cg_root),
         _ => {
@@ -344,6 +347,23 @@ fn cgroup_facts(
         }
     };
     Ok(f)
+}
+
+/// Which freezer `aitherctl pause` uses (the same choice as `CgroupManager::freeze`).
+fn freezer_fact(cg_root: &Path, mode: CgroupMode) -> Probe {
+    let v1 = cg_root.join("freezer");
+    match mode {
+        CgroupMode::V2 => Probe::yes("cgroup2 cgroup.freeze (Linux 5.2+)"),
+        _ if v1.join("cgroup.procs").is_file() => {
+            Probe::yes(format!("v1 freezer hierarchy at {}", v1.display()))
+        }
+        CgroupMode::Hybrid => Probe::yes("cgroup.freeze of the unified hierarchy"),
+        CgroupMode::V1 => Probe::no(format!(
+            "no v1 freezer hierarchy at {}: aitherctl pause is refused (mount -t cgroup -o freezer freezer {})",
+            v1.display(),
+            v1.display()
+        )),
+    }
 }
 
 /// Pure v2: the limit controllers must reach `aither/`: enabled in the root's

@@ -138,6 +138,9 @@ pub struct CgroupFacts {
     /// "No swap" can be enforced: v1 memory.memsw.*, v2 memory.swap.max (or the host has no
     /// swap, on v1).
     pub swap_control: Probe,
+    /// `aitherctl pause` can freeze a sandbox: cgroup2 `cgroup.freeze`, the v1 `freezer`
+    /// hierarchy, or (hybrid) the unified hierarchy's `cgroup.freeze`. Not needed to run.
+    pub freezer: Probe,
     /// Where this process's sandboxes go: a cgroup systemd delegated, or the top-level
     /// subtree and why (src/cgroup/delegate.rs). None for a fake root.
     pub placement: Option<crate::cgroup::delegate::Placement>,

@@ -187,6 +187,7 @@ impl Report {
         row("  writable", probe(&c.writable));
         row("  delegated", probe(&c.delegated));
         row("  no swap", probe(&c.swap_control));
+        row("  freezer", probe(&c.freezer));
         if let Some(p) = &c.placement {
             row(
                 "  placement",

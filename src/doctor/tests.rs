@@ -43,6 +43,7 @@ fn full_host() -> HostFacts {
             writable: Probe::yes("probed"),
             delegated: Probe::yes("v1"),
             swap_control: Probe::yes("memsw"),
+            freezer: Probe::yes("v1 freezer"),
             placement: None,
         },
         clone3: Probe::yes("probed"),

@@ -121,6 +121,15 @@ pub enum Request {
     Restart {
         name: String,
     },
+    /// Freezes every process of a running agent (the cgroup freezer); its health checks and
+    /// watchdog wait until `resume`.
+    Pause {
+        name: String,
+    },
+    /// Thaws a paused agent; its health checks and watchdog start again from now.
+    Resume {
+        name: String,
+    },
     Rm {
         name: String,
         #[serde(default)]

@@ -75,6 +75,8 @@ codes! {
     Busy = "busy",
     /// The sandbox could not be launched.
     LaunchFailed = "launch_failed",
+    /// The host lacks a kernel feature the request needs (pause without a cgroup freezer).
+    Unsupported = "unsupported",
     /// A read or write failed.
     Io = "io",
     /// Anything else on the daemon's side.

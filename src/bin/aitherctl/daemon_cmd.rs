@@ -1,4 +1,5 @@
-//! The commands that talk to aitherd: spawn, ps, inspect, logs, stop, kill, restart, rm, events.
+//! The commands that talk to aitherd: spawn, ps, inspect, logs, stop, kill, restart, pause,
+//! resume, rm, events.
 //!
 //! Exit status: 0 done; 1 aitherd refused or failed the request (not found, conflict, launch
 //! failed); 2 bad usage; 3 aitherd is not running or not reachable.
@@ -613,43 +614,66 @@ pub fn logs(a: LogsArgs) -> i32 {
     status
 }
 
-/// Stop an agent: SIGTERM, then after the timeout every process of its sandbox is killed. It
-/// stays stopped (no restart) until `aitherctl restart`.
+/// Stop agents: SIGTERM, then after the timeout every process of the sandbox is killed. A
+/// stopped agent stays stopped (no restart) until `aitherctl restart`. A paused agent is
+/// thawed first, so that it can act on the SIGTERM.
+///
+/// Each NAME is stopped in turn and its result printed on a line of its own; the exit status
+/// is 1 when any of them failed (not found, not the caller's), 0 when all were stopped.
 #[derive(Args)]
 pub struct StopArgs {
-    name: String,
+    /// The agents to stop.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
     /// Time between SIGTERM and the kill [default: the agent's stop timeout, 10s].
     #[arg(long, short = 't', value_name = "DURATION", value_parser = crate::parse_duration)]
     timeout: Option<Duration>,
+    /// Print each reply as JSON.
     #[arg(long)]
     json: bool,
 }
 
-/// Send a signal to an agent's main process. SIGKILL kills the whole sandbox; a signal sent
-/// this way never counts as a failure.
+/// Send a signal to agents' main processes. SIGKILL kills the whole sandbox (a paused one
+/// too); a signal sent this way never counts as a failure. To a paused agent any other signal
+/// waits, pending, until `aitherctl resume`.
+///
+/// Each NAME gets the signal in turn, its result on a line of its own; the exit status is 1
+/// when any failed.
 #[derive(Args)]
 pub struct KillArgs {
-    name: String,
+    /// The agents to signal.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
     /// Signal name or number [default: SIGKILL].
     #[arg(long, short = 's', value_name = "SIGNAL", default_value = "KILL")]
     signal: String,
+    /// Print each reply as JSON.
     #[arg(long)]
     json: bool,
 }
 
-/// Restart an agent: stop it (SIGTERM, grace, kill) and start it again; a failed or stopped
+/// Restart agents: stop each (SIGTERM, grace, kill) and start it again; a failed or stopped
 /// agent starts again with a fresh restart budget.
+///
+/// Each NAME in turn, its result on a line of its own; the exit status is 1 when any failed.
 #[derive(Args)]
 pub struct RestartArgs {
-    name: String,
+    /// The agents to restart.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
+    /// Print each reply as JSON.
     #[arg(long)]
     json: bool,
 }
 
-/// Remove an agent that is not running (--force stops it first), with its logs.
+/// Remove agents that are not running (--force stops them first), with their logs.
+///
+/// Each NAME in turn, its result on a line of its own; the exit status is 1 when any failed.
 #[derive(Args)]
 pub struct RmArgs {
-    name: String,
+    /// The agents to remove.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
     /// Stop it first if it runs.
     #[arg(long, short = 'f')]
     force: bool,
@@ -657,12 +681,96 @@ pub struct RmArgs {
     /// name spawned later).
     #[arg(long)]
     purge_memory: bool,
+    /// Print each reply as JSON.
     #[arg(long)]
     json: bool,
 }
 
-fn act(req: Request, json: bool, what: &str) -> i32 {
-    match call(&req) {
+/// Pause running agents: every process of each sandbox is frozen by the cgroup freezer
+/// (cgroup v2 `cgroup.freeze`; v1 the `freezer` hierarchy) and stays where it is, memory and
+/// open files kept, until `aitherctl resume`.
+///
+/// A paused agent shows as `paused` in `ps` and `inspect`. Its health checks and heartbeat
+/// watchdog are suspended (a frozen agent cannot answer, and that is neither a failure nor a
+/// reason to restart it) and start again from the moment it is resumed. Its memory and pids
+/// stay charged to its limits. `stop`, `restart` and `rm --force` work on a paused agent: it
+/// is thawed, then stopped as usual. `kill -s KILL` kills it frozen; another signal waits,
+/// pending, until the resume.
+///
+/// Each NAME in turn, its result on a line of its own. Pausing a paused agent is refused.
+///
+/// Exit status: 0 every agent paused; 1 any refused or failed: not found, not the caller's,
+/// not running (stopped, exited, in backoff, queued: `conflict`), being stopped, or the host
+/// has no cgroup freezer (`unsupported`: v1 without the freezer hierarchy; `aitherctl doctor`
+/// shows it); 3 aitherd not reachable.
+#[derive(Args)]
+pub struct PauseArgs {
+    /// The agents to pause.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
+    /// Print each reply as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resume paused agents: thaw every process of each sandbox. The agent's health checks and
+/// watchdog start again from now (the paused time is not held against it), and its state goes
+/// back to what it was before the pause.
+///
+/// Each NAME in turn, its result on a line of its own. Exit status: 0 every agent resumed; 1
+/// any refused or failed (not found, not the caller's, not paused); 3 aitherd not reachable.
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// The agents to resume.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
+    /// Print each reply as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One request per name, in order; each name's result printed (errors name the agent). The
+/// exit status is the first failure's (unreachable stops the loop: the rest would fail the
+/// same way), 0 when every one succeeded.
+fn each<F>(names: &[String], mut one: F) -> i32
+where
+    F: FnMut(&str) -> i32,
+{
+    let mut status = 0;
+    for name in names {
+        let code = one(name);
+        if code == EXIT_UNREACHABLE {
+            return code;
+        }
+        if status == 0 {
+            status = code;
+        }
+    }
+    status
+}
+
+/// Calls `req` for `name`; a refusal is printed with the name it concerns.
+fn call_named(name: &str, req: &Request) -> Result<serde_json::Value, i32> {
+    let mut c = connect()?;
+    let r = c.call(req).map_err(client_err)?;
+    if r.ok {
+        return Ok(r.data.unwrap_or_default());
+    }
+    let e = r.error.unwrap_or(aither::daemon::proto::ErrorBody {
+        code: aither::daemon::proto::ErrorCode::Internal,
+        message: "no reason given".into(),
+    });
+    // aitherd's messages mostly name the agent already; a bare one gets the name in front.
+    if e.message.contains(name) {
+        eprintln!("aither: error: {} ({})", e.message, e.code);
+    } else {
+        eprintln!("aither: error: {name}: {} ({})", e.message, e.code);
+    }
+    Err(EXIT_REFUSED)
+}
+
+fn act(name: &str, req: Request, json: bool, what: &str) -> i32 {
+    match call_named(name, &req) {
         Ok(v) => {
             if json {
                 print_json(&v);
@@ -673,7 +781,7 @@ fn act(req: Request, json: bool, what: &str) -> i32 {
                     .unwrap_or(if what == "removed" { "removed" } else { "" });
                 println!(
                     "{}: {what}{}",
-                    v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+                    v.get("name").and_then(|n| n.as_str()).unwrap_or(name),
                     if state.is_empty() || state == what {
                         String::new()
                     } else {
@@ -688,14 +796,17 @@ fn act(req: Request, json: bool, what: &str) -> i32 {
 }
 
 pub fn stop(a: StopArgs) -> i32 {
-    act(
-        Request::Stop {
-            name: a.name,
-            timeout_ms: a.timeout.map(to_ms),
-        },
-        a.json,
-        "stopped",
-    )
+    each(&a.names, |name| {
+        act(
+            name,
+            Request::Stop {
+                name: name.to_string(),
+                timeout_ms: a.timeout.map(to_ms),
+            },
+            a.json,
+            "stopped",
+        )
+    })
 }
 
 pub fn kill(a: KillArgs) -> i32 {
@@ -706,42 +817,85 @@ pub fn kill(a: KillArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    // The state right after the signal is not news (the agent has not reacted yet): the
-    // reply's state is left out of the line (issue 20: "signalled (now ready)").
-    match call(&Request::Kill {
-        name: a.name,
-        signal,
-    }) {
-        Ok(v) if a.json => {
-            print_json(&v);
-            0
+    each(&a.names, |name| {
+        // The state right after the signal is not news (the agent has not reacted yet): the
+        // reply's state is left out of the line (issue 20: "signalled (now ready)").
+        match call_named(
+            name,
+            &Request::Kill {
+                name: name.to_string(),
+                signal,
+            },
+        ) {
+            Ok(v) if a.json => {
+                print_json(&v);
+                0
+            }
+            Ok(v) => {
+                println!(
+                    "{}: sent {}",
+                    v.get("name").and_then(|n| n.as_str()).unwrap_or(name),
+                    daemon::signal_name(signal)
+                );
+                0
+            }
+            Err(c) => c,
         }
-        Ok(v) => {
-            println!(
-                "{}: sent {}",
-                v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
-                daemon::signal_name(signal)
-            );
-            0
-        }
-        Err(c) => c,
-    }
+    })
 }
 
 pub fn restart(a: RestartArgs) -> i32 {
-    act(Request::Restart { name: a.name }, a.json, "restarting")
+    each(&a.names, |name| {
+        act(
+            name,
+            Request::Restart {
+                name: name.to_string(),
+            },
+            a.json,
+            "restarting",
+        )
+    })
 }
 
 pub fn rm(a: RmArgs) -> i32 {
-    act(
-        Request::Rm {
-            name: a.name,
-            force: a.force,
-            purge_memory: a.purge_memory,
-        },
-        a.json,
-        "removed",
-    )
+    each(&a.names, |name| {
+        act(
+            name,
+            Request::Rm {
+                name: name.to_string(),
+                force: a.force,
+                purge_memory: a.purge_memory,
+            },
+            a.json,
+            "removed",
+        )
+    })
+}
+
+pub fn pause(a: PauseArgs) -> i32 {
+    each(&a.names, |name| {
+        act(
+            name,
+            Request::Pause {
+                name: name.to_string(),
+            },
+            a.json,
+            "paused",
+        )
+    })
+}
+
+pub fn resume(a: ResumeArgs) -> i32 {
+    each(&a.names, |name| {
+        act(
+            name,
+            Request::Resume {
+                name: name.to_string(),
+            },
+            a.json,
+            "resumed",
+        )
+    })
 }
 
 /// Print aitherd's events: state changes, exits, restarts, health results, pain signals.

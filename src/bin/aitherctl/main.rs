@@ -32,7 +32,9 @@ use clap::{Parser, Subcommand};
 /// Exit status of `run`: the agent's own; 128+N when killed by signal N; 124 on timeout;
 /// 125 when Aither itself failed (nothing ran); 126 when the command cannot be executed;
 /// 127 when it is not found in the sandbox. Of the daemon commands: 0 done; 1 refused or
-/// failed (not found, conflict, launch failed); 2 bad usage; 3 aitherd not reachable.
+/// failed (not found, conflict, launch failed, unsupported by the host); 2 bad usage; 3
+/// aitherd not reachable. Commands that take several names (stop, kill, restart, pause,
+/// resume, rm) act on each in turn and exit 1 when any failed.
 #[derive(Parser)]
 #[command(
     name = "aitherctl",
@@ -55,6 +57,8 @@ enum Command {
     Stop(daemon_cmd::StopArgs),
     Kill(daemon_cmd::KillArgs),
     Restart(daemon_cmd::RestartArgs),
+    Pause(daemon_cmd::PauseArgs),
+    Resume(daemon_cmd::ResumeArgs),
     Rm(daemon_cmd::RmArgs),
     Exec(exec_cmd::ExecArgs),
     Events(daemon_cmd::EventsArgs),
@@ -90,6 +94,8 @@ fn main() -> ExitCode {
         Command::Stop(a) => daemon_cmd::stop(a),
         Command::Kill(a) => daemon_cmd::kill(a),
         Command::Restart(a) => daemon_cmd::restart(a),
+        Command::Pause(a) => daemon_cmd::pause(a),
+        Command::Resume(a) => daemon_cmd::resume(a),
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Exec(a) => exec_cmd::run(a),
         Command::Events(a) => daemon_cmd::events(a),

@@ -9,6 +9,7 @@
 
 pub mod delegate;
 pub mod devices;
+pub mod freezer;
 pub mod stats;
 mod v1;
 mod v2;
@@ -71,6 +72,14 @@ pub enum CgroupError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("no cgroup freezer: {detail}; pause needs cgroup v2 (cgroup.freeze, Linux 5.2+) or the v1 freezer hierarchy (mount -t cgroup -o freezer freezer /sys/fs/cgroup/freezer)")]
+    FreezerMissing { detail: String },
+    #[error("{path} did not read frozen within {waited_ms} ms (last: {last:?}; a task in an uninterruptible sleep holds a freeze off); the cgroup was thawed again")]
+    FreezeTimeout {
+        path: PathBuf,
+        waited_ms: u64,
+        last: String,
     },
     #[error("failed to remove cgroup {path}: {source} (processes still inside)")]
     Remove {
@@ -215,8 +224,18 @@ pub trait CgroupManager: Send + Sync {
     fn read_limits(&self, cg: &Cgroup) -> Result<Limits, CgroupError>;
     /// Number of OOM kills in the cgroup so far.
     fn oom_kills(&self, cg: &Cgroup) -> u64;
-    /// Kills every process in the cgroup.
+    /// Kills every process in the cgroup, a frozen one included (v1: signalled, then thawed).
     fn kill_all(&self, cg: &Cgroup);
+    /// Freezes every process in the cgroup (`aitherctl pause`) and waits, at most
+    /// `freezer::FREEZE_TIMEOUT`, until the kernel reports it frozen; a freeze not confirmed
+    /// in time is undone. `FreezerMissing` where the host (or this cgroup) has no freezer.
+    fn freeze(&self, cg: &Cgroup) -> Result<(), CgroupError>;
+    /// Thaws a frozen cgroup (`aitherctl resume`); a thawed one stays as it is.
+    fn thaw(&self, cg: &Cgroup) -> Result<(), CgroupError>;
+    /// Whether the cgroup is frozen or being frozen (a paused agent adopted after a restart).
+    fn frozen(&self, cg: &Cgroup) -> bool;
+    /// Where this host's freezer is, for `doctor`; `FreezerMissing` when it has none.
+    fn freezer(&self) -> Result<PathBuf, CgroupError>;
     /// The `aither/` directories this backend creates sandboxes in.
     fn subtree_dirs(&self) -> Vec<PathBuf>;
     /// The cgroup2 directory of `id` (pure v2, or the unified hierarchy of a hybrid host),

@@ -48,7 +48,7 @@ fn controller_of(base: &Path, mode: CgroupMode) -> Option<&'static str> {
         return Some("unified");
     }
     let parent = base.parent()?.file_name()?.to_str()?;
-    ["memory", "cpu", "pids", "unified"]
+    ["memory", "cpu", "pids", "freezer", "unified"]
         .into_iter()
         .find(|c| *c == parent)
 }

@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::time::Duration;
+
 fn fake_v1() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     for c in ["memory", "cpu", "pids"] {
@@ -177,4 +179,128 @@ fn membership_in_a_delegated_subtree_is_found_and_nothing_else_below_it() {
         super::parse_membership(root.path(), "0::/system.slice/aitherd.service/supervisor\n")
             .is_empty()
     );
+}
+
+/// A fake v1 root with the freezer hierarchy mounted too.
+fn fake_v1_with_freezer() -> tempfile::TempDir {
+    let d = fake_v1();
+    fs::create_dir_all(d.path().join("freezer")).unwrap();
+    fs::write(d.path().join("freezer/cgroup.procs"), "").unwrap();
+    d
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap()
+}
+
+#[test]
+fn v1_freeze_and_thaw_write_freezer_state_and_the_freezer_dir_is_created_and_joined() {
+    let r = fake_v1_with_freezer();
+    let m = V1::new(r.path().to_path_buf(), false);
+    let cg = m.create("p-1", &table()[0], &[]).unwrap();
+    let d = r.path().join("freezer/aither/p-1");
+    assert!(cg.dirs.contains(&("freezer", d.clone())), "{:?}", cg.dirs);
+    // The sandbox joins the freezer cgroup like any other v1 hierarchy.
+    assert_eq!(cg.join_handles().unwrap().len(), cg.dirs.len());
+    assert!(!m.frozen(&cg));
+    m.freeze(&cg).unwrap();
+    assert_eq!(read(&d.join("freezer.state")), "FROZEN");
+    assert!(m.frozen(&cg));
+    m.thaw(&cg).unwrap();
+    assert_eq!(read(&d.join("freezer.state")), "THAWED");
+    assert!(!m.frozen(&cg));
+    // The daemon finds the freezer directory again from the id alone.
+    let again = stats::open_existing(&m, "p-1").unwrap();
+    assert!(again.dirs.iter().any(|(c, _)| *c == "freezer"));
+    assert_eq!(m.freezer().unwrap(), r.path().join("freezer"));
+    cg.remove().unwrap();
+    assert!(!d.exists());
+}
+
+#[test]
+fn v2_freeze_writes_cgroup_freeze_and_waits_for_frozen_in_cgroup_events() {
+    let r = fake_v2("cpu memory pids");
+    let m = V2::new(r.path().to_path_buf());
+    let cg = m.create("p-2", &table()[0], &[]).unwrap();
+    let d = r.path().join("aither/p-2");
+    // The kernel's confirmation, as a real cgroup.events would show it after the write.
+    fs::write(d.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+    m.freeze(&cg).unwrap();
+    assert_eq!(read(&d.join("cgroup.freeze")), "1");
+    assert!(m.frozen(&cg));
+    m.thaw(&cg).unwrap();
+    assert_eq!(read(&d.join("cgroup.freeze")), "0");
+    assert!(!m.frozen(&cg));
+}
+
+#[test]
+fn a_v2_freeze_the_kernel_never_confirms_is_undone_and_named() {
+    let r = tempfile::tempdir().unwrap();
+    let d = r.path();
+    fs::write(d.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+    let e = freezer::freeze_v2(d, Duration::from_millis(30)).unwrap_err();
+    assert!(
+        matches!(&e, CgroupError::FreezeTimeout { waited_ms: 30, last, .. } if last == "frozen 0"),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cgroup.events") && msg.contains("thawed"),
+        "{msg}"
+    );
+    // Not left half frozen.
+    assert_eq!(read(&d.join("cgroup.freeze")), "0");
+}
+
+#[test]
+fn the_same_pause_means_the_same_on_v1_and_v2() {
+    // One table: after freeze the cgroup is frozen, after thaw it is not, on both backends.
+    let r1 = fake_v1_with_freezer();
+    let m1 = V1::new(r1.path().to_path_buf(), false);
+    let r2 = fake_v2("cpu memory pids");
+    let m2 = V2::new(r2.path().to_path_buf());
+    let cg1 = m1.create("t-1", &table()[1], &[]).unwrap();
+    let cg2 = m2.create("t-1", &table()[1], &[]).unwrap();
+    fs::write(
+        r2.path().join("aither/t-1/cgroup.events"),
+        "populated 1\nfrozen 1\n",
+    )
+    .unwrap();
+    let both: [(&dyn CgroupManager, &Cgroup); 2] = [(&m1, &cg1), (&m2, &cg2)];
+    for (m, cg) in both {
+        m.freeze(cg).unwrap();
+        assert!(m.frozen(cg), "{:?}", m.mode());
+        // A second freeze of a frozen cgroup is fine (pause is idempotent).
+        m.freeze(cg).unwrap();
+        m.thaw(cg).unwrap();
+        assert!(!m.frozen(cg), "{:?}", m.mode());
+        // So is a thaw of a thawed one.
+        m.thaw(cg).unwrap();
+    }
+}
+
+#[test]
+fn a_v1_host_without_the_freezer_refuses_pause_and_names_the_hierarchy() {
+    let r = fake_v1();
+    let m = V1::new(r.path().to_path_buf(), false);
+    let cg = m.create("p-3", &table()[0], &[]).unwrap();
+    assert!(!cg.dirs.iter().any(|(c, _)| *c == "freezer"));
+    let e = m.freeze(&cg).unwrap_err();
+    assert!(matches!(e, CgroupError::FreezerMissing { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&r.path().join("freezer").display().to_string())
+            && msg.contains("mount -t cgroup -o freezer"),
+        "{msg}"
+    );
+    assert!(m.freezer().is_err());
+    assert!(!m.frozen(&cg));
+    // A hybrid host without the v1 freezer freezes through its unified directory.
+    let h = V1::new(r.path().to_path_buf(), true);
+    let cg = h.create("p-4", &table()[0], &[]).unwrap();
+    let u = r.path().join("unified/aither/p-4");
+    fs::write(u.join("cgroup.events"), "frozen 1\n").unwrap();
+    h.freeze(&cg).unwrap();
+    assert_eq!(read(&u.join("cgroup.freeze")), "1");
+    assert_eq!(h.freezer().unwrap(), r.path().join("unified"));
 }

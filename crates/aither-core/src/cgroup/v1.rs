@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota,
-    Limits, SUBTREE,
+    freezer, keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode,
+    CpuQuota, Limits, SUBTREE,
 };
 use crate::policy::Protection;
 
@@ -105,6 +105,15 @@ impl CgroupManager for V1 {
                 Err(e) => result = Err(e),
             }
         }
+        // The freezer (`aitherctl pause`), wherever its hierarchy is mounted; not a protection,
+        // so a host without it (or a read-only one) still launches, and pause says why not.
+        let fz = self.hierarchy("freezer");
+        if result.is_ok() && fz.join("cgroup.procs").exists() {
+            let d = fz.join(SUBTREE).join(id);
+            if mkdir_p(&d).is_ok() {
+                cg.dirs.push(("freezer", d));
+            }
+        }
         if result.is_ok() && self.unified {
             let d = self.root.join("unified").join(SUBTREE).join(id);
             result = mkdir_p(&d).map(|()| cg.dirs.push(("unified", d)));
@@ -165,7 +174,7 @@ impl CgroupManager for V1 {
     }
 
     fn subtree_dirs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ["memory", "cpu", "pids", "devices"]
+        let mut v: Vec<PathBuf> = ["memory", "cpu", "pids", "devices", "freezer"]
             .iter()
             .map(|c| self.hierarchy(c).join(SUBTREE))
             .collect();
@@ -186,11 +195,81 @@ impl CgroupManager for V1 {
                 // SAFETY: plain kill of a pid listed in our own cgroup.
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
+            // Signalled first, thawed after: a frozen task acts on its pending SIGKILL only
+            // once thawed, and then dies before it runs another instruction of its own.
+            if self.frozen(cg) {
+                let _ = self.thaw(cg);
+            }
         }
+    }
+
+    fn freeze(&self, cg: &Cgroup) -> Result<(), CgroupError> {
+        match self.freezer_dir(cg)? {
+            (Freezer::V1, d) => freezer::freeze_v1(&d, freezer::FREEZE_TIMEOUT),
+            (Freezer::Unified, d) => freezer::freeze_v2(&d, freezer::FREEZE_TIMEOUT),
+        }
+    }
+
+    fn thaw(&self, cg: &Cgroup) -> Result<(), CgroupError> {
+        match self.freezer_dir(cg)? {
+            (Freezer::V1, d) => freezer::thaw_v1(&d),
+            (Freezer::Unified, d) => freezer::thaw_v2(&d),
+        }
+    }
+
+    fn frozen(&self, cg: &Cgroup) -> bool {
+        match self.freezer_dir(cg) {
+            Ok((Freezer::V1, d)) => freezer::frozen_v1(&d),
+            Ok((Freezer::Unified, d)) => freezer::frozen_v2(&d),
+            Err(_) => false,
+        }
+    }
+
+    fn freezer(&self) -> Result<PathBuf, CgroupError> {
+        let fz = self.hierarchy("freezer");
+        if fz.join("cgroup.procs").exists() {
+            return Ok(fz);
+        }
+        if self.unified {
+            return Ok(self.root.join("unified"));
+        }
+        Err(CgroupError::FreezerMissing {
+            detail: format!("no v1 freezer hierarchy mounted at {}", fz.display()),
+        })
     }
 }
 
+/// Which freezer a v1 (or hybrid) cgroup is frozen with.
+enum Freezer {
+    /// The v1 freezer hierarchy: preferred, so that every host with v1 controllers freezes
+    /// the same way (and this hybrid CI host exercises the v1 kill-while-frozen path).
+    V1,
+    /// A hybrid host without the v1 freezer: cgroup.freeze of the unified directory.
+    Unified,
+}
+
 impl V1 {
+    fn freezer_dir(&self, cg: &Cgroup) -> Result<(Freezer, PathBuf), CgroupError> {
+        if let Some(d) = Self::dir(cg, "freezer") {
+            return Ok((Freezer::V1, d));
+        }
+        if let Some(d) = Self::dir(cg, "unified") {
+            return Ok((Freezer::Unified, d));
+        }
+        // The host has a freezer, but this cgroup was made without it (before the freezer
+        // was mounted): say so rather than "no freezer".
+        let detail = match self.freezer() {
+            Ok(at) => format!(
+                "cgroup {} has no directory in the freezer hierarchy at {} (it was created without one; restart the agent)",
+                cg.id,
+                at.display()
+            ),
+            Err(CgroupError::FreezerMissing { detail }) => detail,
+            Err(e) => e.to_string(),
+        };
+        Err(CgroupError::FreezerMissing { detail })
+    }
+
     fn apply(
         &self,
         cg: &mut Cgroup,

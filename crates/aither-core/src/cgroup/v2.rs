@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use super::{
-    keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode, CpuQuota,
-    Limits, SUBTREE,
+    freezer, keyed, mkdir_p, read_ctl, write_ctl, Cgroup, CgroupError, CgroupManager, CgroupMode,
+    CpuQuota, Limits, SUBTREE,
 };
 use crate::policy::Protection;
 
@@ -173,6 +173,32 @@ impl CgroupManager for V2 {
 
     fn subtree_dirs(&self) -> Vec<PathBuf> {
         vec![self.root.join(SUBTREE)]
+    }
+
+    fn freeze(&self, cg: &Cgroup) -> Result<(), CgroupError> {
+        freezer::freeze_v2(&Self::dir(cg), freezer::FREEZE_TIMEOUT)
+    }
+
+    fn thaw(&self, cg: &Cgroup) -> Result<(), CgroupError> {
+        freezer::thaw_v2(&Self::dir(cg))
+    }
+
+    fn frozen(&self, cg: &Cgroup) -> bool {
+        freezer::frozen_v2(&Self::dir(cg))
+    }
+
+    fn freezer(&self) -> Result<PathBuf, CgroupError> {
+        // cgroup.freeze is in every non-root cgroup2 directory since 5.2; our subtree's
+        // directory stands for them (a fake root's plain directory has none and needs none).
+        let sub = self.root.join(SUBTREE);
+        if super::fs_magic(&sub).ok() == Some(super::CGROUP2_SUPER_MAGIC)
+            && !sub.join("cgroup.freeze").exists()
+        {
+            return Err(CgroupError::FreezerMissing {
+                detail: format!("{} has no cgroup.freeze (Linux before 5.2)", sub.display()),
+            });
+        }
+        Ok(sub)
     }
 
     fn kill_all(&self, cg: &Cgroup) {
