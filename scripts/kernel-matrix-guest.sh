@@ -40,8 +40,13 @@ check() { # name, then the command; pass when it exits 0
   local detail t=$SECONDS watchdog
   echo "== $name: $*"
   # A hung check fails on its own, with what was running, instead of eating the guest's time.
+  # The watchdog acts only while the check's flag is absent: ending its sleep early (below)
+  # lets it run on, and it must then do nothing.
+  local flag="/tmp/km-check-done-$name"
+  rm -f "$flag"
   (
     sleep "$CHECK_LIMIT"
+    [ ! -e "$flag" ] || exit 0
     { echo "hung after ${CHECK_LIMIT}s: $*"; hang_dump; } >"$out/hung-$name" 2>&1
     pkill -9 -f 'aitherctl|aither-init|aither-probe'
   ) &
@@ -52,8 +57,8 @@ check() { # name, then the command; pass when it exits 0
     [ ! -e "$out/hung-$name" ] || detail="hung (see hung-$name): $detail"
     echo "CHECK $name FAIL $((SECONDS - t))s ${detail//$'\n'/ | }" >>"$out/checks"
   fi
+  touch "$flag"
   pkill -P "$watchdog" sleep 2>/dev/null
-  kill "$watchdog" 2>/dev/null
   wait "$watchdog" 2>/dev/null
 }
 
