@@ -82,7 +82,9 @@ pub enum ExecRefused {
     NotRunning { name: String, state: State },
     /// A command joining a frozen cgroup would be frozen with it until `resume` (podman
     /// refuses exec into a paused container too).
-    #[error("agent {name:?} is paused: its processes are frozen (`aitherctl resume {name}` first)")]
+    #[error(
+        "agent {name:?} is paused: its processes are frozen (`aitherctl resume {name}` first)"
+    )]
     Paused { name: String },
     #[error("agent {name:?} already runs {max} commands from exec (the most at a time); wait for one to end")]
     TooMany { name: String, max: usize },
