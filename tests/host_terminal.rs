@@ -704,6 +704,13 @@ fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
     r.type_in(b"later\r");
     r.wait_for("GOT-6:[later]");
     assert!(!r.output().contains("GOT-6:[secret]"), "{:?}", r.output());
+    // The shell's `exit` is typed once the run has ended: typed while aitherctl still relays
+    // the terminal, it would go to the agent's pty (and be lost with it).
+    assert!(
+        poll_until(RUN_DEADLINE, || matches!(proc_state(pid), '?' | 'Z')),
+        "the run did not end after its agent: {:?}",
+        r.output()
+    );
     r.type_in(b"exit\n");
     let (code, out) = r.finish();
     assert_eq!(code, 0, "{out:?}");
