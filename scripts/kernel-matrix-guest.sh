@@ -212,6 +212,19 @@ if [ "$mode" = v2 ]; then
       echo "aitherd $dpid re-adopted km-sleeper in $d1"
     }
     check daemon-restart daemon_restart
+    daemon_pause() { # the cgroup v2 freezer: pause freezes the agent's cgroup, resume thaws it
+      local d
+      d="$(agent_dir km-sleeper)"
+      dctl pause km-sleeper >/dev/null || return 1
+      # pause answers once the kernel says the whole cgroup is frozen.
+      grep -qx 'frozen 1' "$d/cgroup.events" || { echo "after pause: $(tr '\n' ' ' <"$d/cgroup.events")"; return 1; }
+      dctl ps | grep -q '^km-sleeper .*paused' || { dctl ps; return 1; }
+      dctl resume km-sleeper >/dev/null || return 1
+      grep -qx 'frozen 0' "$d/cgroup.events" || { echo "after resume: $(tr '\n' ' ' <"$d/cgroup.events")"; return 1; }
+      dctl ps | grep -q '^km-sleeper .*running' || { dctl ps; return 1; }
+      echo "km-sleeper frozen in $d (cgroup.events frozen 1) and thawed"
+    }
+    check daemon-pause daemon_pause
     daemon_cleanup() {
       local n
       for n in km-sleeper km-forkbomb; do dctl rm --force "$n" >/dev/null || return 1; done
