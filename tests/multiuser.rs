@@ -553,7 +553,18 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
             r["caller_uid"] == u2.uid || r["owner_uid"] == u2.uid,
             "user 2 sees a record not theirs: {r}"
         );
+        // Their own cross-user attempts, without whose agent it was.
+        assert!(
+            r["owner_uid"].is_null() || r["owner_uid"] == u2.uid,
+            "user 2 learns another owner's uid: {r}"
+        );
     }
+    assert!(
+        theirs
+            .iter()
+            .any(|r| r["caller_uid"] == u2.uid && r["data"]["cross_user"] == true),
+        "user 2's own denied attempts are theirs to see: {theirs:?}"
+    );
 
     // The admin may act on it.
     us.ok(&d, 2, &["rm", "--force", &name]);
@@ -1284,8 +1295,11 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     for l in us.ok(&d, 1, &["audit", "--json"]).lines() {
         let r: Value = serde_json::from_str(l).expect("audit JSON");
         // (Their `--owner UID` attempts name user 1 themselves.)
+        // A record about user 1's secret reaches user 2 without its owner (owner_uid absent).
+        assert_ne!(r["owner_uid"], u1.uid, "user 2 learns user 1's uid: {r}");
         if r["data"]["secret"] == "apikey"
-            && (r["kind"] == "secret_use" || (r["kind"] == "secret_rm" && r["owner_uid"] != u1.uid))
+            && (r["kind"] == "secret_use"
+                || (r["kind"] == "secret_rm" && !r["owner_uid"].is_null()))
         {
             assert_eq!(
                 r["owner_uid"], u2.uid,

@@ -635,7 +635,18 @@ fn audit_for(
         if out.len() >= 10_000 || bytes > 16 << 20 {
             break;
         }
-        out.push(String::from_utf8_lossy(&l.bytes).into_owned());
+        // A member's denied attempt on another user's agent, secret or consumer is theirs to
+        // see, but not whose it was: the record loses `owner_uid` (the root-only log keeps it).
+        let foreign = !caller.admin && e.owner_uid.is_some_and(|o| o != caller.uid);
+        match serde_json::from_slice::<serde_json::Value>(&l.bytes) {
+            Ok(mut v) if foreign => {
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("owner_uid");
+                }
+                out.push(v.to_string());
+            }
+            _ => out.push(String::from_utf8_lossy(&l.bytes).into_owned()),
+        }
     }
     out.reverse();
     Ok(out)
