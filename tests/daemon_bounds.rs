@@ -55,6 +55,16 @@ def flood(req, n, batch=100):
             c = code(r)
             codes[c] = codes.get(c, 0) + 1
     return codes
+def flood_until_limited(req, most, batch):
+    # Batches until one is answered rate_limited (or `most` requests): whether a fixed number
+    # of requests exceeds a budget that refills with time depends on how fast this machine
+    # answers them; sent until the budget answers, it does not.
+    codes, sent = {}, 0
+    while sent < most and "rate_limited" not in codes:
+        for c, k in flood(req, batch, batch).items():
+            codes[c] = codes.get(c, 0) + k
+        sent += batch
+    return codes
 def done(name, v):
     with open(name + ".tmp", "w") as f:
         json.dump(v, f)
@@ -394,7 +404,9 @@ time.sleep(600)
 /// The finding: depth-8 graph queries and 32-term searches kept aitherd at 0.9 CPU. Now a
 /// search of more than 8 terms is refused with a clear error, a walk over a hub with more
 /// edges than a walk may read is cut (`truncated`), and a flood of queries is rate limited
-/// by the agent's request budget (a query counts 10) and its aitherd CPU-time budget.
+/// by the agent's request budget (a query counts 10) and its aitherd CPU-time budget: the
+/// flood goes on until the daemon answers `rate_limited` (a fixed count of 60 was answered
+/// in full on a loaded machine, where the buckets refilled while aitherd waited for a CPU).
 #[test]
 fn deep_graph_and_many_term_queries_are_refused_or_cut() {
     let d = daemon("mem");
@@ -432,7 +444,7 @@ r = call({"op": "mem.graph.neighbors", "node": "hub", "depth": 8})
 out["walk"] = [code(r), r.get("data", {}).get("truncated"), r.get("error")]
 r = call({"op": "mem.graph.neighbors", "node": "hub", "depth": 9})
 out["depth9"] = code(r)
-out["flood"] = flood({"op": "mem.graph.neighbors", "node": "hub", "depth": 8}, 60, batch=20)
+out["flood"] = flood_until_limited({"op": "mem.graph.neighbors", "node": "hub", "depth": 8}, 3000, 20)
 done("mem.json", out)
 time.sleep(600)
 "#,
@@ -450,8 +462,12 @@ time.sleep(600)
     let flood = &out["flood"];
     let ok = flood["ok"].as_u64().unwrap_or(0);
     let limited = flood["rate_limited"].as_u64().unwrap_or(0);
-    assert_eq!(ok + limited, 60, "{out}");
-    assert!(limited > 0 && ok < 60, "{out}");
+    assert!(limited > 0 && ok > 0, "{out}");
+    assert_eq!(
+        (ok + limited) % 20,
+        0,
+        "every request of each batch answered: {out}"
+    );
     let u = d.json(&["inspect", &name])["daemon_usage"].clone();
     assert_eq!(u["rate_limited"], limited, "{u}");
     assert!(u["cpu_ms"].as_f64().unwrap() > 0.0, "{u}");
