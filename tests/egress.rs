@@ -1198,6 +1198,100 @@ secret = "root:openai"
     assert!(!seen[0].contains("OTHER-USERS-KEY"), "{seen:?}");
 }
 
+/// A member's route under aitherd sends that member's own secret, set by them through aitherd:
+/// never root's secret of the same name, never another member's (issue 18). The policy is an
+/// installed one (members use policies by name); the agent runs in the member's directory.
+#[test]
+fn a_members_route_sends_their_own_secret_and_never_roots_or_another_members() {
+    use common::users::Users;
+    let host = Host::new();
+    let us = Users::create();
+    let pdir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(common::policy_dir().join("standard.toml"))
+        .unwrap()
+        .replace("name = \"standard\"", "name = \"eg-member-route\"");
+    std::fs::write(
+        pdir.path().join("eg-member-route.toml"),
+        format!(
+            "{src}\n[[net.routes]]\nname = \"openai\"\nupstream = \"https://api.example.test:{}/v1\"\nsecret = \"openai\"\n",
+            host.tls_port
+        ),
+    )
+    .unwrap();
+    let dirs = format!(
+        "{}:{}",
+        pdir.path().display(),
+        common::policy_dir().display()
+    );
+    let d = us.daemon_env(
+        &["--config", &host.config()],
+        &[("AITHER_POLICY_DIR", &dirs)],
+    );
+    // Root's and member 2's secrets of the same name, and member 1's own.
+    let mut root_set = Command::new(AITHERCTL);
+    d.env(&mut root_set);
+    let mut child = root_set
+        .args(["secret", "set", "openai"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ROOTS-KEY-5150\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", describe(&o));
+    for (i, value) in [(0, "MEMBER-ONE-KEY-7001\n"), (1, "MEMBER-TWO-KEY-7002\n")] {
+        let o = us.ctl_input(&d, i, &["secret", "set", "openai"], value);
+        assert!(o.status.success(), "{}", describe(&o));
+    }
+    let script = "curl -sS -m 10 -H 'Authorization: Bearer placeholder' \"$AITHER_ROUTE_OPENAI/x\" > out.tmp; echo >> out.tmp; mv out.tmp out.txt; sleep 60";
+    let name = common::unique("eg-member");
+    let o = us.ctl(
+        &d,
+        0,
+        &[
+            "spawn",
+            "--policy",
+            "eg-member-route",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert!(o.status.success(), "{}\n{}", describe(&o), d.log());
+    let out = us.dir(&us.users[0]).join("out.txt");
+    let done = common::poll_until(std::time::Duration::from_secs(30), || out.exists());
+    assert!(done, "the agent wrote nothing: {}", d.log());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.starts_with("tls-ok sni=api.example.test /v1/x\n"),
+        "{text}"
+    );
+    let seen = host.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let head = seen[0].to_ascii_lowercase();
+    assert!(
+        head.contains("authorization: bearer member-one-key-7001"),
+        "{seen:?}"
+    );
+    for other in ["roots-key-5150", "member-two-key-7002", "placeholder"] {
+        assert!(
+            !head.contains(other),
+            "{other} reached the upstream: {seen:?}"
+        );
+    }
+    // The agent's file is the member's, and the secret is nowhere in it.
+    assert!(!text.contains("MEMBER-ONE-KEY"), "{text}");
+    us.ok(&d, 0, &["rm", "--force", &name]);
+}
+
 #[test]
 fn the_request_quota_stops_the_agent_at_its_limit_and_not_before() {
     let host = Host::new();

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod users;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
