@@ -126,7 +126,7 @@ check doctor-strict doctor_strict
 # a slice, memory/cpu/pids enabled down to it, marked with trusted.delegate, aitherd started
 # in its `supervisor` leaf. Before any `run`, so that a top-level aither/ could only be
 # aitherd's. Agents (strict): a sleeper (its cgroup under aitherd's, its limits as
-# written, ps/inspect), a fork bomb (pids). Not here: PSI pain (docs/kernels.md says why).
+# written, ps/inspect), a fork bomb (pids), the freezer (pause), PSI pain (memory.high).
 if [ "$mode" = v2 ]; then
   unit=/sys/fs/cgroup/km.slice/aitherd.service
   dsock=/tmp/aither-km/aitherd.sock dstate=/var/lib/aither-km
@@ -225,9 +225,41 @@ if [ "$mode" = v2 ]; then
       echo "km-sleeper frozen in $d (cgroup.events frozen 1) and thawed"
     }
     check daemon-pause daemon_pause
+    # PSI into pain: an agent that keeps faulting in new pages while its usage stays above
+    # memory.high is throttled by the kernel (the throttling sleeps count as memory stalls),
+    # so its cgroup's memory.pressure rises and aitherd must turn it into a memory_pressure
+    # pain event. memory.high is written by this check, as root, because no policy sets it and
+    # reclaiming clean pages under TCG did not stall enough to move PSI (docs/kernels.md).
+    daemon_psi() {
+      local d ev i
+      dctl spawn --policy strict km-pressure -w "$ws" --memory 256M -- python3 -c '
+import mmap
+keep = b"k" * (64 << 20)
+blk = b"x" * (8 << 20)
+while True:
+    m = mmap.mmap(-1, len(blk))
+    m.write(blk)
+    m.close()
+' >/dev/null || return 1
+      d="$(agent_dir km-pressure)"
+      [ -n "$d" ] && [ -d "$d" ] || { echo "no cgroup for km-pressure"; return 1; }
+      echo 32M >"$d/memory.high" || return 1
+      for i in $(seq 120); do
+        ev="$(dctl events --json --agent km-pressure | grep '"memory_pressure"')" && break
+        sleep 1
+      done
+      [ -n "$ev" ] || { echo "no memory_pressure pain in 120 s; $(head -1 "$d/memory.pressure")"; dctl events --agent km-pressure | tail -5; return 1; }
+      echo "$ev" | python3 -c '
+import json, sys
+e = json.loads(sys.stdin.readline())
+avg = e["data"]["data"]["psi_some_avg10"]
+print("memory_pressure pain:", json.dumps(e["data"]))
+sys.exit(0 if e["kind"] == "pain" and avg >= 10 else 1)'
+    }
+    check daemon-psi daemon_psi
     daemon_cleanup() {
       local n
-      for n in km-sleeper km-forkbomb; do dctl rm --force "$n" >/dev/null || return 1; done
+      for n in km-sleeper km-forkbomb km-pressure; do dctl rm --force "$n" >/dev/null || return 1; done
       n="$(find "$unit/aither" -mindepth 1 -maxdepth 1 -type d | wc -l)"
       [ "$n" -eq 0 ] || { echo "$n agent cgroups left in $unit/aither"; return 1; }
       echo "agents removed, their cgroups gone"
