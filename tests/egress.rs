@@ -987,17 +987,25 @@ fn connect_errors_tell_nothing_of_the_port_and_no_upstream_is_opened_before_the_
 /// `aitherctl secret set openai` with [`SECRET`], in the test's state directory.
 fn set_secret(host: &Host) {
     let mut set = Command::new(AITHERCTL);
-    host.env(&mut set)
-        .args(["secret", "set", "openai"])
+    host.env(&mut set);
+    secret_set(set, &["openai"], &format!("{SECRET}\n"));
+}
+
+/// `aitherctl secret set ARGS` as `c` is set up (environment), the value on stdin; must succeed.
+fn secret_set(mut c: Command, args: &[&str], value: &str) {
+    let mut child = c
+        .args(["secret", "set"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = set.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(format!("{SECRET}\n").as_bytes())
+        .write_all(value.as_bytes())
         .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", describe(&o));
@@ -1149,20 +1157,8 @@ fn a_root_prefixed_route_sends_roots_secret_and_never_another_users() {
     let ws = Workspace::new();
     set_secret(&host);
     let mut set = Command::new(AITHERCTL);
-    host.env(&mut set)
-        .args(["secret", "set", "openai", "--owner", "4242"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = set.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"OTHER-USERS-KEY")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", describe(&o));
+    host.env(&mut set);
+    secret_set(set, &["openai", "--owner", "4242"], "OTHER-USERS-KEY");
     let policy = host.policy(
         "standard",
         r#"
@@ -1230,21 +1226,7 @@ fn a_members_route_sends_their_own_secret_and_never_roots_or_another_members() {
     // Root's and member 2's secrets of the same name, and member 1's own.
     let mut root_set = Command::new(AITHERCTL);
     d.env(&mut root_set);
-    let mut child = root_set
-        .args(["secret", "set", "openai"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"ROOTS-KEY-5150\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", describe(&o));
+    secret_set(root_set, &["openai"], "ROOTS-KEY-5150\n");
     for (i, value) in [(0, "MEMBER-ONE-KEY-7001\n"), (1, "MEMBER-TWO-KEY-7002\n")] {
         let o = us.ctl_input(&d, i, &["secret", "set", "openai"], value);
         assert!(o.status.success(), "{}", describe(&o));
