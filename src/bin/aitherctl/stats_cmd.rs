@@ -50,9 +50,9 @@ const REDRAW: &str = "\x1b[H\x1b[2J";
 /// one shows its state only. --json gives exact figures (bytes, MiB for VRAM); the table
 /// rounds them (K, M, G: powers of 1024).
 ///
-/// Exit status: 0 done (interrupted, or the one sample with --no-stream); 1 aitherd refused
-/// (not found, not the caller's); 2 bad usage; 3 aitherd not reachable, or gone while
-/// streaming.
+/// Exit status: 0 done (the sample of --no-stream printed, or the reader of a stream went
+/// away, as `| head` does; ^C ends a stream by its signal); 1 aitherd refused (not found, not
+/// the caller's); 2 bad usage; 3 aitherd not reachable, or gone while streaming.
 ///
 /// Examples:
 ///   aitherctl stats                        # every agent, live
