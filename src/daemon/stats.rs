@@ -28,7 +28,8 @@ pub struct AgentStats {
     pub memory_limit: Option<u64>,
     /// `memory_bytes` in percent of `memory_limit`, two decimals.
     pub memory_percent: Option<f64>,
-    /// Tasks (processes and threads) in the sandbox, as its pids limit counts them.
+    /// Tasks (processes and threads) in the sandbox, as its pids limit counts them (processes
+    /// only where the sandbox has no pids controller: a v1 host and no pids limit).
     pub pids: Option<u64>,
     /// The cgroup's pids limit; None: no limit.
     pub pids_limit: Option<u64>,
