@@ -1494,3 +1494,200 @@ fn health_checks_wait_while_an_agent_is_paused() {
     assert_eq!(i["health_failures"], 0, "{i}");
     d.ok(&["stop", &paused, &control]);
 }
+
+/// `stats --no-stream --json NAMES…`: one object per agent, by name.
+fn stats_json(d: &Daemon, names: &[&str]) -> Vec<Value> {
+    let mut args = vec!["stats", "--no-stream", "--json"];
+    args.extend_from_slice(names);
+    d.ok(&args)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stats JSON line"))
+        .collect()
+}
+
+#[test]
+fn stats_shows_a_busy_agents_cpu_memory_and_tasks_against_its_limits() {
+    let d = daemon();
+    let busy = unique("stats-busy");
+    let idle = unique("stats-idle");
+    d.spawn(&busy, &[], &["sh", "-c", "while :; do :; done"]);
+    d.spawn(&idle, &[], &["sleep", "600"]);
+
+    // CPU % comes from two of aitherd's samples (every 200 ms here): wait for the second.
+    let busy_now = || stats_json(&d, &[&busy]).remove(0);
+    assert!(
+        poll_until(Duration::from_secs(20), || busy_now()["cpu_percent"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0)),
+        "no CPU figure for a spinning agent: {}",
+        busy_now()
+    );
+    let s = busy_now();
+    assert_eq!(s["name"], busy.as_str(), "{s}");
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["owner"], 0, "{s}");
+    // strict: 512M of memory, 128 tasks.
+    assert!(s["memory_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["memory_limit"], 512u64 << 20, "{s}");
+    let pct = s["memory_percent"].as_f64().unwrap();
+    let want = s["memory_bytes"].as_f64().unwrap() * 100.0 / (512u64 << 20) as f64;
+    assert!((pct - want).abs() <= 0.005 && pct < 100.0, "{s}");
+    assert!(s["pids"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["pids_limit"], 128, "{s}");
+    // No GPU claim, and strict grants no egress: nothing to count.
+    assert!(s["gpu"].is_null(), "{s}");
+    assert!(s["net"].is_null(), "{s}");
+
+    // Without names: every agent (root sees all), sorted by name; with names, in that order.
+    let all: Vec<String> = stats_json(&d, &[])
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = vec![busy.clone(), idle.clone()];
+    sorted.sort();
+    assert_eq!(all, sorted);
+    let asked: Vec<String> = stats_json(&d, &[&idle, &busy])
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(asked, [idle.clone(), busy.clone()]);
+
+    // The table: usage against limits, root's OWNER column.
+    let table = d.ok(&["stats", "--no-stream", &busy]);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "NAME",
+        "OWNER",
+        "STATE",
+        "CPU %",
+        "MEM USAGE / LIMIT",
+        "MEM %",
+        "PIDS",
+        "NET IN / OUT",
+        "REQUESTS",
+        "GPU",
+    ] {
+        assert!(header.contains(col), "{table}");
+    }
+    let row: Vec<&str> = lines.next().expect("a row").split("  ").collect();
+    let cells: Vec<&str> = row
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(cells[0], busy, "{table}");
+    assert_eq!(cells[1], "root", "{table}");
+    assert_eq!(cells[2], "running", "{table}");
+    assert!(
+        cells[3].ends_with('%') && cells[3] != "0.0%",
+        "CPU % of a spinning agent: {table}"
+    );
+    assert!(cells[4].ends_with(" / 512M"), "{table}");
+    assert!(cells[6].ends_with(" / 128"), "{table}");
+    assert_eq!(lines.next(), None, "one agent asked, one row: {table}");
+
+    // Paused: its memory and tasks stay, its CPU is not shown.
+    d.ok(&["pause", &busy]);
+    let s = busy_now();
+    assert_eq!(s["state"], "paused", "{s}");
+    assert!(s["cpu_percent"].is_null(), "{s}");
+    assert!(s["memory_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["pids"].as_u64().unwrap() >= 1, "{s}");
+
+    // Stopped: its state, and no figures of a sandbox it no longer has.
+    d.ok(&["stop", &busy, &idle]);
+    let s = busy_now();
+    assert_eq!(s["state"], "stopped", "{s}");
+    for k in [
+        "cpu_percent",
+        "memory_bytes",
+        "memory_limit",
+        "pids",
+        "pids_limit",
+    ] {
+        assert!(s[k].is_null(), "{k}: {s}");
+    }
+    let row = d.ok(&["stats", "--no-stream", &busy]);
+    let row = row.lines().nth(1).unwrap();
+    assert!(row.contains("stopped"), "{row}");
+    assert!(
+        !row.contains('%'),
+        "a stopped agent has no CPU or memory: {row}"
+    );
+}
+
+#[test]
+fn stats_streams_a_sample_every_interval_until_interrupted() {
+    let d = daemon();
+    let name = unique("stats-stream");
+    d.spawn(&name, &[], &["sleep", "600"]);
+    // To a pipe: each sample its own table after a blank line; --json: a line per agent.
+    for (json, want) in [(false, "NAME"), (true, "{")] {
+        let mut args = vec!["stats", &name];
+        if json {
+            args.insert(1, "--json");
+        }
+        let mut child = d
+            .cmd(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("aitherctl stats");
+        let out = child.stdout.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+        let mut seen = Vec::new();
+        while seen
+            .iter()
+            .filter(|l: &&String| l.starts_with(want))
+            .count()
+            < 3
+        {
+            match lines.next() {
+                Some(Ok(l)) => seen.push(l),
+                _ => panic!("the stream ended: {seen:?} {:?}", child.wait_with_output()),
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if json {
+            for l in &seen {
+                let v: Value = serde_json::from_str(l).expect("a JSON object per line");
+                assert_eq!(v["name"], name.as_str(), "{l}");
+            }
+        } else {
+            // header, row, blank, header, row, blank, header
+            assert_eq!(seen.len(), 7, "{seen:?}");
+            assert_eq!(seen[2], "", "{seen:?}");
+            assert!(
+                seen[1].starts_with(&name) && seen[4].starts_with(&name),
+                "{seen:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn stats_of_an_unknown_agent_fails_as_inspect_does() {
+    let d = daemon();
+    let name = unique("stats-known");
+    d.spawn(&name, &[], &["sleep", "600"]);
+    let ghost = unique("stats-ghost");
+    for args in [
+        vec!["stats", "--no-stream", &ghost],
+        vec!["stats", "--no-stream", "--json", &name, &ghost],
+        vec!["stats", &ghost],
+        vec!["inspect", &ghost],
+    ] {
+        let o = d.ctl(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("no agent named {ghost:?}")),
+            "{args:?}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{args:?}: {o:?}");
+    }
+    // A bad flag is usage (2), as everywhere.
+    assert_eq!(d.ctl(&["stats", "--bogus"]).status.code(), Some(2));
+}

@@ -1490,6 +1490,28 @@ fn aitherd_agents_egress_through_the_daemons_gateway_across_a_restart_and_publis
     assert_eq!(rules["egress[0]"]["requests"], 1, "{v}");
     assert_eq!(rules["default-deny"]["denials"], 1, "{v}");
     assert!(rules["egress[0]"]["bytes_in"].as_u64().unwrap() > 0, "{v}");
+    // `stats`: the same counters, every rule together, and in the table.
+    let s: serde_json::Value =
+        serde_json::from_str(d.ok(&["stats", "--no-stream", "--json", "egress-d"]).trim()).unwrap();
+    let net = &s["net"];
+    assert_eq!(net["requests"], 1, "{s}");
+    assert_eq!(net["denials"], 1, "{s}");
+    let sum = |k: &str| -> u64 {
+        let all = rules.as_object().unwrap().values();
+        all.map(|r| r[k].as_u64().unwrap()).sum()
+    };
+    assert_eq!(net["bytes_in"], sum("bytes_in"), "{s} {v}");
+    assert_eq!(net["bytes_out"], sum("bytes_out"), "{s} {v}");
+    assert!(net["bytes_out"].as_u64().unwrap() > 0, "{s}");
+    // Root's table: NAME OWNER STATE CPU % MEM… MEM % PIDS "NET IN / OUT" REQUESTS GPU.
+    let table = d.ok(&["stats", "--no-stream", "egress-d"]);
+    let row = table.lines().nth(1).unwrap_or_default();
+    let cells: Vec<&str> = row
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert!(cells[7].contains(" / ") && cells[8] == "1", "{table}");
     let events = d.ok(&["events", "--json", "--agent", "egress-d"]);
     assert!(events.contains("\"net.allowed\""), "{events}");
     assert!(events.contains("\"net.denied\""), "{events}");

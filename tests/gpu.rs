@@ -231,6 +231,44 @@ fn agents_that_do_not_fit_together_queue_and_run_in_priority_order_on_their_own_
             .any(|l| l.starts_with("high") && l.contains("queued") && l.contains("queued#1")),
         "{ps}"
     );
+    // `stats`: a holder's lease (its device, VRAM reserved and used at the last reading), a
+    // waiter's place in the queue.
+    sim.use_vram("holder-a", 0, 512);
+    let stats = |name: &str| -> Value {
+        serde_json::from_str(d.ok(&["stats", "--no-stream", "--json", name]).trim())
+            .expect("stats JSON")
+    };
+    assert!(
+        poll_until(Duration::from_secs(20), || stats("holder-a")["gpu"]
+            ["devices"][0]["used_mb"]
+            == 512),
+        "{}",
+        stats("holder-a")
+    );
+    let g = &stats("holder-a")["gpu"];
+    assert_eq!(g["state"], "granted", "{g}");
+    assert_eq!(g["devices"][0]["index"], 0, "{g}");
+    assert_eq!(g["devices"][0]["vram_mb"], 10240, "{g}");
+    assert_eq!(g["devices"][0]["total_mb"], 16384, "{g}");
+    let g = &stats("high")["gpu"];
+    assert_eq!(
+        (&g["state"], &g["queue_position"]),
+        (&"queued".into(), &1.into()),
+        "{g}"
+    );
+    let table = d.ok(&["stats", "--no-stream", "holder-a", "high"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("holder-a") && l.ends_with("0:512M/10G")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("high") && l.ends_with("queued#1")),
+        "{table}"
+    );
     let ls = d.json(&["gpu", "ls", "--json"]);
     assert_eq!(ls["backend"], "simulated");
     assert_eq!(ls["devices"][0]["reserved_mb"], 10240, "{ls}");

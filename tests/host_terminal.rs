@@ -926,3 +926,35 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
     );
     d.ok(&["rm", "-f", &name]);
 }
+
+#[test]
+fn stats_redraws_its_table_in_place_on_a_terminal_until_interrupted() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("stats");
+    d.ok(&["spawn", "--policy", "strict", &name, "--", "sleep", "600"]);
+    const REDRAW: &str = "\x1b[H\x1b[2J";
+    let pty = Pty::open();
+    let r = pty.spawn(d.cmd(&["stats", &name]));
+    // Each sample: home, clear, the table (one header, one row each time).
+    let three = || r.output().matches(REDRAW).count() >= 3;
+    assert!(poll_until(RUN_DEADLINE, three), "{:?}", r.output());
+    // ^C (the terminal's SIGINT to its foreground) ends it.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGINT) };
+    let (code, shown) = r.finish();
+    assert_eq!(code, 128 + libc::SIGINT, "{shown:?}");
+    for frame in shown.split(REDRAW).skip(1).take(2) {
+        let lines: Vec<&str> = frame.lines().collect();
+        assert_eq!(lines.len(), 2, "header and row: {frame:?}");
+        assert!(
+            lines[0].starts_with("NAME") && lines[1].starts_with(&name),
+            "{frame:?}"
+        );
+    }
+    // --no-stream on a terminal: one table, nothing redrawn.
+    let (code, shown) = pty.run(d.cmd(&["stats", "--no-stream", &name]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    assert!(!shown.contains('\x1b'), "{shown:?}");
+    assert_eq!(shown.lines().count(), 2, "{shown:?}");
+    d.ok(&["rm", "-f", &name]);
+}

@@ -84,8 +84,26 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     // User 2 sees nothing of it and can do nothing to it.
     let theirs = us.ok(&d, 1, &["ps", "--json"]);
     assert!(!names(&theirs).contains(&name), "{theirs}");
+    // `stats` sees what `ps` sees: the owner's agent for the owner and the admin, nothing of
+    // it for another member.
+    let stats_names = |i: usize| -> Vec<String> {
+        us.ok(&d, i, &["stats", "--no-stream", "--json"])
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("stats JSON line");
+                v["name"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    };
+    assert!(stats_names(0).contains(&name));
+    assert!(!stats_names(1).contains(&name));
+    assert!(stats_names(2).contains(&name));
+    let table = us.ok(&d, 1, &["stats", "--no-stream"]);
+    assert!(!table.contains(&name), "{table}");
     for args in [
         vec!["inspect", &name],
+        vec!["stats", "--no-stream", &name],
+        vec!["stats", "--no-stream", "--json", &name],
         vec!["logs", &name],
         vec!["logs", "-f", &name],
         vec!["stop", &name],

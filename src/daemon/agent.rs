@@ -78,6 +78,11 @@ pub struct Info {
     pub cpu_percent: Option<f64>,
     pub memory_bytes: Option<u64>,
     pub memory_limit: Option<u64>,
+    /// Tasks (processes and threads) in the sandbox and the pids limit, at the last sample.
+    #[serde(default)]
+    pub pids: Option<u64>,
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
     pub oom_kills: u64,
     /// What the current run's sandbox enforces, read back after the start (docs/audit.md).
     /// Kept as the JSON text it arrived as (compact: 200 agents' reports as parsed values
@@ -229,6 +234,8 @@ pub fn start(
         cpu_percent: None,
         memory_bytes: None,
         memory_limit: None,
+        pids: None,
+        pids_limit: None,
         oom_kills: 0,
         report: None,
         supervision: rec.request.supervision.clone(),
@@ -1123,6 +1130,8 @@ impl Agent {
             i.cpu_percent = cpu.or(i.cpu_percent);
             i.memory_bytes = s.memory_bytes;
             i.memory_limit = s.memory_limit;
+            i.pids = s.pids_current.or(Some(s.pids as u64));
+            i.pids_limit = s.pids_limit;
             i.oom_kills = s.oom_kills;
         });
         // Kernel-sourced pain.

@@ -126,6 +126,14 @@ impl Daemon {
         self.emit(Some(&ev.agent), kind, data);
     }
 
+    /// An agent's egress counters, all rules together, for `stats`; None while the gateway
+    /// serves no run of it.
+    pub fn net_totals(&self, name: &str) -> Option<super::stats::NetStats> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        let a = agents.get(name)?;
+        Some(super::stats::NetStats::total(a.stats().values()))
+    }
+
     /// An agent's egress counters per rule, for `inspect`.
     pub fn net_stats(&self, name: &str) -> Option<serde_json::Value> {
         let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());

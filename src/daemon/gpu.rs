@@ -422,6 +422,51 @@ impl GpuService {
         None
     }
 
+    /// The `stats` figures of an agent's GPU claim: its lease's devices with the VRAM reserved
+    /// and used (the last reading), or its place in the queue; None without a claim.
+    pub fn stats_of(&self, agent: &str) -> Option<super::stats::GpuStats> {
+        use super::stats::{GpuDeviceStats, GpuStats};
+        let g = self.lock();
+        if let Some(l) = g.sched.lease(agent) {
+            let devices = l
+                .devices
+                .iter()
+                .map(|&index| {
+                    let d = self.device(index);
+                    let used = g
+                        .usage
+                        .iter()
+                        .filter(|u| u.0 == agent && u.1 == index)
+                        .map(|u| u.2)
+                        .sum();
+                    GpuDeviceStats {
+                        index,
+                        name: d.map(|d| d.name.clone()).unwrap_or_default(),
+                        vram_mb: l.request.vram_mb,
+                        used_mb: used,
+                        total_mb: d.map(|d| d.total_mb).unwrap_or(0),
+                    }
+                })
+                .collect();
+            return Some(GpuStats {
+                state: GpuState::Granted,
+                queue_position: None,
+                devices,
+            });
+        }
+        if g.sched.is_queued(agent) {
+            return Some(GpuStats {
+                state: GpuState::Queued,
+                queue_position: g
+                    .sched
+                    .position(agent, super::store::now_ms())
+                    .map(|p| p as u64),
+                devices: Vec::new(),
+            });
+        }
+        None
+    }
+
     /// `aitherctl gpu ls`.
     pub fn ls(&self) -> serde_json::Value {
         let g = self.lock();

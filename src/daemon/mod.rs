@@ -27,6 +27,7 @@ pub mod recover;
 pub mod secret_ops;
 pub mod server;
 pub mod shim;
+pub mod stats;
 pub mod store;
 pub mod summary;
 pub mod supervise;

@@ -364,6 +364,15 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
         } => Some(("events", name.clone())),
         _ => None,
     };
+    // `stats NAME...`: each name as `inspect` would have it (another user's agent does not
+    // exist for the caller, and asking is an audited denial); the first refusal answers.
+    if let Request::Stats { names } = &req {
+        for name in names {
+            if let Err(reply) = authorize(d, caller, "control", name) {
+                return reply;
+            }
+        }
+    }
     let mut owner = None;
     if let Some((kind, name)) = &target {
         let kind = audited.as_ref().map(|a| a.0).unwrap_or(kind);
@@ -386,6 +395,48 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
 /// Keeps what the caller may see: every agent for admins, their own for anyone else.
 fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
     caller.admin || d.name_owner(name).is_some_and(|o| o == caller.uid)
+}
+
+/// Every agent the caller may see (as `ps` lists them: admins all, anyone else their own),
+/// by name, without their enforcement reports (`inspect` shows those; the list stays small).
+fn visible_agents(d: &Shared, caller: &Caller) -> Vec<agent::Info> {
+    let mut list: Vec<agent::Info> = {
+        let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .values()
+            .filter_map(|h| {
+                let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
+                (caller.admin || i.owner == caller.uid).then(|| {
+                    let mut i = i.clone();
+                    i.report = None;
+                    i
+                })
+            })
+            .collect()
+    };
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    list
+}
+
+/// `stats`: one sample per agent (src/daemon/stats.rs), every visible agent or the `names`
+/// (already authorized by `handle`), in the order asked. A name that has no agent (a removed
+/// one whose name is kept) is `not_found`, as for `inspect`.
+fn stats(d: &Shared, caller: &Caller, names: &[String]) -> Reply {
+    let infos = if names.is_empty() {
+        visible_agents(d, caller)
+    } else {
+        let mut v = Vec::with_capacity(names.len());
+        for n in names {
+            match d.info_of(n) {
+                Some(i) => v.push(i),
+                None => return not_found(n),
+            }
+        }
+        v
+    };
+    let agents: Vec<super::stats::AgentStats> =
+        infos.iter().map(|i| super::stats::of(d, i)).collect();
+    Reply::ok(json!({ "agents": agents }))
 }
 
 async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
@@ -412,24 +463,13 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             Reply::ok(json!({"queue": q}))
         }
         Request::Ps => {
-            let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
-            let mut list: Vec<agent::Info> = agents
-                .values()
-                .filter(|h| {
-                    caller.admin
-                        || h.info.lock().unwrap_or_else(|e| e.into_inner()).owner == caller.uid
-                })
-                .map(|h| {
-                    let mut i = h.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    // `inspect` shows the enforcement report; the list stays small.
-                    i.report = None;
-                    i.gpu = d.gpu.column(&i.name);
-                    i
-                })
-                .collect();
-            list.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut list = visible_agents(d, caller);
+            for i in &mut list {
+                i.gpu = d.gpu.column(&i.name);
+            }
             Reply::ok(serde_json::to_value(list).unwrap_or_default())
         }
+        Request::Stats { names } => stats(d, caller, &names),
         Request::BusStreams => {
             let d2 = d.clone();
             let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))

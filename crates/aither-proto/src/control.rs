@@ -206,6 +206,14 @@ pub enum Request {
     },
     /// A command in a running agent's sandbox (`aitherctl exec`).
     Exec(ExecRequest),
+    /// One sample of the resource use of agents (`aitherctl stats`): CPU, memory, pids, egress
+    /// and GPU lease. `names` empty: every agent the caller may see (as `ps`); else those
+    /// agents, in that order, and a name the caller may not see is `not_found` (as `inspect`).
+    /// The reply is `{"agents": [...]}`, one object per agent (docs/daemon.md "stats").
+    Stats {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        names: Vec<String>,
+    },
     /// The audit records the caller may see (`aitherctl audit` for a user who cannot read the
     /// root-only log): an admin's, all; anyone else's, those they asked for or that concern
     /// their agents. The reply is `{"lines": [...]}`, each a stored record's text.

@@ -126,6 +126,7 @@ fn every_fixture_round_trips_byte_for_byte() {
         "secret_rm",
         "secret_set",
         "spawn",
+        "stats",
         "stop",
     ];
     want.sort();
@@ -152,9 +153,16 @@ fn the_control_socket_refuses_unknown_ops_and_fields() {
         r#"{"op":"reboot"}"#,
         r#"{"op":"inspect"}"#,
         r#"{"op":"spawn","name":"a","argv":[],"cwd":"/","colour":"red"}"#,
+        r#"{"op":"stats","names":["a"],"uid":0}"#,
+        r#"{"op":"stats","names":"a"}"#,
     ] {
         assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
     }
+    // `stats` without names: every agent the caller may see.
+    assert_eq!(
+        serde_json::from_str::<Request>(r#"{"op":"stats"}"#).unwrap(),
+        Request::Stats { names: vec![] }
+    );
     // Today's format, kept: serde's deny_unknown_fields does not reach the unit ops (ping,
     // ps, ...), which ignore extra fields.
     assert_eq!(

@@ -24,7 +24,7 @@ pub const EXIT_REFUSED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_UNREACHABLE: i32 = 3;
 
-fn connect() -> Result<Client, i32> {
+pub fn connect() -> Result<Client, i32> {
     Client::connect(&daemon::socket_path()).map_err(|e| {
         eprintln!("aither: {e}");
         EXIT_UNREACHABLE
@@ -37,12 +37,12 @@ pub fn call(req: &Request) -> Result<serde_json::Value, i32> {
     reply_data(r)
 }
 
-fn client_err(e: ClientError) -> i32 {
+pub fn client_err(e: ClientError) -> i32 {
     eprintln!("aither: {e}");
     EXIT_UNREACHABLE
 }
 
-fn reply_data(r: Reply) -> Result<serde_json::Value, i32> {
+pub fn reply_data(r: Reply) -> Result<serde_json::Value, i32> {
     if r.ok {
         Ok(r.data.unwrap_or_default())
     } else {
@@ -498,7 +498,7 @@ pub fn ps(a: PsArgs) -> i32 {
 }
 
 /// A uid as its user name from /etc/passwd, else the number.
-fn user_name(uid: u32) -> String {
+pub fn user_name(uid: u32) -> String {
     std::fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|t| {
@@ -512,6 +512,13 @@ fn user_name(uid: u32) -> String {
 
 /// Prints a table: columns padded to their widest cell, two spaces apart, the last one as is.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(table(header, rows).as_bytes());
+}
+
+/// The text of `print_table`, each line ended by a newline.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     // Cells may hold text an agent chose (names, states, reasons): never raw on a terminal.
     let rows: Vec<Vec<String>> = rows
         .iter()
@@ -539,11 +546,12 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
         s
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", line(header.to_vec()));
+    let mut out = line(header.to_vec()) + "\n";
     for r in rows {
-        let _ = writeln!(out, "{}", line(r.iter().map(|s| s.as_str()).collect()));
+        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+        out.push('\n');
     }
+    out
 }
 
 /// Show everything aitherd knows about an agent (JSON).

@@ -13,6 +13,7 @@ mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod secret_cmd;
+mod stats_cmd;
 mod token_cmd;
 
 use std::process::ExitCode;
@@ -53,6 +54,7 @@ enum Command {
     Spawn(daemon_cmd::SpawnArgs),
     Ps(daemon_cmd::PsArgs),
     Inspect(daemon_cmd::InspectArgs),
+    Stats(stats_cmd::StatsArgs),
     Logs(daemon_cmd::LogsArgs),
     Stop(daemon_cmd::StopArgs),
     Kill(daemon_cmd::KillArgs),
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         Command::Spawn(a) => daemon_cmd::spawn(a),
         Command::Ps(a) => daemon_cmd::ps(a),
         Command::Inspect(a) => daemon_cmd::inspect(a),
+        Command::Stats(a) => stats_cmd::run(a),
         Command::Logs(a) => daemon_cmd::logs(a),
         Command::Stop(a) => daemon_cmd::stop(a),
         Command::Kill(a) => daemon_cmd::kill(a),

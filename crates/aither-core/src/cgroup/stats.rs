@@ -9,6 +9,8 @@
 //!   v2 and hybrid); on pure v1, usage above 90 % of the limit stands in for it.
 //! - Throttling: `cpu.stat` `nr_throttled` of the CPU controller (v1 `cpu`, v2 unified).
 //! - OOM kills: `CgroupManager::oom_kills`.
+//! - Tasks: `pids.current` and `pids.max` of the pids controller (v1 `pids`, v2 unified); the
+//!   limit counts threads, so the figure beside it does too.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,14 @@ pub struct Stats {
     pub memory_pressure_avg10: Option<f64>,
     pub nr_throttled: Option<u64>,
     pub oom_kills: u64,
+    /// Processes in the cgroup (`cgroup.procs` of the first hierarchy).
     pub pids: usize,
+    /// Tasks (processes and threads) charged to the pids controller: what `pids_limit` bounds.
+    #[serde(default)]
+    pub pids_current: Option<u64>,
+    /// The pids controller's limit; None: "max", or no pids controller.
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
 }
 
 impl Stats {
@@ -131,6 +140,16 @@ pub fn read(mgr: &dyn CgroupManager, cg: &Cgroup) -> Stats {
         s.memory_pressure_avg10 = read_file(u, "memory.pressure")
             .as_deref()
             .and_then(psi_some_avg10);
+    }
+    // The pids controller: its own hierarchy on v1 and hybrid hosts, the unified one on v2.
+    let pids_dir = match mgr.mode() {
+        CgroupMode::V2 => unified,
+        _ => dir(cg, "pids"),
+    };
+    if let Some(p) = pids_dir {
+        s.pids_current = read_file(p, "pids.current").and_then(|t| t.trim().parse().ok());
+        // "max" (no limit) does not parse: None, as in `Limits`.
+        s.pids_limit = read_file(p, "pids.max").and_then(|t| t.trim().parse().ok());
     }
     match mgr.mode() {
         CgroupMode::V2 => {

@@ -304,3 +304,35 @@ fn a_v1_host_without_the_freezer_refuses_pause_and_names_the_hierarchy() {
     assert_eq!(read(&u.join("cgroup.freeze")), "1");
     assert_eq!(h.freezer().unwrap(), r.path().join("unified"));
 }
+
+#[test]
+fn the_same_task_count_and_limit_read_back_the_same_on_v1_and_v2() {
+    // One table: the pids controller's count and limit mean the same on both backends
+    // (`pids.max` "max", or no pids directory on v1: no limit, None, as in `Limits`).
+    for (i, limits) in table().into_iter().enumerate() {
+        let r1 = fake_v1();
+        let m1 = V1::new(r1.path().to_path_buf(), false);
+        let r2 = fake_v2("cpu memory pids io");
+        let m2 = V2::new(r2.path().to_path_buf());
+        let cg1 = m1.create(&format!("s{i}-1"), &limits, &[]).unwrap();
+        let cg2 = m2.create(&format!("s{i}-1"), &limits, &[]).unwrap();
+        let p1 = r1.path().join("pids/aither").join(format!("s{i}-1"));
+        let p2 = r2.path().join("aither").join(format!("s{i}-1"));
+        for p in [&p1, &p2] {
+            if p.is_dir() {
+                fs::write(p.join("pids.current"), "3\n").unwrap();
+                if limits.pids.is_none() {
+                    fs::write(p.join("pids.max"), "max\n").unwrap();
+                }
+            }
+        }
+        let both: [(&dyn CgroupManager, &Cgroup); 2] = [(&m1, &cg1), (&m2, &cg2)];
+        for (m, cg) in both {
+            let s = stats::read(m, cg);
+            assert_eq!(s.pids_limit, limits.pids, "{:?} row {i}", m.mode());
+            if limits.pids.is_some() {
+                assert_eq!(s.pids_current, Some(3), "{:?} row {i}", m.mode());
+            }
+        }
+    }
+}
