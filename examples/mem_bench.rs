@@ -177,16 +177,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
 
         // 3. get p50 at n entries.
-        let mut lat = Vec::with_capacity(20_000);
-        for _ in 0..20_000 {
-            let k = format!("doc/{:08}", rng.below(n));
-            let t = Instant::now();
-            let e = store.get("bench", Tier::Knowledge, &k)?;
-            lat.push(t.elapsed());
-            anyhow::ensure!(e.is_some(), "{k} missing");
-        }
-        let (g50, g99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
-        println!("get at {n} entries:               p50 {g50:>7.1} us, p99 {g99:>7.1} us");
+        let (g50, g99) = bench_get(&store, n, &mut rng)?;
 
         // 4. FTS search p50 (one or two words, top 10).
         let mut search =
@@ -238,6 +229,21 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     println!("JSON {}", Value::Object(report));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Step 3 of `bench`: `get` latency (p50, p99, in µs) at `n` entries.
+fn bench_get(store: &MemoryStore, n: usize, rng: &mut Rng) -> anyhow::Result<(f64, f64)> {
+    let mut lat = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let k = format!("doc/{:08}", rng.below(n));
+        let t = Instant::now();
+        let e = store.get("bench", Tier::Knowledge, &k)?;
+        lat.push(t.elapsed());
+        anyhow::ensure!(e.is_some(), "{k} missing");
+    }
+    let (g50, g99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
+    println!("get at {n} entries:               p50 {g50:>7.1} us, p99 {g99:>7.1} us");
+    Ok((g50, g99))
 }
 
 /// Step 5 of `bench`: builds a graph of `n` nodes with 3 outgoing edges each, then times
