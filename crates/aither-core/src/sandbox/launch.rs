@@ -437,7 +437,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         pid,
         ids,
         parent_sock.as_fd(),
-        io.on_egress.take(),
+        &mut io.on_egress,
         &mut marks,
     )
     .map_err(abort)?;
@@ -705,12 +705,12 @@ fn kill_pid1(pidfd: BorrowedFd<'_>, e: LaunchError) -> LaunchError {
 }
 
 /// Stage 5: pid 1's id maps, the gateway's socket, then Go.
-fn maps_then_go(
+fn maps_then_go<'a>(
     spec: &SandboxSpec,
     pid: i32,
     ids: HostIds,
     sock: BorrowedFd<'_>,
-    on_egress: Option<Box<dyn FnOnce(OwnedFd) + '_>>,
+    on_egress: &mut Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
     marks: &mut Vec<(&str, u64)>,
 ) -> Result<(), LaunchError> {
     userns::write_maps(pid, spec.uid, spec.gid, ids).map_err(LaunchError::IdMaps)?;
@@ -718,7 +718,7 @@ fn maps_then_go(
     // clone is behind us, so a gateway thread started by the callee is never forked.
     if let Some(port) = spec.egress_port {
         let fd = netns::listen_in(pid, port).map_err(LaunchError::Egress)?;
-        match on_egress {
+        match on_egress.take() {
             Some(f) => f(fd),
             None => drop(fd),
         }
