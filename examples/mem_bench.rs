@@ -177,16 +177,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
 
         // 3. get p50 at n entries.
-        let mut lat = Vec::with_capacity(20_000);
-        for _ in 0..20_000 {
-            let k = format!("doc/{:08}", rng.below(n));
-            let t = Instant::now();
-            let e = store.get("bench", Tier::Knowledge, &k)?;
-            lat.push(t.elapsed());
-            anyhow::ensure!(e.is_some(), "{k} missing");
-        }
-        let (g50, g99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
-        println!("get at {n} entries:               p50 {g50:>7.1} us, p99 {g99:>7.1} us");
+        let (g50, g99) = bench_get(&store, n, &mut rng)?;
 
         // 4. FTS search p50 (one or two words, top 10).
         let mut search =
@@ -225,60 +216,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         report.insert("search_common_p99_us".into(), json!(c99));
 
         // 5. Neighbourhood queries: n nodes, 3 outgoing edges each.
-        let t = Instant::now();
-        let mut b = 0;
-        while b < n {
-            let recs: Vec<ExportLine> = (b..(b + 1000).min(n))
-                .map(|i| ExportLine::Node {
-                    id: format!("sym{i}"),
-                    kind: "fn".into(),
-                    props: json!({"line": i}),
-                })
-                .collect();
-            store.import("bench", recs)?;
-            b += 1000;
-        }
-        let mut b = 0;
-        while b < n {
-            let recs: Vec<ExportLine> = (b..(b + 1000).min(n))
-                .flat_map(|i| {
-                    let targets: Vec<usize> = (0..3).map(|_| rng.below(n)).collect();
-                    targets.into_iter().map(move |j| ExportLine::Edge {
-                        from: format!("sym{i}"),
-                        to: format!("sym{j}"),
-                        kind: "calls".into(),
-                        props: json!({}),
-                    })
-                })
-                .collect();
-            store.import("bench", recs)?;
-            b += 1000;
-        }
-        println!(
-            "graph of {n} nodes, {} edges built in {:.1} s",
-            3 * n,
-            t.elapsed().as_secs_f64()
-        );
-        let mut graph = serde_json::Map::new();
-        for depth in [1u32, 2, 3] {
-            let mut lat = Vec::with_capacity(1000);
-            let mut size = 0;
-            for _ in 0..1000 {
-                let id = format!("sym{}", rng.below(n));
-                let t = Instant::now();
-                size += store.neighbours("bench", &id, depth, None)?.nodes.len();
-                lat.push(t.elapsed());
-            }
-            let (p50, p99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
-            println!(
-                "neighbours depth {depth}:                p50 {p50:>7.1} us, p99 {p99:>7.1} us ({:.0} nodes)",
-                size as f64 / 1000.0
-            );
-            graph.insert(
-                format!("depth_{depth}"),
-                json!({"p50_us": p50, "p99_us": p99, "nodes": size as f64 / 1000.0}),
-            );
-        }
+        let graph = bench_graph(&store, n, &mut rng)?;
         report.insert("entries".into(), json!(n));
         report.insert("get_p50_us".into(), json!(g50));
         report.insert("get_p99_us".into(), json!(g99));
@@ -291,6 +229,85 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     println!("JSON {}", Value::Object(report));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Step 3 of `bench`: `get` latency (p50, p99, in µs) at `n` entries.
+fn bench_get(store: &MemoryStore, n: usize, rng: &mut Rng) -> anyhow::Result<(f64, f64)> {
+    let mut lat = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let k = format!("doc/{:08}", rng.below(n));
+        let t = Instant::now();
+        let e = store.get("bench", Tier::Knowledge, &k)?;
+        lat.push(t.elapsed());
+        anyhow::ensure!(e.is_some(), "{k} missing");
+    }
+    let (g50, g99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
+    println!("get at {n} entries:               p50 {g50:>7.1} us, p99 {g99:>7.1} us");
+    Ok((g50, g99))
+}
+
+/// Step 5 of `bench`: builds a graph of `n` nodes with 3 outgoing edges each, then times
+/// neighbourhood queries of depth 1 to 3.
+fn bench_graph(
+    store: &MemoryStore,
+    n: usize,
+    rng: &mut Rng,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let t = Instant::now();
+    let mut b = 0;
+    while b < n {
+        let recs: Vec<ExportLine> = (b..(b + 1000).min(n))
+            .map(|i| ExportLine::Node {
+                id: format!("sym{i}"),
+                kind: "fn".into(),
+                props: json!({"line": i}),
+            })
+            .collect();
+        store.import("bench", recs)?;
+        b += 1000;
+    }
+    let mut b = 0;
+    while b < n {
+        let recs: Vec<ExportLine> = (b..(b + 1000).min(n))
+            .flat_map(|i| {
+                let targets: Vec<usize> = (0..3).map(|_| rng.below(n)).collect();
+                targets.into_iter().map(move |j| ExportLine::Edge {
+                    from: format!("sym{i}"),
+                    to: format!("sym{j}"),
+                    kind: "calls".into(),
+                    props: json!({}),
+                })
+            })
+            .collect();
+        store.import("bench", recs)?;
+        b += 1000;
+    }
+    println!(
+        "graph of {n} nodes, {} edges built in {:.1} s",
+        3 * n,
+        t.elapsed().as_secs_f64()
+    );
+    let mut graph = serde_json::Map::new();
+    for depth in [1u32, 2, 3] {
+        let mut lat = Vec::with_capacity(1000);
+        let mut size = 0;
+        for _ in 0..1000 {
+            let id = format!("sym{}", rng.below(n));
+            let t = Instant::now();
+            size += store.neighbours("bench", &id, depth, None)?.nodes.len();
+            lat.push(t.elapsed());
+        }
+        let (p50, p99) = (pct(lat.clone(), 0.5), pct(lat, 0.99));
+        println!(
+            "neighbours depth {depth}:                p50 {p50:>7.1} us, p99 {p99:>7.1} us ({:.0} nodes)",
+            size as f64 / 1000.0
+        );
+        graph.insert(
+            format!("depth_{depth}"),
+            json!({"p50_us": p50, "p99_us": p99, "nodes": size as f64 / 1000.0}),
+        );
+    }
+    Ok(graph)
 }
 
 fn tempfile_in(base: &std::path::Path) -> anyhow::Result<PathBuf> {

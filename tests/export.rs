@@ -798,6 +798,8 @@ fn k8s_out_dir_holds_the_kubelet_profile() {
 }
 
 #[test]
+// One scenario: each step uses the tokens the steps before it issued or revoked.
+#[allow(clippy::too_many_lines)]
 fn export_from_a_token_follows_its_attenuation_and_refuses_a_revoked_one() {
     let st = State::new();
     let tok = st.0.path().join("a.tok");

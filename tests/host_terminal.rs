@@ -723,6 +723,8 @@ fn a_background_run_never_reads_keystrokes_typed_for_the_foreground() {
 /// N_NULL, raw mode, a tiny window, TIOCSTI) leaves the caller's terminal as it was. During
 /// the command the caller's terminal is raw, and ^C reaches the command as SIGINT.
 #[test]
+// One scenario on one terminal: each step checks the state the steps before it left.
+#[allow(clippy::too_many_lines)]
 fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal() {
     let d = TestDaemon::start("aither-term-", &[]);
     let name = unique("exec-t");

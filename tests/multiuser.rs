@@ -43,6 +43,8 @@ fn audit(d: &TestDaemon) -> Vec<Value> {
 }
 
 #[test]
+// One scenario against one daemon: each step acts on the agents the steps before it made.
+#[allow(clippy::too_many_lines)]
 fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     let us = Users::create();
     let d = us.daemon();
@@ -746,6 +748,8 @@ fn stderr(o: &Output) -> String {
 }
 
 #[test]
+// One scenario against one daemon: each step acts on what the steps before it stored.
+#[allow(clippy::too_many_lines)]
 fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     let us = Users::create();
     let pdir = tempfile::tempdir().unwrap();

@@ -139,6 +139,16 @@ fn esc(v: &str) -> String {
 /// The exposition text.
 pub fn render(d: &Shared) -> String {
     let mut out = String::new();
+    render_agents(&mut out, d);
+    render_spent(&mut out, d);
+    render_bus(&mut out, d);
+    render_gpu(&mut out, d);
+    render_counters(&mut out, d);
+    out
+}
+
+/// `render`: agents by state, and each agent's restarts, memory, CPU and OOM kills.
+fn render_agents(out: &mut String, d: &Shared) {
     let infos: Vec<super::agent::Info> = {
         let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
         agents
@@ -205,6 +215,10 @@ pub fn render(d: &Shared) -> String {
             }
         }
     }
+}
+
+/// `render`: What aitherd spends per agent.
+fn render_spent(out: &mut String, d: &Shared) {
     // What aitherd spends per agent (docs/daemon.md "Bounds").
     let usages: Vec<(String, super::budget::UsageView)> =
         d.usages().into_iter().map(|(n, u)| (n, u.view())).collect();
@@ -265,6 +279,10 @@ pub fn render(d: &Shared) -> String {
             let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", esc(n), pick(u));
         }
     }
+}
+
+/// `render`: The bus's log and live subscriptions.
+fn render_bus(out: &mut String, d: &Shared) {
     // The bus (AitherFlux): the durable log and the live subscriptions.
     if let Ok((log, subs)) = d.bus.stats() {
         let gauges: [(&str, &str, f64); 6] = [
@@ -303,6 +321,10 @@ pub fn render(d: &Shared) -> String {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
     }
+}
+
+/// `render`: The GPU leases, queue and VRAM.
+fn render_gpu(out: &mut String, d: &Shared) {
     // The MicroScheduler: leases, the queue, VRAM per device.
     let (leases, queued) = d.gpu.counts();
     let _ = writeln!(
@@ -338,6 +360,10 @@ pub fn render(d: &Shared) -> String {
             );
         }
     }
+}
+
+/// `render`: The event counters (`HELP`).
+fn render_counters(out: &mut String, d: &Shared) {
     let snap = d.counters.snapshot();
     for (name, ty, help) in HELP {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
@@ -366,7 +392,6 @@ pub fn render(d: &Shared) -> String {
             let _ = writeln!(out, "{name} 0");
         }
     }
-    out
 }
 
 /// Serves `GET /metrics` on `listener` until the daemon stops.

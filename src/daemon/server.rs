@@ -445,57 +445,11 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
         Request::Spawn(s) => spawn(d, *s, caller, fds).await,
-        Request::GpuLs => {
-            let mut v = d.gpu.ls();
-            if !caller.admin {
-                // Devices are the host's; the leases on them are their owners'.
-                for dev in v["devices"].as_array_mut().into_iter().flatten() {
-                    if let Some(l) = dev["leases"].as_array_mut() {
-                        l.retain(|x| x["agent"].as_str().is_some_and(|n| visible(d, caller, n)));
-                    }
-                }
-            }
-            Reply::ok(v)
-        }
-        Request::GpuQueue => {
-            let mut q = d.gpu.queue();
-            q.retain(|e| visible(d, caller, &e.request.agent));
-            Reply::ok(json!({"queue": q}))
-        }
-        Request::Ps => {
-            let mut list = visible_agents(d, caller);
-            for i in &mut list {
-                i.gpu = d.gpu.column(&i.name);
-            }
-            Reply::ok(serde_json::to_value(list).unwrap_or_default())
-        }
+        Request::GpuLs => gpu_ls(d, caller),
+        Request::GpuQueue => gpu_queue(d, caller),
+        Request::Ps => ps(d, caller),
         Request::Stats { names } => stats(d, caller, &names),
-        Request::BusStreams => {
-            let d2 = d.clone();
-            let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
-                .await
-                .unwrap_or_else(|e| Reply::err(ErrorCode::Internal, e.to_string()));
-            if let Some(v) = reply.data.as_mut() {
-                // Durable consumers with their owners: an admin's view, everyone's; anyone
-                // else's, their own and their agents'.
-                v["consumers"] = super::bus::consumers_for(d, caller, v);
-            }
-            if !caller.admin {
-                // A member sees the subscriptions of their own agents; the shared log's
-                // statistics and the operators' subscriptions are not theirs.
-                if let Some(v) = reply.data.as_mut() {
-                    v["streams"] = json!([]);
-                    if let Some(subs) = v["subscriptions"].as_array_mut() {
-                        subs.retain(|x| {
-                            x["owner"]
-                                .as_str()
-                                .is_some_and(|n| d.owner_of(n) == Some(caller.uid))
-                        });
-                    }
-                }
-            }
-            reply
-        }
+        Request::BusStreams => bus_streams(d, caller).await,
         // Durable consumers are per user: the caller's own, or (admins) `owner`'s.
         Request::BusAck {
             durable,
@@ -506,22 +460,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             Err(r) => r,
         },
         Request::BusConsumerRm { durable, owner } => {
-            match consumer_owner(d, caller, &durable, owner) {
-                Ok(o) => {
-                    let reply = super::bus::operator_forget(d, o, &durable).await;
-                    audit_op(
-                        d,
-                        "bus_consumer_rm",
-                        "operator",
-                        caller,
-                        Some(o),
-                        &reply,
-                        json!({"durable": durable}),
-                    );
-                    reply
-                }
-                Err(r) => r,
-            }
+            bus_consumer_rm(d, caller, durable, owner).await
         }
         Request::SecretSet { name, value, owner } => super::secret_ops::handle(
             d,
@@ -540,22 +479,7 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             ErrorCode::BadRequest,
             "bus_pub, bus_sub and exec take over their connection",
         ),
-        Request::Inspect { name } => match d.info_of(&name) {
-            Some(mut i) => {
-                i.gpu = d.gpu.column(&name);
-                let mut v = serde_json::to_value(i).unwrap_or_default();
-                v["gpu_lease"] = d.gpu.lease_info(&name);
-                // What aitherd spends for it (docs/daemon.md "Bounds").
-                v["daemon_usage"] =
-                    serde_json::to_value(d.usage_of(&name).view()).unwrap_or_default();
-                // Egress counters per rule (docs/network.md), while a run is served.
-                if let (Some(o), Some(n)) = (v.as_object_mut(), d.net_stats(&name)) {
-                    o.insert("net".into(), n);
-                }
-                Reply::ok(v)
-            }
-            None => not_found(&name),
-        },
+        Request::Inspect { name } => inspect(d, &name),
         Request::Logs { name, tail, .. } => {
             if d.info_of(&name).is_none() {
                 return not_found(&name);
@@ -584,70 +508,181 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             name,
             force,
             purge_memory,
-        } => {
-            let Some(info) = d.info_of(&name) else {
-                return not_found(&name);
-            };
-            if !force && (info.state.is_live() || info.state == State::Backoff) {
-                return Reply::err(
-                    ErrorCode::Conflict,
-                    format!("{name} is {}: stop it first, or use rm --force", info.state),
-                );
+        } => rm(d, name, force, purge_memory).await,
+        Request::Audit { since_ms, agent } => audit_lines(caller, since_ms, agent).await,
+        Request::Events { since_ms, name, .. } => events(d, caller, since_ms, name).await,
+    }
+}
+
+/// `gpu_ls`: the devices, with the leases the caller may see.
+fn gpu_ls(d: &Shared, caller: &Caller) -> Reply {
+    let mut v = d.gpu.ls();
+    if !caller.admin {
+        // Devices are the host's; the leases on them are their owners'.
+        for dev in v["devices"].as_array_mut().into_iter().flatten() {
+            if let Some(l) = dev["leases"].as_array_mut() {
+                l.retain(|x| x["agent"].as_str().is_some_and(|n| visible(d, caller, n)));
             }
-            let reply = command(d, &name, |reply| Cmd::Remove { reply }).await;
-            if reply.ok && purge_memory {
-                let d2 = d.clone();
-                let n2 = name.clone();
-                let purged = tokio::task::spawn_blocking(move || d2.memory.clear(&n2, None)).await;
-                match purged {
-                    Ok(Ok(n)) => {
-                        d.emit(Some(&name), "memory_purged", json!({"entries": n}));
-                        // Nothing is kept under the name any more: it is free.
-                        d.store.delete_owner(&name);
-                        d.owners
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&name);
-                    }
-                    Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
-                    Err(e) => return Reply::err(ErrorCode::Internal, e.to_string()),
-                }
+        }
+    }
+    Reply::ok(v)
+}
+
+/// `gpu_queue`: the waiting requests the caller may see.
+fn gpu_queue(d: &Shared, caller: &Caller) -> Reply {
+    let mut q = d.gpu.queue();
+    q.retain(|e| visible(d, caller, &e.request.agent));
+    Reply::ok(json!({"queue": q}))
+}
+
+/// `ps`: the agents the caller may see, by name.
+fn ps(d: &Shared, caller: &Caller) -> Reply {
+    let mut list = visible_agents(d, caller);
+    for i in &mut list {
+        i.gpu = d.gpu.column(&i.name);
+    }
+    Reply::ok(serde_json::to_value(list).unwrap_or_default())
+}
+
+/// `bus_streams`: the bus's streams, consumers and subscriptions, as the caller may see them.
+async fn bus_streams(d: &Shared, caller: &Caller) -> Reply {
+    let d2 = d.clone();
+    let mut reply = tokio::task::spawn_blocking(move || super::bus::streams(&d2))
+        .await
+        .unwrap_or_else(|e| Reply::err(ErrorCode::Internal, e.to_string()));
+    if let Some(v) = reply.data.as_mut() {
+        // Durable consumers with their owners: an admin's view, everyone's; anyone
+        // else's, their own and their agents'.
+        v["consumers"] = super::bus::consumers_for(d, caller, v);
+    }
+    if !caller.admin {
+        // A member sees the subscriptions of their own agents; the shared log's
+        // statistics and the operators' subscriptions are not theirs.
+        if let Some(v) = reply.data.as_mut() {
+            v["streams"] = json!([]);
+            if let Some(subs) = v["subscriptions"].as_array_mut() {
+                subs.retain(|x| {
+                    x["owner"]
+                        .as_str()
+                        .is_some_and(|n| d.owner_of(n) == Some(caller.uid))
+                });
             }
+        }
+    }
+    reply
+}
+
+/// `bus_consumer_rm`: forgets a durable consumer (the caller's own, or an admin's pick).
+async fn bus_consumer_rm(
+    d: &Shared,
+    caller: &Caller,
+    durable: String,
+    owner: Option<u32>,
+) -> Reply {
+    match consumer_owner(d, caller, &durable, owner) {
+        Ok(o) => {
+            let reply = super::bus::operator_forget(d, o, &durable).await;
+            audit_op(
+                d,
+                "bus_consumer_rm",
+                "operator",
+                caller,
+                Some(o),
+                &reply,
+                json!({"durable": durable}),
+            );
             reply
         }
-        Request::Audit { since_ms, agent } => {
-            let c = caller.clone();
-            let res = tokio::task::spawn_blocking(move || audit_for(&c, since_ms, agent)).await;
-            match res {
-                Ok(Ok(lines)) => Reply::ok(json!({ "lines": lines })),
-                Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
+        Err(r) => r,
+    }
+}
+
+/// `inspect`: one agent, with its GPU lease, what aitherd spends for it and its egress.
+fn inspect(d: &Shared, name: &str) -> Reply {
+    match d.info_of(name) {
+        Some(mut i) => {
+            i.gpu = d.gpu.column(name);
+            let mut v = serde_json::to_value(i).unwrap_or_default();
+            v["gpu_lease"] = d.gpu.lease_info(name);
+            // What aitherd spends for it (docs/daemon.md "Bounds").
+            v["daemon_usage"] = serde_json::to_value(d.usage_of(name).view()).unwrap_or_default();
+            // Egress counters per rule (docs/network.md), while a run is served.
+            if let (Some(o), Some(n)) = (v.as_object_mut(), d.net_stats(name)) {
+                o.insert("net".into(), n);
             }
+            Reply::ok(v)
         }
-        Request::Events { since_ms, name, .. } => {
-            let d2 = d.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let c = d2.store.reader()?;
-                store::load_events(
-                    &c,
-                    d2.store.path(),
-                    since_ms.unwrap_or(0),
-                    name.as_deref(),
-                    10_000,
-                )
-            })
-            .await;
-            match res {
-                Ok(Ok(mut ev)) => {
-                    if !caller.admin {
-                        ev.retain(|e| e.name.as_deref().is_some_and(|n| visible(d, caller, n)));
-                    }
-                    Reply::ok(serde_json::to_value(ev).unwrap_or_default())
-                }
-                Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
+        None => not_found(name),
+    }
+}
+
+/// `rm`: removes a stopped agent (or, forced, a live one), and with `purge_memory` its memory.
+async fn rm(d: &Shared, name: String, force: bool, purge_memory: bool) -> Reply {
+    let Some(info) = d.info_of(&name) else {
+        return not_found(&name);
+    };
+    if !force && (info.state.is_live() || info.state == State::Backoff) {
+        return Reply::err(
+            ErrorCode::Conflict,
+            format!("{name} is {}: stop it first, or use rm --force", info.state),
+        );
+    }
+    let reply = command(d, &name, |reply| Cmd::Remove { reply }).await;
+    if reply.ok && purge_memory {
+        let d2 = d.clone();
+        let n2 = name.clone();
+        let purged = tokio::task::spawn_blocking(move || d2.memory.clear(&n2, None)).await;
+        match purged {
+            Ok(Ok(n)) => {
+                d.emit(Some(&name), "memory_purged", json!({"entries": n}));
+                // Nothing is kept under the name any more: it is free.
+                d.store.delete_owner(&name);
+                d.owners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
             }
+            Ok(Err(e)) => return Reply::err(e.code(), e.to_string()),
+            Err(e) => return Reply::err(ErrorCode::Internal, e.to_string()),
         }
+    }
+    reply
+}
+
+/// `audit`: the audit records the caller may see (`audit_for`).
+async fn audit_lines(caller: &Caller, since_ms: Option<u64>, agent: Option<String>) -> Reply {
+    let c = caller.clone();
+    let res = tokio::task::spawn_blocking(move || audit_for(&c, since_ms, agent)).await;
+    match res {
+        Ok(Ok(lines)) => Reply::ok(json!({ "lines": lines })),
+        Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+        Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+/// `events`: the stored events the caller may see.
+async fn events(d: &Shared, caller: &Caller, since_ms: Option<u64>, name: Option<String>) -> Reply {
+    let d2 = d.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let c = d2.store.reader()?;
+        store::load_events(
+            &c,
+            d2.store.path(),
+            since_ms.unwrap_or(0),
+            name.as_deref(),
+            10_000,
+        )
+    })
+    .await;
+    match res {
+        Ok(Ok(mut ev)) => {
+            if !caller.admin {
+                ev.retain(|e| e.name.as_deref().is_some_and(|n| visible(d, caller, n)));
+            }
+            Reply::ok(serde_json::to_value(ev).unwrap_or_default())
+        }
+        Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
+        Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
     }
 }
 

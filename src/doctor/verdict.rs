@@ -141,91 +141,8 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
     let kernel = facts.kernel.as_deref().and_then(parse_kernel_version);
     let kind = runtime(facts);
 
-    // Namespaces.
-    let ns = &facts.userns;
-    let ns_fix = || -> String {
-        if ns.max_user_namespaces == Some(0) {
-            return "sysctl -w user.max_user_namespaces=15000 (persist it in /etc/sysctl.d/99-aither.conf); it limits root too".into();
-        }
-        if let Some(k) = kind {
-            return container_fix(k, Withheld::Namespaces);
-        }
-        if facts.euid != 0 {
-            let mut s =
-                "run as root (sudo aitherctl …) or through aitherd, which runs as root".to_string();
-            if ns.unprivileged_userns_clone == Some(false) {
-                s.push_str("; kernel.unprivileged_userns_clone = 0 refuses them to other users");
-            }
-            if ns.apparmor_restrict_unprivileged_userns == Some(true) {
-                s.push_str("; kernel.apparmor_restrict_unprivileged_userns = 1 restricts them for other users");
-            }
-            return s;
-        }
-        "a kernel with CONFIG_USER_NS, CONFIG_PID_NS, CONFIG_NET_NS, CONFIG_IPC_NS, CONFIG_UTS_NS and CONFIG_CGROUPS; check for a seccomp, AppArmor or SELinux confinement of this process".into()
-    };
-    match ns.create.ok {
-        Some(true) => {}
-        Some(false) => acc.lack(
-            format!(
-                "creating the sandbox's namespaces ({})",
-                ns.create.detail.as_deref().unwrap_or("refused")
-            ),
-            None,
-            ns_fix(),
-        ),
-        None if ns.max_user_namespaces == Some(0) => acc.lack(
-            "user namespaces: user.max_user_namespaces = 0".into(),
-            None,
-            ns_fix(),
-        ),
-        // Not probed (fake root): the sysctl is all there is to go by.
-        None if ns.max_user_namespaces.is_some() => {}
-        None => acc.lack("user namespaces".into(), None, unknown_fix(&ns.create)),
-    }
-
-    // clone3 (CLONE_INTO_CGROUP from 5.7) and pidfds.
-    match facts.clone3.ok {
-        Some(true) => {
-            if let Some((maj, min)) = kernel {
-                if (maj, min) < (5, 7) && facts.cgroup.mode != Some(CgroupMode::V1) {
-                    acc.lack(
-                        format!("clone3 with CLONE_INTO_CGROUP (kernel {maj}.{min} < 5.7)"),
-                        None,
-                        "a kernel ≥ 5.7".into(),
-                    );
-                }
-            }
-        }
-        Some(false) => acc.lack(
-            format!(
-                "clone3 ({})",
-                facts.clone3.detail.as_deref().unwrap_or("refused")
-            ),
-            None,
-            match kind {
-                Some(k) => container_fix(k, Withheld::Clone3),
-                None => {
-                    "a kernel ≥ 5.7, with no seccomp filter answering clone3 with ENOSYS".into()
-                }
-            },
-        ),
-        None => acc.lack("clone3".into(), None, unknown_fix(&facts.clone3)),
-    }
-    match facts.pidfd_open.ok {
-        Some(true) => {}
-        Some(false) => acc.lack(
-            format!(
-                "pidfd_open ({})",
-                facts.pidfd_open.detail.as_deref().unwrap_or("refused")
-            ),
-            None,
-            match kind {
-                Some(k) => container_fix(k, Withheld::Clone3).replace("clone3", "pidfd_open"),
-                None => "a kernel ≥ 5.3".into(),
-            },
-        ),
-        None => acc.lack("pidfd_open".into(), None, unknown_fix(&facts.pidfd_open)),
-    }
+    namespace_needs(facts, kind, &mut acc);
+    clone_needs(facts, kernel, kind, &mut acc);
 
     // seccomp.
     if policy.seccomp.profile != "none" {
@@ -248,59 +165,7 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
 
     // Landlock: the launcher's own plan, asked again with each missing protection allowed, so
     // that every missing feature is named (not only the first).
-    let mut compensated = Vec::new();
-    if policy.landlock.enabled {
-        let abi = facts.landlock.abi.unwrap_or(0);
-        let mut allowed = policy.best_effort.clone();
-        loop {
-            match landlock::plan_for(
-                &policy.name,
-                true,
-                policy.network.mode,
-                &allowed,
-                &policy.compensated,
-                abi,
-            ) {
-                Ok(plan) => {
-                    compensated = plan
-                        .compensated
-                        .iter()
-                        .map(|c| format!("{c} ({})", abi_text(facts)))
-                        .collect();
-                    for p in plan
-                        .skipped
-                        .iter()
-                        .filter(|p| policy.best_effort.contains(p))
-                    {
-                        let (what, needed) = landlock_feature(*p);
-                        acc.lack(
-                            format!("Landlock {what} (ABI ≥ {needed}; {})", abi_text(facts)),
-                            Some(*p),
-                            landlock_fix(facts, needed, *p),
-                        );
-                    }
-                    break;
-                }
-                Err(LandlockError::Unsupported {
-                    what,
-                    needed,
-                    protection,
-                    ..
-                }) => {
-                    acc.lack(
-                        format!("Landlock {what} (ABI ≥ {needed}; {})", abi_text(facts)),
-                        Some(protection),
-                        landlock_fix(facts, needed, protection),
-                    );
-                    allowed.push(protection);
-                }
-                Err(e) => {
-                    acc.lack(format!("Landlock: {e}"), None, String::new());
-                    break;
-                }
-            }
-        }
-    }
+    let compensated = landlock_needs(policy, facts, &mut acc);
 
     cgroup_needs(policy, facts, &mut acc);
     gpu_needs(policy, facts, &mut acc);
@@ -404,6 +269,161 @@ fn landlock_feature(p: Protection) -> (&'static str, u8) {
         Protection::LandlockScope => ("abstract-socket and signal scoping", 6),
         _ => ("filesystem rules", 3),
     }
+}
+
+/// `verdict`: the sandbox's namespaces.
+fn namespace_needs(facts: &HostFacts, kind: Option<&str>, acc: &mut Acc<'_>) {
+    // Namespaces.
+    let ns = &facts.userns;
+    let ns_fix = || -> String {
+        if ns.max_user_namespaces == Some(0) {
+            return "sysctl -w user.max_user_namespaces=15000 (persist it in /etc/sysctl.d/99-aither.conf); it limits root too".into();
+        }
+        if let Some(k) = kind {
+            return container_fix(k, Withheld::Namespaces);
+        }
+        if facts.euid != 0 {
+            let mut s =
+                "run as root (sudo aitherctl …) or through aitherd, which runs as root".to_string();
+            if ns.unprivileged_userns_clone == Some(false) {
+                s.push_str("; kernel.unprivileged_userns_clone = 0 refuses them to other users");
+            }
+            if ns.apparmor_restrict_unprivileged_userns == Some(true) {
+                s.push_str("; kernel.apparmor_restrict_unprivileged_userns = 1 restricts them for other users");
+            }
+            return s;
+        }
+        "a kernel with CONFIG_USER_NS, CONFIG_PID_NS, CONFIG_NET_NS, CONFIG_IPC_NS, CONFIG_UTS_NS and CONFIG_CGROUPS; check for a seccomp, AppArmor or SELinux confinement of this process".into()
+    };
+    match ns.create.ok {
+        Some(true) => {}
+        Some(false) => acc.lack(
+            format!(
+                "creating the sandbox's namespaces ({})",
+                ns.create.detail.as_deref().unwrap_or("refused")
+            ),
+            None,
+            ns_fix(),
+        ),
+        None if ns.max_user_namespaces == Some(0) => acc.lack(
+            "user namespaces: user.max_user_namespaces = 0".into(),
+            None,
+            ns_fix(),
+        ),
+        // Not probed (fake root): the sysctl is all there is to go by.
+        None if ns.max_user_namespaces.is_some() => {}
+        None => acc.lack("user namespaces".into(), None, unknown_fix(&ns.create)),
+    }
+}
+
+/// `verdict`: clone3 and pidfds.
+fn clone_needs(
+    facts: &HostFacts,
+    kernel: Option<(u32, u32)>,
+    kind: Option<&str>,
+    acc: &mut Acc<'_>,
+) {
+    // clone3 (CLONE_INTO_CGROUP from 5.7) and pidfds.
+    match facts.clone3.ok {
+        Some(true) => {
+            if let Some((maj, min)) = kernel {
+                if (maj, min) < (5, 7) && facts.cgroup.mode != Some(CgroupMode::V1) {
+                    acc.lack(
+                        format!("clone3 with CLONE_INTO_CGROUP (kernel {maj}.{min} < 5.7)"),
+                        None,
+                        "a kernel ≥ 5.7".into(),
+                    );
+                }
+            }
+        }
+        Some(false) => acc.lack(
+            format!(
+                "clone3 ({})",
+                facts.clone3.detail.as_deref().unwrap_or("refused")
+            ),
+            None,
+            match kind {
+                Some(k) => container_fix(k, Withheld::Clone3),
+                None => {
+                    "a kernel ≥ 5.7, with no seccomp filter answering clone3 with ENOSYS".into()
+                }
+            },
+        ),
+        None => acc.lack("clone3".into(), None, unknown_fix(&facts.clone3)),
+    }
+    match facts.pidfd_open.ok {
+        Some(true) => {}
+        Some(false) => acc.lack(
+            format!(
+                "pidfd_open ({})",
+                facts.pidfd_open.detail.as_deref().unwrap_or("refused")
+            ),
+            None,
+            match kind {
+                Some(k) => container_fix(k, Withheld::Clone3).replace("clone3", "pidfd_open"),
+                None => "a kernel ≥ 5.3".into(),
+            },
+        ),
+        None => acc.lack("pidfd_open".into(), None, unknown_fix(&facts.pidfd_open)),
+    }
+}
+
+/// `verdict`: Landlock; returns the stand-ins in use for what the kernel lacks.
+fn landlock_needs(policy: &Policy, facts: &HostFacts, acc: &mut Acc<'_>) -> Vec<String> {
+    let mut compensated = Vec::new();
+    if policy.landlock.enabled {
+        let abi = facts.landlock.abi.unwrap_or(0);
+        let mut allowed = policy.best_effort.clone();
+        loop {
+            match landlock::plan_for(
+                &policy.name,
+                true,
+                policy.network.mode,
+                &allowed,
+                &policy.compensated,
+                abi,
+            ) {
+                Ok(plan) => {
+                    compensated = plan
+                        .compensated
+                        .iter()
+                        .map(|c| format!("{c} ({})", abi_text(facts)))
+                        .collect();
+                    for p in plan
+                        .skipped
+                        .iter()
+                        .filter(|p| policy.best_effort.contains(p))
+                    {
+                        let (what, needed) = landlock_feature(*p);
+                        acc.lack(
+                            format!("Landlock {what} (ABI ≥ {needed}; {})", abi_text(facts)),
+                            Some(*p),
+                            landlock_fix(facts, needed, *p),
+                        );
+                    }
+                    break;
+                }
+                Err(LandlockError::Unsupported {
+                    what,
+                    needed,
+                    protection,
+                    ..
+                }) => {
+                    acc.lack(
+                        format!("Landlock {what} (ABI ≥ {needed}; {})", abi_text(facts)),
+                        Some(protection),
+                        landlock_fix(facts, needed, protection),
+                    );
+                    allowed.push(protection);
+                }
+                Err(e) => {
+                    acc.lack(format!("Landlock: {e}"), None, String::new());
+                    break;
+                }
+            }
+        }
+    }
+    compensated
 }
 
 fn cgroup_needs(policy: &Policy, facts: &HostFacts, acc: &mut Acc<'_>) {

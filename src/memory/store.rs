@@ -1255,82 +1255,8 @@ fn apply(conn: &Connection, path: &Path, w: &Write, now: i64) -> Result<u64, Mem
             .map_err(&e)?;
             Ok(n as u64)
         }
-        Write::Clear { owner, tier } => {
-            let mut n = 0;
-            let tiers: Vec<Tier> = match tier {
-                Some(t) => vec![*t],
-                None => Tier::ALL.to_vec(),
-            };
-            for t in tiers {
-                if t == Tier::Codegraph {
-                    n += conn
-                        .execute("DELETE FROM edges WHERE owner = ?1", params![owner])
-                        .map_err(&e)?;
-                    n += conn
-                        .execute("DELETE FROM nodes WHERE owner = ?1", params![owner])
-                        .map_err(&e)?;
-                } else {
-                    n += conn
-                        .execute(
-                            "DELETE FROM kv WHERE owner = ?1 AND tier = ?2",
-                            params![owner, kv_tier(t)],
-                        )
-                        .map_err(&e)?;
-                }
-            }
-            if tier.is_none() {
-                conn.execute("DELETE FROM usage WHERE owner = ?1", params![owner])
-                    .map_err(&e)?;
-            }
-            Ok(n as u64)
-        }
-        Write::Import { owner, records } => {
-            let mut n = 0u64;
-            // Nodes first, so that edges find their ends whatever the file's order.
-            for r in records {
-                if let ExportLine::Node { id, kind, props } = r {
-                    upsert_node(conn, owner, id, kind, &props.to_string(), now).map_err(&e)?;
-                    n += 1;
-                }
-            }
-            for r in records {
-                match r {
-                    ExportLine::Kv {
-                        tier,
-                        key,
-                        value,
-                        expires_ms,
-                    } => {
-                        if expires_ms.is_some_and(|x| x <= now) {
-                            continue;
-                        }
-                        upsert_kv(conn, owner, tier, key, &value.to_string(), *expires_ms, now)
-                            .map_err(&e)?;
-                        n += 1;
-                    }
-                    ExportLine::Edge {
-                        from,
-                        to,
-                        kind,
-                        props,
-                    } => {
-                        for end in [from, to] {
-                            if !node_exists(conn, owner, end).map_err(&e)? {
-                                return Err(MemoryError::invalid(
-                                    "edge",
-                                    format!("{from:?} -> {to:?}: no node {end:?} in the import or the codegraph"),
-                                ));
-                            }
-                        }
-                        upsert_edge(conn, owner, from, to, kind, &props.to_string(), now)
-                            .map_err(&e)?;
-                        n += 1;
-                    }
-                    ExportLine::Node { .. } => {}
-                }
-            }
-            Ok(n)
-        }
+        Write::Clear { owner, tier } => clear(conn, path, owner, *tier),
+        Write::Import { owner, records } => import(conn, path, owner, records, now),
         Write::PurgeExpired => conn
             .execute(
                 "DELETE FROM kv WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
@@ -1339,4 +1265,96 @@ fn apply(conn: &Connection, path: &Path, w: &Write, now: i64) -> Result<u64, Mem
             .map(|n| n as u64)
             .map_err(e),
     }
+}
+
+/// `apply`'s `Write::Clear`: one tier of `owner`'s memory, or all of it with its usage.
+fn clear(
+    conn: &Connection,
+    path: &Path,
+    owner: &str,
+    tier: Option<Tier>,
+) -> Result<u64, MemoryError> {
+    let e = sql(path);
+    let mut n = 0;
+    let tiers: Vec<Tier> = match tier {
+        Some(t) => vec![t],
+        None => Tier::ALL.to_vec(),
+    };
+    for t in tiers {
+        if t == Tier::Codegraph {
+            n += conn
+                .execute("DELETE FROM edges WHERE owner = ?1", params![owner])
+                .map_err(&e)?;
+            n += conn
+                .execute("DELETE FROM nodes WHERE owner = ?1", params![owner])
+                .map_err(&e)?;
+        } else {
+            n += conn
+                .execute(
+                    "DELETE FROM kv WHERE owner = ?1 AND tier = ?2",
+                    params![owner, kv_tier(t)],
+                )
+                .map_err(&e)?;
+        }
+    }
+    if tier.is_none() {
+        conn.execute("DELETE FROM usage WHERE owner = ?1", params![owner])
+            .map_err(&e)?;
+    }
+    Ok(n as u64)
+}
+
+/// `apply`'s `Write::Import`: `records` into `owner`'s memory.
+fn import(
+    conn: &Connection,
+    path: &Path,
+    owner: &str,
+    records: &[ExportLine],
+    now: i64,
+) -> Result<u64, MemoryError> {
+    let e = sql(path);
+    let mut n = 0u64;
+    // Nodes first, so that edges find their ends whatever the file's order.
+    for r in records {
+        if let ExportLine::Node { id, kind, props } = r {
+            upsert_node(conn, owner, id, kind, &props.to_string(), now).map_err(&e)?;
+            n += 1;
+        }
+    }
+    for r in records {
+        match r {
+            ExportLine::Kv {
+                tier,
+                key,
+                value,
+                expires_ms,
+            } => {
+                if expires_ms.is_some_and(|x| x <= now) {
+                    continue;
+                }
+                upsert_kv(conn, owner, tier, key, &value.to_string(), *expires_ms, now)
+                    .map_err(&e)?;
+                n += 1;
+            }
+            ExportLine::Edge {
+                from,
+                to,
+                kind,
+                props,
+            } => {
+                for end in [from, to] {
+                    if !node_exists(conn, owner, end).map_err(&e)? {
+                        return Err(MemoryError::invalid(
+                            "edge",
+                            format!("{from:?} -> {to:?}: no node {end:?} in the import or the codegraph"),
+                        ));
+                    }
+                }
+                upsert_edge(conn, owner, from, to, kind, &props.to_string(), now).map_err(&e)?;
+                n += 1;
+            }
+            ExportLine::Node { .. } => {}
+        }
+    }
+    Ok(n)
 }

@@ -1339,12 +1339,7 @@ impl Gateway {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
-        let name = path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let name = route_name(&path);
         let ev =
             |allowed: bool, rule: &str, host: &str, port: u16, reason: Option<String>| NetEvent {
                 agent: agent.name.clone(),
@@ -1406,42 +1401,9 @@ impl Gateway {
             if rest.is_empty() { "/" } else { rest },
             query.map(|q| format!("?{q}")).unwrap_or_default()
         );
-        let checked = async {
-            if !route.allows_method(&method) {
-                return Err(denied(
-                    &rule,
-                    format!("method {method} is not forwarded by this route (net.routes.methods)"),
-                ));
-            }
-            // Belt and braces: the credential goes only to a target under the route's prefix.
-            let under = format!("{}/", up.path);
-            if !target.starts_with(&under) {
-                return Err(denied(
-                    &rule,
-                    "the request's target leaves the route's prefix",
-                ));
-            }
-            agent
-                .admit(None)
-                .map_err(|r| denied("quota", r.to_string()))?;
-            let ips = self.resolve_external(&up.host, &rule).await?;
-            let secret = self
-                .shared
-                .secrets
-                .as_ref()
-                .and_then(|s| s.get(agent.owner, &route.secret))
-                .ok_or_else(|| {
-                    denied(
-                        &rule,
-                        format!(
-                            "no secret named {:?} of the agent's owner (aitherctl secret set)",
-                            route.secret
-                        ),
-                    )
-                })?;
-            Ok((ips, secret))
-        }
-        .await;
+        let checked = self
+            .check_route(agent, &route, &up, &rule, &method, &target)
+            .await;
         let (ips, secret) = match checked {
             Ok(x) => {
                 self.emit(agent, ev(true, &rule, &up.host, up.port, None));
@@ -1525,6 +1487,52 @@ impl Gateway {
         }
     }
 
+    /// `route`'s checks before anything is sent: the method, the target under the route's
+    /// prefix, the agent's quota, the upstream's addresses and the owner's secret.
+    async fn check_route(
+        &self,
+        agent: &Arc<AgentNet>,
+        route: &super::rules::RouteGrant,
+        up: &Upstream,
+        rule: &str,
+        method: &str,
+        target: &str,
+    ) -> Result<(Vec<IpAddr>, String), Denied> {
+        if !route.allows_method(method) {
+            return Err(denied(
+                rule,
+                format!("method {method} is not forwarded by this route (net.routes.methods)"),
+            ));
+        }
+        // Belt and braces: the credential goes only to a target under the route's prefix.
+        let under = format!("{}/", up.path);
+        if !target.starts_with(&under) {
+            return Err(denied(
+                rule,
+                "the request's target leaves the route's prefix",
+            ));
+        }
+        agent
+            .admit(None)
+            .map_err(|r| denied("quota", r.to_string()))?;
+        let ips = self.resolve_external(&up.host, rule).await?;
+        let secret = self
+            .shared
+            .secrets
+            .as_ref()
+            .and_then(|s| s.get(agent.owner, &route.secret))
+            .ok_or_else(|| {
+                denied(
+                    rule,
+                    format!(
+                        "no secret named {:?} of the agent's owner (aitherctl secret set)",
+                        route.secret
+                    ),
+                )
+            })?;
+        Ok((ips, secret))
+    }
+
     async fn socks5<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut s: C,
@@ -1596,6 +1604,15 @@ fn authority(host: &str, port: u16, default: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// The route a gateway path names: its first segment (`/NAME/rest`).
+fn route_name(path: &str) -> String {
+    path.trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn strip_hop_headers(h: &mut hyper::HeaderMap) {

@@ -185,24 +185,7 @@ pub struct SpawnArgs {
 
 fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
     let cwd = std::env::current_dir()?;
-    let file = match (&a.file, a.command.is_empty(), &a.name) {
-        (Some(f), _, _) => Some(AgentFile::load(f)?),
-        (None, true, Some(n)) => {
-            let p = Path::new("agents").join(format!("{n}.toml"));
-            if !p.exists() {
-                anyhow::bail!(
-                    "no command given and no agent file {} (give `-- CMD ...` or -f FILE)",
-                    p.display()
-                );
-            }
-            Some(AgentFile::load(&p)?)
-        }
-        (None, true, None) => {
-            anyhow::bail!("give a NAME and a command (`-- CMD ...`), or an agent file (-f FILE)")
-        }
-        (None, false, None) => anyhow::bail!("give the agent a NAME"),
-        (None, false, Some(_)) => None,
-    };
+    let file = spawn_file(a)?;
     let name = a
         .name
         .clone()
@@ -215,39 +198,7 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         })
         .unwrap_or_default();
     AgentName::parse("name", &name)?;
-    let mut sup = Supervision::default();
-    if let Some(f) = &file {
-        sup = f.supervision(sup);
-    }
-    if let Some(r) = a.restart {
-        sup.restart = r;
-    }
-    if let Some(b) = a.backoff {
-        sup.backoff_ms = to_ms(b);
-    }
-    if let Some(t) = a.stop_timeout {
-        sup.stop_timeout_ms = to_ms(t);
-    }
-    sup.wait_ready |= a.wait_ready;
-    if let Some(t) = a.startup_timeout {
-        sup.startup_timeout_ms = Some(to_ms(t));
-    }
-    if let Some(w) = a.watchdog {
-        sup.watchdog_ms = Some(to_ms(w));
-    }
-    if let Some(h) = &a.health_cmd {
-        sup.health_cmd = Some(vec!["/bin/sh".into(), "-c".into(), h.clone()]);
-    }
-    if let Some(i) = a.health_interval {
-        sup.health_interval_ms = to_ms(i);
-    }
-    if let Some(t) = a.health_timeout {
-        sup.health_timeout_ms = to_ms(t);
-    }
-    if let Some(n) = a.health_threshold {
-        sup.health_threshold = n;
-    }
-    sup.validate().map_err(anyhow::Error::msg)?;
+    let sup = spawn_supervision(a, file.as_ref())?;
     let argv = if a.command.is_empty() {
         file.as_ref().map(|f| f.command.argv()).unwrap_or_default()
     } else {
@@ -349,6 +300,67 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
             .collect(),
         publish: a.publish.clone(),
     })
+}
+
+/// `spawn`'s agent file: `-f FILE`, or agents/NAME.toml when no command is given.
+fn spawn_file(a: &SpawnArgs) -> anyhow::Result<Option<AgentFile>> {
+    let file = match (&a.file, a.command.is_empty(), &a.name) {
+        (Some(f), _, _) => Some(AgentFile::load(f)?),
+        (None, true, Some(n)) => {
+            let p = Path::new("agents").join(format!("{n}.toml"));
+            if !p.exists() {
+                anyhow::bail!(
+                    "no command given and no agent file {} (give `-- CMD ...` or -f FILE)",
+                    p.display()
+                );
+            }
+            Some(AgentFile::load(&p)?)
+        }
+        (None, true, None) => {
+            anyhow::bail!("give a NAME and a command (`-- CMD ...`), or an agent file (-f FILE)")
+        }
+        (None, false, None) => anyhow::bail!("give the agent a NAME"),
+        (None, false, Some(_)) => None,
+    };
+    Ok(file)
+}
+
+/// `spawn`'s supervision: the agent file's, then the flags over it.
+fn spawn_supervision(a: &SpawnArgs, file: Option<&AgentFile>) -> anyhow::Result<Supervision> {
+    let mut sup = Supervision::default();
+    if let Some(f) = file {
+        sup = f.supervision(sup);
+    }
+    if let Some(r) = a.restart {
+        sup.restart = r;
+    }
+    if let Some(b) = a.backoff {
+        sup.backoff_ms = to_ms(b);
+    }
+    if let Some(t) = a.stop_timeout {
+        sup.stop_timeout_ms = to_ms(t);
+    }
+    sup.wait_ready |= a.wait_ready;
+    if let Some(t) = a.startup_timeout {
+        sup.startup_timeout_ms = Some(to_ms(t));
+    }
+    if let Some(w) = a.watchdog {
+        sup.watchdog_ms = Some(to_ms(w));
+    }
+    if let Some(h) = &a.health_cmd {
+        sup.health_cmd = Some(vec!["/bin/sh".into(), "-c".into(), h.clone()]);
+    }
+    if let Some(i) = a.health_interval {
+        sup.health_interval_ms = to_ms(i);
+    }
+    if let Some(t) = a.health_timeout {
+        sup.health_timeout_ms = to_ms(t);
+    }
+    if let Some(n) = a.health_threshold {
+        sup.health_threshold = n;
+    }
+    sup.validate().map_err(anyhow::Error::msg)?;
+    Ok(sup)
 }
 
 fn parse_publish(s: &str) -> Result<(String, u16), String> {

@@ -239,22 +239,7 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
             ttl,
             json,
         } => {
-            let text = match value.as_deref() {
-                None | Some("-") => {
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .map_err(|e| usage_err(format!("reading stdin: {e}")))?;
-                    s
-                }
-                Some(v) => v.to_string(),
-            };
-            let value = if json_value {
-                serde_json::from_str::<Value>(&text)
-                    .map_err(|e| usage_err(format!("the value is not JSON: {e}")))?
-            } else {
-                Value::String(text)
-            };
+            let value = read_value(value.as_deref(), json_value)?;
             let mut req = json!({"op": "mem.put", "tier": tier, "key": key, "value": value});
             if let Some(t) = ttl {
                 req["ttl_s"] = json!(t.as_secs().max(1));
@@ -314,66 +299,7 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
             prefix,
             limit,
             json,
-        } => {
-            let tiers: Vec<String> = match tier {
-                Some(t) => vec![t],
-                None => Tier::ALL
-                    .iter()
-                    .filter(|t| t.is_kv())
-                    .map(|t| t.as_str().to_string())
-                    .collect(),
-            };
-            let mut out = std::io::stdout().lock();
-            // After the first answer: an unknown name prints its error and no table.
-            let mut header = !json;
-            for t in tiers {
-                let mut after: Option<String> = None;
-                let mut n = 0usize;
-                loop {
-                    let page = limit.map(|l| (l - n).min(1000)).unwrap_or(1000);
-                    if page == 0 {
-                        break;
-                    }
-                    let v = mem(
-                        &agent,
-                        json!({"op": "mem.list", "tier": t, "prefix": prefix, "after": after, "limit": page}),
-                    )?;
-                    if std::mem::take(&mut header) {
-                        let _ =
-                            writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
-                    }
-                    for e in v["entries"].as_array().into_iter().flatten() {
-                        n += 1;
-                        let r = if json {
-                            let mut e = e.clone();
-                            e["tier"] = json!(t);
-                            writeln!(out, "{e}")
-                        } else {
-                            let exp = e["expires_ms"]
-                                .as_u64()
-                                .map(|ms| aither::token::format_time(ms / 1000))
-                                .unwrap_or_else(|| "-".into());
-                            writeln!(
-                                out,
-                                "{:<10} {:>8}  {:<24}  {}",
-                                t,
-                                e["size"].as_u64().unwrap_or(0),
-                                exp,
-                                crate::escape::field(e["key"].as_str().unwrap_or(""))
-                            )
-                        };
-                        if r.is_err() {
-                            return Ok(0);
-                        }
-                    }
-                    match v["next"].as_str() {
-                        Some(next) if v["more"] == true => after = Some(next.to_string()),
-                        _ => break,
-                    }
-                }
-            }
-            Ok(0)
-        }
+        } => ls(&agent, tier, prefix.as_deref(), limit, json),
         MemCmd::Usage { agent, json } => {
             let v = mem(&agent, json!({"op": "mem.usage"}))?;
             if json {
@@ -438,6 +364,94 @@ fn exec(cmd: MemCmd) -> Result<i32, i32> {
             }))
         }
     }
+}
+
+/// `mem put`'s value: the argument, or stdin for `-` or nothing; parsed as JSON when asked.
+fn read_value(value: Option<&str>, json_value: bool) -> Result<Value, i32> {
+    let text = match value {
+        None | Some("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| usage_err(format!("reading stdin: {e}")))?;
+            s
+        }
+        Some(v) => v.to_string(),
+    };
+    let value = if json_value {
+        serde_json::from_str::<Value>(&text)
+            .map_err(|e| usage_err(format!("the value is not JSON: {e}")))?
+    } else {
+        Value::String(text)
+    };
+    Ok(value)
+}
+
+/// `mem ls`: the keys of one tier, or of every key-value tier, page by page.
+fn ls(
+    agent: &str,
+    tier: Option<String>,
+    prefix: Option<&str>,
+    limit: Option<usize>,
+    json: bool,
+) -> Result<i32, i32> {
+    let tiers: Vec<String> = match tier {
+        Some(t) => vec![t],
+        None => Tier::ALL
+            .iter()
+            .filter(|t| t.is_kv())
+            .map(|t| t.as_str().to_string())
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    // After the first answer: an unknown name prints its error and no table.
+    let mut header = !json;
+    for t in tiers {
+        let mut after: Option<String> = None;
+        let mut n = 0usize;
+        loop {
+            let page = limit.map(|l| (l - n).min(1000)).unwrap_or(1000);
+            if page == 0 {
+                break;
+            }
+            let v = mem(
+                agent,
+                json!({"op": "mem.list", "tier": t, "prefix": prefix, "after": after, "limit": page}),
+            )?;
+            if std::mem::take(&mut header) {
+                let _ = writeln!(out, "{:<10} {:>8}  {:<24}  KEY", "TIER", "SIZE", "EXPIRES");
+            }
+            for e in v["entries"].as_array().into_iter().flatten() {
+                n += 1;
+                let r = if json {
+                    let mut e = e.clone();
+                    e["tier"] = json!(t);
+                    writeln!(out, "{e}")
+                } else {
+                    let exp = e["expires_ms"]
+                        .as_u64()
+                        .map(|ms| aither::token::format_time(ms / 1000))
+                        .unwrap_or_else(|| "-".into());
+                    writeln!(
+                        out,
+                        "{:<10} {:>8}  {:<24}  {}",
+                        t,
+                        e["size"].as_u64().unwrap_or(0),
+                        exp,
+                        crate::escape::field(e["key"].as_str().unwrap_or(""))
+                    )
+                };
+                if r.is_err() {
+                    return Ok(0);
+                }
+            }
+            match v["next"].as_str() {
+                Some(next) if v["more"] == true => after = Some(next.to_string()),
+                _ => break,
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn graph(agent: &str, cmd: GraphCmd) -> Result<i32, i32> {

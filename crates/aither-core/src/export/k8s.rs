@@ -79,6 +79,47 @@ fn profile_path(profile: &str, text: &Value) -> String {
     format!("aither/{profile}-{short}.json")
 }
 
+/// The container's resource limits (also its requests).
+fn resource_limits(spec: &SandboxSpec, gpu: &GpuClaim) -> Value {
+    let mut limits = json!({});
+    if let Some(m) = spec.limits.memory {
+        limits["memory"] = json!(m.to_string());
+    }
+    if let Some(c) = spec.limits.cpu {
+        limits["cpu"] = json!(format!("{}m", millicores(c.quota_us, c.period_us)));
+    }
+    if gpu.count > 0 {
+        limits["nvidia.com/gpu"] = json!(gpu.count.to_string());
+    }
+    limits
+}
+
+/// The Pod's metadata: its name, namespace, labels and annotations.
+fn pod_metadata(spec: &SandboxSpec, gpu: &GpuClaim, opts: &K8sOptions) -> Value {
+    let labels = json!({
+        "app.kubernetes.io/managed-by": "aither",
+        "aither.dev/agent": opts.name,
+        "aither.dev/policy": spec.policy,
+    });
+    let mut annotations = json!({
+        "aither.dev/not-expressed": not_expressed(spec, &opts.net, Target::Kubernetes).join("; "),
+    });
+    if let Some(t) = &opts.token_id {
+        annotations["aither.dev/token-id"] = json!(t);
+    }
+    if let Some(w) = &spec.warning {
+        annotations["aither.dev/warning"] = json!(w);
+    }
+    if gpu.count > 0 && gpu.vram_mb > 0 {
+        annotations["aither.dev/gpu-vram-mb"] = json!(gpu.vram_mb.to_string());
+    }
+    let mut metadata = json!({"name": opts.name, "labels": labels, "annotations": annotations});
+    if let Some(ns) = &opts.namespace {
+        metadata["namespace"] = json!(ns);
+    }
+    metadata
+}
+
 /// The manifest for `spec`. `gpu` comes from the token's claims.
 pub fn manifest(
     spec: &SandboxSpec,
@@ -107,37 +148,8 @@ pub fn manifest(
         // A policy without seccomp (permissive) still gets the runtime's default filter.
         None => json!({"type": "RuntimeDefault"}),
     };
-    let mut limits = json!({});
-    if let Some(m) = spec.limits.memory {
-        limits["memory"] = json!(m.to_string());
-    }
-    if let Some(c) = spec.limits.cpu {
-        limits["cpu"] = json!(format!("{}m", millicores(c.quota_us, c.period_us)));
-    }
-    if gpu.count > 0 {
-        limits["nvidia.com/gpu"] = json!(gpu.count.to_string());
-    }
-    let labels = json!({
-        "app.kubernetes.io/managed-by": "aither",
-        "aither.dev/agent": opts.name,
-        "aither.dev/policy": spec.policy,
-    });
-    let mut annotations = json!({
-        "aither.dev/not-expressed": not_expressed(spec, &opts.net, Target::Kubernetes).join("; "),
-    });
-    if let Some(t) = &opts.token_id {
-        annotations["aither.dev/token-id"] = json!(t);
-    }
-    if let Some(w) = &spec.warning {
-        annotations["aither.dev/warning"] = json!(w);
-    }
-    if gpu.count > 0 && gpu.vram_mb > 0 {
-        annotations["aither.dev/gpu-vram-mb"] = json!(gpu.vram_mb.to_string());
-    }
-    let mut metadata = json!({"name": opts.name, "labels": labels, "annotations": annotations});
-    if let Some(ns) = &opts.namespace {
-        metadata["namespace"] = json!(ns);
-    }
+    let limits = resource_limits(spec, gpu);
+    let metadata = pod_metadata(spec, gpu, opts);
     let env: Vec<Value> = spec
         .env
         .iter()

@@ -439,6 +439,9 @@ pub struct LoadedPolicy {
 /// Known seccomp profiles.
 pub const SECCOMP_PROFILES: &[&str] = &["agent", "none"];
 
+/// How `Policy::validate`'s checks report a problem: table, key, message.
+type Fail<'a> = &'a dyn Fn(&str, &str, String);
+
 impl Policy {
     /// Parses and validates policy text. `origin` names the file in errors.
     pub fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
@@ -475,6 +478,34 @@ impl Policy {
                 message,
             });
         };
+        self.check_name_and_filesystem(&fail);
+        self.check_network_and_seccomp(&fail);
+        if let Err(e) = self.net.validate() {
+            let (field, message) = match e {
+                net_rules::RuleError::Invalid { field, reason } => (field, reason),
+                net_rules::RuleError::Widening { field, detail } => (field, detail),
+            };
+            let (line, column) = locate_net(src, &field);
+            errors.borrow_mut().push(PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                field: format!("net.{field}"),
+                message,
+            });
+        }
+        self.check_limits_and_process(&fail);
+        // Last, and only when everything above held: a stand-in depends on the namespaces,
+        // network and seccomp checked above (each protection reports its first problem only).
+        let held = errors.borrow().is_empty();
+        if held {
+            self.check_compensated(&fail);
+        }
+        PolicyError::from_list(errors.into_inner())
+    }
+
+    /// `validate`: the name, the bus patterns and the filesystem keys.
+    fn check_name_and_filesystem(&self, fail: Fail<'_>) {
         if self.name.is_empty()
             || !self
                 .name
@@ -542,6 +573,11 @@ impl Policy {
         if self.filesystem.dev_shm_size.0 < (64 << 10) {
             fail("filesystem", "dev_shm_size", "must be at least 64K".into());
         }
+    }
+
+    /// `validate`: the network mode against the namespaces, seccomp, the `warning` they need,
+    /// and the memory tiers.
+    fn check_network_and_seccomp(&self, fail: Fail<'_>) {
         if self.network.mode == NetworkMode::Host && self.namespaces.net {
             fail(
                 "network",
@@ -586,20 +622,10 @@ impl Policy {
                 );
             }
         }
-        if let Err(e) = self.net.validate() {
-            let (field, message) = match e {
-                net_rules::RuleError::Invalid { field, reason } => (field, reason),
-                net_rules::RuleError::Widening { field, detail } => (field, detail),
-            };
-            let (line, column) = locate_net(src, &field);
-            errors.borrow_mut().push(PolicyError::Invalid {
-                path: origin.to_string(),
-                line,
-                column,
-                field: format!("net.{field}"),
-                message,
-            });
-        }
+    }
+
+    /// `validate`: resources, rlimits and the process table.
+    fn check_limits_and_process(&self, fail: Fail<'_>) {
         if self.resources.memory.0 < (8 << 20) {
             fail("resources", "memory", "must be at least 8M".into());
         }
@@ -643,10 +669,12 @@ impl Policy {
                 fail("process.env", k, "invalid variable name".into());
             }
         }
-        // Last, and only when everything above held: a stand-in depends on the namespaces,
-        // network and seccomp checked above (each protection reports its first problem only).
-        let held = errors.borrow().is_empty();
-        for (protection, layers) in self.compensated.iter().filter(|_| held) {
+    }
+
+    /// `validate`, last: every `compensated` entry (each protection reports its first problem
+    /// only).
+    fn check_compensated(&self, fail: Fail<'_>) {
+        for (protection, layers) in self.compensated.iter() {
             let key = protection.to_string();
             let want = protection.stand_ins();
             if want.is_empty() {
@@ -701,7 +729,6 @@ impl Policy {
                 }
             }
         }
-        PolicyError::from_list(errors.into_inner())
     }
 
     /// Loads a policy by name (installed, then built-in) or by path (anything with a '/' or

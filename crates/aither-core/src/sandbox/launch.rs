@@ -14,6 +14,7 @@
 //! 6. Supervise: forward signals, enforce the timeout, collect the exit status.
 //! 7. Remove the cgroup (killing anything still inside first, when it is not empty).
 
+use std::borrow::Cow;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -23,12 +24,13 @@ use super::init::{self, ChildContext};
 use super::landlock::{self, LandlockError};
 use super::mounts;
 use super::netns;
-use super::report::{CgroupReport, LandlockReport, Report, SeccompReport};
-use super::seccomp::{self, SeccompError};
+use super::report::{CgroupReport, Inside, LandlockReport, Report, SeccompReport};
+use super::seccomp::{self, Filter, SeccompError};
 use super::spec::SandboxSpec;
 use super::stdio::Relay;
 use super::userns::{self, HostIds};
 use crate::cgroup::{self, Cgroup, CgroupError, CgroupManager};
+use crate::policy::Protection;
 use crate::sys::{self, ExitStatus, Forked};
 
 /// Errors that stop a launch. Every one is reported before or instead of running the agent.
@@ -351,7 +353,9 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
     run_with(spec, LaunchIo::default())
 }
 
-/// `run`, with what a supervisor adds (see `LaunchIo`).
+/// `run`, with what a supervisor adds (see `LaunchIo`). The launch is a list of named stages
+/// in a fixed order (docs/architecture.md, "The launcher"); the reason for each stage's place
+/// is given where it is called.
 pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, LaunchError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -361,51 +365,14 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     let mut marks: Vec<(&str, u64)> = Vec::with_capacity(12);
 
     // 1. Preflight: decide what is enforced; refuse what the kernel cannot give.
-    let plan = landlock::plan(spec, landlock::kernel_abi())?;
-    let landlock_skipped = plan.skipped.clone();
-    let landlock_compensated: Vec<String> =
-        plan.compensated.iter().map(ToString::to_string).collect();
-    let filter = spec
-        .seccomp_profile
-        .as_deref()
-        .map(seccomp::load)
-        .transpose()?;
-    // For the enforcement report (both move into the child at the clone).
-    let landlock_rights = LandlockReport {
-        status: String::new(),
-        abi: plan.abi,
-        filesystem: plan.fs,
-        tcp: plan.tcp,
-        ioctl_dev: plan.ioctl_dev,
-        scopes: plan.scopes,
-    };
-    let seccomp_report = filter.as_ref().map(|f| SeccompReport {
-        profile: spec.seccomp_profile.clone().unwrap_or_default(),
-        digest: f.digest.clone(),
-        program_digest: f.program_digest(),
-        rules: f.rules,
-    });
+    let (plan, filter, enforced) = preflight(spec)?;
     marks.push(("preflight", now_ns()));
 
     // 2. The cgroup: its cgroup2 directory now (the sandbox is born in it, no migration);
     // the rest while pid 1 builds its mount view (step 6).
-    let mgr = cgroup::manager()?;
     let slot = std::process::id();
     let id = format!("{}-{slot}", spec.name);
-    let birth = mgr.birth_dir(&id)?;
-    let mut guard = CgroupGuard {
-        mgr,
-        cg: birth.as_ref().map(|d| Cgroup {
-            id: id.clone(),
-            dirs: vec![("unified", d.clone())],
-            skipped: Vec::new(),
-        }),
-        reaped: false,
-    };
-    let into = match &birth {
-        Some(d) => Cgroup::open_cgroup2(d)?,
-        None => None,
-    };
+    let (mut guard, into) = cgroup_birth(&id)?;
     marks.push(("cgroup2 dir", now_ns()));
 
     // 3. Host ids, the /etc skeleton (cached), the caller's stdio pipes lent.
@@ -413,77 +380,20 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // The --workspace-as-owner fallback is decided here, before the clone, because it changes
     // the agent's host ids (written right after the clone); without it the workspace is
     // prepared in step 6, in parallel with the cgroup.
-    let mut early_ws = None;
-    let plain_spec;
-    let spec =
-        match mounts::prepare_workspace_early(spec, ids.agent).map_err(LaunchError::Workspace)? {
-            None => spec,
-            Some(mounts::EarlyWorkspace::IdMapped(fd, helper)) => {
-                early_ws = Some((fd, Some(helper)));
-                spec
-            }
-            Some(mounts::EarlyWorkspace::AsOwner { fd, uid, gid }) => {
-                ids.agent = uid;
-                ids.agent_gid = gid;
-                early_ws = Some((fd, None));
-                let mut s = spec.clone();
-                if let Some(w) = s.workspace.as_mut() {
-                    w.plain = true;
-                }
-                plain_spec = s;
-                &plain_spec
-            }
-        };
+    let (spec, early_ws) = workspace_early(spec, &mut ids)?;
+    let spec: &SandboxSpec = &spec;
     let etc_skeleton = mounts::prepare_etc(spec);
-    // A captured agent gets its own stdio, so the caller's pipes (a supervisor's) are not lent.
-    let mut capture = match io.log {
-        Some(_) => Some(Capture::new(ids.agent).map_err(LaunchError::Stdio)?),
-        None => None,
-    };
-    // Otherwise the caller's terminal and pipes are relayed, never handed over (stdio.rs).
-    let mut relay = match capture {
-        Some(_) => None,
-        None => Relay::new(ids.agent).map_err(LaunchError::Stdio)?,
-    };
-
+    let (mut capture, mut relay) = stdio(io.log.is_some(), ids.agent)?;
     // The launcher's supplementary groups would survive into the sandbox (`setgroups deny`
     // keeps them, docs/architecture.md launcher step 4), so drop them before cloning.
-    // SAFETY: setgroups with an empty list.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
-        return Err(LaunchError::Clone(io::Error::last_os_error()));
-    }
+    drop_supplementary_groups()?;
     let (parent_sock, child_sock) = sys::seqpacket_pair().map_err(LaunchError::Channel)?;
     let signals = SignalGuard::new().map_err(LaunchError::Channel)?;
     marks.push(("etc+channel", now_ns()));
 
     // 4. The sandbox's pid 1, in new namespaces. The cgroup namespace comes later (after it
     // has joined its cgroups).
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS;
-    if spec.new_net_ns {
-        flags |= libc::CLONE_NEWNET;
-    }
-    if spec.new_ipc_ns {
-        flags |= libc::CLONE_NEWIPC;
-    }
-    if spec.new_uts_ns {
-        flags |= libc::CLONE_NEWUTS;
-    }
-    // The namespace's owner is the creator's euid, and the kernel charges the per-user
-    // counters of everything inside to the owner: so the clone runs as the sandbox's own setup
-    // id, never as host root (userns::AsOwner). Just around the clone: the maps, the cgroup and
-    // the workspace need root again right after it.
-    let as_owner = userns::AsOwner::switch_to(ids.root).map_err(LaunchError::Clone)?;
-    // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
-    // before this point), so the forked child may run ordinary Rust code.
-    let forked = unsafe { sys::clone3_fork(flags, into.as_ref().map(|f| f.as_fd())) };
-    let forked = match forked {
-        Ok(Forked::Child) => Forked::Child,
-        other => {
-            drop(as_owner);
-            other.map_err(LaunchError::Clone)?
-        }
-    };
-    let (pid, pidfd) = match forked {
+    let (pid, pidfd) = match clone_pid1(spec, ids, into.as_ref())? {
         Forked::Child => {
             drop(parent_sock);
             drop(into);
@@ -510,82 +420,34 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // pid 1 has its own copies now: the agent's socket must not stay open here (its peer would
     // never see EOF), and the write ends must close here for the log to see EOF at the end.
     drop(io.agent_channel.take());
-    let mut log = match (capture, io.log.take()) {
-        (Some(c), Some(sink)) => {
-            drop(c.agent);
-            Some(LogPipes {
-                fds: [Some(c.stdout), Some(c.stderr)],
-                sink,
-            })
-        }
-        _ => None,
-    };
+    let mut log = log_pipes(capture, io.log.take());
     // The agent's ends of the relay close here; the caller's terminal goes raw only now that
     // the pty has its settings (restored when `relay` drops, on every return path).
     if let Some(r) = relay.as_mut() {
         if let Err(e) = r.started() {
-            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-            let _ = sys::wait_pidfd(pidfd.as_fd());
-            return Err(LaunchError::Stdio(e));
+            return Err(kill_pid1(pidfd.as_fd(), LaunchError::Stdio(e)));
         }
     }
     marks.push(("clone", now_ns()));
-    let abort = |e: LaunchError| -> LaunchError {
-        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-        let _ = sys::wait_pidfd(pidfd.as_fd());
-        e
-    };
+    let abort = |e: LaunchError| -> LaunchError { kill_pid1(pidfd.as_fd(), e) };
 
     // 5. Maps, then Go. If this fails the child sees EOF and exits.
-    if let Err(e) = userns::write_maps(pid, spec.uid, spec.gid, ids) {
-        return Err(abort(LaunchError::IdMaps(e)));
-    }
-    // The gateway's socket before Go: it is listening before the agent can exist, and the
-    // clone is behind us, so a gateway thread started by the callee is never forked.
-    if let Some(port) = spec.egress_port {
-        let fd = netns::listen_in(pid, port).map_err(|e| abort(LaunchError::Egress(e)))?;
-        match io.on_egress.take() {
-            Some(f) => f(fd),
-            None => drop(fd),
-        }
-        marks.push(("egress socket", now_ns()));
-    }
-    channel::send(parent_sock.as_fd(), &Msg::Go).map_err(|e| abort(LaunchError::Channel(e)))?;
+    maps_then_go(
+        spec,
+        pid,
+        ids,
+        parent_sock.as_fd(),
+        &mut io.on_egress,
+        &mut marks,
+    )
+    .map_err(abort)?;
     marks.push(("maps", now_ns()));
 
     // 6. While pid 1 builds its view, in parallel with each other: the cgroup's limits (a
     // thread: the launcher is free to have one now that pid 1 is forked) and the id-mapped
     // workspace mount. Both are in place before the agent exists, which is what matters, and
     // both travel as descriptors.
-    let (created, workspace) = std::thread::scope(|s| {
-        let mgr = &guard.mgr;
-        let id = &id;
-        let create = move || {
-            let cg = mgr.create(id, &spec.limits, &spec.best_effort)?;
-            let join = cg.join_handles();
-            Ok::<_, CgroupError>((cg, join))
-        };
-        let thread = std::thread::Builder::new()
-            .name("aither-cgroup".into())
-            .stack_size(256 * 1024)
-            .spawn_scoped(s, create);
-        let workspace = match early_ws.take() {
-            Some(early) => Ok(Some(early)),
-            None => mounts::prepare_workspace(spec, ids.agent)
-                .map(|w| w.map(|(fd, helper)| (fd, Some(helper)))),
-        };
-        let created = match thread {
-            Ok(t) => t.join().unwrap_or_else(|_| {
-                Err(CgroupError::Create {
-                    path: id.into(),
-                    source: io::Error::other("the cgroup thread panicked"),
-                })
-            }),
-            // No thread to be had: one after the other.
-            Err(_) => create(),
-        };
-        (created, workspace)
-    });
+    let (created, workspace) = cgroup_and_workspace(guard.mgr.as_ref(), &id, spec, ids, early_ws);
     let (cg, join) = created.map_err(|e| abort(e.into()))?;
     guard.cg = Some(cg);
     let join = join.map_err(|e| abort(e.into()))?;
@@ -595,17 +457,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         Ok(None) => (None, None),
         Err(e) => return Err(abort(LaunchError::Workspace(e))),
     };
-    let mut fds: Vec<BorrowedFd<'_>> = join.iter().map(|f| f.as_fd()).collect();
-    fds.extend(workspace.as_ref().map(|f| f.as_fd()));
-    let resources = Msg::Resources {
-        cgroup_files: join.len(),
-        workspace: workspace.is_some(),
-    };
-    // A send error means pid 1 already failed: its Failed message is read below.
-    let _ = channel::send_with_fds(parent_sock.as_fd(), &resources, &fds);
-    drop(fds);
-    drop(join);
-    drop(workspace);
+    send_resources(parent_sock.as_fd(), join, workspace);
     marks.push(("resources sent", now_ns()));
 
     // While pid 1 mounts, confines itself and execs: the caller's bookkeeping, off the
@@ -621,92 +473,15 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     marks.push(("during-setup", now_ns()));
 
     // 7. Wait for the agent to start.
-    let started = channel::recv(parent_sock.as_fd());
-    let early = |e: LaunchError| -> Result<Outcome, LaunchError> { Err(abort(e)) };
-    let (agent_pid, stages, landlock_status, inside) = match started {
-        Ok(Some(Msg::Started {
-            agent_pid,
-            stages,
-            landlock,
-            inside,
-        })) => (agent_pid, stages, landlock, inside),
-        Ok(Some(Msg::Failed {
-            stage,
-            errno,
-            detail,
-        })) => {
-            return early(LaunchError::Setup {
-                stage,
-                errno,
-                detail,
-            })
-        }
-        Ok(Some(Msg::NotFound { program })) => return early(LaunchError::NotFound { program }),
-        Ok(Some(Msg::NotExecutable { program, errno })) => {
-            return early(LaunchError::NotExecutable { program, errno })
-        }
-        Ok(_) => {
-            let st = sys::wait_pidfd(pidfd.as_fd()).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
-            return Err(LaunchError::Died(st));
-        }
-        Err(e) => return early(LaunchError::Channel(e)),
-    };
+    let (agent_pid, stages, landlock_status, inside) =
+        wait_started(parent_sock.as_fd(), pidfd.as_fd())?;
     let started_at = now_ns();
     if trace_enabled() {
         print_trace(t0, &marks, &stages, started_at, &landlock_status);
     }
-    let report = spec.report.then(|| {
-        let cg = guard.cg();
-        let limits = guard.mgr.read_limits(cg).ok().unwrap_or_default();
-        let mut namespaces: Vec<String> = vec!["user".into(), "pid".into(), "mnt".into()];
-        for (on, ns) in [
-            (spec.new_net_ns, "net"),
-            (spec.new_ipc_ns, "ipc"),
-            (spec.new_uts_ns, "uts"),
-            (spec.new_cgroup_ns, "cgroup"),
-        ] {
-            if on {
-                namespaces.push(ns.into());
-            }
-        }
-        let mut skipped: Vec<String> = cg.skipped.iter().map(|p| p.to_string()).collect();
-        skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
-        Report {
-            name: spec.name.clone(),
-            policy: spec.policy.clone(),
-            namespaces,
-            uid: spec.uid,
-            gid: spec.gid,
-            host_uid: ids.agent,
-            host_gid: ids.agent_gid,
-            cgroup: CgroupReport {
-                id: id.clone(),
-                dirs: cg
-                    .dirs
-                    .iter()
-                    .map(|(_, d)| d.display().to_string())
-                    .collect(),
-                memory_bytes: limits.memory,
-                swap_bytes: limits.swap,
-                cpu_quota_us: limits.cpu.map(|c| c.quota_us),
-                cpu_period_us: limits.cpu.map(|c| c.period_us),
-                pids: limits.pids,
-            },
-            landlock: LandlockReport {
-                status: if spec.landlock {
-                    landlock_status.clone()
-                } else {
-                    "disabled by the policy".into()
-                },
-                ..landlock_rights.clone()
-            },
-            seccomp: seccomp_report.clone(),
-            best_effort_skipped: skipped,
-            overrides: crate::testhooks::in_force(),
-            compensated: landlock_compensated.clone(),
-            inside: inside.clone(),
-        }
-    });
+    let report = spec
+        .report
+        .then(|| enforcement_report(spec, &guard, &id, ids, &enforced, &landlock_status, &inside));
     // The supervisor hears of the start before supervision begins, so it knows the pids and
     // the cgroup for as long as the sandbox can run.
     if let Some(cb) = io.on_started.take() {
@@ -731,21 +506,11 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // supervise() returns once pid 1 is reaped.
     guard.reaped = true;
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
-    let mut skipped: Vec<String> = guard.cg().skipped.iter().map(|p| p.to_string()).collect();
-    skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
+    let skipped = skipped_protections(guard.cg(), &enforced.landlock_skipped);
     let exited_at = now_ns();
     drop(guard);
     if trace_enabled() {
-        let done = now_ns();
-        eprintln!(
-            "aither-trace: launcher agent-ran+reaped       {:>9.0}",
-            (exited_at - t0) as f64 / 1000.0
-        );
-        eprintln!(
-            "aither-trace: launcher cgroup-removed         {:>9.0} {:>9.0}",
-            (done - t0) as f64 / 1000.0,
-            (done - exited_at) as f64 / 1000.0
-        );
+        print_exit_trace(t0, exited_at);
     }
     Ok(Outcome {
         status,
@@ -754,6 +519,384 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         skipped,
         report,
     })
+}
+
+/// What preflight decided, for the enforcement report: the Landlock plan and the seccomp
+/// filter themselves move into the child at the clone.
+struct Enforced {
+    landlock_skipped: Vec<Protection>,
+    landlock_compensated: Vec<String>,
+    landlock_rights: LandlockReport,
+    seccomp_report: Option<SeccompReport>,
+}
+
+/// Stage 1: the Landlock plan for this kernel and the compiled seccomp filter; refuses what
+/// the kernel cannot give.
+fn preflight(
+    spec: &SandboxSpec,
+) -> Result<(landlock::Plan, Option<Filter>, Enforced), LaunchError> {
+    let plan = landlock::plan(spec, landlock::kernel_abi())?;
+    let landlock_skipped = plan.skipped.clone();
+    let landlock_compensated: Vec<String> =
+        plan.compensated.iter().map(ToString::to_string).collect();
+    let filter = spec
+        .seccomp_profile
+        .as_deref()
+        .map(seccomp::load)
+        .transpose()?;
+    // For the enforcement report (both move into the child at the clone).
+    let landlock_rights = LandlockReport {
+        status: String::new(),
+        abi: plan.abi,
+        filesystem: plan.fs,
+        tcp: plan.tcp,
+        ioctl_dev: plan.ioctl_dev,
+        scopes: plan.scopes,
+    };
+    let seccomp_report = filter.as_ref().map(|f| SeccompReport {
+        profile: spec.seccomp_profile.clone().unwrap_or_default(),
+        digest: f.digest.clone(),
+        program_digest: f.program_digest(),
+        rules: f.rules,
+    });
+    let enforced = Enforced {
+        landlock_skipped,
+        landlock_compensated,
+        landlock_rights,
+        seccomp_report,
+    };
+    Ok((plan, filter, enforced))
+}
+
+/// Stage 2: the cgroup2 directory the sandbox is born in (the guard removes it on every
+/// return path), and its descriptor for `clone3`.
+fn cgroup_birth(id: &str) -> Result<(CgroupGuard, Option<OwnedFd>), LaunchError> {
+    let mgr = cgroup::manager()?;
+    let birth = mgr.birth_dir(id)?;
+    let guard = CgroupGuard {
+        mgr,
+        cg: birth.as_ref().map(|d| Cgroup {
+            id: id.to_string(),
+            dirs: vec![("unified", d.clone())],
+            skipped: Vec::new(),
+        }),
+        reaped: false,
+    };
+    let into = match &birth {
+        Some(d) => Cgroup::open_cgroup2(d)?,
+        None => None,
+    };
+    Ok((guard, into))
+}
+
+/// The workspace prepared before the clone: its descriptor, and the id-mapping helper when
+/// the mount is id-mapped.
+type EarlyWs = (OwnedFd, Option<userns::IdmapHelper>);
+
+/// Stage 3, the --workspace-as-owner fallback: prepares the workspace early when the spec asks
+/// for it; when the fallback applies, the agent's host ids become the owner's and the spec
+/// returned asks for a plain workspace.
+fn workspace_early<'s>(
+    spec: &'s SandboxSpec,
+    ids: &mut HostIds,
+) -> Result<(Cow<'s, SandboxSpec>, Option<EarlyWs>), LaunchError> {
+    match mounts::prepare_workspace_early(spec, ids.agent).map_err(LaunchError::Workspace)? {
+        None => Ok((Cow::Borrowed(spec), None)),
+        Some(mounts::EarlyWorkspace::IdMapped(fd, helper)) => {
+            Ok((Cow::Borrowed(spec), Some((fd, Some(helper)))))
+        }
+        Some(mounts::EarlyWorkspace::AsOwner { fd, uid, gid }) => {
+            ids.agent = uid;
+            ids.agent_gid = gid;
+            let mut s = spec.clone();
+            if let Some(w) = s.workspace.as_mut() {
+                w.plain = true;
+            }
+            Ok((Cow::Owned(s), Some((fd, None))))
+        }
+    }
+}
+
+/// Stage 3: the agent's stdio, captured (`LaunchIo::log`) or relayed.
+fn stdio(captured: bool, agent: u32) -> Result<(Option<Capture>, Option<Relay>), LaunchError> {
+    // A captured agent gets its own stdio, so the caller's pipes (a supervisor's) are not lent.
+    let capture = match captured {
+        true => Some(Capture::new(agent).map_err(LaunchError::Stdio)?),
+        false => None,
+    };
+    // Otherwise the caller's terminal and pipes are relayed, never handed over (stdio.rs).
+    let relay = match capture {
+        Some(_) => None,
+        None => Relay::new(agent).map_err(LaunchError::Stdio)?,
+    };
+    Ok((capture, relay))
+}
+
+/// Stage 3: the launcher drops its supplementary groups.
+fn drop_supplementary_groups() -> Result<(), LaunchError> {
+    // SAFETY: setgroups with an empty list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
+        return Err(LaunchError::Clone(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Stage 4: forks the sandbox's pid 1 into new namespaces (and into its cgroup2 directory,
+/// `into`). Returns in both the parent and the child.
+fn clone_pid1(
+    spec: &SandboxSpec,
+    ids: HostIds,
+    into: Option<&OwnedFd>,
+) -> Result<Forked, LaunchError> {
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+    if spec.new_net_ns {
+        flags |= libc::CLONE_NEWNET;
+    }
+    if spec.new_ipc_ns {
+        flags |= libc::CLONE_NEWIPC;
+    }
+    if spec.new_uts_ns {
+        flags |= libc::CLONE_NEWUTS;
+    }
+    // The namespace's owner is the creator's euid, and the kernel charges the per-user
+    // counters of everything inside to the owner: so the clone runs as the sandbox's own setup
+    // id, never as host root (userns::AsOwner). Just around the clone: the maps, the cgroup and
+    // the workspace need root again right after it.
+    let as_owner = userns::AsOwner::switch_to(ids.root).map_err(LaunchError::Clone)?;
+    // SAFETY: the launcher is single-threaded (aitherctl run / aither-init never start threads
+    // before this point), so the forked child may run ordinary Rust code.
+    let forked = unsafe { sys::clone3_fork(flags, into.map(|f| f.as_fd())) };
+    match forked {
+        Ok(Forked::Child) => {
+            // pid 1 keeps the setup id: the guard's drop (back to root) is for the launcher
+            // only, and pid 1 never returns to where it would run (init::run does not return).
+            std::mem::forget(as_owner);
+            Ok(Forked::Child)
+        }
+        other => {
+            drop(as_owner);
+            other.map_err(LaunchError::Clone)
+        }
+    }
+}
+
+/// Stage 4: the launcher's side of a capture, once pid 1 holds the agent's ends.
+fn log_pipes<'a>(
+    capture: Option<Capture>,
+    sink: Option<&'a mut dyn io::Write>,
+) -> Option<LogPipes<'a>> {
+    match (capture, sink) {
+        (Some(c), Some(sink)) => {
+            drop(c.agent);
+            Some(LogPipes {
+                fds: [Some(c.stdout), Some(c.stderr)],
+                sink,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Kills and reaps pid 1 after a launch error; returns the error.
+fn kill_pid1(pidfd: BorrowedFd<'_>, e: LaunchError) -> LaunchError {
+    let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+    let _ = sys::wait_pidfd(pidfd);
+    e
+}
+
+/// Stage 5: pid 1's id maps, the gateway's socket, then Go.
+fn maps_then_go<'a>(
+    spec: &SandboxSpec,
+    pid: i32,
+    ids: HostIds,
+    sock: BorrowedFd<'_>,
+    on_egress: &mut Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
+    marks: &mut Vec<(&str, u64)>,
+) -> Result<(), LaunchError> {
+    userns::write_maps(pid, spec.uid, spec.gid, ids).map_err(LaunchError::IdMaps)?;
+    // The gateway's socket before Go: it is listening before the agent can exist, and the
+    // clone is behind us, so a gateway thread started by the callee is never forked.
+    if let Some(port) = spec.egress_port {
+        let fd = netns::listen_in(pid, port).map_err(LaunchError::Egress)?;
+        match on_egress.take() {
+            Some(f) => f(fd),
+            None => drop(fd),
+        }
+        marks.push(("egress socket", now_ns()));
+    }
+    channel::send(sock, &Msg::Go).map_err(LaunchError::Channel)
+}
+
+/// The sandbox's cgroup with its limits, and the handles pid 1 joins it by.
+type CgroupCreated = Result<(Cgroup, Result<Vec<OwnedFd>, CgroupError>), CgroupError>;
+
+/// Stage 6: the cgroup's limits (on a thread) and the workspace mount, in parallel.
+fn cgroup_and_workspace(
+    mgr: &dyn CgroupManager,
+    id: &str,
+    spec: &SandboxSpec,
+    ids: HostIds,
+    early_ws: Option<EarlyWs>,
+) -> (CgroupCreated, io::Result<Option<EarlyWs>>) {
+    std::thread::scope(|s| {
+        let create = move || {
+            let cg = mgr.create(id, &spec.limits, &spec.best_effort)?;
+            let join = cg.join_handles();
+            Ok::<_, CgroupError>((cg, join))
+        };
+        let thread = std::thread::Builder::new()
+            .name("aither-cgroup".into())
+            .stack_size(256 * 1024)
+            .spawn_scoped(s, create);
+        let workspace = match early_ws {
+            Some(early) => Ok(Some(early)),
+            None => mounts::prepare_workspace(spec, ids.agent)
+                .map(|w| w.map(|(fd, helper)| (fd, Some(helper)))),
+        };
+        let created = match thread {
+            Ok(t) => t.join().unwrap_or_else(|_| {
+                Err(CgroupError::Create {
+                    path: id.into(),
+                    source: io::Error::other("the cgroup thread panicked"),
+                })
+            }),
+            // No thread to be had: one after the other.
+            Err(_) => create(),
+        };
+        (created, workspace)
+    })
+}
+
+/// Stage 6: sends pid 1 the cgroup's join handles and the workspace mount.
+fn send_resources(sock: BorrowedFd<'_>, join: Vec<OwnedFd>, workspace: Option<OwnedFd>) {
+    let mut fds: Vec<BorrowedFd<'_>> = join.iter().map(|f| f.as_fd()).collect();
+    fds.extend(workspace.as_ref().map(|f| f.as_fd()));
+    let resources = Msg::Resources {
+        cgroup_files: join.len(),
+        workspace: workspace.is_some(),
+    };
+    // A send error means pid 1 already failed: its Failed message is read below.
+    let _ = channel::send_with_fds(sock, &resources, &fds);
+    drop(fds);
+    drop(join);
+    drop(workspace);
+}
+
+/// What pid 1 reports when the agent has started: the agent's pid in the sandbox, pid 1's
+/// stage times, the Landlock status, and what the sandbox saw of itself.
+type StartedMsg = (i32, Vec<(Stage, u64)>, String, Option<Inside>);
+
+/// Stage 7: waits for pid 1's word that the agent started; on a failure, pid 1 is killed and
+/// reaped.
+fn wait_started(sock: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> Result<StartedMsg, LaunchError> {
+    let early = |e: LaunchError| -> Result<StartedMsg, LaunchError> { Err(kill_pid1(pidfd, e)) };
+    match channel::recv(sock) {
+        Ok(Some(Msg::Started {
+            agent_pid,
+            stages,
+            landlock,
+            inside,
+        })) => Ok((agent_pid, stages, landlock, inside)),
+        Ok(Some(Msg::Failed {
+            stage,
+            errno,
+            detail,
+        })) => early(LaunchError::Setup {
+            stage,
+            errno,
+            detail,
+        }),
+        Ok(Some(Msg::NotFound { program })) => early(LaunchError::NotFound { program }),
+        Ok(Some(Msg::NotExecutable { program, errno })) => {
+            early(LaunchError::NotExecutable { program, errno })
+        }
+        Ok(_) => {
+            let st = sys::wait_pidfd(pidfd).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+            Err(LaunchError::Died(st))
+        }
+        Err(e) => early(LaunchError::Channel(e)),
+    }
+}
+
+/// Protections skipped as best-effort: the cgroup's, then Landlock's.
+fn skipped_protections(cg: &Cgroup, landlock_skipped: &[Protection]) -> Vec<String> {
+    let mut skipped: Vec<String> = cg.skipped.iter().map(|p| p.to_string()).collect();
+    skipped.extend(landlock_skipped.iter().map(|p| p.to_string()));
+    skipped
+}
+
+/// Stage 7: the enforcement report (`spec.report`), once the agent has started.
+fn enforcement_report(
+    spec: &SandboxSpec,
+    guard: &CgroupGuard,
+    id: &str,
+    ids: HostIds,
+    enforced: &Enforced,
+    landlock_status: &str,
+    inside: &Option<Inside>,
+) -> Report {
+    let cg = guard.cg();
+    let limits = guard.mgr.read_limits(cg).ok().unwrap_or_default();
+    let mut namespaces: Vec<String> = vec!["user".into(), "pid".into(), "mnt".into()];
+    for (on, ns) in [
+        (spec.new_net_ns, "net"),
+        (spec.new_ipc_ns, "ipc"),
+        (spec.new_uts_ns, "uts"),
+        (spec.new_cgroup_ns, "cgroup"),
+    ] {
+        if on {
+            namespaces.push(ns.into());
+        }
+    }
+    Report {
+        name: spec.name.clone(),
+        policy: spec.policy.clone(),
+        namespaces,
+        uid: spec.uid,
+        gid: spec.gid,
+        host_uid: ids.agent,
+        host_gid: ids.agent_gid,
+        cgroup: CgroupReport {
+            id: id.to_string(),
+            dirs: cg
+                .dirs
+                .iter()
+                .map(|(_, d)| d.display().to_string())
+                .collect(),
+            memory_bytes: limits.memory,
+            swap_bytes: limits.swap,
+            cpu_quota_us: limits.cpu.map(|c| c.quota_us),
+            cpu_period_us: limits.cpu.map(|c| c.period_us),
+            pids: limits.pids,
+        },
+        landlock: LandlockReport {
+            status: if spec.landlock {
+                landlock_status.to_string()
+            } else {
+                "disabled by the policy".into()
+            },
+            ..enforced.landlock_rights.clone()
+        },
+        seccomp: enforced.seccomp_report.clone(),
+        best_effort_skipped: skipped_protections(cg, &enforced.landlock_skipped),
+        overrides: crate::testhooks::in_force(),
+        compensated: enforced.landlock_compensated.clone(),
+        inside: inside.clone(),
+    }
+}
+
+/// Stage 8, with `AITHER_TRACE_LAUNCH=1`: the launcher's times after the agent ran.
+fn print_exit_trace(t0: u64, exited_at: u64) {
+    let done = now_ns();
+    eprintln!(
+        "aither-trace: launcher agent-ran+reaped       {:>9.0}",
+        (exited_at - t0) as f64 / 1000.0
+    );
+    eprintln!(
+        "aither-trace: launcher cgroup-removed         {:>9.0} {:>9.0}",
+        (done - t0) as f64 / 1000.0,
+        (done - exited_at) as f64 / 1000.0
+    );
 }
 
 fn print_trace(
