@@ -2,7 +2,8 @@
 //! and the core `aither-core` link no async runtime, HTTP, TLS, SQLite or NVML, and the launcher
 //! depends on the core only, never on the daemon crate `aither`.
 //!
-//! Read from `cargo metadata` (offline, the workspace's own Cargo.lock): the resolved graph,
+//! Read from `cargo metadata` (offline, the workspace's own Cargo.lock, for the host's
+//! platform): the resolved graph,
 //! walked over the edges `cargo tree -p <crate>` shows (normal and build dependencies
 //! everywhere, dev-dependencies of the crate itself).
 
@@ -27,10 +28,28 @@ struct Graph {
     deps: BTreeMap<String, Vec<(String, Vec<String>)>>,
 }
 
+/// The host's target triple (`rustc -vV`): the graph is resolved for it only. Unfiltered,
+/// `cargo metadata` wants every platform's packages (Windows-only ones included), which a
+/// fresh machine's cache does not hold after a build, and `--offline` then fails.
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .unwrap_or_else(|e| panic!("{rustc} -vV: {e}"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .unwrap_or_else(|| panic!("no host line in {rustc} -vV"))
+        .trim()
+        .to_string()
+}
+
 fn graph() -> Graph {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", &host_triple()])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap_or_else(|e| panic!("{cargo} metadata: {e}"));
