@@ -196,7 +196,12 @@ import time; time.sleep(60)
         a.contains(&format!("REPLY agent.{bob}.reply {{'count': 2}}")),
         "{a}"
     );
-    // The denials are in the audit stream.
+    // The denials are in the audit stream (written by the audit sink's own thread: waited
+    // for, bounded; the agents' files above can be complete before their records are).
+    poll_until(Duration::from_secs(20), || {
+        let a = d.audit();
+        a.contains("does not grant subscribe") && a.contains("does not grant publish")
+    });
     let audit = d.audit();
     assert!(
         audit.contains("\"bus\"") && audit.contains("does not grant subscribe"),
