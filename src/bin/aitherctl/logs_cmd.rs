@@ -96,7 +96,7 @@ pub fn logs(a: LogsArgs) -> i32 {
         let mut text = String::new();
         for rec in records.into_iter().flatten() {
             if a.json {
-                let _ = writeln!(out, "{rec}");
+                let _ = writeln!(out, "{}", ordered(rec));
             } else {
                 lines.record(rec, &mut text);
             }
@@ -169,6 +169,36 @@ impl Lines {
     }
 }
 
+/// A record as one JSON line, its fields in reading order (time, stream, run, event and its
+/// details, text, partial) rather than the alphabetical order of a parsed object.
+fn ordered(rec: &Value) -> String {
+    const ORDER: [&str; 9] = [
+        "ts",
+        "stream",
+        "run",
+        "event",
+        "code",
+        "signal",
+        "oom_killed",
+        "text",
+        "partial",
+    ];
+    let Some(o) = rec.as_object() else {
+        return rec.to_string();
+    };
+    let field = |k: &str, v: &Value| format!("{}:{v}", Value::from(k));
+    let mut parts: Vec<String> = ORDER
+        .iter()
+        .filter_map(|k| o.get(*k).map(|v| field(k, v)))
+        .collect();
+    parts.extend(
+        o.iter()
+            .filter(|(k, _)| !ORDER.contains(&k.as_str()))
+            .map(|(k, v)| field(k, v)),
+    );
+    format!("{{{}}}", parts.join(","))
+}
+
 /// `-- run 3 started 2026-12-04T13:00:00.123456789Z --` and its kin.
 fn boundary(r: &Value, event: &str, ts: &str) -> String {
     let run = r["run"].as_u64().unwrap_or(0);
@@ -227,5 +257,11 @@ mod tests {
             logfmt::parse_ts("2026-12-04T13:00:00Z").unwrap()
         );
         assert!(parse_since("yesterday").is_err());
+        assert_eq!(
+            ordered(
+                &json!({"text": "a\"b", "run": 1, "ts": "T", "stream": "stderr", "partial": true})
+            ),
+            r#"{"ts":"T","stream":"stderr","run":1,"text":"a\"b","partial":true}"#
+        );
     }
 }
