@@ -54,9 +54,12 @@ fn wait_logs(d: &Daemon, name: &str, what: &str) {
     );
 }
 
-/// `logs --json ARGS NAME`: one object per line.
+/// `logs --json ARGS NAME` (all lines unless ARGS has `-n`): one object per line.
 fn records(d: &Daemon, name: &str, args: &[&str]) -> Vec<Value> {
-    let mut a = vec!["logs", "--json", "-n", "100000"];
+    let mut a = vec!["logs", "--json"];
+    if !args.contains(&"-n") {
+        a.extend_from_slice(&["-n", "100000"]);
+    }
     a.extend_from_slice(args);
     a.push(name);
     d.ok(&a)
@@ -384,4 +387,62 @@ fn follow_goes_on_across_rotations_without_a_gap() {
         got.len(),
         want.len()
     );
+}
+
+#[test]
+fn ten_megabytes_of_binary_without_a_newline_stay_bounded_records() {
+    let d = daemon();
+    let name = unique("flood");
+    spawn(
+        &d,
+        &name,
+        &["--restart", "never"],
+        "head -c 10000000 /dev/urandom | tr -d '\\n'; echo done; echo after",
+    );
+    wait_state(&d, &name, "exited");
+    // The kept files: whole records of at most 16 KiB of text each, files near 1 MiB.
+    let dir = log_dir(&d, &name);
+    let mut count = 0;
+    for f in ["agent.log", "agent.log.1", "agent.log.2"] {
+        let b = std::fs::read(dir.join(f)).unwrap();
+        assert!(
+            b.len() <= (1 << 20) + 2 * logfmt::MAX_TEXT,
+            "{f}: {}",
+            b.len()
+        );
+        assert!(b.ends_with(b"\n"), "{f}");
+        for l in b.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+            assert!(l.len() <= 30 + 10 + logfmt::MAX_TEXT, "{f}: {}", l.len());
+            assert!(
+                matches!(
+                    logfmt::parse_line(l),
+                    logfmt::Record::Output { ts_ns: Some(_), .. } | logfmt::Record::Run { .. }
+                ),
+                "{f}: not a record"
+            );
+            count += 1;
+        }
+    }
+    assert!(count > 150, "{count}");
+    // aitherd answers, in bounded frames, with the end of the line and what followed.
+    let plain = d.ok(&["logs", "-n", "2", &name]);
+    assert!(
+        plain.ends_with("done\nafter\n"),
+        "{:?}",
+        &plain[plain.len() - 20..]
+    );
+    let recs = records(&d, &name, &["-n", "2"]);
+    let last = &recs[recs.len() - 2];
+    assert_eq!(last["text"], "after", "{last}");
+    assert_eq!(recs.last().unwrap()["event"], "exited");
+    let texts: Vec<&Value> = recs.iter().filter(|r| r.get("text").is_some()).collect();
+    assert!(texts.len() > 100, "the line's kept parts: {}", texts.len());
+    assert!(texts[..texts.len() - 2]
+        .iter()
+        .all(|r| r["partial"] == true && r["stream"] == "stdout"));
+    assert!(texts[texts.len() - 2]["text"]
+        .as_str()
+        .unwrap()
+        .ends_with("done"));
+    assert!(d.ok(&["ps"]).contains(&name));
 }

@@ -7,6 +7,7 @@
 //! bounded: a file is read up to [`MAX_FILE`], a line that is not a record is cut at
 //! [`MAX_CARRY`], and replies are frames of at most [`MAX_CHUNK`] bytes of records.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
@@ -254,34 +255,95 @@ fn open_log(dir: &Path, name: &str) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// Reads `f` from `pos`, at most `limit` bytes.
-fn read_from(f: &mut File, pos: u64, limit: u64) -> io::Result<Vec<u8>> {
-    f.seek(SeekFrom::Start(pos))?;
-    let mut buf = Vec::new();
-    f.take(limit).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
 /// Where following goes on after the first read.
 #[derive(Debug)]
 pub struct Follower {
     dir: PathBuf,
+    /// agent.log as last seen: its inode, and how far it was read.
     ino: Option<u64>,
     pos: u64,
+    /// Files rotated away before they were read to their end, oldest first, each held open
+    /// (a later rotation cannot take it away) with where to go on reading.
+    backlog: VecDeque<(File, u64)>,
     reader: Reader,
 }
 
-/// Every kept file, oldest first, as entries (the run of each known); and where to follow
-/// agent.log from.
-pub fn read_all(dir: &Path, keep: u32) -> (Vec<Entry>, Follower) {
+/// Keeps the entries that pass a query, and of them no more than the last `tail` lines and
+/// what follows them, while the files are read: memory is bounded by what is shown.
+struct Collector<'q> {
+    q: &'q Query,
+    n: usize,
+    kept: VecDeque<Entry>,
+    lines: usize,
+}
+
+impl<'q> Collector<'q> {
+    fn new(q: &'q Query) -> Self {
+        Collector {
+            q,
+            n: q.tail.unwrap_or(100),
+            kept: VecDeque::new(),
+            lines: 0,
+        }
+    }
+
+    fn take(&mut self, entries: &mut Vec<Entry>) {
+        for e in entries.drain(..).filter(|e| e.passes(self.q)) {
+            self.lines += usize::from(e.is_line_end());
+            self.kept.push_back(e);
+            // One line more than asked is kept: a last unfinished line counts as one.
+            while self.lines > self.n + 1 {
+                if self.kept.pop_front().is_some_and(|e| e.is_line_end()) {
+                    self.lines -= 1;
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<Entry> {
+        select(self.kept.into(), self.q)
+    }
+}
+
+/// Reads `f` from `pos` to its end (at most `limit` bytes) in blocks, each block's entries
+/// handed to `each`; returns where it stopped.
+fn read_blocks(
+    f: &mut File,
+    pos: u64,
+    limit: u64,
+    reader: &mut Reader,
+    mut each: impl FnMut(&mut Vec<Entry>),
+) -> u64 {
+    let mut at = pos;
+    if f.seek(SeekFrom::Start(pos)).is_err() {
+        return at;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    while at - pos < limit {
+        let want = buf.len().min((limit - (at - pos)) as usize);
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        at += n as u64;
+        reader.feed(&buf[..n], &mut out);
+        each(&mut out);
+    }
+    at
+}
+
+/// The kept files, oldest first, as the entries `q` selects (the run of each known); and
+/// where to follow agent.log from.
+pub fn read_all(dir: &Path, keep: u32, q: &Query) -> (Vec<Entry>, Follower) {
     let mut reader = Reader::default();
+    let mut c = Collector::new(q);
     let mut out = Vec::new();
     for n in (1..keep.max(1)).rev() {
         if let Ok(mut f) = open_log(dir, &format!("agent.log.{n}")) {
-            if let Ok(b) = read_from(&mut f, 0, MAX_FILE) {
-                reader.feed(&b, &mut out);
-                reader.end_of_file(false, &mut out);
-            }
+            read_blocks(&mut f, 0, MAX_FILE, &mut reader, |e| c.take(e));
+            reader.end_of_file(false, &mut out);
+            c.take(&mut out);
         }
     }
     let (mut ino, mut pos) = (None, 0);
@@ -290,78 +352,89 @@ pub fn read_all(dir: &Path, keep: u32) -> (Vec<Entry>, Follower) {
             ino = Some(m.ino());
             // A larger file (not the shim's) is read from its newest MAX_FILE bytes.
             let start = m.len().saturating_sub(MAX_FILE);
-            if let Ok(b) = read_from(&mut f, start, MAX_FILE) {
-                pos = start + b.len() as u64;
-                reader.feed(&b, &mut out);
-                reader.end_of_file(true, &mut out);
-            }
+            pos = read_blocks(&mut f, start, MAX_FILE, &mut reader, |e| c.take(e));
+            reader.end_of_file(true, &mut out);
+            c.take(&mut out);
         }
     }
     let follower = Follower {
         dir: dir.to_path_buf(),
         ino,
         pos,
+        backlog: VecDeque::new(),
         reader,
     };
-    (out, follower)
+    (c.finish(), follower)
 }
 
 impl Follower {
-    /// What was appended since the last call (at most about `budget` bytes read): the rest of
-    /// a file rotated away meanwhile, then agent.log's new records.
+    /// What was appended since the last call, at most `budget` bytes read: first the rest of
+    /// files rotated away meanwhile, then agent.log's new records.
     pub fn step(&mut self, budget: usize) -> Vec<Entry> {
         let mut out = Vec::new();
+        if let Some((f, pos)) = self.backlog.front_mut() {
+            let at = read_blocks(f, *pos, budget as u64, &mut self.reader, |e| out.append(e));
+            let done = at - *pos < budget as u64;
+            *pos = at;
+            if done {
+                self.reader.end_of_file(false, &mut out);
+                self.backlog.pop_front();
+            }
+            return out;
+        }
         let Ok(mut f) = open_log(&self.dir, "agent.log") else {
             return out;
         };
         let Ok(m) = f.metadata() else { return out };
         if self.ino != Some(m.ino()) {
             if let Some(old) = self.ino {
-                self.rotated_away(old, &mut out);
+                self.rotated_away(old);
             }
             self.ino = Some(m.ino());
             self.pos = 0;
+            if !self.backlog.is_empty() {
+                return out;
+            }
         } else if m.len() < self.pos {
             // Truncated: from its start.
             self.pos = 0;
             self.reader.carry.clear();
         }
         if m.len() > self.pos {
-            if let Ok(b) = read_from(&mut f, self.pos, budget as u64) {
-                self.pos += b.len() as u64;
-                self.reader.feed(&b, &mut out);
-            }
+            self.pos = read_blocks(&mut f, self.pos, budget as u64, &mut self.reader, |e| {
+                out.append(e)
+            });
         }
         out
     }
 
-    /// agent.log was rotated (once or more) since the last read: the rest of the file read
-    /// last (now agent.log.N), then the files rotated after it, whole.
-    fn rotated_away(&mut self, old: u64, out: &mut Vec<Entry>) {
+    /// agent.log was rotated (once or more) since it was last read: the file read last (now
+    /// agent.log.N) from where reading stopped, then the files rotated after it, whole, go to
+    /// the backlog.
+    fn rotated_away(&mut self, old: u64) {
         let kept = super::shim::LOG_KEEP;
         let found = (1..kept).find_map(|n| {
             let f = open_log(&self.dir, &format!("agent.log.{n}")).ok()?;
             f.metadata().ok().filter(|m| m.ino() == old).map(|_| (n, f))
         });
-        if let Some((n, mut f)) = found {
-            if let Ok(b) = read_from(&mut f, self.pos, MAX_FILE) {
-                self.reader.feed(&b, out);
-            }
-            self.reader.end_of_file(false, out);
-            for m in (1..n).rev() {
-                if let Ok(mut f) = open_log(&self.dir, &format!("agent.log.{m}")) {
-                    if let Ok(b) = read_from(&mut f, 0, MAX_FILE) {
-                        self.reader.feed(&b, out);
-                    }
-                    self.reader.end_of_file(false, out);
-                }
+        let Some((n, f)) = found else {
+            // Gone (rotated out of the kept files): its unread end is lost.
+            self.reader.carry.clear();
+            return;
+        };
+        self.backlog.push_back((f, self.pos));
+        for m in (1..n).rev() {
+            if let Ok(f) = open_log(&self.dir, &format!("agent.log.{m}")) {
+                self.backlog.push_back((f, 0));
             }
         }
-        self.reader.end_of_file(false, out);
     }
 
-    /// Whether agent.log has more than was read (or was replaced).
+    /// Whether there is more to read now: a backlog, or agent.log grew or was replaced.
     pub fn behind(&self) -> bool {
+        if !self.backlog.is_empty() {
+            return true;
+        }
         let Ok(f) = open_log(&self.dir, "agent.log") else {
             return false;
         };
@@ -606,6 +679,74 @@ mod tests {
         r.feed(&vec![b'z'; MAX_CARRY + 1], &mut v);
         assert_eq!(v.len(), 1);
         assert!(r.carry.is_empty());
+    }
+
+    #[test]
+    fn the_files_are_read_oldest_first_and_following_goes_on_through_rotations() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        let app = |n: &str, b: &[u8]| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p(n))
+                .unwrap()
+                .write_all(b)
+                .unwrap()
+        };
+        let rotate = || {
+            let _ = std::fs::remove_file(p("agent.log.2"));
+            let _ = std::fs::rename(p("agent.log.1"), p("agent.log.2"));
+            std::fs::rename(p("agent.log"), p("agent.log.1")).unwrap();
+        };
+        let cont = |ts| run(ts, 1, RunEvent::Continued);
+        app(
+            "agent.log",
+            &[
+                run(1, 1, RunEvent::Started),
+                out(2, Stream::Stdout, false, "a"),
+                out(3, Stream::Stdout, false, "b"),
+            ]
+            .concat(),
+        );
+        rotate();
+        app(
+            "agent.log",
+            &[cont(4), out(5, Stream::Stderr, false, "c")].concat(),
+        );
+        let q = Query {
+            tail: Some(2),
+            ..Query::default()
+        };
+        let (e, mut f) = read_all(d.path(), 3, &q);
+        assert_eq!(text_of(&e), "b\nc\n");
+        assert_eq!((e[0].run, e[1].run), (Some(1), Some(1)));
+        assert!(!f.behind());
+        app("agent.log", &out(6, Stream::Stdout, false, "d"));
+        assert!(f.behind());
+        assert_eq!(text_of(&f.step(1 << 20)), "d\n");
+        // Two rotations between two reads, read in steps of 16 bytes: nothing lost.
+        app("agent.log", &out(7, Stream::Stdout, false, "e"));
+        rotate();
+        app(
+            "agent.log",
+            &[cont(8), out(9, Stream::Stdout, false, "f")].concat(),
+        );
+        rotate();
+        app(
+            "agent.log",
+            &[cont(10), out(11, Stream::Stdout, false, "g")].concat(),
+        );
+        let mut got = Vec::new();
+        for _ in 0..10_000 {
+            if !f.behind() {
+                break;
+            }
+            got.extend(f.step(16));
+        }
+        assert_eq!(text_of(&got), "e\nf\ng\n");
+        assert!(got.iter().all(|e| e.run == Some(1)));
     }
 
     #[test]

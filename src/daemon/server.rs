@@ -1111,8 +1111,8 @@ fn gpu_ask(
 async fn read_logs_from(dir: &Path, q: logs::Query) -> (Vec<logs::Entry>, Option<logs::Follower>) {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let (entries, follower) = logs::read_all(&dir, super::shim::LOG_KEEP);
-        (logs::select(entries, &q), Some(follower))
+        let (entries, follower) = logs::read_all(&dir, super::shim::LOG_KEEP, &q);
+        (entries, Some(follower))
     })
     .await
     .unwrap_or_default()
