@@ -196,7 +196,21 @@ fn ordered(rec: &Value) -> String {
             .filter(|(k, _)| !ORDER.contains(&k.as_str()))
             .map(|(k, v)| field(k, v)),
     );
-    format!("{{{}}}", parts.join(","))
+    // JSON leaves DEL and the C1 controls raw, which a terminal may act on (crate::escape):
+    // written as \u escapes, the line is the same JSON and safe to print anywhere.
+    let line = format!("{{{}}}", parts.join(","));
+    if !line.chars().any(|c| c.is_control()) {
+        return line;
+    }
+    line.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `-- run 3 started 2026-12-04T13:00:00.123456789Z --` and its kin.
@@ -263,5 +277,9 @@ mod tests {
             ),
             r#"{"ts":"T","stream":"stderr","run":1,"text":"a\"b","partial":true}"#
         );
+        let c1 = ordered(&json!({"text": "csi\u{9b}31m del\u{7f} nl\n"}));
+        assert_eq!(c1, r#"{"text":"csi\u009b31m del\u007f nl\n"}"#);
+        let back: Value = serde_json::from_str(&c1).unwrap();
+        assert_eq!(back["text"], "csi\u{9b}31m del\u{7f} nl\n");
     }
 }
