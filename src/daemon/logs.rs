@@ -292,7 +292,7 @@ impl<'q> Collector<'q> {
             self.lines += usize::from(e.is_line_end());
             self.kept.push_back(e);
             // One line more than asked is kept: a last unfinished line counts as one.
-            while self.lines > self.n + 1 {
+            while self.lines > self.n.saturating_add(1) {
                 if self.kept.pop_front().is_some_and(|e| e.is_line_end()) {
                     self.lines -= 1;
                 }

@@ -172,8 +172,10 @@ pub fn parse_ts(s: &str) -> Option<u64> {
         _ => return None,
     };
     let days = days_from_civil(y, mo, d)?;
-    let local = (days * 86_400 + h * 3600 + mi * 60 + se) as i64 * 1_000_000_000 + frac as i64;
-    u64::try_from(local - offset).ok()
+    // In i128: a year up to 9999 passes u64 nanoseconds (2554) and is refused, not wrapped.
+    let secs = i128::from(days * 86_400 + h * 3600 + mi * 60 + se);
+    let ns = secs * 1_000_000_000 + i128::from(frac) - i128::from(offset);
+    u64::try_from(ns).ok()
 }
 
 /// Appends one output record (`text` without a newline, at most [`MAX_TEXT`] bytes) and its
@@ -466,6 +468,42 @@ mod tests {
                     text: old
                 }
             );
+        }
+    }
+
+    #[test]
+    fn any_prefix_or_garbage_parses_without_panicking() {
+        let mut line = Vec::new();
+        encode_run(
+            1_764_853_200_123_456_789,
+            12,
+            &RunEvent::Exited {
+                code: Some(-1),
+                signal: None,
+                oom_killed: true,
+            },
+            &mut line,
+        );
+        encode_output(
+            u64::MAX / 2,
+            Stream::Stderr,
+            true,
+            "ünï \u{9b}".as_bytes(),
+            &mut line,
+        );
+        for end in 0..line.len() {
+            let _ = parse_line(&line[..end]);
+            let _ = parse_line(&line[end..]);
+            let mut bent = line.clone();
+            bent[end] ^= 0x80;
+            let _ = parse_line(&bent);
+            let _ = plain_text(&bent);
+        }
+        for s in [
+            "2025-12-04T13:00:00+99:99",
+            "9999-12-31T23:59:60.999999999Z",
+        ] {
+            let _ = parse_ts(s);
         }
     }
 

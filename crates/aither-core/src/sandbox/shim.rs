@@ -262,15 +262,19 @@ impl RotatingLog {
     }
 
     /// Numbers a new run (one more than the last one this directory saw) and logs its start.
+    /// A counter that cannot be written does not keep the run from being logged (its number
+    /// may then repeat in a later run).
     pub fn start_run(&mut self) -> io::Result<u64> {
         let run = self.last_run().unwrap_or(0) + 1;
-        crate::hostpath::replace_file_at(
+        let counted = crate::hostpath::replace_file_at(
             std::os::fd::AsFd::as_fd(&self.dir),
             std::ffi::OsStr::new(RUN_FILE),
             format!("{run}\n").as_bytes(),
             0o640,
-        )
-        .map_err(io::Error::other)?;
+        );
+        if let Err(e) = counted {
+            eprintln!("aither-init shim: writing the run counter: {e}");
+        }
         self.run = Some(run);
         let mut rec = Vec::new();
         logfmt::encode_run(logfmt::now_ns(), run, &RunEvent::Started, &mut rec);
