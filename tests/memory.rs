@@ -28,12 +28,14 @@ trait MemoryExt {
 impl MemoryExt for Daemon {
     /// The agent's output so far (read from its log file: it survives the daemon).
     fn agent_log(&self, name: &str) -> String {
-        std::fs::read_to_string(
+        let records = std::fs::read(
             self.state
                 .path()
                 .join(format!("state/agents/{name}/agent.log")),
         )
-        .unwrap_or_default()
+        .unwrap_or_default();
+        // The agent's text of the shim's records (docs/daemon.md "Logs").
+        String::from_utf8_lossy(&aither::logfmt::plain_text(&records)).into_owned()
     }
 
     fn wait_log(&self, name: &str, needle: &str, timeout: Duration) -> String {

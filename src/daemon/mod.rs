@@ -21,6 +21,7 @@ pub mod harden;
 pub mod identity;
 pub mod kernel_audit;
 pub mod lifecycle;
+pub mod logs;
 pub mod metrics;
 pub mod proto;
 pub mod recover;

@@ -1,20 +1,20 @@
 //! The control socket: who may connect, one reply per request frame, and what each request
 //! does. A malformed, truncated or oversized frame gets an error reply; the daemon goes on.
 
-use std::io::SeekFrom;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use super::agent::{self, Cmd, Record};
 use super::identity::Caller;
+use super::logs;
 use super::proto::{aio, ErrorBody, ErrorCode, Reply, Request, SpawnRequest};
 use super::store::{self, now_ms};
 use super::supervise::State;
@@ -160,15 +160,29 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
         match req {
             Request::Logs {
                 name,
-                follow: true,
+                follow,
                 tail,
-            } => {
+                since_ns,
+                stream,
+                records,
+            } if follow || records => {
                 if let Err(reply) = authorize(&d, &caller, "logs", &name) {
                     let _ = aio::write_reply(&mut w, &reply).await;
                     return;
                 }
-                follow_logs(&d, &name, tail, &mut r, &mut w).await;
-                return;
+                let q = logs::Query {
+                    tail,
+                    since_ns,
+                    stream,
+                };
+                let form = if records {
+                    LogForm::Records
+                } else {
+                    LogForm::Text
+                };
+                if !serve_logs(&d, &name, q, form, follow, &mut r, &mut w).await || follow {
+                    return;
+                }
             }
             Request::Events {
                 follow: true,
@@ -480,12 +494,23 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             "bus_pub, bus_sub and exec take over their connection",
         ),
         Request::Inspect { name } => inspect(d, &name),
-        Request::Logs { name, tail, .. } => {
+        Request::Logs {
+            name,
+            tail,
+            since_ns,
+            stream,
+            ..
+        } => {
             if d.info_of(&name).is_none() {
                 return not_found(&name);
             }
-            let text = read_tail(&d.log_dir(&name), tail).await;
-            Reply::ok(json!({"text": text}))
+            let q = logs::Query {
+                tail,
+                since_ns,
+                stream,
+            };
+            let entries = read_logs(&d.log_dir(&name), q).await;
+            Reply::ok(json!({"text": logs::text_reply(&entries)}))
         }
         Request::Stop { name, timeout_ms } => {
             command(d, &name, |reply| Cmd::Stop {
@@ -1156,27 +1181,46 @@ fn gpu_ask(
     Ok((ask.count > 0).then_some(ask))
 }
 
-/// The last `tail` lines (default 100) of the agent's log, across one rotation.
-async fn read_tail(dir: &Path, tail: Option<usize>) -> String {
-    let n = tail.unwrap_or(100);
-    let mut text = String::new();
-    for f in ["agent.log.1", "agent.log"] {
-        if let Ok(b) = tokio::fs::read(dir.join(f)).await {
-            text.push_str(&String::from_utf8_lossy(&b));
-        }
+/// The kept log files read (off the async threads), filtered and tailed; and where to follow
+/// from.
+async fn read_logs_from(dir: &Path, q: logs::Query) -> (Vec<logs::Entry>, Option<logs::Follower>) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let (entries, follower) = logs::read_all(&dir, super::shim::LOG_KEEP, &q);
+        (entries, Some(follower))
+    })
+    .await
+    .unwrap_or_default()
+}
+
+async fn read_logs(dir: &Path, q: logs::Query) -> Vec<logs::Entry> {
+    read_logs_from(dir, q).await.0
+}
+
+/// How log replies carry the agent's output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogForm {
+    /// `{"text": ...}`: the agent's bytes as it wrote them.
+    Text,
+    /// `{"records": [...]}`: one object per record and run boundary.
+    Records,
+}
+
+/// `entries` as reply frames of this form, each bounded: records in as many frames as needed;
+/// text too while following, but the first answer keeps only the newest frame's worth, as
+/// `logs` always did.
+fn log_frames(entries: &[logs::Entry], form: LogForm, whole: bool) -> Vec<serde_json::Value> {
+    match form {
+        LogForm::Text if whole => logs::text_frames(entries)
+            .into_iter()
+            .map(|t| json!({"text": t}))
+            .collect(),
+        LogForm::Text => vec![json!({"text": logs::text_reply(entries)})],
+        LogForm::Records => logs::record_chunks(entries)
+            .into_iter()
+            .map(|c| json!({"records": c}))
+            .collect(),
     }
-    let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let start = lines.len().saturating_sub(n);
-    let mut out: String = lines[start..].concat();
-    // A frame holds at most 64 KiB; keep the newest part.
-    if out.len() > 60 * 1024 {
-        let mut cut = out.len() - 60 * 1024;
-        while !out.is_char_boundary(cut) {
-            cut += 1;
-        }
-        out = out[cut..].to_string();
-    }
-    out
 }
 
 /// Whether the client has gone (EOF or error on its side of the socket).
@@ -1190,69 +1234,77 @@ async fn client_gone(r: &mut OwnedReadHalf) {
     }
 }
 
-async fn follow_logs(
+/// A log request answered in frames: the kept records, then (`follow`) what the shim
+/// appends, until the client goes or the agent is removed. False when the connection is done.
+async fn serve_logs(
     d: &Shared,
     name: &str,
-    tail: Option<usize>,
+    q: logs::Query,
+    form: LogForm,
+    follow: bool,
     r: &mut OwnedReadHalf,
     w: &mut OwnedWriteHalf,
-) {
+) -> bool {
     if d.info_of(name).is_none() {
-        let _ = aio::write_reply(w, &not_found(name)).await;
-        return;
+        return aio::write_reply(w, &not_found(name)).await.is_ok();
     }
-    let dir = d.log_dir(name);
-    let first = read_tail(&dir, tail).await;
-    if aio::write_reply(w, &Reply::chunk(json!({"text": first})))
-        .await
-        .is_err()
-    {
-        return;
+    let (first, follower) = read_logs_from(&d.log_dir(name), q).await;
+    let mut frames = log_frames(&first, form, false);
+    if !follow {
+        let last = frames.pop().unwrap_or_else(|| json!({"records": []}));
+        for f in frames {
+            if aio::write_reply(w, &Reply::chunk(f)).await.is_err() {
+                return false;
+            }
+        }
+        return aio::write_reply(w, &Reply::ok(last)).await.is_ok();
     }
-    let path = dir.join("agent.log");
-    let meta = tokio::fs::metadata(&path).await.ok();
-    let mut pos = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-    let mut ino = meta.map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    for f in frames {
+        if aio::write_reply(w, &Reply::chunk(f)).await.is_err() {
+            return false;
+        }
+    }
+    let Some(mut follower) = follower else {
+        return false;
+    };
     let gone = client_gone(r);
     tokio::pin!(gone);
     loop {
         tokio::select! {
-            _ = &mut gone => return,
+            _ = &mut gone => return false,
             _ = tokio::time::sleep(Duration::from_millis(150)) => {}
         }
         if d.info_of(name).is_none() {
-            let _ = aio::write_reply(w, &Reply::ok(json!({"text": "", "removed": true}))).await;
-            return;
+            let last = match form {
+                LogForm::Text => json!({"text": "", "removed": true}),
+                LogForm::Records => json!({"records": [], "removed": true}),
+            };
+            let _ = aio::write_reply(w, &Reply::ok(last)).await;
+            return false;
         }
-        let Ok(meta) = tokio::fs::metadata(&path).await else {
-            continue;
-        };
-        let now_ino = std::os::unix::fs::MetadataExt::ino(&meta);
-        if Some(now_ino) != ino || meta.len() < pos {
-            // Rotated (or truncated): read the new file from its start.
-            ino = Some(now_ino);
-            pos = 0;
-        }
-        if meta.len() == pos {
-            continue;
-        }
-        let Ok(mut f) = tokio::fs::File::open(&path).await else {
-            continue;
-        };
-        if f.seek(SeekFrom::Start(pos)).await.is_err() {
-            continue;
-        }
-        let mut buf = vec![0u8; ((meta.len() - pos) as usize).min(48 * 1024)];
-        let Ok(n) = f.read(&mut buf).await else {
-            continue;
-        };
-        pos += n as u64;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if aio::write_reply(w, &Reply::chunk(json!({"text": text})))
+        // Catch up in frames of FOLLOW_READ bytes read (at most 1 MiB a tick).
+        for _ in 0..21 {
+            let (f, new) = match tokio::task::spawn_blocking(move || {
+                let new = follower.step(logs::FOLLOW_READ);
+                (follower, new)
+            })
             .await
-            .is_err()
-        {
-            return;
+            {
+                Ok(x) => x,
+                Err(_) => return false,
+            };
+            follower = f;
+            let new: Vec<logs::Entry> = new.into_iter().filter(|e| e.passes(&q)).collect();
+            if !new.is_empty() {
+                for frame in log_frames(&new, form, true) {
+                    if aio::write_reply(w, &Reply::chunk(frame)).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+            if !follower.behind() {
+                break;
+            }
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod export;
 pub mod hostpath;
+pub mod logfmt;
 pub mod policy;
 pub mod sandbox;
 pub mod sys;

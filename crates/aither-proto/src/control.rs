@@ -88,6 +88,35 @@ pub struct ExecRequest {
     pub tty: bool,
 }
 
+/// Which of the agent's standard streams a log record came from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    /// The name in the log file and on the wire: `stdout`, `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+impl std::str::FromStr for LogStream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogStream, String> {
+        match s {
+            "stdout" => Ok(LogStream::Stdout),
+            "stderr" => Ok(LogStream::Stderr),
+            _ => Err(format!("{s:?}: expected stdout or stderr")),
+        }
+    }
+}
+
 /// A request on the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -102,12 +131,24 @@ pub enum Request {
     Inspect {
         name: String,
     },
+    /// An agent's log (docs/daemon.md "Logs"). Without `records` the replies carry
+    /// `{"text": ...}`: the agent's output as it wrote it. With `records`, `{"records": [...]}`:
+    /// one object per stored record (`ts`, `stream`, `run`, `text`, `partial`) or run boundary
+    /// (`ts`, `run`, `event`, ...).
     Logs {
         name: String,
         #[serde(default)]
         follow: bool,
         #[serde(default)]
         tail: Option<usize>,
+        /// Only records from this time on (nanoseconds since the Unix epoch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ns: Option<u64>,
+        /// Only this stream's records.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<LogStream>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        records: bool,
     },
     Stop {
         name: String,

@@ -22,7 +22,7 @@ pub mod shim;
 
 pub use agent::{AgentFrame, AgentRequest, BusMessage, Push, Severity, UnknownSeverity};
 pub use control::{
-    ExecRequest, Reply, Request, RestartPolicy, SecretValue, SpawnRequest, Supervision,
+    ExecRequest, LogStream, Reply, Request, RestartPolicy, SecretValue, SpawnRequest, Supervision,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FrameError, MAX_FRAME, MAX_REPLY};

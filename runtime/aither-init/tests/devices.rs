@@ -103,7 +103,7 @@ fn run(s: &SandboxSpec, env: &[(&str, &str)]) -> String {
     let ev = shim.event();
     assert_eq!(ev["event"], "started", "{ev}");
     assert_eq!(shim.wait(), Some(0), "{}", read_exit(logs.path()));
-    std::fs::read_to_string(logs.path().join("agent.log")).unwrap()
+    support::agent_text(&logs.path().join("agent.log"))
 }
 
 fn assert_lease_holds(out: &str, layer: &str) {

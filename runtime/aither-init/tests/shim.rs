@@ -33,8 +33,29 @@ fn shim_logs_stdout_and_stderr_and_writes_exit_json() {
     let cgroup = started["cgroup"].as_str().unwrap();
     assert_eq!(cgroup, format!("{}-{}", spec.name, shim.child.id()));
     assert_eq!(shim.wait(), Some(7));
-    let log = std::fs::read_to_string(logs.path().join("agent.log")).unwrap();
-    assert_eq!(log, "out-line\nerr-line\nreopened\n");
+    // Each line a record of its stream, between the run's boundaries.
+    let raw = std::fs::read_to_string(logs.path().join("agent.log")).unwrap();
+    let tagged: Vec<String> = raw
+        .lines()
+        .map(|l| l.splitn(4, ' ').skip(1).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        tagged.first().map(String::as_str),
+        Some("stdout F:aither-run run=1 event=started"),
+        "{raw}"
+    );
+    assert_eq!(
+        tagged.last().map(String::as_str),
+        Some("stdout F:aither-run run=1 event=exited code=7"),
+        "{raw}"
+    );
+    assert!(tagged.contains(&"stdout F out-line".to_string()), "{raw}");
+    assert!(tagged.contains(&"stderr F err-line".to_string()), "{raw}");
+    assert!(tagged.contains(&"stderr F reopened".to_string()), "{raw}");
+    assert_eq!(
+        support::agent_text(&logs.path().join("agent.log")),
+        "out-line\nerr-line\nreopened\n"
+    );
     let exit = read_exit(logs.path());
     assert_eq!(exit["code"], 7, "{exit}");
     assert_eq!(exit["signal"], serde_json::Value::Null);
@@ -53,8 +74,8 @@ fn shim_rotates_the_agent_log() {
     require_root();
     let ws = support::workspace();
     let logs = tempfile::tempdir().unwrap();
-    // 40 lines of 11 bytes (440) into files of at most 100 bytes, 3 files kept: only the
-    // newest bytes remain, in order.
+    // 40 lines of 11 bytes, each a record of 51 bytes (2 KB), into files of at most 400 bytes,
+    // 3 files kept: only the newest records remain, whole, in order.
     let spec = spec(
         ws.path(),
         "shim-rotate",
@@ -65,27 +86,30 @@ fn shim_rotates_the_agent_log() {
         ],
         None,
     );
-    let mut shim = start_shim(&spec, logs.path(), 100, 3, None);
+    let mut shim = start_shim(&spec, logs.path(), 400, 3, None);
     assert_eq!(shim.event()["event"], "started");
     assert_eq!(shim.wait(), Some(0));
-    let read = |n: &str| std::fs::read_to_string(logs.path().join(n)).unwrap_or_default();
-    assert!(!logs.path().join("agent.log.3").exists());
+    let path = |n: &str| logs.path().join(n);
+    assert!(!path("agent.log.3").exists());
     for f in ["agent.log", "agent.log.1", "agent.log.2"] {
-        let s = read(f);
-        assert!(!s.is_empty() && s.len() <= 100, "{f}: {s:?}");
+        let s = std::fs::read_to_string(path(f)).unwrap_or_default();
+        assert!(
+            !s.is_empty() && s.len() <= 400 && s.ends_with('\n'),
+            "{f}: {s:?}"
+        );
     }
     let all = format!(
         "{}{}{}",
-        read("agent.log.2"),
-        read("agent.log.1"),
-        read("agent.log")
+        support::agent_text(&path("agent.log.2")),
+        support::agent_text(&path("agent.log.1")),
+        support::agent_text(&path("agent.log"))
     );
     assert!(all.ends_with("line-139..\n"), "{all}");
-    assert!(all.len() <= 300 && all.len() > 100, "{all}");
+    assert!(all.len() < 440 && all.len() > 100, "{all}");
     let expected: String = (100..140).map(|i| format!("line-{i}..\n")).collect();
     assert!(
         expected.ends_with(&all),
-        "the newest bytes, in order: {all}"
+        "the newest lines, in order: {all}"
     );
 }
 
@@ -112,7 +136,7 @@ fn shim_gives_the_agent_its_socket_as_fd_3_and_nothing_else() {
     let mut shim = start_shim(&spec, logs.path(), 1 << 20, 3, Some(fds));
     assert_eq!(shim.event()["event"], "started");
     assert_eq!(shim.wait(), Some(0));
-    let log = std::fs::read_to_string(logs.path().join("agent.log")).unwrap();
+    let log = support::agent_text(&logs.path().join("agent.log"));
     assert!(log.contains("AITHER_FD=3\n"), "{log}");
     let fds: Vec<(u32, String)> = log
         .lines()
@@ -224,7 +248,7 @@ fn shim_forwards_sigterm_to_the_agent() {
     // SAFETY: kill of our own child process.
     unsafe { libc::kill(shim.child.id() as i32, libc::SIGTERM) };
     assert_eq!(shim.wait(), Some(42));
-    assert!(std::fs::read_to_string(&log).unwrap().contains("got-term"));
+    assert!(support::agent_text(&log).contains("got-term"));
     assert_eq!(read_exit(logs.path())["code"], 42);
 }
 

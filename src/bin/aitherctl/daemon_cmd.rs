@@ -1,4 +1,4 @@
-//! The commands that talk to aitherd: spawn, ps, inspect, logs, stop, kill, restart, pause,
+//! The commands that talk to aitherd: spawn, ps, inspect, stop, kill, restart, pause,
 //! resume, rm, events.
 //!
 //! Exit status: 0 done; 1 aitherd refused or failed the request (not found, conflict, launch
@@ -584,54 +584,6 @@ pub fn inspect(a: InspectArgs) -> i32 {
         }
         Err(c) => c,
     }
-}
-
-/// Print an agent's output (stdout and stderr, in order, across restarts).
-#[derive(Args)]
-pub struct LogsArgs {
-    name: String,
-    /// Keep printing new output until interrupted.
-    #[arg(long, short = 'f')]
-    follow: bool,
-    /// Number of lines from the end [default: 100].
-    #[arg(long, short = 'n', value_name = "N")]
-    tail: Option<usize>,
-    /// Print JSON chunks ({"text": ...}) instead of raw text.
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn logs(a: LogsArgs) -> i32 {
-    let req = Request::Logs {
-        name: a.name.clone(),
-        follow: a.follow,
-        tail: a.tail,
-    };
-    let mut c = match connect() {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut status = 0;
-    let res = c.stream(&req, |r| {
-        if !r.ok {
-            let _ = reply_data(r.clone());
-            status = EXIT_REFUSED;
-            return false;
-        }
-        let data = r.data.clone().unwrap_or_default();
-        let mut out = std::io::stdout().lock();
-        if a.json {
-            let _ = writeln!(out, "{data}");
-        } else if let Some(t) = data.get("text").and_then(|t| t.as_str()) {
-            // Raw to a pipe; escaped on a terminal (crate::escape).
-            let _ = out.write_all(crate::escape::for_stdout(t).as_bytes());
-        }
-        out.flush().is_ok()
-    });
-    if let Err(e) = res {
-        return client_err(e);
-    }
-    status
 }
 
 /// Stop agents: SIGTERM, then after the timeout every process of the sandbox is killed. A

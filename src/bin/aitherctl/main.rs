@@ -9,6 +9,7 @@ mod escape;
 mod exec_cmd;
 mod export_cmd;
 mod gpu_cmd;
+mod logs_cmd;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
@@ -55,7 +56,7 @@ enum Command {
     Ps(daemon_cmd::PsArgs),
     Inspect(daemon_cmd::InspectArgs),
     Stats(stats_cmd::StatsArgs),
-    Logs(daemon_cmd::LogsArgs),
+    Logs(logs_cmd::LogsArgs),
     Stop(daemon_cmd::StopArgs),
     Kill(daemon_cmd::KillArgs),
     Restart(daemon_cmd::RestartArgs),
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
         Command::Ps(a) => daemon_cmd::ps(a),
         Command::Inspect(a) => daemon_cmd::inspect(a),
         Command::Stats(a) => stats_cmd::run(a),
-        Command::Logs(a) => daemon_cmd::logs(a),
+        Command::Logs(a) => logs_cmd::logs(a),
         Command::Stop(a) => daemon_cmd::stop(a),
         Command::Kill(a) => daemon_cmd::kill(a),
         Command::Restart(a) => daemon_cmd::restart(a),

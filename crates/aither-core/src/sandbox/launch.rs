@@ -110,10 +110,10 @@ pub struct LaunchIo<'a> {
     /// Nothing else the launcher holds enters the sandbox. The launcher's copy is closed as soon
     /// as pid 1 has its own (right after the clone).
     pub agent_channel: Option<OwnedFd>,
-    /// Captures the agent's output: its stdin becomes /dev/null, its stdout and stderr pipes
-    /// whose bytes, in arrival order, go to this sink (write errors are ignored: logging never
-    /// stops supervision). Everything left in the pipes is drained before `run_with` returns.
-    pub log: Option<&'a mut dyn io::Write>,
+    /// Captures the agent's output: its stdin becomes /dev/null, its stdout and stderr two
+    /// pipes whose bytes, in arrival order and told apart, go to this sink (logging never stops
+    /// supervision). Everything left in the pipes is drained before `run_with` returns.
+    pub log: Option<&'a mut dyn LogSink>,
     /// Called once, when the agent has been exec'ed.
     pub on_started: Option<OnStarted<'a>>,
     /// Run by the launcher while pid 1 builds the sandbox (the launcher would only wait):
@@ -123,6 +123,14 @@ pub struct LaunchIo<'a> {
     /// namespace, `spec.egress_port`) before the agent exists. Called after the clone, so the
     /// callee may start threads (the gateway) without touching the forked sandbox.
     pub on_egress: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
+}
+
+/// Where a supervised agent's output goes (the shim's log, src/sandbox/shim.rs).
+pub trait LogSink {
+    /// What one read of `stream`'s pipe returned (at most 16 KiB), in the order read.
+    fn output(&mut self, stream: crate::logfmt::Stream, bytes: &[u8]);
+    /// Called once the pipes are drained at the end.
+    fn flush(&mut self) {}
 }
 
 /// `LaunchIo::on_started`.
@@ -179,19 +187,25 @@ impl Capture {
 /// The launcher's side of a capture during supervision.
 struct LogPipes<'a> {
     fds: [Option<OwnedFd>; 2],
-    sink: &'a mut dyn io::Write,
+    sink: &'a mut dyn LogSink,
 }
 
+/// The stream of `LogPipes::fds[i]`.
+const STREAMS: [crate::logfmt::Stream; 2] =
+    [crate::logfmt::Stream::Stdout, crate::logfmt::Stream::Stderr];
+
 impl LogPipes<'_> {
-    /// Copies what is in pipe `i` to the sink; closes it at EOF.
+    /// Copies what is in pipe `i` to the sink; closes it at EOF. At most 16 reads (256 KiB) a
+    /// call: an agent that writes without pause cannot hold the loop (signals, the other
+    /// stream) away; poll reports the rest at once.
     fn pump(&mut self, i: usize) {
         let Some(fd) = &self.fds[i] else { return };
         let mut buf = [0u8; 16 * 1024];
-        loop {
+        for _ in 0..16 {
             // SAFETY: reading into a buffer of the stated length.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n > 0 {
-                let _ = self.sink.write_all(&buf[..n as usize]);
+                self.sink.output(STREAMS[i], &buf[..n as usize]);
                 continue;
             }
             if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
@@ -229,7 +243,7 @@ impl LogPipes<'_> {
                 }
             }
         }
-        let _ = self.sink.flush();
+        self.sink.flush();
     }
 }
 
@@ -683,7 +697,7 @@ fn clone_pid1(
 /// Stage 4: the launcher's side of a capture, once pid 1 holds the agent's ends.
 fn log_pipes<'a>(
     capture: Option<Capture>,
-    sink: Option<&'a mut dyn io::Write>,
+    sink: Option<&'a mut dyn LogSink>,
 ) -> Option<LogPipes<'a>> {
     match (capture, sink) {
         (Some(c), Some(sink)) => {

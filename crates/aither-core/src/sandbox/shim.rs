@@ -6,8 +6,10 @@
 //! - stdin: one `ShimConfig` (JSON).
 //! - stdout: exactly one JSON line (`ShimEvent`), then closed: `started` once the agent has
 //!   been exec'ed, or `failed` (and the shim exits with its code, 125/126/127).
-//! - `log_dir/agent.log`: the agent's stdout and stderr, raw, in arrival order, rotated at
-//!   `log_max_bytes` into `agent.log.1` … `agent.log.{log_keep-1}`.
+//! - `log_dir/agent.log`: the agent's stdout and stderr in arrival order, as records of the
+//!   CRI log format (src/logfmt.rs: time, stream, partial or full line), with a record where
+//!   each run starts and ends; rotated at `log_max_bytes` into `agent.log.1` …
+//!   `agent.log.{log_keep-1}`. `log_dir/run` numbers the runs.
 //! - `log_dir/exit.json` (`ExitRecord`, written atomically) when the sandbox has ended or the
 //!   launch failed; the shim then exits with the shell-convention status.
 //! - SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2, SIGWINCH are forwarded to the agent.
@@ -20,8 +22,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::launch::{self, LaunchError, LaunchIo, Outcome};
+use super::launch::{self, LaunchError, LaunchIo, LogSink, Outcome};
 use super::spec::SandboxSpec;
+use crate::logfmt::{self, RunEvent, Stream};
 use crate::sys::ExitStatus;
 
 /// Errors of the shim before or around the launch (launch errors have their own type).
@@ -139,16 +142,25 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The agent's log: one file, rotated by size. `write` never lets agent.log grow past the
-/// limit (a larger chunk is split across files).
+/// The agent's log (docs/daemon.md "Logs"): records of the CRI log format (src/logfmt.rs), in
+/// one file rotated by size. A record is never split across files; agent.log passes the limit
+/// only when a single record (with the `continued` record that starts every rotated-to file)
+/// is larger than it.
 pub struct RotatingLog {
     /// The directory, opened without following links; every name below is used through it.
-    dir: std::os::fd::OwnedFd,
+    dir: OwnedFd,
     max: u64,
     keep: u32,
     file: File,
     size: u64,
+    /// Bytes of the `continued` record at the top of the current file (not worth a rotation).
+    header: u64,
+    /// The run being logged, named again at the top of each file rotated to.
+    run: Option<u64>,
 }
+
+/// Holds the number of the last run (a decimal), in the log directory.
+const RUN_FILE: &str = "run";
 
 impl RotatingLog {
     pub fn open(dir: &Path, max: u64, keep: u32) -> io::Result<RotatingLog> {
@@ -156,22 +168,36 @@ impl RotatingLog {
         let dir = crate::hostpath::open_dir_nofollow(dir).map_err(io::Error::other)?;
         let file = Self::open_file(&dir, "agent.log")?;
         let size = file.metadata()?.len();
-        Ok(RotatingLog {
+        let mut log = RotatingLog {
             dir,
             max,
             keep,
             file,
             size,
-        })
+            header: 0,
+            run: None,
+        };
+        // A file of the old raw format may end inside a line: records start on a line of
+        // their own.
+        let mut last = [0u8; 1];
+        if size > 0
+            && std::os::unix::fs::FileExt::read_at(&log.file, &mut last, size - 1)? == 1
+            && last[0] != b'\n'
+        {
+            log.file.write_all(b"\n")?;
+            log.size += 1;
+        }
+        Ok(log)
     }
 
-    /// agent.log in `dir`, appended to; never through a link, only a regular file.
-    fn open_file(dir: &std::os::fd::OwnedFd, name: &str) -> io::Result<File> {
+    /// agent.log in `dir`, appended to (read only for its last byte); never through a link,
+    /// only a regular file.
+    fn open_file(dir: &OwnedFd, name: &str) -> io::Result<File> {
         use rustix::fs::{Mode, OFlags};
         let fd = crate::hostpath::open_at_nofollow(
             std::os::fd::AsFd::as_fd(dir),
             Path::new(name),
-            OFlags::CREATE | OFlags::APPEND | OFlags::WRONLY,
+            OFlags::CREATE | OFlags::APPEND | OFlags::RDWR,
             Mode::from_raw_mode(0o640),
         )
         .map_err(io::Error::other)?;
@@ -192,7 +218,8 @@ impl RotatingLog {
     }
 
     /// agent.log.{keep-1} deleted, agent.log.N → agent.log.N+1, agent.log → agent.log.1, and a
-    /// new agent.log. With `keep` ≤ 1 agent.log is simply started anew.
+    /// new agent.log, which starts by naming the run. With `keep` ≤ 1 agent.log is simply
+    /// started anew.
     fn rotate(&mut self) -> io::Result<()> {
         let gone = |r: io::Result<()>| match r {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -213,31 +240,114 @@ impl RotatingLog {
         }
         self.file = Self::open_file(&self.dir, "agent.log")?;
         self.size = 0;
+        self.header = 0;
+        if let Some(run) = self.run {
+            let mut rec = Vec::new();
+            logfmt::encode_run(logfmt::now_ns(), run, &RunEvent::Continued, &mut rec);
+            self.file.write_all(&rec)?;
+            self.size = rec.len() as u64;
+            self.header = self.size;
+        }
         Ok(())
+    }
+
+    /// Appends one whole record, after a rotation if it would take agent.log past the limit.
+    fn append(&mut self, rec: &[u8]) -> io::Result<()> {
+        if self.max > 0 && self.size > self.header && self.size + rec.len() as u64 > self.max {
+            self.rotate()?;
+        }
+        self.file.write_all(rec)?;
+        self.size += rec.len() as u64;
+        Ok(())
+    }
+
+    /// Numbers a new run (one more than the last one this directory saw) and logs its start.
+    /// A counter that cannot be written does not keep the run from being logged (its number
+    /// may then repeat in a later run).
+    pub fn start_run(&mut self) -> io::Result<u64> {
+        let run = self.last_run().unwrap_or(0) + 1;
+        let counted = crate::hostpath::replace_file_at(
+            std::os::fd::AsFd::as_fd(&self.dir),
+            std::ffi::OsStr::new(RUN_FILE),
+            format!("{run}\n").as_bytes(),
+            0o640,
+        );
+        if let Err(e) = counted {
+            eprintln!("aither-init shim: writing the run counter: {e}");
+        }
+        self.run = Some(run);
+        let mut rec = Vec::new();
+        logfmt::encode_run(logfmt::now_ns(), run, &RunEvent::Started, &mut rec);
+        self.append(&rec)?;
+        Ok(run)
+    }
+
+    /// Logs how the current run ended.
+    pub fn end_run(&mut self, event: &RunEvent) -> io::Result<()> {
+        let Some(run) = self.run else { return Ok(()) };
+        let mut rec = Vec::new();
+        logfmt::encode_run(logfmt::now_ns(), run, event, &mut rec);
+        self.append(&rec)
+    }
+
+    /// The number in `run` (opened without following links, read bounded).
+    fn last_run(&self) -> Option<u64> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = crate::hostpath::open_at_nofollow(
+            std::os::fd::AsFd::as_fd(&self.dir),
+            Path::new(RUN_FILE),
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .ok()?;
+        if crate::hostpath::check_fd(std::os::fd::AsFd::as_fd(&fd))
+            .ok()?
+            .kind
+            != crate::hostpath::Kind::File
+        {
+            return None;
+        }
+        let mut buf = [0u8; 24];
+        let n = std::os::unix::fs::FileExt::read_at(&File::from(fd), &mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
     }
 }
 
-impl Write for RotatingLog {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        if self.max == 0 {
-            let n = self.file.write(buf)?;
-            self.size += n as u64;
-            return Ok(n);
-        }
-        if self.size > 0 && self.size + buf.len() as u64 > self.max {
-            self.rotate()?;
-        }
-        let room = self.max.saturating_sub(self.size).max(1) as usize;
-        let n = self.file.write(&buf[..buf.len().min(room)])?;
-        self.size += n as u64;
-        Ok(n)
+impl LogSink for RotatingLog {
+    /// Each line as a record (longer ones in parts), all stamped with the time of the read;
+    /// write errors are dropped (logging never stops supervision).
+    fn output(&mut self, stream: Stream, bytes: &[u8]) {
+        let ts = logfmt::now_ns();
+        let mut rec = Vec::with_capacity(logfmt::MAX_TEXT + 64);
+        logfmt::split_output(bytes, |text, partial| {
+            rec.clear();
+            logfmt::encode_output(ts, stream, partial, text, &mut rec);
+            let _ = self.append(&rec);
+        });
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+    fn flush(&mut self) {
+        let _ = self.file.flush();
+    }
+}
+
+/// The run boundary record for a launch's result.
+fn end_event(res: &Result<Outcome, LaunchError>) -> RunEvent {
+    match res {
+        Ok(out) => {
+            let (code, signal) = match out.status {
+                ExitStatus::Exited(c) => (Some(c), None),
+                ExitStatus::Signaled(s) => (None, Some(s)),
+            };
+            RunEvent::Exited {
+                code,
+                signal,
+                oom_killed: out.oom_killed,
+            }
+        }
+        Err(e) => RunEvent::Failed {
+            code: e.exit_code(),
+        },
     }
 }
 
@@ -355,7 +465,9 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
     // again after a restart) with pidfd_getfd.
     let mut egress: Option<OwnedFd> = None;
     let keep_egress = |fd: OwnedFd| egress = keep_at(fd, SHIM_EGRESS_FD);
-    let out = launch::run_with(
+    // Logged before the launch, so that nothing of the run comes before its start.
+    let _ = log.start_run();
+    let res = launch::run_with(
         &cfg.spec,
         LaunchIo {
             agent_channel: channel,
@@ -371,9 +483,10 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
                 })
             })),
         },
-    )?;
+    );
+    let _ = log.end_run(&end_event(&res));
     drop(egress);
-    Ok(out)
+    Ok(res?)
 }
 
 /// Where the shim keeps the egress gateway's listening socket.
@@ -414,33 +527,122 @@ mod tests {
         v
     }
 
+    /// The records of one file, as (stream or "run", partial, text).
+    fn records(text: &str) -> Vec<(String, bool, String)> {
+        text.lines()
+            .map(|l| match logfmt::parse_line(l.as_bytes()) {
+                logfmt::Record::Output {
+                    stream,
+                    partial,
+                    text,
+                    ts_ns,
+                } => {
+                    assert!(ts_ns.is_some(), "{l}");
+                    (
+                        stream.as_str().to_string(),
+                        partial,
+                        String::from_utf8_lossy(text).into_owned(),
+                    )
+                }
+                logfmt::Record::Run { run, event, .. } => {
+                    ("run".into(), false, format!("{run} {event:?}"))
+                }
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_log_rotates_at_the_limit_and_keeps_log_keep_files() {
+    fn the_log_rotates_at_record_boundaries_and_names_the_run_in_each_file() {
         let d = tempfile::tempdir().unwrap();
-        let mut log = RotatingLog::open(d.path(), 4, 3).unwrap();
-        for chunk in ["ab", "cd", "ef", "ghijkl", "m"] {
-            log.write_all(chunk.as_bytes()).unwrap();
+        let mut log = RotatingLog::open(d.path(), 200, 3).unwrap();
+        assert_eq!(log.start_run().unwrap(), 1);
+        log.output(Stream::Stdout, b"one\ntw");
+        log.output(Stream::Stderr, b"err\n");
+        log.output(Stream::Stdout, b"o\n");
+        log.end_run(&RunEvent::Exited {
+            code: Some(3),
+            signal: None,
+            oom_killed: false,
+        })
+        .unwrap();
+        let f = files(d.path());
+        let names: Vec<&str> = f.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["agent.log", "agent.log.1", "agent.log.2", "run"]);
+        assert_eq!(f[3].1, "1\n");
+        for (name, body) in &f[..3] {
+            assert!(body.ends_with('\n'), "{name}: whole records only: {body:?}");
+            let n = body.lines().count();
+            assert!(body.len() <= 200 || n == 1, "{name}: {body:?}");
         }
+        // Oldest first: every file after the first starts by naming run 1.
+        let all: Vec<(String, bool, String)> = [&f[2].1, &f[1].1, &f[0].1]
+            .iter()
+            .flat_map(|b| records(b))
+            .filter(|r| r.2 != "1 Continued")
+            .collect();
+        assert_eq!(records(&f[0].1)[0].2, "1 Continued");
+        assert_eq!(records(&f[1].1)[0].2, "1 Continued");
+        let want = [
+            ("run", false, "1 Started"),
+            ("stdout", false, "one"),
+            ("stdout", true, "tw"),
+            ("stderr", false, "err"),
+            ("stdout", false, "o"),
+            (
+                "run",
+                false,
+                "1 Exited { code: Some(3), signal: None, oom_killed: false }",
+            ),
+        ];
+        // The oldest file may have been rotated away; what is kept is the newest, in order.
+        let want: Vec<(String, bool, String)> = want
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), *b, c.to_string()))
+            .collect();
+        assert!(want.ends_with(&all), "{all:?}");
+        assert!(all.len() >= 3, "{all:?}");
+        // The next shim of this directory numbers its run 2.
+        let mut again = RotatingLog::open(d.path(), 200, 3).unwrap();
+        assert_eq!(again.start_run().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_huge_line_is_stored_in_bounded_parts_and_an_old_log_is_continued_on_a_new_line() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("agent.log"), "old raw text without newline").unwrap();
+        let mut log = RotatingLog::open(d.path(), 0, 3).unwrap();
+        let big = vec![b'x'; 3 * logfmt::MAX_TEXT + 5];
+        log.output(Stream::Stdout, &big);
+        log.output(Stream::Stdout, b"\n");
+        let text = fs::read_to_string(d.path().join("agent.log")).unwrap();
+        assert!(
+            text.starts_with("old raw text without newline\n"),
+            "{text:.80}"
+        );
+        let recs = records(text.split_once('\n').unwrap().1);
+        assert_eq!(recs.len(), 5);
+        assert!(recs[..4]
+            .iter()
+            .all(|r| r.1 && r.2.len() <= logfmt::MAX_TEXT));
+        assert_eq!(recs[4], ("stdout".into(), false, String::new()));
         assert_eq!(
-            files(d.path()),
-            vec![
-                ("agent.log".into(), "klm".into()),
-                ("agent.log.1".into(), "ghij".into()),
-                ("agent.log.2".into(), "ef".into()),
-            ]
+            logfmt::plain_text(text.as_bytes()),
+            [&b"old raw text without newline\n"[..], &big, b"\n"].concat()
         );
     }
 
     #[test]
     fn keep_one_restarts_the_log_and_zero_max_never_rotates() {
         let d = tempfile::tempdir().unwrap();
-        let mut log = RotatingLog::open(d.path(), 3, 1).unwrap();
-        log.write_all(b"abc").unwrap();
-        log.write_all(b"de").unwrap();
-        assert_eq!(files(d.path()), vec![("agent.log".into(), "de".into())]);
+        let mut log = RotatingLog::open(d.path(), 60, 1).unwrap();
+        log.output(Stream::Stdout, b"abc\n");
+        log.output(Stream::Stdout, b"de\n");
+        let f = files(d.path());
+        assert_eq!(f.len(), 1);
+        assert_eq!(logfmt::plain_text(f[0].1.as_bytes()), b"de\n");
         let d = tempfile::tempdir().unwrap();
         let mut log = RotatingLog::open(d.path(), 0, 3).unwrap();
-        log.write_all(&[b'x'; 10_000]).unwrap();
+        log.output(Stream::Stdout, &[b'x'; 10_000]);
         assert_eq!(files(d.path()).len(), 1);
     }
 

@@ -212,3 +212,9 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// The agent's text in a log file of the shim (records of the CRI log format), as it wrote it.
+pub fn agent_text(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&aither_core::logfmt::plain_text(&bytes)).into_owned()
+}
