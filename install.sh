@@ -106,6 +106,20 @@ rm -rf "${CACHE_DIR:?}/seccomp" "${CACHE_DIR:?}/etc"
 
 say "installed aitherctl, aitherd, aither-init, aither-notify in $PREFIX/bin, policies in $POLICY_DIR"
 "$PREFIX/bin/aitherctl" --version >&2
+# Man pages and shell completions, generated from the CLI itself (docs/agents.md). Bash's
+# directory exists where bash-completion is installed; zsh and fish get theirs when present.
+"$PREFIX/bin/aitherctl" man --out "$PREFIX/share/man/man1" >/dev/null
+[ -d /usr/share/bash-completion/completions ] &&
+  "$PREFIX/bin/aitherctl" completions bash >/usr/share/bash-completion/completions/aitherctl
+if command -v zsh >/dev/null; then
+  install -d -m 0755 "$PREFIX/share/zsh/site-functions"
+  "$PREFIX/bin/aitherctl" completions zsh >"$PREFIX/share/zsh/site-functions/_aitherctl"
+fi
+if command -v fish >/dev/null; then
+  install -d -m 0755 /usr/share/fish/vendor_completions.d
+  "$PREFIX/bin/aitherctl" completions fish >/usr/share/fish/vendor_completions.d/aitherctl.fish
+fi
+say "man pages in $PREFIX/share/man/man1 (man aitherctl-spawn); completions for bash$(command -v zsh >/dev/null && echo ", zsh")$(command -v fish >/dev/null && echo ", fish")"
 
 # 6. Start (or restart, onto the new binary) aitherd. Running agents survive a daemon restart.
 RUN_DIR=/run/aither

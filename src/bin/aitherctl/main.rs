@@ -14,6 +14,7 @@ mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
 mod secret_cmd;
+mod shell_cmd;
 mod stats_cmd;
 mod token_cmd;
 
@@ -81,6 +82,8 @@ enum Command {
     Doctor(doctor_cmd::DoctorArgs),
     #[command(subcommand)]
     Export(export_cmd::ExportCmd),
+    Completions(shell_cmd::CompletionsArgs),
+    Man(shell_cmd::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +115,8 @@ fn main() -> ExitCode {
         Command::Secret(s) => secret_cmd::run(s),
         Command::Doctor(a) => doctor_cmd::run(a),
         Command::Export(e) => export_cmd::run(e),
+        Command::Completions(a) => shell_cmd::completions(a),
+        Command::Man(a) => shell_cmd::man(a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
