@@ -132,6 +132,17 @@ impl Pty {
                 if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // As an interactive shell starts a foreground job: ^C and ^\ at their
+                // defaults. The suite itself may run with them ignored (a background job of a
+                // non-interactive shell, as a CI script can be), and an exec'ed program
+                // inherits an ignored signal: ^C then ended nothing.
+                for sig in [libc::SIGINT, libc::SIGQUIT] {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = libc::SIG_DFL;
+                    if libc::sigaction(sig, &sa, std::ptr::null_mut()) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
