@@ -17,6 +17,7 @@ pub mod bus;
 pub mod daemon;
 pub mod doctor;
 pub mod gpu;
+pub mod labels;
 pub mod memory;
 pub mod net;
 pub mod prepare;

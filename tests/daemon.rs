@@ -1691,3 +1691,92 @@ fn stats_of_an_unknown_agent_fails_as_inspect_does() {
     // A bad flag is usage (2), as everywhere.
     assert_eq!(d.ctl(&["stats", "--bogus"]).status.code(), Some(2));
 }
+
+/// Labels (issue 20): given at spawn (flags and the agent file), shown by `inspect`, and
+/// `ps --filter` selects by them, by name, state and owner; a bad label or filter is refused
+/// with the rule, by aitherctl and by aitherd (an agent file's labels reach aitherd unchecked).
+#[test]
+fn labels_at_spawn_are_shown_and_ps_filters_select_agents() {
+    let d = daemon();
+    let a = unique("lab-a");
+    let b = unique("lab-b");
+    d.spawn(
+        &a,
+        &["--label", "team=search", "-l", "tier=batch"],
+        &["sleep", "600"],
+    );
+    d.spawn(&b, &["--label", "team=ingest"], &["sleep", "600"]);
+    let v = d.json(&["inspect", &a]);
+    assert_eq!(
+        v["labels"],
+        serde_json::json!({"team": "search", "tier": "batch"}),
+        "{v}"
+    );
+    let names = |filters: &[&str]| -> Vec<String> {
+        let mut args = vec!["ps", "--json"];
+        for f in filters {
+            args.extend(["--filter", f]);
+        }
+        let mut n: Vec<String> = d
+            .json(&args)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    let both = {
+        let mut v = vec![a.clone(), b.clone()];
+        v.sort();
+        v
+    };
+    assert_eq!(names(&[]), both);
+    assert_eq!(names(&["label=team=search"]), vec![a.clone()]);
+    assert_eq!(names(&["label=team"]), both);
+    // Every label filter must match; filters of one other kind match any of their values.
+    assert_eq!(names(&["label=team", "label=tier"]), vec![a.clone()]);
+    assert_eq!(names(&["label=team=nobody"]), Vec::<String>::new());
+    let (fa, fb) = (format!("name={a}"), format!("name={b}"));
+    assert_eq!(names(&[&fa, &fb]), both);
+    assert_eq!(names(&[&fa, "label=team=ingest"]), Vec::<String>::new());
+    assert_eq!(names(&["owner=root", "label=tier=batch"]), vec![a.clone()]);
+    d.ok(&["stop", &b]);
+    d.wait_state(&b, "stopped", Duration::from_secs(30));
+    assert_eq!(names(&["state=stopped"]), vec![b.clone()]);
+    assert_eq!(names(&["state=running", "state=ready"]), vec![a.clone()]);
+    // The table, as an operator reads it.
+    let table = d.ok(&["ps", "--filter", "label=team=ingest"]);
+    assert!(table.contains(&b) && !table.contains(&a), "{table}");
+    // Refusals name the rule.
+    let o = d.ctl(&[
+        "spawn", "--policy", "strict", "--label", "team=a b", "lab-bad", "--", "true",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("invalid value \"a b\" of label \"team\""),
+        "{o:?}"
+    );
+    for bad in ["color=red", "state=asleep", "nolabel"] {
+        let o = d.ctl(&["ps", "--filter", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {o:?}");
+    }
+    // aitherd checks too: an agent file's labels go to it as they are.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab-file.toml");
+    std::fs::write(
+        &file,
+        "command = [\"true\"]\npolicy = \"strict\"\nlabels = { \"bad key\" = \"x\" }\n",
+    )
+    .unwrap();
+    let o = d.ctl(&["spawn", "-f", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("invalid label key \"bad key\""),
+        "{o:?}"
+    );
+    for n in [&a, &b] {
+        d.ok(&["rm", "--force", n]);
+    }
+}

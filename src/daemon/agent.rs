@@ -94,6 +94,9 @@ pub struct Info {
     /// The `ps` GPU column: devices and VRAM of the lease (`0:8G`), or `queued#N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
+    /// The operator's labels, from the spawn request.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Requests to an agent's task.
@@ -241,6 +244,7 @@ pub fn start(
         supervision: rec.request.supervision.clone(),
         log_dir: d.log_dir(&name),
         gpu: None,
+        labels: rec.request.labels.clone(),
     }));
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;

@@ -6,6 +6,7 @@
 //! command = ["python3", "agent.py"]
 //! workspace = "."                        # relative to this file's directory
 //! env = { MODEL = "local" }
+//! labels = { team = "search", tier = "batch" }
 //! restart = "on-failure"                 # never | on-failure | always
 //! backoff = "1s"
 //! stop_timeout = "10s"
@@ -90,6 +91,9 @@ pub struct AgentFile {
     pub workspace: Option<PathBuf>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Labels (`ps --filter label=KEY=VALUE`); `--label` adds to or overrides them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub restart: Option<RestartPolicy>,
     #[serde(default)]

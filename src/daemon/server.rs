@@ -906,6 +906,9 @@ async fn spawn_inner(
     if let Err(e) = req.supervision.validate() {
         return Reply::err(ErrorCode::Invalid, e);
     }
+    if let Err(e) = crate::labels::validate(&req.labels) {
+        return Reply::err(ErrorCode::Invalid, e.to_string());
+    }
     if req.argv.is_empty() {
         return Reply::err(ErrorCode::Invalid, "no command to run");
     }

@@ -29,6 +29,10 @@ pub struct SpawnRequest {
     /// `--env KEY=VALUE`, in order.
     #[serde(default)]
     pub env: Vec<String>,
+    /// `--label KEY=VALUE`: the operator's labels (docs/daemon.md "Labels"), shown by
+    /// `inspect` and selected by `ps --filter label=…`; checked by aitherd.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The client's environment, for the policy's `pass_env` (only the variables the policy
     /// names reach the spec; the rest is never stored).
     #[serde(default)]

@@ -104,6 +104,11 @@ pub struct SpawnArgs {
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Attach a label (repeatable): `inspect` shows it and `ps --filter label=KEY=VALUE`
+    /// selects by it. Kubernetes' syntax: KEY is an optional DNS-subdomain prefix and '/',
+    /// then 1-63 letters, digits, '-', '_' or '.'; VALUE at most 63 of those (or empty).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Memory limit (e.g. 256M), at most the token's.
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
     memory: Option<Size>,
@@ -251,6 +256,8 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         .map(|f| f.env.iter().map(|(k, v)| format!("{k}={v}")).collect())
         .unwrap_or_default();
     env.extend(a.env.iter().cloned());
+    let mut labels = file.as_ref().map(|f| f.labels.clone()).unwrap_or_default();
+    labels.extend(a.labels.iter().cloned());
     Ok(SpawnRequest {
         name,
         policy,
@@ -259,6 +266,7 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
         workspace,
         cwd,
         env,
+        labels,
         pass_env: std::env::vars().collect(),
         supervision: sup,
         memory: a.memory.map(|m| m.0),
@@ -363,6 +371,11 @@ fn spawn_supervision(a: &SpawnArgs, file: Option<&AgentFile>) -> anyhow::Result<
     Ok(sup)
 }
 
+/// clap value parser for `--label KEY=VALUE`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    aither::labels::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_publish(s: &str) -> Result<(String, u16), String> {
     let (name, port) = s
         .split_once('=')
@@ -441,6 +454,90 @@ pub struct PsArgs {
     /// Print JSON (every field of every agent).
     #[arg(long)]
     json: bool,
+    /// Only the agents that match (repeatable): name=TEXT (the name contains TEXT),
+    /// state=STATE (running, ready, paused, backoff, failed, stopped, exited, queued, …),
+    /// label=KEY or label=KEY=VALUE, owner=USER|UID. Filters of one kind match any of their
+    /// values; different kinds, and every label filter, must all match (as podman ps).
+    #[arg(long = "filter", value_name = "KIND=VALUE", value_parser = parse_filter)]
+    filters: Vec<PsFilter>,
+}
+
+/// One `ps --filter`.
+#[derive(Clone, Debug, PartialEq)]
+enum PsFilter {
+    Name(String),
+    State(daemon::supervise::State),
+    Label(String, Option<String>),
+    Owner(u32),
+}
+
+/// clap value parser for `ps --filter KIND=VALUE`.
+fn parse_filter(s: &str) -> Result<PsFilter, String> {
+    let Some((kind, value)) = s.split_once('=') else {
+        return Err(format!(
+            "{s:?}: write KIND=VALUE (name, state, label, owner)"
+        ));
+    };
+    match kind {
+        "name" => Ok(PsFilter::Name(value.into())),
+        "state" => serde_json::from_value(serde_json::Value::String(value.into()))
+            .map(PsFilter::State)
+            .map_err(|_| {
+                format!("unknown state {value:?} (created, queued, starting, running, ready, unhealthy, paused, exited, backoff, failed, stopped)")
+            }),
+        "label" => {
+            let (k, v) = match value.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (value, None),
+            };
+            if !aither::labels::valid_key(k) {
+                return Err(format!("invalid label key {k:?}"));
+            }
+            Ok(PsFilter::Label(k.into(), v))
+        }
+        "owner" => value
+            .parse()
+            .ok()
+            .or_else(|| uid_of(value))
+            .map(PsFilter::Owner)
+            .ok_or_else(|| format!("no user {value:?}")),
+        _ => Err(format!("unknown filter {kind:?} (name, state, label, owner)")),
+    }
+}
+
+/// A user name's uid from /etc/passwd.
+fn uid_of(user: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[0] == user).then(|| f[2].parse().ok())?
+        })
+}
+
+/// Whether `i` passes every kind of filter given.
+fn matches(i: &Info, filters: &[PsFilter]) -> bool {
+    let any = |f: &dyn Fn(&PsFilter) -> Option<bool>| {
+        let hits: Vec<bool> = filters.iter().filter_map(f).collect();
+        hits.is_empty() || hits.contains(&true)
+    };
+    any(&|f| match f {
+        PsFilter::Name(n) => Some(i.name.contains(n.as_str())),
+        _ => None,
+    }) && any(&|f| match f {
+        PsFilter::State(s) => Some(i.state == *s),
+        _ => None,
+    }) && any(&|f| match f {
+        PsFilter::Owner(o) => Some(i.owner == *o),
+        _ => None,
+    }) && filters.iter().all(|f| match f {
+        PsFilter::Label(k, v) => i
+            .labels
+            .get(k)
+            .is_some_and(|have| v.as_ref().is_none_or(|want| want == have)),
+        _ => true,
+    })
 }
 
 fn human_age(ms: u64) -> String {
@@ -458,11 +555,22 @@ pub fn ps(a: PsArgs) -> i32 {
         Ok(v) => v,
         Err(c) => return c,
     };
+    let list: Vec<Info> = serde_json::from_value(v.clone()).unwrap_or_default();
+    let list: Vec<Info> = list
+        .into_iter()
+        .filter(|i| matches(i, &a.filters))
+        .collect();
     if a.json {
-        print_json(&v);
+        // Every field aitherd sent, of the agents that matched.
+        let keep: std::collections::HashSet<&str> = list.iter().map(|i| i.name.as_str()).collect();
+        let all = v.as_array().cloned().unwrap_or_default();
+        let shown: Vec<serde_json::Value> = all
+            .into_iter()
+            .filter(|x| x["name"].as_str().is_some_and(|n| keep.contains(n)))
+            .collect();
+        print_json(&serde_json::Value::Array(shown));
         return 0;
     }
-    let list: Vec<Info> = serde_json::from_value(v).unwrap_or_default();
     let now = aither::units::now_ms();
     let rows: Vec<[String; 8]> = list
         .iter()
