@@ -971,3 +971,46 @@ fn stats_redraws_its_table_in_place_on_a_terminal_until_interrupted() {
     assert_eq!(shown.lines().count(), 2, "{shown:?}");
     d.ok(&["rm", "-f", &name]);
 }
+
+/// `inspect` on a terminal is a summary a person reads (issue 20); `--json` there, and any
+/// pipe, get every field as JSON, as before.
+#[test]
+fn inspect_is_a_summary_on_a_terminal_and_json_to_a_pipe() {
+    let d = TestDaemon::start("aither-term-", &[]);
+    let name = unique("insp");
+    d.ok(&[
+        "spawn", "--policy", "strict", "--label", "team=x", "--memory", "128M", &name, "--",
+        "sleep", "600",
+    ]);
+    // Running, with its first resource sample taken.
+    assert!(poll_until(RUN_DEADLINE, || {
+        let v = d.json(&["inspect", &name]);
+        v["state"] == "running" && v["memory_bytes"].is_u64()
+    }));
+    let pty = Pty::open();
+    let (code, shown) = pty.run(d.cmd(&["inspect", &name]), b"");
+    assert_eq!(code, 0, "{shown:?}");
+    let shown = shown.replace("\r\n", "\n");
+    assert!(
+        shown.starts_with(&format!("{name} (root) - running\n")),
+        "{shown}"
+    );
+    for want in [
+        "  Policy:      strict  (token ",
+        "  Command:     sleep 600\n",
+        "  Labels:      team=x\n",
+        " / 128M, tasks ",
+        "  Restart:     on-failure (backoff 1s up to 5m; stop timeout 10s)\n",
+        &format!("aitherctl inspect --json {name}\n"),
+    ] {
+        assert!(shown.contains(want), "no {want:?} in:\n{shown}");
+    }
+    assert!(!shown.contains('{'), "{shown}");
+    let (code, json) = pty.run(d.cmd(&["inspect", "--json", &name]), b"");
+    assert_eq!(code, 0, "{json:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.replace("\r\n", "\n")).unwrap();
+    assert_eq!(v["labels"]["team"], "x", "{v}");
+    // A pipe: JSON without asking.
+    assert_eq!(d.json(&["inspect", &name])["name"], name.as_str());
+    d.ok(&["rm", "--force", &name]);
+}

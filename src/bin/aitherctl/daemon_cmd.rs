@@ -678,19 +678,168 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 #[derive(Args)]
 pub struct InspectArgs {
     name: String,
-    /// Accepted for symmetry: the output is always JSON.
+    /// Print every field as JSON (what a pipe gets anyway).
     #[arg(long)]
     json: bool,
 }
 
 pub fn inspect(a: InspectArgs) -> i32 {
-    let _ = a.json;
     match call(&Request::Inspect { name: a.name }) {
+        // A person at a terminal gets the summary; programs (a pipe, --json) get everything.
+        Ok(v) if !a.json && crate::escape::stdout_is_terminal() => {
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(inspect_summary(&v).as_bytes());
+            0
+        }
         Ok(v) => {
             print_json(&v);
             0
         }
         Err(c) => c,
+    }
+}
+
+/// `inspect` for a person: what `systemctl status` would say of the agent. Text the agent
+/// chose (its status line, argv) is escaped.
+fn inspect_summary(v: &serde_json::Value) -> String {
+    let Ok(i) = serde_json::from_value::<Info>(v.clone()) else {
+        return serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+    };
+    let esc = |s: &str| crate::escape::field(s).into_owned();
+    let now = aither::units::now_ms();
+    let ago = |ms: u64| human_age(now.saturating_sub(ms));
+    let live = i.state.is_live();
+    let mut out = format!("{} ({}) - {}\n", esc(&i.name), user_name(i.owner), i.state);
+    let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<12} {v}\n"));
+    line(
+        "Policy:",
+        format!("{}  (token {})", esc(&i.policy), i.token_id),
+    );
+    line("Command:", esc(&i.argv.join(" ")));
+    if let Some(w) = &i.workspace {
+        line("Workspace:", esc(&w.display().to_string()));
+    }
+    if !i.labels.is_empty() {
+        let l: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        line("Labels:", l.join(" "));
+    }
+    if live {
+        let pids = format!(
+            "{} (pid 1 {}, shim {})",
+            i.agent_pid.map_or("-".into(), |p| p.to_string()),
+            i.pid1.map_or("-".into(), |p| p.to_string()),
+            i.shim_pid.map_or("-".into(), |p| p.to_string())
+        );
+        line("PID:", pids);
+    }
+    if let Some(c) = &i.cgroup {
+        line("Cgroup:", esc(c));
+    }
+    let started = match i.started_ms.filter(|_| live) {
+        Some(t) => format!("{} ago", ago(t)),
+        None => "-".into(),
+    };
+    line("Up:", format!("{started}; restarts {}", i.restarts));
+    if let Some(e) = &i.last_exit {
+        line("Last exit:", esc(e));
+    }
+    if let Some(t) = i
+        .next_start_ms
+        .filter(|_| i.state == daemon::supervise::State::Backoff)
+    {
+        line(
+            "Next start:",
+            format!("in {}", human_age(t.saturating_sub(now))),
+        );
+    }
+    let mut health = Vec::new();
+    if i.supervision.wait_ready {
+        health.push(
+            if i.ready {
+                "ready"
+            } else {
+                "waiting for READY"
+            }
+            .to_string(),
+        );
+    }
+    if let Some(h) = i.last_heartbeat_ms {
+        health.push(format!("last heartbeat {} ago", ago(h)));
+    }
+    if i.health_failures > 0 {
+        health.push(format!("{} failed checks", i.health_failures));
+    }
+    if !health.is_empty() {
+        line("Health:", health.join("; "));
+    }
+    if let Some(st) = &i.status_text {
+        line("Status:", esc(st));
+    }
+    if live {
+        let mem = match (i.memory_bytes, i.memory_limit) {
+            (Some(m), Some(l)) => format!("{} / {}", Size(m), Size(l)),
+            (Some(m), None) => Size(m).to_string(),
+            _ => "-".into(),
+        };
+        let pids = match (i.pids, i.pids_limit) {
+            (Some(p), Some(l)) => format!("{p} / {l}"),
+            (Some(p), None) => p.to_string(),
+            _ => "-".into(),
+        };
+        let cpu = i.cpu_percent.map_or("-".into(), |c| format!("{c:.1}%"));
+        line(
+            "Resources:",
+            format!(
+                "CPU {cpu}, memory {mem}, tasks {pids}, OOM kills {}",
+                i.oom_kills
+            ),
+        );
+    }
+    if let Some(g) = &i.gpu {
+        line("GPU:", esc(g));
+    }
+    if let Some(rules) = v["net"]["rules"].as_object() {
+        let (req, den) = rules.values().fold((0, 0), |(r, d), x| {
+            (
+                r + x["requests"].as_u64().unwrap_or(0),
+                d + x["denials"].as_u64().unwrap_or(0),
+            )
+        });
+        line(
+            "Egress:",
+            format!("{req} requests, {den} denials ({} rules)", rules.len()),
+        );
+    }
+    let s = &i.supervision;
+    line(
+        "Restart:",
+        format!(
+            "{} (backoff {} up to {}; stop timeout {})",
+            serde_json::to_value(s.restart)
+                .ok()
+                .and_then(|r| r.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            human_ms(s.backoff_ms),
+            human_ms(s.backoff_max_ms),
+            human_ms(s.stop_timeout_ms)
+        ),
+    );
+    line("Logs:", format!("aitherctl logs {}", esc(&i.name)));
+    out.push_str(&format!(
+        "Everything (enforcement report, daemon usage, egress per rule): aitherctl inspect --json {}\n",
+        esc(&i.name)
+    ));
+    out
+}
+
+/// Milliseconds as the shortest unit that says them (1s, 5m, 250ms).
+fn human_ms(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{:.1}s", ms as f64 / 1000.0),
     }
 }
 
