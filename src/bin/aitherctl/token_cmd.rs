@@ -433,10 +433,10 @@ fn attenuate(
         Some(k) => verify_token(&t, k)?.effective().clone(),
         None => {
             eprintln!("aither: note: no public key here (--pubkey); attenuating without verifying the token's signatures (the host verifies at use)");
-            Claims::from_payload(&t.blocks[t.blocks.len() - 1].payload).map_err(|reason| {
+            Claims::from_payload(&t.blocks[t.blocks.len() - 1].payload).map_err(|e| {
                 TokenError::InvalidClaims {
                     block: t.blocks.len() - 1,
-                    reason,
+                    reason: e.to_string(),
                 }
             })?
         }
@@ -550,7 +550,7 @@ fn inspect(arg: &str, as_json: bool, pubkey: Option<&str>) -> anyhow::Result<i32
             };
             blocks.push(match c {
                 Ok(c) => json!({"index": i, "claims": c, "changes": changes}),
-                Err(e) => json!({"index": i, "claims": null, "error": e}),
+                Err(e) => json!({"index": i, "claims": null, "error": e.to_string()}),
             });
         }
         let v = json!({

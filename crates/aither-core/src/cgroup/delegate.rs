@@ -82,51 +82,74 @@ fn access_w(p: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Why a cgroup cannot hold the sandboxes (the placement's reason, said by `doctor` and the
+/// daemon's log).
+#[derive(Debug, thiserror::Error)]
+pub enum NotDelegated {
+    #[error("this process is in the root cgroup")]
+    RootCgroup,
+    #[error("unusable cgroup path {0:?}")]
+    BadPath(String),
+    #[error("the cgroup {0} was removed")]
+    Removed(String),
+    #[error("{} is not delegated (no trusted.delegate mark: not a systemd unit with Delegate=yes, or systemd older than 251)", .0.display())]
+    NoMark(PathBuf),
+    #[error("{} is not writable: {source}", .path.display())]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is delegated but lacks {} in cgroup.controllers ({available:?})", .dir.display(), .missing.join(" "))]
+    Lacks {
+        dir: PathBuf,
+        missing: Vec<&'static str>,
+        available: String,
+    },
+}
+
 /// Checks that the cgroup `rel` (a cgroup2 path such as `/system.slice/aitherd.service`) under
 /// the mount `root` was delegated to this process and can hold its sandboxes: the delegation
 /// mark, writable `cgroup.procs` and `cgroup.subtree_control`, and memory, cpu and pids in
 /// `cgroup.controllers`. Returns its directory, or why not.
-pub fn check(root: &Path, rel: &str) -> Result<PathBuf, String> {
+pub fn check(root: &Path, rel: &str) -> Result<PathBuf, NotDelegated> {
     let rel = rel.trim_end_matches('\n');
     if rel == "/" || rel.is_empty() {
-        return Err("this process is in the root cgroup".into());
+        return Err(NotDelegated::RootCgroup);
     }
     if !rel.starts_with('/') || rel.split('/').any(|c| c == ".." || c == ".") {
-        return Err(format!("unusable cgroup path {rel:?}"));
+        return Err(NotDelegated::BadPath(rel.into()));
     }
     if rel.ends_with(" (deleted)") {
-        return Err(format!("the cgroup {rel} was removed"));
+        return Err(NotDelegated::Removed(rel.into()));
     }
     let dir = root.join(rel.trim_start_matches('/'));
     if !marked_delegated(&dir) && !own_run_scope(&dir) {
-        return Err(format!(
-            "{} is not delegated (no trusted.delegate mark: not a systemd unit with Delegate=yes, or systemd older than 251)",
-            dir.display()
-        ));
+        return Err(NotDelegated::NoMark(dir));
     }
     for f in ["cgroup.procs", "cgroup.subtree_control"] {
-        access_w(&dir.join(f))
-            .map_err(|e| format!("{} is not writable: {e}", dir.join(f).display()))?;
+        let path = dir.join(f);
+        access_w(&path).map_err(|source| NotDelegated::NotWritable { path, source })?;
     }
     let available = super::read_ctl(&dir, "cgroup.controllers").unwrap_or_default();
-    let missing: Vec<&str> = NEEDED
+    let missing: Vec<&'static str> = NEEDED
         .iter()
         .copied()
         .filter(|c| !available.split_whitespace().any(|a| a == *c))
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "{} is delegated but lacks {} in cgroup.controllers ({available:?})",
-            dir.display(),
-            missing.join(" ")
-        ));
+        return Err(NotDelegated::Lacks {
+            dir,
+            missing,
+            available,
+        });
     }
     Ok(dir)
 }
 
 /// The delegated base for a process in cgroup `rel`: `rel` itself, or its parent when `rel` is
 /// already the parent's `supervisor` leaf (aitherd's shims; aitherd started again in it).
-pub fn base_of(root: &Path, rel: &str) -> Result<PathBuf, String> {
+pub fn base_of(root: &Path, rel: &str) -> Result<PathBuf, NotDelegated> {
     let rel = rel.trim_end_matches('\n');
     if let Some(parent) = rel.strip_suffix(&format!("/{LEAF}")) {
         if let Ok(d) = check(root, if parent.is_empty() { "/" } else { parent }) {
@@ -176,7 +199,9 @@ pub fn placement(root: &Path, mode: CgroupMode) -> Placement {
     match rel.strip_suffix(&format!("/{LEAF}")) {
         Some(parent) if !parent.is_empty() => match check(root, parent) {
             Ok(base) => Placement::Delegated { base },
-            Err(reason) => Placement::TopLevel { reason },
+            Err(e) => Placement::TopLevel {
+                reason: e.to_string(),
+            },
         },
         _ => match check(root, rel) {
             // Delegated, but this process runs in it: enabling controllers there would make a
@@ -187,7 +212,9 @@ pub fn placement(root: &Path, mode: CgroupMode) -> Placement {
                     base.display()
                 ),
             },
-            Err(reason) => Placement::TopLevel { reason },
+            Err(e) => Placement::TopLevel {
+                reason: e.to_string(),
+            },
         },
     }
 }
@@ -206,7 +233,11 @@ pub fn enter(root: &Path, mode: CgroupMode) -> Result<Placement, CgroupError> {
     };
     let base = match base_of(root, rel) {
         Ok(b) => b,
-        Err(reason) => return Ok(Placement::TopLevel { reason }),
+        Err(e) => {
+            return Ok(Placement::TopLevel {
+                reason: e.to_string(),
+            })
+        }
     };
     let leaf = base.join(LEAF);
     super::mkdir_p(&leaf)?;
@@ -347,24 +378,27 @@ mod tests {
     fn only_a_marked_writable_cgroup_with_the_limit_controllers_is_delegated() {
         let (root, unit) = fake("cpu memory pids", true);
         let rel = "/test.slice/aitherd.service";
-        assert_eq!(check(root.path(), rel), Ok(unit.clone()));
+        assert_eq!(check(root.path(), rel).unwrap(), unit.clone());
         // From the leaf (aitherd's shims), the same base.
-        assert_eq!(base_of(root.path(), &format!("{rel}/{LEAF}")), Ok(unit));
         assert_eq!(
-            check(root.path(), "/"),
-            Err("this process is in the root cgroup".into())
+            base_of(root.path(), &format!("{rel}/{LEAF}")).unwrap(),
+            unit
         );
+        assert!(matches!(
+            check(root.path(), "/"),
+            Err(NotDelegated::RootCgroup)
+        ));
         assert!(check(root.path(), "/test.slice/../test.slice/aitherd.service").is_err());
 
         let (root, _) = fake("cpu memory pids", false);
-        let e = check(root.path(), rel).unwrap_err();
+        let e = check(root.path(), rel).unwrap_err().to_string();
         assert!(
             e.contains("is not delegated (no trusted.delegate mark"),
             "{e}"
         );
 
         let (root, _) = fake("cpu memory", true);
-        let e = check(root.path(), rel).unwrap_err();
+        let e = check(root.path(), rel).unwrap_err().to_string();
         assert!(
             e.ends_with("lacks pids in cgroup.controllers (\"cpu memory\")"),
             "{e}"

@@ -84,7 +84,7 @@ fn check_payload_size(payload: &[u8]) -> Result<(), TokenError> {
 impl Token {
     /// The claims of every block, parsed without any check (for display of tokens that fail
     /// verification; never for decisions).
-    pub fn unverified_claims(&self) -> Vec<Result<Claims, String>> {
+    pub fn unverified_claims(&self) -> Vec<Result<Claims, serde_json::Error>> {
         self.blocks
             .iter()
             .map(|b| Claims::from_payload(&b.payload))
@@ -107,9 +107,9 @@ impl Token {
             .last()
             .ok_or_else(|| TokenError::Malformed("a token without blocks".into()))?;
         let parent =
-            Claims::from_payload(&last.payload).map_err(|reason| TokenError::InvalidClaims {
+            Claims::from_payload(&last.payload).map_err(|e| TokenError::InvalidClaims {
                 block: index - 1,
-                reason,
+                reason: e.to_string(),
             })?;
         narrows(child, &parent).map_err(|e| at_block(e, index))?;
         claims::read_paths_resolve_within(&child.rules, &parent.rules)
@@ -235,8 +235,10 @@ pub fn verify(
     // 4. Claims, each narrowing its parent.
     let mut blocks: Vec<Claims> = Vec::with_capacity(token.blocks.len());
     for (i, b) in token.blocks.iter().enumerate() {
-        let c = Claims::from_payload(&b.payload)
-            .map_err(|reason| TokenError::InvalidClaims { block: i, reason })?;
+        let c = Claims::from_payload(&b.payload).map_err(|e| TokenError::InvalidClaims {
+            block: i,
+            reason: e.to_string(),
+        })?;
         if let Some(parent) = blocks.last() {
             narrows(&c, parent).map_err(|e| at_block(e, i))?;
             claims::read_paths_resolve_within(&c.rules, &parent.rules)

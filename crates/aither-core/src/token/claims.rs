@@ -182,8 +182,8 @@ impl Claims {
     }
 
     /// Parses a payload; unknown and missing fields are errors.
-    pub fn from_payload(payload: &[u8]) -> Result<Claims, String> {
-        serde_json::from_slice(payload).map_err(|e| e.to_string())
+    pub fn from_payload(payload: &[u8]) -> Result<Claims, serde_json::Error> {
+        serde_json::from_slice(payload)
     }
 }
 
