@@ -135,16 +135,17 @@ impl Users {
         args.extend_from_slice(extra);
         let d = TestDaemon::start_env("aitherd-mu-", &args, env);
         std::fs::set_permissions(d.state.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        // aitherd answers as soon as it listens; the socket's group follows right after.
+        // aitherd answers as soon as it listens; the socket's group and then its mode follow
+        // right after (two calls: waited for together).
         let sock = d.socket();
         assert!(
-            poll_until(WAIT, || std::fs::metadata(&sock)
-                .is_ok_and(|m| m.gid() == self.member_gid)),
-            "the socket never got group {}",
-            self.member_group
+            poll_until(WAIT, || std::fs::metadata(&sock).is_ok_and(|m| m.gid()
+                == self.member_gid
+                && m.mode() & 0o777 == 0o660)),
+            "the socket never got group {} and mode 0660: {:?}",
+            self.member_group,
+            std::fs::metadata(&sock).map(|m| (m.gid(), m.mode() & 0o777))
         );
-        let sock = std::fs::metadata(&sock).unwrap();
-        assert_eq!(sock.mode() & 0o777, 0o660, "socket mode");
         d
     }
 
