@@ -943,7 +943,7 @@ async fn spawn_inner(
         // does not count.
         if !caller.admin {
             if let Err(e) = over_limits(d, &agents, caller, &rec) {
-                return Reply::err(ErrorCode::Denied, e);
+                return Reply::err(ErrorCode::Denied, e.to_string());
             }
         }
         if let Some(h) = agents.get(&req.name) {
@@ -1008,7 +1008,7 @@ fn over_limits(
     agents: &std::collections::HashMap<String, agent::Handle>,
     caller: &Caller,
     rec: &Record,
-) -> Result<(), String> {
+) -> Result<(), super::users::LimitError> {
     let cfg = d.users.get().cloned().unwrap_or_default();
     let mut held = super::usage_in(agents, caller.uid);
     if let Some(h) = agents.get(&rec.request.name) {

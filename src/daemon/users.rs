@@ -127,6 +127,25 @@ pub struct Usage {
     pub cpus: f64,
 }
 
+/// A new agent over one of its owner's per-user limits (aitherd.toml `[users]`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "per-user limit: you hold {held} agents, the most allowed is {max} (aitherd.toml [users])"
+    )]
+    Agents { held: usize, max: usize },
+    #[error("per-user limit: an agent without a memory limit cannot be counted against your memory cap (use --memory)")]
+    MemoryUncounted,
+    #[error("per-user limit: your agents' memory would be {would}, the most allowed is {max} (aitherd.toml [users])")]
+    Memory { would: Size, max: Size },
+    #[error("per-user limit: an agent without a CPU quota cannot be counted against your CPU cap (use --cpus)")]
+    CpusUncounted,
+    #[error("per-user limit: your agents' CPUs would be {would:.2}, the most allowed is {max} (aitherd.toml [users])")]
+    Cpus { would: f64, max: f64 },
+    #[error("per-user limit: GPU priority {asked} is above your cap {max} (aitherd.toml [users]; ask with --gpu-priority)")]
+    GpuPriority { asked: u32, max: u32 },
+}
+
 /// Checks a new agent against a user's limits. `memory`/`cpus` of the new agent are its
 /// limits (an agent without one cannot be counted against a cap, so it is refused under one).
 pub fn check(
@@ -135,43 +154,36 @@ pub fn check(
     memory: Option<u64>,
     cpus: Option<f64>,
     gpu_priority: Option<u32>,
-) -> Result<(), String> {
+) -> Result<(), LimitError> {
     if let Some(max) = l.agents {
         if held.agents + 1 > max {
-            return Err(format!(
-                "per-user limit: you hold {} agents, the most allowed is {max} (aitherd.toml [users])",
-                held.agents
-            ));
+            return Err(LimitError::Agents {
+                held: held.agents,
+                max,
+            });
         }
     }
     if let Some(max) = l.memory {
-        let Some(m) = memory else {
-            return Err("per-user limit: an agent without a memory limit cannot be counted against your memory cap (use --memory)".into());
-        };
+        let m = memory.ok_or(LimitError::MemoryUncounted)?;
         if held.memory + m > max.0 {
-            return Err(format!(
-                "per-user limit: your agents' memory would be {}, the most allowed is {} (aitherd.toml [users])",
-                Size(held.memory + m),
-                max
-            ));
+            return Err(LimitError::Memory {
+                would: Size(held.memory + m),
+                max,
+            });
         }
     }
     if let Some(max) = l.cpus {
-        let Some(c) = cpus else {
-            return Err("per-user limit: an agent without a CPU quota cannot be counted against your CPU cap (use --cpus)".into());
-        };
+        let c = cpus.ok_or(LimitError::CpusUncounted)?;
         if held.cpus + c > max + 1e-9 {
-            return Err(format!(
-                "per-user limit: your agents' CPUs would be {:.2}, the most allowed is {max} (aitherd.toml [users])",
-                held.cpus + c
-            ));
+            return Err(LimitError::Cpus {
+                would: held.cpus + c,
+                max,
+            });
         }
     }
     if let (Some(max), Some(p)) = (l.gpu_priority, gpu_priority) {
         if p > max {
-            return Err(format!(
-                "per-user limit: GPU priority {p} is above your cap {max} (aitherd.toml [users]; ask with --gpu-priority)"
-            ));
+            return Err(LimitError::GpuPriority { asked: p, max });
         }
     }
     Ok(())
@@ -233,6 +245,7 @@ agents = 5
         let full = Usage { agents: 2, ..held };
         assert!(check(&l, full, Some(1), Some(0.1), None)
             .unwrap_err()
+            .to_string()
             .contains("2 agents"));
         assert!(check(&l, held, Some(600 << 20), Some(0.1), None).is_err());
         assert!(check(&l, held, None, Some(0.1), None).is_err());

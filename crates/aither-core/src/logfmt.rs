@@ -75,21 +75,7 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
-}
-
-/// The inverse of `civil_from_days` (days since 1970-01-01; None before it).
+/// The inverse of `units::civil_from_days` (days since 1970-01-01; None before it).
 fn days_from_civil(y: u64, m: u64, d: u64) -> Option<u64> {
     let y = if m <= 2 { y.checked_sub(1)? } else { y };
     let era = y / 400;
@@ -103,7 +89,7 @@ fn days_from_civil(y: u64, m: u64, d: u64) -> Option<u64> {
 /// `ns` as RFC 3339 in UTC with nine fraction digits: `2026-12-04T13:00:00.123456789Z`.
 pub fn format_ts(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
-    let (y, m, d) = civil_from_days(secs / 86_400);
+    let (y, m, d) = crate::units::civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
