@@ -68,10 +68,17 @@ pub fn man(a: ManArgs) -> i32 {
     }
 }
 
-/// Every page, the top command's first; the number written.
+/// Every page, the top command's first; the number written. Through descriptors, as `export
+/// --out` writes (crates/aither-core/src/hostpath.rs): the directory made or opened one
+/// component at a time following no link, each page replaced by a rename inside it (a link
+/// planted at a page's name is replaced, never written through).
 fn write_pages(dir: &Path) -> anyhow::Result<usize> {
+    use aither::hostpath;
     use anyhow::Context;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::fd::AsFd;
+    let abs = hostpath::normalise(dir)?;
+    let root = hostpath::open_dir_nofollow(Path::new("/"))?;
+    let d = hostpath::mkdirs_at(root.as_fd(), abs.strip_prefix("/")?, 0o755)?;
     let mut cmd = crate::Cli::command();
     // Subcommands get their full names ("aitherctl mem put") in usage lines.
     cmd.build();
@@ -85,20 +92,9 @@ fn write_pages(dir: &Path) -> anyhow::Result<usize> {
             .manual("Aither")
             .render(&mut buf)
             .with_context(|| format!("rendering {name}.1"))?;
-        // Written beside the target and renamed over it: a reader never sees half a page, and
-        // a link planted at the name is replaced, not followed.
-        let tmp = dir.join(format!(".{name}.1.tmp"));
-        let target = dir.join(format!("{name}.1"));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&buf)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &target)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+        let file = format!("{name}.1");
+        hostpath::replace_file_at(d.as_fd(), file.as_ref(), &buf, 0o644)
+            .with_context(|| format!("writing {}", dir.join(&file).display()))?;
     }
     Ok(pages.len())
 }
