@@ -35,25 +35,14 @@ fn segment(s: &str, empty_ok: bool) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
-/// A DNS subdomain: at most 253 characters of lowercase labels of `[a-z0-9-]`, dot separated.
-fn dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            let b = l.as_bytes();
-            !l.is_empty()
-                && l.len() <= 63
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        })
-}
-
 /// Whether `key` is a label key.
 pub fn valid_key(key: &str) -> bool {
     match key.split_once('/') {
-        Some((prefix, name)) => dns_subdomain(prefix) && segment(name, false),
+        // The prefix is a DNS name by the egress rules' one check (lower case, 1-63 a label,
+        // 253 in all; an IP literal or an all-digit last label is not one).
+        Some((prefix, name)) => {
+            crate::policy::net_rules::check_dns_name(prefix).is_ok() && segment(name, false)
+        }
         None => segment(key, false),
     }
 }

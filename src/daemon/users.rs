@@ -198,6 +198,15 @@ pub fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// A user name's uid in /etc/passwd.
+pub fn uid_of(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

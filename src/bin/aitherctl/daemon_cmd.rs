@@ -498,22 +498,11 @@ fn parse_filter(s: &str) -> Result<PsFilter, String> {
         "owner" => value
             .parse()
             .ok()
-            .or_else(|| uid_of(value))
+            .or_else(|| daemon::users::uid_of(value))
             .map(PsFilter::Owner)
             .ok_or_else(|| format!("no user {value:?}")),
         _ => Err(format!("unknown filter {kind:?} (name, state, label, owner)")),
     }
-}
-
-/// A user name's uid from /etc/passwd.
-fn uid_of(user: &str) -> Option<u32> {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 2 && f[0] == user).then(|| f[2].parse().ok())?
-        })
 }
 
 /// Whether `i` passes every kind of filter given.
@@ -604,30 +593,28 @@ pub fn ps(a: PsArgs) -> i32 {
     let mut header = vec![
         "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
     ];
-    // Only root and admins see agents that are not theirs: then say whose each one is.
     // SAFETY: getuid has no preconditions.
     let me = unsafe { libc::getuid() };
-    if me == 0 || list.iter().any(|i| i.owner != me) {
-        header.insert(1, "OWNER");
-        for (r, i) in rows.iter_mut().zip(&list) {
-            r.insert(1, user_name(i.owner));
-        }
-    }
+    let owners: Vec<u32> = list.iter().map(|i| i.owner).collect();
+    owner_column(&mut header, &mut rows, &owners, me);
     print_table(&header, &rows);
     0
 }
 
+/// Only root and admins see agents that are not theirs: then a table says whose each row is,
+/// in an OWNER column after the name (`owners[i]` of row i).
+pub fn owner_column(header: &mut Vec<&str>, rows: &mut [Vec<String>], owners: &[u32], me: u32) {
+    if me == 0 || owners.iter().any(|o| *o != me) {
+        header.insert(1, "OWNER");
+        for (r, o) in rows.iter_mut().zip(owners) {
+            r.insert(1, user_name(*o));
+        }
+    }
+}
+
 /// A uid as its user name from /etc/passwd, else the number.
 pub fn user_name(uid: u32) -> String {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-            })
-        })
-        .unwrap_or_else(|| uid.to_string())
+    daemon::users::user_name(uid).unwrap_or_else(|| uid.to_string())
 }
 
 /// Prints a table: columns padded to their widest cell, two spaces apart, the last one as is.
@@ -812,6 +799,7 @@ fn inspect_summary(v: &serde_json::Value) -> String {
         );
     }
     let s = &i.supervision;
+    let ms = |v: u64| aither::units::format_duration(Duration::from_millis(v));
     line(
         "Restart:",
         format!(
@@ -820,9 +808,9 @@ fn inspect_summary(v: &serde_json::Value) -> String {
                 .ok()
                 .and_then(|r| r.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            human_ms(s.backoff_ms),
-            human_ms(s.backoff_max_ms),
-            human_ms(s.stop_timeout_ms)
+            ms(s.backoff_ms),
+            ms(s.backoff_max_ms),
+            ms(s.stop_timeout_ms)
         ),
     );
     line("Logs:", format!("aitherctl logs {}", esc(&i.name)));
@@ -831,16 +819,6 @@ fn inspect_summary(v: &serde_json::Value) -> String {
         esc(&i.name)
     ));
     out
-}
-
-/// Milliseconds as the shortest unit that says them (1s, 5m, 250ms).
-fn human_ms(ms: u64) -> String {
-    match ms {
-        0..=999 => format!("{ms}ms"),
-        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
-        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
-        _ => format!("{:.1}s", ms as f64 / 1000.0),
-    }
 }
 
 /// Stop agents: SIGTERM, then after the timeout every process of the sandbox is killed. A

@@ -13,7 +13,7 @@ use aither::units::Size;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::daemon_cmd::{client_err, connect, reply_data, table, user_name};
+use crate::daemon_cmd::{client_err, connect, owner_column, reply_data, table};
 
 /// Time between two samples (aitherd samples each agent every 2 s too).
 const INTERVAL: Duration = Duration::from_secs(2);
@@ -155,20 +155,9 @@ fn stats_table(agents: &[AgentStats], me: u32) -> String {
         "REQUESTS",
         "GPU",
     ];
-    let owners = me == 0 || agents.iter().any(|s| s.owner != me);
-    if owners {
-        header.insert(1, "OWNER");
-    }
-    let rows: Vec<Vec<String>> = agents
-        .iter()
-        .map(|s| {
-            let mut r = row(s);
-            if owners {
-                r.insert(1, user_name(s.owner));
-            }
-            r
-        })
-        .collect();
+    let mut rows: Vec<Vec<String>> = agents.iter().map(row).collect();
+    let owners: Vec<u32> = agents.iter().map(|s| s.owner).collect();
+    owner_column(&mut header, &mut rows, &owners, me);
     table(&header, &rows)
 }
 

@@ -340,7 +340,8 @@ fn mint(
         None => None,
         Some(u) => Some(match u.parse::<u32>() {
             Ok(uid) => uid,
-            Err(_) => user_uid(u).with_context(|| format!("--for-user {u:?}: no such user"))?,
+            Err(_) => aither::daemon::users::uid_of(u)
+                .with_context(|| format!("--for-user {u:?}: no such user"))?,
         }),
     };
     for g in grants {
@@ -379,15 +380,6 @@ fn mint(
         ),
     )?;
     Ok(0)
-}
-
-/// The uid of a user name in /etc/passwd.
-fn user_uid(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
-    })
 }
 
 fn verify_cmd(arg: &str, pubkey: Option<&str>) -> anyhow::Result<i32> {
