@@ -234,6 +234,21 @@ impl Running {
     }
 }
 
+/// `r` (aitherctl on `pty`) raw once it printed "started"; SIGTERM to it ends it by that
+/// signal with the caller's settings `before` back.
+fn sigterm_once_started_restores(pty: &Pty, r: Running, before: &libc::termios) {
+    r.wait_for("started");
+    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, out) = r.finish();
+    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
+    assert!(
+        same_termios(&pty.termios(), before),
+        "restored after SIGTERM"
+    );
+}
+
 fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
     a.c_iflag == b.c_iflag
         && a.c_oflag == b.c_oflag
@@ -326,16 +341,7 @@ fn raw_mode_during_the_run_and_the_callers_settings_restored_on_every_end() {
         &["sh", "-c", "echo started; exec sleep 600"],
         &unique("term"),
     ));
-    r.wait_for("started");
-    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
-    // SAFETY: kill(2) on our own, not yet reaped, child.
-    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
-    let (code, out) = r.finish();
-    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
-    assert!(
-        same_termios(&pty.termios(), &before),
-        "restored after SIGTERM"
-    );
+    sigterm_once_started_restores(&pty, r, &before);
 
     let (code, out) = pty.run(
         ws.command(
@@ -872,16 +878,7 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
         "-c",
         "echo started; exec sleep 4444",
     ]));
-    r.wait_for("started");
-    assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
-    // SAFETY: kill(2) on our own, not yet reaped, child.
-    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
-    let (code, out) = r.finish();
-    assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
-    assert!(
-        same_termios(&pty.termios(), &before),
-        "restored after SIGTERM"
-    );
+    sigterm_once_started_restores(&pty, r, &before);
     assert!(
         poll_until(RUN_DEADLINE, || pids_with_cmdline(&["sleep", "4444"])
             .is_empty()),
