@@ -284,8 +284,9 @@ fi
 # shares the guest's /tmp, where a CI clone (its binaries, the devices test's policies) may
 # live; every later check then failed to find them.
 if [ "$mode" = v2 ]; then
-  run_systemd_scope() {
-    local sd=/sys/fs/cgroup/km-systemd sdpid i d scope rc
+  sd=/sys/fs/cgroup/km-systemd sdpid="" upid=""
+  start_ns_systemd() { # sets sdpid (systemd, guest's view) and upid (its unshare)
+    local i moved=
     [ -x /lib/systemd/systemd ] || { echo "no /lib/systemd/systemd on the shared root"; return 1; }
     mkdir -p "$sd"
     echo "+memory +cpu +pids" >/sys/fs/cgroup/cgroup.subtree_control
@@ -295,28 +296,44 @@ if [ "$mode" = v2 ]; then
         ln -s /dev/null /run/systemd/system/systemd-tmpfiles-setup.service &&
         exec env container=aither-km /lib/systemd/systemd --unit=sysinit.target --log-target=console' \
       ) >"$out/systemd.log" 2>&1 &
-    local upid=$! moved=
+    upid=$!
     for i in $(seq 600); do # systemd is the unshare's child: pid 1 of the new namespace
       sdpid="$(pgrep -P "$upid" | head -n1)"
       # Once it has forked, unshare leaves systemd's cgroup (back to the guest's root): a
       # process there would keep systemd from enabling controllers for its units (EBUSY).
       [ -n "$sdpid" ] && [ -z "$moved" ] && echo "$upid" >/sys/fs/cgroup/cgroup.procs && moved=1
-      [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] && break
+      [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] && return 0
       kill -0 "$upid" 2>/dev/null || break
       sleep 0.2
     done
-    [ -n "$sdpid" ] && [ -S "/proc/$sdpid/root/run/systemd/private" ] || { echo "systemd did not start"; tail -n 20 "$out/systemd.log"; return 1; }
+    echo "systemd did not start"
+    tail -n 20 "$out/systemd.log"
+    return 1
+  }
+  in_ns() { timeout 120 nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" "$@"; }
+  cg_outside_sd() { # every cgroup outside systemd's, with what it enables for its children
     find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$sd/*" | sort |
-      while read -r f; do echo "$f: $(cat "$f")"; done >"$out/cgroups-before-scope"
+      while read -r f; do echo "$f: $(cat "$f")"; done
+  }
+  # In this shell (not a check's subshell): both checks below use this systemd.
+  if start_ns_systemd >"$out/systemd-start" 2>&1; then
+    sd_started=yes
+  else
+    sd_started="$(cat "$out/systemd-start")" sdpid="" upid=""
+  fi
+  run_systemd_scope() {
+    local i d scope rc
+    [ -n "$sdpid" ] || { echo "$sd_started"; return 1; }
+    cg_outside_sd >"$out/cgroups-before-scope"
     rm -f "$ws/scope-started"
-    (cd "$ws" && timeout 120 nsenter -t "$sdpid" -m -p -C -- env PATH="$PATH" aitherctl run "${ws_flags[@]}" -w "$ws" \
+    (cd "$ws" && in_ns aitherctl run "${ws_flags[@]}" -w "$ws" \
       -p strict --name km-scoped --memory 64M --pids 32 -- sh -c ': > scope-started; sleep 8') &
     local rpid=$!
     for i in $(seq 300); do
       [ -e "$ws/scope-started" ] && break
       sleep 0.1
     done
-    d="$(find "$sd" -maxdepth 5 -type d -path '*/aither-run-*.scope/aither/km-scoped-*' | head -n1)"
+    d="$(find "$sd/aither.slice" -maxdepth 3 -type d -path '*/aither-run-*.scope/aither/km-scoped-*' | head -n1)"
     scope="${d%/aither/*}"
     local mark lim procs
     mark="$(python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "trusted.delegate").decode())' "$scope" 2>&1)"
@@ -325,6 +342,92 @@ if [ "$mode" = v2 ]; then
     wait "$rpid"
     rc=$?
     find "$sd" -maxdepth 3 -type d >"$out/systemd-cgroups"
+    [ "$rc" -eq 0 ] || { echo "run exited $rc"; return 1; }
+    [ -n "$d" ] || { echo "no sandbox cgroup under $sd/aither.slice/aither-run-*.scope"; return 1; }
+    [ "$lim" = "memory.max=67108864 pids.max=32" ] || { echo "limits: $lim"; return 1; }
+    [ ! -e /sys/fs/cgroup/aither ] || { echo "a top-level /sys/fs/cgroup/aither was created"; return 1; }
+    cg_outside_sd | diff "$out/cgroups-before-scope" - || { echo "cgroups outside systemd's changed"; return 1; }
+    echo "sandbox cgroup ${d#"$sd"}; $lim; the scope holds: $procs; trusted.delegate=$mark"
+  }
+  check run-systemd-scope run_systemd_scope
+  # 3d. aitherd started by systemd 252 (this root's, pid 1 of the namespaces above) from
+  # scripts/aitherd.service as installed: Delegate=yes, KillMode=process; 252 ignores
+  # DelegateSubgroup=, so aitherd runs in its unit's own cgroup. Each shim must then take a
+  # transient scope of its own (aither.slice/aither-shim-<pid>.scope, Delegate=yes) and build
+  # its sandbox there; aitherd finds it there, and a restarted aitherd (systemctl restart)
+  # re-adopts it; nothing is written outside those scopes (no top-level aither/, nothing
+  # enabled in the unit's cgroup).
+  daemon_systemd_scopes() {
+    local i sock=/tmp/aither-km-sd/aitherd.sock st=/var/lib/aither-km-sd mpid own pid1 cg d lim scope mark
+    [ -n "$sdpid" ] || { echo "$sd_started"; return 1; }
+    mkdir -p /tmp/aither-km-sd "$st"
+    sctl() { (cd "$ws" && in_ns env AITHER_SOCKET="$sock" AITHER_STATE_DIR="$st" aitherctl "$@"); }
+    cg_outside_sd >"$out/cgroups-before-daemon-scopes"
+    # The installed unit, with this checkout's binaries and a socket and state of its own.
+    sed -e "s|^ExecStart=.*|ExecStart=$bin/aitherd --socket $sock --state-dir $st --pidfile /tmp/aither-km-sd/aitherd.pid|" \
+      -e "s|^Environment=RUST_LOG=info|Environment=RUST_LOG=info PATH=$PATH|" \
+      "$(dirname "$0")/aitherd.service" >"/proc/$sdpid/root/run/systemd/system/aitherd.service" || return 1
+    in_ns systemctl daemon-reload || return 1
+    in_ns systemctl start aitherd.service || { in_ns systemctl status aitherd.service --no-pager; return 1; }
+    for i in $(seq 300); do
+      sctl ps >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    mpid="$(in_ns systemctl show -p MainPID --value aitherd.service)"
+    own="$(in_ns cat "/proc/$mpid/cgroup")"
+    [ "$own" = "0::/system.slice/aitherd.service" ] || { echo "aitherd is in $own"; return 1; }
+    in_ns journalctl -u aitherd.service --no-pager >"$out/aitherd-systemd.log" 2>&1
+    if [ "${#ws_flags[@]}" -gt 0 ]; then
+      # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner),
+      # after the shim took its scope: the failure named must be the workspace's.
+      local fail="" t=$SECONDS
+      fail="$(sctl spawn --policy strict km-sd-sleeper -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
+      while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
+        fail="$(sctl events --json --agent km-sd-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
+        sleep 1
+      done
+      [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; sctl events --agent km-sd-sleeper | tail -3; return 1; }
+      cg="below 5.12 the launch fails: $fail"
+    else
+      sctl spawn --policy strict km-sd-sleeper -w "$ws" --memory 64M --pids 32 -- sleep 600 >/dev/null || return 1
+      pid1="$(sctl inspect --json km-sd-sleeper | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid1"])')"
+      cg="$(in_ns cat "/proc/$pid1/cgroup")"
+      [[ "$cg" =~ ^0::/aither.slice/aither-shim-[0-9]+.scope/aither/km-sd-sleeper-[0-9]+$ ]] || { echo "the agent's cgroup is $cg"; return 1; }
+      d="$sd${cg#0::}"
+      scope="${d%/aither/*}"
+      lim="memory.max=$(cat "$d/memory.max") pids.max=$(cat "$d/pids.max")"
+      [ "$lim" = "memory.max=67108864 pids.max=32" ] || { echo "limits: $lim"; return 1; }
+      mark="$(python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "trusted.delegate").decode())' "$scope" 2>&1)"
+      [ "$mark" = 1 ] || { echo "the scope's trusted.delegate: $mark"; return 1; }
+      # systemctl restart: KillMode=process stops aitherd only; the scope is a unit of its own.
+      in_ns systemctl restart aitherd.service || { in_ns systemctl status aitherd.service --no-pager; return 1; }
+      for i in $(seq 300); do
+        sctl ps 2>/dev/null | grep -q '^km-sd-sleeper .*running' && break
+        sleep 0.1
+      done
+      [ "$(in_ns systemctl show -p MainPID --value aitherd.service)" != "$mpid" ] || { echo "aitherd was not restarted"; return 1; }
+      sctl ps | grep -q '^km-sd-sleeper .*running' || { sctl ps; return 1; }
+      [ "$(sctl inspect --json km-sd-sleeper | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid1"])')" = "$pid1" ] ||
+        { echo "the restarted aitherd did not re-adopt pid $pid1"; return 1; }
+      sctl pause km-sd-sleeper >/dev/null || return 1
+      grep -qx 'frozen 1' "$d/cgroup.events" || { echo "after pause: $(tr '\n' ' ' <"$d/cgroup.events")"; return 1; }
+      [ -z "$(cat "$sd/system.slice/aitherd.service/cgroup.subtree_control")" ] ||
+        { echo "controllers enabled in aitherd's unit cgroup"; return 1; }
+      sctl rm --force km-sd-sleeper >/dev/null || return 1
+      for i in $(seq 100); do # the empty scope is collected by systemd
+        [ -e "$scope" ] || break
+        sleep 0.1
+      done
+      [ ! -e "$scope" ] || { echo "the scope $scope is left"; return 1; }
+      cg="agent in ${cg#0::}, $lim, trusted.delegate=1; re-adopted by the restarted aitherd, paused, removed, its scope collected"
+    fi
+    in_ns systemctl stop aitherd.service
+    [ ! -e "$sd/aither" ] && [ ! -e /sys/fs/cgroup/aither ] || { echo "a top-level aither/ was created"; return 1; }
+    cg_outside_sd | diff "$out/cgroups-before-daemon-scopes" - || { echo "cgroups outside systemd's changed"; return 1; }
+    echo "aitherd (systemd 252 unit) in ${own#0::}; $cg"
+  }
+  check daemon-systemd-scopes daemon_systemd_scopes
+  if [ -n "$sdpid" ]; then
     timeout 20 nsenter -t "$sdpid" -m -p -- systemctl list-jobs --no-pager >"$out/systemd-jobs" 2>&1
     kill -s SIGRTMIN+4 "$sdpid" 2>/dev/null # systemd's poweroff: ends its namespace
     for i in $(seq 100); do
@@ -332,16 +435,7 @@ if [ "$mode" = v2 ]; then
       sleep 0.1
     done
     kill -9 "$upid" "$sdpid" 2>/dev/null
-    [ "$rc" -eq 0 ] || { echo "run exited $rc"; return 1; }
-    [ -n "$d" ] || { echo "no sandbox cgroup under an aither-run-*.scope in $sd"; return 1; }
-    [ "$lim" = "memory.max=67108864 pids.max=32" ] || { echo "limits: $lim"; return 1; }
-    [ ! -e /sys/fs/cgroup/aither ] || { echo "a top-level /sys/fs/cgroup/aither was created"; return 1; }
-    find /sys/fs/cgroup -name cgroup.subtree_control ! -path "$sd/*" | sort |
-      while read -r f; do echo "$f: $(cat "$f")"; done | diff "$out/cgroups-before-scope" - ||
-      { echo "cgroups outside systemd's changed"; return 1; }
-    echo "sandbox cgroup ${d#"$sd"}; $lim; the scope holds: $procs; trusted.delegate=$mark"
-  }
-  check run-systemd-scope run_systemd_scope
+  fi
 fi
 
 # 4. The report of a strict run names its stand-ins.

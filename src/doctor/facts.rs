@@ -264,8 +264,15 @@ fn cgroup_facts(
             f.controllers =
                 words(&cgroup::read_ctl(cg_root, "cgroup.controllers").unwrap_or_default());
             f.subtree = vec![cg_root.join(SUBTREE)];
-            if let Some(cgroup::delegate::Placement::Delegated { base }) = &f.placement {
-                f.subtree = vec![base.join(SUBTREE)];
+            match &f.placement {
+                Some(cgroup::delegate::Placement::Delegated { base }) => {
+                    f.subtree = vec![base.join(SUBTREE)];
+                }
+                // systemd makes each scope below the slice; ours is the subtree in each.
+                Some(cgroup::delegate::Placement::Scopes { slice, .. }) => {
+                    f.subtree = vec![slice.clone()];
+                }
+                _ => {}
             }
         }
         CgroupMode::V1 | CgroupMode::Hybrid => {

@@ -289,6 +289,9 @@ fn host_resource_rows(o: &mut String, h: &HostFacts) {
                 crate::cgroup::delegate::Placement::Delegated { base } => {
                     format!("delegated: below {} (systemd Delegate=yes)", base.display())
                 }
+                crate::cgroup::delegate::Placement::Scopes { slice, reason } => {
+                    format!("transient scopes: each launcher in a scope of its own with Delegate=yes below {} ({reason})", slice.display())
+                }
                 crate::cgroup::delegate::Placement::TopLevel { reason } => {
                     format!("top-level subtree ({reason}); aitherd started by its unit (Delegate=yes, systemd >= 251, pure v2) uses its own cgroup")
                 }

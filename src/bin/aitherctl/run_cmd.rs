@@ -88,7 +88,11 @@ pub fn run(a: RunArgs) -> i32 {
     // (src/cgroup/delegate.rs). First: before anything is read, created or started.
     if let Ok(exe) = std::env::current_exe() {
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        if let Some(mut c) = aither::cgroup::delegate::scope_command(&exe, &args) {
+        if let Some(mut c) = aither::cgroup::delegate::scope_command(
+            aither::cgroup::delegate::ScopeKind::Run,
+            &exe,
+            &args,
+        ) {
             use std::os::unix::process::CommandExt;
             let e = c.exec();
             eprintln!("aither: error: cannot run in a systemd scope (systemd-run): {e}");

@@ -20,14 +20,17 @@
 //! a login session, an older systemd without the mark, v1 or hybrid) keeps the top-level
 //! subtree, and `Placement::TopLevel` says why (doctor prints it).
 //!
-//! `aitherctl run` without the daemon, where systemd is pid 1, re-executes itself in a
-//! transient scope of its own with `Delegate=yes`, moves itself into the scope's leaf
-//! (`enter`) and so builds its sandbox's cgroup below the scope.
+//! Every other launcher where systemd is pid 1 on pure v2 (`aitherctl run` without the daemon,
+//! and the shims of an aitherd that sits in no delegated leaf: systemd 251-253 with the unit's
+//! own cgroup, older systemd, aitherd started by hand) re-executes itself in a transient scope
+//! of its own with `Delegate=yes` in `aither.slice` (as podman's conmon does), moves itself
+//! into the scope's leaf (`enter`) and so builds its sandbox's cgroup below the scope. aitherd
+//! then finds its agents' cgroups in those scopes (`Placement::Scopes`), and a restarted
+//! aitherd re-adopts them there: the scopes are units of their own, which stopping aitherd's
+//! unit leaves alone.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -46,8 +49,32 @@ pub const NEEDED: [&str; 3] = ["memory", "cpu", "pids"];
 pub enum Placement {
     /// Below the delegated cgroup `base` (an absolute directory under the cgroup mount).
     Delegated { base: PathBuf },
+    /// systemd is pid 1 and this process sits in no delegated leaf: each launcher runs in a
+    /// transient scope of its own (`<slice>/aither-<kind>-<pid>.scope`, `Delegate=yes`) and
+    /// builds its sandbox's cgroup there; this process creates none itself. `slice` is the
+    /// directory of `aither.slice`; `reason` says why this process is not delegated.
+    Scopes { slice: PathBuf, reason: String },
     /// The top-level `aither/` subtree of each hierarchy, as before; `reason` says why.
     TopLevel { reason: String },
+}
+
+/// The slice of the transient scopes.
+pub const SLICE: &str = "aither.slice";
+
+/// The kinds of launcher that run in scopes of their own: `aitherctl run`, and aitherd's shims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScopeKind {
+    Run,
+    Shim,
+}
+
+impl ScopeKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            ScopeKind::Run => "aither-run-",
+            ScopeKind::Shim => "aither-shim-",
+        }
+    }
 }
 
 /// The cgroup2 path (`0::<path>`) of a process from its /proc/<pid>/cgroup text.
@@ -58,28 +85,15 @@ pub fn own_path(proc_cgroup: &str) -> Option<&str> {
 /// Whether `dir` carries systemd's delegation mark (`trusted.delegate` or `user.delegate` =
 /// "1"; systemd ≥ 251 sets it on every cgroup it delegates).
 pub fn marked_delegated(dir: &Path) -> bool {
-    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
+    // rustix: nix 0.30 has no xattr calls.
     ["trusted.delegate", "user.delegate"].iter().any(|name| {
-        let Ok(n) = CString::new(*name) else {
-            return false;
-        };
         let mut buf = [0u8; 8];
-        // SAFETY: valid C strings; the buffer and its length match.
-        let r =
-            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        r > 0 && &buf[..r as usize] == b"1"
+        matches!(rustix::fs::lgetxattr(dir, *name, &mut buf), Ok(n) if &buf[..n] == b"1")
     })
 }
 
 fn access_w(p: &Path) -> io::Result<()> {
-    let c = crate::sys::cstr(p)?;
-    // SAFETY: valid C string.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).map_err(io::Error::from)
 }
 
 /// Why a cgroup cannot hold the sandboxes (the placement's reason, said by `doctor` and the
@@ -172,6 +186,26 @@ fn read_self() -> Result<String, CgroupError> {
 /// systemd, the shims it forks, or `aitherctl run` after `enter`). Used by every launch
 /// (`super::manager`).
 pub fn placement(root: &Path, mode: CgroupMode) -> Placement {
+    match unscoped_placement(root, mode) {
+        Placement::TopLevel { reason } if mode == CgroupMode::V2 && scopes_apply(root) => {
+            Placement::Scopes {
+                slice: root.join(SLICE),
+                reason,
+            }
+        }
+        p => p,
+    }
+}
+
+/// Whether launchers here take transient scopes: systemd is pid 1 (pure v2 is the caller's
+/// to check), this process is root (systemd-run --scope on the system manager) and the cgroup
+/// root is the real one.
+fn scopes_apply(root: &Path) -> bool {
+    nix::unistd::geteuid().is_root() && root == Path::new(super::DEFAULT_ROOT) && systemd_booted()
+}
+
+/// `placement` without systemd's scopes: delegated, or the top-level subtree and why.
+fn unscoped_placement(root: &Path, mode: CgroupMode) -> Placement {
     if mode != CgroupMode::V2 {
         return Placement::TopLevel {
             reason: "not pure cgroup v2 (v1 or hybrid): the top-level subtree of each hierarchy"
@@ -257,12 +291,34 @@ pub fn enter(root: &Path, mode: CgroupMode) -> Result<Placement, CgroupError> {
     Ok(Placement::Delegated { base })
 }
 
-/// Set by `aitherctl run` on the command it re-executes in its transient scope.
+/// Set on the command a launcher re-executes in its transient scope: the scope's unit name.
 pub const SCOPE_ENV: &str = "AITHER_SYSTEMD_SCOPE";
 
-/// The unit name of the transient scope of the `aitherctl run` with process id `pid`.
-pub fn scope_unit(pid: u32) -> String {
-    format!("aither-run-{pid}.scope")
+/// The unit name of the transient scope of the launcher of `kind` with process id `pid`.
+pub fn scope_unit(kind: ScopeKind, pid: u32) -> String {
+    format!("{}{pid}.scope", kind.prefix())
+}
+
+/// The subtree directories of every shim's scope under `slice` that exist: where aitherd
+/// finds its agents' cgroups (`<slice>/aither-shim-<pid>.scope/aither`).
+pub fn shim_subtrees(slice: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(slice) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(ScopeKind::Shim.prefix())
+                    .and_then(|r| r.strip_suffix(".scope"))
+                    .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .map(|e| e.path().join(super::SUBTREE))
+        .filter(|d| d.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 /// Whether systemd is pid 1 (sd_booted(3): /run/systemd/system exists).
@@ -275,29 +331,27 @@ pub fn systemd_booted() -> bool {
 /// transient scope of its own with `Delegate=yes` (`systemd-run --scope` registers its own pid
 /// as the scope and execs in place: same pid, stdio, terminal and signals). None otherwise
 /// (and in the re-executed process, which carries `SCOPE_ENV`).
-pub fn scope_command(exe: &Path, args: &[std::ffi::OsString]) -> Option<std::process::Command> {
+pub fn scope_command(
+    kind: ScopeKind,
+    exe: &Path,
+    args: &[std::ffi::OsString],
+) -> Option<std::process::Command> {
     let root = super::root();
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
     if std::env::var_os(SCOPE_ENV).is_some()
-        || euid != 0
-        || root != Path::new(super::DEFAULT_ROOT)
-        || !systemd_booted()
         || super::detect(&root).ok() != Some(CgroupMode::V2)
-        || matches!(
-            placement(&root, CgroupMode::V2),
-            Placement::Delegated { .. }
-        )
+        || !matches!(placement(&root, CgroupMode::V2), Placement::Scopes { .. })
     {
         return None;
     }
+    let unit = scope_unit(kind, std::process::id());
     let mut c = std::process::Command::new("systemd-run");
     c.args(["--scope", "--quiet", "--collect", "--property=Delegate=yes"])
-        .arg(format!("--unit={}", scope_unit(std::process::id())))
+        .arg(format!("--slice={SLICE}"))
+        .arg(format!("--unit={unit}"))
         .arg("--")
         .arg(exe)
         .args(args)
-        .env(SCOPE_ENV, "1");
+        .env(SCOPE_ENV, unit);
     Some(c)
 }
 
@@ -312,20 +366,28 @@ pub fn enter_run_scope() -> Result<Option<PathBuf>, CgroupError> {
     let mode = super::detect(&root)?;
     match enter(&root, mode)? {
         Placement::Delegated { base } => Ok(Some(base)),
-        Placement::TopLevel { reason } => Err(CgroupError::Create {
-            path: root,
-            source: io::Error::other(format!(
-                "running in a systemd scope, but it cannot hold the sandbox's cgroup: {reason}"
-            )),
-        }),
+        Placement::TopLevel { reason } | Placement::Scopes { reason, .. } => {
+            Err(CgroupError::Create {
+                path: root,
+                source: io::Error::other(format!(
+                    "running in a systemd scope, but it cannot hold the sandbox's cgroup: {reason}"
+                )),
+            })
+        }
     }
 }
 
 /// Our own transient scope stands for the delegation mark (older systemd sets none): its
 /// name carries this process's pid and `scope_command` asked for `Delegate=yes`.
 fn own_run_scope(dir: &Path) -> bool {
-    std::env::var_os(SCOPE_ENV).is_some()
-        && dir.file_name().and_then(|n| n.to_str()) == Some(&scope_unit(std::process::id()))
+    let Some(unit) = std::env::var_os(SCOPE_ENV) else {
+        return false;
+    };
+    let pid = std::process::id();
+    [ScopeKind::Run, ScopeKind::Shim]
+        .into_iter()
+        .map(|k| scope_unit(k, pid))
+        .any(|u| *unit == *u.as_str() && dir.file_name().and_then(|n| n.to_str()) == Some(&u))
 }
 
 #[cfg(test)]
@@ -348,18 +410,14 @@ mod tests {
             fs::write(unit.join(f), v).unwrap();
         }
         if mark {
-            let c = CString::new(unit.as_os_str().as_bytes()).unwrap();
-            // SAFETY: valid C strings and value buffer (tests run as root: trusted.*).
-            let r = unsafe {
-                libc::setxattr(
-                    c.as_ptr(),
-                    c"trusted.delegate".as_ptr(),
-                    b"1".as_ptr().cast(),
-                    1,
-                    0,
-                )
-            };
-            assert_eq!(r, 0, "setxattr: {}", io::Error::last_os_error());
+            // Tests run as root: trusted.* can be set.
+            rustix::fs::setxattr(
+                &unit,
+                "trusted.delegate",
+                b"1",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .expect("setxattr trusted.delegate");
         }
         (root, unit)
     }
@@ -432,5 +490,47 @@ mod tests {
             fs::read_to_string(unit.join("aither/a-1/pids.max")).unwrap(),
             "32"
         );
+    }
+
+    #[test]
+    fn in_scopes_the_agents_are_found_in_the_shims_scopes_and_nothing_is_created_outside() {
+        let root = tempfile::tempdir().unwrap();
+        let slice = root.path().join(SLICE);
+        for d in [
+            "aither-shim-41.scope/aither/a-41",
+            "aither-shim-42.scope/aither/b-42",
+            // Not a shim's: `aitherctl run`'s scope and a unit someone else named alike.
+            "aither-run-43.scope/aither/c-43",
+            "aither-shim-x.scope/aither/d-1",
+        ] {
+            fs::create_dir_all(slice.join(d)).unwrap();
+        }
+        let mgr = V2::in_scopes(root.path().to_path_buf(), slice.clone());
+        assert_eq!(
+            mgr.subtree_dirs(),
+            vec![
+                slice.join("aither-shim-41.scope/aither"),
+                slice.join("aither-shim-42.scope/aither")
+            ]
+        );
+        assert_eq!(crate::cgroup::stats::list_ids(&mgr), vec!["a-41", "b-42"]);
+        let cg = crate::cgroup::stats::open_existing(&mgr, "b-42").unwrap();
+        assert_eq!(cg.dirs[0].1, slice.join("aither-shim-42.scope/aither/b-42"));
+        assert!(crate::cgroup::stats::open_existing(&mgr, "c-43").is_none());
+
+        // This process builds no sandbox cgroup itself: refused, and nothing written.
+        let e = mgr
+            .create("e-44", &Limits::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transient scope of its own"), "{e}");
+        assert!(mgr.birth_dir("e-44").unwrap().is_none());
+        assert!(!root.path().join("aither").exists());
+    }
+
+    #[test]
+    fn a_scope_name_is_the_launchers_kind_and_pid() {
+        assert_eq!(scope_unit(ScopeKind::Run, 7), "aither-run-7.scope");
+        assert_eq!(scope_unit(ScopeKind::Shim, 8), "aither-shim-8.scope");
     }
 }

@@ -106,14 +106,8 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
 
 fn fs_magic(p: &Path) -> io::Result<i64> {
-    let c = crate::sys::cstr(p)?;
-    // SAFETY: zeroed statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-parameter.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64)
+    let st = nix::sys::statfs::statfs(p).map_err(io::Error::from)?;
+    Ok(st.filesystem_type().0 as i64)
 }
 
 /// Detects the cgroup mode by the filesystem magic of `root` (and `root/unified`).
@@ -511,6 +505,9 @@ pub fn manager_at(root: &Path) -> Result<Box<dyn CgroupManager>, CgroupError> {
         CgroupMode::Hybrid => Box::new(V1::new(root.to_path_buf(), true)),
         CgroupMode::V2 => match delegate::placement(root, CgroupMode::V2) {
             delegate::Placement::Delegated { base } => Box::new(V2::new(base)),
+            delegate::Placement::Scopes { slice, .. } => {
+                Box::new(V2::in_scopes(root.to_path_buf(), slice))
+            }
             delegate::Placement::TopLevel { .. } => Box::new(V2::new(root.to_path_buf())),
         },
     })
@@ -534,9 +531,11 @@ pub fn collect_garbage(cg_dirs: &[PathBuf]) {
             let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
                 continue;
             };
-            // SAFETY: kill with signal 0 only checks for existence.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            // Signal 0 only checks for existence (EPERM: it exists, someone else's).
+            let alive = matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Ok(()) | Err(nix::errno::Errno::EPERM)
+            );
             if alive || !e.path().is_dir() {
                 continue;
             }

@@ -192,8 +192,11 @@ impl CgroupManager for V1 {
                 return;
             }
             for p in pids {
-                // SAFETY: plain kill of a pid listed in our own cgroup.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                // A pid listed in our own cgroup; one gone meanwhile is no error.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             // Signalled first, thawed after: a frozen task acts on its pending SIGKILL only
             // once thawed, and then dies before it runs another instruction of its own.

@@ -10,11 +10,24 @@ use crate::policy::Protection;
 
 pub struct V2 {
     root: PathBuf,
+    /// `Some(slice)`: this process's sandboxes are built by launchers in transient scopes of
+    /// their own under `slice` (delegate::Placement::Scopes); it only finds them there and
+    /// never creates one itself.
+    scopes: Option<PathBuf>,
 }
 
 impl V2 {
     pub fn new(root: PathBuf) -> V2 {
-        V2 { root }
+        V2 { root, scopes: None }
+    }
+
+    /// The manager of a process whose launchers run in scopes under `slice` (aitherd where
+    /// systemd is pid 1 and aitherd sits in no delegated leaf).
+    pub fn in_scopes(root: PathBuf, slice: PathBuf) -> V2 {
+        V2 {
+            root,
+            scopes: Some(slice),
+        }
     }
 
     fn dir(cg: &Cgroup) -> PathBuf {
@@ -33,6 +46,16 @@ impl CgroupManager for V2 {
         limits: &Limits,
         best_effort: &[Protection],
     ) -> Result<Cgroup, CgroupError> {
+        if let Some(slice) = &self.scopes {
+            // Fail closed: never a cgroup where systemd owns the tree (docs/kernels.md).
+            return Err(CgroupError::Create {
+                path: self.root.join(SUBTREE).join(id),
+                source: std::io::Error::other(format!(
+                    "systemd is pid 1 and this process is in no delegated cgroup: a sandbox's cgroup is only made by a launcher in a transient scope of its own under {}",
+                    slice.display()
+                )),
+            });
+        }
         let available = read_ctl(&self.root, "cgroup.controllers").unwrap_or_default();
         let has = |c: &str| available.split_whitespace().any(|x| x == c);
         let mut skipped = Vec::new();
@@ -166,13 +189,19 @@ impl CgroupManager for V2 {
     }
 
     fn birth_dir(&self, id: &str) -> Result<Option<PathBuf>, CgroupError> {
+        if self.scopes.is_some() {
+            return Ok(None);
+        }
         let d = self.root.join(SUBTREE).join(id);
         mkdir_p(&d)?;
         Ok(Some(d))
     }
 
     fn subtree_dirs(&self) -> Vec<PathBuf> {
-        vec![self.root.join(SUBTREE)]
+        match &self.scopes {
+            Some(slice) => super::delegate::shim_subtrees(slice),
+            None => vec![self.root.join(SUBTREE)],
+        }
     }
 
     fn freeze(&self, cg: &Cgroup) -> Result<(), CgroupError> {
@@ -190,7 +219,10 @@ impl CgroupManager for V2 {
     fn freezer(&self) -> Result<PathBuf, CgroupError> {
         // cgroup.freeze is in every non-root cgroup2 directory since 5.2; our subtree's
         // directory stands for them (a fake root's plain directory has none and needs none).
-        let sub = self.root.join(SUBTREE);
+        let sub = match &self.scopes {
+            Some(_) => self.root.clone(),
+            None => self.root.join(SUBTREE),
+        };
         if super::fs_magic(&sub).ok() == Some(super::CGROUP2_SUPER_MAGIC)
             && !sub.join("cgroup.freeze").exists()
         {
@@ -205,8 +237,11 @@ impl CgroupManager for V2 {
         // cgroup.kill (5.14+) kills every process, including ones forking right now.
         if write_ctl(&Self::dir(cg), "cgroup.kill", "1", "").is_err() {
             for p in cg.pids() {
-                // SAFETY: plain kill of a pid listed in our own cgroup.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                // A pid listed in our own cgroup; one gone meanwhile is no error.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

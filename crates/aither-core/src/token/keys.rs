@@ -36,8 +36,7 @@ impl std::fmt::Debug for HostKey {
 }
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 fn key_error(path: &Path, reason: impl Into<String>) -> TokenError {

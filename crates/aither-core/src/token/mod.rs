@@ -157,18 +157,12 @@ pub fn now_unix() -> u64 {
 pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), TokenError> {
     let mut filled = 0;
     while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe the writable slice `rest`, and getrandom
-        // writes at most that many bytes into it.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(TokenError::Random(e.to_string()));
+        // rustix's getrandom is the system call itself (nix 0.30 has none).
+        match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(TokenError::Random(std::io::Error::from(e).to_string())),
         }
-        filled += n as usize;
     }
     Ok(())
 }
