@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::Size;
 
@@ -43,21 +43,21 @@ pub enum UsersError {
 }
 
 /// One user's limits; None: unlimited.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserLimits {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_priority: Option<u32>,
 }
 
 /// The `[users]` table.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UsersConfig {
     #[serde(default)]
@@ -99,17 +99,24 @@ impl UsersConfig {
             source: Box::new(e),
         })?;
         let c = f.users;
+        Self::check(&c).map_err(|who| UsersError::Cpus {
+            path: path.into(),
+            who,
+        })?;
+        Ok(c)
+    }
+
+    /// Checks the values serde cannot; Err: the user (or "default") whose `cpus` is not more
+    /// than 0.
+    pub fn check(c: &UsersConfig) -> Result<(), String> {
         for (who, l) in std::iter::once(("default", &c.default))
             .chain(c.user.iter().map(|(k, v)| (k.as_str(), v)))
         {
             if l.cpus.is_some_and(|x| x.is_nan() || x <= 0.0) {
-                return Err(UsersError::Cpus {
-                    path: path.into(),
-                    who: who.into(),
-                });
+                return Err(who.into());
             }
         }
-        Ok(c)
+        Ok(())
     }
 
     /// The limits of the user `name` (their own entry, else the default).
