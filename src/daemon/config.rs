@@ -764,6 +764,47 @@ mod tests {
     }
 
     #[test]
+    fn the_installed_file_parses_and_shows_the_real_defaults() {
+        let shipped = include_str!("../../scripts/aitherd.toml");
+        assert_eq!(parse(p(), shipped).unwrap(), Config::default());
+        // `#[table]` and `#key = value` lines are the defaults: uncommented, they change
+        // nothing (but the metrics socket, whose default depends on the control socket's).
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.starts_with(|c: char| c.is_ascii_lowercase()) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(p(), &uncommented).unwrap();
+        validate(p(), &uncommented, &c).unwrap();
+        let mut expected = Config::default();
+        expected.metrics.listen = Some(Listen::Unix(default_metrics_socket(Path::new(
+            crate::daemon::DEFAULT_SOCKET,
+        ))));
+        assert_eq!(c, expected);
+        // Every field of the sections with defaults is shown.
+        let shown = serde_json::to_value(&c).unwrap();
+        let mut n = 0;
+        leaves("", &shown, &mut |k, _| {
+            if !k.starts_with("users") && !k.starts_with("egress") {
+                n += 1;
+            }
+        });
+        let listed = uncommented
+            .lines()
+            .filter(|l| l.contains(" = ") && !l.starts_with('#'))
+            .count();
+        assert_eq!(n, listed, "{uncommented}");
+    }
+
+    #[test]
     fn listen_forms() {
         assert_eq!("off".parse::<Listen>().unwrap(), Listen::Off);
         assert_eq!(
