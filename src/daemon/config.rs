@@ -418,13 +418,19 @@ impl Loaded {
     }
 }
 
-/// The metrics socket when none is configured: `metrics.sock` beside the control socket
-/// (/run/aither/metrics.sock for the default socket).
+/// The metrics socket when none is configured: beside the control socket, `metrics.sock` for
+/// `aitherd.sock` (/run/aither/metrics.sock by default), `NAME-metrics.sock` for `NAME.sock`,
+/// so that two daemons with their own sockets in one directory do not share it.
 pub fn default_metrics_socket(control: &Path) -> PathBuf {
-    control
-        .parent()
-        .unwrap_or(Path::new("/run/aither"))
-        .join("metrics.sock")
+    let dir = control.parent().unwrap_or(Path::new("/run/aither"));
+    let name = control
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("aitherd.sock");
+    match name.strip_suffix(".sock").unwrap_or(name) {
+        "aitherd" => dir.join("metrics.sock"),
+        stem => dir.join(format!("{stem}-metrics.sock")),
+    }
 }
 
 /// Opens the file once, following no link anywhere in its path, checks the fd (a regular
@@ -594,7 +600,8 @@ fn table_json(t: &toml::Table) -> serde_json::Map<String, Value> {
         .unwrap_or_default()
 }
 
-/// Calls `f` with the dotted path of every leaf of `v` (arrays are leaves).
+/// Calls `f` with the dotted path of every leaf of `v` (arrays are leaves, empty tables are
+/// skipped).
 pub fn leaves(prefix: &str, v: &Value, f: &mut dyn FnMut(&str, &Value)) {
     match v {
         Value::Object(m) if !m.is_empty() => {
@@ -607,7 +614,8 @@ pub fn leaves(prefix: &str, v: &Value, f: &mut dyn FnMut(&str, &Value)) {
                 leaves(&p, v, f);
             }
         }
-        Value::Object(_) if prefix.is_empty() => {}
+        // An empty table (`[users]` with no user) has no field to name.
+        Value::Object(_) => {}
         _ => f(prefix, v),
     }
 }
@@ -820,6 +828,10 @@ mod tests {
         assert_eq!(
             default_metrics_socket(Path::new("/run/aither/aitherd.sock")),
             Path::new("/run/aither/metrics.sock")
+        );
+        assert_eq!(
+            default_metrics_socket(Path::new("/run/aither/other.sock")),
+            Path::new("/run/aither/other-metrics.sock")
         );
     }
 

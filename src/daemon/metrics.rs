@@ -453,6 +453,44 @@ pub async fn serve_unix(d: Shared, listener: UnixListener) {
     }
 }
 
+/// Binds the metrics socket: 0660 root:`group` (0600 without the group). A missing directory
+/// is made 0755; an existing one is left as it is (it may be a shared one); a stale socket is
+/// replaced, anything else at the path is refused.
+fn bind_unix(path: &std::path::Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is at this path; aitherd does not replace it",
+            ))
+        }
+        Err(_) => {}
+    }
+    // Created with no permissions for anyone but root, then opened to the group: no window in
+    // which another user could connect.
+    // SAFETY: umask has no preconditions; restored right after bind.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = l?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(path, Some(0), Some(g))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    Ok(l)
+}
+
 /// The metrics listener in force: replaced at a reload that changes `metrics.listen`.
 #[derive(Default)]
 pub struct Server {
@@ -494,7 +532,7 @@ impl Server {
         let task = match listen {
             Listen::Off => None,
             Listen::Unix(p) => {
-                let l = super::server::bind(p, group).map_err(err)?;
+                let l = bind_unix(p, group).map_err(err)?;
                 tracing::info!(socket = %p.display(), "metrics on unix:{}", p.display());
                 Some(tokio::spawn(serve_unix(d.clone(), l)))
             }

@@ -1,6 +1,7 @@
 //! Per-user limits (issue 18): the `[users]` table of aitherd's configuration file
-//! (/etc/aither/aitherd.toml, `aitherd --config PATH`). Other tables of the file belong to
-//! other parts of aitherd and are not read here. Root and admins are not limited.
+//! (/etc/aither/aitherd.toml, `aitherd --config PATH`; the file is read and checked whole by
+//! daemon/config.rs, and a reload changes the table for new spawns). Root and admins are not
+//! limited.
 //!
 //! ```toml
 //! [users.default]          # every member of group aither
@@ -20,18 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::Size;
 
-/// The configuration file read when no `--config` is given (absent: no limits).
-pub const DEFAULT_CONFIG: &str = "/etc/aither/aitherd.toml";
-
 /// Errors of the `[users]` table.
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{path}: table `users`: {source}")]
     Parse {
         path: PathBuf,
@@ -75,24 +67,8 @@ struct File {
 }
 
 impl UsersConfig {
-    /// Reads `[users]` of the file at `path`; a missing file is every default (unlimited)
-    /// unless `required`.
-    pub fn load(path: &Path, required: bool) -> Result<UsersConfig, UsersError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(UsersConfig::default())
-            }
-            Err(source) => {
-                return Err(UsersError::Read {
-                    path: path.into(),
-                    source,
-                })
-            }
-        };
-        Self::parse(&text, path)
-    }
-
+    /// Parses `[users]` of a file's text (aitherd reads the whole file through
+    /// daemon/config.rs; this is the table on its own, for its tests).
     pub fn parse(text: &str, path: &Path) -> Result<UsersConfig, UsersError> {
         let f: File = toml::from_str(text).map_err(|e| UsersError::Parse {
             path: path.into(),

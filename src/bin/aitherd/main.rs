@@ -214,6 +214,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading the configuration");
                 daemon::reload::reload(&d, &daemon::reload::Trigger::Signal);
             }
+            // The signal stream cannot end while the runtime runs; if it did, the daemon
+            // would go on serving, without reloads.
+            std::future::pending::<()>().await
         }
     };
     let mut term = signal(SignalKind::terminate())?;
