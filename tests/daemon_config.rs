@@ -142,8 +142,8 @@ fn a_limit_from_the_file_holds_and_reload_and_sighup_change_it_for_new_agents() 
         "{audited:?}"
     );
 
-    // SIGHUP does the same.
-    conf.write("[limits]\nmax_agents = 3\n");
+    // SIGHUP does the same; retention applies at once too (the bus log's limits).
+    conf.write("[limits]\nmax_agents = 3\n[retention]\nbus_max_bytes = \"64M\"\n");
     sighup(&d);
     assert!(
         poll_until(Duration::from_secs(20), || max_agents(&d) == 3),
@@ -152,6 +152,50 @@ fn a_limit_from_the_file_holds_and_reload_and_sighup_change_it_for_new_agents() 
     );
     assert_spawns(&d, &names[2]);
     assert_refused(&d, &names[3], "holds 3 agents");
+    let streams = d.json(&["bus", "streams", "--json"]);
+    assert_eq!(
+        streams["streams"][0]["log"]["max_bytes"],
+        64 << 20,
+        "{streams}"
+    );
+    let c = config(&d);
+    assert_eq!(c["config"]["retention"]["bus_max_bytes"], "64M", "{c}");
+    assert_eq!(c["sources"]["retention.bus_max_bytes"], "file", "{c}");
+}
+
+#[test]
+fn only_admins_may_reload_or_read_it_and_flags_win_over_the_file() {
+    use common::users::Users;
+    let us = Users::create();
+    // The file names a group that does not exist; the test's --group flag wins.
+    let conf = Conf::new("[daemon]\ngroup = \"no-such-group\"\n[limits]\nmax_agents = 7\n");
+    let d = us.daemon_with(&["--config", &conf.arg()]);
+    let member = &us.users[0];
+    for args in [["daemon", "reload"], ["daemon", "config"]] {
+        let o = us.ctl(&d, 0, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("aither-admin"), "{err}");
+    }
+    assert!(
+        audit_lines(&d, "daemon_reload")
+            .iter()
+            .any(|a| a["decision"] == "deny" && a["caller_uid"] == member.uid),
+        "{:?}",
+        audit_lines(&d, "daemon_reload")
+    );
+    assert_eq!(max_agents(&d), 7);
+    // The admin may.
+    conf.write("[limits]\nmax_agents = 8\n");
+    let r: Value = serde_json::from_str(&us.ok(&d, 2, &["daemon", "reload", "--json"])).unwrap();
+    assert_eq!(r["changed"][0]["field"], "limits.max_agents", "{r}");
+    let c: Value = serde_json::from_str(&us.ok(&d, 2, &["daemon", "config", "--json"])).unwrap();
+    assert_eq!(c["sources"]["daemon.group"], "flag", "{c}");
+    assert_eq!(
+        c["config"]["daemon"]["group"],
+        us.member_group.as_str(),
+        "{c}"
+    );
+    assert_eq!(c["config"]["limits"]["max_agents"], 8, "{c}");
 }
 
 #[test]
