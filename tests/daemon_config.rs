@@ -354,6 +354,14 @@ fn metrics_are_served_on_a_local_socket_by_default_and_a_reload_moves_them() {
         "{c}"
     );
     assert_eq!(c["sources"]["metrics.listen"], "default", "{c}");
+    let human = d.ok(&["daemon", "config"]);
+    assert!(
+        human.contains(&format!(
+            "metrics.listen = \"unix:{}\"  # default",
+            sock.display()
+        )) && human.contains("limits.request_rate = 200.0  # default"),
+        "{human}"
+    );
 
     // Moved by a reload: the new socket serves, the old one is gone.
     let moved = conf.dir.path().join("m2.sock");
