@@ -191,11 +191,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(daemon::Daemon::summary_ticker(d.clone()));
     daemon::kernel_audit::start(d.clone());
     let group = daemon::identity::group_gid(&cfg.daemon.group);
-    let listener =
-        server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
+    // Metrics first: an address that cannot be bound stops the start before the control
+    // socket exists.
     if let Some(listen) = &cfg.metrics.listen {
         d.metrics.start(&d, listen, group)?;
     }
+    let listener =
+        server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", p.display()))?;
