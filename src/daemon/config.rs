@@ -86,6 +86,12 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    #[error("field `{field}` (set in the environment, not in {path}): {message}")]
+    InvalidEnv {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("{flag} {value:?}: {message}")]
     Override {
         flag: &'static str,
@@ -501,11 +507,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 fn validate(path: &Path, text: &str, c: &Config) -> Result<(), ConfigError> {
     let bad = |table: &str, key: &str, message: &str| {
         let (line, _) = crate::policy::locate::key(text, table, key);
-        ConfigError::Invalid {
-            path: path.into(),
-            line,
-            field: format!("{table}.{key}"),
-            message: message.into(),
+        let in_file = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .is_some_and(|(k, _)| k.trim().trim_matches('"') == key);
+        if in_file {
+            ConfigError::Invalid {
+                path: path.into(),
+                line,
+                field: format!("{table}.{key}"),
+                message: message.into(),
+            }
+        } else {
+            // Not in the file: only the environment sets a value that can be out of range.
+            ConfigError::InvalidEnv {
+                path: path.into(),
+                field: format!("{table}.{key}"),
+                message: message.into(),
+            }
         }
     };
     let l = &c.limits;
