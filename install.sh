@@ -8,7 +8,8 @@
 # Installs: the system packages the build and the test suite need, a Rust toolchain when none
 # is present (rustup from the distribution is not used: Debian 12's rustc is too old), static
 # release binaries `aitherctl`, `aitherd`, `aither-init` (static: ≈0.4 ms less per launch) and
-# `aither-notify`, the Python SDK (aither.py), the policies, the state and cache directories,
+# `aither-notify`, the Python SDK (aither.py), the policies, a commented
+# /etc/aither/aitherd.toml (never over an existing one), the state and cache directories,
 # the group `aither` (members may use aitherd's socket), and starts aitherd: as a systemd
 # service where systemd runs, otherwise in the background with a pidfile
 # (/run/aither/aitherd.pid, log in /var/log/aither/aitherd.log).
@@ -99,6 +100,16 @@ getent group aither >/dev/null || groupadd --system aither
 getent group aither-admin >/dev/null || groupadd --system aither-admin
 for f in "$HERE"/policies/*.toml; do install -m 0644 "$f" "$POLICY_DIR/"; done
 install -m 0644 "$HERE"/policies/seccomp/*.toml "$POLICY_DIR/seccomp/"
+# aitherd's configuration, every default shown commented out (docs/daemon.md "Configuration
+# file"). An existing file is the operator's and is never overwritten: the shipped one goes
+# beside it as aitherd.toml.default for comparison.
+install -d -m 0755 /etc/aither
+if [ -e /etc/aither/aitherd.toml ] || [ -L /etc/aither/aitherd.toml ]; then
+  install -m 0644 -o root -g root "$HERE/scripts/aitherd.toml" /etc/aither/aitherd.toml.default
+  say "kept /etc/aither/aitherd.toml (the shipped defaults: /etc/aither/aitherd.toml.default)"
+else
+  install -m 0644 -o root -g root "$HERE/scripts/aitherd.toml" /etc/aither/aitherd.toml
+fi
 install -d -m 0700 "$STATE_DIR"
 install -d -m 0755 "$CACHE_DIR"
 # Compiled seccomp filters and /etc views are per-version caches: start clean.

@@ -31,6 +31,20 @@ pub const DEFAULT_LOG: &str = "/var/log/aither/audit.jsonl";
 /// Rotation size and number of older files kept.
 pub const ROTATE_BYTES: u64 = 16 << 20;
 pub const KEEP: u32 = 5;
+/// The most rotated files ever looked for (`[retention] audit_keep` is at most 100).
+const MAX_KEEP: u32 = 100;
+
+/// Rotation in force in this process: aitherd sets it from `[retention]` of aitherd.toml
+/// (and again at a reload); other processes use the defaults.
+static ROTATE_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(ROTATE_BYTES);
+static KEEP_NOW: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(KEEP);
+
+/// Sets the rotation size and the number of rotated files kept (1..=100), from then on.
+pub fn set_rotation(bytes: u64, keep: u32) {
+    use std::sync::atomic::Ordering;
+    ROTATE_AT.store(bytes, Ordering::Relaxed);
+    KEEP_NOW.store(keep.clamp(1, MAX_KEEP), Ordering::Relaxed);
+}
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Errors of the audit log.
@@ -159,9 +173,11 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> AuditError + '_ {
     }
 }
 
-/// The files of the log, oldest first (`.5` … `.1`, then the live file).
+/// The files of the log, oldest first (`.N` … `.1`, then the live file): every rotated file
+/// present, whatever the rotation in force, so that a reader (another process) finds those
+/// a daemon with a larger `audit_keep` kept.
 pub fn files(path: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = (1..=KEEP)
+    let mut v: Vec<PathBuf> = (1..=MAX_KEEP)
         .rev()
         .map(|i| rotated(path, i))
         .filter(|p| p.exists())
@@ -241,8 +257,16 @@ pub fn append_with(
     }
     let mut f = open_locked(path)?;
     // Rotate under the lock: the next writer re-opens the new live file.
-    if f.metadata().map_err(&e)?.len() >= ROTATE_BYTES {
-        for i in (1..KEEP).rev() {
+    let (rotate_at, keep) = (
+        ROTATE_AT.load(std::sync::atomic::Ordering::Relaxed),
+        KEEP_NOW.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    if f.metadata().map_err(&e)?.len() >= rotate_at {
+        // A smaller keep than before: the files past it go now (oldest first).
+        for i in (keep + 1..=MAX_KEEP).rev() {
+            let _ = std::fs::remove_file(rotated(path, i));
+        }
+        for i in (1..keep).rev() {
             let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
         }
         std::fs::rename(path, rotated(path, 1)).map_err(&e)?;

@@ -28,6 +28,16 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// The retention of `[retention]` in aitherd.toml (the environment variables are folded
+    /// in there, daemon/config.rs); pruned every `AITHER_BUS_PRUNE_MS` (10 s).
+    pub fn of(max_bytes: u64, max_age: Duration) -> Retention {
+        Retention {
+            max_bytes,
+            max_age_ms: max_age.as_millis().min(u64::MAX as u128) as u64,
+            every: Self::from_env().every,
+        }
+    }
+
     /// Defaults (256 MiB, 7 days, every 10 s); `AITHER_BUS_MAX_BYTES`, `AITHER_BUS_MAX_AGE_S`,
     /// `AITHER_BUS_PRUNE_MS` override them.
     pub fn from_env() -> Retention {
@@ -93,7 +103,8 @@ pub struct Log {
     reader: Mutex<Connection>,
     committed: Arc<AtomicU64>,
     last_seq: u64,
-    retention: Retention,
+    /// Shared with the writer thread, which reads it at each pass (a reload changes it).
+    retention: Arc<Mutex<Retention>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -172,9 +183,11 @@ impl Log {
         let (tx, rx) = smpsc::channel();
         let c2 = committed.clone();
         let p2 = path.to_path_buf();
+        let retention = Arc::new(Mutex::new(retention));
+        let r2 = retention.clone();
         let thread = std::thread::Builder::new()
             .name("aither-bus-log".into())
-            .spawn(move || writer(w, rx, c2, bytes, retention, p2))
+            .spawn(move || writer(w, rx, c2, bytes, r2, p2))
             .map_err(|e| BusError::Db {
                 path: path.display().to_string(),
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
@@ -188,6 +201,17 @@ impl Log {
             retention,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// The retention in force.
+    pub fn retention(&self) -> Retention {
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the retention (a reload of aitherd.toml); the writer applies it at its next
+    /// pass (within `every`).
+    pub fn set_retention(&self, r: Retention) {
+        *self.retention.lock().unwrap_or_else(|e| e.into_inner()) = r;
     }
 
     /// The highest sequence number in the log when it was opened.
@@ -369,8 +393,8 @@ impl Log {
             last_seq: self.committed(),
             messages: count as u64,
             bytes: bytes as u64,
-            max_bytes: self.retention.max_bytes,
-            max_age_s: self.retention.max_age_ms / 1000,
+            max_bytes: self.retention().max_bytes,
+            max_age_s: self.retention().max_age_ms / 1000,
             consumers,
         })
     }
@@ -387,11 +411,12 @@ fn writer(
     rx: smpsc::Receiver<Op>,
     committed: Arc<AtomicU64>,
     mut bytes: u64,
-    ret: Retention,
+    shared: Arc<Mutex<Retention>>,
     path: PathBuf,
 ) {
     let mut last_prune = Instant::now();
     loop {
+        let ret = *shared.lock().unwrap_or_else(|e| e.into_inner());
         let first = match rx.recv_timeout(ret.every) {
             Ok(op) => Some(op),
             Err(smpsc::RecvTimeoutError::Timeout) => None,

@@ -249,6 +249,8 @@ pub fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
     let usage = d.usage_of(&name);
+    // The budget's terms in force now (`[limits]`, changed by a reload for new agents).
+    let budget = super::budget::Budget::with(&d.config().config.limits, std::time::Instant::now());
     let agent = Agent {
         d,
         name,
@@ -262,7 +264,7 @@ pub fn start(
         },
         outbox: None,
         gpu_origin: None,
-        budget: super::budget::Budget::new(std::time::Instant::now()),
+        budget,
         usage,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
@@ -663,10 +665,16 @@ impl Agent {
 
     async fn launch(&mut self, spec: &SandboxSpec) -> Result<Live, ShimError> {
         self.state(State::Starting);
+        let r = self.d.config().config.retention;
+        let rotation = shim::LogRotation {
+            max_bytes: r.agent_log_max_bytes.0,
+            keep: r.agent_log_keep,
+        };
         let live = shim::launch(
             &self.d.init,
             spec,
             &self.d.log_dir(&self.name),
+            rotation,
             Duration::from_secs(60),
         )
         .await?;

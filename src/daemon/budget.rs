@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::config::Limits;
+
 /// Requests per second an agent may make on its channel, sustained.
 pub const REQUEST_RATE: f64 = 200.0;
 /// Requests an agent may make in a burst above the rate.
@@ -123,23 +125,14 @@ impl Limit {
 pub struct Refused {
     pub limit: Limit,
     pub retry_ms: u64,
+    /// The budget's terms in force ("200/s, burst 400; ..."), for the message.
+    pub terms: String,
 }
 
 impl Refused {
     /// The reply's message.
     pub fn message(&self, agent: &str) -> String {
-        let terms = match self.limit {
-            Limit::Requests => format!(
-                "{REQUEST_RATE}/s, burst {REQUEST_BURST}; a memory query counts {QUERY_COST}"
-            ),
-            Limit::Events => format!("pain and status: {EVENT_RATE}/s, burst {EVENT_BURST}"),
-            Limit::DurableBytes => format!(
-                "durable publishes: {} KiB/s, burst {} MiB",
-                DURABLE_RATE as u64 / 1024,
-                DURABLE_BURST as u64 >> 20
-            ),
-            Limit::Cpu => format!("aitherd CPU time: {CPU_RATE} s/s, burst {CPU_BURST} s"),
-        };
+        let terms = &self.terms;
         format!(
             "rate limited: agent {agent:?} is over its {} budget ({terms}); nothing was done; retry in {} ms",
             self.limit.as_str(),
@@ -148,9 +141,32 @@ impl Refused {
     }
 }
 
+/// The terms of the budget `limit` under `l`, for a refusal's message.
+fn terms(l: &Limits, limit: Limit) -> String {
+    match limit {
+        Limit::Requests => format!(
+            "{}/s, burst {}; a memory query counts {QUERY_COST}",
+            l.request_rate, l.request_burst
+        ),
+        Limit::Events => format!(
+            "pain and status: {}/s, burst {}",
+            l.event_rate, l.event_burst
+        ),
+        Limit::DurableBytes => format!(
+            "durable publishes: {}/s, burst {}",
+            l.durable_rate, l.durable_burst
+        ),
+        Limit::Cpu => format!(
+            "aitherd CPU time: {} s/s, burst {} s",
+            l.cpu_rate, l.cpu_burst
+        ),
+    }
+}
+
 /// An agent's budget on its channel (kept across its runs).
 #[derive(Debug)]
 pub struct Budget {
+    limits: Limits,
     requests: Bucket,
     events: Bucket,
     durable: Bucket,
@@ -183,12 +199,27 @@ pub fn cost_of(req: &serde_json::Value) -> (f64, bool, f64) {
 }
 
 impl Budget {
+    /// A full budget on the built-in terms.
     pub fn new(now: Instant) -> Budget {
+        Budget::with(&Limits::default(), now)
+    }
+
+    /// A full budget on the terms of `[limits]` (aitherd.toml) in force.
+    pub fn with(l: &Limits, now: Instant) -> Budget {
         Budget {
-            requests: Bucket::new(REQUEST_RATE, REQUEST_BURST, now),
-            events: Bucket::new(EVENT_RATE, EVENT_BURST, now),
-            durable: Bucket::new(DURABLE_RATE, DURABLE_BURST, now),
-            cpu: Bucket::new(CPU_RATE, CPU_BURST, now),
+            limits: *l,
+            requests: Bucket::new(l.request_rate, l.request_burst, now),
+            events: Bucket::new(l.event_rate, l.event_burst, now),
+            durable: Bucket::new(l.durable_rate.0 as f64, l.durable_burst.0 as f64, now),
+            cpu: Bucket::new(l.cpu_rate, l.cpu_burst, now),
+        }
+    }
+
+    fn refused(&self, limit: Limit, retry_ms: u64) -> Refused {
+        Refused {
+            limit,
+            retry_ms,
+            terms: terms(&self.limits, limit),
         }
     }
 
@@ -203,35 +234,23 @@ impl Budget {
         let (cost, event, durable) = cost_of(req);
         // The request budget first: a flood of anything is refused by it.
         if !self.requests.has(now, cost) {
-            return Err(Refused {
-                limit: Limit::Requests,
-                retry_ms: self.requests.wait_ms(cost),
-            });
+            return Err(self.refused(Limit::Requests, self.requests.wait_ms(cost)));
         }
         // In CPU debt: nothing more until the rate has paid it back.
         if !self.cpu.has(now, 0.0) {
             self.requests.take(now, 1.0);
-            return Err(Refused {
-                limit: Limit::Cpu,
-                retry_ms: self.cpu.wait_ms(0.0),
-            });
+            return Err(self.refused(Limit::Cpu, self.cpu.wait_ms(0.0)));
         }
         if event && !self.events.has(now, 1.0) {
             // A refused request still costs a request: refusing is work too.
             self.requests.take(now, 1.0);
-            return Err(Refused {
-                limit: Limit::Events,
-                retry_ms: self.events.wait_ms(1.0),
-            });
+            return Err(self.refused(Limit::Events, self.events.wait_ms(1.0)));
         }
         // A publish larger than the burst could never pass; it is refused by the bus's own
         // size limit (32 KiB) long before that.
         if durable > 0.0 && !self.durable.has(now, durable) {
             self.requests.take(now, 1.0);
-            return Err(Refused {
-                limit: Limit::DurableBytes,
-                retry_ms: self.durable.wait_ms(durable),
-            });
+            return Err(self.refused(Limit::DurableBytes, self.durable.wait_ms(durable)));
         }
         self.requests.take(now, cost);
         if event {

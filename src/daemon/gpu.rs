@@ -64,8 +64,13 @@ pub struct GpuService {
 
 impl GpuService {
     /// From AITHER_GPUS or /etc/aither/gpus.toml (else NVML); a broken file is an error.
-    pub fn load() -> Result<GpuService, gpu::GpuError> {
-        let (backend, cfg, note) = gpu::load()?;
+    /// The backend (`backend`: aitherd.toml's `gpu.backend`, if set there) and scheduler.
+    pub fn load(backend: Option<super::config::GpuBackend>) -> Result<GpuService, gpu::GpuError> {
+        let kind = backend.map(|b| match b {
+            super::config::GpuBackend::Nvml => gpu::BackendKind::Nvml,
+            super::config::GpuBackend::None => gpu::BackendKind::None,
+        });
+        let (backend, cfg, note) = gpu::load(kind)?;
         Ok(Self::with(backend, cfg.scheduler, cfg.driver_paths, note))
     }
 
@@ -500,18 +505,15 @@ impl GpuService {
                "queued": g.sched.queue_len(), "scheduler": g.sched.config()})
     }
 
-    /// Every `AITHER_GPU_POLL_MS` (default 2 s): a pass (aging reorders the queue) and a
-    /// reading of VRAM use (overuse evicts).
+    /// Every `gpu.poll_ms` of aitherd.toml (`AITHER_GPU_POLL_MS`; default 2 s, read again at
+    /// each tick so that a reload changes it): a pass (aging reorders the queue) and a reading
+    /// of VRAM use (overuse evicts).
     pub async fn ticker(d: std::sync::Arc<Daemon>) {
-        let every = std::env::var("AITHER_GPU_POLL_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(std::time::Duration::from_millis)
-            .unwrap_or(std::time::Duration::from_secs(2));
         if d.gpu.devices.is_empty() {
             return;
         }
         loop {
+            let every = std::time::Duration::from_millis(d.config().config.gpu.poll_ms);
             tokio::time::sleep(every).await;
             d.gpu.pass(&d);
             let d2 = d.clone();

@@ -412,7 +412,7 @@ impl Follower {
     /// agent.log.N) from where reading stopped, then the files rotated after it, whole, go to
     /// the backlog.
     fn rotated_away(&mut self, old: u64) {
-        let kept = super::shim::LOG_KEEP;
+        let kept = super::shim::LOG_KEEP_MAX;
         let found = (1..kept).find_map(|n| {
             let f = open_log(&self.dir, &format!("agent.log.{n}")).ok()?;
             f.metadata().ok().filter(|m| m.ino() == old).map(|_| (n, f))

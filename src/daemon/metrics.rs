@@ -1,13 +1,17 @@
-//! Prometheus metrics (`aitherd --metrics ADDR`): a tiny HTTP/1.1 responder for `GET /metrics`
-//! in the text exposition format. Off unless asked for; bind it to loopback or a private
-//! address (it has no authentication). docs/observability.md lists the series.
+//! Prometheus metrics (`[metrics] listen` in aitherd.toml, `aitherd --metrics ADDR`): a tiny
+//! HTTP/1.1 responder for `GET /metrics` in the text exposition format. On by default on a
+//! Unix socket beside the control socket (/run/aither/metrics.sock, 0660 root:aither); a TCP
+//! address has no authentication, so bind it to loopback or a private network.
+//! docs/observability.md lists the series.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+
+use super::config::Listen;
 
 use super::supervise::State;
 use super::Shared;
@@ -394,45 +398,178 @@ fn render_counters(out: &mut String, d: &Shared) {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the daemon stops.
+/// One connection: reads the request head (5 s at most), answers `GET /metrics`.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(d: Shared, mut s: S) {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while n < buf.len() {
+            let got = s.read(&mut buf[n..]).await.ok()?;
+            if got == 0 {
+                return None;
+            }
+            n += got;
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    if !matches!(head, Ok(Some(()))) {
+        return;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let first = line.lines().next().unwrap_or("");
+    let (status, body) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+        ("200 OK", render(&d))
+    } else {
+        ("404 Not Found", "not found: try GET /metrics\n".to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+}
+
+/// Serves `GET /metrics` on a TCP `listener` until the task is aborted.
 pub async fn serve(d: Shared, listener: TcpListener) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok((s, _)) = listener.accept().await else {
             continue;
         };
-        let d = d.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut n = 0;
-            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while n < buf.len() {
-                    let got = s.read(&mut buf[n..]).await.ok()?;
-                    if got == 0 {
-                        return None;
-                    }
-                    n += got;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return Some(());
-                    }
-                }
-                None
-            })
-            .await;
-            if !matches!(head, Ok(Some(()))) {
-                return;
+        tokio::spawn(answer(d.clone(), s));
+    }
+}
+
+/// Serves `GET /metrics` on a Unix socket until the task is aborted.
+pub async fn serve_unix(d: Shared, listener: UnixListener) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(answer(d.clone(), s));
+    }
+}
+
+/// Binds the metrics socket: 0660 root:`group` (0600 without the group). A missing directory
+/// is made 0755; an existing one is left as it is (it may be a shared one); a stale socket is
+/// replaced, anything else at the path is refused.
+fn bind_unix(path: &std::path::Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is at this path; aitherd does not replace it",
+            ))
+        }
+        Err(_) => {}
+    }
+    // Created with no permissions for anyone but root, then opened to the group: no window in
+    // which another user could connect.
+    // SAFETY: umask has no preconditions; restored right after bind.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = l?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(path, Some(0), Some(g))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    Ok(l)
+}
+
+/// The metrics listener in force: replaced at a reload that changes `metrics.listen`.
+#[derive(Default)]
+pub struct Server {
+    running: Mutex<Option<(Listen, tokio::task::JoinHandle<()>)>>,
+    /// The group that may read a Unix socket (aither), resolved at start.
+    group: Mutex<Option<u32>>,
+}
+
+/// Why the metrics listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the metrics listener {listen}: {source}")]
+pub struct BindError {
+    pub listen: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Server {
+    /// Serves on `listen` (in a tokio runtime), replacing what served before. On an error the
+    /// listener before stays.
+    pub fn start(&self, d: &Shared, listen: &Listen, group: Option<u32>) -> Result<(), BindError> {
+        *self.group.lock().unwrap_or_else(|e| e.into_inner()) = group;
+        self.switch(d, listen)
+    }
+
+    /// Moves the listener to `listen` (a reload), keeping the group given at start.
+    pub fn switch(&self, d: &Shared, listen: &Listen) -> Result<(), BindError> {
+        let group = *self.group.lock().unwrap_or_else(|e| e.into_inner());
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.as_ref().is_some_and(|(l, _)| l == listen) {
+            return Ok(());
+        }
+        let err = |source| BindError {
+            listen: listen.to_string(),
+            source,
+        };
+        // The old Unix socket goes first: the new one may have the same path only when the
+        // address is unchanged, which returned above.
+        let task = match listen {
+            Listen::Off => None,
+            Listen::Unix(p) => {
+                let l = bind_unix(p, group).map_err(err)?;
+                tracing::info!(socket = %p.display(), "metrics on unix:{}", p.display());
+                Some(tokio::spawn(serve_unix(d.clone(), l)))
             }
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let first = line.lines().next().unwrap_or("");
-            let (status, body) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-                ("200 OK", render(&d))
-            } else {
-                ("404 Not Found", "not found: try GET /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+            Listen::Tcp(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(TcpListener::from_std)
+                    .map_err(err)?;
+                if !a.ip().is_loopback() {
+                    tracing::warn!(%a, "metrics on a non-loopback address: they have no authentication");
+                }
+                tracing::info!(%a, "metrics on http://{a}/metrics");
+                Some(tokio::spawn(serve(d.clone(), l)))
+            }
+        };
+        if let Some((old, t)) = running.take() {
+            t.abort();
+            if let Listen::Unix(p) = old {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        *running = task.map(|t| (listen.clone(), t));
+        Ok(())
+    }
+
+    /// Stops serving and removes a Unix socket (the daemon's exit).
+    pub fn stop(&self) {
+        if let Some((l, t)) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            t.abort();
+            if let Listen::Unix(p) = l {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod agentfile;
 pub mod budget;
 pub mod bus;
 pub mod client;
+pub mod config;
 pub mod egress;
 pub mod exec;
 pub mod gpu;
@@ -25,6 +26,7 @@ pub mod logs;
 pub mod metrics;
 pub mod proto;
 pub mod recover;
+pub mod reload;
 pub mod secret_ops;
 pub mod server;
 pub mod shim;
@@ -117,8 +119,11 @@ pub struct Daemon {
     /// Every agent's owner by name, for the audit stream (its own lock: never held while
     /// recording). Kept after removal, so late records of an agent still name its owner.
     pub owners: Arc<Mutex<HashMap<String, u32>>>,
-    /// Per-user limits (`[users]` of aitherd.toml), set once at start.
-    pub users: std::sync::OnceLock<users::UsersConfig>,
+    /// aitherd.toml in force (daemon/config.rs): limits, retention, per-user limits, metrics;
+    /// replaced by a reload.
+    pub settings: config::Live,
+    /// The metrics listener (`[metrics] listen`).
+    pub metrics: metrics::Server,
     /// What aitherd spends per agent (docs/daemon.md "Bounds"), kept until `rm`.
     usage: Mutex<HashMap<String, Arc<budget::Usage>>>,
     /// Repeated audit records of agents' requests, summarised.
@@ -130,7 +135,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(state_dir: &Path, init: PathBuf) -> Result<Daemon, DaemonError> {
+    pub fn new(
+        state_dir: &Path,
+        init: PathBuf,
+        settings: config::Live,
+    ) -> Result<Daemon, DaemonError> {
         // Canonical: shims are recognised by their working directory under it.
         let state_dir = &std::fs::canonicalize(state_dir).map_err(|source| DaemonError::Io {
             what: "resolving the state directory",
@@ -147,9 +156,12 @@ impl Daemon {
             store.path(),
         )?));
         let (events, _) = broadcast::channel(4096);
+        let cfg = settings.get();
+        let r = &cfg.config.retention;
+        crate::audit::set_rotation(r.audit_rotate_bytes.0, r.audit_keep);
         let bus = Arc::new(crate::bus::Bus::open(
             &state_dir.join("bus.db"),
-            crate::bus::log::Retention::from_env(),
+            crate::bus::log::Retention::of(r.bus_max_bytes.0, r.bus_max_age.0),
         )?);
         // Pure v2, started by systemd in the leaf of a cgroup it delegated: the sandboxes go
         // below that cgroup (src/cgroup/delegate.rs); elsewhere the top-level subtree.
@@ -179,7 +191,7 @@ impl Daemon {
             init,
             state_dir: state_dir.to_path_buf(),
             cgroups,
-            gpu: gpu::GpuService::load()?,
+            gpu: gpu::GpuService::load(cfg.config.gpu.backend)?,
             key,
             revocations: Mutex::new(revocations),
             agents: Mutex::new(HashMap::new()),
@@ -187,12 +199,18 @@ impl Daemon {
             epoch: Instant::now(),
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
-            users: std::sync::OnceLock::new(),
+            settings,
+            metrics: metrics::Server::default(),
             usage: Mutex::new(HashMap::new()),
             summary: summary::Denials::new(summary::WINDOW),
             net_quotas: Mutex::new(HashMap::new()),
             execs: Arc::default(),
         })
+    }
+
+    /// aitherd.toml in force now (a snapshot).
+    pub fn config(&self) -> Arc<config::Loaded> {
+        self.settings.get()
     }
 
     /// An agent's log directory.

@@ -406,6 +406,63 @@ async fn handle(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedFd>) ->
     reply
 }
 
+/// Refuses `what` on aitherd's configuration to anyone but an admin (root, aitherd's uid,
+/// aither-admin), with an audited denial.
+fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
+    if caller.admin {
+        return Ok(());
+    }
+    d.audit.record(
+        Entry::new(
+            kind,
+            Verdict::Deny,
+            "admin: aitherd's configuration is root's, aitherd's uid's or aither-admin's",
+        )
+        .agent("aitherd")
+        .actor(caller.actor())
+        .caller(caller.uid),
+    );
+    Err(Reply::err(
+        ErrorCode::Denied,
+        "only root and members of aither-admin may read or reload aitherd's configuration",
+    ))
+}
+
+/// `aitherctl daemon reload`: aitherd.toml again (daemon/reload.rs).
+fn daemon_reload(d: &Shared, caller: &Caller) -> Reply {
+    if let Err(r) = admin_only(d, caller, "daemon_reload") {
+        return r;
+    }
+    let report = super::reload::reload(
+        d,
+        &super::reload::Trigger::Control {
+            uid: caller.uid,
+            actor: caller.actor(),
+        },
+    );
+    let data = serde_json::to_value(&report).unwrap_or_default();
+    if report.errors.is_empty() {
+        return Reply::ok(data);
+    }
+    let mut r = Reply::err(
+        ErrorCode::Invalid,
+        format!(
+            "the configuration was not reloaded (the running one is kept): {}",
+            report.errors.join("; ")
+        ),
+    );
+    r.data = Some(data);
+    r
+}
+
+/// `aitherctl daemon config`: the configuration in force and each value's source.
+fn daemon_config(d: &Shared, caller: &Caller) -> Reply {
+    if let Err(r) = admin_only(d, caller, "daemon_config") {
+        return r;
+    }
+    Reply::ok(d.config().show(&d.settings.spec))
+}
+
 /// Keeps what the caller may see: every agent for admins, their own for anyone else.
 fn visible(d: &Shared, caller: &Caller, name: &str) -> bool {
     caller.admin || d.name_owner(name).is_some_and(|o| o == caller.uid)
@@ -462,6 +519,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::GpuLs => gpu_ls(d, caller),
         Request::GpuQueue => gpu_queue(d, caller),
         Request::Ps => ps(d, caller),
+        Request::DaemonReload => daemon_reload(d, caller),
+        Request::DaemonConfig => daemon_config(d, caller),
         Request::Stats { names } => stats(d, caller, &names),
         Request::BusStreams => bus_streams(d, caller).await,
         // Durable consumers are per user: the caller's own, or (admins) `owner`'s.
@@ -946,6 +1005,19 @@ async fn spawn_inner(
                 return Reply::err(ErrorCode::Denied, e.to_string());
             }
         }
+        // The host's cap (aitherd.toml [limits] max_agents), for everyone, root included.
+        if let Some(max) = d.config().config.limits.max_agents {
+            let held = agents.len() - usize::from(agents.contains_key(&req.name));
+            if held >= max {
+                return Reply::err(
+                    ErrorCode::Denied,
+                    format!(
+                        "host limit: aitherd holds {held} agents, the most allowed is {max} \
+                         (aitherd.toml [limits] max_agents)"
+                    ),
+                );
+            }
+        }
         if let Some(h) = agents.get(&req.name) {
             let (st, owner) = {
                 let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -1009,7 +1081,8 @@ fn over_limits(
     caller: &Caller,
     rec: &Record,
 ) -> Result<(), super::users::LimitError> {
-    let cfg = d.users.get().cloned().unwrap_or_default();
+    let loaded = d.config();
+    let cfg = &loaded.config.users;
     let mut held = super::usage_in(agents, caller.uid);
     if let Some(h) = agents.get(&rec.request.name) {
         let i = h.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -1189,7 +1262,7 @@ fn gpu_ask(
 async fn read_logs_from(dir: &Path, q: logs::Query) -> (Vec<logs::Entry>, Option<logs::Follower>) {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let (entries, follower) = logs::read_all(&dir, super::shim::LOG_KEEP, &q);
+        let (entries, follower) = logs::read_all(&dir, super::shim::LOG_KEEP_MAX, &q);
         (entries, Some(follower))
     })
     .await

@@ -28,6 +28,16 @@ pub use crate::sandbox::shim::SHIM_EGRESS_FD;
 /// Log rotation: agent.log grows to this, then rotates; this many files are kept.
 pub const LOG_MAX_BYTES: u64 = 1 << 20;
 pub const LOG_KEEP: u32 = 3;
+/// The most files a reader looks for (`[retention] agent_log_keep` is at most 100): files a
+/// run rotated under a larger setting are still read.
+pub const LOG_KEEP_MAX: u32 = 101;
+
+/// How an agent's log rotates (`[retention]` of aitherd.toml, for the next run).
+#[derive(Clone, Copy, Debug)]
+pub struct LogRotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
 
 /// Errors of starting or reaching a shim.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +164,7 @@ pub async fn launch(
     init: &Path,
     spec: &SandboxSpec,
     log_dir: &Path,
+    rotation: LogRotation,
     start_timeout: Duration,
 ) -> Result<Live, ShimError> {
     prepare_log_dir(log_dir)?;
@@ -161,8 +172,8 @@ pub async fn launch(
     let config = crate::sandbox::shim::ShimConfig {
         spec: spec.clone(),
         log_dir: log_dir.to_path_buf(),
-        log_max_bytes: LOG_MAX_BYTES,
-        log_keep: LOG_KEEP,
+        log_max_bytes: rotation.max_bytes,
+        log_keep: rotation.keep,
         channel_fd: Some(SHIM_CHANNEL_FD),
         keep_fd: Some(SHIM_KEEP_FD),
     };

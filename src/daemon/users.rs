@@ -1,6 +1,7 @@
 //! Per-user limits (issue 18): the `[users]` table of aitherd's configuration file
-//! (/etc/aither/aitherd.toml, `aitherd --config PATH`). Other tables of the file belong to
-//! other parts of aitherd and are not read here. Root and admins are not limited.
+//! (/etc/aither/aitherd.toml, `aitherd --config PATH`; the file is read and checked whole by
+//! daemon/config.rs, and a reload changes the table for new spawns). Root and admins are not
+//! limited.
 //!
 //! ```toml
 //! [users.default]          # every member of group aither
@@ -16,22 +17,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::Size;
-
-/// The configuration file read when no `--config` is given (absent: no limits).
-pub const DEFAULT_CONFIG: &str = "/etc/aither/aitherd.toml";
 
 /// Errors of the `[users]` table.
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{path}: table `users`: {source}")]
     Parse {
         path: PathBuf,
@@ -43,21 +35,21 @@ pub enum UsersError {
 }
 
 /// One user's limits; None: unlimited.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserLimits {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Size>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_priority: Option<u32>,
 }
 
 /// The `[users]` table.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UsersConfig {
     #[serde(default)]
@@ -75,41 +67,32 @@ struct File {
 }
 
 impl UsersConfig {
-    /// Reads `[users]` of the file at `path`; a missing file is every default (unlimited)
-    /// unless `required`.
-    pub fn load(path: &Path, required: bool) -> Result<UsersConfig, UsersError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(UsersConfig::default())
-            }
-            Err(source) => {
-                return Err(UsersError::Read {
-                    path: path.into(),
-                    source,
-                })
-            }
-        };
-        Self::parse(&text, path)
-    }
-
+    /// Parses `[users]` of a file's text (aitherd reads the whole file through
+    /// daemon/config.rs; this is the table on its own, for its tests).
     pub fn parse(text: &str, path: &Path) -> Result<UsersConfig, UsersError> {
         let f: File = toml::from_str(text).map_err(|e| UsersError::Parse {
             path: path.into(),
             source: Box::new(e),
         })?;
         let c = f.users;
+        Self::check(&c).map_err(|who| UsersError::Cpus {
+            path: path.into(),
+            who,
+        })?;
+        Ok(c)
+    }
+
+    /// Checks the values serde cannot; Err: the user (or "default") whose `cpus` is not more
+    /// than 0.
+    pub fn check(c: &UsersConfig) -> Result<(), String> {
         for (who, l) in std::iter::once(("default", &c.default))
             .chain(c.user.iter().map(|(k, v)| (k.as_str(), v)))
         {
             if l.cpus.is_some_and(|x| x.is_nan() || x <= 0.0) {
-                return Err(UsersError::Cpus {
-                    path: path.into(),
-                    who: who.into(),
-                });
+                return Err(who.into());
             }
         }
-        Ok(c)
+        Ok(())
     }
 
     /// The limits of the user `name` (their own entry, else the default).

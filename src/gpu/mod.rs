@@ -114,11 +114,24 @@ impl GpuConfig {
 /// The backend and scheduler configuration of this host. A broken configuration file is an
 /// error (the daemon refuses to start rather than run without the GPUs the operator declared);
 /// NVML without a driver is "no GPUs" with the reason.
-pub fn load() -> Result<Loaded, GpuError> {
+///
+/// `backend`: aitherd.toml's `gpu.backend` when set there, which wins over gpus.toml's (it can
+/// only name `nvml` or `none`, never the simulated backend).
+pub fn load(backend: Option<BackendKind>) -> Result<Loaded, GpuError> {
     let Some(path) = GpuConfig::path() else {
-        return Ok(nvml_or_none(GpuConfig::default()));
+        return Ok(match backend {
+            Some(BackendKind::None) => (
+                Box::new(NoGpus),
+                GpuConfig::default(),
+                Some("aitherd.toml: gpu.backend = \"none\"".into()),
+            ),
+            _ => nvml_or_none(GpuConfig::default()),
+        });
     };
-    let cfg = GpuConfig::parse_file(&path)?;
+    let mut cfg = GpuConfig::parse_file(&path)?;
+    if let Some(b) = backend {
+        cfg.backend = b;
+    }
     match cfg.backend {
         BackendKind::Simulated if !crate::testhooks::ENABLED => Err(GpuError::Config {
             path,

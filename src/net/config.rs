@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The configuration file read when no `--config` is given (absent: every default).
 pub const DEFAULT_CONFIG: &str = "/etc/aither/aitherd.toml";
@@ -73,17 +73,17 @@ pub struct Config {
     pub egress: EgressConfig,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
     /// PEM certificates trusted for route upstreams, besides the system store.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
     /// Descriptors the gateway may hold, all agents together [default: half the process's
     /// soft RLIMIT_NOFILE]; one agent gets an eighth of it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_descriptors: Option<usize>,
 }
 
@@ -113,8 +113,14 @@ impl Egress {
                 })
             }
         };
+        Self::from_section(&cfg.egress, path)
+    }
+
+    /// The settings of an `[egress]` table already read from `path` (aitherd reads the file
+    /// once, daemon/config.rs), with the trust anchors it names.
+    pub fn from_section(egress: &EgressConfig, path: &Path) -> Result<Egress, ConfigError> {
         let mut roots = system_roots();
-        if let Some(ca) = &cfg.egress.ca_file {
+        if let Some(ca) = &egress.ca_file {
             let extra = pem_certs(ca).map_err(|source| ConfigError::CaFile {
                 path: path.to_path_buf(),
                 ca: ca.clone(),
@@ -122,7 +128,7 @@ impl Egress {
             })?;
             roots.extend(extra);
         }
-        let idle_timeout = match cfg.egress.idle_timeout_s {
+        let idle_timeout = match egress.idle_timeout_s {
             Some(0) => {
                 return Err(ConfigError::Idle {
                     path: path.to_path_buf(),
@@ -131,7 +137,7 @@ impl Egress {
             Some(s) => Duration::from_secs(s),
             None => DEFAULT_IDLE_TIMEOUT,
         };
-        if cfg.egress.max_descriptors.is_some_and(|n| n < 32) {
+        if egress.max_descriptors.is_some_and(|n| n < 32) {
             return Err(ConfigError::Descriptors {
                 path: path.to_path_buf(),
             });
@@ -139,7 +145,7 @@ impl Egress {
         Ok(Egress {
             roots,
             idle_timeout,
-            max_descriptors: cfg.egress.max_descriptors,
+            max_descriptors: egress.max_descriptors,
         })
     }
 }

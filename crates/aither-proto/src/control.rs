@@ -268,6 +268,13 @@ pub enum Request {
         #[serde(default)]
         agent: Option<String>,
     },
+    /// Reads aitherd.toml again and applies what can change live (admins only). The reply is
+    /// `{"path", "changed", "restart_required", "errors"}`, each change `{"field", "old",
+    /// "new"}`; a bad file is `invalid` with that report as `data`, and nothing changes.
+    DaemonReload,
+    /// The configuration in force (admins only): `{"path", "file_present", "config",
+    /// "sources"}`, `sources` mapping each dotted field to `default`, `file`, `env` or `flag`.
+    DaemonConfig,
 }
 
 /// A secret's value in a request: shown as `<secret>` by `Debug`, so no log of a request can

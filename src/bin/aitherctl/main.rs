@@ -3,6 +3,7 @@
 
 mod audit_cmd;
 mod bus_cmd;
+mod config_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
 mod escape;
@@ -74,6 +75,8 @@ enum Command {
     #[command(subcommand)]
     Gpu(gpu_cmd::GpuCmd),
     #[command(subcommand)]
+    Daemon(config_cmd::DaemonCmd),
+    #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
     #[command(subcommand)]
     Token(token_cmd::TokenCmd),
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Bus(b) => bus_cmd::run(b),
         Command::Mem(m) => mem_cmd::run(m),
         Command::Gpu(g) => gpu_cmd::run(g),
+        Command::Daemon(c) => config_cmd::run(c),
         Command::Policy(p) => policy_cmd::run(p),
         Command::Token(t) => token_cmd::run(t),
         Command::Secret(s) => secret_cmd::run(s),

@@ -22,7 +22,8 @@ use tokio::signal::unix::{signal, SignalKind};
 /// ended meanwhile. SIGTERM or SIGINT stop the daemon cleanly and leave the agents running.
 ///
 /// Environment: AITHER_SOCKET (socket path), AITHER_STATE_DIR (state directory),
-/// AITHER_INIT (path of aither-init), AITHER_POLICY_DIR (policies).
+/// AITHER_INIT (path of aither-init), AITHER_POLICY_DIR (policies). SIGHUP reads the
+/// configuration file again (what can change live: docs/daemon.md "Configuration file").
 #[derive(Parser)]
 #[command(name = "aitherd", version, max_term_width = 100, verbatim_doc_comment)]
 struct Args {
@@ -35,21 +36,29 @@ struct Args {
     /// Write the daemon's pid here (removed at a clean exit).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
-    /// Configuration file (TOML): `[users]`, per-user limits (docs/daemon.md); `[egress]`,
-    /// `ca_file`, `idle_timeout_s`, `max_descriptors` (docs/network.md)
-    /// [default: /etc/aither/aitherd.toml, if present].
+    /// Configuration file (TOML, docs/daemon.md "Configuration file"): `[daemon]`, `[metrics]`,
+    /// `[gpu]`, `[limits]`, `[retention]`, `[users]`, `[egress]`. Root's, not writable by group
+    /// or others, no symbolic link on its path. SIGHUP or `aitherctl daemon reload` reads it
+    /// again [default: /etc/aither/aitherd.toml, if present].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), GET /metrics. No
-    /// authentication: bind to loopback or a private network (docs/observability.md).
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
-    /// The group whose members may use the socket (each acts on their own agents only).
-    #[arg(long, value_name = "NAME", default_value = daemon::identity::MEMBER_GROUP)]
-    group: String,
-    /// The group whose members act on every user's agents, as root does.
-    #[arg(long, value_name = "NAME", default_value = daemon::identity::ADMIN_GROUP)]
-    admin_group: String,
+    /// Where to serve Prometheus metrics (GET /metrics): `unix:/PATH`, a TCP address such as
+    /// 127.0.0.1:9464 (no authentication: loopback or a private network only), or `off`
+    /// [default: `[metrics] listen`, else unix:metrics.sock beside the control socket].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    metrics: Option<daemon::config::Listen>,
+    /// The group whose members may use the socket (each acts on their own agents only)
+    /// [default: `[daemon] group`, else aither].
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// The group whose members act on every user's agents, as root does [default:
+    /// `[daemon] admin_group`, else aither-admin].
+    #[arg(long, value_name = "NAME")]
+    admin_group: Option<String>,
+}
+
+fn parse_listen(s: &str) -> Result<daemon::config::Listen, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -140,23 +149,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::env::set_var("AITHER_STATE_DIR", dir);
     }
     let socket = args.socket.clone().unwrap_or_else(daemon::socket_path);
+    // The configuration is read before anything is served: a bad file stops the start.
+    let spec = daemon::config::Spec {
+        path: args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(daemon::config::DEFAULT_PATH)),
+        explicit: args.config.is_some(),
+        overrides: daemon::config::Overrides {
+            metrics: args.metrics.clone(),
+            group: args.group.clone(),
+            admin_group: args.admin_group.clone(),
+        },
+        socket: socket.clone(),
+    };
+    let loaded = spec.load()?;
+    let cfg = loaded.config.clone();
+    let egress = aither::net::config::Egress::from_section(&cfg.egress, &spec.path)?;
+    // Installed before the socket exists: a SIGHUP from then on reloads, never kills.
+    let mut hup = signal(SignalKind::hangup())?;
     let _lock = lock(&socket)?;
     let state_dir = aither::token::state_dir();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     raise_nofile();
     let init = daemon::find_init()?;
-    // The configuration is read before anything is served: a bad file stops the start.
-    let (config, explicit) = match &args.config {
-        Some(p) => (p.as_path(), true),
-        None => (std::path::Path::new(daemon::users::DEFAULT_CONFIG), false),
-    };
-    let users =
-        daemon::users::UsersConfig::load(config, explicit).context("reading the configuration")?;
-    let egress =
-        aither::net::config::Egress::load(config, explicit).context("reading the configuration")?;
-    let d = Arc::new(Daemon::new(&state_dir, init.clone())?);
-    let _ = d.users.set(users);
+    let settings = daemon::config::Live::new(spec, loaded);
+    let d = Arc::new(Daemon::new(&state_dir, init.clone(), settings)?);
     d.init_gateway(egress);
     let rec = recover::recover(&d)?;
     tracing::info!(
@@ -167,7 +186,68 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "recovered"
     );
     daemon::started_event(&d, rec.adopted, rec.restarted);
-    // Test switches in force (debug builds only) are on the record, once per daemon start.
+    record_overrides();
+    tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
+    tokio::spawn(daemon::Daemon::summary_ticker(d.clone()));
+    daemon::kernel_audit::start(d.clone());
+    let group = daemon::identity::group_gid(&cfg.daemon.group);
+    // Metrics first: an address that cannot be bound stops the start before the control
+    // socket exists.
+    if let Some(listen) = &cfg.metrics.listen {
+        d.metrics.start(&d, listen, group)?;
+    }
+    let listener =
+        server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
+    let access = Arc::new(server::Access {
+        groups: daemon::identity::Groups {
+            member: group,
+            admin: daemon::identity::group_gid(&cfg.daemon.admin_group),
+        },
+    });
+    let reloader = {
+        let d = d.clone();
+        async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                daemon::reload::reload(&d, &daemon::reload::Trigger::Signal);
+            }
+            // The signal stream cannot end while the runtime runs; if it did, the daemon
+            // would go on serving, without reloads.
+            std::future::pending::<()>().await
+        }
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = server::serve(d.clone(), listener, access) => {}
+        _ = reloader => {}
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down; agents keep running"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down; agents keep running"),
+    }
+    d.emit_daemon(
+        "daemon_stopped",
+        serde_json::json!({"pid": std::process::id()}),
+    );
+    d.metrics.stop();
+    // Open summary windows are written before the audit writer stops.
+    d.flush_summaries(true);
+    let _ = d.store.flush().await;
+    let bus = d.bus.clone();
+    let _ = tokio::task::spawn_blocking(move || bus.log.close()).await;
+    let _ = std::fs::remove_file(&socket);
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// Test switches in force (debug builds only) are on the record, once per daemon start.
+fn record_overrides() {
     let overrides = aither::testhooks::in_force();
     if !overrides.is_empty() {
         aither::audit::record(
@@ -180,51 +260,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .data(serde_json::json!({ "overrides": overrides })),
         );
     }
-    tokio::spawn(daemon::gpu::GpuService::ticker(d.clone()));
-    tokio::spawn(daemon::Daemon::summary_ticker(d.clone()));
-    daemon::kernel_audit::start(d.clone());
-    let group = daemon::identity::group_gid(&args.group);
-    let listener =
-        server::bind(&socket, group).with_context(|| format!("binding {}", socket.display()))?;
-    if let Some(p) = &args.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    tracing::info!(socket = %socket.display(), state = %state_dir.display(), init = %init.display(), "aitherd ready");
-    let access = Arc::new(server::Access {
-        groups: daemon::identity::Groups {
-            member: group,
-            admin: daemon::identity::group_gid(&args.admin_group),
-        },
-    });
-    if let Some(addr) = args.metrics {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics address {addr}"))?;
-        tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        tokio::spawn(daemon::metrics::serve(d.clone(), l));
-    }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = server::serve(d.clone(), listener, access) => {}
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down; agents keep running"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down; agents keep running"),
-    }
-    d.emit_daemon(
-        "daemon_stopped",
-        serde_json::json!({"pid": std::process::id()}),
-    );
-    // Open summary windows are written before the audit writer stops.
-    d.flush_summaries(true);
-    let _ = d.store.flush().await;
-    let bus = d.bus.clone();
-    let _ = tokio::task::spawn_blocking(move || bus.log.close()).await;
-    let _ = std::fs::remove_file(&socket);
-    if let Some(p) = &args.pidfile {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(())
 }
 
 /// Each agent holds a few descriptors in the daemon (its channel, its pidfd): lift the soft
