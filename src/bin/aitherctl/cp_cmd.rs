@@ -27,8 +27,7 @@ use crate::escape;
 /// One of SRC and DEST is NAME:PATH, a path in the sandbox of the running agent NAME
 /// (relative: to the agent's working directory); the other is a host path, or - for a tar
 /// stream on stdout (from an agent) or stdin (into an agent: DEST must then be an existing
-/// directory there). A host path with a colon is
-/// written with a slash before it (./a:b).
+/// directory there). A host path with a colon is written with a slash before it (./a:b).
 ///
 /// What lands where, as `docker cp`:
 ///   SRC a file:       DEST missing: written as DEST (its parent must exist; DEST/ with a
