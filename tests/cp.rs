@@ -132,6 +132,14 @@ fn files_and_directories_are_copied_out_and_in_as_docker_cp_does() {
         "{}",
         describe(&o)
     );
+    let o = cp(&d, &a("/tmp/f"), &(hs("f") + "/"));
+    assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
+    assert!(
+        text(&o.stderr).contains("not a directory"),
+        "{}",
+        describe(&o)
+    );
+    assert_eq!(read(&h("f")), "file\n");
     let o = cp(&d, &a("/tmp/d"), &hs("f"));
     assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
     assert!(
@@ -282,6 +290,12 @@ fn an_agents_links_and_hostile_streams_change_nothing_outside_the_destination() 
             "hard link",
         ),
         (
+            // A name that would retitle the operator's terminal, printed escaped.
+            "esc",
+            crafted(&[("./esc/\u{1b}]0;owned\u{7}/../../pwned", File, "x", 0o644)]),
+            "'..'",
+        ),
+        (
             "other",
             crafted(&[("./elsewhere/pwned", File, "x", 0o644)]),
             "outside",
@@ -336,6 +350,10 @@ fn an_agents_links_and_hostile_streams_change_nothing_outside_the_destination() 
         assert_eq!(o.status.code(), Some(1), "{n}: {}", describe(&o));
         let err = text(&o.stderr);
         assert!(err.contains(why), "{n}: {err}");
+        assert!(
+            !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "{n}: {err:?}"
+        );
     }
     assert_eq!(
         std::fs::read_dir(victim.path()).unwrap().count(),

@@ -121,7 +121,13 @@ pub fn run(a: CpArgs) -> i32 {
     match res {
         Ok(()) => 0,
         Err(Failed(code, msg)) => {
-            eprintln!("aither: error: cp {} {}: {msg}", a.src, a.dest);
+            // Member names in the message are the agent's text.
+            eprintln!(
+                "aither: error: cp {} {}: {}",
+                a.src,
+                a.dest,
+                escape::text(&msg)
+            );
             code
         }
     }
@@ -282,6 +288,9 @@ fn copy_out(name: &str, apath: &str, dest: &str) -> Result<(), Failed> {
     let (root, names) = match (state, is_dir, contents) {
         (HostDest::Dir(fd), _, false) => (fd, top(base.clone())),
         (HostDest::Dir(fd), true, true) => (fd, Names::Contents),
+        (HostDest::NotDir, _, _) if dest.ends_with('/') => {
+            return refuse(format!("{dest}: not a directory"))
+        }
         (HostDest::NotDir, true, _) => {
             return refuse(format!(
                 "{dest}: not a directory (cannot copy a directory onto a file)"
