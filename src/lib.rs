@@ -14,6 +14,7 @@ pub use aither_core::{
 pub mod agent_name;
 pub mod audit;
 pub mod bus;
+pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod gpu;

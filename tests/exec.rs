@@ -311,6 +311,7 @@ fn aitherd_refuses_a_socket_a_directory_or_a_proc_file_as_a_commands_stream() {
         env: vec![],
         cwd: None,
         tty: false,
+        copy: None,
     });
     let mut c = Client::connect(&d.socket()).unwrap();
     let r = c

@@ -775,6 +775,7 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
         env: vec![],
         cwd: None,
         tty: false,
+        copy: None,
     });
     let r = Client::connect(&d.socket())
         .unwrap()

@@ -34,7 +34,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 
 use super::identity::Caller;
-use super::proto::{aio, ErrorCode, ExecRequest, Reply};
+use super::proto::{aio, CopyOp, ErrorCode, ExecRequest, Reply};
 use super::supervise::State;
 use super::Shared;
 use crate::audit::{Entry, Verdict};
@@ -86,6 +86,8 @@ pub enum ExecRefused {
         "agent {name:?} is paused: its processes are frozen (`aitherctl resume {name}` first)"
     )]
     Paused { name: String },
+    #[error("cp: {0}")]
+    BadCopy(&'static str),
     #[error("agent {name:?} already runs {max} commands from exec (the most at a time); wait for one to end")]
     TooMany { name: String, max: usize },
 }
@@ -184,8 +186,10 @@ pub async fn serve(
         env,
         cwd,
         tty,
+        copy,
     } = req;
-    let owner = match super::server::authorize(d, caller, "exec", &name) {
+    let kind = if copy.is_some() { "cp" } else { "exec" };
+    let owner = match super::server::authorize(d, caller, kind, &name) {
         Ok(Some(o)) => o,
         Ok(None) => {
             let _ = aio::write_reply(w, &super::server::not_found(&name)).await;
@@ -196,6 +200,11 @@ pub async fn serve(
             return;
         }
     };
+    // A copy's command is aitherd's own (and is what is recorded).
+    let (argv, bad_copy) = match copy_argv(copy.as_ref(), argv, tty) {
+        Ok(a) => (a, None),
+        Err(e) => (vec![], Some(e)),
+    };
     let audit = |verdict: Verdict, rule: String, extra: serde_json::Value| {
         let mut data = json!({
             "argv": argv,
@@ -204,11 +213,14 @@ pub async fn serve(
             "cwd": cwd,
             "tty": tty,
         });
+        if let (Some(o), Some(c)) = (data.as_object_mut(), &copy) {
+            o.insert("copy".into(), json!(c));
+        }
         if let (Some(o), Some(x)) = (data.as_object_mut(), extra.as_object()) {
             o.extend(x.clone());
         }
         d.audit.record(
-            Entry::new("exec", verdict, rule)
+            Entry::new(kind, verdict, rule)
                 .agent(&name)
                 .actor(caller.actor())
                 .caller(caller.uid)
@@ -216,6 +228,11 @@ pub async fn serve(
                 .data(data),
         );
     };
+    if let Some(e) = bad_copy {
+        audit(Verdict::Deny, format!("{}: {e}", e.code()), json!({}));
+        let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
+        return;
+    }
     let checked =
         check(&argv, &env, cwd.as_deref(), Terminals::with_tty(tty), fds).and_then(|stdio| {
             let (spec, pid1) = sandbox_of(d, &name)?;
@@ -259,6 +276,83 @@ pub async fn serve(
         Err(e) => Reply::err(ErrorCode::LaunchFailed, e.to_string()),
     };
     let _ = aio::write_reply(w, &reply).await;
+}
+
+/// The command of an `aitherctl cp` request (`copy`), which aitherd derives itself: the
+/// client's `argv` must be empty and there is no terminal. Without `copy`, `argv` as it is.
+///
+/// The agent side runs inside the sandbox as the agent, so a link in the agent's files is
+/// resolved there, under the agent's own confinement, never on the host; the tar stream it
+/// writes is parsed by aitherctl as hostile (src/cp). `tar` is the one on the agent's PATH
+/// (as `kubectl cp` runs the container's): an agent that replaces it only makes its own
+/// stream lie, which the host side expects anyway.
+pub fn copy_argv(
+    copy: Option<&CopyOp>,
+    argv: Vec<String>,
+    tty: bool,
+) -> Result<Vec<String>, ExecRefused> {
+    let Some(op) = copy else { return Ok(argv) };
+    if !argv.is_empty() {
+        return Err(ExecRefused::BadCopy("a copy carries no command of its own"));
+    }
+    if tty {
+        return Err(ExecRefused::BadCopy("a copy has no terminal"));
+    }
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let empty = |p: &Path| p.as_os_str().is_empty();
+    Ok(match op {
+        CopyOp::Out { path, .. } | CopyOp::IsDir { path } | CopyOp::In { dir: path }
+            if empty(path) =>
+        {
+            return Err(ExecRefused::BadCopy("an empty path"));
+        }
+        CopyOp::Out {
+            path,
+            contents: true,
+        } => [
+            "tar",
+            "-c",
+            "-f",
+            "-",
+            "--hard-dereference",
+            "-C",
+            &s(path),
+            ".",
+        ]
+        .map(String::from)
+        .to_vec(),
+        CopyOp::Out {
+            path,
+            contents: false,
+        } => {
+            let (dir, name) = match (path.parent(), path.file_name()) {
+                (Some(p), Some(n)) => (if empty(p) { Path::new(".") } else { p }, n),
+                // "/", "..", "x/..": the path itself, as a directory's contents.
+                _ => (path.as_path(), std::ffi::OsStr::new(".")),
+            };
+            let mut member = std::ffi::OsString::from("./");
+            member.push(name);
+            let member = if name == "." {
+                ".".into()
+            } else {
+                s(Path::new(&member))
+            };
+            vec![
+                "tar".into(),
+                "-c".into(),
+                "-f".into(),
+                "-".into(),
+                "--hard-dereference".into(),
+                "-C".into(),
+                s(dir),
+                member,
+            ]
+        }
+        CopyOp::IsDir { path } => vec!["test".into(), "-d".into(), s(path)],
+        CopyOp::In { dir } => ["tar", "-x", "-f", "-", "-C", &s(dir)]
+            .map(String::from)
+            .to_vec(),
+    })
 }
 
 /// The request's fields and descriptors, checked (stage 2).
@@ -530,6 +624,47 @@ mod tests {
             check(&argv, &[], None, Terminals::Refused, two),
             Err(ExecRefused::FdCount(2))
         ));
+    }
+
+    #[test]
+    fn a_copys_command_is_aitherds_own_and_the_clients_is_refused() {
+        let out = |p: &str, contents| CopyOp::Out {
+            path: p.into(),
+            contents,
+        };
+        let argv = |op: &CopyOp| copy_argv(Some(op), vec![], false).unwrap().join(" ");
+        assert_eq!(
+            argv(&out("/w/d", false)),
+            "tar -c -f - --hard-dereference -C /w ./d"
+        );
+        assert_eq!(
+            argv(&out("rel", false)),
+            "tar -c -f - --hard-dereference -C . ./rel"
+        );
+        assert_eq!(
+            argv(&out("/w/d/.", true)),
+            "tar -c -f - --hard-dereference -C /w/d/. ."
+        );
+        assert_eq!(
+            argv(&out("/", false)),
+            "tar -c -f - --hard-dereference -C / ."
+        );
+        assert_eq!(argv(&CopyOp::In { dir: "/w".into() }), "tar -x -f - -C /w");
+        assert_eq!(argv(&CopyOp::IsDir { path: "x".into() }), "test -d x");
+        let op = out("/w", false);
+        assert!(matches!(
+            copy_argv(Some(&op), vec!["sh".into()], false),
+            Err(ExecRefused::BadCopy(_))
+        ));
+        assert!(matches!(
+            copy_argv(Some(&op), vec![], true),
+            Err(ExecRefused::BadCopy(_))
+        ));
+        assert!(matches!(
+            copy_argv(Some(&out("", false)), vec![], false),
+            Err(ExecRefused::BadCopy(_))
+        ));
+        assert_eq!(copy_argv(None, vec!["ls".into()], false).unwrap(), ["ls"]);
     }
 
     #[test]

@@ -90,6 +90,25 @@ pub struct ExecRequest {
     pub cwd: Option<PathBuf>,
     #[serde(default)]
     pub tty: bool,
+    /// `aitherctl cp`: the command is not the client's but the one aitherd derives from this
+    /// (then `argv` is empty), and the operation is audited as `cp` (docs/agents.md "cp").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyOp>,
+}
+
+/// The agent side of `aitherctl cp`, run inside the sandbox with the agent's confinement by
+/// the `tar` (or `test`) on the agent's own PATH. Paths are the agent's (relative: to its
+/// working directory).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CopyOp {
+    /// A tar stream of `path` on stdout: `tar -c -f - --hard-dereference -C DIR ./NAME`, or
+    /// with `contents` (`PATH/.`) `-C PATH .`.
+    Out { path: PathBuf, contents: bool },
+    /// Exit 0 when `path` is a directory (`test -d PATH`).
+    IsDir { path: PathBuf },
+    /// The tar stream on stdin extracted into the directory `dir` (`tar -x -f - -C DIR`).
+    In { dir: PathBuf },
 }
 
 /// Which of the agent's standard streams a log record came from.

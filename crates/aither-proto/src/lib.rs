@@ -22,7 +22,8 @@ pub mod shim;
 
 pub use agent::{AgentFrame, AgentRequest, BusMessage, Push, Severity, UnknownSeverity};
 pub use control::{
-    ExecRequest, LogStream, Reply, Request, RestartPolicy, SecretValue, SpawnRequest, Supervision,
+    CopyOp, ExecRequest, LogStream, Reply, Request, RestartPolicy, SecretValue, SpawnRequest,
+    Supervision,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FrameError, MAX_FRAME, MAX_REPLY};

@@ -129,6 +129,8 @@ fn every_fixture_round_trips_byte_for_byte() {
         "stats",
         "stop",
     ];
+    // exec twice: a command, and `aitherctl cp`'s (control.request.exec_cp.json).
+    want.push("exec");
     want.sort();
     assert_eq!(control_ops, want);
     agent_ops.sort();

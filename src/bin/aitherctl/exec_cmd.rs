@@ -146,6 +146,7 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         env,
         cwd: a.workdir,
         tty: a.tty,
+        copy: None,
     });
     // Our terminal's settings, restored whatever happens to the launcher that sets it raw
     // (also when we are ended by SIGTERM, SIGHUP, SIGINT or SIGQUIT).

@@ -4,6 +4,7 @@
 mod audit_cmd;
 mod bus_cmd;
 mod config_cmd;
+mod cp_cmd;
 mod daemon_cmd;
 mod doctor_cmd;
 mod escape;
@@ -66,6 +67,7 @@ enum Command {
     Resume(daemon_cmd::ResumeArgs),
     Rm(daemon_cmd::RmArgs),
     Exec(exec_cmd::ExecArgs),
+    Cp(cp_cmd::CpArgs),
     Events(daemon_cmd::EventsArgs),
     Audit(audit_cmd::AuditArgs),
     #[command(subcommand)]
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
         Command::Resume(a) => daemon_cmd::resume(a),
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Exec(a) => exec_cmd::run(a),
+        Command::Cp(a) => cp_cmd::run(a),
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
         Command::Bus(b) => bus_cmd::run(b),

@@ -16,7 +16,9 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show the effective rules of a policy.
+    /// Show the effective rules of a policy: for one that extends another (`extends =
+    /// "NAME"`), the resolved policy (the parent's rules with the overrides applied) and the
+    /// chain of what it extends.
     Show {
         /// Policy name or file.
         policy: String,
@@ -89,6 +91,7 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
     if as_json {
         let v = json!({
             "source": lp.source,
+            "extends": lp.extends,
             "policy": p,
             "effective": {
                 "seccomp_allowed_syscalls": seccomp_rules,
@@ -100,6 +103,17 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
     }
     let yn = |b: bool| if b { "new" } else { "host" };
     println!("policy        {} ({})", p.name, lp.source);
+    if !lp.extends.is_empty() {
+        let chain: Vec<String> = lp
+            .extends
+            .iter()
+            .map(|e| format!("{} ({})", e.name, e.source))
+            .collect();
+        println!(
+            "extends       {} (shown resolved: its rules with this policy's overrides)",
+            chain.join(" <- ")
+        );
+    }
     println!("description   {}", p.description);
     if let Some(w) = &p.warning {
         println!("WARNING       {w}");

@@ -55,6 +55,11 @@ pub fn from_toml_error(src: &str, e: &toml::de::Error) -> (usize, usize, String)
 
 /// Position of `key` inside `[table]` ("" = top level); (1, 1) if absent.
 pub fn key(src: &str, table: &str, key: &str) -> (usize, usize) {
+    find_key(src, table, key).unwrap_or((1, 1))
+}
+
+/// Position of `key` inside `[table]` ("" = top level), if it is written there.
+pub fn find_key(src: &str, table: &str, key: &str) -> Option<(usize, usize)> {
     let mut current = String::new();
     for (i, l) in src.lines().enumerate() {
         let t = l.trim_start();
@@ -67,10 +72,10 @@ pub fn key(src: &str, table: &str, key: &str) -> (usize, usize) {
         if current == table {
             if let Some((k, _)) = t.split_once('=') {
                 if k.trim().trim_matches('"') == key {
-                    return (i + 1, l.len() - t.len() + 1);
+                    return Some((i + 1, l.len() - t.len() + 1));
                 }
             }
         }
     }
-    (1, 1)
+    None
 }

@@ -5,6 +5,7 @@
 
 mod builtin;
 pub mod bus_subject;
+pub mod extends;
 pub mod locate;
 pub mod net_rules;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::{HumanDuration, Size};
 
 pub use builtin::BUILTIN_POLICIES;
+pub use extends::Parent;
 
 /// Errors of loading or validating a policy.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +436,8 @@ pub struct LoadedPolicy {
     pub policy: Policy,
     /// A file path, or "built-in".
     pub source: String,
+    /// What it extends (`extends = "NAME"`), nearest first; empty for a whole policy.
+    pub extends: Vec<Parent>,
 }
 
 /// Known seccomp profiles.
@@ -445,33 +449,95 @@ type Fail<'a> = &'a dyn Fn(&str, &str, String);
 impl Policy {
     /// Parses and validates policy text. `origin` names the file in errors.
     pub fn parse(src: &str, origin: &str) -> Result<Policy, PolicyError> {
-        let policy: Policy = toml::from_str(src).map_err(|e| {
-            let (line, column, field) = locate::from_toml_error(src, &e);
-            PolicyError::Invalid {
+        Self::parse_extended(src, origin).map(|(p, _)| p)
+    }
+
+    /// [`Policy::parse`], following `extends` (module `extends`): the policy and what it
+    /// extends, nearest first.
+    pub fn parse_extended(src: &str, origin: &str) -> Result<(Policy, Vec<Parent>), PolicyError> {
+        Self::parse_extended_in(src, origin, &policy_dirs())
+    }
+
+    /// [`Policy::parse_extended`] with the directories a parent is looked up in (before the
+    /// built-in policies).
+    pub fn parse_extended_in(
+        src: &str,
+        origin: &str,
+        dirs: &[PathBuf],
+    ) -> Result<(Policy, Vec<Parent>), PolicyError> {
+        // Most policies are whole: no second parse of their text on the launch path.
+        let table = match src.contains("extends") {
+            true => Some(extends::parse_table(src, origin)?),
+            false => None,
+        };
+        let Some(table) = table.filter(|t| t.contains_key("extends")) else {
+            // A whole policy: parsed from its own text, so serde's errors have its positions.
+            let policy: Policy = toml::from_str(src).map_err(|e| {
+                let (line, column, field) = locate::from_toml_error(src, &e);
+                PolicyError::Invalid {
+                    path: origin.to_string(),
+                    line,
+                    column,
+                    field,
+                    message: e.message().trim().to_string(),
+                }
+            })?;
+            policy.validate(&extends::Sources::one(origin, src))?;
+            return Ok((policy, vec![]));
+        };
+        if !table.contains_key("name") {
+            let (line, column) = locate::key(src, "", "extends");
+            return Err(PolicyError::Invalid {
                 path: origin.to_string(),
                 line,
                 column,
-                field,
+                field: "name".into(),
+                message: "a policy that extends another names itself (`name = \"...\"`): \
+                          the name is this policy's, never inherited"
+                    .into(),
+            });
+        }
+        let layers = extends::chain(src, origin, table, dirs)?;
+        let sources = extends::Sources::of(&layers);
+        let text =
+            toml::to_string(&extends::merged(&layers)).map_err(|e| PolicyError::Invalid {
+                path: origin.to_string(),
+                line: 1,
+                column: 1,
+                field: "(document)".into(),
+                message: e.to_string(),
+            })?;
+        let policy: Policy = toml::from_str(&text).map_err(|e| {
+            // The field, found in the merged text, is shown where a policy of the chain
+            // writes it.
+            let (_, _, field) = locate::from_toml_error(&text, &e);
+            let (table, key) = field.rsplit_once('.').unwrap_or(("", field.as_str()));
+            let (path, line, column) = sources.at(table, key);
+            PolicyError::Invalid {
+                path,
+                line,
+                column,
+                field: field.clone(),
                 message: e.message().trim().to_string(),
             }
         })?;
-        policy.validate(src, origin)?;
-        Ok(policy)
+        policy.validate(&sources)?;
+        Ok((policy, extends::parents(&layers)))
     }
 
     /// Semantic checks that serde cannot make; errors point at the offending key.
     /// Every check runs: all errors are reported in one pass, in file order.
-    fn validate(&self, src: &str, origin: &str) -> Result<(), PolicyError> {
+    fn validate(&self, sources: &extends::Sources<'_>) -> Result<(), PolicyError> {
         let errors = std::cell::RefCell::new(Vec::new());
         let fail = |table: &str, key: &str, message: String| {
-            let (line, column) = locate::key(src, table, key);
+            let (path, line, column) = sources.at(table, key);
             let field = if table.is_empty() {
                 key.to_string()
             } else {
                 format!("{table}.{key}")
             };
             errors.borrow_mut().push(PolicyError::Invalid {
-                path: origin.to_string(),
+                path,
                 line,
                 column,
                 field,
@@ -485,9 +551,9 @@ impl Policy {
                 net_rules::RuleError::Invalid { field, reason } => (field, reason),
                 net_rules::RuleError::Widening { field, detail } => (field, detail),
             };
-            let (line, column) = locate_net(src, &field);
+            let (path, line, column) = sources.at_with(|src| locate_net(src, &field));
             errors.borrow_mut().push(PolicyError::Invalid {
-                path: origin.to_string(),
+                path,
                 line,
                 column,
                 field: format!("net.{field}"),
@@ -747,9 +813,11 @@ impl Policy {
         }
         if let Some((_, src)) = BUILTIN_POLICIES.iter().find(|(n, _)| *n == name_or_path) {
             let origin = format!("built-in:{name_or_path}.toml");
+            let (policy, extends) = Self::parse_extended(src, &origin)?;
             return Ok(LoadedPolicy {
-                policy: Self::parse(src, &origin)?,
+                policy,
                 source: "built-in".into(),
+                extends,
             });
         }
         searched.push("built-in".into());
@@ -764,10 +832,11 @@ impl Policy {
             path: path.to_path_buf(),
             source,
         })?;
-        let policy = Self::parse(&src, &path.display().to_string())?;
+        let (policy, extends) = Self::parse_extended(&src, &path.display().to_string())?;
         Ok(LoadedPolicy {
             policy,
             source: path.display().to_string(),
+            extends,
         })
     }
 

@@ -263,3 +263,189 @@ fn a_missing_field_points_at_its_table() {
     assert_eq!((l, c, field.as_str()), (header, 1, "seccomp.profile"));
     assert!(msg.contains("missing field `profile`"), "{msg}");
 }
+
+/// `src` parsed with `dirs` as the policy directories.
+fn extended(src: &str, dirs: &[PathBuf]) -> Result<(Policy, Vec<Parent>), PolicyError> {
+    Policy::parse_extended_in(src, "child.toml", dirs)
+}
+
+#[test]
+fn extends_merges_tables_key_by_key_and_replaces_scalars_and_arrays() {
+    let src = r#"
+name = "strict-1g"
+extends = "strict"
+[resources]
+memory = "1G"
+[filesystem]
+read_only = ["/usr"]
+"#;
+    let (p, parents) = extended(src, &[]).unwrap();
+    let strict = Policy::parse(strict_src(), "strict").unwrap();
+    assert_eq!(
+        parents,
+        [Parent {
+            name: "strict".into(),
+            source: "built-in".into()
+        }]
+    );
+    assert_eq!(p.name, "strict-1g");
+    assert_eq!(p.resources.memory, Size(1 << 30));
+    // The rest of [resources] is strict's: the table merged key by key.
+    assert_eq!(p.resources.pids, strict.resources.pids);
+    assert_eq!(p.resources.swap, strict.resources.swap);
+    // An array replaces the parent's whole.
+    assert_eq!(p.filesystem.read_only, ["/usr"]);
+    assert_eq!(p.filesystem.etc, strict.filesystem.etc);
+    // Everything not written is strict's.
+    assert_eq!(p.description, strict.description);
+    assert_eq!(p.network, strict.network);
+    assert_eq!(p.seccomp, strict.seccomp);
+    assert_eq!(p.landlock, strict.landlock);
+    assert_eq!(p.compensated, strict.compensated);
+    assert_eq!(p.process, strict.process);
+
+    let mut base = toml::Table::new();
+    base.insert("a".into(), toml::Value::Integer(1));
+    let over: toml::Table = "b = [1]\n[t]\nx = 1".parse().unwrap();
+    extends::merge(&mut base, &over);
+    let over2: toml::Table = "[t]\ny = 2".parse().unwrap();
+    extends::merge(&mut base, &over2);
+    assert_eq!(base.to_string(), "a = 1\nb = [1]\n\n[t]\nx = 1\ny = 2\n");
+}
+
+#[test]
+fn a_chain_of_files_in_the_policy_directory_resolves_nearest_last() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("team.toml"),
+        "name = \"team\"\nextends = \"standard\"\n[resources]\npids = 64\n",
+    )
+    .unwrap();
+    let src = "name = \"mine\"\nextends = \"team\"\n[resources]\ncpus = 2.0\n";
+    let (p, parents) = extended(src, &[dir.path().to_path_buf()]).unwrap();
+    let names: Vec<&str> = parents.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["team", "standard"]);
+    assert!(parents[0].source.ends_with("team.toml"));
+    assert_eq!((p.resources.pids, p.resources.cpus), (64, 2.0));
+    let standard = Policy::load("standard").unwrap().policy;
+    assert_eq!(p.network, standard.network);
+}
+
+#[test]
+fn unknown_parents_cycles_depth_and_a_missing_name_are_errors_at_the_extends_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dirs = [dir.path().to_path_buf()];
+    let err = |src: &str| match extended(src, &dirs) {
+        Err(PolicyError::Invalid {
+            path,
+            line,
+            field,
+            message,
+            ..
+        }) => (path, line, field, message),
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    let (path, line, field, msg) = err("# mine\nname = \"x\"\nextends = \"nope\"\n");
+    assert_eq!(
+        (path.as_str(), line, field.as_str()),
+        ("child.toml", 3, "extends")
+    );
+    assert!(msg.contains("no policy named \"nope\""), "{msg}");
+    let (_, _, field, msg) = err("extends = \"strict\"\n");
+    assert_eq!(field, "name");
+    assert!(msg.contains("names itself"), "{msg}");
+    let (_, _, _, msg) = err("name = \"x\"\nextends = 3\n");
+    assert!(msg.contains("as a string"), "{msg}");
+    // a -> b -> a, in the directory: the error names the file where the cycle closes.
+    std::fs::write(dir.path().join("a.toml"), "name = \"a\"\nextends = \"b\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "name = \"b\"\n\nextends = \"a\"\n",
+    )
+    .unwrap();
+    let a_src = std::fs::read_to_string(dir.path().join("a.toml")).unwrap();
+    let a_path = dir.path().join("a.toml").display().to_string();
+    match Policy::parse_extended_in(&a_src, &a_path, &dirs) {
+        Err(PolicyError::Invalid {
+            path,
+            line,
+            field,
+            message,
+            ..
+        }) => {
+            assert!(path.ends_with("b.toml"), "{path}");
+            assert_eq!((line, field.as_str()), (3, "extends"));
+            assert!(message.contains("cycle"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A file that extends its own name finds itself first: a cycle, not the built-in.
+    std::fs::write(
+        dir.path().join("strict.toml"),
+        "name = \"strict\"\nextends = \"strict\"\n",
+    )
+    .unwrap();
+    let own = dir.path().join("strict.toml");
+    let e = Policy::parse_extended_in(
+        &std::fs::read_to_string(&own).unwrap(),
+        &own.display().to_string(),
+        &dirs,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    // Depth: l0 -> l1 -> ... -> l9.
+    for i in 0..10 {
+        std::fs::write(
+            dir.path().join(format!("l{i}.toml")),
+            format!("name = \"l{i}\"\nextends = \"l{}\"\n", i + 1),
+        )
+        .unwrap();
+    }
+    let (_, _, field, msg) = err("name = \"top\"\nextends = \"l0\"\n");
+    assert_eq!(field, "extends");
+    assert!(
+        msg.contains(&format!("more than {}", extends::MAX_DEPTH)),
+        "{msg}"
+    );
+}
+
+#[test]
+fn errors_of_an_extended_policy_are_all_reported_each_in_its_own_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The parent's bad value that the child does not override is the parent's error.
+    let parent = strict_src()
+        .replace("name = \"strict\"", "name = \"base\"")
+        .replace("profile = \"agent\"", "profile = \"nonsense\"");
+    std::fs::write(dir.path().join("base.toml"), parent).unwrap();
+    let src = "name = \"child\"\nextends = \"base\"\n\n[resources]\npids = 0\n";
+    match extended(src, &[dir.path().to_path_buf()]) {
+        Err(PolicyError::Several { errors }) => {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            assert_eq!(errors.len(), 2, "{text:#?}");
+            assert!(
+                text.iter()
+                    .any(|e| e.starts_with("child.toml:5:") && e.contains("resources.pids")),
+                "{text:#?}"
+            );
+            assert!(
+                text.iter()
+                    .any(|e| e.contains("base.toml:") && e.contains("seccomp.profile")),
+                "{text:#?}"
+            );
+        }
+        other => panic!("expected both errors, got {other:?}"),
+    }
+    // A wrong type in the child is located in the child.
+    match extended(
+        "name = \"c\"\nextends = \"strict\"\n[resources]\nmemory = 5\n",
+        &[],
+    ) {
+        Err(PolicyError::Invalid {
+            path, line, field, ..
+        }) => assert_eq!(
+            (path.as_str(), line, field.as_str()),
+            ("child.toml", 4, "resources.memory")
+        ),
+        other => panic!("{other:?}"),
+    }
+}
