@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
 pub mod proto;
+pub mod publish;
 pub mod recover;
 pub mod secret_ops;
 pub mod server;
@@ -114,6 +115,9 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Agents with ports published on the host's loopback now (daemon/publish.rs), with
+    /// their counters.
+    pub host_ports: Mutex<HashMap<String, Arc<publish::PortsState>>>,
     /// Every agent's owner by name, for the audit stream (its own lock: never held while
     /// recording). Kept after removal, so late records of an agent still name its owner.
     pub owners: Arc<Mutex<HashMap<String, u32>>>,
@@ -187,6 +191,7 @@ impl Daemon {
             epoch: Instant::now(),
             net: std::sync::OnceLock::new(),
             net_agents: Mutex::new(HashMap::new()),
+            host_ports: Mutex::new(HashMap::new()),
             users: std::sync::OnceLock::new(),
             usage: Mutex::new(HashMap::new()),
             summary: summary::Denials::new(summary::WINDOW),
