@@ -135,10 +135,25 @@ fn a_strict_agents_port_is_served_on_the_host_loopback_across_restarts_until_sto
         .find(|a| a["name"] == name.as_str())
         .unwrap();
     assert_eq!(me["publish_host"], serde_json::json!([publish]));
+    // The counters come when a relay ends: wait (bounded) until both have.
+    let counted = poll_until(Duration::from_secs(10), || {
+        inspect(&d, &name)["host_ports"][0]["active"].as_u64() == Some(0)
+    });
+    assert!(counted);
     let i = inspect(&d, &name);
     assert_eq!(i["publish_host"], serde_json::json!([publish]));
     assert_eq!(i["host_ports"][0]["publish"], publish.as_str());
     assert!(i["host_ports"][0]["accepted"].as_u64().unwrap() >= 3, "{i}");
+    // At least this test's two exchanges: "one\n" and "two\n" in, their echoes out.
+    assert!(i["host_ports"][0]["bytes_in"].as_u64().unwrap() >= 8, "{i}");
+    assert!(
+        i["host_ports"][0]["bytes_out"].as_u64().unwrap() >= 18,
+        "{i}"
+    );
+    assert!(
+        i["daemon_usage"]["host_relay_bytes"].as_u64().unwrap() >= 26,
+        "{i}"
+    );
     let audit = std::fs::read_to_string(d.audit_log()).unwrap();
     let spawn = audit
         .lines()
@@ -388,6 +403,13 @@ fn an_agent_that_never_reads_holds_aitherd_to_its_connection_and_buffer_bounds()
         "{s}"
     );
     assert_eq!(s["active"].as_u64().unwrap(), MAX_CONNECTIONS, "{s}");
+    // Charged to the agent with aitherd's other spending on it.
+    let usage = inspect(&d, &name)["daemon_usage"].clone();
+    assert_eq!(
+        usage["host_relays"].as_u64(),
+        Some(MAX_CONNECTIONS),
+        "{usage}"
+    );
 
     // The refused ones read EOF (or a reset); the relayed ones stay open. Push every relayed
     // one until it is full: each takes a bounded number of bytes, whatever is sent.

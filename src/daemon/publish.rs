@@ -35,12 +35,11 @@ use tokio::sync::Semaphore;
 
 use super::Shared;
 
-/// Relayed connections one agent may have open at once, over all its published ports.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Bytes buffered in aitherd per direction of one relayed connection.
-pub const RELAY_BUFFER: usize = 16 * 1024;
-/// SO_RCVBUF / SO_SNDBUF of both sockets of a relayed connection (the kernel doubles it).
-pub const SOCKET_BUFFER: usize = 64 * 1024;
+use super::budget::Usage;
+pub use super::budget::{
+    HOST_RELAY_BUFFER as RELAY_BUFFER, HOST_RELAY_CONNECTIONS as MAX_CONNECTIONS,
+    HOST_RELAY_IDLE as IDLE_TIMEOUT, HOST_RELAY_SOCKET_BUFFER as SOCKET_BUFFER,
+};
 
 /// Why a port cannot be published.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +55,8 @@ pub enum PublishError {
     },
 }
 
-/// Counters of one published port (`inspect`).
+/// Counters of one published port (`inspect`); the agent's totals are also in its
+/// `daemon_usage` (`host_relays`, `host_relay_bytes`).
 #[derive(Debug, Default, Serialize)]
 pub struct PortStats {
     /// The form given to `--publish-host`.
@@ -90,6 +90,8 @@ pub struct PortsState {
     /// The current run's network namespace; None between runs (connections are refused).
     target: Mutex<Option<Arc<OwnedFd>>>,
     slots: Arc<Semaphore>,
+    /// What aitherd spends for the agent (`inspect`'s `daemon_usage`), charged here too.
+    usage: Arc<Usage>,
 }
 
 impl PortsState {
@@ -189,6 +191,7 @@ pub fn open(d: &Shared, name: &str, list: &[HostPublish]) -> Result<HostPorts, P
         ports: list.iter().map(|p| (*p, Counters::default())).collect(),
         target: Mutex::new(None),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        usage: d.usage_of(name),
     });
     let tasks = listeners
         .into_iter()
@@ -263,10 +266,12 @@ async fn accept_loop(state: Arc<PortsState>, i: usize, listener: TcpListener) {
         };
         counters.accepted.fetch_add(1, Ordering::Relaxed);
         counters.active.fetch_add(1, Ordering::Relaxed);
+        state.usage.add(&state.usage.host_relays, 1);
         let st = state.clone();
         tokio::spawn(async move {
             relay(&st, i, conn, ns).await;
             st.ports[i].1.active.fetch_sub(1, Ordering::Relaxed);
+            st.usage.host_relays.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -289,26 +294,26 @@ async fn relay(state: &PortsState, i: usize, conn: TcpStream, ns: Arc<OwnedFd>) 
     let mut host = Touching {
         inner: conn,
         last: last.clone(),
+        read: 0,
     };
     let mut agent = Touching {
         inner,
         last: last.clone(),
+        read: 0,
     };
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut host, &mut agent, RELAY_BUFFER, RELAY_BUFFER) => {
-            if let Ok((to_agent, to_host)) = r {
-                counters.bytes_in.fetch_add(to_agent, Ordering::Relaxed);
-                counters.bytes_out.fetch_add(to_host, Ordering::Relaxed);
-            }
-        }
+        _ = tokio::io::copy_bidirectional_with_sizes(&mut host, &mut agent, RELAY_BUFFER, RELAY_BUFFER) => {}
         // A side that neither reads nor writes (an agent that never reads, a client gone
         // without a word behind a full window) would hold its slot for good.
         _ = idle(&last, IDLE_TIMEOUT) => {}
     }
+    // What was read from each side, however the relay ended.
+    counters.bytes_in.fetch_add(host.read, Ordering::Relaxed);
+    counters.bytes_out.fetch_add(agent.read, Ordering::Relaxed);
+    state
+        .usage
+        .add(&state.usage.host_relay_bytes, host.read + agent.read);
 }
-
-/// A relayed connection with no byte either way for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Milliseconds since the first call (the clock of the idle timeout).
 fn mono_ms() -> u64 {
@@ -331,6 +336,8 @@ async fn idle(last: &AtomicU64, limit: Duration) {
 struct Touching<S> {
     inner: S,
     last: Arc<AtomicU64>,
+    /// Bytes read from this side.
+    read: u64,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Touching<S> {
@@ -341,8 +348,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Touching<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.last.store(mono_ms(), Ordering::Relaxed);
+            self.read += n as u64;
         }
         r
     }
