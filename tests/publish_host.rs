@@ -462,3 +462,45 @@ fn an_agent_that_never_reads_holds_aitherd_to_its_connection_and_buffer_bounds()
     drop(conns);
     d.ok(&["rm", "--force", &name]);
 }
+
+#[test]
+fn a_member_publishes_their_agent_on_a_high_port_and_no_one_but_root_below_1024() {
+    let us = common::users::Users::create();
+    let d = us.daemon();
+    let member = &us.users[0];
+    let script = us.dir(member).join("echo.py");
+    std::fs::write(&script, ECHO).unwrap();
+    std::os::unix::fs::chown(&script, Some(member.uid), Some(member.gid)).unwrap();
+    let spawn = |i: usize, name: &str, publish: &str| {
+        us.ctl(
+            &d,
+            i,
+            &[
+                "spawn",
+                "--publish-host",
+                publish,
+                name,
+                "--",
+                "python3",
+                "echo.py",
+            ],
+        )
+    };
+    // Below 1024: a member and an admin alike are refused, before anything is made.
+    for i in [0, 2] {
+        let name = unique("publow");
+        let o = spawn(i, &name, "127.0.0.1:80=8000");
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("a host port below 1024 needs root"), "{err}");
+        assert!(!d.ok(&["ps"]).contains(&name));
+    }
+    // Above: the member's own agent is served from the host.
+    let name = unique("pubmem");
+    let port = free_port();
+    let o = spawn(0, &name, &format!("127.0.0.1:{port}=8000"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_served(&d, port);
+    d.ok(&["rm", "--force", &name]);
+    assert!(poll_until(Duration::from_secs(10), || !held(port)));
+}
