@@ -178,13 +178,13 @@ fn a_strict_agents_port_is_served_on_the_host_loopback_across_restarts_until_sto
     assert!(restarted, "no new run");
     wait_served(&d, port);
 
-    // stop closes it (refused, no longer held); rm leaves nothing either.
+    // stop closes it before it returns (refused, no longer held); rm leaves nothing either.
     d.ok(&["stop", &name]);
-    let closed = poll_until(
-        Duration::from_secs(10),
-        || matches!(TcpStream::connect(("127.0.0.1", port)), Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+    let refused = TcpStream::connect(("127.0.0.1", port));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "127.0.0.1:{port} still accepts after stop: {refused:?}"
     );
-    assert!(closed, "127.0.0.1:{port} still accepts after stop");
     assert!(!held(port));
     assert!(inspect(&d, &name).get("host_ports").is_none());
     d.ok(&["rm", &name]);
@@ -239,9 +239,9 @@ fn the_port_is_closed_after_rm_force_of_a_running_agent() {
         "echo.py",
     ]);
     wait_served(&d, port);
+    // Closed when rm returns.
     d.ok(&["rm", "--force", &name]);
-    let closed = poll_until(Duration::from_secs(10), || !held(port));
-    assert!(closed, "127.0.0.1:{port} still held after rm --force");
+    assert!(!held(port), "127.0.0.1:{port} still held after rm --force");
 }
 
 #[test]

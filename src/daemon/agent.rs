@@ -340,9 +340,9 @@ impl Agent {
         let mut idle = initial;
         loop {
             if let Some(s) = idle.take() {
-                // Resting (stopped, exited, failed): only a user can move it. Its host ports
-                // close first, so that `stop` returning means they are closed.
-                self.host_ports = None;
+                // Resting (stopped, exited, failed): only a user can move it; its host ports
+                // close before the state says so.
+                self.close_host_ports().await;
                 self.state(s);
                 match self.rest().await {
                     Some(After::Restart(reply)) => {
@@ -385,9 +385,7 @@ impl Agent {
                         continue;
                     }
                     Acquired::Interrupted(After::Stop(replies)) => {
-                        for r in replies {
-                            let _ = r.send(Ok(()));
-                        }
+                        self.stopped(replies).await;
                         idle = Some(State::Stopped);
                         continue;
                     }
@@ -440,9 +438,7 @@ impl Agent {
                     return;
                 }
                 After::Stop(replies) => {
-                    for r in replies {
-                        let _ = r.send(Ok(()));
-                    }
+                    self.stopped(replies).await;
                     idle = Some(State::Stopped);
                     continue;
                 }
@@ -515,9 +511,7 @@ impl Agent {
         match self.backoff(delay).await {
             None | Some(After::Policy) => {}
             Some(After::Stop(replies)) => {
-                for r in replies {
-                    let _ = r.send(Ok(()));
-                }
+                self.stopped(replies).await;
                 rest = Some(State::Stopped);
             }
             Some(After::Remove(reply)) => {
@@ -556,11 +550,28 @@ impl Agent {
         );
     }
 
-    async fn remove(&self, reply: oneshot::Sender<Result<(), String>>) {
+    async fn remove(&mut self, reply: oneshot::Sender<Result<(), String>>) {
+        // Its host ports are closed when `rm` returns.
+        self.close_host_ports().await;
         self.d.store.delete_agent(&self.name);
         self.d.emit(Some(&self.name), "removed", json!({}));
         self.d.forget(&self.name);
         let _ = reply.send(Ok(()));
+    }
+
+    /// A user's stop is done: its host ports closed first, so that `stop` returning means
+    /// they are.
+    async fn stopped(&mut self, replies: Vec<oneshot::Sender<Result<(), String>>>) {
+        self.close_host_ports().await;
+        for r in replies {
+            let _ = r.send(Ok(()));
+        }
+    }
+
+    async fn close_host_ports(&mut self) {
+        if let Some(h) = self.host_ports.take() {
+            h.close().await;
+        }
     }
 
     /// Waits in a resting state for a user's command.

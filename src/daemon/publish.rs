@@ -136,6 +136,17 @@ impl HostPorts {
     pub fn state(&self) -> &Arc<PortsState> {
         &self.state
     }
+
+    /// Closes the listeners and returns once they are closed (dropping only asks the runtime
+    /// to): a `stop` or `rm` that returns has freed the host ports for the next user.
+    pub async fn close(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            // An aborted task's future, and its listener with it, is dropped when this
+            // returns.
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for HostPorts {
@@ -143,11 +154,15 @@ impl Drop for HostPorts {
         for t in &self.tasks {
             t.abort();
         }
-        self.d
-            .host_ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
+        // Only this agent's entry: a new spawn of the same name may have put its own.
+        let mut map = self.d.host_ports.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(&self.name)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.state))
+        {
+            map.remove(&self.name);
+        }
+        drop(map);
         for (p, _) in &self.state.ports {
             self.d.emit(
                 Some(&self.name),
