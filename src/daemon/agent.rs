@@ -97,6 +97,10 @@ pub struct Info {
     /// The operator's labels, from the spawn request.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Ports published on the host's loopback (`--publish-host`), as given:
+    /// `127.0.0.1:8080=8000`. `inspect` adds their counters under `host_ports`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_host: Vec<String>,
 }
 
 /// Requests to an agent's task.
@@ -159,6 +163,27 @@ struct Agent {
     budget: super::budget::Budget,
     /// What aitherd spends for it.
     usage: Arc<super::budget::Usage>,
+    /// Its listeners on the host's loopback (`--publish-host`): open from its first launch
+    /// while it runs, restarts included; closed when it rests (stopped, exited, failed) or
+    /// is removed.
+    host_ports: Option<super::publish::HostPorts>,
+}
+
+/// What serves one run's network: the gateway on its socket, its published services, and
+/// its host ports pointed at its namespace; dropped when the run ends.
+struct RunNet {
+    _egress: Option<super::egress::Serving>,
+    _published: Option<super::egress::PublishedBy>,
+    host: Option<Arc<super::publish::PortsState>>,
+}
+
+impl Drop for RunNet {
+    fn drop(&mut self) {
+        // Between runs the host ports refuse connections (closed at once).
+        if let Some(h) = &self.host {
+            h.set_target(None);
+        }
+    }
 }
 
 /// How waiting for GPUs ended.
@@ -245,6 +270,12 @@ pub fn start(
         log_dir: d.log_dir(&name),
         gpu: None,
         labels: rec.request.labels.clone(),
+        publish_host: rec
+            .request
+            .publish_host
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     }));
     let (tx, rx) = mpsc::unbounded_channel();
     let seed = super::store::now_ms() ^ (std::process::id() as u64) << 32;
@@ -266,6 +297,7 @@ pub fn start(
         gpu_origin: None,
         budget,
         usage,
+        host_ports: None,
     };
     tokio::spawn(agent.main(adopted, initial, launched));
     Handle {
@@ -310,7 +342,9 @@ impl Agent {
         let mut idle = initial;
         loop {
             if let Some(s) = idle.take() {
-                // Resting (stopped, exited, failed): only a user can move it.
+                // Resting (stopped, exited, failed): only a user can move it; its host ports
+                // close before the state says so.
+                self.close_host_ports().await;
                 self.state(s);
                 match self.rest().await {
                     Some(After::Restart(reply)) => {
@@ -338,22 +372,22 @@ impl Agent {
                 continue;
             }
             let was_adopted = adopted.is_some();
+            // Listening before the launch: a host port in use is the spawn's error, and no
+            // sandbox is built for a run that could not be published.
+            if let Err(error) = self.open_host_ports(was_adopted) {
+                idle = self.launch_failed(&mut launched, 125, error);
+                continue;
+            }
             let live = match adopted.take() {
                 Some(l) => Ok(l),
                 None => match self.acquire_gpu(&mut launched).await {
                     Acquired::Spec(spec) => self.launch(&spec).await,
                     Acquired::Refused(error) => {
-                        if let Some(l) = launched.take() {
-                            let _ = l.send(Err(error.clone()));
-                        }
-                        self.ended(&EndReason::LaunchFailed { code: 125, error });
-                        idle = Some(State::Failed);
+                        idle = self.launch_failed(&mut launched, 125, error);
                         continue;
                     }
                     Acquired::Interrupted(After::Stop(replies)) => {
-                        for r in replies {
-                            let _ = r.send(Ok(()));
-                        }
+                        self.stopped(replies).await;
                         idle = Some(State::Stopped);
                         continue;
                     }
@@ -380,14 +414,9 @@ impl Agent {
                         ShimError::Launch { code, error } => (*code, error.clone()),
                         other => (125, other.to_string()),
                     };
-                    if let Some(l) = launched.take() {
-                        let _ = l.send(Err(error.clone()));
-                    }
-                    let reason = EndReason::LaunchFailed { code, error };
-                    self.ended(&reason);
                     // A sandbox that cannot be built will not build on retry (a missing
                     // command, a protection the kernel lacks): no restart loop.
-                    idle = Some(State::Failed);
+                    idle = self.launch_failed(&mut launched, code, error);
                     continue;
                 }
             };
@@ -411,9 +440,7 @@ impl Agent {
                     return;
                 }
                 After::Stop(replies) => {
-                    for r in replies {
-                        let _ = r.send(Ok(()));
-                    }
+                    self.stopped(replies).await;
                     idle = Some(State::Stopped);
                     continue;
                 }
@@ -486,9 +513,7 @@ impl Agent {
         match self.backoff(delay).await {
             None | Some(After::Policy) => {}
             Some(After::Stop(replies)) => {
-                for r in replies {
-                    let _ = r.send(Ok(()));
-                }
+                self.stopped(replies).await;
                 rest = Some(State::Stopped);
             }
             Some(After::Remove(reply)) => {
@@ -527,11 +552,28 @@ impl Agent {
         );
     }
 
-    async fn remove(&self, reply: oneshot::Sender<Result<(), String>>) {
+    async fn remove(&mut self, reply: oneshot::Sender<Result<(), String>>) {
+        // Its host ports are closed when `rm` returns.
+        self.close_host_ports().await;
         self.d.store.delete_agent(&self.name);
         self.d.emit(Some(&self.name), "removed", json!({}));
         self.d.forget(&self.name);
         let _ = reply.send(Ok(()));
+    }
+
+    /// A user's stop is done: its host ports closed first, so that `stop` returning means
+    /// they are.
+    async fn stopped(&mut self, replies: Vec<oneshot::Sender<Result<(), String>>>) {
+        self.close_host_ports().await;
+        for r in replies {
+            let _ = r.send(Ok(()));
+        }
+    }
+
+    async fn close_host_ports(&mut self) {
+        if let Some(h) = self.host_ports.take() {
+            h.close().await;
+        }
     }
 
     /// Waits in a resting state for a user's command.
@@ -684,13 +726,45 @@ impl Agent {
         Ok(live)
     }
 
-    /// Watches one run until it ends.
-    async fn watch(&mut self, mut live: Live, adopted: bool) -> RunEnd {
-        let sup = self.sup().clone();
-        let started = Instant::now();
-        self.note_start(&live);
-        // Egress for this run, until `watch` returns (docs/network.md).
-        let _egress = live.egress.take().map(|fd| {
+    /// Opens the agent's host ports unless they are open (or it publishes none). For an
+    /// `adopted` sandbox a failure is only logged: it runs anyway, and must stay supervised.
+    fn open_host_ports(&mut self, adopted: bool) -> Result<(), String> {
+        if self.host_ports.is_some() || self.rec.request.publish_host.is_empty() {
+            return Ok(());
+        }
+        match super::publish::open(&self.d, &self.name, &self.rec.request.publish_host) {
+            Ok(h) => self.host_ports = Some(h),
+            Err(e) if adopted => {
+                tracing::error!(agent = %self.name, error = %e, "cannot publish the agent's host ports again");
+                self.d.emit(
+                    Some(&self.name),
+                    "net.host_publish_failed",
+                    json!({"error": e.to_string()}),
+                );
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// A launch that did not happen: the spawn's answer, the end, and the state to rest in.
+    fn launch_failed(
+        &self,
+        launched: &mut Option<Launched>,
+        code: i32,
+        error: String,
+    ) -> Option<State> {
+        if let Some(l) = launched.take() {
+            let _ = l.send(Err(error.clone()));
+        }
+        self.ended(&EndReason::LaunchFailed { code, error });
+        Some(State::Failed)
+    }
+
+    /// Egress, published services and host ports for this run, until the value is dropped
+    /// (docs/network.md).
+    fn run_net(&self, live: &mut Live) -> RunNet {
+        let egress = live.egress.take().map(|fd| {
             let (token, grants) = self
                 .d
                 .check_token(&self.rec.token)
@@ -698,9 +772,39 @@ impl Agent {
                 .unwrap_or_default();
             super::egress::serve(&self.d, &self.name, self.rec.owner, &token, grants, fd)
         });
+        // The namespace the launcher opened before the agent existed, checked to be one.
+        let netns = live
+            .netns
+            .take()
+            .filter(super::publish::is_netns)
+            .map(Arc::new);
         // Its published ports, as services for other agents, while this run lives.
-        let _published =
-            super::egress::publish(&self.d, &self.name, &self.rec.request.publish, live.pid1);
+        let published = super::egress::publish(
+            &self.d,
+            &self.name,
+            &self.rec.request.publish,
+            netns.clone(),
+        );
+        let host = self.host_ports.as_ref().map(|h| h.state().clone());
+        if let Some(h) = &host {
+            if netns.is_none() {
+                tracing::error!(agent = %self.name, "no network namespace to reach: its host ports refuse connections");
+            }
+            h.set_target(netns);
+        }
+        RunNet {
+            _egress: egress,
+            _published: published,
+            host,
+        }
+    }
+
+    /// Watches one run until it ends.
+    async fn watch(&mut self, mut live: Live, adopted: bool) -> RunEnd {
+        let sup = self.sup().clone();
+        let started = Instant::now();
+        self.note_start(&live);
+        let _net = self.run_net(&mut live);
         self.d.emit(
             Some(&self.name),
             "started",

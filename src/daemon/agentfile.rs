@@ -114,9 +114,23 @@ pub struct AgentFile {
     /// `[bus]`: subjects granted on top of the policy's (`$self` is the agent's name).
     #[serde(default)]
     pub bus: Option<BusAsk>,
+    /// Ports published on the host's loopback, as `--publish-host` takes them
+    /// (`["127.0.0.1:8080=8000"]`); the flags add to these.
+    #[serde(default, deserialize_with = "host_publish_list")]
+    pub publish_host: Vec<aither_proto::publish::HostPublish>,
     /// The directory the file is in (relative paths resolve against it).
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+/// `publish_host = ["HOSTADDR:HOSTPORT=AGENTPORT", ...]`, each checked as the flag is.
+fn host_publish_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<aither_proto::publish::HostPublish>, D::Error> {
+    let raw: Vec<String> = Deserialize::deserialize(d)?;
+    raw.iter()
+        .map(|s| aither_proto::publish::HostPublish::parse(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// `[bus]` of an agent file: `publish` and `subscribe` patterns added to the token aitherd
@@ -271,5 +285,20 @@ mod tests {
             .to_string();
         assert!(e.starts_with("c.toml:5:"), "{e}");
         assert!(e.contains("period"), "{e}");
+    }
+
+    #[test]
+    fn publish_host_is_checked_as_the_flag_is() {
+        let src =
+            "command = \"x\"\npublish_host = [\"127.0.0.1:8080=8000\", \"[::1]:9090=9000\"]\n";
+        let f = AgentFile::parse(src, Path::new("p.toml")).unwrap();
+        let shown: Vec<String> = f.publish_host.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["127.0.0.1:8080=8000", "[::1]:9090=9000"]);
+        let bad = "command = \"x\"\npublish_host = [\"0.0.0.0:8080=8000\"]\n";
+        let e = AgentFile::parse(bad, Path::new("p.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.toml:2:"), "{e}");
+        assert!(e.contains("not a loopback address"), "{e}");
     }
 }

@@ -39,6 +39,18 @@ pub const DURABLE_RATE: f64 = 256.0 * 1024.0;
 /// Bytes of durable publishes in a burst.
 pub const DURABLE_BURST: f64 = 2.0 * 1024.0 * 1024.0;
 
+/// Connections to an agent's ports published on the host (`spawn --publish-host`) that
+/// aitherd relays at once, over all its published ports (daemon/publish.rs); more are closed
+/// at once.
+pub const HOST_RELAY_CONNECTIONS: usize = 64;
+/// Bytes aitherd buffers per direction of one relayed connection.
+pub const HOST_RELAY_BUFFER: usize = 16 * 1024;
+/// SO_RCVBUF / SO_SNDBUF of both sockets of a relayed connection (the kernel doubles it; no
+/// autotuning): what an agent that never reads can make the kernel hold for aitherd.
+pub const HOST_RELAY_SOCKET_BUFFER: usize = 64 * 1024;
+/// A relayed connection with no byte either way for this long is closed.
+pub const HOST_RELAY_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A token bucket: `rate` tokens a second up to `burst`. Its own rather than
 /// `audit::summary::TokenBucket` (one whole token per take): costs here are weighted (a query
 /// counts 10, a publish its bytes) and the CPU budget is charged after the fact, into debt.
@@ -276,6 +288,10 @@ pub struct Usage {
     pub cpu_ns: AtomicU64,
     /// The current run's bus outbox (queued bytes, replay reads), while it lives.
     pub outbox: Mutex<Option<Weak<crate::bus::Outbox>>>,
+    /// Connections aitherd relays now to its host-published ports, and the bytes it relayed
+    /// (both ways) on them.
+    pub host_relays: AtomicU64,
+    pub host_relay_bytes: AtomicU64,
 }
 
 /// `Usage` as `inspect` shows it (`daemon_usage`).
@@ -291,6 +307,10 @@ pub struct UsageView {
     pub bus_subscriptions: usize,
     pub bus_queued_bytes: u64,
     pub bus_replay_bytes: u64,
+    /// Connections relayed now to its host-published ports (at most
+    /// `HOST_RELAY_CONNECTIONS`), and the bytes relayed on them, both ways.
+    pub host_relays: u64,
+    pub host_relay_bytes: u64,
 }
 
 impl Usage {
@@ -325,6 +345,8 @@ impl Usage {
             bus_subscriptions: subs,
             bus_queued_bytes: queued,
             bus_replay_bytes: replay_bytes,
+            host_relays: g(&self.host_relays),
+            host_relay_bytes: g(&self.host_relay_bytes),
         }
     }
 }

@@ -164,26 +164,23 @@ impl Drop for PublishedBy {
     }
 }
 
-/// Publishes `ports` of the running sandbox whose pid 1 is `pid1` as named services.
+/// Publishes `ports` of the running sandbox whose network namespace is `netns` (the
+/// descriptor the launcher opened before the agent existed) as named services.
 pub fn publish(
     d: &Shared,
     name: &str,
     ports: &[(String, u16)],
-    pid1: Option<i32>,
+    netns: Option<Arc<OwnedFd>>,
 ) -> Option<PublishedBy> {
     if ports.is_empty() {
         return None;
     }
-    let pid1 = pid1?;
-    let ns = match crate::sys::open(
-        std::path::Path::new(&format!("/proc/{pid1}/ns/net")),
-        libc::O_RDONLY,
-    ) {
-        Ok(fd) => Arc::new(fd),
-        Err(e) => {
-            tracing::error!(agent = name, error = %e, "cannot publish services: the sandbox's network namespace is gone");
-            return None;
-        }
+    let Some(ns) = netns else {
+        tracing::error!(
+            agent = name,
+            "cannot publish services: no descriptor of the sandbox's network namespace"
+        );
+        return None;
     };
     let gw = d.gateway();
     for (service, port) in ports {

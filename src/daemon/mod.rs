@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
 pub mod proto;
+pub mod publish;
 pub mod recover;
 pub mod reload;
 pub mod secret_ops;
@@ -116,6 +117,9 @@ pub struct Daemon {
     pub net: std::sync::OnceLock<crate::net::Gateway>,
     /// Agents whose runs the gateway serves now, with their counters.
     pub net_agents: Mutex<HashMap<String, Arc<crate::net::AgentNet>>>,
+    /// Agents with ports published on the host's loopback now (daemon/publish.rs), with
+    /// their counters.
+    pub host_ports: Mutex<HashMap<String, Arc<publish::PortsState>>>,
     /// Every agent's owner by name, for the audit stream (its own lock: never held while
     /// recording). Kept after removal, so late records of an agent still name its owner.
     pub owners: Arc<Mutex<HashMap<String, u32>>>,
@@ -201,6 +205,7 @@ impl Daemon {
             net_agents: Mutex::new(HashMap::new()),
             settings,
             metrics: metrics::Server::default(),
+            host_ports: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
             summary: summary::Denials::new(summary::WINDOW),
             net_quotas: Mutex::new(HashMap::new()),

@@ -21,7 +21,7 @@ use super::supervise::State;
 use super::Shared;
 use crate::agent_name::AgentName;
 use crate::audit::{Entry, Verdict};
-use crate::sandbox::RunOptions;
+use crate::sandbox::{RunOptions, SandboxSpec};
 use crate::token::{self, Claims};
 
 /// Token lifetime of an agent spawned from a policy: a year (revocation ends it sooner).
@@ -694,6 +694,19 @@ fn inspect(d: &Shared, name: &str) -> Reply {
             if let (Some(o), Some(n)) = (v.as_object_mut(), d.net_stats(name)) {
                 o.insert("net".into(), n);
             }
+            // Its ports on the host's loopback with their counters, while they are open.
+            let host_ports = d
+                .host_ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .map(|h| h.stats());
+            if let (Some(o), Some(h)) = (v.as_object_mut(), host_ports) {
+                o.insert(
+                    "host_ports".into(),
+                    serde_json::to_value(h).unwrap_or_default(),
+                );
+            }
             Reply::ok(v)
         }
         None => not_found(name),
@@ -921,6 +934,8 @@ where
 async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
+    // Ports published on the host (`--publish-host`), as given: part of what was allowed.
+    let publish_host: Vec<String> = req.publish_host.iter().map(ToString::to_string).collect();
     // The workspace asked for (the client's directory by default); the one in use on success.
     let mut workspace = req.workspace.clone().unwrap_or_else(|| req.cwd.clone());
     let reply = spawn_inner(d, req, caller, fds).await;
@@ -948,7 +963,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
             .caller(caller.uid)
             // The agent's owner: the caller's new agent, or whoever holds the name.
             .owner(d.name_owner(&name).unwrap_or(caller.uid))
-            .data(json!({"argv": argv, "workspace": workspace})),
+            .data(json!({"argv": argv, "workspace": workspace, "publish_host": publish_host})),
     );
     reply
 }
@@ -970,6 +985,9 @@ async fn spawn_inner(
     }
     if req.argv.is_empty() {
         return Reply::err(ErrorCode::Invalid, "no command to run");
+    }
+    if let Err(e) = check_publish_host(&req.publish_host, caller) {
+        return e;
     }
     // Another user's name (a live agent's, or one whose memory is kept) is refused before
     // anything is minted for it.
@@ -1073,6 +1091,61 @@ async fn spawn_inner(
 }
 
 type BuildError = (ErrorCode, String);
+
+/// `--publish-host`: loopback addresses only, each once, and a host port below 1024 only for
+/// root (as binding it would be on Linux). Checked here whatever the client checked.
+fn check_publish_host(
+    list: &[aither_proto::publish::HostPublish],
+    caller: &Caller,
+) -> Result<(), Reply> {
+    aither_proto::publish::HostPublish::check_all(list)
+        .map_err(|e| Reply::err(ErrorCode::Invalid, format!("--publish-host: {e}")))?;
+    if let Some(p) = list.iter().find(|p| p.privileged()) {
+        if caller.uid != 0 {
+            return Err(Reply::err(
+                ErrorCode::Denied,
+                format!("--publish-host {p}: a host port below 1024 needs root, as binding it does on Linux; pick a port of 1024 or more"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The spec's part of `--publish-host`: refused where the policy forbids it or the agent has
+/// no network namespace of its own; else its agent ports are the ones it may bind (under a
+/// Landlock-confined `none` network, the only ones).
+fn publish_ports(
+    req: &SpawnRequest,
+    policy: &crate::policy::Policy,
+    spec: &mut SandboxSpec,
+) -> Result<(), BuildError> {
+    if req.publish_host.is_empty() {
+        return Ok(());
+    }
+    if !policy.network.publish_host {
+        return Err((
+            ErrorCode::Denied,
+            format!(
+                "--publish-host: policy {} forbids publishing an agent's ports on the host ([network] publish_host = false)",
+                policy.name
+            ),
+        ));
+    }
+    if !spec.new_net_ns {
+        return Err((
+            ErrorCode::Invalid,
+            format!(
+                "--publish-host: policy {} gives the agent the host's network (network.mode = host): it listens on the host itself, there is nothing to publish",
+                policy.name
+            ),
+        ));
+    }
+    let mut ports: Vec<u16> = req.publish_host.iter().map(|p| p.agent_port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    spec.publish_ports = ports;
+    Ok(())
+}
 
 /// Refuses a member's new agent over their per-user limits.
 fn over_limits(
@@ -1201,6 +1274,7 @@ fn build(
     let mut spec = p.spec;
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
+    publish_ports(req, &policy, &mut spec)?;
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| (ErrorCode::Denied, e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.

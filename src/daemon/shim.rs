@@ -24,6 +24,8 @@ pub const SHIM_CHANNEL_FD: RawFd = 3;
 pub const SHIM_KEEP_FD: RawFd = 4;
 /// Where the shim keeps the egress gateway's socket (docs/network.md).
 pub use crate::sandbox::shim::SHIM_EGRESS_FD;
+/// Where the shim keeps a descriptor of the sandbox's network namespace.
+pub use crate::sandbox::shim::SHIM_NETNS_FD;
 
 /// Log rotation: agent.log grows to this, then rotates; this many files are kept.
 pub const LOG_MAX_BYTES: u64 = 1 << 20;
@@ -93,6 +95,10 @@ pub struct Live {
     /// The egress gateway's listening socket (inside the sandbox's network namespace), taken
     /// from the shim.
     pub egress: Option<OwnedFd>,
+    /// The sandbox's network namespace, taken from the shim (its fd 101, opened by the
+    /// launcher before the agent existed): where published ports are reached. None for a
+    /// sandbox on the host's network, or a shim of an older aitherd.
+    pub netns: Option<OwnedFd>,
 }
 
 impl Live {
@@ -277,6 +283,10 @@ pub async fn launch(
             egress: spec
                 .egress_port
                 .and_then(|_| crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_EGRESS_FD).ok()),
+            netns: spec
+                .new_net_ns
+                .then(|| crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_NETNS_FD).ok())
+                .flatten(),
             report: report.and_then(|r| serde_json::value::to_raw_value(&r).ok()),
             shim_pid,
             pidfd: watch_pidfd(pidfd).map_err(ShimError::Channel)?,
@@ -341,9 +351,12 @@ pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live>
     let channel = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_KEEP_FD).ok();
     // Absent when the run has no egress.
     let egress = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_EGRESS_FD).ok();
+    // Absent on the host's network, and in shims of an aitherd before published ports.
+    let netns = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_NETNS_FD).ok();
     let pid1 = first_child(shim_pid);
     Ok(Live {
         egress,
+        netns,
         shim_pid,
         pidfd: watch_pidfd(pidfd)?,
         pid1,

@@ -1846,7 +1846,7 @@ async fn open(dest: &Dest) -> io::Result<Stream> {
 /// A TCP socket created in the network namespace `ns` (it stays there; connecting it later
 /// reaches that namespace's loopback). Made on a short-lived thread of its own: `setns` changes
 /// the calling thread, and no pooled thread may ever be left in an agent's namespace.
-async fn socket_in_netns(ns: Arc<OwnedFd>) -> io::Result<OwnedFd> {
+pub(crate) async fn socket_in_netns(ns: Arc<OwnedFd>) -> io::Result<OwnedFd> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("aither-netns".into())

@@ -69,6 +69,11 @@ pub struct SpawnRequest {
     /// docs/network.md), reachable by agents whose token grants NAME.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<(String, u16)>,
+    /// Ports of the agent's sandbox published on the host's loopback (`--publish-host
+    /// HOSTADDR:HOSTPORT=AGENTPORT`, docs/network.md): aitherd listens on HOSTADDR:HOSTPORT
+    /// while the agent runs and relays each connection to its 127.0.0.1:AGENTPORT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_host: Vec<crate::publish::HostPublish>,
 }
 
 /// What `aitherctl exec` asks for: run `argv` inside agent `name`'s running sandbox,

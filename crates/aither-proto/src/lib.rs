@@ -18,6 +18,7 @@ mod error;
 pub mod frame;
 pub mod gpu;
 pub mod memory;
+pub mod publish;
 pub mod shim;
 
 pub use agent::{AgentFrame, AgentRequest, BusMessage, Push, Severity, UnknownSeverity};

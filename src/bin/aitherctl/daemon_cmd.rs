@@ -18,6 +18,7 @@ use aither::daemon::store::Event;
 use aither::daemon::supervise::{RestartPolicy, Supervision};
 use aither::units::to_ms;
 use aither::units::Size;
+use aither_proto::publish::HostPublish;
 use clap::Args;
 
 pub const EXIT_REFUSED: i32 = 1;
@@ -83,6 +84,7 @@ pub fn print_json(v: &serde_json::Value) {
 ///   aitherctl spawn my-agent                     # from agents/my-agent.toml
 ///   aitherctl spawn --restart always --watchdog 30s bot -- ./bot.sh
 ///   aitherctl spawn --health-cmd 'test -f /tmp/ok' --health-interval 5s web -- ./serve
+///   aitherctl spawn --publish-host 127.0.0.1:8080=8000 model -- python3 serve.py --port 8000
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct SpawnArgs {
@@ -120,6 +122,21 @@ pub struct SpawnArgs {
     /// (docs/network.md).
     #[arg(long = "publish", value_name = "NAME=PORT", value_parser = parse_publish)]
     publish: Vec<(String, u16)>,
+    /// Publish the agent's port AGENTPORT on the host's loopback at HOSTADDR:HOSTPORT
+    /// (repeatable)
+    ///
+    /// Podman's `-p 127.0.0.1:8080:8000`, in Aither's spelling. aitherd listens there while the
+    /// agent runs, across its restarts, and relays each connection to 127.0.0.1:AGENTPORT
+    /// inside the sandbox; `stop` and `rm` close it. HOSTADDR must be a loopback address
+    /// (127.0.0.0/8, or [::1] for IPv6): nothing else is ever published. A HOSTPORT below
+    /// 1024 needs root; one in use is a spawn error. The agent may bind AGENTPORT even under
+    /// a `none` network (strict), and nothing else; the policy may forbid publishing
+    /// (`[network] publish_host = false`). At most 64 connections per agent are relayed at
+    /// once, more are closed at once. `ps` shows a PORTS column, `inspect` the counters.
+    /// Agent file: `publish_host = ["127.0.0.1:8080=8000"]` (the flags add to it).
+    /// Example: --publish-host 127.0.0.1:8080=8000, then `curl http://127.0.0.1:8080/`.
+    #[arg(long = "publish-host", value_name = "HOSTADDR:HOSTPORT=AGENTPORT", value_parser = parse_publish_host, verbatim_doc_comment)]
+    publish_host: Vec<HostPublish>,
     /// Maximum number of processes and threads, at most the token's.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
@@ -307,6 +324,13 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
             .chain(a.bus_subscribe.iter().cloned())
             .collect(),
         publish: a.publish.clone(),
+        publish_host: file
+            .as_ref()
+            .map(|f| f.publish_host.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(a.publish_host.iter().copied())
+            .collect(),
     })
 }
 
@@ -374,6 +398,11 @@ fn spawn_supervision(a: &SpawnArgs, file: Option<&AgentFile>) -> anyhow::Result<
 /// clap value parser for `--label KEY=VALUE`.
 fn parse_label(s: &str) -> Result<(String, String), String> {
     aither::labels::parse(s).map_err(|e| e.to_string())
+}
+
+/// clap value parser for `--publish-host HOSTADDR:HOSTPORT=AGENTPORT`.
+fn parse_publish_host(s: &str) -> Result<HostPublish, String> {
+    HostPublish::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_publish(s: &str) -> Result<(String, u16), String> {
@@ -595,10 +624,29 @@ pub fn ps(a: PsArgs) -> i32 {
     ];
     // SAFETY: getuid has no preconditions.
     let me = unsafe { libc::getuid() };
+    // Published host ports, docker's way (`127.0.0.1:8080->8000`), when any agent has some.
+    if list.iter().any(|i| !i.publish_host.is_empty()) {
+        header.push("PORTS");
+        for (r, i) in rows.iter_mut().zip(&list) {
+            r.push(ports_cell(&i.publish_host));
+        }
+    }
     let owners: Vec<u32> = list.iter().map(|i| i.owner).collect();
     owner_column(&mut header, &mut rows, &owners, me);
     print_table(&header, &rows);
     0
+}
+
+/// `ps`'s PORTS cell: each `HOST:PORT=AGENTPORT` as `HOST:PORT->AGENTPORT`, or `-`.
+fn ports_cell(published: &[String]) -> String {
+    if published.is_empty() {
+        return "-".into();
+    }
+    published
+        .iter()
+        .map(|p| p.replacen('=', "->", 1))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Only root and admins see agents that are not theirs: then a table says whose each row is,

@@ -238,6 +238,16 @@ pub struct Filesystem {
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub mode: NetworkMode,
+    /// Whether `aitherctl spawn --publish-host` may publish the agent's ports on the host's
+    /// loopback (docs/network.md): inbound only, chosen by whoever spawns. Default true;
+    /// `false` refuses such a spawn. Left out of a token's payload when true, so tokens
+    /// minted before it verify and mean what they meant.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub publish_host: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -235,10 +235,19 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
     let mut created = rs.create().map_err(rs_err)?;
     if let (true, Some(port)) = (plan.tcp, spec.egress_port) {
         // The one TCP connect allowed under a `none` network: the egress gateway's socket on
-        // the sandbox's own loopback (docs/network.md). Binding stays denied.
+        // the sandbox's own loopback (docs/network.md).
         created = created
             .add_rule(landlock::NetPort::new(port, AccessNet::ConnectTcp))
             .map_err(rs_err)?;
+    }
+    if plan.tcp {
+        // The only binds allowed under a `none` network: the ports the operator published on
+        // the host (`spawn --publish-host`), on the sandbox's own loopback.
+        for port in &spec.publish_ports {
+            created = created
+                .add_rule(landlock::NetPort::new(*port, AccessNet::BindTcp))
+                .map_err(rs_err)?;
+        }
     }
     if plan.fs {
         let read = AccessFs::from_read(abi) & handled_fs;

@@ -64,6 +64,8 @@ pub enum LaunchError {
     Died(ExitStatus),
     #[error("preparing the agent's stdio pipes: {0}")]
     Stdio(#[source] io::Error),
+    #[error("opening the sandbox's network namespace (for its published ports): {0}")]
+    Netns(#[source] io::Error),
     #[error("creating the egress gateway's socket in the sandbox's network namespace: {0}")]
     Egress(#[source] io::Error),
     #[error("aitherctl must run as root to create sandboxes (it maps each agent to an unprivileged host uid)")]
@@ -123,6 +125,11 @@ pub struct LaunchIo<'a> {
     /// namespace, `spec.egress_port`) before the agent exists. Called after the clone, so the
     /// callee may start threads (the gateway) without touching the forked sandbox.
     pub on_egress: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
+    /// Receives a descriptor of the sandbox's own network namespace (`spec.new_net_ns`), for
+    /// aitherd to reach ports the agent publishes (`spawn --publish`, `--publish-host`).
+    /// Opened after the clone and before Go, while pid 1 is the launcher's unreaped child:
+    /// its pid cannot name another process then.
+    pub on_netns: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
 }
 
 /// Where a supervised agent's output goes (the shim's log, src/sandbox/shim.rs).
@@ -452,6 +459,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         ids,
         parent_sock.as_fd(),
         &mut io.on_egress,
+        &mut io.on_netns,
         &mut marks,
     )
     .map_err(abort)?;
@@ -725,6 +733,7 @@ fn maps_then_go<'a>(
     ids: HostIds,
     sock: BorrowedFd<'_>,
     on_egress: &mut Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
+    on_netns: &mut Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
     marks: &mut Vec<(&str, u64)>,
 ) -> Result<(), LaunchError> {
     userns::write_maps(pid, spec.uid, spec.gid, ids).map_err(LaunchError::IdMaps)?;
@@ -737,6 +746,16 @@ fn maps_then_go<'a>(
             None => drop(fd),
         }
         marks.push(("egress socket", now_ns()));
+    }
+    // The namespace's descriptor before Go: pid 1 is waiting for Go, unreaped, so
+    // /proc/PID/ns/net is its namespace and no other process's (no pid-reuse race).
+    if let (true, Some(f)) = (spec.new_net_ns, on_netns.take()) {
+        let fd = sys::open(
+            std::path::Path::new(&format!("/proc/{pid}/ns/net")),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+        .map_err(LaunchError::Netns)?;
+        f(fd);
     }
     channel::send(sock, &Msg::Go).map_err(LaunchError::Channel)
 }

@@ -465,6 +465,9 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
     // again after a restart) with pidfd_getfd.
     let mut egress: Option<OwnedFd> = None;
     let keep_egress = |fd: OwnedFd| egress = keep_at(fd, SHIM_EGRESS_FD);
+    // The sandbox's network namespace, kept at SHIM_NETNS_FD likewise (published ports).
+    let mut netns: Option<OwnedFd> = None;
+    let keep_netns = |fd: OwnedFd| netns = keep_at(fd, SHIM_NETNS_FD);
     // Logged before the launch, so that nothing of the run comes before its start.
     let _ = log.start_run();
     let res = launch::run_with(
@@ -474,6 +477,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
             log: Some(&mut log),
             during_setup: None,
             on_egress: Some(Box::new(keep_egress)),
+            on_netns: Some(Box::new(keep_netns)),
             on_started: Some(Box::new(|s| {
                 emit(&ShimEvent::Started {
                     pid1: s.pid1,
@@ -486,17 +490,20 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
     );
     let _ = log.end_run(&end_event(&res));
     drop(egress);
+    drop(netns);
     Ok(res?)
 }
 
 /// Where the shim keeps the egress gateway's listening socket.
 pub const SHIM_EGRESS_FD: RawFd = 100;
+/// Where the shim keeps a descriptor of the sandbox's network namespace.
+pub const SHIM_NETNS_FD: RawFd = 101;
 
 /// `fd` moved to descriptor number `at` (which must be free), close-on-exec.
 fn keep_at(fd: OwnedFd, at: RawFd) -> Option<OwnedFd> {
     // SAFETY: F_GETFD only queries a descriptor number.
     if unsafe { libc::fcntl(at, libc::F_GETFD) } >= 0 {
-        eprintln!("aither-init shim: descriptor {at} is taken; the egress socket is not kept");
+        eprintln!("aither-init shim: descriptor {at} is taken; it is not kept");
         return None;
     }
     // SAFETY: dup3 onto a free descriptor number; the new descriptor is owned below.

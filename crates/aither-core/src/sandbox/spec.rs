@@ -150,6 +150,10 @@ pub struct SandboxSpec {
     /// lets the agent connect to it. None: no egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_port: Option<u16>,
+    /// Ports of the sandbox's own loopback published on the host (`spawn --publish-host`):
+    /// under a Landlock-confined `none` network the agent may bind these (and nothing else).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_ports: Vec<u16>,
 }
 
 fn narrow<T: PartialOrd + Copy + ToString>(
@@ -349,6 +353,7 @@ impl SandboxSpec {
             report: false,
             devices: Vec::new(),
             egress_port: None,
+            publish_ports: Vec::new(),
         })
     }
 

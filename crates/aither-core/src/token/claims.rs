@@ -511,6 +511,29 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
     only_if("may_spawn", *may_spawn, parent.may_spawn)
 }
 
+/// `rules.network`: the mode at most the parent's, and publishing on the host only where the
+/// parent allows it.
+fn network_narrows(child: &Network, parent: &Network) -> Result<(), TokenError> {
+    let Network { mode, publish_host } = child;
+    if *publish_host && !parent.publish_host {
+        return Err(widen(
+            "rules.network.publish_host",
+            "true where the parent forbids publishing on the host",
+        ));
+    }
+    if mode > &parent.mode {
+        return Err(widen(
+            "rules.network.mode",
+            format!(
+                "{} exceeds the parent's {}",
+                kebab(mode),
+                kebab(&parent.mode)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The sandbox rules: every field of the child `Policy` within the parent's.
 fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
     let Policy {
@@ -609,17 +632,7 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         pf.dev_shm_size,
     )?;
 
-    let Network { mode } = network;
-    if mode > &parent.network.mode {
-        return Err(widen(
-            "rules.network.mode",
-            format!(
-                "{} exceeds the parent's {}",
-                kebab(mode),
-                kebab(&parent.network.mode)
-            ),
-        ));
-    }
+    network_narrows(network, &parent.network)?;
     let LandlockPolicy { enabled } = landlock;
     kept("rules.landlock.enabled", *enabled, parent.landlock.enabled)?;
     let SeccompPolicy { profile } = seccomp;

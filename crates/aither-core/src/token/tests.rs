@@ -581,6 +581,24 @@ fn seccomp_none_may_narrow_to_agent_only() {
     );
 }
 
+#[test]
+fn publishing_on_the_host_may_be_turned_off_never_on() {
+    let parent = claims("strict");
+    assert!(parent.rules.network.publish_host, "allowed by default");
+    let mut closed = parent.clone();
+    closed.rules.network.publish_host = false;
+    narrows(&closed, &parent).unwrap();
+    assert_eq!(
+        widening_field(narrows(&parent, &closed)),
+        "rules.network.publish_host"
+    );
+    // Left out of the payload while true: tokens from before the field read the same.
+    let v = serde_json::to_value(&parent.rules.network).unwrap();
+    assert!(v.get("publish_host").is_none(), "{v}");
+    let v = serde_json::to_value(&closed.rules.network).unwrap();
+    assert_eq!(v["publish_host"], false);
+}
+
 /// A block whose claims widen cannot be produced by `append`, but a holder can sign anything
 /// with the proof key: verification must refuse it by itself.
 #[test]
