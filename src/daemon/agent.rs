@@ -103,21 +103,54 @@ pub struct Info {
     pub publish_host: Vec<String>,
 }
 
+/// Why an agent's task did not do a user's command or its first launch: the reply's error,
+/// each kind with its wire code (`code`).
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// The command does not apply in the agent's state (lifecycle::idle_command): `conflict`.
+    #[error("{0}")]
+    Refused(String),
+    /// The signal could not be handed to the agent's shim: `conflict` when the shim is gone,
+    /// `io` otherwise.
+    #[error("{name}: the signal was not delivered: {source}")]
+    NotSignalled {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The first launch failed (spawn's reply): `launch_failed`.
+    #[error("{0}")]
+    Launch(String),
+}
+
+impl CmdError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CmdError::Refused(_) => ErrorCode::Conflict,
+            CmdError::NotSignalled { source, .. } if source.raw_os_error() == Some(libc::ESRCH) => {
+                ErrorCode::Conflict
+            }
+            CmdError::NotSignalled { .. } => ErrorCode::Io,
+            CmdError::Launch(_) => ErrorCode::LaunchFailed,
+        }
+    }
+}
+
 /// Requests to an agent's task.
 pub enum Cmd {
     Stop {
         timeout: Option<Duration>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), CmdError>>,
     },
     Kill {
         signal: i32,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), CmdError>>,
     },
     Restart {
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), CmdError>>,
     },
     Remove {
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), CmdError>>,
     },
     /// Freeze every process of the running sandbox (`aitherctl pause`).
     Pause {
@@ -140,7 +173,7 @@ pub struct Handle {
 }
 
 /// How a first launch went, for the `spawn` reply.
-pub type Launched = oneshot::Sender<Result<(), String>>;
+pub type Launched = oneshot::Sender<Result<(), CmdError>>;
 
 enum ChannelItem {
     /// A request, its frame's size in bytes, and the CPU time its parsing took (ns).
@@ -207,11 +240,11 @@ enum After {
     /// Apply the restart policy.
     Policy,
     /// Stay stopped (a user's stop).
-    Stop(Vec<oneshot::Sender<Result<(), String>>>),
+    Stop(Vec<oneshot::Sender<Result<(), CmdError>>>),
     /// Start again now, whatever the policy (a user's restart).
-    Restart(oneshot::Sender<Result<(), String>>),
+    Restart(oneshot::Sender<Result<(), CmdError>>),
     /// Remove the agent.
-    Remove(oneshot::Sender<Result<(), String>>),
+    Remove(oneshot::Sender<Result<(), CmdError>>),
 }
 
 /// Starts the task of a new or recovered agent. `adopted`: its sandbox is already running.
@@ -366,7 +399,7 @@ impl Agent {
                 };
                 self.ended(&reason);
                 if let Some(l) = launched.take() {
-                    let _ = l.send(Err(reason.describe()));
+                    let _ = l.send(Err(CmdError::Launch(reason.describe())));
                 }
                 idle = Some(State::Failed);
                 continue;
@@ -375,7 +408,7 @@ impl Agent {
             // Listening before the launch: a host port in use is the spawn's error, and no
             // sandbox is built for a run that could not be published.
             if let Err(error) = self.open_host_ports(was_adopted) {
-                idle = self.launch_failed(&mut launched, 125, error);
+                idle = self.launch_failed(&mut launched, 125, error.to_string());
                 continue;
             }
             let live = match adopted.take() {
@@ -552,7 +585,7 @@ impl Agent {
         );
     }
 
-    async fn remove(&mut self, reply: oneshot::Sender<Result<(), String>>) {
+    async fn remove(&mut self, reply: oneshot::Sender<Result<(), CmdError>>) {
         // Its host ports are closed when `rm` returns.
         self.close_host_ports().await;
         self.d.store.delete_agent(&self.name);
@@ -563,7 +596,7 @@ impl Agent {
 
     /// A user's stop is done: its host ports closed first, so that `stop` returning means
     /// they are.
-    async fn stopped(&mut self, replies: Vec<oneshot::Sender<Result<(), String>>>) {
+    async fn stopped(&mut self, replies: Vec<oneshot::Sender<Result<(), CmdError>>>) {
         self.close_host_ports().await;
         for r in replies {
             let _ = r.send(Ok(()));
@@ -621,7 +654,7 @@ impl Agent {
                 None
             }
             IdleReply::Refuse(m) => {
-                let _ = reply.send(Err(m));
+                let _ = reply.send(Err(CmdError::Refused(m)));
                 None
             }
             IdleReply::Ignore => None,
@@ -728,7 +761,7 @@ impl Agent {
 
     /// Opens the agent's host ports unless they are open (or it publishes none). For an
     /// `adopted` sandbox a failure is only logged: it runs anyway, and must stay supervised.
-    fn open_host_ports(&mut self, adopted: bool) -> Result<(), String> {
+    fn open_host_ports(&mut self, adopted: bool) -> Result<(), super::publish::PublishError> {
         if self.host_ports.is_some() || self.rec.request.publish_host.is_empty() {
             return Ok(());
         }
@@ -742,7 +775,7 @@ impl Agent {
                     json!({"error": e.to_string()}),
                 );
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
         Ok(())
     }
@@ -755,7 +788,7 @@ impl Agent {
         error: String,
     ) -> Option<State> {
         if let Some(l) = launched.take() {
-            let _ = l.send(Err(error.clone()));
+            let _ = l.send(Err(CmdError::Launch(error.clone())));
         }
         self.ended(&EndReason::LaunchFailed { code, error });
         Some(State::Failed)
@@ -1119,7 +1152,12 @@ impl Agent {
             }
             Cmd::Kill { signal, reply } => {
                 // The signal goes to the agent through the shim and pid 1.
-                let r = shim_sig.signal(signal).map_err(|e| e.to_string());
+                let r = shim_sig
+                    .signal(signal)
+                    .map_err(|source| CmdError::NotSignalled {
+                        name: self.name.clone(),
+                        source,
+                    });
                 let delivered = r.is_ok();
                 // Answered once its actions are done (SIGKILL: the whole sandbox killed).
                 replies.now = Some((reply, r));
@@ -1627,11 +1665,11 @@ struct Channel {
 #[derive(Default)]
 struct Replies {
     /// Stops: answered once stopped (or at once when a restart or remove came first).
-    stop: Vec<oneshot::Sender<Result<(), String>>>,
+    stop: Vec<oneshot::Sender<Result<(), CmdError>>>,
     /// The restart or remove that comes after the run.
-    then: Option<oneshot::Sender<Result<(), String>>>,
+    then: Option<oneshot::Sender<Result<(), CmdError>>>,
     /// A kill's answer, sent after the actions it caused.
-    now: Option<(Answer, Result<(), String>)>,
+    now: Option<(Answer, Result<(), CmdError>)>,
     /// A pause's or resume's answer, sent after its state change (the reply shows it).
     coded: Option<(CodedAnswer, Result<(), ErrorBody>)>,
 }
@@ -1670,7 +1708,7 @@ fn freezer_error(e: cgroup::CgroupError) -> ErrorBody {
 }
 
 /// Where a user's command is answered.
-type Answer = oneshot::Sender<Result<(), String>>;
+type Answer = oneshot::Sender<Result<(), CmdError>>;
 
 /// The kernel counters of the previous sample, to report what grew.
 #[derive(Default)]

@@ -595,7 +595,7 @@ fn validate(path: &Path, text: &str, c: &Config) -> Result<(), ConfigError> {
     if c.gpu.poll_ms < 10 {
         return Err(bad("gpu", "poll_ms", "must be at least 10"));
     }
-    UsersConfig::check(&c.users).map_err(|who| {
+    UsersConfig::check(&c.users).map_err(|super::users::BadCpus(who)| {
         let table = if who == "default" {
             "users.default".to_string()
         } else {

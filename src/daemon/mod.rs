@@ -457,7 +457,7 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 /// Parses "TERM", "SIGTERM" or "15".
-pub fn parse_signal(s: &str) -> Result<i32, String> {
+pub fn parse_signal(s: &str) -> Result<i32, UnknownSignal> {
     if let Ok(n) = s.parse::<i32>() {
         if (1..=64).contains(&n) {
             return Ok(n);
@@ -471,8 +471,13 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
     };
     (1..=31)
         .find(|n| signal_name(*n) == full)
-        .ok_or_else(|| format!("unknown signal {s:?}"))
+        .ok_or_else(|| UnknownSignal(s.to_string()))
 }
+
+/// A signal neither named (TERM, SIGTERM) nor numbered (1 to 64).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown signal {0:?}")]
+pub struct UnknownSignal(pub String);
 
 /// The daemon's start event.
 pub fn started_event(d: &Daemon, adopted: usize, restarted: usize) {

@@ -36,7 +36,7 @@ pub fn reload(d: &Shared, trigger: &Trigger) -> ReloadReport {
     match spec.load() {
         Ok(loaded) => match apply(d, &running, loaded, &mut report) {
             Ok(()) => {}
-            Err(e) => report.errors.push(e),
+            Err(e) => report.errors.push(e.to_string()),
         },
         Err(e) => report.errors.push(e.to_string()),
     }
@@ -55,7 +55,7 @@ fn apply(
     running: &Loaded,
     loaded: Loaded,
     report: &mut ReloadReport,
-) -> Result<(), String> {
+) -> Result<(), super::metrics::BindError> {
     let changes = config::diff(&running.config, &loaded.config);
     let (live, restart): (Vec<_>, Vec<_>) =
         changes.into_iter().partition(|c| config::is_live(&c.field));
@@ -64,7 +64,7 @@ fn apply(
     // else has changed.
     if let Some(listen) = &new.metrics.listen {
         if new.metrics.listen != running.config.metrics.listen {
-            d.metrics.switch(d, listen).map_err(|e| e.to_string())?;
+            d.metrics.switch(d, listen)?;
         }
     }
     let r = &new.retention;

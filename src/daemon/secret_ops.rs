@@ -138,19 +138,19 @@ pub fn check_routes(
     agent: &str,
     caller: &Caller,
     net: &NetGrants,
-) -> Result<(), String> {
+) -> Result<(), RouteError> {
     for r in &net.routes {
-        let s = SecretRef::parse(&r.secret).map_err(|e| format!("route {:?}: {e}", r.name))?;
+        let s = SecretRef::parse(&r.secret).map_err(|source| RouteError::BadRef {
+            route: r.name.clone(),
+            source,
+        })?;
         let owner = s.owner(caller.uid);
         match store.exists(owner, s.name) {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, "secret store");
-                return Err(format!(
-                    "route {:?}: the secret store failed (aitherd's log says why)",
-                    r.name
-                ));
+                return Err(RouteError::Store(r.name.clone()));
             }
         }
         d.audit.record(
@@ -165,14 +165,42 @@ pub fn check_routes(
             .owner(owner)
             .data(json!({"route": r.name, "secret": r.secret})),
         );
-        return Err(format!(
-            "route {:?} names secret {:?}: no secret named {:?}{} (aitherctl secret set {})",
-            r.name,
-            r.secret,
-            s.name,
-            if s.root { " of root's" } else { "" },
-            s.name
-        ));
+        return Err(RouteError::Missing {
+            route: r.name.clone(),
+            secret: r.secret.clone(),
+            name: s.name.to_string(),
+            of: if s.root { " of root's" } else { "" },
+        });
     }
     Ok(())
+}
+
+/// Why a member's credential routes were refused (`check_routes`).
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route:?}: {source}")]
+    BadRef {
+        route: String,
+        #[source]
+        source: crate::net::secrets::SecretError,
+    },
+    #[error("route {0:?}: the secret store failed (aitherd's log says why)")]
+    Store(String),
+    #[error("route {route:?} names secret {secret:?}: no secret named {name:?}{of} (aitherctl secret set {name})")]
+    Missing {
+        route: String,
+        secret: String,
+        name: String,
+        of: &'static str,
+    },
+}
+
+impl RouteError {
+    /// The reply's code: the store's own failure is aitherd's, the rest the caller's.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RouteError::Store(_) => ErrorCode::Internal,
+            _ => ErrorCode::Denied,
+        }
+    }
 }

@@ -886,9 +886,9 @@ trait Refusal {
     fn into_reply(self) -> Reply;
 }
 
-impl Refusal for String {
+impl Refusal for agent::CmdError {
     fn into_reply(self) -> Reply {
-        Reply::err(ErrorCode::Conflict, self)
+        Reply::err(self.code(), self.to_string())
     }
 }
 
@@ -978,7 +978,7 @@ async fn spawn_inner(
         return Reply::err(ErrorCode::Invalid, e.to_string());
     }
     if let Err(e) = req.supervision.validate() {
-        return Reply::err(ErrorCode::Invalid, e);
+        return Reply::err(ErrorCode::Invalid, e.to_string());
     }
     if let Err(e) = crate::labels::validate(&req.labels) {
         return Reply::err(ErrorCode::Invalid, e.to_string());
@@ -1082,7 +1082,7 @@ async fn spawn_inner(
     }
     match rx.await {
         Ok(Ok(())) => Reply::ok(serde_json::to_value(d.info_of(&req.name)).unwrap_or_default()),
-        Ok(Err(e)) => Reply::err(ErrorCode::LaunchFailed, e),
+        Ok(Err(e)) => Reply::err(e.code(), e.to_string()),
         Err(_) => Reply::err(
             ErrorCode::Internal,
             "the agent's supervisor ended before starting",
@@ -1252,7 +1252,7 @@ fn build(
     if !caller.admin {
         // A member's routes name their own secrets (or root's, as root:NAME).
         super::secret_ops::check_routes(d, &d.secrets(), &req.name, caller, &p.net)
-            .map_err(|m| (ErrorCode::Denied, m))?;
+            .map_err(|e| (e.code(), e.to_string()))?;
     }
     let (kind, rule) = match &p.minted {
         Some((policy, _)) => ("token_mint", format!("policy {policy}")),

@@ -75,21 +75,20 @@ impl UsersConfig {
             source: Box::new(e),
         })?;
         let c = f.users;
-        Self::check(&c).map_err(|who| UsersError::Cpus {
+        Self::check(&c).map_err(|BadCpus(who)| UsersError::Cpus {
             path: path.into(),
             who,
         })?;
         Ok(c)
     }
 
-    /// Checks the values serde cannot; Err: the user (or "default") whose `cpus` is not more
-    /// than 0.
-    pub fn check(c: &UsersConfig) -> Result<(), String> {
+    /// Checks the values serde cannot: every `cpus` more than 0.
+    pub fn check(c: &UsersConfig) -> Result<(), BadCpus> {
         for (who, l) in std::iter::once(("default", &c.default))
             .chain(c.user.iter().map(|(k, v)| (k.as_str(), v)))
         {
             if l.cpus.is_some_and(|x| x.is_nan() || x <= 0.0) {
-                return Err(who.into());
+                return Err(BadCpus(who.to_string()));
             }
         }
         Ok(())
@@ -100,6 +99,11 @@ impl UsersConfig {
         name.and_then(|n| self.user.get(n)).unwrap_or(&self.default)
     }
 }
+
+/// The user (or "default") whose `cpus` is not more than 0.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: cpus must be more than 0")]
+pub struct BadCpus(pub String);
 
 /// What one user holds now, and what a new agent adds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -414,6 +414,21 @@ pub struct Supervision {
     pub stop_timeout_ms: u64,
 }
 
+/// A supervision setting out of range (`Supervision::validate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisionError {
+    #[error("health interval must be at least 100ms")]
+    HealthInterval,
+    #[error("health threshold must be at least 1")]
+    HealthThreshold,
+    #[error("watchdog must be at least 50ms")]
+    Watchdog,
+    #[error("the maximum backoff is below the first backoff")]
+    Backoff,
+    #[error("the health command is empty")]
+    EmptyHealthCommand,
+}
+
 impl Default for Supervision {
     fn default() -> Supervision {
         Supervision {
@@ -442,23 +457,21 @@ impl Supervision {
         self.wait_ready || self.health_cmd.is_some()
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SupervisionError> {
         if self.health_interval_ms < 100 {
-            return Err("health interval must be at least 100ms".into());
+            return Err(SupervisionError::HealthInterval);
         }
         if self.health_threshold == 0 {
-            return Err("health threshold must be at least 1".into());
+            return Err(SupervisionError::HealthThreshold);
         }
-        if let Some(w) = self.watchdog_ms {
-            if w < 50 {
-                return Err("watchdog must be at least 50ms".into());
-            }
+        if matches!(self.watchdog_ms, Some(w) if w < 50) {
+            return Err(SupervisionError::Watchdog);
         }
         if self.backoff_max_ms < self.backoff_ms {
-            return Err("the maximum backoff is below the first backoff".into());
+            return Err(SupervisionError::Backoff);
         }
         if matches!(&self.health_cmd, Some(c) if c.is_empty()) {
-            return Err("the health command is empty".into());
+            return Err(SupervisionError::EmptyHealthCommand);
         }
         Ok(())
     }

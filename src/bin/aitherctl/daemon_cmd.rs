@@ -391,7 +391,7 @@ fn spawn_supervision(a: &SpawnArgs, file: Option<&AgentFile>) -> anyhow::Result<
     if let Some(n) = a.health_threshold {
         sup.health_threshold = n;
     }
-    sup.validate().map_err(anyhow::Error::msg)?;
+    sup.validate()?;
     Ok(sup)
 }
 

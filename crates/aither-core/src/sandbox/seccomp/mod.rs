@@ -272,14 +272,23 @@ fn arg_offset(index: u8) -> u32 {
     16 + 8 * index as u32
 }
 
+/// A condition the compiler cannot express: a 64-bit comparison of an argument's high word.
+#[derive(Debug, thiserror::Error)]
+#[error("qword conditions on the high word are not supported")]
+struct HighWordQword;
+
 /// One syscall's argument check: ALLOW when the conditions hold, else EPERM.
-fn arg_block(conds: &[Cond], any: bool, out: &mut Vec<libc::sock_filter>) -> Result<(), String> {
+fn arg_block(
+    conds: &[Cond],
+    any: bool,
+    out: &mut Vec<libc::sock_filter>,
+) -> Result<(), HighWordQword> {
     let deny = RET_ERRNO | libc::EPERM as u32;
     for c in conds {
         if c.ty == ArgType::Qword
             && (c.val >> 32 != 0 || matches!(c.op, Op::MaskedEq(m) if m >> 32 != 0))
         {
-            return Err("qword conditions on the high word are not supported".into());
+            return Err(HighWordQword);
         }
     }
     for c in conds {
@@ -399,7 +408,7 @@ fn compile(
     b.push(ins(RET_K, 0, 0, RET_ALLOW));
     for ((_, (conds, any)), ja) in conditional.iter().zip(patches) {
         b[ja].k = (b.len() - ja - 1) as u32;
-        arg_block(conds, *any, &mut b).map_err(err)?;
+        arg_block(conds, *any, &mut b).map_err(|e| err(e.to_string()))?;
     }
     if a.len() > 4096 || b.len() > 4096 {
         return Err(err(
