@@ -94,7 +94,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
         .map(Caller::actor)
         .unwrap_or_else(|| "unknown peer".into());
     let (mut r, mut w) = stream.into_split();
-    let caller = match caller {
+    let mut caller = match caller {
         Some(c) if c.allowed => c,
         other => {
             let uid = other.as_ref().map(|c| c.uid);
@@ -214,12 +214,24 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                             "owner: a member's bus is their own agents' subjects",
                         )
                         .actor(caller.actor())
-                        .caller(caller.uid)
+                        .caller(caller.uid).via(caller.via_name())
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
                 super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
+            }
+            Request::Via {
+                via,
+                tool,
+                agent,
+                refused,
+            } => {
+                caller.via = Some(via);
+                record_via(&d, &caller, &tool, agent.as_deref(), refused.as_deref());
+                if aio::write_reply(&mut w, &Reply::ok(json!({}))).await.is_err() {
+                    return;
+                }
             }
             Request::Exec(req) => {
                 // The reply comes when the command ends; a closed connection kills it.
@@ -234,6 +246,29 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             }
         }
     }
+}
+
+/// The audit record of one call of a front end (`Request::Via`, docs/mcp.md "Audit"): kind
+/// `via` (`mcp`), allow, or deny with the front end's own refusal. The agent is named in the
+/// record's `agent` only when the caller may act on it (another user's agent stays in `data`,
+/// unowned, as the caller wrote it).
+fn record_via(d: &Shared, caller: &Caller, tool: &str, agent: Option<&str>, refused: Option<&str>) {
+    let (decision, rule) = match refused {
+        None => (Verdict::Allow, "control socket: operator".to_string()),
+        Some(why) => (Verdict::Deny, format!("token: {why}")),
+    };
+    let kind = caller.via_name().unwrap_or("via");
+    let mut e = Entry::new(kind, decision, rule)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .via(caller.via_name())
+        .data(json!({"tool": tool, "agent": agent}));
+    if let Some(name) = agent {
+        if let Some(owner) = d.name_owner(name).filter(|o| caller.may_act_on(*o)) {
+            e = e.agent(name).owner(owner);
+        }
+    }
+    d.audit.record(e);
 }
 
 /// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
@@ -259,7 +294,7 @@ pub(super) fn authorize(
         )
         .agent(name)
         .actor(caller.actor())
-        .caller(caller.uid)
+        .caller(caller.uid).via(caller.via_name())
         .owner(owner)
         .data(json!({"cross_user": true})),
     );
@@ -285,7 +320,7 @@ fn consumer_owner(
             "owner: only the consumer's owner, root or aither-admin",
         )
         .actor(caller.actor())
-        .caller(caller.uid)
+        .caller(caller.uid).via(caller.via_name())
         .owner(target)
         .data(json!({"durable": durable, "cross_user": true})),
     );
@@ -312,7 +347,7 @@ fn audit_op(
     let mut e = Entry::new(kind, decision, rule)
         .agent(name)
         .actor(caller.actor())
-        .caller(caller.uid)
+        .caller(caller.uid).via(caller.via_name())
         .data(data);
     if let Some(o) = owner {
         e = e.owner(o);
@@ -420,7 +455,7 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
         )
         .agent("aitherd")
         .actor(caller.actor())
-        .caller(caller.uid),
+        .caller(caller.uid).via(caller.via_name()),
     );
     Err(Reply::err(
         ErrorCode::Denied,
@@ -551,6 +586,10 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) => Reply::err(
             ErrorCode::BadRequest,
             "bus_pub, bus_sub and exec take over their connection",
+        ),
+        Request::Via { .. } => Reply::err(
+            ErrorCode::BadRequest,
+            "via is answered by the connection itself",
         ),
         Request::Inspect { name } => inspect(d, &name),
         Request::Logs {
@@ -945,7 +984,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
         Entry::new("spawn", decision, rule)
             .agent(&name)
             .actor(caller.actor())
-            .caller(caller.uid)
+            .caller(caller.uid).via(caller.via_name())
             // The agent's owner: the caller's new agent, or whoever holds the name.
             .owner(d.name_owner(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv, "workspace": workspace})),
@@ -1190,7 +1229,7 @@ fn build(
         Entry::new(kind, Verdict::Allow, rule)
             .agent(&req.name)
             .actor("aitherd")
-            .caller(caller.uid)
+            .caller(caller.uid).via(caller.via_name())
             .owner(root.owner.unwrap_or(caller.uid))
             .data(json!({"token_id": p.verified.id(), "exp": root.exp,
                          "source": p.minted.as_ref().map(|m| m.1.clone()),
