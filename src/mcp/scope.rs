@@ -97,17 +97,6 @@ impl Scope {
         ))
     }
 
-    /// A search without a tier reaches every tier: under a token, one must be named.
-    pub fn search_tier(&self, tier: Option<&str>) -> Result<(), ToolError> {
-        match (self, tier) {
-            (Scope::Token(_), None) => Err(ToolError::refused(
-                "tier",
-                "name a tier the token grants (a search of every tier is wider than any token)",
-            )),
-            _ => Ok(()),
-        }
-    }
-
     /// Publishing on `subject`: it must match one of the token's `bus.publish` patterns
     /// (`$self` standing for the subject).
     pub fn publish(&self, subject: &str) -> Result<(), ToolError> {
@@ -195,7 +184,6 @@ mod tests {
         assert!(s.memory("w2", "knowledge", Access::Read).is_ok());
         assert!(s.memory("w2", "knowledge", Access::Write).is_err());
         assert!(s.memory("w2", "working", Access::Read).is_err());
-        assert!(s.search_tier(None).is_err());
         assert!(s.publish("agent.w1.out").is_ok());
         assert!(s.publish("agent.w2.out").unwrap_err().to_string().contains("subject"));
         assert!(s.shows("w1") && !s.shows("w2"));

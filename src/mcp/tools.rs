@@ -149,11 +149,11 @@ pub const TOOLS: &[Tool] = &[
     },
     Tool {
         name: "mem_search",
-        description: "Full-text search of an agent's memory.",
+        description: "Full-text search of an agent's knowledge tier (ranked by relevance).",
         args: &[
             AGENT,
             ("query", "string", "Words to search for."),
-            TIER,
+            ("tier", "string", "knowledge (the one searchable tier; the default)."),
             ("limit", "integer", "Most results (default 10)."),
         ],
         required: &["agent", "query"],

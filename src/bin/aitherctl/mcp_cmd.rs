@@ -396,15 +396,27 @@ fn exec(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     let agent = agent_arg(a, scope)?;
     let argv = a.argv("argv")?;
     let cwd = a.opt_str("cwd")?.map(PathBuf::from);
-    let max = max_output(a)?;
+    let (code, out, err) = exec_capture("exec", &agent, argv, cwd, max_output(a)?)?;
+    Ok(command_outcome(code, out, err, false))
+}
+
+/// `argv` in agent `agent`'s sandbox (an `exec`, confined as the agent) with stdin from
+/// /dev/null; its exit status and the first `max` bytes of stdout and stderr.
+pub(crate) fn exec_capture(
+    tool: &str,
+    agent: &str,
+    argv: Vec<String>,
+    cwd: Option<PathBuf>,
+    max: usize,
+) -> Result<(i32, Captured, Captured), ToolError> {
     let (or, ow) = aither::sys::pipe().map_err(fail)?;
     let (er, ew) = aither::sys::pipe().map_err(fail)?;
     let null = crate::cp_cmd::null(false).map_err(fail)?;
-    let mut c = connect("exec", Some(&agent))?;
+    let mut c = connect(tool, Some(agent))?;
     let out = Capture::start(Some(or), max);
     let err = Capture::start(Some(er), max);
     let req = Request::Exec(ExecRequest {
-        name: agent.clone(),
+        name: agent.to_string(),
         argv,
         env: vec![],
         cwd,
@@ -416,9 +428,8 @@ fn exec(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     drop((null, ow, ew));
     let v = data(reply);
     let (out, err) = (out.finish(), err.finish());
-    let v = v?;
-    let code = v["exit_code"].as_i64().unwrap_or(-1) as i32;
-    Ok(command_outcome(code, out, err, false))
+    let code = v?["exit_code"].as_i64().unwrap_or(-1) as i32;
+    Ok((code, out, err))
 }
 
 fn mem(tool: &str, a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
@@ -440,10 +451,8 @@ fn mem(tool: &str, a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
         }
         _ => {
             let tier = a.opt_str("tier")?;
-            scope.search_tier(tier)?;
-            if let Some(t) = tier {
-                scope.memory(&agent, t, Access::Read)?;
-            }
+            // The one searchable tier is the default.
+            scope.memory(&agent, tier.unwrap_or("knowledge"), Access::Read)?;
             let limit = a.opt_u64("limit", 1000)?.unwrap_or(10);
             json!({"op": "mem.search", "tier": tier, "query": a.str("query")?, "limit": limit})
         }
@@ -465,7 +474,7 @@ fn bus_publish(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
         durable: a.opt_bool("durable")?,
     };
     let v = data(connect("bus_publish", None)?.call(&req))?;
-    Ok(Outcome::json(json!({"subject": subject, "seq": v.get("seq")})))
+    Ok(Outcome::json(json!({"subject": subject, "reply": v})))
 }
 
 fn max_output(a: &Args<'_>) -> Result<usize, ToolError> {

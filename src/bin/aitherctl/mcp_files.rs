@@ -20,9 +20,11 @@ use crate::mcp_cmd::{agent_arg, connect, fail};
 /// The most `read` returns by default, and at most.
 const READ_DEFAULT: u64 = 1 << 20;
 const READ_MAX: u64 = 16 << 20;
-/// The most entries `list` returns, and the most bytes of stream it reads.
+/// The most entries `list` returns, and the most bytes of find's output it reads.
 const LIST_MAX: usize = 1000;
-const LIST_STREAM_MAX: u64 = 256 << 20;
+const LIST_BYTES: usize = 1 << 20;
+/// The most bytes of the stream read after the one entry `read` wanted.
+const DRAIN_MAX: u64 = 1 << 20;
 /// The most `write` sends.
 const WRITE_MAX: usize = 16 << 20;
 
@@ -54,14 +56,10 @@ fn stream_out(
     Ok((side, Reader::new(BufReader::new(std::fs::File::from(r)))))
 }
 
-/// Reads what is left of the stream (at most LIST_STREAM_MAX bytes), so that the agent side
-/// can end; past that the pipe is closed (the agent side then fails, and the caller knows
-/// whether that matters).
+/// Reads what is left of the stream (at most DRAIN_MAX bytes: the end of the archive), so
+/// that the agent side can end; past that the pipe is closed and the agent side fails.
 fn drain(reader: Reader<BufReader<std::fs::File>>) {
-    let _ = io::copy(
-        &mut reader.into_inner().take(LIST_STREAM_MAX),
-        &mut io::sink(),
-    );
+    let _ = io::copy(&mut reader.into_inner().take(DRAIN_MAX), &mut io::sink());
 }
 
 pub fn read(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
@@ -186,51 +184,56 @@ pub fn write(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     Ok(Outcome::json(json!({"agent": agent, "path": path, "written_bytes": content.len()})))
 }
 
+/// `list` is GNU find on the agent's PATH, run as an exec (audited as `exec`): one level,
+/// never following a link (`-P`), each entry as five NUL-terminated fields.
 pub fn list(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     let agent = agent_arg(a, scope)?;
     let path = a.opt_str("path")?.unwrap_or(".").to_string();
-    let op = CopyOp::Out {
-        path: PathBuf::from(&path),
-        contents: true,
+    // A relative path is written ./PATH, so that it can never read as one of find's options.
+    let start = if path.starts_with('/') || path.starts_with("./") {
+        path.clone()
+    } else {
+        format!("./{path}")
     };
-    let (side, mut reader) = stream_out("list", &agent, op)?;
-    let mut entries: Vec<Value> = Vec::new();
-    let mut more = false;
-    let mut read_bytes = 0u64;
-    loop {
-        let h = match reader.next_entry() {
-            Ok(Some(h)) => h,
-            Ok(None) => break,
-            Err(e) => {
-                drain(reader);
-                let _ = side.wait();
-                return Err(fail(e));
+    let argv: Vec<String> = [
+        "find", "-P", &start, "-mindepth", "1", "-maxdepth", "1", "-printf",
+        "%y\\0%s\\0%m\\0%P\\0%l\\0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, out, err) = crate::mcp_cmd::exec_capture("list", &agent, argv, None, LIST_BYTES)?;
+    if code != 0 {
+        return Err(ToolError::Failed(format!(
+            "{path}: find failed in the agent (exit {code}): {}",
+            String::from_utf8_lossy(&err.bytes).trim_end()
+        )));
+    }
+    let fields: Vec<&[u8]> = out.bytes.split(|b| *b == 0).collect();
+    let mut entries: Vec<Value> = fields
+        .chunks_exact(5)
+        .take(LIST_MAX)
+        .map(|f| {
+            let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let kind = match f[0] {
+                b"f" => "file",
+                b"d" => "dir",
+                b"l" => "symlink",
+                b"p" => "fifo",
+                b"s" => "socket",
+                b"c" => "char_device",
+                b"b" => "block_device",
+                _ => "other",
+            };
+            let mut e = json!({"name": s(f[3]), "kind": kind,
+                "size": s(f[1]).parse::<u64>().unwrap_or(0), "mode": s(f[2])});
+            if kind == "symlink" {
+                e["target"] = json!(s(f[4]));
             }
-        };
-        read_bytes += h.size;
-        if h.kind == EntryKind::File {
-            let _ = reader.copy_data(&mut io::sink());
-        }
-        // Members are `./NAME` (and `./NAME/...` below: not this listing's).
-        let name = String::from_utf8_lossy(&h.path).into_owned();
-        let name = name.trim_start_matches("./").trim_end_matches('/').to_string();
-        if name.is_empty() || name == "." || name.contains('/') {
-            continue;
-        }
-        if entries.len() == LIST_MAX || read_bytes > LIST_STREAM_MAX {
-            more = true;
-            break;
-        }
-        let mut e = json!({"name": name, "kind": kind_name(h.kind), "size": h.size, "mode": format!("{:o}", h.mode)});
-        if h.kind == EntryKind::Symlink {
-            e["target"] = json!(String::from_utf8_lossy(&h.link));
-        }
-        entries.push(e);
-    }
-    drain(reader);
-    let res = waited(side);
-    if !more {
-        res?;
-    }
-    Ok(Outcome::json(json!({"agent": agent, "path": path, "entries": entries, "truncated": more})))
+            e
+        })
+        .collect();
+    entries.sort_by(|x, y| x["name"].as_str().cmp(&y["name"].as_str()));
+    let truncated = out.dropped > 0 || fields.len() / 5 > LIST_MAX;
+    Ok(Outcome::json(json!({"agent": agent, "path": path, "entries": entries, "truncated": truncated})))
 }
