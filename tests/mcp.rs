@@ -65,7 +65,13 @@ fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_i
     let mut c = Command::new(python());
     d.env(&mut c);
     c.arg(&script)
-        .args([AITHERCTL, &ws, &agent, tok.to_str().expect("utf-8"), &subject])
+        .args([
+            AITHERCTL,
+            &ws,
+            &agent,
+            tok.to_str().expect("utf-8"),
+            &subject,
+        ])
         .current_dir(d.ws.path())
         .stdin(Stdio::null());
     let out = c.output().expect("start the Python MCP client");
@@ -89,8 +95,13 @@ fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_i
                 && tool.is_none_or(|t| r["data"]["tool"] == t)
         })
     };
-    for tool in ["run", "spawn", "logs", "mem_put", "write", "read", "list", "exec", "ps"] {
-        assert!(find("mcp", Some(tool), "allow"), "no allowed mcp record of {tool}");
+    for tool in [
+        "run", "spawn", "logs", "mem_put", "write", "read", "list", "exec", "ps",
+    ] {
+        assert!(
+            find("mcp", Some(tool), "allow"),
+            "no allowed mcp record of {tool}"
+        );
     }
     // Refusals by the token: recorded, with the token's reason.
     assert!(
@@ -107,9 +118,9 @@ fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_i
     }
     // Nothing the token refused reached aitherd as an action on the other agent.
     assert!(
-        !records.iter().any(|r| r["kind"] == "stop"
-            && r["agent"] == agent.as_str()
-            && r["via"] == "mcp"),
+        !records
+            .iter()
+            .any(|r| r["kind"] == "stop" && r["agent"] == agent.as_str() && r["via"] == "mcp"),
         "a refused stop reached aitherd"
     );
     let _ = d.ctl(&["rm", "--force", &agent]);

@@ -223,7 +223,8 @@ pub async fn serve(
             Entry::new(kind, verdict, rule)
                 .agent(&name)
                 .actor(caller.actor())
-                .caller(caller.uid).via(caller.via_name())
+                .caller(caller.uid)
+                .via(caller.via_name())
                 .owner(owner)
                 .data(data),
         );

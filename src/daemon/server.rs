@@ -96,32 +96,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     let (mut r, mut w) = stream.into_split();
     let mut caller = match caller {
         Some(c) if c.allowed => c,
-        other => {
-            let uid = other.as_ref().map(|c| c.uid);
-            let pid = other.as_ref().and_then(|c| c.pid);
-            tracing::warn!(uid, "control socket: access denied");
-            d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
-            let mut e = Entry::new(
-                "control_connect",
-                Verdict::Deny,
-                "control socket: root, aitherd's uid or group aither only",
-            )
-            .actor(actor.clone())
-            .data(json!({"pid": pid}));
-            if let Some(u) = uid {
-                e = e.caller(u);
-            }
-            d.audit.record(e);
-            let _ = aio::write_reply(
-                &mut w,
-                &Reply::err(
-                    ErrorCode::Denied,
-                    "only root and members of group aither may use aitherd",
-                ),
-            )
-            .await;
-            return;
-        }
+        other => return refuse_peer(&d, other.as_ref(), actor, &mut w).await,
     };
     loop {
         // recvmsg: a spawn's frame carries the workspace the caller opened (SCM_RIGHTS).
@@ -214,7 +189,8 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                             "owner: a member's bus is their own agents' subjects",
                         )
                         .actor(caller.actor())
-                        .caller(caller.uid).via(caller.via_name())
+                        .caller(caller.uid)
+                        .via(caller.via_name())
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
@@ -229,7 +205,10 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             } => {
                 caller.via = Some(via);
                 record_via(&d, &caller, &tool, agent.as_deref(), refused.as_deref());
-                if aio::write_reply(&mut w, &Reply::ok(json!({}))).await.is_err() {
+                if aio::write_reply(&mut w, &Reply::ok(json!({})))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -246,6 +225,39 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             }
         }
     }
+}
+
+/// Answers a peer that may not use the socket (neither root nor in group `aither`), with an
+/// audited denial.
+async fn refuse_peer(
+    d: &Shared,
+    other: Option<&Caller>,
+    actor: String,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let uid = other.map(|c| c.uid);
+    let pid = other.and_then(|c| c.pid);
+    tracing::warn!(uid, "control socket: access denied");
+    d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
+    let mut e = Entry::new(
+        "control_connect",
+        Verdict::Deny,
+        "control socket: root, aitherd's uid or group aither only",
+    )
+    .actor(actor)
+    .data(json!({"pid": pid}));
+    if let Some(u) = uid {
+        e = e.caller(u);
+    }
+    d.audit.record(e);
+    let _ = aio::write_reply(
+        w,
+        &Reply::err(
+            ErrorCode::Denied,
+            "only root and members of group aither may use aitherd",
+        ),
+    )
+    .await;
 }
 
 /// The audit record of one call of a front end (`Request::Via`, docs/mcp.md "Audit"): kind
@@ -294,7 +306,8 @@ pub(super) fn authorize(
         )
         .agent(name)
         .actor(caller.actor())
-        .caller(caller.uid).via(caller.via_name())
+        .caller(caller.uid)
+        .via(caller.via_name())
         .owner(owner)
         .data(json!({"cross_user": true})),
     );
@@ -320,7 +333,8 @@ fn consumer_owner(
             "owner: only the consumer's owner, root or aither-admin",
         )
         .actor(caller.actor())
-        .caller(caller.uid).via(caller.via_name())
+        .caller(caller.uid)
+        .via(caller.via_name())
         .owner(target)
         .data(json!({"durable": durable, "cross_user": true})),
     );
@@ -347,7 +361,8 @@ fn audit_op(
     let mut e = Entry::new(kind, decision, rule)
         .agent(name)
         .actor(caller.actor())
-        .caller(caller.uid).via(caller.via_name())
+        .caller(caller.uid)
+        .via(caller.via_name())
         .data(data);
     if let Some(o) = owner {
         e = e.owner(o);
@@ -455,7 +470,8 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
         )
         .agent("aitherd")
         .actor(caller.actor())
-        .caller(caller.uid).via(caller.via_name()),
+        .caller(caller.uid)
+        .via(caller.via_name()),
     );
     Err(Reply::err(
         ErrorCode::Denied,
@@ -984,7 +1000,8 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
         Entry::new("spawn", decision, rule)
             .agent(&name)
             .actor(caller.actor())
-            .caller(caller.uid).via(caller.via_name())
+            .caller(caller.uid)
+            .via(caller.via_name())
             // The agent's owner: the caller's new agent, or whoever holds the name.
             .owner(d.name_owner(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv, "workspace": workspace})),
@@ -1229,7 +1246,8 @@ fn build(
         Entry::new(kind, Verdict::Allow, rule)
             .agent(&req.name)
             .actor("aitherd")
-            .caller(caller.uid).via(caller.via_name())
+            .caller(caller.uid)
+            .via(caller.via_name())
             .owner(root.owner.unwrap_or(caller.uid))
             .data(json!({"token_id": p.verified.id(), "exp": root.exp,
                          "source": p.minted.as_ref().map(|m| m.1.clone()),

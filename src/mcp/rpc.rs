@@ -89,7 +89,10 @@ impl<T: Tools> Session<T> {
                 let mut rest = Vec::new();
                 input.set_limit(u64::MAX);
                 input.read_until(b'\n', &mut rest)?;
-                write_msg(&mut output, &error(Value::Null, PARSE_ERROR, "message too long"))?;
+                write_msg(
+                    &mut output,
+                    &error(Value::Null, PARSE_ERROR, "message too long"),
+                )?;
                 continue;
             }
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -128,16 +131,13 @@ impl<T: Tools> Session<T> {
             return None;
         };
         let params = msg.get("params").cloned().unwrap_or(json!({}));
-        match id {
-            // A notification: never answered. `notifications/initialized` ends the handshake
-            // (nothing waits for it: the server sends no requests); cancellations have nothing
-            // to cancel (calls are answered in order, each before the next is read).
-            None => None,
-            Some(id) => Some(match self.request(method, &params) {
-                Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-                Err((code, message)) => error(id, code, &message),
-            }),
-        }
+        // Without an id, a notification: never answered. `notifications/initialized` ends the
+        // handshake (nothing waits for it: the server sends no requests); cancellations have
+        // nothing to cancel (calls are answered in order, each before the next is read).
+        id.map(|id| match self.request(method, &params) {
+            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+            Err((code, message)) => error(id, code, &message),
+        })
     }
 
     fn request(&mut self, method: &str, params: &Value) -> Result<Value, (i64, String)> {
@@ -173,7 +173,10 @@ impl<T: Tools> Session<T> {
 
     fn call(&mut self, params: &Value) -> Result<Value, (i64, String)> {
         let Some(name) = params.get("name").and_then(Value::as_str) else {
-            return Err((INVALID_PARAMS, "tools/call: `name` (a string) is required".into()));
+            return Err((
+                INVALID_PARAMS,
+                "tools/call: `name` (a string) is required".into(),
+            ));
         };
         if !TOOLS.iter().any(|t| t.name == name) {
             return Err((INVALID_PARAMS, format!("unknown tool {name:?}")));
@@ -235,7 +238,9 @@ mod tests {
 
     fn run(lines: &str) -> Vec<Value> {
         let mut out = Vec::new();
-        Session::new(Echo).serve(lines.as_bytes(), &mut out).unwrap();
+        Session::new(Echo)
+            .serve(lines.as_bytes(), &mut out)
+            .unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()

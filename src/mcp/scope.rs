@@ -140,7 +140,8 @@ mod tests {
         let policy = crate::policy::Policy::load("strict")
             .expect("strict policy")
             .policy;
-        let mut c = Claims::from_policy(&policy, "w1", std::time::Duration::from_secs(60)).expect("claims");
+        let mut c =
+            Claims::from_policy(&policy, "w1", std::time::Duration::from_secs(60)).expect("claims");
         c.memory_tiers.clear();
         c.memory_tiers.insert(
             "working".into(),
@@ -185,7 +186,11 @@ mod tests {
         assert!(s.memory("w2", "knowledge", Access::Write).is_err());
         assert!(s.memory("w2", "working", Access::Read).is_err());
         assert!(s.publish("agent.w1.out").is_ok());
-        assert!(s.publish("agent.w2.out").unwrap_err().to_string().contains("subject"));
+        assert!(s
+            .publish("agent.w2.out")
+            .unwrap_err()
+            .to_string()
+            .contains("subject"));
         assert!(s.shows("w1") && !s.shows("w2"));
         let all = Scope::Caller;
         assert!(all.agent("agent", "x").is_ok() && all.publish("a.b").is_ok());

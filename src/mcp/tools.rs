@@ -213,7 +213,10 @@ pub fn check_known(tool: &str, args: &Map<String, Value>) -> Result<(), ToolErro
             let known: Vec<&str> = t.args.iter().map(|a| a.0).collect();
             return Err(ToolError::arg(
                 k,
-                format!("{tool} takes no such argument (it takes: {})", known.join(", ")),
+                format!(
+                    "{tool} takes no such argument (it takes: {})",
+                    known.join(", ")
+                ),
             ));
         }
     }
@@ -278,7 +281,10 @@ impl Args<'_> {
     pub fn argv(&self, field: &str) -> Result<Vec<String>, ToolError> {
         let v = self.strings(field)?;
         if v.is_empty() {
-            return Err(ToolError::arg(field, "is required: the command and its arguments"));
+            return Err(ToolError::arg(
+                field,
+                "is required: the command and its arguments",
+            ));
         }
         Ok(v)
     }
@@ -317,9 +323,24 @@ mod tests {
             "argument `agent`: must be a string"
         );
         assert!(a.argv("argv").unwrap_err().to_string().contains("`argv`"));
-        assert!(a.opt_u64("tail", 10).unwrap_err().to_string().contains("`tail`"));
-        assert!(a.opt_bool("force").unwrap_err().to_string().contains("`force`"));
-        assert!(a.str("key").unwrap_err().to_string().contains("`key`: is required"));
-        assert!(check_known("logs", &m).unwrap_err().to_string().contains("`argv`"));
+        assert!(a
+            .opt_u64("tail", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("`tail`"));
+        assert!(a
+            .opt_bool("force")
+            .unwrap_err()
+            .to_string()
+            .contains("`force`"));
+        assert!(a
+            .str("key")
+            .unwrap_err()
+            .to_string()
+            .contains("`key`: is required"));
+        assert!(check_known("logs", &m)
+            .unwrap_err()
+            .to_string()
+            .contains("`argv`"));
     }
 }

@@ -128,7 +128,9 @@ impl Tools for Server {
     fn call(&mut self, name: &str, args: &Map<String, Value>) -> Result<Outcome, ToolError> {
         let a = Args(args);
         let agent = a.opt_str("agent").ok().flatten().map(str::to_string);
-        let res = self.scope().and_then(|scope| self.dispatch(name, &a, &scope));
+        let res = self
+            .scope()
+            .and_then(|scope| self.dispatch(name, &a, &scope));
         if let Err(e @ ToolError::Refused { .. }) = &res {
             note(name, agent.as_deref(), Some(&e.to_string()));
         }
@@ -160,7 +162,14 @@ impl Server {
             "stop" => {
                 let agent = agent_arg(a, scope)?;
                 let timeout_ms = a.opt_u64("timeout_s", 3600)?.map(|s| s * 1000);
-                simple("stop", &agent, Request::Stop { name: agent.clone(), timeout_ms })
+                simple(
+                    "stop",
+                    &agent,
+                    Request::Stop {
+                        name: agent.clone(),
+                        timeout_ms,
+                    },
+                )
             }
             "rm" => {
                 let agent = agent_arg(a, scope)?;
@@ -222,7 +231,12 @@ impl Server {
             .wait()
             .map_err(|e| ToolError::Failed(format!("waiting for aitherctl run: {e}")))?;
         let code = exit_code(status);
-        Ok(command_outcome(code, out.finish(), err.finish(), code == 125))
+        Ok(command_outcome(
+            code,
+            out.finish(),
+            err.finish(),
+            code == 125,
+        ))
     }
 
     fn spawn(&self, a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
@@ -331,7 +345,9 @@ pub(crate) fn fail(e: impl std::fmt::Display) -> ToolError {
 }
 
 /// A reply's data, or aitherd's reason.
-pub(crate) fn data(r: Result<Reply, aither::daemon::client::ClientError>) -> Result<Value, ToolError> {
+pub(crate) fn data(
+    r: Result<Reply, aither::daemon::client::ClientError>,
+) -> Result<Value, ToolError> {
     let r = r.map_err(fail)?;
     match (r.ok, r.error) {
         (true, _) => Ok(r.data.unwrap_or_default()),
@@ -343,7 +359,9 @@ pub(crate) fn data(r: Result<Reply, aither::daemon::client::ClientError>) -> Res
 /// One request on agent `agent`, its reply as the result.
 fn simple(tool: &str, agent: &str, req: Request) -> Result<Outcome, ToolError> {
     let v = data(connect(tool, Some(agent))?.call(&req))?;
-    Ok(Outcome::json(json!({"agent": agent, "done": tool, "reply": v})))
+    Ok(Outcome::json(
+        json!({"agent": agent, "done": tool, "reply": v}),
+    ))
 }
 
 /// The fields of an agent worth a model's attention.
@@ -535,7 +553,9 @@ impl Capture {
             std::thread::spawn(move || {
                 let mut f = std::fs::File::from(fd);
                 let mut bytes = Vec::new();
-                let _ = Read::by_ref(&mut f).take(max as u64).read_to_end(&mut bytes);
+                let _ = Read::by_ref(&mut f)
+                    .take(max as u64)
+                    .read_to_end(&mut bytes);
                 let dropped = io::copy(&mut f, &mut io::sink()).unwrap_or(0);
                 Captured { bytes, dropped }
             })
@@ -543,11 +563,9 @@ impl Capture {
     }
 
     pub(crate) fn finish(self) -> Captured {
-        self.0
-            .and_then(|h| h.join().ok())
-            .unwrap_or(Captured {
-                bytes: vec![],
-                dropped: 0,
-            })
+        self.0.and_then(|h| h.join().ok()).unwrap_or(Captured {
+            bytes: vec![],
+            dropped: 0,
+        })
     }
 }

@@ -52,7 +52,8 @@ fn stream_out(
 ) -> Result<(AgentSide, Reader<BufReader<std::fs::File>>), ToolError> {
     let (r, w) = aither::sys::pipe().map_err(fail)?;
     let client = connect(tool, Some(agent))?;
-    let side = AgentSide::start_on(client, agent, op, null(false).map_err(fail)?, w).map_err(fail)?;
+    let side =
+        AgentSide::start_on(client, agent, op, null(false).map_err(fail)?, w).map_err(fail)?;
     Ok((side, Reader::new(BufReader::new(std::fs::File::from(r)))))
 }
 
@@ -146,14 +147,22 @@ impl Write for Bounded<'_> {
 pub fn write(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     let agent = agent_arg(a, scope)?;
     let path = a.str("path")?.to_string();
-    let content = a.opt_str("content")?.ok_or_else(|| ToolError::arg("content", "is required"))?;
+    let content = a
+        .opt_str("content")?
+        .ok_or_else(|| ToolError::arg("content", "is required"))?;
     if content.len() > WRITE_MAX {
-        return Err(ToolError::arg("content", format!("is over {WRITE_MAX} bytes")));
+        return Err(ToolError::arg(
+            "content",
+            format!("is over {WRITE_MAX} bytes"),
+        ));
     }
     let mode = a.opt_u64("mode", 0o777)?.unwrap_or(0o644) as u32;
     let p = Path::new(&path);
     let (Some(name), false) = (p.file_name(), path.ends_with('/')) else {
-        return Err(ToolError::arg("path", "must name a file (not end in / or ..)"));
+        return Err(ToolError::arg(
+            "path",
+            "must name a file (not end in / or ..)",
+        ));
     };
     let dir = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -177,11 +186,14 @@ pub fn write(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
     let (r, w) = aither::sys::pipe().map_err(fail)?;
     let client = connect("write", Some(&agent))?;
     let op = CopyOp::In { dir };
-    let side = AgentSide::start_on(client, &agent, op, r, null(true).map_err(fail)?).map_err(fail)?;
+    let side =
+        AgentSide::start_on(client, &agent, op, r, null(true).map_err(fail)?).map_err(fail)?;
     let sent = std::fs::File::from(w).write_all(&stream);
     waited(side)?;
     sent.map_err(|e| ToolError::Failed(format!("sending the file to the agent: {e}")))?;
-    Ok(Outcome::json(json!({"agent": agent, "path": path, "written_bytes": content.len()})))
+    Ok(Outcome::json(
+        json!({"agent": agent, "path": path, "written_bytes": content.len()}),
+    ))
 }
 
 /// `list` is GNU find on the agent's PATH, run as an exec (audited as `exec`): one level,
@@ -196,7 +208,14 @@ pub fn list(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
         format!("./{path}")
     };
     let argv: Vec<String> = [
-        "find", "-P", &start, "-mindepth", "1", "-maxdepth", "1", "-printf",
+        "find",
+        "-P",
+        &start,
+        "-mindepth",
+        "1",
+        "-maxdepth",
+        "1",
+        "-printf",
         "%y\\0%s\\0%m\\0%P\\0%l\\0",
     ]
     .iter()
@@ -235,5 +254,7 @@ pub fn list(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
         .collect();
     entries.sort_by(|x, y| x["name"].as_str().cmp(&y["name"].as_str()));
     let truncated = out.dropped > 0 || fields.len() / 5 > LIST_MAX;
-    Ok(Outcome::json(json!({"agent": agent, "path": path, "entries": entries, "truncated": truncated})))
+    Ok(Outcome::json(
+        json!({"agent": agent, "path": path, "entries": entries, "truncated": truncated}),
+    ))
 }
