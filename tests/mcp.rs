@@ -16,8 +16,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::daemon::TestDaemon as Daemon;
+use common::users::Users;
 use common::{unique, AITHERCTL};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// install.sh's virtual environment for the Python test clients.
 const TEST_VENV_PYTHON: &str = "/usr/local/lib/aither/test-venv/bin/python3";
@@ -124,4 +125,107 @@ fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_i
         "a refused stop reached aitherd"
     );
     let _ = d.ctl(&["rm", "--force", &agent]);
+}
+
+/// JSON-RPC lines: the handshake, then each (tool, arguments) as `tools/call` with ids 1, 2, ….
+fn session_input(calls: &[(&str, Value)]) -> String {
+    let mut lines = vec![
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "tests/mcp.rs", "version": "0"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    ];
+    for (i, (tool, args)) in calls.iter().enumerate() {
+        lines.push(
+            json!({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": args}}),
+        );
+    }
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// The results of a session's calls, by id (1, 2, …).
+fn results(stdout: &[u8]) -> Vec<Value> {
+    let mut replies: Vec<Value> = String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON message per line"))
+        .collect();
+    replies.sort_by_key(|r| r["id"].as_u64());
+    assert_eq!(replies[0]["result"]["protocolVersion"], "2025-06-18");
+    replies
+        .into_iter()
+        .skip(1)
+        .map(|r| r["result"].clone())
+        .collect()
+}
+
+fn text_of(r: &Value) -> String {
+    r["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_members_mcp_server_acts_as_that_member_and_sees_only_their_own_agents() {
+    let us = Users::create();
+    let d = us.daemon();
+    let (u1, u2) = (&us.users[0], &us.users[1]);
+    let name = unique("mu-mcp");
+    us.ok(
+        &d,
+        0,
+        &[
+            "spawn", "--json", "--policy", "strict", &name, "--", "sleep", "60",
+        ],
+    );
+    let calls = [
+        ("ps", json!({})),
+        ("logs", json!({"agent": name})),
+        ("stop", json!({"agent": name})),
+    ];
+    // Another member: the agent does not exist for them, and the attempt is theirs, via mcp.
+    let o = us.ctl_input(&d, 1, &["mcp"], &session_input(&calls));
+    assert!(o.status.success(), "{o:?}");
+    let r = results(&o.stdout);
+    assert!(
+        !r[0]["structuredContent"].to_string().contains(&name),
+        "{}",
+        r[0]
+    );
+    for (i, what) in [(1, "logs"), (2, "stop")] {
+        assert_eq!(r[i]["isError"], true, "{what}: {}", r[i]);
+        assert!(
+            text_of(&r[i]).contains("no agent named"),
+            "{what}: {}",
+            r[i]
+        );
+    }
+    // The owner sees it.
+    let o = us.ctl_input(&d, 0, &["mcp"], &session_input(&calls[..1]));
+    let r = results(&o.stdout);
+    assert!(
+        r[0]["structuredContent"].to_string().contains(&name),
+        "{}",
+        r[0]
+    );
+
+    let records = audit_records(&d);
+    assert!(
+        records.iter().any(|r| r["kind"] == "stop"
+            && r["decision"] == "deny"
+            && r["caller_uid"] == u2.uid
+            && r["owner_uid"] == u1.uid
+            && r["via"] == "mcp"),
+        "no denied stop of {name} by uid {} via mcp",
+        u2.uid
+    );
+    assert!(
+        records.iter().any(|r| r["kind"] == "mcp"
+            && r["caller_uid"] == u2.uid
+            && r["data"]["tool"] == "stop"),
+        "no mcp record of uid {}'s stop",
+        u2.uid
+    );
+    us.ok(&d, 0, &["rm", "--force", &name]);
 }

@@ -203,12 +203,15 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 agent,
                 refused,
             } => {
-                caller.via = Some(via);
-                record_via(&d, &caller, &tool, agent.as_deref(), refused.as_deref());
-                if aio::write_reply(&mut w, &Reply::ok(json!({})))
-                    .await
-                    .is_err()
-                {
+                let reply = match check_via(&tool, agent.as_deref(), refused.as_deref()) {
+                    Ok(()) => {
+                        caller.via = Some(via);
+                        record_via(&d, &caller, &tool, agent.as_deref(), refused.as_deref());
+                        Reply::ok(json!({}))
+                    }
+                    Err(why) => Reply::err(ErrorCode::BadRequest, why),
+                };
+                if aio::write_reply(&mut w, &reply).await.is_err() {
                     return;
                 }
             }
@@ -260,6 +263,24 @@ async fn refuse_peer(
     .await;
 }
 
+/// What a front end may write into the audit stream through `via`: a tool's name (1-32
+/// lower-case letters and `_`), an agent's name, and a refusal of at most 1 KiB.
+fn check_via(tool: &str, agent: Option<&str>, refused: Option<&str>) -> Result<(), String> {
+    if tool.is_empty()
+        || tool.len() > 32
+        || !tool.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        return Err("via: `tool` must be 1 to 32 lower-case letters and _".into());
+    }
+    if let Some(a) = agent {
+        crate::agent_name::AgentName::parse("agent", a).map_err(|e| format!("via: {e}"))?;
+    }
+    if refused.is_some_and(|r| r.len() > 1024) {
+        return Err("via: `refused` is over 1024 bytes".into());
+    }
+    Ok(())
+}
+
 /// The audit record of one call of a front end (`Request::Via`, docs/mcp.md "Audit"): kind
 /// `via` (`mcp`), allow, or deny with the front end's own refusal. The agent is named in the
 /// record's `agent` only when the caller may act on it (another user's agent stays in `data`,
@@ -267,7 +288,7 @@ async fn refuse_peer(
 fn record_via(d: &Shared, caller: &Caller, tool: &str, agent: Option<&str>, refused: Option<&str>) {
     let (decision, rule) = match refused {
         None => (Verdict::Allow, "control socket: operator".to_string()),
-        Some(why) => (Verdict::Deny, format!("token: {why}")),
+        Some(why) => (Verdict::Deny, why.to_string()),
     };
     let kind = caller.via_name().unwrap_or("via");
     let mut e = Entry::new(kind, decision, rule)
@@ -1526,5 +1547,21 @@ async fn follow_events(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_via;
+
+    #[test]
+    fn via_takes_only_a_tool_name_an_agent_name_and_a_bounded_refusal() {
+        assert!(check_via("mem_get", Some("w-1"), None).is_ok());
+        assert!(check_via("logs", None, Some("refused by the token: agent: …")).is_ok());
+        assert!(check_via("", None, None).is_err());
+        assert!(check_via("Logs\n", None, None).is_err());
+        assert!(check_via(&"a".repeat(33), None, None).is_err());
+        assert!(check_via("logs", Some("../x"), None).is_err());
+        assert!(check_via("logs", None, Some(&"x".repeat(1025))).is_err());
     }
 }

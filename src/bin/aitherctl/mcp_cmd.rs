@@ -127,7 +127,13 @@ struct Server {
 impl Tools for Server {
     fn call(&mut self, name: &str, args: &Map<String, Value>) -> Result<Outcome, ToolError> {
         let a = Args(args);
-        let agent = a.opt_str("agent").ok().flatten().map(str::to_string);
+        // Named in the record of a refusal when it is an agent's name at all.
+        let agent = a
+            .opt_str("agent")
+            .ok()
+            .flatten()
+            .filter(|n| aither::agent_name::AgentName::parse("agent", n).is_ok())
+            .map(str::to_string);
         let res = self
             .scope()
             .and_then(|scope| self.dispatch(name, &a, &scope));
@@ -315,7 +321,7 @@ fn note(tool: &str, agent: Option<&str>, refused: Option<&str>) {
     // SAFETY: geteuid has no preconditions.
     if sent.is_err() && unsafe { libc::geteuid() } == 0 {
         let (decision, rule) = match refused {
-            Some(r) => (Verdict::Deny, format!("token: {r}")),
+            Some(r) => (Verdict::Deny, r.to_string()),
             None => (Verdict::Allow, "mcp: operator".to_string()),
         };
         aither::audit::record(
@@ -451,7 +457,8 @@ pub(crate) fn exec_capture(
 }
 
 fn mem(tool: &str, a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
-    let agent = a.str("agent")?.to_string();
+    // Another agent's memory may be granted: the scope is checked per tier below.
+    let agent = agent_arg(a, &Scope::Caller)?;
     let request = match tool {
         "mem_get" => {
             let tier = a.str("tier")?;
