@@ -146,7 +146,9 @@ async def narrowed(s, other, subject, ws):
     await refused(s, "run", "policy", argv=["true"], policy="permissive")
     await refused(s, "bus_publish", "subject", subject=f"agent.{other}.inbox", data=1)
     await refused(s, "mem_get", "agent", agent=other, tier="knowledge", key="goal")
-    # Inside it: its own agent, with the token as its sandbox.
+    # Inside it: a run and its own agent, with the token as the sandbox.
+    r = await ok(s, "run", argv=["echo", "within"])
+    assert r["exit_code"] == 0 and r["stdout"] == "within\n", r
     r = await ok(s, "spawn", agent=subject, workspace=ws, argv=["sh", "-c", "echo mine; exec sleep 300"])
     assert r["name"] == subject, r
     await wait_for_log(s, subject, "mine")

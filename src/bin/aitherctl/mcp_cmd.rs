@@ -58,7 +58,12 @@ use crate::mcp_files;
 ///   aitherctl mcp
 ///   aitherctl token mint --policy strict --subject worker --ttl 8h --out worker.tok
 ///   aitherctl mcp --token worker.tok
-///   {"mcpServers": {"aither": {"command": "aitherctl", "args": ["mcp", "--token", "/path/worker.tok"]}}}
+///
+/// A framework's configuration (Claude Desktop's claude_desktop_config.json, any mcpServers):
+///   {"mcpServers": {"aither": {"command": "aitherctl",
+///                              "args": ["mcp", "--token", "/path/worker.tok"]}}}
+///
+/// More: docs/mcp.md.
 #[derive(ClapArgs)]
 #[command(verbatim_doc_comment)]
 pub struct McpArgs {
