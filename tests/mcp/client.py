@@ -11,6 +11,7 @@ A missing `mcp` package is a failure (exit 3), never a skip.
 
 import json
 import os
+import subprocess
 import sys
 
 try:
@@ -123,6 +124,8 @@ async def operator(s, ws, agent):
     assert kinds["escape"]["kind"] == "symlink" and kinds["escape"]["target"] == "/etc/hostname", r
     t = await refused(s, "read", "path", agent=agent, path=f"{ws}/escape")
     assert "symbolic link" in t, t
+    t = await refused(s, "read", "path", agent=agent, path=ws)
+    assert "is a dir in the agent" in t, t
     r = await ok(s, "exec", agent=agent, argv=["cat", note])
     assert r["exit_code"] == 0 and r["stdout"] == "hello from mcp\n", r
 
@@ -154,14 +157,26 @@ async def narrowed(s, other, subject, ws):
     await wait_for_log(s, subject, "mine")
     r = await ok(s, "ps")
     assert [a["name"] for a in r["agents"]] == [subject], r
+    await ok(s, "bus_publish", subject=f"agent.{subject}.out", data={"n": 1})
     await ok(s, "stop", agent=subject, timeout_s=1)
     await ok(s, "rm", agent=subject)
+
+
+async def revoked(s, aitherctl, token_file):
+    # The token is verified before every call: revoked while the server runs, it refuses.
+    await ok(s, "ps")
+    tid = json.loads(subprocess.run([aitherctl, "token", "inspect", token_file, "--json"],
+                                    capture_output=True, check=True).stdout)["id"]
+    subprocess.run([aitherctl, "token", "revoke", tid, "--reason", "mcp test"], check=True)
+    t = await refused(s, "ps", "token")
+    assert "revoked" in t, t
 
 
 async def main():
     aitherctl, ws, agent, token_file, subject = sys.argv[1:6]
     await session(server(aitherctl), lambda s: operator(s, ws, agent))
     await session(server(aitherctl, "--token", token_file), lambda s: narrowed(s, agent, subject, ws))
+    await session(server(aitherctl, "--token", token_file), lambda s: revoked(s, aitherctl, token_file))
     print("mcp client: all checks passed", flush=True)
 
 

@@ -44,7 +44,8 @@ use crate::mcp_files;
 /// its policy the only one it may run under (the sandbox is the token's), its memory tiers and
 /// grants the only memory it may read or write, its bus.publish patterns the only subjects.
 /// A call outside the token is refused without asking aitherd to act. The token is verified
-/// (signature, expiry, revocation) at start and before every call.
+/// (signature and expiry; revocation where the host's revocation list is readable, as for
+/// `token verify`) at start and before every call.
 ///
 /// Every call is an audit record of kind `mcp` (tool, agent; allow, or deny with the reason),
 /// and aitherd's own records of the call (spawn, exec, cp, ...) carry `"via": "mcp"`.

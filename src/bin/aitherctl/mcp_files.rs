@@ -90,10 +90,18 @@ pub fn read(a: &Args<'_>, scope: &Scope) -> Result<Outcome, ToolError> {
         _ => None,
     };
     drain(reader);
-    waited(side)?;
-    let h = header.ok_or_else(|| ToolError::Failed(format!("{path}: the agent sent nothing")))?;
+    // A directory's stream is cut short (its agent side then fails): the kind says more.
+    let side = waited(side);
+    let h = match header {
+        Some(h) => h,
+        None => {
+            side?;
+            return Err(ToolError::Failed(format!("{path}: the agent sent nothing")));
+        }
+    };
     match h.kind {
         EntryKind::File => {
+            side?;
             let text = String::from_utf8(content);
             let (text, encoding) = match text {
                 Ok(t) => (t, "utf-8"),
