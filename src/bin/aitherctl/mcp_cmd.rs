@@ -230,6 +230,19 @@ impl Server {
             c.args(["--timeout", &format!("{t}s")]);
         }
         c.arg("--").args(&argv);
+        // A server that goes away (its client closed it, or killed it) takes the run with it:
+        // `aitherctl run` forwards the SIGTERM to the sandbox.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
         note("run", None, None);
         let mut child = c
             .stdin(Stdio::null())
