@@ -68,7 +68,7 @@ use crate::mcp_files;
 #[derive(ClapArgs)]
 #[command(verbatim_doc_comment)]
 pub struct McpArgs {
-    /// A capability token file (or its text) that narrows what the client may do.
+    /// A capability token file that narrows what the client may do.
     #[arg(long, value_name = "FILE")]
     token: Option<String>,
     /// The key the token is verified with (a file, or 64 hex digits / 43 base64url
@@ -81,7 +81,7 @@ pub struct McpArgs {
 struct Given {
     token: Token,
     key: VerifyingKey,
-    /// Where it came from, for `aitherctl run --token` (a file's absolute path, or its text).
+    /// The file's absolute path, for `aitherctl run --token`.
     arg: String,
 }
 
@@ -112,6 +112,14 @@ pub fn run(a: McpArgs) -> i32 {
 }
 
 fn load(arg: &str, pubkey: Option<&str>) -> anyhow::Result<Given> {
+    // A file only: stdin is the protocol's, and a token's text on a command line (this one, or
+    // `run`'s) is readable by every user in the process list.
+    if arg == "-" || !Path::new(arg).is_file() {
+        anyhow::bail!(
+            "--token {}: not a file (give the token as a file, mode 0600)",
+            arg.chars().take(40).collect::<String>()
+        );
+    }
     let token = crate::token_cmd::read_token_arg(arg)?;
     let key = match pubkey {
         Some(k) => token::parse_public_key(k)?,
@@ -119,10 +127,8 @@ fn load(arg: &str, pubkey: Option<&str>) -> anyhow::Result<Given> {
             .map_err(|e| anyhow::anyhow!("{e} (a member verifies with --pubkey KEY: `aitherctl token pubkey` as root prints it)"))?
             .public(),
     };
-    let arg = match std::fs::canonicalize(arg) {
-        Ok(p) if !arg.starts_with(token::TEXT_PREFIX) => p.display().to_string(),
-        _ => arg.to_string(),
-    };
+    // Absolute, for `aitherctl run --token` from whatever directory.
+    let arg = std::fs::canonicalize(arg)?.display().to_string();
     Ok(Given { token, key, arg })
 }
 
