@@ -85,10 +85,9 @@ impl<T: Tools> Session<T> {
                 return Ok(());
             }
             if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
-                // Skip the rest of the oversized line.
-                let mut rest = Vec::new();
+                // Skip the rest of the oversized line without keeping it.
                 input.set_limit(u64::MAX);
-                input.read_until(b'\n', &mut rest)?;
+                skip_line(&mut input)?;
                 write_msg(
                     &mut output,
                     &error(Value::Null, PARSE_ERROR, "message too long"),
@@ -206,6 +205,27 @@ impl<T: Tools> Session<T> {
     }
 }
 
+/// Consumes input up to and including the next newline (or the end), holding no more than
+/// one buffer of it.
+fn skip_line(input: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                input.consume(n);
+            }
+        }
+    }
+}
+
 /// A tool failure as a result the model reads.
 fn tool_error(e: &ToolError) -> Value {
     json!({"content": [{"type": "text", "text": e.to_string()}], "isError": true})
@@ -289,6 +309,18 @@ mod tests {
                 json!(INVALID_REQUEST)
             ]
         );
+    }
+
+    #[test]
+    fn an_oversized_line_is_refused_and_skipped_and_the_next_is_served() {
+        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_LINE + 10));
+        let r = run(&format!(
+            "{big}\n{}\n",
+            r#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#
+        ));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0]["error"]["code"], PARSE_ERROR);
+        assert_eq!(r[1]["id"], 9);
     }
 
     #[test]
