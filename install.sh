@@ -31,8 +31,9 @@ die() { say "error: $*"; exit 1; }
 #    strict: python3, git, make, sqlite3. Benchmarks compare against bubblewrap, crun, runc,
 #    the bus against redis-server (scripts/bench/bus.sh), the egress gateway against tinyproxy
 #    (scripts/bench/egress.sh, which runs its own instance; the packaged service is not needed);
-#    tests/export.rs runs exported OCI bundles under crun and runc.
-PKGS=(build-essential pkg-config ca-certificates curl python3 git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server tinyproxy)
+#    tests/export.rs runs exported OCI bundles under crun and runc; python3-venv holds the
+#    Python test clients (installed with the SDK below).
+PKGS=(build-essential pkg-config ca-certificates curl python3 python3-venv git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server tinyproxy)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -94,6 +95,16 @@ PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
 PYSITE="$("$PY" -c 'import site; print(next((p for p in site.getsitepackages() if p.startswith("/usr/local")), ""))' 2>/dev/null || true)"
 if [ -n "$PYSITE" ]; then
   install -d -m 0755 "$PYSITE" && install -m 0644 "$HERE/runtime/python/aither.py" "$PYSITE/aither.py"
+fi
+# The Python clients the test suite drives the binaries with, in a virtual environment of
+# their own (the system python3 is externally managed, PEP 668): the official MCP client
+# (`mcp` from PyPI) for tests/mcp.rs (docs/mcp.md). Not needed to run Aither; the test fails,
+# never skips, without it.
+TEST_VENV=/usr/local/lib/aither/test-venv
+if ! "$TEST_VENV/bin/python3" -c 'import mcp' 2>/dev/null; then
+  say "installing the MCP Python client for the tests in $TEST_VENV"
+  "$PY" -m venv "$TEST_VENV" && "$TEST_VENV/bin/pip" install -q 'mcp>=1.9' ||
+    say "warning: could not install the MCP Python client (pip install mcp); tests/mcp.rs will fail"
 fi
 getent group aither >/dev/null || groupadd --system aither
 # Members act on every user's agents, as root does (docs/security-model.md, who may do what).

@@ -95,6 +95,10 @@ pub struct Entry {
     /// The uid that owns what was acted on (the agent's owner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_uid: Option<u32>,
+    /// The front end the caller acted through (`mcp`: `aitherctl mcp`, docs/mcp.md); absent
+    /// for aitherctl's own commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
@@ -109,6 +113,7 @@ impl Entry {
             actor: None,
             caller_uid: None,
             owner_uid: None,
+            via: None,
             data: serde_json::Value::Null,
         }
     }
@@ -132,6 +137,12 @@ impl Entry {
     /// The uid that owns what was acted on.
     pub fn owner(mut self, uid: u32) -> Entry {
         self.owner_uid = Some(uid);
+        self
+    }
+
+    /// The front end the caller acted through, if any.
+    pub fn via(mut self, via: Option<&str>) -> Entry {
+        self.via = via.map(str::to_string);
         self
     }
 

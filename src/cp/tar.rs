@@ -154,6 +154,11 @@ impl<R: Read> Reader<R> {
 
     /// The next entry, or `None` at the end of the archive (a zero block, or EOF where a
     /// header would start).
+    /// The underlying reader, where the stream stopped being read.
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
     pub fn next_entry(&mut self) -> Result<Option<Header>, TarError> {
         self.skip()?;
         let mut pending = Pending::default();

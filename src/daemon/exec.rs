@@ -224,6 +224,7 @@ pub async fn serve(
                 .agent(&name)
                 .actor(caller.actor())
                 .caller(caller.uid)
+                .via(caller.via_name())
                 .owner(owner)
                 .data(data),
         );

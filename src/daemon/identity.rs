@@ -55,6 +55,8 @@ pub struct Caller {
     pub allowed: bool,
     /// Acts on everything (root, aitherd's uid, the admin group).
     pub admin: bool,
+    /// The front end the connection declared (`Request::Via`), named in its audit records.
+    pub via: Option<aither_proto::Via>,
 }
 
 impl Caller {
@@ -72,6 +74,7 @@ impl Caller {
             pid,
             allowed,
             admin,
+            via: None,
         }
     }
 
@@ -106,6 +109,11 @@ impl Caller {
     /// The audit stream's actor text.
     pub fn actor(&self) -> String {
         format!("uid {}", self.uid)
+    }
+
+    /// The front end's name for audit records (`Entry::via`).
+    pub fn via_name(&self) -> Option<&'static str> {
+        self.via.map(aither_proto::Via::as_str)
     }
 }
 

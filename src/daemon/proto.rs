@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 pub use aither_proto::control::{
-    CopyOp, ExecRequest, LogStream, Reply, Request, SecretValue, SpawnRequest,
+    CopyOp, ExecRequest, LogStream, Reply, Request, SecretValue, SpawnRequest, Via,
 };
 pub use aither_proto::frame::{
     encode, encode_limit, read_frame, read_frame_limit, write_frame, FrameError, MAX_FRAME,

@@ -71,6 +71,7 @@ pub fn handle(d: &Daemon, caller: &Caller, op: Op<'_>, owner: Option<u32>) -> Re
         let mut e = Entry::new(op.kind(), decision, rule)
             .actor(caller.actor())
             .caller(caller.uid)
+            .via(caller.via_name())
             .owner(target);
         if let Some(n) = op.name() {
             e = e.data(json!({"secret": n}));
@@ -162,6 +163,7 @@ pub fn check_routes(
             .agent(agent)
             .actor(caller.actor())
             .caller(caller.uid)
+            .via(caller.via_name())
             .owner(owner)
             .data(json!({"route": r.name, "secret": r.secret})),
         );

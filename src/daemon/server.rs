@@ -94,34 +94,9 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
         .map(Caller::actor)
         .unwrap_or_else(|| "unknown peer".into());
     let (mut r, mut w) = stream.into_split();
-    let caller = match caller {
+    let mut caller = match caller {
         Some(c) if c.allowed => c,
-        other => {
-            let uid = other.as_ref().map(|c| c.uid);
-            let pid = other.as_ref().and_then(|c| c.pid);
-            tracing::warn!(uid, "control socket: access denied");
-            d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
-            let mut e = Entry::new(
-                "control_connect",
-                Verdict::Deny,
-                "control socket: root, aitherd's uid or group aither only",
-            )
-            .actor(actor.clone())
-            .data(json!({"pid": pid}));
-            if let Some(u) = uid {
-                e = e.caller(u);
-            }
-            d.audit.record(e);
-            let _ = aio::write_reply(
-                &mut w,
-                &Reply::err(
-                    ErrorCode::Denied,
-                    "only root and members of group aither may use aitherd",
-                ),
-            )
-            .await;
-            return;
-        }
+        other => return refuse_peer(&d, other.as_ref(), actor, &mut w).await,
     };
     loop {
         // recvmsg: a spawn's frame carries the workspace the caller opened (SCM_RIGHTS).
@@ -215,11 +190,30 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                         )
                         .actor(caller.actor())
                         .caller(caller.uid)
+                        .via(caller.via_name())
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
                 super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
                 return;
+            }
+            Request::Via {
+                via,
+                tool,
+                agent,
+                refused,
+            } => {
+                let reply = match check_via(&tool, agent.as_deref(), refused.as_deref()) {
+                    Ok(()) => {
+                        caller.via = Some(via);
+                        record_via(&d, &caller, &tool, agent.as_deref(), refused.as_deref());
+                        Reply::ok(json!({}))
+                    }
+                    Err(why) => Reply::err(ErrorCode::BadRequest, why),
+                };
+                if aio::write_reply(&mut w, &reply).await.is_err() {
+                    return;
+                }
             }
             Request::Exec(req) => {
                 // The reply comes when the command ends; a closed connection kills it.
@@ -234,6 +228,80 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             }
         }
     }
+}
+
+/// Answers a peer that may not use the socket (neither root nor in group `aither`), with an
+/// audited denial.
+async fn refuse_peer(
+    d: &Shared,
+    other: Option<&Caller>,
+    actor: String,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let uid = other.map(|c| c.uid);
+    let pid = other.and_then(|c| c.pid);
+    tracing::warn!(uid, "control socket: access denied");
+    d.emit_daemon("access_denied", json!({"uid": uid, "pid": pid}));
+    let mut e = Entry::new(
+        "control_connect",
+        Verdict::Deny,
+        "control socket: root, aitherd's uid or group aither only",
+    )
+    .actor(actor)
+    .data(json!({"pid": pid}));
+    if let Some(u) = uid {
+        e = e.caller(u);
+    }
+    d.audit.record(e);
+    let _ = aio::write_reply(
+        w,
+        &Reply::err(
+            ErrorCode::Denied,
+            "only root and members of group aither may use aitherd",
+        ),
+    )
+    .await;
+}
+
+/// What a front end may write into the audit stream through `via`: a tool's name (1-32
+/// lower-case letters and `_`), an agent's name, and a refusal of at most 1 KiB.
+fn check_via(tool: &str, agent: Option<&str>, refused: Option<&str>) -> Result<(), String> {
+    if tool.is_empty()
+        || tool.len() > 32
+        || !tool.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        return Err("via: `tool` must be 1 to 32 lower-case letters and _".into());
+    }
+    if let Some(a) = agent {
+        crate::agent_name::AgentName::parse("agent", a).map_err(|e| format!("via: {e}"))?;
+    }
+    if refused.is_some_and(|r| r.len() > 1024) {
+        return Err("via: `refused` is over 1024 bytes".into());
+    }
+    Ok(())
+}
+
+/// The audit record of one call of a front end (`Request::Via`, docs/mcp.md "Audit"): kind
+/// `via` (`mcp`), allow, or deny with the front end's own refusal. The agent is named in the
+/// record's `agent` only when the caller may act on it (another user's agent stays in `data`,
+/// unowned, as the caller wrote it).
+fn record_via(d: &Shared, caller: &Caller, tool: &str, agent: Option<&str>, refused: Option<&str>) {
+    let (decision, rule) = match refused {
+        None => (Verdict::Allow, "control socket: operator".to_string()),
+        Some(why) => (Verdict::Deny, why.to_string()),
+    };
+    let kind = caller.via_name().unwrap_or("via");
+    let mut e = Entry::new(kind, decision, rule)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .via(caller.via_name())
+        .data(json!({"tool": tool, "agent": agent}));
+    if let Some(name) = agent {
+        if let Some(owner) = d.name_owner(name).filter(|o| caller.may_act_on(*o)) {
+            e = e.agent(name).owner(owner);
+        }
+    }
+    d.audit.record(e);
 }
 
 /// Lets the caller act on agent `name` when it owns it (or is an admin). Another user's agent
@@ -260,6 +328,7 @@ pub(super) fn authorize(
         .agent(name)
         .actor(caller.actor())
         .caller(caller.uid)
+        .via(caller.via_name())
         .owner(owner)
         .data(json!({"cross_user": true})),
     );
@@ -286,6 +355,7 @@ fn consumer_owner(
         )
         .actor(caller.actor())
         .caller(caller.uid)
+        .via(caller.via_name())
         .owner(target)
         .data(json!({"durable": durable, "cross_user": true})),
     );
@@ -313,6 +383,7 @@ fn audit_op(
         .agent(name)
         .actor(caller.actor())
         .caller(caller.uid)
+        .via(caller.via_name())
         .data(data);
     if let Some(o) = owner {
         e = e.owner(o);
@@ -420,7 +491,8 @@ fn admin_only(d: &Shared, caller: &Caller, kind: &str) -> Result<(), Reply> {
         )
         .agent("aitherd")
         .actor(caller.actor())
-        .caller(caller.uid),
+        .caller(caller.uid)
+        .via(caller.via_name()),
     );
     Err(Reply::err(
         ErrorCode::Denied,
@@ -551,6 +623,10 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) => Reply::err(
             ErrorCode::BadRequest,
             "bus_pub, bus_sub and exec take over their connection",
+        ),
+        Request::Via { .. } => Reply::err(
+            ErrorCode::BadRequest,
+            "via is answered by the connection itself",
         ),
         Request::Inspect { name } => inspect(d, &name),
         Request::Logs {
@@ -961,6 +1037,7 @@ async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>
             .agent(&name)
             .actor(caller.actor())
             .caller(caller.uid)
+            .via(caller.via_name())
             // The agent's owner: the caller's new agent, or whoever holds the name.
             .owner(d.name_owner(&name).unwrap_or(caller.uid))
             .data(json!({"argv": argv, "workspace": workspace, "publish_host": publish_host})),
@@ -1264,6 +1341,7 @@ fn build(
             .agent(&req.name)
             .actor("aitherd")
             .caller(caller.uid)
+            .via(caller.via_name())
             .owner(root.owner.unwrap_or(caller.uid))
             .data(json!({"token_id": p.verified.id(), "exp": root.exp,
                          "source": p.minted.as_ref().map(|m| m.1.clone()),
@@ -1543,5 +1621,21 @@ async fn follow_events(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_via;
+
+    #[test]
+    fn via_takes_only_a_tool_name_an_agent_name_and_a_bounded_refusal() {
+        assert!(check_via("mem_get", Some("w-1"), None).is_ok());
+        assert!(check_via("logs", None, Some("refused by the token: agent: …")).is_ok());
+        assert!(check_via("", None, None).is_err());
+        assert!(check_via("Logs\n", None, None).is_err());
+        assert!(check_via(&"a".repeat(33), None, None).is_err());
+        assert!(check_via("logs", Some("../x"), None).is_err());
+        assert!(check_via("logs", None, Some(&"x".repeat(1025))).is_err());
     }
 }

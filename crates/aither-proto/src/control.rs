@@ -299,6 +299,36 @@ pub enum Request {
     /// The configuration in force (admins only): `{"path", "file_present", "config",
     /// "sources"}`, `sources` mapping each dotted field to `default`, `file`, `env` or `flag`.
     DaemonConfig,
+    /// Says which front end the connection serves (docs/mcp.md "Audit"), as its first frame:
+    /// aitherd records one `mcp` audit record for the call (`tool`, `agent`; a deny with the
+    /// rule when `refused` says why the front end refused it without acting), and every later
+    /// record of the connection carries `via`. Answered `{}`.
+    Via {
+        via: Via,
+        tool: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+    },
+}
+
+/// A front end that acts for the caller on the control socket, named in the audit records of
+/// its connection. A closed set: no text of the client's reaches the audit stream this way.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `aitherctl mcp`, the Model Context Protocol server.
+    Mcp,
+}
+
+impl Via {
+    /// The name in audit records: `mcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Mcp => "mcp",
+        }
+    }
 }
 
 /// A secret's value in a request: shown as `<secret>` by `Debug`, so no log of a request can

@@ -88,7 +88,7 @@ fn side(s: &str) -> Side<'_> {
 }
 
 /// A copy that failed, and how aitherctl exits.
-struct Failed(i32, String);
+pub(crate) struct Failed(pub(crate) i32, pub(crate) String);
 
 impl From<anyhow::Error> for Failed {
     fn from(e: anyhow::Error) -> Self {
@@ -133,8 +133,9 @@ pub fn run(a: CpArgs) -> i32 {
     }
 }
 
-/// The agent side while it runs: the exec call and a reader of its stderr.
-struct AgentSide {
+/// The agent side while it runs: the exec call and a reader of its stderr. `aitherctl mcp`'s
+/// file tools use it too (on a connection that said `via`).
+pub(crate) struct AgentSide {
     call: JoinHandle<anyhow::Result<i32>>,
     err: JoinHandle<Vec<u8>>,
 }
@@ -142,8 +143,24 @@ struct AgentSide {
 impl AgentSide {
     /// Starts `op` in agent `name` with `stdin` and `stdout`.
     fn start(name: &str, op: CopyOp, stdin: OwnedFd, stdout: OwnedFd) -> anyhow::Result<Self> {
+        Self::start_on(
+            Client::connect(&daemon::socket_path())?,
+            name,
+            op,
+            stdin,
+            stdout,
+        )
+    }
+
+    /// [`AgentSide::start`] on a connection already made.
+    pub(crate) fn start_on(
+        mut client: Client,
+        name: &str,
+        op: CopyOp,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+    ) -> anyhow::Result<Self> {
         let (er, ew) = aither::sys::pipe()?;
-        let mut client = Client::connect(&daemon::socket_path())?;
         let req = Request::Exec(ExecRequest {
             name: name.to_string(),
             argv: vec![],
@@ -180,7 +197,7 @@ impl AgentSide {
     }
 
     /// Waits for the agent side: Ok when it exited 0, else what it said.
-    fn wait(self) -> Result<(), Failed> {
+    pub(crate) fn wait(self) -> Result<(), Failed> {
         let code = self
             .call
             .join()
@@ -201,7 +218,7 @@ impl AgentSide {
     }
 }
 
-fn null(write: bool) -> io::Result<OwnedFd> {
+pub(crate) fn null(write: bool) -> io::Result<OwnedFd> {
     aither::sys::open(
         Path::new("/dev/null"),
         if write {

@@ -422,7 +422,10 @@ fn parse_publish(s: &str) -> Result<(String, u16), String> {
 /// never reaches a directory the caller could not). An explicit `-w` that cannot be opened is
 /// an error here; the default (the current directory) is sent when it can be opened, and
 /// aitherd decides whether the policy needs one.
-fn open_workspace(req: &SpawnRequest, explicit: bool) -> anyhow::Result<Option<std::fs::File>> {
+pub(crate) fn open_workspace(
+    req: &SpawnRequest,
+    explicit: bool,
+) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = req.workspace.as_ref().unwrap_or(&req.cwd);
     match std::fs::OpenOptions::new()

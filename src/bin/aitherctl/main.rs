@@ -12,6 +12,8 @@ mod exec_cmd;
 mod export_cmd;
 mod gpu_cmd;
 mod logs_cmd;
+mod mcp_cmd;
+mod mcp_files;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
@@ -67,6 +69,7 @@ enum Command {
     Resume(daemon_cmd::ResumeArgs),
     Rm(daemon_cmd::RmArgs),
     Exec(exec_cmd::ExecArgs),
+    Mcp(mcp_cmd::McpArgs),
     Cp(cp_cmd::CpArgs),
     Events(daemon_cmd::EventsArgs),
     Audit(audit_cmd::AuditArgs),
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Resume(a) => daemon_cmd::resume(a),
         Command::Rm(a) => daemon_cmd::rm(a),
         Command::Exec(a) => exec_cmd::run(a),
+        Command::Mcp(a) => mcp_cmd::run(a),
         Command::Cp(a) => cp_cmd::run(a),
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
