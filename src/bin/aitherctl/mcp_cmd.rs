@@ -312,6 +312,7 @@ impl Server {
             bus_publish: vec![],
             bus_subscribe: vec![],
             publish: vec![],
+            publish_host: vec![],
         };
         let explicit = req.workspace.is_some();
         let ws = crate::daemon_cmd::open_workspace(&req, explicit)
