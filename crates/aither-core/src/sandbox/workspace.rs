@@ -332,6 +332,8 @@ pub fn clone_tree(ws: &OpenedWorkspace) -> Result<OwnedFd, WorkspaceError> {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::CStr;
+
     use super::*;
 
     #[test]
@@ -562,5 +564,67 @@ mod tests {
         assert_eq!((st.st_dev, st.st_ino), (md.dev(), md.ino()));
         // A new, detached mount: not the one the workspace is on.
         assert_ne!(mnt_id(tree.as_fd()), mnt_id(opened.fd.as_fd()));
+    }
+
+    /// Set in the child process of [`a_mount_that_cannot_be_cloned_is_an_error`].
+    const UNBINDABLE_CHILD: &str = "AITHER_WORKSPACE_TEST_UNBINDABLE";
+
+    fn mount(src: &CStr, target: &Path, fstype: Option<&CStr>, flags: libc::c_ulong) {
+        let t = crate::sys::cstr(target).unwrap();
+        let fstype = fstype.map_or(std::ptr::null(), |f| f.as_ptr());
+        // SAFETY: valid C strings (or null for the type), no data argument.
+        let r = unsafe { libc::mount(src.as_ptr(), t.as_ptr(), fstype, flags, std::ptr::null()) };
+        assert_eq!(
+            r,
+            0,
+            "mount {}: {}",
+            target.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    #[test]
+    fn a_mount_that_cannot_be_cloned_is_an_error() {
+        let Some(dir) = std::env::var_os(UNBINDABLE_CHILD) else {
+            // The parent: the child gets a mount namespace of its own (nothing it mounts
+            // reaches the host's) and clones an unbindable mount, which open_tree refuses.
+            use std::os::unix::process::CommandExt;
+            let d = scratch();
+            let name = "sandbox::workspace::tests::a_mount_that_cannot_be_cloned_is_an_error";
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args([name, "--exact", "--test-threads=1"])
+                .env(UNBINDABLE_CHILD, d.path());
+            // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = cmd.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "the child failed or did not run:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        };
+        let dir = Path::new(&dir);
+        mount(
+            c"none",
+            Path::new("/"),
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+        );
+        mount(c"tmpfs", dir, Some(c"tmpfs"), 0);
+        mount(c"none", dir, None, libc::MS_UNBINDABLE);
+        let opened = open_checked(dir, None).unwrap();
+        assert!(matches!(
+            clone_tree(&opened),
+            Err(WorkspaceError::Clone { .. })
+        ));
     }
 }
