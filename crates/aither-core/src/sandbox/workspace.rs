@@ -133,13 +133,12 @@ pub fn check_lexical(path: &Path) -> Result<(), WorkspaceError> {
     if !path.is_absolute() {
         return Err(WorkspaceError::NotAbsolute { path: path.into() });
     }
-    let mut text = path.as_os_str().as_encoded_bytes();
-    if text.len() > 1 && text.ends_with(b"/") {
-        text = &text[..text.len() - 1];
-    }
+    let text = path.as_os_str().as_encoded_bytes();
+    // Anywhere, at the end too: "/x//" is not canonical, "/x/" is.
     if text.windows(2).any(|w| w == b"//") {
         return Err(not_canonical(path, "an empty component"));
     }
+    let text = text.strip_suffix(b"/").unwrap_or(text);
     if text.split(|b| *b == b'/').any(|c| c == b"." || c == b"..") {
         return Err(not_canonical(path, "a '.' or '..' component"));
     }
@@ -333,6 +332,8 @@ pub fn clone_tree(ws: &OpenedWorkspace) -> Result<OwnedFd, WorkspaceError> {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::CStr;
+
     use super::*;
 
     #[test]
@@ -343,6 +344,7 @@ mod tests {
             "/var/tmp/../etc",
             "/var//tmp",
             "/a/b/..",
+            "/var/tmp/x//",
         ] {
             assert!(check_lexical(Path::new(p)).is_err(), "{p} passed");
         }
@@ -472,6 +474,157 @@ mod tests {
         assert!(matches!(
             open_checked(&f, None),
             Err(WorkspaceError::NotDirectory { .. })
+        ));
+    }
+
+    // Tests below were added for the survivors of `scripts/mutants.sh` (docs/testing.md).
+
+    fn cloexec(fd: BorrowedFd<'_>) -> bool {
+        rustix::io::fcntl_getfd(fd)
+            .unwrap()
+            .contains(rustix::io::FdFlags::CLOEXEC)
+    }
+
+    /// The mount an fd is on (`mnt_id` in /proc/self/fdinfo).
+    fn mnt_id(fd: BorrowedFd<'_>) -> u64 {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("mnt_id:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn directories_deep_below_a_system_directory_are_refused() {
+        // Two levels and more below: the ancestors are walked up to "/", not one step.
+        for p in ["/sys/fs/cgroup", "/proc/sys/kernel", "/proc/1/fd"] {
+            let p = Path::new(p);
+            assert!(p.is_dir(), "{} is missing on this host", p.display());
+            let e = open_checked(p, None).unwrap_err();
+            assert!(
+                e.to_string().contains("or anything below it"),
+                "{}: {e}",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_root_is_refused_as_the_whole_host_and_tmp_as_shared() {
+        let e = open_checked(Path::new("/"), None).unwrap_err();
+        assert!(e.to_string().contains("the whole host"), "{e}");
+        let e = open_checked(Path::new("/tmp"), None).unwrap_err();
+        assert!(e.to_string().contains("/tmp (a shared directory)"), "{e}");
+    }
+
+    #[test]
+    fn a_socket_is_refused_as_not_a_directory_without_being_opened() {
+        let d = scratch();
+        let s = d.path().join("sock");
+        let _l = std::os::unix::net::UnixListener::bind(&s).unwrap();
+        assert!(matches!(
+            open_checked(&s, None),
+            Err(WorkspaceError::NotDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn a_trailing_dot_is_not_canonical() {
+        for p in ["/var/tmp/x/.", "/a/b/..", "/var/tmp/x/./"] {
+            assert!(
+                matches!(
+                    check_lexical(Path::new(p)),
+                    Err(WorkspaceError::NotCanonical { .. })
+                ),
+                "{p} passed"
+            );
+        }
+    }
+
+    #[test]
+    fn the_workspace_fd_and_its_mount_clone_are_close_on_exec_and_the_same_directory() {
+        let d = scratch();
+        let opened = open_checked(d.path(), Some(0)).unwrap();
+        assert!(cloexec(opened.fd.as_fd()));
+        let md = std::fs::metadata(d.path()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            opened.id.identity(),
+            crate::sandbox::spec::DirIdentity {
+                dev: md.dev(),
+                ino: md.ino()
+            }
+        );
+        let tree = clone_tree(&opened).unwrap();
+        assert!(cloexec(tree.as_fd()));
+        let st = fstat(tree.as_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), (md.dev(), md.ino()));
+        // A new, detached mount: not the one the workspace is on.
+        assert_ne!(mnt_id(tree.as_fd()), mnt_id(opened.fd.as_fd()));
+    }
+
+    /// Set in the child process of [`a_mount_that_cannot_be_cloned_is_an_error`].
+    const UNBINDABLE_CHILD: &str = "AITHER_WORKSPACE_TEST_UNBINDABLE";
+
+    fn mount(src: &CStr, target: &Path, fstype: Option<&CStr>, flags: libc::c_ulong) {
+        let t = crate::sys::cstr(target).unwrap();
+        let fstype = fstype.map_or(std::ptr::null(), |f| f.as_ptr());
+        // SAFETY: valid C strings (or null for the type), no data argument.
+        let r = unsafe { libc::mount(src.as_ptr(), t.as_ptr(), fstype, flags, std::ptr::null()) };
+        assert_eq!(
+            r,
+            0,
+            "mount {}: {}",
+            target.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    #[test]
+    fn a_mount_that_cannot_be_cloned_is_an_error() {
+        let Some(dir) = std::env::var_os(UNBINDABLE_CHILD) else {
+            // The parent: the child gets a mount namespace of its own (nothing it mounts
+            // reaches the host's) and clones an unbindable mount, which open_tree refuses.
+            use std::os::unix::process::CommandExt;
+            let d = scratch();
+            let name = "sandbox::workspace::tests::a_mount_that_cannot_be_cloned_is_an_error";
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args([name, "--exact", "--test-threads=1"])
+                .env(UNBINDABLE_CHILD, d.path());
+            // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = cmd.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "the child failed or did not run:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        };
+        let dir = Path::new(&dir);
+        mount(
+            c"none",
+            Path::new("/"),
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+        );
+        mount(c"tmpfs", dir, Some(c"tmpfs"), 0);
+        mount(c"none", dir, None, libc::MS_UNBINDABLE);
+        let opened = open_checked(dir, None).unwrap();
+        assert!(matches!(
+            clone_tree(&opened),
+            Err(WorkspaceError::Clone { .. })
         ));
     }
 }
