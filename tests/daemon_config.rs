@@ -90,10 +90,8 @@ fn sighup(d: &Daemon) {
 }
 
 fn audit_lines(d: &Daemon, kind: &str) -> Vec<Value> {
-    std::fs::read_to_string(d.audit_log())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    d.audit_records()
+        .into_iter()
         .filter(|v| v["kind"] == kind)
         .collect()
 }

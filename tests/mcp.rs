@@ -33,14 +33,6 @@ fn python() -> String {
     })
 }
 
-fn audit_records(d: &Daemon) -> Vec<Value> {
-    std::fs::read_to_string(d.audit_log())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_its_token() {
     let d = Daemon::start("aitherd-mcp-", &[]);
@@ -87,7 +79,7 @@ fn the_official_mcp_client_drives_sandboxes_agents_files_memory_and_is_held_to_i
     );
     assert!(text(&out.stdout).contains("all checks passed"));
 
-    let records = audit_records(&d);
+    let records = d.audit_records();
     let find = |kind: &str, tool: Option<&str>, decision: &str| {
         records.iter().any(|r| {
             r["kind"] == kind
@@ -210,7 +202,7 @@ fn a_members_mcp_server_acts_as_that_member_and_sees_only_their_own_agents() {
         r[0]
     );
 
-    let records = audit_records(&d);
+    let records = d.audit_records();
     assert!(
         records.iter().any(|r| r["kind"] == "stop"
             && r["decision"] == "deny"

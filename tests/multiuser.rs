@@ -34,14 +34,6 @@ fn names(ps: &str) -> Vec<String> {
         .collect()
 }
 
-fn audit(d: &TestDaemon) -> Vec<Value> {
-    std::fs::read_to_string(d.audit_log())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 // One scenario against one daemon: each step acts on the agents the steps before it made.
 #[allow(clippy::too_many_lines)]
@@ -253,7 +245,7 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     // Every cross-user attempt is a denial carrying both uids.
     // (aitherd's audit writer batches: wait for the records rather than read once.)
     let denied = || {
-        audit(&d)
+        d.audit_records()
             .into_iter()
             .filter(|r| {
                 r["decision"] == "deny" && r["caller_uid"] == u2.uid && r["owner_uid"] == u1.uid
@@ -267,7 +259,8 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     );
 
     // Every record about the agent names its owner.
-    let unowned: Vec<Value> = audit(&d)
+    let unowned: Vec<Value> = d
+        .audit_records()
         .into_iter()
         .filter(|r| r["agent"] == name.as_str() && r["owner_uid"] != u1.uid)
         .collect();
@@ -314,7 +307,7 @@ fn another_users_agents_are_invisible_and_untouchable_and_an_admin_sees_all() {
     // The admin may act on it.
     us.ok(&d, 2, &["rm", "--force", &name]);
     let allowed = || {
-        audit(&d).into_iter().any(|r| {
+        d.audit_records().into_iter().any(|r| {
             r["kind"] == "rm"
                 && r["decision"] == "allow"
                 && r["caller_uid"] == us.users[2].uid
@@ -1016,7 +1009,7 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
 
     // Every cross-user attempt is a denial with both uids; no record holds a value.
     let denied = |kind: &str| {
-        audit(&d).into_iter().any(|r| {
+        d.audit_records().into_iter().any(|r| {
             r["kind"] == kind
                 && r["decision"] == "deny"
                 && r["caller_uid"] == u2.uid
@@ -1031,7 +1024,7 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
     }
     // The records user 2 may read say what they tried, never that user 1 holds the name.
     assert!(
-        poll_until(WAIT, || audit(&d).into_iter().any(|r| r["kind"]
+        poll_until(WAIT, || d.audit_records().into_iter().any(|r| r["kind"]
             == "secret_use"
             && r["decision"] == "deny"
             && r["caller_uid"] == u2.uid
@@ -1056,7 +1049,8 @@ fn members_own_their_secrets_and_durable_consumers_and_an_admin_sees_all() {
         }
     }
     assert!(
-        poll_until(WAIT, || audit(&d)
+        poll_until(WAIT, || d
+            .audit_records()
             .into_iter()
             .any(|r| r["kind"] == "secret_set"
                 && r["decision"] == "allow"
@@ -1123,7 +1117,7 @@ fn exec_reaches_only_the_callers_own_agents_or_an_admins() {
     assert!(err.contains("no agent named"), "{err}");
     assert!(!dir1.join("theirs.txt").exists());
     let denied = || {
-        audit(&d).into_iter().any(|r| {
+        d.audit_records().into_iter().any(|r| {
             r["kind"] == "exec"
                 && r["decision"] == "deny"
                 && r["caller_uid"] == u2.uid
@@ -1138,7 +1132,7 @@ fn exec_reaches_only_the_callers_own_agents_or_an_admins() {
     assert!(o.status.success(), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "mine\n");
     let allowed = || {
-        audit(&d).into_iter().any(|r| {
+        d.audit_records().into_iter().any(|r| {
             r["kind"] == "exec"
                 && r["decision"] == "allow"
                 && r["caller_uid"] == us.users[2].uid

@@ -457,7 +457,7 @@ pub async fn serve_unix(d: Shared, listener: UnixListener) {
 /// is made 0755; an existing one is left as it is (it may be a shared one); a stale socket is
 /// replaced, anything else at the path is refused.
 fn bind_unix(path: &std::path::Path, group: Option<u32>) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::DirBuilder::new()
@@ -476,19 +476,7 @@ fn bind_unix(path: &std::path::Path, group: Option<u32>) -> std::io::Result<Unix
         }
         Err(_) => {}
     }
-    // Created with no permissions for anyone but root, then opened to the group: no window in
-    // which another user could connect.
-    // SAFETY: umask has no preconditions; restored right after bind.
-    let old = unsafe { libc::umask(0o177) };
-    let l = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let l = l?;
-    if let Some(g) = group {
-        std::os::unix::fs::chown(path, Some(0), Some(g))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    }
-    Ok(l)
+    super::server::bind_private(path, group)
 }
 
 /// The metrics listener in force: replaced at a reload that changes `metrics.listen`.

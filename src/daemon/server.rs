@@ -43,6 +43,13 @@ pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     }
     // A stale socket of a dead daemon (the single-instance lock is already ours).
     let _ = std::fs::remove_file(path);
+    bind_private(path, group)
+}
+
+/// Binds a Unix socket at `path` (nothing there now) as 0600 root, then opens it to `group`
+/// (0660 root:group) when there is one: the control socket and the metrics socket.
+pub fn bind_private(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     // Created with no permissions for anyone but root, then opened up: no window in which
     // another user could connect.
     // SAFETY: umask has no preconditions; restored right after bind.

@@ -75,6 +75,15 @@ impl TestDaemon {
         self.state.path().join("audit.jsonl")
     }
 
+    /// Every record of the audit log so far (lines that are not JSON are skipped).
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     pub fn env(&self, c: &mut Command) {
         c.env("AITHER_STATE_DIR", self.state.path().join("state"))
             .env("AITHER_SOCKET", self.socket())

@@ -86,16 +86,20 @@ impl<'a> Sources<'a> {
 
 /// Parses `src` as a TOML table; a syntax error names file:line:column.
 pub(super) fn parse_table(src: &str, origin: &str) -> Result<toml::Table, PolicyError> {
-    src.parse::<toml::Table>().map_err(|e| {
-        let (line, column, field) = locate::from_toml_error(src, &e);
-        PolicyError::Invalid {
-            path: origin.to_string(),
-            line,
-            column,
-            field,
-            message: e.message().trim().to_string(),
-        }
-    })
+    src.parse::<toml::Table>()
+        .map_err(|e| toml_error(src, origin, &e))
+}
+
+/// A TOML or serde error of the text `src` of `origin`, at its file:line:column and field.
+pub(super) fn toml_error(src: &str, origin: &str, e: &toml::de::Error) -> PolicyError {
+    let (line, column, field) = locate::from_toml_error(src, e);
+    PolicyError::Invalid {
+        path: origin.to_string(),
+        line,
+        column,
+        field,
+        message: e.message().trim().to_string(),
+    }
 }
 
 /// Where a policy named `name` is: (origin, source, id, text). Installed first, then

@@ -482,16 +482,8 @@ impl Policy {
         };
         let Some(table) = table.filter(|t| t.contains_key("extends")) else {
             // A whole policy: parsed from its own text, so serde's errors have its positions.
-            let policy: Policy = toml::from_str(src).map_err(|e| {
-                let (line, column, field) = locate::from_toml_error(src, &e);
-                PolicyError::Invalid {
-                    path: origin.to_string(),
-                    line,
-                    column,
-                    field,
-                    message: e.message().trim().to_string(),
-                }
-            })?;
+            let policy: Policy =
+                toml::from_str(src).map_err(|e| extends::toml_error(src, origin, &e))?;
             policy.validate(&extends::Sources::one(origin, src))?;
             return Ok((policy, vec![]));
         };
