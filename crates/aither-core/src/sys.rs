@@ -316,7 +316,6 @@ pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
     Ok(nix::unistd::pivot_root(a.as_c_str(), b.as_c_str())?)
 }
 
-pub const OPEN_TREE_CLONE: libc::c_uint = 1;
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
 pub const MOUNT_ATTR_NODEV: u64 = 0x4;
