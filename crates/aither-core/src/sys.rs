@@ -122,7 +122,8 @@ pub unsafe fn clone3_fork(
 
 /// Sends a signal through a pidfd (no pid-reuse race).
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
-    // Raw: nix 0.30 has no pidfd_send_signal.
+    // Raw: nix 0.30 has no pidfd_send_signal, and rustix's takes its Signal, which for a
+    // realtime signal needs an unsafe from_raw_unchecked anyway.
     // SAFETY: plain syscall on a valid pidfd with a null siginfo.
     let r = unsafe {
         libc::syscall(
@@ -138,19 +139,24 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<
 
 /// pidfd_open(2): a descriptor that pins process `pid` (no pid-reuse race from here on).
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // Raw: nix 0.30 has no pidfd_open.
-    // SAFETY: plain syscall; returns a new descriptor.
-    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
-    Ok(owned(r))
+    // rustix: nix 0.30 has no pidfd_open. Its Pid is positive; the kernel's answer for the
+    // rest is EINVAL.
+    let pid = rustix::process::Pid::from_raw(pid.max(0)).ok_or(Errno::EINVAL)?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// pidfd_getfd(2): a close-on-exec copy of descriptor `target` of the process (≥ 5.6; needs
 /// ptrace access to it).
 pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
-    // Raw: nix 0.30 has no pidfd_getfd.
-    // SAFETY: plain syscall; returns a new descriptor.
-    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) })?;
-    Ok(owned(r))
+    // rustix: nix 0.30 has no pidfd_getfd.
+    Ok(rustix::process::pidfd_getfd(
+        pidfd,
+        target,
+        rustix::process::PidfdGetfdFlags::empty(),
+    )?)
 }
 
 /// setns(2) with a pidfd: joins every namespace in `flags` of that process at once (≥ 5.8).
@@ -310,13 +316,11 @@ pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
     Ok(nix::unistd::pivot_root(a.as_c_str(), b.as_c_str())?)
 }
 
-pub const OPEN_TREE_CLONE: libc::c_uint = 1;
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
 pub const MOUNT_ATTR_NODEV: u64 = 0x4;
 pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 #[repr(C)]
 struct MountAttr {
@@ -368,20 +372,14 @@ pub fn mount_setattr(
 /// move_mount(2) of a detached mount fd onto a path.
 pub fn move_mount_fd(from: BorrowedFd<'_>, to: &Path) -> io::Result<()> {
     let t = cstr(to)?;
-    let empty = c"";
-    // Raw: nix 0.30 has no move_mount.
-    // SAFETY: valid descriptor and C strings.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            from.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    check(r).map(drop)
+    // rustix: nix 0.30 has no move_mount.
+    Ok(rustix::mount::move_mount(
+        from,
+        c"",
+        rustix::fs::CWD,
+        t.as_c_str(),
+        rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?)
 }
 
 /// close_range(2) over [first, last].

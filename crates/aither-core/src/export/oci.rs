@@ -242,6 +242,7 @@ fn mounts(
 fn current_hard(resource: libc::__rlimit_resource_t) -> Option<u64> {
     // SAFETY: zeroed rlimit is a valid out-parameter.
     let mut cur: libc::rlimit = unsafe { std::mem::zeroed() };
+    // Raw: nix's getrlimit takes its Resource enum, and this table holds libc's numbers.
     // SAFETY: getrlimit writes into `cur`.
     let ok = unsafe { libc::getrlimit(resource, &mut cur) } == 0;
     (ok && cur.rlim_max != libc::RLIM_INFINITY).then_some(cur.rlim_max)

@@ -3,7 +3,10 @@
 //! and errno, never as free text to be parsed.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,18 +110,8 @@ pub const MAX_FRAME: usize = 8 * 1024;
 
 pub fn send(fd: BorrowedFd<'_>, msg: &Msg) -> io::Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
-    // SAFETY: sending from a valid buffer on a valid socket; MSG_NOSIGNAL avoids SIGPIPE.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE.
+    nix::sys::socket::send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)?;
     Ok(())
 }
 
@@ -127,19 +120,14 @@ pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<Msg>> {
     // On the stack: a heap buffer would be fresh pages to fault in, on every launch.
     let mut buf = [0u8; MAX_FRAME];
     loop {
-        // SAFETY: receiving into a buffer of the stated length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = match nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(Errno::EINTR) => continue,
+            r => r?,
+        };
         if n == 0 {
             return Ok(None);
         }
-        return serde_json::from_slice(&buf[..n as usize])
+        return serde_json::from_slice(&buf[..n])
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
     }
@@ -160,92 +148,51 @@ pub fn send_with_fds(fd: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> i
         ));
     }
     let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
-    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-    let mut cbuf = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: zeroed msghdr, then every pointer set to buffers that outlive sendmsg.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = space as _;
-    // SAFETY: the control buffer has room for one header with `raw` as data (CMSG_SPACE).
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&mh);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
-        std::ptr::copy_nonoverlapping(
-            raw.as_ptr(),
-            libc::CMSG_DATA(c).cast::<libc::c_int>(),
-            raw.len(),
-        );
-    }
-    // SAFETY: `mh` describes valid buffers.
-    if unsafe { libc::sendmsg(fd.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    nix::sys::socket::sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
     Ok(())
 }
 
 /// Receives one message and the descriptors attached to it (close-on-exec).
-pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<std::os::fd::OwnedFd>)> {
-    use std::os::fd::FromRawFd;
+pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<OwnedFd>)> {
     // On the stack: a heap buffer would be fresh pages to fault in, on every launch.
     let mut buf = [0u8; MAX_FRAME];
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space =
-        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
+    let mut cbuf = nix::cmsg_space!([RawFd; MAX_FDS]);
     loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let got = match nix::sys::socket::recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cbuf),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => r?,
         };
-        // SAFETY: zeroed msghdr, then pointers to buffers that outlive recvmsg.
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = space as _;
-        // SAFETY: `mh` describes valid buffers.
-        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = got.bytes;
         let mut fds = Vec::new();
-        // SAFETY: walking the control messages the kernel filled in; each SCM_RIGHTS entry
-        // holds new descriptors that we now own.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&mh);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                        / std::mem::size_of::<libc::c_int>();
-                    let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
-                    for i in 0..count {
-                        fds.push(std::os::fd::OwnedFd::from_raw_fd(std::ptr::read_unaligned(
-                            data.add(i),
-                        )));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&mh, c);
+        // ENOBUFS when the control data was truncated (more than MAX_FDS: never sent so).
+        for c in got.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: SCM_RIGHTS descriptors are new in this process; nothing else owns
+                // them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|r| unsafe { OwnedFd::from_raw_fd(r) }),
+                );
             }
         }
         if n == 0 {
             return Ok((None, fds));
         }
-        let msg = serde_json::from_slice(&buf[..n as usize])
+        let msg = serde_json::from_slice(&buf[..n])
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         return Ok((Some(msg), fds));
     }
@@ -253,11 +200,11 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<std::os
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across the launcher and the sandbox).
 pub fn now_ns() -> u64 {
-    // SAFETY: zeroed timespec is a valid out-parameter.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid clock id and out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        // Cannot fail for CLOCK_MONOTONIC; libc's result was ignored here before too.
+        Err(_) => 0,
+    }
 }
 
 #[cfg(test)]
@@ -306,8 +253,7 @@ mod tests {
         crate::sys::write_all_once(fds[0].as_fd(), b"x").unwrap();
         drop(fds);
         let mut byte = [0u8; 2];
-        // SAFETY: reading into a 2-byte buffer.
-        let n = unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 2) };
+        let n = nix::unistd::read(&r, &mut byte).unwrap();
         assert_eq!(
             (n, byte[0]),
             (1, b'x'),

@@ -135,8 +135,7 @@ impl ExecConfig {
 pub fn exec_in(cfg: &ExecConfig) -> Result<ExitStatus, ExecError> {
     let (spec, pid1, argv) = (&cfg.spec, cfg.pid1, &cfg.argv);
     let timeout = cfg.timeout_ms.map(Duration::from_millis);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(ExecError::NotRoot);
     }
     if argv.is_empty() {
@@ -276,6 +275,7 @@ fn child(
             125
         }
     };
+    // Raw: nix 0.30 has no _exit (std's exit would run the parent's atexit handlers here).
     // SAFETY: _exit without running the parent's destructors in this copy of it.
     unsafe { libc::_exit(code) }
 }
@@ -297,10 +297,7 @@ fn prepare_and_exec(
         }
     }
     // The namespace's root identity first, as pid 1 had while it set up the agent.
-    // SAFETY: plain id switches inside the sandbox's user namespace.
-    init::check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
-    // SAFETY: as above.
-    init::check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+    init::become_ns_root().at(Stage::BecomeNsRoot)?;
     // The agent's working directory, entered with the setup identity as pid 1 entered it.
     std::env::set_current_dir(&spec.cwd).at(Stage::Mounts)?;
     // `-w DIR`: entered now, so that a relative command resolves from it, and entered again
@@ -320,17 +317,14 @@ fn prepare_and_exec(
     if let Some(c) = &cwd {
         std::env::set_current_dir(c).at(Stage::WorkingDir)?;
     }
-    let mut argv_p: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
-    argv_p.push(std::ptr::null());
-    let mut envp_p: Vec<*const libc::c_char> = p.envp.iter().map(|a| a.as_ptr()).collect();
-    envp_p.push(std::ptr::null());
     // Default dispositions and an empty mask, as the agent gets (Rust ignores SIGPIPE).
     init::reset_signals();
-    // SAFETY: NUL-terminated arrays of C strings that live until execve returns.
-    unsafe { libc::execve(p.path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    // A fork of the single-threaded `aither-init exec`: nix's execve may allocate its pointer
+    // arrays here. It returns only on failure.
+    let Err(e) = nix::unistd::execve(&p.path, &p.argv, &p.envp);
     Ok(Msg::NotExecutable {
         program: p.program.display().to_string(),
-        errno: sys::errno_of(&io::Error::last_os_error()),
+        errno: e as i32,
     })
 }
 
@@ -380,6 +374,8 @@ fn wait(
         ];
         // The relay's entries after the two fixed ones.
         fds.extend(relay.as_ref().map(|r| r.pollfds()).unwrap_or_default());
+        // Raw: a closed channel's entry, and an idle relay pump's, has a negative fd, which
+        // nix's PollFd (a BorrowedFd) cannot hold.
         // SAFETY: valid pollfd entries (a negative fd is skipped).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 {

@@ -9,6 +9,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+
 use super::channel::{self, now_ns, Msg, Stage};
 use super::landlock::{self, Plan};
 use super::seccomp::{self, Filter};
@@ -71,9 +74,17 @@ impl<T> At<T> for io::Result<T> {
     }
 }
 
-pub(crate) fn check(r: libc::c_int) -> io::Result<()> {
-    nix::errno::Errno::result(r)?;
-    Ok(())
+/// uid/gid 0 of the sandbox's user namespace (a non-root host id), gid first.
+pub(crate) fn become_ns_root() -> io::Result<()> {
+    Ok(set_ids(0, 0)?)
+}
+
+/// setresgid then setresuid, all three ids each.
+fn set_ids(uid: u32, gid: u32) -> nix::Result<()> {
+    use nix::unistd::{setresgid, setresuid, Gid, Uid};
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setresgid(g, g, g)?;
+    setresuid(u, u, u)
 }
 
 /// Entry point in the forked child. Never returns.
@@ -85,6 +96,7 @@ pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
     let sock = if (ctx.stdio.is_some() || ctx.agent_fd.is_some()) && sock.as_raw_fd() <= AGENT_FD {
         match sys::dup_above(sock.as_fd(), AGENT_FD + 1) {
             Ok(moved) => moved,
+            // Raw: nix 0.30 has no _exit (std's exit would run the launcher's atexit handlers).
             // SAFETY: _exit without the launcher's destructors; the launcher sees EOF.
             Err(_) => unsafe { libc::_exit(125) },
         }
@@ -106,6 +118,7 @@ pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
             125
         }
     };
+    // Raw: nix 0.30 has no _exit (as above).
     // SAFETY: _exit ends the process without running the launcher's destructors.
     unsafe { libc::_exit(code) }
 }
@@ -130,10 +143,7 @@ fn setup_and_reap(
     done(Stage::WaitForParent, &mut stamps);
     // Become uid/gid 0 of the namespace (a non-root host id): files created on the root tmpfs
     // need an owner the namespace maps.
-    // SAFETY: plain id switches inside our own user namespace.
-    check(unsafe { libc::setresgid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
-    // SAFETY: as above.
-    check(unsafe { libc::setresuid(0, 0, 0) }).at(Stage::BecomeNsRoot)?;
+    become_ns_root().at(Stage::BecomeNsRoot)?;
 
     // The view is built (and the host's root detached) while the launcher creates the cgroup
     // and id-maps the workspace (≈0.5 ms here): they arrive afterwards as descriptors.
@@ -151,8 +161,8 @@ fn setup_and_reap(
         loopback_up().at(Stage::Loopback)?;
     }
     if spec.new_uts_ns {
-        // SAFETY: valid buffer and length.
-        check(unsafe { libc::sethostname(spec.hostname.as_ptr().cast(), spec.hostname.len()) })
+        nix::unistd::sethostname(&spec.hostname)
+            .map_err(io::Error::from)
             .at(Stage::Hostname)?;
     }
     let (msg, mut fds) = channel::recv_with_fds(sock).at(Stage::WaitForParent)?;
@@ -188,8 +198,9 @@ fn setup_and_reap(
     // The cgroup namespace is created after joining, so its root is the sandbox's own cgroup
     // (/proc/self/cgroup reads "/" and the host's hierarchy is hidden).
     if spec.new_cgroup_ns {
-        // SAFETY: plain unshare of the cgroup namespace.
-        check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).at(Stage::UnshareCgroupNs)?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .map_err(io::Error::from)
+            .at(Stage::UnshareCgroupNs)?;
     }
     mounts::finish(spec, ws_mount.as_ref()).map_err(mount_failure)?;
     drop(ws_mount);
@@ -289,14 +300,17 @@ pub(crate) fn confine(
         .at(Stage::Rlimits)?;
     // A new session without a controlling terminal: TIOCSTI on the caller's terminal needs it
     // to be our controlling tty (CVE-2017-5226), and terminal signals reach us via the launcher.
-    // SAFETY: setsid has no preconditions.
-    check(unsafe { libc::setsid() }).at(Stage::NewSession)?;
+    nix::unistd::setsid()
+        .map_err(io::Error::from)
+        .at(Stage::NewSession)?;
     // The sandbox's pty as its controlling terminal, so that ^C and the window size reach the
     // agent through its own line discipline. Right after setsid (a session leader without a
     // terminal is what TIOCSCTTY needs).
     if let Some(fd) = c.ctty {
         // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
-        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) }).at(Stage::NewSession)?;
+        unsafe { tiocsctty(fd, 0) }
+            .map_err(io::Error::from)
+            .at(Stage::NewSession)?;
     }
     // No inherited descriptor but the channel (and the agent's own) may survive: a leaked host
     // fd (a directory, a cgroup file) is a way out of the mount namespace (runc CVE-2024-21626).
@@ -309,10 +323,9 @@ pub(crate) fn confine(
     caps::drop_bounding().at(Stage::DropBoundingCaps)?;
     caps::clear_ambient().at(Stage::DropBoundingCaps)?;
     // Leaving uid 0 empties the permitted and effective sets (no KEEPCAPS).
-    // SAFETY: plain id switches to ids our namespace maps.
-    check(unsafe { libc::setresgid(spec.gid, spec.gid, spec.gid) }).at(Stage::SetAgentIds)?;
-    // SAFETY: as above.
-    check(unsafe { libc::setresuid(spec.uid, spec.uid, spec.uid) }).at(Stage::SetAgentIds)?;
+    set_ids(spec.uid, spec.gid)
+        .map_err(io::Error::from)
+        .at(Stage::SetAgentIds)?;
     caps::clear_all().at(Stage::ClearCaps)?;
     // Non-dumpable: the agent can neither ptrace us nor open /proc/1/mem or /proc/1/environ
     // (runc CVE-2019-5736). After the credential change, which resets dumpable to
@@ -426,7 +439,8 @@ fn hide_launcher_args() -> io::Result<()> {
     let env: Vec<_> = std::env::vars_os().collect();
     // SAFETY: single-threaded (a fork of the single-threaded launcher); clearenv only resets
     // libc's `environ`, which nothing holds a reference into across this call.
-    unsafe { libc::clearenv() };
+    // (libc's clearenv cannot fail; its result was never read.)
+    let _ = unsafe { nix::env::clearenv() };
     for (k, v) in env {
         std::env::set_var(k, v);
     }
@@ -467,14 +481,13 @@ fn launcher_went_away(stage: Stage) -> Failure {
 }
 
 fn launcher_gone(sock: std::os::fd::BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut p = [PollFd::new(sock, PollFlags::POLLIN)];
+    let n = poll(&mut p, PollTimeout::ZERO).unwrap_or(0);
+    n > 0
+        && p[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 fn cstrings<'a>(it: impl Iterator<Item = &'a str>) -> io::Result<Vec<CString>> {
@@ -535,11 +548,16 @@ pub(crate) fn loopback_up() -> io::Result<()> {
     };
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq of the right size.
-    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    unsafe { siocgifflags(s.as_raw_fd(), &mut req) }?;
     req.flags |= libc::IFF_UP as libc::c_short;
     // SAFETY: as above.
-    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
+    unsafe { siocsifflags(s.as_raw_fd(), &req) }?;
+    Ok(())
 }
+
+nix::ioctl_read_bad!(siocgifflags, libc::SIOCGIFFLAGS, IfReq);
+nix::ioctl_write_ptr_bad!(siocsifflags, libc::SIOCSIFFLAGS, IfReq);
+nix::ioctl_write_int_bad!(tiocsctty, libc::TIOCSCTTY);
 
 struct ExecRequest {
     path: *const libc::c_char,
@@ -555,6 +573,8 @@ extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
     // The agent gets default dispositions and an empty mask: the launcher ignored SIGPIPE and
     // pid 1 blocks everything, and both would survive execve.
     reset_signals();
+    // Raw, to the end: nix's execve builds its pointer arrays on the heap (this child may not
+    // allocate), and nix has no _exit.
     // SAFETY: execve is async-signal-safe; the pointers stay valid while the parent waits.
     unsafe { libc::execve(req.path, req.argv, req.envp) };
     // SAFETY: errno location of this task; write and _exit are async-signal-safe.
@@ -570,16 +590,13 @@ extern "C" fn exec_child(arg: *mut libc::c_void) -> libc::c_int {
 pub(crate) fn reset_signals() {
     for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // Raw: nix's signal takes its Signal enum, which has no realtime signals (34–64).
             // SAFETY: resetting a disposition is async-signal-safe.
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
     }
-    // SAFETY: an empty set on our stack; sigprocmask is async-signal-safe.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    }
+    // An empty set on our stack; sigprocmask is async-signal-safe (no allocation in nix's).
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
 /// Forks the agent and stays as its reaper. Returns pid 1's own exit code.
@@ -604,13 +621,8 @@ fn reap(
     let (exec_r, exec_w) = sys::pipe().at(Stage::ForkAgent)?;
 
     // Block every signal before fork, so none is lost between fork and the wait loop.
-    // SAFETY: zeroed sigset_t then sigfillset initialises it.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid sigset pointers.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-    }
+    let all = SigSet::all();
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None);
     // vfork-style (CLONE_VM | CLONE_VFORK, as posix_spawn does): no copy of the address
     // space, and pid 1 sleeps until the agent has exec'ed or failed.
     let mut req = ExecRequest {
@@ -636,21 +648,19 @@ fn reap(
             &mut req as *mut ExecRequest as *mut libc::c_void,
         )
     };
+    let pid = Errno::result(pid)
+        .map_err(io::Error::from)
+        .at(Stage::ForkAgent)?;
     drop(stack);
-    if pid < 0 {
-        return Err(io::Error::last_os_error()).at(Stage::ForkAgent);
-    }
     drop(exec_w);
     // EOF on the close-on-exec pipe means execve succeeded; four bytes are its errno.
     let mut buf = [0u8; 4];
-    // SAFETY: reading into a 4-byte buffer.
-    let n = unsafe { libc::read(exec_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+    let n = nix::unistd::read(&exec_r, &mut buf);
     drop(exec_r);
-    if n == 4 {
+    if n == Ok(4) {
         let errno = i32::from_le_bytes(buf);
-        let mut st = 0;
-        // SAFETY: reaping our own child.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
+        // Reaping our own child (it _exit'ed with 127); its status is not needed.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         let _ = channel::send(
             sock,
             &Msg::NotExecutable {
@@ -678,14 +688,18 @@ fn reap(
     loop {
         // SAFETY: zeroed siginfo is a valid out-parameter.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // Raw: nix's SigSet::wait returns its Signal enum, which has no realtime signals (they
+        // are forwarded too).
         // SAFETY: waits for any blocked signal.
-        let sig = unsafe { libc::sigwaitinfo(&all, &mut info) };
+        let sig = unsafe { libc::sigwaitinfo(all.as_ref(), &mut info) };
         if sig < 0 {
             continue;
         }
         if sig == libc::SIGCHLD {
             loop {
                 let mut st = 0;
+                // Raw: nix's waitpid fails with EINVAL, after reaping, when a realtime signal
+                // killed the child (it maps the status into its Signal enum).
                 // SAFETY: reaps any child: the agent, or orphans re-parented to pid 1.
                 let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
                 if r <= 0 {
@@ -701,6 +715,7 @@ fn reap(
             }
         } else {
             // Forward to the agent (it has handlers; pid 1 does not act on signals itself).
+            // Raw: nix's kill takes its Signal enum, which has no realtime signals.
             // SAFETY: plain kill of our own child.
             unsafe { libc::kill(pid, sig) };
         }

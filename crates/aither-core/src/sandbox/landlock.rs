@@ -40,6 +40,8 @@ pub enum LandlockError {
 /// The Landlock ABI of the running kernel (0 = unavailable).
 pub fn kernel_abi() -> u8 {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // Raw: nix and rustix have no landlock_create_ruleset, and the landlock crate keeps its
+    // version query private (LandlockStatus::current).
     // SAFETY: the version query takes a null attribute pointer and size 0.
     let r = unsafe {
         libc::syscall(

@@ -16,8 +16,12 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::channel::{self, now_ns, Msg, Stage};
 use super::init::{self, ChildContext};
@@ -171,17 +175,16 @@ impl Capture {
         let null = sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
         let (out_r, out_w) = sys::pipe()?;
         let (err_r, err_w) = sys::pipe()?;
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(agent_uid),
+            nix::unistd::Gid::from_raw(agent_uid),
+        );
         for w in [&out_w, &err_w] {
-            // SAFETY: fchown of a pipe we just created and hold open.
-            if unsafe { libc::fchown(w.as_raw_fd(), agent_uid, agent_uid) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            nix::unistd::fchown(w, Some(uid), Some(gid))?;
         }
         for r in [&out_r, &err_r] {
-            // SAFETY: F_SETFL on a descriptor we own.
-            if unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            fcntl(r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         }
         Ok(Capture {
             agent: [null, out_w, err_w],
@@ -209,20 +212,16 @@ impl LogPipes<'_> {
         let Some(fd) = &self.fds[i] else { return };
         let mut buf = [0u8; 16 * 1024];
         for _ in 0..16 {
-            // SAFETY: reading into a buffer of the stated length.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                self.sink.output(STREAMS[i], &buf[..n as usize]);
-                continue;
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => {
+                    self.fds[i] = None;
+                    return;
+                }
+                Ok(n) => self.sink.output(STREAMS[i], &buf[..n]),
+                Err(Errno::EINTR) => {}
+                // EAGAIN: empty for now.
+                Err(_) => return,
             }
-            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            if n == 0 {
-                self.fds[i] = None;
-            }
-            // EAGAIN: empty for now.
-            return;
         }
     }
 
@@ -240,6 +239,8 @@ impl LogPipes<'_> {
                 events: libc::POLLIN,
                 revents: 0,
             });
+            // Raw: a closed pipe's entry has a negative fd, which nix's PollFd (a BorrowedFd)
+            // cannot hold.
             // SAFETY: two valid pollfd entries (a negative fd is skipped).
             if unsafe { libc::poll(p.as_mut_ptr(), 2, 100) } <= 0 {
                 break;
@@ -303,65 +304,41 @@ impl Drop for CgroupGuard {
 }
 
 /// Signals the launcher forwards to the sandbox.
-const FORWARDED: &[libc::c_int] = &[
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
+const FORWARDED: &[Signal] = &[
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
 ];
 
 struct SignalGuard {
-    old: libc::sigset_t,
-    fd: OwnedFd,
+    old: SigSet,
+    fd: SignalFd,
 }
 
 impl SignalGuard {
     fn new() -> io::Result<SignalGuard> {
-        // SAFETY: zeroed sigset_t initialised by sigemptyset.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: valid sigset pointers.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for s in FORWARDED {
-                libc::sigaddset(&mut set, *s);
-            }
-            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
-        }
-        // SAFETY: valid sigset; returns a new descriptor.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: signalfd returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let set: SigSet = FORWARDED.iter().copied().collect();
+        let mut old = SigSet::empty();
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
         Ok(SignalGuard { old, fd })
     }
 
     fn read(&self) -> Option<libc::c_int> {
-        // SAFETY: zeroed signalfd_siginfo is valid.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let sz = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reading one record into `info`.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                sz,
-            )
-        };
-        (n as usize == sz).then_some(info.ssi_signo as libc::c_int)
+        // None: nothing pending (EAGAIN), or a failed read.
+        let info = self.fd.read_signal().ok()??;
+        Some(info.ssi_signo as libc::c_int)
     }
 }
 
 impl Drop for SignalGuard {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved at construction.
-        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+        // Restores the mask saved at construction.
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
     }
 }
 
@@ -378,8 +355,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, LaunchError> {
 /// in a fixed order (docs/architecture.md, "The launcher"); the reason for each stage's place
 /// is given where it is called.
 pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, LaunchError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(LaunchError::NotRoot);
     }
     let t0 = now_ns();
@@ -656,11 +632,7 @@ fn stdio(captured: bool, agent: u32) -> Result<(Option<Capture>, Option<Relay>),
 
 /// Stage 3: the launcher drops its supplementary groups.
 fn drop_supplementary_groups() -> Result<(), LaunchError> {
-    // SAFETY: setgroups with an empty list.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } < 0 {
-        return Err(LaunchError::Clone(io::Error::last_os_error()));
-    }
-    Ok(())
+    nix::unistd::setgroups(&[]).map_err(|e| LaunchError::Clone(e.into()))
 }
 
 /// Stage 4: forks the sandbox's pid 1 into new namespaces (and into its cgroup2 directory,
@@ -1023,6 +995,8 @@ fn supervise(
         ];
         // The relay's entries after the five fixed ones.
         fds.extend(relay.as_ref().map(|r| r.pollfds()).unwrap_or_default());
+        // Raw: a closed channel's or pipe's entry, and an idle relay pump's, has a negative fd,
+        // which nix's PollFd (a BorrowedFd) cannot hold.
         // SAFETY: valid pollfd entries (a negative fd is skipped).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {

@@ -734,22 +734,16 @@ pub fn prepare_workspace_early(
             ),
         ));
     }
-    // Raw: nix 0.30 has no open_tree.
-    // SAFETY: open_tree on a valid O_PATH fd with an empty path (AT_EMPTY_PATH); returns a new
-    // descriptor of a detached copy of that mount (not recursive: only the workspace itself).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            c"".as_ptr(),
-            (sys::OPEN_TREE_CLONE
-                | libc::O_CLOEXEC as libc::c_uint
-                | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_ulong,
-        )
-    };
-    let r = nix::errno::Errno::result(r)?;
-    // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as std::os::fd::RawFd) };
+    // rustix: nix 0.30 has no open_tree. A detached copy of that mount (not recursive: only
+    // the workspace itself).
+    use rustix::mount::OpenTreeFlags;
+    let fd = rustix::mount::open_tree(
+        &dir,
+        c"",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )?;
     Ok(Some(EarlyWorkspace::AsOwner { fd, uid, gid }))
 }
 

@@ -8,17 +8,16 @@
 //! route added to the sandbox.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+
+use nix::errno::Errno;
 
 use crate::sys;
 
+/// Affects the calling thread only.
 fn setns(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: setns on a namespace descriptor we hold; affects the calling thread only.
-    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sys::setns(fd.as_fd(), libc::CLONE_NEWNET)
 }
 
 /// Binds a listening TCP socket on 127.0.0.1:`port` in the network namespace of `pid`.
@@ -50,47 +49,26 @@ pub fn socket_in(ns: &OwnedFd) -> io::Result<OwnedFd> {
 }
 
 fn tcp_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket creation.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?)
 }
 
 fn bind_listen(port: u16) -> io::Result<OwnedFd> {
     // lo starts down in a new namespace; pid 1 brings it up too, later (idempotent).
     super::init::loopback_up()?;
     let fd = tcp_socket()?;
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: bind with a sockaddr_in of the stated size.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
+    let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        port,
+    ));
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr)?;
+    // Raw: nix's Backlog refuses more than libc's SOMAXCONN, 128 on musl (the static build).
     // SAFETY: listen on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 4096) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    Errno::result(unsafe { libc::listen(fd.as_raw_fd(), 4096) })?;
     Ok(fd)
 }

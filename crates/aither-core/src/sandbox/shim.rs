@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::launch::{self, LaunchError, LaunchIo, LogSink, Outcome};
@@ -360,8 +361,8 @@ fn emit(event: &ShimEvent) {
     let _ = out.write_all(line.as_bytes());
     let _ = out.flush();
     if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 1, which std's stdout keeps using (now /dev/null).
-        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        // Onto fd 1, which std's stdout keeps using (now /dev/null).
+        let _ = nix::unistd::dup2_stdout(&null);
     }
 }
 
@@ -374,9 +375,10 @@ fn inherited(what: &'static str, fd: RawFd, socket: bool) -> Result<OwnedFd, Shi
     }
     // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // Raw: a number not yet known to be open, which nix's fstat would need as a BorrowedFd.
     // SAFETY: fstat of a descriptor number; an unopened one fails with EBADF.
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        return Err(bad(io::Error::last_os_error().to_string()));
+    if let Err(e) = Errno::result(unsafe { libc::fstat(fd, &mut st) }) {
+        return Err(bad(io::Error::from(e).to_string()));
     }
     if socket && st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(bad("not a socket".into()));
@@ -389,12 +391,19 @@ fn inherited(what: &'static str, fd: RawFd, socket: bool) -> Result<OwnedFd, Shi
 /// Fds 0–2 open (on /dev/null if the daemon closed one), so that no descriptor opened later
 /// takes a standard number and gets written to by accident.
 fn ensure_stdio() {
-    for fd in 0..=2 {
+    let dup2_to: [fn(&File) -> nix::Result<()>; 3] = [
+        |f| nix::unistd::dup2_stdin(f),
+        |f| nix::unistd::dup2_stdout(f),
+        |f| nix::unistd::dup2_stderr(f),
+    ];
+    for (fd, dup2) in (0..=2).zip(dup2_to) {
+        // Raw: queries a number that may be closed (nix's fcntl needs a BorrowedFd, an open
+        // one).
         // SAFETY: F_GETFD only queries a descriptor number.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
-                // SAFETY: dup2 onto a free standard descriptor number; `null` is closed after.
-                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                // Onto the free standard number; `null` is closed after.
+                let _ = dup2(&null);
             }
         }
     }
@@ -429,13 +438,19 @@ pub fn run(cfg: ShimConfig) -> i32 {
 fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
     // Our own session first: terminal signals meant for the daemon's session must not reach
     // the shim (it outlives the daemon). Already a session leader is fine.
-    // SAFETY: setsid and getsid have no preconditions.
-    if unsafe { libc::setsid() } < 0 && unsafe { libc::getsid(0) } != std::process::id() as i32 {
-        return Err(ShimError::Session(io::Error::last_os_error()));
+    if let Err(e) = nix::unistd::setsid() {
+        if nix::unistd::getsid(None) != Ok(nix::unistd::Pid::this()) {
+            return Err(ShimError::Session(e.into()));
+        }
     }
     // A daemon that went away must not kill us through a write to its closed pipe.
-    // SAFETY: setting a disposition to SIG_IGN has no preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // SAFETY: SIG_IGN installs no handler, so nothing runs in signal context.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    };
     // Before any descriptor is opened, so that none takes a standard number.
     ensure_stdio();
     if cfg.channel_fd.is_some() && cfg.channel_fd == cfg.keep_fd {
@@ -501,16 +516,15 @@ pub const SHIM_NETNS_FD: RawFd = 101;
 
 /// `fd` moved to descriptor number `at` (which must be free), close-on-exec.
 fn keep_at(fd: OwnedFd, at: RawFd) -> Option<OwnedFd> {
+    // Raw: queries a number that is normally closed (nix's fcntl needs an open BorrowedFd).
     // SAFETY: F_GETFD only queries a descriptor number.
     if unsafe { libc::fcntl(at, libc::F_GETFD) } >= 0 {
         eprintln!("aither-init shim: descriptor {at} is taken; it is not kept");
         return None;
     }
+    // Raw: nix's dup3 wants the target as an OwnedFd, and nothing owns that free number yet.
     // SAFETY: dup3 onto a free descriptor number; the new descriptor is owned below.
-    let r = unsafe { libc::dup3(fd.as_raw_fd(), at, libc::O_CLOEXEC) };
-    if r < 0 {
-        return None;
-    }
+    let r = Errno::result(unsafe { libc::dup3(fd.as_raw_fd(), at, libc::O_CLOEXEC) }).ok()?;
     // SAFETY: `r` is the new descriptor dup3 just created; nothing else owns it.
     Some(unsafe { OwnedFd::from_raw_fd(r) })
 }

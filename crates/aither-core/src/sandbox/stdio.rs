@@ -25,33 +25,40 @@
 //! at most PIPE_BUF bytes at a time, so a slow reader never stalls signal forwarding.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// A raw call's result, the errno on -1. Raw: fcntl, fchown, tcsetattr and the pty calls here
-/// act on RawFds shared with the caller's shell; nix would need an unsafe `borrow_raw` each.
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    Ok(nix::errno::Errno::result(r)?)
+use nix::errno::Errno;
+use nix::sys::termios::{self, SetArg, Termios};
+
+/// The caller's descriptor `fd` (0–2), borrowed for the launcher's lifetime.
+fn caller(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: only called for a number among 0–2 that `kind` found open; nothing in the
+    // launcher closes its own 0–2, so it stays open for as long as the launcher runs.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// A copy of `fd` at a number ≥ 3, close-on-exec (the child places it at 0–2).
-fn dup_high(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor, which we own.
-    let n = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+fn dup_high(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    crate::sys::dup_above(fd, 3)
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own (never a caller's).
-    let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+/// O_NONBLOCK on a descriptor we own (never a caller's: its flags are shared with the shell).
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fl = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
-fn fchown_to(fd: RawFd, uid: u32) -> io::Result<()> {
-    // SAFETY: fchown of an inode we created (a new pipe or pty), held open.
-    cvt(unsafe { libc::fchown(fd, uid, uid) }).map(drop)
+/// fchown of an inode we created (a new pipe or pty), held open.
+fn fchown_to(fd: BorrowedFd<'_>, uid: u32) -> io::Result<()> {
+    use nix::unistd::{Gid, Uid};
+    Ok(nix::unistd::fchown(
+        fd,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(uid)),
+    )?)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -64,21 +71,18 @@ enum Kind {
 }
 
 fn kind(fd: RawFd) -> Kind {
+    // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
     // SAFETY: F_GETFD only queries the descriptor number.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Kind::Closed;
     }
-    // SAFETY: isatty only queries the descriptor.
-    if unsafe { libc::isatty(fd) } == 1 {
+    if nix::unistd::isatty(caller(fd)) == Ok(true) {
         return Kind::Terminal;
     }
-    // SAFETY: zeroed stat is a valid out-parameter.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat of a descriptor number; a closed one just fails.
-    if unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO {
-        return Kind::Pipe(st.st_dev, st.st_ino);
+    match nix::sys::stat::fstat(caller(fd)) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFIFO => Kind::Pipe(st.st_dev, st.st_ino),
+        _ => Kind::Other,
     }
-    Kind::Other
 }
 
 /// One direction of the relay.
@@ -143,64 +147,70 @@ impl Pump {
             // At most PIPE_BUF bytes: a blocking descriptor that reported POLLOUT takes them
             // without blocking.
             let end = self.buf.len().min(self.off + libc::PIPE_BUF);
+            // Raw (as the read below): `dst` and `src` are numbers (the caller's 0–2, or the
+            // pty master that two pumps share); nix's read/write need a BorrowedFd.
             // SAFETY: writing from a live buffer of the stated length.
-            let n = unsafe {
+            let n = Errno::result(unsafe {
                 libc::write(
                     self.dst,
                     self.buf[self.off..end].as_ptr().cast(),
                     end - self.off,
                 )
-            };
-            if n > 0 {
-                self.off += n as usize;
-                if self.off == self.buf.len() {
-                    self.buf.clear();
-                    self.off = 0;
+            });
+            match n {
+                Ok(n) if n > 0 => {
+                    self.off += n as usize;
+                    if self.off == self.buf.len() {
+                        self.buf.clear();
+                        self.off = 0;
+                    }
                 }
-            } else if n < 0 && !retry(io::Error::last_os_error()) {
-                self.finish();
+                Err(e) if !retry(e) => self.finish(),
+                _ => {}
             }
             return;
         }
         let mut chunk = [0u8; 16 * 1024];
         // SAFETY: reading into a buffer of the stated length.
-        let n = unsafe { libc::read(self.src, chunk.as_mut_ptr().cast(), chunk.len()) };
-        if n > 0 {
-            if self.dst >= 0 {
-                self.buf.extend_from_slice(&chunk[..n as usize]);
+        let n =
+            Errno::result(unsafe { libc::read(self.src, chunk.as_mut_ptr().cast(), chunk.len()) });
+        match n {
+            Ok(n) if n > 0 => {
+                if self.dst >= 0 {
+                    self.buf.extend_from_slice(&chunk[..n as usize]);
+                }
             }
-        } else if n == 0 || !retry(io::Error::last_os_error()) {
+            // EAGAIN or EINTR: later.
+            Err(e) if retry(e) => {}
             // EOF, or EIO from a pty master whose slave is closed everywhere.
-            self.finish();
+            _ => self.finish(),
         }
     }
 }
 
-fn retry(e: io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+fn retry(e: Errno) -> bool {
+    matches!(e, Errno::EAGAIN | Errno::EINTR)
 }
 
 /// The caller's terminal in raw mode; its settings are restored on drop.
 struct RawMode {
-    fd: RawFd,
-    saved: libc::termios,
+    fd: BorrowedFd<'static>,
+    saved: Termios,
 }
 
 impl RawMode {
-    fn enter(fd: RawFd, saved: libc::termios) -> io::Result<RawMode> {
-        let mut raw = saved;
-        // SAFETY: cfmakeraw edits the struct in place.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // SAFETY: tcsetattr on the caller's terminal with a valid termios.
-        cvt(unsafe { libc::tcsetattr(fd, libc::TCSADRAIN, &raw) })?;
+    fn enter(fd: BorrowedFd<'static>, saved: Termios) -> io::Result<RawMode> {
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(fd, SetArg::TCSADRAIN, &raw)?;
         Ok(RawMode { fd, saved })
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read before the run.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSADRAIN, &self.saved) };
+        // Restores the settings read before the run.
+        let _ = termios::tcsetattr(self.fd, SetArg::TCSADRAIN, &self.saved);
     }
 }
 
@@ -216,7 +226,7 @@ pub(crate) struct Relay {
     /// The caller's terminal whose size the pty follows.
     winsize_from: Option<RawFd>,
     /// The caller's stdin terminal and its settings, for raw mode.
-    raw_from: Option<(RawFd, libc::termios)>,
+    raw_from: Option<(BorrowedFd<'static>, Termios)>,
     raw: Option<RawMode>,
 }
 
@@ -243,24 +253,20 @@ impl Relay {
         let mut slave: Option<OwnedFd> = None;
         if kinds.contains(&Kind::Terminal) {
             let (m, s) = open_pty()?;
-            fchown_to(s.as_raw_fd(), agent_uid)?;
+            fchown_to(s.as_fd(), agent_uid)?;
             let tty = (0..3)
                 .find(|&i| kinds[i as usize] == Kind::Terminal)
                 .unwrap_or(0);
             // The agent starts with the caller's settings and window size.
-            // SAFETY: zeroed termios is a valid out-parameter.
-            let mut t: libc::termios = unsafe { std::mem::zeroed() };
-            // SAFETY: tcgetattr of the caller's terminal; tcsetattr of our new pty.
-            if unsafe { libc::tcgetattr(tty, &mut t) } == 0 {
-                // SAFETY: as above.
-                unsafe { libc::tcsetattr(s.as_raw_fd(), libc::TCSANOW, &t) };
+            if let Ok(t) = termios::tcgetattr(caller(tty)) {
+                let _ = termios::tcsetattr(&s, SetArg::TCSANOW, &t);
                 if kinds[0] == Kind::Terminal {
-                    relay.raw_from = Some((0, t));
+                    relay.raw_from = Some((caller(0), t));
                 }
             }
             relay.winsize_from = Some(tty);
             copy_winsize(tty, m.as_raw_fd());
-            set_nonblocking(m.as_raw_fd())?;
+            set_nonblocking(m.as_fd())?;
             relay.ctty = (0..3).find(|&i| kinds[i as usize] == Kind::Terminal);
             relay.master = Some(m);
             slave = Some(s);
@@ -268,35 +274,37 @@ impl Relay {
         let master = relay.master.as_ref().map(|m| m.as_raw_fd());
         let mut agent: Vec<OwnedFd> = Vec::with_capacity(3);
         // A relay pipe shared by stdout and stderr when the caller's are one pipe.
-        let mut out_pipe: Option<((libc::dev_t, libc::ino_t), RawFd)> = None;
+        // (the pipe's id, the index in `agent` of the relay pipe's write end)
+        let mut out_pipe: Option<((libc::dev_t, libc::ino_t), usize)> = None;
         for (fd, k) in kinds.iter().enumerate() {
             let fd = fd as RawFd;
             let mine = match k {
-                Kind::Terminal => dup_high(slave.as_ref().expect("pty opened").as_raw_fd())?,
-                Kind::Other => dup_high(fd)?,
+                Kind::Terminal => dup_high(slave.as_ref().expect("pty opened").as_fd())?,
+                Kind::Other => dup_high(caller(fd))?,
                 Kind::Closed => {
                     let null = crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
-                    dup_high(null.as_raw_fd())?
+                    dup_high(null.as_fd())?
                 }
                 Kind::Pipe(..) if fd == 0 => {
                     let (r, w) = crate::sys::pipe()?;
-                    fchown_to(r.as_raw_fd(), agent_uid)?;
-                    set_nonblocking(w.as_raw_fd())?;
+                    fchown_to(r.as_fd(), agent_uid)?;
+                    set_nonblocking(w.as_fd())?;
                     let mut p = Pump::new(0, w.as_raw_fd(), true);
                     p.own_dst = Some(w);
                     relay.pumps.push(p);
                     r
                 }
                 Kind::Pipe(dev, ino) => match out_pipe {
-                    Some((id, w)) if id == (*dev, *ino) => dup_high(w)?,
+                    Some((id, w)) if id == (*dev, *ino) => dup_high(agent[w].as_fd())?,
                     _ => {
                         let (r, w) = crate::sys::pipe()?;
-                        fchown_to(w.as_raw_fd(), agent_uid)?;
-                        set_nonblocking(r.as_raw_fd())?;
+                        fchown_to(w.as_fd(), agent_uid)?;
+                        set_nonblocking(r.as_fd())?;
                         let mut p = Pump::new(r.as_raw_fd(), fd, false);
                         p.own_src = Some(r);
                         relay.pumps.push(p);
-                        out_pipe = Some(((*dev, *ino), w.as_raw_fd()));
+                        // `w` is pushed to `agent` just below.
+                        out_pipe = Some(((*dev, *ino), agent.len()));
                         w
                     }
                 },
@@ -381,6 +389,8 @@ impl Relay {
                 break;
             }
             let mut fds = self.pollfds();
+            // Raw: an idle pump's entry has a negative fd, which nix's PollFd (a BorrowedFd)
+            // cannot hold.
             // SAFETY: valid pollfd entries (negative fds are skipped).
             let n = unsafe {
                 libc::poll(
@@ -404,34 +414,35 @@ impl Relay {
     }
 }
 
+nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
+nix::ioctl_write_int_bad!(tiocgptpeer, libc::TIOCGPTPEER);
+
 fn copy_winsize(from: RawFd, to: RawFd) {
     // SAFETY: zeroed winsize is a valid out-parameter.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes one winsize; TIOCSWINSZ reads one.
     unsafe {
-        if libc::ioctl(from, libc::TIOCGWINSZ, &mut ws) == 0 {
-            libc::ioctl(to, libc::TIOCSWINSZ, &ws);
+        if tiocgwinsz(from, &mut ws).is_ok() {
+            let _ = tiocswinsz(to, &ws);
         }
     }
 }
 
 /// A new pty: (master, slave), both close-on-exec, neither our controlling terminal.
 fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
-    // SAFETY: posix_openpt takes no pointers; the result is a new descriptor.
-    let m = cvt(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
-    // SAFETY: m is new and ours.
-    let master = unsafe { OwnedFd::from_raw_fd(m) };
-    // SAFETY: unlockpt on our master (grantpt is a no-op on devpts).
-    cvt(unsafe { libc::unlockpt(m) })?;
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    // grantpt is a no-op on devpts.
+    nix::pty::unlockpt(&master)?;
     // TIOCGPTPEER opens the slave through the master: no path lookup in /dev/pts.
-    // SAFETY: the ioctl returns a new descriptor.
-    let s = cvt(unsafe {
-        libc::ioctl(
-            m,
-            libc::TIOCGPTPEER as _,
+    // SAFETY: TIOCGPTPEER takes open(2) flags and returns a new descriptor.
+    let s = unsafe {
+        tiocgptpeer(
+            master.as_raw_fd(),
             libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
         )
-    })?;
+    }?;
     // SAFETY: s is new and ours.
-    Ok((master, unsafe { OwnedFd::from_raw_fd(s) }))
+    Ok((master.into(), unsafe { OwnedFd::from_raw_fd(s) }))
 }

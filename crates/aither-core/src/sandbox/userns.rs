@@ -11,6 +11,8 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
+use nix::errno::Errno;
+
 use crate::sys;
 
 /// First host id handed to sandboxes.
@@ -92,18 +94,25 @@ impl AsOwner {
 
 impl Drop for AsOwner {
     fn drop(&mut self) {
-        // SAFETY: back to euid 0 (the saved uid), which restores the effective set from the
-        // permitted set; then the group, with CAP_SETGID effective again.
-        let ok = unsafe {
-            libc::setresuid(u32::MAX, 0, u32::MAX) == 0
-                && libc::setresgid(u32::MAX, 0, u32::MAX) == 0
-        };
-        if !ok {
+        use nix::unistd::{Gid, Uid};
+        // Back to euid 0 (the saved uid), which restores the effective set from the permitted
+        // set; then the group, with CAP_SETGID effective again. -1 keeps the other ids.
+        let keep = u32::MAX;
+        let back =
+            nix::unistd::setresuid(Uid::from_raw(keep), Uid::from_raw(0), Uid::from_raw(keep))
+                .and_then(|()| {
+                    nix::unistd::setresgid(
+                        Gid::from_raw(keep),
+                        Gid::from_raw(0),
+                        Gid::from_raw(keep),
+                    )
+                });
+        if let Err(e) = back {
             // Cannot happen (the saved ids are 0); a launcher that could not get its ids back
             // must not go on to create cgroups and mounts as someone else.
             eprintln!(
                 "aither: cannot restore the launcher's ids: {}",
-                io::Error::last_os_error()
+                io::Error::from(e)
             );
             std::process::abort();
         }
@@ -112,8 +121,8 @@ impl Drop for AsOwner {
 
 extern "C" fn park(_: *mut libc::c_void) -> libc::c_int {
     loop {
-        // SAFETY: pause has no preconditions; this child only waits to be killed.
-        unsafe { libc::pause() };
+        // In the CLONE_VM child: pause(2) only, which allocates nothing.
+        nix::unistd::pause();
     }
 }
 
@@ -129,9 +138,11 @@ pub struct IdmapHelper {
 
 impl Drop for IdmapHelper {
     fn drop(&mut self) {
-        let mut st = 0;
-        // SAFETY: reaping our own child (killed when this was made).
-        unsafe { libc::waitpid(self.pid, &mut st, libc::__WALL) };
+        // Reaping our own child (killed when this was made); its status is not needed.
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(nix::sys::wait::WaitPidFlag::__WALL),
+        );
     }
 }
 
@@ -162,9 +173,7 @@ pub fn idmap_userns(
             &mut pidfd as *mut libc::c_int,
         )
     };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    Errno::result(pid)?;
     // SAFETY: CLONE_PIDFD returned a new descriptor we now own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let result = (|| {

@@ -9,7 +9,7 @@
 //! these are three calls, each behind its own SAFETY note.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Directories that are never a workspace, nor is anything below them.
@@ -107,10 +107,9 @@ pub fn check_presented(opened: &OpenedWorkspace, fd: BorrowedFd<'_>) -> Result<(
     let mismatch = || WorkspaceError::PresentedMismatch {
         path: opened.path.clone(),
     };
-    // SAFETY: F_GETFL on a live descriptor has no other preconditions.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if fl < 0 || fl & libc::O_PATH != 0 {
-        return Err(mismatch());
+    match nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL) {
+        Ok(fl) if fl & libc::O_PATH == 0 => {}
+        _ => return Err(mismatch()),
     }
     let st = fstat(fd).map_err(|_| mismatch())?;
     if (st.st_dev, st.st_ino) != (opened.id.dev, opened.id.ino) {
@@ -155,40 +154,22 @@ fn not_canonical(path: &Path, reason: &'static str) -> WorkspaceError {
 
 /// openat2(2) with RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, O_PATH | O_DIRECTORY.
 pub fn open_no_follow(dirfd: Option<BorrowedFd<'_>>, path: &Path) -> io::Result<OwnedFd> {
-    let c = crate::sys::cstr(path)?;
-    // SAFETY: open_how is plain data; all-zero is its "nothing asked" value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    // rustix: nix 0.30 has no openat2.
     // No O_NOFOLLOW: RESOLVE_NO_SYMLINKS already refuses a link in any component, the last
     // one included (ELOOP), where O_NOFOLLOW|O_PATH would open the link itself.
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    let dfd = dirfd.map(|f| f.as_raw_fd()).unwrap_or(libc::AT_FDCWD);
-    // SAFETY: valid C string and a live open_how of the size passed; returns a new fd or -1.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dfd,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    Ok(rustix::fs::openat2(
+        dirfd.unwrap_or(rustix::fs::CWD),
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?)
 }
 
 /// fstat(2) of a descriptor.
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: zeroed stat is a valid out-buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a live fd and a valid out-pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
+    Ok(nix::sys::stat::fstat(fd)?)
 }
 
 fn id_of(st: &libc::stat) -> DirId {
@@ -314,20 +295,20 @@ pub fn open_checked(path: &Path, owner: Option<u32>) -> Result<OpenedWorkspace, 
 /// A detached recursive copy of the mount at the descriptor: open_tree(fd, "",
 /// AT_EMPTY_PATH | OPEN_TREE_CLONE | AT_RECURSIVE).
 pub fn clone_tree(ws: &OpenedWorkspace) -> Result<OwnedFd, WorkspaceError> {
-    let flags = crate::sys::OPEN_TREE_CLONE
-        | libc::O_CLOEXEC as libc::c_uint
-        | libc::AT_RECURSIVE as libc::c_uint
-        | libc::AT_EMPTY_PATH as libc::c_uint;
-    // SAFETY: a live descriptor and an empty C string; returns a new descriptor or -1.
-    let r = unsafe { libc::syscall(libc::SYS_open_tree, ws.fd.as_raw_fd(), c"".as_ptr(), flags) };
-    if r < 0 {
-        return Err(WorkspaceError::Clone {
-            path: ws.path.clone(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    use rustix::mount::OpenTreeFlags;
+    // rustix: nix 0.30 has no open_tree.
+    rustix::mount::open_tree(
+        &ws.fd,
+        c"",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| WorkspaceError::Clone {
+        path: ws.path.clone(),
+        source: e.into(),
+    })
 }
 
 #[cfg(test)]
