@@ -314,6 +314,7 @@ pub fn clone_tree(ws: &OpenedWorkspace) -> Result<OwnedFd, WorkspaceError> {
 #[cfg(test)]
 mod tests {
     use std::ffi::CStr;
+    use std::os::fd::AsRawFd;
 
     use super::*;
 
