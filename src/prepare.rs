@@ -33,8 +33,10 @@ pub struct Principal {
 impl Principal {
     /// The process itself (`aitherctl run` and `export`): an admin when it is root.
     pub fn current() -> Principal {
-        // SAFETY: getuid and getgid have no preconditions.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
         Principal {
             uid,
             gid,

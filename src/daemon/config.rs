@@ -874,8 +874,7 @@ mod tests {
     #[test]
     fn the_file_must_be_roots_and_not_group_writable_and_no_link() {
         use std::os::unix::fs::PermissionsExt;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if nix::unistd::geteuid().as_raw() != 0 {
             return; // the owner check needs root to create a root-owned file
         }
         let d = tempfile::tempdir().unwrap();

@@ -459,8 +459,7 @@ pub fn check_stream(
             if (rustix::fs::major(rdev), rustix::fs::minor(rdev)) == (1, 3) {
                 return Ok(());
             }
-            // SAFETY: isatty only queries the descriptor.
-            let is_tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
+            let is_tty = nix::unistd::isatty(fd).unwrap_or(false);
             match (is_tty, terminals) {
                 (true, Terminals::Relayed) => Ok(()),
                 (true, Terminals::Refused) => Err(bad(

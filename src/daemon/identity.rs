@@ -62,8 +62,7 @@ pub struct Caller {
 impl Caller {
     /// Decides from credentials.
     pub fn classify(uid: u32, gid: u32, groups: Vec<u32>, pid: Option<i32>, g: &Groups) -> Caller {
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = nix::unistd::geteuid().as_raw();
         let in_group = |want: Option<u32>| want.is_some_and(|w| gid == w || groups.contains(&w));
         let admin = uid == 0 || uid == me || in_group(g.admin);
         let allowed = admin || in_group(g.member);
@@ -172,8 +171,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         use std::os::fd::AsFd;
         let c = Caller::of_socket(a.as_fd(), &Groups::default()).unwrap();
-        // SAFETY: getuid has no preconditions.
-        assert_eq!(c.uid, unsafe { libc::getuid() });
+        assert_eq!(c.uid, nix::unistd::getuid().as_raw());
         assert_eq!(c.pid, Some(std::process::id() as i32));
     }
 }

@@ -164,6 +164,10 @@ fn kill_stray(d: &Shared, pid: i32, id: &str) {
     if let Some(cg) = stats::open_existing(&*d.cgroups, id) {
         d.cgroups.kill_all(&cg);
     }
-    // SAFETY: kill of a pid verified just now to be an aither-init shim in our cgroup subtree.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // A pid verified just now to be an aither-init shim in our cgroup subtree; gone meanwhile
+    // is no error.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }

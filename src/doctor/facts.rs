@@ -76,8 +76,7 @@ pub(super) fn gather(root: &Path) -> Result<HostFacts, DoctorError> {
             None
         }
     });
-    // SAFETY: geteuid has no preconditions.
-    let euid = ov.euid.unwrap_or_else(|| unsafe { libc::geteuid() });
+    let euid = ov.euid.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
 
     let userns = UserNsFacts {
         max_user_namespaces: read(root, "proc/sys/user/max_user_namespaces")

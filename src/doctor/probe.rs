@@ -17,15 +17,8 @@ pub(super) fn errno_text(e: &io::Error) -> String {
 
 /// The kernel release from uname(2).
 pub(super) fn uname_release() -> Option<String> {
-    // SAFETY: zeroed utsname is a valid out-parameter.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-parameter.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return None;
-    }
-    // SAFETY: uname NUL-terminates the field.
-    let s = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-    Some(s.to_string_lossy().into_owned())
+    let u = nix::sys::utsname::uname().ok()?;
+    Some(u.release().to_string_lossy().into_owned())
 }
 
 /// The namespaces of every sandbox: unshare(2) of user, pid, mount, net, ipc, uts and cgroup
@@ -106,8 +99,7 @@ pub(super) fn clone3() -> Probe {
 
 /// pidfd_open(2) of this process, closed at once.
 pub(super) fn pidfd_open() -> Probe {
-    // SAFETY: getpid has no preconditions.
-    match sys::pidfd_open(unsafe { libc::getpid() }) {
+    match sys::pidfd_open(nix::unistd::getpid().as_raw()) {
         Ok(fd) => {
             drop(fd);
             Probe::yes("pidfd_open is available")

@@ -625,8 +625,7 @@ pub fn ps(a: PsArgs) -> i32 {
     let mut header = vec![
         "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEMORY", "GPU",
     ];
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
+    let me = nix::unistd::getuid().as_raw();
     // Published host ports, docker's way (`127.0.0.1:8080->8000`), when any agent has some.
     if list.iter().any(|i| !i.publish_host.is_empty()) {
         header.push("PORTS");

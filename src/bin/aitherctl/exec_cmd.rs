@@ -248,8 +248,7 @@ fn copy(mut from: File, mut to: File) {
 
 /// Whether we are in the foreground process group of the terminal on stdin.
 fn foreground() -> bool {
-    // SAFETY: tcgetpgrp and getpgrp only query.
-    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+    nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|g| g == nix::unistd::getpgrp())
 }
 
 /// The settings the signal handler puts back (set once, before the handler is installed).

@@ -344,8 +344,7 @@ fn note(tool: &str, agent: Option<&str>, refused: Option<&str>) {
         refused: refused.map(str::to_string),
     };
     let sent = Client::connect(&daemon::socket_path()).and_then(|mut c| c.call(&req));
-    // SAFETY: geteuid has no preconditions.
-    if sent.is_err() && unsafe { libc::geteuid() } == 0 {
+    if sent.is_err() && nix::unistd::geteuid().as_raw() == 0 {
         let (decision, rule) = match refused {
             Some(r) => (Verdict::Deny, r.to_string()),
             None => (Verdict::Allow, "mcp: operator".to_string()),

@@ -62,8 +62,7 @@ enum Via {
 }
 
 pub fn run(cmd: SecretCmd) -> i32 {
-    // SAFETY: geteuid has no preconditions.
-    let via = if unsafe { libc::geteuid() } == 0 {
+    let via = if nix::unistd::geteuid().as_raw() == 0 {
         Via::Files(SecretStore::default_location())
     } else {
         Via::Daemon

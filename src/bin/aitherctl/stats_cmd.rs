@@ -87,8 +87,7 @@ pub fn run(a: StatsArgs) -> i32 {
         names: a.names.clone(),
     };
     let redraw = !a.json && !a.no_stream && crate::escape::stdout_is_terminal();
-    // SAFETY: getuid has no preconditions.
-    let me = unsafe { libc::getuid() };
+    let me = nix::unistd::getuid().as_raw();
     let mut first = true;
     loop {
         let began = Instant::now();

@@ -717,6 +717,5 @@ fn print_effective(c: &Claims) {
 
 /// Who is acting, for the audit stream.
 pub fn actor() -> String {
-    // SAFETY: getuid has no preconditions.
-    format!("uid {} (aitherctl)", unsafe { libc::getuid() })
+    format!("uid {} (aitherctl)", nix::unistd::getuid().as_raw())
 }

@@ -141,8 +141,7 @@ fn lock(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if nix::unistd::geteuid().as_raw() != 0 {
         anyhow::bail!("aitherd must run as root (it creates sandboxes and cgroups)");
     }
     if let Some(dir) = &args.state_dir {
