@@ -19,7 +19,6 @@ pub mod summary;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -345,10 +344,9 @@ fn open_locked(path: &Path) -> Result<File, AuditError> {
         .mode(0o640)
         .open(path)
         .map_err(&e)?;
-    // SAFETY: flock on a descriptor we own; released when it closes.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } < 0 {
-        return Err(e(io::Error::last_os_error()));
-    }
+    // Released when it closes. rustix: nix 0.30 has only the consuming `Flock` guard.
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|err| e(io::Error::from(err)))?;
     Ok(f)
 }
 

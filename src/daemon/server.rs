@@ -52,11 +52,10 @@ pub fn bind_private(path: &Path, group: Option<u32>) -> std::io::Result<UnixList
     use std::os::unix::fs::PermissionsExt;
     // Created with no permissions for anyone but root, then opened up: no window in which
     // another user could connect.
-    // SAFETY: umask has no preconditions; restored right after bind.
-    let old = unsafe { libc::umask(0o177) };
+    // Restored right after bind.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let l = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    nix::sys::stat::umask(old);
     let l = l?;
     if let Some(g) = group {
         std::os::unix::fs::chown(path, Some(0), Some(g))?;

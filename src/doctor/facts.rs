@@ -209,13 +209,8 @@ fn access_w(p: &Path) -> Result<(), NotWritable> {
         path: p.to_path_buf(),
         source,
     };
-    let c = crate::sys::cstr(p).map_err(not_writable)?;
-    // SAFETY: access(2) with a valid C string.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
-        Ok(())
-    } else {
-        Err(not_writable(std::io::Error::last_os_error()))
-    }
+    nix::unistd::access(p, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| not_writable(std::io::Error::from(e)))
 }
 
 fn words(s: &str) -> Vec<String> {

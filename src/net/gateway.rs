@@ -179,15 +179,10 @@ pub struct FdBudget {
 impl FdBudget {
     /// From the process's soft RLIMIT_NOFILE, read now.
     pub fn from_rlimit() -> FdBudget {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into the rlimit we pass.
-        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
-            usize::try_from(r.rlim_cur).unwrap_or(usize::MAX)
-        } else {
-            1024
+        let limit = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            Ok((soft, _)) => usize::try_from(soft).unwrap_or(usize::MAX),
+            Err(_) => 1024,
         };
         FdBudget::for_limit(limit)
     }

@@ -2,7 +2,6 @@
 //! single-instance lock, signals; the mechanisms live in `aither::daemon`.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -126,8 +125,8 @@ fn lock(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+    // rustix: nix 0.30 has only the consuming `Flock` guard.
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let pid = std::fs::read_to_string(&path).unwrap_or_default();
         return Err(DaemonError::AlreadyRunning {
             pid: pid.trim().to_string(),
@@ -264,14 +263,8 @@ fn record_overrides() {
 /// Each agent holds a few descriptors in the daemon (its channel, its pidfd): lift the soft
 /// limit to the hard one.
 fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid rlimit out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
-        r.rlim_cur = r.rlim_max;
-        // SAFETY: valid rlimit pointer.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
