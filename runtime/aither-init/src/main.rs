@@ -13,6 +13,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
+use aither_core::cgroup::delegate;
 use aither_core::sandbox::shim::{self, ShimConfig, ShimEvent};
 use aither_core::sandbox::ExecConfig;
 use aither_core::sandbox::{self, SandboxSpec};
@@ -62,11 +63,10 @@ fn run_shim() -> i32 {
     // unit's own cgroup, older systemd, aitherd started by hand): never write into cgroups
     // systemd owns. Re-executed in a transient scope of its own with Delegate=yes (same pid,
     // stdio and inherited fds), then the sandbox's cgroup goes below that scope, where aitherd
-    // finds it (aither_core::cgroup::delegate). First: before stdin is read.
-    if let Some(code) = enter_scope() {
-        return code;
-    }
-    match stdin_json::<ShimConfig>("ShimConfig") {
+    // finds it (aither_core::cgroup::delegate). First: before stdin is read. Its failure is
+    // reported as any launch failure is.
+    let scoped = delegate::into_own_scope(delegate::ScopeKind::Shim).map_err(|e| e.to_string());
+    match scoped.and_then(|()| stdin_json::<ShimConfig>("ShimConfig")) {
         Ok(cfg) => shim::run(cfg),
         Err(e) => {
             // No log_dir to write a record into: the event line is the only report.
@@ -81,37 +81,6 @@ fn run_shim() -> i32 {
             eprintln!("aither-init shim: {e}");
             125
         }
-    }
-}
-
-/// The shim's transient scope (`run_shim`): `None` to go on (in the scope, or none needed),
-/// `Some(code)` when it could not be had: the failure is the shim's event line, as any
-/// launch failure is.
-fn enter_scope() -> Option<i32> {
-    use aither_core::cgroup::delegate;
-    let fail = |error: String| {
-        println!(
-            "{}",
-            serde_json::to_string(&ShimEvent::Failed {
-                code: 125,
-                error: error.clone()
-            })
-            .unwrap_or_default()
-        );
-        eprintln!("aither-init shim: {error}");
-        Some(125)
-    };
-    if let Ok(exe) = std::env::current_exe() {
-        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        if let Some(mut c) = delegate::scope_command(delegate::ScopeKind::Shim, &exe, &args) {
-            use std::os::unix::process::CommandExt;
-            let e = c.exec();
-            return fail(format!("cannot run in a systemd scope (systemd-run): {e}"));
-        }
-    }
-    match delegate::enter_run_scope() {
-        Ok(_) => None,
-        Err(e) => fail(e.to_string()),
     }
 }
 

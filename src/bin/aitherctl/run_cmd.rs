@@ -86,20 +86,8 @@ pub fn run(a: RunArgs) -> i32 {
     // systemd as pid 1 on pure v2: never write into cgroups systemd owns. Re-executed in a
     // transient scope with Delegate=yes, then the sandbox's cgroup goes below that scope
     // (src/cgroup/delegate.rs). First: before anything is read, created or started.
-    if let Ok(exe) = std::env::current_exe() {
-        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        if let Some(mut c) = aither::cgroup::delegate::scope_command(
-            aither::cgroup::delegate::ScopeKind::Run,
-            &exe,
-            &args,
-        ) {
-            use std::os::unix::process::CommandExt;
-            let e = c.exec();
-            eprintln!("aither: error: cannot run in a systemd scope (systemd-run): {e}");
-            return 125;
-        }
-    }
-    if let Err(e) = aither::cgroup::delegate::enter_run_scope() {
+    use aither::cgroup::delegate;
+    if let Err(e) = delegate::into_own_scope(delegate::ScopeKind::Run) {
         crate::print_error(&anyhow::Error::new(e));
         return 125;
     }

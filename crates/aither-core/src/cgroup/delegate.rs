@@ -377,6 +377,31 @@ pub fn enter_run_scope() -> Result<Option<PathBuf>, CgroupError> {
     }
 }
 
+/// Why a launcher could not run in its transient scope (`into_own_scope`).
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("cannot run in a systemd scope (systemd-run): {0}")]
+    Exec(io::Error),
+    #[error(transparent)]
+    Enter(#[from] CgroupError),
+}
+
+/// The first step of a launcher (`aitherctl run`, aitherd's shim) where systemd is pid 1:
+/// re-executes this process in a transient scope of its own (`scope_command`; no return when
+/// that works) or, in the re-executed process, takes the scope (`enter_run_scope`). Elsewhere
+/// nothing is done.
+pub fn into_own_scope(kind: ScopeKind) -> Result<(), ScopeError> {
+    if let Ok(exe) = std::env::current_exe() {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        if let Some(mut c) = scope_command(kind, &exe, &args) {
+            use std::os::unix::process::CommandExt;
+            return Err(ScopeError::Exec(c.exec()));
+        }
+    }
+    enter_run_scope()?;
+    Ok(())
+}
+
 /// Our own transient scope stands for the delegation mark (older systemd sets none): its
 /// name carries this process's pid and `scope_command` asked for `Delegate=yes`.
 fn own_run_scope(dir: &Path) -> bool {
