@@ -27,6 +27,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use aither_proto::publish::HostPublish;
+use nix::sys::socket::{setsockopt, sockopt};
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -198,7 +199,8 @@ pub fn open(d: &Shared, name: &str, list: &[HostPublish]) -> Result<HostPorts, P
             source,
         };
         // Inherited by every accepted socket: its receive buffer stays this small.
-        set_buffer(&l, libc::SO_RCVBUF).map_err(bind_err)?;
+        setsockopt(&l, sockopt::RcvBuf, &SOCKET_BUFFER)
+            .map_err(|e| bind_err(io::Error::from(e)))?;
         l.set_nonblocking(true).map_err(bind_err)?;
         listeners.push(TcpListener::from_std(l).map_err(bind_err)?);
     }
@@ -240,24 +242,6 @@ pub fn is_netns(fd: &OwnedFd) -> bool {
     // SAFETY: an ioctl without an argument on a descriptor we own.
     let t = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
     t == libc::CLONE_NEWNET
-}
-
-fn set_buffer(fd: &impl AsRawFd, opt: libc::c_int) -> io::Result<()> {
-    let v = SOCKET_BUFFER as libc::c_int;
-    // SAFETY: setsockopt with an int option value of the stated size on a socket we hold.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 async fn accept_loop(state: Arc<PortsState>, i: usize, listener: TcpListener) {
@@ -397,7 +381,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touching<S> {
 async fn connect_in(ns: Arc<OwnedFd>, port: u16) -> io::Result<TcpStream> {
     let fd = crate::net::gateway::socket_in_netns(ns).await?;
     // Its send buffer stays small: an agent that never reads holds at most this much here.
-    set_buffer(&fd, libc::SO_SNDBUF)?;
+    setsockopt(&fd, sockopt::SndBuf, &SOCKET_BUFFER)?;
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
     tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
