@@ -121,6 +121,20 @@ doctor_strict() { # strict runs; below 5.12 the one thing missing is the id-mapp
 }
 check doctor-strict doctor_strict
 
+# Below 5.12 a daemon's agent cannot start (no id-mapped workspace; spawn has no
+# --workspace-as-owner): spawns NAME strict through the aitherctl wrapper CTL and prints the
+# launch's failure, refused in the reply or failed just after it (the launch races the reply).
+idmap_launch_failure() { # ctl name
+  local ctl="$1" name="$2" t=$SECONDS fail
+  fail="$("$ctl" spawn --policy strict "$name" -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
+  while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
+    fail="$("$ctl" events --json --agent "$name" | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
+    sleep 1
+  done
+  [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; "$ctl" events --agent "$name" | tail -3; return 1; }
+  echo "$fail"
+}
+
 # 3b. aitherd in a cgroup delegated to it (pure v2), made as systemd >= 254 makes one for
 # scripts/aitherd.service (Delegate=yes, DelegateSubgroup=supervisor): the unit's cgroup under
 # a slice, memory/cpu/pids enabled down to it, marked with trusted.delegate, aitherd started
@@ -162,15 +176,8 @@ if [ "$mode" = v2 ]; then
     own="$(cat "/proc/$dpid/cgroup")"
     [ "$own" = "0::/km.slice/aitherd.service/supervisor" ] || { echo "aitherd is in $own"; return 1; }
     if [ "${#ws_flags[@]}" -gt 0 ]; then
-      # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner).
-      local t=$SECONDS fail=
-      # Refused in the reply, or failed just after it (the launch races the reply).
-      fail="$(dctl spawn --policy strict km-sleeper -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
-      while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
-        fail="$(dctl events --json --agent km-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
-        sleep 1
-      done
-      [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; return 1; }
+      local fail
+      fail="$(idmap_launch_failure dctl km-sleeper)" || { echo "$fail"; return 1; }
       echo "aitherd in $own; below 5.12 the agent's launch fails: $fail"
     else
       dctl spawn --policy strict km-sleeper -w "$ws" --memory 64M --pids 32 --cpus 0.5 -- sleep 600 >/dev/null || return 1
@@ -378,15 +385,9 @@ if [ "$mode" = v2 ]; then
     [ "$own" = "0::/system.slice/aitherd.service" ] || { echo "aitherd is in $own"; return 1; }
     in_ns journalctl -u aitherd.service --no-pager >"$out/aitherd-systemd.log" 2>&1
     if [ "${#ws_flags[@]}" -gt 0 ]; then
-      # Below 5.12 the launch fails (no id-mapped workspace; spawn has no --workspace-as-owner),
-      # after the shim took its scope: the failure named must be the workspace's.
-      local fail="" t=$SECONDS
-      fail="$(sctl spawn --policy strict km-sd-sleeper -w "$ws" -- sleep 600 2>&1 | grep -o 'id-mapping the workspace mount failed[^;]*')"
-      while [ -z "$fail" ] && [ $((SECONDS - t)) -lt 60 ]; do
-        fail="$(sctl events --json --agent km-sd-sleeper | grep -o 'id-mapping the workspace mount failed[^;]*')" && break
-        sleep 1
-      done
-      [ -n "$fail" ] || { echo "the launch did not fail on the id-mapped workspace"; sctl events --agent km-sd-sleeper | tail -3; return 1; }
+      # After the shim took its scope: the failure named must be the workspace's.
+      local fail
+      fail="$(idmap_launch_failure sctl km-sd-sleeper)" || { echo "$fail"; return 1; }
       cg="below 5.12 the launch fails: $fail"
     else
       sctl spawn --policy strict km-sd-sleeper -w "$ws" --memory 64M --pids 32 -- sleep 600 >/dev/null || return 1
