@@ -155,6 +155,8 @@ struct DevState {
     reserved_mb: u64,
     leases: u32,
     exclusive: bool,
+    /// The backend lost it (fell off the bus): no new lease goes there.
+    offline: bool,
 }
 
 /// The queue and the leases.
@@ -197,6 +199,18 @@ impl Scheduler {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Marks a device lost (or back): a lost device takes no new lease, and no victim is
+    /// preempted for it; the leases on it stay until their agents end.
+    pub fn set_offline(&mut self, index: u32, offline: bool) {
+        if let Some(d) = self.devices.get_mut(&index) {
+            d.offline = offline;
+        }
+    }
+
+    pub fn is_offline(&self, index: u32) -> bool {
+        self.devices.get(&index).is_some_and(|d| d.offline)
     }
 
     /// Refuses what no state of the host could ever grant.
@@ -379,7 +393,7 @@ impl Scheduler {
 
     /// Whether `r` fits on device `d` now.
     fn fits(&self, d: &DevState, r: &Request) -> bool {
-        if d.exclusive {
+        if d.exclusive || d.offline {
             return false;
         }
         if self.config.max_per_gpu > 0 && d.leases >= self.config.max_per_gpu {
@@ -451,7 +465,7 @@ impl Scheduler {
         let mut cand: Vec<(u64, u32)> = self
             .devices
             .iter()
-            .filter(|(_, d)| d.total_mb >= r.vram_mb)
+            .filter(|(_, d)| d.total_mb >= r.vram_mb && !d.offline)
             .map(|(i, d)| (d.total_mb.saturating_sub(d.reserved_mb), *i))
             .collect();
         cand.sort_unstable_by_key(|&(free, i)| (Reverse(free), i));
@@ -470,7 +484,7 @@ impl Scheduler {
     fn victims_for(&self, r: &Request) -> Option<Vec<String>> {
         let mut per_dev: Vec<(usize, u32, Vec<String>)> = Vec::new();
         for (i, d) in &self.devices {
-            if d.total_mb < r.vram_mb {
+            if d.total_mb < r.vram_mb || d.offline {
                 continue;
             }
             let mut on: Vec<&Lease> = self
@@ -622,6 +636,7 @@ impl Scheduler {
         for (i, d) in &self.devices {
             if blocked.contains(i)
                 || d.exclusive
+                || d.offline
                 || (self.config.max_per_gpu > 0 && d.leases >= self.config.max_per_gpu)
             {
                 continue;

@@ -312,3 +312,20 @@ fn the_blocked_heads_hold_does_not_move_to_where_backfill_ran() {
     s.release("a");
     assert_eq!(granted(&s.schedule(6)), ["head@0"]);
 }
+
+#[test]
+fn a_lost_device_takes_no_new_lease_and_keeps_the_ones_it_has() {
+    let mut s = Scheduler::new(&devs(&[16_000, 16_000]), no_preempt());
+    s.submit(req("a", 1, 8000, 0, 0)).unwrap();
+    assert_eq!(granted(&s.schedule(1)), ["a@0"]);
+    s.set_offline(1, true);
+    assert!(s.is_offline(1));
+    s.submit(req("b", 1, 12_000, 0, 2)).unwrap();
+    assert!(
+        s.schedule(2).is_empty(),
+        "device 1 is lost, device 0 too full"
+    );
+    assert!(s.lease("a").is_some(), "the lease on a live device stays");
+    s.set_offline(1, false);
+    assert_eq!(granted(&s.schedule(3)), ["b@1"]);
+}
