@@ -381,6 +381,11 @@ fn lease_line(d: &TestDaemon, name: &str) -> Value {
     serde_json::from_str(&line.unwrap()).unwrap()
 }
 
+/// `aitherctl doctor`'s text (its exit status is the host's, not checked here).
+fn doctor(d: &TestDaemon) -> String {
+    String::from_utf8_lossy(&d.ctl(&["doctor"]).stdout).into_owned()
+}
+
 fn stats(d: &TestDaemon, name: &str) -> Value {
     serde_json::from_str(d.ok(&["stats", "--no-stream", "--json", name]).trim())
         .expect("stats JSON")
@@ -570,6 +575,19 @@ fn nvml_vram_overuse_evicts_the_agent() {
 fn overuse(kind: Kind) {
     let sim = Gpus::new(kind, 1, "preemption = false");
     let d = daemon(&sim);
+    // doctor states what the scheduler guarantees and what it cannot.
+    let doc = doctor(&d);
+    assert!(
+        doc.contains(&format!("backend        {}", sim.kind()))
+            && doc.contains("poll interval  200 ms")
+            && doc.contains("evicted after the fact"),
+        "{doc}"
+    );
+    let o = d.ctl(&["doctor", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("doctor JSON");
+    assert_eq!(v["gpu_service"]["backend"], sim.kind(), "{v}");
+    assert_eq!(v["gpu_service"]["poll_ms"], 200, "{v}");
+    assert_eq!(v["gpu_service"]["eviction"], "after the fact", "{v}");
     spawn(&d, "greedy", "4G", 0);
     wait_state(&d, "greedy", &["ready"]);
     sim.use_vram(&d, "greedy", 0, Some(4000));
@@ -863,6 +881,16 @@ fn nvml_a_driver_that_fails_at_init_leaves_the_daemon_running_without_gpus() {
         d.ok(&["gpu", "ls"]).contains(note),
         "the table says why too"
     );
+    // doctor asks the daemon and says so.
+    let doc = doctor(&d);
+    assert!(
+        doc.contains("GPU service (aitherd)") && doc.contains(&format!("none: no GPUs: {note}")),
+        "{doc}"
+    );
+    // The setting is aitherd.toml's, shown with its source.
+    let c = d.json(&["daemon", "config", "--json"]);
+    assert_eq!(c["config"]["gpu"]["nvml_library"], lib.as_str(), "{c}");
+    assert_eq!(c["sources"]["gpu.nvml_library"], "file", "{c}");
     let o = d.ctl(&["spawn", "--policy", "gpu", "wants-gpu", "--", "true"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
@@ -883,4 +911,21 @@ fn nvml_a_driver_that_fails_at_init_leaves_the_daemon_running_without_gpus() {
         "true",
     ]);
     wait_state(&d, "plain", &["exited"]);
+}
+
+/// aitherd loads code from `gpu.nvml_library` into a root process: a library group or others
+/// could write is refused, with the reason, and the daemon runs without GPUs.
+#[test]
+fn nvml_a_library_others_can_write_is_not_loaded() {
+    let gpus = Gpus::nvml(1, "");
+    let lib = gpus.dir().join("libnvidia-ml.so.1");
+    std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let d = daemon(&gpus);
+    let ls = d.json(&["gpu", "ls", "--json"]);
+    assert_eq!(ls["backend"], "none", "{ls}");
+    let note = ls["note"].as_str().unwrap_or("");
+    assert!(
+        note.contains("gpu.nvml_library") && note.contains("mode 0666"),
+        "{ls}"
+    );
 }
