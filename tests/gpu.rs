@@ -219,10 +219,7 @@ impl Gpus {
             ("AITHER_GPU_POLL_MS".to_string(), "200".to_string()),
         ];
         if let Gpus::Nvml { dir } = self {
-            env.push((
-                "AITHER_GPU_DEV_DIR".into(),
-                dir.path().join("dev").display().to_string(),
-            ));
+            env.push(("AITHER_GPU_ROOT".into(), dir.path().display().to_string()));
             env.push((
                 "NVML_MOCK_STATE".into(),
                 self.mock_state().display().to_string(),
@@ -928,4 +925,213 @@ fn nvml_a_library_others_can_write_is_not_loaded() {
         note.contains("gpu.nvml_library") && note.contains("mode 0666"),
         "{ls}"
     );
+}
+
+/// Prints what each path given answers when opened read-write inside the sandbox, with the
+/// lease, then waits for `release-<name>`.
+const MIG_AGENT: &str = r#"
+import json, os, sys, time
+import aither
+ch = aither.Channel.from_env()
+lease = ch.gpu_lease()
+def opens(p):
+    try:
+        os.close(os.open(p, os.O_RDWR)); return "open"
+    except OSError as e:
+        return os.strerror(e.errno)
+print("MIG " + json.dumps({"devices": [d.node for d in lease.devices], "uuids": [d.uuid for d in lease.devices], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "seen": {p: opens(p) for p in sys.argv[1:]}}), flush=True)
+ch.ready()
+name = os.environ["AITHER_AGENT"]
+while not os.path.exists("release-" + name):
+    time.sleep(0.05)
+"#;
+
+/// The character major the test's nvidia-caps stand-ins get: one this host's kernel gives no
+/// driver (so an allowed open answers ENXIO, as a leased GPU node does without a driver).
+fn free_major() -> u32 {
+    let devices = std::fs::read_to_string("/proc/devices").unwrap();
+    let used: Vec<u32> = devices
+        .lines()
+        .take_while(|l| !l.starts_with("Block"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    (234..=254)
+        .rev()
+        .find(|m| !used.contains(m))
+        .expect("a free character major in 234-254")
+}
+
+/// MIG on NVML: GPU 1 is in MIG mode with two 1g.10gb instances. Each instance is a device of
+/// its own (numbered after the whole GPUs), leased to one agent at a time by a claim that asks
+/// for its profile; the lease binds and allows the GPU's node and the instance's nvidia-caps
+/// access nodes (GPU instance and compute instance), nothing of the other instance; a claim
+/// without a profile gets a whole GPU; a profile the host lacks is refused.
+#[test]
+fn nvml_mig_instances_are_leased_by_profile_with_their_caps_nodes() {
+    let gpus = Gpus::nvml(2, "preemption = false");
+    let root = gpus.dir();
+    let caps = free_major();
+    gpus.append("mig 1 1\nmigdev 1 MIG-mock-1-1 1 0 9984 1\nmigdev 1 MIG-mock-1-2 2 0 9984 1\n");
+    std::fs::create_dir_all(root.join("proc/driver/nvidia-caps")).unwrap();
+    std::fs::write(
+        root.join("proc/driver/nvidia-caps/mig-minors"),
+        "config 1\nmonitor 2\ngpu1/gi1/access 12\ngpu1/gi1/ci0/access 13\n\
+         gpu1/gi2/access 21\ngpu1/gi2/ci0/access 22\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("proc/devices"),
+        format!("Character devices:\n195 nvidia\n{caps} nvidia-caps\n\nBlock devices:\n"),
+    )
+    .unwrap();
+    std::fs::create_dir(root.join("dev/nvidia-caps")).unwrap();
+    for m in [12, 13, 21, 22] {
+        mknod(
+            &root.join(format!("dev/nvidia-caps/nvidia-cap{m}")),
+            caps,
+            m,
+        );
+    }
+    let d = daemon(&gpus);
+    std::fs::write(d.ws.path().join("mig.py"), MIG_AGENT).unwrap();
+    let ls = d.json(&["gpu", "ls", "--json"]);
+    let devs = ls["devices"].as_array().unwrap();
+    assert_eq!(
+        devs.len(),
+        3,
+        "GPU 0 whole, GPU 1 as its two instances: {ls}"
+    );
+    assert_eq!(
+        (&devs[0]["index"], &devs[0]["mig"]),
+        (&0.into(), &Value::Null),
+        "{ls}"
+    );
+    for (dv, gi) in devs[1..].iter().zip([1, 2]) {
+        assert_eq!(dv["mig"]["profile"], "1g.10gb", "{ls}");
+        assert_eq!(dv["mig"]["parent"], 1, "{ls}");
+        assert_eq!(dv["mig"]["gpu_instance"], gi, "{ls}");
+        assert_eq!(dv["total_mb"], 9984, "{ls}");
+    }
+    assert_eq!(
+        devs[1]["index"], 2,
+        "instances are numbered after the whole GPUs: {ls}"
+    );
+    // A policy whose claim asks for a 1g.10gb instance (8 GiB of its 9.75).
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/gpu.toml"))
+            .unwrap();
+    let mig_policy = |name: &str, profile: &str| {
+        let p = d.ws.path().join(format!("{name}.toml"));
+        let t = text
+            .replace("name = \"gpu\"", &format!("name = \"{name}\""))
+            .replace(
+                "vram_mb = 8192",
+                &format!("vram_mb = 8192\nmig_profile = \"{profile}\""),
+            );
+        std::fs::write(&p, t).unwrap();
+        p.display().to_string()
+    };
+    let p1g = mig_policy("mig1g", "1g.10gb");
+    let paths = [
+        "/dev/nvidia0",
+        "/dev/nvidia1",
+        "/dev/nvidia-caps/nvidia-cap12",
+        "/dev/nvidia-caps/nvidia-cap13",
+        "/dev/nvidia-caps/nvidia-cap21",
+        "/dev/nvidia-caps/nvidia-cap22",
+    ];
+    let spawn_mig = |name: &str, policy: &str| -> Value {
+        let mut args = vec![
+            "spawn",
+            "--json",
+            "--policy",
+            policy,
+            "--restart",
+            "never",
+            name,
+            "--",
+            "python3",
+            "-u",
+            "mig.py",
+        ];
+        args.extend(paths);
+        d.json(&args)
+    };
+    let mig_line = |name: &str| -> Value {
+        let mut line = None;
+        let ok = poll_until(WAIT, || {
+            line = d
+                .ok(&["logs", name])
+                .lines()
+                .find_map(|l| l.strip_prefix("MIG ").map(str::to_string));
+            line.is_some()
+        });
+        assert!(ok, "{name}: {}", d.ok(&["logs", name]));
+        serde_json::from_str(&line.unwrap()).unwrap()
+    };
+    spawn_mig("mig-a", &p1g);
+    wait_state(&d, "mig-a", &["ready"]);
+    let a = mig_line("mig-a");
+    assert_eq!(a["uuids"], serde_json::json!(["MIG-mock-1-1"]), "{a}");
+    assert_eq!(a["cuda"], "MIG-mock-1-1", "{a}");
+    assert_eq!(a["devices"], serde_json::json!(["/dev/nvidia1"]), "{a}");
+    let host = |rel: &str| host_open(&root.join(rel));
+    let seen = &a["seen"];
+    assert_eq!(seen["/dev/nvidia1"], host("dev/nvidia1").as_str(), "{a}");
+    assert_eq!(
+        seen["/dev/nvidia-caps/nvidia-cap12"],
+        host("dev/nvidia-caps/nvidia-cap12").as_str(),
+        "its GPU instance's access node: {a}"
+    );
+    assert_eq!(
+        seen["/dev/nvidia-caps/nvidia-cap13"],
+        host("dev/nvidia-caps/nvidia-cap13").as_str(),
+        "its compute instance's access node: {a}"
+    );
+    for other in [
+        "/dev/nvidia0",
+        "/dev/nvidia-caps/nvidia-cap21",
+        "/dev/nvidia-caps/nvidia-cap22",
+    ] {
+        assert_eq!(seen[other], "No such file or directory", "{other}: {a}");
+    }
+    // The other instance to the next; a third waits (one agent per instance).
+    spawn_mig("mig-b", &p1g);
+    wait_state(&d, "mig-b", &["ready"]);
+    let b = mig_line("mig-b");
+    assert_eq!(b["uuids"], serde_json::json!(["MIG-mock-1-2"]), "{b}");
+    assert_eq!(
+        b["seen"]["/dev/nvidia-caps/nvidia-cap22"],
+        host("dev/nvidia-caps/nvidia-cap22").as_str(),
+        "{b}"
+    );
+    assert_eq!(
+        b["seen"]["/dev/nvidia-caps/nvidia-cap12"], "No such file or directory",
+        "{b}"
+    );
+    let c = spawn_mig("mig-c", &p1g);
+    assert_eq!(c["state"], "queued", "{c}");
+    // A claim without a profile: the whole GPU 0.
+    spawn(&d, "whole", "8G", 0);
+    wait_state(&d, "whole", &["ready"]);
+    assert_eq!(stats(&d, "whole")["gpu"]["devices"][0]["index"], 0);
+    // A profile this host lacks is refused at once, with the reason.
+    let p7g = mig_policy("mig7g", "7g.80gb");
+    let o = d.ctl(&["spawn", "--policy", &p7g, "big", "--", "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("MIG instances of profile 7g.80gb but this host has 0"),
+        "{err}"
+    );
+    // An instance frees: the waiter gets it.
+    release(&d, "mig-a");
+    wait_state(&d, "mig-c", &["ready"]);
+    assert_eq!(
+        mig_line("mig-c")["uuids"],
+        serde_json::json!(["MIG-mock-1-1"])
+    );
+    for n in ["mig-b", "mig-c", "whole"] {
+        release(&d, n);
+    }
 }

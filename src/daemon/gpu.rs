@@ -93,6 +93,7 @@ impl GpuService {
             .map(|d| DeviceSlot {
                 index: d.index,
                 total_mb: d.total_mb,
+                profile: d.mig.as_ref().map(|m| m.profile.clone()),
             })
             .collect();
         GpuService {
@@ -177,6 +178,7 @@ impl GpuService {
                 exclusive: ask.exclusive,
                 enqueued_ms,
                 seq,
+                profile: ask.mig_profile.clone(),
             };
             g.sched.submit(req)?;
             g.waiters.insert(agent.to_string(), tx);
@@ -353,16 +355,25 @@ impl GpuService {
     /// Applies a lease to a spec: the leased nodes and the control nodes in /dev and in the
     /// device rules, the visible-devices variables, the driver directories read-only.
     pub fn apply(&self, spec: &mut SandboxSpec, devices: &[u32]) -> Result<(), gpu::GpuError> {
-        let mut nodes: Vec<PathBuf> = devices
-            .iter()
-            .filter_map(|i| self.device(*i).map(|d| d.node.clone()))
-            .collect();
-        nodes.extend(self.backend.control_nodes());
+        // Each leased device's node (a MIG instance: its GPU's node and its nvidia-caps access
+        // nodes), then the control nodes; a node shared by two leased MIG instances once.
+        let mut nodes: Vec<(PathBuf, String)> = Vec::new();
+        for d in devices.iter().filter_map(|i| self.device(*i)) {
+            let name = self.backend.dev_name(&d.node);
+            nodes.push((d.node.clone(), name));
+            nodes.extend(d.extra_nodes.iter().cloned());
+        }
+        for c in self.backend.control_nodes() {
+            let name = self.backend.dev_name(&c);
+            nodes.push((c, name));
+        }
+        let mut seen = std::collections::HashSet::new();
+        nodes.retain(|(p, _)| seen.insert(p.clone()));
         let visible: Vec<String> = devices
             .iter()
             .filter_map(|i| self.device(*i).map(|d| d.uuid.clone()))
             .collect();
-        spec.grant_devices(&nodes, &visible.join(","))?;
+        spec.grant_named_devices(&nodes, &visible.join(","))?;
         for p in &self.driver_paths {
             if p.exists() && !spec.mounts.read_only.contains(p) {
                 spec.mounts.read_only.push(p.clone());
@@ -385,17 +396,7 @@ impl GpuService {
                     name: d.name.clone(),
                     vram_mb: l.request.vram_mb,
                     total_mb: d.total_mb,
-                    node: format!(
-                        "/dev/{}",
-                        d.node
-                            .strip_prefix("/dev")
-                            .ok()
-                            .filter(|p| p.components().count() > 0)
-                            .unwrap_or_else(|| std::path::Path::new(
-                                d.node.file_name().unwrap_or_default()
-                            ))
-                            .display()
-                    ),
+                    node: format!("/dev/{}", self.backend.dev_name(&d.node)),
                 })
                 .collect();
             let visible: Vec<String> = devs.iter().map(|d| d.uuid.clone()).collect();
@@ -515,6 +516,7 @@ impl GpuService {
                        "node": d.map(|d| d.node.clone()), "total_mb": total, "reserved_mb": reserved,
                        "used_mb": used, "foreign_mb": g.foreign_mb.get(&index).copied().unwrap_or(0),
                        "used_unknown": unknown, "lost": g.lost.get(&index),
+                       "mig": d.and_then(|d| d.mig.clone()),
                        "lease_count": n, "exclusive": exclusive, "leases": leases})
             })
             .collect();

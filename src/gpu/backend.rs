@@ -18,6 +18,25 @@ pub struct GpuDevice {
     pub node: PathBuf,
     pub major: u32,
     pub minor: u32,
+    /// A MIG instance (a partition of a GPU in MIG mode) rather than a whole GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<MigInstance>,
+    /// Further nodes a lease of it binds into /dev and allows in the device rules, with their
+    /// names under /dev: a MIG instance's nvidia-caps access nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_nodes: Vec<(PathBuf, String)>,
+}
+
+/// Where a MIG instance is: its GPU, its GPU and compute instance, and its profile.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigInstance {
+    /// The NVML index of the GPU it partitions.
+    pub parent: u32,
+    pub gpu_instance: u32,
+    pub compute_instance: u32,
+    /// NVIDIA's profile name, `<GPU slices>g.<memory GB>gb` (e.g. `1g.10gb`): what a claim's
+    /// `mig_profile` names.
+    pub profile: String,
 }
 
 /// VRAM one process (or, for the simulation, one agent) uses on one device.
@@ -50,6 +69,21 @@ pub trait GpuBackend: Send + Sync {
     fn library(&self) -> Option<String> {
         None
     }
+    /// The name a host node gets under the sandbox's /dev: its path below /dev (so
+    /// /dev/nvidia-caps/nvidia-cap12 stays there), else its file name.
+    fn dev_name(&self, node: &Path) -> String {
+        dev_name(node, Path::new("/dev"))
+    }
+}
+
+/// `node`'s path below `dev`, else its file name.
+pub fn dev_name(node: &Path, dev: &Path) -> String {
+    node.strip_prefix(dev)
+        .ok()
+        .filter(|p| p.components().count() > 0)
+        .map(|p| p.to_string_lossy().into_owned())
+        .or_else(|| node.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "gpu".into())
 }
 
 /// No GPUs (no driver, no simulation).
@@ -113,14 +147,20 @@ pub fn is_gpu_node(major: u32) -> bool {
 
 /// The character majors /proc/devices gives the NVIDIA drivers with dynamic numbers.
 fn dynamic_majors(proc_devices: &str) -> Vec<u32> {
+    named_majors(
+        proc_devices,
+        &["nvidia-uvm", "nvidia-caps", "nvidia-caps-imex-channels"],
+    )
+}
+
+/// The character majors /proc/devices gives the drivers named.
+fn named_majors(proc_devices: &str, names: &[&str]) -> Vec<u32> {
     proc_devices
         .lines()
         .take_while(|l| !l.starts_with("Block devices"))
         .filter_map(|l| {
             let (n, name) = l.trim().split_once(' ')?;
-            ["nvidia-uvm", "nvidia-caps", "nvidia-caps-imex-channels"]
-                .contains(&name.trim())
-                .then(|| n.parse().ok())?
+            names.contains(&name.trim()).then(|| n.parse().ok())?
         })
         .collect()
 }
@@ -168,6 +208,8 @@ impl Simulated {
                 node: d.node.clone(),
                 major,
                 minor,
+                mig: None,
+                extra_nodes: vec![],
             });
         }
         for c in control {
@@ -224,9 +266,12 @@ impl GpuBackend for Simulated {
 pub struct Nvml {
     nvml: nvml_wrapper::Nvml,
     devices: Vec<GpuDevice>,
-    /// Where the device nodes are: /dev (`AITHER_GPU_DEV_DIR` in debug builds, for the mock
-    /// library's stand-in nodes).
-    dev_dir: PathBuf,
+    /// Where the driver's files are read (dev/, proc/devices,
+    /// proc/driver/nvidia-caps/mig-minors): `/` (`AITHER_GPU_ROOT` in debug builds, for the
+    /// mock library's stand-in nodes).
+    root: PathBuf,
+    /// NVML's index of each whole GPU of [`Nvml::devices`] (MIG instances are not read).
+    whole: Vec<u32>,
     library: String,
     lost: std::sync::Mutex<Vec<(u32, String)>>,
 }
@@ -265,6 +310,8 @@ pub enum NvmlUnavailable {
         #[source]
         source: std::io::Error,
     },
+    #[error("NVML device {index}: MIG: {why}")]
+    Mig { index: u32, why: String },
     #[error("{}: {major}:{minor} is not an NVIDIA GPU node (major {NVIDIA_MAJOR})", node.display())]
     NotGpuNode {
         node: PathBuf,
@@ -272,6 +319,9 @@ pub enum NvmlUnavailable {
         minor: u32,
     },
 }
+
+/// nvml.h's NVML_DEVICE_MIG_ENABLE: a current MIG mode of "enabled".
+const NVML_DEVICE_MIG_ENABLE: u32 = 1;
 
 /// The library name the loader resolves when aitherd.toml names none.
 const DEFAULT_LIBRARY: &str = "libnvidia-ml.so";
@@ -302,13 +352,14 @@ fn check_library(path: &Path) -> Result<(), NvmlUnavailable> {
 /// it is loaded whatever the host shows (the operator said where the driver is); unset,
 /// `libnvidia-ml.so` is tried only on a host that shows a driver.
 pub fn open_nvml(library: Option<&Path>) -> Result<Nvml, NvmlUnavailable> {
-    let dev_dir = crate::testhooks::var_os("AITHER_GPU_DEV_DIR")
+    let root = crate::testhooks::var_os("AITHER_GPU_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev"));
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let dev_dir = root.join("dev");
     match library {
         Some(p) => check_library(p)?,
         None => {
-            let driver = Path::new("/proc/driver/nvidia/version").exists();
+            let driver = root.join("proc/driver/nvidia/version").exists();
             if !driver && !dev_dir.join("nvidia0").exists() {
                 return Err(NvmlUnavailable::NoDriver);
             }
@@ -334,6 +385,8 @@ pub fn open_nvml(library: Option<&Path>) -> Result<Nvml, NvmlUnavailable> {
     };
     let n = nvml.device_count().map_err(nvml_err)?;
     let mut devices = Vec::new();
+    let mut whole = Vec::new();
+    let mut migs = Vec::new();
     for i in 0..n {
         let device = |source| NvmlUnavailable::Device { index: i, source };
         let d = nvml.device_by_index(i).map_err(device)?;
@@ -348,7 +401,7 @@ pub fn open_nvml(library: Option<&Path>) -> Result<Nvml, NvmlUnavailable> {
         if block || major != NVIDIA_MAJOR {
             return Err(NvmlUnavailable::NotGpuNode { node, major, minor });
         }
-        devices.push(GpuDevice {
+        let gpu = GpuDevice {
             index: i,
             uuid: d.uuid().unwrap_or_default(),
             name: d.name().unwrap_or_default(),
@@ -356,15 +409,143 @@ pub fn open_nvml(library: Option<&Path>) -> Result<Nvml, NvmlUnavailable> {
             node,
             major,
             minor,
-        });
+            mig: None,
+            extra_nodes: vec![],
+        };
+        // A GPU in MIG mode is used through its instances only (CUDA sees no whole GPU).
+        let mig_on = d
+            .mig_mode()
+            .map(|m| m.current == NVML_DEVICE_MIG_ENABLE)
+            .unwrap_or(false);
+        if mig_on {
+            migs.extend(mig_instances(&nvml, &d, &gpu, &root)?);
+        } else {
+            whole.push(i);
+            devices.push(gpu);
+        }
+    }
+    // MIG instances are numbered after the whole GPUs, so that a whole GPU keeps NVML's index.
+    for (k, mut m) in migs.into_iter().enumerate() {
+        m.index = n + k as u32;
+        devices.push(m);
     }
     Ok(Nvml {
         nvml,
         devices,
-        dev_dir,
+        root,
+        whole,
         library: name,
         lost: Default::default(),
     })
+}
+
+/// The MIG instances of a GPU in MIG mode: each with its GPU's node and the nvidia-caps access
+/// nodes of its GPU instance and compute instance (/proc/driver/nvidia-caps/mig-minors names
+/// their minors, /proc/devices nvidia-caps' major), which a lease binds and allows.
+fn mig_instances(
+    nvml: &nvml_wrapper::Nvml,
+    d: &nvml_wrapper::Device<'_>,
+    gpu: &GpuDevice,
+    root: &Path,
+) -> Result<Vec<GpuDevice>, NvmlUnavailable> {
+    let device = |source| NvmlUnavailable::Device {
+        index: gpu.index,
+        source,
+    };
+    let minors_file = root.join("proc/driver/nvidia-caps/mig-minors");
+    let minors = std::fs::read_to_string(&minors_file).map_err(|source| NvmlUnavailable::Node {
+        node: minors_file.clone(),
+        source,
+    })?;
+    let caps_major = named_majors(
+        &std::fs::read_to_string(root.join("proc/devices")).unwrap_or_default(),
+        &["nvidia-caps"],
+    );
+    let cap = |key: String| -> Result<(PathBuf, String), NvmlUnavailable> {
+        let minor = minors
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{key} "))?
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+            .ok_or_else(|| NvmlUnavailable::Mig {
+                index: gpu.index,
+                why: format!("{key} is not in {}", minors_file.display()),
+            })?;
+        let name = format!("nvidia-caps/nvidia-cap{minor}");
+        let node = root.join("dev").join(&name);
+        let (block, major, _) = node_numbers(&node).map_err(|source| NvmlUnavailable::Node {
+            node: node.clone(),
+            source,
+        })?;
+        if block || !caps_major.contains(&major) {
+            return Err(NvmlUnavailable::Mig {
+                index: gpu.index,
+                why: format!("{} is not an nvidia-caps node", node.display()),
+            });
+        }
+        Ok((node, name))
+    };
+    let sys = nvml.lib();
+    let max = d.mig_device_count().map_err(device)?;
+    let mut out = Vec::new();
+    for k in 0..max {
+        let m = match d.mig_device_by_index(k) {
+            Ok(m) => m,
+            Err(nvml_wrapper::error::NvmlError::NotFound) => continue,
+            Err(e) => return Err(device(e)),
+        };
+        // nvml-wrapper has no call for the instance ids: the symbols, resolved like its own
+        // (a missing one is an error, not a panic).
+        macro_rules! instance_id {
+            ($sym:ident) => {{
+                let f = sys.$sym.as_ref().map_err(|e| NvmlUnavailable::Mig {
+                    index: gpu.index,
+                    why: format!("{}: {e}", stringify!($sym)),
+                })?;
+                let mut v: std::os::raw::c_uint = 0;
+                // SAFETY: a symbol of the loaded NVML with its C signature, called on a live
+                // handle of that library, writing one c_uint of ours.
+                let rc = unsafe { f(m.handle(), &mut v) };
+                if rc != 0 {
+                    return Err(NvmlUnavailable::Mig {
+                        index: gpu.index,
+                        why: format!("MIG device {k}: {}: NVML error {rc}", stringify!($sym)),
+                    });
+                }
+                v
+            }};
+        }
+        let gi = instance_id!(nvmlDeviceGetGpuInstanceId);
+        let ci = instance_id!(nvmlDeviceGetComputeInstanceId);
+        let total_mb = m.memory_info().map_err(device)?.total / (1024 * 1024);
+        let slices = m.attributes().map_err(device)?.gpu_instance_slice_count;
+        let profile = format!("{slices}g.{}gb", total_mb.div_ceil(1024));
+        let g = gpu.minor;
+        let extra = vec![
+            cap(format!("gpu{g}/gi{gi}/access"))?,
+            cap(format!("gpu{g}/gi{gi}/ci{ci}/access"))?,
+        ];
+        out.push(GpuDevice {
+            index: 0,
+            uuid: m.uuid().map_err(device)?,
+            name: format!("{} MIG {profile}", gpu.name),
+            total_mb,
+            node: gpu.node.clone(),
+            major: gpu.major,
+            minor: gpu.minor,
+            mig: Some(MigInstance {
+                parent: gpu.index,
+                gpu_instance: gi,
+                compute_instance: ci,
+                profile,
+            }),
+            extra_nodes: extra,
+        });
+    }
+    Ok(out)
 }
 
 impl GpuBackend for Nvml {
@@ -380,7 +561,13 @@ impl GpuBackend for Nvml {
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let mut out = Vec::new();
         let mut lost = Vec::new();
-        for d in &self.devices {
+        // MIG instances are not read: their memory is partitioned by the hardware, so an
+        // agent cannot use more than its instance holds.
+        for d in self
+            .devices
+            .iter()
+            .filter(|d| self.whole.contains(&d.index))
+        {
             let procs = self
                 .nvml
                 .device_by_index(d.index)
@@ -415,9 +602,12 @@ impl GpuBackend for Nvml {
             "nvidia-modeset",
         ]
         .iter()
-        .map(|n| self.dev_dir.join(n))
+        .map(|n| self.root.join("dev").join(n))
         .filter(|p| p.exists())
         .collect()
+    }
+    fn dev_name(&self, node: &Path) -> String {
+        dev_name(node, &self.root.join("dev"))
     }
     fn lost(&self) -> Vec<(u32, String)> {
         self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -16,7 +16,8 @@
  *   gone INDEX                           the device fell off the bus (GPU_IS_LOST)
  *   proc INDEX PID USED_MB|na            a compute process; "na" = NVML_VALUE_NOT_AVAILABLE
  *   mig INDEX 0|1                        the device's current MIG mode (default 0)
- *   migdev INDEX UUID GI CI TOTAL_MB     a MIG device of the device (in order)
+ *   migdev INDEX UUID GI CI TOTAL_MB SLICES   a MIG device of the device (in order), SLICES
+ *                                        its GPU instance's slices (the "1g" of "1g.10gb")
  *
  * This file is test code: it is never built into or installed with aitherd.
  */
@@ -47,7 +48,7 @@ enum {
 
 struct mig {
     char uuid[96];
-    unsigned gi, ci;
+    unsigned gi, ci, slices;
     unsigned long long total_mb;
 };
 
@@ -89,7 +90,7 @@ static int load(void)
         if (hash)
             *hash = 0;
         line[strcspn(line, "\n")] = 0;
-        unsigned a, b, c;
+        unsigned a, b, c, sl;
         unsigned long long mb;
         char s1[96], s2[96];
         int n = 0;
@@ -114,13 +115,14 @@ static int load(void)
             p->used = strcmp(s1, "na") == 0 ? NOT_AVAILABLE : strtoull(s1, NULL, 10) << 20;
         } else if (sscanf(line, "mig %u %u", &a, &b) == 2 && a < MAX_DEV) {
             S.dev[a].mig_mode = (int)b;
-        } else if (sscanf(line, "migdev %u %95s %u %u %llu", &a, s2, &b, &c, &mb) == 5 &&
+        } else if (sscanf(line, "migdev %u %95s %u %u %llu %u", &a, s2, &b, &c, &mb, &sl) == 6 &&
                    a < MAX_DEV && S.dev[a].nmig < MAX_MIG) {
             struct mig *m = &S.dev[a].mig[S.dev[a].nmig++];
             snprintf(m->uuid, sizeof m->uuid, "%s", s2);
             m->gi = b;
             m->ci = c;
             m->total_mb = mb;
+            m->slices = sl;
         }
     }
     fclose(f);
@@ -491,5 +493,35 @@ nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t h, unsigned *id)
     if (!id || m < 0)
         return ERR_INVALID_ARGUMENT;
     *id = d->mig[m].ci;
+    return OK;
+}
+
+/* nvmlDeviceAttributes_t (what nvmlDeviceGetAttributes_v2 fills). */
+typedef struct {
+    unsigned multiprocessorCount, sharedCopyEngineCount, sharedDecoderCount, sharedEncoderCount,
+        sharedJpegCount, sharedOfaCount, gpuInstanceSliceCount, computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t h, nvmlDeviceAttributes_t *attr)
+{
+    struct dev *d;
+    int m, rc = resolve(h, &d, &m);
+    if (rc)
+        return rc;
+    if (!attr)
+        return ERR_INVALID_ARGUMENT;
+    memset(attr, 0, sizeof *attr);
+    if (m >= 0) {
+        attr->gpuInstanceSliceCount = d->mig[m].slices;
+        attr->computeInstanceSliceCount = d->mig[m].slices;
+        attr->multiprocessorCount = 16 * d->mig[m].slices;
+        attr->memorySizeMB = d->mig[m].total_mb;
+    } else {
+        attr->gpuInstanceSliceCount = 7;
+        attr->computeInstanceSliceCount = 7;
+        attr->multiprocessorCount = 132;
+        attr->memorySizeMB = d->total_mb;
+    }
     return OK;
 }
