@@ -961,14 +961,10 @@ fn free_major() -> u32 {
         .expect("a free character major in 234-254")
 }
 
-/// MIG on NVML: GPU 1 is in MIG mode with two 1g.10gb instances. Each instance is a device of
-/// its own (numbered after the whole GPUs), leased to one agent at a time by a claim that asks
-/// for its profile; the lease binds and allows the GPU's node and the instance's nvidia-caps
-/// access nodes (GPU instance and compute instance), nothing of the other instance; a claim
-/// without a profile gets a whole GPU; a profile the host lacks is refused.
-#[test]
-fn nvml_mig_instances_are_leased_by_profile_with_their_caps_nodes() {
-    let gpus = Gpus::nvml(2, "preemption = false");
+/// GPU 1 of the mock in MIG mode with two 1g.10gb instances (GPU instances 1 and 2, compute
+/// instance 0 each), their mig-minors (12/13, 21/22), /proc/devices with an nvidia-caps major
+/// and the caps stand-in nodes.
+fn mig_layout(gpus: &Gpus) {
     let root = gpus.dir();
     let caps = free_major();
     gpus.append("mig 1 1\nmigdev 1 MIG-mock-1-1 1 0 9984 1\nmigdev 1 MIG-mock-1-2 2 0 9984 1\n");
@@ -992,6 +988,18 @@ fn nvml_mig_instances_are_leased_by_profile_with_their_caps_nodes() {
             m,
         );
     }
+}
+
+/// MIG on NVML: GPU 1 is in MIG mode with two 1g.10gb instances. Each instance is a device of
+/// its own (numbered after the whole GPUs), leased to one agent at a time by a claim that asks
+/// for its profile; the lease binds and allows the GPU's node and the instance's nvidia-caps
+/// access nodes (GPU instance and compute instance), nothing of the other instance; a claim
+/// without a profile gets a whole GPU; a profile the host lacks is refused.
+#[test]
+fn nvml_mig_instances_are_leased_by_profile_with_their_caps_nodes() {
+    let gpus = Gpus::nvml(2, "preemption = false");
+    mig_layout(&gpus);
+    let root = gpus.dir();
     let d = daemon(&gpus);
     std::fs::write(d.ws.path().join("mig.py"), MIG_AGENT).unwrap();
     let ls = d.json(&["gpu", "ls", "--json"]);
