@@ -33,16 +33,14 @@ impl Nodes {
             ("nvidia1", 195, 1),
             ("gpufuse", 10, 229),
         ] {
-            let p = std::ffi::CString::new(dir.path().join(name).to_str().unwrap()).unwrap();
-            // SAFETY: mknod of a new node in our own temporary directory.
-            let rc = unsafe {
-                libc::mknod(
-                    p.as_ptr(),
-                    libc::S_IFCHR | 0o666,
-                    libc::makedev(major, minor),
-                )
-            };
-            assert_eq!(rc, 0, "mknod {name}: {}", std::io::Error::last_os_error());
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            let rc = mknod(
+                &dir.path().join(name),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            );
+            assert_eq!(rc, Ok(()), "mknod {name}");
             // The umask took write bits off; the agent opens read-write.
             std::os::unix::fs::chown(dir.path().join(name), Some(0), Some(0)).unwrap();
             std::fs::set_permissions(
