@@ -240,10 +240,8 @@ pub fn is_netns(fd: &OwnedFd) -> bool {
     // NS_GET_NSTYPE = _IO(0xb7, 0x3) (linux/nsfs.h).
     nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
     // SAFETY: an ioctl without an argument on a descriptor we own.
-    matches!(
-        unsafe { ns_get_nstype(fd.as_raw_fd()) },
-        Ok(libc::CLONE_NEWNET)
-    )
+    let t = unsafe { ns_get_nstype(fd.as_raw_fd()) };
+    t == Ok(libc::CLONE_NEWNET)
 }
 
 async fn accept_loop(state: Arc<PortsState>, i: usize, listener: TcpListener) {
