@@ -26,22 +26,10 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Makes a stand-in character node (0666) with the given numbers.
 fn mknod(node: &Path, major: u32, minor: u32) {
-    let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
-    // SAFETY: mknod of a new node in our own temporary directory.
-    let rc = unsafe {
-        libc::mknod(
-            c.as_ptr(),
-            libc::S_IFCHR | 0o666,
-            libc::makedev(major, minor),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "mknod {}: {}",
-        node.display(),
-        std::io::Error::last_os_error()
-    );
+    use nix::sys::stat::{makedev, Mode, SFlag};
+    let dev = makedev(u64::from(major), u64::from(minor));
+    let rc = nix::sys::stat::mknod(node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), dev);
+    assert_eq!(rc, Ok(()), "mknod {}", node.display());
     std::fs::set_permissions(node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
 }
 

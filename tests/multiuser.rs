@@ -468,19 +468,8 @@ fn members_work_only_in_directories_they_own() {
 
 /// `renameat2(RENAME_EXCHANGE)`: swaps two names atomically.
 fn exchange(a: &Path, b: &Path) {
-    let ca = std::ffi::CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
-    let cb = std::ffi::CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: two valid C strings; renameat2 has no other preconditions.
-    unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let _ = renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE);
 }
 
 #[test]
