@@ -323,7 +323,13 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
             .into_iter()
             .chain(a.bus_subscribe.iter().cloned())
             .collect(),
-        publish: a.publish.clone(),
+        publish: file
+            .as_ref()
+            .map(|f| f.publish.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(a.publish.iter().cloned())
+            .collect(),
         publish_host: file
             .as_ref()
             .map(|f| f.publish_host.clone())

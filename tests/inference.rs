@@ -1,0 +1,350 @@
+//! Local inference as a service (docs/agents.md): the example model server
+//! (agents/model-server.toml, its stand-in server) runs under the `gpu` policy with a lease of
+//! aitherd's simulated backend, published as `model.aither.internal`; agents granted the
+//! service (`api = "openai"` with token and request quotas in their tokens) call it through
+//! the daemon's real egress gateway, which counts each response's `usage` (streaming
+//! included) and refuses them over quota with an OpenAI error object, while another agent
+//! goes on working; `stats`, the Prometheus metrics and the audit stream show their tokens;
+//! an agent without the grant cannot reach the service.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::TestDaemon;
+use common::poll_until;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A gpus.toml with one simulated 16 GiB GPU whose node is a stand-in with /dev/zero's
+/// numbers (c 1:5), so that the leased node opens.
+fn simulated_gpu(dir: &Path) -> std::path::PathBuf {
+    let node = dir.join("nvidia0");
+    let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+    // SAFETY: mknod of a new node in our own temporary directory.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 5)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let p = dir.join("gpus.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "backend = \"simulated\"\n[[device]]\nuuid = \"GPU-sim-0\"\ntotal_mb = 16384\nnode = \"{}\"\n",
+            node.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// A policy file in the workspace: the repository's `standard` plus `net`.
+fn policy(d: &TestDaemon, name: &str, net: &str) -> String {
+    let src = std::fs::read_to_string(common::policy_dir().join("standard.toml"))
+        .unwrap()
+        .replace("name = \"standard\"", &format!("name = \"{name}\""));
+    let p = d.ws.path().join(format!("{name}.toml"));
+    std::fs::write(&p, format!("{src}\n{net}\n")).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn chat(words: &str, max_tokens: u64) -> Value {
+    json!({"path": "/v1/chat/completions",
+           "body": {"model": "standin", "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": words}]}})
+}
+
+/// Spawns a consumer running tests/inference/client.py with `plan`; its results go to
+/// `out-NAME.json` in the workspace (after `wait_for` exists, when given).
+fn consumer(d: &TestDaemon, name: &str, policy: &str, plan: &Value, wait_for: Option<&str>) {
+    let ws = d.ws.path();
+    std::fs::write(ws.join(format!("plan-{name}.json")), plan.to_string()).unwrap();
+    let (plan_f, out_f) = (format!("plan-{name}.json"), format!("out-{name}.json"));
+    let mut argv = vec!["python3", "-u", "client.py", &plan_f, &out_f];
+    if let Some(w) = wait_for {
+        argv.push(w);
+    }
+    let mut args = vec![
+        "spawn",
+        "--json",
+        "--policy",
+        policy,
+        "-w",
+        ws.to_str().unwrap(),
+        "--restart",
+        "never",
+        name,
+        "--",
+    ];
+    args.extend(argv);
+    d.ok(&args);
+}
+
+fn results(d: &TestDaemon, name: &str) -> Vec<Value> {
+    let out = d.ws.path().join(format!("out-{name}.json"));
+    let done = poll_until(WAIT, || out.exists());
+    assert!(
+        done,
+        "{name} wrote no results: {}\n{}",
+        d.ok(&["logs", name]),
+        d.log()
+    );
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn statuses(r: &[Value]) -> Vec<u64> {
+    r.iter().map(|x| x["status"].as_u64().unwrap()).collect()
+}
+
+/// The OpenAI error object of a 429.
+fn error_of(r: &Value) -> Value {
+    let body: Value = serde_json::from_str(r["body"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("the 429 is not JSON ({e}): {r}"));
+    body["error"].clone()
+}
+
+fn stats(d: &TestDaemon, name: &str) -> Value {
+    serde_json::from_str(d.ok(&["stats", "--no-stream", "--json", name]).trim()).unwrap()
+}
+
+#[test]
+fn two_agents_share_the_model_server_under_their_own_token_quotas() {
+    let gpus = tempfile::Builder::new()
+        .prefix("aither-infer-gpu")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let gpus_toml = simulated_gpu(gpus.path());
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let d = TestDaemon::start_env(
+        "aitherd-infer-",
+        &["--metrics", &metrics],
+        &[("AITHER_GPUS", gpus_toml.to_str().unwrap())],
+    );
+    let ws = d.ws.path();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The example agent as a user has it: agents/model-server.toml and its directory.
+    std::fs::create_dir_all(ws.join("agents/model-server")).unwrap();
+    for (from, to) in [
+        ("agents/model-server.toml", "agents/model-server.toml"),
+        (
+            "agents/model-server/serve.py",
+            "agents/model-server/serve.py",
+        ),
+        ("runtime/python/aither.py", "agents/model-server/aither.py"),
+        ("tests/inference/client.py", "client.py"),
+    ] {
+        std::fs::copy(repo.join(from), ws.join(to)).unwrap();
+    }
+
+    // The server: under `gpu`, with its lease, published as `model` (the agent file says so).
+    d.ok(&["spawn", "--json", "-f", "agents/model-server.toml"]);
+    let mut line = None;
+    let up = poll_until(WAIT, || {
+        line = d
+            .ok(&["logs", "model-server"])
+            .lines()
+            .find_map(|l| l.strip_prefix("MODEL-SERVER ").map(str::to_string));
+        line.is_some()
+    });
+    assert!(
+        up,
+        "the model server did not start: {}\n{}",
+        d.ok(&["logs", "model-server"]),
+        d.log()
+    );
+    let started: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(started["server"], "standin", "{started}");
+    assert_eq!(started["lease"]["granted"], true, "{started}");
+    assert_eq!(
+        started["lease"]["devices"],
+        json!(["/dev/nvidia0"]),
+        "{started}"
+    );
+    let inspect: Value = serde_json::from_str(&d.ok(&["inspect", "model-server"])).unwrap();
+    assert_eq!(inspect["policy"], "gpu", "{inspect}");
+
+    // A: 100 tokens a minute. Its three calls cost 43, 42 (streamed, usage in the last SSE
+    // chunk) and 41 tokens: the third is admitted at 85 (< 100), the fourth refused at 126.
+    let pol_a = policy(
+        &d,
+        "infer-a",
+        "[[net.services]]\nname = \"model\"\napi = \"openai\"\ntokens_per_minute = 100\ntokens_per_day = 100000\n",
+    );
+    let plan_a = json!([
+        chat("one two three", 40),
+        {"path": "/v1/chat/completions",
+         "body": {"max_tokens": 40, "stream": true, "stream_options": {"include_usage": true},
+                  "messages": [{"role": "user", "content": "a b"}]}},
+        {"path": "/v1/completions", "body": {"prompt": "x", "max_tokens": 40}},
+        chat("hi", 5),
+    ]);
+    consumer(&d, "infer-a", &pol_a, &plan_a, None);
+    let a = results(&d, "infer-a");
+    assert_eq!(statuses(&a), [200, 200, 200, 429], "{a:?}");
+    assert_eq!(a[1]["usage"]["total_tokens"], 42, "{a:?}");
+    assert_eq!(a[1]["chunks"], 41, "{a:?}");
+    let err = error_of(&a[3]);
+    assert_eq!(err["type"], "tokens", "{err}");
+    assert_eq!(err["code"], "rate_limit_exceeded", "{err}");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("token quota reached: 126 of 100 tokens used in the last minute")
+            && msg.contains("(net.services.model.tokens_per_minute)"),
+        "{msg}"
+    );
+    assert_eq!(a[3]["rule"], "quota", "{a:?}");
+    assert!(
+        a[3]["retry_after"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+
+    // B, started once A is refused: 4 requests a minute and plenty of tokens. It keeps
+    // working (A's quota is A's), a stream without include_usage is charged the estimate, a
+    // GET counts as a request but no tokens, and its fifth request is refused by rpm.
+    let pol_b = policy(
+        &d,
+        "infer-b",
+        "[[net.services]]\nname = \"model\"\napi = \"openai\"\nrequests_per_minute = 4\ntokens_per_minute = 10000\n",
+    );
+    let plan_b = json!([
+        chat("b1", 10),
+        {"path": "/v1/chat/completions",
+         "body": {"max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": "b2"}]}},
+        {"path": "/v1/completions", "body": {"prompt": "b3", "max_tokens": 10}},
+        {"path": "/v1/models"},
+        chat("b5", 10),
+    ]);
+    consumer(&d, "infer-b", &pol_b, &plan_b, Some("out-infer-a.json"));
+    let b = results(&d, "infer-b");
+    assert_eq!(statuses(&b), [200, 200, 200, 200, 429], "{b:?}");
+    assert_eq!(
+        b[1]["usage"],
+        Value::Null,
+        "no usage chunk was asked for: {b:?}"
+    );
+    let err = error_of(&b[4]);
+    assert_eq!(err["type"], "requests", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("4 per minute (net.services.model.requests_per_minute)"),
+        "{err}"
+    );
+
+    // C: its token grants another service, not `model`.
+    let pol_c = policy(&d, "infer-c", "[[net.services]]\nname = \"other\"\n");
+    consumer(&d, "infer-c", &pol_c, &json!([chat("c", 1)]), None);
+    let c = results(&d, "infer-c");
+    assert_eq!(statuses(&c), [403], "{c:?}");
+    assert!(
+        c[0]["body"]
+            .as_str()
+            .unwrap()
+            .contains("aither egress denied (default-deny): no net.services grant for \"model\""),
+        "{c:?}"
+    );
+
+    // stats: A's tokens exactly, B's with the estimate; C has no metered service.
+    let sa = stats(&d, "infer-a");
+    assert_eq!(sa["tokens"]["day"], 126, "{sa}");
+    // The last minute's (126 unless this host stalled for a minute) and its rate.
+    let minute = sa["tokens"]["minute"].as_u64().unwrap();
+    assert!(minute <= 126, "{sa}");
+    let rate = (minute as f64 / 60.0 * 100.0).round() / 100.0;
+    assert_eq!(sa["tokens"]["per_second"].as_f64(), Some(rate), "{sa}");
+    assert_eq!(sa["tokens"]["services"][0]["service"], "model", "{sa}");
+    assert_eq!(sa["tokens"]["services"][0]["responses"], 3, "{sa}");
+    let sb = stats(&d, "infer-b");
+    eprintln!("A: {a:?}\nB: {b:?}\nC: {c:?}\nstats: {sa}\n{sb}");
+    let b_tokens = sb["tokens"]["day"].as_u64().unwrap();
+    assert!(b_tokens > 22, "11 + 11 + the stream's estimate: {sb}");
+    assert_eq!(sb["tokens"]["services"][0]["responses"], 3, "{sb}");
+    assert!(stats(&d, "infer-c").get("tokens").is_none());
+    let table = d.ok(&["stats", "--no-stream", "infer-a", "infer-c"]);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.contains("TOKENS/24H") && header.contains("TOK/S"),
+        "{table}"
+    );
+    let cells = |row: &str| -> Vec<String> {
+        row.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let row_a = cells(table.lines().nth(1).unwrap());
+    assert_eq!(row_a[row_a.len() - 2], "126", "{table}");
+    assert!(row_a[row_a.len() - 1].parse::<f64>().is_ok(), "{table}");
+    let row_c = cells(table.lines().nth(2).unwrap());
+    assert_eq!(row_c[row_c.len() - 2..], ["-", "-"], "{table}");
+
+    // The metrics.
+    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).unwrap();
+    assert!(
+        m.contains("aither_agent_tokens_total{agent=\"infer-a\",service=\"model\"} 126\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "aither_agent_tokens_day{{agent=\"infer-b\",service=\"model\"}} {b_tokens}\n"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("aither_agent_tokens_per_second{agent=\"infer-a\",service=\"model\"} "),
+        "{m}"
+    );
+
+    // The audit stream: the run's usage window of each agent, recorded when its run ends.
+    for n in ["infer-a", "infer-b", "infer-c"] {
+        d.ok(&["stop", n]);
+    }
+    let usage = |agent: &str| -> Vec<Value> {
+        d.audit_records()
+            .into_iter()
+            .filter(|r| r["agent"] == agent && r["data"]["via"] == "usage")
+            .map(|r| r["data"]["usage"].clone())
+            .collect()
+    };
+    let flushed = poll_until(WAIT, || {
+        !usage("infer-a").is_empty() && !usage("infer-b").is_empty()
+    });
+    assert!(flushed, "no usage records: {:?}", d.audit_records());
+    let ua = usage("infer-a");
+    let sum = |v: &[Value], k: &str| v.iter().map(|u| u[k].as_u64().unwrap()).sum::<u64>();
+    assert!(
+        !ua.is_empty(),
+        "no usage record of infer-a: {:?}",
+        d.audit_records()
+    );
+    assert_eq!(sum(&ua, "total_tokens"), 126, "{ua:?}");
+    assert_eq!(sum(&ua, "prompt_tokens"), 6, "{ua:?}");
+    assert_eq!(sum(&ua, "completion_tokens"), 120, "{ua:?}");
+    assert_eq!(sum(&ua, "requests"), 3, "{ua:?}");
+    assert_eq!(sum(&ua, "refused"), 1, "{ua:?}");
+    assert_eq!(sum(&ua, "estimated"), 0, "{ua:?}");
+    assert_eq!(ua[0]["service"], "model", "{ua:?}");
+    let ub = usage("infer-b");
+    assert_eq!(sum(&ub, "total_tokens"), b_tokens, "{ub:?}");
+    assert_eq!(sum(&ub, "estimated"), 1, "{ub:?}");
+    assert_eq!(sum(&ub, "refused"), 1, "{ub:?}");
+    assert!(usage("infer-c").is_empty());
+    let events = d.ok(&["events", "--json", "--agent", "infer-a"]);
+    assert!(events.contains("\"net.usage\""), "{events}");
+    d.ok(&["stop", "model-server"]);
+}

@@ -1,0 +1,62 @@
+"""A consumer of the model service (tests/inference.rs): makes the requests of a plan through
+the agent's egress gateway (HTTP_PROXY) to http://model.aither.internal and writes what it saw.
+
+    python3 client.py PLAN.json OUT.json [WAIT_FOR_FILE]
+
+PLAN: a list of {"path": "/v1/...", "body": {...}} (no body: GET). OUT: one object per request:
+status, and usage (the last SSE usage chunk when streaming), or the error's body, the
+X-Aither-Rule and Retry-After headers.
+"""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+URL = "http://model.aither.internal"
+
+
+def call(step):
+    body = step.get("body")
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + step["path"], data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if body is not None and body.get("stream"):
+                usage, chunks = None, 0
+                for line in r:
+                    line = line.strip()
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        chunks += 1
+                        o = json.loads(line[6:])
+                        if o.get("usage"):
+                            usage = o["usage"]
+                return {"status": r.status, "usage": usage, "chunks": chunks}
+            o = json.loads(r.read())
+            return {"status": r.status, "usage": o.get("usage")}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": e.read().decode(errors="replace"),
+                "rule": e.headers.get("x-aither-rule"), "retry_after": e.headers.get("retry-after")}
+    except OSError as e:
+        return {"status": 0, "error": str(e)}
+
+
+def main():
+    plan, out = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:
+        while not os.path.exists(sys.argv[3]):
+            time.sleep(0.05)
+    with open(plan) as f:
+        steps = json.load(f)
+    results = [call(s) for s in steps]
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.rename(out + ".tmp", out)
+    while True:
+        time.sleep(60)
+
+
+main()
