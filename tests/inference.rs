@@ -109,8 +109,15 @@ fn stats(d: &TestDaemon, name: &str) -> Value {
     serde_json::from_str(d.ok(&["stats", "--no-stream", "--json", name]).trim()).unwrap()
 }
 
-#[test]
-fn two_agents_share_the_model_server_under_their_own_token_quotas() {
+/// The daemon of a test: the simulated GPU, the Prometheus endpoint on a free loopback
+/// port, the scripts in the workspace.
+struct Setup {
+    d: TestDaemon,
+    metrics: String,
+    _gpus: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
     let gpus = tempfile::Builder::new()
         .prefix("aither-infer-gpu")
         .tempdir_in("/var/tmp")
@@ -138,27 +145,42 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
         ),
         ("runtime/python/aither.py", "agents/model-server/aither.py"),
         ("tests/inference/client.py", "client.py"),
+        ("tests/inference/hostile.py", "hostile.py"),
     ] {
         std::fs::copy(repo.join(from), ws.join(to)).unwrap();
     }
+    Setup {
+        d,
+        metrics,
+        _gpus: gpus,
+    }
+}
 
-    // The server: under `gpu`, with its lease, published as `model` (the agent file says so).
-    d.ok(&["spawn", "--json", "-f", "agents/model-server.toml"]);
+/// Waits for `agent`'s line `PREFIX {json}` in its log.
+fn log_line(d: &TestDaemon, agent: &str, prefix: &str) -> String {
     let mut line = None;
     let up = poll_until(WAIT, || {
         line = d
-            .ok(&["logs", "model-server"])
+            .ok(&["logs", agent])
             .lines()
-            .find_map(|l| l.strip_prefix("MODEL-SERVER ").map(str::to_string));
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_string));
         line.is_some()
     });
     assert!(
         up,
-        "the model server did not start: {}\n{}",
-        d.ok(&["logs", "model-server"]),
+        "{agent} did not start: {}\n{}",
+        d.ok(&["logs", agent]),
         d.log()
     );
-    let started: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    line.unwrap()
+}
+
+/// The example server: under `gpu`, with its lease, published as `model` (its agent file
+/// says so).
+fn start_model_server(d: &TestDaemon) {
+    d.ok(&["spawn", "--json", "-f", "agents/model-server.toml"]);
+    let started: Value =
+        serde_json::from_str(&log_line(d, "model-server", "MODEL-SERVER ")).unwrap();
     assert_eq!(started["server"], "standin", "{started}");
     assert_eq!(started["lease"]["granted"], true, "{started}");
     assert_eq!(
@@ -168,11 +190,43 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
     );
     let inspect: Value = serde_json::from_str(&d.ok(&["inspect", "model-server"])).unwrap();
     assert_eq!(inspect["policy"], "gpu", "{inspect}");
+}
 
-    // A: 100 tokens a minute. Its three calls cost 43, 42 (streamed, usage in the last SSE
-    // chunk) and 41 tokens: the third is admitted at 85 (< 100), the fourth refused at 126.
+fn metrics_text(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).unwrap();
+    m
+}
+
+/// The `usage` of `agent`'s usage records in the audit log.
+fn usage_records(d: &TestDaemon, agent: &str) -> Vec<Value> {
+    d.audit_records()
+        .into_iter()
+        .filter(|r| r["agent"] == agent && r["data"]["via"] == "usage")
+        .map(|r| r["data"]["usage"].clone())
+        .collect()
+}
+
+fn sum(v: &[Value], k: &str) -> u64 {
+    v.iter().map(|u| u[k].as_u64().unwrap()).sum()
+}
+
+/// A table's cells (columns are separated by at least two spaces).
+fn cells(row: &str) -> Vec<String> {
+    row.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A: 100 tokens a minute. Its three calls cost 43, 42 (streamed, usage in the last SSE
+/// chunk) and 41 tokens: the third is admitted at 85 (< 100), the fourth refused at 126.
+fn agent_a_runs_into_its_token_quota(d: &TestDaemon) {
     let pol_a = policy(
-        &d,
+        d,
         "infer-a",
         "[[net.services]]\nname = \"model\"\napi = \"openai\"\ntokens_per_minute = 100\ntokens_per_day = 100000\n",
     );
@@ -184,8 +238,8 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
         {"path": "/v1/completions", "body": {"prompt": "x", "max_tokens": 40}},
         chat("hi", 5),
     ]);
-    consumer(&d, "infer-a", &pol_a, &plan_a, None);
-    let a = results(&d, "infer-a");
+    consumer(d, "infer-a", &pol_a, &plan_a, None);
+    let a = results(d, "infer-a");
     assert_eq!(statuses(&a), [200, 200, 200, 429], "{a:?}");
     assert_eq!(a[1]["usage"]["total_tokens"], 42, "{a:?}");
     assert_eq!(a[1]["chunks"], 41, "{a:?}");
@@ -207,12 +261,14 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
             .unwrap()
             >= 1
     );
+}
 
-    // B, started once A is refused: 4 requests a minute and plenty of tokens. It keeps
-    // working (A's quota is A's), a stream without include_usage is charged the estimate, a
-    // GET counts as a request but no tokens, and its fifth request is refused by rpm.
+/// B, started once A is refused: 4 requests a minute and plenty of tokens. It keeps working
+/// (A's quota is A's), a stream without include_usage is charged the estimate, a GET counts
+/// as a request but no tokens, and its fifth request is refused by rpm.
+fn agent_b_works_on_until_its_request_quota(d: &TestDaemon) {
     let pol_b = policy(
-        &d,
+        d,
         "infer-b",
         "[[net.services]]\nname = \"model\"\napi = \"openai\"\nrequests_per_minute = 4\ntokens_per_minute = 10000\n",
     );
@@ -224,14 +280,15 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
         {"path": "/v1/models"},
         chat("b5", 10),
     ]);
-    consumer(&d, "infer-b", &pol_b, &plan_b, Some("out-infer-a.json"));
-    let b = results(&d, "infer-b");
+    consumer(d, "infer-b", &pol_b, &plan_b, Some("out-infer-a.json"));
+    let b = results(d, "infer-b");
     assert_eq!(statuses(&b), [200, 200, 200, 200, 429], "{b:?}");
     assert_eq!(
         b[1]["usage"],
         Value::Null,
         "no usage chunk was asked for: {b:?}"
     );
+    assert_eq!(b[1]["chunks"], 10, "{b:?}");
     let err = error_of(&b[4]);
     assert_eq!(err["type"], "requests", "{err}");
     assert!(
@@ -241,22 +298,12 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
             .contains("4 per minute (net.services.model.requests_per_minute)"),
         "{err}"
     );
+}
 
-    // C: its token grants another service, not `model`.
-    let pol_c = policy(&d, "infer-c", "[[net.services]]\nname = \"other\"\n");
-    consumer(&d, "infer-c", &pol_c, &json!([chat("c", 1)]), None);
-    let c = results(&d, "infer-c");
-    assert_eq!(statuses(&c), [403], "{c:?}");
-    assert!(
-        c[0]["body"]
-            .as_str()
-            .unwrap()
-            .contains("aither egress denied (default-deny): no net.services grant for \"model\""),
-        "{c:?}"
-    );
-
-    // stats: A's tokens exactly, B's with the estimate; C has no metered service.
-    let sa = stats(&d, "infer-a");
+/// `stats` (JSON and table) and the metrics show the tokens; returns B's.
+fn stats_and_metrics_show_the_tokens(s: &Setup) -> u64 {
+    let d = &s.d;
+    let sa = stats(d, "infer-a");
     assert_eq!(sa["tokens"]["day"], 126, "{sa}");
     // The last minute's (126 unless this host stalled for a minute) and its rate.
     let minute = sa["tokens"]["minute"].as_u64().unwrap();
@@ -265,36 +312,24 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
     assert_eq!(sa["tokens"]["per_second"].as_f64(), Some(rate), "{sa}");
     assert_eq!(sa["tokens"]["services"][0]["service"], "model", "{sa}");
     assert_eq!(sa["tokens"]["services"][0]["responses"], 3, "{sa}");
-    let sb = stats(&d, "infer-b");
-    eprintln!("A: {a:?}\nB: {b:?}\nC: {c:?}\nstats: {sa}\n{sb}");
+    let sb = stats(d, "infer-b");
     let b_tokens = sb["tokens"]["day"].as_u64().unwrap();
     assert!(b_tokens > 22, "11 + 11 + the stream's estimate: {sb}");
     assert_eq!(sb["tokens"]["services"][0]["responses"], 3, "{sb}");
-    assert!(stats(&d, "infer-c").get("tokens").is_none());
+    assert!(stats(d, "infer-c").get("tokens").is_none());
     let table = d.ok(&["stats", "--no-stream", "infer-a", "infer-c"]);
     let header = table.lines().next().unwrap();
     assert!(
         header.contains("TOKENS/24H") && header.contains("TOK/S"),
         "{table}"
     );
-    let cells = |row: &str| -> Vec<String> {
-        row.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
     let row_a = cells(table.lines().nth(1).unwrap());
     assert_eq!(row_a[row_a.len() - 2], "126", "{table}");
     assert!(row_a[row_a.len() - 1].parse::<f64>().is_ok(), "{table}");
     let row_c = cells(table.lines().nth(2).unwrap());
     assert_eq!(row_c[row_c.len() - 2..], ["-", "-"], "{table}");
 
-    // The metrics.
-    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut m = String::new();
-    s.read_to_string(&mut m).unwrap();
+    let m = metrics_text(&s.metrics);
     assert!(
         m.contains("aither_agent_tokens_total{agent=\"infer-a\",service=\"model\"} 126\n"),
         "{m}"
@@ -309,29 +344,47 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
         m.contains("aither_agent_tokens_per_second{agent=\"infer-a\",service=\"model\"} "),
         "{m}"
     );
+    assert!(
+        m.contains(
+            "aither_agent_inference_responses_total{agent=\"infer-b\",service=\"model\"} 3\n"
+        ),
+        "{m}"
+    );
+    b_tokens
+}
+
+#[test]
+fn two_agents_share_the_model_server_under_their_own_token_quotas() {
+    let s = setup();
+    let d = &s.d;
+    start_model_server(d);
+    agent_a_runs_into_its_token_quota(d);
+    agent_b_works_on_until_its_request_quota(d);
+
+    // C: its token grants another service, not `model`.
+    let pol_c = policy(d, "infer-c", "[[net.services]]\nname = \"other\"\n");
+    consumer(d, "infer-c", &pol_c, &json!([chat("c", 1)]), None);
+    let c = results(d, "infer-c");
+    assert_eq!(statuses(&c), [403], "{c:?}");
+    assert!(
+        c[0]["body"]
+            .as_str()
+            .unwrap()
+            .contains("aither egress denied (default-deny): no net.services grant for \"model\""),
+        "{c:?}"
+    );
+
+    let b_tokens = stats_and_metrics_show_the_tokens(&s);
 
     // The audit stream: the run's usage window of each agent, recorded when its run ends.
     for n in ["infer-a", "infer-b", "infer-c"] {
         d.ok(&["stop", n]);
     }
-    let usage = |agent: &str| -> Vec<Value> {
-        d.audit_records()
-            .into_iter()
-            .filter(|r| r["agent"] == agent && r["data"]["via"] == "usage")
-            .map(|r| r["data"]["usage"].clone())
-            .collect()
-    };
     let flushed = poll_until(WAIT, || {
-        !usage("infer-a").is_empty() && !usage("infer-b").is_empty()
+        !usage_records(d, "infer-a").is_empty() && !usage_records(d, "infer-b").is_empty()
     });
     assert!(flushed, "no usage records: {:?}", d.audit_records());
-    let ua = usage("infer-a");
-    let sum = |v: &[Value], k: &str| v.iter().map(|u| u[k].as_u64().unwrap()).sum::<u64>();
-    assert!(
-        !ua.is_empty(),
-        "no usage record of infer-a: {:?}",
-        d.audit_records()
-    );
+    let ua = usage_records(d, "infer-a");
     assert_eq!(sum(&ua, "total_tokens"), 126, "{ua:?}");
     assert_eq!(sum(&ua, "prompt_tokens"), 6, "{ua:?}");
     assert_eq!(sum(&ua, "completion_tokens"), 120, "{ua:?}");
@@ -339,12 +392,116 @@ fn two_agents_share_the_model_server_under_their_own_token_quotas() {
     assert_eq!(sum(&ua, "refused"), 1, "{ua:?}");
     assert_eq!(sum(&ua, "estimated"), 0, "{ua:?}");
     assert_eq!(ua[0]["service"], "model", "{ua:?}");
-    let ub = usage("infer-b");
+    let ub = usage_records(d, "infer-b");
     assert_eq!(sum(&ub, "total_tokens"), b_tokens, "{ub:?}");
     assert_eq!(sum(&ub, "estimated"), 1, "{ub:?}");
     assert_eq!(sum(&ub, "refused"), 1, "{ub:?}");
-    assert!(usage("infer-c").is_empty());
+    assert!(usage_records(d, "infer-c").is_empty());
     let events = d.ok(&["events", "--json", "--agent", "infer-a"]);
     assert!(events.contains("\"net.usage\""), "{events}");
     d.ok(&["stop", "model-server"]);
+}
+
+/// A server that lies, sends no usage, malformed usage, garbage streams or cuts its answer:
+/// the gateway charges a clamped figure or the byte estimate, the daemon goes on, and the
+/// agent's next honest call is counted exactly. A TLS tunnel to the metered service (which
+/// would pass uncounted) is cut.
+#[test]
+fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
+    let s = setup();
+    let d = &s.d;
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        "standard",
+        "-w",
+        &ws,
+        "--publish",
+        "model=8000",
+        "hostile",
+        "--",
+        "python3",
+        "-u",
+        "hostile.py",
+    ]);
+    log_line(d, "hostile", "HOSTILE up");
+    let pol = policy(
+        d,
+        "infer-h",
+        "[[net.services]]\nname = \"model\"\napi = \"openai\"\ntokens_per_day = 100000000\n",
+    );
+    let post = |p: &str| json!({"path": p, "body": {"prompt": "p"}});
+    let plan = json!([
+        post("/v1/lie"),
+        post("/v1/overflow"),
+        post("/v1/negative"),
+        post("/v1/none"),
+        post("/v1/nested"),
+        {"path": "/v1/sse", "body": {"stream": true}},
+        post("/v1/cut"),
+        post("/v1/ok"),
+    ]);
+    consumer(d, "infer-h", &pol, &plan, None);
+    let h = results(d, "infer-h");
+    assert_eq!(
+        statuses(&h),
+        [200, 200, 200, 200, 200, 200, 0, 200],
+        "{h:?}"
+    );
+    assert_eq!(h[5]["usage"]["total_tokens"], 7, "{h:?}");
+    assert_eq!(h[7]["usage"]["total_tokens"], 5, "{h:?}");
+    // The daemon is unharmed.
+    d.ok(&["ps"]);
+    let sh = stats(d, "infer-h");
+    assert_eq!(sh["tokens"]["services"][0]["responses"], 8, "{sh}");
+    let day = sh["tokens"]["day"].as_u64().unwrap();
+    // 2^21 for the lie, 7 and 5 exactly, and five small estimates (each under 100 tokens:
+    // the request and response bodies are well under 400 bytes).
+    let exact = (1u64 << 21) + 7 + 5;
+    assert!(day > exact && day < exact + 500, "{sh}");
+
+    // A TLS tunnel to the metered service is cut at its first flight.
+    let tls = policy(
+        d,
+        "infer-tls",
+        "[[net.services]]\nname = \"model\"\napi = \"openai\"\n",
+    );
+    d.ok(&[
+        "spawn",
+        "--json",
+        "--policy",
+        &tls,
+        "-w",
+        &ws,
+        "--restart",
+        "never",
+        "infer-tls",
+        "--",
+        "sh",
+        "-c",
+        "curl -sk -m 10 https://model.aither.internal/v1/models > tls.out 2>&1; echo $? > tls.rc",
+    ]);
+    let rc = d.ws.path().join("tls.rc");
+    assert!(poll_until(WAIT, || rc.exists()), "{}", d.log());
+    let code = std::fs::read_to_string(&rc).unwrap();
+    assert_ne!(code.trim(), "0", "the TLS tunnel went through");
+    let events = d.ok(&["events", "--json", "--agent", "infer-tls"]);
+    assert!(
+        events.contains("counts tokens (api = \\\"openai\\\"): plain HTTP only"),
+        "{events}"
+    );
+
+    d.ok(&["stop", "infer-h"]);
+    let flushed = poll_until(WAIT, || !usage_records(d, "infer-h").is_empty());
+    assert!(flushed, "no usage record: {:?}", d.audit_records());
+    let uh = usage_records(d, "infer-h");
+    assert_eq!(sum(&uh, "requests"), 8, "{uh:?}");
+    assert_eq!(sum(&uh, "clamped"), 1, "{uh:?}");
+    assert_eq!(sum(&uh, "estimated"), 5, "{uh:?}");
+    assert_eq!(sum(&uh, "total_tokens"), day, "{uh:?}");
+    for n in ["hostile", "infer-tls"] {
+        d.ok(&["stop", n]);
+    }
 }

@@ -31,8 +31,11 @@ def call(step):
                     line = line.strip()
                     if line.startswith(b"data: ") and line != b"data: [DONE]":
                         chunks += 1
-                        o = json.loads(line[6:])
-                        if o.get("usage"):
+                        try:
+                            o = json.loads(line[6:])
+                        except ValueError:
+                            continue  # a hostile server's garbage
+                        if isinstance(o, dict) and o.get("usage"):
                             usage = o["usage"]
                 return {"status": r.status, "usage": usage, "chunks": chunks}
             o = json.loads(r.read())
@@ -40,8 +43,8 @@ def call(step):
     except urllib.error.HTTPError as e:
         return {"status": e.code, "body": e.read().decode(errors="replace"),
                 "rule": e.headers.get("x-aither-rule"), "retry_after": e.headers.get("retry-after")}
-    except OSError as e:
-        return {"status": 0, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - a cut response (IncompleteRead) included
+        return {"status": 0, "error": repr(e)}
 
 
 def main():
