@@ -501,7 +501,37 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
     assert_eq!(sum(&uh, "clamped"), 1, "{uh:?}");
     assert_eq!(sum(&uh, "estimated"), 5, "{uh:?}");
     assert_eq!(sum(&uh, "total_tokens"), day, "{uh:?}");
-    for n in ["hostile", "infer-tls"] {
+
+    // The ledger outlives the run and the daemon: stored with the quota state, read back by a
+    // new aitherd (kill -9), charged on by the agent's next run under the same token.
+    let db = d.state.path().join("state/state.db");
+    let stored = poll_until(WAIT, || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT state FROM net_quota WHERE name = 'infer-h'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+            })
+            .is_ok_and(|t| {
+                serde_json::from_str::<Value>(&t).unwrap()["services_tokens"]["model"]["total"]
+                    == day
+            })
+    });
+    assert!(stored, "the token ledger was not stored");
+    let mut s = s;
+    s.d.kill9();
+    s.d.launch();
+    let d = &s.d;
+    std::fs::remove_file(d.ws.path().join("out-infer-h.json")).unwrap();
+    d.ok(&["restart", "infer-h"]);
+    let again = results(d, "infer-h");
+    assert_eq!(statuses(&again), statuses(&h), "{again:?}");
+    let sh = stats(d, "infer-h");
+    assert_eq!(sh["tokens"]["services"][0]["responses"], 16, "{sh}");
+    assert!(sh["tokens"]["day"].as_u64().unwrap() > day + exact, "{sh}");
+    for n in ["hostile", "infer-tls", "infer-h"] {
         d.ok(&["stop", n]);
     }
 }
