@@ -441,7 +441,7 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
         post("/v1/nested"),
         {"path": "/v1/sse", "body": {"stream": true}},
         post("/v1/cut"),
-        post("/v1/ok"),
+        {"path": "/v1/ok", "body": {"prompt": "p"}, "headers": {"Accept-Encoding": "gzip, br"}},
     ]);
     consumer(d, "infer-h", &pol, &plan, None);
     let h = results(d, "infer-h");
@@ -452,6 +452,8 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
     );
     assert_eq!(h[5]["usage"]["total_tokens"], 7, "{h:?}");
     assert_eq!(h[7]["usage"]["total_tokens"], 5, "{h:?}");
+    // The agent asked for a compressed answer; the server was asked for an uncompressed one.
+    assert_eq!(h[7]["seen"]["accept-encoding"], "identity", "{h:?}");
     // The daemon is unharmed.
     d.ok(&["ps"]);
     let sh = stats(d, "infer-h");

@@ -1549,6 +1549,14 @@ impl Gateway {
         *req.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
         strip_override_headers(req.headers_mut());
+        if meter.is_some() {
+            // A compressed answer would hide its usage from the reader (and shrink the
+            // estimate): a metered response comes uncompressed.
+            req.headers_mut().insert(
+                hyper::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         // Host is always the name that was decided: an agent's own Host header could make a
         // virtual-hosting upstream (a CDN) serve another site (domain fronting).
         if let Ok(v) = HeaderValue::from_str(&authority(&host, port, 80)) {

@@ -3,7 +3,7 @@ the agent's egress gateway (HTTP_PROXY) to http://model.aither.internal and writ
 
     python3 client.py PLAN.json OUT.json [WAIT_FOR_FILE]
 
-PLAN: a list of {"path": "/v1/...", "body": {...}} (no body: GET). OUT: one object per request:
+PLAN: a list of {"path": "/v1/...", "body": {...}, "headers": {...}} (no body: GET). OUT: one object per request:
 status, and usage (the last SSE usage chunk when streaming), or the error's body, the
 X-Aither-Rule and Retry-After headers.
 """
@@ -21,8 +21,8 @@ URL = "http://model.aither.internal"
 def call(step):
     body = step.get("body")
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + step["path"], data=data,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **step.get("headers", {})}
+    req = urllib.request.Request(URL + step["path"], data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             if body is not None and body.get("stream"):
@@ -39,7 +39,7 @@ def call(step):
                             usage = o["usage"]
                 return {"status": r.status, "usage": usage, "chunks": chunks}
             o = json.loads(r.read())
-            return {"status": r.status, "usage": o.get("usage")}
+            return {"status": r.status, "usage": o.get("usage"), "seen": o.get("seen")}
     except urllib.error.HTTPError as e:
         return {"status": e.code, "body": e.read().decode(errors="replace"),
                 "rule": e.headers.get("x-aither-rule"), "retry_after": e.headers.get("retry-after")}

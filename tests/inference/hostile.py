@@ -9,7 +9,7 @@ reader with something wrong. Listens on 127.0.0.1:8000 of its sandbox.
 /v1/sse        an SSE stream of garbage: a 1 MiB data line, unterminated JSON, comments,
                bare CRs; then one honest usage chunk of 7 tokens (charged 7)
 /v1/cut        Content-Length 100000, 10 bytes, then the connection closes (estimated)
-/v1/ok         an honest answer of 5 tokens
+/v1/ok         an honest answer of 5 tokens, and the Accept-Encoding it was sent (`seen`)
 """
 
 import json
@@ -56,7 +56,9 @@ class Hostile(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
         else:
-            self.send_body(json.dumps({"usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}).encode())
+            seen = {"accept-encoding": self.headers.get("Accept-Encoding")}
+            self.send_body(json.dumps({"usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+                                       "seen": seen}).encode())
 
 
 httpd = ThreadingHTTPServer(("127.0.0.1", 8000), Hostile)
