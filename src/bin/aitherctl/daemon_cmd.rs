@@ -119,7 +119,8 @@ pub struct SpawnArgs {
     cpus: Option<f64>,
     /// Publish port PORT of the agent's own loopback as service NAME (repeatable): agents whose
     /// token grants `net.services` NAME reach it as http://NAME.aither.internal
-    /// (docs/network.md).
+    /// (docs/network.md). The agent may bind PORT even under a `none` network; an agent file
+    /// says `publish = ["NAME=PORT"]` (the flags add to it).
     #[arg(long = "publish", value_name = "NAME=PORT", value_parser = parse_publish)]
     publish: Vec<(String, u16)>,
     /// Publish the agent's port AGENTPORT on the host's loopback at HOSTADDR:HOSTPORT
