@@ -1532,12 +1532,13 @@ impl Gateway {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
-        // A POST to a service that counts tokens: its response's usage is charged (GET and
-        // the like, `/v1/models`, cost nothing).
+        // A request to a service that counts tokens: its response's usage is charged. GET,
+        // HEAD and OPTIONS (`/v1/models`, `/health`) cost nothing; every other method is
+        // charged, whatever the server makes of it.
         let meter = allowed
             .service
             .as_ref()
-            .filter(|g| g.metered() && method == "POST")
+            .filter(|g| g.metered() && !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS"))
             .map(|g| {
                 let req_bytes = req
                     .headers()
