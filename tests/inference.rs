@@ -442,12 +442,15 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
         {"path": "/v1/sse", "body": {"stream": true}},
         post("/v1/cut"),
         {"path": "/v1/ok", "body": {"prompt": "p"}, "headers": {"Accept-Encoding": "gzip, br"}},
+        // 40,000 bytes of prompt, chunked (no Content-Length), and no usage in the answer:
+        // the estimate counts the bytes that went out.
+        {"path": "/v1/none", "body": {"prompt": "w".repeat(40_000)}, "chunked": true},
     ]);
     consumer(d, "infer-h", &pol, &plan, None);
     let h = results(d, "infer-h");
     assert_eq!(
         statuses(&h),
-        [200, 200, 200, 200, 200, 200, 0, 200],
+        [200, 200, 200, 200, 200, 200, 0, 200, 200],
         "{h:?}"
     );
     assert_eq!(h[5]["usage"]["total_tokens"], 7, "{h:?}");
@@ -457,12 +460,13 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
     // The daemon is unharmed.
     d.ok(&["ps"]);
     let sh = stats(d, "infer-h");
-    assert_eq!(sh["tokens"]["services"][0]["responses"], 8, "{sh}");
+    assert_eq!(sh["tokens"]["services"][0]["responses"], 9, "{sh}");
     let day = sh["tokens"]["day"].as_u64().unwrap();
-    // 2^21 for the lie, 7 and 5 exactly, and five small estimates (each under 100 tokens:
-    // the request and response bodies are well under 400 bytes).
-    let exact = (1u64 << 21) + 7 + 5;
-    assert!(day > exact && day < exact + 500, "{sh}");
+    // 2^21 for the lie, 7 and 5 exactly, five small estimates (each under 100 tokens: the
+    // request and response bodies are well under 400 bytes) and the chunked one's, 40,000
+    // bytes and a little: just over 10,000.
+    let exact = (1u64 << 21) + 7 + 5 + 10_000;
+    assert!(day > exact && day < exact + 600, "{sh}");
 
     // A TLS tunnel to the metered service is cut at its first flight.
     let tls = policy(
@@ -499,9 +503,9 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
     let flushed = poll_until(WAIT, || !usage_records(d, "infer-h").is_empty());
     assert!(flushed, "no usage record: {:?}", d.audit_records());
     let uh = usage_records(d, "infer-h");
-    assert_eq!(sum(&uh, "requests"), 8, "{uh:?}");
+    assert_eq!(sum(&uh, "requests"), 9, "{uh:?}");
     assert_eq!(sum(&uh, "clamped"), 1, "{uh:?}");
-    assert_eq!(sum(&uh, "estimated"), 5, "{uh:?}");
+    assert_eq!(sum(&uh, "estimated"), 6, "{uh:?}");
     assert_eq!(sum(&uh, "total_tokens"), day, "{uh:?}");
 
     // The ledger outlives the run and the daemon: stored with the quota state, read back by a
@@ -531,7 +535,7 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
     let again = results(d, "infer-h");
     assert_eq!(statuses(&again), statuses(&h), "{again:?}");
     let sh = stats(d, "infer-h");
-    assert_eq!(sh["tokens"]["services"][0]["responses"], 16, "{sh}");
+    assert_eq!(sh["tokens"]["services"][0]["responses"], 18, "{sh}");
     assert!(sh["tokens"]["day"].as_u64().unwrap() > day + exact, "{sh}");
     for n in ["hostile", "infer-tls", "infer-h"] {
         d.ok(&["stop", n]);

@@ -1540,12 +1540,12 @@ impl Gateway {
             .as_ref()
             .filter(|g| g.metered() && !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS"))
             .map(|g| {
-                let req_bytes = req
+                let declared = req
                     .headers()
                     .get(hyper::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .unwrap_or(0);
-                (g.name.clone(), req_bytes)
+                (g.name.clone(), ReqBytes::new(declared))
             });
         *req.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
@@ -1567,6 +1567,15 @@ impl Gateway {
             *slot = None;
             return unreachable(&allowed.rule);
         }
+        // A metered request's body is counted as it goes (the estimate's request part; a
+        // chunked body has no Content-Length to go by).
+        let req = match &meter {
+            Some((_, n)) => {
+                let n = n.clone();
+                req.map(|b| CountedRequest { inner: b, bytes: n }.boxed())
+            }
+            None => req.map(|b| b.boxed()),
+        };
         match pooled.sender.send_request(req).await {
             Ok(mut resp) => {
                 strip_hop_headers(resp.headers_mut());
@@ -1596,7 +1605,7 @@ impl Gateway {
                 *slot = None;
                 // The request went out: a metered service charges its estimate.
                 if let Some((service, req_bytes)) = meter {
-                    agent.charge_tokens(&service, &UsageScanner::new(None).charge(req_bytes));
+                    agent.charge_tokens(&service, &UsageScanner::new(None).charge(req_bytes.get()));
                 }
                 unreachable(&allowed.rule)
             }
@@ -1878,7 +1887,7 @@ enum Lookup {
 
 struct Pooled {
     key: (String, u16),
-    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    sender: hyper::client::conn::http1::SendRequest<Body>,
 }
 
 fn authority(host: &str, port: u16, default: u16) -> String {
@@ -2075,7 +2084,7 @@ struct Counted {
     scan: UsageScanner,
     agent: Arc<AgentNet>,
     service: String,
-    req_bytes: u64,
+    req_bytes: ReqBytes,
     charged: bool,
 }
 
@@ -2084,8 +2093,61 @@ impl Counted {
         if !self.charged {
             self.charged = true;
             self.agent
-                .charge_tokens(&self.service, &self.scan.charge(self.req_bytes));
+                .charge_tokens(&self.service, &self.scan.charge(self.req_bytes.get()));
         }
+    }
+}
+
+/// The size of a metered request's body: what its Content-Length declared, or what was sent
+/// of it, whichever is larger.
+#[derive(Clone)]
+struct ReqBytes {
+    declared: u64,
+    sent: Arc<AtomicU64>,
+}
+
+impl ReqBytes {
+    fn new(declared: u64) -> ReqBytes {
+        ReqBytes {
+            declared,
+            sent: Arc::default(),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.declared.max(self.sent.load(Ordering::Relaxed))
+    }
+}
+
+/// A metered request's body on its way to the service, its bytes counted.
+struct CountedRequest {
+    inner: Incoming,
+    bytes: ReqBytes,
+}
+
+impl hyper::body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -3,7 +3,8 @@ the agent's egress gateway (HTTP_PROXY) to http://model.aither.internal and writ
 
     python3 client.py PLAN.json OUT.json [WAIT_FOR_FILE]
 
-PLAN: a list of {"path": "/v1/...", "body": {...}, "headers": {...}} (no body: GET). OUT: one object per request:
+PLAN: a list of {"path": "/v1/...", "body": {...}, "headers": {...}, "chunked": true}
+(no body: GET; chunked: the body without Content-Length). OUT: one object per request:
 status, and usage (the last SSE usage chunk when streaming), or the error's body, the
 X-Aither-Rule and Retry-After headers.
 """
@@ -21,6 +22,9 @@ URL = "http://model.aither.internal"
 def call(step):
     body = step.get("body")
     data = None if body is None else json.dumps(body).encode()
+    if data is not None and step.get("chunked"):
+        # An iterable body: urllib sends it chunked, without Content-Length.
+        data = iter([data[i:i + 8192] for i in range(0, len(data), 8192)])
     headers = {"Content-Type": "application/json", **step.get("headers", {})}
     req = urllib.request.Request(URL + step["path"], data=data, headers=headers)
     try:

@@ -4,7 +4,7 @@ reader with something wrong. Listens on 127.0.0.1:8000 of its sandbox.
 /v1/lie        usage.total_tokens 10**15 (clamped by the gateway)
 /v1/overflow   usage.total_tokens 10**30 (not a u64: malformed, estimated)
 /v1/negative   usage.total_tokens -5 (malformed, estimated)
-/v1/none       no usage (estimated)
+/v1/none       no usage (estimated; the test sends one with a large chunked body)
 /v1/nested     "usage" only inside a nested object and inside a string (estimated)
 /v1/sse        an SSE stream of garbage: a 1 MiB data line, unterminated JSON, comments,
                bare CRs; then one honest usage chunk of 7 tokens (charged 7)
@@ -30,8 +30,17 @@ class Hostile(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_POST(self):
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                self.rfile.read(n + 2)
+                if n == 0:
+                    return
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_POST(self):
+        self.read_body()
         p = self.path
         if p == "/v1/lie":
             self.send_body(json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 10**15}}).encode())
