@@ -541,3 +541,90 @@ fn a_hostile_model_server_is_counted_clamped_or_estimated_and_harms_nothing() {
         d.ok(&["stop", n]);
     }
 }
+
+/// `aitherctl run` (the in-process gateway) with a metered service on the host, granted by
+/// `target`: the example server run on the host without aitherd, the run's agent refused
+/// over its token quota, its usage record in the audit log when the run ends.
+#[test]
+fn aitherctl_run_meters_a_host_model_server_granted_by_target() {
+    let ws = common::Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let server_dir = tempfile::Builder::new()
+        .prefix("aither-infer-host")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    for (from, to) in [
+        (
+            "agents/model-server/serve.py",
+            server_dir.path().join("serve.py"),
+        ),
+        (
+            "runtime/python/aither.py",
+            server_dir.path().join("aither.py"),
+        ),
+        ("tests/inference/client.py", ws.path().join("client.py")),
+    ] {
+        std::fs::copy(repo.join(from), to).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("python3")
+        .arg(server_dir.path().join("serve.py"))
+        .env("PORT", port.to_string())
+        .env_remove("AITHER_FD")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 (install.sh installs it)");
+    let up = poll_until(WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "the host's model server did not listen on {port}");
+
+    let src = std::fs::read_to_string(common::policy_dir().join("standard.toml"))
+        .unwrap()
+        .replace("name = \"standard\"", "name = \"infer-run\"");
+    let pol = ws.path().join("infer-run.toml");
+    std::fs::write(
+        &pol,
+        format!(
+            "{src}\n[[net.services]]\nname = \"model\"\ntarget = \"127.0.0.1:{port}\"\napi = \"openai\"\ntokens_per_minute = 50\n"
+        ),
+    )
+    .unwrap();
+    // 33 tokens, then 31 (admitted at 33 < 50), then refused at 64.
+    let plan = json!([chat("a b c", 30), chat("x", 30), chat("y", 1)]);
+    std::fs::write(ws.path().join("plan.json"), plan.to_string()).unwrap();
+    let r = ws.run(
+        pol.to_str().unwrap(),
+        &["--env", "INFER_CLIENT_ONESHOT=1"],
+        &["python3", "-u", "client.py", "plan.json", "out.json"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r.code(), 0, "{}", r.describe());
+    let out: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("out.json")).unwrap())
+            .unwrap();
+    assert_eq!(statuses(&out), [200, 200, 429], "{out:?}");
+    let err = error_of(&out[2]);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("token quota reached: 64 of 50 tokens"),
+        "{err}"
+    );
+    // The run's usage window, recorded when the run ended.
+    let log = std::fs::read_to_string(common::test_audit_log()).unwrap_or_default();
+    let usage: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["agent"] == r.name.as_str() && v["data"]["via"] == "usage")
+        .map(|v| v["data"]["usage"].clone())
+        .collect();
+    assert_eq!(sum(&usage, "total_tokens"), 64, "{usage:?}");
+    assert_eq!(sum(&usage, "refused"), 1, "{usage:?}");
+}

@@ -13,7 +13,9 @@ other agents as http://model.aither.internal by agents/model-server.toml:
   "stream_options": {"include_usage": true} a last chunk that carries `usage` (without it,
   no usage: the gateway then charges its byte estimate).
 
-Prints `MODEL-SERVER {json}` once serving: which server, the lease, the port.
+Prints `MODEL-SERVER {json}` once serving: which server, the lease, the port. Outside aitherd
+(`PORT=8000 python3 serve.py` on the host, for a service granted with `target`) it serves
+without a lease.
 """
 
 import json
@@ -36,6 +38,8 @@ MAX_TOKENS = 4096
 
 
 def lease_of(ch):
+    if ch is None:
+        return {"granted": False, "state": "not under aitherd"}
     try:
         lease = ch.gpu_lease()
         while lease.state == "queued":
@@ -154,25 +158,32 @@ def serve_llama(ch, lease):
                     break
         except OSError:
             pass
-        ch.status("loading " + MODEL)
+        if ch:
+            ch.status("loading " + MODEL)
         time.sleep(1)
     if proc.poll() is not None:
-        ch.pain("error", f"llama-server exited with {proc.returncode}")
+        if ch:
+            ch.pain("error", f"llama-server exited with {proc.returncode}")
         sys.exit(proc.returncode or 1)
     print("MODEL-SERVER " + json.dumps({"server": "llama-server", "model": MODEL, "port": PORT, "lease": lease}), flush=True)
-    ch.ready()
+    if ch:
+        ch.ready()
     sys.exit(proc.wait())
 
 
 def main():
-    ch = aither.Channel.from_env()
+    try:
+        ch = aither.Channel.from_env()
+    except aither.NotUnderAitherd:
+        ch = None
     lease = lease_of(ch)
     if shutil.which("llama-server") and MODEL and os.path.exists(MODEL):
         serve_llama(ch, lease)
     httpd = ThreadingHTTPServer(("127.0.0.1", PORT), StandIn)
     httpd.daemon_threads = True
     print("MODEL-SERVER " + json.dumps({"server": "standin", "port": PORT, "lease": lease}), flush=True)
-    ch.ready()
+    if ch:
+        ch.ready()
     httpd.serve_forever()
 
 

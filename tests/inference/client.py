@@ -62,7 +62,9 @@ def main():
     with open(out + ".tmp", "w") as f:
         json.dump(results, f)
     os.rename(out + ".tmp", out)
-    while True:
+    if os.environ.get("INFER_CLIENT_ONESHOT"):
+        return
+    while True:  # under aitherd: stays up until stopped, so that `stats` sees its run
         time.sleep(60)
 
 
