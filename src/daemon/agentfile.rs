@@ -330,4 +330,25 @@ mod tests {
         assert!(e.starts_with("p.toml:2:"), "{e}");
         assert!(e.contains("not a loopback address"), "{e}");
     }
+
+    #[test]
+    fn service_publish_is_checked_as_the_flag_is() {
+        let f = AgentFile::parse(
+            "command = \"x\"\npublish = [\"model=8000\"]\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.publish, [("model".to_string(), 8000)]);
+        for (bad, why) in [
+            ("Model=8000", "lower-case"),
+            ("model=0", "a port of 1 to 65535"),
+            ("model", "NAME=PORT"),
+        ] {
+            let src = format!("command = \"x\"\npublish = [\"{bad}\"]\n");
+            let e = AgentFile::parse(&src, Path::new("p.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("p.toml:2:") && e.contains(why), "{bad}: {e}");
+        }
+    }
 }
