@@ -2457,9 +2457,91 @@ mod tests {
         let q = QuotaState::default();
         q.add_bytes(500);
         q.window.lock().unwrap().push_back(Instant::now());
-        let r = QuotaState::restore(&q.snapshot());
+        q.charge_tokens(
+            "model",
+            &TokenCharge {
+                total_tokens: 42,
+                ..TokenCharge::default()
+            },
+        );
+        let snap = serde_json::to_string(&q.snapshot()).unwrap();
+        let r = QuotaState::restore(&serde_json::from_str(&snap).unwrap());
         assert_eq!(r.bytes.load(Ordering::Relaxed), 500);
         assert_eq!(r.window.lock().unwrap().len(), 1);
+        let t = r.token_usage();
+        assert_eq!(
+            (t[0].service.as_str(), t[0].day, t[0].total),
+            ("model", 42, 42)
+        );
+        // A state stored before token ledgers existed reads as none.
+        let old: QuotaSnapshot =
+            serde_json::from_str(r#"{"bytes":1,"requests_ms":[],"services_ms":{}}"#).unwrap();
+        assert!(QuotaState::restore(&old).token_usage().is_empty());
+    }
+
+    #[test]
+    fn token_quotas_refuse_once_reached_and_say_which() {
+        let g = ServiceGrant {
+            name: "model".into(),
+            api: Some(super::super::rules::ServiceApi::Openai),
+            tokens_per_minute: Some(1000),
+            tokens_per_day: Some(100),
+            ..Default::default()
+        };
+        let a = AgentNet::new(
+            "a",
+            NetGrants {
+                services: vec![g.clone()],
+                ..Default::default()
+            },
+        );
+        let c = |t| TokenCharge {
+            total_tokens: t,
+            ..TokenCharge::default()
+        };
+        a.charge_tokens("model", &c(60));
+        a.admit(Some(&g)).unwrap();
+        // Charged after the response: the request that crosses the limit was served.
+        a.charge_tokens("model", &c(60));
+        let e = a.admit(Some(&g)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                QuotaError::Tokens {
+                    used: 120,
+                    limit: 100,
+                    window: "day",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains(
+                "120 of 100 tokens used in the last day (net.services.model.tokens_per_day)"
+            ),
+            "{e}"
+        );
+        assert_eq!(a.token_usage()[0].day, 120);
+        // The refusal the agent sees: an OpenAI error object.
+        let d = Denied {
+            rule: "quota".into(),
+            reason: e.to_string(),
+            openai: Some(("tokens", 600)),
+        };
+        let r = deny_response(&d);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "600");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        // Another agent's ledger is its own.
+        let b = AgentNet::new(
+            "b",
+            NetGrants {
+                services: vec![g.clone()],
+                ..Default::default()
+            },
+        );
+        b.admit(Some(&g)).unwrap();
     }
 
     #[test]
