@@ -683,6 +683,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
 /// `gpu_ls`: the devices, with the leases the caller may see.
 fn gpu_ls(d: &Shared, caller: &Caller) -> Reply {
     let mut v = d.gpu.ls();
+    // How often use is read: eviction happens at most this long after the fact.
+    v["poll_ms"] = json!(d.config().config.gpu.poll_ms);
     if !caller.admin {
         // Devices are the host's; the leases on them are their owners'.
         for dev in v["devices"].as_array_mut().into_iter().flatten() {

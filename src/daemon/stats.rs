@@ -128,6 +128,13 @@ pub struct GpuDeviceStats {
     pub used_mb: u64,
     /// The device's total VRAM, MiB.
     pub total_mb: u64,
+    /// A process of the agent on it has use the driver does not report (NVML's "not
+    /// available"): `used_mb` counts only the others.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub used_unknown: bool,
+    /// The backend lost the device (fell off the bus), with its reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 /// Whether a sandbox of the agent is running (not frozen), so that a CPU figure means

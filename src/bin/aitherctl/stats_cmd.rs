@@ -210,12 +210,13 @@ fn gpu(g: &GpuStats) -> String {
     g.devices
         .iter()
         .map(|d| {
-            format!(
-                "{}:{}/{}",
-                d.index,
-                bytes(d.used_mb << 20),
-                bytes(d.vram_mb << 20)
-            )
+            // Use the driver does not report: `?`, or a lower bound `512M+?`.
+            let used = match (d.used_mb, d.used_unknown) {
+                (0, true) => "?".to_string(),
+                (u, true) => format!("{}+?", bytes(u << 20)),
+                (u, false) => bytes(u << 20),
+            };
+            format!("{}:{used}/{}", d.index, bytes(d.vram_mb << 20))
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -272,6 +273,8 @@ mod tests {
                     vram_mb: 1024,
                     used_mb: 312,
                     total_mb: 8192,
+                    used_unknown: false,
+                    lost: None,
                 }],
             }),
             tokens: Some(aither::daemon::stats::TokenStats {
