@@ -19,13 +19,13 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A gpus.toml with one simulated 16 GiB GPU whose node is a stand-in with /dev/zero's
-/// numbers (c 1:5), so that the leased node opens.
+/// A gpus.toml with one simulated 16 GiB GPU on a stand-in node with NVIDIA's numbers
+/// (c 195:0, as tests/gpu.rs makes them; the server only reports its lease, it never opens it).
 fn simulated_gpu(dir: &Path) -> std::path::PathBuf {
     let node = dir.join("nvidia0");
     let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
     // SAFETY: mknod of a new node in our own temporary directory.
-    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 5)) };
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(195, 0)) };
     assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
     std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let p = dir.join("gpus.toml");
