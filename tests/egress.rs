@@ -1414,7 +1414,7 @@ target = "127.0.0.1:11434"
     wide.net.services.push(aither::net::ServiceGrant {
         name: "db".into(),
         target: Some("127.0.0.1:5432".into()),
-        requests_per_minute: None,
+        ..Default::default()
     });
     let e = aither::token::claims::narrows(&wide, &claims)
         .unwrap_err()

@@ -29,11 +29,16 @@ impl Drop for Serving {
         // from there), and the run's denials still being summarised.
         persist_quota(&self.d, &self.name, &self.token, &self.quota);
         self.d.gateway().flush_summaries_now(Some(&self.name));
-        self.d
+        let agent = self
+            .d
             .net_agents
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.name);
+        // The run's last usage window of its metered services (docs/agents.md).
+        if let Some(a) = agent {
+            self.d.gateway().flush_usage(&a, true);
+        }
     }
 }
 
@@ -118,7 +123,9 @@ impl Daemon {
         self.audit.record(net::inprocess::audit_entry(ev));
         let data = serde_json::to_value(ev).unwrap_or_default();
         self.bus.publish_system(ev.subject(), &data);
-        let kind = if ev.allowed {
+        let kind = if ev.usage.is_some() {
+            "net.usage"
+        } else if ev.allowed {
             "net.allowed"
         } else {
             "net.denied"
@@ -134,6 +141,27 @@ impl Daemon {
         Some(super::stats::NetStats::total(a.stats().values()))
     }
 
+    /// The tokens an agent used per metered service (`api = "openai"`), for `stats` and the
+    /// metrics; None while the gateway serves no run of it or it has no metered service.
+    pub fn token_usage(&self, name: &str) -> Option<Vec<net::gateway::ServiceTokens>> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        let a = agents.get(name)?;
+        if !a.grants.services.iter().any(|s| s.metered()) {
+            return None;
+        }
+        Some(a.token_usage())
+    }
+
+    /// Every served agent's token usage (the metrics).
+    pub fn token_usages(&self) -> Vec<(String, Vec<net::gateway::ServiceTokens>)> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .iter()
+            .filter(|(_, a)| a.grants.services.iter().any(|s| s.metered()))
+            .map(|(n, a)| (n.clone(), a.token_usage()))
+            .collect()
+    }
+
     /// An agent's egress counters per rule, for `inspect`.
     pub fn net_stats(&self, name: &str) -> Option<serde_json::Value> {
         let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,6 +169,7 @@ impl Daemon {
         Some(json!({
             "grants": a.grants,
             "rules": a.stats(),
+            "tokens": a.token_usage(),
             "connections": a.open_connections(),
             "descriptors": a.descriptors(),
         }))

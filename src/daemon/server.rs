@@ -1204,6 +1204,15 @@ fn publish_ports(
     policy: &crate::policy::Policy,
     spec: &mut SandboxSpec,
 ) -> Result<(), BuildError> {
+    // `--publish NAME=PORT` (a service for other agents, reached through the gateway): the
+    // agent may bind PORT, as for --publish-host; inbound from granted agents only, so the
+    // policy's publish_host switch (the host's loopback) does not apply to it.
+    if !req.publish.is_empty() && spec.new_net_ns {
+        spec.publish_ports
+            .extend(req.publish.iter().map(|(_, p)| *p));
+        spec.publish_ports.sort_unstable();
+        spec.publish_ports.dedup();
+    }
     if req.publish_host.is_empty() {
         return Ok(());
     }
@@ -1226,6 +1235,7 @@ fn publish_ports(
         ));
     }
     let mut ports: Vec<u16> = req.publish_host.iter().map(|p| p.agent_port).collect();
+    ports.extend(spec.publish_ports.iter().copied());
     ports.sort_unstable();
     ports.dedup();
     spec.publish_ports = ports;
