@@ -822,6 +822,7 @@ impl Agent {
         let published = super::egress::publish(
             &self.d,
             &self.name,
+            self.rec.owner,
             &self.rec.request.publish,
             netns.clone(),
         );

@@ -179,6 +179,7 @@ impl Daemon {
 /// Withdraws an agent's published services when its run ends.
 pub struct PublishedBy {
     agent: String,
+    owner: u32,
     names: Vec<String>,
     d: Shared,
 }
@@ -186,7 +187,7 @@ pub struct PublishedBy {
 impl Drop for PublishedBy {
     fn drop(&mut self) {
         for n in &self.names {
-            self.d.gateway().unpublish(n);
+            self.d.gateway().unpublish(self.owner, &self.agent, n);
             self.d
                 .emit(Some(&self.agent), "net.unpublished", json!({"service": n}));
         }
@@ -198,6 +199,7 @@ impl Drop for PublishedBy {
 pub fn publish(
     d: &Shared,
     name: &str,
+    owner: u32,
     ports: &[(String, u16)],
     netns: Option<Arc<OwnedFd>>,
 ) -> Option<PublishedBy> {
@@ -212,17 +214,38 @@ pub fn publish(
         return None;
     };
     let gw = d.gateway();
+    let mut names = Vec::with_capacity(ports.len());
     for (service, port) in ports {
-        gw.publish(service, net::gateway::Published::Netns(ns.clone(), *port));
-        d.emit(
-            Some(name),
-            "net.published",
-            json!({"service": service, "port": port}),
-        );
+        // Checked at spawn too; a name another agent of the owner took since is not taken
+        // over (the first publisher keeps it), and this run serves without it.
+        match gw.publish(
+            owner,
+            name,
+            service,
+            net::gateway::Published::Netns(ns.clone(), *port),
+        ) {
+            Ok(()) => {
+                names.push(service.clone());
+                d.emit(
+                    Some(name),
+                    "net.published",
+                    json!({"service": service, "port": port}),
+                );
+            }
+            Err(e) => {
+                tracing::error!(agent = name, "cannot publish: {e}");
+                d.emit(
+                    Some(name),
+                    "net.publish_refused",
+                    json!({"service": service, "port": port, "reason": e.to_string()}),
+                );
+            }
+        }
     }
     Some(PublishedBy {
         agent: name.to_string(),
-        names: ports.iter().map(|(n, _)| n.clone()).collect(),
+        owner,
+        names,
         d: d.clone(),
     })
 }

@@ -1371,6 +1371,18 @@ fn build(
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
     publish_ports(req, &policy, &mut spec)?;
+    // A service name is the owner's: another of their agents that publishes it now keeps it
+    // (refused here with a clear error rather than taken over at run time).
+    for (service, _) in &req.publish {
+        if let Some(by) = d.gateway().publisher(caller.uid, service) {
+            if by != req.name {
+                return Err((
+                    ErrorCode::Conflict,
+                    format!("--publish {service}: agent {by:?} already publishes {service:?}"),
+                ));
+            }
+        }
+    }
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| (ErrorCode::Denied, e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.

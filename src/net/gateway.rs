@@ -182,7 +182,9 @@ struct Shared {
     resolver: Box<dyn Resolve>,
     events: EventSink,
     secrets: Option<Arc<dyn SecretSource>>,
-    published: RwLock<HashMap<String, Published>>,
+    /// Services agents publish now, keyed by (owner uid, name): a member's agents see their
+    /// own user's and root's, never another member's (docs/network.md, "Published services").
+    published: RwLock<HashMap<(u32, String), Publication>>,
     tls: Arc<rustls::ClientConfig>,
     /// The host's own addresses (internal unless granted as a service).
     host_addrs: HostAddrs,
@@ -790,6 +792,21 @@ pub enum Published {
     Netns(Arc<OwnedFd>, u16),
 }
 
+/// A published service and the agent that published it (only it may withdraw it).
+#[derive(Clone, Debug)]
+struct Publication {
+    agent: String,
+    target: Published,
+}
+
+/// A service name already published by another of the owner's agents.
+#[derive(Debug, thiserror::Error)]
+#[error("service {name:?} is already published by agent {by:?}")]
+pub struct PublishConflict {
+    pub name: String,
+    pub by: String,
+}
+
 struct Allowed {
     rule: String,
     dest: Dest,
@@ -949,17 +966,72 @@ impl Gateway {
         }
     }
 
-    /// Makes `name` reachable (to agents granted it) at `target`: a service an agent published.
-    pub fn publish(&self, name: &str, target: Published) {
-        if let Ok(mut p) = self.shared.published.write() {
-            p.insert(name.to_string(), target);
+    /// Makes `name` reachable at `target` to the agents granted it that belong to `owner`
+    /// (and to every user's agents when `owner` is root): a service `agent` published. A name
+    /// another of the owner's agents publishes now is refused, never taken over.
+    pub fn publish(
+        &self,
+        owner: u32,
+        agent: &str,
+        name: &str,
+        target: Published,
+    ) -> Result<(), PublishConflict> {
+        let mut p = self
+            .shared
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (owner, name.to_string());
+        if let Some(held) = p.get(&key) {
+            if held.agent != agent {
+                return Err(PublishConflict {
+                    name: name.to_string(),
+                    by: held.agent.clone(),
+                });
+            }
+        }
+        p.insert(
+            key,
+            Publication {
+                agent: agent.to_string(),
+                target,
+            },
+        );
+        Ok(())
+    }
+
+    /// Withdraws `name` if `agent` of `owner` publishes it (never another agent's).
+    pub fn unpublish(&self, owner: u32, agent: &str, name: &str) {
+        let mut p = self
+            .shared
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (owner, name.to_string());
+        if p.get(&key).is_some_and(|h| h.agent == agent) {
+            p.remove(&key);
         }
     }
 
-    pub fn unpublish(&self, name: &str) {
-        if let Ok(mut p) = self.shared.published.write() {
-            p.remove(name);
-        }
+    /// The agent of `owner` that publishes `name` now, if any.
+    pub fn publisher(&self, owner: u32, name: &str) -> Option<String> {
+        let p = self
+            .shared
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        p.get(&(owner, name.to_string())).map(|h| h.agent.clone())
+    }
+
+    fn lookup_published(&self, owner: u32, name: &str) -> Option<Publication> {
+        let p = self
+            .shared
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        p.get(&(owner, name.to_string()))
+            .or_else(|| p.get(&(0, name.to_string())))
+            .cloned()
     }
 
     /// Serves `agent` on `listener` (the socket on the sandbox's loopback) until the listener
@@ -1167,11 +1239,8 @@ impl Gateway {
                     ServiceTarget::parse(t).map_err(|e| denied(&rule, e.to_string()))?,
                 ),
                 None => self
-                    .shared
-                    .published
-                    .read()
-                    .ok()
-                    .and_then(|p| p.get(name).cloned())
+                    .lookup_published(agent.owner, name)
+                    .map(|p| p.target)
                     .ok_or_else(|| {
                         denied(
                             &rule,
