@@ -20,6 +20,7 @@ use crate::sandbox::{RunOptions, SandboxSpec, SpecError};
 use crate::token::{
     self, Claims, HostKey, NoRevocations, RevocationStore, Token, TokenError, Verified,
 };
+use crate::trace;
 
 /// Who a launch is for: the uid the workspace and the agent's files belong to, and whether
 /// they act for everyone (root, aitherd's uid, `aither-admin`).
@@ -259,6 +260,7 @@ pub fn prepare(
                 return Err(PrepareError::BusWithToken);
             }
             let v = auth.verify(t)?;
+            trace::mark("ctl", "token verify");
             // A token is the authority of whoever it was minted for (block 0's owner).
             if !caller.admin && v.root().owner != Some(caller.uid) {
                 return Err(PrepareError::NotOwner {
@@ -274,12 +276,16 @@ pub fn prepare(
                 return Err(PrepareError::PolicyFile(p.into()));
             }
             let loaded = Policy::load(p)?;
+            trace::mark("ctl", "policy load+parse");
             let name = req.name.unwrap_or("run");
             let mut claims = Claims::from_policy(&loaded.policy, name, req.ttl)?;
             claims.owner = Some(caller.uid);
             claims.grant_bus(req.bus_publish, req.bus_subscribe)?;
+            trace::mark("ctl", "claims");
             let text = auth.sign(&claims)?;
+            trace::mark("ctl", "token mint");
             let v = auth.verify(&text)?;
+            trace::mark("ctl", "token verify");
             (text, v, Some((loaded.policy.name.clone(), loaded.source)))
         }
     };
@@ -297,6 +303,7 @@ pub fn prepare(
         ..req.opts.clone()
     };
     let mut spec = SandboxSpec::derive(&claims.to_policy(), &opts, req.env, req.cwd)?;
+    trace::mark("ctl", "spec");
     if let Some(w) = &mut spec.workspace {
         let presented = match req.workspace {
             WorkspaceKind::Placeholder => None,
@@ -330,6 +337,7 @@ pub fn prepare(
             }
         }
     }
+    trace::mark("ctl", "workspace checked");
     // Egress through a gateway (aitherd's, or the one `run` starts in-process).
     let egress = req.egress == Egress::Gateway && crate::net::attach(&mut spec, &claims.net);
     let net = claims.net.clone();

@@ -95,7 +95,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    aither::trace::start();
     let cli = Cli::parse();
+    aither::trace::mark("ctl", "args");
     for n in aither::testhooks::ignored() {
         eprintln!("aither: warning: {n} is a test switch and is ignored by a release build");
     }
