@@ -143,11 +143,9 @@ fn the_launch_trace_names_aitherctl_s_own_steps_in_order() {
             "exec→main",
             "args",
             "scope",
-            "one-launch key",
             "policy load+parse",
             "claims",
-            "token mint",
-            "token verify",
+            "token mint+verify",
             "spec",
             "workspace checked",
             "launcher starts"

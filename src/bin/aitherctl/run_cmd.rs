@@ -31,7 +31,7 @@ use clap::Args;
 ///   aitherctl run --policy strict -- python3 agent.py
 ///   aitherctl run --policy ci --timeout 10m --memory 256M -- make test
 ///   aitherctl run --token agent.tok -- python3 agent.py
-#[derive(Args)]
+#[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
     /// Policy name (installed or built-in) or path to a policy file [default: strict].
@@ -81,6 +81,25 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// `aitherctl run ARGS` parsed by the `run` subcommand alone, without the rest of the command
+/// tree. None for any other command line, and wherever this parser stops (help, version, a
+/// usage error): the full parser then parses it again and prints what it prints. The same
+/// argument definitions, so whatever this accepts the full parser accepts the same way
+/// (main.rs's tests compare the two).
+pub fn parse_alone(mut args: impl Iterator<Item = std::ffi::OsString>) -> Option<RunArgs> {
+    use clap::{Args, FromArgMatches};
+    let _bin = args.next()?;
+    let sub = args.next()?;
+    if sub != "run" {
+        return None;
+    }
+    let cmd = RunArgs::augment_args(clap::Command::new("run"));
+    let m = cmd
+        .try_get_matches_from(std::iter::once(sub).chain(args))
+        .ok()?;
+    RunArgs::from_arg_matches(&m).ok()
 }
 
 pub fn run(a: RunArgs) -> i32 {
@@ -218,8 +237,8 @@ pub fn run(a: RunArgs) -> i32 {
 }
 
 /// The spec through the one launch path shared with `spawn` and `export`
-/// (`aither::prepare`): the token verified (or minted from the policy with a one-launch key
-/// and verified the same way), the subject, the spec, the workspace checked as a descriptor.
+/// (`aither::prepare`): the token verified (or, from a policy, the claims checked as a token's
+/// are, `OneLaunch`), the subject, the spec, the workspace checked as a descriptor.
 fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrants, bool)> {
     let text;
     let (source, auth): (Source<'_>, Box<dyn Authority>) = match &a.token {
@@ -230,17 +249,13 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
             trace::mark("ctl", "host key+revocations");
             (Source::Token(&text), Box::new(auth))
         }
-        // A one-launch root key: the token never leaves this process, so it needs no host
-        // key (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a
-        // first `run`); it is minted and verified exactly as any other token.
-        None => {
-            let key = OneLaunch::new()?;
-            trace::mark("ctl", "one-launch key");
-            (
-                Source::Policy(a.policy.as_deref().unwrap_or("strict")),
-                Box::new(key),
-            )
-        }
+        // One launch: the token would never leave this process, so it needs no host key
+        // (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a first
+        // `run`) and no signature (`OneLaunch`); its claims are checked as any token's are.
+        None => (
+            Source::Policy(a.policy.as_deref().unwrap_or("strict")),
+            Box::new(OneLaunch::new()),
+        ),
     };
     let cwd = std::env::current_dir()?;
     let env = |k: &str| std::env::var(k).ok();

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use attenuate::Attenuation;
-pub use chain::{fresh_key, mint, verify, Verified};
+pub use chain::{fresh_key, mint, verified_here, verify, Verified};
 pub use claims::{narrows, BusClaim, Claims, GpuClaim, MemoryGrant, TierClaim};
 pub use format::{SignedBlock, Token, TEXT_PREFIX, VERSION};
 pub use keys::{parse_public_key, HostKey};

@@ -896,3 +896,36 @@ fn memory_tiers_grants_and_quotas_only_narrow() {
     assert!(attenuate::parse_mem_quota("codegraph").is_err());
     assert!(attenuate::parse_mem_quota("codegraph=").is_err());
 }
+
+/// A one-launch token's claims (`verified_here`, no signature) are exactly what minting and
+/// verifying them gives, and the same checks but the signature's refuse them: its time
+/// window and the payload's size limit.
+#[test]
+fn claims_verified_here_are_the_claims_a_verified_token_carries() {
+    let c = claims("strict");
+    let signed = check(&mint(&root_key(), &c).expect("mint")).expect("verify");
+    let here = verified_here(&c, NOW + 1).expect("verified here");
+    assert_eq!(here.blocks, signed.blocks);
+
+    let e = verified_here(&c, c.exp).unwrap_err();
+    assert!(matches!(e, TokenError::Expired { block: 0, .. }), "{e:?}");
+    let e = verified_here(&c, NOW - CLOCK_SKEW_SECS - 1).unwrap_err();
+    assert!(
+        matches!(e, TokenError::NotYetValid { block: 0, .. }),
+        "{e:?}"
+    );
+
+    let mut big = claims("strict");
+    big.subject = "a".repeat(format::MAX_PAYLOAD);
+    let e = verified_here(&big, NOW + 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TokenError::BadRequest {
+                field: "claims",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
