@@ -236,15 +236,7 @@ pub fn verify(
     let blocks = checked_claims(token.blocks.iter().map(|b| b.payload.as_slice()), now)?;
 
     // 6. Revocation.
-    for c in &blocks {
-        if let Some(r) = revocations.revoked(&c.id)? {
-            return Err(TokenError::Revoked {
-                id: c.id.clone(),
-                at: r.at,
-                reason: r.reason,
-            });
-        }
-    }
+    check_revocations(&blocks, revocations)?;
     Ok(Verified { blocks })
 }
 
@@ -267,6 +259,12 @@ fn checked_claims<'a>(
         }
         blocks.push(c);
     }
+    check_time(&blocks, now)?;
+    Ok(blocks)
+}
+
+/// Step 5 of `verify`: for every block iat ≤ now + skew and now < exp.
+pub fn check_time(blocks: &[Claims], now: u64) -> Result<(), TokenError> {
     for (i, c) in blocks.iter().enumerate() {
         if c.iat > now.saturating_add(CLOCK_SKEW_SECS) {
             return Err(TokenError::NotYetValid {
@@ -283,7 +281,24 @@ fn checked_claims<'a>(
             });
         }
     }
-    Ok(blocks)
+    Ok(())
+}
+
+/// Step 6 of `verify`: no block's id is revoked.
+pub fn check_revocations(
+    blocks: &[Claims],
+    revocations: &dyn RevocationCheck,
+) -> Result<(), TokenError> {
+    for c in blocks {
+        if let Some(r) = revocations.revoked(&c.id)? {
+            return Err(TokenError::Revoked {
+                id: c.id.clone(),
+                at: r.at,
+                reason: r.reason,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Claims made in this process into verified claims, for a launch whose token would never
