@@ -3,7 +3,8 @@
 # bwrap, each launch traced (AITHER_TRACE_LAUNCH=1), so a change to the launch path is judged by
 # its stage times and by its wall time against the same bwrap samples.
 #
-# Per round, in order: A, B, bwrap (round-robin, so drift and other users' load hit all three).
+# Per round: A, B, bwrap, the order rotated by one each round (drift and other users' load hit
+# all three; back to back, no tool always follows the same one).
 # Each launch: a tiny C helper (compiled into a temp dir) reads CLOCK_MONOTONIC, forks, sets
 # AITHER_TRACE_T0 to that reading in the child and execs; aitherctl's first trace line
 # ("ctl exec→main") is then the time from fork to its main (loader, relocations, libc, Rust
@@ -42,7 +43,8 @@ trap 'exit 130' INT TERM
 
 cat >"$TMP/tracebench.c" <<'EOF'
 /* tracebench RUNS GAP_US OUTDIR -- NAME ARGV... [ ::: NAME ARGV... ]...
- * Round-robin; per launch: t0 = CLOCK_MONOTONIC, fork, in the child AITHER_TRACE_T0=t0 and
+ * Round-robin, the order rotated by one each round (back to back, a launch pays for what the
+ * previous one left to the kernel: no tool always follows the same one); per launch: t0 = CLOCK_MONOTONIC, fork, in the child AITHER_TRACE_T0=t0 and
  * execvp; waitpid; t1. The child's stderr is appended to OUTDIR/NAME.trace after a line
  * "@@ ROUND WALL_NS". Stops at the first failing launch. */
 #define _GNU_SOURCE
@@ -62,12 +64,11 @@ int main(int argc, char **argv) {
     long runs = atol(argv[1]), gap = atol(argv[2]);
     const char *dir = argv[3];
     int nullfd = open("/dev/null", O_RDWR | O_CLOEXEC);
-    int ncmd = 0, starts[16], ends[16], fds[16];
+    int ncmd = 0, starts[16], fds[16];
     for (int i = 5; i < argc && ncmd < 16;) {
         starts[ncmd] = i;
         int j = i;
         while (j < argc && strcmp(argv[j], ":::")) j++;
-        ends[ncmd] = j;
         argv[j < argc ? j : argc] = NULL; /* terminates this command's argv */
         char path[4096];
         snprintf(path, sizeof path, "%s/%s.trace", dir, argv[i]);
@@ -78,7 +79,8 @@ int main(int argc, char **argv) {
     }
     struct timespec gapts = { gap / 1000000, (gap % 1000000) * 1000 };
     for (long r = 0; r < runs; r++) {
-        for (int c = 0; c < ncmd; c++) {
+        for (int k = 0; k < ncmd; k++) {
+            int c = (k + r) % ncmd; /* rotated each round: no tool always follows the same one */
             if (gap > 0) nanosleep(&gapts, NULL);
             struct timespec t0, t1;
             int st;
