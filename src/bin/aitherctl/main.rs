@@ -97,18 +97,17 @@ enum Command {
 fn main() -> ExitCode {
     aither::trace::start();
     // `run` is on the launch path: its arguments are parsed by its own subcommand alone
-    // (building the whole command tree costs ≈0.45 ms, docs/performance.md); anything that
-    // parser does not accept (help, version, a usage error) goes to the full parser below, so
-    // what is printed stays the full parser's.
+    // (building the whole command tree costs ≈0.35 ms more, docs/performance.md); anything
+    // that parser does not accept (help, version, a usage error) goes to the full parser
+    // below, so what is printed stays the full parser's.
     if let Some(a) = run_cmd::parse_alone(std::env::args_os()) {
         aither::trace::mark("ctl", "args");
+        warn_test_switches();
         return exit(run_cmd::run(a));
     }
     let cli = Cli::parse();
     aither::trace::mark("ctl", "args");
-    for n in aither::testhooks::ignored() {
-        eprintln!("aither: warning: {n} is a test switch and is ignored by a release build");
-    }
+    warn_test_switches();
     let code = match cli.command {
         Command::Run(a) => run_cmd::run(a),
         Command::Spawn(a) => daemon_cmd::spawn(a),
@@ -140,6 +139,12 @@ fn main() -> ExitCode {
         Command::Man(a) => shell_cmd::man(a),
     };
     exit(code)
+}
+
+fn warn_test_switches() {
+    for n in aither::testhooks::ignored() {
+        eprintln!("aither: warning: {n} is a test switch and is ignored by a release build");
+    }
 }
 
 fn exit(code: i32) -> ExitCode {
