@@ -2,7 +2,8 @@
 //! verification (signature chain, proof, claims parsing and narrowing, time; not the
 //! revocation lookup) of a root token minted from the strict policy and of a 3-block token
 //! (attenuated twice), then the floor that bounds the first: one ed25519 verification and one
-//! proof-key derivation alone. An ephemeral key: the host key is not touched.
+//! proof-key derivation alone; and a root token presented again to aitherd's cache of verified
+//! tokens (token::VerifiedCache). An ephemeral key: the host key is not touched.
 //!
 //! Usage: AITHER_POLICY_DIR=policies cargo run --release --example token_bench -- [N]
 //!   N  verifications per case (default 20000)
@@ -90,6 +91,20 @@ fn bench_verify(n: u32) -> anyhow::Result<()> {
         let extra = format!(", {} characters", text.len());
         rate(label, start.elapsed().as_secs_f64(), &extra);
     }
+    // aitherd's cache (token::VerifiedCache): the same root token presented again costs its
+    // digest, a lookup and the time check (the revocation lookup is left out here as above).
+    let cache = token::VerifiedCache::default();
+    let text = t1.encode();
+    cache.verify(&text, &pk, now, &NoRevocations)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(cache.verify(&text, &pk, now, &NoRevocations)?);
+    }
+    rate(
+        "root token, verified before",
+        start.elapsed().as_secs_f64(),
+        " (aitherd's cache)",
+    );
     // The floor: the cryptography a root token needs, alone (one signature check, one public
     // key derived from the proof), so numbers from different machines can be compared.
     let msg = t1.blocks[0].payload.clone();

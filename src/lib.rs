@@ -7,8 +7,8 @@
 //! thin edges. docs/architecture.md draws the crates and what each may depend on.
 
 pub use aither_core::{
-    cgroup, export, hostpath, logfmt, policy, sandbox, sys, testhooks, units, DEFAULT_POLICY_DIR,
-    STATE_DIR,
+    cgroup, export, hostpath, logfmt, policy, sandbox, sys, testhooks, trace, units,
+    DEFAULT_POLICY_DIR, STATE_DIR,
 };
 
 pub mod agent_name;

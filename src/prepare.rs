@@ -20,6 +20,7 @@ use crate::sandbox::{RunOptions, SandboxSpec, SpecError};
 use crate::token::{
     self, Claims, HostKey, NoRevocations, RevocationStore, Token, TokenError, Verified,
 };
+use crate::trace;
 
 /// Who a launch is for: the uid the workspace and the agent's files belong to, and whether
 /// they act for everyone (root, aitherd's uid, `aither-admin`).
@@ -60,18 +61,37 @@ pub enum Source<'a> {
 pub trait Authority {
     fn verify(&self, text: &str) -> Result<Verified, TokenError>;
     fn sign(&self, claims: &Claims) -> Result<String, TokenError>;
+    /// A policy's claims made into verified claims: minted, then verified as any token is.
+    /// Returns the token's text too, or None where it never exists (`OneLaunch`).
+    fn mint_verified(&self, claims: &Claims) -> Result<(Option<String>, Verified), TokenError> {
+        let text = self.sign(claims)?;
+        let v = self.verify(&text)?;
+        Ok((Some(text), v))
+    }
 }
 
-/// A key made for one launch; nothing it signs can be revoked or used elsewhere.
+/// The authority of one launch whose token never leaves the process (`run --policy`,
+/// `export --policy`): its claims are checked as a token's are but signed by nobody
+/// (`token::verified_here`: a signature by a key made for the launch, checked by the same
+/// process, would prove only that this process made them). `sign` and `verify` still work,
+/// with a key made for this launch on first use; nothing it signs can be revoked or used
+/// elsewhere.
+#[derive(Default)]
 pub struct OneLaunch {
-    key: ed25519_dalek::SigningKey,
+    key: std::sync::OnceLock<ed25519_dalek::SigningKey>,
 }
 
 impl OneLaunch {
-    pub fn new() -> Result<OneLaunch, TokenError> {
-        Ok(OneLaunch {
-            key: token::fresh_key()?,
-        })
+    pub fn new() -> OneLaunch {
+        OneLaunch::default()
+    }
+
+    fn key(&self) -> Result<&ed25519_dalek::SigningKey, TokenError> {
+        if let Some(k) = self.key.get() {
+            return Ok(k);
+        }
+        let k = token::fresh_key()?;
+        Ok(self.key.get_or_init(|| k))
     }
 }
 
@@ -81,14 +101,18 @@ impl Authority for OneLaunch {
         // can hold it.
         token::verify(
             &Token::decode(text)?,
-            &self.key.verifying_key(),
+            &self.key()?.verifying_key(),
             token::now_unix(),
             &NoRevocations,
         )
     }
 
     fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        Ok(token::mint(&self.key, claims)?.encode())
+        Ok(token::mint(self.key()?, claims)?.encode())
+    }
+
+    fn mint_verified(&self, claims: &Claims) -> Result<(Option<String>, Verified), TokenError> {
+        Ok((None, token::verified_here(claims, token::now_unix())?))
     }
 }
 
@@ -190,8 +214,9 @@ pub struct LaunchRequest<'a> {
 pub struct PreparedLaunch {
     pub spec: SandboxSpec,
     pub verified: Verified,
-    /// The token's text (given or minted).
-    pub token: String,
+    /// The token's text (given or minted); None for a `OneLaunch`, whose token never exists
+    /// outside the process.
+    pub token: Option<String>,
     /// Set when the token was minted here: the policy's name and where it was loaded from.
     pub minted: Option<(String, String)>,
     /// The egress grants; `spec.egress_port` is set when they need the gateway.
@@ -259,6 +284,7 @@ pub fn prepare(
                 return Err(PrepareError::BusWithToken);
             }
             let v = auth.verify(t)?;
+            trace::mark("ctl", "token verify");
             // A token is the authority of whoever it was minted for (block 0's owner).
             if !caller.admin && v.root().owner != Some(caller.uid) {
                 return Err(PrepareError::NotOwner {
@@ -266,7 +292,7 @@ pub fn prepare(
                     uid: caller.uid,
                 });
             }
-            (t.to_string(), v, None)
+            (Some(t.to_string()), v, None)
         }
         Source::Policy(p) => {
             // A policy decides what root sets up: a non-admin picks only installed ones.
@@ -274,12 +300,14 @@ pub fn prepare(
                 return Err(PrepareError::PolicyFile(p.into()));
             }
             let loaded = Policy::load(p)?;
+            trace::mark("ctl", "policy load+parse");
             let name = req.name.unwrap_or("run");
             let mut claims = Claims::from_policy(&loaded.policy, name, req.ttl)?;
             claims.owner = Some(caller.uid);
             claims.grant_bus(req.bus_publish, req.bus_subscribe)?;
-            let text = auth.sign(&claims)?;
-            let v = auth.verify(&text)?;
+            trace::mark("ctl", "claims");
+            let (text, v) = auth.mint_verified(&claims)?;
+            trace::mark("ctl", "token mint+verify");
             (text, v, Some((loaded.policy.name.clone(), loaded.source)))
         }
     };
@@ -297,6 +325,7 @@ pub fn prepare(
         ..req.opts.clone()
     };
     let mut spec = SandboxSpec::derive(&claims.to_policy(), &opts, req.env, req.cwd)?;
+    trace::mark("ctl", "spec");
     if let Some(w) = &mut spec.workspace {
         let presented = match req.workspace {
             WorkspaceKind::Placeholder => None,
@@ -330,6 +359,7 @@ pub fn prepare(
             }
         }
     }
+    trace::mark("ctl", "workspace checked");
     // Egress through a gateway (aitherd's, or the one `run` starts in-process).
     let egress = req.egress == Egress::Gateway && crate::net::attach(&mut spec, &claims.net);
     let net = claims.net.clone();
@@ -385,7 +415,7 @@ mod tests {
     fn every_front_door_gets_the_same_refusals() {
         let ws = tempfile::tempdir_in("/var/tmp").unwrap();
         let env = |_: &str| None;
-        let auth = OneLaunch::new().unwrap();
+        let auth = OneLaunch::new();
         // Names are refused, never rewritten.
         let e = prepare(
             &req(Some("a b"), Source::Policy("strict"), ws.path(), &env),
@@ -449,7 +479,7 @@ mod tests {
         let ws = tempfile::tempdir_in("/var/tmp").unwrap();
         std::os::unix::fs::chown(ws.path(), Some(4242), Some(4242)).unwrap();
         let env = |_: &str| None;
-        let auth = OneLaunch::new().unwrap();
+        let auth = OneLaunch::new();
         // Named only: aitherd does not open a member's directory on their behalf.
         let e = prepare(
             &req(Some("mine"), Source::Policy("strict"), ws.path(), &env),

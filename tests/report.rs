@@ -112,6 +112,48 @@ fn the_report_of_a_strict_run_matches_the_policy_field_by_field() {
     assert_eq!(rep["compensated"], serde_json::json!([]), "{rep:#}");
 }
 
+/// `AITHER_TRACE_LAUNCH=1` also times aitherctl's own steps before the launcher starts
+/// (docs/performance.md, "Launch budget"), from the caller's exec when `AITHER_TRACE_T0` says
+/// when that was.
+#[test]
+fn the_launch_trace_names_aitherctl_s_own_steps_in_order() {
+    let ws = Workspace::new();
+    let out = ws
+        .command("strict", &[], &["true"], &common::unique("trace"))
+        .env("AITHER_TRACE_LAUNCH", "1")
+        .env(
+            "AITHER_TRACE_T0",
+            aither::sandbox::channel::now_ns().to_string(),
+        )
+        .output()
+        .expect("run aitherctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let steps: Vec<String> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("aither-trace: ctl "))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 2].join(" ")
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "exec→main",
+            "args",
+            "scope",
+            "policy load+parse",
+            "claims",
+            "token mint+verify",
+            "spec",
+            "workspace checked",
+            "launcher starts"
+        ],
+        "{stderr}"
+    );
+}
+
 /// `AITHER_TRACE_LAUNCH=1` names pid 1's stages in the order docs/performance.md's launch
 /// budget lists them, each stamp after the step it is named for.
 #[test]

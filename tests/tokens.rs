@@ -877,8 +877,8 @@ fn run_policy_mints_and_verifies_internally() {
     ]);
     assert_success(&o, "run with the default policy");
     assert_eq!(stdout(&o).trim(), "run strict");
-    // The internal token is signed with a one-launch key: `run --policy` needs no host key and
-    // leaves no state behind.
+    // The claims are a one-launch token's (docs/tokens.md): `run --policy` needs no host key
+    // and leaves no state behind.
     assert!(!st.path().join("keys/host.ed25519").exists());
     assert!(
         !st.path().join("state.db").exists(),

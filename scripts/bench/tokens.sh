@@ -4,6 +4,8 @@
 # proof, claims parsing and narrowing, time; not the revocation lookup) of
 #   (a) a root token (1 block) minted from the repository's strict policy, and
 #   (b) a 3-block token (strict, attenuated twice: --memory 256M --pids 64, then --read and --ttl),
+#   (c) the root token presented again to aitherd's cache of verified tokens (token::VerifiedCache:
+#       its digest, a lookup, the time check),
 # and, as the floor that bounds (a) on this CPU, one ed25519 verification and one proof-key
 # derivation alone. Target: >= 20,000 root tokens/s (TARGET to change it).
 #

@@ -110,6 +110,9 @@ pub struct Daemon {
     pub gpu: gpu::GpuService,
     pub key: HostKey,
     revocations: Mutex<RevocationStore>,
+    /// Root tokens verified before, by digest; time and revocation are checked at every use
+    /// (aither_core::token::cache).
+    verified: token::VerifiedCache,
     pub agents: Mutex<HashMap<String, agent::Handle>>,
     pub stats_interval: Duration,
     epoch: Instant,
@@ -198,6 +201,7 @@ impl Daemon {
             gpu: gpu::GpuService::load(&cfg.config.gpu)?,
             key,
             revocations: Mutex::new(revocations),
+            verified: token::VerifiedCache::default(),
             agents: Mutex::new(HashMap::new()),
             stats_interval,
             epoch: Instant::now(),
@@ -298,9 +302,9 @@ impl Daemon {
 
     /// Verifies a token against the host key and the revocation list, now.
     pub fn check_token(&self, text: &str) -> Result<token::Verified, TokenError> {
-        let t = token::Token::decode(text)?;
         let rev = self.revocations.lock().unwrap_or_else(|e| e.into_inner());
-        token::verify(&t, &self.key.public(), token::now_unix(), &*rev)
+        self.verified
+            .verify(text, &self.key.public(), token::now_unix(), &*rev)
     }
 
     /// Tells a running agent that the MicroScheduler takes its GPUs back.

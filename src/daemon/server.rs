@@ -1391,7 +1391,8 @@ fn build(
         request,
         spec,
         token_id: p.verified.id().to_string(),
-        token: p.token,
+        // The host key's tokens always have a text (only a `OneLaunch` has none).
+        token: p.token.unwrap_or_default(),
         pain: policy.pain,
         created_ms: now_ms(),
         gpu,

@@ -21,6 +21,7 @@ pub mod sandbox;
 pub mod sys;
 pub mod testhooks;
 pub mod token;
+pub mod trace;
 pub mod units;
 
 /// Where installed policies live unless `AITHER_POLICY_DIR` says otherwise.

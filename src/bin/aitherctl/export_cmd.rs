@@ -209,7 +209,7 @@ fn prepared(
         }
         None => (
             PSource::Policy(src.policy.as_deref().unwrap_or("strict")),
-            Box::new(OneLaunch::new()?),
+            Box::new(OneLaunch::new()),
         ),
     };
     let cwd = std::env::current_dir()?;

@@ -1,7 +1,7 @@
 //! `aitherctl run`: one command in one sandbox, in the foreground, no daemon.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aither::audit::{Entry, Verdict};
 use aither::prepare::{
@@ -10,6 +10,7 @@ use aither::prepare::{
 };
 use aither::sandbox::{self, LaunchError, RunOptions, SandboxSpec};
 use aither::token::{self, TokenError};
+use aither::trace;
 use aither::units::{format_duration, Size};
 use clap::Args;
 
@@ -30,7 +31,7 @@ use clap::Args;
 ///   aitherctl run --policy strict -- python3 agent.py
 ///   aitherctl run --policy ci --timeout 10m --memory 256M -- make test
 ///   aitherctl run --token agent.tok -- python3 agent.py
-#[derive(Args)]
+#[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
     /// Policy name (installed or built-in) or path to a policy file [default: strict].
@@ -82,6 +83,25 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// `aitherctl run ARGS` parsed by the `run` subcommand alone, without the rest of the command
+/// tree. None for any other command line, and wherever this parser stops (help, version, a
+/// usage error): the full parser then parses it again and prints what it prints. The same
+/// argument definitions, so whatever this accepts the full parser accepts the same way
+/// (main.rs's tests compare the two).
+pub fn parse_alone(mut args: impl Iterator<Item = std::ffi::OsString>) -> Option<RunArgs> {
+    use clap::{Args, FromArgMatches};
+    let _bin = args.next()?;
+    let sub = args.next()?;
+    if sub != "run" {
+        return None;
+    }
+    let cmd = RunArgs::augment_args(clap::Command::new("run"));
+    let m = cmd
+        .try_get_matches_from(std::iter::once(sub).chain(args))
+        .ok()?;
+    RunArgs::from_arg_matches(&m).ok()
+}
+
 pub fn run(a: RunArgs) -> i32 {
     // systemd as pid 1 on pure v2: never write into cgroups systemd owns. Re-executed in a
     // transient scope with Delegate=yes, then the sandbox's cgroup goes below that scope
@@ -91,6 +111,7 @@ pub fn run(a: RunArgs) -> i32 {
         crate::print_error(&anyhow::Error::new(e));
         return 125;
     }
+    trace::mark("ctl", "scope");
     let (spec, grants, egress_needed) = match build_spec(&a) {
         Ok(s) => s,
         Err(e) => {
@@ -173,6 +194,7 @@ pub fn run(a: RunArgs) -> i32 {
         }),
         ..Default::default()
     };
+    trace::mark("ctl", "launcher starts");
     let outcome = sandbox::run_with(&spec, io);
     // Every egress decision of the run is in the audit log before aitherctl exits.
     if let Some(g) = egress_running.take() {
@@ -215,25 +237,24 @@ pub fn run(a: RunArgs) -> i32 {
 }
 
 /// The spec through the one launch path shared with `spawn` and `export`
-/// (`aither::prepare`): the token verified (or minted from the policy with a one-launch key
-/// and verified the same way), the subject, the spec, the workspace checked as a descriptor.
+/// (`aither::prepare`): the token verified (or, from a policy, the claims checked as a token's
+/// are, `OneLaunch`), the subject, the spec, the workspace checked as a descriptor.
 fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrants, bool)> {
-    let mut trace = Trace::new();
     let text;
     let (source, auth): (Source<'_>, Box<dyn Authority>) = match &a.token {
         Some(arg) => {
             text = crate::token_cmd::read_token_arg(arg)?.encode();
-            trace.step("read+decode");
+            trace::mark("ctl", "read+decode");
             let auth = HostAuthority::load(&token::state_dir())?;
-            trace.step("host key+revocations");
+            trace::mark("ctl", "host key+revocations");
             (Source::Token(&text), Box::new(auth))
         }
-        // A one-launch root key: the token never leaves this process, so it needs no host
-        // key (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a
-        // first `run`); it is minted and verified exactly as any other token.
+        // One launch: the token would never leave this process, so it needs no host key
+        // (which would cost a file read, ≈0.2 ms, and create /var/lib/aither/keys on a first
+        // `run`) and no signature (`OneLaunch`); its claims are checked as any token's are.
         None => (
             Source::Policy(a.policy.as_deref().unwrap_or("strict")),
-            Box::new(OneLaunch::new()?),
+            Box::new(OneLaunch::new()),
         ),
     };
     let cwd = std::env::current_dir()?;
@@ -266,7 +287,6 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
         PrepareError::Token(t) => anyhow::Error::new(t),
         e => anyhow::Error::new(e),
     })?;
-    trace.step("prepare");
     let claims = p.verified.effective();
     if claims.gpu.count > 0 {
         // GPUs are leased by aitherd's scheduler; a one-shot run never opens one.
@@ -282,35 +302,4 @@ fn build_spec(a: &RunArgs) -> anyhow::Result<(SandboxSpec, aither::net::NetGrant
         w.as_owner = a.workspace_as_owner;
     }
     Ok((spec, p.net, p.egress))
-}
-
-/// `AITHER_TRACE_LAUNCH=1`: microseconds of each step before the launch, in the launcher's
-/// trace format.
-struct Trace {
-    on: bool,
-    start: Instant,
-    last: Instant,
-}
-
-impl Trace {
-    fn new() -> Trace {
-        let now = Instant::now();
-        Trace {
-            on: std::env::var_os("AITHER_TRACE_LAUNCH").is_some_and(|v| v == "1"),
-            start: now,
-            last: now,
-        }
-    }
-
-    fn step(&mut self, name: &str) {
-        if self.on {
-            let now = Instant::now();
-            eprintln!(
-                "aither-trace: token    {name:<22} {:>9.0} {:>9.0}",
-                (now - self.start).as_secs_f64() * 1e6,
-                (now - self.last).as_secs_f64() * 1e6
-            );
-            self.last = now;
-        }
-    }
 }

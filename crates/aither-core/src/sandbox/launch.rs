@@ -343,7 +343,7 @@ impl Drop for SignalGuard {
 }
 
 fn trace_enabled() -> bool {
-    std::env::var_os("AITHER_TRACE_LAUNCH").is_some_and(|v| v == "1")
+    crate::trace::enabled()
 }
 
 /// Runs `spec` in a new sandbox and waits for it.

@@ -232,10 +232,23 @@ pub fn verify(
         return Err(TokenError::BadProof);
     }
 
-    // 4. Claims, each narrowing its parent.
-    let mut blocks: Vec<Claims> = Vec::with_capacity(token.blocks.len());
-    for (i, b) in token.blocks.iter().enumerate() {
-        let c = Claims::from_payload(&b.payload).map_err(|e| TokenError::InvalidClaims {
+    // 4 and 5. Claims, each narrowing its parent, and time.
+    let blocks = checked_claims(token.blocks.iter().map(|b| b.payload.as_slice()), now)?;
+
+    // 6. Revocation.
+    check_revocations(&blocks, revocations)?;
+    Ok(Verified { blocks })
+}
+
+/// Steps 4 and 5 of `verify`: every payload parses as claims, each narrows its parent, and
+/// every block is in its time.
+fn checked_claims<'a>(
+    payloads: impl Iterator<Item = &'a [u8]>,
+    now: u64,
+) -> Result<Vec<Claims>, TokenError> {
+    let mut blocks: Vec<Claims> = Vec::new();
+    for (i, payload) in payloads.enumerate() {
+        let c = Claims::from_payload(payload).map_err(|e| TokenError::InvalidClaims {
             block: i,
             reason: e.to_string(),
         })?;
@@ -246,8 +259,12 @@ pub fn verify(
         }
         blocks.push(c);
     }
+    check_time(&blocks, now)?;
+    Ok(blocks)
+}
 
-    // 5. Time.
+/// Step 5 of `verify`: for every block iat ≤ now + skew and now < exp.
+pub fn check_time(blocks: &[Claims], now: u64) -> Result<(), TokenError> {
     for (i, c) in blocks.iter().enumerate() {
         if c.iat > now.saturating_add(CLOCK_SKEW_SECS) {
             return Err(TokenError::NotYetValid {
@@ -264,9 +281,15 @@ pub fn verify(
             });
         }
     }
+    Ok(())
+}
 
-    // 6. Revocation.
-    for c in &blocks {
+/// Step 6 of `verify`: no block's id is revoked.
+pub fn check_revocations(
+    blocks: &[Claims],
+    revocations: &dyn RevocationCheck,
+) -> Result<(), TokenError> {
+    for c in blocks {
         if let Some(r) = revocations.revoked(&c.id)? {
             return Err(TokenError::Revoked {
                 id: c.id.clone(),
@@ -275,5 +298,21 @@ pub fn verify(
             });
         }
     }
-    Ok(Verified { blocks })
+    Ok(())
+}
+
+/// Claims made in this process into verified claims, for a launch whose token would never
+/// leave it (`aitherctl run --policy`, `export --policy`): everything `verify` checks but the
+/// signatures and the revocation list. A signature by a key made for this one launch, checked
+/// by the same process a moment later, proves only that this process made the claims, which
+/// it knows; no revocation can name an id drawn a moment ago. What the check stands for is
+/// kept: the claims go through the token's encoding and back (its size limit, the payload's
+/// parser and validation, the time window), and the sandbox is derived from what came back,
+/// exactly as from a verified token (docs/tokens.md, "One-launch tokens").
+pub fn verified_here(claims: &Claims, now: u64) -> Result<Verified, TokenError> {
+    let payload = claims.to_payload();
+    check_payload_size(&payload)?;
+    Ok(Verified {
+        blocks: checked_claims(std::iter::once(payload.as_slice()), now)?,
+    })
 }

@@ -19,6 +19,7 @@
 //! The format and every rule are documented in docs/tokens.md.
 
 pub mod attenuate;
+pub mod cache;
 pub mod chain;
 pub mod claims;
 pub mod format;
@@ -29,7 +30,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use attenuate::Attenuation;
-pub use chain::{fresh_key, mint, verify, Verified};
+pub use cache::VerifiedCache;
+pub use chain::{fresh_key, mint, verified_here, verify, Verified};
 pub use claims::{narrows, BusClaim, Claims, GpuClaim, MemoryGrant, TierClaim};
 pub use format::{SignedBlock, Token, TEXT_PREFIX, VERSION};
 pub use keys::{parse_public_key, HostKey};

@@ -907,3 +907,114 @@ fn memory_tiers_grants_and_quotas_only_narrow() {
     assert!(attenuate::parse_mem_quota("codegraph").is_err());
     assert!(attenuate::parse_mem_quota("codegraph=").is_err());
 }
+
+/// A one-launch token's claims (`verified_here`, no signature) are exactly what minting and
+/// verifying them gives, and the same checks but the signature's refuse them: its time
+/// window and the payload's size limit.
+#[test]
+fn claims_verified_here_are_the_claims_a_verified_token_carries() {
+    let c = claims("strict");
+    let signed = check(&mint(&root_key(), &c).expect("mint")).expect("verify");
+    let here = verified_here(&c, NOW + 1).expect("verified here");
+    assert_eq!(here.blocks, signed.blocks);
+
+    let e = verified_here(&c, c.exp).unwrap_err();
+    assert!(matches!(e, TokenError::Expired { block: 0, .. }), "{e:?}");
+    let e = verified_here(&c, NOW - CLOCK_SKEW_SECS - 1).unwrap_err();
+    assert!(
+        matches!(e, TokenError::NotYetValid { block: 0, .. }),
+        "{e:?}"
+    );
+
+    let mut big = claims("strict");
+    big.subject = "a".repeat(format::MAX_PAYLOAD);
+    let e = verified_here(&big, NOW + 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TokenError::BadRequest {
+                field: "claims",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+/// A revocation list of one id, for the cache's tests.
+struct RevokedId(String);
+
+impl RevocationCheck for RevokedId {
+    fn revoked(&self, id: &str) -> Result<Option<Revoked>, TokenError> {
+        Ok((id == self.0).then(|| Revoked {
+            id: id.into(),
+            at: NOW,
+            reason: "test".into(),
+        }))
+    }
+}
+
+/// The verified-token cache gives what `verify` gives, and what can change after a token was
+/// verified is checked at every use: a cached token expires, and is refused once revoked.
+/// Attenuated tokens are not kept; a forged one is never served from the cache.
+#[test]
+fn the_verified_cache_rechecks_time_and_revocation_at_every_use() {
+    let pk = root_key().verifying_key();
+    let cache = VerifiedCache::new(2);
+    let (t, c) = minted("strict");
+    let text = t.encode();
+    let first = cache
+        .verify(&text, &pk, NOW + 1, &NoRevocations)
+        .expect("verify");
+    assert_eq!(cache.len(), 1);
+    let again = cache
+        .verify(&text, &pk, NOW + 2, &NoRevocations)
+        .expect("cached");
+    assert_eq!(first.blocks, again.blocks);
+    let e = cache.verify(&text, &pk, c.exp, &NoRevocations).unwrap_err();
+    assert!(matches!(e, TokenError::Expired { .. }), "{e:?}");
+    let e = cache
+        .verify(&text, &pk, NOW + 3, &RevokedId(c.id.clone()))
+        .unwrap_err();
+    assert!(matches!(e, TokenError::Revoked { .. }), "{e:?}");
+
+    // Another key: not the cached entry (the key is part of the digest).
+    let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
+    let e = cache
+        .verify(&text, &other, NOW + 1, &NoRevocations)
+        .unwrap_err();
+    assert!(matches!(e, TokenError::WrongKey { .. }), "{e:?}");
+
+    // A forged text is verified, and refused, every time.
+    let mut forged = t.clone();
+    forged.blocks[0].signature[0] ^= 1;
+    for _ in 0..2 {
+        let e = cache.verify(&forged.encode(), &pk, NOW + 1, &NoRevocations);
+        assert!(
+            matches!(e, Err(TokenError::BadSignature { block: 0 })),
+            "{e:?}"
+        );
+    }
+
+    // Attenuated: verified, not kept.
+    let child = Attenuation {
+        pids: Some(16),
+        ..Default::default()
+    }
+    .apply(&c, NOW)
+    .expect("attenuate");
+    let t2 = t.append(&child).expect("append");
+    cache
+        .verify(&t2.encode(), &pk, NOW + 1, &NoRevocations)
+        .expect("verify");
+    assert_eq!(cache.len(), 1);
+
+    // Bounded: a full cache drops what expired, then everything.
+    for _ in 0..3 {
+        let (t, _) = minted("strict");
+        cache
+            .verify(&t.encode(), &pk, NOW + 1, &NoRevocations)
+            .expect("verify");
+        assert!(cache.len() <= 2);
+    }
+}
