@@ -89,6 +89,10 @@ pub struct Workspace {
     /// Set by the launcher when that fallback was taken: a plain bind, its flags set inside.
     #[serde(default)]
     pub plain: bool,
+    /// A layered workspace's own directory (`<state>/layers/<name>`: `upper`, `work`, the
+    /// record of its lower directory), root's 0700 (docs/workspaces.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<PathBuf>,
 }
 
 /// A directory's identity: (st_dev, st_ino).
@@ -267,6 +271,13 @@ impl SandboxSpec {
                     pinned: None,
                     as_owner: false,
                     plain: false,
+                    // Named after the agent: one layer per agent name.
+                    layer: (access == WorkspaceAccess::Layered).then(|| {
+                        super::layer::layer_path(
+                            &crate::token::state_dir(),
+                            &sanitize_name(opts.name.as_deref().unwrap_or("run")),
+                        )
+                    }),
                 })
             }
         };

@@ -156,6 +156,16 @@ pub fn idmap_userns(
     owner_gid: u32,
     agent_host_id: u32,
 ) -> io::Result<(OwnedFd, IdmapHelper)> {
+    idmap_userns_maps(
+        &format!("{owner_uid} {agent_host_id} 1\n"),
+        &format!("{owner_gid} {agent_host_id} 1\n"),
+    )
+}
+
+/// [`idmap_userns`] with the maps written as given (`inside outside count` lines: the
+/// on-disk id, then the id it is seen as through the mount). A layered workspace's upper
+/// layer maps its store ids to the agent and root to root (sandbox::layer).
+pub fn idmap_userns_maps(uid_map: &str, gid_map: &str) -> io::Result<(OwnedFd, IdmapHelper)> {
     let mut stack: Vec<u8> = Vec::with_capacity(16 * 1024);
     // SAFETY: the stack grows down from the end of the allocation; it outlives the child: it
     // moves into the IdmapHelper, which reaps the child before dropping it.
@@ -178,15 +188,9 @@ pub fn idmap_userns(
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let result = (|| {
         let proc = Path::new("/proc").join(pid.to_string());
-        sys::write_file(
-            &proc.join("uid_map"),
-            &format!("{owner_uid} {agent_host_id} 1\n"),
-        )?;
+        sys::write_file(&proc.join("uid_map"), uid_map)?;
         sys::write_file(&proc.join("setgroups"), "deny")?;
-        sys::write_file(
-            &proc.join("gid_map"),
-            &format!("{owner_gid} {agent_host_id} 1\n"),
-        )?;
+        sys::write_file(&proc.join("gid_map"), gid_map)?;
         sys::open(&proc.join("ns/user"), libc::O_RDONLY)
     })();
     // The namespace lives on through the descriptor; the child is no longer needed.
