@@ -1,0 +1,381 @@
+//! Layered workspaces (docs/workspaces.md): the agent writes into a layer of its own, the
+//! user's directory changes only through `aitherctl apply`, `diff` shows exactly what changed,
+//! and `apply` never follows a link the agent made. Real `aitherctl run` sandboxes under the
+//! `ci` policy (layered by default), with a state directory of the test's own.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{require_root, unique, Workspace, AITHERCTL};
+use serde_json::Value;
+
+/// A workspace, a state directory (where the layers live) and one agent name.
+struct Layered {
+    ws: Workspace,
+    state: tempfile::TempDir,
+    name: String,
+}
+
+impl Layered {
+    fn new(tag: &str) -> Layered {
+        require_root();
+        let state = tempfile::Builder::new()
+            .prefix("aither-layered-state-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        Layered {
+            ws: Workspace::new(),
+            state,
+            name: unique(tag),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.ws.path()
+    }
+
+    fn layer(&self) -> PathBuf {
+        self.state.path().join("layers").join(&self.name)
+    }
+
+    /// `aitherctl run --policy ci … -- sh -c SCRIPT` in the workspace; asserts success.
+    fn agent(&self, script: &str) -> String {
+        let out = self.run_policy("ci", script);
+        assert!(
+            out.status.success(),
+            "the agent failed\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run_policy(&self, policy: &str, script: &str) -> std::process::Output {
+        let mut c = self
+            .ws
+            .command(policy, &[], &["/bin/sh", "-c", script], &self.name);
+        c.env("AITHER_STATE_DIR", self.state.path());
+        c.output().expect("run aitherctl")
+    }
+
+    /// `aitherctl ARGS` with this state directory: (exit code, stdout, stderr).
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(AITHERCTL)
+            .env("AITHER_STATE_DIR", self.state.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run aitherctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctl(args);
+        assert_eq!(code, 0, "aitherctl {args:?} failed\n{out}\n{err}");
+        out
+    }
+
+    /// `diff --json`: path -> (change, kind after or before, mode after, link target after).
+    fn changes(&self) -> BTreeMap<String, (String, String, Option<u64>, Option<String>)> {
+        let v: Value = serde_json::from_str(&self.ok(&["diff", &self.name, "--json"])).unwrap();
+        v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let side = if c["after"].is_null() {
+                    &c["before"]
+                } else {
+                    &c["after"]
+                };
+                (
+                    c["path"].as_str().unwrap().to_string(),
+                    (
+                        c["change"].as_str().unwrap().to_string(),
+                        side["kind"].as_str().unwrap().to_string(),
+                        c["after"]["mode"].as_u64(),
+                        c["after"]["target"].as_str().map(String::from),
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Everything under a directory: relative path -> (kind, mode, content or link target), the
+/// aither-probe copy left out.
+fn tree(root: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "aither-probe" {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, ('l', 0, t.into_os_string().into_encoded_bytes()));
+            } else if m.is_dir() {
+                out.insert(rel, ('d', mode, Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, ('f', mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn seed(root: &Path) {
+    std::fs::create_dir_all(root.join("src/old")).unwrap();
+    std::fs::write(root.join("README"), "hello\n").unwrap();
+    std::fs::write(root.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+    std::fs::write(root.join("src/gone.rs"), "bye\n").unwrap();
+    std::fs::write(root.join("src/old/name.rs"), "renamed\n").unwrap();
+    std::fs::write(root.join("run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+const EDITS: &str = "set -e
+printf 'fn a() {}\\nfn b2() {}\\n' > src/lib.rs
+echo new > src/new.rs
+rm src/gone.rs
+mv src/old/name.rs src/old/renamed.rs
+ln -s ../README src/readme-link
+chmod 755 run.sh
+mkdir -p docs && echo doc > docs/a.md
+echo hostile > README.tmp && rm README.tmp";
+
+#[test]
+fn the_agents_writes_reach_the_directory_only_through_apply_and_diff_is_exact() {
+    let l = Layered::new("layered-diff");
+    seed(l.path());
+    let before = tree(l.path());
+    let inside = l.agent(&format!("{EDITS}\ncat src/lib.rs; ls src"));
+    // The agent sees its own writes…
+    assert!(
+        inside.contains("fn b2()") && inside.contains("new.rs"),
+        "{inside}"
+    );
+    // …and the directory is exactly as it was.
+    assert_eq!(
+        tree(l.path()),
+        before,
+        "the agent's writes reached the directory"
+    );
+
+    let got = l.changes();
+    let want: BTreeMap<String, (String, String, Option<u64>, Option<String>)> = [
+        ("docs", ("added", "dir", Some(0o755), None)),
+        ("docs/a.md", ("added", "file", Some(0o644), None)),
+        ("run.sh", ("changed", "file", Some(0o755), None)),
+        ("src/gone.rs", ("removed", "file", None, None)),
+        ("src/lib.rs", ("changed", "file", Some(0o644), None)),
+        ("src/new.rs", ("added", "file", Some(0o644), None)),
+        ("src/old/name.rs", ("removed", "file", None, None)),
+        ("src/old/renamed.rs", ("added", "file", Some(0o644), None)),
+        (
+            "src/readme-link",
+            ("added", "symlink", Some(0o777), Some("../README")),
+        ),
+    ]
+    .into_iter()
+    .map(|(p, (c, k, m, t))| {
+        (
+            p.to_string(),
+            (c.to_string(), k.to_string(), m, t.map(String::from)),
+        )
+    })
+    .collect();
+    assert_eq!(got, want);
+    // The unified diff of the edited file.
+    let text = l.ok(&["diff", &l.name, "src/lib.rs"]);
+    assert!(
+        text.contains("-fn b() {}") && text.contains("+fn b2() {}"),
+        "{text}"
+    );
+    let stat = l.ok(&["diff", &l.name, "--stat"]);
+    assert!(stat.contains("5 added, 2 changed, 2 removed"), "{stat}");
+
+    // A subset first: only src/lib.rs changes in the directory.
+    l.ok(&["apply", &l.name, "src/lib.rs"]);
+    let mut expect = before.clone();
+    expect.get_mut("src/lib.rs").unwrap().2 = b"fn a() {}\nfn b2() {}\n".to_vec();
+    assert_eq!(tree(l.path()), expect);
+    assert!(!l.changes().contains_key("src/lib.rs"));
+
+    // Then the rest: the directory is what the agent saw.
+    l.ok(&["apply", &l.name]);
+    let after = tree(l.path());
+    assert_eq!(after["run.sh"].1, 0o755);
+    assert_eq!(after["src/readme-link"], ('l', 0, b"../README".to_vec()));
+    assert!(!after.contains_key("src/gone.rs") && !after.contains_key("src/old/name.rs"));
+    assert_eq!(after["src/old/renamed.rs"].2, b"renamed\n");
+    assert_eq!(after["docs/a.md"].2, b"doc\n");
+    assert!(l.changes().is_empty(), "applied changes still show");
+}
+
+#[test]
+fn apply_never_follows_a_link_the_agent_made() {
+    let l = Layered::new("layered-links");
+    let host_file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    std::fs::write(host_file.path(), "host secret\n").unwrap();
+    let etc_passwd = std::fs::read("/etc/passwd").unwrap();
+    // First run: links to /etc and to a host file, applied as links.
+    l.agent(&format!(
+        "ln -s /etc out && ln -s {} hf",
+        host_file.path().display()
+    ));
+    l.ok(&["apply", &l.name]);
+    assert_eq!(
+        std::fs::read_link(l.path().join("out")).unwrap(),
+        Path::new("/etc")
+    );
+    // Second run, same layer: the link becomes a directory with a passwd in it, and the
+    // host-file link a file.
+    l.agent("rm out hf && mkdir out && echo pwned > out/passwd && echo pwned > hf");
+    // Only the file below the link: its parent in the directory is still the link to /etc,
+    // which is refused, not followed.
+    let (code, _, err) = l.ctl(&["apply", &l.name, "out/passwd"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), etc_passwd);
+    // Everything: the links are replaced, never written through.
+    l.ok(&["apply", &l.name]);
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), etc_passwd);
+    assert_eq!(
+        std::fs::read_to_string(host_file.path()).unwrap(),
+        "host secret\n"
+    );
+    let out = std::fs::symlink_metadata(l.path().join("out")).unwrap();
+    assert!(out.is_dir());
+    assert_eq!(
+        std::fs::read(l.path().join("out/passwd")).unwrap(),
+        b"pwned\n"
+    );
+    assert!(std::fs::symlink_metadata(l.path().join("hf"))
+        .unwrap()
+        .is_file());
+}
+
+#[test]
+fn set_id_bits_are_dropped_and_host_run_files_need_the_flag() {
+    let l = Layered::new("layered-hostrun");
+    std::fs::create_dir_all(l.path().join(".git/hooks")).unwrap();
+    // The agent's own mode bits (seccomp refuses set-id modes inside, so the layer is given
+    // one directly, as a hostile layer could be): apply keeps rwx only.
+    l.agent("echo x > tool && chmod 0755 tool && printf '#!/bin/sh\\ntouch /tmp/pwned\\n' > .git/hooks/post-checkout && chmod 755 .git/hooks/post-checkout && echo 'eval x' > .envrc");
+    let upper_tool = l.layer().join("upper/tool");
+    std::fs::set_permissions(&upper_tool, std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let (code, _, err) = l.ctl(&["apply", &l.name]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(".git/hooks/post-checkout") && err.contains("--allow-host-run"),
+        "{err}"
+    );
+    assert!(
+        !l.path().join("tool").exists(),
+        "a refused apply wrote something"
+    );
+    l.ok(&["apply", &l.name, "tool"]);
+    assert_eq!(
+        std::fs::metadata(l.path().join("tool")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    assert!(!l.path().join(".git/hooks/post-checkout").exists());
+    l.ok(&["apply", &l.name, "--allow-host-run"]);
+    assert!(l.path().join(".git/hooks/post-checkout").exists());
+    assert!(l.path().join(".envrc").exists());
+}
+
+#[test]
+fn a_members_directory_gets_files_as_the_member_and_discard_forgets_the_changes() {
+    let l = Layered::new("layered-owner");
+    std::os::unix::fs::chown(l.path(), Some(4321), Some(4321)).unwrap();
+    l.agent("echo mine > f && id -u");
+    let upper = l.layer().join("upper");
+    // The layer is root's; the upper layer's files are stored as the directory's owner.
+    let layer_meta = std::fs::metadata(l.layer()).unwrap();
+    assert_eq!((layer_meta.uid(), layer_meta.mode() & 0o777), (0, 0o700));
+    assert_eq!(std::fs::metadata(upper.join("f")).unwrap().uid(), 4321);
+    l.ok(&["apply", &l.name, "f"]);
+    let m = std::fs::metadata(l.path().join("f")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (4321, 4321),
+        "apply wrote as someone else"
+    );
+    // Another change, then discard: nothing of it is left, and the next run starts from the
+    // directory.
+    l.agent("echo later > g && rm f");
+    assert_eq!(l.changes().len(), 2);
+    l.ok(&["discard", &l.name]);
+    let (code, _, err) = l.ctl(&["diff", &l.name]);
+    assert_eq!(code, 1, "{err}");
+    let seen = l.agent("ls");
+    assert!(seen.contains('f') && !seen.contains('g'), "{seen}");
+    assert!(!l.path().join("g").exists());
+}
+
+#[test]
+fn a_layer_is_bound_to_its_directory() {
+    let l = Layered::new("layered-bound");
+    l.agent("echo x > f");
+    // The same agent name over another directory: refused, nothing mounted.
+    let other = Workspace::new();
+    let mut c = other.command("ci", &[], &["/bin/true"], &l.name);
+    c.env("AITHER_STATE_DIR", l.state.path());
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("holds the changes to"), "{err}");
+}
+
+#[test]
+fn a_state_directory_on_overlayfs_is_refused_with_what_to_do() {
+    // The upper layer cannot live on overlayfs: in a mount namespace of the test's own, the
+    // state directory is an overlay mount; the run is refused (no fallback gives the agent
+    // the directory itself).
+    let l = Layered::new("layered-refused");
+    let base = tempfile::Builder::new()
+        .prefix("aither-layered-ovl-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    for d in ["l", "u", "w", "m"] {
+        std::fs::create_dir(base.path().join(d)).unwrap();
+    }
+    let b = base.path().display();
+    let script = format!(
+        "mount -t overlay overlay -o lowerdir={b}/l,upperdir={b}/u,workdir={b}/w {b}/m && \
+         AITHER_STATE_DIR={b}/m AITHER_POLICY_DIR={} {AITHERCTL} run --policy ci --workspace {} --name {} -- /bin/sh -c 'echo x > f'",
+        common::policy_dir().display(),
+        l.path().display(),
+        l.name
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "/bin/sh", "-c", &script])
+        .env("AITHER_AUDIT_LOG", common::test_audit_log())
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare(1) from util-linux");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("overlayfs refused the layers") && err.contains("no fallback"),
+        "{err}"
+    );
+    assert!(!l.path().join("f").exists());
+}
