@@ -379,3 +379,50 @@ fn a_state_directory_on_overlayfs_is_refused_with_what_to_do() {
     );
     assert!(!l.path().join("f").exists());
 }
+
+#[test]
+fn a_daemon_agent_under_ci_writes_into_its_layer_and_rm_removes_it() {
+    let d = common::daemon::TestDaemon::start("aither-layered-d-", &[]);
+    let name = unique("layered-spawn");
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    std::fs::write(d.ws.path().join("keep"), "as it was\n").unwrap();
+    d.ok(&[
+        "spawn",
+        "--policy",
+        "ci",
+        "--workspace",
+        &ws,
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo changed > keep && echo new > added",
+    ]);
+    let exited = common::poll_until(std::time::Duration::from_secs(60), || {
+        let v: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
+        v["state"] == "exited"
+    });
+    assert!(exited, "{}", d.ok(&["inspect", &name]));
+    assert_eq!(
+        std::fs::read_to_string(d.ws.path().join("keep")).unwrap(),
+        "as it was\n"
+    );
+    assert!(!d.ws.path().join("added").exists());
+    let v: Value = serde_json::from_str(&d.ok(&["diff", &name, "--json"])).unwrap();
+    let paths: Vec<&str> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["added", "keep"]);
+    d.ok(&["apply", &name, "keep"]);
+    assert_eq!(
+        std::fs::read_to_string(d.ws.path().join("keep")).unwrap(),
+        "changed\n"
+    );
+    let layer = d.state.path().join("state/layers").join(&name);
+    assert!(layer.join("upper/added").exists());
+    d.ok(&["rm", &name]);
+    assert!(!layer.exists(), "rm left the agent's layer");
+}

@@ -807,6 +807,16 @@ async fn rm(d: &Shared, name: String, force: bool, purge_memory: bool) -> Reply 
         );
     }
     let reply = command(d, &name, |reply| Cmd::Remove { reply }).await;
+    if reply.ok {
+        // Its layered workspace's changes go with it (docs/workspaces.md): a later agent of
+        // the same name starts from its directory.
+        let layer = crate::sandbox::layer::layer_path(&crate::token::state_dir(), &name);
+        let removed =
+            tokio::task::spawn_blocking(move || crate::sandbox::layer::remove(&layer)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(agent = %name, error = %e, "removing the agent's layer");
+        }
+    }
     if reply.ok && purge_memory {
         let d2 = d.clone();
         let n2 = name.clone();
