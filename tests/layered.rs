@@ -426,3 +426,122 @@ fn a_daemon_agent_under_ci_writes_into_its_layer_and_rm_removes_it() {
     d.ok(&["rm", &name]);
     assert!(!layer.exists(), "rm left the agent's layer");
 }
+
+#[test]
+fn snapshot_restore_and_fork_round_trip() {
+    let l = Layered::new("layered-snap");
+    std::fs::write(l.path().join("base"), "base\n").unwrap();
+    l.agent("echo one > a && rm base && mkdir d && ln -s a d/link");
+    let s: Value = serde_json::from_str(&l.ok(&["snapshot", &l.name, "--json"])).unwrap();
+    assert_eq!(s["tag"], "s1");
+    assert!(
+        s["stats"]["reflinked"].as_u64().unwrap() + s["stats"]["copied"].as_u64().unwrap() >= 1
+    );
+    let at_s1 = l.changes();
+    // Later work, then back to s1: the layer is as it was, whiteout and link included.
+    l.agent("echo two > a && echo more > b && rm -r d");
+    assert_ne!(l.changes(), at_s1);
+    l.ok(&["restore", &l.name, "s1"]);
+    assert_eq!(l.changes(), at_s1);
+    let seen = l.agent("cat a; ls; readlink d/link");
+    assert_eq!(seen, "one\na\naither-probe\nd\na\n", "{seen}");
+    let list: Value = serde_json::from_str(&l.ok(&["snapshots", &l.name, "--json"])).unwrap();
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
+
+    // A fork from the snapshot: a new agent that starts where s1 was, its own layer.
+    l.agent("echo three > a");
+    let fork = unique("layered-fork");
+    l.ok(&["fork", &l.name, &fork, "--from", "s1"]);
+    let mut c = l.ws.command(
+        "ci",
+        &[],
+        &["/bin/sh", "-c", "cat a; echo forked > f"],
+        &fork,
+    );
+    c.env("AITHER_STATE_DIR", l.state.path());
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n");
+    // The original kept its own changes; the directory has none of either.
+    assert_eq!(
+        l.agent("cat a; ls f 2>/dev/null || echo no-f"),
+        "three\nno-f\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(l.path().join("base")).unwrap(),
+        "base\n"
+    );
+    assert!(!l.path().join("a").exists());
+    // A second fork onto an existing layer is refused.
+    let (code, _, err) = l.ctl(&["fork", &l.name, &fork]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already has a layer"), "{err}");
+}
+
+#[test]
+fn a_running_daemon_agent_is_frozen_while_it_is_snapshotted() {
+    let d = common::daemon::TestDaemon::start("aither-layered-snap-", &[]);
+    let name = unique("layered-live");
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    d.ok(&[
+        "spawn",
+        "--policy",
+        "ci",
+        "--workspace",
+        &ws,
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > counter; sleep 0.01; done",
+    ]);
+    let layer = d.state.path().join("state/layers").join(&name);
+    assert!(common::poll_until(
+        std::time::Duration::from_secs(30),
+        || layer.join("upper/counter").exists()
+    ));
+    let s: Value = serde_json::from_str(&d.ok(&["snapshot", &name, "--json"])).unwrap();
+    assert_eq!(s["frozen"], true, "{s}");
+    // Thawed again: it goes on counting.
+    let v: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    let snap = std::fs::read_to_string(layer.join("snapshots/s1/upper/counter")).unwrap();
+    assert!(snap.trim().parse::<u64>().is_ok(), "{snap:?}");
+    // restore is refused while it runs.
+    let o = d.ctl(&["restore", &name, "s1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("stop it first"));
+    d.ok(&["stop", &name]);
+    d.ok(&["restore", &name, "s1"]);
+    assert_eq!(
+        std::fs::read_to_string(layer.join("upper/counter")).unwrap(),
+        snap
+    );
+}
+
+#[test]
+fn an_oci_export_of_a_layered_policy_is_refused() {
+    let l = Layered::new("layered-oci");
+    let out = l.state.path().join("bundle");
+    let mut c = Command::new(AITHERCTL);
+    c.env("AITHER_POLICY_DIR", common::policy_dir()).args([
+        "export",
+        "oci",
+        "--policy",
+        "ci",
+        "--workspace",
+        l.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot be exported to an OCI bundle"), "{err}");
+}

@@ -395,3 +395,256 @@ pub fn discard(a: DiscardArgs) -> i32 {
         Err(e) => fail(&e.into()),
     }
 }
+
+/// Copy an agent's layered workspace changes into a snapshot.
+///
+/// Copies the agent's layer (its changes over the directory) into a snapshot named TAG (by
+/// default s1, s2, …). A running daemon agent is frozen through the cgroup freezer while
+/// the copy is made (`aitherctl pause`/`resume`), so the snapshot is one moment of its
+/// files. Files are shared with the layer by reflink (FICLONE) where the filesystem of the
+/// state directory has it (btrfs, xfs), else copied; the output says which, and how long
+/// the copy took.
+///
+/// Exit status: 0 taken; 1 refused or failed (no layer, the tag exists); 2 bad usage;
+/// 3 aitherd needed to freeze a running agent and not reachable.
+///
+/// Examples:
+///   aitherctl snapshot fix1
+///   aitherctl snapshot fix1 --tag before-refactor --json
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct SnapshotArgs {
+    /// The agent.
+    name: String,
+    /// The snapshot's tag (letters, digits, '.', '_', '-'; default: the next free sN).
+    #[arg(long)]
+    tag: Option<String>,
+    /// The snapshot's record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// List an agent's layered workspace snapshots.
+///
+/// Exit status: 0 listed; 1 no layer; 2 bad usage.
+///
+/// Example:
+///   aitherctl snapshots fix1 [--json]
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct SnapshotsArgs {
+    /// The agent.
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Put an agent's layered workspace back to a snapshot.
+///
+/// Replaces the agent's layer with snapshot TAG (the snapshots stay). The agent must not
+/// be running (stop it first); its next start sees the files as they were at the snapshot.
+///
+/// Exit status: 0 restored; 1 refused or failed (running, no such snapshot); 2 bad usage.
+///
+/// Example:
+///   aitherctl restore fix1 s1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct RestoreArgs {
+    /// The agent.
+    name: String,
+    /// The snapshot.
+    tag: String,
+}
+
+/// Start a new agent's layered workspace as a copy of another's.
+///
+/// Makes NEW's layer a copy of NAME's (its current changes, or snapshot --from TAG), bound to
+/// the same directory. Then start NEW like any agent, with the same policy and workspace and
+/// whatever command tries the other approach (`aitherctl spawn -p ci -w DIR NEW -- …` or
+/// `aitherctl run … --name NEW`): it starts where NAME was. NAME keeps its layer. A running
+/// NAME is frozen while its layer is copied.
+///
+/// Exit status: 0 forked; 1 refused or failed (NEW has a layer, no such snapshot); 2 bad
+/// usage.
+///
+/// Examples:
+///   aitherctl fork fix1 fix1-b
+///   aitherctl fork fix1 fix1-b --from s1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct ForkArgs {
+    /// The agent to copy from.
+    name: String,
+    /// The new agent's name.
+    new: String,
+    /// A snapshot of NAME instead of its current changes.
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn root_only(what: &str) -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("the layers are root's; run {what} as root (members' agents: docs/workspaces.md)");
+    }
+    Ok(())
+}
+
+/// The daemon's state of agent `name`, when aitherd runs and knows it.
+fn daemon_state(name: &str) -> Option<String> {
+    use aither::daemon::proto::Request;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path()).ok()?;
+    let r = c
+        .call(&Request::Inspect {
+            name: name.to_string(),
+        })
+        .ok()?;
+    r.ok.then(|| r.data?.get("state")?.as_str().map(String::from))
+        .flatten()
+}
+
+fn daemon_act(req: aither::daemon::proto::Request) -> anyhow::Result<()> {
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let r = c.call(&req)?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` with daemon agent `name` frozen if it is running (thawed again whatever `f`
+/// returns); `f` learns whether it was.
+fn frozen<T>(name: &str, f: impl FnOnce(bool) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use aither::daemon::proto::Request;
+    let running = daemon_state(name).as_deref() == Some("running");
+    if running {
+        daemon_act(Request::Pause { name: name.into() }).context("freezing the agent")?;
+    }
+    let r = f(running);
+    if running {
+        daemon_act(Request::Resume { name: name.into() }).context("thawing the agent")?;
+    }
+    r
+}
+
+pub fn snapshot(a: SnapshotArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::Snapshot> {
+        root_only("snapshot")?;
+        let layer = layer_path(&a.name)?;
+        let tag = match &a.tag {
+            Some(t) => t.clone(),
+            None => core_layer::next_tag(&layer)?,
+        };
+        frozen(&a.name, |was| Ok(core_layer::snapshot(&layer, &tag, was)?))
+    })();
+    match r {
+        Ok(s) if a.json => {
+            println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            0
+        }
+        Ok(s) => {
+            println!(
+                "{}: snapshot {} ({} entries, {} bytes; {} reflinked, {} copied; {} ms{})",
+                a.name,
+                s.tag,
+                s.stats.entries,
+                s.stats.bytes,
+                s.stats.reflinked,
+                s.stats.copied,
+                s.copy_ms,
+                if s.frozen { ", agent frozen" } else { "" }
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn snapshots(a: SnapshotsArgs) -> i32 {
+    let r = root_only("snapshots")
+        .and_then(|()| layer_path(&a.name))
+        .and_then(|l| Ok(core_layer::snapshots(&l)?));
+    match r {
+        Ok(list) if a.json => {
+            println!("{}", json!({"agent": a.name, "snapshots": list}));
+            0
+        }
+        Ok(list) => {
+            println!(
+                "{:<20} {:>20} {:>8} {:>12} {:>9} {:>8}",
+                "TAG", "CREATED", "ENTRIES", "BYTES", "REFLINKED", "COPY_MS"
+            );
+            for s in list {
+                println!(
+                    "{:<20} {:>20} {:>8} {:>12} {:>9} {:>8}",
+                    s.tag, s.created, s.stats.entries, s.stats.bytes, s.stats.reflinked, s.copy_ms
+                );
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn restore(a: RestoreArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::CopyStats> {
+        root_only("restore")?;
+        let layer = layer_path(&a.name)?;
+        if let Some(s) = daemon_state(&a.name) {
+            if matches!(s.as_str(), "running" | "starting" | "paused" | "backoff") {
+                bail!(
+                    "{} is {s}: stop it first (`aitherctl stop {}`)",
+                    a.name,
+                    a.name
+                );
+            }
+        }
+        Ok(core_layer::restore(&layer, &a.tag)?)
+    })();
+    match r {
+        Ok(s) => {
+            eprintln!(
+                "{}: restored snapshot {} ({} entries)",
+                a.name, a.tag, s.entries
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn fork(a: ForkArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::CopyStats> {
+        root_only("fork")?;
+        let layer = layer_path(&a.name)?;
+        let new = layer_path(&a.new)?;
+        if a.from.is_some() {
+            return Ok(core_layer::fork(&layer, &new, a.from.as_deref())?);
+        }
+        frozen(&a.name, |_| Ok(core_layer::fork(&layer, &new, None)?))
+    })();
+    match r {
+        Ok(s) if a.json => {
+            println!(
+                "{}",
+                json!({"agent": a.name, "new": a.new, "from": a.from, "stats": s})
+            );
+            0
+        }
+        Ok(s) => {
+            eprintln!(
+                "{}: layer of {} copied ({} entries, {} bytes); start {} with the same policy and workspace",
+                a.new, a.name, s.entries, s.bytes, a.new
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}

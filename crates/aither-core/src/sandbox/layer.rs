@@ -434,6 +434,9 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> Result
 /// Removes the layer directory itself (an agent removed with `aitherctl rm`).
 pub fn remove(layer: &Path) -> Result<(), LayerError> {
     discard(layer)?;
+    if let Ok(fd) = open_layer_dir(layer, false) {
+        remove_tree_at(fd.as_fd(), OsStr::new(SNAPSHOTS), &layer.join(SNAPSHOTS))?;
+    }
     let (Some(parent), Some(name)) = (layer.parent(), layer.file_name()) else {
         return Ok(());
     };
@@ -442,6 +445,500 @@ pub fn remove(layer: &Path) -> Result<(), LayerError> {
         r => r?,
     };
     remove_tree_at(pfd.as_fd(), name, layer)
+}
+
+/// The snapshots of a layer, below the layer directory.
+pub const SNAPSHOTS: &str = "snapshots";
+/// A snapshot's description, beside its `upper` copy.
+pub const SNAPSHOT_META: &str = "snapshot.json";
+
+/// What a copy of an upper layer cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Entries made (directories, files, links, whiteouts).
+    pub entries: u64,
+    /// Bytes of regular files.
+    pub bytes: u64,
+    /// Files shared with the source by FICLONE (reflink); the rest were copied.
+    pub reflinked: u64,
+    pub copied: u64,
+}
+
+/// A snapshot of an agent's upper layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub tag: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// How long the copy took, in milliseconds (the agent frozen meanwhile, when running).
+    pub copy_ms: u64,
+    /// Whether the agent was frozen while it was taken.
+    #[serde(default)]
+    pub frozen: bool,
+    pub stats: CopyStats,
+}
+
+/// A tag: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn check_tag(tag: &str) -> Result<(), LayerError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && !tag.starts_with(['.', '-'])
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(LayerError::Unexpected {
+            path: PathBuf::from(tag),
+            what: "a snapshot tag is 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'".into(),
+        })
+    }
+}
+
+fn list_names(dir: BorrowedFd<'_>, shown: &Path) -> Result<Vec<std::ffi::OsString>, LayerError> {
+    let d = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(shown, "opening", e))?;
+    let mut it = rustix::fs::Dir::read_from(&d).map_err(|e| LayerError::io(shown, "reading", e))?;
+    let mut v = Vec::new();
+    while let Some(e) = it.read() {
+        let e = e.map_err(|e| LayerError::io(shown, "reading", e))?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            v.push(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(n).to_os_string());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Copies the tree `src` (a directory descriptor) into the new directory `name` of `dst`,
+/// entry by entry, following no link: directories, regular files (FICLONE where the
+/// filesystem shares extents, else a copy), symbolic links, fifos and overlayfs whiteouts
+/// (0/0 character devices), with their owners, modes, modification times and the
+/// `user.overlay.opaque` mark. Other devices and sockets are not copied.
+pub fn copy_tree(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    stats: &mut CopyStats,
+) -> Result<(), LayerError> {
+    copy_dir(src, dst, name, shown, stats, 0)
+}
+
+fn copy_meta(
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    st: &rustix::fs::Stat,
+    shown: &Path,
+) -> Result<(), LayerError> {
+    use rustix::fs::{AtFlags, Gid, Timespec, Timestamps, Uid};
+    rustix::fs::chownat(
+        dst,
+        name,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| LayerError::io(shown, "chown", e))?;
+    let t = Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime as _,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime as _,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    rustix::fs::utimensat(dst, name, &t, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| LayerError::io(shown, "utimensat", e))
+}
+
+fn copy_dir(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    stats: &mut CopyStats,
+    depth: usize,
+) -> Result<(), LayerError> {
+    if depth > 1024 {
+        return Err(LayerError::io(shown, "copying", rustix::io::Errno::LOOP));
+    }
+    let st = rustix::fs::fstat(src).map_err(|e| LayerError::io(shown, "fstat", e))?;
+    rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o700))
+        .map_err(|e| LayerError::io(shown, "creating", e))?;
+    stats.entries += 1;
+    let out = rustix::fs::openat(
+        dst,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(shown, "opening", e))?;
+    let mut mark = [0u8; 4];
+    if let Ok(n) = rustix::fs::fgetxattr(src, "user.overlay.opaque", &mut mark) {
+        rustix::fs::fsetxattr(
+            &out,
+            "user.overlay.opaque",
+            &mark[..n],
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| LayerError::io(shown, "setting the opaque mark", e))?;
+    }
+    for n in list_names(src, shown)? {
+        let path = shown.join(&n);
+        let est = rustix::fs::statat(src, &n, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| LayerError::io(&path, "stat", e))?;
+        let mode = est.st_mode & 0o7777;
+        match est.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let sub = rustix::fs::openat(
+                    src,
+                    &n,
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| LayerError::io(&path, "opening", e))?;
+                copy_dir(sub.as_fd(), out.as_fd(), &n, &path, stats, depth + 1)?;
+                continue;
+            }
+            libc::S_IFREG => {
+                let from = rustix::fs::openat(
+                    src,
+                    &n,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| LayerError::io(&path, "opening", e))?;
+                let to = rustix::fs::openat(
+                    &out,
+                    &n,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| LayerError::io(&path, "creating", e))?;
+                if rustix::fs::ioctl_ficlone(&to, &from).is_ok() {
+                    stats.reflinked += 1;
+                } else {
+                    let (mut r, mut w) = (std::fs::File::from(from), std::fs::File::from(to));
+                    io::copy(&mut r, &mut w).map_err(|e| LayerError::io(&path, "copying", e))?;
+                    stats.copied += 1;
+                }
+                stats.bytes += est.st_size as u64;
+            }
+            libc::S_IFLNK => {
+                let t = rustix::fs::readlinkat(src, &n, Vec::new())
+                    .map_err(|e| LayerError::io(&path, "readlink", e))?;
+                rustix::fs::symlinkat(t.as_bytes(), &out, &n)
+                    .map_err(|e| LayerError::io(&path, "symlink", e))?;
+            }
+            libc::S_IFCHR if est.st_rdev == 0 => {
+                rustix::fs::mknodat(
+                    &out,
+                    &n,
+                    rustix::fs::FileType::CharacterDevice,
+                    Mode::empty(),
+                    0,
+                )
+                .map_err(|e| LayerError::io(&path, "mknod (whiteout)", e))?;
+            }
+            libc::S_IFIFO => {
+                rustix::fs::mknodat(
+                    &out,
+                    &n,
+                    rustix::fs::FileType::Fifo,
+                    Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .map_err(|e| LayerError::io(&path, "mkfifo", e))?;
+            }
+            _ => continue,
+        }
+        stats.entries += 1;
+        if est.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            rustix::fs::chmodat(
+                &out,
+                &n,
+                Mode::from_raw_mode(mode),
+                rustix::fs::AtFlags::empty(),
+            )
+            .map_err(|e| LayerError::io(&path, "chmod", e))?;
+        }
+        copy_meta(out.as_fd(), &n, &est, &path)?;
+    }
+    rustix::fs::fchmod(&out, Mode::from_raw_mode(st.st_mode & 0o7777))
+        .map_err(|e| LayerError::io(shown, "chmod", e))?;
+    copy_meta(dst, name, &st, shown)
+}
+
+fn upper_of(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
+    Ok(hostpath::open_at_nofollow(
+        layer_fd,
+        Path::new(UPPER),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => LayerError::Unexpected {
+            path: layer.into(),
+            what: "the layer is empty (discarded, or its agent never started)".into(),
+        },
+        _ => e.into(),
+    })?)
+}
+
+/// The snapshot directory of a layer (created root 0700 when `create`).
+fn snapshots_dir(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+    create: bool,
+) -> Result<Option<OwnedFd>, LayerError> {
+    let shown = layer.join(SNAPSHOTS);
+    if create {
+        return Ok(Some(hostpath::private_dir_at(
+            layer_fd,
+            OsStr::new(SNAPSHOTS),
+            &shown,
+        )?));
+    }
+    match hostpath::open_at_nofollow(
+        layer_fd,
+        Path::new(SNAPSHOTS),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies the layer's upper layer into `snapshots/<tag>/upper` and records it. The caller
+/// freezes a running agent around this (`frozen` says whether it did).
+pub fn snapshot(layer: &Path, tag: &str, frozen: bool) -> Result<Snapshot, LayerError> {
+    check_tag(tag)?;
+    let fd = open_layer_dir(layer, false)?;
+    let upper = upper_of(fd.as_fd(), layer)?;
+    let snaps = snapshots_dir(fd.as_fd(), layer, true)?.expect("created");
+    let shown = layer.join(SNAPSHOTS).join(tag);
+    match rustix::fs::mkdirat(&snaps, tag, Mode::from_raw_mode(0o700)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            return Err(LayerError::Unexpected {
+                path: shown,
+                what: "a snapshot with this tag exists".into(),
+            })
+        }
+        Err(e) => return Err(LayerError::io(&shown, "creating", e)),
+    }
+    let dir = hostpath::open_at_nofollow(
+        snaps.as_fd(),
+        Path::new(tag),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
+    let t0 = std::time::Instant::now();
+    let mut stats = CopyStats::default();
+    let copied = copy_tree(
+        upper.as_fd(),
+        dir.as_fd(),
+        OsStr::new(UPPER),
+        &shown.join(UPPER),
+        &mut stats,
+    );
+    if let Err(e) = copied {
+        let _ = remove_tree_at(snaps.as_fd(), OsStr::new(tag), &shown);
+        return Err(e);
+    }
+    let snap = Snapshot {
+        tag: tag.into(),
+        created: crate::token::now_unix(),
+        copy_ms: t0.elapsed().as_millis() as u64,
+        frozen,
+        stats,
+    };
+    let text = serde_json::to_vec_pretty(&snap).expect("a snapshot serialises");
+    hostpath::replace_file_at(dir.as_fd(), OsStr::new(SNAPSHOT_META), &text, 0o600)?;
+    Ok(snap)
+}
+
+/// The layer's snapshots, oldest first.
+pub fn snapshots(layer: &Path) -> Result<Vec<Snapshot>, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let Some(snaps) = snapshots_dir(fd.as_fd(), layer, false)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for n in list_names(snaps.as_fd(), &layer.join(SNAPSHOTS))? {
+        let rel = Path::new(&n).join(SNAPSHOT_META);
+        let Ok(f) = hostpath::open_at_nofollow(snaps.as_fd(), &rel, OFlags::RDONLY, Mode::empty())
+        else {
+            continue;
+        };
+        let mut text = String::new();
+        if std::fs::File::from(f)
+            .take(64 * 1024)
+            .read_to_string(&mut text)
+            .is_err()
+        {
+            continue;
+        }
+        if let Ok(s) = serde_json::from_str::<Snapshot>(&text) {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| (a.created, &a.tag).cmp(&(b.created, &b.tag)));
+    Ok(out)
+}
+
+/// The next free default tag: `s1`, `s2`, …
+pub fn next_tag(layer: &Path) -> Result<String, LayerError> {
+    let have: Vec<String> = snapshots(layer)?.into_iter().map(|s| s.tag).collect();
+    Ok((1..)
+        .map(|i| format!("s{i}"))
+        .find(|t| !have.contains(t))
+        .expect("an unused tag"))
+}
+
+/// Removes snapshot `tag`.
+pub fn remove_snapshot(layer: &Path, tag: &str) -> Result<(), LayerError> {
+    check_tag(tag)?;
+    let fd = open_layer_dir(layer, false)?;
+    if let Some(snaps) = snapshots_dir(fd.as_fd(), layer, false)? {
+        remove_tree_at(
+            snaps.as_fd(),
+            OsStr::new(tag),
+            &layer.join(SNAPSHOTS).join(tag),
+        )?;
+    }
+    Ok(())
+}
+
+fn snapshot_upper(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+    tag: &str,
+) -> Result<OwnedFd, LayerError> {
+    check_tag(tag)?;
+    let rel = Path::new(SNAPSHOTS).join(tag).join(UPPER);
+    hostpath::open_at_nofollow(
+        layer_fd,
+        &rel,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => LayerError::Unexpected {
+            path: layer.join(SNAPSHOTS).join(tag),
+            what: "no snapshot with this tag (`aitherctl snapshots NAME` lists them)".into(),
+        },
+        _ => e.into(),
+    })
+}
+
+/// Puts snapshot `tag` back as the layer's upper layer (the agent must not be running): the
+/// upper and work directories are replaced; the snapshots stay.
+pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let from = snapshot_upper(fd.as_fd(), layer, tag)?;
+    for name in [UPPER, WORK] {
+        remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
+    }
+    let mut stats = CopyStats::default();
+    copy_tree(
+        from.as_fd(),
+        fd.as_fd(),
+        OsStr::new(UPPER),
+        &layer.join(UPPER),
+        &mut stats,
+    )?;
+    hostpath::private_dir_at(fd.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
+    Ok(stats)
+}
+
+/// Makes the layer `new` a copy of `layer`'s upper layer (or of its snapshot `from`), bound to
+/// the same directory: the agent `new` then starts where `layer`'s agent was. `new` must have
+/// no layer yet.
+pub fn fork(layer: &Path, new: &Path, from: Option<&str>) -> Result<CopyStats, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let record = read_record(fd.as_fd(), layer)?.ok_or_else(|| LayerError::Unexpected {
+        path: layer.into(),
+        what: "the layer is empty (discarded, or its agent never started)".into(),
+    })?;
+    let src = match from {
+        Some(tag) => snapshot_upper(fd.as_fd(), layer, tag)?,
+        None => upper_of(fd.as_fd(), layer)?,
+    };
+    let nfd = open_layer_dir(new, true)?;
+    if read_record(nfd.as_fd(), new)?.is_some()
+        || rustix::fs::statat(&nfd, UPPER, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    {
+        return Err(LayerError::Unexpected {
+            path: new.into(),
+            what: "the new agent already has a layer (`aitherctl discard` it first, or pick another name)".into(),
+        });
+    }
+    let mut stats = CopyStats::default();
+    copy_tree(
+        src.as_fd(),
+        nfd.as_fd(),
+        OsStr::new(UPPER),
+        &new.join(UPPER),
+        &mut stats,
+    )?;
+    hostpath::private_dir_at(nfd.as_fd(), OsStr::new(WORK), &new.join(WORK))?;
+    let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
+    hostpath::replace_file_at(nfd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
+    Ok(stats)
+}
+
+/// Bytes and entries in a tree (a layer's size for `inspect`), no link followed.
+pub fn tree_size(dir: BorrowedFd<'_>, shown: &Path) -> Result<(u64, u64), LayerError> {
+    let mut acc = (0u64, 0u64);
+    size_walk(dir, shown, &mut acc, 0)?;
+    Ok(acc)
+}
+
+fn size_walk(
+    dir: BorrowedFd<'_>,
+    shown: &Path,
+    acc: &mut (u64, u64),
+    depth: usize,
+) -> Result<(), LayerError> {
+    if depth > 1024 {
+        return Err(LayerError::io(shown, "walking", rustix::io::Errno::LOOP));
+    }
+    for n in list_names(dir, shown)? {
+        let Ok(st) = rustix::fs::statat(dir, &n, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        acc.1 += 1;
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if let Ok(sub) = rustix::fs::openat(
+                dir,
+                &n,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                size_walk(sub.as_fd(), &shown.join(&n), acc, depth + 1)?;
+            }
+        } else if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            acc.0 += st.st_size as u64;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
