@@ -66,6 +66,7 @@ impl Layered {
     fn ctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(AITHERCTL)
             .env("AITHER_STATE_DIR", self.state.path())
+            .env("AITHER_AUDIT_LOG", common::test_audit_log())
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -521,6 +522,31 @@ fn a_running_daemon_agent_is_frozen_while_it_is_snapshotted() {
         std::fs::read_to_string(layer.join("upper/counter")).unwrap(),
         snap
     );
+    // inspect shows the layer and its snapshot; the audit log has both operations.
+    let v: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
+    assert_eq!(v["layer"]["snapshots"][0]["tag"], "s1", "{v}");
+    assert!(v["layer"]["bytes"].as_u64().unwrap() > 0, "{v}");
+    let kinds: Vec<(String, String)> = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["agent"] == name.as_str())
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap_or("").to_string(),
+                r["decision"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for k in [
+        ("layer_snapshot", "allow"),
+        ("layer_restore", "deny"),
+        ("layer_restore", "allow"),
+    ] {
+        assert!(
+            kinds.contains(&(k.0.to_string(), k.1.to_string())),
+            "{k:?} not in {kinds:?}"
+        );
+    }
 }
 
 #[test]

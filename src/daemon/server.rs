@@ -634,7 +634,19 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             ErrorCode::BadRequest,
             "via is answered by the connection itself",
         ),
-        Request::Inspect { name } => inspect(d, &name),
+        Request::Inspect { name } => {
+            let mut reply = inspect(d, &name);
+            // Its layered workspace, when it has one (docs/workspaces.md): size and snapshots.
+            if let Some(v) = reply.data.as_mut().filter(|_| reply.ok) {
+                let layer = crate::sandbox::layer::layer_path(&crate::token::state_dir(), &name);
+                if let Ok(Some(info)) =
+                    tokio::task::spawn_blocking(move || layer_info(&layer)).await
+                {
+                    v["layer"] = info;
+                }
+            }
+            reply
+        }
         Request::Logs {
             name,
             tail,
@@ -793,6 +805,29 @@ fn inspect(d: &Shared, name: &str) -> Reply {
         }
         None => not_found(name),
     }
+}
+
+/// What `inspect` shows of an agent's layer: where it is, its upper layer's size and entries,
+/// and its snapshots. None when it has none.
+fn layer_info(layer: &std::path::Path) -> Option<serde_json::Value> {
+    use crate::sandbox::layer;
+    use std::os::fd::AsFd;
+    let fd = layer::open_layer_dir(layer, false).ok()?;
+    let upper = crate::hostpath::open_at_nofollow(
+        fd.as_fd(),
+        std::path::Path::new(layer::UPPER),
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .ok();
+    let size = upper.and_then(|u| layer::tree_size(u.as_fd(), layer).ok());
+    let snapshots = layer::snapshots(layer).unwrap_or_default();
+    Some(json!({
+        "path": layer,
+        "bytes": size.map(|s| s.0),
+        "entries": size.map(|s| s.1),
+        "snapshots": snapshots,
+    }))
 }
 
 /// `rm`: removes a stopped agent (or, forced, a live one), and with `purge_memory` its memory.

@@ -167,6 +167,25 @@ fn open(name: &str) -> anyhow::Result<Opened> {
     })
 }
 
+/// One audit record of a layer operation (docs/audit.md), as aitherctl records `run`.
+fn audit(kind: &str, name: &str, code: i32, data: serde_json::Value) {
+    use aither::audit::{Entry, Verdict};
+    let (verdict, rule) = if code == 0 {
+        (Verdict::Allow, "root: the layers are root's")
+    } else {
+        (Verdict::Deny, "refused or failed (exit status in data)")
+    };
+    let mut data = data;
+    data["exit"] = json!(code);
+    aither::audit::record(
+        Entry::new(kind, verdict, rule)
+            .agent(name)
+            .actor(crate::token_cmd::actor())
+            .caller(rustix::process::getuid().as_raw())
+            .data(data),
+    );
+}
+
 fn fail(e: &anyhow::Error) -> i32 {
     crate::print_error(e);
     EXIT_REFUSED
@@ -367,13 +386,21 @@ pub fn apply(a: ApplyArgs) -> i32 {
             Err(e) => fail(&e.into()),
         }
     };
-    if uid == 0 {
-        return run();
-    }
-    match as_owner(uid, gid, run) {
-        Ok(c) => c,
-        Err(e) => fail(&e),
-    }
+    let code = if uid == 0 {
+        run()
+    } else {
+        match as_owner(uid, gid, run) {
+            Ok(c) => c,
+            Err(e) => fail(&e),
+        }
+    };
+    audit(
+        "layer_apply",
+        &a.name,
+        code,
+        json!({"paths": a.paths, "allow_host_run": a.allow_host_run, "workspace": o.record.workspace, "as_uid": uid}),
+    );
+    code
 }
 
 pub fn discard(a: DiscardArgs) -> i32 {
@@ -387,13 +414,15 @@ pub fn discard(a: DiscardArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match core_layer::discard(&layer) {
+    let code = match core_layer::discard(&layer) {
         Ok(()) => {
             eprintln!("discarded the layer of {}", a.name);
             0
         }
         Err(e) => fail(&e.into()),
-    }
+    };
+    audit("layer_discard", &a.name, code, json!({}));
+    code
 }
 
 /// Copy an agent's layered workspace changes into a snapshot.
@@ -544,6 +573,12 @@ pub fn snapshot(a: SnapshotArgs) -> i32 {
         };
         frozen(&a.name, |was| Ok(core_layer::snapshot(&layer, &tag, was)?))
     })();
+    audit(
+        "layer_snapshot",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"tag": r.as_ref().ok().map(|s| s.tag.clone()).or(a.tag.clone()), "stats": r.as_ref().ok().map(|s| s.stats.clone()), "frozen": r.as_ref().ok().map(|s| s.frozen)}),
+    );
     match r {
         Ok(s) if a.json => {
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
@@ -608,6 +643,12 @@ pub fn restore(a: RestoreArgs) -> i32 {
         }
         Ok(core_layer::restore(&layer, &a.tag)?)
     })();
+    audit(
+        "layer_restore",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"tag": a.tag}),
+    );
     match r {
         Ok(s) => {
             eprintln!(
@@ -630,6 +671,12 @@ pub fn fork(a: ForkArgs) -> i32 {
         }
         frozen(&a.name, |_| Ok(core_layer::fork(&layer, &new, None)?))
     })();
+    audit(
+        "layer_fork",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"new": a.new, "from": a.from}),
+    );
     match r {
         Ok(s) if a.json => {
             println!(
