@@ -97,7 +97,8 @@ pub struct ApplyArgs {
 /// Throw away an agent's layered workspace changes.
 ///
 /// Empties the agent's layer: the next run starts from the directory as it is. The
-/// directory itself is not touched. Do not discard the layer of a run that is still going.
+/// directory itself is not touched; snapshots are kept (`aitherctl restore` brings one back).
+/// Refused while aitherd runs the agent; do not discard the layer of a `run` still going.
 ///
 /// Exit status: 0 discarded (or there was nothing); 1 refused or failed; 2 bad usage.
 ///
@@ -414,12 +415,12 @@ pub fn discard(a: DiscardArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let code = match core_layer::discard(&layer) {
+    let code = match refuse_live(&a.name).and_then(|()| Ok(core_layer::discard(&layer)?)) {
         Ok(()) => {
             eprintln!("discarded the layer of {}", a.name);
             0
         }
-        Err(e) => fail(&e.into()),
+        Err(e) => fail(&e),
     };
     audit("layer_discard", &a.name, code, json!({}));
     code
@@ -548,15 +549,33 @@ fn daemon_act(req: aither::daemon::proto::Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses while aitherd runs a sandbox of agent `name` (or is about to: backoff).
+fn refuse_live(name: &str) -> anyhow::Result<()> {
+    if let Some(s) = daemon_state(name) {
+        if matches!(
+            s.as_str(),
+            "starting" | "running" | "ready" | "unhealthy" | "paused" | "backoff" | "queued"
+        ) {
+            bail!("{name} is {s}: stop it first (`aitherctl stop {name}`)");
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f` with daemon agent `name` frozen if it is running (thawed again whatever `f`
 /// returns); `f` learns whether it was.
 fn frozen<T>(name: &str, f: impl FnOnce(bool) -> anyhow::Result<T>) -> anyhow::Result<T> {
     use aither::daemon::proto::Request;
-    let running = daemon_state(name).as_deref() == Some("running");
+    let state = daemon_state(name);
+    let running = matches!(
+        state.as_deref(),
+        Some("starting" | "running" | "ready" | "unhealthy")
+    );
     if running {
         daemon_act(Request::Pause { name: name.into() }).context("freezing the agent")?;
     }
-    let r = f(running);
+    // A paused agent is frozen already, and stays so.
+    let r = f(running || state.as_deref() == Some("paused"));
     if running {
         daemon_act(Request::Resume { name: name.into() }).context("thawing the agent")?;
     }
@@ -632,15 +651,7 @@ pub fn restore(a: RestoreArgs) -> i32 {
     let r = (|| -> anyhow::Result<core_layer::CopyStats> {
         root_only("restore")?;
         let layer = layer_path(&a.name)?;
-        if let Some(s) = daemon_state(&a.name) {
-            if matches!(s.as_str(), "running" | "starting" | "paused" | "backoff") {
-                bail!(
-                    "{} is {s}: stop it first (`aitherctl stop {}`)",
-                    a.name,
-                    a.name
-                );
-            }
-        }
+        refuse_live(&a.name)?;
         Ok(core_layer::restore(&layer, &a.tag)?)
     })();
     audit(

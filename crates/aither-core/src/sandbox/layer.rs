@@ -684,7 +684,7 @@ fn copy_dir(
 }
 
 fn upper_of(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
-    Ok(hostpath::open_at_nofollow(
+    hostpath::open_at_nofollow(
         layer_fd,
         Path::new(UPPER),
         OFlags::DIRECTORY | OFlags::RDONLY,
@@ -696,7 +696,7 @@ fn upper_of(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerErro
             what: "the layer is empty (discarded, or its agent never started)".into(),
         },
         _ => e.into(),
-    })?)
+    })
 }
 
 /// The snapshot directory of a layer (created root 0700 when `create`).
@@ -950,6 +950,6 @@ mod tests {
         assert_eq!(store_ids(1000, 1000), (1000, 1000));
         assert_eq!(store_ids(0, 0), (ROOT_STORE_ID, ROOT_STORE_ID));
         assert_eq!(store_ids(1000, 0), (1000, ROOT_STORE_ID));
-        assert!(ROOT_STORE_ID < super::super::userns::UID_BASE);
+        const { assert!(ROOT_STORE_ID < super::super::userns::UID_BASE) };
     }
 }

@@ -198,6 +198,16 @@ pub fn sanitize_name(n: &str) -> String {
     }
 }
 
+/// A layered workspace's layer: named after the agent, one layer per agent name.
+fn layer_of(access: WorkspaceAccess, opts: &RunOptions) -> Option<PathBuf> {
+    (access == WorkspaceAccess::Layered).then(|| {
+        super::layer::layer_path(
+            &crate::token::state_dir(),
+            &sanitize_name(opts.name.as_deref().unwrap_or("run")),
+        )
+    })
+}
+
 impl SandboxSpec {
     /// Derives the spec. `caller_env` supplies `pass_env` values; `cwd` is the default workspace.
     pub fn derive(
@@ -271,13 +281,7 @@ impl SandboxSpec {
                     pinned: None,
                     as_owner: false,
                     plain: false,
-                    // Named after the agent: one layer per agent name.
-                    layer: (access == WorkspaceAccess::Layered).then(|| {
-                        super::layer::layer_path(
-                            &crate::token::state_dir(),
-                            &sanitize_name(opts.name.as_deref().unwrap_or("run")),
-                        )
-                    }),
+                    layer: layer_of(access, opts),
                 })
             }
         };
