@@ -59,15 +59,14 @@ if [[ "${1:-}" == "--inner" ]]; then
         sync
         "$AITHERCTL" discard "bench-f$r" >/dev/null 2>&1
         rm -rf "$STATE/layers/bench-f$r" "$STATE/cp-$r"
-        "$AITHERCTL" snapshot bench >/dev/null 2>&1 || true   # keep the snapshot dir warm
-        rm -rf "$STATE/layers/bench/snapshots/"s*
     done
     reflinked=$("$AITHERCTL" snapshots bench --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["snapshots"]; print(s[0]["stats"]["reflinked"], s[0]["stats"]["copied"])')
+    rm -rf "$STATE/layers/bench/snapshots"
     median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
     printf '%-8s files=%s size=%sMiB  reflinked/copied=%s  median ms: snapshot %s  fork %s  cp -a --reflink=auto %s  (runs: %s | %s | %s)\n' \
         "$LABEL" "$FILES" "$SIZE_MB" "${reflinked// //}" "$(median "${snap[@]}")" "$(median "${fork[@]}")" \
         "$(median "${cpt[@]}")" "${snap[*]}" "${fork[*]}" "${cpt[*]}"
-    "$AITHERCTL" discard bench >/dev/null
+    "$AITHERCTL" discard bench >/dev/null 2>&1
     rm -rf "$STATE/layers"
     exit 0
 fi
@@ -75,7 +74,7 @@ fi
 TMP="$(mktemp -d /var/tmp/aither-bench-layers.XXXXXX)"
 trap 'rm -rf "$TMP"' EXIT
 echo "kernel $(uname -r); $(nproc) CPUs; aitherctl $AITHERCTL"
-fs=$(stat -f -c %T /var/tmp)
+fs=$(findmnt -no FSTYPE -T /var/tmp)
 "$0" --inner "$TMP/state" "$fs"
 if command -v mkfs.xfs >/dev/null 2>&1; then
     img="$TMP/xfs.img"
