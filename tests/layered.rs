@@ -571,3 +571,82 @@ fn an_oci_export_of_a_layered_policy_is_refused() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot be exported to an OCI bundle"), "{err}");
 }
+
+#[test]
+fn a_member_diffs_and_applies_their_own_agents_layer_and_no_one_elses() {
+    let us = common::users::Users::create();
+    let d = us.daemon();
+    let (u1, u2) = (&us.users[0], &us.users[1]);
+    let dir = us.dir(u2);
+    std::fs::write(dir.join("keep"), "as it was\n").unwrap();
+    std::os::unix::fs::chown(dir.join("keep"), Some(u2.uid), Some(u2.gid)).unwrap();
+    let name = unique("layered-member");
+    let ok = |i: usize, args: &[&str]| us.ok(&d, i, args);
+    ok(
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "ci",
+            "-w",
+            dir.to_str().unwrap(),
+            &name,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo changed > keep && echo new > added",
+        ],
+    );
+    assert!(common::poll_until(
+        std::time::Duration::from_secs(60),
+        || {
+            let v: Value = serde_json::from_str(&ok(1, &["inspect", &name])).unwrap();
+            v["state"] == "exited"
+        }
+    ));
+    // Another member: no such agent, and nothing of the layer.
+    let o = us.ctl(&d, 0, &["diff", &name]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("changed"));
+    let _ = u1;
+    // The owner: the exact changes, then an apply that lands as them.
+    let v: Value = serde_json::from_str(&ok(1, &["diff", &name, "--json"])).unwrap();
+    let paths: Vec<&str> = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["added", "keep"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep")).unwrap(),
+        "as it was\n"
+    );
+    ok(1, &["apply", &name]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep")).unwrap(),
+        "changed\n"
+    );
+    let m = std::fs::metadata(dir.join("added")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (u2.uid, u2.gid));
+    // aitherd recorded both openings, the other member's as a denial.
+    let opens: Vec<(String, u64)> = d
+        .audit_records()
+        .iter()
+        .filter(|r| r["kind"] == "layer_open")
+        .map(|r| {
+            (
+                r["decision"].as_str().unwrap_or("").to_string(),
+                r["caller_uid"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        opens.contains(&("deny".into(), u64::from(u1.uid))),
+        "{opens:?}"
+    );
+    assert!(
+        opens.contains(&("allow".into(), u64::from(u2.uid))),
+        "{opens:?}"
+    );
+}

@@ -71,6 +71,107 @@ pub fn write_frame_fds<T: Serialize>(
     Ok(())
 }
 
+/// One sendmsg(2) of `bytes` with `fds` attached (SCM_RIGHTS), without blocking: the bytes
+/// sent (the rest goes as plain bytes).
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; zero is "nothing set".
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, enough for one header and `raw`.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(payload) as _;
+        std::ptr::copy_nonoverlapping(
+            raw.as_ptr(),
+            libc::CMSG_DATA(c) as *mut libc::c_int,
+            raw.len(),
+        );
+    }
+    // SAFETY: a live socket and a msghdr whose buffers outlive the call.
+    let n = unsafe {
+        libc::sendmsg(
+            sock.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// A frame's body and the descriptors that came with it.
+pub type FrameWithFds = (Vec<u8>, Vec<std::os::fd::OwnedFd>);
+
+/// Reads one frame and the descriptors sent with it, blocking (the client's side of a reply
+/// that carries descriptors). `Ok(None)` at a clean end of stream.
+pub fn read_frame_fds_blocking(
+    sock: std::os::fd::BorrowedFd<'_>,
+    max: usize,
+) -> Result<Option<FrameWithFds>, FrameError> {
+    use std::os::fd::AsRawFd;
+    let mut fds = Vec::new();
+    let fill = |buf: &mut [u8], fds: &mut Vec<std::os::fd::OwnedFd>| -> io::Result<usize> {
+        loop {
+            match recv_with_fds(sock, buf, fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, -1) };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    };
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match fill(&mut header[got..], &mut fds)? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(FrameError::Truncated),
+            n => got += n,
+        }
+    }
+    let n = aither_proto::frame::parse_header(header)?;
+    if n > max {
+        return Err(FrameError::Truncated);
+    }
+    let mut body = vec![0u8; n];
+    let mut have = 0;
+    while have < n {
+        match fill(&mut body[have..], &mut fds)? {
+            0 => return Err(FrameError::Truncated),
+            k => have += k,
+        }
+    }
+    Ok(Some((body, fds)))
+}
+
 /// One recvmsg(2): bytes into `buf`, SCM_RIGHTS descriptors (close-on-exec) into `fds`.
 pub fn recv_with_fds(
     sock: std::os::fd::BorrowedFd<'_>,
@@ -215,6 +316,35 @@ pub mod aio {
             Err(e) => return Err(e),
         };
         w.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Writes a reply with descriptors attached to its first byte (SCM_RIGHTS).
+    pub async fn write_reply_fds(
+        sock: &tokio::net::UnixStream,
+        msg: &Reply,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), FrameError> {
+        use std::os::fd::AsFd;
+        let bytes = encode_limit(msg, MAX_REPLY)?;
+        let sent = loop {
+            sock.writable().await?;
+            match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                super::send_with_fds(sock.as_fd(), &bytes, fds)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break r?,
+            }
+        };
+        let mut rest = &bytes[sent..];
+        while !rest.is_empty() {
+            sock.writable().await?;
+            match sock.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

@@ -29,8 +29,9 @@ use crate::escape;
 /// `apply` takes them only with --allow-host-run.
 ///
 /// NAME is the agent's name (`aitherctl spawn --name`, `aitherctl run --name`; a run
-/// without --name is named after its token's subject). Root only for now (the layer is
-/// root's); members' agents: see docs/workspaces.md.
+/// without --name is named after its token's subject). Root acts on any layer; anyone else
+/// on layers of their own agents, through aitherd (which checks the owner and hands over a
+/// read-only view of the layer, read with their own rights).
 ///
 /// Exit status: 0 shown (with or without changes); 1 no such layer or it could not be read;
 /// 2 bad usage.
@@ -125,9 +126,52 @@ fn layer_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(core_layer::layer_path(&aither::token::state_dir(), name))
 }
 
+/// A member's own agent: aitherd checks the owner and hands over a read-only mount of the
+/// upper layer (stored as the member's files); the directory is opened here, as the member.
+fn open_via_daemon(name: &str) -> anyhow::Result<Opened> {
+    use aither::daemon::proto::Request;
+    let layer = layer_path(name)?;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let (r, mut fds) = c.call_recv_fds(&Request::LayerOpen { name: name.into() })?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    let record: core_layer::LayerRecord =
+        serde_json::from_value(r.data.unwrap_or_default()).context("aitherd's layer record")?;
+    let upper = fds
+        .pop()
+        .ok_or_else(|| anyhow!("aitherd sent no layer descriptor"))?;
+    let me = rustix::process::getuid().as_raw();
+    let ws = workspace::open_checked(&record.workspace, Some(me))?;
+    if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) || record.owner_uid != me {
+        bail!(
+            "{}: not the directory the layer was made for, or not yours; nothing is applied",
+            record.workspace.display()
+        );
+    }
+    let lower = rustix::fs::openat(
+        &ws.fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", record.workspace.display()))?;
+    Ok(Opened {
+        record,
+        layer,
+        upper,
+        lower,
+    })
+}
+
 fn open(name: &str) -> anyhow::Result<Opened> {
     if !rustix::process::geteuid().is_root() {
-        bail!("the layers are root's (/var/lib/aither/layers); run diff, apply and discard as root (members' agents: docs/workspaces.md)");
+        return open_via_daemon(name);
     }
     let layer = layer_path(name)?;
     let fd = core_layer::open_layer_dir(&layer, false).map_err(|e| match &e {
@@ -171,6 +215,10 @@ fn open(name: &str) -> anyhow::Result<Opened> {
 /// One audit record of a layer operation (docs/audit.md), as aitherctl records `run`.
 fn audit(kind: &str, name: &str, code: i32, data: serde_json::Value) {
     use aither::audit::{Entry, Verdict};
+    if !rustix::process::geteuid().is_root() {
+        // A member's diff and apply go through aitherd, which records `layer_open`.
+        return;
+    }
     let (verdict, rule) = if code == 0 {
         (Verdict::Allow, "root: the layers are root's")
     } else {
@@ -387,7 +435,9 @@ pub fn apply(a: ApplyArgs) -> i32 {
             Err(e) => fail(&e.into()),
         }
     };
-    let code = if uid == 0 {
+    let root = rustix::process::geteuid().is_root();
+    // A member is the owner already (checked in open_via_daemon); root drops to the owner.
+    let code = if uid == 0 || !root {
         run()
     } else {
         match as_owner(uid, gid, run) {
