@@ -448,6 +448,22 @@ fn snapshot_restore_and_fork_round_trip() {
     assert_eq!(seen, "one\na\naither-probe\nd\na\n", "{seen}");
     let list: Value = serde_json::from_str(&l.ok(&["snapshots", &l.name, "--json"])).unwrap();
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
+    // Retention: --keep 2 leaves the newest two; --rm removes one by tag.
+    let tags = |l: &Layered| -> Vec<String> {
+        let v: Value = serde_json::from_str(&l.ok(&["snapshots", &l.name, "--json"])).unwrap();
+        v["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["tag"].as_str().unwrap().to_string())
+            .collect()
+    };
+    l.ok(&["snapshot", &l.name, "--tag", "t2"]);
+    l.ok(&["snapshot", &l.name, "--tag", "t3", "--keep", "2"]);
+    assert_eq!(tags(&l), ["t2", "t3"]);
+    l.ok(&["snapshots", &l.name, "--rm", "t2"]);
+    assert_eq!(tags(&l), ["t3"]);
+    l.ok(&["snapshot", &l.name, "--tag", "s1"]);
 
     // A fork from the snapshot: a new agent that starts where s1 was, its own layer.
     l.agent("echo three > a");
@@ -498,7 +514,7 @@ fn a_running_daemon_agent_is_frozen_while_it_is_snapshotted() {
         "--",
         "/bin/sh",
         "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > counter; sleep 0.01; done",
+        "i=0; while true; do i=$((i+1)); echo $i > c.tmp; mv c.tmp counter; sleep 0.01; done",
     ]);
     let layer = d.state.path().join("state/layers").join(&name);
     assert!(common::poll_until(

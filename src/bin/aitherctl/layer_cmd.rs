@@ -499,6 +499,9 @@ pub struct SnapshotArgs {
     /// The snapshot's tag (letters, digits, '.', '_', '-'; default: the next free sN).
     #[arg(long)]
     tag: Option<String>,
+    /// Retention: after taking it, keep only the newest N snapshots (older ones removed).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    keep: Option<u32>,
     /// The snapshot's record as JSON.
     #[arg(long)]
     json: bool,
@@ -506,10 +509,13 @@ pub struct SnapshotArgs {
 
 /// List an agent's layered workspace snapshots.
 ///
-/// Exit status: 0 listed; 1 no layer; 2 bad usage.
+/// With --rm TAG, removes that snapshot instead.
 ///
-/// Example:
+/// Exit status: 0 listed (or removed); 1 no layer; 2 bad usage.
+///
+/// Examples:
 ///   aitherctl snapshots fix1 [--json]
+///   aitherctl snapshots fix1 --rm s1
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct SnapshotsArgs {
@@ -517,6 +523,9 @@ pub struct SnapshotsArgs {
     name: String,
     #[arg(long)]
     json: bool,
+    /// Remove this snapshot.
+    #[arg(long, value_name = "TAG", conflicts_with = "json")]
+    rm: Option<String>,
 }
 
 /// Put an agent's layered workspace back to a snapshot.
@@ -640,7 +649,13 @@ pub fn snapshot(a: SnapshotArgs) -> i32 {
             Some(t) => t.clone(),
             None => core_layer::next_tag(&layer)?,
         };
-        frozen(&a.name, |was| Ok(core_layer::snapshot(&layer, &tag, was)?))
+        let snap = frozen(&a.name, |was| Ok(core_layer::snapshot(&layer, &tag, was)?))?;
+        if let Some(keep) = a.keep {
+            for old in core_layer::prune_snapshots(&layer, keep as usize)? {
+                eprintln!("{}: removed snapshot {old} (--keep {keep})", a.name);
+            }
+        }
+        Ok(snap)
     })();
     audit(
         "layer_snapshot",
@@ -672,6 +687,24 @@ pub fn snapshot(a: SnapshotArgs) -> i32 {
 }
 
 pub fn snapshots(a: SnapshotsArgs) -> i32 {
+    if let Some(tag) = &a.rm {
+        let r = root_only("snapshots --rm")
+            .and_then(|()| layer_path(&a.name))
+            .and_then(|l| Ok(core_layer::remove_snapshot(&l, tag)?));
+        audit(
+            "layer_snapshot_rm",
+            &a.name,
+            i32::from(r.is_err()),
+            json!({"tag": tag}),
+        );
+        return match r {
+            Ok(()) => {
+                eprintln!("{}: removed snapshot {tag}", a.name);
+                0
+            }
+            Err(e) => fail(&e),
+        };
+    }
     let r = root_only("snapshots")
         .and_then(|()| layer_path(&a.name))
         .and_then(|l| Ok(core_layer::snapshots(&l)?));

@@ -470,6 +470,9 @@ pub struct Snapshot {
     pub tag: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// Milliseconds since the Unix epoch (the order of snapshots taken within a second).
+    #[serde(default)]
+    pub created_ms: u64,
     /// How long the copy took, in milliseconds (the agent frozen meanwhile, when running).
     pub copy_ms: u64,
     /// Whether the agent was frozen while it was taken.
@@ -765,6 +768,10 @@ pub fn snapshot(layer: &Path, tag: &str, frozen: bool) -> Result<Snapshot, Layer
     let snap = Snapshot {
         tag: tag.into(),
         created: crate::token::now_unix(),
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
         copy_ms: t0.elapsed().as_millis() as u64,
         frozen,
         stats,
@@ -799,7 +806,7 @@ pub fn snapshots(layer: &Path) -> Result<Vec<Snapshot>, LayerError> {
             out.push(s);
         }
     }
-    out.sort_by(|a, b| (a.created, &a.tag).cmp(&(b.created, &b.tag)));
+    out.sort_by(|a, b| (a.created, a.created_ms, &a.tag).cmp(&(b.created, b.created_ms, &b.tag)));
     Ok(out)
 }
 
@@ -810,6 +817,18 @@ pub fn next_tag(layer: &Path) -> Result<String, LayerError> {
         .map(|i| format!("s{i}"))
         .find(|t| !have.contains(t))
         .expect("an unused tag"))
+}
+
+/// Keeps the newest `keep` snapshots and removes the others; returns the tags removed.
+pub fn prune_snapshots(layer: &Path, keep: usize) -> Result<Vec<String>, LayerError> {
+    let all = snapshots(layer)?;
+    let drop = all.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for s in all.into_iter().take(drop) {
+        remove_snapshot(layer, &s.tag)?;
+        removed.push(s.tag);
+    }
+    Ok(removed)
 }
 
 /// Removes snapshot `tag`.
