@@ -232,12 +232,20 @@ fn the_agents_writes_reach_the_directory_only_through_apply_and_diff_is_exact() 
 #[test]
 fn apply_never_follows_a_link_the_agent_made() {
     let l = Layered::new("layered-links");
+    // Host files outside the workspace: one the test owns (compared exactly), and /etc.
+    let host_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::write(host_dir.path().join("victim"), "host data\n").unwrap();
     let host_file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
     std::fs::write(host_file.path(), "host secret\n").unwrap();
-    let etc_passwd = std::fs::read("/etc/passwd").unwrap();
-    // First run: links to /etc and to a host file, applied as links.
+    let pwned = || {
+        String::from_utf8_lossy(&std::fs::read("/etc/passwd").unwrap()).contains("pwned")
+            || std::fs::read_to_string(host_dir.path().join("victim")).unwrap() != "host data\n"
+            || std::fs::read_to_string(host_file.path()).unwrap() != "host secret\n"
+    };
+    // First run: links to /etc, to a host directory and to a host file, applied as links.
     l.agent(&format!(
-        "ln -s /etc out && ln -s {} hf",
+        "ln -s /etc out && ln -s {} od && ln -s {} hf",
+        host_dir.path().display(),
         host_file.path().display()
     ));
     l.ok(&["apply", &l.name]);
@@ -245,24 +253,32 @@ fn apply_never_follows_a_link_the_agent_made() {
         std::fs::read_link(l.path().join("out")).unwrap(),
         Path::new("/etc")
     );
-    // Second run, same layer: the link becomes a directory with a passwd in it, and the
-    // host-file link a file.
-    l.agent("rm out hf && mkdir out && echo pwned > out/passwd && echo pwned > hf");
-    // Only the file below the link: its parent in the directory is still the link to /etc,
-    // which is refused, not followed.
-    let (code, _, err) = l.ctl(&["apply", &l.name, "out/passwd"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("symbolic link"), "{err}");
-    assert_eq!(std::fs::read("/etc/passwd").unwrap(), etc_passwd);
+    assert_eq!(
+        std::fs::read_link(l.path().join("od")).unwrap(),
+        host_dir.path()
+    );
+    // Second run, same layer: the directory links become directories with a file in them,
+    // and the file link a file.
+    l.agent(
+        "rm out od hf && mkdir out od && echo pwned > out/passwd && echo pwned > od/victim \
+         && echo pwned > hf",
+    );
+    // Only the files below the links: their parents in the directory are still the links,
+    // which are refused, not followed.
+    for p in ["out/passwd", "od/victim"] {
+        let (code, _, err) = l.ctl(&["apply", &l.name, p]);
+        assert_eq!(code, 1, "{p}: {err}");
+        assert!(err.contains("symbolic link"), "{p}: {err}");
+        assert!(!pwned(), "apply of {p} wrote through a link");
+    }
     // Everything: the links are replaced, never written through.
     l.ok(&["apply", &l.name]);
-    assert_eq!(std::fs::read("/etc/passwd").unwrap(), etc_passwd);
-    assert_eq!(
-        std::fs::read_to_string(host_file.path()).unwrap(),
-        "host secret\n"
-    );
-    let out = std::fs::symlink_metadata(l.path().join("out")).unwrap();
-    assert!(out.is_dir());
+    assert!(!pwned(), "apply wrote through a link");
+    for d in ["out", "od"] {
+        assert!(std::fs::symlink_metadata(l.path().join(d))
+            .unwrap()
+            .is_dir());
+    }
     assert_eq!(
         std::fs::read(l.path().join("out/passwd")).unwrap(),
         b"pwned\n"
@@ -665,4 +681,41 @@ fn a_member_diffs_and_applies_their_own_agents_layer_and_no_one_elses() {
         opens.contains(&("allow".into(), u64::from(u2.uid))),
         "{opens:?}"
     );
+}
+
+#[test]
+fn a_layer_in_use_by_a_running_sandbox_is_neither_shared_nor_discarded() {
+    let l = Layered::new("layered-lock");
+    let mut c = l.ws.command(
+        "ci",
+        &[],
+        &["/bin/sh", "-c", "echo x > started; sleep 60"],
+        &l.name,
+    );
+    c.env("AITHER_STATE_DIR", l.state.path());
+    let mut first = c.spawn().unwrap();
+    assert!(
+        common::poll_until(std::time::Duration::from_secs(30), || l
+            .layer()
+            .join("upper/started")
+            .exists()),
+        "the first run never started"
+    );
+    // A second sandbox of the same name: refused, not a second overlay on the same layer.
+    let out = l.run_policy("ci", "echo y > second");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    // Nor is it emptied under the running sandbox.
+    let (code, _, err) = l.ctl(&["discard", &l.name]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(l.layer().join("upper/started").exists());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Once it is gone (its sandbox dies with its launcher), the layer is free again.
+    assert!(common::poll_until(
+        std::time::Duration::from_secs(30),
+        || l.ctl(&["discard", &l.name]).0 == 0
+    ));
 }

@@ -255,6 +255,28 @@ pub fn prepare_dirs(
     Ok((fd, want))
 }
 
+/// Takes the layer's lock (flock on its directory, exclusive, not waiting): held by the
+/// launcher for as long as its sandbox runs, and by `discard` and `restore`, so two overlays
+/// never share one upper layer (overlayfs without `index` only warns, and the result is
+/// undefined) and a layer is never emptied under a running sandbox.
+pub fn lock(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
+    let fd = rustix::fs::openat(
+        layer_fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(layer, "opening", e))?;
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LayerError::Unexpected {
+            path: layer.into(),
+            what: "in use: a sandbox of this name is running on it (or a discard or restore is under way)".into(),
+        }),
+        Err(e) => Err(LayerError::io(layer, "locking", e)),
+    }
+}
+
 /// A detached, non-recursive clone of the mount at `fd`, id-mapped through `userns`, with
 /// `attrs` (MOUNT_ATTR_*).
 fn idmapped_clone(
@@ -295,6 +317,7 @@ pub fn mount_layered(
 ) -> Result<(OwnedFd, super::userns::IdmapHelper), LayerError> {
     use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
     let (layer_fd, record) = prepare_dirs(layer, lower, owner)?;
+    let held = lock(layer_fd.as_fd(), layer)?;
     let overlay_err = |op: &'static str| {
         let workspace = lower.path.clone();
         let upper = layer.join(UPPER);
@@ -369,7 +392,7 @@ pub fn mount_layered(
     let _ = MOUNT_ATTR_NOEXEC;
     let mnt = rustix::mount::fsmount(&fs, rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC, attrs)
         .map_err(|e| overlay_err("fsmount")(e.into()))?;
-    Ok((mnt, helper))
+    Ok((mnt, helper.holding(held)))
 }
 
 /// Removes everything in the layer `layer` (the agent must not be running): the upper and work
@@ -381,6 +404,7 @@ pub fn discard(layer: &Path) -> Result<(), LayerError> {
         Err(LayerError::Host(e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
         r => r?,
     };
+    let _held = lock(fd.as_fd(), layer)?;
     for name in [UPPER, WORK] {
         remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
     }
@@ -871,6 +895,7 @@ fn snapshot_upper(
 /// upper and work directories are replaced; the snapshots stay.
 pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
     let fd = open_layer_dir(layer, false)?;
+    let _held = lock(fd.as_fd(), layer)?;
     let from = snapshot_upper(fd.as_fd(), layer, tag)?;
     for name in [UPPER, WORK] {
         remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;

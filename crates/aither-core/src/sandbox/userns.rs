@@ -134,6 +134,22 @@ pub struct IdmapHelper {
     _pidfd: OwnedFd,
     /// The child's stack: kept until it is reaped, since it shares our memory.
     _stack: Vec<u8>,
+    /// Something the launch holds for as long as the sandbox runs (a layered workspace's
+    /// lock: sandbox::layer), handed back by `into_hold` when the helper is reaped.
+    hold: Option<OwnedFd>,
+}
+
+impl IdmapHelper {
+    /// Keeps `fd` with the helper until [`IdmapHelper::into_hold`].
+    pub fn holding(mut self, fd: OwnedFd) -> IdmapHelper {
+        self.hold = Some(fd);
+        self
+    }
+
+    /// Reaps the helper (as dropping it does) and returns what it held.
+    pub fn into_hold(mut self) -> Option<OwnedFd> {
+        self.hold.take()
+    }
 }
 
 impl Drop for IdmapHelper {
@@ -199,6 +215,7 @@ pub fn idmap_userns_maps(uid_map: &str, gid_map: &str) -> io::Result<(OwnedFd, I
         pid,
         _pidfd: pidfd,
         _stack: stack,
+        hold: None,
     };
     // On failure the helper is reaped here (dropped with the error).
     result.map(|ns| (ns, helper))
