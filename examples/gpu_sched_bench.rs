@@ -42,6 +42,7 @@ fn main() {
         .map(|index| DeviceSlot {
             index,
             total_mb: 80 * 1024,
+            profile: None,
         })
         .collect();
     let cfg = Config {
@@ -60,6 +61,7 @@ fn main() {
             exclusive: false,
             enqueued_ms: 0,
             seq: 0,
+            profile: None,
         })
         .unwrap();
     }
@@ -78,6 +80,7 @@ fn main() {
             exclusive: rng.below(50) == 0,
             enqueued_ms: at,
             seq: 0,
+            profile: None,
         }
     };
     for i in 0..queued {
@@ -94,6 +97,7 @@ fn main() {
         exclusive: true,
         enqueued_ms: 1,
         seq: 0,
+        profile: None,
     })
     .unwrap();
     let now = 1_000_000u64;

@@ -34,6 +34,7 @@ switches=(
     "AITHER_HOST_ROOT=$t/hostroot"
     "AITHER_TEST_FAIL_STAGE=Rlimits"
     "AITHER_GPUS=$t/gpus.toml"
+    "AITHER_GPU_ROOT=$t/gpuroot"
     "AITHER_CACHE_DIR=$t/cache"
     "AITHER_INIT=$t/no-such-init"
 )

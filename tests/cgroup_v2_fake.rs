@@ -6,8 +6,7 @@ use std::fs;
 use std::process::Command;
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "this test launches sandboxes and must run as root (CI runs it as root)"

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::TestDaemon as Daemon;
 use common::{poll_until, unique, AITHERCTL};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 fn daemon() -> Daemon {
@@ -581,8 +583,7 @@ fn sigterm_stops_the_daemon_cleanly_and_leaves_agents_running() {
     d.ok(&["stop", &flaky]);
     let restarts = d.inspect(&flaky)["restarts"].as_u64().unwrap();
     assert!(restarts >= 2, "{restarts}");
-    // SAFETY: kill of our own child.
-    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let _ = kill(Pid::from_raw(d.pid()), Signal::SIGTERM);
     let st = d.child.as_mut().unwrap().wait().unwrap();
     d.child = None;
     assert!(st.success(), "aitherd exit status {st}");
@@ -1054,8 +1055,7 @@ fn the_audit_stream_survives_kill_9_of_the_daemon_in_a_burst() {
             });
         }
         std::thread::sleep(Duration::from_millis(700));
-        // SAFETY: SIGKILL to our own child, in the middle of the burst.
-        unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(d.pid()), Signal::SIGKILL);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     d.kill9(); // reaps it

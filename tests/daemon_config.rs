@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use common::daemon::{init_path, TestDaemon as Daemon, AITHERD};
 use common::{poll_until, require_root, unique, wait_with_deadline};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 /// A configuration file in a private directory under /var/tmp, root's and 0644.
@@ -85,8 +87,7 @@ fn max_agents(d: &Daemon) -> Value {
 }
 
 fn sighup(d: &Daemon) {
-    // SAFETY: kill(2) on the pid of the daemon this test started.
-    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGHUP) }, 0);
+    kill(Pid::from_raw(d.pid()), Signal::SIGHUP).expect("SIGHUP to the daemon this test started");
 }
 
 fn audit_lines(d: &Daemon, kind: &str) -> Vec<Value> {

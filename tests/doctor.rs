@@ -682,8 +682,7 @@ fn a_malformed_facts_file_is_an_error() {
 /// The real doctor on this host: strict runs, and the facts are this host's.
 #[test]
 fn on_this_host_strict_runs_and_the_facts_are_true() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "this test runs the real doctor and must run as root (CI runs it as root)"

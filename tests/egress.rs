@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{Workspace, AITHERCTL};
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The upstreams' address, in "the internet" namespace.
@@ -46,41 +48,19 @@ fn ip(args: &[&str]) {
 /// joined by a veth pair, with `INET_IP`.
 fn private_network(hosts: &Path) -> OwnedFd {
     common::require_root();
-    // SAFETY: unshare on the calling thread only (CLONE_NEWNS unshares its fs struct first).
-    let r = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) };
-    assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-    let root = c"/";
-    // SAFETY: valid C strings; changes the propagation of this namespace's mounts only.
-    let r = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "private mounts: {}", std::io::Error::last_os_error());
-    let src = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
-    let dst = c"/etc/hosts";
-    // SAFETY: valid C strings; a bind mount in this thread's own mount namespace.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "bind /etc/hosts: {}", std::io::Error::last_os_error());
+    // On the calling thread only (CLONE_NEWNS unshares its fs struct first).
+    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect("unshare");
+    // The propagation of this namespace's mounts only.
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).expect("private mounts");
+    // A bind mount in this thread's own mount namespace.
+    mount(Some(hosts), "/etc/hosts", none, MsFlags::MS_BIND, none).expect("bind /etc/hosts");
     ip(&["link", "set", "lo", "up"]);
     // "The internet": a thread of its own unshares a network namespace; its descriptor keeps
     // the namespace once the thread has ended.
     let inet = std::thread::spawn(|| {
-        // SAFETY: unshare on this short-lived thread only.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "unshare inet: {}", std::io::Error::last_os_error());
+        // On this short-lived thread only.
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare inet");
         OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
     })
     .join()
@@ -114,9 +94,8 @@ fn listen_in(ns: &OwnedFd, addr: &str) -> std::net::TcpListener {
     let fd = ns.try_clone().unwrap();
     let addr = addr.to_string();
     std::thread::spawn(move || {
-        // SAFETY: setns on this short-lived thread only, to a namespace descriptor we own.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        // On this short-lived thread only, to a namespace descriptor we own.
+        nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
         let l = std::net::TcpListener::bind(addr).unwrap();
         l.set_nonblocking(true).unwrap();
         l
@@ -1435,7 +1414,7 @@ target = "127.0.0.1:11434"
     wide.net.services.push(aither::net::ServiceGrant {
         name: "db".into(),
         target: Some("127.0.0.1:5432".into()),
-        requests_per_minute: None,
+        ..Default::default()
     });
     let e = aither::token::claims::narrows(&wide, &claims)
         .unwrap_err()

@@ -13,6 +13,8 @@ use aither::daemon::client::Client;
 use aither::daemon::proto::{ExecRequest, Request};
 use common::daemon::TestDaemon as Daemon;
 use common::{pids_with_cmdline, poll_until, unique};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 fn daemon() -> Daemon {
@@ -278,8 +280,7 @@ fn execs_count_in_the_agents_cgroup_are_bounded_and_die_with_their_client() {
 
     // A client that goes away takes its command with it.
     for (mut c, pid) in running {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
         let _ = c.wait();
         assert!(
             poll_until(Duration::from_secs(10), || !std::path::Path::new(&format!(
@@ -499,8 +500,7 @@ exec sleep 300"#;
         }),
         "{log}"
     );
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(secret.id() as i32, libc::SIGKILL) };
+    let _ = kill(Pid::from_raw(secret.id() as i32), Signal::SIGKILL);
     let _ = secret.wait();
     assert!(
         log.contains("found "),

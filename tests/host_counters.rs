@@ -15,6 +15,9 @@ use std::process::Child;
 use std::sync::mpsc;
 
 use common::*;
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// A sandbox holding what its hog took, until dropped.
 struct Hog {
@@ -92,8 +95,8 @@ impl Hog {
 impl Drop for Hog {
     fn drop(&mut self) {
         // SIGTERM to the launcher, which forwards it; the sandbox ends with its pid 1.
-        // SAFETY: kill(2) on our own child's pid (not reaped yet, so not reused).
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // Our own child's pid (not reaped yet, so not reused).
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         wait_with_deadline(&mut self.child, &self.stderr_hint, RUN_DEADLINE);
     }
 }
@@ -107,44 +110,44 @@ fn sysctl(path: &str) -> u64 {
 }
 
 fn last_errno() -> String {
-    let e = std::io::Error::last_os_error();
+    errno_text(Errno::last())
+}
+
+fn errno_text(e: Errno) -> String {
     format!(
-        "{e} ({})",
-        aither::sys::errno_name(e.raw_os_error().unwrap_or(0))
+        "{} ({})",
+        std::io::Error::from(e),
+        aither::sys::errno_name(e as i32)
     )
 }
 
 /// Host root: one inotify instance and one watch.
 fn root_inotify() -> Result<(), String> {
-    // SAFETY: inotify_init1 takes no pointers.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!("inotify_init1: {}", last_errno()));
-    }
-    // SAFETY: a valid NUL-terminated path.
-    let w = unsafe { libc::inotify_add_watch(fd, c"/".as_ptr(), libc::IN_CREATE) };
-    let r = if w < 0 {
-        Err(format!("inotify_add_watch: {}", last_errno()))
-    } else {
-        Ok(())
-    };
-    // SAFETY: closing the descriptor opened above.
-    unsafe { libc::close(fd) };
-    r
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let fd = Inotify::init(InitFlags::IN_CLOEXEC)
+        .map_err(|e| format!("inotify_init1: {}", errno_text(e)))?;
+    fd.add_watch("/", AddWatchFlags::IN_CREATE)
+        .map_err(|e| format!("inotify_add_watch: {}", errno_text(e)))?;
+    Ok(())
 }
 
 /// Host root: a POSIX timer, and a queued real-time signal (both are pending-signal slots).
 fn root_sigpending() -> Result<(), String> {
     let mut id: libc::timer_t = std::ptr::null_mut();
+    // Raw: the hog's own call, a null sigevent (SIGALRM), which nix's Timer (it takes a
+    // SigEvent) does not make.
     // SAFETY: a null sigevent (never armed) and a valid out-pointer.
     if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, std::ptr::null_mut(), &mut id) } < 0 {
         return Err(format!("timer_create: {}", last_errno()));
     }
+    // Raw: the timer made above is a libc timer_t, not nix's Timer.
     // SAFETY: deleting the timer created above.
     unsafe { libc::timer_delete(id) };
     // A real-time signal queued to this thread only, blocked here, then taken back: the test
     // harness's other threads never see it.
     let sig = libc::SIGRTMIN() + 3;
+    // Raw, the block: a realtime signal, which nix's Signal and SigSet cannot hold, and nix
+    // has no rt_tgsigqueueinfo or sigtimedwait.
     // SAFETY: zeroed sigset_t initialised by sigemptyset; valid pointers throughout.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -156,8 +159,8 @@ fn root_sigpending() -> Result<(), String> {
         info.si_code = libc::SI_QUEUE;
         let r = libc::syscall(
             libc::SYS_rt_tgsigqueueinfo,
-            libc::getpid(),
-            libc::gettid(),
+            nix::unistd::getpid().as_raw(),
+            nix::unistd::gettid().as_raw(),
             sig,
             &info as *const libc::siginfo_t,
         );
@@ -189,6 +192,8 @@ fn root_mqueue() -> Result<(), String> {
     let mut attr: libc::mq_attr = unsafe { std::mem::zeroed() };
     attr.mq_maxmsg = 10;
     attr.mq_msgsize = 8192;
+    // Raw: the hog's own call, the system call itself (libc's and nix's mq_open take the name
+    // with its leading /).
     // SAFETY: a valid name (without the leading /, as the syscall takes it) and attributes.
     let fd = unsafe {
         libc::syscall(
@@ -202,11 +207,10 @@ fn root_mqueue() -> Result<(), String> {
     if fd < 0 {
         return Err(format!("mq_open: {}", last_errno()));
     }
-    // SAFETY: removing and closing the queue created above.
-    unsafe {
-        libc::syscall(libc::SYS_mq_unlink, name.as_ptr());
-        libc::close(fd as libc::c_int);
-    }
+    // Raw, as mq_open above.
+    // SAFETY: removing the queue created above.
+    unsafe { libc::syscall(libc::SYS_mq_unlink, name.as_ptr()) };
+    let _ = nix::unistd::close(fd as libc::c_int);
     Ok(())
 }
 
@@ -294,8 +298,8 @@ fn mqueue_bytes_of_one_agent_are_not_roots_nor_another_sandboxs() {
     );
 }
 
-/// NS_GET_OWNER_UID (linux/nsfs.h): _IO(0xb7, 0x4).
-const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+// NS_GET_OWNER_UID (linux/nsfs.h): _IO(0xb7, 0x4), with a pointer to one uid_t.
+nix::ioctl_read_bad!(ns_get_owner_uid, 0xb704, libc::uid_t);
 
 /// The user namespace itself (and with it the `user.max_user_namespaces` count and every
 /// counter above) is charged to the sandbox's setup id, `0x70000000 + 2·launcher pid`.
@@ -307,14 +311,8 @@ fn the_sandbox_user_namespace_is_owned_by_its_own_host_id() {
     let ns = std::fs::File::open(format!("/proc/{pid1}/ns/user")).expect("open ns/user");
     let mut owner: libc::uid_t = u32::MAX;
     // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer.
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&ns),
-            NS_GET_OWNER_UID as _,
-            &mut owner as *mut libc::uid_t,
-        )
-    };
-    assert_eq!(r, 0, "NS_GET_OWNER_UID: {}", last_errno());
+    let r = unsafe { ns_get_owner_uid(std::os::fd::AsRawFd::as_raw_fd(&ns), &mut owner) };
+    assert_eq!(r, Ok(0), "NS_GET_OWNER_UID");
     assert_ne!(
         owner, 0,
         "the sandbox's user namespace must not be host root's"

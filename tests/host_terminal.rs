@@ -18,6 +18,8 @@ use aither::daemon::client::Client;
 use aither::daemon::proto::{ExecRequest, Request};
 use common::daemon::TestDaemon;
 use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// A pty pair: the test holds the master (the "terminal emulator"), aitherctl gets the slave.
 struct Pty {
@@ -25,69 +27,57 @@ struct Pty {
     slave: OwnedFd,
 }
 
-fn cvt(r: libc::c_int, what: &str) -> libc::c_int {
-    assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
-    r
+nix::ioctl_write_int_bad!(tiocgptpeer, libc::TIOCGPTPEER);
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
+nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
+nix::ioctl_read_bad!(tiocgetd, libc::TIOCGETD, libc::c_int);
+nix::ioctl_read_bad!(tiocgexcl, libc::TIOCGEXCL, libc::c_int);
+nix::ioctl_write_int_bad!(tiocsctty, libc::TIOCSCTTY);
+
+/// TIOCSWINSZ on our master (the kernel signals the foreground process group).
+fn set_winsize(master: &OwnedFd, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    unsafe { tiocswinsz(master.as_raw_fd(), &ws) }.expect("TIOCSWINSZ");
 }
 
 impl Pty {
     fn open() -> Pty {
-        // SAFETY: posix_openpt takes no pointers; the result is a new descriptor we own.
-        let m = cvt(
-            unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) },
-            "posix_openpt",
-        );
-        // SAFETY: m was just returned by posix_openpt.
-        let master = unsafe { OwnedFd::from_raw_fd(m) };
-        // SAFETY: grantpt/unlockpt on our master.
-        cvt(unsafe { libc::grantpt(m) }, "grantpt");
-        // SAFETY: as above.
-        cvt(unsafe { libc::unlockpt(m) }, "unlockpt");
+        use nix::fcntl::OFlag;
+        let m = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+            .expect("posix_openpt");
+        nix::pty::grantpt(&m).expect("grantpt");
+        nix::pty::unlockpt(&m).expect("unlockpt");
         // SAFETY: TIOCGPTPEER opens the peer (slave) of our master; returns a new descriptor.
-        let s = cvt(
-            unsafe {
-                libc::ioctl(
-                    m,
-                    libc::TIOCGPTPEER as _,
-                    libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-                )
-            },
-            "TIOCGPTPEER",
-        );
+        let s = unsafe {
+            tiocgptpeer(
+                m.as_raw_fd(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        }
+        .expect("TIOCGPTPEER");
         // SAFETY: s is a new descriptor we own.
         let slave = unsafe { OwnedFd::from_raw_fd(s) };
-        let ws = libc::winsize {
-            ws_row: 33,
-            ws_col: 101,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize.
-        cvt(
-            unsafe { libc::ioctl(m, libc::TIOCSWINSZ, &ws as *const libc::winsize) },
-            "TIOCSWINSZ",
-        );
+        let master = OwnedFd::from(m);
+        set_winsize(&master, 33, 101);
         Pty { master, slave }
     }
 
     fn termios(&self) -> libc::termios {
-        // SAFETY: zeroed termios is a valid out-parameter.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: tcgetattr on our slave.
-        cvt(
-            unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) },
-            "tcgetattr",
-        );
-        t
+        nix::sys::termios::tcgetattr(&self.slave)
+            .expect("tcgetattr")
+            .into()
     }
 
     fn line_discipline(&self) -> libc::c_int {
         let mut ld: libc::c_int = -1;
         // SAFETY: TIOCGETD writes one int.
-        cvt(
-            unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TIOCGETD, &mut ld) },
-            "TIOCGETD",
-        );
+        unsafe { tiocgetd(self.slave.as_raw_fd(), &mut ld) }.expect("TIOCGETD");
         ld
     }
 
@@ -95,10 +85,7 @@ impl Pty {
         // SAFETY: zeroed winsize is a valid out-parameter.
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ writes one winsize.
-        cvt(
-            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) },
-            "TIOCGWINSZ",
-        );
+        unsafe { tiocgwinsz(self.master.as_raw_fd(), &mut ws) }.expect("TIOCGWINSZ");
         (ws.ws_row, ws.ws_col)
     }
 
@@ -114,72 +101,57 @@ impl Pty {
     }
 
     fn spawn(&self, mut cmd: Command) -> Running {
-        let slave = self.slave.as_raw_fd();
         for i in 0..3 {
-            // SAFETY: dup of our slave: a new descriptor handed to the child.
-            let fd = cvt(unsafe { libc::dup(slave) }, "dup");
-            // SAFETY: fd is new and ours.
-            let s = Stdio::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            // A new descriptor of our slave, handed to the child.
+            let s = Stdio::from(nix::unistd::dup(&self.slave).expect("dup"));
             match i {
                 0 => cmd.stdin(s),
                 1 => cmd.stdout(s),
                 _ => cmd.stderr(s),
             };
         }
-        // SAFETY: only async-signal-safe calls between fork and exec.
+        // SAFETY: only async-signal-safe calls between fork and exec, none that allocates
+        // (nix's setsid, ioctl and sigaction wrappers do not).
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                nix::unistd::setsid()?;
+                tiocsctty(0, 0)?;
                 // As an interactive shell starts a foreground job: ^C and ^\ at their
                 // defaults. The suite itself may run with them ignored (a background job of a
                 // non-interactive shell, as a CI script can be), and an exec'ed program
                 // inherits an ignored signal: ^C then ended nothing.
-                for sig in [libc::SIGINT, libc::SIGQUIT] {
-                    let mut sa: libc::sigaction = std::mem::zeroed();
-                    sa.sa_sigaction = libc::SIG_DFL;
-                    if libc::sigaction(sig, &sa, std::ptr::null_mut()) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+                let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+                for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+                    sigaction(sig, &dfl)?;
                 }
                 Ok(())
             });
         }
         let child = cmd.spawn().expect("spawn on the pty");
         drop(cmd);
-        // SAFETY: dup of our master for the reader thread.
-        let m = cvt(unsafe { libc::dup(self.master.as_raw_fd()) }, "dup master");
-        // SAFETY: m is new and ours.
-        let master = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(m) });
+        // Our master for the reader thread.
+        let master = nix::unistd::dup(&self.master).expect("dup master");
         let out = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (out, stop) = (out.clone(), stop.clone());
-            let fd = master.as_raw_fd();
             std::thread::spawn(move || {
-                let _keep = master;
+                use nix::poll::{poll, PollFd, PollFlags};
                 let mut buf = [0u8; 4096];
                 loop {
-                    let mut p = libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    let n = unsafe { libc::poll(&mut p, 1, 20) };
-                    if n == 0 {
+                    let mut p = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+                    if let Ok(0) = poll(&mut p, 20u16) {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
                         continue;
                     }
-                    // SAFETY: reading into a buffer of the stated length.
-                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                    if n <= 0 {
-                        break;
-                    }
-                    out.lock().unwrap().extend_from_slice(&buf[..n as usize]);
+                    let n = match nix::unistd::read(&master, &mut buf) {
+                        Ok(n) if n > 0 => n,
+                        _ => break,
+                    };
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
                 }
             })
         };
@@ -188,7 +160,7 @@ impl Pty {
             out,
             stop,
             reader: Some(reader),
-            master: self.master.as_raw_fd(),
+            master: nix::unistd::dup(&self.master).expect("dup master"),
         }
     }
 }
@@ -199,7 +171,7 @@ struct Running {
     out: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
-    master: libc::c_int,
+    master: OwnedFd,
 }
 
 impl Running {
@@ -217,9 +189,8 @@ impl Running {
     }
 
     fn type_in(&self, input: &[u8]) {
-        // SAFETY: writing from a live buffer to our master.
-        let n = unsafe { libc::write(self.master, input.as_ptr().cast(), input.len()) };
-        assert_eq!(n, input.len() as isize, "typing into the terminal");
+        let n = nix::unistd::write(&self.master, input);
+        assert_eq!(n, Ok(input.len()), "typing into the terminal");
     }
 
     fn finish(mut self) -> (i32, String) {
@@ -239,8 +210,8 @@ impl Running {
 fn sigterm_once_started_restores(pty: &Pty, r: Running, before: &libc::termios) {
     r.wait_for("started");
     assert_eq!(pty.termios().c_lflag & libc::ICANON, 0, "raw");
-    // SAFETY: kill(2) on our own, not yet reaped, child.
-    unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
+    // Our own, not yet reaped, child.
+    let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM);
     let (code, out) = r.finish();
     assert_eq!(code, 128 + libc::SIGTERM, "{out:?}");
     assert!(
@@ -260,10 +231,7 @@ fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
 fn excl(pty: &Pty) -> libc::c_int {
     let mut v: libc::c_int = -1;
     // SAFETY: TIOCGEXCL writes one int.
-    cvt(
-        unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGEXCL, &mut v) },
-        "TIOCGEXCL",
-    );
+    unsafe { tiocgexcl(pty.slave.as_raw_fd(), &mut v) }.expect("TIOCGEXCL");
     v
 }
 
@@ -386,17 +354,8 @@ fn the_window_size_follows_the_callers() {
         &unique("winch"),
     ));
     r.wait_for("33 101");
-    let ws2 = libc::winsize {
-        ws_row: 40,
-        ws_col: 120,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize; the kernel signals aitherctl's process group.
-    cvt(
-        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
-        "TIOCSWINSZ",
-    );
+    // The kernel signals aitherctl's process group.
+    set_winsize(&pty.master, 40, 120);
     r.wait_for("40 120");
     let (code, out) = r.finish();
     assert_eq!(code, 0, "{out:?}");
@@ -410,9 +369,7 @@ fn a_root_fifo_stays_root_0600_and_pipes_stay_roots() {
     let ws = Workspace::new();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let fifo = dir.path().join("out.fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid path.
-    cvt(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, "mkfifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let reader = {
         let fifo = fifo.clone();
         std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
@@ -508,8 +465,7 @@ fn pid1_shows_a_fixed_name_and_nothing_of_aitherctl() {
     let pid1: i32 = kids.split_whitespace().next().unwrap().parse().unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid1}/cmdline")).expect("cmdline");
     let environ = std::fs::read(format!("/proc/{pid1}/environ")).expect("environ");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(launcher as i32, libc::SIGTERM) };
+    let _ = kill(Pid::from_raw(launcher as i32), Signal::SIGTERM);
     wait_with_deadline(&mut child, "aitherctl", RUN_DEADLINE);
 
     assert_eq!(
@@ -898,17 +854,7 @@ fn exec_gives_the_command_pipes_or_a_pty_of_its_own_never_the_callers_terminal()
          while [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch",
     ]));
     r.wait_for("33 101");
-    let ws2 = libc::winsize {
-        ws_row: 40,
-        ws_col: 120,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize.
-    cvt(
-        unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws2) },
-        "TIOCSWINSZ",
-    );
+    set_winsize(&pty.master, 40, 120);
     r.wait_for("40 120");
     let (code, out) = r.finish();
     assert_eq!(code, 0, "{out:?}");
@@ -950,8 +896,7 @@ fn stats_redraws_its_table_in_place_on_a_terminal_until_interrupted() {
     let three = || r.output().matches(REDRAW).count() >= 3;
     assert!(poll_until(RUN_DEADLINE, three), "{:?}", r.output());
     // ^C (the terminal's SIGINT to its foreground) ends it.
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(r.child.id() as i32, libc::SIGINT) };
+    let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGINT);
     let (code, shown) = r.finish();
     assert_eq!(code, 128 + libc::SIGINT, "{shown:?}");
     for frame in shown.split(REDRAW).skip(1).take(2) {

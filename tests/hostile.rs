@@ -43,6 +43,8 @@ use common::{
     cgroup_dirs_of, host_mount_count, pids_with_cmdline, poll_until, probe_on_host, require_root,
     unique, wait_with_deadline, Workspace, RUN_DEADLINE,
 };
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const STRICT: &str = "strict";
 
@@ -591,9 +593,8 @@ fn sigint_is_forwarded() {
         let _ = child.wait();
         panic!("the sandboxed shell never wrote its marker");
     }
-    // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    assert_eq!(rc, 0);
+    // Our own child, not yet reaped.
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT to aitherctl");
     let st = wait_with_deadline(
         &mut child,
         "aitherctl after SIGINT",
@@ -631,8 +632,7 @@ fn sigkill_launcher(ws: &Workspace) -> String {
     });
     let left = pids_with_cmdline(&["sleep", &arg]);
     for p in &left {
-        // SAFETY: kill takes no pointers; clean up what the sandbox failed to.
-        unsafe { libc::kill(*p, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
     assert!(
         gone,
@@ -782,6 +782,7 @@ fn landlock_scopes_abstract_sockets_even_on_the_host_network() {
 #[test]
 fn host_sysv_ipc_is_invisible() {
     let ws = Workspace::new();
+    // Raw (and the shmctl below): nix 0.30 and rustix 1 have no System V shared memory.
     // SAFETY: creates a private 4 KiB segment, removed below.
     let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o666) };
     assert!(id >= 0, "shmget on the host");
@@ -887,9 +888,9 @@ fn inherited_descriptors_are_closed() {
     // SAFETY: dup2 in the child between fork and exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, 7) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns 7 here) and its
+            // dup2_raw does not check dup2's result.
+            nix::errno::Errno::result(libc::dup2(raw, 7))?;
             Ok(())
         });
     }
@@ -920,14 +921,9 @@ fn the_agent_runs_in_a_new_session() {
 #[test]
 fn rlimits_are_the_policys() {
     let ws = Workspace::new();
-    let mut host = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into `host`.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut host) };
-    assert_eq!(rc, 0);
-    let n = host.rlim_max.min(1024);
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit on the host");
+    let n = hard.min(1024);
     let r = ws.run(
         STRICT,
         &[],

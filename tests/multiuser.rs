@@ -468,19 +468,8 @@ fn members_work_only_in_directories_they_own() {
 
 /// `renameat2(RENAME_EXCHANGE)`: swaps two names atomically.
 fn exchange(a: &Path, b: &Path) {
-    let ca = std::ffi::CString::new(a.as_os_str().as_encoded_bytes()).unwrap();
-    let cb = std::ffi::CString::new(b.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: two valid C strings; renameat2 has no other preconditions.
-    unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let _ = renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE);
 }
 
 #[test]
@@ -1141,4 +1130,138 @@ fn exec_reaches_only_the_callers_own_agents_or_an_admins() {
         })
     };
     assert!(poll_until(WAIT, allowed), "the admin's exec is not audited");
+}
+
+/// Installed policies for the published-service test: `mu-svc-client` is `standard` granted
+/// the service `svc` (no target: whatever an agent publishes under that name).
+fn service_policies(dir: &Path) -> String {
+    let base = std::fs::read_to_string(common::policy_dir().join("standard.toml")).unwrap();
+    let src = base.replace("name = \"standard\"", "name = \"mu-svc-client\"");
+    std::fs::write(
+        dir.join("mu-svc-client.toml"),
+        format!("{src}\n[[net.services]]\nname = \"svc\"\n"),
+    )
+    .unwrap();
+    format!("{}:{}", dir.display(), common::policy_dir().display())
+}
+
+/// A server agent answering every GET with `body`, published as `svc` on port 8123.
+fn spawn_svc_server(us: &Users, d: &TestDaemon, i: usize, name: &str, body: &str) -> Output {
+    let script = format!(
+        "import http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200); self.end_headers(); self.wfile.write(b'{body}')\n\
+         \x20   def log_message(self, *a): pass\n\
+         print('SERVING', flush=True)\n\
+         http.server.HTTPServer(('127.0.0.1', 8123), H).serve_forever()\n"
+    );
+    us.ctl(
+        d,
+        i,
+        &[
+            "spawn",
+            "--policy",
+            "standard",
+            "--publish",
+            "svc=8123",
+            name,
+            "--",
+            "python3",
+            "-u",
+            "-c",
+            &script,
+        ],
+    )
+}
+
+/// What an agent of user `i` granted `svc` gets from http://svc.aither.internal/.
+fn call_svc(us: &Users, d: &TestDaemon, i: usize, name: &str) -> String {
+    let script = "import urllib.request\n\
+                  try:\n\
+                  \x20   print('GOT', urllib.request.urlopen('http://svc.aither.internal:8123/', timeout=10).read().decode())\n\
+                  except Exception as e:\n\
+                  \x20   print('ERR', e, getattr(e, 'read', lambda: b'')().decode(errors='replace'))\n";
+    us.ok(
+        d,
+        i,
+        &[
+            "spawn",
+            "--policy",
+            "mu-svc-client",
+            name,
+            "--",
+            "python3",
+            "-u",
+            "-c",
+            script,
+        ],
+    );
+    let mut out = String::new();
+    let done = poll_until(WAIT, || {
+        out = us.ok(d, i, &["logs", name]);
+        out.contains("GOT") || out.contains("ERR")
+    });
+    assert!(done, "{name} never called the service: {out}\n{}", d.log());
+    out
+}
+
+#[test]
+// One scenario against one daemon: each step depends on what is published before it.
+#[allow(clippy::too_many_lines)]
+fn a_published_service_name_is_its_owners_and_another_member_cannot_take_it() {
+    let us = Users::create();
+    let pdir = tempfile::tempdir().unwrap();
+    let dirs = service_policies(pdir.path());
+    let d = us.daemon_env(&[], &[("AITHER_POLICY_DIR", &dirs)]);
+    let wait_serving = |i: usize, name: &str| {
+        assert!(
+            poll_until(WAIT, || us.ok(&d, i, &["logs", name]).contains("SERVING")),
+            "{name} never served: {}",
+            d.log()
+        );
+    };
+
+    // A hostile member publishes `svc` first: user 1's agents granted `svc` never reach it
+    // (nothing of user 1's or root's publishes it).
+    let evil = unique("mu-svc-evil");
+    let o = spawn_svc_server(&us, &d, 1, &evil, "from-user-2");
+    assert!(o.status.success(), "{o:?}");
+    wait_serving(1, &evil);
+    let out = call_svc(&us, &d, 0, &unique("mu-svc-c1"));
+    assert!(
+        !out.contains("from-user-2"),
+        "user 2's server answered user 1: {out}"
+    );
+    assert!(out.contains("nothing publishes it now"), "{out}");
+    // User 2's own agent, granted `svc` by the same installed policy, reaches user 2's
+    // server: the publication itself works.
+    let out = call_svc(&us, &d, 1, &unique("mu-svc-c2"));
+    assert!(out.contains("GOT from-user-2"), "{out}");
+
+    // User 1 publishes `svc` themselves: their agents reach theirs, user 2's still reach
+    // user 2's, and neither took the other's.
+    let own = unique("mu-svc-own");
+    let o = spawn_svc_server(&us, &d, 0, &own, "from-user-1");
+    assert!(o.status.success(), "{o:?}");
+    wait_serving(0, &own);
+    let out = call_svc(&us, &d, 0, &unique("mu-svc-c3"));
+    assert!(out.contains("GOT from-user-1"), "{out}");
+    let out = call_svc(&us, &d, 1, &unique("mu-svc-c4"));
+    assert!(out.contains("GOT from-user-2"), "{out}");
+
+    // A second agent of user 1 publishing the same name is refused at spawn, not swapped in.
+    let o = spawn_svc_server(&us, &d, 0, &unique("mu-svc-dup"), "dup");
+    assert!(
+        !o.status.success(),
+        "a second publisher of svc was accepted"
+    );
+    assert!(
+        stderr(&o).contains(&format!("agent \"{own}\" already publishes \"svc\"")),
+        "{o:?}"
+    );
+    // And when user 2's server goes, user 1's publication stays.
+    us.ok(&d, 1, &["rm", "--force", &evil]);
+    let out = call_svc(&us, &d, 0, &unique("mu-svc-c5"));
+    assert!(out.contains("GOT from-user-1"), "{out}");
 }

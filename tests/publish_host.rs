@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use common::daemon::TestDaemon as Daemon;
@@ -306,13 +306,9 @@ fn push_until_full(s: &mut TcpStream) -> usize {
         match s.write(&chunk) {
             Ok(n) => total += n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: s.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: poll on one pollfd we own.
-                if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+                use nix::poll::{poll, PollFd, PollFlags};
+                let mut p = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+                if !matches!(poll(&mut p, 100u16), Ok(n) if n > 0) {
                     return total;
                 }
             }
@@ -336,17 +332,7 @@ fn rss_kib(pid: i32) -> u64 {
 
 /// Small send buffers on the test's own sockets: the pressure lands on aitherd's side.
 fn small_sndbuf(s: &TcpStream) {
-    let v: libc::c_int = 16 * 1024;
-    // SAFETY: setsockopt with an int option on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &(16 * 1024));
 }
 
 #[test]

@@ -32,8 +32,7 @@ fn strict() -> Policy {
 }
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "this test runs sandboxes and must run as root (it creates cgroups and maps host id \

@@ -11,6 +11,12 @@
 //! and exits 0 either way: the line carries the result, so that a crash (no line) can never be
 //! mistaken for a denial. Usage errors print `RESULT <check> usage <message>` and exit 2.
 //! `aither-probe list` prints the checks.
+//!
+//! Raw libc throughout, on purpose (the reason for every libc call below): the probe plays the
+//! hostile agent, so each check makes the very system call an attacker's code would, with
+//! exactly the arguments given and no wrapper in between (a wrapper may pick another call,
+//! check or fix the arguments, or retry), so that the answer seen is the kernel's and the
+//! sandbox's alone.
 
 use std::ffi::CString;
 use std::io::Write;

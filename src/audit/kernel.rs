@@ -12,11 +12,13 @@
 //!   SECCOMP_FILTER_FLAG_LOG and would log every ENOSYS probe of every program).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
+use nix::sys::socket::{
+    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 use serde::Serialize;
 
-const NETLINK_AUDIT: i32 = 9;
 const AUDIT_GET: u16 = 1000;
 const AUDIT_SET: u16 = 1001;
 const AUDIT_NLGRP_READLOG: u32 = 1;
@@ -29,38 +31,16 @@ pub const AUDIT_LANDLOCK_ACCESS: u16 = 1423;
 pub const AUDIT_LANDLOCK_DOMAIN: u16 = 1424;
 
 fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_AUDIT,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkAudit,
+    )?)
 }
 
 fn bind(fd: &OwnedFd, groups: u32) -> io::Result<()> {
-    // SAFETY: a zeroed sockaddr_nl with family and groups set.
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    sa.nl_groups = groups;
-    // SAFETY: a valid sockaddr_nl of its own size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?)
 }
 
 fn request(fd: &OwnedFd, ty: u16, body: &[u8]) -> io::Result<Vec<u8>> {
@@ -71,21 +51,13 @@ fn request(fd: &OwnedFd, ty: u16, body: &[u8]) -> io::Result<Vec<u8>> {
     msg.extend_from_slice(&1u32.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes());
     msg.extend_from_slice(body);
-    // SAFETY: sending our own buffer.
-    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    socket::send(fd.as_raw_fd(), &msg, MsgFlags::empty())?;
     let mut out = Vec::new();
     // The ACK (an NLMSG_ERROR with 0) and, for AUDIT_GET, the status, in either order.
     for _ in 0..2 {
         let mut buf = vec![0u8; 8192];
-        // SAFETY: receiving into our own buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(n as usize);
+        let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        buf.truncate(n);
         if buf.len() < 20 {
             break;
         }
@@ -158,19 +130,8 @@ impl Reader {
 
     /// The next datagram's records (blocks).
     pub fn read(&mut self) -> io::Result<Vec<KernelRecord>> {
-        // SAFETY: receiving into our own buffer.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(parse_datagram(&self.buf[..n as usize]))
+        let n = socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+        Ok(parse_datagram(&self.buf[..n]))
     }
 }
 

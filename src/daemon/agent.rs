@@ -693,7 +693,14 @@ impl Agent {
             .request(&self.d, &self.name, &ask, self.gpu_origin.take())
         {
             Ok(rx) => rx,
-            Err(e) => return Acquired::Refused(format!("GPU request refused: {e}")),
+            Err(e) => {
+                // A host with no GPUs says why (a driver that failed at init, no driver).
+                let why = self.d.gpu.note.as_ref().map(|n| format!(" (no GPUs: {n})"));
+                return Acquired::Refused(format!(
+                    "GPU request refused: {e}{}",
+                    why.unwrap_or_default()
+                ));
+            }
         };
         let granted = match rx.try_recv() {
             Ok(g) => g,
@@ -815,6 +822,7 @@ impl Agent {
         let published = super::egress::publish(
             &self.d,
             &self.name,
+            self.rec.owner,
             &self.rec.request.publish,
             netns.clone(),
         );

@@ -114,6 +114,10 @@ pub struct AgentFile {
     /// `[bus]`: subjects granted on top of the policy's (`$self` is the agent's name).
     #[serde(default)]
     pub bus: Option<BusAsk>,
+    /// Ports published as services for other agents, as `--publish` takes them
+    /// (`["model=8000"]`); the flags add to these.
+    #[serde(default, deserialize_with = "service_publish_list")]
+    pub publish: Vec<(String, u16)>,
     /// Ports published on the host's loopback, as `--publish-host` takes them
     /// (`["127.0.0.1:8080=8000"]`); the flags add to these.
     #[serde(default, deserialize_with = "host_publish_list")]
@@ -121,6 +125,31 @@ pub struct AgentFile {
     /// The directory the file is in (relative paths resolve against it).
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+/// `publish = ["NAME=PORT", ...]`, each checked as `spawn --publish` checks it.
+fn service_publish_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, u16)>, D::Error> {
+    let raw: Vec<String> = Deserialize::deserialize(d)?;
+    raw.iter()
+        .map(|s| parse_service_publish(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// `NAME=PORT`: a service name (as `net.services` names them) and a port of the agent's own
+/// loopback.
+pub fn parse_service_publish(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: NAME=PORT (model=8000)"))?;
+    crate::policy::net_rules::check_name(name).map_err(|e| format!("{s:?}: {e}"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?}: a port of 1 to 65535"))?;
+    Ok((name.to_string(), port))
 }
 
 /// `publish_host = ["HOSTADDR:HOSTPORT=AGENTPORT", ...]`, each checked as the flag is.
@@ -300,5 +329,26 @@ mod tests {
             .to_string();
         assert!(e.starts_with("p.toml:2:"), "{e}");
         assert!(e.contains("not a loopback address"), "{e}");
+    }
+
+    #[test]
+    fn service_publish_is_checked_as_the_flag_is() {
+        let f = AgentFile::parse(
+            "command = \"x\"\npublish = [\"model=8000\"]\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.publish, [("model".to_string(), 8000)]);
+        for (bad, why) in [
+            ("Model=8000", "lower-case"),
+            ("model=0", "a port of 1 to 65535"),
+            ("model", "NAME=PORT"),
+        ] {
+            let src = format!("command = \"x\"\npublish = [\"{bad}\"]\n");
+            let e = AgentFile::parse(&src, Path::new("p.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("p.toml:2:") && e.contains(why), "{bad}: {e}");
+        }
     }
 }

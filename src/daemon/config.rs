@@ -201,6 +201,11 @@ pub struct GpuSection {
     pub backend: Option<GpuBackend>,
     /// How often the scheduler ages its queue and reads VRAM use, in milliseconds.
     pub poll_ms: u64,
+    /// Where NVIDIA's management library is (absolute path): for hosts whose driver lives
+    /// outside the loader's search path. Unset: `libnvidia-ml.so` through the loader, and only
+    /// when the host shows a driver. Needs a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvml_library: Option<PathBuf>,
 }
 
 impl Default for GpuSection {
@@ -208,6 +213,7 @@ impl Default for GpuSection {
         GpuSection {
             backend: None,
             poll_ms: 2000,
+            nvml_library: None,
         }
     }
 }
@@ -595,6 +601,13 @@ fn validate(path: &Path, text: &str, c: &Config) -> Result<(), ConfigError> {
     if c.gpu.poll_ms < 10 {
         return Err(bad("gpu", "poll_ms", "must be at least 10"));
     }
+    if c.gpu
+        .nvml_library
+        .as_ref()
+        .is_some_and(|p| !p.is_absolute())
+    {
+        return Err(bad("gpu", "nvml_library", "must be an absolute path"));
+    }
     UsersConfig::check(&c.users).map_err(|super::users::BadCpus(who)| {
         let table = if who == "default" {
             "users.default".to_string()
@@ -686,6 +699,7 @@ pub fn is_live(field: &str) -> bool {
 pub fn keep_restart_fields(running: &Config, mut new: Config) -> Config {
     new.daemon = running.daemon.clone();
     new.gpu.backend = running.gpu.backend;
+    new.gpu.nvml_library = running.gpu.nvml_library.clone();
     new.egress = running.egress.clone();
     new
 }
@@ -773,6 +787,25 @@ mod tests {
         assert!(
             e.contains("line 2") && e.contains("retention.audit_keep"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn the_nvml_library_is_an_absolute_path() {
+        let text = "[gpu]\nnvml_library = \"lib/libnvidia-ml.so.1\"\n";
+        let e = validate(p(), text, &parse(p(), text).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gpu.nvml_library") && e.contains("absolute"),
+            "{e}"
+        );
+        let text = "[gpu]\nnvml_library = \"/opt/nvidia/libnvidia-ml.so.1\"\n";
+        let c = parse(p(), text).unwrap();
+        validate(p(), text, &c).unwrap();
+        assert_eq!(
+            c.gpu.nvml_library.as_deref(),
+            Some(Path::new("/opt/nvidia/libnvidia-ml.so.1"))
         );
     }
 

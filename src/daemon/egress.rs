@@ -29,11 +29,16 @@ impl Drop for Serving {
         // from there), and the run's denials still being summarised.
         persist_quota(&self.d, &self.name, &self.token, &self.quota);
         self.d.gateway().flush_summaries_now(Some(&self.name));
-        self.d
+        let agent = self
+            .d
             .net_agents
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.name);
+        // The run's last usage window of its metered services (docs/agents.md).
+        if let Some(a) = agent {
+            self.d.gateway().flush_usage(&a, true);
+        }
     }
 }
 
@@ -118,7 +123,9 @@ impl Daemon {
         self.audit.record(net::inprocess::audit_entry(ev));
         let data = serde_json::to_value(ev).unwrap_or_default();
         self.bus.publish_system(ev.subject(), &data);
-        let kind = if ev.allowed {
+        let kind = if ev.usage.is_some() {
+            "net.usage"
+        } else if ev.allowed {
             "net.allowed"
         } else {
             "net.denied"
@@ -134,6 +141,27 @@ impl Daemon {
         Some(super::stats::NetStats::total(a.stats().values()))
     }
 
+    /// The tokens an agent used per metered service (`api = "openai"`), for `stats` and the
+    /// metrics; None while the gateway serves no run of it or it has no metered service.
+    pub fn token_usage(&self, name: &str) -> Option<Vec<net::gateway::ServiceTokens>> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        let a = agents.get(name)?;
+        if !a.grants.services.iter().any(|s| s.metered()) {
+            return None;
+        }
+        Some(a.token_usage())
+    }
+
+    /// Every served agent's token usage (the metrics).
+    pub fn token_usages(&self) -> Vec<(String, Vec<net::gateway::ServiceTokens>)> {
+        let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .iter()
+            .filter(|(_, a)| a.grants.services.iter().any(|s| s.metered()))
+            .map(|(n, a)| (n.clone(), a.token_usage()))
+            .collect()
+    }
+
     /// An agent's egress counters per rule, for `inspect`.
     pub fn net_stats(&self, name: &str) -> Option<serde_json::Value> {
         let agents = self.net_agents.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,6 +169,7 @@ impl Daemon {
         Some(json!({
             "grants": a.grants,
             "rules": a.stats(),
+            "tokens": a.token_usage(),
             "connections": a.open_connections(),
             "descriptors": a.descriptors(),
         }))
@@ -150,6 +179,7 @@ impl Daemon {
 /// Withdraws an agent's published services when its run ends.
 pub struct PublishedBy {
     agent: String,
+    owner: u32,
     names: Vec<String>,
     d: Shared,
 }
@@ -157,7 +187,7 @@ pub struct PublishedBy {
 impl Drop for PublishedBy {
     fn drop(&mut self) {
         for n in &self.names {
-            self.d.gateway().unpublish(n);
+            self.d.gateway().unpublish(self.owner, &self.agent, n);
             self.d
                 .emit(Some(&self.agent), "net.unpublished", json!({"service": n}));
         }
@@ -169,6 +199,7 @@ impl Drop for PublishedBy {
 pub fn publish(
     d: &Shared,
     name: &str,
+    owner: u32,
     ports: &[(String, u16)],
     netns: Option<Arc<OwnedFd>>,
 ) -> Option<PublishedBy> {
@@ -183,17 +214,38 @@ pub fn publish(
         return None;
     };
     let gw = d.gateway();
+    let mut names = Vec::with_capacity(ports.len());
     for (service, port) in ports {
-        gw.publish(service, net::gateway::Published::Netns(ns.clone(), *port));
-        d.emit(
-            Some(name),
-            "net.published",
-            json!({"service": service, "port": port}),
-        );
+        // Checked at spawn too; a name another agent of the owner took since is not taken
+        // over (the first publisher keeps it), and this run serves without it.
+        match gw.publish(
+            owner,
+            name,
+            service,
+            net::gateway::Published::Netns(ns.clone(), *port),
+        ) {
+            Ok(()) => {
+                names.push(service.clone());
+                d.emit(
+                    Some(name),
+                    "net.published",
+                    json!({"service": service, "port": port}),
+                );
+            }
+            Err(e) => {
+                tracing::error!(agent = name, "cannot publish: {e}");
+                d.emit(
+                    Some(name),
+                    "net.publish_refused",
+                    json!({"service": service, "port": port, "reason": e.to_string()}),
+                );
+            }
+        }
     }
     Some(PublishedBy {
         agent: name.to_string(),
-        names: ports.iter().map(|(n, _)| n.clone()).collect(),
+        owner,
+        names,
         d: d.clone(),
     })
 }

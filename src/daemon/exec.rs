@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -522,15 +524,16 @@ async fn run(
         .env_clear()
         .kill_on_drop(true);
     let src = config_r.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) on a
-    // descriptor that stays open in the parent until spawn returns.
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
+    // allocates (nix's fcntl and Errno conversions do not), on a descriptor that stays open
+    // in the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             // Moved up first: dup2 onto its own number would keep close-on-exec.
-            let high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
-            if high < 0 || libc::dup2(high, CONFIG_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let high = fcntl(BorrowedFd::borrow_raw(src), FcntlArg::F_DUPFD_CLOEXEC(10))?;
+            // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns that number here)
+            // and its dup2_raw does not check dup2's result.
+            Errno::result(libc::dup2(high, CONFIG_FD))?;
             Ok(())
         });
     }

@@ -49,6 +49,13 @@ struct Inner {
     usage: Vec<(String, u32, u64)>,
     /// Use by processes that are no agent's, per device (drift).
     foreign_mb: HashMap<u32, u64>,
+    /// (agent, device) with a process whose use the driver does not report (NVML's
+    /// "not available"): their figure is a lower bound, shown as unknown.
+    unknown: std::collections::HashSet<(String, u32)>,
+    /// Processes of no agent with unknown use, per device.
+    foreign_unknown: HashMap<u32, u32>,
+    /// Devices the backend lost, with its reason.
+    lost: HashMap<u32, String>,
     /// Agents being evicted for overuse (until their lease ends).
     evicting: std::collections::HashSet<String>,
 }
@@ -65,12 +72,12 @@ pub struct GpuService {
 impl GpuService {
     /// From AITHER_GPUS or /etc/aither/gpus.toml (else NVML); a broken file is an error.
     /// The backend (`backend`: aitherd.toml's `gpu.backend`, if set there) and scheduler.
-    pub fn load(backend: Option<super::config::GpuBackend>) -> Result<GpuService, gpu::GpuError> {
-        let kind = backend.map(|b| match b {
+    pub fn load(section: &super::config::GpuSection) -> Result<GpuService, gpu::GpuError> {
+        let kind = section.backend.map(|b| match b {
             super::config::GpuBackend::Nvml => gpu::BackendKind::Nvml,
             super::config::GpuBackend::None => gpu::BackendKind::None,
         });
-        let (backend, cfg, note) = gpu::load(kind)?;
+        let (backend, cfg, note) = gpu::load(kind, section.nvml_library.as_deref())?;
         Ok(Self::with(backend, cfg.scheduler, cfg.driver_paths, note))
     }
 
@@ -86,6 +93,7 @@ impl GpuService {
             .map(|d| DeviceSlot {
                 index: d.index,
                 total_mb: d.total_mb,
+                profile: d.mig.as_ref().map(|m| m.profile.clone()),
             })
             .collect();
         GpuService {
@@ -99,6 +107,9 @@ impl GpuService {
                 restored: HashMap::new(),
                 usage: Vec::new(),
                 foreign_mb: HashMap::new(),
+                unknown: Default::default(),
+                foreign_unknown: HashMap::new(),
+                lost: HashMap::new(),
                 evicting: Default::default(),
             }),
         }
@@ -167,6 +178,7 @@ impl GpuService {
                 exclusive: ask.exclusive,
                 enqueued_ms,
                 seq,
+                profile: ask.mig_profile.clone(),
             };
             g.sched.submit(req)?;
             g.waiters.insert(agent.to_string(), tx);
@@ -343,16 +355,25 @@ impl GpuService {
     /// Applies a lease to a spec: the leased nodes and the control nodes in /dev and in the
     /// device rules, the visible-devices variables, the driver directories read-only.
     pub fn apply(&self, spec: &mut SandboxSpec, devices: &[u32]) -> Result<(), gpu::GpuError> {
-        let mut nodes: Vec<PathBuf> = devices
-            .iter()
-            .filter_map(|i| self.device(*i).map(|d| d.node.clone()))
-            .collect();
-        nodes.extend(self.backend.control_nodes());
+        // Each leased device's node (a MIG instance: its GPU's node and its nvidia-caps access
+        // nodes), then the control nodes; a node shared by two leased MIG instances once.
+        let mut nodes: Vec<(PathBuf, String)> = Vec::new();
+        for d in devices.iter().filter_map(|i| self.device(*i)) {
+            let name = self.backend.dev_name(&d.node);
+            nodes.push((d.node.clone(), name));
+            nodes.extend(d.extra_nodes.iter().cloned());
+        }
+        for c in self.backend.control_nodes() {
+            let name = self.backend.dev_name(&c);
+            nodes.push((c, name));
+        }
+        let mut seen = std::collections::HashSet::new();
+        nodes.retain(|(p, _)| seen.insert(p.clone()));
         let visible: Vec<String> = devices
             .iter()
             .filter_map(|i| self.device(*i).map(|d| d.uuid.clone()))
             .collect();
-        spec.grant_devices(&nodes, &visible.join(","))?;
+        spec.grant_named_devices(&nodes, &visible.join(","))?;
         for p in &self.driver_paths {
             if p.exists() && !spec.mounts.read_only.contains(p) {
                 spec.mounts.read_only.push(p.clone());
@@ -375,17 +396,7 @@ impl GpuService {
                     name: d.name.clone(),
                     vram_mb: l.request.vram_mb,
                     total_mb: d.total_mb,
-                    node: format!(
-                        "/dev/{}",
-                        d.node
-                            .strip_prefix("/dev")
-                            .ok()
-                            .filter(|p| p.components().count() > 0)
-                            .unwrap_or_else(|| std::path::Path::new(
-                                d.node.file_name().unwrap_or_default()
-                            ))
-                            .display()
-                    ),
+                    node: format!("/dev/{}", self.backend.dev_name(&d.node)),
                 })
                 .collect();
             let visible: Vec<String> = devs.iter().map(|d| d.uuid.clone()).collect();
@@ -450,6 +461,8 @@ impl GpuService {
                         vram_mb: l.request.vram_mb,
                         used_mb: used,
                         total_mb: d.map(|d| d.total_mb).unwrap_or(0),
+                        used_unknown: g.unknown.contains(&(agent.to_string(), index)),
+                        lost: g.lost.get(&index).cloned(),
                     }
                 })
                 .collect();
@@ -495,13 +508,20 @@ impl GpuService {
                                     "priority": l.request.priority, "exclusive": l.request.exclusive,
                                     "granted_ms": l.granted_ms, "preempting": l.preempting}))
                     .collect();
+                // Processes whose use the driver does not report: `used_mb` is then a lower
+                // bound (docs/gpu.md "What the scheduler guarantees").
+                let unknown = g.unknown.iter().filter(|(_, i)| *i == index).count() as u64
+                    + g.foreign_unknown.get(&index).copied().unwrap_or(0) as u64;
                 json!({"index": index, "uuid": d.map(|d| d.uuid.clone()), "name": d.map(|d| d.name.clone()),
                        "node": d.map(|d| d.node.clone()), "total_mb": total, "reserved_mb": reserved,
                        "used_mb": used, "foreign_mb": g.foreign_mb.get(&index).copied().unwrap_or(0),
+                       "used_unknown": unknown, "lost": g.lost.get(&index),
+                       "mig": d.and_then(|d| d.mig.clone()),
                        "lease_count": n, "exclusive": exclusive, "leases": leases})
             })
             .collect();
-        json!({"backend": self.backend.kind(), "note": self.note, "devices": devices,
+        json!({"backend": self.backend.kind(), "library": self.backend.library(),
+               "note": self.note, "devices": devices,
                "queued": g.sched.queue_len(), "scheduler": g.sched.config()})
     }
 
@@ -553,8 +573,12 @@ impl GpuService {
             })
             .collect();
         let mut per_agent: HashMap<(String, u32), u64> = HashMap::new();
+        let mut unknown = std::collections::HashSet::new();
         let mut foreign: HashMap<u32, u64> = HashMap::new();
+        let mut foreign_unknown: HashMap<u32, u32> = HashMap::new();
         for u in usage {
+            // NVML reports host pids: a process's cgroup (its sandbox's, `aither/<name>-<shim
+            // pid>`) names its agent, whatever pid namespace it runs in.
             let agent = u.agent.clone().or_else(|| {
                 u.pid.and_then(|pid| {
                     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -564,21 +588,64 @@ impl GpuService {
                     })
                 })
             });
-            match agent {
-                Some(a) => *per_agent.entry((a, u.device)).or_default() += u.used_mb,
-                None => *foreign.entry(u.device).or_default() += u.used_mb,
+            match (agent, u.used_mb) {
+                (Some(a), Some(mb)) => *per_agent.entry((a, u.device)).or_default() += mb,
+                // Unknown is not 0: the agent keeps its known sum (which can still evict it)
+                // and is shown as unknown; an unknown reading alone evicts no one.
+                (Some(a), None) => {
+                    per_agent.entry((a.clone(), u.device)).or_default();
+                    unknown.insert((a, u.device));
+                }
+                (None, Some(mb)) => *foreign.entry(u.device).or_default() += mb,
+                (None, None) => *foreign_unknown.entry(u.device).or_default() += 1,
             }
         }
         let usage: Vec<(String, u32, u64)> = per_agent
             .into_iter()
             .map(|((a, dev), mb)| (a, dev, mb))
             .collect();
-        let over = {
+        let lost: HashMap<u32, String> = self.backend.lost().into_iter().collect();
+        let (over, newly_lost, back) = {
             let mut g = self.lock();
             g.usage = usage.clone();
             g.foreign_mb = foreign;
-            g.sched.overusers(&usage)
+            g.unknown = unknown;
+            g.foreign_unknown = foreign_unknown;
+            let newly: Vec<(u32, String)> = lost
+                .iter()
+                .filter(|(i, _)| !g.lost.contains_key(i))
+                .map(|(i, w)| (*i, w.clone()))
+                .collect();
+            let back: Vec<u32> = g
+                .lost
+                .keys()
+                .filter(|i| !lost.contains_key(i))
+                .copied()
+                .collect();
+            for (i, _) in &newly {
+                g.sched.set_offline(*i, true);
+            }
+            for i in &back {
+                g.sched.set_offline(*i, false);
+            }
+            g.lost = lost;
+            (g.sched.overusers(&usage), newly, back)
         };
+        for (device, why) in &newly_lost {
+            tracing::warn!(device, error = %why, "GPU lost: no new lease goes to it");
+            d.emit(None, "gpu.lost", json!({"device": device, "error": why}));
+            d.audit.record(
+                Entry::new(
+                    "gpu_lost",
+                    Verdict::Info,
+                    format!("GPU {device} lost: {why}"),
+                )
+                .actor("microscheduler"),
+            );
+        }
+        if !back.is_empty() {
+            self.pass(d);
+        }
         for (agent, device, used_mb, reserved_mb) in over {
             // Once per run: readings while it stops do not evict it again.
             if !self.lock().evicting.insert(agent.clone()) {

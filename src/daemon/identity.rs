@@ -6,6 +6,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use nix::errno::Errno;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
 /// The group whose members may use the control socket.
 pub const MEMBER_GROUP: &str = "aither";
 /// The group whose members act on every user's agents (created by install.sh).
@@ -79,25 +82,10 @@ impl Caller {
 
     /// Reads SO_PEERCRED and SO_PEERGROUPS of a connected unix socket.
     pub fn of_socket(fd: BorrowedFd<'_>, g: &Groups) -> io::Result<Caller> {
-        // SAFETY: zeroed ucred is a valid out-buffer.
-        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: a live socket, a valid out-buffer of `len` bytes.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                &mut cred as *mut libc::ucred as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let cred = getsockopt(&fd, PeerCredentials)?;
         let groups = peer_groups(fd)?;
-        let pid = (cred.pid > 0).then_some(cred.pid);
-        Ok(Caller::classify(cred.uid, cred.gid, groups, pid, g))
+        let pid = (cred.pid() > 0).then_some(cred.pid());
+        Ok(Caller::classify(cred.uid(), cred.gid(), groups, pid, g))
     }
 
     /// Whether this caller may see and act on something `owner` owns.
@@ -121,8 +109,9 @@ fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     let mut buf: Vec<libc::gid_t> = vec![0; 64];
     for _ in 0..4 {
         let mut len = (buf.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // Raw: neither nix 0.30 nor rustix 1 has SO_PEERGROUPS.
         // SAFETY: a live socket and a writable buffer of `len` bytes.
-        let r = unsafe {
+        let r = Errno::result(unsafe {
             libc::getsockopt(
                 fd.as_raw_fd(),
                 libc::SOL_SOCKET,
@@ -130,17 +119,16 @@ fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
                 buf.as_mut_ptr() as *mut libc::c_void,
                 &mut len,
             )
-        };
+        });
         let n = len as usize / std::mem::size_of::<libc::gid_t>();
-        if r == 0 {
-            buf.truncate(n);
-            return Ok(buf);
+        match r {
+            Ok(_) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::ERANGE) => buf.resize(n.max(buf.len() * 2), 0),
+            Err(e) => return Err(e.into()),
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
-        }
-        buf.resize(n.max(buf.len() * 2), 0);
     }
     Err(io::Error::from_raw_os_error(libc::ERANGE))
 }

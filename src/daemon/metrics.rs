@@ -147,6 +147,7 @@ pub fn render(d: &Shared) -> String {
     render_spent(&mut out, d);
     render_bus(&mut out, d);
     render_gpu(&mut out, d);
+    render_tokens(&mut out, d);
     render_counters(&mut out, d);
     out
 }
@@ -281,6 +282,53 @@ fn render_spent(out: &mut String, d: &Shared) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
         for (n, u) in &usages {
             let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", esc(n), pick(u));
+        }
+    }
+}
+
+/// `render`: tokens per agent and metered service (docs/agents.md "Local inference as a
+/// service"), for the agents the gateway serves now.
+fn render_tokens(out: &mut String, d: &Shared) {
+    let usages = d.token_usages();
+    type Pick = fn(&crate::net::gateway::ServiceTokens) -> f64;
+    let series: [(&str, &str, &str, Pick); 4] = [
+        (
+            "aither_agent_tokens_total",
+            "counter",
+            "Tokens charged to the agent on a metered service (api = \"openai\"), since its ledger began (agent name and token).",
+            |t| t.total as f64,
+        ),
+        (
+            "aither_agent_tokens_day",
+            "gauge",
+            "Tokens the agent used on a metered service over the last 24 h.",
+            |t| t.day as f64,
+        ),
+        (
+            "aither_agent_tokens_per_second",
+            "gauge",
+            "The agent's tokens per second on a metered service, averaged over the last minute.",
+            |t| t.minute as f64 / 60.0,
+        ),
+        (
+            "aither_agent_inference_responses_total",
+            "counter",
+            "Responses of a metered service charged to the agent.",
+            |t| t.responses as f64,
+        ),
+    ];
+    for (name, ty, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+        for (agent, services) in &usages {
+            for t in services {
+                let _ = writeln!(
+                    out,
+                    "{name}{{agent=\"{}\",service=\"{}\"}} {}",
+                    esc(agent),
+                    esc(&t.service),
+                    pick(t)
+                );
+            }
         }
     }
 }

@@ -195,7 +195,7 @@ impl Daemon {
             init,
             state_dir: state_dir.to_path_buf(),
             cgroups,
-            gpu: gpu::GpuService::load(cfg.config.gpu.backend)?,
+            gpu: gpu::GpuService::load(&cfg.config.gpu)?,
             key,
             revocations: Mutex::new(revocations),
             agents: Mutex::new(HashMap::new()),

@@ -5,6 +5,8 @@
 
 use std::io::{self, Write};
 
+use nix::errno::Errno;
+
 use serde::Serialize;
 
 pub use aither_proto::control::{
@@ -34,40 +36,17 @@ pub fn write_frame_fds<T: Serialize>(
         return Ok(());
     }
     let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-    let mut cbuf = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; zero is "nothing set".
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes, enough for one header and `raw`.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(payload) as _;
-        std::ptr::copy_nonoverlapping(
-            raw.as_ptr(),
-            libc::CMSG_DATA(c) as *mut libc::c_int,
-            raw.len(),
-        );
-    }
-    // SAFETY: a live socket and a msghdr whose buffers outlive the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
+    let n = nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
     // The descriptors went with the first byte; the rest is plain bytes.
     let mut s = sock;
-    s.write_all(&bytes[n as usize..])?;
+    s.write_all(&bytes[n..])?;
     Ok(())
 }
 
@@ -193,17 +172,17 @@ pub fn recv_with_fds(
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = space as _;
+    // Raw: nix's RecvMsg::cmsgs refuses a truncated control buffer (a client that sent more
+    // than MAX_FDS) with ENOBUFS and hands over none of the descriptors that did arrive, which
+    // would leak them in the daemon; this walk takes them (closed on drop).
     // SAFETY: a live socket and buffers that outlive the call.
-    let n = unsafe {
+    let n = Errno::result(unsafe {
         libc::recvmsg(
             sock.as_raw_fd(),
             &mut msg,
             libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
         )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    })?;
     // SAFETY: walking the control messages the kernel wrote into `cbuf`.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);

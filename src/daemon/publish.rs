@@ -237,11 +237,11 @@ pub fn open(d: &Shared, name: &str, list: &[HostPublish]) -> Result<HostPorts, P
 /// Whether `fd` is a network namespace (NS_GET_NSTYPE): a descriptor taken from a shim by
 /// number is checked before anything is created in it.
 pub fn is_netns(fd: &OwnedFd) -> bool {
-    // NS_GET_NSTYPE = _IO(0xb7, 0x3).
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3) (linux/nsfs.h).
+    nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
     // SAFETY: an ioctl without an argument on a descriptor we own.
-    let t = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
-    t == libc::CLONE_NEWNET
+    let t = unsafe { ns_get_nstype(fd.as_raw_fd()) };
+    t == Ok(libc::CLONE_NEWNET)
 }
 
 async fn accept_loop(state: Arc<PortsState>, i: usize, listener: TcpListener) {

@@ -749,6 +749,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
 /// `gpu_ls`: the devices, with the leases the caller may see.
 fn gpu_ls(d: &Shared, caller: &Caller) -> Reply {
     let mut v = d.gpu.ls();
+    // How often use is read: eviction happens at most this long after the fact.
+    v["poll_ms"] = json!(d.config().config.gpu.poll_ms);
     if !caller.admin {
         // Devices are the host's; the leases on them are their owners'.
         for dev in v["devices"].as_array_mut().into_iter().flatten() {
@@ -1345,6 +1347,15 @@ fn publish_ports(
     policy: &crate::policy::Policy,
     spec: &mut SandboxSpec,
 ) -> Result<(), BuildError> {
+    // `--publish NAME=PORT` (a service for other agents, reached through the gateway): the
+    // agent may bind PORT, as for --publish-host; inbound from granted agents only, so the
+    // policy's publish_host switch (the host's loopback) does not apply to it.
+    if !req.publish.is_empty() && spec.new_net_ns {
+        spec.publish_ports
+            .extend(req.publish.iter().map(|(_, p)| *p));
+        spec.publish_ports.sort_unstable();
+        spec.publish_ports.dedup();
+    }
     if req.publish_host.is_empty() {
         return Ok(());
     }
@@ -1367,6 +1378,7 @@ fn publish_ports(
         ));
     }
     let mut ports: Vec<u16> = req.publish_host.iter().map(|p| p.agent_port).collect();
+    ports.extend(spec.publish_ports.iter().copied());
     ports.sort_unstable();
     ports.dedup();
     spec.publish_ports = ports;
@@ -1502,6 +1514,18 @@ fn build(
     // Every supervised run proves what it enforces (`aitherctl inspect`).
     spec.report = true;
     publish_ports(req, &policy, &mut spec)?;
+    // A service name is the owner's: another of their agents that publishes it now keeps it
+    // (refused here with a clear error rather than taken over at run time).
+    for (service, _) in &req.publish {
+        if let Some(by) = d.gateway().publisher(caller.uid, service) {
+            if by != req.name {
+                return Err((
+                    ErrorCode::Conflict,
+                    format!("--publish {service}: agent {by:?} already publishes {service:?}"),
+                ));
+            }
+        }
+    }
     let gpu = gpu_ask(&claims.gpu, req).map_err(|e| (ErrorCode::Denied, e))?;
     let mut request = req.clone();
     // Kept only as far as the spec needs them.

@@ -6,11 +6,13 @@
 //! logging while aitherd is down.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -208,20 +210,19 @@ pub async fn launch(
         )
         .kill_on_drop(false);
     let (a, d) = (theirs.as_raw_fd(), ours.as_raw_fd());
-    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2, close) on
-    // descriptors that stay open in the parent until spawn returns.
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
+    // allocates (nix's fcntl and Errno conversions do not), on descriptors that stay open in
+    // the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             // Moved up first so that dup2 onto 3 and 4 cannot clobber either source.
-            let a2 = libc::fcntl(a, libc::F_DUPFD_CLOEXEC, 10);
-            let d2 = libc::fcntl(d, libc::F_DUPFD_CLOEXEC, 10);
-            if a2 < 0 || d2 < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let a2 = fcntl(BorrowedFd::borrow_raw(a), FcntlArg::F_DUPFD_CLOEXEC(10))?;
+            let d2 = fcntl(BorrowedFd::borrow_raw(d), FcntlArg::F_DUPFD_CLOEXEC(10))?;
             // dup2 clears close-on-exec on the copies the shim inherits.
-            if libc::dup2(a2, SHIM_CHANNEL_FD) < 0 || libc::dup2(d2, SHIM_KEEP_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns 3 or 4 here) and its
+            // dup2_raw does not check dup2's result.
+            Errno::result(libc::dup2(a2, SHIM_CHANNEL_FD))?;
+            Errno::result(libc::dup2(d2, SHIM_KEEP_FD))?;
             Ok(())
         });
     }

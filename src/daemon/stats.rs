@@ -38,6 +38,38 @@ pub struct AgentStats {
     pub net: Option<NetStats>,
     /// The agent's GPU lease; None without a GPU claim.
     pub gpu: Option<GpuStats>,
+    /// Tokens used on metered services (`api = "openai"`, docs/agents.md); None while the
+    /// gateway serves no run of the agent or its token grants no metered service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenStats>,
+}
+
+/// An agent's tokens on its metered services, from the gateway's ledgers (kept per agent
+/// name and token, across runs and daemon restarts).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenStats {
+    /// Tokens over the last 24 h, every metered service together.
+    pub day: u64,
+    /// Tokens over the last 60 s.
+    pub minute: u64,
+    /// `minute` / 60: the agent's average rate over the last minute.
+    pub per_second: f64,
+    /// Per service.
+    pub services: Vec<crate::net::gateway::ServiceTokens>,
+}
+
+impl TokenStats {
+    pub fn of(services: Vec<crate::net::gateway::ServiceTokens>) -> TokenStats {
+        let day = services.iter().map(|s| s.day).sum();
+        let minute: u64 = services.iter().map(|s| s.minute).sum();
+        TokenStats {
+            day,
+            minute,
+            per_second: (minute as f64 / 60.0 * 100.0).round() / 100.0,
+            services,
+        }
+    }
 }
 
 /// The egress gateway's counters of one run, all rules together (`inspect` has them per rule).
@@ -96,6 +128,13 @@ pub struct GpuDeviceStats {
     pub used_mb: u64,
     /// The device's total VRAM, MiB.
     pub total_mb: u64,
+    /// A process of the agent on it has use the driver does not report (NVML's "not
+    /// available"): `used_mb` counts only the others.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub used_unknown: bool,
+    /// The backend lost the device (fell off the bus), with its reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 /// Whether a sandbox of the agent is running (not frozen), so that a CPU figure means
@@ -132,6 +171,7 @@ pub fn of(d: &Daemon, i: &Info) -> AgentStats {
         pids_limit: current(i.pids_limit),
         net: d.net_totals(&i.name),
         gpu: d.gpu.stats_of(&i.name),
+        tokens: d.token_usage(&i.name).map(TokenStats::of),
     }
 }
 

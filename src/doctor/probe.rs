@@ -5,6 +5,8 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
+use nix::errno::Errno;
+
 use super::Probe;
 use crate::sys;
 
@@ -24,49 +26,47 @@ pub(super) fn uname_release() -> Option<String> {
 /// The namespaces of every sandbox: unshare(2) of user, pid, mount, net, ipc, uts and cgroup
 /// namespaces in a forked child that exits at once.
 pub(super) fn namespaces() -> Probe {
-    let flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP;
+    use nix::sched::CloneFlags;
+    use nix::sys::wait::WaitStatus;
+    use nix::unistd::ForkResult;
+    let flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
     // SAFETY: the child only calls unshare and _exit, both async-signal-safe, so forking a
     // multi-threaded process (a test harness) is sound.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Probe::unknown(format!("fork: {}", errno_text(&io::Error::last_os_error())));
-    }
-    if pid == 0 {
-        // SAFETY: see above; the child never returns.
-        unsafe {
-            let code = if libc::unshare(flags) == 0 {
-                0
-            } else {
-                *libc::__errno_location()
+    let pid = match unsafe { nix::unistd::fork() } {
+        Err(e) => return Probe::unknown(format!("fork: {}", errno_text(&e.into()))),
+        Ok(ForkResult::Child) => {
+            let code = match nix::sched::unshare(flags) {
+                Ok(()) => 0,
+                Err(e) => e as i32,
             };
-            libc::_exit(code.clamp(0, 255));
+            // Raw: nix has no _exit (std's exit would run the parent's atexit handlers here).
+            // SAFETY: see above; the child never returns.
+            unsafe { libc::_exit(code.clamp(0, 255)) }
         }
-    }
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for the child forked above.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    let status = loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(st) => break st,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Probe::unknown(format!("waitpid: {}", errno_text(&e.into()))),
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Probe::unknown(format!("waitpid: {}", errno_text(&e)));
+    };
+    match status {
+        WaitStatus::Exited(_, 0) => {
+            Probe::yes("created user, pid, mount, net, ipc, uts and cgroup namespaces")
         }
-    }
-    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-        Probe::yes("created user, pid, mount, net, ipc, uts and cgroup namespaces")
-    } else if libc::WIFEXITED(status) {
-        let e = io::Error::from_raw_os_error(libc::WEXITSTATUS(status));
-        Probe::no(format!("unshare: {}", errno_text(&e)))
-    } else {
-        Probe::unknown("the probe child was killed")
+        WaitStatus::Exited(_, code) => {
+            let e = io::Error::from_raw_os_error(code);
+            Probe::no(format!("unshare: {}", errno_text(&e)))
+        }
+        _ => Probe::unknown("the probe child was killed"),
     }
 }
 
@@ -74,26 +74,25 @@ pub(super) fn namespaces() -> Probe {
 /// EINVAL before doing anything; ENOSYS means no clone3 (old kernel, or a seccomp filter such
 /// as Docker's default profile).
 pub(super) fn clone3() -> Probe {
+    // Raw: neither nix 0.30 nor rustix 1 has clone3.
     // SAFETY: a null argument pointer with size 0 is refused by the kernel before any use.
-    let r = unsafe {
+    let r = Errno::result(unsafe {
         libc::syscall(
             libc::SYS_clone3,
             std::ptr::null_mut::<libc::c_void>(),
             0usize,
         )
-    };
-    if r >= 0 {
+    });
+    match r {
         // Cannot happen (size 0 is always refused); a child would run here otherwise.
-        if r == 0 {
+        Ok(0) => {
+            // Raw: nix has no _exit (std's exit would run the parent's atexit handlers here).
             // SAFETY: in a child that must not continue.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(0) }
         }
-        return Probe::yes("clone3 answered");
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::E2BIG) => Probe::yes("clone3 is available"),
-        _ => Probe::no(format!("clone3: {}", errno_text(&e))),
+        Ok(_) => Probe::yes("clone3 answered"),
+        Err(Errno::EINVAL | Errno::E2BIG) => Probe::yes("clone3 is available"),
+        Err(e) => Probe::no(format!("clone3: {}", errno_text(&e.into()))),
     }
 }
 
@@ -142,22 +141,26 @@ pub(super) fn bpf_cgroup_device(cgroup2: Option<&Path>) -> Probe {
         license: license.as_ptr() as u64,
         ..ProgLoadAttr::default()
     };
+    // Raw: nix 0.30 and rustix 1 have no bpf.
     // SAFETY: BPF_PROG_LOAD with an attribute struct of the stated size whose pointers (the
     // instructions, the license) outlive the call.
-    let r = unsafe {
+    let r = Errno::result(unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_LOAD,
             &attr as *const ProgLoadAttr,
             std::mem::size_of::<ProgLoadAttr>(),
         )
+    });
+    let fd = match r {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = e.into();
+            return Probe::no(format!("BPF_PROG_LOAD (cgroup device): {}", errno_text(&e)));
+        }
     };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return Probe::no(format!("BPF_PROG_LOAD (cgroup device): {}", errno_text(&e)));
-    }
     // SAFETY: the kernel returned a new program descriptor that nothing else owns.
-    drop(unsafe { OwnedFd::from_raw_fd(r as i32) });
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     match cgroup2 {
         Some(d) => Probe::yes(format!(
             "a cgroup device program loads; it attaches to cgroup2 directories ({})",

@@ -116,8 +116,9 @@ impl GpuConfig {
 /// NVML without a driver is "no GPUs" with the reason.
 ///
 /// `backend`: aitherd.toml's `gpu.backend` when set there, which wins over gpus.toml's (it can
-/// only name `nvml` or `none`, never the simulated backend).
-pub fn load(backend: Option<BackendKind>) -> Result<Loaded, GpuError> {
+/// only name `nvml` or `none`, never the simulated backend). `nvml_library`: aitherd.toml's
+/// `gpu.nvml_library`, where NVML is loaded from.
+pub fn load(backend: Option<BackendKind>, nvml_library: Option<&Path>) -> Result<Loaded, GpuError> {
     let Some(path) = GpuConfig::path() else {
         return Ok(match backend {
             Some(BackendKind::None) => (
@@ -125,7 +126,7 @@ pub fn load(backend: Option<BackendKind>) -> Result<Loaded, GpuError> {
                 GpuConfig::default(),
                 Some("aitherd.toml: gpu.backend = \"none\"".into()),
             ),
-            _ => nvml_or_none(GpuConfig::default()),
+            _ => nvml_or_none(GpuConfig::default(), nvml_library),
         });
     };
     let mut cfg = GpuConfig::parse_file(&path)?;
@@ -151,7 +152,7 @@ pub fn load(backend: Option<BackendKind>) -> Result<Loaded, GpuError> {
                     msg: "[[device]] entries need backend = \"simulated\"".into(),
                 });
             }
-            Ok(nvml_or_none(cfg))
+            Ok(nvml_or_none(cfg, nvml_library))
         }
     }
 }
@@ -159,8 +160,8 @@ pub fn load(backend: Option<BackendKind>) -> Result<Loaded, GpuError> {
 /// The backend, the configuration, and why there are no GPUs (when there are none).
 pub type Loaded = (Box<dyn GpuBackend>, GpuConfig, Option<String>);
 
-fn nvml_or_none(cfg: GpuConfig) -> Loaded {
-    match backend::open_nvml() {
+fn nvml_or_none(cfg: GpuConfig, library: Option<&Path>) -> Loaded {
+    match backend::open_nvml(library) {
         Ok(n) => (Box::new(n), cfg, None),
         Err(why) => (Box::new(NoGpus), cfg, Some(why.to_string())),
     }

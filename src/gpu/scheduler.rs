@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
 pub struct DeviceSlot {
     pub index: u32,
     pub total_mb: u64,
+    /// A MIG instance's profile (None: a whole GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// How leases are placed on devices.
@@ -94,6 +97,9 @@ pub struct Request {
     pub enqueued_ms: u64,
     /// Tie-breaker within one millisecond: order of submission.
     pub seq: u64,
+    /// MIG instances of this profile instead of whole GPUs (one lease per instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// A granted request.
@@ -123,6 +129,12 @@ pub enum Rejected {
     },
     #[error("already has a GPU request or lease")]
     Duplicate,
+    #[error("asks for {asked} MIG instances of profile {profile} but this host has {have}")]
+    NoProfile {
+        profile: String,
+        asked: u32,
+        have: usize,
+    },
 }
 
 /// What the daemon must do after a scheduling pass.
@@ -155,6 +167,10 @@ struct DevState {
     reserved_mb: u64,
     leases: u32,
     exclusive: bool,
+    /// The backend lost it (fell off the bus): no new lease goes there.
+    offline: bool,
+    /// A MIG instance's profile: only requests for it, one at a time.
+    profile: Option<String>,
 }
 
 /// The queue and the leases.
@@ -182,6 +198,7 @@ impl Scheduler {
                         d.index,
                         DevState {
                             total_mb: d.total_mb,
+                            profile: d.profile.clone(),
                             ..DevState::default()
                         },
                     )
@@ -199,18 +216,43 @@ impl Scheduler {
         &self.config
     }
 
-    /// Refuses what no state of the host could ever grant.
-    pub fn admit(&self, count: u32, vram_mb: u64) -> Result<(), Rejected> {
+    /// Marks a device lost (or back): a lost device takes no new lease, and no victim is
+    /// preempted for it; the leases on it stay until their agents end.
+    pub fn set_offline(&mut self, index: u32, offline: bool) {
+        if let Some(d) = self.devices.get_mut(&index) {
+            d.offline = offline;
+        }
+    }
+
+    pub fn is_offline(&self, index: u32) -> bool {
+        self.devices.get(&index).is_some_and(|d| d.offline)
+    }
+
+    /// Refuses what no state of the host could ever grant: whole GPUs for a request without a
+    /// profile, MIG instances of the profile for one with.
+    pub fn admit(&self, count: u32, vram_mb: u64, profile: Option<&str>) -> Result<(), Rejected> {
         if count == 0 {
             return Err(Rejected::Empty);
         }
-        if count as usize > self.devices.len() {
-            return Err(Rejected::TooMany {
-                asked: count,
-                have: self.devices.len(),
+        let kind: Vec<&DevState> = self
+            .devices
+            .values()
+            .filter(|d| d.profile.as_deref() == profile)
+            .collect();
+        if count as usize > kind.len() {
+            return Err(match profile {
+                Some(p) => Rejected::NoProfile {
+                    profile: p.to_string(),
+                    asked: count,
+                    have: kind.len(),
+                },
+                None => Rejected::TooMany {
+                    asked: count,
+                    have: kind.len(),
+                },
             });
         }
-        let mut totals: Vec<u64> = self.devices.values().map(|d| d.total_mb).collect();
+        let mut totals: Vec<u64> = kind.iter().map(|d| d.total_mb).collect();
         totals.sort_unstable_by(|a, b| b.cmp(a));
         if totals[count as usize - 1] < vram_mb {
             return Err(Rejected::TooLarge {
@@ -225,7 +267,7 @@ impl Scheduler {
     /// Queues a request after admission. `enqueued_ms` is kept as given (a requeued or
     /// restored request keeps its original place); `seq` is assigned here unless restoring.
     pub fn submit(&mut self, mut req: Request) -> Result<(), Rejected> {
-        self.admit(req.count, req.vram_mb)?;
+        self.admit(req.count, req.vram_mb, req.profile.as_deref())?;
         if self.queued_agents.contains_key(&req.agent) || self.leases.contains_key(&req.agent) {
             return Err(Rejected::Duplicate);
         }
@@ -379,7 +421,11 @@ impl Scheduler {
 
     /// Whether `r` fits on device `d` now.
     fn fits(&self, d: &DevState, r: &Request) -> bool {
-        if d.exclusive {
+        if d.exclusive || d.offline || d.profile != r.profile {
+            return false;
+        }
+        if d.profile.is_some() && d.leases > 0 {
+            // A MIG instance is one agent's.
             return false;
         }
         if self.config.max_per_gpu > 0 && d.leases >= self.config.max_per_gpu {
@@ -451,7 +497,7 @@ impl Scheduler {
         let mut cand: Vec<(u64, u32)> = self
             .devices
             .iter()
-            .filter(|(_, d)| d.total_mb >= r.vram_mb)
+            .filter(|(_, d)| d.total_mb >= r.vram_mb && !d.offline && d.profile == r.profile)
             .map(|(i, d)| (d.total_mb.saturating_sub(d.reserved_mb), *i))
             .collect();
         cand.sort_unstable_by_key(|&(free, i)| (Reverse(free), i));
@@ -470,7 +516,7 @@ impl Scheduler {
     fn victims_for(&self, r: &Request) -> Option<Vec<String>> {
         let mut per_dev: Vec<(usize, u32, Vec<String>)> = Vec::new();
         for (i, d) in &self.devices {
-            if d.total_mb < r.vram_mb {
+            if d.total_mb < r.vram_mb || d.offline || d.profile != r.profile {
                 continue;
             }
             let mut on: Vec<&Lease> = self
@@ -492,7 +538,7 @@ impl Scheduler {
             let mut exclusive = d.exclusive;
             let mut chosen = Vec::new();
             let room = |reserved: u64, count: u32, exclusive: bool| {
-                if exclusive {
+                if exclusive || (d.profile.is_some() && count > 0) {
                     return false;
                 }
                 if self.config.max_per_gpu > 0 && count >= self.config.max_per_gpu {
@@ -622,6 +668,7 @@ impl Scheduler {
         for (i, d) in &self.devices {
             if blocked.contains(i)
                 || d.exclusive
+                || d.offline
                 || (self.config.max_per_gpu > 0 && d.leases >= self.config.max_per_gpu)
             {
                 continue;

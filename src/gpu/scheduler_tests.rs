@@ -7,6 +7,7 @@ fn devs(totals: &[u64]) -> Vec<DeviceSlot> {
         .map(|(i, t)| DeviceSlot {
             index: i as u32,
             total_mb: *t,
+            profile: None,
         })
         .collect()
 }
@@ -20,6 +21,7 @@ fn req(agent: &str, count: u32, vram_mb: u64, priority: u32, at: u64) -> Request
         exclusive: false,
         enqueued_ms: at,
         seq: 0,
+        profile: None,
     }
 }
 
@@ -50,13 +52,19 @@ fn granted(ds: &[SchedulerAction]) -> Vec<String> {
 #[test]
 fn admission_refuses_what_no_device_can_hold() {
     let s = Scheduler::new(&devs(&[16_000, 24_000]), Config::default());
-    assert_eq!(s.admit(0, 1), Err(Rejected::Empty));
-    assert!(matches!(s.admit(3, 1), Err(Rejected::TooMany { .. })));
-    assert!(matches!(s.admit(1, 30_000), Err(Rejected::TooLarge { .. })));
+    assert_eq!(s.admit(0, 1, None), Err(Rejected::Empty));
+    assert!(matches!(s.admit(3, 1, None), Err(Rejected::TooMany { .. })));
+    assert!(matches!(
+        s.admit(1, 30_000, None),
+        Err(Rejected::TooLarge { .. })
+    ));
     // Two GPUs of 20 GB: only one device holds that much.
-    assert!(matches!(s.admit(2, 20_000), Err(Rejected::TooLarge { .. })));
-    assert_eq!(s.admit(2, 16_000), Ok(()));
-    assert_eq!(s.admit(1, 24_000), Ok(()));
+    assert!(matches!(
+        s.admit(2, 20_000, None),
+        Err(Rejected::TooLarge { .. })
+    ));
+    assert_eq!(s.admit(2, 16_000, None), Ok(()));
+    assert_eq!(s.admit(1, 24_000, None), Ok(()));
 }
 
 #[test]
@@ -311,4 +319,61 @@ fn the_blocked_heads_hold_does_not_move_to_where_backfill_ran() {
     assert_eq!(s.queue_view(5)[0].reserved_devices, vec![0]);
     s.release("a");
     assert_eq!(granted(&s.schedule(6)), ["head@0"]);
+}
+
+#[test]
+fn a_lost_device_takes_no_new_lease_and_keeps_the_ones_it_has() {
+    let mut s = Scheduler::new(&devs(&[16_000, 16_000]), no_preempt());
+    s.submit(req("a", 1, 8000, 0, 0)).unwrap();
+    assert_eq!(granted(&s.schedule(1)), ["a@0"]);
+    s.set_offline(1, true);
+    assert!(s.is_offline(1));
+    s.submit(req("b", 1, 12_000, 0, 2)).unwrap();
+    assert!(
+        s.schedule(2).is_empty(),
+        "device 1 is lost, device 0 too full"
+    );
+    assert!(s.lease("a").is_some(), "the lease on a live device stays");
+    s.set_offline(1, false);
+    assert_eq!(granted(&s.schedule(3)), ["b@1"]);
+}
+
+#[test]
+fn mig_instances_go_only_to_requests_for_their_profile_one_lease_each() {
+    let mut slots = devs(&[80_000]);
+    for (i, p) in [(1, "1g.10gb"), (2, "1g.10gb"), (3, "3g.40gb")] {
+        slots.push(DeviceSlot {
+            index: i,
+            total_mb: if p == "1g.10gb" { 9984 } else { 40_192 },
+            profile: Some(p.into()),
+        });
+    }
+    let mut s = Scheduler::new(&slots, no_preempt());
+    let mig = |agent: &str, profile: &str, at| Request {
+        profile: Some(profile.into()),
+        ..req(agent, 1, 4000, 0, at)
+    };
+    assert!(matches!(
+        s.admit(3, 4000, Some("1g.10gb")),
+        Err(Rejected::NoProfile { have: 2, .. })
+    ));
+    assert!(matches!(
+        s.admit(1, 4000, Some("7g.80gb")),
+        Err(Rejected::NoProfile { have: 0, .. })
+    ));
+    assert!(matches!(
+        s.admit(2, 4000, None),
+        Err(Rejected::TooMany { have: 1, .. })
+    ));
+    s.submit(mig("a", "1g.10gb", 0)).unwrap();
+    s.submit(mig("b", "1g.10gb", 1)).unwrap();
+    s.submit(mig("c", "1g.10gb", 2)).unwrap();
+    s.submit(req("whole", 1, 4000, 0, 3)).unwrap();
+    s.submit(mig("big", "3g.40gb", 4)).unwrap();
+    // One lease per instance even though 4000 MiB would fit twice; whole GPUs to the request
+    // without a profile; the third 1g waits for an instance.
+    assert_eq!(granted(&s.schedule(5)), ["a@1", "b@2", "whole@0", "big@3"]);
+    assert!(s.is_queued("c"));
+    s.release("a");
+    assert_eq!(granted(&s.schedule(6)), ["c@1"]);
 }

@@ -5,8 +5,13 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::RwLock;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 
 /// The addresses of the host's interfaces (getifaddrs), read at start and again whenever the
 /// kernel reports an address change: a netlink socket subscribed to the IPv4 and IPv6 address
@@ -58,28 +63,15 @@ impl HostAddrs {
         let mut buf = [0u8; 8192];
         let mut changed = false;
         loop {
-            // SAFETY: recv into a buffer we own, on a descriptor we own; never blocks.
-            let n = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                changed = true;
-                continue;
+            match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return changed,
+                Ok(_) => changed = true,
+                Err(Errno::EINTR) => {}
+                // Drained.
+                Err(Errno::EAGAIN) => return changed,
+                // ENOBUFS (messages lost) or anything else: read the list again.
+                Err(_) => return true,
             }
-            let e = std::io::Error::last_os_error();
-            if n < 0 && e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            // EAGAIN: drained. ENOBUFS (messages lost) or anything else: read the list again.
-            if n < 0 && e.raw_os_error() != Some(libc::EAGAIN) {
-                changed = true;
-            }
-            return changed;
         }
     }
 
@@ -98,34 +90,14 @@ impl HostAddrs {
 
 /// A netlink socket subscribed to address changes (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
 fn address_watch() -> std::io::Result<OwnedFd> {
-    // SAFETY: socket() with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor socket() just returned, owned from here on.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
-    // SAFETY: bind with a pointer to a sockaddr_nl and its size.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
     Ok(fd)
 }
 
@@ -136,40 +108,17 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Every address of every interface of the calling thread's network namespace. (libc's
-/// getifaddrs: nix is not a dependency of this crate.)
+/// Every address of every interface of the calling thread's network namespace.
 pub fn interface_addrs() -> std::io::Result<HashSet<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head it allocated into `head`; freed below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     let mut out = HashSet::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
-            let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if fam == libc::AF_INET {
-                // SAFETY: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            } else if fam == libc::AF_INET6 {
-                // SAFETY: an AF_INET6 address is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.insert(canonical(IpAddr::V6(Ipv6Addr::from(
-                    sin6.sin6_addr.s6_addr,
-                ))));
-            }
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(a) = ifa.address else { continue };
+        if let Some(sin) = a.as_sockaddr_in() {
+            out.insert(IpAddr::V4(sin.ip()));
+        } else if let Some(sin6) = a.as_sockaddr_in6() {
+            out.insert(canonical(IpAddr::V6(sin6.ip())));
         }
-        cur = ifa.ifa_next;
     }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
 

@@ -46,8 +46,9 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use super::addr::{internal_reason, HostAddrs};
 use super::inspect::{first_flight, Flight};
 use super::resolve::Resolve;
-use super::rules::{NetGrants, ServiceTarget, Upstream, SERVICE_DOMAIN};
+use super::rules::{NetGrants, ServiceGrant, ServiceTarget, Upstream, SERVICE_DOMAIN};
 use super::socks::{socks5_request, socks_reply, SocksAsk};
+use super::usage::{unix_now_s, Charge as TokenCharge, TokenLedger, UsageScanner};
 use crate::audit::summary::{Offered, Summariser, Summary, TokenBucket};
 
 /// Longest an agent may take to send a request head, a SOCKS5 handshake or a tunnel's first
@@ -101,12 +102,39 @@ pub struct NetEvent {
     /// recorded one by one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// A usage record (`via` "usage"): the tokens the agent used on a service that counts
+    /// them (`api = "openai"`) since the previous record (docs/agents.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageRecord>,
+}
+
+/// What an agent used on one metered service over one window: the audit record's `usage`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub service: String,
+    /// Unix seconds: the window's first and last charged response.
+    pub from: u64,
+    pub to: u64,
+    /// Responses charged.
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Charged to the quotas (estimates included).
+    pub total_tokens: u64,
+    /// Responses without a usable `usage`, charged the estimate from their bytes.
+    pub estimated: u64,
+    /// Responses whose figure was above the per-response bound and cut to it.
+    pub clamped: u64,
+    /// Requests refused by the service's quotas in the window.
+    pub refused: u64,
 }
 
 impl NetEvent {
     /// The bus subject of the event.
     pub fn subject(&self) -> &'static str {
-        if self.allowed {
+        if self.usage.is_some() {
+            "aither.net.usage"
+        } else if self.allowed {
             "aither.net.allowed"
         } else {
             "aither.net.denied"
@@ -154,7 +182,9 @@ struct Shared {
     resolver: Box<dyn Resolve>,
     events: EventSink,
     secrets: Option<Arc<dyn SecretSource>>,
-    published: RwLock<HashMap<String, Published>>,
+    /// Services agents publish now, keyed by (owner uid, name): a member's agents see their
+    /// own user's and root's, never another member's (docs/network.md, "Published services").
+    published: RwLock<HashMap<(u32, String), Publication>>,
     tls: Arc<rustls::ClientConfig>,
     /// The host's own addresses (internal unless granted as a service).
     host_addrs: HostAddrs,
@@ -207,6 +237,8 @@ impl FdBudget {
 pub struct QuotaState {
     window: Mutex<VecDeque<Instant>>,
     service_windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Tokens per metered service (`api = "openai"`): bounded ledgers (net::usage).
+    tokens: Mutex<BTreeMap<String, TokenLedger>>,
     bytes: AtomicU64,
     dirty: AtomicBool,
 }
@@ -218,6 +250,9 @@ pub struct QuotaSnapshot {
     pub requests_ms: Vec<u64>,
     #[serde(default)]
     pub services_ms: BTreeMap<String, Vec<u64>>,
+    /// Token ledgers of metered services (Unix times: stored as they are).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services_tokens: BTreeMap<String, TokenLedger>,
 }
 
 fn unix_ms_now() -> u64 {
@@ -244,6 +279,7 @@ impl QuotaState {
                 .lock()
                 .map(|m| m.iter().map(|(k, w)| (k.clone(), to_ms(w))).collect())
                 .unwrap_or_default(),
+            services_tokens: self.tokens.lock().map(|t| t.clone()).unwrap_or_default(),
         }
     }
 
@@ -269,8 +305,37 @@ impl QuotaState {
                     .map(|(k, v)| (k.clone(), to_instants(v)))
                     .collect(),
             ),
+            tokens: Mutex::new(s.services_tokens.clone()),
             bytes: AtomicU64::new(s.bytes),
             dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Tokens used per metered service: (service, last 24 h, last minute, all time).
+    pub fn token_usage(&self) -> Vec<ServiceTokens> {
+        let now = unix_now_s();
+        self.tokens
+            .lock()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, l)| ServiceTokens {
+                        service: k.clone(),
+                        day: l.day(now),
+                        minute: l.minute(now),
+                        total: l.total,
+                        responses: l.responses,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn charge_tokens(&self, service: &str, c: &TokenCharge) {
+        if let Ok(mut t) = self.tokens.lock() {
+            t.entry(service.to_string())
+                .or_default()
+                .charge(unix_now_s(), c);
+            self.dirty.store(true, Ordering::Relaxed);
         }
     }
 
@@ -286,6 +351,24 @@ impl QuotaState {
         }
     }
 }
+
+/// Tokens one agent used on one metered service (`stats`, metrics).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ServiceTokens {
+    pub service: String,
+    /// The last 24 h (in 10-minute buckets).
+    pub day: u64,
+    /// The last 60 s.
+    pub minute: u64,
+    /// Since the ledger began (this agent name and token).
+    pub total: u64,
+    /// Responses charged since the ledger began.
+    pub responses: u64,
+}
+
+/// How often an agent's usage on a metered service becomes an audit record (and at the end
+/// of its run): one record per (agent, service) per interval with traffic.
+pub const USAGE_RECORD_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One agent as the gateway sees it: its grants and its accounting.
 pub struct AgentNet {
@@ -303,6 +386,8 @@ pub struct AgentNet {
     fds: AtomicUsize,
     /// Connections waiting for a first head, handshake or first flight.
     pending: AtomicUsize,
+    /// Usage per metered service since its last audit record (one entry per service granted).
+    usage_window: Mutex<BTreeMap<String, (Instant, UsageRecord)>>,
 }
 
 impl AgentNet {
@@ -337,6 +422,7 @@ impl AgentNet {
             open: AtomicUsize::new(0),
             fds: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
+            usage_window: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -366,8 +452,88 @@ impl AgentNet {
         }
     }
 
+    /// Charges one metered response (the usage the gateway read, or its estimate).
+    fn charge_tokens(&self, service: &str, c: &TokenCharge) {
+        self.quota.charge_tokens(service, c);
+        let now = unix_now_s();
+        if let Ok(mut w) = self.usage_window.lock() {
+            let (_, r) = w
+                .entry(service.to_string())
+                .or_insert_with(|| (Instant::now(), UsageRecord::default()));
+            if r.requests == 0 && r.refused == 0 {
+                r.from = now;
+            }
+            r.to = now;
+            r.requests += 1;
+            r.prompt_tokens = r.prompt_tokens.saturating_add(c.prompt_tokens);
+            r.completion_tokens = r.completion_tokens.saturating_add(c.completion_tokens);
+            r.total_tokens = r.total_tokens.saturating_add(c.total_tokens);
+            r.estimated += u64::from(c.estimated);
+            r.clamped += u64::from(c.clamped);
+        }
+    }
+
+    fn count_refused(&self, service: &str) {
+        if let Ok(mut w) = self.usage_window.lock() {
+            let (_, r) = w
+                .entry(service.to_string())
+                .or_insert_with(|| (Instant::now(), UsageRecord::default()));
+            if r.requests == 0 && r.refused == 0 {
+                r.from = unix_now_s();
+            }
+            r.to = unix_now_s();
+            r.refused += 1;
+        }
+    }
+
+    /// Tokens used per metered service (this agent under this token, across its runs).
+    pub fn token_usage(&self) -> Vec<ServiceTokens> {
+        self.quota.token_usage()
+    }
+
+    /// The token quotas of a metered service: refused when the last minute's or the last
+    /// day's tokens have reached the limit (a response is charged after it ends, so one
+    /// request may go past the limit; the next is refused).
+    fn admit_tokens(&self, g: &ServiceGrant) -> Result<(), QuotaError> {
+        if g.tokens_per_minute.is_none() && g.tokens_per_day.is_none() {
+            return Ok(());
+        }
+        let now = unix_now_s();
+        let t = self.quota.tokens.lock().map_err(|_| QuotaError::Poisoned)?;
+        let empty = TokenLedger::default();
+        let l = t.get(&g.name).unwrap_or(&empty);
+        if let Some(limit) = g.tokens_per_minute {
+            let used = l.minute(now);
+            if used >= limit {
+                return Err(QuotaError::Tokens {
+                    used,
+                    limit,
+                    window: "minute",
+                    field: format!("net.services.{}.tokens_per_minute", g.name),
+                    retry_after: l.minute_retry_after(now, limit),
+                });
+            }
+        }
+        if let Some(limit) = g.tokens_per_day {
+            let used = l.day(now);
+            if used >= limit {
+                return Err(QuotaError::Tokens {
+                    used,
+                    limit,
+                    window: "day",
+                    field: format!("net.services.{}.tokens_per_day", g.name),
+                    retry_after: super::usage::DAY_BUCKET_S,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Admits one request or connection against the quotas, or says which one it hits.
-    fn admit(&self, service: Option<(&str, Option<u64>)>) -> Result<(), QuotaError> {
+    fn admit(&self, service: Option<&ServiceGrant>) -> Result<(), QuotaError> {
+        if let Some(g) = service {
+            self.admit_tokens(g)?;
+        }
         if let Some(limit) = self.grants.quota.bytes {
             let used = self.quota.bytes.load(Ordering::Relaxed);
             if used >= limit {
@@ -395,7 +561,7 @@ impl AgentNet {
         if let Some(l) = self.grants.quota.requests_per_minute {
             slide(&mut global, l, "net.quota.requests_per_minute")?;
         }
-        if let Some((name, Some(l))) = service {
+        if let Some((name, Some(l))) = service.map(|g| (g.name.as_str(), g.requests_per_minute)) {
             let mut sw = self
                 .quota
                 .service_windows
@@ -430,6 +596,15 @@ pub enum QuotaError {
     /// `field` is the claim that sets the limit (`net.quota.requests_per_minute`, …).
     #[error("request quota reached: {limit} per minute ({field}); retry later")]
     Requests { limit: u64, field: String },
+    /// A metered service's token quota (`window`: minute or day).
+    #[error("token quota reached: {used} of {limit} tokens used in the last {window} ({field}); retry in {retry_after} s")]
+    Tokens {
+        used: u64,
+        limit: u64,
+        window: &'static str,
+        field: String,
+        retry_after: u64,
+    },
     #[error("quota state poisoned")]
     Poisoned,
 }
@@ -586,12 +761,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
 struct Denied {
     rule: String,
     reason: String,
+    /// A quota of a service that speaks the OpenAI API: the refusal is an OpenAI error
+    /// object of this `type` ("requests" or "tokens"), with Retry-After.
+    openai: Option<(&'static str, u64)>,
 }
 
 fn denied(rule: impl Into<String>, reason: impl Into<String>) -> Denied {
     Denied {
         rule: rule.into(),
         reason: reason.into(),
+        openai: None,
     }
 }
 
@@ -613,11 +792,26 @@ pub enum Published {
     Netns(Arc<OwnedFd>, u16),
 }
 
+/// A published service and the agent that published it (only it may withdraw it).
+#[derive(Clone, Debug)]
+struct Publication {
+    agent: String,
+    target: Published,
+}
+
+/// A service name already published by another of the owner's agents.
+#[derive(Debug, thiserror::Error)]
+#[error("service {name:?} is already published by agent {by:?}")]
+pub struct PublishConflict {
+    pub name: String,
+    pub by: String,
+}
+
 struct Allowed {
     rule: String,
     dest: Dest,
-    /// A granted service (its quota, and any protocol inside a tunnel).
-    service: Option<(String, Option<u64>)>,
+    /// A granted service (its quotas, its api, and any protocol inside a tunnel).
+    service: Option<ServiceGrant>,
 }
 
 impl Gateway {
@@ -726,22 +920,118 @@ impl Gateway {
                     "denials"
                 })),
                 suppressed: Some(s.suppressed),
+                usage: None,
             };
             (self.shared.events)(&ev);
         }
     }
 
-    /// Makes `name` reachable (to agents granted it) at `target`: a service an agent published.
-    pub fn publish(&self, name: &str, target: Published) {
-        if let Ok(mut p) = self.shared.published.write() {
-            p.insert(name.to_string(), target);
+    /// Records `agent`'s usage of metered services: each (service) window older than
+    /// [`USAGE_RECORD_INTERVAL`], or every window (`all`: its run ended). One record per
+    /// agent, service and interval with traffic, outside the summariser (it is bounded
+    /// already).
+    pub fn flush_usage(&self, agent: &AgentNet, all: bool) {
+        let due: Vec<UsageRecord> = match agent.usage_window.lock() {
+            Ok(mut w) => {
+                let keys: Vec<String> = w
+                    .iter()
+                    .filter(|(_, (since, _))| all || since.elapsed() >= USAGE_RECORD_INTERVAL)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| {
+                        w.remove(&k).map(|(_, mut r)| {
+                            r.service = k;
+                            r
+                        })
+                    })
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for r in due {
+            let ev = NetEvent {
+                agent: agent.name.clone(),
+                allowed: true,
+                rule: format!("service:{}", r.service),
+                via: "usage",
+                host: format!("{}.{SERVICE_DOMAIN}", r.service),
+                port: 0,
+                method: None,
+                reason: None,
+                suppressed: None,
+                usage: Some(r),
+            };
+            (self.shared.events)(&ev);
         }
     }
 
-    pub fn unpublish(&self, name: &str) {
-        if let Ok(mut p) = self.shared.published.write() {
-            p.remove(name);
+    /// Makes `name` reachable at `target` to the agents granted it that belong to `owner`
+    /// (and to every user's agents when `owner` is root): a service `agent` published. A name
+    /// another of the owner's agents publishes now is refused, never taken over.
+    pub fn publish(
+        &self,
+        owner: u32,
+        agent: &str,
+        name: &str,
+        target: Published,
+    ) -> Result<(), PublishConflict> {
+        let mut p = self
+            .shared
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (owner, name.to_string());
+        if let Some(held) = p.get(&key) {
+            if held.agent != agent {
+                return Err(PublishConflict {
+                    name: name.to_string(),
+                    by: held.agent.clone(),
+                });
+            }
         }
+        p.insert(
+            key,
+            Publication {
+                agent: agent.to_string(),
+                target,
+            },
+        );
+        Ok(())
+    }
+
+    /// Withdraws `name` if `agent` of `owner` publishes it (never another agent's).
+    pub fn unpublish(&self, owner: u32, agent: &str, name: &str) {
+        let mut p = self
+            .shared
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (owner, name.to_string());
+        if p.get(&key).is_some_and(|h| h.agent == agent) {
+            p.remove(&key);
+        }
+    }
+
+    /// The agent of `owner` that publishes `name` now, if any.
+    pub fn publisher(&self, owner: u32, name: &str) -> Option<String> {
+        let p = self
+            .shared
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        p.get(&(owner, name.to_string())).map(|h| h.agent.clone())
+    }
+
+    fn lookup_published(&self, owner: u32, name: &str) -> Option<Publication> {
+        let p = self
+            .shared
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        p.get(&(owner, name.to_string()))
+            .or_else(|| p.get(&(0, name.to_string())))
+            .cloned()
     }
 
     /// Serves `agent` on `listener` (the socket on the sandbox's loopback) until the listener
@@ -765,6 +1055,7 @@ impl Gateway {
                 },
                 _ = tick.tick() => {
                     self.flush_summaries();
+                    self.flush_usage(&agent, false);
                     continue;
                 }
             };
@@ -821,6 +1112,7 @@ impl Gateway {
                 method: None,
                 reason: Some(format!("connection closed: the agent's {what} is spent")),
                 suppressed: None,
+                usage: None,
             },
         );
     }
@@ -947,11 +1239,8 @@ impl Gateway {
                     ServiceTarget::parse(t).map_err(|e| denied(&rule, e.to_string()))?,
                 ),
                 None => self
-                    .shared
-                    .published
-                    .read()
-                    .ok()
-                    .and_then(|p| p.get(name).cloned())
+                    .lookup_published(agent.owner, name)
+                    .map(|p| p.target)
                     .ok_or_else(|| {
                         denied(
                             &rule,
@@ -966,7 +1255,7 @@ impl Gateway {
                     Published::Host(ServiceTarget::Unix(p)) => Dest::Unix(p),
                     Published::Netns(ns, port) => Dest::Netns(ns, port),
                 },
-                service: Some((name.to_string(), g.requests_per_minute)),
+                service: Some(g.clone()),
             });
         }
         let Some(i) = agent.grants.find_rule(h, port, method) else {
@@ -1046,6 +1335,7 @@ impl Gateway {
             method: method.map(str::to_string),
             reason: reason.map(str::to_string),
             suppressed: None,
+            usage: None,
         };
         let decided = match self.denial_budget(agent) {
             Some(d) => Err(d),
@@ -1060,11 +1350,19 @@ impl Gateway {
                 .await
             }
         }
-        .and_then(|a| {
-            agent
-                .admit(a.service.as_ref().map(|(n, l)| (n.as_str(), *l)))
-                .map(|_| a)
-                .map_err(|r| denied("quota", r.to_string()))
+        .and_then(|a| match agent.admit(a.service.as_ref()) {
+            Ok(()) => Ok(a),
+            Err(r) => {
+                let mut d = denied("quota", r.to_string());
+                if let Some(g) = a.service.as_ref().filter(|g| g.metered()) {
+                    agent.count_refused(&g.name);
+                    d.openai = Some(match &r {
+                        QuotaError::Tokens { retry_after, .. } => ("tokens", *retry_after),
+                        _ => ("requests", 60),
+                    });
+                }
+                Err(d)
+            }
         });
         match &decided {
             Ok(a) => self.emit(agent, ev(true, &a.rule, None)),
@@ -1154,6 +1452,15 @@ impl Gateway {
         };
         let flight = first_flight(&mut client, host, allowed.service.is_some(), plain_ok).await;
         drop(pending);
+        // A service whose tokens are counted is served as plain HTTP only: anything relayed
+        // (TLS, another protocol) would pass uncounted.
+        let metered = allowed.service.as_ref().is_some_and(|g| g.metered());
+        let flight = match flight {
+            Ok((_, Flight::Relay)) if metered => {
+                Err(super::inspect::FlightError::Metered(host.to_string()))
+            }
+            f => f,
+        };
         let first = match flight {
             Ok((b, Flight::Relay)) => b,
             Ok((b, Flight::PlainHttp)) => {
@@ -1174,6 +1481,7 @@ impl Gateway {
                         method: None,
                         reason: Some(reason.to_string()),
                         suppressed: None,
+                        usage: None,
                     },
                 );
                 return;
@@ -1293,9 +1601,32 @@ impl Gateway {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
+        // A request to a service that counts tokens: its response's usage is charged. GET,
+        // HEAD and OPTIONS (`/v1/models`, `/health`) cost nothing; every other method is
+        // charged, whatever the server makes of it.
+        let meter = allowed
+            .service
+            .as_ref()
+            .filter(|g| g.metered() && !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS"))
+            .map(|g| {
+                let declared = req
+                    .headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (g.name.clone(), ReqBytes::new(declared))
+            });
         *req.uri_mut() = origin.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_headers(req.headers_mut());
         strip_override_headers(req.headers_mut());
+        if meter.is_some() {
+            // A compressed answer would hide its usage from the reader (and shrink the
+            // estimate): a metered response comes uncompressed.
+            req.headers_mut().insert(
+                hyper::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         // Host is always the name that was decided: an agent's own Host header could make a
         // virtual-hosting upstream (a CDN) serve another site (domain fronting).
         if let Ok(v) = HeaderValue::from_str(&authority(&host, port, 80)) {
@@ -1305,13 +1636,46 @@ impl Gateway {
             *slot = None;
             return unreachable(&allowed.rule);
         }
+        // A metered request's body is counted as it goes (the estimate's request part; a
+        // chunked body has no Content-Length to go by).
+        let req = match &meter {
+            Some((_, n)) => {
+                let n = n.clone();
+                req.map(|b| CountedRequest { inner: b, bytes: n }.boxed())
+            }
+            None => req.map(|b| b.boxed()),
+        };
         match pooled.sender.send_request(req).await {
             Ok(mut resp) => {
                 strip_hop_headers(resp.headers_mut());
-                resp.map(|b| b.boxed())
+                match meter {
+                    Some((service, req_bytes)) => {
+                        let ct = resp
+                            .headers()
+                            .get(hyper::header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        resp.map(|b| {
+                            Counted {
+                                inner: b,
+                                scan: UsageScanner::new(ct.as_deref()),
+                                agent: agent.clone(),
+                                service,
+                                req_bytes,
+                                charged: false,
+                            }
+                            .boxed()
+                        })
+                    }
+                    None => resp.map(|b| b.boxed()),
+                }
             }
             Err(_) => {
                 *slot = None;
+                // The request went out: a metered service charges its estimate.
+                if let Some((service, req_bytes)) = meter {
+                    agent.charge_tokens(&service, &UsageScanner::new(None).charge(req_bytes.get()));
+                }
                 unreachable(&allowed.rule)
             }
         }
@@ -1346,6 +1710,7 @@ impl Gateway {
                 method: Some(method.clone()),
                 reason,
                 suppressed: None,
+                usage: None,
             };
         if let Some(d) = self.denial_budget(agent) {
             self.emit(
@@ -1551,6 +1916,7 @@ impl Gateway {
                         method: None,
                         reason: Some("SOCKS5 by address: use host names (socks5h://)".into()),
                         suppressed: None,
+                        usage: None,
                     },
                 );
                 let _ = s.write_all(&socks_reply(0x02)).await;
@@ -1590,7 +1956,7 @@ enum Lookup {
 
 struct Pooled {
     key: (String, u16),
-    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    sender: hyper::client::conn::http1::SendRequest<Body>,
 }
 
 fn authority(host: &str, port: u16, default: u16) -> String {
@@ -1730,6 +2096,9 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 fn deny_response(d: &Denied) -> Response<Body> {
+    if let Some((kind, retry_after)) = d.openai {
+        return openai_error(d, kind, retry_after);
+    }
     let status = if d.rule == "quota" || d.rule == "denial-budget" {
         StatusCode::TOO_MANY_REQUESTS
     } else {
@@ -1743,6 +2112,151 @@ fn deny_response(d: &Denied) -> Response<Body> {
         r.headers_mut().insert("x-aither-rule", v);
     }
     r
+}
+
+/// A quota refusal by a service that speaks the OpenAI API, as OpenAI answers one: 429, an
+/// error object (`type` "requests" or "tokens", `code` "rate_limit_exceeded") whose message
+/// names the quota, `Retry-After`, and `X-Aither-Rule: quota`.
+fn openai_error(d: &Denied, kind: &str, retry_after: u64) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("aither egress denied ({}): {}", d.rule, d.reason),
+            "type": kind,
+            "param": null,
+            "code": "rate_limit_exceeded",
+        }
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string() + "\n"))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(hyper::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    if let Ok(v) = HeaderValue::from_str(&d.rule) {
+        h.insert("x-aither-rule", v);
+    }
+    r
+}
+
+/// The response body of a metered service: passed on frame by frame, its bytes read by a
+/// [`UsageScanner`] on the way (nothing buffered but at most one `usage` object). The
+/// response is charged once: when its last frame is read (before the agent has it all), or
+/// when it is dropped unfinished (the agent or the server went away), with what was seen.
+struct Counted {
+    inner: Incoming,
+    scan: UsageScanner,
+    agent: Arc<AgentNet>,
+    service: String,
+    req_bytes: ReqBytes,
+    charged: bool,
+}
+
+impl Counted {
+    fn charge(&mut self) {
+        if !self.charged {
+            self.charged = true;
+            self.agent
+                .charge_tokens(&self.service, &self.scan.charge(self.req_bytes.get()));
+        }
+    }
+}
+
+/// The size of a metered request's body: what its Content-Length declared, or what was sent
+/// of it, whichever is larger.
+#[derive(Clone)]
+struct ReqBytes {
+    declared: u64,
+    sent: Arc<AtomicU64>,
+}
+
+impl ReqBytes {
+    fn new(declared: u64) -> ReqBytes {
+        ReqBytes {
+            declared,
+            sent: Arc::default(),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.declared.max(self.sent.load(Ordering::Relaxed))
+    }
+}
+
+/// A metered request's body on its way to the service, its bytes counted.
+struct CountedRequest {
+    inner: Incoming,
+    bytes: ReqBytes,
+}
+
+impl hyper::body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.bytes.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.scan.feed(d);
+                }
+                if self.inner.is_end_stream() {
+                    self.charge();
+                }
+            }
+            Poll::Ready(_) => self.charge(),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.charge();
+    }
 }
 
 /// A client stream whose first bytes (already read for inspection) are read again.
@@ -2012,9 +2526,91 @@ mod tests {
         let q = QuotaState::default();
         q.add_bytes(500);
         q.window.lock().unwrap().push_back(Instant::now());
-        let r = QuotaState::restore(&q.snapshot());
+        q.charge_tokens(
+            "model",
+            &TokenCharge {
+                total_tokens: 42,
+                ..TokenCharge::default()
+            },
+        );
+        let snap = serde_json::to_string(&q.snapshot()).unwrap();
+        let r = QuotaState::restore(&serde_json::from_str(&snap).unwrap());
         assert_eq!(r.bytes.load(Ordering::Relaxed), 500);
         assert_eq!(r.window.lock().unwrap().len(), 1);
+        let t = r.token_usage();
+        assert_eq!(
+            (t[0].service.as_str(), t[0].day, t[0].total),
+            ("model", 42, 42)
+        );
+        // A state stored before token ledgers existed reads as none.
+        let old: QuotaSnapshot =
+            serde_json::from_str(r#"{"bytes":1,"requests_ms":[],"services_ms":{}}"#).unwrap();
+        assert!(QuotaState::restore(&old).token_usage().is_empty());
+    }
+
+    #[test]
+    fn token_quotas_refuse_once_reached_and_say_which() {
+        let g = ServiceGrant {
+            name: "model".into(),
+            api: Some(super::super::rules::ServiceApi::Openai),
+            tokens_per_minute: Some(1000),
+            tokens_per_day: Some(100),
+            ..Default::default()
+        };
+        let a = AgentNet::new(
+            "a",
+            NetGrants {
+                services: vec![g.clone()],
+                ..Default::default()
+            },
+        );
+        let c = |t| TokenCharge {
+            total_tokens: t,
+            ..TokenCharge::default()
+        };
+        a.charge_tokens("model", &c(60));
+        a.admit(Some(&g)).unwrap();
+        // Charged after the response: the request that crosses the limit was served.
+        a.charge_tokens("model", &c(60));
+        let e = a.admit(Some(&g)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                QuotaError::Tokens {
+                    used: 120,
+                    limit: 100,
+                    window: "day",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains(
+                "120 of 100 tokens used in the last day (net.services.model.tokens_per_day)"
+            ),
+            "{e}"
+        );
+        assert_eq!(a.token_usage()[0].day, 120);
+        // The refusal the agent sees: an OpenAI error object.
+        let d = Denied {
+            rule: "quota".into(),
+            reason: e.to_string(),
+            openai: Some(("tokens", 600)),
+        };
+        let r = deny_response(&d);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "600");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        // Another agent's ledger is its own.
+        let b = AgentNet::new(
+            "b",
+            NetGrants {
+                services: vec![g.clone()],
+                ..Default::default()
+            },
+        );
+        b.admit(Some(&g)).unwrap();
     }
 
     #[test]

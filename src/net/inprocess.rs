@@ -101,6 +101,7 @@ impl InProcessGateway {
                         return;
                     }
                 };
+                let agent = self.agent.clone();
                 rt.block_on(async {
                     tokio::select! {
                         _ = gw.serve(std::net::TcpListener::from(listener), self.agent) => {}
@@ -109,6 +110,7 @@ impl InProcessGateway {
                 });
                 // Denials still being summarised are recorded before the writer drains.
                 gw.flush_summaries_now(None);
+                gw.flush_usage(&agent, true);
                 // Dropping the runtime ends every connection task, and with the gateway the
                 // last sender of decisions: the writer then drains and ends.
                 drop(rt);

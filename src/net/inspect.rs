@@ -107,6 +107,11 @@ pub(super) enum FlightError {
     Read(#[source] std::io::Error),
     #[error("closed before the first flight")]
     Closed,
+    /// Not plain HTTP, to a service whose tokens the gateway counts.
+    #[error(
+        "the service {0:?} counts tokens (api = \"openai\"): plain HTTP only, nothing relayed"
+    )]
+    Metered(String),
 }
 
 /// Reads the tunnel's first flight and checks it: a ClientHello whose SNI is `host`

@@ -17,11 +17,14 @@ pub mod resolve;
 pub use crate::policy::net_rules as rules;
 pub mod secrets;
 mod socks;
+pub mod usage;
 
 pub use gateway::{AgentNet, Gateway, GatewayConfig, NetEvent, RuleStats};
 pub use inprocess::InProcessGateway;
 pub use resolve::{Resolve, SystemResolver};
-pub use rules::{EgressRule, NameError, NetGrants, NetQuota, RouteGrant, RuleError, ServiceGrant};
+pub use rules::{
+    EgressRule, NameError, NetGrants, NetQuota, RouteGrant, RuleError, ServiceApi, ServiceGrant,
+};
 
 use crate::sandbox::SandboxSpec;
 

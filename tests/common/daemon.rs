@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use super::{poll_until, require_root, Workspace, AITHERCTL};
@@ -131,8 +133,7 @@ impl TestDaemon {
 
     pub fn sigterm(&mut self) {
         let mut c = self.child.take().expect("daemon running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         c.wait().expect("reap aitherd");
     }
 
@@ -185,8 +186,7 @@ impl Drop for TestDaemon {
             }
         }
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
             let _ = c.wait();
         }
     }

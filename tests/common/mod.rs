@@ -36,8 +36,7 @@ pub fn policy_dir() -> PathBuf {
 
 /// Panics unless running as root: these tests must never silently skip.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "the aither end-to-end tests must run as root (they create cgroups and map host id ranges \

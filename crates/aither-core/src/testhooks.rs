@@ -19,6 +19,7 @@ pub const SWITCHES: &[&str] = &[
     "AITHER_HOST_ROOT",
     "AITHER_TEST_FAIL_STAGE",
     "AITHER_GPUS",
+    "AITHER_GPU_ROOT",
     "AITHER_CACHE_DIR",
     "AITHER_INIT",
 ];

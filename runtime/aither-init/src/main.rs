@@ -93,6 +93,7 @@ fn config_fd() -> Result<Option<std::fs::File>, String> {
             let n: i32 = n.parse().ok().filter(|n| *n > 2).ok_or_else(|| {
                 format!("--config-fd {n:?}: expected a descriptor number above 2")
             })?;
+            // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
             // SAFETY: F_GETFD only queries the number; a closed one fails.
             if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
                 return Err(format!("--config-fd {n}: not open"));

@@ -2,10 +2,12 @@
 //! under the v1 devices controller alone, under the BPF device program alone (the real cgroup2
 //! hook of this hybrid host, as on a pure v2 host), and under both (the hybrid default).
 //!
-//! Stand-in nodes: `nvidia0`/`nvidia1` carry NVIDIA's real numbers (c 195:0, c 195:1); with no
-//! driver here, a node the rules let through answers ENXIO from the kernel's chrdev lookup, and
-//! one they stop answers EPERM before it. `gpufuse` (c 10:229, /dev/fuse's numbers) is a
-//! stand-in with a driver behind it, so an allowed open really succeeds.
+//! Stand-in nodes: `nvidia0`/`nvidia1` carry NVIDIA's real numbers (c 195:0, c 195:1). A node
+//! the rules let through answers inside the sandbox exactly what it answers on the host: ENXIO
+//! from the kernel's chrdev lookup without a driver, success (0) on a host whose NVIDIA driver
+//! serves that minor; one they stop answers EPERM before either. `gpufuse` (c 10:229,
+//! /dev/fuse's numbers) is a stand-in with a driver behind it on every host, so an allowed
+//! open really succeeds.
 
 mod support;
 
@@ -31,16 +33,14 @@ impl Nodes {
             ("nvidia1", 195, 1),
             ("gpufuse", 10, 229),
         ] {
-            let p = std::ffi::CString::new(dir.path().join(name).to_str().unwrap()).unwrap();
-            // SAFETY: mknod of a new node in our own temporary directory.
-            let rc = unsafe {
-                libc::mknod(
-                    p.as_ptr(),
-                    libc::S_IFCHR | 0o666,
-                    libc::makedev(major, minor),
-                )
-            };
-            assert_eq!(rc, 0, "mknod {name}: {}", std::io::Error::last_os_error());
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            let rc = mknod(
+                &dir.path().join(name),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            );
+            assert_eq!(rc, Ok(()), "mknod {name}");
             // The umask took write bits off; the agent opens read-write.
             std::os::unix::fs::chown(dir.path().join(name), Some(0), Some(0)).unwrap();
             std::fs::set_permissions(
@@ -54,6 +54,21 @@ impl Nodes {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The errno opening the node read-write gives on the host, outside any sandbox and
+    /// device rule (0: it opened): what a node the rules let through must give inside.
+    fn host_errno(&self, name: &str) -> i32 {
+        let e = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(name))
+        {
+            Ok(_) => 0,
+            Err(e) => e.raw_os_error().unwrap_or(-1),
+        };
+        assert_ne!(e, libc::EPERM, "the test itself may open {name}");
+        e
     }
 }
 
@@ -106,10 +121,12 @@ fn run(s: &SandboxSpec, env: &[(&str, &str)]) -> String {
     support::agent_text(&logs.path().join("agent.log"))
 }
 
-fn assert_lease_holds(out: &str, layer: &str) {
+fn assert_lease_holds(out: &str, layer: &str, nodes: &Nodes) {
+    let host = nodes.host_errno("nvidia0");
     assert!(
-        out.contains("nvidia0=6"),
-        "{layer}: the leased node passes the rules (ENXIO: no driver here): {out}"
+        out.contains(&format!("nvidia0={host}")),
+        "{layer}: the leased node passes the rules and answers as on the host ({host}: 6 is \
+         ENXIO, no driver; 0 opened): {out}"
     );
     assert!(
         out.contains("nvidia1=1"),
@@ -127,7 +144,7 @@ fn hybrid_both_layers_allow_only_the_leased_node() {
     let nodes = Nodes::new();
     let ws = support::workspace();
     let out = run(&gpu_spec(ws.path(), &nodes, "dev-both", &["nvidia0"]), &[]);
-    assert_lease_holds(&out, "v1 + BPF");
+    assert_lease_holds(&out, "v1 + BPF", &nodes);
     // A lease of the stand-in with a driver: it really opens.
     let out = run(&gpu_spec(ws.path(), &nodes, "dev-open", &["gpufuse"]), &[]);
     assert!(out.contains("gpufuse=0"), "the leased node opens: {out}");
@@ -144,7 +161,7 @@ fn v1_devices_controller_alone_enforces_the_lease() {
     let ws = support::workspace();
     let s = gpu_spec(ws.path(), &nodes, "dev-v1", &["nvidia0"]);
     let out = run(&s, &[("AITHER_CGROUP_MODE", "v1")]);
-    assert_lease_holds(&out, "v1 devices controller");
+    assert_lease_holds(&out, "v1 devices controller", &nodes);
 }
 
 #[test]
@@ -168,7 +185,7 @@ fn bpf_device_program_alone_enforces_the_lease() {
             ("AITHER_CGROUP_ROOT", "/sys/fs/cgroup/unified"),
         ],
     );
-    assert_lease_holds(&out, "BPF device program");
+    assert_lease_holds(&out, "BPF device program", &nodes);
 }
 
 #[test]
@@ -181,10 +198,12 @@ fn without_device_rules_the_kernel_lets_every_bound_node_through() {
     let mut s = gpu_spec(ws.path(), &nodes, "dev-none", &["nvidia0"]);
     s.limits.devices = None;
     let out = run(&s, &[]);
-    assert!(
-        out.contains("nvidia0=6") && out.contains("nvidia1=6") && out.contains("gpufuse=0"),
-        "{out}"
+    let want = format!(
+        "nvidia0={}\nnvidia1={}\ngpufuse=0",
+        nodes.host_errno("nvidia0"),
+        nodes.host_errno("nvidia1")
     );
+    assert!(out.contains(&want), "{want} / {out}");
 }
 
 #[test]

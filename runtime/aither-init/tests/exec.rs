@@ -84,8 +84,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // SAFETY: kill of our own child (the shim forwards SIGTERM to the agent).
-        unsafe { libc::kill(self.shim.child.id() as i32, libc::SIGTERM) };
+        // Our own child (the shim forwards SIGTERM to the agent).
+        let pid = nix::unistd::Pid::from_raw(self.shim.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.shim.wait();
     }
 }

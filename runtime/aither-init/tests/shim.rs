@@ -245,8 +245,8 @@ fn shim_forwards_sigterm_to_the_agent() {
     assert!(support::poll_until(Duration::from_secs(20), || {
         std::fs::read_to_string(&log).is_ok_and(|s| s.contains("ready"))
     }));
-    // SAFETY: kill of our own child process.
-    unsafe { libc::kill(shim.child.id() as i32, libc::SIGTERM) };
+    let pid = nix::unistd::Pid::from_raw(shim.child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(shim.wait(), Some(42));
     assert!(support::agent_text(&log).contains("got-term"));
     assert_eq!(read_exit(logs.path())["code"], 42);

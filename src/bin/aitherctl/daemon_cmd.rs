@@ -119,7 +119,8 @@ pub struct SpawnArgs {
     cpus: Option<f64>,
     /// Publish port PORT of the agent's own loopback as service NAME (repeatable): agents whose
     /// token grants `net.services` NAME reach it as http://NAME.aither.internal
-    /// (docs/network.md).
+    /// (docs/network.md). The agent may bind PORT even under a `none` network; an agent file
+    /// says `publish = ["NAME=PORT"]` (the flags add to it).
     #[arg(long = "publish", value_name = "NAME=PORT", value_parser = parse_publish)]
     publish: Vec<(String, u16)>,
     /// Publish the agent's port AGENTPORT on the host's loopback at HOSTADDR:HOSTPORT
@@ -323,7 +324,13 @@ fn build_spawn(a: &SpawnArgs) -> anyhow::Result<SpawnRequest> {
             .into_iter()
             .chain(a.bus_subscribe.iter().cloned())
             .collect(),
-        publish: a.publish.clone(),
+        publish: file
+            .as_ref()
+            .map(|f| f.publish.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(a.publish.iter().cloned())
+            .collect(),
         publish_host: file
             .as_ref()
             .map(|f| f.publish_host.clone())

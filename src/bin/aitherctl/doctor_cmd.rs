@@ -21,6 +21,11 @@ use clap::Args;
 /// reads a fake root instead (tests); the facts only a system call could tell then come from
 /// DIR/aither-doctor-facts.toml (docs/doctor.md).
 ///
+/// When aitherd answers on its socket, doctor also asks it about its GPU service: the backend
+/// (NVML and the library it loaded, or why there are no GPUs: no driver, a driver that failed
+/// at init), the devices, and what the MicroScheduler guarantees and what it cannot: VRAM use
+/// is read every poll interval and an agent over its reservation is evicted after the fact.
+///
 /// Exit status: 0 when the default policy (strict) can run here; 1 when it cannot (or the
 /// host could not be read); 2 on bad usage.
 #[derive(Args)]
@@ -41,10 +46,95 @@ pub fn run(a: DoctorArgs) -> i32 {
         }
     };
     let report = Report::build(facts, Policy::list());
+    let service = gpu_service();
     if a.json {
-        println!("{}", report.to_json());
+        let mut v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap_or_default();
+        v["gpu_service"] = service.json;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+        );
     } else {
         print!("{}", report.to_text());
+        print!("{}", service.text);
     }
     report.exit_code()
+}
+
+/// What the scheduler cannot do, in doctor's words (docs/gpu.md "What the scheduler
+/// guarantees").
+pub const AFTER_THE_FACT: &str = "VRAM use is read once per poll interval and an agent above \
+     its reservation is evicted after the fact: until then it can allocate past its share, and \
+     a neighbour's allocation can fail with out-of-memory; use the driver does not report \
+     (NVML \"not available\") is shown as unknown and evicts no one";
+
+struct Service {
+    json: serde_json::Value,
+    text: String,
+}
+
+/// aitherd's GPU service, when aitherd answers (no error printed when it does not).
+fn gpu_service() -> Service {
+    use aither::daemon::client::Client;
+    use aither::daemon::proto::Request;
+    use serde_json::json;
+    let socket = aither::daemon::socket_path();
+    let reply = Client::connect(&socket)
+        .map_err(|e| e.to_string())
+        .and_then(|mut c| c.call(&Request::GpuLs).map_err(|e| e.to_string()))
+        .and_then(|r| {
+            if r.ok {
+                Ok(r.data.unwrap_or_default())
+            } else {
+                Err(r.error.map(|e| e.message).unwrap_or_default())
+            }
+        });
+    let v = match reply {
+        Ok(v) => v,
+        Err(e) => {
+            return Service {
+                json: json!({"reachable": false, "socket": socket, "error": e}),
+                text: format!(
+                    "\nGPU service: aitherd not reachable at {} ({e}); not checked\n",
+                    socket.display()
+                ),
+            }
+        }
+    };
+    let backend = v["backend"].as_str().unwrap_or("none").to_string();
+    let devices = v["devices"].as_array().map(Vec::len).unwrap_or(0);
+    let lost = v["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["lost"].is_string())
+        .count();
+    let poll_ms = v["poll_ms"].as_u64();
+    let mut text = String::from("\nGPU service (aitherd)\n");
+    let backend_line = match (v["library"].as_str(), v["note"].as_str()) {
+        (_, Some(note)) if devices == 0 => format!("{backend}: no GPUs: {note}"),
+        (Some(lib), _) => format!("{backend} ({lib}), {devices} devices"),
+        _ => format!("{backend}, {devices} devices"),
+    };
+    text.push_str(&format!("  {:<14} {backend_line}\n", "backend"));
+    if lost > 0 {
+        text.push_str(&format!(
+            "  {:<14} {lost} device(s) lost (aitherctl gpu ls): no new lease goes to them\n",
+            "lost"
+        ));
+    }
+    if devices > 0 {
+        text.push_str(&format!(
+            "  {:<14} {} ms\n  {:<14} {AFTER_THE_FACT}\n",
+            "poll interval",
+            poll_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            "eviction",
+        ));
+    }
+    Service {
+        json: json!({"reachable": true, "backend": backend, "library": v["library"],
+                     "note": v["note"], "devices": devices, "lost": lost, "poll_ms": poll_ms,
+                     "eviction": "after the fact", "guarantee": AFTER_THE_FACT}),
+        text,
+    }
 }

@@ -19,6 +19,8 @@ use aither::daemon::client::Client;
 use aither::daemon::exec::{check_stream, Terminals};
 use aither::daemon::proto::{ExecRequest, Request};
 use clap::Args;
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::sys::termios;
 
 /// Aither's own failures (nothing ran, or the result is unknown), as `docker exec`.
 pub const EXIT_AITHER: i32 = 125;
@@ -197,6 +199,7 @@ fn wait_relays(done: &mpsc::Receiver<()>, n: usize) {
 fn stream(n: i32, tty: bool, done: Option<mpsc::Sender<()>>) -> io::Result<Stream> {
     // SAFETY: 0–2 stay open for the life of the process (checked next).
     let ours = unsafe { BorrowedFd::borrow_raw(n) };
+    // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
     // SAFETY: F_GETFD only queries the number.
     if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
         // Closed here: the command gets /dev/null.
@@ -258,30 +261,32 @@ static SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
 /// connection closes with us, so aitherd kills the command.
 extern "C" fn restore_and_exit(sig: libc::c_int) {
     if let Some(t) = SAVED.get() {
+        // Raw: nix's Termios (a RefCell) cannot be the static this handler reads.
         // SAFETY: tcsetattr is async-signal-safe; `t` was written before the handler existed.
         unsafe { libc::tcsetattr(0, libc::TCSADRAIN, t) };
     }
+    // Raw: nix has no _exit, and std's exit is not async-signal-safe.
     // SAFETY: _exit is async-signal-safe.
     unsafe { libc::_exit(128 + sig) };
 }
 
 /// Our stdin terminal's settings, put back on drop.
 struct Termios {
-    saved: libc::termios,
+    saved: termios::Termios,
 }
 
 impl Termios {
     fn save() -> Option<Termios> {
-        // SAFETY: zeroed termios is a valid out-parameter; tcgetattr of fd 0.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
-            return None;
-        }
-        let _ = SAVED.set(t);
-        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+        let t = termios::tcgetattr(io::stdin()).ok()?;
+        let _ = SAVED.set(t.clone().into());
+        for sig in [
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+        ] {
             // SAFETY: a handler that only calls async-signal-safe functions.
-            unsafe { libc::signal(sig, restore_and_exit as *const () as libc::sighandler_t) };
+            let _ = unsafe { signal::signal(sig, SigHandler::Handler(restore_and_exit)) };
         }
         Some(Termios { saved: t })
     }
@@ -289,7 +294,7 @@ impl Termios {
 
 impl Drop for Termios {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read before the command ran.
-        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &self.saved) };
+        // Restores the settings read before the command ran.
+        let _ = termios::tcsetattr(io::stdin(), termios::SetArg::TCSADRAIN, &self.saved);
     }
 }

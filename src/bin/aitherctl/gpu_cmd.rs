@@ -92,7 +92,12 @@ fn ls(a: LsArgs) -> i32 {
                 d["uuid"].as_str().unwrap_or("-").to_string(),
                 mib(&d["total_mb"]),
                 mib(&d["reserved_mb"]),
-                mib(&d["used_mb"]),
+                match (&d["lost"], d["used_unknown"].as_u64().unwrap_or(0)) {
+                    (serde_json::Value::String(_), _) => "lost".into(),
+                    (_, 0) => mib(&d["used_mb"]),
+                    // Processes whose use the driver does not report: a lower bound.
+                    (_, _) => format!("{}+?", mib(&d["used_mb"])),
+                },
                 if leases.is_empty() {
                     "-".into()
                 } else {
@@ -106,10 +111,19 @@ fn ls(a: LsArgs) -> i32 {
         &rows,
     );
     println!(
-        "backend {}; {} queued",
+        "backend {}{}; {} queued",
         v["backend"].as_str().unwrap_or("?"),
+        v["library"]
+            .as_str()
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default(),
         v["queued"]
     );
+    for d in &devices {
+        if let Some(why) = d["lost"].as_str() {
+            println!("GPU {} lost: {why}; no new lease goes to it", d["index"]);
+        }
+    }
     0
 }
 

@@ -238,16 +238,11 @@ impl Server {
         c.arg("--").args(&argv);
         // A server that goes away (its client closed it, or killed it) takes the run with it:
         // `aitherctl run` forwards the SIGTERM to the sandbox.
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: prctl is async-signal-safe and nix's wrapper allocates nothing; nothing else
+        // runs between fork and exec.
         unsafe {
             use std::os::unix::process::CommandExt;
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
+            c.pre_exec(|| Ok(nix::sys::prctl::set_pdeathsig(nix::sys::signal::SIGTERM)?));
         }
         note("run", None, None);
         let mut child = c

@@ -220,10 +220,19 @@ fn print_network(p: &Policy) {
         );
     }
     for s in &n.services {
-        let rate = s
+        let mut rate = s
             .requests_per_minute
             .map(|r| format!(", {r}/min"))
             .unwrap_or_default();
+        if let Some(api) = s.api {
+            rate.push_str(&format!(", api {api:?}").to_lowercase());
+        }
+        if let Some(t) = s.tokens_per_minute {
+            rate.push_str(&format!(", {t} tokens/min"));
+        }
+        if let Some(t) = s.tokens_per_day {
+            rate.push_str(&format!(", {t} tokens/day"));
+        }
         println!(
             "  service     {}.aither.internal -> {}{rate}",
             s.name,

@@ -45,6 +45,11 @@ const REDRAW: &str = "\x1b[H\x1b[2J";
 ///                forwarded, in the agent's current run (docs/network.md); "-" without
 ///                egress
 ///   GPU          the lease: device:used/reserved VRAM for each device, or queued#N
+///   TOKENS/24H, TOK/S
+///                tokens the agent used on metered services (a model server granted with
+///                `api = "openai"`, docs/agents.md) over the last 24 h, and its tokens per
+///                second over the last minute; "-" without a metered service. --json has
+///                them per service under `tokens`
 ///
 /// A paused agent keeps its memory and tasks but shows no CPU; a stopped, exited or failed
 /// one shows its state only. --json gives exact figures (bytes, MiB for VRAM); the table
@@ -153,6 +158,8 @@ fn stats_table(agents: &[AgentStats], me: u32) -> String {
         "NET IN / OUT",
         "REQUESTS",
         "GPU",
+        "TOKENS/24H",
+        "TOK/S",
     ];
     let mut rows: Vec<Vec<String>> = agents.iter().map(row).collect();
     let owners: Vec<u32> = agents.iter().map(|s| s.owner).collect();
@@ -184,6 +191,8 @@ fn row(s: &AgentStats) -> Vec<String> {
         ),
         or_none(s.net.as_ref().map(|n| n.requests.to_string())),
         or_none(s.gpu.as_ref().map(gpu)),
+        or_none(s.tokens.as_ref().map(|t| t.day.to_string())),
+        or_none(s.tokens.as_ref().map(|t| format!("{:.1}", t.per_second))),
     ]
 }
 
@@ -201,12 +210,13 @@ fn gpu(g: &GpuStats) -> String {
     g.devices
         .iter()
         .map(|d| {
-            format!(
-                "{}:{}/{}",
-                d.index,
-                bytes(d.used_mb << 20),
-                bytes(d.vram_mb << 20)
-            )
+            // Use the driver does not report: `?`, or a lower bound `512M+?`.
+            let used = match (d.used_mb, d.used_unknown) {
+                (0, true) => "?".to_string(),
+                (u, true) => format!("{}+?", bytes(u << 20)),
+                (u, false) => bytes(u << 20),
+            };
+            format!("{}:{used}/{}", d.index, bytes(d.vram_mb << 20))
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -263,7 +273,15 @@ mod tests {
                     vram_mb: 1024,
                     used_mb: 312,
                     total_mb: 8192,
+                    used_unknown: false,
+                    lost: None,
                 }],
+            }),
+            tokens: Some(aither::daemon::stats::TokenStats {
+                day: 12345,
+                minute: 150,
+                per_second: 2.5,
+                services: Vec::new(),
             }),
         }
     }
@@ -281,7 +299,9 @@ mod tests {
                 "3 / 128",
                 "15K / 1.2K",
                 "4",
-                "0:312M/1G"
+                "0:312M/1G",
+                "12345",
+                "2.5"
             ]
         );
     }
@@ -297,11 +317,12 @@ mod tests {
             pids_limit: None,
             net: None,
             gpu: None,
+            tokens: None,
             ..sample(State::Stopped)
         };
         assert_eq!(
             row(&s),
-            ["web", "stopped", "-", "-", "-", "-", "-", "-", "-"]
+            ["web", "stopped", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
         );
     }
 

@@ -103,8 +103,8 @@ pub fn node_numbers(path: &std::path::Path) -> io::Result<(bool, u32, u32)> {
     let rdev = md.rdev();
     Ok((
         ft.is_block_device(),
-        libc::major(rdev) as u32,
-        libc::minor(rdev) as u32,
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
     ))
 }
 
@@ -224,6 +224,7 @@ fn load(prog: &[Insn], log_level: u32) -> io::Result<OwnedFd> {
         put64(&mut attr, 32, log.as_mut_ptr() as u64);
     }
     attr[48..48 + 12].copy_from_slice(b"aither_devcg");
+    // Raw: nix 0.30 and rustix 1 have no bpf.
     // SAFETY: attr is a zeroed bpf_attr with valid pointers to prog, license and log, which
     // outlive the call.
     let fd = unsafe {
@@ -253,6 +254,7 @@ fn attach_prog(cgroup: &OwnedFd, prog_fd: &OwnedFd) -> io::Result<()> {
     put32(&mut attr, 4, prog_fd.as_raw_fd() as u32);
     put32(&mut attr, 8, BPF_CGROUP_DEVICE);
     put32(&mut attr, 12, BPF_F_ALLOW_MULTI);
+    // Raw: nix 0.30 and rustix 1 have no bpf.
     // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_ATTACH with two valid descriptors.
     let rc = unsafe {
         libc::syscall(

@@ -89,7 +89,12 @@ fn resource_limits(spec: &SandboxSpec, gpu: &GpuClaim) -> Value {
         limits["cpu"] = json!(format!("{}m", millicores(c.quota_us, c.period_us)));
     }
     if gpu.count > 0 {
-        limits["nvidia.com/gpu"] = json!(gpu.count.to_string());
+        // A MIG claim is the device plugin's MIG resource ("mixed" strategy).
+        let resource = match &gpu.mig_profile {
+            Some(p) => format!("nvidia.com/mig-{p}"),
+            None => "nvidia.com/gpu".into(),
+        };
+        limits[resource] = json!(gpu.count.to_string());
     }
     limits
 }

@@ -337,6 +337,7 @@ fn pod_is_locked_down() {
         vram_mb: 8000,
         priority: 0,
         exclusive: false,
+        mig_profile: None,
     };
     let m = manifest(&s, &gpu, &k8s_opts()).unwrap();
     let items = m.list["items"].as_array().unwrap();
@@ -370,6 +371,21 @@ fn pod_is_locked_down() {
     assert_eq!(lim["cpu"], "2000m");
     assert_eq!(lim["nvidia.com/gpu"], "2");
     assert_eq!(c["resources"]["requests"], *lim, "Guaranteed QoS");
+    let mig = GpuClaim {
+        mig_profile: Some("1g.10gb".into()),
+        ..gpu.clone()
+    };
+    let m = manifest(&s, &mig, &k8s_opts()).unwrap();
+    let pod = m.list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "Pod")
+        .unwrap()
+        .clone();
+    let lim = &pod["spec"]["containers"][0]["resources"]["limits"];
+    assert_eq!(lim["nvidia.com/mig-1g.10gb"], "2", "{lim}");
+    assert!(lim.get("nvidia.com/gpu").is_none(), "{lim}");
     assert_eq!(c["command"], serde_json::json!(["/bin/sh", "-c", "true"]));
     assert_eq!(c["workingDir"], "/workspace");
     let vols = spec_["volumes"].as_array().unwrap();

@@ -598,9 +598,8 @@ fn openat2_enosys_on_this_thread() {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    assert_eq!(r, 0, "no_new_privs: {}", io::Error::last_os_error());
+    nix::sys::prctl::set_no_new_privs().expect("no_new_privs");
+    // Raw: nix 0.30 and rustix 1 have no seccomp.
     // SAFETY: `fprog` points at a valid program that outlives the call; the kernel copies it.
     let r = unsafe {
         libc::syscall(

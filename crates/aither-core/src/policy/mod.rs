@@ -367,6 +367,10 @@ pub struct GpuGrant {
     /// verify byte for byte; false (shared) is the narrower value.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exclusive: bool,
+    /// MIG instances of this profile (e.g. `"1g.10gb"`) instead of whole GPUs. Left out of a
+    /// token when unset (tokens minted before it verify byte for byte).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_profile: Option<String>,
 }
 
 impl GpuGrant {

@@ -93,6 +93,35 @@ pub struct ServiceGrant {
     /// Requests (or connections, for tunnels) per minute this agent may make to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
+    /// What the service speaks, when the gateway should understand it: `"openai"` (an
+    /// OpenAI-compatible inference API) makes the gateway count each response's `usage`
+    /// tokens for this agent, answer quota refusals as OpenAI error objects, and take plain
+    /// HTTP only (docs/agents.md "Local inference as a service"). None: bytes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ServiceApi>,
+    /// Tokens (the responses' `usage.total_tokens`) this agent may use per minute (sliding
+    /// 60 s); needs `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens this agent may use per day (a sliding 24 h, in 10-minute steps); needs `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+}
+
+/// A service protocol the gateway understands (`net.services[].api`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceApi {
+    /// OpenAI-compatible: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` with a
+    /// `usage` object in the response (in the last SSE chunk when streaming).
+    Openai,
+}
+
+impl ServiceGrant {
+    /// Whether the gateway counts this service's tokens (it speaks an API the gateway reads).
+    pub fn metered(&self) -> bool {
+        self.api.is_some()
+    }
 }
 
 /// A credential route: plain HTTP to `http://127.0.0.1:PORT/NAME/…` inside the sandbox goes to
@@ -222,6 +251,17 @@ impl NetGrants {
                     format!("{:?} is granted twice", s.name),
                 ));
             }
+            for (field, v) in [
+                ("tokens_per_minute", s.tokens_per_minute),
+                ("tokens_per_day", s.tokens_per_day),
+            ] {
+                if v.is_some() && s.api.is_none() {
+                    return Err(invalid(
+                        format!("services[{i}].{field}"),
+                        "token quotas need `api = \"openai\"` (the gateway counts tokens only in an API it reads)",
+                    ));
+                }
+            }
         }
         for (i, r) in self.routes.iter().enumerate() {
             check_name(&r.name).map_err(|e| invalid(format!("routes[{i}].name"), e.to_string()))?;
@@ -309,6 +349,22 @@ impl NetGrants {
                 &format!("net.services.{}.requests_per_minute", s.name),
                 s.requests_per_minute,
                 p.requests_per_minute,
+            )?;
+            if s.api != p.api {
+                return Err(widening(
+                    format!("net.services.{}.api", s.name),
+                    format!("{:?} differs from the parent's {:?}", s.api, p.api),
+                ));
+            }
+            at_most_opt(
+                &format!("net.services.{}.tokens_per_minute", s.name),
+                s.tokens_per_minute,
+                p.tokens_per_minute,
+            )?;
+            at_most_opt(
+                &format!("net.services.{}.tokens_per_day", s.name),
+                s.tokens_per_day,
+                p.tokens_per_day,
             )?;
         }
         for r in &self.routes {
@@ -569,6 +625,9 @@ mod tests {
                 name: "llm".into(),
                 target: Some("127.0.0.1:11434".into()),
                 requests_per_minute: Some(60),
+                api: Some(ServiceApi::Openai),
+                tokens_per_minute: Some(1000),
+                tokens_per_day: Some(100_000),
             }],
             quota: NetQuota {
                 requests_per_minute: Some(100),
@@ -601,6 +660,28 @@ mod tests {
         let mut c = parent.clone();
         c.services[0].target = Some("127.0.0.1:22".into());
         assert!(c.narrows(&parent).is_err());
+        // Token quotas: lower narrows; higher, none (unlimited) or another api widens.
+        let mut c = parent.clone();
+        c.services[0].tokens_per_minute = Some(10);
+        c.services[0].tokens_per_day = Some(500);
+        assert!(c.narrows(&parent).is_ok());
+        for f in [
+            |c: &mut ServiceGrant| c.tokens_per_minute = Some(1001),
+            |c: &mut ServiceGrant| c.tokens_per_day = None,
+            |c: &mut ServiceGrant| {
+                c.api = None;
+                c.tokens_per_minute = None;
+                c.tokens_per_day = None
+            },
+        ] {
+            let mut c = parent.clone();
+            f(&mut c.services[0]);
+            assert!(c.narrows(&parent).is_err(), "{:?}", c.services[0]);
+        }
+        let mut c = parent.clone();
+        c.services[0].api = None;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("services[0].tokens_per_minute"), "{e}");
         let mut c = parent.clone();
         c.quota.requests_per_minute = Some(101);
         assert!(c.narrows(&parent).is_err());

@@ -381,8 +381,46 @@ impl SandboxSpec {
         nodes: &[PathBuf],
         visible: &str,
     ) -> Result<(), crate::cgroup::devices::NodeError> {
+        let named: Vec<(PathBuf, String)> = nodes
+            .iter()
+            .map(|n| {
+                let name = n
+                    .strip_prefix("/dev")
+                    .ok()
+                    .filter(|p| p.components().count() > 0)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .or_else(|| n.file_name().map(|f| f.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "gpu".into());
+                (n.clone(), name)
+            })
+            .collect();
+        self.grant_named_devices(&named, visible)
+    }
+
+    /// [`SandboxSpec::grant_devices`] with each node's name under the sandbox's /dev given
+    /// (`nvidia-caps/nvidia-cap12`).
+    pub fn grant_named_devices(
+        &mut self,
+        nodes: &[(PathBuf, String)],
+        visible: &str,
+    ) -> Result<(), crate::cgroup::devices::NodeError> {
         let mut rules = crate::cgroup::devices::base_rules();
-        for n in nodes {
+        for (n, name) in nodes {
+            // The name is a path below the sandbox's /dev: nothing that leaves it.
+            let p = std::path::Path::new(name);
+            if name.is_empty()
+                || !p
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(crate::cgroup::devices::NodeError {
+                    path: n.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("device name {name:?} is not a path below /dev"),
+                    ),
+                });
+            }
             let (block, major, minor) =
                 crate::cgroup::devices::node_numbers(n).map_err(|source| {
                     crate::cgroup::devices::NodeError {
@@ -396,16 +434,9 @@ impl SandboxSpec {
                 minor: Some(minor),
                 access: "rw".into(),
             });
-            let name = n
-                .strip_prefix("/dev")
-                .ok()
-                .filter(|p| p.components().count() > 0)
-                .map(|p| p.to_string_lossy().into_owned())
-                .or_else(|| n.file_name().map(|f| f.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "gpu".into());
             self.devices.push(DeviceNode {
                 host: n.clone(),
-                name,
+                name: name.clone(),
             });
         }
         self.limits.devices = Some(rules);

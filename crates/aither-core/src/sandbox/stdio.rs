@@ -171,6 +171,7 @@ impl Pump {
             return;
         }
         let mut chunk = [0u8; 16 * 1024];
+        // Raw: `src` is a number (as the write above), which nix's read needs as a BorrowedFd.
         // SAFETY: reading into a buffer of the stated length.
         let n =
             Errno::result(unsafe { libc::read(self.src, chunk.as_mut_ptr().cast(), chunk.len()) });

@@ -316,6 +316,8 @@ mod tests {
     use std::ffi::CStr;
     use std::os::fd::AsRawFd;
 
+    use nix::mount::MsFlags;
+
     use super::*;
 
     #[test]
@@ -551,18 +553,9 @@ mod tests {
     /// Set in the child process of [`a_mount_that_cannot_be_cloned_is_an_error`].
     const UNBINDABLE_CHILD: &str = "AITHER_WORKSPACE_TEST_UNBINDABLE";
 
-    fn mount(src: &CStr, target: &Path, fstype: Option<&CStr>, flags: libc::c_ulong) {
-        let t = crate::sys::cstr(target).unwrap();
-        let fstype = fstype.map_or(std::ptr::null(), |f| f.as_ptr());
-        // SAFETY: valid C strings (or null for the type), no data argument.
-        let r = unsafe { libc::mount(src.as_ptr(), t.as_ptr(), fstype, flags, std::ptr::null()) };
-        assert_eq!(
-            r,
-            0,
-            "mount {}: {}",
-            target.display(),
-            io::Error::last_os_error()
-        );
+    fn mount(src: &CStr, target: &Path, fstype: Option<&CStr>, flags: MsFlags) {
+        let r = nix::mount::mount(Some(src), target, fstype, flags, None::<&CStr>);
+        assert_eq!(r, Ok(()), "mount {}", target.display());
     }
 
     #[test]
@@ -576,14 +569,10 @@ mod tests {
             let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
             cmd.args([name, "--exact", "--test-threads=1"])
                 .env(UNBINDABLE_CHILD, d.path());
-            // SAFETY: unshare is async-signal-safe; nothing else runs between fork and exec.
+            // SAFETY: unshare is async-signal-safe (nix's wrapper allocates nothing); nothing
+            // else runs between fork and exec.
             unsafe {
-                cmd.pre_exec(|| {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(|| Ok(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?));
             }
             let out = cmd.output().unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
@@ -599,10 +588,10 @@ mod tests {
             c"none",
             Path::new("/"),
             None,
-            libc::MS_REC | libc::MS_PRIVATE,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         );
-        mount(c"tmpfs", dir, Some(c"tmpfs"), 0);
-        mount(c"none", dir, None, libc::MS_UNBINDABLE);
+        mount(c"tmpfs", dir, Some(c"tmpfs"), MsFlags::empty());
+        mount(c"none", dir, None, MsFlags::MS_UNBINDABLE);
         let opened = open_checked(dir, None).unwrap();
         assert!(matches!(
             clone_tree(&opened),

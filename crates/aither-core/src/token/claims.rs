@@ -461,7 +461,24 @@ pub fn narrows(child: &Claims, parent: &Claims) -> Result<(), TokenError> {
         vram_mb,
         priority,
         exclusive,
+        mig_profile,
     } = gpu;
+    // A MIG instance is part of a GPU: a whole-GPU claim may narrow to one, a MIG claim may
+    // not widen to whole GPUs or change profile.
+    if let Some(p) = &parent.gpu.mig_profile {
+        if mig_profile.as_ref() != Some(p) {
+            return Err(widen(
+                "gpu.mig_profile",
+                format!(
+                    "{} where the parent grants MIG instances of {p}",
+                    mig_profile
+                        .as_ref()
+                        .map(|m| format!("MIG instances of {m}"))
+                        .unwrap_or_else(|| "whole GPUs".into())
+                ),
+            ));
+        }
+    }
     if *exclusive && !parent.gpu.exclusive {
         return Err(widen(
             "gpu.exclusive",

@@ -313,6 +313,7 @@ fn narrows_checks_every_field() {
         vram_mb: 1000,
         priority: 5,
         exclusive: false,
+        mig_profile: None,
     };
     parent.bus = BusClaim {
         publish: vec!["agent.x.>".into()],
@@ -542,6 +543,16 @@ fn narrows_checks_every_field() {
             other => panic!("{field}: expected a widening error, got {other:?}"),
         }
     }
+    // MIG: a whole-GPU claim narrows to a profile; a profile claim neither widens to whole
+    // GPUs nor changes profile.
+    let mut mig = parent.clone();
+    mig.gpu.mig_profile = Some("1g.10gb".into());
+    narrows(&mig, &parent).unwrap();
+    assert_eq!(widening_field(narrows(&parent, &mig)), "gpu.mig_profile");
+    let mut other = mig.clone();
+    other.gpu.mig_profile = Some("3g.40gb".into());
+    assert_eq!(widening_field(narrows(&other, &mig)), "gpu.mig_profile");
+    narrows(&mig, &mig).unwrap();
     // Workspace access is ordered none < read-only < read-write.
     let mut ro = parent.clone();
     ro.rules.filesystem.workspace = crate::policy::WorkspaceAccess::ReadOnly;

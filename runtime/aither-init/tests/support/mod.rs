@@ -16,14 +16,17 @@ use std::time::{Duration, Instant};
 use aither_core::policy::Policy;
 use aither_core::sandbox::{RunOptions, SandboxSpec, ShimConfig};
 use aither_core::units::Size;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 pub const AITHER_INIT: &str = env!("CARGO_BIN_EXE_aither-init");
 /// No shim in these suites should run longer.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "these tests create sandboxes and must run as root (CI runs them as root)"
@@ -104,8 +107,8 @@ impl Shim {
 impl Drop for Shim {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill of our own child (SIGTERM: it forwards, then cleans up).
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            // Our own child (SIGTERM: it forwards, then cleans up).
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
             let _ = self.child.wait();
         }
     }
@@ -146,17 +149,20 @@ pub fn start_shim_env(
         .stderr(Stdio::inherit());
     if let Some(f) = &fds {
         let (c, k) = (f.channel.as_raw_fd(), f.keep.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec; the sources
-        // are first moved out of the way of 3 and 4, then placed there without close-on-exec.
+        // SAFETY: only async-signal-safe calls (fcntl, dup2, close), none that allocates,
+        // between fork and exec; the sources are first moved out of the way of 3 and 4, then
+        // placed there without close-on-exec.
         unsafe {
             cmd.pre_exec(move || {
-                let c2 = libc::fcntl(c, libc::F_DUPFD, 100);
-                let k2 = libc::fcntl(k, libc::F_DUPFD, 100);
-                if c2 < 0 || k2 < 0 || libc::dup2(c2, 3) < 0 || libc::dup2(k2, 4) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(c2);
-                libc::close(k2);
+                use std::os::fd::BorrowedFd;
+                let c2 = fcntl(BorrowedFd::borrow_raw(c), FcntlArg::F_DUPFD(100))?;
+                let k2 = fcntl(BorrowedFd::borrow_raw(k), FcntlArg::F_DUPFD(100))?;
+                // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns 3 or 4 here) and
+                // its dup2_raw does not check dup2's result.
+                Errno::result(libc::dup2(c2, 3))?;
+                Errno::result(libc::dup2(k2, 4))?;
+                let _ = nix::unistd::close(c2);
+                let _ = nix::unistd::close(k2);
                 Ok(())
             });
         }
