@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod gpu;
 pub mod labels;
+pub mod layer;
 pub mod mcp;
 pub mod memory;
 pub mod net;

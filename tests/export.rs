@@ -807,7 +807,7 @@ fn export_from_a_token_follows_its_attenuation_and_refuses_a_revoked_one() {
         "token",
         "mint",
         "--policy",
-        "ci",
+        "strict",
         "--subject",
         "tok-agent",
         "--out",

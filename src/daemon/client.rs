@@ -76,6 +76,19 @@ impl Client {
         self.read_reply()
     }
 
+    /// One request, one reply with the descriptors sent with it (SCM_RIGHTS).
+    pub fn call_recv_fds(
+        &mut self,
+        req: &Request,
+    ) -> Result<(Reply, Vec<std::os::fd::OwnedFd>), ClientError> {
+        use std::os::fd::AsFd;
+        proto::write_frame(&mut self.stream, req)?;
+        let (body, fds) = proto::read_frame_fds_blocking(self.stream.as_fd(), proto::MAX_REPLY)?
+            .ok_or(ClientError::NoReply)?;
+        let reply = serde_json::from_slice(&body).map_err(ClientError::BadReply)?;
+        Ok((reply, fds))
+    }
+
     /// A request with a streamed answer: `each` gets every reply until one without `more`
     /// (or until it returns false).
     pub fn stream(

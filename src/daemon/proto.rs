@@ -50,6 +50,82 @@ pub fn write_frame_fds<T: Serialize>(
     Ok(())
 }
 
+/// One sendmsg(2) of `bytes` with `fds` attached (SCM_RIGHTS), without blocking: the bytes
+/// sent (the rest goes as plain bytes).
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(bytes)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
+/// A frame's body and the descriptors that came with it.
+pub type FrameWithFds = (Vec<u8>, Vec<std::os::fd::OwnedFd>);
+
+/// Reads one frame and the descriptors sent with it, blocking (the client's side of a reply
+/// that carries descriptors). `Ok(None)` at a clean end of stream.
+pub fn read_frame_fds_blocking(
+    sock: std::os::fd::BorrowedFd<'_>,
+    max: usize,
+) -> Result<Option<FrameWithFds>, FrameError> {
+    use std::os::fd::AsRawFd;
+    let mut fds = Vec::new();
+    let fill = |buf: &mut [u8], fds: &mut Vec<std::os::fd::OwnedFd>| -> io::Result<usize> {
+        loop {
+            match recv_with_fds(sock, buf, fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A blocking peek waits for the next bytes without taking them (nor
+                    // their descriptors): recv_with_fds takes both.
+                    let mut one = [0u8; 1];
+                    match nix::sys::socket::recv(
+                        sock.as_raw_fd(),
+                        &mut one,
+                        nix::sys::socket::MsgFlags::MSG_PEEK,
+                    ) {
+                        Ok(0) => return Ok(0),
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    };
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match fill(&mut header[got..], &mut fds)? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(FrameError::Truncated),
+            n => got += n,
+        }
+    }
+    let n = aither_proto::frame::parse_header(header)?;
+    if n > max {
+        return Err(FrameError::Truncated);
+    }
+    let mut body = vec![0u8; n];
+    let mut have = 0;
+    while have < n {
+        match fill(&mut body[have..], &mut fds)? {
+            0 => return Err(FrameError::Truncated),
+            k => have += k,
+        }
+    }
+    Ok(Some((body, fds)))
+}
+
 /// One recvmsg(2): bytes into `buf`, SCM_RIGHTS descriptors (close-on-exec) into `fds`.
 pub fn recv_with_fds(
     sock: std::os::fd::BorrowedFd<'_>,
@@ -194,6 +270,35 @@ pub mod aio {
             Err(e) => return Err(e),
         };
         w.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Writes a reply with descriptors attached to its first byte (SCM_RIGHTS).
+    pub async fn write_reply_fds(
+        sock: &tokio::net::UnixStream,
+        msg: &Reply,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), FrameError> {
+        use std::os::fd::AsFd;
+        let bytes = encode_limit(msg, MAX_REPLY)?;
+        let sent = loop {
+            sock.writable().await?;
+            match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                super::send_with_fds(sock.as_fd(), &bytes, fds)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break r?,
+            }
+        };
+        let mut rest = &bytes[sent..];
+        while !rest.is_empty() {
+            sock.writable().await?;
+            match sock.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

@@ -221,6 +221,11 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                     return;
                 }
             }
+            Request::LayerOpen { name } => {
+                if !serve_layer_open(&d, &caller, &name, &mut w).await {
+                    return;
+                }
+            }
             Request::Exec(req) => {
                 // The reply comes when the command ends; a closed connection kills it.
                 super::exec::serve(&d, &caller, req, fds, &mut r, &mut w).await;
@@ -234,6 +239,51 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
             }
         }
     }
+}
+
+/// `layer_open`: an agent's layer for its owner, the reply carrying a read-only mount of the
+/// upper layer (docs/workspaces.md, "Who may"). False when the connection is gone.
+async fn serve_layer_open(
+    d: &Shared,
+    caller: &Caller,
+    name: &str,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> bool {
+    let (reply, fd) = match authorize(d, caller, "layer_open", name) {
+        Err(reply) => (reply, None),
+        Ok(_) if d.info_of(name).is_none() => (not_found(name), None),
+        Ok(_) => {
+            let layer = crate::sandbox::layer::layer_path(&crate::token::state_dir(), name);
+            match tokio::task::spawn_blocking(move || layer_open(&layer)).await {
+                Ok(Ok((data, fd))) => (Reply::ok(data), Some(fd)),
+                Ok(Err(e)) => (
+                    Reply::err(ErrorCode::NotFound, format!("{name}: {e}")),
+                    None,
+                ),
+                Err(e) => (Reply::err(ErrorCode::Internal, e.to_string()), None),
+            }
+        }
+    };
+    d.audit.record(
+        Entry::new(
+            "layer_open",
+            if reply.ok {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
+            "owner: the agent's owner, root or aither-admin",
+        )
+        .agent(name)
+        .actor(caller.actor())
+        .caller(caller.uid)
+        .via(caller.via_name()),
+    );
+    let sent = match &fd {
+        Some(f) => aio::write_reply_fds(w.as_ref(), &reply, &[f.as_fd()]).await,
+        None => aio::write_reply(w, &reply).await,
+    };
+    sent.is_ok()
 }
 
 /// Answers a peer that may not use the socket (neither root nor in group `aither`), with an
@@ -634,7 +684,23 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             ErrorCode::BadRequest,
             "via is answered by the connection itself",
         ),
-        Request::Inspect { name } => inspect(d, &name),
+        Request::LayerOpen { .. } => Reply::err(
+            ErrorCode::BadRequest,
+            "layer_open is answered on the connection itself",
+        ),
+        Request::Inspect { name } => {
+            let mut reply = inspect(d, &name);
+            // Its layered workspace, when it has one (docs/workspaces.md): size and snapshots.
+            if let Some(v) = reply.data.as_mut().filter(|_| reply.ok) {
+                let layer = crate::sandbox::layer::layer_path(&crate::token::state_dir(), &name);
+                if let Ok(Some(info)) =
+                    tokio::task::spawn_blocking(move || layer_info(&layer)).await
+                {
+                    v["layer"] = info;
+                }
+            }
+            reply
+        }
         Request::Logs {
             name,
             tail,
@@ -797,6 +863,73 @@ fn inspect(d: &Shared, name: &str) -> Reply {
     }
 }
 
+/// An agent's layer for its owner (`Request::LayerOpen`): its record, and a read-only
+/// detached mount of its upper layer (open_tree of the descriptor opened beneath the layer
+/// directory without following links, then MOUNT_ATTR_RDONLY | NOSUID | NODEV | NOEXEC): the
+/// owner reads the files, which are stored as theirs, with their own rights, and can change
+/// nothing through it.
+fn layer_open(layer: &std::path::Path) -> Result<(serde_json::Value, OwnedFd), String> {
+    use crate::sandbox::layer;
+    use std::os::fd::AsRawFd;
+    let fd = layer::open_layer_dir(layer, false).map_err(|e| e.to_string())?;
+    let record = layer::read_record(fd.as_fd(), layer)
+        .map_err(|e| e.to_string())?
+        .ok_or("the layer is empty (discarded, or its agent never started)")?;
+    let upper = crate::hostpath::open_at_nofollow(
+        fd.as_fd(),
+        std::path::Path::new(layer::UPPER),
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| e.to_string())?;
+    use rustix::mount::OpenTreeFlags;
+    let clone = rustix::mount::open_tree(
+        &upper,
+        c"",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| format!("cloning the layer: {e}"))?;
+    crate::sys::mount_setattr(
+        clone.as_raw_fd(),
+        std::path::Path::new(""),
+        false,
+        crate::sys::MOUNT_ATTR_RDONLY
+            | crate::sys::MOUNT_ATTR_NOSUID
+            | crate::sys::MOUNT_ATTR_NODEV
+            | crate::sys::MOUNT_ATTR_NOEXEC,
+        0,
+        None,
+    )
+    .map_err(|e| format!("making the layer read-only: {e}"))?;
+    let data = serde_json::to_value(&record).map_err(|e| e.to_string())?;
+    Ok((data, clone))
+}
+
+/// What `inspect` shows of an agent's layer: where it is, its upper layer's size and entries,
+/// and its snapshots. None when it has none.
+fn layer_info(layer: &std::path::Path) -> Option<serde_json::Value> {
+    use crate::sandbox::layer;
+    use std::os::fd::AsFd;
+    let fd = layer::open_layer_dir(layer, false).ok()?;
+    let upper = crate::hostpath::open_at_nofollow(
+        fd.as_fd(),
+        std::path::Path::new(layer::UPPER),
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .ok();
+    let size = upper.and_then(|u| layer::tree_size(u.as_fd(), layer).ok());
+    let snapshots = layer::snapshots(layer).unwrap_or_default();
+    Some(json!({
+        "path": layer,
+        "bytes": size.map(|s| s.0),
+        "entries": size.map(|s| s.1),
+        "snapshots": snapshots,
+    }))
+}
+
 /// `rm`: removes a stopped agent (or, forced, a live one), and with `purge_memory` its memory.
 async fn rm(d: &Shared, name: String, force: bool, purge_memory: bool) -> Reply {
     let Some(info) = d.info_of(&name) else {
@@ -809,6 +942,16 @@ async fn rm(d: &Shared, name: String, force: bool, purge_memory: bool) -> Reply 
         );
     }
     let reply = command(d, &name, |reply| Cmd::Remove { reply }).await;
+    if reply.ok {
+        // Its layered workspace's changes go with it (docs/workspaces.md): a later agent of
+        // the same name starts from its directory.
+        let layer = crate::sandbox::layer::layer_path(&crate::token::state_dir(), &name);
+        let removed =
+            tokio::task::spawn_blocking(move || crate::sandbox::layer::remove(&layer)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(agent = %name, error = %e, "removing the agent's layer");
+        }
+    }
     if reply.ok && purge_memory {
         let d2 = d.clone();
         let n2 = name.clone();

@@ -293,6 +293,30 @@ fn old_kernel_misses_clone_into_cgroup_and_idmapped_mounts() {
 }
 
 #[test]
+fn a_layered_workspace_needs_id_mapped_overlay_layers_and_says_what_to_do() {
+    // 5.15: id-mapped mounts, but overlayfs takes no id-mapped layers before 5.19.
+    let mut h = full_host();
+    h.kernel = Some("5.15.0".into());
+    let ci = verdict(&builtin("ci"), &h);
+    let m = ci
+        .missing
+        .iter()
+        .find(|m| m.what.contains("layered workspace"))
+        .expect("ci's layered workspace is named as missing");
+    assert!(m.fix.contains("read-write"), "{}", m.fix);
+    let strict = verdict(&builtin("strict"), &h);
+    assert!(
+        strict.missing.iter().all(|m| !m.what.contains("layered")),
+        "a read-write policy needs no overlay"
+    );
+    h.kernel = Some("5.19.0".into());
+    assert!(verdict(&builtin("ci"), &h)
+        .missing
+        .iter()
+        .all(|m| !m.what.contains("layered")));
+}
+
+#[test]
 fn a_missing_root_gathers_without_panicking() {
     let d = tempfile::tempdir().unwrap();
     let h = HostFacts::gather(&d.path().join("nothing-here")).unwrap();

@@ -187,6 +187,24 @@ pub fn verdict(policy: &Policy, facts: &HostFacts) -> PolicyVerdict {
         }
     }
 
+    // A layered workspace (docs/workspaces.md): overlayfs with id-mapped layers (5.19), built
+    // with fsopen; no fallback.
+    if policy.filesystem.workspace == WorkspaceAccess::Layered {
+        match kernel {
+            Some(v) if v >= (5, 19) => {}
+            Some((maj, min)) => acc.lack(
+                format!("overlayfs with id-mapped layers for the layered workspace (kernel {maj}.{min} < 5.19)"),
+                None,
+                "a kernel ≥ 5.19; or a policy with workspace = \"read-write\" (the agent then writes the directory itself; docs/workspaces.md)".into(),
+            ),
+            None => acc.lack(
+                "the kernel version (a layered workspace needs ≥ 5.19)".into(),
+                None,
+                unknown_fix(&Probe::unknown("no /proc/sys/kernel/osrelease")),
+            ),
+        }
+    }
+
     let missing = acc.missing;
     PolicyVerdict {
         policy: policy.name.clone(),

@@ -299,6 +299,13 @@ pub enum Request {
     /// The configuration in force (admins only): `{"path", "file_present", "config",
     /// "sources"}`, `sources` mapping each dotted field to `default`, `file`, `env` or `flag`.
     DaemonConfig,
+    /// An agent's layered workspace, for its owner's `aitherctl diff`/`apply`
+    /// (docs/workspaces.md): the layer's record (`workspace`, `dev`, `ino`, `owner_uid`,
+    /// `owner_gid`, `store_uid`, `store_gid`) and, with the reply (SCM_RIGHTS), a read-only
+    /// detached mount of its upper layer, which the caller reads with their own rights.
+    LayerOpen {
+        name: String,
+    },
     /// Says which front end the connection serves (docs/mcp.md "Audit"), as its first frame:
     /// aitherd records one `mcp` audit record for the call (`tool`, `agent`; a deny with the
     /// rule when `refused` says why the front end refused it without acting), and every later

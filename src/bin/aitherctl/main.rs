@@ -11,6 +11,7 @@ mod escape;
 mod exec_cmd;
 mod export_cmd;
 mod gpu_cmd;
+mod layer_cmd;
 mod logs_cmd;
 mod mcp_cmd;
 mod mcp_files;
@@ -71,6 +72,13 @@ enum Command {
     Exec(exec_cmd::ExecArgs),
     Mcp(mcp_cmd::McpArgs),
     Cp(cp_cmd::CpArgs),
+    Diff(layer_cmd::DiffArgs),
+    Apply(layer_cmd::ApplyArgs),
+    Discard(layer_cmd::DiscardArgs),
+    Snapshot(layer_cmd::SnapshotArgs),
+    Snapshots(layer_cmd::SnapshotsArgs),
+    Restore(layer_cmd::RestoreArgs),
+    Fork(layer_cmd::ForkArgs),
     Events(daemon_cmd::EventsArgs),
     Audit(audit_cmd::AuditArgs),
     #[command(subcommand)]
@@ -124,6 +132,13 @@ fn main() -> ExitCode {
         Command::Exec(a) => exec_cmd::run(a),
         Command::Mcp(a) => mcp_cmd::run(a),
         Command::Cp(a) => cp_cmd::run(a),
+        Command::Diff(a) => layer_cmd::diff(a),
+        Command::Apply(a) => layer_cmd::apply(a),
+        Command::Discard(a) => layer_cmd::discard(a),
+        Command::Snapshot(a) => layer_cmd::snapshot(a),
+        Command::Snapshots(a) => layer_cmd::snapshots(a),
+        Command::Restore(a) => layer_cmd::restore(a),
+        Command::Fork(a) => layer_cmd::fork(a),
         Command::Events(a) => daemon_cmd::events(a),
         Command::Audit(a) => audit_cmd::run(a),
         Command::Bus(b) => bus_cmd::run(b),

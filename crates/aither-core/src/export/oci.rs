@@ -304,6 +304,21 @@ pub fn config(
     opts: &OciOptions,
     workspace_owner: Option<(u32, u32)>,
 ) -> Result<Value, ExportError> {
+    if spec
+        .workspace
+        .as_ref()
+        .is_some_and(|w| w.access == crate::policy::WorkspaceAccess::Layered)
+    {
+        // Refused rather than widened to a read-write bind: an OCI bundle has no layer owned
+        // by Aither to put the agent's writes in (docs/workspaces.md).
+        return Err(ExportError::Invalid {
+            what: "workspace",
+            reason: format!(
+                "policy {}: `workspace = \"layered\"` cannot be exported to an OCI bundle (no upper layer outside the runtime); export a policy with `workspace = \"read-write\"` or \"read-only\"",
+                spec.policy
+            ),
+        });
+    }
     if opts.host_id == 0 || opts.host_id.checked_add(1).is_none() {
         return Err(ExportError::Invalid {
             what: "--host-id",

@@ -67,6 +67,11 @@ pub enum WorkspaceAccess {
     /// No workspace is mounted at all.
     None,
     ReadOnly,
+    /// The directory is the read-only lower layer of an overlay; the agent writes into an
+    /// upper layer of its own under the state directory, which reaches the directory only
+    /// through `aitherctl apply` (docs/workspaces.md). Between read-only and read-write: a
+    /// token may narrow read-write to it, never widen it.
+    Layered,
     ReadWrite,
 }
 

@@ -282,7 +282,10 @@ pub fn enforce(spec: &SandboxSpec, plan: &Plan) -> Result<RulesetStatus, Landloc
         rules.push(("/dev/shm".into(), all & !AccessFs::Execute));
         rules.push(("/tmp".into(), write_exec));
         if let Some(ws) = &spec.workspace {
-            let access = if ws.access == WorkspaceAccess::ReadWrite {
+            let access = if matches!(
+                ws.access,
+                WorkspaceAccess::ReadWrite | WorkspaceAccess::Layered
+            ) {
                 write_exec
             } else if spec.mounts.exec_workspace {
                 read

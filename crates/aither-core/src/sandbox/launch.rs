@@ -466,8 +466,9 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     // Leftovers of launchers that were SIGKILLed (their sandboxes died with them; the
     // directories did not): here, where the launcher would only wait.
     cgroup::collect_garbage(&guard.mgr.subtree_dirs());
-    // Long dead by now (killed before the workspace was sent); reaped while pid 1 works.
-    drop(idmap_helper);
+    // Long dead by now (killed before the workspace was sent); reaped while pid 1 works. A
+    // layered workspace's lock stays held until the sandbox is gone (sandbox::layer::lock).
+    let _layer_lock = idmap_helper.and_then(userns::IdmapHelper::into_hold);
     marks.push(("during-setup", now_ns()));
 
     // 7. Wait for the agent to start.

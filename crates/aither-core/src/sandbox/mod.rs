@@ -9,6 +9,7 @@ pub mod gitguard;
 mod init;
 pub mod landlock;
 pub mod launch;
+pub mod layer;
 pub mod mounts;
 pub mod netns;
 pub mod report;

@@ -657,6 +657,26 @@ pub fn prepare_workspace(
         Some(o) => (o.uid, o.gid),
         None => (opened.id.uid, opened.id.gid),
     };
+    if ws.access == crate::policy::WorkspaceAccess::Layered {
+        // The directory as the overlay's read-only lower layer, the agent's writes in its own
+        // layer (sandbox::layer): nothing the agent writes reaches the directory, so its git
+        // files need no read-only binds (they reach it only through `aitherctl apply`).
+        let layer = ws.layer.as_deref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a layered workspace without a layer directory in the spec",
+            )
+        })?;
+        let (fd, helper) = super::layer::mount_layered(
+            layer,
+            &opened,
+            (uid, gid),
+            agent_host_id,
+            spec.mounts.exec_workspace,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+        return Ok(Some((fd, helper)));
+    }
     let (userns, helper) = super::userns::idmap_userns(uid, gid, agent_host_id)?;
     let fd = super::workspace::clone_tree(&opened).map_err(|e| io::Error::other(e.to_string()))?;
     let mut set = sys::MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
@@ -696,6 +716,11 @@ pub fn prepare_workspace_early(
     let Some(ws) = spec.workspace.as_ref().filter(|w| w.as_owner) else {
         return Ok(None);
     };
+    if ws.access == crate::policy::WorkspaceAccess::Layered {
+        // No fallback for a layered workspace: a plain bind would be the directory itself.
+        return prepare_workspace(spec, agent_host_id)
+            .map(|w| w.map(|(fd, helper)| EarlyWorkspace::IdMapped(fd, helper)));
+    }
     match prepare_workspace(spec, agent_host_id) {
         Ok(Some((fd, helper))) => return Ok(Some(EarlyWorkspace::IdMapped(fd, helper))),
         Ok(None) => return Ok(None),

@@ -89,6 +89,10 @@ pub struct Workspace {
     /// Set by the launcher when that fallback was taken: a plain bind, its flags set inside.
     #[serde(default)]
     pub plain: bool,
+    /// A layered workspace's own directory (`<state>/layers/<name>`: `upper`, `work`, the
+    /// record of its lower directory), root's 0700 (docs/workspaces.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<PathBuf>,
 }
 
 /// A directory's identity: (st_dev, st_ino).
@@ -194,6 +198,16 @@ pub fn sanitize_name(n: &str) -> String {
     }
 }
 
+/// A layered workspace's layer: named after the agent, one layer per agent name.
+fn layer_of(access: WorkspaceAccess, opts: &RunOptions) -> Option<PathBuf> {
+    (access == WorkspaceAccess::Layered).then(|| {
+        super::layer::layer_path(
+            &crate::token::state_dir(),
+            &sanitize_name(opts.name.as_deref().unwrap_or("run")),
+        )
+    })
+}
+
 impl SandboxSpec {
     /// Derives the spec. `caller_env` supplies `pass_env` values; `cwd` is the default workspace.
     pub fn derive(
@@ -267,6 +281,7 @@ impl SandboxSpec {
                     pinned: None,
                     as_owner: false,
                     plain: false,
+                    layer: layer_of(access, opts),
                 })
             }
         };

@@ -134,6 +134,22 @@ pub struct IdmapHelper {
     _pidfd: OwnedFd,
     /// The child's stack: kept until it is reaped, since it shares our memory.
     _stack: Vec<u8>,
+    /// Something the launch holds for as long as the sandbox runs (a layered workspace's
+    /// lock: sandbox::layer), handed back by `into_hold` when the helper is reaped.
+    hold: Option<OwnedFd>,
+}
+
+impl IdmapHelper {
+    /// Keeps `fd` with the helper until [`IdmapHelper::into_hold`].
+    pub fn holding(mut self, fd: OwnedFd) -> IdmapHelper {
+        self.hold = Some(fd);
+        self
+    }
+
+    /// Reaps the helper (as dropping it does) and returns what it held.
+    pub fn into_hold(mut self) -> Option<OwnedFd> {
+        self.hold.take()
+    }
 }
 
 impl Drop for IdmapHelper {
@@ -156,6 +172,16 @@ pub fn idmap_userns(
     owner_gid: u32,
     agent_host_id: u32,
 ) -> io::Result<(OwnedFd, IdmapHelper)> {
+    idmap_userns_maps(
+        &format!("{owner_uid} {agent_host_id} 1\n"),
+        &format!("{owner_gid} {agent_host_id} 1\n"),
+    )
+}
+
+/// [`idmap_userns`] with the maps written as given (`inside outside count` lines: the
+/// on-disk id, then the id it is seen as through the mount). A layered workspace's upper
+/// layer maps its store ids to the agent and root to root (sandbox::layer).
+pub fn idmap_userns_maps(uid_map: &str, gid_map: &str) -> io::Result<(OwnedFd, IdmapHelper)> {
     let mut stack: Vec<u8> = Vec::with_capacity(16 * 1024);
     // SAFETY: the stack grows down from the end of the allocation; it outlives the child: it
     // moves into the IdmapHelper, which reaps the child before dropping it.
@@ -178,15 +204,9 @@ pub fn idmap_userns(
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let result = (|| {
         let proc = Path::new("/proc").join(pid.to_string());
-        sys::write_file(
-            &proc.join("uid_map"),
-            &format!("{owner_uid} {agent_host_id} 1\n"),
-        )?;
+        sys::write_file(&proc.join("uid_map"), uid_map)?;
         sys::write_file(&proc.join("setgroups"), "deny")?;
-        sys::write_file(
-            &proc.join("gid_map"),
-            &format!("{owner_gid} {agent_host_id} 1\n"),
-        )?;
+        sys::write_file(&proc.join("gid_map"), gid_map)?;
         sys::open(&proc.join("ns/user"), libc::O_RDONLY)
     })();
     // The namespace lives on through the descriptor; the child is no longer needed.
@@ -195,6 +215,7 @@ pub fn idmap_userns(
         pid,
         _pidfd: pidfd,
         _stack: stack,
+        hold: None,
     };
     // On failure the helper is reaped here (dropped with the error).
     result.map(|ns| (ns, helper))

@@ -1,0 +1,999 @@
+//! Layered workspaces (policy `workspace = "layered"`, docs/workspaces.md): the user's
+//! directory is the read-only lower layer of an overlay, and the agent writes into an upper
+//! layer of its own, `<state>/layers/<name>/upper`, which reaches the user's directory only
+//! through `aitherctl apply`.
+//!
+//! The launcher (host root, before the clone) builds the overlay from descriptors it holds:
+//! the workspace opened once without following links and checked (sandbox::workspace), cloned
+//! and id-mapped exactly as a read-write workspace is (owner → the agent's host id), and the
+//! layer directory (root's, 0700) cloned and id-mapped with the store ids → the agent's host
+//! id and root → root (overlayfs does its own work, whiteouts and copy-up, as the mounter,
+//! whose id must be mapped in the upper layer's mount). Both reach `fsconfig` as
+//! `/proc/self/fd/N` paths, so no name the agent could have changed is looked up. The overlay
+//! is `userxattr` (its opaque-directory marks are `user.overlay.*`, readable by the owner
+//! whose `aitherctl diff` reads the layer), with `redirect_dir=nofollow`, `metacopy=off` and
+//! `index=off`: the upper layer is a plain tree of whole files, whiteouts (0/0 character
+//! devices) and opaque directories, nothing else to interpret. A directory of the lower layer
+//! renamed inside is EXDEV, and `mv` copies it (what overlayfs does without redirects).
+//!
+//! Where overlayfs refuses (a kernel before 5.19, which has no id-mapped layers; a state
+//! directory on a filesystem that cannot hold an upper layer: overlayfs, NFS, 9p…), the launch
+//! is refused with the kernel's answer and what to do; there is no fallback that would give
+//! the agent the directory itself (docs/workspaces.md, "Where overlay cannot be used").
+
+use std::ffi::OsStr;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+use super::workspace::OpenedWorkspace;
+use crate::hostpath::{self, HostPathError};
+
+/// The directory of all layers, below the state directory.
+pub const LAYERS: &str = "layers";
+/// The agent's writes.
+pub const UPPER: &str = "upper";
+/// overlayfs's work directory (root's, same filesystem as `upper`).
+pub const WORK: &str = "work";
+/// Which directory the layer belongs to (root's 0600 JSON).
+pub const RECORD: &str = "layer.json";
+/// The on-disk owner of a root-owned workspace's upper layer: the upper layer's mount maps
+/// root to root for overlayfs itself, so the owner's files need an id of their own there.
+/// Below the sandboxes' ids and far above any user's; nothing runs as it.
+pub const ROOT_STORE_ID: u32 = super::userns::UID_BASE - 2;
+
+/// Why a layered workspace could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error(transparent)]
+    Host(#[from] HostPathError),
+    #[error("layer {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {path}: it holds the changes to {recorded} (device {dev}, inode {ino}), not to {workspace}; apply or discard them first (`aitherctl diff`, `apply`, `discard`), or give the agent another name")]
+    OtherWorkspace {
+        path: PathBuf,
+        recorded: PathBuf,
+        dev: u64,
+        ino: u64,
+        workspace: PathBuf,
+    },
+    #[error("layer {path}: {what}; refused (docs/workspaces.md)")]
+    Unexpected { path: PathBuf, what: String },
+    #[error("layered workspace {workspace}: overlayfs refused the layers ({op}: {source}). The lower directory's filesystem must take id-mapped mounts and the upper layer's ({upper}) must hold xattrs and whiteouts (ext4, xfs, btrfs, tmpfs; not overlayfs, NFS or 9p), on a kernel ≥ 5.19 (id-mapped overlay layers). Aither has no fallback that gives the agent the directory itself: use a policy with `workspace = \"read-write\"` or move the state directory (docs/workspaces.md)")]
+    Overlay {
+        workspace: PathBuf,
+        upper: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LayerError {
+    fn io(path: &Path, op: &'static str, e: impl Into<io::Error>) -> Self {
+        LayerError::Io {
+            path: path.into(),
+            op,
+            source: e.into(),
+        }
+    }
+}
+
+/// What a layer belongs to, recorded when it is made and checked at every launch: changes
+/// to one directory never land over another one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRecord {
+    /// The workspace (the lower layer) as written in the spec.
+    pub workspace: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    /// Who the agent's files belong to in the workspace (its owner, or the member).
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    /// The ids the upper layer's files have on disk.
+    pub store_uid: u32,
+    pub store_gid: u32,
+}
+
+/// `<state>/layers/<name>`.
+pub fn layer_path(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(LAYERS).join(name)
+}
+
+/// The on-disk ids of the upper layer's files for a workspace owned by `uid:gid`: the owner's,
+/// except root's (mapped to root for overlayfs), which get [`ROOT_STORE_ID`].
+pub fn store_ids(uid: u32, gid: u32) -> (u32, u32) {
+    let s = |id: u32| if id == 0 { ROOT_STORE_ID } else { id };
+    (s(uid), s(gid))
+}
+
+/// Opens the layer directory `layer` (`<state>/layers/<name>`), creating it and `layers`
+/// root-owned 0700 when `create`; no link is followed anywhere on the path and an existing
+/// directory must be root's (narrowed to 0700 if wider).
+pub fn open_layer_dir(layer: &Path, create: bool) -> Result<OwnedFd, LayerError> {
+    let parent = layer.parent().ok_or_else(|| LayerError::Unexpected {
+        path: layer.into(),
+        what: "no parent directory".into(),
+    })?;
+    let name = layer.file_name().ok_or_else(|| LayerError::Unexpected {
+        path: layer.into(),
+        what: "names no directory".into(),
+    })?;
+    if !create {
+        let fd = hostpath::open_dir_nofollow(layer)?;
+        let m = hostpath::check_fd(fd.as_fd()).map_err(|e| LayerError::io(layer, "fstat", e))?;
+        m.expect_kind(layer, hostpath::Kind::Dir)?
+            .expect_owner(layer, 0)?
+            .expect_mode_within(layer, 0o700)?;
+        return Ok(fd);
+    }
+    if let Some(state) = parent.parent() {
+        // The state directory itself (a test's AITHER_STATE_DIR may be new).
+        if hostpath::open_dir_nofollow(state).is_err() {
+            hostpath::private_dir(state)?;
+        }
+    }
+    let layers = hostpath::private_dir(parent)?;
+    Ok(hostpath::private_dir_at(layers.as_fd(), name, layer)?)
+}
+
+/// Reads the layer's record, if it has one: a regular root-owned file, never through a link.
+pub fn read_record(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+) -> Result<Option<LayerRecord>, LayerError> {
+    let shown = layer.join(RECORD);
+    let fd = match hostpath::open_at_nofollow(
+        layer_fd,
+        Path::new(RECORD),
+        OFlags::RDONLY | OFlags::NOFOLLOW,
+        Mode::empty(),
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        r => r?,
+    };
+    let m = hostpath::check_fd(fd.as_fd()).map_err(|e| LayerError::io(&shown, "fstat", e))?;
+    m.expect_kind(&shown, hostpath::Kind::File)?
+        .expect_owner(&shown, 0)?;
+    let mut text = String::new();
+    std::fs::File::from(fd)
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .map_err(|e| LayerError::io(&shown, "reading", e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| LayerError::Unexpected {
+            path: shown,
+            what: format!("not a layer record: {e}"),
+        })
+}
+
+/// Makes (or checks) the layer's directories for the workspace `lower` whose agent files land
+/// as `owner`: the record (refusing a layer of another directory), `upper` (the store ids,
+/// the lower root's permission bits without set-id or sticky) and `work` (root's 0700).
+/// Returns the layer directory's descriptor and its record.
+pub fn prepare_dirs(
+    layer: &Path,
+    lower: &OpenedWorkspace,
+    owner: (u32, u32),
+) -> Result<(OwnedFd, LayerRecord), LayerError> {
+    let fd = open_layer_dir(layer, true)?;
+    let (store_uid, store_gid) = store_ids(owner.0, owner.1);
+    let want = LayerRecord {
+        workspace: lower.path.clone(),
+        dev: lower.id.dev,
+        ino: lower.id.ino,
+        owner_uid: owner.0,
+        owner_gid: owner.1,
+        store_uid,
+        store_gid,
+    };
+    match read_record(fd.as_fd(), layer)? {
+        Some(r) if (r.dev, r.ino) != (want.dev, want.ino) || r.owner_uid != owner.0 => {
+            return Err(LayerError::OtherWorkspace {
+                path: layer.into(),
+                recorded: r.workspace,
+                dev: r.dev,
+                ino: r.ino,
+                workspace: want.workspace,
+            })
+        }
+        Some(r) => {
+            // Same directory and owner: the store ids follow from the owner.
+            if (r.store_uid, r.store_gid) != (store_uid, store_gid) {
+                return Err(LayerError::Unexpected {
+                    path: layer.into(),
+                    what: "its record names other store ids".into(),
+                });
+            }
+        }
+        None => {
+            let text = serde_json::to_vec_pretty(&want).expect("a record serialises");
+            hostpath::replace_file_at(fd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
+        }
+    }
+    let upper_path = layer.join(UPPER);
+    let lower_mode = super::workspace::fstat(lower.fd.as_fd())
+        .map_err(|e| LayerError::io(&lower.path, "fstat", e))?
+        .st_mode
+        & 0o777;
+    let made = match rustix::fs::mkdirat(&fd, UPPER, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
+        Err(e) => return Err(LayerError::io(&upper_path, "creating", e)),
+    };
+    let upper = hostpath::open_at_nofollow(
+        fd.as_fd(),
+        Path::new(UPPER),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
+    if made {
+        rustix::fs::fchown(
+            &upper,
+            Some(rustix::fs::Uid::from_raw(store_uid)),
+            Some(rustix::fs::Gid::from_raw(store_gid)),
+        )
+        .map_err(|e| LayerError::io(&upper_path, "fchown", e))?;
+        rustix::fs::fchmod(&upper, Mode::from_raw_mode(lower_mode))
+            .map_err(|e| LayerError::io(&upper_path, "fchmod", e))?;
+    }
+    let m =
+        hostpath::check_fd(upper.as_fd()).map_err(|e| LayerError::io(&upper_path, "fstat", e))?;
+    m.expect_kind(&upper_path, hostpath::Kind::Dir)?
+        .expect_owner(&upper_path, store_uid)?;
+    hostpath::private_dir_at(fd.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
+    Ok((fd, want))
+}
+
+/// Takes the layer's lock (flock on its directory, exclusive, not waiting): held by the
+/// launcher for as long as its sandbox runs, and by `discard` and `restore`, so two overlays
+/// never share one upper layer (overlayfs without `index` only warns, and the result is
+/// undefined) and a layer is never emptied under a running sandbox.
+pub fn lock(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
+    let fd = rustix::fs::openat(
+        layer_fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(layer, "opening", e))?;
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LayerError::Unexpected {
+            path: layer.into(),
+            what: "in use: a sandbox of this name is running on it (or a discard or restore is under way)".into(),
+        }),
+        Err(e) => Err(LayerError::io(layer, "locking", e)),
+    }
+}
+
+/// A detached, non-recursive clone of the mount at `fd`, id-mapped through `userns`, with
+/// `attrs` (MOUNT_ATTR_*).
+fn idmapped_clone(
+    fd: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    attrs: u64,
+    recursive: bool,
+) -> io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_EMPTY_PATH;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let clone = rustix::mount::open_tree(fd, c"", flags)?;
+    crate::sys::mount_setattr(
+        clone.as_raw_fd(),
+        Path::new(""),
+        recursive,
+        crate::sys::MOUNT_ATTR_IDMAP | attrs,
+        0,
+        Some(userns),
+    )?;
+    Ok(clone)
+}
+
+/// Builds the overlay for a layered workspace: a detached mount (nosuid, nodev, and noexec
+/// unless `exec`), to be attached in the sandbox as a workspace mount is. `owner` is who the
+/// agent's files land as; `agent_host_id` the agent's host uid and gid. The returned helper is
+/// the lower layer's id-map namespace's (reaped when dropped, as a workspace's is).
+pub fn mount_layered(
+    layer: &Path,
+    lower: &OpenedWorkspace,
+    owner: (u32, u32),
+    agent_host_id: u32,
+    exec: bool,
+) -> Result<(OwnedFd, super::userns::IdmapHelper), LayerError> {
+    use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+    let (layer_fd, record) = prepare_dirs(layer, lower, owner)?;
+    let held = lock(layer_fd.as_fd(), layer)?;
+    let overlay_err = |op: &'static str| {
+        let workspace = lower.path.clone();
+        let upper = layer.join(UPPER);
+        move |e: io::Error| LayerError::Overlay {
+            workspace,
+            upper,
+            op,
+            source: e,
+        }
+    };
+    // The lower layer: the workspace as a read-write workspace would be mounted (owner →
+    // agent), read-only.
+    let (lower_ns, helper) = super::userns::idmap_userns(owner.0, owner.1, agent_host_id)
+        .map_err(overlay_err("id-map namespace"))?;
+    let lower_mnt = idmapped_clone(
+        lower.fd.as_fd(),
+        lower_ns.as_fd(),
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        true,
+    )
+    .map_err(overlay_err("id-mapping the lower directory"))?;
+    // The upper layer: store ids → agent, root → root (overlayfs's own work as the mounter).
+    let a = agent_host_id;
+    let (upper_ns, upper_helper) = super::userns::idmap_userns_maps(
+        &format!("{} {a} 1\n0 0 1\n", record.store_uid),
+        &format!("{} {a} 1\n0 0 1\n", record.store_gid),
+    )
+    .map_err(overlay_err("id-map namespace"))?;
+    let layer_mnt = idmapped_clone(
+        layer_fd.as_fd(),
+        upper_ns.as_fd(),
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        false,
+    )
+    .map_err(overlay_err("id-mapping the layer directory"))?;
+    drop(upper_helper);
+    let fs = rustix::mount::fsopen("overlay", rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)
+        .map_err(|e| overlay_err("fsopen")(e.into()))?;
+    let set = |k: &str, v: &str| {
+        rustix::mount::fsconfig_set_string(&fs, k, v).map_err(|e| {
+            overlay_err("fsconfig")(io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{k}={v}: {e}"),
+            ))
+        })
+    };
+    // Paths through our own descriptors: nothing is looked up by a name an agent could change.
+    set(
+        "lowerdir",
+        &format!("/proc/self/fd/{}", lower_mnt.as_raw_fd()),
+    )?;
+    set(
+        "upperdir",
+        &format!("/proc/self/fd/{}/{UPPER}", layer_mnt.as_raw_fd()),
+    )?;
+    set(
+        "workdir",
+        &format!("/proc/self/fd/{}/{WORK}", layer_mnt.as_raw_fd()),
+    )?;
+    rustix::mount::fsconfig_set_flag(&fs, "userxattr")
+        .map_err(|e| overlay_err("fsconfig userxattr")(e.into()))?;
+    set("redirect_dir", "nofollow")?;
+    set("metacopy", "off")?;
+    set("index", "off")?;
+    rustix::mount::fsconfig_create(&fs)
+        .map_err(|e| overlay_err("creating the overlay")(e.into()))?;
+    let mut attrs = rustix::mount::MountAttrFlags::MOUNT_ATTR_NOSUID
+        | rustix::mount::MountAttrFlags::MOUNT_ATTR_NODEV;
+    if !exec {
+        attrs |= rustix::mount::MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    }
+    let _ = MOUNT_ATTR_NOEXEC;
+    let mnt = rustix::mount::fsmount(&fs, rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        .map_err(|e| overlay_err("fsmount")(e.into()))?;
+    Ok((mnt, helper.holding(held)))
+}
+
+/// Removes everything in the layer `layer` (the agent must not be running): the upper and work
+/// directories and the record, leaving an empty layer directory, which the next launch fills
+/// again from the workspace. Nothing is followed: entries are removed beneath their parent's
+/// descriptor.
+pub fn discard(layer: &Path) -> Result<(), LayerError> {
+    let fd = match open_layer_dir(layer, false) {
+        Err(LayerError::Host(e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        r => r?,
+    };
+    let _held = lock(fd.as_fd(), layer)?;
+    for name in [UPPER, WORK] {
+        remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
+    }
+    match rustix::fs::unlinkat(&fd, RECORD, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(LayerError::io(&layer.join(RECORD), "removing", e)),
+    }
+}
+
+/// Removes `name` in `dir` and, for a directory, all below it, beneath descriptors only (a
+/// link is removed, never followed). Depth-bounded by the kernel's path limits.
+pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> Result<(), LayerError> {
+    use rustix::fs::AtFlags;
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(LayerError::io(shown, "removing", e)),
+    }
+    let sub = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(f) => f,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(LayerError::io(shown, "opening", e)),
+    };
+    let names: Vec<std::ffi::OsString> = {
+        let mut d =
+            rustix::fs::Dir::read_from(&sub).map_err(|e| LayerError::io(shown, "reading", e))?;
+        let mut v = Vec::new();
+        while let Some(e) = d.read() {
+            let e = e.map_err(|e| LayerError::io(shown, "reading", e))?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                v.push(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(n).to_os_string());
+            }
+        }
+        v
+    };
+    for n in names {
+        remove_tree_at(sub.as_fd(), &n, &shown.join(&n))?;
+    }
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(LayerError::io(shown, "removing", e)),
+    }
+}
+
+/// Removes the layer directory itself (an agent removed with `aitherctl rm`).
+pub fn remove(layer: &Path) -> Result<(), LayerError> {
+    discard(layer)?;
+    if let Ok(fd) = open_layer_dir(layer, false) {
+        remove_tree_at(fd.as_fd(), OsStr::new(SNAPSHOTS), &layer.join(SNAPSHOTS))?;
+    }
+    let (Some(parent), Some(name)) = (layer.parent(), layer.file_name()) else {
+        return Ok(());
+    };
+    let pfd = match hostpath::open_dir_nofollow(parent) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        r => r?,
+    };
+    remove_tree_at(pfd.as_fd(), name, layer)
+}
+
+/// The snapshots of a layer, below the layer directory.
+pub const SNAPSHOTS: &str = "snapshots";
+/// A snapshot's description, beside its `upper` copy.
+pub const SNAPSHOT_META: &str = "snapshot.json";
+
+/// What a copy of an upper layer cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Entries made (directories, files, links, whiteouts).
+    pub entries: u64,
+    /// Bytes of regular files.
+    pub bytes: u64,
+    /// Files shared with the source by FICLONE (reflink); the rest were copied.
+    pub reflinked: u64,
+    pub copied: u64,
+}
+
+/// A snapshot of an agent's upper layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub tag: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Milliseconds since the Unix epoch (the order of snapshots taken within a second).
+    #[serde(default)]
+    pub created_ms: u64,
+    /// How long the copy took, in milliseconds (the agent frozen meanwhile, when running).
+    pub copy_ms: u64,
+    /// Whether the agent was frozen while it was taken.
+    #[serde(default)]
+    pub frozen: bool,
+    pub stats: CopyStats,
+}
+
+/// A tag: 1 to 64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn check_tag(tag: &str) -> Result<(), LayerError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && !tag.starts_with(['.', '-'])
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(LayerError::Unexpected {
+            path: PathBuf::from(tag),
+            what: "a snapshot tag is 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'".into(),
+        })
+    }
+}
+
+fn list_names(dir: BorrowedFd<'_>, shown: &Path) -> Result<Vec<std::ffi::OsString>, LayerError> {
+    let d = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(shown, "opening", e))?;
+    let mut it = rustix::fs::Dir::read_from(&d).map_err(|e| LayerError::io(shown, "reading", e))?;
+    let mut v = Vec::new();
+    while let Some(e) = it.read() {
+        let e = e.map_err(|e| LayerError::io(shown, "reading", e))?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            v.push(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(n).to_os_string());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Copies the tree `src` (a directory descriptor) into the new directory `name` of `dst`,
+/// entry by entry, following no link: directories, regular files (FICLONE where the
+/// filesystem shares extents, else a copy), symbolic links, fifos and overlayfs whiteouts
+/// (0/0 character devices), with their owners, modes, modification times and the
+/// `user.overlay.opaque` mark. Other devices and sockets are not copied.
+pub fn copy_tree(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    stats: &mut CopyStats,
+) -> Result<(), LayerError> {
+    copy_dir(src, dst, name, shown, stats, 0)
+}
+
+fn copy_meta(
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    st: &rustix::fs::Stat,
+    shown: &Path,
+) -> Result<(), LayerError> {
+    use rustix::fs::{AtFlags, Gid, Timespec, Timestamps, Uid};
+    rustix::fs::chownat(
+        dst,
+        name,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| LayerError::io(shown, "chown", e))?;
+    let t = Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime as _,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime as _,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    rustix::fs::utimensat(dst, name, &t, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| LayerError::io(shown, "utimensat", e))
+}
+
+fn copy_dir(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    stats: &mut CopyStats,
+    depth: usize,
+) -> Result<(), LayerError> {
+    if depth > 1024 {
+        return Err(LayerError::io(shown, "copying", rustix::io::Errno::LOOP));
+    }
+    let st = rustix::fs::fstat(src).map_err(|e| LayerError::io(shown, "fstat", e))?;
+    rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o700))
+        .map_err(|e| LayerError::io(shown, "creating", e))?;
+    stats.entries += 1;
+    let out = rustix::fs::openat(
+        dst,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::io(shown, "opening", e))?;
+    let mut mark = [0u8; 4];
+    if let Ok(n) = rustix::fs::fgetxattr(src, "user.overlay.opaque", &mut mark) {
+        rustix::fs::fsetxattr(
+            &out,
+            "user.overlay.opaque",
+            &mark[..n],
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| LayerError::io(shown, "setting the opaque mark", e))?;
+    }
+    for n in list_names(src, shown)? {
+        let path = shown.join(&n);
+        let est = rustix::fs::statat(src, &n, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| LayerError::io(&path, "stat", e))?;
+        let mode = est.st_mode & 0o7777;
+        match est.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let sub = rustix::fs::openat(
+                    src,
+                    &n,
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| LayerError::io(&path, "opening", e))?;
+                copy_dir(sub.as_fd(), out.as_fd(), &n, &path, stats, depth + 1)?;
+                continue;
+            }
+            libc::S_IFREG => {
+                let from = rustix::fs::openat(
+                    src,
+                    &n,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| LayerError::io(&path, "opening", e))?;
+                let to = rustix::fs::openat(
+                    &out,
+                    &n,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| LayerError::io(&path, "creating", e))?;
+                if rustix::fs::ioctl_ficlone(&to, &from).is_ok() {
+                    stats.reflinked += 1;
+                } else {
+                    let (mut r, mut w) = (std::fs::File::from(from), std::fs::File::from(to));
+                    io::copy(&mut r, &mut w).map_err(|e| LayerError::io(&path, "copying", e))?;
+                    stats.copied += 1;
+                }
+                stats.bytes += est.st_size as u64;
+            }
+            libc::S_IFLNK => {
+                let t = rustix::fs::readlinkat(src, &n, Vec::new())
+                    .map_err(|e| LayerError::io(&path, "readlink", e))?;
+                rustix::fs::symlinkat(t.as_bytes(), &out, &n)
+                    .map_err(|e| LayerError::io(&path, "symlink", e))?;
+            }
+            libc::S_IFCHR if est.st_rdev == 0 => {
+                rustix::fs::mknodat(
+                    &out,
+                    &n,
+                    rustix::fs::FileType::CharacterDevice,
+                    Mode::empty(),
+                    0,
+                )
+                .map_err(|e| LayerError::io(&path, "mknod (whiteout)", e))?;
+            }
+            libc::S_IFIFO => {
+                rustix::fs::mknodat(
+                    &out,
+                    &n,
+                    rustix::fs::FileType::Fifo,
+                    Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .map_err(|e| LayerError::io(&path, "mkfifo", e))?;
+            }
+            _ => continue,
+        }
+        stats.entries += 1;
+        if est.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            rustix::fs::chmodat(
+                &out,
+                &n,
+                Mode::from_raw_mode(mode),
+                rustix::fs::AtFlags::empty(),
+            )
+            .map_err(|e| LayerError::io(&path, "chmod", e))?;
+        }
+        copy_meta(out.as_fd(), &n, &est, &path)?;
+    }
+    rustix::fs::fchmod(&out, Mode::from_raw_mode(st.st_mode & 0o7777))
+        .map_err(|e| LayerError::io(shown, "chmod", e))?;
+    copy_meta(dst, name, &st, shown)
+}
+
+fn upper_of(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
+    hostpath::open_at_nofollow(
+        layer_fd,
+        Path::new(UPPER),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => LayerError::Unexpected {
+            path: layer.into(),
+            what: "the layer is empty (discarded, or its agent never started)".into(),
+        },
+        _ => e.into(),
+    })
+}
+
+/// The snapshot directory of a layer (created root 0700 when `create`).
+fn snapshots_dir(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+    create: bool,
+) -> Result<Option<OwnedFd>, LayerError> {
+    let shown = layer.join(SNAPSHOTS);
+    if create {
+        return Ok(Some(hostpath::private_dir_at(
+            layer_fd,
+            OsStr::new(SNAPSHOTS),
+            &shown,
+        )?));
+    }
+    match hostpath::open_at_nofollow(
+        layer_fd,
+        Path::new(SNAPSHOTS),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies the layer's upper layer into `snapshots/<tag>/upper` and records it. The caller
+/// freezes a running agent around this (`frozen` says whether it did).
+pub fn snapshot(layer: &Path, tag: &str, frozen: bool) -> Result<Snapshot, LayerError> {
+    check_tag(tag)?;
+    let fd = open_layer_dir(layer, false)?;
+    let upper = upper_of(fd.as_fd(), layer)?;
+    let snaps = snapshots_dir(fd.as_fd(), layer, true)?.expect("created");
+    let shown = layer.join(SNAPSHOTS).join(tag);
+    match rustix::fs::mkdirat(&snaps, tag, Mode::from_raw_mode(0o700)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            return Err(LayerError::Unexpected {
+                path: shown,
+                what: "a snapshot with this tag exists".into(),
+            })
+        }
+        Err(e) => return Err(LayerError::io(&shown, "creating", e)),
+    }
+    let dir = hostpath::open_at_nofollow(
+        snaps.as_fd(),
+        Path::new(tag),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
+    let t0 = std::time::Instant::now();
+    let mut stats = CopyStats::default();
+    let copied = copy_tree(
+        upper.as_fd(),
+        dir.as_fd(),
+        OsStr::new(UPPER),
+        &shown.join(UPPER),
+        &mut stats,
+    );
+    if let Err(e) = copied {
+        let _ = remove_tree_at(snaps.as_fd(), OsStr::new(tag), &shown);
+        return Err(e);
+    }
+    let snap = Snapshot {
+        tag: tag.into(),
+        created: crate::token::now_unix(),
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        copy_ms: t0.elapsed().as_millis() as u64,
+        frozen,
+        stats,
+    };
+    let text = serde_json::to_vec_pretty(&snap).expect("a snapshot serialises");
+    hostpath::replace_file_at(dir.as_fd(), OsStr::new(SNAPSHOT_META), &text, 0o600)?;
+    Ok(snap)
+}
+
+/// The layer's snapshots, oldest first.
+pub fn snapshots(layer: &Path) -> Result<Vec<Snapshot>, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let Some(snaps) = snapshots_dir(fd.as_fd(), layer, false)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for n in list_names(snaps.as_fd(), &layer.join(SNAPSHOTS))? {
+        let rel = Path::new(&n).join(SNAPSHOT_META);
+        let Ok(f) = hostpath::open_at_nofollow(snaps.as_fd(), &rel, OFlags::RDONLY, Mode::empty())
+        else {
+            continue;
+        };
+        let mut text = String::new();
+        if std::fs::File::from(f)
+            .take(64 * 1024)
+            .read_to_string(&mut text)
+            .is_err()
+        {
+            continue;
+        }
+        if let Ok(s) = serde_json::from_str::<Snapshot>(&text) {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| (a.created, a.created_ms, &a.tag).cmp(&(b.created, b.created_ms, &b.tag)));
+    Ok(out)
+}
+
+/// The next free default tag: `s1`, `s2`, …
+pub fn next_tag(layer: &Path) -> Result<String, LayerError> {
+    let have: Vec<String> = snapshots(layer)?.into_iter().map(|s| s.tag).collect();
+    Ok((1..)
+        .map(|i| format!("s{i}"))
+        .find(|t| !have.contains(t))
+        .expect("an unused tag"))
+}
+
+/// Keeps the newest `keep` snapshots and removes the others; returns the tags removed.
+pub fn prune_snapshots(layer: &Path, keep: usize) -> Result<Vec<String>, LayerError> {
+    let all = snapshots(layer)?;
+    let drop = all.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for s in all.into_iter().take(drop) {
+        remove_snapshot(layer, &s.tag)?;
+        removed.push(s.tag);
+    }
+    Ok(removed)
+}
+
+/// Removes snapshot `tag`.
+pub fn remove_snapshot(layer: &Path, tag: &str) -> Result<(), LayerError> {
+    check_tag(tag)?;
+    let fd = open_layer_dir(layer, false)?;
+    if let Some(snaps) = snapshots_dir(fd.as_fd(), layer, false)? {
+        remove_tree_at(
+            snaps.as_fd(),
+            OsStr::new(tag),
+            &layer.join(SNAPSHOTS).join(tag),
+        )?;
+    }
+    Ok(())
+}
+
+fn snapshot_upper(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+    tag: &str,
+) -> Result<OwnedFd, LayerError> {
+    check_tag(tag)?;
+    let rel = Path::new(SNAPSHOTS).join(tag).join(UPPER);
+    hostpath::open_at_nofollow(
+        layer_fd,
+        &rel,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => LayerError::Unexpected {
+            path: layer.join(SNAPSHOTS).join(tag),
+            what: "no snapshot with this tag (`aitherctl snapshots NAME` lists them)".into(),
+        },
+        _ => e.into(),
+    })
+}
+
+/// Puts snapshot `tag` back as the layer's upper layer (the agent must not be running): the
+/// upper and work directories are replaced; the snapshots stay.
+pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let _held = lock(fd.as_fd(), layer)?;
+    let from = snapshot_upper(fd.as_fd(), layer, tag)?;
+    for name in [UPPER, WORK] {
+        remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
+    }
+    let mut stats = CopyStats::default();
+    copy_tree(
+        from.as_fd(),
+        fd.as_fd(),
+        OsStr::new(UPPER),
+        &layer.join(UPPER),
+        &mut stats,
+    )?;
+    hostpath::private_dir_at(fd.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
+    Ok(stats)
+}
+
+/// Makes the layer `new` a copy of `layer`'s upper layer (or of its snapshot `from`), bound to
+/// the same directory: the agent `new` then starts where `layer`'s agent was. `new` must have
+/// no layer yet.
+pub fn fork(layer: &Path, new: &Path, from: Option<&str>) -> Result<CopyStats, LayerError> {
+    let fd = open_layer_dir(layer, false)?;
+    let record = read_record(fd.as_fd(), layer)?.ok_or_else(|| LayerError::Unexpected {
+        path: layer.into(),
+        what: "the layer is empty (discarded, or its agent never started)".into(),
+    })?;
+    let src = match from {
+        Some(tag) => snapshot_upper(fd.as_fd(), layer, tag)?,
+        None => upper_of(fd.as_fd(), layer)?,
+    };
+    let nfd = open_layer_dir(new, true)?;
+    if read_record(nfd.as_fd(), new)?.is_some()
+        || rustix::fs::statat(&nfd, UPPER, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    {
+        return Err(LayerError::Unexpected {
+            path: new.into(),
+            what: "the new agent already has a layer (`aitherctl discard` it first, or pick another name)".into(),
+        });
+    }
+    let mut stats = CopyStats::default();
+    copy_tree(
+        src.as_fd(),
+        nfd.as_fd(),
+        OsStr::new(UPPER),
+        &new.join(UPPER),
+        &mut stats,
+    )?;
+    hostpath::private_dir_at(nfd.as_fd(), OsStr::new(WORK), &new.join(WORK))?;
+    let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
+    hostpath::replace_file_at(nfd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
+    Ok(stats)
+}
+
+/// Bytes and entries in a tree (a layer's size for `inspect`), no link followed.
+pub fn tree_size(dir: BorrowedFd<'_>, shown: &Path) -> Result<(u64, u64), LayerError> {
+    let mut acc = (0u64, 0u64);
+    size_walk(dir, shown, &mut acc, 0)?;
+    Ok(acc)
+}
+
+fn size_walk(
+    dir: BorrowedFd<'_>,
+    shown: &Path,
+    acc: &mut (u64, u64),
+    depth: usize,
+) -> Result<(), LayerError> {
+    if depth > 1024 {
+        return Err(LayerError::io(shown, "walking", rustix::io::Errno::LOOP));
+    }
+    for n in list_names(dir, shown)? {
+        let Ok(st) = rustix::fs::statat(dir, &n, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        acc.1 += 1;
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if let Ok(sub) = rustix::fs::openat(
+                dir,
+                &n,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                size_walk(sub.as_fd(), &shown.join(&n), acc, depth + 1)?;
+            }
+        } else if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            acc.0 += st.st_size as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_owned_workspaces_store_as_the_reserved_id_and_others_as_themselves() {
+        assert_eq!(store_ids(1000, 1000), (1000, 1000));
+        assert_eq!(store_ids(0, 0), (ROOT_STORE_ID, ROOT_STORE_ID));
+        assert_eq!(store_ids(1000, 0), (1000, ROOT_STORE_ID));
+        const { assert!(ROOT_STORE_ID < super::super::userns::UID_BASE) };
+    }
+}

@@ -1,0 +1,791 @@
+//! `aitherctl diff`, `apply`, `discard`: the changes in an agent's layered workspace
+//! (docs/workspaces.md). The layer is read beneath descriptors, no link followed
+//! (`aither::layer`); `apply` writes as the directory's owner (root's process drops to the
+//! owner's ids first), never through a link.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aither::layer::{self, Change, Kind, What};
+use aither::sandbox::layer as core_layer;
+use aither::sandbox::workspace;
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use rustix::fs::{Mode, OFlags};
+use serde_json::json;
+
+use crate::daemon_cmd::{EXIT_REFUSED, EXIT_USAGE};
+use crate::escape;
+
+/// Show what an agent changed in its layered workspace.
+///
+/// Under a policy with `workspace = "layered"` (ci's default) the agent's writes go into a
+/// layer of its own (/var/lib/aither/layers/NAME) and the directory stays as it was until
+/// `aitherctl apply`. diff compares the layer with the directory: files, directories and
+/// symbolic links added, changed (content, mode, type or link target) and removed. A rename
+/// shows as a removal and an addition. Text files get a unified diff; binary files and files
+/// over 1 MiB a one-line summary. Paths marked host-run (.git, .envrc, .vscode, .idea,
+/// .devcontainer, .husky, .gitmodules, .gitattributes) are files the host runs by itself:
+/// `apply` takes them only with --allow-host-run.
+///
+/// NAME is the agent's name (`aitherctl spawn --name`, `aitherctl run --name`; a run
+/// without --name is named after its token's subject). Root acts on any layer; anyone else
+/// on layers of their own agents, through aitherd (which checks the owner and hands over a
+/// read-only view of the layer, read with their own rights).
+///
+/// Exit status: 0 shown (with or without changes); 1 no such layer or it could not be read;
+/// 2 bad usage.
+///
+/// Examples:
+///   aitherctl diff job1
+///   aitherctl diff job1 --stat
+///   aitherctl diff job1 --json | jq '.changes[].path'
+///   aitherctl diff job1 src/
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct DiffArgs {
+    /// The agent.
+    name: String,
+    /// Only changes at or below these paths (relative to the workspace).
+    paths: Vec<PathBuf>,
+    /// One line per change with lines added and removed, and a summary.
+    #[arg(long, conflicts_with = "json")]
+    stat: bool,
+    /// The changes as JSON (with each text file's unified diff).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Copy an agent's changes from its layered workspace into the directory.
+///
+/// Copies every change `aitherctl diff NAME` shows (or those at or below each PATH) into the
+/// workspace directory, as the directory's owner (never as root for another user's
+/// directory): files are written beside their name and renamed over it, symbolic links are
+/// recreated as links (never followed), directories made, removed entries removed; modes
+/// keep their permission bits, never set-user-id, set-group-id or sticky. Nothing is
+/// written through a symbolic link: one in the directory on the way to a change refuses
+/// that change (and stops the apply). Fifos, sockets and devices are not applied.
+///
+/// Host-run files (.git/…, .envrc, .vscode/…, .idea/…, .devcontainer/…, .husky/…,
+/// .gitmodules, .gitattributes: what git, direnv and editors run by themselves) are refused,
+/// before anything is written, unless --allow-host-run: review them with `aitherctl diff`.
+///
+/// Applied changes stop showing in `diff` (the directory now matches the layer); the layer
+/// keeps them until `aitherctl discard`.
+///
+/// Exit status: 0 applied; 1 refused or failed (no such layer or path, a host-run path
+/// without --allow-host-run, a link on the way, a write refused); 2 bad usage.
+///
+/// Examples:
+///   aitherctl apply job1
+///   aitherctl apply job1 src/lib.rs tests/
+///   aitherctl apply job1 --allow-host-run .git/hooks/pre-commit
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct ApplyArgs {
+    /// The agent.
+    name: String,
+    /// Only changes at or below these paths (relative to the workspace).
+    paths: Vec<PathBuf>,
+    /// Also apply files the host runs by itself (.git, .envrc, editor settings).
+    #[arg(long)]
+    allow_host_run: bool,
+    /// What was applied, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Throw away an agent's layered workspace changes.
+///
+/// Empties the agent's layer: the next run starts from the directory as it is. The
+/// directory itself is not touched; snapshots are kept (`aitherctl restore` brings one back).
+/// Refused while aitherd runs the agent; do not discard the layer of a `run` still going.
+///
+/// Exit status: 0 discarded (or there was nothing); 1 refused or failed; 2 bad usage.
+///
+/// Example:
+///   aitherctl discard job1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct DiscardArgs {
+    /// The agent.
+    name: String,
+}
+
+/// An agent's layer, opened: its record, the upper layer and the directory, each a
+/// descriptor checked against the record.
+struct Opened {
+    record: core_layer::LayerRecord,
+    layer: PathBuf,
+    upper: OwnedFd,
+    lower: OwnedFd,
+}
+
+fn layer_path(name: &str) -> anyhow::Result<PathBuf> {
+    aither::agent_name::AgentName::parse("NAME", name).map_err(|e| anyhow!("{e}"))?;
+    Ok(core_layer::layer_path(&aither::token::state_dir(), name))
+}
+
+/// A member's own agent: aitherd checks the owner and hands over a read-only mount of the
+/// upper layer (stored as the member's files); the directory is opened here, as the member.
+fn open_via_daemon(name: &str) -> anyhow::Result<Opened> {
+    use aither::daemon::proto::Request;
+    let layer = layer_path(name)?;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let (r, mut fds) = c.call_recv_fds(&Request::LayerOpen { name: name.into() })?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    let record: core_layer::LayerRecord =
+        serde_json::from_value(r.data.unwrap_or_default()).context("aitherd's layer record")?;
+    let upper = fds
+        .pop()
+        .ok_or_else(|| anyhow!("aitherd sent no layer descriptor"))?;
+    let me = rustix::process::getuid().as_raw();
+    let ws = workspace::open_checked(&record.workspace, Some(me))?;
+    if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) || record.owner_uid != me {
+        bail!(
+            "{}: not the directory the layer was made for, or not yours; nothing is applied",
+            record.workspace.display()
+        );
+    }
+    let lower = rustix::fs::openat(
+        &ws.fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", record.workspace.display()))?;
+    Ok(Opened {
+        record,
+        layer,
+        upper,
+        lower,
+    })
+}
+
+fn open(name: &str) -> anyhow::Result<Opened> {
+    if !rustix::process::geteuid().is_root() {
+        return open_via_daemon(name);
+    }
+    let layer = layer_path(name)?;
+    let fd = core_layer::open_layer_dir(&layer, false).map_err(|e| match &e {
+        core_layer::LayerError::Host(h) if h.raw_os_error() == Some(libc::ENOENT) => {
+            anyhow!("{name}: no layered workspace (no {}); only agents under a policy with workspace = \"layered\" have one", layer.display())
+        }
+        _ => anyhow::Error::new(e),
+    })?;
+    let record = core_layer::read_record(fd.as_fd(), &layer)?.ok_or_else(|| {
+        anyhow!("{name}: the layer is empty (discarded, or its agent never started)")
+    })?;
+    let upper = aither::hostpath::open_at_nofollow(
+        fd.as_fd(),
+        Path::new(core_layer::UPPER),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
+    // The directory as the launcher opened it: no link on the path, the same (dev, ino).
+    let ws = workspace::open_checked(&record.workspace, None)?;
+    if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) {
+        bail!(
+            "{}: no longer the directory the layer was made for (replaced or renamed); nothing is applied to another one",
+            record.workspace.display()
+        );
+    }
+    let lower = rustix::fs::openat(
+        &ws.fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", record.workspace.display()))?;
+    Ok(Opened {
+        record,
+        layer,
+        upper,
+        lower,
+    })
+}
+
+/// One audit record of a layer operation (docs/audit.md), as aitherctl records `run`.
+fn audit(kind: &str, name: &str, code: i32, data: serde_json::Value) {
+    use aither::audit::{Entry, Verdict};
+    if !rustix::process::geteuid().is_root() {
+        // A member's diff and apply go through aitherd, which records `layer_open`.
+        return;
+    }
+    let (verdict, rule) = if code == 0 {
+        (Verdict::Allow, "root: the layers are root's")
+    } else {
+        (Verdict::Deny, "refused or failed (exit status in data)")
+    };
+    let mut data = data;
+    data["exit"] = json!(code);
+    aither::audit::record(
+        Entry::new(kind, verdict, rule)
+            .agent(name)
+            .actor(crate::token_cmd::actor())
+            .caller(rustix::process::getuid().as_raw())
+            .data(data),
+    );
+}
+
+fn fail(e: &anyhow::Error) -> i32 {
+    crate::print_error(e);
+    EXIT_REFUSED
+}
+
+fn describe(c: &Change) -> String {
+    let side = |s: &layer::Side| match s.kind {
+        Kind::File => format!("file {:04o}, {} bytes", s.mode, s.size),
+        Kind::Dir => format!("directory {:04o}", s.mode),
+        Kind::Symlink => format!("symlink -> {}", s.target.as_deref().unwrap_or("?")),
+        Kind::Other => "not a file, directory or link".into(),
+    };
+    match (&c.before, &c.after) {
+        (None, Some(a)) => format!("added {}", side(a)),
+        (Some(b), None) => format!("removed {}", side(b)),
+        (Some(b), Some(a)) => format!("changed: was {}, now {}", side(b), side(a)),
+        (None, None) => String::new(),
+    }
+}
+
+fn what(w: What) -> &'static str {
+    match w {
+        What::Added => "added",
+        What::Changed => "changed",
+        What::Removed => "removed",
+    }
+}
+
+pub fn diff(a: DiffArgs) -> i32 {
+    let o = match open(&a.name) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let changes = match layer::scan(o.upper.as_fd(), o.lower.as_fd())
+        .and_then(|c| layer::select(c, &a.paths))
+    {
+        Ok(c) => c,
+        Err(e) => return fail(&e.into()),
+    };
+    let diffs: Vec<Option<(String, usize, usize)>> = changes
+        .iter()
+        .map(|c| layer::text_diff(c, o.upper.as_fd(), o.lower.as_fd()))
+        .collect();
+    if a.json {
+        let list: Vec<serde_json::Value> = changes
+            .iter()
+            .zip(&diffs)
+            .map(|(c, d)| {
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                if let Some((text, plus, minus)) = d {
+                    v["diff"] = json!(text);
+                    v["lines_added"] = json!(plus);
+                    v["lines_removed"] = json!(minus);
+                }
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "agent": a.name,
+                "workspace": o.record.workspace,
+                "layer": o.layer,
+                "changes": list,
+            })
+        );
+        return 0;
+    }
+    let count = |w: What| changes.iter().filter(|c| c.change == w).count();
+    if a.stat {
+        println!("{:<8} {:<8} {:>6} {:>6}  PATH", "CHANGE", "KIND", "+", "-");
+        for (c, d) in changes.iter().zip(&diffs) {
+            let kind = c.after.as_ref().or(c.before.as_ref()).map(|s| s.kind);
+            let kind = match kind {
+                Some(Kind::File) => "file",
+                Some(Kind::Dir) => "dir",
+                Some(Kind::Symlink) => "symlink",
+                _ => "other",
+            };
+            let (p, m) = d
+                .as_ref()
+                .map(|(_, p, m)| (p.to_string(), m.to_string()))
+                .unwrap_or(("-".into(), "-".into()));
+            let mark = if c.host_run { "  (host-run)" } else { "" };
+            println!(
+                "{:<8} {:<8} {:>6} {:>6}  {}{mark}",
+                what(c.change),
+                kind,
+                p,
+                m,
+                escape::field(&c.path)
+            );
+        }
+        println!(
+            "{} added, {} changed, {} removed",
+            count(What::Added),
+            count(What::Changed),
+            count(What::Removed)
+        );
+        return 0;
+    }
+    for (c, d) in changes.iter().zip(&diffs) {
+        let mark = if c.host_run {
+            " (host-run: apply needs --allow-host-run)"
+        } else {
+            ""
+        };
+        println!(
+            "{}",
+            escape::for_stdout(&format!("== {}: {}{mark}", c.path, describe(c)))
+        );
+        if let Some((text, _, _)) = d {
+            print!("{}", escape::for_stdout(text));
+        }
+    }
+    if changes.is_empty() {
+        eprintln!("no changes");
+    }
+    0
+}
+
+/// Runs `f` as `uid:gid` with no supplementary groups, in a child process (root applying to
+/// another user's directory: the files land as theirs and only what they may write is
+/// written). The child's exit status is returned.
+fn as_owner(uid: u32, gid: u32, f: impl FnOnce() -> i32) -> anyhow::Result<i32> {
+    use nix::unistd::{fork, setgroups, setresgid, setresuid, ForkResult, Gid, Uid};
+    // SAFETY: aitherctl is single-threaded here; the child only runs `f` and exits.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            let dropped = setgroups(&[])
+                .and_then(|()| {
+                    setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+                })
+                .and_then(|()| {
+                    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+                });
+            let code = match dropped {
+                Ok(()) => f(),
+                Err(e) => {
+                    eprintln!("aither: error: cannot become uid {uid} gid {gid}: {e}");
+                    EXIT_REFUSED
+                }
+            };
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            let st = nix::sys::wait::waitpid(child, None).context("waitpid")?;
+            Ok(match st {
+                nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                _ => EXIT_REFUSED,
+            })
+        }
+    }
+}
+
+pub fn apply(a: ApplyArgs) -> i32 {
+    let o = match open(&a.name) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let (uid, gid) = (o.record.owner_uid, o.record.owner_gid);
+    let run = || -> i32 {
+        let changes = match layer::scan(o.upper.as_fd(), o.lower.as_fd())
+            .and_then(|c| layer::select(c, &a.paths))
+        {
+            Ok(c) => c,
+            Err(e) => return fail(&e.into()),
+        };
+        match layer::apply(&changes, o.upper.as_fd(), o.lower.as_fd(), a.allow_host_run) {
+            Ok(done) => {
+                if a.json {
+                    println!(
+                        "{}",
+                        json!({"agent": a.name, "workspace": o.record.workspace, "applied": done})
+                    );
+                } else {
+                    for d in &done {
+                        let note = d
+                            .note
+                            .as_deref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default();
+                        println!(
+                            "{}",
+                            escape::for_stdout(&format!("{:<8} {}{note}", what(d.change), d.path))
+                        );
+                    }
+                    eprintln!(
+                        "applied {} change(s) to {}",
+                        done.iter().filter(|d| d.applied).count(),
+                        o.record.workspace.display()
+                    );
+                }
+                0
+            }
+            Err(e) => fail(&e.into()),
+        }
+    };
+    let root = rustix::process::geteuid().is_root();
+    // A member is the owner already (checked in open_via_daemon); root drops to the owner.
+    let code = if uid == 0 || !root {
+        run()
+    } else {
+        match as_owner(uid, gid, run) {
+            Ok(c) => c,
+            Err(e) => fail(&e),
+        }
+    };
+    audit(
+        "layer_apply",
+        &a.name,
+        code,
+        json!({"paths": a.paths, "allow_host_run": a.allow_host_run, "workspace": o.record.workspace, "as_uid": uid}),
+    );
+    code
+}
+
+pub fn discard(a: DiscardArgs) -> i32 {
+    if !rustix::process::geteuid().is_root() {
+        return fail(&anyhow!("the layers are root's; run discard as root"));
+    }
+    let layer = match layer_path(&a.name) {
+        Ok(l) => l,
+        Err(e) => {
+            crate::print_error(&e);
+            return EXIT_USAGE;
+        }
+    };
+    let code = match refuse_live(&a.name).and_then(|()| Ok(core_layer::discard(&layer)?)) {
+        Ok(()) => {
+            eprintln!("discarded the layer of {}", a.name);
+            0
+        }
+        Err(e) => fail(&e),
+    };
+    audit("layer_discard", &a.name, code, json!({}));
+    code
+}
+
+/// Copy an agent's layered workspace changes into a snapshot.
+///
+/// Copies the agent's layer (its changes over the directory) into a snapshot named TAG (by
+/// default s1, s2, …). A running daemon agent is frozen through the cgroup freezer while
+/// the copy is made (`aitherctl pause`/`resume`), so the snapshot is one moment of its
+/// files. Files are shared with the layer by reflink (FICLONE) where the filesystem of the
+/// state directory has it (btrfs, xfs), else copied; the output says which, and how long
+/// the copy took.
+///
+/// Exit status: 0 taken; 1 refused or failed (no layer, the tag exists); 2 bad usage;
+/// 3 aitherd needed to freeze a running agent and not reachable.
+///
+/// Examples:
+///   aitherctl snapshot fix1
+///   aitherctl snapshot fix1 --tag before-refactor --json
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct SnapshotArgs {
+    /// The agent.
+    name: String,
+    /// The snapshot's tag (letters, digits, '.', '_', '-'; default: the next free sN).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Retention: after taking it, keep only the newest N snapshots (older ones removed).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    keep: Option<u32>,
+    /// The snapshot's record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// List an agent's layered workspace snapshots.
+///
+/// With --rm TAG, removes that snapshot instead.
+///
+/// Exit status: 0 listed (or removed); 1 no layer; 2 bad usage.
+///
+/// Examples:
+///   aitherctl snapshots fix1 [--json]
+///   aitherctl snapshots fix1 --rm s1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct SnapshotsArgs {
+    /// The agent.
+    name: String,
+    #[arg(long)]
+    json: bool,
+    /// Remove this snapshot.
+    #[arg(long, value_name = "TAG", conflicts_with = "json")]
+    rm: Option<String>,
+}
+
+/// Put an agent's layered workspace back to a snapshot.
+///
+/// Replaces the agent's layer with snapshot TAG (the snapshots stay). The agent must not
+/// be running (stop it first); its next start sees the files as they were at the snapshot.
+///
+/// Exit status: 0 restored; 1 refused or failed (running, no such snapshot); 2 bad usage.
+///
+/// Example:
+///   aitherctl restore fix1 s1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct RestoreArgs {
+    /// The agent.
+    name: String,
+    /// The snapshot.
+    tag: String,
+}
+
+/// Start a new agent's layered workspace as a copy of another's.
+///
+/// Makes NEW's layer a copy of NAME's (its current changes, or snapshot --from TAG), bound to
+/// the same directory. Then start NEW like any agent, with the same policy and workspace and
+/// whatever command tries the other approach (`aitherctl spawn -p ci -w DIR NEW -- …` or
+/// `aitherctl run … --name NEW`): it starts where NAME was. NAME keeps its layer. A running
+/// NAME is frozen while its layer is copied.
+///
+/// Exit status: 0 forked; 1 refused or failed (NEW has a layer, no such snapshot); 2 bad
+/// usage.
+///
+/// Examples:
+///   aitherctl fork fix1 fix1-b
+///   aitherctl fork fix1 fix1-b --from s1
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct ForkArgs {
+    /// The agent to copy from.
+    name: String,
+    /// The new agent's name.
+    new: String,
+    /// A snapshot of NAME instead of its current changes.
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn root_only(what: &str) -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("the layers are root's; run {what} as root (members' agents: docs/workspaces.md)");
+    }
+    Ok(())
+}
+
+/// The daemon's state of agent `name`, when aitherd runs and knows it.
+fn daemon_state(name: &str) -> Option<String> {
+    use aither::daemon::proto::Request;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path()).ok()?;
+    let r = c
+        .call(&Request::Inspect {
+            name: name.to_string(),
+        })
+        .ok()?;
+    r.ok.then(|| r.data?.get("state")?.as_str().map(String::from))
+        .flatten()
+}
+
+fn daemon_act(req: aither::daemon::proto::Request) -> anyhow::Result<()> {
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let r = c.call(&req)?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    Ok(())
+}
+
+/// Refuses while aitherd runs a sandbox of agent `name` (or is about to: backoff).
+fn refuse_live(name: &str) -> anyhow::Result<()> {
+    if let Some(s) = daemon_state(name) {
+        if matches!(
+            s.as_str(),
+            "starting" | "running" | "ready" | "unhealthy" | "paused" | "backoff" | "queued"
+        ) {
+            bail!("{name} is {s}: stop it first (`aitherctl stop {name}`)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` with daemon agent `name` frozen if it is running (thawed again whatever `f`
+/// returns); `f` learns whether it was.
+fn frozen<T>(name: &str, f: impl FnOnce(bool) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use aither::daemon::proto::Request;
+    let state = daemon_state(name);
+    let running = matches!(
+        state.as_deref(),
+        Some("starting" | "running" | "ready" | "unhealthy")
+    );
+    if running {
+        daemon_act(Request::Pause { name: name.into() }).context("freezing the agent")?;
+    }
+    // A paused agent is frozen already, and stays so.
+    let r = f(running || state.as_deref() == Some("paused"));
+    if running {
+        daemon_act(Request::Resume { name: name.into() }).context("thawing the agent")?;
+    }
+    r
+}
+
+pub fn snapshot(a: SnapshotArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::Snapshot> {
+        root_only("snapshot")?;
+        let layer = layer_path(&a.name)?;
+        let tag = match &a.tag {
+            Some(t) => t.clone(),
+            None => core_layer::next_tag(&layer)?,
+        };
+        let snap = frozen(&a.name, |was| Ok(core_layer::snapshot(&layer, &tag, was)?))?;
+        if let Some(keep) = a.keep {
+            for old in core_layer::prune_snapshots(&layer, keep as usize)? {
+                eprintln!("{}: removed snapshot {old} (--keep {keep})", a.name);
+            }
+        }
+        Ok(snap)
+    })();
+    audit(
+        "layer_snapshot",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"tag": r.as_ref().ok().map(|s| s.tag.clone()).or(a.tag.clone()), "stats": r.as_ref().ok().map(|s| s.stats.clone()), "frozen": r.as_ref().ok().map(|s| s.frozen)}),
+    );
+    match r {
+        Ok(s) if a.json => {
+            println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            0
+        }
+        Ok(s) => {
+            println!(
+                "{}: snapshot {} ({} entries, {} bytes; {} reflinked, {} copied; {} ms{})",
+                a.name,
+                s.tag,
+                s.stats.entries,
+                s.stats.bytes,
+                s.stats.reflinked,
+                s.stats.copied,
+                s.copy_ms,
+                if s.frozen { ", agent frozen" } else { "" }
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn snapshots(a: SnapshotsArgs) -> i32 {
+    if let Some(tag) = &a.rm {
+        let r = root_only("snapshots --rm")
+            .and_then(|()| layer_path(&a.name))
+            .and_then(|l| Ok(core_layer::remove_snapshot(&l, tag)?));
+        audit(
+            "layer_snapshot_rm",
+            &a.name,
+            i32::from(r.is_err()),
+            json!({"tag": tag}),
+        );
+        return match r {
+            Ok(()) => {
+                eprintln!("{}: removed snapshot {tag}", a.name);
+                0
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    let r = root_only("snapshots")
+        .and_then(|()| layer_path(&a.name))
+        .and_then(|l| Ok(core_layer::snapshots(&l)?));
+    match r {
+        Ok(list) if a.json => {
+            println!("{}", json!({"agent": a.name, "snapshots": list}));
+            0
+        }
+        Ok(list) => {
+            println!(
+                "{:<20} {:>20} {:>8} {:>12} {:>9} {:>8}",
+                "TAG", "CREATED", "ENTRIES", "BYTES", "REFLINKED", "COPY_MS"
+            );
+            for s in list {
+                println!(
+                    "{:<20} {:>20} {:>8} {:>12} {:>9} {:>8}",
+                    s.tag, s.created, s.stats.entries, s.stats.bytes, s.stats.reflinked, s.copy_ms
+                );
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn restore(a: RestoreArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::CopyStats> {
+        root_only("restore")?;
+        let layer = layer_path(&a.name)?;
+        refuse_live(&a.name)?;
+        Ok(core_layer::restore(&layer, &a.tag)?)
+    })();
+    audit(
+        "layer_restore",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"tag": a.tag}),
+    );
+    match r {
+        Ok(s) => {
+            eprintln!(
+                "{}: restored snapshot {} ({} entries)",
+                a.name, a.tag, s.entries
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn fork(a: ForkArgs) -> i32 {
+    let r = (|| -> anyhow::Result<core_layer::CopyStats> {
+        root_only("fork")?;
+        let layer = layer_path(&a.name)?;
+        let new = layer_path(&a.new)?;
+        if a.from.is_some() {
+            return Ok(core_layer::fork(&layer, &new, a.from.as_deref())?);
+        }
+        frozen(&a.name, |_| Ok(core_layer::fork(&layer, &new, None)?))
+    })();
+    audit(
+        "layer_fork",
+        &a.name,
+        i32::from(r.is_err()),
+        json!({"new": a.new, "from": a.from}),
+    );
+    match r {
+        Ok(s) if a.json => {
+            println!(
+                "{}",
+                json!({"agent": a.name, "new": a.new, "from": a.from, "stats": s})
+            );
+            0
+        }
+        Ok(s) => {
+            eprintln!(
+                "{}: layer of {} copied ({} entries, {} bytes); start {} with the same policy and workspace",
+                a.new, a.name, s.entries, s.bytes, a.new
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
