@@ -875,13 +875,10 @@ fn layer_open(layer: &std::path::Path) -> Result<(serde_json::Value, OwnedFd), S
     let record = layer::read_record(fd.as_fd(), layer)
         .map_err(|e| e.to_string())?
         .ok_or("the layer is empty (discarded, or its agent never started)")?;
-    let upper = crate::hostpath::open_at_nofollow(
-        fd.as_fd(),
-        std::path::Path::new(layer::UPPER),
-        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| e.to_string())?;
+    // A quota'd layer's upper layer is in its image, mounted (read-only) for the clone.
+    let store =
+        layer::open_store(fd.as_fd(), layer, layer::Use::Read).map_err(|e| e.to_string())?;
+    let upper = store.upper(layer).map_err(|e| e.to_string())?;
     use rustix::mount::OpenTreeFlags;
     let clone = rustix::mount::open_tree(
         &upper,
@@ -913,19 +910,20 @@ fn layer_info(layer: &std::path::Path) -> Option<serde_json::Value> {
     use crate::sandbox::layer;
     use std::os::fd::AsFd;
     let fd = layer::open_layer_dir(layer, false).ok()?;
-    let upper = crate::hostpath::open_at_nofollow(
-        fd.as_fd(),
-        std::path::Path::new(layer::UPPER),
-        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-        rustix::fs::Mode::empty(),
-    )
-    .ok();
+    // Never attaches a quota'd layer's image (that would hold the lock a launch needs): its
+    // tree is walked only while mounted, its quota and disk use are always shown.
+    let store = layer::peek_store(fd.as_fd(), layer).ok().flatten();
+    let upper = store.as_ref().and_then(|s| s.upper(layer).ok());
     let size = upper.and_then(|u| layer::tree_size(u.as_fd(), layer).ok());
+    let image = layer::image_usage(fd.as_fd(), layer).ok().flatten();
     let snapshots = layer::snapshots(layer).unwrap_or_default();
     Some(json!({
         "path": layer,
         "bytes": size.map(|s| s.0),
         "entries": size.map(|s| s.1),
+        "quota": image.map(|i| i.0),
+        "disk_used": image.map(|i| i.1),
+        "fs_used": store.as_ref().and_then(|s| s.used()),
         "snapshots": snapshots,
     }))
 }

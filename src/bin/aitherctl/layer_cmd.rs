@@ -4,7 +4,7 @@
 //! owner's ids first), never through a link.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use aither::layer::{self, Change, Kind, What};
 use aither::sandbox::layer as core_layer;
@@ -183,12 +183,10 @@ fn open(name: &str) -> anyhow::Result<Opened> {
     let record = core_layer::read_record(fd.as_fd(), &layer)?.ok_or_else(|| {
         anyhow!("{name}: the layer is empty (discarded, or its agent never started)")
     })?;
-    let upper = aither::hostpath::open_at_nofollow(
-        fd.as_fd(),
-        Path::new(core_layer::UPPER),
-        OFlags::DIRECTORY | OFlags::RDONLY,
-        Mode::empty(),
-    )?;
+    // The layer directory, or its image mounted read-only (a quota'd layer): the upper
+    // layer's descriptor keeps that mount's filesystem for as long as it is open.
+    let store = core_layer::open_store(fd.as_fd(), &layer, core_layer::Use::Read)?;
+    let upper = store.upper(&layer)?;
     // The directory as the launcher opened it: no link on the path, the same (dev, ino).
     let ws = workspace::open_checked(&record.workspace, None)?;
     if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) {

@@ -276,6 +276,10 @@ pub struct Resources {
     pub swap: Option<Size>,
     pub cpus: f64,
     pub pids: u64,
+    /// A layered workspace's upper layer holds at most this much (an ext4 image of this size,
+    /// docs/workspaces.md "Disk quota"); absent: no quota (the state directory's filesystem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_disk: Option<Size>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -718,6 +722,16 @@ impl Policy {
                 "pids",
                 "must be at least 2 (the reaper and the agent)".into(),
             );
+        }
+        if let Some(d) = self.resources.workspace_disk {
+            if !(crate::sandbox::layer::MIN_QUOTA..=crate::sandbox::layer::MAX_QUOTA).contains(&d.0)
+            {
+                fail(
+                    "resources",
+                    "workspace_disk",
+                    "must be between 8M and 16T (the layer's ext4 image)".into(),
+                );
+            }
         }
         if self.rlimits.nofile < 16 {
             fail("rlimits", "nofile", "must be at least 16".into());

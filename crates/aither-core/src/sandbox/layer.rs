@@ -29,6 +29,10 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
+use super::layer_store::{create_image, image_of, mount_image, remove_image};
+pub use super::layer_store::{
+    image_usage, open_store, peek_store, Store, Use, IMAGE, MAX_QUOTA, MIN_QUOTA,
+};
 use super::workspace::OpenedWorkspace;
 use crate::hostpath::{self, HostPathError};
 
@@ -78,7 +82,7 @@ pub enum LayerError {
 }
 
 impl LayerError {
-    fn io(path: &Path, op: &'static str, e: impl Into<io::Error>) -> Self {
+    pub(crate) fn io(path: &Path, op: &'static str, e: impl Into<io::Error>) -> Self {
         LayerError::Io {
             path: path.into(),
             op,
@@ -186,6 +190,18 @@ pub fn prepare_dirs(
     lower: &OpenedWorkspace,
     owner: (u32, u32),
 ) -> Result<(OwnedFd, LayerRecord), LayerError> {
+    let (fd, want) = prepare_record(layer, lower, owner)?;
+    make_upper(fd.as_fd(), layer, lower, &want)?;
+    Ok((fd, want))
+}
+
+/// The layer directory (made if new) and its record, checked against `lower` and `owner` or
+/// written.
+pub fn prepare_record(
+    layer: &Path,
+    lower: &OpenedWorkspace,
+    owner: (u32, u32),
+) -> Result<(OwnedFd, LayerRecord), LayerError> {
     let fd = open_layer_dir(layer, true)?;
     let (store_uid, store_gid) = store_ids(owner.0, owner.1);
     let want = LayerRecord {
@@ -221,18 +237,29 @@ pub fn prepare_dirs(
             hostpath::replace_file_at(fd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
         }
     }
+    Ok((fd, want))
+}
+
+/// Makes (or checks) `upper` and `work` in `store` (the layer directory, or its image's root).
+fn make_upper(
+    store: BorrowedFd<'_>,
+    layer: &Path,
+    lower: &OpenedWorkspace,
+    record: &LayerRecord,
+) -> Result<(), LayerError> {
+    let (store_uid, store_gid) = (record.store_uid, record.store_gid);
     let upper_path = layer.join(UPPER);
     let lower_mode = super::workspace::fstat(lower.fd.as_fd())
         .map_err(|e| LayerError::io(&lower.path, "fstat", e))?
         .st_mode
         & 0o777;
-    let made = match rustix::fs::mkdirat(&fd, UPPER, Mode::from_raw_mode(0o700)) {
+    let made = match rustix::fs::mkdirat(store, UPPER, Mode::from_raw_mode(0o700)) {
         Ok(()) => true,
         Err(rustix::io::Errno::EXIST) => false,
         Err(e) => return Err(LayerError::io(&upper_path, "creating", e)),
     };
     let upper = hostpath::open_at_nofollow(
-        fd.as_fd(),
+        store,
         Path::new(UPPER),
         OFlags::DIRECTORY | OFlags::RDONLY,
         Mode::empty(),
@@ -251,8 +278,48 @@ pub fn prepare_dirs(
         hostpath::check_fd(upper.as_fd()).map_err(|e| LayerError::io(&upper_path, "fstat", e))?;
     m.expect_kind(&upper_path, hostpath::Kind::Dir)?
         .expect_owner(&upper_path, store_uid)?;
-    hostpath::private_dir_at(fd.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
-    Ok((fd, want))
+    hostpath::private_dir_at(store, OsStr::new(WORK), &layer.join(WORK))?;
+    Ok(())
+}
+
+/// The store a launch writes into (the caller holds the layer's lock): with a quota, the
+/// layer's image, made now if the layer is new; the image of an earlier quota'd run even
+/// without one (it keeps its bound); else the layer directory. An image larger than the quota,
+/// or a layer without an image under a quota, is refused: the agent never holds more than the
+/// token allows.
+fn launch_store(
+    layer_fd: BorrowedFd<'_>,
+    layer: &Path,
+    quota: Option<u64>,
+) -> Result<Store, LayerError> {
+    if let Some(q) = quota {
+        if !(MIN_QUOTA..=MAX_QUOTA).contains(&q) {
+            return Err(LayerError::Unexpected {
+                path: layer.into(),
+                what: format!("a disk quota of {q} bytes: it must be between 8M and 16T"),
+            });
+        }
+    }
+    match (image_of(layer_fd, layer)?, quota) {
+        (Some((_, size)), Some(q)) if size > q => Err(LayerError::Unexpected {
+            path: layer.join(IMAGE),
+            what: format!(
+                "the layer's image holds {size} bytes, more than this agent's disk quota ({q}); apply or discard its changes first"
+            ),
+        }),
+        (Some((image, size)), _) => mount_image(layer_fd, layer, image.as_fd(), size, Use::WriteLocked),
+        (None, None) => open_store(layer_fd, layer, Use::WriteLocked),
+        (None, Some(q)) => {
+            if rustix::fs::statat(layer_fd, UPPER, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                return Err(LayerError::Unexpected {
+                    path: layer.into(),
+                    what: "it holds changes made without a disk quota; apply or discard them first (`aitherctl diff`, `apply`, `discard`)".into(),
+                });
+            }
+            let (image, size) = create_image(layer_fd, layer, q)?;
+            mount_image(layer_fd, layer, image.as_fd(), size, Use::WriteLocked)
+        }
+    }
 }
 
 /// Takes the layer's lock (flock on its directory, exclusive, not waiting): held by the
@@ -314,10 +381,15 @@ pub fn mount_layered(
     owner: (u32, u32),
     agent_host_id: u32,
     exec: bool,
+    quota: Option<u64>,
 ) -> Result<(OwnedFd, super::userns::IdmapHelper), LayerError> {
     use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
-    let (layer_fd, record) = prepare_dirs(layer, lower, owner)?;
+    let (layer_fd, record) = prepare_record(layer, lower, owner)?;
+    // Locked before the store is chosen: the image is attached (and a new one made) by one
+    // launcher at a time, and never while a discard or restore empties the layer.
     let held = lock(layer_fd.as_fd(), layer)?;
+    let store = launch_store(layer_fd.as_fd(), layer, quota)?;
+    make_upper(store.dir.as_fd(), layer, lower, &record)?;
     let overlay_err = |op: &'static str| {
         let workspace = lower.path.clone();
         let upper = layer.join(UPPER);
@@ -346,13 +418,29 @@ pub fn mount_layered(
         &format!("{} {a} 1\n0 0 1\n", record.store_gid),
     )
     .map_err(overlay_err("id-map namespace"))?;
-    let layer_mnt = idmapped_clone(
-        layer_fd.as_fd(),
-        upper_ns.as_fd(),
-        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        false,
-    )
-    .map_err(overlay_err("id-mapping the layer directory"))?;
+    let layer_mnt = match &store.mount {
+        // The image's own detached mount, fresh from fsmount: id-mapped in place.
+        Some(m) => {
+            crate::sys::mount_setattr(
+                m.as_raw_fd(),
+                Path::new(""),
+                false,
+                crate::sys::MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                MOUNT_ATTR_NOEXEC,
+                Some(upper_ns.as_fd()),
+            )
+            .map_err(overlay_err("id-mapping the layer's image"))?;
+            m.try_clone()
+                .map_err(overlay_err("duplicating the image's mount"))?
+        }
+        None => idmapped_clone(
+            layer_fd.as_fd(),
+            upper_ns.as_fd(),
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            false,
+        )
+        .map_err(overlay_err("id-mapping the layer directory"))?,
+    };
     drop(upper_helper);
     let fs = rustix::mount::fsopen("overlay", rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)
         .map_err(|e| overlay_err("fsopen")(e.into()))?;
@@ -392,6 +480,9 @@ pub fn mount_layered(
     let _ = MOUNT_ATTR_NOEXEC;
     let mnt = rustix::mount::fsmount(&fs, rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC, attrs)
         .map_err(|e| overlay_err("fsmount")(e.into()))?;
+    // The overlay holds its layers now: the image's mount, its loop device and the launcher's
+    // descriptors of them can go (the filesystem stays until the overlay does).
+    drop(store);
     Ok((mnt, helper.holding(held)))
 }
 
@@ -408,6 +499,7 @@ pub fn discard(layer: &Path) -> Result<(), LayerError> {
     for name in [UPPER, WORK] {
         remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
     }
+    remove_image(fd.as_fd(), layer)?;
     match rustix::fs::unlinkat(&fd, RECORD, rustix::fs::AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(e) => Err(LayerError::io(&layer.join(RECORD), "removing", e)),
@@ -710,22 +802,6 @@ fn copy_dir(
     copy_meta(dst, name, &st, shown)
 }
 
-fn upper_of(layer_fd: BorrowedFd<'_>, layer: &Path) -> Result<OwnedFd, LayerError> {
-    hostpath::open_at_nofollow(
-        layer_fd,
-        Path::new(UPPER),
-        OFlags::DIRECTORY | OFlags::RDONLY,
-        Mode::empty(),
-    )
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOENT) => LayerError::Unexpected {
-            path: layer.into(),
-            what: "the layer is empty (discarded, or its agent never started)".into(),
-        },
-        _ => e.into(),
-    })
-}
-
 /// The snapshot directory of a layer (created root 0700 when `create`).
 fn snapshots_dir(
     layer_fd: BorrowedFd<'_>,
@@ -757,7 +833,8 @@ fn snapshots_dir(
 pub fn snapshot(layer: &Path, tag: &str, frozen: bool) -> Result<Snapshot, LayerError> {
     check_tag(tag)?;
     let fd = open_layer_dir(layer, false)?;
-    let upper = upper_of(fd.as_fd(), layer)?;
+    let store = open_store(fd.as_fd(), layer, Use::Read)?;
+    let upper = store.upper(layer)?;
     let snaps = snapshots_dir(fd.as_fd(), layer, true)?.expect("created");
     let shown = layer.join(SNAPSHOTS).join(tag);
     match rustix::fs::mkdirat(&snaps, tag, Mode::from_raw_mode(0o700)) {
@@ -897,18 +974,20 @@ pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
     let fd = open_layer_dir(layer, false)?;
     let _held = lock(fd.as_fd(), layer)?;
     let from = snapshot_upper(fd.as_fd(), layer, tag)?;
+    // Into the layer's image when it has one: the restored tree counts against its quota.
+    let store = open_store(fd.as_fd(), layer, Use::WriteLocked)?;
     for name in [UPPER, WORK] {
-        remove_tree_at(fd.as_fd(), OsStr::new(name), &layer.join(name))?;
+        remove_tree_at(store.dir.as_fd(), OsStr::new(name), &layer.join(name))?;
     }
     let mut stats = CopyStats::default();
     copy_tree(
         from.as_fd(),
-        fd.as_fd(),
+        store.dir.as_fd(),
         OsStr::new(UPPER),
         &layer.join(UPPER),
         &mut stats,
     )?;
-    hostpath::private_dir_at(fd.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
+    hostpath::private_dir_at(store.dir.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
     Ok(stats)
 }
 
@@ -921,28 +1000,39 @@ pub fn fork(layer: &Path, new: &Path, from: Option<&str>) -> Result<CopyStats, L
         path: layer.into(),
         what: "the layer is empty (discarded, or its agent never started)".into(),
     })?;
+    let src_store = open_store(fd.as_fd(), layer, Use::Read)?;
     let src = match from {
         Some(tag) => snapshot_upper(fd.as_fd(), layer, tag)?,
-        None => upper_of(fd.as_fd(), layer)?,
+        None => src_store.upper(layer)?,
     };
     let nfd = open_layer_dir(new, true)?;
+    let _held = lock(nfd.as_fd(), new)?;
     if read_record(nfd.as_fd(), new)?.is_some()
         || rustix::fs::statat(&nfd, UPPER, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        || rustix::fs::statat(&nfd, IMAGE, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
     {
         return Err(LayerError::Unexpected {
             path: new.into(),
             what: "the new agent already has a layer (`aitherctl discard` it first, or pick another name)".into(),
         });
     }
+    // A quota'd layer's fork gets an image of the same size: the copy counts against it.
+    let dst = match src_store.quota {
+        Some(q) => {
+            let (image, size) = create_image(nfd.as_fd(), new, q)?;
+            mount_image(nfd.as_fd(), new, image.as_fd(), size, Use::WriteLocked)?
+        }
+        None => open_store(nfd.as_fd(), new, Use::WriteLocked)?,
+    };
     let mut stats = CopyStats::default();
     copy_tree(
         src.as_fd(),
-        nfd.as_fd(),
+        dst.dir.as_fd(),
         OsStr::new(UPPER),
         &new.join(UPPER),
         &mut stats,
     )?;
-    hostpath::private_dir_at(nfd.as_fd(), OsStr::new(WORK), &new.join(WORK))?;
+    hostpath::private_dir_at(dst.dir.as_fd(), OsStr::new(WORK), &new.join(WORK))?;
     let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
     hostpath::replace_file_at(nfd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
     Ok(stats)

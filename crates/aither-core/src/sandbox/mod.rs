@@ -10,6 +10,7 @@ mod init;
 pub mod landlock;
 pub mod launch;
 pub mod layer;
+pub mod layer_store;
 pub mod mounts;
 pub mod netns;
 pub mod report;

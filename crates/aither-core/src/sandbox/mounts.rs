@@ -673,6 +673,7 @@ pub fn prepare_workspace(
             (uid, gid),
             agent_host_id,
             spec.mounts.exec_workspace,
+            ws.layer_quota,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
         return Ok(Some((fd, helper)));

@@ -93,6 +93,10 @@ pub struct Workspace {
     /// record of its lower directory), root's 0700 (docs/workspaces.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<PathBuf>,
+    /// The layer's disk quota in bytes (policy `resources.workspace_disk`): its `upper` and
+    /// `work` live in an ext4 image of this size. None: plain directories, no quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_quota: Option<u64>,
 }
 
 /// A directory's identity: (st_dev, st_ino).
@@ -282,6 +286,9 @@ impl SandboxSpec {
                     as_owner: false,
                     plain: false,
                     layer: layer_of(access, opts),
+                    layer_quota: (access == WorkspaceAccess::Layered)
+                        .then_some(policy.resources.workspace_disk.map(|s| s.0))
+                        .flatten(),
                 })
             }
         };

@@ -668,12 +668,18 @@ fn rules_narrow(child: &Policy, parent: &Policy) -> Result<(), TokenError> {
         swap,
         cpus,
         pids,
+        workspace_disk,
     } = resources;
     let pr = &parent.resources;
     at_most("rules.resources.memory", *memory, pr.memory)?;
     at_most_opt("rules.resources.swap", *swap, pr.swap)?;
     at_most("rules.resources.cpus", *cpus, pr.cpus)?;
     at_most("rules.resources.pids", *pids, pr.pids)?;
+    at_most_opt(
+        "rules.resources.workspace_disk",
+        *workspace_disk,
+        pr.workspace_disk,
+    )?;
 
     let Rlimits {
         nofile,
