@@ -91,6 +91,10 @@ pub enum TokenCmd {
         /// Maximum number of processes and threads.
         #[arg(long, value_name = "N")]
         pids: Option<u64>,
+        /// A layered workspace's disk quota (e.g. 1G): its agent's writes past it fail with
+        /// ENOSPC (docs/workspaces.md "Disk quota"). At most the token's own.
+        #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
+        workspace_disk: Option<Size>,
         /// Network: none (no TCP at all) or loopback.
         #[arg(long, value_name = "MODE")]
         net: Option<NetArg>,
@@ -186,6 +190,7 @@ pub fn run(cmd: TokenCmd) -> i32 {
             memory,
             cpus,
             pids,
+            workspace_disk,
             net,
             read,
             write,
@@ -208,6 +213,7 @@ pub fn run(cmd: TokenCmd) -> i32 {
                 memory,
                 cpus,
                 pids,
+                workspace_disk,
                 net: net.map(|n| match n {
                     NetArg::None => NetworkMode::None,
                     NetArg::Loopback => NetworkMode::Loopback,

@@ -98,6 +98,11 @@ fn semantic_errors_point_at_the_key() {
         ("cpus = 1.0", "cpus = 0.0", "resources.cpus"),
         ("pids = 128", "pids = 1", "resources.pids"),
         (
+            "pids = 128",
+            "pids = 128\nworkspace_disk = \"1M\"",
+            "resources.workspace_disk",
+        ),
+        (
             "profile = \"agent\"",
             "profile = \"lenient\"",
             "seccomp.profile",

@@ -15,6 +15,9 @@ pub struct Attenuation {
     pub memory: Option<Size>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// A layered workspace's disk quota (`resources.workspace_disk`): set where the parent
+    /// has none, lowered where it has one.
+    pub workspace_disk: Option<Size>,
     pub net: Option<NetworkMode>,
     /// Replaces the read-only paths; each must lie under one of the parent's.
     pub read: Vec<String>,
@@ -92,6 +95,13 @@ impl Attenuation {
                 return Err(bad("pids", "must be at least 2 (the reaper and the agent)"));
             }
             r.resources.pids = n;
+        }
+        if let Some(d) = self.workspace_disk {
+            use crate::sandbox::layer::{MAX_QUOTA, MIN_QUOTA};
+            if !(MIN_QUOTA..=MAX_QUOTA).contains(&d.0) {
+                return Err(bad("workspace_disk", "must be between 8M and 16T"));
+            }
+            r.resources.workspace_disk = Some(d);
         }
         if let Some(mode) = self.net {
             r.network.mode = mode;

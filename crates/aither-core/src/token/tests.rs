@@ -123,12 +123,25 @@ fn attenuation_narrows_and_verifies() {
         cpus: Some(0.5),
         timeout: Some(Duration::from_secs(30)),
         write: Some("/var/tmp/".into()),
+        workspace_disk: Some(Size(256 << 20)),
         ..Default::default()
     };
     let c1 = req.apply(&c0, NOW).unwrap();
     let t1 = t.append(&c1).unwrap();
     let v = check(&t1).unwrap();
     let e = v.effective();
+    assert_eq!(e.rules.resources.workspace_disk, Some(Size(256 << 20)));
+    // Once set, a later block may only lower it.
+    let wider = Attenuation {
+        workspace_disk: Some(Size(512 << 20)),
+        ..Default::default()
+    }
+    .apply(&c1, NOW)
+    .unwrap();
+    assert_eq!(
+        widening_field(t1.append(&wider)),
+        "rules.resources.workspace_disk"
+    );
     assert_eq!(e.rules.resources.memory, Size(64 << 20));
     assert_eq!(e.rules.resources.pids, 16);
     assert_eq!(e.rules.resources.cpus, 0.5);
@@ -147,6 +160,7 @@ fn attenuation_narrows_and_verifies() {
             "rules.resources.cpus",
             "rules.resources.memory",
             "rules.resources.pids",
+            "rules.resources.workspace_disk",
             "workspace_root"
         ]
     );
@@ -335,6 +349,7 @@ fn narrows_checks_every_field() {
     parent.rules.filesystem.exec_workspace = false;
     parent.rules.rlimits.nproc = Some(100);
     parent.rules.rlimits.fsize = Some(Size(1 << 30));
+    parent.rules.resources.workspace_disk = Some(Size(1 << 30));
     parent.rules.process.timeout = Some(HumanDuration(Duration::from_secs(60)));
     narrows(&parent, &parent).expect("a block narrows itself");
 
@@ -440,6 +455,14 @@ fn narrows_checks_every_field() {
         (
             "rules.resources.pids",
             Box::new(|c| c.rules.resources.pids += 1),
+        ),
+        (
+            "rules.resources.workspace_disk",
+            Box::new(|c| c.rules.resources.workspace_disk = None),
+        ),
+        (
+            "rules.resources.workspace_disk",
+            Box::new(|c| c.rules.resources.workspace_disk = Some(Size((1 << 30) + 1))),
         ),
         (
             "rules.rlimits.nofile",
