@@ -32,8 +32,9 @@ die() { say "error: $*"; exit 1; }
 #    the bus against redis-server (scripts/bench/bus.sh), the egress gateway against tinyproxy
 #    (scripts/bench/egress.sh, which runs its own instance; the packaged service is not needed);
 #    tests/export.rs runs exported OCI bundles under crun and runc; python3-venv holds the
-#    Python test clients (installed with the SDK below).
-PKGS=(build-essential pkg-config ca-certificates curl python3 python3-venv git make sqlite3 util-linux iproute2 procps bubblewrap crun runc redis-server tinyproxy)
+#    Python test clients (installed with the SDK below); e2fsprogs (mke2fs) formats the images
+#    of quota'd layered workspaces (docs/workspaces.md "Disk quota").
+PKGS=(build-essential pkg-config ca-certificates curl python3 python3-venv git make sqlite3 util-linux e2fsprogs iproute2 procps bubblewrap crun runc redis-server tinyproxy)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

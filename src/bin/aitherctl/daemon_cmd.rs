@@ -764,6 +764,21 @@ fn inspect_summary(v: &serde_json::Value) -> String {
     if let Some(w) = &i.workspace {
         line("Workspace:", esc(&w.display().to_string()));
     }
+    if let Some(q) = v["layer"]["quota"].as_u64() {
+        // A quota'd layer: its filesystem's use while mounted, else what its image takes.
+        let used = v["layer"]["fs_used"]
+            .as_u64()
+            .or_else(|| v["layer"]["disk_used"].as_u64())
+            .unwrap_or(0);
+        line(
+            "Layer disk:",
+            format!(
+                "{} of {} quota",
+                aither::units::Size(used),
+                aither::units::Size(q)
+            ),
+        );
+    }
     if !i.labels.is_empty() {
         let l: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         line("Labels:", l.join(" "));

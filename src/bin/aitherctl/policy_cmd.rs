@@ -169,6 +169,9 @@ fn show(lp: &LoadedPolicy, as_json: bool) -> i32 {
         p.resources.cpus,
         p.resources.pids
     );
+    if let Some(d) = p.resources.workspace_disk {
+        println!("workspace     disk quota {d} (a layered workspace's writes)");
+    }
     println!(
         "rlimits       nofile {}, core {}",
         p.rlimits.nofile, p.rlimits.core

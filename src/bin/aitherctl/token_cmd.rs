@@ -668,6 +668,9 @@ fn print_effective(c: &Claims) {
         c.workspace_root.as_deref().unwrap_or("any directory"),
         r.filesystem.exec_workspace
     );
+    if let Some(d) = r.resources.workspace_disk {
+        println!("  disk quota  {d} (a layered workspace's writes)");
+    }
     println!(
         "  timeout     {}",
         r.process
