@@ -627,6 +627,9 @@ proptest! {
                 memory: r.memory_mib.map(|m| Size(m << 20)),
                 cpus: r.cpus,
                 pids: r.pids,
+                // The disk quota's narrowing has its own tests (token::tests::attenuation_…,
+                // narrows_checks_every_field).
+                workspace_disk: None,
                 net: r.net.map(mode),
                 read: r.read.iter().map(|&i| PATHS[i].to_string()).collect(),
                 write: r.write.map(|i| PATHS[i].to_string()),
