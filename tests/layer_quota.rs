@@ -128,12 +128,15 @@ fn writes_past_the_quota_fail_inside_and_the_host_holds_at_most_the_quota() {
         &q.policy,
         &q.name,
         "echo early > early.txt; dd if=/dev/zero of=big bs=1M count=64 2>&1; echo dd=$?; \
-         cat early.txt",
+         cat early.txt; echo loops=$(ls /dev | grep -c loop); \
+         echo images=$(grep -c -e layer.img -e /dev/loop /proc/self/mountinfo)",
     );
     assert!(ok, "the agent failed\n{out}\n{err}");
     assert!(out.contains("No space left on device"), "{out}");
     assert!(out.contains("dd=1"), "{out}");
     assert!(out.contains("early\n"), "{out}");
+    // Inside, no loop device and no trace of the image: only the overlay.
+    assert!(out.contains("loops=0") && out.contains("images=0"), "{out}");
 
     // The layer on the host: a 16M image, nothing else of the agent's.
     let layer = q.layer(&q.name);

@@ -880,14 +880,23 @@ fn layer_open(layer: &std::path::Path) -> Result<(serde_json::Value, OwnedFd), S
         layer::open_store(fd.as_fd(), layer, layer::Use::Read).map_err(|e| e.to_string())?;
     let upper = store.upper(layer).map_err(|e| e.to_string())?;
     use rustix::mount::OpenTreeFlags;
-    let clone = rustix::mount::open_tree(
+    let clone = match rustix::mount::open_tree(
         &upper,
         c"",
         OpenTreeFlags::OPEN_TREE_CLONE
             | OpenTreeFlags::OPEN_TREE_CLOEXEC
             | OpenTreeFlags::AT_EMPTY_PATH,
-    )
-    .map_err(|e| format!("cloning the layer: {e}"))?;
+    ) {
+        Ok(c) => c,
+        // A quota'd layer's image mount is detached, and kernels before detached mounts could
+        // be cloned refuse: its `upper` on that read-only (nosuid, nodev, noexec) mount is
+        // handed over as it is (the image's root above it is root's 0700).
+        Err(rustix::io::Errno::INVAL) if store.mount.is_some() => {
+            let data = serde_json::to_value(&record).map_err(|e| e.to_string())?;
+            return Ok((data, upper));
+        }
+        Err(e) => return Err(format!("cloning the layer: {e}")),
+    };
     crate::sys::mount_setattr(
         clone.as_raw_fd(),
         std::path::Path::new(""),

@@ -388,6 +388,12 @@ pub fn mount_image(
         Mode::empty(),
     )
     .map_err(|e| err(layer, "opening its root", e))?;
+    if write {
+        // Root's 0700, like the layer directory: a descriptor of `upper` handed to a member
+        // (aitherd's layer_open on a kernel that cannot clone it) leads nowhere above it.
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700))
+            .map_err(|e| err(layer, "chmod its root", e))?;
+    }
     Ok(Store {
         dir,
         quota: Some(size),
