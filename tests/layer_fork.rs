@@ -290,3 +290,71 @@ fn members_fork_snapshot_and_discard_their_own_agents_and_no_one_elses() {
     assert_eq!(o.status.code(), Some(1));
     assert!(layers.join(&new).join("upper/seen").exists());
 }
+
+#[test]
+fn a_token_names_its_agent_so_a_fork_of_a_token_spawned_agent_needs_a_token_for_new() {
+    let d = common::daemon::TestDaemon::start("aither-fork-tok-", &[]);
+    let name = unique("fork-tok");
+    let new = unique("fork-tok-b");
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    let mint = |subject: &str| {
+        let tok = d.state.path().join(format!("{subject}.tok"));
+        d.ok(&[
+            "token",
+            "mint",
+            "--policy",
+            "ci",
+            "--subject",
+            subject,
+            "--out",
+            tok.to_str().unwrap(),
+        ]);
+        tok.to_str().unwrap().to_string()
+    };
+    let t1 = mint(&name);
+    d.ok(&[
+        "spawn",
+        "--token",
+        &t1,
+        "--workspace",
+        &ws,
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo one > a",
+    ]);
+    let state = |n: &str| {
+        let v: Value = serde_json::from_str(&d.ok(&["inspect", n])).unwrap();
+        v["state"].as_str().unwrap_or("").to_string()
+    };
+    assert!(wait_state(|| state(&name), "exited"), "{}", d.log());
+    // NAME's token is NAME's: the fork is refused without one for NEW, and nothing is made.
+    let o = d.ctl(&["fork", &name, &new]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("give it with --token"), "{err}");
+    let layers = d.state.path().join("state/layers");
+    assert!(!layers.join(&new).exists());
+    assert!(!d.ctl(&["inspect", &new]).status.success());
+    // A token for another name than NEW: refused by the spawn, and the copies are removed.
+    let wrong = mint("someone-else");
+    let o = d.ctl(&["fork", &name, &new, "--token", &wrong]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        !layers.join(&new).exists(),
+        "a failed fork left NEW's layer"
+    );
+    // With NEW's own token: forked, its layer a copy of NAME's.
+    let t2 = mint(&new);
+    d.ok(&["fork", &name, &new, "--token", &t2]);
+    assert!(wait_state(|| state(&new), "exited"), "{}", d.log());
+    assert_eq!(
+        read(&layers.join(&new).join("upper/a")).as_deref(),
+        Some("one\n")
+    );
+    let v: Value = serde_json::from_str(&d.ok(&["inspect", &new])).unwrap();
+    assert_ne!(v["token_id"], serde_json::json!(null));
+    let v0: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
+    assert_ne!(v["token_id"], v0["token_id"], "NEW runs on its own token");
+}
