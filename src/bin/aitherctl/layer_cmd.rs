@@ -553,20 +553,31 @@ pub struct RestoreArgs {
     tag: String,
 }
 
-/// Start a new agent's layered workspace as a copy of another's.
+/// Make a new agent from another: a copy of its layered workspace and memory.
 ///
-/// Makes NEW's layer a copy of NAME's (its current changes, or snapshot --from TAG), bound to
-/// the same directory. Then start NEW like any agent, with the same policy and workspace and
-/// whatever command tries the other approach (`aitherctl spawn -p ci -w DIR NEW -- …` or
-/// `aitherctl run … --name NEW`): it starts where NAME was. NAME keeps its layer. A running
-/// NAME is frozen while its layer is copied.
+/// For an agent aitherd runs (spawned), aitherd copies NAME's layer (its current changes, with
+/// NAME frozen for the copy, or snapshot --from TAG) into NEW's, bound to the same directory,
+/// copies NAME's memory tiers (all but `working`; --memory none: none), and spawns NEW with
+/// NAME's policy, workspace, environment, limits and supervision, running NAME's command or
+/// the one after `--`. NEW starts at once, where NAME was; from then on neither sees the
+/// other's writes, and nothing reaches the directory without `aitherctl apply`. Published
+/// services and host ports are not copied.
 ///
-/// Exit status: 0 forked; 1 refused or failed (NEW has a layer, no such snapshot); 2 bad
-/// usage.
+/// NEW runs on a token of its own: from NAME's policy when NAME was spawned from one; when
+/// NAME was spawned with a token (which names its agent), give one minted for NEW with
+/// --token. A fork is made by NAME's owner (a member forks their own agents; NEW is theirs).
+///
+/// For a `run` (an agent aitherd does not know), root's fork copies the layer only: start NEW
+/// with the same policy and workspace (`aitherctl run … --name NEW`).
+///
+/// Exit status: 0 forked; 1 refused or failed (NEW taken, no such agent or snapshot, the
+/// spawn refused: nothing of NEW is left); 2 bad usage.
 ///
 /// Examples:
 ///   aitherctl fork fix1 fix1-b
-///   aitherctl fork fix1 fix1-b --from s1
+///   aitherctl fork fix1 fix1-b --from s1 -- ./agent.sh --approach b
+///   aitherctl fork fix1 fix1-b --memory none --json
+///   aitherctl fork tok1 tok1-b --token tok1-b.tok
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ForkArgs {
