@@ -25,6 +25,13 @@ fn event_kinds(d: &common::daemon::TestDaemon, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether agent `name` has (or gets, within 10 s) an event of `kind`.
+fn has_event(d: &common::daemon::TestDaemon, name: &str, kind: &str) -> bool {
+    common::poll_until(Duration::from_secs(10), || {
+        event_kinds(d, name).iter().any(|k| k == kind)
+    })
+}
+
 fn audit_of(d: &common::daemon::TestDaemon, kind: &str) -> Vec<(String, String, u64)> {
     d.audit_records()
         .iter()
@@ -37,6 +44,21 @@ fn audit_of(d: &common::daemon::TestDaemon, kind: &str) -> Vec<(String, String, 
             )
         })
         .collect()
+}
+
+/// Whether aitherd's audit log has (or gets, within 10 s: its own thread writes it) a record
+/// of `kind` for `agent` with `decision` by caller `uid`.
+fn audited(
+    d: &common::daemon::TestDaemon,
+    kind: &str,
+    agent: &str,
+    decision: &str,
+    uid: u32,
+) -> bool {
+    let want = (agent.to_string(), decision.to_string(), u64::from(uid));
+    common::poll_until(Duration::from_secs(10), || {
+        audit_of(d, kind).contains(&want)
+    })
 }
 
 fn read(p: &Path) -> Option<String> {
@@ -174,18 +196,20 @@ fn a_fork_from_a_snapshot_is_a_new_agent_with_the_snapshots_files_and_memory() {
         String::from_utf8_lossy(&o.stdout)
     );
 
-    // Audited and announced on the bus.
-    assert!(audit_of(&d, "layer_fork").contains(&(name.clone(), "allow".into(), 0)));
-    let kinds = event_kinds(&d, &name);
+    // Audited, and announced as events of the agents (aitherd's `emit`, which also publishes
+    // them on the bus as aither.agent.<name>.<kind>).
+    assert!(audited(&d, "layer_fork", &name, "allow", 0));
     for k in ["layer_snapshot", "layer_forked"] {
-        assert!(kinds.iter().any(|x| x == k), "{k} not in {kinds:?}");
+        assert!(
+            has_event(&d, &name, k),
+            "{k} not in {:?}",
+            event_kinds(&d, &name)
+        );
     }
-    assert!(event_kinds(&d, &new).iter().any(|x| x == "forked_from"));
+    assert!(has_event(&d, &new, "forked_from"));
     d.ok(&["discard", &name]);
     assert!(!a.join("later").exists());
-    assert!(event_kinds(&d, &name)
-        .iter()
-        .any(|x| x == "layer_discarded"));
+    assert!(has_event(&d, &name, "layer_discarded"));
 }
 
 #[test]
@@ -243,7 +267,7 @@ fn members_fork_snapshot_and_discard_their_own_agents_and_no_one_elses() {
         "layer_restore",
     ] {
         assert!(
-            audit_of(&d, kind).contains(&(name.clone(), "deny".into(), u64::from(u1.uid))),
+            audited(&d, kind, &name, "deny", u1.uid),
             "{kind}: {:?}",
             audit_of(&d, kind)
         );
@@ -280,7 +304,7 @@ fn members_fork_snapshot_and_discard_their_own_agents_and_no_one_elses() {
         "layer_restore",
     ] {
         assert!(
-            audit_of(&d, kind).contains(&(name.clone(), "allow".into(), u64::from(u2.uid))),
+            audited(&d, kind, &name, "allow", u2.uid),
             "{kind}: {:?}",
             audit_of(&d, kind)
         );
@@ -357,4 +381,49 @@ fn a_token_names_its_agent_so_a_fork_of_a_token_spawned_agent_needs_a_token_for_
     assert_ne!(v["token_id"], serde_json::json!(null));
     let v0: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
     assert_ne!(v["token_id"], v0["token_id"], "NEW runs on its own token");
+}
+
+#[test]
+fn a_fork_over_the_members_agent_limit_is_refused_before_anything_is_copied() {
+    let us = common::users::Users::create();
+    let conf = us.base.path().join("aitherd.toml");
+    std::fs::write(&conf, "[users.default]\nagents = 1\n").unwrap();
+    let d = us.daemon_with(&["--config", conf.to_str().unwrap()]);
+    let dir = us.dir(&us.users[1]);
+    let name = unique("fork-limit");
+    let new = unique("fork-limit-b");
+    us.ok(
+        &d,
+        1,
+        &[
+            "spawn",
+            "--policy",
+            "ci",
+            "-w",
+            dir.to_str().unwrap(),
+            &name,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo one > a",
+        ],
+    );
+    let layers = d.state.path().join("state/layers");
+    assert!(common::poll_until(Duration::from_secs(60), || layers
+        .join(&name)
+        .join("upper/a")
+        .exists()));
+    let o = us.ctl(&d, 1, &["fork", &name, &new]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("per-user limit"), "{err}");
+    assert!(
+        !layers.join(&new).exists(),
+        "a refused fork copied the layer"
+    );
+    assert!(
+        audited(&d, "layer_fork", &name, "deny", us.users[1].uid),
+        "{:?}",
+        audit_of(&d, "layer_fork")
+    );
 }

@@ -222,6 +222,63 @@ async fn run_op(
     }
 }
 
+/// Refuses a fork the spawn would refuse for the number of agents (the caller's per-user
+/// limit, the host's cap), before anything is copied.
+fn precheck_limits(d: &Shared, caller: &Caller) -> Result<(), Reply> {
+    let loaded = d.config();
+    let (held, total) = {
+        let agents = d.agents.lock().unwrap_or_else(|e| e.into_inner());
+        (super::usage_in(&agents, caller.uid), agents.len())
+    };
+    if !caller.admin {
+        let name = super::users::user_name(caller.uid);
+        if let Some(max) = loaded.config.users.limits_of(name.as_deref()).agents {
+            if held.agents >= max {
+                return Err(Reply::err(
+                    ErrorCode::Denied,
+                    format!("per-user limit: you hold {} agents, the most allowed is {max} (aitherd.toml [users])", held.agents),
+                ));
+            }
+        }
+    }
+    if let Some(max) = loaded.config.limits.max_agents {
+        if total >= max {
+            return Err(Reply::err(
+                ErrorCode::Denied,
+                format!("host limit: aitherd holds {total} agents, the most allowed is {max} (aitherd.toml [limits] max_agents)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The uids with a fork in progress: a user's forks run one at a time, so the daemon's
+/// copying work for one user is one layer and one memory at a time.
+static FORKING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+struct OneForkPerUser(u32);
+
+impl OneForkPerUser {
+    fn take(uid: u32) -> Result<OneForkPerUser, Reply> {
+        let mut f = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+        if f.contains(&uid) {
+            return Err(Reply::err(
+                ErrorCode::Conflict,
+                "a fork of yours is in progress; try again when it is done",
+            ));
+        }
+        f.push(uid);
+        Ok(OneForkPerUser(uid))
+    }
+}
+
+impl Drop for OneForkPerUser {
+    fn drop(&mut self) {
+        let mut f = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+        f.retain(|u| *u != self.0);
+    }
+}
+
 /// NAME's stored record (the one its supervisor was started with).
 fn record_of(d: &Shared, name: &str) -> Option<Record> {
     let c = d.store.reader().ok()?;
@@ -312,6 +369,10 @@ async fn fork_inner(
             ),
         ));
     }
+    // The copies are daemon work done before the spawn's own checks: the caller's agent
+    // limits and the host's are checked first, and one fork per user runs at a time.
+    precheck_limits(d, caller)?;
+    let _one = OneForkPerUser::take(caller.uid)?;
     // Hold the name for the caller while the copies are made: nobody else may take it and
     // inherit what is copied under it.
     {

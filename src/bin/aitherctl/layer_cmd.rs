@@ -679,10 +679,14 @@ fn fork_via_daemon(a: &ForkArgs) -> i32 {
             // aitherd refuses it (and records the refusal).
             let info = daemon_inspect(&a.name).unwrap_or_default();
             match info.get("workspace").and_then(|w| w.as_str()) {
-                Some(w) => Some(
-                    std::fs::File::open(w)
-                        .with_context(|| format!("the workspace {w}, opened as you"))?,
-                ),
+                Some(w) => Some({
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                        .open(w)
+                        .with_context(|| format!("the workspace {w}, opened as you"))?
+                }),
                 None => None,
             }
         };
