@@ -427,3 +427,43 @@ fn a_fork_over_the_members_agent_limit_is_refused_before_anything_is_copied() {
         audit_of(&d, "layer_fork")
     );
 }
+
+#[test]
+fn a_fork_onto_a_replaced_directory_is_refused() {
+    let d = common::daemon::TestDaemon::start("aither-fork-moved-", &[]);
+    let base = tempfile::Builder::new()
+        .prefix("aither-fork-moved-ws-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let ws = base.path().join("proj");
+    std::fs::create_dir(&ws).unwrap();
+    let name = unique("fork-moved");
+    let new = unique("fork-moved-b");
+    d.ok(&[
+        "spawn",
+        "--policy",
+        "ci",
+        "--workspace",
+        ws.to_str().unwrap(),
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo one > a",
+    ]);
+    let layers = d.state.path().join("state/layers");
+    assert!(common::poll_until(Duration::from_secs(60), || layers
+        .join(&name)
+        .join("upper/a")
+        .exists()));
+    // Another directory at the same path since: the fork would run NEW over it.
+    std::fs::rename(&ws, base.path().join("proj.old")).unwrap();
+    std::fs::create_dir(&ws).unwrap();
+    let o = d.ctl(&["fork", &name, &new]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no longer the directory"), "{err}");
+    assert!(!layers.join(&new).exists());
+    assert!(!d.ctl(&["inspect", &new]).status.success());
+    assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 0);
+}

@@ -412,6 +412,32 @@ async fn fork_copy_and_spawn(
     rec: Record,
     fds: Vec<OwnedFd>,
 ) -> Result<serde_json::Value, Reply> {
+    // 0. The same directory: the one NAME was spawned on (its pinned identity), not whatever
+    //    is at the path now. A member's presented descriptor is what is checked (the spawn
+    //    then checks the path against it); root's and an admin's path is opened here.
+    if let Some(w) = rec.spec.workspace.as_ref() {
+        if let Some(pinned) = w.pinned {
+            let now = match fds.first() {
+                Some(fd) => rustix::fs::fstat(fd)
+                    .map(|st| (st.st_dev, st.st_ino))
+                    .map_err(|e| e.to_string()),
+                None => crate::sandbox::workspace::open_checked(&w.path, None)
+                    .map(|o| (o.id.dev, o.id.ino))
+                    .map_err(|e| e.to_string()),
+            };
+            if now.as_ref().ok() != Some(&(pinned.dev, pinned.ino)) {
+                return Err(Reply::err(
+                    ErrorCode::Conflict,
+                    format!(
+                        "{}: no longer the directory {} was spawned on (replaced or moved{}); nothing is forked",
+                        w.path.display(),
+                        ask.name,
+                        now.err().map(|e| format!(": {e}")).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
     // 1. The layer, when NAME has one (a layered workspace): from the snapshot, or its
     //    current state with NAME frozen for the copy.
     let (src, dst, from) = (layer_of(&ask.name), layer_of(&ask.new), ask.from.clone());
