@@ -61,6 +61,38 @@ fn audited(
     })
 }
 
+/// On the bus: a subscriber to NAME's `layer_discarded` gets one (discards of the empty
+/// layer are repeated until the subscription, attached at some point, sees one).
+fn discard_is_on_the_bus(d: &common::daemon::TestDaemon, name: &str) {
+    let mut sub = d
+        .cmd(&[
+            "bus",
+            "sub",
+            &format!("aither.agent.{name}.layer_discarded"),
+            "--json",
+            "-n",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = common::poll_until(Duration::from_secs(30), || {
+        d.ok(&["discard", name]);
+        matches!(sub.try_wait(), Ok(Some(_)))
+    });
+    if !got {
+        let _ = sub.kill();
+    }
+    let out = sub.wait_with_output().unwrap();
+    assert!(got, "no layer_discarded on the bus");
+    let m: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        m["subject"],
+        format!("aither.agent.{name}.layer_discarded"),
+        "{m}"
+    );
+}
+
 fn read(p: &Path) -> Option<String> {
     std::fs::read_to_string(p).ok()
 }
@@ -210,35 +242,7 @@ fn a_fork_from_a_snapshot_is_a_new_agent_with_the_snapshots_files_and_memory() {
     d.ok(&["discard", &name]);
     assert!(!a.join("later").exists());
     assert!(has_event(&d, &name, "layer_discarded"));
-    // On the bus: a subscriber to NAME's layer events gets a discard (discards of the empty
-    // layer are repeated until the subscription, attached at some point, sees one).
-    let mut sub = d
-        .cmd(&[
-            "bus",
-            "sub",
-            &format!("aither.agent.{name}.layer_discarded"),
-            "--json",
-            "-n",
-            "1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let got = common::poll_until(Duration::from_secs(30), || {
-        d.ok(&["discard", &name]);
-        matches!(sub.try_wait(), Ok(Some(_)))
-    });
-    if !got {
-        let _ = sub.kill();
-    }
-    let out = sub.wait_with_output().unwrap();
-    assert!(got, "no layer_discarded on the bus");
-    let m: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    assert_eq!(
-        m["subject"],
-        format!("aither.agent.{name}.layer_discarded"),
-        "{m}"
-    );
+    discard_is_on_the_bus(&d, &name);
 }
 
 #[test]
