@@ -326,6 +326,12 @@ fn members_fork_snapshot_and_discard_their_own_agents_and_no_one_elses() {
         "stored as the member's"
     );
     assert!(!dir.join("a").exists() && !dir.join("seen").exists());
+    // An admin may fork it (as they may spawn on that directory): the fork is the admin's.
+    let by_admin = unique("fork-member-adm");
+    us.ok(&d, 2, &["fork", &name, &by_admin, "--", "/bin/true"]);
+    let v: Value = serde_json::from_str(&us.ok(&d, 2, &["inspect", &by_admin])).unwrap();
+    assert_eq!(v["owner"], us.users[2].uid, "{v}");
+    assert!(layers.join(&by_admin).join("upper/a").exists());
     ok(1, &["discard", &name]);
     assert!(!layers.join(&name).join("upper/a").exists());
     ok(1, &["restore", &name, "s1"]);

@@ -565,7 +565,8 @@ pub struct RestoreArgs {
 ///
 /// NEW runs on a token of its own: from NAME's policy when NAME was spawned from one; when
 /// NAME was spawned with a token (which names its agent), give one minted for NEW with
-/// --token. A fork is made by NAME's owner (a member forks their own agents; NEW is theirs).
+/// --token. A member forks their own agents (NEW is theirs); an admin any (NEW is the
+/// admin's).
 ///
 /// For a `run` (an agent aitherd does not know), root's fork copies the layer only: start NEW
 /// with the same policy and workspace (`aitherctl run … --name NEW`).
@@ -676,19 +677,19 @@ fn fork_via_daemon(a: &ForkArgs) -> i32 {
             None
         } else {
             // No such agent (or not the caller's): the fork goes without a directory, and
-            // aitherd refuses it (and records the refusal).
+            // aitherd refuses it (and records the refusal). A directory the caller cannot
+            // open goes without one too: aitherd takes that from an admin only.
             let info = daemon_inspect(&a.name).unwrap_or_default();
-            match info.get("workspace").and_then(|w| w.as_str()) {
-                Some(w) => Some({
+            info.get("workspace")
+                .and_then(|w| w.as_str())
+                .and_then(|w| {
                     use std::os::unix::fs::OpenOptionsExt;
                     std::fs::OpenOptions::new()
                         .read(true)
                         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
                         .open(w)
-                        .with_context(|| format!("the workspace {w}, opened as you"))?
-                }),
-                None => None,
-            }
+                        .ok()
+                })
         };
         let fds: Vec<std::os::fd::BorrowedFd<'_>> = ws.iter().map(|f| f.as_fd()).collect();
         let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
