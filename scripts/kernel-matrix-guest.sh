@@ -600,7 +600,42 @@ if [ "$mode" = v2 ] && [ "${#ws_flags[@]}" -eq 0 ]; then
   check bpf-devices bpf_devices
 fi
 
-# 8. The stand-ins each kernel needed, for the support table.
+# 8. Layered workspaces (`ci`, docs/workspaces.md): with id-mapped overlay layers (≥ 5.19)
+# the agent's writes stay in its layer, `diff` shows them exactly and `apply` copies them;
+# below, the launch is refused naming the kernel, and nothing reaches the directory. The state
+# directory is on the ext4 image: the guest's /var is an overlay, which cannot be an upper layer.
+layered() {
+  local st=/tmp/ws/state-layered o
+  mkdir -p "$st"
+  if [ "$major" -lt 5 ] || { [ "$major" -eq 5 ] && [ "$minor" -lt 19 ]; }; then
+    if o="$(AITHER_STATE_DIR="$st" run -p ci --name km-layer -- sh -c 'echo agent >layered.txt' 2>&1)"; then
+      echo "ci ran on $ver without id-mapped overlay layers: $o"
+      return 1
+    fi
+    [ ! -e "$ws/layered.txt" ] || { echo "the agent's file reached the directory"; return 1; }
+    grep -q 'kernel ≥ 5.19' <<<"$o" || { echo "unclear refusal: $o"; return 1; }
+    echo "refused: $(grep -o 'overlayfs refused[^.]*' <<<"$o" | head -n 1)"
+    return 0
+  fi
+  AITHER_STATE_DIR="$st" run -p ci --name km-layer -- \
+    sh -c 'echo agent >layered.txt && rm aither-probe && test ! -e aither-probe' || return 1
+  [ ! -e "$ws/layered.txt" ] || { echo "the agent's new file reached the directory"; return 1; }
+  [ -e "$ws/aither-probe" ] || { echo "the agent's removal reached the directory"; return 1; }
+  o="$(cd "$ws" && AITHER_STATE_DIR="$st" aitherctl diff km-layer --json)" || { echo "diff: $o"; return 1; }
+  python3 -c '
+import json, sys
+got = sorted((c["path"], c["change"]) for c in json.loads(sys.argv[1])["changes"])
+want = [("aither-probe", "removed"), ("layered.txt", "added")]
+assert got == want, got
+print("diff", got)' "$o" || return 1
+  (cd "$ws" && AITHER_STATE_DIR="$st" aitherctl apply km-layer layered.txt) || return 1
+  [ "$(cat "$ws/layered.txt")" = agent ] && [ -e "$ws/aither-probe" ] || { echo "apply of one path"; return 1; }
+  rm -f "$ws/layered.txt"
+  (cd "$ws" && AITHER_STATE_DIR="$st" aitherctl discard km-layer) || return 1
+}
+check layered layered
+
+# 9. The stand-ins each kernel needed, for the support table.
 python3 - "$out/report-strict.json" "$out/doctor.json" >"$out/stand-ins" <<'EOF' || true
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod harden;
 pub mod identity;
 pub mod kernel_audit;
+pub mod layer_ops;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;

@@ -644,6 +644,30 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             Reply::ok(json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}))
         }
         Request::Spawn(s) => spawn(d, *s, caller, fds).await,
+        Request::LayerOp {
+            name,
+            action,
+            tag,
+            keep,
+        } => super::layer_ops::op(d, caller, name, action, tag, keep).await,
+        Request::Fork {
+            name,
+            new,
+            from,
+            argv,
+            memory,
+            token,
+        } => {
+            let ask = super::layer_ops::ForkAsk {
+                name,
+                new,
+                from,
+                argv,
+                memory,
+                token,
+            };
+            super::layer_ops::fork(d, caller, ask, fds).await
+        }
         Request::GpuLs => gpu_ls(d, caller),
         Request::GpuQueue => gpu_queue(d, caller),
         Request::Ps => ps(d, caller),
@@ -1116,7 +1140,7 @@ pub(super) fn not_found(name: &str) -> Reply {
 
 /// How an agent's refusal reads as a reply: a plain message is a `conflict` (the agent's
 /// state does not allow it); an `ErrorBody` carries its own code.
-trait Refusal {
+pub(super) trait Refusal {
     fn into_reply(self) -> Reply;
 }
 
@@ -1132,7 +1156,7 @@ impl Refusal for ErrorBody {
     }
 }
 
-async fn command<F, E>(d: &Shared, name: &str, make: F) -> Reply
+pub(super) async fn command<F, E>(d: &Shared, name: &str, make: F) -> Reply
 where
     F: FnOnce(oneshot::Sender<Result<(), E>>) -> Cmd,
     E: Refusal,
@@ -1165,7 +1189,12 @@ where
 
 /// Builds the agent's spec from a verified token (the same path as `aitherctl run`), then
 /// starts its supervisor and waits for the first launch.
-async fn spawn(d: &Shared, req: SpawnRequest, caller: &Caller, fds: Vec<OwnedFd>) -> Reply {
+pub(super) async fn spawn(
+    d: &Shared,
+    req: SpawnRequest,
+    caller: &Caller,
+    fds: Vec<OwnedFd>,
+) -> Reply {
     let name = req.name.clone();
     let argv = req.argv.clone();
     // Ports published on the host (`--publish-host`), as given: part of what was allowed.

@@ -145,6 +145,27 @@ impl std::str::FromStr for LogStream {
     }
 }
 
+/// What `Request::LayerOp` does to an agent's layer.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerAction {
+    Discard,
+    Snapshot,
+    SnapshotRm,
+    Restore,
+}
+
+/// A fork's memory tiers: copied from NAME into NEW, or NEW starts with none. (No sharing:
+/// the memory store keys every entry by its agent's name and each token reaches its own
+/// subject's, so two names on one store would need aliasing the store does not have.)
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkMemory {
+    #[default]
+    Copy,
+    None,
+}
+
 /// A request on the control socket.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -305,6 +326,36 @@ pub enum Request {
     /// detached mount of its upper layer, which the caller reads with their own rights.
     LayerOpen {
         name: String,
+    },
+    /// A change to an agent's layered workspace, done by aitherd for the agent's owner (root's
+    /// layer, the owner checked, audited and announced on the bus; docs/workspaces.md):
+    /// `discard`, `snapshot` (`tag`, `keep`), `snapshot_rm` (`tag`), `restore` (`tag`). The
+    /// reply is the operation's result (a snapshot's record, a restore's copy statistics).
+    LayerOp {
+        name: String,
+        action: LayerAction,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep: Option<u32>,
+    },
+    /// `aitherctl fork NAME NEW`: a new agent NEW made from daemon agent NAME
+    /// (docs/workspaces.md "fork"): NAME's layer (or snapshot `from`) copied, NEW spawned
+    /// with NAME's policy, workspace and supervision (and `argv` when not empty, else NAME's
+    /// command), its memory copied (`memory` = "copy") or not ("none"). A non-admin presents
+    /// the workspace directory as a descriptor (SCM_RIGHTS), as for `spawn`.
+    Fork {
+        name: String,
+        new: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        argv: Vec<String>,
+        memory: ForkMemory,
+        /// A token for NEW (its subject NEW), required when NAME was spawned with a token of
+        /// its own: a token binds its agent's name, so NAME's cannot be NEW's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Says which front end the connection serves (docs/mcp.md "Audit"), as its first frame:
     /// aitherd records one `mcp` audit record for the call (`tool`, `agent`; a deny with the

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use aither::layer::{self, Change, Kind, What};
 use aither::sandbox::layer as core_layer;
 use aither::sandbox::workspace;
+use aither_proto::control::LayerAction;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use rustix::fs::{Mode, OFlags};
@@ -453,8 +454,14 @@ pub fn apply(a: ApplyArgs) -> i32 {
 }
 
 pub fn discard(a: DiscardArgs) -> i32 {
-    if !rustix::process::geteuid().is_root() {
-        return fail(&anyhow!("the layers are root's; run discard as root"));
+    if use_daemon(&a.name) {
+        return match layer_op(&a.name, LayerAction::Discard, None, None) {
+            Ok(_) => {
+                eprintln!("discarded the layer of {}", a.name);
+                0
+            }
+            Err(e) => fail(&e),
+        };
     }
     let layer = match layer_path(&a.name) {
         Ok(l) => l,
@@ -544,20 +551,32 @@ pub struct RestoreArgs {
     tag: String,
 }
 
-/// Start a new agent's layered workspace as a copy of another's.
+/// Make a new agent from another: a copy of its layered workspace and memory.
 ///
-/// Makes NEW's layer a copy of NAME's (its current changes, or snapshot --from TAG), bound to
-/// the same directory. Then start NEW like any agent, with the same policy and workspace and
-/// whatever command tries the other approach (`aitherctl spawn -p ci -w DIR NEW -- …` or
-/// `aitherctl run … --name NEW`): it starts where NAME was. NAME keeps its layer. A running
-/// NAME is frozen while its layer is copied.
+/// For an agent aitherd runs (spawned), aitherd copies NAME's layer (its current changes, with
+/// NAME frozen for the copy, or snapshot --from TAG) into NEW's, bound to the same directory,
+/// copies NAME's memory tiers (all but `working`; --memory none: none), and spawns NEW with
+/// NAME's policy, workspace, environment, limits and supervision, running NAME's command or
+/// the one after `--`. NEW starts at once, where NAME was; from then on neither sees the
+/// other's writes, and nothing reaches the directory without `aitherctl apply`. Published
+/// services and host ports are not copied.
 ///
-/// Exit status: 0 forked; 1 refused or failed (NEW has a layer, no such snapshot); 2 bad
-/// usage.
+/// NEW runs on a token of its own: from NAME's policy when NAME was spawned from one; when
+/// NAME was spawned with a token (which names its agent), give one minted for NEW with
+/// --token. A member forks their own agents (NEW is theirs); an admin any (NEW is the
+/// admin's).
+///
+/// For a `run` (an agent aitherd does not know), root's fork copies the layer only: start NEW
+/// with the same policy and workspace (`aitherctl run … --name NEW`).
+///
+/// Exit status: 0 forked; 1 refused or failed (NEW taken, no such agent or snapshot, the
+/// spawn refused: nothing of NEW is left); 2 bad usage.
 ///
 /// Examples:
 ///   aitherctl fork fix1 fix1-b
-///   aitherctl fork fix1 fix1-b --from s1
+///   aitherctl fork fix1 fix1-b --from s1 -- ./agent.sh --approach b
+///   aitherctl fork fix1 fix1-b --memory none --json
+///   aitherctl fork tok1 tok1-b --token tok1-b.tok
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ForkArgs {
@@ -568,8 +587,161 @@ pub struct ForkArgs {
     /// A snapshot of NAME instead of its current changes.
     #[arg(long)]
     from: Option<String>,
+    /// NAME's memory tiers: copied into NEW (all but `working`), or none.
+    #[arg(long, value_enum, default_value = "copy")]
+    memory: MemoryArg,
+    /// A token file for NEW (subject NEW): needed when NAME was spawned with a token, which
+    /// names its agent and so cannot be NEW's.
+    #[arg(long, value_name = "FILE")]
+    token: Option<PathBuf>,
+    /// The result as JSON.
     #[arg(long)]
     json: bool,
+    /// NEW's command (default: NAME's).
+    #[arg(last = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryArg {
+    Copy,
+    None,
+}
+
+/// Whether aitherd does this layer operation: always for a member (the layers are root's),
+/// and for root when aitherd knows the agent (so the operation is announced on the bus).
+fn use_daemon(name: &str) -> bool {
+    !rustix::process::geteuid().is_root() || daemon_state(name).is_some()
+}
+
+/// `Request::LayerOp`: aitherd checks the owner, does it, audits it; its reply's data.
+fn layer_op(
+    name: &str,
+    action: LayerAction,
+    tag: Option<String>,
+    keep: Option<u32>,
+) -> anyhow::Result<serde_json::Value> {
+    use aither::daemon::proto::Request;
+    aither::agent_name::AgentName::parse("NAME", name).map_err(|e| anyhow!("{e}"))?;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let r = c.call(&Request::LayerOp {
+        name: name.into(),
+        action,
+        tag,
+        keep,
+    })?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    Ok(r.data.unwrap_or_default())
+}
+
+fn daemon_inspect(name: &str) -> anyhow::Result<serde_json::Value> {
+    use aither::daemon::proto::Request;
+    let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+    let r = c.call(&Request::Inspect { name: name.into() })?;
+    if !r.ok {
+        bail!(
+            "{}",
+            r.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "refused".into())
+        );
+    }
+    Ok(r.data.unwrap_or_default())
+}
+
+/// A fork of a spawned agent: aitherd copies the layer and memory and spawns NEW. A member
+/// presents the workspace directory, opened with their own rights, as `spawn` does.
+fn fork_via_daemon(a: &ForkArgs) -> i32 {
+    use aither::daemon::proto::Request;
+    use aither_proto::control::ForkMemory;
+    let r = (|| -> anyhow::Result<serde_json::Value> {
+        let token = match &a.token {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("--token {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let ws = if rustix::process::geteuid().is_root() {
+            None
+        } else {
+            // No such agent (or not the caller's): the fork goes without a directory, and
+            // aitherd refuses it (and records the refusal). A directory the caller cannot
+            // open goes without one too: aitherd takes that from an admin only.
+            let info = daemon_inspect(&a.name).unwrap_or_default();
+            info.get("workspace")
+                .and_then(|w| w.as_str())
+                .and_then(|w| {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                        .open(w)
+                        .ok()
+                })
+        };
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = ws.iter().map(|f| f.as_fd()).collect();
+        let mut c = aither::daemon::client::Client::connect(&aither::daemon::socket_path())?;
+        let req = Request::Fork {
+            name: a.name.clone(),
+            new: a.new.clone(),
+            from: a.from.clone(),
+            argv: a.argv.clone(),
+            memory: match a.memory {
+                MemoryArg::Copy => ForkMemory::Copy,
+                MemoryArg::None => ForkMemory::None,
+            },
+            token,
+        };
+        let r = c.call_with_fds(&req, &fds)?;
+        if !r.ok {
+            bail!(
+                "{}",
+                r.error
+                    .map(|e| e.message)
+                    .unwrap_or_else(|| "refused".into())
+            );
+        }
+        Ok(r.data.unwrap_or_default())
+    })();
+    match r {
+        Ok(v) if a.json => {
+            println!("{v}");
+            0
+        }
+        Ok(v) => {
+            let layer = match v.get("layer").filter(|l| !l.is_null()) {
+                Some(l) => format!(
+                    "layer copied ({} entries, {} bytes)",
+                    l["entries"].as_u64().unwrap_or(0),
+                    l["bytes"].as_u64().unwrap_or(0)
+                ),
+                None => "no layer to copy".into(),
+            };
+            eprintln!(
+                "{}: forked from {}{}: {layer}, {} memory record(s) copied; {}",
+                a.new,
+                a.name,
+                a.from
+                    .as_deref()
+                    .map(|t| format!(" (snapshot {t})"))
+                    .unwrap_or_default(),
+                v["memory_entries"].as_u64().unwrap_or(0),
+                v["agent"]["state"].as_str().unwrap_or("started")
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 fn root_only(what: &str) -> anyhow::Result<()> {
@@ -640,6 +812,17 @@ fn frozen<T>(name: &str, f: impl FnOnce(bool) -> anyhow::Result<T>) -> anyhow::R
 }
 
 pub fn snapshot(a: SnapshotArgs) -> i32 {
+    if use_daemon(&a.name) {
+        let r = layer_op(&a.name, LayerAction::Snapshot, a.tag.clone(), a.keep).and_then(|v| {
+            if let Some(p) = v.get("pruned").and_then(|p| p.as_array()) {
+                for old in p.iter().filter_map(|t| t.as_str()) {
+                    eprintln!("{}: removed snapshot {old} (--keep)", a.name);
+                }
+            }
+            serde_json::from_value::<core_layer::Snapshot>(v).context("aitherd's snapshot record")
+        });
+        return print_snapshot(&a, r);
+    }
     let r = (|| -> anyhow::Result<core_layer::Snapshot> {
         root_only("snapshot")?;
         let layer = layer_path(&a.name)?;
@@ -661,6 +844,10 @@ pub fn snapshot(a: SnapshotArgs) -> i32 {
         i32::from(r.is_err()),
         json!({"tag": r.as_ref().ok().map(|s| s.tag.clone()).or(a.tag.clone()), "stats": r.as_ref().ok().map(|s| s.stats.clone()), "frozen": r.as_ref().ok().map(|s| s.frozen)}),
     );
+    print_snapshot(&a, r)
+}
+
+fn print_snapshot(a: &SnapshotArgs, r: anyhow::Result<core_layer::Snapshot>) -> i32 {
     match r {
         Ok(s) if a.json => {
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
@@ -685,6 +872,28 @@ pub fn snapshot(a: SnapshotArgs) -> i32 {
 }
 
 pub fn snapshots(a: SnapshotsArgs) -> i32 {
+    if let (Some(tag), true) = (&a.rm, use_daemon(&a.name)) {
+        return match layer_op(&a.name, LayerAction::SnapshotRm, Some(tag.clone()), None) {
+            Ok(_) => {
+                eprintln!("{}: removed snapshot {tag}", a.name);
+                0
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    if a.rm.is_none() && !rustix::process::geteuid().is_root() {
+        // A member's own agent: its snapshots as `inspect` shows them.
+        let r = daemon_inspect(&a.name).and_then(|v| {
+            serde_json::from_value::<Vec<core_layer::Snapshot>>(
+                v.get("layer")
+                    .and_then(|l| l.get("snapshots"))
+                    .cloned()
+                    .ok_or_else(|| anyhow!("{}: no layered workspace", a.name))?,
+            )
+            .context("aitherd's snapshot list")
+        });
+        return print_snapshots(&a, r);
+    }
     if let Some(tag) = &a.rm {
         let r = root_only("snapshots --rm")
             .and_then(|()| layer_path(&a.name))
@@ -706,6 +915,10 @@ pub fn snapshots(a: SnapshotsArgs) -> i32 {
     let r = root_only("snapshots")
         .and_then(|()| layer_path(&a.name))
         .and_then(|l| Ok(core_layer::snapshots(&l)?));
+    print_snapshots(&a, r)
+}
+
+fn print_snapshots(a: &SnapshotsArgs, r: anyhow::Result<Vec<core_layer::Snapshot>>) -> i32 {
     match r {
         Ok(list) if a.json => {
             println!("{}", json!({"agent": a.name, "snapshots": list}));
@@ -729,6 +942,20 @@ pub fn snapshots(a: SnapshotsArgs) -> i32 {
 }
 
 pub fn restore(a: RestoreArgs) -> i32 {
+    if use_daemon(&a.name) {
+        return match layer_op(&a.name, LayerAction::Restore, Some(a.tag.clone()), None) {
+            Ok(v) => {
+                eprintln!(
+                    "{}: restored snapshot {} ({} entries)",
+                    a.name,
+                    a.tag,
+                    v["stats"]["entries"].as_u64().unwrap_or(0)
+                );
+                0
+            }
+            Err(e) => fail(&e),
+        };
+    }
     let r = (|| -> anyhow::Result<core_layer::CopyStats> {
         root_only("restore")?;
         let layer = layer_path(&a.name)?;
@@ -754,6 +981,18 @@ pub fn restore(a: RestoreArgs) -> i32 {
 }
 
 pub fn fork(a: ForkArgs) -> i32 {
+    if use_daemon(&a.name) {
+        return fork_via_daemon(&a);
+    }
+    if !a.argv.is_empty() || a.token.is_some() || a.memory == MemoryArg::None {
+        crate::print_error(&anyhow!(
+            "{}: not an agent of aitherd (a `run`): fork copies its layer only; start {} yourself \
+             (a command, --token and --memory are for forks of spawned agents)",
+            a.name,
+            a.new
+        ));
+        return EXIT_USAGE;
+    }
     let r = (|| -> anyhow::Result<core_layer::CopyStats> {
         root_only("fork")?;
         let layer = layer_path(&a.name)?;
