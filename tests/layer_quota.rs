@@ -310,3 +310,63 @@ fn a_member_diffs_and_applies_their_quotad_layer_through_aitherd() {
     assert_eq!((m.uid(), m.gid()), (u.uid, u.gid));
     assert_eq!(std::fs::read_to_string(dir.join("added")).unwrap(), "new\n");
 }
+
+#[test]
+fn aitherds_fork_of_a_quotad_agent_gets_an_image_of_the_same_quota() {
+    let d = common::daemon::TestDaemon::start("aither-quota-f-", &[]);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let policy = quota_policy(dir.path());
+    let name = unique("quota-fork");
+    let new = format!("{name}-b");
+    let ws = d.ws.path().to_str().unwrap().to_string();
+    d.ok(&[
+        "spawn",
+        "--policy",
+        &policy,
+        "--workspace",
+        &ws,
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo one > a",
+    ]);
+    let exited = common::poll_until(std::time::Duration::from_secs(60), || {
+        let v: Value = serde_json::from_str(&d.ok(&["inspect", &name])).unwrap();
+        v["state"] == "exited"
+    });
+    assert!(exited, "{}", d.ok(&["inspect", &name]));
+    // NEW starts where NAME was, under the same quota: past it, ENOSPC inside.
+    d.ok(&[
+        "fork",
+        &name,
+        &new,
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat a; dd if=/dev/zero of=big bs=1M count=64 2>&1; echo dd=$?",
+    ]);
+    let mut logs = String::new();
+    let done = common::poll_until(std::time::Duration::from_secs(60), || {
+        logs = d.ok(&["logs", &new]);
+        logs.contains("dd=")
+    });
+    assert!(done, "{logs}\n{}", d.log());
+    assert!(logs.contains("one\n"), "{logs}");
+    assert!(
+        logs.contains("No space left on device") && logs.contains("dd=1"),
+        "{logs}"
+    );
+    let img = d
+        .state
+        .path()
+        .join("state/layers")
+        .join(&new)
+        .join("layer.img");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), QUOTA);
+    // The original's image is untouched by NEW's writes.
+    let v: Value = serde_json::from_str(&d.ok(&["diff", &name, "--json"])).unwrap();
+    assert_eq!(v["changes"].as_array().unwrap().len(), 1, "{v}");
+    d.ok(&["rm", "--force", &new]);
+    d.ok(&["rm", "--force", &name]);
+}
