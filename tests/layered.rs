@@ -464,6 +464,13 @@ fn snapshot_restore_and_fork_round_trip() {
     assert_eq!(seen, "one\na\naither-probe\nd\na\n", "{seen}");
     let list: Value = serde_json::from_str(&l.ok(&["snapshots", &l.name, "--json"])).unwrap();
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
+    // A discard forgets the layer's directory; a restore binds it again from the snapshot,
+    // so diff (and a fork) see the changes at once, not only after the agent runs.
+    l.ok(&["discard", &l.name]);
+    let (code, _, err) = l.ctl(&["diff", &l.name]);
+    assert!(code != 0 && err.contains("the layer is empty"), "{err}");
+    l.ok(&["restore", &l.name, "s1"]);
+    assert_eq!(l.changes(), at_s1);
     // Retention: --keep 2 leaves the newest two; --rm removes one by tag.
     let tags = |l: &Layered| -> Vec<String> {
         let v: Value = serde_json::from_str(&l.ok(&["snapshots", &l.name, "--json"])).unwrap();

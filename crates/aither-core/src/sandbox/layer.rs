@@ -879,6 +879,12 @@ pub fn snapshot(layer: &Path, tag: &str, frozen: bool) -> Result<Snapshot, Layer
     };
     let text = serde_json::to_vec_pretty(&snap).expect("a snapshot serialises");
     hostpath::replace_file_at(dir.as_fd(), OsStr::new(SNAPSHOT_META), &text, 0o600)?;
+    // The directory the snapshot's changes belong to, so that a restore after a discard
+    // (which removes the layer's record) binds the layer to that directory again.
+    if let Some(record) = read_record(fd.as_fd(), layer)? {
+        let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
+        hostpath::replace_file_at(dir.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
+    }
     Ok(snap)
 }
 
@@ -974,6 +980,30 @@ pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
     let fd = open_layer_dir(layer, false)?;
     let _held = lock(fd.as_fd(), layer)?;
     let from = snapshot_upper(fd.as_fd(), layer, tag)?;
+    // The snapshot's directory (snapshots made before records were kept have none): the
+    // layer must still be bound to it, or be bound again after a discard.
+    let snap_dir = layer.join(SNAPSHOTS).join(tag);
+    let snap_record = hostpath::open_at_nofollow(
+        fd.as_fd(),
+        &Path::new(SNAPSHOTS).join(tag),
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .map_err(LayerError::from)
+    .and_then(|d| read_record(d.as_fd(), &snap_dir))?;
+    let current = read_record(fd.as_fd(), layer)?;
+    if let (Some(snap), Some(now)) = (&snap_record, &current) {
+        if (snap.dev, snap.ino) != (now.dev, now.ino) {
+            return Err(LayerError::Unexpected {
+                path: snap_dir,
+                what: format!(
+                    "the snapshot holds changes to {}, the layer now to {}; discard the layer first",
+                    snap.workspace.display(),
+                    now.workspace.display()
+                ),
+            });
+        }
+    }
     // Into the layer's image when it has one: the restored tree counts against its quota.
     let store = open_store(fd.as_fd(), layer, Use::WriteLocked)?;
     for name in [UPPER, WORK] {
@@ -988,6 +1018,10 @@ pub fn restore(layer: &Path, tag: &str) -> Result<CopyStats, LayerError> {
         &mut stats,
     )?;
     hostpath::private_dir_at(store.dir.as_fd(), OsStr::new(WORK), &layer.join(WORK))?;
+    if let (Some(record), None) = (&snap_record, &current) {
+        let text = serde_json::to_vec_pretty(record).expect("a record serialises");
+        hostpath::replace_file_at(fd.as_fd(), OsStr::new(RECORD), &text, 0o600)?;
+    }
     Ok(stats)
 }
 
