@@ -666,6 +666,15 @@ fn a_member_diffs_and_applies_their_own_agents_layer_and_no_one_elses() {
         std::fs::read_to_string(dir.join("keep")).unwrap(),
         "changed\n"
     );
+    // aitherd announced and recorded the member's apply (done by the member's aitherctl).
+    let ev = ok(1, &["events", "--agent", &name, "--json"]);
+    assert!(ev.contains("layer_applied"), "{ev}");
+    assert!(
+        d.audit_records().iter().any(|r| r["kind"] == "layer_apply"
+            && r["agent"] == name.as_str()
+            && r["caller_uid"].as_u64() == Some(u64::from(u2.uid))),
+        "no layer_apply record by the member"
+    );
     let m = std::fs::metadata(dir.join("added")).unwrap();
     assert_eq!((m.uid(), m.gid()), (u2.uid, u2.gid));
     // aitherd recorded both openings, the other member's as a denial.

@@ -120,12 +120,14 @@ pub(super) async fn op(
     action: LayerAction,
     tag: Option<String>,
     keep: Option<u32>,
+    paths: Vec<String>,
 ) -> Reply {
     let kind = match action {
         LayerAction::Discard => "layer_discard",
         LayerAction::Snapshot => "layer_snapshot",
         LayerAction::SnapshotRm => "layer_snapshot_rm",
         LayerAction::Restore => "layer_restore",
+        LayerAction::Applied => "layer_apply",
     };
     let owner = match authorize(d, caller, kind, &name) {
         // Refused (audited there) as if there were no such agent.
@@ -134,7 +136,7 @@ pub(super) async fn op(
     };
     let reply = match owner {
         None => not_found(&name),
-        Some(_) => match run_op(d, &name, action, tag.clone(), keep).await {
+        Some(_) => match run_op(d, &name, action, tag.clone(), keep, paths).await {
             Ok(data) => Reply::ok(data),
             Err(r) => r,
         },
@@ -154,6 +156,7 @@ pub(super) async fn op(
             LayerAction::Snapshot => "layer_snapshot",
             LayerAction::SnapshotRm => "layer_snapshot_removed",
             LayerAction::Restore => "layer_restored",
+            LayerAction::Applied => "layer_applied",
         };
         d.emit(Some(&name), event, data.clone());
     }
@@ -166,6 +169,7 @@ async fn run_op(
     action: LayerAction,
     tag: Option<String>,
     keep: Option<u32>,
+    mut paths: Vec<String>,
 ) -> Result<serde_json::Value, Reply> {
     let layer = layer_of(name);
     let need_tag = || {
@@ -173,6 +177,23 @@ async fn run_op(
             .ok_or_else(|| Reply::err(ErrorCode::Invalid, "this layer operation needs a tag"))
     };
     match action {
+        // The caller's own report of what it applied (as the owner, with their rights):
+        // recorded as theirs, bounded, nothing done to the layer.
+        LayerAction::Applied => {
+            const MAX_PATHS: usize = 10_000;
+            let total = paths.len();
+            paths.truncate(MAX_PATHS);
+            for p in &mut paths {
+                if p.len() > 4096 {
+                    let cut = (0..=4096)
+                        .rev()
+                        .find(|&i| p.is_char_boundary(i))
+                        .unwrap_or(0);
+                    p.truncate(cut);
+                }
+            }
+            Ok(json!({"paths": paths, "count": total, "reported": true}))
+        }
         LayerAction::Discard => {
             refuse_live(d, name)?;
             blocking(name, move || {

@@ -649,7 +649,8 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
             action,
             tag,
             keep,
-        } => super::layer_ops::op(d, caller, name, action, tag, keep).await,
+            paths,
+        } => super::layer_ops::op(d, caller, name, action, tag, keep, paths).await,
         Request::Fork {
             name,
             new,

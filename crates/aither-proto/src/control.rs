@@ -153,6 +153,9 @@ pub enum LayerAction {
     Snapshot,
     SnapshotRm,
     Restore,
+    /// The owner's aitherctl applied `paths` to the directory (it does the apply itself, as
+    /// the owner): aitherd audits and announces it; nothing in the layer changes.
+    Applied,
 }
 
 /// A fork's memory tiers: copied from NAME into NEW, or NEW starts with none. (No sharing:
@@ -329,7 +332,8 @@ pub enum Request {
     },
     /// A change to an agent's layered workspace, done by aitherd for the agent's owner (root's
     /// layer, the owner checked, audited and announced on the bus; docs/workspaces.md):
-    /// `discard`, `snapshot` (`tag`, `keep`), `snapshot_rm` (`tag`), `restore` (`tag`). The
+    /// `discard`, `snapshot` (`tag`, `keep`), `snapshot_rm` (`tag`), `restore` (`tag`), and
+    /// `applied` (`paths`: the owner's own apply, reported to be audited and announced). The
     /// reply is the operation's result (a snapshot's record, a restore's copy statistics).
     LayerOp {
         name: String,
@@ -338,6 +342,9 @@ pub enum Request {
         tag: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         keep: Option<u32>,
+        /// `applied`: the paths the caller applied (at most 10,000 are kept).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        paths: Vec<String>,
     },
     /// `aitherctl fork NAME NEW`: a new agent NEW made from daemon agent NAME
     /// (docs/workspaces.md "fork"): NAME's layer (or snapshot `from`) copied, NEW spawned

@@ -444,18 +444,31 @@ pub fn apply(a: ApplyArgs) -> i32 {
             Err(e) => fail(&e),
         }
     };
-    audit(
-        "layer_apply",
-        &a.name,
-        code,
-        json!({"paths": a.paths, "allow_host_run": a.allow_host_run, "workspace": o.record.workspace, "as_uid": uid}),
-    );
+    if code == 0 && use_daemon(&a.name) {
+        // aitherd audits and announces it (event `layer_applied`) as the caller's report:
+        // the apply itself was done here, with the owner's rights.
+        let asked = if a.paths.is_empty() {
+            vec![".".to_string()]
+        } else {
+            a.paths.iter().map(|p| p.display().to_string()).collect()
+        };
+        if let Err(e) = layer_op(&a.name, LayerAction::Applied, None, None, asked) {
+            eprintln!("aither: warning: the apply was done but aitherd did not record it: {e:#}");
+        }
+    } else {
+        audit(
+            "layer_apply",
+            &a.name,
+            code,
+            json!({"paths": a.paths, "allow_host_run": a.allow_host_run, "workspace": o.record.workspace, "as_uid": uid}),
+        );
+    }
     code
 }
 
 pub fn discard(a: DiscardArgs) -> i32 {
     if use_daemon(&a.name) {
-        return match layer_op(&a.name, LayerAction::Discard, None, None) {
+        return match layer_op(&a.name, LayerAction::Discard, None, None, Vec::new()) {
             Ok(_) => {
                 eprintln!("discarded the layer of {}", a.name);
                 0
@@ -620,6 +633,7 @@ fn layer_op(
     action: LayerAction,
     tag: Option<String>,
     keep: Option<u32>,
+    paths: Vec<String>,
 ) -> anyhow::Result<serde_json::Value> {
     use aither::daemon::proto::Request;
     aither::agent_name::AgentName::parse("NAME", name).map_err(|e| anyhow!("{e}"))?;
@@ -629,6 +643,7 @@ fn layer_op(
         action,
         tag,
         keep,
+        paths,
     })?;
     if !r.ok {
         bail!(
@@ -813,7 +828,14 @@ fn frozen<T>(name: &str, f: impl FnOnce(bool) -> anyhow::Result<T>) -> anyhow::R
 
 pub fn snapshot(a: SnapshotArgs) -> i32 {
     if use_daemon(&a.name) {
-        let r = layer_op(&a.name, LayerAction::Snapshot, a.tag.clone(), a.keep).and_then(|v| {
+        let r = layer_op(
+            &a.name,
+            LayerAction::Snapshot,
+            a.tag.clone(),
+            a.keep,
+            Vec::new(),
+        )
+        .and_then(|v| {
             if let Some(p) = v.get("pruned").and_then(|p| p.as_array()) {
                 for old in p.iter().filter_map(|t| t.as_str()) {
                     eprintln!("{}: removed snapshot {old} (--keep)", a.name);
@@ -873,7 +895,13 @@ fn print_snapshot(a: &SnapshotArgs, r: anyhow::Result<core_layer::Snapshot>) -> 
 
 pub fn snapshots(a: SnapshotsArgs) -> i32 {
     if let (Some(tag), true) = (&a.rm, use_daemon(&a.name)) {
-        return match layer_op(&a.name, LayerAction::SnapshotRm, Some(tag.clone()), None) {
+        return match layer_op(
+            &a.name,
+            LayerAction::SnapshotRm,
+            Some(tag.clone()),
+            None,
+            Vec::new(),
+        ) {
             Ok(_) => {
                 eprintln!("{}: removed snapshot {tag}", a.name);
                 0
@@ -943,7 +971,13 @@ fn print_snapshots(a: &SnapshotsArgs, r: anyhow::Result<Vec<core_layer::Snapshot
 
 pub fn restore(a: RestoreArgs) -> i32 {
     if use_daemon(&a.name) {
-        return match layer_op(&a.name, LayerAction::Restore, Some(a.tag.clone()), None) {
+        return match layer_op(
+            &a.name,
+            LayerAction::Restore,
+            Some(a.tag.clone()),
+            None,
+            Vec::new(),
+        ) {
             Ok(v) => {
                 eprintln!(
                     "{}: restored snapshot {} ({} entries)",
