@@ -618,7 +618,8 @@ layered() {
     return 0
   fi
   AITHER_STATE_DIR="$st" run -p ci --name km-layer -- \
-    sh -c 'echo agent >layered.txt && rm aither-probe && test ! -e aither-probe' || return 1
+    sh -c 'echo agent >layered.txt && rm aither-probe && test ! -e aither-probe' ||
+    { dmesg | grep -i overlay | tail -n 5; return 1; }
   [ ! -e "$ws/layered.txt" ] || { echo "the agent's new file reached the directory"; return 1; }
   [ -e "$ws/aither-probe" ] || { echo "the agent's removal reached the directory"; return 1; }
   o="$(cd "$ws" && AITHER_STATE_DIR="$st" aitherctl diff km-layer --json)" || { echo "diff: $o"; return 1; }

@@ -442,48 +442,189 @@ pub fn mount_layered(
         .map_err(overlay_err("id-mapping the layer directory"))?,
     };
     drop(upper_helper);
-    let fs = rustix::mount::fsopen("overlay", rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)
-        .map_err(|e| overlay_err("fsopen")(e.into()))?;
-    let set = |k: &str, v: &str| {
-        rustix::mount::fsconfig_set_string(&fs, k, v).map_err(|e| {
-            overlay_err("fsconfig")(io::Error::new(
-                io::Error::from(e).kind(),
-                format!("{k}={v}: {e}"),
-            ))
-        })
-    };
-    // Paths through our own descriptors: nothing is looked up by a name an agent could change.
-    set(
-        "lowerdir",
-        &format!("/proc/self/fd/{}", lower_mnt.as_raw_fd()),
-    )?;
-    set(
-        "upperdir",
-        &format!("/proc/self/fd/{}/{UPPER}", layer_mnt.as_raw_fd()),
-    )?;
-    set(
-        "workdir",
-        &format!("/proc/self/fd/{}/{WORK}", layer_mnt.as_raw_fd()),
-    )?;
-    rustix::mount::fsconfig_set_flag(&fs, "userxattr")
-        .map_err(|e| overlay_err("fsconfig userxattr")(e.into()))?;
-    set("redirect_dir", "nofollow")?;
-    set("metacopy", "off")?;
-    set("index", "off")?;
-    rustix::mount::fsconfig_create(&fs)
-        .map_err(|e| overlay_err("creating the overlay")(e.into()))?;
-    let mut attrs = rustix::mount::MountAttrFlags::MOUNT_ATTR_NOSUID
-        | rustix::mount::MountAttrFlags::MOUNT_ATTR_NODEV;
-    if !exec {
-        attrs |= rustix::mount::MountAttrFlags::MOUNT_ATTR_NOEXEC;
-    }
-    let _ = MOUNT_ATTR_NOEXEC;
-    let mnt = rustix::mount::fsmount(&fs, rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC, attrs)
-        .map_err(|e| overlay_err("fsmount")(e.into()))?;
+    // Built in a child in a private mount namespace of its own, where the two detached layer
+    // mounts are attached first: overlayfs clones its layers with clone_private_mount(), which
+    // before Linux 6.15 refuses a mount outside the caller's namespace ("failed to clone
+    // upperpath"), and a detached mount is in none. Nothing of it is visible on the host, and
+    // the namespace ends with the child; the overlay keeps its own clones of the layers.
+    let mnt = overlay_in_private_ns(lower_mnt.as_fd(), layer_mnt.as_fd(), exec)
+        .map_err(|(op, e)| overlay_err(op)(e))?;
     // The overlay holds its layers now: the image's mount, its loop device and the launcher's
     // descriptors of them can go (the filesystem stays until the overlay does).
     drop(store);
     Ok((mnt, helper.holding(held)))
+}
+
+/// The steps of building the overlay, as named in its refusal.
+const OVERLAY_STEPS: [&str; 6] = [
+    "a private mount namespace",
+    "attaching the layers there",
+    "fsopen",
+    "fsconfig",
+    "creating the overlay",
+    "fsmount",
+];
+
+/// The overlay of `lower` (read-only, id-mapped) and `layer`'s `upper`/`work`, as a detached
+/// mount (nosuid, nodev, noexec unless `exec`): built by a forked child that attaches both
+/// layer mounts in a private mount namespace of its own first, and sends the overlay back over
+/// a socket pair. On failure, the step (from [`OVERLAY_STEPS`]) and its error.
+fn overlay_in_private_ns(
+    lower: BorrowedFd<'_>,
+    layer: BorrowedFd<'_>,
+    exec: bool,
+) -> Result<OwnedFd, (&'static str, io::Error)> {
+    use nix::sys::socket::{
+        recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+        SockFlag, SockType,
+    };
+    let sys = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
+    let (parent, child) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| (OVERLAY_STEPS[0], sys(e)))?;
+    // SAFETY: the launcher is single-threaded here (and a test's other threads hold no lock
+    // the child takes: it only makes system calls and formats short strings); the child never
+    // returns, it ends in _exit.
+    match unsafe { nix::unistd::fork() }.map_err(|e| (OVERLAY_STEPS[0], sys(e)))? {
+        nix::unistd::ForkResult::Child => {
+            drop(parent);
+            let (step, errno, fd) = match build_overlay(lower, layer, exec) {
+                Ok(fd) => (0u8, 0i32, Some(fd)),
+                Err((step, e)) => (step as u8, e.raw_os_error().unwrap_or(libc::EIO), None),
+            };
+            let mut msg = [0u8; 5];
+            msg[0] = step;
+            msg[1..].copy_from_slice(&errno.to_ne_bytes());
+            let raw: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            let _ = sendmsg::<()>(
+                child.as_raw_fd(),
+                &[io::IoSlice::new(&msg)],
+                if raw.is_empty() { &[] } else { &cmsg },
+                MsgFlags::empty(),
+                None,
+            );
+            // Raw: nix has no _exit; the launcher's atexit handlers must not run in this copy.
+            // SAFETY: ends this forked child at once; nothing of it runs after.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child: pid } => {
+            drop(child);
+            let mut msg = [0u8; 5];
+            let mut space = nix::cmsg_space!([i32; 1]);
+            let got = {
+                let mut iov = [io::IoSliceMut::new(&mut msg)];
+                recvmsg::<()>(
+                    parent.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map(|r| {
+                    let fds: Vec<OwnedFd> = r
+                        .cmsgs()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| match c {
+                            ControlMessageOwned::ScmRights(v) => Some(v),
+                            _ => None,
+                        })
+                        .flatten()
+                        // SAFETY: received with SCM_RIGHTS: new descriptors of this process.
+                        .map(|f| unsafe { std::os::fd::FromRawFd::from_raw_fd(f) })
+                        .collect();
+                    (r.bytes, fds)
+                })
+            };
+            let _ = nix::sys::wait::waitpid(pid, None);
+            let (n, mut fds) = got.map_err(|e| (OVERLAY_STEPS[0], sys(e)))?;
+            if n != msg.len() {
+                return Err((
+                    OVERLAY_STEPS[0],
+                    io::Error::other("the overlay's builder ended without an answer"),
+                ));
+            }
+            let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+            match (errno, fds.pop()) {
+                (0, Some(fd)) => Ok(fd),
+                (0, None) => Err((
+                    OVERLAY_STEPS[5],
+                    io::Error::other("no overlay descriptor came back"),
+                )),
+                (e, _) => Err((
+                    OVERLAY_STEPS[usize::from(msg[0]).min(OVERLAY_STEPS.len() - 1)],
+                    io::Error::from_raw_os_error(e),
+                )),
+            }
+        }
+    }
+}
+
+/// In the builder child: a private mount namespace, both layer mounts attached in it, then the
+/// overlay through paths of our own descriptors (nothing looked up by a name an agent could
+/// change). The error's step indexes [`OVERLAY_STEPS`].
+fn build_overlay(
+    lower: BorrowedFd<'_>,
+    layer: BorrowedFd<'_>,
+    exec: bool,
+) -> Result<OwnedFd, (usize, io::Error)> {
+    use nix::mount::MsFlags;
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let sys =
+        |step: usize| move |e: nix::errno::Errno| (step, io::Error::from_raw_os_error(e as i32));
+    let rx = |step: usize| move |e: rustix::io::Errno| (step, io::Error::from(e));
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(sys(0))?;
+    // Private first: nothing attached below may propagate to the host's namespace.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys(0))?;
+    // Any directory of this namespace serves: both are stacked on it and reached through
+    // their descriptors only.
+    let target = if Path::new("/tmp").is_dir() {
+        "/tmp"
+    } else {
+        "/"
+    };
+    for m in [lower, layer] {
+        rustix::mount::move_mount(
+            m,
+            c"",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(rx(1))?;
+    }
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(rx(2))?;
+    let set = |k: &str, v: &str| rustix::mount::fsconfig_set_string(&fs, k, v).map_err(rx(3));
+    set("lowerdir", &format!("/proc/self/fd/{}", lower.as_raw_fd()))?;
+    set(
+        "upperdir",
+        &format!("/proc/self/fd/{}/{UPPER}", layer.as_raw_fd()),
+    )?;
+    set(
+        "workdir",
+        &format!("/proc/self/fd/{}/{WORK}", layer.as_raw_fd()),
+    )?;
+    rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(rx(3))?;
+    set("redirect_dir", "nofollow")?;
+    set("metacopy", "off")?;
+    set("index", "off")?;
+    rustix::mount::fsconfig_create(&fs).map_err(rx(4))?;
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    if !exec {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    }
+    rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(rx(5))
 }
 
 /// Removes everything in the layer `layer` (the agent must not be running): the upper and work
