@@ -147,27 +147,38 @@ fn open_via_daemon(name: &str) -> anyhow::Result<Opened> {
     let upper = fds
         .pop()
         .ok_or_else(|| anyhow!("aitherd sent no layer descriptor"))?;
-    let me = rustix::process::getuid().as_raw();
-    let ws = workspace::open_checked(&record.workspace, Some(me))?;
-    if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) || record.owner_uid != me {
-        bail!(
-            "{}: not the directory the layer was made for, or not yours; nothing is applied",
-            record.workspace.display()
-        );
-    }
-    let lower = rustix::fs::openat(
-        &ws.fd,
-        ".",
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("opening {}", record.workspace.display()))?;
+    let lower = open_lower(&record, Some(rustix::process::getuid().as_raw()))?;
     Ok(Opened {
         record,
         layer,
         upper,
         lower,
     })
+}
+
+/// The layer's directory as the launcher opened it (no link on the path, the same device and
+/// inode) and, for a `member`, theirs: a descriptor of it to read from and apply into.
+fn open_lower(record: &core_layer::LayerRecord, member: Option<u32>) -> anyhow::Result<OwnedFd> {
+    let ws = workspace::open_checked(&record.workspace, member)?;
+    let same = (ws.id.dev, ws.id.ino) == (record.dev, record.ino);
+    match member {
+        Some(me) if !same || record.owner_uid != me => bail!(
+            "{}: not the directory the layer was made for, or not yours; nothing is applied",
+            record.workspace.display()
+        ),
+        None if !same => bail!(
+            "{}: no longer the directory the layer was made for (replaced or renamed); nothing is applied to another one",
+            record.workspace.display()
+        ),
+        _ => {}
+    }
+    rustix::fs::openat(
+        &ws.fd,
+        ".",
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", record.workspace.display()))
 }
 
 fn open(name: &str) -> anyhow::Result<Opened> {
@@ -188,21 +199,7 @@ fn open(name: &str) -> anyhow::Result<Opened> {
     // layer's descriptor keeps that mount's filesystem for as long as it is open.
     let store = core_layer::open_store(fd.as_fd(), &layer, core_layer::Use::Read)?;
     let upper = store.upper(&layer)?;
-    // The directory as the launcher opened it: no link on the path, the same (dev, ino).
-    let ws = workspace::open_checked(&record.workspace, None)?;
-    if (ws.id.dev, ws.id.ino) != (record.dev, record.ino) {
-        bail!(
-            "{}: no longer the directory the layer was made for (replaced or renamed); nothing is applied to another one",
-            record.workspace.display()
-        );
-    }
-    let lower = rustix::fs::openat(
-        &ws.fd,
-        ".",
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("opening {}", record.workspace.display()))?;
+    let lower = open_lower(&record, None)?;
     Ok(Opened {
         record,
         layer,
