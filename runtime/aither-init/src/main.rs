@@ -9,6 +9,11 @@
 //!     aither-init exec --config-fd N
 //!                                   the same, the config read from fd N: the command gets this
 //!                                   process's stdin, stdout and stderr (`aitherctl exec`)
+//!     aither-init pool --control-fd N < template.json
+//!                                   a prepared sandbox for aitherd's warm start: prepares the
+//!                                   template, then runs ONE final spec sent on fd N (a
+//!                                   SOCK_SEQPACKET socket) with the caller's stdio
+//!                                   (crates/aither-core/src/sandbox/pool.rs)
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -24,8 +29,11 @@ fn main() -> ExitCode {
         None => plain(),
         Some("shim") => run_shim(),
         Some("exec") => run_exec(),
+        Some("pool") => run_pool(),
         Some(other) => {
-            eprintln!("aither-init: unknown mode {other:?} (expected none, `shim` or `exec`)");
+            eprintln!(
+                "aither-init: unknown mode {other:?} (expected none, `shim`, `exec` or `pool`)"
+            );
             125
         }
     };
@@ -86,26 +94,31 @@ fn run_shim() -> i32 {
 
 /// The config's descriptor of `exec --config-fd N`; `None` without the flag.
 fn config_fd() -> Result<Option<std::fs::File>, String> {
+    fd_arg("--config-fd")
+}
+
+/// The descriptor of `MODE FLAG N`; `None` without the flag.
+fn fd_arg(want: &str) -> Result<Option<std::fs::File>, String> {
     let args: Vec<String> = std::env::args().skip(2).collect();
     match args.as_slice() {
         [] => Ok(None),
-        [flag, n] if flag == "--config-fd" => {
-            let n: i32 = n.parse().ok().filter(|n| *n > 2).ok_or_else(|| {
-                format!("--config-fd {n:?}: expected a descriptor number above 2")
-            })?;
+        [flag, n] if flag == want => {
+            let n: i32 = n
+                .parse()
+                .ok()
+                .filter(|n| *n > 2)
+                .ok_or_else(|| format!("{want} {n:?}: expected a descriptor number above 2"))?;
             // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
             // SAFETY: F_GETFD only queries the number; a closed one fails.
             if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-                return Err(format!("--config-fd {n}: not open"));
+                return Err(format!("{want} {n}: not open"));
             }
             // SAFETY: the daemon passed this descriptor for us alone; we own it from here.
             Ok(Some(unsafe {
                 <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(n)
             }))
         }
-        _ => Err(format!(
-            "unexpected arguments {args:?} (expected --config-fd N)"
-        )),
+        _ => Err(format!("unexpected arguments {args:?} (expected {want} N)")),
     }
 }
 
@@ -137,4 +150,40 @@ fn run_exec() -> i32 {
             e.exit_code()
         }
     }
+}
+
+fn run_pool() -> i32 {
+    let control = match fd_arg("--control-fd") {
+        Ok(Some(f)) => std::os::fd::OwnedFd::from(f),
+        Ok(None) => {
+            eprintln!("aither-init pool: error: --control-fd N is required");
+            return 125;
+        }
+        Err(e) => {
+            eprintln!("aither-init pool: error: {e}");
+            return 125;
+        }
+    };
+    // Close-on-exec: nothing this process starts may inherit aitherd's socket (the sandbox's
+    // pid 1 closes its copy right after the clone).
+    // SAFETY: F_SETFD on a descriptor we own.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&control),
+            libc::F_SETFD,
+            libc::FD_CLOEXEC,
+        )
+    };
+    let template: SandboxSpec = match stdin_json("SandboxSpec") {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = sandbox::pool::send(
+                std::os::fd::AsFd::as_fd(&control),
+                &sandbox::pool::PoolMsg::Refused(e.clone()),
+            );
+            eprintln!("aither-init pool: error: {e}");
+            return 125;
+        }
+    };
+    sandbox::pool::serve(control, &template)
 }

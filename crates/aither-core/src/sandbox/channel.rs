@@ -38,6 +38,11 @@ pub enum Stage {
     HideLauncherArgs,
     /// `aitherctl exec -w DIR`: entering the command's working directory.
     WorkingDir,
+    /// A prepared sandbox (`launch::prepare`): waiting for, then receiving, the final spec.
+    FinalSpec,
+    /// A prepared sandbox: the workspace's stub directories, its mount, the hostname, then
+    /// the root made read-only.
+    FinishView,
 }
 
 impl std::fmt::Display for Stage {
@@ -65,6 +70,10 @@ impl std::fmt::Display for Stage {
             Stage::Seccomp => "installing the seccomp filter",
             Stage::ForkAgent => "starting the agent",
             Stage::WorkingDir => "entering the working directory",
+            Stage::FinalSpec => "receiving the final spec",
+            Stage::FinishView => {
+                "finishing the prepared view (workspace, hostname, read-only root)"
+            }
         };
         f.write_str(s)
     }
@@ -103,6 +112,18 @@ pub enum Msg {
     NotExecutable { program: String, errno: i32 },
     /// pid 1 → launcher: the agent ended.
     Exited(ExitStatus),
+    /// pid 1 → launcher, a prepared sandbox (`launch::prepare`): the caller-independent setup
+    /// is done (mounts but the workspace, lo up, cgroups joined); waiting for `Final`.
+    Ready { stages: Vec<(Stage, u64)> },
+    /// Launcher → pid 1, a prepared sandbox, with descriptors: the agent's stdin, stdout and
+    /// stderr, then the id-mapped workspace mount when `workspace`. `ctty`: which of the
+    /// three is the sandbox's own pty. Larger than other frames (argv, env): read with
+    /// `recv_large_with_fds`.
+    Final {
+        spec: Box<super::spec::SandboxSpec>,
+        ctty: Option<i32>,
+        workspace: bool,
+    },
 }
 
 /// Largest frame accepted.
@@ -163,9 +184,38 @@ pub fn send_with_fds(fd: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> i
 pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<OwnedFd>)> {
     // On the stack: a heap buffer would be fresh pages to fault in, on every launch.
     let mut buf = [0u8; MAX_FRAME];
+    recv_with_fds_into(fd, &mut buf)
+}
+
+/// Largest frame `recv_large_with_fds` accepts (a final spec's argv and env; below the
+/// default socket send buffer, which bounds one SOCK_SEQPACKET message).
+pub const MAX_LARGE_FRAME: usize = 192 * 1024;
+
+/// `recv_with_fds` for frames up to `MAX_LARGE_FRAME` (the final spec); a longer one is an
+/// error (EMSGSIZE), never a truncated parse.
+pub fn recv_large_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_LARGE_FRAME + 1];
+    let (bytes, fds) = recv_bytes_with_fds(fd, &mut buf)?;
+    match bytes {
+        None => Ok((None, fds)),
+        Some(b) if b.len() > MAX_LARGE_FRAME => Err(io::Error::from_raw_os_error(libc::EMSGSIZE)),
+        Some(b) => {
+            let msg = serde_json::from_slice(b)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            Ok((Some(msg), fds))
+        }
+    }
+}
+
+/// One packet and its descriptors (close-on-exec), unparsed: `None` at EOF. A packet longer
+/// than `buf` comes back as `buf.len()` bytes (callers size `buf` one above their limit).
+pub fn recv_bytes_with_fds<'b>(
+    fd: BorrowedFd<'_>,
+    buf: &'b mut [u8],
+) -> io::Result<(Option<&'b [u8]>, Vec<OwnedFd>)> {
     let mut cbuf = nix::cmsg_space!([RawFd; MAX_FDS]);
     loop {
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let mut iov = [io::IoSliceMut::new(buf)];
         let got = match nix::sys::socket::recvmsg::<()>(
             fd.as_raw_fd(),
             &mut iov,
@@ -192,10 +242,21 @@ pub fn recv_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<OwnedFd
         if n == 0 {
             return Ok((None, fds));
         }
-        let msg = serde_json::from_slice(&buf[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        return Ok((Some(msg), fds));
+        return Ok((Some(&buf[..n]), fds));
     }
+}
+
+fn recv_with_fds_into(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(Option<Msg>, Vec<OwnedFd>)> {
+    let (bytes, fds) = recv_bytes_with_fds(fd, buf)?;
+    let msg = bytes
+        .map(|b| {
+            serde_json::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        })
+        .transpose()?;
+    Ok((msg, fds))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across the launcher and the sandbox).

@@ -33,6 +33,10 @@ pub(crate) struct ChildContext<'a> {
     /// Which of the agent's fds 0–2 is its pty (stdio.rs): made the controlling terminal of
     /// the sandbox's session.
     pub ctty: Option<RawFd>,
+    /// A prepared sandbox (`launch::prepare`): `spec` is the template. pid 1 stops after the
+    /// cgroup join with the root still writable, reports `Ready`, and takes the final spec,
+    /// the agent's stdio and the workspace mount from a `Final` message.
+    pub pooled: bool,
 }
 
 /// The descriptor number the agent finds its supervisor's socket at.
@@ -93,7 +97,9 @@ fn set_ids(uid: u32, gid: u32) -> nix::Result<()> {
 pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
     // A supervised agent gets fds 0–3 replaced later (`place_agent_fds`): the channel moves
     // above them now, before anything could need to report through it.
-    let sock = if (ctx.stdio.is_some() || ctx.agent_fd.is_some()) && sock.as_raw_fd() <= AGENT_FD {
+    let sock = if (ctx.stdio.is_some() || ctx.agent_fd.is_some() || ctx.pooled)
+        && sock.as_raw_fd() <= AGENT_FD
+    {
         match sys::dup_above(sock.as_fd(), AGENT_FD + 1) {
             Ok(moved) => moved,
             // Raw: nix 0.30 has no _exit (std's exit would run the launcher's atexit handlers).
@@ -124,10 +130,11 @@ pub(crate) fn run(ctx: ChildContext<'_>, sock: OwnedFd) -> ! {
 }
 
 fn setup_and_reap(
-    ctx: ChildContext<'_>,
+    mut ctx: ChildContext<'_>,
     sock: std::os::fd::BorrowedFd<'_>,
 ) -> Result<i32, Failure> {
-    let spec = ctx.spec;
+    let template = ctx.spec;
+    let spec = template;
     let mut stamps: Vec<(Stage, u64)> = Vec::with_capacity(24);
     let done = |s: Stage, stamps: &mut Vec<(Stage, u64)>| stamps.push((s, now_ns()));
 
@@ -184,10 +191,15 @@ fn setup_and_reap(
             ),
         });
     }
-    let ws_mount = if workspace { fds.pop() } else { None };
+    let mut ws_mount = if workspace { fds.pop() } else { None };
     // The host's root is gone before the cgroup join: that moves only the calling thread, so
-    // the detaching one must have ended.
-    old_root.release().map_err(mount_failure)?;
+    // the detaching one must have ended. A prepared sandbox keeps its root writable until its
+    // finish (the final workspace's stubs, the hostname files), and read-only before the agent.
+    if ctx.pooled {
+        old_root.release_writable().map_err(mount_failure)?;
+    } else {
+        old_root.release().map_err(mount_failure)?;
+    }
     // Join the v1 cgroups (a cgroup2 one was entered at clone3) before anything the agent
     // does. We are single-threaded, so moving this thread (`tasks`) moves the whole process.
     for fd in &fds {
@@ -202,6 +214,24 @@ fn setup_and_reap(
             .map_err(io::Error::from)
             .at(Stage::UnshareCgroupNs)?;
     }
+    // A prepared sandbox waits here, everything caller-independent done, for its final spec.
+    let final_spec = if ctx.pooled {
+        let _ = channel::send(sock, &Msg::Ready { stages: stamps });
+        // The stamps from here on are the finish's (the trace of `Prepared::finish`).
+        stamps = Vec::with_capacity(24);
+        let (spec, ws) = receive_final(sock, &mut ctx)?;
+        done(Stage::FinalSpec, &mut stamps);
+        finish_view(template, &spec).map_err(|f| match f {
+            Ok(e) => mount_failure(e),
+            Err(f) => f,
+        })?;
+        done(Stage::FinishView, &mut stamps);
+        ws_mount = ws;
+        Some(spec)
+    } else {
+        None
+    };
+    let spec: &SandboxSpec = final_spec.as_deref().unwrap_or(template);
     mounts::finish(spec, ws_mount.as_ref()).map_err(mount_failure)?;
     drop(ws_mount);
 
@@ -239,7 +269,61 @@ fn setup_and_reap(
         );
         return Ok(127);
     };
-    reap(sock, &prepared, agent_fd, stamps, ctx.spec.report)
+    reap(sock, &prepared, agent_fd, stamps, spec.report)
+}
+
+/// A prepared sandbox's pid 1: the `Final` message (the final spec, the agent's stdio, the
+/// workspace mount when there is one). EOF (the launcher gave the sandbox up) ends pid 1
+/// quietly; anything else than a well-formed `Final` is a protocol failure.
+fn receive_final(
+    sock: BorrowedFd<'_>,
+    ctx: &mut ChildContext<'_>,
+) -> Result<(Box<SandboxSpec>, Option<OwnedFd>), Failure> {
+    let (msg, mut fds) = channel::recv_large_with_fds(sock).at(Stage::FinalSpec)?;
+    let Some(Msg::Final {
+        spec,
+        ctty,
+        workspace,
+    }) = msg
+    else {
+        // Reported as WaitForParent: nothing is sent back to a launcher that went away.
+        return Err(launcher_went_away(Stage::WaitForParent));
+    };
+    let expected = 3 + usize::from(workspace);
+    if fds.len() != expected || ctty.is_some_and(|c| !(0..3).contains(&c)) {
+        return Err(Failure {
+            stage: Stage::FinalSpec,
+            errno: libc::EPROTO,
+            detail: format!("expected {expected} descriptors, got {}", fds.len()),
+        });
+    }
+    let ws = if workspace { fds.pop() } else { None };
+    let [a, b, c]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| launcher_went_away(Stage::FinalSpec))?;
+    ctx.stdio = Some([a, b, c]);
+    ctx.ctty = ctty;
+    Ok((spec, ws))
+}
+
+/// A prepared sandbox's view, finished for the final spec before the root turns read-only:
+/// the workspace's stub directories (the template had no workspace), the hostname (the UTS
+/// namespace and, when it differs from the template's, /etc/hostname and /etc/hosts).
+/// `Ok(MountError)` and `Err(Failure)` as errors.
+fn finish_view(
+    template: &SandboxSpec,
+    spec: &SandboxSpec,
+) -> Result<(), Result<mounts::MountError, Failure>> {
+    mounts::workspace_stub(spec).map_err(Ok)?;
+    if spec.new_uts_ns && spec.hostname != template.hostname {
+        nix::unistd::sethostname(&spec.hostname)
+            .map_err(io::Error::from)
+            .at(Stage::Hostname)
+            .map_err(Err)?;
+        mounts::replace_hostname_files(spec).map_err(Ok)?;
+    }
+    // Last: from here on the agent's root is read-only, as in a cold launch.
+    mounts::root_read_only().map_err(Ok)
 }
 
 /// Puts the supervised agent's stdio on 0–2 and its socket on fd 3 (not close-on-exec), in

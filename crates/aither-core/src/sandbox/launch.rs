@@ -74,6 +74,14 @@ pub enum LaunchError {
     Egress(#[source] io::Error),
     #[error("aitherctl must run as root to create sandboxes (it maps each agent to an unprivileged host uid)")]
     NotRoot,
+    /// `prepare` or `Prepared::finish`: this spec cannot use a prepared sandbox (launch it
+    /// cold).
+    #[error("not poolable: {0} (launch it without a prepared sandbox)")]
+    NotPoolable(String),
+    /// `Prepared::finish`: the final spec differs from the template in a field that was
+    /// already built into the sandbox.
+    #[error("the final spec does not match the prepared sandbox: prepared_key {got} differs from the template's {prepared} (a field other than name, hostname, argv, env, cwd, workspace, timeout and report changed)")]
+    KeyMismatch { prepared: String, got: String },
 }
 
 fn clone_hint(e: &io::Error) -> &'static str {
@@ -406,6 +414,7 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
                         .map(|c| c.agent)
                         .or_else(|| relay.as_mut().and_then(Relay::take_agent)),
                     agent_fd: io.agent_channel.take(),
+                    pooled: false,
                 },
                 child_sock,
             )
@@ -476,7 +485,14 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         wait_started(parent_sock.as_fd(), pidfd.as_fd())?;
     let started_at = now_ns();
     if trace_enabled() {
-        print_trace(t0, &marks, &stages, started_at, &landlock_status);
+        print_trace(
+            t0,
+            &marks,
+            &stages,
+            started_at,
+            "started-seen",
+            &landlock_status,
+        );
     }
     let report = spec
         .report
@@ -518,6 +534,400 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
         skipped,
         report,
     })
+}
+
+/// A sandbox prepared ahead of its caller (`prepare`): the caller-independent stages done,
+/// pid 1 waiting for the final spec. Used once, by `finish`; dropped unused, pid 1 is killed
+/// and reaped and the cgroup removed (docs/architecture.md, "Warm start").
+pub struct Prepared {
+    template: SandboxSpec,
+    key: String,
+    live: Live,
+    sock: OwnedFd,
+    id: String,
+    ids: HostIds,
+    enforced: Enforced,
+    signals: SignalGuard,
+}
+
+/// A prepared sandbox's pid 1 and cgroup, in their drop order: pid 1 is killed and reaped
+/// before the cgroup is removed.
+struct Live {
+    pid1: Pid1,
+    guard: CgroupGuard,
+}
+
+/// pid 1 of a prepared sandbox: killed and reaped on drop unless reaped already.
+struct Pid1 {
+    pid: i32,
+    pidfd: OwnedFd,
+    reaped: bool,
+}
+
+impl Drop for Pid1 {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+            let _ = sys::wait_pidfd(self.pidfd.as_fd());
+        }
+    }
+}
+
+/// Refuses a template `prepare` cannot build ahead: what needs the caller, or a host-side
+/// resource per run that is set up before the agent's pid 1 exists.
+fn poolable_template(spec: &SandboxSpec) -> Result<(), LaunchError> {
+    let refuse = |why: &str| Err(LaunchError::NotPoolable(why.into()));
+    if spec.egress_port.is_some() {
+        return refuse("an egress gateway (its socket is bound per run before Go)");
+    }
+    if !spec.publish_ports.is_empty() {
+        return refuse("published ports (aitherd needs the namespace per run)");
+    }
+    if !spec.devices.is_empty() {
+        return refuse("device nodes (a GPU lease is per run)");
+    }
+    if spec.workspace.is_some() {
+        return refuse(
+            "a template with a workspace (the workspace is the caller's, given at finish)",
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a final spec whose workspace cannot be added at finish.
+fn poolable_final(spec: &SandboxSpec) -> Result<(), LaunchError> {
+    match &spec.workspace {
+        Some(w) if w.access == crate::policy::WorkspaceAccess::Layered => Err(
+            LaunchError::NotPoolable("a layered workspace (its overlay is per agent)".into()),
+        ),
+        Some(w) if w.as_owner => Err(LaunchError::NotPoolable(
+            "--workspace-as-owner (it may change the agent's host ids, written at the clone)"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Prepares a sandbox for `template` ahead of its caller: stages 1–6 of `run_with` that do
+/// not depend on the caller (preflight, the cgroup with its limits, the clone, the maps,
+/// pid 1's mounts but the workspace, lo up, the cgroups joined), then pid 1 waits for
+/// `Prepared::finish`. The calling process must stay single-threaded, as for `run_with`; the
+/// forwarded signals are blocked from here on (`Prepared::signal_fd` reports them).
+/// `template`'s caller-dependent fields (`SandboxSpec::prepared_key`) are placeholders, and it
+/// has no workspace; templates with an egress port, published ports or devices are refused
+/// (`LaunchError::NotPoolable`).
+pub fn prepare(template: &SandboxSpec) -> Result<Prepared, LaunchError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(LaunchError::NotRoot);
+    }
+    poolable_template(template)?;
+    let spec = template;
+    let t0 = now_ns();
+    let mut marks: Vec<(&str, u64)> = Vec::with_capacity(12);
+    // 1. Preflight (as run_with). The Landlock plan is the kernel's ABI against the policy's
+    // rights: the workspace path only enters at enforcement, in pid 1, with the final spec.
+    let (plan, filter, enforced) = preflight(spec)?;
+    marks.push(("preflight", now_ns()));
+    // 2. The cgroup2 directory, named after the template (the agent's name comes later).
+    let slot = std::process::id();
+    let id = format!("{}-{slot}", spec.name);
+    let (mut guard, into) = cgroup_birth(&id)?;
+    marks.push(("cgroup2 dir", now_ns()));
+    // 3. As run_with, but no stdio yet: the caller's arrives at finish.
+    let ids = HostIds::for_slot(slot);
+    let etc_skeleton = mounts::prepare_etc(spec);
+    drop_supplementary_groups()?;
+    let (parent_sock, child_sock) = sys::seqpacket_pair().map_err(LaunchError::Channel)?;
+    let signals = SignalGuard::new().map_err(LaunchError::Channel)?;
+    marks.push(("etc+channel", now_ns()));
+    // 4. pid 1, in new namespaces.
+    let (pid, pidfd) = match clone_pid1(spec, ids, into.as_ref())? {
+        Forked::Child => {
+            drop(parent_sock);
+            drop(into);
+            // Nothing of the pool launcher's (its control socket, the signalfd) stays open in
+            // a sandbox that may wait long for its caller: only the channel (and 0–2, which
+            // the agent's stdio replaces at finish).
+            if init::close_fds_except(&[child_sock.as_raw_fd()]).is_err() {
+                // SAFETY: _exit without the launcher's destructors; the launcher sees EOF.
+                unsafe { libc::_exit(125) }
+            }
+            init::run(
+                ChildContext {
+                    spec,
+                    etc_skeleton,
+                    filter,
+                    landlock: plan,
+                    ctty: None,
+                    stdio: None,
+                    agent_fd: None,
+                    pooled: true,
+                },
+                child_sock,
+            )
+        }
+        Forked::Parent { pid, pidfd } => (pid, pidfd),
+    };
+    drop(child_sock);
+    drop(into);
+    let pid1 = Pid1 {
+        pid,
+        pidfd,
+        reaped: false,
+    };
+    marks.push(("clone", now_ns()));
+    // 5. Maps, then Go (no egress, no netns hand-out: refused above).
+    maps_then_go(
+        spec,
+        pid,
+        ids,
+        parent_sock.as_fd(),
+        &mut None,
+        &mut None,
+        &mut marks,
+    )?;
+    marks.push(("maps", now_ns()));
+    // 6. The cgroup's limits while pid 1 mounts; no workspace yet.
+    let (created, _) = cgroup_and_workspace(guard.mgr.as_ref(), &id, spec, ids, None);
+    let (cg, join) = created?;
+    guard.cg = Some(cg);
+    let join = join?;
+    send_resources(parent_sock.as_fd(), join, None);
+    marks.push(("resources sent", now_ns()));
+    cgroup::collect_garbage(&guard.mgr.subtree_dirs());
+    marks.push(("garbage", now_ns()));
+    // pid 1's word that everything caller-independent is done.
+    let live = Live { pid1, guard };
+    let stages = wait_ready(parent_sock.as_fd(), live.pid1.pidfd.as_fd())?;
+    if trace_enabled() {
+        print_trace(t0, &marks, &stages, now_ns(), "ready-seen", "(at finish)");
+    }
+    Ok(Prepared {
+        key: template.prepared_key(),
+        template: template.clone(),
+        live,
+        sock: parent_sock,
+        id,
+        ids,
+        enforced,
+        signals,
+    })
+}
+
+/// Waits for pid 1's `Ready` (a prepared sandbox); its failure as `wait_started`'s.
+fn wait_ready(
+    sock: BorrowedFd<'_>,
+    pidfd: BorrowedFd<'_>,
+) -> Result<Vec<(Stage, u64)>, LaunchError> {
+    match channel::recv(sock) {
+        Ok(Some(Msg::Ready { stages })) => Ok(stages),
+        Ok(Some(Msg::Failed {
+            stage,
+            errno,
+            detail,
+        })) => Err(LaunchError::Setup {
+            stage,
+            errno,
+            detail,
+        }),
+        Ok(_) => {
+            let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+            let st = sys::wait_pidfd(pidfd).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+            Err(LaunchError::Died(st))
+        }
+        Err(e) => Err(LaunchError::Channel(e)),
+    }
+}
+
+impl Prepared {
+    /// Host pid of the sandbox's pid 1.
+    pub fn pid1(&self) -> i32 {
+        self.live.pid1.pid
+    }
+
+    /// The cgroup id (`<template name>-<launcher pid>`).
+    pub fn cgroup(&self) -> &str {
+        &self.id
+    }
+
+    /// The template's `SandboxSpec::prepared_key`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The template this sandbox was prepared for.
+    pub fn template(&self) -> &SandboxSpec {
+        &self.template
+    }
+
+    /// Readable when a forwarded signal (SIGINT, SIGTERM, SIGHUP, ...) is pending: they are
+    /// blocked from `prepare` on, and forwarded to the agent once it runs.
+    pub fn signal_fd(&self) -> BorrowedFd<'_> {
+        self.signals.fd.as_fd()
+    }
+
+    /// The next pending forwarded signal, if any (taking it).
+    pub fn take_signal(&self) -> Option<i32> {
+        self.signals.read()
+    }
+
+    /// pid 1's descriptor: readable when it died (the sandbox cannot be used).
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.live.pid1.pidfd.as_fd()
+    }
+
+    /// Runs `final_spec` in this sandbox and waits for it: the caller-dependent stages, then
+    /// as `run_with` from stage 7. `final_spec` must have the template's `prepared_key`
+    /// (`LaunchError::KeyMismatch` otherwise). `stdio` are the caller's stdin, stdout and
+    /// stderr, treated as `aitherctl run` treats its own (stdio.rs: a terminal gets the agent
+    /// its own pty, pipes are relayed); `workspace`, when given, is the directory the caller
+    /// opened, which must be the one at the final spec's workspace path. On every error the
+    /// sandbox is torn down (pid 1 killed, the cgroup removed) before this returns.
+    pub fn finish(
+        self,
+        final_spec: &SandboxSpec,
+        stdio: [OwnedFd; 3],
+        workspace: Option<OwnedFd>,
+        on_started: Option<OnStarted<'_>>,
+    ) -> Result<Outcome, LaunchError> {
+        let t0 = now_ns();
+        let mut marks: Vec<(&str, u64)> = Vec::with_capacity(8);
+        let Prepared {
+            template,
+            key,
+            mut live,
+            sock,
+            id,
+            ids,
+            enforced,
+            signals,
+        } = self;
+        // Before anything is done for it: the final spec is the template's but for the
+        // caller-dependent fields (everything else is already built into the sandbox).
+        let got = final_spec.prepared_key();
+        if got != key {
+            return Err(LaunchError::KeyMismatch { prepared: key, got });
+        }
+        poolable_final(final_spec)?;
+        let spec = final_spec;
+        marks.push(("key checked", now_ns()));
+        // The workspace: the id-mapped mount from the directory at the final spec's path,
+        // which must be the one the caller presented (host root: the launcher's part).
+        let (ws_mount, idmap_helper) = match mounts::prepare_workspace_presented(
+            spec,
+            ids.agent,
+            workspace.as_ref().map(|f| f.as_fd()),
+        )
+        .map_err(LaunchError::Workspace)?
+        {
+            Some((fd, helper)) => (Some(fd), Some(helper)),
+            None => (None, None),
+        };
+        drop(workspace);
+        marks.push(("workspace", now_ns()));
+        // The caller's stdio, as aitherctl run treats its own: relayed, a pty of the agent's
+        // own for a terminal, never the caller's terminal itself.
+        let (mut relay, direct) =
+            Relay::for_caller(ids.agent, stdio).map_err(LaunchError::Stdio)?;
+        let agent_stdio = match direct {
+            Some(fds) => fds,
+            None => relay
+                .as_mut()
+                .and_then(Relay::take_agent)
+                .ok_or_else(|| LaunchError::Stdio(io::Error::other("no stdio for the agent")))?,
+        };
+        marks.push(("stdio", now_ns()));
+        // The final spec, the agent's stdio and the workspace to pid 1 in one message: it
+        // builds the rest of its view, confines itself and execs.
+        let ctty = relay.as_ref().and_then(Relay::ctty);
+        let mut fds: Vec<BorrowedFd<'_>> = agent_stdio.iter().map(|f| f.as_fd()).collect();
+        fds.extend(ws_mount.as_ref().map(|f| f.as_fd()));
+        let sent = channel::send_with_fds(
+            sock.as_fd(),
+            &Msg::Final {
+                spec: Box::new(spec.clone()),
+                ctty,
+                workspace: ws_mount.is_some(),
+            },
+            &fds,
+        );
+        drop(fds);
+        drop(agent_stdio);
+        drop(ws_mount);
+        // A send error means pid 1 already failed or died: read below.
+        let _ = sent;
+        // The agent's ends are pid 1's now; the caller's terminal goes raw (restored when
+        // `relay` drops).
+        if let Some(r) = relay.as_mut() {
+            r.started().map_err(LaunchError::Stdio)?;
+        }
+        // Long dead (killed once the mount was made); reaped while pid 1 works.
+        drop(idmap_helper);
+        marks.push(("final sent", now_ns()));
+        // wait_started reaps pid 1 on every error.
+        let (agent_pid, stages, landlock_status, inside) =
+            wait_started(sock.as_fd(), live.pid1.pidfd.as_fd())
+                .inspect_err(|_| live.pid1.reaped = true)?;
+        let started_at = now_ns();
+        if trace_enabled() {
+            print_trace(
+                t0,
+                &marks,
+                &stages,
+                started_at,
+                "started-seen",
+                &landlock_status,
+            );
+        }
+        let report = spec.report.then(|| {
+            enforcement_report(
+                spec,
+                &live.guard,
+                &id,
+                ids,
+                &enforced,
+                &landlock_status,
+                &inside,
+            )
+        });
+        let pid = live.pid1.pid;
+        if let Some(cb) = on_started {
+            cb(&Started {
+                pid1: pid,
+                agent_pid: agent_host_pid(pid, agent_pid),
+                cgroup: id.clone(),
+                report: report.clone(),
+            });
+        }
+        let (status, timed_out) = supervise(
+            spec,
+            live.pid1.pidfd.as_fd(),
+            sock.as_fd(),
+            &signals,
+            None,
+            relay.as_mut(),
+        );
+        drop(signals);
+        // supervise() returns once pid 1 is reaped.
+        live.pid1.reaped = true;
+        live.guard.reaped = true;
+        let oom_killed = live.guard.mgr.oom_kills(live.guard.cg()) > 0;
+        let skipped = skipped_protections(live.guard.cg(), &enforced.landlock_skipped);
+        let exited_at = now_ns();
+        drop(relay);
+        drop(live);
+        drop(template);
+        if trace_enabled() {
+            print_exit_trace(t0, exited_at);
+        }
+        Ok(Outcome {
+            status,
+            oom_killed,
+            timed_out,
+            skipped,
+            report,
+        })
+    }
 }
 
 /// What preflight decided, for the enforcement report: the Landlock plan and the seccomp
@@ -910,6 +1320,7 @@ fn print_trace(
     marks: &[(&str, u64)],
     stages: &[(Stage, u64)],
     started: u64,
+    last: &str,
     landlock: &str,
 ) {
     let us = |t: u64| (t.saturating_sub(t0)) as f64 / 1000.0;
@@ -933,7 +1344,7 @@ fn print_trace(
         prev = *t;
     }
     eprintln!(
-        "aither-trace: launcher started-seen           {:>9.0}   landlock={landlock}",
+        "aither-trace: launcher {last:<22} {:>9.0}   landlock={landlock}",
         us(started)
     );
 }

@@ -13,6 +13,7 @@ pub mod layer;
 pub mod layer_store;
 pub mod mounts;
 pub mod netns;
+pub mod pool;
 pub mod report;
 pub mod rlimits;
 pub mod seccomp;
@@ -23,6 +24,6 @@ pub mod userns;
 pub mod workspace;
 
 pub use exec::{exec_in, ExecConfig, ExecError};
-pub use launch::{run, run_with, LaunchError, LaunchIo, Outcome, Started};
+pub use launch::{prepare, run, run_with, LaunchError, LaunchIo, Outcome, Prepared, Started};
 pub use shim::{ShimConfig, ShimError};
 pub use spec::{RunOptions, SandboxSpec, SpecError};

@@ -571,6 +571,14 @@ impl OldRoot {
     /// removes the mountpoint and makes the root read-only. From here on nothing of the host
     /// is reachable by path.
     pub fn release(self) -> Result<(), MountError> {
+        self.release_writable()?;
+        root_read_only()
+    }
+
+    /// `release` without the read-only root: a prepared sandbox (`launch::prepare`) still
+    /// creates the workspace's stub directories and the hostname files at its finish, then
+    /// calls `root_read_only` before anything of the agent exists.
+    pub fn release_writable(self) -> Result<(), MountError> {
         let old = Path::new(OLD_ROOT);
         let detached = match self.detaching {
             Some(t) => t
@@ -580,12 +588,48 @@ impl OldRoot {
             None => sys::umount2(old, libc::MNT_DETACH),
         };
         detached.map_err(err("detach old root", old))?;
-        fs::remove_dir(old).map_err(err("rmdir", old))?;
-        // The root tmpfs itself becomes read-only, after its last mountpoint was made (not
-        // recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent
-        // writes only where it was given room.
-        set_read_only(Path::new("/"), false).map_err(err("make read-only", "/"))
+        fs::remove_dir(old).map_err(err("rmdir", old))
     }
+}
+
+/// The root tmpfs itself becomes read-only, after its last mountpoint was made (not
+/// recursive: /tmp, /dev, /dev/shm and the workspace stay as mounted): the agent writes only
+/// where it was given room.
+pub fn root_read_only() -> Result<(), MountError> {
+    set_read_only(Path::new("/"), false).map_err(err("make read-only", "/"))
+}
+
+/// A prepared sandbox's finish, before `finish`: the stub directories leading to the final
+/// spec's workspace (the template had none), on the still-writable root.
+pub fn workspace_stub(spec: &SandboxSpec) -> Result<(), MountError> {
+    match &spec.workspace {
+        Some(ws) => mkdir_p(&ws.path, 0o755),
+        None => Ok(()),
+    }
+}
+
+/// A prepared sandbox's finish, when the final hostname differs from the template's: the
+/// generated /etc/hostname and /etc/hosts of the final spec, each bound read-only over the
+/// template's (the files are written on the still-writable root and unlinked once bound, so
+/// nothing but the two binds remains). Only files the view has are replaced.
+pub fn replace_hostname_files(spec: &SandboxSpec) -> Result<(), MountError> {
+    for (name, text) in generated_etc(spec) {
+        if !matches!(name, "hostname" | "hosts") {
+            continue;
+        }
+        let target = Path::new("/etc").join(name);
+        if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let src = PathBuf::from(format!("/.aither-{name}"));
+        fs::write(&src, text).map_err(err("write", &src))?;
+        let c_src = sys::cstr(&src).map_err(err("bind", &src))?;
+        sys::mount(Some(&c_src), &target, None, libc::MS_BIND, None)
+            .map_err(err("bind", &target))?;
+        fs::remove_file(&src).map_err(err("unlink", &src))?;
+        set_read_only(&target, false).map_err(err("make read-only", &target))?;
+    }
+    Ok(())
 }
 
 /// Attaches the workspace (`workspace`: the detached, id-mapped mount the launcher prepared)
@@ -630,6 +674,17 @@ pub fn prepare_workspace(
     spec: &SandboxSpec,
     agent_host_id: u32,
 ) -> io::Result<Option<(OwnedFd, super::userns::IdmapHelper)>> {
+    prepare_workspace_presented(spec, agent_host_id, None)
+}
+
+/// `prepare_workspace`, with the directory the caller opened themselves (a prepared
+/// sandbox's finish: aitherd passes it on): the directory opened here must be that one
+/// (`workspace::check_presented`: same identity, a real open), or the launch is refused.
+pub fn prepare_workspace_presented(
+    spec: &SandboxSpec,
+    agent_host_id: u32,
+    presented: Option<std::os::fd::BorrowedFd<'_>>,
+) -> io::Result<Option<(OwnedFd, super::userns::IdmapHelper)>> {
     let Some(ws) = &spec.workspace else {
         return Ok(None);
     };
@@ -637,6 +692,10 @@ pub fn prepare_workspace(
     // (a link or rename planted by an earlier agent cannot redirect it).
     let opened = super::workspace::open_checked(&ws.path, ws.owner.map(|o| o.uid))
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    if let Some(fd) = presented {
+        super::workspace::check_presented(&opened, fd)
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    }
     if ws.pinned.is_some_and(|p| p != opened.id.identity()) {
         let e = super::workspace::WorkspaceError::Replaced {
             path: ws.path.clone(),

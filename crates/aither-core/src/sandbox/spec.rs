@@ -213,6 +213,34 @@ fn layer_of(access: WorkspaceAccess, opts: &RunOptions) -> Option<PathBuf> {
 }
 
 impl SandboxSpec {
+    /// The digest of everything a prepared sandbox (`launch::prepare`) has already built into
+    /// itself: every field but the caller-dependent ones, which are applied at
+    /// `Prepared::finish` (docs/architecture.md, "Warm start"): `name` (the agent's name; the
+    /// cgroup keeps the template's), `hostname` (set in the UTS namespace and /etc at finish),
+    /// `argv`, `env`, `cwd` (pid 1 resolves and execs them at finish), `workspace` (mounted at
+    /// finish), `timeout` (the launcher's supervise loop) and `report`. Two specs with the
+    /// same key get the same namespaces, limits, mounts, identities, rlimits, Landlock rights
+    /// and seccomp filter. Hex SHA-256 of the canonical JSON of the rest.
+    pub fn prepared_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut rest = self.clone();
+        rest.name = String::new();
+        rest.hostname = String::new();
+        rest.argv = Vec::new();
+        rest.env = Vec::new();
+        rest.cwd = PathBuf::new();
+        rest.workspace = None;
+        rest.timeout = None;
+        rest.report = false;
+        // serde_json of a struct is its fields in declaration order (maps here are BTreeMaps):
+        // the same spec gives the same bytes.
+        let bytes = serde_json::to_vec(&rest).unwrap_or_default();
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Derives the spec. `caller_env` supplies `pass_env` values; `cwd` is the default workspace.
     pub fn derive(
         policy: &Policy,

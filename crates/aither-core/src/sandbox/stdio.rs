@@ -31,10 +31,13 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::termios::{self, SetArg, Termios};
 
-/// The caller's descriptor `fd` (0–2), borrowed for the launcher's lifetime.
+/// The caller's descriptor `fd`, borrowed for the relay's lifetime.
 fn caller(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: only called for a number among 0–2 that `kind` found open; nothing in the
-    // launcher closes its own 0–2, so it stays open for as long as the launcher runs.
+    // SAFETY: only called for a number that `kind` found open: the launcher's own 0–2
+    // (nothing in the launcher closes them, so they stay open for as long as it runs), or one
+    // of the caller's descriptors a prepared sandbox's finish received, which the `Relay`
+    // owns (`Relay::_callers`) and closes only after everything that borrows it (its last
+    // field).
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
@@ -229,13 +232,42 @@ pub(crate) struct Relay {
     /// The caller's stdin terminal and its settings, for raw mode.
     raw_from: Option<(BorrowedFd<'static>, Termios)>,
     raw: Option<RawMode>,
+    /// The caller's descriptors when they were handed over (`for_caller`), not the
+    /// launcher's own 0–2. Last: dropped after `raw` (which restores the terminal through one).
+    _callers: Option<[OwnedFd; 3]>,
 }
 
 impl Relay {
     /// What the agent gets for the caller's fds 0–2 (see the module docs), or `None` when all
     /// three pass through unchanged (nothing to relay).
     pub(crate) fn new(agent_uid: u32) -> io::Result<Option<Relay>> {
-        let kinds = [kind(0), kind(1), kind(2)];
+        Relay::with_callers(agent_uid, [0, 1, 2], None)
+    }
+
+    /// `new` for the caller's stdin, stdout and stderr handed over as descriptors (a prepared
+    /// sandbox's finish: aitherd passes its caller's by SCM_RIGHTS), exactly as if they were
+    /// the launcher's own 0–2. Returns the relay, or, when nothing is relayed, the three
+    /// descriptors for the agent as they are.
+    pub(crate) fn for_caller(
+        agent_uid: u32,
+        fds: [OwnedFd; 3],
+    ) -> io::Result<(Option<Relay>, Option<[OwnedFd; 3]>)> {
+        let nums = [0, 1, 2].map(|i| fds[i].as_raw_fd());
+        if nums
+            .iter()
+            .all(|&n| !matches!(kind(n), Kind::Terminal | Kind::Pipe(..)))
+        {
+            return Ok((None, Some(fds)));
+        }
+        Ok((Relay::with_callers(agent_uid, nums, Some(fds))?, None))
+    }
+
+    fn with_callers(
+        agent_uid: u32,
+        nums: [RawFd; 3],
+        callers: Option<[OwnedFd; 3]>,
+    ) -> io::Result<Option<Relay>> {
+        let kinds = nums.map(kind);
         if kinds
             .iter()
             .all(|k| matches!(k, Kind::Other | Kind::Closed))
@@ -250,6 +282,7 @@ impl Relay {
             winsize_from: None,
             raw_from: None,
             raw: None,
+            _callers: callers,
         };
         let mut slave: Option<OwnedFd> = None;
         if kinds.contains(&Kind::Terminal) {
@@ -259,14 +292,14 @@ impl Relay {
                 .find(|&i| kinds[i as usize] == Kind::Terminal)
                 .unwrap_or(0);
             // The agent starts with the caller's settings and window size.
-            if let Ok(t) = termios::tcgetattr(caller(tty)) {
+            if let Ok(t) = termios::tcgetattr(caller(nums[tty as usize])) {
                 let _ = termios::tcsetattr(&s, SetArg::TCSANOW, &t);
                 if kinds[0] == Kind::Terminal {
-                    relay.raw_from = Some((caller(0), t));
+                    relay.raw_from = Some((caller(nums[0]), t));
                 }
             }
-            relay.winsize_from = Some(tty);
-            copy_winsize(tty, m.as_raw_fd());
+            relay.winsize_from = Some(nums[tty as usize]);
+            copy_winsize(nums[tty as usize], m.as_raw_fd());
             set_nonblocking(m.as_fd())?;
             relay.ctty = (0..3).find(|&i| kinds[i as usize] == Kind::Terminal);
             relay.master = Some(m);
@@ -277,8 +310,8 @@ impl Relay {
         // A relay pipe shared by stdout and stderr when the caller's are one pipe.
         // (the pipe's id, the index in `agent` of the relay pipe's write end)
         let mut out_pipe: Option<((libc::dev_t, libc::ino_t), usize)> = None;
-        for (fd, k) in kinds.iter().enumerate() {
-            let fd = fd as RawFd;
+        for (i, k) in kinds.iter().enumerate() {
+            let fd = nums[i];
             let mine = match k {
                 Kind::Terminal => dup_high(slave.as_ref().expect("pty opened").as_fd())?,
                 Kind::Other => dup_high(caller(fd))?,
@@ -286,11 +319,11 @@ impl Relay {
                     let null = crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
                     dup_high(null.as_fd())?
                 }
-                Kind::Pipe(..) if fd == 0 => {
+                Kind::Pipe(..) if i == 0 => {
                     let (r, w) = crate::sys::pipe()?;
                     fchown_to(r.as_fd(), agent_uid)?;
                     set_nonblocking(w.as_fd())?;
-                    let mut p = Pump::new(0, w.as_raw_fd(), true);
+                    let mut p = Pump::new(fd, w.as_raw_fd(), true);
                     p.own_dst = Some(w);
                     relay.pumps.push(p);
                     r
@@ -314,13 +347,13 @@ impl Relay {
         }
         if let Some(m) = master {
             if kinds[0] == Kind::Terminal {
-                relay.pumps.push(Pump::new(0, m, true));
+                relay.pumps.push(Pump::new(nums[0], m, true));
             }
             // The pty's output (and echo) goes to the caller's first terminal among 1, 2, 0.
             let to = [1, 2, 0]
                 .into_iter()
-                .find(|&i| kinds[i as usize] == Kind::Terminal)
-                .unwrap_or(-1);
+                .find(|&i| kinds[i] == Kind::Terminal)
+                .map_or(-1, |i| nums[i]);
             relay.pumps.push(Pump::new(m, to, false));
         }
         let [a, b, c]: [OwnedFd; 3] = agent

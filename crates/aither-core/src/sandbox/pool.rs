@@ -1,0 +1,307 @@
+//! `aither-init pool --control-fd N`: one prepared sandbox (`launch::prepare`) waiting for its
+//! caller, driven by aitherd over a SOCK_SEQPACKET socket (one JSON message per packet). The
+//! contract (docs/architecture.md, "Warm start"):
+//!
+//! - the pool launcher reads the template spec on stdin, prepares, then sends
+//!   `{"ready":{"pid1":P,"cgroup":"ID"}}` (or `{"refused":"WHY"}` and exits 125 when the
+//!   template cannot be prepared: not poolable, or a launch error);
+//! - it waits for ONE message: the final spec's JSON with SCM_RIGHTS descriptors [stdin,
+//!   stdout, stderr] and optionally the workspace directory the caller opened. EOF first (or
+//!   SIGTERM, SIGINT, SIGHUP, SIGQUIT): the sandbox is torn down (pid 1 killed, the cgroup
+//!   removed), exit 0. pid 1 dying while it waits: `{"refused":...}`, exit 125;
+//! - a final spec with another `prepared_key`, a malformed message, or one the prepared
+//!   sandbox cannot take (a layered workspace, `--workspace-as-owner`): `{"refused":"WHY"}`,
+//!   torn down, exit 125;
+//! - accepted: `{"started":{"agent_pid":N}}` when the agent has exec'ed (its host pid; null in
+//!   the rare case it had already gone), then `{"exited":{"code":N,"timed_out":B,
+//!   "oom_killed":B}}`, and the launcher exits with that code (plain `aither-init`'s: the
+//!   agent's status, 128+signal, 124 at the timeout). A launch error after acceptance (the
+//!   workspace, a setup stage, 126/127 for the command) is `{"failed":{"code":N,
+//!   "error":"..."}}` (the text also goes to the caller's stderr, as plain `aither-init`
+//!   writes it to its own), exit N;
+//! - nothing more is read from the socket after the final spec: each prepared sandbox runs
+//!   once.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::MsgFlags;
+use serde::{Deserialize, Serialize};
+
+use super::channel::{self, now_ns, MAX_LARGE_FRAME};
+use super::launch::{self, LaunchError};
+use super::spec::SandboxSpec;
+
+/// A message of the pool launcher to aitherd.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMsg {
+    Ready {
+        pid1: i32,
+        cgroup: String,
+    },
+    Refused(String),
+    Started {
+        agent_pid: Option<i32>,
+    },
+    Exited {
+        code: i32,
+        timed_out: bool,
+        oom_killed: bool,
+    },
+    Failed {
+        code: i32,
+        error: String,
+    },
+}
+
+/// Sends one message (MSG_NOSIGNAL: a peer that went away is EPIPE).
+pub fn send(fd: BorrowedFd<'_>, msg: &PoolMsg) -> io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    nix::sys::socket::send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)?;
+    Ok(())
+}
+
+/// Receives one message; `None` at EOF.
+pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<PoolMsg>> {
+    let mut buf = [0u8; channel::MAX_FRAME];
+    let (bytes, _fds) = loop {
+        match channel::recv_bytes_with_fds(fd, &mut buf) {
+            // The launcher exited with a message of ours unread (a second final spec): the
+            // kernel reports ECONNRESET once, ahead of what it had sent; read on.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => continue,
+            r => break r?,
+        }
+    };
+    bytes
+        .map(|b| {
+            serde_json::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        })
+        .transpose()
+}
+
+/// aitherd's side: the final spec, the caller's stdin, stdout and stderr, and the workspace
+/// directory the caller opened, in one message.
+pub fn send_final(
+    fd: BorrowedFd<'_>,
+    spec: &SandboxSpec,
+    stdio: [BorrowedFd<'_>; 3],
+    workspace: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let bytes = serde_json::to_vec(spec).map_err(io::Error::other)?;
+    if bytes.len() > MAX_LARGE_FRAME {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    let mut raw: Vec<i32> = stdio.iter().map(|f| f.as_raw_fd()).collect();
+    raw.extend(workspace.map(|f| f.as_raw_fd()));
+    nix::sys::socket::sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Signals that dismiss a prepared sandbox that has no agent yet (the others wait, and reach
+/// the agent once it runs).
+const DISMISS: &[i32] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// What ended the wait for the final spec.
+enum Waited {
+    Readable,
+    Dismissed,
+    Pid1Died,
+}
+
+fn wait_final(control: BorrowedFd<'_>, p: &launch::Prepared) -> Waited {
+    loop {
+        let mut fds = [control, p.signal_fd(), p.pidfd()].map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // Raw: three fixed entries; nix's PollFd adds nothing here.
+        // SAFETY: three valid pollfd entries.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            while let Some(sig) = p.take_signal() {
+                if DISMISS.contains(&sig) {
+                    return Waited::Dismissed;
+                }
+            }
+        }
+        // The final spec (or EOF) before pid 1's state: a message that arrived is read.
+        if fds[0].revents != 0 {
+            return Waited::Readable;
+        }
+        if fds[2].revents != 0 {
+            return Waited::Pid1Died;
+        }
+    }
+}
+
+/// The final message, checked: the spec and the descriptors.
+type Final = (SandboxSpec, [OwnedFd; 3], Option<OwnedFd>);
+
+/// Reads the final message: `Ok(None)` at EOF, `Err(why)` for a malformed one.
+fn read_final(control: BorrowedFd<'_>) -> Result<Option<Final>, String> {
+    let mut buf = vec![0u8; MAX_LARGE_FRAME + 1];
+    let (bytes, mut fds) = channel::recv_bytes_with_fds(control, &mut buf)
+        .map_err(|e| format!("reading the final spec: {e}"))?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    if bytes.len() > MAX_LARGE_FRAME {
+        return Err(format!(
+            "the final spec is larger than {MAX_LARGE_FRAME} bytes"
+        ));
+    }
+    let spec: SandboxSpec = serde_json::from_slice(bytes)
+        .map_err(|e| format!("the final message is not a SandboxSpec: {e}"))?;
+    if !(3..=4).contains(&fds.len()) {
+        return Err(format!(
+            "the final spec came with {} descriptors; expected 3 (stdin, stdout, stderr) or 4 (and the workspace)",
+            fds.len()
+        ));
+    }
+    let ws = (fds.len() == 4).then(|| fds.pop()).flatten();
+    let [a, b, c]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| "three stdio descriptors".to_string())?;
+    Ok(Some((spec, [a, b, c], ws)))
+}
+
+/// `aither-init pool`: prepares `template`, serves one final spec on `control`, returns the
+/// exit code (see the module docs).
+pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
+    let ctl = control.as_fd();
+    let prepared = match launch::prepare(template) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = send(ctl, &PoolMsg::Refused(e.to_string()));
+            eprintln!("aither-init pool: {e}");
+            return e.exit_code();
+        }
+    };
+    let ready = PoolMsg::Ready {
+        pid1: prepared.pid1(),
+        cgroup: prepared.cgroup().to_string(),
+    };
+    if send(ctl, &ready).is_err() {
+        // aitherd is gone: nobody will ever send a final spec.
+        return 0;
+    }
+    match wait_final(ctl, &prepared) {
+        Waited::Readable => {}
+        Waited::Dismissed => return 0,
+        Waited::Pid1Died => {
+            let _ = send(
+                ctl,
+                &PoolMsg::Refused("the prepared sandbox's pid 1 died while waiting".into()),
+            );
+            return 125;
+        }
+    }
+    let received = now_ns();
+    let (spec, stdio, workspace) = match read_final(ctl) {
+        Ok(Some(f)) => f,
+        // EOF: dismissed; `prepared` drops here (pid 1 killed and reaped, the cgroup removed).
+        Ok(None) => return 0,
+        Err(why) => {
+            let _ = send(ctl, &PoolMsg::Refused(why.clone()));
+            eprintln!("aither-init pool: refused: {why}");
+            return 125;
+        }
+    };
+    // The caller's stderr, for a launch error's text (plain aither-init writes it to its own
+    // stderr, which is the caller's).
+    let caller_err = crate::sys::dup_above(stdio[2].as_fd(), 3).ok();
+    if crate::trace::enabled() {
+        eprintln!(
+            "aither-trace: pool     final-read+parsed      {:>9.0}",
+            (now_ns() - received) as f64 / 1000.0
+        );
+    }
+    let on_started: launch::OnStarted<'_> = Box::new(|st: &launch::Started| {
+        let _ = send(
+            ctl,
+            &PoolMsg::Started {
+                agent_pid: st.agent_pid,
+            },
+        );
+    });
+    match prepared.finish(&spec, stdio, workspace, Some(on_started)) {
+        Ok(out) => {
+            let code = if out.timed_out {
+                124
+            } else {
+                out.status.code()
+            };
+            let _ = send(
+                ctl,
+                &PoolMsg::Exited {
+                    code,
+                    timed_out: out.timed_out,
+                    oom_killed: out.oom_killed,
+                },
+            );
+            code
+        }
+        Err(e @ (LaunchError::KeyMismatch { .. } | LaunchError::NotPoolable(_))) => {
+            let _ = send(ctl, &PoolMsg::Refused(e.to_string()));
+            eprintln!("aither-init pool: refused: {e}");
+            125
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            if let Some(fd) = &caller_err {
+                let _ = crate::sys::write_all_once(
+                    fd.as_fd(),
+                    format!("aither-init: {e}\n").as_bytes(),
+                );
+            }
+            let _ = send(
+                ctl,
+                &PoolMsg::Failed {
+                    code,
+                    error: e.to_string(),
+                },
+            );
+            code
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_the_contracts_json() {
+        let j = |m: &PoolMsg| serde_json::to_string(m).unwrap();
+        assert_eq!(
+            j(&PoolMsg::Ready {
+                pid1: 7,
+                cgroup: "a-1".into()
+            }),
+            r#"{"ready":{"pid1":7,"cgroup":"a-1"}}"#
+        );
+        assert_eq!(j(&PoolMsg::Refused("x".into())), r#"{"refused":"x"}"#);
+        assert_eq!(
+            j(&PoolMsg::Started { agent_pid: Some(9) }),
+            r#"{"started":{"agent_pid":9}}"#
+        );
+        assert_eq!(
+            j(&PoolMsg::Exited {
+                code: 3,
+                timed_out: false,
+                oom_killed: false
+            }),
+            r#"{"exited":{"code":3,"timed_out":false,"oom_killed":false}}"#
+        );
+    }
+}

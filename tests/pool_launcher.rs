@@ -1,0 +1,455 @@
+//! `aither-init pool --control-fd N` (issue 21, item 1: warm start), driven as aitherd drives
+//! it: a SOCK_SEQPACKET socketpair, the template spec on stdin, `{"ready":...}`, then ONE final
+//! spec with the caller's stdio (and workspace) by SCM_RIGHTS (docs/architecture.md, "Warm
+//! start"; crates/aither-core/src/sandbox/pool.rs). Needs root and `aither-init` built beside
+//! aitherctl (`cargo build --workspace --bins`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use aither::policy::Policy;
+use aither::sandbox::pool::{self, PoolMsg};
+use aither::sandbox::{RunOptions, SandboxSpec};
+use common::daemon::init_path;
+use common::{cgroup_dirs_of, policy_dir, unique, wait_with_deadline, Workspace, RUN_DEADLINE};
+
+/// The final spec for `argv` under the strict policy with `ws` as the workspace, and its
+/// template: the same spec with every caller-dependent field a placeholder (another name and
+/// hostname, `/bin/true`, no env, no workspace, `/` as cwd), as aitherd prepares one.
+fn specs(ws: &Workspace, argv: &[&str]) -> (SandboxSpec, SandboxSpec) {
+    let policy = Policy::load_file(&policy_dir().join("strict.toml"))
+        .expect("load policies/strict.toml")
+        .policy;
+    let opts = RunOptions {
+        name: Some(unique("pool")),
+        workspace: Some(ws.path().to_path_buf()),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..RunOptions::default()
+    };
+    let fin = SandboxSpec::derive(&policy, &opts, &|_| None, ws.path()).expect("derive");
+    assert!(fin.workspace.is_some(), "the final spec has the workspace");
+    let mut template = fin.clone();
+    template.name = unique("tmpl");
+    template.hostname = "pool-template".into();
+    template.argv = vec!["/bin/true".into()];
+    template.env = Vec::new();
+    template.cwd = "/".into();
+    template.workspace = None;
+    assert_eq!(
+        template.prepared_key(),
+        fin.prepared_key(),
+        "only caller-dependent fields differ"
+    );
+    (template, fin)
+}
+
+fn drain(r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let mut r = r;
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// A pool launcher that reported ready.
+struct Pool {
+    child: Child,
+    ctl: Option<OwnedFd>,
+    stderr: Option<JoinHandle<String>>,
+    pid1: i32,
+    cgroup: String,
+}
+
+impl Pool {
+    /// Starts `aither-init pool --control-fd 3` with `template` on stdin and waits for ready.
+    fn start(template: &SandboxSpec) -> Pool {
+        common::require_root();
+        let (ours, theirs) = aither::sys::seqpacket_pair().expect("socketpair");
+        let raw = theirs.as_raw_fd();
+        let mut cmd = Command::new(init_path());
+        cmd.args(["pool", "--control-fd", "3"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls between fork and exec (dup2, fcntl).
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0);
+                } else if libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn aither-init pool");
+        drop(theirs);
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(&serde_json::to_vec(template).unwrap())
+            .unwrap();
+        drop(stdin);
+        let stderr = Some(drain(child.stderr.take().unwrap()));
+        let mut p = Pool {
+            child,
+            ctl: Some(ours),
+            stderr,
+            pid1: 0,
+            cgroup: String::new(),
+        };
+        match p.recv() {
+            Some(PoolMsg::Ready { pid1, cgroup }) => {
+                p.pid1 = pid1;
+                p.cgroup = cgroup;
+            }
+            other => panic!(
+                "expected ready, got {other:?}; stderr: {}",
+                p.finish_stderr()
+            ),
+        }
+        p
+    }
+
+    fn ctl(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ctl.as_ref().expect("control socket open").as_fd()
+    }
+
+    /// The next message, or None at EOF; panics after RUN_DEADLINE without one.
+    fn recv(&mut self) -> Option<PoolMsg> {
+        let mut p = [libc::pollfd {
+            fd: self.ctl().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), 1, RUN_DEADLINE.as_millis() as i32) };
+        assert!(
+            n > 0,
+            "no message from the pool launcher within {RUN_DEADLINE:?}"
+        );
+        pool::recv(self.ctl()).expect("read the control socket")
+    }
+
+    fn finish_stderr(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default()
+    }
+
+    /// Every message until EOF, then the launcher's exit code and its stderr.
+    fn rest(mut self) -> (Vec<PoolMsg>, i32, String) {
+        let mut msgs = Vec::new();
+        while let Some(m) = self.recv() {
+            msgs.push(m);
+        }
+        let st = wait_with_deadline(&mut self.child, "aither-init pool", RUN_DEADLINE);
+        let err = self.stderr.take().unwrap().join().unwrap();
+        (msgs, st.code().unwrap_or(-1), err)
+    }
+}
+
+/// The caller's side of one run: its stdout and stderr as pipes read to EOF.
+struct Caller {
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+    /// Lines of stdout as they come (for the signal test), alongside `stdout`'s whole text.
+    lines: mpsc::Receiver<String>,
+}
+
+/// Sends `fin` with /dev/null as stdin, two pipes as stdout and stderr, and the workspace
+/// directory opened as the caller would.
+fn send_final(p: &Pool, fin: &SandboxSpec) -> Caller {
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let (out_r, out_w) = aither::sys::pipe().unwrap();
+    let (err_r, err_w) = aither::sys::pipe().unwrap();
+    let ws = fin
+        .workspace
+        .as_ref()
+        .map(|w| std::fs::File::open(&w.path).expect("open the workspace"));
+    pool::send_final(
+        p.ctl(),
+        fin,
+        [null.as_fd(), out_w.as_fd(), err_w.as_fd()],
+        ws.as_ref().map(|f| f.as_fd()),
+    )
+    .expect("send the final spec");
+    drop((out_w, err_w));
+    let (tx, lines) = mpsc::channel();
+    let stdout = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(std::fs::File::from(out_r)).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    Caller {
+        stdout,
+        stderr: drain(std::fs::File::from(err_r)),
+        lines,
+    }
+}
+
+impl Caller {
+    fn output(self) -> (String, String) {
+        (self.stdout.join().unwrap(), self.stderr.join().unwrap())
+    }
+}
+
+fn exited(msgs: &[PoolMsg]) -> Option<(i32, bool)> {
+    msgs.iter().find_map(|m| match m {
+        PoolMsg::Exited {
+            code, timed_out, ..
+        } => Some((*code, *timed_out)),
+        _ => None,
+    })
+}
+
+fn started(msgs: &[PoolMsg]) -> bool {
+    msgs.iter()
+        .any(|m| matches!(m, PoolMsg::Started { agent_pid: Some(p) } if *p > 0))
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_final_spec_runs_with_the_callers_stdio_and_exit_status() {
+    let ws = Workspace::new();
+    let (template, fin) = specs(&ws, &["sh", "-c", "echo out; echo err >&2; exit 7"]);
+    let p = Pool::start(&template);
+    assert!(
+        !cgroup_dirs_of(&template.name).is_empty(),
+        "the prepared sandbox's cgroup exists while it waits"
+    );
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, agent_err) = c.output();
+    assert!(started(&msgs), "{msgs:?} {err}");
+    assert_eq!(exited(&msgs), Some((7, false)), "{msgs:?} {err}");
+    assert_eq!(code, 7, "the launcher exits with the agent's status: {err}");
+    assert_eq!(out, "out\n");
+    assert_eq!(agent_err, "err\n");
+    assert!(
+        cgroup_dirs_of(&template.name).is_empty(),
+        "no cgroup left: {:?}",
+        cgroup_dirs_of(&template.name)
+    );
+}
+
+/// What a cold launch's agent sees (tests/hostile.rs), the prepared sandbox's agent sees: a
+/// fresh /tmp (the previous prepared sandbox's file is not there), its own pid namespace, the
+/// workspace read-write, a read-only root, no /etc/shadow, no capabilities, no_new_privs,
+/// seccomp, Landlock (no exec from /dev/shm), and the final spec's hostname.
+#[test]
+fn the_agent_of_a_prepared_sandbox_has_a_cold_launchs_view() {
+    let ws = Workspace::new();
+    // A first prepared sandbox leaves a file in its /tmp.
+    let (t1, f1) = specs(&ws, &["sh", "-c", "echo x > /tmp/left-behind"]);
+    let p = Pool::start(&t1);
+    let c = send_final(&p, &f1);
+    let (msgs, code, err) = p.rest();
+    c.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+
+    let script = format!(
+        "echo pid=$$; \
+         echo tmp=$(ls -A /tmp | wc -l); \
+         touch /rootfile 2>&1; \
+         cat /etc/shadow >/dev/null 2>&1 || echo shadow=denied; \
+         echo hi > {ws}/written && echo ws=written; \
+         echo hostname=$(hostname) etc=$(cat /etc/hostname); \
+         {ws}/aither-probe status; \
+         cp /bin/true /dev/shm/t && /dev/shm/t && echo landlock=ran; \
+         true",
+        ws = ws.path().display()
+    );
+    let (template, fin) = specs(&ws, &["sh", "-c", &script]);
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, agent_err) = c.output();
+    let all = format!("stdout: {out}\nstderr: {agent_err}\nmsgs: {msgs:?}\nlauncher: {err}");
+    assert_eq!(code, 0, "{all}");
+    let pid: i32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid line: {all}"));
+    assert!(
+        pid <= 3,
+        "the agent has its own pid namespace (pid {pid}): {all}"
+    );
+    assert!(out.contains("tmp=0\n"), "a fresh /tmp: {all}");
+    assert!(
+        out.contains("Read-only file system"),
+        "the root is read-only: {all}"
+    );
+    assert!(out.contains("shadow=denied\n"), "{all}");
+    assert!(out.contains("ws=written\n"), "{all}");
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("written")).unwrap(),
+        "hi\n",
+        "the write reached the workspace"
+    );
+    let h = &fin.hostname;
+    assert!(
+        out.contains(&format!("hostname={h} etc={h}\n")),
+        "the final spec's hostname, in the UTS namespace and /etc/hostname: {all}"
+    );
+    assert!(
+        out.contains(
+            "RESULT status ok CapInh=0000000000000000 CapPrm=0000000000000000 \
+             CapEff=0000000000000000 CapBnd=0000000000000000 CapAmb=0000000000000000 \
+             NoNewPrivs=1 Seccomp=2"
+        ),
+        "{all}"
+    );
+    assert!(
+        !out.contains("landlock=ran"),
+        "Landlock: no exec from /dev/shm: {all}"
+    );
+    assert!(agent_err.contains("Permission denied"), "{all}");
+}
+
+#[test]
+fn a_prepared_sandbox_runs_once_a_second_final_spec_is_never_read() {
+    let ws = Workspace::new();
+    let (template, fin) = specs(&ws, &["sh", "-c", "echo one"]);
+    let second_marker = ws.path().join("second");
+    let mut second = fin.clone();
+    second.argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("touch {}", second_marker.display()),
+    ];
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let c2 = send_final(&p, &second);
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    let (out2, _) = c2.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+    assert_eq!(out, "one\n");
+    assert_eq!(out2, "", "the second final spec's stdio saw nothing");
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| matches!(m, PoolMsg::Started { .. }))
+            .count(),
+        1,
+        "{msgs:?}"
+    );
+    assert!(!second_marker.exists(), "the second final spec never ran");
+}
+
+#[test]
+fn a_final_spec_that_does_not_match_the_template_is_refused_and_torn_down() {
+    let ws = Workspace::new();
+    let (template, mut fin) = specs(&ws, &["sh", "-c", "echo ran"]);
+    // A field built into the sandbox (its rlimits), not a caller-dependent one.
+    fin.rlimit_nofile += 1;
+    let p = Pool::start(&template);
+    let pid1 = p.pid1;
+    assert!(pid_alive(pid1));
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    assert_eq!(code, 125, "{msgs:?} {err}");
+    let why = msgs
+        .iter()
+        .find_map(|m| match m {
+            PoolMsg::Refused(w) => Some(w.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no refusal: {msgs:?}"));
+    assert!(
+        why.contains("does not match the prepared sandbox") && why.contains("prepared_key"),
+        "a clear reason: {why}"
+    );
+    assert!(!started(&msgs), "{msgs:?}");
+    assert_eq!(out, "", "nothing ran");
+    assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
+    assert!(cgroup_dirs_of(&template.name).is_empty());
+}
+
+#[test]
+fn eof_before_the_final_spec_leaves_no_process_and_no_cgroup() {
+    let ws = Workspace::new();
+    let (template, _) = specs(&ws, &["true"]);
+    let mut p = Pool::start(&template);
+    let pid1 = p.pid1;
+    assert!(pid_alive(pid1), "pid 1 waits");
+    let dirs = cgroup_dirs_of(&template.name);
+    assert!(!dirs.is_empty(), "the cgroup exists while it waits");
+    assert!(
+        dirs.iter()
+            .all(|d| d.file_name().unwrap().to_string_lossy() == p.cgroup),
+        "ready names the cgroup: {} vs {dirs:?}",
+        p.cgroup
+    );
+    drop(p.ctl.take());
+    let st = wait_with_deadline(&mut p.child, "aither-init pool", RUN_DEADLINE);
+    let err = p.stderr.take().unwrap().join().unwrap();
+    assert_eq!(st.code(), Some(0), "a clean teardown: {err}");
+    assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
+    assert!(
+        cgroup_dirs_of(&template.name).is_empty(),
+        "no cgroup left: {:?}",
+        cgroup_dirs_of(&template.name)
+    );
+}
+
+#[test]
+fn the_final_specs_timeout_gives_124() {
+    let ws = Workspace::new();
+    let (template, mut fin) = specs(&ws, &["sleep", "60"]);
+    fin.timeout = Some(Duration::from_secs(1));
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    c.output();
+    assert_eq!(exited(&msgs), Some((124, true)), "{msgs:?} {err}");
+    assert_eq!(code, 124);
+}
+
+#[test]
+fn sigterm_to_the_pool_launcher_reaches_the_agent() {
+    let ws = Workspace::new();
+    let (template, fin) = specs(
+        &ws,
+        &[
+            "sh",
+            "-c",
+            "trap 'echo trapped; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+    );
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let first = c
+        .lines
+        .recv_timeout(RUN_DEADLINE)
+        .expect("the agent's first line");
+    assert_eq!(first, "ready");
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    assert_eq!(code, 3, "the agent's trap ran: {msgs:?} {err}");
+    assert!(out.contains("trapped"), "{out}");
+    assert_eq!(exited(&msgs), Some((3, false)));
+}
