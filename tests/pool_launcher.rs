@@ -219,9 +219,10 @@ fn exited(msgs: &[PoolMsg]) -> Option<(i32, bool)> {
     })
 }
 
+/// A `started` message came (its `agent_pid` is null when the agent was gone before the
+/// launcher looked it up: a quick one).
 fn started(msgs: &[PoolMsg]) -> bool {
-    msgs.iter()
-        .any(|m| matches!(m, PoolMsg::Started { agent_pid: Some(p) } if *p > 0))
+    msgs.iter().any(|m| matches!(m, PoolMsg::Started { .. }))
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -452,4 +453,60 @@ fn sigterm_to_the_pool_launcher_reaches_the_agent() {
     assert_eq!(code, 3, "the agent's trap ran: {msgs:?} {err}");
     assert!(out.contains("trapped"), "{out}");
     assert_eq!(exited(&msgs), Some((3, false)));
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, PoolMsg::Started { agent_pid: Some(p) } if *p > 0)),
+        "a long-running agent's host pid is reported: {msgs:?}"
+    );
+}
+
+/// A terminal among the caller's descriptors gets the agent a pty of its own (stdio.rs), never
+/// the caller's terminal itself, as with `aitherctl run`.
+#[test]
+fn a_callers_terminal_gets_the_agent_its_own_pty() {
+    use std::os::unix::fs::MetadataExt;
+    let ws = Workspace::new();
+    let (template, fin) = specs(
+        &ws,
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && echo stdin-is-a-tty; echo rdev=$(stat -L -c %t:%T /proc/self/fd/0)",
+        ],
+    );
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let caller_rdev = std::fs::File::from(pty.slave.try_clone().unwrap())
+        .metadata()
+        .unwrap()
+        .rdev();
+    let caller = format!(
+        "rdev={:x}:{:x}",
+        libc::major(caller_rdev),
+        libc::minor(caller_rdev)
+    );
+    let p = Pool::start(&template);
+    pool::send_final(
+        p.ctl(),
+        &fin,
+        [pty.slave.as_fd(), pty.slave.as_fd(), pty.slave.as_fd()],
+        Some(std::fs::File::open(ws.path()).unwrap().as_fd()),
+    )
+    .expect("send the final spec");
+    drop(pty.slave);
+    // What the relay wrote to the caller's terminal, read on its master until the last slave
+    // copy (the pool launcher's) is closed (EIO).
+    let master = std::fs::File::from(pty.master);
+    let out = drain(master);
+    let (msgs, code, err) = p.rest();
+    let out = out.join().unwrap();
+    assert_eq!(code, 0, "{msgs:?} {err} {out}");
+    assert!(
+        out.contains("stdin-is-a-tty"),
+        "the agent has a terminal: {out}"
+    );
+    assert!(out.contains("rdev="), "{out}");
+    assert!(
+        !out.contains(&format!("{caller}\r")) && !out.contains(&format!("{caller}\n")),
+        "the agent's terminal is not the caller's ({caller}): {out}"
+    );
 }

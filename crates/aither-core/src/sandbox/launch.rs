@@ -810,7 +810,7 @@ impl Prepared {
         }
         poolable_final(final_spec)?;
         let spec = final_spec;
-        marks.push(("key checked", now_ns()));
+        marks.push(("key-checked", now_ns()));
         // The workspace: the id-mapped mount from the directory at the final spec's path,
         // which must be the one the caller presented (host root: the launcher's part).
         let (ws_mount, idmap_helper) = match mounts::prepare_workspace_presented(
@@ -852,6 +852,9 @@ impl Prepared {
             &fds,
         );
         drop(fds);
+        // The last launcher mark: what follows runs in parallel with pid 1 (the trace's
+        // sandbox lines are the critical path from here).
+        marks.push(("final-sent", now_ns()));
         drop(agent_stdio);
         drop(ws_mount);
         // A send error means pid 1 already failed or died: read below.
@@ -863,7 +866,6 @@ impl Prepared {
         }
         // Long dead (killed once the mount was made); reaped while pid 1 works.
         drop(idmap_helper);
-        marks.push(("final sent", now_ns()));
         // wait_started reaps pid 1 on every error.
         let (agent_pid, stages, landlock_status, inside) =
             wait_started(sock.as_fd(), live.pid1.pidfd.as_fd())
