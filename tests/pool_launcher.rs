@@ -60,6 +60,39 @@ fn drain(r: impl Read + Send + 'static) -> JoinHandle<String> {
     })
 }
 
+/// `aither-init pool --control-fd 3` with `template` written to its stdin: the child, our end
+/// of its control socket, its stderr being read.
+fn spawn_pool(template: &SandboxSpec) -> (Child, OwnedFd, JoinHandle<String>) {
+    common::require_root();
+    let (ours, theirs) = aither::sys::seqpacket_pair().expect("socketpair");
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Command::new(init_path());
+    cmd.args(["pool", "--control-fd", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec (dup2, fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn aither-init pool");
+    drop(theirs);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(&serde_json::to_vec(template).unwrap())
+        .unwrap();
+    drop(stdin);
+    let stderr = drain(child.stderr.take().unwrap());
+    (child, ours, stderr)
+}
+
 /// A pool launcher that reported ready.
 struct Pool {
     child: Child,
@@ -72,33 +105,8 @@ struct Pool {
 impl Pool {
     /// Starts `aither-init pool --control-fd 3` with `template` on stdin and waits for ready.
     fn start(template: &SandboxSpec) -> Pool {
-        common::require_root();
-        let (ours, theirs) = aither::sys::seqpacket_pair().expect("socketpair");
-        let raw = theirs.as_raw_fd();
-        let mut cmd = Command::new(init_path());
-        cmd.args(["pool", "--control-fd", "3"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls between fork and exec (dup2, fcntl).
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0);
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn aither-init pool");
-        drop(theirs);
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(&serde_json::to_vec(template).unwrap())
-            .unwrap();
-        drop(stdin);
-        let stderr = Some(drain(child.stderr.take().unwrap()));
+        let (child, ours, stderr) = spawn_pool(template);
+        let stderr = Some(stderr);
         let mut p = Pool {
             child,
             ctl: Some(ours),
@@ -509,4 +517,28 @@ fn a_callers_terminal_gets_the_agent_its_own_pty() {
         !out.contains(&format!("{caller}\r")) && !out.contains(&format!("{caller}\n")),
         "the agent's terminal is not the caller's ({caller}): {out}"
     );
+}
+
+/// A template whose setup is per run (here an egress gateway's socket) is refused before
+/// anything is built: aitherd launches it cold.
+#[test]
+fn a_template_that_is_not_poolable_is_refused() {
+    let ws = Workspace::new();
+    let (mut template, _) = specs(&ws, &["true"]);
+    template.egress_port = Some(3128);
+    let (mut child, ours, err) = spawn_pool(&template);
+    let msg = pool::recv(ours.as_fd()).expect("recv");
+    let st = wait_with_deadline(&mut child, "aither-init pool", RUN_DEADLINE);
+    let err = err.join().unwrap();
+    match msg {
+        Some(PoolMsg::Refused(why)) => {
+            assert!(
+                why.contains("not poolable") && why.contains("egress"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}: {err}"),
+    }
+    assert_eq!(st.code(), Some(125), "{err}");
+    assert!(cgroup_dirs_of(&template.name).is_empty());
 }

@@ -506,6 +506,41 @@ mod tests {
     }
 
     #[test]
+    fn prepared_key_ignores_exactly_the_caller_dependent_fields() {
+        let base =
+            SandboxSpec::derive(&strict(), &opts(), &|_| None, Path::new("/var/tmp")).unwrap();
+        let key = base.prepared_key();
+        assert_eq!(key.len(), 64, "hex SHA-256");
+        let mut caller = base.clone();
+        caller.name = "other".into();
+        caller.hostname = "other".into();
+        caller.argv = vec!["sh".into(), "-c".into(), "x".into()];
+        caller.env = vec![("A".into(), "b".into())];
+        caller.cwd = "/tmp".into();
+        caller.workspace = None;
+        caller.timeout = Some(Duration::from_secs(3));
+        caller.report = !caller.report;
+        assert_eq!(caller.prepared_key(), key, "caller-dependent fields only");
+        let changed: [fn(&mut SandboxSpec); 6] = [
+            |s| s.rlimit_nofile += 1,
+            |s| s.uid += 1,
+            |s| s.landlock = !s.landlock,
+            |s| s.seccomp_profile = None,
+            |s| s.new_net_ns = !s.new_net_ns,
+            |s| s.mounts.tmp_size += 1,
+        ];
+        for (i, change) in changed.iter().enumerate() {
+            let mut s = base.clone();
+            change(&mut s);
+            assert_ne!(
+                s.prepared_key(),
+                key,
+                "change {i} is built into the sandbox"
+            );
+        }
+    }
+
+    #[test]
     fn strict_resolves_to_its_limits() {
         let s = derive(&opts()).unwrap();
         assert_eq!(s.limits.memory, Some(512 << 20));
