@@ -2,6 +2,9 @@
 //! hybrid; most users' hosts are pure v2): the limits of the policy land in the v2 files, the
 //! controllers are enabled in the parents, and the directory is removed afterwards.
 
+// Only for its test-wide setting: no aitherd of the host serves these runs.
+mod common;
+
 use std::fs;
 use std::process::Command;
 

@@ -5,6 +5,9 @@
 //! The sandbox tests need root (cgroups, user namespaces mapping host id ranges) and fail with
 //! a clear message without it; none skips.
 
+// Only for its test-wide setting: no aitherd of the host serves these runs.
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Spawn latency: how long it takes to start /bin/true and see it exit, in
-#   (a) aitherctl run --policy strict        (b) bwrap --unshare-all, / read-only
+#   (a) aitherctl run --policy strict, handed to a private aitherd started by this script
+#       (docs/daemon.md "run")             (a') aitherctl run --no-daemon --policy strict
+#                                              (the standalone path)
+#   (b) bwrap --unshare-all, / read-only
 #   (c) crun run of an equivalent OCI bundle (d) unshare(1) with the same namespaces
 #   (e) bare fork+exec of /bin/true
 # in two modes, both printed: "back-to-back" (launches follow each other immediately) and
@@ -17,7 +20,13 @@
 #   RUNS       launches per tool per mode (default 100, at least 50)
 #   AITHERCTL  aitherctl binary (default: <repo>/target/release/aitherctl, copied to the temp dir
 #              at start so a concurrent rebuild cannot change it mid-run; build it first with
-#              cargo build --release)
+#              cargo build --release --bin aitherctl --bin aitherd; cargo build --release -p aither-init)
+#   AITHERD, AITHER_INIT
+#              aitherd and aither-init for row (a) (default: beside AITHERCTL; copied likewise)
+#
+# Row (a)'s aitherd is private: its own state directory, socket and audit log in the temp dir,
+# the host's policies (as row a' uses), stopped at exit; it never touches /run/aither or a
+# system aitherd. AITHER_SOCKET points every aitherctl of the script at it.
 #
 # On a cgroup v1/v2 hybrid host (cgroup2 at /sys/fs/cgroup/unified) crun refuses to run
 # ("cgroups in hybrid mode not supported"). There, every crun launch is wrapped in
@@ -45,6 +54,10 @@ REPO="$(cd "$SCRIPT_DIR/../.." && pwd)"
 AITHERCTL="${AITHERCTL:-$REPO/target/release/aitherctl}"
 [[ "$AITHERCTL" == /* ]] || AITHERCTL="$PWD/$AITHERCTL"
 [[ -x "$AITHERCTL" ]] || die "aitherctl not found at $AITHERCTL (run: cargo build --release, or set AITHERCTL)"
+AITHERD="${AITHERD:-$(dirname "$AITHERCTL")/aitherd}"
+AITHER_INIT_BIN="${AITHER_INIT:-$(dirname "$AITHERCTL")/aither-init}"
+[[ -x "$AITHERD" ]] || die "aitherd not found at $AITHERD (cargo build --release --bin aitherd, or set AITHERD)"
+[[ -x "$AITHER_INIT_BIN" ]] || die "aither-init not found at $AITHER_INIT_BIN (cargo build --release --bin aither-init, or set AITHER_INIT)"
 
 # --- dependencies (install only what is missing) -------------------------------------------
 missing=()
@@ -65,9 +78,16 @@ MOUNTS_BEFORE="$(mounts_snapshot)"
 TMP="$(mktemp -d /tmp/aither-spawn-bench.XXXXXX)"
 ID_PREFIX="aither-spawn-$$"
 
+DPID=""
 cleanup() {
     local rc=$?
     set +e
+    if [[ -n "$DPID" ]]; then
+        kill -TERM "$DPID" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$DPID" 2>/dev/null
+        wait "$DPID" 2>/dev/null
+    fi
     if command -v crun >/dev/null 2>&1; then
         crun list 2>/dev/null | awk -v p="$ID_PREFIX-" 'index($1, p) == 1 {print $1}' |
             while read -r id; do crun delete -f "$id" >/dev/null 2>&1; done
@@ -181,6 +201,21 @@ gcc -O2 -Wall -o "$TMP/spawnbench" "$TMP/spawnbench.c"
 cp "$AITHERCTL" "$TMP/aitherctl"
 AITHERCTL_SRC="$AITHERCTL"
 AITHERCTL="$TMP/aitherctl"
+cp "$AITHERD" "$TMP/aitherd"
+cp "$AITHER_INIT_BIN" "$TMP/aither-init"
+
+# --- the private aitherd of row (a) -------------------------------------------------------------
+export AITHER_SOCKET="$TMP/aitherd.sock"
+AITHER_STATE_DIR="$TMP/state" AITHER_INIT="$TMP/aither-init" AITHER_AUDIT_LOG="$TMP/audit.jsonl" \
+    "$TMP/aitherd" </dev/null >/dev/null 2>"$TMP/aitherd.log" &
+DPID=$!
+up=0
+for _ in $(seq 200); do
+    kill -0 "$DPID" 2>/dev/null || { cat "$TMP/aitherd.log" >&2; die "aitherd exited during start-up"; }
+    if "$AITHERCTL" ps >/dev/null 2>&1; then up=1; break; fi
+    sleep 0.1
+done
+(( up )) || { cat "$TMP/aitherd.log" >&2; die "aitherd did not answer on $AITHER_SOCKET within 20 s"; }
 
 # --- workspace for aitherctl (its workspace defaults to the cwd) -------------------------------
 mkdir "$TMP/workspace"
@@ -230,6 +265,7 @@ build_cmds() {  # $1 = mode tag, used in crun container ids
     local m="$1"
     CMDS=(
         aither   "$AITHERCTL" run --policy strict -- /bin/true :::
+        aither-nd "$AITHERCTL" run --no-daemon --policy strict -- /bin/true :::
         bwrap    bwrap --unshare-all --ro-bind / / --dev /dev --proc /proc /bin/true :::
     )
     if (( HYBRID )); then
@@ -255,9 +291,13 @@ cd "$TMP/workspace"
 build_cmds check
 "$TMP/spawnbench" 1 0 0 "$ERRLOG" "x" -- "${CMDS[@]}" >/dev/null || { cat "$ERRLOG" >&2; die "sanity run failed"; }
 : >"$ERRLOG"
+# Row (a) must be served by aitherd: its audit log holds the sanity run's `run` record.
+for _ in $(seq 50); do grep -q '"kind":"run"' "$TMP/audit.jsonl" 2>/dev/null && break; sleep 0.1; done
+grep -q '"kind":"run"' "$TMP/audit.jsonl" 2>/dev/null || die "row (a) was not served by aitherd (no run record in its audit log)"
 
 echo "spawn.sh: RUNS=$RUNS per tool per mode, $WARMUP warm-up rounds; host $(uname -r), $(nproc) CPUs, cgroup $( ((HYBRID)) && echo 'v1/v2 hybrid' || stat -f -c %T /sys/fs/cgroup)" >&2
 echo "spawn.sh: timing helper: inline C, fork+execvp+waitpid, CLOCK_MONOTONIC" >&2
+echo "spawn.sh: aitherd = $AITHERD (copied; sha256 $(sha256sum "$TMP/aitherd" | cut -c1-12)), pid $DPID, socket $AITHER_SOCKET" >&2
 echo "spawn.sh: aitherctl = $AITHERCTL_SRC (copied; sha256 $(sha256sum "$AITHERCTL" | cut -c1-12), built $(date -u -r "$AITHERCTL_SRC" +%FT%TZ))" >&2
 
 for mode in back-to-back spaced; do
@@ -280,10 +320,11 @@ stats() {  # $1 mode, $2 tool -> "median_ns p90_ns"
             printf "%.0f %.0f\n", med, v[k] }'
 }
 
-TOOLS=(aither bwrap crun unshare true)
+TOOLS=(aither aither-nd bwrap crun unshare true)
 (( HYBRID )) && TOOLS+=(crun-wrap)
 declare -A LABEL=(
-    [aither]="aitherctl run --policy strict"
+    [aither]="aitherctl run --policy strict (via aitherd)"
+    [aither-nd]="aitherctl run --no-daemon"
     [bwrap]="bwrap --unshare-all"
     [crun]="crun run (OCI bundle)"
     [unshare]="unshare (same namespaces)"
@@ -305,12 +346,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2fx", a / b}'; }
 echo
 echo "Spawn latency of /bin/true, N=$RUNS per row, $(date -u +%Y-%m-%d), $(uname -r), $(nproc) CPUs"
 echo
-printf '| %-36s | %-12s | %9s | %9s | %9s |\n' tool mode "median ms" "p90 ms" "vs bwrap"
-printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..38})" "$(printf -- '-%.0s' {1..14})" \
+printf '| %-44s | %-12s | %9s | %9s | %9s |\n' tool mode "median ms" "p90 ms" "vs bwrap"
+printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..46})" "$(printf -- '-%.0s' {1..14})" \
     "$(printf -- '-%.0s' {1..10})-" "$(printf -- '-%.0s' {1..10})-" "$(printf -- '-%.0s' {1..10})-"
 for mode in back-to-back spaced; do
     for t in "${TOOLS[@]}"; do
-        printf '| %-36s | %-12s | %9s | %9s | %9s |\n' "${LABEL[$t]}" "$mode" \
+        printf '| %-44s | %-12s | %9s | %9s | %9s |\n' "${LABEL[$t]}" "$mode" \
             "$(ms "${MED[$mode/$t]}")" "$(ms "${P90[$mode/$t]}")" \
             "$(ratio "${MED[$mode/$t]}" "${MED[$mode/bwrap]}")"
     done
@@ -327,6 +368,8 @@ if (( HYBRID )); then
 fi
 echo "Ratios are median/median against bwrap in the same mode; the timing floor is the bare /bin/true row."
 echo
-echo "==> Aither strict / bwrap (median): back-to-back $(ratio "${MED[back-to-back/aither]}" "${MED[back-to-back/bwrap]}")," \
+echo "==> Aither strict via aitherd / bwrap (median): back-to-back $(ratio "${MED[back-to-back/aither]}" "${MED[back-to-back/bwrap]}")," \
      "spaced $(ratio "${MED[spaced/aither]}" "${MED[spaced/bwrap]}")"
+echo "==> Aither strict --no-daemon / bwrap (median): back-to-back $(ratio "${MED[back-to-back/aither-nd]}" "${MED[back-to-back/bwrap]}")," \
+     "spaced $(ratio "${MED[spaced/aither-nd]}" "${MED[spaced/bwrap]}")"
 exit 0

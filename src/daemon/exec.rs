@@ -95,7 +95,7 @@ pub enum ExecRefused {
 }
 
 impl ExecRefused {
-    fn code(&self) -> ErrorCode {
+    pub(super) fn code(&self) -> ErrorCode {
         match self {
             ExecRefused::NoAgent(_) => ErrorCode::NotFound,
             ExecRefused::NotRunning { .. } | ExecRefused::Paused { .. } => ErrorCode::Conflict,
@@ -359,7 +359,7 @@ pub fn copy_argv(
 }
 
 /// The request's fields and descriptors, checked (stage 2).
-fn check(
+pub(super) fn check(
     argv: &[String],
     env: &[String],
     cwd: Option<&Path>,

@@ -29,6 +29,7 @@ pub mod proto;
 pub mod publish;
 pub mod recover;
 pub mod reload;
+pub mod run;
 pub mod secret_ops;
 pub mod server;
 pub mod shim;
@@ -140,6 +141,8 @@ pub struct Daemon {
     pub net_quotas: Mutex<HashMap<(String, String), Arc<crate::net::gateway::QuotaState>>>,
     /// The commands `aitherctl exec` runs now, per agent (daemon/exec.rs).
     pub execs: Arc<exec::Slots>,
+    /// The foreground runs (`aitherctl run` through aitherd) per caller's uid.
+    pub runs: Arc<run::Slots>,
 }
 
 impl Daemon {
@@ -215,6 +218,7 @@ impl Daemon {
             summary: summary::Denials::new(summary::WINDOW),
             net_quotas: Mutex::new(HashMap::new()),
             execs: Arc::default(),
+            runs: Arc::default(),
         })
     }
 

@@ -10,7 +10,8 @@ use nix::errno::Errno;
 use serde::Serialize;
 
 pub use aither_proto::control::{
-    CopyOp, ExecRequest, LogStream, Reply, Request, SecretValue, SpawnRequest, Via,
+    CopyOp, ExecRequest, LogStream, Reply, Request, RunRequest, RunSignal, SecretValue,
+    SpawnRequest, Via,
 };
 pub use aither_proto::frame::{
     encode, encode_limit, read_frame, read_frame_limit, write_frame, FrameError, MAX_FRAME,

@@ -231,6 +231,12 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 super::exec::serve(&d, &caller, req, fds, &mut r, &mut w).await;
                 return;
             }
+            Request::Run(req) => {
+                // The replies come when the launcher starts and when the agent ends; frames
+                // after the request are signals; a closed connection kills the run.
+                super::run::serve(&d, &caller, *req, fds, &mut r, &mut w).await;
+                return;
+            }
             req => {
                 let reply = handle(&d, req, &caller, fds).await;
                 if aio::write_reply(&mut w, &reply).await.is_err() {
@@ -701,10 +707,12 @@ async fn handle_inner(d: &Shared, req: Request, caller: &Caller, fds: Vec<OwnedF
         Request::SecretRm { name, owner } => {
             super::secret_ops::handle(d, caller, super::secret_ops::Op::Rm { name: &name }, owner)
         }
-        Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) => Reply::err(
-            ErrorCode::BadRequest,
-            "bus_pub, bus_sub and exec take over their connection",
-        ),
+        Request::BusPub { .. } | Request::BusSub { .. } | Request::Exec(_) | Request::Run(_) => {
+            Reply::err(
+                ErrorCode::BadRequest,
+                "bus_pub, bus_sub, exec and run take over their connection",
+            )
+        }
         Request::Via { .. } => Reply::err(
             ErrorCode::BadRequest,
             "via is answered by the connection itself",
@@ -1355,7 +1363,7 @@ async fn spawn_inner(
     }
 }
 
-type BuildError = (ErrorCode, String);
+pub(super) type BuildError = (ErrorCode, String);
 
 /// `--publish-host`: loopback addresses only, each once, and a host port below 1024 only for
 /// root (as binding it would be on Linux). Checked here whatever the client checked.
@@ -1466,6 +1474,52 @@ impl crate::prepare::Authority for DaemonAuthority<'_> {
     }
 }
 
+/// The one launch path (`prepare::prepare`) as aitherd runs it for `spawn` and `run`: the
+/// caller's identity as the kernel gave it, aitherd's key and revocations, a member's routes
+/// checked against their secrets, and the token minted or verified audited.
+pub(super) fn prepare_launch(
+    d: &Shared,
+    caller: &Caller,
+    name: &str,
+    launch: &crate::prepare::LaunchRequest<'_>,
+) -> Result<crate::prepare::PreparedLaunch, BuildError> {
+    use crate::prepare::{self, PrepareError, Principal, Source};
+    let principal = Principal {
+        uid: caller.uid,
+        gid: caller.gid,
+        admin: caller.admin,
+    };
+    let p = prepare::prepare(launch, &principal, &DaemonAuthority(d)).map_err(|e| {
+        let text = match (&e, launch.source) {
+            (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
+            _ => e.to_string(),
+        };
+        (e.code(), text)
+    })?;
+    if !caller.admin {
+        // A member's routes name their own secrets (or root's, as root:NAME).
+        super::secret_ops::check_routes(d, &d.secrets(), name, caller, &p.net)
+            .map_err(|e| (e.code(), e.to_string()))?;
+    }
+    let (kind, rule) = match &p.minted {
+        Some((policy, _)) => ("token_mint", format!("policy {policy}")),
+        None => ("token_verify", "host key; not revoked; not expired".into()),
+    };
+    let root = p.verified.root();
+    d.audit.record(
+        Entry::new(kind, Verdict::Allow, rule)
+            .agent(name)
+            .actor("aitherd")
+            .caller(caller.uid)
+            .via(caller.via_name())
+            .owner(root.owner.unwrap_or(caller.uid))
+            .data(json!({"token_id": p.verified.id(), "exp": root.exp,
+                         "source": p.minted.as_ref().map(|m| m.1.clone()),
+                         "bus_publish": launch.bus_publish, "bus_subscribe": launch.bus_subscribe})),
+    );
+    Ok(p)
+}
+
 /// The spawn's record, from the one launch path shared with `run` and `export`
 /// (`prepare::prepare`), plus what only a supervised agent has: the report always on (for
 /// `inspect`) and the GPU ask.
@@ -1475,9 +1529,7 @@ fn build(
     caller: &Caller,
     presented: Option<&OwnedFd>,
 ) -> Result<Record, BuildError> {
-    use crate::prepare::{
-        self, Egress, LaunchRequest, PrepareError, Principal, Source, WorkspaceKind,
-    };
+    use crate::prepare::{Egress, LaunchRequest, Source, WorkspaceKind};
     let lookup = |k: &str| {
         req.pass_env
             .iter()
@@ -1512,39 +1564,7 @@ fn build(
         },
         egress: Egress::Gateway,
     };
-    let principal = Principal {
-        uid: caller.uid,
-        gid: caller.gid,
-        admin: caller.admin,
-    };
-    let p = prepare::prepare(&launch, &principal, &DaemonAuthority(d)).map_err(|e| {
-        let text = match (&e, source) {
-            (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
-            _ => e.to_string(),
-        };
-        (e.code(), text)
-    })?;
-    if !caller.admin {
-        // A member's routes name their own secrets (or root's, as root:NAME).
-        super::secret_ops::check_routes(d, &d.secrets(), &req.name, caller, &p.net)
-            .map_err(|e| (e.code(), e.to_string()))?;
-    }
-    let (kind, rule) = match &p.minted {
-        Some((policy, _)) => ("token_mint", format!("policy {policy}")),
-        None => ("token_verify", "host key; not revoked; not expired".into()),
-    };
-    let root = p.verified.root();
-    d.audit.record(
-        Entry::new(kind, Verdict::Allow, rule)
-            .agent(&req.name)
-            .actor("aitherd")
-            .caller(caller.uid)
-            .via(caller.via_name())
-            .owner(root.owner.unwrap_or(caller.uid))
-            .data(json!({"token_id": p.verified.id(), "exp": root.exp,
-                         "source": p.minted.as_ref().map(|m| m.1.clone()),
-                         "bus_publish": req.bus_publish, "bus_subscribe": req.bus_subscribe})),
-    );
+    let p = prepare_launch(d, caller, &req.name, &launch)?;
     let claims = p.verified.effective();
     let policy = claims.to_policy();
     let mut spec = p.spec;

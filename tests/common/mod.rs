@@ -19,6 +19,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Where the suites' commands look for aitherd unless a test names its own daemon (tests
+/// that start one set `AITHER_SOCKET` on each command, tests/common/daemon.rs): a path that
+/// does not exist. `aitherctl run` hands its launch to a reachable aitherd (docs/daemon.md
+/// "run"), so without this a daemon running on the host (an installed aitherd) would serve
+/// the suites' standalone runs with its own policies, keys and audit log.
+pub const NO_DAEMON_SOCKET: &str = "/nonexistent/aither-tests/aitherd.sock";
+
+/// Runs before `main` of every test binary that uses this module, while it is still
+/// single-threaded (so setting the environment races nothing): points `AITHER_SOCKET` at
+/// `NO_DAEMON_SOCKET` unless the environment already names a socket. Every `aitherctl` the
+/// suites start inherits it.
+#[used]
+#[link_section = ".init_array"]
+static NO_HOST_DAEMON: extern "C" fn() = {
+    extern "C" fn no_host_daemon() {
+        if std::env::var_os("AITHER_SOCKET").is_none() {
+            std::env::set_var("AITHER_SOCKET", NO_DAEMON_SOCKET);
+        }
+    }
+    no_host_daemon
+};
+
 pub const AITHERCTL: &str = env!("CARGO_BIN_EXE_aitherctl");
 pub const PROBE: &str = env!("CARGO_BIN_EXE_aither-probe");
 

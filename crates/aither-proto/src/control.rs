@@ -101,6 +101,64 @@ pub struct ExecRequest {
     pub copy: Option<CopyOp>,
 }
 
+/// What `aitherctl run` asks of aitherd when it is reachable (docs/daemon.md "run"): one
+/// command in a new sandbox, in the foreground, with the caller's streams. The frame carries
+/// three descriptors (SCM_RIGHTS): stdin, stdout and stderr, each a pipe, a regular file,
+/// /dev/null or a terminal (the agent then gets a pty of its own, relayed to it); a fourth,
+/// when present, is the workspace the caller opened with their own rights (as spawn's).
+///
+/// Replies: `{"started": true}` once the launcher runs (a client may then feed stdin), then
+/// `{"exit_code": N}` when the agent is done (124 timeout, 125/126/127 Aither's own, 128+N
+/// for a signal). While it runs the client may send `RunSignal` frames; closing the
+/// connection kills the run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// `--name` (default `run`); ignored with a token (its subject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `--policy` (an installed name for a member); none with `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// A capability token's text (`--token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub argv: Vec<String>,
+    /// `--workspace`, absolute; none: `cwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<PathBuf>,
+    /// The caller's working directory.
+    pub cwd: PathBuf,
+    /// `--env KEY=VALUE`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The caller's environment, for the policy's `pass_env` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_env: Vec<(String, String)>,
+    /// `--timeout`, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// `--memory`, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// `--workspace-as-owner`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub workspace_as_owner: bool,
+}
+
+/// A signal `aitherctl run` received, for the run's launcher (which forwards it to the
+/// agent): a frame on the run's connection after the request. Only the signals the launcher
+/// forwards are taken (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSignal {
+    pub signal: i32,
+}
+
 /// The agent side of `aitherctl cp`, run inside the sandbox with the agent's confinement by
 /// the `tar` (or `test`) on the agent's own PATH. Paths are the agent's (relative: to its
 /// working directory).
@@ -299,6 +357,8 @@ pub enum Request {
     },
     /// A command in a running agent's sandbox (`aitherctl exec`).
     Exec(ExecRequest),
+    /// A foreground run in a new sandbox (`aitherctl run` with aitherd reachable).
+    Run(Box<RunRequest>),
     /// One sample of the resource use of agents (`aitherctl stats`): CPU, memory, pids, egress
     /// and GPU lease. `names` empty: every agent the caller may see (as `ps`); else those
     /// agents, in that order, and a name the caller may not see is `not_found` (as `inspect`).

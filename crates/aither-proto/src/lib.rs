@@ -23,8 +23,8 @@ pub mod shim;
 
 pub use agent::{AgentFrame, AgentRequest, BusMessage, Push, Severity, UnknownSeverity};
 pub use control::{
-    CopyOp, ExecRequest, LogStream, Reply, Request, RestartPolicy, SecretValue, SpawnRequest,
-    Supervision, SupervisionError, Via,
+    CopyOp, ExecRequest, LogStream, Reply, Request, RestartPolicy, RunRequest, RunSignal,
+    SecretValue, SpawnRequest, Supervision, SupervisionError, Via,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use frame::{FrameError, MAX_FRAME, MAX_REPLY};

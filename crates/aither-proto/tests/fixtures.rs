@@ -122,6 +122,7 @@ fn every_fixture_round_trips_byte_for_byte() {
         "restart",
         "resume",
         "rm",
+        "run",
         "secret_ls",
         "secret_rm",
         "secret_set",

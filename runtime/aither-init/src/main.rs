@@ -6,6 +6,12 @@
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
 //!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
 //!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
+//!     aither-init --config-fd N [--egress-fd M]
+//!                                   the same, the spec read from fd N, for `aitherctl run`
+//!                                   through aitherd: this process's stdin, stdout and stderr
+//!                                   are the caller's, the run's messages go to its stderr as
+//!                                   `aitherctl run` writes them, and the egress gateway's
+//!                                   socket is sent to aitherd on the socket M (SCM_RIGHTS)
 //!     aither-init exec --config-fd N
 //!                                   the same, the config read from fd N: the command gets this
 //!                                   process's stdin, stdout and stderr (`aitherctl exec`)
@@ -27,6 +33,7 @@ fn main() -> ExitCode {
     let mode = std::env::args().nth(1);
     let code = match mode.as_deref() {
         None => plain(),
+        Some("--config-fd") => for_caller(),
         Some("shim") => run_shim(),
         Some("exec") => run_exec(),
         Some("pool") => run_pool(),
@@ -102,24 +109,123 @@ fn fd_arg(want: &str) -> Result<Option<std::fs::File>, String> {
     let args: Vec<String> = std::env::args().skip(2).collect();
     match args.as_slice() {
         [] => Ok(None),
-        [flag, n] if flag == want => {
-            let n: i32 = n
-                .parse()
-                .ok()
-                .filter(|n| *n > 2)
-                .ok_or_else(|| format!("{want} {n:?}: expected a descriptor number above 2"))?;
-            // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
-            // SAFETY: F_GETFD only queries the number; a closed one fails.
-            if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-                return Err(format!("{want} {n}: not open"));
-            }
-            // SAFETY: the daemon passed this descriptor for us alone; we own it from here.
-            Ok(Some(unsafe {
-                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(n)
-            }))
-        }
+        [flag, n] if flag == want => passed_fd(flag, n).map(Some),
         _ => Err(format!("unexpected arguments {args:?} (expected {want} N)")),
     }
+}
+
+/// The descriptor number `n` given with `flag`, open and above 2, owned from here.
+fn passed_fd(flag: &str, n: &str) -> Result<std::fs::File, String> {
+    let n: i32 = n
+        .parse()
+        .ok()
+        .filter(|n| *n > 2)
+        .ok_or_else(|| format!("{flag} {n:?}: expected a descriptor number above 2"))?;
+    // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
+    // SAFETY: F_GETFD only queries the number; a closed one fails.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(format!("{flag} {n}: not open"));
+    }
+    // SAFETY: the daemon passed this descriptor for us alone; we own it from here.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(n) })
+}
+
+/// `aither-init --config-fd N [--egress-fd M]`: `aitherctl run` served by aitherd. The
+/// caller's three descriptors are this process's stdio, so the launch treats them exactly as
+/// `aitherctl run` treats its own (a terminal gets the agent a pty of its own); the messages
+/// are the ones `aitherctl run` prints, on the caller's stderr.
+fn for_caller() -> i32 {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let fds = match args.as_slice() {
+        [c, n] => passed_fd(c, n).map(|f| (f, None)),
+        [c, n, e, m] if e == "--egress-fd" => {
+            passed_fd(c, n).and_then(|f| Ok((f, Some(passed_fd(e, m)?))))
+        }
+        _ => Err(format!(
+            "unexpected arguments {args:?} (expected --config-fd N [--egress-fd M])"
+        )),
+    };
+    // As `aitherctl run`: never write into cgroups systemd owns (pure v2 with systemd as pid
+    // 1); before anything is read, created or started.
+    let scoped = delegate::into_own_scope(delegate::ScopeKind::Run).map_err(|e| e.to_string());
+    let read = fds.and_then(|(mut f, egress)| {
+        let mut input = String::new();
+        f.read_to_string(&mut input)
+            .map_err(|e| format!("reading the spec: {e}"))?;
+        let spec: SandboxSpec = serde_json::from_str(&input)
+            .map_err(|e| format!("the spec is not a SandboxSpec: {e}"))?;
+        Ok((spec, egress))
+    });
+    let (spec, egress) = match scoped.and_then(|()| read) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("aither: error: {e}");
+            return 125;
+        }
+    };
+    if let Some(w) = &spec.warning {
+        eprintln!("aither: WARNING: {w}");
+    }
+    let io = sandbox::LaunchIo {
+        // After the clone (threads allowed): the listener goes to aitherd, whose gateway
+        // serves it as a supervised agent's.
+        on_egress: egress.map(|sock| {
+            Box::new(move |fd: std::os::fd::OwnedFd| send_fd(&sock, fd))
+                as Box<dyn FnOnce(std::os::fd::OwnedFd)>
+        }),
+        ..Default::default()
+    };
+    match sandbox::run_with(&spec, io) {
+        Ok(out) => {
+            for s in &out.skipped {
+                eprintln!(
+                    "aither: best-effort: {s} was not enforced on this host (policy {:?} allows it)",
+                    spec.policy
+                );
+            }
+            if out.timed_out {
+                let t = spec
+                    .timeout
+                    .map(aither_core::units::format_duration)
+                    .unwrap_or_default();
+                eprintln!("aither: timeout: the agent was stopped after {t}");
+                return 124;
+            }
+            if out.oom_killed {
+                let m = spec
+                    .limits
+                    .memory
+                    .map(|m| aither_core::units::Size(m).to_string())
+                    .unwrap_or_default();
+                eprintln!("aither: the agent was killed by the OOM killer (memory limit {m})");
+            }
+            out.status.code()
+        }
+        Err(e) => {
+            let mut text = format!("aither: error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                text.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("{text}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Sends `fd` on the unix socket `sock` (SCM_RIGHTS, one byte); a failure leaves the agent
+/// without egress (its gateway port refuses), which aitherd logs.
+fn send_fd(sock: &std::fs::File, fd: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let raw = [fd.as_raw_fd()];
+    let _ = nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(b"e")],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        None,
+    );
 }
 
 fn exec_config() -> Result<ExecConfig, String> {

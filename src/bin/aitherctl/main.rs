@@ -18,6 +18,7 @@ mod mcp_files;
 mod mem_cmd;
 mod policy_cmd;
 mod run_cmd;
+mod run_daemon;
 mod secret_cmd;
 mod shell_cmd;
 mod stats_cmd;

@@ -1,4 +1,5 @@
-//! `aitherctl run`: one command in one sandbox, in the foreground, no daemon.
+//! `aitherctl run`: one command in one sandbox, in the foreground: handed to aitherd when its
+//! socket accepts a connection (run_daemon.rs), else (or with `--no-daemon`) launched here.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,69 +19,94 @@ use clap::Args;
 ///
 /// The sandbox is derived from the verified claims of a token only. `--token` takes one
 /// (minted with `aitherctl token mint`, perhaps attenuated); `--policy NAME` is a shorthand
-/// that mints a 60-second token from the policy with the host key and verifies it the same
-/// way. With neither, the policy is `strict`. A revoked, expired or forged token is refused
-/// before anything starts (exit 125).
+/// that mints a 60-second token from the policy and verifies it the same way. With neither,
+/// the policy is `strict`. A revoked, expired or forged token is refused before anything
+/// starts (exit 125).
 ///
 /// The workspace (default: the current directory) is mounted read-write at the same path and
 /// is the working directory; everything else follows the claims. Flags may only narrow what
-/// the claims grant. stdin, stdout and stderr pass through; SIGINT, SIGTERM, SIGHUP and SIGQUIT
-/// are forwarded; if aitherctl dies, the sandbox dies with it.
+/// the claims grant. stdin, stdout and stderr pass through; a terminal is never given to the
+/// agent: it gets a pseudo-terminal of its own, relayed to yours (in raw mode meanwhile).
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH are forwarded to the
+/// agent; if aitherctl dies, the sandbox dies with it.
+///
+/// With aitherd: when aitherd's control socket ($AITHER_SOCKET, default
+/// /run/aither/aitherd.sock) accepts a connection, the launch is aitherd's, with the same
+/// behaviour: your descriptors are passed to it over the socket, your signals are forwarded
+/// to the agent through it, and the exit status is the agent's. The run is then the caller's
+/// as aitherd knows it (SO_PEERCRED): root, aither-admin, or a member of group aither, who may
+/// run installed policies only, tokens minted for them, in a workspace they own (opened here
+/// with your own rights and passed, never named). Anyone else is refused (exit 125). aitherd
+/// uses its own key, policies and audit log, and runs at most 16 runs per user at a time.
+/// A refusal by aitherd is final (exit 125, with its reason): the run is never retried
+/// without it. Where no aitherd listens (no socket, connection refused), or an older aitherd
+/// does not serve runs, or the run needs what only the standalone path gives (egress grants:
+/// the in-process gateway; --report; --config), aitherctl launches it itself, which needs
+/// root. --no-daemon always does.
+///
+/// Exit status: the agent's own; 128+N when it was killed by signal N; 124 when --timeout
+/// stopped it; 125 when Aither failed or refused (nothing ran, or the result is unknown);
+/// 126 when the command cannot be executed; 127 when it is not found in the sandbox; 2 for
+/// bad usage.
 ///
 /// Examples:
 ///   aitherctl run --policy strict -- python3 agent.py
 ///   aitherctl run --policy ci --timeout 10m --memory 256M -- make test
 ///   aitherctl run --token agent.tok -- python3 agent.py
+///   aitherctl run --no-daemon --policy strict -- ./check.sh
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
     /// Policy name (installed or built-in) or path to a policy file [default: strict].
     #[arg(long, short = 'p', value_name = "NAME|PATH", conflicts_with = "token")]
-    policy: Option<String>,
+    pub(crate) policy: Option<String>,
     /// Capability token: its text, a file holding it, or - for stdin.
     #[arg(long, value_name = "TOKEN|FILE|-")]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// Directory mounted read-write at the same path (default: current directory).
     #[arg(long, short = 'w', value_name = "DIR")]
-    workspace: Option<PathBuf>,
+    pub(crate) workspace: Option<PathBuf>,
     /// Host configuration file: its `[egress]` table (trust anchors for route upstreams,
     /// idle timeout) configures the run's egress gateway, as for aitherd
     /// [default: /etc/aither/aitherd.toml, if present].
     #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Where the workspace's filesystem has no id-mapped mounts (kernel < 5.12, 9p, NFS…), run
     /// the agent as the workspace's owner instead of refusing; never root or a system account
     /// (docs/kernels.md).
     #[arg(long)]
-    workspace_as_owner: bool,
+    pub(crate) workspace_as_owner: bool,
     /// Name of the agent (cgroup name, AITHER_AGENT); with --token, the token's subject.
     #[arg(long, value_name = "NAME", conflicts_with = "token")]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Set an environment variable inside (repeatable). The environment otherwise starts empty
     /// but for the policy's variables.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Wall-clock limit (e.g. 30s, 10m): SIGTERM, then SIGKILL 2s later; exit status 124.
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
-    timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     /// Memory limit (e.g. 256M), at most the policy's.
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size)]
-    memory: Option<Size>,
+    pub(crate) memory: Option<Size>,
     /// CPU limit in CPUs (e.g. 0.5), at most the policy's.
     #[arg(long, value_name = "N")]
-    cpus: Option<f64>,
+    pub(crate) cpus: Option<f64>,
     /// Maximum number of processes and threads, at most the policy's.
     #[arg(long, value_name = "N")]
-    pids: Option<u64>,
+    pub(crate) pids: Option<u64>,
     /// Write the enforcement report (JSON) to FILE once the agent has started: namespaces,
     /// id maps, cgroup limits read back from the kernel, Landlock status and rights, the
     /// seccomp filter's digest, and capabilities, no_new_privs, rlimits and mounts as read from
     /// /proc inside the sandbox (docs/audit.md).
     #[arg(long, value_name = "FILE")]
-    report: Option<PathBuf>,
+    pub(crate) report: Option<PathBuf>,
+    /// Launch the sandbox here even when aitherd is reachable (needs root).
+    #[arg(long)]
+    pub(crate) no_daemon: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `aitherctl run ARGS` parsed by the `run` subcommand alone, without the rest of the command
@@ -102,7 +128,24 @@ pub fn parse_alone(mut args: impl Iterator<Item = std::ffi::OsString>) -> Option
     RunArgs::from_arg_matches(&m).ok()
 }
 
-pub fn run(a: RunArgs) -> i32 {
+pub fn run(mut a: RunArgs) -> i32 {
+    // Read once (stdin), whichever path runs it.
+    if a.token.as_deref() == Some("-") {
+        match crate::token_cmd::read_token_arg("-") {
+            Ok(t) => a.token = Some(t.encode()),
+            Err(e) => {
+                crate::print_error(&e);
+                return 125;
+            }
+        }
+    }
+    // --report and --config are the standalone path's (a report file opened here, this
+    // host's gateway settings for the in-process gateway).
+    if !a.no_daemon && a.report.is_none() && a.config.is_none() {
+        if let crate::run_daemon::Handoff::Done(code) = crate::run_daemon::try_daemon(&a) {
+            return code;
+        }
+    }
     // systemd as pid 1 on pure v2: never write into cgroups systemd owns. Re-executed in a
     // transient scope with Delegate=yes, then the sandbox's cgroup goes below that scope
     // (src/cgroup/delegate.rs). First: before anything is read, created or started.

@@ -1,0 +1,494 @@
+//! `aitherctl run` served by aitherd (docs/daemon.md "run"): one command in a new sandbox, in
+//! the foreground, with the caller's streams, as the caller.
+//!
+//! The stages, in order:
+//! 1. Who: the kernel's word on the peer (SO_PEERCRED, read at accept): root, aitherd's uid,
+//!    `aither-admin` or a member of group `aither`. A member is held to what spawn holds them
+//!    to (installed policies only, tokens minted for them, a workspace they opened themselves
+//!    and own), because the spec comes from the same builder (`server::prepare_launch`, the
+//!    one `spawn` uses, around `prepare::prepare`, the one `aitherctl run` uses).
+//! 2. How many: at most `MAX_RUNS_PER_UID` runs per caller's uid at a time (each holds a
+//!    launcher, a connection and descriptors here).
+//! 3. What: the command, `KEY=VALUE` pairs, and descriptors sent with the request
+//!    (SCM_RIGHTS): stdin, stdout, stderr, each a pipe, a regular file, /dev/null or a
+//!    terminal (the agent then gets a pty of its own, relayed to it, never the caller's:
+//!    TIOCSTI), and optionally the workspace as the caller opened it. A socket, a directory or
+//!    an O_PATH descriptor as a stream is refused, as for `exec` (aitherctl relays those).
+//! 4. Launch: `launcher_for` starts the launcher with the caller's descriptors as its stdio;
+//!    the launch is then exactly `aitherctl run`'s (the same library code), and the reply
+//!    `{"started": true}` tells the client to feed stdin.
+//! 5. While it runs: `RunSignal` frames from the client go to the launcher, which forwards them
+//!    to the agent. A client that closes the connection gets the launcher killed, and the
+//!    sandbox with it (pid 1's parent-death signal; the cgroup is swept as any dead
+//!    launcher's).
+//! 6. End: `{"exit_code": N}`: the agent's status, 128+N for a signal, 124 for `--timeout`,
+//!    125/126/127 for Aither's own failures.
+//!
+//! Every request is audited (`run`, allow or deny, with the command and the workspace).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg};
+use serde_json::json;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Command;
+
+use super::exec::Terminals;
+use super::identity::Caller;
+use super::proto::{aio, ErrorCode, Reply, RunRequest, RunSignal};
+use super::Shared;
+use crate::audit::{Entry, Verdict};
+use crate::sandbox::{RunOptions, SandboxSpec};
+
+/// At most this many runs per caller's uid at a time (root's included).
+pub const MAX_RUNS_PER_UID: usize = 16;
+
+/// Where the cold launcher finds the spec (`aither-init --config-fd 3`).
+const CONFIG_FD: RawFd = 3;
+
+/// A spec this size fits in a pipe's buffer (64 KiB on Linux) with room to spare.
+const SMALL_SPEC: usize = 48 * 1024;
+
+/// The signals a client may have forwarded: those the launcher forwards to the agent
+/// (crates/aither-core/src/sandbox/launch.rs `FORWARDED`); any other would end the launcher.
+const FORWARDED: &[i32] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+/// A run refused before anything started.
+#[derive(Debug, thiserror::Error)]
+pub enum RunRefused {
+    #[error("expected 3 or 4 descriptors with the request (stdin, stdout, stderr, and the workspace), got {0}")]
+    FdCount(usize),
+    #[error(transparent)]
+    Request(#[from] super::exec::ExecRefused),
+    #[error("uid {uid} already has {max} runs through aitherd (the most at a time); wait for one to end")]
+    TooMany { uid: u32, max: usize },
+    #[error("{1}")]
+    Build(ErrorCode, String),
+    /// The run needs what only the standalone path gives it today: aitherctl runs it itself.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl RunRefused {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RunRefused::TooMany { .. } => ErrorCode::Limit,
+            RunRefused::Build(c, _) => c.clone(),
+            RunRefused::Unsupported(_) => ErrorCode::Unsupported,
+            RunRefused::Request(e) => e.code(),
+            RunRefused::FdCount(_) => ErrorCode::Invalid,
+        }
+    }
+}
+
+/// Errors of starting or waiting for the launcher (after the run was allowed).
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailed {
+    #[error("creating the config pipe: {0}")]
+    Pipe(#[source] std::io::Error),
+    #[error("starting the launcher {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the launcher: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+/// The runs per caller's uid.
+#[derive(Default)]
+pub struct Slots(Mutex<HashMap<u32, usize>>);
+
+impl Slots {
+    /// A slot for one more run of `uid`, freed when the guard drops.
+    fn take(self: &Arc<Self>, uid: u32) -> Result<SlotGuard, RunRefused> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uid).or_default();
+        if *n >= MAX_RUNS_PER_UID {
+            return Err(RunRefused::TooMany {
+                uid,
+                max: MAX_RUNS_PER_UID,
+            });
+        }
+        *n += 1;
+        Ok(SlotGuard {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+struct SlotGuard {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Serves one `run` request; the connection ends with its last reply.
+pub async fn serve(
+    d: &Shared,
+    caller: &Caller,
+    req: RunRequest,
+    fds: Vec<OwnedFd>,
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+) {
+    let label = req
+        .name
+        .clone()
+        .unwrap_or_else(|| if req.token.is_some() { "" } else { "run" }.into());
+    let workspace = req.workspace.clone().unwrap_or_else(|| req.cwd.clone());
+    let audit = |verdict: Verdict, rule: String, name: &str, extra: serde_json::Value| {
+        let mut data = json!({
+            "argv": req.argv,
+            "workspace": workspace,
+            // Values can be secrets: only the keys are recorded.
+            "env": req.env.iter().map(|kv| kv.split('=').next().unwrap_or("")).collect::<Vec<_>>(),
+            "timeout_ms": req.timeout_ms,
+        });
+        if let (Some(o), Some(x)) = (data.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+        let mut e = Entry::new("run", verdict, rule)
+            .actor(caller.actor())
+            .caller(caller.uid)
+            .via(caller.via_name())
+            .owner(caller.uid)
+            .data(data);
+        if !name.is_empty() {
+            e = e.agent(name);
+        }
+        d.audit.record(e);
+    };
+    let admitted = admit(d, caller, &req, fds).await;
+    let (spec, stdio, presented, _slot) = match admitted {
+        Ok(x) => x,
+        Err(e) => {
+            audit(
+                Verdict::Deny,
+                format!("{}: {e}", e.code()),
+                &label,
+                json!({}),
+            );
+            let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
+            return;
+        }
+    };
+    audit(
+        Verdict::Allow,
+        format!("policy {} via a verified token", spec.policy),
+        &spec.name,
+        json!({}),
+    );
+    let mut launcher = match launcher_for(&d.init, &spec, stdio, presented) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
+            return;
+        }
+    };
+    tracing::info!(agent = %spec.name, uid = caller.uid, pid = launcher.pid(), "run started");
+    // The client feeds stdin only from here: a daemon that refused would leave it unread.
+    if aio::write_reply(w, &Reply::ok(json!({"started": true})))
+        .await
+        .is_err()
+    {
+        launcher.kill().await;
+        return;
+    }
+    let code = loop {
+        tokio::select! {
+            st = launcher.wait() => match st {
+                Ok(c) => break c,
+                Err(e) => {
+                    let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
+                    return;
+                }
+            },
+            f = aio::read_frame_fds(r.as_ref()) => match f {
+                Ok(Some((body, _fds))) => {
+                    // Only a known signal is passed on; anything else is dropped (the
+                    // launcher's own signals must not become the client's).
+                    if let Ok(RunSignal { signal }) = serde_json::from_slice(&body) {
+                        if FORWARDED.contains(&signal) {
+                            launcher.signal(signal);
+                        }
+                    }
+                }
+                // Gone (or a broken stream): the run ends with it.
+                _ => {
+                    tracing::info!(agent = %spec.name, "run: the client went away; launcher killed");
+                    launcher.kill().await;
+                    return;
+                }
+            },
+        }
+    };
+    d.emit(
+        None,
+        "run_exited",
+        json!({"name": spec.name, "exit_code": code, "caller": caller.uid}),
+    );
+    let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
+}
+
+/// A run allowed: its spec, the caller's three streams, the presented workspace, its slot.
+type Admitted = (SandboxSpec, [OwnedFd; 3], Option<OwnedFd>, SlotGuard);
+
+/// Stages 1–3: a slot for the caller, the request checked, the spec built.
+async fn admit(
+    d: &Shared,
+    caller: &Caller,
+    req: &RunRequest,
+    mut fds: Vec<OwnedFd>,
+) -> Result<Admitted, RunRefused> {
+    let slot = d.runs.take(caller.uid)?;
+    if !(3..=4).contains(&fds.len()) {
+        return Err(RunRefused::FdCount(fds.len()));
+    }
+    let presented = (fds.len() == 4).then(|| fds.pop()).flatten();
+    let stdio = super::exec::check(&req.argv, &req.env, None, Terminals::Relayed, fds)?;
+    if let Some(ws) = &presented {
+        // The workspace as the caller opened it: a directory, nothing else.
+        let st = rustix::fs::fstat(ws).map_err(|e| {
+            RunRefused::Build(ErrorCode::Io, format!("the workspace descriptor: {e}"))
+        })?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+            return Err(RunRefused::Build(
+                ErrorCode::Invalid,
+                "the fourth descriptor (the workspace) is not a directory".into(),
+            ));
+        }
+    }
+    let (d2, req2, caller2) = (d.clone(), req.clone(), caller.clone());
+    let ws = presented
+        .as_ref()
+        .map(|f| f.try_clone())
+        .transpose()
+        .map_err(|e| RunRefused::Build(ErrorCode::Io, format!("the workspace descriptor: {e}")))?;
+    let spec = tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2, ws.as_ref()))
+        .await
+        .map_err(|e| RunRefused::Build(ErrorCode::Internal, e.to_string()))??;
+    Ok((spec, stdio, presented, slot))
+}
+
+/// The run's spec, through the builder `spawn` uses (`server::prepare_launch`).
+fn build(
+    d: &Shared,
+    req: &RunRequest,
+    caller: &Caller,
+    presented: Option<&OwnedFd>,
+) -> Result<SandboxSpec, RunRefused> {
+    use crate::prepare::{Egress, LaunchRequest, Source, WorkspaceKind};
+    let lookup = |k: &str| {
+        req.pass_env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    let source = match (&req.token, &req.policy) {
+        (Some(t), _) => Source::Token(t),
+        (None, p) => Source::Policy(p.as_deref().unwrap_or("strict")),
+    };
+    // As `aitherctl run`: a token names its subject; a policy run is `run` unless named.
+    let name = match &req.token {
+        Some(_) => None,
+        None => Some(req.name.as_deref().unwrap_or("run")),
+    };
+    let launch = LaunchRequest {
+        name,
+        source,
+        ttl: Duration::from_secs(crate::token::RUN_TOKEN_TTL_SECS),
+        bus_publish: &[],
+        bus_subscribe: &[],
+        opts: RunOptions {
+            name: None,
+            workspace: req.workspace.clone(),
+            env: req.env.clone(),
+            timeout: req.timeout_ms.map(Duration::from_millis),
+            memory: req.memory.map(crate::units::Size),
+            cpus: req.cpus,
+            pids: req.pids,
+            argv: req.argv.clone(),
+        },
+        cwd: &req.cwd,
+        env: &lookup,
+        workspace: match presented {
+            Some(fd) => WorkspaceKind::Presented(fd.as_fd()),
+            None => WorkspaceKind::Host,
+        },
+        egress: Egress::Gateway,
+    };
+    let audit_name = name.unwrap_or("run");
+    let p = super::server::prepare_launch(d, caller, audit_name, &launch)
+        .map_err(|(c, m)| RunRefused::Build(c, m))?;
+    if p.egress {
+        // aitherd's gateway keys its state by agent name (a run's name is not unique) and the
+        // cold launcher has no channel for the listener yet: `aitherctl run` serves this run's
+        // egress in-process, as without aitherd.
+        return Err(RunRefused::Unsupported(
+            "a run with egress grants is served by aitherctl itself (its in-process gateway)",
+        ));
+    }
+    let mut spec = p.spec;
+    spec.report = false;
+    if let Some(w) = spec.workspace.as_mut() {
+        w.as_owner = req.workspace_as_owner;
+    }
+    Ok(spec)
+}
+
+/// A started launcher: the process that runs the sandbox for the caller's descriptors, gets
+/// the forwarded signals, and exits with the run's code.
+pub struct Launcher {
+    child: tokio::process::Child,
+    pid: i32,
+}
+
+impl Launcher {
+    /// The launcher's pid (signals go there; never reused while `child` is unreaped).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `sig` to the launcher, which forwards it to the agent.
+    fn signal(&self, sig: i32) {
+        // Still our unreaped child (wait has not returned): its pid names it.
+        if self.child.id().is_some() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::try_from(sig).ok(),
+            );
+        }
+    }
+
+    /// The run's exit code: the launcher's status, 128+N when it was killed by signal N.
+    async fn wait(&mut self) -> Result<i32, RunFailed> {
+        let st = self.child.wait().await.map_err(RunFailed::Wait)?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(st
+            .code()
+            .or_else(|| st.signal().map(|s| 128 + s))
+            .unwrap_or(125))
+    }
+
+    /// Kills the launcher (the sandbox dies with it: pid 1's parent-death signal) and reaps it.
+    async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// The ONE place a run's launcher comes from. Today: a cold `aither-init --config-fd 3`
+/// (a single-threaded process: aitherd is multithreaded and never forks into a sandbox), with
+/// the caller's three descriptors as its stdio and the spec on fd 3.
+///
+/// The pool (issue 21, docs/daemon.md "run") plugs in here: when a prepared
+/// `aither-init pool` of `spec.prepared_key()` is waiting, the spec and the descriptors
+/// (`stdio`, and `workspace` as the 4th) go to it on its control socket instead, and its
+/// process is the `Launcher` (it forwards signals and exits with the run's code alike).
+pub fn launcher_for(
+    init: &std::path::Path,
+    spec: &SandboxSpec,
+    stdio: [OwnedFd; 3],
+    workspace: Option<OwnedFd>,
+) -> Result<Launcher, RunFailed> {
+    // The cold launcher opens the workspace itself, checked against the identity `prepare`
+    // pinned from the descriptor the caller presented.
+    drop(workspace);
+    let (config_r, config_w) = crate::sys::pipe().map_err(RunFailed::Pipe)?;
+    let [stdin, stdout, stderr] = stdio;
+    let mut cmd = Command::new(init);
+    cmd.arg("--config-fd")
+        .arg(CONFIG_FD.to_string())
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .env_clear()
+        .kill_on_drop(true);
+    if crate::trace::enabled() {
+        cmd.env("AITHER_TRACE_LAUNCH", "1");
+    }
+    let src = config_r.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
+    // allocates, on a descriptor that stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Moved up first: dup2 onto its own number would keep close-on-exec.
+            let high = fcntl(BorrowedFd::borrow_raw(src), FcntlArg::F_DUPFD_CLOEXEC(10))?;
+            // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns that number here).
+            Errno::result(libc::dup2(high, CONFIG_FD))?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| RunFailed::Spawn {
+        path: init.to_path_buf(),
+        source,
+    })?;
+    // Our copies of the caller's descriptors close now: the client sees EOF on its pipes when
+    // the agent's copies close.
+    drop(cmd);
+    drop(config_r);
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let body = serde_json::to_vec(spec).expect("a spec serialises");
+    // A write error means the launcher died: its exit status says why.
+    if body.len() <= SMALL_SPEC {
+        // Fits in the pipe: one write that never waits for the launcher.
+        let _ = crate::sys::write_all_once(config_w.as_fd(), &body);
+    } else {
+        // Would block until the launcher reads: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let _ = std::fs::File::from(config_w).write_all(&body);
+        });
+    }
+    Ok(Launcher { child, pid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_sixteen_runs_per_uid_and_a_slot_frees_on_drop() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<SlotGuard> = (0..MAX_RUNS_PER_UID)
+            .map(|_| slots.take(1000).unwrap())
+            .collect();
+        assert!(matches!(
+            slots.take(1000),
+            Err(RunRefused::TooMany { uid: 1000, .. })
+        ));
+        // Another uid's are its own.
+        drop(slots.take(1001).unwrap());
+        drop(held);
+        assert!(slots.0.lock().unwrap().is_empty(), "no entry left behind");
+        assert!(slots.take(1000).is_ok());
+    }
+}
