@@ -1,6 +1,6 @@
 //! aitherd's configuration file (issue 20): `/etc/aither/aitherd.toml`, or `aitherd --config
 //! PATH`. One typed document with a table per part (`[daemon]`, `[metrics]`, `[gpu]`,
-//! `[limits]`, `[retention]`, `[users]`, `[egress]`); an unknown table or field is an error
+//! `[limits]`, `[retention]`, `[users]`, `[egress]`, `[pool]`); an unknown table or field is an error
 //! naming the file, the line and the field.
 //!
 //! Precedence: built-in defaults < the file < the environment variables that already existed
@@ -286,6 +286,33 @@ impl Default for RetentionSection {
     }
 }
 
+/// `[pool]`: prepared sandboxes for the runs aitherd serves (warm start, daemon/pool.rs).
+/// Needs a restart.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    /// Prepared sandboxes kept per shape (a policy with the run's options); 0 turns the
+    /// pool off.
+    pub size: usize,
+    /// Shapes kept at once; a new one replaces the least recently used.
+    pub max_shapes: usize,
+    /// All prepared sandboxes together, measured as their processes' PSS once ready.
+    pub memory_budget: Size,
+    /// A shape not run for this long gives its prepared sandboxes back.
+    pub idle: HumanDuration,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        PoolSection {
+            size: 2,
+            max_shapes: 4,
+            memory_budget: Size(64 << 20),
+            idle: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -297,6 +324,7 @@ pub struct Config {
     pub retention: RetentionSection,
     pub users: UsersConfig,
     pub egress: EgressConfig,
+    pub pool: PoolSection,
 }
 
 /// What the command line says (each None: not given).
@@ -597,6 +625,15 @@ fn validate(path: &Path, text: &str, c: &Config) -> Result<(), ConfigError> {
         if !(1..=100).contains(&v) {
             return Err(bad("retention", k, "must be between 1 and 100"));
         }
+    }
+    if c.pool.size > 64 {
+        return Err(bad("pool", "size", "must be at most 64"));
+    }
+    if c.pool.max_shapes > 64 {
+        return Err(bad("pool", "max_shapes", "must be at most 64"));
+    }
+    if c.pool.idle.0 < Duration::from_secs(1) {
+        return Err(bad("pool", "idle", "must be at least 1s"));
     }
     if c.gpu.poll_ms < 10 {
         return Err(bad("gpu", "poll_ms", "must be at least 10"));

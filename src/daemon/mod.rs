@@ -25,6 +25,7 @@ pub mod layer_ops;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
+pub mod pool;
 pub mod proto;
 pub mod publish;
 pub mod recover;
@@ -143,6 +144,8 @@ pub struct Daemon {
     pub execs: Arc<exec::Slots>,
     /// The foreground runs (`aitherctl run` through aitherd) per caller's uid.
     pub runs: Arc<run::Slots>,
+    /// Prepared sandboxes for those runs (warm start, daemon/pool.rs).
+    pub pool: Arc<pool::Pool>,
 }
 
 impl Daemon {
@@ -183,6 +186,7 @@ impl Daemon {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(2));
+        let pool = Arc::new(pool::Pool::new(&init, cfg.config.pool.clone()));
         Ok(Daemon {
             store,
             audit: crate::audit::Sink::start(crate::audit::log_path()).with_owners({
@@ -219,6 +223,7 @@ impl Daemon {
             net_quotas: Mutex::new(HashMap::new()),
             execs: Arc::default(),
             runs: Arc::default(),
+            pool,
         })
     }
 

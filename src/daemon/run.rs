@@ -206,7 +206,7 @@ pub async fn serve(
         &spec.name,
         json!({}),
     );
-    let mut launcher = match launcher_for(&d.init, &spec, stdio, presented) {
+    let mut launcher = match launcher_for(d, &spec, stdio, presented) {
         Ok(l) => l,
         Err(e) => {
             let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
@@ -250,10 +250,15 @@ pub async fn serve(
             },
         }
     };
+    // The pool refills the shape it served only now: a preparation started with the run would
+    // take a CPU from it.
+    if launcher.warm {
+        d.pool.refill_for(&spec);
+    }
     d.emit(
         None,
         "run_exited",
-        json!({"name": spec.name, "exit_code": code, "caller": caller.uid}),
+        json!({"name": spec.name, "exit_code": code, "caller": caller.uid, "warm": launcher.warm}),
     );
     let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
 }
@@ -369,6 +374,11 @@ fn build(
 pub struct Launcher {
     child: tokio::process::Child,
     pid: i32,
+    /// A prepared sandbox's control socket, kept open until the launcher exits (its closing
+    /// before the final spec would mean "dismissed").
+    _control: Option<OwnedFd>,
+    /// Served by a prepared sandbox (daemon/pool.rs).
+    pub warm: bool,
 }
 
 impl Launcher {
@@ -405,20 +415,44 @@ impl Launcher {
     }
 }
 
-/// The ONE place a run's launcher comes from. Today: a cold `aither-init --config-fd 3`
-/// (a single-threaded process: aitherd is multithreaded and never forks into a sandbox), with
-/// the caller's three descriptors as its stdio and the spec on fd 3.
-///
-/// The pool (issue 21, docs/daemon.md "run") plugs in here: when a prepared
-/// `aither-init pool` of `spec.prepared_key()` is waiting, the spec and the descriptors
-/// (`stdio`, and `workspace` as the 4th) go to it on its control socket instead, and its
-/// process is the `Launcher` (it forwards signals and exits with the run's code alike).
+/// The ONE place a run's launcher comes from: a prepared sandbox of the spec's shape when the
+/// pool has one waiting (daemon/pool.rs: the final spec and the descriptors go to it on its
+/// control socket), else a cold `aither-init --config-fd 3` (a single-threaded process:
+/// aitherd is multithreaded and never forks into a sandbox) with the caller's three
+/// descriptors as its stdio and the spec on fd 3. Either process forwards the signals it gets
+/// to the agent and exits with the run's code.
 pub fn launcher_for(
-    init: &std::path::Path,
+    d: &Shared,
     spec: &SandboxSpec,
     stdio: [OwnedFd; 3],
     workspace: Option<OwnedFd>,
 ) -> Result<Launcher, RunFailed> {
+    // Warm: a prepared sandbox of this shape, if one waits (daemon/pool.rs). It gets the
+    // workspace as the caller presented it and opens it itself, checked against that
+    // descriptor, as the cold launcher does.
+    if let Some(ready) = d.pool.take(spec) {
+        let pid = ready.pid();
+        let [a, b, c] = &stdio;
+        match ready.start(
+            spec,
+            [a.as_fd(), b.as_fd(), c.as_fd()],
+            workspace.as_ref().map(|w| w.as_fd()),
+        ) {
+            Ok((child, control)) => {
+                return Ok(Launcher {
+                    child,
+                    pid,
+                    _control: Some(control),
+                    warm: true,
+                })
+            }
+            // It went away between the check and the send: dropped (torn down), cold instead.
+            Err((_gone, e)) => {
+                tracing::warn!(error = %e, "pool: a prepared sandbox did not take the final spec; launching cold");
+            }
+        }
+    }
+    let init = d.init.as_path();
     // The cold launcher opens the workspace itself, checked against the identity `prepare`
     // pinned from the descriptor the caller presented.
     drop(workspace);
@@ -468,7 +502,12 @@ pub fn launcher_for(
             let _ = std::fs::File::from(config_w).write_all(&body);
         });
     }
-    Ok(Launcher { child, pid })
+    Ok(Launcher {
+        child,
+        pid,
+        _control: None,
+        warm: false,
+    })
 }
 
 #[cfg(test)]
