@@ -817,6 +817,16 @@ mod tests {
         );
         let e = parse(p(), "[limitz]\n").unwrap_err().to_string();
         assert!(e.contains("limitz"), "{e}");
+        // The shipped file's [pool] block, uncommented, is the defaults; a size out of range
+        // names its line and field.
+        let text = "[pool]\nsize = 2\nmax_shapes = 4\nmemory_budget = \"64M\"\nidle = \"5m\"\n";
+        let c = parse(p(), text).unwrap();
+        assert_eq!(c.pool, PoolSection::default());
+        let text = "[pool]\nsize = 65\n";
+        let e = validate(p(), text, &parse(p(), text).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("pool.size"), "{e}");
         let text = "[retention]\naudit_keep = 0\n";
         let e = validate(p(), text, &parse(p(), text).unwrap())
             .unwrap_err()
