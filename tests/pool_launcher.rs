@@ -233,6 +233,21 @@ fn started(msgs: &[PoolMsg]) -> bool {
     msgs.iter().any(|m| matches!(m, PoolMsg::Started { .. }))
 }
 
+/// Every directory named `id` under an `aither` directory of any hierarchy
+/// (/sys/fs/cgroup/*/aither/ID, and /sys/fs/cgroup/aither/ID on pure v2).
+fn cgroups_named(id: &str) -> Vec<std::path::PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![root.join("aither")];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        bases.extend(rd.flatten().map(|e| e.path().join("aither")));
+    }
+    bases
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
 fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -374,6 +389,7 @@ fn a_final_spec_that_does_not_match_the_template_is_refused_and_torn_down() {
     fin.rlimit_nofile += 1;
     let p = Pool::start(&template);
     let pid1 = p.pid1;
+    let id = p.cgroup.clone();
     assert!(pid_alive(pid1));
     let c = send_final(&p, &fin);
     let (msgs, code, err) = p.rest();
@@ -393,7 +409,7 @@ fn a_final_spec_that_does_not_match_the_template_is_refused_and_torn_down() {
     assert!(!started(&msgs), "{msgs:?}");
     assert_eq!(out, "", "nothing ran");
     assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
-    assert!(cgroup_dirs_of(&template.name).is_empty());
+    assert!(cgroups_named(&id).is_empty(), "{:?}", cgroups_named(&id));
 }
 
 #[test]
@@ -411,15 +427,20 @@ fn eof_before_the_final_spec_leaves_no_process_and_no_cgroup() {
         "ready names the cgroup: {} vs {dirs:?}",
         p.cgroup
     );
+    let id = p.cgroup.clone();
+    assert!(
+        !cgroups_named(&id).is_empty(),
+        "the launcher's cgroup {id} exists"
+    );
     drop(p.ctl.take());
     let st = wait_with_deadline(&mut p.child, "aither-init pool", RUN_DEADLINE);
     let err = p.stderr.take().unwrap().join().unwrap();
     assert_eq!(st.code(), Some(0), "a clean teardown: {err}");
     assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
     assert!(
-        cgroup_dirs_of(&template.name).is_empty(),
-        "no cgroup left: {:?}",
-        cgroup_dirs_of(&template.name)
+        cgroup_dirs_of(&template.name).is_empty() && cgroups_named(&id).is_empty(),
+        "no cgroup left in any hierarchy: {:?}",
+        cgroups_named(&id)
     );
 }
 
@@ -541,4 +562,19 @@ fn a_template_that_is_not_poolable_is_refused() {
     }
     assert_eq!(st.code(), Some(125), "{err}");
     assert!(cgroup_dirs_of(&template.name).is_empty());
+}
+
+/// A final spec far above the launcher's usual 8 KiB frame (a large environment) reaches the
+/// agent whole: both hops (aitherd → launcher → pid 1) size their buffer to the message.
+#[test]
+fn a_final_spec_with_a_large_environment_reaches_the_agent_whole() {
+    let ws = Workspace::new();
+    let (template, mut fin) = specs(&ws, &["sh", "-c", "printf %s \"$BIG\" | wc -c"]);
+    fin.env.push(("BIG".into(), "x".repeat(100_000)));
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+    assert_eq!(out.trim(), "100000");
 }
