@@ -63,11 +63,20 @@ fn drain(r: impl Read + Send + 'static) -> JoinHandle<String> {
 /// `aither-init pool --control-fd 3` with `template` written to its stdin: the child, our end
 /// of its control socket, its stderr being read.
 fn spawn_pool(template: &SandboxSpec) -> (Child, OwnedFd, JoinHandle<String>) {
+    spawn_pool_with(template, &[])
+}
+
+/// `spawn_pool` with `env` added to the launcher's environment.
+fn spawn_pool_with(
+    template: &SandboxSpec,
+    env: &[(&str, &str)],
+) -> (Child, OwnedFd, JoinHandle<String>) {
     common::require_root();
     let (ours, theirs) = aither::sys::seqpacket_pair().expect("socketpair");
     let raw = theirs.as_raw_fd();
     let mut cmd = Command::new(init_path());
     cmd.args(["pool", "--control-fd", "3"])
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -105,7 +114,12 @@ struct Pool {
 impl Pool {
     /// Starts `aither-init pool --control-fd 3` with `template` on stdin and waits for ready.
     fn start(template: &SandboxSpec) -> Pool {
-        let (child, ours, stderr) = spawn_pool(template);
+        Pool::start_with(template, &[])
+    }
+
+    /// `start` with `env` added to the launcher's environment.
+    fn start_with(template: &SandboxSpec, env: &[(&str, &str)]) -> Pool {
+        let (child, ours, stderr) = spawn_pool_with(template, env);
         let stderr = Some(stderr);
         let mut p = Pool {
             child,
@@ -577,4 +591,49 @@ fn a_final_spec_with_a_large_environment_reaches_the_agent_whole() {
     let (out, _) = c.output();
     assert_eq!(code, 0, "{msgs:?} {err}");
     assert_eq!(out.trim(), "100000");
+}
+
+/// `AITHER_TRACE_LAUNCH=1` breaks a warm run down: the prepare's lines up to `ready-seen`,
+/// then the finish's (docs/performance.md, "Warm start"), the launcher's marks and pid 1's
+/// stages after the final spec, in order.
+#[test]
+fn the_trace_names_the_finish_stages_in_order() {
+    let ws = Workspace::new();
+    let (template, fin) = specs(&ws, &["true"]);
+    let p = Pool::start_with(&template, &[("AITHER_TRACE_LAUNCH", "1")]);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    c.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+    let finish: Vec<String> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("aither-trace:"))
+        .skip_while(|l| !l.contains("ready-seen"))
+        .skip(1)
+        .filter_map(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            (t.len() >= 2 && t[0] != "stage").then(|| format!("{} {}", t[0], t[1]))
+        })
+        .collect();
+    assert_eq!(
+        finish,
+        [
+            "pool final-read+parsed",
+            "launcher key-checked",
+            "launcher workspace",
+            "launcher stdio",
+            "launcher final-sent",
+            "sandbox FinalSpec",
+            "sandbox FinishView",
+            "sandbox CloseFds",
+            "sandbox ParentDeathSignal",
+            "sandbox Landlock",
+            "sandbox Seccomp",
+            "sandbox ForkAgent",
+            "launcher started-seen",
+            "launcher agent-ran+reaped",
+            "launcher cgroup-removed",
+        ],
+        "{err}"
+    );
 }
