@@ -637,3 +637,22 @@ fn the_trace_names_the_finish_stages_in_order() {
         "{err}"
     );
 }
+
+/// A prepared sandbox whose pid 1 dies while it waits (killed from the host here) is reported
+/// unusable and cleaned up: aitherd never hands a caller to it.
+#[test]
+fn a_prepared_sandbox_whose_pid1_died_is_refused_and_cleaned_up() {
+    let ws = Workspace::new();
+    let (template, _) = specs(&ws, &["true"]);
+    let p = Pool::start(&template);
+    let id = p.cgroup.clone();
+    // SAFETY: SIGKILL to the sandbox's pid 1, which this test's launcher started.
+    unsafe { libc::kill(p.pid1, libc::SIGKILL) };
+    let (msgs, code, err) = p.rest();
+    assert_eq!(code, 125, "{msgs:?} {err}");
+    assert!(
+        matches!(msgs.as_slice(), [PoolMsg::Refused(w)] if w.contains("died")),
+        "{msgs:?}"
+    );
+    assert!(cgroups_named(&id).is_empty(), "{:?}", cgroups_named(&id));
+}
