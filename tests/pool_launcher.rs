@@ -63,11 +63,20 @@ fn drain(r: impl Read + Send + 'static) -> JoinHandle<String> {
 /// `aither-init pool --control-fd 3` with `template` written to its stdin: the child, our end
 /// of its control socket, its stderr being read.
 fn spawn_pool(template: &SandboxSpec) -> (Child, OwnedFd, JoinHandle<String>) {
+    spawn_pool_with(template, &[])
+}
+
+/// `spawn_pool` with `env` added to the launcher's environment.
+fn spawn_pool_with(
+    template: &SandboxSpec,
+    env: &[(&str, &str)],
+) -> (Child, OwnedFd, JoinHandle<String>) {
     common::require_root();
     let (ours, theirs) = aither::sys::seqpacket_pair().expect("socketpair");
     let raw = theirs.as_raw_fd();
     let mut cmd = Command::new(init_path());
     cmd.args(["pool", "--control-fd", "3"])
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -105,7 +114,12 @@ struct Pool {
 impl Pool {
     /// Starts `aither-init pool --control-fd 3` with `template` on stdin and waits for ready.
     fn start(template: &SandboxSpec) -> Pool {
-        let (child, ours, stderr) = spawn_pool(template);
+        Pool::start_with(template, &[])
+    }
+
+    /// `start` with `env` added to the launcher's environment.
+    fn start_with(template: &SandboxSpec, env: &[(&str, &str)]) -> Pool {
+        let (child, ours, stderr) = spawn_pool_with(template, env);
         let stderr = Some(stderr);
         let mut p = Pool {
             child,
@@ -231,6 +245,21 @@ fn exited(msgs: &[PoolMsg]) -> Option<(i32, bool)> {
 /// launcher looked it up: a quick one).
 fn started(msgs: &[PoolMsg]) -> bool {
     msgs.iter().any(|m| matches!(m, PoolMsg::Started { .. }))
+}
+
+/// Every directory named `id` under an `aither` directory of any hierarchy
+/// (/sys/fs/cgroup/*/aither/ID, and /sys/fs/cgroup/aither/ID on pure v2).
+fn cgroups_named(id: &str) -> Vec<std::path::PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![root.join("aither")];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        bases.extend(rd.flatten().map(|e| e.path().join("aither")));
+    }
+    bases
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -374,6 +403,7 @@ fn a_final_spec_that_does_not_match_the_template_is_refused_and_torn_down() {
     fin.rlimit_nofile += 1;
     let p = Pool::start(&template);
     let pid1 = p.pid1;
+    let id = p.cgroup.clone();
     assert!(pid_alive(pid1));
     let c = send_final(&p, &fin);
     let (msgs, code, err) = p.rest();
@@ -393,7 +423,7 @@ fn a_final_spec_that_does_not_match_the_template_is_refused_and_torn_down() {
     assert!(!started(&msgs), "{msgs:?}");
     assert_eq!(out, "", "nothing ran");
     assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
-    assert!(cgroup_dirs_of(&template.name).is_empty());
+    assert!(cgroups_named(&id).is_empty(), "{:?}", cgroups_named(&id));
 }
 
 #[test]
@@ -411,15 +441,20 @@ fn eof_before_the_final_spec_leaves_no_process_and_no_cgroup() {
         "ready names the cgroup: {} vs {dirs:?}",
         p.cgroup
     );
+    let id = p.cgroup.clone();
+    assert!(
+        !cgroups_named(&id).is_empty(),
+        "the launcher's cgroup {id} exists"
+    );
     drop(p.ctl.take());
     let st = wait_with_deadline(&mut p.child, "aither-init pool", RUN_DEADLINE);
     let err = p.stderr.take().unwrap().join().unwrap();
     assert_eq!(st.code(), Some(0), "a clean teardown: {err}");
     assert!(!pid_alive(pid1), "pid 1 {pid1} is gone");
     assert!(
-        cgroup_dirs_of(&template.name).is_empty(),
-        "no cgroup left: {:?}",
-        cgroup_dirs_of(&template.name)
+        cgroup_dirs_of(&template.name).is_empty() && cgroups_named(&id).is_empty(),
+        "no cgroup left in any hierarchy: {:?}",
+        cgroups_named(&id)
     );
 }
 
@@ -541,4 +576,83 @@ fn a_template_that_is_not_poolable_is_refused() {
     }
     assert_eq!(st.code(), Some(125), "{err}");
     assert!(cgroup_dirs_of(&template.name).is_empty());
+}
+
+/// A final spec far above the launcher's usual 8 KiB frame (a large environment) reaches the
+/// agent whole: both hops (aitherd → launcher → pid 1) size their buffer to the message.
+#[test]
+fn a_final_spec_with_a_large_environment_reaches_the_agent_whole() {
+    let ws = Workspace::new();
+    let (template, mut fin) = specs(&ws, &["sh", "-c", "printf %s \"$BIG\" | wc -c"]);
+    fin.env.push(("BIG".into(), "x".repeat(100_000)));
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+    assert_eq!(out.trim(), "100000");
+}
+
+/// `AITHER_TRACE_LAUNCH=1` breaks a warm run down: the prepare's lines up to `ready-seen`,
+/// then the finish's (docs/performance.md, "Warm start"), the launcher's marks and pid 1's
+/// stages after the final spec, in order.
+#[test]
+fn the_trace_names_the_finish_stages_in_order() {
+    let ws = Workspace::new();
+    let (template, fin) = specs(&ws, &["true"]);
+    let p = Pool::start_with(&template, &[("AITHER_TRACE_LAUNCH", "1")]);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    c.output();
+    assert_eq!(code, 0, "{msgs:?} {err}");
+    let finish: Vec<String> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("aither-trace:"))
+        .skip_while(|l| !l.contains("ready-seen"))
+        .skip(1)
+        .filter_map(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            (t.len() >= 2 && t[0] != "stage").then(|| format!("{} {}", t[0], t[1]))
+        })
+        .collect();
+    assert_eq!(
+        finish,
+        [
+            "pool final-read+parsed",
+            "launcher key-checked",
+            "launcher workspace",
+            "launcher stdio",
+            "launcher final-sent",
+            "sandbox FinalSpec",
+            "sandbox FinishView",
+            "sandbox CloseFds",
+            "sandbox ParentDeathSignal",
+            "sandbox Landlock",
+            "sandbox Seccomp",
+            "sandbox ForkAgent",
+            "launcher started-seen",
+            "launcher agent-ran+reaped",
+            "launcher cgroup-removed",
+        ],
+        "{err}"
+    );
+}
+
+/// A prepared sandbox whose pid 1 dies while it waits (killed from the host here) is reported
+/// unusable and cleaned up: aitherd never hands a caller to it.
+#[test]
+fn a_prepared_sandbox_whose_pid1_died_is_refused_and_cleaned_up() {
+    let ws = Workspace::new();
+    let (template, _) = specs(&ws, &["true"]);
+    let p = Pool::start(&template);
+    let id = p.cgroup.clone();
+    // SAFETY: SIGKILL to the sandbox's pid 1, which this test's launcher started.
+    unsafe { libc::kill(p.pid1, libc::SIGKILL) };
+    let (msgs, code, err) = p.rest();
+    assert_eq!(code, 125, "{msgs:?} {err}");
+    assert!(
+        matches!(msgs.as_slice(), [PoolMsg::Refused(w)] if w.contains("died")),
+        "{msgs:?}"
+    );
+    assert!(cgroups_named(&id).is_empty(), "{:?}", cgroups_named(&id));
 }

@@ -194,7 +194,7 @@ pub const MAX_LARGE_FRAME: usize = 192 * 1024;
 /// `recv_with_fds` for frames up to `MAX_LARGE_FRAME` (the final spec); a longer one is an
 /// error (EMSGSIZE), never a truncated parse.
 pub fn recv_large_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; MAX_LARGE_FRAME + 1];
+    let mut buf = vec![0u8; next_len(fd)?.min(MAX_LARGE_FRAME) + 1];
     let (bytes, fds) = recv_bytes_with_fds(fd, &mut buf)?;
     match bytes {
         None => Ok((None, fds)),
@@ -203,6 +203,22 @@ pub fn recv_large_with_fds(fd: BorrowedFd<'_>) -> io::Result<(Option<Msg>, Vec<O
             let msg = serde_json::from_slice(b)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             Ok((Some(msg), fds))
+        }
+    }
+}
+
+/// The length of the next packet, without taking it (MSG_PEEK|MSG_TRUNC: the kernel reports a
+/// unix packet's whole length); 0 at EOF. Waits for one. Sizes the buffer of a large frame
+/// (a 192 KiB buffer zeroed per receive costs more than this call).
+pub fn next_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    loop {
+        match nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut [],
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => return Ok(r?),
         }
     }
 }

@@ -149,7 +149,8 @@ type Final = (SandboxSpec, [OwnedFd; 3], Option<OwnedFd>);
 
 /// Reads the final message: `Ok(None)` at EOF, `Err(why)` for a malformed one.
 fn read_final(control: BorrowedFd<'_>) -> Result<Option<Final>, String> {
-    let mut buf = vec![0u8; MAX_LARGE_FRAME + 1];
+    let len = channel::next_len(control).map_err(|e| format!("reading the final spec: {e}"))?;
+    let mut buf = vec![0u8; len.min(MAX_LARGE_FRAME) + 1];
     let (bytes, mut fds) = channel::recv_bytes_with_fds(control, &mut buf)
         .map_err(|e| format!("reading the final spec: {e}"))?;
     let Some(bytes) = bytes else {
