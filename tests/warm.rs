@@ -263,7 +263,14 @@ fn with_a_terminal_the_agent_gets_one_of_its_own() {
     );
     let field = |who: &str| {
         out.lines()
-            .find_map(|l| l.trim().strip_prefix(who).map(str::trim).map(String::from))
+            .find_map(|l| {
+                // script(1) echoes its stdin's EOF as `^@`, which may land before a line.
+                l.trim()
+                    .trim_start_matches("^@")
+                    .strip_prefix(who)
+                    .map(str::trim)
+                    .map(String::from)
+            })
             .unwrap_or_else(|| panic!("no {who} line: {out}"))
     };
     assert_ne!(

@@ -351,7 +351,7 @@ fn build(
         egress: Egress::Gateway,
     };
     let audit_name = name.unwrap_or("run");
-    let p = super::server::prepare_launch(d, caller, audit_name, &launch)
+    let p = super::server::prepare_launch_as(d, caller, audit_name, &launch, true)
         .map_err(|(c, m)| RunRefused::Build(c, m))?;
     if p.egress {
         // aitherd's gateway keys its state by agent name (a run's name is not unique) and the

@@ -1462,15 +1462,35 @@ fn over_limits(
 }
 
 /// aitherd's signing key and its revocation list, for `prepare`.
-struct DaemonAuthority<'a>(&'a Shared);
+struct DaemonAuthority<'a> {
+    d: &'a Shared,
+    /// The launch's token never leaves aitherd (a foreground `run` from a policy): its claims
+    /// are checked as a token's are, unsigned, as `aitherctl run` does for its own launch
+    /// (`prepare::OneLaunch`, docs/tokens.md "One-launch tokens"): a signature made and
+    /// checked by the same process proves only that this process made the claims. A token the
+    /// caller gives is verified with the host key and the revocations, as always.
+    one_launch: bool,
+}
 
 impl crate::prepare::Authority for DaemonAuthority<'_> {
     fn verify(&self, text: &str) -> Result<token::Verified, token::TokenError> {
-        self.0.check_token(text)
+        self.d.check_token(text)
     }
 
     fn sign(&self, claims: &Claims) -> Result<String, token::TokenError> {
-        Ok(token::mint(self.0.key.signing_key(), claims)?.encode())
+        Ok(token::mint(self.d.key.signing_key(), claims)?.encode())
+    }
+
+    fn mint_verified(
+        &self,
+        claims: &Claims,
+    ) -> Result<(Option<String>, token::Verified), token::TokenError> {
+        if self.one_launch {
+            return Ok((None, token::verified_here(claims, token::now_unix())?));
+        }
+        let text = self.sign(claims)?;
+        let v = self.verify(&text)?;
+        Ok((Some(text), v))
     }
 }
 
@@ -1483,19 +1503,32 @@ pub(super) fn prepare_launch(
     name: &str,
     launch: &crate::prepare::LaunchRequest<'_>,
 ) -> Result<crate::prepare::PreparedLaunch, BuildError> {
+    prepare_launch_as(d, caller, name, launch, false)
+}
+
+/// `prepare_launch`, for a launch whose minted token stays in aitherd when `one_launch`
+/// (a foreground `run`; see `DaemonAuthority`).
+pub(super) fn prepare_launch_as(
+    d: &Shared,
+    caller: &Caller,
+    name: &str,
+    launch: &crate::prepare::LaunchRequest<'_>,
+    one_launch: bool,
+) -> Result<crate::prepare::PreparedLaunch, BuildError> {
     use crate::prepare::{self, PrepareError, Principal, Source};
     let principal = Principal {
         uid: caller.uid,
         gid: caller.gid,
         admin: caller.admin,
     };
-    let p = prepare::prepare(launch, &principal, &DaemonAuthority(d)).map_err(|e| {
-        let text = match (&e, launch.source) {
-            (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
-            _ => e.to_string(),
-        };
-        (e.code(), text)
-    })?;
+    let p =
+        prepare::prepare(launch, &principal, &DaemonAuthority { d, one_launch }).map_err(|e| {
+            let text = match (&e, launch.source) {
+                (PrepareError::Token(_), Source::Token(_)) => format!("token refused: {e}"),
+                _ => e.to_string(),
+            };
+            (e.code(), text)
+        })?;
     if !caller.admin {
         // A member's routes name their own secrets (or root's, as root:NAME).
         super::secret_ops::check_routes(d, &d.secrets(), name, caller, &p.net)

@@ -495,9 +495,15 @@ impl Policy {
         };
         let Some(table) = table.filter(|t| t.contains_key("extends")) else {
             // A whole policy: parsed from its own text, so serde's errors have its positions.
+            // Its parse depends on nothing but the text and its origin (named in errors), so a
+            // long-lived process (aitherd, for every run and spawn) keeps it by their digest.
+            if let Some(p) = parsed_cache::get(src, origin) {
+                return Ok((p, vec![]));
+            }
             let policy: Policy =
                 toml::from_str(src).map_err(|e| extends::toml_error(src, origin, &e))?;
             policy.validate(&extends::Sources::one(origin, src))?;
+            parsed_cache::put(src, origin, &policy);
             return Ok((policy, vec![]));
         };
         if !table.contains_key("name") {
@@ -948,3 +954,44 @@ pub fn policy_dirs() -> Vec<PathBuf> {
 
 #[cfg(test)]
 mod tests;
+
+/// Whole policies parsed and validated before, by the SHA-256 of their origin and text: the
+/// same bytes give the same `Policy` (parsing and validation read nothing else), so a changed
+/// file is a new key and is parsed again. A policy that extends another is not kept (its
+/// parents are other files). At most `MAX` entries; when full, it starts again empty.
+mod parsed_cache {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use sha2::{Digest, Sha256};
+
+    use super::Policy;
+
+    const MAX: usize = 64;
+
+    static CACHE: Mutex<Option<HashMap<[u8; 32], Policy>>> = Mutex::new(None);
+
+    fn key(src: &str, origin: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update((origin.len() as u64).to_le_bytes());
+        h.update(origin.as_bytes());
+        h.update(src.as_bytes());
+        h.finalize().into()
+    }
+
+    pub(super) fn get(src: &str, origin: &str) -> Option<Policy> {
+        let k = key(src, origin);
+        let g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()?.get(&k).cloned()
+    }
+
+    pub(super) fn put(src: &str, origin: &str, p: &Policy) {
+        let k = key(src, origin);
+        let mut g = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let m = g.get_or_insert_with(HashMap::new);
+        if m.len() >= MAX {
+            m.clear();
+        }
+        m.insert(k, p.clone());
+    }
+}
