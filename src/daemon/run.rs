@@ -190,12 +190,15 @@ pub async fn serve(
     let (spec, stdio, presented, _slot) = match admitted {
         Ok(x) => x,
         Err(e) => {
-            audit(
-                Verdict::Deny,
-                format!("{}: {e}", e.code()),
-                &label,
-                json!({}),
-            );
+            // Declined, not refused: aitherctl runs it standalone, which audits it itself.
+            if !matches!(e, RunRefused::Unsupported(_)) {
+                audit(
+                    Verdict::Deny,
+                    format!("{}: {e}", e.code()),
+                    &label,
+                    json!({}),
+                );
+            }
             let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
             return;
         }
@@ -206,7 +209,13 @@ pub async fn serve(
         &spec.name,
         json!({}),
     );
-    let mut launcher = match launcher_for(&d.init, &spec, stdio, presented) {
+    // The caller's AITHER_TRACE_LAUNCH=1 traces the launcher's stages on their stderr, as
+    // without aitherd (timings only).
+    let trace = req
+        .pass_env
+        .iter()
+        .any(|(k, v)| k == "AITHER_TRACE_LAUNCH" && v == "1");
+    let mut launcher = match launcher_for(&d.init, &spec, stdio, presented, trace) {
         Ok(l) => l,
         Err(e) => {
             let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
@@ -250,11 +259,7 @@ pub async fn serve(
             },
         }
     };
-    d.emit(
-        None,
-        "run_exited",
-        json!({"name": spec.name, "exit_code": code, "caller": caller.uid}),
-    );
+    tracing::info!(agent = %spec.name, uid = caller.uid, exit_code = code, "run ended");
     let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
 }
 
@@ -418,6 +423,7 @@ pub fn launcher_for(
     spec: &SandboxSpec,
     stdio: [OwnedFd; 3],
     workspace: Option<OwnedFd>,
+    trace: bool,
 ) -> Result<Launcher, RunFailed> {
     // The cold launcher opens the workspace itself, checked against the identity `prepare`
     // pinned from the descriptor the caller presented.
@@ -432,7 +438,7 @@ pub fn launcher_for(
         .stderr(Stdio::from(stderr))
         .env_clear()
         .kill_on_drop(true);
-    if crate::trace::enabled() {
+    if trace {
         cmd.env("AITHER_TRACE_LAUNCH", "1");
     }
     let src = config_r.as_raw_fd();
