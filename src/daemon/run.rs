@@ -186,7 +186,11 @@ pub async fn serve(
         }
         d.audit.record(e);
     };
+    // aitherd's own stages with AITHER_TRACE_LAUNCH=1 in its environment, on its stderr
+    // (docs/performance.md "aitherctl run through aitherd"); nothing otherwise.
+    crate::trace::mark("aitherd", "run request");
     let admitted = admit(d, caller, &req, fds).await;
+    crate::trace::mark("aitherd", "run admitted+spec");
     let (spec, stdio, presented, _slot) = match admitted {
         Ok(x) => x,
         Err(e) => {
@@ -215,6 +219,7 @@ pub async fn serve(
         .pass_env
         .iter()
         .any(|(k, v)| k == "AITHER_TRACE_LAUNCH" && v == "1");
+    crate::trace::mark("aitherd", "run audited");
     let mut launcher = match launcher_for(&d.init, &spec, stdio, presented, trace) {
         Ok(l) => l,
         Err(e) => {
@@ -222,6 +227,7 @@ pub async fn serve(
             return;
         }
     };
+    crate::trace::mark("aitherd", "launcher spawned");
     tracing::info!(agent = %spec.name, uid = caller.uid, pid = launcher.pid(), "run started");
     // The client feeds stdin only from here: a daemon that refused would leave it unread.
     if aio::write_reply(w, &Reply::ok(json!({"started": true})))
