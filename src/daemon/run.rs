@@ -186,16 +186,23 @@ pub async fn serve(
         }
         d.audit.record(e);
     };
+    // aitherd's own stages with AITHER_TRACE_LAUNCH=1 in its environment, on its stderr
+    // (docs/performance.md "aitherctl run through aitherd"); nothing otherwise.
+    crate::trace::mark("aitherd", "run request");
     let admitted = admit(d, caller, &req, fds).await;
+    crate::trace::mark("aitherd", "run admitted+spec");
     let (spec, stdio, presented, _slot) = match admitted {
         Ok(x) => x,
         Err(e) => {
-            audit(
-                Verdict::Deny,
-                format!("{}: {e}", e.code()),
-                &label,
-                json!({}),
-            );
+            // Declined, not refused: aitherctl runs it standalone, which audits it itself.
+            if !matches!(e, RunRefused::Unsupported(_)) {
+                audit(
+                    Verdict::Deny,
+                    format!("{}: {e}", e.code()),
+                    &label,
+                    json!({}),
+                );
+            }
             let _ = aio::write_reply(w, &Reply::err(e.code(), e.to_string())).await;
             return;
         }
@@ -206,13 +213,21 @@ pub async fn serve(
         &spec.name,
         json!({}),
     );
-    let mut launcher = match launcher_for(d, &spec, stdio, presented) {
+    // The caller's AITHER_TRACE_LAUNCH=1 traces the launcher's stages on their stderr, as
+    // without aitherd (timings only).
+    let trace = req
+        .pass_env
+        .iter()
+        .any(|(k, v)| k == "AITHER_TRACE_LAUNCH" && v == "1");
+    crate::trace::mark("aitherd", "run audited");
+    let mut launcher = match launcher_for(d, &spec, stdio, presented, trace) {
         Ok(l) => l,
         Err(e) => {
             let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
             return;
         }
     };
+    crate::trace::mark("aitherd", "launcher spawned");
     tracing::info!(agent = %spec.name, uid = caller.uid, pid = launcher.pid(), "run started");
     // The client feeds stdin only from here: a daemon that refused would leave it unread.
     if aio::write_reply(w, &Reply::ok(json!({"started": true})))
@@ -255,11 +270,7 @@ pub async fn serve(
     if launcher.warm {
         d.pool.refill_for(&spec);
     }
-    d.emit(
-        None,
-        "run_exited",
-        json!({"name": spec.name, "exit_code": code, "caller": caller.uid, "warm": launcher.warm}),
-    );
+    tracing::info!(agent = %spec.name, uid = caller.uid, exit_code = code, warm = launcher.warm, "run ended");
     let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
 }
 
@@ -426,6 +437,7 @@ pub fn launcher_for(
     spec: &SandboxSpec,
     stdio: [OwnedFd; 3],
     workspace: Option<OwnedFd>,
+    trace: bool,
 ) -> Result<Launcher, RunFailed> {
     // Warm: a prepared sandbox of this shape, if one waits (daemon/pool.rs). It gets the
     // workspace as the caller presented it and opens it itself, checked against that
@@ -466,7 +478,7 @@ pub fn launcher_for(
         .stderr(Stdio::from(stderr))
         .env_clear()
         .kill_on_drop(true);
-    if crate::trace::enabled() {
+    if trace {
         cmd.env("AITHER_TRACE_LAUNCH", "1");
     }
     let src = config_r.as_raw_fd();

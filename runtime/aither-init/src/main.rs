@@ -6,12 +6,10 @@
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
 //!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
 //!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
-//!     aither-init --config-fd N [--egress-fd M]
-//!                                   the same, the spec read from fd N, for `aitherctl run`
+//!     aither-init --config-fd N     the same, the spec read from fd N, for `aitherctl run`
 //!                                   through aitherd: this process's stdin, stdout and stderr
-//!                                   are the caller's, the run's messages go to its stderr as
-//!                                   `aitherctl run` writes them, and the egress gateway's
-//!                                   socket is sent to aitherd on the socket M (SCM_RIGHTS)
+//!                                   are the caller's, and the run's messages go to its
+//!                                   stderr as `aitherctl run` writes them
 //!     aither-init exec --config-fd N
 //!                                   the same, the config read from fd N: the command gets this
 //!                                   process's stdin, stdout and stderr (`aitherctl exec`)
@@ -130,34 +128,31 @@ fn passed_fd(flag: &str, n: &str) -> Result<std::fs::File, String> {
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(n) })
 }
 
-/// `aither-init --config-fd N [--egress-fd M]`: `aitherctl run` served by aitherd. The
-/// caller's three descriptors are this process's stdio, so the launch treats them exactly as
-/// `aitherctl run` treats its own (a terminal gets the agent a pty of its own); the messages
-/// are the ones `aitherctl run` prints, on the caller's stderr.
+/// `aither-init --config-fd N`: `aitherctl run` served by aitherd. The caller's three
+/// descriptors are this process's stdio, so the launch treats them exactly as `aitherctl run`
+/// treats its own (a terminal gets the agent a pty of its own); the messages are the ones
+/// `aitherctl run` prints, on the caller's stderr. (A run with egress grants is not served
+/// by aitherd: no gateway listener leaves this process.)
 fn for_caller() -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let fds = match args.as_slice() {
-        [c, n] => passed_fd(c, n).map(|f| (f, None)),
-        [c, n, e, m] if e == "--egress-fd" => {
-            passed_fd(c, n).and_then(|f| Ok((f, Some(passed_fd(e, m)?))))
-        }
+    let fd = match args.as_slice() {
+        [c, n] => passed_fd(c, n),
         _ => Err(format!(
-            "unexpected arguments {args:?} (expected --config-fd N [--egress-fd M])"
+            "unexpected arguments {args:?} (expected --config-fd N)"
         )),
     };
     // As `aitherctl run`: never write into cgroups systemd owns (pure v2 with systemd as pid
     // 1); before anything is read, created or started.
     let scoped = delegate::into_own_scope(delegate::ScopeKind::Run).map_err(|e| e.to_string());
-    let read = fds.and_then(|(mut f, egress)| {
+    let spec = scoped.and(fd).and_then(|mut f| {
         let mut input = String::new();
         f.read_to_string(&mut input)
             .map_err(|e| format!("reading the spec: {e}"))?;
-        let spec: SandboxSpec = serde_json::from_str(&input)
-            .map_err(|e| format!("the spec is not a SandboxSpec: {e}"))?;
-        Ok((spec, egress))
+        serde_json::from_str::<SandboxSpec>(&input)
+            .map_err(|e| format!("the spec is not a SandboxSpec: {e}"))
     });
-    let (spec, egress) = match scoped.and_then(|()| read) {
-        Ok(x) => x,
+    let spec = match spec {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("aither: error: {e}");
             return 125;
@@ -166,16 +161,7 @@ fn for_caller() -> i32 {
     if let Some(w) = &spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
-    let io = sandbox::LaunchIo {
-        // After the clone (threads allowed): the listener goes to aitherd, whose gateway
-        // serves it as a supervised agent's.
-        on_egress: egress.map(|sock| {
-            Box::new(move |fd: std::os::fd::OwnedFd| send_fd(&sock, fd))
-                as Box<dyn FnOnce(std::os::fd::OwnedFd)>
-        }),
-        ..Default::default()
-    };
-    match sandbox::run_with(&spec, io) {
+    match sandbox::run(&spec) {
         Ok(out) => {
             for s in &out.skipped {
                 eprintln!(
@@ -212,20 +198,6 @@ fn for_caller() -> i32 {
             e.exit_code()
         }
     }
-}
-
-/// Sends `fd` on the unix socket `sock` (SCM_RIGHTS, one byte); a failure leaves the agent
-/// without egress (its gateway port refuses), which aitherd logs.
-fn send_fd(sock: &std::fs::File, fd: std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    let raw = [fd.as_raw_fd()];
-    let _ = nix::sys::socket::sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[std::io::IoSlice::new(b"e")],
-        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
-        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-        None,
-    );
 }
 
 fn exec_config() -> Result<ExecConfig, String> {
