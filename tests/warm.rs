@@ -464,3 +464,51 @@ fn an_older_aitherd_means_standalone_and_a_refusal_is_final() {
         "{err}"
     );
 }
+
+#[test]
+fn aitherd_runs_at_most_sixteen_runs_per_user_at_a_time() {
+    let d = TestDaemon::start("aitherd-warm-", &[]);
+    let secs = format!("{}", 800_000 + std::process::id() % 10_000);
+    let start = || {
+        let mut c = d
+            .cmd(&[
+                "run",
+                "--policy",
+                "strict",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo ready; exec sleep {secs}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("aitherctl run");
+        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+        c
+    };
+    let mut held: Vec<std::process::Child> = (0..16).map(|_| start()).collect();
+    let (code, out, err) = run_sh(&d, &[], "echo ran # warm-seventeenth", "");
+    assert_eq!(code, 125, "{out}{err}");
+    assert!(err.contains("16 runs through aitherd"), "{err}");
+    assert_eq!(out, "");
+    // One ends: the next is served.
+    let mut first = held.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        poll_until(WAIT, || run_sh(&d, &[], "exit 0 # warm-after-limit", "").0
+            == 0),
+        "no run was served after one of the 16 ended"
+    );
+    for mut c in held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(
+        poll_until(WAIT, || pids_with_cmdline(&["sleep", &secs]).is_empty()),
+        "runs outlived their clients"
+    );
+}
