@@ -254,7 +254,7 @@ fn with_a_terminal_the_agent_gets_one_of_its_own() {
         .current_dir(d.ws.path())
         .stdin(Stdio::null())
         .output()
-        .expect("script(1) is needed (bsdutils; install.sh installs it)");
+        .expect("script(1) is needed (bsdutils: Essential on Debian; util-linux elsewhere)");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}\n{}", text(&o.stderr), d.log());
     assert!(
