@@ -254,7 +254,7 @@ fn with_a_terminal_the_agent_gets_one_of_its_own() {
         .current_dir(d.ws.path())
         .stdin(Stdio::null())
         .output()
-        .expect("script(1) is needed (bsdutils; install.sh installs it)");
+        .expect("script(1) is needed (bsdutils: Essential on Debian; util-linux elsewhere)");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}\n{}", text(&o.stderr), d.log());
     assert!(
@@ -367,4 +367,155 @@ fn a_member_runs_in_their_own_directory_and_is_refused_elsewhere_and_a_non_membe
     );
     barrier(&d, "nonmember");
     assert!(runs_audited(&d, "warm-nonmember").is_empty());
+}
+
+/// A stand-in for an aitherd that answers every request with `reply` (python3 on a unix
+/// socket in `dir`): an older aitherd that does not know `run`, or one that refuses it.
+struct FakeDaemon {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl FakeDaemon {
+    fn start(dir: &std::path::Path, reply: &Value) -> FakeDaemon {
+        let socket = dir.join("fake.sock");
+        let script = r#"
+import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(8)
+print("listening", flush=True)
+body = sys.argv[2].encode()
+while True:
+    c, _ = s.accept()
+    msg, fds, _, _ = socket.recv_fds(c, 1 << 20, 8)
+    for fd in fds:
+        os.close(fd)
+    c.sendall(struct.pack(">I", len(body)) + body)
+    c.close()
+"#;
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(&socket)
+            .arg(reply.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 (install.sh installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+        FakeDaemon { child, socket }
+    }
+}
+
+impl Drop for FakeDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_older_aitherd_means_standalone_and_a_refusal_is_final() {
+    common::require_root();
+    let ws = common::Workspace::new();
+    let run = |socket: &std::path::Path| {
+        let mut child = Command::new(common::AITHERCTL)
+            .env("AITHER_SOCKET", socket)
+            .env("AITHER_POLICY_DIR", common::policy_dir())
+            .env("AITHER_AUDIT_LOG", common::test_audit_log())
+            .args(["run", "--policy", "strict", "--workspace"])
+            .arg(ws.path())
+            .args(["--", "sh", "-c", "cat; exit 9"])
+            .current_dir(ws.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("aitherctl run");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"kept for the agent\n")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+    // An aitherd from before `run`: serde's "unknown variant" → the standalone path, with
+    // stdin unread by the attempt.
+    let dir = tempfile::tempdir().unwrap();
+    let old = FakeDaemon::start(
+        dir.path(),
+        &serde_json::json!({"ok": false, "error": {"code": "bad_request",
+            "message": "unknown variant `run`, expected one of `ping`, `spawn`"}}),
+    );
+    let (code, out, err) = run(&old.socket);
+    assert_eq!(code, Some(9), "{err}");
+    assert_eq!(out, "kept for the agent\n", "{err}");
+    drop(old);
+    // A refusal: its message, 125, and nothing ran (never retried without aitherd).
+    let dir = tempfile::tempdir().unwrap();
+    let refusing = FakeDaemon::start(
+        dir.path(),
+        &serde_json::json!({"ok": false, "error": {"code": "denied",
+            "message": "the fake daemon says no"}}),
+    );
+    let (code, out, err) = run(&refusing.socket);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("the fake daemon says no"), "{err}");
+    assert_eq!(out, "", "the agent ran after a refusal");
+    // A stale socket (nobody listening): standalone.
+    drop(refusing);
+    let (code, out, err) = run(&dir.path().join("fake.sock"));
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(9), "kept for the agent\n"),
+        "{err}"
+    );
+}
+
+#[test]
+fn aitherd_runs_at_most_sixteen_runs_per_user_at_a_time() {
+    let d = TestDaemon::start("aitherd-warm-", &[]);
+    let secs = format!("{}", 800_000 + std::process::id() % 10_000);
+    let start = || {
+        let mut c = d
+            .cmd(&[
+                "run",
+                "--policy",
+                "strict",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo ready; exec sleep {secs}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("aitherctl run");
+        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+        c
+    };
+    let mut held: Vec<std::process::Child> = (0..16).map(|_| start()).collect();
+    let (code, out, err) = run_sh(&d, &[], "echo ran # warm-seventeenth", "");
+    assert_eq!(code, 125, "{out}{err}");
+    assert!(err.contains("16 runs through aitherd"), "{err}");
+    assert_eq!(out, "");
+    // One ends: the next is served.
+    let mut first = held.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        poll_until(WAIT, || run_sh(&d, &[], "exit 0 # warm-after-limit", "").0
+            == 0),
+        "no run was served after one of the 16 ended"
+    );
+    for mut c in held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(
+        poll_until(WAIT, || pids_with_cmdline(&["sleep", &secs]).is_empty()),
+        "runs outlived their clients"
+    );
 }
