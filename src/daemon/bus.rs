@@ -377,7 +377,7 @@ impl BusScope {
 /// `uid`: the caller, whose durable consumers this connection names.
 pub async fn serve(
     d: Arc<Daemon>,
-    first: Request,
+    (first, first_body): (Request, &[u8]),
     actor: String,
     (scope, uid): (BusScope, u32),
     mut r: OwnedReadHalf,
@@ -423,13 +423,18 @@ pub async fn serve(
     let (tx, rx) = mpsc::channel::<Vec<Slot>>(PUB_BATCHES);
     let d2 = d.clone();
     let ob = outbox.clone();
+    // The first request again from its frame: a publish's `data` as sent.
+    let first_slot = match first {
+        Request::BusPub { .. } => body_slot(&d, scope, &outbox, first_body),
+        req => request_slot(&d, scope, &outbox, req),
+    };
     let reader = tokio::spawn(async move {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
         let mut batch = Batch::default();
-        let mut next = Some(first);
+        let mut next = Some(first_slot);
         loop {
             let slot = match next.take() {
-                Some(req) => request_slot(&d2, scope, &ob, req),
+                Some(s) => s,
                 None => match aio::read_frame(&mut r).await {
                     Ok(None) => {
                         let _ = tx.send(batch.take()).await;
@@ -558,7 +563,9 @@ struct RawPub<'a> {
 
 fn body_slot(d: &Daemon, scope: BusScope, ob: &Outbox, body: &[u8]) -> Slot {
     if let Ok(p) = serde_json::from_slice::<RawPub>(body) {
-        if p.op == "bus_pub" {
+        // A `\u` escape takes the decoding path: a raw value is not checked for lone
+        // surrogates, which a subscriber's strict decoder (serde_json's) refuses.
+        if p.op == "bus_pub" && !p.data.get().contains("\\u") {
             return publish_slot(d, scope, ob, &p.subject, p.data.get(), p.durable);
         }
     }
