@@ -451,10 +451,8 @@ pub async fn serve(
             batch.push(slot);
             // Handed over when the next frame is not all read yet (the next read may wait)
             // or the batch is full.
-            if batch.full() || !whole_frame(r.buffer()) {
-                if tx.send(batch.take()).await.is_err() {
-                    return;
-                }
+            if (batch.full() || !whole_frame(r.buffer())) && tx.send(batch.take()).await.is_err() {
+                return;
             }
         }
     });
