@@ -75,25 +75,49 @@ impl Delivery {
     /// The message as a JSON object: `{"sub","seq","subject","ts_ms","publisher","dropped","data"}`
     /// (`data` is copied as it was published, without re-encoding).
     pub fn to_json(&self) -> String {
+        let mut b = Vec::with_capacity(self.msg.cost() + 32);
+        self.write_json(&mut b);
+        String::from_utf8(b).unwrap_or_default()
+    }
+
+    /// [`Delivery::to_json`] appended to `out`, with no allocation of its own: a fan-out
+    /// writes each subscriber's copy straight into that connection's write buffer.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        self.write_with(out, b"{")
+    }
+
+    /// The object after `open` (`{` or `{` and the push's tag).
+    fn write_with(&self, out: &mut Vec<u8>, open: &[u8]) {
+        use std::io::Write;
         let m = &self.msg;
-        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-        let seq = m.seq.map_or("null".to_string(), |s| s.to_string());
-        format!(
-            "{{\"sub\":{},\"seq\":{},\"subject\":{},\"ts_ms\":{},\"publisher\":{},\"dropped\":{},\"data\":{}}}",
-            self.sub,
-            seq,
-            q(&m.subject),
-            m.ts_ms,
-            q(&m.publisher),
-            self.dropped,
-            m.data
-        )
+        out.extend_from_slice(open);
+        // Writes to a Vec cannot fail.
+        let _ = write!(out, "\"sub\":{},\"seq\":", self.sub);
+        match m.seq {
+            Some(s) => {
+                let _ = write!(out, "{s}");
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"subject\":");
+        let _ = serde_json::to_writer(&mut *out, m.subject.as_str());
+        let _ = write!(out, ",\"ts_ms\":{},\"publisher\":", m.ts_ms);
+        let _ = serde_json::to_writer(&mut *out, m.publisher.as_str());
+        let _ = write!(out, ",\"dropped\":{},\"data\":", self.dropped);
+        out.extend_from_slice(m.data.as_bytes());
+        out.push(b'}');
     }
 
     /// The push frame's body on an agent channel: `{"push":"bus.msg", ...to_json()}`.
     pub fn push_json(&self) -> String {
-        let j = self.to_json();
-        format!("{{\"push\":\"bus.msg\",{}", &j[1..])
+        let mut b = Vec::with_capacity(self.msg.cost() + 48);
+        self.write_push(&mut b);
+        String::from_utf8(b).unwrap_or_default()
+    }
+
+    /// [`Delivery::push_json`] appended to `out`.
+    pub fn write_push(&self, out: &mut Vec<u8>) {
+        self.write_with(out, b"{\"push\":\"bus.msg\",")
     }
 }
 

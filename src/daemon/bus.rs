@@ -29,6 +29,13 @@ pub enum Slot {
     Close(Reply),
     /// A frame body written as is (a push).
     Raw(String),
+    /// Frames already encoded (the replies to a run of pipelined requests), written as is.
+    Frames(Vec<u8>),
+    /// A frame encoded once for every connection (the reply to a live publish).
+    Static(&'static [u8]),
+    /// A durable publish's reply, `{"ok":true,"data":{"seq":N}}`, once the log has committed
+    /// it (awaited by the writer itself: no task or channel per message).
+    Commit(u64, Committed),
 }
 
 /// A channel op's reply, now or after the log commits.
@@ -40,6 +47,23 @@ pub enum Outcome {
 fn push_frame(buf: &mut Vec<u8>, body: &str) {
     buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
     buf.extend_from_slice(body.as_bytes());
+}
+
+/// Appends one frame whose body `body` writes straight into `buf` (the length prefix is
+/// filled in after): no intermediate string per frame.
+fn frame_with(buf: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    body(buf);
+    let len = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The reply to every non-durable publish on a control connection, `{"ok":true,"data":
+/// {"seq":null}}`, encoded once.
+fn live_published_frame() -> &'static [u8] {
+    static F: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    F.get_or_init(|| proto::encode(&Reply::ok(json!({"seq": null}))).unwrap_or_default())
 }
 
 fn put_reply(buf: &mut Vec<u8>, r: &Reply, limit: usize) {
@@ -64,6 +88,15 @@ async fn put_slot(buf: &mut Vec<u8>, s: Slot, limit: usize) -> bool {
             put_reply(buf, &r, limit);
         }
         Slot::Raw(body) => push_frame(buf, &body),
+        Slot::Frames(b) => buf.extend_from_slice(&b),
+        Slot::Static(b) => buf.extend_from_slice(b),
+        Slot::Commit(seq, rx) => match rx.await {
+            Ok(Ok(_)) => frame_with(buf, |b| {
+                use std::io::Write;
+                let _ = write!(b, "{{\"ok\":true,\"data\":{{\"seq\":{seq}}}}}");
+            }),
+            other => put_reply(buf, &commit_result(other, json!({"seq": seq})), limit),
+        },
         Slot::Close(r) => {
             put_reply(buf, &r, limit);
             return false;
@@ -103,7 +136,7 @@ pub async fn channel_writer(
             // Encoding the agent's bus messages is work for it: measured, counted.
             let cpu0 = super::budget::thread_cpu_ns();
             for d in outbox.drain(DRAIN, DRAIN_BYTES) {
-                push_frame(&mut buf, &d.push_json());
+                frame_with(&mut buf, |b| d.write_push(b));
             }
             let ns = super::budget::thread_cpu_ns().saturating_sub(cpu0);
             usage.add(&usage.cpu_ns, ns);
@@ -265,7 +298,14 @@ fn committed(rx: Committed, data: Value) -> Outcome {
 }
 
 async fn commit_reply(rx: Committed, data: Value) -> Reply {
-    match rx.await {
+    commit_result(rx.await, data)
+}
+
+fn commit_result(
+    r: Result<Result<u64, crate::bus::CommitError>, oneshot::error::RecvError>,
+    data: Value,
+) -> Reply {
+    match r {
         Ok(Ok(_)) => Reply::ok(data),
         Ok(Err(e)) => Reply::err(ErrorCode::Internal, e.to_string()),
         Err(_) => Reply::err(ErrorCode::Internal, "the bus log stopped"),
@@ -337,7 +377,7 @@ impl BusScope {
 /// `uid`: the caller, whose durable consumers this connection names.
 pub async fn serve(
     d: Arc<Daemon>,
-    first: Request,
+    (first, first_body): (Request, &[u8]),
     actor: String,
     (scope, uid): (BusScope, u32),
     mut r: OwnedReadHalf,
@@ -377,82 +417,67 @@ pub async fn serve(
         d.bus.close(&outbox);
         return;
     }
-    // Publisher: a reader task turns requests into slots; this task writes them in order.
-    let (tx, rx) = mpsc::channel::<Slot>(4096);
+    // Publisher: a reader task turns requests into slots, a batch per read of the socket;
+    // this task writes them in order, as many as are ready in one write. At most
+    // PUB_BATCHES × PUB_BATCH slots wait (the 4,096 of one slot per request before).
+    let (tx, rx) = mpsc::channel::<Vec<Slot>>(PUB_BATCHES);
     let d2 = d.clone();
     let ob = outbox.clone();
+    // The first request again from its frame: a publish's `data` as sent.
+    let first_slot = match first {
+        Request::BusPub { .. } => body_slot(&d, scope, &outbox, first_body),
+        req => request_slot(&d, scope, &outbox, req),
+    };
     let reader = tokio::spawn(async move {
-        let mut next = Some(first);
+        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+        let mut batch = Batch::default();
+        let mut next = Some(first_slot);
         loop {
-            let req = match next.take() {
-                Some(r) => r,
+            let slot = match next.take() {
+                Some(s) => s,
                 None => match aio::read_frame(&mut r).await {
-                    Ok(None) => return,
-                    Ok(Some(body)) => match serde_json::from_slice::<Request>(&body) {
-                        Ok(req) => req,
-                        Err(e) => {
-                            if tx
-                                .send(Slot::Now(Reply::err(ErrorCode::BadRequest, e.to_string())))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                            continue;
-                        }
-                    },
+                    Ok(None) => {
+                        let _ = tx.send(batch.take()).await;
+                        return;
+                    }
+                    Ok(Some(body)) => body_slot(&d2, scope, &ob, &body),
                     Err(e) => {
-                        let _ = tx
-                            .send(Slot::Close(Reply::err(e.code(), e.to_string())))
-                            .await;
+                        batch.push(Slot::Close(Reply::err(e.code(), e.to_string())));
+                        let _ = tx.send(batch.take()).await;
                         return;
                     }
                 },
             };
-            let slot = match req {
-                Request::BusPub { subject, .. } if !scope.allows(&d2, &subject, false) => {
-                    Slot::Now(BusScope::refusal(&subject))
-                }
-                Request::BusStreams if scope != BusScope::Operator => {
-                    Slot::Now(BusScope::refusal("bus_streams"))
-                }
-                Request::BusPub {
-                    subject,
-                    data,
-                    durable,
-                } => match d2
-                    .bus
-                    .publish(ob.principal(), &subject, data.to_string(), durable)
-                {
-                    Ok(p) => match published(p) {
-                        Outcome::Now(r) => Slot::Now(r),
-                        Outcome::Later(rx) => Slot::Later(None, rx),
-                    },
-                    Err(e) => Slot::Now(err_reply(&e)),
-                },
-                Request::BusStreams => Slot::Now(streams(&d2)),
-                Request::Ping => Slot::Now(Reply::ok(json!({"pong": true}))),
-                _ => Slot::Now(Reply::err(
-                    ErrorCode::BadRequest,
-                    "a publishing connection takes bus_pub, bus_streams and ping only",
-                )),
-            };
-            if tx.send(slot).await.is_err() {
+            batch.push(slot);
+            // Handed over when the next frame is not all read yet (the next read may wait)
+            // or the batch is full.
+            if (batch.full() || !whole_frame(r.buffer())) && tx.send(batch.take()).await.is_err() {
                 return;
             }
         }
     });
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut rx = rx;
-    'outer: while let Some(s) = rx.recv().await {
-        let mut open = put_slot(&mut buf, s, proto::MAX_REPLY).await;
+    'outer: while let Some(slots) = rx.recv().await {
+        let mut open = true;
+        for s in slots {
+            if open {
+                open = put_slot(&mut buf, s, proto::MAX_REPLY).await;
+            }
+        }
         while open && buf.len() < 256 * 1024 {
             match rx.try_recv() {
-                Ok(s) => open = put_slot(&mut buf, s, proto::MAX_REPLY).await,
+                Ok(slots) => {
+                    for s in slots {
+                        if open {
+                            open = put_slot(&mut buf, s, proto::MAX_REPLY).await;
+                        }
+                    }
+                }
                 Err(_) => break,
             }
         }
-        if w.write_all(&buf).await.is_err() {
+        if !buf.is_empty() && w.write_all(&buf).await.is_err() {
             break 'outer;
         }
         buf.clear();
@@ -462,6 +487,133 @@ pub async fn serve(
     }
     reader.abort();
     d.bus.close(&outbox);
+}
+
+/// Slots handed from a publisher's reader to its writer at once, at most.
+const PUB_BATCH: usize = 256;
+/// Batches queued for the writer, at most.
+const PUB_BATCHES: usize = 16;
+
+/// The slots of one read of a publisher's socket; replies that are ready are encoded as they
+/// come, into one `Frames` slot per run.
+#[derive(Default)]
+struct Batch {
+    slots: Vec<Slot>,
+    frames: Vec<u8>,
+}
+
+impl Batch {
+    fn push(&mut self, s: Slot) {
+        match s {
+            Slot::Now(r) => put_reply(&mut self.frames, &r, proto::MAX_REPLY),
+            Slot::Frames(b) => self.frames.extend_from_slice(&b),
+            Slot::Static(b) => self.frames.extend_from_slice(b),
+            other => {
+                self.end_frames();
+                self.slots.push(other);
+            }
+        }
+    }
+
+    fn end_frames(&mut self) {
+        if !self.frames.is_empty() {
+            self.slots
+                .push(Slot::Frames(std::mem::take(&mut self.frames)));
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.slots.len() >= PUB_BATCH || self.frames.len() >= 64 * 1024
+    }
+
+    fn take(&mut self) -> Vec<Slot> {
+        self.end_frames();
+        std::mem::take(&mut self.slots)
+    }
+}
+
+/// Whether `b` starts with a whole frame (or a header no frame can have: the next read
+/// fails at once on it).
+fn whole_frame(b: &[u8]) -> bool {
+    match b.get(..4) {
+        None => false,
+        Some(h) => {
+            let n = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            n > proto::MAX_FRAME || b.len() >= 4 + n
+        }
+    }
+}
+
+/// A `bus_pub` request read without building a [`Request`]: `data` stays the JSON text it
+/// was sent as (the parse validates it; it is never re-encoded). A body this does not take
+/// goes through `Request` as before (same replies, same errors).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPub<'a> {
+    op: &'a str,
+    #[serde(borrow)]
+    subject: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    durable: bool,
+}
+
+fn body_slot(d: &Daemon, scope: BusScope, ob: &Outbox, body: &[u8]) -> Slot {
+    if let Ok(p) = serde_json::from_slice::<RawPub>(body) {
+        // A `\u` escape takes the decoding path: a raw value is not checked for lone
+        // surrogates, which a subscriber's strict decoder (serde_json's) refuses.
+        if p.op == "bus_pub" && !p.data.get().contains("\\u") {
+            return publish_slot(d, scope, ob, &p.subject, p.data.get(), p.durable);
+        }
+    }
+    match serde_json::from_slice::<Request>(body) {
+        Ok(req) => request_slot(d, scope, ob, req),
+        Err(e) => Slot::Now(Reply::err(ErrorCode::BadRequest, e.to_string())),
+    }
+}
+
+fn publish_slot(
+    d: &Daemon,
+    scope: BusScope,
+    ob: &Outbox,
+    subject: &str,
+    data: &str,
+    durable: bool,
+) -> Slot {
+    if !scope.allows(d, subject, false) {
+        return Slot::Now(BusScope::refusal(subject));
+    }
+    match d
+        .bus
+        .publish(ob.principal(), subject, data.to_string(), durable)
+    {
+        Ok(p) => match (p.seq, p.committed) {
+            (Some(seq), Some(rx)) => Slot::Commit(seq, rx),
+            (None, _) => Slot::Static(live_published_frame()),
+            (seq, None) => Slot::Now(Reply::ok(json!({"seq": seq}))),
+        },
+        Err(e) => Slot::Now(err_reply(&e)),
+    }
+}
+
+fn request_slot(d: &Daemon, scope: BusScope, ob: &Outbox, req: Request) -> Slot {
+    match req {
+        Request::BusPub {
+            subject,
+            data,
+            durable,
+        } => publish_slot(d, scope, ob, &subject, &data.to_string(), durable),
+        Request::BusStreams if scope != BusScope::Operator => {
+            Slot::Now(BusScope::refusal("bus_streams"))
+        }
+        Request::BusStreams => Slot::Now(streams(d)),
+        Request::Ping => Slot::Now(Reply::ok(json!({"pong": true}))),
+        _ => Slot::Now(Reply::err(
+            ErrorCode::BadRequest,
+            "a publishing connection takes bus_pub, bus_streams and ping only",
+        )),
+    }
 }
 
 async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWriteHalf) {
@@ -482,10 +634,11 @@ async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWr
             _ = outbox.ready() => {}
         }
         for d in outbox.drain(DRAIN, DRAIN_BYTES) {
-            push_frame(
-                &mut buf,
-                &format!("{{\"ok\":true,\"more\":true,\"data\":{}}}", d.to_json()),
-            );
+            frame_with(&mut buf, |b| {
+                b.extend_from_slice(b"{\"ok\":true,\"more\":true,\"data\":");
+                d.write_json(b);
+                b.push(b'}');
+            });
         }
         if !buf.is_empty() {
             if w.write_all(&buf).await.is_err() {

@@ -200,7 +200,15 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                         .data(json!({"subject": subject, "cross_user": true})),
                     );
                 }
-                super::bus::serve(d.clone(), req, actor.clone(), (scope, caller.uid), r, w).await;
+                super::bus::serve(
+                    d.clone(),
+                    (req, &body),
+                    actor.clone(),
+                    (scope, caller.uid),
+                    r,
+                    w,
+                )
+                .await;
                 return;
             }
             Request::Via {
