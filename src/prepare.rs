@@ -299,6 +299,7 @@ pub fn prepare(
             if !caller.admin && !is_installed_name(p) {
                 return Err(PrepareError::PolicyFile(p.into()));
             }
+            trace::mark("ctl", "policy named");
             let loaded = Policy::load(p)?;
             trace::mark("ctl", "policy load+parse");
             let name = req.name.unwrap_or("run");

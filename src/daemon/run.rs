@@ -302,6 +302,7 @@ async fn admit(
             ));
         }
     }
+    crate::trace::mark("aitherd", "run checked");
     let (d2, req2, caller2) = (d.clone(), req.clone(), caller.clone());
     let ws = presented
         .as_ref()

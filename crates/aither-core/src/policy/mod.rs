@@ -488,6 +488,11 @@ impl Policy {
         origin: &str,
         dirs: &[PathBuf],
     ) -> Result<(Policy, Vec<Parent>), PolicyError> {
+        // A whole policy seen before (only whole ones are kept, and whether a text is whole
+        // depends on the text alone).
+        if let Some(p) = parsed_cache::get(src, origin) {
+            return Ok((p, vec![]));
+        }
         // Most policies are whole: no second parse of their text on the launch path.
         let table = match src.contains("extends") {
             true => Some(extends::parse_table(src, origin)?),
@@ -497,9 +502,6 @@ impl Policy {
             // A whole policy: parsed from its own text, so serde's errors have its positions.
             // Its parse depends on nothing but the text and its origin (named in errors), so a
             // long-lived process (aitherd, for every run and spawn) keeps it by their digest.
-            if let Some(p) = parsed_cache::get(src, origin) {
-                return Ok((p, vec![]));
-            }
             let policy: Policy =
                 toml::from_str(src).map_err(|e| extends::toml_error(src, origin, &e))?;
             policy.validate(&extends::Sources::one(origin, src))?;
