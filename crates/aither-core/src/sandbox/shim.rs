@@ -264,10 +264,12 @@ impl RotatingLog {
 
     /// Numbers a new run (one more than the last one this directory saw) and logs its start.
     /// A counter that cannot be written does not keep the run from being logged (its number
-    /// may then repeat in a later run).
+    /// may then repeat in a later run). Not fsynced (one fsync per start, before the launch):
+    /// after a power cut the counter may be older, with that same outcome, and the log it
+    /// numbers is not fsynced either.
     pub fn start_run(&mut self) -> io::Result<u64> {
         let run = self.last_run().unwrap_or(0) + 1;
-        let counted = crate::hostpath::replace_file_at(
+        let counted = crate::hostpath::replace_file_at_unsynced(
             std::os::fd::AsFd::as_fd(&self.dir),
             std::ffi::OsStr::new(RUN_FILE),
             format!("{run}\n").as_bytes(),
