@@ -368,6 +368,83 @@ fn emit(event: &ShimEvent) {
     }
 }
 
+/// Where the daemon's two channel descriptors end up in the shim: the agent's end (it becomes
+/// the agent's fd 3) and the daemon's own end (kept for a restarted daemon's pidfd_getfd).
+pub const HANDED_FDS: [RawFd; 2] = [3, 4];
+
+/// The daemon's hand-over (src/daemon/shim.rs): when stdin is a socket, its first byte comes
+/// with the two channel descriptors (SCM_RIGHTS), which are put at [`HANDED_FDS`] here, before
+/// the config is read. The daemon can then start the shim with `posix_spawn` (no copy of its
+/// page tables per spawn) instead of a fork that moves them in a `pre_exec`. With stdin not a
+/// socket the descriptors were inherited at those numbers (the earlier contract; the tests'
+/// harness): nothing to do.
+pub fn receive_handed_fds() -> Result<(), ShimError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let bad = |fd: RawFd, reason: String| ShimError::BadFd {
+        what: "handed fd",
+        fd,
+        reason,
+    };
+    // SAFETY: zeroed stat is a valid out-parameter; fstat of fd 0 fails cleanly when closed.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(0, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(());
+    }
+    for fd in HANDED_FDS {
+        // Raw: queries a number that should be closed.
+        // SAFETY: F_GETFD only queries a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            return Err(bad(fd, "already open before the hand-over".into()));
+        }
+    }
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let (n, truncated, got) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        match recvmsg::<()>(0, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => {
+                let mut got: Vec<OwnedFd> = Vec::new();
+                for c in m.cmsgs().map_err(|e| bad(0, e.to_string()))? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        // SAFETY: the kernel just installed these descriptors in this process;
+                        // nothing else owns them.
+                        got.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                break (m.bytes, m.flags.contains(MsgFlags::MSG_CTRUNC), got);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(bad(0, format!("receiving the channel: {e}"))),
+        }
+    };
+    if n != 1 || truncated || got.len() != HANDED_FDS.len() {
+        return Err(bad(
+            0,
+            format!(
+                "expected one byte with {} descriptors, got {n} byte(s) and {}",
+                HANDED_FDS.len(),
+                got.len()
+            ),
+        ));
+    }
+    // Out of the way first (the kernel gave them the lowest free numbers, which may be 3 and
+    // 4 in either role), then each onto its number; dup2 leaves the copy inheritable.
+    let high = got
+        .into_iter()
+        .map(|f| nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)))
+        .collect::<nix::Result<Vec<RawFd>>>()
+        .map_err(|e| bad(0, e.to_string()))?;
+    for (h, target) in high.iter().zip(HANDED_FDS) {
+        // Raw: nothing owns the target number (checked closed above).
+        // SAFETY: dup2 of an open descriptor onto a free number.
+        let r = Errno::result(unsafe { libc::dup2(*h, target) });
+        // SAFETY: `h` is our F_DUPFD_CLOEXEC copy, closed once here.
+        unsafe { libc::close(*h) };
+        r.map_err(|e| bad(target, e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Takes ownership of an inherited descriptor named in the config, after checking it is open
 /// (and, for the agent's channel, a socket).
 fn inherited(what: &'static str, fd: RawFd, socket: bool) -> Result<OwnedFd, ShimError> {
