@@ -3,7 +3,9 @@
 //! it owns the agent's log, its exit record and the daemon's end of the agent's socket.
 //!
 //! Contract with the daemon:
-//! - stdin: one `ShimConfig` (JSON).
+//! - stdin: one `ShimConfig` (JSON). When stdin is a socket (aitherd's way), its first byte
+//!   comes with the agent channel's two ends (SCM_RIGHTS), put at fds 3 and 4
+//!   ([`receive_handed_fds`]); otherwise they are inherited there.
 //! - stdout: exactly one JSON line (`ShimEvent`), then closed: `started` once the agent has
 //!   been exec'ed, or `failed` (and the shim exits with its code, 125/126/127).
 //! - `log_dir/agent.log`: the agent's stdout and stderr in arrival order, as records of the
