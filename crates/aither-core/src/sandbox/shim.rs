@@ -387,9 +387,12 @@ pub fn receive_handed_fds() -> Result<(), ShimError> {
         fd,
         reason,
     };
-    // SAFETY: zeroed stat is a valid out-parameter; fstat of fd 0 fails cleanly when closed.
+    // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(0, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+    // Raw: fd 0 may be closed (nix's fstat would need it as a BorrowedFd).
+    // SAFETY: fstat of a descriptor number; a closed one fails with EBADF.
+    let stat = unsafe { libc::fstat(0, &mut st) };
+    if stat != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Ok(());
     }
     for fd in HANDED_FDS {
