@@ -1057,9 +1057,11 @@ impl Agent {
             }
         });
         if let Some(r) = &live.report {
-            // Replaced through the log directory's fd (no link followed).
+            // Replaced through the log directory's fd (no link followed). Not fsynced: this
+            // runs on a runtime worker at every start, only `shim::adopt` reads it back (a
+            // torn or empty file reads as no report), and a power cut ends the run anyway.
             if let Ok(d) = crate::hostpath::open_dir_nofollow(&live.log_dir) {
-                let _ = crate::hostpath::replace_file_at(
+                let _ = crate::hostpath::replace_file_at_unsynced(
                     std::os::fd::AsFd::as_fd(&d),
                     std::ffi::OsStr::new("report.json"),
                     r.get().as_bytes(),

@@ -6,13 +6,11 @@
 //! logging while aitherd is down.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -22,8 +20,8 @@ use crate::sandbox::SandboxSpec;
 /// The descriptor numbers the shim inherits: the agent's end of the channel (it becomes the
 /// agent's fd 3) and the daemon's own end, kept by the shim so that a restarted daemon can
 /// take it back with pidfd_getfd.
-pub const SHIM_CHANNEL_FD: RawFd = 3;
-pub const SHIM_KEEP_FD: RawFd = 4;
+pub const SHIM_CHANNEL_FD: RawFd = crate::sandbox::shim::HANDED_FDS[0];
+pub const SHIM_KEEP_FD: RawFd = crate::sandbox::shim::HANDED_FDS[1];
 /// Where the shim keeps the egress gateway's socket (docs/network.md).
 pub use crate::sandbox::shim::SHIM_EGRESS_FD;
 /// Where the shim keeps a descriptor of the sandbox's network namespace.
@@ -195,12 +193,17 @@ pub async fn launch(
             path: log_dir.join("shim.log"),
             source,
         })?;
+    // The shim's stdin is a socket: the two channel ends go over it with the config
+    // (`receive_handed_fds` in the shim puts them at 3 and 4), so no `pre_exec` has to move
+    // them, and without one the standard library starts the shim with posix_spawn
+    // (CLONE_VM|CLONE_VFORK) instead of forking aitherd, its page tables and all, per spawn.
+    let (hand, their_hand) = crate::sys::stream_pair().map_err(ShimError::Channel)?;
     let mut cmd = Command::new(init);
     // The shim's working directory is its agent's log directory: that is how a restarted
     // daemon tells its own shims from those of another daemon (another state directory).
     cmd.arg("shim")
         .current_dir(log_dir)
-        .stdin(Stdio::piped())
+        .stdin(Stdio::from(their_hand))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(shim_log))
         .env_clear()
@@ -209,40 +212,37 @@ pub async fn launch(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .kill_on_drop(false);
-    let (a, d) = (theirs.as_raw_fd(), ours.as_raw_fd());
-    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
-    // allocates (nix's fcntl and Errno conversions do not), on descriptors that stay open in
-    // the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Moved up first so that dup2 onto 3 and 4 cannot clobber either source.
-            let a2 = fcntl(BorrowedFd::borrow_raw(a), FcntlArg::F_DUPFD_CLOEXEC(10))?;
-            let d2 = fcntl(BorrowedFd::borrow_raw(d), FcntlArg::F_DUPFD_CLOEXEC(10))?;
-            // dup2 clears close-on-exec on the copies the shim inherits.
-            // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns 3 or 4 here) and its
-            // dup2_raw does not check dup2's result.
-            Errno::result(libc::dup2(a2, SHIM_CHANNEL_FD))?;
-            Errno::result(libc::dup2(d2, SHIM_KEEP_FD))?;
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+    let spawned = cmd.spawn();
+    // Our copies of the shim's stdin and stderr go now: the shim must see the end of its
+    // config when we close `hand`.
+    drop(cmd);
+    let mut child = spawned.map_err(|source| ShimError::Spawn {
         path: init.to_path_buf(),
         source,
     })?;
+    // The descriptors go with the first byte; a fresh socket's buffer takes it at once, and
+    // a shim that died already makes this fail (its report, or silence, tells why below).
+    let handed = super::proto::send_with_fds(hand.as_fd(), b"F", &[theirs.as_fd(), ours.as_fd()]);
     drop(theirs);
     let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
     let pidfd = crate::sys::pidfd_open(shim_pid).map_err(|source| ShimError::Spawn {
         path: init.to_path_buf(),
         source,
     })?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let body = serde_json::to_vec(&config).expect("config serialises");
     let report = async {
         // A write error means the shim died: its report (or silence) tells why.
-        let _ = stdin.write_all(&body).await;
-        drop(stdin);
+        if handed.is_ok() {
+            let sock = std::os::unix::net::UnixStream::from(hand);
+            if sock.set_nonblocking(true).is_ok() {
+                if let Ok(mut stdin) = tokio::net::UnixStream::from_std(sock) {
+                    let _ = stdin.write_all(&body).await;
+                }
+            }
+        } else {
+            drop(hand);
+        }
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)

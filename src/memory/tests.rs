@@ -443,6 +443,90 @@ fn fts_search_ranks_by_bm25_and_follows_updates_and_deletes() {
     assert_eq!(r["hits"].as_array().unwrap().len(), 0);
 }
 
+/// A batch is written in one statement (store.rs `upsert_kv_many`): a key given twice keeps
+/// its last value, overwritten entries leave nothing in the index, and the usage totals and
+/// the quota count what is stored, in bytes, not the items sent.
+#[test]
+fn a_batch_keeps_order_usage_quota_and_the_index_exact() {
+    let (_d, s) = store();
+    let c = claims("a", &[("knowledge", true, true, 1 << 20, 3)]);
+    let put_many = |items: Value| {
+        call(
+            &s,
+            &c,
+            json!({"op": "mem.put_many", "tier": "knowledge", "items": items}),
+        )
+    };
+    let hits = |q: &str| -> Vec<String> {
+        call(&s, &c, json!({"op": "mem.search", "query": q})).unwrap()["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    put_many(json!([{"key": "old", "value": "gamma gamma"}])).unwrap();
+    // Four items, three distinct keys (one of them existing): within a quota of 3 entries.
+    put_many(json!([
+        {"key": "k1", "value": "alpha"},
+        {"key": "clé", "value": "ünïcödé delta"},
+        {"key": "old", "value": "epsilon"},
+        {"key": "k1", "value": "omega"},
+    ]))
+    .unwrap();
+    let g = call(
+        &s,
+        &c,
+        json!({"op": "mem.get", "tier": "knowledge", "key": "k1"}),
+    )
+    .unwrap();
+    assert_eq!(
+        g["value"], "omega",
+        "the last value of a key given twice wins"
+    );
+    assert!(
+        hits("alpha").is_empty(),
+        "the overwritten value is not indexed"
+    );
+    assert!(
+        hits("gamma").is_empty(),
+        "the replaced value is not indexed"
+    );
+    assert_eq!(hits("omega"), ["k1"]);
+    assert_eq!(hits("epsilon"), ["old"]);
+    assert_eq!(hits("delta"), ["clé"]);
+    // The usage totals are what the table holds (sizes in bytes: key + value JSON text).
+    let db = rusqlite::Connection::open(s.path()).unwrap();
+    let (bytes, entries): (i64, i64) = db
+        .query_row(
+            "SELECT sum(size), count(*) FROM kv WHERE owner = 'a' AND tier = 'knowledge'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let want = ("k1".len() + "\"omega\"".len())
+        + ("clé".len() + "\"ünïcödé delta\"".len())
+        + ("old".len() + "\"epsilon\"".len());
+    assert_eq!((bytes, entries), (want as i64, 3));
+    let u = s.usage("a").unwrap()[&Tier::Knowledge];
+    assert_eq!((u.bytes, u.entries), (want as u64, 3));
+    // The full-text index matches its content table row for row.
+    db.execute_batch("INSERT INTO kv_fts(kv_fts) VALUES ('integrity-check')")
+        .unwrap();
+    drop(db);
+    // A fourth distinct key is over the quota: refused whole, nothing of it indexed.
+    let e = put_many(json!([
+        {"key": "k1", "value": "zeta"},
+        {"key": "k4", "value": "theta"},
+    ]))
+    .unwrap_err();
+    assert_eq!(e.code(), "quota");
+    assert!(e.to_string().contains("would be 4"), "{e}");
+    assert!(hits("zeta").is_empty() && hits("theta").is_empty());
+    assert_eq!(hits("omega"), ["k1"]);
+    assert_eq!(s.usage("a").unwrap()[&Tier::Knowledge].entries, 3);
+}
+
 #[test]
 fn codegraph_neighbourhoods_by_depth_and_kind() {
     let (_d, s) = store();

@@ -429,6 +429,29 @@ pub fn replace_file_at(
     bytes: &[u8],
     mode: u32,
 ) -> Result<(), HostPathError> {
+    replace_file_with(dir, name, bytes, mode, true)
+}
+
+/// As [`replace_file_at`], without the fsync: a reader never sees a torn file while the host
+/// runs, but after a power cut the name may hold an empty or older file. For files whose
+/// reader tolerates that and that a power cut makes moot (aitherd's copy of a run's
+/// enforcement report: the run dies with the host), where the fsync would be paid per spawn.
+pub fn replace_file_at_unsynced(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+) -> Result<(), HostPathError> {
+    replace_file_with(dir, name, bytes, mode, false)
+}
+
+fn replace_file_with(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+    sync: bool,
+) -> Result<(), HostPathError> {
     plain_name(name)?;
     let mut tmp = OsString::from(".");
     tmp.push(name);
@@ -441,8 +464,9 @@ pub fn replace_file_at(
     let res = f
         .write_all(bytes)
         .and_then(|()| rfs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(io::Error::from))
-        // On disk before the name shows it: a reader never sees a torn file.
-        .and_then(|()| f.sync_all())
+        // On disk before the name shows it: a reader never sees a torn file, even after a
+        // power cut.
+        .and_then(|()| if sync { f.sync_all() } else { Ok(()) })
         .map_err(|e| HostPathError::io(shown, "writing", e))
         .and_then(|()| {
             rfs::renameat(dir, &tmp, dir, name).map_err(|e| HostPathError::io(shown, "renaming", e))

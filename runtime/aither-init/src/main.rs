@@ -79,7 +79,8 @@ fn run_shim() -> i32 {
     // finds it (aither_core::cgroup::delegate). First: before stdin is read. Its failure is
     // reported as any launch failure is.
     let scoped = delegate::into_own_scope(delegate::ScopeKind::Shim).map_err(|e| e.to_string());
-    match scoped.and_then(|()| stdin_json::<ShimConfig>("ShimConfig")) {
+    let handed = scoped.and_then(|()| shim::receive_handed_fds().map_err(|e| e.to_string()));
+    match handed.and_then(|()| stdin_json::<ShimConfig>("ShimConfig")) {
         Ok(cfg) => shim::run(cfg),
         Err(e) => {
             // No log_dir to write a record into: the event line is the only report.

@@ -271,3 +271,34 @@ fn shim_config_garbage_is_a_failed_event() {
     assert_eq!(v["event"], "failed");
     assert_eq!(v["code"], 125);
 }
+
+/// The daemon's hand-over (`receive_handed_fds`): on a socket stdin, the first byte must come
+/// with exactly the two channel descriptors; a byte without them is a failed event (125) that
+/// says so, and no config is read.
+#[test]
+fn a_socket_stdin_without_the_channel_descriptors_is_a_failed_event() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_aither-init"))
+        .arg("shim")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            theirs,
+        )))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ours.write_all(b"F{\"spec\": 1}").unwrap();
+    drop(ours);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["event"], "failed");
+    assert_eq!(v["code"], 125);
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("expected one byte with 2 descriptors, got 1 byte(s) and 0"),
+        "{error}"
+    );
+}

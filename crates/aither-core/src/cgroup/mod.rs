@@ -523,6 +523,10 @@ pub fn manager_placed() -> Result<(Box<dyn CgroupManager>, delegate::Placement),
 /// Removes leftovers of runs whose launcher died without cleaning up (e.g. SIGKILL): cgroups
 /// named `*-<pid>` whose pid no longer exists and that hold no process. Only our subtree.
 pub fn collect_garbage(cg_dirs: &[PathBuf]) {
+    // Every launch runs this over every hierarchy (six on a v1 host), and each sandbox has a
+    // directory of the same name in each: its launcher's pid is asked about once, not once
+    // per hierarchy (with 200 agents, 200 kill(0) calls instead of 1,200 per launch).
+    let mut seen: std::collections::HashMap<i32, bool> = std::collections::HashMap::new();
     for base in cg_dirs {
         let Ok(rd) = fs::read_dir(base) else { continue };
         for e in rd.flatten() {
@@ -532,10 +536,12 @@ pub fn collect_garbage(cg_dirs: &[PathBuf]) {
                 continue;
             };
             // Signal 0 only checks for existence (EPERM: it exists, someone else's).
-            let alive = matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Ok(()) | Err(nix::errno::Errno::EPERM)
-            );
+            let alive = *seen.entry(pid).or_insert_with(|| {
+                matches!(
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                    Ok(()) | Err(nix::errno::Errno::EPERM)
+                )
+            });
             if alive || !e.path().is_dir() {
                 continue;
             }

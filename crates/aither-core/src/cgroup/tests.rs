@@ -136,6 +136,22 @@ fn garbage_collection_only_takes_dead_owners() {
     collect_garbage(&[r.path().to_path_buf()]);
     assert!(!dead.exists());
     assert!(live.exists());
+    // Several hierarchies with the same names (one pid check per name): each keeps the live
+    // owner's directory and loses the dead one's; a dead owner's directory that still holds a
+    // process (a cgroup.procs that is not empty) is kept.
+    let (h1, h2) = (r.path().join("memory"), r.path().join("pids"));
+    for h in [&h1, &h2] {
+        fs::create_dir_all(h.join("run-999999998")).unwrap();
+        fs::create_dir_all(h.join(format!("run-{}", std::process::id()))).unwrap();
+    }
+    fs::create_dir_all(h1.join("busy-999999997")).unwrap();
+    fs::write(h1.join("busy-999999997/cgroup.procs"), "12\n").unwrap();
+    collect_garbage(&[h1.clone(), h2.clone()]);
+    for h in [&h1, &h2] {
+        assert!(!h.join("run-999999998").exists(), "{}", h.display());
+        assert!(h.join(format!("run-{}", std::process::id())).exists());
+    }
+    assert!(h1.join("busy-999999997").exists());
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! it owns the agent's log, its exit record and the daemon's end of the agent's socket.
 //!
 //! Contract with the daemon:
-//! - stdin: one `ShimConfig` (JSON).
+//! - stdin: one `ShimConfig` (JSON). When stdin is a socket (aitherd's way), its first byte
+//!   comes with the agent channel's two ends (SCM_RIGHTS), put at fds 3 and 4
+//!   ([`receive_handed_fds`]); otherwise they are inherited there.
 //! - stdout: exactly one JSON line (`ShimEvent`), then closed: `started` once the agent has
 //!   been exec'ed, or `failed` (and the shim exits with its code, 125/126/127).
 //! - `log_dir/agent.log`: the agent's stdout and stderr in arrival order, as records of the
@@ -264,10 +266,12 @@ impl RotatingLog {
 
     /// Numbers a new run (one more than the last one this directory saw) and logs its start.
     /// A counter that cannot be written does not keep the run from being logged (its number
-    /// may then repeat in a later run).
+    /// may then repeat in a later run). Not fsynced (one fsync per start, before the launch):
+    /// after a power cut the counter may be older, with that same outcome, and the log it
+    /// numbers is not fsynced either.
     pub fn start_run(&mut self) -> io::Result<u64> {
         let run = self.last_run().unwrap_or(0) + 1;
-        let counted = crate::hostpath::replace_file_at(
+        let counted = crate::hostpath::replace_file_at_unsynced(
             std::os::fd::AsFd::as_fd(&self.dir),
             std::ffi::OsStr::new(RUN_FILE),
             format!("{run}\n").as_bytes(),
@@ -364,6 +368,86 @@ fn emit(event: &ShimEvent) {
         // Onto fd 1, which std's stdout keeps using (now /dev/null).
         let _ = nix::unistd::dup2_stdout(&null);
     }
+}
+
+/// Where the daemon's two channel descriptors end up in the shim: the agent's end (it becomes
+/// the agent's fd 3) and the daemon's own end (kept for a restarted daemon's pidfd_getfd).
+pub const HANDED_FDS: [RawFd; 2] = [3, 4];
+
+/// The daemon's hand-over (src/daemon/shim.rs): when stdin is a socket, its first byte comes
+/// with the two channel descriptors (SCM_RIGHTS), which are put at [`HANDED_FDS`] here, before
+/// the config is read. The daemon can then start the shim with `posix_spawn` (no copy of its
+/// page tables per spawn) instead of a fork that moves them in a `pre_exec`. With stdin not a
+/// socket the descriptors were inherited at those numbers (the earlier contract; the tests'
+/// harness): nothing to do.
+pub fn receive_handed_fds() -> Result<(), ShimError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let bad = |fd: RawFd, reason: String| ShimError::BadFd {
+        what: "handed fd",
+        fd,
+        reason,
+    };
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // Raw: fd 0 may be closed (nix's fstat would need it as a BorrowedFd).
+    // SAFETY: fstat of a descriptor number; a closed one fails with EBADF.
+    let stat = unsafe { libc::fstat(0, &mut st) };
+    if stat != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(());
+    }
+    for fd in HANDED_FDS {
+        // Raw: queries a number that should be closed.
+        // SAFETY: F_GETFD only queries a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            return Err(bad(fd, "already open before the hand-over".into()));
+        }
+    }
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let (n, truncated, got) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        match recvmsg::<()>(0, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => {
+                let mut got: Vec<OwnedFd> = Vec::new();
+                for c in m.cmsgs().map_err(|e| bad(0, e.to_string()))? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        // SAFETY: the kernel just installed these descriptors in this process;
+                        // nothing else owns them.
+                        got.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                break (m.bytes, m.flags.contains(MsgFlags::MSG_CTRUNC), got);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(bad(0, format!("receiving the channel: {e}"))),
+        }
+    };
+    if n != 1 || truncated || got.len() != HANDED_FDS.len() {
+        return Err(bad(
+            0,
+            format!(
+                "expected one byte with {} descriptors, got {n} byte(s) and {}",
+                HANDED_FDS.len(),
+                got.len()
+            ),
+        ));
+    }
+    // Out of the way first (the kernel gave them the lowest free numbers, which may be 3 and
+    // 4 in either role), then each onto its number; dup2 leaves the copy inheritable.
+    let high = got
+        .into_iter()
+        .map(|f| nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)))
+        .collect::<nix::Result<Vec<RawFd>>>()
+        .map_err(|e| bad(0, e.to_string()))?;
+    for (h, target) in high.iter().zip(HANDED_FDS) {
+        // Raw: nothing owns the target number (checked closed above).
+        // SAFETY: dup2 of an open descriptor onto a free number.
+        let r = Errno::result(unsafe { libc::dup2(*h, target) });
+        // SAFETY: `h` is our F_DUPFD_CLOEXEC copy, closed once here.
+        unsafe { libc::close(*h) };
+        r.map_err(|e| bad(target, e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Takes ownership of an inherited descriptor named in the config, after checking it is open
