@@ -142,7 +142,9 @@ fn the_launch_trace_names_aitherctl_s_own_steps_in_order() {
         [
             "exec→main",
             "args",
+            "no daemon",
             "scope",
+            "policy named",
             "policy load+parse",
             "claims",
             "token mint+verify",
