@@ -11,6 +11,7 @@
 # Targets (egress issue): p50 added by the gateway ≤ 0.2 ms; bulk throughput ≥ tinyproxy's.
 # Usage: sudo scripts/bench/egress.sh [N] [MIB]   (defaults 20000, 2048)
 #        sudo scripts/bench/egress.sh hostile [SECS]   (default 60; see hostile() below)
+#        ROUNDS=N (default 3): rounds of the three paths, interleaved
 # The whole run happens in a private network and mount namespace (the script re-executes itself
 # under unshare): /etc/hosts is bind-mounted over there to name the upstream `bench.test`, which
 # listens at 11.1.0.2 in a second network namespace ("the internet", a veth pair away); the
@@ -101,26 +102,49 @@ gateway() {
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 TPV="$(tinyproxy -v 2>&1 | awk '{print $2}')"
 echo "host: $(nproc) CPUs ($CPU), kernel $(uname -r), tinyproxy $TPV; N=$N, bulk ${MIB} MiB" >&2
-ARG="$N"
-L_DIRECT="$("$BIN/examples/egress_bench" latency direct "11.1.0.2:$UP_PORT" "$N")"
-L_GW="$(gateway latency)"
-L_TP="$("$BIN/examples/egress_bench" latency "127.0.0.1:$TP_PORT" "11.1.0.2:$UP_PORT" "$N")"
-ARG="$MIB"
-B_DIRECT="$("$BIN/examples/egress_bench" bulk direct "11.1.0.2:$UP_PORT" "$MIB")"
-B_GW="$(gateway bulk)"
-B_TP="$("$BIN/examples/egress_bench" bulk "127.0.0.1:$TP_PORT" "11.1.0.2:$UP_PORT" "$MIB")"
+# Interleaved: ROUNDS rounds, the three paths in a rotated order each round (latency, then
+# bulk), so that a load change on the host moves all three alike; per path the median over the
+# rounds, and the gateway/tinyproxy ratios of each round.
+ROUNDS="${ROUNDS:-3}"
+measure() { # path kind
+  local arg="$N"
+  [ "$2" = bulk ] && arg="$MIB"
+  case "$1" in
+    direct) "$BIN/examples/egress_bench" "$2" direct "11.1.0.2:$UP_PORT" "$arg" ;;
+    gateway) ARG="$arg" gateway "$2" ;;
+    tinyproxy) "$BIN/examples/egress_bench" "$2" "127.0.0.1:$TP_PORT" "11.1.0.2:$UP_PORT" "$arg" ;;
+  esac
+}
+ORDERS=("direct gateway tinyproxy" "gateway tinyproxy direct" "tinyproxy direct gateway")
+: >"$TMP/results.jsonl"
+for r in $(seq "$ROUNDS"); do
+  for kind in latency bulk; do
+    for path in ${ORDERS[$(((r - 1) % 3))]}; do
+      printf '{"round":%d,"path":"%s","kind":"%s","m":%s}\n' "$r" "$path" "$kind" "$(measure "$path" "$kind")" >>"$TMP/results.jsonl"
+    done
+  done
+done
 AUDITED="$(grep -c '"kind":"net"' "$TMP/audit.jsonl" || true)"
-python3 - "$L_DIRECT" "$L_GW" "$L_TP" "$B_DIRECT" "$B_GW" "$B_TP" "$AUDITED" <<'PY'
-import json, sys
-ld, lg, lt, bd, bg, bt = (json.loads(x) for x in sys.argv[1:7])
-audited = sys.argv[7]
-print("| path | p50 µs | p99 µs | p50 added µs | reconnects | bulk MiB/s |")
-print("|---|---:|---:|---:|---:|---:|")
-for name, l, b in (("direct loopback", ld, bd), ("aither gateway (from a sandbox)", lg, bg), ("tinyproxy", lt, bt)):
-    added = l["p50_us"] - ld["p50_us"]
-    print(f"| {name} | {l['p50_us']:.1f} | {l['p99_us']:.1f} | {added:.1f} | {l['reconnects']} | {b['mib_per_s']:.0f} |")
+python3 - "$TMP/results.jsonl" "$AUDITED" "$ROUNDS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+audited, rounds = sys.argv[2], int(sys.argv[3])
+def get(path, kind, key):
+    return [r["m"][key] for r in sorted(rows, key=lambda r: r["round"]) if r["path"] == path and r["kind"] == kind]
+med = lambda v: statistics.median(v)
+print(f"{rounds} rounds, paths interleaved in a rotated order; medians over the rounds")
 print()
-print(f"gateway p50 added: {lg['p50_us'] - ld['p50_us']:.1f} µs (target ≤ 200); "
-      f"bulk gateway/tinyproxy: {bg['mib_per_s'] / bt['mib_per_s']:.2f} (target ≥ 1.0); "
-      f"gateway p50 / tinyproxy p50: {lg['p50_us'] / lt['p50_us']:.2f}; net audit records: {audited}")
+print("| path | p50 µs | p99 µs | p50 added µs | bulk MiB/s |")
+print("|---|---:|---:|---:|---:|")
+d50 = med(get("direct", "latency", "p50_us"))
+for name, path in (("direct loopback", "direct"), ("aither gateway (from a sandbox)", "gateway"), ("tinyproxy", "tinyproxy")):
+    p50 = med(get(path, "latency", "p50_us"))
+    print(f"| {name} | {p50:.1f} | {med(get(path, 'latency', 'p99_us')):.1f} | {p50 - d50:.1f} | {med(get(path, 'bulk', 'mib_per_s')):.0f} |")
+print()
+added = [g - d for g, d in zip(get("gateway", "latency", "p50_us"), get("direct", "latency", "p50_us"))]
+bulk = [g / t for g, t in zip(get("gateway", "bulk", "mib_per_s"), get("tinyproxy", "bulk", "mib_per_s"))]
+lat = [g / t for g, t in zip(get("gateway", "latency", "p50_us"), get("tinyproxy", "latency", "p50_us"))]
+print("per round: gateway p50 added µs " + ", ".join(f"{x:.1f}" for x in added) + " (target ≤ 200); "
+      "bulk gateway/tinyproxy " + ", ".join(f"{x:.2f}" for x in bulk) + " (target ≥ 1.0); "
+      "p50 gateway/tinyproxy " + ", ".join(f"{x:.2f}" for x in lat) + f"; net audit records: {audited}")
 PY

@@ -395,12 +395,14 @@ pub fn receive_handed_fds() -> Result<(), ShimError> {
     if stat != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Ok(());
     }
+    // A descriptor already at 3 or 4 is a stray aitherd inherited without close-on-exec (from
+    // whoever started it) and passed on: nothing in the shim owns it, and the handed ones
+    // take those numbers (as the earlier fork's dup2 did). Closed first, so the kernel does
+    // not give the received ones a number it is about to reuse.
     for fd in HANDED_FDS {
-        // Raw: queries a number that should be closed.
-        // SAFETY: F_GETFD only queries a descriptor number.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
-            return Err(bad(fd, "already open before the hand-over".into()));
-        }
+        // Raw: a number nothing here owns, which may be closed already (EBADF, ignored).
+        // SAFETY: closing a descriptor number no Rust object owns.
+        unsafe { libc::close(fd) };
     }
     let mut byte = [0u8; 1];
     let mut space = nix::cmsg_space!([RawFd; 2]);
@@ -440,7 +442,7 @@ pub fn receive_handed_fds() -> Result<(), ShimError> {
         .collect::<nix::Result<Vec<RawFd>>>()
         .map_err(|e| bad(0, e.to_string()))?;
     for (h, target) in high.iter().zip(HANDED_FDS) {
-        // Raw: nothing owns the target number (checked closed above).
+        // Raw: nothing owns the target number (closed above).
         // SAFETY: dup2 of an open descriptor onto a free number.
         let r = Errno::result(unsafe { libc::dup2(*h, target) });
         // SAFETY: `h` is our F_DUPFD_CLOEXEC copy, closed once here.
