@@ -186,7 +186,7 @@ impl Daemon {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(2));
-        let pool = Arc::new(pool::Pool::new(&init, cfg.config.pool.clone()));
+        let pool = Arc::new(pool::Pool::new(&init, cfg.config.pool));
         Ok(Daemon {
             store,
             audit: crate::audit::Sink::start(crate::audit::log_path()).with_owners({

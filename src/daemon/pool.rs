@@ -68,16 +68,17 @@ impl Ready {
 
     /// Hands the final spec and the caller's descriptors to the prepared sandbox. The child
     /// and the control socket are the run's from here: the launcher exits with the run's code.
+    /// A failed send drops the prepared sandbox (torn down).
     pub fn start(
         self,
         spec: &SandboxSpec,
         stdio: [BorrowedFd<'_>; 3],
         workspace: Option<BorrowedFd<'_>>,
-    ) -> Result<(tokio::process::Child, OwnedFd), (Ready, std::io::Error)> {
-        match wire::send_final(self.control.as_fd(), spec, stdio, workspace) {
-            Ok(()) => Ok((self.child, self.control)),
-            Err(e) => Err((self, e)),
-        }
+    ) -> std::io::Result<(tokio::process::Child, OwnedFd)> {
+        // On an error `self` drops here: its control socket closes and the launcher tears
+        // the sandbox down.
+        wire::send_final(self.control.as_fd(), spec, stdio, workspace)?;
+        Ok((self.child, self.control))
     }
 }
 

@@ -460,7 +460,7 @@ pub fn launcher_for(
                 })
             }
             // It went away between the check and the send: dropped (torn down), cold instead.
-            Err((_gone, e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "pool: a prepared sandbox did not take the final spec; launching cold");
             }
         }

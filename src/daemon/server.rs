@@ -92,6 +92,44 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
     }
 }
 
+/// A bus connection (`bus_pub`, `bus_sub`): it keeps the connection from its first request on.
+async fn serve_bus(
+    d: &Shared,
+    caller: &Caller,
+    actor: String,
+    req: Request,
+    body: &[u8],
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+) {
+    // Root and admins: the whole bus; a member: their own agents' subjects, each publish and
+    // the subscription checked in bus::serve (refusals audited here for the first request).
+    let scope = if caller.admin {
+        super::bus::BusScope::Operator
+    } else {
+        super::bus::BusScope::Member(caller.uid)
+    };
+    let (subject, subscribe) = match &req {
+        Request::BusPub { subject, .. } => (subject.as_str(), false),
+        Request::BusSub { pattern, .. } => (pattern.as_str(), true),
+        _ => unreachable!("only bus requests come here"),
+    };
+    if !scope.allows(d, subject, subscribe) {
+        d.audit.record(
+            Entry::new(
+                "bus",
+                Verdict::Deny,
+                "owner: a member's bus is their own agents' subjects",
+            )
+            .actor(caller.actor())
+            .caller(caller.uid)
+            .via(caller.via_name())
+            .data(json!({"subject": subject, "cross_user": true})),
+        );
+    }
+    super::bus::serve(d.clone(), (req, body), actor, (scope, caller.uid), r, w).await;
+}
+
 async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     // The kernel's word on the peer, read once at accept: no field of any request changes it.
     let caller = Caller::of_socket(stream.as_fd(), &access.groups).ok();
@@ -174,41 +212,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 return;
             }
             req @ (Request::BusPub { .. } | Request::BusSub { .. }) => {
-                // Root and admins: the whole bus; a member: their own agents' subjects, each
-                // publish and the subscription checked in bus::serve (refusals audited here
-                // for the first request).
-                let scope = if caller.admin {
-                    super::bus::BusScope::Operator
-                } else {
-                    super::bus::BusScope::Member(caller.uid)
-                };
-                let (subject, subscribe) = match &req {
-                    Request::BusPub { subject, .. } => (subject.as_str(), false),
-                    Request::BusSub { pattern, .. } => (pattern.as_str(), true),
-                    _ => unreachable!("matched above"),
-                };
-                if !scope.allows(&d, subject, subscribe) {
-                    d.audit.record(
-                        Entry::new(
-                            "bus",
-                            Verdict::Deny,
-                            "owner: a member's bus is their own agents' subjects",
-                        )
-                        .actor(caller.actor())
-                        .caller(caller.uid)
-                        .via(caller.via_name())
-                        .data(json!({"subject": subject, "cross_user": true})),
-                    );
-                }
-                super::bus::serve(
-                    d.clone(),
-                    (req, &body),
-                    actor.clone(),
-                    (scope, caller.uid),
-                    r,
-                    w,
-                )
-                .await;
+                serve_bus(&d, &caller, actor.clone(), req, &body, r, w).await;
                 return;
             }
             Request::Via {
