@@ -414,6 +414,11 @@ async fn prepare_one(init: &Path, template: &SandboxSpec) -> Result<Ready, Strin
         // Its end of the control socket closing is what tears a prepared sandbox down; a kill
         // would leave its cgroups to the next launcher's garbage collection.
         .kill_on_drop(false);
+    if crate::trace::enabled() {
+        // aitherd traced (AITHER_TRACE_LAUNCH=1): its prepared launchers trace their finish on
+        // aitherd's stderr (timings only).
+        cmd.env("AITHER_TRACE_LAUNCH", "1").stderr(Stdio::inherit());
+    }
     let src = theirs.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
     // allocates, on a descriptor that stays open in the parent until spawn returns.
