@@ -7,18 +7,18 @@
 //! terminal goes to aitherd's launcher, which gives the command a new pty and relays it
 //! (crates/aither-core/src/sandbox/stdio.rs, as `aitherctl run` does).
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use aither::daemon;
 use aither::daemon::client::Client;
-use aither::daemon::exec::{check_stream, Terminals};
+use aither::daemon::exec::Terminals;
 use aither::daemon::proto::{ExecRequest, Request};
 use clap::Args;
+
+use crate::relay::{stream, wait_relays, Stream};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::sys::termios;
 
@@ -27,7 +27,6 @@ pub const EXIT_AITHER: i32 = 125;
 
 /// How long the output relays may go on after the command ended (a background process that
 /// kept the command's stdout open would hold them for ever).
-const DRAIN: Duration = Duration::from_secs(2);
 
 /// Run a command inside a running agent's sandbox.
 ///
@@ -86,23 +85,6 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-/// What one of the command's streams is.
-enum Stream {
-    /// Sent as it is.
-    Pass(OwnedFd),
-    /// A pipe's end sent; a thread here copies between it and ours (and, for stdout and
-    /// stderr, says when it is done on the channel it was given).
-    Relay(OwnedFd),
-}
-
-impl Stream {
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Pass(f) | Stream::Relay(f) => f.as_fd(),
-        }
-    }
-}
-
 pub fn run(a: ExecArgs) -> i32 {
     match exec(a) {
         Ok(code) => code,
@@ -132,15 +114,15 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let (done_tx, done_rx) = mpsc::channel();
     let streams = [
         if a.interactive {
-            stream(0, a.tty, None)?
+            stream(0, Terminals::with_tty(a.tty), None, None)?
         } else {
             Stream::Pass(aither::sys::open(
                 std::path::Path::new("/dev/null"),
                 libc::O_RDONLY,
             )?)
         },
-        stream(1, a.tty, Some(done_tx.clone()))?,
-        stream(2, a.tty, Some(done_tx))?,
+        stream(1, Terminals::with_tty(a.tty), None, Some(done_tx.clone()))?,
+        stream(2, Terminals::with_tty(a.tty), None, Some(done_tx))?,
     ];
     let req = Request::Exec(ExecRequest {
         name: a.name,
@@ -177,75 +159,6 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         }
         (false, Some(e)) => anyhow::bail!("{} ({})", e.message, e.code),
         (false, None) => anyhow::bail!("aitherd refused without a reason"),
-    }
-}
-
-/// Waits for the `n` output relays to copy what the command wrote, at most `DRAIN`; a stdin
-/// relay is left blocked on its read (the process exits next).
-fn wait_relays(done: &mpsc::Receiver<()>, n: usize) {
-    let until = Instant::now() + DRAIN;
-    for _ in 0..n {
-        if done
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// The command's stream for our fd `n` (0, 1 or 2); an output relay says on `done` when it
-/// has copied everything.
-fn stream(n: i32, tty: bool, done: Option<mpsc::Sender<()>>) -> io::Result<Stream> {
-    // SAFETY: 0–2 stay open for the life of the process (checked next).
-    let ours = unsafe { BorrowedFd::borrow_raw(n) };
-    // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
-    // SAFETY: F_GETFD only queries the number.
-    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-        // Closed here: the command gets /dev/null.
-        let flags = if n == 0 {
-            libc::O_RDONLY
-        } else {
-            libc::O_WRONLY
-        };
-        return Ok(Stream::Pass(aither::sys::open(
-            std::path::Path::new("/dev/null"),
-            flags,
-        )?));
-    }
-    if check_stream(ours, "stdio", Terminals::with_tty(tty)).is_ok() {
-        return Ok(Stream::Pass(ours.try_clone_to_owned()?));
-    }
-    let (r, w) = aither::sys::pipe()?;
-    let mine = ours.try_clone_to_owned()?;
-    Ok(if n == 0 {
-        std::thread::spawn(move || copy(File::from(mine), File::from(w)));
-        Stream::Relay(r)
-    } else {
-        std::thread::spawn(move || {
-            copy(File::from(r), File::from(mine));
-            if let Some(d) = done {
-                let _ = d.send(());
-            }
-        });
-        Stream::Relay(w)
-    })
-}
-
-/// Copies until EOF or an error on either side, each chunk as it comes.
-fn copy(mut from: File, mut to: File) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
     }
 }
 

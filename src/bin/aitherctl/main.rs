@@ -17,6 +17,7 @@ mod mcp_cmd;
 mod mcp_files;
 mod mem_cmd;
 mod policy_cmd;
+mod relay;
 mod run_cmd;
 mod run_daemon;
 mod secret_cmd;

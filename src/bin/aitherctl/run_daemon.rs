@@ -19,18 +19,18 @@
 //!    holds the exit code. If we die, the connection closes and aitherd kills the run.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-use aither::daemon::exec::{check_stream, Terminals};
+use aither::daemon::exec::Terminals;
 use aither::daemon::proto::{self, ErrorCode, Reply, Request, RunRequest, RunSignal};
 use aither::trace;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
+use crate::relay::{stream, wait_relays, Stream};
 use crate::run_cmd::RunArgs;
 
 /// Aither's own failures (nothing ran, or the result is unknown).
@@ -38,7 +38,6 @@ const EXIT_AITHER: i32 = 125;
 
 /// How long the output relays may go on after the run ended (a background process that kept
 /// the agent's stdout open would hold them for ever).
-const DRAIN: Duration = Duration::from_secs(2);
 
 /// The signals forwarded to the agent, as the standalone launcher forwards them.
 const FORWARDED: [Signal; 7] = [
@@ -113,9 +112,9 @@ fn handoff(a: &RunArgs, sock: UnixStream, signals: SigSet) -> anyhow::Result<Han
     let (done_tx, done_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let streams = [
-        stream(0, Some(go_rx), None)?,
-        stream(1, None, Some(done_tx.clone()))?,
-        stream(2, None, Some(done_tx))?,
+        stream(0, Terminals::Relayed, Some(go_rx), None)?,
+        stream(1, Terminals::Relayed, None, Some(done_tx.clone()))?,
+        stream(2, Terminals::Relayed, None, Some(done_tx))?,
     ];
     let ws = open_workspace(&req)?;
     let mut fds: Vec<BorrowedFd<'_>> = streams.iter().map(Stream::fd).collect();
@@ -252,99 +251,6 @@ fn forward_signals(mut sock: UnixStream, set: SigSet) {
     while let Ok(sig) = set.wait() {
         let frame = RunSignal { signal: sig as i32 };
         if proto::write_frame(&mut sock, &frame).is_err() {
-            return;
-        }
-    }
-}
-
-/// What one of the agent's streams is.
-enum Stream {
-    /// Sent as it is.
-    Pass(OwnedFd),
-    /// A pipe's end sent; a thread here copies between it and ours.
-    Relay(OwnedFd),
-}
-
-impl Stream {
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Pass(f) | Stream::Relay(f) => f.as_fd(),
-        }
-    }
-}
-
-/// The agent's stream for our fd `n` (0, 1 or 2). A stdin relay starts reading when `go`
-/// says so; an output relay says on `done` when it has copied everything.
-fn stream(
-    n: i32,
-    go: Option<mpsc::Receiver<()>>,
-    done: Option<mpsc::Sender<()>>,
-) -> io::Result<Stream> {
-    // Raw: the number may be closed, and nix's fcntl needs an open BorrowedFd.
-    // SAFETY: F_GETFD only queries the number.
-    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-        // Closed here: the agent gets /dev/null.
-        let flags = if n == 0 {
-            libc::O_RDONLY
-        } else {
-            libc::O_WRONLY
-        };
-        return Ok(Stream::Pass(aither::sys::open(
-            Path::new("/dev/null"),
-            flags,
-        )?));
-    }
-    // SAFETY: checked open just above; 0–2 stay open for the life of the process.
-    let ours = unsafe { BorrowedFd::borrow_raw(n) };
-    if check_stream(ours, "stdio", Terminals::Relayed).is_ok() {
-        return Ok(Stream::Pass(ours.try_clone_to_owned()?));
-    }
-    let (r, w) = aither::sys::pipe()?;
-    let mine = ours.try_clone_to_owned()?;
-    Ok(if n == 0 {
-        std::thread::spawn(move || {
-            // Nothing is read unless the run started (a refused run leaves stdin as it was).
-            if go.is_some_and(|g| g.recv().is_ok()) {
-                copy(File::from(mine), File::from(w));
-            }
-        });
-        Stream::Relay(r)
-    } else {
-        std::thread::spawn(move || {
-            copy(File::from(r), File::from(mine));
-            if let Some(d) = done {
-                let _ = d.send(());
-            }
-        });
-        Stream::Relay(w)
-    })
-}
-
-/// Copies until EOF or an error on either side, each chunk as it comes.
-fn copy(mut from: File, mut to: File) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Waits for the `n` output relays to copy what the agent wrote, at most `DRAIN`.
-fn wait_relays(done: &mpsc::Receiver<()>, n: usize) {
-    let until = Instant::now() + DRAIN;
-    for _ in 0..n {
-        if done
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
             return;
         }
     }
