@@ -21,12 +21,11 @@
 //!    first gets its command killed: aither-init exec is killed, and the command with it (its
 //!    parent-death signal).
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg};
@@ -124,43 +123,17 @@ pub enum ExecFailed {
 }
 
 /// The exec'd commands running per agent.
-#[derive(Default)]
-pub struct Slots(Mutex<HashMap<String, usize>>);
+pub type Slots = super::slots::Slots<String>;
+type SlotGuard = super::slots::SlotGuard<String>;
 
-impl Slots {
-    /// A slot for one more command in `name`, freed when the guard drops.
-    fn take(self: &Arc<Self>, name: &str) -> Result<SlotGuard, ExecRefused> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(name.to_string()).or_default();
-        if *n >= MAX_EXECS_PER_AGENT {
-            return Err(ExecRefused::TooMany {
-                name: name.to_string(),
-                max: MAX_EXECS_PER_AGENT,
-            });
-        }
-        *n += 1;
-        Ok(SlotGuard {
-            slots: self.clone(),
+/// A slot for one more command in `name`, freed when the guard drops.
+fn take_slot(slots: &Arc<Slots>, name: &str) -> Result<SlotGuard, ExecRefused> {
+    slots
+        .take(&name.to_string(), MAX_EXECS_PER_AGENT)
+        .ok_or_else(|| ExecRefused::TooMany {
             name: name.to_string(),
+            max: MAX_EXECS_PER_AGENT,
         })
-    }
-}
-
-struct SlotGuard {
-    slots: Arc<Slots>,
-    name: String,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.name) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.name);
-            }
-        }
-    }
 }
 
 /// What the request asks for, checked.
@@ -239,7 +212,7 @@ pub async fn serve(
     let checked =
         check(&argv, &env, cwd.as_deref(), Terminals::with_tty(tty), fds).and_then(|stdio| {
             let (spec, pid1) = sandbox_of(d, &name)?;
-            let slot = d.execs.take(&name)?;
+            let slot = take_slot(&d.execs, &name)?;
             Ok((stdio, spec, pid1, slot))
         });
     let (stdio, spec, pid1, _slot) = match checked {
@@ -592,17 +565,17 @@ mod tests {
     fn at_most_four_commands_per_agent_and_a_slot_frees_on_drop() {
         let slots = Arc::new(Slots::default());
         let held: Vec<SlotGuard> = (0..MAX_EXECS_PER_AGENT)
-            .map(|_| slots.take("a").unwrap())
+            .map(|_| take_slot(&slots, "a").unwrap())
             .collect();
         assert!(matches!(
-            slots.take("a"),
+            take_slot(&slots, "a"),
             Err(ExecRefused::TooMany { max: 4, .. })
         ));
         // Another agent's are its own.
-        drop(slots.take("b").unwrap());
+        drop(take_slot(&slots, "b").unwrap());
         drop(held);
-        assert!(slots.0.lock().unwrap().is_empty(), "no entry left behind");
-        assert!(slots.take("a").is_ok());
+        assert!(slots.is_empty(), "no entry left behind");
+        assert!(take_slot(&slots, "a").is_ok());
     }
 
     #[test]

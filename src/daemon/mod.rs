@@ -34,6 +34,7 @@ pub mod run;
 pub mod secret_ops;
 pub mod server;
 pub mod shim;
+pub mod slots;
 pub mod stats;
 pub mod store;
 pub mod summary;

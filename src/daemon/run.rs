@@ -26,11 +26,10 @@
 //!
 //! Every request is audited (`run`, allow or deny, with the command and the workspace).
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -111,43 +110,17 @@ pub enum RunFailed {
 }
 
 /// The runs per caller's uid.
-#[derive(Default)]
-pub struct Slots(Mutex<HashMap<u32, usize>>);
+pub type Slots = super::slots::Slots<u32>;
+type SlotGuard = super::slots::SlotGuard<u32>;
 
-impl Slots {
-    /// A slot for one more run of `uid`, freed when the guard drops.
-    fn take(self: &Arc<Self>, uid: u32) -> Result<SlotGuard, RunRefused> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(uid).or_default();
-        if *n >= MAX_RUNS_PER_UID {
-            return Err(RunRefused::TooMany {
-                uid,
-                max: MAX_RUNS_PER_UID,
-            });
-        }
-        *n += 1;
-        Ok(SlotGuard {
-            slots: self.clone(),
+/// A slot for one more run of `uid`, freed when the guard drops.
+fn take_slot(slots: &Arc<Slots>, uid: u32) -> Result<SlotGuard, RunRefused> {
+    slots
+        .take(&uid, MAX_RUNS_PER_UID)
+        .ok_or(RunRefused::TooMany {
             uid,
+            max: MAX_RUNS_PER_UID,
         })
-    }
-}
-
-struct SlotGuard {
-    slots: Arc<Slots>,
-    uid: u32,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.uid);
-            }
-        }
-    }
 }
 
 /// Serves one `run` request; the connection ends with its last reply.
@@ -284,7 +257,7 @@ async fn admit(
     req: &RunRequest,
     mut fds: Vec<OwnedFd>,
 ) -> Result<Admitted, RunRefused> {
-    let slot = d.runs.take(caller.uid)?;
+    let slot = take_slot(&d.runs, caller.uid)?;
     if !(3..=4).contains(&fds.len()) {
         return Err(RunRefused::FdCount(fds.len()));
     }
@@ -531,16 +504,16 @@ mod tests {
     fn at_most_sixteen_runs_per_uid_and_a_slot_frees_on_drop() {
         let slots = Arc::new(Slots::default());
         let held: Vec<SlotGuard> = (0..MAX_RUNS_PER_UID)
-            .map(|_| slots.take(1000).unwrap())
+            .map(|_| take_slot(&slots, 1000).unwrap())
             .collect();
         assert!(matches!(
-            slots.take(1000),
+            take_slot(&slots, 1000),
             Err(RunRefused::TooMany { uid: 1000, .. })
         ));
         // Another uid's are its own.
-        drop(slots.take(1001).unwrap());
+        drop(take_slot(&slots, 1001).unwrap());
         drop(held);
-        assert!(slots.0.lock().unwrap().is_empty(), "no entry left behind");
-        assert!(slots.take(1000).is_ok());
+        assert!(slots.is_empty(), "no entry left behind");
+        assert!(take_slot(&slots, 1000).is_ok());
     }
 }
