@@ -25,9 +25,6 @@ use nix::sys::termios;
 /// Aither's own failures (nothing ran, or the result is unknown), as `docker exec`.
 pub const EXIT_AITHER: i32 = 125;
 
-/// How long the output relays may go on after the command ended (a background process that
-/// kept the command's stdout open would hold them for ever).
-
 /// Run a command inside a running agent's sandbox.
 ///
 /// The command is confined exactly as the agent is: the agent's uid, namespaces (it sees the

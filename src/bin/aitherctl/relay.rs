@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use aither::daemon::exec::{check_stream, Terminals};
 
-/// How long the output relays may take to copy what is left once the command ended.
+/// How long the output relays may go on after the command ended (a background process that
+/// kept the command's stdout open would hold them for ever).
 pub const DRAIN: Duration = Duration::from_secs(2);
 
 /// What one of the command's streams is.

@@ -36,9 +36,6 @@ use crate::run_cmd::RunArgs;
 /// Aither's own failures (nothing ran, or the result is unknown).
 const EXIT_AITHER: i32 = 125;
 
-/// How long the output relays may go on after the run ended (a background process that kept
-/// the agent's stdout open would hold them for ever).
-
 /// The signals forwarded to the agent, as the standalone launcher forwards them.
 const FORWARDED: [Signal; 7] = [
     Signal::SIGINT,
