@@ -24,6 +24,10 @@ if [ -z "${AITHER_BENCH_PRIVATE_NET:-}" ]; then
   exec env AITHER_BENCH_PRIVATE_NET=1 unshare --net --mount --propagation private "$0" "$@"
 fi
 ip link set lo up
+# tinyproxy closes every client connection and opens a new upstream one per request: over
+# several rounds that is more connections in TIME_WAIT than one ephemeral port range holds.
+# These sysctls are the private network namespace's own.
+sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
 # "The internet": a process holding a network namespace of its own.
 unshare --net sleep infinity &
 INETPID=$!
