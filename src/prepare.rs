@@ -55,6 +55,17 @@ pub enum Source<'a> {
     Policy(&'a str),
 }
 
+impl<'a> Source<'a> {
+    /// A request's token if it gives one, else its policy (`strict` when it names none), as
+    /// `spawn` and `run` take them.
+    pub fn of(token: Option<&'a str>, policy: Option<&'a str>) -> Source<'a> {
+        match token {
+            Some(t) => Source::Token(t),
+            None => Source::Policy(policy.unwrap_or("strict")),
+        }
+    }
+}
+
 /// Signs and verifies tokens: the host key and its revocations (aitherd, or `--token` on the
 /// command line), or a key of one launch (`run --policy`, whose token never leaves the
 /// process).
@@ -179,6 +190,19 @@ pub enum WorkspaceKind<'a> {
     /// required of non-admins, so aitherd never reaches a directory the caller could not.
     Presented(std::os::fd::BorrowedFd<'a>),
     Placeholder,
+}
+
+impl<'a> WorkspaceKind<'a> {
+    /// The directory a request presented, else the path it names (aitherd's `spawn` and
+    /// `run`; `prepare` refuses a path from a non-admin).
+    pub fn presented_or_host(presented: Option<std::os::fd::BorrowedFd<'a>>) -> WorkspaceKind<'a> {
+        presented.map_or(WorkspaceKind::Host, WorkspaceKind::Presented)
+    }
+}
+
+/// The value of `key` among a request's passed environment (`pass_env` of `spawn` and `run`).
+pub fn passed_env(pass: &[(String, String)], key: &str) -> Option<String> {
+    pass.iter().find(|(n, _)| n == key).map(|(_, v)| v.clone())
 }
 
 /// Whether a gateway will serve the agent's egress (`run` starts one in-process, aitherd has

@@ -58,9 +58,16 @@ pub struct Ready {
     control: OwnedFd,
     pid: i32,
     bytes: u64,
+    /// Its shape's key (`SandboxSpec::prepared_key`), for the refill after its run.
+    shape: String,
 }
 
 impl Ready {
+    /// Its shape's key: what `Pool::refill` takes once its run has ended.
+    pub fn shape(&self) -> &str {
+        &self.shape
+    }
+
     /// The pool launcher's pid (signals go there).
     pub fn pid(&self) -> i32 {
         self.pid
@@ -102,29 +109,11 @@ struct Inner {
     sweeper: bool,
 }
 
-/// What the pool holds now (`aitherctl pool`, metrics).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ShapeInfo {
-    pub key: String,
-    pub policy: String,
-    pub ready: usize,
-    pub preparing: usize,
-    pub bytes: u64,
-    pub idle_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refused: Option<String>,
-}
-
 /// The pool: shapes learnt from runs, their prepared sandboxes, the budget.
 pub struct Pool {
     init: PathBuf,
     cfg: PoolSection,
     inner: Mutex<Inner>,
-    /// Counters: runs served warm, runs launched cold, sandboxes prepared, preparations failed.
-    pub warm: std::sync::atomic::AtomicU64,
-    pub cold: std::sync::atomic::AtomicU64,
-    pub prepared: std::sync::atomic::AtomicU64,
-    pub failed: std::sync::atomic::AtomicU64,
 }
 
 /// The template of `spec`'s shape: its caller-dependent fields placeholders, no workspace.
@@ -142,16 +131,10 @@ fn template_of(spec: &SandboxSpec) -> SandboxSpec {
     t
 }
 
-/// Whether `spec` could be served by a prepared sandbox at all (`launch::prepare` and
-/// `Prepared::finish` refuse the rest; asked here to spare them a process).
+/// Whether `spec` could be served by a prepared sandbox at all (asked here to spare
+/// `aither-init pool` a process for a shape it would refuse).
 fn poolable(spec: &SandboxSpec) -> bool {
-    spec.egress_port.is_none()
-        && spec.publish_ports.is_empty()
-        && spec.devices.is_empty()
-        && spec
-            .workspace
-            .as_ref()
-            .is_none_or(|w| !w.as_owner && w.access != crate::policy::WorkspaceAccess::Layered)
+    crate::sandbox::launch::poolable(spec).is_ok()
 }
 
 /// The proportional set size of `pid` in bytes (0 when it cannot be read).
@@ -177,10 +160,6 @@ impl Pool {
             init: init.to_path_buf(),
             cfg,
             inner: Mutex::default(),
-            warm: Default::default(),
-            cold: Default::default(),
-            prepared: Default::default(),
-            failed: Default::default(),
         }
     }
 
@@ -195,7 +174,6 @@ impl Pool {
     /// A prepared sandbox for `spec`'s shape, if one is waiting. Either way the shape is
     /// (re)learnt and refilled in the background.
     pub fn take(self: &Arc<Self>, spec: &SandboxSpec) -> Option<Ready> {
-        use std::sync::atomic::Ordering::Relaxed;
         if !self.enabled() || !poolable(spec) {
             return None;
         }
@@ -252,10 +230,7 @@ impl Pool {
             let me = Arc::downgrade(self);
             tokio::spawn(async move { sweeper(me).await });
         }
-        if got.is_some() {
-            self.warm.fetch_add(1, Relaxed);
-        } else {
-            self.cold.fetch_add(1, Relaxed);
+        if got.is_none() {
             // Nothing waiting: start preparing now (a run that found one refills when it ends,
             // so that the preparation does not take the CPU from the run it served).
             self.refill(&key);
@@ -263,14 +238,9 @@ impl Pool {
         got
     }
 
-    /// Prepares sandboxes for `spec`'s shape up to the pool's bounds, in the background.
-    pub fn refill_for(self: &Arc<Self>, spec: &SandboxSpec) {
-        if self.enabled() && poolable(spec) {
-            self.refill(&spec.prepared_key());
-        }
-    }
-
-    fn refill(self: &Arc<Self>, key: &str) {
+    /// Prepares sandboxes for the shape `key` (`Ready::shape`) up to the pool's bounds, in the
+    /// background.
+    pub fn refill(self: &Arc<Self>, key: &str) {
         let mut g = self.lock();
         let inner = &mut *g;
         let Some(shape) = inner.shapes.get_mut(key) else {
@@ -292,14 +262,13 @@ impl Pool {
             let me = self.clone();
             let key = key.to_string();
             tokio::spawn(async move {
-                let got = prepare_one(&me.init, &template).await;
+                let got = prepare_one(&me.init, &template, &key).await;
                 me.prepared_or_failed(&key, estimate, got);
             });
         }
     }
 
     fn prepared_or_failed(&self, key: &str, estimate: u64, got: Result<Ready, String>) {
-        use std::sync::atomic::Ordering::Relaxed;
         let mut g = self.lock();
         let inner = &mut *g;
         inner.bytes = inner.bytes.saturating_sub(estimate);
@@ -310,7 +279,6 @@ impl Pool {
         shape.preparing = shape.preparing.saturating_sub(1);
         match got {
             Ok(r) => {
-                self.prepared.fetch_add(1, Relaxed);
                 shape.estimate = r.bytes.max(1);
                 if inner.bytes + r.bytes <= self.cfg.memory_budget.0 {
                     inner.bytes += r.bytes;
@@ -319,7 +287,6 @@ impl Pool {
                 // else: over the budget once measured: dropped here (torn down).
             }
             Err(why) => {
-                self.failed.fetch_add(1, Relaxed);
                 tracing::warn!(shape = %key, policy = %shape.template.policy, error = %why, "pool: a sandbox could not be prepared");
                 // A refusal of the template is final for this shape; anything else (a
                 // transient launch failure) is retried by the next run of the shape.
@@ -358,31 +325,6 @@ impl Pool {
         }
         !inner.shapes.is_empty()
     }
-
-    /// What the pool holds now.
-    pub fn shapes(&self) -> Vec<ShapeInfo> {
-        let g = self.lock();
-        let mut v: Vec<ShapeInfo> = g
-            .shapes
-            .iter()
-            .map(|(k, s)| ShapeInfo {
-                key: k[..12.min(k.len())].to_string(),
-                policy: s.template.policy.clone(),
-                ready: s.ready.len(),
-                preparing: s.preparing,
-                bytes: s.ready.iter().map(|r| r.bytes).sum(),
-                idle_ms: s.last_used.elapsed().as_millis() as u64,
-                refused: s.refused.clone(),
-            })
-            .collect();
-        v.sort_by(|a, b| a.policy.cmp(&b.policy).then(a.key.cmp(&b.key)));
-        v
-    }
-
-    /// Bytes held by ready sandboxes and reserved for those being prepared.
-    pub fn bytes(&self) -> u64 {
-        self.lock().bytes
-    }
 }
 
 async fn sweeper(pool: std::sync::Weak<Pool>) {
@@ -400,7 +342,7 @@ async fn sweeper(pool: std::sync::Weak<Pool>) {
 }
 
 /// Starts one `aither-init pool` for `template` and waits until it is ready.
-async fn prepare_one(init: &Path, template: &SandboxSpec) -> Result<Ready, String> {
+async fn prepare_one(init: &Path, template: &SandboxSpec, shape: &str) -> Result<Ready, String> {
     let (ours, theirs) = crate::sys::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
     let body = serde_json::to_vec(template).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(init);
@@ -454,6 +396,7 @@ async fn prepare_one(init: &Path, template: &SandboxSpec) -> Result<Ready, Strin
                 control: ours,
                 pid,
                 bytes,
+                shape: shape.to_string(),
             })
         }
         Ok(Ok(Some(PoolMsg::Refused(why)))) => {

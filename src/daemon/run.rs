@@ -240,10 +240,11 @@ pub async fn serve(
     };
     // The pool refills the shape it served only now: a preparation started with the run would
     // take a CPU from it.
-    if launcher.warm {
-        d.pool.refill_for(&spec);
+    if let Some(shape) = &launcher.shape {
+        d.pool.refill(shape);
     }
-    tracing::info!(agent = %spec.name, uid = caller.uid, exit_code = code, warm = launcher.warm, "run ended");
+    let warm = launcher.shape.is_some();
+    tracing::info!(agent = %spec.name, uid = caller.uid, exit_code = code, warm, "run ended");
     let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
 }
 
@@ -296,16 +297,8 @@ fn build(
     presented: Option<&OwnedFd>,
 ) -> Result<SandboxSpec, RunRefused> {
     use crate::prepare::{Egress, LaunchRequest, Source, WorkspaceKind};
-    let lookup = |k: &str| {
-        req.pass_env
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-    };
-    let source = match (&req.token, &req.policy) {
-        (Some(t), _) => Source::Token(t),
-        (None, p) => Source::Policy(p.as_deref().unwrap_or("strict")),
-    };
+    let lookup = |k: &str| crate::prepare::passed_env(&req.pass_env, k);
+    let source = Source::of(req.token.as_deref(), req.policy.as_deref());
     // As `aitherctl run`: a token names its subject; a policy run is `run` unless named.
     let name = match &req.token {
         Some(_) => None,
@@ -329,10 +322,7 @@ fn build(
         },
         cwd: &req.cwd,
         env: &lookup,
-        workspace: match presented {
-            Some(fd) => WorkspaceKind::Presented(fd.as_fd()),
-            None => WorkspaceKind::Host,
-        },
+        workspace: WorkspaceKind::presented_or_host(presented.map(AsFd::as_fd)),
         egress: Egress::Gateway,
     };
     let audit_name = name.unwrap_or("run");
@@ -362,8 +352,9 @@ pub struct Launcher {
     /// A prepared sandbox's control socket, kept open until the launcher exits (its closing
     /// before the final spec would mean "dismissed").
     _control: Option<OwnedFd>,
-    /// Served by a prepared sandbox (daemon/pool.rs).
-    pub warm: bool,
+    /// Served by a prepared sandbox of this shape (daemon/pool.rs): it is refilled when the
+    /// run ends.
+    shape: Option<String>,
 }
 
 impl Launcher {
@@ -417,7 +408,7 @@ pub fn launcher_for(
     // workspace as the caller presented it and opens it itself, checked against that
     // descriptor, as the cold launcher does.
     if let Some(ready) = d.pool.take(spec) {
-        let pid = ready.pid();
+        let (pid, shape) = (ready.pid(), ready.shape().to_string());
         let [a, b, c] = &stdio;
         match ready.start(
             spec,
@@ -429,7 +420,7 @@ pub fn launcher_for(
                     child,
                     pid,
                     _control: Some(control),
-                    warm: true,
+                    shape: Some(shape),
                 })
             }
             // It went away between the check and the send: dropped (torn down), cold instead.
@@ -492,7 +483,7 @@ pub fn launcher_for(
         child,
         pid,
         _control: None,
-        warm: false,
+        shape: None,
     })
 }
 

@@ -1575,16 +1575,8 @@ fn build(
     presented: Option<&OwnedFd>,
 ) -> Result<Record, BuildError> {
     use crate::prepare::{Egress, LaunchRequest, Source, WorkspaceKind};
-    let lookup = |k: &str| {
-        req.pass_env
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-    };
-    let source = match (&req.token, &req.policy) {
-        (Some(t), _) => Source::Token(t),
-        (None, p) => Source::Policy(p.as_deref().unwrap_or("strict")),
-    };
+    let lookup = |k: &str| crate::prepare::passed_env(&req.pass_env, k);
+    let source = Source::of(req.token.as_deref(), req.policy.as_deref());
     let launch = LaunchRequest {
         name: Some(&req.name),
         source,
@@ -1603,10 +1595,7 @@ fn build(
         },
         cwd: &req.cwd,
         env: &lookup,
-        workspace: match presented {
-            Some(fd) => WorkspaceKind::Presented(fd.as_fd()),
-            None => WorkspaceKind::Host,
-        },
+        workspace: WorkspaceKind::presented_or_host(presented.map(AsFd::as_fd)),
         egress: Egress::Gateway,
     };
     let p = prepare_launch(d, caller, &req.name, &launch)?;

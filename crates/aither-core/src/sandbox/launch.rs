@@ -573,9 +573,15 @@ impl Drop for Pid1 {
     }
 }
 
-/// Refuses a template `prepare` cannot build ahead: what needs the caller, or a host-side
-/// resource per run that is set up before the agent's pid 1 exists.
-fn poolable_template(spec: &SandboxSpec) -> Result<(), LaunchError> {
+/// Whether a run's (final) spec could be served by a prepared sandbox: aitherd asks before it
+/// learns a shape (src/daemon/pool.rs), with the same rules `prepare` and `finish` apply.
+pub fn poolable(spec: &SandboxSpec) -> Result<(), LaunchError> {
+    per_run_resources(spec)?;
+    poolable_final(spec)
+}
+
+/// Refuses a host-side resource per run that is set up before the agent's pid 1 exists.
+fn per_run_resources(spec: &SandboxSpec) -> Result<(), LaunchError> {
     let refuse = |why: &str| Err(LaunchError::NotPoolable(why.into()));
     if spec.egress_port.is_some() {
         return refuse("an egress gateway (its socket is bound per run before Go)");
@@ -586,10 +592,17 @@ fn poolable_template(spec: &SandboxSpec) -> Result<(), LaunchError> {
     if !spec.devices.is_empty() {
         return refuse("device nodes (a GPU lease is per run)");
     }
+    Ok(())
+}
+
+/// Refuses a template `prepare` cannot build ahead: what needs the caller, or a host-side
+/// resource per run that is set up before the agent's pid 1 exists.
+fn poolable_template(spec: &SandboxSpec) -> Result<(), LaunchError> {
+    per_run_resources(spec)?;
     if spec.workspace.is_some() {
-        return refuse(
-            "a template with a workspace (the workspace is the caller's, given at finish)",
-        );
+        return Err(LaunchError::NotPoolable(
+            "a template with a workspace (the workspace is the caller's, given at finish)".into(),
+        ));
     }
     Ok(())
 }
