@@ -89,6 +89,29 @@ fn run_sh(d: &TestDaemon, flags: &[&str], script: &str, input: &str) -> (i32, St
     )
 }
 
+/// `aitherctl run --policy strict -- sh -c "echo ready; exec sleep SECS"` against `d`, once the
+/// agent has said `ready` (its stdout is read no further).
+fn start_sleeper(d: &TestDaemon, secs: &str) -> std::process::Child {
+    let mut c = d
+        .cmd(&[
+            "run",
+            "--policy",
+            "strict",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo ready; exec sleep {secs}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("aitherctl run");
+    let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    c
+}
+
 #[test]
 fn through_aitherd_the_status_streams_and_stdin_are_the_agents() {
     let d = TestDaemon::start("aitherd-warm-", &[]);
@@ -166,23 +189,7 @@ fn through_aitherd_timeout_gives_124_and_sigterm_reaches_the_agent() {
 fn a_client_killed_mid_run_leaves_no_sandbox_process() {
     let d = TestDaemon::start("aitherd-warm-", &[]);
     let secs = format!("{}", 900_000 + std::process::id() % 10_000);
-    let mut child = d
-        .cmd(&[
-            "run",
-            "--policy",
-            "strict",
-            "--",
-            "sh",
-            "-c",
-            &format!("echo ready; exec sleep {secs}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("aitherctl run");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let mut child = start_sleeper(&d, &secs);
     assert!(
         poll_until(WAIT, || !pids_with_cmdline(&["sleep", &secs]).is_empty()),
         "the agent is not running"
@@ -476,27 +483,7 @@ fn an_older_aitherd_means_standalone_and_a_refusal_is_final() {
 fn aitherd_runs_at_most_sixteen_runs_per_user_at_a_time() {
     let d = TestDaemon::start("aitherd-warm-", &[]);
     let secs = format!("{}", 800_000 + std::process::id() % 10_000);
-    let start = || {
-        let mut c = d
-            .cmd(&[
-                "run",
-                "--policy",
-                "strict",
-                "--",
-                "sh",
-                "-c",
-                &format!("echo ready; exec sleep {secs}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("aitherctl run");
-        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
-        c
-    };
-    let mut held: Vec<std::process::Child> = (0..16).map(|_| start()).collect();
+    let mut held: Vec<std::process::Child> = (0..16).map(|_| start_sleeper(&d, &secs)).collect();
     let (code, out, err) = run_sh(&d, &[], "echo ran # warm-seventeenth", "");
     assert_eq!(code, 125, "{out}{err}");
     assert!(err.contains("16 runs through aitherd"), "{err}");
