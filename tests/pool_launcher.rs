@@ -631,7 +631,8 @@ fn the_trace_names_the_finish_stages_in_order() {
             "sandbox Seccomp",
             "sandbox ForkAgent",
             "launcher started-seen",
-            "launcher agent-ran+reaped",
+            "launcher agent-done+reported",
+            "launcher pid1-reaped",
             "launcher cgroup-removed",
         ],
         "{err}"
@@ -655,4 +656,96 @@ fn a_prepared_sandbox_whose_pid1_died_is_refused_and_cleaned_up() {
         "{msgs:?}"
     );
     assert!(cgroups_named(&id).is_empty(), "{:?}", cgroups_named(&id));
+}
+
+/// Host pids whose command line mentions `marker`.
+fn pids_marked(marker: &str) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cl = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cl).contains(marker).then_some(pid)
+        })
+        .collect()
+}
+
+/// `exited` means that nothing of the agent runs any more: a background child the agent
+/// left (holding its stdout) is killed and reaped by pid 1 before the status goes out, the
+/// caller's stdout has all the output and EOF, and the teardown (pid 1, the cgroup, the
+/// launcher) completes after (docs/architecture.md, "Warm start").
+#[test]
+fn exited_comes_once_no_process_of_the_sandbox_is_left_and_the_teardown_follows() {
+    let ws = Workspace::new();
+    let marker = unique("leftover");
+    let script = format!(
+        "sh -c 'echo bg-up; touch /tmp/up; sleep 1000; : {marker}' & \
+         while [ ! -e /tmp/up ]; do sleep 0.01; done; echo out; exit 3"
+    );
+    let (template, fin) = specs(&ws, &["sh", "-c", &script]);
+    let mut p = Pool::start(&template);
+    let pid1 = p.pid1;
+    let c = send_final(&p, &fin);
+    let mut msgs = Vec::new();
+    let left_at_exited = loop {
+        match p.recv() {
+            Some(m @ PoolMsg::Exited { .. }) => {
+                // At the moment the caller would see the status.
+                let left = pids_marked(&marker);
+                msgs.push(m);
+                break left;
+            }
+            Some(m) => msgs.push(m),
+            None => panic!("EOF before exited: {msgs:?}; {}", p.finish_stderr()),
+        }
+    };
+    assert!(
+        left_at_exited.is_empty(),
+        "the agent's background child {left_at_exited:?} still existed when `exited` came"
+    );
+    assert_eq!(exited(&msgs), Some((3, false)), "{msgs:?}");
+    let (out, err) = c.output();
+    assert_eq!(
+        out, "bg-up\nout\n",
+        "all the output, then EOF; stderr: {err}"
+    );
+    let (rest, code, lerr) = p.rest();
+    assert!(rest.is_empty(), "nothing after exited: {rest:?}");
+    assert_eq!(code, 3, "{lerr}");
+    assert!(!pid_alive(pid1), "pid 1 reaped by its launcher");
+    assert!(
+        common::poll_until(RUN_DEADLINE, || cgroup_dirs_of(&template.name).is_empty()),
+        "the cgroup is removed: {:?}",
+        cgroup_dirs_of(&template.name)
+    );
+}
+
+/// An agent killed by the OOM killer is reported as such in `exited` (the cgroup's count is
+/// read before the status goes out).
+#[test]
+fn an_oom_killed_agent_is_reported_in_exited() {
+    let ws = Workspace::new();
+    let (mut template, mut fin) = specs(&ws, &["./aither-probe", "alloc", "200"]);
+    for s in [&mut template, &mut fin] {
+        s.limits.memory = Some(64 << 20);
+    }
+    let p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let (msgs, code, err) = p.rest();
+    let (out, _) = c.output();
+    assert_eq!(code, 137, "SIGKILL by the OOM killer: {msgs:?} {err}");
+    assert!(
+        msgs.iter().any(|m| matches!(
+            m,
+            PoolMsg::Exited {
+                code: 137,
+                oom_killed: true,
+                ..
+            }
+        )),
+        "{msgs:?}"
+    );
+    assert!(!out.contains("RESULT"), "{out}");
 }

@@ -135,7 +135,10 @@ fn a_shapes_next_run_is_served_by_a_prepared_sandbox_used_once_and_fresh() {
     // Second run, same shape: one prepared sandbox serves it.
     let (c2, o2, e2) = run_in(&d, ws.path(), &["--name", "second"], probe);
     assert_eq!(c2, 5, "{e2}");
-    let used: Vec<i32> = prepared.iter().copied().filter(|p| !alive(*p)).collect();
+    // Its launcher may still be tearing the sandbox down when the client has the status.
+    let gone = || -> Vec<i32> { prepared.iter().copied().filter(|p| !alive(*p)).collect() };
+    poll_until(WAIT, || !gone().is_empty());
+    let used = gone();
     assert_eq!(
         used.len(),
         1,
@@ -234,4 +237,69 @@ fn pool_size_in_aitherd_toml_bounds_the_prepared_sandboxes_and_zero_turns_the_po
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(pool_launchers(d.pid()).len(), want, "[pool] size = {size}");
     }
+}
+
+/// Host pids whose command line mentions `marker`.
+fn pids_marked(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cl = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cl).contains(marker).then_some(pid)
+        })
+        .collect()
+}
+
+/// A warm run's status reaches the client as soon as nothing of its agent is left (the
+/// teardown of the sandbox follows): when `aitherctl run` has exited, a background child the
+/// agent left holding its stdout is gone, the output is whole, and the launcher and its
+/// cgroups go shortly after.
+#[test]
+fn a_warm_runs_status_comes_once_nothing_of_the_agent_is_left() {
+    let d = TestDaemon::start("aitherd-pool-early-", &[]);
+    let ws = workspace();
+    let marker = format!("warm-leftover-{}", std::process::id());
+    let script = format!(
+        "sh -c 'echo bg-up; touch /tmp/up; sleep 1000; : {marker}' & \
+         while [ ! -e /tmp/up ]; do sleep 0.01; done; echo out; exit 3"
+    );
+    // Cold: the shape is learnt.
+    let (c1, o1, e1) = run_in(&d, ws.path(), &[], &script);
+    assert_eq!((c1, o1.as_str()), (3, "bg-up\nout\n"), "{e1}");
+    assert!(
+        poll_until(WAIT, || pool_launchers(d.pid()).len() == 2),
+        "the pool did not prepare the shape: {}",
+        d.log()
+    );
+    let prepared = pool_launchers(d.pid());
+    // Warm.
+    let (c2, o2, e2) = run_in(&d, ws.path(), &[], &script);
+    let left = pids_marked(&marker);
+    assert!(
+        left.is_empty(),
+        "the agent's background child {left:?} outlived the status its client got"
+    );
+    assert_eq!(c2, 3, "{e2}\n{}", d.log());
+    assert_eq!(o2, "bg-up\nout\n", "all the output, then EOF");
+    let gone = || -> Vec<i32> { prepared.iter().copied().filter(|p| !alive(*p)).collect() };
+    assert!(
+        poll_until(WAIT, || gone().len() == 1),
+        "the prepared sandbox that served the run did not end: {prepared:?}\n{}",
+        d.log()
+    );
+    let used = gone()[0];
+    assert!(
+        poll_until(WAIT, || cgroups_of(used).is_empty()),
+        "the served sandbox's cgroups are left: {:?}",
+        cgroups_of(used)
+    );
+    let log = d.log();
+    let warm: Vec<bool> = log
+        .lines()
+        .filter(|l| l.contains("run ended"))
+        .map(|l| l.contains("warm=true"))
+        .collect();
+    assert_eq!(warm, [false, true], "aitherd's log: {log}");
 }

@@ -35,6 +35,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg};
 use serde_json::json;
+use tokio::io::unix::AsyncFd;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 
@@ -43,6 +44,7 @@ use super::identity::Caller;
 use super::proto::{aio, ErrorCode, Reply, RunRequest, RunSignal};
 use super::Shared;
 use crate::audit::{Entry, Verdict};
+use crate::sandbox::pool::PoolMsg;
 use crate::sandbox::{RunOptions, SandboxSpec};
 
 /// At most this many runs per caller's uid at a time (root's included).
@@ -210,10 +212,31 @@ pub async fn serve(
         launcher.kill().await;
         return;
     }
-    let code = loop {
+    // A prepared sandbox's launcher says `exited` as soon as the agent is done (no process
+    // of its sandbox left, the streams drained): the client is answered then, and the
+    // launcher's teardown (pid 1's exit, the empty namespaces and cgroup) goes on without it.
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open on the same description for as
+    // long as it is registered.
+    let control = launcher
+        .control
+        .take()
+        .and_then(|c| match unsafe { AsyncFd::register(c) } {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "run: watching the launcher's control socket");
+                None
+            }
+        });
+    let mut watch = control.is_some();
+    let (code, early) = loop {
         tokio::select! {
+            c = exited(control.as_ref()), if watch => match c {
+                Some(c) => break (c, true),
+                // Gone without `exited` (a refusal, a crash): its exit status says it.
+                None => watch = false,
+            },
             st = launcher.wait() => match st {
-                Ok(c) => break c,
+                Ok(c) => break (c, false),
                 Err(e) => {
                     let _ = aio::write_reply(w, &Reply::err(ErrorCode::LaunchFailed, e.to_string())).await;
                     return;
@@ -238,14 +261,39 @@ pub async fn serve(
             },
         }
     };
-    // The pool refills the shape it served only now: a preparation started with the run would
-    // take a CPU from it.
-    if let Some(shape) = &launcher.shape {
-        d.pool.refill(shape);
-    }
     let warm = launcher.shape.is_some();
     tracing::info!(agent = %spec.name, uid = caller.uid, exit_code = code, warm, "run ended");
     let _ = aio::write_reply(w, &Reply::ok(json!({"exit_code": code}))).await;
+    if early {
+        // The run keeps its slot (MAX_RUNS_PER_UID) and the pool its accounting until the
+        // launcher has exited: a caller cannot pile up teardowns by running again at once.
+        let _ = launcher.wait().await;
+    }
+    drop(control);
+    // The pool refills the shape it served only now: a preparation started with the run (or
+    // its teardown) would take a CPU from it.
+    if let Some(shape) = &launcher.shape {
+        d.pool.refill(shape);
+    }
+}
+
+/// The run's code from a prepared sandbox's launcher (`{"exited":...}`, or `{"failed":...}`
+/// after its text went to the caller's stderr); `None` when its control socket ends (or
+/// fails) first. Cancel-safe: a message is read whole or not at all.
+async fn exited(control: Option<&AsyncFd<OwnedFd>>) -> Option<i32> {
+    let control = control?;
+    loop {
+        let mut guard = control.readable().await.ok()?;
+        match guard.try_io(|fd| crate::sandbox::pool::recv(fd.get_ref().as_fd())) {
+            Ok(Ok(Some(PoolMsg::Exited { code, .. } | PoolMsg::Failed { code, .. }))) => {
+                return Some(code)
+            }
+            // `started`: read on.
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None) | Err(_)) => return None,
+            Err(_would_block) => continue,
+        }
+    }
 }
 
 /// A run allowed: its spec, the caller's three streams, the presented workspace, its slot.
@@ -349,9 +397,10 @@ fn build(
 pub struct Launcher {
     child: tokio::process::Child,
     pid: i32,
-    /// A prepared sandbox's control socket, kept open until the launcher exits (its closing
-    /// before the final spec would mean "dismissed").
-    _control: Option<OwnedFd>,
+    /// A prepared sandbox's control socket (non-blocking), kept open until the launcher exits
+    /// (its closing before the final spec would mean "dismissed"); `serve` reads `exited`
+    /// from it.
+    control: Option<OwnedFd>,
     /// Served by a prepared sandbox of this shape (daemon/pool.rs): it is refilled when the
     /// run ends.
     shape: Option<String>,
@@ -416,12 +465,17 @@ pub fn launcher_for(
             workspace.as_ref().map(|w| w.as_fd()),
         ) {
             Ok((child, control)) => {
+                // Non-blocking for `exited`'s reads: the launcher reads nothing more from it.
+                let control = fcntl(&control, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+                    .map(|_| control)
+                    .map_err(|e| tracing::warn!(error = %e, "run: the control socket"))
+                    .ok();
                 return Ok(Launcher {
                     child,
                     pid,
-                    _control: Some(control),
+                    control,
                     shape: Some(shape),
-                })
+                });
             }
             // It went away between the check and the send: dropped (torn down), cold instead.
             Err(e) => {
@@ -482,7 +536,7 @@ pub fn launcher_for(
     Ok(Launcher {
         child,
         pid,
-        _control: None,
+        control: None,
         shape: None,
     })
 }

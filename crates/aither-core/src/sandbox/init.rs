@@ -757,6 +757,10 @@ fn reap(
     // The agent has its copy of the supervisor's socket now; pid 1's would keep the
     // connection open after the agent (and everything it started) is gone.
     drop(agent_fd);
+    // Likewise the agent's stdio (pid 1 writes nothing there): the launcher's relay and a
+    // supervisor's log pipes reach EOF when the agent's processes are gone, not when pid 1
+    // exits, so the status can be reported before the sandbox's teardown.
+    let _ = sys::close_range(0, 2, 0);
     stamps.push((Stage::ForkAgent, now_ns()));
     let _ = channel::send(
         sock,
@@ -791,9 +795,10 @@ fn reap(
                 }
                 if r == pid {
                     let status = ExitStatus::from_wait_status(st);
+                    // The status means "nothing of the agent runs any more": what it left
+                    // behind is killed and reaped first (docs/architecture.md, "Warm start").
+                    end_the_rest();
                     let _ = channel::send(sock, &Msg::Exited(status));
-                    // Leaving pid 1 ends the namespace: the kernel kills whatever the agent
-                    // left behind.
                     return Ok(status.code());
                 }
             }
@@ -802,6 +807,54 @@ fn reap(
             // Raw: nix's kill takes its Signal enum, which has no realtime signals.
             // SAFETY: plain kill of our own child.
             unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+/// Called by pid 1 once the agent has exited: SIGKILL to every other process of the pid
+/// namespace, then reaps until none is left, so that the status pid 1 reports next means that
+/// no process of the agent exists any more (the launcher may answer its caller before pid 1's
+/// own exit and the namespaces' teardown). What the kernel would do when pid 1 exits, done
+/// ahead of it.
+///
+/// kill(-1) from a namespace's pid 1 reaches every process of the namespace but itself, and a
+/// zombie counts until it is reaped; ESRCH means none is left. Orphans are pid 1's children
+/// (reaped here); a command `aitherctl exec` started has its parent outside the namespace,
+/// which reaps it, and is in another Landlock domain, which pid 1 may not signal (EPERM,
+/// which kill(-1) does not count): the launcher finds it in the cgroup and waits for pid 1's
+/// exit instead (launch.rs `supervise`), which the kernel's own kill of the namespace follows.
+fn end_the_rest() {
+    let mut chld = SigSet::empty();
+    chld.add(nix::sys::signal::Signal::SIGCHLD);
+    // 1 ms: SIGCHLD wakes us for our own children; the wait is for a zombie whose parent is
+    // outside the namespace (never forever: the launcher's timeout SIGKILLs pid 1).
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
+    };
+    loop {
+        // Raw: nix's kill takes a Pid and a Signal and would do the same; -1 is spelled out.
+        // SAFETY: kill(2) with pid -1 inside our own pid namespace, of which we are pid 1.
+        if unsafe { libc::kill(-1, libc::SIGKILL) } != 0 {
+            // ESRCH: nothing left to signal (any other error: nothing we could do better).
+            return;
+        }
+        let mut reaped = false;
+        loop {
+            let mut st = 0;
+            // SAFETY: reaps any child (orphans re-parented to pid 1), without blocking.
+            if unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) } <= 0 {
+                break;
+            }
+            reaped = true;
+        }
+        if !reaped {
+            // SAFETY: SIGCHLD is blocked (since the agent's fork); a zeroed siginfo is a valid
+            // out-parameter; a timeout or EINTR just loops.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::sigtimedwait(chld.as_ref(), &mut info, &tick);
+            }
         }
     }
 }

@@ -155,6 +155,9 @@ pub trait LogSink {
 /// `LaunchIo::on_started`.
 pub type OnStarted<'a> = Box<dyn FnOnce(&Started) + 'a>;
 
+/// Called once with the outcome, as soon as the agent is done (`Prepared::finish_with`).
+pub type OnExited<'a> = Box<dyn FnOnce(&Outcome) + 'a>;
+
 /// The running sandbox, as `LaunchIo::on_started` sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Started {
@@ -509,23 +512,26 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     }
 
     // 8. Supervise.
-    let (status, timed_out) = supervise(
+    // Without `alone`: aitherctl exits once the sandbox is gone and its cgroup removed, so
+    // reporting early would save it nothing (docs/architecture.md, "Warm start").
+    let (status, timed_out, _) = supervise(
         spec,
         pidfd.as_fd(),
         parent_sock.as_fd(),
         &signals,
         log.as_mut(),
         relay.as_mut(),
+        None,
     );
     drop(signals);
-    // supervise() returns once pid 1 is reaped.
+    // supervise() returns once pid 1 is reaped (no `alone` given).
     guard.reaped = true;
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let skipped = skipped_protections(guard.cg(), &enforced.landlock_skipped);
     let exited_at = now_ns();
     drop(guard);
     if trace_enabled() {
-        print_exit_trace(t0, exited_at);
+        print_exit_trace(t0, exited_at, None);
     }
     Ok(Outcome {
         status,
@@ -803,6 +809,23 @@ impl Prepared {
         workspace: Option<OwnedFd>,
         on_started: Option<OnStarted<'_>>,
     ) -> Result<Outcome, LaunchError> {
+        self.finish_with(final_spec, stdio, workspace, on_started, None)
+    }
+
+    /// `finish`, and `on_exited` is called with the outcome as soon as the agent is done: pid 1
+    /// has its status, no other process of the sandbox is left, the agent's streams are
+    /// drained and the caller's descriptors (and terminal mode) given back. The teardown (pid
+    /// 1's exit, its namespaces, the cgroup) follows before this returns. Not called when the
+    /// run ends otherwise (pid 1 killed, a process that joined from outside): then the outcome
+    /// is only returned, once the sandbox is gone.
+    pub fn finish_with(
+        self,
+        final_spec: &SandboxSpec,
+        stdio: [OwnedFd; 3],
+        workspace: Option<OwnedFd>,
+        on_started: Option<OnStarted<'_>>,
+        on_exited: Option<OnExited<'_>>,
+    ) -> Result<Outcome, LaunchError> {
         let t0 = now_ns();
         let mut marks: Vec<(&str, u64)> = Vec::with_capacity(8);
         let Prepared {
@@ -914,34 +937,57 @@ impl Prepared {
                 report: report.clone(),
             });
         }
-        let (status, timed_out) = supervise(
+        // pid 1 the last process of the cgroup: one read of cgroup.procs.
+        let cg = live.guard.cg();
+        // pid 1 (it may have left the cgroup already, on its way out) and nothing else.
+        let alone = || cg.pids().iter().all(|&p| p == pid);
+        let (status, timed_out, ended) = supervise(
             spec,
             live.pid1.pidfd.as_fd(),
             sock.as_fd(),
             &signals,
             None,
             relay.as_mut(),
+            on_exited.is_some().then_some(&alone as &dyn Fn() -> bool),
         );
-        drop(signals);
-        // supervise() returns once pid 1 is reaped.
-        live.pid1.reaped = true;
-        live.guard.reaped = true;
+        // Read now, before the status goes out: every OOM kill in the cgroup happened before
+        // the process it killed was gone, and all of them are (pid 1 has its status after
+        // reaping the rest, or pid 1 itself is reaped).
         let oom_killed = live.guard.mgr.oom_kills(live.guard.cg()) > 0;
         let skipped = skipped_protections(live.guard.cg(), &enforced.landlock_skipped);
-        let exited_at = now_ns();
-        drop(relay);
-        drop(live);
-        drop(template);
-        if trace_enabled() {
-            print_exit_trace(t0, exited_at);
-        }
-        Ok(Outcome {
+        let outcome = Outcome {
             status,
             oom_killed,
             timed_out,
             skipped,
             report,
-        })
+        };
+        let exited_at = now_ns();
+        // The caller's descriptors close (and its terminal gets its mode back) before the
+        // caller hears of the end: a reader of the caller's pipe sees EOF once the caller is
+        // gone too.
+        drop(relay);
+        let early = matches!(ended, Ended::AgentDone);
+        if early {
+            if let Some(cb) = on_exited {
+                cb(&outcome);
+            }
+            // The teardown, off the caller's path: pid 1 exits right after its report (its
+            // namespaces go with it, all empty), then the cgroup is removed.
+            let _ = sys::wait_pidfd(live.pid1.pidfd.as_fd());
+        }
+        // Signals stay blocked until pid 1 is reaped (a late one must not kill the launcher
+        // before its cleanup).
+        drop(signals);
+        live.pid1.reaped = true;
+        live.guard.reaped = true;
+        let reaped_at = now_ns();
+        drop(live);
+        drop(template);
+        if trace_enabled() {
+            print_exit_trace(t0, exited_at, early.then_some(reaped_at));
+        }
+        Ok(outcome)
     }
 }
 
@@ -1317,16 +1363,32 @@ fn enforcement_report(
 }
 
 /// Stage 8, with `AITHER_TRACE_LAUNCH=1`: the launcher's times after the agent ran.
-fn print_exit_trace(t0: u64, exited_at: u64) {
+/// `reaped_at`: the status went out before pid 1's exit (`finish_with`), which was reaped then.
+fn print_exit_trace(t0: u64, exited_at: u64, reaped_at: Option<u64>) {
     let done = now_ns();
-    eprintln!(
-        "aither-trace: launcher agent-ran+reaped       {:>9.0}",
-        (exited_at - t0) as f64 / 1000.0
-    );
+    let us = |a: u64, b: u64| (a - b) as f64 / 1000.0;
+    match reaped_at {
+        None => eprintln!(
+            "aither-trace: launcher agent-ran+reaped       {:>9.0}",
+            us(exited_at, t0)
+        ),
+        Some(r) => {
+            eprintln!(
+                "aither-trace: launcher agent-done+reported    {:>9.0}",
+                us(exited_at, t0)
+            );
+            eprintln!(
+                "aither-trace: launcher pid1-reaped            {:>9.0} {:>9.0}",
+                us(r, t0),
+                us(r, exited_at)
+            );
+        }
+    }
+    let from = reaped_at.unwrap_or(exited_at);
     eprintln!(
         "aither-trace: launcher cgroup-removed         {:>9.0} {:>9.0}",
-        (done - t0) as f64 / 1000.0,
-        (done - exited_at) as f64 / 1000.0
+        us(done, t0),
+        us(done, from)
     );
 }
 
@@ -1364,8 +1426,21 @@ fn print_trace(
     );
 }
 
+/// How `supervise` returned.
+enum Ended {
+    /// pid 1 was reaped: the sandbox's pid namespace is gone.
+    Reaped,
+    /// pid 1 reported the agent's status, having killed and reaped every other process of
+    /// its namespace, the relay reached EOF on every stream of the agent's, and `alone` said
+    /// pid 1 is the last process of the cgroup: nothing of the agent runs any more; pid 1's
+    /// exit and the namespaces' teardown are still to come.
+    AgentDone,
+}
+
 /// Waits for the sandbox, forwarding signals and enforcing the timeout. Returns the agent's
-/// status (or pid 1's, if pid 1 was killed) and whether the timeout fired.
+/// status (or pid 1's, if pid 1 was killed), whether the timeout fired, and how it ended:
+/// with `alone` (asked once, when pid 1 has reported and the relay is drained: is pid 1 the
+/// cgroup's last process?), as soon as the agent is done; otherwise once pid 1 is reaped.
 fn supervise(
     spec: &SandboxSpec,
     pidfd: BorrowedFd<'_>,
@@ -1373,7 +1448,8 @@ fn supervise(
     signals: &SignalGuard,
     mut log: Option<&mut LogPipes<'_>>,
     mut relay: Option<&mut Relay>,
-) -> (ExitStatus, bool) {
+    mut alone: Option<&dyn Fn() -> bool>,
+) -> (ExitStatus, bool, Ended) {
     let start = Instant::now();
     let mut agent_status: Option<ExitStatus> = None;
     let mut timed_out = false;
@@ -1458,13 +1534,21 @@ fn supervise(
             }
         }
         if fds[0].revents != 0 {
-            let st = sys::wait_pidfd(pidfd).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
             // Drain a final Exited message that raced with pid 1's exit.
             if agent_status.is_none() && sock_open {
                 if let Ok(Some(Msg::Exited(s))) = channel::recv(sock) {
                     agent_status = Some(s);
                 }
             }
+            // pid 1 reported and exited (the kernel's kill of its namespace is over when its
+            // pidfd turns readable): the agent is done, as below; the caller reaps pid 1.
+            if let (Some(st), Some(_), None) = (agent_status, alone, log.as_ref()) {
+                if let Some(r) = relay {
+                    r.drain();
+                }
+                return (st, timed_out, Ended::AgentDone);
+            }
+            let st = sys::wait_pidfd(pidfd).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
             // The agent's last words are logged before the caller reports its end.
             if let Some(l) = log {
                 l.drain();
@@ -1472,7 +1556,24 @@ fn supervise(
             if let Some(r) = relay {
                 r.drain();
             }
-            return (agent_status.unwrap_or(st), timed_out);
+            return (agent_status.unwrap_or(st), timed_out, Ended::Reaped);
+        }
+        // The agent is done once pid 1 has its status (sent after the rest of the namespace
+        // was killed and reaped) and every stream it wrote reached EOF (pid 1 closed its
+        // copies at the exec): the caller's output is complete. Only a process that joined
+        // from outside the namespace (`aitherctl exec`) can remain; then pid 1's exit, which
+        // the kernel's kill of the namespace follows, is waited for as before.
+        if let Some(st) = agent_status {
+            if log.is_none() && relay.as_ref().is_none_or(|r| r.outbound_done()) {
+                if let Some(check) = alone.take() {
+                    if check() {
+                        if let Some(r) = relay {
+                            r.drain();
+                        }
+                        return (st, timed_out, Ended::AgentDone);
+                    }
+                }
+            }
         }
         let now = Instant::now();
         if let Some(k) = kill_at {

@@ -15,7 +15,13 @@
 //! - accepted: `{"started":{"agent_pid":N}}` when the agent has exec'ed (its host pid; null in
 //!   the rare case it had already gone), then `{"exited":{"code":N,"timed_out":B,
 //!   "oom_killed":B}}`, and the launcher exits with that code (plain `aither-init`'s: the
-//!   agent's status, 128+signal, 124 at the timeout). A launch error after acceptance (the
+//!   agent's status, 128+signal, 124 at the timeout). `exited` is sent as soon as no process
+//!   of the sandbox is left (pid 1 killed and reaped the rest of its pid namespace and has the
+//!   agent's status), the agent's streams are drained to the caller's descriptors and those
+//!   are closed; the teardown (pid 1's exit, its empty namespaces, the empty cgroup's removal)
+//!   follows, and the launcher's exit marks its end. When the run ends otherwise (pid 1 killed
+//!   at the timeout's grace, a process that joined from outside the namespace), `exited`
+//!   comes once the sandbox is gone and its cgroup removed. A launch error after acceptance (the
 //!   workspace, a setup stage, 126/127 for the command) is `{"failed":{"code":N,
 //!   "error":"..."}}` (the text also goes to the caller's stderr, as plain `aither-init`
 //!   writes it to its own), exit N;
@@ -220,7 +226,8 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
     };
     // The caller's stderr, for a launch error's text (plain aither-init writes it to its own
     // stderr, which is the caller's).
-    let caller_err = crate::sys::dup_above(stdio[2].as_fd(), 3).ok();
+    // Given back (closed) when the agent is done, with the caller's other descriptors.
+    let caller_err = std::cell::Cell::new(crate::sys::dup_above(stdio[2].as_fd(), 3).ok());
     if crate::trace::enabled() {
         eprintln!(
             "aither-trace: pool     final-read+parsed      {:>9.0}",
@@ -235,22 +242,23 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
             },
         );
     });
-    match prepared.finish(&spec, stdio, workspace, Some(on_started)) {
+    // `exited` as soon as the agent is done (no process of the sandbox left, the streams
+    // drained and the caller's descriptors closed): the teardown follows off the caller's
+    // path. Otherwise (pid 1 killed, a process that joined from outside) once it is over.
+    let sent = std::cell::Cell::new(false);
+    let report = |out: &launch::Outcome| {
+        if !sent.replace(true) {
+            let _ = send(ctl, &exited_msg(out));
+        }
+    };
+    let on_exited: launch::OnExited<'_> = Box::new(|out: &launch::Outcome| {
+        drop(caller_err.take());
+        report(out);
+    });
+    match prepared.finish_with(&spec, stdio, workspace, Some(on_started), Some(on_exited)) {
         Ok(out) => {
-            let code = if out.timed_out {
-                124
-            } else {
-                out.status.code()
-            };
-            let _ = send(
-                ctl,
-                &PoolMsg::Exited {
-                    code,
-                    timed_out: out.timed_out,
-                    oom_killed: out.oom_killed,
-                },
-            );
-            code
+            report(&out);
+            exit_code(&out)
         }
         Err(e @ (LaunchError::KeyMismatch { .. } | LaunchError::NotPoolable(_))) => {
             let _ = send(ctl, &PoolMsg::Refused(e.to_string()));
@@ -259,7 +267,7 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
         }
         Err(e) => {
             let code = e.exit_code();
-            if let Some(fd) = &caller_err {
+            if let Some(fd) = caller_err.take() {
                 let _ = crate::sys::write_all_once(
                     fd.as_fd(),
                     format!("aither-init: {e}\n").as_bytes(),
@@ -274,6 +282,23 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
             );
             code
         }
+    }
+}
+
+/// The launcher's exit code for an outcome: plain `aither-init`'s.
+fn exit_code(out: &launch::Outcome) -> i32 {
+    if out.timed_out {
+        124
+    } else {
+        out.status.code()
+    }
+}
+
+fn exited_msg(out: &launch::Outcome) -> PoolMsg {
+    PoolMsg::Exited {
+        code: exit_code(out),
+        timed_out: out.timed_out,
+        oom_killed: out.oom_killed,
     }
 }
 

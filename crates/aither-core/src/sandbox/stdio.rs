@@ -397,6 +397,12 @@ impl Relay {
         }
     }
 
+    /// Every stream from the agent (its stdout and stderr pipes, the pty's output) reached EOF
+    /// and was written out to the caller: no process holds a writing end any more.
+    pub(crate) fn outbound_done(&self) -> bool {
+        self.pumps.iter().all(|p| p.inbound || p.done)
+    }
+
     /// SIGWINCH: the pty takes the caller's size (the kernel signals the pty's foreground
     /// process group). Returns false when there is no pty (then the signal is forwarded).
     pub(crate) fn winch(&self) -> bool {
