@@ -5,7 +5,10 @@
 # median of each stage of the prepare and of the finish (final spec received → agent started).
 #
 # Usage (as root, from the repository):
-#   [ROUNDS=100] [GAP_MS=100] [TRACE_ROUNDS=40] [POLICY=policies/strict.toml] scripts/bench/pool.sh
+#   [ROUNDS=100] [GAP_MS=100] [TRACE_ROUNDS=40] [POLICY=policies/strict.toml] \
+#       [INIT_B=/path/to/another/release/aither-init] scripts/bench/pool.sh
+# INIT_B: an A/B of the pool launcher, e.g. a copy of the build before a change; its warm runs
+# (`warm B`) are interleaved with this tree's (`warm`) in every round of the first run.
 # Builds release aither-init and the example (target/release; remove it afterwards on a
 # shared disk).
 set -euo pipefail
@@ -24,7 +27,15 @@ trap 'rm -rf --one-file-system "$WS"' EXIT
 BENCH=target/release/examples/pool_bench
 INIT=target/release/aither-init
 echo "== wall times (no trace)"
-env -u AITHER_TRACE_LAUNCH "$BENCH" "$INIT" "$POLICY" "$WS" "$ROUNDS" "$GAP_MS"
+if [[ -n "${INIT_B:-}" ]]; then
+    [[ -x "$INIT_B" ]] || die "INIT_B=$INIT_B is not an executable"
+    # Copied first: a concurrent rebuild cannot change it mid-run.
+    cp "$INIT_B" "$WS.init-b" && trap 'rm -rf --one-file-system "$WS" "$WS.init-b"' EXIT
+    env -u AITHER_TRACE_LAUNCH POOL_BENCH_INIT_B="$WS.init-b" \
+        "$BENCH" "$INIT" "$POLICY" "$WS" "$ROUNDS" "$GAP_MS"
+else
+    env -u AITHER_TRACE_LAUNCH "$BENCH" "$INIT" "$POLICY" "$WS" "$ROUNDS" "$GAP_MS"
+fi
 echo
 echo "== with AITHER_TRACE_LAUNCH=1 (pool launchers only)"
 AITHER_TRACE_LAUNCH=1 "$BENCH" "$INIT" "$POLICY" "$WS" "$TRACE_ROUNDS" "$GAP_MS"

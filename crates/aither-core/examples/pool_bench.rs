@@ -12,6 +12,10 @@
 //! - cold: `aither-init < spec.json`, the same final spec, spawn → exit;
 //! - bwrap: `bwrap --unshare-all --ro-bind / / --dev /dev --proc /proc /bin/true`, spawn → exit.
 //!
+//! With `POOL_BENCH_INIT_B=/path/to/another/aither-init` a fourth tool, `warm B`, runs the
+//! warm rows with that launcher in the same rotation (an A/B of two builds of the pool
+//! launcher against the same bwrap and cold samples; the trace is of A's launchers only).
+//!
 //! The agent is /bin/true with /dev/null as stdin, stdout and stderr everywhere. With
 //! `AITHER_TRACE_LAUNCH=1` in the environment the pool launchers trace their stages, and the
 //! medians of each trace line (prepare and finish apart) are printed after the table.
@@ -165,31 +169,44 @@ fn main() {
         .open("/dev/null")
         .unwrap();
 
-    let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut times: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut trace: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let init_b = std::env::var_os("POOL_BENCH_INIT_B").map(PathBuf::from);
     let mut order = vec!["warm", "cold", "bwrap"];
+    if init_b.is_some() {
+        order.insert(1, "warm B");
+    }
     for _ in 0..rounds {
         for tool in order.clone() {
             std::thread::sleep(gap);
             match tool {
-                "warm" => {
-                    let r = start_pool(&init, &template_json);
+                "warm" | "warm B" => {
+                    let b = tool == "warm B";
+                    let which = if b {
+                        init_b.as_deref().expect("INIT_B")
+                    } else {
+                        &init
+                    };
+                    let r = start_pool(which, &template_json);
+                    let row = |what: &str| format!("{tool} {what}");
                     times
-                        .entry("warm prepare (spawn→ready)")
+                        .entry(row("prepare (spawn→ready)"))
                         .or_default()
                         .push(r.prepare.as_secs_f64() * 1e3);
                     // A prepared sandbox waits for its caller: let it settle as in a pool.
                     std::thread::sleep(gap);
                     let (exited, reaped, err) = run_warm(r, &fin, &null);
                     times
-                        .entry("warm final→exited")
+                        .entry(row("final→exited"))
                         .or_default()
                         .push(exited.as_secs_f64() * 1e3);
                     times
-                        .entry("warm final→reaped")
+                        .entry(row("final→reaped"))
                         .or_default()
                         .push(reaped.as_secs_f64() * 1e3);
-                    collect_trace(&err, &mut trace);
+                    if !b {
+                        collect_trace(&err, &mut trace);
+                    }
                 }
                 "cold" => {
                     let mut c = Command::new(&init);
@@ -199,7 +216,7 @@ fn main() {
                         .env_remove("AITHER_TRACE_LAUNCH");
                     let d = run_cmd(c, "cold aither-init");
                     times
-                        .entry("cold aither-init")
+                        .entry("cold aither-init".into())
                         .or_default()
                         .push(d.as_secs_f64() * 1e3);
                 }
@@ -221,7 +238,7 @@ fn main() {
                     .stderr(Stdio::null());
                     let d = run_cmd(c, "bwrap");
                     times
-                        .entry("bwrap")
+                        .entry("bwrap".into())
                         .or_default()
                         .push(d.as_secs_f64() * 1e3);
                 }
