@@ -749,3 +749,69 @@ fn an_oom_killed_agent_is_reported_in_exited() {
     );
     assert!(!out.contains("RESULT"), "{out}");
 }
+
+/// aitherd's cold launcher, `aither-init --config-fd 3 --status-fd 4`: the run's code comes on
+/// the status descriptor as soon as nothing of the agent is left (a background child it left
+/// holding stdout is gone by then, the output is whole and the launcher holds the caller's
+/// stdout no more), and the launcher's teardown follows. Without that early path nothing
+/// would be written there (the code would only be the exit status).
+#[test]
+fn the_cold_launcher_writes_the_code_once_nothing_of_the_agent_is_left() {
+    common::require_root();
+    let ws = Workspace::new();
+    let marker = unique("cold-leftover");
+    let script = format!(
+        "sh -c 'echo bg-up; touch /tmp/up; sleep 1000; : {marker}' & \
+         while [ ! -e /tmp/up ]; do sleep 0.01; done; echo out; exit 3"
+    );
+    let (template, fin) = specs(&ws, &["sh", "-c", &script]);
+    let (config_r, config_w) = aither::sys::pipe().unwrap();
+    let (status_r, status_w) = aither::sys::pipe().unwrap();
+    std::fs::File::from(config_w)
+        .write_all(&serde_json::to_vec(&fin).unwrap())
+        .unwrap();
+    let (cfg, st) = (config_r.as_raw_fd(), status_w.as_raw_fd());
+    let mut cmd = Command::new(init_path());
+    cmd.args(["--config-fd", "3", "--status-fd", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec (fcntl, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            let a = libc::fcntl(cfg, libc::F_DUPFD_CLOEXEC, 10);
+            let b = libc::fcntl(st, libc::F_DUPFD_CLOEXEC, 10);
+            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn aither-init --config-fd");
+    drop((config_r, status_w));
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let mut line = String::new();
+    BufReader::new(std::fs::File::from(status_r))
+        .read_line(&mut line)
+        .expect("read the status descriptor");
+    // At the moment the caller would get the code.
+    let left = pids_marked(&marker);
+    assert_eq!(line, "3\n", "the code before the teardown");
+    assert!(
+        left.is_empty(),
+        "the agent's background child {left:?} still existed when the code came"
+    );
+    assert_eq!(
+        stdout.join().unwrap(),
+        "bg-up\nout\n",
+        "all the output, then EOF"
+    );
+    let code = wait_with_deadline(&mut child, "aither-init --config-fd", RUN_DEADLINE);
+    assert_eq!(code.code(), Some(3), "{}", stderr.join().unwrap());
+    assert!(
+        common::poll_until(RUN_DEADLINE, || cgroup_dirs_of(&template.name).is_empty()
+            && cgroup_dirs_of(&fin.name).is_empty()),
+        "the cgroup is removed"
+    );
+}

@@ -167,13 +167,25 @@ fn a_shapes_next_run_is_served_by_a_prepared_sandbox_used_once_and_fresh() {
         pool_launchers(d.pid())
     );
     // aitherd's log says how each was served.
+    // Refilled once the served launcher is gone; then a warm run's timeout.
+    assert!(
+        poll_until(WAIT, || pool_launchers(d.pid()).len() == 2),
+        "the pool was not refilled: {}",
+        d.log()
+    );
+    let (c3, _, e3) = run_in(&d, ws.path(), &["--timeout", "1s"], "sleep 60");
+    assert_eq!(c3, 124, "{e3}\n{}", d.log());
+    assert!(
+        e3.contains("aither: timeout"),
+        "the timeout's message: {e3}"
+    );
     let log = d.log();
     let warm: Vec<bool> = log
         .lines()
         .filter(|l| l.contains("run ended"))
         .map(|l| l.contains("warm=true"))
         .collect();
-    assert_eq!(warm, [false, true], "aitherd's log: {log}");
+    assert_eq!(warm, [false, true, true], "aitherd's log: {log}");
 }
 
 #[test]
@@ -252,12 +264,13 @@ fn pids_marked(marker: &str) -> Vec<i32> {
         .collect()
 }
 
-/// A warm run's status reaches the client as soon as nothing of its agent is left (the
-/// teardown of the sandbox follows): when `aitherctl run` has exited, a background child the
+/// A run's status reaches the client as soon as nothing of its agent is left (the teardown of
+/// the sandbox follows), cold (a shape's first run: `aither-init --status-fd`) and warm (a
+/// prepared sandbox's `exited`): when `aitherctl run` has exited, a background child the
 /// agent left holding its stdout is gone, the output is whole, and the launcher and its
-/// cgroups go shortly after.
+/// cgroups go shortly after. A warm run's timeout is 124 with the cold run's message.
 #[test]
-fn a_warm_runs_status_comes_once_nothing_of_the_agent_is_left() {
+fn a_runs_status_comes_once_nothing_of_the_agent_is_left_cold_and_warm() {
     let d = TestDaemon::start("aitherd-pool-early-", &[]);
     let ws = workspace();
     let marker = format!("warm-leftover-{}", std::process::id());
@@ -267,6 +280,11 @@ fn a_warm_runs_status_comes_once_nothing_of_the_agent_is_left() {
     );
     // Cold: the shape is learnt.
     let (c1, o1, e1) = run_in(&d, ws.path(), &[], &script);
+    let left = pids_marked(&marker);
+    assert!(
+        left.is_empty(),
+        "cold: the agent's background child {left:?} outlived the status its client got"
+    );
     assert_eq!((c1, o1.as_str()), (3, "bg-up\nout\n"), "{e1}");
     assert!(
         poll_until(WAIT, || pool_launchers(d.pid()).len() == 2),

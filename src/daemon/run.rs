@@ -22,7 +22,11 @@
 //!    sandbox with it (pid 1's parent-death signal; the cgroup is swept as any dead
 //!    launcher's).
 //! 6. End: `{"exit_code": N}`: the agent's status, 128+N for a signal, 124 for `--timeout`,
-//!    125/126/127 for Aither's own failures.
+//!    125/126/127 for Aither's own failures. Sent as soon as the launcher reports that the
+//!    agent is done (no process of its sandbox left, its streams drained and the caller's
+//!    descriptors closed: a prepared sandbox's `exited`, a cold launcher's `--status-fd`
+//!    line), before the sandbox's teardown; the run keeps its slot until the launcher has
+//!    exited (docs/architecture.md, "Warm start").
 //!
 //! Every request is audited (`run`, allow or deny, with the command and the workspace).
 
@@ -52,6 +56,9 @@ pub const MAX_RUNS_PER_UID: usize = 16;
 
 /// Where the cold launcher finds the spec (`aither-init --config-fd 3`).
 const CONFIG_FD: RawFd = 3;
+
+/// Where the cold launcher writes the run's code once the agent is done (`--status-fd 4`).
+const STATUS_FD: RawFd = 4;
 
 /// A spec this size fits in a pipe's buffer (64 KiB on Linux) with room to spare.
 const SMALL_SPEC: usize = 48 * 1024;
@@ -212,21 +219,25 @@ pub async fn serve(
         launcher.kill().await;
         return;
     }
-    // A prepared sandbox's launcher says `exited` as soon as the agent is done (no process
-    // of its sandbox left, the streams drained): the client is answered then, and the
-    // launcher's teardown (pid 1's exit, the empty namespaces and cgroup) goes on without it.
-    // SAFETY: the AsyncFd owns the OwnedFd, which stays open on the same description for as
-    // long as it is registered.
-    let control = launcher
-        .control
-        .take()
-        .and_then(|c| match unsafe { AsyncFd::register(c) } {
-            Ok(a) => Some(a),
+    // The launcher says the run's code as soon as the agent is done (no process of its
+    // sandbox left, the streams drained): a prepared sandbox's `exited`, a cold launcher's
+    // status pipe. The client is answered then, and the launcher's teardown (pid 1's exit,
+    // the empty namespaces and cgroup) goes on without it.
+    let control = launcher.ends.take().and_then(|e| {
+        let (fd, pool) = match e {
+            Ends::Pool(fd) => (fd, true),
+            Ends::Status(fd) => (fd, false),
+        };
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open on the same description for
+        // as long as it is registered.
+        match unsafe { AsyncFd::register(fd) } {
+            Ok(a) => Some((a, pool)),
             Err(e) => {
-                tracing::warn!(error = %e, "run: watching the launcher's control socket");
+                tracing::warn!(error = %e, "run: watching the launcher's end");
                 None
             }
-        });
+        }
+    });
     let mut watch = control.is_some();
     let (code, early) = loop {
         tokio::select! {
@@ -277,23 +288,59 @@ pub async fn serve(
     }
 }
 
-/// The run's code from a prepared sandbox's launcher (`{"exited":...}`, or `{"failed":...}`
-/// after its text went to the caller's stderr); `None` when its control socket ends (or
-/// fails) first. Cancel-safe: a message is read whole or not at all.
-async fn exited(control: Option<&AsyncFd<OwnedFd>>) -> Option<i32> {
-    let control = control?;
+/// The run's code as the launcher reports it before its teardown: a prepared sandbox's
+/// `{"exited":...}` (or `{"failed":...}`, after its text went to the caller's stderr) on its
+/// control socket (`pool`), or the line a cold launcher writes to its status pipe. `None`
+/// when that end closes (or fails) first: the launcher's exit status says it then.
+/// Cancel-safe: a message is read whole or not at all.
+async fn exited(end: Option<&(AsyncFd<OwnedFd>, bool)>) -> Option<i32> {
+    let (fd, pool) = end?;
     loop {
-        let mut guard = control.readable().await.ok()?;
-        match guard.try_io(|fd| crate::sandbox::pool::recv(fd.get_ref().as_fd())) {
-            Ok(Ok(Some(PoolMsg::Exited { code, .. } | PoolMsg::Failed { code, .. }))) => {
-                return Some(code)
+        let mut guard = fd.readable().await.ok()?;
+        let got = guard.try_io(|fd| {
+            let fd = fd.get_ref().as_fd();
+            if *pool {
+                return crate::sandbox::pool::recv(fd).map(|m| match m {
+                    Some(PoolMsg::Exited { code, .. } | PoolMsg::Failed { code, .. }) => {
+                        Some(Some(code))
+                    }
+                    // `started`: read on.
+                    Some(_) => None,
+                    None => Some(None),
+                });
             }
-            // `started`: read on.
-            Ok(Ok(Some(_))) => continue,
-            Ok(Ok(None) | Err(_)) => return None,
+            // "N\n" in one write (atomic: far below PIPE_BUF); EOF without it is None.
+            let mut buf = [0u8; 16];
+            let n = nix::unistd::read(fd, &mut buf)?;
+            Ok(Some(
+                std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok()),
+            ))
+        });
+        match got {
+            Ok(Ok(Some(code))) => return code,
+            Ok(Ok(None)) => continue,
+            Ok(Err(_)) => return None,
             Err(_would_block) => continue,
         }
     }
+}
+
+/// Where a launcher reports the run's code before its teardown (`exited`).
+enum Ends {
+    /// A prepared sandbox's control socket.
+    Pool(OwnedFd),
+    /// A cold launcher's status pipe (`--status-fd`), its read end.
+    Status(OwnedFd),
+}
+
+/// `fd` non-blocking (our own end: a pipe's read end, a socketpair's end), for `exited`.
+fn nonblocking(fd: OwnedFd) -> Option<OwnedFd> {
+    fcntl(&fd, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map(|_| fd)
+        .map_err(|e| tracing::warn!(error = %e, "run: the launcher's end"))
+        .ok()
 }
 
 /// A run allowed: its spec, the caller's three streams, the presented workspace, its slot.
@@ -397,10 +444,10 @@ fn build(
 pub struct Launcher {
     child: tokio::process::Child,
     pid: i32,
-    /// A prepared sandbox's control socket (non-blocking), kept open until the launcher exits
-    /// (its closing before the final spec would mean "dismissed"); `serve` reads `exited`
-    /// from it.
-    control: Option<OwnedFd>,
+    /// Where it reports the run's code before its teardown (non-blocking; `serve` reads it).
+    /// A prepared sandbox's control socket stays open until the launcher exits (its closing
+    /// before the final spec would mean "dismissed").
+    ends: Option<Ends>,
     /// Served by a prepared sandbox of this shape (daemon/pool.rs): it is refilled when the
     /// run ends.
     shape: Option<String>,
@@ -466,14 +513,10 @@ pub fn launcher_for(
         ) {
             Ok((child, control)) => {
                 // Non-blocking for `exited`'s reads: the launcher reads nothing more from it.
-                let control = fcntl(&control, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-                    .map(|_| control)
-                    .map_err(|e| tracing::warn!(error = %e, "run: the control socket"))
-                    .ok();
                 return Ok(Launcher {
                     child,
                     pid,
-                    control,
+                    ends: nonblocking(control).map(Ends::Pool),
                     shape: Some(shape),
                 });
             }
@@ -488,10 +531,13 @@ pub fn launcher_for(
     // pinned from the descriptor the caller presented.
     drop(workspace);
     let (config_r, config_w) = crate::sys::pipe().map_err(RunFailed::Pipe)?;
+    let (status_r, status_w) = crate::sys::pipe().map_err(RunFailed::Pipe)?;
     let [stdin, stdout, stderr] = stdio;
     let mut cmd = Command::new(init);
     cmd.arg("--config-fd")
         .arg(CONFIG_FD.to_string())
+        .arg("--status-fd")
+        .arg(STATUS_FD.to_string())
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
@@ -500,15 +546,18 @@ pub fn launcher_for(
     if trace {
         cmd.env("AITHER_TRACE_LAUNCH", "1");
     }
-    let src = config_r.as_raw_fd();
+    let (src, st) = (config_r.as_raw_fd(), status_w.as_raw_fd());
     // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2), none that
-    // allocates, on a descriptor that stays open in the parent until spawn returns.
+    // allocates, on descriptors that stay open in the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            // Moved up first: dup2 onto its own number would keep close-on-exec.
+            // Both moved up first: dup2 onto its own number would keep close-on-exec, and the
+            // first dup2 must not land on the second's source.
             let high = fcntl(BorrowedFd::borrow_raw(src), FcntlArg::F_DUPFD_CLOEXEC(10))?;
+            let high_st = fcntl(BorrowedFd::borrow_raw(st), FcntlArg::F_DUPFD_CLOEXEC(10))?;
             // Raw: nix's dup2 wants the target as an OwnedFd (nothing owns that number here).
             Errno::result(libc::dup2(high, CONFIG_FD))?;
+            Errno::result(libc::dup2(high_st, STATUS_FD))?;
             Ok(())
         });
     }
@@ -520,6 +569,8 @@ pub fn launcher_for(
     // the agent's copies close.
     drop(cmd);
     drop(config_r);
+    // Ours closes: EOF on the status pipe when the launcher is gone without a status.
+    drop(status_w);
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let body = serde_json::to_vec(spec).expect("a spec serialises");
     // A write error means the launcher died: its exit status says why.
@@ -536,7 +587,7 @@ pub fn launcher_for(
     Ok(Launcher {
         child,
         pid,
-        control: None,
+        ends: nonblocking(status_r).map(Ends::Status),
         shape: None,
     })
 }

@@ -6,10 +6,14 @@
 //!                                   (125/126/127 for Aither's own errors, as `aitherctl run`)
 //!     aither-init shim < shim.json  supervised mode, one shim per agent (crates/aither-core/src/sandbox/shim.rs)
 //!     aither-init exec < exec.json  a command inside a running sandbox (crates/aither-core/src/sandbox/exec.rs)
-//!     aither-init --config-fd N     the same, the spec read from fd N, for `aitherctl run`
+//!     aither-init --config-fd N [--status-fd M]
+//!                                   the same, the spec read from fd N, for `aitherctl run`
 //!                                   through aitherd: this process's stdin, stdout and stderr
 //!                                   are the caller's, and the run's messages go to its
-//!                                   stderr as `aitherctl run` writes them
+//!                                   stderr as `aitherctl run` writes them; with M, the run's
+//!                                   code ("N\n") is written to fd M as soon as the agent is
+//!                                   done (nothing of it left), before the teardown, and
+//!                                   0–2 are /dev/null from then on
 //!     aither-init exec --config-fd N
 //!                                   the same, the config read from fd N: the command gets this
 //!                                   process's stdin, stdout and stderr (`aitherctl exec`)
@@ -136,11 +140,17 @@ fn passed_fd(flag: &str, n: &str) -> Result<std::fs::File, String> {
 /// by aitherd: no gateway listener leaves this process.)
 fn for_caller() -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let fd = match args.as_slice() {
-        [c, n] => passed_fd(c, n),
-        _ => Err(format!(
-            "unexpected arguments {args:?} (expected --config-fd N)"
-        )),
+    // `--status-fd M` (aitherd): the run's code is written there as soon as the agent is
+    // done, before the sandbox's teardown (docs/architecture.md, "Warm start").
+    let (fd, status) = match args.as_slice() {
+        [c, n] => (passed_fd(c, n), Ok(None)),
+        [c, n, s, m] if s == "--status-fd" => (passed_fd(c, n), passed_fd(s, m).map(Some)),
+        _ => (
+            Err(format!(
+                "unexpected arguments {args:?} (expected --config-fd N [--status-fd M])"
+            )),
+            Ok(None),
+        ),
     };
     // As `aitherctl run`: never write into cgroups systemd owns (pure v2 with systemd as pid
     // 1); before anything is read, created or started.
@@ -152,9 +162,9 @@ fn for_caller() -> i32 {
         serde_json::from_str::<SandboxSpec>(&input)
             .map_err(|e| format!("the spec is not a SandboxSpec: {e}"))
     });
-    let spec = match spec {
-        Ok(s) => s,
-        Err(e) => {
+    let (spec, status) = match (spec, status) {
+        (Ok(s), Ok(st)) => (s, st),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("aither: error: {e}");
             return 125;
         }
@@ -162,31 +172,34 @@ fn for_caller() -> i32 {
     if let Some(w) = &spec.warning {
         eprintln!("aither: WARNING: {w}");
     }
-    match sandbox::run(&spec) {
+    // Whether the notes were printed (and the caller's streams given back) already.
+    let reported = std::cell::Cell::new(false);
+    let io = sandbox::LaunchIo {
+        on_exited: status.map(|file| {
+            let (spec, reported) = (&spec, &reported);
+            Box::new(move |out: &sandbox::Outcome| {
+                for n in out.notes(spec) {
+                    eprintln!("{n}");
+                }
+                reported.set(true);
+                // The caller's descriptors (this process's 0–2) close before the caller hears
+                // of the end: a reader of its pipe sees EOF once the caller is gone too.
+                give_back_stdio();
+                use std::io::Write;
+                let _ = (&file).write_all(format!("{}\n", out.code()).as_bytes());
+                drop(file);
+            }) as sandbox::launch::OnExited<'_>
+        }),
+        ..Default::default()
+    };
+    match sandbox::run_with(&spec, io) {
         Ok(out) => {
-            for s in &out.skipped {
-                eprintln!(
-                    "aither: best-effort: {s} was not enforced on this host (policy {:?} allows it)",
-                    spec.policy
-                );
+            if !reported.get() {
+                for n in out.notes(&spec) {
+                    eprintln!("{n}");
+                }
             }
-            if out.timed_out {
-                let t = spec
-                    .timeout
-                    .map(aither_core::units::format_duration)
-                    .unwrap_or_default();
-                eprintln!("aither: timeout: the agent was stopped after {t}");
-                return 124;
-            }
-            if out.oom_killed {
-                let m = spec
-                    .limits
-                    .memory
-                    .map(|m| aither_core::units::Size(m).to_string())
-                    .unwrap_or_default();
-                eprintln!("aither: the agent was killed by the OOM killer (memory limit {m})");
-            }
-            out.status.code()
+            out.code()
         }
         Err(e) => {
             let mut text = format!("aither: error: {e}");
@@ -197,6 +210,23 @@ fn for_caller() -> i32 {
             }
             eprintln!("{text}");
             e.exit_code()
+        }
+    }
+}
+
+/// /dev/null on fds 0–2 in place of the caller's descriptors (nothing is written there
+/// afterwards).
+fn give_back_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // Raw: nix's dup2 wants the target as an OwnedFd (std owns 0–2).
+            // SAFETY: dup2 onto the standard descriptors, which stay open (now /dev/null).
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
 }

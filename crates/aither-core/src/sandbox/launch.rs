@@ -116,6 +116,49 @@ pub struct Outcome {
     pub report: Option<Report>,
 }
 
+impl Outcome {
+    /// The lines `aitherctl run` (and aitherd's launchers, on the caller's stderr) print about
+    /// how a run ended: protections skipped as best-effort, the timeout, an OOM kill.
+    pub fn notes(&self, spec: &SandboxSpec) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|s| {
+                format!(
+                    "aither: best-effort: {s} was not enforced on this host (policy {:?} allows it)",
+                    spec.policy
+                )
+            })
+            .collect();
+        if self.timed_out {
+            let t = spec
+                .timeout
+                .map(crate::units::format_duration)
+                .unwrap_or_default();
+            v.push(format!("aither: timeout: the agent was stopped after {t}"));
+        } else if self.oom_killed {
+            let m = spec
+                .limits
+                .memory
+                .map(|m| crate::units::Size(m).to_string())
+                .unwrap_or_default();
+            v.push(format!(
+                "aither: the agent was killed by the OOM killer (memory limit {m})"
+            ));
+        }
+        v
+    }
+
+    /// The launcher's exit code: the agent's status (128+signal), 124 at the timeout.
+    pub fn code(&self) -> i32 {
+        if self.timed_out {
+            124
+        } else {
+            self.status.code()
+        }
+    }
+}
+
 /// What a supervising caller (`aither-init shim`) adds to a launch. `LaunchIo::default()` is
 /// `aitherctl run`: the agent shares the caller's stdio and gets no extra descriptor.
 #[derive(Default)]
@@ -142,6 +185,11 @@ pub struct LaunchIo<'a> {
     /// Opened after the clone and before Go, while pid 1 is the launcher's unreaped child:
     /// its pid cannot name another process then.
     pub on_netns: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
+    /// Called once with the outcome as soon as the agent is done (as `Prepared::finish_with`'s:
+    /// no process of the sandbox left, the relay drained and dropped, the caller's terminal
+    /// mode restored); the teardown (pid 1's exit, the cgroup) follows before `run_with`
+    /// returns. Not with `log`, and not called when the run ends otherwise.
+    pub on_exited: Option<OnExited<'a>>,
 }
 
 /// Where a supervised agent's output goes (the shim's log, src/sandbox/shim.rs).
@@ -512,34 +560,51 @@ pub fn run_with(spec: &SandboxSpec, mut io: LaunchIo<'_>) -> Result<Outcome, Lau
     }
 
     // 8. Supervise.
-    // Without `alone`: aitherctl exits once the sandbox is gone and its cgroup removed, so
-    // reporting early would save it nothing (docs/architecture.md, "Warm start").
-    let (status, timed_out, _) = supervise(
+    // With `on_exited` (aitherd's cold launcher), the agent's end is reported before the
+    // teardown, as a prepared sandbox's (docs/architecture.md, "Warm start"); without it
+    // (aitherctl run, whose caller waits for its exit anyway; the shim), once pid 1 is reaped.
+    let on_exited = io.on_exited.take().filter(|_| log.is_none());
+    let cg = guard.cg();
+    // pid 1 (it may have left the cgroup already, on its way out) and nothing else.
+    let alone = || cg.pids().iter().all(|&p| p == pid);
+    let (status, timed_out, ended) = supervise(
         spec,
         pidfd.as_fd(),
         parent_sock.as_fd(),
         &signals,
         log.as_mut(),
         relay.as_mut(),
-        None,
+        on_exited.is_some().then_some(&alone as &dyn Fn() -> bool),
     );
-    drop(signals);
-    // supervise() returns once pid 1 is reaped (no `alone` given).
-    guard.reaped = true;
+    // Before the status goes out (as in `finish_with`).
     let oom_killed = guard.mgr.oom_kills(guard.cg()) > 0;
     let skipped = skipped_protections(guard.cg(), &enforced.landlock_skipped);
-    let exited_at = now_ns();
-    drop(guard);
-    if trace_enabled() {
-        print_exit_trace(t0, exited_at, None);
-    }
-    Ok(Outcome {
+    let outcome = Outcome {
         status,
         oom_killed,
         timed_out,
         skipped,
         report,
-    })
+    };
+    let exited_at = now_ns();
+    let early = matches!(ended, Ended::AgentDone);
+    if early {
+        // The caller's terminal gets its mode back before the caller hears of the end.
+        drop(relay.take());
+        if let Some(cb) = on_exited {
+            cb(&outcome);
+        }
+        let _ = sys::wait_pidfd(pidfd.as_fd());
+    }
+    // Signals stay blocked until pid 1 is reaped (as in `finish_with`).
+    drop(signals);
+    guard.reaped = true;
+    let reaped_at = now_ns();
+    drop(guard);
+    if trace_enabled() {
+        print_exit_trace(t0, exited_at, early.then_some(reaped_at));
+    }
+    Ok(outcome)
 }
 
 /// A sandbox prepared ahead of its caller (`prepare`): the caller-independent stages done,

@@ -252,13 +252,20 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
         }
     };
     let on_exited: launch::OnExited<'_> = Box::new(|out: &launch::Outcome| {
-        drop(caller_err.take());
+        // What plain `aither-init --config-fd` prints for its caller (the timeout, an OOM
+        // kill, skipped protections), on the caller's stderr, then it is closed.
+        if let Some(fd) = caller_err.take() {
+            notes_to(fd.as_fd(), &spec, out);
+        }
         report(out);
     });
     match prepared.finish_with(&spec, stdio, workspace, Some(on_started), Some(on_exited)) {
         Ok(out) => {
+            if let Some(fd) = caller_err.take() {
+                notes_to(fd.as_fd(), &spec, &out);
+            }
             report(&out);
-            exit_code(&out)
+            out.code()
         }
         Err(e @ (LaunchError::KeyMismatch { .. } | LaunchError::NotPoolable(_))) => {
             let _ = send(ctl, &PoolMsg::Refused(e.to_string()));
@@ -285,18 +292,17 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
     }
 }
 
-/// The launcher's exit code for an outcome: plain `aither-init`'s.
-fn exit_code(out: &launch::Outcome) -> i32 {
-    if out.timed_out {
-        124
-    } else {
-        out.status.code()
+/// `Outcome::notes` written to the caller's stderr `fd`.
+fn notes_to(fd: BorrowedFd<'_>, spec: &SandboxSpec, out: &launch::Outcome) {
+    let text: String = out.notes(spec).into_iter().map(|l| l + "\n").collect();
+    if !text.is_empty() {
+        let _ = crate::sys::write_all_once(fd, text.as_bytes());
     }
 }
 
 fn exited_msg(out: &launch::Outcome) -> PoolMsg {
     PoolMsg::Exited {
-        code: exit_code(out),
+        code: out.code(),
         timed_out: out.timed_out,
         oom_killed: out.oom_killed,
     }

@@ -579,6 +579,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
             during_setup: None,
             on_egress: Some(Box::new(keep_egress)),
             on_netns: Some(Box::new(keep_netns)),
+            on_exited: None,
             on_started: Some(Box::new(|s| {
                 emit(&ShimEvent::Started {
                     pid1: s.pid1,
