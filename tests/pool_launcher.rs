@@ -815,3 +815,77 @@ fn the_cold_launcher_writes_the_code_once_nothing_of_the_agent_is_left() {
         "the cgroup is removed"
     );
 }
+
+/// A command `aither-init exec` started in the sandbox (joined from outside its pid
+/// namespace: its parent is not pid 1, and it is in a Landlock domain of its own) is still
+/// running when the agent exits: `exited` waits until it is gone too (pid 1's exit, whose
+/// kill of the namespace ends it), as before the status came ahead of the teardown.
+#[test]
+fn exited_waits_for_a_command_execd_into_the_sandbox() {
+    let ws = Workspace::new();
+    let marker = unique("execd");
+    let (template, fin) = specs(
+        &ws,
+        &[
+            "sh",
+            "-c",
+            "echo ready; until [ -e /tmp/go ]; do sleep 0.02; done; exit 4",
+        ],
+    );
+    let mut p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let first = c
+        .lines
+        .recv_timeout(RUN_DEADLINE)
+        .expect("the agent's first line");
+    assert_eq!(first, "ready");
+    let cfg = aither::sandbox::ExecConfig::new(
+        fin.clone(),
+        p.pid1,
+        vec![
+            "sh".into(),
+            "-c".into(),
+            format!("touch /tmp/go; sleep 1000; : {marker}"),
+        ],
+        None,
+    );
+    let mut exec = Command::new(init_path())
+        .arg("exec")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn aither-init exec");
+    exec.stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&cfg).unwrap())
+        .unwrap();
+    let exec_err = drain(exec.stderr.take().unwrap());
+    let mut msgs = Vec::new();
+    let left_at_exited = loop {
+        match p.recv() {
+            Some(m @ PoolMsg::Exited { .. }) => {
+                let left = pids_marked(&marker);
+                msgs.push(m);
+                break left;
+            }
+            Some(m) => msgs.push(m),
+            None => panic!("EOF before exited: {msgs:?}; {}", p.finish_stderr()),
+        }
+    };
+    let st = wait_with_deadline(&mut exec, "aither-init exec", RUN_DEADLINE);
+    let exec_err = exec_err.join().unwrap();
+    assert!(
+        left_at_exited.is_empty(),
+        "the exec'd command {left_at_exited:?} still existed when `exited` came"
+    );
+    assert_eq!(
+        exited(&msgs),
+        Some((4, false)),
+        "{msgs:?}; exec: {st:?} {exec_err}"
+    );
+    let (_, code, err) = p.rest();
+    assert_eq!(code, 4, "{err}");
+    c.output();
+}

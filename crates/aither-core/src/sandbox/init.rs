@@ -812,49 +812,30 @@ fn reap(
 }
 
 /// Called by pid 1 once the agent has exited: SIGKILL to every other process of the pid
-/// namespace, then reaps until none is left, so that the status pid 1 reports next means that
-/// no process of the agent exists any more (the launcher may answer its caller before pid 1's
-/// own exit and the namespaces' teardown). What the kernel would do when pid 1 exits, done
-/// ahead of it.
+/// namespace, then reaps until it has no child left, so that the status pid 1 reports next
+/// means that no process of the agent exists any more (the launcher may answer its caller
+/// before pid 1's own exit and the namespaces' teardown). What the kernel does when pid 1
+/// exits, done ahead of it.
 ///
-/// kill(-1) from a namespace's pid 1 reaches every process of the namespace but itself, and a
-/// zombie counts until it is reaped; ESRCH means none is left. Orphans are pid 1's children
-/// (reaped here); a command `aitherctl exec` started has its parent outside the namespace,
-/// which reaps it, and is in another Landlock domain, which pid 1 may not signal (EPERM,
-/// which kill(-1) does not count): the launcher finds it in the cgroup and waits for pid 1's
-/// exit instead (launch.rs `supervise`), which the kernel's own kill of the namespace follows.
+/// kill(-1) from a namespace's pid 1 signals every process of the namespace but itself: one
+/// pass suffices (a process with SIGKILL pending forks no more, and the pass holds the task
+/// list, so no process is born during it). Every process the agent started descends from
+/// pid 1 and ends as its child (reaped here) or its grandchild (re-parented to it when its
+/// parent dies). A command `aitherctl exec` started is neither: its parent is outside the
+/// namespace, and it sits in another Landlock domain, which pid 1 may not signal (kill(-1)
+/// skips it, and still returns 0); the launcher finds it (and what it started) in the cgroup
+/// and then waits for pid 1's exit, whose kill of the namespace ends it (launch.rs
+/// `supervise`). Blocking waits: nothing pid 1 may kill survives SIGKILL, and the launcher's
+/// timeout SIGKILLs pid 1 itself.
 fn end_the_rest() {
-    let mut chld = SigSet::empty();
-    chld.add(nix::sys::signal::Signal::SIGCHLD);
-    // 1 ms: SIGCHLD wakes us for our own children; the wait is for a zombie whose parent is
-    // outside the namespace (never forever: the launcher's timeout SIGKILLs pid 1).
-    let tick = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 1_000_000,
-    };
+    // SAFETY: kill(2) with pid -1 inside our own pid namespace, of which we are pid 1.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
     loop {
-        // Raw: nix's kill takes a Pid and a Signal and would do the same; -1 is spelled out.
-        // SAFETY: kill(2) with pid -1 inside our own pid namespace, of which we are pid 1.
-        if unsafe { libc::kill(-1, libc::SIGKILL) } != 0 {
-            // ESRCH: nothing left to signal (any other error: nothing we could do better).
+        let mut st = 0;
+        // SAFETY: reaps any child (orphans re-parented to pid 1); every signal is blocked, so
+        // it returns for a child or ECHILD (none left).
+        if unsafe { libc::waitpid(-1, &mut st, 0) } < 0 && Errno::last() != Errno::EINTR {
             return;
-        }
-        let mut reaped = false;
-        loop {
-            let mut st = 0;
-            // SAFETY: reaps any child (orphans re-parented to pid 1), without blocking.
-            if unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) } <= 0 {
-                break;
-            }
-            reaped = true;
-        }
-        if !reaped {
-            // SAFETY: SIGCHLD is blocked (since the agent's fork); a zeroed siginfo is a valid
-            // out-parameter; a timeout or EINTR just loops.
-            unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::sigtimedwait(chld.as_ref(), &mut info, &tick);
-            }
         }
     }
 }
