@@ -803,6 +803,58 @@ impl Prepared {
         workspace: Option<OwnedFd>,
         on_started: Option<OnStarted<'_>>,
     ) -> Result<Outcome, LaunchError> {
+        self.finish_with(
+            final_spec,
+            AgentStdio::Caller(stdio),
+            workspace,
+            None,
+            on_started,
+        )
+    }
+
+    /// `finish` for a supervised agent (the shim's launch, `aither-init pool` become a shim:
+    /// sandbox/shim.rs `run_prepared`): as `run_with` with a `LaunchIo`, the agent's stdin is
+    /// /dev/null, its stdout and stderr go to `io.log`, `io.agent_channel` becomes its fd 3.
+    /// The workspace is opened here from the final spec's path, as a cold launch opens it.
+    /// `io.on_egress` and `io.on_netns` are never called: a prepared sandbox has neither
+    /// (`poolable`).
+    pub fn finish_supervised(
+        self,
+        final_spec: &SandboxSpec,
+        io: LaunchIo<'_>,
+    ) -> Result<Outcome, LaunchError> {
+        let LaunchIo {
+            agent_channel,
+            log,
+            on_started,
+            during_setup,
+            ..
+        } = io;
+        let Some(sink) = log else {
+            return Err(LaunchError::Stdio(io::Error::other(
+                "a supervised finish needs a log for the agent's output",
+            )));
+        };
+        if let Some(f) = during_setup {
+            f();
+        }
+        self.finish_with(
+            final_spec,
+            AgentStdio::Captured(sink),
+            None,
+            agent_channel,
+            on_started,
+        )
+    }
+
+    fn finish_with(
+        self,
+        final_spec: &SandboxSpec,
+        stdio: AgentStdio<'_>,
+        workspace: Option<OwnedFd>,
+        agent_channel: Option<OwnedFd>,
+        on_started: Option<OnStarted<'_>>,
+    ) -> Result<Outcome, LaunchError> {
         let t0 = now_ns();
         let mut marks: Vec<(&str, u64)> = Vec::with_capacity(8);
         let Prepared {
@@ -839,15 +891,28 @@ impl Prepared {
         drop(workspace);
         marks.push(("workspace", now_ns()));
         // The caller's stdio, as aitherctl run treats its own: relayed, a pty of the agent's
-        // own for a terminal, never the caller's terminal itself.
-        let (mut relay, direct) =
-            Relay::for_caller(ids.agent, stdio).map_err(LaunchError::Stdio)?;
-        let agent_stdio = match direct {
-            Some(fds) => fds,
-            None => relay
-                .as_mut()
-                .and_then(Relay::take_agent)
-                .ok_or_else(|| LaunchError::Stdio(io::Error::other("no stdio for the agent")))?,
+        // own for a terminal, never the caller's terminal itself. Or, supervised, captured
+        // into the shim's log as a cold shim's launch captures it.
+        let (mut relay, mut log, agent_stdio) = match stdio {
+            AgentStdio::Caller(stdio) => {
+                let (mut relay, direct) =
+                    Relay::for_caller(ids.agent, stdio).map_err(LaunchError::Stdio)?;
+                let agent_stdio = match direct {
+                    Some(fds) => fds,
+                    None => relay.as_mut().and_then(Relay::take_agent).ok_or_else(|| {
+                        LaunchError::Stdio(io::Error::other("no stdio for the agent"))
+                    })?,
+                };
+                (relay, None, agent_stdio)
+            }
+            AgentStdio::Captured(sink) => {
+                let c = Capture::new(ids.agent).map_err(LaunchError::Stdio)?;
+                let pipes = LogPipes {
+                    fds: [Some(c.stdout), Some(c.stderr)],
+                    sink,
+                };
+                (None, Some(pipes), c.agent)
+            }
         };
         marks.push(("stdio", now_ns()));
         // The final spec, the agent's stdio and the workspace to pid 1 in one message: it
@@ -855,16 +920,21 @@ impl Prepared {
         let ctty = relay.as_ref().and_then(Relay::ctty);
         let mut fds: Vec<BorrowedFd<'_>> = agent_stdio.iter().map(|f| f.as_fd()).collect();
         fds.extend(ws_mount.as_ref().map(|f| f.as_fd()));
+        fds.extend(agent_channel.as_ref().map(|f| f.as_fd()));
         let sent = channel::send_with_fds(
             sock.as_fd(),
             &Msg::Final {
                 spec: Box::new(spec.clone()),
                 ctty,
                 workspace: ws_mount.is_some(),
+                agent_fd: agent_channel.is_some(),
             },
             &fds,
         );
         drop(fds);
+        // pid 1 has its own copy: the agent's socket must not stay open here (its peer would
+        // never see EOF), as in a cold launch.
+        drop(agent_channel);
         // The last launcher mark: what follows runs in parallel with pid 1 (the trace's
         // sandbox lines are the critical path from here).
         marks.push(("final-sent", now_ns()));
@@ -919,7 +989,7 @@ impl Prepared {
             live.pid1.pidfd.as_fd(),
             sock.as_fd(),
             &signals,
-            None,
+            log.as_mut(),
             relay.as_mut(),
         );
         drop(signals);
@@ -943,6 +1013,15 @@ impl Prepared {
             report,
         })
     }
+}
+
+/// Where a finished prepared sandbox's agent gets its stdin, stdout and stderr.
+enum AgentStdio<'a> {
+    /// The caller's (`aitherctl run` through aitherd): relayed as `aitherctl run` relays its
+    /// own.
+    Caller([OwnedFd; 3]),
+    /// /dev/null and two pipes into a supervisor's log (the shim).
+    Captured(&'a mut dyn LogSink),
 }
 
 /// What preflight decided, for the enforcement report: the Landlock plan and the seccomp
