@@ -449,6 +449,67 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
 mod tests {
     use super::*;
 
+    fn shim_config() -> ShimConfig {
+        use crate::policy::{Policy, BUILTIN_POLICIES};
+        let src = BUILTIN_POLICIES
+            .iter()
+            .find(|(n, _)| *n == "strict")
+            .unwrap()
+            .1;
+        let ws = tempfile::tempdir().unwrap();
+        let opts = crate::sandbox::spec::RunOptions {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        let spec = SandboxSpec::derive(
+            &Policy::parse(src, "strict").unwrap(),
+            &opts,
+            &|_| None,
+            ws.path(),
+        )
+        .unwrap();
+        ShimConfig {
+            spec,
+            log_dir: "/var/lib/aither/agents/a".into(),
+            log_max_bytes: 1 << 20,
+            log_keep: 3,
+            channel_fd: Some(3),
+            keep_fd: Some(4),
+        }
+    }
+
+    #[test]
+    fn a_shim_final_is_told_from_a_final_spec_and_needs_its_three_descriptors() {
+        let cfg = shim_config();
+        let null = || crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR).unwrap();
+        let (a, b) = crate::sys::seqpacket_pair().unwrap();
+        let (x, y, z) = (null(), null(), null());
+        send_final_shim(a.as_fd(), &cfg, x.as_fd(), y.as_fd(), z.as_fd()).unwrap();
+        let mut shim = None;
+        assert!(matches!(read_final(b.as_fd(), &mut shim), Ok(None)));
+        let (got, fds) = shim.expect("a shim final");
+        assert_eq!(*got, cfg);
+        assert_eq!(fds.len(), 3);
+        // Two descriptors: refused, naming what was expected.
+        let bytes = serde_json::to_vec(&ShimFinalRef { shim: &cfg }).unwrap();
+        assert!(bytes.starts_with(SHIM_FINAL_PREFIX));
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[io::IoSlice::new(&bytes)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&[
+                x.as_raw_fd(),
+                y.as_raw_fd(),
+            ])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut shim = None;
+        let e = read_final(b.as_fd(), &mut shim).unwrap_err();
+        assert!(e.contains("2 descriptors; expected 3"), "{e}");
+        assert!(shim.is_none());
+    }
+
     #[test]
     fn messages_are_the_contracts_json() {
         let j = |m: &PoolMsg| serde_json::to_string(m).unwrap();

@@ -497,7 +497,7 @@ fn ensure_stdio() {
 
 /// Runs the shim: launches `cfg.spec` supervised, returns the shim's exit status.
 pub fn run(cfg: ShimConfig) -> i32 {
-    serve(&cfg, &emit, |spec, io| launch::run_with(spec, io))
+    serve(&cfg, &emit, launch::run_with)
 }
 
 /// A prepared sandbox's launcher (`aither-init pool`, sandbox/pool.rs) become `cfg`'s shim:
