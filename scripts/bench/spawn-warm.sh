@@ -44,7 +44,7 @@ trap cleanup EXIT
 env_for() {
     export AITHER_STATE_DIR="$TMP/$1/state" AITHER_SOCKET="$TMP/$1/aitherd.sock"
     export AITHER_AUDIT_LOG="$TMP/$1/audit.jsonl" AITHER_POLICY_DIR="$REPO/policies"
-    export AITHER_INIT="$TMP/bin/aither-init"
+    # A release aitherd takes the aither-init beside it ($TMP/bin).
 }
 for k in warm cold; do
     mkdir -p "$TMP/$k"
@@ -77,7 +77,7 @@ for r in $(seq "$ROUNDS"); do
         sleep "$(awk "BEGIN{print $GAP_MS/1000}")"
     done
 done
-stats() { sort -n "$1" | awk '{a[NR]=$1} END {printf "%.2f %.2f %.2f %.2f", a[int(NR/2)+1]/1000, a[int(NR/4)+1]/1000, a[int(NR*0.9)+1]/1000, a[1]/1000}'; }
+stats() { sort -n "$1" | awk '{a[NR]=$1} END {printf "%.2f %.2f %.2f %.2f\n", a[int(NR/2)+1]/1000, a[int(NR/4)+1]/1000, a[int(NR*0.9)+1]/1000, a[1]/1000}'; }
 read -r wm wp wn wmin < <(stats "$TMP/warm.us")
 read -r cm cp cn cmin < <(stats "$TMP/cold.us")
 served=$(grep -c 'agent launched.*warm=true' "$TMP/warm/aitherd.log" || true)
