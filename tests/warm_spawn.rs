@@ -294,3 +294,40 @@ fn a_spawn_the_pool_cannot_serve_stays_cold_and_prepares_nothing() {
         waiting(&d)
     );
 }
+
+#[test]
+fn an_agents_restarts_take_prepared_sandboxes_too() {
+    let d = TestDaemon::start("aitherd-warm-restart-", &[]);
+    // Another agent teaches the shape; the pool prepares for it.
+    spawn(&d, "teacher", &[], "exec sleep 600");
+    assert!(
+        poll_until(WAIT, || waiting(&d).len() == 2),
+        "{:?}\n{}",
+        waiting(&d),
+        d.log()
+    );
+    // Each run fails after a moment: restarted at once, through the same launch.
+    spawn(
+        &d,
+        "crasher",
+        &["--restart", "on-failure", "--backoff", "0"],
+        "echo ran; sleep 0.3; exit 1",
+    );
+    assert!(
+        poll_until(WAIT, || launches(&d, "crasher").len() >= 3),
+        "{:?}\n{}",
+        launches(&d, "crasher"),
+        d.log()
+    );
+    let l = launches(&d, "crasher");
+    assert_eq!(
+        &l[..2],
+        [true, true],
+        "the spawn and its first restart were not served warm: {l:?}\n{}",
+        d.log()
+    );
+    // Every run logged into the same agent log.
+    let log = wait_log(&d, "crasher", "ran");
+    assert!(log.matches("ran").count() >= 2, "{log}");
+    d.ok(&["rm", "--force", "crasher"]);
+}
