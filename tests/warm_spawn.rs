@@ -67,8 +67,14 @@ fn inspect(d: &TestDaemon, name: &str) -> Value {
 fn wait_state(d: &TestDaemon, name: &str, state: &str) {
     assert!(
         poll_until(WAIT, || inspect(d, name)["state"] == state),
-        "{name} did not reach {state}: {}\n{}",
+        "{name} did not reach {state}: {}\n--- its log ---\n{}\n--- aitherd ---\n{}",
         inspect(d, name),
+        std::fs::read_to_string(agents_dir(d).join(name).join("agent.log"))
+            .unwrap_or_default()
+            .lines()
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n"),
         d.log()
     );
 }
@@ -212,7 +218,19 @@ fn a_warm_agent_outlives_a_killed_aitherd_and_is_adopted_while_unused_prepared_s
         waiting(&d),
         d.log()
     );
-    spawn(&d, "warm", &[], counting);
+    // The warm agent speaks on its channel (readiness now, a status line once `go` exists,
+    // after aitherd's restart): the channel's two ends are where a shim keeps them.
+    let notify = Path::new(common::AITHERCTL).with_file_name("aither-notify");
+    assert!(
+        notify.is_file(),
+        "build the workspace: aither-notify is missing"
+    );
+    std::fs::copy(&notify, d.ws.path().join("aither-notify")).unwrap();
+    let talking = "./aither-notify --ready && echo notified; i=0; while :; do i=$((i+1)); \
+         echo tick $i; if [ -e go ] && [ -z \"$said\" ]; then \
+         ./aither-notify --status after-restart && echo status-ok; said=1; fi; sleep 0.1; done";
+    spawn(&d, "warm", &["--wait-ready"], talking);
+    wait_state(&d, "warm", "ready");
     let i = inspect(&d, "warm");
     assert_eq!(i["warm"], true, "{i}");
     let (shim, pid1) = (
@@ -252,6 +270,7 @@ fn a_warm_agent_outlives_a_killed_aitherd_and_is_adopted_while_unused_prepared_s
 
     // A new aitherd adopts it: the same sandbox, running, warm, under control.
     d.launch();
+    // Adopted as a run that had been ready (running: no new READY is awaited).
     wait_state(&d, "warm", "running");
     let j = inspect(&d, "warm");
     assert_eq!(j["pid1"].as_i64(), Some(pid1 as i64), "{j}");
@@ -259,6 +278,10 @@ fn a_warm_agent_outlives_a_killed_aitherd_and_is_adopted_while_unused_prepared_s
     assert_eq!(j["warm"], true, "{j}");
     let ev = d.ok(&["events", "--agent", "warm"]);
     assert!(ev.contains("adopted"), "{ev}");
+    // aitherd's end of the channel, taken back from the shim: the agent's message arrives.
+    std::fs::write(d.ws.path().join("go"), "").unwrap();
+    wait_log(&d, "warm", "status-ok");
+    assert_eq!(inspect(&d, "warm")["status_text"], "after-restart");
     d.ok(&["stop", "warm"]);
     wait_state(&d, "warm", "stopped");
     assert!(poll_until(WAIT, || !alive(pid1) && !alive(shim)));
