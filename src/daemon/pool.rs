@@ -9,7 +9,7 @@
 //! workspace, loopback up) and waits for the final spec. Each is used once.
 //!
 //! What is prepared, and for whom:
-//! - **Shapes are learnt from runs.** A sandbox's *shape* is `SandboxSpec::prepared_key`: the
+//! - **Shapes are learnt from runs** (and spawns). A sandbox's *shape* is `SandboxSpec::prepared_key`: the
 //!   digest of every field but the caller's own (name, hostname, argv, env, cwd, workspace,
 //!   timeout, report). The first run of a shape is launched cold and makes the shape known;
 //!   later runs of the same shape take a prepared sandbox. A prepared sandbox therefore only

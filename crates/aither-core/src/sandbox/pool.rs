@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::channel::{self, now_ns, MAX_LARGE_FRAME};
 use super::launch::{self, LaunchError};
-use super::shim::{ShimConfig, ShimEvent, HANDED_FDS};
+use super::shim::{ShimConfig, ShimError, ShimEvent, HANDED_FDS};
 use super::spec::SandboxSpec;
 
 /// A message of the pool launcher to aitherd.
@@ -204,12 +204,14 @@ fn become_shim(
     // The shim's stderr is shim.log, as aitherd gives a cold shim.
     let _ = nix::unistd::dup2_stderr(&stderr);
     drop(stderr);
+    let bad = |fd: i32, reason: String| ShimError::BadFd {
+        what: "agent channel",
+        fd,
+        reason,
+    };
     let Some(held) = held else {
-        report(&ShimEvent::Failed {
-            code: 125,
-            error: "descriptors 3 and 4 were not free in the pool launcher".into(),
-        });
-        return 125;
+        let e = bad(HANDED_FDS[0], "not held free in the pool launcher".into());
+        return super::shim::failed(&cfg, &report, e);
     };
     // Onto the numbers held for them since the start; the placeholders' numbers are
     // replaced in place (dup3), so they are released without closing.
@@ -223,13 +225,7 @@ fn become_shim(
             Ok(placed) => {
                 let _ = std::os::fd::IntoRawFd::into_raw_fd(placed);
             }
-            Err(e) => {
-                report(&ShimEvent::Failed {
-                    code: 125,
-                    error: format!("placing the agent channel at {at}: {e}"),
-                });
-                return 125;
-            }
+            Err(e) => return super::shim::failed(&cfg, &report, bad(at, e.to_string())),
         }
     }
     cfg.channel_fd = Some(HANDED_FDS[0]);

@@ -541,8 +541,9 @@ fn serve(
     }
 }
 
-/// A launch that failed: the `failed` event, the record, the code.
-fn failed(cfg: &ShimConfig, report: &dyn Fn(&ShimEvent), e: ShimError) -> i32 {
+/// A launch that failed: the `failed` event, the record, the code. Also for a pool launcher
+/// that could not become the shim (sandbox/pool.rs `become_shim`).
+pub fn failed(cfg: &ShimConfig, report: &dyn Fn(&ShimEvent), e: ShimError) -> i32 {
     let code = e.exit_code();
     let msg = e.to_string();
     report(&ShimEvent::Failed {
