@@ -10,8 +10,14 @@
 # counted. aitherctl's own start is in both columns alike. At the end, how many of the warm
 # daemon's spawns aitherd logged as `warm=true` (all of them, or the table says so).
 #
+# With BURST=N (and C, default 16): instead, bursts of N spawns from C parallel `aitherctl
+# spawn` processes (as daemon.sh's batch (a)), agents/s = N / wall time, alternating warm and
+# cold batches REPS times (default 2), every agent removed between batches: what the pool does
+# to a burst that drains it at once (each warm spawn starts one preparation).
+#
 # Usage (as root, from the repository):
 #   [ROUNDS=60] [GAP_MS=300] scripts/bench/spawn-warm.sh
+#   BURST=100 [C=16] [REPS=2] scripts/bench/spawn-warm.sh
 # Builds release aitherd, aitherctl and aither-init (target/release; remove it afterwards on a
 # shared disk), or takes them from BIN_DIR.
 set -euo pipefail
@@ -69,6 +75,28 @@ one() {
 }
 # The shape's first spawn on each (cold for both), then a pause for the pool to prepare.
 one warm 0 >/dev/null; one cold 0 >/dev/null; sleep 1
+if [[ -n "${BURST:-}" ]]; then
+    C="${C:-16}"
+    REPS="${REPS:-2}"
+    echo "bursts of $BURST \`aitherctl spawn --policy strict\` from $C parallel clients, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '| batch | daemon | agents/s | running after |\n|---|---|--:|--:|\n'
+    for rep in $(seq "$REPS"); do
+        if (( rep % 2 )); then order="warm cold"; else order="cold warm"; fi
+        for k in $order; do
+            env_for "$k"
+            t0=$(date +%s%N)
+            seq "$BURST" | xargs -P "$C" -I{} "$TMP/bin/aitherctl" spawn --policy strict "r$rep-{}" -- sleep 600 >/dev/null
+            t1=$(date +%s%N)
+            running=$("$TMP/bin/aitherctl" ps --json | grep -o '"state": *"running"' | wc -l || true)
+            awk -v n="$BURST" -v ns=$((t1 - t0)) -v r="$rep" -v k="$k" -v run="$running" \
+                'BEGIN{printf "| %d | %s | %.1f | %d |\n", r, k, n / (ns / 1e9), run}'
+            seq "$BURST" | xargs -P "$C" -I{} "$TMP/bin/aitherctl" rm --force "r$rep-{}" >/dev/null
+            sleep 2
+        done
+    done
+    echo "warm daemon: $(grep -c 'agent launched.*warm=true' "$TMP/warm/aitherd.log" || true) spawns served warm in all"
+    exit 0
+fi
 : >"$TMP/warm.us"; : >"$TMP/cold.us"
 for r in $(seq "$ROUNDS"); do
     if (( r % 2 )); then order="warm cold"; else order="cold warm"; fi
