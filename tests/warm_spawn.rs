@@ -143,6 +143,16 @@ fn a_shapes_second_spawn_is_served_warm_logged_strict_and_stopped_with_its_exit_
     assert!(prepared.contains(&shim), "{shim} not one of {prepared:?}");
     assert_eq!(out["pid1"], i["pid1"], "{out}");
     assert_eq!(i["cgroup"], format!("pool-{shim}"), "{i}");
+    let ps = d.json(&["ps", "--json"]);
+    let warm_of = |n: &str| {
+        ps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == n)
+            .map(|a| a["warm"].clone())
+    };
+    assert_eq!(warm_of("second"), Some(Value::Bool(true)), "{ps}");
+    assert_eq!(warm_of("first"), Some(Value::Bool(false)), "{ps}");
     assert_eq!(launches(&d, "first"), [false], "{}", d.log());
     assert_eq!(launches(&d, "second"), [true], "{}", d.log());
     let started: Vec<Value> = d
