@@ -105,8 +105,11 @@ impl DaemonExt for Daemon {
         serde_json::from_str(&self.ok(&args)).expect("spawn JSON")
     }
 
-    /// Shim processes of an agent (its cgroups are named `<name>-<shim pid>`).
+    /// Shim processes of an agent (its cgroups are named `<name>-<shim pid>`, or
+    /// `pool-<shim pid>` for a spawn served by a prepared sandbox, whose shim works in the
+    /// agent's log directory).
     fn shims_of(&self, name: &str) -> Vec<i32> {
+        let log_dir = self.state.path().join("state/agents").join(name);
         let base = Path::new("/sys/fs/cgroup/pids/aither");
         let mut v: Vec<i32> = std::fs::read_dir(base)
             .map(|rd| {
@@ -115,7 +118,11 @@ impl DaemonExt for Daemon {
                         let n = e.file_name().to_string_lossy().into_owned();
                         let (a, pid) = n.rsplit_once('-')?;
                         let pid: i32 = pid.parse().ok()?;
-                        (a == name && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+                        let warm = a == "pool"
+                            && std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+                                == Some(log_dir.clone());
+                        ((a == name || warm) && Path::new(&format!("/proc/{pid}")).exists())
+                            .then_some(pid)
                     })
                     .collect()
             })

@@ -65,6 +65,9 @@ pub struct Info {
     pub agent_pid: Option<i32>,
     pub shim_pid: Option<i32>,
     pub cgroup: Option<String>,
+    /// The current run was served by a prepared sandbox (warm start, daemon/pool.rs).
+    #[serde(default)]
+    pub warm: bool,
     pub started_ms: Option<u64>,
     pub restarts: u32,
     pub last_exit: Option<String>,
@@ -282,6 +285,7 @@ pub fn start(
         agent_pid: None,
         shim_pid: None,
         cgroup: None,
+        warm: false,
         started_ms: None,
         restarts,
         last_exit: None,
@@ -752,14 +756,25 @@ impl Agent {
             max_bytes: r.agent_log_max_bytes.0,
             keep: r.agent_log_keep,
         };
-        let live = shim::launch(
-            &self.d.init,
-            spec,
-            &self.d.log_dir(&self.name),
-            rotation,
-            Duration::from_secs(60),
-        )
-        .await?;
+        let log_dir = self.d.log_dir(&self.name);
+        let start_timeout = Duration::from_secs(60);
+        // Warm: a prepared sandbox of this shape, if one waits (daemon/pool.rs; a shape not
+        // poolable, or not yet seen, is launched cold and, if poolable, learnt). Its launcher
+        // becomes the agent's shim, under the same contract as a cold one.
+        let mut warm = None;
+        if super::pool::warm_spawns() {
+            if let Some(ready) = self.d.pool.take(spec) {
+                let shape = ready.shape().to_string();
+                warm = shim::launch_warm(ready, spec, &log_dir, rotation, start_timeout).await;
+                // Served (or failed): the pool refills the shape now that the start is over.
+                self.d.pool.refill(&shape);
+            }
+        }
+        let live = match warm {
+            Some(r) => r?,
+            None => shim::launch(&self.d.init, spec, &log_dir, rotation, start_timeout).await?,
+        };
+        tracing::info!(agent = %self.name, shim_pid = live.shim_pid, warm = live.warm, "agent launched");
         self.d
             .store
             .run_started(&self.name, live.shim_pid, live.pid1, &live.cgroup_id);
@@ -849,7 +864,7 @@ impl Agent {
         self.d.emit(
             Some(&self.name),
             "started",
-            json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id}),
+            json!({"pid1": live.pid1, "shim_pid": live.shim_pid, "cgroup": live.cgroup_id, "warm": live.warm}),
         );
         let cg = {
             let mgr = &*self.d.cgroups;
@@ -1049,6 +1064,7 @@ impl Agent {
             i.agent_pid = live.agent_pid;
             i.shim_pid = Some(live.shim_pid);
             i.cgroup = Some(live.cgroup_id.clone());
+            i.warm = live.warm;
             i.started_ms = Some(super::store::now_ms());
             i.health_failures = 0;
             i.oom_kills = 0;

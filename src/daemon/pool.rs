@@ -1,5 +1,7 @@
 //! Warm start (issue 21, docs/daemon.md "Warm start"): prepared sandboxes for the runs aitherd
-//! serves (`aitherctl run` through aitherd, daemon/run.rs).
+//! serves (`aitherctl run` through aitherd, daemon/run.rs) and the agents it spawns
+//! (daemon/agent.rs `launch`: the prepared sandbox's launcher becomes the agent's shim,
+//! daemon/shim.rs `launch_warm`).
 //!
 //! A prepared sandbox is one `aither-init pool --control-fd 3` process
 //! (crates/aither-core/src/sandbox/pool.rs): it has made everything of a sandbox that does not
@@ -7,7 +9,7 @@
 //! workspace, loopback up) and waits for the final spec. Each is used once.
 //!
 //! What is prepared, and for whom:
-//! - **Shapes are learnt from runs.** A sandbox's *shape* is `SandboxSpec::prepared_key`: the
+//! - **Shapes are learnt from runs** (and spawns). A sandbox's *shape* is `SandboxSpec::prepared_key`: the
 //!   digest of every field but the caller's own (name, hostname, argv, env, cwd, workspace,
 //!   timeout, report). The first run of a shape is launched cold and makes the shape known;
 //!   later runs of the same shape take a prepared sandbox. A prepared sandbox therefore only
@@ -73,6 +75,21 @@ impl Ready {
         self.pid
     }
 
+    /// Hands a supervised spawn to the prepared sandbox: its launcher becomes the agent's
+    /// shim (`cfg`), with the agent's end of the channel, aitherd's end and the shim's stderr.
+    /// The child and the control socket (where the shim's one event comes) are the spawn's
+    /// from here. A failed send drops the prepared sandbox (torn down).
+    pub fn start_shim(
+        self,
+        cfg: &crate::sandbox::shim::ShimConfig,
+        channel: BorrowedFd<'_>,
+        keep: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> std::io::Result<(tokio::process::Child, OwnedFd)> {
+        wire::send_final_shim(self.control.as_fd(), cfg, channel, keep, stderr)?;
+        Ok((self.child, self.control))
+    }
+
     /// Hands the final spec and the caller's descriptors to the prepared sandbox. The child
     /// and the control socket are the run's from here: the launcher exits with the run's code.
     /// A failed send drops the prepared sandbox (torn down).
@@ -116,11 +133,15 @@ pub struct Pool {
     inner: Mutex<Inner>,
 }
 
+/// A template's name: the prepared sandboxes' cgroups are `pool-<launcher pid>`, which a warm
+/// spawn's keeps (daemon/recover.rs finds its shim by it).
+pub const TEMPLATE_NAME: &str = "pool";
+
 /// The template of `spec`'s shape: its caller-dependent fields placeholders, no workspace.
 fn template_of(spec: &SandboxSpec) -> SandboxSpec {
     let mut t = spec.clone();
     // The cgroup directories are named after the template: `pool-<launcher pid>`.
-    t.name = "pool".into();
+    t.name = TEMPLATE_NAME.into();
     t.hostname = "pool".into();
     t.argv = vec!["/bin/true".into()];
     t.env = Vec::new();
@@ -414,6 +435,35 @@ async fn prepare_one(init: &Path, template: &SandboxSpec, shape: &str) -> Result
         Err(_) => {
             let _ = child.start_kill();
             Err(format!("not ready within {READY_TIMEOUT:?}"))
+        }
+    }
+}
+
+/// Whether aitherd's spawns may be served warm here: a cold shim that re-executes itself in a
+/// systemd scope of its own (`delegate::into_own_scope`, older systemd with aitherd in no
+/// delegated leaf) could not be stood in for by a pool launcher, which stays in aitherd's
+/// cgroup; those hosts keep the cold shim for every spawn. Asked once.
+pub fn warm_spawns() -> bool {
+    static WARM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WARM.get_or_init(|| {
+        use crate::cgroup::delegate;
+        delegate::scope_command(delegate::ScopeKind::Shim, Path::new("aither-init"), &[]).is_none()
+    })
+}
+
+/// The shim's event from a prepared sandbox become a shim (`Ready::start_shim`); `None`: it
+/// exited without one.
+pub async fn recv_shim_event(fd: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
+    let dup = fd.try_clone()?;
+    nix::fcntl::fcntl(&dup, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+    // SAFETY: an OwnedFd stays open, on the same description, for as long as the AsyncFd
+    // that owns it.
+    let afd = unsafe { AsyncFd::register(dup) }.map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = afd.readable().await?;
+        match guard.try_io(|inner| wire::recv_shim_event(inner.get_ref().as_fd())) {
+            Ok(r) => return r,
+            Err(_would_block) => continue,
         }
     }
 }

@@ -49,10 +49,12 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
         let c = d.store.reader()?;
         store::load_agents(&c, d.store.path())?
     };
-    // Live shims by agent name, found through their cgroups.
-    let mut shims: HashMap<String, Vec<i32>> = HashMap::new();
+    // Live shims by agent name, found through their cgroups: `<agent>-<shim pid>` for a cold
+    // shim, `pool-<shim pid>` for a prepared sandbox's launcher that became a spawn's shim
+    // (daemon/pool.rs; its agent is named by its working directory).
+    let mut shims: HashMap<String, Vec<(i32, String)>> = HashMap::new();
     for id in stats::list_ids(&*d.cgroups) {
-        let Some((name, pid)) = id.rsplit_once('-') else {
+        let Some((prefix, pid)) = id.rsplit_once('-') else {
             continue;
         };
         let Ok(pid) = pid.parse::<i32>() else {
@@ -60,9 +62,10 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
         };
         // Only shims of this daemon (working in our state directory): another daemon's, or
         // `aitherctl run` sandboxes, are not ours to adopt or kill.
-        if shim::is_shim(pid) && shim::shim_dir(pid).as_deref() == Some(d.log_dir(name).as_path()) {
-            shims.entry(name.to_string()).or_default().push(pid);
-        }
+        let Some(name) = agent_of_shim(d, pid, prefix) else {
+            continue;
+        };
+        shims.entry(name).or_default().push((pid, id.clone()));
     }
     // The GPU queue and leases before any agent asks again: a lease whose sandbox still runs
     // is held again; a queued request keeps its place.
@@ -89,8 +92,7 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
         let state = parse_state(&row.state);
         let log_dir = d.log_dir(&row.name);
         let mut adopted = None;
-        for pid in shims.remove(&row.name).unwrap_or_default() {
-            let id = format!("{}-{pid}", row.name);
+        for (pid, id) in shims.remove(&row.name).unwrap_or_default() {
             if adopted.is_none() {
                 match shim::adopt(pid, &id, &log_dir) {
                     Ok(mut l) => {
@@ -150,13 +152,26 @@ pub fn recover(d: &Shared) -> Result<Recovered, DaemonError> {
     }
     // Shims of agents the database does not know (spawned just before a crash, before their
     // record was committed; or removed): ours, and unsupervised, so they go.
-    for (name, pids) in shims {
-        for pid in pids {
-            kill_stray(d, pid, &format!("{name}-{pid}"));
+    for pids in shims.into_values() {
+        for (pid, id) in pids {
+            kill_stray(d, pid, &id);
             out.killed_strays += 1;
         }
     }
     Ok(out)
+}
+
+/// The agent whose shim `pid` is, when it is one of this daemon's: a shim working in
+/// `log_dir(name)`, in the cgroup named after that agent or, for a warm one, after the pool's
+/// template (`pool`).
+fn agent_of_shim(d: &Shared, pid: i32, prefix: &str) -> Option<String> {
+    if !shim::is_shim(pid) {
+        return None;
+    }
+    let dir = shim::shim_dir(pid)?;
+    let name = dir.file_name()?.to_str()?.to_string();
+    let ours = dir == d.log_dir(&name);
+    (ours && (prefix == name || prefix == super::pool::TEMPLATE_NAME)).then_some(name)
 }
 
 fn kill_stray(d: &Shared, pid: i32, id: &str) {

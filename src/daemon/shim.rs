@@ -99,6 +99,8 @@ pub struct Live {
     /// launcher before the agent existed): where published ports are reached. None for a
     /// sandbox on the host's network, or a shim of an older aitherd.
     pub netns: Option<OwnedFd>,
+    /// Served by a prepared sandbox (daemon/pool.rs, `launch_warm`): its launcher is the shim.
+    pub warm: bool,
 }
 
 impl Live {
@@ -175,24 +177,8 @@ pub async fn launch(
 ) -> Result<Live, ShimError> {
     prepare_log_dir(log_dir)?;
     let (ours, theirs) = crate::sys::stream_pair().map_err(ShimError::Channel)?;
-    let config = crate::sandbox::shim::ShimConfig {
-        spec: spec.clone(),
-        log_dir: log_dir.to_path_buf(),
-        log_max_bytes: rotation.max_bytes,
-        log_keep: rotation.keep,
-        channel_fd: Some(SHIM_CHANNEL_FD),
-        keep_fd: Some(SHIM_KEEP_FD),
-    };
-    use std::os::unix::fs::OpenOptionsExt;
-    let shim_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(log_dir.join("shim.log"))
-        .map_err(|source| ShimError::LogDir {
-            path: log_dir.join("shim.log"),
-            source,
-        })?;
+    let config = shim_config(spec, log_dir, rotation);
+    let shim_log = open_shim_log(log_dir)?;
     // The shim's stdin is a socket: the two channel ends go over it with the config
     // (`receive_handed_fds` in the shim puts them at 3 and 4), so no `pre_exec` has to move
     // them, and without one the standard library starts the shim with posix_spawn
@@ -258,6 +244,118 @@ pub async fn launch(
             return Err(ShimError::Timeout(start_timeout));
         }
     };
+    reported(&line, spec, log_dir, shim_pid, pidfd, ours, child, false).await
+}
+
+/// The config a shim (cold or warm) gets for `spec`.
+fn shim_config(
+    spec: &SandboxSpec,
+    log_dir: &Path,
+    rotation: LogRotation,
+) -> crate::sandbox::shim::ShimConfig {
+    crate::sandbox::shim::ShimConfig {
+        spec: spec.clone(),
+        log_dir: log_dir.to_path_buf(),
+        log_max_bytes: rotation.max_bytes,
+        log_keep: rotation.keep,
+        channel_fd: Some(SHIM_CHANNEL_FD),
+        keep_fd: Some(SHIM_KEEP_FD),
+    }
+}
+
+/// log_dir/shim.log, the shim's stderr (appended to).
+fn open_shim_log(log_dir: &Path) -> Result<std::fs::File, ShimError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(log_dir.join("shim.log"))
+        .map_err(|source| ShimError::LogDir {
+            path: log_dir.join("shim.log"),
+            source,
+        })
+}
+
+/// A spawn served by a prepared sandbox of its shape (daemon/pool.rs): its launcher becomes
+/// the agent's shim (crates/aither-core/src/sandbox/pool.rs `become_shim`) with this config
+/// and these descriptors, exactly what a cold shim gets, and reports `started` or `failed` on
+/// its control socket instead of its stdout. `None`: the prepared sandbox did not take the
+/// spawn (it went away meanwhile; dropped, torn down): launch cold instead.
+pub async fn launch_warm(
+    ready: super::pool::Ready,
+    spec: &SandboxSpec,
+    log_dir: &Path,
+    rotation: LogRotation,
+    start_timeout: Duration,
+) -> Option<Result<Live, ShimError>> {
+    let setup = (|| {
+        prepare_log_dir(log_dir)?;
+        let pair = crate::sys::stream_pair().map_err(ShimError::Channel)?;
+        Ok::<_, ShimError>((pair, open_shim_log(log_dir)?))
+    })();
+    let ((ours, theirs), shim_log) = match setup {
+        Ok(x) => x,
+        // `ready` drops: torn down; the cold launch reports the same error.
+        Err(_) => return None,
+    };
+    let shim_pid = ready.pid();
+    let config = shim_config(spec, log_dir, rotation);
+    let (mut child, control) = match ready.start_shim(
+        &config,
+        theirs.as_fd(),
+        ours.as_fd(),
+        shim_log.as_fd(),
+    ) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "pool: a prepared sandbox did not take the spawn; launching cold");
+            return None;
+        }
+    };
+    // The shim (and pid 1 through the final message) hold their own copies.
+    drop(theirs);
+    drop(shim_log);
+    // Our unreaped child: its pid names it.
+    let pidfd = match crate::sys::pidfd_open(shim_pid) {
+        Ok(p) => p,
+        Err(source) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Some(Err(ShimError::Spawn {
+                path: PathBuf::from("aither-init pool"),
+                source,
+            }));
+        }
+    };
+    let event =
+        match tokio::time::timeout(start_timeout, super::pool::recv_shim_event(&control)).await {
+            Ok(Ok(e)) => e.unwrap_or_default(),
+            Ok(Err(e)) => return Some(Err(ShimError::Silent(e.to_string()))),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Some(Err(ShimError::Timeout(start_timeout)));
+            }
+        };
+    // Nothing more comes on it: the shim no longer depends on aitherd.
+    drop(control);
+    let line = String::from_utf8_lossy(&event);
+    Some(reported(&line, spec, log_dir, shim_pid, pidfd, ours, child, true).await)
+}
+
+/// A shim's one report (`started` or `failed`, or nothing), as a `Live` or the launch's error.
+#[allow(clippy::too_many_arguments)]
+async fn reported(
+    line: &str,
+    spec: &SandboxSpec,
+    log_dir: &Path,
+    shim_pid: i32,
+    pidfd: OwnedFd,
+    ours: OwnedFd,
+    mut child: Child,
+    warm: bool,
+) -> Result<Live, ShimError> {
     if line.trim().is_empty() {
         let st = child.wait().await;
         let tail = std::fs::read_to_string(log_dir.join("shim.log"))
@@ -298,6 +396,7 @@ pub async fn launch(
             child: Some(child),
             log_dir: log_dir.to_path_buf(),
             was_ready: false,
+            warm,
         }),
         Ok(Report::Failed { code, error }) => {
             let _ = child.wait().await;
@@ -318,14 +417,26 @@ pub fn start_time(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether `pid` is a shim (`aither-init shim`).
+/// Whether `pid` is a shim: `aither-init shim`, or `aither-init pool` (a prepared sandbox's
+/// launcher, which becomes a spawn's shim: `launch_warm`; one still waiting is told apart by
+/// its working directory, `shim_dir`, which only a shim sets to an agent's log directory).
 pub fn is_shim(pid: i32) -> bool {
-    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
+    shim_kind(pid).is_some()
+}
+
+/// `Some(true)` for a pool launcher (a warm shim), `Some(false)` for `aither-init shim`.
+fn shim_kind(pid: i32) -> Option<bool> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let mut args = cmd.split(|b| *b == 0);
     let prog = args.next().unwrap_or_default();
-    prog.ends_with(b"aither-init") && args.next() == Some(b"shim".as_slice())
+    if !prog.ends_with(b"aither-init") {
+        return None;
+    }
+    match args.next() {
+        Some(b"shim") => Some(false),
+        Some(b"pool") => Some(true),
+        _ => None,
+    }
 }
 
 /// The log directory a shim works in (its cwd), naming the daemon and agent it serves.
@@ -342,12 +453,12 @@ fn first_child(pid: i32) -> Option<i32> {
 /// Takes over a shim that a previous daemon started: its pidfd, its sandbox's pid 1, and our
 /// end of the agent channel (from the shim's fd 4).
 pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live> {
-    if !is_shim(shim_pid) {
+    let Some(warm) = shim_kind(shim_pid) else {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("pid {shim_pid} is not an aither-init shim"),
         ));
-    }
+    };
     let pidfd = crate::sys::pidfd_open(shim_pid)?;
     let channel = crate::sys::pidfd_getfd(pidfd.as_fd(), SHIM_KEEP_FD).ok();
     // Absent when the run has no egress.
@@ -367,6 +478,7 @@ pub fn adopt(shim_pid: i32, cgroup_id: &str, log_dir: &Path) -> io::Result<Live>
         child: None,
         log_dir: log_dir.to_path_buf(),
         was_ready: false,
+        warm,
         // Kept beside the logs by the daemon that saw the start.
         report: std::fs::read(log_dir.join("report.json"))
             .ok()

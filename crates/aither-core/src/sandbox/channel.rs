@@ -118,11 +118,14 @@ pub enum Msg {
     /// Launcher → pid 1, a prepared sandbox, with descriptors: the agent's stdin, stdout and
     /// stderr, then the id-mapped workspace mount when `workspace`. `ctty`: which of the
     /// three is the sandbox's own pty. Larger than other frames (argv, env): read with
-    /// `recv_large_with_fds`.
+    /// `recv_large_with_fds`. `agent_fd`: the agent's socket follows, last (a supervised
+    /// agent's, `Prepared::finish_supervised`; it becomes the agent's fd 3).
     Final {
         spec: Box<super::spec::SandboxSpec>,
         ctty: Option<i32>,
         workspace: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        agent_fd: bool,
     },
 }
 

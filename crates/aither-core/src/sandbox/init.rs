@@ -284,12 +284,13 @@ fn receive_final(
         spec,
         ctty,
         workspace,
+        agent_fd,
     }) = msg
     else {
         // Reported as WaitForParent: nothing is sent back to a launcher that went away.
         return Err(launcher_went_away(Stage::WaitForParent));
     };
-    let expected = 3 + usize::from(workspace);
+    let expected = 3 + usize::from(workspace) + usize::from(agent_fd);
     if fds.len() != expected || ctty.is_some_and(|c| !(0..3).contains(&c)) {
         return Err(Failure {
             stage: Stage::FinalSpec,
@@ -297,6 +298,8 @@ fn receive_final(
             detail: format!("expected {expected} descriptors, got {}", fds.len()),
         });
     }
+    // In the order sent: stdio, the workspace, the agent's socket.
+    ctx.agent_fd = if agent_fd { fds.pop() } else { None };
     let ws = if workspace { fds.pop() } else { None };
     let [a, b, c]: [OwnedFd; 3] = fds
         .try_into()

@@ -185,7 +185,7 @@ pub struct LaunchIo<'a> {
     /// Opened after the clone and before Go, while pid 1 is the launcher's unreaped child:
     /// its pid cannot name another process then.
     pub on_netns: Option<Box<dyn FnOnce(OwnedFd) + 'a>>,
-    /// Called once with the outcome as soon as the agent is done (as `Prepared::finish_with`'s:
+    /// Called once with the outcome as soon as the agent is done (as `Prepared::finish_reporting`'s:
     /// no process of the sandbox left, the relay drained and dropped, the caller's terminal
     /// mode restored); the teardown (pid 1's exit, the cgroup) follows before `run_with`
     /// returns. Not with `log`, and not called when the run ends otherwise.
@@ -203,7 +203,7 @@ pub trait LogSink {
 /// `LaunchIo::on_started`.
 pub type OnStarted<'a> = Box<dyn FnOnce(&Started) + 'a>;
 
-/// Called once with the outcome, as soon as the agent is done (`Prepared::finish_with`).
+/// Called once with the outcome, as soon as the agent is done (`Prepared::finish_reporting`).
 pub type OnExited<'a> = Box<dyn FnOnce(&Outcome) + 'a>;
 
 /// The running sandbox, as `LaunchIo::on_started` sees it.
@@ -874,7 +874,7 @@ impl Prepared {
         workspace: Option<OwnedFd>,
         on_started: Option<OnStarted<'_>>,
     ) -> Result<Outcome, LaunchError> {
-        self.finish_with(final_spec, stdio, workspace, on_started, None)
+        self.finish_reporting(final_spec, stdio, workspace, on_started, None)
     }
 
     /// `finish`, and `on_exited` is called with the outcome as soon as the agent is done: pid 1
@@ -883,11 +883,67 @@ impl Prepared {
     /// 1's exit, its namespaces, the cgroup) follows before this returns. Not called when the
     /// run ends otherwise (pid 1 killed, a process that joined from outside): then the outcome
     /// is only returned, once the sandbox is gone.
-    pub fn finish_with(
+    pub fn finish_reporting(
         self,
         final_spec: &SandboxSpec,
         stdio: [OwnedFd; 3],
         workspace: Option<OwnedFd>,
+        on_started: Option<OnStarted<'_>>,
+        on_exited: Option<OnExited<'_>>,
+    ) -> Result<Outcome, LaunchError> {
+        self.finish_with(
+            final_spec,
+            AgentStdio::Caller(stdio),
+            workspace,
+            None,
+            on_started,
+            on_exited,
+        )
+    }
+
+    /// `finish` for a supervised agent (the shim's launch, `aither-init pool` become a shim:
+    /// sandbox/shim.rs `run_prepared`): as `run_with` with a `LaunchIo`, the agent's stdin is
+    /// /dev/null, its stdout and stderr go to `io.log`, `io.agent_channel` becomes its fd 3.
+    /// The workspace is opened here from the final spec's path, as a cold launch opens it.
+    /// `io.on_egress` and `io.on_netns` are never called: a prepared sandbox has neither
+    /// (`poolable`); nor is `io.on_exited` (as `run_with`, with a log: the status once pid 1
+    /// is reaped).
+    pub fn finish_supervised(
+        self,
+        final_spec: &SandboxSpec,
+        io: LaunchIo<'_>,
+    ) -> Result<Outcome, LaunchError> {
+        let LaunchIo {
+            agent_channel,
+            log,
+            on_started,
+            during_setup,
+            ..
+        } = io;
+        let Some(sink) = log else {
+            return Err(LaunchError::Stdio(io::Error::other(
+                "a supervised finish needs a log for the agent's output",
+            )));
+        };
+        if let Some(f) = during_setup {
+            f();
+        }
+        self.finish_with(
+            final_spec,
+            AgentStdio::Captured(sink),
+            None,
+            agent_channel,
+            on_started,
+            None,
+        )
+    }
+
+    fn finish_with(
+        self,
+        final_spec: &SandboxSpec,
+        stdio: AgentStdio<'_>,
+        workspace: Option<OwnedFd>,
+        agent_channel: Option<OwnedFd>,
         on_started: Option<OnStarted<'_>>,
         on_exited: Option<OnExited<'_>>,
     ) -> Result<Outcome, LaunchError> {
@@ -927,15 +983,28 @@ impl Prepared {
         drop(workspace);
         marks.push(("workspace", now_ns()));
         // The caller's stdio, as aitherctl run treats its own: relayed, a pty of the agent's
-        // own for a terminal, never the caller's terminal itself.
-        let (mut relay, direct) =
-            Relay::for_caller(ids.agent, stdio).map_err(LaunchError::Stdio)?;
-        let agent_stdio = match direct {
-            Some(fds) => fds,
-            None => relay
-                .as_mut()
-                .and_then(Relay::take_agent)
-                .ok_or_else(|| LaunchError::Stdio(io::Error::other("no stdio for the agent")))?,
+        // own for a terminal, never the caller's terminal itself. Or, supervised, captured
+        // into the shim's log as a cold shim's launch captures it.
+        let (mut relay, mut log, agent_stdio) = match stdio {
+            AgentStdio::Caller(stdio) => {
+                let (mut relay, direct) =
+                    Relay::for_caller(ids.agent, stdio).map_err(LaunchError::Stdio)?;
+                let agent_stdio = match direct {
+                    Some(fds) => fds,
+                    None => relay.as_mut().and_then(Relay::take_agent).ok_or_else(|| {
+                        LaunchError::Stdio(io::Error::other("no stdio for the agent"))
+                    })?,
+                };
+                (relay, None, agent_stdio)
+            }
+            AgentStdio::Captured(sink) => {
+                let c = Capture::new(ids.agent).map_err(LaunchError::Stdio)?;
+                let pipes = LogPipes {
+                    fds: [Some(c.stdout), Some(c.stderr)],
+                    sink,
+                };
+                (None, Some(pipes), c.agent)
+            }
         };
         marks.push(("stdio", now_ns()));
         // The final spec, the agent's stdio and the workspace to pid 1 in one message: it
@@ -943,16 +1012,21 @@ impl Prepared {
         let ctty = relay.as_ref().and_then(Relay::ctty);
         let mut fds: Vec<BorrowedFd<'_>> = agent_stdio.iter().map(|f| f.as_fd()).collect();
         fds.extend(ws_mount.as_ref().map(|f| f.as_fd()));
+        fds.extend(agent_channel.as_ref().map(|f| f.as_fd()));
         let sent = channel::send_with_fds(
             sock.as_fd(),
             &Msg::Final {
                 spec: Box::new(spec.clone()),
                 ctty,
                 workspace: ws_mount.is_some(),
+                agent_fd: agent_channel.is_some(),
             },
             &fds,
         );
         drop(fds);
+        // pid 1 has its own copy: the agent's socket must not stay open here (its peer would
+        // never see EOF), as in a cold launch.
+        drop(agent_channel);
         // The last launcher mark: what follows runs in parallel with pid 1 (the trace's
         // sandbox lines are the critical path from here).
         marks.push(("final-sent", now_ns()));
@@ -1011,7 +1085,7 @@ impl Prepared {
             live.pid1.pidfd.as_fd(),
             sock.as_fd(),
             &signals,
-            None,
+            log.as_mut(),
             relay.as_mut(),
             on_exited.is_some().then_some(&alone as &dyn Fn() -> bool),
         );
@@ -1054,6 +1128,15 @@ impl Prepared {
         }
         Ok(outcome)
     }
+}
+
+/// Where a finished prepared sandbox's agent gets its stdin, stdout and stderr.
+enum AgentStdio<'a> {
+    /// The caller's (`aitherctl run` through aitherd): relayed as `aitherctl run` relays its
+    /// own.
+    Caller([OwnedFd; 3]),
+    /// /dev/null and two pipes into a supervisor's log (the shim).
+    Captured(&'a mut dyn LogSink),
 }
 
 /// What preflight decided, for the enforcement report: the Landlock plan and the seccomp

@@ -27,6 +27,15 @@
 //!   writes it to its own), exit N;
 //! - nothing more is read from the socket after the final spec: each prepared sandbox runs
 //!   once.
+//!
+//! A supervised spawn (aitherd's `aitherctl spawn`, src/daemon/shim.rs `launch_warm`) sends
+//! instead `{"shim":ShimConfig}` with SCM_RIGHTS [the agent's end of its channel, aitherd's
+//! end, the shim's stderr (shim.log)]: the pool launcher then *becomes that agent's shim*
+//! (sandbox/shim.rs `run_prepared`: the same contract as `aither-init shim` from its launch
+//! on), the two channel ends at `shim::HANDED_FDS` (3 and 4, held free since the start for
+//! them), and its one report is the shim's event (`ShimEvent` JSON, `started` or `failed`)
+//! as one packet on the control socket instead of a line on stdout. From then on it no longer
+//! depends on aitherd: it outlives it, as a shim does.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -36,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use super::channel::{self, now_ns, MAX_LARGE_FRAME};
 use super::launch::{self, LaunchError};
+use super::shim::{ShimConfig, ShimError, ShimEvent, HANDED_FDS};
 use super::spec::SandboxSpec;
 
 /// A message of the pool launcher to aitherd.
@@ -110,6 +120,125 @@ pub fn send_final(
     Ok(())
 }
 
+/// How a shim final message starts (`ShimFinal` serialised: its one field first), which tells
+/// it from a final spec without parsing twice.
+const SHIM_FINAL_PREFIX: &[u8] = br#"{"shim":"#;
+
+/// aitherd's final message for a supervised spawn: the pool launcher becomes its shim.
+#[derive(Serialize, Deserialize)]
+struct ShimFinal {
+    shim: ShimConfig,
+}
+
+/// aitherd's side of a supervised spawn: the shim's config, then [the agent's end of the
+/// channel, aitherd's end (kept for pidfd_getfd after a restart), the shim's stderr].
+pub fn send_final_shim(
+    fd: BorrowedFd<'_>,
+    cfg: &ShimConfig,
+    channel: BorrowedFd<'_>,
+    keep: BorrowedFd<'_>,
+    stderr: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let bytes = serde_json::to_vec(&ShimFinalRef { shim: cfg }).map_err(io::Error::other)?;
+    debug_assert!(bytes.starts_with(SHIM_FINAL_PREFIX));
+    if bytes.len() > MAX_LARGE_FRAME {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    let raw = [channel.as_raw_fd(), keep.as_raw_fd(), stderr.as_raw_fd()];
+    nix::sys::socket::sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ShimFinalRef<'a> {
+    shim: &'a ShimConfig,
+}
+
+/// The shim's event after a shim final message (aitherd's side): `None` at EOF (the launcher
+/// died without a word).
+pub fn recv_shim_event(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
+    let len = channel::next_len(fd)?;
+    let mut buf = vec![0u8; len.min(MAX_LARGE_FRAME) + 1];
+    let (bytes, _fds) = channel::recv_bytes_with_fds(fd, &mut buf)?;
+    Ok(bytes.map(<[u8]>::to_vec))
+}
+
+/// Descriptors 3 and 4 held (on /dev/null, close-on-exec) from the start, so that nothing of
+/// the prepared sandbox takes them: a spawn's channel ends go there (`HANDED_FDS`). Called
+/// once the control socket is above them: whatever else is at 3 or 4 is a stray aitherd
+/// inherited without close-on-exec and passed on (as `shim::receive_handed_fds` finds),
+/// owned by nothing here, and replaced. None when /dev/null cannot be opened (the shim final
+/// is then refused).
+fn hold_handed_fds() -> Option<[OwnedFd; 2]> {
+    let hold = |at: i32| -> Option<OwnedFd> {
+        let null = crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR).ok()?;
+        if null.as_raw_fd() == at {
+            // It took the free number itself.
+            return Some(null);
+        }
+        // Raw: nix's dup3 wants the target as an OwnedFd, and nothing here owns that number.
+        // SAFETY: dup3 onto a number nothing in this process owns (see above), closing a
+        // stray there atomically; the new descriptor is owned below.
+        let r = unsafe { libc::dup3(null.as_raw_fd(), at, libc::O_CLOEXEC) };
+        // SAFETY: `r` is the descriptor dup3 just created; nothing else owns it.
+        (r == at).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r) })
+    };
+    Some([hold(HANDED_FDS[0])?, hold(HANDED_FDS[1])?])
+}
+
+/// A spawn's final message taken: the pool launcher becomes the agent's shim. Returns the
+/// shim's exit status.
+fn become_shim(
+    control: BorrowedFd<'_>,
+    prepared: launch::Prepared,
+    mut cfg: ShimConfig,
+    fds: [OwnedFd; 3],
+    held: Option<[OwnedFd; 2]>,
+) -> i32 {
+    let report = |e: &ShimEvent| {
+        if let Ok(bytes) = serde_json::to_vec(e) {
+            let _ = nix::sys::socket::send(control.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL);
+        }
+    };
+    let [chan, keep, stderr] = fds;
+    // The shim's stderr is shim.log, as aitherd gives a cold shim.
+    let _ = nix::unistd::dup2_stderr(&stderr);
+    drop(stderr);
+    let bad = |fd: i32, reason: String| ShimError::BadFd {
+        what: "agent channel",
+        fd,
+        reason,
+    };
+    let Some(held) = held else {
+        let e = bad(HANDED_FDS[0], "not held free in the pool launcher".into());
+        return super::shim::failed(&cfg, &report, e);
+    };
+    // Onto the numbers held for them since the start; the placeholders' numbers are
+    // replaced in place (dup3), so they are released without closing.
+    for (fd, (ph, at)) in [chan, keep]
+        .into_iter()
+        .zip(held.into_iter().zip(HANDED_FDS))
+    {
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(ph);
+        match crate::sys::place_fd(fd, at) {
+            // `shim::run_prepared` takes it by number, as a shim takes its inherited ones.
+            Ok(placed) => {
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(placed);
+            }
+            Err(e) => return super::shim::failed(&cfg, &report, bad(at, e.to_string())),
+        }
+    }
+    cfg.channel_fd = Some(HANDED_FDS[0]);
+    cfg.keep_fd = Some(HANDED_FDS[1]);
+    super::shim::run_prepared(cfg, prepared, &report)
+}
+
 /// Signals that dismiss a prepared sandbox that has no agent yet (the others wait, and reach
 /// the agent once it runs).
 const DISMISS: &[i32] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -153,8 +282,15 @@ fn wait_final(control: BorrowedFd<'_>, p: &launch::Prepared) -> Waited {
 /// The final message, checked: the spec and the descriptors.
 type Final = (SandboxSpec, [OwnedFd; 3], Option<OwnedFd>);
 
-/// Reads the final message: `Ok(None)` at EOF, `Err(why)` for a malformed one.
-fn read_final(control: BorrowedFd<'_>) -> Result<Option<Final>, String> {
+/// A supervised spawn's final message, checked: the shim's config and its three descriptors.
+type FinalShim = (Box<ShimConfig>, [OwnedFd; 3]);
+
+/// Reads the final message: `Ok(None)` at EOF, `Err(why)` for a malformed one. A spawn's
+/// (`{"shim":...}`) is put in `shim`, and `Ok(None)` returned.
+fn read_final(
+    control: BorrowedFd<'_>,
+    shim: &mut Option<FinalShim>,
+) -> Result<Option<Final>, String> {
     let len = channel::next_len(control).map_err(|e| format!("reading the final spec: {e}"))?;
     let mut buf = vec![0u8; len.min(MAX_LARGE_FRAME) + 1];
     let (bytes, mut fds) = channel::recv_bytes_with_fds(control, &mut buf)
@@ -166,6 +302,18 @@ fn read_final(control: BorrowedFd<'_>) -> Result<Option<Final>, String> {
         return Err(format!(
             "the final spec is larger than {MAX_LARGE_FRAME} bytes"
         ));
+    }
+    if bytes.starts_with(SHIM_FINAL_PREFIX) {
+        let f: ShimFinal = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the shim's final message is not a ShimConfig: {e}"))?;
+        let got: [OwnedFd; 3] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
+            format!(
+                "the shim's final message came with {} descriptors; expected 3 (the agent's channel, aitherd's end, stderr)",
+                v.len()
+            )
+        })?;
+        *shim = Some((Box::new(f.shim), got));
+        return Ok(None);
     }
     let spec: SandboxSpec = serde_json::from_slice(bytes)
         .map_err(|e| format!("the final message is not a SandboxSpec: {e}"))?;
@@ -185,6 +333,15 @@ fn read_final(control: BorrowedFd<'_>) -> Result<Option<Final>, String> {
 /// `aither-init pool`: prepares `template`, serves one final spec on `control`, returns the
 /// exit code (see the module docs).
 pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
+    // Out of the way of `HANDED_FDS`, held for a spawn's channel (`become_shim`) before the
+    // prepared sandbox opens anything.
+    let (control, held) = match crate::sys::dup_above(control.as_fd(), 10) {
+        Ok(high) => {
+            drop(control);
+            (high, hold_handed_fds())
+        }
+        Err(_) => (control, None),
+    };
     let ctl = control.as_fd();
     let prepared = match launch::prepare(template) {
         Ok(p) => p,
@@ -214,10 +371,17 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
         }
     }
     let received = now_ns();
-    let (spec, stdio, workspace) = match read_final(ctl) {
+    let mut shim = None;
+    let (spec, stdio, workspace) = match read_final(ctl, &mut shim) {
         Ok(Some(f)) => f,
-        // EOF: dismissed; `prepared` drops here (pid 1 killed and reaped, the cgroup removed).
-        Ok(None) => return 0,
+        Ok(None) => {
+            if let Some((cfg, fds)) = shim {
+                return become_shim(ctl, prepared, *cfg, fds, held);
+            }
+            // EOF: dismissed; `prepared` drops here (pid 1 killed and reaped, the cgroup
+            // removed).
+            return 0;
+        }
         Err(why) => {
             let _ = send(ctl, &PoolMsg::Refused(why.clone()));
             eprintln!("aither-init pool: refused: {why}");
@@ -259,7 +423,7 @@ pub fn serve(control: OwnedFd, template: &SandboxSpec) -> i32 {
         }
         report(out);
     });
-    match prepared.finish_with(&spec, stdio, workspace, Some(on_started), Some(on_exited)) {
+    match prepared.finish_reporting(&spec, stdio, workspace, Some(on_started), Some(on_exited)) {
         Ok(out) => {
             if let Some(fd) = caller_err.take() {
                 notes_to(fd.as_fd(), &spec, &out);
@@ -311,6 +475,67 @@ fn exited_msg(out: &launch::Outcome) -> PoolMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shim_config() -> ShimConfig {
+        use crate::policy::{Policy, BUILTIN_POLICIES};
+        let src = BUILTIN_POLICIES
+            .iter()
+            .find(|(n, _)| *n == "strict")
+            .unwrap()
+            .1;
+        let ws = tempfile::tempdir().unwrap();
+        let opts = crate::sandbox::spec::RunOptions {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        let spec = SandboxSpec::derive(
+            &Policy::parse(src, "strict").unwrap(),
+            &opts,
+            &|_| None,
+            ws.path(),
+        )
+        .unwrap();
+        ShimConfig {
+            spec,
+            log_dir: "/var/lib/aither/agents/a".into(),
+            log_max_bytes: 1 << 20,
+            log_keep: 3,
+            channel_fd: Some(3),
+            keep_fd: Some(4),
+        }
+    }
+
+    #[test]
+    fn a_shim_final_is_told_from_a_final_spec_and_needs_its_three_descriptors() {
+        let cfg = shim_config();
+        let null = || crate::sys::open(std::path::Path::new("/dev/null"), libc::O_RDWR).unwrap();
+        let (a, b) = crate::sys::seqpacket_pair().unwrap();
+        let (x, y, z) = (null(), null(), null());
+        send_final_shim(a.as_fd(), &cfg, x.as_fd(), y.as_fd(), z.as_fd()).unwrap();
+        let mut shim = None;
+        assert!(matches!(read_final(b.as_fd(), &mut shim), Ok(None)));
+        let (got, fds) = shim.expect("a shim final");
+        assert_eq!(*got, cfg);
+        assert_eq!(fds.len(), 3);
+        // Two descriptors: refused, naming what was expected.
+        let bytes = serde_json::to_vec(&ShimFinalRef { shim: &cfg }).unwrap();
+        assert!(bytes.starts_with(SHIM_FINAL_PREFIX));
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[io::IoSlice::new(&bytes)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&[
+                x.as_raw_fd(),
+                y.as_raw_fd(),
+            ])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut shim = None;
+        let e = read_final(b.as_fd(), &mut shim).unwrap_err();
+        assert!(e.contains("2 descriptors; expected 3"), "{e}");
+        assert!(shim.is_none());
+    }
 
     #[test]
     fn messages_are_the_contracts_json() {

@@ -497,31 +497,72 @@ fn ensure_stdio() {
 
 /// Runs the shim: launches `cfg.spec` supervised, returns the shim's exit status.
 pub fn run(cfg: ShimConfig) -> i32 {
-    match supervise(&cfg) {
+    serve(&cfg, &emit, launch::run_with)
+}
+
+/// A prepared sandbox's launcher (`aither-init pool`, sandbox/pool.rs) become `cfg`'s shim:
+/// the contract of `run` (the log, exit.json, the channel's ends at [`HANDED_FDS`] which the
+/// caller has put there, setsid, the forwarded signals), the launch being
+/// `Prepared::finish_supervised`, the one event going to `report` instead of stdout. Works in
+/// `cfg.log_dir` as a shim does (a restarted aitherd tells its shims by their working
+/// directory).
+pub fn run_prepared(
+    cfg: ShimConfig,
+    prepared: launch::Prepared,
+    report: &dyn Fn(&ShimEvent),
+) -> i32 {
+    if let Err(e) = std::env::set_current_dir(&cfg.log_dir) {
+        let e = ShimError::Log {
+            path: cfg.log_dir.clone(),
+            source: e,
+        };
+        // `prepared` drops: torn down.
+        return failed(&cfg, report, e);
+    }
+    serve(&cfg, report, |spec, io| {
+        prepared.finish_supervised(spec, io)
+    })
+}
+
+/// The shim's life around one launch: the setup, `launch`, the exit record.
+fn serve(
+    cfg: &ShimConfig,
+    report: &dyn Fn(&ShimEvent),
+    launch: impl FnOnce(&SandboxSpec, LaunchIo<'_>) -> Result<Outcome, LaunchError>,
+) -> i32 {
+    match supervise(cfg, report, launch) {
         Ok(out) => {
             if let Err(e) = write_exit_record(&finished_record(&out), &cfg.log_dir) {
                 eprintln!("aither-init shim: {e}");
             }
             out.status.code()
         }
-        Err(e) => {
-            let code = e.exit_code();
-            let msg = e.to_string();
-            emit(&ShimEvent::Failed {
-                code,
-                error: msg.clone(),
-            });
-            // A restarted daemon learns of the failure from the record, not from our stdout.
-            let _ = fs::create_dir_all(&cfg.log_dir);
-            if let Err(e) = write_exit_record(&failed_record(code, msg), &cfg.log_dir) {
-                eprintln!("aither-init shim: {e}");
-            }
-            code
-        }
+        Err(e) => failed(cfg, report, e),
     }
 }
 
-fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
+/// A launch that failed: the `failed` event, the record, the code. Also for a pool launcher
+/// that could not become the shim (sandbox/pool.rs `become_shim`).
+pub fn failed(cfg: &ShimConfig, report: &dyn Fn(&ShimEvent), e: ShimError) -> i32 {
+    let code = e.exit_code();
+    let msg = e.to_string();
+    report(&ShimEvent::Failed {
+        code,
+        error: msg.clone(),
+    });
+    // A restarted daemon learns of the failure from the record, not from our stdout.
+    let _ = fs::create_dir_all(&cfg.log_dir);
+    if let Err(e) = write_exit_record(&failed_record(code, msg), &cfg.log_dir) {
+        eprintln!("aither-init shim: {e}");
+    }
+    code
+}
+
+fn supervise(
+    cfg: &ShimConfig,
+    report: &dyn Fn(&ShimEvent),
+    launch: impl FnOnce(&SandboxSpec, LaunchIo<'_>) -> Result<Outcome, LaunchError>,
+) -> Result<Outcome, ShimError> {
     // Our own session first: terminal signals meant for the daemon's session must not reach
     // the shim (it outlives the daemon). Already a session leader is fine.
     if let Err(e) = nix::unistd::setsid() {
@@ -571,7 +612,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
     let keep_netns = |fd: OwnedFd| netns = keep_at(fd, SHIM_NETNS_FD);
     // Logged before the launch, so that nothing of the run comes before its start.
     let _ = log.start_run();
-    let res = launch::run_with(
+    let res = launch(
         &cfg.spec,
         LaunchIo {
             agent_channel: channel,
@@ -581,7 +622,7 @@ fn supervise(cfg: &ShimConfig) -> Result<Outcome, ShimError> {
             on_netns: Some(Box::new(keep_netns)),
             on_exited: None,
             on_started: Some(Box::new(|s| {
-                emit(&ShimEvent::Started {
+                report(&ShimEvent::Started {
                     pid1: s.pid1,
                     agent_pid: s.agent_pid,
                     cgroup: s.cgroup.clone(),
