@@ -555,8 +555,26 @@ fn a_run_stuck_in_its_preparation_does_not_hold_up_other_clients() {
             w.unwrap()
         })
         .collect();
-    let (code, out, err) = run_sh(&d, &[], "echo served # warm-beside-stuck", "");
-    assert_eq!((code, out.as_str()), (0, "served\n"), "{err}");
+    // Bounded: with aitherd's workers held, this run would wait for ever.
+    let mut beside = d
+        .cmd(&[
+            "run",
+            "--policy",
+            "strict",
+            "--",
+            "sh",
+            "-c",
+            "echo served # warm-beside-stuck",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("aitherctl run");
+    let status = wait_with_deadline(&mut beside, "a run beside two stuck ones", RUN_DEADLINE);
+    let out = beside.wait_with_output().unwrap();
+    assert!(status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "served\n");
     assert_eq!(audited(&d, "warm-beside-stuck", 1).len(), 1);
     let ps = d.ctl(&["ps"]);
     assert!(ps.status.success(), "{ps:?}");
