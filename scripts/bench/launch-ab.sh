@@ -253,8 +253,11 @@ def q(v):
 rounds, cur = [], {}
 for l in open(sys.argv[1]):
     if l.startswith("@@ "):
-        t0 = int(l.split()[3]) / 1000
-        rounds.append({k: t0 + v for k, v in cur.items()}); cur = {}
+        _, _, wall, t0 = l.split()
+        t0 = int(t0) / 1000
+        r = {k: t0 + v for k, v in cur.items()}
+        r["@t0"], r["@end"] = t0, t0 + int(wall) / 1000
+        rounds.append(r); cur = {}
     elif (m := line.match(l)):
         cur.setdefault(" ".join(m.group(1).split()), float(m.group(2)))
 # the daemon (totals are CLOCK_MONOTONIC µs): a run's marks from its "accepted" on; the
@@ -273,14 +276,21 @@ for l in open(sys.argv[2]):
         cur.setdefault(key, float(m.group(2)))
 if cur and "aitherd request parsed" in cur:
     runs.append(cur)
-if len(runs) != len(rounds):
-    sys.exit("launch-ab.sh: %d client rounds but %d runs in aitherd's trace" % (len(rounds), len(runs)))
+# each run to the round whose client was running when aitherd parsed its request (a line of
+# aitherd's that a launcher's write split is lost, not the pairing)
+pairs = []
+for d in runs:
+    t = d["aitherd request parsed"]
+    c = next((c for c in rounds if "ctl daemon request sent" in c
+              and c["@t0"] <= t <= c["@end"]), None)
+    if c is not None:
+        pairs.append((c, d))
+print("(%d of %d rounds paired with a run in aitherd's trace)" % (len(pairs), len(rounds)))
+print()
 rel, order = {}, []
-for c, d in zip(rounds, runs):
-    base = c.get("ctl daemon request sent")
-    if base is None:
-        continue
-    for k, v in list(c.items()) + list(d.items()):
+for c, d in pairs:
+    base = c["ctl daemon request sent"]
+    for k, v in [x for x in c.items() if not x[0].startswith("@")] + list(d.items()):
         who = "client" if k in c and k.startswith("ctl ") and k not in d else "aitherd"
         key = (who, k.replace("ctl ", "", 1) if who == "aitherd" else k)
         if key not in rel:

@@ -62,9 +62,13 @@ pub fn mark(who: &str, name: &str) {
 }
 
 fn mark_line(who: &str, name: &str, total: u64, step: u64) {
-    eprintln!(
-        "aither-trace: {who:<8} {name:<22} {:>9.0} {:>9.0}",
+    use std::io::Write;
+    // One write: stderr is unbuffered, and aitherd's is shared with the prepared launchers it
+    // starts (O_APPEND), whose lines must not split this one.
+    let line = format!(
+        "aither-trace: {who:<8} {name:<22} {:>9.0} {:>9.0}\n",
         total as f64 / 1000.0,
         step as f64 / 1000.0
     );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
