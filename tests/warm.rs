@@ -506,3 +506,87 @@ fn aitherd_runs_at_most_sixteen_runs_per_user_at_a_time() {
         "runs outlived their clients"
     );
 }
+
+/// A run whose preparation blocks holds up its own request, not aitherd: root names a policy
+/// file that is a FIFO nobody writes, twice (as many as aitherd has async workers), and another
+/// client's run is served meanwhile (aitherd prepares a run off its workers, docs/daemon.md
+/// "run"); the stuck ones end refused once the FIFO gives them a broken policy.
+#[test]
+fn a_run_stuck_in_its_preparation_does_not_hold_up_other_clients() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = TestDaemon::start("aitherd-warm-", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let fifos: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("stuck{i}.toml")))
+        .collect();
+    for f in &fifos {
+        nix::unistd::mkfifo(f, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+    let stuck: Vec<std::process::Child> = fifos
+        .iter()
+        .map(|f| {
+            d.cmd(&["run", "--policy", f.to_str().unwrap(), "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("aitherctl run")
+        })
+        .collect();
+    // A writer's non-blocking open succeeds only once a reader has the FIFO open: aitherd's
+    // policy read, which then waits for bytes that this open writer does not send.
+    let mut writers: Vec<std::fs::File> = fifos
+        .iter()
+        .map(|f| {
+            let mut w = None;
+            assert!(
+                poll_until(WAIT, || {
+                    w = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(f)
+                        .ok();
+                    w.is_some()
+                }),
+                "aitherd never opened {}",
+                f.display()
+            );
+            w.unwrap()
+        })
+        .collect();
+    // Bounded: with aitherd's workers held, this run would wait for ever.
+    let mut beside = d
+        .cmd(&[
+            "run",
+            "--policy",
+            "strict",
+            "--",
+            "sh",
+            "-c",
+            "echo served # warm-beside-stuck",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("aitherctl run");
+    let status = wait_with_deadline(&mut beside, "a run beside two stuck ones", RUN_DEADLINE);
+    let out = beside.wait_with_output().unwrap();
+    assert!(status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "served\n");
+    assert_eq!(audited(&d, "warm-beside-stuck", 1).len(), 1);
+    let ps = d.ctl(&["ps"]);
+    assert!(ps.status.success(), "{ps:?}");
+    for w in &mut writers {
+        w.write_all(b"[[[ not a policy\n").unwrap();
+    }
+    drop(writers);
+    for mut c in stuck {
+        let status = wait_with_deadline(&mut c, "a run with a FIFO for a policy", RUN_DEADLINE);
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(125), "{err}");
+        assert!(err.contains("aitherd refused the run"), "{err}");
+    }
+}

@@ -210,8 +210,9 @@ pub async fn serve(
         }
     };
     crate::trace::mark("aitherd", "launcher spawned");
-    tracing::info!(agent = %spec.name, uid = caller.uid, pid = launcher.pid(), "run started");
     // The client feeds stdin only from here: a daemon that refused would leave it unread.
+    // Replied before the log line: its formatting and its write to aitherd's stderr (a pipe to
+    // the journal, which can be full) are not the client's to wait for.
     if aio::write_reply(w, &Reply::ok(json!({"started": true})))
         .await
         .is_err()
@@ -219,6 +220,8 @@ pub async fn serve(
         launcher.kill().await;
         return;
     }
+    crate::trace::mark("aitherd", "started written");
+    tracing::info!(agent = %spec.name, uid = caller.uid, pid = launcher.pid(), "run started");
     // The launcher says the run's code as soon as the agent is done (no process of its
     // sandbox left, the streams drained): a prepared sandbox's `exited`, a cold launcher's
     // status pipe. The client is answered then, and the launcher's teardown (pid 1's exit,
@@ -372,16 +375,38 @@ async fn admit(
         }
     }
     crate::trace::mark("aitherd", "run checked");
+    let spec = build_off_the_workers(d, caller, req, presented.as_ref()).await?;
+    Ok((spec, stdio, presented, slot))
+}
+
+/// `build`, where it may block (the policy file, the workspace's lookups) without holding up
+/// the other connections: on a multi-threaded runtime (aitherd's) it runs right here with this
+/// worker's other tasks handed to another thread (`block_in_place`), so the request goes on to
+/// the prepared launcher and the `started` reply on this thread, without the two wake-ups of a
+/// hand-over to the blocking pool and back (≈0.2 ms on a 2-vCPU VM, docs/performance.md
+/// "aitherctl run through aitherd, warm"); a current-thread runtime cannot hand its tasks
+/// over, so there it takes the blocking pool as before.
+async fn build_off_the_workers(
+    d: &Shared,
+    caller: &Caller,
+    req: &RunRequest,
+    presented: Option<&OwnedFd>,
+) -> Result<SandboxSpec, RunRefused> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        return tokio::task::block_in_place(|| {
+            crate::trace::mark("aitherd", "workers handed over");
+            build(d, req, caller, presented)
+        });
+    }
     let (d2, req2, caller2) = (d.clone(), req.clone(), caller.clone());
     let ws = presented
-        .as_ref()
         .map(|f| f.try_clone())
         .transpose()
         .map_err(|e| RunRefused::Build(ErrorCode::Io, format!("the workspace descriptor: {e}")))?;
-    let spec = tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2, ws.as_ref()))
+    tokio::task::spawn_blocking(move || build(&d2, &req2, &caller2, ws.as_ref()))
         .await
-        .map_err(|e| RunRefused::Build(ErrorCode::Internal, e.to_string()))??;
-    Ok((spec, stdio, presented, slot))
+        .map_err(|e| RunRefused::Build(ErrorCode::Internal, e.to_string()))?
 }
 
 /// The run's spec, through the builder `spawn` uses (`server::prepare_launch`).

@@ -77,6 +77,7 @@ pub async fn serve(d: Shared, listener: UnixListener, access: Arc<Access>) {
                 continue;
             }
         };
+        crate::trace::mark("aitherd", "accepted");
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let mut s = stream;
             let _ = aio::write_reply(&mut s, &Reply::err(ErrorCode::Busy, "too many connections"))
@@ -132,7 +133,9 @@ async fn serve_bus(
 
 async fn connection(d: Shared, stream: UnixStream, access: &Access) {
     // The kernel's word on the peer, read once at accept: no field of any request changes it.
+    crate::trace::mark("aitherd", "connection task");
     let caller = Caller::of_socket(stream.as_fd(), &access.groups).ok();
+    crate::trace::mark("aitherd", "peer credentials");
     let actor = caller
         .as_ref()
         .map(Caller::actor)
@@ -159,6 +162,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                     return;
                 }
             };
+        crate::trace::mark("aitherd", "frame read");
         let req: Request = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {
@@ -244,6 +248,7 @@ async fn connection(d: Shared, stream: UnixStream, access: &Access) {
                 return;
             }
             Request::Run(req) => {
+                crate::trace::mark("aitherd", "request parsed");
                 // The replies come when the launcher starts and when the agent ends; frames
                 // after the request are signals; a closed connection kills the run.
                 super::run::serve(&d, &caller, *req, fds, &mut r, &mut w).await;

@@ -23,6 +23,13 @@ pub fn enabled() -> bool {
 /// The first mark: called first thing in `main`. With `AITHER_TRACE_T0` it prints the time
 /// from the caller's `execve` to here (the dynamic loader, relocations, libc and Rust start-up).
 pub fn start() {
+    start_as("ctl");
+}
+
+/// `start` for a process other than aitherctl (`who` names it in the first line). aitherd
+/// calls it: with `AITHER_TRACE_T0=1` its totals are CLOCK_MONOTONIC itself, comparable with
+/// a client's (scripts/bench/launch-ab.sh lines the two up).
+pub fn start_as(who: &str) {
     if !enabled() {
         return;
     }
@@ -34,7 +41,7 @@ pub fn start() {
     ORIGIN.store(t0.unwrap_or(now), Ordering::Relaxed);
     LAST.store(t0.unwrap_or(now), Ordering::Relaxed);
     if t0.is_some() {
-        mark("ctl", "exec→main");
+        mark(who, "exec→main");
     }
 }
 
@@ -55,9 +62,13 @@ pub fn mark(who: &str, name: &str) {
 }
 
 fn mark_line(who: &str, name: &str, total: u64, step: u64) {
-    eprintln!(
-        "aither-trace: {who:<8} {name:<22} {:>9.0} {:>9.0}",
+    use std::io::Write;
+    // One write: stderr is unbuffered, and aitherd's is shared with the prepared launchers it
+    // starts (O_APPEND), whose lines must not split this one.
+    let line = format!(
+        "aither-trace: {who:<8} {name:<22} {:>9.0} {:>9.0}\n",
         total as f64 / 1000.0,
         step as f64 / 1000.0
     );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }

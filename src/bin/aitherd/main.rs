@@ -85,6 +85,8 @@ fn main() -> ExitCode {
         core = ?hardened.core,
         "hardened: not dumpable, no core dumps"
     );
+    // AITHER_TRACE_LAUNCH=1: the request path's marks (docs/performance.md).
+    aither::trace::start_as("aitherd");
     if !hardened.scrubbed.is_empty() {
         tracing::warn!(removed = ?hardened.scrubbed, "loader variables removed from the environment");
     }
