@@ -128,6 +128,21 @@ fn pub_frame(subject: &str, durable: bool) -> Vec<u8> {
     out
 }
 
+/// Deliveries aitherd reports it dropped (the `dropped` of each delivery: a subscriber that
+/// fell more than its queue behind), so that a short count says where the messages went.
+static AITHER_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn dropped_of(frame: &[u8]) -> u64 {
+    let key = b"\"dropped\":";
+    let Some(at) = frame.windows(key.len()).position(|w| w == key) else {
+        return 0;
+    };
+    frame[at + key.len()..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .fold(0, |n, c| n * 10 + u64::from(c - b'0'))
+}
+
 fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> bool {
     let mut h = [0u8; 4];
     if r.read_exact(&mut h).is_err() {
@@ -162,6 +177,10 @@ impl Side for Aither {
             while read_frame(&mut r, &mut buf) {
                 let now = now_ns();
                 let sent = sent_ns(&buf).unwrap_or(now);
+                let lost = dropped_of(&buf);
+                if lost > 0 {
+                    AITHER_DROPPED.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                }
                 if tx.send(now.saturating_sub(sent)).is_err() {
                     return;
                 }
@@ -412,9 +431,10 @@ fn fanout(side: &dyn Side, subject: &str, k: usize, n: usize) -> f64 {
     }
     if p < n * k {
         eprintln!(
-            "{}: {subject}: only {p} of {} deliveries",
+            "{}: {subject}: only {p} of {} deliveries (aitherd reported {} dropped so far)",
             side.name(),
-            n * k
+            n * k,
+            AITHER_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
     p as f64 / dt

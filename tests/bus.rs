@@ -667,3 +667,114 @@ fn an_operators_pipelined_publishes_pass_data_through_and_are_answered_in_order(
     );
     assert!(raw[2].ends_with(",\"data\":[ 7 ]}}"), "{}", raw[2]);
 }
+
+/// Operator subscribers are written by the publisher itself while their connection is idle
+/// (docs/bus.md "Direct writes"). One that stops reading fills its socket: the rest goes to
+/// its queue (bounded, drop-oldest, counted) and its writer, and once it reads again it gets
+/// every message in order, none twice, each loss counted. One that never reads stays within
+/// its queue, and neither holds up the publisher or grows the daemon.
+#[test]
+fn operator_subscribers_that_stall_keep_order_and_bounds_and_do_not_hold_up_the_publisher() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let d = daemon();
+    let subscribe = |pattern: &str, queue: u32| {
+        let mut s = UnixStream::connect(d.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&frame(&format!(
+            r#"{{"op":"bus_sub","pattern":"{pattern}","queue":{queue}}}"#
+        )))
+        .unwrap();
+        let first = read_json(&mut s);
+        assert_eq!(first["ok"], true, "{first}");
+        s
+    };
+    // Paused while the first messages go, then read to the end.
+    let mut paused = subscribe("flood.>", 65536);
+    // Never read.
+    let _stalled = subscribe("flood.*", 16);
+    let mut p = UnixStream::connect(d.socket()).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let pad = "y".repeat(1000);
+    let mut next = 0u64;
+    // Pipelined 500 at a time (their replies fit the socket), then every reply read: a
+    // publisher waiting on a subscriber would time out.
+    let mut publish = |n: u64| {
+        let end = next + n;
+        while next < end {
+            let k = (end - next).min(500);
+            let mut all = Vec::new();
+            for _ in 0..k {
+                all.extend(frame(&format!(
+                    r#"{{"op":"bus_pub","subject":"flood.x","data":[{next},"{pad}"]}}"#
+                )));
+                next += 1;
+            }
+            p.write_all(&all).unwrap();
+            for _ in 0..k {
+                let r = read_json(&mut p);
+                assert_eq!(r["ok"], true, "{r}");
+            }
+        }
+    };
+    let sub_of = |st: &Value, pattern: &str| -> Value {
+        st["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["pattern"] == pattern)
+            .cloned()
+            .unwrap_or_else(|| panic!("no subscription {pattern}: {st}"))
+    };
+    // 1,000 × 1 KB: more than the paused subscriber's socket takes (its queue holds the rest:
+    // the direct path handed over), less than its socket and 1 MiB queue (nothing lost).
+    let first = 1000;
+    publish(first);
+    let st = d.streams();
+    let s = sub_of(&st, "flood.>");
+    assert!(s["queued"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["dropped"], 0, "{s}");
+    let pid = d.child.as_ref().unwrap().id();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss0 = rss();
+    // It reads again, while 9,000 more go out as fast as the publisher can send them.
+    let total = 10_000u64;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut dropped = 0;
+        loop {
+            let v = read_json(&mut paused);
+            assert_eq!(v["more"], true, "{v}");
+            dropped += v["data"]["dropped"].as_u64().unwrap();
+            let n = v["data"]["data"][0].as_u64().unwrap();
+            got.push(n);
+            if n == total - 1 {
+                return (got, dropped);
+            }
+        }
+    });
+    publish(total - first);
+    let (got, dropped) = reader.join().unwrap();
+    // In order, none twice, and everything missing counted as dropped.
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order");
+    assert_eq!(got.len() as u64 + dropped, total, "{dropped} dropped");
+    assert_eq!(
+        got[..first as usize],
+        (0..first).collect::<Vec<_>>()[..],
+        "lost while paused"
+    );
+    let st = d.streams();
+    let s = sub_of(&st, "flood.*");
+    assert!(s["queued"].as_u64().unwrap() <= 16, "{s}");
+    assert!(s["dropped"].as_u64().unwrap() > 0, "{s}");
+    // 9 MB went through; the daemon kept at most the queues' worth.
+    let grown = rss().saturating_sub(rss0);
+    assert!(grown < 16 * 1024, "aitherd grew by {grown} KiB");
+}

@@ -13,6 +13,15 @@
 //! queue is full it stops taking live messages and a pump task reads them back from the log
 //! as the queue drains (flow control), then switches to live again once caught up.
 //!
+//! Direct writes (docs/bus.md "Direct writes"): a connection that only carries deliveries (an
+//! operator's `bus_sub`) attaches its socket as a [`Sink`]. While its writer is idle and its
+//! queues are empty, a publish encodes the delivery into the outbox's direct buffer instead of
+//! queueing it, and the publisher sends that buffer on the socket itself (non-blocking) when
+//! its batch of publishes ends ([`Flush`]): no wake of the subscriber's task, one `send` for
+//! many messages and subscribers' worth of work done on one task, as redis does. A send that
+//! would block hands the rest to the connection's writer, and the queues take over (with
+//! their bounds and overflow policy) until the writer has written everything.
+//!
 //! Replays read the log in pages of [`PAGE`] sequence numbers through one cache shared by
 //! every subscription ([`PAGE_CACHE_BYTES`]): ninety subscriptions replaying the same range
 //! read it once and queue the same messages (`Arc`s), not ninety copies. A connection's
@@ -32,6 +41,9 @@ use super::{
     check_data, now_ms, BusError, Committed, Msg, Principal, DEFAULT_QUEUE, MAX_SUBS,
     OUTBOX_QUEUE_BYTES, PAGE_CACHE_BYTES, REPLAY_BURST, REPLAY_RATE, SUB_QUEUE_BYTES,
 };
+
+/// Most bytes a direct buffer takes before the publisher sends it (then it starts again).
+pub const DIRECT_BYTES: usize = 64 * 1024;
 
 /// Messages read from the log per step of a replay.
 const REPLAY_BATCH: usize = 256;
@@ -140,6 +152,42 @@ struct SubQ {
     replay: Option<Replay>,
 }
 
+/// A connection's socket, written by publishers directly while its writer is idle, and how a
+/// delivery is framed on it.
+pub struct Sink {
+    /// A duplicate of the connection's socket (the same open file: its writes go in the same
+    /// stream); dropped when the connection's subscriptions end.
+    fd: std::os::fd::OwnedFd,
+    frame: fn(&Delivery, &mut Vec<u8>),
+}
+
+impl Sink {
+    pub fn new(fd: std::os::fd::OwnedFd, frame: fn(&Delivery, &mut Vec<u8>)) -> Sink {
+        Sink { fd, frame }
+    }
+}
+
+/// Outboxes whose direct buffer a publisher has started: each is sent when [`Flush::run`] is
+/// called or the `Flush` is dropped (the end of a publisher's batch, before it waits).
+#[derive(Default)]
+pub struct Flush(Vec<Arc<Outbox>>);
+
+impl Flush {
+    /// Sends every started direct buffer.
+    pub fn run(&mut self) {
+        for o in self.0.drain(..) {
+            let mut st = lock(&o.state);
+            o.send_direct(&mut st);
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.run()
+    }
+}
+
 struct OutState {
     subs: BTreeMap<u64, SubQ>,
     next_sub: u64,
@@ -149,6 +197,13 @@ struct OutState {
     /// The replay budget: bytes that may be read now, and when it was last refilled.
     replay_tokens: f64,
     replay_at: std::time::Instant,
+    /// The socket publishers may write directly (an operator's subscriber connection).
+    sink: Option<Sink>,
+    /// The connection's writer holds bytes it is writing (or is about to take the direct
+    /// buffer's rest): nothing else writes the socket, new messages are queued.
+    busy: bool,
+    /// Frames encoded by publishers, to be sent before anything queued.
+    direct: Vec<u8>,
 }
 
 /// A connection's subscriptions and their queues.
@@ -219,10 +274,20 @@ impl Outbox {
     /// Takes up to `max` queued deliveries and about `max_bytes` (at least one), oldest
     /// first per subscription.
     pub fn drain(&self, max: usize, max_bytes: usize) -> Vec<Delivery> {
+        let mut st = lock(&self.state);
+        let (out, more) = Self::take(&mut st, max, max_bytes);
+        drop(st);
+        if more {
+            self.notify.notify_one();
+        }
+        out
+    }
+
+    /// [`Outbox::drain`] under the lock: the deliveries, and whether more are queued.
+    fn take(st: &mut OutState, max: usize, max_bytes: usize) -> (Vec<Delivery>, bool) {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut more = false;
-        let mut st = lock(&self.state);
         let OutState {
             subs, queued_bytes, ..
         } = &mut *st;
@@ -251,6 +316,34 @@ impl Outbox {
                 }
             }
         }
+        (out, more)
+    }
+
+    /// Lets publishers write this connection's deliveries on `sink` while its writer is idle
+    /// (the writer then uses [`Outbox::drain_into`] and [`Outbox::written`]).
+    pub fn attach(&self, sink: Sink) {
+        let mut st = lock(&self.state);
+        if !st.closed {
+            st.sink = Some(sink);
+        }
+    }
+
+    /// The writer's [`Outbox::drain`]: the direct buffer's unsent rest first (into `head`),
+    /// then queued deliveries. If it takes anything, the writer is busy until
+    /// [`Outbox::written`].
+    pub fn drain_into(&self, max: usize, max_bytes: usize, head: &mut Vec<u8>) -> Vec<Delivery> {
+        // One lock: a publisher sees the writer busy as soon as anything is taken (it must
+        // not write after what the writer holds).
+        let mut st = lock(&self.state);
+        if !st.direct.is_empty() {
+            head.extend_from_slice(&st.direct);
+            st.direct.clear();
+            st.busy = true;
+        }
+        let (out, more) = Self::take(&mut st, max, max_bytes);
+        if !out.is_empty() {
+            st.busy = true;
+        }
         drop(st);
         if more {
             self.notify.notify_one();
@@ -258,13 +351,66 @@ impl Outbox {
         out
     }
 
-    fn offer(&self, sub: u64, msg: &Arc<Msg>) {
+    /// The writer has written what it took: publishers may write directly again once nothing
+    /// is waiting (otherwise the writer is woken for the rest).
+    pub fn written(&self) {
+        let mut st = lock(&self.state);
+        if st.direct.is_empty() && st.queued_bytes == 0 {
+            st.busy = false;
+        } else {
+            drop(st);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Sends the direct buffer on the sink without blocking; what the socket does not take
+    /// goes to the writer (busy: publishers queue until it has written it). Whether all of
+    /// it went.
+    fn send_direct(&self, st: &mut OutState) -> bool {
+        if st.direct.is_empty() {
+            return true;
+        }
+        if st.busy {
+            return false;
+        }
+        let Some(sink) = &st.sink else { return false };
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = sink.fd.as_raw_fd();
+        let mut off = 0;
+        while off < st.direct.len() {
+            match send(
+                fd,
+                &st.direct[off..],
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(0) => break,
+                Ok(n) => off += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                // EAGAIN (the subscriber reads slower) or a broken connection: the writer
+                // takes over (and ends on the error).
+                Err(_) => break,
+            }
+        }
+        if off == st.direct.len() {
+            st.direct.clear();
+            return true;
+        }
+        st.direct.drain(..off);
+        st.busy = true;
+        self.notify.notify_one();
+        false
+    }
+
+    /// Queues `msg` for subscription `sub`, or encodes it into the direct buffer; true when
+    /// this started the direct buffer (the caller's [`Flush`] sends it).
+    fn offer(&self, sub: u64, msg: &Arc<Msg>) -> bool {
         let mut st = lock(&self.state);
         let OutState {
             subs, queued_bytes, ..
         } = &mut *st;
         let Some(q) = subs.get_mut(&sub) else {
-            return;
+            return false;
         };
         let c = msg.cost();
         let full = |q: &SubQ, total: usize| {
@@ -274,9 +420,9 @@ impl Outbox {
         };
         match &mut q.replay {
             Some(r) => {
-                let Some(seq) = msg.seq else { return };
+                let Some(seq) = msg.seq else { return false };
                 if r.catching_up || seq < r.next_seq {
-                    return;
+                    return false;
                 }
                 if q.queue.len() >= q.cap
                     || q.bytes + c > SUB_QUEUE_BYTES
@@ -285,7 +431,7 @@ impl Outbox {
                     // Flow control: stop taking live messages; the pump reads this one and
                     // the rest back from the log as the subscriber drains its queue.
                     r.catching_up = true;
-                    return;
+                    return false;
                 }
                 r.next_seq = seq + 1;
             }
@@ -296,7 +442,7 @@ impl Outbox {
                     let Some(old) = q.queue.pop_front() else {
                         q.dropped_pending += 1;
                         q.dropped += 1;
-                        return;
+                        return false;
                     };
                     q.bytes -= old.cost();
                     *queued_bytes -= old.cost();
@@ -305,11 +451,41 @@ impl Outbox {
                 }
             }
         }
+        // Direct: the writer idle and nothing queued on the connection (so nothing can be
+        // overtaken). A full direct buffer is sent first.
+        if st.sink.is_some() && !st.busy && st.queued_bytes == 0 {
+            if st.direct.len() + c > DIRECT_BYTES {
+                self.send_direct(&mut st);
+            }
+            if !st.busy {
+                let started = st.direct.is_empty();
+                let OutState {
+                    subs, sink, direct, ..
+                } = &mut *st;
+                if let (Some(q), Some(sink)) = (subs.get_mut(&sub), sink) {
+                    let d = Delivery {
+                        sub,
+                        msg: msg.clone(),
+                        dropped: std::mem::take(&mut q.dropped_pending),
+                    };
+                    (sink.frame)(&d, direct);
+                    q.delivered += 1;
+                    return started;
+                }
+            }
+        }
+        let OutState {
+            subs, queued_bytes, ..
+        } = &mut *st;
+        let Some(q) = subs.get_mut(&sub) else {
+            return false;
+        };
         q.bytes += c;
         *queued_bytes += c;
         q.queue.push_back(msg.clone());
         drop(st);
         self.notify.notify_one();
+        false
     }
 
     fn stats(&self, out: &mut Vec<SubStat>) {
@@ -458,6 +634,9 @@ impl Bus {
                 queued_bytes: 0,
                 replay_tokens: REPLAY_BURST,
                 replay_at: std::time::Instant::now(),
+                sink: None,
+                busy: false,
+                direct: Vec::new(),
             }),
             notify: Notify::new(),
             replay_bytes: AtomicU64::new(0),
@@ -474,10 +653,23 @@ impl Bus {
         data: String,
         durable: bool,
     ) -> Result<Published, BusError> {
+        self.publish_in(who, subject, data, durable, &mut Flush::default())
+    }
+
+    /// [`Bus::publish`] whose direct writes wait for `flush` (a publisher's batch: one send
+    /// per subscriber for all of its messages).
+    pub fn publish_in(
+        &self,
+        who: &Principal,
+        subject: &str,
+        data: String,
+        durable: bool,
+        flush: &mut Flush,
+    ) -> Result<Published, BusError> {
         check_subject("subject", subject)?;
         check_data(&data)?;
         who.check_publish(subject)?;
-        Ok(self.deliver(who.name(), subject, data, durable, true))
+        Ok(self.deliver(who.name(), subject, data, durable, true, flush))
     }
 
     /// A system event from the daemon (durable; subject built by the daemon).
@@ -489,7 +681,7 @@ impl Bus {
         if check_data(&text).is_err() {
             return;
         }
-        self.deliver("aitherd", subject, text, true, false);
+        self.deliver("aitherd", subject, text, true, false, &mut Flush::default());
     }
 
     fn deliver(
@@ -499,6 +691,7 @@ impl Bus {
         data: String,
         durable: bool,
         want_commit: bool,
+        flush: &mut Flush,
     ) -> Published {
         let mut inner = lock(&self.inner);
         let seq = if durable {
@@ -530,8 +723,11 @@ impl Bus {
         for s in &inner.subs {
             // The ACL is checked again at delivery: a subscription never carries a message its
             // owner may not read.
-            if s.pattern.matches(subject) && s.outbox.principal.may_read(subject) {
-                s.outbox.offer(s.id, &msg);
+            if s.pattern.matches(subject)
+                && s.outbox.principal.may_read(subject)
+                && s.outbox.offer(s.id, &msg)
+            {
+                flush.0.push(s.outbox.clone());
             }
         }
         Published { seq, committed }
@@ -660,6 +856,8 @@ impl Bus {
         let mut st = lock(&outbox.state);
         st.closed = true;
         st.queued_bytes = 0;
+        st.sink = None;
+        st.direct = Vec::new();
         for q in std::mem::take(&mut st.subs).into_values() {
             if let Some(r) = q.replay {
                 r.wake.notify_one();
@@ -1037,6 +1235,105 @@ mod tests {
                 .code(),
             "invalid"
         );
+    }
+
+    /// A publisher writes an idle connection's socket itself, once per batch; when the
+    /// socket is full the rest goes to the writer and the queue, and the connection returns to
+    /// direct writes once the writer has caught up: one stream, in order, nothing twice.
+    #[tokio::test]
+    async fn direct_writes_hand_over_to_the_writer_and_back_in_order() {
+        use std::io::{Read, Write};
+        let (_d, b) = bus();
+        let op = Principal::Operator;
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut writer = ours.try_clone().unwrap();
+        let o = b.outbox(op.clone());
+        b.subscribe(
+            &o,
+            &SubOptions {
+                queue: Some(65536),
+                ..sub("d.>")
+            },
+        )
+        .unwrap();
+        fn line(d: &Delivery, out: &mut Vec<u8>) {
+            out.extend_from_slice(d.msg.data.as_bytes());
+            out.push(b'\n');
+        }
+        o.attach(Sink::new(std::os::fd::OwnedFd::from(ours), line));
+        let pad = "p".repeat(1000);
+        let msg = |i: usize| format!("\"{i:05}{pad}\"");
+        // One batch: nothing is sent until it ends, then all of it at once.
+        let mut f = Flush::default();
+        for i in 0..10 {
+            b.publish_in(&op, "d.x", msg(i), false, &mut f).unwrap();
+        }
+        peer.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        assert_eq!(
+            peer.read(&mut one).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+        drop(f);
+        assert_eq!(o.usage().queued_bytes, 0);
+        // Unread, the socket fills: the rest is queued.
+        let mut n = 10;
+        while o.usage().queued_bytes == 0 {
+            b.publish(&op, "d.x", msg(n), false).unwrap();
+            n += 1;
+            assert!(n < 5000, "the socket never filled");
+        }
+        for _ in 0..100 {
+            b.publish(&op, "d.x", msg(n), false).unwrap();
+            n += 1;
+        }
+        peer.set_nonblocking(false).unwrap();
+        let lines = Arc::new(AtomicU64::new(0));
+        let counted = lines.clone();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut b = [0u8; 65536];
+            loop {
+                let k = peer.read(&mut b).unwrap();
+                if k == 0 {
+                    return String::from_utf8(all).unwrap();
+                }
+                all.extend_from_slice(&b[..k]);
+                let nl = b[..k].iter().filter(|c| **c == b'\n').count();
+                counted.fetch_add(nl as u64, Ordering::SeqCst);
+            }
+        });
+        // The writer: the direct buffer's rest, then the queue, until nothing is left.
+        loop {
+            let mut head = Vec::new();
+            for d in o.drain_into(256, 256 * 1024, &mut head) {
+                line(&d, &mut head);
+            }
+            if head.is_empty() {
+                break;
+            }
+            writer.write_all(&head).unwrap();
+            o.written();
+        }
+        // Idle again, and the subscriber has read everything: direct, nothing queued.
+        while lines.load(Ordering::SeqCst) < n as u64 {
+            std::thread::yield_now();
+        }
+        // (Few: each send is a buffer of its own in the socket, bigger than its message.)
+        for _ in 0..20 {
+            b.publish(&op, "d.x", msg(n), false).unwrap();
+            n += 1;
+            assert_eq!(o.usage().queued_bytes, 0);
+        }
+        b.close(&o);
+        drop(writer);
+        let got: Vec<String> = reader.join().unwrap().lines().map(String::from).collect();
+        let want: Vec<String> = (0..n).map(msg).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "out of order or duplicated");
+        let mut subs = Vec::new();
+        o.stats(&mut subs);
+        assert!(subs.is_empty());
     }
 
     #[tokio::test]

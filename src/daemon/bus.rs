@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::proto::{self, aio, ErrorCode, Reply, Request};
 use super::Daemon;
 use crate::audit::{Entry, Verdict};
-use crate::bus::{BusError, Committed, Outbox, SubOptions};
+use crate::bus::broker::{Flush, Sink};
+use crate::bus::{BusError, Committed, Delivery, Outbox, SubOptions};
 
 /// Deliveries taken from an outbox per write, and their most bytes (a writer holds at most
 /// about this much of a connection's messages beyond its queues).
@@ -425,23 +426,27 @@ pub async fn serve(
     let ob = outbox.clone();
     // The first request again from its frame: a publish's `data` as sent.
     let first_slot = match first {
-        Request::BusPub { .. } => body_slot(&d, scope, &outbox, first_body),
-        req => request_slot(&d, scope, &outbox, req),
+        Request::BusPub { .. } => body_slot(&d, scope, &outbox, first_body, &mut Flush::default()),
+        req => request_slot(&d, scope, &outbox, req, &mut Flush::default()),
     };
     let reader = tokio::spawn(async move {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
         let mut batch = Batch::default();
+        // The subscribers' direct writes of this read's publishes: sent before any wait.
+        let mut flush = Flush::default();
         let mut next = Some(first_slot);
         loop {
             let slot = match next.take() {
                 Some(s) => s,
                 None => match aio::read_frame(&mut r).await {
                     Ok(None) => {
+                        flush.run();
                         let _ = tx.send(batch.take()).await;
                         return;
                     }
-                    Ok(Some(body)) => body_slot(&d2, scope, &ob, &body),
+                    Ok(Some(body)) => body_slot(&d2, scope, &ob, &body, &mut flush),
                     Err(e) => {
+                        flush.run();
                         batch.push(Slot::Close(Reply::err(e.code(), e.to_string())));
                         let _ = tx.send(batch.take()).await;
                         return;
@@ -450,9 +455,12 @@ pub async fn serve(
             };
             batch.push(slot);
             // Handed over when the next frame is not all read yet (the next read may wait)
-            // or the batch is full.
-            if (batch.full() || !whole_frame(r.buffer())) && tx.send(batch.take()).await.is_err() {
-                return;
+            // or the batch is full; the deliveries go first.
+            if batch.full() || !whole_frame(r.buffer()) {
+                flush.run();
+                if tx.send(batch.take()).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -559,16 +567,16 @@ struct RawPub<'a> {
     durable: bool,
 }
 
-fn body_slot(d: &Daemon, scope: BusScope, ob: &Outbox, body: &[u8]) -> Slot {
+fn body_slot(d: &Daemon, scope: BusScope, ob: &Outbox, body: &[u8], flush: &mut Flush) -> Slot {
     if let Ok(p) = serde_json::from_slice::<RawPub>(body) {
         // A `\u` escape takes the decoding path: a raw value is not checked for lone
         // surrogates, which a subscriber's strict decoder (serde_json's) refuses.
         if p.op == "bus_pub" && !p.data.get().contains("\\u") {
-            return publish_slot(d, scope, ob, &p.subject, p.data.get(), p.durable);
+            return publish_slot(d, scope, ob, (&p.subject, p.data.get(), p.durable), flush);
         }
     }
     match serde_json::from_slice::<Request>(body) {
-        Ok(req) => request_slot(d, scope, ob, req),
+        Ok(req) => request_slot(d, scope, ob, req, flush),
         Err(e) => Slot::Now(Reply::err(ErrorCode::BadRequest, e.to_string())),
     }
 }
@@ -577,16 +585,15 @@ fn publish_slot(
     d: &Daemon,
     scope: BusScope,
     ob: &Outbox,
-    subject: &str,
-    data: &str,
-    durable: bool,
+    (subject, data, durable): (&str, &str, bool),
+    flush: &mut Flush,
 ) -> Slot {
     if !scope.allows(d, subject, false) {
         return Slot::Now(BusScope::refusal(subject));
     }
     match d
         .bus
-        .publish(ob.principal(), subject, data.to_string(), durable)
+        .publish_in(ob.principal(), subject, data.to_string(), durable, flush)
     {
         Ok(p) => match (p.seq, p.committed) {
             (Some(seq), Some(rx)) => Slot::Commit(seq, rx),
@@ -597,13 +604,13 @@ fn publish_slot(
     }
 }
 
-fn request_slot(d: &Daemon, scope: BusScope, ob: &Outbox, req: Request) -> Slot {
+fn request_slot(d: &Daemon, scope: BusScope, ob: &Outbox, req: Request, flush: &mut Flush) -> Slot {
     match req {
         Request::BusPub {
             subject,
             data,
             durable,
-        } => publish_slot(d, scope, ob, &subject, &data.to_string(), durable),
+        } => publish_slot(d, scope, ob, (&subject, &data.to_string(), durable), flush),
         Request::BusStreams if scope != BusScope::Operator => {
             Slot::Now(BusScope::refusal("bus_streams"))
         }
@@ -627,18 +634,24 @@ async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWr
         }
     };
     tokio::pin!(gone);
+    // Publishers write this connection's deliveries themselves while this task is idle (the
+    // connection carries nothing else now); without a duplicate of the socket, all go
+    // through this task as before.
+    {
+        use std::os::fd::AsFd;
+        match w.as_ref().as_fd().try_clone_to_owned() {
+            Ok(fd) => outbox.attach(Sink::new(fd, subscriber_frame)),
+            Err(e) => tracing::debug!(error = %e, "bus: no direct writes for a subscriber"),
+        }
+    }
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         tokio::select! {
             _ = &mut gone => return,
             _ = outbox.ready() => {}
         }
-        for d in outbox.drain(DRAIN, DRAIN_BYTES) {
-            frame_with(&mut buf, |b| {
-                b.extend_from_slice(b"{\"ok\":true,\"more\":true,\"data\":");
-                d.write_json(b);
-                b.push(b'}');
-            });
+        for d in outbox.drain_into(DRAIN, DRAIN_BYTES, &mut buf) {
+            subscriber_frame(&d, &mut buf);
         }
         if !buf.is_empty() {
             if w.write_all(&buf).await.is_err() {
@@ -646,7 +659,17 @@ async fn subscriber(outbox: &Arc<Outbox>, r: &mut OwnedReadHalf, w: &mut OwnedWr
             }
             buf.clear();
         }
+        outbox.written();
     }
+}
+
+/// A delivery on an operator's subscriber connection: `{"ok":true,"more":true,"data":{...}}`.
+fn subscriber_frame(d: &Delivery, buf: &mut Vec<u8>) {
+    frame_with(buf, |b| {
+        b.extend_from_slice(b"{\"ok\":true,\"more\":true,\"data\":");
+        d.write_json(b);
+        b.push(b'}');
+    });
 }
 
 /// The subject of a daemon event: `aither.agent.<name>.<kind>`, or `aither.daemon.<kind>`.
