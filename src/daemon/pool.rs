@@ -454,22 +454,19 @@ pub fn warm_spawns() -> bool {
 /// The shim's event from a prepared sandbox become a shim (`Ready::start_shim`); `None`: it
 /// exited without one.
 pub async fn recv_shim_event(fd: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
-    let dup = fd.try_clone()?;
-    nix::fcntl::fcntl(&dup, FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
-    // SAFETY: an OwnedFd stays open, on the same description, for as long as the AsyncFd
-    // that owns it.
-    let afd = unsafe { AsyncFd::register(dup) }.map_err(std::io::Error::from)?;
-    loop {
-        let mut guard = afd.readable().await?;
-        match guard.try_io(|inner| wire::recv_shim_event(inner.get_ref().as_fd())) {
-            Ok(r) => return r,
-            Err(_would_block) => continue,
-        }
-    }
+    recv_async(fd, wire::recv_shim_event).await
 }
 
 /// One message of the pool launcher, without holding a thread while it prepares.
 async fn recv_msg(fd: &OwnedFd) -> std::io::Result<Option<PoolMsg>> {
+    recv_async(fd, wire::recv).await
+}
+
+/// `recv` (a blocking receive of one packet) on the runtime: waits for `fd` to be readable.
+async fn recv_async<T>(
+    fd: &OwnedFd,
+    recv: impl Fn(std::os::fd::BorrowedFd<'_>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     // A copy of the same open description: non-blocking for both (the final spec's send is
     // one small packet into an empty socket buffer, which does not block either way).
     let dup = fd.try_clone()?;
@@ -479,7 +476,7 @@ async fn recv_msg(fd: &OwnedFd) -> std::io::Result<Option<PoolMsg>> {
     let afd = unsafe { AsyncFd::register(dup) }.map_err(std::io::Error::from)?;
     loop {
         let mut guard = afd.readable().await?;
-        match guard.try_io(|inner| wire::recv(inner.get_ref().as_fd())) {
+        match guard.try_io(|inner| recv(inner.get_ref().as_fd())) {
             Ok(r) => return r,
             Err(_would_block) => continue,
         }

@@ -105,15 +105,20 @@ pub fn send_final(
     workspace: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     let bytes = serde_json::to_vec(spec).map_err(io::Error::other)?;
+    let mut raw: Vec<i32> = stdio.iter().map(|f| f.as_raw_fd()).collect();
+    raw.extend(workspace.map(|f| f.as_raw_fd()));
+    send_final_bytes(fd, &bytes, &raw)
+}
+
+/// One final message (at most `MAX_LARGE_FRAME` bytes) with its descriptors.
+fn send_final_bytes(fd: BorrowedFd<'_>, bytes: &[u8], raw: &[i32]) -> io::Result<()> {
     if bytes.len() > MAX_LARGE_FRAME {
         return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
     }
-    let mut raw: Vec<i32> = stdio.iter().map(|f| f.as_raw_fd()).collect();
-    raw.extend(workspace.map(|f| f.as_raw_fd()));
     nix::sys::socket::sendmsg::<()>(
         fd.as_raw_fd(),
-        &[io::IoSlice::new(&bytes)],
-        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        &[io::IoSlice::new(bytes)],
+        &[nix::sys::socket::ControlMessage::ScmRights(raw)],
         MsgFlags::MSG_NOSIGNAL,
         None,
     )?;
@@ -141,18 +146,8 @@ pub fn send_final_shim(
 ) -> io::Result<()> {
     let bytes = serde_json::to_vec(&ShimFinalRef { shim: cfg }).map_err(io::Error::other)?;
     debug_assert!(bytes.starts_with(SHIM_FINAL_PREFIX));
-    if bytes.len() > MAX_LARGE_FRAME {
-        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-    }
     let raw = [channel.as_raw_fd(), keep.as_raw_fd(), stderr.as_raw_fd()];
-    nix::sys::socket::sendmsg::<()>(
-        fd.as_raw_fd(),
-        &[io::IoSlice::new(&bytes)],
-        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
-    Ok(())
+    send_final_bytes(fd, &bytes, &raw)
 }
 
 #[derive(Serialize)]
