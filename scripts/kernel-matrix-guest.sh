@@ -265,11 +265,23 @@ sys.exit(0 if e["kind"] == "pain" and avg >= 10 else 1)'
     }
     check daemon-psi daemon_psi
     daemon_cleanup() {
-      local n
+      local n d b pid left=()
       for n in km-sleeper km-forkbomb km-pressure; do dctl rm --force "$n" >/dev/null || return 1; done
-      n="$(find "$unit/aither" -mindepth 1 -maxdepth 1 -type d | wc -l)"
-      [ "$n" -eq 0 ] || { echo "$n agent cgroups left in $unit/aither"; return 1; }
-      echo "agents removed, their cgroups gone"
+      # What may be left is the pool's prepared sandboxes only (spawns teach the pool their
+      # shape, docs/daemon.md "Warm start"): `pool-<pid>` whose launcher has not become an
+      # agent's shim (a warm shim works in its agent's log directory, $dstate/agents/NAME).
+      for d in "$unit"/aither/*/; do
+        [ -d "$d" ] || continue
+        b="$(basename "$d")"
+        pid="${b#pool-}"
+        if [ "$b" != "$pid" ] && [ -e "/proc/$pid" ]; then
+          case "$(readlink "/proc/$pid/cwd")" in "$dstate"/agents/*) ;; *) continue ;; esac
+        fi
+        left+=("$b")
+      done
+      [ "${#left[@]}" -eq 0 ] || { echo "${#left[@]} agent cgroups left in $unit/aither: ${left[*]}"; return 1; }
+      n="$(find "$unit/aither" -mindepth 1 -maxdepth 1 -type d -name 'pool-*' | wc -l)"
+      echo "agents removed, their cgroups gone ($n prepared sandboxes of the pool kept)"
     }
     check daemon-cleanup daemon_cleanup
   fi
