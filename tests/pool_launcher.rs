@@ -889,3 +889,75 @@ fn exited_waits_for_a_command_execd_into_the_sandbox() {
     assert_eq!(code, 4, "{err}");
     c.output();
 }
+
+/// What an exec'd command left behind when it exited is re-parented to pid 1 but sits in the
+/// command's Landlock domain, which pid 1 may not signal: pid 1 must not wait for it before
+/// it reports (its own exit, right after, ends it with the namespace).
+#[test]
+fn an_orphan_of_an_execd_command_does_not_hold_up_the_status() {
+    let ws = Workspace::new();
+    let marker = unique("orphan");
+    let (template, fin) = specs(
+        &ws,
+        &[
+            "sh",
+            "-c",
+            "echo ready; until [ -e /tmp/go ]; do sleep 0.02; done; exit 4",
+        ],
+    );
+    let mut p = Pool::start(&template);
+    let c = send_final(&p, &fin);
+    let first = c
+        .lines
+        .recv_timeout(RUN_DEADLINE)
+        .expect("the agent's first line");
+    assert_eq!(first, "ready");
+    let cfg = aither::sandbox::ExecConfig::new(
+        fin.clone(),
+        p.pid1,
+        vec![
+            "sh".into(),
+            "-c".into(),
+            // The background sleep outlives its shell: an orphan of the exec'd command.
+            format!("sh -c 'sleep 1000; : {marker}' </dev/null >/dev/null 2>&1 & touch /tmp/go"),
+        ],
+        None,
+    );
+    let mut exec = Command::new(init_path())
+        .arg("exec")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn aither-init exec");
+    exec.stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&cfg).unwrap())
+        .unwrap();
+    let exec_err = drain(exec.stderr.take().unwrap());
+    let mut msgs = Vec::new();
+    // `recv` fails the test after RUN_DEADLINE without a message.
+    loop {
+        match p.recv() {
+            Some(m @ PoolMsg::Exited { .. }) => {
+                msgs.push(m);
+                break;
+            }
+            Some(m) => msgs.push(m),
+            None => panic!("EOF before exited: {msgs:?}; {}", p.finish_stderr()),
+        }
+    }
+    let st = wait_with_deadline(&mut exec, "aither-init exec", RUN_DEADLINE);
+    let exec_err = exec_err.join().unwrap();
+    assert_eq!(
+        exited(&msgs),
+        Some((4, false)),
+        "{msgs:?}; exec: {st:?} {exec_err}"
+    );
+    let (_, code, err) = p.rest();
+    assert_eq!(code, 4, "{err}");
+    let left = pids_marked(&marker);
+    assert!(left.is_empty(), "the orphan {left:?} outlived the sandbox");
+    c.output();
+}

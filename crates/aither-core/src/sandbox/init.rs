@@ -828,17 +828,41 @@ fn reap(
 /// namespace, and it sits in another Landlock domain, which pid 1 may not signal (kill(-1)
 /// skips it, and still returns 0); the launcher finds it (and what it started) in the cgroup
 /// and then waits for pid 1's exit, whose kill of the namespace ends it (launch.rs
-/// `supervise`). Blocking waits: nothing pid 1 may kill survives SIGKILL, and the launcher's
-/// timeout SIGKILLs pid 1 itself.
+/// `supervise`). What such a command left behind is re-parented to pid 1 and cannot be killed
+/// from here either, so the reaping stops once `REAP_IDLE` passes with children left and none
+/// exiting: the status goes out, the launcher sees the cgroup is not empty and waits for pid
+/// 1's exit. (A killed process slower than that to exit takes the same way: the guarantee is
+/// the launcher's cgroup check; this wait only makes the usual case early.)
 fn end_the_rest() {
+    /// How long a child that is left may go without exiting before pid 1 reports anyway.
+    const REAP_IDLE: libc::timespec = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
     // SAFETY: kill(2) with pid -1 inside our own pid namespace, of which we are pid 1.
     unsafe { libc::kill(-1, libc::SIGKILL) };
+    let mut chld = SigSet::empty();
+    chld.add(nix::sys::signal::Signal::SIGCHLD);
     loop {
         let mut st = 0;
-        // SAFETY: reaps any child (orphans re-parented to pid 1); every signal is blocked, so
-        // it returns for a child or ECHILD (none left).
-        if unsafe { libc::waitpid(-1, &mut st, 0) } < 0 && Errno::last() != Errno::EINTR {
-            return;
+        // SAFETY: reaps any child (orphans re-parented to pid 1) without blocking.
+        match unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) } {
+            r if r > 0 => {}
+            // Children left, none exited yet: wait for one (every signal is blocked, so
+            // SIGCHLD is only ever taken here); none within REAP_IDLE (EAGAIN) ends the wait.
+            0 => {
+                // SAFETY: a zeroed siginfo is a valid out-parameter; SIGCHLD is blocked.
+                let r = unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    libc::sigtimedwait(chld.as_ref(), &mut info, &REAP_IDLE)
+                };
+                if r < 0 && Errno::last() != Errno::EINTR {
+                    return;
+                }
+            }
+            // ECHILD: none left.
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => return,
         }
     }
 }
